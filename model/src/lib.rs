@@ -1,0 +1,638 @@
+//! candle V-JEPA (v1): video ViT encoder, predictor, EMA target encoder, L1 feature loss, AdamW
+//! with the official parameter groups and schedules, and safetensors checkpoints.
+//!
+//! The spec (`VJEPA-SPEC.md` §2–§8, §12) is the source of truth; names of parameters equal the
+//! official state-dict keys so checkpoints can be compared with the PyTorch ones.
+//! Everything in the training path uses composite candle ops that have a backward pass.
+
+mod checkpoint;
+pub mod config;
+pub mod layers;
+pub mod loss;
+pub mod optim;
+pub mod params;
+pub mod pos_embed;
+pub mod predictor;
+pub mod schedule;
+pub mod tokens;
+pub mod vit;
+
+use std::collections::{BTreeMap, HashMap};
+
+use candle_core::Var;
+pub use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+use tracing::{debug, info};
+
+pub use config::{EncoderConfig, OptimConfig, PredictorConfig};
+use optim::{AdamW, OptParam, ParamGroup};
+use params::{InitRng, ParamMap, ParamSpec};
+use predictor::Predictor;
+use tokens::TokenIndex;
+use vit::Encoder;
+
+/// Errors of the model crate.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// A tensor operation failed (shape/dtype/device mismatch inside candle).
+    #[error("candle: {0}")]
+    Candle(#[from] candle_core::Error),
+    /// A configuration can't be built.
+    #[error("invalid config: {0}")]
+    Config(String),
+    /// A batch, clip or index tensor doesn't fit the model.
+    #[error("invalid input: {0}")]
+    Input(String),
+    /// A valid request this port doesn't implement.
+    #[error("unsupported: {0}")]
+    Unsupported(String),
+    /// A named tensor is absent from a checkpoint or parameter map.
+    #[error("missing tensor `{0}`")]
+    MissingTensor(String),
+    /// A named tensor has the wrong shape.
+    #[error("tensor `{name}` has shape {actual:?}, expected {expected:?}")]
+    TensorShape {
+        /// Tensor name.
+        name: String,
+        /// Shape the model needs.
+        expected: Vec<usize>,
+        /// Shape found.
+        actual: Vec<usize>,
+    },
+    /// Checkpoint metadata or dtype problem.
+    #[error("checkpoint: {0}")]
+    Checkpoint(String),
+    /// safetensors encoding/decoding failed.
+    #[error("safetensors: {0}")]
+    SafeTensors(#[from] safetensors::SafeTensorError),
+    /// The loss was NaN/Inf; the step was not applied (the official code asserts here).
+    #[error("non-finite loss {loss} at step {step}")]
+    NonFiniteLoss {
+        /// 1-based step that failed.
+        step: u64,
+        /// The loss value.
+        loss: f64,
+    },
+}
+
+/// Index tensors for one mask config: u32 `[B, K]` flat token indices (sorted ascending per row).
+#[derive(Clone, Debug)]
+pub struct MaskIndices {
+    /// Tokens the context encoder sees.
+    pub context: Tensor,
+    /// Tokens the predictor must predict.
+    pub target: Tensor,
+}
+
+/// One training batch: normalised clips and one [`MaskIndices`] per mask config (predictor mask
+/// token i is used for `masks[i]`).
+#[derive(Clone, Debug)]
+pub struct TrainBatch {
+    /// f32 `[B, 3, T, S, S]`.
+    pub clips: Tensor,
+    /// One entry per mask config; must equal the predictor's `num_mask_tokens`.
+    pub masks: Vec<MaskIndices>,
+}
+
+/// Metrics of one training step (for logs and the CSV of spec §10).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StepStats {
+    /// 1-based step just taken.
+    pub step: u64,
+    /// Loss averaged over mask configs.
+    pub loss: f64,
+    /// Loss of each mask config.
+    pub loss_per_mask: Vec<f64>,
+    /// LR used.
+    pub lr: f64,
+    /// Weight decay used for the decayed groups.
+    pub weight_decay: f64,
+    /// EMA momentum used for the target update.
+    pub ema_momentum: f64,
+    /// Pre-clip total grad norm of the encoder.
+    pub encoder_grad_norm: f64,
+    /// Pre-clip total grad norm of the predictor.
+    pub predictor_grad_norm: f64,
+    /// Context tokens per sample, per mask config.
+    pub context_tokens: Vec<usize>,
+    /// Target tokens per sample, per mask config.
+    pub target_tokens: Vec<usize>,
+}
+
+/// Trainable parameter counts (encoder, predictor) from shapes alone — no allocation, so it
+/// works for ViT-H/G on small machines.
+pub fn trainable_param_counts(
+    encoder: &EncoderConfig,
+    predictor: &PredictorConfig,
+) -> (usize, usize) {
+    let count = |specs: Vec<ParamSpec>| specs.iter().map(ParamSpec::numel).sum();
+    (
+        count(Encoder::param_specs(encoder)),
+        count(Predictor::param_specs(encoder, predictor)),
+    )
+}
+
+const FORMAT: &str = "vjepa-stream.vjepa-v1";
+
+/// Tensors that make up a model, before they become modules (shared by `new` and loading).
+struct Parts {
+    encoder: Vec<(String, Tensor)>,
+    predictor: Vec<(String, Tensor)>,
+    target: Vec<(String, Tensor)>,
+    encoder_pos: Tensor,
+    predictor_pos: Tensor,
+    target_pos: Tensor,
+    /// (exp_avg, exp_avg_sq, step) for encoder params then predictor params.
+    opt_state: Option<Vec<(Tensor, Tensor, u64)>>,
+}
+
+/// The V-JEPA model under training: encoder, predictor, EMA target encoder and AdamW state.
+pub struct VJepa {
+    enc_cfg: EncoderConfig,
+    pred_cfg: PredictorConfig,
+    optim_cfg: OptimConfig,
+    seed: u64,
+    device: Device,
+    encoder: Encoder,
+    predictor: Predictor,
+    target: Encoder,
+    /// Target weights by local name (spec order); replaced (not mutated) by each EMA update.
+    target_params: Vec<(String, Tensor)>,
+    /// Owns the trainable Vars: encoder params first (`encoder.*`), then predictor (`predictor.*`).
+    opt: AdamW,
+    num_encoder_params: usize,
+    steps_done: u64,
+}
+
+impl VJepa {
+    /// Fresh model with the spec's effective init (§3 "Weight init"): Linear and patch weights
+    /// N(0, 0.02²), biases 0, LayerNorm (1, 0), mask tokens 0, sin-cos pos tables; the target
+    /// encoder is a copy of the encoder. Deterministic in `seed` (ChaCha8 stream, encoder then
+    /// predictor, in registration order).
+    pub fn new(
+        encoder: EncoderConfig,
+        predictor: PredictorConfig,
+        optim: OptimConfig,
+        seed: u64,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        Self::validate_configs(&encoder, &predictor, &optim)?;
+        let mut rng = InitRng::new(seed)?;
+        let mut enc = Vec::new();
+        let mut target = Vec::new();
+        for spec in Encoder::param_specs(&encoder) {
+            let values = rng.values(&spec);
+            target.push((
+                spec.name.clone(),
+                Tensor::from_vec(values.clone(), spec.shape.as_slice(), device)?,
+            ));
+            enc.push((
+                spec.name,
+                Tensor::from_vec(values, spec.shape.as_slice(), device)?,
+            ));
+        }
+        let mut pred = Vec::new();
+        for spec in Predictor::param_specs(&encoder, &predictor) {
+            let values = rng.values(&spec);
+            pred.push((
+                spec.name,
+                Tensor::from_vec(values, spec.shape.as_slice(), device)?,
+            ));
+        }
+        let grid = encoder.grid();
+        let encoder_pos =
+            pos_embed::sincos_3d_tensor(encoder.embed_dim, grid, encoder.uniform_power, device)?;
+        let predictor_pos =
+            pos_embed::sincos_3d_tensor(predictor.embed_dim, grid, encoder.uniform_power, device)?;
+        let parts = Parts {
+            encoder: enc,
+            predictor: pred,
+            target,
+            target_pos: encoder_pos.copy()?,
+            encoder_pos,
+            predictor_pos,
+            opt_state: None,
+        };
+        let model = Self::assemble(encoder, predictor, optim, seed, device, parts, 0)?;
+        let (ne, np) = model.num_trainable_params();
+        info!(
+            encoder_params = ne,
+            predictor_params = np,
+            seed,
+            "built V-JEPA model"
+        );
+        Ok(model)
+    }
+
+    fn validate_configs(
+        enc: &EncoderConfig,
+        pred: &PredictorConfig,
+        optim: &OptimConfig,
+    ) -> Result<(), ModelError> {
+        enc.validate()?;
+        pred.validate(enc)?;
+        optim.validate()
+    }
+
+    fn assemble(
+        enc_cfg: EncoderConfig,
+        pred_cfg: PredictorConfig,
+        optim_cfg: OptimConfig,
+        seed: u64,
+        device: &Device,
+        parts: Parts,
+        steps_done: u64,
+    ) -> Result<Self, ModelError> {
+        let mut named_vars = Vec::new();
+        let mut enc_map = ParamMap::new();
+        for (name, t) in parts.encoder {
+            let var = Var::from_tensor(&t)?;
+            enc_map.insert(name.clone(), var.as_tensor().clone());
+            let group = ParamGroup::classify(false, &name, t.rank());
+            named_vars.push((format!("encoder.{name}"), var, group));
+        }
+        let num_encoder_params = named_vars.len();
+        let mut pred_map = ParamMap::new();
+        for (name, t) in parts.predictor {
+            let var = Var::from_tensor(&t)?;
+            pred_map.insert(name.clone(), var.as_tensor().clone());
+            let group = ParamGroup::classify(true, &name, t.rank());
+            named_vars.push((format!("predictor.{name}"), var, group));
+        }
+        let mut tgt_map = ParamMap::new();
+        for (name, t) in &parts.target {
+            tgt_map.insert(name.clone(), t.clone());
+        }
+        let encoder = Encoder::load(&enc_cfg, &enc_map, parts.encoder_pos)?;
+        let predictor = Predictor::load(&enc_cfg, &pred_cfg, &pred_map, parts.predictor_pos)?;
+        let target = Encoder::load(&enc_cfg, &tgt_map, parts.target_pos)?;
+        let opt = match parts.opt_state {
+            None => AdamW::new(named_vars, optim_cfg.betas, optim_cfg.eps)?,
+            Some(state) => {
+                if state.len() != named_vars.len() {
+                    return Err(ModelError::Checkpoint(format!(
+                        "{} optimiser states for {} parameters",
+                        state.len(),
+                        named_vars.len()
+                    )));
+                }
+                let params = named_vars
+                    .into_iter()
+                    .zip(state)
+                    .map(
+                        |((name, var, group), (exp_avg, exp_avg_sq, step))| OptParam {
+                            name,
+                            var,
+                            group,
+                            exp_avg,
+                            exp_avg_sq,
+                            step,
+                        },
+                    )
+                    .collect();
+                AdamW::from_state(params, optim_cfg.betas, optim_cfg.eps)
+            }
+        };
+        Ok(Self {
+            enc_cfg,
+            pred_cfg,
+            optim_cfg,
+            seed,
+            device: device.clone(),
+            encoder,
+            predictor,
+            target,
+            target_params: parts.target,
+            opt,
+            num_encoder_params,
+            steps_done,
+        })
+    }
+
+    /// Steps taken so far (the next step is `steps_done() + 1`).
+    pub fn steps_done(&self) -> u64 {
+        self.steps_done
+    }
+
+    /// Encoder shape.
+    pub fn encoder_config(&self) -> &EncoderConfig {
+        &self.enc_cfg
+    }
+
+    /// Predictor shape.
+    pub fn predictor_config(&self) -> &PredictorConfig {
+        &self.pred_cfg
+    }
+
+    /// Optimisation hyper-parameters.
+    pub fn optim_config(&self) -> &OptimConfig {
+        &self.optim_cfg
+    }
+
+    /// Init seed (kept in checkpoints for provenance).
+    pub fn seed(&self) -> u64 {
+        self.seed
+    }
+
+    /// Device the model lives on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Number of trainable parameters (encoder, predictor), for logs and tests against §3/§4.
+    pub fn num_trainable_params(&self) -> (usize, usize) {
+        let params = self.opt.params();
+        let (enc, pred) = params.split_at(self.num_encoder_params.min(params.len()));
+        let count = |ps: &[OptParam]| ps.iter().map(|p| p.var.elem_count()).sum();
+        (count(enc), count(pred))
+    }
+
+    fn prepare_clips(&self, clips: &Tensor) -> Result<(Tensor, usize), ModelError> {
+        let b = vit::check_clips(&self.enc_cfg, clips)?;
+        let clips = clips.to_device(&self.device)?.to_dtype(DType::F32)?;
+        Ok((clips, b))
+    }
+
+    /// Target-encoder features `[B, N, D]` of full clips (no grad; after the encoder's final
+    /// LayerNorm, without the loss's extra normalisation) — for extraction and evaluation.
+    pub fn target_features(&self, clips: &Tensor) -> Result<Tensor, ModelError> {
+        let (clips, _) = self.prepare_clips(clips)?;
+        Ok(self.target.forward(&clips, None)?.detach())
+    }
+
+    /// Online-encoder features `[B, N, D]` of full clips (no grad), e.g. to compare with the target.
+    pub fn encoder_features(&self, clips: &Tensor) -> Result<Tensor, ModelError> {
+        let (clips, _) = self.prepare_clips(clips)?;
+        Ok(self.encoder.forward(&clips, None)?.detach())
+    }
+
+    fn mask_indices(
+        &self,
+        batch: &TrainBatch,
+        b: usize,
+    ) -> Result<Vec<(TokenIndex, TokenIndex)>, ModelError> {
+        if batch.masks.len() != self.pred_cfg.num_mask_tokens {
+            return Err(ModelError::Input(format!(
+                "{} mask configs in the batch, the predictor has {} mask tokens",
+                batch.masks.len(),
+                self.pred_cfg.num_mask_tokens
+            )));
+        }
+        let n = self.enc_cfg.num_tokens();
+        batch
+            .masks
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                Ok((
+                    TokenIndex::new(&m.context, b, n, &format!("mask {i} context"), &self.device)?,
+                    TokenIndex::new(&m.target, b, n, &format!("mask {i} target"), &self.device)?,
+                ))
+            })
+            .collect()
+    }
+
+    /// Forward of one iteration: (total loss, per-mask losses), with the graph for backward.
+    fn forward_loss(
+        &self,
+        clips: &Tensor,
+        masks: &[(TokenIndex, TokenIndex)],
+    ) -> Result<(Tensor, Vec<Tensor>), ModelError> {
+        // Target branch: plain (non-Var) weights, so no graph is recorded.
+        let h = loss::normalize_targets(&self.target.forward(clips, None)?)?.detach();
+        // The patch embedding is identical for both context passes: compute it once.
+        let tokens = self.encoder.embed(clips)?;
+        let mut preds = Vec::with_capacity(masks.len());
+        let mut targets = Vec::with_capacity(masks.len());
+        for (i, (ctx, tgt)) in masks.iter().enumerate() {
+            let z = self.encoder.forward_tokens(&ctx.gather(&tokens)?)?;
+            preds.push(self.predictor.forward(&z, ctx, tgt, i)?);
+            targets.push(tgt.gather(&h)?);
+        }
+        loss::jepa_loss(&preds, &targets, self.optim_cfg.loss_exp)
+    }
+
+    /// One full V-JEPA iteration (spec §6–§7): target pass (no grad) → LN without affine (eps
+    /// 1e-5) → targets per mask; per mask an encoder pass on the context tokens and a predictor
+    /// pass; L1 loss averaged over masks; backward; encoder / predictor grad norms (always, for
+    /// metrics; clipping only from `clip_start_iteration`); schedules at the 1-based step; AdamW;
+    /// EMA update of the target with the momentum of the 0-based iteration.
+    ///
+    /// On error (bad input, non-finite loss) the model is left unchanged.
+    pub fn train_step(&mut self, batch: &TrainBatch) -> Result<StepStats, ModelError> {
+        let (clips, b) = self.prepare_clips(&batch.clips)?;
+        let masks = self.mask_indices(batch, b)?;
+        let iter0 = self.steps_done;
+        let step1 = iter0 + 1;
+        let c = &self.optim_cfg;
+        let lr = schedule::lr(c, step1);
+        let wd = schedule::weight_decay(c, step1);
+        let momentum = schedule::ema_momentum(c, iter0);
+
+        let (loss, per_mask) = self.forward_loss(&clips, &masks)?;
+        let loss_value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        if !loss_value.is_finite() {
+            return Err(ModelError::NonFiniteLoss {
+                step: step1,
+                loss: loss_value,
+            });
+        }
+        let loss_per_mask = per_mask
+            .iter()
+            .map(|l| Ok(l.to_dtype(DType::F64)?.to_scalar::<f64>()?))
+            .collect::<Result<Vec<_>, ModelError>>()?;
+        let mut grads = loss.backward()?;
+        drop(per_mask);
+        drop(loss);
+
+        let (enc_params, pred_params) = self.opt.params().split_at(self.num_encoder_params);
+        let enc_norm = optim::grad_sq_sum(&grads, enc_params.iter().map(|p| &p.var))?.sqrt();
+        let pred_norm = optim::grad_sq_sum(&grads, pred_params.iter().map(|p| &p.var))?.sqrt();
+        if let Some(max_norm) = c.clip_grad
+            && iter0 >= c.clip_start_iteration
+        {
+            optim::clip_grads(
+                &mut grads,
+                enc_params.iter().map(|p| &p.var),
+                enc_norm,
+                max_norm,
+            )?;
+            optim::clip_grads(
+                &mut grads,
+                pred_params.iter().map(|p| &p.var),
+                pred_norm,
+                max_norm,
+            )?;
+        }
+        self.opt.step(&grads, lr, wd)?;
+        drop(grads);
+        self.ema_update(momentum)?;
+        self.steps_done = step1;
+
+        let stats = StepStats {
+            step: step1,
+            loss: loss_value,
+            loss_per_mask,
+            lr,
+            weight_decay: wd,
+            ema_momentum: momentum,
+            encoder_grad_norm: enc_norm,
+            predictor_grad_norm: pred_norm,
+            context_tokens: masks.iter().map(|(c, _)| c.len()).collect(),
+            target_tokens: masks.iter().map(|(_, t)| t.len()).collect(),
+        };
+        debug!(
+            step = stats.step,
+            loss = stats.loss,
+            lr,
+            wd,
+            momentum,
+            enc_grad_norm = enc_norm,
+            pred_grad_norm = pred_norm,
+            "train step"
+        );
+        Ok(stats)
+    }
+
+    /// θ_tgt ← m·θ_tgt + (1 - m)·θ_enc for every encoder parameter, then rebuild the target.
+    fn ema_update(&mut self, m: f64) -> Result<(), ModelError> {
+        let mut map = ParamMap::new();
+        let enc_params = &self.opt.params()[..self.num_encoder_params];
+        for ((name, tgt), p) in self.target_params.iter_mut().zip(enc_params) {
+            let updated =
+                (tgt.affine(m, 0.0)? + p.var.as_detached_tensor().affine(1.0 - m, 0.0)?)?;
+            map.insert(name.clone(), updated.clone());
+            *tgt = updated;
+        }
+        self.target = Encoder::load(&self.enc_cfg, &map, self.target.pos_embed().clone())?;
+        Ok(())
+    }
+
+    /// Checkpoint as safetensors bytes. Names are the official keys without `module.backbone.`
+    /// (spec §8): `encoder.<key>`, `predictor.<key>`, `target_encoder.<key>` (patch weight in
+    /// conv shape `[D, 3, t, p, p]`, fixed tables as `encoder.pos_embed` /
+    /// `target_encoder.pos_embed` / `predictor.predictor_pos_embed`), AdamW moments as
+    /// `opt.exp_avg.<name>` / `opt.exp_avg_sq.<name>`; metadata holds the three configs (JSON),
+    /// seed, steps_done and per-parameter AdamW step counts.
+    pub fn to_safetensors(&self) -> Result<Vec<u8>, ModelError> {
+        use checkpoint::F32View;
+        let mut tensors = Vec::new();
+        tensors.push((
+            "encoder.pos_embed".to_string(),
+            F32View::new(self.encoder.pos_embed())?,
+        ));
+        tensors.push((
+            "target_encoder.pos_embed".to_string(),
+            F32View::new(self.target.pos_embed())?,
+        ));
+        tensors.push((
+            "predictor.predictor_pos_embed".to_string(),
+            F32View::new(self.predictor.pos_embed())?,
+        ));
+        let mut steps = BTreeMap::new();
+        for p in self.opt.params() {
+            tensors.push((p.name.clone(), F32View::new(p.var.as_tensor())?));
+            tensors.push((format!("opt.exp_avg.{}", p.name), F32View::new(&p.exp_avg)?));
+            tensors.push((
+                format!("opt.exp_avg_sq.{}", p.name),
+                F32View::new(&p.exp_avg_sq)?,
+            ));
+            steps.insert(p.name.clone(), p.step);
+        }
+        for (name, t) in &self.target_params {
+            tensors.push((format!("target_encoder.{name}"), F32View::new(t)?));
+        }
+        let mut meta = HashMap::new();
+        meta.insert("format".to_string(), FORMAT.to_string());
+        meta.insert("encoder_config".to_string(), to_json(&self.enc_cfg)?);
+        meta.insert("predictor_config".to_string(), to_json(&self.pred_cfg)?);
+        meta.insert("optim_config".to_string(), to_json(&self.optim_cfg)?);
+        meta.insert("seed".to_string(), self.seed.to_string());
+        meta.insert("steps_done".to_string(), self.steps_done.to_string());
+        meta.insert("opt_steps".to_string(), to_json(&steps)?);
+        checkpoint::serialize(tensors, meta)
+    }
+
+    /// Rebuilds a model from [`Self::to_safetensors`] output (resume / verification). Errors
+    /// name the missing or mis-shaped tensor.
+    pub fn from_safetensors(bytes: &[u8], device: &Device) -> Result<Self, ModelError> {
+        let r = checkpoint::Reader::parse(bytes)?;
+        let format = r.meta("format")?;
+        if format != FORMAT {
+            return Err(ModelError::Checkpoint(format!(
+                "format `{format}`, expected `{FORMAT}`"
+            )));
+        }
+        let enc_cfg: EncoderConfig = r.meta_json("encoder_config")?;
+        let pred_cfg: PredictorConfig = r.meta_json("predictor_config")?;
+        let optim_cfg: OptimConfig = r.meta_json("optim_config")?;
+        let seed: u64 = r.meta_json("seed")?;
+        let steps_done: u64 = r.meta_json("steps_done")?;
+        let opt_steps: BTreeMap<String, u64> = r.meta_json("opt_steps")?;
+        Self::validate_configs(&enc_cfg, &pred_cfg, &optim_cfg)?;
+
+        let load =
+            |prefix: &str, specs: &[ParamSpec]| -> Result<Vec<(String, Tensor)>, ModelError> {
+                specs
+                    .iter()
+                    .map(|s| {
+                        Ok((
+                            s.name.clone(),
+                            r.tensor(&format!("{prefix}.{}", s.name), &s.shape, device)?,
+                        ))
+                    })
+                    .collect()
+            };
+        let enc_specs = Encoder::param_specs(&enc_cfg);
+        let pred_specs = Predictor::param_specs(&enc_cfg, &pred_cfg);
+        let encoder = load("encoder", &enc_specs)?;
+        let predictor = load("predictor", &pred_specs)?;
+        let target = load("target_encoder", &enc_specs)?;
+        let n = enc_cfg.num_tokens();
+        let enc_pos_shape = [1, n, enc_cfg.embed_dim];
+        let encoder_pos = r.tensor("encoder.pos_embed", &enc_pos_shape, device)?;
+        let target_pos = r.tensor("target_encoder.pos_embed", &enc_pos_shape, device)?;
+        let predictor_pos = r.tensor(
+            "predictor.predictor_pos_embed",
+            &[1, n, pred_cfg.embed_dim],
+            device,
+        )?;
+        let full_names = enc_specs
+            .iter()
+            .map(|s| (format!("encoder.{}", s.name), &s.shape))
+            .chain(
+                pred_specs
+                    .iter()
+                    .map(|s| (format!("predictor.{}", s.name), &s.shape)),
+            );
+        let mut opt_state = Vec::new();
+        for (name, shape) in full_names {
+            let m = r.tensor(&format!("opt.exp_avg.{name}"), shape, device)?;
+            let v = r.tensor(&format!("opt.exp_avg_sq.{name}"), shape, device)?;
+            let step = opt_steps.get(&name).copied().unwrap_or(steps_done);
+            opt_state.push((m, v, step));
+        }
+        let parts = Parts {
+            encoder,
+            predictor,
+            target,
+            encoder_pos,
+            predictor_pos,
+            target_pos,
+            opt_state: Some(opt_state),
+        };
+        let model = Self::assemble(
+            enc_cfg, pred_cfg, optim_cfg, seed, device, parts, steps_done,
+        )?;
+        info!(steps_done, "loaded V-JEPA checkpoint");
+        Ok(model)
+    }
+}
+
+/// Metadata value as JSON.
+fn to_json<T: Serialize + ?Sized>(v: &T) -> Result<String, ModelError> {
+    serde_json::to_string(v).map_err(|e| ModelError::Checkpoint(format!("metadata encoding: {e}")))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,302 @@
+//! AdamW with the spec's four parameter groups (§7), torch semantics, and grad-norm helpers.
+
+use candle_core::backprop::GradStore;
+use candle_core::{Tensor, Var};
+
+use crate::ModelError;
+use crate::params::is_decayed;
+
+/// The four official param groups. Decayed groups follow the WD schedule; the others use 0.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ParamGroup {
+    /// Group 0: encoder weights (name lacks "bias", ndim ≠ 1).
+    EncoderDecay,
+    /// Group 1: predictor weights, including mask tokens.
+    PredictorDecay,
+    /// Group 2: encoder biases and 1-D params (LayerNorm).
+    EncoderNoDecay,
+    /// Group 3: predictor biases and 1-D params.
+    PredictorNoDecay,
+}
+
+impl ParamGroup {
+    /// Group of a parameter by owner, name and rank (spec §7 rule).
+    pub fn classify(predictor: bool, name: &str, ndim: usize) -> Self {
+        match (predictor, is_decayed(name, ndim)) {
+            (false, true) => Self::EncoderDecay,
+            (true, true) => Self::PredictorDecay,
+            (false, false) => Self::EncoderNoDecay,
+            (true, false) => Self::PredictorNoDecay,
+        }
+    }
+
+    /// Whether the scheduled weight decay applies.
+    pub fn decayed(self) -> bool {
+        matches!(self, Self::EncoderDecay | Self::PredictorDecay)
+    }
+
+    /// Whether the group belongs to the predictor (for per-module grad norms / clipping).
+    pub fn is_predictor(self) -> bool {
+        matches!(self, Self::PredictorDecay | Self::PredictorNoDecay)
+    }
+}
+
+/// One optimised parameter with its AdamW state.
+#[derive(Debug)]
+pub struct OptParam {
+    /// Full checkpoint name, e.g. `encoder.blocks.0.attn.qkv.weight`.
+    pub name: String,
+    /// The trainable tensor.
+    pub var: Var,
+    /// Its group.
+    pub group: ParamGroup,
+    /// First moment.
+    pub exp_avg: Tensor,
+    /// Second moment.
+    pub exp_avg_sq: Tensor,
+    /// Steps taken for this parameter (torch keeps one per param; params without grad skip).
+    pub step: u64,
+}
+
+/// AdamW (torch `_single_tensor_adamw`, amsgrad off, maximize off).
+#[derive(Debug)]
+pub struct AdamW {
+    params: Vec<OptParam>,
+    betas: (f64, f64),
+    eps: f64,
+}
+
+impl AdamW {
+    /// Fresh optimiser (zero moments) over `(name, var, group)`.
+    pub fn new(
+        params: Vec<(String, Var, ParamGroup)>,
+        betas: (f64, f64),
+        eps: f64,
+    ) -> Result<Self, ModelError> {
+        let params = params
+            .into_iter()
+            .map(|(name, var, group)| {
+                let z = var.as_tensor().zeros_like()?;
+                Ok(OptParam {
+                    name,
+                    group,
+                    exp_avg: z.clone(),
+                    exp_avg_sq: z,
+                    var,
+                    step: 0,
+                })
+            })
+            .collect::<Result<Vec<_>, ModelError>>()?;
+        Ok(Self { params, betas, eps })
+    }
+
+    /// Rebuilds from saved state (moments and per-param step counts).
+    pub fn from_state(params: Vec<OptParam>, betas: (f64, f64), eps: f64) -> Self {
+        Self { params, betas, eps }
+    }
+
+    /// The parameters in group-insertion order.
+    pub fn params(&self) -> &[OptParam] {
+        &self.params
+    }
+
+    /// One update with the scheduled `lr` and `weight_decay` (the latter for decayed groups only).
+    /// Parameters with no gradient in `grads` are skipped, as torch does.
+    pub fn step(
+        &mut self,
+        grads: &GradStore,
+        lr: f64,
+        weight_decay: f64,
+    ) -> Result<(), ModelError> {
+        let (b1, b2) = self.betas;
+        for p in &mut self.params {
+            let Some(g) = grads.get(p.var.as_tensor()) else {
+                continue;
+            };
+            p.step += 1;
+            let wd = if p.group.decayed() { weight_decay } else { 0.0 };
+            let theta = p.var.as_detached_tensor();
+            let theta = if wd != 0.0 {
+                theta.affine(1.0 - lr * wd, 0.0)?
+            } else {
+                theta
+            };
+            // m.lerp_(g, 1 - b1);  v = b2·v + (1 - b2)·g²
+            p.exp_avg = (&p.exp_avg + (g - &p.exp_avg)?.affine(1.0 - b1, 0.0)?)?;
+            p.exp_avg_sq = (p.exp_avg_sq.affine(b2, 0.0)? + g.sqr()?.affine(1.0 - b2, 0.0)?)?;
+            let bc1 = 1.0 - b1.powf(p.step as f64);
+            let bc2 = 1.0 - b2.powf(p.step as f64);
+            let step_size = lr / bc1;
+            let denom = (p.exp_avg_sq.sqrt()? / bc2.sqrt())?.affine(1.0, self.eps)?;
+            let update = (&p.exp_avg / denom)?.affine(step_size, 0.0)?;
+            p.var.set(&(theta - update)?)?;
+        }
+        Ok(())
+    }
+}
+
+/// Sum of squared gradient entries of `vars` (missing grads count as zero).
+pub fn grad_sq_sum<'a>(
+    grads: &GradStore,
+    vars: impl Iterator<Item = &'a Var>,
+) -> Result<f64, ModelError> {
+    let mut total = 0.0f64;
+    for v in vars {
+        if let Some(g) = grads.get(v.as_tensor()) {
+            total += g
+                .sqr()?
+                .sum_all()?
+                .to_dtype(candle_core::DType::F64)?
+                .to_scalar::<f64>()?;
+        }
+    }
+    Ok(total)
+}
+
+/// torch `clip_grad_norm_`: scales the grads of `vars` by max_norm / (norm + 1e-6) when that is
+/// below 1. `norm` is the pre-clip total norm (computed by the caller for its metrics).
+pub fn clip_grads<'a>(
+    grads: &mut GradStore,
+    vars: impl Iterator<Item = &'a Var>,
+    norm: f64,
+    max_norm: f64,
+) -> Result<(), ModelError> {
+    let coef = max_norm / (norm + 1e-6);
+    if coef >= 1.0 {
+        return Ok(());
+    }
+    for v in vars {
+        if let Some(g) = grads.get(v.as_tensor()) {
+            let scaled = g.affine(coef, 0.0)?;
+            grads.insert(v.as_tensor(), scaled);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// Grads equal to `g` via backward of sum(p · g).
+    fn grads_for(vars: &[&Var], gs: &[Vec<f64>]) -> GradStore {
+        let mut loss: Option<Tensor> = None;
+        for (v, g) in vars.iter().zip(gs) {
+            let gt = Tensor::from_vec(g.clone(), v.shape(), &Device::Cpu).unwrap();
+            let term = v.as_tensor().mul(&gt).unwrap().sum_all().unwrap();
+            loss = Some(match loss {
+                None => term,
+                Some(l) => (l + term).unwrap(),
+            });
+        }
+        loss.unwrap().backward().unwrap()
+    }
+
+    #[test]
+    fn adamw_matches_torch_formula_two_steps() {
+        let dev = Device::Cpu;
+        let p0 = [1.0f64, -2.0];
+        let gs = [[0.5f64, -0.1], [-0.3, 0.2]];
+        let (lr, wd, b1, b2, eps) = (0.1, 0.1, 0.9, 0.999, 1e-8);
+        let var = Var::from_vec(p0.to_vec(), 2, &dev).unwrap();
+        let mut opt = AdamW::new(
+            vec![("w".into(), var.clone(), ParamGroup::EncoderDecay)],
+            (b1, b2),
+            eps,
+        )
+        .unwrap();
+        // hand computation
+        let (mut p, mut m, mut v) = (p0, [0.0f64; 2], [0.0f64; 2]);
+        for (s, g) in gs.iter().enumerate() {
+            let step = (s + 1) as i32;
+            let grads = grads_for(&[&var], &[g.to_vec()]);
+            opt.step(&grads, lr, wd).unwrap();
+            for i in 0..2 {
+                p[i] *= 1.0 - lr * wd;
+                m[i] = b1 * m[i] + (1.0 - b1) * g[i];
+                v[i] = b2 * v[i] + (1.0 - b2) * g[i] * g[i];
+                let bc1 = 1.0 - b1.powi(step);
+                let bc2 = 1.0 - b2.powi(step);
+                p[i] -= (lr / bc1) * m[i] / (v[i].sqrt() / bc2.sqrt() + eps);
+            }
+            let got = var.as_tensor().to_vec1::<f64>().unwrap();
+            for i in 0..2 {
+                assert!(
+                    (got[i] - p[i]).abs() < 1e-12,
+                    "step {step} elem {i}: {} vs {}",
+                    got[i],
+                    p[i]
+                );
+            }
+        }
+        assert_eq!(opt.params()[0].step, 2);
+    }
+
+    #[test]
+    fn no_decay_group_ignores_weight_decay() {
+        let dev = Device::Cpu;
+        let a = Var::from_vec(vec![1.0f64, 1.0], 2, &dev).unwrap();
+        let b = Var::from_vec(vec![1.0f64, 1.0], 2, &dev).unwrap();
+        let mut opt = AdamW::new(
+            vec![
+                ("a".into(), a.clone(), ParamGroup::EncoderDecay),
+                ("b.bias".into(), b.clone(), ParamGroup::PredictorNoDecay),
+            ],
+            (0.9, 0.999),
+            1e-8,
+        )
+        .unwrap();
+        let grads = grads_for(&[&a, &b], &[vec![0.0, 0.0], vec![0.0, 0.0]]);
+        opt.step(&grads, 0.5, 0.2).unwrap();
+        assert_eq!(a.as_tensor().to_vec1::<f64>().unwrap(), vec![0.9, 0.9]);
+        assert_eq!(b.as_tensor().to_vec1::<f64>().unwrap(), vec![1.0, 1.0]);
+    }
+
+    #[test]
+    fn groups_follow_spec_rule() {
+        use ParamGroup::*;
+        assert_eq!(
+            ParamGroup::classify(false, "blocks.0.attn.qkv.weight", 2),
+            EncoderDecay
+        );
+        assert_eq!(
+            ParamGroup::classify(false, "blocks.0.attn.qkv.bias", 1),
+            EncoderNoDecay
+        );
+        assert_eq!(
+            ParamGroup::classify(false, "norm.weight", 1),
+            EncoderNoDecay
+        );
+        assert_eq!(
+            ParamGroup::classify(false, "patch_embed.proj.weight", 5),
+            EncoderDecay
+        );
+        assert_eq!(
+            ParamGroup::classify(true, "mask_tokens.0", 3),
+            PredictorDecay
+        );
+        assert_eq!(
+            ParamGroup::classify(true, "predictor_norm.weight", 1),
+            PredictorNoDecay
+        );
+        assert_eq!(
+            ParamGroup::classify(true, "predictor_embed.bias", 1),
+            PredictorNoDecay
+        );
+    }
+
+    #[test]
+    fn clipping_scales_to_max_norm() {
+        let dev = Device::Cpu;
+        let a = Var::from_vec(vec![0.0f64, 0.0], 2, &dev).unwrap();
+        let mut grads = grads_for(&[&a], &[vec![3.0, 4.0]]);
+        let n = grad_sq_sum(&grads, [&a].into_iter()).unwrap().sqrt();
+        assert_eq!(n, 5.0);
+        clip_grads(&mut grads, [&a].into_iter(), n, 1.0).unwrap();
+        let n2 = grad_sq_sum(&grads, [&a].into_iter()).unwrap().sqrt();
+        assert!((n2 - 1.0).abs() < 1e-6);
+        clip_grads(&mut grads, [&a].into_iter(), n2, 10.0).unwrap(); // no-op
+        assert!((grad_sq_sum(&grads, [&a].into_iter()).unwrap().sqrt() - n2).abs() < 1e-15);
+    }
+}

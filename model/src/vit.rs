@@ -1,0 +1,459 @@
+//! Video ViT encoder (spec §2–§3): tubelet patch embedding, fixed 3-D sin-cos positions,
+//! pre-norm blocks, final LayerNorm. Parameter names equal the official state-dict keys
+//! (without `module.backbone.`), e.g. `blocks.0.attn.qkv.weight`.
+
+use candle_core::Tensor;
+
+use crate::ModelError;
+use crate::config::EncoderConfig;
+use crate::layers::{LayerNorm, Linear, gelu, softmax_last_dim};
+use crate::params::{Init, ParamMap, ParamSpec};
+use crate::tokens::TokenIndex;
+
+/// LayerNorm eps of every model LayerNorm (spec §3).
+pub const LN_EPS: f64 = 1e-6;
+
+/// Multi-head self-attention: fused qkv Linear (rows [q | k | v], heads contiguous), softmax
+/// attention with scale 1/sqrt(head_dim), output Linear. No mask, no dropout.
+#[derive(Clone, Debug)]
+pub struct Attention {
+    qkv: Linear,
+    proj: Linear,
+    num_heads: usize,
+}
+
+impl Attention {
+    /// Specs of `{prefix}.qkv.*` and `{prefix}.proj.*`.
+    pub fn specs(prefix: &str, dim: usize, out: &mut Vec<ParamSpec>) {
+        Linear::specs(&format!("{prefix}.qkv"), dim, 3 * dim, out);
+        Linear::specs(&format!("{prefix}.proj"), dim, dim, out);
+    }
+
+    /// Builds from `params`.
+    pub fn load(
+        params: &ParamMap,
+        prefix: &str,
+        dim: usize,
+        num_heads: usize,
+    ) -> Result<Self, ModelError> {
+        if num_heads == 0 || !dim.is_multiple_of(num_heads) {
+            return Err(ModelError::Config(format!(
+                "{prefix}: dim {dim} not divisible by {num_heads} heads"
+            )));
+        }
+        Ok(Self {
+            qkv: Linear::load(params, &format!("{prefix}.qkv"), dim, 3 * dim)?,
+            proj: Linear::load(params, &format!("{prefix}.proj"), dim, dim)?,
+            num_heads,
+        })
+    }
+
+    /// x `[B, K, D]` → `[B, K, D]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor, ModelError> {
+        let (b, k, d) = x.dims3()?;
+        let h = self.num_heads;
+        let hd = d / h;
+        let qkv = self
+            .qkv
+            .forward(x)?
+            .reshape((b, k, 3, h, hd))?
+            .permute((2, 0, 3, 1, 4))?
+            .contiguous()?;
+        let q = (qkv.get(0)? * (1.0 / (hd as f64).sqrt()))?;
+        let kk = qkv.get(1)?;
+        let v = qkv.get(2)?;
+        let att = q.matmul(&kk.t()?)?;
+        let att = softmax_last_dim(&att)?;
+        let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, k, d))?;
+        self.proj.forward(&y)
+    }
+}
+
+/// Two-layer MLP with exact GELU.
+#[derive(Clone, Debug)]
+pub struct Mlp {
+    fc1: Linear,
+    fc2: Linear,
+}
+
+impl Mlp {
+    /// Specs of `{prefix}.fc1.*` / `{prefix}.fc2.*`.
+    pub fn specs(prefix: &str, dim: usize, hidden: usize, out: &mut Vec<ParamSpec>) {
+        Linear::specs(&format!("{prefix}.fc1"), dim, hidden, out);
+        Linear::specs(&format!("{prefix}.fc2"), hidden, dim, out);
+    }
+
+    /// Builds from `params`.
+    pub fn load(
+        params: &ParamMap,
+        prefix: &str,
+        dim: usize,
+        hidden: usize,
+    ) -> Result<Self, ModelError> {
+        Ok(Self {
+            fc1: Linear::load(params, &format!("{prefix}.fc1"), dim, hidden)?,
+            fc2: Linear::load(params, &format!("{prefix}.fc2"), hidden, dim)?,
+        })
+    }
+
+    /// x `[.., D]` → `[.., D]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor, ModelError> {
+        self.fc2.forward(&gelu(&self.fc1.forward(x)?)?)
+    }
+}
+
+/// Pre-norm transformer block: x += Attn(LN1 x); x += MLP(LN2 x).
+#[derive(Clone, Debug)]
+pub struct Block {
+    norm1: LayerNorm,
+    attn: Attention,
+    norm2: LayerNorm,
+    mlp: Mlp,
+}
+
+impl Block {
+    /// Specs in the official registration order: norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2.
+    pub fn specs(prefix: &str, dim: usize, hidden: usize, out: &mut Vec<ParamSpec>) {
+        LayerNorm::specs(&format!("{prefix}.norm1"), dim, out);
+        Attention::specs(&format!("{prefix}.attn"), dim, out);
+        LayerNorm::specs(&format!("{prefix}.norm2"), dim, out);
+        Mlp::specs(&format!("{prefix}.mlp"), dim, hidden, out);
+    }
+
+    /// Builds from `params`.
+    pub fn load(
+        params: &ParamMap,
+        prefix: &str,
+        dim: usize,
+        hidden: usize,
+        num_heads: usize,
+    ) -> Result<Self, ModelError> {
+        Ok(Self {
+            norm1: LayerNorm::load(params, &format!("{prefix}.norm1"), dim, LN_EPS)?,
+            attn: Attention::load(params, &format!("{prefix}.attn"), dim, num_heads)?,
+            norm2: LayerNorm::load(params, &format!("{prefix}.norm2"), dim, LN_EPS)?,
+            mlp: Mlp::load(params, &format!("{prefix}.mlp"), dim, hidden)?,
+        })
+    }
+
+    /// x `[B, K, D]` → `[B, K, D]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor, ModelError> {
+        let x = (x + self.attn.forward(&self.norm1.forward(x)?)?)?;
+        let y = self.mlp.forward(&self.norm2.forward(&x)?)?;
+        Ok((x + y)?)
+    }
+}
+
+/// Tubelet patch embedding: Conv3d with kernel = stride = (t, p, p) written as reshape + matmul
+/// (candle has no conv3d). The weight is kept in conv shape `[D, 3, t, p, p]` for checkpoints.
+#[derive(Clone, Debug)]
+pub struct PatchEmbed {
+    weight: Tensor,
+    bias: Tensor,
+    cfg: EncoderConfig,
+}
+
+impl PatchEmbed {
+    /// Specs of `{prefix}.proj.weight` `[D, 3, t, p, p]` and `.bias` `[D]`.
+    pub fn specs(prefix: &str, cfg: &EncoderConfig, out: &mut Vec<ParamSpec>) {
+        let (t, p, d) = (cfg.tubelet_size, cfg.patch_size, cfg.embed_dim);
+        out.push(ParamSpec::new(
+            format!("{prefix}.proj.weight"),
+            &[d, 3, t, p, p],
+            Init::TruncNormal,
+        ));
+        out.push(ParamSpec::new(
+            format!("{prefix}.proj.bias"),
+            &[d],
+            Init::Zeros,
+        ));
+    }
+
+    /// Builds from `params`.
+    pub fn load(params: &ParamMap, prefix: &str, cfg: &EncoderConfig) -> Result<Self, ModelError> {
+        let (t, p, d) = (cfg.tubelet_size, cfg.patch_size, cfg.embed_dim);
+        let weight = params.get(&format!("{prefix}.proj.weight"), &[d, 3, t, p, p])?;
+        let bias = params.get(&format!("{prefix}.proj.bias"), &[d])?;
+        Ok(Self {
+            weight,
+            bias,
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// clips `[B, 3, T, S, S]` → tokens `[B, N, D]`, token order (time, row, column).
+    pub fn forward(&self, clips: &Tensor) -> Result<Tensor, ModelError> {
+        let b = check_clips(&self.cfg, clips)?;
+        let (t, p, d) = (
+            self.cfg.tubelet_size,
+            self.cfg.patch_size,
+            self.cfg.embed_dim,
+        );
+        let (gt, gh, gw) = self.cfg.grid();
+        let n = gt * gh * gw;
+        let patches = clips
+            .reshape(vec![b, 3, gt, t, gh, p, gw, p])?
+            .permute(vec![0, 2, 4, 6, 1, 3, 5, 7])?
+            .contiguous()?
+            .reshape((b * n, self.cfg.patch_dim()))?;
+        let w = self.weight.reshape((d, self.cfg.patch_dim()))?;
+        let y = patches.matmul(&w.t()?)?.broadcast_add(&self.bias)?;
+        Ok(y.reshape((b, n, d))?)
+    }
+}
+
+/// Checks clips are `[B, 3, T, S, S]` with the configured T and S; returns B. A different grid is
+/// refused because pos-table interpolation is not implemented.
+pub fn check_clips(cfg: &EncoderConfig, clips: &Tensor) -> Result<usize, ModelError> {
+    let (b, c, t, h, w) = clips.dims5().map_err(|_| {
+        ModelError::Input(format!(
+            "clips must be [B, 3, T, S, S], got {:?}",
+            clips.dims()
+        ))
+    })?;
+    if c != 3 {
+        return Err(ModelError::Input(format!(
+            "clips have {c} channels, expected 3"
+        )));
+    }
+    if (t, h, w) != (cfg.num_frames, cfg.crop_size, cfg.crop_size) {
+        return Err(ModelError::Unsupported(format!(
+            "clip size {t}x{h}x{w} differs from the model's {}x{}x{}: pos-embed interpolation to another \
+             token grid is not implemented",
+            cfg.num_frames, cfg.crop_size, cfg.crop_size
+        )));
+    }
+    if b == 0 {
+        return Err(ModelError::Input("empty batch".into()));
+    }
+    Ok(b)
+}
+
+/// The ViT encoder (also used, with its own weights, as the EMA target encoder).
+#[derive(Clone, Debug)]
+pub struct Encoder {
+    cfg: EncoderConfig,
+    patch_embed: PatchEmbed,
+    pos_embed: Tensor,
+    blocks: Vec<Block>,
+    norm: LayerNorm,
+}
+
+impl Encoder {
+    /// Trainable parameters in registration order (the fixed `pos_embed` is not among them).
+    pub fn param_specs(cfg: &EncoderConfig) -> Vec<ParamSpec> {
+        let mut out = Vec::new();
+        PatchEmbed::specs("patch_embed", cfg, &mut out);
+        for i in 0..cfg.depth {
+            Block::specs(
+                &format!("blocks.{i}"),
+                cfg.embed_dim,
+                cfg.mlp_hidden,
+                &mut out,
+            );
+        }
+        LayerNorm::specs("norm", cfg.embed_dim, &mut out);
+        out
+    }
+
+    /// Builds from `params` (keys as in [`Self::param_specs`]) and a fixed `[1, N, D]` pos table.
+    pub fn load(
+        cfg: &EncoderConfig,
+        params: &ParamMap,
+        pos_embed: Tensor,
+    ) -> Result<Self, ModelError> {
+        cfg.validate()?;
+        let want = [1, cfg.num_tokens(), cfg.embed_dim];
+        if pos_embed.dims() != want {
+            return Err(ModelError::TensorShape {
+                name: "pos_embed".into(),
+                expected: want.to_vec(),
+                actual: pos_embed.dims().to_vec(),
+            });
+        }
+        let blocks = (0..cfg.depth)
+            .map(|i| {
+                Block::load(
+                    params,
+                    &format!("blocks.{i}"),
+                    cfg.embed_dim,
+                    cfg.mlp_hidden,
+                    cfg.num_heads,
+                )
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            patch_embed: PatchEmbed::load(params, "patch_embed", cfg)?,
+            pos_embed,
+            blocks,
+            norm: LayerNorm::load(params, "norm", cfg.embed_dim, LN_EPS)?,
+        })
+    }
+
+    /// The configuration it was built with.
+    pub fn config(&self) -> &EncoderConfig {
+        &self.cfg
+    }
+
+    /// The fixed `[1, N, D]` sin-cos table.
+    pub fn pos_embed(&self) -> &Tensor {
+        &self.pos_embed
+    }
+
+    /// Patch embedding + positions: `[B, N, D]` (shared by several masked passes).
+    pub fn embed(&self, clips: &Tensor) -> Result<Tensor, ModelError> {
+        Ok(self
+            .patch_embed
+            .forward(clips)?
+            .broadcast_add(&self.pos_embed)?)
+    }
+
+    /// Blocks + final norm on already embedded (and possibly gathered) tokens `[B, K, D]`.
+    pub fn forward_tokens(&self, x: &Tensor) -> Result<Tensor, ModelError> {
+        let mut x = x.clone();
+        for blk in &self.blocks {
+            x = blk.forward(&x)?;
+        }
+        self.norm.forward(&x)
+    }
+
+    /// Full forward; with `keep`, only those tokens enter the blocks (context pass).
+    pub fn forward(&self, clips: &Tensor, keep: Option<&TokenIndex>) -> Result<Tensor, ModelError> {
+        let x = self.embed(clips)?;
+        let x = match keep {
+            Some(idx) => idx.gather(&x)?,
+            None => x,
+        };
+        self.forward_tokens(&x)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layers::tests::{check_grad, values};
+    use candle_core::{Device, Var};
+
+    /// A tiny f64 block with random weights (std 0.3) as Vars, for finite differences.
+    fn tiny_block(dim: usize, hidden: usize, heads: usize) -> (Block, Vec<(String, Var)>) {
+        let mut specs = Vec::new();
+        Block::specs("b", dim, hidden, &mut specs);
+        let mut map = ParamMap::new();
+        let mut vars = Vec::new();
+        for (i, s) in specs.iter().enumerate() {
+            let vals: Vec<f64> = values(s.numel(), 100 + i as u64)
+                .iter()
+                .map(|v| v * 0.6)
+                .collect();
+            let vals = if s.init == Init::Ones {
+                vals.iter().map(|v| 1.0 + v).collect()
+            } else {
+                vals
+            };
+            let var = Var::from_vec(vals, s.shape.as_slice(), &Device::Cpu).unwrap();
+            map.insert(s.name.clone(), var.as_tensor().clone());
+            vars.push((s.name.clone(), var));
+        }
+        (Block::load(&map, "b", dim, hidden, heads).unwrap(), vars)
+    }
+
+    #[test]
+    fn block_finite_difference() {
+        let dev = Device::Cpu;
+        let (blk, vars) = tiny_block(4, 8, 2);
+        let x = Var::from_vec(values(2 * 3 * 4, 9), (2, 3, 4), &dev).unwrap();
+        let r = Tensor::from_vec(values(2 * 3 * 4, 10), (2, 3, 4), &dev).unwrap();
+        let f = || -> f64 {
+            blk.forward(x.as_tensor())
+                .unwrap()
+                .mul(&r)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap()
+        };
+        let loss = blk
+            .forward(x.as_tensor())
+            .unwrap()
+            .mul(&r)
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        let grads = loss.backward().unwrap();
+        check_grad(&x, grads.get(x.as_tensor()).unwrap(), &f, 1e-5);
+        for (name, v) in &vars {
+            let g = grads
+                .get(v.as_tensor())
+                .unwrap_or_else(|| panic!("no grad for {name}"));
+            // 1e-5: candle's gelu_erf backward uses 0.398942 for 1/sqrt(2π).
+            check_grad(v, g, &f, 1e-5);
+        }
+    }
+
+    #[test]
+    fn patch_embed_matches_direct_conv() {
+        let dev = Device::Cpu;
+        let cfg = EncoderConfig {
+            embed_dim: 2,
+            depth: 0,
+            num_heads: 1,
+            mlp_hidden: 4,
+            patch_size: 2,
+            tubelet_size: 2,
+            num_frames: 4,
+            crop_size: 4,
+            uniform_power: true,
+        };
+        let mut specs = Vec::new();
+        PatchEmbed::specs("pe", &cfg, &mut specs);
+        let w: Vec<f32> = values(specs[0].numel(), 3)
+            .iter()
+            .map(|&v| v as f32)
+            .collect();
+        let bias = vec![0.5f32, -0.5];
+        let mut map = ParamMap::new();
+        map.insert(
+            "pe.proj.weight",
+            Tensor::from_vec(w.clone(), (2, 3, 2, 2, 2), &dev).unwrap(),
+        );
+        map.insert(
+            "pe.proj.bias",
+            Tensor::from_vec(bias.clone(), 2, &dev).unwrap(),
+        );
+        let pe = PatchEmbed::load(&map, "pe", &cfg).unwrap();
+        let x: Vec<f32> = values(3 * 4 * 4 * 4, 4).iter().map(|&v| v as f32).collect();
+        let clips = Tensor::from_vec(x.clone(), (1, 3, 4, 4, 4), &dev).unwrap();
+        let y = pe.forward(&clips).unwrap().to_vec3::<f32>().unwrap();
+        assert_eq!(y[0].len(), 8);
+        // direct conv for every output token
+        for (n, row) in y[0].iter().enumerate() {
+            let (ti, hi, wi) = (n / 4, (n / 2) % 2, n % 2);
+            for (o, &got) in row.iter().enumerate() {
+                let mut acc = bias[o] as f64;
+                for c in 0..3 {
+                    for kt in 0..2 {
+                        for kh in 0..2 {
+                            for kw in 0..2 {
+                                let xi =
+                                    ((c * 4 + ti * 2 + kt) * 4 + hi * 2 + kh) * 4 + wi * 2 + kw;
+                                let wi_ = (((o * 3 + c) * 2 + kt) * 2 + kh) * 2 + kw;
+                                acc += x[xi] as f64 * w[wi_] as f64;
+                            }
+                        }
+                    }
+                }
+                assert!(
+                    (got as f64 - acc).abs() < 1e-5,
+                    "token {n} out {o}: {got} vs {acc}"
+                );
+            }
+        }
+        let wrong = Tensor::zeros((1, 3, 6, 4, 4), candle_core::DType::F32, &dev).unwrap();
+        assert!(matches!(
+            pe.forward(&wrong),
+            Err(ModelError::Unsupported(_))
+        ));
+    }
+}

@@ -1,0 +1,938 @@
+//! Decoding the requested frames of one in-memory video.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use gst::prelude::*;
+use gst_video::prelude::*;
+use gstreamer as gst;
+use gstreamer_app as gst_app;
+use gstreamer_video as gst_video;
+
+use crate::error::{IngestError, QuarantineReason};
+
+/// How long one `try_pull_sample` waits before the bus and the deadline are checked again.
+const POLL: Duration = Duration::from_millis(20);
+
+/// When the stream ends before the requested frames, the clip is padded with the last frame
+/// only if at most this fraction of the announced frame count (and at least
+/// [`TRUNCATION_MIN_FRAMES`] frames) is missing; a bigger shortfall is
+/// [`QuarantineReason::Truncated`].
+const TRUNCATION_FRACTION: f64 = 0.10;
+/// See [`TRUNCATION_FRACTION`].
+const TRUNCATION_MIN_FRAMES: u64 = 2;
+
+/// Options for a [`Decoder`].
+#[derive(Clone, Debug)]
+pub struct DecoderOptions {
+    /// Wall-clock budget for one [`Decoder::decode_clip`] call, from the call to the last frame
+    /// (default 60 s). Exceeding it is [`QuarantineReason::Timeout`].
+    pub deadline: Duration,
+    /// Largest frame accepted, in pixels (width × height; default 4096 × 4096). Larger frames
+    /// are [`QuarantineReason::TooLarge`] (checked on the parsed stream caps before the decoder
+    /// allocates anything, when the parser announces a size, and again on decoded frames).
+    pub max_pixels: u64,
+}
+
+impl Default for DecoderOptions {
+    fn default() -> Self {
+        DecoderOptions {
+            deadline: Duration::from_secs(60),
+            max_pixels: 4096 * 4096,
+        }
+    }
+}
+
+/// What the container/stream says about a video, known once the first frame is decoded.
+#[derive(Clone, Debug, PartialEq)]
+pub struct VideoInfo {
+    /// Frame width in pixels (native, as decoded).
+    pub width: u32,
+    /// Frame height in pixels (native, as decoded).
+    pub height: u32,
+    /// Frames per second from the caps; for streams without a nominal rate, from the first
+    /// frame's duration; `0.0` if neither is known.
+    pub fps: f64,
+    /// Duration the container announces, if any.
+    pub duration_ns: Option<u64>,
+    /// Best estimate of the frame count: `duration × fps` rounded (exact for constant-frame-rate
+    /// files); `0` when the duration or the rate is unknown.
+    pub num_frames: u64,
+}
+
+/// Decoded frames of one clip: RGB, native resolution, packed `T × H × W × 3` `u8` (no row
+/// padding), in the order of `indices`.
+#[derive(Clone, Debug)]
+pub struct DecodedClip {
+    /// The stream's info (as passed to the `choose` callback).
+    pub info: VideoInfo,
+    /// The frame indices as returned by `choose` (frame `t` of `frames` is `indices[t]`).
+    pub indices: Vec<u64>,
+    /// Frame width (same as `info.width`).
+    pub width: u32,
+    /// Frame height (same as `info.height`).
+    pub height: u32,
+    /// `indices.len() × height × width × 3` bytes of RGB.
+    pub frames: Vec<u8>,
+}
+
+impl DecodedClip {
+    /// Bytes in one frame (`height × width × 3`).
+    pub fn frame_len(&self) -> usize {
+        self.width as usize * self.height as usize * 3
+    }
+
+    /// Number of frames (`indices.len()`).
+    pub fn num_frames(&self) -> usize {
+        self.indices.len()
+    }
+
+    /// The RGB bytes of frame `t` (`0 ≤ t < indices.len()`).
+    pub fn frame(&self, t: usize) -> Option<&[u8]> {
+        let n = self.frame_len();
+        self.frames.get(t * n..(t + 1) * n)
+    }
+}
+
+/// A per-worker video decoder.
+///
+/// Each [`Decoder::decode_clip`] call builds a short-lived GStreamer pipeline (a few ms after
+/// the first one in the process) and always takes it down to `Null` before returning, on
+/// success and on every error. A `Decoder` is `Send`; use one per worker thread.
+pub struct Decoder {
+    opts: DecoderOptions,
+    clips: u64,
+}
+
+/// State shared between the streaming threads' callbacks and the polling thread.
+#[derive(Default)]
+struct Shared {
+    /// A raw video pad of decodebin got linked to `videoconvert`.
+    video_linked: bool,
+    /// decodebin emitted `no-more-pads`.
+    no_more_pads: bool,
+    /// Caps names of the non-video pads decodebin exposed (sent to `fakesink`).
+    other_pads: Vec<String>,
+    /// A callback decided to refuse the input.
+    refuse: Option<(QuarantineReason, String)>,
+}
+
+fn lock(shared: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
+    shared
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Sets the pipeline to `Null` when dropped (every exit path of `decode_clip`).
+struct NullOnDrop(gst::Pipeline);
+
+impl Drop for NullOnDrop {
+    fn drop(&mut self) {
+        if let Err(e) = self.0.set_state(gst::State::Null) {
+            tracing::warn!(error = %e, "setting the decode pipeline to Null failed");
+        }
+    }
+}
+
+fn fatal(what: &str, e: impl std::fmt::Display) -> IngestError {
+    IngestError::Fatal(format!("{what}: {e}"))
+}
+
+fn quarantine(reason: QuarantineReason, detail: impl Into<String>) -> IngestError {
+    IngestError::quarantine(reason, detail)
+}
+
+/// The progress of one clip's decode, for messages.
+struct Progress {
+    decoded: u64,
+    started: Instant,
+}
+
+impl Decoder {
+    /// Creates a decoder (calls [`crate::init`]).
+    pub fn new(opts: DecoderOptions) -> Result<Self, IngestError> {
+        crate::init()?;
+        Ok(Decoder { opts, clips: 0 })
+    }
+
+    /// The options this decoder was created with.
+    pub fn options(&self) -> &DecoderOptions {
+        &self.opts
+    }
+
+    /// Decodes the frames `choose` asks for from an in-memory video (the bytes of one object).
+    ///
+    /// The bytes are served through `appsrc` in random-access mode (so MP4 with the `moov` atom
+    /// at the end works) to `decodebin` → `videoconvert` → `appsink` (`video/x-raw,format=RGB`).
+    /// Once the first frame is decoded, `choose(&info)` returns the frame indices (0-based,
+    /// sorted ascending, may repeat, may exceed the frames that exist). Frames are counted from
+    /// the start; decoding stops as soon as the largest requested index is reached. If the
+    /// stream ends first, the missing positions get the last decoded frame (the estimate from
+    /// the duration can be off by a frame) unless the shortfall suggests a cut-off file
+    /// ([`QuarantineReason::Truncated`]). An empty list from `choose` returns a clip with no
+    /// frames (info only).
+    ///
+    /// Audio and subtitle streams are not decoded. Every wait is bounded by
+    /// [`DecoderOptions::deadline`]; the pipeline is set to `Null` before returning.
+    pub fn decode_clip(
+        &mut self,
+        data: Bytes,
+        choose: &mut dyn FnMut(&VideoInfo) -> Vec<u64>,
+    ) -> Result<DecodedClip, IngestError> {
+        let started = Instant::now();
+        self.clips += 1;
+        let size = data.len();
+        if data.is_empty() {
+            return Err(quarantine(
+                QuarantineReason::EmptyFile,
+                "object has 0 bytes",
+            ));
+        }
+        let shared = Arc::new(Mutex::new(Shared::default()));
+        let (pipeline, appsink) = self.build_pipeline(data, &shared)?;
+        let guard = NullOnDrop(pipeline);
+        let result = self.run(&guard.0, &appsink, &shared, choose, started);
+        drop(guard);
+        match &result {
+            Ok(clip) => tracing::debug!(
+                clip = self.clips,
+                bytes = size,
+                width = clip.width,
+                height = clip.height,
+                fps = clip.info.fps,
+                num_frames = clip.info.num_frames,
+                frames = clip.indices.len(),
+                elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+                "decoded clip"
+            ),
+            Err(e) => tracing::debug!(
+                clip = self.clips,
+                bytes = size,
+                error = %e,
+                elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+                "clip refused"
+            ),
+        }
+        result
+    }
+
+    /// Builds `appsrc ! decodebin ! videoconvert ! appsink` for `data`.
+    fn build_pipeline(
+        &self,
+        data: Bytes,
+        shared: &Arc<Mutex<Shared>>,
+    ) -> Result<(gst::Pipeline, gst_app::AppSink), IngestError> {
+        let size = data.len() as u64;
+        let position = Arc::new(Mutex::new(0u64));
+        let position_seek = Arc::clone(&position);
+        let callbacks = gst_app::AppSrcCallbacks::builder()
+            .need_data(move |src, length| {
+                let mut pos = position.lock().unwrap_or_else(|p| p.into_inner());
+                let offset = *pos;
+                if offset >= size {
+                    let _ = src.end_of_stream();
+                    return;
+                }
+                // Random access: push exactly what was asked for (or what is left).
+                let n = u64::from(length).min(size - offset).max(1);
+                let end = offset + n;
+                // offset < end <= size = data.len(), so the slice is in bounds.
+                let chunk = data.slice(offset as usize..end as usize);
+                let mut buffer = gst::Buffer::from_slice(chunk);
+                if let Some(b) = buffer.get_mut() {
+                    b.set_offset(offset);
+                    b.set_offset_end(end);
+                }
+                *pos = end;
+                drop(pos);
+                if let Err(e) = src.push_buffer(buffer) {
+                    tracing::trace!(error = ?e, "appsrc push_buffer refused (flushing)");
+                }
+            })
+            .seek_data(move |_, offset| {
+                if offset > size {
+                    return false;
+                }
+                *position_seek.lock().unwrap_or_else(|p| p.into_inner()) = offset;
+                true
+            })
+            .build();
+        let appsrc = gst_app::AppSrc::builder()
+            .name("src")
+            .stream_type(gst_app::AppStreamType::RandomAccess)
+            .format(gst::Format::Bytes)
+            .size(i64::try_from(size).unwrap_or(i64::MAX))
+            .callbacks(callbacks)
+            .build();
+
+        let decodebin = gst::ElementFactory::make("decodebin")
+            .name("decode")
+            .build()
+            .map_err(|e| fatal("creating decodebin", e))?;
+        let convert = gst::ElementFactory::make("videoconvert")
+            .name("convert")
+            .build()
+            .map_err(|e| fatal("creating videoconvert", e))?;
+        let rgb = gst::Caps::builder("video/x-raw")
+            .field("format", "RGB")
+            .build();
+        let appsink = gst_app::AppSink::builder()
+            .name("sink")
+            .caps(&rgb)
+            .sync(false)
+            .max_buffers(2)
+            .drop(false)
+            .enable_last_sample(false)
+            .build();
+
+        let pipeline = gst::Pipeline::with_name("vjepa-decode");
+        pipeline
+            .add_many([
+                appsrc.upcast_ref::<gst::Element>(),
+                &decodebin,
+                &convert,
+                appsink.upcast_ref(),
+            ])
+            .map_err(|e| fatal("assembling the decode pipeline", e))?;
+        appsrc
+            .link(&decodebin)
+            .map_err(|e| fatal("linking appsrc to decodebin", e))?;
+        convert
+            .link(&appsink)
+            .map_err(|e| fatal("linking videoconvert to appsink", e))?;
+
+        // Do not decode audio/subtitles; refuse still images and oversized frames early.
+        let max_pixels = self.opts.max_pixels;
+        let shared_ac = Arc::clone(shared);
+        decodebin.connect("autoplug-continue", false, move |args| {
+            let keep_going = autoplug_continue(args, max_pixels, &shared_ac);
+            Some(keep_going.to_value())
+        });
+
+        let convert_sink = convert
+            .static_pad("sink")
+            .ok_or_else(|| IngestError::Fatal("videoconvert has no sink pad".into()))?;
+        let shared_pa = Arc::clone(shared);
+        let pipeline_weak = pipeline.downgrade();
+        decodebin.connect_pad_added(move |_, pad| {
+            on_pad_added(pad, &convert_sink, &pipeline_weak, &shared_pa);
+        });
+        let shared_nmp = Arc::clone(shared);
+        decodebin.connect_no_more_pads(move |_| {
+            lock(&shared_nmp).no_more_pads = true;
+        });
+        Ok((pipeline, appsink))
+    }
+
+    /// Runs the pipeline until the requested frames are in (or it fails).
+    fn run(
+        &self,
+        pipeline: &gst::Pipeline,
+        appsink: &gst_app::AppSink,
+        shared: &Mutex<Shared>,
+        choose: &mut dyn FnMut(&VideoInfo) -> Vec<u64>,
+        started: Instant,
+    ) -> Result<DecodedClip, IngestError> {
+        let deadline = started + self.opts.deadline;
+        let bus = pipeline
+            .bus()
+            .ok_or_else(|| IngestError::Fatal("pipeline has no bus".into()))?;
+        let mut watch = BusWatch::default();
+        let mut progress = Progress {
+            decoded: 0,
+            started,
+        };
+
+        if let Err(e) = pipeline.set_state(gst::State::Playing) {
+            // The reason (e.g. type finding failed) is usually on the bus already.
+            watch.drain(&bus);
+            if let Some(err) = watch.error.take() {
+                return Err(err);
+            }
+            return Err(quarantine(
+                QuarantineReason::DecodeError,
+                format!("pipeline refused to start: {e}"),
+            ));
+        }
+
+        // Phase 1: the first frame gives the stream info; then the caller chooses indices.
+        let first = loop {
+            self.check(&bus, &mut watch, shared, deadline, &progress)?;
+            if let Some(sample) =
+                appsink.try_pull_sample(gst::ClockTime::from_nseconds(POLL.as_nanos() as u64))
+            {
+                break sample;
+            }
+            if appsink.is_eos() || watch.eos {
+                // Anything explaining why no frame came (error, no video stream) wins.
+                self.check(&bus, &mut watch, shared, deadline, &progress)?;
+                let st = lock(shared);
+                if !st.video_linked {
+                    return Err(no_video_reason(&st, &watch));
+                }
+                return Err(quarantine(
+                    QuarantineReason::NoFrames,
+                    "stream ended before the first frame was decoded",
+                ));
+            }
+        };
+        let mut frame_info = frame_video_info(&first, self.opts.max_pixels)?;
+        let (width, height) = (frame_info.width(), frame_info.height());
+        let info = stream_info(pipeline, &first, &frame_info);
+        tracing::trace!(?info, "stream info");
+        let indices = choose(&info);
+        let frame_len = width as usize * height as usize * 3;
+        let total = frame_len
+            .checked_mul(indices.len())
+            .ok_or_else(|| quarantine(QuarantineReason::TooLarge, "clip size overflows usize"))?;
+        let mut frames = Vec::new();
+        frames.try_reserve_exact(total).map_err(|e| {
+            quarantine(
+                QuarantineReason::TooLarge,
+                format!("cannot allocate {total} bytes for the clip: {e}"),
+            )
+        })?;
+        frames.resize(total, 0u8);
+
+        // Positions of `indices` in ascending index order (robust to unsorted input).
+        let mut order: Vec<usize> = (0..indices.len()).collect();
+        order.sort_by_key(|&t| indices[t]);
+        let mut next = 0usize;
+        let mut current = Some(first);
+        let mut last: Option<gst::Sample> = None;
+        let mut last_caps: Option<gst::Caps> = None;
+
+        // Phase 2: count frames from 0, keep the requested ones, stop after the last one.
+        while next < order.len() {
+            let sample = match current.take() {
+                Some(s) => s,
+                None => {
+                    self.check(&bus, &mut watch, shared, deadline, &progress)?;
+                    match appsink
+                        .try_pull_sample(gst::ClockTime::from_nseconds(POLL.as_nanos() as u64))
+                    {
+                        Some(s) => s,
+                        None => {
+                            if appsink.is_eos() || watch.eos {
+                                // Surface a pending error rather than padding.
+                                self.check(&bus, &mut watch, shared, deadline, &progress)?;
+                                break;
+                            }
+                            continue;
+                        }
+                    }
+                }
+            };
+            // Re-parse the frame layout only when the caps object changes.
+            let caps_changed = match (sample.caps(), last_caps.as_ref()) {
+                (Some(c), Some(prev)) => c.as_ptr() != prev.as_ptr(),
+                _ => true,
+            };
+            if caps_changed {
+                let vi = frame_video_info(&sample, self.opts.max_pixels)?;
+                if vi.width() != width || vi.height() != height {
+                    return Err(quarantine(
+                        QuarantineReason::DecodeError,
+                        format!(
+                            "frame size changed mid-stream from {width}x{height} to {}x{}",
+                            vi.width(),
+                            vi.height()
+                        ),
+                    ));
+                }
+                frame_info = vi;
+                last_caps = sample.caps_owned();
+            }
+            let n = progress.decoded;
+            progress.decoded += 1;
+            let mut copied_from: Option<usize> = None;
+            while next < order.len() && indices[order[next]] <= n {
+                let t = order[next];
+                match copied_from {
+                    // Repeated index: copy from the slot already filled.
+                    Some(src_t) => {
+                        let src = src_t * frame_len;
+                        frames.copy_within(src..src + frame_len, t * frame_len);
+                    }
+                    None => {
+                        let dst = &mut frames[t * frame_len..(t + 1) * frame_len];
+                        copy_frame(&sample, &frame_info, dst)?;
+                        copied_from = Some(t);
+                    }
+                }
+                next += 1;
+            }
+            last = Some(sample);
+        }
+
+        if next < order.len() {
+            // The stream ended before the largest requested index.
+            let Some(last) = last else {
+                return Err(quarantine(QuarantineReason::NoFrames, "no frame decoded"));
+            };
+            let decoded = progress.decoded;
+            let expected = info.num_frames;
+            let tolerance =
+                ((expected as f64 * TRUNCATION_FRACTION) as u64).max(TRUNCATION_MIN_FRAMES);
+            if expected > decoded + tolerance {
+                return Err(quarantine(
+                    QuarantineReason::Truncated,
+                    format!(
+                        "stream ended after {decoded} frames but the container announces \
+                         {expected} ({:?} at {:.3} fps)",
+                        info.duration_ns, info.fps
+                    ),
+                ));
+            }
+            let missing = order.len() - next;
+            tracing::debug!(
+                decoded,
+                announced = expected,
+                missing,
+                max_requested = indices[order[order.len() - 1]],
+                "stream ended before the requested frames; padding with the last frame"
+            );
+            let mut filled_from: Option<usize> = None;
+            for &t in &order[next..] {
+                match filled_from {
+                    Some(src_t) => {
+                        let src = src_t * frame_len;
+                        frames.copy_within(src..src + frame_len, t * frame_len);
+                    }
+                    None => {
+                        let dst = &mut frames[t * frame_len..(t + 1) * frame_len];
+                        copy_frame(&last, &frame_info, dst)?;
+                        filled_from = Some(t);
+                    }
+                }
+            }
+        }
+
+        Ok(DecodedClip {
+            info,
+            indices,
+            width,
+            height,
+            frames,
+        })
+    }
+
+    /// Polls the bus and the callbacks' verdicts; errors out on failure or past the deadline.
+    fn check(
+        &self,
+        bus: &gst::Bus,
+        watch: &mut BusWatch,
+        shared: &Mutex<Shared>,
+        deadline: Instant,
+        progress: &Progress,
+    ) -> Result<(), IngestError> {
+        watch.drain(bus);
+        if let Some(err) = watch.error.take() {
+            return Err(err);
+        }
+        {
+            let mut st = lock(shared);
+            if let Some((reason, detail)) = st.refuse.take() {
+                return Err(quarantine(reason, detail));
+            }
+            if st.no_more_pads && !st.video_linked {
+                drop(st);
+                // A missing-plugin message may have been posted just before no-more-pads.
+                watch.drain(bus);
+                if let Some(err) = watch.error.take() {
+                    return Err(err);
+                }
+                let st = lock(shared);
+                return Err(no_video_reason(&st, watch));
+            }
+        }
+        if Instant::now() >= deadline {
+            return Err(quarantine(
+                QuarantineReason::Timeout,
+                format!(
+                    "deadline of {:?} passed after {} decoded frames ({:?} elapsed)",
+                    self.opts.deadline,
+                    progress.decoded,
+                    progress.started.elapsed()
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Why there is no video pad: a missing decoder, or no video stream at all.
+fn no_video_reason(st: &Shared, watch: &BusWatch) -> IngestError {
+    if let Some(missing) = &watch.missing_plugin {
+        return quarantine(
+            QuarantineReason::UnsupportedFormat,
+            format!("no decoder installed: {missing}"),
+        );
+    }
+    if let Some(video) = st.other_pads.iter().find(|c| c.starts_with("video/")) {
+        return quarantine(
+            QuarantineReason::UnsupportedFormat,
+            format!("video stream {video} was not decoded"),
+        );
+    }
+    quarantine(
+        QuarantineReason::NoVideoStream,
+        format!("streams found: [{}]", st.other_pads.join(", ")),
+    )
+}
+
+/// What the bus said so far.
+#[derive(Default)]
+struct BusWatch {
+    /// The first error, classified.
+    error: Option<IngestError>,
+    /// An error was already reported (later ones are consequences).
+    errored: bool,
+    /// The pipeline posted EOS.
+    eos: bool,
+    /// Description of a `missing-plugin` element message.
+    missing_plugin: Option<String>,
+}
+
+impl BusWatch {
+    fn drain(&mut self, bus: &gst::Bus) {
+        while let Some(msg) = bus.pop() {
+            use gst::MessageView;
+            match msg.view() {
+                MessageView::Error(err) => {
+                    let src = msg
+                        .src()
+                        .map(|s| s.path_string().to_string())
+                        .unwrap_or_default();
+                    tracing::debug!(
+                        src = %src,
+                        error = %err.error(),
+                        debug = ?err.debug(),
+                        "pipeline error"
+                    );
+                    if !self.errored {
+                        self.errored = true;
+                        let debug = err.debug().map(|d| d.to_string());
+                        self.error = Some(classify_error(
+                            &err.error(),
+                            &src,
+                            debug.as_deref(),
+                            self.missing_plugin.as_deref(),
+                        ));
+                    }
+                }
+                MessageView::Warning(w) => {
+                    tracing::debug!(error = %w.error(), debug = ?w.debug(), "pipeline warning");
+                }
+                MessageView::Eos(_) => self.eos = true,
+                MessageView::Element(el) => {
+                    if let Some(s) = el.structure()
+                        && s.name() == "missing-plugin"
+                    {
+                        let detail = s
+                            .get::<String>("name")
+                            .or_else(|_| s.get::<gst::Caps>("detail").map(|c| c.to_string()))
+                            .unwrap_or_else(|_| s.to_string());
+                        tracing::debug!(%detail, "missing plugin");
+                        self.missing_plugin.get_or_insert(detail);
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Maps a GStreamer error message to a quarantine reason.
+fn classify_error(
+    err: &gst::glib::Error,
+    src: &str,
+    debug: Option<&str>,
+    missing_plugin: Option<&str>,
+) -> IngestError {
+    let mut detail = format!("{err} (from {src})");
+    if let Some(d) = debug {
+        detail.push_str(": ");
+        detail.push_str(d);
+    }
+    let reason = if let Some(e) = err.kind::<gst::StreamError>() {
+        match e {
+            gst::StreamError::TypeNotFound => QuarantineReason::NotAVideo,
+            gst::StreamError::CodecNotFound | gst::StreamError::WrongType => {
+                QuarantineReason::UnsupportedFormat
+            }
+            gst::StreamError::Demux => QuarantineReason::DemuxError,
+            _ => QuarantineReason::DecodeError,
+        }
+    } else if let Some(e) = err.kind::<gst::CoreError>() {
+        match e {
+            gst::CoreError::MissingPlugin | gst::CoreError::Negotiation => {
+                QuarantineReason::UnsupportedFormat
+            }
+            _ => QuarantineReason::DecodeError,
+        }
+    } else {
+        QuarantineReason::DecodeError
+    };
+    let reason = match (reason, missing_plugin) {
+        (QuarantineReason::DecodeError, Some(_)) => QuarantineReason::UnsupportedFormat,
+        (r, _) => r,
+    };
+    quarantine(reason, detail)
+}
+
+/// `autoplug-continue` handler: `false` stops decodebin from plugging more elements for a pad
+/// (the pad is then exposed as it is). Audio, text and subtitles are never decoded.
+fn autoplug_continue(args: &[gst::glib::Value], max_pixels: u64, shared: &Mutex<Shared>) -> bool {
+    let Some(caps) = args.get(2).and_then(|v| v.get::<gst::Caps>().ok()) else {
+        return true;
+    };
+    let Some(s) = caps.structure(0) else {
+        return true;
+    };
+    let name = s.name().as_str();
+    if name.starts_with("audio/")
+        || name.starts_with("text/")
+        || name.starts_with("subpicture/")
+        || name.starts_with("closedcaption/")
+        || name.starts_with("application/x-subtitle")
+        || name.starts_with("application/x-ssa")
+        || name.starts_with("application/x-ass")
+    {
+        return false;
+    }
+    if name.starts_with("image/") {
+        // The whole object is a still image (typefind result), not e.g. MJPEG inside AVI.
+        let from_typefind = args
+            .get(1)
+            .and_then(|v| v.get::<gst::Pad>().ok())
+            .and_then(|p| p.parent_element())
+            .and_then(|e| e.factory())
+            .is_some_and(|f| f.name() == "typefind");
+        if from_typefind {
+            lock(shared).refuse.get_or_insert((
+                QuarantineReason::NotAVideo,
+                format!("the object is a still image ({name})"),
+            ));
+            return false;
+        }
+    }
+    if name.starts_with("video/") || name.starts_with("image/") {
+        let w = s.get::<i32>("width").ok();
+        let h = s.get::<i32>("height").ok();
+        if let (Some(w), Some(h)) = (w, h) {
+            let pixels = u64::from(w.unsigned_abs()) * u64::from(h.unsigned_abs());
+            if pixels > max_pixels {
+                lock(shared).refuse.get_or_insert((
+                    QuarantineReason::TooLarge,
+                    format!("{w}x{h} = {pixels} pixels > limit {max_pixels} ({name})"),
+                ));
+                return false;
+            }
+        }
+    }
+    true
+}
+
+/// `pad-added` handler: the first raw video pad goes to `videoconvert`, anything else to a
+/// `fakesink` (so demuxers never see not-linked).
+fn on_pad_added(
+    pad: &gst::Pad,
+    convert_sink: &gst::Pad,
+    pipeline: &gst::glib::WeakRef<gst::Pipeline>,
+    shared: &Mutex<Shared>,
+) {
+    let caps = pad.current_caps().unwrap_or_else(|| pad.query_caps(None));
+    let name = caps
+        .structure(0)
+        .map(|s| s.name().to_string())
+        .unwrap_or_else(|| "(no caps)".to_string());
+    let system_memory = caps
+        .features(0)
+        .is_none_or(|f| f.contains(gst::CAPS_FEATURE_MEMORY_SYSTEM_MEMORY));
+    {
+        let mut st = lock(shared);
+        if name == "video/x-raw" && !st.video_linked {
+            if !system_memory {
+                st.refuse.get_or_insert((
+                    QuarantineReason::UnsupportedFormat,
+                    format!("decoded video is not in system memory: {caps}"),
+                ));
+                return;
+            }
+            match pad.link(convert_sink) {
+                Ok(_) => {
+                    st.video_linked = true;
+                    tracing::trace!(%caps, "video pad linked");
+                }
+                Err(e) => {
+                    st.refuse.get_or_insert((
+                        QuarantineReason::UnsupportedFormat,
+                        format!("cannot convert {caps} to RGB: {e:?}"),
+                    ));
+                }
+            }
+            return;
+        }
+        st.other_pads.push(name.clone());
+    }
+    tracing::trace!(caps = %name, "non-video pad sent to fakesink");
+    let Some(pipeline) = pipeline.upgrade() else {
+        return;
+    };
+    let sink = match gst::ElementFactory::make("fakesink")
+        .property("sync", false)
+        .property("async", false)
+        .property("enable-last-sample", false)
+        .build()
+    {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot create fakesink");
+            return;
+        }
+    };
+    if pipeline.add(&sink).is_err() {
+        return;
+    }
+    if let Err(e) = sink.sync_state_with_parent() {
+        tracing::debug!(error = %e, "fakesink state sync failed");
+    }
+    if let Some(sink_pad) = sink.static_pad("sink")
+        && let Err(e) = pad.link(&sink_pad)
+    {
+        tracing::debug!(error = ?e, "linking a non-video pad to fakesink failed");
+    }
+}
+
+/// The decoded frame layout from a sample's caps; refuses oversized frames.
+fn frame_video_info(
+    sample: &gst::Sample,
+    max_pixels: u64,
+) -> Result<gst_video::VideoInfo, IngestError> {
+    let caps = sample
+        .caps()
+        .ok_or_else(|| quarantine(QuarantineReason::DecodeError, "decoded frame without caps"))?;
+    let vi = gst_video::VideoInfo::from_caps(caps).map_err(|e| {
+        quarantine(
+            QuarantineReason::DecodeError,
+            format!("unusable caps {caps}: {e}"),
+        )
+    })?;
+    if vi.format() != gst_video::VideoFormat::Rgb {
+        return Err(IngestError::Fatal(format!(
+            "appsink delivered {} instead of RGB",
+            vi.format()
+        )));
+    }
+    let pixels = u64::from(vi.width()) * u64::from(vi.height());
+    if pixels > max_pixels {
+        return Err(quarantine(
+            QuarantineReason::TooLarge,
+            format!(
+                "{}x{} = {pixels} pixels > limit {max_pixels}",
+                vi.width(),
+                vi.height()
+            ),
+        ));
+    }
+    if pixels == 0 {
+        return Err(quarantine(
+            QuarantineReason::DecodeError,
+            "decoded frame has zero size",
+        ));
+    }
+    Ok(vi)
+}
+
+/// [`VideoInfo`] from the first sample and the duration query.
+fn stream_info(
+    pipeline: &gst::Pipeline,
+    first: &gst::Sample,
+    frame_info: &gst_video::VideoInfo,
+) -> VideoInfo {
+    let rate = frame_info.fps();
+    let mut fps = if rate.numer() > 0 && rate.denom() > 0 {
+        f64::from(rate.numer()) / f64::from(rate.denom())
+    } else {
+        0.0
+    };
+    if fps <= 0.0
+        && let Some(d) = first.buffer().and_then(|b| b.duration())
+        && d.nseconds() > 0
+    {
+        fps = 1e9 / d.nseconds() as f64;
+    }
+    let duration_ns = pipeline
+        .query_duration::<gst::ClockTime>()
+        .map(|d| d.nseconds())
+        .filter(|&d| d > 0);
+    let num_frames = match duration_ns {
+        Some(d) if fps > 0.0 => (d as f64 * fps / 1e9).round() as u64,
+        _ => 0,
+    };
+    VideoInfo {
+        width: frame_info.width(),
+        height: frame_info.height(),
+        fps,
+        duration_ns,
+        num_frames,
+    }
+}
+
+/// Copies one RGB frame into `dst` (`height × width × 3` bytes), dropping row padding.
+fn copy_frame(
+    sample: &gst::Sample,
+    info: &gst_video::VideoInfo,
+    dst: &mut [u8],
+) -> Result<(), IngestError> {
+    let buffer = sample
+        .buffer()
+        .ok_or_else(|| quarantine(QuarantineReason::DecodeError, "sample without a buffer"))?;
+    let frame = gst_video::VideoFrameRef::from_buffer_ref_readable(buffer, info).map_err(|e| {
+        quarantine(
+            QuarantineReason::DecodeError,
+            format!("cannot map decoded frame: {e}"),
+        )
+    })?;
+    let row = info.width() as usize * 3;
+    let height = info.height() as usize;
+    let stride = usize::try_from(frame.plane_stride()[0]).unwrap_or(0);
+    let data = frame.plane_data(0).map_err(|e| {
+        quarantine(
+            QuarantineReason::DecodeError,
+            format!("cannot read decoded frame: {e}"),
+        )
+    })?;
+    if dst.len() != row * height || stride < row {
+        return Err(quarantine(
+            QuarantineReason::DecodeError,
+            format!(
+                "unexpected frame layout: stride {stride}, row {row}, rows {height}, out {}",
+                dst.len()
+            ),
+        ));
+    }
+    if stride == row {
+        let src = data
+            .get(..row * height)
+            .ok_or_else(|| short_frame(data.len()))?;
+        dst.copy_from_slice(src);
+    } else {
+        for (y, out) in dst.chunks_exact_mut(row).enumerate() {
+            let src = data
+                .get(y * stride..y * stride + row)
+                .ok_or_else(|| short_frame(data.len()))?;
+            out.copy_from_slice(src);
+        }
+    }
+    Ok(())
+}
+
+fn short_frame(len: usize) -> IngestError {
+    quarantine(
+        QuarantineReason::DecodeError,
+        format!("decoded frame buffer too short ({len} bytes)"),
+    )
+}

@@ -1,0 +1,65 @@
+//! GStreamer ingest for vjepa-stream.
+//!
+//! * [`Decoder::decode_clip`] decodes the frames a training clip needs from the bytes of one
+//!   object-store object: `appsrc` (random access over the bytes) → `decodebin` → `videoconvert`
+//!   → `appsink` (packed RGB). The caller picks the frame indices once the stream's
+//!   [`VideoInfo`] is known (spec §1: the caller computes indices; this crate decodes them).
+//!   Decoding starts at frame 0, counts frames, keeps the requested ones and stops at the last
+//!   requested index.
+//! * Anything wrong with the input becomes [`IngestError::Quarantine`] with a stable
+//!   [`QuarantineReason`]; a corrupt video never panics and never hangs (every wait is bounded by
+//!   [`DecoderOptions::deadline`]).
+//! * [`make_samples`] writes a small corpus of real encoded videos (H.264/MP4 and VP9/WebM made
+//!   by GStreamer's encoders) for tests and demos.
+//!
+//! Call [`init`] once per process before anything else (it is idempotent and the other entry
+//! points call it too).
+
+mod decode;
+mod error;
+mod samples;
+
+pub use decode::{DecodedClip, Decoder, DecoderOptions, VideoInfo};
+pub use error::{IngestError, QuarantineReason};
+pub use samples::{SampleCodec, SampleSpec, default_sample_specs, make_sample, make_samples};
+
+use gstreamer as gst;
+use std::sync::OnceLock;
+
+/// Elements the decoder needs; missing ones are an installation problem ([`IngestError::Fatal`]).
+const REQUIRED_ELEMENTS: [&str; 6] = [
+    "appsrc",
+    "decodebin",
+    "videoconvert",
+    "appsink",
+    "fakesink",
+    "typefind",
+];
+
+static INIT: OnceLock<Result<(), String>> = OnceLock::new();
+
+/// Initialises GStreamer and checks that the elements the decoder needs are installed.
+///
+/// Call once per process (idempotent; later calls return the first call's result) before
+/// anything else. Fails with [`IngestError::Fatal`] when GStreamer cannot start or a required
+/// element (`appsrc`, `decodebin`, `videoconvert`, `appsink`, …) is missing.
+pub fn init() -> Result<(), IngestError> {
+    INIT.get_or_init(|| {
+        gst::init().map_err(|e| format!("gst::init failed: {e}"))?;
+        let missing: Vec<&str> = REQUIRED_ELEMENTS
+            .iter()
+            .copied()
+            .filter(|name| gst::ElementFactory::find(name).is_none())
+            .collect();
+        if !missing.is_empty() {
+            return Err(format!(
+                "GStreamer elements missing from this installation: {}",
+                missing.join(", ")
+            ));
+        }
+        tracing::info!(version = %gst::version_string(), "GStreamer initialised");
+        Ok(())
+    })
+    .clone()
+    .map_err(IngestError::Fatal)
+}

@@ -1,0 +1,1082 @@
+//! The job's configuration: the official V-JEPA pretrain YAML (spec §0) plus our own sections.
+//!
+//! One typed tree, parsed once with unknown keys refused and the path of every bad key reported;
+//! official keys that this implementation does not act on are accepted and listed as ignored, so
+//! the official files parse unchanged. Everything downstream takes the validated [`JobConfig`].
+
+use std::path::Path;
+
+use serde::Deserialize;
+use serde_yaml::Value;
+
+/// A configuration problem, always naming the key it is about.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    /// YAML syntax, unknown key or wrong type.
+    #[error("config key `{key}`: {message}")]
+    Parse { key: String, message: String },
+    /// The value has the right type but is not acceptable.
+    #[error("config key `{key}`: {message}")]
+    Invalid { key: String, message: String },
+}
+
+impl ConfigError {
+    fn invalid(key: &str, message: impl Into<String>) -> Self {
+        ConfigError::Invalid {
+            key: key.to_string(),
+            message: message.into(),
+        }
+    }
+
+    /// The dotted path of the offending key.
+    pub fn key(&self) -> Option<&str> {
+        match self {
+            ConfigError::Read { .. } => None,
+            ConfigError::Parse { key, .. } | ConfigError::Invalid { key, .. } => Some(key),
+        }
+    }
+}
+
+/// Top level of the YAML file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// Official launcher key (`vjepa`); any other app is refused.
+    #[serde(default)]
+    pub app: Option<String>,
+    /// Official SLURM sizing; we size the job with `workers` and the cluster options instead.
+    #[serde(default)]
+    pub nodes: Option<Value>,
+    #[serde(default)]
+    pub tasks_per_node: Option<Value>,
+    pub data: DataSection,
+    #[serde(default)]
+    pub data_aug: DataAugSection,
+    #[serde(default)]
+    pub logging: LoggingSection,
+    #[serde(default)]
+    pub loss: LossSection,
+    pub mask: Vec<MaskSection>,
+    #[serde(default)]
+    pub meta: MetaSection,
+    pub model: ModelSection,
+    pub optimization: OptimizationSection,
+    /// Ours: object-store connection settings (never credentials).
+    #[serde(default)]
+    pub storage: StorageSection,
+    /// Ours: where outputs go and how often.
+    #[serde(default)]
+    pub outputs: OutputsSection,
+    /// Ours: dataflow workers and flow control.
+    #[serde(default)]
+    pub workers: WorkersSection,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSection {
+    #[serde(default)]
+    pub dataset_type: Option<String>,
+    #[serde(default)]
+    pub mask_type: Option<String>,
+    /// CSV indexes (`path label`) or object-store prefixes.
+    pub datasets: Vec<String>,
+    #[serde(default)]
+    pub datasets_weights: Option<Vec<f64>>,
+    #[serde(default)]
+    pub decode_one_clip: Option<Value>,
+    pub batch_size: usize,
+    #[serde(default = "one")]
+    pub num_clips: usize,
+    #[serde(default = "sixteen")]
+    pub num_frames: usize,
+    #[serde(default = "two")]
+    pub tubelet_size: usize,
+    #[serde(default = "four")]
+    pub sampling_rate: usize,
+    #[serde(default)]
+    pub clip_duration: Option<f64>,
+    #[serde(default = "default_crop")]
+    pub crop_size: usize,
+    #[serde(default = "sixteen")]
+    pub patch_size: usize,
+    #[serde(default)]
+    pub pin_mem: Option<Value>,
+    #[serde(default)]
+    pub num_workers: Option<Value>,
+    #[serde(default)]
+    pub filter_short_videos: bool,
+    /// Files larger than this many bytes are skipped (official default 1e9).
+    #[serde(default = "default_filter_long")]
+    pub filter_long_videos: f64,
+    #[serde(default)]
+    pub log_resource_utilization: Option<Value>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataAugSection {
+    #[serde(default)]
+    pub auto_augment: bool,
+    #[serde(default)]
+    pub motion_shift: bool,
+    #[serde(default = "default_aspect")]
+    pub random_resize_aspect_ratio: [f64; 2],
+    #[serde(default = "default_scale")]
+    pub random_resize_scale: [f64; 2],
+    #[serde(default)]
+    pub reprob: f64,
+}
+
+impl Default for DataAugSection {
+    fn default() -> Self {
+        DataAugSection {
+            auto_augment: false,
+            motion_shift: false,
+            random_resize_aspect_ratio: default_aspect(),
+            random_resize_scale: default_scale(),
+            reprob: 0.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoggingSection {
+    /// Official output folder; used as `outputs.dir` when that is not set.
+    #[serde(default)]
+    pub folder: Option<String>,
+    #[serde(default)]
+    pub write_tag: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LossSection {
+    #[serde(default = "one_f")]
+    pub loss_exp: f64,
+    #[serde(default)]
+    pub reg_coeff: f64,
+}
+
+impl Default for LossSection {
+    fn default() -> Self {
+        LossSection {
+            loss_exp: 1.0,
+            reg_coeff: 0.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MaskSection {
+    pub aspect_ratio: [f64; 2],
+    pub num_blocks: usize,
+    pub spatial_scale: [f64; 2],
+    pub temporal_scale: [f64; 2],
+    #[serde(default = "one_f")]
+    pub max_temporal_keep: f64,
+    #[serde(default)]
+    pub max_keep: Option<usize>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetaSection {
+    /// Resume from the latest checkpoint in the output directory.
+    #[serde(default)]
+    pub load_checkpoint: bool,
+    /// A specific checkpoint to start from (URL or path).
+    #[serde(default)]
+    pub read_checkpoint: Option<String>,
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    #[serde(default)]
+    pub eval_freq: Option<Value>,
+    #[serde(default)]
+    pub use_sdpa: Option<Value>,
+    #[serde(default)]
+    pub dtype: Option<String>,
+    #[serde(default)]
+    pub save_every_freq: Option<Value>,
+    #[serde(default)]
+    pub skip_batches: Option<Value>,
+}
+
+impl Default for MetaSection {
+    fn default() -> Self {
+        MetaSection {
+            load_checkpoint: false,
+            read_checkpoint: None,
+            seed: default_seed(),
+            eval_freq: None,
+            use_sdpa: None,
+            dtype: None,
+            save_every_freq: None,
+            skip_batches: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    pub model_name: String,
+    pub pred_depth: usize,
+    pub pred_embed_dim: usize,
+    #[serde(default = "yes")]
+    pub uniform_power: bool,
+    #[serde(default = "yes")]
+    pub use_mask_tokens: bool,
+    #[serde(default = "yes")]
+    pub zero_init_mask_tokens: bool,
+    /// Ours: override the preset's width (small models for CPU runs and tests).
+    #[serde(default)]
+    pub embed_dim: Option<usize>,
+    /// Ours: override the preset's depth.
+    #[serde(default)]
+    pub depth: Option<usize>,
+    /// Ours: override the preset's head count (the predictor uses the same count).
+    #[serde(default)]
+    pub num_heads: Option<usize>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OptimizationSection {
+    /// Iterations per "epoch"; schedules are defined in these units.
+    #[serde(default)]
+    pub ipe: Option<u64>,
+    #[serde(default = "one_f")]
+    pub ipe_scale: f64,
+    #[serde(default)]
+    pub clip_grad: Option<f64>,
+    pub weight_decay: f64,
+    pub final_weight_decay: f64,
+    pub epochs: u64,
+    pub warmup: f64,
+    pub start_lr: f64,
+    pub lr: f64,
+    pub final_lr: f64,
+    pub ema: [f64; 2],
+    #[serde(default = "default_betas")]
+    pub betas: [f64; 2],
+    #[serde(default = "default_eps")]
+    pub eps: f64,
+    /// Ours: stop after this many steps even if the schedule is longer.
+    #[serde(default)]
+    pub max_steps: Option<u64>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageSection {
+    #[serde(default)]
+    pub s3: S3Section,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3Section {
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    #[serde(default)]
+    pub region: Option<String>,
+    #[serde(default)]
+    pub allow_http: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputsSection {
+    /// Local path or object-store URL; defaults to `logging.folder`.
+    #[serde(default)]
+    pub dir: Option<String>,
+    /// Write a checkpoint every this many steps (0: only at the end).
+    #[serde(default)]
+    pub checkpoint_every: u64,
+    /// Flush a Parquet row group of metrics every this many steps.
+    #[serde(default = "default_flush")]
+    pub metrics_flush_every: u64,
+    /// Log a progress line every this many steps.
+    #[serde(default = "ten")]
+    pub log_every: u64,
+}
+
+impl Default for OutputsSection {
+    fn default() -> Self {
+        OutputsSection {
+            dir: None,
+            checkpoint_every: 0,
+            metrics_flush_every: default_flush(),
+            log_every: 10,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkersSection {
+    /// timely worker threads in this process (`--workers` overrides).
+    #[serde(default = "one")]
+    pub count: usize,
+    /// At most this many clips requested but not yet trained on, per worker.
+    #[serde(default)]
+    pub max_clips_in_flight: Option<usize>,
+    /// A clip that takes longer than this to fetch and decode is quarantined.
+    #[serde(default = "default_deadline")]
+    pub decode_deadline_secs: f64,
+    /// Give up on a clip slot after this many bad videos in a row (the corpus is mostly bad).
+    #[serde(default = "default_attempts")]
+    pub max_attempts_per_clip: usize,
+}
+
+impl Default for WorkersSection {
+    fn default() -> Self {
+        WorkersSection {
+            count: 1,
+            max_clips_in_flight: None,
+            decode_deadline_secs: default_deadline(),
+            max_attempts_per_clip: default_attempts(),
+        }
+    }
+}
+
+fn one() -> usize {
+    1
+}
+fn two() -> usize {
+    2
+}
+fn four() -> usize {
+    4
+}
+fn sixteen() -> usize {
+    16
+}
+fn ten() -> u64 {
+    10
+}
+fn one_f() -> f64 {
+    1.0
+}
+fn yes() -> bool {
+    true
+}
+fn default_crop() -> usize {
+    224
+}
+fn default_filter_long() -> f64 {
+    1e9
+}
+fn default_aspect() -> [f64; 2] {
+    [0.75, 1.35]
+}
+fn default_scale() -> [f64; 2] {
+    [0.3, 1.0]
+}
+fn default_seed() -> u64 {
+    234
+}
+fn default_betas() -> [f64; 2] {
+    [0.9, 0.999]
+}
+fn default_eps() -> f64 {
+    1e-8
+}
+fn default_flush() -> u64 {
+    50
+}
+fn default_deadline() -> f64 {
+    60.0
+}
+fn default_attempts() -> usize {
+    100
+}
+
+/// A validated configuration plus what was read but not acted on.
+#[derive(Debug, Clone)]
+pub struct JobConfig {
+    pub raw: RawConfig,
+    /// Dotted paths of official keys present in the file that this implementation ignores, with why.
+    pub ignored: Vec<(String, &'static str)>,
+}
+
+impl JobConfig {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<JobConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(&text)
+    }
+
+    /// Parses and validates YAML text.
+    pub fn parse(text: &str) -> Result<JobConfig, ConfigError> {
+        let de = serde_yaml::Deserializer::from_str(text);
+        let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            let inner = e.into_inner();
+            let message = inner.to_string();
+            // serde reports an unknown field at its parent; name the field itself.
+            let key = match unknown_field_name(&message) {
+                Some(field) if key == "." || key.is_empty() => field,
+                Some(field) if !key.ends_with(&field) => format!("{key}.{field}"),
+                _ => key,
+            };
+            let key = if key == "." || key.is_empty() {
+                "<top level>".into()
+            } else {
+                key
+            };
+            ConfigError::Parse { key, message }
+        })?;
+        let ignored = ignored_keys(&raw);
+        let cfg = JobConfig { raw, ignored };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Refuses values of the right type that cannot be run, naming the key.
+    fn validate(&self) -> Result<(), ConfigError> {
+        let r = &self.raw;
+        if let Some(app) = &r.app
+            && app != "vjepa"
+        {
+            return Err(ConfigError::invalid(
+                "app",
+                format!("only `vjepa` pretraining is supported, got `{app}`"),
+            ));
+        }
+        let d = &r.data;
+        if let Some(t) = &d.dataset_type
+            && !t.eq_ignore_ascii_case("videodataset")
+        {
+            return Err(ConfigError::invalid(
+                "data.dataset_type",
+                format!("only VideoDataset is supported, got `{t}`"),
+            ));
+        }
+        if let Some(t) = &d.mask_type
+            && t != "multiblock3d"
+        {
+            return Err(ConfigError::invalid(
+                "data.mask_type",
+                format!("only multiblock3d is supported, got `{t}`"),
+            ));
+        }
+        if d.datasets.is_empty() {
+            return Err(ConfigError::invalid(
+                "data.datasets",
+                "at least one dataset is needed",
+            ));
+        }
+        if let Some(w) = &d.datasets_weights {
+            if w.len() != d.datasets.len() {
+                return Err(ConfigError::invalid(
+                    "data.datasets_weights",
+                    format!("{} weights for {} datasets", w.len(), d.datasets.len()),
+                ));
+            }
+            if w.iter().any(|x| !x.is_finite() || *x < 0.0) || w.iter().sum::<f64>() <= 0.0 {
+                return Err(ConfigError::invalid(
+                    "data.datasets_weights",
+                    "weights must be finite, non-negative and not all zero",
+                ));
+            }
+        }
+        positive("data.batch_size", d.batch_size)?;
+        if d.num_clips != 1 {
+            return Err(ConfigError::invalid(
+                "data.num_clips",
+                "pretraining uses one clip per video (num_clips: 1)",
+            ));
+        }
+        positive("data.num_frames", d.num_frames)?;
+        positive("data.tubelet_size", d.tubelet_size)?;
+        positive("data.sampling_rate", d.sampling_rate)?;
+        positive("data.patch_size", d.patch_size)?;
+        positive("data.crop_size", d.crop_size)?;
+        if d.num_frames % d.tubelet_size != 0 {
+            return Err(ConfigError::invalid(
+                "data.num_frames",
+                format!(
+                    "{} frames is not a multiple of tubelet_size {}",
+                    d.num_frames, d.tubelet_size
+                ),
+            ));
+        }
+        if d.crop_size % d.patch_size != 0 {
+            return Err(ConfigError::invalid(
+                "data.crop_size",
+                format!(
+                    "crop {} is not a multiple of patch_size {}",
+                    d.crop_size, d.patch_size
+                ),
+            ));
+        }
+        if d.num_frames == 1 {
+            return Err(ConfigError::invalid(
+                "data.num_frames",
+                "the image path (num_frames: 1) is not supported yet",
+            ));
+        }
+        if let Some(c) = d.clip_duration
+            && !(c.is_finite() && c > 0.0)
+        {
+            return Err(ConfigError::invalid(
+                "data.clip_duration",
+                "must be a positive number of seconds or null",
+            ));
+        }
+        if !(d.filter_long_videos > 0.0) {
+            return Err(ConfigError::invalid(
+                "data.filter_long_videos",
+                "must be a positive byte count",
+            ));
+        }
+
+        let a = &r.data_aug;
+        if a.auto_augment {
+            return Err(ConfigError::invalid(
+                "data_aug.auto_augment",
+                "RandAugment is not used in V-JEPA pretraining and not implemented",
+            ));
+        }
+        if a.motion_shift {
+            return Err(ConfigError::invalid(
+                "data_aug.motion_shift",
+                "motion-shift crops are not implemented",
+            ));
+        }
+        if a.reprob != 0.0 {
+            return Err(ConfigError::invalid(
+                "data_aug.reprob",
+                "random erasing is not implemented (use 0.0)",
+            ));
+        }
+        range(
+            "data_aug.random_resize_aspect_ratio",
+            a.random_resize_aspect_ratio,
+            f64::MIN_POSITIVE,
+            f64::MAX,
+        )?;
+        range(
+            "data_aug.random_resize_scale",
+            a.random_resize_scale,
+            f64::MIN_POSITIVE,
+            1.0,
+        )?;
+
+        if r.loss.loss_exp != 1.0 {
+            return Err(ConfigError::invalid(
+                "loss.loss_exp",
+                "only loss_exp: 1.0 (L1) is implemented",
+            ));
+        }
+        if r.loss.reg_coeff != 0.0 {
+            return Err(ConfigError::invalid(
+                "loss.reg_coeff",
+                "the variance regulariser is not implemented (use 0.0, as every official config does)",
+            ));
+        }
+
+        if r.mask.is_empty() {
+            return Err(ConfigError::invalid("mask", "at least one mask config"));
+        }
+        for (i, m) in r.mask.iter().enumerate() {
+            let k = |f: &str| format!("mask[{i}].{f}");
+            positive(&k("num_blocks"), m.num_blocks)?;
+            range(
+                &k("aspect_ratio"),
+                m.aspect_ratio,
+                f64::MIN_POSITIVE,
+                f64::MAX,
+            )?;
+            range(&k("spatial_scale"), m.spatial_scale, 0.0, 1.0)?;
+            range(&k("temporal_scale"), m.temporal_scale, 0.0, 1.0)?;
+            if !(m.max_temporal_keep > 0.0 && m.max_temporal_keep <= 1.0) {
+                return Err(ConfigError::invalid(
+                    &k("max_temporal_keep"),
+                    "must be in (0, 1]",
+                ));
+            }
+            if m.max_keep == Some(0) {
+                return Err(ConfigError::invalid(&k("max_keep"), "must be positive"));
+            }
+        }
+
+        if let Some(dt) = &r.meta.dtype
+            && !matches!(
+                dt.as_str(),
+                "float32" | "bfloat16" | "float16" | "fp32" | "bf16" | "fp16"
+            )
+        {
+            return Err(ConfigError::invalid(
+                "meta.dtype",
+                format!("unknown dtype `{dt}` (float32, bfloat16 or float16)"),
+            ));
+        }
+
+        let m = &r.model;
+        if vjepa_model::EncoderConfig::preset(
+            &m.model_name,
+            d.num_frames,
+            d.crop_size,
+            d.patch_size,
+            d.tubelet_size,
+            m.uniform_power,
+        )
+        .is_none()
+        {
+            return Err(ConfigError::invalid(
+                "model.model_name",
+                format!(
+                    "unknown model `{}` (vit_tiny, vit_small, vit_base, vit_large, vit_huge, vit_giant)",
+                    m.model_name
+                ),
+            ));
+        }
+        positive("model.pred_depth", m.pred_depth)?;
+        positive("model.pred_embed_dim", m.pred_embed_dim)?;
+        if !m.use_mask_tokens {
+            return Err(ConfigError::invalid(
+                "model.use_mask_tokens",
+                "only the mask-token predictor is implemented",
+            ));
+        }
+        if !m.zero_init_mask_tokens {
+            return Err(ConfigError::invalid(
+                "model.zero_init_mask_tokens",
+                "only zero-initialised mask tokens are implemented",
+            ));
+        }
+        let enc = self.encoder_config();
+        if enc.embed_dim % enc.num_heads != 0 {
+            return Err(ConfigError::invalid(
+                "model.num_heads",
+                format!(
+                    "width {} is not divisible by {} heads",
+                    enc.embed_dim, enc.num_heads
+                ),
+            ));
+        }
+        if m.pred_embed_dim % enc.num_heads != 0 {
+            return Err(ConfigError::invalid(
+                "model.pred_embed_dim",
+                format!(
+                    "predictor width {} is not divisible by {} heads",
+                    m.pred_embed_dim, enc.num_heads
+                ),
+            ));
+        }
+        if enc.embed_dim % 2 != 0 || m.pred_embed_dim % 2 != 0 {
+            return Err(ConfigError::invalid(
+                "model.embed_dim",
+                "widths must be even for the sin-cos position tables",
+            ));
+        }
+
+        let o = &r.optimization;
+        if o.ipe == Some(0) {
+            return Err(ConfigError::invalid("optimization.ipe", "must be positive"));
+        }
+        if o.epochs == 0 {
+            return Err(ConfigError::invalid(
+                "optimization.epochs",
+                "must be positive",
+            ));
+        }
+        for (key, v) in [
+            ("optimization.ipe_scale", o.ipe_scale),
+            ("optimization.lr", o.lr),
+            ("optimization.eps", o.eps),
+        ] {
+            if !(v.is_finite() && v > 0.0) {
+                return Err(ConfigError::invalid(key, "must be a positive number"));
+            }
+        }
+        for (key, v) in [
+            ("optimization.warmup", o.warmup),
+            ("optimization.start_lr", o.start_lr),
+            ("optimization.final_lr", o.final_lr),
+            ("optimization.weight_decay", o.weight_decay),
+            ("optimization.final_weight_decay", o.final_weight_decay),
+        ] {
+            if !(v.is_finite() && v >= 0.0) {
+                return Err(ConfigError::invalid(key, "must be a non-negative number"));
+            }
+        }
+        if let Some(c) = o.clip_grad
+            && !(c.is_finite() && c > 0.0)
+        {
+            return Err(ConfigError::invalid(
+                "optimization.clip_grad",
+                "must be positive or null",
+            ));
+        }
+        range("optimization.ema", o.ema, 0.0, 1.0)?;
+        for (i, b) in o.betas.iter().enumerate() {
+            if !(0.0..1.0).contains(b) {
+                return Err(ConfigError::invalid(
+                    &format!("optimization.betas[{i}]"),
+                    "must be in [0, 1)",
+                ));
+            }
+        }
+        if o.max_steps == Some(0) {
+            return Err(ConfigError::invalid(
+                "optimization.max_steps",
+                "must be positive",
+            ));
+        }
+
+        if self.output_dir().is_none() {
+            return Err(ConfigError::invalid(
+                "outputs.dir",
+                "set outputs.dir (or logging.folder) to a local path or object-store URL",
+            ));
+        }
+        positive(
+            "outputs.metrics_flush_every",
+            r.outputs.metrics_flush_every as usize,
+        )?;
+        positive("outputs.log_every", r.outputs.log_every as usize)?;
+        positive("workers.count", r.workers.count)?;
+        if r.workers.max_clips_in_flight == Some(0) {
+            return Err(ConfigError::invalid(
+                "workers.max_clips_in_flight",
+                "must be positive",
+            ));
+        }
+        if !(r.workers.decode_deadline_secs.is_finite() && r.workers.decode_deadline_secs > 0.0) {
+            return Err(ConfigError::invalid(
+                "workers.decode_deadline_secs",
+                "must be a positive number of seconds",
+            ));
+        }
+        positive(
+            "workers.max_attempts_per_clip",
+            r.workers.max_attempts_per_clip,
+        )?;
+        Ok(())
+    }
+
+    /// The encoder shape: the named preset with our optional overrides.
+    pub fn encoder_config(&self) -> vjepa_model::EncoderConfig {
+        let d = &self.raw.data;
+        let m = &self.raw.model;
+        let mut enc = vjepa_model::EncoderConfig::preset(
+            &m.model_name,
+            d.num_frames,
+            d.crop_size,
+            d.patch_size,
+            d.tubelet_size,
+            m.uniform_power,
+        )
+        .unwrap_or_else(|| {
+            // validate() refuses unknown names before this is reachable; fall back to tiny.
+            vjepa_model::EncoderConfig::preset(
+                "vit_tiny",
+                d.num_frames,
+                d.crop_size,
+                d.patch_size,
+                d.tubelet_size,
+                m.uniform_power,
+            )
+            .expect("vit_tiny is a preset")
+        });
+        if let Some(w) = m.embed_dim {
+            let ratio = enc.mlp_hidden as f64 / enc.embed_dim as f64;
+            enc.embed_dim = w;
+            enc.mlp_hidden = (w as f64 * ratio).round() as usize;
+        }
+        if let Some(depth) = m.depth {
+            enc.depth = depth;
+        }
+        if let Some(h) = m.num_heads {
+            enc.num_heads = h;
+        }
+        enc
+    }
+
+    /// The predictor shape (spec §4: heads = encoder heads, two mask tokens per mask config).
+    pub fn predictor_config(&self) -> vjepa_model::PredictorConfig {
+        vjepa_model::PredictorConfig {
+            embed_dim: self.raw.model.pred_embed_dim,
+            depth: self.raw.model.pred_depth,
+            num_heads: self.encoder_config().num_heads,
+            num_mask_tokens: self.raw.mask.len(),
+        }
+    }
+
+    /// Iterations per epoch, falling back to the corpus size when the config has none.
+    pub fn iterations_per_epoch(&self, num_videos: usize) -> u64 {
+        self.raw.optimization.ipe.unwrap_or_else(|| {
+            (num_videos as u64)
+                .div_ceil(self.raw.data.batch_size as u64)
+                .max(1)
+        })
+    }
+
+    /// Optimiser and schedule settings in steps (spec §7).
+    pub fn optim_config(&self, ipe: u64) -> vjepa_model::OptimConfig {
+        let o = &self.raw.optimization;
+        let warmup_steps = (o.warmup * ipe as f64) as u64;
+        vjepa_model::OptimConfig {
+            start_lr: o.start_lr,
+            lr: o.lr,
+            final_lr: o.final_lr,
+            warmup_steps,
+            total_steps: (o.ipe_scale * o.epochs as f64 * ipe as f64) as u64,
+            weight_decay: o.weight_decay,
+            final_weight_decay: o.final_weight_decay,
+            ema: (o.ema[0], o.ema[1]),
+            clip_grad: o.clip_grad,
+            clip_start_iteration: (o.warmup.floor() as u64 + 1) * ipe,
+            betas: (o.betas[0], o.betas[1]),
+            eps: o.eps,
+            loss_exp: self.raw.loss.loss_exp,
+        }
+    }
+
+    /// Steps this run takes: `epochs × ipe`, capped by `optimization.max_steps`.
+    pub fn total_steps(&self, ipe: u64) -> u64 {
+        let full = self.raw.optimization.epochs * ipe;
+        match self.raw.optimization.max_steps {
+            Some(m) => m.min(full),
+            None => full,
+        }
+    }
+
+    /// Where outputs go: `outputs.dir`, else the official `logging.folder`.
+    pub fn output_dir(&self) -> Option<&str> {
+        self.raw
+            .outputs
+            .dir
+            .as_deref()
+            .or(self.raw.logging.folder.as_deref())
+    }
+
+    /// Clips requested but not yet trained on, per worker.
+    pub fn max_clips_in_flight(&self) -> usize {
+        self.raw
+            .workers
+            .max_clips_in_flight
+            .unwrap_or(2 * self.raw.data.batch_size)
+    }
+
+    /// Augmentation settings for the clip transform.
+    pub fn augment(&self) -> vjepa_operators::transform::AugmentConfig {
+        let a = &self.raw.data_aug;
+        vjepa_operators::transform::AugmentConfig {
+            scale: (a.random_resize_scale[0], a.random_resize_scale[1]),
+            aspect_ratio: (
+                a.random_resize_aspect_ratio[0],
+                a.random_resize_aspect_ratio[1],
+            ),
+            crop_size: self.raw.data.crop_size,
+        }
+    }
+
+    /// Mask generator settings, one per `mask` entry.
+    pub fn mask_configs(&self) -> Vec<vjepa_operators::masking::MaskConfig> {
+        self.raw
+            .mask
+            .iter()
+            .map(|m| vjepa_operators::masking::MaskConfig {
+                num_blocks: m.num_blocks,
+                spatial_scale: (m.spatial_scale[0], m.spatial_scale[1]),
+                temporal_scale: (m.temporal_scale[0], m.temporal_scale[1]),
+                aspect_ratio: (m.aspect_ratio[0], m.aspect_ratio[1]),
+                max_temporal_keep: m.max_temporal_keep,
+                max_keep: m.max_keep,
+            })
+            .collect()
+    }
+
+    /// S3 connection settings (not secrets).
+    pub fn s3_settings(&self) -> vjepa_storage::S3Settings {
+        let s = &self.raw.storage.s3;
+        vjepa_storage::S3Settings {
+            endpoint: s.endpoint.clone(),
+            region: s.region.clone(),
+            allow_http: s.allow_http,
+        }
+    }
+}
+
+fn unknown_field_name(message: &str) -> Option<String> {
+    let rest = message.strip_prefix("unknown field `")?;
+    let end = rest.find('`')?;
+    Some(rest[..end].to_string())
+}
+
+fn positive(key: &str, v: usize) -> Result<(), ConfigError> {
+    if v == 0 {
+        Err(ConfigError::invalid(key, "must be positive"))
+    } else {
+        Ok(())
+    }
+}
+
+fn range(key: &str, r: [f64; 2], lo: f64, hi: f64) -> Result<(), ConfigError> {
+    if !(r[0].is_finite() && r[1].is_finite() && r[0] <= r[1] && r[0] >= lo && r[1] <= hi) {
+        return Err(ConfigError::invalid(
+            key,
+            format!(
+                "[{}, {}] is not an ordered range within [{lo}, {hi}]",
+                r[0], r[1]
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Official keys that are present but not acted on, with the reason.
+fn ignored_keys(r: &RawConfig) -> Vec<(String, &'static str)> {
+    let mut out = Vec::new();
+    let mut note = |present: bool, key: &str, why: &'static str| {
+        if present {
+            out.push((key.to_string(), why));
+        }
+    };
+    note(
+        r.nodes.is_some(),
+        "nodes",
+        "SLURM sizing; use --workers and cluster options",
+    );
+    note(
+        r.tasks_per_node.is_some(),
+        "tasks_per_node",
+        "SLURM sizing; use --workers and cluster options",
+    );
+    note(
+        r.data.decode_one_clip.is_some(),
+        "data.decode_one_clip",
+        "unused by the official trainer too",
+    );
+    note(
+        r.data.pin_mem.is_some(),
+        "data.pin_mem",
+        "CUDA loader setting; no effect on this backend",
+    );
+    note(
+        r.data.num_workers.is_some(),
+        "data.num_workers",
+        "decode parallelism is workers.count",
+    );
+    note(
+        r.data.log_resource_utilization.is_some(),
+        "data.log_resource_utilization",
+        "resource use is logged by the job itself",
+    );
+    note(
+        r.data.datasets_weights.is_some(),
+        "data.datasets_weights",
+        "weighted mixing not implemented yet; videos are drawn uniformly",
+    );
+    note(
+        r.logging.write_tag.is_some(),
+        "logging.write_tag",
+        "outputs have fixed names (metrics.parquet, checkpoints/step-N.safetensors)",
+    );
+    note(
+        r.meta.eval_freq.is_some(),
+        "meta.eval_freq",
+        "unused by the official trainer too",
+    );
+    note(
+        r.meta.use_sdpa.is_some(),
+        "meta.use_sdpa",
+        "attention kernel is chosen by the backend",
+    );
+    note(
+        r.meta
+            .dtype
+            .as_deref()
+            .is_some_and(|d| !matches!(d, "float32" | "fp32")),
+        "meta.dtype",
+        "reduced-precision compute not implemented yet; computing in float32",
+    );
+    note(
+        r.meta.save_every_freq.is_some(),
+        "meta.save_every_freq",
+        "use outputs.checkpoint_every",
+    );
+    note(
+        r.meta.skip_batches.is_some(),
+        "meta.skip_batches",
+        "not implemented",
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) const OFFICIAL_VITL16: &str = include_str!("../../configs/vitl16.yaml");
+
+    #[test]
+    fn official_preset_parses_and_reports_ignored_keys() {
+        let cfg = JobConfig::parse(OFFICIAL_VITL16).expect("official vitl16 parses");
+        let keys: Vec<&str> = cfg.ignored.iter().map(|(k, _)| k.as_str()).collect();
+        assert!(keys.contains(&"nodes"), "{keys:?}");
+        assert!(keys.contains(&"data.pin_mem"), "{keys:?}");
+        let enc = cfg.encoder_config();
+        assert_eq!(enc.embed_dim, 1024);
+        assert_eq!(enc.depth, 24);
+        let o = cfg.optim_config(300);
+        assert_eq!(o.warmup_steps, 12_000);
+        assert_eq!(o.total_steps, 112_500);
+        assert_eq!(o.clip_start_iteration, 12_300);
+        assert_eq!(cfg.total_steps(300), 90_000);
+    }
+
+    #[test]
+    fn misspelt_key_is_named() {
+        let text = OFFICIAL_VITL16.replace("batch_size:", "bach_size:");
+        let err = JobConfig::parse(&text).unwrap_err();
+        assert_eq!(err.key(), Some("data.bach_size"), "{err}");
+    }
+
+    #[test]
+    fn misspelt_top_level_key_is_named() {
+        let text = OFFICIAL_VITL16.replace("optimization:", "optimisation:");
+        let err = JobConfig::parse(&text).unwrap_err();
+        assert_eq!(err.key(), Some("optimisation"), "{err}");
+    }
+
+    #[test]
+    fn string_for_number_is_named() {
+        let text = OFFICIAL_VITL16.replace("lr: 0.000625", "lr: fast");
+        let err = JobConfig::parse(&text).unwrap_err();
+        assert_eq!(err.key(), Some("optimization.lr"), "{err}");
+    }
+
+    #[test]
+    fn nested_mask_type_error_is_named() {
+        let text = OFFICIAL_VITL16.replace("num_blocks: 8", "num_blocks: eight");
+        let err = JobConfig::parse(&text).unwrap_err();
+        assert_eq!(err.key(), Some("mask[0].num_blocks"), "{err}");
+    }
+
+    #[test]
+    fn semantic_errors_name_the_key() {
+        let text = OFFICIAL_VITL16.replace("model_name: vit_large", "model_name: vit_enormous");
+        let err = JobConfig::parse(&text).unwrap_err();
+        assert_eq!(err.key(), Some("model.model_name"), "{err}");
+        let text = OFFICIAL_VITL16.replace("crop_size: 224", "crop_size: 230");
+        let err = JobConfig::parse(&text).unwrap_err();
+        assert_eq!(err.key(), Some("data.crop_size"), "{err}");
+    }
+}

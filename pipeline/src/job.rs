@@ -1,0 +1,583 @@
+//! `vjepa train`: the dataflow, wired in the order the data moves (catalog → sample → load →
+//! batch → mask → train → sinks), plus the run's outputs.
+
+use std::cell::RefCell;
+use std::collections::HashSet;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow, bail};
+use bytes::Bytes;
+use timely::dataflow::operators::Probe;
+use timely::dataflow::operators::core::OkErr;
+use timely::dataflow::{InputHandle, ProbeHandle};
+
+use vjepa_model::{Device, MaskIndices, Tensor, TrainBatch, VJepa};
+use vjepa_operators::batching::assemble_batches;
+use vjepa_operators::load::load_clips;
+use vjepa_operators::mask_batches::mask_batches;
+use vjepa_operators::masking::{Grid, MaskGenerator};
+use vjepa_operators::records::{ClipRequest, Loaded, MaskedBatch, Quarantined};
+use vjepa_operators::sampling::ClipSampling;
+use vjepa_operators::sinks::{sink_local, sink_records};
+use vjepa_operators::train::train;
+use vjepa_storage::tables::{MetricsRow, MetricsWriter, QuarantineWriter};
+use vjepa_storage::{Store, checkpoints};
+
+use crate::catalog::Catalog;
+use crate::config::JobConfig;
+use crate::loader::{Fatal, LoaderSettings, StoreLoader};
+
+/// Command-line overrides of the config.
+#[derive(Clone, Debug, Default)]
+pub struct TrainOverrides {
+    pub workers: Option<usize>,
+    pub datasets: Vec<String>,
+    pub out: Option<String>,
+    pub max_steps: Option<u64>,
+    pub seed: Option<u64>,
+    pub resume: bool,
+}
+
+/// What a finished run reports.
+#[derive(Clone, Debug)]
+pub struct TrainSummary {
+    pub output: String,
+    pub steps: u64,
+    pub first_step: u64,
+    pub last_loss: Option<f64>,
+    pub quarantined: usize,
+    pub checkpoints: Vec<String>,
+}
+
+/// Runs the training job to completion.
+pub fn run(mut cfg: JobConfig, overrides: TrainOverrides) -> anyhow::Result<TrainSummary> {
+    if let Some(w) = overrides.workers {
+        cfg.raw.workers.count = w.max(1);
+    }
+    if !overrides.datasets.is_empty() {
+        cfg.raw.data.datasets = overrides.datasets.clone();
+    }
+    if let Some(out) = &overrides.out {
+        cfg.raw.outputs.dir = Some(out.clone());
+    }
+    if let Some(m) = overrides.max_steps {
+        cfg.raw.optimization.max_steps = Some(m);
+    }
+    if let Some(s) = overrides.seed {
+        cfg.raw.meta.seed = s;
+    }
+    let cfg = Arc::new(cfg);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the I/O runtime")?;
+    let handle = runtime.handle().clone();
+    let s3 = cfg.s3_settings();
+
+    let out_location = cfg
+        .output_dir()
+        .ok_or_else(|| anyhow!("outputs.dir is not set"))?
+        .to_string();
+    let out = Store::open(&out_location, &s3, true)
+        .with_context(|| format!("opening output location {out_location}"))?;
+    let catalog = handle
+        .block_on(Catalog::open(&cfg.raw.data.datasets, &s3))
+        .context("opening datasets")?;
+    if catalog.videos.is_empty() {
+        bail!(
+            "no videos found in data.datasets ({}): nothing to train on",
+            cfg.raw.data.datasets.join(", ")
+        );
+    }
+    let ipe = cfg.iterations_per_epoch(catalog.videos.len());
+    let total = cfg.total_steps(ipe);
+    let enc = cfg.encoder_config();
+    let pred = cfg.predictor_config();
+    let optim = cfg.optim_config(ipe);
+
+    // Resume: the model and optimiser from a checkpoint; the data sequence is a function of the
+    // step, so the run continues with the batches it would have used.
+    let resume_from: Option<(String, Vec<u8>)> = if let Some(path) = &cfg.raw.meta.read_checkpoint {
+        let (store, rel) = split_location(path, &s3)?;
+        let bytes = handle
+            .block_on(store.get(&rel))
+            .with_context(|| format!("reading meta.read_checkpoint {path}"))?;
+        Some((path.clone(), bytes.to_vec()))
+    } else if cfg.raw.meta.load_checkpoint || overrides.resume {
+        match handle.block_on(checkpoints::latest(&out))? {
+            Some((_, rel)) => {
+                let bytes = handle.block_on(out.get(&rel))?;
+                Some((out.uri_of(&rel), bytes.to_vec()))
+            }
+            None => {
+                tracing::info!(
+                    "no checkpoint to resume from in {}; starting fresh",
+                    out.url()
+                );
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let resume_from = resume_from.map(|(p, b)| (p, Arc::new(b)));
+    let first_step = match &resume_from {
+        Some((path, bytes)) => {
+            let m = VJepa::from_safetensors(bytes, &Device::Cpu)
+                .with_context(|| format!("loading checkpoint {path}"))?;
+            tracing::info!(checkpoint = %path, step = m.steps_done(), "resuming");
+            m.steps_done()
+        }
+        None => 0,
+    };
+    if first_step >= total {
+        bail!("the checkpoint is at step {first_step}, the run has {total} steps: nothing to do");
+    }
+
+    let (metrics_name, quarantine_name) = if first_step == 0 {
+        (
+            "metrics.parquet".to_string(),
+            "quarantine.parquet".to_string(),
+        )
+    } else {
+        (
+            format!("metrics-from-{first_step:08}.parquet"),
+            format!("quarantine-from-{first_step:08}.parquet"),
+        )
+    };
+    tracing::info!(
+        videos = catalog.videos.len(),
+        datasets = catalog.names.len(),
+        steps = total,
+        ipe,
+        first_step,
+        workers = cfg.raw.workers.count,
+        output = %out.url(),
+        encoder = ?enc,
+        "starting training"
+    );
+
+    let fatal = Fatal::default();
+    let grid = {
+        let (t, h, w) = enc.grid();
+        Grid { t, h, w }
+    };
+    let generators = cfg
+        .mask_configs()
+        .into_iter()
+        .map(|m| MaskGenerator::new(m, grid))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| anyhow!("mask config: {e}"))?;
+    let settings = LoaderSettings {
+        seed: cfg.raw.meta.seed,
+        sampling: ClipSampling {
+            frames_per_clip: cfg.raw.data.num_frames,
+            frame_step: cfg.raw.data.sampling_rate,
+        },
+        clip_duration: cfg.raw.data.clip_duration,
+        augment: cfg.augment(),
+        filter_short_videos: cfg.raw.data.filter_short_videos,
+        filter_long_bytes: cfg.raw.data.filter_long_videos as u64,
+        max_attempts: cfg.raw.workers.max_attempts_per_clip,
+        deadline: Duration::from_secs_f64(cfg.raw.workers.decode_deadline_secs),
+    };
+    let workers = cfg.raw.workers.count;
+    let batch_size = cfg.raw.data.batch_size;
+    let clips_per_worker = batch_size.div_ceil(workers).max(1);
+    let batches_in_flight = (cfg.max_clips_in_flight() / clips_per_worker).max(1) as u64;
+
+    vjepa_ingest::init().map_err(|e| anyhow!("GStreamer: {e}"))?;
+
+    let shared = Arc::new(Shared {
+        cfg: cfg.clone(),
+        catalog: catalog.clone(),
+        out: out.clone(),
+        handle: handle.clone(),
+        fatal: fatal.clone(),
+        generators,
+        settings,
+        resume: resume_from.map(|(_, b)| b),
+        enc,
+        pred,
+        optim,
+        metrics_name,
+        quarantine_name,
+    });
+
+    let guards = timely::execute(timely::Config::process(workers), move |worker| {
+        run_worker(worker, &shared, first_step, total, batches_in_flight)
+    })
+    .map_err(|e| anyhow!("starting dataflow workers: {e}"))?;
+    let mut summary = None;
+    for result in guards.join() {
+        match result {
+            Ok(Ok(Some(s))) => summary = Some(s),
+            Ok(Ok(None)) => {}
+            Ok(Err(e)) => return Err(e),
+            Err(e) => bail!("a dataflow worker panicked: {e}"),
+        }
+    }
+    if let Some(why) = fatal.get() {
+        bail!("{why}");
+    }
+    let mut summary = summary.ok_or_else(|| anyhow!("worker 0 returned no summary"))?;
+    summary.first_step = first_step;
+    Ok(summary)
+}
+
+/// Everything a worker needs, shared read-only across worker threads.
+struct Shared {
+    cfg: Arc<JobConfig>,
+    catalog: Arc<Catalog>,
+    out: Store,
+    handle: tokio::runtime::Handle,
+    fatal: Fatal,
+    generators: Vec<MaskGenerator>,
+    settings: LoaderSettings,
+    resume: Option<Arc<Vec<u8>>>,
+    enc: vjepa_model::EncoderConfig,
+    pred: vjepa_model::PredictorConfig,
+    optim: vjepa_model::OptimConfig,
+    metrics_name: String,
+    quarantine_name: String,
+}
+
+/// Worker 0's outputs: the model and the Parquet writers, shared with its operators.
+struct Outputs {
+    metrics: Option<MetricsWriter>,
+    quarantine: Option<QuarantineWriter>,
+    seen_bad: HashSet<String>,
+    quarantined: usize,
+    rows_since_flush: u64,
+    last_loss: Option<f64>,
+    steps: u64,
+    checkpoints: Vec<String>,
+}
+
+fn run_worker(
+    worker: &mut timely::worker::Worker,
+    shared: &Arc<Shared>,
+    first_step: u64,
+    total: u64,
+    batches_in_flight: u64,
+) -> anyhow::Result<Option<TrainSummary>> {
+    let index = worker.index();
+    let peers = worker.peers();
+    let cfg = shared.cfg.clone();
+    let batch_size = cfg.raw.data.batch_size;
+    let loader = StoreLoader::new(
+        shared.catalog.clone(),
+        shared.handle.clone(),
+        shared.settings.clone(),
+        shared.fatal.clone(),
+    )
+    .map_err(|e| anyhow!("GStreamer decoder: {e}"))?;
+
+    // Worker 0 trains and writes; the others load clips.
+    let outputs = Rc::new(RefCell::new(Outputs {
+        metrics: None,
+        quarantine: None,
+        seen_bad: HashSet::new(),
+        quarantined: 0,
+        rows_since_flush: 0,
+        last_loss: None,
+        steps: 0,
+        checkpoints: Vec::new(),
+    }));
+    let mut model: Option<VJepa> = None;
+    if index == 0 {
+        let mut o = outputs.borrow_mut();
+        o.metrics = Some(
+            shared
+                .handle
+                .block_on(MetricsWriter::create(&shared.out, &shared.metrics_name))?,
+        );
+        let mut q = shared.handle.block_on(QuarantineWriter::create(
+            &shared.out,
+            &shared.quarantine_name,
+        ))?;
+        for r in &shared.catalog.rejected {
+            if o.seen_bad.insert(r.uri.clone()) {
+                q.push(to_quarantine_row(r));
+                o.quarantined += 1;
+            }
+        }
+        o.quarantine = Some(q);
+        drop(o);
+        model = Some(match &shared.resume {
+            Some(bytes) => VJepa::from_safetensors(bytes, &Device::Cpu)?,
+            None => VJepa::new(
+                shared.enc.clone(),
+                shared.pred.clone(),
+                shared.optim.clone(),
+                cfg.raw.meta.seed,
+                &Device::Cpu,
+            )?,
+        });
+        if let Some(m) = &model {
+            let (e, p) = m.num_trainable_params();
+            tracing::info!(encoder_params = e, predictor_params = p, "model ready");
+        }
+    }
+
+    let mut input = InputHandle::new();
+    let probe = ProbeHandle::new();
+    input.advance_to(first_step);
+    let step_outputs = outputs.clone();
+    let sink_outputs = outputs.clone();
+    let q_outputs = outputs.clone();
+    let train_shared = shared.clone();
+    let sink_shared = shared.clone();
+    let mut step_model = model;
+    worker.dataflow::<u64, _, _>(|scope| {
+        let requests = input.to_stream(scope);
+        let loaded = load_clips(requests, loader);
+        let (clips, bad) = loaded.ok_err(|l: Loaded| match l {
+            Loaded::Clip(c) => Ok(c),
+            Loaded::Bad(q) => Err(q),
+        });
+        let batches = assemble_batches(clips, 0);
+        let masked = mask_batches(batches, shared.generators.clone(), cfg.raw.meta.seed);
+        let steps = train(masked, move |batch, data_wait| {
+            let model = step_model.as_mut()?;
+            train_step(model, batch, data_wait, &train_shared, &step_outputs, total)
+        })
+        .probe_with(&probe);
+        sink_local(steps, "Metrics", move |_step, row: MetricsRow| {
+            write_metrics(row, &sink_shared, &sink_outputs);
+        });
+        sink_records(bad, "Quarantine", 0, move |_step, q: Quarantined| {
+            let mut o = q_outputs.borrow_mut();
+            if o.seen_bad.insert(q.uri.clone()) {
+                o.quarantined += 1;
+                if let Some(w) = o.quarantine.as_mut() {
+                    w.push(to_quarantine_row(&q));
+                }
+            }
+        });
+    });
+
+    // Feed this worker's share of every batch, at most `batches_in_flight` ahead of training.
+    for step in first_step..total {
+        if shared.fatal.get().is_some() {
+            break;
+        }
+        let floor = step.saturating_sub(batches_in_flight);
+        while probe.less_than(&floor) && shared.fatal.get().is_none() {
+            worker.step();
+        }
+        for slot in (0..batch_size).filter(|s| s % peers == index) {
+            input.send(ClipRequest {
+                step,
+                slot,
+                global_index: step * batch_size as u64 + slot as u64,
+            });
+        }
+        input.advance_to(step + 1);
+        worker.step();
+    }
+    drop(input);
+    while !probe.done() {
+        worker.step();
+    }
+
+    if index != 0 {
+        return Ok(None);
+    }
+    let mut o = outputs.borrow_mut();
+    let metrics = o.metrics.take();
+    let quarantine = o.quarantine.take();
+    if let Some(m) = metrics {
+        shared.handle.block_on(m.close())?;
+    }
+    if let Some(q) = quarantine {
+        shared.handle.block_on(q.close())?;
+    }
+    Ok(Some(TrainSummary {
+        output: shared.out.url().to_string(),
+        steps: o.steps,
+        first_step,
+        last_loss: o.last_loss,
+        quarantined: o.quarantined,
+        checkpoints: o.checkpoints.clone(),
+    }))
+}
+
+/// One optimiser step on worker 0, with its checkpoint when due; returns the metrics row.
+fn train_step(
+    model: &mut VJepa,
+    batch: MaskedBatch,
+    data_wait: Duration,
+    shared: &Shared,
+    outputs: &Rc<RefCell<Outputs>>,
+    total: u64,
+) -> Option<MetricsRow> {
+    if shared.fatal.get().is_some() {
+        return None;
+    }
+    let started = Instant::now();
+    let step = batch.batch.step;
+    let clips = batch.batch.clips.len();
+    if clips == 0 {
+        shared
+            .fatal
+            .set(format!("step {step}: no clips could be loaded"));
+        return None;
+    }
+    let result = to_train_batch(&batch).and_then(|b| model.train_step(&b).map_err(|e| anyhow!(e)));
+    let stats = match result {
+        Ok(s) => s,
+        Err(e) => {
+            shared
+                .fatal
+                .set(format!("training step {step} failed: {e:#}"));
+            return None;
+        }
+    };
+    if !stats.loss.is_finite() {
+        shared.fatal.set(format!(
+            "loss is {} at step {}: stopping",
+            stats.loss, stats.step
+        ));
+    }
+    let step_time = started.elapsed();
+    let cfg = &shared.cfg.raw;
+    let every = cfg.outputs.checkpoint_every;
+    let done = stats.step;
+    if (every > 0 && done % every == 0) || done == total {
+        match model.to_safetensors() {
+            Ok(bytes) => match shared.handle.block_on(checkpoints::write(
+                &shared.out,
+                done,
+                Bytes::from(bytes),
+            )) {
+                Ok(rel) => {
+                    tracing::info!(checkpoint = %shared.out.uri_of(&rel), "checkpoint written");
+                    outputs.borrow_mut().checkpoints.push(rel);
+                }
+                Err(e) => shared
+                    .fatal
+                    .set(format!("writing checkpoint at step {done}: {e}")),
+            },
+            Err(e) => shared
+                .fatal
+                .set(format!("serialising checkpoint at step {done}: {e}")),
+        }
+    }
+    let ipe = shared.cfg.iterations_per_epoch(shared.catalog.videos.len());
+    let wall = step_time + data_wait;
+    let row = MetricsRow {
+        step: done,
+        epoch: (done - 1) / ipe + 1,
+        time_unix_us: crate::now_unix_us(),
+        loss: stats.loss,
+        loss_per_mask: stats.loss_per_mask.clone(),
+        lr: stats.lr,
+        weight_decay: stats.weight_decay,
+        ema_momentum: stats.ema_momentum,
+        encoder_grad_norm: stats.encoder_grad_norm,
+        predictor_grad_norm: stats.predictor_grad_norm,
+        context_tokens: stats.context_tokens.iter().map(|&k| k as i64).collect(),
+        target_tokens: stats.target_tokens.iter().map(|&k| k as i64).collect(),
+        clips_per_sec: clips as f64 / wall.as_secs_f64().max(1e-9),
+        step_time_s: step_time.as_secs_f64(),
+        data_wait_s: data_wait.as_secs_f64(),
+    };
+    if done % cfg.outputs.log_every == 0 || done == total || done == 1 {
+        tracing::info!(
+            step = done,
+            epoch = row.epoch,
+            loss = format_args!("{:.5}", row.loss),
+            lr = format_args!("{:.3e}", row.lr),
+            wd = format_args!("{:.4}", row.weight_decay),
+            ctx = ?row.context_tokens,
+            tgt = ?row.target_tokens,
+            step_s = format_args!("{:.3}", row.step_time_s),
+            wait_s = format_args!("{:.3}", row.data_wait_s),
+            clips_per_s = format_args!("{:.2}", row.clips_per_sec),
+            "train"
+        );
+    }
+    Some(row)
+}
+
+fn write_metrics(row: MetricsRow, shared: &Shared, outputs: &Rc<RefCell<Outputs>>) {
+    let mut o = outputs.borrow_mut();
+    o.last_loss = Some(row.loss);
+    o.steps += 1;
+    o.rows_since_flush += 1;
+    let flush = o.rows_since_flush >= shared.cfg.raw.outputs.metrics_flush_every;
+    if flush {
+        o.rows_since_flush = 0;
+    }
+    let Some(writer) = o.metrics.as_mut() else {
+        return;
+    };
+    writer.push(row);
+    if flush && let Err(e) = shared.handle.block_on(writer.flush()) {
+        shared.fatal.set(format!("writing metrics: {e}"));
+    }
+}
+
+fn to_quarantine_row(q: &Quarantined) -> vjepa_storage::tables::QuarantineRow {
+    vjepa_storage::tables::QuarantineRow {
+        uri: q.uri.clone(),
+        reason: q.reason.clone(),
+        detail: q.detail.clone(),
+        time_unix_us: q.time_unix_us,
+    }
+}
+
+/// Packs clips and masks into the model's tensors.
+fn to_train_batch(batch: &MaskedBatch) -> anyhow::Result<TrainBatch> {
+    let clips = &batch.batch.clips;
+    let per_clip = clips.first().map(|c| c.data.len()).unwrap_or(0);
+    let mut data = Vec::with_capacity(per_clip * clips.len());
+    for c in clips {
+        if c.data.len() != per_clip {
+            bail!(
+                "clip {} has {} values, expected {per_clip}",
+                c.uri,
+                c.data.len()
+            );
+        }
+        data.extend_from_slice(&c.data);
+    }
+    let t = clips.first().map(|c| c.frame_indices.len()).unwrap_or(0);
+    let s = ((per_clip / 3 / t.max(1)) as f64).sqrt().round() as usize;
+    let clips_t = Tensor::from_vec(data, (clips.len(), 3, t, s, s), &Device::Cpu)?;
+    let mut masks = Vec::with_capacity(batch.masks.len());
+    for m in &batch.masks {
+        masks.push(MaskIndices {
+            context: index_tensor(&m.context)?,
+            target: index_tensor(&m.target)?,
+        });
+    }
+    Ok(TrainBatch {
+        clips: clips_t,
+        masks,
+    })
+}
+
+fn index_tensor(rows: &[Vec<u32>]) -> anyhow::Result<Tensor> {
+    let k = rows.first().map(|r| r.len()).unwrap_or(0);
+    let flat: Vec<u32> = rows.iter().flat_map(|r| r.iter().copied()).collect();
+    Ok(Tensor::from_vec(flat, (rows.len(), k), &Device::Cpu)?)
+}
+
+/// Splits a file URL/path or object URL into its directory store and the object's name.
+pub fn split_location(
+    location: &str,
+    s3: &vjepa_storage::S3Settings,
+) -> anyhow::Result<(Store, String)> {
+    let trimmed = location.trim_end_matches('/');
+    let (dir, name) = match trimmed.rfind('/') {
+        Some(i) => (&trimmed[..=i], &trimmed[i + 1..]),
+        None => ("./", trimmed),
+    };
+    let store = Store::open(dir, s3, false).with_context(|| format!("opening {dir}"))?;
+    Ok((store, name.to_string()))
+}

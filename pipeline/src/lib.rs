@@ -1,0 +1,14 @@
+//! The vjepa-stream job: configuration, catalog, clip loading and the training dataflow.
+
+pub mod catalog;
+pub mod config;
+pub mod job;
+pub mod loader;
+
+/// Microseconds since the Unix epoch, for record timestamps.
+pub fn now_unix_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,95 @@
+//! Shared helpers for the job's integration tests: a real sample corpus, a small config, and
+//! running the real `vjepa` binary.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_vjepa"))
+}
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Writes `count` real encoded videos (H.264/MP4 and VP9/WebM) into `dir`.
+pub fn make_corpus(dir: &Path, count: usize) {
+    let out = Command::new(bin())
+        .args([
+            "make-samples",
+            dir.to_str().unwrap(),
+            "--count",
+            &count.to_string(),
+        ])
+        .output()
+        .expect("run vjepa make-samples");
+    assert!(
+        out.status.success(),
+        "make-samples failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The quickstart config, shrunk for tests: fewer steps, smaller crops.
+pub fn small_config(dataset: &str, out: &str, steps: u64, extra: &str) -> String {
+    let text = std::fs::read_to_string(repo_root().join("configs/quickstart.yaml")).unwrap();
+    let text = text
+        .replace("    - samples/videos/ ", &format!("    - {dataset} "))
+        .replace("  folder: out/quickstart/", &format!("  folder: {out}"))
+        .replace("  dir: out/quickstart/", &format!("  dir: {out}"))
+        .replace("  crop_size: 96", "  crop_size: 64")
+        .replace("  checkpoint_every: 30", "  checkpoint_every: 4");
+    assert!(
+        text.contains(dataset) && text.contains(out),
+        "quickstart.yaml layout changed"
+    );
+    format!("{text}\n{extra}").replace(
+        "  epochs: 6\n",
+        &format!("  epochs: 6\n  max_steps: {steps}\n"),
+    )
+}
+
+pub fn run_train(config: &Path, envs: &[(&str, &str)], args: &[&str]) -> Output {
+    let mut cmd = Command::new(bin());
+    cmd.args(["train", "--config", config.to_str().unwrap()])
+        .args(args);
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("run vjepa train")
+}
+
+pub fn assert_ok(out: &Output) {
+    assert!(
+        out.status.success(),
+        "vjepa failed ({:?}):\nstdout:\n{}\nstderr:\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+pub fn read_metrics(
+    location: &str,
+    s3: &vjepa_storage::S3Settings,
+) -> Vec<vjepa_storage::tables::MetricsRow> {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let store = vjepa_storage::Store::open(location, s3, false).unwrap();
+    rt.block_on(vjepa_storage::tables::read_metrics(
+        &store,
+        "metrics.parquet",
+    ))
+    .expect("metrics.parquet readable")
+}
+
+pub fn read_quarantine(location: &str) -> Vec<vjepa_storage::tables::QuarantineRow> {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let store = vjepa_storage::Store::open(location, &Default::default(), false).unwrap();
+    rt.block_on(vjepa_storage::tables::read_quarantine(
+        &store,
+        "quarantine.parquet",
+    ))
+    .expect("quarantine.parquet readable")
+}

@@ -1,0 +1,88 @@
+//! Config refusal at the binary's edge: exit 2 naming the key; official presets accepted.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+
+fn check(text: &str) -> std::process::Output {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("c.yaml");
+    std::fs::write(&p, text).unwrap();
+    Command::new(bin())
+        .args(["check-config", "--config", p.to_str().unwrap()])
+        .output()
+        .unwrap()
+}
+
+fn official(name: &str) -> String {
+    std::fs::read_to_string(repo_root().join("configs").join(name)).unwrap()
+}
+
+#[test]
+fn official_presets_pass_with_only_data_paths_changed() {
+    for name in ["vitl16.yaml", "vith16.yaml", "vith16_384.yaml"] {
+        let text = official(name)
+            .replace(
+                "/your_path_to_kinetics710_csv_file_index.csv",
+                "/data/k710.csv",
+            )
+            .replace("/your_path_to_ssv2_csv_file_index.csv", "/data/ssv2.csv")
+            .replace(
+                "/your_path_to_howto100m_csv_file_index.csv",
+                "/data/ht100m.csv",
+            );
+        let out = check(&text);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{name}: {stdout} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(stdout.contains("ignored: nodes"), "{stdout}");
+    }
+    assert_eq!(
+        check(&official("../configs/quickstart.yaml")).status.code(),
+        Some(0)
+    );
+}
+
+#[test]
+fn misspelt_key_exits_2_naming_it() {
+    let out = check(&official("vitl16.yaml").replace("  crop_size: 224", "  crop_sise: 224"));
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("data.crop_sise"), "{err}");
+}
+
+#[test]
+fn string_for_number_exits_2_naming_it() {
+    let out = check(&official("vitl16.yaml").replace("  batch_size: 24", "  batch_size: twenty"));
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("data.batch_size"), "{err}");
+}
+
+#[test]
+fn train_refuses_a_bad_config_before_any_work() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let p = tmp.path().join("c.yaml");
+    let text = small_config(
+        "/nonexistent/videos/",
+        &format!("{}/", out.display()),
+        5,
+        "",
+    )
+    .replace("  lr: 0.001", "  lr: fast");
+    std::fs::write(&p, text).unwrap();
+    let run = run_train(&p, &[], &[]);
+    assert_eq!(run.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&run.stderr).contains("optimization.lr"));
+    assert!(
+        !out.exists(),
+        "no output may be written for a refused config"
+    );
+}

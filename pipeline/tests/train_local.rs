@@ -1,0 +1,93 @@
+//! End to end on a local directory: real videos → GStreamer → dataflow → candle → Parquet and
+//! checkpoints; and a corrupt file among them is quarantined while the job goes on.
+
+mod common;
+
+use common::*;
+
+#[test]
+fn trains_writes_metrics_and_loadable_checkpoints() {
+    let tmp = tempfile::tempdir().unwrap();
+    let videos = tmp.path().join("videos");
+    make_corpus(&videos, 6);
+    let out = tmp.path().join("out");
+    let cfg = tmp.path().join("cfg.yaml");
+    let steps = 8;
+    std::fs::write(
+        &cfg,
+        small_config(
+            &format!("{}/", videos.display()),
+            &format!("{}/", out.display()),
+            steps,
+            "",
+        ),
+    )
+    .unwrap();
+    let run = run_train(&cfg, &[], &["--workers", "2"]);
+    assert_ok(&run);
+
+    let rows = read_metrics(out.to_str().unwrap(), &Default::default());
+    assert_eq!(rows.len() as u64, steps);
+    for (i, r) in rows.iter().enumerate() {
+        assert_eq!(r.step, i as u64 + 1);
+        assert!(
+            r.loss.is_finite() && r.loss > 0.0,
+            "step {} loss {}",
+            r.step,
+            r.loss
+        );
+        assert_eq!(r.loss_per_mask.len(), 2);
+        assert_eq!(r.context_tokens.len(), 2);
+        assert!(r.lr > 0.0 && r.weight_decay > 0.0 && r.ema_momentum >= 0.998);
+        assert!(r.step_time_s > 0.0 && r.clips_per_sec > 0.0);
+    }
+    assert!(read_quarantine(out.to_str().unwrap()).is_empty());
+
+    // Checkpoints every 4 steps and at the end; the last one loads back and is at the end step.
+    for step in [4u64, 8] {
+        let path = out.join(format!("checkpoints/step-{step:08}.safetensors"));
+        let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let model = vjepa_model::VJepa::from_safetensors(&bytes, &vjepa_model::Device::Cpu)
+            .expect("checkpoint loads");
+        assert_eq!(model.steps_done(), step);
+    }
+}
+
+#[test]
+fn corrupt_video_is_quarantined_and_the_job_goes_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let videos = tmp.path().join("videos");
+    make_corpus(&videos, 4);
+    // Random bytes named .mp4, and a real video cut in half.
+    let mut junk = vec![0u8; 50_000];
+    let mut x: u32 = 12345;
+    for b in junk.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        *b = x as u8;
+    }
+    std::fs::write(videos.join("zz_random_bytes.mp4"), &junk).unwrap();
+    let out = tmp.path().join("out");
+    let cfg = tmp.path().join("cfg.yaml");
+    let steps = 6; // 24 clips over 5 videos: the corrupt one is drawn in every epoch
+    std::fs::write(
+        &cfg,
+        small_config(
+            &format!("{}/", videos.display()),
+            &format!("{}/", out.display()),
+            steps,
+            "",
+        ),
+    )
+    .unwrap();
+    let run = run_train(&cfg, &[], &[]);
+    assert_ok(&run);
+    let q = read_quarantine(out.to_str().unwrap());
+    assert_eq!(q.len(), 1, "{q:?}");
+    assert!(q[0].uri.ends_with("zz_random_bytes.mp4"), "{:?}", q[0]);
+    assert!(!q[0].reason.is_empty());
+    let rows = read_metrics(out.to_str().unwrap(), &Default::default());
+    assert_eq!(rows.len() as u64, steps);
+    assert!(rows.iter().all(|r| r.loss.is_finite()));
+}

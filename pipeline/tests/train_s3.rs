@@ -1,0 +1,112 @@
+//! The same config on S3 (a real, signature-checking `s3s-fs` on 127.0.0.1) gives the same loss
+//! trace, step for step, as on a local directory.
+
+mod common;
+
+use common::*;
+use vjepa_storage::testing::S3Server;
+
+#[test]
+fn s3_run_matches_local_run_step_for_step() {
+    let Some(server) = S3Server::start_or_skip("s3_run_matches_local_run_step_for_step").unwrap()
+    else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let videos = tmp.path().join("videos");
+    make_corpus(&videos, 5);
+    let steps = 6;
+
+    // Local run.
+    let local_out = tmp.path().join("local-out");
+    let local_cfg = tmp.path().join("local.yaml");
+    std::fs::write(
+        &local_cfg,
+        small_config(
+            &format!("{}/", videos.display()),
+            &format!("{}/", local_out.display()),
+            steps,
+            "",
+        ),
+    )
+    .unwrap();
+    assert_ok(&run_train(&local_cfg, &[], &["--workers", "2"]));
+
+    // The same videos in a bucket; outputs to the bucket too.
+    let bucket = server.create_bucket("corpus").unwrap();
+    let dst = bucket.join("videos");
+    std::fs::create_dir_all(&dst).unwrap();
+    for e in std::fs::read_dir(&videos).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
+    }
+    let s3_cfg = tmp.path().join("s3.yaml");
+    let text = small_config("s3://corpus/videos/", "s3://corpus/runs/one/", steps, "")
+        .replace(
+            "    endpoint: null",
+            &format!("    endpoint: {}", server.endpoint),
+        )
+        .replace("    region: null", "    region: us-east-1")
+        .replace("    allow_http: false", "    allow_http: true");
+    std::fs::write(&s3_cfg, text).unwrap();
+    let envs = [
+        ("AWS_ACCESS_KEY_ID", server.access_key.as_str()),
+        ("AWS_SECRET_ACCESS_KEY", server.secret_key.as_str()),
+    ];
+    let run = run_train(&s3_cfg, &envs, &["--workers", "2"]);
+    assert_ok(&run);
+    let logs = format!(
+        "{}{}",
+        String::from_utf8_lossy(&run.stdout),
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(
+        !logs.contains(&server.secret_key),
+        "the secret key appeared in the job's output"
+    );
+
+    let local = read_metrics(local_out.to_str().unwrap(), &Default::default());
+    // Read the S3 run's metrics through S3 as well.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let store = vjepa_storage::Store::open_with_credentials(
+        "s3://corpus/runs/one/",
+        &server.settings(),
+        &server.access_key,
+        &server.secret_key,
+    )
+    .unwrap();
+    let remote = rt
+        .block_on(vjepa_storage::tables::read_metrics(
+            &store,
+            "metrics.parquet",
+        ))
+        .unwrap();
+    assert_eq!(local.len() as u64, steps);
+    assert_eq!(remote.len(), local.len());
+    for (a, b) in local.iter().zip(&remote) {
+        assert_eq!(a.step, b.step);
+        assert_eq!(
+            a.loss.to_bits(),
+            b.loss.to_bits(),
+            "step {}: {} vs {}",
+            a.step,
+            a.loss,
+            b.loss
+        );
+        assert_eq!(a.context_tokens, b.context_tokens);
+        assert_eq!(a.target_tokens, b.target_tokens);
+    }
+    assert!(
+        rt.block_on(store.exists(&format!("checkpoints/step-{steps:08}.safetensors")))
+            .unwrap(),
+        "final checkpoint written to S3"
+    );
+    // A wrong secret is refused by the server: the job fails without printing the secret.
+    let bad = [
+        ("AWS_ACCESS_KEY_ID", server.access_key.as_str()),
+        ("AWS_SECRET_ACCESS_KEY", "definitely-not-the-secret"),
+    ];
+    let run = run_train(&s3_cfg, &bad, &[]);
+    assert_eq!(run.status.code(), Some(1));
+    assert!(!String::from_utf8_lossy(&run.stderr).contains("definitely-not-the-secret"));
+}

@@ -1,0 +1,70 @@
+//! Checkpoint file naming in the output store.
+//!
+//! Checkpoints are `checkpoints/step-{step:08}.safetensors`; the zero padding keeps a plain
+//! listing in step order, and resuming picks the highest step whose name parses.
+
+use bytes::Bytes;
+
+use crate::{StorageError, Store};
+
+/// Directory of checkpoints inside the output store.
+pub const DIR: &str = "checkpoints";
+
+/// Relative path of the checkpoint for `step`.
+pub fn path_for_step(step: u64) -> String {
+    format!("{DIR}/step-{step:08}.safetensors")
+}
+
+/// The step of a checkpoint path (`checkpoints/step-N.safetensors`), if it is one.
+pub fn parse_step(rel: &str) -> Option<u64> {
+    let name = rel.strip_prefix(DIR)?.strip_prefix('/')?;
+    let digits = name.strip_prefix("step-")?.strip_suffix(".safetensors")?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+/// Writes the checkpoint for `step` (atomically replacing any previous one); returns its
+/// relative path.
+pub async fn write(store: &Store, step: u64, bytes: Bytes) -> Result<String, StorageError> {
+    let rel = path_for_step(step);
+    let len = bytes.len();
+    store.put(&rel, bytes).await?;
+    tracing::info!(uri = %store.uri_of(&rel), step, bytes = len, "checkpoint written");
+    Ok(rel)
+}
+
+/// The checkpoint with the highest step whose name parses, if any.
+pub async fn latest(store: &Store) -> Result<Option<(u64, String)>, StorageError> {
+    let listed = store.list_prefix(DIR).await?;
+    let best = listed
+        .into_iter()
+        .filter_map(|o| parse_step(&o.path).map(|s| (s, o.path)))
+        .max_by_key(|(s, _)| *s);
+    if let Some((step, rel)) = &best {
+        tracing::debug!(uri = %store.uri_of(rel), step, "latest checkpoint");
+    }
+    Ok(best)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip() {
+        assert_eq!(path_for_step(42), "checkpoints/step-00000042.safetensors");
+        assert_eq!(parse_step(&path_for_step(42)), Some(42));
+        assert_eq!(
+            parse_step(&path_for_step(123_456_789_012)),
+            Some(123_456_789_012)
+        );
+        assert_eq!(parse_step("checkpoints/step-7.safetensors"), Some(7));
+        assert_eq!(parse_step("checkpoints/step-.safetensors"), None);
+        assert_eq!(parse_step("checkpoints/step-+7.safetensors"), None);
+        assert_eq!(parse_step("checkpoints/step-1.safetensors.tmp"), None);
+        assert_eq!(parse_step("checkpoints/old/step-1.safetensors"), None);
+        assert_eq!(parse_step("other/step-1.safetensors"), None);
+    }
+}

@@ -1,0 +1,392 @@
+//! Datasets: which videos a run may read.
+//!
+//! A dataset spec is either an index file in the official V-JEPA format (CSV, space-separated,
+//! no header: `path label`, label optional) or a prefix that is listed. Every index entry is
+//! resolved against the dataset's store (the directory holding the index); entries that would
+//! leave it are kept in [`Dataset::rejected`] with a reason, never read and never silently
+//! dropped, so a bad index cannot make the job read arbitrary files or buckets.
+
+use object_store::path::Path;
+
+use crate::location::{Location, normalize_abs, normalize_rel, parse_location, scheme_of};
+use crate::store::Root;
+use crate::{S3Settings, StorageError, Store};
+
+/// Reason: the entry resolves outside the dataset store ('..' above the root, an absolute
+/// path elsewhere, another bucket or prefix).
+pub const REASON_PATH_ESCAPES_STORE: &str = "path_escapes_store";
+/// Reason: the entry is a URL whose scheme cannot be read (`http`, `gs`...).
+pub const REASON_UNSUPPORTED_SCHEME: &str = "unsupported_scheme";
+/// Reason: the entry is not a usable object path (names a directory, control characters...).
+pub const REASON_INVALID_PATH: &str = "invalid_path";
+
+/// File extensions (lower-case, no dot) that count as videos when listing a prefix.
+pub const VIDEO_EXTENSIONS: &[&str] = &["mp4", "m4v", "mov", "mkv", "webm", "avi"];
+
+/// One readable video of a dataset.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DatasetEntry {
+    /// Path relative to the dataset's store.
+    pub rel: String,
+    /// The index's label column, when present (unused by pretraining, kept for probes).
+    pub label: Option<String>,
+}
+
+/// An index entry that was refused, with a stable reason word for quarantine records.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rejected {
+    /// The entry's path as written in the index.
+    pub entry: String,
+    /// Stable short word: [`REASON_PATH_ESCAPES_STORE`], [`REASON_UNSUPPORTED_SCHEME`] or
+    /// [`REASON_INVALID_PATH`].
+    pub reason: String,
+    /// Human-readable explanation (includes the index line number when there is one).
+    pub detail: String,
+}
+
+/// An opened dataset: its store, the entries to read and the entries refused.
+#[derive(Clone, Debug)]
+pub struct Dataset {
+    /// The spec string the dataset was opened from.
+    pub name: String,
+    /// The store entries are relative to (the index's directory, or the listed prefix).
+    pub store: Store,
+    /// Entries to read, in index order (or sorted by path for a listing).
+    pub entries: Vec<DatasetEntry>,
+    /// Entries refused, in index order.
+    pub rejected: Vec<Rejected>,
+}
+
+impl Dataset {
+    /// Full URI of an entry, for records and logs.
+    pub fn uri_of(&self, entry: &DatasetEntry) -> String {
+        self.store.uri_of(&entry.rel)
+    }
+}
+
+/// Opens an index or lists a prefix, with credentials from the environment.
+///
+/// A spec ending in '/' (or naming a local directory, or a bare `s3://bucket`) is listed:
+/// only files with [`VIDEO_EXTENSIONS`] become entries. Anything else is read as an index;
+/// the dataset store is the directory (prefix) containing it. Relative entries (after
+/// normalising '.' and '..') and absolute paths or URLs inside that store are accepted; entries
+/// escaping it go to [`Dataset::rejected`].
+pub async fn open(spec: &str, s3: &S3Settings) -> Result<Dataset, StorageError> {
+    open_impl(spec, s3, None).await
+}
+
+/// Like [`open`], with explicit S3 credentials (tests and tools that must not touch the
+/// process environment).
+pub async fn open_with_credentials(
+    spec: &str,
+    s3: &S3Settings,
+    key_id: &str,
+    secret: &str,
+) -> Result<Dataset, StorageError> {
+    open_impl(spec, s3, Some((key_id, secret))).await
+}
+
+async fn open_impl(
+    spec: &str,
+    s3: &S3Settings,
+    creds: Option<(&str, &str)>,
+) -> Result<Dataset, StorageError> {
+    let parsed = parse_location(spec)?;
+    let is_prefix = spec.trim_end().ends_with('/')
+        || match &parsed {
+            Location::Local(p) => p.is_dir(),
+            Location::S3 { key, .. } => key.is_empty(),
+        };
+    let dataset = if is_prefix {
+        let store = Store::open_location(spec, parsed, s3, false, creds)?;
+        let listed = store.list().await?;
+        let mut entries = Vec::new();
+        let mut ignored = 0usize;
+        for obj in listed {
+            if is_video_path(&obj.path) {
+                entries.push(DatasetEntry {
+                    rel: obj.path,
+                    label: None,
+                });
+            } else {
+                ignored += 1;
+                tracing::debug!(uri = %store.uri_of(&obj.path), "not a video extension; ignored");
+            }
+        }
+        if ignored > 0 {
+            tracing::info!(spec, ignored, "listed prefix: non-video objects ignored");
+        }
+        Dataset {
+            name: spec.to_string(),
+            store,
+            entries,
+            rejected: Vec::new(),
+        }
+    } else {
+        let (store, index_name) = Store::open_parent_of(spec, s3, creds)?;
+        let bytes = store.get(&index_name).await?;
+        let text = std::str::from_utf8(&bytes).map_err(|e| StorageError::IndexNotText {
+            uri: store.uri_of(&index_name),
+            detail: e.to_string(),
+        })?;
+        let mut entries = Vec::new();
+        let mut rejected = Vec::new();
+        for (line, path, label) in parse_index(text) {
+            match resolve_entry(&store, &path) {
+                Ok(rel) => entries.push(DatasetEntry { rel, label }),
+                Err(mut r) => {
+                    r.detail = format!("line {line}: {}", r.detail);
+                    tracing::debug!(entry = %r.entry, reason = %r.reason, detail = %r.detail, "index entry rejected");
+                    rejected.push(r);
+                }
+            }
+        }
+        Dataset {
+            name: spec.to_string(),
+            store,
+            entries,
+            rejected,
+        }
+    };
+    if !dataset.rejected.is_empty() {
+        let examples: Vec<String> = dataset
+            .rejected
+            .iter()
+            .take(3)
+            .map(|r| format!("{} ({})", r.entry, r.reason))
+            .collect();
+        tracing::warn!(
+            spec,
+            rejected = dataset.rejected.len(),
+            examples = %examples.join(", "),
+            "dataset entries outside the dataset store were rejected and will not be read"
+        );
+    }
+    tracing::info!(
+        spec,
+        store = %dataset.store.url(),
+        entries = dataset.entries.len(),
+        rejected = dataset.rejected.len(),
+        "opened dataset"
+    );
+    Ok(dataset)
+}
+
+/// Parses an index in the official format: one entry per line, space-separated fields, no
+/// header; the first field is the path, the second (optional) the label, further fields are
+/// ignored. Empty lines are skipped. Returns `(line number from 1, path, label)`.
+pub fn parse_index(text: &str) -> Vec<(usize, String, Option<String>)> {
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    text.lines()
+        .enumerate()
+        .filter_map(|(i, line)| {
+            let mut fields = line.split_whitespace();
+            let path = fields.next()?;
+            let label = fields.next().map(str::to_string);
+            Some((i + 1, path.to_string(), label))
+        })
+        .collect()
+}
+
+/// Whether a path has one of the [`VIDEO_EXTENSIONS`] (case-insensitive).
+pub fn is_video_path(path: &str) -> bool {
+    let name = path.rsplit('/').next().unwrap_or(path);
+    match name.rsplit_once('.') {
+        Some((stem, ext)) if !stem.is_empty() => {
+            let ext = ext.to_ascii_lowercase();
+            VIDEO_EXTENSIONS.contains(&ext.as_str())
+        }
+        _ => false,
+    }
+}
+
+fn rejected(entry: &str, reason: &str, detail: String) -> Rejected {
+    Rejected {
+        entry: entry.to_string(),
+        reason: reason.to_string(),
+        detail,
+    }
+}
+
+/// Checks a normalised relative path is a usable object path.
+fn valid_rel(entry: &str, rel: String) -> Result<String, Rejected> {
+    if rel.is_empty() {
+        return Err(rejected(
+            entry,
+            REASON_INVALID_PATH,
+            "names the store root (a directory), not a file".into(),
+        ));
+    }
+    match Path::parse(&rel) {
+        Ok(_) => Ok(rel),
+        Err(e) => Err(rejected(entry, REASON_INVALID_PATH, e.to_string())),
+    }
+}
+
+/// Resolves one index entry against a store: the path relative to the store when the entry
+/// lies inside it, else why not.
+///
+/// Relative entries are normalised ('.', '..'); absolute local paths, `file://` and `s3://`
+/// URLs are accepted when they point inside the store's root.
+pub fn resolve_entry(store: &Store, entry: &str) -> Result<String, Rejected> {
+    match scheme_of(entry).as_deref() {
+        Some("s3") | Some("s3a") => {
+            let Ok(Location::S3 { bucket, key, .. }) = parse_location(entry) else {
+                return Err(rejected(
+                    entry,
+                    REASON_PATH_ESCAPES_STORE,
+                    "S3 URL without a bucket or with '..' above the bucket root".into(),
+                ));
+            };
+            match store.root() {
+                Root::S3 {
+                    bucket: sb,
+                    prefix: sp,
+                } if *sb == bucket => {
+                    let rel = if sp.is_empty() {
+                        Some(key.as_str())
+                    } else if key == *sp {
+                        Some("")
+                    } else {
+                        key.strip_prefix(sp.as_str())
+                            .and_then(|r| r.strip_prefix('/'))
+                    };
+                    match rel {
+                        Some(r) => valid_rel(entry, r.to_string()),
+                        None => Err(rejected(
+                            entry,
+                            REASON_PATH_ESCAPES_STORE,
+                            format!("outside the dataset store {}", store.url()),
+                        )),
+                    }
+                }
+                _ => Err(rejected(
+                    entry,
+                    REASON_PATH_ESCAPES_STORE,
+                    format!(
+                        "another store than the dataset's ({}); only entries inside it are read",
+                        store.url()
+                    ),
+                )),
+            }
+        }
+        Some("file") => match parse_location(entry) {
+            Ok(Location::Local(p)) => resolve_local_abs(store, entry, &p),
+            _ => Err(rejected(
+                entry,
+                REASON_INVALID_PATH,
+                "malformed file:// URL".into(),
+            )),
+        },
+        Some(other) => Err(rejected(
+            entry,
+            REASON_UNSUPPORTED_SCHEME,
+            format!(
+                "scheme {other:?} is not readable; use paths relative to the index, or s3:// / file:// inside the dataset store"
+            ),
+        )),
+        None if entry.starts_with('/') => {
+            let p = normalize_abs(std::path::Path::new(entry));
+            resolve_local_abs(store, entry, &p)
+        }
+        None => match normalize_rel(entry) {
+            Ok(rel) => valid_rel(entry, rel),
+            Err(_) => Err(rejected(
+                entry,
+                REASON_PATH_ESCAPES_STORE,
+                format!("'..' goes above the dataset store {}", store.url()),
+            )),
+        },
+    }
+}
+
+fn resolve_local_abs(store: &Store, entry: &str, p: &std::path::Path) -> Result<String, Rejected> {
+    let Root::Local { canonical, given } = store.root() else {
+        return Err(rejected(
+            entry,
+            REASON_PATH_ESCAPES_STORE,
+            format!(
+                "local path, but the dataset store is {}; only entries inside it are read",
+                store.url()
+            ),
+        ));
+    };
+    let inside = p.strip_prefix(canonical).or_else(|_| p.strip_prefix(given));
+    match inside {
+        Ok(rest) => {
+            let mut parts = Vec::new();
+            for c in rest.components() {
+                match c.as_os_str().to_str() {
+                    Some(s) => parts.push(s),
+                    None => {
+                        return Err(rejected(entry, REASON_INVALID_PATH, "not UTF-8".into()));
+                    }
+                }
+            }
+            valid_rel(entry, parts.join("/"))
+        }
+        Err(_) => Err(rejected(
+            entry,
+            REASON_PATH_ESCAPES_STORE,
+            format!("outside the dataset store {}", store.url()),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_index_fields() {
+        let text = "\u{feff}a.mp4 3\n\n  b.mp4\r\nc.mp4 1 extra fields\n   \n/abs/d.mp4 7";
+        assert_eq!(
+            parse_index(text),
+            vec![
+                (1, "a.mp4".into(), Some("3".into())),
+                (3, "b.mp4".into(), None),
+                (4, "c.mp4".into(), Some("1".into())),
+                (6, "/abs/d.mp4".into(), Some("7".into())),
+            ]
+        );
+    }
+
+    #[test]
+    fn video_extensions() {
+        assert!(is_video_path("a/b.MP4"));
+        assert!(is_video_path("x.webm"));
+        assert!(!is_video_path("x.txt"));
+        assert!(!is_video_path("mp4"));
+        assert!(!is_video_path(".mp4"));
+        assert!(!is_video_path("dir.mp4/readme"));
+    }
+
+    #[test]
+    fn resolve_against_s3_store() {
+        let store = Store::open_with_credentials(
+            "s3://bkt/data/",
+            &S3Settings {
+                endpoint: Some("https://example.invalid".into()),
+                ..Default::default()
+            },
+            "AK",
+            "SK",
+        )
+        .unwrap();
+        assert_eq!(resolve_entry(&store, "v/a.mp4").unwrap(), "v/a.mp4");
+        assert_eq!(
+            resolve_entry(&store, "s3://bkt/data/v/a.mp4").unwrap(),
+            "v/a.mp4"
+        );
+        let r = resolve_entry(&store, "s3://bkt/database/a.mp4").unwrap_err();
+        assert_eq!(r.reason, REASON_PATH_ESCAPES_STORE);
+        let r = resolve_entry(&store, "s3://other/data/a.mp4").unwrap_err();
+        assert_eq!(r.reason, REASON_PATH_ESCAPES_STORE);
+        let r = resolve_entry(&store, "/data/a.mp4").unwrap_err();
+        assert_eq!(r.reason, REASON_PATH_ESCAPES_STORE);
+        let r = resolve_entry(&store, "https://x/a.mp4").unwrap_err();
+        assert_eq!(r.reason, REASON_UNSUPPORTED_SCHEME);
+        let r = resolve_entry(&store, "s3://bkt/data/").unwrap_err();
+        assert_eq!(r.reason, REASON_INVALID_PATH);
+    }
+}

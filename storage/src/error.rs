@@ -1,0 +1,225 @@
+//! The crate's error type.
+
+use std::path::PathBuf;
+
+/// What went wrong in a storage operation, with enough context (URI, operation) to act on.
+///
+/// Messages never contain credentials: backend error texts are passed through a redaction step
+/// that removes the secret key and session token before they are stored here.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    /// The location string could not be understood (empty, bad URL, missing bucket...).
+    #[error("invalid storage location {location:?}: {reason}")]
+    InvalidLocation {
+        /// The location as given.
+        location: String,
+        /// Why it was refused.
+        reason: String,
+    },
+
+    /// The location uses a scheme this crate cannot read.
+    #[error(
+        "unsupported scheme {scheme:?} in {location:?}: use a local path, file:///abs/dir/ or s3://bucket/prefix/"
+    )]
+    UnsupportedScheme {
+        /// The location as given.
+        location: String,
+        /// The scheme found (e.g. `http`).
+        scheme: String,
+    },
+
+    /// A local store's directory does not exist and was not to be created.
+    #[error("local directory {} does not exist (create it, or open the store with create=true)", path.display())]
+    LocalDirMissing {
+        /// The directory looked for.
+        path: PathBuf,
+    },
+
+    /// A local store's root exists but is not a directory.
+    #[error("{} is not a directory; a store root must be a directory", path.display())]
+    NotADirectory {
+        /// The path found.
+        path: PathBuf,
+    },
+
+    /// Local file-system failure while opening a store.
+    #[error("local I/O on {}: {source}", path.display())]
+    LocalIo {
+        /// The path involved.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// A relative path leaves the store root (`..` above the root).
+    #[error("path {rel:?} escapes the store root {root}")]
+    PathEscapesRoot {
+        /// The path as given.
+        rel: String,
+        /// The store's root URL.
+        root: String,
+    },
+
+    /// A relative object path is malformed (absolute, empty, control characters...).
+    #[error("invalid object path {rel:?}: {reason}")]
+    InvalidPath {
+        /// The path as given.
+        rel: String,
+        /// Why it was refused.
+        reason: String,
+    },
+
+    /// The S3 client could not be configured.
+    #[error("S3 configuration for {location}: {detail}")]
+    S3Config {
+        /// The location being opened.
+        location: String,
+        /// What is wrong and how to fix it.
+        detail: String,
+    },
+
+    /// No S3 credentials are configured in the environment.
+    #[error(
+        "no S3 credentials for {location}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (plus AWS_SESSION_TOKEN for temporary credentials) in the environment, or AWS_SKIP_SIGNATURE=true for a public bucket"
+    )]
+    MissingCredentials {
+        /// The location being opened.
+        location: String,
+    },
+
+    /// The object does not exist.
+    #[error("object {uri} not found")]
+    NotFound {
+        /// Full URI of the object.
+        uri: String,
+    },
+
+    /// The backend refused the request (bad or missing credentials, bucket policy).
+    #[error(
+        "access denied for {op} {uri}: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN and the bucket policy ({detail})"
+    )]
+    AccessDenied {
+        /// The operation (get, put, list...).
+        op: &'static str,
+        /// Full URI of the object or prefix.
+        uri: String,
+        /// The backend's message, credentials redacted.
+        detail: String,
+    },
+
+    /// A byte range was malformed.
+    #[error("invalid byte range {start}..{end} for {uri}")]
+    InvalidRange {
+        /// Full URI of the object.
+        uri: String,
+        /// Range start.
+        start: u64,
+        /// Range end (exclusive).
+        end: u64,
+    },
+
+    /// Any other backend failure (network, server error...).
+    #[error("{op} {uri} failed: {detail}")]
+    Backend {
+        /// The operation (get, put, list...).
+        op: &'static str,
+        /// Full URI of the object or prefix.
+        uri: String,
+        /// The backend's message, credentials redacted.
+        detail: String,
+    },
+
+    /// A dataset index file is not UTF-8 text.
+    #[error("dataset index {uri} is not UTF-8 text: {detail}")]
+    IndexNotText {
+        /// Full URI of the index.
+        uri: String,
+        /// Where decoding failed.
+        detail: String,
+    },
+
+    /// Writing or reading a Parquet table failed.
+    #[error("parquet table {uri}: {detail}")]
+    Parquet {
+        /// Full URI of the table.
+        uri: String,
+        /// What failed.
+        detail: String,
+    },
+
+    /// A Parquet table does not have the expected schema.
+    #[error("parquet table {uri} does not have the expected schema: {detail}")]
+    Schema {
+        /// Full URI of the table.
+        uri: String,
+        /// The mismatch found.
+        detail: String,
+    },
+
+    /// The local S3 test server could not be started.
+    #[error("S3 test server: {detail}")]
+    TestServer {
+        /// What failed and how to fix it.
+        detail: String,
+    },
+}
+
+impl StorageError {
+    /// True when the error means the object is absent (as opposed to unreadable).
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, StorageError::NotFound { .. })
+    }
+}
+
+/// Formats an error with its whole `source()` chain, skipping sources already in the text.
+pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        let msg = s.to_string();
+        if !msg.is_empty() && !out.contains(&msg) {
+            out.push_str(": ");
+            out.push_str(&msg);
+        }
+        cur = s.source();
+    }
+    out
+}
+
+/// Replaces every occurrence of each secret in `text` with `[REDACTED]`.
+pub(crate) fn redact(text: &str, secrets: &[String]) -> String {
+    let mut out = text.to_string();
+    for s in secrets {
+        if !s.is_empty() && out.contains(s.as_str()) {
+            out = out.replace(s.as_str(), "[REDACTED]");
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redact_removes_secrets() {
+        let secrets = vec!["s3cr3t".to_string(), String::new()];
+        assert_eq!(
+            redact("bad s3cr3t and s3cr3t", &secrets),
+            "bad [REDACTED] and [REDACTED]"
+        );
+        assert_eq!(redact("nothing", &secrets), "nothing");
+    }
+
+    #[test]
+    fn chain_includes_sources_once() {
+        let inner = std::io::Error::other("disk on fire");
+        let outer = StorageError::LocalIo {
+            path: PathBuf::from("/x"),
+            source: inner,
+        };
+        let text = error_chain(&outer);
+        assert_eq!(text.matches("disk on fire").count(), 1, "{text}");
+    }
+}

@@ -1,0 +1,27 @@
+//! Storage for vjepa-stream: where videos are read from and where the run writes its outputs.
+//!
+//! A long-lived training job reads videos from object storage (S3 or a local directory that stands
+//! in for it) and writes metrics, quarantine records and checkpoints back as it goes. Everything
+//! here goes through one type, [`Store`], so the rest of the pipeline never cares which backend a
+//! path lives on:
+//!
+//! - [`Store`]: a local directory or an `s3://bucket/prefix/`, with paths relative to its root.
+//! - [`dataset`]: opens a V-JEPA CSV index (or lists a prefix) and decides, entry by entry, which
+//!   videos may be read; entries pointing outside the dataset's store are rejected, never read.
+//! - [`tables`]: Parquet outputs (metrics, quarantine) written row group by row group.
+//! - [`checkpoints`]: checkpoint file naming and discovery of the latest one.
+//! - [`testing`]: starts a local `s3s-fs` S3 server for integration tests.
+//!
+//! Credentials come only from the environment (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
+//! `AWS_SESSION_TOKEN`) and never appear in logs or error messages.
+
+pub mod checkpoints;
+pub mod dataset;
+mod error;
+mod location;
+mod store;
+pub mod tables;
+pub mod testing;
+
+pub use error::StorageError;
+pub use store::{ObjectInfo, S3Settings, Store};

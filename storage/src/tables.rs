@@ -1,0 +1,587 @@
+//! Parquet outputs written to a [`Store`] as the run goes.
+//!
+//! Rows are buffered by `push`; `flush` turns the buffer into a row group and hands its bytes to
+//! the store's upload (local staging file or S3 multipart); the file becomes visible, complete,
+//! after `close`. Schemas are fixed and all columns non-null so downstream tools (pandas,
+//! DuckDB, Polars) can read them without guessing.
+
+use std::sync::Arc;
+
+use arrow::array::{
+    Array, ArrayRef, AsArray, Float64Builder, Int64Builder, ListBuilder, RecordBatch,
+    StringBuilder, TimestampMicrosecondBuilder,
+};
+use arrow::datatypes::{
+    DataType, Field, Float64Type, Int64Type, Schema, SchemaRef, TimeUnit, TimestampMicrosecondType,
+};
+use bytes::Bytes;
+use object_store::buffered::BufWriter;
+use parquet::arrow::AsyncArrowWriter;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::properties::WriterProperties;
+
+use crate::error::error_chain;
+use crate::{StorageError, Store};
+
+/// One training step's metrics.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct MetricsRow {
+    /// Global step (0-based).
+    pub step: u64,
+    /// Epoch (as the official loop counts it).
+    pub epoch: u64,
+    /// Wall-clock time of the step's end, microseconds since the Unix epoch (UTC).
+    pub time_unix_us: i64,
+    /// Total loss.
+    pub loss: f64,
+    /// Loss of each mask configuration.
+    pub loss_per_mask: Vec<f64>,
+    /// Learning rate used for the step.
+    pub lr: f64,
+    /// Weight decay used for the step.
+    pub weight_decay: f64,
+    /// EMA momentum of the target encoder.
+    pub ema_momentum: f64,
+    /// Total gradient norm of the encoder.
+    pub encoder_grad_norm: f64,
+    /// Total gradient norm of the predictor.
+    pub predictor_grad_norm: f64,
+    /// Context tokens kept, per mask configuration.
+    pub context_tokens: Vec<i64>,
+    /// Target tokens predicted, per mask configuration.
+    pub target_tokens: Vec<i64>,
+    /// Throughput over the step.
+    pub clips_per_sec: f64,
+    /// Duration of the step, seconds.
+    pub step_time_s: f64,
+    /// Time the step waited for data, seconds.
+    pub data_wait_s: f64,
+}
+
+/// One video that could not be used, and why.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct QuarantineRow {
+    /// Full URI of the video.
+    pub uri: String,
+    /// Stable short reason word (e.g. `decode_error`, `path_escapes_store`).
+    pub reason: String,
+    /// Human-readable detail.
+    pub detail: String,
+    /// When it was quarantined, microseconds since the Unix epoch (UTC).
+    pub time_unix_us: i64,
+}
+
+fn ts_type() -> DataType {
+    DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
+}
+
+fn f64_item() -> Arc<Field> {
+    Arc::new(Field::new("item", DataType::Float64, false))
+}
+
+fn i64_item() -> Arc<Field> {
+    Arc::new(Field::new("item", DataType::Int64, false))
+}
+
+/// Arrow schema of the metrics table.
+pub fn metrics_schema() -> SchemaRef {
+    let f64_list = DataType::List(f64_item());
+    let i64_list = DataType::List(i64_item());
+    Arc::new(Schema::new(vec![
+        Field::new("step", DataType::Int64, false),
+        Field::new("epoch", DataType::Int64, false),
+        Field::new("time", ts_type(), false),
+        Field::new("loss", DataType::Float64, false),
+        Field::new("loss_per_mask", f64_list, false),
+        Field::new("lr", DataType::Float64, false),
+        Field::new("weight_decay", DataType::Float64, false),
+        Field::new("ema_momentum", DataType::Float64, false),
+        Field::new("encoder_grad_norm", DataType::Float64, false),
+        Field::new("predictor_grad_norm", DataType::Float64, false),
+        Field::new("context_tokens", i64_list.clone(), false),
+        Field::new("target_tokens", i64_list, false),
+        Field::new("clips_per_sec", DataType::Float64, false),
+        Field::new("step_time_s", DataType::Float64, false),
+        Field::new("data_wait_s", DataType::Float64, false),
+    ]))
+}
+
+/// Arrow schema of the quarantine table.
+pub fn quarantine_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("uri", DataType::Utf8, false),
+        Field::new("reason", DataType::Utf8, false),
+        Field::new("detail", DataType::Utf8, false),
+        Field::new("time", ts_type(), false),
+    ]))
+}
+
+/// Steps and epochs are stored as int64 (Parquet has no unsigned 64-bit logical type that all
+/// readers agree on); values above `i64::MAX` cannot occur in practice and are clamped.
+fn u64_to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn metrics_batch(rows: &[MetricsRow]) -> Result<RecordBatch, arrow::error::ArrowError> {
+    let n = rows.len();
+    let mut step = Int64Builder::with_capacity(n);
+    let mut epoch = Int64Builder::with_capacity(n);
+    let mut time = TimestampMicrosecondBuilder::with_capacity(n).with_timezone("UTC");
+    let mut loss = Float64Builder::with_capacity(n);
+    let mut loss_per_mask = ListBuilder::new(Float64Builder::new()).with_field(f64_item());
+    let mut lr = Float64Builder::with_capacity(n);
+    let mut wd = Float64Builder::with_capacity(n);
+    let mut ema = Float64Builder::with_capacity(n);
+    let mut egn = Float64Builder::with_capacity(n);
+    let mut pgn = Float64Builder::with_capacity(n);
+    let mut ctx = ListBuilder::new(Int64Builder::new()).with_field(i64_item());
+    let mut tgt = ListBuilder::new(Int64Builder::new()).with_field(i64_item());
+    let mut cps = Float64Builder::with_capacity(n);
+    let mut st = Float64Builder::with_capacity(n);
+    let mut dw = Float64Builder::with_capacity(n);
+    for r in rows {
+        step.append_value(u64_to_i64(r.step));
+        epoch.append_value(u64_to_i64(r.epoch));
+        time.append_value(r.time_unix_us);
+        loss.append_value(r.loss);
+        loss_per_mask.values().append_slice(&r.loss_per_mask);
+        loss_per_mask.append(true);
+        lr.append_value(r.lr);
+        wd.append_value(r.weight_decay);
+        ema.append_value(r.ema_momentum);
+        egn.append_value(r.encoder_grad_norm);
+        pgn.append_value(r.predictor_grad_norm);
+        ctx.values().append_slice(&r.context_tokens);
+        ctx.append(true);
+        tgt.values().append_slice(&r.target_tokens);
+        tgt.append(true);
+        cps.append_value(r.clips_per_sec);
+        st.append_value(r.step_time_s);
+        dw.append_value(r.data_wait_s);
+    }
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(step.finish()),
+        Arc::new(epoch.finish()),
+        Arc::new(time.finish()),
+        Arc::new(loss.finish()),
+        Arc::new(loss_per_mask.finish()),
+        Arc::new(lr.finish()),
+        Arc::new(wd.finish()),
+        Arc::new(ema.finish()),
+        Arc::new(egn.finish()),
+        Arc::new(pgn.finish()),
+        Arc::new(ctx.finish()),
+        Arc::new(tgt.finish()),
+        Arc::new(cps.finish()),
+        Arc::new(st.finish()),
+        Arc::new(dw.finish()),
+    ];
+    RecordBatch::try_new(metrics_schema(), columns)
+}
+
+fn quarantine_batch(rows: &[QuarantineRow]) -> Result<RecordBatch, arrow::error::ArrowError> {
+    let n = rows.len();
+    let mut uri = StringBuilder::with_capacity(n, 64 * n);
+    let mut reason = StringBuilder::with_capacity(n, 16 * n);
+    let mut detail = StringBuilder::with_capacity(n, 64 * n);
+    let mut time = TimestampMicrosecondBuilder::with_capacity(n).with_timezone("UTC");
+    for r in rows {
+        uri.append_value(&r.uri);
+        reason.append_value(&r.reason);
+        detail.append_value(&r.detail);
+        time.append_value(r.time_unix_us);
+    }
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(uri.finish()),
+        Arc::new(reason.finish()),
+        Arc::new(detail.finish()),
+        Arc::new(time.finish()),
+    ];
+    RecordBatch::try_new(quarantine_schema(), columns)
+}
+
+/// A Parquet file being written to a store, one row group per `write_rows`.
+struct TableSink {
+    writer: AsyncArrowWriter<BufWriter>,
+    store: Store,
+    uri: String,
+    rows: u64,
+}
+
+impl TableSink {
+    fn create(store: &Store, rel: &str, schema: SchemaRef) -> Result<Self, StorageError> {
+        let path = store.path_of(rel)?;
+        let uri = store.uri_of(rel);
+        let (os, _) = store.inner();
+        let props = WriterProperties::builder()
+            .set_compression(Compression::ZSTD(ZstdLevel::default()))
+            .build();
+        let writer = AsyncArrowWriter::try_new(BufWriter::new(os, path), schema, Some(props))
+            .map_err(|e| StorageError::Parquet {
+                uri: uri.clone(),
+                detail: store.scrub(&error_chain(&e)),
+            })?;
+        tracing::info!(uri = %uri, "parquet table created");
+        Ok(TableSink {
+            writer,
+            store: store.clone(),
+            uri,
+            rows: 0,
+        })
+    }
+
+    fn err(&self, what: &str, e: &(dyn std::error::Error + 'static)) -> StorageError {
+        StorageError::Parquet {
+            uri: self.uri.clone(),
+            detail: format!("{what}: {}", self.store.scrub(&error_chain(e))),
+        }
+    }
+
+    /// Writes `batch` and closes its row group.
+    async fn write_rows(&mut self, batch: RecordBatch) -> Result<(), StorageError> {
+        let n = batch.num_rows();
+        if n == 0 {
+            return Ok(());
+        }
+        self.writer
+            .write(&batch)
+            .await
+            .map_err(|e| self.err("write", &e))?;
+        self.writer
+            .flush()
+            .await
+            .map_err(|e| self.err("flush", &e))?;
+        self.rows += n as u64;
+        tracing::debug!(uri = %self.uri, rows = n, total = self.rows, "row group flushed");
+        Ok(())
+    }
+
+    async fn close(mut self) -> Result<u64, StorageError> {
+        self.writer
+            .finish()
+            .await
+            .map_err(|e| self.err("close", &e))?;
+        tracing::info!(uri = %self.uri, rows = self.rows, "parquet table closed");
+        Ok(self.rows)
+    }
+}
+
+/// Writes the metrics table (`metrics_schema`).
+pub struct MetricsWriter {
+    sink: TableSink,
+    buf: Vec<MetricsRow>,
+}
+
+impl MetricsWriter {
+    /// Starts a metrics file at `rel` in `store` (replaced on close if it exists).
+    pub async fn create(store: &Store, rel: &str) -> Result<Self, StorageError> {
+        Ok(MetricsWriter {
+            sink: TableSink::create(store, rel, metrics_schema())?,
+            buf: Vec::new(),
+        })
+    }
+
+    /// Buffers one row (written at the next `flush` or `close`).
+    pub fn push(&mut self, row: MetricsRow) {
+        self.buf.push(row);
+    }
+
+    /// Rows buffered and not yet flushed.
+    pub fn pending(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Writes the buffered rows as one row group (no-op when nothing is buffered).
+    pub async fn flush(&mut self) -> Result<(), StorageError> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let batch = metrics_batch(&self.buf).map_err(|e| self.sink.err("build batch", &e))?;
+        self.sink.write_rows(batch).await?;
+        self.buf.clear();
+        Ok(())
+    }
+
+    /// Flushes and completes the file; returns the number of rows written.
+    pub async fn close(mut self) -> Result<u64, StorageError> {
+        self.flush().await?;
+        self.sink.close().await
+    }
+}
+
+/// Writes the quarantine table (`quarantine_schema`).
+pub struct QuarantineWriter {
+    sink: TableSink,
+    buf: Vec<QuarantineRow>,
+}
+
+impl QuarantineWriter {
+    /// Starts a quarantine file at `rel` in `store` (replaced on close if it exists).
+    pub async fn create(store: &Store, rel: &str) -> Result<Self, StorageError> {
+        Ok(QuarantineWriter {
+            sink: TableSink::create(store, rel, quarantine_schema())?,
+            buf: Vec::new(),
+        })
+    }
+
+    /// Buffers one row (written at the next `flush` or `close`).
+    pub fn push(&mut self, row: QuarantineRow) {
+        self.buf.push(row);
+    }
+
+    /// Rows buffered and not yet flushed.
+    pub fn pending(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Writes the buffered rows as one row group (no-op when nothing is buffered).
+    pub async fn flush(&mut self) -> Result<(), StorageError> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let batch = quarantine_batch(&self.buf).map_err(|e| self.sink.err("build batch", &e))?;
+        self.sink.write_rows(batch).await?;
+        self.buf.clear();
+        Ok(())
+    }
+
+    /// Flushes and completes the file; returns the number of rows written.
+    pub async fn close(mut self) -> Result<u64, StorageError> {
+        self.flush().await?;
+        self.sink.close().await
+    }
+}
+
+/// Reads a table's bytes and checks its schema (names and types, in order) against `expected`.
+async fn read_batches(
+    store: &Store,
+    rel: &str,
+    expected: &SchemaRef,
+) -> Result<Vec<RecordBatch>, StorageError> {
+    let uri = store.uri_of(rel);
+    let bytes: Bytes = store.get(rel).await?;
+    let perr = |what: &str, e: &(dyn std::error::Error + 'static)| StorageError::Parquet {
+        uri: uri.clone(),
+        detail: format!("{what}: {}", error_chain(e)),
+    };
+    let builder = ParquetRecordBatchReaderBuilder::try_new(bytes)
+        .map_err(|e| perr("not a readable parquet file", &e))?;
+    check_schema(&uri, builder.schema(), expected)?;
+    let reader = builder.build().map_err(|e| perr("reader", &e))?;
+    let mut out = Vec::new();
+    for batch in reader {
+        out.push(batch.map_err(|e| perr("decode", &e))?);
+    }
+    Ok(out)
+}
+
+fn check_schema(uri: &str, found: &Schema, expected: &Schema) -> Result<(), StorageError> {
+    let f: Vec<(&str, &DataType)> = found
+        .fields()
+        .iter()
+        .map(|x| (x.name().as_str(), x.data_type()))
+        .collect();
+    let e: Vec<(&str, &DataType)> = expected
+        .fields()
+        .iter()
+        .map(|x| (x.name().as_str(), x.data_type()))
+        .collect();
+    let same = f.len() == e.len()
+        && f.iter()
+            .zip(&e)
+            .all(|((fn_, ft), (en, et))| fn_ == en && ft.equals_datatype(et));
+    if same {
+        Ok(())
+    } else {
+        Err(StorageError::Schema {
+            uri: uri.to_string(),
+            detail: format!("found {f:?}, expected {e:?}"),
+        })
+    }
+}
+
+fn schema_err(uri: &str, col: &str, what: &str) -> StorageError {
+    StorageError::Schema {
+        uri: uri.to_string(),
+        detail: format!("column {col}: {what}"),
+    }
+}
+
+fn col<'a>(uri: &str, b: &'a RecordBatch, name: &str) -> Result<&'a ArrayRef, StorageError> {
+    let c = b
+        .column_by_name(name)
+        .ok_or_else(|| schema_err(uri, name, "missing"))?;
+    if c.null_count() > 0 {
+        return Err(schema_err(uri, name, "has nulls"));
+    }
+    Ok(c)
+}
+
+fn i64_col(uri: &str, b: &RecordBatch, name: &str) -> Result<Vec<i64>, StorageError> {
+    let a = col(uri, b, name)?
+        .as_primitive_opt::<Int64Type>()
+        .ok_or_else(|| schema_err(uri, name, "not int64"))?;
+    Ok(a.values().to_vec())
+}
+
+fn f64_col(uri: &str, b: &RecordBatch, name: &str) -> Result<Vec<f64>, StorageError> {
+    let a = col(uri, b, name)?
+        .as_primitive_opt::<Float64Type>()
+        .ok_or_else(|| schema_err(uri, name, "not float64"))?;
+    Ok(a.values().to_vec())
+}
+
+fn ts_col(uri: &str, b: &RecordBatch, name: &str) -> Result<Vec<i64>, StorageError> {
+    let a = col(uri, b, name)?
+        .as_primitive_opt::<TimestampMicrosecondType>()
+        .ok_or_else(|| schema_err(uri, name, "not timestamp[us]"))?;
+    Ok(a.values().to_vec())
+}
+
+fn str_col(uri: &str, b: &RecordBatch, name: &str) -> Result<Vec<String>, StorageError> {
+    let a = col(uri, b, name)?
+        .as_string_opt::<i32>()
+        .ok_or_else(|| schema_err(uri, name, "not utf8"))?;
+    Ok(a.iter()
+        .map(|v| v.unwrap_or_default().to_string())
+        .collect())
+}
+
+fn f64_list_col(uri: &str, b: &RecordBatch, name: &str) -> Result<Vec<Vec<f64>>, StorageError> {
+    let l = col(uri, b, name)?
+        .as_list_opt::<i32>()
+        .ok_or_else(|| schema_err(uri, name, "not a list"))?;
+    let mut out = Vec::with_capacity(l.len());
+    for i in 0..l.len() {
+        let v = l.value(i);
+        let p = v
+            .as_primitive_opt::<Float64Type>()
+            .ok_or_else(|| schema_err(uri, name, "items not float64"))?;
+        out.push(p.values().to_vec());
+    }
+    Ok(out)
+}
+
+fn i64_list_col(uri: &str, b: &RecordBatch, name: &str) -> Result<Vec<Vec<i64>>, StorageError> {
+    let l = col(uri, b, name)?
+        .as_list_opt::<i32>()
+        .ok_or_else(|| schema_err(uri, name, "not a list"))?;
+    let mut out = Vec::with_capacity(l.len());
+    for i in 0..l.len() {
+        let v = l.value(i);
+        let p = v
+            .as_primitive_opt::<Int64Type>()
+            .ok_or_else(|| schema_err(uri, name, "items not int64"))?;
+        out.push(p.values().to_vec());
+    }
+    Ok(out)
+}
+
+fn i64_to_u64(uri: &str, name: &str, v: i64) -> Result<u64, StorageError> {
+    u64::try_from(v).map_err(|_| schema_err(uri, name, &format!("negative value {v}")))
+}
+
+/// Reads a whole metrics table (tests and tools).
+pub async fn read_metrics(store: &Store, rel: &str) -> Result<Vec<MetricsRow>, StorageError> {
+    let uri = store.uri_of(rel);
+    let mut out = Vec::new();
+    for b in read_batches(store, rel, &metrics_schema()).await? {
+        let u = uri.as_str();
+        let step = i64_col(u, &b, "step")?;
+        let epoch = i64_col(u, &b, "epoch")?;
+        let time = ts_col(u, &b, "time")?;
+        let loss = f64_col(u, &b, "loss")?;
+        let lpm = f64_list_col(u, &b, "loss_per_mask")?;
+        let lr = f64_col(u, &b, "lr")?;
+        let wd = f64_col(u, &b, "weight_decay")?;
+        let ema = f64_col(u, &b, "ema_momentum")?;
+        let egn = f64_col(u, &b, "encoder_grad_norm")?;
+        let pgn = f64_col(u, &b, "predictor_grad_norm")?;
+        let ctx = i64_list_col(u, &b, "context_tokens")?;
+        let tgt = i64_list_col(u, &b, "target_tokens")?;
+        let cps = f64_col(u, &b, "clips_per_sec")?;
+        let st = f64_col(u, &b, "step_time_s")?;
+        let dw = f64_col(u, &b, "data_wait_s")?;
+        let mut lpm = lpm.into_iter();
+        let mut ctx = ctx.into_iter();
+        let mut tgt = tgt.into_iter();
+        for i in 0..b.num_rows() {
+            out.push(MetricsRow {
+                step: i64_to_u64(u, "step", step[i])?,
+                epoch: i64_to_u64(u, "epoch", epoch[i])?,
+                time_unix_us: time[i],
+                loss: loss[i],
+                loss_per_mask: lpm.next().unwrap_or_default(),
+                lr: lr[i],
+                weight_decay: wd[i],
+                ema_momentum: ema[i],
+                encoder_grad_norm: egn[i],
+                predictor_grad_norm: pgn[i],
+                context_tokens: ctx.next().unwrap_or_default(),
+                target_tokens: tgt.next().unwrap_or_default(),
+                clips_per_sec: cps[i],
+                step_time_s: st[i],
+                data_wait_s: dw[i],
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Reads a whole quarantine table (tests and tools).
+pub async fn read_quarantine(store: &Store, rel: &str) -> Result<Vec<QuarantineRow>, StorageError> {
+    let uri = store.uri_of(rel);
+    let mut out = Vec::new();
+    for b in read_batches(store, rel, &quarantine_schema()).await? {
+        let u = uri.as_str();
+        let uris = str_col(u, &b, "uri")?;
+        let reasons = str_col(u, &b, "reason")?;
+        let details = str_col(u, &b, "detail")?;
+        let times = ts_col(u, &b, "time")?;
+        for (((uri, reason), detail), time_unix_us) in
+            uris.into_iter().zip(reasons).zip(details).zip(times)
+        {
+            out.push(QuarantineRow {
+                uri,
+                reason,
+                detail,
+                time_unix_us,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Reads the Arrow schema stored in a Parquet file (tests and tools).
+pub async fn read_schema(store: &Store, rel: &str) -> Result<SchemaRef, StorageError> {
+    let uri = store.uri_of(rel);
+    let bytes = store.get(rel).await?;
+    let builder =
+        ParquetRecordBatchReaderBuilder::try_new(bytes).map_err(|e| StorageError::Parquet {
+            uri: uri.clone(),
+            detail: format!("not a readable parquet file: {}", error_chain(&e)),
+        })?;
+    Ok(builder.schema().clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_match_schemas() {
+        let row = MetricsRow {
+            loss_per_mask: vec![1.0, 2.0],
+            context_tokens: vec![3],
+            target_tokens: vec![],
+            ..Default::default()
+        };
+        let b = metrics_batch(&[row.clone(), row]).unwrap();
+        assert_eq!(b.num_rows(), 2);
+        assert_eq!(b.schema(), metrics_schema());
+        let q = quarantine_batch(&[]).unwrap();
+        assert_eq!(q.num_rows(), 0);
+        assert_eq!(q.schema(), quarantine_schema());
+    }
+}

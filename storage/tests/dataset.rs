@@ -1,0 +1,151 @@
+//! Datasets: index resolution (accepted vs rejected entries) and prefix listing.
+
+use bytes::Bytes;
+use vjepa_storage::dataset::{self, DatasetEntry};
+use vjepa_storage::{S3Settings, StorageError, Store};
+
+fn s3() -> S3Settings {
+    S3Settings::default()
+}
+
+async fn make_tree(root: &std::path::Path) {
+    let store = Store::open(root.to_str().unwrap(), &s3(), true).unwrap();
+    for rel in [
+        "v1.mp4",
+        "sub/v2.MOV",
+        "sub/deeper/v3.webm",
+        "readme.txt",
+        "sub/frames.npy",
+    ] {
+        store
+            .put(rel, Bytes::from_static(b"not really a video"))
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test]
+async fn index_entries_accepted_and_rejected() {
+    let parent = tempfile::tempdir().unwrap();
+    let root = std::fs::canonicalize(parent.path()).unwrap().join("data");
+    make_tree(&root).await;
+    std::fs::write(parent.path().join("outside.mp4"), b"x").unwrap();
+    let abs = root.display().to_string();
+    let index = format!(
+        "v1.mp4 0\n\
+         ./sub/v2.MOV 1\n\
+         \n\
+         {abs}/sub/deeper/v3.webm 2\n\
+         file://{abs}/v1.mp4\n\
+         sub/../v1.mp4 4 extra fields here\n\
+         ../outside.mp4 5\n\
+         /etc/passwd\n\
+         s3://other/x.mp4 6\n\
+         http://x\n\
+         {abs}/../outside.mp4\n\
+         sub/..\n"
+    );
+    std::fs::write(root.join("index.csv"), index).unwrap();
+
+    let spec = format!("{abs}/index.csv");
+    let ds = dataset::open(&spec, &s3()).await.unwrap();
+    assert_eq!(ds.name, spec);
+    assert_eq!(ds.store.url(), format!("file://{abs}/"));
+    let e = |rel: &str, label: Option<&str>| DatasetEntry {
+        rel: rel.into(),
+        label: label.map(str::to_string),
+    };
+    assert_eq!(
+        ds.entries,
+        vec![
+            e("v1.mp4", Some("0")),
+            e("sub/v2.MOV", Some("1")),
+            e("sub/deeper/v3.webm", Some("2")),
+            e("v1.mp4", None),
+            e("v1.mp4", Some("4")),
+        ]
+    );
+    let got: Vec<(&str, &str)> = ds
+        .rejected
+        .iter()
+        .map(|r| (r.entry.as_str(), r.reason.as_str()))
+        .collect();
+    let outside_abs = format!("{abs}/../outside.mp4");
+    assert_eq!(
+        got,
+        vec![
+            ("../outside.mp4", "path_escapes_store"),
+            ("/etc/passwd", "path_escapes_store"),
+            ("s3://other/x.mp4", "path_escapes_store"),
+            ("http://x", "unsupported_scheme"),
+            (outside_abs.as_str(), "path_escapes_store"),
+            ("sub/..", "invalid_path"),
+        ]
+    );
+    assert!(
+        ds.rejected[0].detail.starts_with("line 7:"),
+        "{}",
+        ds.rejected[0].detail
+    );
+    // Every accepted entry is readable through the dataset's store.
+    for entry in &ds.entries {
+        ds.store.get(&entry.rel).await.unwrap();
+        assert!(ds.uri_of(entry).starts_with(ds.store.url()));
+    }
+}
+
+#[tokio::test]
+async fn relative_and_url_specs() {
+    let parent = tempfile::tempdir().unwrap();
+    let root = std::fs::canonicalize(parent.path()).unwrap().join("d");
+    make_tree(&root).await;
+    std::fs::write(root.join("list.txt"), "sub/v2.MOV\n").unwrap();
+    let url_spec = format!("file://{}/list.txt", root.display());
+    let ds = dataset::open(&url_spec, &s3()).await.unwrap();
+    assert_eq!(ds.entries.len(), 1);
+    assert!(ds.rejected.is_empty());
+}
+
+#[tokio::test]
+async fn prefix_listing_filters_extensions() {
+    let parent = tempfile::tempdir().unwrap();
+    let root = std::fs::canonicalize(parent.path()).unwrap().join("videos");
+    make_tree(&root).await;
+    let expected: Vec<DatasetEntry> = ["sub/deeper/v3.webm", "sub/v2.MOV", "v1.mp4"]
+        .iter()
+        .map(|r| DatasetEntry {
+            rel: r.to_string(),
+            label: None,
+        })
+        .collect();
+    for spec in [format!("{}/", root.display()), root.display().to_string()] {
+        let ds = dataset::open(&spec, &s3()).await.unwrap();
+        assert_eq!(ds.entries, expected, "{spec}");
+        assert!(ds.rejected.is_empty());
+    }
+}
+
+#[tokio::test]
+async fn index_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nope.csv");
+    let err = dataset::open(missing.to_str().unwrap(), &s3())
+        .await
+        .unwrap_err();
+    assert!(err.is_not_found(), "{err}");
+
+    let bin = dir.path().join("bin.csv");
+    std::fs::write(&bin, [0xff, 0xfe, 0x00, 0x41]).unwrap();
+    let err = dataset::open(bin.to_str().unwrap(), &s3())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StorageError::IndexNotText { .. }), "{err}");
+
+    let err = dataset::open("ftp://host/index.csv", &s3())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, StorageError::UnsupportedScheme { .. }),
+        "{err}"
+    );
+}
