@@ -10,6 +10,8 @@ if [ ! -d samples/videos ] || [ -z "$(ls -A samples/videos 2>/dev/null)" ]; then
 fi
 rm -rf out/quickstart
 "$BIN" train --config configs/quickstart.yaml "$@"
+last=$(ls out/quickstart/checkpoints/ | sort | tail -n 1)
+"$BIN" inspect "out/quickstart/checkpoints/$last"
 echo
 echo "outputs: $(pwd)/out/quickstart/"
-ls -R out/quickstart
+ls -l out/quickstart out/quickstart/checkpoints

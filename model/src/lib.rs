@@ -5,6 +5,8 @@
 //! official state-dict keys so checkpoints can be compared with the PyTorch ones.
 //! Everything in the training path uses composite candle ops that have a backward pass.
 
+#![warn(missing_docs)]
+
 mod checkpoint;
 pub mod config;
 pub mod layers;

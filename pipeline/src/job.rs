@@ -581,3 +581,29 @@ pub fn split_location(
     let store = Store::open(dir, s3, false).with_context(|| format!("opening {dir}"))?;
     Ok((store, name.to_string()))
 }
+
+/// Loads a checkpoint the way a resumed run would and describes it.
+pub fn inspect_checkpoint(location: &str) -> anyhow::Result<String> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (store, rel) = split_location(location, &vjepa_storage::S3Settings::default())?;
+    let bytes = runtime
+        .block_on(store.get(&rel))
+        .with_context(|| format!("reading {location}"))?;
+    let model = VJepa::from_safetensors(&bytes, &Device::Cpu)
+        .with_context(|| format!("loading {location}"))?;
+    let (e, p) = model.num_trainable_params();
+    let enc = model.encoder_config();
+    let pred = model.predictor_config();
+    Ok(format!(
+        "checkpoint {location}: step {}, {} bytes; encoder D={} depth {} heads {} ({e} params), predictor D={} depth {} ({p} params)",
+        model.steps_done(),
+        bytes.len(),
+        enc.embed_dim,
+        enc.depth,
+        enc.num_heads,
+        pred.embed_dim,
+        pred.depth,
+    ))
+}

@@ -59,6 +59,8 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Load a checkpoint (path or object-store URL) and print what it holds.
+    Inspect { checkpoint: String },
     /// Write a small corpus of real encoded videos (H.264/MP4, VP9/WebM) into DIR.
     MakeSamples {
         dir: PathBuf,
@@ -140,6 +142,16 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Inspect { checkpoint } => match job::inspect_checkpoint(&checkpoint) {
+            Ok(text) => {
+                println!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::from(1)
+            }
+        },
         Command::MakeSamples { dir, count } => {
             match vjepa_ingest::init().and_then(|_| vjepa_ingest::make_samples(&dir, count)) {
                 Ok(paths) => {

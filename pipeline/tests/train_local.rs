@@ -91,3 +91,51 @@ fn corrupt_video_is_quarantined_and_the_job_goes_on() {
     assert_eq!(rows.len() as u64, steps);
     assert!(rows.iter().all(|r| r.loss.is_finite()));
 }
+
+#[test]
+fn csv_index_entries_escaping_the_store_are_refused_and_recorded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let videos = tmp.path().join("videos");
+    make_corpus(&videos, 3);
+    std::fs::write(tmp.path().join("outside.mp4"), b"never read").unwrap();
+    let mut index = String::new();
+    let mut names: Vec<_> = std::fs::read_dir(&videos)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    for (i, n) in names.iter().enumerate() {
+        index.push_str(&format!("{n} {i}\n"));
+    }
+    index.push_str("../outside.mp4 7\n");
+    index.push_str(&format!("{} 8\n", tmp.path().join("outside.mp4").display()));
+    index.push_str("s3://another-bucket/x.mp4 9\n");
+    let index_path = videos.join("train.csv");
+    std::fs::write(&index_path, index).unwrap();
+
+    let out = tmp.path().join("out");
+    let cfg = tmp.path().join("cfg.yaml");
+    std::fs::write(
+        &cfg,
+        small_config(
+            index_path.to_str().unwrap(),
+            &format!("{}/", out.display()),
+            3,
+            "",
+        ),
+    )
+    .unwrap();
+    assert_ok(&run_train(&cfg, &[], &[]));
+    let q = read_quarantine(out.to_str().unwrap());
+    assert_eq!(q.len(), 3, "{q:?}");
+    assert!(
+        q.iter()
+            .any(|r| r.uri.contains("../outside.mp4") && r.reason == "path_escapes_store"),
+        "{q:?}"
+    );
+    assert!(q.iter().any(|r| r.uri.contains("another-bucket")), "{q:?}");
+    assert_eq!(
+        read_metrics(out.to_str().unwrap(), &Default::default()).len(),
+        3
+    );
+}

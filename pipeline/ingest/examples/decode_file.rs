@@ -1,6 +1,6 @@
 //! Decodes files with [`vjepa_ingest::Decoder`] and prints what happened.
 //!
-//! `cargo run --release -p vjepa-ingest --example decode_file -- FILE... [--cut BYTES]`
+//! `cargo run --release -p vjepa-ingest --example decode_file -- FILE... [--cut BYTES] [--deadline SECONDS]`
 //! (`--cut N` keeps only the first N bytes, to try truncated inputs.)
 
 use std::time::Instant;
@@ -10,15 +10,20 @@ use vjepa_ingest::{Decoder, DecoderOptions, VideoInfo};
 fn main() {
     let mut files = Vec::new();
     let mut cut: Option<usize> = None;
+    let mut opts = DecoderOptions::default();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         if a == "--cut" {
             cut = args.next().and_then(|v| v.parse().ok());
+        } else if a == "--deadline" {
+            if let Some(s) = args.next().and_then(|v| v.parse::<f64>().ok()) {
+                opts.deadline = std::time::Duration::from_secs_f64(s);
+            }
         } else {
             files.push(a);
         }
     }
-    let mut dec = match Decoder::new(DecoderOptions::default()) {
+    let mut dec = match Decoder::new(opts) {
         Ok(d) => d,
         Err(e) => {
             eprintln!("{e}");
