@@ -520,6 +520,14 @@ fn write_metrics(row: MetricsRow, shared: &Shared, outputs: &Rc<RefCell<Outputs>
     if flush && let Err(e) = shared.handle.block_on(writer.flush()) {
         shared.fatal.set(format!("writing metrics: {e}"));
     }
+    // Quarantine records go out with the metrics, not only at the end of the run.
+    if flush
+        && let Some(q) = o.quarantine.as_mut()
+        && q.pending() > 0
+        && let Err(e) = shared.handle.block_on(q.flush())
+    {
+        shared.fatal.set(format!("writing quarantine records: {e}"));
+    }
 }
 
 fn to_quarantine_row(q: &Quarantined) -> vjepa_storage::tables::QuarantineRow {

@@ -1,5 +1,6 @@
 //! The same config on S3 (a real, signature-checking `s3s-fs` on 127.0.0.1) gives the same loss
-//! trace, step for step, as on a local directory.
+//! trace, step for step, as on a local directory — and with a different worker count, since the
+//! clip sequence is a function of the seed and the clip number only.
 
 mod common;
 
@@ -30,7 +31,7 @@ fn s3_run_matches_local_run_step_for_step() {
         ),
     )
     .unwrap();
-    assert_ok(&run_train(&local_cfg, &[], &["--workers", "2"]));
+    assert_ok(&run_train(&local_cfg, &[], &["--workers", "1"]));
 
     // The same videos in a bucket; outputs to the bucket too.
     let bucket = server.create_bucket("corpus").unwrap();
