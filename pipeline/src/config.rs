@@ -505,7 +505,7 @@ impl JobConfig {
         positive("data.sampling_rate", d.sampling_rate)?;
         positive("data.patch_size", d.patch_size)?;
         positive("data.crop_size", d.crop_size)?;
-        if d.num_frames % d.tubelet_size != 0 {
+        if !d.num_frames.is_multiple_of(d.tubelet_size) {
             return Err(ConfigError::invalid(
                 "data.num_frames",
                 format!(
@@ -514,7 +514,7 @@ impl JobConfig {
                 ),
             ));
         }
-        if d.crop_size % d.patch_size != 0 {
+        if !d.crop_size.is_multiple_of(d.patch_size) {
             return Err(ConfigError::invalid(
                 "data.crop_size",
                 format!(
@@ -537,7 +537,7 @@ impl JobConfig {
                 "must be a positive number of seconds or null",
             ));
         }
-        if !(d.filter_long_videos > 0.0) {
+        if d.filter_long_videos.is_nan() || d.filter_long_videos <= 0.0 {
             return Err(ConfigError::invalid(
                 "data.filter_long_videos",
                 "must be a positive byte count",
@@ -659,8 +659,17 @@ impl JobConfig {
                 "only zero-initialised mask tokens are implemented",
             ));
         }
+        for (key, v) in [
+            ("model.embed_dim", m.embed_dim),
+            ("model.depth", m.depth),
+            ("model.num_heads", m.num_heads),
+        ] {
+            if v == Some(0) {
+                return Err(ConfigError::invalid(key, "must be positive"));
+            }
+        }
         let enc = self.encoder_config();
-        if enc.embed_dim % enc.num_heads != 0 {
+        if !enc.embed_dim.is_multiple_of(enc.num_heads) {
             return Err(ConfigError::invalid(
                 "model.num_heads",
                 format!(
@@ -669,7 +678,7 @@ impl JobConfig {
                 ),
             ));
         }
-        if m.pred_embed_dim % enc.num_heads != 0 {
+        if !m.pred_embed_dim.is_multiple_of(enc.num_heads) {
             return Err(ConfigError::invalid(
                 "model.pred_embed_dim",
                 format!(
@@ -678,7 +687,7 @@ impl JobConfig {
                 ),
             ));
         }
-        if enc.embed_dim % 2 != 0 || m.pred_embed_dim % 2 != 0 {
+        if !enc.embed_dim.is_multiple_of(2) || !m.pred_embed_dim.is_multiple_of(2) {
             return Err(ConfigError::invalid(
                 "model.embed_dim",
                 "widths must be even for the sin-cos position tables",

@@ -1,6 +1,6 @@
 //! Decodes files with [`vjepa_ingest::Decoder`] and prints what happened.
 //!
-//! `cargo run --release -p vjepa-ingest --example decode_file -- FILE... [--cut BYTES] [--deadline SECONDS]`
+//! `cargo run --release -p vjepa-ingest --example decode_file -- FILE... [--cut BYTES] [--deadline SECONDS] [--threads N]`
 //! (`--cut N` keeps only the first N bytes, to try truncated inputs.)
 
 use std::time::Instant;
@@ -15,6 +15,8 @@ fn main() {
     while let Some(a) = args.next() {
         if a == "--cut" {
             cut = args.next().and_then(|v| v.parse().ok());
+        } else if a == "--threads" {
+            opts.decoder_threads = args.next().and_then(|v| v.parse().ok()).unwrap_or(0);
         } else if a == "--deadline" {
             if let Some(s) = args.next().and_then(|v| v.parse::<f64>().ok()) {
                 opts.deadline = std::time::Duration::from_secs_f64(s);

@@ -23,6 +23,10 @@ const TRUNCATION_FRACTION: f64 = 0.10;
 /// See [`TRUNCATION_FRACTION`].
 const TRUNCATION_MIN_FRAMES: u64 = 2;
 
+/// How long the pipeline may sit with no running streaming thread (and no frame, EOS or
+/// error) before it is declared dead; see [`Waiter::next_sample`].
+const DEAD_GRACE: Duration = Duration::from_millis(300);
+
 /// Options for a [`Decoder`].
 #[derive(Clone, Debug)]
 pub struct DecoderOptions {
@@ -33,6 +37,10 @@ pub struct DecoderOptions {
     /// are [`QuarantineReason::TooLarge`] (checked on the parsed stream caps before the decoder
     /// allocates anything, when the parser announces a size, and again on decoded frames).
     pub max_pixels: u64,
+    /// Threads per video decoder (`max-threads` of `avdec_*`, `threads` of `vp8dec`/`vp9dec`);
+    /// `0` (default) keeps the decoder's own choice (one per core). Use `1` when running one
+    /// decoder per core.
+    pub decoder_threads: u32,
 }
 
 impl Default for DecoderOptions {
@@ -40,6 +48,7 @@ impl Default for DecoderOptions {
         DecoderOptions {
             deadline: Duration::from_secs(60),
             max_pixels: 4096 * 4096,
+            decoder_threads: 0,
         }
     }
 }
@@ -116,6 +125,8 @@ struct Shared {
     other_pads: Vec<String>,
     /// A callback decided to refuse the input.
     refuse: Option<(QuarantineReason, String)>,
+    /// `autoplug-continue` calls so far (the first one carries the type-find result).
+    autoplug_calls: u32,
 }
 
 fn lock(shared: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
@@ -189,11 +200,26 @@ impl Decoder {
                 "object has 0 bytes",
             ));
         }
+        // A cut-off MP4 upload is a common failure; name it when the demuxer gives up.
+        let mp4_cut = mp4_cut_off(&data);
         let shared = Arc::new(Mutex::new(Shared::default()));
         let (pipeline, appsink) = self.build_pipeline(data, &shared)?;
         let guard = NullOnDrop(pipeline);
         let result = self.run(&guard.0, &appsink, &shared, choose, started);
         drop(guard);
+        let result = match (result, mp4_cut) {
+            (
+                Err(IngestError::Quarantine {
+                    reason: QuarantineReason::DemuxError | QuarantineReason::NoFrames,
+                    detail,
+                }),
+                Some(cut),
+            ) => Err(quarantine(
+                QuarantineReason::Truncated,
+                format!("{cut} ({detail})"),
+            )),
+            (result, _) => result,
+        };
         match &result {
             Ok(clip) => tracing::debug!(
                 clip = self.clips,
@@ -302,6 +328,15 @@ impl Decoder {
             .link(&appsink)
             .map_err(|e| fatal("linking videoconvert to appsink", e))?;
 
+        if self.opts.decoder_threads > 0 {
+            let threads = self.opts.decoder_threads;
+            if let Some(bin) = decodebin.downcast_ref::<gst::Bin>() {
+                bin.connect_deep_element_added(move |_, _, element| {
+                    limit_decoder_threads(element, threads);
+                });
+            }
+        }
+
         // Do not decode audio/subtitles; refuse still images and oversized frames early.
         let max_pixels = self.opts.max_pixels;
         let shared_ac = Arc::clone(shared);
@@ -357,25 +392,23 @@ impl Decoder {
         }
 
         // Phase 1: the first frame gives the stream info; then the caller chooses indices.
-        let first = loop {
-            self.check(&bus, &mut watch, shared, deadline, &progress)?;
-            if let Some(sample) =
-                appsink.try_pull_sample(gst::ClockTime::from_nseconds(POLL.as_nanos() as u64))
-            {
-                break sample;
+        let mut waiter = Waiter {
+            pipeline,
+            appsink,
+            bus: &bus,
+            shared,
+            deadline,
+            idle_since: None,
+        };
+        let Some(first) = waiter.next_sample(self, &mut watch, &progress)? else {
+            let st = lock(shared);
+            if !st.video_linked {
+                return Err(no_video_reason(&st, &watch));
             }
-            if appsink.is_eos() || watch.eos {
-                // Anything explaining why no frame came (error, no video stream) wins.
-                self.check(&bus, &mut watch, shared, deadline, &progress)?;
-                let st = lock(shared);
-                if !st.video_linked {
-                    return Err(no_video_reason(&st, &watch));
-                }
-                return Err(quarantine(
-                    QuarantineReason::NoFrames,
-                    "stream ended before the first frame was decoded",
-                ));
-            }
+            return Err(quarantine(
+                QuarantineReason::NoFrames,
+                "stream ended before the first frame was decoded",
+            ));
         };
         let mut frame_info = frame_video_info(&first, self.opts.max_pixels)?;
         let (width, height) = (frame_info.width(), frame_info.height());
@@ -407,22 +440,10 @@ impl Decoder {
         while next < order.len() {
             let sample = match current.take() {
                 Some(s) => s,
-                None => {
-                    self.check(&bus, &mut watch, shared, deadline, &progress)?;
-                    match appsink
-                        .try_pull_sample(gst::ClockTime::from_nseconds(POLL.as_nanos() as u64))
-                    {
-                        Some(s) => s,
-                        None => {
-                            if appsink.is_eos() || watch.eos {
-                                // Surface a pending error rather than padding.
-                                self.check(&bus, &mut watch, shared, deadline, &progress)?;
-                                break;
-                            }
-                            continue;
-                        }
-                    }
-                }
+                None => match waiter.next_sample(self, &mut watch, &progress)? {
+                    Some(s) => s,
+                    None => break,
+                },
             };
             // Re-parse the frame layout only when the caps object changes.
             let caps_changed = match (sample.caps(), last_caps.as_ref()) {
@@ -562,6 +583,96 @@ impl Decoder {
     }
 }
 
+/// Polls `appsink` for the next frame while watching the bus, the callbacks, the deadline and
+/// whether the pipeline can still make progress.
+struct Waiter<'a> {
+    pipeline: &'a gst::Pipeline,
+    appsink: &'a gst_app::AppSink,
+    bus: &'a gst::Bus,
+    shared: &'a Mutex<Shared>,
+    deadline: Instant,
+    /// Since when no streaming thread has been running (see [`no_running_task`]).
+    idle_since: Option<Instant>,
+}
+
+impl Waiter<'_> {
+    /// The next decoded frame, or `None` at the end of the stream.
+    ///
+    /// decodebin swallows an error that a pull-mode demuxer posts while decodebin is still
+    /// bringing it to PAUSED (it filters errors during that state change and discards them
+    /// when the change succeeds), e.g. qtdemux on an MP4 cut before its `moov` atom. The
+    /// pipeline then sits idle with no running streaming thread and no EOS: that state,
+    /// lasting [`DEAD_GRACE`], is reported as a quarantine instead of waiting for the deadline.
+    fn next_sample(
+        &mut self,
+        decoder: &Decoder,
+        watch: &mut BusWatch,
+        progress: &Progress,
+    ) -> Result<Option<gst::Sample>, IngestError> {
+        loop {
+            decoder.check(self.bus, watch, self.shared, self.deadline, progress)?;
+            if let Some(sample) = self
+                .appsink
+                .try_pull_sample(gst::ClockTime::from_nseconds(POLL.as_nanos() as u64))
+            {
+                self.idle_since = None;
+                return Ok(Some(sample));
+            }
+            if self.appsink.is_eos() || watch.eos {
+                // Surface a pending error (or verdict) rather than ending normally.
+                decoder.check(self.bus, watch, self.shared, self.deadline, progress)?;
+                return Ok(None);
+            }
+            if no_running_task(self.pipeline) {
+                let since = *self.idle_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= DEAD_GRACE {
+                    decoder.check(self.bus, watch, self.shared, self.deadline, progress)?;
+                    if self.appsink.is_eos() {
+                        return Ok(None);
+                    }
+                    let st = lock(self.shared);
+                    let detail = format!(
+                        "pipeline stopped without an error or EOS after {} frames (an early \
+                         demuxer error was swallowed by decodebin; streams: [{}])",
+                        progress.decoded,
+                        st.other_pads.join(", ")
+                    );
+                    let reason = if progress.decoded == 0 && !st.video_linked {
+                        QuarantineReason::DemuxError
+                    } else {
+                        QuarantineReason::DecodeError
+                    };
+                    return Err(quarantine(reason, detail));
+                }
+            } else {
+                self.idle_since = None;
+            }
+        }
+    }
+}
+
+/// `true` when no pad task (streaming thread) in the pipeline is running: nothing can make
+/// progress any more. `false` when unsure (e.g. the element tree changed while iterating).
+fn no_running_task(pipeline: &gst::Pipeline) -> bool {
+    let mut any_task = false;
+    let mut it = pipeline.iterate_recurse();
+    loop {
+        match it.next() {
+            Ok(Some(element)) => {
+                for pad in element.pads() {
+                    match pad.task_state() {
+                        gst::TaskState::Started => return false,
+                        gst::TaskState::Paused => any_task = true,
+                        _ => {}
+                    }
+                }
+            }
+            Ok(None) => return any_task,
+            Err(_) => return false,
+        }
+    }
+}
+
 /// Why there is no video pad: a missing decoder, or no video stream at all.
 fn no_video_reason(st: &Shared, watch: &BusWatch) -> IngestError {
     if let Some(missing) = &watch.missing_plugin {
@@ -644,6 +755,32 @@ impl BusWatch {
     }
 }
 
+/// Sets a decoder's thread count property, if it has one.
+fn limit_decoder_threads(element: &gst::Element, threads: u32) {
+    let is_decoder = element
+        .factory()
+        .is_some_and(|f| f.klass().contains("Decoder"));
+    if !is_decoder {
+        return;
+    }
+    for name in ["max-threads", "threads"] {
+        let Some(pspec) = element.find_property(name) else {
+            continue;
+        };
+        if !pspec.flags().contains(gst::glib::ParamFlags::WRITABLE) {
+            continue;
+        }
+        match gst::glib::Value::deserialize_with_pspec(&threads.to_string(), &pspec) {
+            Ok(v) => {
+                element.set_property_from_value(name, &v);
+                tracing::trace!(element = %element.name(), name, threads, "decoder threads set");
+            }
+            Err(_) => tracing::debug!(element = %element.name(), name, "cannot set threads"),
+        }
+        return;
+    }
+}
+
 /// Maps a GStreamer error message to a quarantine reason.
 fn classify_error(
     err: &gst::glib::Error,
@@ -675,6 +812,14 @@ fn classify_error(
     } else {
         QuarantineReason::DecodeError
     };
+    // decodebin's own verdict when every stream hit EOS before its first buffer.
+    let reason = if reason == QuarantineReason::DecodeError
+        && debug.is_some_and(|d| d.contains("all streams without buffers"))
+    {
+        QuarantineReason::NoFrames
+    } else {
+        reason
+    };
     let reason = match (reason, missing_plugin) {
         (QuarantineReason::DecodeError, Some(_)) => QuarantineReason::UnsupportedFormat,
         (r, _) => r,
@@ -692,6 +837,12 @@ fn autoplug_continue(args: &[gst::glib::Value], max_pixels: u64, shared: &Mutex<
         return true;
     };
     let name = s.name().as_str();
+    // decodebin asks first about the type-find result, i.e. the type of the whole object.
+    let top_level = {
+        let mut st = lock(shared);
+        st.autoplug_calls += 1;
+        st.autoplug_calls == 1
+    };
     if name.starts_with("audio/")
         || name.starts_with("text/")
         || name.starts_with("subpicture/")
@@ -702,21 +853,13 @@ fn autoplug_continue(args: &[gst::glib::Value], max_pixels: u64, shared: &Mutex<
     {
         return false;
     }
-    if name.starts_with("image/") {
-        // The whole object is a still image (typefind result), not e.g. MJPEG inside AVI.
-        let from_typefind = args
-            .get(1)
-            .and_then(|v| v.get::<gst::Pad>().ok())
-            .and_then(|p| p.parent_element())
-            .and_then(|e| e.factory())
-            .is_some_and(|f| f.name() == "typefind");
-        if from_typefind {
-            lock(shared).refuse.get_or_insert((
-                QuarantineReason::NotAVideo,
-                format!("the object is a still image ({name})"),
-            ));
-            return false;
-        }
+    if top_level && name.starts_with("image/") {
+        // The whole object is a still image (not e.g. MJPEG frames inside AVI).
+        lock(shared).refuse.get_or_insert((
+            QuarantineReason::NotAVideo,
+            format!("the object is a still image ({name})"),
+        ));
+        return false;
     }
     if name.starts_with("video/") || name.starts_with("image/") {
         let w = s.get::<i32>("width").ok();
@@ -935,4 +1078,81 @@ fn short_frame(len: usize) -> IngestError {
         QuarantineReason::DecodeError,
         format!("decoded frame buffer too short ({len} bytes)"),
     )
+}
+
+/// For ISO-BMFF (MP4/MOV) bytes: describes how the top-level box structure runs past the end
+/// of the data (a cut-off upload), or `None` if it is complete or not ISO-BMFF at all.
+fn mp4_cut_off(data: &[u8]) -> Option<String> {
+    let be32 = |at: usize| -> Option<u64> {
+        let b: [u8; 4] = data.get(at..at + 4)?.try_into().ok()?;
+        Some(u64::from(u32::from_be_bytes(b)))
+    };
+    let be64 = |at: usize| -> Option<u64> {
+        let b: [u8; 8] = data.get(at..at + 8)?.try_into().ok()?;
+        Some(u64::from_be_bytes(b))
+    };
+    if data.get(4..8) != Some(b"ftyp".as_slice()) {
+        return None;
+    }
+    let len = data.len() as u64;
+    let mut offset = 0u64;
+    let mut saw_moov = false;
+    while offset + 8 <= len {
+        let at = usize::try_from(offset).ok()?;
+        let size32 = be32(at)?;
+        let kind = data.get(at + 4..at + 8)?;
+        let size = match size32 {
+            0 => len - offset,
+            1 => be64(at + 8).unwrap_or(u64::MAX),
+            n => n,
+        };
+        if size < 8 {
+            return None; // malformed, not a truncation
+        }
+        saw_moov |= kind == b"moov";
+        if size > len - offset {
+            return Some(format!(
+                "MP4 cut off: top-level box '{}' at byte {offset} declares {size} bytes, only {} \
+                 present{}",
+                String::from_utf8_lossy(kind),
+                len - offset,
+                if saw_moov {
+                    ""
+                } else {
+                    "; no moov index before the cut"
+                }
+            ));
+        }
+        offset += size;
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::mp4_cut_off;
+
+    fn boxed(kind: &[u8; 4], payload: usize) -> Vec<u8> {
+        let mut v = ((payload + 8) as u32).to_be_bytes().to_vec();
+        v.extend_from_slice(kind);
+        v.resize(payload + 8, 0);
+        v
+    }
+
+    #[test]
+    fn mp4_cut_off_detection() {
+        let mut file = boxed(b"ftyp", 16);
+        file.extend(boxed(b"mdat", 1000));
+        file.extend(boxed(b"moov", 200));
+        assert_eq!(mp4_cut_off(&file), None);
+        let cut = mp4_cut_off(&file[..500]).expect("cut in mdat");
+        assert!(cut.contains("'mdat'") && cut.contains("no moov"), "{cut}");
+        assert!(mp4_cut_off(&file[..file.len() - 1]).is_some());
+        assert_eq!(mp4_cut_off(b"not an mp4 at all"), None);
+        assert_eq!(mp4_cut_off(&[]), None);
+        // Malformed box sizes are not called truncation.
+        let mut bad = boxed(b"ftyp", 16);
+        bad.extend_from_slice(&[0, 0, 0, 3, b'f', b'r', b'e', b'e']);
+        assert_eq!(mp4_cut_off(&bad), None);
+    }
 }

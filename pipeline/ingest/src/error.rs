@@ -112,3 +112,43 @@ impl IngestError {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reason_words_are_stable_and_round_trip() {
+        let words: Vec<&str> = QuarantineReason::ALL.iter().map(|r| r.as_str()).collect();
+        assert_eq!(
+            words,
+            [
+                "empty_file",
+                "not_a_video",
+                "unsupported_format",
+                "no_video_stream",
+                "demux_error",
+                "decode_error",
+                "truncated",
+                "no_frames",
+                "timeout",
+                "too_large"
+            ]
+        );
+        for r in QuarantineReason::ALL {
+            assert_eq!(QuarantineReason::from_str_opt(r.as_str()), Some(r));
+        }
+        assert_eq!(QuarantineReason::from_str_opt("nope"), None);
+        let e = IngestError::quarantine(QuarantineReason::Truncated, "cut at 1 KiB");
+        assert_eq!(e.to_string(), "truncated: cut at 1 KiB");
+        assert_eq!(e.quarantine_reason(), Some(QuarantineReason::Truncated));
+        assert_eq!(IngestError::Fatal("x".into()).quarantine_reason(), None);
+    }
+
+    #[test]
+    fn decoder_is_send() {
+        fn assert_send<T: Send>() {}
+        assert_send::<crate::Decoder>();
+        assert_send::<IngestError>();
+    }
+}

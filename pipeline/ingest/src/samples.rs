@@ -163,7 +163,11 @@ pub fn make_sample(dir: &Path, spec: &SampleSpec) -> Result<PathBuf, IngestError
     crate::init()?;
     let bad_spec =
         |why: String| IngestError::Fatal(format!("bad sample spec {}: {why}", spec.name));
-    if spec.width == 0 || spec.height == 0 || spec.width % 2 != 0 || spec.height % 2 != 0 {
+    if spec.width == 0
+        || spec.height == 0
+        || !spec.width.is_multiple_of(2)
+        || !spec.height.is_multiple_of(2)
+    {
         return Err(bad_spec(format!(
             "size {}x{} must be even and non-zero",
             spec.width, spec.height

@@ -20,6 +20,8 @@ pub struct Corpus {
     pub webm: PathBuf,
     /// 160x120, 40 frames, 30 fps, H.264 MP4, ball.
     pub short: PathBuf,
+    /// 170x96 (RGB rows of 510 bytes: padded to 512 by videoconvert), 30 frames, H.264.
+    pub odd_width: PathBuf,
     /// A single PNG image.
     pub png: PathBuf,
     /// Audio only: Vorbis in Ogg.
@@ -110,6 +112,19 @@ pub fn corpus() -> &'static Corpus {
             &spec("short", 160, 120, 40, 30, SampleCodec::H264Mp4, "ball"),
         )
         .expect("short");
+        let odd_width = make_sample(
+            d,
+            &spec(
+                "odd",
+                170,
+                96,
+                30,
+                30,
+                SampleCodec::H264Mp4Faststart,
+                "smpte horizontal-speed=5",
+            ),
+        )
+        .expect("odd width");
         let png = d.join("image.png");
         launch_to_file(
             "videotestsrc num-buffers=1 ! video/x-raw,width=64,height=48 ! pngenc",
@@ -126,6 +141,7 @@ pub fn corpus() -> &'static Corpus {
             mp4_faststart,
             webm,
             short,
+            odd_width,
             png,
             ogg_audio,
             made_in: t.elapsed(),
