@@ -365,7 +365,8 @@ fn run_worker(
         if shared.fatal.get().is_some() {
             break;
         }
-        let floor = step.saturating_sub(batches_in_flight);
+        // Steps up to `step - batches_in_flight` must be trained before `step` is requested.
+        let floor = (step + 1).saturating_sub(batches_in_flight);
         while probe.less_than(&floor) && shared.fatal.get().is_none() {
             worker.step();
         }
@@ -427,7 +428,12 @@ fn train_step(
             .set(format!("step {step}: no clips could be loaded"));
         return None;
     }
-    let result = to_train_batch(&batch).and_then(|b| model.train_step(&b).map_err(|e| anyhow!(e)));
+    let shape = (
+        shared.cfg.raw.data.num_frames,
+        shared.cfg.raw.data.crop_size,
+    );
+    let result =
+        to_train_batch(&batch, shape).and_then(|b| model.train_step(&b).map_err(|e| anyhow!(e)));
     let stats = match result {
         Ok(s) => s,
         Err(e) => {
@@ -539,10 +545,10 @@ fn to_quarantine_row(q: &Quarantined) -> vjepa_storage::tables::QuarantineRow {
     }
 }
 
-/// Packs clips and masks into the model's tensors.
-fn to_train_batch(batch: &MaskedBatch) -> anyhow::Result<TrainBatch> {
+/// Packs clips (`[3, frames, crop, crop]` each) and masks into the model's tensors.
+fn to_train_batch(batch: &MaskedBatch, (t, s): (usize, usize)) -> anyhow::Result<TrainBatch> {
     let clips = &batch.batch.clips;
-    let per_clip = clips.first().map(|c| c.data.len()).unwrap_or(0);
+    let per_clip = 3 * t * s * s;
     let mut data = Vec::with_capacity(per_clip * clips.len());
     for c in clips {
         if c.data.len() != per_clip {
@@ -554,8 +560,6 @@ fn to_train_batch(batch: &MaskedBatch) -> anyhow::Result<TrainBatch> {
         }
         data.extend_from_slice(&c.data);
     }
-    let t = clips.first().map(|c| c.frame_indices.len()).unwrap_or(0);
-    let s = ((per_clip / 3 / t.max(1)) as f64).sqrt().round() as usize;
     let clips_t = Tensor::from_vec(data, (clips.len(), 3, t, s, s), &Device::Cpu)?;
     let mut masks = Vec::with_capacity(batch.masks.len());
     for m in &batch.masks {

@@ -139,3 +139,55 @@ fn csv_index_entries_escaping_the_store_are_refused_and_recorded() {
         3
     );
 }
+
+#[test]
+fn resumed_run_continues_with_the_same_losses() {
+    let tmp = tempfile::tempdir().unwrap();
+    let videos = tmp.path().join("videos");
+    make_corpus(&videos, 4);
+    let ds = format!("{}/", videos.display());
+
+    let full_out = tmp.path().join("full");
+    let full_cfg = tmp.path().join("full.yaml");
+    std::fs::write(
+        &full_cfg,
+        small_config(&ds, &format!("{}/", full_out.display()), 6, ""),
+    )
+    .unwrap();
+    assert_ok(&run_train(&full_cfg, &[], &[]));
+
+    let part_out = tmp.path().join("part");
+    let part_cfg = tmp.path().join("part.yaml");
+    std::fs::write(
+        &part_cfg,
+        small_config(&ds, &format!("{}/", part_out.display()), 6, ""),
+    )
+    .unwrap();
+    assert_ok(&run_train(&part_cfg, &[], &["--max-steps", "3"]));
+    assert_ok(&run_train(&part_cfg, &[], &["--resume"]));
+
+    let full = read_metrics(full_out.to_str().unwrap(), &Default::default());
+    let first = read_metrics(part_out.to_str().unwrap(), &Default::default());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let store =
+        vjepa_storage::Store::open(part_out.to_str().unwrap(), &Default::default(), false).unwrap();
+    let second = rt
+        .block_on(vjepa_storage::tables::read_metrics(
+            &store,
+            "metrics-from-00000003.parquet",
+        ))
+        .unwrap();
+    let resumed: Vec<_> = first.iter().chain(second.iter()).collect();
+    assert_eq!(resumed.len(), full.len());
+    for (a, b) in full.iter().zip(resumed) {
+        assert_eq!(a.step, b.step);
+        assert_eq!(
+            a.loss.to_bits(),
+            b.loss.to_bits(),
+            "step {}: {} vs {}",
+            a.step,
+            a.loss,
+            b.loss
+        );
+    }
+}
