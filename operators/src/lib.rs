@@ -12,6 +12,7 @@ pub mod sampler;
 pub mod records;
 
 pub mod batching;
+pub mod catalog;
 pub mod load;
 pub mod mask_batches;
 pub mod sinks;

@@ -15,6 +15,7 @@ use timely::dataflow::{InputHandle, ProbeHandle};
 
 use vjepa_model::{Device, MaskIndices, Tensor, TrainBatch, VJepa};
 use vjepa_operators::batching::assemble_batches;
+use vjepa_operators::catalog::catalog_counts;
 use vjepa_operators::load::load_clips;
 use vjepa_operators::mask_batches::mask_batches;
 use vjepa_operators::masking::{Grid, MaskGenerator};
@@ -320,6 +321,31 @@ fn run_worker(
         if let Some(m) = &model {
             let (e, p) = m.num_trainable_params();
             tracing::info!(encoder_params = e, predictor_params = p, "model ready");
+        }
+    }
+
+    // The catalog as a differential collection (version 0: the listing at start); each worker
+    // enters its share, worker 0 learns the per-dataset counts.
+    let mut catalog = catalog_counts(worker);
+    for (i, v) in shared.catalog.videos.iter().enumerate() {
+        if i % peers == index {
+            catalog.input.insert((v.dataset, v.uri.clone()));
+        }
+    }
+    catalog.input.advance_to(1);
+    catalog.input.flush();
+    while catalog.probe.less_than(&1) {
+        worker.step();
+    }
+    if index == 0 {
+        for (dataset, count) in catalog.counts.borrow().iter() {
+            let name = shared
+                .catalog
+                .names
+                .get(*dataset)
+                .map(String::as_str)
+                .unwrap_or("?");
+            tracing::info!(dataset = %name, videos = count, "catalog");
         }
     }
 
