@@ -124,16 +124,18 @@ pub fn run(mut cfg: JobConfig, overrides: TrainOverrides) -> anyhow::Result<Trai
     } else {
         None
     };
-    let resume_from = resume_from.map(|(p, b)| (p, Arc::new(b)));
-    let first_step = match &resume_from {
+    // Loaded once here (to learn its step) and handed to worker 0.
+    let resumed = match &resume_from {
         Some((path, bytes)) => {
             let m = VJepa::from_safetensors(bytes, &Device::Cpu)
                 .with_context(|| format!("loading checkpoint {path}"))?;
             tracing::info!(checkpoint = %path, step = m.steps_done(), "resuming");
-            m.steps_done()
+            Some(m)
         }
-        None => 0,
+        None => None,
     };
+    drop(resume_from);
+    let first_step = resumed.as_ref().map_or(0, VJepa::steps_done);
     if first_step >= total {
         bail!("the checkpoint is at step {first_step}, the run has {total} steps: nothing to do");
     }
@@ -200,7 +202,7 @@ pub fn run(mut cfg: JobConfig, overrides: TrainOverrides) -> anyhow::Result<Trai
         fatal: fatal.clone(),
         generators,
         settings,
-        resume: resume_from.map(|(_, b)| b),
+        resumed: std::sync::Mutex::new(resumed),
         enc,
         pred,
         optim,
@@ -238,7 +240,8 @@ struct Shared {
     fatal: Fatal,
     generators: Vec<MaskGenerator>,
     settings: LoaderSettings,
-    resume: Option<Arc<Vec<u8>>>,
+    /// The resumed model, taken by worker 0.
+    resumed: std::sync::Mutex<Option<VJepa>>,
     enc: vjepa_model::EncoderConfig,
     pred: vjepa_model::PredictorConfig,
     optim: vjepa_model::OptimConfig,
@@ -308,8 +311,9 @@ fn run_worker(
         }
         o.quarantine = Some(q);
         drop(o);
-        model = Some(match &shared.resume {
-            Some(bytes) => VJepa::from_safetensors(bytes, &Device::Cpu)?,
+        let resumed = shared.resumed.lock().ok().and_then(|mut m| m.take());
+        model = Some(match resumed {
+            Some(m) => m,
             None => VJepa::new(
                 shared.enc.clone(),
                 shared.pred.clone(),

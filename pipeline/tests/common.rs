@@ -93,3 +93,25 @@ pub fn read_quarantine(location: &str) -> Vec<vjepa_storage::tables::QuarantineR
     ))
     .expect("quarantine.parquet readable")
 }
+
+/// Two runs' metrics agree step for step: same steps, bit-identical losses, same token counts.
+pub fn assert_same_trace<'a>(
+    expected: &[vjepa_storage::tables::MetricsRow],
+    actual: impl IntoIterator<Item = &'a vjepa_storage::tables::MetricsRow>,
+) {
+    let actual: Vec<_> = actual.into_iter().collect();
+    assert_eq!(actual.len(), expected.len());
+    for (a, b) in expected.iter().zip(actual) {
+        assert_eq!(a.step, b.step);
+        assert_eq!(
+            a.loss.to_bits(),
+            b.loss.to_bits(),
+            "step {}: {} vs {}",
+            a.step,
+            a.loss,
+            b.loss
+        );
+        assert_eq!(a.context_tokens, b.context_tokens, "step {}", a.step);
+        assert_eq!(a.target_tokens, b.target_tokens, "step {}", a.step);
+    }
+}

@@ -83,20 +83,7 @@ fn s3_run_matches_local_run_step_for_step() {
         ))
         .unwrap();
     assert_eq!(local.len() as u64, steps);
-    assert_eq!(remote.len(), local.len());
-    for (a, b) in local.iter().zip(&remote) {
-        assert_eq!(a.step, b.step);
-        assert_eq!(
-            a.loss.to_bits(),
-            b.loss.to_bits(),
-            "step {}: {} vs {}",
-            a.step,
-            a.loss,
-            b.loss
-        );
-        assert_eq!(a.context_tokens, b.context_tokens);
-        assert_eq!(a.target_tokens, b.target_tokens);
-    }
+    assert_same_trace(&local, &remote);
     assert!(
         rt.block_on(store.exists(&format!("checkpoints/step-{steps:08}.safetensors")))
             .unwrap(),
