@@ -102,9 +102,7 @@ pub fn run(mut cfg: JobConfig, overrides: TrainOverrides) -> anyhow::Result<Trai
     // Resume: the model and optimiser from a checkpoint; the data sequence is a function of the
     // step, so the run continues with the batches it would have used.
     let resume_from: Option<(String, Vec<u8>)> = if let Some(path) = &cfg.raw.meta.read_checkpoint {
-        let (store, rel) = split_location(path, &s3)?;
-        let bytes = handle
-            .block_on(store.get(&rel))
+        let bytes = read_location(&handle, path, &s3)
             .with_context(|| format!("reading meta.read_checkpoint {path}"))?;
         Some((path.clone(), bytes.to_vec()))
     } else if cfg.raw.meta.load_checkpoint || overrides.resume {
@@ -203,6 +201,7 @@ pub fn run(mut cfg: JobConfig, overrides: TrainOverrides) -> anyhow::Result<Trai
         generators,
         settings,
         resumed: std::sync::Mutex::new(resumed),
+        ipe,
         enc,
         pred,
         optim,
@@ -226,9 +225,7 @@ pub fn run(mut cfg: JobConfig, overrides: TrainOverrides) -> anyhow::Result<Trai
     if let Some(why) = fatal.get() {
         bail!("{why}");
     }
-    let mut summary = summary.ok_or_else(|| anyhow!("worker 0 returned no summary"))?;
-    summary.first_step = first_step;
-    Ok(summary)
+    summary.ok_or_else(|| anyhow!("worker 0 returned no summary"))
 }
 
 /// Everything a worker needs, shared read-only across worker threads.
@@ -240,6 +237,8 @@ struct Shared {
     fatal: Fatal,
     generators: Vec<MaskGenerator>,
     settings: LoaderSettings,
+    /// Iterations per epoch (for the metrics' epoch column).
+    ipe: u64,
     /// The resumed model, taken by worker 0.
     resumed: std::sync::Mutex<Option<VJepa>>,
     enc: vjepa_model::EncoderConfig,
@@ -503,7 +502,7 @@ fn train_step(
                 .set(format!("serialising checkpoint at step {done}: {e}")),
         }
     }
-    let ipe = shared.cfg.iterations_per_epoch(shared.catalog.videos.len());
+    let ipe = shared.ipe;
     let wall = step_time + data_wait;
     let row = MetricsRow {
         step: done,
@@ -610,6 +609,18 @@ fn index_tensor(rows: &[Vec<u32>]) -> anyhow::Result<Tensor> {
     Ok(Tensor::from_vec(flat, (rows.len(), k), &Device::Cpu)?)
 }
 
+/// Reads the object named by a full location (local path, `file://` or `s3://` URL).
+fn read_location(
+    handle: &tokio::runtime::Handle,
+    location: &str,
+    s3: &vjepa_storage::S3Settings,
+) -> anyhow::Result<Bytes> {
+    let (store, rel) = split_location(location, s3)?;
+    handle
+        .block_on(store.get(&rel))
+        .with_context(|| format!("reading {location}"))
+}
+
 /// Splits a file URL/path or object URL into its directory store and the object's name.
 pub fn split_location(
     location: &str,
@@ -629,10 +640,11 @@ pub fn inspect_checkpoint(location: &str) -> anyhow::Result<String> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let (store, rel) = split_location(location, &vjepa_storage::S3Settings::default())?;
-    let bytes = runtime
-        .block_on(store.get(&rel))
-        .with_context(|| format!("reading {location}"))?;
+    let bytes = read_location(
+        runtime.handle(),
+        location,
+        &vjepa_storage::S3Settings::default(),
+    )?;
     let model = VJepa::from_safetensors(&bytes, &Device::Cpu)
         .with_context(|| format!("loading {location}"))?;
     let (e, p) = model.num_trainable_params();

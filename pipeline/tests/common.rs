@@ -33,7 +33,7 @@ pub fn make_corpus(dir: &Path, count: usize) {
 }
 
 /// The quickstart config, shrunk for tests: fewer steps, smaller crops.
-pub fn small_config(dataset: &str, out: &str, steps: u64, extra: &str) -> String {
+pub fn small_config(dataset: &str, out: &str, steps: u64) -> String {
     let text = std::fs::read_to_string(repo_root().join("configs/quickstart.yaml")).unwrap();
     let text = text
         .replace("    - samples/videos/ ", &format!("    - {dataset} "))
@@ -45,10 +45,23 @@ pub fn small_config(dataset: &str, out: &str, steps: u64, extra: &str) -> String
         text.contains(dataset) && text.contains(out),
         "quickstart.yaml layout changed"
     );
-    format!("{text}\n{extra}").replace(
+    let text = text.replace(
         "  epochs: 6\n",
         &format!("  epochs: 6\n  max_steps: {steps}\n"),
-    )
+    );
+    assert!(text.contains("max_steps"), "quickstart.yaml layout changed");
+    text
+}
+
+/// Writes the small config for a local corpus directory and output directory; returns its path.
+pub fn write_config(path: &Path, videos: &Path, out: &Path, steps: u64) -> PathBuf {
+    let text = small_config(
+        &format!("{}/", videos.display()),
+        &format!("{}/", out.display()),
+        steps,
+    );
+    std::fs::write(path, text).unwrap();
+    path.to_path_buf()
 }
 
 pub fn run_train(config: &Path, envs: &[(&str, &str)], args: &[&str]) -> Output {

@@ -70,13 +70,8 @@ fn train_refuses_a_bad_config_before_any_work() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out");
     let p = tmp.path().join("c.yaml");
-    let text = small_config(
-        "/nonexistent/videos/",
-        &format!("{}/", out.display()),
-        5,
-        "",
-    )
-    .replace("  lr: 0.001", "  lr: fast");
+    let text = small_config("/nonexistent/videos/", &format!("{}/", out.display()), 5)
+        .replace("  lr: 0.001", "  lr: fast");
     std::fs::write(&p, text).unwrap();
     let run = run_train(&p, &[], &[]);
     assert_eq!(run.status.code(), Some(2));

@@ -13,16 +13,7 @@ fn trains_writes_metrics_and_loadable_checkpoints() {
     let out = tmp.path().join("out");
     let cfg = tmp.path().join("cfg.yaml");
     let steps = 8;
-    std::fs::write(
-        &cfg,
-        small_config(
-            &format!("{}/", videos.display()),
-            &format!("{}/", out.display()),
-            steps,
-            "",
-        ),
-    )
-    .unwrap();
+    write_config(&cfg, &videos, &out, steps);
     let run = run_train(&cfg, &[], &["--workers", "2"]);
     assert_ok(&run);
 
@@ -71,16 +62,7 @@ fn corrupt_video_is_quarantined_and_the_job_goes_on() {
     let out = tmp.path().join("out");
     let cfg = tmp.path().join("cfg.yaml");
     let steps = 6; // 24 clips over 5 videos: the corrupt one is drawn in every epoch
-    std::fs::write(
-        &cfg,
-        small_config(
-            &format!("{}/", videos.display()),
-            &format!("{}/", out.display()),
-            steps,
-            "",
-        ),
-    )
-    .unwrap();
+    write_config(&cfg, &videos, &out, steps);
     let run = run_train(&cfg, &[], &[]);
     assert_ok(&run);
     let q = read_quarantine(out.to_str().unwrap());
@@ -121,7 +103,6 @@ fn csv_index_entries_escaping_the_store_are_refused_and_recorded() {
             index_path.to_str().unwrap(),
             &format!("{}/", out.display()),
             3,
-            "",
         ),
     )
     .unwrap();
@@ -145,24 +126,15 @@ fn resumed_run_continues_with_the_same_losses() {
     let tmp = tempfile::tempdir().unwrap();
     let videos = tmp.path().join("videos");
     make_corpus(&videos, 4);
-    let ds = format!("{}/", videos.display());
 
     let full_out = tmp.path().join("full");
     let full_cfg = tmp.path().join("full.yaml");
-    std::fs::write(
-        &full_cfg,
-        small_config(&ds, &format!("{}/", full_out.display()), 6, ""),
-    )
-    .unwrap();
+    write_config(&full_cfg, &videos, &full_out, 6);
     assert_ok(&run_train(&full_cfg, &[], &[]));
 
     let part_out = tmp.path().join("part");
     let part_cfg = tmp.path().join("part.yaml");
-    std::fs::write(
-        &part_cfg,
-        small_config(&ds, &format!("{}/", part_out.display()), 6, ""),
-    )
-    .unwrap();
+    write_config(&part_cfg, &videos, &part_out, 6);
     assert_ok(&run_train(&part_cfg, &[], &["--max-steps", "3"]));
     assert_ok(&run_train(&part_cfg, &[], &["--resume"]));
 

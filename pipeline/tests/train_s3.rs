@@ -21,16 +21,7 @@ fn s3_run_matches_local_run_step_for_step() {
     // Local run.
     let local_out = tmp.path().join("local-out");
     let local_cfg = tmp.path().join("local.yaml");
-    std::fs::write(
-        &local_cfg,
-        small_config(
-            &format!("{}/", videos.display()),
-            &format!("{}/", local_out.display()),
-            steps,
-            "",
-        ),
-    )
-    .unwrap();
+    write_config(&local_cfg, &videos, &local_out, steps);
     assert_ok(&run_train(&local_cfg, &[], &["--workers", "1"]));
 
     // The same videos in a bucket; outputs to the bucket too.
@@ -42,7 +33,7 @@ fn s3_run_matches_local_run_step_for_step() {
         std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
     }
     let s3_cfg = tmp.path().join("s3.yaml");
-    let text = small_config("s3://corpus/videos/", "s3://corpus/runs/one/", steps, "")
+    let text = small_config("s3://corpus/videos/", "s3://corpus/runs/one/", steps)
         .replace(
             "    endpoint: null",
             &format!("    endpoint: {}", server.endpoint),
