@@ -19,6 +19,15 @@ pub mod schedule;
 pub mod tokens;
 pub mod vit;
 
+/// CUDA implementations of the fused ops (only with the `cuda` feature).
+#[cfg(feature = "cuda")]
+#[path = "kernels/cuda.rs"]
+pub mod cuda_kernels;
+/// `vjepa gpu-check`: CPU-vs-GPU correctness and timings of the fused ops.
+#[cfg(feature = "cuda")]
+#[path = "kernels/gpu_check.rs"]
+pub mod gpu_check;
+
 use std::collections::{BTreeMap, HashMap};
 
 use candle_core::Var;

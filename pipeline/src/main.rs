@@ -68,6 +68,26 @@ enum Command {
         #[arg(long, default_value_t = 12)]
         count: usize,
     },
+    /// Run every fused op forward and backward on CPU and GPU (max relative errors, PASS/FAIL)
+    /// and time the GPU ops at ViT-L step shapes. Exits 1 if any check fails.
+    #[cfg(feature = "cuda")]
+    GpuCheck {
+        /// CUDA device ordinal.
+        #[arg(long, default_value_t = 0)]
+        device: usize,
+        /// Timed runs per op (median reported; at least 20).
+        #[arg(long, default_value_t = 30)]
+        runs: usize,
+        /// Skip the correctness checks.
+        #[arg(long)]
+        no_check: bool,
+        /// Skip the timings.
+        #[arg(long)]
+        no_timing: bool,
+        /// Also write the rows as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -152,6 +172,14 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         },
+        #[cfg(feature = "cuda")]
+        Command::GpuCheck {
+            device,
+            runs,
+            no_check,
+            no_timing,
+            json,
+        } => gpu_check(device, runs, !no_check, !no_timing, json.as_deref()),
         Command::MakeSamples { dir, count } => {
             match vjepa_ingest::init().and_then(|_| vjepa_ingest::make_samples(&dir, count)) {
                 Ok(paths) => {
@@ -165,6 +193,78 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// `vjepa gpu-check`: prints each row as it completes, then the tables; exit 1 on any FAIL
+/// (2 when the device or a kernel launch fails).
+#[cfg(feature = "cuda")]
+fn gpu_check(
+    device: usize,
+    runs: usize,
+    check: bool,
+    timing: bool,
+    json: Option<&std::path::Path>,
+) -> ExitCode {
+    use vjepa_model::gpu_check as gc;
+    let dev = match vjepa_model::Device::new_cuda(device) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("error: no CUDA device {device}: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut checks = Vec::new();
+    if check {
+        match gc::run_checks(&dev, |r| {
+            eprintln!(
+                "check {:<28} {:<24} {:<5} {:.3e} {}",
+                r.op,
+                r.case,
+                r.dtype,
+                r.max_rel_err,
+                if r.pass { "PASS" } else { "FAIL" }
+            )
+        }) {
+            Ok(rows) => checks = rows,
+            Err(e) => {
+                eprintln!("error: gpu-check: {e}");
+                return ExitCode::from(2);
+            }
+        }
+        println!("{}", gc::format_checks(&checks));
+    }
+    let mut timings = Vec::new();
+    if timing {
+        match gc::run_timings(&dev, runs, |r| {
+            eprintln!(
+                "time {:<30} {:<24} {:<5} {:.3} ms",
+                r.op, r.shape, r.dtype, r.median_ms
+            )
+        }) {
+            Ok(rows) => timings = rows,
+            Err(e) => {
+                eprintln!("error: gpu-check timings: {e}");
+                return ExitCode::from(2);
+            }
+        }
+        println!("{}", gc::format_timings(&timings));
+    }
+    if let Some(path) = json {
+        let doc = serde_json::json!({ "checks": checks, "timings": timings });
+        if let Err(e) = std::fs::write(path, doc.to_string()) {
+            eprintln!("error: writing {}: {e}", path.display());
+            return ExitCode::from(2);
+        }
+    }
+    let failed = checks.iter().filter(|r| !r.pass).count();
+    if failed > 0 {
+        println!("gpu-check: {failed} of {} checks FAILED", checks.len());
+        return ExitCode::from(1);
+    }
+    if check {
+        println!("gpu-check: all {} checks passed", checks.len());
+    }
+    ExitCode::SUCCESS
 }
 
 fn config_error(e: &vjepa_pipeline::config::ConfigError) -> ExitCode {

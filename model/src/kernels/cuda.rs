@@ -1,0 +1,1174 @@
+//! CUDA implementations of the fused op layer (one function per kernel family).
+//!
+//! The kernels live in `src/kernels/cuda/*.cu`; `build.rs` compiles them to PTX (sm_90) when the
+//! `cuda` feature is on, and they are loaded on first use through candle's
+//! [`CudaDevice::get_or_load_custom_func`] (one module per `.cu` file, cached by the device).
+//! Each function takes candle [`CudaStorage`]s with their [`Layout`]s, as the `cuda_fwd` of a
+//! `CustomOpN`/`InplaceOpN` receives them, checks dtype/contiguity/shape with a clear error, and
+//! returns a new storage (or updates one in place). Everything computes in fp32; storage may be
+//! f32 or bf16 (AdamW/EMA: f32 only, they update fp32 master weights).
+//!
+//! Reductions (column sums, LayerNorm dweight/dbias, sum of squares) are two-stage with a fixed
+//! split that depends only on the shape, so results are deterministic run to run. The attention
+//! backward uses no atomics for the same reason.
+
+use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum;
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaFunction, CudaSlice, CudaView, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
+    ValidAsZeroBits,
+};
+use candle_core::cuda_backend::{CudaDType, WrapErr};
+use candle_core::{
+    CudaDevice, CudaStorage, DType, Layout, Result, Shape, Storage, Tensor, WithDType, bail,
+};
+use half::bf16;
+
+const ATTENTION_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
+const NORM_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/norm.ptx"));
+const ELEMENTWISE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/elementwise.ptx"));
+const OPTIM_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/optim.ptx"));
+
+/// One PTX module: the name candle caches it under, and its text.
+#[derive(Clone, Copy)]
+struct Module(&'static str, &'static str);
+
+const ATTENTION: Module = Module("vjepa_attention", ATTENTION_PTX);
+const NORM: Module = Module("vjepa_norm", NORM_PTX);
+const ELEMENTWISE: Module = Module("vjepa_elementwise", ELEMENTWISE_PTX);
+const OPTIM: Module = Module("vjepa_optim", OPTIM_PTX);
+
+/// Rows per chunk of the column reductions (their partials have `ceil(rows / 128)` rows).
+const REDUCE_ROWS: usize = 128;
+/// Rows per block of the bias/GELU forward kernels.
+const ELEMWISE_ROWS: usize = 32;
+/// Largest head dim the attention kernels are instantiated for.
+pub const MAX_HEAD_DIM: usize = 128;
+/// Query/key tile of the attention kernels.
+const ATTN_TILE: usize = 64;
+/// Padded stride of the transposed attention tiles (see attention.cu).
+const ATTN_LD: usize = 68;
+/// Elements per block of the multi-tensor optimizer kernels.
+const MULTI_CHUNK: usize = 8192;
+
+/// Storage element types the kernels accept (fp32 compute either way).
+pub trait KernelFloat: CudaDType + DeviceRepr + WithDType + ValidAsZeroBits {}
+impl KernelFloat for f32 {}
+impl KernelFloat for bf16 {}
+
+fn load(dev: &CudaDevice, m: Module, name: &str) -> Result<CudaFunction> {
+    Ok(dev
+        .get_or_load_custom_func(name, m.0, m.1)?
+        .into_cuda_function())
+}
+
+/// The contiguous elements of `s` under `l`, or an error naming the operand.
+fn view<'a, T: KernelFloat>(
+    s: &'a CudaStorage,
+    l: &Layout,
+    op: &str,
+    what: &str,
+) -> Result<CudaView<'a, T>> {
+    let slice: &CudaSlice<T> = s.as_cuda_slice::<T>()?;
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(slice.slice(a..b)),
+        None => bail!(
+            "{op}: {what} must be contiguous (got strides {:?})",
+            l.stride()
+        ),
+    }
+}
+
+/// The storage's dtype, which must be f32 or bf16 (or only f32 when `f32_only`).
+fn float_dtype(s: &CudaStorage, op: &str, f32_only: bool) -> Result<DType> {
+    use candle_core::backend::BackendStorage;
+    match s.dtype() {
+        DType::F32 => Ok(DType::F32),
+        DType::BF16 if !f32_only => Ok(DType::BF16),
+        d if f32_only => bail!("{op}: only f32 is supported, got {d:?}"),
+        d => bail!("{op}: only f32 and bf16 are supported, got {d:?}"),
+    }
+}
+
+fn same_dtype(op: &str, a: &CudaStorage, others: &[&CudaStorage]) -> Result<DType> {
+    use candle_core::backend::BackendStorage;
+    let d = float_dtype(a, op, false)?;
+    for o in others {
+        if o.dtype() != d {
+            bail!(
+                "{op}: operands must share one dtype ({d:?} vs {:?})",
+                o.dtype()
+            );
+        }
+    }
+    Ok(d)
+}
+
+/// `(rows, cols)` of a tensor seen as `[..., cols]` (rank ≥ 1).
+fn rows_cols(l: &Layout, op: &str) -> Result<(usize, usize)> {
+    let dims = l.dims();
+    let Some(&cols) = dims.last() else {
+        bail!("{op}: expected at least one dimension, got a scalar")
+    };
+    if cols == 0 {
+        bail!("{op}: the last dimension is empty");
+    }
+    Ok((dims.iter().product::<usize>() / cols, cols))
+}
+
+fn check_vec(l: &Layout, cols: usize, op: &str, what: &str) -> Result<()> {
+    if l.dims() != [cols] {
+        bail!("{op}: {what} must have shape [{cols}], got {:?}", l.dims());
+    }
+    Ok(())
+}
+
+fn u32_of(v: usize, op: &str, what: &str) -> Result<u32> {
+    u32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("{op}: {what} {v} exceeds u32")))
+}
+
+/// Grid for the (32, 8)-block row-chunk kernels: (column tiles, row chunks) and the chunk size,
+/// grown past `base` only when the chunk count would exceed the grid's y limit.
+fn chunk_grid(rows: usize, cols: usize, base: usize) -> (LaunchConfig, usize, usize) {
+    let rpc = base.max(rows.div_ceil(65_535)).max(1);
+    let nchunks = rows.div_ceil(rpc).max(1);
+    let cfg = LaunchConfig {
+        grid_dim: (cols.div_ceil(32) as u32, nchunks as u32, 1),
+        block_dim: (32, 8, 1),
+        shared_mem_bytes: 0,
+    };
+    (cfg, rpc, nchunks)
+}
+
+fn linear_cfg(n: usize, threads: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: ((n.div_ceil(threads as usize)).max(1) as u32, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Grid-stride launch for `n` elements (at most 8192 blocks of 256).
+fn stride_cfg(n: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (n.div_ceil(256).clamp(1, 8192) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Attention
+
+/// Shape of a fused-qkv attention problem.
+#[derive(Clone, Copy, Debug)]
+struct AttnDims {
+    b: usize,
+    n: usize,
+    heads: usize,
+    hd: usize,
+}
+
+impl AttnDims {
+    fn of(l: &Layout, heads: usize, op: &str) -> Result<Self> {
+        let (b, n, three_d) = l.shape().dims3()?;
+        if heads == 0 || three_d % 3 != 0 || (three_d / 3) % heads != 0 {
+            bail!("{op}: qkv last dim {three_d} is not 3·heads·head_dim with heads = {heads}");
+        }
+        let hd = three_d / 3 / heads;
+        if hd == 0 || hd % 4 != 0 || hd > MAX_HEAD_DIM {
+            bail!("{op}: head dim {hd} unsupported (a multiple of 4, at most {MAX_HEAD_DIM})");
+        }
+        if b * heads > 65_535 {
+            bail!(
+                "{op}: batch·heads = {} exceeds the grid limit 65535",
+                b * heads
+            );
+        }
+        if n == 0 || b == 0 {
+            bail!("{op}: empty qkv {:?}", l.dims());
+        }
+        if l.start_offset() % 4 != 0 {
+            bail!("{op}: qkv must start at a multiple of 4 elements (vector loads)");
+        }
+        Ok(Self { b, n, heads, hd })
+    }
+
+    fn d(&self) -> usize {
+        self.heads * self.hd
+    }
+
+    /// Head dim padded to the kernel instantiation (multiple of 16).
+    fn hdp(&self) -> usize {
+        self.hd.div_ceil(16) * 16
+    }
+
+    fn grid(&self, smem: usize) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (
+                self.n.div_ceil(ATTN_TILE) as u32,
+                (self.b * self.heads) as u32,
+                1,
+            ),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: smem as u32,
+        }
+    }
+
+    /// log2(e)/√hd: the kernels work with base-2 scores.
+    fn scale_log2(&self) -> f32 {
+        (std::f64::consts::LOG2_E / (self.hd as f64).sqrt()) as f32
+    }
+
+    fn scale(&self) -> f32 {
+        (1.0 / (self.hd as f64).sqrt()) as f32
+    }
+}
+
+/// Loads an attention kernel and allows it the dynamic shared memory it needs (above 48 KiB).
+fn attn_func(dev: &CudaDevice, name: &str, smem: usize) -> Result<CudaFunction> {
+    let f = load(dev, ATTENTION, name)?;
+    f.set_attribute(
+        CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        smem as i32,
+    )
+    .w()?;
+    Ok(f)
+}
+
+fn attn_fwd_smem(hdp: usize) -> usize {
+    (3 * hdp * ATTN_LD + ATTN_TILE * ATTN_TILE) * 4
+}
+/// Shared memory of `attn_fwd_tc_bf16_*` (TcLayout in attention.cu).
+fn attn_fwd_tc_smem(hdp: usize) -> usize {
+    3 * ATTN_TILE * (hdp + 8) * 2
+        + ATTN_TILE * (ATTN_TILE + 4) * 4
+        + ATTN_TILE * (ATTN_TILE + 8) * 2
+        + ATTN_TILE * (hdp + 4) * 4
+}
+fn attn_stats_smem(hdp: usize) -> usize {
+    2 * hdp * ATTN_LD * 4
+}
+fn attn_dkdv_smem(hdp: usize) -> usize {
+    (4 * hdp * ATTN_LD + 2 * ATTN_TILE * ATTN_TILE + 2 * ATTN_TILE) * 4
+}
+fn attn_dq_smem(hdp: usize) -> usize {
+    (4 * hdp * ATTN_LD + ATTN_TILE * ATTN_TILE + 2 * ATTN_TILE) * 4
+}
+
+/// Which forward kernel [`attention_fwd_with`] runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttnKernel {
+    /// Tensor cores for bf16 with hd a multiple of 8, the fp32 CUDA-core kernel otherwise.
+    Auto,
+    /// Always the fp32 CUDA-core kernel (any supported dtype).
+    Simt,
+}
+
+/// Multi-head attention on the fused projection `qkv [B, N, 3·D]` (columns `[q | k | v]`, head
+/// `h` at `h·hd..(h+1)·hd`): returns `softmax(q·kᵀ/√hd)·v` as `[B, N, D]`, heads concatenated.
+/// One flash-style launch (online softmax, no N×N buffer). f32 or bf16; hd a multiple of 4, ≤ 128.
+pub fn attention_fwd(qkv: &CudaStorage, l: &Layout, heads: usize) -> Result<(CudaStorage, Shape)> {
+    attention_fwd_with(qkv, l, heads, AttnKernel::Auto)
+}
+
+/// [`attention_fwd`] with an explicit kernel choice (the check runs both).
+pub fn attention_fwd_with(
+    qkv: &CudaStorage,
+    l: &Layout,
+    heads: usize,
+    kernel: AttnKernel,
+) -> Result<(CudaStorage, Shape)> {
+    const OP: &str = "attention (cuda)";
+    let dims = AttnDims::of(l, heads, OP)?;
+    fn inner<T: KernelFloat>(
+        qkv: &CudaStorage,
+        l: &Layout,
+        dm: AttnDims,
+        kernel: AttnKernel,
+    ) -> Result<CudaStorage> {
+        let dev = &qkv.device;
+        let src = view::<T>(qkv, l, OP, "qkv")?;
+        let hdp = dm.hdp();
+        // Tensor cores: bf16, 16-byte aligned rows (hd and the start offset multiples of 8).
+        let tc = kernel == AttnKernel::Auto
+            && T::DTYPE == DType::BF16
+            && dm.hd % 8 == 0
+            && l.start_offset() % 8 == 0;
+        let (name, smem, threads) = if tc {
+            (
+                format!("attn_fwd_tc_bf16_{hdp}"),
+                attn_fwd_tc_smem(hdp),
+                128,
+            )
+        } else {
+            (
+                format!("attn_fwd_{}_{hdp}", T::DTYPE.as_str()),
+                attn_fwd_smem(hdp),
+                256,
+            )
+        };
+        let f = attn_func(dev, &name, smem)?;
+        // SAFETY: every element is written by the kernel (rows < N, d < hd cover [B, N, D]).
+        let out = unsafe { dev.alloc::<T>(dm.b * dm.n * dm.d())? };
+        let (n, h, hd) = (dm.n as i32, dm.heads as i32, dm.hd as i32);
+        let sl2 = dm.scale_log2();
+        let stream = dev.cuda_stream();
+        let mut bld = stream.launch_builder(&f);
+        bld.arg(&src).arg(&out).arg(&n).arg(&h).arg(&hd).arg(&sl2);
+        let mut cfg = dm.grid(smem);
+        cfg.block_dim.0 = threads;
+        // SAFETY: argument list matches attn_fwd_* / attn_fwd_tc_* in attention.cu.
+        unsafe { bld.launch(cfg) }.w()?;
+        Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+    }
+    let s = match float_dtype(qkv, OP, false)? {
+        DType::F32 => inner::<f32>(qkv, l, dims, kernel)?,
+        _ => inner::<bf16>(qkv, l, dims, kernel)?,
+    };
+    Ok((s, Shape::from((dims.b, dims.n, dims.d()))))
+}
+
+/// Backward of [`attention_fwd`]: from `qkv`, the forward output `out` and its gradient `dout`
+/// (both `[B, N, D]`) returns `dqkv [B, N, 3·D]`. Three launches, no atomics: row statistics
+/// (log-sum-exp recomputed from q·kᵀ, and Dᵢ = Σ dO∘O), dK/dV per key tile, dQ per query tile.
+pub fn attention_bwd(
+    qkv: &CudaStorage,
+    lq: &Layout,
+    out: &CudaStorage,
+    lo: &Layout,
+    dout: &CudaStorage,
+    ld: &Layout,
+    heads: usize,
+) -> Result<(CudaStorage, Shape)> {
+    const OP: &str = "attention backward (cuda)";
+    let dm = AttnDims::of(lq, heads, OP)?;
+    let o_shape = [dm.b, dm.n, dm.d()];
+    for (what, l) in [("out", lo), ("dout", ld)] {
+        if l.dims() != o_shape {
+            bail!(
+                "{OP}: {what} must have shape {o_shape:?}, got {:?}",
+                l.dims()
+            );
+        }
+        if l.start_offset() % 4 != 0 {
+            bail!("{OP}: {what} must start at a multiple of 4 elements (vector loads)");
+        }
+    }
+    let dtype = same_dtype(OP, qkv, &[out, dout])?;
+    #[allow(clippy::too_many_arguments)]
+    fn inner<T: KernelFloat>(
+        qkv: &CudaStorage,
+        lq: &Layout,
+        out: &CudaStorage,
+        lo: &Layout,
+        dout: &CudaStorage,
+        ld: &Layout,
+        dm: AttnDims,
+    ) -> Result<CudaStorage> {
+        let dev = &qkv.device;
+        let q = view::<T>(qkv, lq, OP, "qkv")?;
+        let o = view::<T>(out, lo, OP, "out")?;
+        let d_o = view::<T>(dout, ld, OP, "dout")?;
+        let hdp = dm.hdp();
+        let ty = T::DTYPE.as_str();
+        let rows = dm.b * dm.heads * dm.n;
+        // SAFETY: lse/delta get one value per (b, h, row < N), all written by the stats kernel.
+        let lse = unsafe { dev.alloc::<f32>(rows)? };
+        let delta = unsafe { dev.alloc::<f32>(rows)? };
+        // SAFETY: dK/dV columns by the dkdv kernel, dQ columns by the dq kernel (all rows < N).
+        let dqkv = unsafe { dev.alloc::<T>(dm.b * dm.n * 3 * dm.d())? };
+        let (n, h, hd) = (dm.n as i32, dm.heads as i32, dm.hd as i32);
+        let (sl2, sc) = (dm.scale_log2(), dm.scale());
+
+        let smem = attn_stats_smem(hdp);
+        let f = attn_func(dev, &format!("attn_bwd_stats_{ty}_{hdp}"), smem)?;
+        let stream = dev.cuda_stream();
+        let mut bld = stream.launch_builder(&f);
+        bld.arg(&q).arg(&o).arg(&d_o).arg(&lse).arg(&delta);
+        bld.arg(&n).arg(&h).arg(&hd).arg(&sl2);
+        // SAFETY: matches attn_bwd_stats_* in attention.cu.
+        unsafe { bld.launch(dm.grid(smem)) }.w()?;
+
+        let smem = attn_dkdv_smem(hdp);
+        let f = attn_func(dev, &format!("attn_bwd_dkdv_{ty}_{hdp}"), smem)?;
+        let stream = dev.cuda_stream();
+        let mut bld = stream.launch_builder(&f);
+        bld.arg(&q).arg(&d_o).arg(&lse).arg(&delta).arg(&dqkv);
+        bld.arg(&n).arg(&h).arg(&hd).arg(&sl2).arg(&sc);
+        // SAFETY: matches attn_bwd_dkdv_* in attention.cu.
+        unsafe { bld.launch(dm.grid(smem)) }.w()?;
+
+        let smem = attn_dq_smem(hdp);
+        let f = attn_func(dev, &format!("attn_bwd_dq_{ty}_{hdp}"), smem)?;
+        let stream = dev.cuda_stream();
+        let mut bld = stream.launch_builder(&f);
+        bld.arg(&q).arg(&d_o).arg(&lse).arg(&delta).arg(&dqkv);
+        bld.arg(&n).arg(&h).arg(&hd).arg(&sl2).arg(&sc);
+        // SAFETY: matches attn_bwd_dq_* in attention.cu.
+        unsafe { bld.launch(dm.grid(smem)) }.w()?;
+        Ok(CudaStorage::wrap_cuda_slice(dqkv, dev.clone()))
+    }
+    let s = match dtype {
+        DType::F32 => inner::<f32>(qkv, lq, out, lo, dout, ld, dm)?,
+        _ => inner::<bf16>(qkv, lq, out, lo, dout, ld, dm)?,
+    };
+    Ok((s, Shape::from((dm.b, dm.n, 3 * dm.d()))))
+}
+
+// ---------------------------------------------------------------------------------------------
+// LayerNorm
+
+fn ln_rows_cfg(rows: usize) -> LaunchConfig {
+    // One warp per row, 8 rows per block.
+    linear_cfg(rows * 32, 256)
+}
+
+/// LayerNorm over the last dim with affine `weight`/`bias` (`[C]`), biased variance, fp32
+/// statistics. One launch (a warp per row).
+pub fn layer_norm_fwd(
+    x: &CudaStorage,
+    lx: &Layout,
+    w: &CudaStorage,
+    lw: &Layout,
+    b: &CudaStorage,
+    lb: &Layout,
+    eps: f32,
+) -> Result<(CudaStorage, Shape)> {
+    const OP: &str = "layer_norm (cuda)";
+    let (rows, cols) = rows_cols(lx, OP)?;
+    check_vec(lw, cols, OP, "weight")?;
+    check_vec(lb, cols, OP, "bias")?;
+    let dtype = same_dtype(OP, x, &[w, b])?;
+    #[allow(clippy::too_many_arguments)]
+    fn inner<T: KernelFloat>(
+        x: &CudaStorage,
+        lx: &Layout,
+        w: &CudaStorage,
+        lw: &Layout,
+        b: &CudaStorage,
+        lb: &Layout,
+        rows: usize,
+        cols: usize,
+        eps: f32,
+    ) -> Result<CudaStorage> {
+        let dev = &x.device;
+        let xs = view::<T>(x, lx, OP, "x")?;
+        let ws = view::<T>(w, lw, OP, "weight")?;
+        let bs = view::<T>(b, lb, OP, "bias")?;
+        let f = load(dev, NORM, &format!("ln_fwd_{}", T::DTYPE.as_str()))?;
+        // SAFETY: every row is written.
+        let y = unsafe { dev.alloc::<T>(rows * cols)? };
+        let (r, c) = (u32_of(rows, OP, "rows")?, u32_of(cols, OP, "cols")?);
+        let stream = dev.cuda_stream();
+        let mut bld = stream.launch_builder(&f);
+        bld.arg(&xs)
+            .arg(&ws)
+            .arg(&bs)
+            .arg(&y)
+            .arg(&r)
+            .arg(&c)
+            .arg(&eps);
+        // SAFETY: matches ln_fwd_* in norm.cu.
+        unsafe { bld.launch(ln_rows_cfg(rows)) }.w()?;
+        Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
+    }
+    let s = match dtype {
+        DType::F32 => inner::<f32>(x, lx, w, lw, b, lb, rows, cols, eps)?,
+        _ => inner::<bf16>(x, lx, w, lw, b, lb, rows, cols, eps)?,
+    };
+    Ok((s, lx.shape().clone()))
+}
+
+/// LayerNorm without affine parameters (the target normalisation). One launch.
+pub fn layer_norm_plain_fwd(
+    x: &CudaStorage,
+    lx: &Layout,
+    eps: f32,
+) -> Result<(CudaStorage, Shape)> {
+    const OP: &str = "layer_norm_plain (cuda)";
+    let (rows, cols) = rows_cols(lx, OP)?;
+    fn inner<T: KernelFloat>(
+        x: &CudaStorage,
+        lx: &Layout,
+        rows: usize,
+        cols: usize,
+        eps: f32,
+    ) -> Result<CudaStorage> {
+        let dev = &x.device;
+        let xs = view::<T>(x, lx, OP, "x")?;
+        let f = load(dev, NORM, &format!("ln_plain_fwd_{}", T::DTYPE.as_str()))?;
+        // SAFETY: every row is written.
+        let y = unsafe { dev.alloc::<T>(rows * cols)? };
+        let (r, c) = (u32_of(rows, OP, "rows")?, u32_of(cols, OP, "cols")?);
+        let stream = dev.cuda_stream();
+        let mut bld = stream.launch_builder(&f);
+        bld.arg(&xs).arg(&y).arg(&r).arg(&c).arg(&eps);
+        // SAFETY: matches ln_plain_fwd_* in norm.cu.
+        unsafe { bld.launch(ln_rows_cfg(rows)) }.w()?;
+        Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
+    }
+    let s = match float_dtype(x, OP, false)? {
+        DType::F32 => inner::<f32>(x, lx, rows, cols, eps)?,
+        _ => inner::<bf16>(x, lx, rows, cols, eps)?,
+    };
+    Ok((s, lx.shape().clone()))
+}
+
+/// Backward of [`layer_norm_fwd`]: returns one packed `[rows + 2, C]` tensor, rows `0..rows`
+/// dx (in x's row order), then dweight, then dbias. Three launches: dx per row (stashing mean
+/// and rstd), per-chunk column partials of dy·x̂ and dy, and their in-order sum.
+pub fn layer_norm_bwd(
+    x: &CudaStorage,
+    lx: &Layout,
+    w: &CudaStorage,
+    lw: &Layout,
+    dy: &CudaStorage,
+    ldy: &Layout,
+    eps: f32,
+) -> Result<(CudaStorage, Shape)> {
+    const OP: &str = "layer_norm backward (cuda)";
+    let (rows, cols) = rows_cols(lx, OP)?;
+    check_vec(lw, cols, OP, "weight")?;
+    if ldy.dims() != lx.dims() {
+        bail!("{OP}: dy {:?} must match x {:?}", ldy.dims(), lx.dims());
+    }
+    let dtype = same_dtype(OP, x, &[w, dy])?;
+    #[allow(clippy::too_many_arguments)]
+    fn inner<T: KernelFloat>(
+        x: &CudaStorage,
+        lx: &Layout,
+        w: &CudaStorage,
+        lw: &Layout,
+        dy: &CudaStorage,
+        ldy: &Layout,
+        rows: usize,
+        cols: usize,
+        eps: f32,
+    ) -> Result<CudaStorage> {
+        let dev = &x.device;
+        let ty = T::DTYPE.as_str();
+        let xs = view::<T>(x, lx, OP, "x")?;
+        let ws = view::<T>(w, lw, OP, "weight")?;
+        let dys = view::<T>(dy, ldy, OP, "dy")?;
+        // SAFETY: dx rows by ln_bwd_dx, the last two rows by ln_final.
+        let mut packed = unsafe { dev.alloc::<T>((rows + 2) * cols)? };
+        // SAFETY: one (mean, rstd) per row, all written by ln_bwd_dx.
+        let stats = unsafe { dev.alloc::<f32>(2 * rows)? };
+        let (r, c) = (u32_of(rows, OP, "rows")?, u32_of(cols, OP, "cols")?);
+        {
+            let mut dx = packed.slice_mut(0..rows * cols);
+            let f = load(dev, NORM, &format!("ln_bwd_dx_{ty}"))?;
+            let stream = dev.cuda_stream();
+            let mut bld = stream.launch_builder(&f);
+            bld.arg(&xs).arg(&ws).arg(&dys).arg(&mut dx).arg(&stats);
+            bld.arg(&r).arg(&c).arg(&eps);
+            // SAFETY: matches ln_bwd_dx_* in norm.cu.
+            unsafe { bld.launch(ln_rows_cfg(rows)) }.w()?;
+        }
+        let (cfg, rpc, nchunks) = chunk_grid(rows, cols, REDUCE_ROWS);
+        // SAFETY: every (chunk, column) partial is written.
+        let partial = unsafe { dev.alloc::<f32>(nchunks * 2 * cols)? };
+        let rpc = rpc as u32;
+        let f = load(dev, NORM, &format!("ln_dwdb_partial_{ty}"))?;
+        let stream = dev.cuda_stream();
+        let mut bld = stream.launch_builder(&f);
+        bld.arg(&xs).arg(&dys).arg(&stats).arg(&partial);
+        bld.arg(&r).arg(&c).arg(&rpc);
+        // SAFETY: matches ln_dwdb_partial_* in norm.cu.
+        unsafe { bld.launch(cfg) }.w()?;
+        let mut dwdb = packed.slice_mut(rows * cols..(rows + 2) * cols);
+        let f = load(dev, NORM, &format!("ln_final_{ty}"))?;
+        let (nc, c2) = (nchunks as u32, 2 * c);
+        let stream = dev.cuda_stream();
+        let mut bld = stream.launch_builder(&f);
+        bld.arg(&partial).arg(&mut dwdb).arg(&nc).arg(&c2);
+        // SAFETY: matches ln_final_* in norm.cu.
+        unsafe { bld.launch(linear_cfg(2 * cols, 256)) }.w()?;
+        Ok(CudaStorage::wrap_cuda_slice(packed, dev.clone()))
+    }
+    let s = match dtype {
+        DType::F32 => inner::<f32>(x, lx, w, lw, dy, ldy, rows, cols, eps)?,
+        _ => inner::<bf16>(x, lx, w, lw, dy, ldy, rows, cols, eps)?,
+    };
+    Ok((s, Shape::from((rows + 2, cols))))
+}
+
+/// Backward of [`layer_norm_plain_fwd`]: dx, same shape as x. One launch.
+pub fn layer_norm_plain_bwd(
+    x: &CudaStorage,
+    lx: &Layout,
+    dy: &CudaStorage,
+    ldy: &Layout,
+    eps: f32,
+) -> Result<(CudaStorage, Shape)> {
+    const OP: &str = "layer_norm_plain backward (cuda)";
+    let (rows, cols) = rows_cols(lx, OP)?;
+    if ldy.dims() != lx.dims() {
+        bail!("{OP}: dy {:?} must match x {:?}", ldy.dims(), lx.dims());
+    }
+    let dtype = same_dtype(OP, x, &[dy])?;
+    fn inner<T: KernelFloat>(
+        x: &CudaStorage,
+        lx: &Layout,
+        dy: &CudaStorage,
+        ldy: &Layout,
+        rows: usize,
+        cols: usize,
+        eps: f32,
+    ) -> Result<CudaStorage> {
+        let dev = &x.device;
+        let xs = view::<T>(x, lx, OP, "x")?;
+        let dys = view::<T>(dy, ldy, OP, "dy")?;
+        let f = load(dev, NORM, &format!("ln_plain_bwd_{}", T::DTYPE.as_str()))?;
+        // SAFETY: every row is written.
+        let dx = unsafe { dev.alloc::<T>(rows * cols)? };
+        let (r, c) = (u32_of(rows, OP, "rows")?, u32_of(cols, OP, "cols")?);
+        let stream = dev.cuda_stream();
+        let mut bld = stream.launch_builder(&f);
+        bld.arg(&xs).arg(&dys).arg(&dx).arg(&r).arg(&c).arg(&eps);
+        // SAFETY: matches ln_plain_bwd_* in norm.cu.
+        unsafe { bld.launch(ln_rows_cfg(rows)) }.w()?;
+        Ok(CudaStorage::wrap_cuda_slice(dx, dev.clone()))
+    }
+    let s = match dtype {
+        DType::F32 => inner::<f32>(x, lx, dy, ldy, rows, cols, eps)?,
+        _ => inner::<bf16>(x, lx, dy, ldy, rows, cols, eps)?,
+    };
+    Ok((s, lx.shape().clone()))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bias, GELU, reductions
+
+fn bias_act(
+    name: &'static str,
+    op: &'static str,
+    x: &CudaStorage,
+    lx: &Layout,
+    b: &CudaStorage,
+    lb: &Layout,
+) -> Result<(CudaStorage, Shape)> {
+    let (rows, cols) = rows_cols(lx, op)?;
+    check_vec(lb, cols, op, "bias")?;
+    let dtype = same_dtype(op, x, &[b])?;
+    #[allow(clippy::too_many_arguments)]
+    fn inner<T: KernelFloat>(
+        name: &str,
+        op: &str,
+        x: &CudaStorage,
+        lx: &Layout,
+        b: &CudaStorage,
+        lb: &Layout,
+        rows: usize,
+        cols: usize,
+    ) -> Result<CudaStorage> {
+        let dev = &x.device;
+        let xs = view::<T>(x, lx, op, "x")?;
+        let bs = view::<T>(b, lb, op, "bias")?;
+        let f = load(dev, ELEMENTWISE, &format!("{name}_{}", T::DTYPE.as_str()))?;
+        // SAFETY: every element is written.
+        let y = unsafe { dev.alloc::<T>(rows * cols)? };
+        let (cfg, rpc, _) = chunk_grid(rows, cols, ELEMWISE_ROWS);
+        let (r, c, rpc) = (
+            u32_of(rows, op, "rows")?,
+            u32_of(cols, op, "cols")?,
+            rpc as u32,
+        );
+        let stream = dev.cuda_stream();
+        let mut bld = stream.launch_builder(&f);
+        bld.arg(&xs).arg(&bs).arg(&y).arg(&r).arg(&c).arg(&rpc);
+        // SAFETY: matches bias_add_* / bias_gelu_fwd_* in elementwise.cu.
+        unsafe { bld.launch(cfg) }.w()?;
+        Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
+    }
+    let s = match dtype {
+        DType::F32 => inner::<f32>(name, op, x, lx, b, lb, rows, cols)?,
+        _ => inner::<bf16>(name, op, x, lx, b, lb, rows, cols)?,
+    };
+    Ok((s, lx.shape().clone()))
+}
+
+/// `x + b` with `b` broadcast over the last dim. One launch.
+pub fn bias_add(
+    x: &CudaStorage,
+    lx: &Layout,
+    b: &CudaStorage,
+    lb: &Layout,
+) -> Result<(CudaStorage, Shape)> {
+    bias_act("bias_add", "bias_add (cuda)", x, lx, b, lb)
+}
+
+/// `gelu_erf(x + b)` with `b` broadcast over the last dim (fc1 bias + GELU). One launch.
+pub fn bias_gelu(
+    x: &CudaStorage,
+    lx: &Layout,
+    b: &CudaStorage,
+    lb: &Layout,
+) -> Result<(CudaStorage, Shape)> {
+    bias_act("bias_gelu_fwd", "bias_gelu (cuda)", x, lx, b, lb)
+}
+
+/// Backward of [`bias_gelu`] from x, b and dy: one packed `[rows + 1, C]` tensor, rows `0..rows`
+/// dx = dy·gelu'(x + b), the last row db = Σ_rows dx. Two launches (dx with per-chunk db
+/// partials, then their in-order sum).
+pub fn bias_gelu_bwd(
+    x: &CudaStorage,
+    lx: &Layout,
+    b: &CudaStorage,
+    lb: &Layout,
+    dy: &CudaStorage,
+    ldy: &Layout,
+) -> Result<(CudaStorage, Shape)> {
+    const OP: &str = "bias_gelu backward (cuda)";
+    let (rows, cols) = rows_cols(lx, OP)?;
+    check_vec(lb, cols, OP, "bias")?;
+    if ldy.dims() != lx.dims() {
+        bail!("{OP}: dy {:?} must match x {:?}", ldy.dims(), lx.dims());
+    }
+    let dtype = same_dtype(OP, x, &[b, dy])?;
+    #[allow(clippy::too_many_arguments)]
+    fn inner<T: KernelFloat>(
+        x: &CudaStorage,
+        lx: &Layout,
+        b: &CudaStorage,
+        lb: &Layout,
+        dy: &CudaStorage,
+        ldy: &Layout,
+        rows: usize,
+        cols: usize,
+    ) -> Result<CudaStorage> {
+        let dev = &x.device;
+        let ty = T::DTYPE.as_str();
+        let xs = view::<T>(x, lx, OP, "x")?;
+        let bs = view::<T>(b, lb, OP, "bias")?;
+        let dys = view::<T>(dy, ldy, OP, "dy")?;
+        // SAFETY: dx rows by bias_gelu_bwd, the last row by colsum_final.
+        let mut packed = unsafe { dev.alloc::<T>((rows + 1) * cols)? };
+        let (cfg, rpc, nchunks) = chunk_grid(rows, cols, REDUCE_ROWS);
+        // SAFETY: every (chunk, column) partial is written.
+        let partial = unsafe { dev.alloc::<f32>(nchunks * cols)? };
+        let (r, c, rpcu) = (
+            u32_of(rows, OP, "rows")?,
+            u32_of(cols, OP, "cols")?,
+            rpc as u32,
+        );
+        {
+            let mut dx = packed.slice_mut(0..rows * cols);
+            let f = load(dev, ELEMENTWISE, &format!("bias_gelu_bwd_{ty}"))?;
+            let stream = dev.cuda_stream();
+            let mut bld = stream.launch_builder(&f);
+            bld.arg(&xs).arg(&bs).arg(&dys).arg(&mut dx).arg(&partial);
+            bld.arg(&r).arg(&c).arg(&rpcu);
+            // SAFETY: matches bias_gelu_bwd_* in elementwise.cu.
+            unsafe { bld.launch(cfg) }.w()?;
+        }
+        let mut db = packed.slice_mut(rows * cols..(rows + 1) * cols);
+        colsum_final_launch::<T>(dev, &partial, &mut db, nchunks, cols)?;
+        Ok(CudaStorage::wrap_cuda_slice(packed, dev.clone()))
+    }
+    let s = match dtype {
+        DType::F32 => inner::<f32>(x, lx, b, lb, dy, ldy, rows, cols)?,
+        _ => inner::<bf16>(x, lx, b, lb, dy, ldy, rows, cols)?,
+    };
+    Ok((s, Shape::from((rows + 1, cols))))
+}
+
+fn colsum_final_launch<T: KernelFloat>(
+    dev: &CudaDevice,
+    partial: &CudaSlice<f32>,
+    out: &mut candle_core::cuda_backend::cudarc::driver::CudaViewMut<'_, T>,
+    nchunks: usize,
+    cols: usize,
+) -> Result<()> {
+    let f = load(
+        dev,
+        ELEMENTWISE,
+        &format!("colsum_final_{}", T::DTYPE.as_str()),
+    )?;
+    let (nc, c) = (nchunks as u32, cols as u32);
+    let stream = dev.cuda_stream();
+    let mut bld = stream.launch_builder(&f);
+    bld.arg(partial).arg(out).arg(&nc).arg(&c);
+    // SAFETY: matches colsum_final_* in elementwise.cu.
+    unsafe { bld.launch(linear_cfg(cols, 256)) }.w()?;
+    Ok(())
+}
+
+/// Sum over all leading dims: `[..., C] → [C]` (the reduction behind every bias gradient).
+/// Two launches: per-chunk fp32 partials, then their in-order sum.
+pub fn column_sum(x: &CudaStorage, lx: &Layout) -> Result<(CudaStorage, Shape)> {
+    const OP: &str = "column_sum (cuda)";
+    let (rows, cols) = rows_cols(lx, OP)?;
+    fn inner<T: KernelFloat>(
+        x: &CudaStorage,
+        lx: &Layout,
+        rows: usize,
+        cols: usize,
+    ) -> Result<CudaStorage> {
+        let dev = &x.device;
+        let xs = view::<T>(x, lx, OP, "x")?;
+        let (cfg, rpc, nchunks) = chunk_grid(rows, cols, REDUCE_ROWS);
+        // SAFETY: every (chunk, column) partial is written.
+        let partial = unsafe { dev.alloc::<f32>(nchunks * cols)? };
+        let (r, c, rpc) = (
+            u32_of(rows, OP, "rows")?,
+            u32_of(cols, OP, "cols")?,
+            rpc as u32,
+        );
+        let f = load(
+            dev,
+            ELEMENTWISE,
+            &format!("colsum_partial_{}", T::DTYPE.as_str()),
+        )?;
+        let stream = dev.cuda_stream();
+        let mut bld = stream.launch_builder(&f);
+        bld.arg(&xs).arg(&partial).arg(&r).arg(&c).arg(&rpc);
+        // SAFETY: matches colsum_partial_* in elementwise.cu.
+        unsafe { bld.launch(cfg) }.w()?;
+        // SAFETY: every column is written by colsum_final.
+        let mut out = unsafe { dev.alloc::<T>(cols)? };
+        let mut ov = out.slice_mut(0..cols);
+        colsum_final_launch::<T>(dev, &partial, &mut ov, nchunks, cols)?;
+        Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+    }
+    let s = match float_dtype(x, OP, false)? {
+        DType::F32 => inner::<f32>(x, lx, rows, cols)?,
+        _ => inner::<bf16>(x, lx, rows, cols)?,
+    };
+    Ok((s, Shape::from(cols)))
+}
+
+/// Σ x² over all elements as an f32 scalar (grad norms). Two launches with a grid fixed by the
+/// element count, so the summation order never changes.
+pub fn sum_sq(x: &CudaStorage, lx: &Layout) -> Result<(CudaStorage, Shape)> {
+    const OP: &str = "sum_sq (cuda)";
+    let n = lx.shape().elem_count();
+    fn inner<T: KernelFloat>(x: &CudaStorage, lx: &Layout, n: usize) -> Result<CudaStorage> {
+        let dev = &x.device;
+        let xs = view::<T>(x, lx, OP, "x")?;
+        let blocks = n.div_ceil(256 * 8).clamp(1, 1024);
+        // SAFETY: one partial per block, all written.
+        let partial = unsafe { dev.alloc::<f32>(blocks)? };
+        let f = load(
+            dev,
+            ELEMENTWISE,
+            &format!("sumsq_partial_{}", T::DTYPE.as_str()),
+        )?;
+        let cfg = LaunchConfig {
+            grid_dim: (blocks as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let stream = dev.cuda_stream();
+        let mut bld = stream.launch_builder(&f);
+        bld.arg(&xs).arg(&partial).arg(&n);
+        // SAFETY: matches sumsq_partial_* in elementwise.cu.
+        unsafe { bld.launch(cfg) }.w()?;
+        // SAFETY: written by sum_final.
+        let out = unsafe { dev.alloc::<f32>(1)? };
+        let f = load(dev, ELEMENTWISE, "sum_final_f32")?;
+        let nb = blocks as u32;
+        let stream = dev.cuda_stream();
+        let mut bld = stream.launch_builder(&f);
+        bld.arg(&partial).arg(&out).arg(&nb);
+        // SAFETY: matches sum_final_f32 in elementwise.cu.
+        unsafe { bld.launch(linear_cfg(256, 256)) }.w()?;
+        Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+    }
+    let s = match float_dtype(x, OP, false)? {
+        DType::F32 => inner::<f32>(x, lx, n)?,
+        _ => inner::<bf16>(x, lx, n)?,
+    };
+    Ok((s, Shape::from(())))
+}
+
+// ---------------------------------------------------------------------------------------------
+// AdamW and EMA (f32, in place)
+
+/// Per-tensor AdamW scalars, derived in f64 exactly as `optim.rs` does, then rounded to f32.
+#[derive(Clone, Copy, Debug)]
+pub struct AdamWStep {
+    /// Learning rate.
+    pub lr: f64,
+    /// Weight decay for this tensor's group (0 for the no-decay groups).
+    pub weight_decay: f64,
+    /// Steps taken by this parameter, including this one (≥ 1).
+    pub step: u64,
+}
+
+/// AdamW constants shared by all tensors of one optimizer.
+#[derive(Clone, Copy, Debug)]
+pub struct AdamWConfig {
+    /// β1.
+    pub beta1: f64,
+    /// β2.
+    pub beta2: f64,
+    /// ε (added after the bias-corrected square root).
+    pub eps: f64,
+}
+
+impl AdamWStep {
+    /// `(1 − lr·wd, lr / bc1, √bc2)`.
+    fn scalars(&self, c: &AdamWConfig) -> (f32, f32, f32) {
+        let decay = if self.weight_decay != 0.0 {
+            1.0 - self.lr * self.weight_decay
+        } else {
+            1.0
+        };
+        let step = self.step.max(1) as f64;
+        let bc1 = 1.0 - c.beta1.powf(step);
+        let bc2 = 1.0 - c.beta2.powf(step);
+        (decay as f32, (self.lr / bc1) as f32, bc2.sqrt() as f32)
+    }
+}
+
+fn f32_view<'a>(s: &'a CudaStorage, l: &Layout, op: &str, what: &str) -> Result<CudaView<'a, f32>> {
+    float_dtype(s, op, true)?;
+    view::<f32>(s, l, op, what)
+}
+
+/// One fused AdamW pass over one tensor (torch `_single_tensor_adamw` semantics, see
+/// `optim.rs`): updates `p` (the destination) and the moments `m`, `v` in place.
+///
+/// `m` and `v` are written through their device pointers although they arrive as shared
+/// references (candle's `InplaceOpN` hands out only the destination mutably): they must be
+/// storages owned by the optimizer state, not views shared with other live tensors.
+#[allow(clippy::too_many_arguments)]
+pub fn adamw_inplace(
+    p: &mut CudaStorage,
+    lp: &Layout,
+    g: &CudaStorage,
+    lg: &Layout,
+    m: &CudaStorage,
+    lm: &Layout,
+    v: &CudaStorage,
+    lv: &Layout,
+    cfg: &AdamWConfig,
+    step: &AdamWStep,
+) -> Result<()> {
+    const OP: &str = "adamw (cuda)";
+    let n = lp.shape().elem_count();
+    for (what, l) in [("grad", lg), ("exp_avg", lm), ("exp_avg_sq", lv)] {
+        if l.shape().elem_count() != n {
+            bail!("{OP}: {what} has {:?}, param has {:?}", l.dims(), lp.dims());
+        }
+    }
+    let gs = f32_view(g, lg, OP, "grad")?;
+    let ms = f32_view(m, lm, OP, "exp_avg")?;
+    let vs = f32_view(v, lv, OP, "exp_avg_sq")?;
+    float_dtype(p, OP, true)?;
+    let dev = p.device.clone();
+    let Some((a, b)) = lp.contiguous_offsets() else {
+        bail!("{OP}: param must be contiguous")
+    };
+    let mut ps = p.as_cuda_slice_mut::<f32>()?.slice_mut(a..b);
+    let (decay, step_size, sqrt_bc2) = step.scalars(cfg);
+    let (b1, b2, eps) = (cfg.beta1 as f32, cfg.beta2 as f32, cfg.eps as f32);
+    let f = load(&dev, OPTIM, "adamw_f32")?;
+    let stream = dev.cuda_stream();
+    let mut bld = stream.launch_builder(&f);
+    bld.arg(&mut ps).arg(&gs).arg(&ms).arg(&vs).arg(&n);
+    bld.arg(&decay)
+        .arg(&b1)
+        .arg(&b2)
+        .arg(&step_size)
+        .arg(&sqrt_bc2)
+        .arg(&eps);
+    // SAFETY: matches adamw_f32 in optim.cu.
+    unsafe { bld.launch(stride_cfg(n)) }.w()?;
+    Ok(())
+}
+
+/// EMA in place: `t ← m·t + (1 − m)·s` (target-encoder update). One launch.
+pub fn ema_inplace(
+    t: &mut CudaStorage,
+    lt: &Layout,
+    s: &CudaStorage,
+    ls: &Layout,
+    momentum: f64,
+) -> Result<()> {
+    const OP: &str = "ema (cuda)";
+    let n = lt.shape().elem_count();
+    if ls.shape().elem_count() != n {
+        bail!("{OP}: source {:?} vs target {:?}", ls.dims(), lt.dims());
+    }
+    let ss = f32_view(s, ls, OP, "source")?;
+    float_dtype(t, OP, true)?;
+    let dev = t.device.clone();
+    let Some((a, b)) = lt.contiguous_offsets() else {
+        bail!("{OP}: target must be contiguous")
+    };
+    let mut ts = t.as_cuda_slice_mut::<f32>()?.slice_mut(a..b);
+    let mom = momentum as f32;
+    let f = load(&dev, OPTIM, "ema_f32")?;
+    let stream = dev.cuda_stream();
+    let mut bld = stream.launch_builder(&f);
+    bld.arg(&mut ts).arg(&ss).arg(&n).arg(&mom);
+    // SAFETY: matches ema_f32 in optim.cu.
+    unsafe { bld.launch(stride_cfg(n)) }.w()?;
+    Ok(())
+}
+
+/// One tensor of a multi-tensor AdamW launch.
+#[derive(Clone, Copy, Debug)]
+pub struct AdamWSlot<'a> {
+    /// The parameter (updated in place).
+    pub param: &'a Tensor,
+    /// Its gradient.
+    pub grad: &'a Tensor,
+    /// First moment (updated in place).
+    pub exp_avg: &'a Tensor,
+    /// Second moment (updated in place).
+    pub exp_avg_sq: &'a Tensor,
+    /// This tensor's lr / weight decay / step.
+    pub step: AdamWStep,
+}
+
+/// Device address of a contiguous f32 CUDA tensor's first element, with the storage guard that
+/// keeps it alive.
+fn f32_ptr<'a>(
+    t: &'a Tensor,
+    op: &str,
+    what: &str,
+) -> Result<(u64, candle_core::StorageRef<'a>, usize)> {
+    let (guard, layout) = t.storage_and_layout();
+    let (ptr, n) = match &*guard {
+        Storage::Cuda(cs) => {
+            float_dtype(cs, op, true)?;
+            let Some((a, b)) = layout.contiguous_offsets() else {
+                bail!("{op}: {what} must be contiguous")
+            };
+            let slice = cs.as_cuda_slice::<f32>()?;
+            let stream = cs.device.cuda_stream();
+            let (base, _sync) = slice.device_ptr(&stream);
+            (base + (a * 4) as u64, b - a)
+        }
+        _ => bail!("{op}: {what} is not on a CUDA device"),
+    };
+    Ok((ptr, guard, n))
+}
+
+/// Builds the block → (tensor, chunk) map of a multi-tensor launch.
+fn block_map(sizes: &[usize]) -> Vec<u64> {
+    let mut map = Vec::new();
+    for (t, &n) in sizes.iter().enumerate() {
+        for k in 0..n.div_ceil(MULTI_CHUNK) {
+            map.push(t as u64 | ((k as u64) << 32));
+        }
+    }
+    map
+}
+
+/// AdamW over many tensors in ONE launch (plus one small host→device copy of the table):
+/// the same per-element update as [`adamw_inplace`], with per-tensor lr / weight decay / step.
+/// All tensors must be contiguous f32 on the same CUDA device; params and moments are written
+/// in place (they must not alias each other or other live tensors).
+pub fn adamw_multi(slots: &[AdamWSlot<'_>], cfg: &AdamWConfig) -> Result<()> {
+    const OP: &str = "adamw_multi (cuda)";
+    let Some(first) = slots.first() else {
+        return Ok(());
+    };
+    let dev = match first.param.device() {
+        candle_core::Device::Cuda(d) => d.clone(),
+        _ => bail!("{OP}: tensors must be on a CUDA device"),
+    };
+    let mut guards = Vec::with_capacity(4 * slots.len());
+    let mut table: Vec<u64> = Vec::with_capacity(8 * slots.len());
+    let mut sizes = Vec::with_capacity(slots.len());
+    for s in slots {
+        let (p, gp, n) = f32_ptr(s.param, OP, "param")?;
+        let (g, gg, ng) = f32_ptr(s.grad, OP, "grad")?;
+        let (m, gm, nm) = f32_ptr(s.exp_avg, OP, "exp_avg")?;
+        let (v, gv, nv) = f32_ptr(s.exp_avg_sq, OP, "exp_avg_sq")?;
+        if ng != n || nm != n || nv != n {
+            bail!("{OP}: param/grad/moments sizes differ ({n}, {ng}, {nm}, {nv})");
+        }
+        guards.extend([gp, gg, gm, gv]);
+        let (decay, step_size, sqrt_bc2) = s.step.scalars(cfg);
+        // Layout of AdamWEntry in optim.cu: 5 u64, 4 f32, 1 u64.
+        table.extend([p, g, m, v, n as u64]);
+        table.push(u64::from(decay.to_bits()) | (u64::from(step_size.to_bits()) << 32));
+        table.push(u64::from(sqrt_bc2.to_bits()));
+        table.push(0);
+        sizes.push(n);
+    }
+    let map = block_map(&sizes);
+    if map.is_empty() {
+        return Ok(());
+    }
+    let nblocks = u32_of(map.len(), OP, "blocks")?;
+    let ntab = table.len();
+    table.extend(map);
+    let dtable = dev.clone_htod(&table)?;
+    let tab = dtable.slice(0..ntab);
+    let bmap = dtable.slice(ntab..table.len());
+    let (b1, b2, eps) = (cfg.beta1 as f32, cfg.beta2 as f32, cfg.eps as f32);
+    let chunk = MULTI_CHUNK as u32;
+    let f = load(&dev, OPTIM, "adamw_multi_f32")?;
+    let stream = dev.cuda_stream();
+    let mut bld = stream.launch_builder(&f);
+    bld.arg(&tab)
+        .arg(&bmap)
+        .arg(&b1)
+        .arg(&b2)
+        .arg(&eps)
+        .arg(&chunk);
+    let lc = LaunchConfig {
+        grid_dim: (nblocks, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: matches adamw_multi_f32 in optim.cu; the guards keep every tensor alive.
+    unsafe { bld.launch(lc) }.w()?;
+    drop(guards);
+    Ok(())
+}
+
+/// EMA over many `(target, source)` pairs in ONE launch: `t ← m·t + (1 − m)·s`.
+pub fn ema_multi(pairs: &[(&Tensor, &Tensor)], momentum: f64) -> Result<()> {
+    const OP: &str = "ema_multi (cuda)";
+    let Some((first, _)) = pairs.first() else {
+        return Ok(());
+    };
+    let dev = match first.device() {
+        candle_core::Device::Cuda(d) => d.clone(),
+        _ => bail!("{OP}: tensors must be on a CUDA device"),
+    };
+    let mut guards = Vec::with_capacity(2 * pairs.len());
+    let mut table: Vec<u64> = Vec::with_capacity(4 * pairs.len());
+    let mut sizes = Vec::with_capacity(pairs.len());
+    for (t, s) in pairs {
+        let (tp, gt, n) = f32_ptr(t, OP, "target")?;
+        let (sp, gs, ns) = f32_ptr(s, OP, "source")?;
+        if ns != n {
+            bail!("{OP}: target has {n} elements, source {ns}");
+        }
+        guards.extend([gt, gs]);
+        table.extend([tp, sp, n as u64, 0]);
+        sizes.push(n);
+    }
+    let map = block_map(&sizes);
+    if map.is_empty() {
+        return Ok(());
+    }
+    let nblocks = u32_of(map.len(), OP, "blocks")?;
+    let ntab = table.len();
+    table.extend(map);
+    let dtable = dev.clone_htod(&table)?;
+    let tab = dtable.slice(0..ntab);
+    let bmap = dtable.slice(ntab..table.len());
+    let (mom, chunk) = (momentum as f32, MULTI_CHUNK as u32);
+    let f = load(&dev, OPTIM, "ema_multi_f32")?;
+    let stream = dev.cuda_stream();
+    let mut bld = stream.launch_builder(&f);
+    bld.arg(&tab).arg(&bmap).arg(&mom).arg(&chunk);
+    let lc = LaunchConfig {
+        grid_dim: (nblocks, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: matches ema_multi_f32 in optim.cu; the guards keep every tensor alive.
+    unsafe { bld.launch(lc) }.w()?;
+    drop(guards);
+    Ok(())
+}
