@@ -44,6 +44,9 @@ def main():
     args = ap.parse_args()
     runs = max(args.runs, 20)
     dev = torch.device("cuda")
+    # fp32 means fp32 here, as in gpu-check (no TF32 GEMMs).
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name(0)}, cuda {torch.version.cuda}")
     rows = []
 
@@ -115,6 +118,20 @@ def main():
         add("bias_add fwd", shape, dt, lambda: x + bb, nbytes=2 * nb)
         add("column_sum (dy.sum(0))", shape, dt, lambda: dy.sum(0), nbytes=nb)
         del x, bb, dy, y
+        torch.cuda.empty_cache()
+
+        r, i, o = 8 * 1568, 1024, 4096
+        shape = f"[{r},{i}]x[{o},{i}]T"
+        fl = 2.0 * r * i * o
+        x = torch.randn(r, i, device=dev, dtype=dt, requires_grad=True)
+        w = (torch.randn(o, i, device=dev, dtype=dt) * 0.02).requires_grad_(True)
+        bb = torch.randn(o, device=dev, dtype=dt, requires_grad=True)
+        dy = torch.randn(r, o, device=dev, dtype=dt)
+        add("linear fwd (F.linear)", shape, dt, lambda: F.linear(x, w, bb), flops=fl)
+        y = F.linear(x, w, bb)
+        add("linear bwd (dx, dW, db)", shape, dt,
+            lambda: torch.autograd.grad(y, (x, w, bb), dy, retain_graph=True), flops=2 * fl)
+        del x, w, bb, dy, y
         torch.cuda.empty_cache()
 
     params = [torch.randn(4096, 1024, device=dev) * 0.02, torch.randn(1024, 4096, device=dev) * 0.02]

@@ -12,9 +12,11 @@
 //! split that depends only on the shape, so results are deterministic run to run. The attention
 //! backward uses no atomics for the same reason.
 
+use candle_core::cuda_backend::cudarc::cublas::sys::cublasOperation_t;
+use candle_core::cuda_backend::cudarc::cublas::{CudaBlas, Gemm, GemmConfig};
 use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaFunction, CudaSlice, CudaView, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
+    CudaFunction, CudaSlice, CudaView, CudaViewMut, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
     ValidAsZeroBits,
 };
 use candle_core::cuda_backend::{CudaDType, WrapErr};
@@ -37,10 +39,8 @@ const NORM: Module = Module("vjepa_norm", NORM_PTX);
 const ELEMENTWISE: Module = Module("vjepa_elementwise", ELEMENTWISE_PTX);
 const OPTIM: Module = Module("vjepa_optim", OPTIM_PTX);
 
-/// Rows per chunk of the column reductions (their partials have `ceil(rows / 128)` rows).
-const REDUCE_ROWS: usize = 128;
 /// Rows per block of the bias/GELU forward kernels.
-const ELEMWISE_ROWS: usize = 32;
+const ELEMWISE_ROWS: usize = 16;
 /// Largest head dim the attention kernels are instantiated for.
 pub const MAX_HEAD_DIM: usize = 128;
 /// Query/key tile of the attention kernels.
@@ -51,9 +51,45 @@ const ATTN_LD: usize = 68;
 const MULTI_CHUNK: usize = 8192;
 
 /// Storage element types the kernels accept (fp32 compute either way).
-pub trait KernelFloat: CudaDType + DeviceRepr + WithDType + ValidAsZeroBits {}
-impl KernelFloat for f32 {}
-impl KernelFloat for bf16 {}
+pub trait KernelFloat: CudaDType + DeviceRepr + WithDType + ValidAsZeroBits {
+    /// cuBLAS GEMM for this type (fp32 accumulation), column-major as cuBLAS sees it.
+    ///
+    /// # Safety
+    /// The views must hold the elements `cfg` addresses.
+    unsafe fn gemm(
+        blas: &CudaBlas,
+        cfg: GemmConfig<Self>,
+        a: &CudaView<'_, Self>,
+        b: &CudaView<'_, Self>,
+        c: &mut CudaViewMut<'_, Self>,
+    ) -> Result<()>;
+}
+
+impl KernelFloat for f32 {
+    unsafe fn gemm(
+        blas: &CudaBlas,
+        cfg: GemmConfig<Self>,
+        a: &CudaView<'_, Self>,
+        b: &CudaView<'_, Self>,
+        c: &mut CudaViewMut<'_, Self>,
+    ) -> Result<()> {
+        // SAFETY: forwarded from the caller.
+        unsafe { Gemm::<f32>::gemm(blas, cfg, a, b, c) }.w()
+    }
+}
+
+impl KernelFloat for bf16 {
+    unsafe fn gemm(
+        blas: &CudaBlas,
+        cfg: GemmConfig<Self>,
+        a: &CudaView<'_, Self>,
+        b: &CudaView<'_, Self>,
+        c: &mut CudaViewMut<'_, Self>,
+    ) -> Result<()> {
+        // SAFETY: forwarded from the caller.
+        unsafe { Gemm::<bf16>::gemm(blas, cfg, a, b, c) }.w()
+    }
+}
 
 fn load(dev: &CudaDevice, m: Module, name: &str) -> Result<CudaFunction> {
     Ok(dev
@@ -126,17 +162,43 @@ fn u32_of(v: usize, op: &str, what: &str) -> Result<u32> {
     u32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("{op}: {what} {v} exceeds u32")))
 }
 
-/// Grid for the (32, 8)-block row-chunk kernels: (column tiles, row chunks) and the chunk size,
-/// grown past `base` only when the chunk count would exceed the grid's y limit.
-fn chunk_grid(rows: usize, cols: usize, base: usize) -> (LaunchConfig, usize, usize) {
-    let rpc = base.max(rows.div_ceil(65_535)).max(1);
+/// Rows per chunk of the column reductions: at least 32, and at most ~512 chunks (so the
+/// partials stay small next to the input). A function of the row count only.
+fn reduce_rows(rows: usize) -> usize {
+    32usize.max(rows.div_ceil(512))
+}
+
+/// Vector width of the row kernels: 4 when the rows split into aligned 4-element vectors (every
+/// operand starts at a multiple of 4 elements), else 1.
+fn vec_width(cols: usize, starts: &[usize]) -> usize {
+    if cols.is_multiple_of(4) && starts.iter().all(|s| s.is_multiple_of(4)) {
+        4
+    } else {
+        1
+    }
+}
+
+/// Launch of the row-chunk kernels in elementwise.cu: one block per `rpc` rows, threads over the
+/// row's `cols / v` vectors (x) and the chunk's rows (y).
+fn row_launch(rows: usize, cols: usize, v: usize, rpc: usize) -> (LaunchConfig, usize) {
+    let cv = (cols / v).max(1);
+    let bx = cv.div_ceil(32).min(8) * 32;
     let nchunks = rows.div_ceil(rpc).max(1);
     let cfg = LaunchConfig {
-        grid_dim: (cols.div_ceil(32) as u32, nchunks as u32, 1),
-        block_dim: (32, 8, 1),
+        grid_dim: (nchunks as u32, 1, 1),
+        block_dim: (bx as u32, (256 / bx) as u32, 1),
         shared_mem_bytes: 0,
     };
-    (cfg, rpc, nchunks)
+    (cfg, nchunks)
+}
+
+/// Launch of `colsum_final_*` / `ln_final_*`: (32, 8) blocks over the columns.
+fn final_cfg(cols: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (cols.div_ceil(32) as u32, 1, 1),
+        block_dim: (32, 8, 1),
+        shared_mem_bytes: 0,
+    }
 }
 
 fn linear_cfg(n: usize, threads: u32) -> LaunchConfig {
@@ -245,6 +307,14 @@ fn attn_fwd_tc_smem(hdp: usize) -> usize {
         + ATTN_TILE * (ATTN_TILE + 8) * 2
         + ATTN_TILE * (hdp + 4) * 4
 }
+/// Shared memory of the bf16 tensor-core backward kernels (TcBwd in attention.cu):
+/// (stats, dK/dV and dQ).
+fn attn_bwd_tc_smem(hdp: usize) -> (usize, usize) {
+    let tile_h = ATTN_TILE * (hdp + 8) * 2;
+    let tile_s = ATTN_TILE * (ATTN_TILE + 4) * 4;
+    let tile_p = ATTN_TILE * (ATTN_TILE + 8) * 2;
+    (2 * tile_h + tile_s, 4 * tile_h + 2 * tile_s + 2 * tile_p + 2 * ATTN_TILE * 4)
+}
 fn attn_stats_smem(hdp: usize) -> usize {
     2 * hdp * ATTN_LD * 4
 }
@@ -331,6 +401,7 @@ pub fn attention_fwd_with(
 /// Backward of [`attention_fwd`]: from `qkv`, the forward output `out` and its gradient `dout`
 /// (both `[B, N, D]`) returns `dqkv [B, N, 3·D]`. Three launches, no atomics: row statistics
 /// (log-sum-exp recomputed from q·kᵀ, and Dᵢ = Σ dO∘O), dK/dV per key tile, dQ per query tile.
+/// bf16 with hd a multiple of 8 runs on tensor cores.
 pub fn attention_bwd(
     qkv: &CudaStorage,
     lq: &Layout,
@@ -340,21 +411,37 @@ pub fn attention_bwd(
     ld: &Layout,
     heads: usize,
 ) -> Result<(CudaStorage, Shape)> {
+    attention_bwd_with(qkv, lq, out, lo, dout, ld, heads, AttnKernel::Auto)
+}
+
+/// [`attention_bwd`] with an explicit kernel choice (the check runs both).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_bwd_with(
+    qkv: &CudaStorage,
+    lq: &Layout,
+    out: &CudaStorage,
+    lo: &Layout,
+    dout: &CudaStorage,
+    ld: &Layout,
+    heads: usize,
+    kernel: AttnKernel,
+) -> Result<(CudaStorage, Shape)> {
     const OP: &str = "attention backward (cuda)";
     let dm = AttnDims::of(lq, heads, OP)?;
     let o_shape = [dm.b, dm.n, dm.d()];
     for (what, l) in [("out", lo), ("dout", ld)] {
         if l.dims() != o_shape {
-            bail!(
-                "{OP}: {what} must have shape {o_shape:?}, got {:?}",
-                l.dims()
-            );
+            bail!("{OP}: {what} must have shape {o_shape:?}, got {:?}", l.dims());
         }
         if l.start_offset() % 4 != 0 {
             bail!("{OP}: {what} must start at a multiple of 4 elements (vector loads)");
         }
     }
     let dtype = same_dtype(OP, qkv, &[out, dout])?;
+    let tc = kernel == AttnKernel::Auto
+        && dtype == DType::BF16
+        && dm.hd % 8 == 0
+        && [lq, lo, ld].iter().all(|l| l.start_offset() % 8 == 0);
     #[allow(clippy::too_many_arguments)]
     fn inner<T: KernelFloat>(
         qkv: &CudaStorage,
@@ -364,8 +451,10 @@ pub fn attention_bwd(
         dout: &CudaStorage,
         ld: &Layout,
         dm: AttnDims,
+        tc: bool,
     ) -> Result<CudaStorage> {
         let dev = &qkv.device;
+        let stream = dev.cuda_stream();
         let q = view::<T>(qkv, lq, OP, "qkv")?;
         let o = view::<T>(out, lo, OP, "out")?;
         let d_o = view::<T>(dout, ld, OP, "dout")?;
@@ -379,38 +468,54 @@ pub fn attention_bwd(
         let dqkv = unsafe { dev.alloc::<T>(dm.b * dm.n * 3 * dm.d())? };
         let (n, h, hd) = (dm.n as i32, dm.heads as i32, dm.hd as i32);
         let (sl2, sc) = (dm.scale_log2(), dm.scale());
+        let (names, smems, threads) = if tc {
+            let (st, main) = attn_bwd_tc_smem(hdp);
+            (
+                [
+                    format!("attn_bwd_stats_tc_bf16_{hdp}"),
+                    format!("attn_bwd_dkdv_tc_bf16_{hdp}"),
+                    format!("attn_bwd_dq_tc_bf16_{hdp}"),
+                ],
+                [st, main, main],
+                128,
+            )
+        } else {
+            (
+                [
+                    format!("attn_bwd_stats_{ty}_{hdp}"),
+                    format!("attn_bwd_dkdv_{ty}_{hdp}"),
+                    format!("attn_bwd_dq_{ty}_{hdp}"),
+                ],
+                [attn_stats_smem(hdp), attn_dkdv_smem(hdp), attn_dq_smem(hdp)],
+                256,
+            )
+        };
+        let cfg = |smem: usize| {
+            let mut c = dm.grid(smem);
+            c.block_dim.0 = threads;
+            c
+        };
 
-        let smem = attn_stats_smem(hdp);
-        let f = attn_func(dev, &format!("attn_bwd_stats_{ty}_{hdp}"), smem)?;
-        let stream = dev.cuda_stream();
+        let f = attn_func(dev, &names[0], smems[0])?;
         let mut bld = stream.launch_builder(&f);
         bld.arg(&q).arg(&o).arg(&d_o).arg(&lse).arg(&delta);
         bld.arg(&n).arg(&h).arg(&hd).arg(&sl2);
-        // SAFETY: matches attn_bwd_stats_* in attention.cu.
-        unsafe { bld.launch(dm.grid(smem)) }.w()?;
+        // SAFETY: matches attn_bwd_stats[_tc]_* in attention.cu.
+        unsafe { bld.launch(cfg(smems[0])) }.w()?;
 
-        let smem = attn_dkdv_smem(hdp);
-        let f = attn_func(dev, &format!("attn_bwd_dkdv_{ty}_{hdp}"), smem)?;
-        let stream = dev.cuda_stream();
-        let mut bld = stream.launch_builder(&f);
-        bld.arg(&q).arg(&d_o).arg(&lse).arg(&delta).arg(&dqkv);
-        bld.arg(&n).arg(&h).arg(&hd).arg(&sl2).arg(&sc);
-        // SAFETY: matches attn_bwd_dkdv_* in attention.cu.
-        unsafe { bld.launch(dm.grid(smem)) }.w()?;
-
-        let smem = attn_dq_smem(hdp);
-        let f = attn_func(dev, &format!("attn_bwd_dq_{ty}_{hdp}"), smem)?;
-        let stream = dev.cuda_stream();
-        let mut bld = stream.launch_builder(&f);
-        bld.arg(&q).arg(&d_o).arg(&lse).arg(&delta).arg(&dqkv);
-        bld.arg(&n).arg(&h).arg(&hd).arg(&sl2).arg(&sc);
-        // SAFETY: matches attn_bwd_dq_* in attention.cu.
-        unsafe { bld.launch(dm.grid(smem)) }.w()?;
+        for (name, smem) in names[1..].iter().zip(&smems[1..]) {
+            let f = attn_func(dev, name, *smem)?;
+            let mut bld = stream.launch_builder(&f);
+            bld.arg(&q).arg(&d_o).arg(&lse).arg(&delta).arg(&dqkv);
+            bld.arg(&n).arg(&h).arg(&hd).arg(&sl2).arg(&sc);
+            // SAFETY: matches attn_bwd_dkdv[_tc]_* / attn_bwd_dq[_tc]_* in attention.cu.
+            unsafe { bld.launch(cfg(*smem)) }.w()?;
+        }
         Ok(CudaStorage::wrap_cuda_slice(dqkv, dev.clone()))
     }
     let s = match dtype {
-        DType::F32 => inner::<f32>(qkv, lq, out, lo, dout, ld, dm)?,
-        _ => inner::<bf16>(qkv, lq, out, lo, dout, ld, dm)?,
+        DType::F32 => inner::<f32>(qkv, lq, out, lo, dout, ld, dm, tc)?,
+        _ => inner::<bf16>(qkv, lq, out, lo, dout, ld, dm, tc)?,
     };
     Ok((s, Shape::from((dm.b, dm.n, 3 * dm.d()))))
 }
@@ -423,8 +528,83 @@ fn ln_rows_cfg(rows: usize) -> LaunchConfig {
     linear_cfg(rows * 32, 256)
 }
 
-/// LayerNorm over the last dim with affine `weight`/`bias` (`[C]`), biased variance, fp32
-/// statistics. One launch (a warp per row).
+/// Vectors per lane of the register fast path (`cols = nv·128`, nv ≤ 8, operands 4-aligned).
+fn ln_fast_nv(cols: usize, starts: &[usize]) -> Option<usize> {
+    (cols.is_multiple_of(128) && cols <= 1024 && vec_width(cols, starts) == 4)
+        .then_some(cols / 128)
+}
+
+/// LayerNorm over the last dim, affine (`weight`/`bias` `[C]`) when `wb` is given; biased
+/// variance, fp32 statistics. One launch: a warp per row (row in registers for C = k·128 ≤ 1024).
+fn ln_forward(
+    x: &CudaStorage,
+    lx: &Layout,
+    wb: Option<(&CudaStorage, &Layout, &CudaStorage, &Layout)>,
+    eps: f32,
+    op: &'static str,
+) -> Result<(CudaStorage, Shape)> {
+    let (rows, cols) = rows_cols(lx, op)?;
+    let mut starts = vec![lx.start_offset()];
+    let dtype = match wb {
+        Some((w, lw, b, lb)) => {
+            check_vec(lw, cols, op, "weight")?;
+            check_vec(lb, cols, op, "bias")?;
+            starts.extend([lw.start_offset(), lb.start_offset()]);
+            same_dtype(op, x, &[w, b])?
+        }
+        None => float_dtype(x, op, false)?,
+    };
+    let fast = ln_fast_nv(cols, &starts);
+    #[allow(clippy::type_complexity)]
+    fn inner<T: KernelFloat>(
+        x: &CudaStorage,
+        lx: &Layout,
+        wb: Option<(&CudaStorage, &Layout, &CudaStorage, &Layout)>,
+        rows: usize,
+        cols: usize,
+        eps: f32,
+        fast: Option<usize>,
+        op: &str,
+    ) -> Result<CudaStorage> {
+        let dev = &x.device;
+        let ty = T::DTYPE.as_str();
+        let xs = view::<T>(x, lx, op, "x")?;
+        let wbs = match wb {
+            Some((w, lw, b, lb)) => Some((view::<T>(w, lw, op, "weight")?, view::<T>(b, lb, op, "bias")?)),
+            None => None,
+        };
+        let kind = if wbs.is_some() { "ln" } else { "ln_plain" };
+        let name = match fast {
+            Some(nv) => format!("{kind}_fwd_fast_{ty}_{nv}"),
+            None => format!("{kind}_fwd_{ty}"),
+        };
+        let f = load(dev, NORM, &name)?;
+        // SAFETY: every row is written.
+        let y = unsafe { dev.alloc::<T>(rows * cols)? };
+        let (r, c) = (u32_of(rows, op, "rows")?, u32_of(cols, op, "cols")?);
+        let stream = dev.cuda_stream();
+        let mut bld = stream.launch_builder(&f);
+        bld.arg(&xs);
+        if let Some((w, b)) = &wbs {
+            bld.arg(w).arg(b);
+        }
+        bld.arg(&y).arg(&r);
+        if fast.is_none() {
+            bld.arg(&c);
+        }
+        bld.arg(&eps);
+        // SAFETY: matches ln[_plain]_fwd[_fast]_* in norm.cu.
+        unsafe { bld.launch(ln_rows_cfg(rows)) }.w()?;
+        Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
+    }
+    let s = match dtype {
+        DType::F32 => inner::<f32>(x, lx, wb, rows, cols, eps, fast, op)?,
+        _ => inner::<bf16>(x, lx, wb, rows, cols, eps, fast, op)?,
+    };
+    Ok((s, lx.shape().clone()))
+}
+
+/// LayerNorm over the last dim with affine `weight`/`bias` (`[C]`). One launch.
 pub fn layer_norm_fwd(
     x: &CudaStorage,
     lx: &Layout,
@@ -434,89 +614,157 @@ pub fn layer_norm_fwd(
     lb: &Layout,
     eps: f32,
 ) -> Result<(CudaStorage, Shape)> {
-    const OP: &str = "layer_norm (cuda)";
-    let (rows, cols) = rows_cols(lx, OP)?;
-    check_vec(lw, cols, OP, "weight")?;
-    check_vec(lb, cols, OP, "bias")?;
-    let dtype = same_dtype(OP, x, &[w, b])?;
+    ln_forward(x, lx, Some((w, lw, b, lb)), eps, "layer_norm (cuda)")
+}
+
+/// LayerNorm without affine parameters (the target normalisation). One launch.
+pub fn layer_norm_plain_fwd(x: &CudaStorage, lx: &Layout, eps: f32) -> Result<(CudaStorage, Shape)> {
+    ln_forward(x, lx, None, eps, "layer_norm_plain (cuda)")
+}
+
+/// LayerNorm backward from x (and weight when affine) and dy. Affine: one packed `[rows + 2, C]`
+/// tensor, rows `0..rows` dx, then dweight, then dbias; plain: dx.
+///
+/// Fast path (C = k·128 ≤ 1024): one launch computes dx and per-chunk dweight/dbias partials
+/// with each row read once, a second adds the partials. Otherwise three: dx per row (stashing
+/// mean/rstd), the column partials, their sum.
+fn ln_backward(
+    x: &CudaStorage,
+    lx: &Layout,
+    w: Option<(&CudaStorage, &Layout)>,
+    dy: &CudaStorage,
+    ldy: &Layout,
+    eps: f32,
+    op: &'static str,
+) -> Result<(CudaStorage, Shape)> {
+    let (rows, cols) = rows_cols(lx, op)?;
+    if ldy.dims() != lx.dims() {
+        bail!("{op}: dy {:?} must match x {:?}", ldy.dims(), lx.dims());
+    }
+    let mut starts = vec![lx.start_offset(), ldy.start_offset()];
+    let dtype = match w {
+        Some((ws, lw)) => {
+            check_vec(lw, cols, op, "weight")?;
+            starts.push(lw.start_offset());
+            same_dtype(op, x, &[ws, dy])?
+        }
+        None => same_dtype(op, x, &[dy])?,
+    };
+    let fast = ln_fast_nv(cols, &starts);
     #[allow(clippy::too_many_arguments)]
     fn inner<T: KernelFloat>(
         x: &CudaStorage,
         lx: &Layout,
-        w: &CudaStorage,
-        lw: &Layout,
-        b: &CudaStorage,
-        lb: &Layout,
+        w: Option<(&CudaStorage, &Layout)>,
+        dy: &CudaStorage,
+        ldy: &Layout,
         rows: usize,
         cols: usize,
         eps: f32,
+        fast: Option<usize>,
+        op: &str,
     ) -> Result<CudaStorage> {
         let dev = &x.device;
-        let xs = view::<T>(x, lx, OP, "x")?;
-        let ws = view::<T>(w, lw, OP, "weight")?;
-        let bs = view::<T>(b, lb, OP, "bias")?;
-        let f = load(dev, NORM, &format!("ln_fwd_{}", T::DTYPE.as_str()))?;
-        // SAFETY: every row is written.
-        let y = unsafe { dev.alloc::<T>(rows * cols)? };
-        let (r, c) = (u32_of(rows, OP, "rows")?, u32_of(cols, OP, "cols")?);
         let stream = dev.cuda_stream();
-        let mut bld = stream.launch_builder(&f);
-        bld.arg(&xs)
-            .arg(&ws)
-            .arg(&bs)
-            .arg(&y)
-            .arg(&r)
-            .arg(&c)
-            .arg(&eps);
-        // SAFETY: matches ln_fwd_* in norm.cu.
-        unsafe { bld.launch(ln_rows_cfg(rows)) }.w()?;
-        Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
+        let ty = T::DTYPE.as_str();
+        let xs = view::<T>(x, lx, op, "x")?;
+        let dys = view::<T>(dy, ldy, op, "dy")?;
+        let ws = match w {
+            Some((ws, lw)) => Some(view::<T>(ws, lw, op, "weight")?),
+            None => None,
+        };
+        let affine = ws.is_some();
+        let extra = if affine { 2 } else { 0 };
+        // SAFETY: dx rows by the dx kernel, the dweight/dbias rows by ln_final.
+        let mut packed = unsafe { dev.alloc::<T>((rows + extra) * cols)? };
+        let (r, c) = (u32_of(rows, op, "rows")?, u32_of(cols, op, "cols")?);
+        let rpc = reduce_rows(rows);
+        let nchunks = rows.div_ceil(rpc).max(1);
+        let rpcu = rpc as u32;
+        let mut partial = None;
+        if let Some(nv) = fast {
+            let kind = if affine { "ln" } else { "ln_plain" };
+            let f = load(dev, NORM, &format!("{kind}_bwd_fast_{ty}_{nv}"))?;
+            // SAFETY: every (chunk, 2·C) partial is written by its block.
+            let part = unsafe { dev.alloc::<f32>(if affine { nchunks * 2 * cols } else { 1 })? };
+            let mut dx = packed.slice_mut(0..rows * cols);
+            let mut bld = stream.launch_builder(&f);
+            bld.arg(&xs);
+            if let Some(w) = &ws {
+                bld.arg(w);
+            }
+            bld.arg(&dys).arg(&mut dx);
+            if affine {
+                bld.arg(&part);
+            }
+            bld.arg(&r).arg(&eps).arg(&rpcu);
+            let cfg = LaunchConfig {
+                grid_dim: (nchunks as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: matches ln[_plain]_bwd_fast_* in norm.cu.
+            unsafe { bld.launch(cfg) }.w()?;
+            partial = Some(part);
+        } else if let Some(w) = &ws {
+            // SAFETY: one (mean, rstd) per row, all written by ln_bwd_dx.
+            let stats = unsafe { dev.alloc::<f32>(2 * rows)? };
+            {
+                let mut dx = packed.slice_mut(0..rows * cols);
+                let f = load(dev, NORM, &format!("ln_bwd_dx_{ty}"))?;
+                let mut bld = stream.launch_builder(&f);
+                bld.arg(&xs).arg(w).arg(&dys).arg(&mut dx).arg(&stats);
+                bld.arg(&r).arg(&c).arg(&eps);
+                // SAFETY: matches ln_bwd_dx_* in norm.cu.
+                unsafe { bld.launch(ln_rows_cfg(rows)) }.w()?;
+            }
+            // SAFETY: every (chunk, column) partial is written.
+            let part = unsafe { dev.alloc::<f32>(nchunks * 2 * cols)? };
+            let f = load(dev, NORM, &format!("ln_dwdb_partial_{ty}"))?;
+            let mut bld = stream.launch_builder(&f);
+            bld.arg(&xs).arg(&dys).arg(&stats).arg(&part);
+            bld.arg(&r).arg(&c).arg(&rpcu);
+            let cfg = LaunchConfig {
+                grid_dim: (cols.div_ceil(32) as u32, nchunks as u32, 1),
+                block_dim: (32, 8, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: matches ln_dwdb_partial_* in norm.cu.
+            unsafe { bld.launch(cfg) }.w()?;
+            partial = Some(part);
+        } else {
+            let mut dx = packed.slice_mut(0..rows * cols);
+            let f = load(dev, NORM, &format!("ln_plain_bwd_{ty}"))?;
+            let mut bld = stream.launch_builder(&f);
+            bld.arg(&xs).arg(&dys).arg(&mut dx).arg(&r).arg(&c).arg(&eps);
+            // SAFETY: matches ln_plain_bwd_* in norm.cu.
+            unsafe { bld.launch(ln_rows_cfg(rows)) }.w()?;
+        }
+        if affine && let Some(part) = &partial {
+            let mut dwdb = packed.slice_mut(rows * cols..(rows + 2) * cols);
+            let f = load(dev, NORM, &format!("ln_final_{ty}"))?;
+            let (nc, c2) = (nchunks as u32, 2 * c);
+            let mut bld = stream.launch_builder(&f);
+            bld.arg(part).arg(&mut dwdb).arg(&nc).arg(&c2);
+            // SAFETY: matches ln_final_* in norm.cu.
+            unsafe { bld.launch(final_cfg(2 * cols)) }.w()?;
+        }
+        Ok(CudaStorage::wrap_cuda_slice(packed, dev.clone()))
     }
     let s = match dtype {
-        DType::F32 => inner::<f32>(x, lx, w, lw, b, lb, rows, cols, eps)?,
-        _ => inner::<bf16>(x, lx, w, lw, b, lb, rows, cols, eps)?,
+        DType::F32 => inner::<f32>(x, lx, w, dy, ldy, rows, cols, eps, fast, op)?,
+        _ => inner::<bf16>(x, lx, w, dy, ldy, rows, cols, eps, fast, op)?,
     };
-    Ok((s, lx.shape().clone()))
+    let shape = if w.is_some() {
+        Shape::from((rows + 2, cols))
+    } else {
+        lx.shape().clone()
+    };
+    Ok((s, shape))
 }
 
-/// LayerNorm without affine parameters (the target normalisation). One launch.
-pub fn layer_norm_plain_fwd(
-    x: &CudaStorage,
-    lx: &Layout,
-    eps: f32,
-) -> Result<(CudaStorage, Shape)> {
-    const OP: &str = "layer_norm_plain (cuda)";
-    let (rows, cols) = rows_cols(lx, OP)?;
-    fn inner<T: KernelFloat>(
-        x: &CudaStorage,
-        lx: &Layout,
-        rows: usize,
-        cols: usize,
-        eps: f32,
-    ) -> Result<CudaStorage> {
-        let dev = &x.device;
-        let xs = view::<T>(x, lx, OP, "x")?;
-        let f = load(dev, NORM, &format!("ln_plain_fwd_{}", T::DTYPE.as_str()))?;
-        // SAFETY: every row is written.
-        let y = unsafe { dev.alloc::<T>(rows * cols)? };
-        let (r, c) = (u32_of(rows, OP, "rows")?, u32_of(cols, OP, "cols")?);
-        let stream = dev.cuda_stream();
-        let mut bld = stream.launch_builder(&f);
-        bld.arg(&xs).arg(&y).arg(&r).arg(&c).arg(&eps);
-        // SAFETY: matches ln_plain_fwd_* in norm.cu.
-        unsafe { bld.launch(ln_rows_cfg(rows)) }.w()?;
-        Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
-    }
-    let s = match float_dtype(x, OP, false)? {
-        DType::F32 => inner::<f32>(x, lx, rows, cols, eps)?,
-        _ => inner::<bf16>(x, lx, rows, cols, eps)?,
-    };
-    Ok((s, lx.shape().clone()))
-}
-
-/// Backward of [`layer_norm_fwd`]: returns one packed `[rows + 2, C]` tensor, rows `0..rows`
-/// dx (in x's row order), then dweight, then dbias. Three launches: dx per row (stashing mean
-/// and rstd), per-chunk column partials of dy·x̂ and dy, and their in-order sum.
+/// Backward of [`layer_norm_fwd`]: one packed `[rows + 2, C]` tensor, rows `0..rows` dx (in x's
+/// row order), then dweight, then dbias. Two launches on the fast path (C = k·128 ≤ 1024).
 pub fn layer_norm_bwd(
     x: &CudaStorage,
     lx: &Layout,
@@ -526,71 +774,7 @@ pub fn layer_norm_bwd(
     ldy: &Layout,
     eps: f32,
 ) -> Result<(CudaStorage, Shape)> {
-    const OP: &str = "layer_norm backward (cuda)";
-    let (rows, cols) = rows_cols(lx, OP)?;
-    check_vec(lw, cols, OP, "weight")?;
-    if ldy.dims() != lx.dims() {
-        bail!("{OP}: dy {:?} must match x {:?}", ldy.dims(), lx.dims());
-    }
-    let dtype = same_dtype(OP, x, &[w, dy])?;
-    #[allow(clippy::too_many_arguments)]
-    fn inner<T: KernelFloat>(
-        x: &CudaStorage,
-        lx: &Layout,
-        w: &CudaStorage,
-        lw: &Layout,
-        dy: &CudaStorage,
-        ldy: &Layout,
-        rows: usize,
-        cols: usize,
-        eps: f32,
-    ) -> Result<CudaStorage> {
-        let dev = &x.device;
-        let ty = T::DTYPE.as_str();
-        let xs = view::<T>(x, lx, OP, "x")?;
-        let ws = view::<T>(w, lw, OP, "weight")?;
-        let dys = view::<T>(dy, ldy, OP, "dy")?;
-        // SAFETY: dx rows by ln_bwd_dx, the last two rows by ln_final.
-        let mut packed = unsafe { dev.alloc::<T>((rows + 2) * cols)? };
-        // SAFETY: one (mean, rstd) per row, all written by ln_bwd_dx.
-        let stats = unsafe { dev.alloc::<f32>(2 * rows)? };
-        let (r, c) = (u32_of(rows, OP, "rows")?, u32_of(cols, OP, "cols")?);
-        {
-            let mut dx = packed.slice_mut(0..rows * cols);
-            let f = load(dev, NORM, &format!("ln_bwd_dx_{ty}"))?;
-            let stream = dev.cuda_stream();
-            let mut bld = stream.launch_builder(&f);
-            bld.arg(&xs).arg(&ws).arg(&dys).arg(&mut dx).arg(&stats);
-            bld.arg(&r).arg(&c).arg(&eps);
-            // SAFETY: matches ln_bwd_dx_* in norm.cu.
-            unsafe { bld.launch(ln_rows_cfg(rows)) }.w()?;
-        }
-        let (cfg, rpc, nchunks) = chunk_grid(rows, cols, REDUCE_ROWS);
-        // SAFETY: every (chunk, column) partial is written.
-        let partial = unsafe { dev.alloc::<f32>(nchunks * 2 * cols)? };
-        let rpc = rpc as u32;
-        let f = load(dev, NORM, &format!("ln_dwdb_partial_{ty}"))?;
-        let stream = dev.cuda_stream();
-        let mut bld = stream.launch_builder(&f);
-        bld.arg(&xs).arg(&dys).arg(&stats).arg(&partial);
-        bld.arg(&r).arg(&c).arg(&rpc);
-        // SAFETY: matches ln_dwdb_partial_* in norm.cu.
-        unsafe { bld.launch(cfg) }.w()?;
-        let mut dwdb = packed.slice_mut(rows * cols..(rows + 2) * cols);
-        let f = load(dev, NORM, &format!("ln_final_{ty}"))?;
-        let (nc, c2) = (nchunks as u32, 2 * c);
-        let stream = dev.cuda_stream();
-        let mut bld = stream.launch_builder(&f);
-        bld.arg(&partial).arg(&mut dwdb).arg(&nc).arg(&c2);
-        // SAFETY: matches ln_final_* in norm.cu.
-        unsafe { bld.launch(linear_cfg(2 * cols, 256)) }.w()?;
-        Ok(CudaStorage::wrap_cuda_slice(packed, dev.clone()))
-    }
-    let s = match dtype {
-        DType::F32 => inner::<f32>(x, lx, w, lw, dy, ldy, rows, cols, eps)?,
-        _ => inner::<bf16>(x, lx, w, lw, dy, ldy, rows, cols, eps)?,
-    };
-    Ok((s, Shape::from((rows + 2, cols))))
+    ln_backward(x, lx, Some((w, lw)), dy, ldy, eps, "layer_norm backward (cuda)")
 }
 
 /// Backward of [`layer_norm_plain_fwd`]: dx, same shape as x. One launch.
@@ -601,40 +785,7 @@ pub fn layer_norm_plain_bwd(
     ldy: &Layout,
     eps: f32,
 ) -> Result<(CudaStorage, Shape)> {
-    const OP: &str = "layer_norm_plain backward (cuda)";
-    let (rows, cols) = rows_cols(lx, OP)?;
-    if ldy.dims() != lx.dims() {
-        bail!("{OP}: dy {:?} must match x {:?}", ldy.dims(), lx.dims());
-    }
-    let dtype = same_dtype(OP, x, &[dy])?;
-    fn inner<T: KernelFloat>(
-        x: &CudaStorage,
-        lx: &Layout,
-        dy: &CudaStorage,
-        ldy: &Layout,
-        rows: usize,
-        cols: usize,
-        eps: f32,
-    ) -> Result<CudaStorage> {
-        let dev = &x.device;
-        let xs = view::<T>(x, lx, OP, "x")?;
-        let dys = view::<T>(dy, ldy, OP, "dy")?;
-        let f = load(dev, NORM, &format!("ln_plain_bwd_{}", T::DTYPE.as_str()))?;
-        // SAFETY: every row is written.
-        let dx = unsafe { dev.alloc::<T>(rows * cols)? };
-        let (r, c) = (u32_of(rows, OP, "rows")?, u32_of(cols, OP, "cols")?);
-        let stream = dev.cuda_stream();
-        let mut bld = stream.launch_builder(&f);
-        bld.arg(&xs).arg(&dys).arg(&dx).arg(&r).arg(&c).arg(&eps);
-        // SAFETY: matches ln_plain_bwd_* in norm.cu.
-        unsafe { bld.launch(ln_rows_cfg(rows)) }.w()?;
-        Ok(CudaStorage::wrap_cuda_slice(dx, dev.clone()))
-    }
-    let s = match dtype {
-        DType::F32 => inner::<f32>(x, lx, dy, ldy, rows, cols, eps)?,
-        _ => inner::<bf16>(x, lx, dy, ldy, rows, cols, eps)?,
-    };
-    Ok((s, lx.shape().clone()))
+    ln_backward(x, lx, None, dy, ldy, eps, "layer_norm_plain backward (cuda)")
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -651,6 +802,7 @@ fn bias_act(
     let (rows, cols) = rows_cols(lx, op)?;
     check_vec(lb, cols, op, "bias")?;
     let dtype = same_dtype(op, x, &[b])?;
+    let v = vec_width(cols, &[lx.start_offset(), lb.start_offset()]);
     #[allow(clippy::too_many_arguments)]
     fn inner<T: KernelFloat>(
         name: &str,
@@ -661,19 +813,16 @@ fn bias_act(
         lb: &Layout,
         rows: usize,
         cols: usize,
+        v: usize,
     ) -> Result<CudaStorage> {
         let dev = &x.device;
         let xs = view::<T>(x, lx, op, "x")?;
         let bs = view::<T>(b, lb, op, "bias")?;
-        let f = load(dev, ELEMENTWISE, &format!("{name}_{}", T::DTYPE.as_str()))?;
+        let f = load(dev, ELEMENTWISE, &format!("{name}_{}_v{v}", T::DTYPE.as_str()))?;
         // SAFETY: every element is written.
         let y = unsafe { dev.alloc::<T>(rows * cols)? };
-        let (cfg, rpc, _) = chunk_grid(rows, cols, ELEMWISE_ROWS);
-        let (r, c, rpc) = (
-            u32_of(rows, op, "rows")?,
-            u32_of(cols, op, "cols")?,
-            rpc as u32,
-        );
+        let (cfg, _) = row_launch(rows, cols, v, ELEMWISE_ROWS);
+        let (r, c, rpc) = (u32_of(rows, op, "rows")?, u32_of(cols, op, "cols")?, ELEMWISE_ROWS as u32);
         let stream = dev.cuda_stream();
         let mut bld = stream.launch_builder(&f);
         bld.arg(&xs).arg(&bs).arg(&y).arg(&r).arg(&c).arg(&rpc);
@@ -682,8 +831,8 @@ fn bias_act(
         Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
     }
     let s = match dtype {
-        DType::F32 => inner::<f32>(name, op, x, lx, b, lb, rows, cols)?,
-        _ => inner::<bf16>(name, op, x, lx, b, lb, rows, cols)?,
+        DType::F32 => inner::<f32>(name, op, x, lx, b, lb, rows, cols, v)?,
+        _ => inner::<bf16>(name, op, x, lx, b, lb, rows, cols, v)?,
     };
     Ok((s, lx.shape().clone()))
 }
@@ -710,7 +859,7 @@ pub fn bias_gelu(
 
 /// Backward of [`bias_gelu`] from x, b and dy: one packed `[rows + 1, C]` tensor, rows `0..rows`
 /// dx = dy·gelu'(x + b), the last row db = Σ_rows dx. Two launches (dx with per-chunk db
-/// partials, then their in-order sum).
+/// partials, then their sum in a fixed order).
 pub fn bias_gelu_bwd(
     x: &CudaStorage,
     lx: &Layout,
@@ -726,6 +875,7 @@ pub fn bias_gelu_bwd(
         bail!("{OP}: dy {:?} must match x {:?}", ldy.dims(), lx.dims());
     }
     let dtype = same_dtype(OP, x, &[b, dy])?;
+    let v = vec_width(cols, &[lx.start_offset(), lb.start_offset(), ldy.start_offset()]);
     #[allow(clippy::too_many_arguments)]
     fn inner<T: KernelFloat>(
         x: &CudaStorage,
@@ -736,6 +886,7 @@ pub fn bias_gelu_bwd(
         ldy: &Layout,
         rows: usize,
         cols: usize,
+        v: usize,
     ) -> Result<CudaStorage> {
         let dev = &x.device;
         let ty = T::DTYPE.as_str();
@@ -744,17 +895,14 @@ pub fn bias_gelu_bwd(
         let dys = view::<T>(dy, ldy, OP, "dy")?;
         // SAFETY: dx rows by bias_gelu_bwd, the last row by colsum_final.
         let mut packed = unsafe { dev.alloc::<T>((rows + 1) * cols)? };
-        let (cfg, rpc, nchunks) = chunk_grid(rows, cols, REDUCE_ROWS);
+        let rpc = reduce_rows(rows);
+        let (cfg, nchunks) = row_launch(rows, cols, v, rpc);
         // SAFETY: every (chunk, column) partial is written.
         let partial = unsafe { dev.alloc::<f32>(nchunks * cols)? };
-        let (r, c, rpcu) = (
-            u32_of(rows, OP, "rows")?,
-            u32_of(cols, OP, "cols")?,
-            rpc as u32,
-        );
+        let (r, c, rpcu) = (u32_of(rows, OP, "rows")?, u32_of(cols, OP, "cols")?, rpc as u32);
         {
             let mut dx = packed.slice_mut(0..rows * cols);
-            let f = load(dev, ELEMENTWISE, &format!("bias_gelu_bwd_{ty}"))?;
+            let f = load(dev, ELEMENTWISE, &format!("bias_gelu_bwd_{ty}_v{v}"))?;
             let stream = dev.cuda_stream();
             let mut bld = stream.launch_builder(&f);
             bld.arg(&xs).arg(&bs).arg(&dys).arg(&mut dx).arg(&partial);
@@ -767,8 +915,8 @@ pub fn bias_gelu_bwd(
         Ok(CudaStorage::wrap_cuda_slice(packed, dev.clone()))
     }
     let s = match dtype {
-        DType::F32 => inner::<f32>(x, lx, b, lb, dy, ldy, rows, cols)?,
-        _ => inner::<bf16>(x, lx, b, lb, dy, ldy, rows, cols)?,
+        DType::F32 => inner::<f32>(x, lx, b, lb, dy, ldy, rows, cols, v)?,
+        _ => inner::<bf16>(x, lx, b, lb, dy, ldy, rows, cols, v)?,
     };
     Ok((s, Shape::from((rows + 1, cols))))
 }
@@ -776,26 +924,47 @@ pub fn bias_gelu_bwd(
 fn colsum_final_launch<T: KernelFloat>(
     dev: &CudaDevice,
     partial: &CudaSlice<f32>,
-    out: &mut candle_core::cuda_backend::cudarc::driver::CudaViewMut<'_, T>,
+    out: &mut CudaViewMut<'_, T>,
     nchunks: usize,
     cols: usize,
 ) -> Result<()> {
-    let f = load(
-        dev,
-        ELEMENTWISE,
-        &format!("colsum_final_{}", T::DTYPE.as_str()),
-    )?;
+    let f = load(dev, ELEMENTWISE, &format!("colsum_final_{}", T::DTYPE.as_str()))?;
     let (nc, c) = (nchunks as u32, cols as u32);
     let stream = dev.cuda_stream();
     let mut bld = stream.launch_builder(&f);
     bld.arg(partial).arg(out).arg(&nc).arg(&c);
     // SAFETY: matches colsum_final_* in elementwise.cu.
-    unsafe { bld.launch(linear_cfg(cols, 256)) }.w()?;
+    unsafe { bld.launch(final_cfg(cols)) }.w()?;
     Ok(())
 }
 
+/// Column sums of the contiguous `[rows, cols]` view `x` into `out` (two launches).
+fn column_sum_into<T: KernelFloat>(
+    dev: &CudaDevice,
+    x: &CudaView<'_, T>,
+    x_start: usize,
+    rows: usize,
+    cols: usize,
+    out: &mut CudaViewMut<'_, T>,
+    op: &str,
+) -> Result<()> {
+    let v = vec_width(cols, &[x_start]);
+    let rpc = reduce_rows(rows);
+    let (cfg, nchunks) = row_launch(rows, cols, v, rpc);
+    // SAFETY: every (chunk, column) partial is written.
+    let partial = unsafe { dev.alloc::<f32>(nchunks * cols)? };
+    let (r, c, rpcu) = (u32_of(rows, op, "rows")?, u32_of(cols, op, "cols")?, rpc as u32);
+    let f = load(dev, ELEMENTWISE, &format!("colsum_partial_{}_v{v}", T::DTYPE.as_str()))?;
+    let stream = dev.cuda_stream();
+    let mut bld = stream.launch_builder(&f);
+    bld.arg(x).arg(&partial).arg(&r).arg(&c).arg(&rpcu);
+    // SAFETY: matches colsum_partial_* in elementwise.cu.
+    unsafe { bld.launch(cfg) }.w()?;
+    colsum_final_launch::<T>(dev, &partial, out, nchunks, cols)
+}
+
 /// Sum over all leading dims: `[..., C] → [C]` (the reduction behind every bias gradient).
-/// Two launches: per-chunk fp32 partials, then their in-order sum.
+/// Two launches: per-chunk fp32 partials, then their sum in a fixed order.
 pub fn column_sum(x: &CudaStorage, lx: &Layout) -> Result<(CudaStorage, Shape)> {
     const OP: &str = "column_sum (cuda)";
     let (rows, cols) = rows_cols(lx, OP)?;
@@ -807,28 +976,10 @@ pub fn column_sum(x: &CudaStorage, lx: &Layout) -> Result<(CudaStorage, Shape)> 
     ) -> Result<CudaStorage> {
         let dev = &x.device;
         let xs = view::<T>(x, lx, OP, "x")?;
-        let (cfg, rpc, nchunks) = chunk_grid(rows, cols, REDUCE_ROWS);
-        // SAFETY: every (chunk, column) partial is written.
-        let partial = unsafe { dev.alloc::<f32>(nchunks * cols)? };
-        let (r, c, rpc) = (
-            u32_of(rows, OP, "rows")?,
-            u32_of(cols, OP, "cols")?,
-            rpc as u32,
-        );
-        let f = load(
-            dev,
-            ELEMENTWISE,
-            &format!("colsum_partial_{}", T::DTYPE.as_str()),
-        )?;
-        let stream = dev.cuda_stream();
-        let mut bld = stream.launch_builder(&f);
-        bld.arg(&xs).arg(&partial).arg(&r).arg(&c).arg(&rpc);
-        // SAFETY: matches colsum_partial_* in elementwise.cu.
-        unsafe { bld.launch(cfg) }.w()?;
         // SAFETY: every column is written by colsum_final.
         let mut out = unsafe { dev.alloc::<T>(cols)? };
         let mut ov = out.slice_mut(0..cols);
-        colsum_final_launch::<T>(dev, &partial, &mut ov, nchunks, cols)?;
+        column_sum_into::<T>(dev, &xs, lx.start_offset(), rows, cols, &mut ov, OP)?;
         Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
     }
     let s = match float_dtype(x, OP, false)? {
@@ -838,22 +989,19 @@ pub fn column_sum(x: &CudaStorage, lx: &Layout) -> Result<(CudaStorage, Shape)> 
     Ok((s, Shape::from(cols)))
 }
 
-/// Σ x² over all elements as an f32 scalar (grad norms). Two launches with a grid fixed by the
-/// element count, so the summation order never changes.
+/// Σ x² over all elements as a scalar of x's dtype (fp32 accumulation; grad norms). Two
+/// launches with a grid fixed by the element count, so the summation order never changes.
 pub fn sum_sq(x: &CudaStorage, lx: &Layout) -> Result<(CudaStorage, Shape)> {
     const OP: &str = "sum_sq (cuda)";
     let n = lx.shape().elem_count();
     fn inner<T: KernelFloat>(x: &CudaStorage, lx: &Layout, n: usize) -> Result<CudaStorage> {
         let dev = &x.device;
+        let ty = T::DTYPE.as_str();
         let xs = view::<T>(x, lx, OP, "x")?;
         let blocks = n.div_ceil(256 * 8).clamp(1, 1024);
         // SAFETY: one partial per block, all written.
         let partial = unsafe { dev.alloc::<f32>(blocks)? };
-        let f = load(
-            dev,
-            ELEMENTWISE,
-            &format!("sumsq_partial_{}", T::DTYPE.as_str()),
-        )?;
+        let f = load(dev, ELEMENTWISE, &format!("sumsq_partial_{ty}"))?;
         let cfg = LaunchConfig {
             grid_dim: (blocks as u32, 1, 1),
             block_dim: (256, 1, 1),
@@ -865,13 +1013,12 @@ pub fn sum_sq(x: &CudaStorage, lx: &Layout) -> Result<(CudaStorage, Shape)> {
         // SAFETY: matches sumsq_partial_* in elementwise.cu.
         unsafe { bld.launch(cfg) }.w()?;
         // SAFETY: written by sum_final.
-        let out = unsafe { dev.alloc::<f32>(1)? };
-        let f = load(dev, ELEMENTWISE, "sum_final_f32")?;
+        let out = unsafe { dev.alloc::<T>(1)? };
+        let f = load(dev, ELEMENTWISE, &format!("sum_final_{ty}"))?;
         let nb = blocks as u32;
-        let stream = dev.cuda_stream();
         let mut bld = stream.launch_builder(&f);
         bld.arg(&partial).arg(&out).arg(&nb);
-        // SAFETY: matches sum_final_f32 in elementwise.cu.
+        // SAFETY: matches sum_final_* in elementwise.cu.
         unsafe { bld.launch(linear_cfg(256, 256)) }.w()?;
         Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
     }
@@ -880,6 +1027,188 @@ pub fn sum_sq(x: &CudaStorage, lx: &Layout) -> Result<(CudaStorage, Shape)> {
         _ => inner::<bf16>(x, lx, n)?,
     };
     Ok((s, Shape::from(())))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Linear (cuBLAS GEMM + our bias kernels)
+
+/// `(rows, in, out)` of x `[.., in]` against W `[out, in]`.
+fn linear_dims(lx: &Layout, lw: &Layout, op: &str) -> Result<(usize, usize, usize)> {
+    let (out, inp) = lw.shape().dims2()?;
+    match lx.dims().last() {
+        Some(&c) if c == inp && inp > 0 && out > 0 => Ok((lx.shape().elem_count() / inp, inp, out)),
+        _ => bail!("{op}: input {:?} for weight {:?}", lx.dims(), lw.dims()),
+    }
+}
+
+fn gemm_cfg<T: KernelFloat>(
+    transa: bool,
+    transb: bool,
+    (m, n, k): (usize, usize, usize),
+    (lda, ldb, ldc): (usize, usize, usize),
+) -> GemmConfig<T> {
+    let op = |t| {
+        if t {
+            cublasOperation_t::CUBLAS_OP_T
+        } else {
+            cublasOperation_t::CUBLAS_OP_N
+        }
+    };
+    GemmConfig {
+        transa: op(transa),
+        transb: op(transb),
+        m: m as i32,
+        n: n as i32,
+        k: k as i32,
+        alpha: T::one(),
+        lda: lda as i32,
+        ldb: ldb as i32,
+        beta: T::zero(),
+        ldc: ldc as i32,
+    }
+}
+
+fn check_i32(op: &str, dims: &[usize]) -> Result<()> {
+    if dims.iter().any(|&d| d > i32::MAX as usize) {
+        bail!("{op}: a GEMM dimension exceeds i32 ({dims:?})");
+    }
+    Ok(())
+}
+
+/// `y = x·Wᵀ (+ b)` for x `[.., in]`, W `[out, in]` (torch layout), b `[out]`: one cuBLAS GEMM
+/// (fp32 accumulation) and, with a bias, one in-place bias kernel.
+pub fn linear_fwd(
+    x: &CudaStorage,
+    lx: &Layout,
+    w: &CudaStorage,
+    lw: &Layout,
+    b: Option<(&CudaStorage, &Layout)>,
+) -> Result<(CudaStorage, Shape)> {
+    const OP: &str = "linear (cuda)";
+    let (rows, inp, out) = linear_dims(lx, lw, OP)?;
+    check_i32(OP, &[rows, inp, out])?;
+    let dtype = match b {
+        Some((bs, lb)) => {
+            check_vec(lb, out, OP, "bias")?;
+            same_dtype(OP, x, &[w, bs])?
+        }
+        None => same_dtype(OP, x, &[w])?,
+    };
+    #[allow(clippy::too_many_arguments)]
+    fn inner<T: KernelFloat>(
+        x: &CudaStorage,
+        lx: &Layout,
+        w: &CudaStorage,
+        lw: &Layout,
+        b: Option<(&CudaStorage, &Layout)>,
+        rows: usize,
+        inp: usize,
+        out: usize,
+    ) -> Result<CudaStorage> {
+        let dev = &x.device;
+        let xs = view::<T>(x, lx, OP, "x")?;
+        let ws = view::<T>(w, lw, OP, "weight")?;
+        // SAFETY: fully written by the GEMM (beta = 0).
+        let mut y = unsafe { dev.alloc::<T>(rows * out)? };
+        {
+            let mut yv = y.slice_mut(0..rows * out);
+            // Column-major: yᵀ [out, rows] = W [out, in] (stored as Wᵀ, so op T) · xᵀ [in, rows].
+            let cfg = gemm_cfg::<T>(true, false, (out, rows, inp), (inp, inp, out));
+            // SAFETY: the views hold out·in, rows·in and rows·out elements.
+            unsafe { T::gemm(&dev.cublas_handle(), cfg, &ws, &xs, &mut yv) }?;
+        }
+        if let Some((bs, lb)) = b {
+            let bv = view::<T>(bs, lb, OP, "bias")?;
+            let v = vec_width(out, &[lb.start_offset()]);
+            let f = load(dev, ELEMENTWISE, &format!("bias_add_inplace_{}_v{v}", T::DTYPE.as_str()))?;
+            let (cfg, _) = row_launch(rows, out, v, ELEMWISE_ROWS);
+            let (r, c, rpc) = (rows as u32, out as u32, ELEMWISE_ROWS as u32);
+            let stream = dev.cuda_stream();
+            let mut bld = stream.launch_builder(&f);
+            bld.arg(&mut y).arg(&bv).arg(&r).arg(&c).arg(&rpc);
+            // SAFETY: matches bias_add_inplace_* in elementwise.cu.
+            unsafe { bld.launch(cfg) }.w()?;
+        }
+        Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
+    }
+    let s = match dtype {
+        DType::F32 => inner::<f32>(x, lx, w, lw, b, rows, inp, out)?,
+        _ => inner::<bf16>(x, lx, w, lw, b, rows, inp, out)?,
+    };
+    let mut dims = lx.dims().to_vec();
+    if let Some(last) = dims.last_mut() {
+        *last = out;
+    }
+    Ok((s, Shape::from(dims)))
+}
+
+/// Backward of [`linear_fwd`] from x, W and dy: one flat tensor `[dx (rows·in) | dW (out·in) |
+/// db (out, when bias)]`. dx = dy·W and dW = dyᵀ·x are cuBLAS GEMMs written straight into the
+/// packed buffer; db is the two-launch column sum.
+pub fn linear_bwd(
+    x: &CudaStorage,
+    lx: &Layout,
+    w: &CudaStorage,
+    lw: &Layout,
+    dy: &CudaStorage,
+    ldy: &Layout,
+    bias: bool,
+) -> Result<(CudaStorage, Shape)> {
+    const OP: &str = "linear backward (cuda)";
+    let (rows, inp, out) = linear_dims(lx, lw, OP)?;
+    check_i32(OP, &[rows, inp, out])?;
+    if ldy.shape().elem_count() != rows * out || ldy.dims().last() != Some(&out) {
+        bail!("{OP}: grad {:?} for input {:?}", ldy.dims(), lx.dims());
+    }
+    let dtype = same_dtype(OP, x, &[w, dy])?;
+    let len = rows * inp + out * inp + if bias { out } else { 0 };
+    #[allow(clippy::too_many_arguments)]
+    fn inner<T: KernelFloat>(
+        x: &CudaStorage,
+        lx: &Layout,
+        w: &CudaStorage,
+        lw: &Layout,
+        dy: &CudaStorage,
+        ldy: &Layout,
+        (rows, inp, out): (usize, usize, usize),
+        bias: bool,
+        len: usize,
+    ) -> Result<CudaStorage> {
+        let dev = &x.device;
+        let blas = dev.cublas_handle();
+        let xs = view::<T>(x, lx, OP, "x")?;
+        let ws = view::<T>(w, lw, OP, "weight")?;
+        let dys = view::<T>(dy, ldy, OP, "dy")?;
+        // SAFETY: dx and dW by the GEMMs (beta = 0), db by the column sum.
+        let mut packed = unsafe { dev.alloc::<T>(len)? };
+        let n_dx = rows * inp;
+        let n_dw = out * inp;
+        {
+            let mut dx = packed.slice_mut(0..n_dx);
+            // dxᵀ [in, rows] = Wᵀ [in, out] · dyᵀ [out, rows].
+            let cfg = gemm_cfg::<T>(false, false, (inp, rows, out), (inp, out, inp));
+            // SAFETY: views sized as the GEMM addresses them.
+            unsafe { T::gemm(&blas, cfg, &ws, &dys, &mut dx) }?;
+        }
+        {
+            let mut dw = packed.slice_mut(n_dx..n_dx + n_dw);
+            // dWᵀ [in, out] = xᵀ [in, rows] · dy [rows, out].
+            let cfg = gemm_cfg::<T>(false, true, (inp, out, rows), (inp, out, inp));
+            // SAFETY: views sized as the GEMM addresses them.
+            unsafe { T::gemm(&blas, cfg, &xs, &dys, &mut dw) }?;
+        }
+        if bias {
+            let mut db = packed.slice_mut(n_dx + n_dw..len);
+            column_sum_into::<T>(dev, &dys, ldy.start_offset(), rows, out, &mut db, OP)?;
+        }
+        Ok(CudaStorage::wrap_cuda_slice(packed, dev.clone()))
+    }
+    let dims = (rows, inp, out);
+    let s = match dtype {
+        DType::F32 => inner::<f32>(x, lx, w, lw, dy, ldy, dims, bias, len)?,
+        _ => inner::<bf16>(x, lx, w, lw, dy, ldy, dims, bias, len)?,
+    };
+    Ok((s, Shape::from(len)))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -907,6 +1236,18 @@ pub struct AdamWConfig {
     pub eps: f64,
 }
 
+impl AdamWConfig {
+    /// `(1 − β1, β2, 1 − β2, eps)` as f32, the differences taken in f64.
+    fn scalars(&self) -> (f32, f32, f32, f32) {
+        (
+            (1.0 - self.beta1) as f32,
+            self.beta2 as f32,
+            (1.0 - self.beta2) as f32,
+            self.eps as f32,
+        )
+    }
+}
+
 impl AdamWStep {
     /// `(1 − lr·wd, lr / bc1, √bc2)`.
     fn scalars(&self, c: &AdamWConfig) -> (f32, f32, f32) {
@@ -927,11 +1268,19 @@ fn f32_view<'a>(s: &'a CudaStorage, l: &Layout, op: &str, what: &str) -> Result<
     view::<f32>(s, l, op, what)
 }
 
+fn f32_dst<'a>(s: &'a mut CudaStorage, l: &Layout, op: &str, what: &str) -> Result<CudaViewMut<'a, f32>> {
+    float_dtype(s, op, true)?;
+    let Some((a, b)) = l.contiguous_offsets() else {
+        bail!("{op}: {what} must be contiguous")
+    };
+    Ok(s.as_cuda_slice_mut::<f32>()?.slice_mut(a..b))
+}
+
 /// One fused AdamW pass over one tensor (torch `_single_tensor_adamw` semantics, see
 /// `optim.rs`): updates `p` (the destination) and the moments `m`, `v` in place.
 ///
 /// `m` and `v` are written through their device pointers although they arrive as shared
-/// references (candle's `InplaceOpN` hands out only the destination mutably): they must be
+/// references (candle's in-place ops hand out only the destination mutably): they must be
 /// storages owned by the optimizer state, not views shared with other live tensors.
 #[allow(clippy::too_many_arguments)]
 pub fn adamw_inplace(
@@ -956,25 +1305,75 @@ pub fn adamw_inplace(
     let gs = f32_view(g, lg, OP, "grad")?;
     let ms = f32_view(m, lm, OP, "exp_avg")?;
     let vs = f32_view(v, lv, OP, "exp_avg_sq")?;
-    float_dtype(p, OP, true)?;
     let dev = p.device.clone();
-    let Some((a, b)) = lp.contiguous_offsets() else {
-        bail!("{OP}: param must be contiguous")
-    };
-    let mut ps = p.as_cuda_slice_mut::<f32>()?.slice_mut(a..b);
+    let mut ps = f32_dst(p, lp, OP, "param")?;
     let (decay, step_size, sqrt_bc2) = step.scalars(cfg);
-    let (b1, b2, eps) = (cfg.beta1 as f32, cfg.beta2 as f32, cfg.eps as f32);
+    let (omb1, b2, omb2, eps) = cfg.scalars();
     let f = load(&dev, OPTIM, "adamw_f32")?;
     let stream = dev.cuda_stream();
     let mut bld = stream.launch_builder(&f);
     bld.arg(&mut ps).arg(&gs).arg(&ms).arg(&vs).arg(&n);
-    bld.arg(&decay)
-        .arg(&b1)
-        .arg(&b2)
-        .arg(&step_size)
-        .arg(&sqrt_bc2)
-        .arg(&eps);
+    bld.arg(&decay).arg(&omb1).arg(&b2).arg(&omb2).arg(&step_size).arg(&sqrt_bc2).arg(&eps);
     // SAFETY: matches adamw_f32 in optim.cu.
+    unsafe { bld.launch(stride_cfg(n.div_ceil(4))) }.w()?;
+    Ok(())
+}
+
+/// First pass of the two-pass AdamW (the model's `AdamMoments` op): `state [2, n]` (exp_avg row
+/// 0, exp_avg_sq row 1) updated in place from `g`. One launch.
+pub fn adam_moments(
+    state: &mut CudaStorage,
+    ls: &Layout,
+    g: &CudaStorage,
+    lg: &Layout,
+    cfg: &AdamWConfig,
+) -> Result<()> {
+    const OP: &str = "adam moments (cuda)";
+    let n = lg.shape().elem_count();
+    if ls.shape().elem_count() != 2 * n {
+        bail!("{OP}: state {:?} must hold 2 × {n} elements", ls.dims());
+    }
+    let gs = f32_view(g, lg, OP, "grad")?;
+    let dev = state.device.clone();
+    let mut st = f32_dst(state, ls, OP, "state")?;
+    let (mut m, mut v) = st.split_at_mut(n);
+    let (omb1, b2, omb2, _) = cfg.scalars();
+    let f = load(&dev, OPTIM, "adam_moments_f32")?;
+    let stream = dev.cuda_stream();
+    let mut bld = stream.launch_builder(&f);
+    bld.arg(&mut m).arg(&mut v).arg(&gs).arg(&n).arg(&omb1).arg(&b2).arg(&omb2);
+    // SAFETY: matches adam_moments_f32 in optim.cu.
+    unsafe { bld.launch(stride_cfg(n)) }.w()?;
+    Ok(())
+}
+
+/// Second pass of the two-pass AdamW (the model's `AdamUpdate` op): the parameter from the
+/// updated `state [2, n]`. One launch.
+pub fn adam_update(
+    p: &mut CudaStorage,
+    lp: &Layout,
+    state: &CudaStorage,
+    ls: &Layout,
+    cfg: &AdamWConfig,
+    step: &AdamWStep,
+) -> Result<()> {
+    const OP: &str = "adamw update (cuda)";
+    let n = lp.shape().elem_count();
+    if ls.shape().elem_count() != 2 * n {
+        bail!("{OP}: state {:?} must hold 2 × {n} elements", ls.dims());
+    }
+    let st = f32_view(state, ls, OP, "state")?;
+    let (m, v) = (st.slice(0..n), st.slice(n..2 * n));
+    let dev = p.device.clone();
+    let mut ps = f32_dst(p, lp, OP, "param")?;
+    let (decay, step_size, sqrt_bc2) = step.scalars(cfg);
+    let eps = cfg.eps as f32;
+    let f = load(&dev, OPTIM, "adam_update_f32")?;
+    let stream = dev.cuda_stream();
+    let mut bld = stream.launch_builder(&f);
+    bld.arg(&mut ps).arg(&m).arg(&v).arg(&n);
+    bld.arg(&decay).arg(&step_size).arg(&sqrt_bc2).arg(&eps);
+    // SAFETY: matches adam_update_f32 in optim.cu.
     unsafe { bld.launch(stride_cfg(n)) }.w()?;
     Ok(())
 }
@@ -993,19 +1392,15 @@ pub fn ema_inplace(
         bail!("{OP}: source {:?} vs target {:?}", ls.dims(), lt.dims());
     }
     let ss = f32_view(s, ls, OP, "source")?;
-    float_dtype(t, OP, true)?;
     let dev = t.device.clone();
-    let Some((a, b)) = lt.contiguous_offsets() else {
-        bail!("{OP}: target must be contiguous")
-    };
-    let mut ts = t.as_cuda_slice_mut::<f32>()?.slice_mut(a..b);
-    let mom = momentum as f32;
+    let mut ts = f32_dst(t, lt, OP, "target")?;
+    let (mom, rest) = (momentum as f32, (1.0 - momentum) as f32);
     let f = load(&dev, OPTIM, "ema_f32")?;
     let stream = dev.cuda_stream();
     let mut bld = stream.launch_builder(&f);
-    bld.arg(&mut ts).arg(&ss).arg(&n).arg(&mom);
+    bld.arg(&mut ts).arg(&ss).arg(&n).arg(&mom).arg(&rest);
     // SAFETY: matches ema_f32 in optim.cu.
-    unsafe { bld.launch(stride_cfg(n)) }.w()?;
+    unsafe { bld.launch(stride_cfg(n.div_ceil(4))) }.w()?;
     Ok(())
 }
 
@@ -1059,8 +1454,23 @@ fn block_map(sizes: &[usize]) -> Vec<u64> {
     map
 }
 
-/// AdamW over many tensors in ONE launch (plus one small host→device copy of the table):
-/// the same per-element update as [`adamw_inplace`], with per-tensor lr / weight decay / step.
+/// Uploads `table ++ map` in one host→device copy; returns the buffer and the table length.
+fn upload_table(dev: &CudaDevice, mut table: Vec<u64>, map: Vec<u64>) -> Result<(CudaSlice<u64>, usize)> {
+    let ntab = table.len();
+    table.extend(map);
+    Ok((dev.clone_htod(&table)?, ntab))
+}
+
+fn multi_cfg(nblocks: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (nblocks, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// AdamW over many tensors in ONE launch (plus one small host→device copy of the table): the
+/// same per-element update as [`adamw_inplace`], with per-tensor lr / weight decay / step.
 /// All tensors must be contiguous f32 on the same CUDA device; params and moments are written
 /// in place (they must not alias each other or other live tensors).
 pub fn adamw_multi(slots: &[AdamWSlot<'_>], cfg: &AdamWConfig) -> Result<()> {
@@ -1097,29 +1507,17 @@ pub fn adamw_multi(slots: &[AdamWSlot<'_>], cfg: &AdamWConfig) -> Result<()> {
         return Ok(());
     }
     let nblocks = u32_of(map.len(), OP, "blocks")?;
-    let ntab = table.len();
-    table.extend(map);
-    let dtable = dev.clone_htod(&table)?;
+    let (dtable, ntab) = upload_table(&dev, table, map)?;
     let tab = dtable.slice(0..ntab);
-    let bmap = dtable.slice(ntab..table.len());
-    let (b1, b2, eps) = (cfg.beta1 as f32, cfg.beta2 as f32, cfg.eps as f32);
+    let bmap = dtable.slice(ntab..);
+    let (omb1, b2, omb2, eps) = cfg.scalars();
     let chunk = MULTI_CHUNK as u32;
     let f = load(&dev, OPTIM, "adamw_multi_f32")?;
     let stream = dev.cuda_stream();
     let mut bld = stream.launch_builder(&f);
-    bld.arg(&tab)
-        .arg(&bmap)
-        .arg(&b1)
-        .arg(&b2)
-        .arg(&eps)
-        .arg(&chunk);
-    let lc = LaunchConfig {
-        grid_dim: (nblocks, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    bld.arg(&tab).arg(&bmap).arg(&omb1).arg(&b2).arg(&omb2).arg(&eps).arg(&chunk);
     // SAFETY: matches adamw_multi_f32 in optim.cu; the guards keep every tensor alive.
-    unsafe { bld.launch(lc) }.w()?;
+    unsafe { bld.launch(multi_cfg(nblocks)) }.w()?;
     drop(guards);
     Ok(())
 }
@@ -1152,23 +1550,16 @@ pub fn ema_multi(pairs: &[(&Tensor, &Tensor)], momentum: f64) -> Result<()> {
         return Ok(());
     }
     let nblocks = u32_of(map.len(), OP, "blocks")?;
-    let ntab = table.len();
-    table.extend(map);
-    let dtable = dev.clone_htod(&table)?;
+    let (dtable, ntab) = upload_table(&dev, table, map)?;
     let tab = dtable.slice(0..ntab);
-    let bmap = dtable.slice(ntab..table.len());
-    let (mom, chunk) = (momentum as f32, MULTI_CHUNK as u32);
+    let bmap = dtable.slice(ntab..);
+    let (mom, rest, chunk) = (momentum as f32, (1.0 - momentum) as f32, MULTI_CHUNK as u32);
     let f = load(&dev, OPTIM, "ema_multi_f32")?;
     let stream = dev.cuda_stream();
     let mut bld = stream.launch_builder(&f);
-    bld.arg(&tab).arg(&bmap).arg(&mom).arg(&chunk);
-    let lc = LaunchConfig {
-        grid_dim: (nblocks, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    bld.arg(&tab).arg(&bmap).arg(&mom).arg(&rest).arg(&chunk);
     // SAFETY: matches ema_multi_f32 in optim.cu; the guards keep every tensor alive.
-    unsafe { bld.launch(lc) }.w()?;
+    unsafe { bld.launch(multi_cfg(nblocks)) }.w()?;
     drop(guards);
     Ok(())
 }

@@ -201,6 +201,35 @@ impl InplaceOp3 for AdamWOp {
     }
 }
 
+/// The two passes of the model's AdamW ops: moments (dst state `[2, n]`, src grad), then the
+/// parameter (dst param, src state).
+struct MomentsOp(ck::AdamWConfig);
+struct UpdateOp(ck::AdamWConfig, ck::AdamWStep);
+
+impl InplaceOp2 for MomentsOp {
+    fn name(&self) -> &'static str {
+        "adam-moments-check"
+    }
+    fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> candle_core::Result<()> {
+        bail!("adam-moments-check: GPU-only check wrapper")
+    }
+    fn cuda_fwd(&self, st: &mut CudaStorage, ls: &Layout, g: &CudaStorage, lg: &Layout) -> candle_core::Result<()> {
+        ck::adam_moments(st, ls, g, lg, &self.0)
+    }
+}
+
+impl InplaceOp2 for UpdateOp {
+    fn name(&self) -> &'static str {
+        "adam-update-check"
+    }
+    fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> candle_core::Result<()> {
+        bail!("adam-update-check: GPU-only check wrapper")
+    }
+    fn cuda_fwd(&self, p: &mut CudaStorage, lp: &Layout, st: &CudaStorage, ls: &Layout) -> candle_core::Result<()> {
+        ck::adam_update(p, lp, st, ls, &self.0, &self.1)
+    }
+}
+
 struct EmaOp(f64);
 
 impl InplaceOp2 for EmaOp {
@@ -250,12 +279,22 @@ mod gpu {
         dout: &Tensor,
         heads: usize,
     ) -> candle_core::Result<Tensor> {
+        attention_bwd_with(qkv, out, dout, heads, ck::AttnKernel::Auto)
+    }
+
+    pub fn attention_bwd_with(
+        qkv: &Tensor,
+        out: &Tensor,
+        dout: &Tensor,
+        heads: usize,
+        k: ck::AttnKernel,
+    ) -> candle_core::Result<Tensor> {
         let f = move |a: &CudaStorage,
                       la: &Layout,
                       b: &CudaStorage,
                       lb: &Layout,
                       c: &CudaStorage,
-                      lc: &Layout| ck::attention_bwd(a, la, b, lb, c, lc, heads);
+                      lc: &Layout| ck::attention_bwd_with(a, la, b, lb, c, lc, heads, k);
         qkv.apply_op3_no_bwd(out, dout, &G3("attention-bwd", &f))
     }
 
@@ -320,6 +359,48 @@ mod gpu {
             packed.narrow(0, 0, rows)?.reshape(x.shape())?,
             packed.get(rows)?,
         ))
+    }
+
+    pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> candle_core::Result<Tensor> {
+        match b {
+            Some(b) => {
+                let f = |a: &CudaStorage,
+                         la: &Layout,
+                         w: &CudaStorage,
+                         lw: &Layout,
+                         b: &CudaStorage,
+                         lb: &Layout| ck::linear_fwd(a, la, w, lw, Some((b, lb)));
+                x.apply_op3_no_bwd(w, b, &G3("linear", &f))
+            }
+            None => {
+                let f = |a: &CudaStorage, la: &Layout, w: &CudaStorage, lw: &Layout| {
+                    ck::linear_fwd(a, la, w, lw, None)
+                };
+                x.apply_op2_no_bwd(w, &G2("linear", &f))
+            }
+        }
+    }
+
+    /// (dx, dW, db)
+    pub fn linear_bwd(
+        x: &Tensor,
+        w: &Tensor,
+        dy: &Tensor,
+        bias: bool,
+    ) -> candle_core::Result<(Tensor, Tensor, Option<Tensor>)> {
+        let f = move |a: &CudaStorage,
+                      la: &Layout,
+                      w: &CudaStorage,
+                      lw: &Layout,
+                      d: &CudaStorage,
+                      ld: &Layout| ck::linear_bwd(a, la, w, lw, d, ld, bias);
+        let packed = x.apply_op3_no_bwd(w, dy, &G3("linear-bwd", &f))?;
+        let (out, inp) = w.dims2()?;
+        let n = x.elem_count();
+        let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
+        let dw = packed.narrow(0, n, out * inp)?.reshape((out, inp))?;
+        let db = if bias { Some(packed.narrow(0, n + out * inp, out)?) } else { None };
+        Ok((dx, dw, db))
     }
 
     pub fn column_sum(x: &Tensor) -> candle_core::Result<Tensor> {
@@ -432,6 +513,24 @@ mod reference {
             bail!("missing bias_gelu gradient")
         };
         Ok((y.detach(), dx.clone(), db.clone()))
+    }
+
+    /// (y, dx, dW, db) of y = x·Wᵀ + b.
+    pub fn linear_grad(
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Tensor, Tensor, Tensor, Tensor)> {
+        let (xv, wv, bv) = (Var::from_tensor(x)?, Var::from_tensor(w)?, Var::from_tensor(b)?);
+        let y = xv.as_tensor().broadcast_matmul(&wv.as_tensor().t()?)?.broadcast_add(bv.as_tensor())?;
+        let g = (&y * dy)?.sum_all()?.backward()?;
+        let (Some(dx), Some(dw), Some(db)) =
+            (g.get(xv.as_tensor()), g.get(wv.as_tensor()), g.get(bv.as_tensor()))
+        else {
+            bail!("missing linear gradient")
+        };
+        Ok((y.detach(), dx.clone(), dw.clone(), db.clone()))
     }
 
     /// torch AdamW (as optim.rs) on f64 tensors: returns (p, m, v) after one step.
@@ -677,6 +776,28 @@ pub fn run_checks(
             );
         }
     }
+    // Linear (cuBLAS): odd and ViT-like shapes, with and without bias.
+    for &(r, i, o) in &[(2 * 95usize, 200usize, 72usize), (3 * 128, 384, 1536), (77, 96, 96)] {
+        for &dt in &dtypes {
+            let case = format!("[{r},{i}]x[{o},{i}]T");
+            let (x_g, x_c) = inp.pair(&[r, i], 1.0, dt)?;
+            let (w_g, w_c) = inp.pair(&[o, i], 0.05, dt)?;
+            let (b_g, b_c) = inp.pair(&[o], 1.0, dt)?;
+            let (dy_g, dy_c) = inp.pair(&[r, o], 1.0, dt)?;
+            let (y_c, dx_c, dw_c, db_c) = reference::linear_grad(&x_c, &w_c, &b_c, &dy_c)?;
+            let y_g = gpu::linear(&x_g, &w_g, Some(&b_g))?;
+            push(row("linear fwd", case.clone(), dt, rel_err(&y_g, &y_c)?), &mut rows);
+            let y_g = gpu::linear(&x_g, &w_g, None)?;
+            let y_nb = y_c.broadcast_sub(&b_c)?;
+            push(row("linear fwd (no bias)", case.clone(), dt, rel_err(&y_g, &y_nb)?), &mut rows);
+            let (dx, dw, db) = gpu::linear_bwd(&x_g, &w_g, &dy_g, true)?;
+            let Some(db) = db else {
+                return Err(ModelError::Input("linear backward lost db".into()));
+            };
+            let e = worst(&[(&dx, &dx_c), (&dw, &dw_c), (&db, &db_c)])?;
+            push(row("linear bwd", case, dt, e), &mut rows);
+        }
+    }
     for &dt in &dtypes {
         let (x_g, x_c) = inp.pair(&[3, 517, 333], 1.0, dt)?;
         let s_g = gpu::column_sum(&x_g)?;
@@ -707,6 +828,7 @@ pub fn run_checks(
     let mut ms_c = Vec::new();
     let mut vs_c = Vec::new();
     let mut single = Vec::new();
+    let mut two_pass = Vec::new();
     let mut multi = Vec::new();
     for &n in &sizes {
         let p = inp.randn(&[n], 0.02)?;
@@ -714,6 +836,7 @@ pub fn run_checks(
         ms_c.push(Tensor::zeros(n, DType::F64, &Device::Cpu)?);
         vs_c.push(Tensor::zeros(n, DType::F64, &Device::Cpu)?);
         single.push((p.to_device(dev)?, Tensor::zeros((2, n), DType::F32, dev)?));
+        two_pass.push((p.to_device(dev)?, Tensor::zeros((2, n), DType::F32, dev)?));
         multi.push((
             p.to_device(dev)?,
             Tensor::zeros(n, DType::F32, dev)?,
@@ -748,6 +871,11 @@ pub fn run_checks(
             };
             p.inplace_op3(&grads[i], st, &op)?;
         }
+        for (i, (p, st)) in two_pass.iter().enumerate() {
+            st.inplace_op2(&grads[i], &MomentsOp(cfg))?;
+            let step = ck::AdamWStep { lr, weight_decay: wds[i], step };
+            p.inplace_op2(st, &UpdateOp(cfg, step))?;
+        }
         let slots: Vec<_> = multi
             .iter()
             .zip(&grads)
@@ -767,8 +895,15 @@ pub fn run_checks(
         ck::adamw_multi(&slots, &cfg)?;
     }
     let mut e_single = 0f64;
+    let mut e_two = 0f64;
     let mut e_multi = 0f64;
     for i in 0..sizes.len() {
+        let (p, st) = &two_pass[i];
+        e_two = e_two.max(worst(&[
+            (p, &ps_c[i]),
+            (&st.get(0)?, &ms_c[i]),
+            (&st.get(1)?, &vs_c[i]),
+        ])?);
         let (p, st) = &single[i];
         e_single = e_single.max(worst(&[
             (p, &ps_c[i]),
@@ -1106,6 +1241,13 @@ pub fn run_timings(
         )?,
         &mut rows,
     );
+    push(timing_row(&t, "adamw moments + update (4 launches)", &shape, DType::F32, Some(bytes), None, || {
+        for (p, g, st) in &single {
+            st.inplace_op2(g, &MomentsOp(cfg))?;
+            p.inplace_op2(st, &UpdateOp(cfg, step))?;
+        }
+        Ok(())
+    })?, &mut rows);
     let pairs: Vec<_> = ts.iter().map(|(p, g, _, _)| (p, g)).collect();
     push(
         timing_row(

@@ -556,3 +556,330 @@ INSTANTIATE_TC(80)
 INSTANTIATE_TC(96)
 INSTANTIATE_TC(112)
 INSTANTIATE_TC(128)
+
+// ---------------------------------------------------------------------------------------------
+// bf16 backward on tensor cores (same split and determinism as the fp32 kernels above: stats,
+// dK/dV per key tile, dQ per query tile; no atomics). 4 warps, each owning 16 rows of the
+// block's 64 (keys for dK/dV, queries for stats and dQ). Score-like tiles go through shared
+// fp32 scratch for the element-wise part (2 lanes per row, interleaved columns); P and dS are
+// rounded to bf16 for the second products, as flash attention does. Accumulators stay in
+// fragments for the whole kernel (no rescaling in the backward).
+
+template <int HDP> struct TcBwd {
+    static constexpr int LDH = HDP + 8;
+    static constexpr int LDS = TILE + 4;
+    static constexpr int LDP = TILE + 8;
+    static constexpr int TILE_H = TILE * LDH * 2;   // one bf16 [64][LDH] tile
+    static constexpr int TILE_S = TILE * LDS * 4;   // one fp32 [64][LDS] scratch
+    static constexpr int TILE_P = TILE * LDP * 2;   // one bf16 [64][LDP] tile
+    // stats: Q, K, S
+    static constexpr int STATS = 2 * TILE_H + TILE_S;
+    // dK/dV and dQ: 4 operand tiles, 2 fp32 scratch, 2 bf16 P/dS tiles, lse + delta.
+    static constexpr int MAIN = 4 * TILE_H + 2 * TILE_S + 2 * TILE_P + 2 * TILE * 4;
+};
+
+using FragA = wm::fragment<wm::matrix_a, 16, 16, 16, bf16, wm::row_major>;
+using FragBc = wm::fragment<wm::matrix_b, 16, 16, 16, bf16, wm::col_major>;
+using FragBr = wm::fragment<wm::matrix_b, 16, 16, 16, bf16, wm::row_major>;
+using FragC = wm::fragment<wm::accumulator, 16, 16, 16, float>;
+
+// Scratch[16 rows of the warp][64] = A_w (16 × HDP, fragments) · Bᵀ (B rows = tile rows).
+template <int HDP>
+__device__ __forceinline__ void tc_rowtile(const FragA (&a)[HDP / 16], const bf16 *Bs,
+                                           float *scratch_w) {
+    using L = TcBwd<HDP>;
+#pragma unroll
+    for (int jb = 0; jb < TILE / 16; ++jb) {
+        FragC acc;
+        wm::fill_fragment(acc, 0.f);
+#pragma unroll
+        for (int kb = 0; kb < HDP / 16; ++kb) {
+            FragBc b;
+            wm::load_matrix_sync(b, Bs + jb * 16 * L::LDH + kb * 16, L::LDH);
+            wm::mma_sync(acc, a[kb], b, acc);
+        }
+        wm::store_matrix_sync(scratch_w + jb * 16, acc, L::LDS, wm::mem_row_major);
+    }
+}
+
+// acc[db] += P_w (16 × 64 bf16, row-major at Pw) · B (64 × HDP bf16 tile, row-major).
+template <int HDP>
+__device__ __forceinline__ void tc_acc(FragC (&acc)[HDP / 16], const bf16 *Pw, const bf16 *Bs) {
+    using L = TcBwd<HDP>;
+#pragma unroll
+    for (int kb = 0; kb < TILE / 16; ++kb) {
+        FragA a;
+        wm::load_matrix_sync(a, Pw + kb * 16, L::LDP);
+#pragma unroll
+        for (int db = 0; db < HDP / 16; ++db) {
+            FragBr b;
+            wm::load_matrix_sync(b, Bs + kb * 16 * L::LDH + db * 16, L::LDH);
+            wm::mma_sync(acc[db], a, b, acc[db]);
+        }
+    }
+}
+
+// Writes acc·mul as rows row0 + 0..15 (< n), columns d < hd, of dst (row stride rs), through the
+// warp's fp32 scratch.
+template <int HDP>
+__device__ __forceinline__ void tc_store(FragC (&acc)[HDP / 16], float mul, float *scratch_w,
+                                         bf16 *dst, int row0, int n, size_t rs, int hd) {
+    using L = TcBwd<HDP>;
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int db = 0; db < HDP / 16; ++db) {
+        __syncwarp();
+        wm::store_matrix_sync(scratch_w, acc[db], L::LDS, wm::mem_row_major);
+        __syncwarp();
+        for (int e = lane; e < 256; e += 32) {
+            const int r = e >> 4, c = e & 15;
+            const int d = db * 16 + c;
+            if (row0 + r < n && d < hd)
+                dst[(size_t)(row0 + r) * rs + d] = __float2bfloat16_rn(scratch_w[r * L::LDS + c] * mul);
+        }
+    }
+}
+
+template <int HDP>
+__device__ __forceinline__ void attn_bwd_stats_tc(const bf16 *__restrict__ qkv,
+                                                  const bf16 *__restrict__ o_,
+                                                  const bf16 *__restrict__ dout,
+                                                  float *__restrict__ lse,
+                                                  float *__restrict__ delta, int n, int heads,
+                                                  int hd, float scale_log2) {
+    using L = TcBwd<HDP>;
+    constexpr int KD = HDP / 16;
+    unsigned char *sm = reinterpret_cast<unsigned char *>(attn_smem);
+    bf16 *Qs = reinterpret_cast<bf16 *>(sm);
+    bf16 *Ks = reinterpret_cast<bf16 *>(sm + L::TILE_H);
+    float *Ss = reinterpret_cast<float *>(sm + 2 * L::TILE_H);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int r0 = warp * 16, rr = lane >> 1, half = lane & 1;
+    const int q0 = blockIdx.x * TILE;
+    const int b = blockIdx.y / heads, h = blockIdx.y % heads;
+    const int dim = heads * hd;
+    const size_t rs = 3 * (size_t)dim;
+    const bf16 *base = qkv + (size_t)b * n * rs + (size_t)h * hd;
+    // delta: 2 threads per row.
+    {
+        const int row = threadIdx.x >> 1, part = threadIdx.x & 1;
+        const int i = q0 + row;
+        float acc = 0.f;
+        if (i < n) {
+            const size_t off = ((size_t)b * n + i) * dim + (size_t)h * hd;
+            for (int d = part; d < hd; d += 2) acc = fmaf(to_f(dout[off + d]), to_f(o_[off + d]), acc);
+        }
+        acc += __shfl_xor_sync(0xffffffffu, acc, 1);
+        if (part == 0 && i < n) delta[(size_t)blockIdx.y * n + i] = acc;
+    }
+    tc_load<HDP>(Qs, base, q0, n, rs, hd);
+    __syncthreads();
+    FragA qa[KD];
+#pragma unroll
+    for (int kb = 0; kb < KD; ++kb) wm::load_matrix_sync(qa[kb], Qs + r0 * L::LDH + kb * 16, L::LDH);
+    float m = -INFINITY, l = 0.f;
+    float *Sw = Ss + r0 * L::LDS;
+    for (int k0 = 0; k0 < n; k0 += TILE) {
+        __syncthreads();
+        tc_load<HDP>(Ks, base + dim, k0, n, rs, hd);
+        __syncthreads();
+        tc_rowtile<HDP>(qa, Ks, Sw);
+        __syncwarp();
+        float mx = -INFINITY;
+        float s[TILE / 2];
+#pragma unroll
+        for (int c = 0; c < TILE / 2; ++c) {
+            const int j = 2 * c + half;
+            s[c] = (k0 + j < n) ? Sw[rr * L::LDS + j] * scale_log2 : -INFINITY;
+            mx = fmaxf(mx, s[c]);
+        }
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        const float mnew = fmaxf(m, mx);
+        float ps = 0.f;
+#pragma unroll
+        for (int c = 0; c < TILE / 2; ++c) ps += exp2f(s[c] - mnew);
+        l = l * exp2f(m - mnew) + ps;
+        m = mnew;
+        __syncwarp();
+    }
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    const int i = q0 + r0 + rr;
+    if (half == 0 && i < n) lse[(size_t)blockIdx.y * n + i] = m + log2f(l);
+}
+
+template <int HDP>
+__device__ __forceinline__ void attn_bwd_dkdv_tc(const bf16 *__restrict__ qkv,
+                                                 const bf16 *__restrict__ dout,
+                                                 const float *__restrict__ lse,
+                                                 const float *__restrict__ delta,
+                                                 bf16 *__restrict__ dqkv, int n, int heads, int hd,
+                                                 float scale_log2, float scale) {
+    using L = TcBwd<HDP>;
+    constexpr int KD = HDP / 16;
+    unsigned char *sm = reinterpret_cast<unsigned char *>(attn_smem);
+    bf16 *Ks = reinterpret_cast<bf16 *>(sm);
+    bf16 *Vs = reinterpret_cast<bf16 *>(sm + L::TILE_H);
+    bf16 *Qs = reinterpret_cast<bf16 *>(sm + 2 * L::TILE_H);
+    bf16 *dOs = reinterpret_cast<bf16 *>(sm + 3 * L::TILE_H);
+    float *Ss = reinterpret_cast<float *>(sm + 4 * L::TILE_H);
+    float *Ds = reinterpret_cast<float *>(sm + 4 * L::TILE_H + L::TILE_S);
+    bf16 *PT = reinterpret_cast<bf16 *>(sm + 4 * L::TILE_H + 2 * L::TILE_S);
+    bf16 *dST = reinterpret_cast<bf16 *>(sm + 4 * L::TILE_H + 2 * L::TILE_S + L::TILE_P);
+    float *lse_s = reinterpret_cast<float *>(sm + 4 * L::TILE_H + 2 * L::TILE_S + 2 * L::TILE_P);
+    float *del_s = lse_s + TILE;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int r0 = warp * 16, rr = lane >> 1, half = lane & 1;
+    const int k0 = blockIdx.x * TILE;
+    const int b = blockIdx.y / heads, h = blockIdx.y % heads;
+    const int dim = heads * hd;
+    const size_t rs = 3 * (size_t)dim;
+    const bf16 *base = qkv + (size_t)b * n * rs + (size_t)h * hd;
+    const bf16 *dobase = dout + (size_t)b * n * dim + (size_t)h * hd;
+    const float *lse_bh = lse + (size_t)blockIdx.y * n;
+    const float *del_bh = delta + (size_t)blockIdx.y * n;
+    tc_load<HDP>(Ks, base + dim, k0, n, rs, hd);
+    tc_load<HDP>(Vs, base + 2 * dim, k0, n, rs, hd);
+    __syncthreads();
+    FragA ka[KD], va[KD];
+#pragma unroll
+    for (int kb = 0; kb < KD; ++kb) {
+        wm::load_matrix_sync(ka[kb], Ks + r0 * L::LDH + kb * 16, L::LDH);
+        wm::load_matrix_sync(va[kb], Vs + r0 * L::LDH + kb * 16, L::LDH);
+    }
+    FragC dk[KD], dv[KD];
+#pragma unroll
+    for (int db = 0; db < KD; ++db) {
+        wm::fill_fragment(dk[db], 0.f);
+        wm::fill_fragment(dv[db], 0.f);
+    }
+    float *Sw = Ss + r0 * L::LDS;
+    float *Dw = Ds + r0 * L::LDS;
+    bf16 *PTw = PT + r0 * L::LDP;
+    bf16 *dSTw = dST + r0 * L::LDP;
+    const bool jv = k0 + r0 + rr < n;
+    for (int q0 = 0; q0 < n; q0 += TILE) {
+        __syncthreads();
+        tc_load<HDP>(Qs, base, q0, n, rs, hd);
+        tc_load<HDP>(dOs, dobase, q0, n, (size_t)dim, hd);
+        if (threadIdx.x < TILE) {
+            const int i = q0 + threadIdx.x;
+            lse_s[threadIdx.x] = i < n ? lse_bh[i] : 0.f;
+            del_s[threadIdx.x] = i < n ? del_bh[i] : 0.f;
+        }
+        __syncthreads();
+        tc_rowtile<HDP>(ka, Qs, Sw);  // Sᵀ rows: keys; columns: queries
+        tc_rowtile<HDP>(va, dOs, Dw); // dPᵀ
+        __syncwarp();
+#pragma unroll 8
+        for (int c = 0; c < TILE / 2; ++c) {
+            const int j = 2 * c + half; // query column
+            const float p = (jv && q0 + j < n)
+                                ? exp2f(Sw[rr * L::LDS + j] * scale_log2 - lse_s[j])
+                                : 0.f;
+            const float ds = p * (Dw[rr * L::LDS + j] - del_s[j]);
+            PTw[rr * L::LDP + j] = __float2bfloat16_rn(p);
+            dSTw[rr * L::LDP + j] = __float2bfloat16_rn(ds);
+        }
+        __syncwarp();
+        tc_acc<HDP>(dv, PTw, dOs);
+        tc_acc<HDP>(dk, dSTw, Qs);
+    }
+    bf16 *rowbase = dqkv + (size_t)b * n * rs + (size_t)h * hd;
+    tc_store<HDP>(dk, scale, Sw, rowbase + dim, k0 + r0, n, rs, hd);
+    tc_store<HDP>(dv, 1.f, Sw, rowbase + 2 * dim, k0 + r0, n, rs, hd);
+}
+
+template <int HDP>
+__device__ __forceinline__ void attn_bwd_dq_tc(const bf16 *__restrict__ qkv,
+                                               const bf16 *__restrict__ dout,
+                                               const float *__restrict__ lse,
+                                               const float *__restrict__ delta,
+                                               bf16 *__restrict__ dqkv, int n, int heads, int hd,
+                                               float scale_log2, float scale) {
+    using L = TcBwd<HDP>;
+    constexpr int KD = HDP / 16;
+    unsigned char *sm = reinterpret_cast<unsigned char *>(attn_smem);
+    bf16 *Qs = reinterpret_cast<bf16 *>(sm);
+    bf16 *dOs = reinterpret_cast<bf16 *>(sm + L::TILE_H);
+    bf16 *Ks = reinterpret_cast<bf16 *>(sm + 2 * L::TILE_H);
+    bf16 *Vs = reinterpret_cast<bf16 *>(sm + 3 * L::TILE_H);
+    float *Ss = reinterpret_cast<float *>(sm + 4 * L::TILE_H);
+    float *Ds = reinterpret_cast<float *>(sm + 4 * L::TILE_H + L::TILE_S);
+    bf16 *dSs = reinterpret_cast<bf16 *>(sm + 4 * L::TILE_H + 2 * L::TILE_S);
+    float *lse_s = reinterpret_cast<float *>(sm + 4 * L::TILE_H + 2 * L::TILE_S + 2 * L::TILE_P);
+    float *del_s = lse_s + TILE;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int r0 = warp * 16, rr = lane >> 1, half = lane & 1;
+    const int q0 = blockIdx.x * TILE;
+    const int b = blockIdx.y / heads, h = blockIdx.y % heads;
+    const int dim = heads * hd;
+    const size_t rs = 3 * (size_t)dim;
+    const bf16 *base = qkv + (size_t)b * n * rs + (size_t)h * hd;
+    const bf16 *dobase = dout + (size_t)b * n * dim + (size_t)h * hd;
+    tc_load<HDP>(Qs, base, q0, n, rs, hd);
+    tc_load<HDP>(dOs, dobase, q0, n, (size_t)dim, hd);
+    if (threadIdx.x < TILE) {
+        const int i = q0 + threadIdx.x;
+        lse_s[threadIdx.x] = i < n ? lse[(size_t)blockIdx.y * n + i] : 0.f;
+        del_s[threadIdx.x] = i < n ? delta[(size_t)blockIdx.y * n + i] : 0.f;
+    }
+    __syncthreads();
+    FragA qa[KD], doa[KD];
+#pragma unroll
+    for (int kb = 0; kb < KD; ++kb) {
+        wm::load_matrix_sync(qa[kb], Qs + r0 * L::LDH + kb * 16, L::LDH);
+        wm::load_matrix_sync(doa[kb], dOs + r0 * L::LDH + kb * 16, L::LDH);
+    }
+    FragC dq[KD];
+#pragma unroll
+    for (int db = 0; db < KD; ++db) wm::fill_fragment(dq[db], 0.f);
+    float *Sw = Ss + r0 * L::LDS;
+    float *Dw = Ds + r0 * L::LDS;
+    bf16 *dSw = dSs + r0 * L::LDP;
+    const bool iv = q0 + r0 + rr < n;
+    const float lse_r = lse_s[r0 + rr], del_r = del_s[r0 + rr];
+    for (int k0 = 0; k0 < n; k0 += TILE) {
+        __syncthreads();
+        tc_load<HDP>(Ks, base + dim, k0, n, rs, hd);
+        tc_load<HDP>(Vs, base + 2 * dim, k0, n, rs, hd);
+        __syncthreads();
+        tc_rowtile<HDP>(qa, Ks, Sw);
+        tc_rowtile<HDP>(doa, Vs, Dw);
+        __syncwarp();
+#pragma unroll 8
+        for (int c = 0; c < TILE / 2; ++c) {
+            const int j = 2 * c + half;
+            const float p = (iv && k0 + j < n) ? exp2f(Sw[rr * L::LDS + j] * scale_log2 - lse_r) : 0.f;
+            dSw[rr * L::LDP + j] = __float2bfloat16_rn(p * (Dw[rr * L::LDS + j] - del_r));
+        }
+        __syncwarp();
+        tc_acc<HDP>(dq, dSw, Ks);
+    }
+    tc_store<HDP>(dq, scale, Sw, dqkv + (size_t)b * n * rs + (size_t)h * hd, q0 + r0, n, rs, hd);
+}
+
+#define INSTANTIATE_TC_BWD(HDP)                                                                    \
+    extern "C" __global__ void __launch_bounds__(TC_THREADS) attn_bwd_stats_tc_bf16_##HDP(         \
+        const bf16 *qkv, const bf16 *o, const bf16 *dout, float *lse, float *delta, int n,         \
+        int heads, int hd, float scale_log2) {                                                     \
+        attn_bwd_stats_tc<HDP>(qkv, o, dout, lse, delta, n, heads, hd, scale_log2);                \
+    }                                                                                              \
+    extern "C" __global__ void __launch_bounds__(TC_THREADS) attn_bwd_dkdv_tc_bf16_##HDP(          \
+        const bf16 *qkv, const bf16 *dout, const float *lse, const float *delta, bf16 *dqkv,       \
+        int n, int heads, int hd, float scale_log2, float scale) {                                 \
+        attn_bwd_dkdv_tc<HDP>(qkv, dout, lse, delta, dqkv, n, heads, hd, scale_log2, scale);       \
+    }                                                                                              \
+    extern "C" __global__ void __launch_bounds__(TC_THREADS) attn_bwd_dq_tc_bf16_##HDP(            \
+        const bf16 *qkv, const bf16 *dout, const float *lse, const float *delta, bf16 *dqkv,       \
+        int n, int heads, int hd, float scale_log2, float scale) {                                 \
+        attn_bwd_dq_tc<HDP>(qkv, dout, lse, delta, dqkv, n, heads, hd, scale_log2, scale);         \
+    }
+
+INSTANTIATE_TC_BWD(16)
+INSTANTIATE_TC_BWD(32)
+INSTANTIATE_TC_BWD(48)
+INSTANTIATE_TC_BWD(64)
+INSTANTIATE_TC_BWD(80)
+INSTANTIATE_TC_BWD(96)
+INSTANTIATE_TC_BWD(112)
+INSTANTIATE_TC_BWD(128)

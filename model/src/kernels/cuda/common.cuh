@@ -44,14 +44,51 @@ __device__ __forceinline__ float block_sum(float v, float *scratch) {
     return v;
 }
 
-// out[c] = Σ_k partial[k, c], k in order. 1-D grid over `cols`.
+// out[c] = Σ_k partial[k, c]: block (32, 8), grid ceil(cols / 32). Thread (tx, ty) adds chunks
+// k ≡ ty (mod 8) in order, then the 8 sums are added in ty order: a fixed tree for a given shape.
 template <typename T>
 __device__ __forceinline__ void colsum_final(const float *__restrict__ partial, T *__restrict__ out,
                                              uint32_t nchunks, uint32_t cols) {
-    const uint32_t c = blockIdx.x * blockDim.x + threadIdx.x;
-    if (c >= cols) return;
+    __shared__ float sh[8][33];
+    const uint32_t c = blockIdx.x * 32 + threadIdx.x;
     float s = 0.f;
-    for (uint32_t k = 0; k < nchunks; ++k) s += partial[(size_t)k * cols + c];
-    out[c] = from_f<T>(s);
+    if (c < cols)
+        for (uint32_t k = threadIdx.y; k < nchunks; k += 8) s += partial[(size_t)k * cols + c];
+    sh[threadIdx.y][threadIdx.x] = s;
+    __syncthreads();
+    if (threadIdx.y == 0 && c < cols) {
+        float t = 0.f;
+#pragma unroll
+        for (int k = 0; k < 8; ++k) t += sh[k][threadIdx.x];
+        out[c] = from_f<T>(t);
+    }
 }
 
+// V consecutive elements as fp32 (V = 4: one 16-byte f32 / 8-byte bf16 access; V = 1: scalar).
+template <int V, typename T> struct Vec {
+    float v[V];
+    __device__ __forceinline__ void load(const T *p) {
+        if constexpr (V == 4) {
+            const float4 f = load4(p);
+            v[0] = f.x, v[1] = f.y, v[2] = f.z, v[3] = f.w;
+        } else {
+#pragma unroll
+            for (int i = 0; i < V; ++i) v[i] = to_f(p[i]);
+        }
+    }
+    __device__ __forceinline__ void store(T *p) const {
+        if constexpr (V == 4 && sizeof(T) == 4) {
+            *reinterpret_cast<float4 *>(p) = make_float4(v[0], v[1], v[2], v[3]);
+        } else if constexpr (V == 4 && sizeof(T) == 2) {
+            const __nv_bfloat162 a = __floats2bfloat162_rn(v[0], v[1]);
+            const __nv_bfloat162 b = __floats2bfloat162_rn(v[2], v[3]);
+            uint2 u;
+            u.x = *reinterpret_cast<const uint32_t *>(&a);
+            u.y = *reinterpret_cast<const uint32_t *>(&b);
+            *reinterpret_cast<uint2 *>(p) = u;
+        } else {
+#pragma unroll
+            for (int i = 0; i < V; ++i) p[i] = from_f<T>(v[i]);
+        }
+    }
+};

@@ -1,13 +1,13 @@
-// Bias add, fused bias + GELU (erf) forward/backward, column sums and the sum of squares.
+// Bias add, fused bias + GELU (erf) forward/backward, column sums, the sum of squares, and the
+// in-place bias add behind the Linear forward.
 //
-// Row-wise ops use a 2-D grid: blockIdx.x tiles 32 columns, blockIdx.y a chunk of `rpc` rows;
-// the block is (32, 8), so a warp touches 32 consecutive columns of one row. Column reductions
-// write one fp32 partial per (chunk, column) and a second kernel adds the partials in chunk
-// order, so results are deterministic and depend only on the shape.
+// Row-wise kernels: blockIdx.x = a chunk of `rpc` rows; a block (bx, by) of 256 threads walks
+// the row's V-element vectors with threadIdx.x (V = 4: 16-byte f32 / 8-byte bf16 accesses, when
+// cols % 4 == 0; else V = 1) and the chunk's rows with threadIdx.y. Column reductions keep one
+// fp32 accumulator per vector element, add the `by` row lanes in order in shared memory, and write
+// one partial per (chunk, column); `colsum_final` adds the partials in a fixed order. Results are
+// deterministic and depend only on the shape.
 #include "common.cuh"
-
-#define TX 32
-#define TY 8
 
 __device__ __forceinline__ float gelu_erf(float z) {
     return 0.5f * z * (1.f + erff(z * 0.70710678118654752440f));
@@ -18,71 +18,111 @@ __device__ __forceinline__ float gelu_erf_grad(float z) {
            z * 0.39894228040143267794f * expf(-0.5f * z * z);
 }
 
-// y[r, c] = x[r, c] + b[c]  (GELU: gelu_erf(x + b))
-template <typename T, bool GELU>
-__device__ __forceinline__ void bias_act_fwd(const T *__restrict__ x, const T *__restrict__ b,
-                                             T *__restrict__ y, uint32_t rows, uint32_t cols,
-                                             uint32_t rpc) {
-    const uint32_t c = blockIdx.x * TX + threadIdx.x;
-    if (c >= cols) return;
-    const uint32_t r0 = blockIdx.y * rpc;
+enum class Act { Add, Gelu };
+
+// y = act(x + b). With IN_PLACE, x == y (the Linear forward adds its bias to the GEMM output).
+template <typename T, int V, Act A>
+__device__ __forceinline__ void bias_act_fwd(const T *x, const T *__restrict__ b, T *y,
+                                             uint32_t rows, uint32_t cols, uint32_t rpc) {
+    const uint32_t cv = cols / V;
+    const uint32_t r0 = blockIdx.x * rpc;
     const uint32_t r1 = min(r0 + rpc, rows);
-    const float bc = to_f(b[c]);
-    for (uint32_t r = r0 + threadIdx.y; r < r1; r += TY) {
-        const size_t i = (size_t)r * cols + c;
-        float z = to_f(x[i]) + bc;
-        y[i] = from_f<T>(GELU ? gelu_erf(z) : z);
-    }
-}
-
-// Writes the fp32 column partial of `v` (one value per thread) for this block's chunk.
-__device__ __forceinline__ void store_col_partial(float v, float *__restrict__ partial,
-                                                  uint32_t cols, uint32_t ld, uint32_t c) {
-    __shared__ float sh[TY][TX];
-    sh[threadIdx.y][threadIdx.x] = v;
-    __syncthreads();
-    if (threadIdx.y == 0 && c < cols) {
-        float s = 0.f;
+    for (uint32_t j = threadIdx.x; j < cv; j += blockDim.x) {
+        Vec<V, T> bv;
+        bv.load(b + j * V);
+#pragma unroll 4
+        for (uint32_t r = r0 + threadIdx.y; r < r1; r += blockDim.y) {
+            const size_t i = (size_t)r * cols + (size_t)j * V;
+            Vec<V, T> v;
+            v.load(x + i);
 #pragma unroll
-        for (int k = 0; k < TY; ++k) s += sh[k][threadIdx.x];
-        partial[(size_t)blockIdx.y * ld + c] = s;
+            for (int e = 0; e < V; ++e) {
+                const float z = v.v[e] + bv.v[e];
+                v.v[e] = A == Act::Gelu ? gelu_erf(z) : z;
+            }
+            v.store(y + i);
+        }
     }
 }
 
-// dx = dy * gelu'(x + b); partial (for db = Σ_rows dx) per chunk.
-template <typename T>
+// Adds the by row lanes of acc (one V-vector per thread, column vector j) in ty order and writes
+// the chunk's partial. Every thread of the block must call it (it synchronises).
+template <int V>
+__device__ __forceinline__ void col_partial(const float (&acc)[V], bool ok, uint32_t j,
+                                            float *__restrict__ partial, uint32_t cols) {
+    __shared__ float sh[256 * 4];
+    const uint32_t tid = threadIdx.y * blockDim.x + threadIdx.x;
+#pragma unroll
+    for (int e = 0; e < V; ++e) sh[tid * V + e] = acc[e];
+    __syncthreads();
+    if (threadIdx.y == 0 && ok) {
+#pragma unroll
+        for (int e = 0; e < V; ++e) {
+            float s = 0.f;
+            for (uint32_t k = 0; k < blockDim.y; ++k) s += sh[(k * blockDim.x + threadIdx.x) * V + e];
+            partial[(size_t)blockIdx.x * cols + (size_t)j * V + e] = s;
+        }
+    }
+    __syncthreads();
+}
+
+// dx = dy · gelu'(x + b); partials of db = Σ_rows dx (of dx as stored, i.e. rounded to T).
+template <typename T, int V>
 __device__ __forceinline__ void bias_gelu_bwd(const T *__restrict__ x, const T *__restrict__ b,
                                               const T *__restrict__ dy, T *__restrict__ dx,
                                               float *__restrict__ partial, uint32_t rows,
                                               uint32_t cols, uint32_t rpc) {
-    const uint32_t c = blockIdx.x * TX + threadIdx.x;
-    const uint32_t r0 = blockIdx.y * rpc;
+    const uint32_t cv = cols / V;
+    const uint32_t r0 = blockIdx.x * rpc;
     const uint32_t r1 = min(r0 + rpc, rows);
-    float acc = 0.f;
-    if (c < cols) {
-        const float bc = to_f(b[c]);
-        for (uint32_t r = r0 + threadIdx.y; r < r1; r += TY) {
-            const size_t i = (size_t)r * cols + c;
-            const float g = to_f(dy[i]) * gelu_erf_grad(to_f(x[i]) + bc);
-            const T gt = from_f<T>(g);
-            dx[i] = gt;
-            acc += to_f(gt);
+    for (uint32_t j0 = 0; j0 < cv; j0 += blockDim.x) {
+        const uint32_t j = j0 + threadIdx.x;
+        const bool ok = j < cv;
+        float acc[V] = {};
+        if (ok) {
+            Vec<V, T> bv;
+            bv.load(b + j * V);
+#pragma unroll 4
+            for (uint32_t r = r0 + threadIdx.y; r < r1; r += blockDim.y) {
+                const size_t i = (size_t)r * cols + (size_t)j * V;
+                Vec<V, T> xv, gv;
+                xv.load(x + i);
+                gv.load(dy + i);
+#pragma unroll
+                for (int e = 0; e < V; ++e) {
+                    const float g = gv.v[e] * gelu_erf_grad(xv.v[e] + bv.v[e]);
+                    gv.v[e] = to_f(from_f<T>(g));
+                    acc[e] += gv.v[e];
+                }
+                gv.store(dx + i);
+            }
         }
+        col_partial<V>(acc, ok, j, partial, cols);
     }
-    store_col_partial(acc, partial, cols, cols, c);
 }
 
-// partial[chunk, c] = Σ_{rows in chunk} x[r, c]
-template <typename T>
+// Partials of Σ_rows x[r, c].
+template <typename T, int V>
 __device__ __forceinline__ void colsum_partial(const T *__restrict__ x, float *__restrict__ partial,
                                                uint32_t rows, uint32_t cols, uint32_t rpc) {
-    const uint32_t c = blockIdx.x * TX + threadIdx.x;
-    const uint32_t r0 = blockIdx.y * rpc;
+    const uint32_t cv = cols / V;
+    const uint32_t r0 = blockIdx.x * rpc;
     const uint32_t r1 = min(r0 + rpc, rows);
-    float acc = 0.f;
-    if (c < cols)
-        for (uint32_t r = r0 + threadIdx.y; r < r1; r += TY) acc += to_f(x[(size_t)r * cols + c]);
-    store_col_partial(acc, partial, cols, cols, c);
+    for (uint32_t j0 = 0; j0 < cv; j0 += blockDim.x) {
+        const uint32_t j = j0 + threadIdx.x;
+        const bool ok = j < cv;
+        float acc[V] = {};
+        if (ok) {
+#pragma unroll 4
+            for (uint32_t r = r0 + threadIdx.y; r < r1; r += blockDim.y) {
+                Vec<V, T> v;
+                v.load(x + (size_t)r * cols + (size_t)j * V);
+#pragma unroll
+                for (int e = 0; e < V; ++e) acc[e] += v.v[e];
+            }
+        }
+        col_partial<V>(acc, ok, j, partial, cols);
+    }
 }
 
 // Σ x² per block (grid-stride, fixed grid) → partial[blockIdx.x]. Block of 256 threads.
@@ -101,39 +141,53 @@ __device__ __forceinline__ void sumsq_partial(const T *__restrict__ x, float *__
 }
 
 // out[0] = Σ partial[0..n) with one block.
-extern "C" __global__ void sum_final_f32(const float *__restrict__ partial, float *__restrict__ out,
-                                         uint32_t n) {
+template <typename T>
+__device__ __forceinline__ void sum_final(const float *__restrict__ partial, T *__restrict__ out,
+                                          uint32_t n) {
     __shared__ float scratch[32];
     float acc = 0.f;
     for (uint32_t i = threadIdx.x; i < n; i += blockDim.x) acc += partial[i];
     acc = block_sum(acc, scratch);
-    if (threadIdx.x == 0) out[0] = acc;
+    if (threadIdx.x == 0) out[0] = from_f<T>(acc);
 }
 
+#define INSTANTIATE_V(T, S, V)                                                                     \
+    extern "C" __global__ void bias_add_##S##_v##V(const T *x, const T *b, T *y, uint32_t rows,   \
+                                                   uint32_t cols, uint32_t rpc) {                  \
+        bias_act_fwd<T, V, Act::Add>(x, b, y, rows, cols, rpc);                                    \
+    }                                                                                              \
+    extern "C" __global__ void bias_add_inplace_##S##_v##V(T *y, const T *b, uint32_t rows,       \
+                                                           uint32_t cols, uint32_t rpc) {          \
+        bias_act_fwd<T, V, Act::Add>(y, b, y, rows, cols, rpc);                                    \
+    }                                                                                              \
+    extern "C" __global__ void bias_gelu_fwd_##S##_v##V(const T *x, const T *b, T *y,             \
+                                                        uint32_t rows, uint32_t cols,              \
+                                                        uint32_t rpc) {                            \
+        bias_act_fwd<T, V, Act::Gelu>(x, b, y, rows, cols, rpc);                                   \
+    }                                                                                              \
+    extern "C" __global__ void bias_gelu_bwd_##S##_v##V(const T *x, const T *b, const T *dy,      \
+                                                        T *dx, float *partial, uint32_t rows,      \
+                                                        uint32_t cols, uint32_t rpc) {             \
+        bias_gelu_bwd<T, V>(x, b, dy, dx, partial, rows, cols, rpc);                               \
+    }                                                                                              \
+    extern "C" __global__ void colsum_partial_##S##_v##V(const T *x, float *partial,              \
+                                                         uint32_t rows, uint32_t cols,             \
+                                                         uint32_t rpc) {                           \
+        colsum_partial<T, V>(x, partial, rows, cols, rpc);                                         \
+    }
+
 #define INSTANTIATE(T, S)                                                                          \
-    extern "C" __global__ void bias_add_##S(const T *x, const T *b, T *y, uint32_t rows,          \
-                                            uint32_t cols, uint32_t rpc) {                         \
-        bias_act_fwd<T, false>(x, b, y, rows, cols, rpc);                                          \
-    }                                                                                              \
-    extern "C" __global__ void bias_gelu_fwd_##S(const T *x, const T *b, T *y, uint32_t rows,     \
-                                                 uint32_t cols, uint32_t rpc) {                    \
-        bias_act_fwd<T, true>(x, b, y, rows, cols, rpc);                                           \
-    }                                                                                              \
-    extern "C" __global__ void bias_gelu_bwd_##S(const T *x, const T *b, const T *dy, T *dx,      \
-                                                 float *partial, uint32_t rows, uint32_t cols,     \
-                                                 uint32_t rpc) {                                   \
-        bias_gelu_bwd<T>(x, b, dy, dx, partial, rows, cols, rpc);                                  \
-    }                                                                                              \
-    extern "C" __global__ void colsum_partial_##S(const T *x, float *partial, uint32_t rows,      \
-                                                  uint32_t cols, uint32_t rpc) {                   \
-        colsum_partial<T>(x, partial, rows, cols, rpc);                                            \
-    }                                                                                              \
+    INSTANTIATE_V(T, S, 1)                                                                         \
+    INSTANTIATE_V(T, S, 4)                                                                         \
     extern "C" __global__ void colsum_final_##S(const float *partial, T *out, uint32_t nchunks,   \
                                                 uint32_t cols) {                                   \
         colsum_final<T>(partial, out, nchunks, cols);                                              \
     }                                                                                              \
     extern "C" __global__ void sumsq_partial_##S(const T *x, float *partial, size_t n) {          \
         sumsq_partial<T>(x, partial, n);                                                           \
+    }                                                                                              \
+    extern "C" __global__ void sum_final_##S(const float *partial, T *out, uint32_t n) {          \
+        sum_final<T>(partial, out, n);                                                             \
     }
 
 INSTANTIATE(float, f32)

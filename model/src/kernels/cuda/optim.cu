@@ -1,32 +1,98 @@
-// In-place AdamW (torch semantics, decoupled weight decay) and the EMA target update, per tensor
-// or over many tensors in one launch (multi-tensor: a table of tensors plus a block → (tensor,
-// chunk) map, both in device memory).
+// In-place AdamW (torch semantics, decoupled weight decay) and the EMA target update: per tensor
+// (fused, or the two passes of the CPU ops: moments, then parameter) or over many tensors in one
+// launch (multi-tensor: a table of tensors plus a block → (tensor, chunk) map in device memory).
+//
+// All f32. 1 − β1, 1 − β2 and 1 − momentum arrive precomputed in f64 by the host (rounding β to
+// f32 first and subtracting would cost ~1e-5 relative in 1 − β2). Loads/stores are float4 when
+// every pointer of the tensor is 16-byte aligned, with a scalar tail.
 #include "common.cuh"
 
-// One element of AdamW, in the order torch's `_single_tensor_adamw` (and optim.rs) computes it:
-// p *= 1 − lr·wd; m = m + (1 − β1)(g − m); v = β2·v + (1 − β2)·g²;
-// p −= (lr / bc1) · m / (sqrt(v) / sqrt(bc2) + eps).
-__device__ __forceinline__ void adamw_elem(float *p, const float *g, float *m, float *v, size_t i,
-                                           float decay, float b1, float b2, float step_size,
-                                           float sqrt_bc2, float eps) {
-    const float gi = g[i];
-    const float mi = m[i] + (gi - m[i]) * (1.f - b1);
-    const float vi = v[i] * b2 + gi * gi * (1.f - b2);
-    m[i] = mi;
-    v[i] = vi;
-    const float denom = sqrtf(vi) / sqrt_bc2 + eps;
-    p[i] = p[i] * decay - (mi / denom) * step_size;
+struct AdamHyper {
+    float omb1, b2, omb2, eps;
+};
+
+// m = m + (1 − β1)(g − m); v = β2·v + (1 − β2)·g²  (torch: exp_avg.lerp_, exp_avg_sq.mul_.addcmul_)
+__device__ __forceinline__ void moments1(float g, float &m, float &v, const AdamHyper &h) {
+    m = m + (g - m) * h.omb1;
+    v = v * h.b2 + (g * g) * h.omb2;
+}
+// p = p·decay − step_size · m / (√v / √bc2 + eps)
+__device__ __forceinline__ float update1(float p, float m, float v, float decay, float step_size,
+                                         float sqrt_bc2, float eps) {
+    return p * decay - step_size * (m / (sqrtf(v) / sqrt_bc2 + eps));
+}
+
+__device__ __forceinline__ bool aligned16(const void *a, const void *b, const void *c,
+                                          const void *d) {
+    return (((uintptr_t)a | (uintptr_t)b | (uintptr_t)c | (uintptr_t)d) & 15) == 0;
+}
+
+// Fused AdamW over [start, end) of one tensor, by the threads `t0, t0 + step, …`.
+__device__ __forceinline__ void adamw_range(float *p, const float *g, float *m, float *v,
+                                            size_t start, size_t end, size_t t0, size_t step,
+                                            const AdamHyper &h, float decay, float step_size,
+                                            float sqrt_bc2) {
+    size_t vend = start;
+    if (aligned16(p + start, g + start, m + start, v + start)) {
+        vend = start + (end - start) / 4 * 4;
+        for (size_t i = start + 4 * t0; i < vend; i += 4 * step) {
+            float4 pv = *reinterpret_cast<float4 *>(p + i);
+            const float4 gv = *reinterpret_cast<const float4 *>(g + i);
+            float4 mv = *reinterpret_cast<float4 *>(m + i);
+            float4 vv = *reinterpret_cast<float4 *>(v + i);
+            moments1(gv.x, mv.x, vv.x, h);
+            moments1(gv.y, mv.y, vv.y, h);
+            moments1(gv.z, mv.z, vv.z, h);
+            moments1(gv.w, mv.w, vv.w, h);
+            pv.x = update1(pv.x, mv.x, vv.x, decay, step_size, sqrt_bc2, h.eps);
+            pv.y = update1(pv.y, mv.y, vv.y, decay, step_size, sqrt_bc2, h.eps);
+            pv.z = update1(pv.z, mv.z, vv.z, decay, step_size, sqrt_bc2, h.eps);
+            pv.w = update1(pv.w, mv.w, vv.w, decay, step_size, sqrt_bc2, h.eps);
+            *reinterpret_cast<float4 *>(m + i) = mv;
+            *reinterpret_cast<float4 *>(v + i) = vv;
+            *reinterpret_cast<float4 *>(p + i) = pv;
+        }
+    }
+    for (size_t i = vend + t0; i < end; i += step) {
+        float mi = m[i], vi = v[i];
+        moments1(g[i], mi, vi, h);
+        m[i] = mi;
+        v[i] = vi;
+        p[i] = update1(p[i], mi, vi, decay, step_size, sqrt_bc2, h.eps);
+    }
 }
 
 extern "C" __global__ void adamw_f32(float *p, const float *g, float *m, float *v, size_t n,
-                                     float decay, float b1, float b2, float step_size,
-                                     float sqrt_bc2, float eps) {
-    const size_t stride = (size_t)gridDim.x * blockDim.x;
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride)
-        adamw_elem(p, g, m, v, i, decay, b1, b2, step_size, sqrt_bc2, eps);
+                                     float decay, float omb1, float b2, float omb2,
+                                     float step_size, float sqrt_bc2, float eps) {
+    const AdamHyper h{omb1, b2, omb2, eps};
+    adamw_range(p, g, m, v, 0, n, (size_t)blockIdx.x * blockDim.x + threadIdx.x,
+                (size_t)gridDim.x * blockDim.x, h, decay, step_size, sqrt_bc2);
 }
 
-// Host-packed row of the multi-tensor table (64 bytes; see cuda.rs `AdamWTable`).
+// First pass of the two-pass form: the moments only.
+extern "C" __global__ void adam_moments_f32(float *m, float *v, const float *g, size_t n,
+                                            float omb1, float b2, float omb2) {
+    const AdamHyper h{omb1, b2, omb2, 0.f};
+    const size_t stride = (size_t)gridDim.x * blockDim.x;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        float mi = m[i], vi = v[i];
+        moments1(g[i], mi, vi, h);
+        m[i] = mi;
+        v[i] = vi;
+    }
+}
+
+// Second pass: the parameter from the updated moments.
+extern "C" __global__ void adam_update_f32(float *p, const float *m, const float *v, size_t n,
+                                           float decay, float step_size, float sqrt_bc2,
+                                           float eps) {
+    const size_t stride = (size_t)gridDim.x * blockDim.x;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride)
+        p[i] = update1(p[i], m[i], v[i], decay, step_size, sqrt_bc2, eps);
+}
+
+// Host-packed row of the multi-tensor table (64 bytes; see cuda.rs `adamw_multi`).
 struct AdamWEntry {
     unsigned long long p, g, m, v, n;
     float decay, step_size, sqrt_bc2, pad0;
@@ -36,25 +102,40 @@ static_assert(sizeof(AdamWEntry) == 64, "AdamWEntry layout");
 
 // blockmap[block] = tensor | chunk << 32; each block updates `chunk` elements of one tensor.
 extern "C" __global__ void adamw_multi_f32(const AdamWEntry *table,
-                                           const unsigned long long *blockmap, float b1, float b2,
-                                           float eps, uint32_t chunk) {
+                                           const unsigned long long *blockmap, float omb1,
+                                           float b2, float omb2, float eps, uint32_t chunk) {
     const unsigned long long e = blockmap[blockIdx.x];
     const AdamWEntry a = table[e & 0xffffffffull];
     const size_t start = (size_t)(e >> 32) * chunk;
     const size_t end = min(start + chunk, (size_t)a.n);
-    float *p = reinterpret_cast<float *>(a.p);
-    const float *g = reinterpret_cast<const float *>(a.g);
-    float *m = reinterpret_cast<float *>(a.m);
-    float *v = reinterpret_cast<float *>(a.v);
-    for (size_t i = start + threadIdx.x; i < end; i += blockDim.x)
-        adamw_elem(p, g, m, v, i, a.decay, b1, b2, a.step_size, a.sqrt_bc2, eps);
+    const AdamHyper h{omb1, b2, omb2, eps};
+    adamw_range(reinterpret_cast<float *>(a.p), reinterpret_cast<const float *>(a.g),
+                reinterpret_cast<float *>(a.m), reinterpret_cast<float *>(a.v), start, end,
+                threadIdx.x, blockDim.x, h, a.decay, a.step_size, a.sqrt_bc2);
 }
 
-// θ_t ← m·θ_t + (1 − m)·θ
-extern "C" __global__ void ema_f32(float *t, const float *s, size_t n, float mom) {
-    const size_t stride = (size_t)gridDim.x * blockDim.x;
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride)
-        t[i] = t[i] * mom + s[i] * (1.f - mom);
+// θ_t ← m·θ_t + (1 − m)·θ over [start, end).
+__device__ __forceinline__ void ema_range(float *t, const float *s, size_t start, size_t end,
+                                          size_t t0, size_t step, float mom, float rest) {
+    size_t vend = start;
+    if (aligned16(t + start, s + start, t + start, s + start)) {
+        vend = start + (end - start) / 4 * 4;
+        for (size_t i = start + 4 * t0; i < vend; i += 4 * step) {
+            float4 a = *reinterpret_cast<float4 *>(t + i);
+            const float4 b = *reinterpret_cast<const float4 *>(s + i);
+            a.x = a.x * mom + b.x * rest;
+            a.y = a.y * mom + b.y * rest;
+            a.z = a.z * mom + b.z * rest;
+            a.w = a.w * mom + b.w * rest;
+            *reinterpret_cast<float4 *>(t + i) = a;
+        }
+    }
+    for (size_t i = vend + t0; i < end; i += step) t[i] = t[i] * mom + s[i] * rest;
+}
+
+extern "C" __global__ void ema_f32(float *t, const float *s, size_t n, float mom, float rest) {
+    ema_range(t, s, 0, n, (size_t)blockIdx.x * blockDim.x + threadIdx.x,
+              (size_t)gridDim.x * blockDim.x, mom, rest);
 }
 
 struct EmaEntry {
@@ -63,13 +144,11 @@ struct EmaEntry {
 static_assert(sizeof(EmaEntry) == 32, "EmaEntry layout");
 
 extern "C" __global__ void ema_multi_f32(const EmaEntry *table, const unsigned long long *blockmap,
-                                         float mom, uint32_t chunk) {
+                                         float mom, float rest, uint32_t chunk) {
     const unsigned long long e = blockmap[blockIdx.x];
     const EmaEntry a = table[e & 0xffffffffull];
     const size_t start = (size_t)(e >> 32) * chunk;
     const size_t end = min(start + chunk, (size_t)a.n);
-    float *t = reinterpret_cast<float *>(a.t);
-    const float *s = reinterpret_cast<const float *>(a.s);
-    for (size_t i = start + threadIdx.x; i < end; i += blockDim.x)
-        t[i] = t[i] * mom + s[i] * (1.f - mom);
+    ema_range(reinterpret_cast<float *>(a.t), reinterpret_cast<const float *>(a.s), start, end,
+              threadIdx.x, blockDim.x, mom, rest);
 }
