@@ -16,8 +16,8 @@ use candle_core::cuda_backend::cudarc::cublas::sys::cublasOperation_t;
 use candle_core::cuda_backend::cudarc::cublas::{CudaBlas, Gemm, GemmConfig};
 use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaFunction, CudaSlice, CudaView, CudaViewMut, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
-    ValidAsZeroBits,
+    CudaFunction, CudaSlice, CudaView, CudaViewMut, DevicePtr, DeviceRepr, LaunchConfig,
+    PushKernelArg, ValidAsZeroBits,
 };
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{
@@ -218,6 +218,36 @@ fn stride_cfg(n: usize) -> LaunchConfig {
     }
 }
 
+/// Makes the device's stream-ordered memory pool keep freed memory instead of handing it back
+/// to the driver at every synchronisation (CUDA's default release threshold is 0, so each
+/// training step, which syncs to read its loss, would re-map all of its activations; torch's
+/// caching allocator avoids the same cost). Call once after creating the device.
+pub fn keep_pool_memory(dev: &CudaDevice) -> Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let stream = dev.cuda_stream();
+    let ctx = stream.context();
+    ctx.bind_to_thread().w()?;
+    let mut pool = std::mem::MaybeUninit::<sys::CUmemoryPool>::uninit();
+    // SAFETY: the out-pointer is valid; the device handle comes from the live context.
+    unsafe { sys::cuDeviceGetDefaultMemPool(pool.as_mut_ptr(), ctx.cu_device()) }
+        .result()
+        .w()?;
+    // SAFETY: initialised by the successful call above.
+    let pool = unsafe { pool.assume_init() };
+    let mut threshold = u64::MAX;
+    // SAFETY: RELEASE_THRESHOLD takes a cuuint64_t.
+    unsafe {
+        sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut threshold as *mut u64).cast(),
+        )
+    }
+    .result()
+    .w()?;
+    Ok(())
+}
+
 // ---------------------------------------------------------------------------------------------
 // Attention
 
@@ -233,11 +263,11 @@ struct AttnDims {
 impl AttnDims {
     fn of(l: &Layout, heads: usize, op: &str) -> Result<Self> {
         let (b, n, three_d) = l.shape().dims3()?;
-        if heads == 0 || three_d % 3 != 0 || (three_d / 3) % heads != 0 {
+        if heads == 0 || !three_d.is_multiple_of(3) || (three_d / 3) % heads != 0 {
             bail!("{op}: qkv last dim {three_d} is not 3·heads·head_dim with heads = {heads}");
         }
         let hd = three_d / 3 / heads;
-        if hd == 0 || hd % 4 != 0 || hd > MAX_HEAD_DIM {
+        if hd == 0 || !hd.is_multiple_of(4) || hd > MAX_HEAD_DIM {
             bail!("{op}: head dim {hd} unsupported (a multiple of 4, at most {MAX_HEAD_DIM})");
         }
         if b * heads > 65_535 {
@@ -249,7 +279,7 @@ impl AttnDims {
         if n == 0 || b == 0 {
             bail!("{op}: empty qkv {:?}", l.dims());
         }
-        if l.start_offset() % 4 != 0 {
+        if !l.start_offset().is_multiple_of(4) {
             bail!("{op}: qkv must start at a multiple of 4 elements (vector loads)");
         }
         Ok(Self { b, n, heads, hd })
@@ -313,7 +343,10 @@ fn attn_bwd_tc_smem(hdp: usize) -> (usize, usize) {
     let tile_h = ATTN_TILE * (hdp + 8) * 2;
     let tile_s = ATTN_TILE * (ATTN_TILE + 4) * 4;
     let tile_p = ATTN_TILE * (ATTN_TILE + 8) * 2;
-    (2 * tile_h + tile_s, 4 * tile_h + 2 * tile_s + 2 * tile_p + 2 * ATTN_TILE * 4)
+    (
+        2 * tile_h + tile_s,
+        4 * tile_h + 2 * tile_s + 2 * tile_p + 2 * ATTN_TILE * 4,
+    )
 }
 fn attn_stats_smem(hdp: usize) -> usize {
     2 * hdp * ATTN_LD * 4
@@ -362,8 +395,8 @@ pub fn attention_fwd_with(
         // Tensor cores: bf16, 16-byte aligned rows (hd and the start offset multiples of 8).
         let tc = kernel == AttnKernel::Auto
             && T::DTYPE == DType::BF16
-            && dm.hd % 8 == 0
-            && l.start_offset() % 8 == 0;
+            && dm.hd.is_multiple_of(8)
+            && l.start_offset().is_multiple_of(8);
         let (name, smem, threads) = if tc {
             (
                 format!("attn_fwd_tc_bf16_{hdp}"),
@@ -431,17 +464,22 @@ pub fn attention_bwd_with(
     let o_shape = [dm.b, dm.n, dm.d()];
     for (what, l) in [("out", lo), ("dout", ld)] {
         if l.dims() != o_shape {
-            bail!("{OP}: {what} must have shape {o_shape:?}, got {:?}", l.dims());
+            bail!(
+                "{OP}: {what} must have shape {o_shape:?}, got {:?}",
+                l.dims()
+            );
         }
-        if l.start_offset() % 4 != 0 {
+        if !l.start_offset().is_multiple_of(4) {
             bail!("{OP}: {what} must start at a multiple of 4 elements (vector loads)");
         }
     }
     let dtype = same_dtype(OP, qkv, &[out, dout])?;
     let tc = kernel == AttnKernel::Auto
         && dtype == DType::BF16
-        && dm.hd % 8 == 0
-        && [lq, lo, ld].iter().all(|l| l.start_offset() % 8 == 0);
+        && dm.hd.is_multiple_of(8)
+        && [lq, lo, ld]
+            .iter()
+            .all(|l| l.start_offset().is_multiple_of(8));
     #[allow(clippy::too_many_arguments)]
     fn inner<T: KernelFloat>(
         qkv: &CudaStorage,
@@ -530,8 +568,7 @@ fn ln_rows_cfg(rows: usize) -> LaunchConfig {
 
 /// Vectors per lane of the register fast path (`cols = nv·128`, nv ≤ 8, operands 4-aligned).
 fn ln_fast_nv(cols: usize, starts: &[usize]) -> Option<usize> {
-    (cols.is_multiple_of(128) && cols <= 1024 && vec_width(cols, starts) == 4)
-        .then_some(cols / 128)
+    (cols.is_multiple_of(128) && cols <= 1024 && vec_width(cols, starts) == 4).then_some(cols / 128)
 }
 
 /// LayerNorm over the last dim, affine (`weight`/`bias` `[C]`) when `wb` is given; biased
@@ -555,7 +592,7 @@ fn ln_forward(
         None => float_dtype(x, op, false)?,
     };
     let fast = ln_fast_nv(cols, &starts);
-    #[allow(clippy::type_complexity)]
+    #[allow(clippy::type_complexity, clippy::too_many_arguments)]
     fn inner<T: KernelFloat>(
         x: &CudaStorage,
         lx: &Layout,
@@ -570,7 +607,10 @@ fn ln_forward(
         let ty = T::DTYPE.as_str();
         let xs = view::<T>(x, lx, op, "x")?;
         let wbs = match wb {
-            Some((w, lw, b, lb)) => Some((view::<T>(w, lw, op, "weight")?, view::<T>(b, lb, op, "bias")?)),
+            Some((w, lw, b, lb)) => Some((
+                view::<T>(w, lw, op, "weight")?,
+                view::<T>(b, lb, op, "bias")?,
+            )),
             None => None,
         };
         let kind = if wbs.is_some() { "ln" } else { "ln_plain" };
@@ -618,7 +658,11 @@ pub fn layer_norm_fwd(
 }
 
 /// LayerNorm without affine parameters (the target normalisation). One launch.
-pub fn layer_norm_plain_fwd(x: &CudaStorage, lx: &Layout, eps: f32) -> Result<(CudaStorage, Shape)> {
+pub fn layer_norm_plain_fwd(
+    x: &CudaStorage,
+    lx: &Layout,
+    eps: f32,
+) -> Result<(CudaStorage, Shape)> {
     ln_forward(x, lx, None, eps, "layer_norm_plain (cuda)")
 }
 
@@ -736,7 +780,12 @@ fn ln_backward(
             let mut dx = packed.slice_mut(0..rows * cols);
             let f = load(dev, NORM, &format!("ln_plain_bwd_{ty}"))?;
             let mut bld = stream.launch_builder(&f);
-            bld.arg(&xs).arg(&dys).arg(&mut dx).arg(&r).arg(&c).arg(&eps);
+            bld.arg(&xs)
+                .arg(&dys)
+                .arg(&mut dx)
+                .arg(&r)
+                .arg(&c)
+                .arg(&eps);
             // SAFETY: matches ln_plain_bwd_* in norm.cu.
             unsafe { bld.launch(ln_rows_cfg(rows)) }.w()?;
         }
@@ -774,7 +823,15 @@ pub fn layer_norm_bwd(
     ldy: &Layout,
     eps: f32,
 ) -> Result<(CudaStorage, Shape)> {
-    ln_backward(x, lx, Some((w, lw)), dy, ldy, eps, "layer_norm backward (cuda)")
+    ln_backward(
+        x,
+        lx,
+        Some((w, lw)),
+        dy,
+        ldy,
+        eps,
+        "layer_norm backward (cuda)",
+    )
 }
 
 /// Backward of [`layer_norm_plain_fwd`]: dx, same shape as x. One launch.
@@ -785,7 +842,15 @@ pub fn layer_norm_plain_bwd(
     ldy: &Layout,
     eps: f32,
 ) -> Result<(CudaStorage, Shape)> {
-    ln_backward(x, lx, None, dy, ldy, eps, "layer_norm_plain backward (cuda)")
+    ln_backward(
+        x,
+        lx,
+        None,
+        dy,
+        ldy,
+        eps,
+        "layer_norm_plain backward (cuda)",
+    )
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -818,11 +883,19 @@ fn bias_act(
         let dev = &x.device;
         let xs = view::<T>(x, lx, op, "x")?;
         let bs = view::<T>(b, lb, op, "bias")?;
-        let f = load(dev, ELEMENTWISE, &format!("{name}_{}_v{v}", T::DTYPE.as_str()))?;
+        let f = load(
+            dev,
+            ELEMENTWISE,
+            &format!("{name}_{}_v{v}", T::DTYPE.as_str()),
+        )?;
         // SAFETY: every element is written.
         let y = unsafe { dev.alloc::<T>(rows * cols)? };
         let (cfg, _) = row_launch(rows, cols, v, ELEMWISE_ROWS);
-        let (r, c, rpc) = (u32_of(rows, op, "rows")?, u32_of(cols, op, "cols")?, ELEMWISE_ROWS as u32);
+        let (r, c, rpc) = (
+            u32_of(rows, op, "rows")?,
+            u32_of(cols, op, "cols")?,
+            ELEMWISE_ROWS as u32,
+        );
         let stream = dev.cuda_stream();
         let mut bld = stream.launch_builder(&f);
         bld.arg(&xs).arg(&bs).arg(&y).arg(&r).arg(&c).arg(&rpc);
@@ -875,7 +948,10 @@ pub fn bias_gelu_bwd(
         bail!("{OP}: dy {:?} must match x {:?}", ldy.dims(), lx.dims());
     }
     let dtype = same_dtype(OP, x, &[b, dy])?;
-    let v = vec_width(cols, &[lx.start_offset(), lb.start_offset(), ldy.start_offset()]);
+    let v = vec_width(
+        cols,
+        &[lx.start_offset(), lb.start_offset(), ldy.start_offset()],
+    );
     #[allow(clippy::too_many_arguments)]
     fn inner<T: KernelFloat>(
         x: &CudaStorage,
@@ -899,7 +975,11 @@ pub fn bias_gelu_bwd(
         let (cfg, nchunks) = row_launch(rows, cols, v, rpc);
         // SAFETY: every (chunk, column) partial is written.
         let partial = unsafe { dev.alloc::<f32>(nchunks * cols)? };
-        let (r, c, rpcu) = (u32_of(rows, OP, "rows")?, u32_of(cols, OP, "cols")?, rpc as u32);
+        let (r, c, rpcu) = (
+            u32_of(rows, OP, "rows")?,
+            u32_of(cols, OP, "cols")?,
+            rpc as u32,
+        );
         {
             let mut dx = packed.slice_mut(0..rows * cols);
             let f = load(dev, ELEMENTWISE, &format!("bias_gelu_bwd_{ty}_v{v}"))?;
@@ -928,7 +1008,11 @@ fn colsum_final_launch<T: KernelFloat>(
     nchunks: usize,
     cols: usize,
 ) -> Result<()> {
-    let f = load(dev, ELEMENTWISE, &format!("colsum_final_{}", T::DTYPE.as_str()))?;
+    let f = load(
+        dev,
+        ELEMENTWISE,
+        &format!("colsum_final_{}", T::DTYPE.as_str()),
+    )?;
     let (nc, c) = (nchunks as u32, cols as u32);
     let stream = dev.cuda_stream();
     let mut bld = stream.launch_builder(&f);
@@ -953,8 +1037,16 @@ fn column_sum_into<T: KernelFloat>(
     let (cfg, nchunks) = row_launch(rows, cols, v, rpc);
     // SAFETY: every (chunk, column) partial is written.
     let partial = unsafe { dev.alloc::<f32>(nchunks * cols)? };
-    let (r, c, rpcu) = (u32_of(rows, op, "rows")?, u32_of(cols, op, "cols")?, rpc as u32);
-    let f = load(dev, ELEMENTWISE, &format!("colsum_partial_{}_v{v}", T::DTYPE.as_str()))?;
+    let (r, c, rpcu) = (
+        u32_of(rows, op, "rows")?,
+        u32_of(cols, op, "cols")?,
+        rpc as u32,
+    );
+    let f = load(
+        dev,
+        ELEMENTWISE,
+        &format!("colsum_partial_{}_v{v}", T::DTYPE.as_str()),
+    )?;
     let stream = dev.cuda_stream();
     let mut bld = stream.launch_builder(&f);
     bld.arg(x).arg(&partial).arg(&r).arg(&c).arg(&rpcu);
@@ -1120,7 +1212,11 @@ pub fn linear_fwd(
         if let Some((bs, lb)) = b {
             let bv = view::<T>(bs, lb, OP, "bias")?;
             let v = vec_width(out, &[lb.start_offset()]);
-            let f = load(dev, ELEMENTWISE, &format!("bias_add_inplace_{}_v{v}", T::DTYPE.as_str()))?;
+            let f = load(
+                dev,
+                ELEMENTWISE,
+                &format!("bias_add_inplace_{}_v{v}", T::DTYPE.as_str()),
+            )?;
             let (cfg, _) = row_launch(rows, out, v, ELEMWISE_ROWS);
             let (r, c, rpc) = (rows as u32, out as u32, ELEMWISE_ROWS as u32);
             let stream = dev.cuda_stream();
@@ -1268,7 +1364,12 @@ fn f32_view<'a>(s: &'a CudaStorage, l: &Layout, op: &str, what: &str) -> Result<
     view::<f32>(s, l, op, what)
 }
 
-fn f32_dst<'a>(s: &'a mut CudaStorage, l: &Layout, op: &str, what: &str) -> Result<CudaViewMut<'a, f32>> {
+fn f32_dst<'a>(
+    s: &'a mut CudaStorage,
+    l: &Layout,
+    op: &str,
+    what: &str,
+) -> Result<CudaViewMut<'a, f32>> {
     float_dtype(s, op, true)?;
     let Some((a, b)) = l.contiguous_offsets() else {
         bail!("{op}: {what} must be contiguous")
@@ -1313,7 +1414,13 @@ pub fn adamw_inplace(
     let stream = dev.cuda_stream();
     let mut bld = stream.launch_builder(&f);
     bld.arg(&mut ps).arg(&gs).arg(&ms).arg(&vs).arg(&n);
-    bld.arg(&decay).arg(&omb1).arg(&b2).arg(&omb2).arg(&step_size).arg(&sqrt_bc2).arg(&eps);
+    bld.arg(&decay)
+        .arg(&omb1)
+        .arg(&b2)
+        .arg(&omb2)
+        .arg(&step_size)
+        .arg(&sqrt_bc2)
+        .arg(&eps);
     // SAFETY: matches adamw_f32 in optim.cu.
     unsafe { bld.launch(stride_cfg(n.div_ceil(4))) }.w()?;
     Ok(())
@@ -1341,7 +1448,13 @@ pub fn adam_moments(
     let f = load(&dev, OPTIM, "adam_moments_f32")?;
     let stream = dev.cuda_stream();
     let mut bld = stream.launch_builder(&f);
-    bld.arg(&mut m).arg(&mut v).arg(&gs).arg(&n).arg(&omb1).arg(&b2).arg(&omb2);
+    bld.arg(&mut m)
+        .arg(&mut v)
+        .arg(&gs)
+        .arg(&n)
+        .arg(&omb1)
+        .arg(&b2)
+        .arg(&omb2);
     // SAFETY: matches adam_moments_f32 in optim.cu.
     unsafe { bld.launch(stride_cfg(n)) }.w()?;
     Ok(())
@@ -1455,7 +1568,11 @@ fn block_map(sizes: &[usize]) -> Vec<u64> {
 }
 
 /// Uploads `table ++ map` in one host→device copy; returns the buffer and the table length.
-fn upload_table(dev: &CudaDevice, mut table: Vec<u64>, map: Vec<u64>) -> Result<(CudaSlice<u64>, usize)> {
+fn upload_table(
+    dev: &CudaDevice,
+    mut table: Vec<u64>,
+    map: Vec<u64>,
+) -> Result<(CudaSlice<u64>, usize)> {
     let ntab = table.len();
     table.extend(map);
     Ok((dev.clone_htod(&table)?, ntab))
@@ -1515,7 +1632,13 @@ pub fn adamw_multi(slots: &[AdamWSlot<'_>], cfg: &AdamWConfig) -> Result<()> {
     let f = load(&dev, OPTIM, "adamw_multi_f32")?;
     let stream = dev.cuda_stream();
     let mut bld = stream.launch_builder(&f);
-    bld.arg(&tab).arg(&bmap).arg(&omb1).arg(&b2).arg(&omb2).arg(&eps).arg(&chunk);
+    bld.arg(&tab)
+        .arg(&bmap)
+        .arg(&omb1)
+        .arg(&b2)
+        .arg(&omb2)
+        .arg(&eps)
+        .arg(&chunk);
     // SAFETY: matches adamw_multi_f32 in optim.cu; the guards keep every tensor alive.
     unsafe { bld.launch(multi_cfg(nblocks)) }.w()?;
     drop(guards);

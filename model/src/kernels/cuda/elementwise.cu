@@ -20,10 +20,11 @@ __device__ __forceinline__ float gelu_erf_grad(float z) {
 
 enum class Act { Add, Gelu };
 
-// y = act(x + b). With IN_PLACE, x == y (the Linear forward adds its bias to the GEMM output).
+// y = act(x + b).
 template <typename T, int V, Act A>
-__device__ __forceinline__ void bias_act_fwd(const T *x, const T *__restrict__ b, T *y,
-                                             uint32_t rows, uint32_t cols, uint32_t rpc) {
+__device__ __forceinline__ void bias_act_fwd(const T *__restrict__ x, const T *__restrict__ b,
+                                             T *__restrict__ y, uint32_t rows, uint32_t cols,
+                                             uint32_t rpc) {
     const uint32_t cv = cols / V;
     const uint32_t r0 = blockIdx.x * rpc;
     const uint32_t r1 = min(r0 + rpc, rows);
@@ -41,6 +42,28 @@ __device__ __forceinline__ void bias_act_fwd(const T *x, const T *__restrict__ b
                 v.v[e] = A == Act::Gelu ? gelu_erf(z) : z;
             }
             v.store(y + i);
+        }
+    }
+}
+
+// y += b in place (the Linear forward adds its bias to the GEMM output).
+template <typename T, int V>
+__device__ __forceinline__ void bias_inplace(T *y, const T *__restrict__ b, uint32_t rows,
+                                             uint32_t cols, uint32_t rpc) {
+    const uint32_t cv = cols / V;
+    const uint32_t r0 = blockIdx.x * rpc;
+    const uint32_t r1 = min(r0 + rpc, rows);
+    for (uint32_t j = threadIdx.x; j < cv; j += blockDim.x) {
+        Vec<V, T> bv;
+        bv.load(b + j * V);
+#pragma unroll 4
+        for (uint32_t r = r0 + threadIdx.y; r < r1; r += blockDim.y) {
+            T *p = y + (size_t)r * cols + (size_t)j * V;
+            Vec<V, T> v;
+            v.load(p);
+#pragma unroll
+            for (int e = 0; e < V; ++e) v.v[e] += bv.v[e];
+            v.store(p);
         }
     }
 }
@@ -158,7 +181,7 @@ __device__ __forceinline__ void sum_final(const float *__restrict__ partial, T *
     }                                                                                              \
     extern "C" __global__ void bias_add_inplace_##S##_v##V(T *y, const T *b, uint32_t rows,       \
                                                            uint32_t cols, uint32_t rpc) {          \
-        bias_act_fwd<T, V, Act::Add>(y, b, y, rows, cols, rpc);                                    \
+        bias_inplace<T, V>(y, b, rows, cols, rpc);                                    \
     }                                                                                              \
     extern "C" __global__ void bias_gelu_fwd_##S##_v##V(const T *x, const T *b, T *y,             \
                                                         uint32_t rows, uint32_t cols,              \
