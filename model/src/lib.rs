@@ -3,12 +3,14 @@
 //!
 //! The spec (`VJEPA-SPEC.md` §2–§8, §12) is the source of truth; names of parameters equal the
 //! official state-dict keys so checkpoints can be compared with the PyTorch ones.
-//! Everything in the training path uses composite candle ops that have a backward pass.
+//! The training hot path (attention, LayerNorm, bias + GELU, AdamW, EMA) runs on the fused kernels
+//! of [`kernels`], each with a hand-written backward; the rest uses candle ops with autograd.
 
 #![warn(missing_docs)]
 
 mod checkpoint;
 pub mod config;
+pub mod kernels;
 pub mod layers;
 pub mod loss;
 pub mod optim;
@@ -158,7 +160,8 @@ pub struct VJepa {
     encoder: Encoder,
     predictor: Predictor,
     target: Encoder,
-    /// Target weights by local name (spec order); replaced (not mutated) by each EMA update.
+    /// Target weights by local name (spec order), shared with `target`; the EMA update writes
+    /// into them in place.
     target_params: Vec<(String, Tensor)>,
     /// Owns the trainable Vars: encoder params first (`encoder.*`), then predictor (`predictor.*`).
     opt: AdamW,
@@ -281,17 +284,10 @@ impl VJepa {
                 let params = named_vars
                     .into_iter()
                     .zip(state)
-                    .map(
-                        |((name, var, group), (exp_avg, exp_avg_sq, step))| OptParam {
-                            name,
-                            var,
-                            group,
-                            exp_avg,
-                            exp_avg_sq,
-                            step,
-                        },
-                    )
-                    .collect();
+                    .map(|((name, var, group), (exp_avg, exp_avg_sq, step))| {
+                        OptParam::from_moments(name, var, group, &exp_avg, &exp_avg_sq, step)
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
                 AdamW::from_state(params, optim_cfg.betas, optim_cfg.eps)
             }
         };
@@ -496,17 +492,13 @@ impl VJepa {
         Ok(stats)
     }
 
-    /// θ_tgt ← m·θ_tgt + (1 - m)·θ_enc for every encoder parameter, then rebuild the target.
+    /// θ_tgt ← m·θ_tgt + (1 - m)·θ_enc for every encoder parameter, in place: the target
+    /// encoder holds the same tensors, so nothing is allocated or rebuilt.
     fn ema_update(&mut self, m: f64) -> Result<(), ModelError> {
-        let mut map = ParamMap::new();
         let enc_params = &self.opt.params()[..self.num_encoder_params];
-        for ((name, tgt), p) in self.target_params.iter_mut().zip(enc_params) {
-            let updated =
-                (tgt.affine(m, 0.0)? + p.var.as_detached_tensor().affine(1.0 - m, 0.0)?)?;
-            map.insert(name.clone(), updated.clone());
-            *tgt = updated;
+        for ((_, tgt), p) in self.target_params.iter().zip(enc_params) {
+            kernels::ema_update(tgt, p.var.as_tensor(), m)?;
         }
-        self.target = Encoder::load(&self.enc_cfg, &map, self.target.pos_embed().clone())?;
         Ok(())
     }
 
@@ -534,10 +526,13 @@ impl VJepa {
         let mut steps = BTreeMap::new();
         for p in self.opt.params() {
             tensors.push((p.name.clone(), F32View::new(p.var.as_tensor())?));
-            tensors.push((format!("opt.exp_avg.{}", p.name), F32View::new(&p.exp_avg)?));
+            tensors.push((
+                format!("opt.exp_avg.{}", p.name),
+                F32View::new(&p.exp_avg()?)?,
+            ));
             tensors.push((
                 format!("opt.exp_avg_sq.{}", p.name),
-                F32View::new(&p.exp_avg_sq)?,
+                F32View::new(&p.exp_avg_sq()?)?,
             ));
             steps.insert(p.name.clone(), p.step);
         }

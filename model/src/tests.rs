@@ -322,8 +322,18 @@ fn checkpoint_round_trip() {
             "{}",
             a.name
         );
-        assert_eq!(flat(&a.exp_avg), flat(&b.exp_avg), "{}", a.name);
-        assert_eq!(flat(&a.exp_avg_sq), flat(&b.exp_avg_sq), "{}", a.name);
+        assert_eq!(
+            flat(&a.exp_avg().unwrap()),
+            flat(&b.exp_avg().unwrap()),
+            "{}",
+            a.name
+        );
+        assert_eq!(
+            flat(&a.exp_avg_sq().unwrap()),
+            flat(&b.exp_avg_sq().unwrap()),
+            "{}",
+            a.name
+        );
     }
     for ((na, a), (nb, b)) in m.target_params.iter().zip(&r.target_params) {
         assert_eq!(na, nb);
@@ -467,5 +477,72 @@ fn timing_vit_tiny_step() {
     eprintln!(
         "vit_tiny 16x64x64 b4: {:.3} s/step",
         t0.elapsed().as_secs_f64() / n as f64
+    );
+}
+
+/// `train_step` of the quickstart model (`configs/quickstart.yaml`: D 96, depth 4, 3 heads,
+/// predictor 2×48, 16×96×96, batch 4) with masks of the spec's typical keep ratios (§5: ≈23 % and
+/// ≈6 % context). Run with `-- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn timing_quickstart_step() {
+    let enc = EncoderConfig {
+        embed_dim: 96,
+        depth: 4,
+        num_heads: 3,
+        mlp_hidden: 384,
+        patch_size: 16,
+        tubelet_size: 2,
+        num_frames: 16,
+        crop_size: 96,
+        uniform_power: true,
+    };
+    let pred = PredictorConfig {
+        embed_dim: 48,
+        depth: 2,
+        num_heads: 3,
+        num_mask_tokens: 2,
+    };
+    let mut m = VJepa::new(enc, pred, tiny_optim(), 0, &Device::Cpu).unwrap();
+    let b = 4;
+    let data: Vec<f32> = values(b * 3 * 16 * 96 * 96, 1)
+        .iter()
+        .map(|&v| v as f32)
+        .collect();
+    let clips = Tensor::from_vec(data, (b, 3, 16, 96, 96), &Device::Cpu).unwrap();
+    // a 6×6 spatial pattern repeated over the 8 time steps
+    let tokens = |spatial: &[u32]| -> Vec<u32> {
+        (0..8u32)
+            .flat_map(|t| spatial.iter().map(move |s| t * 36 + s))
+            .collect()
+    };
+    let mk = |ctx: &[u32]| {
+        let tgt: Vec<u32> = (0..36).filter(|s| !ctx.contains(s)).collect();
+        let rows = |v: Vec<u32>| {
+            let k = v.len();
+            Tensor::from_vec(v.repeat(b), (b, k), &Device::Cpu).unwrap()
+        };
+        MaskIndices {
+            context: rows(tokens(ctx)),
+            target: rows(tokens(&tgt)),
+        }
+    };
+    let batch = TrainBatch {
+        clips,
+        masks: vec![mk(&[0, 1, 2, 6, 7, 8, 20, 33]), mk(&[28, 35])],
+    };
+    m.train_step(&batch).unwrap();
+    let n = 5;
+    let mut times = Vec::new();
+    for _ in 0..n {
+        let t0 = std::time::Instant::now();
+        m.train_step(&batch).unwrap();
+        times.push(t0.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    eprintln!(
+        "quickstart train_step (16x96x96 b4, D96 depth 4, pred 2x48): median {:.1} ms (min {:.1})",
+        times[n / 2] * 1e3,
+        times[0] * 1e3
     );
 }

@@ -6,7 +6,8 @@ use candle_core::Tensor;
 
 use crate::ModelError;
 use crate::config::EncoderConfig;
-use crate::layers::{LayerNorm, Linear, gelu, softmax_last_dim};
+use crate::kernels;
+use crate::layers::{LayerNorm, Linear};
 use crate::params::{Init, ParamMap, ParamSpec};
 use crate::tokens::TokenIndex;
 
@@ -14,7 +15,8 @@ use crate::tokens::TokenIndex;
 pub const LN_EPS: f64 = 1e-6;
 
 /// Multi-head self-attention: fused qkv Linear (rows [q | k | v], heads contiguous), softmax
-/// attention with scale 1/sqrt(head_dim), output Linear. No mask, no dropout.
+/// attention with scale 1/sqrt(head_dim) (one fused kernel reading the qkv output in place),
+/// output Linear. No mask, no dropout.
 #[derive(Clone, Debug)]
 pub struct Attention {
     qkv: Linear,
@@ -50,26 +52,13 @@ impl Attention {
 
     /// x `[B, K, D]` → `[B, K, D]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor, ModelError> {
-        let (b, k, d) = x.dims3()?;
-        let h = self.num_heads;
-        let hd = d / h;
-        let qkv = self
-            .qkv
-            .forward(x)?
-            .reshape((b, k, 3, h, hd))?
-            .permute((2, 0, 3, 1, 4))?
-            .contiguous()?;
-        let q = (qkv.get(0)? * (1.0 / (hd as f64).sqrt()))?;
-        let kk = qkv.get(1)?;
-        let v = qkv.get(2)?;
-        let att = q.matmul(&kk.t()?)?;
-        let att = softmax_last_dim(&att)?;
-        let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, k, d))?;
-        self.proj.forward(&y)
+        let qkv = self.qkv.forward(x)?;
+        self.proj
+            .forward(&kernels::attention(&qkv, self.num_heads)?)
     }
 }
 
-/// Two-layer MLP with exact GELU.
+/// Two-layer MLP with exact GELU (fc1's bias fused into the activation).
 #[derive(Clone, Debug)]
 pub struct Mlp {
     fc1: Linear,
@@ -98,7 +87,15 @@ impl Mlp {
 
     /// x `[.., D]` → `[.., D]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor, ModelError> {
-        self.fc2.forward(&gelu(&self.fc1.forward(x)?)?)
+        let h = self.fc1.matmul(x)?;
+        let h = match self.fc1.bias() {
+            Some(b) => kernels::bias_gelu(&h, b)?,
+            None => {
+                let zero = Tensor::zeros(h.dim(candle_core::D::Minus1)?, h.dtype(), h.device())?;
+                kernels::bias_gelu(&h, &zero)?
+            }
+        };
+        self.fc2.forward(&h)
     }
 }
 
