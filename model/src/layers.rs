@@ -1,4 +1,4 @@
-//! Basic layers: Linear and affine LayerNorm on top of the fused kernels (`crate::kernels`),
+//! Basic layers: Linear and affine LayerNorm on the fused kernels (`crate::kernels`),
 //! which carry their own backward passes (candle's fused `layer_norm` / `softmax_last_dim` stop
 //! the gradient, see STACK-NOTES "candle traps").
 
@@ -49,25 +49,12 @@ impl Linear {
 
     /// Applies the layer to the last dimension of `x` (any rank ≥ 1).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor, ModelError> {
-        let y = self.matmul(x)?;
-        match &self.bias {
-            Some(b) => kernels::bias_add(&y, b),
-            None => Ok(y),
-        }
+        kernels::linear(x, &self.weight, self.bias.as_ref())
     }
 
     /// x·Wᵀ without the bias, for callers that fuse the bias into the next op (`bias_gelu`).
     pub fn matmul(&self, x: &Tensor) -> Result<Tensor, ModelError> {
-        let dims = x.dims().to_vec();
-        let in_dim = *dims
-            .last()
-            .ok_or_else(|| ModelError::Input("linear on a 0-d tensor".into()))?;
-        let rows = x.elem_count() / in_dim.max(1);
-        let y = x.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?;
-        let mut out_dims = dims;
-        let last = out_dims.len() - 1;
-        out_dims[last] = self.weight.dim(0)?;
-        Ok(y.reshape(out_dims)?)
+        kernels::linear(x, &self.weight, None)
     }
 
     /// The `[out]` bias, if any.

@@ -178,7 +178,9 @@ pub fn grad_sq_sum<'a>(
     let mut total = 0.0f64;
     for v in vars {
         if let Some(g) = grads.get(v.as_tensor()) {
-            total += kernels::sum_sq(g)?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            total += kernels::sum_sq(g)?
+                .to_dtype(DType::F64)?
+                .to_scalar::<f64>()?;
         }
     }
     Ok(total)

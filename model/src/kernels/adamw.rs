@@ -7,10 +7,9 @@
 //! the parameter from the moments.
 
 use candle_core::{CpuStorage, InplaceOp2, Layout, Tensor};
-use rayon::prelude::*;
 
 use super::math::{Elem, multiversion};
-use super::{FLAT_CHUNK, check_same, contiguous, contiguous_mut, unsupported};
+use super::{FLAT_CHUNK, check_same, contiguous, contiguous_mut, par, unsupported};
 use crate::ModelError;
 
 /// Moment update: m ← m + (1 − β₁)(g − m) (torch `lerp_`), v ← β₂·v + (1 − β₂)·g².
@@ -161,10 +160,9 @@ impl InplaceOp2 for AdamMoments {
             check_len(name, state.len(), g.len(), 2)?;
             let (m, v) = state.split_at_mut(g.len());
             let (b1, b2) = (T::from_f64(op.beta1), T::from_f64(op.beta2));
-            m.par_chunks_mut(FLAT_CHUNK)
-                .zip(v.par_chunks_mut(FLAT_CHUNK))
-                .zip(g.par_chunks(FLAT_CHUNK))
-                .for_each(|((m, v), g)| moments(m, v, g, b1, b2));
+            par::chunks2_mut(m, v, FLAT_CHUNK, |i, m, v| {
+                moments(m, v, &g[i * FLAT_CHUNK..i * FLAT_CHUNK + m.len()], b1, b2)
+            });
             Ok(())
         }
         match s2 {
@@ -202,14 +200,23 @@ impl InplaceOp2 for AdamUpdate {
             let step = op.step as f64;
             let bc1 = 1.0 - op.beta1.powf(step);
             let bc2 = 1.0 - op.beta2.powf(step);
-            let decay = (op.weight_decay != 0.0).then(|| T::from_f64(1.0 - op.lr * op.weight_decay));
+            let decay =
+                (op.weight_decay != 0.0).then(|| T::from_f64(1.0 - op.lr * op.weight_decay));
             let step_size = T::from_f64(op.lr / bc1);
             let bc2_sqrt = T::from_f64(bc2.sqrt());
             let eps = T::from_f64(op.eps);
-            p.par_chunks_mut(FLAT_CHUNK)
-                .zip(m.par_chunks(FLAT_CHUNK))
-                .zip(v.par_chunks(FLAT_CHUNK))
-                .for_each(|((p, m), v)| param_update(p, m, v, decay, step_size, bc2_sqrt, eps));
+            par::chunks_mut(p, FLAT_CHUNK, |i, p| {
+                let span = i * FLAT_CHUNK..i * FLAT_CHUNK + p.len();
+                param_update(
+                    p,
+                    &m[span.clone()],
+                    &v[span],
+                    decay,
+                    step_size,
+                    bc2_sqrt,
+                    eps,
+                )
+            });
             Ok(())
         }
         match s2 {
@@ -244,9 +251,9 @@ impl InplaceOp2 for EmaUpdate {
             let t = contiguous_mut::<T>(name, s1, l1)?;
             check_len(name, t.len(), o.len(), 1)?;
             let (mom, rest) = (T::from_f64(momentum), T::from_f64(1.0 - momentum));
-            t.par_chunks_mut(FLAT_CHUNK)
-                .zip(o.par_chunks(FLAT_CHUNK))
-                .for_each(|(t, o)| ema(t, o, mom, rest));
+            par::chunks_mut(t, FLAT_CHUNK, |i, t| {
+                ema(t, &o[i * FLAT_CHUNK..i * FLAT_CHUNK + t.len()], mom, rest)
+            });
             Ok(())
         }
         match s2 {
@@ -274,7 +281,14 @@ mod tests {
         for (s, g) in gs.iter().enumerate() {
             let step = s as u64 + 1;
             let grad = Tensor::new(g, &dev).unwrap();
-            let update = AdamUpdate { lr, weight_decay: wd, beta1: b1, beta2: b2, eps, step };
+            let update = AdamUpdate {
+                lr,
+                weight_decay: wd,
+                beta1: b1,
+                beta2: b2,
+                eps,
+                step,
+            };
             adamw_step(&param, &state, &grad, &update).unwrap();
             for i in 0..3 {
                 p[i] *= 1.0 - lr * wd;
@@ -287,7 +301,12 @@ mod tests {
             let got = param.to_vec1::<f64>().unwrap();
             let st = state.to_vec2::<f64>().unwrap();
             for i in 0..3 {
-                assert!((got[i] - p[i]).abs() < 1e-12, "step {step} p{i}: {} vs {}", got[i], p[i]);
+                assert!(
+                    (got[i] - p[i]).abs() < 1e-12,
+                    "step {step} p{i}: {} vs {}",
+                    got[i],
+                    p[i]
+                );
                 assert!((st[0][i] - m[i]).abs() < 1e-15);
                 assert!((st[1][i] - v[i]).abs() < 1e-15);
             }
@@ -300,7 +319,14 @@ mod tests {
         let param = Tensor::new(&[1f32, 1.0], &dev).unwrap();
         let state = Tensor::zeros((2, 2), DType::F32, &dev).unwrap();
         let grad = Tensor::new(&[0f32, 0.0], &dev).unwrap();
-        let mut update = AdamUpdate { lr: 0.5, weight_decay: 0.0, beta1: 0.9, beta2: 0.999, eps: 1e-8, step: 1 };
+        let mut update = AdamUpdate {
+            lr: 0.5,
+            weight_decay: 0.0,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            step: 1,
+        };
         adamw_step(&param, &state, &grad, &update).unwrap();
         assert_eq!(param.to_vec1::<f32>().unwrap(), vec![1.0, 1.0]);
         update.weight_decay = 0.2;
@@ -314,9 +340,22 @@ mod tests {
         let dev = Device::Cpu;
         let p = Tensor::zeros(3, DType::F32, &dev).unwrap();
         let bad = Tensor::zeros((3, 3), DType::F32, &dev).unwrap();
-        let update = AdamUpdate { lr: 0.1, weight_decay: 0.0, beta1: 0.9, beta2: 0.999, eps: 1e-8, step: 1 };
-        assert!(matches!(adamw_step(&p, &bad, &p, &update), Err(ModelError::Input(_))));
-        assert!(matches!(ema_update(&p, &bad, 0.5), Err(ModelError::Input(_))));
+        let update = AdamUpdate {
+            lr: 0.1,
+            weight_decay: 0.0,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            step: 1,
+        };
+        assert!(matches!(
+            adamw_step(&p, &bad, &p, &update),
+            Err(ModelError::Input(_))
+        ));
+        assert!(matches!(
+            ema_update(&p, &bad, 0.5),
+            Err(ModelError::Input(_))
+        ));
     }
 
     #[test]

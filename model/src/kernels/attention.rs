@@ -6,9 +6,9 @@
 //! (flash-attention style) instead of keeping `[B, H, N, N]` alive between passes.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Tensor, WithDType};
-use rayon::prelude::*;
 
 use super::math::{Elem, Mat, dot, gemm, multiversion, softmax_row};
+use super::par;
 use super::{SyncPtr, check_dtype, contiguous, unsupported};
 use crate::ModelError;
 
@@ -20,7 +20,10 @@ const ROW_BLOCK: usize = 64;
 pub fn attention(qkv: &Tensor, num_heads: usize) -> Result<Tensor, ModelError> {
     check_dtype("attention", qkv)?;
     let (_, _, c) = qkv.dims3().map_err(|_| {
-        ModelError::Input(format!("attention: qkv must be [B, N, 3D], got {:?}", qkv.dims()))
+        ModelError::Input(format!(
+            "attention: qkv must be [B, N, 3D], got {:?}",
+            qkv.dims()
+        ))
     })?;
     if num_heads == 0 || !c.is_multiple_of(3 * num_heads) {
         return Err(ModelError::Input(format!(
@@ -112,9 +115,9 @@ fn forward<E: Elem>(qkv: &[E], dims: Dims) -> Vec<E> {
     let blocks = n.div_ceil(ROW_BLOCK);
     let out_ptr = SyncPtr(out.as_mut_ptr());
     let scale: E = dims.scale();
-    (0..b * h * blocks)
-        .into_par_iter()
-        .for_each_init(Vec::new, |scores: &mut Vec<E>, task| {
+    par::for_each_range(b * h * blocks, |tasks| {
+        let mut scores: Vec<E> = Vec::new();
+        for task in tasks {
             let (bh, blk) = (task / blocks, task % blocks);
             let (bi, hi) = (bh / h, bh % h);
             let r0 = blk * ROW_BLOCK;
@@ -134,11 +137,20 @@ fn forward<E: Elem>(qkv: &[E], dims: Dims) -> Vec<E> {
                     hd,
                     scores.as_mut_ptr(),
                     n as isize,
-                    Mat { ptr: q.as_ptr(), rs, cs: 1 },
-                    Mat { ptr: k.as_ptr(), rs: 1, cs: rs },
+                    Mat {
+                        ptr: q.as_ptr(),
+                        rs,
+                        cs: 1,
+                    },
+                    Mat {
+                        ptr: k.as_ptr(),
+                        rs: 1,
+                        cs: rs,
+                    },
                     scale,
+                    false,
                 );
-                softmax_rows(scores, n);
+                softmax_rows(&mut scores, n);
                 let dst = out_ptr.get().add((bi * n + r0) * d + hi * hd);
                 gemm(
                     rows,
@@ -146,12 +158,22 @@ fn forward<E: Elem>(qkv: &[E], dims: Dims) -> Vec<E> {
                     n,
                     dst,
                     d as isize,
-                    Mat { ptr: scores.as_ptr(), rs: n as isize, cs: 1 },
-                    Mat { ptr: v.as_ptr(), rs, cs: 1 },
+                    Mat {
+                        ptr: scores.as_ptr(),
+                        rs: n as isize,
+                        cs: 1,
+                    },
+                    Mat {
+                        ptr: v.as_ptr(),
+                        rs,
+                        cs: 1,
+                    },
                     E::ONE,
+                    false,
                 );
             }
-        });
+        }
+    });
     out
 }
 
@@ -244,9 +266,9 @@ fn backward<E: Elem>(qkv: &[E], out: &[E], d_out: &[E], dims: Dims) -> Vec<E> {
     let mut dqkv = vec![E::ZERO; b * n * 3 * d];
     let dst = SyncPtr(dqkv.as_mut_ptr());
     let scale: E = dims.scale();
-    (0..b * h).into_par_iter().for_each_init(
-        || (Vec::new(), Vec::new()),
-        |(p, dp): &mut (Vec<E>, Vec<E>), task| {
+    par::for_each_range(b * h, |tasks| {
+        let (mut p, mut dp): (Vec<E>, Vec<E>) = (Vec::new(), Vec::new());
+        for task in tasks {
             let (bi, hi) = (task / h, task % h);
             p.resize(n * n, E::ZERO);
             dp.resize(n * n, E::ZERO);
@@ -268,22 +290,40 @@ fn backward<E: Elem>(qkv: &[E], out: &[E], d_out: &[E], dims: Dims) -> Vec<E> {
                     hd,
                     p.as_mut_ptr(),
                     nn,
-                    Mat { ptr: q.as_ptr(), rs, cs: 1 },
-                    Mat { ptr: k.as_ptr(), rs: 1, cs: rs },
+                    Mat {
+                        ptr: q.as_ptr(),
+                        rs,
+                        cs: 1,
+                    },
+                    Mat {
+                        ptr: k.as_ptr(),
+                        rs: 1,
+                        cs: rs,
+                    },
                     scale,
+                    false,
                 );
-                softmax_rows(p, n);
+                softmax_rows(&mut p, n);
                 gemm(
                     n,
                     n,
                     hd,
                     dp.as_mut_ptr(),
                     nn,
-                    Mat { ptr: go.as_ptr(), rs: ors, cs: 1 },
-                    Mat { ptr: v.as_ptr(), rs: 1, cs: rs },
+                    Mat {
+                        ptr: go.as_ptr(),
+                        rs: ors,
+                        cs: 1,
+                    },
+                    Mat {
+                        ptr: v.as_ptr(),
+                        rs: 1,
+                        cs: rs,
+                    },
                     E::ONE,
+                    false,
                 );
-                softmax_grad_rows(p, dp, n, go, o, d, hd);
+                softmax_grad_rows(&p, &mut dp, n, go, o, d, hd);
                 let dq = dst.get().add(base + hi * hd);
                 let dk = dst.get().add(base + d + hi * hd);
                 let dv = dst.get().add(base + 2 * d + hi * hd);
@@ -293,9 +333,18 @@ fn backward<E: Elem>(qkv: &[E], out: &[E], d_out: &[E], dims: Dims) -> Vec<E> {
                     n,
                     dv,
                     rs,
-                    Mat { ptr: p.as_ptr(), rs: 1, cs: nn },
-                    Mat { ptr: go.as_ptr(), rs: ors, cs: 1 },
+                    Mat {
+                        ptr: p.as_ptr(),
+                        rs: 1,
+                        cs: nn,
+                    },
+                    Mat {
+                        ptr: go.as_ptr(),
+                        rs: ors,
+                        cs: 1,
+                    },
                     E::ONE,
+                    false,
                 );
                 gemm(
                     n,
@@ -303,9 +352,18 @@ fn backward<E: Elem>(qkv: &[E], out: &[E], d_out: &[E], dims: Dims) -> Vec<E> {
                     n,
                     dq,
                     rs,
-                    Mat { ptr: dp.as_ptr(), rs: nn, cs: 1 },
-                    Mat { ptr: k.as_ptr(), rs, cs: 1 },
+                    Mat {
+                        ptr: dp.as_ptr(),
+                        rs: nn,
+                        cs: 1,
+                    },
+                    Mat {
+                        ptr: k.as_ptr(),
+                        rs,
+                        cs: 1,
+                    },
                     scale,
+                    false,
                 );
                 gemm(
                     n,
@@ -313,13 +371,22 @@ fn backward<E: Elem>(qkv: &[E], out: &[E], d_out: &[E], dims: Dims) -> Vec<E> {
                     n,
                     dk,
                     rs,
-                    Mat { ptr: dp.as_ptr(), rs: 1, cs: nn },
-                    Mat { ptr: q.as_ptr(), rs, cs: 1 },
+                    Mat {
+                        ptr: dp.as_ptr(),
+                        rs: 1,
+                        cs: nn,
+                    },
+                    Mat {
+                        ptr: q.as_ptr(),
+                        rs,
+                        cs: 1,
+                    },
                     scale,
+                    false,
                 );
             }
-        },
-    );
+        }
+    });
     dqkv
 }
 

@@ -2,11 +2,10 @@
 //! backward returns dx and the bias gradient (a column sum) from one pass.
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, D, Layout, Shape, Tensor, WithDType};
-use rayon::prelude::*;
 
 use super::math::{Elem, multiversion};
 use super::reduce::ColumnSum;
-use super::{check_same, contiguous, rows_per_task, unsupported};
+use super::{check_same, contiguous, par, rows_per_task, unsupported};
 use crate::ModelError;
 
 /// `x + b` over the last dimension (x `[.., C]`, b `[C]`); backward dx = dy, db = column_sum(dy).
@@ -93,9 +92,9 @@ multiversion! {
 fn map_rows<T: Elem>(x: &[T], b: &[T], c: usize, f: fn(&[T], &[T], &mut [T], usize)) -> Vec<T> {
     let mut y = vec![T::ZERO; x.len()];
     let chunk = rows_per_task(c) * c;
-    x.par_chunks(chunk)
-        .zip(y.par_chunks_mut(chunk))
-        .for_each(|(xc, yc)| f(xc, b, yc, c));
+    par::chunks_mut(&mut y, chunk, |i, yc| {
+        f(&x[i * chunk..i * chunk + yc.len()], b, yc, c)
+    });
     y
 }
 
@@ -140,7 +139,15 @@ impl CustomOp2 for BiasAdd {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        run2(self.name(), s1, l1, s2, l2, add_rows::<f32>, add_rows::<f64>)
+        run2(
+            self.name(),
+            s1,
+            l1,
+            s2,
+            l2,
+            add_rows::<f32>,
+            add_rows::<f64>,
+        )
     }
 
     fn bwd(
@@ -167,7 +174,15 @@ impl CustomOp2 for BiasGelu {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        run2(self.name(), s1, l1, s2, l2, gelu_rows::<f32>, gelu_rows::<f64>)
+        run2(
+            self.name(),
+            s1,
+            l1,
+            s2,
+            l2,
+            gelu_rows::<f32>,
+            gelu_rows::<f64>,
+        )
     }
 
     fn bwd(
@@ -210,16 +225,12 @@ impl CustomOp3 for BiasGeluBackward {
             let mut out = vec![T::ZERO; (rows + 1) * c];
             let (dx, db) = out.split_at_mut(rows * c);
             let chunk = rows_per_task(c) * c;
-            let partials: Vec<Vec<T>> = x
-                .par_chunks(chunk)
-                .zip(dy.par_chunks(chunk))
-                .zip(dx.par_chunks_mut(chunk))
-                .map(|((xc, gc), dxc)| {
-                    let mut part = vec![T::ZERO; c];
-                    gelu_grad_rows(xc, b, gc, dxc, c, &mut part);
-                    part
-                })
-                .collect();
+            let partials = par::map_chunks_mut(dx, chunk, |i, dxc| {
+                let span = i * chunk..i * chunk + dxc.len();
+                let mut part = vec![T::ZERO; c];
+                gelu_grad_rows(&x[span.clone()], b, &dy[span], dxc, c, &mut part);
+                part
+            });
             for part in &partials {
                 for (t, &p) in db.iter_mut().zip(part) {
                     *t += p;
@@ -271,8 +282,18 @@ mod tests {
             let ga = (ours * &g).unwrap().sum_all().unwrap().backward().unwrap();
             let gb = (want * &g).unwrap().sum_all().unwrap().backward().unwrap();
             // candle's gelu_erf backward rounds 1/√(2π) to 0.398942 (≈6e-7 relative)
-            assert_close(ga.get(&x).unwrap(), gb.get(&x).unwrap(), 1e-5, &format!("{what} dx"));
-            assert_close(ga.get(&b).unwrap(), gb.get(&b).unwrap(), 1e-5, &format!("{what} db"));
+            assert_close(
+                ga.get(&x).unwrap(),
+                gb.get(&x).unwrap(),
+                1e-5,
+                &format!("{what} dx"),
+            );
+            assert_close(
+                ga.get(&b).unwrap(),
+                gb.get(&b).unwrap(),
+                1e-5,
+                &format!("{what} db"),
+            );
         }
     }
 
@@ -290,7 +311,8 @@ mod tests {
         let b = Var::from_tensor(&randn(&[3], DType::F64, 22)).unwrap();
         let r = randn(&[4, 3], DType::F64, 23);
         let loss = || {
-            let y = (bias_gelu(&x, &b).unwrap() + bias_add(&x, &b).unwrap().sqr().unwrap()).unwrap();
+            let y =
+                (bias_gelu(&x, &b).unwrap() + bias_add(&x, &b).unwrap().sqr().unwrap()).unwrap();
             (y * &r).unwrap().sum_all().unwrap()
         };
         let f = || -> f64 { loss().to_scalar().unwrap() };

@@ -4,14 +4,18 @@
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, D, Layout, Shape, Tensor, WithDType,
 };
-use rayon::prelude::*;
 
 use super::math::{Elem, dot, dot3, multiversion, sum, sum_sq_dev};
-use super::{check_same, contiguous, rows_per_task, unsupported};
+use super::{check_same, contiguous, par, rows_per_task, unsupported};
 use crate::ModelError;
 
 /// Affine LayerNorm of `x` `[.., C]` with weight and bias `[C]` (the ViTs' norms, eps 1e-6).
-pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor, ModelError> {
+pub fn layer_norm(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+) -> Result<Tensor, ModelError> {
     check_same("layer_norm", &[x, weight, bias])?;
     let c = last_dim("layer_norm", x)?;
     for (what, t) in [("weight", weight), ("bias", bias)] {
@@ -22,9 +26,11 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
             )));
         }
     }
-    Ok(x
-        .contiguous()?
-        .apply_op3(&weight.contiguous()?, &bias.contiguous()?, LayerNorm { eps })?)
+    Ok(x.contiguous()?.apply_op3(
+        &weight.contiguous()?,
+        &bias.contiguous()?,
+        LayerNorm { eps },
+    )?)
 }
 
 /// LayerNorm of `x` `[.., C]` without affine parameters (the target normalisation, eps 1e-5).
@@ -142,7 +148,11 @@ impl CustomOp3 for LayerNorm {
             &LayerNormBackward { eps: self.eps },
         )?;
         let dx = packed.narrow(0, 0, rows)?.reshape(x.shape())?;
-        Ok((Some(dx), Some(packed.get(rows)?), Some(packed.get(rows + 1)?)))
+        Ok((
+            Some(dx),
+            Some(packed.get(rows)?),
+            Some(packed.get(rows + 1)?),
+        ))
     }
 }
 
@@ -167,7 +177,10 @@ impl CustomOp1 for LayerNormPlain {
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let dx = x.apply_op2_no_bwd(&grad.contiguous()?, &LayerNormPlainBackward { eps: self.eps })?;
+        let dx = x.apply_op2_no_bwd(
+            &grad.contiguous()?,
+            &LayerNormPlainBackward { eps: self.eps },
+        )?;
         Ok(Some(dx))
     }
 }
@@ -289,9 +302,9 @@ fn forward<T: Elem>(x: &[T], c: usize, affine: Option<(&[T], &[T])>, eps: f64) -
     let mut y = vec![T::ZERO; x.len()];
     let chunk = rows_per_task(c) * c;
     let eps = T::from_f64(eps);
-    x.par_chunks(chunk)
-        .zip(y.par_chunks_mut(chunk))
-        .for_each(|(xc, yc)| forward_rows(xc, yc, c, affine, eps));
+    par::chunks_mut(&mut y, chunk, |i, yc| {
+        forward_rows(&x[i * chunk..i * chunk + yc.len()], yc, c, affine, eps)
+    });
     y
 }
 
@@ -347,16 +360,12 @@ fn backward<T: Elem>(x: &[T], dy: &[T], c: usize, w: Option<&[T]>, eps: f64) -> 
     let chunk = rows_per_task(c) * c;
     let eps = T::from_f64(eps);
     let part_len = if w.is_some() { 2 * c } else { 0 };
-    let partials: Vec<Vec<T>> = x
-        .par_chunks(chunk)
-        .zip(dy.par_chunks(chunk))
-        .zip(dx.par_chunks_mut(chunk))
-        .map(|((xc, gc), dxc)| {
-            let mut part = vec![T::ZERO; part_len];
-            backward_rows(xc, gc, dxc, c, w, eps, &mut part);
-            part
-        })
-        .collect();
+    let partials = par::map_chunks_mut(dx, chunk, |i, dxc| {
+        let span = i * chunk..i * chunk + dxc.len();
+        let mut part = vec![T::ZERO; part_len];
+        backward_rows(&x[span.clone()], &dy[span], dxc, c, w, eps, &mut part);
+        part
+    });
     for part in &partials {
         for (t, &p) in tail.iter_mut().zip(part) {
             *t += p;
@@ -435,10 +444,19 @@ mod tests {
     fn refuses_bad_parameters() {
         let x = randn(&[2, 4], DType::F32, 1);
         let w = randn(&[3], DType::F32, 2);
-        assert!(matches!(layer_norm(&x, &w, &w, 1e-6), Err(ModelError::Input(_))));
+        assert!(matches!(
+            layer_norm(&x, &w, &w, 1e-6),
+            Err(ModelError::Input(_))
+        ));
         let w64 = randn(&[4], DType::F64, 2);
-        assert!(matches!(layer_norm(&x, &w64, &w64, 1e-6), Err(ModelError::Input(_))));
+        assert!(matches!(
+            layer_norm(&x, &w64, &w64, 1e-6),
+            Err(ModelError::Input(_))
+        ));
         let e = randn(&[2, 0], DType::F32, 3);
-        assert!(matches!(layer_norm_plain(&e, 1e-5), Err(ModelError::Input(_))));
+        assert!(matches!(
+            layer_norm_plain(&e, 1e-5),
+            Err(ModelError::Input(_))
+        ));
     }
 }

@@ -197,7 +197,11 @@ pub(crate) fn dot3<T: Elem>(a: &[T], b: &[T], c: &[T]) -> T {
             acc[i] += x[i] * y[i] * z[i];
         }
     }
-    let rest = ca.remainder().iter().zip(cb.remainder()).zip(cc.remainder());
+    let rest = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .zip(cc.remainder());
     for (acc, ((&x, &y), &z)) in acc.iter_mut().zip(rest) {
         *acc += x * y * z;
     }
@@ -313,8 +317,9 @@ pub(crate) struct Mat<T> {
     pub cs: isize,
 }
 
-/// dst (m×n, row stride `dst_rs`, unit column stride) = scale · lhs (m×k) · rhs (k×n),
-/// overwriting dst; single-threaded (callers parallelise over independent tasks).
+/// dst (m×n, row stride `dst_rs`, unit column stride) = scale · lhs (m×k) · rhs (k×n), added
+/// to dst's values when `accumulate`, else overwriting them; single-threaded (callers
+/// parallelise over independent units).
 ///
 /// # Safety
 /// Every addressed element of `lhs`, `rhs` and `dst` must be in bounds; `dst` must not overlap
@@ -329,6 +334,7 @@ pub(crate) unsafe fn gemm<T: Elem>(
     lhs: Mat<T>,
     rhs: Mat<T>,
     scale: T,
+    accumulate: bool,
 ) {
     // SAFETY: forwarded to the caller; T is f32 or f64, which gemm implements.
     unsafe {
@@ -339,14 +345,14 @@ pub(crate) unsafe fn gemm<T: Elem>(
             dst,
             1,
             dst_rs,
-            false,
+            accumulate,
             lhs.ptr,
             lhs.cs,
             lhs.rs,
             rhs.ptr,
             rhs.cs,
             rhs.rs,
-            T::ZERO,
+            if accumulate { T::ONE } else { T::ZERO },
             scale,
             false,
             false,
@@ -392,7 +398,10 @@ mod tests {
         assert!(worst_abs < 2e-7, "worst abs error {worst_abs}");
         // No cancellation in the lower tail (1 + erf would lose everything below x ≈ -5.5):
         // the error left is f32 rounding of the exponent −z², growing to ≈1.5e-5 at x = −12.
-        assert!(worst_rel_tail < 3e-5, "worst tail relative error {worst_rel_tail}");
+        assert!(
+            worst_rel_tail < 3e-5,
+            "worst tail relative error {worst_rel_tail}"
+        );
     }
 
     #[test]
@@ -401,7 +410,10 @@ mod tests {
         let ys: Vec<f64> = (0..37).map(|i| (i as f64 * 0.11).cos()).collect();
         let close = |a: f64, b: f64| (a - b).abs() < 1e-12;
         assert!(close(sum(&xs), xs.iter().sum()));
-        assert!(close(dot(&xs, &ys), xs.iter().zip(&ys).map(|(a, b)| a * b).sum()));
+        assert!(close(
+            dot(&xs, &ys),
+            xs.iter().zip(&ys).map(|(a, b)| a * b).sum()
+        ));
         let c = 0.3;
         assert!(close(
             sum_sq_dev(&xs, c),

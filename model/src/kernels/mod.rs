@@ -5,10 +5,11 @@
 //! whose `bwd` applies another custom op (the backward kernel), so the same op structs can get a
 //! `cuda_fwd` later without touching the model.
 //!
-//! CPU implementations: rayon over fixed-size tasks (rows, row blocks, (batch, head) pairs) and
-//! `gemm` with `Parallelism::None` inside a task. Every reduction runs over chunks whose size
-//! depends only on the tensor shape and combines the partials in index order, so results are
-//! bit-for-bit identical whatever the number of threads.
+//! CPU implementations: parallel loops over fixed-size units (rows, row blocks, (batch, head)
+//! pairs) on candle's own worker pool (see `par` for why not a second pool), with `gemm` and
+//! `Parallelism::None` inside a unit. Every reduction runs over chunks whose size depends only
+//! on the tensor shape and combines the partials in index order, so results are bit-for-bit
+//! identical whatever the number of threads.
 //!
 //! Dtypes: f32 (the training dtype) and f64 (finite-difference tests); anything else is refused
 //! with [`ModelError::Unsupported`].
@@ -17,7 +18,9 @@ mod adamw;
 mod attention;
 mod bias;
 mod layer_norm;
+mod linear;
 mod math;
+mod par;
 mod reduce;
 
 #[cfg(test)]
@@ -32,6 +35,7 @@ pub use layer_norm::{
     LayerNorm, LayerNormBackward, LayerNormPlain, LayerNormPlainBackward, layer_norm,
     layer_norm_plain,
 };
+pub use linear::{Linear, LinearBackward, LinearNoBias, linear};
 pub use reduce::{ColumnSum, SumSq, column_sum, sum_sq};
 
 use candle_core::{CpuStorage, DType, Layout, Tensor};
@@ -64,7 +68,9 @@ fn check_same(op: &str, ts: &[&Tensor]) -> Result<(), ModelError> {
             )));
         }
         if !t.device().same_device(first.device()) {
-            return Err(ModelError::Input(format!("{op}: tensors on different devices")));
+            return Err(ModelError::Input(format!(
+                "{op}: tensors on different devices"
+            )));
         }
     }
     Ok(())
@@ -116,8 +122,7 @@ fn rows_per_task(cols: usize) -> usize {
 /// Elements per parallel task of element-wise kernels and flat reductions.
 const FLAT_CHUNK: usize = 16 * 1024;
 
-/// A raw pointer that rayon tasks may share; each task writes a disjoint region.
-#[derive(Clone, Copy)]
+/// A raw pointer that parallel units may share; each unit writes a disjoint region.
 struct SyncPtr<T>(*mut T);
 
 // SAFETY: used only to hand disjoint output regions to parallel tasks.
@@ -127,7 +132,7 @@ unsafe impl<T: Send> Sync for SyncPtr<T> {}
 
 impl<T> SyncPtr<T> {
     /// The pointer (a method, so closures capture the `Sync` wrapper, not the raw field).
-    fn get(self) -> *mut T {
+    fn get(&self) -> *mut T {
         self.0
     }
 }

@@ -2,10 +2,9 @@
 //! behind the gradient norms. Partials over fixed chunks, combined in chunk order.
 
 use candle_core::{CpuStorage, CustomOp1, D, Layout, Shape, Tensor, WithDType};
-use rayon::prelude::*;
 
 use super::math::{Elem, LANES, multiversion};
-use super::{FLAT_CHUNK, check_same, contiguous, rows_per_task, unsupported};
+use super::{FLAT_CHUNK, check_same, contiguous, par, rows_per_task, unsupported};
 use crate::ModelError;
 
 /// Sum over all leading dimensions: `[.., C]` → `[C]`.
@@ -72,14 +71,15 @@ multiversion! {
 /// Column sums of a contiguous `[rows, c]` slice.
 pub(crate) fn column_sum_slice<T: Elem>(x: &[T], c: usize) -> Vec<T> {
     let chunk = rows_per_task(c) * c;
-    let partials: Vec<Vec<T>> = x
-        .par_chunks(chunk)
-        .map(|xc| {
-            let mut part = vec![T::ZERO; c];
-            add_rows_into(xc, &mut part, c);
-            part
-        })
-        .collect();
+    let partials = par::map(x.len().div_ceil(chunk), |i| {
+        let mut part = vec![T::ZERO; c];
+        add_rows_into(
+            &x[i * chunk..(i * chunk + chunk).min(x.len())],
+            &mut part,
+            c,
+        );
+        part
+    });
     let mut out = vec![T::ZERO; c];
     for part in &partials {
         for (o, &p) in out.iter_mut().zip(part) {
@@ -90,10 +90,9 @@ pub(crate) fn column_sum_slice<T: Elem>(x: &[T], c: usize) -> Vec<T> {
 }
 
 fn sum_sq_slice<T: Elem>(x: &[T]) -> T {
-    let partials: Vec<f64> = x
-        .par_chunks(FLAT_CHUNK)
-        .map(|c| sum_squares(c).to_f64())
-        .collect();
+    let partials = par::map(x.len().div_ceil(FLAT_CHUNK), |i| {
+        sum_squares(&x[i * FLAT_CHUNK..(i * FLAT_CHUNK + FLAT_CHUNK).min(x.len())]).to_f64()
+    });
     T::from_f64(partials.iter().sum())
 }
 
@@ -106,11 +105,18 @@ impl CustomOp1 for ColumnSum {
         let name = self.name();
         let c = match l.dims().last() {
             Some(&c) if c > 0 => c,
-            _ => candle_core::bail!("{name}: needs a non-empty last dimension, got {:?}", l.dims()),
+            _ => candle_core::bail!(
+                "{name}: needs a non-empty last dimension, got {:?}",
+                l.dims()
+            ),
         };
         let out = match s {
-            CpuStorage::F32(_) => f32::to_cpu_storage_owned(column_sum_slice::<f32>(contiguous(name, s, l)?, c)),
-            CpuStorage::F64(_) => f64::to_cpu_storage_owned(column_sum_slice::<f64>(contiguous(name, s, l)?, c)),
+            CpuStorage::F32(_) => {
+                f32::to_cpu_storage_owned(column_sum_slice::<f32>(contiguous(name, s, l)?, c))
+            }
+            CpuStorage::F64(_) => {
+                f64::to_cpu_storage_owned(column_sum_slice::<f64>(contiguous(name, s, l)?, c))
+            }
             _ => return Err(unsupported(name, s)),
         };
         Ok((out, Shape::from(c)))
@@ -118,7 +124,9 @@ impl CustomOp1 for ColumnSum {
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let c = x.dim(D::Minus1)?;
-        Ok(Some(grad.reshape(c)?.broadcast_as(x.shape())?.contiguous()?))
+        Ok(Some(
+            grad.reshape(c)?.broadcast_as(x.shape())?.contiguous()?,
+        ))
     }
 }
 
@@ -130,8 +138,12 @@ impl CustomOp1 for SumSq {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let name = self.name();
         let out = match s {
-            CpuStorage::F32(_) => f32::to_cpu_storage_owned(vec![sum_sq_slice::<f32>(contiguous(name, s, l)?)]),
-            CpuStorage::F64(_) => f64::to_cpu_storage_owned(vec![sum_sq_slice::<f64>(contiguous(name, s, l)?)]),
+            CpuStorage::F32(_) => {
+                f32::to_cpu_storage_owned(vec![sum_sq_slice::<f32>(contiguous(name, s, l)?)])
+            }
+            CpuStorage::F64(_) => {
+                f64::to_cpu_storage_owned(vec![sum_sq_slice::<f64>(contiguous(name, s, l)?)])
+            }
             _ => return Err(unsupported(name, s)),
         };
         Ok((out, Shape::from(())))
@@ -150,13 +162,24 @@ mod tests {
 
     #[test]
     fn column_sum_matches_reference_and_grads() {
-        for (i, shape) in [&[1usize, 1, 3][..], &[2, 95, 96], &[4, 357, 48], &[5000, 3], &[7]]
-            .iter()
-            .enumerate()
+        for (i, shape) in [
+            &[1usize, 1, 3][..],
+            &[2, 95, 96],
+            &[4, 357, 48],
+            &[5000, 3],
+            &[7],
+        ]
+        .iter()
+        .enumerate()
         {
             let x = Var::from_tensor(&randn(shape, DType::F32, i as u64)).unwrap();
             let ours = column_sum(&x).unwrap();
-            assert_close(&ours, &reference::column_sum(&x).unwrap(), 1e-6, &format!("{shape:?}"));
+            assert_close(
+                &ours,
+                &reference::column_sum(&x).unwrap(),
+                1e-6,
+                &format!("{shape:?}"),
+            );
             let c = *shape.last().unwrap();
             let g = randn(&[c], DType::F32, 99);
             let grads = (ours * &g).unwrap().sum_all().unwrap().backward().unwrap();
@@ -181,22 +204,25 @@ mod tests {
         let got_v = got.to_scalar::<f32>().unwrap() as f64;
         assert!((got_v - want).abs() < 1e-5 * want, "{got_v} vs {want}");
         let grads = (got * 3.0).unwrap().backward().unwrap();
-        assert_close(grads.get(&x).unwrap(), &(x.as_tensor() * 6.0).unwrap(), 1e-7, "sum_sq grad");
+        assert_close(
+            grads.get(&x).unwrap(),
+            &(x.as_tensor() * 6.0).unwrap(),
+            1e-7,
+            "sum_sq grad",
+        );
     }
 
     #[test]
-    fn deterministic_across_thread_counts() {
+    fn parallel_equals_serial_bit_for_bit() {
         let x = randn(&[3000, 97], DType::F32, 8);
-        let run = |threads: usize| {
-            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-            pool.install(|| {
-                let cs = column_sum(&x).unwrap().to_vec1::<f32>().unwrap();
-                let sq = sum_sq(&x).unwrap().to_scalar::<f32>().unwrap();
-                (cs.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), sq.to_bits())
-            })
+        let run = || {
+            let cs = column_sum(&x).unwrap().to_vec1::<f32>().unwrap();
+            let sq = sum_sq(&x).unwrap().to_scalar::<f32>().unwrap();
+            (
+                cs.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                sq.to_bits(),
+            )
         };
-        let one = run(1);
-        assert_eq!(one, run(3));
-        assert_eq!(one, run(8));
+        assert_eq!(run(), par::serial(run));
     }
 }

@@ -41,6 +41,21 @@ pub(crate) fn attention(qkv: &Tensor, h: usize) -> Result<Tensor> {
     att.matmul(&v)?.transpose(1, 2)?.reshape((b, n, d))
 }
 
+/// x·Wᵀ (+ b) through a 2-D matmul, as the model's Linear did before the kernels.
+pub(crate) fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let mut dims = x.dims().to_vec();
+    let inp = x.dim(D::Minus1)?;
+    let y = x.reshape(((), inp))?.matmul(&w.t()?)?;
+    let y = match b {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    };
+    if let Some(last) = dims.last_mut() {
+        *last = w.dim(0)?;
+    }
+    y.reshape(dims)
+}
+
 /// x + b over the last dimension.
 pub(crate) fn bias_add(x: &Tensor, b: &Tensor) -> Result<Tensor> {
     x.broadcast_add(b)
@@ -79,7 +94,10 @@ pub(crate) fn assert_close(a: &Tensor, b: &Tensor, tol: f64, what: &str) {
             .expect("tensor values")
     };
     let (a, b) = (flat(a), flat(b));
-    let scale = b.iter().fold(0f64, |m, x| m.max(x.abs())).max(f64::MIN_POSITIVE);
+    let scale = b
+        .iter()
+        .fold(0f64, |m, x| m.max(x.abs()))
+        .max(f64::MIN_POSITIVE);
     let err = a
         .iter()
         .zip(&b)
