@@ -155,7 +155,12 @@ pub fn sincos_3d_tensor(
     uniform_power: bool,
     device: &Device,
 ) -> Result<Tensor, ModelError> {
-    sincos_table_tensor(embed_dim, grid, TableLayout::Video { uniform_power }, device)
+    sincos_table_tensor(
+        embed_dim,
+        grid,
+        TableLayout::Video { uniform_power },
+        device,
+    )
 }
 
 /// Output side torch gives for `scale_factor = to / from` (it truncates `from · factor` in f64,
@@ -228,8 +233,7 @@ pub fn interpolate_trilinear(
 ) -> Result<Vec<f32>, ModelError> {
     let (ft, fh, fw) = from;
     let (tt, th, tw) = to;
-    if [ft, fh, fw, tt, th, tw, embed_dim].contains(&0) || table.len() != ft * fh * fw * embed_dim
-    {
+    if [ft, fh, fw, tt, th, tw, embed_dim].contains(&0) || table.len() != ft * fh * fw * embed_dim {
         return Err(ModelError::Input(format!(
             "pos embed: cannot resize a table of {} values as {from:?} x {embed_dim} to {to:?}",
             table.len()
@@ -240,9 +244,10 @@ pub fn interpolate_trilinear(
         .zip([ft, fh, fw])
         .map(|(&o, i)| o as f64 / i as f64)
         .collect::<Vec<_>>();
-    for (axis, (f, (i, o))) in ["time", "height", "width"]
-        .iter()
-        .zip(factors.iter().zip([(ft, tt), (fh, th), (fw, tw)]))
+    for (axis, (f, (i, o))) in
+        ["time", "height", "width"]
+            .iter()
+            .zip(factors.iter().zip([(ft, tt), (fh, th), (fw, tw)]))
     {
         check_side(axis, i, o, torch_scaled_side(i, *f))?;
     }
@@ -310,7 +315,10 @@ pub fn interpolate_bicubic(
                         + row(h, wi[2])[c] * ww[2]
                         + row(h, wi[3])[c] * ww[3]
                 };
-                line(hi[0]) * hw[0] + line(hi[1]) * hw[1] + line(hi[2]) * hw[2] + line(hi[3]) * hw[3]
+                line(hi[0]) * hw[0]
+                    + line(hi[1]) * hw[1]
+                    + line(hi[2]) * hw[2]
+                    + line(hi[3]) * hw[3]
             }));
         }
     }

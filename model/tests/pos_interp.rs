@@ -18,12 +18,15 @@ struct Case {
 }
 
 fn golden() -> Vec<u8> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/goldens/pos_interp.safetensors");
+    let path =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/goldens/pos_interp.safetensors");
     std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 fn tensor(st: &safetensors::SafeTensors, name: &str) -> Vec<f32> {
-    let view = st.tensor(name).unwrap_or_else(|_| panic!("golden lacks {name}"));
+    let view = st
+        .tensor(name)
+        .unwrap_or_else(|_| panic!("golden lacks {name}"));
     view.data()
         .chunks_exact(4)
         .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
@@ -32,7 +35,10 @@ fn tensor(st: &safetensors::SafeTensors, name: &str) -> Vec<f32> {
 
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 fn layout(c: &Case) -> TableLayout {
@@ -76,7 +82,11 @@ fn tables_and_resizes_match_torch() {
         // f32 rounding only: torch's own bicubic result is 7.6e-7 from the exact (f64) value on
         // image_up_small; trilinear cases agree to ~1e-7.
         let tol = if c.kind == "video" { 5e-7 } else { 2e-6 };
-        assert!(d <= tol, "{}: resized table differs from torch by {d}", c.name);
+        assert!(
+            d <= tol,
+            "{}: resized table differs from torch by {d}",
+            c.name
+        );
 
         // same through the tensor entry point the encoder uses
         let n = c.from_grid.0 * c.from_grid.1 * c.from_grid.2;
@@ -94,8 +104,14 @@ fn grids_torch_cannot_reach_are_refused() {
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
     let meta = meta.metadata().clone().expect("golden metadata");
     let quirks: Vec<(usize, usize, usize)> = serde_json::from_str(&meta["size_quirks"]).unwrap();
-    assert!(quirks.iter().any(|&(_, b, t)| b != t), "no refused pair in {quirks:?}");
-    assert!(quirks.iter().any(|&(_, b, t)| b == t), "no accepted pair in {quirks:?}");
+    assert!(
+        quirks.iter().any(|&(_, b, t)| b != t),
+        "no refused pair in {quirks:?}"
+    );
+    assert!(
+        quirks.iter().any(|&(_, b, t)| b == t),
+        "no accepted pair in {quirks:?}"
+    );
     let dim = 6;
     for (a, b, torch_out) in quirks {
         let src = pos_embed::sincos_3d(dim, (1, 1, a), true).unwrap();
@@ -126,7 +142,8 @@ fn same_grid_is_the_identity_and_shapes_are_checked() {
     assert_eq!(up.dims(), &[1, 144, 12]);
     assert!(pos_embed::resize_table(&t, (2, 3, 4), (4, 6, 6), layout).is_err());
     assert!(pos_embed::resize_table(&t, (2, 3, 3), (0, 6, 6), layout).is_err());
-    let img = pos_embed::sincos_table_tensor(8, (1, 4, 4), TableLayout::Image, &Device::Cpu).unwrap();
+    let img =
+        pos_embed::sincos_table_tensor(8, (1, 4, 4), TableLayout::Image, &Device::Cpu).unwrap();
     // the reference's image resize only makes square grids
     assert!(pos_embed::resize_table(&img, (1, 4, 4), (1, 4, 6), TableLayout::Image).is_err());
     assert!(pos_embed::resize_table(&img, (1, 4, 4), (1, 6, 6), TableLayout::Image).is_ok());
