@@ -90,7 +90,7 @@ pub struct MaskIndices {
 /// token i is used for `masks[i]`).
 #[derive(Clone, Debug)]
 pub struct TrainBatch {
-    /// f32 `[B, 3, T, S, S]`.
+    /// f32 `[B, 3, T, S, S]` on the configured grid (`[B, 3, S, S]` also accepted in image mode).
     pub clips: Tensor,
     /// One entry per mask config; must equal the predictor's `num_mask_tokens`.
     pub masks: Vec<MaskIndices>,
