@@ -166,6 +166,18 @@ fn kernel_timings() {
         });
         row("attention", label, comp, ours);
 
+        let xl = var(&[b, n, d], 11);
+        let (wl, bl) = (var(&[3 * d, d], 12), var(&[3 * d], 13));
+        let ours = time_ms(reps, || {
+            fwd_bwd(&xl, &|x| super::linear(x, &wl, Some(&bl)).expect("linear"))
+        });
+        let comp = time_ms(reps, || {
+            fwd_bwd(&xl, &|x| {
+                reference::linear(x, &wl, Some(&bl)).expect("linear")
+            })
+        });
+        row("linear D→3D (qkv)", label, comp, ours);
+
         let x = var(&[b, n, d], 2);
         let (w, bias) = (var(&[d], 3), var(&[d], 4));
         let ours = time_ms(reps, || {
