@@ -12,9 +12,9 @@ use super::par;
 use super::{SyncPtr, check_dtype, contiguous, unsupported};
 use crate::ModelError;
 
-/// Query rows per forward task: bounds the `rows × N` score scratch (cache-sized) and gives
-/// several tasks per (batch, head) pair.
-const ROW_BLOCK: usize = 64;
+/// Query rows per forward task: bounds the `rows × N` score scratch (about L2-sized up to
+/// N ≈ 2000) while keeping the repeated packing of K and V per block small.
+const ROW_BLOCK: usize = 128;
 
 /// softmax(q·kᵀ/√hd)·v for every head, from `[B, N, 3D]` qkv to `[B, N, D]`.
 pub fn attention(qkv: &Tensor, num_heads: usize) -> Result<Tensor, ModelError> {

@@ -330,3 +330,40 @@ mod tests {
         assert!(matches!(bias_gelu(&x, &x), Err(ModelError::Input(_))));
     }
 }
+
+#[cfg(test)]
+mod micro {
+    use super::*;
+
+    #[test]
+    #[ignore]
+    fn gelu_kernel_throughput() {
+        let c = 1536;
+        let rows = 1568;
+        let x: Vec<f32> = (0..rows * c)
+            .map(|i| ((i % 1000) as f32 - 500.0) / 100.0)
+            .collect();
+        let b = vec![0.1f32; c];
+        let mut y = vec![0f32; rows * c];
+        let mut db = vec![0f32; c];
+        for _ in 0..3 {
+            let t0 = std::time::Instant::now();
+            gelu_rows(&x, &b, &mut y, c);
+            let t1 = t0.elapsed();
+            let t0 = std::time::Instant::now();
+            gelu_grad_rows(&x, &b, &x, &mut y, c, &mut db);
+            let t2 = t0.elapsed();
+            let t0 = std::time::Instant::now();
+            add_rows(&x, &b, &mut y, c);
+            let t3 = t0.elapsed();
+            eprintln!(
+                "single thread, {} elems: gelu fwd {:?} ({:.2} ns/elem), bwd {:?}, add {:?}",
+                x.len(),
+                t1,
+                t1.as_secs_f64() * 1e9 / x.len() as f64,
+                t2,
+                t3
+            );
+        }
+    }
+}

@@ -10,8 +10,12 @@ use super::math::{Elem, Mat, gemm};
 use super::{SyncPtr, check_same, contiguous, par, unsupported};
 use crate::ModelError;
 
-/// Rows of x per unit of the row-parallel GEMMs (y and dx).
-const ROW_UNIT: usize = 128;
+/// Rows of x per unit of the row-parallel GEMMs (y and dx): about a quarter of the rows, within
+/// [128, 512]. Every unit packs all of W again, so units should be big; a function of the shape
+/// only, so results don't depend on the thread count.
+fn row_unit(rows: usize) -> usize {
+    rows.div_ceil(4).clamp(128, 512)
+}
 /// Rows of x per unit of the dW reduction, before capping the number of units.
 const K_UNIT: usize = 256;
 /// At most this many partial dW buffers (bounds the extra memory and the final additions).
@@ -92,14 +96,15 @@ fn out_shape(lx: &Layout, out: usize) -> Shape {
 fn forward<T: Elem>(x: &[T], w: &[T], b: Option<&[T]>, inp: usize, out: usize) -> Vec<T> {
     let rows = x.len() / inp;
     let mut y = vec![T::ZERO; rows * out];
-    par::chunks_mut(&mut y, ROW_UNIT * out, |i, yc| {
+    let unit = row_unit(rows);
+    par::chunks_mut(&mut y, unit * out, |i, yc| {
         let r = yc.len() / out;
         if let Some(b) = b {
             for row in yc.chunks_exact_mut(out) {
                 row.copy_from_slice(b);
             }
         }
-        // SAFETY: x rows i·ROW_UNIT.. +r and all of W are in bounds; yc is this unit's own.
+        // SAFETY: x rows i·unit.. +r and all of W are in bounds; yc is this unit's own.
         unsafe {
             gemm(
                 r,
@@ -108,7 +113,7 @@ fn forward<T: Elem>(x: &[T], w: &[T], b: Option<&[T]>, inp: usize, out: usize) -
                 yc.as_mut_ptr(),
                 out as isize,
                 Mat {
-                    ptr: x.as_ptr().add(i * ROW_UNIT * inp),
+                    ptr: x.as_ptr().add(i * unit * inp),
                     rs: inp as isize,
                     cs: 1,
                 },
@@ -131,14 +136,15 @@ fn backward<T: Elem>(x: &[T], w: &[T], dy: &[T], inp: usize, out: usize, bias: b
     let rows = x.len() / inp;
     let db_len = if bias { out } else { 0 };
     let mut packed = vec![T::ZERO; rows * inp + out * inp + db_len];
-    let dx_units = rows.div_ceil(ROW_UNIT);
+    let unit = row_unit(rows);
+    let dx_units = rows.div_ceil(unit);
     let k_units = rows.div_ceil(K_UNIT).clamp(1, MAX_K_UNITS);
     let k_span = rows.div_ceil(k_units);
     let dx_ptr = SyncPtr(packed.as_mut_ptr());
     let partials = par::map(dx_units + k_units, |u| {
         if u < dx_units {
-            let r0 = u * ROW_UNIT;
-            let r = ROW_UNIT.min(rows - r0);
+            let r0 = u * unit;
+            let r = unit.min(rows - r0);
             // SAFETY: rows r0..r0+r of dx are this unit's alone; dy rows and W in bounds.
             unsafe {
                 gemm(

@@ -267,22 +267,39 @@ pub(crate) fn softmax_row<T: Elem>(row: &mut [T]) {
     }
 }
 
-/// Whether the AVX2 versions of the kernels can run (checked once, cached by std).
-#[inline]
-pub(crate) fn has_avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+/// Tests cap the instruction set here (0 baseline, 1 AVX2, 2 AVX-512) to compare the versions.
+#[cfg(test)]
+pub(crate) static SIMD_CAP: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(2);
+
+#[cfg(test)]
+fn simd_allowed(level: u8) -> bool {
+    SIMD_CAP.load(std::sync::atomic::Ordering::Relaxed) >= level
 }
 
-/// Defines `fn name<T: Elem>(…)` twice — baseline and AVX2 (`#[target_feature]`, chosen at run
-/// time) — from one body. The body never uses `mul_add` and fixes every summation order, so both
-/// versions return identical bits; AVX2 only widens the vectors.
+#[cfg(not(test))]
+#[inline(always)]
+fn simd_allowed(_: u8) -> bool {
+    true
+}
+
+/// Whether the AVX-512 versions of the kernels can run (checked once, cached by std).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+pub(crate) fn has_avx512() -> bool {
+    simd_allowed(2) && std::arch::is_x86_feature_detected!("avx512f")
+}
+
+/// Whether the AVX2 versions of the kernels can run.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+pub(crate) fn has_avx2() -> bool {
+    simd_allowed(1) && std::arch::is_x86_feature_detected!("avx2")
+}
+
+/// Defines `fn name<T: Elem>(…)` three times — baseline, AVX2 and AVX-512 (`#[target_feature]`,
+/// the widest the CPU has chosen at run time) — from one body. The body never uses `mul_add` and
+/// fixes every summation order, so all versions return identical bits; the features only widen
+/// the vectors.
 macro_rules! multiversion {
     ($(#[$m:meta])* $vis:vis fn $name:ident<T: Elem>($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$m])*
@@ -293,10 +310,19 @@ macro_rules! multiversion {
             fn body<T: $crate::kernels::math::Elem>($($arg: $ty),*) $(-> $ret)? $body
             #[cfg(target_arch = "x86_64")]
             {
+                #[target_feature(enable = "avx512f")]
+                #[allow(clippy::too_many_arguments)]
+                fn avx512<T: $crate::kernels::math::Elem>($($arg: $ty),*) $(-> $ret)? {
+                    body::<T>($($arg),*)
+                }
                 #[target_feature(enable = "avx2")]
                 #[allow(clippy::too_many_arguments)]
                 fn avx2<T: $crate::kernels::math::Elem>($($arg: $ty),*) $(-> $ret)? {
                     body::<T>($($arg),*)
+                }
+                if $crate::kernels::math::has_avx512() {
+                    // SAFETY: the CPU supports AVX-512F (checked at run time just above).
+                    return unsafe { avx512::<T>($($arg),*) };
                 }
                 if $crate::kernels::math::has_avx2() {
                     // SAFETY: the CPU supports AVX2 (checked at run time just above).

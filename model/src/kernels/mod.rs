@@ -136,3 +136,66 @@ impl<T> SyncPtr<T> {
         self.0
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::reference::randn;
+    use candle_core::Var;
+    use std::sync::atomic::Ordering;
+
+    /// Bits of every output and gradient of a small block-like graph through all the ops.
+    fn run_all() -> Vec<Vec<u32>> {
+        let (b, n, d, h) = (2, 37, 48, 3);
+        let x = Var::from_tensor(&randn(&[b, n, d], DType::F32, 1)).unwrap();
+        let w = Var::from_tensor(&(randn(&[3 * d, d], DType::F32, 2) * 0.2).unwrap()).unwrap();
+        let bias = Var::from_tensor(&randn(&[3 * d], DType::F32, 3)).unwrap();
+        let g = Var::from_tensor(&randn(&[d], DType::F32, 4)).unwrap();
+        let qkv = linear(&layer_norm(&x, &g, &g, 1e-6).unwrap(), &w, Some(&bias)).unwrap();
+        let a = attention(&qkv, h).unwrap();
+        let y = bias_gelu(&a, &g).unwrap();
+        let y = bias_add(&layer_norm_plain(&y, 1e-5).unwrap(), &g).unwrap();
+        let loss = (sum_sq(&y).unwrap() + column_sum(&y).unwrap().sum_all().unwrap()).unwrap();
+        let grads = loss.backward().unwrap();
+        let bits = |t: &Tensor| -> Vec<u32> {
+            t.flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bits())
+                .collect()
+        };
+        let mut out = vec![bits(&y), bits(&loss.reshape(1).unwrap())];
+        for v in [&x, &w, &bias, &g] {
+            out.push(bits(grads.get(v).unwrap()));
+        }
+        let state = Tensor::zeros((2, 3 * d, d), DType::F32, &candle_core::Device::Cpu).unwrap();
+        let p = w.as_tensor().copy().unwrap();
+        let update = AdamUpdate {
+            lr: 0.1,
+            weight_decay: 0.1,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            step: 1,
+        };
+        adamw_step(&p, &state, grads.get(&w).unwrap(), &update).unwrap();
+        ema_update(&p, w.as_tensor(), 0.9).unwrap();
+        out.push(bits(&p));
+        out.push(bits(&state));
+        out
+    }
+
+    #[test]
+    fn instruction_sets_and_scheduling_give_identical_bits() {
+        let full = run_all();
+        for cap in [1, 0] {
+            math::SIMD_CAP.store(cap, Ordering::Relaxed);
+            let capped = run_all();
+            math::SIMD_CAP.store(2, Ordering::Relaxed);
+            assert!(full == capped, "SIMD level {cap} differs from the widest");
+        }
+        assert!(full == par::serial(run_all), "serial run differs");
+    }
+}
