@@ -110,12 +110,12 @@ multiversion! {
     fn param_update<T: Elem>(p: &mut [T], m: &[T], v: &[T], decay: Option<T>, step_size: T, bc2_sqrt: T, eps: T) {
         if let Some(decay) = decay {
             for p in p.iter_mut() {
-                *p = *p * decay;
+                *p *= decay;
             }
         }
         for ((p, &m), &v) in p.iter_mut().zip(m).zip(v) {
             let denom = v.sqrt_() / bc2_sqrt + eps;
-            *p = *p - step_size * (m / denom);
+            *p -= step_size * (m / denom);
         }
     }
 }

@@ -59,7 +59,7 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
     p = p * r + 8.333_452e-3;
     p = p * r + 4.166_579_6e-2;
     p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
+    p = p * r + 0.5;
     let y = p * r * r + r + 1.0;
     let scale = f32::from_bits(((ni + 127) as u32) << 23);
     y * scale
@@ -137,7 +137,7 @@ impl Elem for f64 {
 
 /// Combines the lanes pairwise in a fixed order.
 #[inline(always)]
-fn fold_lanes<T: Elem>(mut acc: [T; LANES], op: impl Fn(T, T) -> T) -> T {
+pub(crate) fn fold_lanes<T: Elem>(mut acc: [T; LANES], op: impl Fn(T, T) -> T) -> T {
     let mut w = LANES / 2;
     while w > 0 {
         for i in 0..w {

@@ -3,7 +3,7 @@
 
 use candle_core::{CpuStorage, CustomOp1, D, Layout, Shape, Tensor, WithDType};
 
-use super::math::{Elem, LANES, multiversion};
+use super::math::{Elem, LANES, fold_lanes, multiversion};
 use super::{FLAT_CHUNK, check_same, contiguous, par, rows_per_task, unsupported};
 use crate::ModelError;
 
@@ -57,14 +57,7 @@ multiversion! {
         for (a, &v) in acc.iter_mut().zip(chunks.remainder()) {
             *a += v * v;
         }
-        let mut w = LANES / 2;
-        while w > 0 {
-            for i in 0..w {
-                acc[i] = acc[i] + acc[i + w];
-            }
-            w /= 2;
-        }
-        acc[0]
+        fold_lanes(acc, |a, b| a + b)
     }
 }
 
