@@ -7,6 +7,7 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor, WithDType};
 
 use super::math::{Elem, Mat, gemm};
+use super::reduce::column_sum_slice;
 use super::{SyncPtr, check_same, contiguous, par, unsupported};
 use crate::ModelError;
 
@@ -18,8 +19,12 @@ fn row_unit(rows: usize) -> usize {
 }
 /// Rows of x per unit of the dW reduction, before capping the number of units.
 const K_UNIT: usize = 256;
-/// At most this many partial dW buffers (bounds the extra memory and the final additions).
+/// Target number of dW tiles, and at most this many k-slices.
 const MAX_K_UNITS: usize = 8;
+/// Elements of all partial dW buffers together (32 MiB of f32).
+const PARTIAL_BUDGET: usize = 8 << 20;
+/// Smallest output block of a dW tile (each tile packs its slice of x again).
+const MIN_OUT_BLOCK: usize = 64;
 
 /// x `[.., in]` · Wᵀ (+ b) → `[.., out]`, for W `[out, in]` and b `[out]`.
 pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor, ModelError> {
@@ -130,36 +135,85 @@ fn forward<T: Elem>(x: &[T], w: &[T], b: Option<&[T]>, inp: usize, out: usize) -
     y
 }
 
-/// Packed [dx | dW | db]. Units: row blocks of dx, then k-slices of the rows, each giving a
-/// partial dW (and db); the partials are added in slice order.
+/// Packed [dx | dW | db]. Units: row blocks of dx, and (k-slice, output-block) tiles of dW.
+/// Each k-slice of the rows gives a partial dW (the first straight into the output); the
+/// partials are added in slice order. Slices need `out·in` memory each, so large layers get
+/// fewer slices and more output blocks.
 fn backward<T: Elem>(x: &[T], w: &[T], dy: &[T], inp: usize, out: usize, bias: bool) -> Vec<T> {
     let rows = x.len() / inp;
     let db_len = if bias { out } else { 0 };
     let mut packed = vec![T::ZERO; rows * inp + out * inp + db_len];
     let unit = row_unit(rows);
     let dx_units = rows.div_ceil(unit);
-    let k_units = rows.div_ceil(K_UNIT).clamp(1, MAX_K_UNITS);
+    let k_units = rows
+        .div_ceil(K_UNIT)
+        .clamp(1, MAX_K_UNITS)
+        .min((PARTIAL_BUDGET / (out * inp)).max(1));
     let k_span = rows.div_ceil(k_units);
-    let dx_ptr = SyncPtr(packed.as_mut_ptr());
-    let partials = par::map(dx_units + k_units, |u| {
-        if u < dx_units {
-            let r0 = u * unit;
-            let r = unit.min(rows - r0);
-            // SAFETY: rows r0..r0+r of dx are this unit's alone; dy rows and W in bounds.
+    let out_span = out
+        .div_ceil((MAX_K_UNITS / k_units).max(1))
+        .max(MIN_OUT_BLOCK.min(out));
+    let out_blocks = out.div_ceil(out_span);
+    let mut extra: Vec<Vec<T>> = (1..k_units).map(|_| vec![T::ZERO; out * inp]).collect();
+    let (dx, rest) = packed.split_at_mut(rows * inp);
+    let (dw, db) = rest.split_at_mut(out * inp);
+    let dx_ptr = SyncPtr(dx.as_mut_ptr());
+    let slices: Vec<SyncPtr<T>> = std::iter::once(SyncPtr(dw.as_mut_ptr()))
+        .chain(extra.iter_mut().map(|e| SyncPtr(e.as_mut_ptr())))
+        .collect();
+    par::for_each_range(dx_units + k_units * out_blocks, |units| {
+        for u in units {
+            if u < dx_units {
+                let r0 = u * unit;
+                let r = unit.min(rows - r0);
+                // SAFETY: rows r0..r0+r of dx are this unit's alone; dy rows and W in bounds.
+                unsafe {
+                    gemm(
+                        r,
+                        inp,
+                        out,
+                        dx_ptr.get().add(r0 * inp),
+                        inp as isize,
+                        Mat {
+                            ptr: dy.as_ptr().add(r0 * out),
+                            rs: out as isize,
+                            cs: 1,
+                        },
+                        Mat {
+                            ptr: w.as_ptr(),
+                            rs: inp as isize,
+                            cs: 1,
+                        },
+                        T::ONE,
+                        false,
+                    );
+                }
+                continue;
+            }
+            let (ks, ob) = ((u - dx_units) / out_blocks, (u - dx_units) % out_blocks);
+            let k0 = (ks * k_span).min(rows);
+            let k = k_span.min(rows - k0);
+            let o0 = ob * out_span;
+            let o = out_span.min(out - o0);
+            if k == 0 || o == 0 {
+                continue;
+            }
+            // SAFETY: rows o0..o0+o of k-slice ks's buffer belong to this unit alone; dyᵀ and
+            // x are read at rows k0..k0+k, columns in bounds.
             unsafe {
                 gemm(
-                    r,
+                    o,
                     inp,
-                    out,
-                    dx_ptr.get().add(r0 * inp),
+                    k,
+                    slices[ks].get().add(o0 * inp),
                     inp as isize,
                     Mat {
-                        ptr: dy.as_ptr().add(r0 * out),
-                        rs: out as isize,
-                        cs: 1,
+                        ptr: dy.as_ptr().add(k0 * out + o0),
+                        rs: 1,
+                        cs: out as isize,
                     },
                     Mat {
-                        ptr: w.as_ptr(),
+                        ptr: x.as_ptr().add(k0 * inp),
                         rs: inp as isize,
                         cs: 1,
                     },
@@ -167,51 +221,15 @@ fn backward<T: Elem>(x: &[T], w: &[T], dy: &[T], inp: usize, out: usize, bias: b
                     false,
                 );
             }
-            return Vec::new();
         }
-        let k0 = ((u - dx_units) * k_span).min(rows);
-        let k = k_span.min(rows - k0);
-        let mut part = vec![T::ZERO; out * inp + db_len];
-        if k == 0 {
-            return part;
-        }
-        let (dw, db) = part.split_at_mut(out * inp);
-        // SAFETY: dyᵀ and x restricted to rows k0..k0+k are in bounds; dw is local.
-        unsafe {
-            gemm(
-                out,
-                inp,
-                k,
-                dw.as_mut_ptr(),
-                inp as isize,
-                Mat {
-                    ptr: dy.as_ptr().add(k0 * out),
-                    rs: 1,
-                    cs: out as isize,
-                },
-                Mat {
-                    ptr: x.as_ptr().add(k0 * inp),
-                    rs: inp as isize,
-                    cs: 1,
-                },
-                T::ONE,
-                false,
-            );
-        }
-        if bias {
-            for row in dy[k0 * out..(k0 + k) * out].chunks_exact(out) {
-                for (s, &g) in db.iter_mut().zip(row) {
-                    *s += g;
-                }
-            }
-        }
-        part
     });
-    let params = &mut packed[rows * inp..];
-    for part in partials.iter().skip(dx_units) {
-        for (t, &p) in params.iter_mut().zip(part) {
+    for part in &extra {
+        for (t, &p) in dw.iter_mut().zip(part) {
             *t += p;
         }
+    }
+    if bias {
+        db.copy_from_slice(&column_sum_slice(dy, out));
     }
     packed
 }
@@ -427,10 +445,11 @@ mod tests {
     #[test]
     fn matches_composite_reference() {
         check(&[1, 1], 5, 3, true, 1);
-        check(&[2, 95], 96, 288, true, 2);
+        check(&[2, 95], 96, 288, true, 2); // one k-slice × 5 output blocks
         check(&[4, 357], 48, 96, false, 3);
         check(&[3000], 7, 33, true, 4); // many row blocks and the maximum of k-slices
         check(&[2, 3, 5], 17, 1, true, 5);
+        check(&[600], 40, 200, true, 6); // 3 k-slices × 2 output blocks of dW
     }
 
     #[test]
