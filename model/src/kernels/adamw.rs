@@ -107,7 +107,15 @@ multiversion! {
 }
 
 multiversion! {
-    fn param_update<T: Elem>(p: &mut [T], m: &[T], v: &[T], decay: Option<T>, step_size: T, bc2_sqrt: T, eps: T) {
+    fn param_update<T: Elem>(
+        p: &mut [T],
+        m: &[T],
+        v: &[T],
+        decay: Option<T>,
+        step_size: T,
+        bc2_sqrt: T,
+        eps: T,
+    ) {
         if let Some(decay) = decay {
             for p in p.iter_mut() {
                 *p *= decay;

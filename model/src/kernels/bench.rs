@@ -147,7 +147,7 @@ fn composite_adamw(params: &mut [(Var, Tensor, Tensor, Tensor)], step: u64) {
 #[test]
 #[ignore]
 fn kernel_timings() {
-    eprintln!("threads: {}", rayon::current_num_threads());
+    eprintln!("threads: {}", candle_core::utils::get_num_threads());
     eprintln!(
         "| op (fwd+bwd unless noted)    | shape      | composite ms | kernels ms | speedup |"
     );

@@ -78,8 +78,10 @@ multiversion! {
 multiversion! {
     /// dx = dy·gelu'(x + b) per row, accumulating Σ dx over the rows into `db`.
     fn gelu_grad_rows<T: Elem>(x: &[T], b: &[T], dy: &[T], dx: &mut [T], c: usize, db: &mut [T]) {
-        for ((xr, gr), dxr) in x.chunks_exact(c).zip(dy.chunks_exact(c)).zip(dx.chunks_exact_mut(c)) {
-            for ((((d, &x), &b), &g), s) in dxr.iter_mut().zip(xr).zip(b).zip(gr).zip(db.iter_mut()) {
+        let rows = x.chunks_exact(c).zip(dy.chunks_exact(c));
+        for ((xr, gr), dxr) in rows.zip(dx.chunks_exact_mut(c)) {
+            let cols = dxr.iter_mut().zip(xr).zip(b).zip(gr);
+            for ((((d, &x), &b), &g), s) in cols.zip(db.iter_mut()) {
                 let v = g * (x + b).gelu_grad();
                 *d = v;
                 *s += v;

@@ -321,7 +321,8 @@ multiversion! {
         part: &mut [T],
     ) {
         let n = T::from_f64(c as f64);
-        for ((xr, gr), dxr) in x.chunks_exact(c).zip(dy.chunks_exact(c)).zip(dx.chunks_exact_mut(c)) {
+        let rows = x.chunks_exact(c).zip(dy.chunks_exact(c));
+        for ((xr, gr), dxr) in rows.zip(dx.chunks_exact_mut(c)) {
             let (mean, rstd) = row_stats(xr, eps);
             for (xh, &x) in dxr.iter_mut().zip(xr) {
                 *xh = (x - mean) * rstd;
@@ -331,7 +332,8 @@ multiversion! {
                     let a = dot(gr, w) / n;
                     let b = dot3(gr, w, dxr) / n;
                     let (dw, db) = part.split_at_mut(c);
-                    for (((dw, db), &g), &xh) in dw.iter_mut().zip(db.iter_mut()).zip(gr).zip(dxr.iter()) {
+                    let cols = dw.iter_mut().zip(db.iter_mut()).zip(gr);
+                    for (((dw, db), &g), &xh) in cols.zip(dxr.iter()) {
                         *dw += g * xh;
                         *db += g;
                     }

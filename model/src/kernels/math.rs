@@ -301,7 +301,10 @@ pub(crate) fn has_avx2() -> bool {
 /// fixes every summation order, so all versions return identical bits; the features only widen
 /// the vectors.
 macro_rules! multiversion {
-    ($(#[$m:meta])* $vis:vis fn $name:ident<T: Elem>($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+    (
+        $(#[$m:meta])*
+        $vis:vis fn $name:ident<T: Elem>($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block
+    ) => {
         $(#[$m])*
         #[allow(clippy::too_many_arguments)]
         $vis fn $name<T: $crate::kernels::math::Elem>($($arg: $ty),*) $(-> $ret)? {
