@@ -9,6 +9,7 @@
 
 mod checkpoint;
 pub mod config;
+mod introspect;
 pub mod layers;
 pub mod loss;
 pub mod optim;
@@ -27,6 +28,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{debug, info};
 
 pub use config::{EncoderConfig, OptimConfig, PredictorConfig};
+pub use introspect::ForwardDetail;
 use optim::{AdamW, OptParam, ParamGroup};
 use params::{InitRng, ParamMap, ParamSpec};
 use predictor::Predictor;
