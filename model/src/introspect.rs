@@ -87,11 +87,10 @@ impl VJepa {
                 .map(|(n, t)| Ok((n.clone(), t.copy()?)))
                 .collect::<Result<Vec<_>, ModelError>>()?
         };
-        let grid = encoder.grid();
-        let encoder_pos =
-            pos_embed::sincos_3d_tensor(encoder.embed_dim, grid, encoder.uniform_power, device)?;
+        let (grid, layout) = (encoder.grid(), encoder.table_layout());
+        let encoder_pos = pos_embed::sincos_table_tensor(encoder.embed_dim, grid, layout, device)?;
         let predictor_pos =
-            pos_embed::sincos_3d_tensor(predictor.embed_dim, grid, encoder.uniform_power, device)?;
+            pos_embed::sincos_table_tensor(predictor.embed_dim, grid, layout, device)?;
         let parts = Parts {
             encoder: enc,
             predictor: pred,
