@@ -118,13 +118,13 @@ impl VJepa {
 
         let enc_expected = encoder_expected(enc_cfg);
         let pred_expected = predictor_expected(enc_cfg, pred_cfg);
-        let sections = [
+        // Check all three state dicts before reading any tensor data.
+        let mut sections = Vec::new();
+        for (name, expected) in [
             ("encoder", &enc_expected),
             ("predictor", &pred_expected),
             ("target_encoder", &enc_expected),
-        ];
-        let mut loaded = Vec::new();
-        for (name, expected) in sections {
+        ] {
             let section = Section::from_root(&root, name)?.ok_or_else(|| {
                 ModelError::Checkpoint(format!(
                     "no `{name}` state dict (top-level keys: {}); an evaluation-only file can be \
@@ -133,20 +133,19 @@ impl VJepa {
                 ))
             })?;
             section.check(expected)?;
-            loaded.push(section.load(expected, &mut ar, device)?);
+            sections.push((section, expected));
         }
-        let mut take = loaded.into_iter().map(|mut tensors| {
-            let pos = tensors.remove(0).1; // the fixed table comes first in `*_expected`
-            (tensors, pos)
-        });
-        let (
-            Some((encoder, encoder_pos)),
-            Some((predictor, predictor_pos)),
-            Some((target, target_pos)),
-        ) = (take.next(), take.next(), take.next())
-        else {
-            unreachable!("three sections were loaded")
-        };
+        let mut loaded = Vec::new();
+        for (section, expected) in &sections {
+            loaded.push(section.load_with_table(expected, &mut ar, device)?);
+        }
+        let [
+            (encoder, encoder_pos),
+            (predictor, predictor_pos),
+            (target, target_pos),
+        ]: [_; 3] = loaded
+            .try_into()
+            .map_err(|_| ModelError::Checkpoint("state dicts went missing".into()))?;
 
         let opt_state = match root.get("opt") {
             Some(opt) if !matches!(opt, Value::None) => {
@@ -225,14 +224,21 @@ impl VJepa {
     /// `torch.load(path, weights_only=True)` and by the official resume and evaluation code:
     /// state dicts with `module.backbone.` keys in registration order, AdamW `state_dict` with the
     /// four official groups (current scheduled lr and weight decay; state only for parameters
-    /// that have taken a step), a fresh GradScaler state, `epoch`, `lr` (peak), and our
+    /// that have taken a step; `step` as a 0-dim f32 tensor like torch, exact below 2^24 steps),
+    /// a fresh GradScaler state, `epoch`, `lr` (peak), and our
     /// `vjepa_stream` record. `loss` is None (we don't keep an epoch average).
     pub fn to_pth(&self, export: &PthExport) -> Result<Vec<u8>, ModelError> {
         let mut w = TorchWriter::new();
         let params = self.opt.params();
         let (enc_params, pred_params) = params.split_at(self.num_encoder_params);
         let key = |name: &str| Value::Str(format!("{KEY_PREFIX}{name}"));
-        let strip = |full: &str, section: &str| full[section.len() + 1..].to_string();
+        // Optimiser names are `encoder.<key>` / `predictor.<key>`; state-dict keys are `<key>`.
+        let strip = |full: &str, section: &str| {
+            full.strip_prefix(section)
+                .and_then(|k| k.strip_prefix('.'))
+                .unwrap_or(full)
+                .to_string()
+        };
 
         let mut encoder = vec![(key("pos_embed"), w.tensor(self.encoder.pos_embed())?)];
         for p in enc_params {
@@ -395,8 +401,7 @@ pub fn encoder_from_pth(
     };
     let expected = encoder_expected(&cfg);
     section.check(&expected)?;
-    let mut tensors = section.load(&expected, &mut ar, device)?;
-    let pos = tensors.remove(0).1;
+    let (tensors, pos) = section.load_with_table(&expected, &mut ar, device)?;
     let mut map = ParamMap::new();
     for (name, t) in tensors {
         map.insert(name, t);
@@ -583,9 +588,6 @@ fn import_opt(
             .collect::<Result<_, _>>()?,
         _ => return Err(bad("no `state` dict".into())),
     };
-    let sizes = |gs: &mut dyn Iterator<Item = usize>| {
-        gs.map(|n| n.to_string()).collect::<Vec<_>>().join(", ")
-    };
     let ids_of = |g: &Value| -> Option<Vec<i64>> {
         match g.get("params")? {
             Value::List(ids) => ids
@@ -604,10 +606,10 @@ fn import_opt(
         .collect::<Result<Vec<_>, _>>()?;
     if file_ids.len() != 4 || file_ids.iter().zip(groups).any(|(f, g)| f.len() != g.len()) {
         return Err(bad(format!(
-            "param groups of sizes [{}], the configured model has [{}] (official order: encoder \
+            "param groups of sizes {:?}, the configured model has {:?} (official order: encoder \
              decayed, predictor decayed, encoder no-decay, predictor no-decay)",
-            sizes(&mut file_ids.iter().map(Vec::len)),
-            sizes(&mut groups.iter().map(Vec::len))
+            file_ids.iter().map(Vec::len).collect::<Vec<_>>(),
+            groups.iter().map(Vec::len).collect::<Vec<_>>()
         )));
     }
     let mut out = HashMap::new();
@@ -760,14 +762,15 @@ impl<'v> Section<'v> {
         Ok(())
     }
 
-    /// The expected tensors' values, in `expected` order (call [`Self::check`] first).
-    fn load(
+    /// The expected tensors' values (call [`Self::check`] first): the parameters in `expected`
+    /// order, and apart from them the fixed table that `*_expected` lists first.
+    fn load_with_table(
         &self,
         expected: &[(String, Vec<usize>)],
         ar: &mut TorchArchive<'_>,
         device: &Device,
-    ) -> Result<Vec<(String, Tensor)>, ModelError> {
-        expected
+    ) -> Result<(Vec<(String, Tensor)>, Tensor), ModelError> {
+        let mut tensors = expected
             .iter()
             .map(|(key, _)| {
                 let full = format!("{}.{key}", self.name);
@@ -777,7 +780,15 @@ impl<'v> Section<'v> {
                     .ok_or_else(|| ModelError::MissingTensor(full.clone()))?;
                 Ok((key.clone(), ar.load(&full, t, device)?))
             })
-            .collect()
+            .collect::<Result<Vec<_>, ModelError>>()?;
+        if tensors.is_empty() {
+            return Err(ModelError::Checkpoint(format!(
+                "`{}`: nothing to load",
+                self.name
+            )));
+        }
+        let table = tensors.remove(0).1;
+        Ok((tensors, table))
     }
 }
 
@@ -1085,6 +1096,23 @@ mod tests {
             e.contains("opt.state[1].exp_avg (encoder.patch_embed.proj.weight)"),
             "{e}"
         );
+
+        // Optimiser groups that don't match the official grouping of this model are refused.
+        let regrouped = rewrite(&bytes, |root, _| {
+            let Value::List(groups) = get_mut(get_mut(root, &s("opt")), &s("param_groups")) else {
+                panic!()
+            };
+            let Value::List(ids) = get_mut(&mut groups[0], &s("params")) else {
+                panic!()
+            };
+            let moved = ids.pop().unwrap();
+            let Value::List(ids) = get_mut(&mut groups[2], &s("params")) else {
+                panic!()
+            };
+            ids.insert(0, moved);
+        });
+        let e = load(&regrouped);
+        assert!(e.contains("opt: param groups of sizes"), "{e}");
 
         // Without our record, an official file needs the configs.
         let official = rewrite(&bytes, |root, _| {
