@@ -9,6 +9,7 @@
 
 mod checkpoint;
 pub mod config;
+mod introspect;
 pub mod layers;
 pub mod loss;
 pub mod optim;
@@ -28,6 +29,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{debug, info};
 
 pub use config::{EncoderConfig, OptimConfig, PredictorConfig};
+pub use introspect::ForwardDetail;
 use optim::{AdamW, OptParam, ParamGroup};
 use params::{InitRng, ParamMap, ParamSpec};
 use predictor::Predictor;
@@ -92,7 +94,7 @@ pub struct MaskIndices {
 /// token i is used for `masks[i]`).
 #[derive(Clone, Debug)]
 pub struct TrainBatch {
-    /// f32 `[B, 3, T, S, S]`.
+    /// f32 `[B, 3, T, S, S]` on the configured grid (`[B, 3, S, S]` also accepted in image mode).
     pub clips: Tensor,
     /// One entry per mask config; must equal the predictor's `num_mask_tokens`.
     pub masks: Vec<MaskIndices>,
@@ -203,11 +205,10 @@ impl VJepa {
                 Tensor::from_vec(values, spec.shape.as_slice(), device)?,
             ));
         }
-        let grid = encoder.grid();
-        let encoder_pos =
-            pos_embed::sincos_3d_tensor(encoder.embed_dim, grid, encoder.uniform_power, device)?;
+        let (grid, layout) = (encoder.grid(), encoder.table_layout());
+        let encoder_pos = pos_embed::sincos_table_tensor(encoder.embed_dim, grid, layout, device)?;
         let predictor_pos =
-            pos_embed::sincos_3d_tensor(predictor.embed_dim, grid, encoder.uniform_power, device)?;
+            pos_embed::sincos_table_tensor(predictor.embed_dim, grid, layout, device)?;
         let parts = Parts {
             encoder: enc,
             predictor: pred,
@@ -351,22 +352,32 @@ impl VJepa {
         (count(enc), count(pred))
     }
 
+    /// Training input: clips on the configured token grid (see [`vit::check_clips`]).
     fn prepare_clips(&self, clips: &Tensor) -> Result<(Tensor, usize), ModelError> {
         let b = vit::check_clips(&self.enc_cfg, clips)?;
         let clips = clips.to_device(&self.device)?.to_dtype(DType::F32)?;
         Ok((clips, b))
     }
 
-    /// Target-encoder features `[B, N, D]` of full clips (no grad; after the encoder's final
-    /// LayerNorm, without the loss's extra normalisation) — for extraction and evaluation.
+    /// Feature-extraction input: any clip size the encoder can embed (its position table is
+    /// resized to the clips' grid, spec §2).
+    fn prepare_eval_clips(&self, clips: &Tensor) -> Result<Tensor, ModelError> {
+        vit::clip_geometry(&self.enc_cfg, clips)?;
+        Ok(clips.to_device(&self.device)?.to_dtype(DType::F32)?)
+    }
+
+    /// Target-encoder features `[B, N', D]` of full clips (no grad; after the encoder's final
+    /// LayerNorm, without the loss's extra normalisation) — for extraction and evaluation. The
+    /// clips may have another size than the training one (N' tokens of their own grid).
     pub fn target_features(&self, clips: &Tensor) -> Result<Tensor, ModelError> {
-        let (clips, _) = self.prepare_clips(clips)?;
+        let clips = self.prepare_eval_clips(clips)?;
         Ok(self.target.forward(&clips, None)?.detach())
     }
 
-    /// Online-encoder features `[B, N, D]` of full clips (no grad), e.g. to compare with the target.
+    /// Online-encoder features `[B, N', D]` of full clips (no grad), e.g. to compare with the
+    /// target; other clip sizes as in [`Self::target_features`].
     pub fn encoder_features(&self, clips: &Tensor) -> Result<Tensor, ModelError> {
-        let (clips, _) = self.prepare_clips(clips)?;
+        let clips = self.prepare_eval_clips(clips)?;
         Ok(self.encoder.forward(&clips, None)?.detach())
     }
 
