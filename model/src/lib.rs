@@ -16,6 +16,7 @@ pub mod optim;
 pub mod params;
 pub mod pos_embed;
 pub mod predictor;
+pub mod pth;
 pub mod schedule;
 pub mod tokens;
 pub mod vit;
@@ -32,6 +33,7 @@ pub use introspect::ForwardDetail;
 use optim::{AdamW, OptParam, ParamGroup};
 use params::{InitRng, ParamMap, ParamSpec};
 use predictor::Predictor;
+pub use pth::{ModelConfigs, PthExport, PthInfo, encoder_from_pth};
 use tokens::TokenIndex;
 use vit::Encoder;
 
