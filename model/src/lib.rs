@@ -10,6 +10,7 @@
 
 mod checkpoint;
 pub mod config;
+mod introspect;
 pub mod kernels;
 pub mod layers;
 pub mod loss;
@@ -17,6 +18,7 @@ pub mod optim;
 pub mod params;
 pub mod pos_embed;
 pub mod predictor;
+pub mod pth;
 pub mod schedule;
 pub mod tokens;
 pub mod vit;
@@ -29,9 +31,11 @@ use serde::{Deserialize, Serialize};
 use tracing::{debug, info};
 
 pub use config::{EncoderConfig, OptimConfig, PredictorConfig};
+pub use introspect::ForwardDetail;
 use optim::{AdamW, OptParam, ParamGroup};
 use params::{InitRng, ParamMap, ParamSpec};
 use predictor::Predictor;
+pub use pth::{ModelConfigs, PthExport, PthInfo, encoder_from_pth};
 use tokens::TokenIndex;
 use vit::Encoder;
 
