@@ -3,6 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::ModelError;
+use crate::pos_embed::TableLayout;
 
 /// Encoder (ViT) shape. Presets per spec §3; the same shape describes the target encoder.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -60,9 +61,36 @@ impl EncoderConfig {
         })
     }
 
-    /// Token grid (T/t, S/p, S/p); zeros if the geometry is degenerate (see [`Self::validate`]).
+    /// Image mode (`num_frames = 1`, the I-JEPA-style case): Conv2d patches `[D, 3, p, p]` and
+    /// the 2-D sin-cos table; `tubelet_size` is then unused (as in the reference).
+    pub fn is_image(&self) -> bool {
+        self.num_frames == 1
+    }
+
+    /// Frames one patch spans: the tubelet for video, 1 for images.
+    pub fn patch_depth(&self) -> usize {
+        if self.is_image() {
+            1
+        } else {
+            self.tubelet_size
+        }
+    }
+
+    /// Layout of the fixed position tables (encoder and predictor).
+    pub fn table_layout(&self) -> TableLayout {
+        if self.is_image() {
+            TableLayout::Image
+        } else {
+            TableLayout::Video {
+                uniform_power: self.uniform_power,
+            }
+        }
+    }
+
+    /// Token grid (T/t, S/p, S/p), (1, S/p, S/p) for images; zeros if the geometry is degenerate
+    /// (see [`Self::validate`]).
     pub fn grid(&self) -> (usize, usize, usize) {
-        let gt = self.num_frames.checked_div(self.tubelet_size).unwrap_or(0);
+        let gt = self.num_frames.checked_div(self.patch_depth()).unwrap_or(0);
         let gs = self.crop_size.checked_div(self.patch_size).unwrap_or(0);
         (gt, gs, gs)
     }
@@ -73,9 +101,21 @@ impl EncoderConfig {
         gt * gh * gw
     }
 
-    /// Values per tubelet patch (3·t·p·p): the input width of the patch-embedding matmul.
+    /// Values per patch (3·t·p·p, 3·p·p for images): the input width of the patch-embedding
+    /// matmul.
     pub fn patch_dim(&self) -> usize {
-        3 * self.tubelet_size * self.patch_size * self.patch_size
+        3 * self.patch_depth() * self.patch_size * self.patch_size
+    }
+
+    /// Shape of `patch_embed.proj.weight`: Conv3d `[D, 3, t, p, p]`, Conv2d `[D, 3, p, p]` for
+    /// images (the reference's module and key in both cases).
+    pub fn patch_weight_shape(&self) -> Vec<usize> {
+        let (d, p) = (self.embed_dim, self.patch_size);
+        if self.is_image() {
+            vec![d, 3, p, p]
+        } else {
+            vec![d, 3, self.tubelet_size, p, p]
+        }
     }
 
     /// Checks that the shape can be built, so that later code can index without panicking.
@@ -91,13 +131,7 @@ impl EncoderConfig {
         {
             return bad(format!("all sizes must be positive: {self:?}"));
         }
-        if self.num_frames == 1 {
-            return Err(ModelError::Unsupported(
-                "num_frames == 1 (image mode with Conv2d patches and a 2-D pos table) is not implemented"
-                    .into(),
-            ));
-        }
-        if !self.num_frames.is_multiple_of(self.tubelet_size) {
+        if !self.is_image() && !self.num_frames.is_multiple_of(self.tubelet_size) {
             return bad(format!(
                 "num_frames {} is not a multiple of tubelet_size {}",
                 self.num_frames, self.tubelet_size
@@ -115,7 +149,7 @@ impl EncoderConfig {
                 self.embed_dim, self.num_heads
             ));
         }
-        crate::pos_embed::axis_dims(self.embed_dim, self.uniform_power)?;
+        self.table_layout().validate(self.embed_dim)?;
         Ok(())
     }
 }
@@ -151,7 +185,7 @@ impl PredictorConfig {
                 self.embed_dim, self.num_heads
             ));
         }
-        crate::pos_embed::axis_dims(self.embed_dim, encoder.uniform_power)?;
+        encoder.table_layout().validate(self.embed_dim)?;
         Ok(())
     }
 }

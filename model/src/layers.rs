@@ -1,11 +1,11 @@
-//! Basic layers built only from candle ops that have a backward pass.
-//!
-//! candle 0.11's fused `layer_norm`, `softmax_last_dim`, `rms_norm` and `sdpa` silently stop the
-//! gradient, so everything here is composite (see STACK-NOTES "candle traps").
+//! Basic layers: Linear and affine LayerNorm on the fused kernels (`crate::kernels`),
+//! which carry their own backward passes (candle's fused `layer_norm` / `softmax_last_dim` stop
+//! the gradient, see STACK-NOTES "candle traps").
 
-use candle_core::{D, Tensor};
+use candle_core::Tensor;
 
 use crate::ModelError;
+use crate::kernels;
 use crate::params::{Init, ParamMap, ParamSpec};
 
 /// Linear layer y = x·Wᵀ + b with W stored `[out, in]` (torch layout, so checkpoints map 1:1).
@@ -49,20 +49,17 @@ impl Linear {
 
     /// Applies the layer to the last dimension of `x` (any rank ≥ 1).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor, ModelError> {
-        let dims = x.dims().to_vec();
-        let in_dim = *dims
-            .last()
-            .ok_or_else(|| ModelError::Input("linear on a 0-d tensor".into()))?;
-        let rows = x.elem_count() / in_dim.max(1);
-        let x2 = x.reshape((rows, in_dim))?;
-        let mut y = x2.matmul(&self.weight.t()?)?;
-        if let Some(b) = &self.bias {
-            y = y.broadcast_add(b)?;
-        }
-        let mut out_dims = dims;
-        let last = out_dims.len() - 1;
-        out_dims[last] = self.weight.dim(0)?;
-        Ok(y.reshape(out_dims)?)
+        kernels::linear(x, &self.weight, self.bias.as_ref())
+    }
+
+    /// x·Wᵀ without the bias, for callers that fuse the bias into the next op (`bias_gelu`).
+    pub fn matmul(&self, x: &Tensor) -> Result<Tensor, ModelError> {
+        kernels::linear(x, &self.weight, None)
+    }
+
+    /// The `[out]` bias, if any.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
     }
 
     /// The `[out, in]` weight.
@@ -71,16 +68,7 @@ impl Linear {
     }
 }
 
-/// LayerNorm over the last dimension, from mean/variance tensor ops (biased variance, like torch).
-pub fn layer_norm(x: &Tensor, eps: f64) -> Result<Tensor, ModelError> {
-    let mean = x.mean_keepdim(D::Minus1)?;
-    let xc = x.broadcast_sub(&mean)?;
-    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-    let inv = (var + eps)?.sqrt()?.recip()?;
-    Ok(xc.broadcast_mul(&inv)?)
-}
-
-/// Affine LayerNorm (composite, differentiable); eps 1e-6 in the ViTs.
+/// Affine LayerNorm over the last dimension (fused kernel with backward); eps 1e-6 in the ViTs.
 #[derive(Clone, Debug)]
 pub struct LayerNorm {
     weight: Tensor,
@@ -119,23 +107,8 @@ impl LayerNorm {
 
     /// Normalises the last dimension, then scales and shifts.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor, ModelError> {
-        let xn = layer_norm(x, self.eps)?;
-        Ok(xn.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)?)
+        kernels::layer_norm(x, &self.weight, &self.bias, self.eps)
     }
-}
-
-/// Softmax over the last dimension as exp(x - max) / sum. The max is detached: softmax is
-/// shift-invariant, so its gradient contribution is zero and computing it would only cost time.
-pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor, ModelError> {
-    let max = x.max_keepdim(D::Minus1)?.detach();
-    let e = x.broadcast_sub(&max)?.exp()?;
-    let s = e.sum_keepdim(D::Minus1)?;
-    Ok(e.broadcast_div(&s)?)
-}
-
-/// Exact (erf) GELU, as torch's `nn.GELU()` default.
-pub fn gelu(x: &Tensor) -> Result<Tensor, ModelError> {
-    Ok(x.gelu_erf()?)
 }
 
 #[cfg(test)]
@@ -193,7 +166,10 @@ pub(crate) mod tests {
     #[test]
     fn layer_norm_matches_formula() {
         let x = Tensor::new(&[[1f32, 2., 3., 4.], [0., 0., 0., 8.]], &Device::Cpu).unwrap();
-        let y = layer_norm(&x, 1e-5).unwrap().to_vec2::<f32>().unwrap();
+        let y = kernels::layer_norm_plain(&x, 1e-5)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
         let row = [1f64, 2., 3., 4.];
         let var = 1.25f64;
         for (j, v) in row.iter().enumerate() {
@@ -237,12 +213,9 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn softmax_and_linear() {
+    fn linear_with_and_without_bias() {
         let dev = Device::Cpu;
         let x = Tensor::new(&[[1f32, 2., 3.]], &dev).unwrap();
-        let s = softmax_last_dim(&x).unwrap().to_vec2::<f32>().unwrap();
-        let z: f32 = [1f32, 2., 3.].iter().map(|v| v.exp()).sum();
-        assert!((s[0][2] - 3f32.exp() / z).abs() < 1e-6);
         let w = Tensor::new(&[[1f32, 0., 1.], [0., 2., 0.]], &dev).unwrap();
         let b = Tensor::new(&[10f32, 20.], &dev).unwrap();
         let y = Linear::new(w, Some(b))
@@ -253,5 +226,8 @@ pub(crate) mod tests {
             y.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
             vec![14., 24.]
         );
+        let w = Tensor::new(&[[1f32, 0., 1.]], &dev).unwrap();
+        let y = Linear::new(w, None).forward(&x).unwrap();
+        assert_eq!(y.to_vec2::<f32>().unwrap(), vec![vec![4f32]]);
     }
 }

@@ -3,18 +3,22 @@
 //!
 //! The spec (`VJEPA-SPEC.md` §2–§8, §12) is the source of truth; names of parameters equal the
 //! official state-dict keys so checkpoints can be compared with the PyTorch ones.
-//! Everything in the training path uses composite candle ops that have a backward pass.
+//! The training hot path (attention, LayerNorm, bias + GELU, AdamW, EMA) runs on the fused kernels
+//! of [`kernels`], each with a hand-written backward; the rest uses candle ops with autograd.
 
 #![warn(missing_docs)]
 
 mod checkpoint;
 pub mod config;
+mod introspect;
+pub mod kernels;
 pub mod layers;
 pub mod loss;
 pub mod optim;
 pub mod params;
 pub mod pos_embed;
 pub mod predictor;
+pub mod pth;
 pub mod schedule;
 pub mod tokens;
 pub mod vit;
@@ -36,9 +40,11 @@ use serde::{Deserialize, Serialize};
 use tracing::{debug, info};
 
 pub use config::{EncoderConfig, OptimConfig, PredictorConfig};
+pub use introspect::ForwardDetail;
 use optim::{AdamW, OptParam, ParamGroup};
 use params::{InitRng, ParamMap, ParamSpec};
 use predictor::Predictor;
+pub use pth::{ModelConfigs, PthExport, PthInfo, encoder_from_pth};
 use tokens::TokenIndex;
 use vit::Encoder;
 
@@ -99,7 +105,7 @@ pub struct MaskIndices {
 /// token i is used for `masks[i]`).
 #[derive(Clone, Debug)]
 pub struct TrainBatch {
-    /// f32 `[B, 3, T, S, S]`.
+    /// f32 `[B, 3, T, S, S]` on the configured grid (`[B, 3, S, S]` also accepted in image mode).
     pub clips: Tensor,
     /// One entry per mask config; must equal the predictor's `num_mask_tokens`.
     pub masks: Vec<MaskIndices>,
@@ -167,7 +173,8 @@ pub struct VJepa {
     encoder: Encoder,
     predictor: Predictor,
     target: Encoder,
-    /// Target weights by local name (spec order); replaced (not mutated) by each EMA update.
+    /// Target weights by local name (spec order), shared with `target`; the EMA update writes
+    /// into them in place.
     target_params: Vec<(String, Tensor)>,
     /// Owns the trainable Vars: encoder params first (`encoder.*`), then predictor (`predictor.*`).
     opt: AdamW,
@@ -210,11 +217,10 @@ impl VJepa {
                 Tensor::from_vec(values, spec.shape.as_slice(), device)?,
             ));
         }
-        let grid = encoder.grid();
-        let encoder_pos =
-            pos_embed::sincos_3d_tensor(encoder.embed_dim, grid, encoder.uniform_power, device)?;
+        let (grid, layout) = (encoder.grid(), encoder.table_layout());
+        let encoder_pos = pos_embed::sincos_table_tensor(encoder.embed_dim, grid, layout, device)?;
         let predictor_pos =
-            pos_embed::sincos_3d_tensor(predictor.embed_dim, grid, encoder.uniform_power, device)?;
+            pos_embed::sincos_table_tensor(predictor.embed_dim, grid, layout, device)?;
         let parts = Parts {
             encoder: enc,
             predictor: pred,
@@ -290,17 +296,10 @@ impl VJepa {
                 let params = named_vars
                     .into_iter()
                     .zip(state)
-                    .map(
-                        |((name, var, group), (exp_avg, exp_avg_sq, step))| OptParam {
-                            name,
-                            var,
-                            group,
-                            exp_avg,
-                            exp_avg_sq,
-                            step,
-                        },
-                    )
-                    .collect();
+                    .map(|((name, var, group), (exp_avg, exp_avg_sq, step))| {
+                        OptParam::from_moments(name, var, group, &exp_avg, &exp_avg_sq, step)
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
                 AdamW::from_state(params, optim_cfg.betas, optim_cfg.eps)
             }
         };
@@ -358,22 +357,32 @@ impl VJepa {
         (count(enc), count(pred))
     }
 
+    /// Training input: clips on the configured token grid (see [`vit::check_clips`]).
     fn prepare_clips(&self, clips: &Tensor) -> Result<(Tensor, usize), ModelError> {
         let b = vit::check_clips(&self.enc_cfg, clips)?;
         let clips = clips.to_device(&self.device)?.to_dtype(DType::F32)?;
         Ok((clips, b))
     }
 
-    /// Target-encoder features `[B, N, D]` of full clips (no grad; after the encoder's final
-    /// LayerNorm, without the loss's extra normalisation) — for extraction and evaluation.
+    /// Feature-extraction input: any clip size the encoder can embed (its position table is
+    /// resized to the clips' grid, spec §2).
+    fn prepare_eval_clips(&self, clips: &Tensor) -> Result<Tensor, ModelError> {
+        vit::clip_geometry(&self.enc_cfg, clips)?;
+        Ok(clips.to_device(&self.device)?.to_dtype(DType::F32)?)
+    }
+
+    /// Target-encoder features `[B, N', D]` of full clips (no grad; after the encoder's final
+    /// LayerNorm, without the loss's extra normalisation) — for extraction and evaluation. The
+    /// clips may have another size than the training one (N' tokens of their own grid).
     pub fn target_features(&self, clips: &Tensor) -> Result<Tensor, ModelError> {
-        let (clips, _) = self.prepare_clips(clips)?;
+        let clips = self.prepare_eval_clips(clips)?;
         Ok(self.target.forward(&clips, None)?.detach())
     }
 
-    /// Online-encoder features `[B, N, D]` of full clips (no grad), e.g. to compare with the target.
+    /// Online-encoder features `[B, N', D]` of full clips (no grad), e.g. to compare with the
+    /// target; other clip sizes as in [`Self::target_features`].
     pub fn encoder_features(&self, clips: &Tensor) -> Result<Tensor, ModelError> {
-        let (clips, _) = self.prepare_clips(clips)?;
+        let clips = self.prepare_eval_clips(clips)?;
         Ok(self.encoder.forward(&clips, None)?.detach())
     }
 
@@ -505,17 +514,13 @@ impl VJepa {
         Ok(stats)
     }
 
-    /// θ_tgt ← m·θ_tgt + (1 - m)·θ_enc for every encoder parameter, then rebuild the target.
+    /// θ_tgt ← m·θ_tgt + (1 - m)·θ_enc for every encoder parameter, in place: the target
+    /// encoder holds the same tensors, so nothing is allocated or rebuilt.
     fn ema_update(&mut self, m: f64) -> Result<(), ModelError> {
-        let mut map = ParamMap::new();
         let enc_params = &self.opt.params()[..self.num_encoder_params];
-        for ((name, tgt), p) in self.target_params.iter_mut().zip(enc_params) {
-            let updated =
-                (tgt.affine(m, 0.0)? + p.var.as_detached_tensor().affine(1.0 - m, 0.0)?)?;
-            map.insert(name.clone(), updated.clone());
-            *tgt = updated;
+        for ((_, tgt), p) in self.target_params.iter().zip(enc_params) {
+            kernels::ema_update(tgt, p.var.as_tensor(), m)?;
         }
-        self.target = Encoder::load(&self.enc_cfg, &map, self.target.pos_embed().clone())?;
         Ok(())
     }
 
@@ -543,10 +548,13 @@ impl VJepa {
         let mut steps = BTreeMap::new();
         for p in self.opt.params() {
             tensors.push((p.name.clone(), F32View::new(p.var.as_tensor())?));
-            tensors.push((format!("opt.exp_avg.{}", p.name), F32View::new(&p.exp_avg)?));
+            tensors.push((
+                format!("opt.exp_avg.{}", p.name),
+                F32View::new(&p.exp_avg()?)?,
+            ));
             tensors.push((
                 format!("opt.exp_avg_sq.{}", p.name),
-                F32View::new(&p.exp_avg_sq)?,
+                F32View::new(&p.exp_avg_sq()?)?,
             ));
             steps.insert(p.name.clone(), p.step);
         }

@@ -3,14 +3,14 @@
 use candle_core::Tensor;
 
 use crate::ModelError;
-use crate::layers::layer_norm;
+use crate::kernels;
 
 /// eps of the non-affine LayerNorm applied to target features (torch default, not the model's 1e-6).
 pub const TARGET_LN_EPS: f64 = 1e-5;
 
 /// Normalises target-encoder features over the last dim without affine parameters.
 pub fn normalize_targets(h: &Tensor) -> Result<Tensor, ModelError> {
-    layer_norm(h, TARGET_LN_EPS)
+    kernels::layer_norm_plain(h, TARGET_LN_EPS)
 }
 
 /// mean |p - h|^e / e over all elements of one mask pair (plain L1 mean for e = 1).

@@ -1,9 +1,11 @@
 //! AdamW with the spec's four parameter groups (§7), torch semantics, and grad-norm helpers.
+//! The per-tensor work runs in the fused in-place kernels of [`crate::kernels`].
 
 use candle_core::backprop::GradStore;
-use candle_core::{Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 
 use crate::ModelError;
+use crate::kernels::{self, AdamUpdate};
 use crate::params::is_decayed;
 
 /// The four official param groups. Decayed groups follow the WD schedule; the others use 0.
@@ -50,12 +52,51 @@ pub struct OptParam {
     pub var: Var,
     /// Its group.
     pub group: ParamGroup,
-    /// First moment.
-    pub exp_avg: Tensor,
-    /// Second moment.
-    pub exp_avg_sq: Tensor,
+    /// Both moments in one `[2, ..shape]` tensor (exp_avg, then exp_avg_sq), so that one
+    /// in-place kernel pass updates them together.
+    pub state: Tensor,
     /// Steps taken for this parameter (torch keeps one per param; params without grad skip).
     pub step: u64,
+}
+
+impl OptParam {
+    /// A parameter with saved moments (each shaped like the parameter).
+    pub fn from_moments(
+        name: String,
+        var: Var,
+        group: ParamGroup,
+        exp_avg: &Tensor,
+        exp_avg_sq: &Tensor,
+        step: u64,
+    ) -> Result<Self, ModelError> {
+        for (what, t) in [("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)] {
+            if t.dims() != var.dims() {
+                return Err(ModelError::TensorShape {
+                    name: format!("opt.{what}.{name}"),
+                    expected: var.dims().to_vec(),
+                    actual: t.dims().to_vec(),
+                });
+            }
+        }
+        let state = Tensor::stack(&[exp_avg, exp_avg_sq], 0)?.to_dtype(var.dtype())?;
+        Ok(Self {
+            name,
+            var,
+            group,
+            state,
+            step,
+        })
+    }
+
+    /// First moment (a view into `state`).
+    pub fn exp_avg(&self) -> Result<Tensor, ModelError> {
+        Ok(self.state.get(0)?)
+    }
+
+    /// Second moment (a view into `state`).
+    pub fn exp_avg_sq(&self) -> Result<Tensor, ModelError> {
+        Ok(self.state.get(1)?)
+    }
 }
 
 /// AdamW (torch `_single_tensor_adamw`, amsgrad off, maximize off).
@@ -76,12 +117,13 @@ impl AdamW {
         let params = params
             .into_iter()
             .map(|(name, var, group)| {
-                let z = var.as_tensor().zeros_like()?;
+                let mut shape = vec![2];
+                shape.extend_from_slice(var.dims());
+                let state = Tensor::zeros(shape, var.dtype(), var.device())?;
                 Ok(OptParam {
                     name,
                     group,
-                    exp_avg: z.clone(),
-                    exp_avg_sq: z,
+                    state,
                     var,
                     step: 0,
                 })
@@ -100,36 +142,29 @@ impl AdamW {
         &self.params
     }
 
-    /// One update with the scheduled `lr` and `weight_decay` (the latter for decayed groups only).
-    /// Parameters with no gradient in `grads` are skipped, as torch does.
+    /// One update with the scheduled `lr` and `weight_decay` (the latter for decayed groups only),
+    /// in place. Parameters with no gradient in `grads` are skipped, as torch does.
     pub fn step(
         &mut self,
         grads: &GradStore,
         lr: f64,
         weight_decay: f64,
     ) -> Result<(), ModelError> {
-        let (b1, b2) = self.betas;
+        let (beta1, beta2) = self.betas;
         for p in &mut self.params {
             let Some(g) = grads.get(p.var.as_tensor()) else {
                 continue;
             };
-            p.step += 1;
-            let wd = if p.group.decayed() { weight_decay } else { 0.0 };
-            let theta = p.var.as_detached_tensor();
-            let theta = if wd != 0.0 {
-                theta.affine(1.0 - lr * wd, 0.0)?
-            } else {
-                theta
+            let update = AdamUpdate {
+                lr,
+                weight_decay: if p.group.decayed() { weight_decay } else { 0.0 },
+                beta1,
+                beta2,
+                eps: self.eps,
+                step: p.step + 1,
             };
-            // m.lerp_(g, 1 - b1);  v = b2·v + (1 - b2)·g²
-            p.exp_avg = (&p.exp_avg + (g - &p.exp_avg)?.affine(1.0 - b1, 0.0)?)?;
-            p.exp_avg_sq = (p.exp_avg_sq.affine(b2, 0.0)? + g.sqr()?.affine(1.0 - b2, 0.0)?)?;
-            let bc1 = 1.0 - b1.powf(p.step as f64);
-            let bc2 = 1.0 - b2.powf(p.step as f64);
-            let step_size = lr / bc1;
-            let denom = (p.exp_avg_sq.sqrt()? / bc2.sqrt())?.affine(1.0, self.eps)?;
-            let update = (&p.exp_avg / denom)?.affine(step_size, 0.0)?;
-            p.var.set(&(theta - update)?)?;
+            kernels::adamw_step(p.var.as_tensor(), &p.state, g, &update)?;
+            p.step = update.step;
         }
         Ok(())
     }
@@ -143,10 +178,8 @@ pub fn grad_sq_sum<'a>(
     let mut total = 0.0f64;
     for v in vars {
         if let Some(g) = grads.get(v.as_tensor()) {
-            total += g
-                .sqr()?
-                .sum_all()?
-                .to_dtype(candle_core::DType::F64)?
+            total += kernels::sum_sq(g)?
+                .to_dtype(DType::F64)?
                 .to_scalar::<f64>()?;
         }
     }

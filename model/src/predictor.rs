@@ -92,7 +92,8 @@ impl Predictor {
         })
     }
 
-    /// The fixed `[1, N, Dp]` table.
+    /// The fixed `[1, N, Dp]` table (3-D, or 2-D in image mode). It is never resized (spec §2):
+    /// context and target indices always refer to the configured token grid.
     pub fn pos_embed(&self) -> &Tensor {
         &self.pos_embed
     }

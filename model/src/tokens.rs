@@ -10,6 +10,8 @@ use crate::ModelError;
 pub struct TokenIndex {
     batch: usize,
     len: usize,
+    /// N the indices were checked against; tensors gathered from must have exactly N tokens.
+    num_tokens: usize,
     /// Row-local indices, `[B·K]` (for gathering from a shared `[N, D]` table).
     local: Tensor,
     /// Batch-offset indices b·N + n, `[B·K]` (for gathering from a flattened `[B·N, D]` tensor).
@@ -75,6 +77,7 @@ impl TokenIndex {
         Ok(Self {
             batch: b,
             len: k,
+            num_tokens,
             local: Tensor::from_vec(local, b * k, device)?,
             flat: Tensor::from_vec(flat, b * k, device)?,
             counts: vec![k; b],
@@ -104,10 +107,10 @@ impl TokenIndex {
     /// x `[B, N, D]` → `[B, K, D]` (differentiable).
     pub fn gather(&self, x: &Tensor) -> Result<Tensor, ModelError> {
         let (b, n, d) = x.dims3()?;
-        if b != self.batch {
+        if b != self.batch || n != self.num_tokens {
             return Err(ModelError::Input(format!(
-                "gather: tensor batch {b} vs index batch {}",
-                self.batch
+                "gather: tensor [{b}, {n}, ..] vs indices for batch {} over {} tokens",
+                self.batch, self.num_tokens
             )));
         }
         Ok(x.reshape((b * n, d))?
@@ -119,6 +122,12 @@ impl TokenIndex {
     pub fn gather_table(&self, table: &Tensor) -> Result<Tensor, ModelError> {
         let d = table.dim(candle_core::D::Minus1)?;
         let n = table.elem_count() / d.max(1);
+        if n != self.num_tokens {
+            return Err(ModelError::Input(format!(
+                "gather_table: table of {n} rows vs indices over {} tokens",
+                self.num_tokens
+            )));
+        }
         let t = table.reshape((n, d))?;
         Ok(t.index_select(&self.local, 0)?
             .reshape((self.batch, self.len, d))?)
@@ -160,5 +169,9 @@ mod tests {
         let neg = Tensor::new(&[[1i64, -1], [0, 2]], &dev).unwrap();
         assert!(TokenIndex::new(&neg, 2, 4, "ctx", &dev).is_err());
         assert!(TokenIndex::new(&idx, 3, 4, "ctx", &dev).is_err());
+        // indices checked for N = 4 must not silently gather from another token count
+        let ti6 = TokenIndex::new(&idx, 2, 6, "ctx", &dev).unwrap();
+        assert!(ti6.gather(&x).is_err());
+        assert!(ti6.gather_table(&x.get(0).unwrap()).is_err());
     }
 }

@@ -1,4 +1,5 @@
-//! Video ViT encoder (spec §2–§3): tubelet patch embedding, fixed 3-D sin-cos positions,
+//! Video ViT encoder (spec §2–§3): tubelet patch embedding (2-D patches for images), fixed
+//! sin-cos positions (resized for other clip sizes),
 //! pre-norm blocks, final LayerNorm. Parameter names equal the official state-dict keys
 //! (without `module.backbone.`), e.g. `blocks.0.attn.qkv.weight`.
 
@@ -6,15 +7,18 @@ use candle_core::Tensor;
 
 use crate::ModelError;
 use crate::config::EncoderConfig;
-use crate::layers::{LayerNorm, Linear, gelu, softmax_last_dim};
+use crate::kernels;
+use crate::layers::{LayerNorm, Linear};
 use crate::params::{Init, ParamMap, ParamSpec};
+use crate::pos_embed;
 use crate::tokens::TokenIndex;
 
 /// LayerNorm eps of every model LayerNorm (spec §3).
 pub const LN_EPS: f64 = 1e-6;
 
 /// Multi-head self-attention: fused qkv Linear (rows [q | k | v], heads contiguous), softmax
-/// attention with scale 1/sqrt(head_dim), output Linear. No mask, no dropout.
+/// attention with scale 1/sqrt(head_dim) (one fused kernel reading the qkv output in place),
+/// output Linear. No mask, no dropout.
 #[derive(Clone, Debug)]
 pub struct Attention {
     qkv: Linear,
@@ -50,26 +54,13 @@ impl Attention {
 
     /// x `[B, K, D]` → `[B, K, D]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor, ModelError> {
-        let (b, k, d) = x.dims3()?;
-        let h = self.num_heads;
-        let hd = d / h;
-        let qkv = self
-            .qkv
-            .forward(x)?
-            .reshape((b, k, 3, h, hd))?
-            .permute((2, 0, 3, 1, 4))?
-            .contiguous()?;
-        let q = (qkv.get(0)? * (1.0 / (hd as f64).sqrt()))?;
-        let kk = qkv.get(1)?;
-        let v = qkv.get(2)?;
-        let att = q.matmul(&kk.t()?)?;
-        let att = softmax_last_dim(&att)?;
-        let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, k, d))?;
-        self.proj.forward(&y)
+        let qkv = self.qkv.forward(x)?;
+        self.proj
+            .forward(&kernels::attention(&qkv, self.num_heads)?)
     }
 }
 
-/// Two-layer MLP with exact GELU.
+/// Two-layer MLP with exact GELU (fc1's bias fused into the activation).
 #[derive(Clone, Debug)]
 pub struct Mlp {
     fc1: Linear,
@@ -98,7 +89,15 @@ impl Mlp {
 
     /// x `[.., D]` → `[.., D]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor, ModelError> {
-        self.fc2.forward(&gelu(&self.fc1.forward(x)?)?)
+        let h = self.fc1.matmul(x)?;
+        let h = match self.fc1.bias() {
+            Some(b) => kernels::bias_gelu(&h, b)?,
+            None => {
+                let zero = Tensor::zeros(h.dim(candle_core::D::Minus1)?, h.dtype(), h.device())?;
+                kernels::bias_gelu(&h, &zero)?
+            }
+        };
+        self.fc2.forward(&h)
     }
 }
 
@@ -144,8 +143,9 @@ impl Block {
     }
 }
 
-/// Tubelet patch embedding: Conv3d with kernel = stride = (t, p, p) written as reshape + matmul
-/// (candle has no conv3d). The weight is kept in conv shape `[D, 3, t, p, p]` for checkpoints.
+/// Patch embedding: the reference's Conv3d with kernel = stride = (t, p, p) (Conv2d with
+/// kernel = stride = p for images), written as reshape + matmul since candle has no conv3d. The
+/// weight keeps the conv shape (`[D, 3, t, p, p]` or `[D, 3, p, p]`) for checkpoints.
 #[derive(Clone, Debug)]
 pub struct PatchEmbed {
     weight: Tensor,
@@ -154,26 +154,24 @@ pub struct PatchEmbed {
 }
 
 impl PatchEmbed {
-    /// Specs of `{prefix}.proj.weight` `[D, 3, t, p, p]` and `.bias` `[D]`.
+    /// Specs of `{prefix}.proj.weight` (conv shape) and `.bias` `[D]`.
     pub fn specs(prefix: &str, cfg: &EncoderConfig, out: &mut Vec<ParamSpec>) {
-        let (t, p, d) = (cfg.tubelet_size, cfg.patch_size, cfg.embed_dim);
         out.push(ParamSpec::new(
             format!("{prefix}.proj.weight"),
-            &[d, 3, t, p, p],
+            &cfg.patch_weight_shape(),
             Init::TruncNormal,
         ));
         out.push(ParamSpec::new(
             format!("{prefix}.proj.bias"),
-            &[d],
+            &[cfg.embed_dim],
             Init::Zeros,
         ));
     }
 
     /// Builds from `params`.
     pub fn load(params: &ParamMap, prefix: &str, cfg: &EncoderConfig) -> Result<Self, ModelError> {
-        let (t, p, d) = (cfg.tubelet_size, cfg.patch_size, cfg.embed_dim);
-        let weight = params.get(&format!("{prefix}.proj.weight"), &[d, 3, t, p, p])?;
-        let bias = params.get(&format!("{prefix}.proj.bias"), &[d])?;
+        let weight = params.get(&format!("{prefix}.proj.weight"), &cfg.patch_weight_shape())?;
+        let bias = params.get(&format!("{prefix}.proj.bias"), &[cfg.embed_dim])?;
         Ok(Self {
             weight,
             bias,
@@ -181,18 +179,45 @@ impl PatchEmbed {
         })
     }
 
-    /// clips `[B, 3, T, S, S]` → tokens `[B, N, D]`, token order (time, row, column).
+    /// The conv weight (`[D, 3, t, p, p]`, or `[D, 3, p, p]` for images).
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// The conv bias `[D]`.
+    pub fn bias(&self) -> &Tensor {
+        &self.bias
+    }
+
+    /// clips (see [`clip_geometry`]) → tokens `[B, N, D]` on the clips' own token grid, token
+    /// order (time, row, column). Like a strided conv, pixels past the last whole patch are
+    /// ignored.
     pub fn forward(&self, clips: &Tensor) -> Result<Tensor, ModelError> {
-        let b = check_clips(&self.cfg, clips)?;
-        let (t, p, d) = (
-            self.cfg.tubelet_size,
+        let geo = clip_geometry(&self.cfg, clips)?;
+        self.forward_checked(clips, geo)
+    }
+
+    fn forward_checked(&self, clips: &Tensor, geo: ClipGeometry) -> Result<Tensor, ModelError> {
+        let (kt, p, d) = (
+            self.cfg.patch_depth(),
             self.cfg.patch_size,
             self.cfg.embed_dim,
         );
-        let (gt, gh, gw) = self.cfg.grid();
+        let b = geo.batch;
+        let (gt, gh, gw) = geo.grid;
         let n = gt * gh * gw;
-        let patches = clips
-            .reshape(vec![b, 3, gt, t, gh, p, gw, p])?
+        let mut x = if clips.rank() == 4 {
+            clips.unsqueeze(2)?
+        } else {
+            clips.clone()
+        };
+        for (axis, keep) in [(2, gt * kt), (3, gh * p), (4, gw * p)] {
+            if x.dim(axis)? != keep {
+                x = x.narrow(axis, 0, keep)?;
+            }
+        }
+        let patches = x
+            .reshape(vec![b, 3, gt, kt, gh, p, gw, p])?
             .permute(vec![0, 2, 4, 6, 1, 3, 5, 7])?
             .contiguous()?
             .reshape((b * n, self.cfg.patch_dim()))?;
@@ -202,31 +227,81 @@ impl PatchEmbed {
     }
 }
 
-/// Checks clips are `[B, 3, T, S, S]` with the configured T and S; returns B. A different grid is
-/// refused because pos-table interpolation is not implemented.
-pub fn check_clips(cfg: &EncoderConfig, clips: &Tensor) -> Result<usize, ModelError> {
-    let (b, c, t, h, w) = clips.dims5().map_err(|_| {
-        ModelError::Input(format!(
-            "clips must be [B, 3, T, S, S], got {:?}",
-            clips.dims()
-        ))
-    })?;
+/// Batch size and token grid of a batch of clips.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClipGeometry {
+    /// Clips in the batch (B > 0).
+    pub batch: usize,
+    /// Token grid (T/t, H/p, W/p), each ≥ 1; (1, H/p, W/p) for images.
+    pub grid: (usize, usize, usize),
+}
+
+/// Checks a batch the encoder can embed and returns its geometry: `[B, 3, T, H, W]` for video,
+/// `[B, 3, H, W]` or `[B, 3, 1, H, W]` in image mode. Sizes may differ from the configured ones
+/// (the position table is then resized, spec §2); like the reference's strided conv, the grid
+/// is floor(T/t) × floor(H/p) × floor(W/p) and must not be empty.
+pub fn clip_geometry(cfg: &EncoderConfig, clips: &Tensor) -> Result<ClipGeometry, ModelError> {
+    let dims = clips.dims();
+    let (b, c, t, h, w) = match *dims {
+        [b, c, t, h, w] => (b, c, t, h, w),
+        [b, c, h, w] if cfg.is_image() => (b, c, 1, h, w),
+        _ => {
+            let want = if cfg.is_image() {
+                "[B, 3, H, W] or [B, 3, 1, H, W]"
+            } else {
+                "[B, 3, T, H, W]"
+            };
+            return Err(ModelError::Input(format!(
+                "clips must be {want}, got {dims:?}"
+            )));
+        }
+    };
     if c != 3 {
         return Err(ModelError::Input(format!(
             "clips have {c} channels, expected 3"
         )));
     }
-    if (t, h, w) != (cfg.num_frames, cfg.crop_size, cfg.crop_size) {
-        return Err(ModelError::Unsupported(format!(
-            "clip size {t}x{h}x{w} differs from the model's {}x{}x{}: pos-embed interpolation to another \
-             token grid is not implemented",
-            cfg.num_frames, cfg.crop_size, cfg.crop_size
-        )));
-    }
     if b == 0 {
         return Err(ModelError::Input("empty batch".into()));
     }
-    Ok(b)
+    if cfg.is_image() && t != 1 {
+        return Err(ModelError::Input(format!(
+            "an image model (num_frames = 1) got clips of {t} frames"
+        )));
+    }
+    let grid = (
+        t / cfg.patch_depth(),
+        h / cfg.patch_size,
+        w / cfg.patch_size,
+    );
+    if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
+        return Err(ModelError::Input(format!(
+            "clip size {t}x{h}x{w} is smaller than one {}x{}x{} patch",
+            cfg.patch_depth(),
+            cfg.patch_size,
+            cfg.patch_size
+        )));
+    }
+    Ok(ClipGeometry { batch: b, grid })
+}
+
+/// Checks clips as [`clip_geometry`] does and that their token grid is the configured one — what
+/// training needs, since mask indices and the predictor's table (never resized, spec §2) are
+/// laid out on that grid. Returns B.
+pub fn check_clips(cfg: &EncoderConfig, clips: &Tensor) -> Result<usize, ModelError> {
+    let geo = clip_geometry(cfg, clips)?;
+    if geo.grid != cfg.grid() {
+        return Err(ModelError::Input(format!(
+            "clips {:?} give a {:?} token grid, but training needs the configured {:?} ({} frames, \
+             crop {}): mask indices and the predictor's position table are fixed to it",
+            clips.dims(),
+            geo.grid,
+            cfg.grid(),
+            cfg.num_frames,
+            cfg.crop_size
+        )));
+    }
+    Ok(geo.batch)
 }
 
 /// The ViT encoder (also used, with its own weights, as the EMA target encoder).
@@ -296,17 +371,29 @@ impl Encoder {
         &self.cfg
     }
 
-    /// The fixed `[1, N, D]` sin-cos table.
+    /// The fixed `[1, N, D]` sin-cos table (for the configured grid).
     pub fn pos_embed(&self) -> &Tensor {
         &self.pos_embed
     }
 
-    /// Patch embedding + positions: `[B, N, D]` (shared by several masked passes).
+    /// The patch embedding.
+    pub fn patch_embed(&self) -> &PatchEmbed {
+        &self.patch_embed
+    }
+
+    /// Patch embedding + positions: `[B, N, D]` (shared by several masked passes). Clips whose
+    /// token grid differs from the configured one get the position table resized as the
+    /// reference does (trilinear for video, bicubic for images; spec §2).
     pub fn embed(&self, clips: &Tensor) -> Result<Tensor, ModelError> {
-        Ok(self
-            .patch_embed
-            .forward(clips)?
-            .broadcast_add(&self.pos_embed)?)
+        let geo = clip_geometry(&self.cfg, clips)?;
+        let tokens = self.patch_embed.forward_checked(clips, geo)?;
+        let pos = pos_embed::resize_table(
+            &self.pos_embed,
+            self.cfg.grid(),
+            geo.grid,
+            self.cfg.table_layout(),
+        )?;
+        Ok(tokens.broadcast_add(&pos)?)
     }
 
     /// Blocks + final norm on already embedded (and possibly gathered) tokens `[B, K, D]`.
@@ -318,7 +405,8 @@ impl Encoder {
         self.norm.forward(&x)
     }
 
-    /// Full forward; with `keep`, only those tokens enter the blocks (context pass).
+    /// Full forward; with `keep`, only those tokens enter the blocks (context pass). `keep` must
+    /// index the clips' own token grid.
     pub fn forward(&self, clips: &Tensor, keep: Option<&TokenIndex>) -> Result<Tensor, ModelError> {
         let x = self.embed(clips)?;
         let x = match keep {
@@ -450,10 +538,10 @@ mod tests {
                 );
             }
         }
-        let wrong = Tensor::zeros((1, 3, 6, 4, 4), candle_core::DType::F32, &dev).unwrap();
-        assert!(matches!(
-            pe.forward(&wrong),
-            Err(ModelError::Unsupported(_))
-        ));
+        // another clip length is another grid (the encoder resizes its table for it)
+        let longer = Tensor::zeros((1, 3, 6, 4, 4), candle_core::DType::F32, &dev).unwrap();
+        assert_eq!(pe.forward(&longer).unwrap().dims(), &[1, 12, 2]);
+        let wrong = Tensor::zeros((1, 4, 4, 4, 4), candle_core::DType::F32, &dev).unwrap();
+        assert!(matches!(pe.forward(&wrong), Err(ModelError::Input(_))));
     }
 }

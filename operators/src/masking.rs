@@ -420,6 +420,45 @@ mod tests {
         }
     }
 
+    /// Image mode (`num_frames = 1`): a grid of depth 1 gets whole-depth blocks and valid masks.
+    #[test]
+    fn depth_one_grid_for_images() {
+        let grid = Grid { t: 1, h: 14, w: 14 };
+        for cfg in [MaskConfig::short_range(), MaskConfig::long_range()] {
+            let g = MaskGenerator::new(cfg, grid).unwrap();
+            for batch in 0..20 {
+                let (bt, bh, bw) = g.block_size(&mut rng_for(3, Stream::MaskBlockSize, batch));
+                assert_eq!(bt, 1);
+                assert!(bh <= 14 && bw <= 14);
+                let m = g
+                    .generate(
+                        3,
+                        0,
+                        batch,
+                        8,
+                        &mut rng_for(3, Stream::MaskPositions, batch),
+                    )
+                    .unwrap();
+                for (c, t) in m.context.iter().zip(&m.target) {
+                    assert!(!c.is_empty() && !t.is_empty());
+                    assert!(c.iter().chain(t).all(|&i| i < 196));
+                    let cs: BTreeSet<u32> = c.iter().copied().collect();
+                    assert!(t.iter().all(|i| !cs.contains(i)));
+                }
+            }
+        }
+        // a temporal keep ratio cannot empty the single time step
+        let cfg = MaskConfig {
+            max_temporal_keep: 0.5,
+            ..MaskConfig::short_range()
+        };
+        let g = MaskGenerator::new(cfg, grid).unwrap();
+        let m = g
+            .generate(0, 0, 0, 4, &mut rng_for(0, Stream::MaskPositions, 0))
+            .unwrap();
+        assert!(m.context.iter().all(|c| !c.is_empty()));
+    }
+
     #[test]
     fn deterministic_and_seed_dependent() {
         let g = MaskGenerator::new(MaskConfig::long_range(), G224).unwrap();

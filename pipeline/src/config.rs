@@ -505,7 +505,8 @@ impl JobConfig {
         positive("data.sampling_rate", d.sampling_rate)?;
         positive("data.patch_size", d.patch_size)?;
         positive("data.crop_size", d.crop_size)?;
-        if !d.num_frames.is_multiple_of(d.tubelet_size) {
+        // num_frames 1 is the image path (Conv2d patches, 2-D tables): the tubelet is unused.
+        if d.num_frames > 1 && !d.num_frames.is_multiple_of(d.tubelet_size) {
             return Err(ConfigError::invalid(
                 "data.num_frames",
                 format!(
@@ -521,12 +522,6 @@ impl JobConfig {
                     "crop {} is not a multiple of patch_size {}",
                     d.crop_size, d.patch_size
                 ),
-            ));
-        }
-        if d.num_frames == 1 {
-            return Err(ConfigError::invalid(
-                "data.num_frames",
-                "the image path (num_frames: 1) is not supported yet",
             ));
         }
         if let Some(c) = d.clip_duration
@@ -691,6 +686,14 @@ impl JobConfig {
             return Err(ConfigError::invalid(
                 "model.embed_dim",
                 "widths must be even for the sin-cos position tables",
+            ));
+        }
+        if enc.is_image()
+            && (!enc.embed_dim.is_multiple_of(4) || !m.pred_embed_dim.is_multiple_of(4))
+        {
+            return Err(ConfigError::invalid(
+                "model.embed_dim",
+                "the image path (num_frames: 1) needs widths divisible by 4 for its 2-D tables",
             ));
         }
 
@@ -1087,5 +1090,19 @@ mod tests {
         let text = OFFICIAL_VITL16.replace("crop_size: 224", "crop_size: 230");
         let err = JobConfig::parse(&text).unwrap_err();
         assert_eq!(err.key(), Some("data.crop_size"), "{err}");
+    }
+
+    #[test]
+    fn image_path_num_frames_one() {
+        // tubelet_size stays 2 as in the official configs; images ignore it
+        let text = OFFICIAL_VITL16.replace("num_frames: 16", "num_frames: 1");
+        let cfg = JobConfig::parse(&text).expect("num_frames 1 parses");
+        let enc = cfg.encoder_config();
+        assert!(enc.is_image());
+        assert_eq!(enc.grid(), (1, 14, 14));
+        enc.validate().unwrap();
+        let text = OFFICIAL_VITL16.replace("num_frames: 16", "num_frames: 3");
+        let err = JobConfig::parse(&text).unwrap_err();
+        assert_eq!(err.key(), Some("data.num_frames"), "{err}");
     }
 }

@@ -610,7 +610,7 @@ fn index_tensor(rows: &[Vec<u32>]) -> anyhow::Result<Tensor> {
 }
 
 /// Reads the object named by a full location (local path, `file://` or `s3://` URL).
-fn read_location(
+pub(crate) fn read_location(
     handle: &tokio::runtime::Handle,
     location: &str,
     s3: &vjepa_storage::S3Settings,
@@ -626,12 +626,21 @@ pub fn split_location(
     location: &str,
     s3: &vjepa_storage::S3Settings,
 ) -> anyhow::Result<(Store, String)> {
+    split_location_with(location, s3, false)
+}
+
+/// [`split_location`], creating a missing local directory when `create` (for outputs).
+pub(crate) fn split_location_with(
+    location: &str,
+    s3: &vjepa_storage::S3Settings,
+    create: bool,
+) -> anyhow::Result<(Store, String)> {
     let trimmed = location.trim_end_matches('/');
     let (dir, name) = match trimmed.rfind('/') {
         Some(i) => (&trimmed[..=i], &trimmed[i + 1..]),
         None => ("./", trimmed),
     };
-    let store = Store::open(dir, s3, false).with_context(|| format!("opening {dir}"))?;
+    let store = Store::open(dir, s3, create).with_context(|| format!("opening {dir}"))?;
     Ok((store, name.to_string()))
 }
 

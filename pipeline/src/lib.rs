@@ -2,6 +2,7 @@
 
 pub mod catalog;
 pub mod config;
+pub mod convert;
 pub mod job;
 pub mod loader;
 

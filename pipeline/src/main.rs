@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use vjepa_pipeline::config::JobConfig;
+use vjepa_pipeline::convert::{self, ConvertError};
 use vjepa_pipeline::job::{self, TrainOverrides};
 
 #[derive(Parser)]
@@ -61,6 +62,17 @@ enum Command {
     },
     /// Load a checkpoint (path or object-store URL) and print what it holds.
     Inspect { checkpoint: String },
+    /// Convert a checkpoint between the official `.pth.tar` layout and our `.safetensors`
+    /// (direction from the extensions); exit 2 naming the tensor when the input is bad.
+    Convert {
+        /// Input checkpoint (path or object-store URL).
+        input: String,
+        /// Output checkpoint (path or object-store URL).
+        output: String,
+        /// Job config giving the model shape; required to read an official `.pth.tar`.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
     /// Write a small corpus of real encoded videos (H.264/MP4, VP9/WebM) into DIR.
     MakeSamples {
         dir: PathBuf,
@@ -180,6 +192,40 @@ fn main() -> ExitCode {
             no_timing,
             json,
         } => gpu_check(device, runs, !no_check, !no_timing, json.as_deref()),
+        Command::Convert {
+            input,
+            output,
+            config,
+        } => {
+            let cfg = match config.as_deref().map(JobConfig::load).transpose() {
+                Ok(cfg) => cfg,
+                Err(e) => return config_error(&e),
+            };
+            match convert::convert(&input, &output, cfg.as_ref()) {
+                Ok(s) => {
+                    println!(
+                        "wrote {output} ({} bytes): step {}{}{}",
+                        s.bytes_written,
+                        s.steps_done,
+                        s.epoch.map(|e| format!(", epoch {e}")).unwrap_or_default(),
+                        if s.optimizer_state {
+                            ""
+                        } else {
+                            ", no optimiser state in the input (fresh AdamW state)"
+                        }
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e @ (ConvertError::Usage(_) | ConvertError::BadCheckpoint { .. })) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(2)
+                }
+                Err(ConvertError::Io(e)) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
         Command::MakeSamples { dir, count } => {
             match vjepa_ingest::init().and_then(|_| vjepa_ingest::make_samples(&dir, count)) {
                 Ok(paths) => {

@@ -1,0 +1,162 @@
+//! One V-JEPA training step, timed: our candle model on the shapes of a job config, with the
+//! official multi-block masks. Writes the exact inputs (clip, every step's mask indices, resolved
+//! configs) to a safetensors file so that the PyTorch peer (`bench/train_step_torch.py`) runs the
+//! same work; `bench/train-step.sh` runs both in one go and prints the ratio.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use safetensors::Dtype;
+use safetensors::tensor::TensorView;
+use vjepa_model::{Device, MaskIndices, Tensor, TrainBatch, VJepa};
+use vjepa_operators::masking::{Grid, MaskGenerator};
+use vjepa_operators::seeding::{Stream, rng_for};
+use vjepa_pipeline::config::JobConfig;
+
+#[derive(Parser)]
+#[command(about = "Time our training step on a config's shapes and write the shared inputs")]
+struct Args {
+    /// Job config (YAML) giving the model, clip and mask shapes.
+    #[arg(long)]
+    config: PathBuf,
+    /// Untimed steps first (allocator and cache warm-up).
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    /// Timed steps.
+    #[arg(long, default_value_t = 5)]
+    steps: usize,
+    /// Where to write the inputs for the peer.
+    #[arg(long)]
+    inputs: PathBuf,
+    /// Seed for weights, clip and masks.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let cfg = JobConfig::load(&args.config)
+        .with_context(|| format!("loading {}", args.config.display()))?;
+    let enc = cfg.encoder_config();
+    let pred = cfg.predictor_config();
+    let ipe = cfg.iterations_per_epoch(1);
+    let optim = cfg.optim_config(ipe);
+    let batch_size = cfg.raw.data.batch_size;
+    let (t, h, w) = enc.grid();
+    let grid = Grid { t, h, w };
+    let generators = cfg
+        .mask_configs()
+        .into_iter()
+        .map(|m| MaskGenerator::new(m, grid))
+        .collect::<Result<Vec<_>, _>>()?;
+
+    // A clip of N(0,1)-like values (already "normalised"); values don't change the work.
+    let (frames, size) = (enc.num_frames, enc.crop_size);
+    let numel = batch_size * 3 * frames * size * size;
+    let clip: Vec<f32> = (0..numel)
+        .map(|i| {
+            let x = (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ args.seed;
+            ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect();
+    let clips = Tensor::from_vec(
+        clip.clone(),
+        (batch_size, 3, frames, size, size),
+        &Device::Cpu,
+    )?;
+
+    let total = args.warmup + args.steps;
+    let mut batches = Vec::with_capacity(total);
+    let mut index_tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    for step in 0..total as u64 {
+        let mut positions = rng_for(args.seed, Stream::MaskPositions, step);
+        let mut masks = Vec::with_capacity(generators.len());
+        for (i, g) in generators.iter().enumerate() {
+            let m = g.generate(args.seed, 0, step, batch_size, &mut positions)?;
+            for (kind, rows) in [("context", &m.context), ("target", &m.target)] {
+                let k = rows.first().map_or(0, Vec::len);
+                let bytes: Vec<u8> = rows
+                    .iter()
+                    .flatten()
+                    .flat_map(|&v| i64::from(v).to_le_bytes())
+                    .collect();
+                index_tensors.push((
+                    format!("step{step}.mask{i}.{kind}"),
+                    vec![rows.len(), k],
+                    bytes,
+                ));
+            }
+            masks.push(MaskIndices {
+                context: index_tensor(&m.context)?,
+                target: index_tensor(&m.target)?,
+            });
+        }
+        batches.push(TrainBatch {
+            clips: clips.clone(),
+            masks,
+        });
+    }
+
+    // Shared inputs for the peer.
+    let clip_bytes: Vec<u8> = clip.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let mut views = vec![(
+        "clip".to_string(),
+        TensorView::new(
+            Dtype::F32,
+            vec![batch_size, 3, frames, size, size],
+            &clip_bytes,
+        )?,
+    )];
+    for (name, shape, bytes) in &index_tensors {
+        views.push((
+            name.clone(),
+            TensorView::new(Dtype::I64, shape.clone(), bytes)?,
+        ));
+    }
+    let meta = HashMap::from([
+        ("encoder".to_string(), serde_json::to_string(&enc)?),
+        ("predictor".to_string(), serde_json::to_string(&pred)?),
+        ("optim".to_string(), serde_json::to_string(&optim)?),
+        ("warmup".to_string(), args.warmup.to_string()),
+        ("steps".to_string(), args.steps.to_string()),
+    ]);
+    let bytes = safetensors::serialize(views, Some(meta))?;
+    std::fs::write(&args.inputs, bytes)
+        .with_context(|| format!("writing {}", args.inputs.display()))?;
+
+    let mut model = VJepa::new(enc, pred, optim, args.seed, &Device::Cpu)?;
+    let mut times = Vec::with_capacity(args.steps);
+    let mut losses = Vec::with_capacity(total);
+    for (i, batch) in batches.iter().enumerate() {
+        let start = Instant::now();
+        let stats = model.train_step(batch)?;
+        let dt = start.elapsed().as_secs_f64();
+        losses.push(stats.loss);
+        if i >= args.warmup {
+            times.push(dt);
+        }
+    }
+    let mut sorted = times.clone();
+    sorted.sort_by(f64::total_cmp);
+    let median = sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN);
+    println!(
+        "{}",
+        serde_json::json!({
+            "impl": "ours (candle)",
+            "config": args.config.display().to_string(),
+            "step_s": times,
+            "median_s": median,
+            "losses": losses,
+        })
+    );
+    Ok(())
+}
+
+fn index_tensor(rows: &[Vec<u32>]) -> Result<Tensor> {
+    let k = rows.first().map_or(0, Vec::len);
+    let flat: Vec<u32> = rows.iter().flatten().copied().collect();
+    Ok(Tensor::from_vec(flat, (rows.len(), k), &Device::Cpu)?)
+}
