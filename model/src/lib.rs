@@ -23,15 +23,6 @@ pub mod schedule;
 pub mod tokens;
 pub mod vit;
 
-/// CUDA implementations of the fused ops (only with the `cuda` feature).
-#[cfg(feature = "cuda")]
-#[path = "kernels/cuda.rs"]
-pub mod cuda_kernels;
-/// `vjepa gpu-check`: CPU-vs-GPU correctness and timings of the fused ops.
-#[cfg(feature = "cuda")]
-#[path = "kernels/gpu_check.rs"]
-pub mod gpu_check;
-
 use std::collections::{BTreeMap, HashMap};
 
 use candle_core::Var;
@@ -518,6 +509,18 @@ impl VJepa {
     /// encoder holds the same tensors, so nothing is allocated or rebuilt.
     fn ema_update(&mut self, m: f64) -> Result<(), ModelError> {
         let enc_params = &self.opt.params()[..self.num_encoder_params];
+        // On a GPU: all pairs in one multi-tensor launch.
+        #[cfg(feature = "cuda")]
+        if self.device.is_cuda() && enc_params.iter().all(|p| p.var.dtype() == DType::F32) {
+            let pairs: Vec<(&Tensor, &Tensor)> = self
+                .target_params
+                .iter()
+                .zip(enc_params)
+                .map(|((_, tgt), p)| (tgt, p.var.as_tensor()))
+                .collect();
+            kernels::cuda::ema_multi(&pairs, m)?;
+            return Ok(());
+        }
         for ((_, tgt), p) in self.target_params.iter().zip(enc_params) {
             kernels::ema_update(tgt, p.var.as_tensor(), m)?;
         }

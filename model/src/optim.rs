@@ -150,6 +150,14 @@ impl AdamW {
         lr: f64,
         weight_decay: f64,
     ) -> Result<(), ModelError> {
+        #[cfg(feature = "cuda")]
+        if self
+            .params
+            .first()
+            .is_some_and(|p| p.var.device().is_cuda() && p.var.dtype() == DType::F32)
+        {
+            return self.step_cuda(grads, lr, weight_decay);
+        }
         let (beta1, beta2) = self.betas;
         for p in &mut self.params {
             let Some(g) = grads.get(p.var.as_tensor()) else {
@@ -170,18 +178,78 @@ impl AdamW {
     }
 }
 
+#[cfg(feature = "cuda")]
+impl AdamW {
+    /// On a CUDA device: every parameter with a gradient in ONE multi-tensor launch, with the
+    /// per-element update of [`kernels::adamw_step`] (moments in place in each `[2, ..]` state).
+    fn step_cuda(
+        &mut self,
+        grads: &GradStore,
+        lr: f64,
+        weight_decay: f64,
+    ) -> Result<(), ModelError> {
+        use crate::kernels::cuda::{AdamWConfig, AdamWSlot, AdamWStep, adamw_multi};
+        let (beta1, beta2) = self.betas;
+        let cfg = AdamWConfig {
+            beta1,
+            beta2,
+            eps: self.eps,
+        };
+        let mut held = Vec::new();
+        for (i, p) in self.params.iter().enumerate() {
+            if let Some(g) = grads.get(p.var.as_tensor()) {
+                held.push((i, g.contiguous()?, p.state.get(0)?, p.state.get(1)?));
+            }
+        }
+        let slots: Vec<AdamWSlot<'_>> = held
+            .iter()
+            .map(|(i, g, m, v)| {
+                let p = &self.params[*i];
+                let wd = if p.group.decayed() { weight_decay } else { 0.0 };
+                AdamWSlot {
+                    param: p.var.as_tensor(),
+                    grad: g,
+                    exp_avg: m,
+                    exp_avg_sq: v,
+                    step: AdamWStep {
+                        lr,
+                        weight_decay: wd,
+                        step: p.step + 1,
+                    },
+                }
+            })
+            .collect();
+        adamw_multi(&slots, &cfg)?;
+        for (i, ..) in &held {
+            self.params[*i].step += 1;
+        }
+        Ok(())
+    }
+}
+
 /// Sum of squared gradient entries of `vars` (missing grads count as zero).
 pub fn grad_sq_sum<'a>(
     grads: &GradStore,
     vars: impl Iterator<Item = &'a Var>,
 ) -> Result<f64, ModelError> {
     let mut total = 0.0f64;
+    // On a GPU the per-tensor sums stay on the device and are read back once.
+    #[cfg(feature = "cuda")]
+    let mut on_device: Vec<Tensor> = Vec::new();
     for v in vars {
         if let Some(g) = grads.get(v.as_tensor()) {
-            total += kernels::sum_sq(g)?
-                .to_dtype(DType::F64)?
-                .to_scalar::<f64>()?;
+            let s = kernels::sum_sq(g)?;
+            #[cfg(feature = "cuda")]
+            if s.device().is_cuda() {
+                on_device.push(s.to_dtype(DType::F64)?.reshape(1)?);
+                continue;
+            }
+            total += s.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         }
+    }
+    #[cfg(feature = "cuda")]
+    if !on_device.is_empty() {
+        total += Tensor::cat(&on_device, 0)?.sum_all()?.to_scalar::<f64>()?;
     }
     Ok(total)
 }

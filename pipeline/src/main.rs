@@ -251,7 +251,7 @@ fn gpu_check(
     timing: bool,
     json: Option<&std::path::Path>,
 ) -> ExitCode {
-    use vjepa_model::gpu_check as gc;
+    use vjepa_model::kernels::gpu_check as gc;
     let dev = match vjepa_model::Device::new_cuda(device) {
         Ok(d) => d,
         Err(e) => {

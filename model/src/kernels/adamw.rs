@@ -148,6 +148,22 @@ impl InplaceOp2 for AdamMoments {
         "vjepa-adam-moments"
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &mut candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<()> {
+        let cfg = super::cuda::AdamWConfig {
+            beta1: self.beta1,
+            beta2: self.beta2,
+            eps: 0.0,
+        };
+        super::cuda::adam_moments(s1, l1, s2, l2, &cfg)
+    }
+
     fn cpu_fwd(
         &self,
         s1: &mut CpuStorage,
@@ -184,6 +200,27 @@ impl InplaceOp2 for AdamMoments {
 impl InplaceOp2 for AdamUpdate {
     fn name(&self) -> &'static str {
         "vjepa-adamw-update"
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &mut candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<()> {
+        let cfg = super::cuda::AdamWConfig {
+            beta1: self.beta1,
+            beta2: self.beta2,
+            eps: self.eps,
+        };
+        let step = super::cuda::AdamWStep {
+            lr: self.lr,
+            weight_decay: self.weight_decay,
+            step: self.step,
+        };
+        super::cuda::adam_update(s1, l1, s2, l2, &cfg, &step)
     }
 
     fn cpu_fwd(
@@ -238,6 +275,17 @@ impl InplaceOp2 for AdamUpdate {
 impl InplaceOp2 for EmaUpdate {
     fn name(&self) -> &'static str {
         "vjepa-ema-update"
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &mut candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<()> {
+        super::cuda::ema_inplace(s1, l1, s2, l2, self.momentum)
     }
 
     fn cpu_fwd(

@@ -76,6 +76,15 @@ impl CustomOp1 for Attention {
         "vjepa-attention"
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::attention_fwd(s, l, self.num_heads)
+    }
+
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let dims = Dims::new(self.name(), l, self.num_heads)?;
         let shape = Shape::from((dims.b, dims.n, dims.d));
@@ -217,6 +226,19 @@ pub struct AttentionBackward {
 impl CustomOp3 for AttentionBackward {
     fn name(&self) -> &'static str {
         "vjepa-attention-backward"
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::attention_bwd(s1, l1, s2, l2, s3, l3, self.num_heads)
     }
 
     fn cpu_fwd(

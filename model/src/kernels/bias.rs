@@ -134,6 +134,17 @@ impl CustomOp2 for BiasAdd {
         "vjepa-bias-add"
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::bias_add(s1, l1, s2, l2)
+    }
+
     fn cpu_fwd(
         &self,
         s1: &CpuStorage,
@@ -167,6 +178,17 @@ impl CustomOp2 for BiasAdd {
 impl CustomOp2 for BiasGelu {
     fn name(&self) -> &'static str {
         "vjepa-bias-gelu"
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::bias_gelu(s1, l1, s2, l2)
     }
 
     fn cpu_fwd(
@@ -205,6 +227,19 @@ impl CustomOp2 for BiasGelu {
 impl CustomOp3 for BiasGeluBackward {
     fn name(&self) -> &'static str {
         "vjepa-bias-gelu-backward"
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::bias_gelu_bwd(s1, l1, s2, l2, s3, l3)
     }
 
     fn cpu_fwd(

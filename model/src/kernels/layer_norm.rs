@@ -99,6 +99,19 @@ impl CustomOp3 for LayerNorm {
         "vjepa-layer-norm"
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::layer_norm_fwd(s1, l1, s2, l2, s3, l3, self.eps as f32)
+    }
+
     fn cpu_fwd(
         &self,
         s1: &CpuStorage,
@@ -161,6 +174,15 @@ impl CustomOp1 for LayerNormPlain {
         "vjepa-layer-norm-plain"
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::layer_norm_plain_fwd(s, l, self.eps as f32)
+    }
+
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let name = self.name();
         let c = cols_of(name, l)?;
@@ -188,6 +210,19 @@ impl CustomOp1 for LayerNormPlain {
 impl CustomOp3 for LayerNormBackward {
     fn name(&self) -> &'static str {
         "vjepa-layer-norm-backward"
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::layer_norm_bwd(s1, l1, s2, l2, s3, l3, self.eps as f32)
     }
 
     fn cpu_fwd(
@@ -230,6 +265,17 @@ impl CustomOp3 for LayerNormBackward {
 impl CustomOp2 for LayerNormPlainBackward {
     fn name(&self) -> &'static str {
         "vjepa-layer-norm-plain-backward"
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::layer_norm_plain_bwd(s1, l1, s2, l2, self.eps as f32)
     }
 
     fn cpu_fwd(

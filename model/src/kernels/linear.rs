@@ -258,6 +258,19 @@ impl CustomOp3 for Linear {
         "vjepa-linear"
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::linear_fwd(s1, l1, s2, l2, Some((s3, l3)))
+    }
+
     fn cpu_fwd(
         &self,
         s1: &CpuStorage,
@@ -311,6 +324,17 @@ impl CustomOp2 for LinearNoBias {
         "vjepa-linear-no-bias"
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::linear_fwd(s1, l1, s2, l2, None)
+    }
+
     fn cpu_fwd(
         &self,
         s1: &CpuStorage,
@@ -356,6 +380,19 @@ impl CustomOp2 for LinearNoBias {
 impl CustomOp3 for LinearBackward {
     fn name(&self) -> &'static str {
         "vjepa-linear-backward"
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::linear_bwd(s1, l1, s2, l2, s3, l3, self.bias)
     }
 
     fn cpu_fwd(

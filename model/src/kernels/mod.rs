@@ -12,7 +12,11 @@
 //! identical whatever the number of threads.
 //!
 //! Dtypes: f32 (the training dtype) and f64 (finite-difference tests); anything else is refused
-//! with [`ModelError::Unsupported`].
+//! with [`ModelError::Unsupported`], except bf16 on a CUDA device.
+//!
+//! With the `cuda` feature every op also has a `cuda_fwd` ([`cuda`]: one kernel launch per
+//! forward, flash-style attention, f32 and bf16 storage with fp32 math), so the model runs on a
+//! candle CUDA device unchanged; `vjepa gpu-check` ([`gpu_check`]) compares the two backends.
 
 mod adamw;
 mod attention;
@@ -22,6 +26,13 @@ mod linear;
 mod math;
 mod par;
 mod reduce;
+
+/// CUDA implementations of the ops (PTX built by `build.rs`).
+#[cfg(feature = "cuda")]
+pub mod cuda;
+/// CPU-vs-GPU correctness rows and GPU timings behind `vjepa gpu-check`.
+#[cfg(feature = "cuda")]
+pub mod gpu_check;
 
 #[cfg(test)]
 mod bench;
@@ -47,8 +58,9 @@ use math::Elem;
 fn check_dtype(op: &str, t: &Tensor) -> Result<(), ModelError> {
     match t.dtype() {
         DType::F32 | DType::F64 => Ok(()),
+        DType::BF16 if t.device().is_cuda() => Ok(()),
         other => Err(ModelError::Unsupported(format!(
-            "{op}: dtype {other:?} (the kernels implement f32, and f64 for tests)"
+            "{op}: dtype {other:?} (the kernels implement f32, f64 for tests, bf16 on CUDA)"
         ))),
     }
 }

@@ -94,6 +94,15 @@ impl CustomOp1 for ColumnSum {
         "vjepa-column-sum"
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::column_sum(s, l)
+    }
+
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let name = self.name();
         let c = match l.dims().last() {
@@ -126,6 +135,15 @@ impl CustomOp1 for ColumnSum {
 impl CustomOp1 for SumSq {
     fn name(&self) -> &'static str {
         "vjepa-sum-sq"
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::sum_sq(s, l)
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
