@@ -96,9 +96,7 @@ pub fn ema_update(target: &Tensor, online: &Tensor, momentum: f64) -> Result<(),
 }
 
 multiversion! {
-    fn moments<T: Elem>(m: &mut [T], v: &mut [T], g: &[T], b1: T, b2: T) {
-        let w1 = T::ONE - b1;
-        let w2 = T::ONE - b2;
+    fn moments<T: Elem>(m: &mut [T], v: &mut [T], g: &[T], w1: T, b2: T, w2: T) {
         for ((m, v), &g) in m.iter_mut().zip(v.iter_mut()).zip(g) {
             *m = *m + w1 * (g - *m);
             *v = *v * b2 + w2 * (g * g);
@@ -183,9 +181,18 @@ impl InplaceOp2 for AdamMoments {
             let state = contiguous_mut::<T>(name, s1, l1)?;
             check_len(name, state.len(), g.len(), 2)?;
             let (m, v) = state.split_at_mut(g.len());
-            let (b1, b2) = (T::from_f64(op.beta1), T::from_f64(op.beta2));
+            // 1 − β in f64 like torch (its Python floats): 1 − 0.999 taken in f32 is off by 1.3e-5.
+            let w1 = T::from_f64(1.0 - op.beta1);
+            let (b2, w2) = (T::from_f64(op.beta2), T::from_f64(1.0 - op.beta2));
             par::chunks2_mut(m, v, FLAT_CHUNK, |i, m, v| {
-                moments(m, v, &g[i * FLAT_CHUNK..i * FLAT_CHUNK + m.len()], b1, b2)
+                moments(
+                    m,
+                    v,
+                    &g[i * FLAT_CHUNK..i * FLAT_CHUNK + m.len()],
+                    w1,
+                    b2,
+                    w2,
+                )
             });
             Ok(())
         }

@@ -801,9 +801,19 @@ fn check_optimizer(
     }
     let (mut e_ops, mut e_fused, mut e_multi) = (0f64, 0f64, 0f64);
     for (i, (p, st)) in cpu.iter().enumerate() {
+        // m and v compared separately (v is ~1e-4 of m's scale).
         let (m, v) = (st.get(0)?, st.get(1)?);
-        e_ops = e_ops.max(worst(&[(&ops[i].0, p), (&ops[i].1, st)])?);
-        e_fused = e_fused.max(worst(&[(&fused[i].0, p), (&fused[i].1, st)])?);
+        let (so, sf) = (&ops[i].1, &fused[i].1);
+        e_ops = e_ops.max(worst(&[
+            (&ops[i].0, p),
+            (&so.get(0)?, &m),
+            (&so.get(1)?, &v),
+        ])?);
+        e_fused = e_fused.max(worst(&[
+            (&fused[i].0, p),
+            (&sf.get(0)?, &m),
+            (&sf.get(1)?, &v),
+        ])?);
         let (pm, mm, vm) = &multi[i];
         e_multi = e_multi.max(worst(&[(pm, p), (mm, &m), (vm, &v)])?);
     }
