@@ -19,7 +19,7 @@ With `--official-repo PATH` (a git dir of facebookresearch/jepa) it also checks 
 tables equal the reference's `get_3d_sincos_pos_embed` / `get_2d_sincos_pos_embed` (read from
 the repo at run time, not copied).
 
-Run: /work/.torch-venv/bin/python tools/pos_interp_golden.py [--official-repo DIR]
+Run: "$(ops/torch-venv.sh)" tools/pos_interp_golden.py [--official-repo DIR]
 """
 
 import argparse
