@@ -25,6 +25,11 @@ const TRUNCATION_FRACTION: f64 = 0.10;
 /// See [`TRUNCATION_FRACTION`].
 const TRUNCATION_MIN_FRAMES: u64 = 2;
 
+/// A seek aims this many frames before the wanted one: demuxers snap to key frames by decode
+/// time, which runs ahead of presentation time by the B-frame reorder depth (usually ≤ 3).
+/// If a seek still lands past the frame, it is retried from 8× further back.
+const SEEK_MARGIN_FRAMES: f64 = 4.0;
+
 /// How long the pipeline may sit with no running streaming thread (and no frame, EOS or
 /// error) before it is declared dead; see [`Waiter::next_sample`].
 const DEAD_GRACE: Duration = Duration::from_millis(300);
@@ -656,39 +661,51 @@ impl Decoder {
         order.sort_by_key(|&t| indices[t]);
         let mut next = 0usize;
         let mut current = Some(first);
-        let mut last: Option<(gst::Sample, u64)> = None;
+        let mut last: Option<(gst::Buffer, u64)> = None;
         let mut last_caps: Option<gst::Caps> = None;
         // Frame number of the next decoded frame when counting; `None` after a seek (then
         // numbers come from timestamps).
         let mut counter: Option<u64> = Some(0);
-        let mut seeked_to: Option<u64> = None;
+        // The last seek: the frame it is for, how far before it it aimed (frames), and whether
+        // a frame at or before the target has come out since.
+        let mut seek: Option<(u64, f64, bool)> = None;
+        let mut seek_failed = false;
         let mut max_number = 0u64;
+        let seek_to = |target: u64, margin: f64, stats: &mut DecodeStats| -> bool {
+            let (Some(pts0), Some(frame_ns)) = (pts0, frame_ns) else {
+                return false;
+            };
+            let at = pts0.nseconds() as f64 + (target as f64 - margin).max(0.0) * frame_ns;
+            let flags =
+                gst::SeekFlags::FLUSH | gst::SeekFlags::KEY_UNIT | gst::SeekFlags::SNAP_BEFORE;
+            match pipeline.seek_simple(flags, gst::ClockTime::from_nseconds(at as u64)) {
+                Ok(()) => {
+                    stats.seeks += 1;
+                    tracing::trace!(target, margin, at_ns = at, "seeked");
+                    true
+                }
+                Err(e) => {
+                    tracing::debug!(target, error = %e, "seek refused; decoding through");
+                    false
+                }
+            }
+        };
 
         // Phase 2: go through the stream (seeking over big gaps), deliver the planned frames.
         while next < order.len() {
             let target = indices[order[next]];
             let position = counter.unwrap_or(max_number + 1);
             if can_seek
+                && !seek_failed
                 && current.is_none()
                 && target >= position.saturating_add(self.opts.seek_min_frames)
-                && seeked_to.is_none_or(|s| target > s)
-                && let (Some(pts0), Some(frame_ns)) = (pts0, frame_ns)
             {
-                // Aim half a frame early so rounding cannot land past the wanted frame.
-                let at = pts0.nseconds() as f64 + (target as f64 - 0.5).max(0.0) * frame_ns;
-                let flags =
-                    gst::SeekFlags::FLUSH | gst::SeekFlags::KEY_UNIT | gst::SeekFlags::SNAP_BEFORE;
-                match pipeline.seek_simple(flags, gst::ClockTime::from_nseconds(at as u64)) {
-                    Ok(()) => {
-                        stats.seeks += 1;
-                        seeked_to = Some(target);
-                        counter = None;
-                        tracing::trace!(target, at_ns = at, "seeked");
-                    }
-                    Err(e) => {
-                        tracing::debug!(target, error = %e, "seek refused; decoding through");
-                        seeked_to = Some(u64::MAX);
-                    }
+                if seek_to(target, SEEK_MARGIN_FRAMES, stats) {
+                    seek = Some((target, SEEK_MARGIN_FRAMES, false));
+                    counter = None;
+                    last = None;
+                } else {
+                    seek_failed = true;
                 }
             }
             let sample = match current.take() {
@@ -729,8 +746,23 @@ impl Decoder {
                     _ => max_number + 1,
                 },
             };
-            if seeked_to.is_some() && counter.is_none() && number > target && last.is_none() {
-                tracing::debug!(target, number, "seek landed past the wanted frame");
+            if let Some((seek_target, margin, false)) = seek {
+                if number <= seek_target {
+                    seek = Some((seek_target, margin, true));
+                } else if margin < seek_target as f64 && !seek_failed {
+                    // Landed past the wanted frame: demuxers snap by decode time, which runs
+                    // ahead of presentation time with B-frames. Aim further back and retry.
+                    let wider = margin * 8.0;
+                    tracing::debug!(seek_target, number, wider, "seek landed past the frame");
+                    if seek_to(seek_target, wider, stats) {
+                        seek = Some((seek_target, wider, false));
+                        continue;
+                    }
+                    seek_failed = true;
+                } else {
+                    tracing::debug!(seek_target, number, "seek landed past the frame at 0");
+                    seek = Some((seek_target, margin, true));
+                }
             }
             max_number = max_number.max(number);
             let mut delivered: Option<usize> = None;
@@ -739,13 +771,15 @@ impl Decoder {
                 match delivered {
                     Some(from) => sink.repeat(from, t)?,
                     None => {
-                        with_frame(&sample, &frame_info, |f| sink.frame(t, f))?;
+                        with_frame(sample.buffer(), &frame_info, |f| sink.frame(t, f))?;
                         delivered = Some(t);
                     }
                 }
                 next += 1;
             }
-            last = Some((sample, number));
+            // Keep the buffer, not the sample: appsink reuses its sample object.
+            last = sample.buffer_owned().map(|b| (b, number));
+            drop(sample);
         }
         stats.frames_decoded = progress.decoded;
 
@@ -781,7 +815,7 @@ impl Decoder {
                 match filled_from {
                     Some(from) => sink.repeat(from, t)?,
                     None => {
-                        with_frame(&last, &frame_info, |f| sink.frame(t, f))?;
+                        with_frame(Some(&last), &frame_info, |f| sink.frame(t, f))?;
                         filled_from = Some(t);
                     }
                 }
@@ -837,14 +871,13 @@ impl Decoder {
     }
 }
 
-/// Maps a decoded I420 sample and hands it to `f` as a [`YuvFrame`].
+/// Maps a decoded I420 buffer and hands it to `f` as a [`YuvFrame`].
 fn with_frame(
-    sample: &gst::Sample,
+    buffer: Option<&gst::BufferRef>,
     info: &gst_video::VideoInfo,
     f: impl FnOnce(&YuvFrame<'_>) -> Result<(), IngestError>,
 ) -> Result<(), IngestError> {
-    let buffer = sample
-        .buffer()
+    let buffer = buffer
         .ok_or_else(|| quarantine(QuarantineReason::DecodeError, "sample without a buffer"))?;
     let frame = gst_video::VideoFrameRef::from_buffer_ref_readable(buffer, info).map_err(|e| {
         quarantine(

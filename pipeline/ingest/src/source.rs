@@ -72,16 +72,25 @@ pub struct ObjectSource {
 pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl ObjectSource {
-    /// Opens `path` (one HEAD request for its size). A missing or unreadable object is
-    /// [`QuarantineReason::FetchError`].
+    /// Opens `path` (one HEAD request for its size, bounded by [`DEFAULT_READ_TIMEOUT`]). A
+    /// missing or unreadable object is [`QuarantineReason::FetchError`].
     pub fn open(
         store: Arc<dyn ObjectStore>,
         path: Path,
         runtime: Handle,
     ) -> Result<Arc<Self>, IngestError> {
-        let meta = runtime.block_on(store.head(&path)).map_err(|e| {
-            IngestError::quarantine(QuarantineReason::FetchError, format!("HEAD {path}: {e}"))
-        })?;
+        let head = store.head(&path);
+        let meta = runtime
+            .block_on(async { tokio::time::timeout(DEFAULT_READ_TIMEOUT, head).await })
+            .map_err(|_| {
+                IngestError::quarantine(
+                    QuarantineReason::FetchError,
+                    format!("HEAD {path} took longer than {DEFAULT_READ_TIMEOUT:?}"),
+                )
+            })?
+            .map_err(|e| {
+                IngestError::quarantine(QuarantineReason::FetchError, format!("HEAD {path}: {e}"))
+            })?;
         Ok(Self::with_size(store, path, meta.size, runtime))
     }
 
