@@ -349,3 +349,42 @@ fn run_to_eos(pipeline: &gst::Pipeline) -> Result<(), String> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    #[test]
+    fn every_lists_each_variant_once_with_the_quickstart_ones_first() {
+        assert_eq!(
+            SampleCodec::EVERY[..SampleCodec::ALL.len()],
+            SampleCodec::ALL
+        );
+        let names: HashSet<&str> = SampleCodec::EVERY.iter().map(|c| c.as_str()).collect();
+        assert_eq!(
+            names.len(),
+            SampleCodec::EVERY.len(),
+            "file-name tags collide"
+        );
+        let variants: HashSet<SampleCodec> = SampleCodec::EVERY.into_iter().collect();
+        assert_eq!(variants.len(), SampleCodec::EVERY.len());
+    }
+
+    #[test]
+    fn quickstart_corpus_keeps_its_names() {
+        let names: Vec<String> = default_sample_specs(4)
+            .iter()
+            .map(SampleSpec::file_name)
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "sample-0000-h264-320x240-100f-30fps.mp4",
+                "sample-0001-vp9-160x120-40f-25fps.webm",
+                "sample-0002-h264fs-256x192-150f-24fps.mp4",
+                "sample-0003-h264-192x144-72f-15fps.mp4",
+            ]
+        );
+    }
+}
