@@ -28,6 +28,8 @@ use std::time::Instant;
 use common::{read, vjepa_indices};
 use vjepa_ingest::{Decoder, DecoderOptions, SampleCodec, SampleSpec, VideoInfo, make_sample};
 use vjepa_operators::transform::{self, CropBox, MEAN, STD, TransformParams};
+use vjepa_storage::Store;
+use vjepa_storage::testing::S3Server;
 
 /// The acceptance threshold, per frame.
 const MIN_PSNR_DB: f64 = 40.0;
@@ -482,6 +484,58 @@ fn every_codec_matches_ffmpeg_from_local_bytes() {
     }
     for codec in SampleCodec::EVERY {
         assert!(seen.contains(codec.as_str()), "{codec:?} not covered");
+    }
+    println!("total {:.1} s", t.elapsed().as_secs_f64());
+}
+
+#[test]
+fn every_codec_matches_ffmpeg_from_s3() {
+    let test = "every_codec_matches_ffmpeg_from_s3";
+    let Some(server) = S3Server::start_or_skip(test).expect("start s3s-fs") else {
+        return;
+    };
+    let t = Instant::now();
+    let (_, cases) = cases();
+    // A bucket is a directory of s3s-fs: put the samples there directly.
+    let bucket = server.create_bucket("videos").expect("bucket");
+    for case in cases {
+        let name = case.spec.file_name();
+        std::fs::copy(&case.path, bucket.join(&name)).expect("copy into the bucket");
+    }
+    let store = Store::open_with_credentials(
+        "s3://videos/",
+        &server.settings(),
+        &server.access_key,
+        &server.secret_key,
+    )
+    .expect("S3 store");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let mut dec = Decoder::new(DecoderOptions::default()).expect("decoder");
+    let mut decode = |case: &Case, win: &[u64]| {
+        let name = case.spec.file_name();
+        let data = rt
+            .block_on(store.get(&name))
+            .unwrap_or_else(|e| panic!("GET {name}: {e}"));
+        let wanted = win.to_vec();
+        dec.decode_clip(data, &mut |_: &VideoInfo| wanted.clone())
+            .unwrap_or_else(|e| panic!("{name}: decoding {win:?} from S3: {e}"))
+    };
+    for case in cases {
+        let t = Instant::now();
+        let m = check_case(case, &mut decode);
+        println!(
+            "s3    {:<34} {:>3} frames: min PSNR {:.2} dB native, {:.2} dB after resize to \
+             {CROP_SIZE} ({:.2} s)",
+            case.spec.file_name(),
+            m.frames,
+            m.native_min_db,
+            m.resized_min_db,
+            t.elapsed().as_secs_f64()
+        );
     }
     println!("total {:.1} s", t.elapsed().as_secs_f64());
 }
