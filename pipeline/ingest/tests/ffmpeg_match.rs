@@ -9,7 +9,9 @@
 //! file to RGB in presentation order (frame `n` = ffmpeg's `n`-th output frame) with the colour
 //! matrix and range the stream is tagged with (read with ffprobe). Every frame must reach
 //! PSNR ≥ 40 dB over RGB u8, and again after the same crop + resize + flip
-//! (`vjepa_operators::transform::apply`, de-normalised back to 0..255).
+//! (`vjepa_operators::transform::apply`, de-normalised back to 0..255). The production path —
+//! the decoder filling a [`ClipTensor`] with the same crop, resize and flip, as the job's loader
+//! does — must reach 40 dB against `transform::apply` of ffmpeg's frames too.
 //!
 //! The test checks that it can fail: in every compared window, ffmpeg's frame `n + 1` must be
 //! below 40 dB against frame `n` (the content moves), so a decoder off by one frame is caught;
@@ -18,8 +20,8 @@
 //! `every_codec_matches_ffmpeg_from_s3` repeats the check through [`ObjectSource`] (ranged GETs)
 //! against a real `s3s-fs` (skipped when it is not on PATH, unless `VJEPA_REQUIRE_S3=1`) and
 //! requires a late window of the 2.6 MB 640×360 file to read less than the whole object.
-//! Ignored tests keep known failures checkable (`-- --ignored`): key-frame seeks to the frame
-//! before a key frame in MP4, and the clip tensor on saturated colours.
+//! Ignored tests keep a known failure checkable (`-- --ignored`): a key-frame seek to the frame
+//! just before a key frame in MP4 returns the key frame.
 //!
 //! ffmpeg/ffprobe come from `ops/setup.sh`; the test fails with that hint when they are missing.
 
@@ -399,21 +401,20 @@ struct Match {
 /// What a comparison runs.
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Mode {
-    /// `decode_clip` RGB frames with `DecoderOptions::default()` (seeks over gaps of 64+
-    /// frames), compared at native size and after the same `transform::apply`.
+    /// `DecoderOptions::default()` (seeks over gaps of 64+ frames): `decode_clip` RGB frames,
+    /// compared at native size and after the same `transform::apply`, and the production path
+    /// (the decoder filling a [`ClipTensor`]: crop + resize + colour conversion in one pass, as
+    /// the job's loader does) compared with `transform::apply` of ffmpeg's RGB frames.
     Default,
-    /// The same with a decoder that seeks over any gap of 8+ frames, so windows inside the
-    /// 120-frame samples (after frame 29, around key frames) are reached by a key-frame seek.
+    /// RGB frames only, from a decoder that seeks over any gap of 8+ frames, so windows inside
+    /// the 120-frame samples (after frame 29, around key frames) are reached by a key-frame seek.
     EagerSeek,
-    /// The production path: the default decoder filling a [`ClipTensor`] (crop + resize before
-    /// colour conversion), compared with `transform::apply` of ffmpeg's RGB frames.
-    Tensor,
 }
 
 impl Mode {
     fn decoder(self) -> Decoder {
         let opts = match self {
-            Mode::Default | Mode::Tensor => DecoderOptions::default(),
+            Mode::Default => DecoderOptions::default(),
             Mode::EagerSeek => DecoderOptions {
                 seek_min_frames: 8,
                 ..DecoderOptions::default()
@@ -583,19 +584,6 @@ fn check_case(
             ));
         }
         let ours = resized_frames(&clip.frames, win.len(), h, w, &params);
-        if mode == Mode::Tensor {
-            tensor_check(
-                &what,
-                win,
-                &mut m,
-                dec,
-                &source,
-                geometry,
-                &ours,
-                &theirs_resized,
-            );
-            continue;
-        }
         let mut bad_window = false;
         for (t, &i) in win.iter().enumerate() {
             let frame = clip.frame(t).expect("decoded frame");
@@ -621,6 +609,18 @@ fn check_case(
                 ));
             }
         }
+        if mode == Mode::Default {
+            tensor_check(
+                &what,
+                win,
+                &mut m,
+                dec,
+                &source,
+                geometry,
+                &ours,
+                &theirs_resized,
+            );
+        }
     }
     if mode == Mode::EagerSeek && m.seeks == 0 {
         m.failures.push(format!(
@@ -630,7 +630,7 @@ fn check_case(
     m
 }
 
-/// [`Mode::Tensor`] on one window: the clip tensor vs `transform::apply` of ffmpeg's frames
+/// The clip-tensor part of [`Mode::Default`] on one window: the clip tensor vs `transform::apply` of ffmpeg's frames
 /// (`ours`: `transform::apply` of our own RGB frames, to tell decode problems from
 /// resize-order ones).
 #[allow(clippy::too_many_arguments)]
@@ -776,15 +776,6 @@ fn every_codec_matches_ffmpeg_when_seeking_to_every_window() {
 fn window_starting_just_before_a_key_frame_matches_ffmpeg() {
     let failures = run_local(Mode::Default, &|c| c.edge_windows.clone());
     assert_no_failures(&failures);
-}
-
-/// Known failure, kept so the fix can be checked: the clip tensor (crop + resize before colour
-/// conversion) differs from convert-then-resize (spec order) where colours are out of the RGB
-/// gamut before clamping (the saturated `colors` pattern: 27–31 dB).
-#[test]
-#[ignore = "clip tensor: resize-before-convert differs from the spec order on saturated colours"]
-fn clip_tensor_matches_ffmpeg_then_transform() {
-    assert_no_failures(&run_local(Mode::Tensor, &|c| c.windows.clone()));
 }
 
 #[test]
