@@ -480,12 +480,12 @@ fn build(dir: &Path) -> Vec<Case> {
     let hevc10 = gst(
         dir,
         "hevc-main10.mp4",
-        "videotestsrc num-buffers=24 pattern=ball ! \
+        "videotestsrc num-buffers=24 pattern=smpte horizontal-speed=3 ! \
          video/x-raw,format=I420_10LE,width=160,height=120,framerate=30/1 ! \
          x265enc speed-preset=ultrafast ! h265parse ! mp4mux",
     );
     add(Case::new(
-        "10-bit H.265 (Main10) in MP4",
+        "10-bit H.265 (Main10) in MP4, saturated SMPTE bars",
         hevc10.clone(),
         Pick::Spec,
         Expect::Decodes(valid(160, 120, 24, &hevc10)),
@@ -493,12 +493,12 @@ fn build(dir: &Path) -> Vec<Case> {
     let vp9p2 = gst(
         dir,
         "vp9-profile2.webm",
-        "videotestsrc num-buffers=40 pattern=ball ! \
+        "videotestsrc num-buffers=40 pattern=smpte horizontal-speed=3 ! \
          video/x-raw,format=I420_10LE,width=160,height=120,framerate=30/1 ! \
          vp9enc deadline=1 cpu-used=8 ! webmmux",
     );
     add(Case::new(
-        "10-bit VP9 (profile 2) in WebM",
+        "10-bit VP9 (profile 2) in WebM, saturated SMPTE bars",
         vp9p2.clone(),
         Pick::Spec,
         Expect::Decodes(valid(160, 120, 40, &vp9p2)),
@@ -531,7 +531,7 @@ fn build(dir: &Path) -> Vec<Case> {
             ..valid(160, 120, VFR_FRAMES, &vfr)
         }),
     ));
-    let no_cues = make_mkv_without_cues(dir);
+    let no_cues = make_mkv_without_cues(dir, 80);
     add(Case::new(
         "Matroska without cues or duration, frames by number",
         no_cues.clone(),
@@ -653,6 +653,86 @@ fn build(dir: &Path) -> Vec<Case> {
         Pick::Spec,
         Expect::Decodes(valid(64, 48, 12, &av1)),
     ));
+
+    // --- Long enough to seek: a window at least `seek_min_frames` (64) past frame 0 makes the
+    // decoder seek to the key frame before it and number frames from timestamps.
+    let late = Pick::Fixed(window_indices(150, 214, 16));
+    let elst_long = dir.join("ffmpeg-bframes-elst-240.mp4");
+    ffmpeg(&[
+        "-f",
+        "lavfi",
+        "-i",
+        "testsrc2=size=160x120:rate=30",
+        "-frames:v",
+        "240",
+        "-c:v",
+        "libx264",
+        "-preset",
+        "superfast",
+        "-bf",
+        "3",
+        "-g",
+        "30",
+        elst_long.to_str().expect("utf-8"),
+    ]);
+    add(Case::new(
+        "ffmpeg MP4 with B-frames and an edit list, late window (seek)",
+        elst_long.clone(),
+        late.clone(),
+        Expect::Decodes(valid(160, 120, 240, &elst_long)),
+    ));
+    let frag_long = gst(
+        dir,
+        "fragmented-240.mp4",
+        "videotestsrc num-buffers=240 pattern=ball ! \
+         video/x-raw,format=I420,width=160,height=120,framerate=25/1 ! \
+         x264enc bframes=2 key-int-max=25 ! h264parse ! mp4mux fragment-duration=1000",
+    );
+    add(Case::new(
+        "fragmented MP4, late window (seek)",
+        frag_long.clone(),
+        late.clone(),
+        Expect::Decodes(valid(160, 120, 240, &frag_long)),
+    ));
+    let no_cues_long = make_mkv_without_cues(dir, 240);
+    add(Case::new(
+        "Matroska without cues or duration, late window",
+        no_cues_long.clone(),
+        late.clone(),
+        Expect::Decodes(Valid {
+            announced: None,
+            ..valid(160, 120, 240, &no_cues_long)
+        }),
+    ));
+    let raw_long = gst(
+        dir,
+        "raw-h264-240.h264",
+        "videotestsrc num-buffers=240 pattern=ball ! \
+         video/x-raw,format=I420,width=160,height=120,framerate=30/1 ! \
+         x264enc bframes=2 key-int-max=30 ! h264parse ! video/x-h264,stream-format=byte-stream",
+    );
+    add(Case::new(
+        "raw H.264 elementary stream, late window",
+        raw_long.clone(),
+        late.clone(),
+        Expect::Decodes(Valid {
+            announced: Some(0),
+            ..valid(160, 120, 240, &raw_long)
+        }),
+    ));
+    let webm_long = gst(
+        dir,
+        "vp9-240-named.mp4",
+        "videotestsrc num-buffers=240 pattern=ball ! \
+         video/x-raw,format=I420,width=160,height=120,framerate=25/1 ! \
+         vp9enc deadline=1 cpu-used=8 keyframe-max-dist=25 ! webmmux",
+    );
+    add(Case::new(
+        "WebM named .mp4, late window (seek)",
+        webm_long.clone(),
+        late,
+        Expect::Decodes(valid(160, 120, 240, &webm_long)),
+    ));
     cases
 }
 
@@ -682,13 +762,16 @@ fn make_vfr(dir: &Path) -> PathBuf {
     path
 }
 
-/// 80 frames of H.264 in Matroska written as a live stream: no Cues, no SeekHead, no Duration.
-fn make_mkv_without_cues(dir: &Path) -> PathBuf {
-    let path = dir.join("no-cues.mkv");
+/// `frames` frames of H.264 (a key frame every second) in Matroska written as a live stream:
+/// no Cues, no SeekHead, no Duration.
+fn make_mkv_without_cues(dir: &Path, frames: u32) -> PathBuf {
+    let path = dir.join(format!("no-cues-{frames}.mkv"));
     launch_to_file(
-        "videotestsrc num-buffers=80 pattern=ball ! \
-         video/x-raw,format=I420,width=160,height=120,framerate=25/1 ! x264enc ! h264parse ! \
-         matroskamux streamable=true",
+        &format!(
+            "videotestsrc num-buffers={frames} pattern=ball ! \
+             video/x-raw,format=I420,width=160,height=120,framerate=25/1 ! \
+             x264enc key-int-max=25 ! h264parse ! matroskamux streamable=true"
+        ),
         &path,
     );
     let bytes = read(&path);
@@ -697,7 +780,9 @@ fn make_mkv_without_cues(dir: &Path) -> PathBuf {
         !contains(&bytes, &[0x11, 0x4d, 0x9b, 0x74]),
         "SeekHead written"
     );
-    assert!(!contains(&bytes, &[0x44, 0x89]), "Duration written");
+    // Duration (2-byte ID) would be in the Info element, before the first Cluster.
+    let header = &bytes[..first_cluster(&bytes)];
+    assert!(!contains(header, &[0x44, 0x89]), "Duration written");
     path
 }
 
@@ -797,8 +882,14 @@ fn check_valid(clip: &DecodedClip, want: &Valid, pick: &Pick, case: usize) -> Ve
         let ours = clip.frame(t).expect("frame in range");
         let p = psnr(ours, &reference[n as usize]);
         if p < MIN_PSNR {
+            let (best, best_p) = reference
+                .iter()
+                .enumerate()
+                .map(|(m, r)| (m, psnr(ours, r)))
+                .fold((0, f64::MIN), |a, b| if b.1 > a.1 { b } else { a });
             bad.push(format!(
-                "frame {n} (position {t}): PSNR {p:.1} dB vs ffmpeg"
+                "frame {n} (position {t}): PSNR {p:.1} dB vs ffmpeg's frame {n}; best match is \
+                 ffmpeg's frame {best} ({best_p:.1} dB)"
             ));
             continue;
         }
@@ -981,40 +1072,6 @@ fn webm_cut_before_its_first_frame_is_truncated() {
     }
 }
 
-/// 10-bit video with saturated colours (SMPTE bars: 4:2:0 chroma at the 10-bit limits)
-/// converts to RGB like ffmpeg. Today: 26 dB — videoconvert's direct I420_10LE → RGB path
-/// gets out-of-range pixels wrong (a blue bar pixel YUV10 (167, 960, 438): ours
-/// (15, 15, 142), ffmpeg (0, 1, 254), exact BT.601 (0, 1, 256)); the same frames converted
-/// 10-bit → I420 → RGB do not show it, nor do 8-bit encodes of the same pattern (45 dB).
-#[test]
-#[ignore = "decoder: 10-bit saturated colours are wrong after videoconvert (26 dB vs ffmpeg)"]
-fn ten_bit_saturated_colours_match_ffmpeg() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let dir = tmp.path();
-    let hevc = gst(
-        dir,
-        "hevc10-smpte.mp4",
-        "videotestsrc num-buffers=10 pattern=smpte ! \
-         video/x-raw,format=I420_10LE,width=160,height=120,framerate=30/1 ! \
-         x265enc speed-preset=ultrafast ! h265parse ! mp4mux",
-    );
-    let vp9 = gst(
-        dir,
-        "vp9p2-smpte.webm",
-        "videotestsrc num-buffers=10 pattern=smpte ! \
-         video/x-raw,format=I420_10LE,width=160,height=120,framerate=30/1 ! \
-         vp9enc deadline=1 cpu-used=8 ! webmmux",
-    );
-    let mut bad = Vec::new();
-    for path in [&hevc, &vp9] {
-        let want = valid(160, 120, 10, path);
-        for p in problems_with(path, &Pick::Fixed(vec![0, 5, 9]), &want, 0) {
-            bad.push(format!("{}: {p}", path.display()));
-        }
-    }
-    assert!(bad.is_empty(), "{}", bad.join("\n"));
-}
-
 /// An MP4 whose `mvhd`/`tkhd`/`mdhd` durations are 0 (sample tables intact) still has its
 /// frames numbered from the first one. Today: frame `n` is the file's frame `n + 2` (the two
 /// frames before the B-frame edit-list offset are lost), so every index is off by two; the
@@ -1059,13 +1116,13 @@ fn vfr_mp4_announces_its_real_frame_count() {
 
 /// Matroska written as a live stream (no Cues, no Duration) announces its real frame count
 /// (or 0 for unknown, never a guess). Today: a duration estimated from the bytes read so far
-/// (10–14 frames for 80), so the spec's short-video branch samples the first 14 frames and
-/// pads, silently.
+/// (10, 14 or 75 frames for 80, depending on the muxer and GOP), so the spec's rule samples
+/// the wrong span (with 10: the short-video branch over the first 10 frames, padded), silently.
 #[test]
-#[ignore = "decoder: Matroska without duration announces a guess (10-14 frames for 80)"]
+#[ignore = "decoder: Matroska without duration announces a guess (10, 14 or 75 frames for 80)"]
 fn mkv_without_duration_announces_its_real_frame_count() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let mkv = make_mkv_without_cues(tmp.path());
+    let mkv = make_mkv_without_cues(tmp.path(), 80);
     let want = Valid {
         announced: Some(80),
         ..valid(160, 120, 80, &mkv)
@@ -1092,5 +1149,22 @@ fn audio_longer_than_video_is_not_truncated() {
     );
     let want = valid(160, 120, 60, &av);
     let bad = problems_with(&av, &Pick::Spec, &want, 0);
+    assert!(bad.is_empty(), "{}", bad.join("\n"));
+}
+
+/// Frames of a variable-frame-rate video are numbered in presentation order after a seek too.
+/// Today: a window at least `seek_min_frames` in makes the decoder seek by time at the caps
+/// rate (30 fps), which in this file (30 frames at 30 fps, then 10 fps) lands on other frames:
+/// every frame of the clip is a different one than asked, silently.
+#[test]
+#[ignore = "decoder: after a seek, VFR frames are numbered from timestamps (asked 70..89, got 44..50)"]
+fn vfr_late_window_after_a_seek_gives_the_asked_frames() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let vfr = make_vfr(tmp.path());
+    let want = Valid {
+        announced: None,
+        ..valid(160, 120, VFR_FRAMES, &vfr)
+    };
+    let bad = problems_with(&vfr, &Pick::Fixed(vec![70, 75, 80, 89]), &want, 0);
     assert!(bad.is_empty(), "{}", bad.join("\n"));
 }

@@ -36,7 +36,10 @@ fn seek_to_window_equals_sequential_decode() {
     })
     .expect("decoder");
     // Spec §1 spacing: 16 frames over a 64-frame window late in the file, plus a repeat.
-    let late: Vec<u64> = (0..16).map(|i| 170 + (i * 64) / 15).map(|x| x.min(233)).collect();
+    let late: Vec<u64> = (0..16)
+        .map(|i| 170 + (i * 64) / 15)
+        .map(|x| x.min(233))
+        .collect();
     for (name, codec) in [
         ("h264", SampleCodec::H264Mp4),
         ("h264fs", SampleCodec::H264Mp4Faststart),
@@ -45,10 +48,7 @@ fn seek_to_window_equals_sequential_decode() {
         let data = sample(dir.path(), name, codec);
         let a = decode(&mut seeking, &data, &late);
         let b = decode(&mut sequential, &data, &late);
-        println!(
-            "{name}: seek {:?} vs sequential {:?}",
-            a.stats, b.stats
-        );
+        println!("{name}: seek {:?} vs sequential {:?}", a.stats, b.stats);
         assert_eq!(a.stats.seeks, 1, "{name}: expected one seek");
         assert_eq!(b.stats.seeks, 0);
         assert!(
@@ -68,7 +68,11 @@ fn seek_to_window_equals_sequential_decode() {
         // Neighbouring frames differ (the ball moves), so equality above checks numbering.
         assert_ne!(a.frame(0), a.frame(1));
         // Frame 0 plus a late window: the seek happens mid-clip.
-        let mixed: Vec<u64> = [0u64, 1].iter().copied().chain(late.iter().copied()).collect();
+        let mixed: Vec<u64> = [0u64, 1]
+            .iter()
+            .copied()
+            .chain(late.iter().copied())
+            .collect();
         let c = decode(&mut seeking, &data, &mixed);
         assert_eq!(c.stats.seeks, 1);
         for t in 0..late.len() {
