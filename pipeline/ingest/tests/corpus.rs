@@ -26,13 +26,16 @@ mod media;
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use common::{corpus, launch_to_file, read};
 use media::*;
+use object_store::ObjectStore;
+use object_store::local::LocalFileSystem;
 use vjepa_ingest::{
-    DecodedClip, Decoder, DecoderOptions, IngestError, QuarantineReason, VideoInfo,
+    ByteSource, DecodedClip, Decoder, DecoderOptions, IngestError, ObjectSource, QuarantineReason,
+    VideoInfo,
 };
 use vjepa_operators::sampling::{ClipSampling, pretrain_indices, window_indices};
 use vjepa_operators::seeding::{Stream, rng_for};
@@ -808,7 +811,7 @@ fn new_decoder(which: Which) -> Decoder {
 /// One decode, timed; a panic inside the decoder is reported as text.
 fn decode(
     dec: &mut Decoder,
-    data: Bytes,
+    data: Arc<dyn ByteSource>,
     pick: &Pick,
     case: usize,
 ) -> (
@@ -819,7 +822,7 @@ fn decode(
     let mut seen = None;
     let t = Instant::now();
     let res = catch_unwind(AssertUnwindSafe(|| {
-        dec.decode_clip(data, &mut |info: &VideoInfo| {
+        dec.decode_clip_from(data, &mut |info: &VideoInfo| {
             seen = Some(info.clone());
             match pick {
                 Pick::Spec => spec_indices(info.num_frames, case),
@@ -931,17 +934,24 @@ fn expect_text(e: &Expect) -> String {
     }
 }
 
-#[test]
-fn bad_input_corpus() {
+/// How a corpus run reads a file: all bytes in memory, or ranged reads from an object store.
+type Open<'a> = &'a dyn Fn(&Path) -> Arc<dyn ByteSource>;
+
+fn in_memory(path: &Path) -> Arc<dyn ByteSource> {
+    Arc::new(read(path))
+}
+
+/// Makes every input, runs them all through one decoder (a good file after each) reading
+/// them with `open`, prints the table and fails listing every input that ended wrongly.
+fn run_corpus(label: &str, open: Open<'_>) {
     let started = Instant::now();
     let tmp = tempfile::tempdir().expect("tempdir");
     let cases = build(tmp.path());
     let made_in = started.elapsed();
 
-    let good = read(&corpus().mp4);
     let good_pick = Pick::Fixed(window_indices(36, 100, 16));
     let mut main = new_decoder(Which::Main);
-    let (first, _, _) = decode(&mut main, good.clone(), &good_pick, 0);
+    let (first, _, _) = decode(&mut main, open(&corpus().mp4), &good_pick, 0);
     let good_clip = first.expect("no panic").expect("the good file decodes");
 
     let decoding = Instant::now();
@@ -949,7 +959,7 @@ fn bad_input_corpus() {
     let mut rows = Vec::new();
     let mut slowest = Duration::ZERO;
     for (i, case) in cases.iter().enumerate() {
-        let data = read(&case.path);
+        let data = open(&case.path);
         let mut other;
         let dec = match case.which {
             Which::Main => &mut main,
@@ -989,7 +999,7 @@ fn bad_input_corpus() {
             }
         }
         // The run goes on: the shared decoder gives the good file's exact pixels again.
-        let (again, _, _) = decode(&mut main, good.clone(), &good_pick, 0);
+        let (again, _, _) = decode(&mut main, open(&corpus().mp4), &good_pick, 0);
         match &again {
             Ok(Ok(clip)) if clip.frames == good_clip.frames => {}
             other => problems.push(format!("good file afterwards: {}", outcome_text(other))),
@@ -1007,7 +1017,7 @@ fn bad_input_corpus() {
         }
     }
     let decoded_in = decoding.elapsed();
-    println!("| kind | expected | actual | time | |\n|---|---|---|---|---|");
+    println!("{label}:\n| kind | expected | actual | time | |\n|---|---|---|---|---|");
     for r in &rows {
         println!("{r}");
     }
@@ -1034,13 +1044,46 @@ fn bad_input_corpus() {
     );
 }
 
+/// The corpus with each object's bytes in memory.
+#[test]
+fn bad_input_corpus() {
+    run_corpus("in memory", &in_memory);
+}
+
+/// The corpus read the production way: ranged GETs with read-ahead from an object store (a
+/// local directory store; `storage`'s S3 tests cover the network). A missing object is
+/// `fetch_error` before any decoding.
+#[test]
+fn bad_input_corpus_from_an_object_store() {
+    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+    let store: Arc<dyn ObjectStore> = Arc::new(LocalFileSystem::new());
+    let handle = runtime.handle().clone();
+    let open = |path: &Path| -> Arc<dyn ByteSource> {
+        let key = object_store::path::Path::from_filesystem_path(path).expect("object path");
+        ObjectSource::open(Arc::clone(&store), key, handle.clone()).expect("object opens")
+    };
+    run_corpus("object store", &open);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let missing = object_store::path::Path::from_filesystem_path(tmp.path())
+        .expect("object path")
+        .join("missing.mp4");
+    match ObjectSource::open(Arc::clone(&store), missing, handle) {
+        Err(e) => assert_eq!(
+            e.quarantine_reason(),
+            Some(QuarantineReason::FetchError),
+            "{e}"
+        ),
+        Ok(_) => panic!("a missing object opened"),
+    }
+}
+
 // --- Inputs that end wrongly today. Each test states the right outcome; run them with
 // `cargo test --release -p vjepa-ingest --test corpus -- --ignored --nocapture`.
 
 /// Decodes a valid input with a fresh decoder; returns what is wrong with the result.
 fn problems_with(path: &Path, pick: &Pick, want: &Valid, case: usize) -> Vec<String> {
     let mut dec = new_decoder(Which::Main);
-    let (res, took, seen) = decode(&mut dec, read(path), pick, case);
+    let (res, took, seen) = decode(&mut dec, in_memory(path), pick, case);
     println!(
         "{}: {} in {took:?}, info {seen:?}",
         path.display(),
@@ -1061,7 +1104,7 @@ fn problems_with(path: &Path, pick: &Pick, want: &Valid, case: usize) -> Vec<Str
 fn webm_cut_before_its_first_frame_is_truncated() {
     let webm = read(&corpus().webm);
     let mut dec = new_decoder(Which::Main);
-    let (res, _, _) = decode(&mut dec, webm.slice(..1024), &Pick::Spec, 0);
+    let (res, _, _) = decode(&mut dec, Arc::new(webm.slice(..1024)), &Pick::Spec, 0);
     match res {
         Ok(Err(e)) => assert_eq!(
             e.quarantine_reason(),
