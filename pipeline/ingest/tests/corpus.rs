@@ -326,6 +326,22 @@ fn build(dir: &Path) -> Vec<Case> {
         quarantined(DecodeError),
     ));
     add(Case::new(
+        "MP4 announcing 1000x its real duration (mvhd/tkhd/mdhd)",
+        put(dir, "long-claim.mp4", &scale_durations(&mp4, 1000)),
+        Pick::Spec,
+        quarantined(Truncated),
+    ));
+    add(Case::new(
+        "MP4 index claiming 2^31-1 samples (stsz count)",
+        put(
+            dir,
+            "stsz-bomb.mp4",
+            &claim_samples(&mp4, b"stsz", i32::MAX as u32),
+        ),
+        Pick::Spec,
+        quarantined(DemuxError),
+    ));
+    add(Case::new(
         "MP4 without its moov index",
         put(dir, "no-moov.mp4", &rename_box(&mp4, b"moov", b"free")),
         Pick::Spec,
@@ -336,6 +352,16 @@ fn build(dir: &Path) -> Vec<Case> {
         put(dir, "codec-xyz1.mp4", &replace_once(&fs, b"avc1", b"xyz1")),
         Pick::Spec,
         quarantined(UnsupportedFormat),
+    ));
+    add(Case::new(
+        "MP4 time-to-sample run claiming 2^31-1 samples (stts), index otherwise intact",
+        put(
+            dir,
+            "stts-bomb.mp4",
+            &claim_samples(&mp4, b"stts", i32::MAX as u32),
+        ),
+        Pick::Spec,
+        Expect::Decodes(valid(320, 240, 100, &c.mp4)),
     ));
     let h264_mkv = gst(
         dir,

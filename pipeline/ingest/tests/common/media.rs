@@ -195,6 +195,12 @@ fn duration_field(data: &[u8], b: &BoxAt, track: bool) -> (usize, usize) {
 /// The MP4 with every announced duration (`mvhd`, `tkhd`, `mdhd`) set to 0; the sample
 /// tables (and so the frames) are untouched.
 pub fn zero_durations(data: &[u8]) -> Vec<u8> {
+    scale_durations(data, 0)
+}
+
+/// The MP4 with every announced duration (`mvhd`, `tkhd`, `mdhd`) multiplied by `factor`
+/// (saturating); the sample tables (and so the frames) are untouched.
+pub fn scale_durations(data: &[u8], factor: u64) -> Vec<u8> {
     let mut out = data.to_vec();
     let mut fields = Vec::new();
     for b in find_boxes(data, &[b"moov", b"mvhd"]) {
@@ -208,8 +214,31 @@ pub fn zero_durations(data: &[u8]) -> Vec<u8> {
     }
     assert!(fields.len() >= 3, "mvhd/tkhd/mdhd not found");
     for (at, width) in fields {
-        out[at..at + width].fill(0);
+        let field = &mut out[at..at + width];
+        if width == 4 {
+            let v = u64::from(be32(field, 0)).saturating_mul(factor);
+            let v = u32::try_from(v).unwrap_or(u32::MAX);
+            field.copy_from_slice(&v.to_be_bytes());
+        } else {
+            let v = u64::from_be_bytes(field[..8].try_into().expect("8 bytes"));
+            field.copy_from_slice(&v.saturating_mul(factor).to_be_bytes());
+        }
     }
+    out
+}
+
+/// The MP4 with the first video track's sample-table box `kind` (`stts` or `stsz`) claiming
+/// `count` samples in its first count field (the entries themselves are unchanged: an index
+/// that promises far more samples than the file holds).
+pub fn claim_samples(data: &[u8], kind: &[u8; 4], count: u32) -> Vec<u8> {
+    let b = find_boxes(data, &[b"moov", b"trak", b"mdia", b"minf", b"stbl", kind])
+        .into_iter()
+        .next()
+        .unwrap_or_else(|| panic!("no {}", String::from_utf8_lossy(kind)));
+    // Full box header (4), then stts: entry_count, sample_count…; stsz: sample_size, sample_count.
+    let at = b.body() + 8;
+    let mut out = data.to_vec();
+    out[at..at + 4].copy_from_slice(&count.to_be_bytes());
     out
 }
 
