@@ -2,14 +2,14 @@
 //! them: crop → bilinear resize → colour conversion → normalisation straight into a clip tensor
 //! ([`ClipTensor`]), or plain RGB at native resolution ([`YuvFrame::to_rgb`]).
 //!
-//! Scaling before colour conversion is what makes the ingest fast: the conversion (and every
-//! float operation) runs on the `S × S` output pixels only, never on the native frame. Bilinear
-//! resizing and the YUV→RGB matrix are both affine, so resize-then-convert equals
-//! convert-then-resize (the reference order, spec §1) up to the u8 rounding and clamping of the
-//! intermediate RGB frame. Chroma is upsampled by replication (each 4:2:0 chroma sample covers
-//! its 2×2 luma block), as ffmpeg's default YUV→RGB conversion does (and with it decord, the
-//! official loader): the resize reads chroma at `luma index / 2` with the luma weights, which is
-//! exactly bilinear resizing of the replicated-chroma RGB frame.
+//! Scaling before colour conversion is what makes the ingest fast: the colour conversion (and
+//! every float operation) runs only on the source pixels the `S × S` output reads (four per
+//! output pixel), never on the whole native frame. Each of them is converted exactly as the
+//! reference RGB24 frame holds it (clamped, rounded to u8) and then interpolated in torch's
+//! order, so the result equals the reference order (decode to RGB, then crop/resize, spec §1)
+//! up to float rounding. Chroma is upsampled by replication (each 4:2:0 chroma sample covers its
+//! 2×2 luma block), as ffmpeg's default YUV→RGB conversion does (and with it decord, the
+//! official loader).
 
 use crate::error::{IngestError, QuarantineReason};
 
@@ -75,6 +75,12 @@ struct Matrix {
 }
 
 impl Matrix {
+    /// RGB clamped and rounded to 0..255, as an RGB24 frame holds it.
+    #[inline(always)]
+    fn rgb_u8(&self, y: f32, u: f32, v: f32) -> [f32; 3] {
+        self.rgb(y, u, v).map(f32::round)
+    }
+
     #[inline(always)]
     fn rgb(&self, y: f32, u: f32, v: f32) -> [f32; 3] {
         let y = (y - self.y0) * self.ys;
@@ -319,7 +325,6 @@ impl ClipTensor {
         let t = self.frames;
         let [yp, up, vp] = frame.planes;
         let [ys, us, vs] = frame.strides;
-        let inv_std = g.std.map(|v| 1.0 / v);
         // Split the output into its three channel planes for this frame.
         let (r_all, rest) = self.data.split_at_mut(t * plane);
         let (g_all, b_all) = rest.split_at_mut(t * plane);
@@ -330,24 +335,27 @@ impl ClipTensor {
             &mut b_all[base..base + plane],
         );
         for (oy, row_taps) in t2.rows.iter().enumerate() {
-            let [(y0, y1, a0, a1), (c0, c1, e0, e1)] = *row_taps;
+            let [(y0, y1, a0, a1), (c0, c1, _, _)] = *row_taps;
             let (yr0, yr1) = (&yp[y0 * ys..], &yp[y1 * ys..]);
             let (ur0, ur1) = (&up[c0 * us..], &up[c1 * us..]);
             let (vr0, vr1) = (&vp[c0 * vs..], &vp[c1 * vs..]);
             let out = oy * s;
             for (ox, col_taps) in t2.cols.iter().enumerate() {
-                let [(x0, x1, b0, b1), (d0, d1, f0, f1)] = *col_taps;
-                // torch's order: rows of horizontally interpolated values.
-                let y = a0 * (b0 * f32::from(yr0[x0]) + b1 * f32::from(yr0[x1]))
-                    + a1 * (b0 * f32::from(yr1[x0]) + b1 * f32::from(yr1[x1]));
-                let u = e0 * (f0 * f32::from(ur0[d0]) + f1 * f32::from(ur0[d1]))
-                    + e1 * (f0 * f32::from(ur1[d0]) + f1 * f32::from(ur1[d1]));
-                let v = e0 * (f0 * f32::from(vr0[d0]) + f1 * f32::from(vr0[d1]))
-                    + e1 * (f0 * f32::from(vr1[d0]) + f1 * f32::from(vr1[d1]));
-                let [r, gg, b] = m.rgb(y, u, v);
-                ro[out + ox] = (r - g.mean[0]) * inv_std[0];
-                go[out + ox] = (gg - g.mean[1]) * inv_std[1];
-                bo[out + ox] = (b - g.mean[2]) * inv_std[2];
+                let [(x0, x1, b0, b1), (d0, d1, _, _)] = *col_taps;
+                // Each of the four source pixels as the reference sees it: RGB, clamped and
+                // rounded to u8; then torch's order: rows of horizontally interpolated values.
+                let px = |yr: &[u8], ur: &[u8], vr: &[u8], x: usize, d: usize| {
+                    m.rgb_u8(f32::from(yr[x]), f32::from(ur[d]), f32::from(vr[d]))
+                };
+                let p00 = px(yr0, ur0, vr0, x0, d0);
+                let p01 = px(yr0, ur0, vr0, x1, d1);
+                let p10 = px(yr1, ur1, vr1, x0, d0);
+                let p11 = px(yr1, ur1, vr1, x1, d1);
+                let v =
+                    |c: usize| a0 * (b0 * p00[c] + b1 * p01[c]) + a1 * (b0 * p10[c] + b1 * p11[c]);
+                ro[out + ox] = (v(0) - g.mean[0]) / g.std[0];
+                go[out + ox] = (v(1) - g.mean[1]) / g.std[1];
+                bo[out + ox] = (v(2) - g.mean[2]) / g.std[2];
             }
         }
         self.filled[slot] = true;

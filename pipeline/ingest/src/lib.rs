@@ -28,7 +28,7 @@ pub use decode::{DecodeStats, DecodedClip, Decoder, DecoderOptions, FrameSink, V
 pub use error::{IngestError, QuarantineReason};
 pub use frame::{ClipGeometry, ClipTensor, Colour, YuvFrame};
 pub use samples::{SampleCodec, SampleSpec, default_sample_specs, make_sample, make_samples};
-pub use source::{ByteSource, ObjectSource, ReadAhead, ReadAheadOptions};
+pub use source::{ByteSource, DEFAULT_READ_TIMEOUT, ObjectSource, ReadAhead, ReadAheadOptions};
 
 use gstreamer as gst;
 use std::sync::OnceLock;

@@ -12,6 +12,7 @@ use std::collections::VecDeque;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use object_store::path::Path;
@@ -64,7 +65,11 @@ pub struct ObjectSource {
     path: Path,
     size: u64,
     runtime: Handle,
+    timeout: Duration,
 }
+
+/// How long one ranged GET may take by default before it is abandoned ([`ObjectSource::timeout`]).
+pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl ObjectSource {
     /// Opens `path` (one HEAD request for its size). A missing or unreadable object is
@@ -92,6 +97,19 @@ impl ObjectSource {
             path,
             size,
             runtime,
+            timeout: DEFAULT_READ_TIMEOUT,
+        })
+    }
+
+    /// The same source with another per-request timeout (a stalled store must not hold a
+    /// decoder past its deadline: GStreamer cannot stop a streaming thread stuck in a read).
+    pub fn with_timeout(self: Arc<Self>, timeout: Duration) -> Arc<Self> {
+        Arc::new(ObjectSource {
+            store: Arc::clone(&self.store),
+            path: self.path.clone(),
+            size: self.size,
+            runtime: self.runtime.clone(),
+            timeout,
         })
     }
 }
@@ -106,9 +124,19 @@ impl ByteSource for ObjectSource {
             return Ok(Bytes::new());
         }
         let want = range.end - range.start;
+        let get = self.store.get_range(&self.path, range.clone());
         let bytes = self
             .runtime
-            .block_on(self.store.get_range(&self.path, range.clone()))
+            .block_on(async { tokio::time::timeout(self.timeout, get).await })
+            .map_err(|_| {
+                IngestError::quarantine(
+                    QuarantineReason::FetchError,
+                    format!(
+                        "GET {} bytes {}..{} took longer than {:?}",
+                        self.path, range.start, range.end, self.timeout
+                    ),
+                )
+            })?
             .map_err(|e| {
                 IngestError::quarantine(
                     QuarantineReason::FetchError,

@@ -58,11 +58,10 @@ fn seek_to_window_equals_sequential_decode() {
         );
         assert_eq!(b.stats.frames_decoded, 234);
         assert_eq!(a.indices, b.indices);
-        for t in 0..late.len() {
+        for (t, n) in late.iter().enumerate() {
             assert!(
                 a.frame(t) == b.frame(t),
-                "{name}: frame {} differs after a seek",
-                late[t]
+                "{name}: frame {n} differs after a seek"
             );
         }
         // Neighbouring frames differ (the ball moves), so equality above checks numbering.
