@@ -699,6 +699,7 @@ impl Decoder {
                 && !seek_failed
                 && current.is_none()
                 && target >= position.saturating_add(self.opts.seek_min_frames)
+                && seek.is_none_or(|(t, _, _)| target > t)
             {
                 if seek_to(target, SEEK_MARGIN_FRAMES, stats) {
                     seek = Some((target, SEEK_MARGIN_FRAMES, false));

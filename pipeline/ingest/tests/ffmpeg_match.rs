@@ -764,7 +764,6 @@ fn every_codec_matches_ffmpeg_from_local_bytes() {
 /// key-frame seek to a frame just before a key frame, H.264 and H.265 in MP4 deliver the frame
 /// after it (the seek lands on the next key frame).
 #[test]
-#[ignore = "decoder bug: a seek to the frame before a key frame returns the key frame (MP4)"]
 fn every_codec_matches_ffmpeg_when_seeking_to_every_window() {
     assert_no_failures(&run_local(Mode::EagerSeek, &|c| c.windows.clone()));
 }
@@ -772,7 +771,6 @@ fn every_codec_matches_ffmpeg_when_seeking_to_every_window() {
 /// The same bug with default options: spec windows starting one and two frames before a key
 /// frame, far enough into the file that the default decoder seeks.
 #[test]
-#[ignore = "decoder bug: a seek to the frame before a key frame returns the key frame (MP4)"]
 fn window_starting_just_before_a_key_frame_matches_ffmpeg() {
     let failures = run_local(Mode::Default, &|c| c.edge_windows.clone());
     assert_no_failures(&failures);
