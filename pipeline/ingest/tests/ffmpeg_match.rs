@@ -760,16 +760,15 @@ fn every_codec_matches_ffmpeg_from_local_bytes() {
     assert_no_failures(&run_local(Mode::Default, &|c| c.windows.clone()));
 }
 
-/// Known failure, kept so the fix can be checked (`cargo test … -- --ignored`): after a
-/// key-frame seek to a frame just before a key frame, H.264 and H.265 in MP4 deliver the frame
-/// after it (the seek lands on the next key frame).
+/// A decoder that seeks for every window (gap ≥ 8 frames): with B-frames, demuxers snap key-frame
+/// seeks by decode time, so a seek aimed just before a key frame must not land on it.
 #[test]
 fn every_codec_matches_ffmpeg_when_seeking_to_every_window() {
     assert_no_failures(&run_local(Mode::EagerSeek, &|c| c.windows.clone()));
 }
 
-/// The same bug with default options: spec windows starting one and two frames before a key
-/// frame, far enough into the file that the default decoder seeks.
+/// The same with default options: spec windows starting one and two frames before a key frame,
+/// far enough into the file that the default decoder seeks.
 #[test]
 fn window_starting_just_before_a_key_frame_matches_ffmpeg() {
     let failures = run_local(Mode::Default, &|c| c.edge_windows.clone());
