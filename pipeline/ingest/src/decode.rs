@@ -677,6 +677,7 @@ impl Decoder {
             ));
         };
         let mut frame_info = frame_video_info(&first, self.opts.max_pixels)?;
+        let mut colour = colour_of(&frame_info, first.caps());
         let (width, height) = (frame_info.width(), frame_info.height());
         let mut info = stream_info(pipeline, &first, &frame_info);
         if facts.has_duration == Some(false) {
@@ -791,6 +792,7 @@ impl Decoder {
                         (vi.width() as usize, vi.height() as usize),
                     ));
                 }
+                colour = colour_of(&vi, sample.caps());
                 frame_info = vi;
                 last_caps = sample.caps_owned();
             }
@@ -871,7 +873,7 @@ impl Decoder {
                 match delivered {
                     Some(from) => sink.repeat(from, t)?,
                     None => {
-                        with_frame(sample.buffer(), &frame_info, |f| sink.frame(t, f))?;
+                        with_frame(sample.buffer(), &frame_info, colour, |f| sink.frame(t, f))?;
                         delivered = Some(t);
                     }
                 }
@@ -915,7 +917,7 @@ impl Decoder {
                 match filled_from {
                     Some(from) => sink.repeat(from, t)?,
                     None => {
-                        with_frame(Some(&last), &frame_info, |f| sink.frame(t, f))?;
+                        with_frame(Some(&last), &frame_info, colour, |f| sink.frame(t, f))?;
                         filled_from = Some(t);
                     }
                 }
@@ -975,6 +977,7 @@ impl Decoder {
 fn with_frame(
     buffer: Option<&gst::BufferRef>,
     info: &gst_video::VideoInfo,
+    colour: Colour,
     f: impl FnOnce(&YuvFrame<'_>) -> Result<(), IngestError>,
 ) -> Result<(), IngestError> {
     let buffer = buffer
@@ -1005,15 +1008,23 @@ fn with_frame(
         height: info.height() as usize,
         planes: [plane(0)?, plane(1)?, plane(2)?],
         strides: [stride(0)?, stride(1)?, stride(2)?],
-        colour: colour_of(info),
+        colour,
     };
     f(&yuv)
 }
 
-/// The stream's YUV→RGB conversion from its colorimetry (untagged: BT.709 from 720 lines up,
-/// else BT.601, as GStreamer and most players assume).
-fn colour_of(info: &gst_video::VideoInfo) -> Colour {
+/// The stream's YUV→RGB conversion from its colorimetry tags. An untagged stream (no
+/// `colorimetry` in the decoder's caps) gets BT.601 limited range whatever its size, as ffmpeg's
+/// default conversion (and so decord, the official loader) gives it; GStreamer's own default
+/// would be BT.709 from 720 lines up.
+fn colour_of(info: &gst_video::VideoInfo, caps: Option<&gst::CapsRef>) -> Colour {
     use gst_video::VideoColorMatrix as M;
+    let tagged = caps
+        .and_then(|c| c.structure(0))
+        .is_some_and(|s| s.has_field("colorimetry"));
+    if !tagged {
+        return Colour::BT601;
+    }
     let c = info.colorimetry();
     let base = match c.matrix() {
         M::Bt709 => Colour::BT709,
