@@ -330,6 +330,10 @@ pub struct WorkersSection {
     /// At most this many clips requested but not yet trained on, per worker.
     #[serde(default)]
     pub max_clips_in_flight: Option<usize>,
+    /// Clips decoding at once per worker, each on its own thread with its own decoder
+    /// (default: the machine's cores divided by `count`).
+    #[serde(default)]
+    pub decode_threads: Option<usize>,
     /// A clip that takes longer than this to fetch and decode is quarantined.
     #[serde(default = "default_deadline")]
     pub decode_deadline_secs: f64,
@@ -343,6 +347,7 @@ impl Default for WorkersSection {
         WorkersSection {
             count: 1,
             max_clips_in_flight: None,
+            decode_threads: None,
             decode_deadline_secs: default_deadline(),
             max_attempts_per_clip: default_attempts(),
         }
@@ -769,6 +774,12 @@ impl JobConfig {
                 "must be positive",
             ));
         }
+        if r.workers.decode_threads == Some(0) {
+            return Err(ConfigError::invalid(
+                "workers.decode_threads",
+                "must be positive",
+            ));
+        }
         if !(r.workers.decode_deadline_secs.is_finite() && r.workers.decode_deadline_secs > 0.0) {
             return Err(ConfigError::invalid(
                 "workers.decode_deadline_secs",
@@ -879,6 +890,14 @@ impl JobConfig {
     }
 
     /// Clips requested but not yet trained on, per worker.
+    /// Decoding threads per worker: `workers.decode_threads`, else the cores per worker.
+    pub fn decode_threads(&self) -> usize {
+        self.raw.workers.decode_threads.unwrap_or_else(|| {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            (cores / self.raw.workers.count.max(1)).max(1)
+        })
+    }
+
     pub fn max_clips_in_flight(&self) -> usize {
         self.raw
             .workers
@@ -984,7 +1003,7 @@ fn ignored_keys(r: &RawConfig) -> Vec<(String, &'static str)> {
     note(
         r.data.num_workers.is_some(),
         "data.num_workers",
-        "decode parallelism is workers.count",
+        "decode parallelism is workers.decode_threads",
     );
     note(
         r.data.log_resource_utilization.is_some(),

@@ -16,7 +16,7 @@ use timely::dataflow::{InputHandle, ProbeHandle};
 use vjepa_model::{Device, MaskIndices, Tensor, TrainBatch, VJepa};
 use vjepa_operators::batching::assemble_batches;
 use vjepa_operators::catalog::catalog_counts;
-use vjepa_operators::load::load_clips;
+use vjepa_operators::load::load_clips_parallel;
 use vjepa_operators::mask_batches::mask_batches;
 use vjepa_operators::masking::{Grid, MaskGenerator};
 use vjepa_operators::records::{ClipRequest, Loaded, MaskedBatch, Quarantined};
@@ -184,6 +184,8 @@ pub fn run(mut cfg: JobConfig, overrides: TrainOverrides) -> anyhow::Result<Trai
         filter_long_bytes: cfg.raw.data.filter_long_videos as u64,
         max_attempts: cfg.raw.workers.max_attempts_per_clip,
         deadline: Duration::from_secs_f64(cfg.raw.workers.decode_deadline_secs),
+        // Several decoders at once: one thread each; a lone decoder may use every core.
+        decoder_threads: if cfg.decode_threads() > 1 { 1 } else { 0 },
     };
     let workers = cfg.raw.workers.count;
     let batch_size = cfg.raw.data.batch_size;
@@ -228,6 +230,9 @@ pub fn run(mut cfg: JobConfig, overrides: TrainOverrides) -> anyhow::Result<Trai
     summary.ok_or_else(|| anyhow!("worker 0 returned no summary"))
 }
 
+/// Longest a worker sleeps waiting for clips or peers before checking for a fatal error.
+const PARK: Duration = Duration::from_millis(20);
+
 /// Everything a worker needs, shared read-only across worker threads.
 struct Shared {
     cfg: Arc<JobConfig>,
@@ -271,13 +276,17 @@ fn run_worker(
     let peers = worker.peers();
     let cfg = shared.cfg.clone();
     let batch_size = cfg.raw.data.batch_size;
-    let loader = StoreLoader::new(
-        shared.catalog.clone(),
-        shared.handle.clone(),
-        shared.settings.clone(),
-        shared.fatal.clone(),
-    )
-    .map_err(|e| anyhow!("GStreamer decoder: {e}"))?;
+    let loaders = (0..cfg.decode_threads())
+        .map(|_| {
+            StoreLoader::new(
+                shared.catalog.clone(),
+                shared.handle.clone(),
+                shared.settings.clone(),
+                shared.fatal.clone(),
+            )
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| anyhow!("GStreamer decoder: {e}"))?;
 
     // Worker 0 trains and writes; the others load clips.
     let outputs = Rc::new(RefCell::new(Outputs {
@@ -363,7 +372,7 @@ fn run_worker(
     let mut step_model = model;
     worker.dataflow::<u64, _, _>(|scope| {
         let requests = input.to_stream(scope);
-        let loaded = load_clips(requests, loader);
+        let loaded = load_clips_parallel(requests, loaders);
         let (clips, bad) = loaded.ok_err(|l: Loaded| match l {
             Loaded::Clip(c) => Ok(c),
             Loaded::Bad(q) => Err(q),
@@ -397,7 +406,8 @@ fn run_worker(
         // Steps up to `step - batches_in_flight` must be trained before `step` is requested.
         let floor = (step + 1).saturating_sub(batches_in_flight);
         while probe.less_than(&floor) && shared.fatal.get().is_none() {
-            worker.step();
+            // Loader threads wake the worker when a clip is in; no busy waiting.
+            worker.step_or_park(Some(PARK));
         }
         for slot in (0..batch_size).filter(|s| s % peers == index) {
             input.send(ClipRequest {
@@ -411,7 +421,7 @@ fn run_worker(
     }
     drop(input);
     while !probe.done() {
-        worker.step();
+        worker.step_or_park(Some(PARK));
     }
 
     if index != 0 {

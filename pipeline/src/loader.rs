@@ -1,5 +1,6 @@
-//! The job's clip loader: pick the video for a clip, fetch it from its object store, decode the
-//! sampled frames with GStreamer, crop/flip/normalise. Bad videos become quarantine records.
+//! The job's clip loader: pick the video for a clip, read it from its object store with ranged
+//! reads, decode just the sampled window with GStreamer, and crop/resize/flip/normalise each frame
+//! straight into the clip tensor. Bad videos become quarantine records.
 //!
 //! Every random choice of a clip comes from streams seeded by (seed, global clip number), and
 //! the draws made for a clip do not depend on earlier outcomes, so the sequence of clips is the
@@ -13,13 +14,16 @@ use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tokio::runtime::Handle;
 
-use vjepa_ingest::{Decoder, DecoderOptions, IngestError, VideoInfo};
+use vjepa_ingest::{
+    ByteSource, ClipGeometry, ClipTensor, DecodeStats, Decoder, DecoderOptions, FrameSink,
+    IngestError, ObjectSource, VideoInfo, YuvFrame,
+};
 use vjepa_operators::load::ClipLoader;
 use vjepa_operators::records::{Clip, ClipRequest, Loaded, Quarantined};
 use vjepa_operators::sampler::VideoOrder;
 use vjepa_operators::sampling::{ClipSampling, pretrain_indices};
 use vjepa_operators::seeding::{Stream, rng_for};
-use vjepa_operators::transform::{self, AugmentConfig};
+use vjepa_operators::transform::{self, AugmentConfig, TransformParams};
 
 use crate::catalog::Catalog;
 
@@ -55,6 +59,8 @@ pub struct LoaderSettings {
     pub filter_long_bytes: u64,
     pub max_attempts: usize,
     pub deadline: Duration,
+    /// Threads per video decoder (0: the decoder's choice); 1 when several loaders run.
+    pub decoder_threads: u32,
 }
 
 /// One per worker: owns a GStreamer decoder and the worker's view of known-bad videos.
@@ -86,6 +92,7 @@ impl StoreLoader {
     ) -> Result<Self, IngestError> {
         let decoder = Decoder::new(DecoderOptions {
             deadline: settings.deadline,
+            decoder_threads: settings.decoder_threads,
             ..DecoderOptions::default()
         })?;
         let order = VideoOrder::new(catalog.videos.len(), settings.seed);
@@ -108,32 +115,28 @@ impl StoreLoader {
     ) -> Result<Clip, Failure> {
         let v = &self.catalog.videos[video];
         let store = &self.catalog.stores[v.dataset];
-        let meta = self
-            .runtime
-            .block_on(store.head(&v.rel))
-            .map_err(|e| Failure::Bad {
-                reason: "fetch_error".into(),
-                detail: e.to_string(),
-            })?;
-        if meta.size as f64 > self.settings.filter_long_bytes as f64 {
+        let fetch_error = |detail: String| Failure::Bad {
+            reason: "fetch_error".into(),
+            detail: store.scrub(&detail),
+        };
+        let path = store
+            .path_of(&v.rel)
+            .map_err(|e| fetch_error(e.to_string()))?;
+        let (object_store, _) = store.inner();
+        let source = ObjectSource::open(object_store, path, self.runtime.clone())
+            .map_err(|e| fetch_error(e.to_string()))?;
+        if source.size() > self.settings.filter_long_bytes {
             return Err(Failure::Bad {
                 reason: "file_too_large".into(),
                 detail: format!(
                     "{} bytes > data.filter_long_videos {}",
-                    meta.size, self.settings.filter_long_bytes
+                    source.size(),
+                    self.settings.filter_long_bytes
                 ),
             });
         }
-        let bytes = self
-            .runtime
-            .block_on(store.get(&v.rel))
-            .map_err(|e| Failure::Bad {
-                reason: "fetch_error".into(),
-                detail: e.to_string(),
-            })?;
         let settings = self.settings.clone();
-        let mut too_short = false;
-        let mut choose = |info: &VideoInfo| -> Vec<u64> {
+        let mut plan = |info: &VideoInfo| -> Planned {
             let mut sampling = settings.sampling;
             if let Some(secs) = settings.clip_duration {
                 let step = (secs * info.fps / sampling.frames_per_clip as f64) as usize;
@@ -141,54 +144,178 @@ impl StoreLoader {
             }
             let clip_len = (sampling.frames_per_clip * sampling.frame_step) as u64;
             if settings.filter_short_videos && info.num_frames < clip_len {
-                too_short = true;
-                return vec![0];
+                return Planned::TooShort;
             }
             // A zero frame count (unknown duration) decodes from frame 0 and pads.
-            pretrain_indices(info.num_frames.max(1), sampling, rng)
-                .unwrap_or_else(|_| vec![0; sampling.frames_per_clip])
-        };
-        let decoded = self
-            .decoder
-            .decode_clip(bytes, &mut choose)
-            .map_err(|e| match e {
-                IngestError::Quarantine { reason, detail } => Failure::Bad {
-                    reason: reason.as_str().to_string(),
-                    detail,
-                },
-                IngestError::Fatal(msg) => Failure::Fatal(msg),
-            })?;
-        if too_short {
-            return Err(Failure::Skip);
-        }
-        let (h, w) = (decoded.height as usize, decoded.width as usize);
-        let t = decoded.indices.len();
-        let params = transform::sample_params(h, w, &self.settings.augment, rng).map_err(|e| {
-            Failure::Bad {
-                reason: "decode_error".into(),
-                detail: format!("frame size {w}x{h}: {e}"),
+            let indices = pretrain_indices(info.num_frames.max(1), sampling, rng)
+                .unwrap_or_else(|_| vec![0; sampling.frames_per_clip]);
+            let (h, w) = (info.height as usize, info.width as usize);
+            match transform::sample_params(h, w, &settings.augment, rng) {
+                Ok(params) => Planned::Decode { indices, params },
+                Err(e) => Planned::Refuse(format!("frame size {w}x{h}: {e}")),
             }
-        })?;
-        let data = transform::apply(
-            &decoded.frames,
-            t,
-            h,
-            w,
-            &params,
-            self.settings.augment.crop_size,
-        )
-        .map_err(|e| Failure::Bad {
-            reason: "decode_error".into(),
-            detail: format!("transform: {e}"),
-        })?;
+        };
+        let (indices, params, data, _stats) = decode_planned(
+            &mut self.decoder,
+            source,
+            &mut plan,
+            settings.augment.crop_size,
+        )?;
         Ok(Clip {
             step: request.step,
             slot: request.slot,
             uri: v.uri.clone(),
-            frame_indices: decoded.indices,
+            frame_indices: indices,
             params,
             data,
         })
+    }
+}
+
+/// What the plan callback decided once the stream's size and rate were known.
+enum Planned {
+    /// Decode these frames and transform them with these parameters.
+    Decode {
+        indices: Vec<u64>,
+        params: TransformParams,
+    },
+    /// The video is shorter than a clip and `filter_short_videos` is on.
+    TooShort,
+    /// The video cannot be transformed (e.g. a frame too small for the crop).
+    Refuse(String),
+}
+
+/// The spec §1 transform as a [`FrameSink`]: each frame goes straight into the clip tensor.
+struct TensorSink<'a> {
+    plan: &'a mut dyn FnMut(&VideoInfo) -> Planned,
+    crop_size: usize,
+    decided: Option<Planned>,
+    tensor: Option<ClipTensor>,
+    error: Option<IngestError>,
+}
+
+impl FrameSink for TensorSink<'_> {
+    fn plan(&mut self, info: &VideoInfo) -> Vec<u64> {
+        let decided = (self.plan)(info);
+        let indices = match &decided {
+            Planned::Decode { indices, params } => {
+                match ClipTensor::new(geometry(params, self.crop_size), indices.len()) {
+                    Ok(t) => {
+                        self.tensor = Some(t);
+                        indices.clone()
+                    }
+                    Err(e) => {
+                        self.error = Some(e);
+                        Vec::new()
+                    }
+                }
+            }
+            Planned::TooShort | Planned::Refuse(_) => Vec::new(),
+        };
+        self.decided = Some(decided);
+        indices
+    }
+
+    fn frame(&mut self, slot: usize, frame: &YuvFrame<'_>) -> Result<(), IngestError> {
+        match self.tensor.as_mut() {
+            Some(t) => t.put(slot, frame),
+            None => Err(IngestError::Fatal("frame delivered before the plan".into())),
+        }
+    }
+
+    fn repeat(&mut self, from: usize, to: usize) -> Result<(), IngestError> {
+        match self.tensor.as_mut() {
+            Some(t) => t.copy_slot(from, to),
+            None => Err(IngestError::Fatal("frame delivered before the plan".into())),
+        }
+    }
+}
+
+/// The clip geometry of the spec §1 transform for `params` at output side `crop_size`.
+fn geometry(params: &TransformParams, crop_size: usize) -> ClipGeometry {
+    ClipGeometry {
+        top: params.crop.top,
+        left: params.crop.left,
+        height: params.crop.height,
+        width: params.crop.width,
+        size: crop_size,
+        flip: params.flip,
+        mean: transform::MEAN.map(|m| (255.0 * m) as f32),
+        std: transform::STD.map(|s| (255.0 * s) as f32),
+    }
+}
+
+fn ingest_failure(e: IngestError) -> Failure {
+    match e {
+        IngestError::Quarantine { reason, detail } => Failure::Bad {
+            reason: reason.as_str().to_string(),
+            detail,
+        },
+        IngestError::Fatal(msg) => Failure::Fatal(msg),
+    }
+}
+
+/// Decodes the planned window of `source` into a normalised clip tensor.
+fn decode_planned(
+    decoder: &mut Decoder,
+    source: Arc<dyn ByteSource>,
+    plan: &mut dyn FnMut(&VideoInfo) -> Planned,
+    crop_size: usize,
+) -> Result<(Vec<u64>, TransformParams, Vec<f32>, DecodeStats), Failure> {
+    let mut sink = TensorSink {
+        plan,
+        crop_size,
+        decided: None,
+        tensor: None,
+        error: None,
+    };
+    let stats = decoder.decode(source, &mut sink).map_err(ingest_failure)?;
+    if let Some(e) = sink.error {
+        return Err(ingest_failure(e));
+    }
+    match (sink.decided, sink.tensor) {
+        (Some(Planned::Decode { indices, params }), Some(tensor)) => {
+            if !tensor.is_complete() {
+                return Err(Failure::Fatal(
+                    "decoder finished without delivering every planned frame".into(),
+                ));
+            }
+            Ok((indices, params, tensor.into_data(), stats))
+        }
+        (Some(Planned::TooShort), _) => Err(Failure::Skip),
+        (Some(Planned::Refuse(detail)), _) => Err(Failure::Bad {
+            reason: "decode_error".into(),
+            detail,
+        }),
+        _ => Err(Failure::Fatal("decoder finished without a plan".into())),
+    }
+}
+
+/// Decodes frames `indices` of `source` and applies the spec §1 transform with fixed `params`
+/// (crop box, flip) at output side `crop_size`: the normalised `[3, T, S, S]` clip tensor.
+///
+/// The job draws indices and parameters at random once the stream is known; this entry point
+/// is for benchmarks and tools that replay a fixed plan.
+pub fn decode_to_tensor(
+    decoder: &mut Decoder,
+    source: Arc<dyn ByteSource>,
+    indices: &[u64],
+    params: &TransformParams,
+    crop_size: usize,
+) -> Result<(Vec<f32>, DecodeStats), IngestError> {
+    let mut plan = |_: &VideoInfo| Planned::Decode {
+        indices: indices.to_vec(),
+        params: *params,
+    };
+    match decode_planned(decoder, source, &mut plan, crop_size) {
+        Ok((_, _, data, stats)) => Ok((data, stats)),
+        Err(Failure::Bad { reason, detail }) => Err(IngestError::quarantine(
+            vjepa_ingest::QuarantineReason::from_str_opt(&reason)
+                .unwrap_or(vjepa_ingest::QuarantineReason::DecodeError),
+            detail,
+        )),
+        Err(Failure::Skip) => Err(IngestError::Fatal("unexpected skip".into())),
+        Err(Failure::Fatal(msg)) => Err(IngestError::Fatal(msg)),
     }
 }
 
@@ -244,5 +371,99 @@ impl ClipLoader for StoreLoader {
             request.global_index, self.settings.max_attempts
         ));
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use vjepa_ingest::{SampleCodec, SampleSpec, make_sample};
+    use vjepa_operators::transform::CropBox;
+
+    /// The fast path (convert only the source pixels the output reads, straight into the clip
+    /// tensor) equals the spec's order: native RGB frames, then crop/resize/flip/normalise.
+    #[test]
+    fn tensor_path_matches_rgb_reference_transform() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let spec = SampleSpec {
+            name: "clip".into(),
+            width: 176,
+            height: 144,
+            frames: 90,
+            fps: 30,
+            codec: SampleCodec::H264Mp4,
+            pattern: "smpte horizontal-speed=3".into(),
+        };
+        let data: Bytes = std::fs::read(make_sample(dir.path(), &spec).expect("sample"))
+            .expect("read")
+            .into();
+        let mut dec = Decoder::new(DecoderOptions::default()).expect("decoder");
+        let indices: Vec<u64> = (0..16)
+            .map(|i| 20 + (i * 64) / 15)
+            .map(|x| x.min(83))
+            .collect();
+        let want = indices.clone();
+        let rgb = dec
+            .decode_clip(data.clone(), &mut |_| want.clone())
+            .expect("rgb decode");
+        for (crop, flip, size) in [
+            (
+                CropBox {
+                    top: 0,
+                    left: 0,
+                    height: 144,
+                    width: 176,
+                },
+                false,
+                96,
+            ),
+            (
+                CropBox {
+                    top: 13,
+                    left: 40,
+                    height: 101,
+                    width: 77,
+                },
+                true,
+                64,
+            ),
+            (
+                CropBox {
+                    top: 1,
+                    left: 3,
+                    height: 50,
+                    width: 60,
+                },
+                false,
+                112,
+            ),
+        ] {
+            let params = TransformParams { crop, flip };
+            let reference = transform::apply(&rgb.frames, indices.len(), 144, 176, &params, size)
+                .expect("apply");
+            let (ours, stats) =
+                decode_to_tensor(&mut dec, Arc::new(data.clone()), &indices, &params, size)
+                    .expect("tensor decode");
+            assert_eq!(ours.len(), reference.len());
+            assert_eq!(stats.object_bytes, data.len() as u64);
+            // Same pixels, same float operations in the same order: equal up to float noise.
+            let worst = ours
+                .iter()
+                .zip(&reference)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0f32, f32::max);
+            let mse = ours
+                .iter()
+                .zip(&reference)
+                .map(|(a, b)| f64::from(a - b).powi(2))
+                .sum::<f64>()
+                / ours.len() as f64;
+            println!(
+                "crop {crop:?} flip {flip} size {size}: max diff {worst:.4}, rms {:.5}",
+                mse.sqrt()
+            );
+            assert!(worst < 1e-5, "max difference {worst} in normalised units");
+        }
     }
 }

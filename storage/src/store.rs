@@ -316,7 +316,7 @@ impl Store {
     }
 
     /// Redacts secrets from an arbitrary message (for errors wrapped by other modules).
-    pub(crate) fn scrub(&self, text: &str) -> String {
+    pub fn scrub(&self, text: &str) -> String {
         redact(text, &self.inner.redact)
     }
 

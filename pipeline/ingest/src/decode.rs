@@ -1,4 +1,4 @@
-//! Decoding the requested frames of one in-memory video.
+//! Decoding the frames of one clip: only the window the clip needs, from ranged reads.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -11,6 +11,8 @@ use gstreamer_app as gst_app;
 use gstreamer_video as gst_video;
 
 use crate::error::{IngestError, QuarantineReason};
+use crate::frame::{Colour, YuvFrame};
+use crate::source::{ByteSource, ReadAhead, ReadAheadOptions};
 
 /// How long one `try_pull_sample` waits before the bus and the deadline are checked again.
 const POLL: Duration = Duration::from_millis(20);
@@ -30,8 +32,8 @@ const DEAD_GRACE: Duration = Duration::from_millis(300);
 /// Options for a [`Decoder`].
 #[derive(Clone, Debug)]
 pub struct DecoderOptions {
-    /// Wall-clock budget for one [`Decoder::decode_clip`] call, from the call to the last frame
-    /// (default 60 s). Exceeding it is [`QuarantineReason::Timeout`].
+    /// Wall-clock budget for one decode call, from the call to the last frame (default 60 s).
+    /// Exceeding it is [`QuarantineReason::Timeout`].
     pub deadline: Duration,
     /// Largest frame accepted, in pixels (width × height; default 4096 × 4096). Larger frames
     /// are [`QuarantineReason::TooLarge`] (checked on the parsed stream caps before the decoder
@@ -41,6 +43,11 @@ pub struct DecoderOptions {
     /// `0` (default) keeps the decoder's own choice (one per core). Use `1` when running one
     /// decoder per core.
     pub decoder_threads: u32,
+    /// Seek (to the key frame at or before the wanted frame) instead of decoding through a gap
+    /// of at least this many frames (default 64, one clip's span). `u64::MAX` never seeks.
+    pub seek_min_frames: u64,
+    /// Chunk sizes and cache bound of the ranged reads.
+    pub read_ahead: ReadAheadOptions,
 }
 
 impl Default for DecoderOptions {
@@ -49,6 +56,8 @@ impl Default for DecoderOptions {
             deadline: Duration::from_secs(60),
             max_pixels: 4096 * 4096,
             decoder_threads: 0,
+            seek_min_frames: 64,
+            read_ahead: ReadAheadOptions::default(),
         }
     }
 }
@@ -70,6 +79,40 @@ pub struct VideoInfo {
     pub num_frames: u64,
 }
 
+/// What one decode call did, for metrics and logs.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct DecodeStats {
+    /// Size of the object.
+    pub object_bytes: u64,
+    /// Bytes fetched from the source (ranged reads, including read-ahead).
+    pub bytes_read: u64,
+    /// Fetch requests made.
+    pub read_requests: u64,
+    /// Frames that came out of the decoder (including skipped ones before the window).
+    pub frames_decoded: u64,
+    /// Seeks made.
+    pub seeks: u32,
+    /// Wall-clock time of the call.
+    pub elapsed: Duration,
+}
+
+/// Receives a clip's frames as they are decoded.
+///
+/// `plan` is called once, when the first frame has told the stream's size and rate; it returns
+/// the frame numbers wanted (0-based presentation order; any order; may repeat; may exceed the
+/// frames that exist). Then `frame(slot, …)` is called once for each distinct frame number with
+/// the first slot that wants it, and `repeat(from, to)` for the other slots wanting the same
+/// frame. Slots past the end of the stream get the last decoded frame (see
+/// [`Decoder::decode`]).
+pub trait FrameSink {
+    /// The frame numbers wanted, given the stream's info.
+    fn plan(&mut self, info: &VideoInfo) -> Vec<u64>;
+    /// Frame for position `slot` of the plan.
+    fn frame(&mut self, slot: usize, frame: &YuvFrame<'_>) -> Result<(), IngestError>;
+    /// Position `to` wants the same frame as position `from` (already delivered).
+    fn repeat(&mut self, from: usize, to: usize) -> Result<(), IngestError>;
+}
+
 /// Decoded frames of one clip: RGB, native resolution, packed `T × H × W × 3` `u8` (no row
 /// padding), in the order of `indices`.
 #[derive(Clone, Debug)]
@@ -84,6 +127,8 @@ pub struct DecodedClip {
     pub height: u32,
     /// `indices.len() × height × width × 3` bytes of RGB.
     pub frames: Vec<u8>,
+    /// What the decode cost.
+    pub stats: DecodeStats,
 }
 
 impl DecodedClip {
@@ -104,17 +149,91 @@ impl DecodedClip {
     }
 }
 
+/// A [`FrameSink`] that keeps native-resolution RGB frames (for [`Decoder::decode_clip`]).
+struct RgbSink<'a> {
+    choose: &'a mut dyn FnMut(&VideoInfo) -> Vec<u64>,
+    info: Option<VideoInfo>,
+    indices: Vec<u64>,
+    size: (usize, usize),
+    frames: Vec<u8>,
+}
+
+impl FrameSink for RgbSink<'_> {
+    fn plan(&mut self, info: &VideoInfo) -> Vec<u64> {
+        self.info = Some(info.clone());
+        self.indices = (self.choose)(info);
+        self.indices.clone()
+    }
+
+    fn frame(&mut self, slot: usize, frame: &YuvFrame<'_>) -> Result<(), IngestError> {
+        let len = frame.width * frame.height * 3;
+        if self.frames.is_empty() {
+            self.size = (frame.width, frame.height);
+            let total = len.checked_mul(self.indices.len()).ok_or_else(|| {
+                quarantine(QuarantineReason::TooLarge, "clip size overflows usize")
+            })?;
+            self.frames.try_reserve_exact(total).map_err(|e| {
+                quarantine(
+                    QuarantineReason::TooLarge,
+                    format!("cannot allocate {total} bytes for the clip: {e}"),
+                )
+            })?;
+            self.frames.resize(total, 0);
+        }
+        if (frame.width, frame.height) != self.size {
+            return Err(size_changed(self.size, (frame.width, frame.height)));
+        }
+        frame.to_rgb(&mut self.frames[slot * len..(slot + 1) * len])
+    }
+
+    fn repeat(&mut self, from: usize, to: usize) -> Result<(), IngestError> {
+        let len = self.size.0 * self.size.1 * 3;
+        self.frames
+            .copy_within(from * len..(from + 1) * len, to * len);
+        Ok(())
+    }
+}
+
+fn size_changed(was: (usize, usize), now: (usize, usize)) -> IngestError {
+    quarantine(
+        QuarantineReason::DecodeError,
+        format!(
+            "frame size changed mid-stream from {}x{} to {}x{}",
+            was.0, was.1, now.0, now.1
+        ),
+    )
+}
+
 /// A per-worker video decoder.
 ///
-/// Each [`Decoder::decode_clip`] call builds a short-lived GStreamer pipeline (a few ms after
-/// the first one in the process) and always takes it down to `Null` before returning, on
-/// success and on every error. A `Decoder` is `Send`; use one per worker thread.
+/// It keeps one GStreamer pipeline (`appsrc ! decodebin ! videoconvert ! appsink`, I420 out)
+/// and reuses it from clip to clip (the first pipeline of a process costs 90–375 ms; a reused
+/// one reaches its first frame in a few ms); after a failed clip the pipeline is rebuilt. It is
+/// always brought down to `Null` before a call returns. A `Decoder` is `Send`; use one per
+/// thread.
 pub struct Decoder {
     opts: DecoderOptions,
     clips: u64,
+    pipe: Option<Pipe>,
 }
 
-/// State shared between the streaming threads' callbacks and the polling thread.
+/// A built pipeline and the state its callbacks share with the polling thread.
+struct Pipe {
+    pipeline: gst::Pipeline,
+    appsrc: gst_app::AppSrc,
+    appsink: gst_app::AppSink,
+    shared: Arc<Mutex<Shared>>,
+    feed: Arc<Mutex<Feed>>,
+}
+
+/// What `appsrc` serves: the current clip's bytes and the read position.
+#[derive(Default)]
+struct Feed {
+    source: Option<Arc<ReadAhead>>,
+    position: u64,
+}
+
+/// State shared between the streaming threads' callbacks and the polling thread; reset per clip.
 #[derive(Default)]
 struct Shared {
     /// A raw video pad of decodebin got linked to `videoconvert`.
@@ -123,19 +242,19 @@ struct Shared {
     no_more_pads: bool,
     /// Caps names of the non-video pads decodebin exposed (sent to `fakesink`).
     other_pads: Vec<String>,
+    /// The fakesinks added for them (removed after the clip).
+    fakesinks: Vec<gst::Element>,
     /// A callback decided to refuse the input.
     refuse: Option<(QuarantineReason, String)>,
     /// `autoplug-continue` calls so far (the first one carries the type-find result).
     autoplug_calls: u32,
 }
 
-fn lock(shared: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
-    shared
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Sets the pipeline to `Null` when dropped (every exit path of `decode_clip`).
+/// Sets the pipeline to `Null` when dropped (every exit path of a decode, panics included).
 struct NullOnDrop(gst::Pipeline);
 
 impl Drop for NullOnDrop {
@@ -164,7 +283,11 @@ impl Decoder {
     /// Creates a decoder (calls [`crate::init`]).
     pub fn new(opts: DecoderOptions) -> Result<Self, IngestError> {
         crate::init()?;
-        Ok(Decoder { opts, clips: 0 })
+        Ok(Decoder {
+            opts,
+            clips: 0,
+            pipe: None,
+        })
     }
 
     /// The options this decoder was created with.
@@ -172,69 +295,136 @@ impl Decoder {
         &self.opts
     }
 
-    /// Decodes the frames `choose` asks for from an in-memory video (the bytes of one object).
+    /// Decodes the frames `choose` asks for from an in-memory video; RGB at native size.
     ///
-    /// The bytes are served through `appsrc` in random-access mode (so MP4 with the `moov` atom
-    /// at the end works) to `decodebin` → `videoconvert` → `appsink` (`video/x-raw,format=RGB`).
-    /// Once the first frame is decoded, `choose(&info)` returns the frame indices (0-based,
-    /// sorted ascending, may repeat, may exceed the frames that exist). Frames are counted from
-    /// the start; decoding stops as soon as the largest requested index is reached. If the
-    /// stream ends first, the missing positions get the last decoded frame (the estimate from
-    /// the duration can be off by a frame) unless the shortfall suggests a cut-off file
-    /// ([`QuarantineReason::Truncated`]). An empty list from `choose` returns a clip with no
-    /// frames (info only).
-    ///
-    /// Audio and subtitle streams are not decoded. Every wait is bounded by
-    /// [`DecoderOptions::deadline`]; the pipeline is set to `Null` before returning.
+    /// See [`Decoder::decode`]; `choose(&info)` plays the role of [`FrameSink::plan`]. An empty
+    /// list from `choose` returns a clip with no frames (info only).
     pub fn decode_clip(
         &mut self,
         data: Bytes,
         choose: &mut dyn FnMut(&VideoInfo) -> Vec<u64>,
     ) -> Result<DecodedClip, IngestError> {
+        self.decode_clip_from(Arc::new(data), choose)
+    }
+
+    /// [`Decoder::decode_clip`] from any [`ByteSource`] (e.g. an [`crate::ObjectSource`]).
+    pub fn decode_clip_from(
+        &mut self,
+        source: Arc<dyn ByteSource>,
+        choose: &mut dyn FnMut(&VideoInfo) -> Vec<u64>,
+    ) -> Result<DecodedClip, IngestError> {
+        let mut sink = RgbSink {
+            choose,
+            info: None,
+            indices: Vec::new(),
+            size: (0, 0),
+            frames: Vec::new(),
+        };
+        let stats = self.decode(source, &mut sink)?;
+        let info = sink
+            .info
+            .ok_or_else(|| IngestError::Fatal("decode finished without stream info".into()))?;
+        Ok(DecodedClip {
+            width: info.width,
+            height: info.height,
+            info,
+            indices: sink.indices,
+            frames: sink.frames,
+            stats,
+        })
+    }
+
+    /// Decodes the frames `sink` plans from `source`, delivering them as 8-bit I420.
+    ///
+    /// The bytes are read with ranged reads through a [`ReadAhead`] cache, served to `appsrc`
+    /// in random-access mode (so MP4 with the `moov` atom at the end works without a full
+    /// download). Once the first frame is decoded, `sink.plan(&info)` gives the frame numbers.
+    /// Frames are numbered in presentation order from 0. When the next wanted frame is at least
+    /// [`DecoderOptions::seek_min_frames`] ahead, the pipeline seeks to the key frame at or
+    /// before it (frame numbers then come from timestamps: exact for constant-frame-rate
+    /// streams); decoding stops as soon as the last wanted frame is in. If the stream ends
+    /// first, the missing positions get the last decoded frame (the estimate from the duration
+    /// can be off by a frame) unless the shortfall suggests a cut-off file
+    /// ([`QuarantineReason::Truncated`]).
+    ///
+    /// Audio and subtitle streams are not decoded. Every wait is bounded by
+    /// [`DecoderOptions::deadline`]; the pipeline is set to `Null` before returning.
+    pub fn decode(
+        &mut self,
+        source: Arc<dyn ByteSource>,
+        sink: &mut dyn FrameSink,
+    ) -> Result<DecodeStats, IngestError> {
         let started = Instant::now();
         self.clips += 1;
-        let size = data.len();
-        if data.is_empty() {
+        let size = source.size();
+        let describe = source.describe();
+        if size == 0 {
             return Err(quarantine(
                 QuarantineReason::EmptyFile,
                 "object has 0 bytes",
             ));
         }
-        // A cut-off MP4 upload is a common failure; name it when the demuxer gives up.
-        let mp4_cut = mp4_cut_off(&data);
-        let shared = Arc::new(Mutex::new(Shared::default()));
-        let (pipeline, appsink) = self.build_pipeline(data, &shared)?;
-        let guard = NullOnDrop(pipeline);
-        let result = self.run(&guard.0, &appsink, &shared, choose, started);
+        let feed = Arc::new(ReadAhead::new(source, self.opts.read_ahead));
+        let pipe = match self.pipe.take() {
+            Some(p) => p,
+            None => self.build_pipeline()?,
+        };
+        *lock(&pipe.shared) = Shared::default();
+        {
+            let mut f = lock(&pipe.feed);
+            f.source = Some(Arc::clone(&feed));
+            f.position = 0;
+        }
+        pipe.appsrc
+            .set_size(i64::try_from(size).unwrap_or(i64::MAX));
+        let mut stats = DecodeStats {
+            object_bytes: size,
+            ..DecodeStats::default()
+        };
+        let guard = NullOnDrop(pipe.pipeline.clone());
+        let result = self.run(&pipe, sink, started, &mut stats);
         drop(guard);
-        let result = match (result, mp4_cut) {
-            (
-                Err(IngestError::Quarantine {
-                    reason: QuarantineReason::DemuxError | QuarantineReason::NoFrames,
-                    detail,
-                }),
-                Some(cut),
-            ) => Err(quarantine(
-                QuarantineReason::Truncated,
-                format!("{cut} ({detail})"),
-            )),
-            (result, _) => result,
+        lock(&pipe.feed).source = None;
+        let fakesinks = std::mem::take(&mut lock(&pipe.shared).fakesinks);
+        for s in fakesinks {
+            let _ = s.set_state(gst::State::Null);
+            let _ = pipe.pipeline.remove(&s);
+        }
+        // Reuse the pipeline only after a clean run; a failed one is rebuilt from scratch.
+        if result.is_ok() && pipe.pipeline.current_state() == gst::State::Null {
+            self.pipe = Some(pipe);
+        }
+        stats.bytes_read = feed.bytes_fetched();
+        stats.read_requests = feed.requests();
+        stats.elapsed = started.elapsed();
+        let result = match result {
+            Ok(()) => Ok(stats),
+            Err(IngestError::Quarantine {
+                reason: reason @ (QuarantineReason::DemuxError | QuarantineReason::NoFrames),
+                detail,
+            }) => match mp4_cut_off(size, |at, n| feed.read_at(at, n).ok()) {
+                // A cut-off MP4 upload is a common failure; name it.
+                Some(cut) => Err(quarantine(
+                    QuarantineReason::Truncated,
+                    format!("{cut} ({detail})"),
+                )),
+                None => Err(quarantine(reason, detail)),
+            },
+            Err(e) => Err(e),
         };
         match &result {
-            Ok(clip) => tracing::debug!(
+            Ok(st) => tracing::debug!(
                 clip = self.clips,
-                bytes = size,
-                width = clip.width,
-                height = clip.height,
-                fps = clip.info.fps,
-                num_frames = clip.info.num_frames,
-                frames = clip.indices.len(),
-                elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+                source = %describe,
+                bytes_read = st.bytes_read,
+                frames_decoded = st.frames_decoded,
+                seeks = st.seeks,
+                elapsed_ms = st.elapsed.as_secs_f64() * 1e3,
                 "decoded clip"
             ),
             Err(e) => tracing::debug!(
                 clip = self.clips,
-                bytes = size,
+                source = %describe,
                 error = %e,
                 elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
                 "clip refused"
@@ -243,52 +433,72 @@ impl Decoder {
         result
     }
 
-    /// Builds `appsrc ! decodebin ! videoconvert ! appsink` for `data`.
-    fn build_pipeline(
-        &self,
-        data: Bytes,
-        shared: &Arc<Mutex<Shared>>,
-    ) -> Result<(gst::Pipeline, gst_app::AppSink), IngestError> {
-        let size = data.len() as u64;
-        let position = Arc::new(Mutex::new(0u64));
-        let position_seek = Arc::clone(&position);
+    /// Builds `appsrc ! decodebin ! videoconvert ! appsink` (I420), serving the current feed.
+    fn build_pipeline(&self) -> Result<Pipe, IngestError> {
+        let shared = Arc::new(Mutex::new(Shared::default()));
+        let feed = Arc::new(Mutex::new(Feed::default()));
+        let feed_need = Arc::clone(&feed);
+        let feed_seek = Arc::clone(&feed);
+        let shared_need = Arc::clone(&shared);
         let callbacks = gst_app::AppSrcCallbacks::builder()
             .need_data(move |src, length| {
-                let mut pos = position.lock().unwrap_or_else(|p| p.into_inner());
-                let offset = *pos;
+                let (source, offset) = {
+                    let f = lock(&feed_need);
+                    (f.source.clone(), f.position)
+                };
+                let Some(source) = source else {
+                    let _ = src.end_of_stream();
+                    return;
+                };
+                let size = source.size();
                 if offset >= size {
                     let _ = src.end_of_stream();
                     return;
                 }
                 // Random access: push exactly what was asked for (or what is left).
                 let n = u64::from(length).min(size - offset).max(1);
-                let end = offset + n;
-                // offset < end <= size = data.len(), so the slice is in bounds.
-                let chunk = data.slice(offset as usize..end as usize);
+                let chunk = match source.read_at(offset, n) {
+                    Ok(b) if !b.is_empty() => b,
+                    Ok(_) => {
+                        let _ = src.end_of_stream();
+                        return;
+                    }
+                    Err(e) => {
+                        let (reason, detail) = match e {
+                            IngestError::Quarantine { reason, detail } => (reason, detail),
+                            IngestError::Fatal(d) => (QuarantineReason::FetchError, d),
+                        };
+                        lock(&shared_need).refuse.get_or_insert((reason, detail));
+                        let _ = src.end_of_stream();
+                        return;
+                    }
+                };
+                let end = offset + chunk.len() as u64;
                 let mut buffer = gst::Buffer::from_slice(chunk);
                 if let Some(b) = buffer.get_mut() {
                     b.set_offset(offset);
                     b.set_offset_end(end);
                 }
-                *pos = end;
-                drop(pos);
+                lock(&feed_need).position = end;
                 if let Err(e) = src.push_buffer(buffer) {
                     tracing::trace!(error = ?e, "appsrc push_buffer refused (flushing)");
                 }
             })
             .seek_data(move |_, offset| {
-                if offset > size {
-                    return false;
+                let mut f = lock(&feed_seek);
+                match &f.source {
+                    Some(s) if offset <= s.size() => {
+                        f.position = offset;
+                        true
+                    }
+                    _ => false,
                 }
-                *position_seek.lock().unwrap_or_else(|p| p.into_inner()) = offset;
-                true
             })
             .build();
         let appsrc = gst_app::AppSrc::builder()
             .name("src")
             .stream_type(gst_app::AppStreamType::RandomAccess)
             .format(gst::Format::Bytes)
-            .size(i64::try_from(size).unwrap_or(i64::MAX))
             .callbacks(callbacks)
             .build();
 
@@ -300,12 +510,14 @@ impl Decoder {
             .name("convert")
             .build()
             .map_err(|e| fatal("creating videoconvert", e))?;
-        let rgb = gst::Caps::builder("video/x-raw")
-            .field("format", "RGB")
+        // 8-bit 4:2:0: passthrough for most streams; videoconvert converts the rest (10-bit,
+        // 4:4:4, NV12, …). Colour conversion happens later, on output pixels only.
+        let i420 = gst::Caps::builder("video/x-raw")
+            .field("format", "I420")
             .build();
         let appsink = gst_app::AppSink::builder()
             .name("sink")
-            .caps(&rgb)
+            .caps(&i420)
             .sync(false)
             .max_buffers(2)
             .drop(false)
@@ -339,7 +551,7 @@ impl Decoder {
 
         // Do not decode audio/subtitles; refuse still images and oversized frames early.
         let max_pixels = self.opts.max_pixels;
-        let shared_ac = Arc::clone(shared);
+        let shared_ac = Arc::clone(&shared);
         decodebin.connect("autoplug-continue", false, move |args| {
             let keep_going = autoplug_continue(args, max_pixels, &shared_ac);
             Some(keep_going.to_value())
@@ -348,31 +560,40 @@ impl Decoder {
         let convert_sink = convert
             .static_pad("sink")
             .ok_or_else(|| IngestError::Fatal("videoconvert has no sink pad".into()))?;
-        let shared_pa = Arc::clone(shared);
+        let shared_pa = Arc::clone(&shared);
         let pipeline_weak = pipeline.downgrade();
         decodebin.connect_pad_added(move |_, pad| {
             on_pad_added(pad, &convert_sink, &pipeline_weak, &shared_pa);
         });
-        let shared_nmp = Arc::clone(shared);
+        let shared_nmp = Arc::clone(&shared);
         decodebin.connect_no_more_pads(move |_| {
             lock(&shared_nmp).no_more_pads = true;
         });
-        Ok((pipeline, appsink))
+        Ok(Pipe {
+            pipeline,
+            appsrc,
+            appsink,
+            shared,
+            feed,
+        })
     }
 
-    /// Runs the pipeline until the requested frames are in (or it fails).
+    /// Runs the pipeline until the planned frames are in (or it fails).
     fn run(
         &self,
-        pipeline: &gst::Pipeline,
-        appsink: &gst_app::AppSink,
-        shared: &Mutex<Shared>,
-        choose: &mut dyn FnMut(&VideoInfo) -> Vec<u64>,
+        pipe: &Pipe,
+        sink: &mut dyn FrameSink,
         started: Instant,
-    ) -> Result<DecodedClip, IngestError> {
+        stats: &mut DecodeStats,
+    ) -> Result<(), IngestError> {
+        let pipeline = &pipe.pipeline;
+        let shared = &*pipe.shared;
         let deadline = started + self.opts.deadline;
         let bus = pipeline
             .bus()
             .ok_or_else(|| IngestError::Fatal("pipeline has no bus".into()))?;
+        // Messages of an earlier clip must not leak into this one.
+        while bus.pop().is_some() {}
         let mut watch = BusWatch::default();
         let mut progress = Progress {
             decoded: 0,
@@ -385,16 +606,19 @@ impl Decoder {
             if let Some(err) = watch.error.take() {
                 return Err(err);
             }
+            if let Some((reason, detail)) = lock(shared).refuse.take() {
+                return Err(quarantine(reason, detail));
+            }
             return Err(quarantine(
                 QuarantineReason::DecodeError,
                 format!("pipeline refused to start: {e}"),
             ));
         }
 
-        // Phase 1: the first frame gives the stream info; then the caller chooses indices.
+        // Phase 1: the first frame gives the stream info; then the sink plans the frames.
         let mut waiter = Waiter {
             pipeline,
-            appsink,
+            appsink: &pipe.appsink,
             bus: &bus,
             shared,
             deadline,
@@ -414,30 +638,59 @@ impl Decoder {
         let (width, height) = (frame_info.width(), frame_info.height());
         let info = stream_info(pipeline, &first, &frame_info);
         tracing::trace!(?info, "stream info");
-        let indices = choose(&info);
-        let frame_len = width as usize * height as usize * 3;
-        let total = frame_len
-            .checked_mul(indices.len())
-            .ok_or_else(|| quarantine(QuarantineReason::TooLarge, "clip size overflows usize"))?;
-        let mut frames = Vec::new();
-        frames.try_reserve_exact(total).map_err(|e| {
-            quarantine(
-                QuarantineReason::TooLarge,
-                format!("cannot allocate {total} bytes for the clip: {e}"),
-            )
-        })?;
-        frames.resize(total, 0u8);
+        let indices = sink.plan(&info);
+
+        // Frame numbers from timestamps (needed after a seek): constant frame rate only.
+        let caps_rate = frame_info.fps();
+        let pts0 = first.buffer().and_then(|b| b.pts());
+        let frame_ns = if caps_rate.numer() > 0 && caps_rate.denom() > 0 {
+            Some(1e9 * f64::from(caps_rate.denom()) / f64::from(caps_rate.numer()))
+        } else {
+            None
+        };
+        let can_seek =
+            self.opts.seek_min_frames != u64::MAX && frame_ns.is_some() && pts0.is_some();
 
         // Positions of `indices` in ascending index order (robust to unsorted input).
         let mut order: Vec<usize> = (0..indices.len()).collect();
         order.sort_by_key(|&t| indices[t]);
         let mut next = 0usize;
         let mut current = Some(first);
-        let mut last: Option<gst::Sample> = None;
+        let mut last: Option<(gst::Sample, u64)> = None;
         let mut last_caps: Option<gst::Caps> = None;
+        // Frame number of the next decoded frame when counting; `None` after a seek (then
+        // numbers come from timestamps).
+        let mut counter: Option<u64> = Some(0);
+        let mut seeked_to: Option<u64> = None;
+        let mut max_number = 0u64;
 
-        // Phase 2: count frames from 0, keep the requested ones, stop after the last one.
+        // Phase 2: go through the stream (seeking over big gaps), deliver the planned frames.
         while next < order.len() {
+            let target = indices[order[next]];
+            let position = counter.unwrap_or(max_number + 1);
+            if can_seek
+                && current.is_none()
+                && target >= position.saturating_add(self.opts.seek_min_frames)
+                && seeked_to.is_none_or(|s| target > s)
+                && let (Some(pts0), Some(frame_ns)) = (pts0, frame_ns)
+            {
+                // Aim half a frame early so rounding cannot land past the wanted frame.
+                let at = pts0.nseconds() as f64 + (target as f64 - 0.5).max(0.0) * frame_ns;
+                let flags =
+                    gst::SeekFlags::FLUSH | gst::SeekFlags::KEY_UNIT | gst::SeekFlags::SNAP_BEFORE;
+                match pipeline.seek_simple(flags, gst::ClockTime::from_nseconds(at as u64)) {
+                    Ok(()) => {
+                        stats.seeks += 1;
+                        seeked_to = Some(target);
+                        counter = None;
+                        tracing::trace!(target, at_ns = at, "seeked");
+                    }
+                    Err(e) => {
+                        tracing::debug!(target, error = %e, "seek refused; decoding through");
+                        seeked_to = Some(u64::MAX);
+                    }
+                }
+            }
             let sample = match current.take() {
                 Some(s) => s,
                 None => match waiter.next_sample(self, &mut watch, &progress)? {
@@ -453,46 +706,55 @@ impl Decoder {
             if caps_changed {
                 let vi = frame_video_info(&sample, self.opts.max_pixels)?;
                 if vi.width() != width || vi.height() != height {
-                    return Err(quarantine(
-                        QuarantineReason::DecodeError,
-                        format!(
-                            "frame size changed mid-stream from {width}x{height} to {}x{}",
-                            vi.width(),
-                            vi.height()
-                        ),
+                    return Err(size_changed(
+                        (width as usize, height as usize),
+                        (vi.width() as usize, vi.height() as usize),
                     ));
                 }
                 frame_info = vi;
                 last_caps = sample.caps_owned();
             }
-            let n = progress.decoded;
             progress.decoded += 1;
-            let mut copied_from: Option<usize> = None;
-            while next < order.len() && indices[order[next]] <= n {
-                let t = order[next];
-                match copied_from {
-                    // Repeated index: copy from the slot already filled.
-                    Some(src_t) => {
-                        let src = src_t * frame_len;
-                        frames.copy_within(src..src + frame_len, t * frame_len);
+            let number = match counter {
+                Some(n) => {
+                    counter = Some(n + 1);
+                    n
+                }
+                None => match (sample.buffer().and_then(|b| b.pts()), pts0, frame_ns) {
+                    (Some(pts), Some(pts0), Some(frame_ns)) => {
+                        let d = pts.nseconds() as f64 - pts0.nseconds() as f64;
+                        (d / frame_ns).round().max(0.0) as u64
                     }
+                    // No timestamp: the frame after the previous one.
+                    _ => max_number + 1,
+                },
+            };
+            if seeked_to.is_some() && counter.is_none() && number > target && last.is_none() {
+                tracing::debug!(target, number, "seek landed past the wanted frame");
+            }
+            max_number = max_number.max(number);
+            let mut delivered: Option<usize> = None;
+            while next < order.len() && indices[order[next]] <= number {
+                let t = order[next];
+                match delivered {
+                    Some(from) => sink.repeat(from, t)?,
                     None => {
-                        let dst = &mut frames[t * frame_len..(t + 1) * frame_len];
-                        copy_frame(&sample, &frame_info, dst)?;
-                        copied_from = Some(t);
+                        with_frame(&sample, &frame_info, |f| sink.frame(t, f))?;
+                        delivered = Some(t);
                     }
                 }
                 next += 1;
             }
-            last = Some(sample);
+            last = Some((sample, number));
         }
+        stats.frames_decoded = progress.decoded;
 
         if next < order.len() {
             // The stream ended before the largest requested index.
-            let Some(last) = last else {
+            let Some((last, last_number)) = last else {
                 return Err(quarantine(QuarantineReason::NoFrames, "no frame decoded"));
             };
-            let decoded = progress.decoded;
+            let decoded = last_number + 1;
             let expected = info.num_frames;
             let tolerance =
                 ((expected as f64 * TRUNCATION_FRACTION) as u64).max(TRUNCATION_MIN_FRAMES);
@@ -517,26 +779,15 @@ impl Decoder {
             let mut filled_from: Option<usize> = None;
             for &t in &order[next..] {
                 match filled_from {
-                    Some(src_t) => {
-                        let src = src_t * frame_len;
-                        frames.copy_within(src..src + frame_len, t * frame_len);
-                    }
+                    Some(from) => sink.repeat(from, t)?,
                     None => {
-                        let dst = &mut frames[t * frame_len..(t + 1) * frame_len];
-                        copy_frame(&last, &frame_info, dst)?;
+                        with_frame(&last, &frame_info, |f| sink.frame(t, f))?;
                         filled_from = Some(t);
                     }
                 }
             }
         }
-
-        Ok(DecodedClip {
-            info,
-            indices,
-            width,
-            height,
-            frames,
-        })
+        Ok(())
     }
 
     /// Polls the bus and the callbacks' verdicts; errors out on failure or past the deadline.
@@ -549,14 +800,17 @@ impl Decoder {
         progress: &Progress,
     ) -> Result<(), IngestError> {
         watch.drain(bus);
-        if let Some(err) = watch.error.take() {
-            return Err(err);
-        }
         {
             let mut st = lock(shared);
+            // A read failure is the root cause of whatever the demuxer says next.
             if let Some((reason, detail)) = st.refuse.take() {
                 return Err(quarantine(reason, detail));
             }
+            drop(st);
+            if let Some(err) = watch.error.take() {
+                return Err(err);
+            }
+            let st = lock(shared);
             if st.no_more_pads && !st.video_linked {
                 drop(st);
                 // A missing-plugin message may have been posted just before no-more-pads.
@@ -580,6 +834,74 @@ impl Decoder {
             ));
         }
         Ok(())
+    }
+}
+
+/// Maps a decoded I420 sample and hands it to `f` as a [`YuvFrame`].
+fn with_frame(
+    sample: &gst::Sample,
+    info: &gst_video::VideoInfo,
+    f: impl FnOnce(&YuvFrame<'_>) -> Result<(), IngestError>,
+) -> Result<(), IngestError> {
+    let buffer = sample
+        .buffer()
+        .ok_or_else(|| quarantine(QuarantineReason::DecodeError, "sample without a buffer"))?;
+    let frame = gst_video::VideoFrameRef::from_buffer_ref_readable(buffer, info).map_err(|e| {
+        quarantine(
+            QuarantineReason::DecodeError,
+            format!("cannot map decoded frame: {e}"),
+        )
+    })?;
+    let plane = |i: u32| {
+        frame.plane_data(i).map_err(|e| {
+            quarantine(
+                QuarantineReason::DecodeError,
+                format!("cannot read plane {i} of a decoded frame: {e}"),
+            )
+        })
+    };
+    let strides = frame.plane_stride();
+    let stride = |i: usize| {
+        strides
+            .get(i)
+            .and_then(|&s| usize::try_from(s).ok())
+            .ok_or_else(|| quarantine(QuarantineReason::DecodeError, "bad plane stride"))
+    };
+    let yuv = YuvFrame {
+        width: info.width() as usize,
+        height: info.height() as usize,
+        planes: [plane(0)?, plane(1)?, plane(2)?],
+        strides: [stride(0)?, stride(1)?, stride(2)?],
+        colour: colour_of(info),
+    };
+    f(&yuv)
+}
+
+/// The stream's YUV→RGB conversion from its colorimetry (untagged: BT.709 from 720 lines up,
+/// else BT.601, as GStreamer and most players assume).
+fn colour_of(info: &gst_video::VideoInfo) -> Colour {
+    use gst_video::VideoColorMatrix as M;
+    let c = info.colorimetry();
+    let base = match c.matrix() {
+        M::Bt709 => Colour::BT709,
+        M::Bt601 => Colour::BT601,
+        M::Bt2020 => Colour::BT2020,
+        M::Fcc => Colour {
+            kr: 0.30,
+            kb: 0.11,
+            full_range: false,
+        },
+        M::Smpte240m => Colour {
+            kr: 0.212,
+            kb: 0.087,
+            full_range: false,
+        },
+        _ if info.height() >= 720 => Colour::BT709,
+        _ => Colour::BT601,
+    };
+    Colour {
+        full_range: c.range() == gst_video::VideoColorRange::Range0_255,
+        ..base
     }
 }
 
@@ -939,6 +1261,7 @@ fn on_pad_added(
     if pipeline.add(&sink).is_err() {
         return;
     }
+    lock(shared).fakesinks.push(sink.clone());
     if let Err(e) = sink.sync_state_with_parent() {
         tracing::debug!(error = %e, "fakesink state sync failed");
     }
@@ -963,9 +1286,9 @@ fn frame_video_info(
             format!("unusable caps {caps}: {e}"),
         )
     })?;
-    if vi.format() != gst_video::VideoFormat::Rgb {
+    if vi.format() != gst_video::VideoFormat::I420 {
         return Err(IngestError::Fatal(format!(
-            "appsink delivered {} instead of RGB",
+            "appsink delivered {} instead of I420",
             vi.format()
         )));
     }
@@ -1024,97 +1347,40 @@ fn stream_info(
     }
 }
 
-/// Copies one RGB frame into `dst` (`height × width × 3` bytes), dropping row padding.
-fn copy_frame(
-    sample: &gst::Sample,
-    info: &gst_video::VideoInfo,
-    dst: &mut [u8],
-) -> Result<(), IngestError> {
-    let buffer = sample
-        .buffer()
-        .ok_or_else(|| quarantine(QuarantineReason::DecodeError, "sample without a buffer"))?;
-    let frame = gst_video::VideoFrameRef::from_buffer_ref_readable(buffer, info).map_err(|e| {
-        quarantine(
-            QuarantineReason::DecodeError,
-            format!("cannot map decoded frame: {e}"),
-        )
-    })?;
-    let row = info.width() as usize * 3;
-    let height = info.height() as usize;
-    let stride = usize::try_from(frame.plane_stride()[0]).unwrap_or(0);
-    let data = frame.plane_data(0).map_err(|e| {
-        quarantine(
-            QuarantineReason::DecodeError,
-            format!("cannot read decoded frame: {e}"),
-        )
-    })?;
-    if dst.len() != row * height || stride < row {
-        return Err(quarantine(
-            QuarantineReason::DecodeError,
-            format!(
-                "unexpected frame layout: stride {stride}, row {row}, rows {height}, out {}",
-                dst.len()
-            ),
-        ));
-    }
-    if stride == row {
-        let src = data
-            .get(..row * height)
-            .ok_or_else(|| short_frame(data.len()))?;
-        dst.copy_from_slice(src);
-    } else {
-        for (y, out) in dst.chunks_exact_mut(row).enumerate() {
-            let src = data
-                .get(y * stride..y * stride + row)
-                .ok_or_else(|| short_frame(data.len()))?;
-            out.copy_from_slice(src);
-        }
-    }
-    Ok(())
-}
-
-fn short_frame(len: usize) -> IngestError {
-    quarantine(
-        QuarantineReason::DecodeError,
-        format!("decoded frame buffer too short ({len} bytes)"),
-    )
-}
-
 /// For ISO-BMFF (MP4/MOV) bytes: describes how the top-level box structure runs past the end
 /// of the data (a cut-off upload), or `None` if it is complete or not ISO-BMFF at all.
-fn mp4_cut_off(data: &[u8]) -> Option<String> {
-    let be32 = |at: usize| -> Option<u64> {
-        let b: [u8; 4] = data.get(at..at + 4)?.try_into().ok()?;
-        Some(u64::from(u32::from_be_bytes(b)))
+fn mp4_cut_off(len: u64, read: impl Fn(u64, u64) -> Option<Bytes>) -> Option<String> {
+    let header = |at: u64| -> Option<(u64, [u8; 4], Option<u64>)> {
+        let b = read(at, 16)?;
+        let size32 = u64::from(u32::from_be_bytes(b.get(0..4)?.try_into().ok()?));
+        let kind: [u8; 4] = b.get(4..8)?.try_into().ok()?;
+        let size64 = b
+            .get(8..16)
+            .and_then(|x| x.try_into().ok())
+            .map(u64::from_be_bytes);
+        Some((size32, kind, size64))
     };
-    let be64 = |at: usize| -> Option<u64> {
-        let b: [u8; 8] = data.get(at..at + 8)?.try_into().ok()?;
-        Some(u64::from_be_bytes(b))
-    };
-    if data.get(4..8) != Some(b"ftyp".as_slice()) {
+    if header(0)?.1 != *b"ftyp" {
         return None;
     }
-    let len = data.len() as u64;
     let mut offset = 0u64;
     let mut saw_moov = false;
     while offset + 8 <= len {
-        let at = usize::try_from(offset).ok()?;
-        let size32 = be32(at)?;
-        let kind = data.get(at + 4..at + 8)?;
+        let (size32, kind, size64) = header(offset)?;
         let size = match size32 {
             0 => len - offset,
-            1 => be64(at + 8).unwrap_or(u64::MAX),
+            1 => size64.unwrap_or(u64::MAX),
             n => n,
         };
         if size < 8 {
             return None; // malformed, not a truncation
         }
-        saw_moov |= kind == b"moov";
+        saw_moov |= kind == *b"moov";
         if size > len - offset {
             return Some(format!(
                 "MP4 cut off: top-level box '{}' at byte {offset} declares {size} bytes, only {} \
                  present{}",
-                String::from_utf8_lossy(kind),
+                String::from_utf8_lossy(&kind),
                 len - offset,
                 if saw_moov {
                     ""
@@ -1131,6 +1397,16 @@ fn mp4_cut_off(data: &[u8]) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::mp4_cut_off;
+    use bytes::Bytes;
+
+    fn cut_of(data: &[u8]) -> Option<String> {
+        let len = data.len() as u64;
+        mp4_cut_off(len, |at, n| {
+            let s = (at as usize).min(data.len());
+            let e = ((at + n) as usize).min(data.len());
+            Some(Bytes::copy_from_slice(&data[s..e]))
+        })
+    }
 
     fn boxed(kind: &[u8; 4], payload: usize) -> Vec<u8> {
         let mut v = ((payload + 8) as u32).to_be_bytes().to_vec();
@@ -1144,15 +1420,15 @@ mod tests {
         let mut file = boxed(b"ftyp", 16);
         file.extend(boxed(b"mdat", 1000));
         file.extend(boxed(b"moov", 200));
-        assert_eq!(mp4_cut_off(&file), None);
-        let cut = mp4_cut_off(&file[..500]).expect("cut in mdat");
+        assert_eq!(cut_of(&file), None);
+        let cut = cut_of(&file[..500]).expect("cut in mdat");
         assert!(cut.contains("'mdat'") && cut.contains("no moov"), "{cut}");
-        assert!(mp4_cut_off(&file[..file.len() - 1]).is_some());
-        assert_eq!(mp4_cut_off(b"not an mp4 at all"), None);
-        assert_eq!(mp4_cut_off(&[]), None);
+        assert!(cut_of(&file[..file.len() - 1]).is_some());
+        assert_eq!(cut_of(b"not an mp4 at all"), None);
+        assert_eq!(cut_of(&[]), None);
         // Malformed box sizes are not called truncation.
         let mut bad = boxed(b"ftyp", 16);
         bad.extend_from_slice(&[0, 0, 0, 3, b'f', b'r', b'e', b'e']);
-        assert_eq!(mp4_cut_off(&bad), None);
+        assert_eq!(cut_of(&bad), None);
     }
 }

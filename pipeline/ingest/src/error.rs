@@ -31,11 +31,13 @@ pub enum QuarantineReason {
     /// A frame is larger than [`crate::DecoderOptions::max_pixels`] (or the clip would not fit
     /// in memory).
     TooLarge,
+    /// The object could not be read from its store (missing, permission, short read).
+    FetchError,
 }
 
 impl QuarantineReason {
     /// Every reason, in declaration order.
-    pub const ALL: [QuarantineReason; 10] = [
+    pub const ALL: [QuarantineReason; 11] = [
         QuarantineReason::EmptyFile,
         QuarantineReason::NotAVideo,
         QuarantineReason::UnsupportedFormat,
@@ -46,6 +48,7 @@ impl QuarantineReason {
         QuarantineReason::NoFrames,
         QuarantineReason::Timeout,
         QuarantineReason::TooLarge,
+        QuarantineReason::FetchError,
     ];
 
     /// The stable snake_case word for this reason (as stored in Parquet records).
@@ -61,6 +64,7 @@ impl QuarantineReason {
             QuarantineReason::NoFrames => "no_frames",
             QuarantineReason::Timeout => "timeout",
             QuarantineReason::TooLarge => "too_large",
+            QuarantineReason::FetchError => "fetch_error",
         }
     }
 
@@ -132,7 +136,8 @@ mod tests {
                 "truncated",
                 "no_frames",
                 "timeout",
-                "too_large"
+                "too_large",
+                "fetch_error"
             ]
         );
         for r in QuarantineReason::ALL {

@@ -1,11 +1,14 @@
 //! GStreamer ingest for vjepa-stream.
 //!
-//! * [`Decoder::decode_clip`] decodes the frames a training clip needs from the bytes of one
-//!   object-store object: `appsrc` (random access over the bytes) → `decodebin` → `videoconvert`
-//!   → `appsink` (packed RGB). The caller picks the frame indices once the stream's
-//!   [`VideoInfo`] is known (spec §1: the caller computes indices; this crate decodes them).
-//!   Decoding starts at frame 0, counts frames, keeps the requested ones and stops at the last
-//!   requested index.
+//! * [`Decoder::decode`] decodes the frames a training clip needs from one object-store object:
+//!   ranged reads with read-ahead ([`ObjectSource`], [`ReadAhead`]) → `appsrc` (random access)
+//!   → `decodebin` → `videoconvert` → `appsink` (8-bit I420). The caller picks the frame
+//!   indices once the stream's [`VideoInfo`] is known (spec §1: the caller computes indices;
+//!   this crate decodes them). Big gaps before the wanted frames are skipped with a key-frame
+//!   seek; decoding stops at the last wanted frame.
+//! * [`ClipTensor`] crops, resizes and colour-converts each frame straight into the normalised
+//!   `[3, T, S, S]` clip tensor (scaling before colour conversion, on output pixels only);
+//!   [`Decoder::decode_clip`] gives plain RGB frames instead.
 //! * Anything wrong with the input becomes [`IngestError::Quarantine`] with a stable
 //!   [`QuarantineReason`]; a corrupt video never panics and never hangs (every wait is bounded by
 //!   [`DecoderOptions::deadline`]).
@@ -17,11 +20,15 @@
 
 mod decode;
 mod error;
+mod frame;
 mod samples;
+mod source;
 
-pub use decode::{DecodedClip, Decoder, DecoderOptions, VideoInfo};
+pub use decode::{DecodeStats, DecodedClip, Decoder, DecoderOptions, FrameSink, VideoInfo};
 pub use error::{IngestError, QuarantineReason};
+pub use frame::{ClipGeometry, ClipTensor, Colour, YuvFrame};
 pub use samples::{SampleCodec, SampleSpec, default_sample_specs, make_sample, make_samples};
+pub use source::{ByteSource, DEFAULT_READ_TIMEOUT, ObjectSource, ReadAhead, ReadAheadOptions};
 
 use gstreamer as gst;
 use std::sync::OnceLock;

@@ -1,0 +1,537 @@
+//! Decoded frames as the decoder hands them out (planar 4:2:0 YUV, 8 bit) and the two ways out of
+//! them: crop → bilinear resize → colour conversion → normalisation straight into a clip tensor
+//! ([`ClipTensor`]), or plain RGB at native resolution ([`YuvFrame::to_rgb`]).
+//!
+//! Scaling before colour conversion is what makes the ingest fast: the colour conversion (and
+//! every float operation) runs only on the source pixels the `S × S` output reads (four per
+//! output pixel), never on the whole native frame. Each of them is converted exactly as the
+//! reference RGB24 frame holds it (clamped, rounded to u8) and then interpolated in torch's
+//! order, so the result equals the reference order (decode to RGB, then crop/resize, spec §1)
+//! up to float rounding. Chroma is upsampled by replication (each 4:2:0 chroma sample covers its
+//! 2×2 luma block), as ffmpeg's default YUV→RGB conversion does (and with it decord, the
+//! official loader).
+
+use crate::error::{IngestError, QuarantineReason};
+
+/// The YUV→RGB matrix and range of a stream, from its caps (colorimetry).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Colour {
+    /// Red luma coefficient `Kr` (BT.601 0.299, BT.709 0.2126, BT.2020 0.2627).
+    pub kr: f32,
+    /// Blue luma coefficient `Kb` (BT.601 0.114, BT.709 0.0722, BT.2020 0.0593).
+    pub kb: f32,
+    /// `true` for full-range (0–255) samples, `false` for limited range (Y 16–235, C 16–240).
+    pub full_range: bool,
+}
+
+impl Colour {
+    /// BT.601, limited range: what SD video is unless tagged otherwise.
+    pub const BT601: Colour = Colour {
+        kr: 0.299,
+        kb: 0.114,
+        full_range: false,
+    };
+    /// BT.709, limited range: what HD video is unless tagged otherwise.
+    pub const BT709: Colour = Colour {
+        kr: 0.2126,
+        kb: 0.0722,
+        full_range: false,
+    };
+    /// BT.2020 (non-constant luminance), limited range.
+    pub const BT2020: Colour = Colour {
+        kr: 0.2627,
+        kb: 0.0593,
+        full_range: false,
+    };
+
+    /// The conversion as `rgb = m · (y − y0, u − 128, v − 128)`, pre-scaled to 0..255 output.
+    fn matrix(&self) -> Matrix {
+        let (ys, cs, y0) = if self.full_range {
+            (1.0f32, 1.0f32, 0.0f32)
+        } else {
+            (255.0 / 219.0, 255.0 / 224.0, 16.0)
+        };
+        let (kr, kb) = (self.kr, self.kb);
+        let kg = 1.0 - kr - kb;
+        Matrix {
+            y0,
+            ys,
+            rv: 2.0 * (1.0 - kr) * cs,
+            gu: -2.0 * (1.0 - kb) * kb / kg * cs,
+            gv: -2.0 * (1.0 - kr) * kr / kg * cs,
+            bu: 2.0 * (1.0 - kb) * cs,
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Matrix {
+    y0: f32,
+    ys: f32,
+    rv: f32,
+    gu: f32,
+    gv: f32,
+    bu: f32,
+}
+
+impl Matrix {
+    /// RGB clamped and rounded to 0..255, as an RGB24 frame holds it.
+    #[inline(always)]
+    fn rgb_u8(&self, y: f32, u: f32, v: f32) -> [f32; 3] {
+        self.rgb(y, u, v).map(f32::round)
+    }
+
+    #[inline(always)]
+    fn rgb(&self, y: f32, u: f32, v: f32) -> [f32; 3] {
+        let y = (y - self.y0) * self.ys;
+        let (u, v) = (u - 128.0, v - 128.0);
+        [
+            (y + self.rv * v).clamp(0.0, 255.0),
+            (y + self.gu * u + self.gv * v).clamp(0.0, 255.0),
+            (y + self.bu * u).clamp(0.0, 255.0),
+        ]
+    }
+}
+
+/// One decoded frame: 8-bit planar 4:2:0 (I420), borrowed from the decoder's buffer.
+///
+/// Chroma planes are `ceil(width/2) × ceil(height/2)`; strides are in bytes.
+#[derive(Clone, Copy, Debug)]
+pub struct YuvFrame<'a> {
+    /// Luma width in pixels.
+    pub width: usize,
+    /// Luma height in pixels.
+    pub height: usize,
+    /// Y, U, V planes.
+    pub planes: [&'a [u8]; 3],
+    /// Bytes per row of each plane.
+    pub strides: [usize; 3],
+    /// How to turn the samples into RGB.
+    pub colour: Colour,
+}
+
+impl<'a> YuvFrame<'a> {
+    /// Width and height of the chroma planes.
+    pub fn chroma_size(&self) -> (usize, usize) {
+        (self.width.div_ceil(2), self.height.div_ceil(2))
+    }
+
+    /// Checks that the planes hold `width × height` (luma) and the chroma size at their strides.
+    pub fn validate(&self) -> Result<(), IngestError> {
+        let (cw, ch) = self.chroma_size();
+        let dims = [(self.width, self.height), (cw, ch), (cw, ch)];
+        if self.width == 0 || self.height == 0 {
+            return Err(bad_frame("zero-size frame".into()));
+        }
+        for (p, &(w, h)) in dims.iter().enumerate() {
+            let need = self.strides[p]
+                .checked_mul(h - 1)
+                .and_then(|x| x.checked_add(w))
+                .ok_or_else(|| bad_frame("plane size overflows".into()))?;
+            if self.strides[p] < w || self.planes[p].len() < need {
+                return Err(bad_frame(format!(
+                    "plane {p}: {} bytes at stride {} for {w}x{h}",
+                    self.planes[p].len(),
+                    self.strides[p]
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Packed RGB at native resolution (`height × width × 3` bytes, no padding), rounded to u8.
+    ///
+    /// Chroma is replicated over its 2×2 block, as in [`ClipTensor`]. Used by tests and
+    /// tools that want plain frames; training goes through [`ClipTensor`].
+    pub fn to_rgb(&self, dst: &mut [u8]) -> Result<(), IngestError> {
+        self.validate()?;
+        let (w, h) = (self.width, self.height);
+        if dst.len() != w * h * 3 {
+            return Err(bad_frame(format!(
+                "RGB buffer of {} bytes for {w}x{h}",
+                dst.len()
+            )));
+        }
+        let m = self.colour.matrix();
+        let [yp, up, vp] = self.planes;
+        let [ys, us, vs] = self.strides;
+        for (y, out) in dst.chunks_exact_mut(w * 3).enumerate() {
+            let yrow = &yp[y * ys..y * ys + w];
+            let (urow, vrow) = (&up[(y >> 1) * us..], &vp[(y >> 1) * vs..]);
+            for (x, px) in out.chunks_exact_mut(3).enumerate() {
+                let rgb = m.rgb(
+                    f32::from(yrow[x]),
+                    f32::from(urow[x >> 1]),
+                    f32::from(vrow[x >> 1]),
+                );
+                for c in 0..3 {
+                    px[c] = rgb[c].round() as u8;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn bad_frame(detail: String) -> IngestError {
+    IngestError::quarantine(
+        QuarantineReason::DecodeError,
+        format!("unusable frame: {detail}"),
+    )
+}
+
+/// Bilinear taps of torch's `interpolate(mode="bilinear", align_corners=False)` along one axis:
+/// output `o` reads input `i0, i1` with weights `w0, w1` at `(o + 0.5)·in/out − 0.5`, clamped.
+fn taps(input: usize, output: usize) -> Vec<(usize, usize, f32, f32)> {
+    let scale = input as f32 / output as f32;
+    (0..output)
+        .map(|o| {
+            let src = (scale * (o as f32 + 0.5) - 0.5).max(0.0);
+            let i0 = (src.floor() as usize).min(input - 1);
+            let l1 = (src - i0 as f32).clamp(0.0, 1.0);
+            let i1 = if i0 + 1 < input { i0 + 1 } else { i0 };
+            (i0, i1, 1.0 - l1, l1)
+        })
+        .collect()
+}
+
+/// Where a clip's frames go: crop box, output side, flip, normalisation (spec §1 transform).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ClipGeometry {
+    /// Crop box top row, in frame pixels.
+    pub top: usize,
+    /// Crop box left column.
+    pub left: usize,
+    /// Crop box rows.
+    pub height: usize,
+    /// Crop box columns.
+    pub width: usize,
+    /// Output side `S` (the crop is resized to `S × S`).
+    pub size: usize,
+    /// Mirror horizontally (after resizing).
+    pub flip: bool,
+    /// Per-channel mean, in 0..255 units (spec: `255 · (0.485, 0.456, 0.406)`).
+    pub mean: [f32; 3],
+    /// Per-channel standard deviation, in 0..255 units (spec: `255 · (0.229, 0.224, 0.225)`).
+    pub std: [f32; 3],
+}
+
+/// A clip tensor being filled frame by frame: f32 `[3, T, S, S]`, channel-major, normalised.
+///
+/// Each frame is cropped, resized (torch bilinear, `align_corners=False`, no antialias) and
+/// colour-converted in one pass over the output pixels, so memory is `O(T·S²)` whatever the
+/// input resolution.
+pub struct ClipTensor {
+    geometry: ClipGeometry,
+    frames: usize,
+    data: Vec<f32>,
+    filled: Vec<bool>,
+    /// Frame size the taps were computed for, and the taps.
+    taps: Option<(usize, usize, Taps2d)>,
+}
+
+struct Taps2d {
+    /// Per output row: luma (i0, i1, w0, w1), chroma (i0, i1, w0, w1).
+    rows: Vec<[(usize, usize, f32, f32); 2]>,
+    /// Per output column (flip applied).
+    cols: Vec<[(usize, usize, f32, f32); 2]>,
+}
+
+impl ClipTensor {
+    /// An empty clip of `frames` frames; fails if the output is empty or too large to allocate.
+    pub fn new(geometry: ClipGeometry, frames: usize) -> Result<Self, IngestError> {
+        let s = geometry.size;
+        let len = s
+            .checked_mul(s)
+            .and_then(|x| x.checked_mul(frames))
+            .and_then(|x| x.checked_mul(3))
+            .filter(|&n| n > 0)
+            .ok_or_else(|| {
+                IngestError::Fatal(format!("bad clip shape: {frames} frames of {s}²"))
+            })?;
+        if geometry.std.iter().any(|&v| v == 0.0 || !v.is_finite()) {
+            return Err(IngestError::Fatal(format!(
+                "bad normalisation std {:?}",
+                geometry.std
+            )));
+        }
+        Ok(ClipTensor {
+            geometry,
+            frames,
+            data: vec![0.0; len],
+            filled: vec![false; frames],
+            taps: None,
+        })
+    }
+
+    /// The geometry this clip was made with.
+    pub fn geometry(&self) -> &ClipGeometry {
+        &self.geometry
+    }
+
+    /// Writes frame `slot` (`0 ≤ slot < T`) from a decoded frame.
+    ///
+    /// The crop box must lie inside the frame (a mid-stream size change is a quarantine).
+    pub fn put(&mut self, slot: usize, frame: &YuvFrame<'_>) -> Result<(), IngestError> {
+        frame.validate()?;
+        if slot >= self.frames {
+            return Err(IngestError::Fatal(format!(
+                "frame slot {slot} out of {}",
+                self.frames
+            )));
+        }
+        let g = self.geometry;
+        let inside = g.height > 0
+            && g.width > 0
+            && g.top + g.height <= frame.height
+            && g.left + g.width <= frame.width;
+        if !inside {
+            return Err(IngestError::quarantine(
+                QuarantineReason::DecodeError,
+                format!(
+                    "crop {}x{}+{}+{} outside the {}x{} frame (size changed mid-stream?)",
+                    g.width, g.height, g.left, g.top, frame.width, frame.height
+                ),
+            ));
+        }
+        let fresh =
+            !matches!(&self.taps, Some((w, h, _)) if *w == frame.width && *h == frame.height);
+        if fresh {
+            let rows = taps(g.height, g.size)
+                .into_iter()
+                .map(|(i0, i1, w0, w1)| {
+                    let (i0, i1) = (g.top + i0, g.top + i1);
+                    [(i0, i1, w0, w1), (i0 >> 1, i1 >> 1, w0, w1)]
+                })
+                .collect();
+            let mut cols: Vec<_> = taps(g.width, g.size)
+                .into_iter()
+                .map(|(i0, i1, w0, w1)| {
+                    let (i0, i1) = (g.left + i0, g.left + i1);
+                    [(i0, i1, w0, w1), (i0 >> 1, i1 >> 1, w0, w1)]
+                })
+                .collect();
+            if g.flip {
+                cols.reverse();
+            }
+            self.taps = Some((frame.width, frame.height, Taps2d { rows, cols }));
+        }
+        let Some((_, _, t2)) = &self.taps else {
+            return Err(IngestError::Fatal("taps missing".into()));
+        };
+        let m = frame.colour.matrix();
+        let s = g.size;
+        let plane = s * s;
+        let t = self.frames;
+        let [yp, up, vp] = frame.planes;
+        let [ys, us, vs] = frame.strides;
+        // Split the output into its three channel planes for this frame.
+        let (r_all, rest) = self.data.split_at_mut(t * plane);
+        let (g_all, b_all) = rest.split_at_mut(t * plane);
+        let base = slot * plane;
+        let (ro, go, bo) = (
+            &mut r_all[base..base + plane],
+            &mut g_all[base..base + plane],
+            &mut b_all[base..base + plane],
+        );
+        for (oy, row_taps) in t2.rows.iter().enumerate() {
+            let [(y0, y1, a0, a1), (c0, c1, _, _)] = *row_taps;
+            let (yr0, yr1) = (&yp[y0 * ys..], &yp[y1 * ys..]);
+            let (ur0, ur1) = (&up[c0 * us..], &up[c1 * us..]);
+            let (vr0, vr1) = (&vp[c0 * vs..], &vp[c1 * vs..]);
+            let out = oy * s;
+            for (ox, col_taps) in t2.cols.iter().enumerate() {
+                let [(x0, x1, b0, b1), (d0, d1, _, _)] = *col_taps;
+                // Each of the four source pixels as the reference sees it: RGB, clamped and
+                // rounded to u8; then torch's order: rows of horizontally interpolated values.
+                let px = |yr: &[u8], ur: &[u8], vr: &[u8], x: usize, d: usize| {
+                    m.rgb_u8(f32::from(yr[x]), f32::from(ur[d]), f32::from(vr[d]))
+                };
+                let p00 = px(yr0, ur0, vr0, x0, d0);
+                let p01 = px(yr0, ur0, vr0, x1, d1);
+                let p10 = px(yr1, ur1, vr1, x0, d0);
+                let p11 = px(yr1, ur1, vr1, x1, d1);
+                let v =
+                    |c: usize| a0 * (b0 * p00[c] + b1 * p01[c]) + a1 * (b0 * p10[c] + b1 * p11[c]);
+                ro[out + ox] = (v(0) - g.mean[0]) / g.std[0];
+                go[out + ox] = (v(1) - g.mean[1]) / g.std[1];
+                bo[out + ox] = (v(2) - g.mean[2]) / g.std[2];
+            }
+        }
+        self.filled[slot] = true;
+        Ok(())
+    }
+
+    /// Copies frame `from` into slot `to` (repeated indices, padding).
+    pub fn copy_slot(&mut self, from: usize, to: usize) -> Result<(), IngestError> {
+        if from >= self.frames || to >= self.frames || !self.filled[from] {
+            return Err(IngestError::Fatal(format!(
+                "cannot copy frame slot {from} to {to} of {}",
+                self.frames
+            )));
+        }
+        let plane = self.geometry.size * self.geometry.size;
+        for c in 0..3 {
+            let src = (c * self.frames + from) * plane;
+            let dst = (c * self.frames + to) * plane;
+            self.data.copy_within(src..src + plane, dst);
+        }
+        self.filled[to] = true;
+        Ok(())
+    }
+
+    /// Whether every slot has been written.
+    pub fn is_complete(&self) -> bool {
+        self.filled.iter().all(|&f| f)
+    }
+
+    /// The tensor, `[3, T, S, S]` f32.
+    pub fn into_data(self) -> Vec<f32> {
+        self.data
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A frame with smooth but non-trivial content in all three planes.
+    fn planes(w: usize, h: usize, stride_pad: usize) -> (Vec<u8>, Vec<u8>, Vec<u8>, [usize; 3]) {
+        let (cw, ch) = (w.div_ceil(2), h.div_ceil(2));
+        let (ys, cs) = (w + stride_pad, cw + stride_pad);
+        let mut y = vec![0u8; ys * h];
+        let mut u = vec![0u8; cs * ch];
+        let mut v = vec![0u8; cs * ch];
+        for r in 0..h {
+            for c in 0..w {
+                y[r * ys + c] = (16 + (r * 7 + c * 3) % 220) as u8;
+            }
+        }
+        for r in 0..ch {
+            for c in 0..cw {
+                u[r * cs + c] = (64 + (r * 5 + c * 11) % 128) as u8;
+                v[r * cs + c] = (200 - (r * 3 + c * 2) % 150) as u8;
+            }
+        }
+        (y, u, v, [ys, cs, cs])
+    }
+
+    #[test]
+    fn grey_and_primaries_convert_exactly() {
+        let m = Colour::BT601.matrix();
+        // Limited-range black, white, mid grey.
+        assert_eq!(m.rgb(16.0, 128.0, 128.0), [0.0, 0.0, 0.0]);
+        let w = m.rgb(235.0, 128.0, 128.0);
+        assert!(w.iter().all(|&c| (c - 255.0).abs() < 1e-3), "{w:?}");
+        // BT.709 red (limited): Y=63, Cb=102, Cr=240 → about (255, 0, 0).
+        let r = Colour::BT709.matrix().rgb(63.0, 102.0, 240.0);
+        assert!(
+            (r[0] - 255.0).abs() < 2.0 && r[1] < 2.0 && r[2] < 2.0,
+            "{r:?}"
+        );
+        // Full range keeps 0..255.
+        let f = Colour {
+            full_range: true,
+            ..Colour::BT601
+        }
+        .matrix();
+        assert_eq!(f.rgb(0.0, 128.0, 128.0), [0.0, 0.0, 0.0]);
+        assert_eq!(f.rgb(255.0, 128.0, 128.0), [255.0, 255.0, 255.0]);
+    }
+
+    #[test]
+    fn identity_geometry_equals_native_rgb() {
+        // Resizing a full-frame crop to its own size touches luma 1:1, so the tensor must equal
+        // the native RGB conversion up to its u8 rounding.
+        let (w, h) = (12, 12);
+        let (y, u, v, strides) = planes(w, h, 3);
+        let frame = YuvFrame {
+            width: w,
+            height: h,
+            planes: [&y, &u, &v],
+            strides,
+            colour: Colour::BT709,
+        };
+        let mut rgb = vec![0u8; w * h * 3];
+        frame.to_rgb(&mut rgb).unwrap();
+        let g = ClipGeometry {
+            top: 0,
+            left: 0,
+            height: h,
+            width: w,
+            size: w,
+            flip: false,
+            mean: [0.0; 3],
+            std: [1.0; 3],
+        };
+        let mut clip = ClipTensor::new(g, 2).unwrap();
+        clip.put(1, &frame).unwrap();
+        clip.copy_slot(1, 0).unwrap();
+        assert!(clip.is_complete());
+        let data = clip.into_data();
+        for c in 0..3 {
+            for t in 0..2 {
+                for p in 0..w * h {
+                    let ours = data[(c * 2 + t) * w * h + p];
+                    let want = f32::from(rgb[p * 3 + c]);
+                    assert!(
+                        (ours - want).abs() <= 0.5 + 1e-3,
+                        "c{c} p{p}: {ours} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn flip_mirrors_and_crop_stays_inside() {
+        let (w, h) = (9, 7); // odd sizes: chroma planes are 5x4
+        let (y, u, v, strides) = planes(w, h, 0);
+        let frame = YuvFrame {
+            width: w,
+            height: h,
+            planes: [&y, &u, &v],
+            strides,
+            colour: Colour::BT601,
+        };
+        let mk = |flip| ClipGeometry {
+            top: 1,
+            left: 2,
+            height: 6,
+            width: 7,
+            size: 5,
+            flip,
+            mean: [10.0, 20.0, 30.0],
+            std: [2.0, 3.0, 4.0],
+        };
+        let mut a = ClipTensor::new(mk(false), 1).unwrap();
+        let mut b = ClipTensor::new(mk(true), 1).unwrap();
+        a.put(0, &frame).unwrap();
+        b.put(0, &frame).unwrap();
+        let (a, b) = (a.into_data(), b.into_data());
+        for c in 0..3 {
+            for r in 0..5 {
+                for x in 0..5 {
+                    assert_eq!(a[c * 25 + r * 5 + x], b[c * 25 + r * 5 + (4 - x)]);
+                }
+            }
+        }
+        // A crop that does not fit is refused, not read out of bounds.
+        let mut bad = ClipTensor::new(
+            ClipGeometry {
+                top: 2,
+                height: 6,
+                ..mk(false)
+            },
+            1,
+        )
+        .unwrap();
+        assert!(bad.put(0, &frame).is_err());
+        // Short planes are refused.
+        let short = YuvFrame {
+            planes: [&y[..10], &u, &v],
+            ..frame
+        };
+        assert!(short.validate().is_err());
+    }
+}

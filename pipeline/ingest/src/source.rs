@@ -1,0 +1,383 @@
+//! Where the decoder's bytes come from: a whole object in memory, or ranged GETs against an
+//! object store ([`ObjectSource`]), always read through a [`ReadAhead`] cache.
+//!
+//! Demuxers read in small pieces (box headers, one sample at a time) and jump around (an MP4
+//! whose `moov` index is at the end is read from the end first). A GET per piece would be slow
+//! and a download of the whole object wasteful (a 16-frame window of an hour-long video needs a
+//! few MB of it), so reads are served from a few cached chunks; a chunk's size doubles while
+//! reads are sequential (up to [`ReadAheadOptions::max_chunk`]) and drops back after a jump.
+//! Bytes fetched are counted, for the per-clip statistics.
+
+use std::collections::VecDeque;
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt};
+use tokio::runtime::Handle;
+
+use crate::error::{IngestError, QuarantineReason};
+
+/// Random access to the bytes of one video.
+pub trait ByteSource: Send + Sync {
+    /// Total size in bytes.
+    fn size(&self) -> u64;
+    /// The bytes in `range` (`range.end ≤ size()`), all of them.
+    fn read(&self, range: Range<u64>) -> Result<Bytes, IngestError>;
+    /// Where the bytes come from, for messages (never includes credentials).
+    fn describe(&self) -> String;
+}
+
+impl ByteSource for Bytes {
+    fn size(&self) -> u64 {
+        self.len() as u64
+    }
+
+    fn read(&self, range: Range<u64>) -> Result<Bytes, IngestError> {
+        let (start, end) = (to_usize(range.start)?, to_usize(range.end)?);
+        if start > end || end > self.len() {
+            return Err(IngestError::Fatal(format!(
+                "read {start}..{end} past the end of {} bytes",
+                self.len()
+            )));
+        }
+        Ok(self.slice(start..end))
+    }
+
+    fn describe(&self) -> String {
+        format!("{} bytes in memory", self.len())
+    }
+}
+
+fn to_usize(x: u64) -> Result<usize, IngestError> {
+    usize::try_from(x).map_err(|_| IngestError::Fatal(format!("offset {x} exceeds usize")))
+}
+
+/// One object in an [`ObjectStore`] (local directory, S3, …), read with ranged GETs.
+///
+/// Reads block the calling thread on `runtime` (they come from GStreamer's streaming threads,
+/// which are not tokio threads); do not call [`ByteSource::read`] from inside the runtime.
+pub struct ObjectSource {
+    store: Arc<dyn ObjectStore>,
+    path: Path,
+    size: u64,
+    runtime: Handle,
+    timeout: Duration,
+}
+
+/// How long one ranged GET may take by default before it is abandoned ([`ObjectSource::timeout`]).
+pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl ObjectSource {
+    /// Opens `path` (one HEAD request for its size). A missing or unreadable object is
+    /// [`QuarantineReason::FetchError`].
+    pub fn open(
+        store: Arc<dyn ObjectStore>,
+        path: Path,
+        runtime: Handle,
+    ) -> Result<Arc<Self>, IngestError> {
+        let meta = runtime.block_on(store.head(&path)).map_err(|e| {
+            IngestError::quarantine(QuarantineReason::FetchError, format!("HEAD {path}: {e}"))
+        })?;
+        Ok(Self::with_size(store, path, meta.size, runtime))
+    }
+
+    /// A source whose size is already known (from a listing), saving the HEAD request.
+    pub fn with_size(
+        store: Arc<dyn ObjectStore>,
+        path: Path,
+        size: u64,
+        runtime: Handle,
+    ) -> Arc<Self> {
+        Arc::new(ObjectSource {
+            store,
+            path,
+            size,
+            runtime,
+            timeout: DEFAULT_READ_TIMEOUT,
+        })
+    }
+
+    /// The same source with another per-request timeout (a stalled store must not hold a
+    /// decoder past its deadline: GStreamer cannot stop a streaming thread stuck in a read).
+    pub fn with_timeout(self: Arc<Self>, timeout: Duration) -> Arc<Self> {
+        Arc::new(ObjectSource {
+            store: Arc::clone(&self.store),
+            path: self.path.clone(),
+            size: self.size,
+            runtime: self.runtime.clone(),
+            timeout,
+        })
+    }
+}
+
+impl ByteSource for ObjectSource {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read(&self, range: Range<u64>) -> Result<Bytes, IngestError> {
+        if range.start >= range.end {
+            return Ok(Bytes::new());
+        }
+        let want = range.end - range.start;
+        let get = self.store.get_range(&self.path, range.clone());
+        let bytes = self
+            .runtime
+            .block_on(async { tokio::time::timeout(self.timeout, get).await })
+            .map_err(|_| {
+                IngestError::quarantine(
+                    QuarantineReason::FetchError,
+                    format!(
+                        "GET {} bytes {}..{} took longer than {:?}",
+                        self.path, range.start, range.end, self.timeout
+                    ),
+                )
+            })?
+            .map_err(|e| {
+                IngestError::quarantine(
+                    QuarantineReason::FetchError,
+                    format!(
+                        "GET {} bytes {}..{}: {e}",
+                        self.path, range.start, range.end
+                    ),
+                )
+            })?;
+        if bytes.len() as u64 != want {
+            return Err(IngestError::quarantine(
+                QuarantineReason::FetchError,
+                format!(
+                    "GET {} bytes {}..{} returned {} bytes (object changed while reading?)",
+                    self.path,
+                    range.start,
+                    range.end,
+                    bytes.len()
+                ),
+            ));
+        }
+        Ok(bytes)
+    }
+
+    fn describe(&self) -> String {
+        format!("{} ({} bytes)", self.path, self.size)
+    }
+}
+
+/// Chunk sizes and cache bound of a [`ReadAhead`].
+#[derive(Clone, Copy, Debug)]
+pub struct ReadAheadOptions {
+    /// First chunk size, and the size after a jump (default 256 KiB).
+    pub min_chunk: u64,
+    /// Largest chunk, reached by doubling on sequential reads (default 8 MiB).
+    pub max_chunk: u64,
+    /// Most bytes kept in cached chunks (default 32 MiB); the oldest chunks go first.
+    pub max_cached: u64,
+}
+
+impl Default for ReadAheadOptions {
+    fn default() -> Self {
+        ReadAheadOptions {
+            min_chunk: 256 << 10,
+            max_chunk: 8 << 20,
+            max_cached: 32 << 20,
+        }
+    }
+}
+
+/// Serves small reads from a few large fetched chunks (see the module docs).
+pub struct ReadAhead {
+    source: Arc<dyn ByteSource>,
+    opts: ReadAheadOptions,
+    state: Mutex<CacheState>,
+    fetched: AtomicU64,
+    requests: AtomicU64,
+}
+
+struct CacheState {
+    /// Cached chunks `(start, bytes)`, oldest first.
+    chunks: VecDeque<(u64, Bytes)>,
+    cached: u64,
+    /// End of the last fetch and the size of the next one.
+    last_end: u64,
+    next_chunk: u64,
+}
+
+impl ReadAhead {
+    /// Wraps `source`.
+    pub fn new(source: Arc<dyn ByteSource>, opts: ReadAheadOptions) -> Self {
+        let min = opts.min_chunk.max(1);
+        ReadAhead {
+            source,
+            opts: ReadAheadOptions {
+                min_chunk: min,
+                max_chunk: opts.max_chunk.max(min),
+                max_cached: opts.max_cached,
+            },
+            state: Mutex::new(CacheState {
+                chunks: VecDeque::new(),
+                cached: 0,
+                last_end: u64::MAX,
+                next_chunk: min,
+            }),
+            fetched: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+        }
+    }
+
+    /// Total size of the object.
+    pub fn size(&self) -> u64 {
+        self.source.size()
+    }
+
+    /// Bytes fetched from the source so far.
+    pub fn bytes_fetched(&self) -> u64 {
+        self.fetched.load(Ordering::Relaxed)
+    }
+
+    /// Fetch requests made to the source so far.
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    /// Where the bytes come from.
+    pub fn describe(&self) -> String {
+        self.source.describe()
+    }
+
+    /// The bytes `offset .. offset + len` (shorter only at the end of the object).
+    pub fn read_at(&self, offset: u64, len: u64) -> Result<Bytes, IngestError> {
+        let size = self.source.size();
+        let end = offset.saturating_add(len).min(size);
+        if offset >= end {
+            return Ok(Bytes::new());
+        }
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        // Whole request inside one cached chunk: a zero-copy slice.
+        if let Some(b) = st.slice(offset, end) {
+            return Ok(b);
+        }
+        let mut out = BytesMut::with_capacity(usize::try_from(end - offset).unwrap_or(0));
+        let mut pos = offset;
+        while pos < end {
+            if let Some((start, chunk)) = st.covering(pos) {
+                let from = (pos - start) as usize;
+                let to = (end.min(start + chunk.len() as u64) - start) as usize;
+                out.extend_from_slice(&chunk[from..to]);
+                pos = start + to as u64;
+                continue;
+            }
+            // Sequential reads grow the chunk; a jump starts small again.
+            let chunk_len = if pos == st.last_end {
+                let n = st.next_chunk;
+                st.next_chunk = (n * 2).min(self.opts.max_chunk);
+                n
+            } else {
+                st.next_chunk = (self.opts.min_chunk * 2).min(self.opts.max_chunk);
+                self.opts.min_chunk
+            };
+            // Never fetch less than the request itself.
+            let fetch_end = pos.saturating_add(chunk_len.max(end - pos)).min(size);
+            let bytes = self.source.read(pos..fetch_end)?;
+            self.requests.fetch_add(1, Ordering::Relaxed);
+            self.fetched.fetch_add(fetch_end - pos, Ordering::Relaxed);
+            st.last_end = fetch_end;
+            st.insert(pos, bytes, self.opts.max_cached);
+        }
+        Ok(out.freeze())
+    }
+}
+
+impl CacheState {
+    fn covering(&self, pos: u64) -> Option<(u64, &Bytes)> {
+        self.chunks
+            .iter()
+            .rev()
+            .find(|(start, b)| *start <= pos && pos < start + b.len() as u64)
+            .map(|(s, b)| (*s, b))
+    }
+
+    fn slice(&self, from: u64, to: u64) -> Option<Bytes> {
+        let (start, b) = self.covering(from)?;
+        if to > start + b.len() as u64 {
+            return None;
+        }
+        Some(b.slice((from - start) as usize..(to - start) as usize))
+    }
+
+    fn insert(&mut self, start: u64, bytes: Bytes, max_cached: u64) {
+        self.cached += bytes.len() as u64;
+        self.chunks.push_back((start, bytes));
+        while self.cached > max_cached && self.chunks.len() > 1 {
+            if let Some((_, old)) = self.chunks.pop_front() {
+                self.cached -= old.len() as u64;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(n: usize) -> Bytes {
+        (0..n)
+            .map(|i| (i * 31 % 251) as u8)
+            .collect::<Vec<_>>()
+            .into()
+    }
+
+    #[test]
+    fn reads_are_exact_and_counted() {
+        let src = data(10_000);
+        let ra = ReadAhead::new(
+            Arc::new(src.clone()),
+            ReadAheadOptions {
+                min_chunk: 1000,
+                max_chunk: 4000,
+                max_cached: 5000,
+            },
+        );
+        // Sequential small reads: chunks of 1000, 2000, 4000, 4000 (clipped at the end).
+        let mut pos = 0u64;
+        while pos < 10_000 {
+            let b = ra.read_at(pos, 100).unwrap();
+            assert_eq!(&b[..], &src[pos as usize..pos as usize + 100]);
+            pos += 100;
+        }
+        assert_eq!(ra.bytes_fetched(), 10_000);
+        assert_eq!(ra.requests(), 4);
+        // A read across cached chunks and past the end is stitched and clipped.
+        let b = ra.read_at(9_950, 500).unwrap();
+        assert_eq!(&b[..], &src[9_950..]);
+        assert!(ra.read_at(10_000, 5).unwrap().is_empty());
+        // A jump back to evicted data fetches a small chunk again.
+        let before = ra.bytes_fetched();
+        let b = ra.read_at(10, 20).unwrap();
+        assert_eq!(&b[..], &src[10..30]);
+        assert_eq!(ra.bytes_fetched() - before, 1000);
+        // A read larger than a chunk is fetched whole.
+        let b = ra.read_at(2000, 6000).unwrap();
+        assert_eq!(&b[..], &src[2000..8000]);
+    }
+
+    #[test]
+    fn cache_stays_bounded() {
+        let src = data(100_000);
+        let ra = ReadAhead::new(
+            Arc::new(src),
+            ReadAheadOptions {
+                min_chunk: 1000,
+                max_chunk: 8000,
+                max_cached: 10_000,
+            },
+        );
+        for pos in (0..100_000).step_by(500) {
+            ra.read_at(pos, 500).unwrap();
+            let st = ra.state.lock().unwrap();
+            assert!(st.cached <= 10_000 + 8000, "cached {}", st.cached);
+        }
+    }
+}
