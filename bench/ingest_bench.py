@@ -58,7 +58,11 @@ def make_media(cache):
     out = []
     for res, w, h, rate, colour in RESOLUTIONS:
         kbps = int(rate[:-1])
-        limits = ["-b:v", rate, "-maxrate", f"{kbps * 3 // 2}k", "-bufsize", f"{kbps * 2}k"]
+        # x264: capped VBR; libvpx only honours a cap in CBR mode (noisy content overshoots 3x).
+        limits = {
+            "h264": ["-b:v", rate, "-maxrate", f"{kbps * 3 // 2}k", "-bufsize", f"{kbps * 2}k"],
+            "vp9": ["-b:v", rate, "-minrate", rate, "-maxrate", rate],
+        }
         tags = ["-colorspace", colour, "-color_primaries", colour, "-color_trc", colour,
                 "-color_range", "tv"]
         for codec in CODECS:
@@ -77,7 +81,7 @@ def make_media(cache):
                            "-row-mt", "1"]
                 tmp = path + ".part." + ext
                 cmd = ["ffmpeg", "-nostdin", "-v", "error", "-y", "-f", "lavfi", "-i",
-                       src.format(w=w, h=h), "-t", str(SECONDS), *enc, *limits, *tags,
+                       src.format(w=w, h=h), "-t", str(SECONDS), *enc, *limits[codec], *tags,
                        "-g", str(GOP), "-keyint_min", str(GOP), "-pix_fmt", "yuv420p", tmp]
                 log(f"making {path}")
                 subprocess.run(cmd, check=True)

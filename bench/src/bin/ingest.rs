@@ -5,22 +5,29 @@
 //!   the 16 frame indices (spec §1 `pretrain_indices`) and the random-resized-crop box and flip
 //!   (spec §1 `sample_params`), all from seeded streams, so every decoder does the same work.
 //! * `ingest run` decodes one group of the plan with `THREADS` worker threads, one
-//!   [`Decoder`] each (`decoder_threads: 1`), from file bytes to the normalised `[3, 16, S, S]`
-//!   tensor, and prints clips/s as JSON. Warm-up clips are decoded before the clock starts.
+//!   [`Decoder`] each (`decoder_threads: 1`), as the job's loader does: ranged reads through
+//!   `object_store` (a local directory here) into
+//!   [`vjepa_pipeline::loader::decode_to_tensor`], which gives the normalised `[3, 16, S, S]`
+//!   tensor. It prints clips/s and bytes read per clip as JSON. Warm-up clips are decoded
+//!   before the clock starts.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Barrier, Mutex};
+use std::sync::{Arc, Barrier, Mutex};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
+use object_store::ObjectStore;
+use object_store::local::LocalFileSystem;
 use serde::{Deserialize, Serialize};
-use vjepa_ingest::{Decoder, DecoderOptions, IngestError};
+use tokio::runtime::Handle;
+use vjepa_ingest::{ByteSource, Decoder, DecoderOptions, ObjectSource};
 use vjepa_operators::sampling::{ClipSampling, pretrain_indices};
 use vjepa_operators::seeding::{Stream, rng_for};
 use vjepa_operators::transform::{self, AugmentConfig, TransformParams};
+use vjepa_pipeline::loader::decode_to_tensor;
 
 #[derive(Parser)]
 #[command(about = "Ingest benchmark: write the shared clip plan, or time our decoder on it")]
@@ -211,35 +218,43 @@ struct RunReport {
     clips: usize,
     seconds: f64,
     clips_per_s: f64,
-    /// Mean bytes our decoder fetched per clip (here: the whole file; ranged reads later).
+    /// Mean bytes our decoder fetched per clip (ranged reads, including read-ahead).
     bytes_read_per_clip: f64,
     /// Mean file size of the clips' videos.
     file_bytes_per_clip: f64,
 }
 
-/// One decoded clip: the tensor and the bytes read for it.
+/// Where our decoder reads the plan's files: the local file system through `object_store`
+/// (ranged GETs), the same path the job takes for an S3 bucket.
+struct Store {
+    store: Arc<dyn ObjectStore>,
+    runtime: Handle,
+}
+
+impl Store {
+    fn source(&self, file: &PlanFile) -> Result<Arc<dyn ByteSource>> {
+        let abs = std::fs::canonicalize(&file.path)
+            .with_context(|| format!("resolving {}", file.path))?;
+        let path = object_store::path::Path::from_absolute_path(&abs)
+            .with_context(|| format!("object path for {}", abs.display()))?;
+        let source = ObjectSource::open(Arc::clone(&self.store), path, self.runtime.clone())
+            .with_context(|| format!("opening {}", file.path))?;
+        Ok(source)
+    }
+}
+
+/// One decoded clip: the tensor and the bytes fetched for it.
 fn decode_one(
     decoder: &mut Decoder,
+    store: &Store,
     file: &PlanFile,
     clip: &PlanClip,
     crop_size: usize,
 ) -> Result<(Vec<f32>, u64)> {
-    let data = std::fs::read(&file.path).with_context(|| format!("reading {}", file.path))?;
-    let bytes = data.len() as u64;
-    let indices = clip.indices.clone();
-    let decoded = decoder
-        .decode_clip(data.into(), &mut |_| indices.clone())
-        .map_err(|e: IngestError| anyhow::anyhow!("clip {} ({}): {e}", clip.id, file.path))?;
-    let (h, w) = (decoded.height as usize, decoded.width as usize);
-    let tensor = transform::apply(
-        &decoded.frames,
-        decoded.indices.len(),
-        h,
-        w,
-        &clip.params,
-        crop_size,
-    )?;
-    Ok((tensor, bytes))
+    let source = store.source(file)?;
+    let (tensor, stats) = decode_to_tensor(decoder, source, &clip.indices, &clip.params, crop_size)
+        .with_context(|| format!("clip {} ({})", clip.id, file.path))?;
+    Ok((tensor, stats.bytes_read))
 }
 
 fn write_f32(path: &Path, data: &[f32]) -> Result<()> {
@@ -274,6 +289,17 @@ fn run(
     let go = Barrier::new(threads + 1);
     let bytes_read = Mutex::new(0u64);
     let crop = plan.crop_size;
+    // Reads block on this runtime from GStreamer's streaming threads (as in the job).
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    let store = Store {
+        store: Arc::new(LocalFileSystem::new()),
+        runtime: runtime.handle().clone(),
+    };
+    let store = &store;
 
     let (seconds, results) = std::thread::scope(|s| -> Result<(f64, Vec<Result<()>>)> {
         let handles: Vec<_> = (0..threads)
@@ -289,7 +315,7 @@ fn run(
                     let warmed = match decoder.as_mut() {
                         Ok(d) if !warm.is_empty() => {
                             let c = warm[worker % warm.len()];
-                            decode_one(d, &plan.files[c.file], c, crop).map(|_| ())
+                            decode_one(d, store, &plan.files[c.file], c, crop).map(|_| ())
                         }
                         Ok(_) => Ok(()),
                         Err(e) => Err(anyhow::anyhow!("creating a decoder: {e}")),
@@ -303,7 +329,7 @@ fn run(
                         let i = next.fetch_add(1, Ordering::Relaxed);
                         let Some(c) = work.get(i) else { break };
                         let (tensor, bytes) =
-                            decode_one(&mut decoder, &plan.files[c.file], c, crop)?;
+                            decode_one(&mut decoder, store, &plan.files[c.file], c, crop)?;
                         local_bytes += bytes;
                         std::hint::black_box(&tensor);
                     }
@@ -334,7 +360,7 @@ fn run(
             ..DecoderOptions::default()
         })?;
         for c in timed.iter().filter(|c| dump.contains(&c.id)) {
-            let (tensor, _) = decode_one(&mut decoder, &plan.files[c.file], c, crop)?;
+            let (tensor, _) = decode_one(&mut decoder, store, &plan.files[c.file], c, crop)?;
             write_f32(&dir.join(format!("{}.f32", c.id)), &tensor)?;
         }
     }
