@@ -9,8 +9,9 @@ Same files, same clips (plan written by our `ingest plan`), same cores, one run:
   decord  the official loader's way: THREADS worker processes, per clip
           `VideoReader(path, num_threads=1)`, `seek(0)`, `get_batch(indices).asnumpy()`, then the
           same crop / bilinear resize (align_corners=False, no antialias) / flip / normalise in numpy.
-Warm-up clips (untimed) go through every decoder first; each decoder then decodes every timed clip
-REPEAT times. The order of the decoders rotates from group to group.
+Warm-up clips (untimed) go through every decoder first (each time it starts); each decoder then
+decodes every timed clip once per round, REPEAT rounds. The order of the decoders rotates from
+group to group and round to round.
 """
 
 import argparse
@@ -19,6 +20,7 @@ import json
 import math
 import multiprocessing as mp
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -206,7 +208,8 @@ def main():
     ap.add_argument("--cache", required=True, help="media/plan cache directory")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--clips", type=int, default=32, help="timed clips per group")
-    ap.add_argument("--repeat", type=int, default=1, help="times each decoder sees each clip")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="rounds: times each decoder sees each timed clip")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--crop-size", type=int, default=224)
     ap.add_argument("--fidelity-clips", type=int, default=2, help="per group")
@@ -238,61 +241,79 @@ def main():
         return f["path"], f["fps"], c["indices"], c["params"]
 
     dump_dir = tempfile.mkdtemp(prefix="ingest-bench-")
-    results = {}
-    for gi, group in enumerate(groups):
+    by_group = {}
+    for group in groups:
         clips = [c for c in plan["clips"] if c["group"] == group]
-        warm = [c for c in clips if c["warmup"]]
         timed = [c for c in clips if not c["warmup"]]
-        work = timed * a.repeat
-        fid = [c["id"] for c in timed[: a.fidelity_clips]]
-        res = {"clips": len(work)}
+        by_group[group] = {
+            "warm": [c for c in clips if c["warmup"]],
+            "timed": timed,
+            "fid": [c["id"] for c in timed[: a.fidelity_clips]],
+        }
+    results = {g: {"clips": 0, "seconds": {"ours": 0.0, "ffmpeg": 0.0, "decord": 0.0},
+                   "ours_bytes_read": 0.0, "file_bytes": 0.0} for g in groups}
 
-        def run_ours():
-            cmd = [a.bin, "run", "--plan", plan_path, "--group", group, "--threads", str(threads),
-                   "--repeat", str(a.repeat), "--dump-dir", dump_dir,
-                   "--dump", ",".join(map(str, fid))]
-            r = json.loads(subprocess.run(cmd, stdout=subprocess.PIPE, check=True).stdout)
-            res["ours"] = r["clips_per_s"]
-            res["ours_bytes_read_per_clip"] = r["bytes_read_per_clip"]
-            res["file_bytes_per_clip"] = r["file_bytes_per_clip"]
+    def run_ours(group, dump):
+        g = by_group[group]
+        cmd = [a.bin, "run", "--plan", plan_path, "--group", group, "--threads", str(threads)]
+        if dump:
+            cmd += ["--dump-dir", dump_dir, "--dump", ",".join(map(str, g["fid"]))]
+        r = json.loads(subprocess.run(cmd, stdout=subprocess.PIPE, check=True).stdout)
+        results[group]["ours_bytes_read"] += r["bytes_read_per_clip"] * r["clips"]
+        results[group]["file_bytes"] += r["file_bytes_per_clip"] * r["clips"]
+        return r["seconds"]
 
-        def run_ffmpeg():
-            with cf.ThreadPoolExecutor(threads) as ex:
-                list(ex.map(lambda c: ffmpeg_clip(*job(c), s), warm))
-                t0 = time.perf_counter()
-                for frames in ex.map(lambda c: ffmpeg_clip(*job(c), s), work):
-                    assert frames.shape == (len(timed[0]["indices"]), s, s, 3)
-                res["ffmpeg"] = len(work) / (time.perf_counter() - t0)
+    def run_ffmpeg(group, _dump):
+        g = by_group[group]
+        with cf.ThreadPoolExecutor(threads) as ex:
+            list(ex.map(lambda c: ffmpeg_clip(*job(c), s), g["warm"]))
+            t0 = time.perf_counter()
+            for frames in ex.map(lambda c: ffmpeg_clip(*job(c), s), g["timed"]):
+                assert frames.shape[1:] == (s, s, 3)
+            return time.perf_counter() - t0
 
-        def run_decord():
-            jobs = lambda cs: [(files[c["file"]]["path"], c["indices"], c["params"], s) for c in cs]
-            with mp.get_context("fork").Pool(threads, initializer=decord_init) as pool:
-                pool.map(decord_clip, jobs(warm), chunksize=1)
-                t0 = time.perf_counter()
-                pool.map(decord_clip, jobs(work), chunksize=1)
-                res["decord"] = len(work) / (time.perf_counter() - t0)
+    def run_decord(group, _dump):
+        g = by_group[group]
+        jobs = lambda cs: [(files[c["file"]]["path"], c["indices"], c["params"], s) for c in cs]
+        with mp.get_context("fork").Pool(threads, initializer=decord_init) as pool:
+            pool.map(decord_clip, jobs(g["warm"]), chunksize=1)
+            t0 = time.perf_counter()
+            pool.map(decord_clip, jobs(g["timed"]), chunksize=1)
+            return time.perf_counter() - t0
 
-        runners = [("ours", run_ours), ("ffmpeg", run_ffmpeg), ("decord", run_decord)]
-        k = gi % len(runners)
-        for name, fn in runners[k:] + runners[:k]:
-            log(f"{group}: {name} ...")
-            fn()
+    # Rounds: every decoder decodes every timed clip once per round; the order of the decoders
+    # rotates with the round and the group, so slow drifts in machine load hit all three.
+    runners = [("ours", run_ours), ("ffmpeg", run_ffmpeg), ("decord", run_decord)]
+    for rnd in range(a.repeat):
+        for gi, group in enumerate(groups):
+            k = (gi + rnd) % len(runners)
+            for name, fn in runners[k:] + runners[:k]:
+                log(f"round {rnd + 1}/{a.repeat} {group}: {name} ...")
+                results[group]["seconds"][name] += fn(group, rnd == 0)
+            results[group]["clips"] += len(by_group[group]["timed"])
+    for group in groups:
+        r = results[group]
+        for name, _ in runners:
+            r[name] = r["clips"] / r["seconds"][name]
+        r["ours_bytes_read_per_clip"] = r["ours_bytes_read"] / r["clips"]
+        r["file_bytes_per_clip"] = r["file_bytes"] / r["clips"]
 
-        # Fidelity (untimed): our tensor vs decord's (same indices, crop and numpy transform).
-        fl = []
-        with mp.get_context("fork").Pool(1) as pool:
-            for c in [c for c in timed if c["id"] in fid]:
+    # Fidelity (untimed): our tensor vs decord's (same indices, crop and numpy transform).
+    with mp.get_context("fork").Pool(1) as pool:
+        for group in groups:
+            fl = []
+            for c in [c for c in by_group[group]["timed"] if c["id"] in by_group[group]["fid"]]:
                 ours = np.fromfile(os.path.join(dump_dir, f"{c['id']}.f32"), dtype="<f4")
                 ours = ours.reshape(3, len(c["indices"]), s, s)
                 dec = pool.apply(decord_tensor, ((files[c["file"]]["path"], c["indices"],
                                                   c["params"], s),))
                 p_dec, m_dec = psnr_255(denorm(ours), denorm(dec))
                 fl.append({"clip": c["id"], "psnr_decord": p_dec, "maxdiff_decord": m_dec})
-        res["fidelity"] = fl
-        results[group] = res
+            results[group]["fidelity"] = fl
+    shutil.rmtree(dump_dir, ignore_errors=True)
 
     print()
-    print(f"ingest benchmark: {threads} threads, {a.clips} timed clips x {a.repeat} per group, "
+    print(f"ingest benchmark: {threads} threads, {a.clips} timed clips x {a.repeat} rounds per group, "
           f"16 frames -> {s}x{s}, seed {a.seed}")
     hdr = (f"{'group':<10} {'clips':>5} {'ours':>8} {'ffmpeg':>8} {'decord':>8} "
            f"{'ours/ffmpeg':>11} {'ours/decord':>11} {'MB read/clip':>12} {'MB file':>8}")
