@@ -218,6 +218,9 @@ struct RunReport {
     clips: usize,
     seconds: f64,
     clips_per_s: f64,
+    /// CPU time (user + system, all threads of the process) of the timed part; robust to other
+    /// load on the machine, unlike `seconds`. `None` where `/proc/self/stat` is unreadable.
+    cpu_seconds: Option<f64>,
     /// Mean bytes our decoder fetched per clip (ranged reads, including read-ahead).
     bytes_read_per_clip: f64,
     /// Mean file size of the clips' videos.
@@ -255,6 +258,18 @@ fn decode_one(
     let (tensor, stats) = decode_to_tensor(decoder, source, &clip.indices, &clip.params, crop_size)
         .with_context(|| format!("clip {} ({})", clip.id, file.path))?;
     Ok((tensor, stats.bytes_read))
+}
+
+/// User + system CPU time of this process so far (all threads, finished ones included), from
+/// `/proc/self/stat` (fields 14 and 15, in clock ticks of `USER_HZ` = 100 on Linux).
+fn process_cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The command name (field 2) may contain spaces: count fields after its closing ')'.
+    let rest = stat.get(stat.rfind(')')? + 1..)?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) as f64 / 100.0)
 }
 
 fn write_f32(path: &Path, data: &[f32]) -> Result<()> {
@@ -301,55 +316,59 @@ fn run(
     };
     let store = &store;
 
-    let (seconds, results) = std::thread::scope(|s| -> Result<(f64, Vec<Result<()>>)> {
-        let handles: Vec<_> = (0..threads)
-            .map(|worker| {
-                let (warm, work, next, ready, go, bytes_read) =
-                    (&warm, &work, &next, &ready, &go, &bytes_read);
-                s.spawn(move || -> Result<()> {
-                    let mut decoder = Decoder::new(DecoderOptions {
-                        decoder_threads: 1,
-                        ..DecoderOptions::default()
-                    });
-                    // Warm-up (untimed): the first pipeline in a process is slow to build.
-                    let warmed = match decoder.as_mut() {
-                        Ok(d) if !warm.is_empty() => {
-                            let c = warm[worker % warm.len()];
-                            decode_one(d, store, &plan.files[c.file], c, crop).map(|_| ())
+    let (seconds, cpu_seconds, results) =
+        std::thread::scope(|s| -> Result<(f64, Option<f64>, Vec<Result<()>>)> {
+            let handles: Vec<_> = (0..threads)
+                .map(|worker| {
+                    let (warm, work, next, ready, go, bytes_read) =
+                        (&warm, &work, &next, &ready, &go, &bytes_read);
+                    s.spawn(move || -> Result<()> {
+                        let mut decoder = Decoder::new(DecoderOptions {
+                            decoder_threads: 1,
+                            ..DecoderOptions::default()
+                        });
+                        // Warm-up (untimed): the first pipeline in a process is slow to build.
+                        let warmed = match decoder.as_mut() {
+                            Ok(d) if !warm.is_empty() => {
+                                let c = warm[worker % warm.len()];
+                                decode_one(d, store, &plan.files[c.file], c, crop).map(|_| ())
+                            }
+                            Ok(_) => Ok(()),
+                            Err(e) => Err(anyhow::anyhow!("creating a decoder: {e}")),
+                        };
+                        ready.wait();
+                        go.wait();
+                        let mut decoder = decoder?;
+                        warmed?;
+                        let mut local_bytes = 0u64;
+                        loop {
+                            let i = next.fetch_add(1, Ordering::Relaxed);
+                            let Some(c) = work.get(i) else { break };
+                            let (tensor, bytes) =
+                                decode_one(&mut decoder, store, &plan.files[c.file], c, crop)?;
+                            local_bytes += bytes;
+                            std::hint::black_box(&tensor);
                         }
-                        Ok(_) => Ok(()),
-                        Err(e) => Err(anyhow::anyhow!("creating a decoder: {e}")),
-                    };
-                    ready.wait();
-                    go.wait();
-                    let mut decoder = decoder?;
-                    warmed?;
-                    let mut local_bytes = 0u64;
-                    loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        let Some(c) = work.get(i) else { break };
-                        let (tensor, bytes) =
-                            decode_one(&mut decoder, store, &plan.files[c.file], c, crop)?;
-                        local_bytes += bytes;
-                        std::hint::black_box(&tensor);
-                    }
-                    *bytes_read.lock().unwrap_or_else(|p| p.into_inner()) += local_bytes;
-                    Ok(())
+                        *bytes_read.lock().unwrap_or_else(|p| p.into_inner()) += local_bytes;
+                        Ok(())
+                    })
                 })
-            })
-            .collect();
-        ready.wait();
-        let started = Instant::now();
-        go.wait();
-        let results: Vec<Result<()>> = handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(anyhow::anyhow!("worker panicked")))
-            })
-            .collect();
-        Ok((started.elapsed().as_secs_f64(), results))
-    })?;
+                .collect();
+            ready.wait();
+            let cpu_start = process_cpu_seconds();
+            let started = Instant::now();
+            go.wait();
+            let results: Vec<Result<()>> = handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(anyhow::anyhow!("worker panicked")))
+                })
+                .collect();
+            let seconds = started.elapsed().as_secs_f64();
+            let cpu = process_cpu_seconds().zip(cpu_start).map(|(b, a)| b - a);
+            Ok((seconds, cpu, results))
+        })?;
     for r in results {
         r?;
     }
@@ -373,6 +392,7 @@ fn run(
         clips: n,
         seconds,
         clips_per_s: n as f64 / seconds,
+        cpu_seconds,
         bytes_read_per_clip: total_bytes as f64 / n as f64,
         file_bytes_per_clip: file_bytes as f64 / n as f64,
     })
