@@ -107,21 +107,36 @@ def taps(n_in, n_out):
 
 
 def transform(frames, params, s):
-    """uint8 [T,H,W,3] -> float32 [3,T,S,S]: crop, bilinear resize, flip, normalise."""
+    """uint8 [T,H,W,3] -> float32 [3,T,S,S]: crop, bilinear resize, flip, normalise.
+
+    Vertical pass first on the two source rows each output row needs (whole-row copies), then
+    the horizontal pass on S x W; the flip is a reversed column tap table. The same arithmetic
+    as torch's kernel up to float rounding order.
+    """
     c = params["crop"]
     x = frames[:, c["top"]:c["top"] + c["height"], c["left"]:c["left"] + c["width"], :]
     r0, r1, h0, h1 = taps(c["height"], s)
     q0, q1, w0, w1 = taps(c["width"], s)
-    a = x[:, r0].astype(np.float32)  # [T,S,w,3]
-    b = x[:, r1].astype(np.float32)
-    w0 = w0[None, None, :, None]
-    w1 = w1[None, None, :, None]
-    ha = a[:, :, q0] * w0 + a[:, :, q1] * w1  # [T,S,S,3]
-    hb = b[:, :, q0] * w0 + b[:, :, q1] * w1
-    out = h0[None, :, None, None] * ha + h1[None, :, None, None] * hb
     if params["flip"]:
-        out = out[:, :, ::-1]
-    out = (out - MEAN.astype(np.float32)) / STD.astype(np.float32)
+        q0, q1, w0, w1 = q0[::-1], q1[::-1], w0[::-1], w1[::-1]
+    t, w = x.shape[0], x.shape[2]
+    v = np.take(x, r0, axis=1).astype(np.float32)  # [T,S,w,3]
+    v *= h0[None, :, None, None]
+    v1 = np.take(x, r1, axis=1).astype(np.float32)
+    v1 *= h1[None, :, None, None]
+    v += v1
+    v = v.reshape(t * s, w * 3)  # columns interleaved with channels: gather along the last axis
+    rgb = np.arange(3)
+    c0 = (q0[:, None] * 3 + rgb).ravel()
+    c1 = (q1[:, None] * 3 + rgb).ravel()
+    out = np.take(v, c0, axis=1)
+    out *= np.repeat(w0, 3)
+    o1 = np.take(v, c1, axis=1)
+    o1 *= np.repeat(w1, 3)
+    out += o1
+    out = out.reshape(t, s, s, 3)
+    out -= MEAN.astype(np.float32)
+    out /= STD.astype(np.float32)
     return np.ascontiguousarray(out.transpose(3, 0, 1, 2))
 
 
