@@ -106,13 +106,19 @@ def taps(n_in, n_out):
     return i0, i1, (np.float32(1.0) - l1), l1
 
 
-def transform(frames, params, s):
+def transform(frames, params, s, whole_float=False):
     """uint8 [T,H,W,3] -> float32 [3,T,S,S]: crop, bilinear resize, flip, normalise.
+
+    `whole_float` first converts the whole clip to float32, as the official transform does
+    (`torch.tensor(buffer, dtype=torch.float32)` before cropping); otherwise only the source rows
+    the resize reads are converted.
 
     Vertical pass first on the two source rows each output row needs (whole-row copies), then
     the horizontal pass on S x W; the flip is a reversed column tap table. The same arithmetic
     as torch's kernel up to float rounding order.
     """
+    if whole_float:
+        frames = frames.astype(np.float32)
     c = params["crop"]
     x = frames[:, c["top"]:c["top"] + c["height"], c["left"]:c["left"] + c["width"], :]
     r0, r1, h0, h1 = taps(c["height"], s)
@@ -120,9 +126,9 @@ def transform(frames, params, s):
     if params["flip"]:
         q0, q1, w0, w1 = q0[::-1], q1[::-1], w0[::-1], w1[::-1]
     t, w = x.shape[0], x.shape[2]
-    v = np.take(x, r0, axis=1).astype(np.float32)  # [T,S,w,3]
+    v = np.take(x, r0, axis=1).astype(np.float32, copy=False)  # [T,S,w,3]
     v *= h0[None, :, None, None]
-    v1 = np.take(x, r1, axis=1).astype(np.float32)
+    v1 = np.take(x, r1, axis=1).astype(np.float32, copy=False)
     v1 *= h1[None, :, None, None]
     v += v1
     v = v.reshape(t * s, w * 3)  # columns interleaved with channels: gather along the last axis
@@ -151,11 +157,11 @@ def decord_init():
 def decord_tensor(job):
     import decord
 
-    path, indices, params, s = job
+    path, indices, params, s, whole_float = job
     vr = decord.VideoReader(path, num_threads=1, ctx=decord.cpu(0))
     vr.seek(0)
     frames = vr.get_batch(indices).asnumpy()
-    return transform(frames, params, s)
+    return transform(frames, params, s, whole_float)
 
 
 def decord_clip(job):
@@ -237,9 +243,13 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--crop-size", type=int, default=224)
     ap.add_argument("--fidelity-clips", type=int, default=2, help="per group")
+    ap.add_argument("--decord-transform", choices=["lean", "official"], default="lean",
+                    help="lean: convert only the rows the resize reads to float; official: the "
+                    "whole clip to float32 first, as the official transform does")
     ap.add_argument("--json", help="write all results here")
     a = ap.parse_args()
     threads = a.threads
+    whole_float = a.decord_transform == "official"
 
     media = make_media(os.path.join(a.cache, "media"))
     plan_path = os.path.join(a.cache, "plan.json")
@@ -299,7 +309,8 @@ def main():
 
     def run_decord(group, _dump):
         g = by_group[group]
-        jobs = lambda cs: [(files[c["file"]]["path"], c["indices"], c["params"], s) for c in cs]
+        jobs = lambda cs: [(files[c["file"]]["path"], c["indices"], c["params"], s, whole_float)
+                           for c in cs]
         with mp.get_context("fork").Pool(threads, initializer=decord_init) as pool:
             pool.map(decord_clip, jobs(g["warm"]), chunksize=1)
             t0 = time.perf_counter()
@@ -334,7 +345,7 @@ def main():
                 ours = np.fromfile(os.path.join(dump_dir, f"{c['id']}.f32"), dtype="<f4")
                 ours = ours.reshape(3, len(c["indices"]), s, s)
                 dec = pool.apply(decord_tensor, ((files[c["file"]]["path"], c["indices"],
-                                                  c["params"], s),))
+                                                  c["params"], s, whole_float),))
                 p_dec, m_dec = psnr_255(denorm(ours), denorm(dec))
                 fl.append({"clip": c["id"], "psnr_decord": p_dec, "maxdiff_decord": m_dec})
             results[group]["fidelity"] = fl
@@ -342,7 +353,7 @@ def main():
 
     print()
     print(f"ingest benchmark: {threads} threads, {a.clips} timed clips x {a.repeat} rounds per group, "
-          f"16 frames -> {s}x{s}, seed {a.seed}")
+          f"16 frames -> {s}x{s}, seed {a.seed}, decord transform {a.decord_transform}")
     hdr = (f"{'group':<10} {'clips':>5} {'ours':>8} {'ffmpeg':>8} {'decord':>8} "
            f"{'ours/ffmpeg':>11} {'ours/decord':>11} {'MB read/clip':>12} {'MB file':>8}")
     print(hdr)
@@ -374,7 +385,8 @@ def main():
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"threads": threads, "clips": a.clips, "repeat": a.repeat, "seed": a.seed,
-                       "crop_size": s, "groups": results}, f, indent=1)
+                       "crop_size": s, "decord_transform": a.decord_transform, "groups": results},
+                      f, indent=1)
 
 
 if __name__ == "__main__":
