@@ -24,6 +24,10 @@ pub struct Clip {
     pub frame_indices: Vec<u64>,
     pub params: TransformParams,
     pub data: Vec<f32>,
+    /// Object-store bytes fetched to decode this clip (ranged reads, read-ahead included).
+    pub bytes_read: u64,
+    /// Wall-clock seconds spent fetching and decoding this clip.
+    pub decode_s: f64,
 }
 
 /// A video that could not be used, with a reason from a small stable vocabulary.

@@ -530,6 +530,8 @@ fn train_step(
         clips_per_sec: clips as f64 / wall.as_secs_f64().max(1e-9),
         step_time_s: step_time.as_secs_f64(),
         data_wait_s: data_wait.as_secs_f64(),
+        bytes_read: batch.batch.clips.iter().map(|c| c.bytes_read).sum(),
+        decode_s: batch.batch.clips.iter().map(|c| c.decode_s).sum(),
     };
     if done % cfg.outputs.log_every == 0 || done == total || done == 1 {
         tracing::info!(

@@ -155,7 +155,7 @@ impl StoreLoader {
                 Err(e) => Planned::Refuse(format!("frame size {w}x{h}: {e}")),
             }
         };
-        let (indices, params, data, _stats) = decode_planned(
+        let (indices, params, data, stats) = decode_planned(
             &mut self.decoder,
             source,
             &mut plan,
@@ -168,6 +168,8 @@ impl StoreLoader {
             frame_indices: indices,
             params,
             data,
+            bytes_read: stats.bytes_read,
+            decode_s: stats.elapsed.as_secs_f64(),
         })
     }
 }

@@ -31,6 +31,8 @@ fn trains_writes_metrics_and_loadable_checkpoints() {
         assert_eq!(r.context_tokens.len(), 2);
         assert!(r.lr > 0.0 && r.weight_decay > 0.0 && r.ema_momentum >= 0.998);
         assert!(r.step_time_s > 0.0 && r.clips_per_sec > 0.0);
+        // Every step's clips were read from the store and decoded.
+        assert!(r.bytes_read > 0 && r.decode_s > 0.0, "{r:?}");
     }
     assert!(read_quarantine(out.to_str().unwrap()).is_empty());
 

@@ -57,6 +57,11 @@ pub struct MetricsRow {
     pub step_time_s: f64,
     /// Time the step waited for data, seconds.
     pub data_wait_s: f64,
+    /// Object-store bytes fetched for the step's clips (this process's share).
+    pub bytes_read: u64,
+    /// Seconds spent fetching and decoding the step's clips, summed over clips (decoding runs
+    /// on several threads and ahead of the step, so this can exceed the step time).
+    pub decode_s: f64,
 }
 
 /// One video that could not be used, and why.
@@ -104,6 +109,8 @@ pub fn metrics_schema() -> SchemaRef {
         Field::new("clips_per_sec", DataType::Float64, false),
         Field::new("step_time_s", DataType::Float64, false),
         Field::new("data_wait_s", DataType::Float64, false),
+        Field::new("bytes_read", DataType::Int64, false),
+        Field::new("decode_s", DataType::Float64, false),
     ]))
 }
 
@@ -140,6 +147,8 @@ fn metrics_batch(rows: &[MetricsRow]) -> Result<RecordBatch, arrow::error::Arrow
     let mut cps = Float64Builder::with_capacity(n);
     let mut st = Float64Builder::with_capacity(n);
     let mut dw = Float64Builder::with_capacity(n);
+    let mut br = Int64Builder::with_capacity(n);
+    let mut ds = Float64Builder::with_capacity(n);
     for r in rows {
         step.append_value(u64_to_i64(r.step));
         epoch.append_value(u64_to_i64(r.epoch));
@@ -159,6 +168,8 @@ fn metrics_batch(rows: &[MetricsRow]) -> Result<RecordBatch, arrow::error::Arrow
         cps.append_value(r.clips_per_sec);
         st.append_value(r.step_time_s);
         dw.append_value(r.data_wait_s);
+        br.append_value(u64_to_i64(r.bytes_read));
+        ds.append_value(r.decode_s);
     }
     let columns: Vec<ArrayRef> = vec![
         Arc::new(step.finish()),
@@ -176,6 +187,8 @@ fn metrics_batch(rows: &[MetricsRow]) -> Result<RecordBatch, arrow::error::Arrow
         Arc::new(cps.finish()),
         Arc::new(st.finish()),
         Arc::new(dw.finish()),
+        Arc::new(br.finish()),
+        Arc::new(ds.finish()),
     ];
     RecordBatch::try_new(metrics_schema(), columns)
 }
@@ -503,6 +516,8 @@ pub async fn read_metrics(store: &Store, rel: &str) -> Result<Vec<MetricsRow>, S
         let cps = f64_col(u, &b, "clips_per_sec")?;
         let st = f64_col(u, &b, "step_time_s")?;
         let dw = f64_col(u, &b, "data_wait_s")?;
+        let br = i64_col(u, &b, "bytes_read")?;
+        let ds = f64_col(u, &b, "decode_s")?;
         let mut lpm = lpm.into_iter();
         let mut ctx = ctx.into_iter();
         let mut tgt = tgt.into_iter();
@@ -523,6 +538,8 @@ pub async fn read_metrics(store: &Store, rel: &str) -> Result<Vec<MetricsRow>, S
                 clips_per_sec: cps[i],
                 step_time_s: st[i],
                 data_wait_s: dw[i],
+                bytes_read: i64_to_u64(u, "bytes_read", br[i])?,
+                decode_s: ds[i],
             });
         }
     }

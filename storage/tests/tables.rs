@@ -25,6 +25,8 @@ fn row(step: u64) -> MetricsRow {
         clips_per_sec: 12.0,
         step_time_s: 0.3,
         data_wait_s: 0.01,
+        bytes_read: 123_456,
+        decode_s: 0.5,
     }
 }
 

@@ -18,12 +18,14 @@
 //! Call [`init`] once per process before anything else (it is idempotent and the other entry
 //! points call it too).
 
+mod container;
 mod decode;
 mod error;
 mod frame;
 mod samples;
 mod source;
 
+pub use container::ContainerFacts;
 pub use decode::{DecodeStats, DecodedClip, Decoder, DecoderOptions, FrameSink, VideoInfo};
 pub use error::{IngestError, QuarantineReason};
 pub use frame::{ClipGeometry, ClipTensor, Colour, YuvFrame};

@@ -20,30 +20,67 @@ pub enum SampleCodec {
     H264Mp4Faststart,
     /// VP9 (`vp9enc`, realtime settings) in WebM (`webmmux`).
     Vp9Webm,
+    /// H.265 (`x265enc`, B-frames) in MP4 (`mp4mux` default: `moov` index at the end).
+    H265Mp4,
+    /// H.264 (`x264enc`, B-frames) in Matroska (`matroskamux`, with cues).
+    H264Mkv,
+    /// H.265 (`x265enc`, B-frames) in Matroska.
+    H265Mkv,
+    /// AV1 (`av1enc`, libaom at `cpu-used` 8 with 19 frames of look-ahead, so hidden
+    /// alt-reference frames reorder the stream) in Matroska. libaom is the slowest encoder
+    /// here (about 0.6 s for 120 frames of 160×120 on one core): keep AV1 samples tiny.
+    Av1Mkv,
+    /// AV1 (as [`SampleCodec::Av1Mkv`]) in MP4 (`mp4mux`, `moov` at the end).
+    Av1Mp4,
 }
 
 impl SampleCodec {
-    /// All codecs, in the order [`default_sample_specs`] cycles through them.
+    /// The codecs of the quick-start corpus, in the order [`default_sample_specs`] cycles
+    /// through them. Kept to the three fast, common ones so that corpus (and the file names it
+    /// produces) stays stable and quick to make; [`SampleCodec::EVERY`] lists all of them.
     pub const ALL: [SampleCodec; 3] = [
         SampleCodec::H264Mp4,
         SampleCodec::Vp9Webm,
         SampleCodec::H264Mp4Faststart,
     ];
 
-    /// File extension without the dot (`mp4`, `webm`).
+    /// Every codec/container [`make_sample`] can write (the [`SampleCodec::ALL`] ones first),
+    /// for tests that must cover each format the decoder claims to read.
+    pub const EVERY: [SampleCodec; 8] = [
+        SampleCodec::H264Mp4,
+        SampleCodec::Vp9Webm,
+        SampleCodec::H264Mp4Faststart,
+        SampleCodec::H265Mp4,
+        SampleCodec::H264Mkv,
+        SampleCodec::H265Mkv,
+        SampleCodec::Av1Mkv,
+        SampleCodec::Av1Mp4,
+    ];
+
+    /// File extension without the dot (`mp4`, `webm`, `mkv`).
     pub fn extension(&self) -> &'static str {
         match self {
-            SampleCodec::H264Mp4 | SampleCodec::H264Mp4Faststart => "mp4",
+            SampleCodec::H264Mp4
+            | SampleCodec::H264Mp4Faststart
+            | SampleCodec::H265Mp4
+            | SampleCodec::Av1Mp4 => "mp4",
             SampleCodec::Vp9Webm => "webm",
+            SampleCodec::H264Mkv | SampleCodec::H265Mkv | SampleCodec::Av1Mkv => "mkv",
         }
     }
 
-    /// Short name used in file names (`h264`, `h264fs`, `vp9`).
+    /// Short name used in file names (`h264`, `h264fs`, `vp9`, `h265`, `h264mkv`, `h265mkv`,
+    /// `av1mkv`, `av1mp4`); unique per variant, so samples of different codecs never collide.
     pub fn as_str(&self) -> &'static str {
         match self {
             SampleCodec::H264Mp4 => "h264",
             SampleCodec::H264Mp4Faststart => "h264fs",
             SampleCodec::Vp9Webm => "vp9",
+            SampleCodec::H265Mp4 => "h265",
+            SampleCodec::H264Mkv => "h264mkv",
+            SampleCodec::H265Mkv => "h265mkv",
+            SampleCodec::Av1Mkv => "av1mkv",
+            SampleCodec::Av1Mp4 => "av1mp4",
         }
     }
 }
@@ -156,9 +193,11 @@ fn set_from_str(element: &gst::Element, key: &str, value: &str) -> Result<(), In
 /// Encodes one sample video into `dir` and returns its path (`dir/{spec.file_name()}`).
 ///
 /// `videotestsrc` (pattern and properties from `spec.pattern`) → I420 at the spec's size and
-/// rate → `x264enc` (superfast, 2 B-frames, one keyframe per second) + `mp4mux`, or `vp9enc`
-/// (realtime, cpu-used 8) + `webmmux` → file. Errors are [`IngestError::Fatal`] (a missing
-/// encoder plugin, a bad spec, an I/O error).
+/// rate → encoder with one keyframe per second (`spec.fps` frames) → muxer → file. Encoders:
+/// `x264enc` / `x265enc` (superfast, 2 B-frames), `vp9enc` (realtime, cpu-used 8), `av1enc`
+/// (cpu-used 8, 19 frames look-ahead); muxers: `mp4mux` (`moov` at the end unless faststart),
+/// `webmmux`, `matroskamux`. Errors are [`IngestError::Fatal`] (a missing encoder plugin, a bad
+/// spec, an I/O error).
 pub fn make_sample(dir: &Path, spec: &SampleSpec) -> Result<PathBuf, IngestError> {
     crate::init()?;
     let bad_spec =
@@ -209,28 +248,57 @@ pub fn make_sample(dir: &Path, spec: &SampleSpec) -> Result<PathBuf, IngestError
         .map_err(|e| IngestError::Fatal(format!("cannot create capsfilter: {e}")))?;
     let gop = spec.fps.max(1);
     let mut chain = vec![src, filter];
-    match spec.codec {
-        SampleCodec::H264Mp4 | SampleCodec::H264Mp4Faststart => {
+    let encoder = match spec.codec {
+        SampleCodec::H264Mp4 | SampleCodec::H264Mp4Faststart | SampleCodec::H264Mkv => {
             let enc = make_element("x264enc")?;
             set_from_str(&enc, "speed-preset", "superfast")?;
             enc.set_property("bframes", 2u32);
             enc.set_property("key-int-max", gop);
-            let parse = make_element("h264parse")?;
-            let mux = make_element("mp4mux")?;
-            if spec.codec == SampleCodec::H264Mp4Faststart {
-                mux.set_property("faststart", true);
-            }
-            chain.extend([enc, parse, mux]);
+            vec![enc, make_element("h264parse")?]
+        }
+        SampleCodec::H265Mp4 | SampleCodec::H265Mkv => {
+            let enc = make_element("x265enc")?;
+            set_from_str(&enc, "speed-preset", "superfast")?;
+            set_from_str(&enc, "key-int-max", &gop.to_string())?;
+            // x265's own logging goes to stderr unless silenced; 2 B-frames as for H.264.
+            set_from_str(&enc, "option-string", "bframes=2:log-level=error")?;
+            vec![enc, make_element("h265parse")?]
         }
         SampleCodec::Vp9Webm => {
             let enc = make_element("vp9enc")?;
             enc.set_property("deadline", 1i64);
             enc.set_property("cpu-used", 8i32);
             enc.set_property("keyframe-max-dist", i32::try_from(gop).unwrap_or(30));
-            let mux = make_element("webmmux")?;
-            chain.extend([enc, mux]);
+            vec![enc]
         }
-    }
+        SampleCodec::Av1Mkv | SampleCodec::Av1Mp4 => {
+            let enc = make_element("av1enc")?;
+            // Property types differ between plugin versions: set them from strings, checked.
+            set_from_str(&enc, "cpu-used", "8")?;
+            set_from_str(&enc, "keyframe-max-dist", &gop.to_string())?;
+            set_from_str(&enc, "lag-in-frames", "19")?;
+            set_from_str(&enc, "row-mt", "true")?;
+            vec![enc, make_element("av1parse")?]
+        }
+    };
+    let mux = match spec.codec {
+        SampleCodec::H264Mp4
+        | SampleCodec::H264Mp4Faststart
+        | SampleCodec::H265Mp4
+        | SampleCodec::Av1Mp4 => {
+            let mux = make_element("mp4mux")?;
+            if spec.codec == SampleCodec::H264Mp4Faststart {
+                mux.set_property("faststart", true);
+            }
+            mux
+        }
+        SampleCodec::Vp9Webm => make_element("webmmux")?,
+        SampleCodec::H264Mkv | SampleCodec::H265Mkv | SampleCodec::Av1Mkv => {
+            make_element("matroskamux")?
+        }
+    };
+    chain.extend(encoder);
+    chain.push(mux);
     let sink = make_element("filesink")?;
     sink.set_property("location", path.to_string_lossy().as_ref());
     chain.push(sink);
@@ -279,5 +347,44 @@ fn run_to_eos(pipeline: &gst::Pipeline) -> Result<(), String> {
             }
             _ => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    #[test]
+    fn every_lists_each_variant_once_with_the_quickstart_ones_first() {
+        assert_eq!(
+            SampleCodec::EVERY[..SampleCodec::ALL.len()],
+            SampleCodec::ALL
+        );
+        let names: HashSet<&str> = SampleCodec::EVERY.iter().map(|c| c.as_str()).collect();
+        assert_eq!(
+            names.len(),
+            SampleCodec::EVERY.len(),
+            "file-name tags collide"
+        );
+        let variants: HashSet<SampleCodec> = SampleCodec::EVERY.into_iter().collect();
+        assert_eq!(variants.len(), SampleCodec::EVERY.len());
+    }
+
+    #[test]
+    fn quickstart_corpus_keeps_its_names() {
+        let names: Vec<String> = default_sample_specs(4)
+            .iter()
+            .map(SampleSpec::file_name)
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "sample-0000-h264-320x240-100f-30fps.mp4",
+                "sample-0001-vp9-160x120-40f-25fps.webm",
+                "sample-0002-h264fs-256x192-150f-24fps.mp4",
+                "sample-0003-h264-192x144-72f-15fps.mp4",
+            ]
+        );
     }
 }

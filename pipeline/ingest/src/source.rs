@@ -72,16 +72,25 @@ pub struct ObjectSource {
 pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl ObjectSource {
-    /// Opens `path` (one HEAD request for its size). A missing or unreadable object is
-    /// [`QuarantineReason::FetchError`].
+    /// Opens `path` (one HEAD request for its size, bounded by [`DEFAULT_READ_TIMEOUT`]). A
+    /// missing or unreadable object is [`QuarantineReason::FetchError`].
     pub fn open(
         store: Arc<dyn ObjectStore>,
         path: Path,
         runtime: Handle,
     ) -> Result<Arc<Self>, IngestError> {
-        let meta = runtime.block_on(store.head(&path)).map_err(|e| {
-            IngestError::quarantine(QuarantineReason::FetchError, format!("HEAD {path}: {e}"))
-        })?;
+        let head = store.head(&path);
+        let meta = runtime
+            .block_on(async { tokio::time::timeout(DEFAULT_READ_TIMEOUT, head).await })
+            .map_err(|_| {
+                IngestError::quarantine(
+                    QuarantineReason::FetchError,
+                    format!("HEAD {path} took longer than {DEFAULT_READ_TIMEOUT:?}"),
+                )
+            })?
+            .map_err(|e| {
+                IngestError::quarantine(QuarantineReason::FetchError, format!("HEAD {path}: {e}"))
+            })?;
         Ok(Self::with_size(store, path, meta.size, runtime))
     }
 
@@ -278,8 +287,11 @@ impl ReadAhead {
                 st.next_chunk = (self.opts.min_chunk * 2).min(self.opts.max_chunk);
                 self.opts.min_chunk
             };
-            // Never fetch less than the request itself.
-            let fetch_end = pos.saturating_add(chunk_len.max(end - pos)).min(size);
+            // Never fetch less than the request itself, nor bytes already cached further on.
+            let fetch_end = pos
+                .saturating_add(chunk_len.max(end - pos))
+                .min(size)
+                .min(st.next_cached_after(pos).unwrap_or(u64::MAX));
             let bytes = self.source.read(pos..fetch_end)?;
             self.requests.fetch_add(1, Ordering::Relaxed);
             self.fetched.fetch_add(fetch_end - pos, Ordering::Relaxed);
@@ -297,6 +309,15 @@ impl CacheState {
             .rev()
             .find(|(start, b)| *start <= pos && pos < start + b.len() as u64)
             .map(|(s, b)| (*s, b))
+    }
+
+    /// Start of the first cached chunk beginning after `pos`.
+    fn next_cached_after(&self, pos: u64) -> Option<u64> {
+        self.chunks
+            .iter()
+            .map(|(start, _)| *start)
+            .filter(|&start| start > pos)
+            .min()
     }
 
     fn slice(&self, from: u64, to: u64) -> Option<Bytes> {
@@ -361,6 +382,30 @@ mod tests {
         // A read larger than a chunk is fetched whole.
         let b = ra.read_at(2000, 6000).unwrap();
         assert_eq!(&b[..], &src[2000..8000]);
+    }
+
+    #[test]
+    fn cached_bytes_are_not_fetched_again() {
+        let src = data(50_000);
+        let ra = ReadAhead::new(
+            Arc::new(src.clone()),
+            ReadAheadOptions {
+                min_chunk: 1000,
+                max_chunk: 64_000,
+                max_cached: 1 << 20,
+            },
+        );
+        // The index at the end first (as for an MP4 with moov last), then the data in order.
+        assert_eq!(&ra.read_at(45_000, 5000).unwrap()[..], &src[45_000..]);
+        let mut pos = 0;
+        while pos < 50_000 {
+            assert_eq!(
+                &ra.read_at(pos, 700).unwrap()[..],
+                &src[pos as usize..(pos + 700).min(50_000) as usize]
+            );
+            pos += 700;
+        }
+        assert_eq!(ra.bytes_fetched(), 50_000);
     }
 
     #[test]

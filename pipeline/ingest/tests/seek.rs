@@ -80,3 +80,53 @@ fn seek_to_window_equals_sequential_decode() {
         assert!(c.frame(0) == decode(&mut sequential, &data, &[0]).frame(0));
     }
 }
+
+/// A Matroska file that claims 30 fps but whose frames later come every 100 ms: numbers from
+/// timestamps would be wrong after a seek, so the decoder must notice and count instead.
+#[test]
+fn irregular_timestamps_after_a_seek_fall_back_to_counting() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("vfr.mkv");
+    let out = std::process::Command::new("ffmpeg")
+        .args(["-v", "error", "-y", "-f", "lavfi", "-i"])
+        .arg("testsrc2=size=160x120:rate=30:duration=3")
+        .args(["-vf", "setpts='if(lt(N,30),N/30,1+(N-30)/10)/TB'"])
+        .args([
+            "-fps_mode",
+            "passthrough",
+            "-c:v",
+            "libx264",
+            "-g",
+            "15",
+            "-bf",
+            "2",
+        ])
+        .arg(&path)
+        .output()
+        .expect("ffmpeg not found: run ops/setup.sh");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let data: Bytes = std::fs::read(&path).expect("read").into();
+    let mut eager = Decoder::new(DecoderOptions {
+        seek_min_frames: 8,
+        ..DecoderOptions::default()
+    })
+    .expect("decoder");
+    let mut sequential = Decoder::new(DecoderOptions {
+        seek_min_frames: u64::MAX,
+        ..DecoderOptions::default()
+    })
+    .expect("decoder");
+    let window: Vec<u64> = (60..90).step_by(2).collect();
+    let a = decode(&mut eager, &data, &window);
+    let b = decode(&mut sequential, &data, &window);
+    println!("eager {:?}\nsequential {:?}", a.stats, b.stats);
+    assert_eq!(b.stats.seeks, 0);
+    for (t, n) in window.iter().enumerate() {
+        assert!(a.frame(t) == b.frame(t), "frame {n} differs");
+    }
+    assert_ne!(a.frame(0), a.frame(1));
+}

@@ -1,0 +1,390 @@
+//! What the container's own index says, read with a few small ranged reads: the exact frame
+//! count and whether the frame rate is constant (MP4/MOV sample tables), whether a Matroska/WebM
+//! file announces its duration, and whether the top-level structure runs past the end of the
+//! object (a cut-off upload).
+//!
+//! GStreamer reports a duration, not a frame count; `duration × rate` is wrong for
+//! variable-frame-rate files, for files whose audio outlasts the video, and for files without a
+//! duration. The official loader (decord) counts frames from the container index; so do we
+//! where the index is cheap to read.
+
+use bytes::Bytes;
+
+/// Largest `moov` box read for its sample tables (an hour of 60 fps video needs about 3 MB).
+const MAX_MOOV: u64 = 64 << 20;
+/// Bytes of a Matroska file's start read for its `Info` element.
+const MKV_HEAD: u64 = 256 << 10;
+
+/// What the container says about its video, where it says it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ContainerFacts {
+    /// Exact number of video frames (MP4/MOV sample count), when known.
+    pub frames: Option<u64>,
+    /// `Some(false)` when the container's timing says the frame rate varies (frame numbers
+    /// cannot be derived from timestamps, so no seeking).
+    pub constant_rate: Option<bool>,
+    /// `Some(false)` when the container announces no duration (Matroska without `Duration`):
+    /// any duration GStreamer reports is a guess.
+    pub has_duration: Option<bool>,
+}
+
+/// Reads `n` bytes at `at` (fewer at the end of the object; `None` on a read error).
+pub type ReadFn<'a> = &'a dyn Fn(u64, u64) -> Option<Bytes>;
+
+/// Facts from the container at the start of an object of `len` bytes.
+pub fn facts(len: u64, read: ReadFn<'_>) -> ContainerFacts {
+    let Some(head) = read(0, 16) else {
+        return ContainerFacts::default();
+    };
+    if head.get(4..8) == Some(b"ftyp".as_slice()) {
+        return mp4_facts(len, read).unwrap_or_default();
+    }
+    if head.get(0..4) == Some([0x1A, 0x45, 0xDF, 0xA3].as_slice()) {
+        return ContainerFacts {
+            has_duration: matroska_has_duration(len, read),
+            ..ContainerFacts::default()
+        };
+    }
+    ContainerFacts::default()
+}
+
+/// An ISO-BMFF box header at `at`: (size of the whole box, type, header length).
+fn box_header(len: u64, at: u64, read: ReadFn<'_>) -> Option<(u64, [u8; 4], u64)> {
+    let b = read(at, 16)?;
+    let size32 = u64::from(u32::from_be_bytes(b.get(0..4)?.try_into().ok()?));
+    let kind: [u8; 4] = b.get(4..8)?.try_into().ok()?;
+    let (size, header) = match size32 {
+        0 => (len - at, 8),
+        1 => (u64::from_be_bytes(b.get(8..16)?.try_into().ok()?), 16),
+        n => (n, 8),
+    };
+    (size >= header).then_some((size, kind, header))
+}
+
+/// Child boxes of a box payload held in memory: (type, payload).
+fn children(payload: &[u8]) -> impl Iterator<Item = ([u8; 4], &[u8])> {
+    let mut at = 0usize;
+    std::iter::from_fn(move || {
+        let b = payload.get(at..at + 8)?;
+        let size32 = u32::from_be_bytes(b[0..4].try_into().ok()?) as usize;
+        let kind: [u8; 4] = b[4..8].try_into().ok()?;
+        let (size, header) = match size32 {
+            0 => (payload.len() - at, 8),
+            1 => {
+                let s = payload.get(at + 8..at + 16)?;
+                (
+                    usize::try_from(u64::from_be_bytes(s.try_into().ok()?)).ok()?,
+                    16,
+                )
+            }
+            n => (n, 8),
+        };
+        if size < header {
+            return None;
+        }
+        let body = payload.get(at + header..at.checked_add(size)?)?;
+        at += size;
+        Some((kind, body))
+    })
+}
+
+fn child<'a>(payload: &'a [u8], kind: &[u8; 4]) -> Option<&'a [u8]> {
+    children(payload).find(|(k, _)| k == kind).map(|(_, b)| b)
+}
+
+fn be32(b: &[u8], at: usize) -> Option<u64> {
+    Some(u64::from(u32::from_be_bytes(
+        b.get(at..at + 4)?.try_into().ok()?,
+    )))
+}
+
+/// Frame count and rate constancy of the first video track of an MP4/MOV.
+fn mp4_facts(len: u64, read: ReadFn<'_>) -> Option<ContainerFacts> {
+    let mut at = 0u64;
+    let moov = loop {
+        if at + 8 > len {
+            return None;
+        }
+        let (size, kind, header) = box_header(len, at, read)?;
+        if &kind == b"moov" {
+            if size > MAX_MOOV {
+                return None;
+            }
+            let body = read(at + header, size - header)?;
+            if (body.len() as u64) < size - header {
+                return None; // cut off: the caller names it
+            }
+            break body;
+        }
+        at = at.checked_add(size)?;
+    };
+    // Fragmented files keep their samples in `moof` boxes: no count here.
+    if child(&moov, b"mvex").is_some() {
+        return None;
+    }
+    for (kind, trak) in children(&moov) {
+        if &kind != b"trak" {
+            continue;
+        }
+        let Some(mdia) = child(trak, b"mdia") else {
+            continue;
+        };
+        let is_video = child(mdia, b"hdlr").and_then(|h| h.get(8..12)) == Some(b"vide".as_slice());
+        if !is_video {
+            continue;
+        }
+        let stbl = child(mdia, b"minf").and_then(|m| child(m, b"stbl"))?;
+        let frames = if let Some(stsz) = child(stbl, b"stsz") {
+            be32(stsz, 8)?
+        } else {
+            be32(child(stbl, b"stz2")?, 8)?
+        };
+        // Constant rate: every sample but possibly the last has the same duration.
+        let constant_rate = child(stbl, b"stts").and_then(|stts| {
+            let entries = be32(stts, 4)? as usize;
+            let mut deltas = Vec::new();
+            let mut counted = 0u64;
+            for i in 0..entries.min(1 << 20) {
+                let count = be32(stts, 8 + 8 * i)?;
+                let delta = be32(stts, 12 + 8 * i)?;
+                counted += count;
+                if count > 0 && !(i + 1 == entries && count == 1 && counted == frames) {
+                    deltas.push(delta);
+                }
+            }
+            Some(deltas.windows(2).all(|w| w[0] == w[1]))
+        });
+        return Some(ContainerFacts {
+            frames: (frames > 0).then_some(frames),
+            constant_rate,
+            has_duration: None,
+        });
+    }
+    None
+}
+
+/// For ISO-BMFF: describes how the top-level box structure runs past the end of the object (a
+/// cut-off upload), or `None` if it is complete or not ISO-BMFF at all.
+pub fn mp4_cut_off(len: u64, read: ReadFn<'_>) -> Option<String> {
+    if box_header(len, 0, read)?.1 != *b"ftyp" {
+        return None;
+    }
+    let mut offset = 0u64;
+    let mut saw_moov = false;
+    while offset + 8 <= len {
+        let (size, kind, _) = box_header(len, offset, read)?;
+        saw_moov |= kind == *b"moov";
+        if size > len - offset {
+            return Some(format!(
+                "MP4 cut off: top-level box '{}' at byte {offset} declares {size} bytes, only {} \
+                 present{}",
+                String::from_utf8_lossy(&kind),
+                len - offset,
+                if saw_moov {
+                    ""
+                } else {
+                    "; no moov index before the cut"
+                }
+            ));
+        }
+        offset += size;
+    }
+    None
+}
+
+/// An EBML element header at `at` in `b`: (id, data size (None = unknown), header length).
+fn ebml_header(b: &[u8], at: usize) -> Option<(u32, Option<u64>, usize)> {
+    let first = *b.get(at)?;
+    let id_len = first.leading_zeros() as usize + 1;
+    if id_len > 4 {
+        return None;
+    }
+    let mut id = 0u32;
+    for i in 0..id_len {
+        id = (id << 8) | u32::from(*b.get(at + i)?);
+    }
+    let s0 = *b.get(at + id_len)?;
+    let size_len = s0.leading_zeros() as usize + 1;
+    if size_len > 8 {
+        return None;
+    }
+    let mut size = u64::from(s0) & ((1u64 << (8 - size_len)) - 1);
+    let mut all_ones = size == (1u64 << (8 - size_len)) - 1;
+    for i in 1..size_len {
+        let byte = *b.get(at + id_len + i)?;
+        all_ones &= byte == 0xFF;
+        size = (size << 8) | u64::from(byte);
+    }
+    Some((id, (!all_ones).then_some(size), id_len + size_len))
+}
+
+const EBML_SEGMENT: u32 = 0x1853_8067;
+const EBML_INFO: u32 = 0x1549_A966;
+const EBML_DURATION: u32 = 0x4489;
+const EBML_CLUSTER: u32 = 0x1F43_B675;
+
+/// Whether a Matroska/WebM file's `Info` element has a `Duration` (`None` if not found).
+fn matroska_has_duration(len: u64, read: ReadFn<'_>) -> Option<bool> {
+    let head = read(0, MKV_HEAD.min(len))?;
+    let (_, ebml_size, h) = ebml_header(&head, 0)?;
+    let mut at = h + usize::try_from(ebml_size?).ok()?;
+    let (id, _, h) = ebml_header(&head, at)?;
+    if id != EBML_SEGMENT {
+        return None;
+    }
+    at += h;
+    while let Some((id, size, h)) = ebml_header(&head, at) {
+        match id {
+            EBML_INFO => {
+                let body = head.get(at + h..at + h + usize::try_from(size?).ok()?)?;
+                let mut i = 0;
+                while let Some((cid, csize, ch)) = ebml_header(body, i) {
+                    if cid == EBML_DURATION {
+                        return Some(true);
+                    }
+                    i += ch + usize::try_from(csize?).ok()?;
+                }
+                return Some(false);
+            }
+            EBML_CLUSTER => return None,
+            _ => at += h + usize::try_from(size?).ok()?,
+        }
+    }
+    None
+}
+
+/// For Matroska/WebM: describes a `Segment` whose declared size runs past the end of the object.
+pub fn matroska_cut_off(len: u64, read: ReadFn<'_>) -> Option<String> {
+    let head = read(0, 4096.min(len))?;
+    if head.get(0..4) != Some([0x1A, 0x45, 0xDF, 0xA3].as_slice()) {
+        return None;
+    }
+    let (_, ebml_size, h) = ebml_header(&head, 0)?;
+    let at = h + usize::try_from(ebml_size?).ok()?;
+    let (id, size, h) = ebml_header(&head, at)?;
+    if id != EBML_SEGMENT {
+        return None;
+    }
+    let end = (at + h) as u64 + size?;
+    (end > len).then(|| {
+        format!("Matroska cut off: the Segment declares {end} bytes, the object has {len}")
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reader(data: &[u8]) -> impl Fn(u64, u64) -> Option<Bytes> + '_ {
+        move |at, n| {
+            let s = (at as usize).min(data.len());
+            let e = ((at + n) as usize).min(data.len());
+            Some(Bytes::copy_from_slice(&data[s..e]))
+        }
+    }
+
+    fn boxed(kind: &[u8; 4], payload: &[u8]) -> Vec<u8> {
+        let mut v = ((payload.len() + 8) as u32).to_be_bytes().to_vec();
+        v.extend_from_slice(kind);
+        v.extend_from_slice(payload);
+        v
+    }
+
+    fn full(kind: &[u8; 4], fields: &[u32]) -> Vec<u8> {
+        let mut p = vec![0u8; 4]; // version + flags
+        for f in fields {
+            p.extend_from_slice(&f.to_be_bytes());
+        }
+        boxed(kind, &p)
+    }
+
+    /// An MP4 with one video track of `frames` samples and the given stts entries.
+    fn mp4(frames: u32, stts: &[(u32, u32)]) -> Vec<u8> {
+        let mut stts_fields = vec![stts.len() as u32];
+        for &(c, d) in stts {
+            stts_fields.extend([c, d]);
+        }
+        let stbl = boxed(
+            b"stbl",
+            &[full(b"stsz", &[0, frames]), full(b"stts", &stts_fields)].concat(),
+        );
+        let hdlr = full(b"hdlr", &[0, u32::from_be_bytes(*b"vide"), 0, 0, 0]);
+        let mdia = boxed(b"mdia", &[hdlr, boxed(b"minf", &stbl)].concat());
+        let moov = boxed(b"moov", &boxed(b"trak", &mdia));
+        [
+            boxed(b"ftyp", b"isom0000"),
+            boxed(b"mdat", &[0u8; 100]),
+            moov,
+        ]
+        .concat()
+    }
+
+    #[test]
+    fn mp4_frame_count_and_rate() {
+        let cfr = mp4(90, &[(89, 512), (1, 100)]);
+        let f = facts(cfr.len() as u64, &reader(&cfr));
+        assert_eq!(f.frames, Some(90));
+        assert_eq!(f.constant_rate, Some(true));
+        let vfr = mp4(90, &[(30, 512), (60, 1536)]);
+        let f = facts(vfr.len() as u64, &reader(&vfr));
+        assert_eq!((f.frames, f.constant_rate), (Some(90), Some(false)));
+        // Cut before the moov: nothing known, and the cut is named.
+        let cut = &cfr[..120];
+        assert_eq!(
+            facts(cut.len() as u64, &reader(cut)),
+            ContainerFacts::default()
+        );
+        assert!(mp4_cut_off(cut.len() as u64, &reader(cut)).is_some());
+        assert_eq!(mp4_cut_off(cfr.len() as u64, &reader(&cfr)), None);
+    }
+
+    #[test]
+    fn mp4_cut_off_detection() {
+        let mut file = boxed(b"ftyp", &[0; 16]);
+        file.extend(boxed(b"mdat", &[0; 1000]));
+        file.extend(boxed(b"moov", &[0; 200]));
+        let cut = |d: &[u8]| mp4_cut_off(d.len() as u64, &reader(d));
+        assert_eq!(cut(&file), None);
+        let c = cut(&file[..500]).expect("cut in mdat");
+        assert!(c.contains("'mdat'") && c.contains("no moov"), "{c}");
+        assert!(cut(&file[..file.len() - 1]).is_some());
+        assert_eq!(cut(b"not an mp4 at all"), None);
+        assert_eq!(cut(&[]), None);
+        // Malformed box sizes are not called truncation.
+        let mut bad = boxed(b"ftyp", &[0; 16]);
+        bad.extend_from_slice(&[0, 0, 0, 3, b'f', b'r', b'e', b'e']);
+        assert_eq!(cut(&bad), None);
+    }
+
+    fn ebml(id: &[u8], payload: &[u8]) -> Vec<u8> {
+        let mut v = id.to_vec();
+        v.extend_from_slice(&(0x0100_0000_0000_0000u64 | payload.len() as u64).to_be_bytes());
+        v.extend_from_slice(payload);
+        v
+    }
+
+    #[test]
+    fn matroska_duration_and_cut() {
+        let header = ebml(&[0x1A, 0x45, 0xDF, 0xA3], &ebml(&[0x42, 0x82], b"webm"));
+        let info_with = ebml(&[0x15, 0x49, 0xA9, 0x66], &ebml(&[0x44, 0x89], &[0; 8]));
+        let info_without = ebml(
+            &[0x15, 0x49, 0xA9, 0x66],
+            &ebml(&[0x2A, 0xD7, 0xB1], &[0; 3]),
+        );
+        for (info, want) in [(info_with, Some(true)), (info_without, Some(false))] {
+            let file = [
+                header.clone(),
+                ebml(
+                    &[0x18, 0x53, 0x80, 0x67],
+                    &[info, vec![0xEC, 0x80]].concat(),
+                ),
+            ]
+            .concat();
+            let f = facts(file.len() as u64, &reader(&file));
+            assert_eq!(f.has_duration, want);
+            assert_eq!(matroska_cut_off(file.len() as u64, &reader(&file)), None);
+            let cut = &file[..file.len() - 3];
+            assert!(matroska_cut_off(cut.len() as u64, &reader(cut)).is_some());
+        }
+    }
+}
