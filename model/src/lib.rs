@@ -534,6 +534,14 @@ impl VJepa {
     /// `opt.exp_avg.<name>` / `opt.exp_avg_sq.<name>`; metadata holds the three configs (JSON),
     /// seed, steps_done and per-parameter AdamW step counts.
     pub fn to_safetensors(&self) -> Result<Vec<u8>, ModelError> {
+        self.to_safetensors_with(&[])
+    }
+
+    /// [`Self::to_safetensors`] plus caller metadata (e.g. the job's data cursor and catalog
+    /// version), so that everything a resume needs lives in one atomically written file.
+    /// Keys must not clash with the model's own (`format`, `*_config`, `seed`, `steps_done`,
+    /// `opt_steps`); read them back with [`checkpoint_metadata`].
+    pub fn to_safetensors_with(&self, extra: &[(String, String)]) -> Result<Vec<u8>, ModelError> {
         use checkpoint::F32View;
         let mut tensors = Vec::new();
         tensors.push((
@@ -572,6 +580,14 @@ impl VJepa {
         meta.insert("seed".to_string(), self.seed.to_string());
         meta.insert("steps_done".to_string(), self.steps_done.to_string());
         meta.insert("opt_steps".to_string(), to_json(&steps)?);
+        for (key, value) in extra {
+            if meta.contains_key(key) {
+                return Err(ModelError::Checkpoint(format!(
+                    "metadata key `{key}` is reserved for the model"
+                )));
+            }
+            meta.insert(key.clone(), value.clone());
+        }
         checkpoint::serialize(tensors, meta)
     }
 
@@ -649,6 +665,13 @@ impl VJepa {
         info!(steps_done, "loaded V-JEPA checkpoint");
         Ok(model)
     }
+}
+
+/// The string metadata of a checkpoint written by [`VJepa::to_safetensors_with`], without
+/// loading its tensors (a truncated file still fails: the header must fit in the bytes).
+pub fn checkpoint_metadata(bytes: &[u8]) -> Result<HashMap<String, String>, ModelError> {
+    let (_, meta) = safetensors::SafeTensors::read_metadata(bytes)?;
+    Ok(meta.metadata().clone().unwrap_or_default())
 }
 
 /// Metadata value as JSON.

@@ -38,7 +38,11 @@ pub struct TrainOverrides {
     pub out: Option<String>,
     pub max_steps: Option<u64>,
     pub seed: Option<u64>,
+    /// Require a resume (the default resumes anyway when checkpoints exist; this only adds the
+    /// log line when there are none).
     pub resume: bool,
+    /// Start from step 0 even when the output location holds checkpoints (deleting them).
+    pub fresh: bool,
 }
 
 /// What a finished run reports.
@@ -99,42 +103,100 @@ pub fn run(mut cfg: JobConfig, overrides: TrainOverrides) -> anyhow::Result<Trai
     let pred = cfg.predictor_config();
     let optim = cfg.optim_config(ipe);
 
-    // Resume: the model and optimiser from a checkpoint; the data sequence is a function of the
-    // step, so the run continues with the batches it would have used.
-    let resume_from: Option<(String, Vec<u8>)> = if let Some(path) = &cfg.raw.meta.read_checkpoint {
-        let bytes = read_location(&handle, path, &s3)
-            .with_context(|| format!("reading meta.read_checkpoint {path}"))?;
-        Some((path.clone(), bytes.to_vec()))
-    } else if cfg.raw.meta.load_checkpoint || overrides.resume {
-        match handle.block_on(checkpoints::latest(&out))? {
-            Some((_, rel)) => {
-                let bytes = handle.block_on(out.get(&rel))?;
-                Some((out.uri_of(&rel), bytes.to_vec()))
-            }
-            None => {
-                tracing::info!(
-                    "no checkpoint to resume from in {}; starting fresh",
-                    out.url()
-                );
-                None
-            }
+    // Where the run starts: by default it continues from the newest complete checkpoint in its
+    // own output location (so the same command resumes after a crash or `kill -9`); `--fresh`
+    // discards them; `meta.read_checkpoint` seeds a run that has none of its own yet.
+    if overrides.fresh && (overrides.resume || cfg.raw.meta.load_checkpoint) {
+        bail!("--fresh contradicts --resume / meta.load_checkpoint: true");
+    }
+    let batch_size = cfg.raw.data.batch_size;
+    let fingerprint = catalog_fingerprint(&catalog);
+    let mut resumed_own = false;
+    let start: Option<Resumed> = if overrides.fresh {
+        let removed = handle.block_on(checkpoints::remove_all(&out))?;
+        if removed > 0 {
+            tracing::warn!(
+                removed,
+                output = %out.url(),
+                "--fresh: deleted the earlier run's checkpoints"
+            );
         }
-    } else {
         None
-    };
-    // Loaded once here (to learn its step) and handed to worker 0.
-    let resumed = match &resume_from {
-        Some((path, bytes)) => {
-            let m = VJepa::from_safetensors(bytes, &Device::Cpu)
-                .with_context(|| format!("loading checkpoint {path}"))?;
-            tracing::info!(checkpoint = %path, step = m.steps_done(), "resuming");
-            Some(m)
+    } else {
+        let own = newest_complete_checkpoint(&handle, &out)?;
+        resumed_own = own.is_some();
+        if own.is_none() && (cfg.raw.meta.load_checkpoint || overrides.resume) {
+            tracing::info!(
+                "no checkpoint to resume from in {}; starting fresh",
+                out.url()
+            );
         }
-        None => None,
+        own
     };
-    drop(resume_from);
-    let first_step = resumed.as_ref().map_or(0, VJepa::steps_done);
+    let start = match (start, &cfg.raw.meta.read_checkpoint) {
+        (Some(r), _) => Some(r),
+        (None, Some(path)) => {
+            let bytes = read_location(&handle, path, &s3)
+                .with_context(|| format!("reading meta.read_checkpoint {path}"))?;
+            Some(
+                Resumed::parse(path.clone(), &bytes)
+                    .with_context(|| format!("loading checkpoint {path}"))?,
+            )
+        }
+        (None, None) => None,
+    };
+    if let Some(r) = &start {
+        if resumed_own && r.model.seed() != cfg.raw.meta.seed {
+            bail!(
+                "{} was trained with meta.seed {}, this run has seed {}: the data would not \
+                 continue where it stopped (use the same seed, another outputs.dir, or --fresh)",
+                r.uri,
+                r.model.seed(),
+                cfg.raw.meta.seed
+            );
+        }
+        if let Some(saved) = &r.catalog
+            && saved != &fingerprint
+        {
+            tracing::warn!(
+                checkpoint = %r.uri,
+                saved = %saved,
+                now = %fingerprint,
+                "the catalog changed since this checkpoint: the clips from here on differ from \
+                 those the interrupted run would have used"
+            );
+        }
+        tracing::info!(
+            checkpoint = %r.uri,
+            step = r.model.steps_done(),
+            next_clip = r.next_clip,
+            "resuming"
+        );
+    }
+    let first_step = start.as_ref().map_or(0, |r| r.model.steps_done());
+    // The sampler cursor: the global number of the next clip (a pure function of the step for
+    // an unchanged batch size, stored so that a changed one continues the same clip sequence).
+    let first_clip = start
+        .as_ref()
+        .map_or(0, |r| r.next_clip.unwrap_or(first_step * batch_size as u64));
+    let resumed = start.map(|r| r.model);
     if first_step >= total {
+        if resumed_own {
+            tracing::info!(
+                step = first_step,
+                steps = total,
+                output = %out.url(),
+                "the run is already complete: nothing to train (--fresh starts it again)"
+            );
+            return Ok(TrainSummary {
+                output: out.url().to_string(),
+                steps: 0,
+                first_step,
+                last_loss: None,
+                quarantined: 0,
+                checkpoints: Vec::new(),
+            });
+        }
         bail!("the checkpoint is at step {first_step}, the run has {total} steps: nothing to do");
     }
 
@@ -188,7 +250,6 @@ pub fn run(mut cfg: JobConfig, overrides: TrainOverrides) -> anyhow::Result<Trai
         decoder_threads: if cfg.decode_threads() > 1 { 1 } else { 0 },
     };
     let workers = cfg.raw.workers.count;
-    let batch_size = cfg.raw.data.batch_size;
     let clips_per_worker = batch_size.div_ceil(workers).max(1);
     let batches_in_flight = (cfg.max_clips_in_flight() / clips_per_worker).max(1) as u64;
 
@@ -209,6 +270,9 @@ pub fn run(mut cfg: JobConfig, overrides: TrainOverrides) -> anyhow::Result<Trai
         optim,
         metrics_name,
         quarantine_name,
+        first_step,
+        first_clip,
+        catalog_fingerprint: fingerprint,
     });
 
     let guards = timely::execute(timely::Config::process(workers), move |worker| {
@@ -228,6 +292,93 @@ pub fn run(mut cfg: JobConfig, overrides: TrainOverrides) -> anyhow::Result<Trai
         bail!("{why}");
     }
     summary.ok_or_else(|| anyhow!("worker 0 returned no summary"))
+}
+
+/// Checkpoint metadata: global number of the next clip to train on (the sampler cursor).
+const META_NEXT_CLIP: &str = "run.next_clip";
+/// Checkpoint metadata: the batch size the run used.
+const META_BATCH_SIZE: &str = "run.batch_size";
+/// Checkpoint metadata: the catalog version ([`catalog_fingerprint`]) the run trained on.
+const META_CATALOG: &str = "run.catalog";
+
+/// A checkpoint to continue from, with the job's state recorded beside the model.
+struct Resumed {
+    uri: String,
+    model: VJepa,
+    /// [`META_NEXT_CLIP`], absent in checkpoints of older builds.
+    next_clip: Option<u64>,
+    /// [`META_CATALOG`], absent in checkpoints of older builds.
+    catalog: Option<String>,
+}
+
+impl Resumed {
+    fn parse(uri: String, bytes: &[u8]) -> anyhow::Result<Self> {
+        let model = VJepa::from_safetensors(bytes, &Device::Cpu)?;
+        let meta = vjepa_model::checkpoint_metadata(bytes)?;
+        let next_clip = meta
+            .get(META_NEXT_CLIP)
+            .map(|v| {
+                v.parse::<u64>()
+                    .map_err(|e| anyhow!("metadata {META_NEXT_CLIP} `{v}`: {e}"))
+            })
+            .transpose()?;
+        Ok(Self {
+            uri,
+            model,
+            next_clip,
+            catalog: meta.get(META_CATALOG).cloned(),
+        })
+    }
+}
+
+/// The newest checkpoint in `out` that loads completely. A file that is cut short or otherwise
+/// unreadable is skipped, with a warning, for the one before it (checkpoints are written whole
+/// and renamed into place, but a disk can still lose the tail of one).
+fn newest_complete_checkpoint(
+    handle: &tokio::runtime::Handle,
+    out: &Store,
+) -> anyhow::Result<Option<Resumed>> {
+    for (step, rel) in handle.block_on(checkpoints::all_newest_first(out))? {
+        let uri = out.uri_of(&rel);
+        let loaded = handle
+            .block_on(out.get(&rel))
+            .map_err(anyhow::Error::from)
+            .and_then(|bytes| Resumed::parse(uri.clone(), &bytes));
+        match loaded {
+            Ok(r) if r.model.steps_done() == step => return Ok(Some(r)),
+            Ok(r) => tracing::warn!(
+                checkpoint = %uri,
+                steps_done = r.model.steps_done(),
+                "skipping a checkpoint whose step does not match its name"
+            ),
+            Err(e) => tracing::warn!(
+                checkpoint = %uri,
+                error = %format!("{e:#}"),
+                "skipping an incomplete or unreadable checkpoint; trying the previous one"
+            ),
+        }
+    }
+    Ok(None)
+}
+
+/// The catalog's version: video count and a hash of (dataset, path) in catalog order, the
+/// inputs of the sampler besides seed and clip number. Equal fingerprints mean a resumed run
+/// draws exactly the clips the interrupted one would have.
+fn catalog_fingerprint(catalog: &Catalog) -> String {
+    // FNV-1a, 64 bit: stable across builds and platforms (unlike std's hasher).
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |bytes: &[u8]| {
+        for &b in bytes {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    };
+    for v in &catalog.videos {
+        eat(&(v.dataset as u64).to_le_bytes());
+        eat(v.rel.as_bytes());
+        eat(&[0]);
+    }
+    format!("v0:{}:{h:016x}", catalog.videos.len())
 }
 
 /// Longest a worker sleeps waiting for clips or peers before checking for a fatal error.
@@ -251,6 +402,12 @@ struct Shared {
     optim: vjepa_model::OptimConfig,
     metrics_name: String,
     quarantine_name: String,
+    /// The step the run started after (0, or the resumed checkpoint's).
+    first_step: u64,
+    /// Global number of the clip of slot 0 of `first_step + 1` (the resumed sampler cursor).
+    first_clip: u64,
+    /// The catalog version this run trains on, recorded in its checkpoints.
+    catalog_fingerprint: String,
 }
 
 /// Worker 0's outputs: the model and the Parquet writers, shared with its operators.
@@ -404,8 +561,11 @@ fn run_worker(
             break;
         }
         // Steps up to `step - batches_in_flight` must be trained before `step` is requested.
+        // Only steps this run trains count: a resumed run's probe stays at 0 until its input
+        // has been scheduled, i.e. until it has sent something, so waiting for a floor at or
+        // below `first_step` before then would never end.
         let floor = (step + 1).saturating_sub(batches_in_flight);
-        while probe.less_than(&floor) && shared.fatal.get().is_none() {
+        while floor > first_step && probe.less_than(&floor) && shared.fatal.get().is_none() {
             // Loader threads wake the worker when a clip is in; no busy waiting.
             worker.step_or_park(Some(PARK));
         }
@@ -413,7 +573,9 @@ fn run_worker(
             input.send(ClipRequest {
                 step,
                 slot,
-                global_index: step * batch_size as u64 + slot as u64,
+                global_index: shared.first_clip
+                    + (step - first_step) * batch_size as u64
+                    + slot as u64,
             });
         }
         input.advance_to(step + 1);
@@ -493,7 +655,13 @@ fn train_step(
     let every = cfg.outputs.checkpoint_every;
     let done = stats.step;
     if (every > 0 && done % every == 0) || done == total {
-        match model.to_safetensors() {
+        let next_clip = shared.first_clip + (done - shared.first_step) * cfg.data.batch_size as u64;
+        let run_state = [
+            (META_NEXT_CLIP.to_string(), next_clip.to_string()),
+            (META_BATCH_SIZE.to_string(), cfg.data.batch_size.to_string()),
+            (META_CATALOG.to_string(), shared.catalog_fingerprint.clone()),
+        ];
+        match model.to_safetensors_with(&run_state) {
             Ok(bytes) => match shared.handle.block_on(checkpoints::write(
                 &shared.out,
                 done,

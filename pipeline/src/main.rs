@@ -51,9 +51,13 @@ enum Command {
         /// Seed instead of meta.seed.
         #[arg(long)]
         seed: Option<u64>,
-        /// Continue from the latest checkpoint in the output location.
+        /// Continue from the latest checkpoint in the output location (the default whenever
+        /// it holds one; with this flag a run without any logs that it starts fresh).
         #[arg(long)]
         resume: bool,
+        /// Start from step 0 even if the output location holds checkpoints (they are deleted).
+        #[arg(long, conflicts_with = "resume")]
+        fresh: bool,
     },
     /// Parse and validate a config without doing any work; lists official keys that are ignored.
     CheckConfig {
@@ -137,6 +141,7 @@ fn main() -> ExitCode {
             max_steps,
             seed,
             resume,
+            fresh,
         } => {
             let cfg = match JobConfig::load(&config) {
                 Ok(cfg) => cfg,
@@ -152,8 +157,16 @@ fn main() -> ExitCode {
                 max_steps,
                 seed,
                 resume,
+                fresh,
             };
             match job::run(cfg, overrides) {
+                Ok(s) if s.steps == 0 => {
+                    println!(
+                        "nothing to train: the run in {} is complete at step {} (--fresh starts it again)",
+                        s.output, s.first_step
+                    );
+                    ExitCode::SUCCESS
+                }
                 Ok(s) => {
                     println!(
                         "trained steps {}..{} (last loss {}), {} quarantined; outputs in {}: metrics.parquet, quarantine.parquet, {}",

@@ -35,6 +35,29 @@ pub async fn write(store: &Store, step: u64, bytes: Bytes) -> Result<String, Sto
     Ok(rel)
 }
 
+/// Every checkpoint whose name parses, highest step first: resuming tries them in this order
+/// and skips one that does not load (a file cut short, say) for the one before it.
+pub async fn all_newest_first(store: &Store) -> Result<Vec<(u64, String)>, StorageError> {
+    let mut found: Vec<(u64, String)> = store
+        .list_prefix(DIR)
+        .await?
+        .into_iter()
+        .filter_map(|o| parse_step(&o.path).map(|s| (s, o.path)))
+        .collect();
+    found.sort_by(|a, b| b.cmp(a));
+    Ok(found)
+}
+
+/// Deletes every checkpoint (a deliberate fresh start in a used output location: a stale
+/// checkpoint of the earlier run must not be resumed later); returns how many there were.
+pub async fn remove_all(store: &Store) -> Result<usize, StorageError> {
+    let found = all_newest_first(store).await?;
+    for (_, rel) in &found {
+        store.delete(rel).await?;
+    }
+    Ok(found.len())
+}
+
 /// The checkpoint with the highest step whose name parses, if any.
 pub async fn latest(store: &Store) -> Result<Option<(u64, String)>, StorageError> {
     let listed = store.list_prefix(DIR).await?;
