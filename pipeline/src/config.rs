@@ -190,7 +190,9 @@ pub struct MaskSection {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MetaSection {
-    /// Resume from the latest checkpoint in the output directory.
+    /// Resume from the latest checkpoint in the output directory. The job does so anyway
+    /// whenever there is one (the same command continues after a crash); `true` only makes
+    /// the absence of one a logged event.
     #[serde(default)]
     pub load_checkpoint: bool,
     /// A specific checkpoint to start from (URL or path).
