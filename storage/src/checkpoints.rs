@@ -90,4 +90,30 @@ mod tests {
         assert_eq!(parse_step("checkpoints/old/step-1.safetensors"), None);
         assert_eq!(parse_step("other/step-1.safetensors"), None);
     }
+
+    #[test]
+    fn newest_first_ignores_other_files_and_remove_all_clears() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let store = Store::open(dir.path().to_str().unwrap(), &Default::default(), true).unwrap();
+        rt.block_on(async {
+            for step in [4, 12, 8] {
+                write(&store, step, Bytes::from_static(b"x")).await.unwrap();
+            }
+            // A staging file left by a killed writer (object_store's `name#N`) and a stray file
+            // are not checkpoints.
+            let ckpt_dir = dir.path().join(DIR);
+            std::fs::write(ckpt_dir.join("step-00000016.safetensors#1"), b"half").unwrap();
+            std::fs::write(ckpt_dir.join("notes.txt"), b"").unwrap();
+            let found = all_newest_first(&store).await.unwrap();
+            let steps: Vec<u64> = found.iter().map(|(s, _)| *s).collect();
+            assert_eq!(steps, [12, 8, 4]);
+            assert_eq!(latest(&store).await.unwrap().map(|(s, _)| s), Some(12));
+            assert_eq!(remove_all(&store).await.unwrap(), 3);
+            assert!(all_newest_first(&store).await.unwrap().is_empty());
+        });
+    }
 }
