@@ -1,6 +1,7 @@
-//! Not decoding what nobody needs: H.264 access units that no other frame references
-//! (`nal_ref_idc == 0` in every slice) and that are not among the clip's frames are dropped
-//! before the decoder.
+//! Not decoding what nobody needs: access units that no other frame references and that are not
+//! among the clip's frames are dropped before the decoder. H.264: `nal_ref_idc == 0` in every
+//! slice. H.265: every slice a sub-layer non-reference picture (`TRAIL_N`, `TSA_N`, …) of the
+//! highest temporal sub-layer the stream declares (`hvcC`), so nothing can reference it.
 //!
 //! A clip keeps 16 of the 64 frames of its window, and a key-frame seek starts up to a GOP
 //! before the window; most of the frames decoded on the way are B-frames nobody references.
@@ -49,7 +50,7 @@ impl SkipPlan {
     }
 }
 
-/// How the H.264 stream on the decoder's input is framed.
+/// How the stream on the decoder's input is framed.
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Framing {
     /// Length-prefixed NAL units (`avc`/`avc3`), prefix of this many bytes.
@@ -58,25 +59,47 @@ enum Framing {
     StartCodes,
 }
 
-fn framing(caps: &gst::CapsRef) -> Option<Framing> {
+/// The codec and what its NAL headers need to be read.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Codec {
+    H264(Framing),
+    /// H.265 with the number of temporal sub-layers its `hvcC` declares.
+    H265 {
+        framing: Framing,
+        sub_layers: u8,
+    },
+}
+
+fn codec(caps: &gst::CapsRef) -> Option<Codec> {
     let s = caps.structure(0)?;
-    if s.name() != "video/x-h264" {
-        return None;
-    }
-    match s.get::<&str>("stream-format").ok()? {
-        "avc" | "avc3" => {
-            let cd = s.get::<gst::Buffer>("codec_data").ok()?;
-            let map = cd.map_readable().ok()?;
-            let len = usize::from(*map.get(4)? & 0x03) + 1;
-            Some(Framing::Length(len))
+    let format = s.get::<&str>("stream-format").ok()?;
+    let codec_data = || -> Option<Vec<u8>> {
+        let cd = s.get::<gst::Buffer>("codec_data").ok()?;
+        let map = cd.map_readable().ok()?;
+        Some(map.to_vec())
+    };
+    match (s.name().as_str(), format) {
+        ("video/x-h264", "avc" | "avc3") => {
+            let cd = codec_data()?;
+            Some(Codec::H264(Framing::Length(
+                usize::from(*cd.get(4)? & 0x03) + 1,
+            )))
         }
-        "byte-stream" => Some(Framing::StartCodes),
+        ("video/x-h264", "byte-stream") => Some(Codec::H264(Framing::StartCodes)),
+        // Only length-prefixed H.265 declares its sub-layers (hvcC byte 21).
+        ("video/x-h265", "hvc1" | "hev1") => {
+            let b = *codec_data()?.get(21)?;
+            Some(Codec::H265 {
+                framing: Framing::Length(usize::from(b & 0x03) + 1),
+                sub_layers: (b >> 3) & 0x07,
+            })
+        }
         _ => None,
     }
 }
 
-/// The NAL unit header bytes of an access unit.
-fn nal_headers(data: &[u8], framing: Framing) -> Vec<u8> {
+/// The first two header bytes of each NAL unit of an access unit (the second is 0 if absent).
+fn nal_headers(data: &[u8], framing: Framing) -> Vec<[u8; 2]> {
     let mut out = Vec::new();
     match framing {
         Framing::Length(n) => {
@@ -90,7 +113,7 @@ fn nal_headers(data: &[u8], framing: Framing) -> Vec<u8> {
                 if len == 0 || at + len > data.len() {
                     break;
                 }
-                out.push(data[at]);
+                out.push([data[at], data.get(at + 1).copied().unwrap_or(0)]);
                 at += len;
             }
         }
@@ -98,7 +121,7 @@ fn nal_headers(data: &[u8], framing: Framing) -> Vec<u8> {
             let mut i = 0usize;
             while i + 3 < data.len() {
                 if data[i] == 0 && data[i + 1] == 0 && data[i + 2] == 1 {
-                    out.push(data[i + 3]);
+                    out.push([data[i + 3], data.get(i + 4).copied().unwrap_or(0)]);
                     i += 3;
                 } else {
                     i += 1;
@@ -109,16 +132,40 @@ fn nal_headers(data: &[u8], framing: Framing) -> Vec<u8> {
     out
 }
 
-/// `true` if the access unit holds slices and none of them is a reference (`nal_ref_idc == 0`).
-fn is_non_reference(data: &[u8], framing: Framing) -> bool {
+/// `true` if the access unit holds slices and no other picture can reference any of them.
+fn is_non_reference(data: &[u8], codec: Codec) -> bool {
     let mut slices = 0;
-    for h in nal_headers(data, framing) {
-        let kind = h & 0x1F;
-        if (1..=5).contains(&kind) {
-            if (h >> 5) & 0x03 != 0 {
-                return false;
+    match codec {
+        Codec::H264(framing) => {
+            for [h, _] in nal_headers(data, framing) {
+                let kind = h & 0x1F;
+                if (1..=5).contains(&kind) {
+                    if (h >> 5) & 0x03 != 0 {
+                        return false;
+                    }
+                    slices += 1;
+                }
             }
-            slices += 1;
+        }
+        Codec::H265 {
+            framing,
+            sub_layers,
+        } => {
+            if sub_layers == 0 {
+                return false; // unknown: keep everything
+            }
+            for [h0, h1] in nal_headers(data, framing) {
+                let kind = (h0 >> 1) & 0x3F;
+                if kind <= 31 {
+                    // VCL: sub-layer non-reference types are the even ones up to 14, and only
+                    // the highest sub-layer's are referenced by nobody.
+                    let temporal_id = (h1 & 0x07).saturating_sub(1);
+                    if !(kind <= 14 && kind % 2 == 0) || temporal_id + 1 != sub_layers {
+                        return false;
+                    }
+                    slices += 1;
+                }
+            }
         }
     }
     slices > 0
@@ -126,10 +173,12 @@ fn is_non_reference(data: &[u8], framing: Framing) -> bool {
 
 /// Puts the dropping probe on an H.264 decoder's sink pad (other decoders are left alone).
 pub(crate) fn attach(element: &gst::Element, plan: &Arc<Mutex<SkipPlan>>) {
-    let is_h264_decoder = element.factory().is_some_and(|f| {
-        f.klass().contains("Decoder") && f.klass().contains("Video") && f.name().contains("h264")
+    let is_video_decoder = element.factory().is_some_and(|f| {
+        f.klass().contains("Decoder")
+            && f.klass().contains("Video")
+            && (f.name().contains("h264") || f.name().contains("h265"))
     });
-    if !is_h264_decoder {
+    if !is_video_decoder {
         return;
     }
     let Some(pad) = element.static_pad("sink") else {
@@ -149,11 +198,11 @@ pub(crate) fn attach(element: &gst::Element, plan: &Arc<Mutex<SkipPlan>>) {
                 return gst::PadProbeReturn::Ok;
             }
         }
-        let Some(framing) = pad.current_caps().and_then(|c| framing(&c)) else {
+        let Some(codec) = pad.current_caps().and_then(|c| codec(&c)) else {
             return gst::PadProbeReturn::Ok;
         };
         let unreferenced = match buffer.map_readable() {
-            Ok(map) => is_non_reference(&map, framing),
+            Ok(map) => is_non_reference(&map, codec),
             Err(_) => false,
         };
         if !unreferenced {
@@ -178,18 +227,40 @@ mod tests {
     fn reference_status_from_nal_headers() {
         // Length-prefixed: an SEI (type 6) and a non-reference slice (ref_idc 0, type 1).
         let au = [0, 0, 0, 2, 0x06, 0xAA, 0, 0, 0, 2, 0x01, 0xBB];
-        assert!(is_non_reference(&au, Framing::Length(4)));
+        assert!(is_non_reference(&au, Codec::H264(Framing::Length(4))));
         // A reference P slice (ref_idc 2).
         let p = [0, 0, 0, 2, 0x41, 0xBB];
-        assert!(!is_non_reference(&p, Framing::Length(4)));
+        assert!(!is_non_reference(&p, Codec::H264(Framing::Length(4))));
         // An IDR slice (type 5, ref_idc 3).
         let idr = [0, 0, 1, 0x65, 0x88];
-        assert!(!is_non_reference(&idr, Framing::StartCodes));
+        assert!(!is_non_reference(&idr, Codec::H264(Framing::StartCodes)));
         // No slices at all: keep.
-        assert!(!is_non_reference(&[0, 0, 1, 0x06, 0], Framing::StartCodes));
+        assert!(!is_non_reference(
+            &[0, 0, 1, 0x06, 0],
+            Codec::H264(Framing::StartCodes)
+        ));
         // Two non-reference slices with start codes.
         let b = [0, 0, 0, 1, 0x01, 0x9A, 0, 0, 1, 0x01, 0x9B];
-        assert!(is_non_reference(&b, Framing::StartCodes));
+        assert!(is_non_reference(&b, Codec::H264(Framing::StartCodes)));
+    }
+
+    #[test]
+    fn h265_sub_layer_non_reference_pictures() {
+        let one = |sub_layers| Codec::H265 {
+            framing: Framing::Length(4),
+            sub_layers,
+        };
+        // TRAIL_N (type 0), TemporalId 0: droppable when the stream has one sub-layer.
+        let trail_n = [0, 0, 0, 3, 0x00, 0x01, 0xAA];
+        assert!(is_non_reference(&trail_n, one(1)));
+        // ... but not when a higher sub-layer could reference it, or when unknown.
+        assert!(!is_non_reference(&trail_n, one(2)));
+        assert!(!is_non_reference(&trail_n, one(0)));
+        // TRAIL_R (type 1) is a reference.
+        let trail_r = [0, 0, 0, 3, 0x02, 0x01, 0xAA];
+        assert!(!is_non_reference(&trail_r, one(1)));
+        // A parameter set alone (VPS, type 32) has no slice: keep.
+        assert!(!is_non_reference(&[0, 0, 0, 2, 0x40, 0x01], one(1)));
     }
 
     #[test]

@@ -132,7 +132,8 @@ fn irregular_timestamps_after_a_seek_fall_back_to_counting() {
     assert_ne!(a.frame(0), a.frame(1));
 }
 
-/// Dropping unreferenced, unwanted H.264 frames before the decoder changes no delivered frame.
+/// Dropping unreferenced, unwanted H.264/H.265 frames before the decoder changes no delivered
+/// frame.
 #[test]
 fn skipping_unreferenced_frames_changes_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -151,6 +152,7 @@ fn skipping_unreferenced_frames_changes_nothing() {
         ("h264", SampleCodec::H264Mp4),
         ("h264fs", SampleCodec::H264Mp4Faststart),
         ("h264mkv", SampleCodec::H264Mkv),
+        ("h265", SampleCodec::H265Mp4),
     ] {
         let data = sample(dir.path(), name, codec);
         for window in [&early, &late] {
