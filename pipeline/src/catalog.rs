@@ -2,7 +2,7 @@
 //! sequence of catalog versions.
 //!
 //! A version is the set of `(dataset, video)` pairs of one listing, minus the videos quarantined
-//! so far, sorted so that its contents alone fix its order. Version `v` is in effect for the
+//! so far, sorted by (dataset, store-relative path) so that its contents alone fix its order. Version `v` is in effect for the
 //! steps from its `from_step` until the next version's: the loaders look the version up by the
 //! step of each clip request, so every worker draws step `s`'s clips from the same version.
 
@@ -22,10 +22,10 @@ use vjepa_operators::seeding::mix64;
 pub struct VideoRef {
     /// Index of the dataset in `data.datasets`.
     pub dataset: usize,
-    /// Full URI, for records and logs (and the sort key within a dataset).
-    pub uri: String,
-    /// Path relative to the dataset's store, for reading.
+    /// Path relative to the dataset's store, for reading (and the sort key within a dataset).
     pub rel: String,
+    /// Full URI, for records and logs.
+    pub uri: String,
 }
 
 /// The result of reading every dataset once.
@@ -123,11 +123,12 @@ pub struct CatalogVersion {
     pub from_step: u64,
     /// When the listing behind it was taken.
     pub listed_unix_us: i64,
-    /// Sorted by (dataset, uri), no duplicates: dataset `d`'s videos are contiguous.
+    /// Sorted by (dataset, rel), no duplicates: dataset `d`'s videos are contiguous.
     pub videos: Vec<VideoRef>,
     /// Videos per dataset (one entry per configured dataset).
     pub counts: Vec<usize>,
-    /// Fingerprint of the contents: keys the sampler's draws, so equal contents draw alike.
+    /// Fingerprint of the contents (dataset indexes and store-relative paths, so the same
+    /// videos in a local directory and in a bucket agree): keys the sampler's draws.
     pub key: u64,
 }
 
@@ -221,7 +222,7 @@ impl CatalogVersion {
     }
 }
 
-/// FNV-1a over the sorted `(dataset, uri)` pairs, finished with splitmix64.
+/// FNV-1a over the sorted `(dataset, rel)` pairs, finished with splitmix64.
 fn fingerprint(videos: &[VideoRef]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     let mut eat = |bytes: &[u8]| {
@@ -232,7 +233,7 @@ fn fingerprint(videos: &[VideoRef]) -> u64 {
     };
     for v in videos {
         eat(&(v.dataset as u64).to_le_bytes());
-        eat(v.uri.as_bytes());
+        eat(v.rel.as_bytes());
         eat(&[0]);
     }
     mix64(h)
