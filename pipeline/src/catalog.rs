@@ -298,6 +298,20 @@ impl Versions {
         guard[guard.len() - 1].clone()
     }
 
+    /// Forgets versions superseded before `step` (every step below it is trained, so no loader
+    /// looks them up again): memory stays flat over a long run with many refreshes.
+    pub fn forget_before(&self, step: u64) {
+        let mut guard = self.inner.write().unwrap_or_else(|e| e.into_inner());
+        let in_effect = guard.partition_point(|v| v.from_step <= step);
+        let drop = in_effect.saturating_sub(1);
+        guard.drain(..drop);
+    }
+
+    /// Versions held.
+    pub fn held(&self) -> usize {
+        self.inner.read().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
     /// Adds a version; its `from_step` must exceed the newest one's.
     pub fn push(&self, v: CatalogVersion) {
         let mut guard = self.inner.write().unwrap_or_else(|e| e.into_inner());
@@ -373,5 +387,10 @@ mod tests {
         assert_eq!(versions.at_step(8).version, 1);
         assert_eq!(versions.at_step(100).version, 1);
         assert_eq!(versions.latest().version, 1);
+        versions.forget_before(7);
+        assert_eq!(versions.held(), 2, "version 0 is still in effect at step 7");
+        versions.forget_before(8);
+        assert_eq!(versions.held(), 1);
+        assert_eq!(versions.at_step(8).version, 1);
     }
 }

@@ -502,6 +502,10 @@ fn run_worker(
                     .set(format!("catalog refresh at step {step}: {e:#}"));
                 break;
             }
+            // Steps below the probe's frontier are trained: older versions are not needed.
+            if let Some(trained) = probe.with_frontier(|f| f.iter().next().copied()) {
+                shared.versions.forget_before(trained);
+            }
         }
         // Steps up to `step - batches_in_flight` must be trained before `step` is requested.
         let floor = (step + 1).saturating_sub(batches_in_flight);
