@@ -51,10 +51,11 @@ fn main() {
         });
         match res {
             Ok(clip) => println!(
-                "{f}: ok {:?} {} frames in {:?}",
+                "{f}: ok {:?} {} frames in {:?}; {:?}",
                 clip.info,
                 clip.indices.len(),
-                t.elapsed()
+                t.elapsed(),
+                clip.stats
             ),
             Err(e) => println!("{f}: {e} (after {:?})", t.elapsed()),
         }

@@ -13,6 +13,7 @@ use gstreamer_video as gst_video;
 use crate::container::{self, ContainerFacts};
 use crate::error::{IngestError, QuarantineReason};
 use crate::frame::{Colour, YuvFrame};
+use crate::skip::{self, SkipPlan};
 use crate::source::{ByteSource, ReadAhead, ReadAheadOptions};
 
 /// How long one `try_pull_sample` waits before the bus and the deadline are checked again.
@@ -54,6 +55,9 @@ pub struct DecoderOptions {
     pub seek_min_frames: u64,
     /// Chunk sizes and cache bound of the ranged reads.
     pub read_ahead: ReadAheadOptions,
+    /// Drop H.264 frames that nothing references and the clip does not use before they reach
+    /// the decoder (default `true`; only while frames are numbered from timestamps).
+    pub skip_unneeded: bool,
 }
 
 impl Default for DecoderOptions {
@@ -64,6 +68,7 @@ impl Default for DecoderOptions {
             decoder_threads: 0,
             seek_min_frames: 64,
             read_ahead: ReadAheadOptions::default(),
+            skip_unneeded: true,
         }
     }
 }
@@ -98,6 +103,8 @@ pub struct DecodeStats {
     pub frames_decoded: u64,
     /// Seeks made.
     pub seeks: u32,
+    /// Unreferenced, unwanted frames dropped before the decoder.
+    pub frames_skipped: u64,
     /// Wall-clock time of the call.
     pub elapsed: Duration,
 }
@@ -230,6 +237,7 @@ struct Pipe {
     appsink: gst_app::AppSink,
     shared: Arc<Mutex<Shared>>,
     feed: Arc<Mutex<Feed>>,
+    skip: Arc<Mutex<SkipPlan>>,
 }
 
 /// What `appsrc` serves: the current clip's bytes and the read position.
@@ -353,6 +361,11 @@ impl Decoder {
     /// can be off by a frame) unless the shortfall suggests a cut-off file
     /// ([`QuarantineReason::Truncated`]).
     ///
+    /// The frame count comes from the container's index where it has one (MP4), else from
+    /// duration × rate, else from a counting pass. Unreferenced H.264/H.265 frames the plan does
+    /// not use are dropped before the decoder while frames are numbered from timestamps
+    /// ([`DecoderOptions::skip_unneeded`]).
+    ///
     /// Audio and subtitle streams are not decoded. Every wait is bounded by
     /// [`DecoderOptions::deadline`]; the pipeline is set to `Null` before returning.
     pub fn decode(
@@ -445,6 +458,7 @@ impl Decoder {
             None => self.build_pipeline()?,
         };
         *lock(&pipe.shared) = Shared::default();
+        *lock(&pipe.skip) = SkipPlan::default();
         {
             let mut f = lock(&pipe.feed);
             f.source = Some(Arc::clone(feed));
@@ -455,6 +469,7 @@ impl Decoder {
         let guard = NullOnDrop(pipe.pipeline.clone());
         let result = self.run(&pipe, sink, started, stats, facts, frames_hint);
         drop(guard);
+        stats.frames_skipped += lock(&pipe.skip).dropped;
         lock(&pipe.feed).source = None;
         let fakesinks = std::mem::take(&mut lock(&pipe.shared).fakesinks);
         for s in fakesinks {
@@ -575,13 +590,19 @@ impl Decoder {
             .link(&appsink)
             .map_err(|e| fatal("linking videoconvert to appsink", e))?;
 
-        if self.opts.decoder_threads > 0 {
-            let threads = self.opts.decoder_threads;
-            if let Some(bin) = decodebin.downcast_ref::<gst::Bin>() {
-                bin.connect_deep_element_added(move |_, _, element| {
+        let skip = Arc::new(Mutex::new(SkipPlan::default()));
+        let threads = self.opts.decoder_threads;
+        let skip_unneeded = self.opts.skip_unneeded;
+        let skip_probe = Arc::clone(&skip);
+        if let Some(bin) = decodebin.downcast_ref::<gst::Bin>() {
+            bin.connect_deep_element_added(move |_, _, element| {
+                if threads > 0 {
                     limit_decoder_threads(element, threads);
-                });
-            }
+                }
+                if skip_unneeded {
+                    skip::attach(element, &skip_probe);
+                }
+            });
         }
 
         // Do not decode audio/subtitles; refuse still images and oversized frames early.
@@ -610,6 +631,7 @@ impl Decoder {
             appsink,
             shared,
             feed,
+            skip,
         })
     }
 
@@ -722,9 +744,23 @@ impl Decoder {
         let mut current = Some(first);
         let mut last: Option<(gst::Buffer, u64)> = None;
         let mut last_caps: Option<gst::Caps> = None;
-        // Frame number of the next decoded frame when counting; `None` after a seek (then
-        // numbers come from timestamps).
-        let mut counter: Option<u64> = Some(0);
+        // A constant-rate MP4 (its sample table says so) numbers frames from timestamps from
+        // the start; everything else counts until a seek.
+        let timed_from_start =
+            facts.constant_rate == Some(true) && frame_ns.is_some() && pts0.is_some();
+        {
+            let mut sp = lock(&pipe.skip);
+            sp.pts0 = pts0.map_or(0, |p| p.nseconds());
+            sp.frame_ns = frame_ns.unwrap_or(1.0);
+            let mut wanted = indices.clone();
+            wanted.sort_unstable();
+            wanted.dedup();
+            sp.wanted = wanted;
+            sp.active = timed_from_start;
+        }
+        // Frame number of the next decoded frame when counting; `None` when numbers come from
+        // timestamps (after a seek, or from the start, above).
+        let mut counter: Option<u64> = if timed_from_start { None } else { Some(0) };
         // The last seek: the frame it is for, how far before it it aimed (frames), and whether
         // a frame at or before the target has come out since.
         let mut seek: Option<(u64, f64, bool)> = None;
@@ -766,6 +802,7 @@ impl Decoder {
                 if seek_to(target, SEEK_MARGIN_FRAMES, stats) {
                     seek = Some((target, SEEK_MARGIN_FRAMES, false));
                     counter = None;
+                    lock(&pipe.skip).active = true;
                     last = None;
                     prev_pts = None;
                 } else {
@@ -835,17 +872,18 @@ impl Decoder {
                     (sample.buffer().and_then(|b| b.pts()), frame_ns)
             {
                 let pts = pts.nseconds();
-                let irregular = prev_pts
-                    .is_some_and(|p| ((pts as f64 - p as f64) - frame_ns).abs() > 0.5 * frame_ns);
+                // One frame apart, plus any frames dropped before the decoder in between.
+                let irregular = prev_pts.is_some_and(|p| {
+                    let skipped = lock(&pipe.skip).dropped_between(p, pts) as f64;
+                    ((pts as f64 - p as f64) - (1.0 + skipped) * frame_ns).abs() > 0.5 * frame_ns
+                });
                 prev_pts = Some(pts);
                 if irregular {
                     // Not constant-rate after all: numbers from timestamps would be wrong.
                     // Start over from the beginning, counting frames, without seeking.
-                    tracing::debug!(
-                        number,
-                        "irregular timestamps after a seek; counting instead"
-                    );
+                    tracing::debug!(number, "irregular timestamps; counting instead");
                     seek_failed = true;
+                    lock(&pipe.skip).active = false;
                     let start = pts0.map_or(0, |p| p.nseconds());
                     let flags = gst::SeekFlags::FLUSH | gst::SeekFlags::KEY_UNIT;
                     if pipeline

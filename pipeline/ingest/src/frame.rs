@@ -78,7 +78,9 @@ impl Matrix {
     /// RGB clamped and rounded to 0..255, as an RGB24 frame holds it.
     #[inline(always)]
     fn rgb_u8(&self, y: f32, u: f32, v: f32) -> [f32; 3] {
-        self.rgb(y, u, v).map(f32::round)
+        // Values are clamped to 0..=255, so rounding half away from zero is floor(x + 0.5),
+        // and truncation is floor for non-negative x: one SSE2 conversion, no libm call.
+        self.rgb(y, u, v).map(|x| (x + 0.5) as i32 as f32)
     }
 
     #[inline(always)]
@@ -159,13 +161,13 @@ impl<'a> YuvFrame<'a> {
             let yrow = &yp[y * ys..y * ys + w];
             let (urow, vrow) = (&up[(y >> 1) * us..], &vp[(y >> 1) * vs..]);
             for (x, px) in out.chunks_exact_mut(3).enumerate() {
-                let rgb = m.rgb(
+                let rgb = m.rgb_u8(
                     f32::from(yrow[x]),
                     f32::from(urow[x >> 1]),
                     f32::from(vrow[x >> 1]),
                 );
                 for c in 0..3 {
-                    px[c] = rgb[c].round() as u8;
+                    px[c] = rgb[c] as u8;
                 }
             }
         }
@@ -219,8 +221,8 @@ pub struct ClipGeometry {
 /// A clip tensor being filled frame by frame: f32 `[3, T, S, S]`, channel-major, normalised.
 ///
 /// Each frame is cropped, resized (torch bilinear, `align_corners=False`, no antialias) and
-/// colour-converted in one pass over the output pixels, so memory is `O(T·S²)` whatever the
-/// input resolution.
+/// colour-converted in one pass that converts only the crop's rows the output reads, so memory
+/// is `O(T·S²)` whatever the input resolution.
 pub struct ClipTensor {
     geometry: ClipGeometry,
     frames: usize,
@@ -231,10 +233,10 @@ pub struct ClipTensor {
 }
 
 struct Taps2d {
-    /// Per output row: luma (i0, i1, w0, w1), chroma (i0, i1, w0, w1).
-    rows: Vec<[(usize, usize, f32, f32); 2]>,
-    /// Per output column (flip applied).
-    cols: Vec<[(usize, usize, f32, f32); 2]>,
+    /// Per output row: frame rows (i0, i1) and weights (w0, w1).
+    rows: Vec<(usize, usize, f32, f32)>,
+    /// Per output column (flip applied): columns relative to the crop's left edge, weights.
+    cols: Vec<(usize, usize, f32, f32)>,
 }
 
 impl ClipTensor {
@@ -299,18 +301,9 @@ impl ClipTensor {
         if fresh {
             let rows = taps(g.height, g.size)
                 .into_iter()
-                .map(|(i0, i1, w0, w1)| {
-                    let (i0, i1) = (g.top + i0, g.top + i1);
-                    [(i0, i1, w0, w1), (i0 >> 1, i1 >> 1, w0, w1)]
-                })
+                .map(|(i0, i1, w0, w1)| (g.top + i0, g.top + i1, w0, w1))
                 .collect();
-            let mut cols: Vec<_> = taps(g.width, g.size)
-                .into_iter()
-                .map(|(i0, i1, w0, w1)| {
-                    let (i0, i1) = (g.left + i0, g.left + i1);
-                    [(i0, i1, w0, w1), (i0 >> 1, i1 >> 1, w0, w1)]
-                })
-                .collect();
+            let mut cols = taps(g.width, g.size);
             if g.flip {
                 cols.reverse();
             }
@@ -320,7 +313,7 @@ impl ClipTensor {
             return Err(IngestError::Fatal("taps missing".into()));
         };
         let m = frame.colour.matrix();
-        let s = g.size;
+        let (s, cw, left) = (g.size, g.width, g.left);
         let plane = s * s;
         let t = self.frames;
         let [yp, up, vp] = frame.planes;
@@ -329,33 +322,55 @@ impl ClipTensor {
         let (r_all, rest) = self.data.split_at_mut(t * plane);
         let (g_all, b_all) = rest.split_at_mut(t * plane);
         let base = slot * plane;
-        let (ro, go, bo) = (
+        let mut outs = [
             &mut r_all[base..base + plane],
             &mut g_all[base..base + plane],
             &mut b_all[base..base + plane],
-        );
-        for (oy, row_taps) in t2.rows.iter().enumerate() {
-            let [(y0, y1, a0, a1), (c0, c1, _, _)] = *row_taps;
-            let (yr0, yr1) = (&yp[y0 * ys..], &yp[y1 * ys..]);
-            let (ur0, ur1) = (&up[c0 * us..], &up[c1 * us..]);
-            let (vr0, vr1) = (&vp[c0 * vs..], &vp[c1 * vs..]);
-            let out = oy * s;
-            for (ox, col_taps) in t2.cols.iter().enumerate() {
-                let [(x0, x1, b0, b1), (d0, d1, _, _)] = *col_taps;
-                // Each of the four source pixels as the reference sees it: RGB, clamped and
-                // rounded to u8; then torch's order: rows of horizontally interpolated values.
-                let px = |yr: &[u8], ur: &[u8], vr: &[u8], x: usize, d: usize| {
-                    m.rgb_u8(f32::from(yr[x]), f32::from(ur[d]), f32::from(vr[d]))
-                };
-                let p00 = px(yr0, ur0, vr0, x0, d0);
-                let p01 = px(yr0, ur0, vr0, x1, d1);
-                let p10 = px(yr1, ur1, vr1, x0, d0);
-                let p11 = px(yr1, ur1, vr1, x1, d1);
-                let v =
-                    |c: usize| a0 * (b0 * p00[c] + b1 * p01[c]) + a1 * (b0 * p10[c] + b1 * p11[c]);
-                ro[out + ox] = (v(0) - g.mean[0]) / g.std[0];
-                go[out + ox] = (v(1) - g.mean[1]) / g.std[1];
-                bo[out + ox] = (v(2) - g.mean[2]) / g.std[2];
+        ];
+        // One source row of the crop converted to RGB (planar), and two horizontally resized
+        // rows cached by row parity: each output row reads rows i0 and i1 ∈ {i0, i0 + 1}, and
+        // i0 never decreases. Every source pixel is converted at most once per frame.
+        let mut conv = vec![0.0f32; 3 * cw];
+        let mut cache = [vec![0.0f32; 3 * s], vec![0.0f32; 3 * s]];
+        let mut tag = [usize::MAX; 2];
+        for (oy, &(r0, r1, a0, a1)) in t2.rows.iter().enumerate() {
+            for r in [r0, r1] {
+                let parity = r & 1;
+                if tag[parity] == r {
+                    continue;
+                }
+                // As the reference RGB24 frame holds them: clamped, rounded, chroma replicated.
+                let yrow = &yp[r * ys + left..r * ys + left + cw];
+                let (urow, vrow) = (&up[(r >> 1) * us..], &vp[(r >> 1) * vs..]);
+                let (cr, rest) = conv.split_at_mut(cw);
+                let (cg, cb) = rest.split_at_mut(cw);
+                for (x, &yv) in yrow.iter().enumerate() {
+                    let c = (left + x) >> 1;
+                    let [pr, pg, pb] =
+                        m.rgb_u8(f32::from(yv), f32::from(urow[c]), f32::from(vrow[c]));
+                    cr[x] = pr;
+                    cg[x] = pg;
+                    cb[x] = pb;
+                }
+                let buf = &mut cache[parity];
+                for c in 0..3 {
+                    let src = &conv[c * cw..(c + 1) * cw];
+                    let dst = &mut buf[c * s..(c + 1) * s];
+                    for (d, &(x0, x1, b0, b1)) in dst.iter_mut().zip(&t2.cols) {
+                        *d = b0 * src[x0] + b1 * src[x1];
+                    }
+                }
+                tag[parity] = r;
+            }
+            // torch's order: h0 · (horizontal row i0) + h1 · (horizontal row i1).
+            let (h0, h1) = (&cache[r0 & 1], &cache[r1 & 1]);
+            for (c, out) in outs.iter_mut().enumerate() {
+                let dst = &mut out[oy * s..(oy + 1) * s];
+                let (p, q) = (&h0[c * s..(c + 1) * s], &h1[c * s..(c + 1) * s]);
+                let (mean, std) = (g.mean[c], g.std[c]);
+                for ((d, &x), &y) in dst.iter_mut().zip(p).zip(q) {
+                    *d = (a0 * x + a1 * y - mean) / std;
+                }
             }
         }
         self.filled[slot] = true;

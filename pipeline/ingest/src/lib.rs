@@ -23,6 +23,7 @@ mod decode;
 mod error;
 mod frame;
 mod samples;
+mod skip;
 mod source;
 
 pub use container::ContainerFacts;
