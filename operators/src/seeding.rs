@@ -23,6 +23,8 @@ pub enum Stream {
     MaskPositions,
     /// Model parameter initialisation.
     Init,
+    /// Weighted dataset mixing: the dataset and video of a clip when `datasets_weights` is set.
+    Mix,
 }
 
 impl Stream {
@@ -34,6 +36,7 @@ impl Stream {
             Stream::MaskBlockSize => 0x4d42_4c4b_535a_5354, // "MBLKSZST"
             Stream::MaskPositions => 0x4d50_4f53_4954_5354, // "MPOSITST"
             Stream::Init => 0x494e_4954_5f5f_5354,          // "INIT__ST"
+            Stream::Mix => 0x4d49_585f_5f5f_5354,           // "MIX___ST"
         }
     }
 }
@@ -107,6 +110,7 @@ mod tests {
                 Stream::MaskBlockSize,
                 Stream::MaskPositions,
                 Stream::Init,
+                Stream::Mix,
             ] {
                 for index in 0..64u64 {
                     for sub in 0..3u64 {

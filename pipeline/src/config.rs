@@ -76,6 +76,26 @@ pub struct RawConfig {
     /// Ours: dataflow workers and flow control.
     #[serde(default)]
     pub workers: WorkersSection,
+    /// Ours: how often the datasets are re-read while the run goes.
+    #[serde(default)]
+    pub catalog: CatalogSection,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CatalogSection {
+    /// Re-read every dataset (indexes, listed prefixes) every this many seconds: added videos
+    /// enter, deleted and quarantined ones leave, at a step boundary all workers agree on.
+    #[serde(default = "default_refresh")]
+    pub refresh_secs: f64,
+}
+
+impl Default for CatalogSection {
+    fn default() -> Self {
+        CatalogSection {
+            refresh_secs: default_refresh(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -310,6 +330,9 @@ pub struct OutputsSection {
     /// Log a progress line every this many steps.
     #[serde(default = "ten")]
     pub log_every: u64,
+    /// Also write `clips.parquet`: one row per clip trained on (step, slot, video, frames, crop).
+    #[serde(default)]
+    pub clips: bool,
 }
 
 impl Default for OutputsSection {
@@ -319,6 +342,7 @@ impl Default for OutputsSection {
             checkpoint_every: 0,
             metrics_flush_every: default_flush(),
             log_every: 10,
+            clips: false,
         }
     }
 }
@@ -406,6 +430,9 @@ fn default_deadline() -> f64 {
 }
 fn default_attempts() -> usize {
     100
+}
+fn default_refresh() -> f64 {
+    60.0
 }
 
 /// A validated configuration plus what was read but not acted on.
@@ -499,6 +526,13 @@ impl JobConfig {
                     "weights must be finite, non-negative and not all zero",
                 ));
             }
+        }
+        let refresh = r.catalog.refresh_secs;
+        if !(refresh.is_finite() && refresh > 0.0) {
+            return Err(ConfigError::invalid(
+                "catalog.refresh_secs",
+                "must be a positive number of seconds",
+            ));
         }
         positive("data.batch_size", d.batch_size)?;
         if d.num_clips != 1 {
@@ -936,6 +970,14 @@ impl JobConfig {
             .collect()
     }
 
+    /// How clips are spread over datasets: `data.datasets_weights`, else uniform over videos.
+    pub fn mixing(&self) -> vjepa_operators::sampler::Mixing {
+        match &self.raw.data.datasets_weights {
+            Some(w) => vjepa_operators::sampler::Mixing::Weighted(w.clone()),
+            None => vjepa_operators::sampler::Mixing::Uniform,
+        }
+    }
+
     /// S3 connection settings (not secrets).
     pub fn s3_settings(&self) -> vjepa_storage::S3Settings {
         let s = &self.raw.storage.s3;
@@ -1011,11 +1053,6 @@ fn ignored_keys(r: &RawConfig) -> Vec<(String, &'static str)> {
         r.data.log_resource_utilization.is_some(),
         "data.log_resource_utilization",
         "resource use is logged by the job itself",
-    );
-    note(
-        r.data.datasets_weights.is_some(),
-        "data.datasets_weights",
-        "weighted mixing not implemented yet; videos are drawn uniformly",
     );
     note(
         r.logging.write_tag.is_some(),
@@ -1125,5 +1162,36 @@ mod tests {
         let text = OFFICIAL_VITL16.replace("num_frames: 16", "num_frames: 3");
         let err = JobConfig::parse(&text).unwrap_err();
         assert_eq!(err.key(), Some("data.num_frames"), "{err}");
+    }
+
+    #[test]
+    fn catalog_refresh_and_weights() {
+        let cfg = JobConfig::parse(OFFICIAL_VITL16).unwrap();
+        assert_eq!(cfg.raw.catalog.refresh_secs, 60.0);
+        assert_eq!(cfg.mixing(), vjepa_operators::sampler::Mixing::Uniform);
+        for bad in ["0", "-1", ".nan"] {
+            let text = format!("{OFFICIAL_VITL16}\ncatalog:\n  refresh_secs: {bad}\n");
+            let err = JobConfig::parse(&text).unwrap_err();
+            assert_eq!(err.key(), Some("catalog.refresh_secs"), "{err}");
+        }
+        let text = format!("{OFFICIAL_VITL16}\ncatalog:\n  refresh_secs: 0.5\n");
+        assert_eq!(
+            JobConfig::parse(&text).unwrap().raw.catalog.refresh_secs,
+            0.5
+        );
+        let weighted = OFFICIAL_VITL16.replace(
+            "  datasets:\n",
+            "  datasets_weights: [0.335, 0.1, 0.565]\n  datasets:\n",
+        );
+        let cfg = JobConfig::parse(&weighted).unwrap();
+        assert_eq!(
+            cfg.mixing(),
+            vjepa_operators::sampler::Mixing::Weighted(vec![0.335, 0.1, 0.565])
+        );
+        assert!(
+            cfg.ignored
+                .iter()
+                .all(|(k, _)| k != "data.datasets_weights")
+        );
     }
 }

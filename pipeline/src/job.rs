@@ -2,9 +2,9 @@
 //! batch → mask → train → sinks), plus the run's outputs.
 
 use std::cell::RefCell;
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::rc::Rc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
@@ -15,18 +15,19 @@ use timely::dataflow::{InputHandle, ProbeHandle};
 
 use vjepa_model::{Device, MaskIndices, Tensor, TrainBatch, VJepa};
 use vjepa_operators::batching::assemble_batches;
-use vjepa_operators::catalog::catalog_counts;
+use vjepa_operators::catalog::{CatalogCounts, catalog_counts};
 use vjepa_operators::load::load_clips_parallel;
 use vjepa_operators::mask_batches::mask_batches;
 use vjepa_operators::masking::{Grid, MaskGenerator};
 use vjepa_operators::records::{ClipRequest, Loaded, MaskedBatch, Quarantined};
+use vjepa_operators::sampler::VersionDraws;
 use vjepa_operators::sampling::ClipSampling;
 use vjepa_operators::sinks::{sink_local, sink_records};
 use vjepa_operators::train::train;
-use vjepa_storage::tables::{MetricsRow, MetricsWriter, QuarantineWriter};
+use vjepa_storage::tables::{ClipRow, ClipsWriter, MetricsRow, MetricsWriter, QuarantineWriter};
 use vjepa_storage::{Store, checkpoints};
 
-use crate::catalog::Catalog;
+use crate::catalog::{Catalog, CatalogVersion, Listing, Versions};
 use crate::config::JobConfig;
 use crate::loader::{Fatal, LoaderSettings, StoreLoader};
 
@@ -91,13 +92,24 @@ pub fn run(mut cfg: JobConfig, overrides: TrainOverrides) -> anyhow::Result<Trai
     let catalog = handle
         .block_on(Catalog::open(&cfg.raw.data.datasets, &s3))
         .context("opening datasets")?;
-    if catalog.videos.is_empty() {
+    // Version 0: the listing at start (quarantined videos leave at the first refresh).
+    let first_version =
+        CatalogVersion::build(0, 0, &catalog.first, &HashSet::new(), catalog.names.len());
+    if first_version.videos.is_empty() {
         bail!(
             "no videos found in data.datasets ({}): nothing to train on",
             cfg.raw.data.datasets.join(", ")
         );
     }
-    let ipe = cfg.iterations_per_epoch(catalog.videos.len());
+    let mixing = cfg.mixing();
+    VersionDraws::new(
+        cfg.raw.meta.seed,
+        first_version.key,
+        first_version.counts.clone(),
+        &mixing,
+    )
+    .context("data.datasets_weights")?;
+    let ipe = cfg.iterations_per_epoch(first_version.videos.len());
     let total = cfg.total_steps(ipe);
     let enc = cfg.encoder_config();
     let pred = cfg.predictor_config();
@@ -200,19 +212,25 @@ pub fn run(mut cfg: JobConfig, overrides: TrainOverrides) -> anyhow::Result<Trai
         bail!("the checkpoint is at step {first_step}, the run has {total} steps: nothing to do");
     }
 
-    let (metrics_name, quarantine_name) = if first_step == 0 {
+    let (metrics_name, quarantine_name, clips_name) = if first_step == 0 {
         (
             "metrics.parquet".to_string(),
             "quarantine.parquet".to_string(),
+            "clips.parquet".to_string(),
         )
     } else {
         (
             format!("metrics-from-{first_step:08}.parquet"),
             format!("quarantine-from-{first_step:08}.parquet"),
+            format!("clips-from-{first_step:08}.parquet"),
         )
     };
+    let first_version = CatalogVersion {
+        from_step: first_step,
+        ..first_version
+    };
     tracing::info!(
-        videos = catalog.videos.len(),
+        videos = first_version.videos.len(),
         datasets = catalog.names.len(),
         steps = total,
         ipe,
@@ -248,6 +266,7 @@ pub fn run(mut cfg: JobConfig, overrides: TrainOverrides) -> anyhow::Result<Trai
         deadline: Duration::from_secs_f64(cfg.raw.workers.decode_deadline_secs),
         // Several decoders at once: one thread each; a lone decoder may use every core.
         decoder_threads: if cfg.decode_threads() > 1 { 1 } else { 0 },
+        mixing,
     };
     let workers = cfg.raw.workers.count;
     let clips_per_worker = batch_size.div_ceil(workers).max(1);
@@ -255,8 +274,35 @@ pub fn run(mut cfg: JobConfig, overrides: TrainOverrides) -> anyhow::Result<Trai
 
     vjepa_ingest::init().map_err(|e| anyhow!("GStreamer: {e}"))?;
 
+    // Re-read the datasets every `catalog.refresh_secs` in the background; worker 0 turns each
+    // listing into a catalog version at a step boundary.
+    let (listings_tx, listings_rx) = mpsc::channel::<Listing>();
+    let period = Duration::from_secs_f64(cfg.raw.catalog.refresh_secs);
+    let refresher = handle.spawn({
+        let catalog = catalog.clone();
+        let s3 = s3.clone();
+        async move {
+            loop {
+                tokio::time::sleep(period).await;
+                match catalog.relist(&s3).await {
+                    Ok(listing) => {
+                        if listings_tx.send(listing).is_err() {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "catalog refresh failed; keeping the current catalog")
+                    }
+                }
+            }
+        }
+    });
+
     let shared = Arc::new(Shared {
         cfg: cfg.clone(),
+        versions: Arc::new(Versions::new(first_version)),
+        listings: Mutex::new(Some(listings_rx)),
+        clips_name,
         catalog: catalog.clone(),
         out: out.clone(),
         handle: handle.clone(),
@@ -278,9 +324,18 @@ pub fn run(mut cfg: JobConfig, overrides: TrainOverrides) -> anyhow::Result<Trai
     let guards = timely::execute(timely::Config::process(workers), move |worker| {
         run_worker(worker, &shared, first_step, total, batches_in_flight)
     })
-    .map_err(|e| anyhow!("starting dataflow workers: {e}"))?;
+    .map_err(|e| anyhow!("starting dataflow workers: {e}"));
+    let guards = match guards {
+        Ok(g) => g,
+        Err(e) => {
+            refresher.abort();
+            return Err(e);
+        }
+    };
+    let results = guards.join();
+    refresher.abort();
     let mut summary = None;
-    for result in guards.join() {
+    for result in results {
         match result {
             Ok(Ok(Some(s))) => summary = Some(s),
             Ok(Ok(None)) => {}
@@ -388,6 +443,12 @@ const PARK: Duration = Duration::from_millis(20);
 struct Shared {
     cfg: Arc<JobConfig>,
     catalog: Arc<Catalog>,
+    /// The catalog versions of this run (worker 0 adds them).
+    versions: Arc<Versions>,
+    /// Listings from the background refresher, taken by worker 0.
+    listings: Mutex<Option<mpsc::Receiver<Listing>>>,
+    /// Name of the clips table (when `outputs.clips`).
+    clips_name: String,
     out: Store,
     handle: tokio::runtime::Handle,
     fatal: Fatal,
@@ -414,6 +475,7 @@ struct Shared {
 struct Outputs {
     metrics: Option<MetricsWriter>,
     quarantine: Option<QuarantineWriter>,
+    clips: Option<ClipsWriter>,
     seen_bad: HashSet<String>,
     quarantined: usize,
     rows_since_flush: u64,
@@ -437,6 +499,7 @@ fn run_worker(
         .map(|_| {
             StoreLoader::new(
                 shared.catalog.clone(),
+                shared.versions.clone(),
                 shared.handle.clone(),
                 shared.settings.clone(),
                 shared.fatal.clone(),
@@ -449,6 +512,7 @@ fn run_worker(
     let outputs = Rc::new(RefCell::new(Outputs {
         metrics: None,
         quarantine: None,
+        clips: None,
         seen_bad: HashSet::new(),
         quarantined: 0,
         rows_since_flush: 0,
@@ -468,7 +532,14 @@ fn run_worker(
             &shared.out,
             &shared.quarantine_name,
         ))?;
-        for r in &shared.catalog.rejected {
+        if cfg.raw.outputs.clips {
+            o.clips = Some(
+                shared
+                    .handle
+                    .block_on(ClipsWriter::create(&shared.out, &shared.clips_name))?,
+            );
+        }
+        for r in &shared.catalog.first.rejected {
             if o.seen_bad.insert(r.uri.clone()) {
                 q.push(to_quarantine_row(r));
                 o.quarantined += 1;
@@ -493,10 +564,12 @@ fn run_worker(
         }
     }
 
-    // The catalog as a differential collection (version 0: the listing at start); each worker
-    // enters its share, worker 0 learns the per-dataset counts.
+    // The catalog as a differential collection (time = catalog version; version 0: the listing
+    // at start): each worker enters its share of version 0, then worker 0 alone enters the
+    // changes of later versions and learns the per-dataset counts, which drive the mixing.
     let mut catalog = catalog_counts(worker);
-    for (i, v) in shared.catalog.videos.iter().enumerate() {
+    let first_version = shared.versions.latest();
+    for (i, v) in first_version.videos.iter().enumerate() {
         if i % peers == index {
             catalog.input.insert((v.dataset, v.uri.clone()));
         }
@@ -506,7 +579,8 @@ fn run_worker(
     while catalog.probe.less_than(&1) {
         worker.step();
     }
-    if index == 0 {
+    let mut catalog = if index == 0 {
+        check_counts(&first_version, &catalog.counts.borrow())?;
         for (dataset, count) in catalog.counts.borrow().iter() {
             let name = shared
                 .catalog
@@ -516,7 +590,18 @@ fn run_worker(
                 .unwrap_or("?");
             tracing::info!(dataset = %name, videos = count, "catalog");
         }
-    }
+        write_version_record(shared, &first_version, None)?;
+        Some(catalog)
+    } else {
+        // Closing the other workers' inputs leaves worker 0 alone to advance versions.
+        drop(catalog);
+        None
+    };
+    let listings = if index == 0 {
+        shared.listings.lock().ok().and_then(|mut l| l.take())
+    } else {
+        None
+    };
 
     let mut input = InputHandle::new();
     let probe = ProbeHandle::new();
@@ -560,6 +645,25 @@ fn run_worker(
         if shared.fatal.get().is_some() {
             break;
         }
+        // A new listing becomes the catalog version for steps from `step + batches_in_flight`:
+        // no worker can have requested those yet (each stays within `batches_in_flight` of the
+        // trained steps, and `step` is not requested), so every worker draws a step's clips from
+        // the same version, whenever its loader looks it up.
+        if let (Some(rx), Some(cat)) = (listings.as_ref(), catalog.as_mut())
+            && let Some(listing) = rx.try_iter().last()
+        {
+            let from_step = step + batches_in_flight;
+            if let Err(e) = apply_listing(worker, cat, &listing, from_step, shared, &outputs) {
+                shared
+                    .fatal
+                    .set(format!("catalog refresh at step {step}: {e:#}"));
+                break;
+            }
+            // Steps below the probe's frontier are trained: older versions are not needed.
+            if let Some(trained) = probe.with_frontier(|f| f.iter().next().copied()) {
+                shared.versions.forget_before(trained);
+            }
+        }
         // Steps up to `step - batches_in_flight` must be trained before `step` is requested.
         // Only steps this run trains count: a resumed run's probe stays at 0 until its input
         // has been scheduled, i.e. until it has sent something, so waiting for a floor at or
@@ -582,6 +686,8 @@ fn run_worker(
         worker.step();
     }
     drop(input);
+    drop(catalog);
+    drop(listings);
     while !probe.done() {
         worker.step_or_park(Some(PARK));
     }
@@ -592,8 +698,12 @@ fn run_worker(
     let mut o = outputs.borrow_mut();
     let metrics = o.metrics.take();
     let quarantine = o.quarantine.take();
+    let clips = o.clips.take();
     if let Some(m) = metrics {
         shared.handle.block_on(m.close())?;
+    }
+    if let Some(c) = clips {
+        shared.handle.block_on(c.close())?;
     }
     if let Some(q) = quarantine {
         shared.handle.block_on(q.close())?;
@@ -680,6 +790,24 @@ fn train_step(
                 .set(format!("serialising checkpoint at step {done}: {e}")),
         }
     }
+    if let Some(w) = outputs.borrow_mut().clips.as_mut() {
+        for c in &batch.batch.clips {
+            let p = &c.params;
+            w.push(ClipRow {
+                step,
+                slot: c.slot as u64,
+                uri: c.uri.clone(),
+                frames: c.frame_indices.iter().map(|&f| f as i64).collect(),
+                crop: [
+                    p.crop.top as i64,
+                    p.crop.left as i64,
+                    p.crop.height as i64,
+                    p.crop.width as i64,
+                ],
+                flip: p.flip,
+            });
+        }
+    }
     let ipe = shared.ipe;
     let wall = step_time + data_wait;
     let row = MetricsRow {
@@ -735,6 +863,12 @@ fn write_metrics(row: MetricsRow, shared: &Shared, outputs: &Rc<RefCell<Outputs>
     if flush && let Err(e) = shared.handle.block_on(writer.flush()) {
         shared.fatal.set(format!("writing metrics: {e}"));
     }
+    if flush
+        && let Some(c) = o.clips.as_mut()
+        && let Err(e) = shared.handle.block_on(c.flush())
+    {
+        shared.fatal.set(format!("writing clip records: {e}"));
+    }
     // Quarantine records go out with the metrics, not only at the end of the run.
     if flush
         && let Some(q) = o.quarantine.as_mut()
@@ -743,6 +877,117 @@ fn write_metrics(row: MetricsRow, shared: &Shared, outputs: &Rc<RefCell<Outputs>
     {
         shared.fatal.set(format!("writing quarantine records: {e}"));
     }
+}
+
+/// The collection's per-dataset counts must be the version's (a mismatch is a bug).
+fn check_counts(version: &CatalogVersion, counts: &BTreeMap<usize, i64>) -> anyhow::Result<()> {
+    let from_collection: Vec<usize> = (0..version.counts.len())
+        .map(|d| counts.get(&d).copied().unwrap_or(0).max(0) as usize)
+        .collect();
+    if from_collection != version.counts {
+        bail!(
+            "catalog version {}: the collection counts {from_collection:?} videos per dataset, the listing {:?}",
+            version.version,
+            version.counts
+        );
+    }
+    Ok(())
+}
+
+/// Writes `catalog/step-NNNNNNNN.json`, the record resume needs to rebuild the version.
+fn write_version_record(
+    shared: &Shared,
+    version: &CatalogVersion,
+    prev: Option<&CatalogVersion>,
+) -> anyhow::Result<()> {
+    let record = version.record(prev, &shared.catalog.names);
+    let json = serde_json::to_vec(&record).context("encoding a catalog version record")?;
+    let name = record.object_name();
+    shared
+        .handle
+        .block_on(shared.out.put(&name, Bytes::from(json)))
+        .with_context(|| format!("writing {}", shared.out.uri_of(&name)))?;
+    Ok(())
+}
+
+/// Worker 0: turns a new listing into the catalog version for steps from `from_step` (unless
+/// nothing changed): quarantined videos are left out, the changes go through the catalog
+/// collection, whose counts become the version's, and the version is recorded and published.
+fn apply_listing(
+    worker: &mut timely::worker::Worker,
+    cat: &mut CatalogCounts,
+    listing: &Listing,
+    from_step: u64,
+    shared: &Shared,
+    outputs: &Rc<RefCell<Outputs>>,
+) -> anyhow::Result<()> {
+    let prev = shared.versions.latest();
+    let excluded = {
+        let mut o = outputs.borrow_mut();
+        for r in &listing.rejected {
+            if o.seen_bad.insert(r.uri.clone()) {
+                o.quarantined += 1;
+                let row = to_quarantine_row(r);
+                if let Some(q) = o.quarantine.as_mut() {
+                    q.push(row);
+                }
+            }
+        }
+        o.seen_bad.clone()
+    };
+    let mut next = CatalogVersion::build(
+        prev.version + 1,
+        from_step,
+        listing,
+        &excluded,
+        shared.catalog.names.len(),
+    );
+    let (added, removed) = next.diff(&prev);
+    if added.is_empty() && removed.is_empty() {
+        tracing::debug!(version = prev.version, "catalog refreshed: unchanged");
+        return Ok(());
+    }
+    if let Err(e) = VersionDraws::new(
+        shared.cfg.raw.meta.seed,
+        next.key,
+        next.counts.clone(),
+        &shared.settings.mixing,
+    ) {
+        tracing::warn!(error = %e, "catalog refresh left nothing to draw from; keeping the current catalog");
+        return Ok(());
+    }
+    let (n_added, n_removed) = (added.len(), removed.len());
+    for v in added {
+        cat.input.insert((v.dataset, v.uri.clone()));
+    }
+    for v in removed {
+        cat.input.remove((v.dataset, v.uri.clone()));
+    }
+    cat.input.advance_to(next.version + 1);
+    cat.input.flush();
+    while cat.probe.less_than(&(next.version + 1)) {
+        if shared.fatal.get().is_some() {
+            bail!("stopped while updating the catalog");
+        }
+        worker.step_or_park(Some(PARK));
+    }
+    let counts = cat.counts.borrow().clone();
+    check_counts(&next, &counts)?;
+    next.counts = (0..next.counts.len())
+        .map(|d| counts.get(&d).copied().unwrap_or(0).max(0) as usize)
+        .collect();
+    write_version_record(shared, &next, Some(&prev))?;
+    tracing::info!(
+        version = next.version,
+        from_step,
+        videos = next.videos.len(),
+        added = n_added,
+        removed = n_removed,
+        counts = ?next.counts,
+        "catalog version"
+    );
+    shared.versions.push(next);
+    Ok(())
 }
 
 fn to_quarantine_row(q: &Quarantined) -> vjepa_storage::tables::QuarantineRow {

@@ -10,7 +10,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rand::{Rng, RngCore, SeedableRng};
+use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tokio::runtime::Handle;
 
@@ -20,12 +20,12 @@ use vjepa_ingest::{
 };
 use vjepa_operators::load::ClipLoader;
 use vjepa_operators::records::{Clip, ClipRequest, Loaded, Quarantined};
-use vjepa_operators::sampler::VideoOrder;
+use vjepa_operators::sampler::{Mixing, VersionDraws};
 use vjepa_operators::sampling::{ClipSampling, pretrain_indices};
 use vjepa_operators::seeding::{Stream, rng_for};
 use vjepa_operators::transform::{self, AugmentConfig, TransformParams};
 
-use crate::catalog::Catalog;
+use crate::catalog::{Catalog, CatalogVersion, Versions, VideoRef};
 
 /// A job-wide stop request with its reason; set by any worker, read by all.
 #[derive(Clone, Default)]
@@ -61,15 +61,20 @@ pub struct LoaderSettings {
     pub deadline: Duration,
     /// Threads per video decoder (0: the decoder's choice); 1 when several loaders run.
     pub decoder_threads: u32,
+    /// How clips are spread over datasets.
+    pub mixing: Mixing,
 }
 
-/// One per worker: owns a GStreamer decoder and the worker's view of known-bad videos.
+/// One per loader thread: owns a GStreamer decoder and its view of known-bad videos.
 pub struct StoreLoader {
     catalog: Arc<Catalog>,
+    versions: Arc<Versions>,
+    /// The draws of the catalog version last used (versions change rarely).
+    draws: Option<(Arc<CatalogVersion>, VersionDraws)>,
     runtime: Handle,
     decoder: Decoder,
-    order: VideoOrder,
-    known_bad: HashSet<usize>,
+    /// URIs this loader found unusable.
+    known_bad: HashSet<String>,
     settings: LoaderSettings,
     fatal: Fatal,
 }
@@ -86,6 +91,7 @@ enum Failure {
 impl StoreLoader {
     pub fn new(
         catalog: Arc<Catalog>,
+        versions: Arc<Versions>,
         runtime: Handle,
         settings: LoaderSettings,
         fatal: Fatal,
@@ -95,12 +101,12 @@ impl StoreLoader {
             decoder_threads: settings.decoder_threads,
             ..DecoderOptions::default()
         })?;
-        let order = VideoOrder::new(catalog.videos.len(), settings.seed);
         Ok(StoreLoader {
             catalog,
+            versions,
+            draws: None,
             runtime,
             decoder,
-            order,
             known_bad: HashSet::new(),
             settings,
             fatal,
@@ -109,12 +115,18 @@ impl StoreLoader {
 
     fn try_video(
         &mut self,
-        video: usize,
+        v: &VideoRef,
         rng: &mut ChaCha8Rng,
         request: &ClipRequest,
     ) -> Result<Clip, Failure> {
-        let v = &self.catalog.videos[video];
-        let store = &self.catalog.stores[v.dataset];
+        let Some(store) = self.catalog.stores.get(v.dataset) else {
+            return Err(Failure::Fatal(format!(
+                "video {} names dataset {} of {}",
+                v.uri,
+                v.dataset,
+                self.catalog.stores.len()
+            )));
+        };
         let fetch_error = |detail: String| Failure::Bad {
             reason: "fetch_error".into(),
             detail: store.scrub(&detail),
@@ -321,39 +333,86 @@ pub fn decode_to_tensor(
     }
 }
 
+impl StoreLoader {
+    /// The catalog version in effect at `step` and its draws.
+    fn draws_at(&mut self, step: u64) -> Result<(Arc<CatalogVersion>, &mut VersionDraws), String> {
+        let version = self.versions.at_step(step);
+        let stale = self
+            .draws
+            .as_ref()
+            .is_none_or(|(v, _)| !Arc::ptr_eq(v, &version));
+        if stale {
+            let draws = VersionDraws::new(
+                self.settings.seed,
+                version.key,
+                version.counts.clone(),
+                &self.settings.mixing,
+            )
+            .map_err(|e| format!("catalog version {}: {e}", version.version))?;
+            self.draws = Some((version, draws));
+        }
+        match self.draws.as_mut() {
+            Some((v, d)) => Ok((v.clone(), d)),
+            None => Err("no catalog version".into()),
+        }
+    }
+}
+
 impl ClipLoader for StoreLoader {
     fn load(&mut self, request: ClipRequest) -> Vec<Loaded> {
         let mut out = Vec::new();
-        let n = self.order.len();
-        if n == 0 {
-            self.fatal
-                .set("the catalog is empty: no videos to train on".into());
-            return out;
-        }
+        let (version, first) = match self.draws_at(request.step) {
+            Ok((version, draws)) => {
+                let first = draws.video_for(request.global_index);
+                (version, first)
+            }
+            Err(why) => {
+                self.fatal.set(why);
+                return out;
+            }
+        };
         // Replacement choices and per-attempt seeds are drawn for every attempt whatever
         // happened before, so outcomes never shift the random stream.
         let mut draws = rng_for(self.settings.seed, Stream::Clip, request.global_index);
         for attempt in 0..self.settings.max_attempts {
             let video = if attempt == 0 {
-                self.order.video_for(request.global_index).unwrap_or(0)
+                first
             } else {
-                draws.random_range(0..n)
+                match self.draws.as_ref() {
+                    Some((_, d)) => d.replacement(&mut draws),
+                    None => first,
+                }
             };
             let mut rng = ChaCha8Rng::seed_from_u64(draws.next_u64());
-            if self.known_bad.contains(&video) {
+            let Some(v) = version.videos.get(video) else {
+                self.fatal.set(format!(
+                    "catalog version {} has {} videos, drew number {video}",
+                    version.version,
+                    version.videos.len()
+                ));
+                return out;
+            };
+            if self.known_bad.contains(&v.uri) {
                 continue;
             }
-            match self.try_video(video, &mut rng, &request) {
+            match self.try_video(v, &mut rng, &request) {
                 Ok(clip) => {
+                    tracing::trace!(
+                        step = request.step,
+                        slot = request.slot,
+                        uri = %clip.uri,
+                        catalog_version = version.version,
+                        "clip loaded"
+                    );
                     out.push(Loaded::Clip(clip));
                     return out;
                 }
                 Err(Failure::Skip) => {
-                    self.known_bad.insert(video);
+                    self.known_bad.insert(v.uri.clone());
                 }
                 Err(Failure::Bad { reason, detail }) => {
-                    self.known_bad.insert(video);
-                    let uri = self.catalog.videos[video].uri.clone();
+                    self.known_bad.insert(v.uri.clone());
+                    let uri = v.uri.clone();
                     tracing::warn!(%uri, %reason, %detail, "video quarantined");
                     out.push(Loaded::Bad(Quarantined {
                         uri,

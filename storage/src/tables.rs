@@ -8,8 +8,8 @@
 use std::sync::Arc;
 
 use arrow::array::{
-    Array, ArrayRef, AsArray, Float64Builder, Int64Builder, ListBuilder, RecordBatch,
-    StringBuilder, TimestampMicrosecondBuilder,
+    Array, ArrayRef, AsArray, BooleanBuilder, Float64Builder, Int64Builder, ListBuilder,
+    RecordBatch, StringBuilder, TimestampMicrosecondBuilder,
 };
 use arrow::datatypes::{
     DataType, Field, Float64Type, Int64Type, Schema, SchemaRef, TimeUnit, TimestampMicrosecondType,
@@ -77,6 +77,23 @@ pub struct QuarantineRow {
     pub time_unix_us: i64,
 }
 
+/// One clip trained on: which video, which frames, which crop (written when `outputs.clips`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ClipRow {
+    /// Step whose batch held the clip (0-based).
+    pub step: u64,
+    /// Position of the clip in the global batch.
+    pub slot: u64,
+    /// Full URI of the video.
+    pub uri: String,
+    /// Frame numbers read from the video.
+    pub frames: Vec<i64>,
+    /// Crop box in source pixels: top, left, height, width.
+    pub crop: [i64; 4],
+    /// Horizontal flip.
+    pub flip: bool,
+}
+
 fn ts_type() -> DataType {
     DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
 }
@@ -121,6 +138,21 @@ pub fn quarantine_schema() -> SchemaRef {
         Field::new("reason", DataType::Utf8, false),
         Field::new("detail", DataType::Utf8, false),
         Field::new("time", ts_type(), false),
+    ]))
+}
+
+/// Arrow schema of the clips table.
+pub fn clips_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("step", DataType::Int64, false),
+        Field::new("slot", DataType::Int64, false),
+        Field::new("uri", DataType::Utf8, false),
+        Field::new("frames", DataType::List(i64_item()), false),
+        Field::new("crop_top", DataType::Int64, false),
+        Field::new("crop_left", DataType::Int64, false),
+        Field::new("crop_height", DataType::Int64, false),
+        Field::new("crop_width", DataType::Int64, false),
+        Field::new("flip", DataType::Boolean, false),
     ]))
 }
 
@@ -212,6 +244,40 @@ fn quarantine_batch(rows: &[QuarantineRow]) -> Result<RecordBatch, arrow::error:
         Arc::new(time.finish()),
     ];
     RecordBatch::try_new(quarantine_schema(), columns)
+}
+
+fn clips_batch(rows: &[ClipRow]) -> Result<RecordBatch, arrow::error::ArrowError> {
+    let n = rows.len();
+    let mut step = Int64Builder::with_capacity(n);
+    let mut slot = Int64Builder::with_capacity(n);
+    let mut uri = StringBuilder::with_capacity(n, 64 * n);
+    let mut frames = ListBuilder::new(Int64Builder::new()).with_field(i64_item());
+    let mut crop: [Int64Builder; 4] = std::array::from_fn(|_| Int64Builder::with_capacity(n));
+    let mut flip = BooleanBuilder::with_capacity(n);
+    for r in rows {
+        step.append_value(u64_to_i64(r.step));
+        slot.append_value(u64_to_i64(r.slot));
+        uri.append_value(&r.uri);
+        frames.values().append_slice(&r.frames);
+        frames.append(true);
+        for (b, v) in crop.iter_mut().zip(r.crop) {
+            b.append_value(v);
+        }
+        flip.append_value(r.flip);
+    }
+    let [mut top, mut left, mut height, mut width] = crop;
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(step.finish()),
+        Arc::new(slot.finish()),
+        Arc::new(uri.finish()),
+        Arc::new(frames.finish()),
+        Arc::new(top.finish()),
+        Arc::new(left.finish()),
+        Arc::new(height.finish()),
+        Arc::new(width.finish()),
+        Arc::new(flip.finish()),
+    ];
+    RecordBatch::try_new(clips_schema(), columns)
 }
 
 /// A Parquet file being written to a store, one row group per `write_rows`.
@@ -354,6 +420,44 @@ impl QuarantineWriter {
             return Ok(());
         }
         let batch = quarantine_batch(&self.buf).map_err(|e| self.sink.err("build batch", &e))?;
+        self.sink.write_rows(batch).await?;
+        self.buf.clear();
+        Ok(())
+    }
+
+    /// Flushes and completes the file; returns the number of rows written.
+    pub async fn close(mut self) -> Result<u64, StorageError> {
+        self.flush().await?;
+        self.sink.close().await
+    }
+}
+
+/// Writes the clips table (`clips_schema`).
+pub struct ClipsWriter {
+    sink: TableSink,
+    buf: Vec<ClipRow>,
+}
+
+impl ClipsWriter {
+    /// Starts a clips file at `rel` in `store` (replaced on close if it exists).
+    pub async fn create(store: &Store, rel: &str) -> Result<Self, StorageError> {
+        Ok(ClipsWriter {
+            sink: TableSink::create(store, rel, clips_schema())?,
+            buf: Vec::new(),
+        })
+    }
+
+    /// Buffers one row (written at the next `flush` or `close`).
+    pub fn push(&mut self, row: ClipRow) {
+        self.buf.push(row);
+    }
+
+    /// Writes the buffered rows as one row group (no-op when nothing is buffered).
+    pub async fn flush(&mut self) -> Result<(), StorageError> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let batch = clips_batch(&self.buf).map_err(|e| self.sink.err("build batch", &e))?;
         self.sink.write_rows(batch).await?;
         self.buf.clear();
         Ok(())
@@ -570,6 +674,37 @@ pub async fn read_quarantine(store: &Store, rel: &str) -> Result<Vec<QuarantineR
     Ok(out)
 }
 
+/// Reads a whole clips table (tests and tools).
+pub async fn read_clips(store: &Store, rel: &str) -> Result<Vec<ClipRow>, StorageError> {
+    let uri = store.uri_of(rel);
+    let mut out = Vec::new();
+    for b in read_batches(store, rel, &clips_schema()).await? {
+        let u = uri.as_str();
+        let step = i64_col(u, &b, "step")?;
+        let slot = i64_col(u, &b, "slot")?;
+        let uris = str_col(u, &b, "uri")?;
+        let frames = i64_list_col(u, &b, "frames")?;
+        let top = i64_col(u, &b, "crop_top")?;
+        let left = i64_col(u, &b, "crop_left")?;
+        let height = i64_col(u, &b, "crop_height")?;
+        let width = i64_col(u, &b, "crop_width")?;
+        let flip = col(u, &b, "flip")?
+            .as_boolean_opt()
+            .ok_or_else(|| schema_err(u, "flip", "not boolean"))?;
+        for (i, (uri, frames)) in uris.into_iter().zip(frames).enumerate() {
+            out.push(ClipRow {
+                step: i64_to_u64(u, "step", step[i])?,
+                slot: i64_to_u64(u, "slot", slot[i])?,
+                uri,
+                frames,
+                crop: [top[i], left[i], height[i], width[i]],
+                flip: flip.value(i),
+            });
+        }
+    }
+    Ok(out)
+}
+
 /// Reads the Arrow schema stored in a Parquet file (tests and tools).
 pub async fn read_schema(store: &Store, rel: &str) -> Result<SchemaRef, StorageError> {
     let uri = store.uri_of(rel);
@@ -597,6 +732,13 @@ mod tests {
         let b = metrics_batch(&[row.clone(), row]).unwrap();
         assert_eq!(b.num_rows(), 2);
         assert_eq!(b.schema(), metrics_schema());
+        let c = clips_batch(&[ClipRow {
+            frames: vec![0, 4],
+            flip: true,
+            ..Default::default()
+        }])
+        .unwrap();
+        assert_eq!(c.schema(), clips_schema());
         let q = quarantine_batch(&[]).unwrap();
         assert_eq!(q.num_rows(), 0);
         assert_eq!(q.schema(), quarantine_schema());

@@ -361,6 +361,11 @@ impl Decoder {
     /// can be off by a frame) unless the shortfall suggests a cut-off file
     /// ([`QuarantineReason::Truncated`]).
     ///
+    /// The frame count comes from the container's index where it has one (MP4), else from
+    /// duration × rate, else from a counting pass. Unreferenced H.264/H.265 frames the plan does
+    /// not use are dropped before the decoder while frames are numbered from timestamps
+    /// ([`DecoderOptions::skip_unneeded`]).
+    ///
     /// Audio and subtitle streams are not decoded. Every wait is bounded by
     /// [`DecoderOptions::deadline`]; the pipeline is set to `Null` before returning.
     pub fn decode(
