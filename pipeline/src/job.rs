@@ -122,7 +122,7 @@ pub fn run(mut cfg: JobConfig, overrides: TrainOverrides) -> anyhow::Result<Trai
         bail!("--fresh contradicts --resume / meta.load_checkpoint: true");
     }
     let batch_size = cfg.raw.data.batch_size;
-    let fingerprint = catalog_fingerprint(&catalog);
+    let fingerprint = catalog_key(&first_version);
     let mut resumed_own = false;
     let start: Option<Resumed> = if overrides.fresh {
         let removed = handle.block_on(checkpoints::remove_all(&out))?;
@@ -318,7 +318,6 @@ pub fn run(mut cfg: JobConfig, overrides: TrainOverrides) -> anyhow::Result<Trai
         quarantine_name,
         first_step,
         first_clip,
-        catalog_fingerprint: fingerprint,
     });
 
     let guards = timely::execute(timely::Config::process(workers), move |worker| {
@@ -353,8 +352,12 @@ pub fn run(mut cfg: JobConfig, overrides: TrainOverrides) -> anyhow::Result<Trai
 const META_NEXT_CLIP: &str = "run.next_clip";
 /// Checkpoint metadata: the batch size the run used.
 const META_BATCH_SIZE: &str = "run.batch_size";
-/// Checkpoint metadata: the catalog version ([`catalog_fingerprint`]) the run trained on.
-const META_CATALOG: &str = "run.catalog";
+/// Checkpoint metadata: the contents key ([`catalog_key`]) of the catalog version in effect for
+/// the next step.
+const META_CATALOG: &str = "run.catalog_key";
+/// Checkpoint metadata: that version's number within the run (for people: a restarted run
+/// numbers its versions from 0 again).
+const META_CATALOG_VERSION: &str = "run.catalog_version";
 
 /// A checkpoint to continue from, with the job's state recorded beside the model.
 struct Resumed {
@@ -416,24 +419,11 @@ fn newest_complete_checkpoint(
     Ok(None)
 }
 
-/// The catalog's version: video count and a hash of (dataset, path) in catalog order, the
-/// inputs of the sampler besides seed and clip number. Equal fingerprints mean a resumed run
-/// draws exactly the clips the interrupted one would have.
-fn catalog_fingerprint(catalog: &Catalog) -> String {
-    // FNV-1a, 64 bit: stable across builds and platforms (unlike std's hasher).
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut eat = |bytes: &[u8]| {
-        for &b in bytes {
-            h ^= u64::from(b);
-            h = h.wrapping_mul(0x0100_0000_01b3);
-        }
-    };
-    for v in &catalog.videos {
-        eat(&(v.dataset as u64).to_le_bytes());
-        eat(v.rel.as_bytes());
-        eat(&[0]);
-    }
-    format!("v0:{}:{h:016x}", catalog.videos.len())
+/// The [`META_CATALOG`] value for a catalog version: its contents key (what the sampler's draws
+/// are keyed by), as hex. Equal values mean a resumed run draws exactly the clips the
+/// interrupted one would have.
+fn catalog_key(version: &CatalogVersion) -> String {
+    format!("{:016x}", version.key)
 }
 
 /// Longest a worker sleeps waiting for clips or peers before checking for a fatal error.
@@ -467,8 +457,6 @@ struct Shared {
     first_step: u64,
     /// Global number of the clip of slot 0 of `first_step + 1` (the resumed sampler cursor).
     first_clip: u64,
-    /// The catalog version this run trains on, recorded in its checkpoints.
-    catalog_fingerprint: String,
 }
 
 /// Worker 0's outputs: the model and the Parquet writers, shared with its operators.
@@ -769,7 +757,14 @@ fn train_step(
         let run_state = [
             (META_NEXT_CLIP.to_string(), next_clip.to_string()),
             (META_BATCH_SIZE.to_string(), cfg.data.batch_size.to_string()),
-            (META_CATALOG.to_string(), shared.catalog_fingerprint.clone()),
+            (
+                META_CATALOG.to_string(),
+                catalog_key(&shared.versions.at_step(done + 1)),
+            ),
+            (
+                META_CATALOG_VERSION.to_string(),
+                shared.versions.at_step(done + 1).version.to_string(),
+            ),
         ];
         match model.to_safetensors_with(&run_state) {
             Ok(bytes) => match shared.handle.block_on(checkpoints::write(
