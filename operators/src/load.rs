@@ -1,7 +1,7 @@
 //! The load stage: turn clip requests into clips (fetch, decode, transform) via a [`ClipLoader`].
 //!
-//! The loader is supplied by the job (it owns the object store and decoder); this operator only
-//! drives it, one request at a time, on the worker that received the request.
+//! The loaders are supplied by the job (each owns a decoder); this operator only drives them,
+//! on threads of their own, for the requests of the worker that received them.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, mpsc};
@@ -25,33 +25,8 @@ impl<F: FnMut(ClipRequest) -> Vec<Loaded>> ClipLoader for F {
     }
 }
 
-/// Applies `loader` to every request, keeping the request's timestamp.
-pub fn load_clips<'s, L: ClipLoader + 'static>(
-    requests: StreamVec<'s, u64, ClipRequest>,
-    mut loader: L,
-) -> StreamVec<'s, u64, Loaded> {
-    requests.unary::<CapacityContainerBuilder<Vec<Loaded>>, _, _, _>(
-        Pipeline,
-        "LoadClips",
-        |_cap, _info| {
-            move |input, output| {
-                input.for_each_stamp(|cap, data| {
-                    let mut session = output.session(&cap);
-                    for container in data {
-                        for request in container.drain(..) {
-                            for loaded in loader.load(request) {
-                                session.give(loaded);
-                            }
-                        }
-                    }
-                });
-            }
-        },
-    )
-}
-
-/// Like [`load_clips`], but the requests are loaded by `loaders` on their own threads (one
-/// thread each), so several clips decode at once and loading overlaps whatever the worker does
+/// Applies the `loaders` to every request, each loader on its own thread, so several clips
+/// decode at once and loading overlaps whatever the worker does
 /// next (training). Clips come out as they finish, each at its request's timestamp; the
 /// operator holds that timestamp until every request of it is done, so downstream frontiers
 /// still say when a step's clips are complete. The threads stop when the dataflow is dropped.

@@ -549,4 +549,39 @@ mod tests {
         };
         assert!(short.validate().is_err());
     }
+
+    /// Timing, not a check: `cargo test --release -p vjepa-ingest --lib clip_tensor_timing -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn clip_tensor_timing() {
+        let (w, h) = (640, 360);
+        let (y, u, v, strides) = planes(w, h, 0);
+        let frame = YuvFrame {
+            width: w,
+            height: h,
+            planes: [&y, &u, &v],
+            strides,
+            colour: Colour::BT601,
+        };
+        let g = ClipGeometry {
+            top: 10,
+            left: 50,
+            height: 300,
+            width: 400,
+            size: 224,
+            flip: true,
+            mean: [123.7, 116.3, 103.5],
+            std: [58.4, 57.1, 57.4],
+        };
+        let mut clip = ClipTensor::new(g, 16).unwrap();
+        let reps = 20;
+        let start = std::time::Instant::now();
+        for _ in 0..reps {
+            for slot in 0..16 {
+                clip.put(slot, &frame).unwrap();
+            }
+        }
+        let ms = start.elapsed().as_secs_f64() * 1e3 / f64::from(reps);
+        println!("clip tensor: {ms:.2} ms per 16-frame 224x224 clip from 640x360");
+    }
 }
