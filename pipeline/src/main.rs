@@ -60,9 +60,15 @@ enum Command {
         fresh: bool,
     },
     /// Parse and validate a config without doing any work; lists official keys that are ignored.
+    /// Exit 2 naming the key when it is refused.
     CheckConfig {
         #[arg(long)]
         config: PathBuf,
+        /// Also check, with this environment, that every location can be used (S3 settings and
+        /// credentials present, local datasets exist, the output directory can be created);
+        /// makes no request. For deployments: run it where and as the job will run.
+        #[arg(long)]
+        locations: bool,
     },
     /// Load a checkpoint (path or object-store URL) and print what it holds.
     Inspect { checkpoint: String },
@@ -110,7 +116,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     match cli.command {
-        Command::CheckConfig { config } => match JobConfig::load(&config) {
+        Command::CheckConfig { config, locations } => match JobConfig::load(&config) {
             Ok(cfg) => {
                 for (key, why) in &cfg.ignored {
                     println!("ignored: {key} ({why})");
@@ -129,7 +135,21 @@ fn main() -> ExitCode {
                     cfg.raw.mask.len(),
                     cfg.output_dir().unwrap_or("?"),
                 );
-                ExitCode::SUCCESS
+                if !locations {
+                    return ExitCode::SUCCESS;
+                }
+                match vjepa_pipeline::preflight::check_locations(&cfg) {
+                    Ok(checks) => {
+                        for c in checks {
+                            println!("location: {} = {} ({})", c.key, c.location, c.found);
+                        }
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("config error: {e}");
+                        ExitCode::from(2)
+                    }
+                }
             }
             Err(e) => config_error(&e),
         },
