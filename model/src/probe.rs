@@ -89,12 +89,17 @@ impl ProbeConfig {
 /// weight decay cosine from `weight_decay` to `final_weight_decay`, grad-norm clip.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ProbeOptim {
+    /// Learning rate at step 0 (no warmup).
     pub lr: f64,
+    /// Learning rate at the last step.
     pub final_lr: f64,
+    /// Weight decay at step 0 (decayed groups only).
     pub weight_decay: f64,
+    /// Weight decay at the last step.
     pub final_weight_decay: f64,
     /// Schedule length in steps (epochs × iterations per epoch).
     pub total_steps: u64,
+    /// Max total gradient norm; `None` disables clipping.
     pub clip_grad: Option<f64>,
 }
 
@@ -314,10 +319,15 @@ pub struct ProbeTrainer {
 /// What one probe step did.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ProbeStep {
+    /// 1-based step just taken.
     pub step: u64,
+    /// Mean cross-entropy of the batch.
     pub loss: f64,
+    /// Learning rate used.
     pub lr: f64,
+    /// Weight decay used.
     pub weight_decay: f64,
+    /// Total gradient norm before clipping.
     pub grad_norm: f64,
 }
 
@@ -468,13 +478,9 @@ mod tests {
                 let label = rng.random_range(0..classes);
                 let at = rng.random_range(0..6);
                 for t in 0..6 {
-                    for j in 0..16 {
+                    for d in &dirs[label] {
                         let noise = rng.random_range(-0.3f32..0.3);
-                        data.push(if t == at {
-                            dirs[label][j] + noise
-                        } else {
-                            noise
-                        });
+                        data.push(if t == at { d + noise } else { noise });
                     }
                 }
                 labels.push(label as u32);
