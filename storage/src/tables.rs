@@ -102,7 +102,7 @@ fn f64_item() -> Arc<Field> {
     Arc::new(Field::new("item", DataType::Float64, false))
 }
 
-fn i64_item() -> Arc<Field> {
+pub(crate) fn i64_item() -> Arc<Field> {
     Arc::new(Field::new("item", DataType::Int64, false))
 }
 
@@ -158,7 +158,7 @@ pub fn clips_schema() -> SchemaRef {
 
 /// Steps and epochs are stored as int64 (Parquet has no unsigned 64-bit logical type that all
 /// readers agree on); values above `i64::MAX` cannot occur in practice and are clamped.
-fn u64_to_i64(v: u64) -> i64 {
+pub(crate) fn u64_to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
@@ -281,7 +281,7 @@ fn clips_batch(rows: &[ClipRow]) -> Result<RecordBatch, arrow::error::ArrowError
 }
 
 /// A Parquet file being written to a store, one row group per `write_rows`.
-struct TableSink {
+pub(crate) struct TableSink {
     writer: AsyncArrowWriter<BufWriter>,
     store: Store,
     uri: String,
@@ -289,7 +289,11 @@ struct TableSink {
 }
 
 impl TableSink {
-    fn create(store: &Store, rel: &str, schema: SchemaRef) -> Result<Self, StorageError> {
+    pub(crate) fn create(
+        store: &Store,
+        rel: &str,
+        schema: SchemaRef,
+    ) -> Result<Self, StorageError> {
         let path = store.path_of(rel)?;
         let uri = store.uri_of(rel);
         let (os, _) = store.inner();
@@ -310,7 +314,7 @@ impl TableSink {
         })
     }
 
-    fn err(&self, what: &str, e: &(dyn std::error::Error + 'static)) -> StorageError {
+    pub(crate) fn err(&self, what: &str, e: &(dyn std::error::Error + 'static)) -> StorageError {
         StorageError::Parquet {
             uri: self.uri.clone(),
             detail: format!("{what}: {}", self.store.scrub(&error_chain(e))),
@@ -318,7 +322,7 @@ impl TableSink {
     }
 
     /// Writes `batch` and closes its row group.
-    async fn write_rows(&mut self, batch: RecordBatch) -> Result<(), StorageError> {
+    pub(crate) async fn write_rows(&mut self, batch: RecordBatch) -> Result<(), StorageError> {
         let n = batch.num_rows();
         if n == 0 {
             return Ok(());
@@ -336,7 +340,7 @@ impl TableSink {
         Ok(())
     }
 
-    async fn close(mut self) -> Result<u64, StorageError> {
+    pub(crate) async fn close(mut self) -> Result<u64, StorageError> {
         self.writer
             .finish()
             .await
@@ -471,7 +475,7 @@ impl ClipsWriter {
 }
 
 /// Reads a table's bytes and checks its schema (names and types, in order) against `expected`.
-async fn read_batches(
+pub(crate) async fn read_batches(
     store: &Store,
     rel: &str,
     expected: &SchemaRef,
@@ -518,14 +522,18 @@ fn check_schema(uri: &str, found: &Schema, expected: &Schema) -> Result<(), Stor
     }
 }
 
-fn schema_err(uri: &str, col: &str, what: &str) -> StorageError {
+pub(crate) fn schema_err(uri: &str, col: &str, what: &str) -> StorageError {
     StorageError::Schema {
         uri: uri.to_string(),
         detail: format!("column {col}: {what}"),
     }
 }
 
-fn col<'a>(uri: &str, b: &'a RecordBatch, name: &str) -> Result<&'a ArrayRef, StorageError> {
+pub(crate) fn col<'a>(
+    uri: &str,
+    b: &'a RecordBatch,
+    name: &str,
+) -> Result<&'a ArrayRef, StorageError> {
     let c = b
         .column_by_name(name)
         .ok_or_else(|| schema_err(uri, name, "missing"))?;
@@ -535,7 +543,7 @@ fn col<'a>(uri: &str, b: &'a RecordBatch, name: &str) -> Result<&'a ArrayRef, St
     Ok(c)
 }
 
-fn i64_col(uri: &str, b: &RecordBatch, name: &str) -> Result<Vec<i64>, StorageError> {
+pub(crate) fn i64_col(uri: &str, b: &RecordBatch, name: &str) -> Result<Vec<i64>, StorageError> {
     let a = col(uri, b, name)?
         .as_primitive_opt::<Int64Type>()
         .ok_or_else(|| schema_err(uri, name, "not int64"))?;
@@ -556,7 +564,7 @@ fn ts_col(uri: &str, b: &RecordBatch, name: &str) -> Result<Vec<i64>, StorageErr
     Ok(a.values().to_vec())
 }
 
-fn str_col(uri: &str, b: &RecordBatch, name: &str) -> Result<Vec<String>, StorageError> {
+pub(crate) fn str_col(uri: &str, b: &RecordBatch, name: &str) -> Result<Vec<String>, StorageError> {
     let a = col(uri, b, name)?
         .as_string_opt::<i32>()
         .ok_or_else(|| schema_err(uri, name, "not utf8"))?;
@@ -580,7 +588,11 @@ fn f64_list_col(uri: &str, b: &RecordBatch, name: &str) -> Result<Vec<Vec<f64>>,
     Ok(out)
 }
 
-fn i64_list_col(uri: &str, b: &RecordBatch, name: &str) -> Result<Vec<Vec<i64>>, StorageError> {
+pub(crate) fn i64_list_col(
+    uri: &str,
+    b: &RecordBatch,
+    name: &str,
+) -> Result<Vec<Vec<i64>>, StorageError> {
     let l = col(uri, b, name)?
         .as_list_opt::<i32>()
         .ok_or_else(|| schema_err(uri, name, "not a list"))?;
