@@ -3,6 +3,7 @@
 pub mod catalog;
 pub mod config;
 pub mod convert;
+pub mod extract;
 pub mod job;
 pub mod loader;
 pub mod preflight;

@@ -83,6 +83,48 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Run a checkpoint's frozen target encoder over every clip of a dataset (spec §9 segments
+    /// and views) and write one row per clip (uri, label, segment, view, frames, mean-pooled
+    /// embedding, tokens on request) to a Parquet table; bad videos are quarantined beside it.
+    Extract {
+        /// Checkpoint: ours (`.safetensors`) or an official-layout `.pth.tar` (path or URL).
+        #[arg(long)]
+        checkpoint: String,
+        /// Dataset: an index file (`path label` lines) or a prefix ending in `/`; repeatable.
+        #[arg(long = "index", required = true)]
+        index: Vec<String>,
+        /// Output table (path or object-store URL), e.g. features.parquet.
+        #[arg(long)]
+        out: String,
+        /// Job config: the model shape for an official `.pth.tar` (which carries none) and the
+        /// S3 settings.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Temporal segments per video (spec §9: 8 for K400, 2 for SSv2).
+        #[arg(long, default_value_t = 1)]
+        segments: usize,
+        /// Spatial views per segment (spec §9: 3).
+        #[arg(long, default_value_t = 1)]
+        views: usize,
+        /// Frame stride within a clip.
+        #[arg(long, default_value_t = 4)]
+        frame_step: usize,
+        /// Input side (default: the encoder's).
+        #[arg(long)]
+        size: Option<usize>,
+        /// Also write every token's output (N × D floats per clip).
+        #[arg(long)]
+        tokens: bool,
+        /// Clips per encoder forward.
+        #[arg(long, default_value_t = 8)]
+        batch_size: usize,
+        /// Decoder threads (default: the machine's cores).
+        #[arg(long)]
+        decode_threads: Option<usize>,
+        /// Seeds the random window inside long segments.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
     /// Write a small corpus of real encoded videos (H.264/MP4, VP9/WebM) into DIR.
     MakeSamples {
         dir: PathBuf,
@@ -198,6 +240,56 @@ fn main() -> ExitCode {
                         s.quarantined,
                         s.output,
                         s.checkpoints.join(", ")
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Command::Extract {
+            checkpoint,
+            index,
+            out,
+            config,
+            segments,
+            views,
+            frame_step,
+            size,
+            tokens,
+            batch_size,
+            decode_threads,
+            seed,
+        } => {
+            let cfg = match config.as_deref().map(JobConfig::load).transpose() {
+                Ok(c) => c,
+                Err(e) => return config_error(&e),
+            };
+            let opts = vjepa_pipeline::extract::ExtractOptions {
+                checkpoint,
+                encoder: cfg.as_ref().map(|c| c.encoder_config()),
+                datasets: index,
+                out,
+                segments,
+                views,
+                frame_step,
+                size,
+                tokens,
+                batch_size,
+                decode_threads: decode_threads
+                    .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
+                seed,
+                deadline: std::time::Duration::from_secs(60),
+                s3: cfg.as_ref().map(|c| c.s3_settings()).unwrap_or_default(),
+                progress: true,
+            };
+            match vjepa_pipeline::extract::run(opts) {
+                Ok(s) => {
+                    println!(
+                        "extracted {} rows from {} videos into {} ({} quarantined: {})",
+                        s.rows, s.videos, s.output, s.quarantined, s.quarantine_output
                     );
                     ExitCode::SUCCESS
                 }
