@@ -1,7 +1,7 @@
 //! The Parquet outputs read in pyarrow, pandas and duckdb without hints, with exactly the
 //! columns and types the README documents (issue 7): a short run with a bad file (a quarantine
 //! row) and clip records, then a resumed run (the `-from-` files), checked by
-//! `tools/check_parquet.py`.
+//! `tools/check_parquet.py`; and the features table of `vjepa extract`.
 
 mod common;
 
@@ -69,11 +69,26 @@ fn outputs_read_in_pyarrow_pandas_and_duckdb_as_documented() {
         assert!(out.join(name).exists(), "{name} written");
     }
 
+    // The features table of `vjepa extract`, with tokens.
+    let features = out.join("features.parquet");
+    assert_ok(
+        &Command::new(bin())
+            .args(["extract", "--checkpoint"])
+            .arg(out.join("checkpoints/step-00000004.safetensors"))
+            .arg("--index")
+            .arg(format!("{}/", videos.display()))
+            .arg("--out")
+            .arg(&features)
+            .args(["--tokens", "--views", "2"])
+            .output()
+            .unwrap(),
+    );
+
     let check = Command::new(&python)
         .arg(repo_root().join("tools/check_parquet.py"))
         .arg(repo_root().join("README.md"))
         .arg(&out)
-        .args(["metrics", "quarantine", "clips"])
+        .args(["metrics", "quarantine", "clips", "features"])
         .output()
         .expect("run tools/check_parquet.py");
     let report = format!(
@@ -84,6 +99,7 @@ fn outputs_read_in_pyarrow_pandas_and_duckdb_as_documented() {
     assert!(check.status.success(), "{report}");
     assert!(report.contains("metrics: 2 file(s), 6 rows"), "{report}");
     assert!(report.contains("clips: 2 file(s)"), "{report}");
+    assert!(report.contains("features: 1 file(s), 4 rows"), "{report}");
     // The bad file may be found once in each run (the resumed run lists the catalog again).
     assert!(report.contains("quarantine: 2 file(s)"), "{report}");
 }
