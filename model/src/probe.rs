@@ -273,6 +273,37 @@ impl AttentiveProbe {
         self.linear("linear")?.forward(&pooled)
     }
 
+    /// The probe as safetensors bytes (official names; the shape in the metadata as
+    /// `probe.embed_dim`, `probe.num_heads`, `probe.num_classes`, `probe.mlp_ratio`).
+    pub fn to_safetensors(&self) -> Result<Vec<u8>, ModelError> {
+        let mut tensors = Vec::new();
+        for (name, v) in &self.vars {
+            tensors.push((
+                name.clone(),
+                crate::checkpoint::F32View::new(v.as_tensor())?,
+            ));
+        }
+        let meta = std::collections::HashMap::from([
+            (
+                "probe.embed_dim".to_string(),
+                self.cfg.embed_dim.to_string(),
+            ),
+            (
+                "probe.num_heads".to_string(),
+                self.cfg.num_heads.to_string(),
+            ),
+            (
+                "probe.num_classes".to_string(),
+                self.cfg.num_classes.to_string(),
+            ),
+            (
+                "probe.mlp_ratio".to_string(),
+                self.cfg.mlp_ratio.to_string(),
+            ),
+        ]);
+        crate::checkpoint::serialize(tensors, meta)
+    }
+
     /// Class probabilities `[B, classes]` (softmax of the logits), for averaging over views.
     pub fn probabilities(&self, tokens: &Tensor) -> Result<Tensor, ModelError> {
         softmax_last(&self.forward(tokens)?)
@@ -429,6 +460,19 @@ mod tests {
         let w = p.get("linear.weight").unwrap().flatten_all().unwrap();
         let max = w.abs().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
         assert!(max <= 0.25, "{max}");
+    }
+
+    #[test]
+    fn saves_and_loads() {
+        let p = AttentiveProbe::new(cfg(4), 5, &Device::Cpu).unwrap();
+        let bytes = p.to_safetensors().unwrap();
+        let loaded = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).unwrap();
+        let back = AttentiveProbe::from_tensors(cfg(4), &loaded, &Device::Cpu).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 16), &Device::Cpu).unwrap();
+        assert_eq!(
+            p.forward(&x).unwrap().to_vec2::<f32>().unwrap(),
+            back.forward(&x).unwrap().to_vec2::<f32>().unwrap()
+        );
     }
 
     #[test]

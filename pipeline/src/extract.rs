@@ -85,6 +85,8 @@ pub struct ExtractSummary {
     pub rows: u64,
     pub quarantined: usize,
     pub quarantine_output: String,
+    /// The encoder's shape (for a probe reading its tokens).
+    pub encoder: EncoderConfig,
 }
 
 /// The frozen encoder.
@@ -641,6 +643,7 @@ pub fn run(opts: ExtractOptions) -> anyhow::Result<ExtractSummary> {
         rows,
         quarantined,
         quarantine_output: q_store.uri_of(&q_name),
+        encoder: enc,
     })
 }
 

@@ -7,6 +7,7 @@ pub mod extract;
 pub mod job;
 pub mod loader;
 pub mod preflight;
+pub mod probe;
 
 /// Microseconds since the Unix epoch, for record timestamps.
 pub fn now_unix_us() -> i64 {
