@@ -105,8 +105,11 @@ pub fn run(mut cfg: JobConfig, overrides: TrainOverrides) -> anyhow::Result<Trai
         }
     }
     let result = run_training(&cfg, &overrides, &runtime, &out, &telemetry);
+    let started = telemetry.started();
     telemetry.finish(result.as_ref().err().map(|e| format!("{e:#}")));
+    // Only a run that got as far as training lingers (a config mistake has nothing to show).
     if let Err(e) = &result
+        && started
         && cfg.raw.telemetry.listen.is_some()
         && cfg.raw.telemetry.linger_secs > 0.0
     {

@@ -364,6 +364,11 @@ impl Telemetry {
         }
     }
 
+    /// True once [`Self::set_config`] was called (the run got as far as training).
+    pub fn started(&self) -> bool {
+        self.recent.lock().is_ok_and(|r| r.state != "starting")
+    }
+
     /// The run ended: `Some(why)` when it failed.
     pub fn finish(&self, error: Option<String>) {
         if let Ok(mut r) = self.recent.lock() {
