@@ -418,7 +418,7 @@ fn check_dashboard_schema(d: &Value) -> Vec<String> {
             problems.push(format!("panel {title}: no targets"));
         }
         for t in &targets {
-            if !t["refId"].is_string() || !t["expr"].as_str().is_some_and(|e| !e.is_empty()) {
+            if !t["refId"].is_string() || t["expr"].as_str().is_none_or(|e| e.is_empty()) {
                 problems.push(format!("panel {title}: target without refId/expr"));
             }
         }
