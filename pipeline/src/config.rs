@@ -1216,6 +1216,34 @@ mod tests {
     }
 
     #[test]
+    fn telemetry_listen_and_linger() {
+        let cfg = JobConfig::parse(OFFICIAL_VITL16).unwrap();
+        assert_eq!(cfg.raw.telemetry.listen.as_deref(), Some("127.0.0.1:9464"));
+        assert_eq!(cfg.raw.telemetry.linger_secs, 30.0);
+        let text = format!("{OFFICIAL_VITL16}\ntelemetry:\n  listen: null\n");
+        assert_eq!(JobConfig::parse(&text).unwrap().raw.telemetry.listen, None);
+        let text = format!("{OFFICIAL_VITL16}\ntelemetry:\n  listen: 0.0.0.0:0\n");
+        assert_eq!(
+            JobConfig::parse(&text)
+                .unwrap()
+                .raw
+                .telemetry
+                .listen
+                .as_deref(),
+            Some("0.0.0.0:0")
+        );
+        for (key, bad) in [
+            ("telemetry.listen", "  listen: localhost"),
+            ("telemetry.listen", "  listen: 127.0.0.1"),
+            ("telemetry.linger_secs", "  linger_secs: -1"),
+        ] {
+            let text = format!("{OFFICIAL_VITL16}\ntelemetry:\n{bad}\n");
+            let err = JobConfig::parse(&text).unwrap_err();
+            assert_eq!(err.key(), Some(key), "{err}");
+        }
+    }
+
+    #[test]
     fn catalog_refresh_and_weights() {
         let cfg = JobConfig::parse(OFFICIAL_VITL16).unwrap();
         assert_eq!(cfg.raw.catalog.refresh_secs, 60.0);

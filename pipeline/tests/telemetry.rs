@@ -578,3 +578,28 @@ fn series_points(dom: &str, chart: &str, series: &str) -> Option<usize> {
     let attr = path.split("data-points=\"").nth(1)?;
     attr.split('"').next()?.parse().ok()
 }
+
+/// A port that is taken is a clear error before any training (nothing is written).
+#[test]
+fn taken_port_fails_before_training() {
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let dir = tempfile::tempdir().unwrap();
+    let videos = dir.path().join("videos");
+    make_corpus(&videos, 1);
+    let out = dir.path().join("out");
+    let cfg = write_config(&dir.path().join("cfg.yaml"), &videos, &out, 3);
+    let run = run_train(&cfg, &[], &["--listen", &format!("127.0.0.1:{port}")]);
+    assert_eq!(run.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "telemetry.listen: cannot listen on 127.0.0.1:{port}"
+        )),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("starting training"), "{stderr}");
+    assert!(!out.join("metrics.parquet").exists());
+    assert!(!out.join("telemetry.addr").exists());
+    drop(taken);
+}
