@@ -14,7 +14,7 @@ function el(name, attrs, parent) {
 }
 
 function fmt(v) {
-  if (!isFinite(v)) return String(v);
+  if (!Number.isFinite(v)) return String(v);
   const a = Math.abs(v);
   if (a !== 0 && (a < 1e-3 || a >= 1e5)) return v.toExponential(2);
   return (Math.round(v * 1000) / 1000).toString();
@@ -27,7 +27,7 @@ function drawChart(svg, series) {
   for (const s of series) {
     s.xs.forEach((x, i) => {
       const y = s.ys[i];
-      if (!isFinite(y)) return;
+      if (!Number.isFinite(y)) return;
       xmin = Math.min(xmin, x); xmax = Math.max(xmax, x);
       ymin = Math.min(ymin, y); ymax = Math.max(ymax, y);
     });
@@ -58,7 +58,7 @@ function drawChart(svg, series) {
     let d = "", n = 0;
     s.xs.forEach((x, i) => {
       const y = s.ys[i];
-      if (!isFinite(y)) return;
+      if (!Number.isFinite(y)) return;
       d += (n === 0 ? "M" : "L") + sx(x).toFixed(1) + "," + sy(y).toFixed(1);
       n += 1;
     });
