@@ -126,6 +126,10 @@ pub struct StepStats {
     pub context_tokens: Vec<usize>,
     /// Target tokens per sample, per mask config.
     pub target_tokens: Vec<usize>,
+    /// Collapse signal: std of the (normalised) target features across the batch, averaged
+    /// over tokens and dims. Near 0 when every clip maps to the same features; 0 for a batch
+    /// of one clip.
+    pub target_std: f64,
 }
 
 /// Trainable parameter counts (encoder, predictor) from shapes alone — no allocation, so it
@@ -410,8 +414,23 @@ impl VJepa {
         clips: &Tensor,
         masks: &[(TokenIndex, TokenIndex)],
     ) -> Result<(Tensor, Vec<Tensor>), ModelError> {
+        let (loss, per_mask, _) = self.forward_loss_stats(clips, masks)?;
+        Ok((loss, per_mask))
+    }
+
+    /// [`Self::forward_loss`] plus the collapse signal ([`StepStats::target_std`]) as a
+    /// scalar tensor, computed from the target features the loss uses anyway.
+    fn forward_loss_stats(
+        &self,
+        clips: &Tensor,
+        masks: &[(TokenIndex, TokenIndex)],
+    ) -> Result<(Tensor, Vec<Tensor>, Tensor), ModelError> {
         // Target branch: plain (non-Var) weights, so no graph is recorded.
         let h = loss::normalize_targets(&self.target.forward(clips, None)?)?.detach();
+        // Population std over the batch axis of [B, N, D], then the mean over N and D.
+        let hf = h.to_dtype(DType::F32)?;
+        let centred = hf.broadcast_sub(&hf.mean_keepdim(0)?)?;
+        let target_std = centred.sqr()?.mean(0)?.sqrt()?.mean_all()?;
         // The patch embedding is identical for both context passes: compute it once.
         let tokens = self.encoder.embed(clips)?;
         let mut preds = Vec::with_capacity(masks.len());
@@ -421,7 +440,8 @@ impl VJepa {
             preds.push(self.predictor.forward(&z, ctx, tgt, i)?);
             targets.push(tgt.gather(&h)?);
         }
-        loss::jepa_loss(&preds, &targets, self.optim_cfg.loss_exp)
+        let (loss, per_mask) = loss::jepa_loss(&preds, &targets, self.optim_cfg.loss_exp)?;
+        Ok((loss, per_mask, target_std))
     }
 
     /// One full V-JEPA iteration (spec §6–§7): target pass (no grad) → LN without affine (eps
@@ -441,7 +461,7 @@ impl VJepa {
         let wd = schedule::weight_decay(c, step1);
         let momentum = schedule::ema_momentum(c, iter0);
 
-        let (loss, per_mask) = self.forward_loss(&clips, &masks)?;
+        let (loss, per_mask, target_std) = self.forward_loss_stats(&clips, &masks)?;
         let loss_value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         if !loss_value.is_finite() {
             return Err(ModelError::NonFiniteLoss {
@@ -492,6 +512,7 @@ impl VJepa {
             predictor_grad_norm: pred_norm,
             context_tokens: masks.iter().map(|(c, _)| c.len()).collect(),
             target_tokens: masks.iter().map(|(_, t)| t.len()).collect(),
+            target_std: target_std.to_dtype(DType::F64)?.to_scalar::<f64>()?,
         };
         debug!(
             step = stats.step,

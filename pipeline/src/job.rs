@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
 use bytes::Bytes;
-use timely::dataflow::operators::Probe;
 use timely::dataflow::operators::core::OkErr;
+use timely::dataflow::operators::{Inspect, Probe};
 use timely::dataflow::{InputHandle, ProbeHandle};
 
 use vjepa_model::{Device, MaskIndices, Tensor, TrainBatch, VJepa};
@@ -30,6 +30,7 @@ use vjepa_storage::{Store, checkpoints};
 use crate::catalog::{Catalog, CatalogVersion, Listing, Versions};
 use crate::config::JobConfig;
 use crate::loader::{Fatal, LoaderSettings, StoreLoader};
+use crate::telemetry::{Stage, StepSample, Telemetry};
 
 /// Command-line overrides of the config.
 #[derive(Clone, Debug, Default)]
@@ -44,6 +45,8 @@ pub struct TrainOverrides {
     pub resume: bool,
     /// Start from step 0 even when the output location holds checkpoints (deleting them).
     pub fresh: bool,
+    /// Serve metrics and the status page here instead of `telemetry.listen`.
+    pub listen: Option<String>,
 }
 
 /// What a finished run reports.
@@ -74,6 +77,9 @@ pub fn run(mut cfg: JobConfig, overrides: TrainOverrides) -> anyhow::Result<Trai
     if let Some(s) = overrides.seed {
         cfg.raw.meta.seed = s;
     }
+    if let Some(l) = &overrides.listen {
+        cfg.raw.telemetry.listen = Some(l.clone());
+    }
     let cfg = Arc::new(cfg);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -89,6 +95,46 @@ pub fn run(mut cfg: JobConfig, overrides: TrainOverrides) -> anyhow::Result<Trai
         .to_string();
     let out = Store::open(&out_location, &s3, true)
         .with_context(|| format!("opening output location {out_location}"))?;
+    let telemetry = Arc::new(Telemetry::new());
+    if let Some(listen) = &cfg.raw.telemetry.listen {
+        let addr = crate::telemetry::serve(telemetry.clone(), listen, &handle)?;
+        tracing::info!(%addr, "serving metrics and status page");
+        if let Some(path) = out.local_path("telemetry.addr") {
+            std::fs::write(&path, format!("{addr}\n"))
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
+    }
+    let result = run_training(&cfg, &overrides, &runtime, &out, &telemetry);
+    let started = telemetry.started();
+    telemetry.finish(result.as_ref().err().map(|e| format!("{e:#}")));
+    // Only a run that got as far as training lingers (a config mistake has nothing to show).
+    if let Err(e) = &result
+        && started
+        && cfg.raw.telemetry.listen.is_some()
+        && cfg.raw.telemetry.linger_secs > 0.0
+    {
+        tracing::info!(
+            error = %format!("{e:#}"),
+            linger_secs = cfg.raw.telemetry.linger_secs,
+            "the run failed: serving metrics a while longer (telemetry.linger_secs)"
+        );
+        std::thread::sleep(Duration::from_secs_f64(cfg.raw.telemetry.linger_secs));
+    }
+    result
+}
+
+/// [`run`] after the output location is open and telemetry is served.
+fn run_training(
+    cfg: &Arc<JobConfig>,
+    overrides: &TrainOverrides,
+    runtime: &tokio::runtime::Runtime,
+    out: &Store,
+    telemetry: &Arc<Telemetry>,
+) -> anyhow::Result<TrainSummary> {
+    let cfg = cfg.clone();
+    let out = out.clone();
+    let handle = runtime.handle().clone();
+    let s3 = cfg.s3_settings();
     let catalog = handle
         .block_on(Catalog::open(&cfg.raw.data.datasets, &s3))
         .context("opening datasets")?;
@@ -240,6 +286,11 @@ pub fn run(mut cfg: JobConfig, overrides: TrainOverrides) -> anyhow::Result<Trai
         encoder = ?enc,
         "starting training"
     );
+    telemetry.set_catalog(&catalog.names, &first_version.counts);
+    telemetry.set_config(
+        config_summary(&cfg, &catalog.names, total, first_step, out.url()),
+        total,
+    );
 
     let fatal = Fatal::default();
     let grid = {
@@ -281,11 +332,14 @@ pub fn run(mut cfg: JobConfig, overrides: TrainOverrides) -> anyhow::Result<Trai
     let refresher = handle.spawn({
         let catalog = catalog.clone();
         let s3 = s3.clone();
+        let telemetry = telemetry.clone();
         async move {
             loop {
                 tokio::time::sleep(period).await;
                 match catalog.relist(&s3).await {
                     Ok(listing) => {
+                        telemetry.items(Stage::List, listing.videos.len() as u64);
+                        telemetry.queue_add(Stage::List, 1);
                         if listings_tx.send(listing).is_err() {
                             break;
                         }
@@ -298,6 +352,10 @@ pub fn run(mut cfg: JobConfig, overrides: TrainOverrides) -> anyhow::Result<Trai
         }
     });
 
+    let tokens_per_clip = {
+        let (t, h, w) = enc.grid();
+        (t * h * w) as u64
+    };
     let shared = Arc::new(Shared {
         cfg: cfg.clone(),
         versions: Arc::new(Versions::new(first_version)),
@@ -318,6 +376,8 @@ pub fn run(mut cfg: JobConfig, overrides: TrainOverrides) -> anyhow::Result<Trai
         quarantine_name,
         first_step,
         first_clip,
+        telemetry: telemetry.clone(),
+        tokens_per_clip,
     });
 
     let guards = timely::execute(timely::Config::process(workers), move |worker| {
@@ -457,6 +517,10 @@ struct Shared {
     first_step: u64,
     /// Global number of the clip of slot 0 of `first_step + 1` (the resumed sampler cursor).
     first_clip: u64,
+    /// Metrics and the status page's history.
+    telemetry: Arc<Telemetry>,
+    /// Patches the encoder embeds per clip (for tokens/s).
+    tokens_per_clip: u64,
 }
 
 /// Worker 0's outputs: the model and the Parquet writers, shared with its operators.
@@ -492,6 +556,7 @@ fn run_worker(
                 shared.settings.clone(),
                 shared.fatal.clone(),
             )
+            .map(|l| l.with_telemetry(shared.telemetry.clone()))
         })
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| anyhow!("GStreamer decoder: {e}"))?;
@@ -529,6 +594,7 @@ fn run_worker(
         }
         for r in &shared.catalog.first.rejected {
             if o.seen_bad.insert(r.uri.clone()) {
+                shared.telemetry.quarantined(&r.uri, &r.reason);
                 q.push(to_quarantine_row(r));
                 o.quarantined += 1;
             }
@@ -599,6 +665,8 @@ fn run_worker(
     let q_outputs = outputs.clone();
     let train_shared = shared.clone();
     let sink_shared = shared.clone();
+    let q_shared = shared.clone();
+    let (batch_tel, mask_tel) = (shared.telemetry.clone(), shared.telemetry.clone());
     let mut step_model = model;
     worker.dataflow::<u64, _, _>(|scope| {
         let requests = input.to_stream(scope);
@@ -607,8 +675,19 @@ fn run_worker(
             Loaded::Clip(c) => Ok(c),
             Loaded::Bad(q) => Err(q),
         });
-        let batches = assemble_batches(clips, 0);
-        let masked = mask_batches(batches, shared.generators.clone(), cfg.raw.meta.seed);
+        // Stage queues: a batch takes its clips out of the transform queue and waits for its
+        // masks; a masked batch waits for the trainer.
+        let batches = assemble_batches(clips, 0).inspect(move |b| {
+            batch_tel.queue_add(Stage::Transform, -(b.clips.len() as i64));
+            batch_tel.queue_add(Stage::Mask, 1);
+        });
+        let masked = mask_batches(batches, shared.generators.clone(), cfg.raw.meta.seed).inspect(
+            move |_| {
+                mask_tel.queue_add(Stage::Mask, -1);
+                mask_tel.items(Stage::Mask, 1);
+                mask_tel.queue_add(Stage::Train, 1);
+            },
+        );
         let steps = train(masked, move |batch, data_wait| {
             let model = step_model.as_mut()?;
             train_step(model, batch, data_wait, &train_shared, &step_outputs, total)
@@ -620,6 +699,7 @@ fn run_worker(
         sink_records(bad, "Quarantine", 0, move |_step, q: Quarantined| {
             let mut o = q_outputs.borrow_mut();
             if o.seen_bad.insert(q.uri.clone()) {
+                q_shared.telemetry.quarantined(&q.uri, &q.reason);
                 o.quarantined += 1;
                 if let Some(w) = o.quarantine.as_mut() {
                     w.push(to_quarantine_row(&q));
@@ -638,7 +718,13 @@ fn run_worker(
         // trained steps, and `step` is not requested), so every worker draws a step's clips from
         // the same version, whenever its loader looks it up.
         if let (Some(rx), Some(cat)) = (listings.as_ref(), catalog.as_mut())
-            && let Some(listing) = rx.try_iter().last()
+            && let Some(listing) = {
+                let waiting: Vec<Listing> = rx.try_iter().collect();
+                shared
+                    .telemetry
+                    .queue_add(Stage::List, -(waiting.len() as i64));
+                waiting.into_iter().last()
+            }
         {
             let from_step = step + batches_in_flight;
             if let Err(e) = apply_listing(worker, cat, &listing, from_step, shared, &outputs) {
@@ -662,6 +748,7 @@ fn run_worker(
             worker.step_or_park(Some(PARK));
         }
         for slot in (0..batch_size).filter(|s| s % peers == index) {
+            shared.telemetry.queue_add(Stage::Fetch, 1);
             input.send(ClipRequest {
                 step,
                 slot,
@@ -715,6 +802,7 @@ fn train_step(
     outputs: &Rc<RefCell<Outputs>>,
     total: u64,
 ) -> Option<MetricsRow> {
+    shared.telemetry.queue_add(Stage::Train, -1);
     if shared.fatal.get().is_some() {
         return None;
     }
@@ -731,8 +819,14 @@ fn train_step(
         shared.cfg.raw.data.num_frames,
         shared.cfg.raw.data.crop_size,
     );
-    let result =
-        to_train_batch(&batch, shape).and_then(|b| model.train_step(&b).map_err(|e| anyhow!(e)));
+    let result = to_train_batch(&batch, shape).and_then(|b| {
+        model.train_step(&b).map_err(|e| {
+            if let vjepa_model::ModelError::NonFiniteLoss { loss, .. } = &e {
+                shared.telemetry.non_finite_loss(*loss);
+            }
+            anyhow!(e)
+        })
+    });
     let stats = match result {
         Ok(s) => s,
         Err(e) => {
@@ -823,7 +917,24 @@ fn train_step(
         data_wait_s: data_wait.as_secs_f64(),
         bytes_read: batch.batch.clips.iter().map(|c| c.bytes_read).sum(),
         decode_s: batch.batch.clips.iter().map(|c| c.decode_s).sum(),
+        target_std: stats.target_std,
     };
+    shared.telemetry.items(Stage::Train, 1);
+    shared.telemetry.record_step(&StepSample {
+        step: done,
+        loss: stats.loss,
+        loss_per_mask: stats.loss_per_mask.clone(),
+        lr: stats.lr,
+        weight_decay: stats.weight_decay,
+        ema_momentum: stats.ema_momentum,
+        encoder_grad_norm: stats.encoder_grad_norm,
+        predictor_grad_norm: stats.predictor_grad_norm,
+        target_std: stats.target_std,
+        clips,
+        tokens: clips as u64 * shared.tokens_per_clip,
+        step_s: step_time.as_secs_f64(),
+        data_wait_s: data_wait.as_secs_f64(),
+    });
     if done % cfg.outputs.log_every == 0 || done == total || done == 1 {
         tracing::info!(
             step = done,
@@ -851,6 +962,10 @@ fn write_metrics(row: MetricsRow, shared: &Shared, outputs: &Rc<RefCell<Outputs>
     if flush {
         o.rows_since_flush = 0;
     }
+    shared.telemetry.items(Stage::Sink, 1);
+    shared
+        .telemetry
+        .queue_set(Stage::Sink, o.rows_since_flush as i64);
     let Some(writer) = o.metrics.as_mut() else {
         return;
     };
@@ -872,6 +987,42 @@ fn write_metrics(row: MetricsRow, shared: &Shared, outputs: &Rc<RefCell<Outputs>
     {
         shared.fatal.set(format!("writing quarantine records: {e}"));
     }
+}
+
+/// What the status page shows of the run's config (no credentials: datasets as labels).
+fn config_summary(
+    cfg: &JobConfig,
+    datasets: &[String],
+    total: u64,
+    first_step: u64,
+    output: &str,
+) -> serde_json::Value {
+    let r = &cfg.raw;
+    let enc = cfg.encoder_config();
+    serde_json::json!({
+        "model": format!(
+            "{} (D={}, depth {}, heads {})",
+            r.model.model_name, enc.embed_dim, enc.depth, enc.num_heads
+        ),
+        "datasets": datasets
+            .iter()
+            .map(|d| crate::telemetry::dataset_label(d))
+            .collect::<Vec<_>>(),
+        "batch_size": r.data.batch_size,
+        "clip": format!(
+            "{} frames every {} at {}px",
+            r.data.num_frames, r.data.sampling_rate, r.data.crop_size
+        ),
+        "masks": r.mask.len(),
+        "steps": total,
+        "first_step": first_step,
+        "lr": r.optimization.lr,
+        "weight_decay": [r.optimization.weight_decay, r.optimization.final_weight_decay],
+        "ema": r.optimization.ema,
+        "workers": r.workers.count,
+        "seed": r.meta.seed,
+        "output": crate::telemetry::dataset_label(output),
+    })
 }
 
 /// The collection's per-dataset counts must be the version's (a mismatch is a bug).
@@ -921,6 +1072,7 @@ fn apply_listing(
         let mut o = outputs.borrow_mut();
         for r in &listing.rejected {
             if o.seen_bad.insert(r.uri.clone()) {
+                shared.telemetry.quarantined(&r.uri, &r.reason);
                 o.quarantined += 1;
                 let row = to_quarantine_row(r);
                 if let Some(q) = o.quarantine.as_mut() {
@@ -981,6 +1133,9 @@ fn apply_listing(
         counts = ?next.counts,
         "catalog version"
     );
+    shared
+        .telemetry
+        .set_catalog(&shared.catalog.names, &next.counts);
     shared.versions.push(next);
     Ok(())
 }

@@ -8,6 +8,7 @@ pub mod job;
 pub mod loader;
 pub mod preflight;
 pub mod probe;
+pub mod telemetry;
 
 /// Microseconds since the Unix epoch, for record timestamps.
 pub fn now_unix_us() -> i64 {

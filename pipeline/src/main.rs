@@ -58,6 +58,10 @@ enum Command {
         /// Start from step 0 even if the output location holds checkpoints (they are deleted).
         #[arg(long, conflicts_with = "resume")]
         fresh: bool,
+        /// Serve /metrics and the status page on this host:port instead of telemetry.listen
+        /// (port 0: any free port; the address is logged and written to <out>/telemetry.addr).
+        #[arg(long)]
+        listen: Option<String>,
     },
     /// Parse and validate a config without doing any work; lists official keys that are ignored.
     /// Exit 2 naming the key when it is refused.
@@ -254,6 +258,7 @@ fn main() -> ExitCode {
             seed,
             resume,
             fresh,
+            listen,
         } => {
             let cfg = match JobConfig::load(&config) {
                 Ok(cfg) => cfg,
@@ -270,6 +275,7 @@ fn main() -> ExitCode {
                 seed,
                 resume,
                 fresh,
+                listen,
             };
             match job::run(cfg, overrides) {
                 Ok(s) if s.steps == 0 => {

@@ -62,6 +62,9 @@ pub struct MetricsRow {
     /// Seconds spent fetching and decoding the step's clips, summed over clips (decoding runs
     /// on several threads and ahead of the step, so this can exceed the step time).
     pub decode_s: f64,
+    /// Collapse signal: std of the target encoder's (normalised) features across the batch,
+    /// mean over tokens and dims (near 0: the representations collapsed).
+    pub target_std: f64,
 }
 
 /// One video that could not be used, and why.
@@ -128,6 +131,7 @@ pub fn metrics_schema() -> SchemaRef {
         Field::new("data_wait_s", DataType::Float64, false),
         Field::new("bytes_read", DataType::Int64, false),
         Field::new("decode_s", DataType::Float64, false),
+        Field::new("target_std", DataType::Float64, false),
     ]))
 }
 
@@ -181,6 +185,7 @@ fn metrics_batch(rows: &[MetricsRow]) -> Result<RecordBatch, arrow::error::Arrow
     let mut dw = Float64Builder::with_capacity(n);
     let mut br = Int64Builder::with_capacity(n);
     let mut ds = Float64Builder::with_capacity(n);
+    let mut ts = Float64Builder::with_capacity(n);
     for r in rows {
         step.append_value(u64_to_i64(r.step));
         epoch.append_value(u64_to_i64(r.epoch));
@@ -202,6 +207,7 @@ fn metrics_batch(rows: &[MetricsRow]) -> Result<RecordBatch, arrow::error::Arrow
         dw.append_value(r.data_wait_s);
         br.append_value(u64_to_i64(r.bytes_read));
         ds.append_value(r.decode_s);
+        ts.append_value(r.target_std);
     }
     let columns: Vec<ArrayRef> = vec![
         Arc::new(step.finish()),
@@ -221,6 +227,7 @@ fn metrics_batch(rows: &[MetricsRow]) -> Result<RecordBatch, arrow::error::Arrow
         Arc::new(dw.finish()),
         Arc::new(br.finish()),
         Arc::new(ds.finish()),
+        Arc::new(ts.finish()),
     ];
     RecordBatch::try_new(metrics_schema(), columns)
 }
@@ -634,6 +641,7 @@ pub async fn read_metrics(store: &Store, rel: &str) -> Result<Vec<MetricsRow>, S
         let dw = f64_col(u, &b, "data_wait_s")?;
         let br = i64_col(u, &b, "bytes_read")?;
         let ds = f64_col(u, &b, "decode_s")?;
+        let ts = f64_col(u, &b, "target_std")?;
         let mut lpm = lpm.into_iter();
         let mut ctx = ctx.into_iter();
         let mut tgt = tgt.into_iter();
@@ -656,6 +664,7 @@ pub async fn read_metrics(store: &Store, rel: &str) -> Result<Vec<MetricsRow>, S
                 data_wait_s: dw[i],
                 bytes_read: i64_to_u64(u, "bytes_read", br[i])?,
                 decode_s: ds[i],
+                target_std: ts[i],
             });
         }
     }
