@@ -73,14 +73,16 @@ struct Sample {
     tokens: usize,
 }
 
+/// Per view, per segment: the clip's tokens.
+type ViewTokens = BTreeMap<u64, BTreeMap<u64, Vec<f32>>>;
+
 fn group(
     rows: Vec<FeatureRow>,
     classes: &BTreeMap<String, usize>,
     d: usize,
 ) -> anyhow::Result<Vec<Sample>> {
     // Rows come in video order, segment-major then view.
-    let mut by_video: BTreeMap<usize, (String, String, BTreeMap<u64, BTreeMap<u64, Vec<f32>>>)> =
-        BTreeMap::new();
+    let mut by_video: BTreeMap<usize, (String, String, ViewTokens)> = BTreeMap::new();
     let mut order: BTreeMap<String, usize> = BTreeMap::new();
     for r in rows {
         if r.tokens.is_empty() || r.tokens.len() % d != 0 {
