@@ -293,6 +293,7 @@ pub(crate) struct TableSink {
     store: Store,
     uri: String,
     rows: u64,
+    schema: SchemaRef,
 }
 
 impl TableSink {
@@ -307,17 +308,19 @@ impl TableSink {
         let props = WriterProperties::builder()
             .set_compression(Compression::ZSTD(ZstdLevel::default()))
             .build();
-        let writer = AsyncArrowWriter::try_new(BufWriter::new(os, path), schema, Some(props))
-            .map_err(|e| StorageError::Parquet {
-                uri: uri.clone(),
-                detail: store.scrub(&error_chain(&e)),
-            })?;
+        let writer =
+            AsyncArrowWriter::try_new(BufWriter::new(os, path), schema.clone(), Some(props))
+                .map_err(|e| StorageError::Parquet {
+                    uri: uri.clone(),
+                    detail: store.scrub(&error_chain(&e)),
+                })?;
         tracing::info!(uri = %uri, "parquet table created");
         Ok(TableSink {
             writer,
             store: store.clone(),
             uri,
             rows: 0,
+            schema,
         })
     }
 
@@ -345,6 +348,13 @@ impl TableSink {
         self.rows += n as u64;
         tracing::debug!(uri = %self.uri, rows = n, total = self.rows, "row group flushed");
         Ok(())
+    }
+
+    /// Completes this file and goes on in a new one at `rel` (same store and schema); returns
+    /// the rows of the completed file.
+    pub(crate) async fn roll(&mut self, rel: &str) -> Result<u64, StorageError> {
+        let next = TableSink::create(&self.store, rel, self.schema.clone())?;
+        std::mem::replace(self, next).close().await
     }
 
     pub(crate) async fn close(mut self) -> Result<u64, StorageError> {
@@ -398,6 +408,15 @@ impl MetricsWriter {
         self.flush().await?;
         self.sink.close().await
     }
+
+    /// Flushes, completes the file (readable from now on, whatever happens to the process)
+    /// and continues in a new file at `rel`; returns the rows of the completed file. The job
+    /// rolls its tables at every checkpoint, so a killed run loses only rows that its resumed
+    /// run writes again.
+    pub async fn roll(&mut self, rel: &str) -> Result<u64, StorageError> {
+        self.flush().await?;
+        self.sink.roll(rel).await
+    }
 }
 
 /// Writes the quarantine table (`quarantine_schema`).
@@ -441,6 +460,15 @@ impl QuarantineWriter {
         self.flush().await?;
         self.sink.close().await
     }
+
+    /// Flushes, completes the file (readable from now on, whatever happens to the process)
+    /// and continues in a new file at `rel`; returns the rows of the completed file. The job
+    /// rolls its tables at every checkpoint, so a killed run loses only rows that its resumed
+    /// run writes again.
+    pub async fn roll(&mut self, rel: &str) -> Result<u64, StorageError> {
+        self.flush().await?;
+        self.sink.roll(rel).await
+    }
 }
 
 /// Writes the clips table (`clips_schema`).
@@ -478,6 +506,15 @@ impl ClipsWriter {
     pub async fn close(mut self) -> Result<u64, StorageError> {
         self.flush().await?;
         self.sink.close().await
+    }
+
+    /// Flushes, completes the file (readable from now on, whatever happens to the process)
+    /// and continues in a new file at `rel`; returns the rows of the completed file. The job
+    /// rolls its tables at every checkpoint, so a killed run loses only rows that its resumed
+    /// run writes again.
+    pub async fn roll(&mut self, rel: &str) -> Result<u64, StorageError> {
+        self.flush().await?;
+        self.sink.roll(rel).await
     }
 }
 
@@ -763,5 +800,34 @@ mod tests {
         let q = quarantine_batch(&[]).unwrap();
         assert_eq!(q.num_rows(), 0);
         assert_eq!(q.schema(), quarantine_schema());
+    }
+
+    #[tokio::test]
+    async fn roll_publishes_the_file_before_a_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path().to_str().unwrap(), &Default::default(), true).unwrap();
+        let mut w = MetricsWriter::create(&store, "metrics.parquet")
+            .await
+            .unwrap();
+        for step in 1..=4 {
+            w.push(MetricsRow {
+                step,
+                ..Default::default()
+            });
+        }
+        assert_eq!(w.roll("metrics-from-00000004.parquet").await.unwrap(), 4);
+        w.push(MetricsRow {
+            step: 5,
+            ..Default::default()
+        });
+        w.flush().await.unwrap();
+        // The process dies here: the rolled file is complete, the open one never appears.
+        drop(w);
+        let rows = read_metrics(&store, "metrics.parquet").await.unwrap();
+        assert_eq!(
+            rows.iter().map(|r| r.step).collect::<Vec<_>>(),
+            [1, 2, 3, 4]
+        );
+        assert!(!store.exists("metrics-from-00000004.parquet").await.unwrap());
     }
 }
