@@ -58,11 +58,29 @@ enum Command {
         /// Start from step 0 even if the output location holds checkpoints (they are deleted).
         #[arg(long, conflicts_with = "resume")]
         fresh: bool,
+        /// Processes in a cluster-mode job (overrides cluster.processes).
+        #[arg(long)]
+        processes: Option<usize>,
+        /// This process's number, 0-based (overrides cluster.process).
+        #[arg(long)]
+        process: Option<usize>,
+        /// One host:port per line, line i for process i (overrides cluster.hostfile).
+        #[arg(long)]
+        hostfile: Option<String>,
     },
     /// Parse and validate a config without doing any work; lists official keys that are ignored.
     CheckConfig {
         #[arg(long)]
         config: PathBuf,
+        /// Processes in a cluster-mode job (overrides cluster.processes).
+        #[arg(long)]
+        processes: Option<usize>,
+        /// This process's number, 0-based (overrides cluster.process).
+        #[arg(long)]
+        process: Option<usize>,
+        /// One host:port per line, line i for process i (overrides cluster.hostfile).
+        #[arg(long)]
+        hostfile: Option<String>,
     },
     /// Load a checkpoint (path or object-store URL) and print what it holds.
     Inspect { checkpoint: String },
@@ -110,7 +128,16 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     match cli.command {
-        Command::CheckConfig { config } => match JobConfig::load(&config) {
+        Command::CheckConfig {
+            config,
+            processes,
+            process,
+            hostfile,
+        } => match JobConfig::load(&config).and_then(|mut cfg| {
+            cfg.apply_cluster_flags(processes, process, hostfile)?;
+            cfg.cluster_addresses()?;
+            Ok(cfg)
+        }) {
             Ok(cfg) => {
                 for (key, why) in &cfg.ignored {
                     println!("ignored: {key} ({why})");
@@ -142,8 +169,15 @@ fn main() -> ExitCode {
             seed,
             resume,
             fresh,
+            processes,
+            process,
+            hostfile,
         } => {
-            let cfg = match JobConfig::load(&config) {
+            let cfg = match JobConfig::load(&config).and_then(|mut cfg| {
+                cfg.apply_cluster_flags(processes, process, hostfile)?;
+                cfg.cluster_addresses()?;
+                Ok(cfg)
+            }) {
                 Ok(cfg) => cfg,
                 Err(e) => return config_error(&e),
             };
