@@ -162,7 +162,9 @@ impl Digest {
         Digest(0xcbf2_9ce4_8422_2325)
     }
     fn word(&mut self, w: u64) {
-        self.0 = (self.0 ^ w).wrapping_mul(0x0000_0100_0000_01b3).rotate_left(29);
+        self.0 = (self.0 ^ w)
+            .wrapping_mul(0x0000_0100_0000_01b3)
+            .rotate_left(29);
     }
     fn tensor(&mut self, t: &Tensor) -> Result<(), ModelError> {
         let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;

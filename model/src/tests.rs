@@ -944,7 +944,9 @@ fn split_step_equals_train_step_and_shares_average_to_the_batch_gradient() {
     // Two one-sample shares, averaged with weight 1/2 each: the full batch's gradient up to
     // the order of the sums (f32 rounding).
     let c = tiny_model(7);
-    let full = c.flatten_gradients(&c.compute_gradients(&batch).unwrap()).unwrap();
+    let full = c
+        .flatten_gradients(&c.compute_gradients(&batch).unwrap())
+        .unwrap();
     let g0 = c.compute_gradients(&batch_rows(&batch, 0..1)).unwrap();
     let g1 = c.compute_gradients(&batch_rows(&batch, 1..2)).unwrap();
     assert_eq!((g0.samples, g1.samples), (1, 1));
@@ -959,7 +961,11 @@ fn split_step_equals_train_step_and_shares_average_to_the_batch_gradient() {
     }
     assert!(scale > 0.0 && worst <= 1e-4 * scale, "{worst} vs {scale}");
     let loss = (g0.loss + g1.loss) / 2.0;
-    assert!((loss - sa.loss).abs() < 1e-5 * sa.loss, "{loss} vs {}", sa.loss);
+    assert!(
+        (loss - sa.loss).abs() < 1e-5 * sa.loss,
+        "{loss} vs {}",
+        sa.loss
+    );
 
     // A worker with no samples has no gradient at all; digests see every change.
     let e = c.empty_gradients(2);

@@ -203,7 +203,10 @@ mod tests {
         assert_eq!(weighted_mean(&[(3, &x)]), x.to_vec());
         let y = [0.3f32, 1.0, 0.0];
         let m = weighted_mean(&[(1, &x), (3, &y), (0, &[f32::NAN; 3])]);
-        assert!((m[0] - 0.25).abs() < 1e-7 && (m[1] - 0.75).abs() < 1e-7, "{m:?}");
+        assert!(
+            (m[0] - 0.25).abs() < 1e-7 && (m[1] - 0.75).abs() < 1e-7,
+            "{m:?}"
+        );
         assert_eq!(weighted_mean(&[(0, &x)]), vec![0.0; 3]);
     }
 

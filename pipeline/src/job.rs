@@ -615,7 +615,9 @@ fn run_worker(
     if let Err(e) = &result {
         // Stop this process's other workers and loaders; other processes notice that this
         // worker left the collective.
-        shared.fatal.set(format!("worker {}: {e:#}", worker.index()));
+        shared
+            .fatal
+            .set(format!("worker {}: {e:#}", worker.index()));
     }
     result
 }
@@ -1154,7 +1156,11 @@ impl Trainer {
             })
             .collect();
         let present: Vec<bool> = (0..parts[0].present.len())
-            .map(|i| parts.iter().any(|p| p.present.get(i).copied().unwrap_or(false)))
+            .map(|i| {
+                parts
+                    .iter()
+                    .any(|p| p.present.get(i).copied().unwrap_or(false))
+            })
             .collect();
         drop(parts);
 

@@ -105,7 +105,10 @@ fn cluster_flags_are_checked_naming_the_key() {
             "cluster.process",
         ),
         (vec!["--processes", "2"], "cluster.hostfile"),
-        (vec!["--processes", "3", "--hostfile", h], "cluster.hostfile"),
+        (
+            vec!["--processes", "3", "--hostfile", h],
+            "cluster.hostfile",
+        ),
         (vec!["--processes", "0"], "cluster.processes"),
     ] {
         let out = run(&args);
