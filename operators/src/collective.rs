@@ -32,12 +32,14 @@ pub enum CollectiveError {
 }
 
 type Envelope<M> = (usize, usize, M);
+/// Messages received, by round, as `(sender, message)`.
+type Inbox<M> = Rc<RefCell<BTreeMap<u64, Vec<(usize, M)>>>>;
 
 /// One worker's end of the exchange: send messages for a round, then wait for the round.
 pub struct Collective<M: ExchangeData + Clone> {
     input: InputHandle<u64, CapacityContainerBuilder<Vec<Envelope<M>>>>,
     probe: ProbeHandle<u64>,
-    received: Rc<RefCell<BTreeMap<u64, Vec<(usize, M)>>>>,
+    received: Inbox<M>,
     round: u64,
     index: usize,
     peers: usize,
@@ -52,7 +54,7 @@ impl<M: ExchangeData + Clone> Collective<M> {
     pub fn new(worker: &mut timely::worker::Worker) -> Self {
         let mut input = InputHandle::new();
         let probe = ProbeHandle::new();
-        let received: Rc<RefCell<BTreeMap<u64, Vec<(usize, M)>>>> = Rc::default();
+        let received: Inbox<M> = Rc::default();
         let sink = received.clone();
         worker.dataflow::<u64, _, _>(|scope| {
             input

@@ -631,7 +631,7 @@ fn run_worker_inner(
     let peers = worker.peers();
     let cfg = shared.cfg.clone();
     let batch_size = cfg.raw.data.batch_size;
-    let first_in_process = index % shared.threads == 0;
+    let first_in_process = index.is_multiple_of(shared.threads);
     let loaders = (0..cfg.decode_threads())
         .map(|_| {
             StoreLoader::new(
@@ -1191,12 +1191,12 @@ impl Trainer {
 
         // 6. Every replica must hold the same parameters.
         let every = shared.check_params_every;
-        let digest = if (every > 0 && done % every == 0) || done == self.total {
+        let digest = if (every > 0 && done.is_multiple_of(every)) || done == self.total {
             check_digests(worker, &mut self.collective, &self.model, done, shared)?
         } else {
             0
         };
-        if index % shared.threads == 0 {
+        if index.is_multiple_of(shared.threads) {
             // Steps below the one trained are done everywhere: older versions are not needed.
             shared.versions.forget_before(step + 1);
         }
@@ -1266,7 +1266,7 @@ fn finish_step(
     let every = cfg.outputs.checkpoint_every;
     let done = stats.step;
     let step = done - 1;
-    if (every > 0 && done % every == 0) || done == total {
+    if (every > 0 && done.is_multiple_of(every)) || done == total {
         let next_clip = shared.first_clip + (done - shared.first_step) * cfg.data.batch_size as u64;
         let run_state = [
             (META_NEXT_CLIP.to_string(), next_clip.to_string()),
@@ -1324,7 +1324,7 @@ fn finish_step(
         decode_s: records.iter().map(|c| c.decode_s).sum(),
         params_digest,
     };
-    if done % cfg.outputs.log_every == 0 || done == total || done == 1 {
+    if done.is_multiple_of(cfg.outputs.log_every) || done == total || done == 1 {
         tracing::info!(
             step = done,
             epoch = row.epoch,
