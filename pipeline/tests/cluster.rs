@@ -297,3 +297,79 @@ fn a_killed_cluster_restarted_continues_exactly() {
         assert_eq!(a.params_digest, b.params_digest, "step {}", a.step);
     }
 }
+
+/// The live catalog in cluster mode: only process 0 lists, and its versions reach process 1
+/// through the dataflow. A video added while the run goes is drawn by both processes' slots
+/// (even slots: process 0, odd: process 1) after the version that has it takes effect, and a
+/// deleted one is drawn by neither after the version without it.
+#[test]
+fn catalog_versions_reach_every_process() {
+    let tmp = tempfile::tempdir().unwrap();
+    let all = tmp.path().join("all");
+    make_corpus(&all, 4);
+    let mut names: Vec<String> = std::fs::read_dir(&all)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    let videos = tmp.path().join("videos");
+    std::fs::create_dir_all(&videos).unwrap();
+    for name in &names[..3] {
+        std::fs::copy(all.join(name), videos.join(name)).unwrap();
+    }
+    let steps = 40;
+    let out = tmp.path().join("out");
+    let cfg = cluster_config(&tmp.path().join("c.yaml"), &videos, &out, steps);
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, format!("{text}\ncatalog:\n  refresh_secs: 0.5\n")).unwrap();
+    let hosts = hostfile(&tmp.path().join("hosts"), 2);
+    let cluster = Cluster::start(&cfg, &hosts, 2, tmp.path(), "live");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !out.join("checkpoints/step-00000004.safetensors").exists() {
+        assert!(Instant::now() < deadline, "no checkpoint:\n{}", cluster.logs());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let (added, deleted) = (&names[3], &names[0]);
+    std::fs::copy(all.join(added), videos.join(added)).unwrap();
+    std::fs::remove_file(videos.join(deleted)).unwrap();
+    cluster.wait_ok(Duration::from_secs(120));
+
+    // The version records process 0 wrote: the first one with the change, and its step.
+    let mut records: Vec<vjepa_pipeline::catalog::VersionRecord> =
+        std::fs::read_dir(out.join("catalog"))
+            .unwrap()
+            .map(|e| serde_json::from_slice(&std::fs::read(e.unwrap().path()).unwrap()).unwrap())
+            .collect();
+    records.sort_by_key(|r| r.from_step);
+    let changed = records
+        .iter()
+        .find(|r| r.added.iter().any(|v| v.uri.ends_with(added.as_str())))
+        .expect("a catalog version with the added video");
+    assert!(
+        changed.removed.iter().any(|v| v.uri.ends_with(deleted.as_str())),
+        "{changed:?}"
+    );
+    let from = changed.from_step;
+    assert!(from < steps - 10, "the change took effect too late: step {from}");
+    let clips = read_clips(&out, "clips.parquet");
+    assert_eq!(clips.len() as u64, steps * 4);
+    let after: Vec<&ClipRow> = clips.iter().filter(|c| c.step >= from).collect();
+    assert!(
+        !after.iter().any(|c| c.uri.ends_with(deleted.as_str())),
+        "the deleted video was drawn from step {from} on"
+    );
+    for parity in [0, 1] {
+        assert!(
+            after
+                .iter()
+                .any(|c| c.slot % 2 == parity && c.uri.ends_with(added.as_str())),
+            "process {parity} never drew the added video after step {from}"
+        );
+    }
+    assert!(
+        !clips
+            .iter()
+            .any(|c| c.step < from && c.uri.ends_with(added.as_str())),
+        "the added video was drawn before its version"
+    );
+}
