@@ -9,6 +9,7 @@ if [ ! -d samples/videos ] || [ -z "$(ls -A samples/videos 2>/dev/null)" ]; then
   "$BIN" make-samples samples/videos --count 12
 fi
 rm -rf out/quickstart
+echo "quickstart: while it trains, metrics at http://127.0.0.1:9464/metrics and the status page at http://127.0.0.1:9464/ (telemetry.listen; --listen ADDR to change)"
 "$BIN" train --config configs/quickstart.yaml "$@"
 last=$(ls out/quickstart/checkpoints/ | sort | tail -n 1)
 "$BIN" inspect "out/quickstart/checkpoints/$last"

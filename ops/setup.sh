@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what vjepa-stream needs on a fresh Debian 12 machine (GStreamer dev + plugins, ffmpeg
-# for decode comparisons) and builds the release binary. Safe to re-run: skips what is present.
+# for decode comparisons; Prometheus and Chromium for the monitoring tests) and builds the
+# release binary. Safe to re-run: skips what is present.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,6 +21,9 @@ if [ ${#missing[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
+
+# Prometheus, promtool and headless Chromium for the monitoring tests.
+ops/install-monitoring.sh
 
 if [ "${VJEPA_SKIP_BUILD:-0}" != "1" ]; then
   echo "setup: building (release)"

@@ -13,6 +13,8 @@ if [ ! -x "$TOOLS/bin/s3s-fs" ]; then
 fi
 export PATH="$TOOLS/bin:$PATH"
 export VJEPA_REQUIRE_S3=1
+# The monitoring tests must find prometheus/promtool/chromium (installed by setup.sh).
+export VJEPA_REQUIRE_OPS=1
 
 cargo fmt --all -- --check
 cargo clippy --release --locked --workspace --all-targets -- -D warnings

@@ -125,6 +125,10 @@ pub struct StepStats {
     pub context_tokens: Vec<usize>,
     /// Target tokens per sample, per mask config.
     pub target_tokens: Vec<usize>,
+    /// Collapse signal: std of the (normalised) target features across the batch, averaged
+    /// over tokens and dims. Near 0 when every clip maps to the same features; 0 for a batch
+    /// of one clip.
+    pub target_std: f64,
 }
 
 /// One worker's half of a training step ([`VJepa::compute_gradients`]): the gradient of its
@@ -142,6 +146,8 @@ pub struct Gradients {
     pub context_tokens: Vec<usize>,
     /// Target tokens per sample, per mask config.
     pub target_tokens: Vec<usize>,
+    /// [`StepStats::target_std`] over this worker's samples.
+    pub target_std: f64,
 }
 
 /// A gradient in the flat layout of [`VJepa::flatten_gradients`], for exchange between workers.
@@ -466,8 +472,23 @@ impl VJepa {
         clips: &Tensor,
         masks: &[(TokenIndex, TokenIndex)],
     ) -> Result<(Tensor, Vec<Tensor>), ModelError> {
+        let (loss, per_mask, _) = self.forward_loss_stats(clips, masks)?;
+        Ok((loss, per_mask))
+    }
+
+    /// [`Self::forward_loss`] plus the collapse signal ([`StepStats::target_std`]) as a
+    /// scalar tensor, computed from the target features the loss uses anyway.
+    fn forward_loss_stats(
+        &self,
+        clips: &Tensor,
+        masks: &[(TokenIndex, TokenIndex)],
+    ) -> Result<(Tensor, Vec<Tensor>, Tensor), ModelError> {
         // Target branch: plain (non-Var) weights, so no graph is recorded.
         let h = loss::normalize_targets(&self.target.forward(clips, None)?)?.detach();
+        // Population std over the batch axis of [B, N, D], then the mean over N and D.
+        let hf = h.to_dtype(DType::F32)?;
+        let centred = hf.broadcast_sub(&hf.mean_keepdim(0)?)?;
+        let target_std = centred.sqr()?.mean(0)?.sqrt()?.mean_all()?;
         // The patch embedding is identical for both context passes: compute it once.
         let tokens = self.encoder.embed(clips)?;
         let mut preds = Vec::with_capacity(masks.len());
@@ -477,7 +498,8 @@ impl VJepa {
             preds.push(self.predictor.forward(&z, ctx, tgt, i)?);
             targets.push(tgt.gather(&h)?);
         }
-        loss::jepa_loss(&preds, &targets, self.optim_cfg.loss_exp)
+        let (loss, per_mask) = loss::jepa_loss(&preds, &targets, self.optim_cfg.loss_exp)?;
+        Ok((loss, per_mask, target_std))
     }
 
     /// One full V-JEPA iteration (spec §6–§7): target pass (no grad) → LN without affine (eps
@@ -500,7 +522,7 @@ impl VJepa {
     pub fn compute_gradients(&self, batch: &TrainBatch) -> Result<Gradients, ModelError> {
         let (clips, b) = self.prepare_clips(&batch.clips)?;
         let masks = self.mask_indices(batch, b)?;
-        let (loss, per_mask) = self.forward_loss(&clips, &masks)?;
+        let (loss, per_mask, target_std) = self.forward_loss_stats(&clips, &masks)?;
         let loss_value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         if !loss_value.is_finite() {
             return Err(ModelError::NonFiniteLoss {
@@ -520,6 +542,7 @@ impl VJepa {
             samples: b,
             context_tokens: masks.iter().map(|(c, _)| c.len()).collect(),
             target_tokens: masks.iter().map(|(_, t)| t.len()).collect(),
+            target_std: target_std.to_dtype(DType::F64)?.to_scalar::<f64>()?,
         })
     }
 
@@ -533,6 +556,7 @@ impl VJepa {
             samples: 0,
             context_tokens: vec![0; masks],
             target_tokens: vec![0; masks],
+            target_std: 0.0,
         }
     }
 
@@ -604,6 +628,7 @@ impl VJepa {
             loss_per_mask,
             context_tokens,
             target_tokens,
+            target_std,
             ..
         } = g;
         let iter0 = self.steps_done;
@@ -651,6 +676,7 @@ impl VJepa {
             predictor_grad_norm: pred_norm,
             context_tokens,
             target_tokens,
+            target_std,
         };
         debug!(
             step = stats.step,

@@ -909,6 +909,26 @@ fn image_mode_trains_one_step() {
     assert_eq!(flat(r.predictor.pos_embed()), flat(m.predictor.pos_embed()));
 }
 
+/// The collapse signal: positive for different clips, zero when every clip of the batch is the
+/// same (the target features cannot differ across the batch).
+#[test]
+fn target_std_detects_identical_features() {
+    let batch = tiny_batch();
+    let s = tiny_model(5).train_step(&batch).unwrap();
+    assert!(
+        s.target_std.is_finite() && s.target_std > 0.1,
+        "{}",
+        s.target_std
+    );
+    let first = batch.clips.narrow(0, 0, 1).unwrap();
+    let same = TrainBatch {
+        clips: Tensor::cat(&[&first, &first], 0).unwrap(),
+        masks: batch.masks.clone(),
+    };
+    let s = tiny_model(5).train_step(&same).unwrap();
+    assert!(s.target_std.abs() < 1e-6, "{}", s.target_std);
+}
+
 /// Rows `rows` of a batch (clips and every mask), as one worker's share of it.
 fn batch_rows(batch: &TrainBatch, rows: std::ops::Range<usize>) -> TrainBatch {
     let n = rows.len();

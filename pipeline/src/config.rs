@@ -79,6 +79,9 @@ pub struct RawConfig {
     /// Ours: how often the datasets are re-read while the run goes.
     #[serde(default)]
     pub catalog: CatalogSection,
+    /// Ours: the Prometheus endpoint and status page served by the job.
+    #[serde(default)]
+    pub telemetry: TelemetrySection,
     /// Ours: the same job as several processes (data-parallel training across all workers).
     #[serde(default)]
     pub cluster: ClusterSection,
@@ -115,6 +118,37 @@ impl Default for ClusterSection {
             check_params_every: 1,
         }
     }
+}
+
+/// `telemetry:` — where the job serves `/metrics`, `/api/status` and the status page `/`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetrySection {
+    /// `host:port` to listen on (port 0: any free port); `null` serves nothing. Loopback by
+    /// default: the page shows the config, so exposing it is a deliberate choice.
+    #[serde(default = "default_listen")]
+    pub listen: Option<String>,
+    /// When the run fails (e.g. a non-finite loss), keep serving this many seconds before the
+    /// process exits, so that Prometheus scrapes the final values and the alerts can fire.
+    #[serde(default = "default_linger")]
+    pub linger_secs: f64,
+}
+
+impl Default for TelemetrySection {
+    fn default() -> Self {
+        TelemetrySection {
+            listen: default_listen(),
+            linger_secs: default_linger(),
+        }
+    }
+}
+
+fn default_listen() -> Option<String> {
+    Some("127.0.0.1:9464".to_string())
+}
+
+fn default_linger() -> f64 {
+    30.0
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -571,6 +605,23 @@ impl JobConfig {
             return Err(ConfigError::invalid(
                 "catalog.refresh_secs",
                 "must be a positive number of seconds",
+            ));
+        }
+        let linger = r.telemetry.linger_secs;
+        if !(linger.is_finite() && linger >= 0.0) {
+            return Err(ConfigError::invalid(
+                "telemetry.linger_secs",
+                "must be a non-negative number of seconds",
+            ));
+        }
+        if let Some(addr) = &r.telemetry.listen
+            && addr.parse::<std::net::SocketAddr>().is_err()
+        {
+            return Err(ConfigError::invalid(
+                "telemetry.listen",
+                format!(
+                    "`{addr}` is not host:port with a numeric IP (e.g. 127.0.0.1:9464, 0.0.0.0:9464)"
+                ),
             ));
         }
         positive("data.batch_size", d.batch_size)?;
@@ -1285,6 +1336,34 @@ mod tests {
         let text = OFFICIAL_VITL16.replace("num_frames: 16", "num_frames: 3");
         let err = JobConfig::parse(&text).unwrap_err();
         assert_eq!(err.key(), Some("data.num_frames"), "{err}");
+    }
+
+    #[test]
+    fn telemetry_listen_and_linger() {
+        let cfg = JobConfig::parse(OFFICIAL_VITL16).unwrap();
+        assert_eq!(cfg.raw.telemetry.listen.as_deref(), Some("127.0.0.1:9464"));
+        assert_eq!(cfg.raw.telemetry.linger_secs, 30.0);
+        let text = format!("{OFFICIAL_VITL16}\ntelemetry:\n  listen: null\n");
+        assert_eq!(JobConfig::parse(&text).unwrap().raw.telemetry.listen, None);
+        let text = format!("{OFFICIAL_VITL16}\ntelemetry:\n  listen: 0.0.0.0:0\n");
+        assert_eq!(
+            JobConfig::parse(&text)
+                .unwrap()
+                .raw
+                .telemetry
+                .listen
+                .as_deref(),
+            Some("0.0.0.0:0")
+        );
+        for (key, bad) in [
+            ("telemetry.listen", "  listen: localhost"),
+            ("telemetry.listen", "  listen: 127.0.0.1"),
+            ("telemetry.linger_secs", "  linger_secs: -1"),
+        ] {
+            let text = format!("{OFFICIAL_VITL16}\ntelemetry:\n{bad}\n");
+            let err = JobConfig::parse(&text).unwrap_err();
+            assert_eq!(err.key(), Some(key), "{err}");
+        }
     }
 
     #[test]

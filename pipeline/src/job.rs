@@ -33,6 +33,7 @@ use vjepa_storage::{Store, checkpoints};
 use crate::catalog::{Catalog, CatalogVersion, Listing, VersionRecord, Versions, VideoRef};
 use crate::config::JobConfig;
 use crate::loader::{Fatal, LoaderSettings, StoreLoader};
+use crate::telemetry::{Stage, StepSample, Telemetry};
 
 /// Command-line overrides of the config.
 #[derive(Clone, Debug, Default)]
@@ -47,6 +48,8 @@ pub struct TrainOverrides {
     pub resume: bool,
     /// Start from step 0 even when the output location holds checkpoints (deleting them).
     pub fresh: bool,
+    /// Serve metrics and the status page here instead of `telemetry.listen`.
+    pub listen: Option<String>,
 }
 
 /// What a finished run reports.
@@ -77,9 +80,13 @@ pub fn run(mut cfg: JobConfig, overrides: TrainOverrides) -> anyhow::Result<Trai
     if let Some(s) = overrides.seed {
         cfg.raw.meta.seed = s;
     }
-    let cluster = cfg.raw.cluster.clone();
-    let addresses = cfg.cluster_addresses()?;
-    let process = cluster.process;
+    if let Some(l) = &overrides.listen {
+        cfg.raw.telemetry.listen = Some(l.clone());
+    }
+    // Only process 0 serves metrics and the status page.
+    if cfg.raw.cluster.process != 0 {
+        cfg.raw.telemetry.listen = None;
+    }
     let cfg = Arc::new(cfg);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -95,6 +102,49 @@ pub fn run(mut cfg: JobConfig, overrides: TrainOverrides) -> anyhow::Result<Trai
         .to_string();
     let out = Store::open(&out_location, &s3, true)
         .with_context(|| format!("opening output location {out_location}"))?;
+    let telemetry = Arc::new(Telemetry::new());
+    if let Some(listen) = &cfg.raw.telemetry.listen {
+        let addr = crate::telemetry::serve(telemetry.clone(), listen, &handle)?;
+        tracing::info!(%addr, "serving metrics and status page");
+        if let Some(path) = out.local_path("telemetry.addr") {
+            std::fs::write(&path, format!("{addr}\n"))
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
+    }
+    let result = run_training(&cfg, &overrides, &runtime, &out, &telemetry);
+    let started = telemetry.started();
+    telemetry.finish(result.as_ref().err().map(|e| format!("{e:#}")));
+    // Only a run that got as far as training lingers (a config mistake has nothing to show).
+    if let Err(e) = &result
+        && started
+        && cfg.raw.telemetry.listen.is_some()
+        && cfg.raw.telemetry.linger_secs > 0.0
+    {
+        tracing::info!(
+            error = %format!("{e:#}"),
+            linger_secs = cfg.raw.telemetry.linger_secs,
+            "the run failed: serving metrics a while longer (telemetry.linger_secs)"
+        );
+        std::thread::sleep(Duration::from_secs_f64(cfg.raw.telemetry.linger_secs));
+    }
+    result
+}
+
+/// [`run`] after the output location is open and telemetry is served.
+fn run_training(
+    cfg: &Arc<JobConfig>,
+    overrides: &TrainOverrides,
+    runtime: &tokio::runtime::Runtime,
+    out: &Store,
+    telemetry: &Arc<Telemetry>,
+) -> anyhow::Result<TrainSummary> {
+    let cfg = cfg.clone();
+    let cluster = cfg.raw.cluster.clone();
+    let addresses = cfg.cluster_addresses()?;
+    let process = cluster.process;
+    let out = out.clone();
+    let handle = runtime.handle().clone();
+    let s3 = cfg.s3_settings();
     let catalog = handle
         .block_on(Catalog::open(&cfg.raw.data.datasets, &s3))
         .context("opening datasets")?;
@@ -252,6 +302,11 @@ pub fn run(mut cfg: JobConfig, overrides: TrainOverrides) -> anyhow::Result<Trai
         encoder = ?enc,
         "starting training"
     );
+    telemetry.set_catalog(&catalog.names, &first_version.counts);
+    telemetry.set_config(
+        config_summary(&cfg, &catalog.names, total, first_step, out.url()),
+        total,
+    );
 
     let fatal = Fatal::default();
     let grid = {
@@ -295,6 +350,7 @@ pub fn run(mut cfg: JobConfig, overrides: TrainOverrides) -> anyhow::Result<Trai
     let refresher = handle.spawn({
         let catalog = catalog.clone();
         let s3 = s3.clone();
+        let telemetry = telemetry.clone();
         async move {
             if !relist {
                 return;
@@ -303,6 +359,8 @@ pub fn run(mut cfg: JobConfig, overrides: TrainOverrides) -> anyhow::Result<Trai
                 tokio::time::sleep(period).await;
                 match catalog.relist(&s3).await {
                     Ok(listing) => {
+                        telemetry.items(Stage::List, listing.videos.len() as u64);
+                        telemetry.queue_add(Stage::List, 1);
                         if listings_tx.send(listing).is_err() {
                             break;
                         }
@@ -315,6 +373,10 @@ pub fn run(mut cfg: JobConfig, overrides: TrainOverrides) -> anyhow::Result<Trai
         }
     });
 
+    let tokens_per_clip = {
+        let (t, h, w) = enc.grid();
+        (t * h * w) as u64
+    };
     let shared = Arc::new(Shared {
         cfg: cfg.clone(),
         versions: Arc::new(Versions::new(first_version)),
@@ -338,6 +400,8 @@ pub fn run(mut cfg: JobConfig, overrides: TrainOverrides) -> anyhow::Result<Trai
         threads: workers,
         process,
         check_params_every: cluster.check_params_every,
+        telemetry: telemetry.clone(),
+        tokens_per_clip,
     });
 
     let config = if cluster.processes > 1 {
@@ -506,6 +570,10 @@ struct Shared {
     process: usize,
     /// `cluster.check_params_every`.
     check_params_every: u64,
+    /// Metrics and the status page's history.
+    telemetry: Arc<Telemetry>,
+    /// Patches the encoder embeds per clip (for tokens/s).
+    tokens_per_clip: u64,
 }
 
 impl Shared {
@@ -558,10 +626,14 @@ struct ClipMeta {
 struct ReduceMsg {
     samples: usize,
     loss: f64,
+    /// The collapse signal over this worker's clips (the job reports the clip-weighted mean).
+    target_std: f64,
     loss_per_mask: Vec<f64>,
     present: Vec<bool>,
     shard: Vec<f32>,
     failed: Option<String>,
+    /// The loss, when the failure is a non-finite loss (counted once, by worker 0).
+    nonfinite: Option<f64>,
 }
 
 /// The messages of the training collective (rounds between all workers of all processes).
@@ -641,6 +713,7 @@ fn run_worker_inner(
                 shared.settings.clone(),
                 shared.fatal.clone(),
             )
+            .map(|l| l.with_telemetry(shared.telemetry.clone()))
         })
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| anyhow!("GStreamer decoder: {e}"))?;
@@ -794,6 +867,7 @@ fn run_worker_inner(
         }
         for r in &shared.catalog.first.rejected {
             if o.seen_bad.insert(r.uri.clone()) {
+                shared.telemetry.quarantined(&r.uri, &r.reason);
                 q.push(to_quarantine_row(r));
                 o.quarantined += 1;
             }
@@ -854,6 +928,7 @@ fn run_worker_inner(
     let loaded = ProbeHandle::new();
     let held: Rc<RefCell<BTreeMap<u64, Vec<Clip>>>> = Rc::default();
     let q_outputs = outputs.clone();
+    let q_shared = shared.clone();
     {
         let held = held.clone();
         worker.dataflow::<u64, _, _>(|scope| {
@@ -867,6 +942,7 @@ fn run_worker_inner(
             sink_records(bad, "Quarantine", 0, move |_step, q: Quarantined| {
                 let mut o = q_outputs.borrow_mut();
                 if o.seen_bad.insert(q.uri.clone()) {
+                    q_shared.telemetry.quarantined(&q.uri, &q.reason);
                     o.quarantined += 1;
                     if let Some(w) = o.quarantine.as_mut() {
                         w.push(to_quarantine_row(&q));
@@ -894,7 +970,13 @@ fn run_worker_inner(
         // trained steps, which are the same on every worker), and no worker requests a step
         // before every version up to it has reached its process (the broadcast's frontier).
         if let (Some(rx), Some(cat)) = (listings.as_ref(), catalog.as_mut())
-            && let Some(listing) = rx.try_iter().last()
+            && let Some(listing) = {
+                let waiting: Vec<Listing> = rx.try_iter().collect();
+                shared
+                    .telemetry
+                    .queue_add(Stage::List, -(waiting.len() as i64));
+                waiting.into_iter().last()
+            }
         {
             let from_step = step + batches_in_flight;
             match apply_listing(worker, cat, &listing, from_step, shared, &outputs) {
@@ -923,6 +1005,7 @@ fn run_worker_inner(
             worker.step_or_park(Some(PARK));
         }
         for slot in (0..batch_size).filter(|s| s % peers == index) {
+            shared.telemetry.queue_add(Stage::Fetch, 1);
             input.send(ClipRequest {
                 step,
                 slot,
@@ -1034,6 +1117,9 @@ impl Trainer {
         let started = Instant::now();
         let mut clips = self.clips.borrow_mut().remove(&step).unwrap_or_default();
         clips.sort_by_key(|c| c.slot);
+        shared
+            .telemetry
+            .queue_add(Stage::Transform, -(clips.len() as i64));
 
         // 1. Which slots exist (a slot whose videos all failed has no clip), and the records.
         let slots: Vec<usize> = clips.iter().map(|c| c.slot).collect();
@@ -1072,6 +1158,7 @@ impl Trainer {
             .map(|g| g.generate(seed, 0, step, global.len(), &mut positions))
             .collect::<Result<Vec<BatchMask>, _>>()
             .map_err(|e| anyhow!("step {step}: cannot draw masks: {e}"))?;
+        shared.telemetry.items(Stage::Mask, 1);
         let rows: Vec<usize> = slots
             .iter()
             .filter_map(|s| global.binary_search(s).ok())
@@ -1090,13 +1177,17 @@ impl Trainer {
             shared.cfg.raw.data.num_frames,
             shared.cfg.raw.data.crop_size,
         );
+        let mut nonfinite = None;
         let computed = if clips.is_empty() {
             Ok(self.model.empty_gradients(masks.len()))
         } else {
             to_train_batch(&clips, &masks, &rows, shape).and_then(|b| {
-                self.model
-                    .compute_gradients(&b)
-                    .map_err(|e| anyhow!("training step {} failed: {e}", step + 1))
+                self.model.compute_gradients(&b).map_err(|e| {
+                    if let vjepa_model::ModelError::NonFiniteLoss { loss, .. } = &e {
+                        nonfinite = Some(*loss);
+                    }
+                    anyhow!("training step {} failed: {e}", step + 1)
+                })
             })
         };
         drop(clips);
@@ -1116,10 +1207,12 @@ impl Trainer {
                 Msg::Reduce(Box::new(ReduceMsg {
                     samples: grads.samples,
                     loss: grads.loss,
+                    target_std: grads.target_std,
                     loss_per_mask: grads.loss_per_mask.clone(),
                     present: flat.present.clone(),
                     shard: flat.values[shard_range(len, peers, k)].to_vec(),
                     failed: failed.clone(),
+                    nonfinite,
                 }))
             })
             .collect();
@@ -1132,6 +1225,11 @@ impl Trainer {
                 other => Err(unexpected("reduce", &other)),
             })
             .collect::<anyhow::Result<Vec<ReduceMsg>>>()?;
+        if index == 0
+            && let Some(loss) = parts.iter().find_map(|p| p.nonfinite)
+        {
+            shared.telemetry.non_finite_loss(loss);
+        }
         if let Some((w, why)) = parts
             .iter()
             .enumerate()
@@ -1145,6 +1243,7 @@ impl Trainer {
         let reduced = weighted_mean(&weights);
         let n_masks = grads.loss_per_mask.len();
         let loss = weighted_scalar(parts.iter().map(|p| (p.samples, p.loss)), samples);
+        let target_std = weighted_scalar(parts.iter().map(|p| (p.samples, p.target_std)), samples);
         let loss_per_mask: Vec<f64> = (0..n_masks)
             .map(|i| {
                 weighted_scalar(
@@ -1178,6 +1277,7 @@ impl Trainer {
         self.model
             .set_flat_gradients(&mut grads, &FlatGradients { values, present })?;
         grads.loss = loss;
+        grads.target_std = target_std;
         grads.loss_per_mask = loss_per_mask;
         grads.samples = samples;
         grads.context_tokens = context_tokens;
@@ -1322,8 +1422,25 @@ fn finish_step(
         data_wait_s: data_wait.as_secs_f64(),
         bytes_read: records.iter().map(|c| c.bytes_read).sum(),
         decode_s: records.iter().map(|c| c.decode_s).sum(),
+        target_std: stats.target_std,
         params_digest,
     };
+    shared.telemetry.items(Stage::Train, 1);
+    shared.telemetry.record_step(&StepSample {
+        step: done,
+        loss: stats.loss,
+        loss_per_mask: stats.loss_per_mask.clone(),
+        lr: stats.lr,
+        weight_decay: stats.weight_decay,
+        ema_momentum: stats.ema_momentum,
+        encoder_grad_norm: stats.encoder_grad_norm,
+        predictor_grad_norm: stats.predictor_grad_norm,
+        target_std: stats.target_std,
+        clips,
+        tokens: clips as u64 * shared.tokens_per_clip,
+        step_s: step_time.as_secs_f64(),
+        data_wait_s: data_wait.as_secs_f64(),
+    });
     if done.is_multiple_of(cfg.outputs.log_every) || done == total || done == 1 {
         tracing::info!(
             step = done,
@@ -1352,6 +1469,10 @@ fn write_metrics(row: MetricsRow, shared: &Shared, outputs: &Rc<RefCell<Outputs>
     if flush {
         o.rows_since_flush = 0;
     }
+    shared.telemetry.items(Stage::Sink, 1);
+    shared
+        .telemetry
+        .queue_set(Stage::Sink, o.rows_since_flush as i64);
     let Some(writer) = o.metrics.as_mut() else {
         return;
     };
@@ -1373,6 +1494,42 @@ fn write_metrics(row: MetricsRow, shared: &Shared, outputs: &Rc<RefCell<Outputs>
     {
         shared.fatal.set(format!("writing quarantine records: {e}"));
     }
+}
+
+/// What the status page shows of the run's config (no credentials: datasets as labels).
+fn config_summary(
+    cfg: &JobConfig,
+    datasets: &[String],
+    total: u64,
+    first_step: u64,
+    output: &str,
+) -> serde_json::Value {
+    let r = &cfg.raw;
+    let enc = cfg.encoder_config();
+    serde_json::json!({
+        "model": format!(
+            "{} (D={}, depth {}, heads {})",
+            r.model.model_name, enc.embed_dim, enc.depth, enc.num_heads
+        ),
+        "datasets": datasets
+            .iter()
+            .map(|d| crate::telemetry::dataset_label(d))
+            .collect::<Vec<_>>(),
+        "batch_size": r.data.batch_size,
+        "clip": format!(
+            "{} frames every {} at {}px",
+            r.data.num_frames, r.data.sampling_rate, r.data.crop_size
+        ),
+        "masks": r.mask.len(),
+        "steps": total,
+        "first_step": first_step,
+        "lr": r.optimization.lr,
+        "weight_decay": [r.optimization.weight_decay, r.optimization.final_weight_decay],
+        "ema": r.optimization.ema,
+        "workers": r.workers.count,
+        "seed": r.meta.seed,
+        "output": crate::telemetry::dataset_label(output),
+    })
 }
 
 /// The collection's per-dataset counts must be the version's (a mismatch is a bug).
@@ -1423,6 +1580,7 @@ fn apply_listing(
         let mut o = outputs.borrow_mut();
         for r in &listing.rejected {
             if o.seen_bad.insert(r.uri.clone()) {
+                shared.telemetry.quarantined(&r.uri, &r.reason);
                 o.quarantined += 1;
                 let row = to_quarantine_row(r);
                 if let Some(q) = o.quarantine.as_mut() {
@@ -1483,6 +1641,9 @@ fn apply_listing(
         counts = ?next.counts,
         "catalog version"
     );
+    shared
+        .telemetry
+        .set_catalog(&shared.catalog.names, &next.counts);
     shared.versions.push(next);
     Ok(Some(record))
 }

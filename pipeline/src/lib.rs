@@ -5,6 +5,7 @@ pub mod config;
 pub mod convert;
 pub mod job;
 pub mod loader;
+pub mod telemetry;
 
 /// Microseconds since the Unix epoch, for record timestamps.
 pub fn now_unix_us() -> i64 {

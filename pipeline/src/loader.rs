@@ -7,8 +7,9 @@
 //! same whichever worker loads it and whichever store (local or S3) holds the bytes.
 
 use std::collections::HashSet;
+use std::ops::Range;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -26,6 +27,7 @@ use vjepa_operators::seeding::{Stream, rng_for};
 use vjepa_operators::transform::{self, AugmentConfig, TransformParams};
 
 use crate::catalog::{Catalog, CatalogVersion, Versions, VideoRef};
+use crate::telemetry::{Stage, Telemetry};
 
 /// A job-wide stop request with its reason; set by any worker, read by all.
 #[derive(Clone, Default)]
@@ -77,6 +79,31 @@ pub struct StoreLoader {
     known_bad: HashSet<String>,
     settings: LoaderSettings,
     fatal: Fatal,
+    telemetry: Arc<Telemetry>,
+}
+
+/// A clip's object-store source that reports each request's latency and bytes to telemetry.
+struct TimedSource {
+    inner: Arc<ObjectSource>,
+    telemetry: Arc<Telemetry>,
+}
+
+impl ByteSource for TimedSource {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+
+    fn read(&self, range: Range<u64>) -> Result<bytes::Bytes, IngestError> {
+        let start = Instant::now();
+        let out = self.inner.read(range);
+        let bytes = out.as_ref().map_or(0, |b| b.len() as u64);
+        self.telemetry.store_request(start.elapsed(), bytes);
+        out
+    }
+
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
 }
 
 enum Failure {
@@ -110,7 +137,15 @@ impl StoreLoader {
             known_bad: HashSet::new(),
             settings,
             fatal,
+            telemetry: Arc::new(Telemetry::new()),
         })
+    }
+
+    /// Reports this loader's stages and object-store requests to `telemetry` (the default is
+    /// a private, unserved instance).
+    pub fn with_telemetry(mut self, telemetry: Arc<Telemetry>) -> Self {
+        self.telemetry = telemetry;
+        self
     }
 
     fn try_video(
@@ -135,8 +170,11 @@ impl StoreLoader {
             .path_of(&v.rel)
             .map_err(|e| fetch_error(e.to_string()))?;
         let (object_store, _) = store.inner();
-        let source = ObjectSource::open(object_store, path, self.runtime.clone())
-            .map_err(|e| fetch_error(e.to_string()))?;
+        let head = Instant::now();
+        let source = ObjectSource::open(object_store, path, self.runtime.clone());
+        self.telemetry.store_request(head.elapsed(), 0);
+        let source = source.map_err(|e| fetch_error(e.to_string()))?;
+        self.telemetry.items(Stage::Fetch, 1);
         if source.size() > self.settings.filter_long_bytes {
             return Err(Failure::Bad {
                 reason: "file_too_large".into(),
@@ -167,12 +205,18 @@ impl StoreLoader {
                 Err(e) => Planned::Refuse(format!("frame size {w}x{h}: {e}")),
             }
         };
+        let source = Arc::new(TimedSource {
+            inner: source,
+            telemetry: self.telemetry.clone(),
+        });
         let (indices, params, data, stats) = decode_planned(
             &mut self.decoder,
             source,
             &mut plan,
             settings.augment.crop_size,
         )?;
+        self.telemetry.items(Stage::Decode, 1);
+        self.telemetry.items(Stage::Transform, 1);
         Ok(Clip {
             step: request.step,
             slot: request.slot,
@@ -359,7 +403,22 @@ impl StoreLoader {
 }
 
 impl ClipLoader for StoreLoader {
+    /// Loads the request's clip, keeping the fetch/decode/transform queue gauges: the request
+    /// leaves the fetch queue, is decoded, and its clip waits in the transform queue for the
+    /// rest of its batch (the job takes it out when the batch is assembled).
     fn load(&mut self, request: ClipRequest) -> Vec<Loaded> {
+        self.telemetry.queue_add(Stage::Fetch, -1);
+        self.telemetry.queue_add(Stage::Decode, 1);
+        let out = self.load_request(request);
+        self.telemetry.queue_add(Stage::Decode, -1);
+        let clips = out.iter().filter(|l| matches!(l, Loaded::Clip(_))).count();
+        self.telemetry.queue_add(Stage::Transform, clips as i64);
+        out
+    }
+}
+
+impl StoreLoader {
+    fn load_request(&mut self, request: ClipRequest) -> Vec<Loaded> {
         let mut out = Vec::new();
         let (version, first) = match self.draws_at(request.step) {
             Ok((version, draws)) => {

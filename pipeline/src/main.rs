@@ -58,6 +58,10 @@ enum Command {
         /// Start from step 0 even if the output location holds checkpoints (they are deleted).
         #[arg(long, conflicts_with = "resume")]
         fresh: bool,
+        /// Serve /metrics and the status page on this host:port instead of telemetry.listen
+        /// (port 0: any free port; the address is logged and written to <out>/telemetry.addr).
+        #[arg(long)]
+        listen: Option<String>,
         /// Processes in a cluster-mode job (overrides cluster.processes).
         #[arg(long)]
         processes: Option<usize>,
@@ -169,6 +173,7 @@ fn main() -> ExitCode {
             seed,
             resume,
             fresh,
+            listen,
             processes,
             process,
             hostfile,
@@ -192,6 +197,7 @@ fn main() -> ExitCode {
                 seed,
                 resume,
                 fresh,
+                listen,
             };
             match job::run(cfg, overrides) {
                 Ok(s) if s.steps == 0 => {

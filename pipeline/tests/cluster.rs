@@ -326,7 +326,11 @@ fn catalog_versions_reach_every_process() {
     let cluster = Cluster::start(&cfg, &hosts, 2, tmp.path(), "live");
     let deadline = Instant::now() + Duration::from_secs(60);
     while !out.join("checkpoints/step-00000004.safetensors").exists() {
-        assert!(Instant::now() < deadline, "no checkpoint:\n{}", cluster.logs());
+        assert!(
+            Instant::now() < deadline,
+            "no checkpoint:\n{}",
+            cluster.logs()
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     let (added, deleted) = (&names[3], &names[0]);
@@ -346,11 +350,17 @@ fn catalog_versions_reach_every_process() {
         .find(|r| r.added.iter().any(|v| v.uri.ends_with(added.as_str())))
         .expect("a catalog version with the added video");
     assert!(
-        changed.removed.iter().any(|v| v.uri.ends_with(deleted.as_str())),
+        changed
+            .removed
+            .iter()
+            .any(|v| v.uri.ends_with(deleted.as_str())),
         "{changed:?}"
     );
     let from = changed.from_step;
-    assert!(from < steps - 10, "the change took effect too late: step {from}");
+    assert!(
+        from < steps - 10,
+        "the change took effect too late: step {from}"
+    );
     let clips = read_clips(&out, "clips.parquet");
     assert_eq!(clips.len() as u64, steps * 4);
     let after: Vec<&ClipRow> = clips.iter().filter(|c| c.step >= from).collect();

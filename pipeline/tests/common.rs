@@ -40,9 +40,11 @@ pub fn small_config(dataset: &str, out: &str, steps: u64) -> String {
         .replace("  folder: out/quickstart/", &format!("  folder: {out}"))
         .replace("  dir: out/quickstart/", &format!("  dir: {out}"))
         .replace("  crop_size: 96", "  crop_size: 64")
-        .replace("  checkpoint_every: 30", "  checkpoint_every: 4");
+        .replace("  checkpoint_every: 30", "  checkpoint_every: 4")
+        // Any free port: tests run side by side.
+        .replace("  listen: 127.0.0.1:9464", "  listen: 127.0.0.1:0");
     assert!(
-        text.contains(dataset) && text.contains(out),
+        text.contains(dataset) && text.contains(out) && text.contains("listen: 127.0.0.1:0"),
         "quickstart.yaml layout changed"
     );
     let text = text.replace(

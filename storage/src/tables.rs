@@ -63,6 +63,9 @@ pub struct MetricsRow {
     /// Seconds spent fetching and decoding the step's clips, summed over clips (decoding runs
     /// on several threads and ahead of the step, so this can exceed the step time).
     pub decode_s: f64,
+    /// Collapse signal: std of the target encoder's (normalised) features across the batch,
+    /// mean over tokens and dims (near 0: the representations collapsed).
+    pub target_std: f64,
     /// Digest of the model's parameter bytes after the step (`VJepa::params_digest`): in
     /// data-parallel training every worker's digest equals this one (the job checks it).
     pub params_digest: u64,
@@ -132,6 +135,7 @@ pub fn metrics_schema() -> SchemaRef {
         Field::new("data_wait_s", DataType::Float64, false),
         Field::new("bytes_read", DataType::Int64, false),
         Field::new("decode_s", DataType::Float64, false),
+        Field::new("target_std", DataType::Float64, false),
         Field::new("params_digest", DataType::UInt64, false),
     ]))
 }
@@ -186,6 +190,7 @@ fn metrics_batch(rows: &[MetricsRow]) -> Result<RecordBatch, arrow::error::Arrow
     let mut dw = Float64Builder::with_capacity(n);
     let mut br = Int64Builder::with_capacity(n);
     let mut ds = Float64Builder::with_capacity(n);
+    let mut ts = Float64Builder::with_capacity(n);
     let mut pd = UInt64Builder::with_capacity(n);
     for r in rows {
         step.append_value(u64_to_i64(r.step));
@@ -208,6 +213,7 @@ fn metrics_batch(rows: &[MetricsRow]) -> Result<RecordBatch, arrow::error::Arrow
         dw.append_value(r.data_wait_s);
         br.append_value(u64_to_i64(r.bytes_read));
         ds.append_value(r.decode_s);
+        ts.append_value(r.target_std);
         pd.append_value(r.params_digest);
     }
     let columns: Vec<ArrayRef> = vec![
@@ -228,6 +234,7 @@ fn metrics_batch(rows: &[MetricsRow]) -> Result<RecordBatch, arrow::error::Arrow
         Arc::new(dw.finish()),
         Arc::new(br.finish()),
         Arc::new(ds.finish()),
+        Arc::new(ts.finish()),
         Arc::new(pd.finish()),
     ];
     RecordBatch::try_new(metrics_schema(), columns)
@@ -637,6 +644,7 @@ pub async fn read_metrics(store: &Store, rel: &str) -> Result<Vec<MetricsRow>, S
         let dw = f64_col(u, &b, "data_wait_s")?;
         let br = i64_col(u, &b, "bytes_read")?;
         let ds = f64_col(u, &b, "decode_s")?;
+        let ts = f64_col(u, &b, "target_std")?;
         let pd = u64_col(u, &b, "params_digest")?;
         let mut lpm = lpm.into_iter();
         let mut ctx = ctx.into_iter();
@@ -660,6 +668,7 @@ pub async fn read_metrics(store: &Store, rel: &str) -> Result<Vec<MetricsRow>, S
                 data_wait_s: dw[i],
                 bytes_read: i64_to_u64(u, "bytes_read", br[i])?,
                 decode_s: ds[i],
+                target_std: ts[i],
                 params_digest: pd[i],
             });
         }
