@@ -18,6 +18,7 @@ pub mod optim;
 pub mod params;
 pub mod pos_embed;
 pub mod predictor;
+pub mod probe;
 pub mod pth;
 pub mod schedule;
 pub mod tokens;

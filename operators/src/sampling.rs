@@ -146,6 +146,73 @@ pub fn pretrain_indices(
     }
 }
 
+/// The evaluation's frame indices (spec §9; the loader's `allow_clip_overlap` branch): the
+/// video's `L` frames are split into `segments` partitions of `L / segments` frames, one clip each.
+///
+/// * Partition longer than the clip window (`fpc * step`): a window ending at
+///   `end ~ UniformInt[clip_len, partition_len - 1]` (one draw from `rng` per segment; with
+///   `random_window == false` the first window, `end = clip_len`) inside each partition,
+///   [`window_indices`], shifted by `i * partition_len`.
+/// * Otherwise (clips may overlap): `sample_len = min(clip_len, L) - 1`, `k = sample_len / step`,
+///   `floor(linspace(0, sample_len, k))` then `fpc - k` copies of `sample_len`, all clipped to
+///   `[0, sample_len - 1]` (the official clip bound: the last frame of the window is never read),
+///   shifted by `i * ((L - clip_len) / (segments - 1))` when `L > clip_len`, else unshifted. A
+///   one-frame video gives frame 0 everywhere (the official `-1` index reads that frame).
+pub fn eval_segment_indices(
+    num_frames: u64,
+    s: ClipSampling,
+    segments: usize,
+    random_window: bool,
+    rng: &mut impl Rng,
+) -> Result<Vec<Vec<u64>>, SamplingError> {
+    s.validate()?;
+    if num_frames == 0 {
+        return Err(SamplingError::EmptyVideo);
+    }
+    let segments = segments.max(1);
+    let fpc = s.frames_per_clip;
+    let clip_len = s.clip_len();
+    let partition_len = num_frames / segments as u64;
+    let mut out = Vec::with_capacity(segments);
+    for i in 0..segments as u64 {
+        if partition_len > clip_len {
+            let end = if random_window {
+                rng.random_range(clip_len..partition_len)
+            } else {
+                clip_len
+            };
+            let offset = i * partition_len;
+            out.push(
+                window_indices(end - clip_len, end, fpc)
+                    .into_iter()
+                    .map(|x| x + offset)
+                    .collect(),
+            );
+        } else {
+            let sample_len = clip_len.min(num_frames) - 1;
+            if sample_len == 0 {
+                out.push(vec![0; fpc]);
+                continue;
+            }
+            let k = usize::try_from(sample_len / s.frame_step as u64)
+                .unwrap_or(usize::MAX)
+                .min(fpc);
+            let mut idx: Vec<u64> = linspace(0.0, sample_len as f64, k)
+                .into_iter()
+                .map(|x| clip_floor(x, 0, sample_len - 1))
+                .collect();
+            idx.resize(fpc, sample_len - 1);
+            let shift = if num_frames > clip_len && segments > 1 {
+                i * ((num_frames - clip_len) / (segments as u64 - 1))
+            } else {
+                0
+            };
+            out.push(idx.into_iter().map(|x| x + shift).collect());
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -248,5 +315,37 @@ mod tests {
         let a = pretrain_indices(500, S, &mut rng_for(1, Stream::Clip, 9)).unwrap();
         let b = pretrain_indices(500, S, &mut rng_for(1, Stream::Clip, 9)).unwrap();
         assert_eq!(a, b);
+    }
+
+    #[test]
+    fn eval_segments_match_the_official_loader() {
+        use rand::SeedableRng;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+        // 300 frames, 2 segments of 150 > 64: first windows (no random draw) in each.
+        let fixed = eval_segment_indices(300, S, 2, false, &mut rng).unwrap();
+        assert_eq!(fixed[0], window_indices(0, 64, 16));
+        assert_eq!(fixed[1], window_indices(150, 214, 16));
+        // Random windows stay inside their partition.
+        for _ in 0..50 {
+            let r = eval_segment_indices(300, S, 2, true, &mut rng).unwrap();
+            assert!(r[0][0] < 150 - 64 && r[0][15] < 150);
+            assert!(r[1][0] >= 150 && r[1][15] < 300);
+        }
+        // 100 frames, 2 segments of 50 <= 64 (overlap): sample_len 63, k 15, clip to 62,
+        // second segment shifted by (100 - 64) / 1 = 36. numpy:
+        // np.clip(np.concatenate((np.linspace(0, 63, 15), [63])), 0, 62).astype(int)
+        let first = vec![0, 4, 9, 13, 18, 22, 27, 31, 36, 40, 45, 49, 54, 58, 62, 62];
+        let o = eval_segment_indices(100, S, 2, true, &mut rng).unwrap();
+        assert_eq!(o[0], first);
+        assert_eq!(o[1], first.iter().map(|x| x + 36).collect::<Vec<_>>());
+        // A 10-frame video: sample_len 9, k 2 ⇒ [0, 8 (9 clipped)] then 8s; unshifted.
+        let short = eval_segment_indices(10, S, 3, true, &mut rng).unwrap();
+        assert_eq!(short.len(), 3);
+        assert_eq!(short[0][..3], [0, 8, 8]);
+        assert_eq!(short[2], short[0]);
+        assert_eq!(
+            eval_segment_indices(1, S, 2, true, &mut rng).unwrap()[1],
+            vec![0; 16]
+        );
     }
 }

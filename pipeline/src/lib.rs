@@ -3,8 +3,11 @@
 pub mod catalog;
 pub mod config;
 pub mod convert;
+pub mod extract;
 pub mod job;
 pub mod loader;
+pub mod preflight;
+pub mod probe;
 pub mod telemetry;
 
 /// Microseconds since the Unix epoch, for record timestamps.

@@ -73,9 +73,15 @@ enum Command {
         hostfile: Option<String>,
     },
     /// Parse and validate a config without doing any work; lists official keys that are ignored.
+    /// Exit 2 naming the key when it is refused.
     CheckConfig {
         #[arg(long)]
         config: PathBuf,
+        /// Also check, with this environment, that every location can be used (S3 settings and
+        /// credentials present, local datasets exist, the output directory can be created);
+        /// makes no request. For deployments: run it where and as the job will run.
+        #[arg(long)]
+        locations: bool,
         /// Processes in a cluster-mode job (overrides cluster.processes).
         #[arg(long)]
         processes: Option<usize>,
@@ -98,6 +104,98 @@ enum Command {
         /// Job config giving the model shape; required to read an official `.pth.tar`.
         #[arg(long)]
         config: Option<PathBuf>,
+    },
+    /// Run a checkpoint's frozen target encoder over every clip of a dataset (spec §9 segments
+    /// and views) and write one row per clip (uri, label, segment, view, frames, mean-pooled
+    /// embedding, tokens on request) to a Parquet table; bad videos are quarantined beside it.
+    Extract {
+        /// Checkpoint: ours (`.safetensors`) or an official-layout `.pth.tar` (path or URL).
+        #[arg(long)]
+        checkpoint: String,
+        /// Dataset: an index file (`path label` lines) or a prefix ending in `/`; repeatable.
+        #[arg(long = "index", required = true)]
+        index: Vec<String>,
+        /// Output table (path or object-store URL), e.g. features.parquet.
+        #[arg(long)]
+        out: String,
+        /// Job config: the model shape for an official `.pth.tar` (which carries none) and the
+        /// S3 settings.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Temporal segments per video (spec §9: 8 for K400, 2 for SSv2).
+        #[arg(long, default_value_t = 1)]
+        segments: usize,
+        /// Spatial views per segment (spec §9: 3).
+        #[arg(long, default_value_t = 1)]
+        views: usize,
+        /// Frame stride within a clip.
+        #[arg(long, default_value_t = 4)]
+        frame_step: usize,
+        /// Input side (default: the encoder's).
+        #[arg(long)]
+        size: Option<usize>,
+        /// Also write every token's output (N × D floats per clip).
+        #[arg(long)]
+        tokens: bool,
+        /// Clips per encoder forward.
+        #[arg(long, default_value_t = 8)]
+        batch_size: usize,
+        /// Decoder threads (default: the machine's cores).
+        #[arg(long)]
+        decode_threads: Option<usize>,
+        /// Seeds the random window inside long segments.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+    /// Frozen evaluation (spec §9): train an attentive probe on the target encoder's tokens of a
+    /// labelled train index, evaluate top-1 on a validation index (probabilities averaged over
+    /// views); writes probe.safetensors and predictions.parquet into --out.
+    Probe {
+        /// Checkpoint: ours (`.safetensors`) or an official-layout `.pth.tar` (path or URL).
+        #[arg(long)]
+        checkpoint: String,
+        /// Labelled train index (`path label` lines).
+        #[arg(long)]
+        train: String,
+        /// Labelled validation index.
+        #[arg(long)]
+        val: String,
+        /// Local directory for the features, the probe and the predictions.
+        #[arg(long)]
+        out: PathBuf,
+        /// Job config: the model shape for an official `.pth.tar`, and the S3 settings.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Temporal segments per video (their tokens are concatenated into one probe pass).
+        #[arg(long, default_value_t = 1)]
+        segments: usize,
+        /// Spatial views per validation segment (probabilities averaged).
+        #[arg(long, default_value_t = 1)]
+        views: usize,
+        /// Frame stride within a clip.
+        #[arg(long, default_value_t = 4)]
+        frame_step: usize,
+        /// Epochs (spec: 20).
+        #[arg(long, default_value_t = 20)]
+        epochs: usize,
+        /// Videos per step.
+        #[arg(long, default_value_t = 16)]
+        batch_size: usize,
+        /// Peak learning rate, cosine to 0 (spec: 1e-3).
+        #[arg(long, default_value_t = 1e-3)]
+        lr: f64,
+        /// Weight decay, cosine to 1e-6 (spec: 0.01 for video).
+        #[arg(long, default_value_t = 0.01)]
+        weight_decay: f64,
+        /// Share of each class's train videos used (low-shot evaluation).
+        #[arg(long, default_value_t = 1.0)]
+        label_fraction: f64,
+        /// Seeds the probe, the label subset and the shuffling.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Decoder threads (default: the machine's cores).
+        #[arg(long)]
+        decode_threads: Option<usize>,
     },
     /// Write a small corpus of real encoded videos (H.264/MP4, VP9/WebM) into DIR.
     MakeSamples {
@@ -128,12 +226,30 @@ enum Command {
     },
 }
 
+/// glibc gives every thread that allocates its own malloc arena (up to 8 per core); the job's
+/// threads (dataflow workers, decoders, GStreamer, I/O) allocate differently sized frames and
+/// tensors step after step, and the per-arena free lists then fragment: resident memory crept up
+/// ~19 % over a 30-minute soak. Two arenas keep it flat (bench/soak.sh: +2.5 %) at no measurable
+/// cost. An explicit `MALLOC_ARENA_MAX` in the environment wins.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn cap_malloc_arenas() {
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: mallopt only tunes the allocator; it runs first in main, before any thread.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 2);
+        }
+    }
+}
+
 fn main() -> ExitCode {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    cap_malloc_arenas();
     let cli = Cli::parse();
     init_logging(cli.log_format);
     match cli.command {
         Command::CheckConfig {
             config,
+            locations,
             processes,
             process,
             hostfile,
@@ -160,7 +276,21 @@ fn main() -> ExitCode {
                     cfg.raw.mask.len(),
                     cfg.output_dir().unwrap_or("?"),
                 );
-                ExitCode::SUCCESS
+                if !locations {
+                    return ExitCode::SUCCESS;
+                }
+                match vjepa_pipeline::preflight::check_locations(&cfg) {
+                    Ok(checks) => {
+                        for c in checks {
+                            println!("location: {} = {} ({})", c.key, c.location, c.found);
+                        }
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("config error: {e}");
+                        ExitCode::from(2)
+                    }
+                }
             }
             Err(e) => config_error(&e),
         },
@@ -218,6 +348,127 @@ fn main() -> ExitCode {
                         s.quarantined,
                         s.output,
                         s.checkpoints.join(", ")
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Command::Extract {
+            checkpoint,
+            index,
+            out,
+            config,
+            segments,
+            views,
+            frame_step,
+            size,
+            tokens,
+            batch_size,
+            decode_threads,
+            seed,
+        } => {
+            let cfg = match config.as_deref().map(JobConfig::load).transpose() {
+                Ok(c) => c,
+                Err(e) => return config_error(&e),
+            };
+            let opts = vjepa_pipeline::extract::ExtractOptions {
+                checkpoint,
+                encoder: cfg.as_ref().map(|c| c.encoder_config()),
+                datasets: index,
+                out,
+                segments,
+                views,
+                frame_step,
+                size,
+                tokens,
+                batch_size,
+                decode_threads: decode_threads
+                    .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
+                seed,
+                deadline: std::time::Duration::from_secs(60),
+                s3: cfg.as_ref().map(|c| c.s3_settings()).unwrap_or_default(),
+                progress: true,
+            };
+            match vjepa_pipeline::extract::run(opts) {
+                Ok(s) => {
+                    println!(
+                        "extracted {} rows from {} videos into {} ({} quarantined: {})",
+                        s.rows, s.videos, s.output, s.quarantined, s.quarantine_output
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Command::Probe {
+            checkpoint,
+            train,
+            val,
+            out,
+            config,
+            segments,
+            views,
+            frame_step,
+            epochs,
+            batch_size,
+            lr,
+            weight_decay,
+            label_fraction,
+            seed,
+            decode_threads,
+        } => {
+            let cfg = match config.as_deref().map(JobConfig::load).transpose() {
+                Ok(c) => c,
+                Err(e) => return config_error(&e),
+            };
+            let extract = vjepa_pipeline::extract::ExtractOptions {
+                checkpoint,
+                encoder: cfg.as_ref().map(|c| c.encoder_config()),
+                datasets: Vec::new(),
+                out: String::new(),
+                segments,
+                views: 1,
+                frame_step,
+                size: None,
+                tokens: true,
+                batch_size: 8,
+                decode_threads: decode_threads
+                    .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
+                seed,
+                deadline: std::time::Duration::from_secs(60),
+                s3: cfg.as_ref().map(|c| c.s3_settings()).unwrap_or_default(),
+                progress: true,
+            };
+            let opts = vjepa_pipeline::probe::ProbeOptions {
+                extract,
+                train,
+                val,
+                val_views: views,
+                epochs,
+                batch_size,
+                lr,
+                weight_decay,
+                label_fraction,
+                seed,
+                out_dir: out,
+            };
+            match vjepa_pipeline::probe::run(opts) {
+                Ok(s) => {
+                    println!(
+                        "top-1 {:.2} % ({} / {} validation videos; {} train videos, {} classes, final train loss {:.4})",
+                        s.top1,
+                        s.correct,
+                        s.evaluated,
+                        s.train_videos,
+                        s.classes.len(),
+                        s.final_loss
                     );
                     ExitCode::SUCCESS
                 }

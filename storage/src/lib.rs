@@ -18,6 +18,7 @@
 pub mod checkpoints;
 pub mod dataset;
 mod error;
+pub mod features;
 mod location;
 mod store;
 pub mod tables;

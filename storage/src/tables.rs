@@ -109,7 +109,7 @@ fn f64_item() -> Arc<Field> {
     Arc::new(Field::new("item", DataType::Float64, false))
 }
 
-fn i64_item() -> Arc<Field> {
+pub(crate) fn i64_item() -> Arc<Field> {
     Arc::new(Field::new("item", DataType::Int64, false))
 }
 
@@ -167,7 +167,7 @@ pub fn clips_schema() -> SchemaRef {
 
 /// Steps and epochs are stored as int64 (Parquet has no unsigned 64-bit logical type that all
 /// readers agree on); values above `i64::MAX` cannot occur in practice and are clamped.
-fn u64_to_i64(v: u64) -> i64 {
+pub(crate) fn u64_to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
@@ -296,36 +296,43 @@ fn clips_batch(rows: &[ClipRow]) -> Result<RecordBatch, arrow::error::ArrowError
 }
 
 /// A Parquet file being written to a store, one row group per `write_rows`.
-struct TableSink {
+pub(crate) struct TableSink {
     writer: AsyncArrowWriter<BufWriter>,
     store: Store,
     uri: String,
     rows: u64,
+    schema: SchemaRef,
 }
 
 impl TableSink {
-    fn create(store: &Store, rel: &str, schema: SchemaRef) -> Result<Self, StorageError> {
+    pub(crate) fn create(
+        store: &Store,
+        rel: &str,
+        schema: SchemaRef,
+    ) -> Result<Self, StorageError> {
         let path = store.path_of(rel)?;
         let uri = store.uri_of(rel);
         let (os, _) = store.inner();
         let props = WriterProperties::builder()
             .set_compression(Compression::ZSTD(ZstdLevel::default()))
             .build();
-        let writer = AsyncArrowWriter::try_new(BufWriter::new(os, path), schema, Some(props))
-            .map_err(|e| StorageError::Parquet {
-                uri: uri.clone(),
-                detail: store.scrub(&error_chain(&e)),
-            })?;
+        let writer =
+            AsyncArrowWriter::try_new(BufWriter::new(os, path), schema.clone(), Some(props))
+                .map_err(|e| StorageError::Parquet {
+                    uri: uri.clone(),
+                    detail: store.scrub(&error_chain(&e)),
+                })?;
         tracing::info!(uri = %uri, "parquet table created");
         Ok(TableSink {
             writer,
             store: store.clone(),
             uri,
             rows: 0,
+            schema,
         })
     }
 
-    fn err(&self, what: &str, e: &(dyn std::error::Error + 'static)) -> StorageError {
+    pub(crate) fn err(&self, what: &str, e: &(dyn std::error::Error + 'static)) -> StorageError {
         StorageError::Parquet {
             uri: self.uri.clone(),
             detail: format!("{what}: {}", self.store.scrub(&error_chain(e))),
@@ -333,7 +340,7 @@ impl TableSink {
     }
 
     /// Writes `batch` and closes its row group.
-    async fn write_rows(&mut self, batch: RecordBatch) -> Result<(), StorageError> {
+    pub(crate) async fn write_rows(&mut self, batch: RecordBatch) -> Result<(), StorageError> {
         let n = batch.num_rows();
         if n == 0 {
             return Ok(());
@@ -351,7 +358,14 @@ impl TableSink {
         Ok(())
     }
 
-    async fn close(mut self) -> Result<u64, StorageError> {
+    /// Completes this file and goes on in a new one at `rel` (same store and schema); returns
+    /// the rows of the completed file.
+    pub(crate) async fn roll(&mut self, rel: &str) -> Result<u64, StorageError> {
+        let next = TableSink::create(&self.store, rel, self.schema.clone())?;
+        std::mem::replace(self, next).close().await
+    }
+
+    pub(crate) async fn close(mut self) -> Result<u64, StorageError> {
         self.writer
             .finish()
             .await
@@ -402,6 +416,15 @@ impl MetricsWriter {
         self.flush().await?;
         self.sink.close().await
     }
+
+    /// Flushes, completes the file (readable from now on, whatever happens to the process)
+    /// and continues in a new file at `rel`; returns the rows of the completed file. The job
+    /// rolls its tables at every checkpoint, so a killed run loses only rows that its resumed
+    /// run writes again.
+    pub async fn roll(&mut self, rel: &str) -> Result<u64, StorageError> {
+        self.flush().await?;
+        self.sink.roll(rel).await
+    }
 }
 
 /// Writes the quarantine table (`quarantine_schema`).
@@ -445,6 +468,15 @@ impl QuarantineWriter {
         self.flush().await?;
         self.sink.close().await
     }
+
+    /// Flushes, completes the file (readable from now on, whatever happens to the process)
+    /// and continues in a new file at `rel`; returns the rows of the completed file. The job
+    /// rolls its tables at every checkpoint, so a killed run loses only rows that its resumed
+    /// run writes again.
+    pub async fn roll(&mut self, rel: &str) -> Result<u64, StorageError> {
+        self.flush().await?;
+        self.sink.roll(rel).await
+    }
 }
 
 /// Writes the clips table (`clips_schema`).
@@ -483,10 +515,19 @@ impl ClipsWriter {
         self.flush().await?;
         self.sink.close().await
     }
+
+    /// Flushes, completes the file (readable from now on, whatever happens to the process)
+    /// and continues in a new file at `rel`; returns the rows of the completed file. The job
+    /// rolls its tables at every checkpoint, so a killed run loses only rows that its resumed
+    /// run writes again.
+    pub async fn roll(&mut self, rel: &str) -> Result<u64, StorageError> {
+        self.flush().await?;
+        self.sink.roll(rel).await
+    }
 }
 
 /// Reads a table's bytes and checks its schema (names and types, in order) against `expected`.
-async fn read_batches(
+pub(crate) async fn read_batches(
     store: &Store,
     rel: &str,
     expected: &SchemaRef,
@@ -533,14 +574,18 @@ fn check_schema(uri: &str, found: &Schema, expected: &Schema) -> Result<(), Stor
     }
 }
 
-fn schema_err(uri: &str, col: &str, what: &str) -> StorageError {
+pub(crate) fn schema_err(uri: &str, col: &str, what: &str) -> StorageError {
     StorageError::Schema {
         uri: uri.to_string(),
         detail: format!("column {col}: {what}"),
     }
 }
 
-fn col<'a>(uri: &str, b: &'a RecordBatch, name: &str) -> Result<&'a ArrayRef, StorageError> {
+pub(crate) fn col<'a>(
+    uri: &str,
+    b: &'a RecordBatch,
+    name: &str,
+) -> Result<&'a ArrayRef, StorageError> {
     let c = b
         .column_by_name(name)
         .ok_or_else(|| schema_err(uri, name, "missing"))?;
@@ -550,7 +595,7 @@ fn col<'a>(uri: &str, b: &'a RecordBatch, name: &str) -> Result<&'a ArrayRef, St
     Ok(c)
 }
 
-fn i64_col(uri: &str, b: &RecordBatch, name: &str) -> Result<Vec<i64>, StorageError> {
+pub(crate) fn i64_col(uri: &str, b: &RecordBatch, name: &str) -> Result<Vec<i64>, StorageError> {
     let a = col(uri, b, name)?
         .as_primitive_opt::<Int64Type>()
         .ok_or_else(|| schema_err(uri, name, "not int64"))?;
@@ -578,7 +623,7 @@ fn ts_col(uri: &str, b: &RecordBatch, name: &str) -> Result<Vec<i64>, StorageErr
     Ok(a.values().to_vec())
 }
 
-fn str_col(uri: &str, b: &RecordBatch, name: &str) -> Result<Vec<String>, StorageError> {
+pub(crate) fn str_col(uri: &str, b: &RecordBatch, name: &str) -> Result<Vec<String>, StorageError> {
     let a = col(uri, b, name)?
         .as_string_opt::<i32>()
         .ok_or_else(|| schema_err(uri, name, "not utf8"))?;
@@ -602,7 +647,11 @@ fn f64_list_col(uri: &str, b: &RecordBatch, name: &str) -> Result<Vec<Vec<f64>>,
     Ok(out)
 }
 
-fn i64_list_col(uri: &str, b: &RecordBatch, name: &str) -> Result<Vec<Vec<i64>>, StorageError> {
+pub(crate) fn i64_list_col(
+    uri: &str,
+    b: &RecordBatch,
+    name: &str,
+) -> Result<Vec<Vec<i64>>, StorageError> {
     let l = col(uri, b, name)?
         .as_list_opt::<i32>()
         .ok_or_else(|| schema_err(uri, name, "not a list"))?;
@@ -768,5 +817,34 @@ mod tests {
         let q = quarantine_batch(&[]).unwrap();
         assert_eq!(q.num_rows(), 0);
         assert_eq!(q.schema(), quarantine_schema());
+    }
+
+    #[tokio::test]
+    async fn roll_publishes_the_file_before_a_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path().to_str().unwrap(), &Default::default(), true).unwrap();
+        let mut w = MetricsWriter::create(&store, "metrics.parquet")
+            .await
+            .unwrap();
+        for step in 1..=4 {
+            w.push(MetricsRow {
+                step,
+                ..Default::default()
+            });
+        }
+        assert_eq!(w.roll("metrics-from-00000004.parquet").await.unwrap(), 4);
+        w.push(MetricsRow {
+            step: 5,
+            ..Default::default()
+        });
+        w.flush().await.unwrap();
+        // The process dies here: the rolled file is complete, the open one never appears.
+        drop(w);
+        let rows = read_metrics(&store, "metrics.parquet").await.unwrap();
+        assert_eq!(
+            rows.iter().map(|r| r.step).collect::<Vec<_>>(),
+            [1, 2, 3, 4]
+        );
+        assert!(!store.exists("metrics-from-00000004.parquet").await.unwrap());
     }
 }

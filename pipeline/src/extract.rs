@@ -1,0 +1,796 @@
+//! `vjepa extract`: a frozen encoder over every clip of a dataset, written to a features table.
+//!
+//! Clips follow the evaluation's sampling (spec §9): each video is split into `segments` temporal
+//! segments of one 16-frame clip each, and each clip is read in `views` spatial views (crops of
+//! the short side's size, evenly spaced along the long side, resized to the encoder's input size).
+//! Videos stream through the job's own machinery: a timely dataflow whose load stage decodes
+//! on several threads from any object store (ranged reads; only the frames the clips need), an
+//! encode stage that runs the encoder in batches, and a Parquet sink. Bad videos are
+//! quarantined with their reason beside the output and the rest goes on.
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
+use std::io::{IsTerminal, Write};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow, bail};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use timely::container::CapacityContainerBuilder;
+use timely::dataflow::channels::pact::Pipeline;
+use timely::dataflow::operators::core::OkErr;
+use timely::dataflow::operators::generic::Operator;
+use timely::dataflow::operators::{Capability, Probe};
+use timely::dataflow::{InputHandle, ProbeHandle};
+
+use vjepa_ingest::{
+    ClipGeometry, ClipTensor, Decoder, DecoderOptions, FrameSink, IngestError, ObjectSource,
+    VideoInfo, YuvFrame,
+};
+use vjepa_model::vit::Encoder;
+use vjepa_model::{Device, EncoderConfig, Tensor, VJepa};
+use vjepa_operators::load::{ClipLoader, load_clips_parallel};
+use vjepa_operators::records::{Clip, ClipRequest, Loaded, Quarantined};
+use vjepa_operators::sampling::{ClipSampling, eval_segment_indices};
+use vjepa_operators::seeding::mix64;
+use vjepa_operators::sinks::sink_local;
+use vjepa_operators::transform::{self, CropBox, TransformParams};
+use vjepa_storage::features::{FeatureRow, FeaturesWriter};
+use vjepa_storage::tables::{QuarantineRow, QuarantineWriter};
+use vjepa_storage::{S3Settings, Store};
+
+/// What to extract, from where, to where.
+#[derive(Clone, Debug)]
+pub struct ExtractOptions {
+    /// Checkpoint: our `.safetensors` (its target encoder) or an official-layout `.pth.tar`
+    /// (`target_encoder`, else `encoder`).
+    pub checkpoint: String,
+    /// Model shape for a `.pth.tar` without our metadata (e.g. the official releases).
+    pub encoder: Option<EncoderConfig>,
+    /// Datasets: index files (`path label` lines) or listed prefixes, any store.
+    pub datasets: Vec<String>,
+    /// Output table (local path or object-store URL); quarantine records go beside it.
+    pub out: String,
+    /// Temporal segments per video.
+    pub segments: usize,
+    /// Spatial views per segment.
+    pub views: usize,
+    /// Frame stride within a clip (the clip has the encoder's frame count).
+    pub frame_step: usize,
+    /// Input side; default the encoder's.
+    pub size: Option<usize>,
+    /// Also write every token's output.
+    pub tokens: bool,
+    /// Clips per encoder forward.
+    pub batch_size: usize,
+    /// Decoder threads.
+    pub decode_threads: usize,
+    /// Seeds the random window inside long segments (spec §9: random even at evaluation).
+    pub seed: u64,
+    /// Longest a video may take to decode.
+    pub deadline: Duration,
+    /// Connection settings of S3 locations.
+    pub s3: S3Settings,
+    /// A progress line on stderr (on a terminal: one line redrawn).
+    pub progress: bool,
+}
+
+/// What an extraction did.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ExtractSummary {
+    pub output: String,
+    pub videos: usize,
+    pub rows: u64,
+    pub quarantined: usize,
+    pub quarantine_output: String,
+    /// The encoder's shape (for a probe reading its tokens).
+    pub encoder: EncoderConfig,
+}
+
+/// The frozen encoder.
+enum Backbone {
+    /// Our checkpoint: its target encoder.
+    Model(Box<VJepa>),
+    /// An encoder read from a `.pth.tar`.
+    Encoder(Box<Encoder>),
+}
+
+impl Backbone {
+    fn load(name: &str, bytes: &[u8], cfg: Option<&EncoderConfig>) -> anyhow::Result<Self> {
+        if name.ends_with(".safetensors") {
+            return Ok(Backbone::Model(Box::new(VJepa::from_safetensors(
+                bytes,
+                &Device::Cpu,
+            )?)));
+        }
+        let (encoder, section) = vjepa_model::encoder_from_pth(bytes, cfg, &Device::Cpu)
+            .with_context(|| format!("reading {name} as an official-layout checkpoint"))?;
+        tracing::info!(checkpoint = name, section, "encoder loaded");
+        Ok(Backbone::Encoder(Box::new(encoder)))
+    }
+
+    fn config(&self) -> &EncoderConfig {
+        match self {
+            Backbone::Model(m) => m.encoder_config(),
+            Backbone::Encoder(e) => e.config(),
+        }
+    }
+
+    /// `[B, 3, T, S, S]` → `[B, N, D]` after the final LayerNorm.
+    fn features(&self, clips: &Tensor) -> anyhow::Result<Tensor> {
+        Ok(match self {
+            Backbone::Model(m) => m.target_features(clips)?,
+            Backbone::Encoder(e) => e.forward(clips, None)?,
+        })
+    }
+}
+
+/// One video to read.
+#[derive(Clone, Debug)]
+struct Video {
+    store: usize,
+    rel: String,
+    uri: String,
+    label: String,
+}
+
+/// Crop boxes of the evaluation views (spec §9): the short side resized to `size`, `views`
+/// `size × size` crops along the long side at offsets `ceil(k · (L' - size) / (views - 1))`
+/// (one view: the centre, `ceil((L' - size) / 2)`), as source-pixel boxes of the short side.
+pub fn view_boxes(height: usize, width: usize, size: usize, views: usize) -> Vec<CropBox> {
+    let short = height.min(width).max(1);
+    let long = height.max(width);
+    let scaled_long = (long as f64 / short as f64 * size as f64) as usize;
+    let slack = scaled_long.saturating_sub(size) as f64;
+    (0..views.max(1))
+        .map(|k| {
+            let offset = if views <= 1 {
+                (slack / 2.0).ceil()
+            } else {
+                (k as f64 * slack / (views - 1) as f64).ceil()
+            };
+            let src = ((offset * short as f64 / size as f64).round() as usize).min(long - short);
+            if width >= height {
+                CropBox {
+                    top: 0,
+                    left: src,
+                    height: short,
+                    width: short,
+                }
+            } else {
+                CropBox {
+                    top: src,
+                    left: 0,
+                    height: short,
+                    width: short,
+                }
+            }
+        })
+        .collect()
+}
+
+/// Decodes the union of the segments' frames once per view into a `[3, |U|, S, S]` tensor, then
+/// cuts the clips out of it.
+struct ViewsSink {
+    segments: usize,
+    views: usize,
+    size: usize,
+    sampling: ClipSampling,
+    rng: ChaCha8Rng,
+    /// Per segment, its frame numbers.
+    plan: Vec<Vec<u64>>,
+    /// Sorted distinct frame numbers decoded.
+    union: Vec<u64>,
+    boxes: Vec<CropBox>,
+    tensors: Vec<ClipTensor>,
+    error: Option<IngestError>,
+}
+
+impl FrameSink for ViewsSink {
+    fn plan(&mut self, info: &VideoInfo) -> Vec<u64> {
+        let plan = match eval_segment_indices(
+            info.num_frames.max(1),
+            self.sampling,
+            self.segments,
+            true,
+            &mut self.rng,
+        ) {
+            Ok(p) => p,
+            Err(e) => {
+                self.error = Some(IngestError::Fatal(format!("segment sampling: {e}")));
+                return Vec::new();
+            }
+        };
+        let mut union: Vec<u64> = plan.iter().flatten().copied().collect();
+        union.sort_unstable();
+        union.dedup();
+        self.boxes = view_boxes(
+            info.height as usize,
+            info.width as usize,
+            self.size,
+            self.views,
+        );
+        self.tensors.clear();
+        for b in &self.boxes {
+            let geometry = ClipGeometry {
+                top: b.top,
+                left: b.left,
+                height: b.height,
+                width: b.width,
+                size: self.size,
+                flip: false,
+                mean: transform::MEAN.map(|m| (255.0 * m) as f32),
+                std: transform::STD.map(|s| (255.0 * s) as f32),
+            };
+            match ClipTensor::new(geometry, union.len()) {
+                Ok(t) => self.tensors.push(t),
+                Err(e) => {
+                    self.error = Some(e);
+                    return Vec::new();
+                }
+            }
+        }
+        self.plan = plan;
+        self.union = union.clone();
+        union
+    }
+
+    fn frame(&mut self, slot: usize, frame: &YuvFrame<'_>) -> Result<(), IngestError> {
+        for t in &mut self.tensors {
+            t.put(slot, frame)?;
+        }
+        Ok(())
+    }
+
+    fn repeat(&mut self, from: usize, to: usize) -> Result<(), IngestError> {
+        for t in &mut self.tensors {
+            t.copy_slot(from, to)?;
+        }
+        Ok(())
+    }
+}
+
+/// One loader thread: reads videos and produces their `segments × views` clips.
+struct ExtractLoader {
+    videos: Arc<Vec<Video>>,
+    stores: Arc<Vec<Store>>,
+    runtime: tokio::runtime::Handle,
+    decoder: Decoder,
+    opts: Arc<ExtractOptions>,
+    frames: usize,
+    size: usize,
+}
+
+impl ExtractLoader {
+    fn bad(&self, v: &Video, reason: &str, detail: String) -> Vec<Loaded> {
+        vec![Loaded::Bad(Quarantined {
+            uri: v.uri.clone(),
+            reason: reason.to_string(),
+            detail,
+            time_unix_us: crate::now_unix_us(),
+        })]
+    }
+}
+
+impl ClipLoader for ExtractLoader {
+    fn load(&mut self, request: ClipRequest) -> Vec<Loaded> {
+        let Some(v) = self.videos.get(request.slot).cloned() else {
+            return Vec::new();
+        };
+        let Some(store) = self.stores.get(v.store) else {
+            return self.bad(&v, "fetch_error", "unknown dataset".into());
+        };
+        let source = match store
+            .path_of(&v.rel)
+            .map_err(|e| e.to_string())
+            .and_then(|p| {
+                let (os, _) = store.inner();
+                ObjectSource::open(os, p, self.runtime.clone()).map_err(|e| e.to_string())
+            }) {
+            Ok(s) => s,
+            Err(e) => return self.bad(&v, "fetch_error", store.scrub(&e)),
+        };
+        let seed = mix64(self.opts.seed ^ mix64(fnv(&v.uri)));
+        let mut sink = ViewsSink {
+            segments: self.opts.segments.max(1),
+            views: self.opts.views.max(1),
+            size: self.size,
+            sampling: ClipSampling {
+                frames_per_clip: self.frames,
+                frame_step: self.opts.frame_step,
+            },
+            rng: ChaCha8Rng::seed_from_u64(seed),
+            plan: Vec::new(),
+            union: Vec::new(),
+            boxes: Vec::new(),
+            tensors: Vec::new(),
+            error: None,
+        };
+        let started = Instant::now();
+        let stats = match self.decoder.decode(source, &mut sink) {
+            Ok(s) => s,
+            Err(IngestError::Quarantine { reason, detail }) => {
+                return self.bad(&v, reason.as_str(), detail);
+            }
+            Err(IngestError::Fatal(msg)) => return self.bad(&v, "decode_error", msg),
+        };
+        if let Some(e) = sink.error.take() {
+            return self.bad(&v, "decode_error", e.to_string());
+        }
+        if sink.tensors.iter().any(|t| !t.is_complete()) {
+            return self.bad(
+                &v,
+                "decode_error",
+                "decoder finished without every planned frame".into(),
+            );
+        }
+        let (s, u) = (self.size, sink.union.len());
+        let plane = s * s;
+        let per_clip = 3 * self.frames * plane;
+        let decode_s = started.elapsed().as_secs_f64();
+        let boxes = sink.boxes.clone();
+        let views: Vec<Vec<f32>> = sink.tensors.into_iter().map(|t| t.into_data()).collect();
+        let mut out = Vec::with_capacity(sink.plan.len() * views.len());
+        for (seg, indices) in sink.plan.iter().enumerate() {
+            let positions: Vec<usize> = indices
+                .iter()
+                .map(|f| sink.union.binary_search(f).unwrap_or(0))
+                .collect();
+            for (view, data) in views.iter().enumerate() {
+                let mut clip = Vec::with_capacity(per_clip);
+                for c in 0..3 {
+                    for &p in &positions {
+                        let at = (c * u + p) * plane;
+                        clip.extend_from_slice(&data[at..at + plane]);
+                    }
+                }
+                out.push(Loaded::Clip(Clip {
+                    step: request.step,
+                    slot: seg * boxes.len() + view,
+                    uri: v.uri.clone(),
+                    frame_indices: indices.clone(),
+                    params: TransformParams {
+                        crop: boxes[view],
+                        flip: false,
+                    },
+                    data: clip,
+                    bytes_read: stats.bytes_read,
+                    decode_s,
+                }));
+            }
+        }
+        out
+    }
+}
+
+/// FNV-1a of a string: a stable per-video seed (independent of the process and platform).
+fn fnv(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// The quarantine table's location beside the features table.
+fn quarantine_location(out: &str) -> String {
+    let stem = out.strip_suffix(".parquet").unwrap_or(out);
+    format!("{stem}.quarantine.parquet")
+}
+
+/// Mutable state of the single worker.
+struct State {
+    writer: Option<FeaturesWriter>,
+    quarantine: Option<QuarantineWriter>,
+    rows: u64,
+    videos_done: usize,
+    quarantined: usize,
+    error: Option<String>,
+}
+
+/// Runs the extraction to completion.
+pub fn run(opts: ExtractOptions) -> anyhow::Result<ExtractSummary> {
+    if opts.datasets.is_empty() {
+        bail!("no dataset given (--index)");
+    }
+    if opts.segments == 0 || opts.views == 0 || opts.batch_size == 0 || opts.frame_step == 0 {
+        bail!("--segments, --views, --batch-size and --frame-step must be positive");
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the I/O runtime")?;
+    let handle = runtime.handle().clone();
+    let bytes = crate::job::read_location(&handle, &opts.checkpoint, &opts.s3)
+        .with_context(|| format!("reading checkpoint {}", opts.checkpoint))?;
+    let backbone = Backbone::load(&opts.checkpoint, &bytes, opts.encoder.as_ref())?;
+    drop(bytes);
+    let enc = backbone.config().clone();
+    let size = opts.size.unwrap_or(enc.crop_size);
+    let frames = enc.num_frames;
+
+    let mut videos = Vec::new();
+    let mut stores = Vec::new();
+    let mut rejected = Vec::new();
+    for spec in &opts.datasets {
+        let d = handle
+            .block_on(vjepa_storage::dataset::open(spec, &opts.s3))
+            .with_context(|| format!("opening dataset {spec}"))?;
+        for e in &d.entries {
+            videos.push(Video {
+                store: stores.len(),
+                rel: e.rel.clone(),
+                uri: d.uri_of(e),
+                label: e.label.clone().unwrap_or_default(),
+            });
+        }
+        for r in &d.rejected {
+            rejected.push(QuarantineRow {
+                uri: r.entry.clone(),
+                reason: r.reason.clone(),
+                detail: r.detail.clone(),
+                time_unix_us: crate::now_unix_us(),
+            });
+        }
+        stores.push(d.store.clone());
+    }
+    if videos.is_empty() {
+        bail!("no videos in {}", opts.datasets.join(", "));
+    }
+    let (out_store, out_name) = crate::job::split_location_with(&opts.out, &opts.s3, true)?;
+    let q_location = quarantine_location(&opts.out);
+    let (q_store, q_name) = crate::job::split_location_with(&q_location, &opts.s3, true)?;
+    tracing::info!(
+        videos = videos.len(),
+        segments = opts.segments,
+        views = opts.views,
+        size,
+        frames,
+        output = %out_store.uri_of(&out_name),
+        "extracting features"
+    );
+    vjepa_ingest::init().map_err(|e| anyhow!("GStreamer: {e}"))?;
+
+    let total = videos.len();
+    let clips_per_video = opts.segments * opts.views;
+    let videos_per_time = (opts.batch_size / clips_per_video).max(1);
+    let threads = opts.decode_threads.max(1);
+    let videos = Arc::new(videos);
+    let stores = Arc::new(stores);
+    let opts = Arc::new(opts);
+    let order: Arc<HashMap<String, (usize, String)>> = Arc::new(
+        videos
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (v.uri.clone(), (i, v.label.clone())))
+            .collect(),
+    );
+
+    let backbone = std::sync::Mutex::new(Some(backbone));
+    let (worker_out, worker_q) = (
+        (out_store.clone(), out_name.clone()),
+        (q_store.clone(), q_name.clone()),
+    );
+    let worker_handle = handle.clone();
+    let worker_opts = opts.clone();
+    let started = Instant::now();
+    let result = timely::execute_directly(move |worker| -> anyhow::Result<(u64, usize)> {
+        let mut input = InputHandle::new();
+        let probe = ProbeHandle::new();
+        let handle = worker_handle.clone();
+        let Some(backbone) = backbone.lock().ok().and_then(|mut b| b.take()) else {
+            bail!("the encoder was taken by another worker");
+        };
+        let writer = handle.block_on(FeaturesWriter::create(&worker_out.0, &worker_out.1))?;
+        let quarantine = handle.block_on(QuarantineWriter::create(&worker_q.0, &worker_q.1))?;
+        let loaders = (0..threads)
+            .map(|_| {
+                Decoder::new(DecoderOptions {
+                    deadline: opts.deadline,
+                    decoder_threads: if threads > 1 { 1 } else { 0 },
+                    ..DecoderOptions::default()
+                })
+                .map(|decoder| ExtractLoader {
+                    videos: videos.clone(),
+                    stores: stores.clone(),
+                    runtime: handle.clone(),
+                    decoder,
+                    opts: opts.clone(),
+                    frames,
+                    size,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| anyhow!("GStreamer decoder: {e}"))?;
+
+        let state = Rc::new(RefCell::new(State {
+            writer: Some(writer),
+            quarantine: Some(quarantine),
+            rows: 0,
+            videos_done: 0,
+            quarantined: 0,
+            error: None,
+        }));
+        {
+            let mut s = state.borrow_mut();
+            s.quarantined += rejected.len();
+            if let Some(q) = s.quarantine.as_mut() {
+                for r in rejected.iter().cloned() {
+                    q.push(r);
+                }
+            }
+        }
+        let encode_state = state.clone();
+        let bad_state = state.clone();
+        let backbone = Rc::new(backbone);
+        let opts = worker_opts;
+        let encode_opts = opts.clone();
+        let order = order.clone();
+        let encode_handle = handle.clone();
+        worker.dataflow::<u64, _, _>(|scope| {
+            let requests = input.to_stream(scope);
+            let loaded = load_clips_parallel(requests, loaders);
+            let (clips, bad) = loaded.ok_err(|l: Loaded| match l {
+                Loaded::Clip(c) => Ok(c),
+                Loaded::Bad(q) => Err(q),
+            });
+            // Encode each time's clips once all of them are in (its frontier has passed); the
+            // output (one unit per time) tells the probe that the time is written.
+            clips
+                .unary_frontier::<CapacityContainerBuilder<Vec<()>>, _, _, _>(
+                    Pipeline,
+                    "Encode",
+                    |_cap, _info| {
+                        let mut pending: BTreeMap<u64, (Capability<u64>, Vec<Clip>)> =
+                            BTreeMap::new();
+                        move |(input, frontier), output| {
+                            input.for_each_stamp(|cap, data| {
+                                let Some(cap) = cap.retain_least(output.output_index()) else {
+                                    return;
+                                };
+                                let entry = pending
+                                    .entry(*cap.time())
+                                    .or_insert_with(|| (cap.clone(), Vec::new()));
+                                for container in data {
+                                    entry.1.append(container);
+                                }
+                            });
+                            let ready: Vec<u64> = pending
+                                .keys()
+                                .copied()
+                                .filter(|t| !frontier.less_equal(t))
+                                .collect();
+                            for t in ready {
+                                if let Some((cap, batch)) = pending.remove(&t) {
+                                    encode(
+                                        batch,
+                                        &backbone,
+                                        &encode_opts,
+                                        &order,
+                                        &encode_state,
+                                        &encode_handle,
+                                    );
+                                    output.session(&cap).give(());
+                                }
+                            }
+                        }
+                    },
+                )
+                .probe_with(&probe);
+            sink_local(bad, "Quarantine", move |_t, q: Quarantined| {
+                let mut s = bad_state.borrow_mut();
+                s.quarantined += 1;
+                s.videos_done += 1;
+                if let Some(w) = s.quarantine.as_mut() {
+                    w.push(QuarantineRow {
+                        uri: q.uri,
+                        reason: q.reason,
+                        detail: q.detail,
+                        time_unix_us: q.time_unix_us,
+                    });
+                }
+            });
+        });
+        let in_flight = (2 * threads).div_ceil(videos_per_time).max(2) as u64;
+        let times = total.div_ceil(videos_per_time) as u64;
+        let mut last_report = Instant::now();
+        for t in 0..times {
+            let floor = t.saturating_sub(in_flight);
+            while probe.less_than(&floor) {
+                worker.step_or_park(Some(Duration::from_millis(20)));
+            }
+            let first = t as usize * videos_per_time;
+            for slot in first..(first + videos_per_time).min(total) {
+                input.send(ClipRequest {
+                    step: t,
+                    slot,
+                    global_index: slot as u64,
+                });
+            }
+            input.advance_to(t + 1);
+            worker.step();
+            if opts.progress && last_report.elapsed() > Duration::from_millis(500) {
+                report(&state.borrow(), total, started, false);
+                last_report = Instant::now();
+            }
+            if state.borrow().error.is_some() {
+                break;
+            }
+        }
+        drop(input);
+        // Until every operator has finished (the quarantine sink included).
+        while worker.step_or_park(Some(Duration::from_millis(20))) {}
+        let mut s = state.borrow_mut();
+        if let Some(e) = s.error.take() {
+            bail!("{e}");
+        }
+        if opts.progress {
+            report(&s, total, started, true);
+        }
+        if let Some(w) = s.writer.take() {
+            handle.block_on(w.close())?;
+        }
+        if let Some(q) = s.quarantine.take() {
+            handle.block_on(q.close())?;
+        }
+        Ok((s.rows, s.quarantined))
+    });
+    let (rows, quarantined) = result?;
+    Ok(ExtractSummary {
+        output: out_store.uri_of(&out_name),
+        videos: total,
+        rows,
+        quarantined,
+        quarantine_output: q_store.uri_of(&q_name),
+        encoder: enc,
+    })
+}
+
+fn report(s: &State, total: usize, started: Instant, last: bool) {
+    let secs = started.elapsed().as_secs_f64().max(1e-9);
+    let line = format!(
+        "{}/{} videos, {} clips, {} quarantined, {:.1} clips/s",
+        s.videos_done,
+        total,
+        s.rows,
+        s.quarantined,
+        s.rows as f64 / secs
+    );
+    let mut err = std::io::stderr();
+    if err.is_terminal() {
+        let _ = write!(err, "\r{line}{}", if last { "\n" } else { "" });
+        let _ = err.flush();
+    } else {
+        tracing::info!("{line}");
+    }
+}
+
+/// Encodes one time's clips in video / segment / view order and writes their rows.
+fn encode(
+    mut clips: Vec<Clip>,
+    backbone: &Backbone,
+    opts: &ExtractOptions,
+    order: &HashMap<String, (usize, String)>,
+    state: &Rc<RefCell<State>>,
+    handle: &tokio::runtime::Handle,
+) {
+    if state.borrow().error.is_some() {
+        return;
+    }
+    clips.sort_by_key(|c| (order.get(&c.uri).map_or(usize::MAX, |o| o.0), c.slot));
+    let videos = {
+        let mut uris: Vec<&str> = clips.iter().map(|c| c.uri.as_str()).collect();
+        uris.dedup();
+        uris.len()
+    };
+    let views = opts.views.max(1);
+    let mut rows = Vec::with_capacity(clips.len());
+    for chunk in clips.chunks(opts.batch_size) {
+        match encode_chunk(chunk, backbone, opts.tokens) {
+            Ok(features) => {
+                for (c, (embedding, tokens)) in chunk.iter().zip(features) {
+                    rows.push(FeatureRow {
+                        uri: c.uri.clone(),
+                        label: order.get(&c.uri).map(|o| o.1.clone()).unwrap_or_default(),
+                        segment: (c.slot / views) as u64,
+                        view: (c.slot % views) as u64,
+                        step: 0,
+                        frames: c.frame_indices.iter().map(|&f| f as i64).collect(),
+                        embedding,
+                        tokens,
+                    });
+                }
+            }
+            Err(e) => {
+                state.borrow_mut().error = Some(format!("encoding clips: {e:#}"));
+                return;
+            }
+        }
+    }
+    let mut s = state.borrow_mut();
+    s.videos_done += videos;
+    s.rows += rows.len() as u64;
+    if let Some(w) = s.writer.as_mut() {
+        for r in rows {
+            w.push(r);
+        }
+        if let Err(e) = handle.block_on(w.flush()) {
+            s.error = Some(format!("writing features: {e}"));
+        }
+    }
+}
+
+/// (mean-pooled embedding, tokens or empty) per clip of `chunk`.
+fn encode_chunk(
+    chunk: &[Clip],
+    backbone: &Backbone,
+    tokens: bool,
+) -> anyhow::Result<Vec<(Vec<f32>, Vec<f32>)>> {
+    let per_clip = chunk.first().map_or(0, |c| c.data.len());
+    let cfg = backbone.config();
+    let t = cfg.num_frames;
+    let s = ((per_clip / (3 * t.max(1))) as f64).sqrt() as usize;
+    let mut data = Vec::with_capacity(per_clip * chunk.len());
+    for c in chunk {
+        if c.data.len() != per_clip {
+            bail!(
+                "clip {} has {} values, expected {per_clip}",
+                c.uri,
+                c.data.len()
+            );
+        }
+        data.extend_from_slice(&c.data);
+    }
+    let clips = Tensor::from_vec(data, (chunk.len(), 3, t, s, s), &Device::Cpu)?;
+    let features = backbone.features(&clips)?; // [B, N, D]
+    let pooled = features.mean(1)?.to_vec2::<f32>()?;
+    let all = if tokens {
+        features
+            .flatten_from(1)?
+            .to_vec2::<f32>()?
+            .into_iter()
+            .collect()
+    } else {
+        vec![Vec::new(); chunk.len()]
+    };
+    Ok(pooled.into_iter().zip(all).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn views_follow_uniform_crop() {
+        // 320x240 → short side 240 to 224: long side int(320/240·224) = 298, slack 74.
+        let b = view_boxes(240, 320, 224, 3);
+        assert_eq!(b.len(), 3);
+        assert_eq!(
+            (b[0].top, b[0].left, b[0].height, b[0].width),
+            (0, 0, 240, 240)
+        );
+        // ceil(37) = 37 resized pixels = 37·240/224 = 39.6 → 40 source pixels.
+        assert_eq!(b[1].left, 40);
+        assert_eq!(b[2].left, 80);
+        let centre = view_boxes(240, 320, 224, 1);
+        assert_eq!(centre[0].left, 40);
+        // Portrait: along the height.
+        let p = view_boxes(320, 240, 224, 3);
+        assert_eq!((p[2].top, p[2].left), (80, 0));
+        // Square: all the same.
+        assert!(
+            view_boxes(64, 64, 64, 3)
+                .iter()
+                .all(|b| b.left == 0 && b.top == 0)
+        );
+    }
+
+    #[test]
+    fn quarantine_beside_output() {
+        assert_eq!(
+            quarantine_location("s3://b/f/features.parquet"),
+            "s3://b/f/features.quarantine.parquet"
+        );
+    }
+}

@@ -1,0 +1,184 @@
+//! `vjepa check-config`'s look at the locations a config names, with the environment it runs
+//! in: a deployment (systemd unit, Kubernetes pod) runs it before the job, so a missing
+//! credential or a mistyped local path is refused there, naming the key, and not hours later.
+//!
+//! No request is made: S3 locations are opened as the job would open them (which checks the
+//! endpoint settings and that credentials are present), local ones are checked on disk.
+
+use std::path::Path;
+
+use vjepa_storage::{S3Settings, Store};
+
+use crate::config::JobConfig;
+
+/// A location that the job could not use.
+#[derive(Debug, thiserror::Error)]
+#[error("{key} ({location}): {reason}")]
+pub struct LocationError {
+    /// The config key, e.g. `data.datasets[1]`.
+    pub key: String,
+    /// The location as written in the config (object-store URLs never carry secrets).
+    pub location: String,
+    pub reason: String,
+}
+
+/// How one location will be read or written.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LocationCheck {
+    pub key: String,
+    pub location: String,
+    /// What was found, for the report (`s3 store s3://b/p/`, `local directory`, …).
+    pub found: String,
+}
+
+/// Checks every dataset, the output location and `meta.read_checkpoint`.
+pub fn check_locations(cfg: &JobConfig) -> Result<Vec<LocationCheck>, LocationError> {
+    let s3 = cfg.s3_settings();
+    let mut checks = Vec::new();
+    for (i, spec) in cfg.raw.data.datasets.iter().enumerate() {
+        checks.push(check_input(&format!("data.datasets[{i}]"), spec, &s3)?);
+    }
+    if let Some(path) = &cfg.raw.meta.read_checkpoint {
+        checks.push(check_input("meta.read_checkpoint", path, &s3)?);
+    }
+    if let Some(out) = cfg.output_dir() {
+        checks.push(check_output("outputs.dir", out, &s3)?);
+    }
+    Ok(checks)
+}
+
+fn is_object_url(location: &str) -> bool {
+    location.contains("://") && !location.starts_with("file://")
+}
+
+fn local_path(location: &str) -> &str {
+    location.strip_prefix("file://").unwrap_or(location)
+}
+
+/// A dataset (a prefix, or an index file) or a checkpoint to read.
+fn check_input(key: &str, location: &str, s3: &S3Settings) -> Result<LocationCheck, LocationError> {
+    let err = |reason: String| LocationError {
+        key: key.to_string(),
+        location: location.to_string(),
+        reason,
+    };
+    if is_object_url(location) {
+        // A prefix is a store itself; a file lives in its directory's store.
+        let dir = if location.ends_with('/') {
+            location
+        } else {
+            match location.rfind('/') {
+                Some(i) => &location[..=i],
+                None => location,
+            }
+        };
+        let store = Store::open(dir, s3, false).map_err(|e| err(e.to_string()))?;
+        return Ok(LocationCheck {
+            key: key.to_string(),
+            location: location.to_string(),
+            found: format!("object store {}", store.url()),
+        });
+    }
+    let path = Path::new(local_path(location));
+    let found = match std::fs::metadata(path) {
+        Ok(m) if m.is_dir() => "local directory",
+        Ok(_) => "local file",
+        Err(e) => return Err(err(format!("cannot read it: {e}"))),
+    };
+    Ok(LocationCheck {
+        key: key.to_string(),
+        location: location.to_string(),
+        found: found.to_string(),
+    })
+}
+
+/// The output location: an object-store prefix, or a local directory that exists or can be
+/// created under an existing, writable ancestor.
+fn check_output(
+    key: &str,
+    location: &str,
+    s3: &S3Settings,
+) -> Result<LocationCheck, LocationError> {
+    let err = |reason: String| LocationError {
+        key: key.to_string(),
+        location: location.to_string(),
+        reason,
+    };
+    if is_object_url(location) {
+        let store = Store::open(location, s3, false).map_err(|e| err(e.to_string()))?;
+        return Ok(LocationCheck {
+            key: key.to_string(),
+            location: location.to_string(),
+            found: format!("object store {}", store.url()),
+        });
+    }
+    let path = Path::new(local_path(location));
+    let mut existing = path;
+    loop {
+        match std::fs::metadata(existing) {
+            Ok(m) if m.is_dir() => break,
+            Ok(_) => return Err(err(format!("{} is a file", existing.display()))),
+            Err(_) => match existing.parent() {
+                Some(p) if !p.as_os_str().is_empty() => existing = p,
+                _ => {
+                    existing = Path::new(".");
+                    break;
+                }
+            },
+        }
+    }
+    let readonly = std::fs::metadata(existing)
+        .map(|m| m.permissions().readonly())
+        .unwrap_or(true);
+    if readonly {
+        return Err(err(format!("{} is not writable", existing.display())));
+    }
+    let found = if existing == path {
+        "local directory".to_string()
+    } else {
+        format!("local directory, created under {}", existing.display())
+    };
+    Ok(LocationCheck {
+        key: key.to_string(),
+        location: location.to_string(),
+        found,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const QUICKSTART: &str = include_str!("../../configs/quickstart.yaml");
+
+    fn config(datasets: &[&str], out: &str) -> JobConfig {
+        let mut cfg = JobConfig::parse(QUICKSTART).expect("quickstart config parses");
+        cfg.raw.data.datasets = datasets.iter().map(|d| d.to_string()).collect();
+        cfg.raw.outputs.dir = Some(out.to_string());
+        cfg
+    }
+
+    #[test]
+    fn local_locations() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let videos = dir.path().join("videos");
+        std::fs::create_dir(&videos).expect("mkdir");
+        let out = dir.path().join("runs/a");
+        let cfg = config(
+            &[&format!("{}/", videos.display())],
+            &out.display().to_string(),
+        );
+        let checks = check_locations(&cfg).expect("locations are usable");
+        assert_eq!(checks.len(), 2);
+        assert_eq!(checks[0].found, "local directory");
+        assert!(
+            checks[1]
+                .found
+                .starts_with("local directory, created under")
+        );
+
+        let missing = config(&[&format!("{}/nope/", dir.path().display())], "out");
+        let e = check_locations(&missing).expect_err("missing dataset");
+        assert_eq!(e.key, "data.datasets[0]");
+    }
+}

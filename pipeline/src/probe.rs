@@ -1,0 +1,336 @@
+//! `vjepa probe`: the frozen-backbone evaluation of spec §9. The checkpoint's target encoder
+//! reads every clip once ([`crate::extract`], all tokens); an attentive probe is trained on the
+//! train index's tokens and evaluated on the validation index, averaging the class
+//! probabilities over views (segments are concatenated into one probe pass, as the official
+//! `attend_across_segments`). Top-1 is printed and the predictions written to Parquet.
+//!
+//! Differences from the official recipe, said plainly: the backbone runs once per clip (no
+//! RandAugment / random resized crop / random erasing per epoch), and training runs in f32 on
+//! the CPU (no fp16 autocast). The probe, its optimiser and schedules are the official ones.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use arrow::array::{ArrayRef, BooleanBuilder, Float32Builder, ListBuilder, StringBuilder};
+use arrow::datatypes::{DataType, Field, Schema};
+use arrow::record_batch::RecordBatch;
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use rand_chacha::ChaCha8Rng;
+
+use vjepa_model::probe::{AttentiveProbe, ProbeConfig, ProbeOptim, ProbeTrainer};
+use vjepa_model::{Device, Tensor};
+use vjepa_storage::features::{FeatureRow, read_features};
+
+use crate::extract::{self, ExtractOptions};
+
+/// What to probe.
+#[derive(Clone, Debug)]
+pub struct ProbeOptions {
+    /// Feature extraction settings shared by both splits (`datasets`/`out`/`views`/`tokens`
+    /// are set per split).
+    pub extract: ExtractOptions,
+    /// Labelled train index.
+    pub train: String,
+    /// Labelled validation index.
+    pub val: String,
+    /// Views per validation segment (training uses one, the centre).
+    pub val_views: usize,
+    /// Epochs over the train set.
+    pub epochs: usize,
+    /// Videos per probe step.
+    pub batch_size: usize,
+    /// Peak learning rate (cosine to 0, no warmup).
+    pub lr: f64,
+    /// Weight decay (cosine to 1e-6).
+    pub weight_decay: f64,
+    /// Share of each class's train videos used (the low-shot setting).
+    pub label_fraction: f64,
+    /// Seeds the probe init, the label subset and the shuffling.
+    pub seed: u64,
+    /// Directory (local) for the features, the probe and the predictions.
+    pub out_dir: std::path::PathBuf,
+}
+
+/// The result.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ProbeSummary {
+    pub top1: f64,
+    pub correct: usize,
+    pub evaluated: usize,
+    pub train_videos: usize,
+    pub classes: Vec<String>,
+    pub final_loss: f64,
+}
+
+/// A video's tokens: its segments' outputs concatenated, per view.
+struct Sample {
+    uri: String,
+    label: usize,
+    /// One `[S·N, D]` token matrix per view (row-major).
+    views: Vec<Vec<f32>>,
+    tokens: usize,
+}
+
+/// Per view, per segment: the clip's tokens.
+type ViewTokens = BTreeMap<u64, BTreeMap<u64, Vec<f32>>>;
+
+fn group(
+    rows: Vec<FeatureRow>,
+    classes: &BTreeMap<String, usize>,
+    d: usize,
+) -> anyhow::Result<Vec<Sample>> {
+    // Rows come in video order, segment-major then view.
+    let mut by_video: BTreeMap<usize, (String, String, ViewTokens)> = BTreeMap::new();
+    let mut order: BTreeMap<String, usize> = BTreeMap::new();
+    for r in rows {
+        if r.tokens.is_empty() || r.tokens.len() % d != 0 {
+            bail!("{}: features without tokens", r.uri);
+        }
+        let next = order.len();
+        let i = *order.entry(r.uri.clone()).or_insert(next);
+        let entry = by_video
+            .entry(i)
+            .or_insert_with(|| (r.uri.clone(), r.label.clone(), BTreeMap::new()));
+        entry
+            .2
+            .entry(r.view)
+            .or_default()
+            .insert(r.segment, r.tokens);
+    }
+    let mut out = Vec::new();
+    for (_, (uri, label, views)) in by_video {
+        let Some(&class) = classes.get(&label) else {
+            bail!("{uri}: label `{label}` is not a class of the train set");
+        };
+        let mut per_view = Vec::new();
+        let mut tokens = 0;
+        for (_, segments) in views {
+            let cat: Vec<f32> = segments.into_values().flatten().collect();
+            tokens = cat.len() / d;
+            per_view.push(cat);
+        }
+        out.push(Sample {
+            uri,
+            label: class,
+            views: per_view,
+            tokens,
+        });
+    }
+    Ok(out)
+}
+
+/// Class names in order: numerically when every label is an integer, else lexically.
+fn class_names(labels: &BTreeSet<String>) -> Vec<String> {
+    let mut names: Vec<String> = labels.iter().cloned().collect();
+    if names.iter().all(|l| l.parse::<i64>().is_ok()) {
+        names.sort_by_key(|l| l.parse::<i64>().unwrap_or(0));
+    }
+    names
+}
+
+fn features_of(
+    opts: &ProbeOptions,
+    index: &str,
+    name: &str,
+    views: usize,
+) -> anyhow::Result<(Vec<FeatureRow>, vjepa_model::EncoderConfig)> {
+    let path = opts.out_dir.join(name);
+    let mut e = opts.extract.clone();
+    e.datasets = vec![index.to_string()];
+    e.out = path.display().to_string();
+    e.views = views;
+    e.tokens = true;
+    let summary = extract::run(e).with_context(|| format!("extracting features of {index}"))?;
+    if summary.quarantined > 0 {
+        tracing::warn!(
+            index,
+            quarantined = summary.quarantined,
+            records = %summary.quarantine_output,
+            "videos left out of the probe"
+        );
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let store = vjepa_storage::Store::open(
+        &opts.out_dir.display().to_string(),
+        &Default::default(),
+        false,
+    )?;
+    Ok((rt.block_on(read_features(&store, name))?, summary.encoder))
+}
+
+/// Runs the probe: extract, train, evaluate, write.
+pub fn run(opts: ProbeOptions) -> anyhow::Result<ProbeSummary> {
+    if !(opts.label_fraction > 0.0 && opts.label_fraction <= 1.0) {
+        bail!(
+            "--label-fraction must be in (0, 1], got {}",
+            opts.label_fraction
+        );
+    }
+    if opts.epochs == 0 || opts.batch_size == 0 || opts.val_views == 0 {
+        bail!("--epochs, --batch-size and --views must be positive");
+    }
+    std::fs::create_dir_all(&opts.out_dir)
+        .with_context(|| format!("creating {}", opts.out_dir.display()))?;
+    let (train_rows, encoder) = features_of(&opts, &opts.train, "train-features.parquet", 1)?;
+    let (val_rows, _) = features_of(&opts, &opts.val, "val-features.parquet", opts.val_views)?;
+    // The probe's heads are the encoder's (spec §9).
+    let heads = encoder.num_heads;
+    let d = train_rows
+        .first()
+        .map(|r| r.embedding.len())
+        .context("no train clip could be read")?;
+    let labels: BTreeSet<String> = train_rows.iter().map(|r| r.label.clone()).collect();
+    if labels.len() < 2 || labels.contains("") {
+        bail!(
+            "the train index needs a label column with at least two classes (found {:?})",
+            labels
+        );
+    }
+    let classes = class_names(&labels);
+    let class_of: BTreeMap<String, usize> = classes
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c.clone(), i))
+        .collect();
+    let mut train = group(train_rows, &class_of, d)?;
+    let val = group(val_rows, &class_of, d)?;
+    let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
+    if opts.label_fraction < 1.0 {
+        // Per class, a seeded subset of ceil(fraction · count) videos.
+        let mut keep = Vec::new();
+        for c in 0..classes.len() {
+            let mut of_class: Vec<Sample> = Vec::new();
+            let mut rest = Vec::new();
+            for s in train.drain(..) {
+                if s.label == c {
+                    of_class.push(s)
+                } else {
+                    rest.push(s)
+                }
+            }
+            train = rest;
+            of_class.shuffle(&mut rng);
+            let n = ((of_class.len() as f64 * opts.label_fraction).ceil() as usize).max(1);
+            keep.extend(of_class.into_iter().take(n));
+        }
+        train = keep;
+    }
+    let cfg = ProbeConfig {
+        embed_dim: d,
+        num_heads: heads,
+        num_classes: classes.len(),
+        mlp_ratio: 4.0,
+    };
+    let probe = AttentiveProbe::new(cfg, opts.seed, &Device::Cpu)?;
+    let steps_per_epoch = train.len().div_ceil(opts.batch_size) as u64;
+    let mut optim = ProbeOptim::video(steps_per_epoch * opts.epochs as u64);
+    optim.lr = opts.lr;
+    optim.weight_decay = opts.weight_decay;
+    let mut trainer = ProbeTrainer::new(probe, optim)?;
+    let mut order: Vec<usize> = (0..train.len()).collect();
+    let mut final_loss = f64::NAN;
+    for epoch in 0..opts.epochs {
+        order.shuffle(&mut rng);
+        let mut losses = Vec::new();
+        for chunk in order.chunks(opts.batch_size) {
+            let n = train[chunk[0]].tokens;
+            let mut data = Vec::with_capacity(chunk.len() * n * d);
+            let mut labels = Vec::with_capacity(chunk.len());
+            for &i in chunk {
+                if train[i].tokens != n {
+                    bail!("{}: {} tokens, others {n}", train[i].uri, train[i].tokens);
+                }
+                data.extend_from_slice(&train[i].views[0]);
+                labels.push(train[i].label as u32);
+            }
+            let x = Tensor::from_vec(data, (chunk.len(), n, d), &Device::Cpu)?;
+            losses.push(trainer.step(&x, &labels)?.loss);
+        }
+        final_loss = losses.iter().sum::<f64>() / losses.len().max(1) as f64;
+        tracing::info!(
+            epoch = epoch + 1,
+            loss = format_args!("{final_loss:.4}"),
+            "probe"
+        );
+    }
+    let probe = trainer.into_probe();
+    std::fs::write(
+        opts.out_dir.join("probe.safetensors"),
+        probe.to_safetensors()?,
+    )?;
+
+    // Evaluation: probabilities averaged over views.
+    let mut uris = StringBuilder::new();
+    let mut truth = StringBuilder::new();
+    let mut predicted = StringBuilder::new();
+    let mut correct_col = BooleanBuilder::new();
+    let mut probs_col = ListBuilder::new(Float32Builder::new()).with_field(Arc::new(Field::new(
+        "item",
+        DataType::Float32,
+        false,
+    )));
+    let mut correct = 0usize;
+    for s in &val {
+        let mut mean = vec![0f32; classes.len()];
+        for view in &s.views {
+            let x = Tensor::from_vec(view.clone(), (1, s.tokens, d), &Device::Cpu)?;
+            let p = probe.probabilities(&x)?.flatten_all()?.to_vec1::<f32>()?;
+            for (m, v) in mean.iter_mut().zip(p) {
+                *m += v / s.views.len() as f32;
+            }
+        }
+        let best = mean
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map_or(0, |(i, _)| i);
+        let ok = best == s.label;
+        correct += ok as usize;
+        uris.append_value(&s.uri);
+        truth.append_value(&classes[s.label]);
+        predicted.append_value(&classes[best]);
+        correct_col.append_value(ok);
+        probs_col.values().append_slice(&mean);
+        probs_col.append(true);
+    }
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("uri", DataType::Utf8, false),
+        Field::new("label", DataType::Utf8, false),
+        Field::new("predicted", DataType::Utf8, false),
+        Field::new("correct", DataType::Boolean, false),
+        Field::new(
+            "probabilities",
+            DataType::List(Arc::new(Field::new("item", DataType::Float32, false))),
+            false,
+        ),
+    ]));
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(uris.finish()),
+        Arc::new(truth.finish()),
+        Arc::new(predicted.finish()),
+        Arc::new(correct_col.finish()),
+        Arc::new(probs_col.finish()),
+    ];
+    let batch = RecordBatch::try_new(schema.clone(), columns)?;
+    let file = std::fs::File::create(opts.out_dir.join("predictions.parquet"))?;
+    let mut w = parquet::arrow::ArrowWriter::try_new(file, schema, None)?;
+    w.write(&batch)?;
+    w.close()?;
+    let evaluated = val.len();
+    Ok(ProbeSummary {
+        top1: if evaluated == 0 {
+            0.0
+        } else {
+            100.0 * correct as f64 / evaluated as f64
+        },
+        correct,
+        evaluated,
+        train_videos: train.len(),
+        classes,
+        final_loss,
+    })
+}

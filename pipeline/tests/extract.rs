@@ -1,0 +1,177 @@
+//! `vjepa extract` end to end (issue 8): a short pretraining run's checkpoint over a small
+//! corpus with a bad file, 2 segments × 3 views: one row per clip in video / segment / view
+//! order, the bad file quarantined beside the table, rows identical on a second run, and each
+//! row's embedding equal to the target encoder's mean-pooled output on that clip decoded and
+//! transformed independently (the job's clip decoder + `target_features`).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::sync::Arc;
+
+use common::*;
+use vjepa_model::{Device, Tensor, VJepa};
+use vjepa_operators::transform::TransformParams;
+use vjepa_storage::Store;
+use vjepa_storage::features::read_features;
+
+fn extract(args: &[&str]) -> std::process::Output {
+    Command::new(bin())
+        .arg("extract")
+        .args(args)
+        .output()
+        .expect("run vjepa extract")
+}
+
+#[test]
+fn extract_writes_one_row_per_clip_equal_to_a_direct_forward() {
+    let tmp = tempfile::tempdir().unwrap();
+    let videos = tmp.path().join("videos");
+    make_corpus(&videos, 3);
+    std::fs::write(videos.join("broken.mp4"), b"not a video").unwrap();
+    let out = tmp.path().join("out");
+    let config = write_config(&tmp.path().join("c.yaml"), &videos, &out, 4);
+    assert_ok(&run_train(&config, &[], &[]));
+    let checkpoint = out.join("checkpoints/step-00000004.safetensors");
+    assert!(checkpoint.exists());
+
+    // An index with labels, the official `path label` format.
+    let mut names: Vec<String> = std::fs::read_dir(&videos)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    names.sort();
+    let index = tmp.path().join("index.csv");
+    let lines: Vec<String> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| format!("{} {}", videos.join(n).display(), i % 2))
+        .collect();
+    std::fs::write(&index, lines.join("\n") + "\n").unwrap();
+
+    let table = tmp.path().join("f/features.parquet");
+    let args = [
+        "--checkpoint",
+        checkpoint.to_str().unwrap(),
+        "--index",
+        index.to_str().unwrap(),
+        "--out",
+        table.to_str().unwrap(),
+        "--segments",
+        "2",
+        "--views",
+        "3",
+        "--batch-size",
+        "4",
+    ];
+    let run = extract(&args);
+    assert_ok(&run);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let store = Store::open(
+        table.parent().unwrap().to_str().unwrap(),
+        &Default::default(),
+        false,
+    )
+    .unwrap();
+    let rows = rt
+        .block_on(read_features(&store, "features.parquet"))
+        .unwrap();
+    let quarantine = rt
+        .block_on(vjepa_storage::tables::read_quarantine(
+            &store,
+            "features.quarantine.parquet",
+        ))
+        .unwrap();
+    assert_eq!(quarantine.len(), 1, "{quarantine:?}");
+    assert!(quarantine[0].uri.ends_with("broken.mp4"));
+    assert_eq!(quarantine[0].reason, "not_a_video");
+
+    // 3 good videos × 2 segments × 3 views, in index order, segment-major.
+    assert_eq!(rows.len(), 18);
+    let model =
+        VJepa::from_safetensors(&std::fs::read(&checkpoint).unwrap(), &Device::Cpu).unwrap();
+    let d = model.encoder_config().embed_dim;
+    let mut per_video: BTreeMap<String, Vec<(u64, u64)>> = BTreeMap::new();
+    for r in &rows {
+        assert_eq!(r.embedding.len(), d);
+        assert!(r.tokens.is_empty());
+        assert_eq!(r.frames.len(), 16);
+        assert!(r.embedding.iter().all(|v| v.is_finite()));
+        per_video
+            .entry(r.uri.clone())
+            .or_default()
+            .push((r.segment, r.view));
+    }
+    assert_eq!(per_video.len(), 3);
+    for pairs in per_video.values() {
+        let expected: Vec<(u64, u64)> = (0..2).flat_map(|s| (0..3).map(move |v| (s, v))).collect();
+        assert_eq!(pairs, &expected);
+    }
+    let label_of = |uri: &str| {
+        let name = uri.rsplit('/').next().unwrap();
+        (names.iter().position(|n| n == name).unwrap() % 2).to_string()
+    };
+    assert!(rows.iter().all(|r| r.label == label_of(&r.uri)));
+
+    // Deterministic: the same command gives the same rows.
+    let again = tmp.path().join("f/again.parquet");
+    let mut args2 = args.to_vec();
+    args2[5] = again.to_str().unwrap();
+    assert_ok(&extract(&args2));
+    let rows2 = rt.block_on(read_features(&store, "again.parquet")).unwrap();
+    assert_eq!(rows, rows2);
+
+    // Each row equals the encoder on that clip, decoded and cropped on its own.
+    vjepa_ingest::init().unwrap();
+    let mut decoder = vjepa_ingest::Decoder::new(Default::default()).unwrap();
+    let size = model.encoder_config().crop_size;
+    for r in rows.iter().step_by(5) {
+        let path = r.uri.strip_prefix("file://").unwrap();
+        let bytes = bytes::Bytes::from(std::fs::read(path).unwrap());
+        let indices: Vec<u64> = r.frames.iter().map(|&f| f as u64).collect();
+        let decoded = decoder
+            .decode_clip(bytes.clone(), &mut |_| indices.clone())
+            .unwrap();
+        let boxes = vjepa_pipeline::extract::view_boxes(
+            decoded.height as usize,
+            decoded.width as usize,
+            size,
+            3,
+        );
+        let params = TransformParams {
+            crop: boxes[r.view as usize],
+            flip: false,
+        };
+        let (data, _) = vjepa_pipeline::loader::decode_to_tensor(
+            &mut decoder,
+            Arc::new(bytes),
+            &indices,
+            &params,
+            size,
+        )
+        .unwrap();
+        let clip = Tensor::from_vec(data, (1, 3, 16, size, size), &Device::Cpu).unwrap();
+        let direct = model
+            .target_features(&clip)
+            .unwrap()
+            .mean(1)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let max = direct
+            .iter()
+            .zip(&r.embedding)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            max < 1e-4,
+            "{} seg {} view {}: max diff {max}",
+            r.uri,
+            r.segment,
+            r.view
+        );
+    }
+}

@@ -1,0 +1,105 @@
+//! The Parquet outputs read in pyarrow, pandas and duckdb without hints, with exactly the
+//! columns and types the README documents (issue 7): a short run with a bad file (a quarantine
+//! row) and clip records, then a resumed run (the `-from-` files), checked by
+//! `tools/check_parquet.py`; and the features table of `vjepa extract`.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use common::*;
+
+/// The venv's python (made by `ops/parquet-venv.sh`), or `None` to skip: CI sets
+/// `VJEPA_REQUIRE_OPS=1`, which makes a missing venv an install rather than a skip.
+fn python() -> Option<PathBuf> {
+    let root = repo_root();
+    let venv = root.join(".tools/parquet-venv/bin/python");
+    let required = std::env::var("VJEPA_REQUIRE_OPS").is_ok_and(|v| v == "1");
+    if !required && !venv.exists() {
+        eprintln!(
+            "SKIPPED: no .tools/parquet-venv (run ops/parquet-venv.sh, or set VJEPA_REQUIRE_OPS=1)"
+        );
+        return None;
+    }
+    let out = Command::new(root.join("ops/parquet-venv.sh"))
+        .output()
+        .expect("run ops/parquet-venv.sh");
+    assert!(
+        out.status.success(),
+        "ops/parquet-venv.sh failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some(PathBuf::from(
+        String::from_utf8_lossy(&out.stdout).trim().to_string(),
+    ))
+}
+
+#[test]
+fn outputs_read_in_pyarrow_pandas_and_duckdb_as_documented() {
+    let Some(python) = python() else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let videos = tmp.path().join("videos");
+    make_corpus(&videos, 2);
+    std::fs::write(videos.join("bad-random.mp4"), b"this is not a video at all").unwrap();
+    let out = tmp.path().join("out");
+    let config = tmp.path().join("c.yaml");
+    let text = small_config(
+        &format!("{}/", videos.display()),
+        &format!("{}/", out.display()),
+        6,
+    )
+    .replace("outputs:\n", "outputs:\n  clips: true\n");
+    assert!(
+        text.contains("clips: true"),
+        "quickstart.yaml layout changed"
+    );
+    std::fs::write(&config, text).unwrap();
+    // Steps 1-4 (a checkpoint at 4), then the same command resumed for steps 5-6.
+    assert_ok(&run_train(&config, &[], &["--max-steps", "4"]));
+    assert_ok(&run_train(&config, &[], &[]));
+    for name in [
+        "metrics.parquet",
+        "metrics-from-00000004.parquet",
+        "quarantine.parquet",
+        "clips.parquet",
+    ] {
+        assert!(out.join(name).exists(), "{name} written");
+    }
+
+    // The features table of `vjepa extract`, with tokens.
+    let features = out.join("features.parquet");
+    assert_ok(
+        &Command::new(bin())
+            .args(["extract", "--checkpoint"])
+            .arg(out.join("checkpoints/step-00000004.safetensors"))
+            .arg("--index")
+            .arg(format!("{}/", videos.display()))
+            .arg("--out")
+            .arg(&features)
+            .args(["--tokens", "--views", "2"])
+            .output()
+            .unwrap(),
+    );
+
+    let check = Command::new(&python)
+        .arg(repo_root().join("tools/check_parquet.py"))
+        .arg(repo_root().join("README.md"))
+        .arg(&out)
+        .args(["metrics", "quarantine", "clips", "features"])
+        .output()
+        .expect("run tools/check_parquet.py");
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+    assert!(check.status.success(), "{report}");
+    assert!(report.contains("metrics: 2 file(s), 6 rows"), "{report}");
+    assert!(report.contains("clips: 2 file(s)"), "{report}");
+    assert!(report.contains("features: 1 file(s), 4 rows"), "{report}");
+    // The bad file may be found once in each run (the resumed run lists the catalog again).
+    assert!(report.contains("quarantine: 2 file(s)"), "{report}");
+}

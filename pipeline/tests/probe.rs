@@ -1,0 +1,156 @@
+//! Pretrain → probe end to end at the smallest size (issue 8, acceptance 2): a short V-JEPA run,
+//! then `vjepa probe` on labelled indexes of the same kind of videos; checks the artifacts (the
+//! features tables with tokens, the probe's weights under the official names, the predictions
+//! table) and that a label fraction keeps a per-class subset.
+
+mod common;
+
+use std::process::Command;
+
+use arrow::array::Array;
+use common::*;
+use vjepa_model::Device;
+use vjepa_model::probe::{AttentiveProbe, ProbeConfig};
+use vjepa_storage::Store;
+use vjepa_storage::features::read_features;
+
+#[test]
+fn pretrain_then_probe_writes_its_artifacts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let videos = tmp.path().join("videos");
+    make_corpus(&videos, 8);
+    let out = tmp.path().join("out");
+    let config = write_config(&tmp.path().join("c.yaml"), &videos, &out, 4);
+    assert_ok(&run_train(&config, &[], &[]));
+    let checkpoint = out.join("checkpoints/step-00000004.safetensors");
+
+    let mut names: Vec<String> = std::fs::read_dir(&videos)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    names.sort();
+    // Label = container (mp4 vs webm); 6 train videos, 2 validation videos.
+    let line = |n: &String| {
+        let label = if n.ends_with(".webm") { "webm" } else { "mp4" };
+        format!("{} {label}", videos.join(n).display())
+    };
+    let (train, val) = names.split_at(6);
+    let train_csv = tmp.path().join("train.csv");
+    let val_csv = tmp.path().join("val.csv");
+    std::fs::write(
+        &train_csv,
+        train.iter().map(line).collect::<Vec<_>>().join("\n"),
+    )
+    .unwrap();
+    std::fs::write(
+        &val_csv,
+        val.iter().map(line).collect::<Vec<_>>().join("\n"),
+    )
+    .unwrap();
+
+    let probe_dir = tmp.path().join("probe");
+    let run = Command::new(bin())
+        .args(["probe", "--checkpoint"])
+        .arg(&checkpoint)
+        .arg("--train")
+        .arg(&train_csv)
+        .arg("--val")
+        .arg(&val_csv)
+        .arg("--out")
+        .arg(&probe_dir)
+        .args(["--views", "2", "--epochs", "3", "--batch-size", "4"])
+        .output()
+        .unwrap();
+    assert_ok(&run);
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(stdout.contains("top-1"), "{stdout}");
+    assert!(
+        stdout.contains("/ 2 validation videos; 6 train videos, 2 classes"),
+        "{stdout}"
+    );
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let store = Store::open(probe_dir.to_str().unwrap(), &Default::default(), false).unwrap();
+    let train_rows = rt
+        .block_on(read_features(&store, "train-features.parquet"))
+        .unwrap();
+    let val_rows = rt
+        .block_on(read_features(&store, "val-features.parquet"))
+        .unwrap();
+    assert_eq!(train_rows.len(), 6);
+    assert_eq!(val_rows.len(), 4, "2 videos × 2 views");
+    let d = train_rows[0].embedding.len();
+    assert!(
+        train_rows
+            .iter()
+            .all(|r| r.tokens.len() % d == 0 && !r.tokens.is_empty())
+    );
+
+    // The probe: official names, loads back with the encoder's width and heads.
+    let bytes = std::fs::read(probe_dir.join("probe.safetensors")).unwrap();
+    let tensors = candle_core::safetensors::load_buffer(&bytes, &candle_core::Device::Cpu).unwrap();
+    assert!(tensors.contains_key("pooler.query_tokens"));
+    assert!(tensors.contains_key("pooler.cross_attention_block.xattn.kv.weight"));
+    let model =
+        vjepa_model::VJepa::from_safetensors(&std::fs::read(&checkpoint).unwrap(), &Device::Cpu)
+            .unwrap();
+    let cfg = ProbeConfig {
+        embed_dim: d,
+        num_heads: model.encoder_config().num_heads,
+        num_classes: 2,
+        mlp_ratio: 4.0,
+    };
+    AttentiveProbe::from_tensors(cfg, &tensors, &Device::Cpu).unwrap();
+
+    // Predictions: one row per validation video, probabilities summing to 1.
+    let file = std::fs::File::open(probe_dir.join("predictions.parquet")).unwrap();
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+        .unwrap()
+        .build()
+        .unwrap();
+    let mut rows = 0;
+    for batch in reader {
+        let batch = batch.unwrap();
+        rows += batch.num_rows();
+        let probs = batch
+            .column_by_name("probabilities")
+            .unwrap()
+            .as_any()
+            .downcast_ref::<arrow::array::ListArray>()
+            .unwrap()
+            .clone();
+        for i in 0..probs.len() {
+            let p = probs.value(i);
+            let p = p
+                .as_any()
+                .downcast_ref::<arrow::array::Float32Array>()
+                .unwrap();
+            let sum: f32 = p.values().iter().sum();
+            assert!((sum - 1.0).abs() < 1e-4, "{sum}");
+        }
+    }
+    assert_eq!(rows, 2);
+
+    // A label fraction keeps ceil(fraction · count) per class.
+    let low = Command::new(bin())
+        .args(["probe", "--checkpoint"])
+        .arg(&checkpoint)
+        .arg("--train")
+        .arg(&train_csv)
+        .arg("--val")
+        .arg(&val_csv)
+        .arg("--out")
+        .arg(tmp.path().join("probe-low"))
+        .args(["--epochs", "1", "--label-fraction", "0.3"])
+        .output()
+        .unwrap();
+    assert_ok(&low);
+    let stdout = String::from_utf8_lossy(&low.stdout);
+    let webm = train.iter().filter(|n| n.ends_with(".webm")).count();
+    let keep = |c: usize| ((c as f64) * 0.3).ceil() as usize;
+    let expected = keep(webm) + keep(train.len() - webm);
+    assert!(
+        stdout.contains(&format!("; {expected} train videos, 2 classes")),
+        "{stdout}"
+    );
+}
