@@ -132,6 +132,65 @@ pub struct StepStats {
     pub target_std: f64,
 }
 
+/// One worker's half of a training step ([`VJepa::compute_gradients`]): the gradient of its
+/// samples' mean loss plus what the step reports. Data-parallel training replaces the gradient
+/// and the loss parts by the all-worker values before [`VJepa::apply_gradients`].
+pub struct Gradients {
+    grads: candle_core::backprop::GradStore,
+    /// Mean loss over this worker's samples (averaged over mask configs).
+    pub loss: f64,
+    /// Loss of each mask config over this worker's samples.
+    pub loss_per_mask: Vec<f64>,
+    /// Samples the gradient was computed on (the weight of this worker in the average).
+    pub samples: usize,
+    /// Context tokens per sample, per mask config.
+    pub context_tokens: Vec<usize>,
+    /// Target tokens per sample, per mask config.
+    pub target_tokens: Vec<usize>,
+    /// [`StepStats::target_std`] over this worker's samples.
+    pub target_std: f64,
+}
+
+/// A gradient in the flat layout of [`VJepa::flatten_gradients`], for exchange between workers.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FlatGradients {
+    /// Every parameter's gradient elements, in optimiser order.
+    pub values: Vec<f32>,
+    /// Per parameter (optimiser order): whether it has a gradient (AdamW skips the others).
+    pub present: Vec<bool>,
+}
+
+/// FNV-style 64-bit hash over 32-bit words, finished with splitmix64 (fast and stable across
+/// machines; not cryptographic: it detects divergence, not tampering).
+struct Digest(u64);
+
+impl Digest {
+    fn new() -> Self {
+        Digest(0xcbf2_9ce4_8422_2325)
+    }
+    fn word(&mut self, w: u64) {
+        self.0 = (self.0 ^ w)
+            .wrapping_mul(0x0000_0100_0000_01b3)
+            .rotate_left(29);
+    }
+    fn tensor(&mut self, t: &Tensor) -> Result<(), ModelError> {
+        let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        self.word(v.len() as u64);
+        for pair in v.chunks(2) {
+            let lo = u64::from(pair[0].to_bits());
+            let hi = pair.get(1).map_or(0, |x| u64::from(x.to_bits()));
+            self.word(lo | (hi << 32));
+        }
+        Ok(())
+    }
+    fn finish(&self) -> u64 {
+        let mut z = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+}
+
 /// Trainable parameter counts (encoder, predictor) from shapes alone — no allocation, so it
 /// works for ViT-H/G on small machines.
 pub fn trainable_param_counts(
@@ -450,22 +509,25 @@ impl VJepa {
     /// metrics; clipping only from `clip_start_iteration`); schedules at the 1-based step; AdamW;
     /// EMA update of the target with the momentum of the 0-based iteration.
     ///
+    /// Equals [`Self::compute_gradients`] then [`Self::apply_gradients`] (what data-parallel
+    /// training does with an averaged gradient in between).
+    ///
     /// On error (bad input, non-finite loss) the model is left unchanged.
     pub fn train_step(&mut self, batch: &TrainBatch) -> Result<StepStats, ModelError> {
+        let grads = self.compute_gradients(batch)?;
+        self.apply_gradients(grads)
+    }
+
+    /// The first half of a step: forward and backward on `batch` with the current weights,
+    /// nothing changed. The gradient is that of the batch's mean loss.
+    pub fn compute_gradients(&self, batch: &TrainBatch) -> Result<Gradients, ModelError> {
         let (clips, b) = self.prepare_clips(&batch.clips)?;
         let masks = self.mask_indices(batch, b)?;
-        let iter0 = self.steps_done;
-        let step1 = iter0 + 1;
-        let c = &self.optim_cfg;
-        let lr = schedule::lr(c, step1);
-        let wd = schedule::weight_decay(c, step1);
-        let momentum = schedule::ema_momentum(c, iter0);
-
         let (loss, per_mask, target_std) = self.forward_loss_stats(&clips, &masks)?;
         let loss_value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         if !loss_value.is_finite() {
             return Err(ModelError::NonFiniteLoss {
-                step: step1,
+                step: self.steps_done + 1,
                 loss: loss_value,
             });
         }
@@ -473,9 +535,112 @@ impl VJepa {
             .iter()
             .map(|l| Ok(l.to_dtype(DType::F64)?.to_scalar::<f64>()?))
             .collect::<Result<Vec<_>, ModelError>>()?;
-        let mut grads = loss.backward()?;
-        drop(per_mask);
-        drop(loss);
+        let grads = loss.backward()?;
+        Ok(Gradients {
+            grads,
+            loss: loss_value,
+            loss_per_mask,
+            samples: b,
+            context_tokens: masks.iter().map(|(c, _)| c.len()).collect(),
+            target_tokens: masks.iter().map(|(_, t)| t.len()).collect(),
+            target_std: target_std.to_dtype(DType::F64)?.to_scalar::<f64>()?,
+        })
+    }
+
+    /// Gradients of a worker that has no samples in a step (it still takes part in the
+    /// averaging, with weight 0): no parameter has a gradient.
+    pub fn empty_gradients(&self, masks: usize) -> Gradients {
+        Gradients {
+            grads: candle_core::backprop::GradStore::default(),
+            loss: 0.0,
+            loss_per_mask: vec![0.0; masks],
+            samples: 0,
+            context_tokens: vec![0; masks],
+            target_tokens: vec![0; masks],
+            target_std: 0.0,
+        }
+    }
+
+    /// Values in the flat gradient layout: every trainable parameter's elements, in optimiser
+    /// order (encoder then predictor, registration order), row-major.
+    pub fn flat_len(&self) -> usize {
+        self.opt.params().iter().map(|p| p.var.elem_count()).sum()
+    }
+
+    /// The gradient as one flat f32 vector ([`Self::flat_len`] values; a parameter without a
+    /// gradient contributes zeros) and which parameters have one, for exchange between workers.
+    pub fn flatten_gradients(&self, g: &Gradients) -> Result<FlatGradients, ModelError> {
+        let mut values = Vec::with_capacity(self.flat_len());
+        let mut present = Vec::with_capacity(self.opt.params().len());
+        for p in self.opt.params() {
+            match g.grads.get(p.var.as_tensor()) {
+                Some(t) => {
+                    let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                    values.extend_from_slice(&v);
+                    present.push(true);
+                }
+                None => {
+                    values.resize(values.len() + p.var.elem_count(), 0.0);
+                    present.push(false);
+                }
+            }
+        }
+        Ok(FlatGradients { values, present })
+    }
+
+    /// Replaces the gradients in `g` by `flat` (e.g. the average over all workers): parameters
+    /// marked present get their slice, the others none.
+    pub fn set_flat_gradients(
+        &self,
+        g: &mut Gradients,
+        flat: &FlatGradients,
+    ) -> Result<(), ModelError> {
+        let params = self.opt.params();
+        if flat.values.len() != self.flat_len() || flat.present.len() != params.len() {
+            return Err(ModelError::Input(format!(
+                "flat gradient of {} values for {} parameters, expected {} values for {}",
+                flat.values.len(),
+                flat.present.len(),
+                self.flat_len(),
+                params.len()
+            )));
+        }
+        let mut at = 0;
+        for (p, &present) in params.iter().zip(&flat.present) {
+            let n = p.var.elem_count();
+            if present {
+                let t = Tensor::from_slice(&flat.values[at..at + n], p.var.dims(), &self.device)?
+                    .to_dtype(p.var.dtype())?;
+                g.grads.insert(p.var.as_tensor(), t);
+            } else {
+                g.grads.remove(p.var.as_tensor());
+            }
+            at += n;
+        }
+        Ok(())
+    }
+
+    /// The second half of a step: grad norms, clipping, schedules, AdamW and EMA with the
+    /// gradients in `g`; the stats report `g`'s loss parts and token counts.
+    pub fn apply_gradients(&mut self, g: Gradients) -> Result<StepStats, ModelError> {
+        let Gradients {
+            mut grads,
+            loss,
+            loss_per_mask,
+            context_tokens,
+            target_tokens,
+            target_std,
+            ..
+        } = g;
+        let iter0 = self.steps_done;
+        let step1 = iter0 + 1;
+        let c = &self.optim_cfg;
+        let lr = schedule::lr(c, step1);
+        let wd = schedule::weight_decay(c, step1);
+        let momentum = schedule::ema_momentum(c, iter0);
+        if !loss.is_finite() {
+            return Err(ModelError::NonFiniteLoss { step: step1, loss });
+        }
 
         let (enc_params, pred_params) = self.opt.params().split_at(self.num_encoder_params);
         let enc_norm = optim::grad_sq_sum(&grads, enc_params.iter().map(|p| &p.var))?.sqrt();
@@ -503,16 +668,16 @@ impl VJepa {
 
         let stats = StepStats {
             step: step1,
-            loss: loss_value,
+            loss,
             loss_per_mask,
             lr,
             weight_decay: wd,
             ema_momentum: momentum,
             encoder_grad_norm: enc_norm,
             predictor_grad_norm: pred_norm,
-            context_tokens: masks.iter().map(|(c, _)| c.len()).collect(),
-            target_tokens: masks.iter().map(|(_, t)| t.len()).collect(),
-            target_std: target_std.to_dtype(DType::F64)?.to_scalar::<f64>()?,
+            context_tokens,
+            target_tokens,
+            target_std,
         };
         debug!(
             step = stats.step,
@@ -525,6 +690,23 @@ impl VJepa {
             "train step"
         );
         Ok(stats)
+    }
+
+    /// A 64-bit digest of every parameter's bytes (encoder, predictor, target encoder and the
+    /// AdamW moments) and the step count: equal digests on two workers mean (up to a hash
+    /// collision) bit-identical models, which data-parallel training checks after every step.
+    pub fn params_digest(&self) -> Result<u64, ModelError> {
+        let mut h = Digest::new();
+        h.word(self.steps_done);
+        for p in self.opt.params() {
+            h.tensor(p.var.as_tensor())?;
+            h.tensor(&p.state)?;
+            h.word(p.step);
+        }
+        for (_, t) in &self.target_params {
+            h.tensor(t)?;
+        }
+        Ok(h.finish())
     }
 
     /// θ_tgt ← m·θ_tgt + (1 - m)·θ_enc for every encoder parameter, in place: the target

@@ -928,3 +928,68 @@ fn target_std_detects_identical_features() {
     let s = tiny_model(5).train_step(&same).unwrap();
     assert!(s.target_std.abs() < 1e-6, "{}", s.target_std);
 }
+
+/// Rows `rows` of a batch (clips and every mask), as one worker's share of it.
+fn batch_rows(batch: &TrainBatch, rows: std::ops::Range<usize>) -> TrainBatch {
+    let n = rows.len();
+    TrainBatch {
+        clips: batch.clips.narrow(0, rows.start, n).unwrap(),
+        masks: batch
+            .masks
+            .iter()
+            .map(|m| MaskIndices {
+                context: m.context.narrow(0, rows.start, n).unwrap(),
+                target: m.target.narrow(0, rows.start, n).unwrap(),
+            })
+            .collect(),
+    }
+}
+
+#[test]
+fn split_step_equals_train_step_and_shares_average_to_the_batch_gradient() {
+    let batch = tiny_batch();
+    // compute + apply is train_step, bit for bit (and through the flat layout too).
+    let mut a = tiny_model(7);
+    let mut b = tiny_model(7);
+    let sa = a.train_step(&batch).unwrap();
+    let mut g = b.compute_gradients(&batch).unwrap();
+    let flat = b.flatten_gradients(&g).unwrap();
+    assert_eq!(flat.values.len(), b.flat_len());
+    assert!(flat.present.iter().all(|&p| p));
+    b.set_flat_gradients(&mut g, &flat).unwrap();
+    let sb = b.apply_gradients(g).unwrap();
+    assert_eq!(sa, sb);
+    assert_eq!(a.params_digest().unwrap(), b.params_digest().unwrap());
+
+    // Two one-sample shares, averaged with weight 1/2 each: the full batch's gradient up to
+    // the order of the sums (f32 rounding).
+    let c = tiny_model(7);
+    let full = c
+        .flatten_gradients(&c.compute_gradients(&batch).unwrap())
+        .unwrap();
+    let g0 = c.compute_gradients(&batch_rows(&batch, 0..1)).unwrap();
+    let g1 = c.compute_gradients(&batch_rows(&batch, 1..2)).unwrap();
+    assert_eq!((g0.samples, g1.samples), (1, 1));
+    let (f0, f1) = (
+        c.flatten_gradients(&g0).unwrap(),
+        c.flatten_gradients(&g1).unwrap(),
+    );
+    let mut worst = 0.0f32;
+    let scale = full.values.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    for ((x, y), z) in f0.values.iter().zip(&f1.values).zip(&full.values) {
+        worst = worst.max(((x + y) / 2.0 - z).abs());
+    }
+    assert!(scale > 0.0 && worst <= 1e-4 * scale, "{worst} vs {scale}");
+    let loss = (g0.loss + g1.loss) / 2.0;
+    assert!(
+        (loss - sa.loss).abs() < 1e-5 * sa.loss,
+        "{loss} vs {}",
+        sa.loss
+    );
+
+    // A worker with no samples has no gradient at all; digests see every change.
+    let e = c.empty_gradients(2);
+    let fe = c.flatten_gradients(&e).unwrap();
+    assert!(fe.present.iter().all(|&p| !p) && fe.values.iter().all(|&v| v == 0.0));
+    assert_ne!(c.params_digest().unwrap(), a.params_digest().unwrap());
+}

@@ -13,6 +13,7 @@ pub mod records;
 
 pub mod batching;
 pub mod catalog;
+pub mod collective;
 pub mod load;
 pub mod mask_batches;
 pub mod sinks;

@@ -284,6 +284,13 @@ impl Versions {
         }
     }
 
+    /// Starts over from `first` (a cluster process adopting process 0's version 0 before any
+    /// clip is loaded).
+    pub fn reset(&self, first: CatalogVersion) {
+        let mut guard = self.inner.write().unwrap_or_else(|e| e.into_inner());
+        *guard = vec![Arc::new(first)];
+    }
+
     /// The version in effect at `step`: the latest with `from_step <= step` (the first version
     /// for earlier steps).
     pub fn at_step(&self, step: u64) -> Arc<CatalogVersion> {

@@ -82,6 +82,42 @@ pub struct RawConfig {
     /// Ours: the Prometheus endpoint and status page served by the job.
     #[serde(default)]
     pub telemetry: TelemetrySection,
+    /// Ours: the same job as several processes (data-parallel training across all workers).
+    #[serde(default)]
+    pub cluster: ClusterSection,
+}
+
+/// Cluster mode: `processes` copies of the binary, each with `workers.count` worker threads,
+/// connected by timely over TCP (the hostfile's addresses).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSection {
+    /// Processes in the job (`--processes`); 1 = a single process, no networking.
+    #[serde(default = "one")]
+    pub processes: usize,
+    /// This process's number, `0..processes` (`--process`); process 0 lists the catalog and
+    /// writes every output.
+    #[serde(default)]
+    pub process: usize,
+    /// File with one `host:port` per line, line `i` for process `i` (`--hostfile`); required
+    /// when `processes > 1`.
+    #[serde(default)]
+    pub hostfile: Option<String>,
+    /// Compare a digest of every worker's parameters after every this many steps (and after
+    /// the last); 0 = only after the last step.
+    #[serde(default = "one_u64")]
+    pub check_params_every: u64,
+}
+
+impl Default for ClusterSection {
+    fn default() -> Self {
+        ClusterSection {
+            processes: 1,
+            process: 0,
+            hostfile: None,
+            check_params_every: 1,
+        }
+    }
 }
 
 /// `telemetry:` — where the job serves `/metrics`, `/api/status` and the status page `/`.
@@ -415,6 +451,9 @@ impl Default for WorkersSection {
 }
 
 fn one() -> usize {
+    1
+}
+fn one_u64() -> u64 {
     1
 }
 fn two() -> usize {
@@ -877,7 +916,91 @@ impl JobConfig {
             "workers.max_attempts_per_clip",
             r.workers.max_attempts_per_clip,
         )?;
+        self.validate_cluster()
+    }
+
+    /// `cluster.*`: a process number within the job and, for several processes, a hostfile.
+    fn validate_cluster(&self) -> Result<(), ConfigError> {
+        let c = &self.raw.cluster;
+        positive("cluster.processes (--processes)", c.processes)?;
+        if c.process >= c.processes {
+            return Err(ConfigError::invalid(
+                "cluster.process (--process)",
+                format!(
+                    "process {} does not exist in a job of {} process(es) (0..{})",
+                    c.process, c.processes, c.processes
+                ),
+            ));
+        }
+        if c.processes > 1 && c.hostfile.is_none() {
+            return Err(ConfigError::invalid(
+                "cluster.hostfile (--hostfile)",
+                format!(
+                    "{} processes need a hostfile: one host:port per line, line i for process i",
+                    c.processes
+                ),
+            ));
+        }
         Ok(())
+    }
+
+    /// Applies the `vjepa train` / `check-config` cluster flags and validates the result.
+    pub fn apply_cluster_flags(
+        &mut self,
+        processes: Option<usize>,
+        process: Option<usize>,
+        hostfile: Option<String>,
+    ) -> Result<(), ConfigError> {
+        let c = &mut self.raw.cluster;
+        if let Some(n) = processes {
+            c.processes = n;
+        }
+        if let Some(i) = process {
+            c.process = i;
+        }
+        if hostfile.is_some() {
+            c.hostfile = hostfile;
+        }
+        self.validate_cluster()
+    }
+
+    /// The processes' addresses from `cluster.hostfile` (empty for a single process without
+    /// one): exactly `cluster.processes` non-empty lines of `host:port`.
+    pub fn cluster_addresses(&self) -> Result<Vec<String>, ConfigError> {
+        let c = &self.raw.cluster;
+        let Some(path) = &c.hostfile else {
+            return Ok(Vec::new());
+        };
+        let key = "cluster.hostfile (--hostfile)";
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::invalid(key, format!("cannot read {path}: {e}")))?;
+        let lines: Vec<&str> = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect();
+        if lines.len() != c.processes {
+            return Err(ConfigError::invalid(
+                key,
+                format!(
+                    "{path} has {} address line(s), the job has {} process(es): one host:port per process",
+                    lines.len(),
+                    c.processes
+                ),
+            ));
+        }
+        for (i, line) in lines.iter().enumerate() {
+            let ok = line
+                .rsplit_once(':')
+                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+            if !ok {
+                return Err(ConfigError::invalid(
+                    key,
+                    format!("{path} line {} `{line}` is not host:port", i + 1),
+                ));
+            }
+        }
+        Ok(lines.into_iter().map(str::to_string).collect())
     }
 
     /// The encoder shape: the named preset with our optional overrides.

@@ -9,25 +9,28 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
 use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use timely::container::CapacityContainerBuilder;
 use timely::dataflow::operators::core::OkErr;
+use timely::dataflow::operators::vec::Broadcast;
 use timely::dataflow::operators::{Inspect, Probe};
 use timely::dataflow::{InputHandle, ProbeHandle};
 
-use vjepa_model::{Device, MaskIndices, Tensor, TrainBatch, VJepa};
-use vjepa_operators::batching::assemble_batches;
+use vjepa_model::{Device, FlatGradients, MaskIndices, Tensor, TrainBatch, VJepa};
+use vjepa_operators::batching::collect_local;
 use vjepa_operators::catalog::{CatalogCounts, catalog_counts};
+use vjepa_operators::collective::{Collective, shard_range, weighted_mean};
 use vjepa_operators::load::load_clips_parallel;
-use vjepa_operators::mask_batches::mask_batches;
-use vjepa_operators::masking::{Grid, MaskGenerator};
-use vjepa_operators::records::{ClipRequest, Loaded, MaskedBatch, Quarantined};
+use vjepa_operators::masking::{BatchMask, Grid, MaskGenerator};
+use vjepa_operators::records::{Clip, ClipRequest, Loaded, Quarantined};
 use vjepa_operators::sampler::VersionDraws;
 use vjepa_operators::sampling::ClipSampling;
-use vjepa_operators::sinks::{sink_local, sink_records};
-use vjepa_operators::train::train;
+use vjepa_operators::seeding::{Stream, rng_for};
+use vjepa_operators::sinks::sink_records;
 use vjepa_storage::tables::{ClipRow, ClipsWriter, MetricsRow, MetricsWriter, QuarantineWriter};
 use vjepa_storage::{Store, checkpoints};
 
-use crate::catalog::{Catalog, CatalogVersion, Listing, Versions};
+use crate::catalog::{Catalog, CatalogVersion, Listing, VersionRecord, Versions, VideoRef};
 use crate::config::JobConfig;
 use crate::loader::{Fatal, LoaderSettings, StoreLoader};
 use crate::telemetry::{Stage, StepSample, Telemetry};
@@ -79,6 +82,10 @@ pub fn run(mut cfg: JobConfig, overrides: TrainOverrides) -> anyhow::Result<Trai
     }
     if let Some(l) = &overrides.listen {
         cfg.raw.telemetry.listen = Some(l.clone());
+    }
+    // Only process 0 serves metrics and the status page.
+    if cfg.raw.cluster.process != 0 {
+        cfg.raw.telemetry.listen = None;
     }
     let cfg = Arc::new(cfg);
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -132,6 +139,9 @@ fn run_training(
     telemetry: &Arc<Telemetry>,
 ) -> anyhow::Result<TrainSummary> {
     let cfg = cfg.clone();
+    let cluster = cfg.raw.cluster.clone();
+    let addresses = cfg.cluster_addresses()?;
+    let process = cluster.process;
     let out = out.clone();
     let handle = runtime.handle().clone();
     let s3 = cfg.s3_settings();
@@ -159,7 +169,6 @@ fn run_training(
     let total = cfg.total_steps(ipe);
     let enc = cfg.encoder_config();
     let pred = cfg.predictor_config();
-    let optim = cfg.optim_config(ipe);
 
     // Where the run starts: by default it continues from the newest complete checkpoint in its
     // own output location (so the same command resumes after a crash or `kill -9`); `--fresh`
@@ -171,7 +180,12 @@ fn run_training(
     let fingerprint = catalog_key(&first_version);
     let mut resumed_own = false;
     let start: Option<Resumed> = if overrides.fresh {
-        let removed = handle.block_on(checkpoints::remove_all(&out))?;
+        // Only process 0 writes to the outputs; the others start fresh without touching them.
+        let removed = if process == 0 {
+            handle.block_on(checkpoints::remove_all(&out))?
+        } else {
+            0
+        };
         if removed > 0 {
             tracing::warn!(
                 removed,
@@ -237,7 +251,7 @@ fn run_training(
     let first_clip = start
         .as_ref()
         .map_or(0, |r| r.next_clip.unwrap_or(first_step * batch_size as u64));
-    let resumed = start.map(|r| r.model);
+    let resumed = start.map(|r| r.bytes);
     if first_step >= total {
         if resumed_own {
             tracing::info!(
@@ -282,6 +296,8 @@ fn run_training(
         ipe,
         first_step,
         workers = cfg.raw.workers.count,
+        processes = cluster.processes,
+        process,
         output = %out.url(),
         encoder = ?enc,
         "starting training"
@@ -320,7 +336,7 @@ fn run_training(
         mixing,
     };
     let workers = cfg.raw.workers.count;
-    let clips_per_worker = batch_size.div_ceil(workers).max(1);
+    let clips_per_worker = batch_size.div_ceil(workers * cluster.processes).max(1);
     let batches_in_flight = (cfg.max_clips_in_flight() / clips_per_worker).max(1) as u64;
 
     vjepa_ingest::init().map_err(|e| anyhow!("GStreamer: {e}"))?;
@@ -329,11 +345,16 @@ fn run_training(
     // listing into a catalog version at a step boundary.
     let (listings_tx, listings_rx) = mpsc::channel::<Listing>();
     let period = Duration::from_secs_f64(cfg.raw.catalog.refresh_secs);
+    // Only process 0 re-lists: the other processes get its versions through the dataflow.
+    let relist = process == 0;
     let refresher = handle.spawn({
         let catalog = catalog.clone();
         let s3 = s3.clone();
         let telemetry = telemetry.clone();
         async move {
+            if !relist {
+                return;
+            }
             loop {
                 tokio::time::sleep(period).await;
                 match catalog.relist(&s3).await {
@@ -367,21 +388,38 @@ fn run_training(
         fatal: fatal.clone(),
         generators,
         settings,
-        resumed: std::sync::Mutex::new(resumed),
+        resumed,
         ipe,
         enc,
         pred,
-        optim,
         metrics_name,
         quarantine_name,
         first_step,
         first_clip,
+        total,
+        threads: workers,
+        process,
+        check_params_every: cluster.check_params_every,
         telemetry: telemetry.clone(),
         tokens_per_clip,
     });
 
-    let guards = timely::execute(timely::Config::process(workers), move |worker| {
-        run_worker(worker, &shared, first_step, total, batches_in_flight)
+    let config = if cluster.processes > 1 {
+        timely::Config {
+            communication: timely::CommunicationConfig::Cluster {
+                threads: workers,
+                process,
+                addresses,
+                report: false,
+                zerocopy: false,
+            },
+            worker: timely::WorkerConfig::default(),
+        }
+    } else {
+        timely::Config::process(workers)
+    };
+    let guards = timely::execute(config, move |worker| {
+        run_worker(worker, &shared, batches_in_flight)
     })
     .map_err(|e| anyhow!("starting dataflow workers: {e}"));
     let guards = match guards {
@@ -393,10 +431,14 @@ fn run_training(
     };
     let results = guards.join();
     refresher.abort();
+    // The first failure anywhere in this process is the cause; later ones follow from it.
+    if let Some(why) = fatal.get() {
+        bail!("{why}");
+    }
     let mut summary = None;
     for result in results {
         match result {
-            Ok(Ok(Some(s))) => summary = Some(s),
+            Ok(Ok(Some(s))) => summary = summary.or(Some(s)),
             Ok(Ok(None)) => {}
             Ok(Err(e)) => return Err(e),
             Err(e) => bail!("a dataflow worker panicked: {e}"),
@@ -405,7 +447,7 @@ fn run_training(
     if let Some(why) = fatal.get() {
         bail!("{why}");
     }
-    summary.ok_or_else(|| anyhow!("worker 0 returned no summary"))
+    summary.ok_or_else(|| anyhow!("no worker returned a summary"))
 }
 
 /// Checkpoint metadata: global number of the next clip to train on (the sampler cursor).
@@ -423,6 +465,8 @@ const META_CATALOG_VERSION: &str = "run.catalog_version";
 struct Resumed {
     uri: String,
     model: VJepa,
+    /// The checkpoint file: every worker loads its own replica from it.
+    bytes: Bytes,
     /// [`META_NEXT_CLIP`], absent in checkpoints of older builds.
     next_clip: Option<u64>,
     /// [`META_CATALOG`], absent in checkpoints of older builds.
@@ -430,7 +474,7 @@ struct Resumed {
 }
 
 impl Resumed {
-    fn parse(uri: String, bytes: &[u8]) -> anyhow::Result<Self> {
+    fn parse(uri: String, bytes: &Bytes) -> anyhow::Result<Self> {
         let model = VJepa::from_safetensors(bytes, &Device::Cpu)?;
         let meta = vjepa_model::checkpoint_metadata(bytes)?;
         let next_clip = meta
@@ -443,6 +487,7 @@ impl Resumed {
         Ok(Self {
             uri,
             model,
+            bytes: bytes.clone(),
             next_clip,
             catalog: meta.get(META_CATALOG).cloned(),
         })
@@ -493,7 +538,8 @@ const PARK: Duration = Duration::from_millis(20);
 struct Shared {
     cfg: Arc<JobConfig>,
     catalog: Arc<Catalog>,
-    /// The catalog versions of this run (worker 0 adds them).
+    /// The catalog versions of this run (worker 0 adds them; in the other processes, their
+    /// first worker adds the versions worker 0 broadcasts).
     versions: Arc<Versions>,
     /// Listings from the background refresher, taken by worker 0.
     listings: Mutex<Option<mpsc::Receiver<Listing>>>,
@@ -506,24 +552,37 @@ struct Shared {
     settings: LoaderSettings,
     /// Iterations per epoch (for the metrics' epoch column).
     ipe: u64,
-    /// The resumed model, taken by worker 0.
-    resumed: std::sync::Mutex<Option<VJepa>>,
+    /// The checkpoint the run resumes from: every worker loads its own replica of it.
+    resumed: Option<Bytes>,
     enc: vjepa_model::EncoderConfig,
     pred: vjepa_model::PredictorConfig,
-    optim: vjepa_model::OptimConfig,
     metrics_name: String,
     quarantine_name: String,
     /// The step the run started after (0, or the resumed checkpoint's).
     first_step: u64,
     /// Global number of the clip of slot 0 of `first_step + 1` (the resumed sampler cursor).
     first_clip: u64,
+    /// Steps of the run (as this process computed them; process 0's value is used).
+    total: u64,
+    /// Worker threads per process.
+    threads: usize,
+    /// This process's number in the cluster (0 for a single process).
+    process: usize,
+    /// `cluster.check_params_every`.
+    check_params_every: u64,
     /// Metrics and the status page's history.
     telemetry: Arc<Telemetry>,
     /// Patches the encoder embeds per clip (for tokens/s).
     tokens_per_clip: u64,
 }
 
-/// Worker 0's outputs: the model and the Parquet writers, shared with its operators.
+impl Shared {
+    fn stopped(&self) -> bool {
+        self.fatal.get().is_some()
+    }
+}
+
+/// Worker 0's outputs: the Parquet writers and the run's counters.
 struct Outputs {
     metrics: Option<MetricsWriter>,
     quarantine: Option<QuarantineWriter>,
@@ -536,17 +595,115 @@ struct Outputs {
     checkpoints: Vec<String>,
 }
 
+/// What worker 0 tells every worker before training (and every worker reports back, for the
+/// checks): the run's shape, version 0 of the catalog, and where it resumed.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct SetupMsg {
+    videos: Vec<VideoRef>,
+    listed_unix_us: i64,
+    first_step: u64,
+    first_clip: u64,
+    total: u64,
+    ipe: u64,
+    catalog_key: u64,
+    resumed_from: Option<u64>,
+}
+
+/// One clip of a worker's share, as the clips table records it (the pixels stay put).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct ClipMeta {
+    slot: usize,
+    uri: String,
+    frames: Vec<u64>,
+    crop: [i64; 4],
+    flip: bool,
+    bytes_read: u64,
+    decode_s: f64,
+}
+
+/// A worker's contribution to one shard of the averaged gradient, with its loss parts.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct ReduceMsg {
+    samples: usize,
+    loss: f64,
+    /// The collapse signal over this worker's clips (the job reports the clip-weighted mean).
+    target_std: f64,
+    loss_per_mask: Vec<f64>,
+    present: Vec<bool>,
+    shard: Vec<f32>,
+    failed: Option<String>,
+    /// The loss, when the failure is a non-finite loss (counted once, by worker 0).
+    nonfinite: Option<f64>,
+}
+
+/// The messages of the training collective (rounds between all workers of all processes).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+enum Msg {
+    Setup(Box<SetupMsg>),
+    /// Which slots of the step this worker holds (and, to worker 0, their records).
+    Slots {
+        slots: Vec<usize>,
+        clips: Vec<ClipMeta>,
+    },
+    Reduce(Box<ReduceMsg>),
+    /// A reduced shard of the averaged gradient, from the worker that owns it.
+    Shard(Vec<f32>),
+    /// The sender's parameter digest after a step.
+    Digest(u64),
+}
+
+fn unexpected(what: &str, got: &Msg) -> anyhow::Error {
+    let kind = match got {
+        Msg::Setup(_) => "setup",
+        Msg::Slots { .. } => "slots",
+        Msg::Reduce(_) => "reduce",
+        Msg::Shard(_) => "shard",
+        Msg::Digest(_) => "digest",
+    };
+    anyhow!("collective out of step: expected a {what} message, got a {kind} message")
+}
+
+/// The training side of one worker: its model replica, the clips it loaded, and its end of
+/// the collective every worker trains through (data parallel: same masks, own clips,
+/// averaged gradients, identical parameters after every step).
+struct Trainer {
+    model: VJepa,
+    collective: Collective<Msg>,
+    /// This worker's loaded clips by step.
+    clips: Rc<RefCell<BTreeMap<u64, Vec<Clip>>>>,
+    /// Passes step `t` once `clips` holds all of this worker's clips of `t`.
+    loaded: ProbeHandle<u64>,
+    /// Steps trained (the next batch to train is number `trained`).
+    trained: u64,
+    total: u64,
+}
+
 fn run_worker(
     worker: &mut timely::worker::Worker,
     shared: &Arc<Shared>,
-    first_step: u64,
-    total: u64,
+    batches_in_flight: u64,
+) -> anyhow::Result<Option<TrainSummary>> {
+    let result = run_worker_inner(worker, shared, batches_in_flight);
+    if let Err(e) = &result {
+        // Stop this process's other workers and loaders; other processes notice that this
+        // worker left the collective.
+        shared
+            .fatal
+            .set(format!("worker {}: {e:#}", worker.index()));
+    }
+    result
+}
+
+fn run_worker_inner(
+    worker: &mut timely::worker::Worker,
+    shared: &Arc<Shared>,
     batches_in_flight: u64,
 ) -> anyhow::Result<Option<TrainSummary>> {
     let index = worker.index();
     let peers = worker.peers();
     let cfg = shared.cfg.clone();
     let batch_size = cfg.raw.data.batch_size;
+    let first_in_process = index.is_multiple_of(shared.threads);
     let loaders = (0..cfg.decode_threads())
         .map(|_| {
             StoreLoader::new(
@@ -561,7 +718,124 @@ fn run_worker(
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| anyhow!("GStreamer decoder: {e}"))?;
 
-    // Worker 0 trains and writes; the others load clips.
+    // Every worker builds the same dataflows in the same order: the collective, the catalog
+    // collection, the catalog versions broadcast, the clip pipeline.
+    let mut collective: Collective<Msg> = Collective::new(worker);
+    let mut catalog = catalog_counts(worker);
+    let mut versions_in: InputHandle<u64, CapacityContainerBuilder<Vec<VersionRecord>>> =
+        InputHandle::new();
+    let versions_known = ProbeHandle::new();
+    {
+        let versions = shared.versions.clone();
+        let adopt = first_in_process && shared.process != 0;
+        worker.dataflow::<u64, _, _>(|scope| {
+            versions_in
+                .to_stream(scope)
+                .broadcast()
+                .inspect(move |record: &VersionRecord| {
+                    // Process 0 made the version itself; the others replay worker 0's record.
+                    if adopt {
+                        let prev = versions.latest();
+                        versions.push(CatalogVersion::replay(Some(&prev), record));
+                    }
+                })
+                .probe_with(&versions_known);
+        });
+    }
+
+    // Setup: worker 0's view of the run (version 0 of the catalog, steps, resume point)
+    // becomes everyone's; each worker checks that it resumes from the same place.
+    let first = shared.versions.latest();
+    let own = SetupMsg {
+        videos: if index == 0 {
+            first.videos.clone()
+        } else {
+            Vec::new()
+        },
+        listed_unix_us: first.listed_unix_us,
+        first_step: shared.first_step,
+        first_clip: shared.first_clip,
+        total: shared.total,
+        ipe: shared.ipe,
+        catalog_key: first.key,
+        resumed_from: shared.resumed.as_ref().map(|_| shared.first_step),
+    };
+    let stop = || shared.stopped();
+    let setups = collective.all_to_all(worker, Msg::Setup(Box::new(own.clone())), stop)?;
+    let setup = match &setups[0] {
+        Msg::Setup(s) => (**s).clone(),
+        other => return Err(unexpected("setup", other)),
+    };
+    if (own.first_step, own.first_clip, own.resumed_from)
+        != (setup.first_step, setup.first_clip, setup.resumed_from)
+    {
+        bail!(
+            "worker {index} (process {}) starts at step {} (resumed: {:?}), worker 0 at step {} \
+             (resumed: {:?}): every process must read the same outputs.dir and checkpoint",
+            shared.process,
+            own.first_step,
+            own.resumed_from,
+            setup.first_step,
+            setup.resumed_from
+        );
+    }
+    if shared.process != 0 {
+        if first_in_process {
+            let listing = Listing {
+                videos: setup.videos.clone(),
+                rejected: Vec::new(),
+                listed_unix_us: setup.listed_unix_us,
+            };
+            let v0 = CatalogVersion::build(
+                0,
+                setup.first_step,
+                &listing,
+                &HashSet::new(),
+                shared.catalog.names.len(),
+            );
+            if v0.key != setup.catalog_key {
+                bail!("catalog version 0 from worker 0 does not rebuild to its key");
+            }
+            if v0.key != own.catalog_key {
+                tracing::info!(
+                    videos = v0.videos.len(),
+                    "using process 0's listing as catalog version 0 (this process listed different contents)"
+                );
+            }
+            shared.versions.reset(v0);
+        }
+        if setup.total != own.total || setup.ipe != own.ipe {
+            tracing::info!(
+                steps = setup.total,
+                ipe = setup.ipe,
+                "using process 0's run length (this process's listing gave another)"
+            );
+        }
+    }
+    let total = setup.total;
+    let model = match &shared.resumed {
+        Some(bytes) => VJepa::from_safetensors(bytes, &Device::Cpu)?,
+        None => VJepa::new(
+            shared.enc.clone(),
+            shared.pred.clone(),
+            cfg.optim_config(setup.ipe),
+            cfg.raw.meta.seed,
+            &Device::Cpu,
+        )?,
+    };
+    // Every replica starts bit-identical (same seed, or the same checkpoint).
+    check_digests(worker, &mut collective, &model, shared.first_step, shared)?;
+    if index == 0 {
+        let (e, p) = model.num_trainable_params();
+        tracing::info!(
+            encoder_params = e,
+            predictor_params = p,
+            replicas = peers,
+            "model ready"
+        );
+    }
+
+    // Worker 0 writes every output.
     let outputs = Rc::new(RefCell::new(Outputs {
         metrics: None,
         quarantine: None,
@@ -573,7 +847,6 @@ fn run_worker(
         steps: 0,
         checkpoints: Vec::new(),
     }));
-    let mut model: Option<VJepa> = None;
     if index == 0 {
         let mut o = outputs.borrow_mut();
         o.metrics = Some(
@@ -600,28 +873,11 @@ fn run_worker(
             }
         }
         o.quarantine = Some(q);
-        drop(o);
-        let resumed = shared.resumed.lock().ok().and_then(|mut m| m.take());
-        model = Some(match resumed {
-            Some(m) => m,
-            None => VJepa::new(
-                shared.enc.clone(),
-                shared.pred.clone(),
-                shared.optim.clone(),
-                cfg.raw.meta.seed,
-                &Device::Cpu,
-            )?,
-        });
-        if let Some(m) = &model {
-            let (e, p) = m.num_trainable_params();
-            tracing::info!(encoder_params = e, predictor_params = p, "model ready");
-        }
     }
 
     // The catalog as a differential collection (time = catalog version; version 0: the listing
     // at start): each worker enters its share of version 0, then worker 0 alone enters the
     // changes of later versions and learns the per-dataset counts, which drive the mixing.
-    let mut catalog = catalog_counts(worker);
     let first_version = shared.versions.latest();
     for (i, v) in first_version.videos.iter().enumerate() {
         if i % peers == index {
@@ -631,7 +887,10 @@ fn run_worker(
     catalog.input.advance_to(1);
     catalog.input.flush();
     while catalog.probe.less_than(&1) {
-        worker.step();
+        if shared.stopped() {
+            bail!("stopped while building the catalog");
+        }
+        worker.step_or_park(Some(PARK));
     }
     let mut catalog = if index == 0 {
         check_counts(&first_version, &catalog.counts.borrow())?;
@@ -656,67 +915,60 @@ fn run_worker(
     } else {
         None
     };
+    let mut versions_in = if index == 0 {
+        Some(versions_in)
+    } else {
+        drop(versions_in);
+        None
+    };
 
+    let first_step = shared.first_step;
     let mut input = InputHandle::new();
-    let probe = ProbeHandle::new();
     input.advance_to(first_step);
-    let step_outputs = outputs.clone();
-    let sink_outputs = outputs.clone();
+    let loaded = ProbeHandle::new();
+    let held: Rc<RefCell<BTreeMap<u64, Vec<Clip>>>> = Rc::default();
     let q_outputs = outputs.clone();
-    let train_shared = shared.clone();
-    let sink_shared = shared.clone();
     let q_shared = shared.clone();
-    let (batch_tel, mask_tel) = (shared.telemetry.clone(), shared.telemetry.clone());
-    let mut step_model = model;
-    worker.dataflow::<u64, _, _>(|scope| {
-        let requests = input.to_stream(scope);
-        let loaded = load_clips_parallel(requests, loaders);
-        let (clips, bad) = loaded.ok_err(|l: Loaded| match l {
-            Loaded::Clip(c) => Ok(c),
-            Loaded::Bad(q) => Err(q),
-        });
-        // Stage queues: a batch takes its clips out of the transform queue and waits for its
-        // masks; a masked batch waits for the trainer.
-        let batches = assemble_batches(clips, 0).inspect(move |b| {
-            batch_tel.queue_add(Stage::Transform, -(b.clips.len() as i64));
-            batch_tel.queue_add(Stage::Mask, 1);
-        });
-        let masked = mask_batches(batches, shared.generators.clone(), cfg.raw.meta.seed).inspect(
-            move |_| {
-                mask_tel.queue_add(Stage::Mask, -1);
-                mask_tel.items(Stage::Mask, 1);
-                mask_tel.queue_add(Stage::Train, 1);
-            },
-        );
-        let steps = train(masked, move |batch, data_wait| {
-            let model = step_model.as_mut()?;
-            train_step(model, batch, data_wait, &train_shared, &step_outputs, total)
-        })
-        .probe_with(&probe);
-        sink_local(steps, "Metrics", move |_step, row: MetricsRow| {
-            write_metrics(row, &sink_shared, &sink_outputs);
-        });
-        sink_records(bad, "Quarantine", 0, move |_step, q: Quarantined| {
-            let mut o = q_outputs.borrow_mut();
-            if o.seen_bad.insert(q.uri.clone()) {
-                q_shared.telemetry.quarantined(&q.uri, &q.reason);
-                o.quarantined += 1;
-                if let Some(w) = o.quarantine.as_mut() {
-                    w.push(to_quarantine_row(&q));
+    {
+        let held = held.clone();
+        worker.dataflow::<u64, _, _>(|scope| {
+            let requests = input.to_stream(scope);
+            let loaded_clips = load_clips_parallel(requests, loaders);
+            let (clips, bad) = loaded_clips.ok_err(|l: Loaded| match l {
+                Loaded::Clip(c) => Ok(c),
+                Loaded::Bad(q) => Err(q),
+            });
+            collect_local(clips, held).probe_with(&loaded);
+            sink_records(bad, "Quarantine", 0, move |_step, q: Quarantined| {
+                let mut o = q_outputs.borrow_mut();
+                if o.seen_bad.insert(q.uri.clone()) {
+                    q_shared.telemetry.quarantined(&q.uri, &q.reason);
+                    o.quarantined += 1;
+                    if let Some(w) = o.quarantine.as_mut() {
+                        w.push(to_quarantine_row(&q));
+                    }
                 }
-            }
+            });
         });
-    });
+    }
+    let mut trainer = Trainer {
+        model,
+        collective,
+        clips: held,
+        loaded,
+        trained: first_step,
+        total,
+    };
 
     // Feed this worker's share of every batch, at most `batches_in_flight` ahead of training.
     for step in first_step..total {
-        if shared.fatal.get().is_some() {
+        if shared.stopped() {
             break;
         }
         // A new listing becomes the catalog version for steps from `step + batches_in_flight`:
         // no worker can have requested those yet (each stays within `batches_in_flight` of the
-        // trained steps, and `step` is not requested), so every worker draws a step's clips from
-        // the same version, whenever its loader looks it up.
+        // trained steps, which are the same on every worker), and no worker requests a step
+        // before every version up to it has reached its process (the broadcast's frontier).
         if let (Some(rx), Some(cat)) = (listings.as_ref(), catalog.as_mut())
             && let Some(listing) = {
                 let waiting: Vec<Listing> = rx.try_iter().collect();
@@ -727,24 +979,29 @@ fn run_worker(
             }
         {
             let from_step = step + batches_in_flight;
-            if let Err(e) = apply_listing(worker, cat, &listing, from_step, shared, &outputs) {
-                shared
-                    .fatal
-                    .set(format!("catalog refresh at step {step}: {e:#}"));
-                break;
-            }
-            // Steps below the probe's frontier are trained: older versions are not needed.
-            if let Some(trained) = probe.with_frontier(|f| f.iter().next().copied()) {
-                shared.versions.forget_before(trained);
+            match apply_listing(worker, cat, &listing, from_step, shared, &outputs) {
+                Ok(Some(record)) => {
+                    if let Some(vin) = versions_in.as_mut() {
+                        vin.advance_to(from_step);
+                        vin.send(record);
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => bail!("catalog refresh at step {step}: {e:#}"),
             }
         }
+        if let Some(vin) = versions_in.as_mut() {
+            vin.advance_to(step + batches_in_flight);
+            vin.flush();
+        }
         // Steps up to `step - batches_in_flight` must be trained before `step` is requested.
-        // Only steps this run trains count: a resumed run's probe stays at 0 until its input
-        // has been scheduled, i.e. until it has sent something, so waiting for a floor at or
-        // below `first_step` before then would never end.
-        let floor = (step + 1).saturating_sub(batches_in_flight);
-        while floor > first_step && probe.less_than(&floor) && shared.fatal.get().is_none() {
-            // Loader threads wake the worker when a clip is in; no busy waiting.
+        while trainer.trained + batches_in_flight <= step {
+            trainer.train_next(worker, shared, &outputs)?;
+        }
+        while versions_known.less_equal(&step) {
+            if shared.stopped() {
+                break;
+            }
             worker.step_or_park(Some(PARK));
         }
         for slot in (0..batch_size).filter(|s| s % peers == index) {
@@ -761,14 +1018,25 @@ fn run_worker(
         worker.step();
     }
     drop(input);
+    drop(versions_in);
     drop(catalog);
     drop(listings);
-    while !probe.done() {
-        worker.step_or_park(Some(PARK));
+    while trainer.trained < total && !shared.stopped() {
+        trainer.train_next(worker, shared, &outputs)?;
+    }
+    if let Some(why) = shared.fatal.get() {
+        bail!("{why}");
     }
 
     if index != 0 {
-        return Ok(None);
+        return Ok(first_in_process.then(|| TrainSummary {
+            output: shared.out.url().to_string(),
+            steps: trainer.trained - first_step,
+            first_step,
+            last_loss: None,
+            quarantined: 0,
+            checkpoints: Vec::new(),
+        }));
     }
     let mut o = outputs.borrow_mut();
     let metrics = o.metrics.take();
@@ -793,60 +1061,312 @@ fn run_worker(
     }))
 }
 
-/// One optimiser step on worker 0, with its checkpoint when due; returns the metrics row.
-fn train_step(
-    model: &mut VJepa,
-    batch: MaskedBatch,
-    data_wait: Duration,
+/// Every worker sends its parameter digest to every worker; all fail, naming the workers
+/// whose replica differs from worker 0's, unless all agree. Returns the common digest.
+fn check_digests(
+    worker: &mut timely::worker::Worker,
+    collective: &mut Collective<Msg>,
+    model: &VJepa,
+    after_step: u64,
+    shared: &Shared,
+) -> anyhow::Result<u64> {
+    let mine = model.params_digest()?;
+    let all = collective.all_to_all(worker, Msg::Digest(mine), || shared.stopped())?;
+    let digests = all
+        .iter()
+        .map(|m| match m {
+            Msg::Digest(d) => Ok(*d),
+            other => Err(unexpected("digest", other)),
+        })
+        .collect::<anyhow::Result<Vec<u64>>>()?;
+    let differ: Vec<usize> = (0..digests.len())
+        .filter(|&w| digests[w] != digests[0])
+        .collect();
+    if !differ.is_empty() {
+        bail!(
+            "after step {after_step} the parameters of worker(s) {differ:?} differ from worker 0's \
+             (digests {digests:016x?}): the replicas diverged"
+        );
+    }
+    Ok(mine)
+}
+
+impl Trainer {
+    /// Trains step number `self.trained` on every worker at once: waits for this worker's
+    /// clips, agrees with the others on the step's slots, draws the global batch's masks, runs
+    /// forward and backward on its own clips, averages the gradients over all workers
+    /// (reduce-scatter by shard owner, then all-gather), applies them and checks digests.
+    fn train_next(
+        &mut self,
+        worker: &mut timely::worker::Worker,
+        shared: &Shared,
+        outputs: &Rc<RefCell<Outputs>>,
+    ) -> anyhow::Result<()> {
+        let step = self.trained;
+        let index = worker.index();
+        let peers = worker.peers();
+        let stop = || shared.stopped();
+        let waiting = Instant::now();
+        while self.loaded.less_equal(&step) {
+            if shared.stopped() {
+                bail!("stopped while waiting for the clips of step {step}");
+            }
+            worker.step_or_park(Some(PARK));
+        }
+        let data_wait = waiting.elapsed();
+        let started = Instant::now();
+        let mut clips = self.clips.borrow_mut().remove(&step).unwrap_or_default();
+        clips.sort_by_key(|c| c.slot);
+        shared
+            .telemetry
+            .queue_add(Stage::Transform, -(clips.len() as i64));
+
+        // 1. Which slots exist (a slot whose videos all failed has no clip), and the records.
+        let slots: Vec<usize> = clips.iter().map(|c| c.slot).collect();
+        let metas: Vec<ClipMeta> = clips.iter().map(clip_meta).collect();
+        let outgoing = (0..peers)
+            .map(|to| Msg::Slots {
+                slots: slots.clone(),
+                clips: if to == 0 { metas.clone() } else { Vec::new() },
+            })
+            .collect();
+        let got = self.collective.scatter(worker, outgoing, stop)?;
+        let mut global: Vec<usize> = Vec::new();
+        let mut records: Vec<ClipMeta> = Vec::new();
+        for m in got {
+            match m {
+                Msg::Slots { slots, clips } => {
+                    global.extend(slots);
+                    records.extend(clips);
+                }
+                other => return Err(unexpected("slots", &other)),
+            }
+        }
+        global.sort_unstable();
+        records.sort_by_key(|r| r.slot);
+        if global.is_empty() {
+            bail!("step {step}: no clips could be loaded");
+        }
+
+        // 2. The masks of the whole global batch, exactly as one worker would draw them; this
+        // worker takes the rows of its slots.
+        let seed = shared.cfg.raw.meta.seed;
+        let mut positions = rng_for(seed, Stream::MaskPositions, step);
+        let masks = shared
+            .generators
+            .iter()
+            .map(|g| g.generate(seed, 0, step, global.len(), &mut positions))
+            .collect::<Result<Vec<BatchMask>, _>>()
+            .map_err(|e| anyhow!("step {step}: cannot draw masks: {e}"))?;
+        shared.telemetry.items(Stage::Mask, 1);
+        let rows: Vec<usize> = slots
+            .iter()
+            .filter_map(|s| global.binary_search(s).ok())
+            .collect();
+        let context_tokens: Vec<usize> = masks
+            .iter()
+            .map(|m| m.context.first().map_or(0, Vec::len))
+            .collect();
+        let target_tokens: Vec<usize> = masks
+            .iter()
+            .map(|m| m.target.first().map_or(0, Vec::len))
+            .collect();
+
+        // 3. This worker's gradient (of its clips' mean loss).
+        let shape = (
+            shared.cfg.raw.data.num_frames,
+            shared.cfg.raw.data.crop_size,
+        );
+        let mut nonfinite = None;
+        let computed = if clips.is_empty() {
+            Ok(self.model.empty_gradients(masks.len()))
+        } else {
+            to_train_batch(&clips, &masks, &rows, shape).and_then(|b| {
+                self.model.compute_gradients(&b).map_err(|e| {
+                    if let vjepa_model::ModelError::NonFiniteLoss { loss, .. } = &e {
+                        nonfinite = Some(*loss);
+                    }
+                    anyhow!("training step {} failed: {e}", step + 1)
+                })
+            })
+        };
+        drop(clips);
+        let (mut grads, failed) = match computed {
+            Ok(g) => (g, None),
+            Err(e) => (
+                self.model.empty_gradients(masks.len()),
+                Some(format!("{e:#}")),
+            ),
+        };
+        let flat = self.model.flatten_gradients(&grads)?;
+
+        // 4. Reduce-scatter: worker k sums shard k of every worker's gradient, in worker order.
+        let len = flat.values.len();
+        let outgoing = (0..peers)
+            .map(|k| {
+                Msg::Reduce(Box::new(ReduceMsg {
+                    samples: grads.samples,
+                    loss: grads.loss,
+                    target_std: grads.target_std,
+                    loss_per_mask: grads.loss_per_mask.clone(),
+                    present: flat.present.clone(),
+                    shard: flat.values[shard_range(len, peers, k)].to_vec(),
+                    failed: failed.clone(),
+                    nonfinite,
+                }))
+            })
+            .collect();
+        drop(flat);
+        let got = self.collective.scatter(worker, outgoing, stop)?;
+        let parts = got
+            .into_iter()
+            .map(|m| match m {
+                Msg::Reduce(r) => Ok(*r),
+                other => Err(unexpected("reduce", &other)),
+            })
+            .collect::<anyhow::Result<Vec<ReduceMsg>>>()?;
+        if index == 0
+            && let Some(loss) = parts.iter().find_map(|p| p.nonfinite)
+        {
+            shared.telemetry.non_finite_loss(loss);
+        }
+        if let Some((w, why)) = parts
+            .iter()
+            .enumerate()
+            .find_map(|(w, p)| p.failed.as_ref().map(|f| (w, f)))
+        {
+            bail!("worker {w}: {why}");
+        }
+        let samples: usize = parts.iter().map(|p| p.samples).sum();
+        let weights: Vec<(usize, &[f32])> =
+            parts.iter().map(|p| (p.samples, &p.shard[..])).collect();
+        let reduced = weighted_mean(&weights);
+        let n_masks = grads.loss_per_mask.len();
+        let loss = weighted_scalar(parts.iter().map(|p| (p.samples, p.loss)), samples);
+        let target_std = weighted_scalar(parts.iter().map(|p| (p.samples, p.target_std)), samples);
+        let loss_per_mask: Vec<f64> = (0..n_masks)
+            .map(|i| {
+                weighted_scalar(
+                    parts
+                        .iter()
+                        .map(|p| (p.samples, p.loss_per_mask.get(i).copied().unwrap_or(0.0))),
+                    samples,
+                )
+            })
+            .collect();
+        let present: Vec<bool> = (0..parts[0].present.len())
+            .map(|i| {
+                parts
+                    .iter()
+                    .any(|p| p.present.get(i).copied().unwrap_or(false))
+            })
+            .collect();
+        drop(parts);
+
+        // 5. All-gather: every worker gets every reduced shard, so all apply the same bits.
+        let got = self
+            .collective
+            .all_to_all(worker, Msg::Shard(reduced), stop)?;
+        let mut values = Vec::with_capacity(len);
+        for m in got {
+            match m {
+                Msg::Shard(x) => values.extend(x),
+                other => return Err(unexpected("shard", &other)),
+            }
+        }
+        self.model
+            .set_flat_gradients(&mut grads, &FlatGradients { values, present })?;
+        grads.loss = loss;
+        grads.target_std = target_std;
+        grads.loss_per_mask = loss_per_mask;
+        grads.samples = samples;
+        grads.context_tokens = context_tokens;
+        grads.target_tokens = target_tokens;
+        let stats = self
+            .model
+            .apply_gradients(grads)
+            .map_err(|e| anyhow!("training step {} failed: {e}", step + 1))?;
+        self.trained = step + 1;
+        let done = stats.step;
+
+        // 6. Every replica must hold the same parameters.
+        let every = shared.check_params_every;
+        let digest = if (every > 0 && done.is_multiple_of(every)) || done == self.total {
+            check_digests(worker, &mut self.collective, &self.model, done, shared)?
+        } else {
+            0
+        };
+        if index.is_multiple_of(shared.threads) {
+            // Steps below the one trained are done everywhere: older versions are not needed.
+            shared.versions.forget_before(step + 1);
+        }
+        let step_time = started.elapsed();
+        if index == 0 {
+            finish_step(
+                &self.model,
+                &stats,
+                &records,
+                global.len(),
+                (data_wait, step_time),
+                digest,
+                shared,
+                outputs,
+                self.total,
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// Σ n_w · x_w / N in f64, in worker order (the global-batch mean of per-worker means).
+fn weighted_scalar(parts: impl Iterator<Item = (usize, f64)>, total: usize) -> f64 {
+    if total == 0 {
+        return 0.0;
+    }
+    let sum: f64 = parts
+        .filter(|(n, _)| *n > 0)
+        .map(|(n, x)| n as f64 * x)
+        .sum();
+    sum / total as f64
+}
+
+fn clip_meta(c: &Clip) -> ClipMeta {
+    let p = &c.params;
+    ClipMeta {
+        slot: c.slot,
+        uri: c.uri.clone(),
+        frames: c.frame_indices.clone(),
+        crop: [
+            p.crop.top as i64,
+            p.crop.left as i64,
+            p.crop.height as i64,
+            p.crop.width as i64,
+        ],
+        flip: p.flip,
+        bytes_read: c.bytes_read,
+        decode_s: c.decode_s,
+    }
+}
+
+/// Worker 0 after a step: the checkpoint when due, the clip records of the whole global
+/// batch, and the metrics row.
+#[allow(clippy::too_many_arguments)]
+fn finish_step(
+    model: &VJepa,
+    stats: &vjepa_model::StepStats,
+    records: &[ClipMeta],
+    clips: usize,
+    (data_wait, step_time): (Duration, Duration),
+    params_digest: u64,
     shared: &Shared,
     outputs: &Rc<RefCell<Outputs>>,
     total: u64,
-) -> Option<MetricsRow> {
-    shared.telemetry.queue_add(Stage::Train, -1);
-    if shared.fatal.get().is_some() {
-        return None;
-    }
-    let started = Instant::now();
-    let step = batch.batch.step;
-    let clips = batch.batch.clips.len();
-    if clips == 0 {
-        shared
-            .fatal
-            .set(format!("step {step}: no clips could be loaded"));
-        return None;
-    }
-    let shape = (
-        shared.cfg.raw.data.num_frames,
-        shared.cfg.raw.data.crop_size,
-    );
-    let result = to_train_batch(&batch, shape).and_then(|b| {
-        model.train_step(&b).map_err(|e| {
-            if let vjepa_model::ModelError::NonFiniteLoss { loss, .. } = &e {
-                shared.telemetry.non_finite_loss(*loss);
-            }
-            anyhow!(e)
-        })
-    });
-    let stats = match result {
-        Ok(s) => s,
-        Err(e) => {
-            shared
-                .fatal
-                .set(format!("training step {step} failed: {e:#}"));
-            return None;
-        }
-    };
-    if !stats.loss.is_finite() {
-        shared.fatal.set(format!(
-            "loss is {} at step {}: stopping",
-            stats.loss, stats.step
-        ));
-    }
-    let step_time = started.elapsed();
+) -> anyhow::Result<()> {
     let cfg = &shared.cfg.raw;
     let every = cfg.outputs.checkpoint_every;
     let done = stats.step;
-    if (every > 0 && done % every == 0) || done == total {
+    let step = done - 1;
+    if (every > 0 && done.is_multiple_of(every)) || done == total {
         let next_clip = shared.first_clip + (done - shared.first_step) * cfg.data.batch_size as u64;
         let run_state = [
             (META_NEXT_CLIP.to_string(), next_clip.to_string()),
@@ -860,40 +1380,25 @@ fn train_step(
                 shared.versions.at_step(done + 1).version.to_string(),
             ),
         ];
-        match model.to_safetensors_with(&run_state) {
-            Ok(bytes) => match shared.handle.block_on(checkpoints::write(
-                &shared.out,
-                done,
-                Bytes::from(bytes),
-            )) {
-                Ok(rel) => {
-                    tracing::info!(checkpoint = %shared.out.uri_of(&rel), "checkpoint written");
-                    outputs.borrow_mut().checkpoints.push(rel);
-                }
-                Err(e) => shared
-                    .fatal
-                    .set(format!("writing checkpoint at step {done}: {e}")),
-            },
-            Err(e) => shared
-                .fatal
-                .set(format!("serialising checkpoint at step {done}: {e}")),
-        }
+        let bytes = model
+            .to_safetensors_with(&run_state)
+            .map_err(|e| anyhow!("serialising checkpoint at step {done}: {e}"))?;
+        let rel = shared
+            .handle
+            .block_on(checkpoints::write(&shared.out, done, Bytes::from(bytes)))
+            .map_err(|e| anyhow!("writing checkpoint at step {done}: {e}"))?;
+        tracing::info!(checkpoint = %shared.out.uri_of(&rel), "checkpoint written");
+        outputs.borrow_mut().checkpoints.push(rel);
     }
     if let Some(w) = outputs.borrow_mut().clips.as_mut() {
-        for c in &batch.batch.clips {
-            let p = &c.params;
+        for c in records {
             w.push(ClipRow {
                 step,
                 slot: c.slot as u64,
                 uri: c.uri.clone(),
-                frames: c.frame_indices.iter().map(|&f| f as i64).collect(),
-                crop: [
-                    p.crop.top as i64,
-                    p.crop.left as i64,
-                    p.crop.height as i64,
-                    p.crop.width as i64,
-                ],
-                flip: p.flip,
+                frames: c.frames.iter().map(|&f| f as i64).collect(),
+                crop: c.crop,
+                flip: c.flip,
             });
         }
     }
@@ -915,9 +1420,10 @@ fn train_step(
         clips_per_sec: clips as f64 / wall.as_secs_f64().max(1e-9),
         step_time_s: step_time.as_secs_f64(),
         data_wait_s: data_wait.as_secs_f64(),
-        bytes_read: batch.batch.clips.iter().map(|c| c.bytes_read).sum(),
-        decode_s: batch.batch.clips.iter().map(|c| c.decode_s).sum(),
+        bytes_read: records.iter().map(|c| c.bytes_read).sum(),
+        decode_s: records.iter().map(|c| c.decode_s).sum(),
         target_std: stats.target_std,
+        params_digest,
     };
     shared.telemetry.items(Stage::Train, 1);
     shared.telemetry.record_step(&StepSample {
@@ -935,7 +1441,7 @@ fn train_step(
         step_s: step_time.as_secs_f64(),
         data_wait_s: data_wait.as_secs_f64(),
     });
-    if done % cfg.outputs.log_every == 0 || done == total || done == 1 {
+    if done.is_multiple_of(cfg.outputs.log_every) || done == total || done == 1 {
         tracing::info!(
             step = done,
             epoch = row.epoch,
@@ -950,7 +1456,8 @@ fn train_step(
             "train"
         );
     }
-    Some(row)
+    write_metrics(row, shared, outputs);
+    Ok(())
 }
 
 fn write_metrics(row: MetricsRow, shared: &Shared, outputs: &Rc<RefCell<Outputs>>) {
@@ -1045,7 +1552,7 @@ fn write_version_record(
     shared: &Shared,
     version: &CatalogVersion,
     prev: Option<&CatalogVersion>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<VersionRecord> {
     let record = version.record(prev, &shared.catalog.names);
     let json = serde_json::to_vec(&record).context("encoding a catalog version record")?;
     let name = record.object_name();
@@ -1053,12 +1560,13 @@ fn write_version_record(
         .handle
         .block_on(shared.out.put(&name, Bytes::from(json)))
         .with_context(|| format!("writing {}", shared.out.uri_of(&name)))?;
-    Ok(())
+    Ok(record)
 }
 
 /// Worker 0: turns a new listing into the catalog version for steps from `from_step` (unless
 /// nothing changed): quarantined videos are left out, the changes go through the catalog
 /// collection, whose counts become the version's, and the version is recorded and published.
+/// Returns its record, for the other processes.
 fn apply_listing(
     worker: &mut timely::worker::Worker,
     cat: &mut CatalogCounts,
@@ -1066,7 +1574,7 @@ fn apply_listing(
     from_step: u64,
     shared: &Shared,
     outputs: &Rc<RefCell<Outputs>>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Option<VersionRecord>> {
     let prev = shared.versions.latest();
     let excluded = {
         let mut o = outputs.borrow_mut();
@@ -1092,7 +1600,7 @@ fn apply_listing(
     let (added, removed) = next.diff(&prev);
     if added.is_empty() && removed.is_empty() {
         tracing::debug!(version = prev.version, "catalog refreshed: unchanged");
-        return Ok(());
+        return Ok(None);
     }
     if let Err(e) = VersionDraws::new(
         shared.cfg.raw.meta.seed,
@@ -1101,7 +1609,7 @@ fn apply_listing(
         &shared.settings.mixing,
     ) {
         tracing::warn!(error = %e, "catalog refresh left nothing to draw from; keeping the current catalog");
-        return Ok(());
+        return Ok(None);
     }
     let (n_added, n_removed) = (added.len(), removed.len());
     for v in added {
@@ -1123,7 +1631,7 @@ fn apply_listing(
     next.counts = (0..next.counts.len())
         .map(|d| counts.get(&d).copied().unwrap_or(0).max(0) as usize)
         .collect();
-    write_version_record(shared, &next, Some(&prev))?;
+    let record = write_version_record(shared, &next, Some(&prev))?;
     tracing::info!(
         version = next.version,
         from_step,
@@ -1137,7 +1645,7 @@ fn apply_listing(
         .telemetry
         .set_catalog(&shared.catalog.names, &next.counts);
     shared.versions.push(next);
-    Ok(())
+    Ok(Some(record))
 }
 
 fn to_quarantine_row(q: &Quarantined) -> vjepa_storage::tables::QuarantineRow {
@@ -1149,9 +1657,17 @@ fn to_quarantine_row(q: &Quarantined) -> vjepa_storage::tables::QuarantineRow {
     }
 }
 
-/// Packs clips (`[3, frames, crop, crop]` each) and masks into the model's tensors.
-fn to_train_batch(batch: &MaskedBatch, (t, s): (usize, usize)) -> anyhow::Result<TrainBatch> {
-    let clips = &batch.batch.clips;
+/// Packs clips (`[3, frames, crop, crop]` each) and rows `rows` of the global batch's masks
+/// (row `rows[i]` for `clips[i]`) into the model's tensors.
+fn to_train_batch(
+    clips: &[Clip],
+    masks: &[BatchMask],
+    rows: &[usize],
+    (t, s): (usize, usize),
+) -> anyhow::Result<TrainBatch> {
+    if rows.len() != clips.len() {
+        bail!("{} clips but {} mask rows", clips.len(), rows.len());
+    }
     let per_clip = 3 * t * s * s;
     let mut data = Vec::with_capacity(per_clip * clips.len());
     for c in clips {
@@ -1165,16 +1681,25 @@ fn to_train_batch(batch: &MaskedBatch, (t, s): (usize, usize)) -> anyhow::Result
         data.extend_from_slice(&c.data);
     }
     let clips_t = Tensor::from_vec(data, (clips.len(), 3, t, s, s), &Device::Cpu)?;
-    let mut masks = Vec::with_capacity(batch.masks.len());
-    for m in &batch.masks {
-        masks.push(MaskIndices {
-            context: index_tensor(&m.context)?,
-            target: index_tensor(&m.target)?,
+    let pick = |all: &[Vec<u32>]| -> anyhow::Result<Vec<Vec<u32>>> {
+        rows.iter()
+            .map(|&r| {
+                all.get(r)
+                    .cloned()
+                    .ok_or_else(|| anyhow!("mask row {r} of {}", all.len()))
+            })
+            .collect()
+    };
+    let mut picked = Vec::with_capacity(masks.len());
+    for m in masks {
+        picked.push(MaskIndices {
+            context: index_tensor(&pick(&m.context)?)?,
+            target: index_tensor(&pick(&m.target)?)?,
         });
     }
     Ok(TrainBatch {
         clips: clips_t,
-        masks,
+        masks: picked,
     })
 }
 

@@ -62,6 +62,15 @@ enum Command {
         /// (port 0: any free port; the address is logged and written to <out>/telemetry.addr).
         #[arg(long)]
         listen: Option<String>,
+        /// Processes in a cluster-mode job (overrides cluster.processes).
+        #[arg(long)]
+        processes: Option<usize>,
+        /// This process's number, 0-based (overrides cluster.process).
+        #[arg(long)]
+        process: Option<usize>,
+        /// One host:port per line, line i for process i (overrides cluster.hostfile).
+        #[arg(long)]
+        hostfile: Option<String>,
     },
     /// Parse and validate a config without doing any work; lists official keys that are ignored.
     /// Exit 2 naming the key when it is refused.
@@ -73,6 +82,15 @@ enum Command {
         /// makes no request. For deployments: run it where and as the job will run.
         #[arg(long)]
         locations: bool,
+        /// Processes in a cluster-mode job (overrides cluster.processes).
+        #[arg(long)]
+        processes: Option<usize>,
+        /// This process's number, 0-based (overrides cluster.process).
+        #[arg(long)]
+        process: Option<usize>,
+        /// One host:port per line, line i for process i (overrides cluster.hostfile).
+        #[arg(long)]
+        hostfile: Option<String>,
     },
     /// Load a checkpoint (path or object-store URL) and print what it holds.
     Inspect { checkpoint: String },
@@ -229,7 +247,17 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     match cli.command {
-        Command::CheckConfig { config, locations } => match JobConfig::load(&config) {
+        Command::CheckConfig {
+            config,
+            locations,
+            processes,
+            process,
+            hostfile,
+        } => match JobConfig::load(&config).and_then(|mut cfg| {
+            cfg.apply_cluster_flags(processes, process, hostfile)?;
+            cfg.cluster_addresses()?;
+            Ok(cfg)
+        }) {
             Ok(cfg) => {
                 for (key, why) in &cfg.ignored {
                     println!("ignored: {key} ({why})");
@@ -276,8 +304,15 @@ fn main() -> ExitCode {
             resume,
             fresh,
             listen,
+            processes,
+            process,
+            hostfile,
         } => {
-            let cfg = match JobConfig::load(&config) {
+            let cfg = match JobConfig::load(&config).and_then(|mut cfg| {
+                cfg.apply_cluster_flags(processes, process, hostfile)?;
+                cfg.cluster_addresses()?;
+                Ok(cfg)
+            }) {
                 Ok(cfg) => cfg,
                 Err(e) => return config_error(&e),
             };

@@ -81,3 +81,43 @@ fn train_refuses_a_bad_config_before_any_work() {
         "no output may be written for a refused config"
     );
 }
+
+#[test]
+fn cluster_flags_are_checked_naming_the_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("c.yaml");
+    std::fs::write(&p, official("../configs/quickstart.yaml")).unwrap();
+    let run = |args: &[&str]| {
+        Command::new(bin())
+            .args(["check-config", "--config", p.to_str().unwrap()])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let hosts = tmp.path().join("hosts");
+    std::fs::write(&hosts, "127.0.0.1:7400\n127.0.0.1:7401\n").unwrap();
+    let h = hosts.to_str().unwrap();
+    let ok = run(&["--processes", "2", "--process", "1", "--hostfile", h]);
+    assert_eq!(ok.status.code(), Some(0), "{ok:?}");
+    for (args, key) in [
+        (
+            vec!["--processes", "2", "--process", "2", "--hostfile", h],
+            "cluster.process",
+        ),
+        (vec!["--processes", "2"], "cluster.hostfile"),
+        (
+            vec!["--processes", "3", "--hostfile", h],
+            "cluster.hostfile",
+        ),
+        (vec!["--processes", "0"], "cluster.processes"),
+    ] {
+        let out = run(&args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(key), "{args:?}: {err}");
+    }
+    std::fs::write(&hosts, "127.0.0.1:7400\nnot-an-address\n").unwrap();
+    let out = run(&["--processes", "2", "--hostfile", h]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("line 2"));
+}

@@ -18,11 +18,12 @@ fn s3_run_matches_local_run_step_for_step() {
     make_corpus(&videos, 5);
     let steps = 6;
 
-    // Local run.
+    // Local run, with as many workers as the S3 run: training is data parallel, so the
+    // worker count sets the order gradients are summed in (`tests/cluster.rs` compares counts).
     let local_out = tmp.path().join("local-out");
     let local_cfg = tmp.path().join("local.yaml");
     write_config(&local_cfg, &videos, &local_out, steps);
-    assert_ok(&run_train(&local_cfg, &[], &["--workers", "1"]));
+    assert_ok(&run_train(&local_cfg, &[], &["--workers", "2"]));
 
     // The same videos in a bucket; outputs to the bucket too.
     let bucket = server.create_bucket("corpus").unwrap();

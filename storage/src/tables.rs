@@ -9,10 +9,11 @@ use std::sync::Arc;
 
 use arrow::array::{
     Array, ArrayRef, AsArray, BooleanBuilder, Float64Builder, Int64Builder, ListBuilder,
-    RecordBatch, StringBuilder, TimestampMicrosecondBuilder,
+    RecordBatch, StringBuilder, TimestampMicrosecondBuilder, UInt64Builder,
 };
 use arrow::datatypes::{
     DataType, Field, Float64Type, Int64Type, Schema, SchemaRef, TimeUnit, TimestampMicrosecondType,
+    UInt64Type,
 };
 use bytes::Bytes;
 use object_store::buffered::BufWriter;
@@ -65,6 +66,9 @@ pub struct MetricsRow {
     /// Collapse signal: std of the target encoder's (normalised) features across the batch,
     /// mean over tokens and dims (near 0: the representations collapsed).
     pub target_std: f64,
+    /// Digest of the model's parameter bytes after the step (`VJepa::params_digest`): in
+    /// data-parallel training every worker's digest equals this one (the job checks it).
+    pub params_digest: u64,
 }
 
 /// One video that could not be used, and why.
@@ -132,6 +136,7 @@ pub fn metrics_schema() -> SchemaRef {
         Field::new("bytes_read", DataType::Int64, false),
         Field::new("decode_s", DataType::Float64, false),
         Field::new("target_std", DataType::Float64, false),
+        Field::new("params_digest", DataType::UInt64, false),
     ]))
 }
 
@@ -186,6 +191,7 @@ fn metrics_batch(rows: &[MetricsRow]) -> Result<RecordBatch, arrow::error::Arrow
     let mut br = Int64Builder::with_capacity(n);
     let mut ds = Float64Builder::with_capacity(n);
     let mut ts = Float64Builder::with_capacity(n);
+    let mut pd = UInt64Builder::with_capacity(n);
     for r in rows {
         step.append_value(u64_to_i64(r.step));
         epoch.append_value(u64_to_i64(r.epoch));
@@ -208,6 +214,7 @@ fn metrics_batch(rows: &[MetricsRow]) -> Result<RecordBatch, arrow::error::Arrow
         br.append_value(u64_to_i64(r.bytes_read));
         ds.append_value(r.decode_s);
         ts.append_value(r.target_std);
+        pd.append_value(r.params_digest);
     }
     let columns: Vec<ArrayRef> = vec![
         Arc::new(step.finish()),
@@ -228,6 +235,7 @@ fn metrics_batch(rows: &[MetricsRow]) -> Result<RecordBatch, arrow::error::Arrow
         Arc::new(br.finish()),
         Arc::new(ds.finish()),
         Arc::new(ts.finish()),
+        Arc::new(pd.finish()),
     ];
     RecordBatch::try_new(metrics_schema(), columns)
 }
@@ -594,6 +602,13 @@ pub(crate) fn i64_col(uri: &str, b: &RecordBatch, name: &str) -> Result<Vec<i64>
     Ok(a.values().to_vec())
 }
 
+fn u64_col(uri: &str, b: &RecordBatch, name: &str) -> Result<Vec<u64>, StorageError> {
+    let a = col(uri, b, name)?
+        .as_primitive_opt::<UInt64Type>()
+        .ok_or_else(|| schema_err(uri, name, "not uint64"))?;
+    Ok(a.values().to_vec())
+}
+
 fn f64_col(uri: &str, b: &RecordBatch, name: &str) -> Result<Vec<f64>, StorageError> {
     let a = col(uri, b, name)?
         .as_primitive_opt::<Float64Type>()
@@ -679,6 +694,7 @@ pub async fn read_metrics(store: &Store, rel: &str) -> Result<Vec<MetricsRow>, S
         let br = i64_col(u, &b, "bytes_read")?;
         let ds = f64_col(u, &b, "decode_s")?;
         let ts = f64_col(u, &b, "target_std")?;
+        let pd = u64_col(u, &b, "params_digest")?;
         let mut lpm = lpm.into_iter();
         let mut ctx = ctx.into_iter();
         let mut tgt = tgt.into_iter();
@@ -702,6 +718,7 @@ pub async fn read_metrics(store: &Store, rel: &str) -> Result<Vec<MetricsRow>, S
                 bytes_read: i64_to_u64(u, "bytes_read", br[i])?,
                 decode_s: ds[i],
                 target_std: ts[i],
+                params_digest: pd[i],
             });
         }
     }
