@@ -182,6 +182,13 @@ fn run_training(
     let start: Option<Resumed> = if overrides.fresh {
         // Only process 0 writes to the outputs; the others start fresh without touching them.
         let removed = if process == 0 {
+            let tables = handle.block_on(remove_run_tables(&out))?;
+            if tables > 0 {
+                tracing::warn!(
+                    removed = tables,
+                    "--fresh: deleted the earlier run's -from- tables and catalog records"
+                );
+            }
             handle.block_on(checkpoints::remove_all(&out))?
         } else {
             0
@@ -1458,6 +1465,25 @@ fn finish_step(
     }
     write_metrics(row, shared, outputs);
     Ok(())
+}
+
+/// Deletes what a run leaves besides its checkpoints and first tables: the tables of resumed
+/// runs and rolls (`metrics-from-*.parquet`, `quarantine-from-*`, `clips-from-*`) and the
+/// catalog records, so that a fresh run's outputs are its own (the first tables it overwrites).
+async fn remove_run_tables(out: &Store) -> anyhow::Result<usize> {
+    let mut removed = 0;
+    for o in out.list().await? {
+        let name = o.path.as_str();
+        let table = ["metrics-from-", "quarantine-from-", "clips-from-"]
+            .iter()
+            .any(|p| name.starts_with(p) && name.ends_with(".parquet") && !name.contains('/'));
+        let record = name.starts_with("catalog/step-") && name.ends_with(".json");
+        if table || record {
+            out.delete(name).await?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
 }
 
 fn write_metrics(row: MetricsRow, shared: &Shared, outputs: &Rc<RefCell<Outputs>>) {
