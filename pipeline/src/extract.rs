@@ -772,12 +772,14 @@ mod tests {
         );
         // ceil(37) = 37 resized pixels = 37·240/224 = 39.6 → 40 source pixels.
         assert_eq!(b[1].left, 40);
-        assert_eq!(b[2].left, 80);
+        // The last crop starts at resized pixel 74 = source 79.3 (the truncated long side
+        // leaves the official last crop short of the right edge, by under one source pixel).
+        assert_eq!(b[2].left, 79);
         let centre = view_boxes(240, 320, 224, 1);
         assert_eq!(centre[0].left, 40);
         // Portrait: along the height.
         let p = view_boxes(320, 240, 224, 3);
-        assert_eq!((p[2].top, p[2].left), (80, 0));
+        assert_eq!((p[2].top, p[2].left), (79, 0));
         // Square: all the same.
         assert!(
             view_boxes(64, 64, 64, 3)
