@@ -1373,30 +1373,7 @@ fn finish_step(
     let every = cfg.outputs.checkpoint_every;
     let done = stats.step;
     let step = done - 1;
-    if (every > 0 && done.is_multiple_of(every)) || done == total {
-        let next_clip = shared.first_clip + (done - shared.first_step) * cfg.data.batch_size as u64;
-        let run_state = [
-            (META_NEXT_CLIP.to_string(), next_clip.to_string()),
-            (META_BATCH_SIZE.to_string(), cfg.data.batch_size.to_string()),
-            (
-                META_CATALOG.to_string(),
-                catalog_key(&shared.versions.at_step(done + 1)),
-            ),
-            (
-                META_CATALOG_VERSION.to_string(),
-                shared.versions.at_step(done + 1).version.to_string(),
-            ),
-        ];
-        let bytes = model
-            .to_safetensors_with(&run_state)
-            .map_err(|e| anyhow!("serialising checkpoint at step {done}: {e}"))?;
-        let rel = shared
-            .handle
-            .block_on(checkpoints::write(&shared.out, done, Bytes::from(bytes)))
-            .map_err(|e| anyhow!("writing checkpoint at step {done}: {e}"))?;
-        tracing::info!(checkpoint = %shared.out.uri_of(&rel), "checkpoint written");
-        outputs.borrow_mut().checkpoints.push(rel);
-    }
+    let checkpointed = (every > 0 && done.is_multiple_of(every)) || done == total;
     if let Some(w) = outputs.borrow_mut().clips.as_mut() {
         for c in records {
             w.push(ClipRow {
@@ -1464,6 +1441,82 @@ fn finish_step(
         );
     }
     write_metrics(row, shared, outputs);
+    if checkpointed {
+        // The tables first: whenever a checkpoint exists, every row up to its step is in a
+        // completed file (a kill between the two only repeats steps, never loses rows).
+        if done < total {
+            roll_tables(done, shared, outputs)?;
+        } else {
+            close_final_tables(shared, outputs)?;
+        }
+        let next_clip = shared.first_clip + (done - shared.first_step) * cfg.data.batch_size as u64;
+        let run_state = [
+            (META_NEXT_CLIP.to_string(), next_clip.to_string()),
+            (META_BATCH_SIZE.to_string(), cfg.data.batch_size.to_string()),
+            (
+                META_CATALOG.to_string(),
+                catalog_key(&shared.versions.at_step(done + 1)),
+            ),
+            (
+                META_CATALOG_VERSION.to_string(),
+                shared.versions.at_step(done + 1).version.to_string(),
+            ),
+        ];
+        let bytes = model
+            .to_safetensors_with(&run_state)
+            .map_err(|e| anyhow!("serialising checkpoint at step {done}: {e}"))?;
+        let rel = shared
+            .handle
+            .block_on(checkpoints::write(&shared.out, done, Bytes::from(bytes)))
+            .map_err(|e| anyhow!("writing checkpoint at step {done}: {e}"))?;
+        tracing::info!(checkpoint = %shared.out.uri_of(&rel), "checkpoint written");
+        outputs.borrow_mut().checkpoints.push(rel);
+    }
+    Ok(())
+}
+
+/// Before the last checkpoint: completes the metrics and clips tables (the quarantine table stays
+/// open for records still arriving; it closes with the run).
+fn close_final_tables(shared: &Shared, outputs: &Rc<RefCell<Outputs>>) -> anyhow::Result<()> {
+    let (metrics, clips) = {
+        let mut o = outputs.borrow_mut();
+        (o.metrics.take(), o.clips.take())
+    };
+    if let Some(w) = metrics {
+        shared
+            .handle
+            .block_on(w.close())
+            .map_err(|e| anyhow!("writing metrics: {e}"))?;
+    }
+    if let Some(w) = clips {
+        shared
+            .handle
+            .block_on(w.close())
+            .map_err(|e| anyhow!("writing clip records: {e}"))?;
+    }
+    Ok(())
+}
+
+/// After the checkpoint at `step`: completes the metrics, quarantine and clips tables (their
+/// rows up to `step` are readable from now on, whatever happens to the process) and goes on in
+/// `*-from-{step}.parquet`, the names a run resumed from that checkpoint writes. A run killed
+/// later loses only rows of steps that its resumed run trains, and writes, again.
+fn roll_tables(step: u64, shared: &Shared, outputs: &Rc<RefCell<Outputs>>) -> anyhow::Result<()> {
+    let mut o = outputs.borrow_mut();
+    o.rows_since_flush = 0;
+    let h = &shared.handle;
+    if let Some(w) = o.metrics.as_mut() {
+        h.block_on(w.roll(&format!("metrics-from-{step:08}.parquet")))
+            .map_err(|e| anyhow!("writing metrics: {e}"))?;
+    }
+    if let Some(w) = o.quarantine.as_mut() {
+        h.block_on(w.roll(&format!("quarantine-from-{step:08}.parquet")))
+            .map_err(|e| anyhow!("writing quarantine records: {e}"))?;
+    }
+    if let Some(w) = o.clips.as_mut() {
+        h.block_on(w.roll(&format!("clips-from-{step:08}.parquet")))
+            .map_err(|e| anyhow!("writing clip records: {e}"))?;
+    }
     Ok(())
 }
 

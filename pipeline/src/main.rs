@@ -339,7 +339,7 @@ fn main() -> ExitCode {
                 }
                 Ok(s) => {
                     println!(
-                        "trained steps {}..{} (last loss {}), {} quarantined; outputs in {}: metrics.parquet, quarantine.parquet, {}",
+                        "trained steps {}..{} (last loss {}), {} quarantined; outputs in {}: metrics*.parquet, quarantine*.parquet, {}",
                         s.first_step + 1,
                         s.first_step + s.steps,
                         s.last_loss

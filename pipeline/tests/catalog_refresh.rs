@@ -168,7 +168,7 @@ fn added_videos_are_sampled_and_deleted_ones_never_drawn_after_the_next_refresh(
 
     // What was drawn, per step.
     let clips = rt
-        .block_on(vjepa_storage::tables::read_clips(&out, "clips.parquet"))
+        .block_on(vjepa_storage::tables::read_clips_all(&out))
         .unwrap();
     let mut per_step: BTreeMap<u64, Vec<String>> = BTreeMap::new();
     for c in &clips {
@@ -209,7 +209,7 @@ fn added_videos_are_sampled_and_deleted_ones_never_drawn_after_the_next_refresh(
         with_added.from_step
     );
     let metrics = rt
-        .block_on(vjepa_storage::tables::read_metrics(&out, "metrics.parquet"))
+        .block_on(vjepa_storage::tables::read_metrics_all(&out))
         .unwrap();
     let trained_at = metrics
         .iter()
@@ -224,10 +224,7 @@ fn added_videos_are_sampled_and_deleted_ones_never_drawn_after_the_next_refresh(
     );
     // The quarantined file is on record.
     let q = rt
-        .block_on(vjepa_storage::tables::read_quarantine(
-            &out,
-            "quarantine.parquet",
-        ))
+        .block_on(vjepa_storage::tables::read_quarantine_all(&out))
         .unwrap();
     assert!(q.iter().any(|r| r.uri == uri("broken.mp4")), "{q:?}");
 }

@@ -34,23 +34,16 @@ fn cluster_config(path: &Path, videos: &Path, out: &Path, steps: u64) -> PathBuf
     path.to_path_buf()
 }
 
-fn read_clips(out: &Path, name: &str) -> Vec<ClipRow> {
+/// Every clip record of a run (all files of the table, rolled at checkpoints).
+fn read_clips(out: &Path) -> Vec<ClipRow> {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let store = vjepa_storage::Store::open(out.to_str().unwrap(), &Default::default(), false)
         .expect("output dir");
     let mut rows = rt
-        .block_on(vjepa_storage::tables::read_clips(&store, name))
+        .block_on(vjepa_storage::tables::read_clips_all(&store))
         .expect("clips table readable");
     rows.sort_by_key(|r| (r.step, r.slot));
     rows
-}
-
-fn read_table(out: &Path, name: &str) -> Vec<MetricsRow> {
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let store = vjepa_storage::Store::open(out.to_str().unwrap(), &Default::default(), false)
-        .expect("output dir");
-    rt.block_on(vjepa_storage::tables::read_metrics(&store, name))
-        .expect("metrics readable")
 }
 
 /// A hostfile of `n` free ports on 127.0.0.1.
@@ -196,7 +189,7 @@ fn one_worker_two_workers_and_two_processes_train_the_same_run() {
     // Every slot of every global batch, once, with the same draw in all three runs.
     let clips: Vec<_> = [&one, &two, &procs, &three]
         .iter()
-        .map(|o| draws(&read_clips(o, "clips.parquet")))
+        .map(|o| draws(&read_clips(o)))
         .collect();
     assert_eq!(clips[0].len() as u64, STEPS * 4, "{:?}", clips[0]);
     for (i, d) in clips[0].iter().enumerate() {
@@ -276,24 +269,11 @@ fn a_killed_cluster_restarted_continues_exactly() {
     // Both processes again, with the same command (new ports: the old ones may linger).
     let hosts = hostfile(&tmp.path().join("hosts-again"), 2);
     Cluster::start(&cfg, &hosts, 2, tmp.path(), "again").wait_ok(Duration::from_secs(90));
-    let mut resumed: Vec<(u64, String)> = std::fs::read_dir(&out)
-        .unwrap()
-        .filter_map(|e| {
-            let name = e.unwrap().file_name().into_string().ok()?;
-            let n = name
-                .strip_prefix("metrics-from-")?
-                .strip_suffix(".parquet")?
-                .parse()
-                .ok()?;
-            Some((n, name))
-        })
-        .collect();
-    assert_eq!(resumed.len(), 1, "{resumed:?}");
-    let (from, name) = resumed.remove(0);
-    assert!((4..steps).contains(&from) && from % 4 == 0, "from {from}");
-    let rows = read_table(&out, &name);
-    assert_same_trace(&reference[from as usize..], rows.iter());
-    for (a, b) in reference[from as usize..].iter().zip(&rows) {
+    // The whole table (the killed run's rolled files and the resumed run's) is the
+    // uninterrupted run's, digests included.
+    let rows = read_metrics(out.to_str().unwrap(), &Default::default());
+    assert_same_trace(&reference, rows.iter());
+    for (a, b) in reference.iter().zip(&rows) {
         assert_eq!(a.params_digest, b.params_digest, "step {}", a.step);
     }
 }
@@ -361,7 +341,7 @@ fn catalog_versions_reach_every_process() {
         from < steps - 10,
         "the change took effect too late: step {from}"
     );
-    let clips = read_clips(&out, "clips.parquet");
+    let clips = read_clips(&out);
     assert_eq!(clips.len() as u64, steps * 4);
     let after: Vec<&ClipRow> = clips.iter().filter(|c| c.step >= from).collect();
     assert!(

@@ -92,21 +92,16 @@ pub fn read_metrics(
 ) -> Vec<vjepa_storage::tables::MetricsRow> {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let store = vjepa_storage::Store::open(location, s3, false).unwrap();
-    rt.block_on(vjepa_storage::tables::read_metrics(
-        &store,
-        "metrics.parquet",
-    ))
-    .expect("metrics.parquet readable")
+    // Every file of the table: `metrics.parquet` and the `metrics-from-N` of rolls and resumes.
+    rt.block_on(vjepa_storage::tables::read_metrics_all(&store))
+        .expect("metrics readable")
 }
 
 pub fn read_quarantine(location: &str) -> Vec<vjepa_storage::tables::QuarantineRow> {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let store = vjepa_storage::Store::open(location, &Default::default(), false).unwrap();
-    rt.block_on(vjepa_storage::tables::read_quarantine(
-        &store,
-        "quarantine.parquet",
-    ))
-    .expect("quarantine.parquet readable")
+    rt.block_on(vjepa_storage::tables::read_quarantine_all(&store))
+        .expect("quarantine readable")
 }
 
 /// Two runs' metrics agree step for step: same steps, bit-identical losses, same token counts.

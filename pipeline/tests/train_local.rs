@@ -141,16 +141,25 @@ fn resumed_run_continues_with_the_same_losses() {
     assert_ok(&run_train(&part_cfg, &[], &["--resume"]));
 
     let full = read_metrics(full_out.to_str().unwrap(), &Default::default());
-    let first = read_metrics(part_out.to_str().unwrap(), &Default::default());
+    // The first run's table (steps 1-3), then the resumed run's `metrics-from-00000003`
+    // (and its rolls): together the uninterrupted run's trace.
     let rt = tokio::runtime::Runtime::new().unwrap();
     let store =
         vjepa_storage::Store::open(part_out.to_str().unwrap(), &Default::default(), false).unwrap();
-    let second = rt
+    let files = rt
+        .block_on(vjepa_storage::tables::table_files(&store, "metrics"))
+        .unwrap();
+    assert_eq!(
+        files[..2],
+        ["metrics.parquet", "metrics-from-00000003.parquet"]
+    );
+    let first = rt
         .block_on(vjepa_storage::tables::read_metrics(
             &store,
-            "metrics-from-00000003.parquet",
+            "metrics.parquet",
         ))
         .unwrap();
     assert_eq!(first.len(), 3);
-    assert_same_trace(&full, first.iter().chain(second.iter()));
+    let all = read_metrics(part_out.to_str().unwrap(), &Default::default());
+    assert_same_trace(&full, all.iter());
 }

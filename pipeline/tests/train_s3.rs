@@ -69,10 +69,7 @@ fn s3_run_matches_local_run_step_for_step() {
     )
     .unwrap();
     let remote = rt
-        .block_on(vjepa_storage::tables::read_metrics(
-            &store,
-            "metrics.parquet",
-        ))
+        .block_on(vjepa_storage::tables::read_metrics_all(&store))
         .unwrap();
     assert_eq!(local.len() as u64, steps);
     assert_same_trace(&local, &remote);

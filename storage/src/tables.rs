@@ -670,6 +670,64 @@ fn i64_to_u64(uri: &str, name: &str, v: i64) -> Result<u64, StorageError> {
     u64::try_from(v).map_err(|_| schema_err(uri, name, &format!("negative value {v}")))
 }
 
+/// The files of the table `name` in `store`, in order: `{name}.parquet` (a run from step 0), then
+/// `{name}-from-{N}.parquet` by N (a run resumed from checkpoint N, or the table rolled at
+/// checkpoint N). Together they are the table.
+pub async fn table_files(store: &Store, name: &str) -> Result<Vec<String>, StorageError> {
+    let prefix = format!("{name}-from-");
+    let mut found: Vec<(u64, String)> = Vec::new();
+    for o in store.list().await? {
+        let p = o.path;
+        if p.contains('/') {
+            continue;
+        }
+        if p == format!("{name}.parquet") {
+            found.push((0, p));
+        } else if let Some(n) = p
+            .strip_prefix(&prefix)
+            .and_then(|r| r.strip_suffix(".parquet"))
+            .and_then(|n| n.parse::<u64>().ok())
+        {
+            found.push((n, p));
+        }
+    }
+    found.sort();
+    Ok(found.into_iter().map(|(_, p)| p).collect())
+}
+
+/// All rows of the metrics table across its files ([`table_files`]), one per step, by step; for
+/// a step found in several files (a run resumed from an older checkpoint) the later file wins.
+pub async fn read_metrics_all(store: &Store) -> Result<Vec<MetricsRow>, StorageError> {
+    let mut by_step = std::collections::BTreeMap::new();
+    for f in table_files(store, "metrics").await? {
+        for r in read_metrics(store, &f).await? {
+            by_step.insert(r.step, r);
+        }
+    }
+    Ok(by_step.into_values().collect())
+}
+
+/// All rows of the quarantine table across its files, in file order.
+pub async fn read_quarantine_all(store: &Store) -> Result<Vec<QuarantineRow>, StorageError> {
+    let mut out = Vec::new();
+    for f in table_files(store, "quarantine").await? {
+        out.extend(read_quarantine(store, &f).await?);
+    }
+    Ok(out)
+}
+
+/// All rows of the clips table across its files, one per (step, slot), by (step, slot); the
+/// later file wins.
+pub async fn read_clips_all(store: &Store) -> Result<Vec<ClipRow>, StorageError> {
+    let mut by_key = std::collections::BTreeMap::new();
+    for f in table_files(store, "clips").await? {
+        for r in read_clips(store, &f).await? {
+            by_key.insert((r.step, r.slot), r);
+        }
+    }
+    Ok(by_key.into_values().collect())
+}
+
 /// Reads a whole metrics table (tests and tools).
 pub async fn read_metrics(store: &Store, rel: &str) -> Result<Vec<MetricsRow>, StorageError> {
     let uri = store.uri_of(rel);
@@ -846,5 +904,25 @@ mod tests {
             [1, 2, 3, 4]
         );
         assert!(!store.exists("metrics-from-00000004.parquet").await.unwrap());
+        // A resumed run writes the rest; the files read together as one table.
+        let mut w = MetricsWriter::create(&store, "metrics-from-00000004.parquet")
+            .await
+            .unwrap();
+        for step in 5..=6 {
+            w.push(MetricsRow {
+                step,
+                ..Default::default()
+            });
+        }
+        w.close().await.unwrap();
+        assert_eq!(
+            table_files(&store, "metrics").await.unwrap(),
+            ["metrics.parquet", "metrics-from-00000004.parquet"]
+        );
+        let all = read_metrics_all(&store).await.unwrap();
+        assert_eq!(
+            all.iter().map(|r| r.step).collect::<Vec<_>>(),
+            [1, 2, 3, 4, 5, 6]
+        );
     }
 }
