@@ -11,7 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use vjepa_storage::tables::{ClipRow, MetricsRow};
+use vjepa_storage::tables::ClipRow;
 
 const STEPS: u64 = 8;
 
