@@ -20,13 +20,14 @@ mkdir -p "$DIR"
 if [ ! -d "$DIR/videos" ]; then
   "$BIN" make-samples "$DIR/videos" --count "${VIDEOS:-8}" >/dev/null
 fi
-# The quickstart config with this corpus and output, a schedule far longer than the soak, and
-# periodic checkpoints.
+# The quickstart config with this corpus and output, a schedule far longer than the soak,
+# periodic checkpoints, and the monitoring server on any free port (soaks can run side by side).
 sed -e "s#^    - samples/videos/ #    - $DIR/videos/ #" \
     -e "s#^  folder: out/quickstart/#  folder: $DIR/out/#" \
     -e "s#^  dir: out/quickstart/#  dir: $DIR/out/#" \
     -e "s#^  epochs: 6#  epochs: 100000#" \
     -e "s#^  checkpoint_every: 30#  checkpoint_every: 200#" \
+    -e "s#^  listen: .*#  listen: 127.0.0.1:0#" \
     configs/quickstart.yaml > "$DIR/soak.yaml"
 grep -q "epochs: 100000" "$DIR/soak.yaml" && grep -q "$DIR/videos/" "$DIR/soak.yaml" \
   || { echo "soak.sh: configs/quickstart.yaml layout changed" >&2; exit 1; }
