@@ -15,6 +15,4 @@ pub mod batching;
 pub mod catalog;
 pub mod collective;
 pub mod load;
-pub mod mask_batches;
 pub mod sinks;
-pub mod train;
