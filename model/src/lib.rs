@@ -10,6 +10,7 @@
 
 mod checkpoint;
 pub mod config;
+pub mod finetune;
 mod introspect;
 pub mod kernels;
 pub mod layers;
@@ -432,6 +433,11 @@ impl VJepa {
     pub fn target_features(&self, clips: &Tensor) -> Result<Tensor, ModelError> {
         let clips = self.prepare_eval_clips(clips)?;
         Ok(self.target.forward(&clips, None)?.detach())
+    }
+
+    /// The target encoder (the one evaluation reads, spec §9), e.g. to fine-tune a copy of it.
+    pub fn target_encoder(&self) -> &Encoder {
+        &self.target
     }
 
     /// Online-encoder features `[B, N', D]` of full clips (no grad), e.g. to compare with the

@@ -365,19 +365,13 @@ pub struct ProbeStep {
 impl ProbeTrainer {
     /// Trains `probe` with `optim` (groups as in pretraining: biases and 1-D tensors undecayed).
     pub fn new(probe: AttentiveProbe, optim: ProbeOptim) -> Result<Self, ModelError> {
-        let params = probe
-            .vars
-            .iter()
-            .map(|(n, v)| {
-                (
-                    n.clone(),
-                    v.clone(),
-                    ParamGroup::classify(false, n, v.dims().len()),
-                )
-            })
-            .collect();
-        let c = optim.schedule();
-        let opt = AdamW::new(params, c.betas, c.eps)?;
+        let opt = optimiser(
+            probe
+                .vars
+                .iter()
+                .map(|(n, v)| (n.clone(), v.as_tensor().clone())),
+            &optim,
+        )?;
         Ok(Self {
             probe,
             opt,
@@ -399,34 +393,76 @@ impl ProbeTrainer {
     /// One AdamW step on cross-entropy; schedules at the 1-based step (as the official loop
     /// steps its schedulers before the update). A non-finite loss leaves the probe unchanged.
     pub fn step(&mut self, tokens: &Tensor, labels: &[u32]) -> Result<ProbeStep, ModelError> {
-        let step1 = self.steps_done + 1;
-        let c = self.optim.schedule();
-        let lr = schedule::lr(&c, step1);
-        let wd = schedule::weight_decay(&c, step1);
         let loss = cross_entropy(&self.probe.forward(tokens)?, labels)?;
-        let loss_value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        if !loss_value.is_finite() {
-            return Err(ModelError::NonFiniteLoss {
-                step: step1,
-                loss: loss_value,
-            });
-        }
-        let mut grads: GradStore = loss.backward()?;
-        let vars = || self.probe.vars.iter().map(|(_, v)| v);
-        let norm = optim::grad_sq_sum(&grads, vars())?.sqrt();
-        if let Some(max) = c.clip_grad {
-            optim::clip_grads(&mut grads, vars(), norm, max)?;
-        }
-        self.opt.step(&grads, lr, wd)?;
-        self.steps_done = step1;
-        Ok(ProbeStep {
-            step: step1,
-            loss: loss_value,
-            lr,
-            weight_decay: wd,
-            grad_norm: norm,
-        })
+        let s = optimise(
+            &loss,
+            self.steps_done + 1,
+            &self.optim,
+            &mut [(&mut self.opt, 1.0)],
+        )?;
+        self.steps_done = s.step;
+        Ok(s)
     }
+}
+
+/// A fresh AdamW (torch defaults) over `params`, grouped as in pretraining (biases and 1-D
+/// tensors undecayed). Tensors that are already variables are optimised in place.
+pub(crate) fn optimiser(
+    params: impl Iterator<Item = (String, Tensor)>,
+    optim: &ProbeOptim,
+) -> Result<AdamW, ModelError> {
+    let params = params
+        .map(|(n, t)| {
+            let group = ParamGroup::classify(false, &n, t.dims().len());
+            Ok((n, Var::from_tensor(&t)?, group))
+        })
+        .collect::<Result<Vec<_>, ModelError>>()?;
+    let c = optim.schedule();
+    AdamW::new(params, c.betas, c.eps)
+}
+
+/// The update shared by the probe and fine-tuning: schedules at the 1-based `step`, one
+/// gradient norm over every optimiser's parameters (clipped together, as `clip_grad_norm_` over
+/// all of them), then each AdamW with the scheduled lr times its scale. A non-finite loss is an
+/// error and changes nothing.
+pub(crate) fn optimise(
+    loss: &Tensor,
+    step: u64,
+    optim: &ProbeOptim,
+    opts: &mut [(&mut AdamW, f64)],
+) -> Result<ProbeStep, ModelError> {
+    let c = optim.schedule();
+    let lr = schedule::lr(&c, step);
+    let wd = schedule::weight_decay(&c, step);
+    let loss_value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    if !loss_value.is_finite() {
+        return Err(ModelError::NonFiniteLoss {
+            step,
+            loss: loss_value,
+        });
+    }
+    let mut grads: GradStore = loss.backward()?;
+    let mut sq = 0.0;
+    for (opt, _) in opts.iter() {
+        sq += optim::grad_sq_sum(&grads, opt.params().iter().map(|p| &p.var))?;
+    }
+    let norm = sq.sqrt();
+    if let Some(max) = c.clip_grad {
+        let vars = opts
+            .iter()
+            .flat_map(|(opt, _)| opt.params().iter().map(|p| &p.var));
+        optim::clip_grads(&mut grads, vars, norm, max)?;
+    }
+    for (opt, scale) in opts.iter_mut() {
+        opt.step(&grads, lr * *scale, wd)?;
+    }
+    Ok(ProbeStep {
+        step,
+        loss: loss_value,
+        lr,
+        weight_decay: wd,
+        grad_norm: norm,
+    })
 }
 
 #[cfg(test)]

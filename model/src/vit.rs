@@ -3,7 +3,7 @@
 //! pre-norm blocks, final LayerNorm. Parameter names equal the official state-dict keys
 //! (without `module.backbone.`), e.g. `blocks.0.attn.qkv.weight`.
 
-use candle_core::Tensor;
+use candle_core::{Device, Tensor};
 
 use crate::ModelError;
 use crate::config::EncoderConfig;
@@ -15,6 +15,9 @@ use crate::tokens::TokenIndex;
 
 /// LayerNorm eps of every model LayerNorm (spec §3).
 pub const LN_EPS: f64 = 1e-6;
+
+/// `format` metadata of an encoder-only checkpoint ([`Encoder::to_safetensors`]).
+pub const ENCODER_FORMAT: &str = "vjepa-stream.encoder-v1";
 
 /// Multi-head self-attention: fused qkv Linear (rows [q | k | v], heads contiguous), softmax
 /// attention with scale 1/sqrt(head_dim) (one fused kernel reading the qkv output in place),
@@ -312,6 +315,8 @@ pub struct Encoder {
     pos_embed: Tensor,
     blocks: Vec<Block>,
     norm: LayerNorm,
+    /// The tensors the modules were built from, in [`Self::param_specs`] order (shared storage).
+    params: Vec<(String, Tensor)>,
 }
 
 impl Encoder {
@@ -357,13 +362,64 @@ impl Encoder {
                 )
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let named = Self::param_specs(cfg)
+            .into_iter()
+            .map(|s| {
+                let t = params.get(&s.name, &s.shape)?;
+                Ok((s.name, t))
+            })
+            .collect::<Result<Vec<_>, ModelError>>()?;
         Ok(Self {
             cfg: cfg.clone(),
             patch_embed: PatchEmbed::load(params, "patch_embed", cfg)?,
             pos_embed,
             blocks,
             norm: LayerNorm::load(params, "norm", cfg.embed_dim, LN_EPS)?,
+            params: named,
         })
+    }
+
+    /// The trainable parameters by name, in [`Self::param_specs`] order (the tensors the
+    /// encoder computes with, not copies): for saving, or to rebuild it on trainable copies
+    /// (fine-tuning).
+    pub fn params(&self) -> &[(String, Tensor)] {
+        &self.params
+    }
+
+    /// The encoder alone as safetensors bytes (e.g. a fine-tuned backbone): the parameters under
+    /// their official names plus `pos_embed`; metadata `format` = [`ENCODER_FORMAT`] and
+    /// `encoder_config` (JSON). Read back with [`Self::from_safetensors`].
+    pub fn to_safetensors(&self) -> Result<Vec<u8>, ModelError> {
+        use crate::checkpoint::F32View;
+        let mut tensors = vec![("pos_embed".to_string(), F32View::new(&self.pos_embed)?)];
+        for (name, t) in &self.params {
+            tensors.push((name.clone(), F32View::new(t)?));
+        }
+        let meta = std::collections::HashMap::from([
+            ("format".to_string(), ENCODER_FORMAT.to_string()),
+            ("encoder_config".to_string(), crate::to_json(&self.cfg)?),
+        ]);
+        crate::checkpoint::serialize(tensors, meta)
+    }
+
+    /// Rebuilds an encoder from [`Self::to_safetensors`] output, checking every name and shape.
+    pub fn from_safetensors(bytes: &[u8], device: &Device) -> Result<Self, ModelError> {
+        let r = crate::checkpoint::Reader::parse(bytes)?;
+        let format = r.meta("format")?;
+        if format != ENCODER_FORMAT {
+            return Err(ModelError::Checkpoint(format!(
+                "format `{format}`, expected `{ENCODER_FORMAT}`"
+            )));
+        }
+        let cfg: EncoderConfig = r.meta_json("encoder_config")?;
+        cfg.validate()?;
+        let mut map = ParamMap::new();
+        for s in Self::param_specs(&cfg) {
+            let t = r.tensor(&s.name, &s.shape, device)?;
+            map.insert(s.name, t);
+        }
+        let pos = r.tensor("pos_embed", &[1, cfg.num_tokens(), cfg.embed_dim], device)?;
+        Self::load(&cfg, &map, pos)
     }
 
     /// The configuration it was built with.
