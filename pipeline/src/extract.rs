@@ -29,7 +29,7 @@ use vjepa_ingest::{
     ClipGeometry, ClipTensor, Decoder, DecoderOptions, FrameSink, IngestError, ObjectSource,
     VideoInfo, YuvFrame,
 };
-use vjepa_model::vit::Encoder;
+use vjepa_model::vit::{self, Encoder};
 use vjepa_model::{Device, EncoderConfig, Tensor, VJepa};
 use vjepa_operators::load::{ClipLoader, load_clips_parallel};
 use vjepa_operators::records::{Clip, ClipRequest, Loaded, Quarantined};
@@ -100,6 +100,15 @@ enum Backbone {
 impl Backbone {
     fn load(name: &str, bytes: &[u8], cfg: Option<&EncoderConfig>) -> anyhow::Result<Self> {
         if name.ends_with(".safetensors") {
+            let meta = vjepa_model::checkpoint_metadata(bytes)
+                .with_context(|| format!("reading {name}"))?;
+            if meta.get("format").map(String::as_str) == Some(vit::ENCODER_FORMAT) {
+                // An encoder alone (e.g. written by `vjepa finetune`).
+                return Ok(Backbone::Encoder(Box::new(Encoder::from_safetensors(
+                    bytes,
+                    &Device::Cpu,
+                )?)));
+            }
             return Ok(Backbone::Model(Box::new(VJepa::from_safetensors(
                 bytes,
                 &Device::Cpu,
@@ -115,6 +124,14 @@ impl Backbone {
         match self {
             Backbone::Model(m) => m.encoder_config(),
             Backbone::Encoder(e) => e.config(),
+        }
+    }
+
+    /// The encoder evaluation reads (our checkpoint's target encoder).
+    fn encoder(&self) -> &Encoder {
+        match self {
+            Backbone::Model(m) => m.target_encoder(),
+            Backbone::Encoder(e) => e,
         }
     }
 
@@ -380,7 +397,6 @@ fn quarantine_location(out: &str) -> String {
 
 /// Mutable state of the single worker.
 struct State {
-    writer: Option<FeaturesWriter>,
     quarantine: Option<QuarantineWriter>,
     rows: u64,
     videos_done: usize,
@@ -388,68 +404,97 @@ struct State {
     error: Option<String>,
 }
 
-/// Runs the extraction to completion.
-pub fn run(opts: ExtractOptions) -> anyhow::Result<ExtractSummary> {
-    if opts.datasets.is_empty() {
-        bail!("no dataset given (--index)");
-    }
-    if opts.segments == 0 || opts.views == 0 || opts.batch_size == 0 || opts.frame_step == 0 {
-        bail!("--segments, --views, --batch-size and --frame-step must be positive");
-    }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("starting the I/O runtime")?;
-    let handle = runtime.handle().clone();
-    let bytes = crate::job::read_location(&handle, &opts.checkpoint, &opts.s3)
-        .with_context(|| format!("reading checkpoint {}", opts.checkpoint))?;
-    let backbone = Backbone::load(&opts.checkpoint, &bytes, opts.encoder.as_ref())?;
-    drop(bytes);
-    let enc = backbone.config().clone();
-    let size = opts.size.unwrap_or(enc.crop_size);
-    let frames = enc.num_frames;
+/// Each video's position in the index and its label, by uri.
+type Order = HashMap<String, (usize, String)>;
 
-    let mut videos = Vec::new();
-    let mut stores = Vec::new();
-    let mut rejected = Vec::new();
-    for spec in &opts.datasets {
-        let d = handle
-            .block_on(vjepa_storage::dataset::open(spec, &opts.s3))
-            .with_context(|| format!("opening dataset {spec}"))?;
-        for e in &d.entries {
-            videos.push(Video {
-                store: stores.len(),
-                rel: e.rel.clone(),
-                uri: d.uri_of(e),
-                label: e.label.clone().unwrap_or_default(),
-            });
+/// Where the extract dataflow's decoded clips go: an encoder writing features (`vjepa extract`)
+/// or memory (`vjepa finetune`, which encodes them again every step).
+pub(crate) trait ClipConsumer: Send + 'static {
+    /// All clips of one dataflow time, sorted by video (index order), then slot
+    /// (`segment · views + view`). Returns the rows produced, for the progress line.
+    fn consume(&mut self, clips: Vec<Clip>, order: &Order) -> anyhow::Result<u64>;
+}
+
+/// The videos of the datasets, and the index lines refused while listing them.
+pub(crate) struct VideoSet {
+    videos: Vec<Video>,
+    stores: Vec<Store>,
+    rejected: Vec<QuarantineRow>,
+}
+
+impl VideoSet {
+    /// Lists the datasets (index files or prefixes, any store).
+    pub(crate) fn open(
+        datasets: &[String],
+        s3: &S3Settings,
+        handle: &tokio::runtime::Handle,
+    ) -> anyhow::Result<Self> {
+        let mut videos = Vec::new();
+        let mut stores = Vec::new();
+        let mut rejected = Vec::new();
+        for spec in datasets {
+            let d = handle
+                .block_on(vjepa_storage::dataset::open(spec, s3))
+                .with_context(|| format!("opening dataset {spec}"))?;
+            for e in &d.entries {
+                videos.push(Video {
+                    store: stores.len(),
+                    rel: e.rel.clone(),
+                    uri: d.uri_of(e),
+                    label: e.label.clone().unwrap_or_default(),
+                });
+            }
+            for r in &d.rejected {
+                rejected.push(QuarantineRow {
+                    uri: r.entry.clone(),
+                    reason: r.reason.clone(),
+                    detail: r.detail.clone(),
+                    time_unix_us: crate::now_unix_us(),
+                });
+            }
+            stores.push(d.store.clone());
         }
-        for r in &d.rejected {
-            rejected.push(QuarantineRow {
-                uri: r.entry.clone(),
-                reason: r.reason.clone(),
-                detail: r.detail.clone(),
-                time_unix_us: crate::now_unix_us(),
-            });
+        if videos.is_empty() {
+            bail!("no videos in {}", datasets.join(", "));
         }
-        stores.push(d.store.clone());
+        Ok(Self {
+            videos,
+            stores,
+            rejected,
+        })
     }
-    if videos.is_empty() {
-        bail!("no videos in {}", opts.datasets.join(", "));
+
+    /// Number of videos listed.
+    pub(crate) fn len(&self) -> usize {
+        self.videos.len()
     }
-    let (out_store, out_name) = crate::job::split_location_with(&opts.out, &opts.s3, true)?;
-    let q_location = quarantine_location(&opts.out);
-    let (q_store, q_name) = crate::job::split_location_with(&q_location, &opts.s3, true)?;
-    tracing::info!(
-        videos = videos.len(),
-        segments = opts.segments,
-        views = opts.views,
-        size,
-        frames,
-        output = %out_store.uri_of(&out_name),
-        "extracting features"
-    );
+}
+
+/// What a clip stream did.
+pub(crate) struct Streamed {
+    pub(crate) rows: u64,
+    pub(crate) quarantined: usize,
+    pub(crate) quarantine_output: String,
+}
+
+/// Reads every video of `set` through the dataflow (decode threads → per-time gather →
+/// `consumer`), `frames`-frame clips of side `size` in `opts`' segments and views; bad videos
+/// go to the quarantine table at `quarantine`. Returns the consumer when all is done.
+pub(crate) fn stream_clips<C: ClipConsumer>(
+    opts: &ExtractOptions,
+    set: VideoSet,
+    frames: usize,
+    size: usize,
+    quarantine: &str,
+    consumer: C,
+    handle: &tokio::runtime::Handle,
+) -> anyhow::Result<(C, Streamed)> {
+    let VideoSet {
+        videos,
+        stores,
+        rejected,
+    } = set;
+    let (q_store, q_name) = crate::job::split_location_with(quarantine, &opts.s3, true)?;
     vjepa_ingest::init().map_err(|e| anyhow!("GStreamer: {e}"))?;
 
     let total = videos.len();
@@ -458,8 +503,8 @@ pub fn run(opts: ExtractOptions) -> anyhow::Result<ExtractSummary> {
     let threads = opts.decode_threads.max(1);
     let videos = Arc::new(videos);
     let stores = Arc::new(stores);
-    let opts = Arc::new(opts);
-    let order: Arc<HashMap<String, (usize, String)>> = Arc::new(
+    let opts = Arc::new(opts.clone());
+    let order: Arc<Order> = Arc::new(
         videos
             .iter()
             .enumerate()
@@ -467,22 +512,17 @@ pub fn run(opts: ExtractOptions) -> anyhow::Result<ExtractSummary> {
             .collect(),
     );
 
-    let backbone = std::sync::Mutex::new(Some(backbone));
-    let (worker_out, worker_q) = (
-        (out_store.clone(), out_name.clone()),
-        (q_store.clone(), q_name.clone()),
-    );
+    let consumer = std::sync::Mutex::new(Some(consumer));
+    let worker_q = (q_store.clone(), q_name.clone());
     let worker_handle = handle.clone();
-    let worker_opts = opts.clone();
     let started = Instant::now();
-    let result = timely::execute_directly(move |worker| -> anyhow::Result<(u64, usize)> {
+    let result = timely::execute_directly(move |worker| -> anyhow::Result<(C, u64, usize)> {
         let mut input = InputHandle::new();
         let probe = ProbeHandle::new();
         let handle = worker_handle.clone();
-        let Some(backbone) = backbone.lock().ok().and_then(|mut b| b.take()) else {
-            bail!("the encoder was taken by another worker");
+        let Some(consumer) = consumer.lock().ok().and_then(|mut c| c.take()) else {
+            bail!("the clip consumer was taken by another worker");
         };
-        let writer = handle.block_on(FeaturesWriter::create(&worker_out.0, &worker_out.1))?;
         let quarantine = handle.block_on(QuarantineWriter::create(&worker_q.0, &worker_q.1))?;
         let loaders = (0..threads)
             .map(|_| {
@@ -505,7 +545,6 @@ pub fn run(opts: ExtractOptions) -> anyhow::Result<ExtractSummary> {
             .map_err(|e| anyhow!("GStreamer decoder: {e}"))?;
 
         let state = Rc::new(RefCell::new(State {
-            writer: Some(writer),
             quarantine: Some(quarantine),
             rows: 0,
             videos_done: 0,
@@ -521,13 +560,11 @@ pub fn run(opts: ExtractOptions) -> anyhow::Result<ExtractSummary> {
                 }
             }
         }
-        let encode_state = state.clone();
+        let consume_state = state.clone();
         let bad_state = state.clone();
-        let backbone = Rc::new(backbone);
-        let opts = worker_opts;
-        let encode_opts = opts.clone();
+        let consumer = Rc::new(RefCell::new(Some(consumer)));
+        let op_consumer = consumer.clone();
         let order = order.clone();
-        let encode_handle = handle.clone();
         worker.dataflow::<u64, _, _>(|scope| {
             let requests = input.to_stream(scope);
             let loaded = load_clips_parallel(requests, loaders);
@@ -535,12 +572,12 @@ pub fn run(opts: ExtractOptions) -> anyhow::Result<ExtractSummary> {
                 Loaded::Clip(c) => Ok(c),
                 Loaded::Bad(q) => Err(q),
             });
-            // Encode each time's clips once all of them are in (its frontier has passed); the
-            // output (one unit per time) tells the probe that the time is written.
+            // Hand each time's clips over once all of them are in (its frontier has passed);
+            // the output (one unit per time) tells the probe that the time is done.
             clips
                 .unary_frontier::<CapacityContainerBuilder<Vec<()>>, _, _, _>(
                     Pipeline,
-                    "Encode",
+                    "Consume",
                     |_cap, _info| {
                         let mut pending: BTreeMap<u64, (Capability<u64>, Vec<Clip>)> =
                             BTreeMap::new();
@@ -563,14 +600,7 @@ pub fn run(opts: ExtractOptions) -> anyhow::Result<ExtractSummary> {
                                 .collect();
                             for t in ready {
                                 if let Some((cap, batch)) = pending.remove(&t) {
-                                    encode(
-                                        batch,
-                                        &backbone,
-                                        &encode_opts,
-                                        &order,
-                                        &encode_state,
-                                        &encode_handle,
-                                    );
+                                    consume(batch, &op_consumer, &order, &consume_state);
                                     output.session(&cap).give(());
                                 }
                             }
@@ -628,21 +658,148 @@ pub fn run(opts: ExtractOptions) -> anyhow::Result<ExtractSummary> {
         if opts.progress {
             report(&s, total, started, true);
         }
-        if let Some(w) = s.writer.take() {
-            handle.block_on(w.close())?;
-        }
         if let Some(q) = s.quarantine.take() {
             handle.block_on(q.close())?;
         }
-        Ok((s.rows, s.quarantined))
+        let Some(consumer) = consumer.borrow_mut().take() else {
+            bail!("the clip consumer is gone");
+        };
+        Ok((consumer, s.rows, s.quarantined))
     });
-    let (rows, quarantined) = result?;
+    let (consumer, rows, quarantined) = result?;
+    Ok((
+        consumer,
+        Streamed {
+            rows,
+            quarantined,
+            quarantine_output: q_store.uri_of(&q_name),
+        },
+    ))
+}
+
+/// Opens a runtime for the object stores and the checkpoint's backbone.
+fn open_backbone(opts: &ExtractOptions) -> anyhow::Result<(tokio::runtime::Runtime, Backbone)> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the I/O runtime")?;
+    let bytes = crate::job::read_location(runtime.handle(), &opts.checkpoint, &opts.s3)
+        .with_context(|| format!("reading checkpoint {}", opts.checkpoint))?;
+    let backbone = Backbone::load(&opts.checkpoint, &bytes, opts.encoder.as_ref())?;
+    Ok((runtime, backbone))
+}
+
+/// The encoder of `opts.checkpoint` as evaluation reads it (our target encoder, an official
+/// `.pth.tar`'s `target_encoder`, or an encoder-only file), with the runtime that reads the
+/// datasets.
+pub(crate) fn load_encoder(
+    opts: &ExtractOptions,
+) -> anyhow::Result<(tokio::runtime::Runtime, Encoder)> {
+    let (runtime, backbone) = open_backbone(opts)?;
+    let encoder = backbone.encoder().clone();
+    Ok((runtime, encoder))
+}
+
+/// The clips of every video of `opts.datasets` in memory, sorted by video then slot, with the
+/// stream's record (quarantine beside `quarantine`).
+pub(crate) fn decode_all(
+    opts: &ExtractOptions,
+    encoder: &EncoderConfig,
+    quarantine: &str,
+    handle: &tokio::runtime::Handle,
+) -> anyhow::Result<(Vec<(Clip, String)>, Streamed)> {
+    check(opts)?;
+    let set = VideoSet::open(&opts.datasets, &opts.s3, handle)?;
+    let size = opts.size.unwrap_or(encoder.crop_size);
+    tracing::info!(
+        videos = set.len(),
+        segments = opts.segments,
+        views = opts.views,
+        size,
+        "decoding clips"
+    );
+    let (collected, streamed) = stream_clips(
+        opts,
+        set,
+        encoder.num_frames,
+        size,
+        quarantine,
+        Collect(Vec::new()),
+        handle,
+    )?;
+    Ok((collected.0, streamed))
+}
+
+/// Keeps every clip with its label.
+struct Collect(Vec<(Clip, String)>);
+
+impl ClipConsumer for Collect {
+    fn consume(&mut self, clips: Vec<Clip>, order: &Order) -> anyhow::Result<u64> {
+        let n = clips.len() as u64;
+        for c in clips {
+            let label = order.get(&c.uri).map(|o| o.1.clone()).unwrap_or_default();
+            self.0.push((c, label));
+        }
+        Ok(n)
+    }
+}
+
+fn check(opts: &ExtractOptions) -> anyhow::Result<()> {
+    if opts.datasets.is_empty() {
+        bail!("no dataset given (--index)");
+    }
+    if opts.segments == 0 || opts.views == 0 || opts.batch_size == 0 || opts.frame_step == 0 {
+        bail!("--segments, --views, --batch-size and --frame-step must be positive");
+    }
+    Ok(())
+}
+
+/// Runs the extraction to completion.
+pub fn run(opts: ExtractOptions) -> anyhow::Result<ExtractSummary> {
+    check(&opts)?;
+    let (runtime, backbone) = open_backbone(&opts)?;
+    let handle = runtime.handle().clone();
+    let enc = backbone.config().clone();
+    let size = opts.size.unwrap_or(enc.crop_size);
+    let frames = enc.num_frames;
+    let set = VideoSet::open(&opts.datasets, &opts.s3, &handle)?;
+    let total = set.len();
+    let (out_store, out_name) = crate::job::split_location_with(&opts.out, &opts.s3, true)?;
+    tracing::info!(
+        videos = total,
+        segments = opts.segments,
+        views = opts.views,
+        size,
+        frames,
+        output = %out_store.uri_of(&out_name),
+        "extracting features"
+    );
+    let writer = handle.block_on(FeaturesWriter::create(&out_store, &out_name))?;
+    let consumer = EncodeClips {
+        backbone,
+        writer,
+        tokens: opts.tokens,
+        batch_size: opts.batch_size,
+        views: opts.views.max(1),
+        handle: handle.clone(),
+    };
+    let (consumer, streamed) = stream_clips(
+        &opts,
+        set,
+        frames,
+        size,
+        &quarantine_location(&opts.out),
+        consumer,
+        &handle,
+    )?;
+    handle.block_on(consumer.writer.close())?;
     Ok(ExtractSummary {
         output: out_store.uri_of(&out_name),
         videos: total,
-        rows,
-        quarantined,
-        quarantine_output: q_store.uri_of(&q_name),
+        rows: streamed.rows,
+        quarantined: streamed.quarantined,
+        quarantine_output: streamed.quarantine_output,
         encoder: enc,
     })
 }
@@ -666,14 +823,13 @@ fn report(s: &State, total: usize, started: Instant, last: bool) {
     }
 }
 
-/// Encodes one time's clips in video / segment / view order and writes their rows.
-fn encode(
+/// Sorts one time's clips into video / segment / view order and hands them to the consumer;
+/// counts the videos done, or records the consumer's error (which stops the stream).
+fn consume<C: ClipConsumer>(
     mut clips: Vec<Clip>,
-    backbone: &Backbone,
-    opts: &ExtractOptions,
-    order: &HashMap<String, (usize, String)>,
+    consumer: &Rc<RefCell<Option<C>>>,
+    order: &Order,
     state: &Rc<RefCell<State>>,
-    handle: &tokio::runtime::Handle,
 ) {
     if state.borrow().error.is_some() {
         return;
@@ -684,40 +840,57 @@ fn encode(
         uris.dedup();
         uris.len()
     };
-    let views = opts.views.max(1);
-    let mut rows = Vec::with_capacity(clips.len());
-    for chunk in clips.chunks(opts.batch_size) {
-        match encode_chunk(chunk, backbone, opts.tokens) {
-            Ok(features) => {
-                for (c, (embedding, tokens)) in chunk.iter().zip(features) {
-                    rows.push(FeatureRow {
-                        uri: c.uri.clone(),
-                        label: order.get(&c.uri).map(|o| o.1.clone()).unwrap_or_default(),
-                        segment: (c.slot / views) as u64,
-                        view: (c.slot % views) as u64,
-                        step: 0,
-                        frames: c.frame_indices.iter().map(|&f| f as i64).collect(),
-                        embedding,
-                        tokens,
-                    });
-                }
-            }
-            Err(e) => {
-                state.borrow_mut().error = Some(format!("encoding clips: {e:#}"));
-                return;
-            }
-        }
-    }
+    let result = match consumer.borrow_mut().as_mut() {
+        Some(c) => c.consume(clips, order),
+        None => Err(anyhow!("the clip consumer is gone")),
+    };
     let mut s = state.borrow_mut();
-    s.videos_done += videos;
-    s.rows += rows.len() as u64;
-    if let Some(w) = s.writer.as_mut() {
+    match result {
+        Ok(rows) => {
+            s.videos_done += videos;
+            s.rows += rows;
+        }
+        Err(e) => s.error = Some(format!("{e:#}")),
+    }
+}
+
+/// `vjepa extract`'s consumer: the frozen encoder over the clips, rows to the features table.
+struct EncodeClips {
+    backbone: Backbone,
+    writer: FeaturesWriter,
+    tokens: bool,
+    batch_size: usize,
+    views: usize,
+    handle: tokio::runtime::Handle,
+}
+
+impl ClipConsumer for EncodeClips {
+    fn consume(&mut self, clips: Vec<Clip>, order: &Order) -> anyhow::Result<u64> {
+        let mut rows = Vec::with_capacity(clips.len());
+        for chunk in clips.chunks(self.batch_size.max(1)) {
+            let features =
+                encode_chunk(chunk, &self.backbone, self.tokens).context("encoding clips")?;
+            for (c, (embedding, tokens)) in chunk.iter().zip(features) {
+                rows.push(FeatureRow {
+                    uri: c.uri.clone(),
+                    label: order.get(&c.uri).map(|o| o.1.clone()).unwrap_or_default(),
+                    segment: (c.slot / self.views) as u64,
+                    view: (c.slot % self.views) as u64,
+                    step: 0,
+                    frames: c.frame_indices.iter().map(|&f| f as i64).collect(),
+                    embedding,
+                    tokens,
+                });
+            }
+        }
+        let n = rows.len() as u64;
         for r in rows {
-            w.push(r);
+            self.writer.push(r);
         }
-        if let Err(e) = handle.block_on(w.flush()) {
-            s.error = Some(format!("writing features: {e}"));
-        }
+        self.handle
+            .block_on(self.writer.flush())
+            .context("writing features")?;
+        Ok(n)
     }
 }
 

@@ -4,6 +4,7 @@ pub mod catalog;
 pub mod config;
 pub mod convert;
 pub mod extract;
+pub mod finetune;
 pub mod job;
 pub mod loader;
 pub mod preflight;

@@ -29,6 +29,121 @@ enum LogFormat {
     Json,
 }
 
+/// Arguments shared by `probe` and `finetune`.
+#[derive(clap::Args)]
+struct ProbeArgs {
+    /// Checkpoint: ours (`.safetensors`, or a fine-tuned `encoder.safetensors`) or an
+    /// official-layout `.pth.tar` (path or URL).
+    #[arg(long)]
+    checkpoint: String,
+    /// Labelled train index (`path label` lines).
+    #[arg(long)]
+    train: String,
+    /// Labelled validation index.
+    #[arg(long)]
+    val: String,
+    /// Local directory for the outputs.
+    #[arg(long)]
+    out: PathBuf,
+    /// Job config: the model shape for an official `.pth.tar`, and the S3 settings.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Temporal segments per video (their tokens are concatenated into one probe pass).
+    #[arg(long, default_value_t = 1)]
+    segments: usize,
+    /// Spatial views per validation segment (probabilities averaged).
+    #[arg(long, default_value_t = 1)]
+    views: usize,
+    /// Frame stride within a clip.
+    #[arg(long, default_value_t = 4)]
+    frame_step: usize,
+    /// Epochs (spec: 20).
+    #[arg(long, default_value_t = 20)]
+    epochs: usize,
+    /// Videos per step.
+    #[arg(long, default_value_t = 16)]
+    batch_size: usize,
+    /// Peak learning rate, cosine to 0 (spec: 1e-3).
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f64,
+    /// Weight decay, cosine to 1e-6 (spec: 0.01 for video).
+    #[arg(long, default_value_t = 0.01)]
+    weight_decay: f64,
+    /// Share of each class's train videos used (low-shot evaluation).
+    #[arg(long, default_value_t = 1.0)]
+    label_fraction: f64,
+    /// Seeds the probe, the label subset and the shuffling.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Decoder threads (default: the machine's cores).
+    #[arg(long)]
+    decode_threads: Option<usize>,
+}
+
+impl ProbeArgs {
+    /// The library's options (the config file read for the model shape and S3 settings).
+    fn options(self) -> Result<vjepa_pipeline::probe::ProbeOptions, ExitCode> {
+        let cfg = match self.config.as_deref().map(JobConfig::load).transpose() {
+            Ok(c) => c,
+            Err(e) => return Err(config_error(&e)),
+        };
+        let extract = vjepa_pipeline::extract::ExtractOptions {
+            checkpoint: self.checkpoint,
+            encoder: cfg.as_ref().map(|c| c.encoder_config()),
+            datasets: Vec::new(),
+            out: String::new(),
+            segments: self.segments,
+            views: 1,
+            frame_step: self.frame_step,
+            size: None,
+            tokens: true,
+            batch_size: 8,
+            decode_threads: self
+                .decode_threads
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
+            seed: self.seed,
+            deadline: std::time::Duration::from_secs(60),
+            s3: cfg.as_ref().map(|c| c.s3_settings()).unwrap_or_default(),
+            progress: true,
+        };
+        Ok(vjepa_pipeline::probe::ProbeOptions {
+            extract,
+            train: self.train,
+            val: self.val,
+            val_views: self.views,
+            epochs: self.epochs,
+            batch_size: self.batch_size,
+            lr: self.lr,
+            weight_decay: self.weight_decay,
+            label_fraction: self.label_fraction,
+            seed: self.seed,
+            out_dir: self.out,
+        })
+    }
+}
+
+/// Prints an evaluation's top-1 line (`probe` and `finetune`).
+fn report_eval(result: anyhow::Result<vjepa_pipeline::probe::ProbeSummary>) -> ExitCode {
+    match result {
+        Ok(s) => {
+            println!(
+                "top-1 {:.2} % ({} / {} validation videos; {} train videos, {} classes, final train loss {:.4})",
+                s.top1,
+                s.correct,
+                s.evaluated,
+                s.train_videos,
+                s.classes.len(),
+                s.final_loss
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Pretrain from the videos of the config's datasets; writes metrics, quarantine and checkpoints.
@@ -150,52 +265,17 @@ enum Command {
     /// Frozen evaluation (spec §9): train an attentive probe on the target encoder's tokens of a
     /// labelled train index, evaluate top-1 on a validation index (probabilities averaged over
     /// views); writes probe.safetensors and predictions.parquet into --out.
-    Probe {
-        /// Checkpoint: ours (`.safetensors`) or an official-layout `.pth.tar` (path or URL).
-        #[arg(long)]
-        checkpoint: String,
-        /// Labelled train index (`path label` lines).
-        #[arg(long)]
-        train: String,
-        /// Labelled validation index.
-        #[arg(long)]
-        val: String,
-        /// Local directory for the features, the probe and the predictions.
-        #[arg(long)]
-        out: PathBuf,
-        /// Job config: the model shape for an official `.pth.tar`, and the S3 settings.
-        #[arg(long)]
-        config: Option<PathBuf>,
-        /// Temporal segments per video (their tokens are concatenated into one probe pass).
-        #[arg(long, default_value_t = 1)]
-        segments: usize,
-        /// Spatial views per validation segment (probabilities averaged).
-        #[arg(long, default_value_t = 1)]
-        views: usize,
-        /// Frame stride within a clip.
-        #[arg(long, default_value_t = 4)]
-        frame_step: usize,
-        /// Epochs (spec: 20).
-        #[arg(long, default_value_t = 20)]
-        epochs: usize,
-        /// Videos per step.
-        #[arg(long, default_value_t = 16)]
-        batch_size: usize,
-        /// Peak learning rate, cosine to 0 (spec: 1e-3).
-        #[arg(long, default_value_t = 1e-3)]
-        lr: f64,
-        /// Weight decay, cosine to 1e-6 (spec: 0.01 for video).
-        #[arg(long, default_value_t = 0.01)]
-        weight_decay: f64,
-        /// Share of each class's train videos used (low-shot evaluation).
-        #[arg(long, default_value_t = 1.0)]
-        label_fraction: f64,
-        /// Seeds the probe, the label subset and the shuffling.
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        /// Decoder threads (default: the machine's cores).
-        #[arg(long)]
-        decode_threads: Option<usize>,
+    Probe(ProbeArgs),
+    /// End-to-end fine-tuning: the probe's head trained together with the encoder (lower lr
+    /// for the encoder); same inputs and evaluation as `probe`; writes probe.safetensors,
+    /// encoder.safetensors and predictions.parquet into --out.
+    Finetune {
+        #[command(flatten)]
+        probe: ProbeArgs,
+        /// The encoder's learning rate as a multiple of the head's (common fine-tuning
+        /// practice, not the spec; 0 keeps the encoder frozen).
+        #[arg(long, default_value_t = 0.1)]
+        backbone_lr_scale: f64,
     },
     /// Write a small corpus of real encoded videos (H.264/MP4, VP9/WebM) into DIR.
     MakeSamples {
@@ -417,77 +497,22 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Probe {
-            checkpoint,
-            train,
-            val,
-            out,
-            config,
-            segments,
-            views,
-            frame_step,
-            epochs,
-            batch_size,
-            lr,
-            weight_decay,
-            label_fraction,
-            seed,
-            decode_threads,
-        } => {
-            let cfg = match config.as_deref().map(JobConfig::load).transpose() {
-                Ok(c) => c,
-                Err(e) => return config_error(&e),
-            };
-            let extract = vjepa_pipeline::extract::ExtractOptions {
-                checkpoint,
-                encoder: cfg.as_ref().map(|c| c.encoder_config()),
-                datasets: Vec::new(),
-                out: String::new(),
-                segments,
-                views: 1,
-                frame_step,
-                size: None,
-                tokens: true,
-                batch_size: 8,
-                decode_threads: decode_threads
-                    .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
-                seed,
-                deadline: std::time::Duration::from_secs(60),
-                s3: cfg.as_ref().map(|c| c.s3_settings()).unwrap_or_default(),
-                progress: true,
-            };
-            let opts = vjepa_pipeline::probe::ProbeOptions {
-                extract,
-                train,
-                val,
-                val_views: views,
-                epochs,
-                batch_size,
-                lr,
-                weight_decay,
-                label_fraction,
-                seed,
-                out_dir: out,
-            };
-            match vjepa_pipeline::probe::run(opts) {
-                Ok(s) => {
-                    println!(
-                        "top-1 {:.2} % ({} / {} validation videos; {} train videos, {} classes, final train loss {:.4})",
-                        s.top1,
-                        s.correct,
-                        s.evaluated,
-                        s.train_videos,
-                        s.classes.len(),
-                        s.final_loss
-                    );
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("error: {e:#}");
-                    ExitCode::from(1)
-                }
-            }
-        }
+        Command::Probe(args) => match args.options() {
+            Ok(opts) => report_eval(vjepa_pipeline::probe::run(opts)),
+            Err(code) => code,
+        },
+        Command::Finetune {
+            probe,
+            backbone_lr_scale,
+        } => match probe.options() {
+            Ok(probe) => report_eval(vjepa_pipeline::finetune::run(
+                vjepa_pipeline::finetune::FinetuneOptions {
+                    probe,
+                    backbone_lr_scale,
+                },
+            )),
+            Err(code) => code,
+        },
         Command::Inspect { checkpoint } => match job::inspect_checkpoint(&checkpoint) {
             Ok(text) => {
                 println!("{text}");

@@ -7,6 +7,8 @@
 //! Differences from the official recipe, said plainly: the backbone runs once per clip (no
 //! RandAugment / random resized crop / random erasing per epoch), and training runs in f32 on
 //! the CPU (no fp16 autocast). The probe, its optimiser and schedules are the official ones.
+//! `vjepa finetune` ([`crate::finetune`]) shares the options, the label handling and the
+//! predictions table.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -162,8 +164,8 @@ fn features_of(
     Ok((rt.block_on(read_features(&store, name))?, summary.encoder))
 }
 
-/// Runs the probe: extract, train, evaluate, write.
-pub fn run(opts: ProbeOptions) -> anyhow::Result<ProbeSummary> {
+/// Checks the options shared by `probe` and `finetune` and creates the output directory.
+pub(crate) fn prepare(opts: &ProbeOptions) -> anyhow::Result<()> {
     if !(opts.label_fraction > 0.0 && opts.label_fraction <= 1.0) {
         bail!(
             "--label-fraction must be in (0, 1], got {}",
@@ -174,7 +176,161 @@ pub fn run(opts: ProbeOptions) -> anyhow::Result<ProbeSummary> {
         bail!("--epochs, --batch-size and --views must be positive");
     }
     std::fs::create_dir_all(&opts.out_dir)
-        .with_context(|| format!("creating {}", opts.out_dir.display()))?;
+        .with_context(|| format!("creating {}", opts.out_dir.display()))
+}
+
+/// The classes of the train set's labels (in [`class_names`] order) and their indices; at
+/// least two, none empty.
+pub(crate) fn classes(
+    labels: BTreeSet<String>,
+) -> anyhow::Result<(Vec<String>, BTreeMap<String, usize>)> {
+    if labels.len() < 2 || labels.contains("") {
+        bail!(
+            "the train index needs a label column with at least two classes (found {:?})",
+            labels
+        );
+    }
+    let names = class_names(&labels);
+    let index = names
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c.clone(), i))
+        .collect();
+    Ok((names, index))
+}
+
+/// The low-shot subset: per class, a seeded choice of ceil(fraction · count) items (at least
+/// one); everything when the fraction is 1.
+pub(crate) fn low_shot<T>(
+    items: Vec<T>,
+    label: impl Fn(&T) -> usize,
+    classes: usize,
+    fraction: f64,
+    rng: &mut ChaCha8Rng,
+) -> Vec<T> {
+    if fraction >= 1.0 {
+        return items;
+    }
+    let mut by_class: Vec<Vec<T>> = (0..classes).map(|_| Vec::new()).collect();
+    for item in items {
+        let c = label(&item);
+        if let Some(v) = by_class.get_mut(c) {
+            v.push(item);
+        }
+    }
+    let mut keep = Vec::new();
+    for mut of_class in by_class {
+        of_class.shuffle(rng);
+        let n = ((of_class.len() as f64 * fraction).ceil() as usize).max(1);
+        keep.extend(of_class.into_iter().take(n));
+    }
+    keep
+}
+
+/// The probe's optimisation for `train` videos per epoch (the official video values with the
+/// given lr and weight decay).
+pub(crate) fn probe_optim(opts: &ProbeOptions, train: usize) -> ProbeOptim {
+    let steps_per_epoch = train.div_ceil(opts.batch_size.max(1)) as u64;
+    let mut optim = ProbeOptim::video(steps_per_epoch * opts.epochs as u64);
+    optim.lr = opts.lr;
+    optim.weight_decay = opts.weight_decay;
+    optim
+}
+
+/// One validation video's class probabilities, averaged over its views.
+pub(crate) struct Prediction {
+    pub(crate) uri: String,
+    pub(crate) label: usize,
+    pub(crate) probabilities: Vec<f32>,
+}
+
+/// Writes `predictions.parquet` into `dir` (uri, label, predicted, correct, probabilities) and
+/// returns the number of correct top-1 predictions.
+pub(crate) fn write_predictions(
+    dir: &std::path::Path,
+    classes: &[String],
+    predictions: &[Prediction],
+) -> anyhow::Result<usize> {
+    let mut uris = StringBuilder::new();
+    let mut truth = StringBuilder::new();
+    let mut predicted = StringBuilder::new();
+    let mut correct_col = BooleanBuilder::new();
+    let mut probs_col = ListBuilder::new(Float32Builder::new()).with_field(Arc::new(Field::new(
+        "item",
+        DataType::Float32,
+        false,
+    )));
+    let mut correct = 0usize;
+    for p in predictions {
+        let best = p
+            .probabilities
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map_or(0, |(i, _)| i);
+        let ok = best == p.label;
+        correct += ok as usize;
+        let name = |i: usize| classes.get(i).map_or("", String::as_str);
+        uris.append_value(&p.uri);
+        truth.append_value(name(p.label));
+        predicted.append_value(name(best));
+        correct_col.append_value(ok);
+        probs_col.values().append_slice(&p.probabilities);
+        probs_col.append(true);
+    }
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("uri", DataType::Utf8, false),
+        Field::new("label", DataType::Utf8, false),
+        Field::new("predicted", DataType::Utf8, false),
+        Field::new("correct", DataType::Boolean, false),
+        Field::new(
+            "probabilities",
+            DataType::List(Arc::new(Field::new("item", DataType::Float32, false))),
+            false,
+        ),
+    ]));
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(uris.finish()),
+        Arc::new(truth.finish()),
+        Arc::new(predicted.finish()),
+        Arc::new(correct_col.finish()),
+        Arc::new(probs_col.finish()),
+    ];
+    let batch = RecordBatch::try_new(schema.clone(), columns)?;
+    let file = std::fs::File::create(dir.join("predictions.parquet"))?;
+    let mut w = parquet::arrow::ArrowWriter::try_new(file, schema, None)?;
+    w.write(&batch)?;
+    w.close()?;
+    Ok(correct)
+}
+
+impl ProbeSummary {
+    /// The summary of an evaluation of `evaluated` videos, `correct` of them right.
+    pub(crate) fn new(
+        correct: usize,
+        evaluated: usize,
+        train_videos: usize,
+        classes: Vec<String>,
+        final_loss: f64,
+    ) -> Self {
+        Self {
+            top1: if evaluated == 0 {
+                0.0
+            } else {
+                100.0 * correct as f64 / evaluated as f64
+            },
+            correct,
+            evaluated,
+            train_videos,
+            classes,
+            final_loss,
+        }
+    }
+}
+
+/// Runs the probe: extract, train, evaluate, write.
+pub fn run(opts: ProbeOptions) -> anyhow::Result<ProbeSummary> {
+    prepare(&opts)?;
     let (train_rows, encoder) = features_of(&opts, &opts.train, "train-features.parquet", 1)?;
     let (val_rows, _) = features_of(&opts, &opts.val, "val-features.parquet", opts.val_views)?;
     // The probe's heads are the encoder's (spec §9).
@@ -183,42 +339,17 @@ pub fn run(opts: ProbeOptions) -> anyhow::Result<ProbeSummary> {
         .first()
         .map(|r| r.embedding.len())
         .context("no train clip could be read")?;
-    let labels: BTreeSet<String> = train_rows.iter().map(|r| r.label.clone()).collect();
-    if labels.len() < 2 || labels.contains("") {
-        bail!(
-            "the train index needs a label column with at least two classes (found {:?})",
-            labels
-        );
-    }
-    let classes = class_names(&labels);
-    let class_of: BTreeMap<String, usize> = classes
-        .iter()
-        .enumerate()
-        .map(|(i, c)| (c.clone(), i))
-        .collect();
-    let mut train = group(train_rows, &class_of, d)?;
+    let (classes, class_of) = classes(train_rows.iter().map(|r| r.label.clone()).collect())?;
+    let train = group(train_rows, &class_of, d)?;
     let val = group(val_rows, &class_of, d)?;
     let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
-    if opts.label_fraction < 1.0 {
-        // Per class, a seeded subset of ceil(fraction · count) videos.
-        let mut keep = Vec::new();
-        for c in 0..classes.len() {
-            let mut of_class: Vec<Sample> = Vec::new();
-            let mut rest = Vec::new();
-            for s in train.drain(..) {
-                if s.label == c {
-                    of_class.push(s)
-                } else {
-                    rest.push(s)
-                }
-            }
-            train = rest;
-            of_class.shuffle(&mut rng);
-            let n = ((of_class.len() as f64 * opts.label_fraction).ceil() as usize).max(1);
-            keep.extend(of_class.into_iter().take(n));
-        }
-        train = keep;
-    }
+    let train = low_shot(
+        train,
+        |s| s.label,
+        classes.len(),
+        opts.label_fraction,
+        &mut rng,
+    );
     let cfg = ProbeConfig {
         embed_dim: d,
         num_heads: heads,
@@ -226,11 +357,7 @@ pub fn run(opts: ProbeOptions) -> anyhow::Result<ProbeSummary> {
         mlp_ratio: 4.0,
     };
     let probe = AttentiveProbe::new(cfg, opts.seed, &Device::Cpu)?;
-    let steps_per_epoch = train.len().div_ceil(opts.batch_size) as u64;
-    let mut optim = ProbeOptim::video(steps_per_epoch * opts.epochs as u64);
-    optim.lr = opts.lr;
-    optim.weight_decay = opts.weight_decay;
-    let mut trainer = ProbeTrainer::new(probe, optim)?;
+    let mut trainer = ProbeTrainer::new(probe, probe_optim(&opts, train.len()))?;
     let mut order: Vec<usize> = (0..train.len()).collect();
     let mut final_loss = f64::NAN;
     for epoch in 0..opts.epochs {
@@ -264,16 +391,7 @@ pub fn run(opts: ProbeOptions) -> anyhow::Result<ProbeSummary> {
     )?;
 
     // Evaluation: probabilities averaged over views.
-    let mut uris = StringBuilder::new();
-    let mut truth = StringBuilder::new();
-    let mut predicted = StringBuilder::new();
-    let mut correct_col = BooleanBuilder::new();
-    let mut probs_col = ListBuilder::new(Float32Builder::new()).with_field(Arc::new(Field::new(
-        "item",
-        DataType::Float32,
-        false,
-    )));
-    let mut correct = 0usize;
+    let mut predictions = Vec::with_capacity(val.len());
     for s in &val {
         let mut mean = vec![0f32; classes.len()];
         for view in &s.views {
@@ -283,54 +401,18 @@ pub fn run(opts: ProbeOptions) -> anyhow::Result<ProbeSummary> {
                 *m += v / s.views.len() as f32;
             }
         }
-        let best = mean
-            .iter()
-            .enumerate()
-            .max_by(|a, b| a.1.total_cmp(b.1))
-            .map_or(0, |(i, _)| i);
-        let ok = best == s.label;
-        correct += ok as usize;
-        uris.append_value(&s.uri);
-        truth.append_value(&classes[s.label]);
-        predicted.append_value(&classes[best]);
-        correct_col.append_value(ok);
-        probs_col.values().append_slice(&mean);
-        probs_col.append(true);
+        predictions.push(Prediction {
+            uri: s.uri.clone(),
+            label: s.label,
+            probabilities: mean,
+        });
     }
-    let schema = Arc::new(Schema::new(vec![
-        Field::new("uri", DataType::Utf8, false),
-        Field::new("label", DataType::Utf8, false),
-        Field::new("predicted", DataType::Utf8, false),
-        Field::new("correct", DataType::Boolean, false),
-        Field::new(
-            "probabilities",
-            DataType::List(Arc::new(Field::new("item", DataType::Float32, false))),
-            false,
-        ),
-    ]));
-    let columns: Vec<ArrayRef> = vec![
-        Arc::new(uris.finish()),
-        Arc::new(truth.finish()),
-        Arc::new(predicted.finish()),
-        Arc::new(correct_col.finish()),
-        Arc::new(probs_col.finish()),
-    ];
-    let batch = RecordBatch::try_new(schema.clone(), columns)?;
-    let file = std::fs::File::create(opts.out_dir.join("predictions.parquet"))?;
-    let mut w = parquet::arrow::ArrowWriter::try_new(file, schema, None)?;
-    w.write(&batch)?;
-    w.close()?;
-    let evaluated = val.len();
-    Ok(ProbeSummary {
-        top1: if evaluated == 0 {
-            0.0
-        } else {
-            100.0 * correct as f64 / evaluated as f64
-        },
+    let correct = write_predictions(&opts.out_dir, &classes, &predictions)?;
+    Ok(ProbeSummary::new(
         correct,
-        evaluated,
-        train_videos: train.len(),
+        val.len(),
+        train.len(),
         classes,
         final_loss,
-    })
+    ))
 }

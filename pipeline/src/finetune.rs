@@ -1,0 +1,228 @@
+//! `vjepa finetune`: the attentive probe of `vjepa probe` (spec §9) trained with the backbone
+//! unfrozen (end-to-end fine-tuning, issue 8). The checkpoint's encoder (our target encoder, an
+//! official `.pth.tar`, or an encoder-only file) is copied and trained together with the probe.
+//!
+//! Clips are decoded once through `vjepa extract`'s dataflow (same segments, views and crops)
+//! and held in memory: the encoder runs on them again at every step, with gradients. AdamW over
+//! head and encoder with the probe's schedules and clip; the encoder's lr is scaled by
+//! `backbone_lr_scale` (common fine-tuning practice, not the spec). Evaluation, outputs and
+//! summary are the probe's, plus the fine-tuned encoder (`encoder.safetensors`).
+//!
+//! Differences from a full fine-tuning recipe, said plainly: no per-epoch augmentation (the
+//! views are the evaluation's fixed crops), f32 on the CPU.
+
+use anyhow::{Context, bail};
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use rand_chacha::ChaCha8Rng;
+
+use vjepa_model::finetune::FineTuner;
+use vjepa_model::probe::{AttentiveProbe, ProbeConfig};
+use vjepa_model::{Device, Tensor};
+
+use crate::extract::{self, ExtractOptions};
+use crate::probe::{self, Prediction, ProbeOptions, ProbeSummary};
+
+/// What to fine-tune: the probe's options plus the encoder's lr scale.
+#[derive(Clone, Debug)]
+pub struct FinetuneOptions {
+    /// Everything `vjepa probe` takes (checkpoint, indexes, views, epochs, lr, …).
+    pub probe: ProbeOptions,
+    /// The encoder's lr as a multiple of the head's (0 keeps it frozen).
+    pub backbone_lr_scale: f64,
+}
+
+/// A video's decoded clips: per view, its segments' clips one after the other
+/// (`[S, 3, T, H, W]` row-major).
+struct Video {
+    uri: String,
+    label: usize,
+    views: Vec<Vec<f32>>,
+}
+
+/// A decoded video before its label is mapped to a class.
+struct Decoded {
+    uri: String,
+    label: String,
+    views: Vec<Vec<f32>>,
+}
+
+/// Decodes `index` (`views` views per segment) and groups the clips by video.
+fn videos_of(
+    opts: &ProbeOptions,
+    encoder: &vjepa_model::EncoderConfig,
+    index: &str,
+    name: &str,
+    views: usize,
+    handle: &tokio::runtime::Handle,
+) -> anyhow::Result<Vec<Decoded>> {
+    let mut e: ExtractOptions = opts.extract.clone();
+    e.datasets = vec![index.to_string()];
+    e.views = views;
+    let quarantine = opts.out_dir.join(format!("{name}.quarantine.parquet"));
+    let (clips, streamed) =
+        extract::decode_all(&e, encoder, &quarantine.display().to_string(), handle)
+            .with_context(|| format!("decoding {index}"))?;
+    if streamed.quarantined > 0 {
+        tracing::warn!(
+            index,
+            quarantined = streamed.quarantined,
+            records = %streamed.quarantine_output,
+            "videos left out of fine-tuning"
+        );
+    }
+    // Clips arrive sorted by video, then slot = segment · views + view.
+    let mut out: Vec<Decoded> = Vec::new();
+    for (clip, label) in clips {
+        if out.last().is_none_or(|v| v.uri != clip.uri) {
+            out.push(Decoded {
+                uri: clip.uri.clone(),
+                label,
+                views: vec![Vec::new(); views],
+            });
+        }
+        if let Some(v) = out.last_mut()
+            && let Some(view) = v.views.get_mut(clip.slot % views)
+        {
+            view.extend_from_slice(&clip.data);
+        }
+    }
+    Ok(out)
+}
+
+/// Runs fine-tuning: decode, train probe + encoder, evaluate, write.
+pub fn run(opts: FinetuneOptions) -> anyhow::Result<ProbeSummary> {
+    let FinetuneOptions {
+        probe: opts,
+        backbone_lr_scale,
+    } = opts;
+    probe::prepare(&opts)?;
+    if !(backbone_lr_scale.is_finite() && backbone_lr_scale >= 0.0) {
+        bail!("--backbone-lr-scale must be ≥ 0, got {backbone_lr_scale}");
+    }
+    let (runtime, encoder) = extract::load_encoder(&opts.extract)?;
+    let handle = runtime.handle().clone();
+    let cfg = encoder.config().clone();
+    let train = videos_of(&opts, &cfg, &opts.train, "train", 1, &handle)?;
+    let val = videos_of(&opts, &cfg, &opts.val, "val", opts.val_views, &handle)?;
+    if train.is_empty() {
+        bail!("no train clip could be read");
+    }
+    let (classes, class_of) = probe::classes(train.iter().map(|v| v.label.clone()).collect())?;
+    let labelled = |videos: Vec<Decoded>| {
+        videos
+            .into_iter()
+            .map(|v| match class_of.get(&v.label) {
+                Some(&c) => Ok(Video {
+                    uri: v.uri,
+                    label: c,
+                    views: v.views,
+                }),
+                None => bail!(
+                    "{}: label `{}` is not a class of the train set",
+                    v.uri,
+                    v.label
+                ),
+            })
+            .collect::<anyhow::Result<Vec<_>>>()
+    };
+    let train = labelled(train)?;
+    let val = labelled(val)?;
+    let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
+    let train = probe::low_shot(
+        train,
+        |v| v.label,
+        classes.len(),
+        opts.label_fraction,
+        &mut rng,
+    );
+
+    let segments = opts.extract.segments.max(1);
+    let size = opts.extract.size.unwrap_or(cfg.crop_size);
+    let per_clip = 3 * cfg.num_frames * size * size;
+    let shape = |videos: usize| (videos * segments, 3, cfg.num_frames, size, size);
+    for v in train.iter().chain(&val) {
+        if v.views.iter().any(|x| x.len() != segments * per_clip) {
+            bail!("{}: not every segment and view could be decoded", v.uri);
+        }
+    }
+    let head = AttentiveProbe::new(
+        ProbeConfig {
+            embed_dim: cfg.embed_dim,
+            num_heads: cfg.num_heads,
+            num_classes: classes.len(),
+            mlp_ratio: 4.0,
+        },
+        opts.seed,
+        &Device::Cpu,
+    )?;
+    let optim = probe::probe_optim(&opts, train.len());
+    let mut tuner = FineTuner::new(&encoder, head, optim, backbone_lr_scale)?;
+    drop(encoder);
+    tracing::info!(
+        train = train.len(),
+        val = val.len(),
+        classes = classes.len(),
+        backbone_lr_scale,
+        "fine-tuning"
+    );
+    let mut order: Vec<usize> = (0..train.len()).collect();
+    let mut final_loss = f64::NAN;
+    for epoch in 0..opts.epochs {
+        order.shuffle(&mut rng);
+        let mut losses = Vec::new();
+        for chunk in order.chunks(opts.batch_size) {
+            let mut data = Vec::with_capacity(chunk.len() * segments * per_clip);
+            let mut labels = Vec::with_capacity(chunk.len());
+            for &i in chunk {
+                data.extend_from_slice(&train[i].views[0]);
+                labels.push(train[i].label as u32);
+            }
+            let x = Tensor::from_vec(data, shape(chunk.len()), &Device::Cpu)?;
+            losses.push(tuner.step(&x, segments, &labels)?.loss);
+        }
+        final_loss = losses.iter().sum::<f64>() / losses.len().max(1) as f64;
+        tracing::info!(
+            epoch = epoch + 1,
+            loss = format_args!("{final_loss:.4}"),
+            "finetune"
+        );
+    }
+    std::fs::write(
+        opts.out_dir.join("probe.safetensors"),
+        tuner.probe().to_safetensors()?,
+    )?;
+    std::fs::write(
+        opts.out_dir.join("encoder.safetensors"),
+        tuner.encoder().to_safetensors()?,
+    )?;
+
+    // Evaluation as the probe's: probabilities averaged over views.
+    let mut predictions = Vec::with_capacity(val.len());
+    for v in &val {
+        let mut mean = vec![0f32; classes.len()];
+        for view in &v.views {
+            let x = Tensor::from_vec(view.clone(), shape(1), &Device::Cpu)?;
+            let p = tuner
+                .probabilities(&x, segments)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            for (m, p) in mean.iter_mut().zip(p) {
+                *m += p / v.views.len() as f32;
+            }
+        }
+        predictions.push(Prediction {
+            uri: v.uri.clone(),
+            label: v.label,
+            probabilities: mean,
+        });
+    }
+    let correct = probe::write_predictions(&opts.out_dir, &classes, &predictions)?;
+    Ok(ProbeSummary::new(
+        correct,
+        val.len(),
+        train.len(),
+        classes,
+        final_loss,
+    ))
+}

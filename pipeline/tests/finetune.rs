@@ -1,0 +1,141 @@
+//! Pretrain → fine-tune end to end at the smallest size (issue 8): a short V-JEPA run, then
+//! `vjepa finetune` on labelled indexes; checks the artifacts (the predictions table against
+//! the printed top-1, the head under the official names, the fine-tuned encoder: it loads,
+//! moved away from the pretrained one, and `vjepa extract` reads it).
+
+mod common;
+
+use std::process::Command;
+
+use arrow::array::{Array, BooleanArray, StringArray};
+use common::*;
+use vjepa_model::Device;
+use vjepa_model::probe::{AttentiveProbe, ProbeConfig};
+use vjepa_model::vit::Encoder;
+
+#[test]
+fn pretrain_then_finetune_writes_its_artifacts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let videos = tmp.path().join("videos");
+    make_corpus(&videos, 8);
+    let out = tmp.path().join("out");
+    let config = write_config(&tmp.path().join("c.yaml"), &videos, &out, 2);
+    assert_ok(&run_train(&config, &[], &[]));
+    let checkpoint = out.join("checkpoints/step-00000002.safetensors");
+
+    let mut names: Vec<String> = std::fs::read_dir(&videos)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    names.sort();
+    // Label = container (mp4 vs webm); 5 train videos, 3 validation videos.
+    let line = |n: &String| {
+        let label = if n.ends_with(".webm") { "webm" } else { "mp4" };
+        format!("{} {label}", videos.join(n).display())
+    };
+    let (train, val) = names.split_at(5);
+    let train_csv = tmp.path().join("train.csv");
+    let val_csv = tmp.path().join("val.csv");
+    let write = |path: &std::path::Path, names: &[String]| {
+        std::fs::write(path, names.iter().map(line).collect::<Vec<_>>().join("\n")).unwrap()
+    };
+    write(&train_csv, train);
+    write(&val_csv, val);
+
+    let dir = tmp.path().join("ft");
+    let run = Command::new(bin())
+        .args(["finetune", "--checkpoint"])
+        .arg(&checkpoint)
+        .arg("--train")
+        .arg(&train_csv)
+        .arg("--val")
+        .arg(&val_csv)
+        .arg("--out")
+        .arg(&dir)
+        .args(["--views", "2", "--epochs", "2", "--batch-size", "3"])
+        .args(["--lr", "1e-3", "--backbone-lr-scale", "0.5"])
+        .output()
+        .unwrap();
+    assert_ok(&run);
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        stdout.contains("validation videos; 5 train videos, 2 classes"),
+        "{stdout}"
+    );
+    // "top-1 X % (C / 3 validation videos; …)"
+    let correct: usize = stdout
+        .split(" % (")
+        .nth(1)
+        .and_then(|r| r.split(" / 3 validation").next())
+        .and_then(|c| c.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no top-1 line: {stdout}"));
+
+    // Predictions: one row per validation video; `correct` agrees with the labels and the
+    // printed top-1.
+    let file = std::fs::File::open(dir.join("predictions.parquet")).unwrap();
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+        .unwrap()
+        .build()
+        .unwrap();
+    let (mut rows, mut right) = (0, 0);
+    for batch in reader {
+        let batch = batch.unwrap();
+        let col = |name: &str| batch.column_by_name(name).unwrap().clone();
+        let label = col("label");
+        let label = label.as_any().downcast_ref::<StringArray>().unwrap();
+        let predicted = col("predicted");
+        let predicted = predicted.as_any().downcast_ref::<StringArray>().unwrap();
+        let ok = col("correct");
+        let ok = ok.as_any().downcast_ref::<BooleanArray>().unwrap();
+        for i in 0..batch.num_rows() {
+            assert_eq!(ok.value(i), label.value(i) == predicted.value(i));
+            right += ok.value(i) as usize;
+        }
+        rows += batch.num_rows();
+    }
+    assert_eq!(rows, 3);
+    assert_eq!(right, correct, "{stdout}");
+
+    // The head: official names, loads with the encoder's width and heads.
+    let model =
+        vjepa_model::VJepa::from_safetensors(&std::fs::read(&checkpoint).unwrap(), &Device::Cpu)
+            .unwrap();
+    let enc = model.encoder_config().clone();
+    let bytes = std::fs::read(dir.join("probe.safetensors")).unwrap();
+    let tensors = candle_core::safetensors::load_buffer(&bytes, &candle_core::Device::Cpu).unwrap();
+    let cfg = ProbeConfig {
+        embed_dim: enc.embed_dim,
+        num_heads: enc.num_heads,
+        num_classes: 2,
+        mlp_ratio: 4.0,
+    };
+    AttentiveProbe::from_tensors(cfg, &tensors, &Device::Cpu).unwrap();
+
+    // The encoder: loads, same shape, every tensor moved from the pretrained target encoder.
+    let tuned_path = dir.join("encoder.safetensors");
+    let tuned =
+        Encoder::from_safetensors(&std::fs::read(&tuned_path).unwrap(), &Device::Cpu).unwrap();
+    assert_eq!(tuned.config(), &enc);
+    let values = |t: &vjepa_model::Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    for ((name, a), (_, b)) in tuned.params().iter().zip(model.target_encoder().params()) {
+        assert_ne!(values(a), values(b), "{name} did not change");
+    }
+
+    // `vjepa extract` reads the fine-tuned encoder.
+    let features = tmp.path().join("features.parquet");
+    let extract = Command::new(bin())
+        .args(["extract", "--checkpoint"])
+        .arg(&tuned_path)
+        .arg("--index")
+        .arg(&val_csv)
+        .arg("--out")
+        .arg(&features)
+        .output()
+        .unwrap();
+    assert_ok(&extract);
+    assert!(
+        String::from_utf8_lossy(&extract.stdout).contains("extracted 3 rows from 3 videos"),
+        "{}",
+        String::from_utf8_lossy(&extract.stdout)
+    );
+}
