@@ -30,7 +30,8 @@ pub struct FineTuner {
 
 impl FineTuner {
     /// Fine-tunes a copy of `encoder` with `probe` on top; the encoder's lr is the scheduled lr
-    /// times `backbone_lr_scale` (≥ 0; 0 keeps the backbone frozen).
+    /// times `backbone_lr_scale` (≥ 0; 0 keeps the backbone frozen and out of the gradient,
+    /// which makes this the frozen probe).
     pub fn new(
         encoder: &Encoder,
         probe: AttentiveProbe,
@@ -85,25 +86,34 @@ impl FineTuner {
         Ok(x.reshape((bs / segments, segments * n, d))?)
     }
 
-    /// One step on cross-entropy through probe and encoder (schedules at the 1-based step).
-    /// A non-finite loss is an error and leaves both unchanged.
+    /// One step on cross-entropy through probe and encoder (schedules at the 1-based step; one
+    /// grad-norm clip over both). A non-finite loss is an error and leaves both unchanged.
     pub fn step(
         &mut self,
         clips: &Tensor,
         segments: usize,
         labels: &[u32],
     ) -> Result<ProbeStep, ModelError> {
-        let logits = self.probe.forward(&self.tokens(clips, segments)?)?;
-        let loss = cross_entropy(&logits, labels)?;
-        let s = probe::optimise(
-            &loss,
-            self.steps_done + 1,
-            &self.optim,
-            &mut [
-                (&mut self.head_opt, 1.0),
-                (&mut self.encoder_opt, self.backbone_lr_scale),
-            ],
-        )?;
+        let frozen = self.backbone_lr_scale == 0.0;
+        let tokens = self.tokens(clips, segments)?;
+        // A frozen backbone is left out of the graph and of the clip norm: then this is the
+        // probe's step exactly.
+        let tokens = if frozen { tokens.detach() } else { tokens };
+        let loss = cross_entropy(&self.probe.forward(&tokens)?, labels)?;
+        let step = self.steps_done + 1;
+        let s = if frozen {
+            probe::optimise(&loss, step, &self.optim, &mut [(&mut self.head_opt, 1.0)])?
+        } else {
+            probe::optimise(
+                &loss,
+                step,
+                &self.optim,
+                &mut [
+                    (&mut self.head_opt, 1.0),
+                    (&mut self.encoder_opt, self.backbone_lr_scale),
+                ],
+            )?
+        };
         self.steps_done = s.step;
         Ok(s)
     }

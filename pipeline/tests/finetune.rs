@@ -1,13 +1,14 @@
 //! Pretrain → fine-tune end to end at the smallest size (issue 8): a short V-JEPA run, then
 //! `vjepa finetune` on labelled indexes; checks the artifacts (the predictions table against
 //! the printed top-1, the head under the official names, the fine-tuned encoder: it loads,
-//! moved away from the pretrained one, and `vjepa extract` reads it).
+//! moved away from the pretrained one, and `vjepa extract` reads it), and that with the
+//! backbone frozen it predicts what `vjepa probe` predicts.
 
 mod common;
 
 use std::process::Command;
 
-use arrow::array::{Array, BooleanArray, StringArray};
+use arrow::array::{Array, BooleanArray, Float32Array, ListArray, StringArray};
 use common::*;
 use vjepa_model::Device;
 use vjepa_model::probe::{AttentiveProbe, ProbeConfig};
@@ -72,28 +73,13 @@ fn pretrain_then_finetune_writes_its_artifacts() {
 
     // Predictions: one row per validation video; `correct` agrees with the labels and the
     // printed top-1.
-    let file = std::fs::File::open(dir.join("predictions.parquet")).unwrap();
-    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
-        .unwrap()
-        .build()
-        .unwrap();
-    let (mut rows, mut right) = (0, 0);
-    for batch in reader {
-        let batch = batch.unwrap();
-        let col = |name: &str| batch.column_by_name(name).unwrap().clone();
-        let label = col("label");
-        let label = label.as_any().downcast_ref::<StringArray>().unwrap();
-        let predicted = col("predicted");
-        let predicted = predicted.as_any().downcast_ref::<StringArray>().unwrap();
-        let ok = col("correct");
-        let ok = ok.as_any().downcast_ref::<BooleanArray>().unwrap();
-        for i in 0..batch.num_rows() {
-            assert_eq!(ok.value(i), label.value(i) == predicted.value(i));
-            right += ok.value(i) as usize;
-        }
-        rows += batch.num_rows();
+    let rows = read_predictions(&dir);
+    assert_eq!(rows.len(), 3);
+    for r in &rows {
+        assert_eq!(r.correct, r.label == r.predicted);
+        assert!((r.probabilities.iter().sum::<f32>() - 1.0).abs() < 1e-4);
     }
-    assert_eq!(rows, 3);
+    let right = rows.iter().filter(|r| r.correct).count();
     assert_eq!(right, correct, "{stdout}");
 
     // The head: official names, loads with the encoder's width and heads.
@@ -138,4 +124,80 @@ fn pretrain_then_finetune_writes_its_artifacts() {
         "{}",
         String::from_utf8_lossy(&extract.stdout)
     );
+
+    // With the backbone frozen (scale 0), fine-tuning is the probe: same clips, segments
+    // concatenated the same way, same init and order, so the same predictions.
+    let common = |cmd: &str, dir: &std::path::Path| {
+        let mut c = Command::new(bin());
+        c.args([cmd, "--checkpoint"])
+            .arg(&checkpoint)
+            .arg("--train")
+            .arg(&train_csv)
+            .arg("--val")
+            .arg(&val_csv)
+            .arg("--out")
+            .arg(dir)
+            .args(["--segments", "2", "--views", "2", "--epochs", "2"])
+            .args(["--batch-size", "2", "--lr", "3e-3", "--seed", "5"]);
+        c
+    };
+    let probe_dir = tmp.path().join("probe");
+    assert_ok(&common("probe", &probe_dir).output().unwrap());
+    let frozen_dir = tmp.path().join("frozen");
+    assert_ok(
+        &common("finetune", &frozen_dir)
+            .args(["--backbone-lr-scale", "0"])
+            .output()
+            .unwrap(),
+    );
+    let (p, f) = (read_predictions(&probe_dir), read_predictions(&frozen_dir));
+    assert_eq!(p.len(), 3);
+    for (p, f) in p.iter().zip(&f) {
+        assert_eq!((&p.uri, &p.predicted), (&f.uri, &f.predicted));
+        for (a, b) in p.probabilities.iter().zip(&f.probabilities) {
+            assert!((a - b).abs() < 1e-3, "{:?} vs {:?}", p, f);
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Row {
+    uri: String,
+    label: String,
+    predicted: String,
+    correct: bool,
+    probabilities: Vec<f32>,
+}
+
+fn read_predictions(dir: &std::path::Path) -> Vec<Row> {
+    let file = std::fs::File::open(dir.join("predictions.parquet")).unwrap();
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+        .unwrap()
+        .build()
+        .unwrap();
+    let mut rows = Vec::new();
+    for batch in reader {
+        let batch = batch.unwrap();
+        let col = |name: &str| batch.column_by_name(name).unwrap().clone();
+        let (uri, label, predicted) = (col("uri"), col("label"), col("predicted"));
+        let strings =
+            |a: &arrow::array::ArrayRef| a.as_any().downcast_ref::<StringArray>().unwrap().clone();
+        let (uri, label, predicted) = (strings(&uri), strings(&label), strings(&predicted));
+        let ok = col("correct");
+        let ok = ok.as_any().downcast_ref::<BooleanArray>().unwrap();
+        let probs = col("probabilities");
+        let probs = probs.as_any().downcast_ref::<ListArray>().unwrap();
+        for i in 0..batch.num_rows() {
+            let p = probs.value(i);
+            let p = p.as_any().downcast_ref::<Float32Array>().unwrap();
+            rows.push(Row {
+                uri: uri.value(i).to_string(),
+                label: label.value(i).to_string(),
+                predicted: predicted.value(i).to_string(),
+                correct: ok.value(i),
+                probabilities: p.values().to_vec(),
+            });
+        }
+    }
+    rows
 }
