@@ -149,6 +149,10 @@ pub struct Gradients {
     pub target_tokens: Vec<usize>,
     /// [`StepStats::target_std`] over this worker's samples.
     pub target_std: f64,
+    /// Per sample (batch order), the target encoder's output averaged over tokens (before the
+    /// loss LayerNorm): the clip's embedding, as `vjepa extract` gives it, free from the target
+    /// pass the loss needs anyway.
+    pub target_embeddings: Vec<Vec<f32>>,
 }
 
 /// A gradient in the flat layout of [`VJepa::flatten_gradients`], for exchange between workers.
@@ -473,19 +477,22 @@ impl VJepa {
         clips: &Tensor,
         masks: &[(TokenIndex, TokenIndex)],
     ) -> Result<(Tensor, Vec<Tensor>), ModelError> {
-        let (loss, per_mask, _) = self.forward_loss_stats(clips, masks)?;
+        let (loss, per_mask, _, _) = self.forward_loss_stats(clips, masks)?;
         Ok((loss, per_mask))
     }
 
     /// [`Self::forward_loss`] plus the collapse signal ([`StepStats::target_std`]) as a
-    /// scalar tensor, computed from the target features the loss uses anyway.
+    /// scalar tensor and the mean-pooled target features `[B, D]`, computed from the target
+    /// features the loss uses anyway.
     fn forward_loss_stats(
         &self,
         clips: &Tensor,
         masks: &[(TokenIndex, TokenIndex)],
-    ) -> Result<(Tensor, Vec<Tensor>, Tensor), ModelError> {
+    ) -> Result<(Tensor, Vec<Tensor>, Tensor, Tensor), ModelError> {
         // Target branch: plain (non-Var) weights, so no graph is recorded.
-        let h = loss::normalize_targets(&self.target.forward(clips, None)?)?.detach();
+        let raw = self.target.forward(clips, None)?.detach();
+        let pooled = raw.to_dtype(DType::F32)?.mean(1)?;
+        let h = loss::normalize_targets(&raw)?.detach();
         // Population std over the batch axis of [B, N, D], then the mean over N and D.
         let hf = h.to_dtype(DType::F32)?;
         let centred = hf.broadcast_sub(&hf.mean_keepdim(0)?)?;
@@ -500,7 +507,7 @@ impl VJepa {
             targets.push(tgt.gather(&h)?);
         }
         let (loss, per_mask) = loss::jepa_loss(&preds, &targets, self.optim_cfg.loss_exp)?;
-        Ok((loss, per_mask, target_std))
+        Ok((loss, per_mask, target_std, pooled))
     }
 
     /// One full V-JEPA iteration (spec §6–§7): target pass (no grad) → LN without affine (eps
@@ -523,7 +530,7 @@ impl VJepa {
     pub fn compute_gradients(&self, batch: &TrainBatch) -> Result<Gradients, ModelError> {
         let (clips, b) = self.prepare_clips(&batch.clips)?;
         let masks = self.mask_indices(batch, b)?;
-        let (loss, per_mask, target_std) = self.forward_loss_stats(&clips, &masks)?;
+        let (loss, per_mask, target_std, pooled) = self.forward_loss_stats(&clips, &masks)?;
         let loss_value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         if !loss_value.is_finite() {
             return Err(ModelError::NonFiniteLoss {
@@ -544,6 +551,7 @@ impl VJepa {
             context_tokens: masks.iter().map(|(c, _)| c.len()).collect(),
             target_tokens: masks.iter().map(|(_, t)| t.len()).collect(),
             target_std: target_std.to_dtype(DType::F64)?.to_scalar::<f64>()?,
+            target_embeddings: pooled.to_vec2::<f32>()?,
         })
     }
 
@@ -558,6 +566,7 @@ impl VJepa {
             context_tokens: vec![0; masks],
             target_tokens: vec![0; masks],
             target_std: 0.0,
+            target_embeddings: Vec::new(),
         }
     }
 

@@ -403,6 +403,10 @@ pub struct OutputsSection {
     /// Also write `clips.parquet`: one row per clip trained on (step, slot, video, frames, crop).
     #[serde(default)]
     pub clips: bool,
+    /// Also write `features.parquet`: the target encoder's mean-pooled feature of every clip
+    /// trained on (step, video, frames, embedding), a by-product of the target pass.
+    #[serde(default)]
+    pub features: bool,
 }
 
 impl Default for OutputsSection {
@@ -413,6 +417,7 @@ impl Default for OutputsSection {
             metrics_flush_every: default_flush(),
             log_every: 10,
             clips: false,
+            features: false,
         }
     }
 }

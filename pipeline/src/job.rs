@@ -27,6 +27,7 @@ use vjepa_operators::sampler::VersionDraws;
 use vjepa_operators::sampling::ClipSampling;
 use vjepa_operators::seeding::{Stream, rng_for};
 use vjepa_operators::sinks::sink_records;
+use vjepa_storage::features::{FeatureRow, FeaturesWriter};
 use vjepa_storage::tables::{ClipRow, ClipsWriter, MetricsRow, MetricsWriter, QuarantineWriter};
 use vjepa_storage::{Store, checkpoints};
 
@@ -279,19 +280,19 @@ fn run_training(
         bail!("the checkpoint is at step {first_step}, the run has {total} steps: nothing to do");
     }
 
-    let (metrics_name, quarantine_name, clips_name) = if first_step == 0 {
-        (
-            "metrics.parquet".to_string(),
-            "quarantine.parquet".to_string(),
-            "clips.parquet".to_string(),
-        )
-    } else {
-        (
-            format!("metrics-from-{first_step:08}.parquet"),
-            format!("quarantine-from-{first_step:08}.parquet"),
-            format!("clips-from-{first_step:08}.parquet"),
-        )
+    let table_name = |name: &str| {
+        if first_step == 0 {
+            format!("{name}.parquet")
+        } else {
+            format!("{name}-from-{first_step:08}.parquet")
+        }
     };
+    let (metrics_name, quarantine_name, clips_name, features_name) = (
+        table_name("metrics"),
+        table_name("quarantine"),
+        table_name("clips"),
+        table_name("features"),
+    );
     let first_version = CatalogVersion {
         from_step: first_step,
         ..first_version
@@ -389,6 +390,7 @@ fn run_training(
         versions: Arc::new(Versions::new(first_version)),
         listings: Mutex::new(Some(listings_rx)),
         clips_name,
+        features_name,
         catalog: catalog.clone(),
         out: out.clone(),
         handle: handle.clone(),
@@ -552,6 +554,8 @@ struct Shared {
     listings: Mutex<Option<mpsc::Receiver<Listing>>>,
     /// Name of the clips table (when `outputs.clips`).
     clips_name: String,
+    /// Name of the features table (when `outputs.features`).
+    features_name: String,
     out: Store,
     handle: tokio::runtime::Handle,
     fatal: Fatal,
@@ -594,6 +598,7 @@ struct Outputs {
     metrics: Option<MetricsWriter>,
     quarantine: Option<QuarantineWriter>,
     clips: Option<ClipsWriter>,
+    features: Option<FeaturesWriter>,
     seen_bad: HashSet<String>,
     quarantined: usize,
     rows_since_flush: u64,
@@ -641,6 +646,9 @@ struct ReduceMsg {
     failed: Option<String>,
     /// The loss, when the failure is a non-finite loss (counted once, by worker 0).
     nonfinite: Option<f64>,
+    /// To worker 0 with `outputs.features`: (slot, mean-pooled target feature) of each of
+    /// this worker's clips.
+    embeddings: Vec<(usize, Vec<f32>)>,
 }
 
 /// The messages of the training collective (rounds between all workers of all processes).
@@ -847,6 +855,7 @@ fn run_worker_inner(
         metrics: None,
         quarantine: None,
         clips: None,
+        features: None,
         seen_bad: HashSet::new(),
         quarantined: 0,
         rows_since_flush: 0,
@@ -870,6 +879,13 @@ fn run_worker_inner(
                 shared
                     .handle
                     .block_on(ClipsWriter::create(&shared.out, &shared.clips_name))?,
+            );
+        }
+        if cfg.raw.outputs.features {
+            o.features = Some(
+                shared
+                    .handle
+                    .block_on(FeaturesWriter::create(&shared.out, &shared.features_name))?,
             );
         }
         for r in &shared.catalog.first.rejected {
@@ -1206,6 +1222,15 @@ impl Trainer {
             ),
         };
         let flat = self.model.flatten_gradients(&grads)?;
+        let embeddings: Vec<(usize, Vec<f32>)> = if shared.cfg.raw.outputs.features {
+            slots
+                .iter()
+                .copied()
+                .zip(std::mem::take(&mut grads.target_embeddings))
+                .collect()
+        } else {
+            Vec::new()
+        };
 
         // 4. Reduce-scatter: worker k sums shard k of every worker's gradient, in worker order.
         let len = flat.values.len();
@@ -1220,12 +1245,17 @@ impl Trainer {
                     shard: flat.values[shard_range(len, peers, k)].to_vec(),
                     failed: failed.clone(),
                     nonfinite,
+                    embeddings: if k == 0 {
+                        embeddings.clone()
+                    } else {
+                        Vec::new()
+                    },
                 }))
             })
             .collect();
         drop(flat);
         let got = self.collective.scatter(worker, outgoing, stop)?;
-        let parts = got
+        let mut parts = got
             .into_iter()
             .map(|m| match m {
                 Msg::Reduce(r) => Ok(*r),
@@ -1245,6 +1275,11 @@ impl Trainer {
             bail!("worker {w}: {why}");
         }
         let samples: usize = parts.iter().map(|p| p.samples).sum();
+        let mut embeddings: Vec<(usize, Vec<f32>)> = parts
+            .iter_mut()
+            .flat_map(|p| std::mem::take(&mut p.embeddings))
+            .collect();
+        embeddings.sort_by_key(|(slot, _)| *slot);
         let weights: Vec<(usize, &[f32])> =
             parts.iter().map(|p| (p.samples, &p.shard[..])).collect();
         let reduced = weighted_mean(&weights);
@@ -1313,6 +1348,7 @@ impl Trainer {
                 &self.model,
                 &stats,
                 &records,
+                &embeddings,
                 global.len(),
                 (data_wait, step_time),
                 digest,
@@ -1362,6 +1398,7 @@ fn finish_step(
     model: &VJepa,
     stats: &vjepa_model::StepStats,
     records: &[ClipMeta],
+    embeddings: &[(usize, Vec<f32>)],
     clips: usize,
     (data_wait, step_time): (Duration, Duration),
     params_digest: u64,
@@ -1383,6 +1420,23 @@ fn finish_step(
                 frames: c.frames.iter().map(|&f| f as i64).collect(),
                 crop: c.crop,
                 flip: c.flip,
+            });
+        }
+    }
+    if let Some(w) = outputs.borrow_mut().features.as_mut() {
+        for (slot, embedding) in embeddings {
+            let Some(c) = records.iter().find(|c| c.slot == *slot) else {
+                continue;
+            };
+            w.push(FeatureRow {
+                uri: c.uri.clone(),
+                label: String::new(),
+                segment: 0,
+                view: 0,
+                step,
+                frames: c.frames.iter().map(|&f| f as i64).collect(),
+                embedding: embedding.clone(),
+                tokens: Vec::new(),
             });
         }
     }
@@ -1478,9 +1532,9 @@ fn finish_step(
 /// Before the last checkpoint: completes the metrics and clips tables (the quarantine table stays
 /// open for records still arriving; it closes with the run).
 fn close_final_tables(shared: &Shared, outputs: &Rc<RefCell<Outputs>>) -> anyhow::Result<()> {
-    let (metrics, clips) = {
+    let (metrics, clips, features) = {
         let mut o = outputs.borrow_mut();
-        (o.metrics.take(), o.clips.take())
+        (o.metrics.take(), o.clips.take(), o.features.take())
     };
     if let Some(w) = metrics {
         shared
@@ -1493,6 +1547,12 @@ fn close_final_tables(shared: &Shared, outputs: &Rc<RefCell<Outputs>>) -> anyhow
             .handle
             .block_on(w.close())
             .map_err(|e| anyhow!("writing clip records: {e}"))?;
+    }
+    if let Some(w) = features {
+        shared
+            .handle
+            .block_on(w.close())
+            .map_err(|e| anyhow!("writing features: {e}"))?;
     }
     Ok(())
 }
@@ -1517,6 +1577,10 @@ fn roll_tables(step: u64, shared: &Shared, outputs: &Rc<RefCell<Outputs>>) -> an
         h.block_on(w.roll(&format!("clips-from-{step:08}.parquet")))
             .map_err(|e| anyhow!("writing clip records: {e}"))?;
     }
+    if let Some(w) = o.features.as_mut() {
+        h.block_on(w.roll(&format!("features-from-{step:08}.parquet")))
+            .map_err(|e| anyhow!("writing features: {e}"))?;
+    }
     Ok(())
 }
 
@@ -1527,9 +1591,14 @@ async fn remove_run_tables(out: &Store) -> anyhow::Result<usize> {
     let mut removed = 0;
     for o in out.list().await? {
         let name = o.path.as_str();
-        let table = ["metrics-from-", "quarantine-from-", "clips-from-"]
-            .iter()
-            .any(|p| name.starts_with(p) && name.ends_with(".parquet") && !name.contains('/'));
+        let table = [
+            "metrics-from-",
+            "quarantine-from-",
+            "clips-from-",
+            "features-from-",
+        ]
+        .iter()
+        .any(|p| name.starts_with(p) && name.ends_with(".parquet") && !name.contains('/'));
         let record = name.starts_with("catalog/step-") && name.ends_with(".json");
         if table || record {
             out.delete(name).await?;
@@ -1564,6 +1633,12 @@ fn write_metrics(row: MetricsRow, shared: &Shared, outputs: &Rc<RefCell<Outputs>
         && let Err(e) = shared.handle.block_on(c.flush())
     {
         shared.fatal.set(format!("writing clip records: {e}"));
+    }
+    if flush
+        && let Some(f) = o.features.as_mut()
+        && let Err(e) = shared.handle.block_on(f.flush())
+    {
+        shared.fatal.set(format!("writing features: {e}"));
     }
     // Quarantine records go out with the metrics, not only at the end of the run.
     if flush
