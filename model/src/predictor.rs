@@ -122,7 +122,8 @@ impl Predictor {
         &self.pos_embed
     }
 
-    /// Predicts `[B, Kt, D]` (`[B, Kt, out_dim]` with another head) for mask config `mask` from the context encoding `z` `[B, Kc, D]`.
+    /// Predicts `[B, Kt, D]` (`[B, Kt, out_dim]` with another head) for mask config `mask`
+    /// from the context encoding `z` `[B, Kc, D]`.
     ///
     /// Tokens are [context (embedded + pos), mask token + pos at each target]; all attend to all;
     /// only the target outputs are normalised and projected back to the encoder width (LayerNorm is
