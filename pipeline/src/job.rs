@@ -1870,6 +1870,21 @@ pub(crate) fn split_location_with(
     Ok((store, name.to_string()))
 }
 
+/// The model exactly as a fresh run of `cfg` starts it (spec init, `meta.seed`), as checkpoint
+/// bytes: the random-init baseline of a probe, or a shared starting point for experiments.
+/// `ipe` is the config's (`optimization.ipe`, else 1); it only shapes the schedules.
+pub fn initial_checkpoint(cfg: &JobConfig) -> anyhow::Result<Vec<u8>> {
+    let ipe = cfg.raw.optimization.ipe.unwrap_or(1).max(1);
+    let model = VJepa::new(
+        cfg.encoder_config(),
+        cfg.predictor_config(),
+        cfg.optim_config(ipe),
+        cfg.raw.meta.seed,
+        &Device::Cpu,
+    )?;
+    Ok(model.to_safetensors()?)
+}
+
 /// Loads a checkpoint the way a resumed run would and describes it.
 pub fn inspect_checkpoint(location: &str) -> anyhow::Result<String> {
     let runtime = tokio::runtime::Builder::new_current_thread()

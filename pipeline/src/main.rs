@@ -94,6 +94,16 @@ enum Command {
     },
     /// Load a checkpoint (path or object-store URL) and print what it holds.
     Inspect { checkpoint: String },
+    /// Write the model a fresh run of CONFIG starts from (spec init, `meta.seed`) as a step-0
+    /// checkpoint: the random-init baseline for `vjepa probe`/`extract`.
+    Init {
+        /// Job config (model shape, seed).
+        #[arg(long)]
+        config: PathBuf,
+        /// Output checkpoint file (`.safetensors`).
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Convert a checkpoint between the official `.pth.tar` layout and our `.safetensors`
     /// (direction from the extensions); exit 2 naming the tensor when the input is bad.
     Convert {
@@ -482,6 +492,26 @@ fn main() -> ExitCode {
                         s.classes.len(),
                         s.final_loss
                     );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Command::Init { config, out } => {
+            let cfg = match JobConfig::load(&config) {
+                Ok(c) => c,
+                Err(e) => return config_error(&e),
+            };
+            match job::initial_checkpoint(&cfg).and_then(|bytes| {
+                std::fs::write(&out, &bytes)
+                    .map_err(|e| anyhow::anyhow!("writing {}: {e}", out.display()))?;
+                Ok(bytes.len())
+            }) {
+                Ok(n) => {
+                    println!("wrote {} ({n} bytes): step 0", out.display());
                     ExitCode::SUCCESS
                 }
                 Err(e) => {

@@ -154,3 +154,58 @@ fn pretrain_then_probe_writes_its_artifacts() {
         "{stdout}"
     );
 }
+
+/// `vjepa init` writes the model a fresh run starts from (the random-init baseline of a probe):
+/// a loadable step-0 checkpoint, the same bytes for the same config, other weights for another
+/// seed.
+#[test]
+fn init_writes_a_step_zero_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let videos = tmp.path().join("videos");
+    let out = tmp.path().join("out");
+    let config = write_config(&tmp.path().join("c.yaml"), &videos, &out, 4);
+    let init = |cfg: &std::path::Path, name: &str| {
+        let path = tmp.path().join(name);
+        let run = Command::new(bin())
+            .args(["init", "--config"])
+            .arg(cfg)
+            .arg("--out")
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert_ok(&run);
+        std::fs::read(path).unwrap()
+    };
+    let a = init(&config, "a.safetensors");
+    let b = init(&config, "b.safetensors");
+    let model = vjepa_model::VJepa::from_safetensors(&a, &Device::Cpu).unwrap();
+    let again = vjepa_model::VJepa::from_safetensors(&b, &Device::Cpu).unwrap();
+    assert_eq!(model.steps_done(), 0);
+    assert_eq!(
+        model.params_digest().unwrap(),
+        again.params_digest().unwrap(),
+        "same config, same weights"
+    );
+    let text = std::fs::read_to_string(&config).unwrap();
+    assert!(text.contains("  seed: "));
+    let reseeded = tmp.path().join("seed.yaml");
+    let text: String = text
+        .lines()
+        .map(|l| {
+            if l.starts_with("  seed: ") {
+                "  seed: 99".to_string()
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(&reseeded, text).unwrap();
+    let other =
+        vjepa_model::VJepa::from_safetensors(&init(&reseeded, "c.safetensors"), &Device::Cpu)
+            .unwrap();
+    assert_ne!(
+        model.params_digest().unwrap(),
+        other.params_digest().unwrap()
+    );
+}
