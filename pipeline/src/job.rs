@@ -170,7 +170,6 @@ fn run_training(
     let ipe = cfg.iterations_per_epoch(first_version.videos.len());
     let total = cfg.total_steps(ipe);
     let enc = cfg.encoder_config();
-    let pred = cfg.predictor_config();
 
     // Where the run starts: by default it continues from the newest complete checkpoint in its
     // own output location (so the same command resumes after a crash or `kill -9`); `--fresh`
@@ -414,8 +413,6 @@ fn run_training(
         settings,
         resumed,
         ipe,
-        enc,
-        pred,
         metrics_name,
         quarantine_name,
         first_step,
@@ -599,8 +596,6 @@ struct Shared {
     ipe: u64,
     /// The checkpoint the run resumes from: every worker loads its own replica of it.
     resumed: Option<Bytes>,
-    enc: vjepa_model::EncoderConfig,
-    pred: vjepa_model::PredictorConfig,
     metrics_name: String,
     quarantine_name: String,
     /// The step the run started after (0, or the resumed checkpoint's).
@@ -860,22 +855,7 @@ fn run_worker_inner(
     let total = setup.total;
     let model = match &shared.resumed {
         Some(bytes) => Pretrainer::from_safetensors(bytes, &Device::Cpu)?,
-        None => match cfg.raw.model.objective {
-            Objective::Vjepa => Pretrainer::VJepa(Box::new(VJepa::new(
-                shared.enc.clone(),
-                shared.pred.clone(),
-                cfg.optim_config(setup.ipe),
-                cfg.raw.meta.seed,
-                &Device::Cpu,
-            )?)),
-            Objective::Pixel => Pretrainer::Pixel(Box::new(PixelMae::new(
-                shared.enc.clone(),
-                cfg.pixel_config(),
-                cfg.optim_config(setup.ipe),
-                cfg.raw.meta.seed,
-                &Device::Cpu,
-            )?)),
-        },
+        None => fresh_model(&cfg, setup.ipe)?,
     };
     // Every replica starts bit-identical (same seed, or the same checkpoint).
     check_digests(worker, &mut collective, &model, shared.first_step, shared)?;
@@ -1875,14 +1855,33 @@ pub(crate) fn split_location_with(
 /// `ipe` is the config's (`optimization.ipe`, else 1); it only shapes the schedules.
 pub fn initial_checkpoint(cfg: &JobConfig) -> anyhow::Result<Vec<u8>> {
     let ipe = cfg.raw.optimization.ipe.unwrap_or(1).max(1);
-    let model = VJepa::new(
+    Ok(fresh_model(cfg, ipe)?.to_safetensors_with(&[])?)
+}
+
+/// The model of `cfg`'s objective at step 0 (spec init from `meta.seed`), with schedules for
+/// `ipe` iterations per epoch.
+fn fresh_model(cfg: &JobConfig, ipe: u64) -> anyhow::Result<Pretrainer> {
+    let (enc, optim, seed) = (
         cfg.encoder_config(),
-        cfg.predictor_config(),
         cfg.optim_config(ipe),
         cfg.raw.meta.seed,
-        &Device::Cpu,
-    )?;
-    Ok(model.to_safetensors()?)
+    );
+    Ok(match cfg.raw.model.objective {
+        Objective::Vjepa => Pretrainer::VJepa(Box::new(VJepa::new(
+            enc,
+            cfg.predictor_config(),
+            optim,
+            seed,
+            &Device::Cpu,
+        )?)),
+        Objective::Pixel => Pretrainer::Pixel(Box::new(PixelMae::new(
+            enc,
+            cfg.pixel_config(),
+            optim,
+            seed,
+            &Device::Cpu,
+        )?)),
+    })
 }
 
 /// Loads a checkpoint the way a resumed run would and describes it.

@@ -2,7 +2,7 @@
 //! baseline through the same data-parallel path (two workers), the loss is finite and falls,
 //! the V-JEPA-only metrics columns hold their documented values, a run resumed from a pixel
 //! checkpoint ends bit-identical to an uninterrupted one, a V-JEPA config refuses to resume
-//! it, and `vjepa extract` reads its encoder.
+//! it, `vjepa init` writes its step-0 model, and `vjepa extract` reads its encoder.
 
 mod common;
 
@@ -103,6 +103,17 @@ fn pixel_objective_trains_resumes_and_extracts() {
     assert!(!refused.status.success());
     let err = String::from_utf8_lossy(&refused.stderr);
     assert!(err.contains("objective pixel"), "{err}");
+
+    // `vjepa init` writes the step-0 model of the config's objective.
+    let init = tmp.path().join("init.safetensors");
+    let run = Command::new(bin())
+        .args(["init", "--config", config.to_str().unwrap(), "--out"])
+        .arg(&init)
+        .output()
+        .unwrap();
+    assert_ok(&run);
+    let m = Pretrainer::from_safetensors(&std::fs::read(&init).unwrap(), &Device::Cpu).unwrap();
+    assert_eq!((m.objective(), m.steps_done()), (Objective::Pixel, 0));
 
     // `vjepa extract` reads the pixel checkpoint's encoder.
     let checkpoint = out.join("checkpoints/step-00000008.safetensors");
