@@ -281,3 +281,62 @@ impl OptimConfig {
         Ok(())
     }
 }
+
+/// The pretraining objective a model trains with.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Objective {
+    /// V-JEPA: predict the EMA target encoder's features of masked blocks (the default).
+    #[default]
+    Vjepa,
+    /// VideoMAE-style baseline: reconstruct the pixels of masked tubes ([`crate::pixel`]).
+    Pixel,
+}
+
+impl Objective {
+    /// The name used in configs and checkpoint metadata.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Objective::Vjepa => "vjepa",
+            Objective::Pixel => "pixel",
+        }
+    }
+}
+
+impl std::fmt::Display for Objective {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Shape of the pixel objective's decoder and its target (VideoMAE-style; see [`crate::pixel`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PixelConfig {
+    /// Decoder width (VideoMAE: 384 for ViT-B; light by design).
+    pub decoder_dim: usize,
+    /// Decoder blocks (VideoMAE: 4).
+    pub decoder_depth: usize,
+    /// Decoder attention heads.
+    pub decoder_heads: usize,
+    /// Normalise each target tubelet by its own mean and variance (eps 1e-6) before the loss.
+    pub norm_pix: bool,
+}
+
+impl PixelConfig {
+    /// The decoder as a predictor shape: one mask token, MLP ratio 4.
+    pub fn decoder(&self) -> PredictorConfig {
+        PredictorConfig {
+            embed_dim: self.decoder_dim,
+            depth: self.decoder_depth,
+            num_heads: self.decoder_heads,
+            num_mask_tokens: 1,
+        }
+    }
+
+    /// Checks that the decoder can be built for `encoder`'s geometry.
+    pub fn validate(&self, encoder: &EncoderConfig) -> Result<(), ModelError> {
+        self.decoder()
+            .validate(encoder)
+            .map_err(|e| ModelError::Config(format!("pixel decoder: {e}")))
+    }
+}

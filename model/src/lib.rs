@@ -3,6 +3,8 @@
 //!
 //! The spec (`VJEPA-SPEC.md` §2–§8, §12) is the source of truth; names of parameters equal the
 //! official state-dict keys so checkpoints can be compared with the PyTorch ones.
+//! `objective: pixel` ([`pixel`]) trains the same encoder by pixel reconstruction instead, for
+//! the paper's feature-vs-pixel comparison; [`Pretrainer`] drives either.
 //! The training hot path (attention, LayerNorm, bias + GELU, AdamW, EMA) runs on the fused kernels
 //! of [`kernels`], each with a hand-written backward; the rest uses candle ops with autograd.
 
@@ -17,8 +19,10 @@ pub mod layers;
 pub mod loss;
 pub mod optim;
 pub mod params;
+pub mod pixel;
 pub mod pos_embed;
 pub mod predictor;
+mod pretrainer;
 pub mod probe;
 pub mod pth;
 pub mod schedule;
@@ -32,11 +36,13 @@ pub use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 use tracing::{debug, info};
 
-pub use config::{EncoderConfig, OptimConfig, PredictorConfig};
+pub use config::{EncoderConfig, Objective, OptimConfig, PixelConfig, PredictorConfig};
 pub use introspect::ForwardDetail;
 use optim::{AdamW, OptParam, ParamGroup};
 use params::{InitRng, ParamMap, ParamSpec};
+pub use pixel::PixelMae;
 use predictor::Predictor;
+pub use pretrainer::Pretrainer;
 pub use pth::{ModelConfigs, PthExport, PthInfo, encoder_from_pth};
 use tokens::TokenIndex;
 use vit::Encoder;
@@ -150,6 +156,10 @@ pub struct Gradients {
     pub target_tokens: Vec<usize>,
     /// [`StepStats::target_std`] over this worker's samples.
     pub target_std: f64,
+    /// Per sample (batch order), the target encoder's output averaged over tokens (before the
+    /// loss LayerNorm): the clip's embedding, as `vjepa extract` gives it, free from the target
+    /// pass the loss needs anyway.
+    pub target_embeddings: Vec<Vec<f32>>,
 }
 
 /// A gradient in the flat layout of [`VJepa::flatten_gradients`], for exchange between workers.
@@ -181,6 +191,15 @@ impl Digest {
             let lo = u64::from(pair[0].to_bits());
             let hi = pair.get(1).map_or(0, |x| u64::from(x.to_bits()));
             self.word(lo | (hi << 32));
+        }
+        Ok(())
+    }
+    /// Every trainable parameter, its AdamW moments and step count.
+    fn optimiser(&mut self, opt: &AdamW) -> Result<(), ModelError> {
+        for p in opt.params() {
+            self.tensor(p.var.as_tensor())?;
+            self.tensor(&p.state)?;
+            self.word(p.step);
         }
         Ok(())
     }
@@ -339,26 +358,7 @@ impl VJepa {
         let encoder = Encoder::load(&enc_cfg, &enc_map, parts.encoder_pos)?;
         let predictor = Predictor::load(&enc_cfg, &pred_cfg, &pred_map, parts.predictor_pos)?;
         let target = Encoder::load(&enc_cfg, &tgt_map, parts.target_pos)?;
-        let opt = match parts.opt_state {
-            None => AdamW::new(named_vars, optim_cfg.betas, optim_cfg.eps)?,
-            Some(state) => {
-                if state.len() != named_vars.len() {
-                    return Err(ModelError::Checkpoint(format!(
-                        "{} optimiser states for {} parameters",
-                        state.len(),
-                        named_vars.len()
-                    )));
-                }
-                let params = named_vars
-                    .into_iter()
-                    .zip(state)
-                    .map(|((name, var, group), (exp_avg, exp_avg_sq, step))| {
-                        OptParam::from_moments(name, var, group, &exp_avg, &exp_avg_sq, step)
-                    })
-                    .collect::<Result<Vec<_>, _>>()?;
-                AdamW::from_state(params, optim_cfg.betas, optim_cfg.eps)
-            }
-        };
+        let opt = build_optimiser(named_vars, parts.opt_state, &optim_cfg)?;
         Ok(Self {
             enc_cfg,
             pred_cfg,
@@ -479,19 +479,22 @@ impl VJepa {
         clips: &Tensor,
         masks: &[(TokenIndex, TokenIndex)],
     ) -> Result<(Tensor, Vec<Tensor>), ModelError> {
-        let (loss, per_mask, _) = self.forward_loss_stats(clips, masks)?;
+        let (loss, per_mask, _, _) = self.forward_loss_stats(clips, masks)?;
         Ok((loss, per_mask))
     }
 
     /// [`Self::forward_loss`] plus the collapse signal ([`StepStats::target_std`]) as a
-    /// scalar tensor, computed from the target features the loss uses anyway.
+    /// scalar tensor and the mean-pooled target features `[B, D]`, computed from the target
+    /// features the loss uses anyway.
     fn forward_loss_stats(
         &self,
         clips: &Tensor,
         masks: &[(TokenIndex, TokenIndex)],
-    ) -> Result<(Tensor, Vec<Tensor>, Tensor), ModelError> {
+    ) -> Result<(Tensor, Vec<Tensor>, Tensor, Tensor), ModelError> {
         // Target branch: plain (non-Var) weights, so no graph is recorded.
-        let h = loss::normalize_targets(&self.target.forward(clips, None)?)?.detach();
+        let raw = self.target.forward(clips, None)?.detach();
+        let pooled = raw.to_dtype(DType::F32)?.mean(1)?;
+        let h = loss::normalize_targets(&raw)?.detach();
         // Population std over the batch axis of [B, N, D], then the mean over N and D.
         let hf = h.to_dtype(DType::F32)?;
         let centred = hf.broadcast_sub(&hf.mean_keepdim(0)?)?;
@@ -506,7 +509,7 @@ impl VJepa {
             targets.push(tgt.gather(&h)?);
         }
         let (loss, per_mask) = loss::jepa_loss(&preds, &targets, self.optim_cfg.loss_exp)?;
-        Ok((loss, per_mask, target_std))
+        Ok((loss, per_mask, target_std, pooled))
     }
 
     /// One full V-JEPA iteration (spec §6–§7): target pass (no grad) → LN without affine (eps
@@ -529,7 +532,7 @@ impl VJepa {
     pub fn compute_gradients(&self, batch: &TrainBatch) -> Result<Gradients, ModelError> {
         let (clips, b) = self.prepare_clips(&batch.clips)?;
         let masks = self.mask_indices(batch, b)?;
-        let (loss, per_mask, target_std) = self.forward_loss_stats(&clips, &masks)?;
+        let (loss, per_mask, target_std, pooled) = self.forward_loss_stats(&clips, &masks)?;
         let loss_value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         if !loss_value.is_finite() {
             return Err(ModelError::NonFiniteLoss {
@@ -550,6 +553,7 @@ impl VJepa {
             context_tokens: masks.iter().map(|(c, _)| c.len()).collect(),
             target_tokens: masks.iter().map(|(_, t)| t.len()).collect(),
             target_std: target_std.to_dtype(DType::F64)?.to_scalar::<f64>()?,
+            target_embeddings: pooled.to_vec2::<f32>()?,
         })
     }
 
@@ -564,34 +568,20 @@ impl VJepa {
             context_tokens: vec![0; masks],
             target_tokens: vec![0; masks],
             target_std: 0.0,
+            target_embeddings: Vec::new(),
         }
     }
 
     /// Values in the flat gradient layout: every trainable parameter's elements, in optimiser
     /// order (encoder then predictor, registration order), row-major.
     pub fn flat_len(&self) -> usize {
-        self.opt.params().iter().map(|p| p.var.elem_count()).sum()
+        flat_len(&self.opt)
     }
 
     /// The gradient as one flat f32 vector ([`Self::flat_len`] values; a parameter without a
     /// gradient contributes zeros) and which parameters have one, for exchange between workers.
     pub fn flatten_gradients(&self, g: &Gradients) -> Result<FlatGradients, ModelError> {
-        let mut values = Vec::with_capacity(self.flat_len());
-        let mut present = Vec::with_capacity(self.opt.params().len());
-        for p in self.opt.params() {
-            match g.grads.get(p.var.as_tensor()) {
-                Some(t) => {
-                    let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-                    values.extend_from_slice(&v);
-                    present.push(true);
-                }
-                None => {
-                    values.resize(values.len() + p.var.elem_count(), 0.0);
-                    present.push(false);
-                }
-            }
-        }
-        Ok(FlatGradients { values, present })
+        flatten_gradients(&self.opt, g)
     }
 
     /// Replaces the gradients in `g` by `flat` (e.g. the average over all workers): parameters
@@ -601,36 +591,14 @@ impl VJepa {
         g: &mut Gradients,
         flat: &FlatGradients,
     ) -> Result<(), ModelError> {
-        let params = self.opt.params();
-        if flat.values.len() != self.flat_len() || flat.present.len() != params.len() {
-            return Err(ModelError::Input(format!(
-                "flat gradient of {} values for {} parameters, expected {} values for {}",
-                flat.values.len(),
-                flat.present.len(),
-                self.flat_len(),
-                params.len()
-            )));
-        }
-        let mut at = 0;
-        for (p, &present) in params.iter().zip(&flat.present) {
-            let n = p.var.elem_count();
-            if present {
-                let t = Tensor::from_slice(&flat.values[at..at + n], p.var.dims(), &self.device)?
-                    .to_dtype(p.var.dtype())?;
-                g.grads.insert(p.var.as_tensor(), t);
-            } else {
-                g.grads.remove(p.var.as_tensor());
-            }
-            at += n;
-        }
-        Ok(())
+        set_flat_gradients(&self.opt, &self.device, g, flat)
     }
 
     /// The second half of a step: grad norms, clipping, schedules, AdamW and EMA with the
     /// gradients in `g`; the stats report `g`'s loss parts and token counts.
     pub fn apply_gradients(&mut self, g: Gradients) -> Result<StepStats, ModelError> {
         let Gradients {
-            mut grads,
+            grads,
             loss,
             loss_per_mask,
             context_tokens,
@@ -640,35 +608,20 @@ impl VJepa {
         } = g;
         let iter0 = self.steps_done;
         let step1 = iter0 + 1;
-        let c = &self.optim_cfg;
-        let lr = schedule::lr(c, step1);
-        let wd = schedule::weight_decay(c, step1);
-        let momentum = schedule::ema_momentum(c, iter0);
-        if !loss.is_finite() {
-            return Err(ModelError::NonFiniteLoss { step: step1, loss });
-        }
-
-        let (enc_params, pred_params) = self.opt.params().split_at(self.num_encoder_params);
-        let enc_norm = optim::grad_sq_sum(&grads, enc_params.iter().map(|p| &p.var))?.sqrt();
-        let pred_norm = optim::grad_sq_sum(&grads, pred_params.iter().map(|p| &p.var))?.sqrt();
-        if let Some(max_norm) = c.clip_grad
-            && iter0 >= c.clip_start_iteration
-        {
-            optim::clip_grads(
-                &mut grads,
-                enc_params.iter().map(|p| &p.var),
-                enc_norm,
-                max_norm,
-            )?;
-            optim::clip_grads(
-                &mut grads,
-                pred_params.iter().map(|p| &p.var),
-                pred_norm,
-                max_norm,
-            )?;
-        }
-        self.opt.step(&grads, lr, wd)?;
-        drop(grads);
+        let momentum = schedule::ema_momentum(&self.optim_cfg, iter0);
+        let Update {
+            lr,
+            wd,
+            enc_norm,
+            pred_norm,
+        } = optimiser_step(
+            &mut self.opt,
+            self.num_encoder_params,
+            &self.optim_cfg,
+            grads,
+            loss,
+            iter0,
+        )?;
         self.ema_update(momentum)?;
         self.steps_done = step1;
 
@@ -704,11 +657,7 @@ impl VJepa {
     pub fn params_digest(&self) -> Result<u64, ModelError> {
         let mut h = Digest::new();
         h.word(self.steps_done);
-        for p in self.opt.params() {
-            h.tensor(p.var.as_tensor())?;
-            h.tensor(&p.state)?;
-            h.word(p.step);
-        }
+        h.optimiser(&self.opt)?;
         for (_, t) in &self.target_params {
             h.tensor(t)?;
         }
@@ -766,38 +715,20 @@ impl VJepa {
             "predictor.predictor_pos_embed".to_string(),
             F32View::new(self.predictor.pos_embed())?,
         ));
-        let mut steps = BTreeMap::new();
-        for p in self.opt.params() {
-            tensors.push((p.name.clone(), F32View::new(p.var.as_tensor())?));
-            tensors.push((
-                format!("opt.exp_avg.{}", p.name),
-                F32View::new(&p.exp_avg()?)?,
-            ));
-            tensors.push((
-                format!("opt.exp_avg_sq.{}", p.name),
-                F32View::new(&p.exp_avg_sq()?)?,
-            ));
-            steps.insert(p.name.clone(), p.step);
-        }
+        let steps = optimiser_tensors(&self.opt, &mut tensors)?;
         for (name, t) in &self.target_params {
             tensors.push((format!("target_encoder.{name}"), F32View::new(t)?));
         }
         let mut meta = HashMap::new();
         meta.insert("format".to_string(), FORMAT.to_string());
+        meta.insert(OBJECTIVE_KEY.to_string(), "vjepa".to_string());
         meta.insert("encoder_config".to_string(), to_json(&self.enc_cfg)?);
         meta.insert("predictor_config".to_string(), to_json(&self.pred_cfg)?);
         meta.insert("optim_config".to_string(), to_json(&self.optim_cfg)?);
         meta.insert("seed".to_string(), self.seed.to_string());
         meta.insert("steps_done".to_string(), self.steps_done.to_string());
         meta.insert("opt_steps".to_string(), to_json(&steps)?);
-        for (key, value) in extra {
-            if meta.contains_key(key) {
-                return Err(ModelError::Checkpoint(format!(
-                    "metadata key `{key}` is reserved for the model"
-                )));
-            }
-            meta.insert(key.clone(), value.clone());
-        }
+        add_extra_metadata(&mut meta, extra)?;
         checkpoint::serialize(tensors, meta)
     }
 
@@ -853,13 +784,7 @@ impl VJepa {
                     .iter()
                     .map(|s| (format!("predictor.{}", s.name), &s.shape)),
             );
-        let mut opt_state = Vec::new();
-        for (name, shape) in full_names {
-            let m = r.tensor(&format!("opt.exp_avg.{name}"), shape, device)?;
-            let v = r.tensor(&format!("opt.exp_avg_sq.{name}"), shape, device)?;
-            let step = opt_steps.get(&name).copied().unwrap_or(steps_done);
-            opt_state.push((m, v, step));
-        }
+        let opt_state = read_optimiser_state(&r, full_names, &opt_steps, steps_done, device)?;
         let parts = Parts {
             encoder,
             predictor,
@@ -875,6 +800,202 @@ impl VJepa {
         info!(steps_done, "loaded V-JEPA checkpoint");
         Ok(model)
     }
+}
+
+/// Checkpoint metadata key naming the training objective (`vjepa` or `pixel`); checkpoints
+/// without it are V-JEPA ones (they predate the pixel objective).
+pub const OBJECTIVE_KEY: &str = "objective";
+
+/// AdamW over `(name, var, group)`: fresh, or with saved `(exp_avg, exp_avg_sq, step)` states
+/// in the same order (shared by both objectives).
+fn build_optimiser(
+    named_vars: Vec<(String, Var, ParamGroup)>,
+    state: Option<Vec<(Tensor, Tensor, u64)>>,
+    cfg: &OptimConfig,
+) -> Result<AdamW, ModelError> {
+    let Some(state) = state else {
+        return AdamW::new(named_vars, cfg.betas, cfg.eps);
+    };
+    if state.len() != named_vars.len() {
+        return Err(ModelError::Checkpoint(format!(
+            "{} optimiser states for {} parameters",
+            state.len(),
+            named_vars.len()
+        )));
+    }
+    let params = named_vars
+        .into_iter()
+        .zip(state)
+        .map(|((name, var, group), (exp_avg, exp_avg_sq, step))| {
+            OptParam::from_moments(name, var, group, &exp_avg, &exp_avg_sq, step)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(AdamW::from_state(params, cfg.betas, cfg.eps))
+}
+
+/// Values in the flat gradient layout of `opt`'s parameters.
+fn flat_len(opt: &AdamW) -> usize {
+    opt.params().iter().map(|p| p.var.elem_count()).sum()
+}
+
+/// `g` in the flat layout of `opt` (see [`VJepa::flatten_gradients`]).
+fn flatten_gradients(opt: &AdamW, g: &Gradients) -> Result<FlatGradients, ModelError> {
+    let mut values = Vec::with_capacity(flat_len(opt));
+    let mut present = Vec::with_capacity(opt.params().len());
+    for p in opt.params() {
+        match g.grads.get(p.var.as_tensor()) {
+            Some(t) => {
+                let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                values.extend_from_slice(&v);
+                present.push(true);
+            }
+            None => {
+                values.resize(values.len() + p.var.elem_count(), 0.0);
+                present.push(false);
+            }
+        }
+    }
+    Ok(FlatGradients { values, present })
+}
+
+/// Replaces `g`'s gradients by `flat` (see [`VJepa::set_flat_gradients`]).
+fn set_flat_gradients(
+    opt: &AdamW,
+    device: &Device,
+    g: &mut Gradients,
+    flat: &FlatGradients,
+) -> Result<(), ModelError> {
+    let params = opt.params();
+    if flat.values.len() != flat_len(opt) || flat.present.len() != params.len() {
+        return Err(ModelError::Input(format!(
+            "flat gradient of {} values for {} parameters, expected {} values for {}",
+            flat.values.len(),
+            flat.present.len(),
+            flat_len(opt),
+            params.len()
+        )));
+    }
+    let mut at = 0;
+    for (p, &present) in params.iter().zip(&flat.present) {
+        let n = p.var.elem_count();
+        if present {
+            let t = Tensor::from_slice(&flat.values[at..at + n], p.var.dims(), device)?
+                .to_dtype(p.var.dtype())?;
+            g.grads.insert(p.var.as_tensor(), t);
+        } else {
+            g.grads.remove(p.var.as_tensor());
+        }
+        at += n;
+    }
+    Ok(())
+}
+
+/// What [`optimiser_step`] used and measured.
+struct Update {
+    lr: f64,
+    wd: f64,
+    enc_norm: f64,
+    pred_norm: f64,
+}
+
+/// The optimiser half of a step, shared by both objectives: schedules at the 1-based step,
+/// pre-clip grad norms of the encoder (the first `num_encoder_params` parameters) and the rest
+/// (predictor or pixel decoder), clipping each from `clip_start_iteration`, AdamW. A
+/// non-finite `loss` changes nothing.
+fn optimiser_step(
+    opt: &mut AdamW,
+    num_encoder_params: usize,
+    c: &OptimConfig,
+    mut grads: candle_core::backprop::GradStore,
+    loss: f64,
+    iter0: u64,
+) -> Result<Update, ModelError> {
+    let step1 = iter0 + 1;
+    let lr = schedule::lr(c, step1);
+    let wd = schedule::weight_decay(c, step1);
+    if !loss.is_finite() {
+        return Err(ModelError::NonFiniteLoss { step: step1, loss });
+    }
+    let (enc_params, rest) = opt.params().split_at(num_encoder_params);
+    let enc_norm = optim::grad_sq_sum(&grads, enc_params.iter().map(|p| &p.var))?.sqrt();
+    let pred_norm = optim::grad_sq_sum(&grads, rest.iter().map(|p| &p.var))?.sqrt();
+    if let Some(max_norm) = c.clip_grad
+        && iter0 >= c.clip_start_iteration
+    {
+        optim::clip_grads(
+            &mut grads,
+            enc_params.iter().map(|p| &p.var),
+            enc_norm,
+            max_norm,
+        )?;
+        optim::clip_grads(&mut grads, rest.iter().map(|p| &p.var), pred_norm, max_norm)?;
+    }
+    opt.step(&grads, lr, wd)?;
+    Ok(Update {
+        lr,
+        wd,
+        enc_norm,
+        pred_norm,
+    })
+}
+
+/// Appends every parameter of `opt` (under its full name) and its AdamW moments
+/// (`opt.exp_avg.<name>`, `opt.exp_avg_sq.<name>`) to `tensors`; returns the per-parameter
+/// step counts for the `opt_steps` metadata.
+fn optimiser_tensors(
+    opt: &AdamW,
+    tensors: &mut Vec<(String, checkpoint::F32View)>,
+) -> Result<BTreeMap<String, u64>, ModelError> {
+    use checkpoint::F32View;
+    let mut steps = BTreeMap::new();
+    for p in opt.params() {
+        tensors.push((p.name.clone(), F32View::new(p.var.as_tensor())?));
+        tensors.push((
+            format!("opt.exp_avg.{}", p.name),
+            F32View::new(&p.exp_avg()?)?,
+        ));
+        tensors.push((
+            format!("opt.exp_avg_sq.{}", p.name),
+            F32View::new(&p.exp_avg_sq()?)?,
+        ));
+        steps.insert(p.name.clone(), p.step);
+    }
+    Ok(steps)
+}
+
+/// The AdamW states of the parameters `names` (full name, shape), as [`optimiser_tensors`]
+/// wrote them.
+fn read_optimiser_state<'s>(
+    r: &checkpoint::Reader<'_>,
+    names: impl Iterator<Item = (String, &'s Vec<usize>)>,
+    opt_steps: &BTreeMap<String, u64>,
+    steps_done: u64,
+    device: &Device,
+) -> Result<Vec<(Tensor, Tensor, u64)>, ModelError> {
+    names
+        .map(|(name, shape)| {
+            let m = r.tensor(&format!("opt.exp_avg.{name}"), shape, device)?;
+            let v = r.tensor(&format!("opt.exp_avg_sq.{name}"), shape, device)?;
+            let step = opt_steps.get(&name).copied().unwrap_or(steps_done);
+            Ok((m, v, step))
+        })
+        .collect()
+}
+
+/// Adds caller metadata, refusing keys the model writes itself.
+fn add_extra_metadata(
+    meta: &mut HashMap<String, String>,
+    extra: &[(String, String)],
+) -> Result<(), ModelError> {
+    for (key, value) in extra {
+        if meta.contains_key(key) {
+            return Err(ModelError::Checkpoint(format!(
+                "metadata key `{key}` is reserved for the model"
+            )));
+        }
+        meta.insert(key.clone(), value.clone());
+    }
+    Ok(())
 }
 
 /// The string metadata of a checkpoint written by [`VJepa::to_safetensors_with`], without

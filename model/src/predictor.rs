@@ -1,5 +1,8 @@
 //! V-JEPA predictor (spec §4): a narrow ViT that sees the context tokens plus one learned mask
 //! token per target position and predicts the target encoder's features there.
+//!
+//! The same module, with a head of another width, is the pixel objective's decoder
+//! ([`crate::pixel`]): it predicts the pixels of the masked tubelets instead.
 
 use candle_core::Tensor;
 
@@ -26,6 +29,16 @@ pub struct Predictor {
 impl Predictor {
     /// Trainable parameters in registration order (the fixed `predictor_pos_embed` excluded).
     pub fn param_specs(enc: &EncoderConfig, cfg: &PredictorConfig) -> Vec<ParamSpec> {
+        Self::param_specs_with_head(enc, cfg, enc.embed_dim)
+    }
+
+    /// [`Self::param_specs`] with a head (`predictor_proj`) of `out_dim` outputs instead of the
+    /// encoder width.
+    pub fn param_specs_with_head(
+        enc: &EncoderConfig,
+        cfg: &PredictorConfig,
+        out_dim: usize,
+    ) -> Vec<ParamSpec> {
         let (d, dp) = (enc.embed_dim, cfg.embed_dim);
         let mut out = Vec::new();
         Linear::specs("predictor_embed", d, dp, &mut out);
@@ -45,7 +58,7 @@ impl Predictor {
             );
         }
         LayerNorm::specs("predictor_norm", dp, &mut out);
-        Linear::specs("predictor_proj", dp, d, &mut out);
+        Linear::specs("predictor_proj", dp, out_dim, &mut out);
         out
     }
 
@@ -55,6 +68,17 @@ impl Predictor {
         cfg: &PredictorConfig,
         params: &ParamMap,
         pos_embed: Tensor,
+    ) -> Result<Self, ModelError> {
+        Self::load_with_head(enc, cfg, params, pos_embed, enc.embed_dim)
+    }
+
+    /// [`Self::load`] for the specs of [`Self::param_specs_with_head`].
+    pub fn load_with_head(
+        enc: &EncoderConfig,
+        cfg: &PredictorConfig,
+        params: &ParamMap,
+        pos_embed: Tensor,
+        out_dim: usize,
     ) -> Result<Self, ModelError> {
         cfg.validate(enc)?;
         let (d, dp) = (enc.embed_dim, cfg.embed_dim);
@@ -88,7 +112,7 @@ impl Predictor {
             pos_embed,
             blocks,
             norm: LayerNorm::load(params, "predictor_norm", dp, LN_EPS)?,
-            proj: Linear::load(params, "predictor_proj", dp, d)?,
+            proj: Linear::load(params, "predictor_proj", dp, out_dim)?,
         })
     }
 
@@ -98,7 +122,8 @@ impl Predictor {
         &self.pos_embed
     }
 
-    /// Predicts `[B, Kt, D]` for mask config `mask` from the context encoding `z` `[B, Kc, D]`.
+    /// Predicts `[B, Kt, D]` (`[B, Kt, out_dim]` with another head) for mask config `mask`
+    /// from the context encoding `z` `[B, Kc, D]`.
     ///
     /// Tokens are [context (embedded + pos), mask token + pos at each target]; all attend to all;
     /// only the target outputs are normalised and projected back to the encoder width (LayerNorm is

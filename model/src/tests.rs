@@ -993,3 +993,207 @@ fn split_step_equals_train_step_and_shares_average_to_the_batch_gradient() {
     assert!(fe.present.iter().all(|&p| !p) && fe.values.iter().all(|&v| v == 0.0));
     assert_ne!(c.params_digest().unwrap(), a.params_digest().unwrap());
 }
+
+// ---- objective: pixel ----
+
+fn tiny_pixel_config() -> PixelConfig {
+    PixelConfig {
+        decoder_dim: 16,
+        decoder_depth: 1,
+        decoder_heads: 2,
+        norm_pix: true,
+    }
+}
+
+fn tiny_pixel(seed: u64) -> PixelMae {
+    PixelMae::new(
+        tiny_encoder(),
+        tiny_pixel_config(),
+        tiny_optim(),
+        seed,
+        &Device::Cpu,
+    )
+    .unwrap()
+}
+
+/// B = 2 clips on the (2, 2, 2) grid with a tube mask: one visible spatial position per clip
+/// (repeated over both time slices), the other three masked.
+fn tiny_pixel_batch() -> TrainBatch {
+    let mut b = tiny_batch();
+    let dev = Device::Cpu;
+    let idx = |rows: [&[u32]; 2]| {
+        let k = rows[0].len();
+        Tensor::from_vec([rows[0], rows[1]].concat(), (2, k), &dev).unwrap()
+    };
+    b.masks = vec![MaskIndices {
+        context: idx([&[1, 5], &[2, 6]]),
+        target: idx([&[0, 2, 3, 4, 6, 7], &[0, 1, 3, 4, 5, 7]]),
+    }];
+    b
+}
+
+#[test]
+fn pixel_targets_are_tubelets_normalised_per_patch() {
+    let cfg = tiny_encoder();
+    let batch = tiny_pixel_batch();
+    let raw = pixel::pixel_targets(&cfg, &batch.clips, false).unwrap();
+    assert_eq!(raw.dims(), &[2, 8, 3 * 2 * 16 * 16]);
+    // Token 5 of clip 1 = time slice 1, row 0, column 1: frames 2..4, rows 0..16, cols 16..32;
+    // values in (channel, frame, row, column) order.
+    let clip = batch.clips.get(1).unwrap();
+    let want = clip
+        .narrow(1, 2, 2)
+        .unwrap()
+        .narrow(2, 0, 16)
+        .unwrap()
+        .narrow(3, 16, 16)
+        .unwrap()
+        .contiguous()
+        .unwrap();
+    let got = raw.get(1).unwrap().get(5).unwrap();
+    assert_eq!(flat(&got), flat(&want));
+
+    let norm = pixel::pixel_targets(&cfg, &batch.clips, true).unwrap();
+    let rows = norm.to_dtype(DType::F64).unwrap().to_vec3::<f64>().unwrap();
+    let raw_rows = raw.to_dtype(DType::F64).unwrap().to_vec3::<f64>().unwrap();
+    for (clip_rows, raw_clip) in rows.iter().zip(&raw_rows) {
+        for (row, raw_row) in clip_rows.iter().zip(raw_clip) {
+            let n = row.len() as f64;
+            let mean = row.iter().sum::<f64>() / n;
+            let var = row.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n;
+            assert!(mean.abs() < 1e-5, "mean {mean}");
+            assert!((var - 1.0).abs() < 1e-3, "var {var}");
+            // Same as normalising the raw tubelet by hand (population variance, eps 1e-6).
+            let rm = raw_row.iter().sum::<f64>() / n;
+            let rv = raw_row.iter().map(|x| (x - rm).powi(2)).sum::<f64>() / n;
+            let want = (raw_row[17] - rm) / (rv + pixel::NORM_PIX_EPS).sqrt();
+            assert!((row[17] - want).abs() < 1e-4, "{} vs {want}", row[17]);
+        }
+    }
+}
+
+#[test]
+fn pixel_every_param_gets_a_gradient_and_one_mask_is_required() {
+    let m = tiny_pixel(1);
+    let batch = tiny_pixel_batch();
+    let g = m.compute_gradients(&batch).unwrap();
+    assert_eq!(g.context_tokens, vec![2]);
+    assert_eq!(g.target_tokens, vec![6]);
+    assert_eq!(g.samples, 2);
+    assert!(g.loss.is_finite() && g.loss > 0.0);
+    let params = m.opt.params();
+    assert_eq!(
+        params.len(),
+        vit::Encoder::param_specs(&tiny_encoder()).len()
+            + Predictor::param_specs_with_head(
+                &tiny_encoder(),
+                &tiny_pixel_config().decoder(),
+                tiny_encoder().patch_dim()
+            )
+            .len()
+    );
+    for p in params {
+        let grad = g
+            .grads
+            .get(p.var.as_tensor())
+            .unwrap_or_else(|| panic!("no gradient for {}", p.name));
+        let n = grad
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(n > 0.0 && n.is_finite(), "{}: {n}", p.name);
+    }
+    assert!(params.iter().any(
+        |p| p.name == "decoder.predictor_proj.weight" && p.var.dims() == [3 * 2 * 16 * 16, 16]
+    ));
+    let (enc, dec) = m.num_trainable_params();
+    assert!(enc > 0 && dec > 0);
+    // A V-JEPA batch (two block masks) is refused.
+    let e = m.compute_gradients(&tiny_batch()).err().unwrap();
+    assert!(e.to_string().contains("one tube mask"), "{e}");
+}
+
+#[test]
+fn pixel_loss_decreases_on_a_fixed_batch() {
+    let mut m = tiny_pixel(5);
+    let batch = tiny_pixel_batch();
+    let losses: Vec<f64> = (0..30)
+        .map(|_| m.train_step(&batch).unwrap().loss)
+        .collect();
+    let first = losses[..3].iter().sum::<f64>() / 3.0;
+    let last = losses[27..].iter().sum::<f64>() / 3.0;
+    assert!(
+        last < 0.9 * first,
+        "loss did not decrease enough: {losses:?}"
+    );
+    let decreasing = losses.windows(2).filter(|w| w[1] < w[0]).count();
+    assert!(decreasing >= 25, "{losses:?}");
+    assert!(losses.iter().all(|l| l.is_finite()));
+    // The loss the step reports is the MSE of the weights before it.
+    let before = m.loss(&batch).unwrap();
+    assert_eq!(
+        m.train_step(&batch).unwrap().loss.to_bits(),
+        before.to_bits()
+    );
+}
+
+#[test]
+fn pixel_checkpoint_round_trip_and_objective() {
+    let batch = tiny_pixel_batch();
+    let mut m = tiny_pixel(6);
+    for _ in 0..2 {
+        m.train_step(&batch).unwrap();
+    }
+    let extra = [("run.next_clip".to_string(), "4".to_string())];
+    let bytes = m.to_safetensors_with(&extra).unwrap();
+    let meta = checkpoint_metadata(&bytes).unwrap();
+    assert_eq!(meta.get(OBJECTIVE_KEY).map(String::as_str), Some("pixel"));
+    assert_eq!(meta.get("run.next_clip").map(String::as_str), Some("4"));
+    assert_eq!(
+        Pretrainer::checkpoint_objective(&bytes).unwrap(),
+        Objective::Pixel
+    );
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    assert!(st.tensor("target_encoder.norm.weight").is_err());
+    assert!(st.tensor("encoder.norm.weight").is_ok());
+    assert!(st.tensor("opt.exp_avg.decoder.mask_tokens.0").is_ok());
+    // A V-JEPA loader says what it got instead of a missing tensor.
+    let e = VJepa::from_safetensors(&bytes, &Device::Cpu).err().unwrap();
+    assert!(e.to_string().contains("pixel"), "{e}");
+
+    let r = Pretrainer::from_safetensors(&bytes, &Device::Cpu).unwrap();
+    assert_eq!(r.objective(), Objective::Pixel);
+    assert_eq!(r.steps_done(), 2);
+    assert_eq!(r.params_digest().unwrap(), m.params_digest().unwrap());
+    let Pretrainer::Pixel(mut r) = r else {
+        panic!("not a pixel model")
+    };
+    assert_eq!(r.pixel_config(), m.pixel_config());
+    assert_eq!(r.optim_config(), m.optim_config());
+    // Frozen features come from the encoder.
+    let fa = m.encoder_features(&batch.clips).unwrap();
+    let fb = r.encoder_features(&batch.clips).unwrap();
+    assert_eq!(fa.dims(), &[2, 8, 32]);
+    assert_eq!(flat(&fa), flat(&fb));
+    let sa = m.train_step(&batch).unwrap();
+    let sb = r.train_step(&batch).unwrap();
+    assert_eq!(sa, sb);
+    assert_eq!(sa.ema_momentum, 0.0);
+    assert_eq!(m.params_digest().unwrap(), r.params_digest().unwrap());
+
+    // V-JEPA checkpoints name their objective too.
+    let v = tiny_model(1).to_safetensors().unwrap();
+    assert_eq!(
+        Pretrainer::checkpoint_objective(&v).unwrap(),
+        Objective::Vjepa
+    );
+    assert_eq!(
+        Pretrainer::from_safetensors(&v, &Device::Cpu)
+            .unwrap()
+            .objective(),
+        Objective::Vjepa
+    );
+}

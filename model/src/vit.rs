@@ -201,33 +201,46 @@ impl PatchEmbed {
     }
 
     fn forward_checked(&self, clips: &Tensor, geo: ClipGeometry) -> Result<Tensor, ModelError> {
-        let (kt, p, d) = (
-            self.cfg.patch_depth(),
-            self.cfg.patch_size,
-            self.cfg.embed_dim,
-        );
-        let b = geo.batch;
-        let (gt, gh, gw) = geo.grid;
-        let n = gt * gh * gw;
-        let mut x = if clips.rank() == 4 {
-            clips.unsqueeze(2)?
-        } else {
-            clips.clone()
-        };
-        for (axis, keep) in [(2, gt * kt), (3, gh * p), (4, gw * p)] {
-            if x.dim(axis)? != keep {
-                x = x.narrow(axis, 0, keep)?;
-            }
-        }
-        let patches = x
-            .reshape(vec![b, 3, gt, kt, gh, p, gw, p])?
-            .permute(vec![0, 2, 4, 6, 1, 3, 5, 7])?
-            .contiguous()?
-            .reshape((b * n, self.cfg.patch_dim()))?;
+        let d = self.cfg.embed_dim;
+        let (b, n) = (geo.batch, geo.num_tokens());
+        let patches =
+            patchify_checked(&self.cfg, clips, geo)?.reshape((b * n, self.cfg.patch_dim()))?;
         let w = self.weight.reshape((d, self.cfg.patch_dim()))?;
         let y = patches.matmul(&w.t()?)?.broadcast_add(&self.bias)?;
         Ok(y.reshape((b, n, d))?)
     }
+}
+
+/// The clips cut into tubelets, `[B, N, 3·t·p·p]`: token order (time, row, column) and, within
+/// a tubelet, (channel, frame, row, column) — the order the patch embedding's conv weight
+/// flattens to. What the pixel objective predicts ([`crate::pixel`]).
+pub fn patchify(cfg: &EncoderConfig, clips: &Tensor) -> Result<Tensor, ModelError> {
+    let geo = clip_geometry(cfg, clips)?;
+    patchify_checked(cfg, clips, geo)
+}
+
+fn patchify_checked(
+    cfg: &EncoderConfig,
+    clips: &Tensor,
+    geo: ClipGeometry,
+) -> Result<Tensor, ModelError> {
+    let (kt, p) = (cfg.patch_depth(), cfg.patch_size);
+    let b = geo.batch;
+    let (gt, gh, gw) = geo.grid;
+    let mut x = if clips.rank() == 4 {
+        clips.unsqueeze(2)?
+    } else {
+        clips.clone()
+    };
+    for (axis, keep) in [(2, gt * kt), (3, gh * p), (4, gw * p)] {
+        if x.dim(axis)? != keep {
+            x = x.narrow(axis, 0, keep)?;
+        }
+    }
+    Ok(x.reshape(vec![b, 3, gt, kt, gh, p, gw, p])?
+        .permute(vec![0, 2, 4, 6, 1, 3, 5, 7])?
+        .contiguous()?
+        .reshape((b, geo.num_tokens(), cfg.patch_dim()))?)
 }
 
 /// Batch size and token grid of a batch of clips.
@@ -237,6 +250,13 @@ pub struct ClipGeometry {
     pub batch: usize,
     /// Token grid (T/t, H/p, W/p), each ≥ 1; (1, H/p, W/p) for images.
     pub grid: (usize, usize, usize),
+}
+
+impl ClipGeometry {
+    /// Tokens per clip on this grid.
+    pub fn num_tokens(&self) -> usize {
+        self.grid.0 * self.grid.1 * self.grid.2
+    }
 }
 
 /// Checks a batch the encoder can embed and returns its geometry: `[B, 3, T, H, W]` for video,

@@ -1,4 +1,5 @@
-//! V-JEPA multi-block 3-D masking ("multiblock3d", spec §5).
+//! V-JEPA multi-block 3-D masking ("multiblock3d", spec §5), and the tube masking of the
+//! pixel objective ([`TubeMaskGenerator`]).
 //!
 //! Per batch, one block size `(bt, bh, bw)` is drawn for the whole batch; per sample,
 //! `num_blocks` boxes of that size are placed uniformly at random on the `(t, h, w)` token grid.
@@ -302,6 +303,90 @@ impl MaskGenerator {
     }
 }
 
+/// Tube masking for the pixel objective (VideoMAE): per clip, one random set of spatial
+/// positions is masked and repeated over every temporal slice, so a masked tubelet cannot be
+/// copied from its neighbour in time. Every clip masks the same number of positions,
+/// `floor(h·w·ratio)`, so rows stack without truncation.
+#[derive(Clone, Debug)]
+pub struct TubeMaskGenerator {
+    grid: Grid,
+    masked_per_slice: usize,
+}
+
+impl TubeMaskGenerator {
+    /// Checks `ratio` (in (0, 1)) against the grid: at least one position must stay visible
+    /// and at least one be masked.
+    pub fn new(ratio: f64, grid: Grid) -> Result<Self, MaskError> {
+        let n = grid
+            .t
+            .checked_mul(grid.h)
+            .and_then(|x| x.checked_mul(grid.w));
+        if grid.t == 0 || grid.h == 0 || grid.w == 0 || n.is_none_or(|n| n > u32::MAX as usize) {
+            return Err(MaskError::InvalidGrid(grid));
+        }
+        if !(ratio.is_finite() && ratio > 0.0 && ratio < 1.0) {
+            return Err(MaskError::InvalidConfig(format!(
+                "mask_ratio {ratio} must lie in (0, 1)"
+            )));
+        }
+        let slice = grid.h * grid.w;
+        let masked_per_slice = (slice as f64 * ratio) as usize;
+        if masked_per_slice == 0 || masked_per_slice == slice {
+            return Err(MaskError::InvalidConfig(format!(
+                "mask_ratio {ratio} masks {masked_per_slice} of the {slice} positions of a \
+                 {}x{} token plane: at least one must be masked and one visible",
+                grid.h, grid.w
+            )));
+        }
+        Ok(Self {
+            grid,
+            masked_per_slice,
+        })
+    }
+
+    /// The grid in use.
+    pub fn grid(&self) -> Grid {
+        self.grid
+    }
+
+    /// Masked spatial positions per temporal slice.
+    pub fn masked_per_slice(&self) -> usize {
+        self.masked_per_slice
+    }
+
+    /// Masks of one batch: `context` = visible tokens, `target` = masked tokens, both sorted,
+    /// `B` rows of `t·(h·w - masked)` and `t·masked` indices. Each row's positions are a
+    /// uniform random subset (partial Fisher–Yates) drawn from `rng` in row order, so the
+    /// masks are a function of the rng's stream (the job keys it by seed and step).
+    pub fn generate(&self, batch_size: usize, rng: &mut impl Rng) -> BatchMask {
+        let g = self.grid;
+        let slice = g.h * g.w;
+        let mut order: Vec<usize> = (0..slice).collect();
+        let mut masked = vec![false; slice];
+        let mut context = Vec::with_capacity(batch_size);
+        let mut target = Vec::with_capacity(batch_size);
+        for _ in 0..batch_size {
+            for i in 0..self.masked_per_slice {
+                let j = rng.random_range(i..slice);
+                order.swap(i, j);
+            }
+            masked.fill(false);
+            for &p in &order[..self.masked_per_slice] {
+                masked[p] = true;
+            }
+            let mut ctx = Vec::with_capacity(g.t * (slice - self.masked_per_slice));
+            let mut tgt = Vec::with_capacity(g.t * self.masked_per_slice);
+            // n <= u32::MAX was checked in `new`.
+            for (n, m) in (0u32..).zip((0..g.t).flat_map(|_| masked.iter())) {
+                if *m { tgt.push(n) } else { ctx.push(n) }
+            }
+            context.push(ctx);
+            target.push(tgt);
+        }
+        BatchMask { context, target }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -552,5 +637,53 @@ mod tests {
     #[ignore = "slow: 1,000 batches per config"]
     fn statistics_match_spec_table_1000() {
         check_stats(1000);
+    }
+
+    #[test]
+    fn tube_masks_shape_ratio_and_determinism() {
+        let tube = TubeMaskGenerator::new(0.9, G224).unwrap();
+        let slice = 14 * 14;
+        let masked = (slice as f64 * 0.9) as usize;
+        assert_eq!(tube.masked_per_slice(), masked);
+        let m = tube.generate(5, &mut rng_for(7, Stream::MaskPositions, 3));
+        assert_eq!(m.context.len(), 5);
+        for (ctx, tgt) in m.context.iter().zip(&m.target) {
+            assert_eq!(ctx.len(), 8 * (slice - masked));
+            assert_eq!(tgt.len(), 8 * masked);
+            let ratio = tgt.len() as f64 / G224.num_tokens() as f64;
+            assert!((ratio - 0.9).abs() < 0.01, "{ratio}");
+            // Sorted, disjoint, covering the grid.
+            let mut all: Vec<u32> = ctx.iter().chain(tgt).copied().collect();
+            assert!(ctx.windows(2).all(|w| w[0] < w[1]));
+            assert!(tgt.windows(2).all(|w| w[0] < w[1]));
+            all.sort_unstable();
+            assert_eq!(all, (0..G224.num_tokens() as u32).collect::<Vec<_>>());
+            // A tube: the same spatial positions in every time slice.
+            let spatial: BTreeSet<u32> = tgt.iter().map(|n| n % slice as u32).collect();
+            assert_eq!(spatial.len(), masked);
+            for &n in tgt {
+                assert!(spatial.contains(&(n % slice as u32)));
+            }
+        }
+        // Rows differ, and the same stream gives the same masks.
+        assert_ne!(m.target[0], m.target[1]);
+        let again = tube.generate(5, &mut rng_for(7, Stream::MaskPositions, 3));
+        assert_eq!(m, again);
+        let other = tube.generate(5, &mut rng_for(7, Stream::MaskPositions, 4));
+        assert_ne!(m, other);
+    }
+
+    #[test]
+    fn tube_mask_ratio_is_checked() {
+        let g = Grid { t: 2, h: 2, w: 2 };
+        assert!(TubeMaskGenerator::new(0.9, g).is_ok());
+        assert_eq!(
+            TubeMaskGenerator::new(0.9, g).unwrap().masked_per_slice(),
+            3
+        );
+        for bad in [0.0, 1.0, -0.5, f64::NAN, 0.1] {
+            let e = TubeMaskGenerator::new(bad, g).unwrap_err();
+            assert!(e.to_string().contains("mask_ratio"), "{bad}: {e}");
+        }
     }
 }

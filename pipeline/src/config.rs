@@ -62,6 +62,8 @@ pub struct RawConfig {
     pub logging: LoggingSection,
     #[serde(default)]
     pub loss: LossSection,
+    /// The multiblock masks of V-JEPA (required for it; `objective: pixel` uses tube masking).
+    #[serde(default)]
     pub mask: Vec<MaskSection>,
     #[serde(default)]
     pub meta: MetaSection,
@@ -338,6 +340,55 @@ pub struct ModelSection {
     /// Ours: override the preset's head count (the predictor uses the same count).
     #[serde(default)]
     pub num_heads: Option<usize>,
+    /// Ours: the pretraining objective, `vjepa` (default) or `pixel` (the VideoMAE-style
+    /// baseline: tube masking, pixel-reconstruction decoder, L2 loss).
+    #[serde(default)]
+    pub objective: vjepa_model::Objective,
+    /// Ours: settings of `objective: pixel` (ignored otherwise).
+    #[serde(default)]
+    pub pixel: PixelSection,
+}
+
+/// `model.pixel:` — the pixel objective (VideoMAE defaults, decoder width scaled down for
+/// small encoders by setting `decoder_dim`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PixelSection {
+    /// Fraction of the spatial positions masked in every clip, repeated over time (tubes).
+    #[serde(default = "default_pixel_ratio")]
+    pub mask_ratio: f64,
+    /// Decoder blocks.
+    #[serde(default = "four")]
+    pub decoder_depth: usize,
+    /// Decoder width.
+    #[serde(default = "default_decoder_dim")]
+    pub decoder_dim: usize,
+    /// Decoder heads (default: the encoder's head count, as for the predictor).
+    #[serde(default)]
+    pub decoder_heads: Option<usize>,
+    /// Normalise each target tubelet by its own mean and variance.
+    #[serde(default = "yes")]
+    pub norm_pix: bool,
+}
+
+impl Default for PixelSection {
+    fn default() -> Self {
+        PixelSection {
+            mask_ratio: default_pixel_ratio(),
+            decoder_depth: 4,
+            decoder_dim: default_decoder_dim(),
+            decoder_heads: None,
+            norm_pix: true,
+        }
+    }
+}
+
+fn default_pixel_ratio() -> f64 {
+    0.9
+}
+
+fn default_decoder_dim() -> usize {
+    384
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -403,6 +454,10 @@ pub struct OutputsSection {
     /// Also write `clips.parquet`: one row per clip trained on (step, slot, video, frames, crop).
     #[serde(default)]
     pub clips: bool,
+    /// Also write `features.parquet`: the target encoder's mean-pooled feature of every clip
+    /// trained on (step, video, frames, embedding), a by-product of the target pass.
+    #[serde(default)]
+    pub features: bool,
 }
 
 impl Default for OutputsSection {
@@ -413,6 +468,7 @@ impl Default for OutputsSection {
             metrics_flush_every: default_flush(),
             log_every: 10,
             clips: false,
+            features: false,
         }
     }
 }
@@ -715,7 +771,7 @@ impl JobConfig {
             ));
         }
 
-        if r.mask.is_empty() {
+        if r.mask.is_empty() && r.model.objective == vjepa_model::Objective::Vjepa {
             return Err(ConfigError::invalid("mask", "at least one mask config"));
         }
         for (i, m) in r.mask.iter().enumerate() {
@@ -826,6 +882,9 @@ impl JobConfig {
                 "model.embed_dim",
                 "the image path (num_frames: 1) needs widths divisible by 4 for its 2-D tables",
             ));
+        }
+        if m.objective == vjepa_model::Objective::Pixel {
+            self.validate_pixel()?;
         }
 
         let o = &r.optimization;
@@ -1001,6 +1060,53 @@ impl JobConfig {
             }
         }
         Ok(lines.into_iter().map(str::to_string).collect())
+    }
+
+    /// `model.pixel` against the encoder's grid (called for `objective: pixel` only).
+    fn validate_pixel(&self) -> Result<(), ConfigError> {
+        let p = &self.raw.model.pixel;
+        let (t, h, w) = self.encoder_config().grid();
+        vjepa_operators::masking::TubeMaskGenerator::new(
+            p.mask_ratio,
+            vjepa_operators::masking::Grid { t, h, w },
+        )
+        .map_err(|e| ConfigError::invalid("model.pixel.mask_ratio", e.to_string()))?;
+        positive("model.pixel.decoder_dim", p.decoder_dim)?;
+        if p.decoder_heads == Some(0) {
+            return Err(ConfigError::invalid(
+                "model.pixel.decoder_heads",
+                "must be positive",
+            ));
+        }
+        let pix = self.pixel_config();
+        if !pix.decoder_dim.is_multiple_of(pix.decoder_heads) {
+            return Err(ConfigError::invalid(
+                if p.decoder_heads.is_some() {
+                    "model.pixel.decoder_heads"
+                } else {
+                    "model.pixel.decoder_dim"
+                },
+                format!(
+                    "decoder width {} is not divisible by {} heads",
+                    pix.decoder_dim, pix.decoder_heads
+                ),
+            ));
+        }
+        pix.validate(&self.encoder_config())
+            .map_err(|e| ConfigError::invalid("model.pixel.decoder_dim", e.to_string()))
+    }
+
+    /// The pixel objective's decoder shape (`model.pixel`).
+    pub fn pixel_config(&self) -> vjepa_model::PixelConfig {
+        let p = &self.raw.model.pixel;
+        vjepa_model::PixelConfig {
+            decoder_dim: p.decoder_dim,
+            decoder_depth: p.decoder_depth,
+            decoder_heads: p
+                .decoder_heads
+                .unwrap_or_else(|| self.encoder_config().num_heads),
+            norm_pix: p.norm_pix,
+        }
     }
 
     /// The encoder shape: the named preset with our optional overrides.
@@ -1261,6 +1367,27 @@ fn ignored_keys(r: &RawConfig) -> Vec<(String, &'static str)> {
         "meta.skip_batches",
         "not implemented",
     );
+    let pixel = r.model.objective == vjepa_model::Objective::Pixel;
+    note(
+        pixel && !r.mask.is_empty(),
+        "mask",
+        "objective pixel uses tube masking (model.pixel.mask_ratio)",
+    );
+    note(
+        pixel,
+        "model.pred_depth",
+        "objective pixel has a decoder instead (model.pixel)",
+    );
+    note(
+        pixel,
+        "model.pred_embed_dim",
+        "objective pixel has a decoder instead (model.pixel)",
+    );
+    note(
+        pixel,
+        "optimization.ema",
+        "objective pixel has no target encoder",
+    );
     out
 }
 
@@ -1395,5 +1522,75 @@ mod tests {
                 .iter()
                 .all(|(k, _)| k != "data.datasets_weights")
         );
+    }
+
+    #[test]
+    fn objective_pixel_and_its_settings() {
+        let cfg = JobConfig::parse(OFFICIAL_VITL16).unwrap();
+        assert_eq!(cfg.raw.model.objective, vjepa_model::Objective::Vjepa);
+        assert!(!cfg.ignored.iter().any(|(k, _)| k == "model.pred_depth"));
+
+        let pixel = OFFICIAL_VITL16.replace(
+            "  model_name: vit_large\n",
+            "  model_name: vit_large\n  objective: pixel\n",
+        );
+        let cfg = JobConfig::parse(&pixel).expect("objective pixel parses");
+        assert_eq!(cfg.raw.model.objective, vjepa_model::Objective::Pixel);
+        assert_eq!(cfg.raw.model.pixel.mask_ratio, 0.9);
+        let p = cfg.pixel_config();
+        assert_eq!(
+            (p.decoder_dim, p.decoder_depth, p.decoder_heads),
+            (384, 4, 16)
+        );
+        assert!(p.norm_pix);
+        assert!(cfg.ignored.iter().any(|(k, _)| k == "mask"));
+
+        let custom = pixel.replace(
+            "  objective: pixel\n",
+            "  objective: pixel\n  pixel:\n    mask_ratio: 0.75\n    decoder_dim: 64\n    decoder_depth: 1\n    decoder_heads: 2\n    norm_pix: false\n",
+        );
+        let cfg = JobConfig::parse(&custom).expect("model.pixel parses");
+        let p = cfg.pixel_config();
+        assert_eq!(
+            (p.decoder_dim, p.decoder_depth, p.decoder_heads),
+            (64, 1, 2)
+        );
+        assert!(!p.norm_pix);
+        assert_eq!(cfg.raw.model.pixel.mask_ratio, 0.75);
+
+        for (from, to, key) in [
+            ("objective: pixel", "objective: pixels", "model.objective"),
+            (
+                "mask_ratio: 0.75",
+                "mask_ratio: 1.0",
+                "model.pixel.mask_ratio",
+            ),
+            (
+                "decoder_heads: 2",
+                "decoder_heads: 5",
+                "model.pixel.decoder_heads",
+            ),
+            (
+                "decoder_dim: 64",
+                "decoder_dim: 0",
+                "model.pixel.decoder_dim",
+            ),
+            (
+                "norm_pix: false",
+                "norm_pixel: false",
+                "model.pixel.norm_pixel",
+            ),
+        ] {
+            let text = custom.replace(from, to);
+            let err = JobConfig::parse(&text).unwrap_err();
+            assert_eq!(err.key(), Some(key), "{from} -> {to}: {err}");
+        }
+        // The masks are optional for pixel, required for V-JEPA.
+        let start = pixel.find("mask:\n").unwrap();
+        let end = pixel.find("meta:\n").unwrap();
+        let no_masks = format!("{}{}", &pixel[..start], &pixel[end..]);
+        JobConfig::parse(&no_masks).expect("pixel without masks");
+        let err = JobConfig::parse(&no_masks.replace("  objective: pixel\n", "")).unwrap_err();
+        assert_eq!(err.key(), Some("mask"), "{err}");
     }
 }

@@ -30,7 +30,7 @@ use vjepa_ingest::{
     VideoInfo, YuvFrame,
 };
 use vjepa_model::vit::{self, Encoder};
-use vjepa_model::{Device, EncoderConfig, Tensor, VJepa};
+use vjepa_model::{Device, EncoderConfig, Pretrainer, Tensor};
 use vjepa_operators::load::{ClipLoader, load_clips_parallel};
 use vjepa_operators::records::{Clip, ClipRequest, Loaded, Quarantined};
 use vjepa_operators::sampling::{ClipSampling, eval_segment_indices};
@@ -44,8 +44,8 @@ use vjepa_storage::{S3Settings, Store};
 /// What to extract, from where, to where.
 #[derive(Clone, Debug)]
 pub struct ExtractOptions {
-    /// Checkpoint: our `.safetensors` (its target encoder) or an official-layout `.pth.tar`
-    /// (`target_encoder`, else `encoder`).
+    /// Checkpoint: our `.safetensors` (its target encoder; the encoder of an `objective: pixel`
+    /// run) or an official-layout `.pth.tar` (`target_encoder`, else `encoder`).
     pub checkpoint: String,
     /// Model shape for a `.pth.tar` without our metadata (e.g. the official releases).
     pub encoder: Option<EncoderConfig>,
@@ -91,8 +91,8 @@ pub struct ExtractSummary {
 
 /// The frozen encoder.
 enum Backbone {
-    /// Our checkpoint: its target encoder.
-    Model(Box<VJepa>),
+    /// Our checkpoint: V-JEPA's target encoder, or the encoder of an `objective: pixel` run.
+    Model(Box<Pretrainer>),
     /// An encoder read from a `.pth.tar`.
     Encoder(Box<Encoder>),
 }
@@ -109,10 +109,9 @@ impl Backbone {
                     &Device::Cpu,
                 )?)));
             }
-            return Ok(Backbone::Model(Box::new(VJepa::from_safetensors(
-                bytes,
-                &Device::Cpu,
-            )?)));
+            let model = Pretrainer::from_safetensors(bytes, &Device::Cpu)?;
+            tracing::info!(checkpoint = name, objective = %model.objective(), "model loaded");
+            return Ok(Backbone::Model(Box::new(model)));
         }
         let (encoder, section) = vjepa_model::encoder_from_pth(bytes, cfg, &Device::Cpu)
             .with_context(|| format!("reading {name} as an official-layout checkpoint"))?;
@@ -127,10 +126,10 @@ impl Backbone {
         }
     }
 
-    /// The encoder evaluation reads (our checkpoint's target encoder).
+    /// The encoder evaluation reads (our checkpoint's target encoder; a pixel run's encoder).
     fn encoder(&self) -> &Encoder {
         match self {
-            Backbone::Model(m) => m.target_encoder(),
+            Backbone::Model(m) => m.eval_encoder(),
             Backbone::Encoder(e) => e,
         }
     }
@@ -138,7 +137,7 @@ impl Backbone {
     /// `[B, 3, T, S, S]` → `[B, N, D]` after the final LayerNorm.
     fn features(&self, clips: &Tensor) -> anyhow::Result<Tensor> {
         Ok(match self {
-            Backbone::Model(m) => m.target_features(clips)?,
+            Backbone::Model(m) => m.eval_features(clips)?,
             Backbone::Encoder(e) => e.forward(clips, None)?,
         })
     }
@@ -690,7 +689,7 @@ fn open_backbone(opts: &ExtractOptions) -> anyhow::Result<(tokio::runtime::Runti
     Ok((runtime, backbone))
 }
 
-/// The encoder of `opts.checkpoint` as evaluation reads it (our target encoder, an official
+/// The encoder of `opts.checkpoint` as evaluation reads it (our target encoder or a pixel run's encoder, an official
 /// `.pth.tar`'s `target_encoder`, or an encoder-only file), with the runtime that reads the
 /// datasets.
 pub(crate) fn load_encoder(

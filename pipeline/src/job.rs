@@ -16,17 +16,20 @@ use timely::dataflow::operators::vec::Broadcast;
 use timely::dataflow::operators::{Inspect, Probe};
 use timely::dataflow::{InputHandle, ProbeHandle};
 
-use vjepa_model::{Device, FlatGradients, MaskIndices, Tensor, TrainBatch, VJepa};
+use vjepa_model::{
+    Device, FlatGradients, MaskIndices, Objective, PixelMae, Pretrainer, Tensor, TrainBatch, VJepa,
+};
 use vjepa_operators::batching::collect_local;
 use vjepa_operators::catalog::{CatalogCounts, catalog_counts};
 use vjepa_operators::collective::{Collective, shard_range, weighted_mean};
 use vjepa_operators::load::load_clips_parallel;
-use vjepa_operators::masking::{BatchMask, Grid, MaskGenerator};
+use vjepa_operators::masking::{BatchMask, Grid, MaskError, MaskGenerator, TubeMaskGenerator};
 use vjepa_operators::records::{Clip, ClipRequest, Loaded, Quarantined};
 use vjepa_operators::sampler::VersionDraws;
 use vjepa_operators::sampling::ClipSampling;
 use vjepa_operators::seeding::{Stream, rng_for};
 use vjepa_operators::sinks::sink_records;
+use vjepa_storage::features::{FeatureRow, FeaturesWriter};
 use vjepa_storage::tables::{ClipRow, ClipsWriter, MetricsRow, MetricsWriter, QuarantineWriter};
 use vjepa_storage::{Store, checkpoints};
 
@@ -168,7 +171,6 @@ fn run_training(
     let ipe = cfg.iterations_per_epoch(first_version.videos.len());
     let total = cfg.total_steps(ipe);
     let enc = cfg.encoder_config();
-    let pred = cfg.predictor_config();
 
     // Where the run starts: by default it continues from the newest complete checkpoint in its
     // own output location (so the same command resumes after a crash or `kill -9`); `--fresh`
@@ -225,6 +227,14 @@ fn run_training(
         (None, None) => None,
     };
     if let Some(r) = &start {
+        if r.model.objective() != cfg.raw.model.objective {
+            bail!(
+                "{} was trained with objective {}, this run's model.objective is {}",
+                r.uri,
+                r.model.objective(),
+                cfg.raw.model.objective
+            );
+        }
         if resumed_own && r.model.seed() != cfg.raw.meta.seed {
             bail!(
                 "{} was trained with meta.seed {}, this run has seed {}: the data would not \
@@ -279,19 +289,19 @@ fn run_training(
         bail!("the checkpoint is at step {first_step}, the run has {total} steps: nothing to do");
     }
 
-    let (metrics_name, quarantine_name, clips_name) = if first_step == 0 {
-        (
-            "metrics.parquet".to_string(),
-            "quarantine.parquet".to_string(),
-            "clips.parquet".to_string(),
-        )
-    } else {
-        (
-            format!("metrics-from-{first_step:08}.parquet"),
-            format!("quarantine-from-{first_step:08}.parquet"),
-            format!("clips-from-{first_step:08}.parquet"),
-        )
+    let table_name = |name: &str| {
+        if first_step == 0 {
+            format!("{name}.parquet")
+        } else {
+            format!("{name}-from-{first_step:08}.parquet")
+        }
     };
+    let (metrics_name, quarantine_name, clips_name, features_name) = (
+        table_name("metrics"),
+        table_name("quarantine"),
+        table_name("clips"),
+        table_name("features"),
+    );
     let first_version = CatalogVersion {
         from_step: first_step,
         ..first_version
@@ -320,12 +330,19 @@ fn run_training(
         let (t, h, w) = enc.grid();
         Grid { t, h, w }
     };
-    let generators = cfg
-        .mask_configs()
-        .into_iter()
-        .map(|m| MaskGenerator::new(m, grid))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| anyhow!("mask config: {e}"))?;
+    let masking = match cfg.raw.model.objective {
+        Objective::Vjepa => Masking::Blocks(
+            cfg.mask_configs()
+                .into_iter()
+                .map(|m| MaskGenerator::new(m, grid))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| anyhow!("mask config: {e}"))?,
+        ),
+        Objective::Pixel => Masking::Tube(
+            TubeMaskGenerator::new(cfg.raw.model.pixel.mask_ratio, grid)
+                .map_err(|e| anyhow!("model.pixel.mask_ratio: {e}"))?,
+        ),
+    };
     let settings = LoaderSettings {
         seed: cfg.raw.meta.seed,
         sampling: ClipSampling {
@@ -389,16 +406,15 @@ fn run_training(
         versions: Arc::new(Versions::new(first_version)),
         listings: Mutex::new(Some(listings_rx)),
         clips_name,
+        features_name,
         catalog: catalog.clone(),
         out: out.clone(),
         handle: handle.clone(),
         fatal: fatal.clone(),
-        generators,
+        masking,
         settings,
         resumed,
         ipe,
-        enc,
-        pred,
         metrics_name,
         quarantine_name,
         first_step,
@@ -471,7 +487,7 @@ const META_CATALOG_VERSION: &str = "run.catalog_version";
 /// A checkpoint to continue from, with the job's state recorded beside the model.
 struct Resumed {
     uri: String,
-    model: VJepa,
+    model: Pretrainer,
     /// The checkpoint file: every worker loads its own replica from it.
     bytes: Bytes,
     /// [`META_NEXT_CLIP`], absent in checkpoints of older builds.
@@ -482,7 +498,7 @@ struct Resumed {
 
 impl Resumed {
     fn parse(uri: String, bytes: &Bytes) -> anyhow::Result<Self> {
-        let model = VJepa::from_safetensors(bytes, &Device::Cpu)?;
+        let model = Pretrainer::from_safetensors(bytes, &Device::Cpu)?;
         let meta = vjepa_model::checkpoint_metadata(bytes)?;
         let next_clip = meta
             .get(META_NEXT_CLIP)
@@ -538,6 +554,27 @@ fn catalog_key(version: &CatalogVersion) -> String {
     format!("{:016x}", version.key)
 }
 
+/// How a step's masks are drawn: V-JEPA's multiblock masks (one per mask config) or the
+/// pixel objective's single tube mask.
+enum Masking {
+    Blocks(Vec<MaskGenerator>),
+    Tube(TubeMaskGenerator),
+}
+
+impl Masking {
+    /// The masks of a global batch of `batch` clips for `step`, from the step's position stream.
+    fn draw(&self, seed: u64, step: u64, batch: usize) -> Result<Vec<BatchMask>, MaskError> {
+        let mut positions = rng_for(seed, Stream::MaskPositions, step);
+        match self {
+            Masking::Blocks(generators) => generators
+                .iter()
+                .map(|g| g.generate(seed, 0, step, batch, &mut positions))
+                .collect(),
+            Masking::Tube(tube) => Ok(vec![tube.generate(batch, &mut positions)]),
+        }
+    }
+}
+
 /// Longest a worker sleeps waiting for clips or peers before checking for a fatal error.
 const PARK: Duration = Duration::from_millis(20);
 
@@ -552,17 +589,17 @@ struct Shared {
     listings: Mutex<Option<mpsc::Receiver<Listing>>>,
     /// Name of the clips table (when `outputs.clips`).
     clips_name: String,
+    /// Name of the features table (when `outputs.features`).
+    features_name: String,
     out: Store,
     handle: tokio::runtime::Handle,
     fatal: Fatal,
-    generators: Vec<MaskGenerator>,
+    masking: Masking,
     settings: LoaderSettings,
     /// Iterations per epoch (for the metrics' epoch column).
     ipe: u64,
     /// The checkpoint the run resumes from: every worker loads its own replica of it.
     resumed: Option<Bytes>,
-    enc: vjepa_model::EncoderConfig,
-    pred: vjepa_model::PredictorConfig,
     metrics_name: String,
     quarantine_name: String,
     /// The step the run started after (0, or the resumed checkpoint's).
@@ -594,6 +631,7 @@ struct Outputs {
     metrics: Option<MetricsWriter>,
     quarantine: Option<QuarantineWriter>,
     clips: Option<ClipsWriter>,
+    features: Option<FeaturesWriter>,
     seen_bad: HashSet<String>,
     quarantined: usize,
     rows_since_flush: u64,
@@ -641,6 +679,9 @@ struct ReduceMsg {
     failed: Option<String>,
     /// The loss, when the failure is a non-finite loss (counted once, by worker 0).
     nonfinite: Option<f64>,
+    /// To worker 0 with `outputs.features`: (slot, mean-pooled target feature) of each of
+    /// this worker's clips.
+    embeddings: Vec<(usize, Vec<f32>)>,
 }
 
 /// The messages of the training collective (rounds between all workers of all processes).
@@ -674,7 +715,7 @@ fn unexpected(what: &str, got: &Msg) -> anyhow::Error {
 /// the collective every worker trains through (data parallel: same masks, own clips,
 /// averaged gradients, identical parameters after every step).
 struct Trainer {
-    model: VJepa,
+    model: Pretrainer,
     collective: Collective<Msg>,
     /// This worker's loaded clips by step.
     clips: Rc<RefCell<BTreeMap<u64, Vec<Clip>>>>,
@@ -821,14 +862,8 @@ fn run_worker_inner(
     }
     let total = setup.total;
     let model = match &shared.resumed {
-        Some(bytes) => VJepa::from_safetensors(bytes, &Device::Cpu)?,
-        None => VJepa::new(
-            shared.enc.clone(),
-            shared.pred.clone(),
-            cfg.optim_config(setup.ipe),
-            cfg.raw.meta.seed,
-            &Device::Cpu,
-        )?,
+        Some(bytes) => Pretrainer::from_safetensors(bytes, &Device::Cpu)?,
+        None => fresh_model(&cfg, setup.ipe)?,
     };
     // Every replica starts bit-identical (same seed, or the same checkpoint).
     check_digests(worker, &mut collective, &model, shared.first_step, shared)?;
@@ -847,6 +882,7 @@ fn run_worker_inner(
         metrics: None,
         quarantine: None,
         clips: None,
+        features: None,
         seen_bad: HashSet::new(),
         quarantined: 0,
         rows_since_flush: 0,
@@ -870,6 +906,13 @@ fn run_worker_inner(
                 shared
                     .handle
                     .block_on(ClipsWriter::create(&shared.out, &shared.clips_name))?,
+            );
+        }
+        if cfg.raw.outputs.features {
+            o.features = Some(
+                shared
+                    .handle
+                    .block_on(FeaturesWriter::create(&shared.out, &shared.features_name))?,
             );
         }
         for r in &shared.catalog.first.rejected {
@@ -1073,7 +1116,7 @@ fn run_worker_inner(
 fn check_digests(
     worker: &mut timely::worker::Worker,
     collective: &mut Collective<Msg>,
-    model: &VJepa,
+    model: &Pretrainer,
     after_step: u64,
     shared: &Shared,
 ) -> anyhow::Result<u64> {
@@ -1157,13 +1200,9 @@ impl Trainer {
 
         // 2. The masks of the whole global batch, exactly as one worker would draw them; this
         // worker takes the rows of its slots.
-        let seed = shared.cfg.raw.meta.seed;
-        let mut positions = rng_for(seed, Stream::MaskPositions, step);
         let masks = shared
-            .generators
-            .iter()
-            .map(|g| g.generate(seed, 0, step, global.len(), &mut positions))
-            .collect::<Result<Vec<BatchMask>, _>>()
+            .masking
+            .draw(shared.cfg.raw.meta.seed, step, global.len())
             .map_err(|e| anyhow!("step {step}: cannot draw masks: {e}"))?;
         shared.telemetry.items(Stage::Mask, 1);
         let rows: Vec<usize> = slots
@@ -1206,6 +1245,15 @@ impl Trainer {
             ),
         };
         let flat = self.model.flatten_gradients(&grads)?;
+        let embeddings: Vec<(usize, Vec<f32>)> = if shared.cfg.raw.outputs.features {
+            slots
+                .iter()
+                .copied()
+                .zip(std::mem::take(&mut grads.target_embeddings))
+                .collect()
+        } else {
+            Vec::new()
+        };
 
         // 4. Reduce-scatter: worker k sums shard k of every worker's gradient, in worker order.
         let len = flat.values.len();
@@ -1220,12 +1268,17 @@ impl Trainer {
                     shard: flat.values[shard_range(len, peers, k)].to_vec(),
                     failed: failed.clone(),
                     nonfinite,
+                    embeddings: if k == 0 {
+                        embeddings.clone()
+                    } else {
+                        Vec::new()
+                    },
                 }))
             })
             .collect();
         drop(flat);
         let got = self.collective.scatter(worker, outgoing, stop)?;
-        let parts = got
+        let mut parts = got
             .into_iter()
             .map(|m| match m {
                 Msg::Reduce(r) => Ok(*r),
@@ -1245,6 +1298,11 @@ impl Trainer {
             bail!("worker {w}: {why}");
         }
         let samples: usize = parts.iter().map(|p| p.samples).sum();
+        let mut embeddings: Vec<(usize, Vec<f32>)> = parts
+            .iter_mut()
+            .flat_map(|p| std::mem::take(&mut p.embeddings))
+            .collect();
+        embeddings.sort_by_key(|(slot, _)| *slot);
         let weights: Vec<(usize, &[f32])> =
             parts.iter().map(|p| (p.samples, &p.shard[..])).collect();
         let reduced = weighted_mean(&weights);
@@ -1313,6 +1371,7 @@ impl Trainer {
                 &self.model,
                 &stats,
                 &records,
+                &embeddings,
                 global.len(),
                 (data_wait, step_time),
                 digest,
@@ -1359,9 +1418,10 @@ fn clip_meta(c: &Clip) -> ClipMeta {
 /// batch, and the metrics row.
 #[allow(clippy::too_many_arguments)]
 fn finish_step(
-    model: &VJepa,
+    model: &Pretrainer,
     stats: &vjepa_model::StepStats,
     records: &[ClipMeta],
+    embeddings: &[(usize, Vec<f32>)],
     clips: usize,
     (data_wait, step_time): (Duration, Duration),
     params_digest: u64,
@@ -1383,6 +1443,23 @@ fn finish_step(
                 frames: c.frames.iter().map(|&f| f as i64).collect(),
                 crop: c.crop,
                 flip: c.flip,
+            });
+        }
+    }
+    if let Some(w) = outputs.borrow_mut().features.as_mut() {
+        for (slot, embedding) in embeddings {
+            let Some(c) = records.iter().find(|c| c.slot == *slot) else {
+                continue;
+            };
+            w.push(FeatureRow {
+                uri: c.uri.clone(),
+                label: String::new(),
+                segment: 0,
+                view: 0,
+                step,
+                frames: c.frames.iter().map(|&f| f as i64).collect(),
+                embedding: embedding.clone(),
+                tokens: Vec::new(),
             });
         }
     }
@@ -1478,9 +1555,9 @@ fn finish_step(
 /// Before the last checkpoint: completes the metrics and clips tables (the quarantine table stays
 /// open for records still arriving; it closes with the run).
 fn close_final_tables(shared: &Shared, outputs: &Rc<RefCell<Outputs>>) -> anyhow::Result<()> {
-    let (metrics, clips) = {
+    let (metrics, clips, features) = {
         let mut o = outputs.borrow_mut();
-        (o.metrics.take(), o.clips.take())
+        (o.metrics.take(), o.clips.take(), o.features.take())
     };
     if let Some(w) = metrics {
         shared
@@ -1493,6 +1570,12 @@ fn close_final_tables(shared: &Shared, outputs: &Rc<RefCell<Outputs>>) -> anyhow
             .handle
             .block_on(w.close())
             .map_err(|e| anyhow!("writing clip records: {e}"))?;
+    }
+    if let Some(w) = features {
+        shared
+            .handle
+            .block_on(w.close())
+            .map_err(|e| anyhow!("writing features: {e}"))?;
     }
     Ok(())
 }
@@ -1517,6 +1600,10 @@ fn roll_tables(step: u64, shared: &Shared, outputs: &Rc<RefCell<Outputs>>) -> an
         h.block_on(w.roll(&format!("clips-from-{step:08}.parquet")))
             .map_err(|e| anyhow!("writing clip records: {e}"))?;
     }
+    if let Some(w) = o.features.as_mut() {
+        h.block_on(w.roll(&format!("features-from-{step:08}.parquet")))
+            .map_err(|e| anyhow!("writing features: {e}"))?;
+    }
     Ok(())
 }
 
@@ -1527,9 +1614,14 @@ async fn remove_run_tables(out: &Store) -> anyhow::Result<usize> {
     let mut removed = 0;
     for o in out.list().await? {
         let name = o.path.as_str();
-        let table = ["metrics-from-", "quarantine-from-", "clips-from-"]
-            .iter()
-            .any(|p| name.starts_with(p) && name.ends_with(".parquet") && !name.contains('/'));
+        let table = [
+            "metrics-from-",
+            "quarantine-from-",
+            "clips-from-",
+            "features-from-",
+        ]
+        .iter()
+        .any(|p| name.starts_with(p) && name.ends_with(".parquet") && !name.contains('/'));
         let record = name.starts_with("catalog/step-") && name.ends_with(".json");
         if table || record {
             out.delete(name).await?;
@@ -1565,6 +1657,12 @@ fn write_metrics(row: MetricsRow, shared: &Shared, outputs: &Rc<RefCell<Outputs>
     {
         shared.fatal.set(format!("writing clip records: {e}"));
     }
+    if flush
+        && let Some(f) = o.features.as_mut()
+        && let Err(e) = shared.handle.block_on(f.flush())
+    {
+        shared.fatal.set(format!("writing features: {e}"));
+    }
     // Quarantine records go out with the metrics, not only at the end of the run.
     if flush
         && let Some(q) = o.quarantine.as_mut()
@@ -1599,7 +1697,11 @@ fn config_summary(
             "{} frames every {} at {}px",
             r.data.num_frames, r.data.sampling_rate, r.data.crop_size
         ),
-        "masks": r.mask.len(),
+        "objective": r.model.objective.as_str(),
+        "masks": match r.model.objective {
+            Objective::Vjepa => r.mask.len(),
+            Objective::Pixel => 1,
+        },
         "steps": total,
         "first_step": first_step,
         "lr": r.optimization.lr,
@@ -1828,14 +1930,33 @@ pub(crate) fn split_location_with(
 /// `ipe` is the config's (`optimization.ipe`, else 1); it only shapes the schedules.
 pub fn initial_checkpoint(cfg: &JobConfig) -> anyhow::Result<Vec<u8>> {
     let ipe = cfg.raw.optimization.ipe.unwrap_or(1).max(1);
-    let model = VJepa::new(
+    Ok(fresh_model(cfg, ipe)?.to_safetensors_with(&[])?)
+}
+
+/// The model of `cfg`'s objective at step 0 (spec init from `meta.seed`), with schedules for
+/// `ipe` iterations per epoch.
+fn fresh_model(cfg: &JobConfig, ipe: u64) -> anyhow::Result<Pretrainer> {
+    let (enc, optim, seed) = (
         cfg.encoder_config(),
-        cfg.predictor_config(),
         cfg.optim_config(ipe),
         cfg.raw.meta.seed,
-        &Device::Cpu,
-    )?;
-    Ok(model.to_safetensors()?)
+    );
+    Ok(match cfg.raw.model.objective {
+        Objective::Vjepa => Pretrainer::VJepa(Box::new(VJepa::new(
+            enc,
+            cfg.predictor_config(),
+            optim,
+            seed,
+            &Device::Cpu,
+        )?)),
+        Objective::Pixel => Pretrainer::Pixel(Box::new(PixelMae::new(
+            enc,
+            cfg.pixel_config(),
+            optim,
+            seed,
+            &Device::Cpu,
+        )?)),
+    })
 }
 
 /// Loads a checkpoint the way a resumed run would and describes it.
@@ -1848,19 +1969,23 @@ pub fn inspect_checkpoint(location: &str) -> anyhow::Result<String> {
         location,
         &vjepa_storage::S3Settings::default(),
     )?;
-    let model = VJepa::from_safetensors(&bytes, &Device::Cpu)
+    let model = Pretrainer::from_safetensors(&bytes, &Device::Cpu)
         .with_context(|| format!("loading {location}"))?;
     let (e, p) = model.num_trainable_params();
     let enc = model.encoder_config();
-    let pred = model.predictor_config();
+    let (head, head_cfg) = match &model {
+        Pretrainer::VJepa(m) => ("predictor", m.predictor_config().clone()),
+        Pretrainer::Pixel(m) => ("pixel decoder", m.pixel_config().decoder()),
+    };
     Ok(format!(
-        "checkpoint {location}: step {}, {} bytes; encoder D={} depth {} heads {} ({e} params), predictor D={} depth {} ({p} params)",
+        "checkpoint {location}: objective {}, step {}, {} bytes; encoder D={} depth {} heads {} ({e} params), {head} D={} depth {} ({p} params)",
+        model.objective(),
         model.steps_done(),
         bytes.len(),
         enc.embed_dim,
         enc.depth,
         enc.num_heads,
-        pred.embed_dim,
-        pred.depth,
+        head_cfg.embed_dim,
+        head_cfg.depth,
     ))
 }

@@ -230,9 +230,10 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
-    /// Run a checkpoint's frozen target encoder over every clip of a dataset (spec §9 segments
-    /// and views) and write one row per clip (uri, label, segment, view, frames, mean-pooled
-    /// embedding, tokens on request) to a Parquet table; bad videos are quarantined beside it.
+    /// Run a checkpoint's frozen target encoder (an `objective: pixel` run's encoder) over
+    /// every clip of a dataset (spec §9 segments and views) and write one row per clip (uri,
+    /// label, segment, view, frames, mean-pooled embedding, tokens on request) to a Parquet
+    /// table; bad videos are quarantined beside it.
     Extract {
         /// Checkpoint: ours (`.safetensors`) or an official-layout `.pth.tar` (path or URL).
         #[arg(long)]
@@ -272,9 +273,10 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
-    /// Frozen evaluation (spec §9): train an attentive probe on the target encoder's tokens of a
-    /// labelled train index, evaluate top-1 on a validation index (probabilities averaged over
-    /// views); writes probe.safetensors and predictions.parquet into --out.
+    /// Frozen evaluation (spec §9): train an attentive probe on the target encoder's tokens (an
+    /// `objective: pixel` run's encoder's) of a labelled train index, evaluate top-1 on a
+    /// validation index (probabilities averaged over views); writes probe.safetensors and
+    /// predictions.parquet into --out.
     Probe(ProbeArgs),
     /// End-to-end fine-tuning: the probe's head trained together with the encoder (lower lr
     /// for the encoder); same inputs and evaluation as `probe`; writes probe.safetensors,

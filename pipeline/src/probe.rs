@@ -1,6 +1,6 @@
 //! `vjepa probe`: the frozen-backbone evaluation of spec §9. The checkpoint's target encoder
-//! reads every clip once ([`crate::extract`], all tokens); an attentive probe is trained on the
-//! train index's tokens and evaluated on the validation index, averaging the class
+//! (an `objective: pixel` checkpoint's encoder) reads every clip once ([`crate::extract`],
+//! all tokens); an attentive probe is trained on the train index's tokens and evaluated on the validation index, averaging the class
 //! probabilities over views (segments are concatenated into one probe pass, as the official
 //! `attend_across_segments`). Top-1 is printed and the predictions written to Parquet.
 //!

@@ -134,6 +134,28 @@ impl FeaturesWriter {
         self.flush().await?;
         self.sink.close().await
     }
+
+    /// Flushes, completes the file and continues in a new file at `rel` (the training job
+    /// rolls its tables at every checkpoint; see `ClipsWriter::roll`).
+    pub async fn roll(&mut self, rel: &str) -> Result<u64, StorageError> {
+        self.flush().await?;
+        self.sink.roll(rel).await
+    }
+}
+
+/// All rows of a training run's features table `name` (`outputs.features`) across its files
+/// ([`crate::tables::table_files`]), by step; for a step found in several files (a run resumed
+/// from an older checkpoint trains it again) the later file's rows win.
+pub async fn read_features_all(store: &Store, name: &str) -> Result<Vec<FeatureRow>, StorageError> {
+    let mut by_step: std::collections::BTreeMap<u64, Vec<FeatureRow>> = Default::default();
+    for f in crate::tables::table_files(store, name).await? {
+        let mut file: std::collections::BTreeMap<u64, Vec<FeatureRow>> = Default::default();
+        for r in read_features(store, &f).await? {
+            file.entry(r.step).or_default().push(r);
+        }
+        by_step.extend(file);
+    }
+    Ok(by_step.into_values().flatten().collect())
 }
 
 fn f32_list_col(uri: &str, b: &RecordBatch, name: &str) -> Result<Vec<Vec<f32>>, StorageError> {
