@@ -303,6 +303,8 @@ impl PixelMae {
             context_tokens: vec![visible],
             target_tokens: vec![masked],
             target_std: std.to_dtype(DType::F64)?.to_scalar::<f64>()?,
+            // No target encoder: `outputs.features` is refused for this objective.
+            target_embeddings: Vec::new(),
         })
     }
 
@@ -316,6 +318,7 @@ impl PixelMae {
             context_tokens: vec![0],
             target_tokens: vec![0],
             target_std: 0.0,
+            target_embeddings: Vec::new(),
         }
     }
 

@@ -885,6 +885,13 @@ impl JobConfig {
         }
         if m.objective == vjepa_model::Objective::Pixel {
             self.validate_pixel()?;
+            if r.outputs.features {
+                return Err(ConfigError::invalid(
+                    "outputs.features",
+                    "needs objective vjepa: the features are the target encoder's, and the pixel \
+                     objective has none (use `vjepa extract` on its checkpoints)",
+                ));
+            }
         }
 
         let o = &r.optimization;
@@ -1585,6 +1592,10 @@ mod tests {
             let err = JobConfig::parse(&text).unwrap_err();
             assert_eq!(err.key(), Some(key), "{from} -> {to}: {err}");
         }
+        // Training features are the target encoder's: refused without one.
+        assert!(!custom.contains("\noutputs:"));
+        let err = JobConfig::parse(&format!("{custom}\noutputs:\n  features: true\n")).unwrap_err();
+        assert_eq!(err.key(), Some("outputs.features"), "{err}");
         // The masks are optional for pixel, required for V-JEPA.
         let start = pixel.find("mask:\n").unwrap();
         let end = pixel.find("meta:\n").unwrap();
