@@ -3,8 +3,8 @@
 //! decoder — the predictor module of [`crate::predictor`] with one mask token and a head of
 //! `3·t·p·p` outputs — predicts the pixels of the masked tubelets; the loss is the mean squared
 //! error over the masked tubelets only. Targets are the clip the pipeline feeds (already
-//! normalised with the dataset mean/std), cut into tubelets and, with `norm_pix`, each tubelet
-//! normalised by its own mean and variance.
+//! normalised with the dataset mean/std), cut into tubelets and, with `norm_pix`, each colour
+//! channel of each tubelet normalised by its own mean and unbiased std (VideoMAE's target).
 //!
 //! Optimiser, parameter groups, schedules and clipping are V-JEPA's (the decoder takes the
 //! predictor's groups); there is no target encoder and no EMA. Checkpoints name the objective in
@@ -27,14 +27,15 @@ use crate::{
     optimiser_tensors, read_optimiser_state, set_flat_gradients, to_json,
 };
 
-/// eps of the per-tubelet target normalisation (`norm_pix`).
+/// eps of the per-tubelet target normalisation (`norm_pix`), added to the std as VideoMAE does.
 pub const NORM_PIX_EPS: f64 = 1e-6;
 
 const FORMAT: &str = "vjepa-stream.pixel-v1";
 
 /// The per-tubelet pixel targets `[B, N, 3·t·p·p]` of clips on `cfg`'s grid: the tubelets in
-/// the patch embedding's order ([`vit::patchify`]), each normalised over its own values to zero
-/// mean and unit variance (population variance + [`NORM_PIX_EPS`]) when `norm_pix`. No graph.
+/// the patch embedding's order ([`vit::patchify`]: channel, frame, row, column). With
+/// `norm_pix`, VideoMAE's target: each colour channel of each tubelet normalised over its own
+/// t·p·p values, `(x − mean) / (std + 1e-6)` with the unbiased std. No graph.
 pub fn pixel_targets(
     cfg: &EncoderConfig,
     clips: &Tensor,
@@ -44,10 +45,15 @@ pub fn pixel_targets(
     if !norm_pix {
         return Ok(patches);
     }
-    let mean = patches.mean_keepdim(candle_core::D::Minus1)?;
-    let centred = patches.broadcast_sub(&mean)?;
-    let var = centred.sqr()?.mean_keepdim(candle_core::D::Minus1)?;
-    Ok(centred.broadcast_div(&(var + NORM_PIX_EPS)?.sqrt()?)?)
+    let (b, n, dim) = patches.dims3()?;
+    let per_channel = dim / 3;
+    let x = patches.reshape((b, n, 3, per_channel))?;
+    let mean = x.mean_keepdim(candle_core::D::Minus1)?;
+    let centred = x.broadcast_sub(&mean)?;
+    let unbiased = (per_channel.max(2) - 1) as f64;
+    let var = (centred.sqr()?.sum_keepdim(candle_core::D::Minus1)? / unbiased)?;
+    let std = (var.sqrt()? + NORM_PIX_EPS)?;
+    Ok(centred.broadcast_div(&std)?.reshape((b, n, dim))?)
 }
 
 /// Tensors of a model before they become modules (shared by `new` and loading).

@@ -1058,16 +1058,21 @@ fn pixel_targets_are_tubelets_normalised_per_patch() {
     let raw_rows = raw.to_dtype(DType::F64).unwrap().to_vec3::<f64>().unwrap();
     for (clip_rows, raw_clip) in rows.iter().zip(&raw_rows) {
         for (row, raw_row) in clip_rows.iter().zip(raw_clip) {
-            let n = row.len() as f64;
-            let mean = row.iter().sum::<f64>() / n;
-            let var = row.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n;
-            assert!(mean.abs() < 1e-5, "mean {mean}");
-            assert!((var - 1.0).abs() < 1e-3, "var {var}");
-            // Same as normalising the raw tubelet by hand (population variance, eps 1e-6).
-            let rm = raw_row.iter().sum::<f64>() / n;
-            let rv = raw_row.iter().map(|x| (x - rm).powi(2)).sum::<f64>() / n;
-            let want = (raw_row[17] - rm) / (rv + pixel::NORM_PIX_EPS).sqrt();
-            assert!((row[17] - want).abs() < 1e-4, "{} vs {want}", row[17]);
+            // Each colour channel of the tubelet on its own (VideoMAE: unbiased std + 1e-6).
+            let per = row.len() / 3;
+            for c in 0..3 {
+                let ch = &row[c * per..(c + 1) * per];
+                let raw_ch = &raw_row[c * per..(c + 1) * per];
+                let n = per as f64;
+                let mean = ch.iter().sum::<f64>() / n;
+                let var = ch.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0);
+                assert!(mean.abs() < 1e-5, "mean {mean}");
+                assert!((var - 1.0).abs() < 1e-3, "var {var}");
+                let rm = raw_ch.iter().sum::<f64>() / n;
+                let rs = (raw_ch.iter().map(|x| (x - rm).powi(2)).sum::<f64>() / (n - 1.0)).sqrt();
+                let want = (raw_ch[17] - rm) / (rs + pixel::NORM_PIX_EPS);
+                assert!((ch[17] - want).abs() < 1e-4, "{} vs {want}", ch[17]);
+            }
         }
     }
 }
