@@ -10,7 +10,8 @@ use arrow::array::{
 use arrow::datatypes::{DataType, Field, Float32Type, Schema, SchemaRef};
 
 use crate::tables::{
-    TableSink, col, i64_col, i64_item, i64_list_col, read_batches, schema_err, str_col, u64_to_i64,
+    TableRow, TableWriter, col, i64_col, i64_item, i64_list_col, read_batches, schema_err, str_col,
+    u64_to_i64,
 };
 use crate::{StorageError, Store};
 
@@ -93,55 +94,17 @@ fn features_batch(rows: &[FeatureRow]) -> Result<RecordBatch, arrow::error::Arro
     RecordBatch::try_new(features_schema(), columns)
 }
 
-/// Writes the features table.
-pub struct FeaturesWriter {
-    sink: TableSink,
-    buf: Vec<FeatureRow>,
-}
-
-impl FeaturesWriter {
-    /// Starts a features file at `rel` in `store` (replaced on close if it exists).
-    pub async fn create(store: &Store, rel: &str) -> Result<Self, StorageError> {
-        Ok(FeaturesWriter {
-            sink: TableSink::create(store, rel, features_schema())?,
-            buf: Vec::new(),
-        })
+impl TableRow for FeatureRow {
+    fn schema() -> SchemaRef {
+        features_schema()
     }
-
-    /// Buffers one row (written at the next `flush` or `close`).
-    pub fn push(&mut self, row: FeatureRow) {
-        self.buf.push(row);
-    }
-
-    /// Rows buffered and not yet written.
-    pub fn pending(&self) -> usize {
-        self.buf.len()
-    }
-
-    /// Writes the buffered rows as one row group (no-op when nothing is buffered).
-    pub async fn flush(&mut self) -> Result<(), StorageError> {
-        if self.buf.is_empty() {
-            return Ok(());
-        }
-        let batch = features_batch(&self.buf).map_err(|e| self.sink.err("build batch", &e))?;
-        self.sink.write_rows(batch).await?;
-        self.buf.clear();
-        Ok(())
-    }
-
-    /// Flushes and completes the file; returns the number of rows written.
-    pub async fn close(mut self) -> Result<u64, StorageError> {
-        self.flush().await?;
-        self.sink.close().await
-    }
-
-    /// Flushes, completes the file and continues in a new file at `rel` (the training job
-    /// rolls its tables at every checkpoint; see `ClipsWriter::roll`).
-    pub async fn roll(&mut self, rel: &str) -> Result<u64, StorageError> {
-        self.flush().await?;
-        self.sink.roll(rel).await
+    fn to_batch(rows: &[Self]) -> Result<RecordBatch, arrow::error::ArrowError> {
+        features_batch(rows)
     }
 }
+
+/// Writes the features table (`features_schema`).
+pub type FeaturesWriter = TableWriter<FeatureRow>;
 
 /// All rows of a training run's features table `name` (`outputs.features`) across its files
 /// ([`crate::tables::table_files`]), by step; for a step found in several files (a run resumed

@@ -375,75 +375,65 @@ impl TableSink {
     }
 }
 
+/// A row type of one of our tables: its schema and how rows become a record batch.
+pub trait TableRow: Sized {
+    /// Arrow schema of the table.
+    fn schema() -> SchemaRef;
+    /// The rows as one record batch of [`Self::schema`].
+    fn to_batch(rows: &[Self]) -> Result<RecordBatch, arrow::error::ArrowError>;
+}
+
+impl TableRow for MetricsRow {
+    fn schema() -> SchemaRef {
+        metrics_schema()
+    }
+    fn to_batch(rows: &[Self]) -> Result<RecordBatch, arrow::error::ArrowError> {
+        metrics_batch(rows)
+    }
+}
+
+impl TableRow for QuarantineRow {
+    fn schema() -> SchemaRef {
+        quarantine_schema()
+    }
+    fn to_batch(rows: &[Self]) -> Result<RecordBatch, arrow::error::ArrowError> {
+        quarantine_batch(rows)
+    }
+}
+
+impl TableRow for ClipRow {
+    fn schema() -> SchemaRef {
+        clips_schema()
+    }
+    fn to_batch(rows: &[Self]) -> Result<RecordBatch, arrow::error::ArrowError> {
+        clips_batch(rows)
+    }
+}
+
+/// Writes one table, buffering rows and writing each flush as a row group.
+pub struct TableWriter<R: TableRow> {
+    sink: TableSink,
+    buf: Vec<R>,
+}
+
 /// Writes the metrics table (`metrics_schema`).
-pub struct MetricsWriter {
-    sink: TableSink,
-    buf: Vec<MetricsRow>,
-}
-
-impl MetricsWriter {
-    /// Starts a metrics file at `rel` in `store` (replaced on close if it exists).
-    pub async fn create(store: &Store, rel: &str) -> Result<Self, StorageError> {
-        Ok(MetricsWriter {
-            sink: TableSink::create(store, rel, metrics_schema())?,
-            buf: Vec::new(),
-        })
-    }
-
-    /// Buffers one row (written at the next `flush` or `close`).
-    pub fn push(&mut self, row: MetricsRow) {
-        self.buf.push(row);
-    }
-
-    /// Rows buffered and not yet flushed.
-    pub fn pending(&self) -> usize {
-        self.buf.len()
-    }
-
-    /// Writes the buffered rows as one row group (no-op when nothing is buffered).
-    pub async fn flush(&mut self) -> Result<(), StorageError> {
-        if self.buf.is_empty() {
-            return Ok(());
-        }
-        let batch = metrics_batch(&self.buf).map_err(|e| self.sink.err("build batch", &e))?;
-        self.sink.write_rows(batch).await?;
-        self.buf.clear();
-        Ok(())
-    }
-
-    /// Flushes and completes the file; returns the number of rows written.
-    pub async fn close(mut self) -> Result<u64, StorageError> {
-        self.flush().await?;
-        self.sink.close().await
-    }
-
-    /// Flushes, completes the file (readable from now on, whatever happens to the process)
-    /// and continues in a new file at `rel`; returns the rows of the completed file. The job
-    /// rolls its tables at every checkpoint, so a killed run loses only rows that its resumed
-    /// run writes again.
-    pub async fn roll(&mut self, rel: &str) -> Result<u64, StorageError> {
-        self.flush().await?;
-        self.sink.roll(rel).await
-    }
-}
-
+pub type MetricsWriter = TableWriter<MetricsRow>;
 /// Writes the quarantine table (`quarantine_schema`).
-pub struct QuarantineWriter {
-    sink: TableSink,
-    buf: Vec<QuarantineRow>,
-}
+pub type QuarantineWriter = TableWriter<QuarantineRow>;
+/// Writes the clips table (`clips_schema`).
+pub type ClipsWriter = TableWriter<ClipRow>;
 
-impl QuarantineWriter {
-    /// Starts a quarantine file at `rel` in `store` (replaced on close if it exists).
+impl<R: TableRow> TableWriter<R> {
+    /// Starts a file at `rel` in `store` (replaced on close if it exists).
     pub async fn create(store: &Store, rel: &str) -> Result<Self, StorageError> {
-        Ok(QuarantineWriter {
-            sink: TableSink::create(store, rel, quarantine_schema())?,
+        Ok(TableWriter {
+            sink: TableSink::create(store, rel, R::schema())?,
             buf: Vec::new(),
         })
     }
 
     /// Buffers one row (written at the next `flush` or `close`).
-    pub fn push(&mut self, row: QuarantineRow) {
+    pub fn push(&mut self, row: R) {
         self.buf.push(row);
     }
 
@@ -457,54 +447,7 @@ impl QuarantineWriter {
         if self.buf.is_empty() {
             return Ok(());
         }
-        let batch = quarantine_batch(&self.buf).map_err(|e| self.sink.err("build batch", &e))?;
-        self.sink.write_rows(batch).await?;
-        self.buf.clear();
-        Ok(())
-    }
-
-    /// Flushes and completes the file; returns the number of rows written.
-    pub async fn close(mut self) -> Result<u64, StorageError> {
-        self.flush().await?;
-        self.sink.close().await
-    }
-
-    /// Flushes, completes the file (readable from now on, whatever happens to the process)
-    /// and continues in a new file at `rel`; returns the rows of the completed file. The job
-    /// rolls its tables at every checkpoint, so a killed run loses only rows that its resumed
-    /// run writes again.
-    pub async fn roll(&mut self, rel: &str) -> Result<u64, StorageError> {
-        self.flush().await?;
-        self.sink.roll(rel).await
-    }
-}
-
-/// Writes the clips table (`clips_schema`).
-pub struct ClipsWriter {
-    sink: TableSink,
-    buf: Vec<ClipRow>,
-}
-
-impl ClipsWriter {
-    /// Starts a clips file at `rel` in `store` (replaced on close if it exists).
-    pub async fn create(store: &Store, rel: &str) -> Result<Self, StorageError> {
-        Ok(ClipsWriter {
-            sink: TableSink::create(store, rel, clips_schema())?,
-            buf: Vec::new(),
-        })
-    }
-
-    /// Buffers one row (written at the next `flush` or `close`).
-    pub fn push(&mut self, row: ClipRow) {
-        self.buf.push(row);
-    }
-
-    /// Writes the buffered rows as one row group (no-op when nothing is buffered).
-    pub async fn flush(&mut self) -> Result<(), StorageError> {
-        if self.buf.is_empty() {
-            return Ok(());
-        }
-        let batch = clips_batch(&self.buf).map_err(|e| self.sink.err("build batch", &e))?;
+        let batch = R::to_batch(&self.buf).map_err(|e| self.sink.err("build batch", &e))?;
         self.sink.write_rows(batch).await?;
         self.buf.clear();
         Ok(())
