@@ -125,3 +125,79 @@ pub fn assert_same_trace<'a>(
         assert_eq!(a.target_tokens, b.target_tokens, "step {}", a.step);
     }
 }
+
+/// Where a features row's clip sits in its frames: a spatial view of the evaluation (spec §9)
+/// or a training crop recorded in `clips.parquet`.
+pub enum RowCrop {
+    /// View `view` of `views` along the long side (`vjepa extract`).
+    View { view: usize, views: usize },
+    /// Crop box `[top, left, height, width]` and flip, as the clips table records them.
+    Recorded { crop: [i64; 4], flip: bool },
+}
+
+/// The clip of a features row decoded and transformed on its own, independently of the
+/// dataflow that wrote the row: its frames of its local (`file://`) video, cropped, flipped
+/// and resized to `size`, as `[1, 3, T, size, size]`.
+pub fn decode_row_clip(
+    decoder: &mut vjepa_ingest::Decoder,
+    uri: &str,
+    frames: &[i64],
+    crop: RowCrop,
+    size: usize,
+) -> vjepa_model::Tensor {
+    use vjepa_operators::transform::{CropBox, TransformParams};
+    let path = uri.strip_prefix("file://").expect("a local video");
+    let bytes = bytes::Bytes::from(std::fs::read(path).unwrap());
+    let indices: Vec<u64> = frames.iter().map(|&f| f as u64).collect();
+    let params = match crop {
+        RowCrop::View { view, views } => {
+            let decoded = decoder
+                .decode_clip(bytes.clone(), &mut |_| indices.clone())
+                .unwrap();
+            let boxes = vjepa_pipeline::extract::view_boxes(
+                decoded.height as usize,
+                decoded.width as usize,
+                size,
+                views,
+            );
+            TransformParams {
+                crop: boxes[view],
+                flip: false,
+            }
+        }
+        RowCrop::Recorded { crop, flip } => TransformParams {
+            crop: CropBox {
+                top: crop[0] as usize,
+                left: crop[1] as usize,
+                height: crop[2] as usize,
+                width: crop[3] as usize,
+            },
+            flip,
+        },
+    };
+    let (data, _) = vjepa_pipeline::loader::decode_to_tensor(
+        decoder,
+        std::sync::Arc::new(bytes),
+        &indices,
+        &params,
+        size,
+    )
+    .unwrap();
+    vjepa_model::Tensor::from_vec(
+        data,
+        (1, 3, indices.len(), size, size),
+        &vjepa_model::Device::Cpu,
+    )
+    .unwrap()
+}
+
+/// Mean over tokens of an encoder output `[1, N, D]`: the features table's embedding.
+pub fn mean_pooled(tokens: vjepa_model::Tensor) -> Vec<f32> {
+    tokens
+        .mean(1)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+}

@@ -8,11 +8,9 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::process::Command;
-use std::sync::Arc;
 
 use common::*;
-use vjepa_model::{Device, Tensor, VJepa};
-use vjepa_operators::transform::TransformParams;
+use vjepa_model::{Device, VJepa};
 use vjepa_storage::Store;
 use vjepa_storage::features::read_features;
 
@@ -127,40 +125,17 @@ fn extract_writes_one_row_per_clip_equal_to_a_direct_forward() {
     let mut decoder = vjepa_ingest::Decoder::new(Default::default()).unwrap();
     let size = model.encoder_config().crop_size;
     for r in rows.iter().step_by(5) {
-        let path = r.uri.strip_prefix("file://").unwrap();
-        let bytes = bytes::Bytes::from(std::fs::read(path).unwrap());
-        let indices: Vec<u64> = r.frames.iter().map(|&f| f as u64).collect();
-        let decoded = decoder
-            .decode_clip(bytes.clone(), &mut |_| indices.clone())
-            .unwrap();
-        let boxes = vjepa_pipeline::extract::view_boxes(
-            decoded.height as usize,
-            decoded.width as usize,
-            size,
-            3,
-        );
-        let params = TransformParams {
-            crop: boxes[r.view as usize],
-            flip: false,
-        };
-        let (data, _) = vjepa_pipeline::loader::decode_to_tensor(
+        let clip = decode_row_clip(
             &mut decoder,
-            Arc::new(bytes),
-            &indices,
-            &params,
+            &r.uri,
+            &r.frames,
+            RowCrop::View {
+                view: r.view as usize,
+                views: 3,
+            },
             size,
-        )
-        .unwrap();
-        let clip = Tensor::from_vec(data, (1, 3, 16, size, size), &Device::Cpu).unwrap();
-        let direct = model
-            .target_features(&clip)
-            .unwrap()
-            .mean(1)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
+        );
+        let direct = mean_pooled(model.target_features(&clip).unwrap());
         let max = direct
             .iter()
             .zip(&r.embedding)

@@ -8,11 +8,9 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::process::Command;
-use std::sync::Arc;
 
 use common::*;
-use vjepa_model::{Device, Tensor, VJepa};
-use vjepa_operators::transform::{CropBox, TransformParams};
+use vjepa_model::{Device, VJepa};
 use vjepa_storage::Store;
 use vjepa_storage::features::read_features_all;
 use vjepa_storage::tables::read_clips_all;
@@ -87,7 +85,6 @@ fn training_writes_the_target_feature_of_every_clip() {
         let model = model_before(*step);
         let d = model.encoder_config().embed_dim;
         let size = model.encoder_config().crop_size;
-        let frames = model.encoder_config().num_frames;
         let records: Vec<_> = clips.iter().filter(|c| c.step == *step).collect();
         assert_eq!(records.len(), step_rows.len());
         for (row, rec) in step_rows.iter().zip(&records) {
@@ -95,36 +92,17 @@ fn training_writes_the_target_feature_of_every_clip() {
             assert_eq!(row.frames, rec.frames);
             assert_eq!(row.embedding.len(), d);
             assert!(row.tokens.is_empty());
-            let path = row.uri.strip_prefix("file://").unwrap();
-            let bytes = bytes::Bytes::from(std::fs::read(path).unwrap());
-            let indices: Vec<u64> = row.frames.iter().map(|&f| f as u64).collect();
-            let params = TransformParams {
-                crop: CropBox {
-                    top: rec.crop[0] as usize,
-                    left: rec.crop[1] as usize,
-                    height: rec.crop[2] as usize,
-                    width: rec.crop[3] as usize,
-                },
-                flip: rec.flip,
-            };
-            let (data, _) = vjepa_pipeline::loader::decode_to_tensor(
+            let clip = decode_row_clip(
                 &mut decoder,
-                Arc::new(bytes),
-                &indices,
-                &params,
+                &row.uri,
+                &row.frames,
+                RowCrop::Recorded {
+                    crop: rec.crop,
+                    flip: rec.flip,
+                },
                 size,
-            )
-            .unwrap();
-            let clip = Tensor::from_vec(data, (1, 3, frames, size, size), &Device::Cpu).unwrap();
-            let direct = model
-                .target_features(&clip)
-                .unwrap()
-                .mean(1)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap();
+            );
+            let direct = mean_pooled(model.target_features(&clip).unwrap());
             let scale = direct.iter().fold(0f32, |m, x| m.max(x.abs()));
             for (a, b) in direct.iter().zip(&row.embedding) {
                 worst = worst.max((a - b).abs() / scale);
