@@ -903,18 +903,7 @@ fn encode_chunk(
     let cfg = backbone.config();
     let t = cfg.num_frames;
     let s = ((per_clip / (3 * t.max(1))) as f64).sqrt() as usize;
-    let mut data = Vec::with_capacity(per_clip * chunk.len());
-    for c in chunk {
-        if c.data.len() != per_clip {
-            bail!(
-                "clip {} has {} values, expected {per_clip}",
-                c.uri,
-                c.data.len()
-            );
-        }
-        data.extend_from_slice(&c.data);
-    }
-    let clips = Tensor::from_vec(data, (chunk.len(), 3, t, s, s), &Device::Cpu)?;
+    let clips = crate::loader::stack_clips(chunk, (t, s))?;
     let features = backbone.features(&clips)?; // [B, N, D]
     let pooled = features.mean(1)?.to_vec2::<f32>()?;
     let all = if tokens {

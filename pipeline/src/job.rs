@@ -1245,7 +1245,7 @@ impl Trainer {
             ),
         };
         let flat = self.model.flatten_gradients(&grads)?;
-        let embeddings: Vec<(usize, Vec<f32>)> = if shared.cfg.raw.outputs.features {
+        let mut embeddings: Vec<(usize, Vec<f32>)> = if shared.cfg.raw.outputs.features {
             slots
                 .iter()
                 .copied()
@@ -1268,8 +1268,9 @@ impl Trainer {
                     shard: flat.values[shard_range(len, peers, k)].to_vec(),
                     failed: failed.clone(),
                     nonfinite,
+                    // Only worker 0 writes them: moved into its message, not copied.
                     embeddings: if k == 0 {
-                        embeddings.clone()
+                        std::mem::take(&mut embeddings)
                     } else {
                         Vec::new()
                     },
@@ -1849,19 +1850,7 @@ fn to_train_batch(
     if rows.len() != clips.len() {
         bail!("{} clips but {} mask rows", clips.len(), rows.len());
     }
-    let per_clip = 3 * t * s * s;
-    let mut data = Vec::with_capacity(per_clip * clips.len());
-    for c in clips {
-        if c.data.len() != per_clip {
-            bail!(
-                "clip {} has {} values, expected {per_clip}",
-                c.uri,
-                c.data.len()
-            );
-        }
-        data.extend_from_slice(&c.data);
-    }
-    let clips_t = Tensor::from_vec(data, (clips.len(), 3, t, s, s), &Device::Cpu)?;
+    let clips_t = crate::loader::stack_clips(clips, (t, s))?;
     let pick = |all: &[Vec<u32>]| -> anyhow::Result<Vec<Vec<u32>>> {
         rows.iter()
             .map(|&r| {
