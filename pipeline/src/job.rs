@@ -1231,6 +1231,9 @@ impl Trainer {
                 self.model.compute_gradients(&b).map_err(|e| {
                     if let vjepa_model::ModelError::NonFiniteLoss { loss, .. } = &e {
                         nonfinite = Some(*loss);
+                        // Recorded where it is found: the run stops at once, and the worker
+                        // that would gather the reports may be stopped before it sees them.
+                        shared.telemetry.non_finite_loss(*loss);
                     }
                     anyhow!("training step {} failed: {e}", step + 1)
                 })
@@ -1286,6 +1289,7 @@ impl Trainer {
                 other => Err(unexpected("reduce", &other)),
             })
             .collect::<anyhow::Result<Vec<ReduceMsg>>>()?;
+        // Another process's non-finite loss reaches the served telemetry here (counted once).
         if index == 0
             && let Some(loss) = parts.iter().find_map(|p| p.nonfinite)
         {

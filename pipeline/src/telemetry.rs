@@ -158,6 +158,7 @@ pub struct Telemetry {
     clips: Counter,
     tokens: Counter,
     nonfinite: Counter,
+    nonfinite_seen: std::sync::atomic::AtomicBool,
     clips_per_second: FloatGauge,
     tokens_per_second: FloatGauge,
     step_seconds: Histogram,
@@ -202,6 +203,7 @@ impl Telemetry {
             clips: Counter::default(),
             tokens: Counter::default(),
             nonfinite: Counter::default(),
+            nonfinite_seen: Default::default(),
             clips_per_second: FloatGauge::default(),
             tokens_per_second: FloatGauge::default(),
             step_seconds: Histogram::new(exponential_buckets(0.01, 2.0, 14)),
@@ -431,7 +433,13 @@ impl Telemetry {
     /// A step's loss was NaN/Inf: the gauge shows it and the counter the alert keys on grows.
     pub fn non_finite_loss(&self, loss: f64) {
         self.loss.set(loss);
-        self.nonfinite.inc();
+        // The run stops at its first non-finite loss: counted once, whichever workers saw it.
+        if !self
+            .nonfinite_seen
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            self.nonfinite.inc();
+        }
     }
 
     /// Records one optimiser step.
