@@ -222,6 +222,10 @@ pub struct OptimConfig {
     pub eps: f64,
     /// Loss exponent (1 ⇒ L1).
     pub loss_exp: f64,
+    /// Weight of the variance regulariser on the predictions (spec §6.4; 0 in every official
+    /// config). Above 0 it counters dimensional collapse in small runs.
+    #[serde(default)]
+    pub reg_coeff: f64,
 }
 
 impl OptimConfig {
@@ -242,6 +246,7 @@ impl OptimConfig {
             betas: (0.9, 0.999),
             eps: 1e-8,
             loss_exp: 1.0,
+            reg_coeff: 0.0,
         }
     }
 
@@ -260,6 +265,7 @@ impl OptimConfig {
             self.betas.1,
             self.eps,
             self.loss_exp,
+            self.reg_coeff,
         ];
         if finite.iter().any(|v| !v.is_finite()) {
             return bad("non-finite value");
@@ -272,6 +278,9 @@ impl OptimConfig {
         }
         if self.eps <= 0.0 || self.loss_exp <= 0.0 {
             return bad("eps and loss_exp must be > 0");
+        }
+        if self.reg_coeff < 0.0 {
+            return bad("reg_coeff must be >= 0");
         }
         if let Some(c) = self.clip_grad
             && !(c.is_finite() && c > 0.0)

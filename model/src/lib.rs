@@ -508,7 +508,11 @@ impl VJepa {
             preds.push(self.predictor.forward(&z, ctx, tgt, i)?);
             targets.push(tgt.gather(&h)?);
         }
-        let (loss, per_mask) = loss::jepa_loss(&preds, &targets, self.optim_cfg.loss_exp)?;
+        let (mut loss, per_mask) = loss::jepa_loss(&preds, &targets, self.optim_cfg.loss_exp)?;
+        if self.optim_cfg.reg_coeff > 0.0 {
+            let reg = loss::variance_regulariser(&preds)?.to_dtype(loss.dtype())?;
+            loss = (loss + (reg * self.optim_cfg.reg_coeff)?)?;
+        }
         Ok((loss, per_mask, target_std, pooled))
     }
 

@@ -53,6 +53,35 @@ pub fn jepa_loss(
     Ok((total, per))
 }
 
+/// The official variance regulariser (spec §6.4): per mask config the std over tokens of each
+/// sample's predictions, `sqrt(var + 1e-4)` with the unbiased variance (`[B, D]`), averaged over
+/// the mask configs; then `mean(relu(1 - σ))`. Zero once every dim of every sample's predictions
+/// varies across its tokens with std ≥ 1, so it only pushes against collapsed predictions.
+pub fn variance_regulariser(preds: &[Tensor]) -> Result<Tensor, ModelError> {
+    let Some(first) = preds.first() else {
+        return Err(ModelError::Input("no predictions".into()));
+    };
+    let mut sum: Option<Tensor> = None;
+    for p in preds {
+        let (_, n, _) = p.dims3()?;
+        if n < 2 {
+            return Err(ModelError::Input(format!(
+                "the variance regulariser needs ≥ 2 predicted tokens per sample, got {n}"
+            )));
+        }
+        let std = (p.var_keepdim(1)?.squeeze(1)? + 1e-4)?.sqrt()?;
+        sum = Some(match sum {
+            None => std,
+            Some(s) => (s + std)?,
+        });
+    }
+    let sigma = match sum {
+        Some(s) => (s / preds.len() as f64)?,
+        None => first.zeros_like()?,
+    };
+    Ok(sigma.affine(-1.0, 1.0)?.relu()?.mean_all()?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -73,5 +102,26 @@ mod tests {
             .to_scalar::<f32>()
             .unwrap();
         assert!((sq - 1.25).abs() < 1e-6); // (1 + 4) / 2 / 2
+    }
+
+    #[test]
+    fn variance_regulariser_matches_hand_computation() {
+        let dev = Device::Cpu;
+        // One sample, 3 tokens, 2 dims: dim 0 has values 0, 1, 2 (unbiased var 1), dim 1 is
+        // constant (var 0); a second mask with 2 tokens: dim 0 var 4.5 (0, 3), dim 1 var 0.
+        let p0 = Tensor::new(&[[[0f32, 5.], [1., 5.], [2., 5.]]], &dev).unwrap();
+        let p1 = Tensor::new(&[[[0f32, 1.], [3., 1.]]], &dev).unwrap();
+        let r = variance_regulariser(&[p0, p1])
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let s0 = ((1.0f64 + 1e-4).sqrt() + (4.5f64 + 1e-4).sqrt()) / 2.0;
+        let s1 = (1e-4f64).sqrt(); // (0.01 + 0.01) / 2
+        let want = ((1.0 - s0).max(0.0) + (1.0 - s1).max(0.0)) / 2.0;
+        assert!((r as f64 - want).abs() < 1e-6, "{r} vs {want}");
+        // Spread-out predictions are not penalised.
+        let wide = Tensor::new(&[[[0f32, 0.], [4., -4.]]], &dev).unwrap();
+        let r = variance_regulariser(&[wide]).unwrap();
+        assert_eq!(r.to_scalar::<f32>().unwrap(), 0.0);
     }
 }

@@ -132,6 +132,7 @@ impl ProbeOptim {
             betas: (0.9, 0.999),
             eps: 1e-8,
             loss_exp: 1.0,
+            reg_coeff: 0.0,
         }
     }
 }

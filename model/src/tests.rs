@@ -41,6 +41,7 @@ fn tiny_optim() -> OptimConfig {
         betas: (0.9, 0.999),
         eps: 1e-8,
         loss_exp: 1.0,
+        reg_coeff: 0.0,
     }
 }
 
@@ -407,6 +408,37 @@ fn bad_batches_are_refused_without_side_effects() {
     four_d.clips = Tensor::zeros((2, 3, 32, 32), DType::F32, &Device::Cpu).unwrap();
     assert!(matches!(m.train_step(&four_d), Err(ModelError::Input(_))));
     assert_eq!(m.steps_done(), 0);
+}
+
+#[test]
+fn variance_regulariser_adds_to_the_loss_and_gradient() {
+    let batch = tiny_batch();
+    let plain = tiny_model(3);
+    let mut optim = tiny_optim();
+    optim.reg_coeff = 2.0;
+    let reg = VJepa::new(tiny_encoder(), tiny_predictor(), optim, 3, &Device::Cpu).unwrap();
+    let a = plain.forward_detail(&batch).unwrap();
+    let b = reg.forward_detail(&batch).unwrap();
+    // Same weights and predictions; the regulariser is computed from them.
+    assert_eq!(a.losses, b.losses);
+    let r = loss::variance_regulariser(&b.predictions)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap() as f64;
+    assert!(
+        r > 0.0,
+        "freshly initialised predictions are not spread out: {r}"
+    );
+    assert!(
+        (b.loss - (a.loss + 2.0 * r)).abs() < 1e-5,
+        "{} vs {} + 2·{r}",
+        b.loss,
+        a.loss
+    );
+    let ga = plain.compute_gradients(&batch).unwrap();
+    let gb = reg.compute_gradients(&batch).unwrap();
+    assert!((gb.loss - b.loss).abs() < 1e-5);
+    assert_ne!(ga.loss, gb.loss);
 }
 
 #[test]

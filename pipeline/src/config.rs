@@ -764,10 +764,16 @@ impl JobConfig {
                 "only loss_exp: 1.0 (L1) is implemented",
             ));
         }
-        if r.loss.reg_coeff != 0.0 {
+        if !(r.loss.reg_coeff.is_finite() && r.loss.reg_coeff >= 0.0) {
             return Err(ConfigError::invalid(
                 "loss.reg_coeff",
-                "the variance regulariser is not implemented (use 0.0, as every official config does)",
+                format!("must be a finite number ≥ 0, got {}", r.loss.reg_coeff),
+            ));
+        }
+        if r.loss.reg_coeff != 0.0 && r.model.objective == vjepa_model::Objective::Pixel {
+            return Err(ConfigError::invalid(
+                "loss.reg_coeff",
+                "the variance regulariser is V-JEPA's (on its predictions); use 0.0 with objective: pixel",
             ));
         }
 
@@ -1191,6 +1197,7 @@ impl JobConfig {
             betas: (o.betas[0], o.betas[1]),
             eps: o.eps,
             loss_exp: self.raw.loss.loss_exp,
+            reg_coeff: self.raw.loss.reg_coeff,
         }
     }
 
@@ -1456,6 +1463,21 @@ mod tests {
         let text = OFFICIAL_VITL16.replace("crop_size: 224", "crop_size: 230");
         let err = JobConfig::parse(&text).unwrap_err();
         assert_eq!(err.key(), Some("data.crop_size"), "{err}");
+    }
+
+    #[test]
+    fn variance_regulariser_coefficient() {
+        let text = OFFICIAL_VITL16.replace("reg_coeff: 0.0", "reg_coeff: 0.5");
+        let cfg = JobConfig::parse(&text).expect("reg_coeff 0.5 parses");
+        assert_eq!(cfg.optim_config(300).reg_coeff, 0.5);
+        let text = OFFICIAL_VITL16.replace("reg_coeff: 0.0", "reg_coeff: -1.0");
+        let err = JobConfig::parse(&text).unwrap_err();
+        assert_eq!(err.key(), Some("loss.reg_coeff"), "{err}");
+        let text = OFFICIAL_VITL16
+            .replace("reg_coeff: 0.0", "reg_coeff: 0.5")
+            .replace("model:\n", "model:\n  objective: pixel\n");
+        let err = JobConfig::parse(&text).unwrap_err();
+        assert_eq!(err.key(), Some("loss.reg_coeff"), "{err}");
     }
 
     #[test]

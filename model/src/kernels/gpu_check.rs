@@ -891,6 +891,7 @@ fn check_train_steps(dev: &Device, push: &mut dyn FnMut(CheckRow)) -> Result<(),
         betas: (0.9, 0.999),
         eps: 1e-8,
         loss_exp: 1.0,
+        reg_coeff: 0.0,
     };
     let mut rng = ChaCha8Rng::seed_from_u64(11);
     let clips: Vec<f32> = (0..2 * 3 * 8 * 64 * 64)
