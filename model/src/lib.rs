@@ -11,6 +11,7 @@
 #![warn(missing_docs)]
 
 mod checkpoint;
+pub mod collapse;
 pub mod config;
 pub mod finetune;
 mod introspect;
@@ -137,6 +138,11 @@ pub struct StepStats {
     /// over tokens and dims. Near 0 when every clip maps to the same features; 0 for a batch
     /// of one clip.
     pub target_std: f64,
+    /// Dimensional-collapse signal: effective rank ([`collapse::effective_rank`]) of the
+    /// normalised target token features of the batch. Near 1 when they vary along one direction
+    /// only, although `target_std` may look healthy.
+    #[serde(default)]
+    pub target_rank: f64,
 }
 
 /// One worker's half of a training step ([`VJepa::compute_gradients`]): the gradient of its
@@ -156,6 +162,8 @@ pub struct Gradients {
     pub target_tokens: Vec<usize>,
     /// [`StepStats::target_std`] over this worker's samples.
     pub target_std: f64,
+    /// [`StepStats::target_rank`] over this worker's samples.
+    pub target_rank: f64,
     /// Per sample (batch order), the target encoder's output averaged over tokens (before the
     /// loss LayerNorm): the clip's embedding, as `vjepa extract` gives it, free from the target
     /// pass the loss needs anyway.
@@ -483,9 +491,9 @@ impl VJepa {
         Ok((loss, per_mask))
     }
 
-    /// [`Self::forward_loss`] plus the collapse signal ([`StepStats::target_std`]) as a
-    /// scalar tensor and the mean-pooled target features `[B, D]`, computed from the target
-    /// features the loss uses anyway.
+    /// [`Self::forward_loss`] plus the normalised target features `[B, N, D]` (for the collapse
+    /// signals) and the mean-pooled target features `[B, D]`, from the target pass the loss
+    /// needs anyway.
     fn forward_loss_stats(
         &self,
         clips: &Tensor,
@@ -495,10 +503,6 @@ impl VJepa {
         let raw = self.target.forward(clips, None)?.detach();
         let pooled = raw.to_dtype(DType::F32)?.mean(1)?;
         let h = loss::normalize_targets(&raw)?.detach();
-        // Population std over the batch axis of [B, N, D], then the mean over N and D.
-        let hf = h.to_dtype(DType::F32)?;
-        let centred = hf.broadcast_sub(&hf.mean_keepdim(0)?)?;
-        let target_std = centred.sqr()?.mean(0)?.sqrt()?.mean_all()?;
         // The patch embedding is identical for both context passes: compute it once.
         let tokens = self.encoder.embed(clips)?;
         let mut preds = Vec::with_capacity(masks.len());
@@ -513,7 +517,7 @@ impl VJepa {
             let reg = loss::variance_regulariser(&preds)?.to_dtype(loss.dtype())?;
             loss = (loss + (reg * self.optim_cfg.reg_coeff)?)?;
         }
-        Ok((loss, per_mask, target_std, pooled))
+        Ok((loss, per_mask, h, pooled))
     }
 
     /// One full V-JEPA iteration (spec §6–§7): target pass (no grad) → LN without affine (eps
@@ -536,7 +540,9 @@ impl VJepa {
     pub fn compute_gradients(&self, batch: &TrainBatch) -> Result<Gradients, ModelError> {
         let (clips, b) = self.prepare_clips(&batch.clips)?;
         let masks = self.mask_indices(batch, b)?;
-        let (loss, per_mask, target_std, pooled) = self.forward_loss_stats(&clips, &masks)?;
+        let (loss, per_mask, h, pooled) = self.forward_loss_stats(&clips, &masks)?;
+        let target_std = collapse::batch_std(&h)?;
+        let target_rank = collapse::effective_rank(&h)?;
         let loss_value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         if !loss_value.is_finite() {
             return Err(ModelError::NonFiniteLoss {
@@ -557,6 +563,7 @@ impl VJepa {
             context_tokens: masks.iter().map(|(c, _)| c.len()).collect(),
             target_tokens: masks.iter().map(|(_, t)| t.len()).collect(),
             target_std: target_std.to_dtype(DType::F64)?.to_scalar::<f64>()?,
+            target_rank,
             target_embeddings: pooled.to_vec2::<f32>()?,
         })
     }
@@ -572,6 +579,7 @@ impl VJepa {
             context_tokens: vec![0; masks],
             target_tokens: vec![0; masks],
             target_std: 0.0,
+            target_rank: 0.0,
             target_embeddings: Vec::new(),
         }
     }
@@ -608,6 +616,7 @@ impl VJepa {
             context_tokens,
             target_tokens,
             target_std,
+            target_rank,
             ..
         } = g;
         let iter0 = self.steps_done;
@@ -641,6 +650,7 @@ impl VJepa {
             context_tokens,
             target_tokens,
             target_std,
+            target_rank,
         };
         debug!(
             step = stats.step,

@@ -276,9 +276,7 @@ impl PixelMae {
         let loss = (pred - target)?.sqr()?.mean_all()?;
         // Collapse signal as V-JEPA computes it, over the encoder's visible-token outputs.
         let h = crate::loss::normalize_targets(&z.detach())?;
-        let centred = h.broadcast_sub(&h.mean_keepdim(0)?)?;
-        let std = centred.sqr()?.mean(0)?.sqrt()?.mean_all()?;
-        Ok((loss, visible.len(), masked.len(), std))
+        Ok((loss, visible.len(), masked.len(), h))
     }
 
     /// Mean squared error of the current weights on `batch` (no step), for tests and checks.
@@ -289,10 +287,10 @@ impl PixelMae {
 
     /// The first half of a step: forward and backward on `batch` (clips plus exactly one mask:
     /// `context` = visible, `target` = masked tubelets), nothing changed. Token counts and
-    /// `loss_per_mask` have one entry; `target_std` is the collapse signal over the encoder's
+    /// `loss_per_mask` have one entry; `target_std` and `target_rank` are the collapse signals over the encoder's
     /// outputs (no target encoder exists).
     pub fn compute_gradients(&self, batch: &TrainBatch) -> Result<Gradients, ModelError> {
-        let (loss, visible, masked, std) = self.forward_loss(batch)?;
+        let (loss, visible, masked, h) = self.forward_loss(batch)?;
         let loss_value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         if !loss_value.is_finite() {
             return Err(ModelError::NonFiniteLoss {
@@ -308,7 +306,10 @@ impl PixelMae {
             samples: batch.clips.dim(0)?,
             context_tokens: vec![visible],
             target_tokens: vec![masked],
-            target_std: std.to_dtype(DType::F64)?.to_scalar::<f64>()?,
+            target_std: crate::collapse::batch_std(&h)?
+                .to_dtype(DType::F64)?
+                .to_scalar::<f64>()?,
+            target_rank: crate::collapse::effective_rank(&h)?,
             // No target encoder: `outputs.features` is refused for this objective.
             target_embeddings: Vec::new(),
         })
@@ -324,6 +325,7 @@ impl PixelMae {
             context_tokens: vec![0],
             target_tokens: vec![0],
             target_std: 0.0,
+            target_rank: 0.0,
             target_embeddings: Vec::new(),
         }
     }
@@ -352,6 +354,7 @@ impl PixelMae {
             context_tokens,
             target_tokens,
             target_std,
+            target_rank,
             ..
         } = g;
         let iter0 = self.steps_done;
@@ -382,6 +385,7 @@ impl PixelMae {
             context_tokens,
             target_tokens,
             target_std,
+            target_rank,
         })
     }
 

@@ -952,6 +952,12 @@ fn target_std_detects_identical_features() {
         "{}",
         s.target_std
     );
+    let width = tiny_encoder().embed_dim as f64;
+    assert!(
+        s.target_rank >= 1.0 && s.target_rank <= width,
+        "{}",
+        s.target_rank
+    );
     let first = batch.clips.narrow(0, 0, 1).unwrap();
     let same = TrainBatch {
         clips: Tensor::cat(&[&first, &first], 0).unwrap(),

@@ -671,8 +671,9 @@ struct ClipMeta {
 struct ReduceMsg {
     samples: usize,
     loss: f64,
-    /// The collapse signal over this worker's clips (the job reports the clip-weighted mean).
+    /// The collapse signals over this worker's clips (the job reports clip-weighted means).
     target_std: f64,
+    target_rank: f64,
     loss_per_mask: Vec<f64>,
     present: Vec<bool>,
     shard: Vec<f32>,
@@ -1266,6 +1267,7 @@ impl Trainer {
                     samples: grads.samples,
                     loss: grads.loss,
                     target_std: grads.target_std,
+                    target_rank: grads.target_rank,
                     loss_per_mask: grads.loss_per_mask.clone(),
                     present: flat.present.clone(),
                     shard: flat.values[shard_range(len, peers, k)].to_vec(),
@@ -1314,6 +1316,8 @@ impl Trainer {
         let n_masks = grads.loss_per_mask.len();
         let loss = weighted_scalar(parts.iter().map(|p| (p.samples, p.loss)), samples);
         let target_std = weighted_scalar(parts.iter().map(|p| (p.samples, p.target_std)), samples);
+        let target_rank =
+            weighted_scalar(parts.iter().map(|p| (p.samples, p.target_rank)), samples);
         let loss_per_mask: Vec<f64> = (0..n_masks)
             .map(|i| {
                 weighted_scalar(
@@ -1348,6 +1352,7 @@ impl Trainer {
             .set_flat_gradients(&mut grads, &FlatGradients { values, present })?;
         grads.loss = loss;
         grads.target_std = target_std;
+        grads.target_rank = target_rank;
         grads.loss_per_mask = loss_per_mask;
         grads.samples = samples;
         grads.context_tokens = context_tokens;
@@ -1489,6 +1494,7 @@ fn finish_step(
         bytes_read: records.iter().map(|c| c.bytes_read).sum(),
         decode_s: records.iter().map(|c| c.decode_s).sum(),
         target_std: stats.target_std,
+        target_rank: stats.target_rank,
         params_digest,
     };
     shared.telemetry.items(Stage::Train, 1);
@@ -1502,6 +1508,7 @@ fn finish_step(
         encoder_grad_norm: stats.encoder_grad_norm,
         predictor_grad_norm: stats.predictor_grad_norm,
         target_std: stats.target_std,
+        target_rank: stats.target_rank,
         clips,
         tokens: clips as u64 * shared.tokens_per_clip,
         step_s: step_time.as_secs_f64(),

@@ -100,6 +100,8 @@ pub struct StepSample {
     pub predictor_grad_norm: f64,
     /// Collapse signal: std of the target features across the batch, mean over dims.
     pub target_std: f64,
+    /// Dimensional-collapse signal: effective rank of the target token features.
+    pub target_rank: f64,
     /// Clips in the batch.
     pub clips: usize,
     /// Tokens the encoder embedded (clips × patches per clip).
@@ -117,6 +119,7 @@ struct StepPoint {
     time_unix_ms: i64,
     loss: f64,
     target_std: f64,
+    target_rank: f64,
     clips_per_s: f64,
     tokens_per_s: f64,
     data_wait_share: f64,
@@ -154,6 +157,7 @@ pub struct Telemetry {
     ema_momentum: FloatGauge,
     grad_norm: Family<Labels, FloatGauge>,
     target_std: FloatGauge,
+    target_rank: FloatGauge,
     steps: Counter,
     clips: Counter,
     tokens: Counter,
@@ -199,6 +203,7 @@ impl Telemetry {
             ema_momentum: FloatGauge::default(),
             grad_norm: Family::default(),
             target_std: FloatGauge::default(),
+            target_rank: FloatGauge::default(),
             steps: Counter::default(),
             clips: Counter::default(),
             tokens: Counter::default(),
@@ -248,6 +253,7 @@ impl Telemetry {
             t.grad_norm.clone(),
         );
         r.register("target_std", "Collapse signal: std of the target encoder's features across the batch, mean over tokens and dims (near 0: collapse)", t.target_std.clone());
+        r.register("target_rank", "Dimensional-collapse signal: effective rank (participation ratio) of the target encoder's normalised token features in the last batch, between 1 and the width (near 1: collapse to one direction)", t.target_rank.clone());
         r.register(
             "steps",
             "Optimiser steps taken by this process",
@@ -460,6 +466,7 @@ impl Telemetry {
             .get_or_create(&vec![("module", "predictor".to_string())])
             .set(s.predictor_grad_norm);
         self.target_std.set(s.target_std);
+        self.target_rank.set(s.target_rank);
         self.steps.inc();
         self.clips.inc_by(s.clips as u64);
         self.tokens.inc_by(s.tokens);
@@ -493,6 +500,7 @@ impl Telemetry {
             time_unix_ms: now_us / 1000,
             loss: s.loss,
             target_std: s.target_std,
+            target_rank: s.target_rank,
             clips_per_s: cps,
             tokens_per_s: tps,
             data_wait_share: share,

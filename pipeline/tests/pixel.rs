@@ -70,6 +70,7 @@ fn pixel_objective_trains_resumes_and_extracts() {
         assert_eq!(r.ema_momentum, 0.0);
         assert!(r.encoder_grad_norm > 0.0 && r.predictor_grad_norm > 0.0);
         assert!(r.target_std.is_finite() && r.target_std > 0.0);
+        assert!(r.target_rank >= 1.0, "target_rank {}", r.target_rank);
     }
     let full = digest(&out.join("checkpoints/step-00000008.safetensors"));
 

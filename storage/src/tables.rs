@@ -66,6 +66,10 @@ pub struct MetricsRow {
     /// Collapse signal: std of the target encoder's (normalised) features across the batch,
     /// mean over tokens and dims (near 0: the representations collapsed).
     pub target_std: f64,
+    /// Effective rank (participation ratio) of the target encoder's normalised token features
+    /// (near 1: dimensional collapse, which `target_std` does not show). 0 in tables written
+    /// before the column existed.
+    pub target_rank: f64,
     /// Digest of the model's parameter bytes after the step (`VJepa::params_digest`): in
     /// data-parallel training every worker's digest equals this one (the job checks it).
     pub params_digest: u64,
@@ -136,6 +140,7 @@ pub fn metrics_schema() -> SchemaRef {
         Field::new("bytes_read", DataType::Int64, false),
         Field::new("decode_s", DataType::Float64, false),
         Field::new("target_std", DataType::Float64, false),
+        Field::new("target_rank", DataType::Float64, false),
         Field::new("params_digest", DataType::UInt64, false),
     ]))
 }
@@ -191,6 +196,7 @@ fn metrics_batch(rows: &[MetricsRow]) -> Result<RecordBatch, arrow::error::Arrow
     let mut br = Int64Builder::with_capacity(n);
     let mut ds = Float64Builder::with_capacity(n);
     let mut ts = Float64Builder::with_capacity(n);
+    let mut tr = Float64Builder::with_capacity(n);
     let mut pd = UInt64Builder::with_capacity(n);
     for r in rows {
         step.append_value(u64_to_i64(r.step));
@@ -214,6 +220,7 @@ fn metrics_batch(rows: &[MetricsRow]) -> Result<RecordBatch, arrow::error::Arrow
         br.append_value(u64_to_i64(r.bytes_read));
         ds.append_value(r.decode_s);
         ts.append_value(r.target_std);
+        tr.append_value(r.target_rank);
         pd.append_value(r.params_digest);
     }
     let columns: Vec<ArrayRef> = vec![
@@ -235,6 +242,7 @@ fn metrics_batch(rows: &[MetricsRow]) -> Result<RecordBatch, arrow::error::Arrow
         Arc::new(br.finish()),
         Arc::new(ds.finish()),
         Arc::new(ts.finish()),
+        Arc::new(tr.finish()),
         Arc::new(pd.finish()),
     ];
     RecordBatch::try_new(metrics_schema(), columns)
@@ -695,6 +703,11 @@ pub async fn read_metrics(store: &Store, rel: &str) -> Result<Vec<MetricsRow>, S
         let br = i64_col(u, &b, "bytes_read")?;
         let ds = f64_col(u, &b, "decode_s")?;
         let ts = f64_col(u, &b, "target_std")?;
+        // Tables from before the column existed read as 0.
+        let tr = match b.column_by_name("target_rank") {
+            Some(_) => f64_col(u, &b, "target_rank")?,
+            None => vec![0.0; b.num_rows()],
+        };
         let pd = u64_col(u, &b, "params_digest")?;
         let mut lpm = lpm.into_iter();
         let mut ctx = ctx.into_iter();
@@ -719,6 +732,7 @@ pub async fn read_metrics(store: &Store, rel: &str) -> Result<Vec<MetricsRow>, S
                 bytes_read: i64_to_u64(u, "bytes_read", br[i])?,
                 decode_s: ds[i],
                 target_std: ts[i],
+                target_rank: tr[i],
                 params_digest: pd[i],
             });
         }

@@ -28,6 +28,7 @@ fn row(step: u64) -> MetricsRow {
         bytes_read: 123_456,
         decode_s: 0.5,
         target_std: 0.25,
+        target_rank: 3.5,
         params_digest: 0xfedc_ba98_7654_3210 + step,
     }
 }

@@ -1,0 +1,112 @@
+//! Collapse signals over the (layer-normed) target features of a step, cheap enough for every
+//! step. Two kinds of collapse need two signals: every clip mapping to the same features
+//! ([`batch_std`] near 0), and *dimensional* collapse, where the features still differ across
+//! clips but only along a few directions ([`effective_rank`] near 1). Small V-JEPA runs show the
+//! second while the first stays healthy (README "Proof that it learns").
+
+use candle_core::{DType, Tensor};
+
+use crate::ModelError;
+
+/// Token rows [`effective_rank`] uses at most (evenly strided), so the `D×D` covariance costs
+/// `4096·D²` multiply-adds whatever the batch.
+pub const RANK_MAX_ROWS: usize = 4096;
+
+/// Population std over the batch axis of `[B, N, D]` features, then the mean over N and D
+/// (0 for a batch of one clip).
+pub fn batch_std(h: &Tensor) -> Result<Tensor, ModelError> {
+    let h = h.to_dtype(DType::F32)?;
+    let centred = h.broadcast_sub(&h.mean_keepdim(0)?)?;
+    Ok(centred.sqr()?.mean(0)?.sqrt()?.mean_all()?)
+}
+
+/// Participation ratio `(Σλ)² / Σλ²` of the eigenvalues λ of the covariance of the token
+/// features `[B, N, D]` (all tokens of all clips as rows): about `k` when the variance is spread
+/// evenly over `k` directions, between 1 and D. Computed as `tr(C)² / ‖C‖²_F`, so no
+/// eigendecomposition; 0 when the features do not vary at all.
+pub fn effective_rank(h: &Tensor) -> Result<f64, ModelError> {
+    let (b, n, d) = h.dims3()?;
+    let rows = b * n;
+    let x = h.to_dtype(DType::F32)?.reshape((rows, d))?;
+    let x = if rows > RANK_MAX_ROWS {
+        let step = rows.div_ceil(RANK_MAX_ROWS);
+        let idx = Tensor::arange_step(0u32, rows as u32, step as u32, h.device())?;
+        x.index_select(&idx, 0)?
+    } else {
+        x
+    };
+    let xc = x.broadcast_sub(&x.mean_keepdim(0)?)?;
+    let cov = xc.t()?.matmul(&xc)?;
+    let trace = xc
+        .sqr()?
+        .sum_all()?
+        .to_dtype(DType::F64)?
+        .to_scalar::<f64>()?;
+    let frob2 = cov
+        .sqr()?
+        .sum_all()?
+        .to_dtype(DType::F64)?
+        .to_scalar::<f64>()?;
+    Ok(if frob2 > 0.0 && trace.is_finite() {
+        trace * trace / frob2
+    } else {
+        0.0
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn features(rows: &[[f32; 4]]) -> Tensor {
+        let flat: Vec<f32> = rows.iter().flatten().copied().collect();
+        Tensor::from_vec(flat, (rows.len(), 4), &Device::Cpu)
+            .unwrap()
+            .reshape((1, rows.len(), 4))
+            .unwrap()
+    }
+
+    #[test]
+    fn rank_counts_directions_with_variance() {
+        // Variance along one axis only: rank 1.
+        let one = features(&[[1., 0., 0., 0.], [-1., 0., 0., 0.], [3., 0., 0., 0.]]);
+        assert!((effective_rank(&one).unwrap() - 1.0).abs() < 1e-6);
+        // Equal variance along two orthogonal axes: rank 2.
+        let two = features(&[
+            [1., 0., 0., 0.],
+            [-1., 0., 0., 0.],
+            [0., 1., 0., 0.],
+            [0., -1., 0., 0.],
+        ]);
+        assert!((effective_rank(&two).unwrap() - 2.0).abs() < 1e-6);
+        // Unequal variances λ = (4, 1)·c: (5²)/(16+1) ≈ 1.47.
+        let skew = features(&[
+            [2., 0., 0., 0.],
+            [-2., 0., 0., 0.],
+            [0., 1., 0., 0.],
+            [0., -1., 0., 0.],
+        ]);
+        assert!((effective_rank(&skew).unwrap() - 25.0 / 17.0).abs() < 1e-5);
+        // No variance at all.
+        let flat = features(&[[1., 2., 3., 4.], [1., 2., 3., 4.]]);
+        assert_eq!(effective_rank(&flat).unwrap(), 0.0);
+    }
+
+    #[test]
+    fn rank_of_isotropic_noise_is_near_the_dimension() {
+        let x = Tensor::randn(0f32, 1.0, (3, 3000, 16), &Device::Cpu).unwrap();
+        let r = effective_rank(&x).unwrap(); // 9000 rows: strided down to RANK_MAX_ROWS
+        assert!(r > 15.0 && r <= 16.0, "{r}");
+    }
+
+    #[test]
+    fn batch_std_is_zero_for_identical_clips() {
+        let a = features(&[[1., 2., 3., 4.], [0., 1., 0., 1.]]);
+        let same = Tensor::cat(&[&a, &a], 0).unwrap();
+        assert_eq!(batch_std(&same).unwrap().to_scalar::<f32>().unwrap(), 0.0);
+        let b = features(&[[3., 2., 3., 4.], [0., 1., 0., 1.]]);
+        let s = batch_std(&Tensor::cat(&[&a, &b], 0).unwrap()).unwrap();
+        assert!((s.to_scalar::<f32>().unwrap() - 1.0 / 8.0).abs() < 1e-6); // one of 8 entries differs by 2
+    }
+}
