@@ -1521,6 +1521,7 @@ fn finish_step(
             loss = format_args!("{:.5}", row.loss),
             lr = format_args!("{:.3e}", row.lr),
             wd = format_args!("{:.4}", row.weight_decay),
+            rank = format_args!("{:.2}", row.target_rank),
             ctx = ?row.context_tokens,
             tgt = ?row.target_tokens,
             step_s = format_args!("{:.3}", row.step_time_s),

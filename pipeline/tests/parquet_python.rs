@@ -102,4 +102,37 @@ fn outputs_read_in_pyarrow_pandas_and_duckdb_as_documented() {
     assert!(report.contains("features: 1 file(s), 4 rows"), "{report}");
     // The bad file may be found once in each run (the resumed run lists the catalog again).
     assert!(report.contains("quarantine: 2 file(s)"), "{report}");
+
+    // tools/feature_stats.py (collapse and layout statistics) reads the same tokens: 16 frames
+    // in tubelets of 2 make 8 time steps.
+    let stats = Command::new(&python)
+        .arg(repo_root().join("tools/feature_stats.py"))
+        .args(["--time-steps", "8"])
+        .arg(&features)
+        .output()
+        .expect("run tools/feature_stats.py");
+    let text = String::from_utf8_lossy(&stats.stdout).to_string();
+    assert!(
+        stats.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&stats.stderr)
+    );
+    let row: Vec<f64> = text
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .split('|')
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .skip(1)
+        .map(|c| c.parse().unwrap_or(f64::NAN))
+        .collect();
+    let [clips, dim, rank, clip, time, position] = row[..] else {
+        panic!("one row of 6 numbers expected: {text}");
+    };
+    assert_eq!((clips, dim), (4.0, 96.0), "{text}");
+    assert!((1.0..=dim).contains(&rank), "{text}");
+    for share in [clip, time, position] {
+        assert!((0.0..=1.0).contains(&share), "{text}");
+    }
 }
