@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """A small labelled video benchmark of motion classes, made from real photographs.
 
-    motion_bench.py OUT_DIR [--size 64] [--frames 64] [--clips-per-class 2] [--seed 0]
+    motion_bench.py OUT_DIR [--source photos|digits] [--size 64] [--frames 64]
+                    [--clips-per-class 2] [--seed 0]
 
 Each clip is a virtual camera moving over one photograph shipped in a PyPI package
 (scikit-image's sample images, scikit-learn's sample images), with one of eight motions:
@@ -10,6 +11,11 @@ of Something-Something's motion labels: the class is in how the content moves, n
 shows. Speeds, start positions and scales are drawn per clip from the seed. Clips are real
 H.264 MP4s (ffmpeg, yuv420p). The split is by source image: every image's clips are all in
 train or all in test, so a probe cannot pass by recognising the picture.
+
+`--source digits` moves the same camera over pages of scikit-learn's 1,797 handwritten digits
+instead (a new random page of 48 enlarged digits per clip, in the spirit of Moving MNIST), so
+the unlabelled pretraining clips do not repeat a handful of pictures; the digits are split
+between train and test as the images are.
 
 Writes OUT_DIR/{train,test}/*.mp4 and the official index format (`path label` per line, paths
 absolute) OUT_DIR/train.csv, OUT_DIR/test.csv, plus OUT_DIR/classes.txt.
@@ -79,6 +85,27 @@ def photographs():
             img = np.stack([img] * 3, axis=-1)
         result.append((name, img[..., :3]))
     return result
+
+
+def digit_images():
+    """scikit-learn's 1,797 handwritten digits (8×8, float32 in [0, 1])."""
+    from sklearn.datasets import load_digits
+
+    return load_digits().images.astype(np.float32) / 16.0
+
+
+def digit_canvas(digits, rng, side=192, count=48, scale=3):
+    """A float32 [side, side, 3] page of `count` digits drawn from `digits` (each enlarged
+    `scale`× with bilinear interpolation, random brightness, overlapping by max) on a dark
+    background: every clip gets its own page, so no two clips share their content."""
+    canvas = np.zeros((side, side), np.float32)
+    cell = 8 * scale
+    for i in rng.integers(0, len(digits), count):
+        glyph = ndimage.zoom(digits[i], scale, order=1) * rng.uniform(0.5, 1.0)
+        y, x = rng.integers(0, side - cell, 2)
+        canvas[y : y + cell, x : x + cell] = np.maximum(canvas[y : y + cell, x : x + cell], glyph)
+    tint = rng.uniform(0.6, 1.0, 3).astype(np.float32)
+    return np.clip(canvas[..., None] * tint + 0.05, 0.0, 1.0)
 
 
 def render(img, motion, size, frames, rng):
@@ -161,8 +188,18 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--test-every", type=int, default=4, help="every N-th image is a test image")
     p.add_argument("--max-images", type=int, default=0, help="use only the first N images (0: all)")
+    p.add_argument(
+        "--source",
+        choices=["photos", "digits"],
+        default="photos",
+        help="photos: camera motions over the packages' photographs, --clips-per-class per image "
+        "and class; digits: over pages of scikit-learn's handwritten digits, one new page per clip, "
+        "--clips-per-class × 15 train and × 5 test clips per class, the digits split like the images",
+    )
     a = p.parse_args()
     out = os.path.abspath(a.out)
+    if a.source == "digits":
+        return digits_main(a, out)
     images = photographs()
     if a.max_images:
         images = images[: a.max_images]
@@ -185,6 +222,37 @@ def main():
     print(
         f"{len(images)} images, {len(CLASSES)} classes: {len(rows['train'])} train clips, "
         f"{len(rows['test'])} test clips ({a.frames} frames, {a.size}x{a.size}) in {out}"
+    )
+
+
+def digits_main(a, out):
+    digits = digit_images()
+    index = np.arange(len(digits))
+    pools = {
+        "train": digits[index % a.test_every != a.test_every - 1],
+        "test": digits[index % a.test_every == a.test_every - 1],
+    }
+    per_class = {"train": 15 * a.clips_per_class, "test": 5 * a.clips_per_class}
+    rng = np.random.default_rng(a.seed)
+    rows = {"train": [], "test": []}
+    for split in ("train", "test"):
+        os.makedirs(os.path.join(out, split), exist_ok=True)
+        for label, motion in enumerate(CLASSES):
+            for k in range(per_class[split]):
+                page = digit_canvas(pools[split], rng)
+                frames = render(page, motion, a.size, a.frames, rng)
+                path = os.path.join(out, split, f"digits-{motion}-{k}.mp4")
+                encode(frames, path)
+                rows[split].append(f"{path} {label}")
+    for split, lines in rows.items():
+        with open(os.path.join(out, f"{split}.csv"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+    with open(os.path.join(out, "classes.txt"), "w") as f:
+        f.write("\n".join(CLASSES) + "\n")
+    print(
+        f"{len(pools['train'])} train / {len(pools['test'])} test digits, {len(CLASSES)} classes: "
+        f"{len(rows['train'])} train clips, {len(rows['test'])} test clips ({a.frames} frames, "
+        f"{a.size}x{a.size}) in {out}"
     )
 
 
