@@ -14,6 +14,32 @@ pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
+/// Labelled indexes (`path label` lines) over the videos of a [`make_corpus`] directory, labelled
+/// by container (`mp4` / `webm`): the first `train` videos in name order go to `dir/train.csv`,
+/// the rest to `dir/val.csv`. Returns (train, val).
+pub fn labelled_indexes(videos: &Path, dir: &Path, train: usize) -> (PathBuf, PathBuf) {
+    let mut names: Vec<String> = std::fs::read_dir(videos)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    names.sort();
+    assert!(
+        train < names.len(),
+        "{train} train videos of {}",
+        names.len()
+    );
+    let line = |n: &String| {
+        let label = if n.ends_with(".webm") { "webm" } else { "mp4" };
+        format!("{} {label}", videos.join(n).display())
+    };
+    let (train_names, val_names) = names.split_at(train);
+    let paths = (dir.join("train.csv"), dir.join("val.csv"));
+    for (path, part) in [(&paths.0, train_names), (&paths.1, val_names)] {
+        std::fs::write(path, part.iter().map(line).collect::<Vec<_>>().join("\n")).unwrap();
+    }
+    paths
+}
+
 /// Writes `count` real encoded videos (H.264/MP4 and VP9/WebM) into `dir`.
 pub fn make_corpus(dir: &Path, count: usize) {
     let out = Command::new(bin())

@@ -24,24 +24,8 @@ fn pretrain_then_finetune_writes_its_artifacts() {
     assert_ok(&run_train(&config, &[], &[]));
     let checkpoint = out.join("checkpoints/step-00000002.safetensors");
 
-    let mut names: Vec<String> = std::fs::read_dir(&videos)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
-        .collect();
-    names.sort();
     // Label = container (mp4 vs webm); 5 train videos, 3 validation videos.
-    let line = |n: &String| {
-        let label = if n.ends_with(".webm") { "webm" } else { "mp4" };
-        format!("{} {label}", videos.join(n).display())
-    };
-    let (train, val) = names.split_at(5);
-    let train_csv = tmp.path().join("train.csv");
-    let val_csv = tmp.path().join("val.csv");
-    let write = |path: &std::path::Path, names: &[String]| {
-        std::fs::write(path, names.iter().map(line).collect::<Vec<_>>().join("\n")).unwrap()
-    };
-    write(&train_csv, train);
-    write(&val_csv, val);
+    let (train_csv, val_csv) = labelled_indexes(&videos, tmp.path(), 5);
 
     let dir = tmp.path().join("ft");
     let run = Command::new(bin())

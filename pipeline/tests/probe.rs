@@ -24,29 +24,8 @@ fn pretrain_then_probe_writes_its_artifacts() {
     assert_ok(&run_train(&config, &[], &[]));
     let checkpoint = out.join("checkpoints/step-00000004.safetensors");
 
-    let mut names: Vec<String> = std::fs::read_dir(&videos)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
-        .collect();
-    names.sort();
     // Label = container (mp4 vs webm); 6 train videos, 2 validation videos.
-    let line = |n: &String| {
-        let label = if n.ends_with(".webm") { "webm" } else { "mp4" };
-        format!("{} {label}", videos.join(n).display())
-    };
-    let (train, val) = names.split_at(6);
-    let train_csv = tmp.path().join("train.csv");
-    let val_csv = tmp.path().join("val.csv");
-    std::fs::write(
-        &train_csv,
-        train.iter().map(line).collect::<Vec<_>>().join("\n"),
-    )
-    .unwrap();
-    std::fs::write(
-        &val_csv,
-        val.iter().map(line).collect::<Vec<_>>().join("\n"),
-    )
-    .unwrap();
+    let (train_csv, val_csv) = labelled_indexes(&videos, tmp.path(), 6);
 
     let probe_dir = tmp.path().join("probe");
     let run = Command::new(bin())
@@ -146,9 +125,10 @@ fn pretrain_then_probe_writes_its_artifacts() {
         .unwrap();
     assert_ok(&low);
     let stdout = String::from_utf8_lossy(&low.stdout);
-    let webm = train.iter().filter(|n| n.ends_with(".webm")).count();
+    let train = std::fs::read_to_string(&train_csv).unwrap();
+    let webm = train.lines().filter(|l| l.ends_with(" webm")).count();
     let keep = |c: usize| ((c as f64) * 0.3).ceil() as usize;
-    let expected = keep(webm) + keep(train.len() - webm);
+    let expected = keep(webm) + keep(train.lines().count() - webm);
     assert!(
         stdout.contains(&format!("; {expected} train videos, 2 classes")),
         "{stdout}"
