@@ -12,12 +12,33 @@ use crate::ModelError;
 /// `4096·D²` multiply-adds whatever the batch.
 pub const RANK_MAX_ROWS: usize = 4096;
 
+/// Both collapse signals of one step's target features, as the step reports them.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Signals {
+    /// [`batch_std`].
+    pub std: f64,
+    /// [`effective_rank`].
+    pub rank: f64,
+}
+
+/// [`batch_std`] and [`effective_rank`] of `[B, N, D]` features with one device-to-host copy
+/// (this runs every training step).
+pub fn signals(h: &Tensor) -> Result<Signals, ModelError> {
+    let std = std_tensor(h)?;
+    let (trace, frob2) = rank_terms(h)?;
+    let v = Tensor::stack(&[std, trace, frob2], 0)?
+        .to_dtype(DType::F64)?
+        .to_vec1::<f64>()?;
+    Ok(Signals {
+        std: v[0],
+        rank: participation_ratio(v[1], v[2]),
+    })
+}
+
 /// Population std over the batch axis of `[B, N, D]` features, then the mean over N and D
 /// (0 for a batch of one clip).
-pub fn batch_std(h: &Tensor) -> Result<Tensor, ModelError> {
-    let h = h.to_dtype(DType::F32)?;
-    let centred = h.broadcast_sub(&h.mean_keepdim(0)?)?;
-    Ok(centred.sqr()?.mean(0)?.sqrt()?.mean_all()?)
+pub fn batch_std(h: &Tensor) -> Result<f64, ModelError> {
+    Ok(std_tensor(h)?.to_dtype(DType::F64)?.to_scalar::<f64>()?)
 }
 
 /// Participation ratio `(Σλ)² / Σλ²` of the eigenvalues λ of the covariance of the token
@@ -25,6 +46,22 @@ pub fn batch_std(h: &Tensor) -> Result<Tensor, ModelError> {
 /// evenly over `k` directions, between 1 and D. Computed as `tr(C)² / ‖C‖²_F`, so no
 /// eigendecomposition; 0 when the features do not vary at all.
 pub fn effective_rank(h: &Tensor) -> Result<f64, ModelError> {
+    let (trace, frob2) = rank_terms(h)?;
+    let v = Tensor::stack(&[trace, frob2], 0)?
+        .to_dtype(DType::F64)?
+        .to_vec1::<f64>()?;
+    Ok(participation_ratio(v[0], v[1]))
+}
+
+fn std_tensor(h: &Tensor) -> Result<Tensor, ModelError> {
+    let h = h.to_dtype(DType::F32)?;
+    let centred = h.broadcast_sub(&h.mean_keepdim(0)?)?;
+    Ok(centred.sqr()?.mean(0)?.sqrt()?.mean_all()?)
+}
+
+/// (tr C, ‖C‖²_F) of the covariance C of at most [`RANK_MAX_ROWS`] strided token rows, unscaled
+/// (the ratio does not depend on the scale).
+fn rank_terms(h: &Tensor) -> Result<(Tensor, Tensor), ModelError> {
     let (b, n, d) = h.dims3()?;
     let rows = b * n;
     let x = h.to_dtype(DType::F32)?.reshape((rows, d))?;
@@ -37,21 +74,15 @@ pub fn effective_rank(h: &Tensor) -> Result<f64, ModelError> {
     };
     let xc = x.broadcast_sub(&x.mean_keepdim(0)?)?;
     let cov = xc.t()?.matmul(&xc)?;
-    let trace = xc
-        .sqr()?
-        .sum_all()?
-        .to_dtype(DType::F64)?
-        .to_scalar::<f64>()?;
-    let frob2 = cov
-        .sqr()?
-        .sum_all()?
-        .to_dtype(DType::F64)?
-        .to_scalar::<f64>()?;
-    Ok(if frob2 > 0.0 && trace.is_finite() {
+    Ok((xc.sqr()?.sum_all()?, cov.sqr()?.sum_all()?))
+}
+
+fn participation_ratio(trace: f64, frob2: f64) -> f64 {
+    if frob2 > 0.0 && trace.is_finite() {
         trace * trace / frob2
     } else {
         0.0
-    })
+    }
 }
 
 #[cfg(test)]
@@ -101,12 +132,21 @@ mod tests {
     }
 
     #[test]
+    fn signals_are_both_statistics() {
+        let x = Tensor::randn(0f32, 1.0, (4, 50, 8), &Device::Cpu).unwrap();
+        let s = signals(&x).unwrap();
+        assert!((s.std - batch_std(&x).unwrap()).abs() < 1e-9, "{s:?}");
+        assert!((s.rank - effective_rank(&x).unwrap()).abs() < 1e-9, "{s:?}");
+        assert!(s.std > 0.5 && s.rank > 6.0, "{s:?}");
+    }
+
+    #[test]
     fn batch_std_is_zero_for_identical_clips() {
         let a = features(&[[1., 2., 3., 4.], [0., 1., 0., 1.]]);
         let same = Tensor::cat(&[&a, &a], 0).unwrap();
-        assert_eq!(batch_std(&same).unwrap().to_scalar::<f32>().unwrap(), 0.0);
+        assert_eq!(batch_std(&same).unwrap(), 0.0);
         let b = features(&[[3., 2., 3., 4.], [0., 1., 0., 1.]]);
         let s = batch_std(&Tensor::cat(&[&a, &b], 0).unwrap()).unwrap();
-        assert!((s.to_scalar::<f32>().unwrap() - 1.0 / 8.0).abs() < 1e-6); // one of 8 entries differs by 2
+        assert!((s - 1.0 / 8.0).abs() < 1e-6); // one of 8 entries differs by 2
     }
 }

@@ -136,11 +136,7 @@ impl VJepa {
             context.push(z.detach());
             targets.push(tgt.gather(&h)?);
         }
-        let (mut total, per) = loss::jepa_loss(&predictions, &targets, self.optim_cfg.loss_exp)?;
-        if self.optim_cfg.reg_coeff > 0.0 {
-            let reg = loss::variance_regulariser(&predictions)?.to_dtype(total.dtype())?;
-            total = (total + (reg * self.optim_cfg.reg_coeff)?)?;
-        }
+        let (total, per) = loss::jepa_loss(&predictions, &targets, &self.optim_cfg)?;
         Ok(ForwardDetail {
             target_features,
             context,

@@ -512,11 +512,7 @@ impl VJepa {
             preds.push(self.predictor.forward(&z, ctx, tgt, i)?);
             targets.push(tgt.gather(&h)?);
         }
-        let (mut loss, per_mask) = loss::jepa_loss(&preds, &targets, self.optim_cfg.loss_exp)?;
-        if self.optim_cfg.reg_coeff > 0.0 {
-            let reg = loss::variance_regulariser(&preds)?.to_dtype(loss.dtype())?;
-            loss = (loss + (reg * self.optim_cfg.reg_coeff)?)?;
-        }
+        let (loss, per_mask) = loss::jepa_loss(&preds, &targets, &self.optim_cfg)?;
         Ok((loss, per_mask, h, pooled))
     }
 
@@ -541,8 +537,7 @@ impl VJepa {
         let (clips, b) = self.prepare_clips(&batch.clips)?;
         let masks = self.mask_indices(batch, b)?;
         let (loss, per_mask, h, pooled) = self.forward_loss_stats(&clips, &masks)?;
-        let target_std = collapse::batch_std(&h)?;
-        let target_rank = collapse::effective_rank(&h)?;
+        let collapse = collapse::signals(&h)?;
         let loss_value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         if !loss_value.is_finite() {
             return Err(ModelError::NonFiniteLoss {
@@ -562,8 +557,8 @@ impl VJepa {
             samples: b,
             context_tokens: masks.iter().map(|(c, _)| c.len()).collect(),
             target_tokens: masks.iter().map(|(_, t)| t.len()).collect(),
-            target_std: target_std.to_dtype(DType::F64)?.to_scalar::<f64>()?,
-            target_rank,
+            target_std: collapse.std,
+            target_rank: collapse.rank,
             target_embeddings: pooled.to_vec2::<f32>()?,
         })
     }

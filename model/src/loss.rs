@@ -2,8 +2,8 @@
 
 use candle_core::Tensor;
 
-use crate::ModelError;
 use crate::kernels;
+use crate::{ModelError, OptimConfig};
 
 /// eps of the non-affine LayerNorm applied to target features (torch default, not the model's 1e-6).
 pub const TARGET_LN_EPS: f64 = 1e-5;
@@ -31,11 +31,12 @@ pub fn mask_loss(pred: &Tensor, target: &Tensor, loss_exp: f64) -> Result<Tensor
     Ok(d.mean_all()?)
 }
 
-/// Unweighted mean over mask configs of the per-mask losses; returns (total, per-mask).
+/// Unweighted mean over mask configs of the per-mask losses (`cfg.loss_exp`), plus
+/// `cfg.reg_coeff` × [`variance_regulariser`] when that is above 0; returns (total, per-mask).
 pub fn jepa_loss(
     preds: &[Tensor],
     targets: &[Tensor],
-    loss_exp: f64,
+    cfg: &OptimConfig,
 ) -> Result<(Tensor, Vec<Tensor>), ModelError> {
     if preds.is_empty() || preds.len() != targets.len() {
         return Err(ModelError::Input(format!(
@@ -47,9 +48,13 @@ pub fn jepa_loss(
     let per = preds
         .iter()
         .zip(targets)
-        .map(|(p, h)| mask_loss(p, h, loss_exp))
+        .map(|(p, h)| mask_loss(p, h, cfg.loss_exp))
         .collect::<Result<Vec<_>, _>>()?;
-    let total = (Tensor::stack(&per, 0)?.sum_all()? / per.len() as f64)?;
+    let mut total = (Tensor::stack(&per, 0)?.sum_all()? / per.len() as f64)?;
+    if cfg.reg_coeff > 0.0 {
+        let reg = variance_regulariser(preds)?.to_dtype(total.dtype())?;
+        total = (total + (reg * cfg.reg_coeff)?)?;
+    }
     Ok((total, per))
 }
 
@@ -58,27 +63,22 @@ pub fn jepa_loss(
 /// the mask configs; then `mean(relu(1 - σ))`. Zero once every dim of every sample's predictions
 /// varies across its tokens with std ≥ 1, so it only pushes against collapsed predictions.
 pub fn variance_regulariser(preds: &[Tensor]) -> Result<Tensor, ModelError> {
-    let Some(first) = preds.first() else {
+    if preds.is_empty() {
         return Err(ModelError::Input("no predictions".into()));
-    };
-    let mut sum: Option<Tensor> = None;
-    for p in preds {
-        let (_, n, _) = p.dims3()?;
-        if n < 2 {
-            return Err(ModelError::Input(format!(
-                "the variance regulariser needs ≥ 2 predicted tokens per sample, got {n}"
-            )));
-        }
-        let std = (p.var_keepdim(1)?.squeeze(1)? + 1e-4)?.sqrt()?;
-        sum = Some(match sum {
-            None => std,
-            Some(s) => (s + std)?,
-        });
     }
-    let sigma = match sum {
-        Some(s) => (s / preds.len() as f64)?,
-        None => first.zeros_like()?,
-    };
+    let stds = preds
+        .iter()
+        .map(|p| {
+            let (_, n, _) = p.dims3()?;
+            if n < 2 {
+                return Err(ModelError::Input(format!(
+                    "the variance regulariser needs ≥ 2 predicted tokens per sample, got {n}"
+                )));
+            }
+            Ok((p.var_keepdim(1)?.squeeze(1)? + 1e-4)?.sqrt()?)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let sigma = Tensor::stack(&stds, 0)?.mean(0)?;
     Ok(sigma.affine(-1.0, 1.0)?.relu()?.mean_all()?)
 }
 
@@ -94,9 +94,27 @@ mod tests {
         let h0 = Tensor::new(&[[[0f32, 0.]]], &dev).unwrap(); // mean 1.5
         let p1 = Tensor::new(&[[[1f32], [1.]]], &dev).unwrap();
         let h1 = Tensor::new(&[[[0f32], [2.]]], &dev).unwrap(); // mean 1.0
-        let (t, per) = jepa_loss(&[p0.clone(), p1], &[h0.clone(), h1], 1.0).unwrap();
+        let cfg = OptimConfig::official(10, 1, 0, 1.0);
+        let (t, per) = jepa_loss(&[p0.clone(), p1], &[h0.clone(), h1], &cfg).unwrap();
         assert_eq!(t.to_scalar::<f32>().unwrap(), 1.25);
         assert_eq!(per[0].to_scalar::<f32>().unwrap(), 1.5);
+        // With the regulariser the total grows by reg_coeff × r; the per-mask losses do not.
+        let q0 = Tensor::new(&[[[0f32, 1.], [2., 1.]]], &dev).unwrap(); // mean |q| 1
+        let q1 = Tensor::new(&[[[1f32, 0.], [1., 3.], [1., 0.]]], &dev).unwrap(); // mean |q| 1
+        let zeros = [q0.zeros_like().unwrap(), q1.zeros_like().unwrap()];
+        let reg = OptimConfig {
+            reg_coeff: 0.5,
+            ..cfg
+        };
+        let preds = [q0, q1];
+        let (t2, per2) = jepa_loss(&preds, &zeros, &reg).unwrap();
+        let r = variance_regulariser(&preds)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(r > 0.0);
+        assert!((t2.to_scalar::<f32>().unwrap() - (1.0 + 0.5 * r)).abs() < 1e-6);
+        assert_eq!(per2[0].to_scalar::<f32>().unwrap(), 1.0);
         let sq = mask_loss(&p0, &h0, 2.0)
             .unwrap()
             .to_scalar::<f32>()

@@ -291,6 +291,7 @@ impl PixelMae {
     /// outputs (no target encoder exists).
     pub fn compute_gradients(&self, batch: &TrainBatch) -> Result<Gradients, ModelError> {
         let (loss, visible, masked, h) = self.forward_loss(batch)?;
+        let collapse = crate::collapse::signals(&h)?;
         let loss_value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         if !loss_value.is_finite() {
             return Err(ModelError::NonFiniteLoss {
@@ -306,10 +307,8 @@ impl PixelMae {
             samples: batch.clips.dim(0)?,
             context_tokens: vec![visible],
             target_tokens: vec![masked],
-            target_std: crate::collapse::batch_std(&h)?
-                .to_dtype(DType::F64)?
-                .to_scalar::<f64>()?,
-            target_rank: crate::collapse::effective_rank(&h)?,
+            target_std: collapse.std,
+            target_rank: collapse.rank,
             // No target encoder: `outputs.features` is refused for this objective.
             target_embeddings: Vec::new(),
         })
