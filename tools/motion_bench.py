@@ -179,6 +179,24 @@ def encode(frames, path, fps=30):
     subprocess.run(cmd, input=frames.tobytes(), check=True)
 
 
+def add_clip(rows, out, split, stem, img, motion, label, a, rng):
+    """Renders one clip of `motion` over `img`, encodes it to OUT/split/stem.mp4 and records its
+    index line."""
+    os.makedirs(os.path.join(out, split), exist_ok=True)
+    path = os.path.join(out, split, f"{stem}.mp4")
+    encode(render(img, motion, a.size, a.frames, rng), path)
+    rows[split].append(f"{path} {label}")
+
+
+def write_indexes(out, rows):
+    """OUT/{train,test}.csv (`path label` lines) and OUT/classes.txt."""
+    for split, lines in rows.items():
+        with open(os.path.join(out, f"{split}.csv"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+    with open(os.path.join(out, "classes.txt"), "w") as f:
+        f.write("\n".join(CLASSES) + "\n")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out")
@@ -207,18 +225,10 @@ def main():
     rows = {"train": [], "test": []}
     for i, (name, img) in enumerate(images):
         split = "test" if i % a.test_every == a.test_every - 1 else "train"
-        os.makedirs(os.path.join(out, split), exist_ok=True)
         for label, motion in enumerate(CLASSES):
             for k in range(a.clips_per_class):
-                frames = render(img, motion, a.size, a.frames, rng)
-                path = os.path.join(out, split, f"{name}-{motion}-{k}.mp4")
-                encode(frames, path)
-                rows[split].append(f"{path} {label}")
-    for split, lines in rows.items():
-        with open(os.path.join(out, f"{split}.csv"), "w") as f:
-            f.write("\n".join(lines) + "\n")
-    with open(os.path.join(out, "classes.txt"), "w") as f:
-        f.write("\n".join(CLASSES) + "\n")
+                add_clip(rows, out, split, f"{name}-{motion}-{k}", img, motion, label, a, rng)
+    write_indexes(out, rows)
     print(
         f"{len(images)} images, {len(CLASSES)} classes: {len(rows['train'])} train clips, "
         f"{len(rows['test'])} test clips ({a.frames} frames, {a.size}x{a.size}) in {out}"
@@ -236,19 +246,11 @@ def digits_main(a, out):
     rng = np.random.default_rng(a.seed)
     rows = {"train": [], "test": []}
     for split in ("train", "test"):
-        os.makedirs(os.path.join(out, split), exist_ok=True)
         for label, motion in enumerate(CLASSES):
             for k in range(per_class[split]):
                 page = digit_canvas(pools[split], rng)
-                frames = render(page, motion, a.size, a.frames, rng)
-                path = os.path.join(out, split, f"digits-{motion}-{k}.mp4")
-                encode(frames, path)
-                rows[split].append(f"{path} {label}")
-    for split, lines in rows.items():
-        with open(os.path.join(out, f"{split}.csv"), "w") as f:
-            f.write("\n".join(lines) + "\n")
-    with open(os.path.join(out, "classes.txt"), "w") as f:
-        f.write("\n".join(CLASSES) + "\n")
+                add_clip(rows, out, split, f"digits-{motion}-{k}", page, motion, label, a, rng)
+    write_indexes(out, rows)
     print(
         f"{len(pools['train'])} train / {len(pools['test'])} test digits, {len(CLASSES)} classes: "
         f"{len(rows['train'])} train clips, {len(rows['test'])} test clips ({a.frames} frames, "
