@@ -7,7 +7,8 @@
 # the train labels; prints the top-1 table and writes it to OUT/results.md.
 #   bench/motion_probe.sh [STEPS]          (default 600 pretraining steps, batch 8)
 # Environment: OUT (target/motion-probe), PROBE_EPOCHS (200), PROBE_LR (0.003), VIEWS (3),
-# SEEDS (probe seeds, averaged; "0"), CLIPS_PER_CLASS (benchmark size, 2).
+# SEEDS (probe seeds, averaged; "0"), CLIPS_PER_CLASS (benchmark size, 2), SOURCE (photos, or
+# digits: motion_bench.py --source digits; give it its own OUT).
 # Everything (data, configs, checkpoints, probes) lives in OUT; the data is made once.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,7 +29,7 @@ mkdir -p "$OUT"
 DATA="$OUT/data"
 if [ ! -f "$DATA/test.csv" ]; then
   PY="$(ops/motion-venv.sh)"
-  "$PY" tools/motion_bench.py "$DATA" --clips-per-class "${CLIPS_PER_CLASS:-2}"
+  "$PY" tools/motion_bench.py "$DATA" --source "${SOURCE:-photos}" --clips-per-class "${CLIPS_PER_CLASS:-2}"
 fi
 
 # The quickstart model (ViT D 96, depth 4) at 64 px with 8-px patches (8×8×8 = 512 tokens),
