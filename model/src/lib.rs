@@ -166,7 +166,7 @@ pub struct Gradients {
     pub target_rank: f64,
     /// Per sample (batch order), the target encoder's output averaged over tokens (before the
     /// loss LayerNorm): the clip's embedding, as `vjepa extract` gives it, free from the target
-    /// pass the loss needs anyway.
+    /// pass the loss needs anyway. Empty unless asked for ([`VJepa::set_pool_features`]).
     pub target_embeddings: Vec<Vec<f32>>,
 }
 
@@ -263,6 +263,10 @@ pub struct VJepa {
     opt: AdamW,
     num_encoder_params: usize,
     steps_done: u64,
+    /// Whether [`Self::compute_gradients`] returns the mean-pooled target features (off by
+    /// default: pooling and copying them to the host every step is wasted work, and on a GPU a
+    /// host synchronisation, unless a run writes `features.parquet`).
+    pool_features: bool,
 }
 
 impl VJepa {
@@ -380,7 +384,14 @@ impl VJepa {
             opt,
             num_encoder_params,
             steps_done,
+            pool_features: false,
         })
+    }
+
+    /// Makes [`Self::compute_gradients`] fill [`Gradients::target_embeddings`] (the target
+    /// encoder's mean-pooled feature of each clip), which it leaves empty by default.
+    pub fn set_pool_features(&mut self, on: bool) {
+        self.pool_features = on;
     }
 
     /// Steps taken so far (the next step is `steps_done() + 1`).
@@ -487,21 +498,26 @@ impl VJepa {
         clips: &Tensor,
         masks: &[(TokenIndex, TokenIndex)],
     ) -> Result<(Tensor, Vec<Tensor>), ModelError> {
-        let (loss, per_mask, _, _) = self.forward_loss_stats(clips, masks)?;
+        let (loss, per_mask, _, _) = self.forward_loss_stats(clips, masks, false)?;
         Ok((loss, per_mask))
     }
 
     /// [`Self::forward_loss`] plus the normalised target features `[B, N, D]` (for the collapse
-    /// signals) and the mean-pooled target features `[B, D]`, from the target pass the loss
-    /// needs anyway.
+    /// signals) and, with `pool`, the mean-pooled target features `[B, D]`, from the target
+    /// pass the loss needs anyway.
     fn forward_loss_stats(
         &self,
         clips: &Tensor,
         masks: &[(TokenIndex, TokenIndex)],
-    ) -> Result<(Tensor, Vec<Tensor>, Tensor, Tensor), ModelError> {
+        pool: bool,
+    ) -> Result<(Tensor, Vec<Tensor>, Tensor, Option<Tensor>), ModelError> {
         // Target branch: plain (non-Var) weights, so no graph is recorded.
         let raw = self.target.forward(clips, None)?.detach();
-        let pooled = raw.to_dtype(DType::F32)?.mean(1)?;
+        let pooled = if pool {
+            Some(raw.to_dtype(DType::F32)?.mean(1)?)
+        } else {
+            None
+        };
         let h = loss::normalize_targets(&raw)?.detach();
         // The patch embedding is identical for both context passes: compute it once.
         let tokens = self.encoder.embed(clips)?;
@@ -536,7 +552,8 @@ impl VJepa {
     pub fn compute_gradients(&self, batch: &TrainBatch) -> Result<Gradients, ModelError> {
         let (clips, b) = self.prepare_clips(&batch.clips)?;
         let masks = self.mask_indices(batch, b)?;
-        let (loss, per_mask, h, pooled) = self.forward_loss_stats(&clips, &masks)?;
+        let (loss, per_mask, h, pooled) =
+            self.forward_loss_stats(&clips, &masks, self.pool_features)?;
         let collapse = collapse::signals(&h)?;
         let loss_value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         if !loss_value.is_finite() {
@@ -559,7 +576,10 @@ impl VJepa {
             target_tokens: masks.iter().map(|(_, t)| t.len()).collect(),
             target_std: collapse.std,
             target_rank: collapse.rank,
-            target_embeddings: pooled.to_vec2::<f32>()?,
+            target_embeddings: match pooled {
+                Some(p) => p.to_vec2::<f32>()?,
+                None => Vec::new(),
+            },
         })
     }
 

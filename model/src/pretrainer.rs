@@ -100,6 +100,14 @@ impl Pretrainer {
         }
     }
 
+    /// See [`VJepa::set_pool_features`]; the pixel objective has no target encoder, so its
+    /// gradients never carry features (a config asking for them is refused).
+    pub fn set_pool_features(&mut self, on: bool) {
+        if let Pretrainer::VJepa(m) = self {
+            m.set_pool_features(on);
+        }
+    }
+
     /// See [`VJepa::compute_gradients`] / [`PixelMae::compute_gradients`].
     pub fn compute_gradients(&self, batch: &TrainBatch) -> Result<Gradients, ModelError> {
         each!(self, m => m.compute_gradients(batch))

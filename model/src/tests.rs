@@ -967,6 +967,34 @@ fn target_std_detects_identical_features() {
     assert!(s.target_std.abs() < 1e-6, "{}", s.target_std);
 }
 
+/// The training step's clip embeddings are off by default and, when asked for, are the target
+/// encoder's features mean-pooled over tokens; asking changes nothing else of the step.
+#[test]
+fn pooled_target_features_only_when_asked() {
+    let batch = tiny_batch();
+    let plain = tiny_model(3);
+    let g = plain.compute_gradients(&batch).unwrap();
+    assert!(g.target_embeddings.is_empty());
+
+    let mut pooled = tiny_model(3);
+    pooled.set_pool_features(true);
+    let gp = pooled.compute_gradients(&batch).unwrap();
+    let expected = pooled
+        .target_features(&batch.clips)
+        .unwrap()
+        .mean(1)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    assert_eq!(gp.target_embeddings.len(), 2);
+    assert_eq!(gp.target_embeddings, expected);
+    assert_eq!(
+        plain.flatten_gradients(&g).unwrap(),
+        pooled.flatten_gradients(&gp).unwrap()
+    );
+    assert_eq!(g.loss, gp.loss);
+}
+
 /// Rows `rows` of a batch (clips and every mask), as one worker's share of it.
 fn batch_rows(batch: &TrainBatch, rows: std::ops::Range<usize>) -> TrainBatch {
     let n = rows.len();

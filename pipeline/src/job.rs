@@ -862,10 +862,11 @@ fn run_worker_inner(
         }
     }
     let total = setup.total;
-    let model = match &shared.resumed {
+    let mut model = match &shared.resumed {
         Some(bytes) => Pretrainer::from_safetensors(bytes, &Device::Cpu)?,
         None => fresh_model(&cfg, setup.ipe)?,
     };
+    model.set_pool_features(cfg.raw.outputs.features);
     // Every replica starts bit-identical (same seed, or the same checkpoint).
     check_digests(worker, &mut collective, &model, shared.first_step, shared)?;
     if index == 0 {
