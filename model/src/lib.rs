@@ -13,6 +13,7 @@
 mod checkpoint;
 pub mod collapse;
 pub mod config;
+pub mod device;
 pub mod finetune;
 mod introspect;
 pub mod kernels;
@@ -38,6 +39,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{debug, info};
 
 pub use config::{EncoderConfig, Objective, OptimConfig, PixelConfig, PredictorConfig};
+pub use device::ComputeDevice;
 pub use introspect::ForwardDetail;
 use optim::{AdamW, OptParam, ParamGroup};
 use params::{InitRng, ParamMap, ParamSpec};
@@ -267,6 +269,9 @@ pub struct VJepa {
     /// default: pooling and copying them to the host every step is wasted work, and on a GPU a
     /// host synchronisation, unless a run writes `features.parquet`).
     pool_features: bool,
+    /// dtype of the training forward/backward ([`Self::set_compute_dtype`]); the weights, their
+    /// gradients and the optimiser stay f32.
+    compute_dtype: DType,
 }
 
 impl VJepa {
@@ -385,7 +390,67 @@ impl VJepa {
             num_encoder_params,
             steps_done,
             pool_features: false,
+            compute_dtype: DType::F32,
         })
+    }
+
+    /// Mixed precision: with `BF16`, each training step runs the three networks on bf16 copies
+    /// of the f32 weights (cast once per step, inside the graph, so gradients arrive in f32 on
+    /// the master weights), with bf16 activations and fp32 math inside the kernels — what
+    /// torch's bf16 autocast does in the official trainer. The targets' LayerNorm, the loss, the
+    /// gradient norms, AdamW and the EMA stay f32. `F32` (the default) is the exact path.
+    pub fn set_compute_dtype(&mut self, dtype: DType) -> Result<(), ModelError> {
+        match dtype {
+            DType::F32 | DType::BF16 => {
+                self.compute_dtype = dtype;
+                Ok(())
+            }
+            other => Err(ModelError::Unsupported(format!(
+                "compute dtype {other:?} (f32 or bf16)"
+            ))),
+        }
+    }
+
+    /// The dtype training steps compute in.
+    pub fn compute_dtype(&self) -> DType {
+        self.compute_dtype
+    }
+
+    /// The encoder, predictor and target encoder on `dtype` copies of their weights: the
+    /// trainable ones cast from their Vars (so backward reaches the f32 Vars), the target's
+    /// without a graph.
+    fn cast_networks(&self, dtype: DType) -> Result<(Encoder, Predictor, Encoder), ModelError> {
+        let mut enc = ParamMap::new();
+        let mut pred = ParamMap::new();
+        for p in self.opt.params() {
+            let t = p.var.as_tensor().to_dtype(dtype)?;
+            if let Some(name) = p.name.strip_prefix("encoder.") {
+                enc.insert(name, t);
+            } else if let Some(name) = p.name.strip_prefix("predictor.") {
+                pred.insert(name, t);
+            }
+        }
+        let mut tgt = ParamMap::new();
+        for (name, t) in &self.target_params {
+            tgt.insert(name.clone(), t.to_dtype(dtype)?);
+        }
+        let encoder = Encoder::load(
+            &self.enc_cfg,
+            &enc,
+            self.encoder.pos_embed().to_dtype(dtype)?,
+        )?;
+        let predictor = Predictor::load(
+            &self.enc_cfg,
+            &self.pred_cfg,
+            &pred,
+            self.predictor.pos_embed().to_dtype(dtype)?,
+        )?;
+        let target = Encoder::load(
+            &self.enc_cfg,
+            &tgt,
+            self.target.pos_embed().to_dtype(dtype)?,
+        )?;
+        Ok((encoder, predictor, target))
     }
 
     /// Makes [`Self::compute_gradients`] fill [`Gradients::target_embeddings`] (the target
@@ -511,21 +576,33 @@ impl VJepa {
         masks: &[(TokenIndex, TokenIndex)],
         pool: bool,
     ) -> Result<(Tensor, Vec<Tensor>, Tensor, Option<Tensor>), ModelError> {
-        // Target branch: plain (non-Var) weights, so no graph is recorded.
-        let raw = self.target.forward(clips, None)?.detach();
-        let pooled = if pool {
-            Some(raw.to_dtype(DType::F32)?.mean(1)?)
+        let cast;
+        let (encoder, predictor, target, clips) = if self.compute_dtype == DType::F32 {
+            (&self.encoder, &self.predictor, &self.target, clips.clone())
         } else {
-            None
+            cast = self.cast_networks(self.compute_dtype)?;
+            (
+                &cast.0,
+                &cast.1,
+                &cast.2,
+                clips.to_dtype(self.compute_dtype)?,
+            )
         };
+        // Target branch: plain (non-Var) weights, so no graph is recorded. Its features are
+        // normalised in f32 whatever the compute dtype, as the loss is taken.
+        let raw = target
+            .forward(&clips, None)?
+            .detach()
+            .to_dtype(DType::F32)?;
+        let pooled = if pool { Some(raw.mean(1)?) } else { None };
         let h = loss::normalize_targets(&raw)?.detach();
         // The patch embedding is identical for both context passes: compute it once.
-        let tokens = self.encoder.embed(clips)?;
+        let tokens = encoder.embed(&clips)?;
         let mut preds = Vec::with_capacity(masks.len());
         let mut targets = Vec::with_capacity(masks.len());
         for (i, (ctx, tgt)) in masks.iter().enumerate() {
-            let z = self.encoder.forward_tokens(&ctx.gather(&tokens)?)?;
-            preds.push(self.predictor.forward(&z, ctx, tgt, i)?);
+            let z = encoder.forward_tokens(&ctx.gather(&tokens)?)?;
+            preds.push(predictor.forward(&z, ctx, tgt, i)?.to_dtype(DType::F32)?);
             targets.push(tgt.gather(&h)?);
         }
         let (loss, per_mask) = loss::jepa_loss(&preds, &targets, &self.optim_cfg)?;

@@ -108,6 +108,18 @@ impl Pretrainer {
         }
     }
 
+    /// See [`VJepa::set_compute_dtype`]. The pixel objective computes in f32 only: asking it
+    /// for anything else is refused.
+    pub fn set_compute_dtype(&mut self, dtype: candle_core::DType) -> Result<(), ModelError> {
+        match self {
+            Pretrainer::VJepa(m) => m.set_compute_dtype(dtype),
+            Pretrainer::Pixel(_) if dtype == candle_core::DType::F32 => Ok(()),
+            Pretrainer::Pixel(_) => Err(ModelError::Unsupported(format!(
+                "compute dtype {dtype:?} with objective pixel (f32 only)"
+            ))),
+        }
+    }
+
     /// See [`VJepa::compute_gradients`] / [`PixelMae::compute_gradients`].
     pub fn compute_gradients(&self, batch: &TrainBatch) -> Result<Gradients, ModelError> {
         each!(self, m => m.compute_gradients(batch))

@@ -995,6 +995,76 @@ fn pooled_target_features_only_when_asked() {
     assert_eq!(g.loss, gp.loss);
 }
 
+/// ‖a − b‖ / ‖b‖ of two flat vectors.
+fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for (x, y) in a.iter().zip(b) {
+        num += (f64::from(*x) - f64::from(*y)).powi(2);
+        den += f64::from(*y).powi(2);
+    }
+    (num / den).sqrt()
+}
+
+/// Mixed precision (bf16 compute, f32 master weights): the loss, every gradient and three
+/// steps' trajectory stay within bf16 rounding of the f32 path; gradients arrive in f32 on
+/// every trainable parameter; the f32 path is untouched by the option's existence.
+#[test]
+fn bf16_compute_tracks_the_f32_step() {
+    let batch = tiny_batch();
+    let exact = tiny_model(11);
+    let mut mixed = tiny_model(11);
+    assert_eq!(mixed.compute_dtype(), DType::F32);
+    assert!(mixed.set_compute_dtype(DType::F16).is_err());
+    mixed.set_compute_dtype(DType::BF16).unwrap();
+    assert_eq!(mixed.compute_dtype(), DType::BF16);
+
+    let ge = exact.compute_gradients(&batch).unwrap();
+    let gm = mixed.compute_gradients(&batch).unwrap();
+    let rel = (gm.loss - ge.loss).abs() / ge.loss;
+    assert!(rel < 1e-2, "loss {} vs {} ({rel:.2e})", gm.loss, ge.loss);
+    // ... and it did compute in bf16 (an f32 run would agree to the bit).
+    assert_ne!(gm.loss, ge.loss);
+    for (a, b) in gm.loss_per_mask.iter().zip(&ge.loss_per_mask) {
+        assert!((a - b).abs() / b < 1e-2, "per-mask loss {a} vs {b}");
+    }
+    let (fe, fm) = (
+        exact.flatten_gradients(&ge).unwrap(),
+        mixed.flatten_gradients(&gm).unwrap(),
+    );
+    assert_eq!(fe.present, fm.present);
+    assert!(fm.present.iter().all(|&p| p), "a parameter got no gradient");
+    assert!(fm.values.iter().all(|v| v.is_finite()));
+    let rel = rel_l2(&fm.values, &fe.values);
+    assert!(rel < 3e-2, "gradient relative error {rel:.2e}");
+    // Per parameter too: no tensor's gradient may be lost in the casts.
+    let mut at = 0;
+    for p in exact.opt.params() {
+        let n = p.var.elem_count();
+        let rel = rel_l2(&fm.values[at..at + n], &fe.values[at..at + n]);
+        assert!(rel < 0.1, "{}: gradient relative error {rel:.2e}", p.name);
+        at += n;
+    }
+    for p in mixed.opt.params() {
+        assert_eq!(p.var.dtype(), DType::F32, "{} master weight", p.name);
+    }
+
+    // Three steps each: the same trajectory within bf16 noise.
+    let (mut exact, mut mixed) = (tiny_model(11), tiny_model(11));
+    mixed.set_compute_dtype(DType::BF16).unwrap();
+    for step in 1..=3 {
+        let (se, sm) = (
+            exact.train_step(&batch).unwrap(),
+            mixed.train_step(&batch).unwrap(),
+        );
+        assert_eq!((se.step, sm.step), (step, step));
+        let rel = (sm.loss - se.loss).abs() / se.loss;
+        assert!(rel < 2e-2, "step {step}: loss {} vs {}", sm.loss, se.loss);
+    }
+    let pe = flat(&exact.opt.params()[0].var.as_tensor().clone());
+    let pm = flat(&mixed.opt.params()[0].var.as_tensor().clone());
+    assert!(rel_l2(&pm, &pe) < 1e-2);
+}
+
 /// Rows `rows` of a batch (clips and every mask), as one worker's share of it.
 fn batch_rows(batch: &TrainBatch, rows: std::ops::Range<usize>) -> TrainBatch {
     let n = rows.len();

@@ -447,6 +447,11 @@ impl Encoder {
         &self.cfg
     }
 
+    /// The device its weights live on (inputs are moved there by [`Self::forward`]).
+    pub fn device(&self) -> &Device {
+        self.pos_embed.device()
+    }
+
     /// The fixed `[1, N, D]` sin-cos table (for the configured grid).
     pub fn pos_embed(&self) -> &Tensor {
         &self.pos_embed
@@ -484,7 +489,8 @@ impl Encoder {
     /// Full forward; with `keep`, only those tokens enter the blocks (context pass). `keep` must
     /// index the clips' own token grid.
     pub fn forward(&self, clips: &Tensor, keep: Option<&TokenIndex>) -> Result<Tensor, ModelError> {
-        let x = self.embed(clips)?;
+        let clips = clips.to_device(self.device())?;
+        let x = self.embed(&clips)?;
         let x = match keep {
             Some(idx) => idx.gather(&x)?,
             None => x,

@@ -8,6 +8,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 use serde_yaml::Value;
+use vjepa_model::ComputeDevice;
 
 /// A configuration problem, always naming the key it is about.
 #[derive(Debug, thiserror::Error)]
@@ -492,6 +493,10 @@ pub struct WorkersSection {
     /// Give up on a clip slot after this many bad videos in a row (the corpus is mostly bad).
     #[serde(default = "default_attempts")]
     pub max_attempts_per_clip: usize,
+    /// Where each worker's model computes: `cpu`, `cuda` or `cuda:N` (`--device` overrides);
+    /// CUDA needs a binary built with the `cuda` feature.
+    #[serde(default = "default_device")]
+    pub device: String,
 }
 
 impl Default for WorkersSection {
@@ -502,8 +507,13 @@ impl Default for WorkersSection {
             decode_threads: None,
             decode_deadline_secs: default_deadline(),
             max_attempts_per_clip: default_attempts(),
+            device: default_device(),
         }
     }
+}
+
+fn default_device() -> String {
+    "cpu".into()
 }
 
 fn one() -> usize {
@@ -988,7 +998,35 @@ impl JobConfig {
             "workers.max_attempts_per_clip",
             r.workers.max_attempts_per_clip,
         )?;
+        self.device()?;
         self.validate_cluster()
+    }
+
+    /// The compute device of `workers.device` (refused, naming the key, when it is not `cpu`,
+    /// `cuda` or `cuda:N`, or is CUDA in a build without the `cuda` feature).
+    pub fn device(&self) -> Result<ComputeDevice, ConfigError> {
+        ComputeDevice::parse(&self.raw.workers.device)
+            .map_err(|e| ConfigError::invalid("workers.device (--device)", e.to_string()))
+    }
+
+    /// The dtype training computes in: bf16 (mixed precision, f32 master weights) when
+    /// `meta.dtype` is bfloat16 and the device is a GPU; f32 otherwise — on the CPU, whose
+    /// kernels are f32, and for the pixel objective, which has no mixed-precision path.
+    pub fn compute_dtype(&self, device: ComputeDevice) -> vjepa_model::DType {
+        let bf16 = matches!(self.raw.meta.dtype.as_deref(), Some("bfloat16" | "bf16"));
+        if bf16 && device.is_cuda() && self.raw.model.objective == vjepa_model::Objective::Vjepa {
+            vjepa_model::DType::BF16
+        } else {
+            vjepa_model::DType::F32
+        }
+    }
+
+    /// `--device`: replaces `workers.device`, checked as the config's value is.
+    pub fn apply_device_flag(&mut self, device: Option<String>) -> Result<(), ConfigError> {
+        if let Some(d) = device {
+            self.raw.workers.device = d;
+        }
+        self.device().map(|_| ())
     }
 
     /// `cluster.*`: a process number within the job and, for several processes, a hostfile.
@@ -1367,9 +1405,9 @@ fn ignored_keys(r: &RawConfig) -> Vec<(String, &'static str)> {
         r.meta
             .dtype
             .as_deref()
-            .is_some_and(|d| !matches!(d, "float32" | "fp32")),
+            .is_some_and(|d| matches!(d, "float16" | "fp16")),
         "meta.dtype",
-        "reduced-precision compute not implemented yet; computing in float32",
+        "float16 compute is not implemented (bfloat16 on CUDA, or float32); computing in float32",
     );
     note(
         r.meta.save_every_freq.is_some(),
@@ -1425,6 +1463,52 @@ mod tests {
         assert_eq!(o.total_steps, 112_500);
         assert_eq!(o.clip_start_iteration, 12_300);
         assert_eq!(cfg.total_steps(300), 90_000);
+    }
+
+    /// `workers.device`: cpu by default; a wrong name, or CUDA in a build without the `cuda`
+    /// feature, is refused naming the key, from the config and from `--device` alike.
+    #[test]
+    fn device_is_checked_before_any_work() {
+        let cfg = JobConfig::parse(OFFICIAL_VITL16).unwrap();
+        assert_eq!(cfg.device().unwrap(), ComputeDevice::Cpu);
+        let with = |d: &str| format!("{OFFICIAL_VITL16}\nworkers:\n  device: \"{d}\"\n");
+        let err = JobConfig::parse(&with("gpu0")).unwrap_err();
+        assert_eq!(err.key(), Some("workers.device (--device)"), "{err}");
+        assert!(err.to_string().contains("cpu, cuda or cuda:N"), "{err}");
+        let cuda = JobConfig::parse(&with("cuda:1"));
+        assert_eq!(cuda.is_ok(), vjepa_model::device::CUDA_BUILT);
+        match cuda {
+            Ok(c) => assert_eq!(c.device().unwrap(), ComputeDevice::Cuda(1)),
+            Err(e) => {
+                assert_eq!(e.key(), Some("workers.device (--device)"), "{e}");
+                assert!(e.to_string().contains("`cuda` feature"), "{e}");
+            }
+        }
+        let mut cfg = JobConfig::parse(OFFICIAL_VITL16).unwrap();
+        let err = cfg.apply_device_flag(Some("tpu".into())).unwrap_err();
+        assert_eq!(err.key(), Some("workers.device (--device)"), "{err}");
+        cfg.apply_device_flag(Some("cpu".into())).unwrap();
+        cfg.apply_device_flag(None).unwrap();
+        assert_eq!(cfg.device().unwrap(), ComputeDevice::Cpu);
+    }
+
+    /// `meta.dtype: bfloat16` (the official presets') trains in bf16 on a GPU only; the CPU
+    /// and the pixel objective compute in f32; float16 is reported as ignored.
+    #[test]
+    fn compute_dtype_follows_meta_dtype_on_the_gpu() {
+        use vjepa_model::DType;
+        let cfg = JobConfig::parse(OFFICIAL_VITL16).unwrap();
+        assert_eq!(cfg.raw.meta.dtype.as_deref(), Some("bfloat16"));
+        assert!(!cfg.ignored.iter().any(|(k, _)| k == "meta.dtype"));
+        assert_eq!(cfg.compute_dtype(ComputeDevice::Cpu), DType::F32);
+        assert_eq!(cfg.compute_dtype(ComputeDevice::Cuda(0)), DType::BF16);
+        let f32 = JobConfig::parse(&OFFICIAL_VITL16.replace("dtype: bfloat16", "dtype: float32"))
+            .unwrap();
+        assert_eq!(f32.compute_dtype(ComputeDevice::Cuda(0)), DType::F32);
+        let f16 = JobConfig::parse(&OFFICIAL_VITL16.replace("dtype: bfloat16", "dtype: float16"))
+            .unwrap();
+        assert!(f16.ignored.iter().any(|(k, _)| k == "meta.dtype"));
+        assert_eq!(f16.compute_dtype(ComputeDevice::Cuda(0)), DType::F32);
     }
 
     #[test]

@@ -30,7 +30,7 @@ use vjepa_ingest::{
     VideoInfo, YuvFrame,
 };
 use vjepa_model::vit::{self, Encoder};
-use vjepa_model::{Device, EncoderConfig, Pretrainer, Tensor};
+use vjepa_model::{ComputeDevice, Device, EncoderConfig, Pretrainer, Tensor};
 use vjepa_operators::load::{ClipLoader, load_clips_parallel};
 use vjepa_operators::records::{Clip, ClipRequest, Loaded, Quarantined};
 use vjepa_operators::sampling::{ClipSampling, eval_segment_indices};
@@ -75,6 +75,8 @@ pub struct ExtractOptions {
     pub s3: S3Settings,
     /// A progress line on stderr (on a terminal: one line redrawn).
     pub progress: bool,
+    /// Where the encoder computes (`--device`).
+    pub device: ComputeDevice,
 }
 
 /// What an extraction did.
@@ -98,22 +100,26 @@ enum Backbone {
 }
 
 impl Backbone {
-    fn load(name: &str, bytes: &[u8], cfg: Option<&EncoderConfig>) -> anyhow::Result<Self> {
+    fn load(
+        name: &str,
+        bytes: &[u8],
+        cfg: Option<&EncoderConfig>,
+        device: &Device,
+    ) -> anyhow::Result<Self> {
         if name.ends_with(".safetensors") {
             let meta = vjepa_model::checkpoint_metadata(bytes)
                 .with_context(|| format!("reading {name}"))?;
             if meta.get("format").map(String::as_str) == Some(vit::ENCODER_FORMAT) {
                 // An encoder alone (e.g. written by `vjepa finetune`).
                 return Ok(Backbone::Encoder(Box::new(Encoder::from_safetensors(
-                    bytes,
-                    &Device::Cpu,
+                    bytes, device,
                 )?)));
             }
-            let model = Pretrainer::from_safetensors(bytes, &Device::Cpu)?;
+            let model = Pretrainer::from_safetensors(bytes, device)?;
             tracing::info!(checkpoint = name, objective = %model.objective(), "model loaded");
             return Ok(Backbone::Model(Box::new(model)));
         }
-        let (encoder, section) = vjepa_model::encoder_from_pth(bytes, cfg, &Device::Cpu)
+        let (encoder, section) = vjepa_model::encoder_from_pth(bytes, cfg, device)
             .with_context(|| format!("reading {name} as an official-layout checkpoint"))?;
         tracing::info!(checkpoint = name, section, "encoder loaded");
         Ok(Backbone::Encoder(Box::new(encoder)))
@@ -685,7 +691,11 @@ fn open_backbone(opts: &ExtractOptions) -> anyhow::Result<(tokio::runtime::Runti
         .context("starting the I/O runtime")?;
     let bytes = crate::job::read_location(runtime.handle(), &opts.checkpoint, &opts.s3)
         .with_context(|| format!("reading checkpoint {}", opts.checkpoint))?;
-    let backbone = Backbone::load(&opts.checkpoint, &bytes, opts.encoder.as_ref())?;
+    let device = opts
+        .device
+        .open()
+        .with_context(|| format!("opening device {}", opts.device))?;
+    let backbone = Backbone::load(&opts.checkpoint, &bytes, opts.encoder.as_ref(), &device)?;
     Ok((runtime, backbone))
 }
 

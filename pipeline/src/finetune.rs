@@ -16,9 +16,9 @@ use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 
+use vjepa_model::Tensor;
 use vjepa_model::finetune::FineTuner;
 use vjepa_model::probe::{AttentiveProbe, ProbeConfig};
-use vjepa_model::{Device, Tensor};
 
 use crate::extract::{self, ExtractOptions};
 use crate::probe::{self, Prediction, ProbeOptions, ProbeSummary};
@@ -146,6 +146,7 @@ pub fn run(opts: FinetuneOptions) -> anyhow::Result<ProbeSummary> {
             bail!("{}: not every segment and view could be decoded", v.uri);
         }
     }
+    let device = encoder.device().clone();
     let head = AttentiveProbe::new(
         ProbeConfig {
             embed_dim: cfg.embed_dim,
@@ -154,7 +155,7 @@ pub fn run(opts: FinetuneOptions) -> anyhow::Result<ProbeSummary> {
             mlp_ratio: 4.0,
         },
         opts.seed,
-        &Device::Cpu,
+        &device,
     )?;
     let optim = probe::probe_optim(&opts, train.len());
     let mut tuner = FineTuner::new(&encoder, head, optim, backbone_lr_scale)?;
@@ -178,7 +179,7 @@ pub fn run(opts: FinetuneOptions) -> anyhow::Result<ProbeSummary> {
                 data.extend_from_slice(&train[i].views[0]);
                 labels.push(train[i].label as u32);
             }
-            let x = Tensor::from_vec(data, shape(chunk.len()), &Device::Cpu)?;
+            let x = Tensor::from_vec(data, shape(chunk.len()), &device)?;
             losses.push(tuner.step(&x, segments, &labels)?.loss);
         }
         final_loss = losses.iter().sum::<f64>() / losses.len().max(1) as f64;
@@ -202,7 +203,7 @@ pub fn run(opts: FinetuneOptions) -> anyhow::Result<ProbeSummary> {
     for v in &val {
         let mut mean = vec![0f32; classes.len()];
         for view in &v.views {
-            let x = Tensor::from_vec(view.clone(), shape(1), &Device::Cpu)?;
+            let x = Tensor::from_vec(view.clone(), shape(1), &device)?;
             let p = tuner
                 .probabilities(&x, segments)?
                 .flatten_all()?

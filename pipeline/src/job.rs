@@ -142,6 +142,14 @@ fn run_training(
     telemetry: &Arc<Telemetry>,
 ) -> anyhow::Result<TrainSummary> {
     let cfg = cfg.clone();
+    let device = cfg.device()?;
+    let compute = device
+        .open()
+        .with_context(|| format!("opening workers.device {device}"))?;
+    let dtype = cfg.compute_dtype(device);
+    if cfg.raw.meta.dtype.is_some() || device.is_cuda() {
+        tracing::info!(%device, ?dtype, meta_dtype = ?cfg.raw.meta.dtype, "training compute");
+    }
     let cluster = cfg.raw.cluster.clone();
     let addresses = cfg.cluster_addresses()?;
     let process = cluster.process;
@@ -425,6 +433,8 @@ fn run_training(
         check_params_every: cluster.check_params_every,
         telemetry: telemetry.clone(),
         tokens_per_clip,
+        device: compute,
+        dtype,
     });
 
     let config = if cluster.processes > 1 {
@@ -618,6 +628,10 @@ struct Shared {
     telemetry: Arc<Telemetry>,
     /// Patches the encoder embeds per clip (for tokens/s).
     tokens_per_clip: u64,
+    /// Where the workers' models compute (`workers.device`).
+    device: Device,
+    /// What they compute in ([`JobConfig::compute_dtype`]).
+    dtype: vjepa_model::DType,
 }
 
 impl Shared {
@@ -863,10 +877,11 @@ fn run_worker_inner(
     }
     let total = setup.total;
     let mut model = match &shared.resumed {
-        Some(bytes) => Pretrainer::from_safetensors(bytes, &Device::Cpu)?,
-        None => fresh_model(&cfg, setup.ipe)?,
+        Some(bytes) => Pretrainer::from_safetensors(bytes, &shared.device)?,
+        None => fresh_model(&cfg, setup.ipe, &shared.device)?,
     };
     model.set_pool_features(cfg.raw.outputs.features);
+    model.set_compute_dtype(shared.dtype)?;
     // Every replica starts bit-identical (same seed, or the same checkpoint).
     check_digests(worker, &mut collective, &model, shared.first_step, shared)?;
     if index == 0 {
@@ -1249,7 +1264,17 @@ impl Trainer {
                 Some(format!("{e:#}")),
             ),
         };
-        let flat = self.model.flatten_gradients(&grads)?;
+        // A single worker keeps its gradient where it is (on a GPU: no copy to the host and
+        // back); the exchange below then carries only the step's scalars.
+        let exchange = peers > 1;
+        let flat = if exchange {
+            self.model.flatten_gradients(&grads)?
+        } else {
+            FlatGradients {
+                values: Vec::new(),
+                present: Vec::new(),
+            }
+        };
         let mut embeddings: Vec<(usize, Vec<f32>)> = if shared.cfg.raw.outputs.features {
             slots
                 .iter()
@@ -1349,8 +1374,10 @@ impl Trainer {
                 other => return Err(unexpected("shard", &other)),
             }
         }
-        self.model
-            .set_flat_gradients(&mut grads, &FlatGradients { values, present })?;
+        if exchange {
+            self.model
+                .set_flat_gradients(&mut grads, &FlatGradients { values, present })?;
+        }
         grads.loss = loss;
         grads.target_std = target_std;
         grads.target_rank = target_rank;
@@ -1932,12 +1959,12 @@ pub(crate) fn split_location_with(
 /// `ipe` is the config's (`optimization.ipe`, else 1); it only shapes the schedules.
 pub fn initial_checkpoint(cfg: &JobConfig) -> anyhow::Result<Vec<u8>> {
     let ipe = cfg.raw.optimization.ipe.unwrap_or(1).max(1);
-    Ok(fresh_model(cfg, ipe)?.to_safetensors_with(&[])?)
+    Ok(fresh_model(cfg, ipe, &Device::Cpu)?.to_safetensors_with(&[])?)
 }
 
 /// The model of `cfg`'s objective at step 0 (spec init from `meta.seed`), with schedules for
 /// `ipe` iterations per epoch.
-fn fresh_model(cfg: &JobConfig, ipe: u64) -> anyhow::Result<Pretrainer> {
+fn fresh_model(cfg: &JobConfig, ipe: u64, device: &Device) -> anyhow::Result<Pretrainer> {
     let (enc, optim, seed) = (
         cfg.encoder_config(),
         cfg.optim_config(ipe),
@@ -1949,14 +1976,14 @@ fn fresh_model(cfg: &JobConfig, ipe: u64) -> anyhow::Result<Pretrainer> {
             cfg.predictor_config(),
             optim,
             seed,
-            &Device::Cpu,
+            device,
         )?)),
         Objective::Pixel => Pretrainer::Pixel(Box::new(PixelMae::new(
             enc,
             cfg.pixel_config(),
             optim,
             seed,
-            &Device::Cpu,
+            device,
         )?)),
     })
 }

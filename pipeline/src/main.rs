@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+use vjepa_model::ComputeDevice;
 use vjepa_pipeline::config::JobConfig;
 use vjepa_pipeline::convert::{self, ConvertError};
 use vjepa_pipeline::job::{self, TrainOverrides};
@@ -78,6 +79,9 @@ struct ProbeArgs {
     /// Decoder threads (default: the machine's cores).
     #[arg(long)]
     decode_threads: Option<usize>,
+    /// Compute device of the encoder and the head: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: ComputeDevice,
 }
 
 impl ProbeArgs {
@@ -105,6 +109,7 @@ impl ProbeArgs {
             deadline: std::time::Duration::from_secs(60),
             s3: cfg.as_ref().map(|c| c.s3_settings()).unwrap_or_default(),
             progress: true,
+            device: self.device,
         };
         Ok(vjepa_pipeline::probe::ProbeOptions {
             extract,
@@ -186,6 +191,10 @@ enum Command {
         /// One host:port per line, line i for process i (overrides cluster.hostfile).
         #[arg(long)]
         hostfile: Option<String>,
+        /// Compute device: cpu, cuda or cuda:N (overrides workers.device; CUDA needs a build
+        /// with the `cuda` feature).
+        #[arg(long)]
+        device: Option<String>,
     },
     /// Parse and validate a config without doing any work; lists official keys that are ignored.
     /// Exit 2 naming the key when it is refused.
@@ -272,6 +281,9 @@ enum Command {
         /// Seeds the random window inside long segments.
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Compute device of the encoder: cpu, cuda or cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: ComputeDevice,
     },
     /// Frozen evaluation (spec §9): train an attentive probe on the target encoder's tokens (an
     /// `objective: pixel` run's encoder's) of a labelled train index, evaluate top-1 on a
@@ -409,8 +421,10 @@ fn main() -> ExitCode {
             processes,
             process,
             hostfile,
+            device,
         } => {
             let cfg = match JobConfig::load(&config).and_then(|mut cfg| {
+                cfg.apply_device_flag(device)?;
                 cfg.apply_cluster_flags(processes, process, hostfile)?;
                 cfg.cluster_addresses()?;
                 Ok(cfg)
@@ -472,6 +486,7 @@ fn main() -> ExitCode {
             batch_size,
             decode_threads,
             seed,
+            device,
         } => {
             let cfg = match config.as_deref().map(JobConfig::load).transpose() {
                 Ok(c) => c,
@@ -494,6 +509,7 @@ fn main() -> ExitCode {
                 deadline: std::time::Duration::from_secs(60),
                 s3: cfg.as_ref().map(|c| c.s3_settings()).unwrap_or_default(),
                 progress: true,
+                device,
             };
             match vjepa_pipeline::extract::run(opts) {
                 Ok(s) => {

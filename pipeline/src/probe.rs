@@ -21,8 +21,8 @@ use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 
+use vjepa_model::Tensor;
 use vjepa_model::probe::{AttentiveProbe, ProbeConfig, ProbeOptim, ProbeTrainer};
-use vjepa_model::{Device, Tensor};
 use vjepa_storage::features::{FeatureRow, read_features};
 
 use crate::extract::{self, ExtractOptions};
@@ -356,7 +356,12 @@ pub fn run(opts: ProbeOptions) -> anyhow::Result<ProbeSummary> {
         num_classes: classes.len(),
         mlp_ratio: 4.0,
     };
-    let probe = AttentiveProbe::new(cfg, opts.seed, &Device::Cpu)?;
+    let device = opts
+        .extract
+        .device
+        .open()
+        .with_context(|| format!("opening device {}", opts.extract.device))?;
+    let probe = AttentiveProbe::new(cfg, opts.seed, &device)?;
     let mut trainer = ProbeTrainer::new(probe, probe_optim(&opts, train.len()))?;
     let mut order: Vec<usize> = (0..train.len()).collect();
     let mut final_loss = f64::NAN;
@@ -374,7 +379,7 @@ pub fn run(opts: ProbeOptions) -> anyhow::Result<ProbeSummary> {
                 data.extend_from_slice(&train[i].views[0]);
                 labels.push(train[i].label as u32);
             }
-            let x = Tensor::from_vec(data, (chunk.len(), n, d), &Device::Cpu)?;
+            let x = Tensor::from_vec(data, (chunk.len(), n, d), &device)?;
             losses.push(trainer.step(&x, &labels)?.loss);
         }
         final_loss = losses.iter().sum::<f64>() / losses.len().max(1) as f64;
@@ -395,7 +400,7 @@ pub fn run(opts: ProbeOptions) -> anyhow::Result<ProbeSummary> {
     for s in &val {
         let mut mean = vec![0f32; classes.len()];
         for view in &s.views {
-            let x = Tensor::from_vec(view.clone(), (1, s.tokens, d), &Device::Cpu)?;
+            let x = Tensor::from_vec(view.clone(), (1, s.tokens, d), &device)?;
             let p = probe.probabilities(&x)?.flatten_all()?.to_vec1::<f32>()?;
             for (m, v) in mean.iter_mut().zip(p) {
                 *m += v / s.views.len() as f32;

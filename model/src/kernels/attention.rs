@@ -18,6 +18,9 @@ const ROW_BLOCK: usize = 128;
 
 /// softmax(q·kᵀ/√hd)·v for every head, from `[B, N, 3D]` qkv to `[B, N, D]`.
 pub fn attention(qkv: &Tensor, num_heads: usize) -> Result<Tensor, ModelError> {
+    if let Some(r) = super::widen_cpu_bf16(&[qkv], |t| attention(&t[0], num_heads)) {
+        return r;
+    }
     check_dtype("attention", qkv)?;
     let (_, _, c) = qkv.dims3().map_err(|_| {
         ModelError::Input(format!(

@@ -10,12 +10,18 @@ use crate::ModelError;
 
 /// `x + b` over the last dimension (x `[.., C]`, b `[C]`); backward dx = dy, db = column_sum(dy).
 pub fn bias_add(x: &Tensor, b: &Tensor) -> Result<Tensor, ModelError> {
+    if let Some(r) = super::widen_cpu_bf16(&[x, b], |t| bias_add(&t[0], &t[1])) {
+        return r;
+    }
     check_bias("bias_add", x, b)?;
     Ok(x.contiguous()?.apply_op2(&b.contiguous()?, BiasAdd)?)
 }
 
 /// Exact GELU of `x + b` (the MLP's fc1 bias and activation in one pass).
 pub fn bias_gelu(x: &Tensor, b: &Tensor) -> Result<Tensor, ModelError> {
+    if let Some(r) = super::widen_cpu_bf16(&[x, b], |t| bias_gelu(&t[0], &t[1])) {
+        return r;
+    }
     check_bias("bias_gelu", x, b)?;
     Ok(x.contiguous()?.apply_op2(&b.contiguous()?, BiasGelu)?)
 }

@@ -16,6 +16,11 @@ pub fn layer_norm(
     bias: &Tensor,
     eps: f64,
 ) -> Result<Tensor, ModelError> {
+    if let Some(r) =
+        super::widen_cpu_bf16(&[x, weight, bias], |t| layer_norm(&t[0], &t[1], &t[2], eps))
+    {
+        return r;
+    }
     check_same("layer_norm", &[x, weight, bias])?;
     let c = last_dim("layer_norm", x)?;
     for (what, t) in [("weight", weight), ("bias", bias)] {
@@ -35,6 +40,9 @@ pub fn layer_norm(
 
 /// LayerNorm of `x` `[.., C]` without affine parameters (the target normalisation, eps 1e-5).
 pub fn layer_norm_plain(x: &Tensor, eps: f64) -> Result<Tensor, ModelError> {
+    if let Some(r) = super::widen_cpu_bf16(&[x], |t| layer_norm_plain(&t[0], eps)) {
+        return r;
+    }
     check_same("layer_norm_plain", &[x])?;
     last_dim("layer_norm_plain", x)?;
     Ok(x.contiguous()?.apply_op1(LayerNormPlain { eps })?)

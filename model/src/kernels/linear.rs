@@ -28,6 +28,11 @@ const MIN_OUT_BLOCK: usize = 64;
 
 /// x `[.., in]` · Wᵀ (+ b) → `[.., out]`, for W `[out, in]` and b `[out]`.
 pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor, ModelError> {
+    let mut all = vec![x, weight];
+    all.extend(bias);
+    if let Some(r) = super::widen_cpu_bf16(&all, |t| linear(&t[0], &t[1], t.get(2))) {
+        return r;
+    }
     let (out, inp) = weight.dims2().map_err(|_| {
         ModelError::Input(format!(
             "linear: weight must be [out, in], got {:?}",

@@ -11,8 +11,9 @@
 //! on the tensor shape and combines the partials in index order, so results are bit-for-bit
 //! identical whatever the number of threads.
 //!
-//! Dtypes: f32 (the training dtype) and f64 (finite-difference tests); anything else is refused
-//! with [`ModelError::Unsupported`], except bf16 on a CUDA device.
+//! Dtypes: f32 (the training dtype) and f64 (finite-difference tests); bf16 runs natively on a
+//! CUDA device and, on the CPU, in f32 on widened copies (mixed-precision checks without a GPU);
+//! anything else is refused with [`ModelError::Unsupported`].
 //!
 //! With the `cuda` feature every op also has a `cuda_fwd` ([`cuda`]: one kernel launch per
 //! forward, flash-style attention, f32 and bf16 storage with fp32 math), so the model runs on a
@@ -53,6 +54,30 @@ use candle_core::{CpuStorage, DType, Layout, Tensor};
 
 use crate::ModelError;
 use math::Elem;
+
+/// bf16 on the CPU, where the kernels have no bf16 code: when any of `ts` is a CPU bf16 tensor,
+/// runs `op` on f32 copies of all of them and narrows its result back to bf16 — fp32 math on
+/// bf16 storage, as the CUDA kernels do it, and differentiable through the two casts. It is for
+/// checking mixed-precision training on machines without a GPU, not for speed. `None` otherwise.
+fn widen_cpu_bf16(
+    ts: &[&Tensor],
+    op: impl FnOnce(&[Tensor]) -> Result<Tensor, ModelError>,
+) -> Option<Result<Tensor, ModelError>> {
+    if !ts
+        .iter()
+        .any(|t| t.dtype() == DType::BF16 && t.device().is_cpu())
+    {
+        return None;
+    }
+    let run = || {
+        let wide = ts
+            .iter()
+            .map(|t| t.to_dtype(DType::F32))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(op(&wide)?.to_dtype(DType::BF16)?)
+    };
+    Some(run())
+}
 
 /// Refuses dtypes the kernels don't implement, naming the op.
 fn check_dtype(op: &str, t: &Tensor) -> Result<(), ModelError> {

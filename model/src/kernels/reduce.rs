@@ -9,6 +9,9 @@ use crate::ModelError;
 
 /// Sum over all leading dimensions: `[.., C]` → `[C]`.
 pub fn column_sum(x: &Tensor) -> Result<Tensor, ModelError> {
+    if let Some(r) = super::widen_cpu_bf16(&[x], |t| column_sum(&t[0])) {
+        return r;
+    }
     check_same("column_sum", &[x])?;
     match x.dims().last() {
         Some(&c) if c > 0 => Ok(x.contiguous()?.apply_op1(ColumnSum)?),
@@ -21,6 +24,9 @@ pub fn column_sum(x: &Tensor) -> Result<Tensor, ModelError> {
 
 /// Σ x² over all elements, as a 0-d tensor of x's dtype (accumulated in f64 across chunks).
 pub fn sum_sq(x: &Tensor) -> Result<Tensor, ModelError> {
+    if let Some(r) = super::widen_cpu_bf16(&[x], |t| sum_sq(&t[0])) {
+        return r;
+    }
     check_same("sum_sq", &[x])?;
     Ok(x.contiguous()?.apply_op1(SumSq)?)
 }
