@@ -482,8 +482,53 @@ mod tests {
         assert!(matches!(attention(&x, 2), Err(ModelError::Input(_))));
         let x = Tensor::zeros((4, 12), DType::F32, &dev).unwrap();
         assert!(matches!(attention(&x, 2), Err(ModelError::Input(_))));
-        let x = Tensor::zeros((1, 4, 12), DType::BF16, &dev).unwrap();
+        let x = Tensor::zeros((1, 4, 12), DType::F16, &dev).unwrap();
         assert!(matches!(attention(&x, 2), Err(ModelError::Unsupported(_))));
+    }
+
+    /// bf16 on the CPU: the f32 op on the widened values, rounded back to bf16, with gradients
+    /// reaching a bf16 input.
+    #[test]
+    fn cpu_bf16_is_the_f32_op_on_widened_values() {
+        let qkv = randn(&[2, 7, 24], DType::F32, 9)
+            .to_dtype(DType::BF16)
+            .unwrap();
+        let got = attention(&qkv, 2).unwrap();
+        assert_eq!(got.dtype(), DType::BF16);
+        let want = attention(&qkv.to_dtype(DType::F32).unwrap(), 2)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        // bf16 → f32 is exact, so equal f32 vectors mean equal bf16 values.
+        let values = |t: &Tensor| {
+            t.flatten_all()
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        assert_eq!(values(&got), values(&want));
+        let v = candle_core::Var::from_tensor(&qkv).unwrap();
+        let g = attention(v.as_tensor(), 2)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g = g.get(v.as_tensor()).unwrap();
+        assert_eq!(g.dtype(), DType::BF16);
+        assert!(
+            g.abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                > 0.0
+        );
     }
 
     #[test]

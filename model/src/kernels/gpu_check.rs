@@ -694,6 +694,9 @@ pub fn run_checks(
     if let Err(e) = check_train_steps(dev, &mut push) {
         push(error_row("train_step", "", DType::F32, &e));
     }
+    if let Err(e) = check_mixed_precision_step(dev, &mut push) {
+        push(error_row("train_step bf16", "", DType::BF16, &e));
+    }
     Ok(rows)
 }
 
@@ -859,6 +862,128 @@ fn check_optimizer(
 /// loss and grad norms must agree to fp32 tolerance; the later losses, after AdamW updates that
 /// amplify reduction-order noise on near-zero gradients, to 1e-3.
 fn check_train_steps(dev: &Device, push: &mut dyn FnMut(CheckRow)) -> Result<(), ModelError> {
+    let (mut cpu, batch) = small_vjepa(&Device::Cpu)?;
+    let (mut gpu, _) = small_vjepa(dev)?;
+    let case = "D128 d2 h2, pred 64, 8x64x64, B2".to_string();
+    for step in 1..=3 {
+        let c = cpu.train_step(&batch)?;
+        let g = gpu.train_step(&batch)?;
+        let rel = |a: f64, b: f64| (a - b).abs() / b.abs().max(1e-30);
+        let loss_err = rel(g.loss, c.loss);
+        if step == 1 {
+            push(row(
+                "train_step loss (step 1)",
+                case.clone(),
+                DType::F32,
+                loss_err,
+            ));
+            let gn = rel(g.encoder_grad_norm, c.encoder_grad_norm)
+                .max(rel(g.predictor_grad_norm, c.predictor_grad_norm));
+            push(row(
+                "train_step grad norms (step 1)",
+                case.clone(),
+                DType::F32,
+                gn,
+            ));
+        } else {
+            let mut r = row(
+                &format!("train_step loss (step {step})"),
+                case.clone(),
+                DType::F32,
+                loss_err,
+            );
+            r.tol = 1e-3;
+            r.pass = loss_err.is_finite() && loss_err <= r.tol;
+            push(r);
+        }
+    }
+    Ok(())
+}
+
+/// The mixed-precision step (`VJepa::set_compute_dtype(BF16)`, what `meta.dtype: bfloat16`
+/// trains with on a GPU) against the f32 CPU step of the same model and batch: the loss and the
+/// whole gradient (‖Δg‖/‖g‖) to bf16 tolerance, and the first update (‖Δu‖/‖u‖) to 0.1 — Adam's
+/// first update is about lr·sign(g), so near-zero gradients that bf16 rounding flips count in
+/// full (the CPU's own bf16 path differs from f32 by 4.3e-2 there, `bf16_compute_tracks_the_f32_step`).
+fn check_mixed_precision_step(
+    dev: &Device,
+    push: &mut dyn FnMut(CheckRow),
+) -> Result<(), ModelError> {
+    let (mut cpu, batch) = small_vjepa(&Device::Cpu)?;
+    let (mut gpu, _) = small_vjepa(dev)?;
+    gpu.set_compute_dtype(DType::BF16)?;
+    let case = "D128 d2 h2, pred 64, 8x64x64, B2, bf16 vs f32 CPU".to_string();
+    let (gc, gg) = (
+        cpu.compute_gradients(&batch)?,
+        gpu.compute_gradients(&batch)?,
+    );
+    let loss_err = (gg.loss - gc.loss).abs() / gc.loss.abs().max(1e-30);
+    push(row(
+        "train_step bf16 loss",
+        case.clone(),
+        DType::BF16,
+        loss_err,
+    ));
+    let (fc, fg) = (cpu.flatten_gradients(&gc)?, gpu.flatten_gradients(&gg)?);
+    let grad_err = if fc.present == fg.present {
+        rel_l2(&fg.values, &fc.values)
+    } else {
+        f64::INFINITY
+    };
+    push(row(
+        "train_step bf16 gradient",
+        case.clone(),
+        DType::BF16,
+        grad_err,
+    ));
+    let before = all_params(&cpu)?;
+    cpu.apply_gradients(gc)?;
+    gpu.apply_gradients(gg)?;
+    let delta = |m: &crate::VJepa| -> Result<Vec<f32>, ModelError> {
+        Ok(all_params(m)?
+            .iter()
+            .zip(&before)
+            .map(|(a, b)| a - b)
+            .collect())
+    };
+    let update_err = rel_l2(&delta(&gpu)?, &delta(&cpu)?);
+    let mut r = row(
+        "train_step bf16 update (step 1)",
+        case,
+        DType::BF16,
+        update_err,
+    );
+    r.tol = 0.1;
+    r.pass = update_err.is_finite() && update_err <= r.tol;
+    push(r);
+    Ok(())
+}
+
+/// Every trainable parameter's values, in optimiser order, on the host.
+fn all_params(m: &crate::VJepa) -> Result<Vec<f32>, ModelError> {
+    let mut out = Vec::new();
+    for p in m.opt.params() {
+        out.extend(p.var.as_tensor().flatten_all()?.to_vec1::<f32>()?);
+    }
+    Ok(out)
+}
+
+/// ‖a − b‖ / ‖b‖.
+fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
+    if a.len() != b.len() {
+        return f64::INFINITY;
+    }
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for (x, y) in a.iter().zip(b) {
+        num += (f64::from(*x) - f64::from(*y)).powi(2);
+        den += f64::from(*y).powi(2);
+    }
+    (num / den.max(1e-300)).sqrt()
+}
+
+/// The small V-JEPA of the train-step checks on `dev` (seed 3) and its fixed batch (on the
+/// host; the model moves it).
+fn small_vjepa(dev: &Device) -> Result<(crate::VJepa, crate::TrainBatch), ModelError> {
     use crate::{EncoderConfig, MaskIndices, OptimConfig, PredictorConfig, TrainBatch, VJepa};
     let enc = EncoderConfig {
         embed_dim: 128,
@@ -924,42 +1049,7 @@ fn check_train_steps(dev: &Device, push: &mut dyn FnMut(CheckRow)) -> Result<(),
             },
         ],
     };
-    let mut cpu = VJepa::new(enc.clone(), pred.clone(), opt.clone(), 3, &Device::Cpu)?;
-    let mut gpu = VJepa::new(enc, pred, opt, 3, dev)?;
-    let case = "D128 d2 h2, pred 64, 8x64x64, B2".to_string();
-    for step in 1..=3 {
-        let c = cpu.train_step(&batch)?;
-        let g = gpu.train_step(&batch)?;
-        let rel = |a: f64, b: f64| (a - b).abs() / b.abs().max(1e-30);
-        let loss_err = rel(g.loss, c.loss);
-        if step == 1 {
-            push(row(
-                "train_step loss (step 1)",
-                case.clone(),
-                DType::F32,
-                loss_err,
-            ));
-            let gn = rel(g.encoder_grad_norm, c.encoder_grad_norm)
-                .max(rel(g.predictor_grad_norm, c.predictor_grad_norm));
-            push(row(
-                "train_step grad norms (step 1)",
-                case.clone(),
-                DType::F32,
-                gn,
-            ));
-        } else {
-            let mut r = row(
-                &format!("train_step loss (step {step})"),
-                case.clone(),
-                DType::F32,
-                loss_err,
-            );
-            r.tol = 1e-3;
-            r.pass = loss_err.is_finite() && loss_err <= r.tol;
-            push(r);
-        }
-    }
-    Ok(())
+    Ok((VJepa::new(enc, pred, opt, 3, dev)?, batch))
 }
 
 // ---------------------------------------------------------------------------------------------
