@@ -5,9 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -n "${TORCH_PYTHON:-}" ]; then echo "$TORCH_PYTHON"; exit 0; fi
 VENV=.tools/torch-venv
-if ! "$VENV/bin/python" -c "import torch, numpy, safetensors" 2>/dev/null; then
-  echo "torch-venv: installing torch 2.15.0, numpy, safetensors into $VENV (~3 GiB with its CUDA wheels)" >&2
+if ! "$VENV/bin/python" -c "import torch, numpy, safetensors, yaml" 2>/dev/null; then
+  echo "torch-venv: installing torch 2.15.0, numpy, safetensors, pyyaml into $VENV (~3 GiB with its CUDA wheels)" >&2
   python3 -m venv "$VENV"
-  "$VENV/bin/pip" install -q torch==2.15.0 numpy safetensors >&2
+  "$VENV/bin/pip" install -q torch==2.15.0 numpy safetensors pyyaml >&2
 fi
 echo "$PWD/$VENV/bin/python"

@@ -1,7 +1,10 @@
 //! One V-JEPA training step, timed: our candle model on the shapes of a job config, with the
 //! official multi-block masks. Writes the exact inputs (clip, every step's mask indices, resolved
 //! configs) to a safetensors file so that the PyTorch peer (`bench/train_step_torch.py`) runs the
-//! same work; `bench/train-step.sh` runs both in one go and prints the ratio.
+//! same work; `bench/train-step.sh` runs both in one go and prints the ratio. With `--device
+//! cuda` it times the GPU step (`bench/gpu-step.sh`, against the official code's step), in bf16
+//! mixed precision with `--bf16`. The inputs also carry the config's official model and
+//! optimisation keys, so that `bench/gpu_step_official.py` can build the official model.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -11,7 +14,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use safetensors::Dtype;
 use safetensors::tensor::TensorView;
-use vjepa_model::{Device, MaskIndices, Tensor, TrainBatch, VJepa};
+use vjepa_model::{ComputeDevice, DType, Device, MaskIndices, Tensor, TrainBatch, VJepa};
 use vjepa_operators::masking::{Grid, MaskGenerator};
 use vjepa_operators::seeding::{Stream, rng_for};
 use vjepa_pipeline::config::JobConfig;
@@ -34,6 +37,19 @@ struct Args {
     /// Seed for weights, clip and masks.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Compute device: cpu, cuda or cuda:N (CUDA in a `cuda` build).
+    #[arg(long, default_value = "cpu")]
+    device: ComputeDevice,
+    /// Mixed precision: bf16 compute on f32 master weights (what `meta.dtype: bfloat16`
+    /// trains with on a GPU).
+    #[arg(long)]
+    bf16: bool,
+    /// Clips per step instead of the config's data.batch_size.
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Write the inputs and stop (no model, no steps): e.g. to count a config's FLOPs.
+    #[arg(long)]
+    inputs_only: bool,
 }
 
 fn main() -> Result<()> {
@@ -44,7 +60,7 @@ fn main() -> Result<()> {
     let pred = cfg.predictor_config();
     let ipe = cfg.iterations_per_epoch(1);
     let optim = cfg.optim_config(ipe);
-    let batch_size = cfg.raw.data.batch_size;
+    let batch_size = args.batch_size.unwrap_or(cfg.raw.data.batch_size);
     let (t, h, w) = enc.grid();
     let grid = Grid { t, h, w };
     let generators = cfg
@@ -116,7 +132,40 @@ fn main() -> Result<()> {
             TensorView::new(Dtype::I64, shape.clone(), bytes)?,
         ));
     }
+    let (m, o) = (&cfg.raw.model, &cfg.raw.optimization);
+    // The official trainer's model and optimiser arguments (`init_video_model`, `init_opt`);
+    // `own_shape` when this config overrides the preset's width or depth (no official model).
+    let official = serde_json::json!({
+        "model_name": m.model_name,
+        "own_shape": m.embed_dim.is_some() || m.depth.is_some() || m.num_heads.is_some(),
+        "crop_size": enc.crop_size,
+        "patch_size": enc.patch_size,
+        "num_frames": enc.num_frames,
+        "tubelet_size": enc.tubelet_size,
+        "pred_depth": m.pred_depth,
+        "pred_embed_dim": m.pred_embed_dim,
+        "uniform_power": m.uniform_power,
+        "use_mask_tokens": m.use_mask_tokens,
+        "num_mask_tokens": pred.num_mask_tokens,
+        "zero_init_mask_tokens": m.zero_init_mask_tokens,
+        "ipe": ipe,
+        "ipe_scale": o.ipe_scale,
+        "epochs": o.epochs,
+        "warmup": o.warmup,
+        "start_lr": o.start_lr,
+        "lr": o.lr,
+        "final_lr": o.final_lr,
+        "weight_decay": o.weight_decay,
+        "final_weight_decay": o.final_weight_decay,
+        "ema": o.ema,
+        "clip_grad": o.clip_grad,
+        "betas": o.betas,
+        "eps": o.eps,
+        "loss_exp": cfg.raw.loss.loss_exp,
+        "reg_coeff": cfg.raw.loss.reg_coeff,
+    });
     let meta = HashMap::from([
+        ("official".to_string(), official.to_string()),
         ("encoder".to_string(), serde_json::to_string(&enc)?),
         ("predictor".to_string(), serde_json::to_string(&pred)?),
         ("optim".to_string(), serde_json::to_string(&optim)?),
@@ -126,13 +175,22 @@ fn main() -> Result<()> {
     let bytes = safetensors::serialize(views, Some(meta))?;
     std::fs::write(&args.inputs, bytes)
         .with_context(|| format!("writing {}", args.inputs.display()))?;
+    if args.inputs_only {
+        return Ok(());
+    }
 
-    let mut model = VJepa::new(enc, pred, optim, args.seed, &Device::Cpu)?;
+    let device = args.device.open()?;
+    let mut model = VJepa::new(enc, pred, optim, args.seed, &device)?;
+    if args.bf16 {
+        model.set_compute_dtype(DType::BF16)?;
+    }
     let mut times = Vec::with_capacity(args.steps);
     let mut losses = Vec::with_capacity(total);
     for (i, batch) in batches.iter().enumerate() {
         let start = Instant::now();
         let stats = model.train_step(batch)?;
+        // The optimiser and EMA kernels run after the loss is read: wait for them too.
+        device.synchronize()?;
         let dt = start.elapsed().as_secs_f64();
         losses.push(stats.loss);
         if i >= args.warmup {
@@ -147,6 +205,10 @@ fn main() -> Result<()> {
         serde_json::json!({
             "impl": "ours (candle)",
             "config": args.config.display().to_string(),
+            "device": args.device.to_string(),
+            "dtype": if args.bf16 { "bf16" } else { "f32" },
+            "batch_size": batch_size,
+            "memory_used_bytes": memory_used(&device)?,
             "step_s": times,
             "median_s": median,
             "losses": losses,
@@ -159,4 +221,18 @@ fn index_tensor(rows: &[Vec<u32>]) -> Result<Tensor> {
     let k = rows.first().map_or(0, Vec::len);
     let flat: Vec<u32> = rows.iter().flatten().copied().collect();
     Ok(Tensor::from_vec(flat, (rows.len(), k), &Device::Cpu)?)
+}
+
+/// Device memory in use after the run (CUDA: see `device_memory_used`; `null` on the CPU).
+#[cfg(feature = "cuda")]
+fn memory_used(device: &Device) -> Result<Option<usize>> {
+    Ok(match device {
+        Device::Cuda(d) => Some(vjepa_model::kernels::cuda::device_memory_used(d)?),
+        _ => None,
+    })
+}
+
+#[cfg(not(feature = "cuda"))]
+fn memory_used(_device: &Device) -> Result<Option<usize>> {
+    Ok(None)
 }

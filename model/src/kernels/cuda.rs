@@ -248,6 +248,15 @@ pub fn keep_pool_memory(dev: &CudaDevice) -> Result<()> {
     Ok(())
 }
 
+/// Bytes of the device's memory in use (total − free, the CUDA context included), for
+/// benchmarks: with [`keep_pool_memory`] freed blocks stay with the process, so after a run this
+/// is its peak reservation plus the context.
+pub fn device_memory_used(dev: &CudaDevice) -> Result<usize> {
+    dev.cuda_stream().context().bind_to_thread().w()?;
+    let (free, total) = candle_core::cuda_backend::cudarc::driver::result::mem_get_info().w()?;
+    Ok(total.saturating_sub(free))
+}
+
 // ---------------------------------------------------------------------------------------------
 // Attention
 
