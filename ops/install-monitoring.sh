@@ -3,22 +3,15 @@
 # (package `prometheus`) and headless Chromium (package `chromium`). Safe to re-run: skips
 # what is present. Called by ops/setup.sh.
 set -euo pipefail
+cd "$(dirname "$0")/.."
 
-PACKAGES=(prometheus chromium)
-missing=()
-for p in "${PACKAGES[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-  echo "install-monitoring: installing ${missing[*]}"
+installed="$(ops/apt-install.sh install-monitoring prometheus chromium)"
+# The package starts a system-wide Prometheus where systemd runs; the tests start their own.
+if grep -qx prometheus <<< "$installed" && command -v systemctl >/dev/null 2>&1 \
+  && systemctl is-active --quiet prometheus 2>/dev/null; then
   SUDO=""
   [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-  # The package starts a system-wide Prometheus where systemd runs; the tests start their own.
-  if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet prometheus 2>/dev/null; then
-    $SUDO systemctl disable --now prometheus >/dev/null 2>&1 || true
-  fi
+  $SUDO systemctl disable --now prometheus >/dev/null 2>&1 || true
 fi
 for tool in prometheus promtool chromium; do
   command -v "$tool" >/dev/null || { echo "install-monitoring: $tool missing after install" >&2; exit 1; }
