@@ -11,12 +11,8 @@
 //! predictions table.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
 
 use anyhow::{Context, bail};
-use arrow::array::{ArrayRef, BooleanBuilder, Float32Builder, ListBuilder, StringBuilder};
-use arrow::datatypes::{DataType, Field, Schema};
-use arrow::record_batch::RecordBatch;
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
@@ -24,6 +20,7 @@ use rand_chacha::ChaCha8Rng;
 use vjepa_model::Tensor;
 use vjepa_model::probe::{AttentiveProbe, ProbeConfig, ProbeOptim, ProbeTrainer};
 use vjepa_storage::features::{FeatureRow, read_features};
+use vjepa_storage::predictions::{self, PredictionRow};
 
 use crate::extract::{self, ExtractOptions};
 
@@ -251,57 +248,12 @@ pub(crate) fn write_predictions(
     classes: &[String],
     predictions: &[Prediction],
 ) -> anyhow::Result<usize> {
-    let mut uris = StringBuilder::new();
-    let mut truth = StringBuilder::new();
-    let mut predicted = StringBuilder::new();
-    let mut correct_col = BooleanBuilder::new();
-    let mut probs_col = ListBuilder::new(Float32Builder::new()).with_field(Arc::new(Field::new(
-        "item",
-        DataType::Float32,
-        false,
-    )));
-    let mut correct = 0usize;
-    for p in predictions {
-        let best = p
-            .probabilities
-            .iter()
-            .enumerate()
-            .max_by(|a, b| a.1.total_cmp(b.1))
-            .map_or(0, |(i, _)| i);
-        let ok = best == p.label;
-        correct += ok as usize;
-        let name = |i: usize| classes.get(i).map_or("", String::as_str);
-        uris.append_value(&p.uri);
-        truth.append_value(name(p.label));
-        predicted.append_value(name(best));
-        correct_col.append_value(ok);
-        probs_col.values().append_slice(&p.probabilities);
-        probs_col.append(true);
-    }
-    let schema = Arc::new(Schema::new(vec![
-        Field::new("uri", DataType::Utf8, false),
-        Field::new("label", DataType::Utf8, false),
-        Field::new("predicted", DataType::Utf8, false),
-        Field::new("correct", DataType::Boolean, false),
-        Field::new(
-            "probabilities",
-            DataType::List(Arc::new(Field::new("item", DataType::Float32, false))),
-            false,
-        ),
-    ]));
-    let columns: Vec<ArrayRef> = vec![
-        Arc::new(uris.finish()),
-        Arc::new(truth.finish()),
-        Arc::new(predicted.finish()),
-        Arc::new(correct_col.finish()),
-        Arc::new(probs_col.finish()),
-    ];
-    let batch = RecordBatch::try_new(schema.clone(), columns)?;
-    let file = std::fs::File::create(dir.join("predictions.parquet"))?;
-    let mut w = parquet::arrow::ArrowWriter::try_new(file, schema, None)?;
-    w.write(&batch)?;
-    w.close()?;
-    Ok(correct)
+    let rows: Vec<PredictionRow> = predictions
+        .iter()
+        .map(|p| PredictionRow::new(p.uri.clone(), p.label, p.probabilities.clone(), classes))
+        .collect();
+    predictions::write_file(&dir.join("predictions.parquet"), &rows)?;
+    Ok(rows.iter().filter(|r| r.correct).count())
 }
 
 impl ProbeSummary {

@@ -20,6 +20,7 @@ pub mod dataset;
 mod error;
 pub mod features;
 mod location;
+pub mod predictions;
 mod store;
 pub mod tables;
 pub mod testing;
