@@ -147,8 +147,14 @@ fn run_training(
         .open()
         .with_context(|| format!("opening workers.device {device}"))?;
     let dtype = cfg.compute_dtype(device);
-    if cfg.raw.meta.dtype.is_some() || device.is_cuda() {
-        tracing::info!(%device, ?dtype, meta_dtype = ?cfg.raw.meta.dtype, "training compute");
+    let wants_bf16 = matches!(cfg.raw.meta.dtype.as_deref(), Some("bfloat16" | "bf16"));
+    if wants_bf16 && dtype != vjepa_model::DType::BF16 {
+        tracing::info!(
+            %device,
+            "meta.dtype bfloat16: mixed precision applies to V-JEPA on a GPU; computing in float32"
+        );
+    } else if device.is_cuda() {
+        tracing::info!(%device, ?dtype, "training on the GPU");
     }
     let cluster = cfg.raw.cluster.clone();
     let addresses = cfg.cluster_addresses()?;
