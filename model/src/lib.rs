@@ -632,17 +632,22 @@ impl VJepa {
         let (loss, per_mask, h, pooled) =
             self.forward_loss_stats(&clips, &masks, self.pool_features)?;
         let collapse = collapse::signals(&h)?;
-        let loss_value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        // The loss and the per-mask losses in one device-to-host read (one sync on a GPU).
+        let mut scalars = Vec::with_capacity(1 + per_mask.len());
+        scalars.push(loss.reshape(1)?);
+        for l in &per_mask {
+            scalars.push(l.reshape(1)?);
+        }
+        let values = Tensor::cat(&scalars, 0)?
+            .to_dtype(DType::F64)?
+            .to_vec1::<f64>()?;
+        let (loss_value, loss_per_mask) = (values[0], values[1..].to_vec());
         if !loss_value.is_finite() {
             return Err(ModelError::NonFiniteLoss {
                 step: self.steps_done + 1,
                 loss: loss_value,
             });
         }
-        let loss_per_mask = per_mask
-            .iter()
-            .map(|l| Ok(l.to_dtype(DType::F64)?.to_scalar::<f64>()?))
-            .collect::<Result<Vec<_>, ModelError>>()?;
         let grads = loss.backward()?;
         Ok(Gradients {
             grads,
