@@ -28,8 +28,10 @@ declare -A EDIT=(
   [longrange04_ema9995]='s#spatial_scale: \[0.7, 0.7\]#spatial_scale: [0.4, 0.4]#; s#^  ema: \[0.998, 1.0\]#  ema: [0.9995, 1.0]#'
   [pred_depth1_ema9995]='s#^  pred_depth: 2#  pred_depth: 1#; s#^  ema: \[0.998, 1.0\]#  ema: [0.9995, 1.0]#'
   [lr3e4_ema9995]='s#^  lr: 0.001#  lr: 0.0003#; s#^  start_lr: 0.0002#  start_lr: 0.0001#; s#^  ema: \[0.998, 1.0\]#  ema: [0.9995, 1.0]#'
+  [pred4w96]='s#^  pred_depth: 2#  pred_depth: 4#; s#^  pred_embed_dim: 48#  pred_embed_dim: 96#'
+  [pred4w96_lr3e4_ema9995]='s#^  pred_depth: 2#  pred_depth: 4#; s#^  pred_embed_dim: 48#  pred_embed_dim: 96#; s#^  lr: 0.001#  lr: 0.0003#; s#^  start_lr: 0.0002#  start_lr: 0.0001#; s#^  ema: \[0.998, 1.0\]#  ema: [0.9995, 1.0]#'
 )
-ORDER=(spec ema9995 wd004 ema9995_wd004 temporal_keep05 reg1 reg1_ema9995 longrange04_ema9995 pred_depth1_ema9995 lr3e4_ema9995)
+ORDER=(spec ema9995 wd004 ema9995_wd004 temporal_keep05 reg1 reg1_ema9995 longrange04_ema9995 pred_depth1_ema9995 lr3e4_ema9995 pred4w96 pred4w96_lr3e4_ema9995)
 [ $# -gt 0 ] && ORDER=("$@")
 BASE="$OUT/vjepa.yaml"
 DATA="$OUT/data"
