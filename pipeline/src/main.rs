@@ -215,6 +215,9 @@ enum Command {
         /// One host:port per line, line i for process i (overrides cluster.hostfile).
         #[arg(long)]
         hostfile: Option<String>,
+        /// Compute device (overrides workers.device); with --locations it is opened.
+        #[arg(long)]
+        device: Option<String>,
     },
     /// Load a checkpoint (path or object-store URL) and print what it holds.
     Inspect { checkpoint: String },
@@ -367,7 +370,9 @@ fn main() -> ExitCode {
             processes,
             process,
             hostfile,
+            device,
         } => match JobConfig::load(&config).and_then(|mut cfg| {
+            cfg.apply_device_flag(device)?;
             cfg.apply_cluster_flags(processes, process, hostfile)?;
             cfg.cluster_addresses()?;
             Ok(cfg)
@@ -393,7 +398,11 @@ fn main() -> ExitCode {
                 if !locations {
                     return ExitCode::SUCCESS;
                 }
-                match vjepa_pipeline::preflight::check_locations(&cfg) {
+                let checked = vjepa_pipeline::preflight::check_device(&cfg).and_then(|device| {
+                    println!("device: {} ({})", device.location, device.found);
+                    vjepa_pipeline::preflight::check_locations(&cfg)
+                });
+                match checked {
                     Ok(checks) => {
                         for c in checks {
                             println!("location: {} = {} ({})", c.key, c.location, c.found);

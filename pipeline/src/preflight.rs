@@ -47,6 +47,24 @@ pub fn check_locations(cfg: &JobConfig) -> Result<Vec<LocationCheck>, LocationEr
     Ok(checks)
 }
 
+/// The compute device (`workers.device`), opened as the job opens it: a GPU must be visible to
+/// this process. The report says what the job will compute in there.
+pub fn check_device(cfg: &JobConfig) -> Result<LocationCheck, LocationError> {
+    let key = "workers.device";
+    let err = |reason: String| LocationError {
+        key: key.to_string(),
+        location: cfg.raw.workers.device.clone(),
+        reason,
+    };
+    let device = cfg.device().map_err(|e| err(e.to_string()))?;
+    device.open().map_err(|e| err(e.to_string()))?;
+    Ok(LocationCheck {
+        key: key.to_string(),
+        location: device.to_string(),
+        found: format!("opened, computing in {:?}", cfg.compute_dtype(device)),
+    })
+}
+
 fn is_object_url(location: &str) -> bool {
     location.contains("://") && !location.starts_with("file://")
 }
@@ -180,5 +198,16 @@ mod tests {
         let missing = config(&[&format!("{}/nope/", dir.path().display())], "out");
         let e = check_locations(&missing).expect_err("missing dataset");
         assert_eq!(e.key, "data.datasets[0]");
+    }
+
+    #[test]
+    fn device_is_opened() {
+        let cfg = config(&["videos/"], "out");
+        let c = check_device(&cfg).expect("the CPU opens");
+        assert_eq!(
+            (c.key.as_str(), c.location.as_str()),
+            ("workers.device", "cpu")
+        );
+        assert_eq!(c.found, "opened, computing in F32");
     }
 }
