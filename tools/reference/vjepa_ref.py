@@ -5,8 +5,9 @@ tensors for the Rust port (``make_goldens.py``), to write test fixtures, and to 
 in CPU speed comparisons. It therefore computes with the same torch ops the official training
 computes with (Conv3d patches, ``nn.Linear``, ``nn.LayerNorm(eps=1e-6)``,
 ``F.scaled_dot_product_attention``, exact ``nn.GELU``, ``torch.gather`` for masks,
-``torch.optim.AdamW`` with four parameter groups, ``clip_grad_norm_``), in full precision (no
-autocast).
+``torch.optim.AdamW`` with four parameter groups, ``clip_grad_norm_``), in full precision unless
+:attr:`VJepaRef.autocast` is set (bf16 autocast of the forward, as the official trainer runs on a
+GPU; for the GPU speed peer).
 
 Parameter names equal the official state-dict keys without ``module.backbone.`` (spec §8), and
 the config field names equal the Rust ``EncoderConfig`` / ``PredictorConfig`` / ``OptimConfig``
@@ -90,6 +91,8 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     loss_exp: float = 1.0
+    # Weight of the variance regulariser on the predictions (spec §6.4; 0: off, the default).
+    reg_coeff: float = 0.0
 
     @staticmethod
     def official(ipe: int = 300, epochs: int = 300, warmup_epochs: int = 40,
@@ -373,6 +376,14 @@ class VJepaRef:
         self.opt = torch.optim.AdamW(param_groups(encoder, predictor), lr=c.start_lr,
                                      betas=tuple(c.betas), eps=c.eps, weight_decay=c.weight_decay)
         self.steps_done = 0
+        # dtype of a torch.autocast around the forward (None: full precision).
+        self.autocast: Optional[torch.dtype] = None
+
+    def to_device(self, device: torch.device) -> "VJepaRef":
+        """Moves the three networks (parameters keep their identity, so the optimiser follows)."""
+        for mod in (self.encoder, self.predictor, self.target):
+            mod.to(device)
+        return self
 
     # -- forward ---------------------------------------------------------------------------------
 
@@ -394,6 +405,11 @@ class VJepaRef:
         e = self.optim_cfg.loss_exp
         losses = [torch.mean(torch.abs(p - t) ** e) / e for p, t in zip(preds, targets)]
         loss = sum(losses) / len(losses)
+        if self.optim_cfg.reg_coeff > 0:
+            # spec §6.4: per-sample std over tokens (unbiased, +1e-4 inside the sqrt), averaged
+            # over the mask configs; the term is mean(relu(1 - std)).
+            std = sum(torch.sqrt(p.var(dim=1) + 1e-4) for p in preds) / len(preds)
+            loss = loss + self.optim_cfg.reg_coeff * torch.mean(F.relu(1.0 - std))
         return {"target_features": h_raw, "context": context, "targets": targets,
                 "preds": preds, "losses": losses, "loss": loss}
 
@@ -414,7 +430,9 @@ class VJepaRef:
             if not g.get("WD_exclude", False):
                 g["weight_decay"] = wd
 
-        out = self.forward_loss(clips, masks)
+        with torch.autocast(clips.device.type, dtype=self.autocast or torch.bfloat16,
+                            enabled=self.autocast is not None):
+            out = self.forward_loss(clips, masks)
         self.opt.zero_grad(set_to_none=True)
         out["loss"].backward()
         if record is not None:
