@@ -7,7 +7,7 @@
 #   bench/gpu-pipeline.sh [CONFIG]        (default configs/vitl16.yaml on cuda)
 # Environment:
 #   DEVICE        cuda (default) or cpu — cpu checks the harness with
-#                 bench/configs/official_tiny_64.yaml where no GPU is lent
+#                 bench/configs/vit_tiny_64.yaml where no GPU is lent
 #   RESOLUTIONS   "640x360 854x480 1280x720" (WxH, H.264 MP4, 30 fps, GOP 60, made with ffmpeg)
 #   VIDEOS        videos per resolution (24), DURATION seconds each (10)
 #   STEPS         steps per resolution (60), SKIP first steps left out of the figures (10)
@@ -17,7 +17,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEVICE="${DEVICE:-cuda}"
-if [ "$DEVICE" = cpu ]; then CONFIG="${1:-bench/configs/official_tiny_64.yaml}"; else CONFIG="${1:-configs/vitl16.yaml}"; fi
+if [ "$DEVICE" = cpu ]; then CONFIG="${1:-bench/configs/vit_tiny_64.yaml}"; else CONFIG="${1:-configs/vitl16.yaml}"; fi
 RESOLUTIONS="${RESOLUTIONS:-640x360 854x480 1280x720}"
 VIDEOS="${VIDEOS:-24}"; DURATION="${DURATION:-10}"
 STEPS="${STEPS:-60}"; SKIP="${SKIP:-10}"
@@ -25,11 +25,7 @@ THREADS="${THREADS:-$(nproc)}"
 OUT="${OUT:-target/gpu-pipeline}"
 (( STEPS > SKIP )) || { echo "gpu-pipeline.sh: STEPS must exceed SKIP" >&2; exit 2; }
 command -v ffmpeg >/dev/null || { echo "gpu-pipeline.sh: ffmpeg not found; run ops/setup.sh" >&2; exit 1; }
-if [ -z "${VJEPA:-}" ]; then
-  features=(); [ "$DEVICE" = cpu ] || features=(--features cuda)
-  cargo build --release --locked -q -p vjepa-pipeline --bin vjepa "${features[@]}"
-  VJEPA="${CARGO_TARGET_DIR:-target}/release/vjepa"
-fi
+VJEPA="${VJEPA:-$(bench/build-bin.sh vjepa-pipeline vjepa "$DEVICE")}"
 PY="$(ops/parquet-venv.sh)"
 mkdir -p "$OUT"
 

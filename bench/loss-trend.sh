@@ -15,11 +15,7 @@ CONFIG="${1:-configs/quickstart.yaml}"
 DEVICE="${DEVICE:-cuda}"; STEPS="${STEPS:-200}"; DTYPE="${DTYPE:-bf16}"
 OUT="${OUT:-target/loss-trend}"
 case "$DTYPE" in bf16) META=bfloat16 ;; f32) META=float32 ;; *) echo "loss-trend.sh: DTYPE is bf16 or f32" >&2; exit 2 ;; esac
-if [ -z "${VJEPA:-}" ]; then
-  features=(); [ "$DEVICE" = cpu ] || features=(--features cuda)
-  cargo build --release --locked -q -p vjepa-pipeline --bin vjepa "${features[@]}"
-  VJEPA="${CARGO_TARGET_DIR:-target}/release/vjepa"
-fi
+VJEPA="${VJEPA:-$(bench/build-bin.sh vjepa-pipeline vjepa "$DEVICE")}"
 PY="$(ops/parquet-venv.sh)"
 mkdir -p "$OUT"
 [ -d "$OUT/videos" ] || "$VJEPA" make-samples "$OUT/videos" --count 12 >/dev/null

@@ -1,24 +1,57 @@
 #!/usr/bin/env bash
-# One V-JEPA training step, ours (candle) vs PyTorch CPU, same shapes, masks, clip and threads,
-# in one run; prints each median step time and the ratio torch/ours (> 1: we are faster).
+# One V-JEPA training step, ours (candle) vs PyTorch (our spec-written reference model with the
+# torch ops the official code uses, bench/train_step_torch.py), same device, shapes, clip, masks
+# and threads, in one run; prints per config s/step, clips/s, model TFLOP/s (matmul FLOPs from
+# the shapes), MFU against PEAK_TFLOPS, memory, and the ratio torch/ours (> 1: we are faster).
 #   bench/train-step.sh [THREADS] [CONFIG...]    (defaults: nproc; quickstart + vit_small 16×112×112)
+# Environment: DEVICE (cpu; cuda for the GPU step, see bench/gpu-step.sh), DTYPE (f32 on the
+# CPU, bf16 elsewhere: ours --bf16, torch with bf16 autocast), BATCH (the config's), WARMUP (2),
+# STEPS (5), COMPILE=1 (also torch with torch.compile on the target encoder), PEAK_TFLOPS (for
+# MFU), TRAIN_STEP (a prebuilt train-step binary), TORCH_PYTHON (default: ops/torch-venv.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 THREADS="${1:-$(nproc)}"; shift || true
 CONFIGS=("$@"); [ ${#CONFIGS[@]} -gt 0 ] || CONFIGS=(configs/quickstart.yaml bench/configs/vit_small_112.yaml)
+DEVICE="${DEVICE:-cpu}"
+if [ "$DEVICE" = cpu ]; then DTYPE="${DTYPE:-f32}"; else DTYPE="${DTYPE:-bf16}"; fi
+case "$DTYPE" in bf16|f32) ;; *) echo "train-step.sh: DTYPE is bf16 or f32" >&2; exit 2 ;; esac
 STEPS="${STEPS:-5}"; WARMUP="${WARMUP:-2}"
-PY="$(ops/torch-venv.sh)"
-cargo build --release --locked -q -p vjepa-bench
+PY="${TORCH_PYTHON:-$(ops/torch-venv.sh)}"
+BIN="${TRAIN_STEP:-$(bench/build-bin.sh vjepa-bench train-step "$DEVICE")}"
 TMP="$(mktemp -d)"; trap 'rm -rf "$TMP"' EXIT
 export RAYON_NUM_THREADS="$THREADS" OMP_NUM_THREADS="$THREADS" MKL_NUM_THREADS="$THREADS"
-printf '%-40s %8s %12s %12s %8s\n' config threads "ours s/step" "torch s/step" ratio
+ours=(--device "$DEVICE"); peer=(--device "$DEVICE" --threads "$THREADS")
+if [ "$DTYPE" = bf16 ]; then ours+=(--bf16); peer+=(--bf16); fi
+[ -n "${BATCH:-}" ] && ours+=(--batch-size "$BATCH")
 for cfg in "${CONFIGS[@]}"; do
-  target/release/train-step --config "$cfg" --inputs "$TMP/in.safetensors" \
-    --warmup "$WARMUP" --steps "$STEPS" > "$TMP/ours.json"
-  "$PY" bench/train_step_torch.py --inputs "$TMP/in.safetensors" --threads "$THREADS" > "$TMP/torch.json"
-  "$PY" - "$cfg" "$THREADS" "$TMP/ours.json" "$TMP/torch.json" <<'PYEOF'
+  "$BIN" --config "$cfg" --inputs "$TMP/in.safetensors" --warmup "$WARMUP" --steps "$STEPS" \
+    "${ours[@]}" > "$TMP/ours.json"
+  runs=("$TMP/ours.json")
+  "$PY" bench/train_step_torch.py --inputs "$TMP/in.safetensors" "${peer[@]}" > "$TMP/torch.json"
+  runs+=("$TMP/torch.json")
+  if [ "${COMPILE:-0}" = 1 ]; then
+    "$PY" bench/train_step_torch.py --inputs "$TMP/in.safetensors" "${peer[@]}" --compile \
+      > "$TMP/compile.json"
+    runs+=("$TMP/compile.json")
+  fi
+  "$PY" - "$cfg" "$THREADS" "${PEAK_TFLOPS:-}" "${runs[@]}" <<'PYEOF'
 import json, sys
-cfg, threads, ours, torch = sys.argv[1], sys.argv[2], json.load(open(sys.argv[3])), json.load(open(sys.argv[4]))
-print(f"{cfg:<40} {threads:>8} {ours['median_s']:>12.4f} {torch['median_s']:>12.4f} {torch['median_s']/ours['median_s']:>7.2f}x")
+cfg, threads, peak, files = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
+rows = [json.load(open(f)) for f in files]
+ours, flops = rows[0], rows[1]["flops_per_step"]  # same inputs: the same work in every row
+batch = ours["batch_size"]
+print(f"{cfg}: {ours['device']}, {ours['dtype']}, batch {batch}, {threads} threads; "
+      f"{flops / 1e12:.3f} model TFLOP per step (matmuls)")
+print("| impl | s/step (median) | clips/s | TFLOP/s | MFU | memory | torch ÷ ours |")
+print("|---|---|---|---|---|---|---|")
+for r in rows:
+    s = r["median_s"]
+    mem = r.get("peak_reserved_bytes") or r.get("memory_used_bytes")
+    mem = f"{mem / 2**30:.1f} GiB" + (" peak reserved" if r.get("peak_reserved_bytes") else " in use") if mem else "–"
+    mfu = f"{100 * flops / s / 1e12 / float(peak):.1f} %" if peak else "–"
+    print(f"| {r['impl']} | {s:.4f} | {batch / s:.1f} | {flops / s / 1e12:.2f} | {mfu} | {mem} "
+          f"| {s / ours['median_s']:.2f}× |")
+print("first losses: " + "; ".join(
+    f"{r['impl']} " + ", ".join(f"{l:.4f}" for l in r["losses"][:3]) for r in rows))
 PYEOF
 done

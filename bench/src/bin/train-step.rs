@@ -2,9 +2,7 @@
 //! official multi-block masks. Writes the exact inputs (clip, every step's mask indices, resolved
 //! configs) to a safetensors file so that the PyTorch peer (`bench/train_step_torch.py`) runs the
 //! same work; `bench/train-step.sh` runs both in one go and prints the ratio. With `--device
-//! cuda` it times the GPU step (`bench/gpu-step.sh`, against the official code's step), in bf16
-//! mixed precision with `--bf16`. The inputs also carry the config's official model and
-//! optimisation keys, so that `bench/gpu_step_official.py` can build the official model.
+//! cuda` it times the GPU step (`bench/gpu-step.sh`), in bf16 mixed precision with `--bf16`.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -132,40 +130,7 @@ fn main() -> Result<()> {
             TensorView::new(Dtype::I64, shape.clone(), bytes)?,
         ));
     }
-    let (m, o) = (&cfg.raw.model, &cfg.raw.optimization);
-    // The official trainer's model and optimiser arguments (`init_video_model`, `init_opt`);
-    // `own_shape` when this config overrides the preset's width or depth (no official model).
-    let official = serde_json::json!({
-        "model_name": m.model_name,
-        "own_shape": m.embed_dim.is_some() || m.depth.is_some() || m.num_heads.is_some(),
-        "crop_size": enc.crop_size,
-        "patch_size": enc.patch_size,
-        "num_frames": enc.num_frames,
-        "tubelet_size": enc.tubelet_size,
-        "pred_depth": m.pred_depth,
-        "pred_embed_dim": m.pred_embed_dim,
-        "uniform_power": m.uniform_power,
-        "use_mask_tokens": m.use_mask_tokens,
-        "num_mask_tokens": pred.num_mask_tokens,
-        "zero_init_mask_tokens": m.zero_init_mask_tokens,
-        "ipe": ipe,
-        "ipe_scale": o.ipe_scale,
-        "epochs": o.epochs,
-        "warmup": o.warmup,
-        "start_lr": o.start_lr,
-        "lr": o.lr,
-        "final_lr": o.final_lr,
-        "weight_decay": o.weight_decay,
-        "final_weight_decay": o.final_weight_decay,
-        "ema": o.ema,
-        "clip_grad": o.clip_grad,
-        "betas": o.betas,
-        "eps": o.eps,
-        "loss_exp": cfg.raw.loss.loss_exp,
-        "reg_coeff": cfg.raw.loss.reg_coeff,
-    });
     let meta = HashMap::from([
-        ("official".to_string(), official.to_string()),
         ("encoder".to_string(), serde_json::to_string(&enc)?),
         ("predictor".to_string(), serde_json::to_string(&pred)?),
         ("optim".to_string(), serde_json::to_string(&optim)?),
