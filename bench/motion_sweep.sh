@@ -17,19 +17,25 @@ shift || true
 OUT="${OUT:-target/motion-probe}"
 VIEWS="${VIEWS:-1}"
 WORKERS="${WORKERS:-1}"
+# The one-line edits the variants combine.
+EMA9995='s#^  ema: \[0.998, 1.0\]#  ema: [0.9995, 1.0]#'
+WD004='s#^  final_weight_decay: 0.4#  final_weight_decay: 0.04#'
+REG1='s#^  reg_coeff: 0.0#  reg_coeff: 1.0#'
+LR3E4='s#^  lr: 0.001#  lr: 0.0003#; s#^  start_lr: 0.0002#  start_lr: 0.0001#'
+PRED4W96='s#^  pred_depth: 2#  pred_depth: 4#; s#^  pred_embed_dim: 48#  pred_embed_dim: 96#'
 declare -A EDIT=(
   [spec]=''
-  [ema9995]='s#^  ema: \[0.998, 1.0\]#  ema: [0.9995, 1.0]#'
-  [wd004]='s#^  final_weight_decay: 0.4#  final_weight_decay: 0.04#'
-  [ema9995_wd004]='s#^  ema: \[0.998, 1.0\]#  ema: [0.9995, 1.0]#; s#^  final_weight_decay: 0.4#  final_weight_decay: 0.04#'
+  [ema9995]="$EMA9995"
+  [wd004]="$WD004"
+  [ema9995_wd004]="$EMA9995; $WD004"
   [temporal_keep05]='s#max_temporal_keep: 1.0#max_temporal_keep: 0.5#'
-  [reg1]='s#^  reg_coeff: 0.0#  reg_coeff: 1.0#'
-  [reg1_ema9995]='s#^  reg_coeff: 0.0#  reg_coeff: 1.0#; s#^  ema: \[0.998, 1.0\]#  ema: [0.9995, 1.0]#'
-  [longrange04_ema9995]='s#spatial_scale: \[0.7, 0.7\]#spatial_scale: [0.4, 0.4]#; s#^  ema: \[0.998, 1.0\]#  ema: [0.9995, 1.0]#'
-  [pred_depth1_ema9995]='s#^  pred_depth: 2#  pred_depth: 1#; s#^  ema: \[0.998, 1.0\]#  ema: [0.9995, 1.0]#'
-  [lr3e4_ema9995]='s#^  lr: 0.001#  lr: 0.0003#; s#^  start_lr: 0.0002#  start_lr: 0.0001#; s#^  ema: \[0.998, 1.0\]#  ema: [0.9995, 1.0]#'
-  [pred4w96]='s#^  pred_depth: 2#  pred_depth: 4#; s#^  pred_embed_dim: 48#  pred_embed_dim: 96#'
-  [pred4w96_lr3e4_ema9995]='s#^  pred_depth: 2#  pred_depth: 4#; s#^  pred_embed_dim: 48#  pred_embed_dim: 96#; s#^  lr: 0.001#  lr: 0.0003#; s#^  start_lr: 0.0002#  start_lr: 0.0001#; s#^  ema: \[0.998, 1.0\]#  ema: [0.9995, 1.0]#'
+  [reg1]="$REG1"
+  [reg1_ema9995]="$REG1; $EMA9995"
+  [longrange04_ema9995]="s#spatial_scale: \[0.7, 0.7\]#spatial_scale: [0.4, 0.4]#; $EMA9995"
+  [pred_depth1_ema9995]="s#^  pred_depth: 2#  pred_depth: 1#; $EMA9995"
+  [lr3e4_ema9995]="$LR3E4; $EMA9995"
+  [pred4w96]="$PRED4W96"
+  [pred4w96_lr3e4_ema9995]="$PRED4W96; $LR3E4; $EMA9995"
 )
 ORDER=(spec ema9995 wd004 ema9995_wd004 temporal_keep05 reg1 reg1_ema9995 longrange04_ema9995 pred_depth1_ema9995 lr3e4_ema9995 pred4w96 pred4w96_lr3e4_ema9995)
 [ $# -gt 0 ] && ORDER=("$@")
