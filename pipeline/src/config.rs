@@ -1013,12 +1013,19 @@ impl JobConfig {
     /// `meta.dtype` is bfloat16 and the device is a GPU; f32 otherwise — on the CPU, whose
     /// kernels are f32, and for the pixel objective, which has no mixed-precision path.
     pub fn compute_dtype(&self, device: ComputeDevice) -> vjepa_model::DType {
-        let bf16 = matches!(self.raw.meta.dtype.as_deref(), Some("bfloat16" | "bf16"));
-        if bf16 && device.is_cuda() && self.raw.model.objective == vjepa_model::Objective::Vjepa {
+        if self.bf16_requested()
+            && device.is_cuda()
+            && self.raw.model.objective == vjepa_model::Objective::Vjepa
+        {
             vjepa_model::DType::BF16
         } else {
             vjepa_model::DType::F32
         }
+    }
+
+    /// Whether `meta.dtype` asks for bfloat16 (as the official presets do).
+    pub fn bf16_requested(&self) -> bool {
+        matches!(self.raw.meta.dtype.as_deref(), Some("bfloat16" | "bf16"))
     }
 
     /// `--device`: replaces `workers.device`, checked as the config's value is.

@@ -147,8 +147,7 @@ fn run_training(
         .open()
         .with_context(|| format!("opening workers.device {device}"))?;
     let dtype = cfg.compute_dtype(device);
-    let wants_bf16 = matches!(cfg.raw.meta.dtype.as_deref(), Some("bfloat16" | "bf16"));
-    if wants_bf16 && dtype != vjepa_model::DType::BF16 {
+    if cfg.bf16_requested() && dtype != vjepa_model::DType::BF16 {
         tracing::info!(
             %device,
             "meta.dtype bfloat16: mixed precision applies to V-JEPA on a GPU; computing in float32"

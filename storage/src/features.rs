@@ -10,8 +10,8 @@ use arrow::array::{
 use arrow::datatypes::{DataType, Field, Float32Type, Schema, SchemaRef};
 
 use crate::tables::{
-    TableRow, TableWriter, col, i64_col, i64_item, i64_list_col, read_batches, schema_err, str_col,
-    u64_to_i64,
+    TableRow, TableWriter, col, f32_item, i64_col, i64_item, i64_list_col, read_batches,
+    schema_err, str_col, u64_to_i64,
 };
 use crate::{StorageError, Store};
 
@@ -34,10 +34,6 @@ pub struct FeatureRow {
     pub embedding: Vec<f32>,
     /// Every token's output, `N × D` row-major, when requested; else empty.
     pub tokens: Vec<f32>,
-}
-
-fn f32_item() -> Arc<Field> {
-    Arc::new(Field::new("item", DataType::Float32, false))
 }
 
 /// Arrow schema of the features table.

@@ -15,7 +15,7 @@ use parquet::file::properties::WriterProperties;
 
 use crate::StorageError;
 use crate::error::error_chain;
-use crate::tables::TableRow;
+use crate::tables::{TableRow, f32_item};
 
 /// One evaluated video.
 #[derive(Clone, Debug, PartialEq)]
@@ -53,10 +53,6 @@ impl PredictionRow {
             probabilities,
         }
     }
-}
-
-fn f32_item() -> Arc<Field> {
-    Arc::new(Field::new("item", DataType::Float32, false))
 }
 
 /// Arrow schema of the predictions table.

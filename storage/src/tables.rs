@@ -113,6 +113,11 @@ fn f64_item() -> Arc<Field> {
     Arc::new(Field::new("item", DataType::Float64, false))
 }
 
+/// The non-null item field of our `list<float>` columns (embeddings, tokens, probabilities).
+pub(crate) fn f32_item() -> Arc<Field> {
+    Arc::new(Field::new("item", DataType::Float32, false))
+}
+
 pub(crate) fn i64_item() -> Arc<Field> {
     Arc::new(Field::new("item", DataType::Int64, false))
 }
