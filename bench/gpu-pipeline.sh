@@ -12,6 +12,8 @@
 #   VIDEOS        videos per resolution (24), DURATION seconds each (10)
 #   STEPS         steps per resolution (60), SKIP first steps left out of the figures (10)
 #   THREADS       decode threads (workers.decode_threads; default nproc)
+#   VIDEO_DECODER software (default) or nvdec (workers.video_decoder: GStreamer's NVDEC
+#                 elements, for when CPU decode cannot keep up)
 #   VJEPA         a prebuilt vjepa binary (default: build it, with the cuda feature on cuda)
 # Outputs in OUT (target/gpu-pipeline): media/, run-RES/, results.md.
 set -euo pipefail
@@ -22,6 +24,7 @@ RESOLUTIONS="${RESOLUTIONS:-640x360 854x480 1280x720}"
 VIDEOS="${VIDEOS:-24}"; DURATION="${DURATION:-10}"
 STEPS="${STEPS:-60}"; SKIP="${SKIP:-10}"
 THREADS="${THREADS:-$(nproc)}"
+VIDEO_DECODER="${VIDEO_DECODER:-software}"
 OUT="${OUT:-target/gpu-pipeline}"
 (( STEPS > SKIP )) || { echo "gpu-pipeline.sh: STEPS must exceed SKIP" >&2; exit 2; }
 command -v ffmpeg >/dev/null || { echo "gpu-pipeline.sh: ffmpeg not found; run ops/setup.sh" >&2; exit 1; }
@@ -49,9 +52,10 @@ for res in $RESOLUTIONS; do
   run="$OUT/run-$res"
   rm -rf "$run"; mkdir -p "$run"
   # The config with this run's corpus, output, decode threads and no metrics server.
-  { cat "$CONFIG"; printf 'workers:\n  count: 1\n  decode_threads: %s\ntelemetry:\n  listen: null\n' "$THREADS"; } \
+  { cat "$CONFIG"; printf 'workers:\n  count: 1\n  decode_threads: %s\n  video_decoder: %s\ntelemetry:\n  listen: null\n' \
+    "$THREADS" "$VIDEO_DECODER"; } \
     > "$run/config.yaml"
-  echo "training $STEPS steps on $res ($DEVICE, $THREADS decode threads) ..." >&2
+  echo "training $STEPS steps on $res ($DEVICE, $THREADS $VIDEO_DECODER decode threads) ..." >&2
   "$VJEPA" train --config "$run/config.yaml" --dataset "$PWD/$OUT/media/$res/" --out "$PWD/$run/out/" \
     --max-steps "$STEPS" --device "$DEVICE" --fresh > "$run/train.log" 2>&1 \
     || { echo "gpu-pipeline.sh: training failed, see $run/train.log" >&2; tail -5 "$run/train.log" >&2; exit 1; }

@@ -497,6 +497,10 @@ pub struct WorkersSection {
     /// CUDA needs a binary built with the `cuda` feature.
     #[serde(default = "default_device")]
     pub device: String,
+    /// Video decoders: `software` (libav, libvpx, …; the same frames on every machine) or
+    /// `nvdec` (GStreamer's nvcodec elements where NVDEC takes the stream, software otherwise).
+    #[serde(default = "default_video_decoder")]
+    pub video_decoder: String,
 }
 
 impl Default for WorkersSection {
@@ -508,8 +512,13 @@ impl Default for WorkersSection {
             decode_deadline_secs: default_deadline(),
             max_attempts_per_clip: default_attempts(),
             device: default_device(),
+            video_decoder: default_video_decoder(),
         }
     }
+}
+
+fn default_video_decoder() -> String {
+    "software".into()
 }
 
 fn default_device() -> String {
@@ -999,6 +1008,7 @@ impl JobConfig {
             r.workers.max_attempts_per_clip,
         )?;
         self.device()?;
+        self.video_decoder()?;
         self.validate_cluster()
     }
 
@@ -1007,6 +1017,17 @@ impl JobConfig {
     pub fn device(&self) -> Result<ComputeDevice, ConfigError> {
         ComputeDevice::parse(&self.raw.workers.device)
             .map_err(|e| ConfigError::invalid("workers.device (--device)", e.to_string()))
+    }
+
+    /// The video decoders of `workers.video_decoder` (a wrong name is refused naming the key;
+    /// whether NVDEC exists on this machine is checked by the job before any work, as
+    /// [`vjepa_ingest::check_video_decoder`]).
+    pub fn video_decoder(&self) -> Result<vjepa_ingest::VideoDecoderKind, ConfigError> {
+        self.raw
+            .workers
+            .video_decoder
+            .parse()
+            .map_err(|e: String| ConfigError::invalid("workers.video_decoder", e))
     }
 
     /// The dtype training computes in: bf16 (mixed precision, f32 master weights) when
@@ -1474,6 +1495,24 @@ mod tests {
 
     /// `workers.device`: cpu by default; a wrong name, or CUDA in a build without the `cuda`
     /// feature, is refused naming the key, from the config and from `--device` alike.
+    #[test]
+    fn video_decoder_name_is_checked() {
+        let cfg = JobConfig::parse(OFFICIAL_VITL16).unwrap();
+        assert_eq!(
+            cfg.video_decoder().unwrap(),
+            vjepa_ingest::VideoDecoderKind::Software
+        );
+        let with = |d: &str| format!("{OFFICIAL_VITL16}\nworkers:\n  video_decoder: {d}\n");
+        let nv = JobConfig::parse(&with("nvdec")).unwrap();
+        assert_eq!(
+            nv.video_decoder().unwrap(),
+            vjepa_ingest::VideoDecoderKind::Nvdec
+        );
+        let err = JobConfig::parse(&with("vaapi")).unwrap_err();
+        assert_eq!(err.key(), Some("workers.video_decoder"), "{err}");
+        assert!(err.to_string().contains("software, nvdec"), "{err}");
+    }
+
     #[test]
     fn device_is_checked_before_any_work() {
         let cfg = JobConfig::parse(OFFICIAL_VITL16).unwrap();

@@ -146,6 +146,10 @@ fn run_training(
     let compute = device
         .open()
         .with_context(|| format!("opening workers.device {device}"))?;
+    // NVDEC must exist here before any work (the nvcodec plugin registers it only with a GPU).
+    let video_decoder = cfg.video_decoder()?;
+    vjepa_ingest::check_video_decoder(video_decoder)
+        .map_err(|e| anyhow!("workers.video_decoder: {video_decoder}: {e}"))?;
     let dtype = cfg.compute_dtype(device);
     if cfg.bf16_requested() && dtype != vjepa_model::DType::BF16 {
         tracing::info!(
@@ -371,6 +375,7 @@ fn run_training(
         // Several decoders at once: one thread each; a lone decoder may use every core.
         decoder_threads: if cfg.decode_threads() > 1 { 1 } else { 0 },
         mixing,
+        video_decoder,
     };
     let workers = cfg.raw.workers.count;
     let clips_per_worker = batch_size.div_ceil(workers * cluster.processes).max(1);

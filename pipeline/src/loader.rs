@@ -65,6 +65,8 @@ pub struct LoaderSettings {
     pub decoder_threads: u32,
     /// How clips are spread over datasets.
     pub mixing: Mixing,
+    /// Software decoders, or NVDEC where it takes the stream (`workers.video_decoder`).
+    pub video_decoder: vjepa_ingest::VideoDecoderKind,
 }
 
 /// One per loader thread: owns a GStreamer decoder and its view of known-bad videos.
@@ -126,6 +128,7 @@ impl StoreLoader {
         let decoder = Decoder::new(DecoderOptions {
             deadline: settings.deadline,
             decoder_threads: settings.decoder_threads,
+            video_decoder: settings.video_decoder,
             ..DecoderOptions::default()
         })?;
         Ok(StoreLoader {

@@ -398,10 +398,15 @@ fn main() -> ExitCode {
                 if !locations {
                     return ExitCode::SUCCESS;
                 }
-                let checked = vjepa_pipeline::preflight::check_device(&cfg).and_then(|device| {
-                    println!("device: {} ({})", device.location, device.found);
-                    vjepa_pipeline::preflight::check_locations(&cfg)
-                });
+                let checked = vjepa_pipeline::preflight::check_device(&cfg)
+                    .and_then(|device| {
+                        println!("device: {} ({})", device.location, device.found);
+                        vjepa_pipeline::preflight::check_video_decoder(&cfg)
+                    })
+                    .and_then(|decoder| {
+                        println!("video decoder: {} ({})", decoder.location, decoder.found);
+                        vjepa_pipeline::preflight::check_locations(&cfg)
+                    });
                 match checked {
                     Ok(checks) => {
                         for c in checks {

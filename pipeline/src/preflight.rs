@@ -65,6 +65,29 @@ pub fn check_device(cfg: &JobConfig) -> Result<LocationCheck, LocationError> {
     })
 }
 
+/// The video decoders (`workers.video_decoder`): NVDEC must be registered in this process's
+/// GStreamer, which the nvcodec plugin does only where it finds an NVIDIA driver and GPU.
+pub fn check_video_decoder(cfg: &JobConfig) -> Result<LocationCheck, LocationError> {
+    let key = "workers.video_decoder";
+    let err = |reason: String| LocationError {
+        key: key.to_string(),
+        location: cfg.raw.workers.video_decoder.clone(),
+        reason,
+    };
+    let kind = cfg.video_decoder().map_err(|e| err(e.to_string()))?;
+    vjepa_ingest::check_video_decoder(kind).map_err(|e| err(e.to_string()))?;
+    let nvdec = vjepa_ingest::nvdec_decoders().map_err(|e| err(e.to_string()))?;
+    let found = match kind {
+        vjepa_ingest::VideoDecoderKind::Software => "software decoders only".to_string(),
+        vjepa_ingest::VideoDecoderKind::Nvdec => format!("NVDEC: {}", nvdec.join(", ")),
+    };
+    Ok(LocationCheck {
+        key: key.to_string(),
+        location: kind.to_string(),
+        found,
+    })
+}
+
 fn is_object_url(location: &str) -> bool {
     location.contains("://") && !location.starts_with("file://")
 }
@@ -209,5 +232,26 @@ mod tests {
             ("workers.device", "cpu")
         );
         assert_eq!(c.found, "opened, computing in F32");
+    }
+
+    #[test]
+    fn video_decoder_is_checked_here() {
+        let mut cfg = config(&["videos/"], "out");
+        let c = check_video_decoder(&cfg).expect("software decoders are always there");
+        assert_eq!(
+            (c.location.as_str(), c.found.as_str()),
+            ("software", "software decoders only")
+        );
+        cfg.raw.workers.video_decoder = "nvdec".into();
+        let nvdec = vjepa_ingest::nvdec_decoders().expect("GStreamer starts");
+        match check_video_decoder(&cfg) {
+            Ok(c) => assert!(c.found.contains("nvh264dec"), "{}", c.found),
+            Err(e) => {
+                // No NVIDIA driver here (CI): refused, naming the key and the plugin.
+                assert!(nvdec.is_empty(), "{nvdec:?}");
+                assert_eq!(e.key, "workers.video_decoder");
+                assert!(e.reason.contains("nvcodec"), "{}", e.reason);
+            }
+        }
     }
 }

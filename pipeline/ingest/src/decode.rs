@@ -13,6 +13,7 @@ use gstreamer_video as gst_video;
 use crate::container::{self, ContainerFacts};
 use crate::error::{IngestError, QuarantineReason};
 use crate::frame::{Colour, YuvFrame};
+use crate::hwdecode::{self, VideoDecoderKind};
 use crate::skip::{self, SkipPlan};
 use crate::source::{ByteSource, ReadAhead, ReadAheadOptions};
 
@@ -58,6 +59,8 @@ pub struct DecoderOptions {
     /// Drop H.264 frames that nothing references and the clip does not use before they reach
     /// the decoder (default `true`; only while frames are numbered from timestamps).
     pub skip_unneeded: bool,
+    /// Software decoders only (default), or NVDEC where it takes the stream.
+    pub video_decoder: VideoDecoderKind,
 }
 
 impl Default for DecoderOptions {
@@ -69,6 +72,7 @@ impl Default for DecoderOptions {
             seek_min_frames: 64,
             read_ahead: ReadAheadOptions::default(),
             skip_unneeded: true,
+            video_decoder: VideoDecoderKind::Software,
         }
     }
 }
@@ -297,6 +301,7 @@ impl Decoder {
     /// Creates a decoder (calls [`crate::init`]).
     pub fn new(opts: DecoderOptions) -> Result<Self, IngestError> {
         crate::init()?;
+        hwdecode::check_available(opts.video_decoder)?;
         Ok(Decoder {
             opts,
             clips: 0,
@@ -556,6 +561,7 @@ impl Decoder {
             .name("decode")
             .build()
             .map_err(|e| fatal("creating decodebin", e))?;
+        hwdecode::connect(&decodebin, self.opts.video_decoder)?;
         let convert = gst::ElementFactory::make("videoconvert")
             .name("convert")
             .build()

@@ -22,6 +22,7 @@ mod container;
 mod decode;
 mod error;
 mod frame;
+mod hwdecode;
 mod samples;
 mod skip;
 mod source;
@@ -30,6 +31,7 @@ pub use container::ContainerFacts;
 pub use decode::{DecodeStats, DecodedClip, Decoder, DecoderOptions, FrameSink, VideoInfo};
 pub use error::{IngestError, QuarantineReason};
 pub use frame::{ClipGeometry, ClipTensor, Colour, YuvFrame};
+pub use hwdecode::{VideoDecoderKind, check_available as check_video_decoder, nvdec_decoders};
 pub use samples::{SampleCodec, SampleSpec, default_sample_specs, make_sample, make_samples};
 pub use source::{ByteSource, DEFAULT_READ_TIMEOUT, ObjectSource, ReadAhead, ReadAheadOptions};
 
