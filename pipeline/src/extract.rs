@@ -92,7 +92,7 @@ pub struct ExtractSummary {
 }
 
 /// The frozen encoder.
-enum Backbone {
+pub(crate) enum Backbone {
     /// Our checkpoint: V-JEPA's target encoder, or the encoder of an `objective: pixel` run.
     Model(Box<Pretrainer>),
     /// An encoder read from a `.pth.tar`.
@@ -125,7 +125,7 @@ impl Backbone {
         Ok(Backbone::Encoder(Box::new(encoder)))
     }
 
-    fn config(&self) -> &EncoderConfig {
+    pub(crate) fn config(&self) -> &EncoderConfig {
         match self {
             Backbone::Model(m) => m.encoder_config(),
             Backbone::Encoder(e) => e.config(),
@@ -141,7 +141,7 @@ impl Backbone {
     }
 
     /// `[B, 3, T, S, S]` → `[B, N, D]` after the final LayerNorm.
-    fn features(&self, clips: &Tensor) -> anyhow::Result<Tensor> {
+    pub(crate) fn features(&self, clips: &Tensor) -> anyhow::Result<Tensor> {
         Ok(match self {
             Backbone::Model(m) => m.eval_features(clips)?,
             Backbone::Encoder(e) => e.forward(clips, None)?,
@@ -410,7 +410,7 @@ struct State {
 }
 
 /// Each video's position in the index and its label, by uri.
-type Order = HashMap<String, (usize, String)>;
+pub(crate) type Order = HashMap<String, (usize, String)>;
 
 /// Where the extract dataflow's decoded clips go: an encoder writing features (`vjepa extract`)
 /// or memory (`vjepa finetune`, which encodes them again every step).
@@ -472,6 +472,21 @@ impl VideoSet {
     /// Number of videos listed.
     pub(crate) fn len(&self) -> usize {
         self.videos.len()
+    }
+
+    /// The label of each video, in listing order.
+    pub(crate) fn labels(&self) -> Vec<String> {
+        self.videos.iter().map(|v| v.label.clone()).collect()
+    }
+
+    /// The same listing with the videos in `order` (indices into the current order; videos not
+    /// named are left out). Streams read videos in listing order.
+    pub(crate) fn reordered(&self, order: &[usize]) -> Self {
+        Self {
+            videos: order.iter().map(|&i| self.videos[i].clone()).collect(),
+            stores: self.stores.clone(),
+            rejected: self.rejected.clone(),
+        }
     }
 }
 
@@ -683,7 +698,9 @@ pub(crate) fn stream_clips<C: ClipConsumer>(
 }
 
 /// Opens a runtime for the object stores and the checkpoint's backbone.
-fn open_backbone(opts: &ExtractOptions) -> anyhow::Result<(tokio::runtime::Runtime, Backbone)> {
+pub(crate) fn open_backbone(
+    opts: &ExtractOptions,
+) -> anyhow::Result<(tokio::runtime::Runtime, Backbone)> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -768,7 +785,17 @@ fn check(opts: &ExtractOptions) -> anyhow::Result<()> {
 pub fn run(opts: ExtractOptions) -> anyhow::Result<ExtractSummary> {
     check(&opts)?;
     let (runtime, backbone) = open_backbone(&opts)?;
-    let handle = runtime.handle().clone();
+    Ok(run_with(opts, backbone, runtime.handle())?.0)
+}
+
+/// [`run`] with a backbone already loaded (from `opts.checkpoint`), which it hands back.
+pub(crate) fn run_with(
+    opts: ExtractOptions,
+    backbone: Backbone,
+    handle: &tokio::runtime::Handle,
+) -> anyhow::Result<(ExtractSummary, Backbone)> {
+    check(&opts)?;
+    let handle = handle.clone();
     let enc = backbone.config().clone();
     let size = opts.size.unwrap_or(enc.crop_size);
     let frames = enc.num_frames;
@@ -803,14 +830,15 @@ pub fn run(opts: ExtractOptions) -> anyhow::Result<ExtractSummary> {
         &handle,
     )?;
     handle.block_on(consumer.writer.close())?;
-    Ok(ExtractSummary {
+    let summary = ExtractSummary {
         output: out_store.uri_of(&out_name),
         videos: total,
         rows: streamed.rows,
         quarantined: streamed.quarantined,
         quarantine_output: streamed.quarantine_output,
         encoder: enc,
-    })
+    };
+    Ok((summary, consumer.backbone))
 }
 
 fn report(s: &State, total: usize, started: Instant, last: bool) {

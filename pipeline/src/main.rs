@@ -123,6 +123,7 @@ impl ProbeArgs {
             label_fraction: self.label_fraction,
             seed: self.seed,
             out_dir: self.out,
+            token_cache: vjepa_pipeline::probe::TokenCache::Memory,
         })
     }
 }
@@ -292,7 +293,16 @@ enum Command {
     /// `objective: pixel` run's encoder's) of a labelled train index, evaluate top-1 on a
     /// validation index (probabilities averaged over views); writes probe.safetensors and
     /// predictions.parquet into --out.
-    Probe(ProbeArgs),
+    Probe {
+        #[command(flatten)]
+        probe: ProbeArgs,
+        /// Where the tokens live between epochs: `memory` (extracted once, held, and written
+        /// to train-/val-features.parquet), `none` (the backbone reads the videos again every
+        /// epoch: memory and disk stay flat for any dataset size), `auto` (memory when both
+        /// splits' tokens fit in 4 GiB).
+        #[arg(long, default_value = "auto")]
+        token_cache: vjepa_pipeline::probe::TokenCache,
+    },
     /// End-to-end fine-tuning: the probe's head trained together with the encoder (lower lr
     /// for the encoder); same inputs and evaluation as `probe`; writes probe.safetensors,
     /// encoder.safetensors and predictions.parquet into --out.
@@ -539,8 +549,13 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Probe(args) => match args.options() {
-            Ok(opts) => report_eval(vjepa_pipeline::probe::run(opts)),
+        Command::Probe { probe, token_cache } => match probe.options() {
+            Ok(opts) => report_eval(vjepa_pipeline::probe::run(
+                vjepa_pipeline::probe::ProbeOptions {
+                    token_cache,
+                    ..opts
+                },
+            )),
             Err(code) => code,
         },
         Command::Finetune {

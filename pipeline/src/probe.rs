@@ -19,10 +19,11 @@ use rand_chacha::ChaCha8Rng;
 
 use vjepa_model::Tensor;
 use vjepa_model::probe::{AttentiveProbe, ProbeConfig, ProbeOptim, ProbeTrainer};
+use vjepa_operators::records::Clip;
 use vjepa_storage::features::{FeatureRow, read_features};
 use vjepa_storage::predictions::{self, PredictionRow};
 
-use crate::extract::{self, ExtractOptions};
+use crate::extract::{self, Backbone, ClipConsumer, ExtractOptions, Order, VideoSet};
 
 /// What to probe.
 #[derive(Clone, Debug)]
@@ -50,6 +51,43 @@ pub struct ProbeOptions {
     pub seed: u64,
     /// Directory (local) for the features, the probe and the predictions.
     pub out_dir: std::path::PathBuf,
+    /// Whether the tokens are extracted once and held (and written to Parquet), or the
+    /// backbone reads the videos again every epoch (`vjepa probe` only).
+    pub token_cache: TokenCache,
+}
+
+/// Where `vjepa probe` keeps the backbone's tokens between epochs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TokenCache {
+    /// `memory` when the tokens of both splits fit in [`AUTO_MEMORY_BYTES`], else `none`.
+    #[default]
+    Auto,
+    /// Extract every clip's tokens once (also written to `train-features.parquet` /
+    /// `val-features.parquet`) and train on them from memory: fast, for small benchmarks.
+    Memory,
+    /// Keep nothing: every epoch streams the train videos through the decoder and the frozen
+    /// backbone again (as the official evaluation does), so memory and disk stay flat
+    /// whatever the dataset's size; evaluation streams the validation videos once.
+    None,
+}
+
+/// The most token bytes (train + validation, f32) `auto` holds in memory: 4 GiB. A ViT-L/16
+/// clip (1,568 tokens × 1,024) is 6.4 MB, so about 600 clips.
+pub const AUTO_MEMORY_BYTES: u64 = 4 << 30;
+
+impl std::str::FromStr for TokenCache {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(TokenCache::Auto),
+            "memory" => Ok(TokenCache::Memory),
+            "none" => Ok(TokenCache::None),
+            other => Err(format!(
+                "unknown token cache {other:?} (expected auto, memory or none)"
+            )),
+        }
+    }
 }
 
 /// The result.
@@ -129,19 +167,23 @@ fn class_names(labels: &BTreeSet<String>) -> Vec<String> {
     names
 }
 
+/// Extracts `index`'s tokens into `out_dir/name` with the loaded backbone and reads them back.
 fn features_of(
     opts: &ProbeOptions,
+    backbone: Backbone,
+    handle: &tokio::runtime::Handle,
     index: &str,
     name: &str,
     views: usize,
-) -> anyhow::Result<(Vec<FeatureRow>, vjepa_model::EncoderConfig)> {
+) -> anyhow::Result<(Vec<FeatureRow>, vjepa_model::EncoderConfig, Backbone)> {
     let path = opts.out_dir.join(name);
     let mut e = opts.extract.clone();
     e.datasets = vec![index.to_string()];
     e.out = path.display().to_string();
     e.views = views;
     e.tokens = true;
-    let summary = extract::run(e).with_context(|| format!("extracting features of {index}"))?;
+    let (summary, backbone) = extract::run_with(e, backbone, handle)
+        .with_context(|| format!("extracting features of {index}"))?;
     if summary.quarantined > 0 {
         tracing::warn!(
             index,
@@ -150,15 +192,275 @@ fn features_of(
             "videos left out of the probe"
         );
     }
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
     let store = vjepa_storage::Store::open(
         &opts.out_dir.display().to_string(),
         &Default::default(),
         false,
     )?;
-    Ok((rt.block_on(read_features(&store, name))?, summary.encoder))
+    let rows = handle.block_on(read_features(&store, name))?;
+    Ok((rows, summary.encoder, backbone))
+}
+
+/// The probe with nothing held between epochs ([`TokenCache::None`]): every epoch streams the
+/// train videos (shuffled, in the order the in-memory probe would batch them) through the
+/// decoder and the frozen backbone into probe steps; evaluation streams the validation
+/// videos once. Same classes, low-shot subset, batches and schedule as the in-memory probe.
+fn run_streaming(
+    opts: &ProbeOptions,
+    backbone: Backbone,
+    train: VideoSet,
+    val: VideoSet,
+    handle: &tokio::runtime::Handle,
+) -> anyhow::Result<ProbeSummary> {
+    let enc = backbone.config().clone();
+    let size = opts.extract.size.unwrap_or(enc.crop_size);
+    let labels = train.labels();
+    let (classes, class_of) = classes(labels.iter().cloned().collect())?;
+    let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
+    let listed: Vec<usize> = (0..train.len()).collect();
+    let keep = low_shot(
+        listed,
+        |&i| class_of.get(&labels[i]).copied().unwrap_or(usize::MAX),
+        classes.len(),
+        opts.label_fraction,
+        &mut rng,
+    );
+    let cfg = ProbeConfig {
+        embed_dim: enc.embed_dim,
+        num_heads: enc.num_heads,
+        num_classes: classes.len(),
+        mlp_ratio: 4.0,
+    };
+    let device = opts
+        .extract
+        .device
+        .open()
+        .with_context(|| format!("opening device {}", opts.extract.device))?;
+    let probe = AttentiveProbe::new(cfg, opts.seed, &device)?;
+    let trainer = ProbeTrainer::new(probe, probe_optim(opts, keep.len()))?;
+    let mut pass = TrainPass {
+        backbone,
+        trainer,
+        class_of: class_of.clone(),
+        segments: opts.extract.segments,
+        batch_size: opts.batch_size,
+        encode_batch: opts.extract.batch_size,
+        pending: Vec::new(),
+        losses: Vec::new(),
+    };
+    let mut e = opts.extract.clone();
+    e.datasets = vec![opts.train.clone()];
+    e.views = 1;
+    e.progress = false;
+    let train_q = opts
+        .out_dir
+        .join("train.quarantine.parquet")
+        .display()
+        .to_string();
+    let mut order: Vec<usize> = (0..keep.len()).collect();
+    let mut final_loss = f64::NAN;
+    let mut trained = keep.len();
+    for epoch in 0..opts.epochs {
+        order.shuffle(&mut rng);
+        let videos: Vec<usize> = order.iter().map(|&p| keep[p]).collect();
+        let set = train.reordered(&videos);
+        let (mut done, streamed) =
+            extract::stream_clips(&e, set, enc.num_frames, size, &train_q, pass, handle)
+                .with_context(|| format!("probe epoch {}", epoch + 1))?;
+        done.finish_epoch()?;
+        if epoch == 0 && streamed.quarantined > 0 {
+            tracing::warn!(
+                quarantined = streamed.quarantined,
+                records = %streamed.quarantine_output,
+                "train videos left out of the probe"
+            );
+        }
+        trained = keep.len().saturating_sub(streamed.quarantined);
+        final_loss = done.losses.iter().sum::<f64>() / done.losses.len().max(1) as f64;
+        done.losses.clear();
+        tracing::info!(
+            epoch = epoch + 1,
+            loss = format_args!("{final_loss:.4}"),
+            "probe"
+        );
+        pass = done;
+    }
+    let TrainPass {
+        backbone, trainer, ..
+    } = pass;
+    let probe = trainer.into_probe();
+    std::fs::write(
+        opts.out_dir.join("probe.safetensors"),
+        probe.to_safetensors()?,
+    )?;
+
+    let mut e = opts.extract.clone();
+    e.datasets = vec![opts.val.clone()];
+    e.views = opts.val_views;
+    let val_q = opts
+        .out_dir
+        .join("val.quarantine.parquet")
+        .display()
+        .to_string();
+    let eval = EvalPass {
+        backbone,
+        probe,
+        class_of,
+        segments: opts.extract.segments,
+        views: opts.val_views,
+        encode_batch: opts.extract.batch_size,
+        predictions: Vec::new(),
+    };
+    let (eval, streamed) =
+        extract::stream_clips(&e, val, enc.num_frames, size, &val_q, eval, handle)
+            .context("evaluating the probe")?;
+    if streamed.quarantined > 0 {
+        tracing::warn!(
+            quarantined = streamed.quarantined,
+            records = %streamed.quarantine_output,
+            "validation videos left out of the probe"
+        );
+    }
+    let evaluated = eval.predictions.len();
+    let correct = write_predictions(&opts.out_dir, &classes, &eval.predictions)?;
+    Ok(ProbeSummary::new(
+        correct, evaluated, trained, classes, final_loss,
+    ))
+}
+
+/// The backbone's tokens of `clips` (sorted by video, then slot), `[1, N, D]` per clip.
+fn encode_clips(
+    backbone: &Backbone,
+    clips: &[Clip],
+    encode_batch: usize,
+) -> anyhow::Result<Vec<Tensor>> {
+    let mut out = Vec::with_capacity(clips.len());
+    for chunk in clips.chunks(encode_batch.max(1)) {
+        let cfg = backbone.config();
+        let t = cfg.num_frames;
+        let per_clip = chunk.first().map_or(0, |c| c.data.len());
+        let s = ((per_clip / (3 * t.max(1))) as f64).sqrt() as usize;
+        let x = crate::loader::stack_clips(chunk, (t, s))?;
+        let features = backbone.features(&x)?;
+        for i in 0..chunk.len() {
+            out.push(features.narrow(0, i, 1)?);
+        }
+    }
+    Ok(out)
+}
+
+/// `clips` (sorted by video, then slot) split into each video's clips.
+fn by_video(clips: &[Clip]) -> Vec<std::ops::Range<usize>> {
+    let mut ranges = Vec::new();
+    let mut start = 0;
+    for i in 1..=clips.len() {
+        if i == clips.len() || clips[i].uri != clips[start].uri {
+            ranges.push(start..i);
+            start = i;
+        }
+    }
+    ranges
+}
+
+/// One epoch of probe training on clips as they stream in.
+struct TrainPass {
+    backbone: Backbone,
+    trainer: ProbeTrainer,
+    class_of: BTreeMap<String, usize>,
+    segments: usize,
+    batch_size: usize,
+    encode_batch: usize,
+    /// Videos encoded but not yet trained on: `[1, S·N, D]` tokens and the class.
+    pending: Vec<(Tensor, u32)>,
+    losses: Vec<f64>,
+}
+
+impl TrainPass {
+    fn step(&mut self, n: usize) -> anyhow::Result<()> {
+        let batch: Vec<(Tensor, u32)> = self.pending.drain(..n).collect();
+        let tokens: Vec<&Tensor> = batch.iter().map(|(t, _)| t).collect();
+        let labels: Vec<u32> = batch.iter().map(|(_, l)| *l).collect();
+        let x = Tensor::cat(&tokens, 0)?;
+        self.losses.push(self.trainer.step(&x, &labels)?.loss);
+        Ok(())
+    }
+
+    /// The last, partial batch of the epoch.
+    fn finish_epoch(&mut self) -> anyhow::Result<()> {
+        if !self.pending.is_empty() {
+            self.step(self.pending.len())?;
+        }
+        Ok(())
+    }
+}
+
+impl ClipConsumer for TrainPass {
+    fn consume(&mut self, clips: Vec<Clip>, order: &Order) -> anyhow::Result<u64> {
+        let tokens = encode_clips(&self.backbone, &clips, self.encode_batch)?;
+        for range in by_video(&clips) {
+            let uri = &clips[range.start].uri;
+            if range.len() != self.segments {
+                bail!("{uri}: {} clips, expected {}", range.len(), self.segments);
+            }
+            let label = order.get(uri).map(|o| o.1.as_str()).unwrap_or_default();
+            let Some(&class) = self.class_of.get(label) else {
+                bail!("{uri}: label `{label}` is not a class of the train set");
+            };
+            let x = Tensor::cat(&tokens[range.clone()], 1)?;
+            self.pending.push((x, class as u32));
+            if self.pending.len() >= self.batch_size {
+                self.step(self.batch_size)?;
+            }
+        }
+        Ok(clips.len() as u64)
+    }
+}
+
+/// The trained probe over the validation clips as they stream in.
+struct EvalPass {
+    backbone: Backbone,
+    probe: AttentiveProbe,
+    class_of: BTreeMap<String, usize>,
+    segments: usize,
+    views: usize,
+    encode_batch: usize,
+    predictions: Vec<Prediction>,
+}
+
+impl ClipConsumer for EvalPass {
+    fn consume(&mut self, clips: Vec<Clip>, order: &Order) -> anyhow::Result<u64> {
+        let tokens = encode_clips(&self.backbone, &clips, self.encode_batch)?;
+        for range in by_video(&clips) {
+            let uri = &clips[range.start].uri;
+            if range.len() != self.segments * self.views {
+                bail!(
+                    "{uri}: {} clips, expected {}",
+                    range.len(),
+                    self.segments * self.views
+                );
+            }
+            let label = order.get(uri).map(|o| o.1.as_str()).unwrap_or_default();
+            let Some(&class) = self.class_of.get(label) else {
+                bail!("{uri}: label `{label}` is not a class of the train set");
+            };
+            // Slot = segment · views + view: per view, its segments in order.
+            let mut per_view = Vec::with_capacity(self.views);
+            for v in 0..self.views {
+                let segs: Vec<&Tensor> = (0..self.segments)
+                    .map(|s| &tokens[range.start + s * self.views + v])
+                    .collect();
+                per_view.push(Tensor::cat(&segs, 1)?);
+            }
+            let x = Tensor::cat(&per_view, 0)?;
+            let p = self.probe.probabilities(&x)?.mean(0)?.to_vec1::<f32>()?;
+            self.predictions.push(Prediction {
+                uri: uri.clone(),
+                label: class,
+                probabilities: p,
+            });
+        }
+        Ok(clips.len() as u64)
+    }
 }
 
 /// Checks the options shared by `probe` and `finetune` and creates the output directory.
@@ -283,8 +585,58 @@ impl ProbeSummary {
 /// Runs the probe: extract, train, evaluate, write.
 pub fn run(opts: ProbeOptions) -> anyhow::Result<ProbeSummary> {
     prepare(&opts)?;
-    let (train_rows, encoder) = features_of(&opts, &opts.train, "train-features.parquet", 1)?;
-    let (val_rows, _) = features_of(&opts, &opts.val, "val-features.parquet", opts.val_views)?;
+    let (runtime, backbone) = extract::open_backbone(&opts.extract)?;
+    let handle = runtime.handle();
+    let train = VideoSet::open(std::slice::from_ref(&opts.train), &opts.extract.s3, handle)?;
+    let val = VideoSet::open(std::slice::from_ref(&opts.val), &opts.extract.s3, handle)?;
+    let enc = backbone.config();
+    let size = opts.extract.size.unwrap_or(enc.crop_size);
+    let tokens = (enc.num_frames / enc.tubelet_size.max(1)) * (size / enc.patch_size.max(1)).pow(2);
+    let clips = (train.len() + val.len() * opts.val_views) * opts.extract.segments;
+    let bytes = (clips * tokens * enc.embed_dim * 4) as u64;
+    let stream = match opts.token_cache {
+        TokenCache::Memory => false,
+        TokenCache::None => true,
+        TokenCache::Auto => bytes > AUTO_MEMORY_BYTES,
+    };
+    tracing::info!(
+        token_bytes = bytes,
+        cache = if stream {
+            "none: the backbone reads every epoch"
+        } else {
+            "memory"
+        },
+        "probe tokens"
+    );
+    if stream {
+        run_streaming(&opts, backbone, train, val, handle)
+    } else {
+        run_in_memory(&opts, backbone, handle)
+    }
+}
+
+/// The probe on tokens extracted once and held in memory ([`TokenCache::Memory`]).
+fn run_in_memory(
+    opts: &ProbeOptions,
+    backbone: Backbone,
+    handle: &tokio::runtime::Handle,
+) -> anyhow::Result<ProbeSummary> {
+    let (train_rows, encoder, backbone) = features_of(
+        opts,
+        backbone,
+        handle,
+        &opts.train,
+        "train-features.parquet",
+        1,
+    )?;
+    let (val_rows, _, _) = features_of(
+        opts,
+        backbone,
+        handle,
+        &opts.val,
+        "val-features.parquet",
+        opts.val_views,
+    )?;
     // The probe's heads are the encoder's (spec §9).
     let heads = encoder.num_heads;
     let d = train_rows
@@ -314,7 +666,7 @@ pub fn run(opts: ProbeOptions) -> anyhow::Result<ProbeSummary> {
         .open()
         .with_context(|| format!("opening device {}", opts.extract.device))?;
     let probe = AttentiveProbe::new(cfg, opts.seed, &device)?;
-    let mut trainer = ProbeTrainer::new(probe, probe_optim(&opts, train.len()))?;
+    let mut trainer = ProbeTrainer::new(probe, probe_optim(opts, train.len()))?;
     let mut order: Vec<usize> = (0..train.len()).collect();
     let mut final_loss = f64::NAN;
     for epoch in 0..opts.epochs {

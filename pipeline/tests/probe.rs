@@ -135,6 +135,88 @@ fn pretrain_then_probe_writes_its_artifacts() {
     );
 }
 
+/// `--token-cache none` (nothing held between epochs: the backbone reads the videos again every
+/// epoch) trains on the same batches as the in-memory probe and so gives the same probe: same
+/// top-1 line (final loss included), same probabilities; and it writes no token tables.
+#[test]
+fn streaming_probe_matches_the_in_memory_probe() {
+    let tmp = tempfile::tempdir().unwrap();
+    let videos = tmp.path().join("videos");
+    make_corpus(&videos, 8);
+    let out = tmp.path().join("out");
+    let config = write_config(&tmp.path().join("c.yaml"), &videos, &out, 2);
+    assert_ok(&run_train(&config, &[], &[]));
+    let checkpoint = out.join("checkpoints/step-00000002.safetensors");
+    let (train_csv, val_csv) = labelled_indexes(&videos, tmp.path(), 6);
+    let probe = |cache: &str, fraction: &str| {
+        let dir = tmp.path().join(format!("probe-{cache}-{fraction}"));
+        let run = Command::new(bin())
+            .args(["probe", "--checkpoint"])
+            .arg(&checkpoint)
+            .arg("--train")
+            .arg(&train_csv)
+            .arg("--val")
+            .arg(&val_csv)
+            .arg("--out")
+            .arg(&dir)
+            .args(["--segments", "2", "--views", "2", "--epochs", "3"])
+            .args(["--batch-size", "4", "--seed", "3", "--token-cache", cache])
+            .args(["--label-fraction", fraction])
+            .output()
+            .unwrap();
+        assert_ok(&run);
+        let line = String::from_utf8_lossy(&run.stdout)
+            .lines()
+            .find(|l| l.starts_with("top-1"))
+            .map(str::to_string)
+            .unwrap_or_default();
+        (dir, line)
+    };
+    for fraction in ["1.0", "0.5"] {
+        let (mem_dir, mem) = probe("memory", fraction);
+        let (stream_dir, stream) = probe("none", fraction);
+        assert!(mem.contains("2 classes"), "{mem}");
+        assert_eq!(stream, mem, "label fraction {fraction}");
+        assert!(mem_dir.join("train-features.parquet").exists());
+        assert!(!stream_dir.join("train-features.parquet").exists());
+        let (a, b) = (probabilities(&mem_dir), probabilities(&stream_dir));
+        assert_eq!(a.len(), 2);
+        assert_eq!(a.len(), b.len());
+        for (x, y) in a.iter().flatten().zip(b.iter().flatten()) {
+            assert!((x - y).abs() < 1e-4, "{a:?} vs {b:?}");
+        }
+    }
+}
+
+/// The `probabilities` column of a probe's predictions.parquet.
+fn probabilities(dir: &std::path::Path) -> Vec<Vec<f32>> {
+    let file = std::fs::File::open(dir.join("predictions.parquet")).unwrap();
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+        .unwrap()
+        .build()
+        .unwrap();
+    let mut out = Vec::new();
+    for batch in reader {
+        let batch = batch.unwrap();
+        let probs = batch
+            .column_by_name("probabilities")
+            .unwrap()
+            .as_any()
+            .downcast_ref::<arrow::array::ListArray>()
+            .unwrap()
+            .clone();
+        for i in 0..probs.len() {
+            let p = probs.value(i);
+            let p = p
+                .as_any()
+                .downcast_ref::<arrow::array::Float32Array>()
+                .unwrap();
+            out.push(p.values().to_vec());
+        }
+    }
+    out
+}
+
 /// `vjepa init` writes the model a fresh run starts from (the random-init baseline of a probe):
 /// a loadable step-0 checkpoint, the same bytes for the same config, other weights for another
 /// seed.
