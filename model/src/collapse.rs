@@ -24,15 +24,32 @@ pub struct Signals {
 /// [`batch_std`] and [`effective_rank`] of `[B, N, D]` features with one device-to-host copy
 /// (this runs every training step).
 pub fn signals(h: &Tensor) -> Result<Signals, ModelError> {
+    let v = terms(h)?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+    Ok(Signals::from_terms(&v))
+}
+
+/// The device-side terms of [`signals`] as one `[3]` f32 tensor, for a caller that reads them
+/// back together with other values of the step (one host sync instead of several).
+pub fn terms(h: &Tensor) -> Result<Tensor, ModelError> {
     let std = std_tensor(h)?;
     let (trace, frob2) = rank_terms(h)?;
-    let v = Tensor::stack(&[std, trace, frob2], 0)?
-        .to_dtype(DType::F64)?
-        .to_vec1::<f64>()?;
-    Ok(Signals {
-        std: v[0],
-        rank: participation_ratio(v[1], v[2]),
-    })
+    Ok(Tensor::stack(&[std, trace, frob2], 0)?)
+}
+
+impl Signals {
+    /// The signals from the three values of [`terms`].
+    pub fn from_terms(v: &[f64]) -> Self {
+        match v {
+            [std, trace, frob2, ..] => Signals {
+                std: *std,
+                rank: participation_ratio(*trace, *frob2),
+            },
+            _ => Signals {
+                std: f64::NAN,
+                rank: 0.0,
+            },
+        }
+    }
 }
 
 /// Population std over the batch axis of `[B, N, D]` features, then the mean over N and D

@@ -631,24 +631,27 @@ impl VJepa {
         let masks = self.mask_indices(batch, b)?;
         let (loss, per_mask, h, pooled) =
             self.forward_loss_stats(&clips, &masks, self.pool_features)?;
-        let collapse = collapse::signals(&h)?;
-        // The loss and the per-mask losses in one device-to-host read (one sync on a GPU).
-        let mut scalars = Vec::with_capacity(1 + per_mask.len());
-        scalars.push(loss.reshape(1)?);
+        // Backward first, then the loss, the per-mask losses and the collapse terms in one
+        // device-to-host read: one sync on a GPU, after the step's heavy work is queued. (A
+        // non-finite loss has a useless gradient, dropped below; nothing has changed yet.)
+        let grads = loss.backward()?;
+        let mut scalars = Vec::with_capacity(4 + per_mask.len());
+        scalars.push(collapse::terms(&h)?.to_dtype(DType::F32)?);
+        scalars.push(loss.to_dtype(DType::F32)?.reshape(1)?);
         for l in &per_mask {
-            scalars.push(l.reshape(1)?);
+            scalars.push(l.to_dtype(DType::F32)?.reshape(1)?);
         }
         let values = Tensor::cat(&scalars, 0)?
             .to_dtype(DType::F64)?
             .to_vec1::<f64>()?;
-        let (loss_value, loss_per_mask) = (values[0], values[1..].to_vec());
+        let collapse = collapse::Signals::from_terms(&values[..3]);
+        let (loss_value, loss_per_mask) = (values[3], values[4..].to_vec());
         if !loss_value.is_finite() {
             return Err(ModelError::NonFiniteLoss {
                 step: self.steps_done + 1,
                 loss: loss_value,
             });
         }
-        let grads = loss.backward()?;
         Ok(Gradients {
             grads,
             loss: loss_value,
@@ -1028,8 +1031,11 @@ fn optimiser_step(
         return Err(ModelError::NonFiniteLoss { step: step1, loss });
     }
     let (enc_params, rest) = opt.params().split_at(num_encoder_params);
-    let enc_norm = optim::grad_sq_sum(&grads, enc_params.iter().map(|p| &p.var))?.sqrt();
-    let pred_norm = optim::grad_sq_sum(&grads, rest.iter().map(|p| &p.var))?.sqrt();
+    // Both pre-clip norms in one read (one sync on a GPU).
+    let enc_vars: Vec<&candle_core::Var> = enc_params.iter().map(|p| &p.var).collect();
+    let rest_vars: Vec<&candle_core::Var> = rest.iter().map(|p| &p.var).collect();
+    let sq = optim::grad_sq_sums(&grads, &[&enc_vars, &rest_vars])?;
+    let (enc_norm, pred_norm) = (sq[0].sqrt(), sq[1].sqrt());
     if let Some(max_norm) = c.clip_grad
         && iter0 >= c.clip_start_iteration
     {

@@ -2,7 +2,7 @@
 //! The per-tensor work runs in the fused in-place kernels of [`crate::kernels`].
 
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 
 use crate::ModelError;
 use crate::kernels::{self, AdamUpdate};
@@ -254,6 +254,45 @@ pub fn grad_sq_sum<'a>(
     Ok(total)
 }
 
+/// [`grad_sq_sum`] of several groups of vars with one device-to-host read on a GPU (per
+/// group: the sum of squared gradient entries, missing grads counting as zero).
+pub fn grad_sq_sums(grads: &GradStore, groups: &[&[&Var]]) -> Result<Vec<f64>, ModelError> {
+    let mut per_group: Vec<Vec<Tensor>> = Vec::with_capacity(groups.len());
+    let mut device = None;
+    for vars in groups {
+        let mut sums = Vec::new();
+        for v in vars.iter() {
+            if let Some(g) = grads.get(v.as_tensor()) {
+                let s = kernels::sum_sq(g)?.to_dtype(DType::F64)?.reshape(1)?;
+                device.get_or_insert_with(|| s.device().clone());
+                sums.push(s);
+            }
+        }
+        per_group.push(sums);
+    }
+    let on_gpu = device.as_ref().is_some_and(|d| !d.is_cpu());
+    if !on_gpu {
+        // On the CPU every read is free: sum in f64 in the order grad_sq_sum does.
+        return per_group
+            .iter()
+            .map(|sums| {
+                sums.iter().try_fold(0.0f64, |acc, s| {
+                    Ok(acc + s.to_vec1::<f64>()?.first().copied().unwrap_or(0.0))
+                })
+            })
+            .collect();
+    }
+    // One [groups] f64 tensor (an empty group sums to 0), read once.
+    let mut totals = Vec::with_capacity(per_group.len());
+    for sums in &per_group {
+        totals.push(match sums.first() {
+            None => Tensor::zeros(1, DType::F64, device.as_ref().unwrap_or(&Device::Cpu))?,
+            Some(_) => Tensor::cat(sums, 0)?.sum_all()?.reshape(1)?,
+        });
+    }
+    Ok(Tensor::cat(&totals, 0)?.to_vec1::<f64>()?)
+}
+
 /// torch `clip_grad_norm_`: scales the grads of `vars` by max_norm / (norm + 1e-6) when that is
 /// below 1. `norm` is the pre-clip total norm (computed by the caller for its metrics).
 pub fn clip_grads<'a>(
@@ -399,5 +438,17 @@ mod tests {
         assert!((n2 - 1.0).abs() < 1e-6);
         clip_grads(&mut grads, [&a].into_iter(), n2, 10.0).unwrap(); // no-op
         assert!((grad_sq_sum(&grads, [&a].into_iter()).unwrap().sqrt() - n2).abs() < 1e-15);
+    }
+
+    #[test]
+    fn grouped_sums_equal_the_single_sums() {
+        let dev = Device::Cpu;
+        let a = Var::from_vec(vec![1.0f64, 2.0], 2, &dev).unwrap();
+        let b = Var::from_vec(vec![0.5f64, -1.0, 3.0], 3, &dev).unwrap();
+        let c = Var::from_vec(vec![7.0f64], 1, &dev).unwrap(); // no gradient
+        let grads = grads_for(&[&a, &b], &[vec![3.0, -4.0], vec![1.0, 2.0, 2.0]]);
+        let sums = grad_sq_sums(&grads, &[&[&a], &[&b, &c], &[&c]]).unwrap();
+        assert_eq!(sums, vec![25.0, 9.0, 0.0]);
+        assert_eq!(sums[1], grad_sq_sum(&grads, [&b, &c].into_iter()).unwrap());
     }
 }

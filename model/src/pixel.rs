@@ -291,15 +291,25 @@ impl PixelMae {
     /// outputs (no target encoder exists).
     pub fn compute_gradients(&self, batch: &TrainBatch) -> Result<Gradients, ModelError> {
         let (loss, visible, masked, h) = self.forward_loss(batch)?;
-        let collapse = crate::collapse::signals(&h)?;
-        let loss_value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        // Backward, then the loss and the collapse terms in one read (one sync on a GPU).
+        let grads = loss.backward()?;
+        let values = Tensor::cat(
+            &[
+                crate::collapse::terms(&h)?,
+                loss.to_dtype(DType::F32)?.reshape(1)?,
+            ],
+            0,
+        )?
+        .to_dtype(DType::F64)?
+        .to_vec1::<f64>()?;
+        let collapse = crate::collapse::Signals::from_terms(&values[..3]);
+        let loss_value = values[3];
         if !loss_value.is_finite() {
             return Err(ModelError::NonFiniteLoss {
                 step: self.steps_done + 1,
                 loss: loss_value,
             });
         }
-        let grads = loss.backward()?;
         Ok(Gradients {
             grads,
             loss: loss_value,

@@ -123,7 +123,7 @@ impl ProbeArgs {
             label_fraction: self.label_fraction,
             seed: self.seed,
             out_dir: self.out,
-            token_cache: vjepa_pipeline::probe::TokenCache::Memory,
+            cache: vjepa_pipeline::probe::Cache::Memory,
         })
     }
 }
@@ -301,7 +301,7 @@ enum Command {
         /// epoch: memory and disk stay flat for any dataset size), `auto` (memory when both
         /// splits' tokens fit in 4 GiB).
         #[arg(long, default_value = "auto")]
-        token_cache: vjepa_pipeline::probe::TokenCache,
+        cache: vjepa_pipeline::probe::Cache,
     },
     /// End-to-end fine-tuning: the probe's head trained together with the encoder (lower lr
     /// for the encoder); same inputs and evaluation as `probe`; writes probe.safetensors,
@@ -313,6 +313,11 @@ enum Command {
         /// practice, not the spec; 0 keeps the encoder frozen).
         #[arg(long, default_value_t = 0.1)]
         backbone_lr_scale: f64,
+        /// Where the decoded clips live between epochs: `memory` (decoded once and held),
+        /// `none` (decoded again every epoch: memory stays flat for any dataset size), `auto`
+        /// (memory when both splits' clips fit in 4 GiB).
+        #[arg(long, default_value = "auto")]
+        clip_cache: vjepa_pipeline::probe::Cache,
     },
     /// Write a small corpus of real encoded videos (H.264/MP4, VP9/WebM) into DIR.
     MakeSamples {
@@ -549,22 +554,23 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Probe { probe, token_cache } => match probe.options() {
+        Command::Probe { probe, cache } => match probe.options() {
             Ok(opts) => report_eval(vjepa_pipeline::probe::run(
-                vjepa_pipeline::probe::ProbeOptions {
-                    token_cache,
-                    ..opts
-                },
+                vjepa_pipeline::probe::ProbeOptions { cache, ..opts },
             )),
             Err(code) => code,
         },
         Command::Finetune {
             probe,
             backbone_lr_scale,
+            clip_cache,
         } => match probe.options() {
             Ok(probe) => report_eval(vjepa_pipeline::finetune::run(
                 vjepa_pipeline::finetune::FinetuneOptions {
-                    probe,
+                    probe: vjepa_pipeline::probe::ProbeOptions {
+                        cache: clip_cache,
+                        ..probe
+                    },
                     backbone_lr_scale,
                 },
             )),

@@ -1,14 +1,16 @@
 //! `vjepa probe`: the frozen-backbone evaluation of spec §9. The checkpoint's target encoder
-//! (an `objective: pixel` checkpoint's encoder) reads every clip once ([`crate::extract`],
-//! all tokens); an attentive probe is trained on the train index's tokens and evaluated on the validation index, averaging the class
-//! probabilities over views (segments are concatenated into one probe pass, as the official
-//! `attend_across_segments`). Top-1 is printed and the predictions written to Parquet.
+//! (an `objective: pixel` checkpoint's encoder) reads the clips through [`crate::extract`]'s
+//! dataflow; an attentive probe is trained on the train index's tokens and evaluated on the
+//! validation index, averaging the class probabilities over views (segments are concatenated
+//! into one probe pass, as the official `attend_across_segments`). Top-1 is printed and the
+//! predictions written to Parquet.
 //!
-//! Differences from the official recipe, said plainly: the backbone runs once per clip (no
-//! RandAugment / random resized crop / random erasing per epoch), and training runs in f32 on
-//! the CPU (no fp16 autocast). The probe, its optimiser and schedules are the official ones.
-//! `vjepa finetune` ([`crate::finetune`]) shares the options, the label handling and the
-//! predictions table.
+//! The tokens are extracted once and held, or the backbone reads the videos again every epoch
+//! ([`Cache`]): the same batches either way. Differences from the official recipe, said
+//! plainly: the clips are the same every epoch (no RandAugment / random resized crop / random
+//! erasing), and training runs in f32 (no fp16 autocast). The probe, its optimiser and
+//! schedules are the official ones. `vjepa finetune` ([`crate::finetune`]) shares the options,
+//! the label handling and the predictions table.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -51,38 +53,50 @@ pub struct ProbeOptions {
     pub seed: u64,
     /// Directory (local) for the features, the probe and the predictions.
     pub out_dir: std::path::PathBuf,
-    /// Whether the tokens are extracted once and held (and written to Parquet), or the
-    /// backbone reads the videos again every epoch (`vjepa probe` only).
-    pub token_cache: TokenCache,
+    /// Whether clips are read once and held (the probe: their tokens, also written to
+    /// Parquet; fine-tuning: the decoded clips), or read again every epoch.
+    pub cache: Cache,
 }
 
-/// Where `vjepa probe` keeps the backbone's tokens between epochs.
+/// What `vjepa probe` (the backbone's tokens) and `vjepa finetune` (the decoded clips) keep
+/// between epochs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum TokenCache {
-    /// `memory` when the tokens of both splits fit in [`AUTO_MEMORY_BYTES`], else `none`.
+pub enum Cache {
+    /// `memory` when both splits fit in [`AUTO_MEMORY_BYTES`] (f32), else `none`.
     #[default]
     Auto,
-    /// Extract every clip's tokens once (also written to `train-features.parquet` /
-    /// `val-features.parquet`) and train on them from memory: fast, for small benchmarks.
+    /// Read every clip once and hold it: fast, for small benchmarks. The probe also writes the
+    /// tokens to `train-features.parquet` / `val-features.parquet`.
     Memory,
-    /// Keep nothing: every epoch streams the train videos through the decoder and the frozen
-    /// backbone again (as the official evaluation does), so memory and disk stay flat
-    /// whatever the dataset's size; evaluation streams the validation videos once.
+    /// Keep nothing: every epoch streams the train videos through the decoder (and, for the
+    /// probe, the frozen backbone) again, as the official evaluation does, so memory and disk
+    /// stay flat whatever the dataset's size; evaluation streams the validation videos once.
     None,
 }
 
-/// The most token bytes (train + validation, f32) `auto` holds in memory: 4 GiB. A ViT-L/16
-/// clip (1,568 tokens × 1,024) is 6.4 MB, so about 600 clips.
+/// The most bytes (train + validation, f32) `auto` holds in memory: 4 GiB. A ViT-L/16 clip is
+/// 6.4 MB of tokens (1,568 × 1,024) or 9.6 MB of pixels (3 × 16 × 224²), so about 400–600 clips.
 pub const AUTO_MEMORY_BYTES: u64 = 4 << 30;
 
-impl std::str::FromStr for TokenCache {
+impl Cache {
+    /// Whether to read the clips again every epoch, for `bytes` of held data.
+    pub fn streams(self, bytes: u64) -> bool {
+        match self {
+            Cache::Memory => false,
+            Cache::None => true,
+            Cache::Auto => bytes > AUTO_MEMORY_BYTES,
+        }
+    }
+}
+
+impl std::str::FromStr for Cache {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
-            "auto" => Ok(TokenCache::Auto),
-            "memory" => Ok(TokenCache::Memory),
-            "none" => Ok(TokenCache::None),
+            "auto" => Ok(Cache::Auto),
+            "memory" => Ok(Cache::Memory),
+            "none" => Ok(Cache::None),
             other => Err(format!(
                 "unknown token cache {other:?} (expected auto, memory or none)"
             )),
@@ -201,7 +215,7 @@ fn features_of(
     Ok((rows, summary.encoder, backbone))
 }
 
-/// The probe with nothing held between epochs ([`TokenCache::None`]): every epoch streams the
+/// The probe with nothing held between epochs ([`Cache::None`]): every epoch streams the
 /// train videos (shuffled, in the order the in-memory probe would batch them) through the
 /// decoder and the frozen backbone into probe steps; evaluation streams the validation
 /// videos once. Same classes, low-shot subset, batches and schedule as the in-memory probe.
@@ -350,7 +364,7 @@ fn encode_clips(
 }
 
 /// `clips` (sorted by video, then slot) split into each video's clips.
-fn by_video(clips: &[Clip]) -> Vec<std::ops::Range<usize>> {
+pub(crate) fn by_video(clips: &[Clip]) -> Vec<std::ops::Range<usize>> {
     let mut ranges = Vec::new();
     let mut start = 0;
     for i in 1..=clips.len() {
@@ -594,11 +608,7 @@ pub fn run(opts: ProbeOptions) -> anyhow::Result<ProbeSummary> {
     let tokens = (enc.num_frames / enc.tubelet_size.max(1)) * (size / enc.patch_size.max(1)).pow(2);
     let clips = (train.len() + val.len() * opts.val_views) * opts.extract.segments;
     let bytes = (clips * tokens * enc.embed_dim * 4) as u64;
-    let stream = match opts.token_cache {
-        TokenCache::Memory => false,
-        TokenCache::None => true,
-        TokenCache::Auto => bytes > AUTO_MEMORY_BYTES,
-    };
+    let stream = opts.cache.streams(bytes);
     tracing::info!(
         token_bytes = bytes,
         cache = if stream {
@@ -615,7 +625,7 @@ pub fn run(opts: ProbeOptions) -> anyhow::Result<ProbeSummary> {
     }
 }
 
-/// The probe on tokens extracted once and held in memory ([`TokenCache::Memory`]).
+/// The probe on tokens extracted once and held in memory ([`Cache::Memory`]).
 fn run_in_memory(
     opts: &ProbeOptions,
     backbone: Backbone,

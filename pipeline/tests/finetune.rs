@@ -142,6 +142,42 @@ fn pretrain_then_finetune_writes_its_artifacts() {
             assert!((a - b).abs() < 1e-3, "{:?} vs {:?}", p, f);
         }
     }
+
+    // Decoding the clips again every epoch (`--clip-cache none`) trains on the same batches
+    // as holding them (`memory`): the same fine-tuned model, top-1 line and probabilities.
+    let top1 = |o: &std::process::Output| {
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .find(|l| l.starts_with("top-1"))
+            .map(str::to_string)
+            .unwrap_or_default()
+    };
+    let (held_dir, streamed_dir) = (tmp.path().join("held"), tmp.path().join("streamed"));
+    let held = common("finetune", &held_dir)
+        .args(["--clip-cache", "memory"])
+        .output()
+        .unwrap();
+    let streamed = common("finetune", &streamed_dir)
+        .args(["--clip-cache", "none"])
+        .output()
+        .unwrap();
+    assert_ok(&held);
+    assert_ok(&streamed);
+    assert!(
+        top1(&held).contains("3 validation videos"),
+        "{}",
+        top1(&held)
+    );
+    assert_eq!(top1(&streamed), top1(&held));
+    let (h, s) = (read_predictions(&held_dir), read_predictions(&streamed_dir));
+    assert_eq!(h.len(), s.len());
+    for (h, s) in h.iter().zip(&s) {
+        assert_eq!((&h.uri, &h.predicted), (&s.uri, &s.predicted));
+        for (a, b) in h.probabilities.iter().zip(&s.probabilities) {
+            assert!((a - b).abs() < 1e-4, "{:?} vs {:?}", h, s);
+        }
+    }
+    assert!(streamed_dir.join("encoder.safetensors").exists());
 }
 
 #[derive(Debug)]
