@@ -301,7 +301,7 @@ enum Command {
         /// epoch: memory and disk stay flat for any dataset size), `auto` (memory when both
         /// splits' tokens fit in 4 GiB).
         #[arg(long, default_value = "auto")]
-        cache: vjepa_pipeline::probe::Cache,
+        token_cache: vjepa_pipeline::probe::Cache,
     },
     /// End-to-end fine-tuning: the probe's head trained together with the encoder (lower lr
     /// for the encoder); same inputs and evaluation as `probe`; writes probe.safetensors,
@@ -554,9 +554,12 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Probe { probe, cache } => match probe.options() {
+        Command::Probe { probe, token_cache } => match probe.options() {
             Ok(opts) => report_eval(vjepa_pipeline::probe::run(
-                vjepa_pipeline::probe::ProbeOptions { cache, ..opts },
+                vjepa_pipeline::probe::ProbeOptions {
+                    cache: token_cache,
+                    ..opts
+                },
             )),
             Err(code) => code,
         },
