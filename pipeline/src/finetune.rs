@@ -317,6 +317,7 @@ fn run_streaming(
         batch_size: opts.batch_size,
         pending: Vec::new(),
         losses: Vec::new(),
+        videos: 0,
     };
     let mut e = opts.extract.clone();
     e.datasets = vec![opts.train.clone()];
@@ -345,7 +346,8 @@ fn run_streaming(
                 "train videos left out of fine-tuning"
             );
         }
-        trained = keep.len().saturating_sub(streamed.quarantined);
+        trained = done.videos;
+        done.videos = 0;
         final_loss = done.losses.iter().sum::<f64>() / done.losses.len().max(1) as f64;
         done.losses.clear();
         tracing::info!(
@@ -422,6 +424,8 @@ struct TunePass {
     /// Videos decoded but not yet trained on: their segments' pixels and the class.
     pending: Vec<(Vec<f32>, u32)>,
     losses: Vec<f64>,
+    /// Videos trained on this epoch.
+    videos: usize,
 }
 
 impl TunePass {
@@ -462,6 +466,7 @@ impl ClipConsumer for TunePass {
                 .flat_map(|c| c.data.iter().copied())
                 .collect();
             self.pending.push((data, class as u32));
+            self.videos += 1;
             if self.pending.len() >= self.batch_size {
                 self.step(self.batch_size)?;
             }

@@ -261,6 +261,7 @@ fn run_streaming(
         encode_batch: opts.extract.batch_size,
         pending: Vec::new(),
         losses: Vec::new(),
+        videos: 0,
     };
     let mut e = opts.extract.clone();
     e.datasets = vec![opts.train.clone()];
@@ -289,7 +290,8 @@ fn run_streaming(
                 "train videos left out of the probe"
             );
         }
-        trained = keep.len().saturating_sub(streamed.quarantined);
+        trained = done.videos;
+        done.videos = 0;
         final_loss = done.losses.iter().sum::<f64>() / done.losses.len().max(1) as f64;
         done.losses.clear();
         tracing::info!(
@@ -387,6 +389,8 @@ struct TrainPass {
     /// Videos encoded but not yet trained on: `[1, S·N, D]` tokens and the class.
     pending: Vec<(Tensor, u32)>,
     losses: Vec<f64>,
+    /// Videos trained on this epoch.
+    videos: usize,
 }
 
 impl TrainPass {
@@ -422,6 +426,7 @@ impl ClipConsumer for TrainPass {
             };
             let x = Tensor::cat(&tokens[range.clone()], 1)?;
             self.pending.push((x, class as u32));
+            self.videos += 1;
             if self.pending.len() >= self.batch_size {
                 self.step(self.batch_size)?;
             }
