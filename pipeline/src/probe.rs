@@ -367,10 +367,16 @@ fn encode_clips(
 
 /// `clips` (sorted by video, then slot) split into each video's clips.
 pub(crate) fn by_video(clips: &[Clip]) -> Vec<std::ops::Range<usize>> {
+    let uris: Vec<&str> = clips.iter().map(|c| c.uri.as_str()).collect();
+    runs(&uris)
+}
+
+/// The ranges of equal neighbours in `keys`.
+fn runs<T: PartialEq>(keys: &[T]) -> Vec<std::ops::Range<usize>> {
     let mut ranges = Vec::new();
     let mut start = 0;
-    for i in 1..=clips.len() {
-        if i == clips.len() || clips[i].uri != clips[start].uri {
+    for i in 1..=keys.len() {
+        if i == keys.len() || keys[i] != keys[start] {
             ranges.push(start..i);
             start = i;
         }
@@ -739,4 +745,33 @@ fn run_in_memory(
         classes,
         final_loss,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_names_and_the_auto_rule() {
+        assert_eq!("auto".parse::<Cache>(), Ok(Cache::Auto));
+        assert_eq!("memory".parse::<Cache>(), Ok(Cache::Memory));
+        assert_eq!("none".parse::<Cache>(), Ok(Cache::None));
+        assert!(
+            "disk"
+                .parse::<Cache>()
+                .unwrap_err()
+                .contains("auto, memory or none")
+        );
+        assert!(!Cache::Auto.streams(AUTO_MEMORY_BYTES));
+        assert!(Cache::Auto.streams(AUTO_MEMORY_BYTES + 1));
+        assert!(!Cache::Memory.streams(u64::MAX));
+        assert!(Cache::None.streams(0));
+    }
+
+    #[test]
+    fn clips_split_by_video() {
+        assert_eq!(runs(&["a", "a", "b", "c", "c"]), vec![0..2, 2..3, 3..5]);
+        assert_eq!(runs(&["a"]), vec![0..1]);
+        assert!(runs::<&str>(&[]).is_empty());
+    }
 }
