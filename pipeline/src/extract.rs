@@ -77,6 +77,8 @@ pub struct ExtractOptions {
     pub progress: bool,
     /// Where the encoder computes (`--device`).
     pub device: ComputeDevice,
+    /// Software decoders, or NVDEC where it takes the stream (`--video-decoder`).
+    pub video_decoder: vjepa_ingest::VideoDecoderKind,
 }
 
 /// What an extraction did.
@@ -549,6 +551,7 @@ pub(crate) fn stream_clips<C: ClipConsumer>(
                 Decoder::new(DecoderOptions {
                     deadline: opts.deadline,
                     decoder_threads: if threads > 1 { 1 } else { 0 },
+                    video_decoder: opts.video_decoder,
                     ..DecoderOptions::default()
                 })
                 .map(|decoder| ExtractLoader {
@@ -778,7 +781,13 @@ fn check(opts: &ExtractOptions) -> anyhow::Result<()> {
     if opts.segments == 0 || opts.views == 0 || opts.batch_size == 0 || opts.frame_step == 0 {
         bail!("--segments, --views, --batch-size and --frame-step must be positive");
     }
-    Ok(())
+    check_video_decoder(opts)
+}
+
+/// `--video-decoder nvdec` needs NVDEC decoders registered here; refused before any work.
+pub(crate) fn check_video_decoder(opts: &ExtractOptions) -> anyhow::Result<()> {
+    vjepa_ingest::check_video_decoder(opts.video_decoder)
+        .map_err(|e| anyhow!("--video-decoder {}: {e}", opts.video_decoder))
 }
 
 /// Runs the extraction to completion.

@@ -82,6 +82,10 @@ struct ProbeArgs {
     /// Compute device of the encoder and the head: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: ComputeDevice,
+    /// Video decoders: software, or nvdec (GStreamer's NVDEC decoders where they take the
+    /// stream; needs an NVIDIA driver and GPU), as `workers.video_decoder`.
+    #[arg(long, default_value = "software")]
+    video_decoder: vjepa_ingest::VideoDecoderKind,
 }
 
 impl ProbeArgs {
@@ -110,6 +114,7 @@ impl ProbeArgs {
             s3: cfg.as_ref().map(|c| c.s3_settings()).unwrap_or_default(),
             progress: true,
             device: self.device,
+            video_decoder: self.video_decoder,
         };
         Ok(vjepa_pipeline::probe::ProbeOptions {
             extract,
@@ -288,6 +293,10 @@ enum Command {
         /// Compute device of the encoder: cpu, cuda or cuda:N.
         #[arg(long, default_value = "cpu")]
         device: ComputeDevice,
+        /// Video decoders: software, or nvdec (GStreamer's NVDEC decoders where they take the
+        /// stream; needs an NVIDIA driver and GPU), as `workers.video_decoder`.
+        #[arg(long, default_value = "software")]
+        video_decoder: vjepa_ingest::VideoDecoderKind,
     },
     /// Frozen evaluation (spec §9): train an attentive probe on the target encoder's tokens (an
     /// `objective: pixel` run's encoder's) of a labelled train index, evaluate top-1 on a
@@ -516,6 +525,7 @@ fn main() -> ExitCode {
             decode_threads,
             seed,
             device,
+            video_decoder,
         } => {
             let cfg = match config.as_deref().map(JobConfig::load).transpose() {
                 Ok(c) => c,
@@ -539,6 +549,7 @@ fn main() -> ExitCode {
                 s3: cfg.as_ref().map(|c| c.s3_settings()).unwrap_or_default(),
                 progress: true,
                 device,
+                video_decoder,
             };
             match vjepa_pipeline::extract::run(opts) {
                 Ok(s) => {

@@ -499,6 +499,7 @@ pub(crate) fn prepare(opts: &ProbeOptions) -> anyhow::Result<()> {
     if opts.epochs == 0 || opts.batch_size == 0 || opts.val_views == 0 {
         bail!("--epochs, --batch-size and --views must be positive");
     }
+    extract::check_video_decoder(&opts.extract)?;
     std::fs::create_dir_all(&opts.out_dir)
         .with_context(|| format!("creating {}", opts.out_dir.display()))
 }

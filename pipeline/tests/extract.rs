@@ -226,3 +226,45 @@ fn pth_checkpoint_features_equal_pytorch() {
     println!("extract vs PyTorch on the .pth.tar: max relative error {worst:.2e}");
     assert!(worst < 1e-5, "max relative error {worst}");
 }
+
+/// `--video-decoder nvdec` where GStreamer registered no NVDEC decoder (no NVIDIA driver, as
+/// on CI) is refused before any work, saying why; a wrong name is refused by the parser.
+#[test]
+fn nvdec_is_refused_without_nvdec_decoders() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("features.parquet");
+    let out_arg = out.to_str().unwrap();
+    let bad = extract(&[
+        "--checkpoint",
+        "missing.safetensors",
+        "--index",
+        "missing.csv",
+        "--out",
+        out_arg,
+        "--video-decoder",
+        "vaapi",
+    ]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("software, nvdec"));
+    if !vjepa_ingest::nvdec_decoders().unwrap().is_empty() {
+        return; // a GPU machine: NVDEC exists, nothing to refuse
+    }
+    let run = extract(&[
+        "--checkpoint",
+        "missing.safetensors",
+        "--index",
+        "missing.csv",
+        "--out",
+        out_arg,
+        "--video-decoder",
+        "nvdec",
+    ]);
+    assert!(!run.status.success());
+    let err = String::from_utf8_lossy(&run.stderr);
+    // Refused on the decoder, before the checkpoint or the index is even opened.
+    assert!(
+        err.contains("--video-decoder nvdec") && err.contains("nvcodec"),
+        "{err}"
+    );
+    assert!(!out.exists());
+}
