@@ -142,8 +142,16 @@ impl Backbone {
         }
     }
 
+    /// The encoder's outputs `[B, N, D]` for decoded clips of the same size.
+    pub(crate) fn encode(&self, clips: &[Clip]) -> anyhow::Result<Tensor> {
+        let per_clip = clips.first().map_or(0, |c| c.data.len());
+        let t = self.config().num_frames;
+        let s = ((per_clip / (3 * t.max(1))) as f64).sqrt() as usize;
+        self.features(&crate::loader::stack_clips(clips, (t, s))?)
+    }
+
     /// `[B, 3, T, S, S]` → `[B, N, D]` after the final LayerNorm.
-    pub(crate) fn features(&self, clips: &Tensor) -> anyhow::Result<Tensor> {
+    fn features(&self, clips: &Tensor) -> anyhow::Result<Tensor> {
         Ok(match self {
             Backbone::Model(m) => m.eval_features(clips)?,
             Backbone::Encoder(e) => e.forward(clips, None)?,
@@ -946,12 +954,7 @@ fn encode_chunk(
     backbone: &Backbone,
     tokens: bool,
 ) -> anyhow::Result<Vec<(Vec<f32>, Vec<f32>)>> {
-    let per_clip = chunk.first().map_or(0, |c| c.data.len());
-    let cfg = backbone.config();
-    let t = cfg.num_frames;
-    let s = ((per_clip / (3 * t.max(1))) as f64).sqrt() as usize;
-    let clips = crate::loader::stack_clips(chunk, (t, s))?;
-    let features = backbone.features(&clips)?; // [B, N, D]
+    let features = backbone.encode(chunk)?; // [B, N, D]
     let pooled = features.mean(1)?.to_vec2::<f32>()?;
     let all = if tokens {
         features

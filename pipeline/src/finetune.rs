@@ -19,13 +19,14 @@ use rand_chacha::ChaCha8Rng;
 
 use vjepa_model::Tensor;
 use vjepa_model::finetune::FineTuner;
-use vjepa_model::probe::{AttentiveProbe, ProbeConfig};
+use vjepa_model::probe::AttentiveProbe;
 
 use vjepa_model::vit::Encoder;
 use vjepa_operators::records::Clip;
 
-use crate::extract::{self, ClipConsumer, ExtractOptions, Order, VideoSet};
+use crate::extract::{self, ExtractOptions, VideoSet};
 use crate::probe::{self, Prediction, ProbeOptions, ProbeSummary};
+use crate::stream_epochs;
 
 /// What to fine-tune: the probe's options plus the encoder's lr scale.
 #[derive(Clone, Debug)]
@@ -176,16 +177,7 @@ pub fn run(opts: FinetuneOptions) -> anyhow::Result<ProbeSummary> {
         }
     }
     let device = encoder.device().clone();
-    let head = AttentiveProbe::new(
-        ProbeConfig {
-            embed_dim: cfg.embed_dim,
-            num_heads: cfg.num_heads,
-            num_classes: classes.len(),
-            mlp_ratio: 4.0,
-        },
-        opts.seed,
-        &device,
-    )?;
+    let head = AttentiveProbe::new(probe::head_config(&cfg, classes.len()), opts.seed, &device)?;
     let optim = probe::probe_optim(&opts, train.len());
     let mut tuner = FineTuner::new(&encoder, head, optim, backbone_lr_scale)?;
     drop(encoder);
@@ -218,14 +210,7 @@ pub fn run(opts: FinetuneOptions) -> anyhow::Result<ProbeSummary> {
             "finetune"
         );
     }
-    std::fs::write(
-        opts.out_dir.join("probe.safetensors"),
-        tuner.probe().to_safetensors()?,
-    )?;
-    std::fs::write(
-        opts.out_dir.join("encoder.safetensors"),
-        tuner.encoder().to_safetensors()?,
-    )?;
+    save_tuned(&opts.out_dir, &tuner)?;
 
     // Evaluation as the probe's: probabilities averaged over views.
     let mut predictions = Vec::with_capacity(val.len());
@@ -257,10 +242,8 @@ pub fn run(opts: FinetuneOptions) -> anyhow::Result<ProbeSummary> {
     ))
 }
 
-/// Fine-tuning with nothing held between epochs ([`probe::Cache::None`]): every epoch decodes
-/// the train videos again (shuffled into the batches the in-memory path would make), and the
-/// validation videos are decoded once for evaluation. Same classes, subset, batches and
-/// schedule as the in-memory path.
+/// Fine-tuning with nothing held between epochs ([`probe::Cache::None`]; see
+/// [`crate::stream_epochs`]): every epoch decodes the train videos again.
 fn run_streaming(
     opts: &ProbeOptions,
     encoder: Encoder,
@@ -271,260 +254,124 @@ fn run_streaming(
 ) -> anyhow::Result<ProbeSummary> {
     let cfg = encoder.config().clone();
     let size = opts.extract.size.unwrap_or(cfg.crop_size);
-    let segments = opts.extract.segments.max(1);
-    let labels = train.labels();
-    let (classes, class_of) = probe::classes(labels.iter().cloned().collect())?;
-    let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
-    let listed: Vec<usize> = (0..train.len()).collect();
-    let keep = probe::low_shot(
-        listed,
-        |&i| class_of.get(&labels[i]).copied().unwrap_or(usize::MAX),
-        classes.len(),
-        opts.label_fraction,
-        &mut rng,
-    );
-    let device = encoder.device().clone();
-    let head = AttentiveProbe::new(
-        ProbeConfig {
-            embed_dim: cfg.embed_dim,
-            num_heads: cfg.num_heads,
-            num_classes: classes.len(),
-            mlp_ratio: 4.0,
-        },
-        opts.seed,
-        &device,
-    )?;
-    let tuner = FineTuner::new(
-        &encoder,
-        head,
-        probe::probe_optim(opts, keep.len()),
-        backbone_lr_scale,
-    )?;
-    drop(encoder);
-    tracing::info!(
-        train = keep.len(),
-        val = val.len(),
-        classes = classes.len(),
-        backbone_lr_scale,
-        "fine-tuning (clips decoded every epoch)"
-    );
-    let shape = (3, cfg.num_frames, size, size);
-    let mut pass = TunePass {
-        tuner,
-        class_of: class_of.clone(),
-        segments,
-        shape,
-        batch_size: opts.batch_size,
-        pending: Vec::new(),
-        losses: Vec::new(),
-        videos: 0,
+    let frames = cfg.num_frames;
+    // The tuner trains its own copy of the encoder: this one is dropped once it is made.
+    let make = move |classes: usize, videos: usize| -> anyhow::Result<TuneLearner> {
+        let head = AttentiveProbe::new(
+            probe::head_config(&cfg, classes),
+            opts.seed,
+            encoder.device(),
+        )?;
+        let optim = probe::probe_optim(opts, videos);
+        let tuner = FineTuner::new(&encoder, head, optim, backbone_lr_scale)?;
+        drop(encoder);
+        Ok(TuneLearner {
+            tuner,
+            segments: opts.extract.segments.max(1),
+            shape: (3, frames, size, size),
+        })
     };
-    let mut e = opts.extract.clone();
-    e.datasets = vec![opts.train.clone()];
-    e.views = 1;
-    e.progress = false;
-    let train_q = opts
-        .out_dir
-        .join("train.quarantine.parquet")
-        .display()
-        .to_string();
-    let mut order: Vec<usize> = (0..keep.len()).collect();
-    let mut final_loss = f64::NAN;
-    let mut trained = keep.len();
-    for epoch in 0..opts.epochs {
-        order.shuffle(&mut rng);
-        let videos: Vec<usize> = order.iter().map(|&p| keep[p]).collect();
-        let set = train.reordered(&videos);
-        let (mut done, streamed) =
-            extract::stream_clips(&e, set, cfg.num_frames, size, &train_q, pass, handle)
-                .with_context(|| format!("fine-tuning epoch {}", epoch + 1))?;
-        done.finish_epoch()?;
-        if epoch == 0 && streamed.quarantined > 0 {
-            tracing::warn!(
-                quarantined = streamed.quarantined,
-                records = %streamed.quarantine_output,
-                "train videos left out of fine-tuning"
-            );
-        }
-        trained = done.videos;
-        done.videos = 0;
-        final_loss = done.losses.iter().sum::<f64>() / done.losses.len().max(1) as f64;
-        done.losses.clear();
-        tracing::info!(
-            epoch = epoch + 1,
-            loss = format_args!("{final_loss:.4}"),
-            "finetune"
-        );
-        pass = done;
-    }
-    let tuner = pass.tuner;
+    stream_epochs::run(
+        opts,
+        train,
+        val,
+        (frames, size),
+        handle,
+        "fine-tuning",
+        make,
+    )
+}
+
+/// Writes the head (`probe.safetensors`) and the fine-tuned encoder (`encoder.safetensors`).
+fn save_tuned(dir: &std::path::Path, tuner: &FineTuner) -> anyhow::Result<()> {
     std::fs::write(
-        opts.out_dir.join("probe.safetensors"),
+        dir.join("probe.safetensors"),
         tuner.probe().to_safetensors()?,
     )?;
     std::fs::write(
-        opts.out_dir.join("encoder.safetensors"),
+        dir.join("encoder.safetensors"),
         tuner.encoder().to_safetensors()?,
     )?;
-
-    let mut e = opts.extract.clone();
-    e.datasets = vec![opts.val.clone()];
-    e.views = opts.val_views;
-    let val_q = opts
-        .out_dir
-        .join("val.quarantine.parquet")
-        .display()
-        .to_string();
-    let eval = TuneEval {
-        tuner,
-        class_of,
-        segments,
-        views: opts.val_views,
-        shape,
-        predictions: Vec::new(),
-    };
-    let (eval, streamed) =
-        extract::stream_clips(&e, val, cfg.num_frames, size, &val_q, eval, handle)
-            .context("evaluating the fine-tuned model")?;
-    if streamed.quarantined > 0 {
-        tracing::warn!(
-            quarantined = streamed.quarantined,
-            records = %streamed.quarantine_output,
-            "validation videos left out of fine-tuning"
-        );
-    }
-    let evaluated = eval.predictions.len();
-    let correct = probe::write_predictions(&opts.out_dir, &classes, &eval.predictions)?;
-    Ok(ProbeSummary::new(
-        correct, evaluated, trained, classes, final_loss,
-    ))
+    Ok(())
 }
 
-/// The class of the video `uri` (its label from the index).
-fn class_of_video(
-    class_of: &std::collections::BTreeMap<String, usize>,
-    order: &Order,
-    uri: &str,
-) -> anyhow::Result<usize> {
-    let label = order.get(uri).map(|o| o.1.as_str()).unwrap_or_default();
-    match class_of.get(label) {
-        Some(&c) => Ok(c),
-        None => bail!("{uri}: label `{label}` is not a class of the train set"),
-    }
-}
-
-/// One epoch of fine-tuning on clips as they are decoded.
-struct TunePass {
+/// The encoder and head being fine-tuned on decoded clips.
+struct TuneLearner {
     tuner: FineTuner,
-    class_of: std::collections::BTreeMap<String, usize>,
     segments: usize,
     /// One clip's shape `(3, T, S, S)`.
     shape: (usize, usize, usize, usize),
-    batch_size: usize,
-    /// Videos decoded but not yet trained on: their segments' pixels and the class.
-    pending: Vec<(Vec<f32>, u32)>,
-    losses: Vec<f64>,
-    /// Videos trained on this epoch.
-    videos: usize,
 }
 
-impl TunePass {
-    fn step(&mut self, n: usize) -> anyhow::Result<()> {
-        let batch: Vec<(Vec<f32>, u32)> = self.pending.drain(..n).collect();
-        let labels: Vec<u32> = batch.iter().map(|(_, l)| *l).collect();
-        let data: Vec<f32> = batch.into_iter().flat_map(|(d, _)| d).collect();
+impl TuneLearner {
+    /// `videos` clips' pixels, one after the other, as a `[videos · S, 3, T, S, S]` tensor.
+    fn tensor(&self, data: Vec<f32>, videos: usize) -> anyhow::Result<Tensor> {
         let (c, t, h, w) = self.shape;
-        let x = Tensor::from_vec(
+        let shape = (videos * self.segments, c, t, h, w);
+        Ok(Tensor::from_vec(
             data,
-            (n * self.segments, c, t, h, w),
+            shape,
             self.tuner.encoder().device(),
-        )?;
-        self.losses
-            .push(self.tuner.step(&x, self.segments, &labels)?.loss);
-        Ok(())
-    }
-
-    /// The last, partial batch of the epoch.
-    fn finish_epoch(&mut self) -> anyhow::Result<()> {
-        if !self.pending.is_empty() {
-            self.step(self.pending.len())?;
-        }
-        Ok(())
+        )?)
     }
 }
 
-impl ClipConsumer for TunePass {
-    fn consume(&mut self, clips: Vec<Clip>, order: &Order) -> anyhow::Result<u64> {
-        for range in probe::by_video(&clips) {
-            let uri = &clips[range.start].uri;
-            if range.len() != self.segments {
-                bail!("{uri}: {} clips, expected {}", range.len(), self.segments);
-            }
-            let class = class_of_video(&self.class_of, order, uri)?;
-            let data: Vec<f32> = clips[range]
-                .iter()
-                .flat_map(|c| c.data.iter().copied())
-                .collect();
-            self.pending.push((data, class as u32));
-            self.videos += 1;
-            if self.pending.len() >= self.batch_size {
-                self.step(self.batch_size)?;
-            }
-        }
-        Ok(clips.len() as u64)
+impl stream_epochs::Learner for TuneLearner {
+    /// A video's segments' pixels, one clip after the other.
+    type Video = Vec<f32>;
+
+    fn videos(
+        &mut self,
+        clips: &[Clip],
+        videos: &[std::ops::Range<usize>],
+    ) -> anyhow::Result<Vec<Vec<f32>>> {
+        Ok(videos
+            .iter()
+            .map(|r| {
+                clips[r.clone()]
+                    .iter()
+                    .flat_map(|c| c.data.iter().copied())
+                    .collect()
+            })
+            .collect())
     }
-}
 
-/// The fine-tuned model over the validation clips as they are decoded.
-struct TuneEval {
-    tuner: FineTuner,
-    class_of: std::collections::BTreeMap<String, usize>,
-    segments: usize,
-    views: usize,
-    shape: (usize, usize, usize, usize),
-    predictions: Vec<Prediction>,
-}
+    fn step(&mut self, batch: Vec<Vec<f32>>, labels: &[u32]) -> anyhow::Result<f64> {
+        let x = self.tensor(batch.concat(), labels.len())?;
+        Ok(self.tuner.step(&x, self.segments, labels)?.loss)
+    }
 
-impl ClipConsumer for TuneEval {
-    fn consume(&mut self, clips: Vec<Clip>, order: &Order) -> anyhow::Result<u64> {
-        let (c, t, h, w) = self.shape;
-        for range in probe::by_video(&clips) {
-            let uri = &clips[range.start].uri;
-            if range.len() != self.segments * self.views {
-                bail!(
-                    "{uri}: {} clips, expected {}",
-                    range.len(),
-                    self.segments * self.views
-                );
-            }
-            let label = class_of_video(&self.class_of, order, uri)?;
-            // As the in-memory path: per view (slot = segment · views + view), its segments
-            // in order; probabilities averaged over the views.
-            let mut mean = vec![0f32; self.tuner.probe().config().num_classes];
-            for v in 0..self.views {
-                let data: Vec<f32> = (0..self.segments)
-                    .flat_map(|s| clips[range.start + s * self.views + v].data.iter().copied())
+    fn predict(
+        &mut self,
+        clips: &[Clip],
+        videos: &[std::ops::Range<usize>],
+        segments: usize,
+        views: usize,
+    ) -> anyhow::Result<Vec<Vec<f32>>> {
+        let classes = self.tuner.probe().config().num_classes;
+        let mut out = Vec::with_capacity(videos.len());
+        for r in videos {
+            // As the in-memory path: per view, its segments in order; probabilities averaged.
+            let mut mean = vec![0f32; classes];
+            for v in 0..views {
+                let data: Vec<f32> = (0..segments)
+                    .flat_map(|s| clips[r.start + s * views + v].data.iter().copied())
                     .collect();
-                let x = Tensor::from_vec(
-                    data,
-                    (self.segments, c, t, h, w),
-                    self.tuner.encoder().device(),
-                )?;
                 let p = self
                     .tuner
-                    .probabilities(&x, self.segments)?
+                    .probabilities(&self.tensor(data, 1)?, segments)?
                     .flatten_all()?
                     .to_vec1::<f32>()?;
                 for (m, p) in mean.iter_mut().zip(p) {
-                    *m += p / self.views as f32;
+                    *m += p / views as f32;
                 }
             }
-            self.predictions.push(Prediction {
-                uri: uri.clone(),
-                label,
-                probabilities: mean,
-            });
+            out.push(mean);
         }
-        Ok(clips.len() as u64)
+        Ok(out)
+    }
+
+    fn save(&self, dir: &std::path::Path) -> anyhow::Result<()> {
+        save_tuned(dir, &self.tuner)
     }
 }

@@ -9,6 +9,7 @@ pub mod job;
 pub mod loader;
 pub mod preflight;
 pub mod probe;
+mod stream_epochs;
 pub mod telemetry;
 
 /// Microseconds since the Unix epoch, for record timestamps.

@@ -25,7 +25,8 @@ use vjepa_operators::records::Clip;
 use vjepa_storage::features::{FeatureRow, read_features};
 use vjepa_storage::predictions::{self, PredictionRow};
 
-use crate::extract::{self, Backbone, ClipConsumer, ExtractOptions, Order, VideoSet};
+use crate::extract::{self, Backbone, ExtractOptions, VideoSet};
+use crate::stream_epochs;
 
 /// What to probe.
 #[derive(Clone, Debug)]
@@ -215,10 +216,8 @@ fn features_of(
     Ok((rows, summary.encoder, backbone))
 }
 
-/// The probe with nothing held between epochs ([`Cache::None`]): every epoch streams the
-/// train videos (shuffled, in the order the in-memory probe would batch them) through the
-/// decoder and the frozen backbone into probe steps; evaluation streams the validation
-/// videos once. Same classes, low-shot subset, batches and schedule as the in-memory probe.
+/// The probe with nothing held between epochs ([`Cache::None`]; see
+/// [`crate::stream_epochs`]): the frozen backbone encodes every epoch's train clips.
 fn run_streaming(
     opts: &ProbeOptions,
     backbone: Backbone,
@@ -228,263 +227,117 @@ fn run_streaming(
 ) -> anyhow::Result<ProbeSummary> {
     let enc = backbone.config().clone();
     let size = opts.extract.size.unwrap_or(enc.crop_size);
-    let labels = train.labels();
-    let (classes, class_of) = classes(labels.iter().cloned().collect())?;
-    let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
-    let listed: Vec<usize> = (0..train.len()).collect();
-    let keep = low_shot(
-        listed,
-        |&i| class_of.get(&labels[i]).copied().unwrap_or(usize::MAX),
-        classes.len(),
-        opts.label_fraction,
-        &mut rng,
-    );
-    let cfg = ProbeConfig {
+    let device = open_device(opts)?;
+    let make = |classes: usize, videos: usize| -> anyhow::Result<ProbeLearner> {
+        let probe = AttentiveProbe::new(head_config(&enc, classes), opts.seed, &device)?;
+        Ok(ProbeLearner {
+            backbone,
+            trainer: ProbeTrainer::new(probe, probe_optim(opts, videos))?,
+            encode_batch: opts.extract.batch_size,
+        })
+    };
+    stream_epochs::run(
+        opts,
+        train,
+        val,
+        (enc.num_frames, size),
+        handle,
+        "probe",
+        make,
+    )
+}
+
+/// The probe's head for an encoder of shape `enc` (spec §9: the encoder's width and heads).
+pub(crate) fn head_config(enc: &vjepa_model::EncoderConfig, classes: usize) -> ProbeConfig {
+    ProbeConfig {
         embed_dim: enc.embed_dim,
         num_heads: enc.num_heads,
-        num_classes: classes.len(),
+        num_classes: classes,
         mlp_ratio: 4.0,
-    };
-    let device = opts
-        .extract
+    }
+}
+
+fn open_device(opts: &ProbeOptions) -> anyhow::Result<vjepa_model::Device> {
+    opts.extract
         .device
         .open()
-        .with_context(|| format!("opening device {}", opts.extract.device))?;
-    let probe = AttentiveProbe::new(cfg, opts.seed, &device)?;
-    let trainer = ProbeTrainer::new(probe, probe_optim(opts, keep.len()))?;
-    let mut pass = TrainPass {
-        backbone,
-        trainer,
-        class_of: class_of.clone(),
-        segments: opts.extract.segments,
-        batch_size: opts.batch_size,
-        encode_batch: opts.extract.batch_size,
-        pending: Vec::new(),
-        losses: Vec::new(),
-        videos: 0,
-    };
-    let mut e = opts.extract.clone();
-    e.datasets = vec![opts.train.clone()];
-    e.views = 1;
-    e.progress = false;
-    let train_q = opts
-        .out_dir
-        .join("train.quarantine.parquet")
-        .display()
-        .to_string();
-    let mut order: Vec<usize> = (0..keep.len()).collect();
-    let mut final_loss = f64::NAN;
-    let mut trained = keep.len();
-    for epoch in 0..opts.epochs {
-        order.shuffle(&mut rng);
-        let videos: Vec<usize> = order.iter().map(|&p| keep[p]).collect();
-        let set = train.reordered(&videos);
-        let (mut done, streamed) =
-            extract::stream_clips(&e, set, enc.num_frames, size, &train_q, pass, handle)
-                .with_context(|| format!("probe epoch {}", epoch + 1))?;
-        done.finish_epoch()?;
-        if epoch == 0 && streamed.quarantined > 0 {
-            tracing::warn!(
-                quarantined = streamed.quarantined,
-                records = %streamed.quarantine_output,
-                "train videos left out of the probe"
-            );
-        }
-        trained = done.videos;
-        done.videos = 0;
-        final_loss = done.losses.iter().sum::<f64>() / done.losses.len().max(1) as f64;
-        done.losses.clear();
-        tracing::info!(
-            epoch = epoch + 1,
-            loss = format_args!("{final_loss:.4}"),
-            "probe"
-        );
-        pass = done;
-    }
-    let TrainPass {
-        backbone, trainer, ..
-    } = pass;
-    let probe = trainer.into_probe();
-    std::fs::write(
-        opts.out_dir.join("probe.safetensors"),
-        probe.to_safetensors()?,
-    )?;
-
-    let mut e = opts.extract.clone();
-    e.datasets = vec![opts.val.clone()];
-    e.views = opts.val_views;
-    let val_q = opts
-        .out_dir
-        .join("val.quarantine.parquet")
-        .display()
-        .to_string();
-    let eval = EvalPass {
-        backbone,
-        probe,
-        class_of,
-        segments: opts.extract.segments,
-        views: opts.val_views,
-        encode_batch: opts.extract.batch_size,
-        predictions: Vec::new(),
-    };
-    let (eval, streamed) =
-        extract::stream_clips(&e, val, enc.num_frames, size, &val_q, eval, handle)
-            .context("evaluating the probe")?;
-    if streamed.quarantined > 0 {
-        tracing::warn!(
-            quarantined = streamed.quarantined,
-            records = %streamed.quarantine_output,
-            "validation videos left out of the probe"
-        );
-    }
-    let evaluated = eval.predictions.len();
-    let correct = write_predictions(&opts.out_dir, &classes, &eval.predictions)?;
-    Ok(ProbeSummary::new(
-        correct, evaluated, trained, classes, final_loss,
-    ))
+        .with_context(|| format!("opening device {}", opts.extract.device))
 }
 
-/// The backbone's tokens of `clips` (sorted by video, then slot), `[1, N, D]` per clip.
-fn encode_clips(
-    backbone: &Backbone,
-    clips: &[Clip],
-    encode_batch: usize,
-) -> anyhow::Result<Vec<Tensor>> {
-    let mut out = Vec::with_capacity(clips.len());
-    for chunk in clips.chunks(encode_batch.max(1)) {
-        let cfg = backbone.config();
-        let t = cfg.num_frames;
-        let per_clip = chunk.first().map_or(0, |c| c.data.len());
-        let s = ((per_clip / (3 * t.max(1))) as f64).sqrt() as usize;
-        let x = crate::loader::stack_clips(chunk, (t, s))?;
-        let features = backbone.features(&x)?;
-        for i in 0..chunk.len() {
-            out.push(features.narrow(0, i, 1)?);
-        }
-    }
-    Ok(out)
-}
-
-/// `clips` (sorted by video, then slot) split into each video's clips.
-pub(crate) fn by_video(clips: &[Clip]) -> Vec<std::ops::Range<usize>> {
-    let uris: Vec<&str> = clips.iter().map(|c| c.uri.as_str()).collect();
-    runs(&uris)
-}
-
-/// The ranges of equal neighbours in `keys`.
-fn runs<T: PartialEq>(keys: &[T]) -> Vec<std::ops::Range<usize>> {
-    let mut ranges = Vec::new();
-    let mut start = 0;
-    for i in 1..=keys.len() {
-        if i == keys.len() || keys[i] != keys[start] {
-            ranges.push(start..i);
-            start = i;
-        }
-    }
-    ranges
-}
-
-/// One epoch of probe training on clips as they stream in.
-struct TrainPass {
+/// The frozen backbone and the probe being trained on its tokens.
+struct ProbeLearner {
     backbone: Backbone,
     trainer: ProbeTrainer,
-    class_of: BTreeMap<String, usize>,
-    segments: usize,
-    batch_size: usize,
     encode_batch: usize,
-    /// Videos encoded but not yet trained on: `[1, S·N, D]` tokens and the class.
-    pending: Vec<(Tensor, u32)>,
-    losses: Vec<f64>,
-    /// Videos trained on this epoch.
-    videos: usize,
 }
 
-impl TrainPass {
-    fn step(&mut self, n: usize) -> anyhow::Result<()> {
-        let batch: Vec<(Tensor, u32)> = self.pending.drain(..n).collect();
-        let tokens: Vec<&Tensor> = batch.iter().map(|(t, _)| t).collect();
-        let labels: Vec<u32> = batch.iter().map(|(_, l)| *l).collect();
-        let x = Tensor::cat(&tokens, 0)?;
-        self.losses.push(self.trainer.step(&x, &labels)?.loss);
-        Ok(())
-    }
-
-    /// The last, partial batch of the epoch.
-    fn finish_epoch(&mut self) -> anyhow::Result<()> {
-        if !self.pending.is_empty() {
-            self.step(self.pending.len())?;
-        }
-        Ok(())
-    }
-}
-
-impl ClipConsumer for TrainPass {
-    fn consume(&mut self, clips: Vec<Clip>, order: &Order) -> anyhow::Result<u64> {
-        let tokens = encode_clips(&self.backbone, &clips, self.encode_batch)?;
-        for range in by_video(&clips) {
-            let uri = &clips[range.start].uri;
-            if range.len() != self.segments {
-                bail!("{uri}: {} clips, expected {}", range.len(), self.segments);
-            }
-            let label = order.get(uri).map(|o| o.1.as_str()).unwrap_or_default();
-            let Some(&class) = self.class_of.get(label) else {
-                bail!("{uri}: label `{label}` is not a class of the train set");
-            };
-            let x = Tensor::cat(&tokens[range.clone()], 1)?;
-            self.pending.push((x, class as u32));
-            self.videos += 1;
-            if self.pending.len() >= self.batch_size {
-                self.step(self.batch_size)?;
+impl ProbeLearner {
+    /// `[1, N, D]` tokens per clip.
+    fn encode(&self, clips: &[Clip]) -> anyhow::Result<Vec<Tensor>> {
+        let mut out = Vec::with_capacity(clips.len());
+        for chunk in clips.chunks(self.encode_batch.max(1)) {
+            let features = self.backbone.encode(chunk)?;
+            for i in 0..chunk.len() {
+                out.push(features.narrow(0, i, 1)?);
             }
         }
-        Ok(clips.len() as u64)
+        Ok(out)
     }
 }
 
-/// The trained probe over the validation clips as they stream in.
-struct EvalPass {
-    backbone: Backbone,
-    probe: AttentiveProbe,
-    class_of: BTreeMap<String, usize>,
-    segments: usize,
-    views: usize,
-    encode_batch: usize,
-    predictions: Vec<Prediction>,
-}
+impl stream_epochs::Learner for ProbeLearner {
+    /// A video's segments' tokens, concatenated: `[1, S·N, D]`.
+    type Video = Tensor;
 
-impl ClipConsumer for EvalPass {
-    fn consume(&mut self, clips: Vec<Clip>, order: &Order) -> anyhow::Result<u64> {
-        let tokens = encode_clips(&self.backbone, &clips, self.encode_batch)?;
-        for range in by_video(&clips) {
-            let uri = &clips[range.start].uri;
-            if range.len() != self.segments * self.views {
-                bail!(
-                    "{uri}: {} clips, expected {}",
-                    range.len(),
-                    self.segments * self.views
-                );
-            }
-            let label = order.get(uri).map(|o| o.1.as_str()).unwrap_or_default();
-            let Some(&class) = self.class_of.get(label) else {
-                bail!("{uri}: label `{label}` is not a class of the train set");
-            };
-            // Slot = segment · views + view: per view, its segments in order.
-            let mut per_view = Vec::with_capacity(self.views);
-            for v in 0..self.views {
-                let segs: Vec<&Tensor> = (0..self.segments)
-                    .map(|s| &tokens[range.start + s * self.views + v])
+    fn videos(
+        &mut self,
+        clips: &[Clip],
+        videos: &[std::ops::Range<usize>],
+    ) -> anyhow::Result<Vec<Tensor>> {
+        let tokens = self.encode(clips)?;
+        videos
+            .iter()
+            .map(|r| Ok(Tensor::cat(&tokens[r.clone()], 1)?))
+            .collect()
+    }
+
+    fn step(&mut self, batch: Vec<Tensor>, labels: &[u32]) -> anyhow::Result<f64> {
+        Ok(self.trainer.step(&Tensor::cat(&batch, 0)?, labels)?.loss)
+    }
+
+    fn predict(
+        &mut self,
+        clips: &[Clip],
+        videos: &[std::ops::Range<usize>],
+        segments: usize,
+        views: usize,
+    ) -> anyhow::Result<Vec<Vec<f32>>> {
+        let tokens = self.encode(clips)?;
+        let mut out = Vec::with_capacity(videos.len());
+        for r in videos {
+            // Per view, its segments in order; probabilities averaged over the views.
+            let mut per_view = Vec::with_capacity(views);
+            for v in 0..views {
+                let segs: Vec<&Tensor> = (0..segments)
+                    .map(|s| &tokens[r.start + s * views + v])
                     .collect();
                 per_view.push(Tensor::cat(&segs, 1)?);
             }
             let x = Tensor::cat(&per_view, 0)?;
-            let p = self.probe.probabilities(&x)?.mean(0)?.to_vec1::<f32>()?;
-            self.predictions.push(Prediction {
-                uri: uri.clone(),
-                label: class,
-                probabilities: p,
-            });
+            out.push(
+                self.trainer
+                    .probe()
+                    .probabilities(&x)?
+                    .mean(0)?
+                    .to_vec1::<f32>()?,
+            );
         }
-        Ok(clips.len() as u64)
+        Ok(out)
+    }
+
+    fn save(&self, dir: &std::path::Path) -> anyhow::Result<()> {
+        let bytes = self.trainer.probe().to_safetensors()?;
+        Ok(std::fs::write(dir.join("probe.safetensors"), bytes)?)
     }
 }
 
@@ -659,8 +512,6 @@ fn run_in_memory(
         "val-features.parquet",
         opts.val_views,
     )?;
-    // The probe's heads are the encoder's (spec §9).
-    let heads = encoder.num_heads;
     let d = train_rows
         .first()
         .map(|r| r.embedding.len())
@@ -676,18 +527,8 @@ fn run_in_memory(
         opts.label_fraction,
         &mut rng,
     );
-    let cfg = ProbeConfig {
-        embed_dim: d,
-        num_heads: heads,
-        num_classes: classes.len(),
-        mlp_ratio: 4.0,
-    };
-    let device = opts
-        .extract
-        .device
-        .open()
-        .with_context(|| format!("opening device {}", opts.extract.device))?;
-    let probe = AttentiveProbe::new(cfg, opts.seed, &device)?;
+    let device = open_device(opts)?;
+    let probe = AttentiveProbe::new(head_config(&encoder, classes.len()), opts.seed, &device)?;
     let mut trainer = ProbeTrainer::new(probe, probe_optim(opts, train.len()))?;
     let mut order: Vec<usize> = (0..train.len()).collect();
     let mut final_loss = f64::NAN;
@@ -767,12 +608,5 @@ mod tests {
         assert!(Cache::Auto.streams(AUTO_MEMORY_BYTES + 1));
         assert!(!Cache::Memory.streams(u64::MAX));
         assert!(Cache::None.streams(0));
-    }
-
-    #[test]
-    fn clips_split_by_video() {
-        assert_eq!(runs(&["a", "a", "b", "c", "c"]), vec![0..2, 2..3, 3..5]);
-        assert_eq!(runs(&["a"]), vec![0..1]);
-        assert!(runs::<&str>(&[]).is_empty());
     }
 }

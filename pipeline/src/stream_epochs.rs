@@ -1,0 +1,270 @@
+//! Probe and fine-tuning with nothing held between epochs ([`crate::probe::Cache::None`]):
+//! every epoch streams the train videos through [`crate::extract`]'s dataflow (shuffled into
+//! the batches the in-memory paths make: same low-shot subset, same seeded order), and the
+//! validation videos are streamed once for evaluation. What differs between the probe and
+//! fine-tuning (what a video contributes, how a step and a prediction are made) is a
+//! [`Learner`]; the epochs, batching, labels and outputs are here once.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+
+use anyhow::{Context, bail};
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use rand_chacha::ChaCha8Rng;
+use vjepa_operators::records::Clip;
+
+use crate::extract::{self, ClipConsumer, Order, VideoSet};
+use crate::probe::{self, Prediction, ProbeOptions, ProbeSummary};
+
+/// The model side of a streamed probe or fine-tuning run.
+pub(crate) trait Learner: Send + 'static {
+    /// What one train video contributes to a batch.
+    type Video: Send + 'static;
+
+    /// The inputs of the train videos in `videos` (ranges of `clips`, each a video's segments
+    /// in order), from the clips of one dataflow time.
+    fn videos(
+        &mut self,
+        clips: &[Clip],
+        videos: &[Range<usize>],
+    ) -> anyhow::Result<Vec<Self::Video>>;
+
+    /// One optimisation step on a batch of videos; returns its loss.
+    fn step(&mut self, batch: Vec<Self::Video>, labels: &[u32]) -> anyhow::Result<f64>;
+
+    /// Class probabilities of each validation video in `videos`, averaged over its views
+    /// (clip slot = segment · views + view).
+    fn predict(
+        &mut self,
+        clips: &[Clip],
+        videos: &[Range<usize>],
+        segments: usize,
+        views: usize,
+    ) -> anyhow::Result<Vec<Vec<f32>>>;
+
+    /// Writes what was trained into the run's output directory.
+    fn save(&self, dir: &std::path::Path) -> anyhow::Result<()>;
+}
+
+/// Trains `make(classes, train videos)`'s learner for `opts.epochs` streamed epochs, saves it,
+/// evaluates it on `val` and writes the predictions. `what` names the run in logs.
+pub(crate) fn run<L: Learner>(
+    opts: &ProbeOptions,
+    train: VideoSet,
+    val: VideoSet,
+    (frames, size): (usize, usize),
+    handle: &tokio::runtime::Handle,
+    what: &str,
+    make: impl FnOnce(usize, usize) -> anyhow::Result<L>,
+) -> anyhow::Result<ProbeSummary> {
+    let labels = train.labels();
+    let (classes, class_of) = probe::classes(labels.iter().cloned().collect())?;
+    let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
+    let listed: Vec<usize> = (0..train.len()).collect();
+    let keep = probe::low_shot(
+        listed,
+        |&i| class_of.get(&labels[i]).copied().unwrap_or(usize::MAX),
+        classes.len(),
+        opts.label_fraction,
+        &mut rng,
+    );
+    let segments = opts.extract.segments.max(1);
+    let mut pass = TrainEpoch {
+        learner: make(classes.len(), keep.len())?,
+        class_of: class_of.clone(),
+        segments,
+        batch_size: opts.batch_size,
+        pending: Vec::new(),
+        losses: Vec::new(),
+        videos: 0,
+    };
+    tracing::info!(
+        train = keep.len(),
+        val = val.len(),
+        classes = classes.len(),
+        "{what}: the clips are read again every epoch"
+    );
+    let mut e = opts.extract.clone();
+    e.datasets = vec![opts.train.clone()];
+    e.views = 1;
+    e.progress = false;
+    let train_q = quarantine_location(opts, "train");
+    let mut order: Vec<usize> = (0..keep.len()).collect();
+    let mut final_loss = f64::NAN;
+    let mut trained = keep.len();
+    for epoch in 0..opts.epochs {
+        order.shuffle(&mut rng);
+        let videos: Vec<usize> = order.iter().map(|&p| keep[p]).collect();
+        let set = train.reordered(&videos);
+        let (mut done, streamed) =
+            extract::stream_clips(&e, set, frames, size, &train_q, pass, handle)
+                .with_context(|| format!("{what} epoch {}", epoch + 1))?;
+        if !done.pending.is_empty() {
+            done.step(done.pending.len())?; // the last, partial batch
+        }
+        if epoch == 0 {
+            warn_quarantined(&streamed, what, "train");
+        }
+        trained = std::mem::take(&mut done.videos);
+        let losses = std::mem::take(&mut done.losses);
+        final_loss = losses.iter().sum::<f64>() / losses.len().max(1) as f64;
+        tracing::info!(
+            epoch = epoch + 1,
+            loss = format_args!("{final_loss:.4}"),
+            "{what}"
+        );
+        pass = done;
+    }
+    pass.learner.save(&opts.out_dir)?;
+
+    let mut e = opts.extract.clone();
+    e.datasets = vec![opts.val.clone()];
+    e.views = opts.val_views;
+    let eval = Evaluate {
+        learner: pass.learner,
+        class_of,
+        segments,
+        views: opts.val_views,
+        predictions: Vec::new(),
+    };
+    let val_q = quarantine_location(opts, "val");
+    let (eval, streamed) = extract::stream_clips(&e, val, frames, size, &val_q, eval, handle)
+        .with_context(|| format!("evaluating the {what}"))?;
+    warn_quarantined(&streamed, what, "validation");
+    let evaluated = eval.predictions.len();
+    let correct = probe::write_predictions(&opts.out_dir, &classes, &eval.predictions)?;
+    Ok(ProbeSummary::new(
+        correct, evaluated, trained, classes, final_loss,
+    ))
+}
+
+fn quarantine_location(opts: &ProbeOptions, split: &str) -> String {
+    opts.out_dir
+        .join(format!("{split}.quarantine.parquet"))
+        .display()
+        .to_string()
+}
+
+fn warn_quarantined(streamed: &extract::Streamed, what: &str, split: &str) {
+    if streamed.quarantined > 0 {
+        tracing::warn!(
+            quarantined = streamed.quarantined,
+            records = %streamed.quarantine_output,
+            "{split} videos left out of the {what}"
+        );
+    }
+}
+
+/// `clips` (sorted by video, then slot) split into each video's clips, each checked to be
+/// `per_video` long, with the video's class.
+fn videos_of(
+    clips: &[Clip],
+    order: &Order,
+    class_of: &BTreeMap<String, usize>,
+    per_video: usize,
+) -> anyhow::Result<(Vec<Range<usize>>, Vec<u32>)> {
+    let uris: Vec<&str> = clips.iter().map(|c| c.uri.as_str()).collect();
+    let ranges = runs(&uris);
+    let mut classes = Vec::with_capacity(ranges.len());
+    for range in &ranges {
+        let uri = &clips[range.start].uri;
+        if range.len() != per_video {
+            bail!("{uri}: {} clips, expected {per_video}", range.len());
+        }
+        let label = order.get(uri).map(|o| o.1.as_str()).unwrap_or_default();
+        let Some(&class) = class_of.get(label) else {
+            bail!("{uri}: label `{label}` is not a class of the train set");
+        };
+        classes.push(class as u32);
+    }
+    Ok((ranges, classes))
+}
+
+/// The ranges of equal neighbours in `keys`.
+fn runs<T: PartialEq>(keys: &[T]) -> Vec<Range<usize>> {
+    let mut ranges = Vec::new();
+    let mut start = 0;
+    for i in 1..=keys.len() {
+        if i == keys.len() || keys[i] != keys[start] {
+            ranges.push(start..i);
+            start = i;
+        }
+    }
+    ranges
+}
+
+/// One epoch of training on clips as they stream in.
+struct TrainEpoch<L: Learner> {
+    learner: L,
+    class_of: BTreeMap<String, usize>,
+    segments: usize,
+    batch_size: usize,
+    /// Videos read but not yet trained on, with their class.
+    pending: Vec<(L::Video, u32)>,
+    losses: Vec<f64>,
+    /// Videos trained on this epoch.
+    videos: usize,
+}
+
+impl<L: Learner> TrainEpoch<L> {
+    fn step(&mut self, n: usize) -> anyhow::Result<()> {
+        let (batch, labels): (Vec<L::Video>, Vec<u32>) = self.pending.drain(..n).unzip();
+        self.losses.push(self.learner.step(batch, &labels)?);
+        Ok(())
+    }
+}
+
+impl<L: Learner> ClipConsumer for TrainEpoch<L> {
+    fn consume(&mut self, clips: Vec<Clip>, order: &Order) -> anyhow::Result<u64> {
+        let (ranges, classes) = videos_of(&clips, order, &self.class_of, self.segments)?;
+        let videos = self.learner.videos(&clips, &ranges)?;
+        for (video, class) in videos.into_iter().zip(classes) {
+            self.pending.push((video, class));
+            self.videos += 1;
+            if self.pending.len() >= self.batch_size {
+                self.step(self.batch_size)?;
+            }
+        }
+        Ok(clips.len() as u64)
+    }
+}
+
+/// The trained learner over the validation clips as they stream in.
+struct Evaluate<L: Learner> {
+    learner: L,
+    class_of: BTreeMap<String, usize>,
+    segments: usize,
+    views: usize,
+    predictions: Vec<Prediction>,
+}
+
+impl<L: Learner> ClipConsumer for Evaluate<L> {
+    fn consume(&mut self, clips: Vec<Clip>, order: &Order) -> anyhow::Result<u64> {
+        let per_video = self.segments * self.views;
+        let (ranges, classes) = videos_of(&clips, order, &self.class_of, per_video)?;
+        let probabilities = self
+            .learner
+            .predict(&clips, &ranges, self.segments, self.views)?;
+        for ((range, class), probabilities) in ranges.iter().zip(classes).zip(probabilities) {
+            self.predictions.push(Prediction {
+                uri: clips[range.start].uri.clone(),
+                label: class as usize,
+                probabilities,
+            });
+        }
+        Ok(clips.len() as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clips_split_by_video() {
+        assert_eq!(runs(&["a", "a", "b", "c", "c"]), vec![0..2, 2..3, 3..5]);
+        assert_eq!(runs(&["a"]), vec![0..1]);
+        assert!(runs::<&str>(&[]).is_empty());
+    }
+}
