@@ -227,3 +227,46 @@ pub fn mean_pooled(tokens: vjepa_model::Tensor) -> Vec<f32> {
         .to_vec1::<f32>()
         .unwrap()
 }
+
+/// `videos` sample videos in `dir/videos` and the small model pretrained `steps` steps on them
+/// (outputs in `dir/out`). Returns (the videos' directory, the last checkpoint).
+pub fn pretrained_corpus(dir: &Path, videos: usize, steps: u64) -> (PathBuf, PathBuf) {
+    let corpus = dir.join("videos");
+    make_corpus(&corpus, videos);
+    let out = dir.join("out");
+    let config = write_config(&dir.join("c.yaml"), &corpus, &out, steps);
+    assert_ok(&run_train(&config, &[], &[]));
+    let checkpoint = out.join(format!("checkpoints/step-{steps:08}.safetensors"));
+    (corpus, checkpoint)
+}
+
+/// The `top-1 …` line `vjepa probe` / `finetune` print (empty when there is none).
+pub fn top1_line(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find(|l| l.starts_with("top-1"))
+        .map(str::to_string)
+        .unwrap_or_default()
+}
+
+/// The `probabilities` column of `dir/predictions.parquet`, one list per validation video.
+pub fn read_probabilities(dir: &Path) -> Vec<Vec<f32>> {
+    use arrow::array::{Array, Float32Array, ListArray};
+    let file = std::fs::File::open(dir.join("predictions.parquet")).unwrap();
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+        .unwrap()
+        .build()
+        .unwrap();
+    let mut out = Vec::new();
+    for batch in reader {
+        let batch = batch.unwrap();
+        let probs = batch.column_by_name("probabilities").unwrap();
+        let probs = probs.as_any().downcast_ref::<ListArray>().unwrap();
+        for i in 0..probs.len() {
+            let p = probs.value(i);
+            let p = p.as_any().downcast_ref::<Float32Array>().unwrap();
+            out.push(p.values().to_vec());
+        }
+    }
+    out
+}

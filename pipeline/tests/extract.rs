@@ -234,31 +234,25 @@ fn nvdec_is_refused_without_nvdec_decoders() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("features.parquet");
     let out_arg = out.to_str().unwrap();
-    let bad = extract(&[
-        "--checkpoint",
-        "missing.safetensors",
-        "--index",
-        "missing.csv",
-        "--out",
-        out_arg,
-        "--video-decoder",
-        "vaapi",
-    ]);
+    let with_decoder = |name: &str| {
+        extract(&[
+            "--checkpoint",
+            "missing.safetensors",
+            "--index",
+            "missing.csv",
+            "--out",
+            out_arg,
+            "--video-decoder",
+            name,
+        ])
+    };
+    let bad = with_decoder("vaapi");
     assert_eq!(bad.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("software, nvdec"));
     if !vjepa_ingest::nvdec_decoders().unwrap().is_empty() {
         return; // a GPU machine: NVDEC exists, nothing to refuse
     }
-    let run = extract(&[
-        "--checkpoint",
-        "missing.safetensors",
-        "--index",
-        "missing.csv",
-        "--out",
-        out_arg,
-        "--video-decoder",
-        "nvdec",
-    ]);
+    let run = with_decoder("nvdec");
     assert!(!run.status.success());
     let err = String::from_utf8_lossy(&run.stderr);
     // Refused on the decoder, before the checkpoint or the index is even opened.

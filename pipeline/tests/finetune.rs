@@ -17,12 +17,7 @@ use vjepa_model::vit::Encoder;
 #[test]
 fn pretrain_then_finetune_writes_its_artifacts() {
     let tmp = tempfile::tempdir().unwrap();
-    let videos = tmp.path().join("videos");
-    make_corpus(&videos, 8);
-    let out = tmp.path().join("out");
-    let config = write_config(&tmp.path().join("c.yaml"), &videos, &out, 2);
-    assert_ok(&run_train(&config, &[], &[]));
-    let checkpoint = out.join("checkpoints/step-00000002.safetensors");
+    let (videos, checkpoint) = pretrained_corpus(tmp.path(), 8, 2);
 
     // Label = container (mp4 vs webm); 5 train videos, 3 validation videos.
     let (train_csv, val_csv) = labelled_indexes(&videos, tmp.path(), 5);
@@ -145,13 +140,6 @@ fn pretrain_then_finetune_writes_its_artifacts() {
 
     // Decoding the clips again every epoch (`--clip-cache none`) trains on the same batches
     // as holding them (`memory`): the same fine-tuned model, top-1 line and probabilities.
-    let top1 = |o: &std::process::Output| {
-        String::from_utf8_lossy(&o.stdout)
-            .lines()
-            .find(|l| l.starts_with("top-1"))
-            .map(str::to_string)
-            .unwrap_or_default()
-    };
     let (held_dir, streamed_dir) = (tmp.path().join("held"), tmp.path().join("streamed"));
     let held = common("finetune", &held_dir)
         .args(["--clip-cache", "memory"])
@@ -164,11 +152,11 @@ fn pretrain_then_finetune_writes_its_artifacts() {
     assert_ok(&held);
     assert_ok(&streamed);
     assert!(
-        top1(&held).contains("3 validation videos"),
+        top1_line(&held).contains("3 validation videos"),
         "{}",
-        top1(&held)
+        top1_line(&held)
     );
-    assert_eq!(top1(&streamed), top1(&held));
+    assert_eq!(top1_line(&streamed), top1_line(&held));
     let (h, s) = (read_predictions(&held_dir), read_predictions(&streamed_dir));
     assert_eq!(h.len(), s.len());
     for (h, s) in h.iter().zip(&s) {

@@ -7,7 +7,6 @@ mod common;
 
 use std::process::Command;
 
-use arrow::array::Array;
 use common::*;
 use vjepa_model::Device;
 use vjepa_model::probe::{AttentiveProbe, ProbeConfig};
@@ -17,12 +16,7 @@ use vjepa_storage::features::read_features;
 #[test]
 fn pretrain_then_probe_writes_its_artifacts() {
     let tmp = tempfile::tempdir().unwrap();
-    let videos = tmp.path().join("videos");
-    make_corpus(&videos, 8);
-    let out = tmp.path().join("out");
-    let config = write_config(&tmp.path().join("c.yaml"), &videos, &out, 4);
-    assert_ok(&run_train(&config, &[], &[]));
-    let checkpoint = out.join("checkpoints/step-00000004.safetensors");
+    let (videos, checkpoint) = pretrained_corpus(tmp.path(), 8, 4);
 
     // Label = container (mp4 vs webm); 6 train videos, 2 validation videos.
     let (train_csv, val_csv) = labelled_indexes(&videos, tmp.path(), 6);
@@ -82,33 +76,12 @@ fn pretrain_then_probe_writes_its_artifacts() {
     AttentiveProbe::from_tensors(cfg, &tensors, &Device::Cpu).unwrap();
 
     // Predictions: one row per validation video, probabilities summing to 1.
-    let file = std::fs::File::open(probe_dir.join("predictions.parquet")).unwrap();
-    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
-        .unwrap()
-        .build()
-        .unwrap();
-    let mut rows = 0;
-    for batch in reader {
-        let batch = batch.unwrap();
-        rows += batch.num_rows();
-        let probs = batch
-            .column_by_name("probabilities")
-            .unwrap()
-            .as_any()
-            .downcast_ref::<arrow::array::ListArray>()
-            .unwrap()
-            .clone();
-        for i in 0..probs.len() {
-            let p = probs.value(i);
-            let p = p
-                .as_any()
-                .downcast_ref::<arrow::array::Float32Array>()
-                .unwrap();
-            let sum: f32 = p.values().iter().sum();
-            assert!((sum - 1.0).abs() < 1e-4, "{sum}");
-        }
+    let probabilities = read_probabilities(&probe_dir);
+    for p in &probabilities {
+        let sum: f32 = p.iter().sum();
+        assert!((sum - 1.0).abs() < 1e-4, "{sum}");
     }
-    assert_eq!(rows, 2);
+    assert_eq!(probabilities.len(), 2);
 
     // A label fraction keeps ceil(fraction · count) per class.
     let low = Command::new(bin())
@@ -141,12 +114,7 @@ fn pretrain_then_probe_writes_its_artifacts() {
 #[test]
 fn streaming_probe_matches_the_in_memory_probe() {
     let tmp = tempfile::tempdir().unwrap();
-    let videos = tmp.path().join("videos");
-    make_corpus(&videos, 8);
-    let out = tmp.path().join("out");
-    let config = write_config(&tmp.path().join("c.yaml"), &videos, &out, 2);
-    assert_ok(&run_train(&config, &[], &[]));
-    let checkpoint = out.join("checkpoints/step-00000002.safetensors");
+    let (videos, checkpoint) = pretrained_corpus(tmp.path(), 8, 2);
     let (train_csv, val_csv) = labelled_indexes(&videos, tmp.path(), 6);
     let probe = |cache: &str, fraction: &str| {
         let dir = tmp.path().join(format!("probe-{cache}-{fraction}"));
@@ -165,12 +133,7 @@ fn streaming_probe_matches_the_in_memory_probe() {
             .output()
             .unwrap();
         assert_ok(&run);
-        let line = String::from_utf8_lossy(&run.stdout)
-            .lines()
-            .find(|l| l.starts_with("top-1"))
-            .map(str::to_string)
-            .unwrap_or_default();
-        (dir, line)
+        (dir, top1_line(&run))
     };
     for fraction in ["1.0", "0.5"] {
         let (mem_dir, mem) = probe("memory", fraction);
@@ -179,42 +142,16 @@ fn streaming_probe_matches_the_in_memory_probe() {
         assert_eq!(stream, mem, "label fraction {fraction}");
         assert!(mem_dir.join("train-features.parquet").exists());
         assert!(!stream_dir.join("train-features.parquet").exists());
-        let (a, b) = (probabilities(&mem_dir), probabilities(&stream_dir));
+        let (a, b) = (
+            read_probabilities(&mem_dir),
+            read_probabilities(&stream_dir),
+        );
         assert_eq!(a.len(), 2);
         assert_eq!(a.len(), b.len());
         for (x, y) in a.iter().flatten().zip(b.iter().flatten()) {
             assert!((x - y).abs() < 1e-4, "{a:?} vs {b:?}");
         }
     }
-}
-
-/// The `probabilities` column of a probe's predictions.parquet.
-fn probabilities(dir: &std::path::Path) -> Vec<Vec<f32>> {
-    let file = std::fs::File::open(dir.join("predictions.parquet")).unwrap();
-    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
-        .unwrap()
-        .build()
-        .unwrap();
-    let mut out = Vec::new();
-    for batch in reader {
-        let batch = batch.unwrap();
-        let probs = batch
-            .column_by_name("probabilities")
-            .unwrap()
-            .as_any()
-            .downcast_ref::<arrow::array::ListArray>()
-            .unwrap()
-            .clone();
-        for i in 0..probs.len() {
-            let p = probs.value(i);
-            let p = p
-                .as_any()
-                .downcast_ref::<arrow::array::Float32Array>()
-                .unwrap();
-            out.push(p.values().to_vec());
-        }
-    }
-    out
 }
 
 /// `vjepa init` writes the model a fresh run starts from (the random-init baseline of a probe):
