@@ -108,30 +108,12 @@ pub fn run(opts: FinetuneOptions) -> anyhow::Result<ProbeSummary> {
     let (runtime, encoder) = extract::load_encoder(&opts.extract)?;
     let handle = runtime.handle().clone();
     let cfg = encoder.config().clone();
-    let train_set = VideoSet::open(std::slice::from_ref(&opts.train), &opts.extract.s3, &handle)?;
-    let val_set = VideoSet::open(std::slice::from_ref(&opts.val), &opts.extract.s3, &handle)?;
     let size = opts.extract.size.unwrap_or(cfg.crop_size);
-    let clips = (train_set.len() + val_set.len() * opts.val_views) * opts.extract.segments;
-    let bytes = (clips * 3 * cfg.num_frames * size * size * 4) as u64;
-    let stream = opts.cache.streams(bytes);
-    tracing::info!(
-        clip_bytes = bytes,
-        cache = if stream {
-            "none: decoded again every epoch"
-        } else {
-            "memory"
-        },
-        "fine-tuning clips"
-    );
-    if stream {
-        return run_streaming(
-            &opts,
-            encoder,
-            backbone_lr_scale,
-            train_set,
-            val_set,
-            &handle,
-        );
+    let bytes_per_clip = (3 * cfg.num_frames * size * size * 4) as u64;
+    if let Some((train, val)) =
+        stream_epochs::streaming_sets(&opts, bytes_per_clip, &handle, "fine-tuning clips")?
+    {
+        return run_streaming(&opts, encoder, backbone_lr_scale, train, val, &handle);
     }
     let train = videos_of(&opts, &cfg, &opts.train, "train", 1, &handle)?;
     let val = videos_of(&opts, &cfg, &opts.val, "val", opts.val_views, &handle)?;
@@ -168,7 +150,6 @@ pub fn run(opts: FinetuneOptions) -> anyhow::Result<ProbeSummary> {
     );
 
     let segments = opts.extract.segments.max(1);
-    let size = opts.extract.size.unwrap_or(cfg.crop_size);
     let per_clip = 3 * cfg.num_frames * size * size;
     let shape = |videos: usize| (videos * segments, 3, cfg.num_frames, size, size);
     for v in train.iter().chain(&val) {

@@ -466,27 +466,13 @@ pub fn run(opts: ProbeOptions) -> anyhow::Result<ProbeSummary> {
     prepare(&opts)?;
     let (runtime, backbone) = extract::open_backbone(&opts.extract)?;
     let handle = runtime.handle();
-    let train = VideoSet::open(std::slice::from_ref(&opts.train), &opts.extract.s3, handle)?;
-    let val = VideoSet::open(std::slice::from_ref(&opts.val), &opts.extract.s3, handle)?;
     let enc = backbone.config();
     let size = opts.extract.size.unwrap_or(enc.crop_size);
     let tokens = (enc.num_frames / enc.tubelet_size.max(1)) * (size / enc.patch_size.max(1)).pow(2);
-    let clips = (train.len() + val.len() * opts.val_views) * opts.extract.segments;
-    let bytes = (clips * tokens * enc.embed_dim * 4) as u64;
-    let stream = opts.cache.streams(bytes);
-    tracing::info!(
-        token_bytes = bytes,
-        cache = if stream {
-            "none: the backbone reads every epoch"
-        } else {
-            "memory"
-        },
-        "probe tokens"
-    );
-    if stream {
-        run_streaming(&opts, backbone, train, val, handle)
-    } else {
-        run_in_memory(&opts, backbone, handle)
+    let bytes_per_clip = (tokens * enc.embed_dim * 4) as u64;
+    match stream_epochs::streaming_sets(&opts, bytes_per_clip, handle, "probe tokens")? {
+        Some((train, val)) => run_streaming(&opts, backbone, train, val, handle),
+        None => run_in_memory(&opts, backbone, handle),
     }
 }
 

@@ -47,6 +47,36 @@ pub(crate) trait Learner: Send + 'static {
     fn save(&self, dir: &std::path::Path) -> anyhow::Result<()>;
 }
 
+/// The train and validation listings when `opts.cache` says to stream (`auto`: when both
+/// splits' clips, `bytes_per_clip` each once read, would not fit in
+/// [`probe::AUTO_MEMORY_BYTES`]); `None` to hold them (the listings are not read for `memory`).
+pub(crate) fn streaming_sets(
+    opts: &ProbeOptions,
+    bytes_per_clip: u64,
+    handle: &tokio::runtime::Handle,
+    what: &str,
+) -> anyhow::Result<Option<(VideoSet, VideoSet)>> {
+    if opts.cache == probe::Cache::Memory {
+        return Ok(None);
+    }
+    let s3 = &opts.extract.s3;
+    let train = VideoSet::open(std::slice::from_ref(&opts.train), s3, handle)?;
+    let val = VideoSet::open(std::slice::from_ref(&opts.val), s3, handle)?;
+    let clips = (train.len() + val.len() * opts.val_views) * opts.extract.segments;
+    let bytes = clips as u64 * bytes_per_clip;
+    let stream = opts.cache.streams(bytes);
+    tracing::info!(
+        bytes,
+        cache = if stream {
+            "none: read every epoch"
+        } else {
+            "memory"
+        },
+        "{what}: data held between epochs"
+    );
+    Ok(stream.then_some((train, val)))
+}
+
 /// Trains `make(classes, train videos)`'s learner for `opts.epochs` streamed epochs, saves it,
 /// evaluates it on `val` and writes the predictions. `what` names the run in logs.
 pub(crate) fn run<L: Learner>(
