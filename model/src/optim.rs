@@ -227,31 +227,14 @@ impl AdamW {
     }
 }
 
-/// Sum of squared gradient entries of `vars` (missing grads count as zero).
+/// Sum of squared gradient entries of `vars` (missing grads count as zero); one
+/// device-to-host read on a GPU.
 pub fn grad_sq_sum<'a>(
     grads: &GradStore,
     vars: impl Iterator<Item = &'a Var>,
 ) -> Result<f64, ModelError> {
-    let mut total = 0.0f64;
-    // On a GPU the per-tensor sums stay on the device and are read back once.
-    #[cfg(feature = "cuda")]
-    let mut on_device: Vec<Tensor> = Vec::new();
-    for v in vars {
-        if let Some(g) = grads.get(v.as_tensor()) {
-            let s = kernels::sum_sq(g)?;
-            #[cfg(feature = "cuda")]
-            if s.device().is_cuda() {
-                on_device.push(s.to_dtype(DType::F64)?.reshape(1)?);
-                continue;
-            }
-            total += s.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        }
-    }
-    #[cfg(feature = "cuda")]
-    if !on_device.is_empty() {
-        total += Tensor::cat(&on_device, 0)?.sum_all()?.to_scalar::<f64>()?;
-    }
-    Ok(total)
+    let vars: Vec<&Var> = vars.collect();
+    Ok(grad_sq_sums(grads, &[&vars])?[0])
 }
 
 /// [`grad_sq_sum`] of several groups of vars with one device-to-host read on a GPU (per
@@ -272,7 +255,7 @@ pub fn grad_sq_sums(grads: &GradStore, groups: &[&[&Var]]) -> Result<Vec<f64>, M
     }
     let on_gpu = device.as_ref().is_some_and(|d| !d.is_cpu());
     if !on_gpu {
-        // On the CPU every read is free: sum in f64 in the order grad_sq_sum does.
+        // On the CPU every read is free: sum in f64, tensor by tensor.
         return per_group
             .iter()
             .map(|sums| {
