@@ -7,7 +7,9 @@
 # Environment: DEVICE (cpu; cuda for the GPU step, see bench/gpu-step.sh), DTYPE (f32 on the
 # CPU, bf16 elsewhere: ours --bf16, torch with bf16 autocast), BATCH (the config's), WARMUP (2),
 # STEPS (5), COMPILE=1 (also torch with torch.compile on the target encoder), PEAK_TFLOPS (for
-# MFU), TRAIN_STEP (a prebuilt train-step binary), TORCH_PYTHON (default: ops/torch-venv.sh).
+# MFU), TRAIN_STEP (a prebuilt train-step binary), TORCH_PYTHON (default: ops/torch-venv.sh),
+# ATTENTION (GPU: our attention implementations to time, one row each; default "auto"; e.g.
+# "own cudnn" for both, see workers.attention).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 THREADS="${1:-$(nproc)}"; shift || true
@@ -23,10 +25,14 @@ export RAYON_NUM_THREADS="$THREADS" OMP_NUM_THREADS="$THREADS" MKL_NUM_THREADS="
 ours=(--device "$DEVICE"); peer=(--device "$DEVICE" --threads "$THREADS")
 if [ "$DTYPE" = bf16 ]; then ours+=(--bf16); peer+=(--bf16); fi
 [ -n "${BATCH:-}" ] && ours+=(--batch-size "$BATCH")
+ATTENTION="${ATTENTION:-auto}"; [ "$DEVICE" = cpu ] && ATTENTION=auto
 for cfg in "${CONFIGS[@]}"; do
-  "$BIN" --config "$cfg" --inputs "$TMP/in.safetensors" --warmup "$WARMUP" --steps "$STEPS" \
-    "${ours[@]}" > "$TMP/ours.json"
-  runs=("$TMP/ours.json")
+  runs=()
+  for att in $ATTENTION; do
+    "$BIN" --config "$cfg" --inputs "$TMP/in.safetensors" --warmup "$WARMUP" --steps "$STEPS" \
+      "${ours[@]}" --attention "$att" > "$TMP/ours-$att.json"
+    runs+=("$TMP/ours-$att.json")
+  done
   "$PY" bench/train_step_torch.py --inputs "$TMP/in.safetensors" "${peer[@]}" > "$TMP/torch.json"
   runs+=("$TMP/torch.json")
   if [ "${COMPILE:-0}" = 1 ]; then
@@ -38,7 +44,8 @@ for cfg in "${CONFIGS[@]}"; do
 import json, sys
 cfg, threads, peak, files = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
 rows = [json.load(open(f)) for f in files]
-ours, flops = rows[0], rows[1]["flops_per_step"]  # same inputs: the same work in every row
+ours = rows[0]  # the first of ours: the ratios are against it
+flops = next(r["flops_per_step"] for r in rows if "flops_per_step" in r)  # same work in every row
 batch = ours["batch_size"]
 print(f"{cfg}: {ours['device']}, {ours['dtype']}, batch {batch}, {threads} threads; "
       f"{flops / 1e12:.3f} model TFLOP per step (matmuls)")

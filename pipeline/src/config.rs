@@ -501,6 +501,11 @@ pub struct WorkersSection {
     /// `nvdec` (GStreamer's nvcodec elements where NVDEC takes the stream, software otherwise).
     #[serde(default = "default_video_decoder")]
     pub video_decoder: String,
+    /// Attention on a GPU: `auto` (cuDNN's fused attention where the binary has the `cudnn`
+    /// feature and libcudnn loads, our kernels otherwise), `cudnn` (refused before any work
+    /// where it cannot run) or `own` (our flash-style kernels). The CPU ignores it.
+    #[serde(default = "default_attention")]
+    pub attention: String,
 }
 
 impl Default for WorkersSection {
@@ -513,8 +518,13 @@ impl Default for WorkersSection {
             max_attempts_per_clip: default_attempts(),
             device: default_device(),
             video_decoder: default_video_decoder(),
+            attention: default_attention(),
         }
     }
+}
+
+fn default_attention() -> String {
+    "auto".into()
 }
 
 fn default_video_decoder() -> String {
@@ -1009,6 +1019,7 @@ impl JobConfig {
         )?;
         self.device()?;
         self.video_decoder()?;
+        self.attention()?;
         self.validate_cluster()
     }
 
@@ -1028,6 +1039,22 @@ impl JobConfig {
             .video_decoder
             .parse()
             .map_err(|e: String| ConfigError::invalid("workers.video_decoder", e))
+    }
+
+    /// The GPU attention implementation of `workers.attention` (a wrong name is refused naming
+    /// the key; whether cuDNN can run here is checked before any work by
+    /// [`vjepa_model::kernels::check_attention_backend`]).
+    pub fn attention(&self) -> Result<vjepa_model::kernels::AttentionBackend, ConfigError> {
+        let name = &self.raw.workers.attention;
+        vjepa_model::kernels::AttentionBackend::parse(name).ok_or_else(|| {
+            ConfigError::invalid(
+                "workers.attention",
+                format!(
+                    "{name:?} is not one of {}",
+                    vjepa_model::kernels::AttentionBackend::NAMES.join(", ")
+                ),
+            )
+        })
     }
 
     /// The dtype training computes in: bf16 (mixed precision, f32 master weights) when
@@ -1495,6 +1522,21 @@ mod tests {
 
     /// `workers.device`: cpu by default; a wrong name, or CUDA in a build without the `cuda`
     /// feature, is refused naming the key, from the config and from `--device` alike.
+    #[test]
+    fn attention_name_is_checked() {
+        use vjepa_model::kernels::AttentionBackend;
+        let cfg = JobConfig::parse(OFFICIAL_VITL16).unwrap();
+        assert_eq!(cfg.attention().unwrap(), AttentionBackend::Auto);
+        let with = |a: &str| format!("{OFFICIAL_VITL16}\nworkers:\n  attention: {a}\n");
+        for b in [AttentionBackend::Cudnn, AttentionBackend::Own] {
+            let cfg = JobConfig::parse(&with(b.as_str())).unwrap();
+            assert_eq!(cfg.attention().unwrap(), b);
+        }
+        let err = JobConfig::parse(&with("flash3")).unwrap_err();
+        assert_eq!(err.key(), Some("workers.attention"), "{err}");
+        assert!(err.to_string().contains("auto, cudnn, own"), "{err}");
+    }
+
     #[test]
     fn video_decoder_name_is_checked() {
         let cfg = JobConfig::parse(OFFICIAL_VITL16).unwrap();

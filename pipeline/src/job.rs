@@ -150,6 +150,14 @@ fn run_training(
     let video_decoder = cfg.video_decoder()?;
     vjepa_ingest::check_video_decoder(video_decoder)
         .map_err(|e| anyhow!("workers.video_decoder: {video_decoder}: {e}"))?;
+    // The attention implementation, before any work: `cudnn` must be able to run here.
+    let attention = cfg.attention()?;
+    if device.is_cuda() {
+        let runs = vjepa_model::kernels::check_attention_backend(attention)
+            .map_err(|e| anyhow!("workers.attention: {e}"))?;
+        tracing::info!(attention = attention.as_str(), "attention: {runs}");
+    }
+    vjepa_model::kernels::set_attention_backend(attention);
     let dtype = cfg.compute_dtype(device);
     if cfg.bf16_requested() && dtype != vjepa_model::DType::BF16 {
         tracing::info!(

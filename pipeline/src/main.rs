@@ -429,6 +429,10 @@ fn main() -> ExitCode {
                     })
                     .and_then(|decoder| {
                         println!("video decoder: {} ({})", decoder.location, decoder.found);
+                        vjepa_pipeline::preflight::check_attention(&cfg)
+                    })
+                    .and_then(|attention| {
+                        println!("attention: {} ({})", attention.location, attention.found);
                         vjepa_pipeline::preflight::check_locations(&cfg)
                     });
                 match checked {

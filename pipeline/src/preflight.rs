@@ -65,6 +65,29 @@ pub fn check_device(cfg: &JobConfig) -> Result<LocationCheck, LocationError> {
     })
 }
 
+/// The GPU attention implementation (`workers.attention`): on a GPU, `cudnn` needs a binary
+/// with the `cudnn` feature and a loadable libcudnn 9; says what will run.
+pub fn check_attention(cfg: &JobConfig) -> Result<LocationCheck, LocationError> {
+    let key = "workers.attention";
+    let err = |reason: String| LocationError {
+        key: key.to_string(),
+        location: cfg.raw.workers.attention.clone(),
+        reason,
+    };
+    let backend = cfg.attention().map_err(|e| err(e.to_string()))?;
+    let on_gpu = cfg.device().map_err(|e| err(e.to_string()))?.is_cuda();
+    let found = if on_gpu {
+        vjepa_model::kernels::check_attention_backend(backend).map_err(|e| err(e.to_string()))?
+    } else {
+        "the CPU kernels (the setting applies on a GPU)".to_string()
+    };
+    Ok(LocationCheck {
+        key: key.to_string(),
+        location: backend.as_str().to_string(),
+        found,
+    })
+}
+
 /// The video decoders (`workers.video_decoder`): NVDEC must be registered in this process's
 /// GStreamer, which the nvcodec plugin does only where it finds an NVIDIA driver and GPU.
 pub fn check_video_decoder(cfg: &JobConfig) -> Result<LocationCheck, LocationError> {
@@ -197,6 +220,18 @@ mod tests {
         cfg.raw.data.datasets = datasets.iter().map(|d| d.to_string()).collect();
         cfg.raw.outputs.dir = Some(out.to_string());
         cfg
+    }
+
+    #[test]
+    fn attention_is_checked_on_a_gpu_only() {
+        let mut cfg = config(&[], "out/");
+        cfg.raw.workers.attention = "cudnn".into();
+        let c = check_attention(&cfg).unwrap();
+        assert_eq!(c.location, "cudnn");
+        assert!(c.found.contains("applies on a GPU"), "{}", c.found);
+        cfg.raw.workers.attention = "fastest".into();
+        let e = check_attention(&cfg).unwrap_err();
+        assert_eq!(e.key, "workers.attention");
     }
 
     #[test]

@@ -42,6 +42,9 @@ struct Args {
     /// trains with on a GPU).
     #[arg(long)]
     bf16: bool,
+    /// Attention on a GPU: auto, cudnn (the `cudnn` feature) or own, as `workers.attention`.
+    #[arg(long, default_value = "auto")]
+    attention: String,
     /// Clips per step instead of the config's data.batch_size.
     #[arg(long)]
     batch_size: Option<usize>,
@@ -145,6 +148,14 @@ fn main() -> Result<()> {
     }
 
     let device = args.device.open()?;
+    let attention = vjepa_model::kernels::AttentionBackend::parse(&args.attention)
+        .with_context(|| format!("--attention {:?}: auto, cudnn or own", args.attention))?;
+    let attention_runs = if device.is_cuda() {
+        vjepa_model::kernels::check_attention_backend(attention)?
+    } else {
+        "CPU kernels".to_string()
+    };
+    vjepa_model::kernels::set_attention_backend(attention);
     let mut model = VJepa::new(enc, pred, optim, args.seed, &device)?;
     if args.bf16 {
         model.set_compute_dtype(DType::BF16)?;
@@ -168,7 +179,12 @@ fn main() -> Result<()> {
     println!(
         "{}",
         serde_json::json!({
-            "impl": "ours (candle)",
+            "impl": if device.is_cuda() {
+                format!("ours (candle, attention {})", attention.as_str())
+            } else {
+                "ours (candle)".to_string()
+            },
+            "attention": attention_runs,
             "config": args.config.display().to_string(),
             "device": args.device.to_string(),
             "dtype": if args.bf16 { "bf16" } else { "f32" },

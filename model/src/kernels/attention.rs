@@ -5,6 +5,8 @@
 //! permute or contiguous copies. The backward pass recomputes the probabilities from q and k
 //! (flash-attention style) instead of keeping `[B, H, N, N]` alive between passes.
 
+use std::sync::atomic::{AtomicU8, Ordering};
+
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Tensor, WithDType};
 
 use super::math::{Elem, Mat, dot, gemm, multiversion, softmax_row};
@@ -33,7 +35,87 @@ pub fn attention(qkv: &Tensor, num_heads: usize) -> Result<Tensor, ModelError> {
             "attention: {c} qkv columns don't split into 3 × {num_heads} heads"
         )));
     }
-    Ok(qkv.contiguous()?.apply_op1(Attention { num_heads })?)
+    let qkv = qkv.contiguous()?;
+    let stats = qkv.track_op();
+    Ok(qkv.apply_op1(Attention { num_heads, stats })?)
+}
+
+/// Which implementation runs attention on a CUDA device (the CPU always runs its own kernel).
+/// Process-wide, like the device: set once from the job's config before any step.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AttentionBackend {
+    /// cuDNN's fused attention where the binary has it (the `cudnn` feature), libcudnn loads
+    /// and the problem is bf16 with a head dim that is a multiple of 8; our kernels otherwise.
+    #[default]
+    Auto,
+    /// cuDNN's fused attention or an error: never falls back (for measuring it).
+    Cudnn,
+    /// Our flash-style kernels only.
+    Own,
+}
+
+impl AttentionBackend {
+    /// Every value, as configs spell them.
+    pub const NAMES: [&'static str; 3] = ["auto", "cudnn", "own"];
+
+    /// The config spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Cudnn => "cudnn",
+            Self::Own => "own",
+        }
+    }
+
+    /// Parses a config value; `None` for anything else.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "auto" => Some(Self::Auto),
+            "cudnn" => Some(Self::Cudnn),
+            "own" => Some(Self::Own),
+            _ => None,
+        }
+    }
+}
+
+static BACKEND: AtomicU8 = AtomicU8::new(0);
+
+/// Sets the attention implementation for CUDA devices (see [`AttentionBackend`]).
+pub fn set_attention_backend(backend: AttentionBackend) {
+    BACKEND.store(backend as u8, Ordering::Relaxed);
+}
+
+/// The attention implementation in force.
+pub fn attention_backend() -> AttentionBackend {
+    match BACKEND.load(Ordering::Relaxed) {
+        1 => AttentionBackend::Cudnn,
+        2 => AttentionBackend::Own,
+        _ => AttentionBackend::Auto,
+    }
+}
+
+/// Whether `backend` can run in this binary on this machine, before any work: `cudnn` needs a
+/// binary built with the `cudnn` feature and a loadable libcudnn 9. Returns what will run.
+pub fn check_attention_backend(backend: AttentionBackend) -> Result<String, ModelError> {
+    #[cfg(feature = "cudnn")]
+    let cudnn = super::cudnn::load();
+    #[cfg(not(feature = "cudnn"))]
+    let cudnn: Result<usize, String> =
+        Err("this binary was built without the `cudnn` feature".to_string());
+    let own = "our flash-style kernels";
+    match (backend, cudnn) {
+        (AttentionBackend::Own, _) => Ok(own.to_string()),
+        (AttentionBackend::Auto, Ok(v)) | (AttentionBackend::Cudnn, Ok(v)) => Ok(format!(
+            "cuDNN {}.{}.{} fused attention for bf16 (head dims multiple of 8), {own} otherwise",
+            v / 10_000,
+            v % 10_000 / 100,
+            v % 100
+        )),
+        (AttentionBackend::Auto, Err(why)) => Ok(format!("{own} (no cuDNN: {why})")),
+        (AttentionBackend::Cudnn, Err(why)) => Err(ModelError::Unsupported(format!(
+            "attention backend cudnn: {why}"
+        ))),
+    }
 }
 
 /// Shape facts of one attention call.
@@ -72,6 +154,9 @@ impl Dims {
 pub struct Attention {
     /// Number of heads H (D must be a multiple).
     pub num_heads: usize,
+    /// Keep what a backward pass needs beyond the output (cuDNN's row statistics); false where
+    /// nothing differentiates through the call (the target encoder, feature extraction).
+    pub stats: bool,
 }
 
 impl CustomOp1 for Attention {
@@ -85,7 +170,7 @@ impl CustomOp1 for Attention {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda::attention_fwd(s, l, self.num_heads)
+        super::cuda::attention_fwd(s, l, self.num_heads, self.stats)
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
@@ -419,6 +504,32 @@ fn backward<E: Elem>(qkv: &[E], out: &[E], d_out: &[E], dims: Dims) -> Vec<E> {
 mod tests {
     use super::*;
     use crate::kernels::reference::{self, assert_close, randn};
+
+    #[test]
+    fn backend_names_round_trip() {
+        for name in AttentionBackend::NAMES {
+            let b = AttentionBackend::parse(name).unwrap();
+            assert_eq!(b.as_str(), name);
+        }
+        assert_eq!(AttentionBackend::parse("cuDNN"), None);
+        assert_eq!(AttentionBackend::default(), AttentionBackend::Auto);
+    }
+
+    /// Without the `cudnn` feature (CI), `cudnn` is refused with the reason and the others say
+    /// they run our kernels; with it, the answer depends on whether libcudnn loads here.
+    #[test]
+    #[cfg(not(feature = "cudnn"))]
+    fn cudnn_backend_is_refused_without_the_feature() {
+        let err = check_attention_backend(AttentionBackend::Cudnn).unwrap_err();
+        assert!(
+            err.to_string().contains("without the `cudnn` feature"),
+            "{err}"
+        );
+        for b in [AttentionBackend::Auto, AttentionBackend::Own] {
+            let runs = check_attention_backend(b).unwrap();
+            assert!(runs.contains("our flash-style kernels"), "{runs}");
+        }
+    }
     use candle_core::{DType, Device, Var};
 
     fn check(b: usize, n: usize, h: usize, hd: usize, dtype: DType, seed: u64) {

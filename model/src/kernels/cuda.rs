@@ -323,6 +323,17 @@ impl AttnDims {
     fn scale(&self) -> f32 {
         (1.0 / (self.hd as f64).sqrt()) as f32
     }
+
+    #[cfg(feature = "cudnn")]
+    fn sdpa(&self) -> super::cudnn::Sdpa {
+        super::cudnn::Sdpa {
+            b: self.b,
+            n: self.n,
+            heads: self.heads,
+            hd: self.hd,
+            scale: self.scale(),
+        }
+    }
 }
 
 /// Loads an attention kernel and allows it the dynamic shared memory it needs (above 48 KiB).
@@ -378,9 +389,69 @@ pub enum AttnKernel {
 
 /// Multi-head attention on the fused projection `qkv [B, N, 3·D]` (columns `[q | k | v]`, head
 /// `h` at `h·hd..(h+1)·hd`): returns `softmax(q·kᵀ/√hd)·v` as `[B, N, D]`, heads concatenated.
-/// One flash-style launch (online softmax, no N×N buffer). f32 or bf16; hd a multiple of 4, ≤ 128.
-pub fn attention_fwd(qkv: &CudaStorage, l: &Layout, heads: usize) -> Result<(CudaStorage, Shape)> {
+/// f32 or bf16; hd a multiple of 4, ≤ 128. Runs cuDNN's fused attention or our flash-style
+/// kernel (one launch, online softmax, no N×N buffer) as [`super::attention_backend`] says;
+/// `stats` keeps cuDNN's row statistics for a backward pass.
+pub fn attention_fwd(
+    qkv: &CudaStorage,
+    l: &Layout,
+    heads: usize,
+    stats: bool,
+) -> Result<(CudaStorage, Shape)> {
+    use super::AttentionBackend;
+    let backend = super::attention_backend();
+    if backend == AttentionBackend::Own {
+        return attention_fwd_with(qkv, l, heads, AttnKernel::Auto);
+    }
+    let dims = AttnDims::of(l, heads, "attention (cuda)")?;
+    #[cfg(feature = "cudnn")]
+    {
+        use candle_core::backend::BackendStorage;
+        let usable = super::cudnn::supports(qkv.dtype(), dims.hd, l.start_offset())
+            && (backend == AttentionBackend::Cudnn || super::cudnn::load().is_ok());
+        if usable {
+            match super::cudnn::fwd(qkv, l, dims.sdpa(), stats) {
+                Ok(r) => return Ok(r),
+                Err(e) if backend == AttentionBackend::Cudnn => return Err(e),
+                Err(e) => cudnn_fallback_warning(&dims, &e),
+            }
+        }
+    }
+    #[cfg(not(feature = "cudnn"))]
+    let _ = stats;
+    if backend == AttentionBackend::Cudnn {
+        bail!(
+            "attention backend cudnn cannot run this problem ({:?}, head dim {}): {}",
+            qkv_dtype(qkv),
+            dims.hd,
+            if cfg!(feature = "cudnn") {
+                "cuDNN takes bf16 with head dims that are multiples of 8"
+            } else {
+                "this binary was built without the `cudnn` feature"
+            }
+        );
+    }
     attention_fwd_with(qkv, l, heads, AttnKernel::Auto)
+}
+
+fn qkv_dtype(s: &CudaStorage) -> DType {
+    use candle_core::backend::BackendStorage;
+    s.dtype()
+}
+
+/// Says once per process that cuDNN refused a problem `auto` then ran on our kernels.
+#[cfg(feature = "cudnn")]
+fn cudnn_fallback_warning(dims: &AttnDims, e: &candle_core::Error) {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        tracing::warn!(
+            "cuDNN attention refused b={} n={} heads={} hd={} ({e}); using our kernels where it does",
+            dims.b,
+            dims.n,
+            dims.heads,
+            dims.hd
+        )
+    });
 }
 
 /// [`attention_fwd`] with an explicit kernel choice (the check runs both).
@@ -453,6 +524,21 @@ pub fn attention_bwd(
     ld: &Layout,
     heads: usize,
 ) -> Result<(CudaStorage, Shape)> {
+    #[cfg(feature = "cudnn")]
+    {
+        let dims = AttnDims::of(lq, heads, "attention backward (cuda)")?;
+        let p = dims.sdpa();
+        // A forward that ran on cuDNN left its statistics with `out`; anything else ran ours.
+        if super::cudnn::has_stats(out, lo, p) {
+            match super::cudnn::bwd(qkv, lq, out, lo, dout, ld, p, false) {
+                Ok(r) => return Ok(r),
+                Err(e) if super::attention_backend() == super::AttentionBackend::Cudnn => {
+                    return Err(e);
+                }
+                Err(e) => cudnn_fallback_warning(&dims, &e),
+            }
+        }
+    }
     attention_bwd_with(qkv, lq, out, lo, dout, ld, heads, AttnKernel::Auto)
 }
 

@@ -20,6 +20,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 use serde::Serialize;
 
+use super::AttentionBackend;
 use super::cuda as ck;
 use crate::ModelError;
 
@@ -280,6 +281,49 @@ mod gpu {
         attention_bwd_with(qkv, out, dout, heads, ck::AttnKernel::Auto)
     }
 
+    /// The cuDNN problem of a `[B, N, 3D]` qkv with `heads` heads.
+    #[cfg(feature = "cudnn")]
+    fn sdpa(qkv: &Tensor, heads: usize) -> candle_core::Result<crate::kernels::cudnn::Sdpa> {
+        let (b, n, c) = qkv.dims3()?;
+        let hd = c / 3 / heads;
+        Ok(crate::kernels::cudnn::Sdpa {
+            b,
+            n,
+            heads,
+            hd,
+            scale: (1.0 / (hd as f64).sqrt()) as f32,
+        })
+    }
+
+    /// cuDNN's forward, keeping the statistics its backward needs.
+    #[cfg(feature = "cudnn")]
+    pub fn attention_cudnn(qkv: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
+        let p = sdpa(qkv, heads)?;
+        let f = move |s: &CudaStorage, l: &Layout| crate::kernels::cudnn::fwd(s, l, p, true);
+        qkv.apply_op1_no_bwd(&G1("attention-cudnn", &f))
+    }
+
+    /// cuDNN's backward; `out` must come from [`attention_cudnn`].
+    #[cfg(feature = "cudnn")]
+    pub fn attention_bwd_cudnn(
+        qkv: &Tensor,
+        out: &Tensor,
+        dout: &Tensor,
+        heads: usize,
+        deterministic: bool,
+    ) -> candle_core::Result<Tensor> {
+        let p = sdpa(qkv, heads)?;
+        let f = move |a: &CudaStorage,
+                      la: &Layout,
+                      b: &CudaStorage,
+                      lb: &Layout,
+                      c: &CudaStorage,
+                      lc: &Layout| {
+            crate::kernels::cudnn::bwd(a, la, b, lb, c, lc, p, deterministic)
+        };
+        qkv.apply_op3_no_bwd(out, dout, &G3("attention-bwd-cudnn", &f))
+    }
+
     pub fn attention_bwd_with(
         qkv: &Tensor,
         out: &Tensor,
@@ -502,6 +546,22 @@ pub const CHECK_SEQ_LENS: [usize; 4] = [95, 357, 1568, 2048];
 /// Head dims of the check.
 pub const CHECK_HEAD_DIMS: [usize; 4] = [24, 64, 80, 88];
 
+/// Row label of the attention op run by cuDNN (the plain `attention` rows run our kernels).
+#[cfg(feature = "cudnn")]
+const ATTENTION_CUDNN: &str = "attention (cudnn)";
+
+/// The attention implementation a case's rows run on, and the dtypes they cover (cuDNN has
+/// no fp32 attention).
+fn backend_of(op: &str, default: AttentionBackend) -> (AttentionBackend, &'static [DType]) {
+    const BOTH: [DType; 2] = [DType::F32, DType::BF16];
+    match op {
+        "attention" => (AttentionBackend::Own, &BOTH),
+        #[cfg(feature = "cudnn")]
+        ATTENTION_CUDNN => (AttentionBackend::Cudnn, &[DType::BF16]),
+        _ => (default, &BOTH),
+    }
+}
+
 /// A function of an op's input tensors.
 type OpFn<'a> = dyn Fn(&[Tensor]) -> Result<Tensor, ModelError> + 'a;
 
@@ -578,6 +638,13 @@ fn op_cases() -> Vec<OpCase> {
             let (b, h) = if n <= 400 { (2, 3) } else { (1, 2) };
             cases.push(OpCase {
                 op: "attention",
+                case: format!("B={b} H={h} N={n} d={hd}"),
+                inputs: vec![(vec![b, n, 3 * h * hd], 1.0)],
+                f: Box::new(move |t| super::attention(&t[0], h)),
+            });
+            #[cfg(feature = "cudnn")]
+            cases.push(OpCase {
+                op: ATTENTION_CUDNN,
                 case: format!("B={b} H={h} N={n} d={hd}"),
                 inputs: vec![(vec![b, n, 3 * h * hd], 1.0)],
                 f: Box::new(move |t| super::attention(&t[0], h)),
@@ -668,14 +735,17 @@ pub fn run_checks(
         progress(&r);
         rows.push(r);
     };
-    let dtypes = [DType::F32, DType::BF16];
+    let chosen = super::attention_backend();
     for c in op_cases() {
-        for &dt in &dtypes {
+        let (backend, dtypes) = backend_of(c.op, chosen);
+        super::set_attention_backend(backend);
+        for &dt in dtypes {
             if let Err(e) = check_op(&c, dt, &mut inp, &mut push) {
                 push(error_row(c.op, &c.case, dt, &e));
             }
         }
     }
+    super::set_attention_backend(chosen);
 
     // bf16 attention on CUDA cores (the ops use tensor cores for these head dims).
     for &n in &CHECK_SEQ_LENS {
@@ -694,9 +764,23 @@ pub fn run_checks(
     if let Err(e) = check_train_steps(dev, &mut push) {
         push(error_row("train_step", "", DType::F32, &e));
     }
-    if let Err(e) = check_mixed_precision_step(dev, &mut push) {
-        push(error_row("train_step bf16", "", DType::BF16, &e));
+    // The bf16 step on each attention implementation this binary has.
+    let mut step_backends = vec![(AttentionBackend::Own, "")];
+    if cfg!(feature = "cudnn") {
+        step_backends.push((AttentionBackend::Cudnn, " (cudnn)"));
     }
+    for (backend, label) in step_backends {
+        super::set_attention_backend(backend);
+        if let Err(e) = check_mixed_precision_step(dev, label, &mut push) {
+            push(error_row(
+                &format!("train_step bf16{label}"),
+                "",
+                DType::BF16,
+                &e,
+            ));
+        }
+    }
+    super::set_attention_backend(chosen);
     Ok(rows)
 }
 
@@ -907,6 +991,7 @@ fn check_train_steps(dev: &Device, push: &mut dyn FnMut(CheckRow)) -> Result<(),
 /// full (the CPU's own bf16 path differs from f32 by 4.3e-2 there, `bf16_compute_tracks_the_f32_step`).
 fn check_mixed_precision_step(
     dev: &Device,
+    label: &str,
     push: &mut dyn FnMut(CheckRow),
 ) -> Result<(), ModelError> {
     let (mut cpu, batch) = small_vjepa(&Device::Cpu)?;
@@ -919,7 +1004,7 @@ fn check_mixed_precision_step(
     );
     let loss_err = (gg.loss - gc.loss).abs() / gc.loss.abs().max(1e-30);
     push(row(
-        "train_step bf16 loss",
+        &format!("train_step bf16 loss{label}"),
         case.clone(),
         DType::BF16,
         loss_err,
@@ -931,7 +1016,7 @@ fn check_mixed_precision_step(
         f64::INFINITY
     };
     push(row(
-        "train_step bf16 gradient",
+        &format!("train_step bf16 gradient{label}"),
         case.clone(),
         DType::BF16,
         grad_err,
@@ -948,7 +1033,7 @@ fn check_mixed_precision_step(
     };
     let update_err = rel_l2(&delta(&gpu)?, &delta(&cpu)?);
     let mut r = row(
-        "train_step bf16 update (step 1)",
+        &format!("train_step bf16 update (step 1){label}"),
         case,
         DType::BF16,
         update_err,
@@ -1095,6 +1180,46 @@ impl Timer {
     }
 }
 
+/// cuDNN's attention at one shape: forward with statistics, backward with and without the
+/// deterministic engine. A shape cuDNN refuses gives an error, not a row.
+#[cfg(feature = "cudnn")]
+fn time_cudnn_attention(
+    t: &Timer,
+    qkv: &Tensor,
+    dout: &Tensor,
+    h: usize,
+    shape: &str,
+    fl: f64,
+    push: &mut dyn FnMut(TimingRow),
+) -> candle_core::Result<()> {
+    let dt = DType::BF16;
+    let out = gpu::attention_cudnn(qkv, h)?;
+    push(timing_row(
+        t,
+        "attention fwd (cudnn)",
+        shape,
+        dt,
+        None,
+        Some(fl),
+        || gpu::attention_cudnn(qkv, h).map(drop),
+    )?);
+    for (label, det) in [
+        ("attention bwd (cudnn)", false),
+        ("attention bwd (cudnn, deterministic)", true),
+    ] {
+        push(timing_row(
+            t,
+            label,
+            shape,
+            dt,
+            None,
+            Some(2.5 * fl),
+            || gpu::attention_bwd_cudnn(qkv, &out, dout, h, det).map(drop),
+        )?);
+    }
+    Ok(())
+}
+
 #[allow(clippy::too_many_arguments)]
 fn timing_row(
     t: &Timer,
@@ -1189,6 +1314,16 @@ pub fn run_timings(
                 Some(2.5 * fl),
                 || { gpu::attention_bwd_with(&qkv, &out, &dout, h, simt).map(drop) }
             );
+        }
+        #[cfg(feature = "cudnn")]
+        if bf {
+            let mut push = |r: TimingRow| {
+                progress(&r);
+                rows.push(r);
+            };
+            if let Err(e) = time_cudnn_attention(&t, &qkv, &dout, h, &shape, fl, &mut push) {
+                tracing::warn!("cuDNN attention not timed: {e}");
+            }
         }
 
         // LayerNorm [12544, 1024] (8 × 1568 tokens, D = 1024).

@@ -31,6 +31,9 @@ mod reduce;
 /// CUDA implementations of the ops (PTX built by `build.rs`).
 #[cfg(feature = "cuda")]
 pub mod cuda;
+/// cuDNN fused attention (the `cudnn` feature; libcudnn opened at run time).
+#[cfg(feature = "cudnn")]
+pub mod cudnn;
 /// CPU-vs-GPU correctness rows and GPU timings behind `vjepa gpu-check`.
 #[cfg(feature = "cuda")]
 pub mod gpu_check;
@@ -41,7 +44,10 @@ mod bench;
 mod reference;
 
 pub use adamw::{AdamMoments, AdamUpdate, EmaUpdate, adamw_step, ema_update};
-pub use attention::{Attention, AttentionBackward, attention};
+pub use attention::{
+    Attention, AttentionBackend, AttentionBackward, attention, attention_backend,
+    check_attention_backend, set_attention_backend,
+};
 pub use bias::{BiasAdd, BiasGelu, BiasGeluBackward, bias_add, bias_gelu};
 pub use layer_norm::{
     LayerNorm, LayerNormBackward, LayerNormPlain, LayerNormPlainBackward, layer_norm,

@@ -1,0 +1,326 @@
+// cuDNN fused attention (SDPA) for vjepa-model's `cudnn` feature.
+//
+// Why: torch's fastest attention on Hopper is cuDNN's fused SDPA; this shim gives our candle
+// custom op the same kernels. It builds cuDNN-frontend graphs that read Q, K and V straight
+// out of the fused projection `qkv [B, N, 3·H·hd]` through strides (no split or transpose),
+// write O as `[B, N, H·hd]`, and, for the backward pass, write dQ, dK and dV into one
+// `dqkv [B, N, 3·H·hd]` the same way. Graphs are cached per shape (the context length changes
+// from batch to batch). libcudnn is opened at run time (cuDNN frontend's dynamic loading), so
+// a binary built with the feature still starts on a machine without cuDNN; `vjepa_cudnn_load`
+// says why it cannot be used there.
+//
+// The C ABI below is everything the Rust side (`src/kernels/cudnn.rs`) calls. Every function
+// returns 0 on success and otherwise leaves a message for `vjepa_cudnn_error` (per thread).
+
+#include <cudnn_frontend.h>
+#include <dlfcn.h>
+
+#include <cstdint>
+#include <cstring>
+#include <exception>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <tuple>
+#include <unordered_map>
+
+namespace fe = cudnn_frontend;
+
+// The frontend's dynamic loading resolves every cuDNN call through this handle; we own it.
+namespace cudnn_frontend {
+void *cudnn_dlhandle = nullptr;
+}
+
+namespace {
+
+thread_local std::string last_error;
+
+int fail(std::string msg) {
+    last_error = std::move(msg);
+    return 1;
+}
+
+enum : int64_t { Q_UID = 1, K_UID, V_UID, O_UID, STATS_UID, DO_UID, DQ_UID, DK_UID, DV_UID };
+
+enum Kind : int { FORWARD = 0, BACKWARD = 1 };
+enum Dtype : int { BF16 = 0, F16 = 1 };
+
+// One cached graph: what it was built for, and the workspace it needs.
+struct Entry {
+    std::shared_ptr<fe::graph::Graph> graph;
+    int64_t workspace = 0;
+    int64_t h = 0, n = 0, hd = 0;
+    int64_t elem = 2;
+    bool stats = false;
+};
+
+using Key = std::tuple<void *, int, int, int64_t, int64_t, int64_t, int64_t, uint32_t, bool, bool>;
+
+std::mutex mu;
+std::map<void *, cudnnHandle_t> handles;  // one per stream (a stream belongs to one device)
+std::map<Key, std::unique_ptr<Entry>> graphs;
+
+int handle_for(void *stream, cudnnHandle_t *out) {
+    auto it = handles.find(stream);
+    if (it != handles.end()) {
+        *out = it->second;
+        return 0;
+    }
+    cudnnHandle_t h = nullptr;
+    auto st = fe::detail::create_handle(&h);
+    if (st != CUDNN_STATUS_SUCCESS) {
+        return fail(std::string("cudnnCreate failed: ") + fe::detail::get_error_string(st));
+    }
+    st = fe::detail::set_stream(h, static_cast<cudaStream_t>(stream));
+    if (st != CUDNN_STATUS_SUCCESS) {
+        fe::detail::destroy_handle(h);
+        return fail(std::string("cudnnSetStream failed: ") + fe::detail::get_error_string(st));
+    }
+    handles.emplace(stream, h);
+    *out = h;
+    return 0;
+}
+
+// `qkv [B, N, 3·H·hd]` seen as [b, h, s, d] at column offset `which·H·hd`.
+fe::graph::Tensor_attributes qkv_part(const char *name, int64_t uid, int64_t b, int64_t h, int64_t n,
+                                      int64_t hd) {
+    int64_t d = h * hd;
+    return fe::graph::Tensor_attributes()
+        .set_name(name)
+        .set_uid(uid)
+        .set_dim({b, h, n, hd})
+        .set_stride({n * 3 * d, hd, 3 * d, 1});
+}
+
+// `[B, N, H·hd]` (O and dO) seen as [b, h, s, d].
+std::vector<int64_t> o_stride(int64_t h, int64_t n, int64_t hd) {
+    int64_t d = h * hd;
+    return {n * d, hd, d, 1};
+}
+
+std::vector<int64_t> stats_stride(int64_t h, int64_t n) {
+    return {h * n, n, 1, 1};
+}
+
+std::shared_ptr<fe::graph::Graph> new_graph(int dtype) {
+    auto g = std::make_shared<fe::graph::Graph>();
+    g->set_io_data_type(dtype == F16 ? fe::DataType_t::HALF : fe::DataType_t::BFLOAT16)
+        .set_intermediate_data_type(fe::DataType_t::FLOAT)
+        .set_compute_data_type(fe::DataType_t::FLOAT);
+    return g;
+}
+
+std::shared_ptr<fe::graph::Graph> forward_graph(int dtype, int64_t b, int64_t h, int64_t n, int64_t hd,
+                                                float scale, bool stats) {
+    auto g = new_graph(dtype);
+    auto q = g->tensor(qkv_part("Q", Q_UID, b, h, n, hd));
+    auto k = g->tensor(qkv_part("K", K_UID, b, h, n, hd));
+    auto v = g->tensor(qkv_part("V", V_UID, b, h, n, hd));
+    auto opts = fe::graph::SDPA_attributes().set_name("vjepa_sdpa").set_generate_stats(stats).set_attn_scale(scale);
+    auto [o, st] = g->sdpa(q, k, v, opts);
+    o->set_output(true).set_uid(O_UID).set_dim({b, h, n, hd}).set_stride(o_stride(h, n, hd));
+    if (stats) {
+        st->set_output(true)
+            .set_uid(STATS_UID)
+            .set_data_type(fe::DataType_t::FLOAT)
+            .set_dim({b, h, n, 1})
+            .set_stride(stats_stride(h, n));
+    }
+    return g;
+}
+
+std::shared_ptr<fe::graph::Graph> backward_graph(int dtype, int64_t b, int64_t h, int64_t n, int64_t hd,
+                                                 float scale, bool deterministic) {
+    auto g = new_graph(dtype);
+    auto q = g->tensor(qkv_part("Q", Q_UID, b, h, n, hd));
+    auto k = g->tensor(qkv_part("K", K_UID, b, h, n, hd));
+    auto v = g->tensor(qkv_part("V", V_UID, b, h, n, hd));
+    auto o = g->tensor(
+        fe::graph::Tensor_attributes().set_name("O").set_uid(O_UID).set_dim({b, h, n, hd}).set_stride(o_stride(h, n, hd)));
+    auto d_o = g->tensor(
+        fe::graph::Tensor_attributes().set_name("dO").set_uid(DO_UID).set_dim({b, h, n, hd}).set_stride(o_stride(h, n, hd)));
+    auto st = g->tensor(fe::graph::Tensor_attributes()
+                            .set_name("Stats")
+                            .set_uid(STATS_UID)
+                            .set_dim({b, h, n, 1})
+                            .set_stride(stats_stride(h, n))
+                            .set_data_type(fe::DataType_t::FLOAT));
+    auto opts = fe::graph::SDPA_backward_attributes()
+                    .set_name("vjepa_sdpa_backward")
+                    .set_attn_scale(scale)
+                    .set_deterministic_algorithm(deterministic);
+    auto [dq, dk, dv] = g->sdpa_backward(q, k, v, o, d_o, st, opts);
+    int64_t d = h * hd;
+    std::vector<int64_t> s = {n * 3 * d, hd, 3 * d, 1};
+    dq->set_output(true).set_uid(DQ_UID).set_dim({b, h, n, hd}).set_stride(s);
+    dk->set_output(true).set_uid(DK_UID).set_dim({b, h, n, hd}).set_stride(s);
+    dv->set_output(true).set_uid(DV_UID).set_dim({b, h, n, hd}).set_stride(s);
+    return g;
+}
+
+template <class F>
+int guarded(F &&f) {
+    try {
+        return f();
+    } catch (const std::exception &e) {
+        return fail(std::string("cuDNN frontend: ") + e.what());
+    } catch (...) {
+        return fail("cuDNN frontend: unknown exception");
+    }
+}
+
+const char *byte_offset(const void *p, int64_t bytes) {
+    return static_cast<const char *>(p) + bytes;
+}
+
+}  // namespace
+
+extern "C" {
+
+// Opens libcudnn (`path`, or "libcudnn.so.9" from the loader's search path when null) once per
+// process and checks that it answers. Returns 0 when cuDNN can be used.
+int vjepa_cudnn_load(const char *path) {
+    std::lock_guard<std::mutex> lock(mu);
+    if (fe::cudnn_dlhandle != nullptr) {
+        return 0;
+    }
+    const char *lib = (path != nullptr && path[0] != '\0') ? path : "libcudnn.so.9";
+    void *h = dlopen(lib, RTLD_NOW | RTLD_GLOBAL);
+    if (h == nullptr) {
+        const char *why = dlerror();
+        return fail(std::string("cannot open ") + lib + ": " + (why ? why : "unknown error"));
+    }
+    if (dlsym(h, "cudnnGetVersion") == nullptr) {
+        dlclose(h);
+        return fail(std::string(lib) + " has no cudnnGetVersion: not a cuDNN library");
+    }
+    fe::cudnn_dlhandle = h;
+    return 0;
+}
+
+// cuDNN's version as a number (9.10.2 → 91002); 0 before a successful load.
+size_t vjepa_cudnn_version(void) {
+    if (fe::cudnn_dlhandle == nullptr) {
+        return 0;
+    }
+    try {
+        return fe::detail::get_backend_version();
+    } catch (...) {
+        return 0;
+    }
+}
+
+// The last error on this thread (valid until the next call on this thread).
+const char *vjepa_cudnn_error(void) {
+    return last_error.c_str();
+}
+
+// Finds or builds the graph for one attention call and reports its workspace in bytes.
+// kind: 0 forward, 1 backward; dtype: 0 bf16, 1 f16. `stats` (forward) also writes the
+// per-row log-sum-exp the backward pass needs; `deterministic` (backward) asks for the
+// engine without atomics.
+int vjepa_cudnn_sdpa_prepare(void *stream, int kind, int dtype, int64_t b, int64_t h, int64_t n, int64_t hd,
+                             float scale, int stats, int deterministic, void **entry, int64_t *workspace) {
+    return guarded([&]() -> int {
+        std::lock_guard<std::mutex> lock(mu);
+        if (fe::cudnn_dlhandle == nullptr) {
+            return fail("libcudnn is not loaded");
+        }
+        uint32_t scale_bits = 0;
+        std::memcpy(&scale_bits, &scale, sizeof scale_bits);
+        Key key{stream, kind, dtype, b, h, n, hd, scale_bits, stats != 0, deterministic != 0};
+        auto it = graphs.find(key);
+        if (it == graphs.end()) {
+            cudnnHandle_t handle = nullptr;
+            if (handle_for(stream, &handle) != 0) {
+                return 1;
+            }
+            auto e = std::make_unique<Entry>();
+            e->graph = kind == FORWARD ? forward_graph(dtype, b, h, n, hd, scale, stats != 0)
+                                       : backward_graph(dtype, b, h, n, hd, scale, deterministic != 0);
+            auto err = e->graph->build(handle, {fe::HeurMode_t::A});
+            if (err.is_bad()) {
+                return fail("cannot build the SDPA " + std::string(kind == FORWARD ? "forward" : "backward") +
+                            " graph for b=" + std::to_string(b) + " h=" + std::to_string(h) +
+                            " n=" + std::to_string(n) + " hd=" + std::to_string(hd) + ": " + err.get_message());
+            }
+            err = e->graph->get_workspace_size(e->workspace);
+            if (err.is_bad()) {
+                return fail("SDPA workspace size: " + err.get_message());
+            }
+            e->h = h;
+            e->n = n;
+            e->hd = hd;
+            e->stats = stats != 0;
+            it = graphs.emplace(key, std::move(e)).first;
+        }
+        *entry = it->second.get();
+        *workspace = it->second->workspace;
+        return 0;
+    });
+}
+
+// Runs a prepared forward graph on `stream`: qkv [B, N, 3·H·hd] → out [B, N, H·hd] and, when
+// prepared with stats, stats [B, H, N] (f32).
+int vjepa_cudnn_sdpa_fwd(void *entry, void *stream, const void *qkv, void *out, void *stats, void *workspace) {
+    return guarded([&]() -> int {
+        std::lock_guard<std::mutex> lock(mu);
+        auto *e = static_cast<Entry *>(entry);
+        cudnnHandle_t handle = nullptr;
+        if (handle_for(stream, &handle) != 0) {
+            return 1;
+        }
+        int64_t d_bytes = e->h * e->hd * e->elem;
+        std::unordered_map<int64_t, void *> pack = {
+            {Q_UID, const_cast<void *>(qkv)},
+            {K_UID, const_cast<char *>(byte_offset(qkv, d_bytes))},
+            {V_UID, const_cast<char *>(byte_offset(qkv, 2 * d_bytes))},
+            {O_UID, out},
+        };
+        if (e->stats) {
+            if (stats == nullptr) {
+                return fail("SDPA forward prepared with stats but given no stats buffer");
+            }
+            pack[STATS_UID] = stats;
+        }
+        auto err = e->graph->execute(handle, pack, workspace);
+        if (err.is_bad()) {
+            return fail("SDPA forward: " + err.get_message());
+        }
+        return 0;
+    });
+}
+
+// Runs a prepared backward graph: from qkv, the forward's out and stats, and dout, writes
+// dqkv [B, N, 3·H·hd] (dQ, dK and dV in the q, k and v columns).
+int vjepa_cudnn_sdpa_bwd(void *entry, void *stream, const void *qkv, const void *out, const void *dout,
+                         const void *stats, void *dqkv, void *workspace) {
+    return guarded([&]() -> int {
+        std::lock_guard<std::mutex> lock(mu);
+        auto *e = static_cast<Entry *>(entry);
+        cudnnHandle_t handle = nullptr;
+        if (handle_for(stream, &handle) != 0) {
+            return 1;
+        }
+        int64_t d_bytes = e->h * e->hd * e->elem;
+        std::unordered_map<int64_t, void *> pack = {
+            {Q_UID, const_cast<void *>(qkv)},
+            {K_UID, const_cast<char *>(byte_offset(qkv, d_bytes))},
+            {V_UID, const_cast<char *>(byte_offset(qkv, 2 * d_bytes))},
+            {O_UID, const_cast<void *>(out)},
+            {DO_UID, const_cast<void *>(dout)},
+            {STATS_UID, const_cast<void *>(stats)},
+            {DQ_UID, dqkv},
+            {DK_UID, const_cast<char *>(byte_offset(dqkv, d_bytes))},
+            {DV_UID, const_cast<char *>(byte_offset(dqkv, 2 * d_bytes))},
+        };
+        auto err = e->graph->execute(handle, pack, workspace);
+        if (err.is_bad()) {
+            return fail("SDPA backward: " + err.get_message());
+        }
+        return 0;
+    });
+}
+
+}  // extern "C"
