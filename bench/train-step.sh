@@ -58,6 +58,11 @@ for r in rows:
     mfu = f"{100 * flops / s / 1e12 / float(peak):.1f} %" if peak else "–"
     print(f"| {r['impl']} | {s:.4f} | {batch / s:.1f} | {flops / s / 1e12:.2f} | {mfu} | {mem} "
           f"| {s / ours['median_s']:.2f}× |")
+for r in rows:
+    g = r.get("cudnn_graphs")
+    if g:
+        print(f"{r['impl']}: {g['built']} cuDNN attention graphs built, {g['build_s']:.2f} s "
+              "(inside the timed steps whenever a step brings a new context length)")
 print("first losses: " + "; ".join(
     f"{r['impl']} " + ", ".join(f"{l:.4f}" for l in r["losses"][:3]) for r in rows))
 PYEOF

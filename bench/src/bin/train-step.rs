@@ -185,6 +185,7 @@ fn main() -> Result<()> {
                 "ours (candle)".to_string()
             },
             "attention": attention_runs,
+            "cudnn_graphs": cudnn_graphs(),
             "config": args.config.display().to_string(),
             "device": args.device.to_string(),
             "dtype": if args.bf16 { "bf16" } else { "f32" },
@@ -202,6 +203,18 @@ fn index_tensor(rows: &[Vec<u32>]) -> Result<Tensor> {
     let k = rows.first().map_or(0, Vec::len);
     let flat: Vec<u32> = rows.iter().flatten().copied().collect();
     Ok(Tensor::from_vec(flat, (rows.len(), k), &Device::Cpu)?)
+}
+
+/// cuDNN attention graphs built during the run and their build seconds (they are built inside
+/// the timed steps whenever a step brings a new context length), or `null` without `cudnn`.
+fn cudnn_graphs() -> serde_json::Value {
+    #[cfg(feature = "cudnn")]
+    {
+        let (n, secs) = vjepa_model::kernels::cudnn::graph_stats();
+        serde_json::json!({ "built": n, "build_s": secs })
+    }
+    #[cfg(not(feature = "cudnn"))]
+    serde_json::Value::Null
 }
 
 /// Device memory in use after the run (CUDA: see `device_memory_used`; `null` on the CPU).

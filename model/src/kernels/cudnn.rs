@@ -23,6 +23,7 @@ unsafe extern "C" {
     fn vjepa_cudnn_load(path: *const c_char) -> c_int;
     fn vjepa_cudnn_version() -> usize;
     fn vjepa_cudnn_error() -> *const c_char;
+    fn vjepa_cudnn_graph_stats(graphs_built: *mut i64, seconds: *mut f64);
     fn vjepa_cudnn_sdpa_prepare(
         stream: *mut c_void,
         kind: c_int,
@@ -97,6 +98,15 @@ pub fn load() -> std::result::Result<usize, String> {
             }
         })
         .clone()
+}
+
+/// Graphs built so far in this process (one per shape, direction and options; each new
+/// context length adds some) and the seconds spent building them.
+pub fn graph_stats() -> (usize, f64) {
+    let (mut n, mut secs) = (0i64, 0f64);
+    // SAFETY: two valid out-pointers; the shim reads its cache under its lock.
+    unsafe { vjepa_cudnn_graph_stats(&mut n, &mut secs) };
+    (n.max(0) as usize, secs)
 }
 
 /// Whether [`fwd`] takes a problem of this dtype and head dim: bf16 only (cuDNN's fused SDPA

@@ -15,6 +15,7 @@
 #include <cudnn_frontend.h>
 #include <dlfcn.h>
 
+#include <chrono>
 #include <cstdint>
 #include <cstring>
 #include <exception>
@@ -60,6 +61,7 @@ using Key = std::tuple<void *, int, int, int64_t, int64_t, int64_t, int64_t, uin
 std::mutex mu;
 std::map<void *, cudnnHandle_t> handles;  // one per stream (a stream belongs to one device)
 std::map<Key, std::unique_ptr<Entry>> graphs;
+double build_seconds = 0.0;  // spent building the graphs in `graphs`
 
 int handle_for(void *stream, cudnnHandle_t *out) {
     auto it = handles.find(stream);
@@ -211,6 +213,14 @@ size_t vjepa_cudnn_version(void) {
     }
 }
 
+// Graphs built so far (one per shape, direction and options) and the seconds spent building
+// them: a new context length costs a build, so this says what the shape cache costs a run.
+void vjepa_cudnn_graph_stats(int64_t *graphs_built, double *seconds) {
+    std::lock_guard<std::mutex> lock(mu);
+    *graphs_built = static_cast<int64_t>(graphs.size());
+    *seconds = build_seconds;
+}
+
 // The last error on this thread (valid until the next call on this thread).
 const char *vjepa_cudnn_error(void) {
     return last_error.c_str();
@@ -236,6 +246,7 @@ int vjepa_cudnn_sdpa_prepare(void *stream, int kind, int dtype, int64_t b, int64
             if (handle_for(stream, &handle) != 0) {
                 return 1;
             }
+            auto started = std::chrono::steady_clock::now();
             auto e = std::make_unique<Entry>();
             e->graph = kind == FORWARD ? forward_graph(dtype, b, h, n, hd, scale, stats != 0)
                                        : backward_graph(dtype, b, h, n, hd, scale, deterministic != 0);
@@ -254,6 +265,7 @@ int vjepa_cudnn_sdpa_prepare(void *stream, int kind, int dtype, int64_t b, int64
             e->hd = hd;
             e->stats = stats != 0;
             it = graphs.emplace(key, std::move(e)).first;
+            build_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
         }
         *entry = it->second.get();
         *workspace = it->second->workspace;
