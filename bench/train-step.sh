@@ -59,6 +59,9 @@ for r in rows:
     print(f"| {r['impl']} | {s:.4f} | {batch / s:.1f} | {flops / s / 1e12:.2f} | {mfu} | {mem} "
           f"| {s / ours['median_s']:.2f}× |")
 for r in rows:
+    if r.get("stage_s") is not None:
+        print(f"{r['impl']}: packing and uploading one batch {1e3 * r['stage_s']:.1f} ms "
+              "(the job's per-step cost, outside the step times above)")
     g = r.get("cudnn_graphs")
     if g:
         print(f"{r['impl']}: {g['built']} cuDNN attention graphs built, {g['build_s']:.2f} s "

@@ -28,6 +28,7 @@ mod pretrainer;
 pub mod probe;
 pub mod pth;
 pub mod schedule;
+pub mod staging;
 pub mod tokens;
 pub mod vit;
 
@@ -47,6 +48,7 @@ pub use pixel::PixelMae;
 use predictor::Predictor;
 pub use pretrainer::Pretrainer;
 pub use pth::{ModelConfigs, PthExport, PthInfo, encoder_from_pth};
+pub use staging::ClipStager;
 use tokens::TokenIndex;
 use vit::Encoder;
 
@@ -497,10 +499,17 @@ impl VJepa {
         (count(enc), count(pred))
     }
 
-    /// Training input: clips on the configured token grid (see [`vit::check_clips`]).
+    /// Training input: clips on the configured token grid (see [`vit::check_clips`]), on the
+    /// device, in f32 or already in the compute dtype (what [`ClipStager`] uploads: the step
+    /// casts the clips to it first thing, so nothing is lost).
     fn prepare_clips(&self, clips: &Tensor) -> Result<(Tensor, usize), ModelError> {
         let b = vit::check_clips(&self.enc_cfg, clips)?;
-        let clips = clips.to_device(&self.device)?.to_dtype(DType::F32)?;
+        let clips = clips.to_device(&self.device)?;
+        let clips = if clips.dtype() == self.compute_dtype {
+            clips
+        } else {
+            clips.to_dtype(DType::F32)?
+        };
         Ok((clips, b))
     }
 

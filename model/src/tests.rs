@@ -1008,6 +1008,35 @@ fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
 /// Mixed precision (bf16 compute, f32 master weights): the loss, every gradient and three
 /// steps' trajectory stay within bf16 rounding of the f32 path; gradients arrive in f32 on
 /// every trainable parameter; the f32 path is untouched by the option's existence.
+/// A batch staged in bf16 (what `ClipStager` uploads for a bf16 step) trains exactly as the
+/// f32 batch does: the step casts its clips to the compute dtype first thing.
+#[test]
+fn bf16_staged_clips_equal_f32_clips_in_a_bf16_step() {
+    let batch = tiny_batch();
+    let mut model = tiny_model(11);
+    model.set_compute_dtype(DType::BF16).unwrap();
+    let data = flat(&batch.clips);
+    let per_clip: Vec<&[f32]> = data.chunks(data.len() / 2).collect();
+    let staged = crate::ClipStager::new(&Device::Cpu)
+        .stage(&per_clip, (3, 4, 32, 32), DType::BF16)
+        .unwrap();
+    assert_eq!(staged.dtype(), DType::BF16);
+    let f32_batch = model.compute_gradients(&batch).unwrap();
+    let bf16_batch = model
+        .compute_gradients(&TrainBatch {
+            clips: staged,
+            masks: batch.masks.clone(),
+        })
+        .unwrap();
+    assert_eq!(bf16_batch.loss, f32_batch.loss);
+    assert_eq!(bf16_batch.loss_per_mask, f32_batch.loss_per_mask);
+    let (a, b) = (
+        model.flatten_gradients(&f32_batch).unwrap(),
+        model.flatten_gradients(&bf16_batch).unwrap(),
+    );
+    assert_eq!(a.values, b.values);
+}
+
 #[test]
 fn bf16_compute_tracks_the_f32_step() {
     let batch = tiny_batch();

@@ -749,6 +749,8 @@ fn unexpected(what: &str, got: &Msg) -> anyhow::Error {
 /// averaged gradients, identical parameters after every step).
 struct Trainer {
     model: Pretrainer,
+    /// Packs each step's clips into one tensor on the model's device, in its compute dtype.
+    stager: vjepa_model::ClipStager,
     collective: Collective<Msg>,
     /// This worker's loaded clips by step.
     clips: Rc<RefCell<BTreeMap<u64, Vec<Clip>>>>,
@@ -1038,6 +1040,7 @@ fn run_worker_inner(
     }
     let mut trainer = Trainer {
         model,
+        stager: vjepa_model::ClipStager::new(&shared.device),
         collective,
         clips: held,
         loaded,
@@ -1262,7 +1265,8 @@ impl Trainer {
         let computed = if clips.is_empty() {
             Ok(self.model.empty_gradients(masks.len()))
         } else {
-            to_train_batch(&clips, &masks, &rows, shape).and_then(|b| {
+            let staged = (&self.stager, shared.dtype);
+            to_train_batch(&clips, &masks, &rows, shape, staged).and_then(|b| {
                 self.model.compute_gradients(&b).map_err(|e| {
                     if let vjepa_model::ModelError::NonFiniteLoss { loss, .. } = &e {
                         nonfinite = Some(*loss);
@@ -1898,17 +1902,22 @@ fn to_quarantine_row(q: &Quarantined) -> vjepa_storage::tables::QuarantineRow {
 }
 
 /// Packs clips (`[3, frames, crop, crop]` each) and rows `rows` of the global batch's masks
-/// (row `rows[i]` for `clips[i]`) into the model's tensors.
+/// (row `rows[i]` for `clips[i]`) into the model's tensors: the clips staged onto the model's
+/// device in its compute dtype.
 fn to_train_batch(
     clips: &[Clip],
     masks: &[BatchMask],
     rows: &[usize],
     (t, s): (usize, usize),
+    (stager, dtype): (&vjepa_model::ClipStager, vjepa_model::DType),
 ) -> anyhow::Result<TrainBatch> {
     if rows.len() != clips.len() {
         bail!("{} clips but {} mask rows", clips.len(), rows.len());
     }
-    let clips_t = crate::loader::stack_clips(clips, (t, s))?;
+    let data: Vec<&[f32]> = clips.iter().map(|c| c.data.as_slice()).collect();
+    let clips_t = stager
+        .stage(&data, (3, t, s, s), dtype)
+        .map_err(|e| anyhow!("packing the batch: {e}"))?;
     let pick = |all: &[Vec<u32>]| -> anyhow::Result<Vec<Vec<u32>>> {
         rows.iter()
             .map(|&r| {
