@@ -61,6 +61,13 @@ def main():
                          median_ms=med, min_ms=mn, wall_median_ms=wall, throughput=thr))
         print(f"  {op:<36} {shape:<24} {rows[-1]['dtype']:<9} {med:9.3f} ms  {thr}", flush=True)
 
+    # The bf16 GEMM peak of this GPU (the MFU denominator of bench/gpu-step.sh's PEAK_TFLOPS).
+    m = 8192
+    a = torch.randn(m, m, device=dev, dtype=torch.bfloat16)
+    bm = torch.randn(m, m, device=dev, dtype=torch.bfloat16)
+    add("gemm peak (a @ b)", f"{m}^3", torch.bfloat16, lambda: a @ bm, flops=2.0 * m ** 3)
+    del a, bm
+
     from torch.nn.attention import SDPBackend, sdpa_kernel
     backends = [("flash", SDPBackend.FLASH_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION),
                 ("cudnn", SDPBackend.CUDNN_ATTENTION), ("math", SDPBackend.MATH)]

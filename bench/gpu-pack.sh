@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Build machine (no GPU needed): builds `vjepa` and `train-step` with the `cudnn` feature and
+# packs them into .carry/ for a lent GPU machine (the device tool's `carry: [".carry"]`; it
+# must stay under 64 MiB): the stripped binaries xz'd, the non-system, non-CUDA shared libraries
+# they link (GStreamer core, GLib, …: the device image has none), and the Python wheels the
+# PyTorch peer needs beyond torch (safetensors, numpy). Then on the device:
+# `bench/gpu-session.sh`. Environment: CUDA_ENV (default ../shared/tools/cuda-env.sh),
+# CARGO_TARGET_DIR (default target-cuda: keep it, candle-kernels takes ~16 min to build).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+eval "$("${CUDA_ENV:-../shared/tools/cuda-env.sh}")"
+eval "$(ops/cudnn-headers.sh)"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target-cuda}"
+cargo build --release --locked -p vjepa-pipeline -p vjepa-bench --features cudnn \
+  --bin vjepa --bin train-step
+grep -qx '/.carry/' .git/info/exclude 2>/dev/null || echo '/.carry/' >> .git/info/exclude
+rm -rf .carry && mkdir -p .carry/libs .carry/wheels
+for b in vjepa train-step; do
+  strip -o ".carry/$b" "$CARGO_TARGET_DIR/release/$b"
+  xz -6 -f ".carry/$b"
+done
+# The shared libraries both link, less glibc/libstdc++/libgcc (every image has them) and CUDA's
+# (the device's own driver and toolkit).
+skip='^(linux-vdso|ld-linux|libc\.|libm\.|libdl\.|librt\.|libpthread\.|libgcc_s|libstdc\+\+|libcuda|libcudart|libcublas|libcurand|libnvrtc)'
+for b in vjepa train-step; do
+  ldd "$CARGO_TARGET_DIR/release/$b" | awk '$3 ~ /^\// {print $1, $3}'
+done | sort -u | while read -r name path; do
+  [[ "$name" =~ $skip ]] || cp -L "$path" ".carry/libs/$name"
+done
+tar -C .carry -cJf .carry/libs.tar.xz libs && rm -rf .carry/libs
+python3 -m pip download -q --only-binary=:all: --python-version 3.12 \
+  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .carry/wheels safetensors numpy
+du -sh .carry && ls -la .carry .carry/wheels

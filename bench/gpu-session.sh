@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Device machine: the whole GPU check-up in as few calls as the budget allows. Unpacks what
+# bench/gpu-pack.sh put in .carry/, then runs PHASES (default "check ops step"), each under its
+# own timeout, writing everything under $OUT (the device tool's output folder):
+#   check  `vjepa gpu-check --no-timing`: every kernel, cuDNN's attention and the bf16 step
+#          against the CPU (issue 9 acceptance 1, 2)
+#   ops    bench/gpu-ops.sh: each op against torch on this GPU, with the bars (issue 9, 3)
+#   step   bench/gpu-step.sh on STEP_CONFIGS (default vitl16), ours with ATTENTION (default
+#          "cudnn own") against the PyTorch peer (issue 10, 1 and 5)
+# Environment: TORCH_ROOT (the device's torch venv, default /opt/torch/.venv), PHASES,
+# STEP_CONFIGS, ATTENTION, COMPILE, and the per-phase timeouts CHECK_S, OPS_S, STEP_S (seconds).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-$(mktemp -d)}"
+W=/tmp/vj; mkdir -p "$W/lib" "$W/py"
+TORCH_ROOT="${TORCH_ROOT:-/opt/torch/.venv}"
+PY="$TORCH_ROOT/bin/python3"
+"$PY" - .carry "$W" <<'PYEOF'
+import lzma, pathlib, shutil, sys, tarfile, zipfile
+carry, w = map(pathlib.Path, sys.argv[1:])
+for b in ("vjepa", "train-step"):
+    with lzma.open(carry / f"{b}.xz") as s, open(w / b, "wb") as d:
+        shutil.copyfileobj(s, d)
+    (w / b).chmod(0o755)
+tarfile.open(carry / "libs.tar.xz").extractall(w / "carried")
+for wheel in (carry / "wheels").glob("*.whl"):
+    zipfile.ZipFile(wheel).extractall(w / "py")
+PYEOF
+SITE=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+export LD_LIBRARY_PATH="$SITE/nvidia/cu13/lib:$SITE/nvidia/cudnn/lib:$W/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+# Carried libraries only where the device lacks them (its own take precedence).
+for _ in 1 2 3 4 5 6; do
+  missing=$(ldd "$W/vjepa" "$W/train-step" | awk '/not found/{print $1}' | sort -u)
+  [ -z "$missing" ] && break
+  for m in $missing; do cp "$W/carried/libs/$m" "$W/lib/" 2>/dev/null || echo "no carried $m"; done
+done
+"$PY" -c 'import safetensors, numpy' 2>/dev/null || export PYTHONPATH="$W/py${PYTHONPATH:+:$PYTHONPATH}"
+{
+  echo "supplied libs: $(ls "$W/lib" | tr '\n' ' ')"
+  ldd "$W/vjepa" | grep -E "not found|cuda|cublas|curand|stdc"
+  nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,memory.total --format=csv
+  "$PY" -c 'import torch; print("torch", torch.__version__, "cudnn", torch.backends.cudnn.version())'
+  "$W/vjepa" check-config --config configs/vitl16.yaml --device cuda --locations 2>&1 | grep -E "^(device|attention):"
+} 2>&1 | tee "$OUT/env.txt"
+
+for phase in ${PHASES:-check ops step}; do
+  echo "== $phase" | tee -a "$OUT/env.txt"
+  start=$(date +%s)
+  case "$phase" in
+    check)
+      timeout "${CHECK_S:-300}" "$W/vjepa" gpu-check --no-timing --json "$OUT/check.json" \
+        > "$OUT/check.txt" 2> "$OUT/check.err"
+      echo "rc=$?" >> "$OUT/check.txt"
+      grep -E "FAIL|gpu-check|rc=" "$OUT/check.txt" | head -40 ;;
+    ops)
+      VJEPA="$W/vjepa" TORCH_PYTHON="$PY" timeout "${OPS_S:-300}" bench/gpu-ops.sh "$OUT/ops" \
+        > "$OUT/ops.txt" 2> "$OUT/ops.err"
+      echo "rc=$?" >> "$OUT/ops.txt"
+      cat "$OUT/ops.txt"; tail -3 "$OUT/ops.err" ;;
+    step)
+      peak=$(sed -n 's/^bf16 GEMM peak: \([0-9.]*\) TFLOP.*/\1/p' "$OUT/ops.txt" 2>/dev/null)
+      # shellcheck disable=SC2086
+      TRAIN_STEP="$W/train-step" TORCH_PYTHON="$PY" PEAK_TFLOPS="${PEAK_TFLOPS:-$peak}" \
+        ATTENTION="${ATTENTION:-cudnn own}" timeout "${STEP_S:-420}" \
+        bench/gpu-step.sh ${STEP_CONFIGS:-configs/vitl16.yaml} > "$OUT/step.txt" 2> "$OUT/step.err"
+      echo "rc=$?" >> "$OUT/step.txt"
+      cat "$OUT/step.txt"; tail -5 "$OUT/step.err" ;;
+    *) echo "unknown phase $phase (check, ops, step)" ;;
+  esac
+  echo "$phase: $(( $(date +%s) - start )) s" | tee -a "$OUT/env.txt"
+done
