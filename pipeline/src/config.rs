@@ -1057,6 +1057,16 @@ impl JobConfig {
         })
     }
 
+    /// Head dims of every attention the model runs (encoder, predictor), for
+    /// [`vjepa_model::kernels::check_attention_problem`].
+    pub fn attention_head_dims(&self) -> Vec<usize> {
+        let (e, p) = (self.encoder_config(), self.predictor_config());
+        vec![
+            e.embed_dim / e.num_heads.max(1),
+            p.embed_dim / p.num_heads.max(1),
+        ]
+    }
+
     /// The dtype training computes in: bf16 (mixed precision, f32 master weights) when
     /// `meta.dtype` is bfloat16 and the device is a GPU; f32 otherwise — on the CPU, whose
     /// kernels are f32, and for the pixel objective, which has no mixed-precision path.

@@ -154,6 +154,14 @@ fn run_training(
     let attention = cfg.attention()?;
     if device.is_cuda() {
         let runs = vjepa_model::kernels::check_attention_backend(attention)
+            .and_then(|runs| {
+                vjepa_model::kernels::check_attention_problem(
+                    attention,
+                    cfg.compute_dtype(device),
+                    &cfg.attention_head_dims(),
+                )?;
+                Ok(runs)
+            })
             .map_err(|e| anyhow!("workers.attention: {e}"))?;
         tracing::info!(attention = attention.as_str(), "attention: {runs}");
     }

@@ -75,8 +75,14 @@ pub fn check_attention(cfg: &JobConfig) -> Result<LocationCheck, LocationError> 
         reason,
     };
     let backend = cfg.attention().map_err(|e| err(e.to_string()))?;
-    let on_gpu = cfg.device().map_err(|e| err(e.to_string()))?.is_cuda();
-    let found = if on_gpu {
+    let device = cfg.device().map_err(|e| err(e.to_string()))?;
+    let found = if device.is_cuda() {
+        vjepa_model::kernels::check_attention_problem(
+            backend,
+            cfg.compute_dtype(device),
+            &cfg.attention_head_dims(),
+        )
+        .map_err(|e| err(e.to_string()))?;
         vjepa_model::kernels::check_attention_backend(backend).map_err(|e| err(e.to_string()))?
     } else {
         "the CPU kernels (the setting applies on a GPU)".to_string()

@@ -94,6 +94,33 @@ pub fn attention_backend() -> AttentionBackend {
     }
 }
 
+/// Whether `backend` can run every attention of a model computing in `dtype` with these head
+/// dims: `cudnn` never falls back, so it needs bf16 and head dims that are multiples of 8 up to
+/// 128 (cuDNN's fused attention has no fp32 path). The others run anything.
+pub fn check_attention_problem(
+    backend: AttentionBackend,
+    dtype: candle_core::DType,
+    head_dims: &[usize],
+) -> Result<(), ModelError> {
+    if backend != AttentionBackend::Cudnn {
+        return Ok(());
+    }
+    if dtype != candle_core::DType::BF16 {
+        return Err(ModelError::Unsupported(format!(
+            "attention backend cudnn needs the bf16 step (meta.dtype: bfloat16); this one computes in {dtype:?}"
+        )));
+    }
+    match head_dims
+        .iter()
+        .find(|&&hd| !hd.is_multiple_of(8) || hd > 128)
+    {
+        Some(hd) => Err(ModelError::Unsupported(format!(
+            "attention backend cudnn takes head dims that are multiples of 8 up to 128, not {hd}"
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// Whether `backend` can run in this binary on this machine, before any work: `cudnn` needs a
 /// binary built with the `cudnn` feature and a loadable libcudnn 9. Returns what will run.
 pub fn check_attention_backend(backend: AttentionBackend) -> Result<String, ModelError> {
@@ -517,6 +544,20 @@ mod tests {
 
     /// Without the `cudnn` feature (CI), `cudnn` is refused with the reason and the others say
     /// they run our kernels; with it, the answer depends on whether libcudnn loads here.
+    #[test]
+    fn cudnn_problems_are_checked_before_any_work() {
+        use candle_core::DType;
+        let bf16 = DType::BF16;
+        assert!(check_attention_problem(AttentionBackend::Cudnn, bf16, &[64, 32]).is_ok());
+        let e = check_attention_problem(AttentionBackend::Cudnn, DType::F32, &[64]).unwrap_err();
+        assert!(e.to_string().contains("bf16"), "{e}");
+        let e = check_attention_problem(AttentionBackend::Cudnn, bf16, &[64, 20]).unwrap_err();
+        assert!(e.to_string().contains("not 20"), "{e}");
+        for b in [AttentionBackend::Auto, AttentionBackend::Own] {
+            assert!(check_attention_problem(b, DType::F32, &[20]).is_ok());
+        }
+    }
+
     #[test]
     #[cfg(not(feature = "cudnn"))]
     fn cudnn_backend_is_refused_without_the_feature() {

@@ -61,6 +61,7 @@ using Key = std::tuple<void *, int, int, int64_t, int64_t, int64_t, int64_t, uin
 std::mutex mu;
 std::map<void *, cudnnHandle_t> handles;  // one per stream (a stream belongs to one device)
 std::map<Key, std::unique_ptr<Entry>> graphs;
+std::map<Key, std::string> refused;  // shapes cuDNN would not build, with why: asked once
 double build_seconds = 0.0;  // spent building the graphs in `graphs`
 
 int handle_for(void *stream, cudnnHandle_t *out) {
@@ -242,6 +243,10 @@ int vjepa_cudnn_sdpa_prepare(void *stream, int kind, int dtype, int64_t b, int64
         Key key{stream, kind, dtype, b, h, n, hd, scale_bits, stats != 0, deterministic != 0};
         auto it = graphs.find(key);
         if (it == graphs.end()) {
+            auto no = refused.find(key);
+            if (no != refused.end()) {
+                return fail(no->second);
+            }
             cudnnHandle_t handle = nullptr;
             if (handle_for(stream, &handle) != 0) {
                 return 1;
@@ -252,9 +257,11 @@ int vjepa_cudnn_sdpa_prepare(void *stream, int kind, int dtype, int64_t b, int64
                                        : backward_graph(dtype, b, h, n, hd, scale, deterministic != 0);
             auto err = e->graph->build(handle, {fe::HeurMode_t::A});
             if (err.is_bad()) {
-                return fail("cannot build the SDPA " + std::string(kind == FORWARD ? "forward" : "backward") +
-                            " graph for b=" + std::to_string(b) + " h=" + std::to_string(h) +
-                            " n=" + std::to_string(n) + " hd=" + std::to_string(hd) + ": " + err.get_message());
+                std::string why = "cannot build the SDPA " + std::string(kind == FORWARD ? "forward" : "backward") +
+                                  " graph for b=" + std::to_string(b) + " h=" + std::to_string(h) +
+                                  " n=" + std::to_string(n) + " hd=" + std::to_string(hd) + ": " + err.get_message();
+                refused.emplace(key, why);
+                return fail(why);
             }
             err = e->graph->get_workspace_size(e->workspace);
             if (err.is_bad()) {
