@@ -5,7 +5,12 @@
 #   bench/gpu-step.sh [CONFIG...]      (default configs/vitl16.yaml: ViT-L/16, batch 24;
 #                                      configs/vith16.yaml for ViT-H)
 # Environment as bench/train-step.sh; DEVICE defaults to cuda here (cpu checks the harness).
+# Steady state by default: STEPS (10) mask draws, warmed up once over the same draws
+# (WARMUP = MASK_CYCLE = STEPS), so the timed steps meet no shape for the first time — as in a
+# long run, where the context lengths recur. MASK_CYCLE=0 times cold shapes instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ $# -gt 0 ] || set -- configs/vitl16.yaml
-DEVICE="${DEVICE:-cuda}" WARMUP="${WARMUP:-3}" STEPS="${STEPS:-10}" exec bench/train-step.sh "$(nproc)" "$@"
+STEPS="${STEPS:-10}"
+DEVICE="${DEVICE:-cuda}" WARMUP="${WARMUP:-$STEPS}" MASK_CYCLE="${MASK_CYCLE:-$STEPS}" STEPS="$STEPS" \
+  exec bench/train-step.sh "$(nproc)" "$@"

@@ -9,7 +9,8 @@
 # STEPS (5), COMPILE=1 (also torch with torch.compile on the target encoder), PEAK_TFLOPS (for
 # MFU), TRAIN_STEP (a prebuilt train-step binary), TORCH_PYTHON (default: ops/torch-venv.sh),
 # ATTENTION (GPU: our attention implementations to time, one row each; default "auto"; e.g.
-# "own cudnn" for both, see workers.attention).
+# "own cudnn" for both, see workers.attention), MASK_CYCLE (masks repeat every this many steps,
+# for ours and the peer alike; 0 = a new draw every step, the default).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 THREADS="${1:-$(nproc)}"; shift || true
@@ -22,7 +23,7 @@ PY="${TORCH_PYTHON:-$(ops/torch-venv.sh)}"
 BIN="${TRAIN_STEP:-$(bench/build-bin.sh vjepa-bench train-step "$DEVICE")}"
 TMP="$(mktemp -d)"; trap 'rm -rf "$TMP"' EXIT
 export RAYON_NUM_THREADS="$THREADS" OMP_NUM_THREADS="$THREADS" MKL_NUM_THREADS="$THREADS"
-ours=(--device "$DEVICE"); peer=(--device "$DEVICE" --threads "$THREADS")
+ours=(--device "$DEVICE" --mask-cycle "${MASK_CYCLE:-0}"); peer=(--device "$DEVICE" --threads "$THREADS")
 if [ "$DTYPE" = bf16 ]; then ours+=(--bf16); peer+=(--bf16); fi
 [ -n "${BATCH:-}" ] && ours+=(--batch-size "$BATCH")
 ATTENTION="${ATTENTION:-auto}"; [ "$DEVICE" = cpu ] && ATTENTION=auto

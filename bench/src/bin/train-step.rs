@@ -29,6 +29,12 @@ struct Args {
     /// Timed steps.
     #[arg(long, default_value_t = 5)]
     steps: usize,
+    /// Masks repeat every this many steps (0: a new draw every step). With `--warmup` equal to
+    /// it, the timed steps see exactly the masks the warm-up saw, so per-shape caches (cuDNN
+    /// attention graphs, one per new context length) are warm, as they are in a long run,
+    /// where the lengths recur.
+    #[arg(long, default_value_t = 0)]
+    mask_cycle: u64,
     /// Where to write the inputs for the peer.
     #[arg(long)]
     inputs: PathBuf,
@@ -89,10 +95,15 @@ fn main() -> Result<()> {
     let mut batches = Vec::with_capacity(total);
     let mut index_tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
     for step in 0..total as u64 {
-        let mut positions = rng_for(args.seed, Stream::MaskPositions, step);
+        let draw = if args.mask_cycle > 0 {
+            step % args.mask_cycle
+        } else {
+            step
+        };
+        let mut positions = rng_for(args.seed, Stream::MaskPositions, draw);
         let mut masks = Vec::with_capacity(generators.len());
         for (i, g) in generators.iter().enumerate() {
-            let m = g.generate(args.seed, 0, step, batch_size, &mut positions)?;
+            let m = g.generate(args.seed, 0, draw, batch_size, &mut positions)?;
             for (kind, rows) in [("context", &m.context), ("target", &m.target)] {
                 let k = rows.first().map_or(0, Vec::len);
                 let bytes: Vec<u8> = rows
