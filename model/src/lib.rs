@@ -636,6 +636,17 @@ impl VJepa {
     /// The first half of a step: forward and backward on `batch` with the current weights,
     /// nothing changed. The gradient is that of the batch's mean loss.
     pub fn compute_gradients(&self, batch: &TrainBatch) -> Result<Gradients, ModelError> {
+        self.compute_gradients_overlapping(batch, || {})
+    }
+
+    /// [`Self::compute_gradients`], running `meanwhile` on the host once the step's forward and
+    /// backward are queued on the device and before the step waits for them: on a GPU, host
+    /// work done there (e.g. staging the next batch) overlaps the step instead of following it.
+    pub fn compute_gradients_overlapping(
+        &self,
+        batch: &TrainBatch,
+        meanwhile: impl FnOnce(),
+    ) -> Result<Gradients, ModelError> {
         let (clips, b) = self.prepare_clips(&batch.clips)?;
         let masks = self.mask_indices(batch, b)?;
         let (loss, per_mask, h, pooled) =
@@ -650,9 +661,9 @@ impl VJepa {
         for l in &per_mask {
             scalars.push(l.to_dtype(DType::F32)?.reshape(1)?);
         }
-        let values = Tensor::cat(&scalars, 0)?
-            .to_dtype(DType::F64)?
-            .to_vec1::<f64>()?;
+        let values = Tensor::cat(&scalars, 0)?.to_dtype(DType::F64)?;
+        meanwhile();
+        let values = values.to_vec1::<f64>()?;
         let collapse = collapse::Signals::from_terms(&values[..3]);
         let (loss_value, loss_per_mask) = (values[3], values[4..].to_vec());
         if !loss_value.is_finite() {

@@ -290,6 +290,16 @@ impl PixelMae {
     /// `loss_per_mask` have one entry; `target_std` and `target_rank` are the collapse signals over the encoder's
     /// outputs (no target encoder exists).
     pub fn compute_gradients(&self, batch: &TrainBatch) -> Result<Gradients, ModelError> {
+        self.compute_gradients_overlapping(batch, || {})
+    }
+
+    /// [`Self::compute_gradients`], running `meanwhile` once the step is queued on the device
+    /// and before waiting for it (see [`crate::VJepa::compute_gradients_overlapping`]).
+    pub fn compute_gradients_overlapping(
+        &self,
+        batch: &TrainBatch,
+        meanwhile: impl FnOnce(),
+    ) -> Result<Gradients, ModelError> {
         let (loss, visible, masked, h) = self.forward_loss(batch)?;
         // Backward, then the loss and the collapse terms in one read (one sync on a GPU).
         let grads = loss.backward()?;
@@ -300,8 +310,9 @@ impl PixelMae {
             ],
             0,
         )?
-        .to_dtype(DType::F64)?
-        .to_vec1::<f64>()?;
+        .to_dtype(DType::F64)?;
+        meanwhile();
+        let values = values.to_vec1::<f64>()?;
         let collapse = crate::collapse::Signals::from_terms(&values[..3]);
         let loss_value = values[3];
         if !loss_value.is_finite() {

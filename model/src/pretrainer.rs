@@ -125,6 +125,16 @@ impl Pretrainer {
         each!(self, m => m.compute_gradients(batch))
     }
 
+    /// [`Self::compute_gradients`], running `meanwhile` on the host while the device computes
+    /// the step (after it is queued, before it is waited for).
+    pub fn compute_gradients_overlapping(
+        &self,
+        batch: &TrainBatch,
+        meanwhile: impl FnOnce(),
+    ) -> Result<Gradients, ModelError> {
+        each!(self, m => m.compute_gradients_overlapping(batch, meanwhile))
+    }
+
     /// Gradients of a worker without samples; `masks` is the number of mask configs of a
     /// V-JEPA batch (the pixel objective always has one tube mask).
     pub fn empty_gradients(&self, masks: usize) -> Gradients {

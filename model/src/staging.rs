@@ -6,8 +6,11 @@
 //! meanwhile. On a CUDA device the stager instead packs straight into a reused page-locked
 //! buffer, in bf16 when the step computes in bf16 (half the bytes; the step's first op casts
 //! the clips to bf16 anyway, so the values are the same), and queues one asynchronous copy on
-//! the device's stream: the host returns at once, and the copy runs at DMA speed ahead of the
-//! step's kernels. The packing is split across threads by clip. On the CPU it is the plain
+//! a copy stream of its own: the host returns at once, and the copy runs at DMA speed beside
+//! whatever the device is computing (staged during the previous step, see
+//! [`crate::VJepa::compute_gradients_overlapping`], it overlaps that step). The kernels that read
+//! the batch wait for the copy through cudarc's per-buffer events (candle's context tracks them
+//! across streams). The packing is split across threads by clip. On the CPU it is the plain
 //! stacking it always was.
 
 use candle_core::{DType, Device, Tensor};
@@ -33,7 +36,8 @@ impl ClipStager {
 
     /// `clips` (each the `c·t·h·w` values of one `[c, t, h, w]` clip) as one
     /// `[B, c, t, h, w]` tensor of `dtype` on the stager's device. On a CUDA device the copy
-    /// is queued on the device's stream and may still be running when this returns.
+    /// is queued on the stager's copy stream and may still be running when this returns (the
+    /// kernels that read the tensor wait for it).
     pub fn stage(
         &self,
         clips: &[&[f32]],
@@ -86,21 +90,25 @@ impl ClipStager {
 
 #[cfg(feature = "cuda")]
 mod pinned {
-    use std::sync::Mutex;
+    use std::sync::{Arc, Mutex};
 
     use candle_core::cuda_backend::CudaDType;
-    use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, PinnedHostSlice, ValidAsZeroBits};
+    use candle_core::cuda_backend::cudarc::driver::{
+        CudaStream, DeviceRepr, PinnedHostSlice, ValidAsZeroBits,
+    };
     use candle_core::op::BackpropOp;
     use candle_core::{CudaDevice, CudaStorage, Shape, Storage, Tensor, WithDType};
     use half::bf16;
 
     use crate::ModelError;
 
-    /// One reused page-locked buffer per dtype, reallocated when the batch size changes.
+    /// One reused page-locked buffer per dtype, reallocated when the batch size changes, and
+    /// the stream the uploads run on.
     #[derive(Default)]
     pub(super) struct Buffers {
         pub f32: Mutex<Option<PinnedHostSlice<f32>>>,
         pub bf16: Mutex<Option<PinnedHostSlice<bf16>>>,
+        copy: Mutex<Option<Arc<CudaStream>>>,
     }
 
     impl Buffers {
@@ -120,15 +128,32 @@ mod pinned {
                 ModelError::Input(format!("staging the batch ({what}): {e}"))
             };
             let total = per_clip * clips.len();
+            let copy = {
+                let mut copy = self
+                    .copy
+                    .lock()
+                    .map_err(|_| err("lock", &"poisoned by a panic"))?;
+                match copy.as_ref() {
+                    Some(s) => s.clone(),
+                    None => {
+                        let s = dev
+                            .cuda_stream()
+                            .context()
+                            .new_stream()
+                            .map_err(|e| err("copy stream", &e))?;
+                        *copy = Some(s.clone());
+                        s
+                    }
+                }
+            };
             let mut slot = slot
                 .lock()
                 .map_err(|_| err("lock", &"poisoned by a panic"))?;
-            let stream = dev.cuda_stream();
             if slot.as_ref().is_none_or(|b| b.len() != total) {
                 // Drop (and so free, after its last copy) the old buffer first.
                 *slot = None;
                 // SAFETY: every element is written below before the copy reads it.
-                let buf = unsafe { stream.context().alloc_pinned::<T>(total) }
+                let buf = unsafe { copy.context().alloc_pinned::<T>(total) }
                     .map_err(|e| err("page-locked allocation", &e))?;
                 *slot = Some(buf);
             }
@@ -136,7 +161,7 @@ mod pinned {
                 return Err(err("buffer", &"missing"));
             };
             // Waits for the previous copy out of this buffer, then fills it by clip in
-            // parallel (the packing is on the step's critical path).
+            // parallel (the packing is host time the device may be waiting for).
             let host = buf
                 .as_mut_slice()
                 .map_err(|e| err("waiting for the last copy", &e))?;
@@ -160,8 +185,9 @@ mod pinned {
             });
             // SAFETY: the copy below writes all `total` elements.
             let mut out = unsafe { dev.alloc::<T>(total) }.map_err(|e| err("device", &e))?;
-            stream
-                .memcpy_htod(&*buf, &mut out)
+            // On the copy stream: it waits for the allocation and records the write, which the
+            // compute stream's first read of `out` waits for (cudarc's event tracking).
+            copy.memcpy_htod(&*buf, &mut out)
                 .map_err(|e| err("host-to-device copy", &e))?;
             let storage = CudaStorage::wrap_cuda_slice(out, dev.clone());
             Ok(Tensor::from_storage(

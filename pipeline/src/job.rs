@@ -759,6 +759,9 @@ struct Trainer {
     model: Pretrainer,
     /// Packs each step's clips into one tensor on the model's device, in its compute dtype.
     stager: vjepa_model::ClipStager,
+    /// The next step's clips, staged on the GPU while this step computed (when they were all
+    /// loaded by then): (step, their slots in order, the tensor).
+    prefetched: Option<(u64, Vec<usize>, vjepa_model::Tensor)>,
     collective: Collective<Msg>,
     /// This worker's loaded clips by step.
     clips: Rc<RefCell<BTreeMap<u64, Vec<Clip>>>>,
@@ -1049,6 +1052,7 @@ fn run_worker_inner(
     let mut trainer = Trainer {
         model,
         stager: vjepa_model::ClipStager::new(&shared.device),
+        prefetched: None,
         collective,
         clips: held,
         loaded,
@@ -1273,18 +1277,55 @@ impl Trainer {
         let computed = if clips.is_empty() {
             Ok(self.model.empty_gradients(masks.len()))
         } else {
-            let staged = (&self.stager, shared.dtype);
-            to_train_batch(&clips, &masks, &rows, shape, staged).and_then(|b| {
-                self.model.compute_gradients(&b).map_err(|e| {
-                    if let vjepa_model::ModelError::NonFiniteLoss { loss, .. } = &e {
-                        nonfinite = Some(*loss);
-                        // Recorded where it is found: the run stops at once, and the worker
-                        // that would gather the reports may be stopped before it sees them.
-                        shared.telemetry.non_finite_loss(*loss);
-                    }
-                    anyhow!("training step {} failed: {e}", step + 1)
-                })
-            })
+            // This step's clips: staged during the last step, or now.
+            let ready = match self.prefetched.take() {
+                Some((s, pre_slots, t)) if s == step && pre_slots == slots => {
+                    tracing::trace!(step, "clips staged during the previous step");
+                    Some(t)
+                }
+                _ => None,
+            };
+            let staged = Staging {
+                stager: &self.stager,
+                dtype: shared.dtype,
+                ready,
+            };
+            // The next step's clips, if all loaded, are staged while this step computes: on a
+            // GPU the upload then overlaps the step; on the CPU it is the same work done
+            // earlier, which keeps this path under the CPU tests (a resumed run, which starts
+            // without it, must train exactly as the run it continues).
+            let next = step + 1;
+            let prefetch = next < self.total && !self.loaded.less_equal(&next);
+            let (held, stager, dtype) = (&self.clips, &self.stager, shared.dtype);
+            let mut prefetched = None;
+            let stage_next = || {
+                let held = held.borrow();
+                let Some(next_clips) = held.get(&next).filter(|_| prefetch) else {
+                    return;
+                };
+                let mut order: Vec<&Clip> = next_clips.iter().collect();
+                order.sort_by_key(|c| c.slot);
+                let data: Vec<&[f32]> = order.iter().map(|c| c.data.as_slice()).collect();
+                match stager.stage(&data, (3, shape.0, shape.1, shape.1), dtype) {
+                    Ok(t) => prefetched = Some((next, order.iter().map(|c| c.slot).collect(), t)),
+                    Err(e) => tracing::debug!(step = next, "not staged ahead: {e}"),
+                }
+            };
+            let result = to_train_batch(&clips, &masks, &rows, shape, staged).and_then(|b| {
+                self.model
+                    .compute_gradients_overlapping(&b, stage_next)
+                    .map_err(|e| {
+                        if let vjepa_model::ModelError::NonFiniteLoss { loss, .. } = &e {
+                            nonfinite = Some(*loss);
+                            // Recorded where it is found: the run stops at once, and the worker
+                            // that would gather the reports may be stopped before it sees them.
+                            shared.telemetry.non_finite_loss(*loss);
+                        }
+                        anyhow!("training step {} failed: {e}", step + 1)
+                    })
+            });
+            self.prefetched = prefetched;
+            result
         };
         drop(clips);
         let (mut grads, failed) = match computed {
@@ -1909,23 +1950,38 @@ fn to_quarantine_row(q: &Quarantined) -> vjepa_storage::tables::QuarantineRow {
     }
 }
 
-/// Packs clips (`[3, frames, crop, crop]` each) and rows `rows` of the global batch's masks
-/// (row `rows[i]` for `clips[i]`) into the model's tensors: the clips staged onto the model's
-/// device in its compute dtype.
+/// How a step's clips reach the model's device: staged during the last step, or now.
+struct Staging<'a> {
+    stager: &'a vjepa_model::ClipStager,
+    /// The model's compute dtype (what the clips are staged in).
+    dtype: vjepa_model::DType,
+    /// This step's clips, already staged in slot order.
+    ready: Option<vjepa_model::Tensor>,
+}
+
+/// Packs clips (`[3, frames, crop, crop]` each, sorted by slot) and rows `rows` of the global
+/// batch's masks (row `rows[i]` for `clips[i]`) into the model's tensors: the clips staged onto
+/// the model's device in its compute dtype.
 fn to_train_batch(
     clips: &[Clip],
     masks: &[BatchMask],
     rows: &[usize],
     (t, s): (usize, usize),
-    (stager, dtype): (&vjepa_model::ClipStager, vjepa_model::DType),
+    staging: Staging<'_>,
 ) -> anyhow::Result<TrainBatch> {
     if rows.len() != clips.len() {
         bail!("{} clips but {} mask rows", clips.len(), rows.len());
     }
-    let data: Vec<&[f32]> = clips.iter().map(|c| c.data.as_slice()).collect();
-    let clips_t = stager
-        .stage(&data, (3, t, s, s), dtype)
-        .map_err(|e| anyhow!("packing the batch: {e}"))?;
+    let clips_t = match staging.ready {
+        Some(ready) => ready,
+        None => {
+            let data: Vec<&[f32]> = clips.iter().map(|c| c.data.as_slice()).collect();
+            staging
+                .stager
+                .stage(&data, (3, t, s, s), staging.dtype)
+                .map_err(|e| anyhow!("packing the batch: {e}"))?
+        }
+    };
     let pick = |all: &[Vec<u32>]| -> anyhow::Result<Vec<Vec<u32>>> {
         rows.iter()
             .map(|&r| {

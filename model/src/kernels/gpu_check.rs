@@ -758,6 +758,9 @@ pub fn run_checks(
         }
     }
 
+    if let Err(e) = check_staging(dev, &mut inp, &mut push) {
+        push(error_row("staging", "", DType::F32, &e));
+    }
     if let Err(e) = check_optimizer(dev, &mut inp, &mut push) {
         push(error_row("adamw/ema", "", DType::F32, &e));
     }
@@ -782,6 +785,57 @@ pub fn run_checks(
     }
     super::set_attention_backend(chosen);
     Ok(rows)
+}
+
+/// `ClipStager` on the GPU (page-locked buffer, copy stream) against the CPU's stacking, f32
+/// and bf16: two batches back to back through the same buffer while the compute stream is
+/// busy, each read by a compute-stream op — a missing wait (the copy racing the reader, or the
+/// second packing overwriting the buffer before the first copy left it) shows as an error.
+fn check_staging(
+    dev: &Device,
+    inp: &mut Inputs,
+    push: &mut dyn FnMut(CheckRow),
+) -> Result<(), ModelError> {
+    let shape = (3usize, 16usize, 112usize, 112usize);
+    let (b, per) = (6usize, 3 * 16 * 112 * 112);
+    let case = format!("{b} clips 3x16x112x112, two batches");
+    let mut batches = Vec::new();
+    for _ in 0..2 {
+        let t = inp.randn(&[b * per], 1.0)?;
+        batches.push(t.to_vec1::<f32>()?);
+    }
+    let busy = inp.randn(&[2048, 2048], 1.0)?.to_device(dev)?;
+    for dt in [DType::F32, DType::BF16] {
+        let stager = crate::ClipStager::new(dev);
+        let mut errs = Vec::new();
+        let mut staged = Vec::new();
+        for data in &batches {
+            // Work queued on the compute stream ahead of the copy's reader.
+            let mut x = busy.clone();
+            for _ in 0..4 {
+                x = x.matmul(&busy)?.affine(1e-3, 0.0)?;
+            }
+            let clips: Vec<&[f32]> = data.chunks(per).collect();
+            let g = stager.stage(&clips, shape, dt)?;
+            // A compute-stream op reads the batch.
+            staged.push((g.to_dtype(DType::F32)? + 0.0)?);
+            drop(x);
+        }
+        for (data, g) in batches.iter().zip(&staged) {
+            let clips: Vec<&[f32]> = data.chunks(per).collect();
+            let cpu = crate::ClipStager::new(&Device::Cpu)
+                .stage(&clips, shape, dt)?
+                .to_dtype(DType::F32)?;
+            errs.push(rel_err(g, &cpu)?);
+        }
+        push(row(
+            "staging (page-locked, copy stream)",
+            case.clone(),
+            dt,
+            errs.into_iter().fold(0.0, f64::max),
+        ));
+    }
+    Ok(())
 }
 
 /// bf16 attention forced onto the CUDA-core kernels, against the CPU op on the same values.
