@@ -45,6 +45,12 @@ impl ClipStager {
         dtype: DType,
     ) -> Result<Tensor, ModelError> {
         let per_clip = c * t * h * w;
+        if clips.is_empty() || per_clip == 0 {
+            return Err(ModelError::Input(format!(
+                "no clip values to stage ({} clips of {c}×{t}×{h}×{w})",
+                clips.len()
+            )));
+        }
         if let Some(bad) = clips.iter().position(|x| x.len() != per_clip) {
             return Err(ModelError::Input(format!(
                 "clip {bad} has {} values, expected {per_clip} ({c}×{t}×{h}×{w})",
@@ -219,6 +225,14 @@ mod tests {
         let back = h.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
         // These values are exact in bf16.
         assert_eq!(back.to_vec1::<f32>().unwrap(), flat);
+    }
+
+    #[test]
+    fn refuses_an_empty_batch() {
+        let e = ClipStager::new(&Device::Cpu)
+            .stage(&[], (3, 2, 2, 2), DType::F32)
+            .unwrap_err();
+        assert!(e.to_string().contains("no clip values"), "{e}");
     }
 
     #[test]
