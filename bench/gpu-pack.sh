@@ -5,7 +5,9 @@
 # they link (GStreamer core, GLib, …: the device image has none), and the Python wheels the
 # PyTorch peer needs beyond torch (safetensors, numpy). Then on the device:
 # `bench/gpu-session.sh`. Environment: CUDA_ENV (default ../shared/tools/cuda-env.sh),
-# CARGO_TARGET_DIR (default target-cuda: keep it, candle-kernels takes ~16 min to build).
+# CARGO_TARGET_DIR (default target-cuda: keep it, candle-kernels takes ~16 min to build),
+# EXTRA_CARRY (files or folders to carry as well, e.g. a local driver of the official code for
+# EXTRA_PEER: carried only, never part of this repository).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 eval "$("${CUDA_ENV:-../shared/tools/cuda-env.sh}")"
@@ -30,4 +32,5 @@ done
 tar -C .carry -cJf .carry/libs.tar.xz libs && rm -rf .carry/libs
 python3 -m pip download -q --only-binary=:all: --python-version 3.12 \
   --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .carry/wheels safetensors numpy
+for x in ${EXTRA_CARRY:-}; do cp -r "$x" .carry/; done
 du -sh .carry && ls -la .carry .carry/wheels

@@ -6,7 +6,7 @@
 #          against the CPU (issue 9 acceptance 1, 2)
 #   ops    bench/gpu-ops.sh: each op against torch on this GPU, with the bars (issue 9, 3)
 #   step   bench/gpu-step.sh on STEP_CONFIGS (default vitl16), ours with ATTENTION (default
-#          "cudnn own") against the PyTorch peer (issue 10, 1 and 5)
+#          "cudnn own") against the PyTorch peer and any EXTRA_PEER scripts (issue 10, 1 and 5)
 # Environment: TORCH_ROOT (the device's torch venv, default /opt/torch/.venv), PHASES,
 # STEP_CONFIGS, ATTENTION, COMPILE, and the per-phase timeouts CHECK_S, OPS_S, STEP_S (seconds).
 set -uo pipefail

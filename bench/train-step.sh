@@ -10,7 +10,10 @@
 # MFU), TRAIN_STEP (a prebuilt train-step binary), TORCH_PYTHON (default: ops/torch-venv.sh),
 # ATTENTION (GPU: our attention implementations to time, one row each; default "auto"; e.g.
 # "own cudnn" for both, see workers.attention), MASK_CYCLE (masks repeat every this many steps,
-# for ours and the peer alike; 0 = a new draw every step, the default).
+# for ours and the peer alike; 0 = a new draw every step, the default), EXTRA_PEER (more peer
+# scripts, space-separated, run like bench/train_step_torch.py on the same inputs and printing
+# the same JSON line: e.g. a local driver of the official code, which this repository does not
+# contain).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 THREADS="${1:-$(nproc)}"; shift || true
@@ -36,6 +39,11 @@ for cfg in "${CONFIGS[@]}"; do
   done
   "$PY" bench/train_step_torch.py --inputs "$TMP/in.safetensors" "${peer[@]}" > "$TMP/torch.json"
   runs+=("$TMP/torch.json")
+  for extra in ${EXTRA_PEER:-}; do
+    out="$TMP/extra-$(basename "$extra" .py)-$RANDOM.json"
+    "$PY" "$extra" --inputs "$TMP/in.safetensors" "${peer[@]}" > "$out"
+    runs+=("$out")
+  done
   if [ "${COMPILE:-0}" = 1 ]; then
     "$PY" bench/train_step_torch.py --inputs "$TMP/in.safetensors" "${peer[@]}" --compile \
       > "$TMP/compile.json"
@@ -44,7 +52,8 @@ for cfg in "${CONFIGS[@]}"; do
   "$PY" - "$cfg" "$THREADS" "${PEAK_TFLOPS:-}" "${runs[@]}" <<'PYEOF'
 import json, sys
 cfg, threads, peak, files = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
-rows = [json.load(open(f)) for f in files]
+# Each run's JSON line (a peer may print log lines before it).
+rows = [json.loads([l for l in open(f) if l.startswith("{")][-1]) for f in files]
 ours = rows[0]  # the first of ours: the ratios are against it
 flops = next(r["flops_per_step"] for r in rows if "flops_per_step" in r)  # same work in every row
 batch = ours["batch_size"]
