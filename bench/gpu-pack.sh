@@ -3,7 +3,7 @@
 # packs them into .carry/ for a lent GPU machine (the device tool's `carry: [".carry"]`; it
 # must stay under 64 MiB): the stripped binaries xz'd, the non-system, non-CUDA shared libraries
 # they link (GStreamer core, GLib, …: the device image has none), and the Python wheels the
-# PyTorch peer needs beyond torch (safetensors, numpy). Then on the device:
+# PyTorch peers need beyond torch (safetensors, numpy, pyyaml). Then on the device:
 # `bench/gpu-session.sh`. Environment: CUDA_ENV (default ../shared/tools/cuda-env.sh),
 # CARGO_TARGET_DIR (default target-cuda: keep it, candle-kernels takes ~16 min to build),
 # EXTRA_CARRY (files or folders to carry as well, e.g. a local driver of the official code for
@@ -31,6 +31,6 @@ done | sort -u | while read -r name path; do
 done
 tar -C .carry -cJf .carry/libs.tar.xz libs && rm -rf .carry/libs
 python3 -m pip download -q --only-binary=:all: --python-version 3.12 \
-  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .carry/wheels safetensors numpy
+  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .carry/wheels safetensors numpy pyyaml
 for x in ${EXTRA_CARRY:-}; do cp -r "$x" .carry/; done
 du -sh .carry && ls -la .carry .carry/wheels

@@ -34,7 +34,7 @@ for _ in 1 2 3 4 5 6; do
   [ -z "$missing" ] && break
   for m in $missing; do cp "$W/carried/libs/$m" "$W/lib/" 2>/dev/null || echo "no carried $m"; done
 done
-"$PY" -c 'import safetensors, numpy' 2>/dev/null || export PYTHONPATH="$W/py${PYTHONPATH:+:$PYTHONPATH}"
+"$PY" -c 'import safetensors, numpy, yaml' 2>/dev/null || export PYTHONPATH="$W/py${PYTHONPATH:+:$PYTHONPATH}"
 {
   echo "supplied libs: $(ls "$W/lib" | tr '\n' ' ')"
   ldd "$W/vjepa" | grep -E "not found|cuda|cublas|curand|stdc"
