@@ -24,7 +24,7 @@ for b in ("vjepa", "train-step"):
     (w / b).chmod(0o755)
 tarfile.open(carry / "libs.tar.xz").extractall(w / "carried")
 for wheel in (carry / "wheels").glob("*.whl"):
-    zipfile.ZipFile(wheel).extractall(w / "py")
+    zipfile.ZipFile(wheel).extractall(w / "py" / wheel.name.split("-")[0].lower())
 PYEOF
 SITE=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 export LD_LIBRARY_PATH="$SITE/nvidia/cu13/lib:$SITE/nvidia/cudnn/lib:$W/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
@@ -34,7 +34,11 @@ for _ in 1 2 3 4 5 6; do
   [ -z "$missing" ] && break
   for m in $missing; do cp "$W/carried/libs/$m" "$W/lib/" 2>/dev/null || echo "no carried $m"; done
 done
-"$PY" -c 'import safetensors, numpy, yaml' 2>/dev/null || export PYTHONPATH="$W/py${PYTHONPATH:+:$PYTHONPATH}"
+# The carried wheels only for the modules the device's Python lacks (its own stay first).
+for pair in safetensors:safetensors numpy:numpy yaml:pyyaml; do
+  "$PY" -c "import ${pair%%:*}" 2>/dev/null && continue
+  export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$W/py/${pair#*:}"
+done
 {
   echo "supplied libs: $(ls "$W/lib" | tr '\n' ' ')"
   ldd "$W/vjepa" | grep -E "not found|cuda|cublas|curand|stdc"
