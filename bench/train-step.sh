@@ -13,7 +13,7 @@
 # for ours and the peer alike; 0 = a new draw every step, the default), EXTRA_PEER (more peer
 # scripts, space-separated, run like bench/train_step_torch.py on the same inputs and printing
 # the same JSON line: e.g. a local driver of the official code, which this repository does not
-# contain).
+# contain), CHECKPOINT=1 (ours with activation checkpointing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 THREADS="${1:-$(nproc)}"; shift || true
@@ -29,6 +29,7 @@ export RAYON_NUM_THREADS="$THREADS" OMP_NUM_THREADS="$THREADS" MKL_NUM_THREADS="
 ours=(--device "$DEVICE" --mask-cycle "${MASK_CYCLE:-0}"); peer=(--device "$DEVICE" --threads "$THREADS")
 if [ "$DTYPE" = bf16 ]; then ours+=(--bf16); peer+=(--bf16); fi
 [ -n "${BATCH:-}" ] && ours+=(--batch-size "$BATCH")
+[ "${CHECKPOINT:-0}" = 1 ] && ours+=(--checkpoint-activations)
 ATTENTION="${ATTENTION:-auto}"; [ "$DEVICE" = cpu ] && ATTENTION=auto
 for cfg in "${CONFIGS[@]}"; do
   runs=()

@@ -62,6 +62,14 @@ impl Linear {
         self.bias.as_ref()
     }
 
+    /// The same layer on detached tensors (same storage, no gradient recorded through it).
+    pub fn detached(&self) -> Self {
+        Self {
+            weight: self.weight.detach(),
+            bias: self.bias.as_ref().map(Tensor::detach),
+        }
+    }
+
     /// The `[out, in]` weight.
     pub fn weight(&self) -> &Tensor {
         &self.weight
@@ -77,6 +85,15 @@ pub struct LayerNorm {
 }
 
 impl LayerNorm {
+    /// The same layer on detached tensors (same storage, no gradient recorded through it).
+    pub fn detached(&self) -> Self {
+        Self {
+            weight: self.weight.detach(),
+            bias: self.bias.detach(),
+            eps: self.eps,
+        }
+    }
+
     /// Wraps existing weight / bias `[D]`.
     pub fn new(weight: Tensor, bias: Tensor, eps: f64) -> Self {
         Self { weight, bias, eps }

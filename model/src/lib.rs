@@ -11,6 +11,7 @@
 #![warn(missing_docs)]
 
 mod checkpoint;
+pub mod checkpointing;
 pub mod collapse;
 pub mod config;
 pub mod device;
@@ -274,6 +275,9 @@ pub struct VJepa {
     /// dtype of the training forward/backward ([`Self::set_compute_dtype`]); the weights, their
     /// gradients and the optimiser stay f32.
     compute_dtype: DType,
+    /// Whether the encoder and predictor blocks recompute their activations in the backward
+    /// pass ([`Self::set_activation_checkpointing`]).
+    checkpointing: bool,
 }
 
 impl VJepa {
@@ -392,6 +396,7 @@ impl VJepa {
             num_encoder_params,
             steps_done,
             pool_features: false,
+            checkpointing: false,
             compute_dtype: DType::F32,
         })
     }
@@ -453,6 +458,18 @@ impl VJepa {
             self.target.pos_embed().to_dtype(dtype)?,
         )?;
         Ok((encoder, predictor, target))
+    }
+
+    /// Activation checkpointing (off by default): the encoder's and predictor's blocks keep only
+    /// their inputs for the backward pass and recompute the rest there — about one more forward
+    /// of both per step for most of their activation memory. Same gradients either way.
+    pub fn set_activation_checkpointing(&mut self, on: bool) {
+        self.checkpointing = on;
+    }
+
+    /// Whether activation checkpointing is on.
+    pub fn activation_checkpointing(&self) -> bool {
+        self.checkpointing
     }
 
     /// Makes [`Self::compute_gradients`] fill [`Gradients::target_embeddings`] (the target
@@ -572,7 +589,7 @@ impl VJepa {
         clips: &Tensor,
         masks: &[(TokenIndex, TokenIndex)],
     ) -> Result<(Tensor, Vec<Tensor>), ModelError> {
-        let (loss, per_mask, _, _) = self.forward_loss_stats(clips, masks, false)?;
+        let (loss, per_mask, _, _) = self.forward_loss_stats(clips, masks, false, None)?;
         Ok((loss, per_mask))
     }
 
@@ -584,6 +601,7 @@ impl VJepa {
         clips: &Tensor,
         masks: &[(TokenIndex, TokenIndex)],
         pool: bool,
+        checkpoint: Option<&std::sync::Arc<checkpointing::SideGrads>>,
     ) -> Result<(Tensor, Vec<Tensor>, Tensor, Option<Tensor>), ModelError> {
         let cast;
         let (encoder, predictor, target, clips) = if self.compute_dtype == DType::F32 {
@@ -610,8 +628,12 @@ impl VJepa {
         let mut preds = Vec::with_capacity(masks.len());
         let mut targets = Vec::with_capacity(masks.len());
         for (i, (ctx, tgt)) in masks.iter().enumerate() {
-            let z = encoder.forward_tokens(&ctx.gather(&tokens)?)?;
-            preds.push(predictor.forward(&z, ctx, tgt, i)?.to_dtype(DType::F32)?);
+            let z = encoder.forward_tokens_with(&ctx.gather(&tokens)?, checkpoint)?;
+            preds.push(
+                predictor
+                    .forward_with(&z, ctx, tgt, i, checkpoint)?
+                    .to_dtype(DType::F32)?,
+            );
             targets.push(tgt.gather(&h)?);
         }
         let (loss, per_mask) = loss::jepa_loss(&preds, &targets, &self.optim_cfg)?;
@@ -649,12 +671,20 @@ impl VJepa {
     ) -> Result<Gradients, ModelError> {
         let (clips, b) = self.prepare_clips(&batch.clips)?;
         let masks = self.mask_indices(batch, b)?;
+        let side = self.checkpointing.then(|| {
+            std::sync::Arc::new(checkpointing::SideGrads::new(
+                self.opt.params().iter().map(|p| &p.var),
+            ))
+        });
         let (loss, per_mask, h, pooled) =
-            self.forward_loss_stats(&clips, &masks, self.pool_features)?;
+            self.forward_loss_stats(&clips, &masks, self.pool_features, side.as_ref())?;
         // Backward first, then the loss, the per-mask losses and the collapse terms in one
         // device-to-host read: one sync on a GPU, after the step's heavy work is queued. (A
         // non-finite loss has a useless gradient, dropped below; nothing has changed yet.)
-        let grads = loss.backward()?;
+        let mut grads = loss.backward()?;
+        if let Some(side) = &side {
+            side.merge_into(&mut grads)?;
+        }
         let mut scalars = Vec::with_capacity(4 + per_mask.len());
         scalars.push(collapse::terms(&h)?.to_dtype(DType::F32)?);
         scalars.push(loss.to_dtype(DType::F32)?.reshape(1)?);

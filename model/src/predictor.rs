@@ -135,6 +135,19 @@ impl Predictor {
         target: &TokenIndex,
         mask: usize,
     ) -> Result<Tensor, ModelError> {
+        self.forward_with(z, context, target, mask, None)
+    }
+
+    /// [`Self::forward`]; with `checkpoint`, the blocks keep only their inputs for the backward
+    /// pass ([`crate::checkpointing`]).
+    pub fn forward_with(
+        &self,
+        z: &Tensor,
+        context: &TokenIndex,
+        target: &TokenIndex,
+        mask: usize,
+        checkpoint: Option<&std::sync::Arc<crate::checkpointing::SideGrads>>,
+    ) -> Result<Tensor, ModelError> {
         let token = self.mask_tokens.get(mask).ok_or_else(|| {
             ModelError::Input(format!(
                 "mask config {mask} but the predictor has {} mask tokens",
@@ -162,7 +175,10 @@ impl Predictor {
         let tgt = target.gather_table(&self.pos_embed)?.broadcast_add(token)?;
         let mut x = Tensor::cat(&[&ctx, &tgt], 1)?;
         for blk in &self.blocks {
-            x = blk.forward(&x)?;
+            x = match checkpoint {
+                Some(side) => crate::checkpointing::checkpointed(blk, &x, side)?,
+                None => blk.forward(&x)?,
+            };
         }
         let x = x.narrow(1, kc, target.len())?;
         self.proj.forward(&self.norm.forward(&x)?)

@@ -125,6 +125,21 @@ impl Pretrainer {
         each!(self, m => m.compute_gradients(batch))
     }
 
+    /// Activation checkpointing ([`VJepa::set_activation_checkpointing`]); the pixel objective
+    /// has none and refuses `true`.
+    pub fn set_activation_checkpointing(&mut self, on: bool) -> Result<(), ModelError> {
+        match self {
+            Pretrainer::VJepa(m) => {
+                m.set_activation_checkpointing(on);
+                Ok(())
+            }
+            Pretrainer::Pixel(_) if on => Err(ModelError::Config(
+                "activation checkpointing is V-JEPA's; the pixel objective has none".into(),
+            )),
+            Pretrainer::Pixel(_) => Ok(()),
+        }
+    }
+
     /// [`Self::compute_gradients`], running `meanwhile` on the host while the device computes
     /// the step (after it is queued, before it is waited for).
     pub fn compute_gradients_overlapping(

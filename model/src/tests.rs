@@ -1008,6 +1008,62 @@ fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
 /// Mixed precision (bf16 compute, f32 master weights): the loss, every gradient and three
 /// steps' trajectory stay within bf16 rounding of the f32 path; gradients arrive in f32 on
 /// every trainable parameter; the f32 path is untouched by the option's existence.
+/// Activation checkpointing recomputes the blocks in the backward pass: the loss, every
+/// gradient and the update are the plain path's (to the bit in f32: the same kernels on the same
+/// values; to rounding in bf16), and every trainable tensor still gets its gradient.
+#[test]
+fn activation_checkpointing_gives_the_same_step() {
+    let batch = tiny_batch();
+    for dtype in [DType::F32, DType::BF16] {
+        let mut plain = tiny_model(5);
+        let mut ckpt = tiny_model(5);
+        plain.set_compute_dtype(dtype).unwrap();
+        ckpt.set_compute_dtype(dtype).unwrap();
+        ckpt.set_activation_checkpointing(true);
+        assert!(ckpt.activation_checkpointing());
+        let (gp, gc) = (
+            plain.compute_gradients(&batch).unwrap(),
+            ckpt.compute_gradients(&batch).unwrap(),
+        );
+        assert_eq!(gp.loss, gc.loss, "{dtype:?} loss");
+        let (fp, fc) = (
+            plain.flatten_gradients(&gp).unwrap(),
+            ckpt.flatten_gradients(&gc).unwrap(),
+        );
+        assert_eq!(
+            fp.present, fc.present,
+            "{dtype:?}: the same tensors have gradients"
+        );
+        assert!(
+            fc.present.iter().all(|&p| p),
+            "{dtype:?}: a parameter got no gradient"
+        );
+        if dtype == DType::F32 {
+            assert_eq!(fp.values, fc.values, "f32 gradients to the bit");
+        } else {
+            let rel = rel_l2(&fc.values, &fp.values);
+            assert!(rel < 1e-3, "bf16 gradients differ by {rel:.2e}");
+        }
+        // Three steps each: the same trajectory.
+        for _ in 0..3 {
+            let (a, b) = (
+                plain.train_step(&batch).unwrap(),
+                ckpt.train_step(&batch).unwrap(),
+            );
+            if dtype == DType::F32 {
+                assert_eq!(a.loss, b.loss);
+            } else {
+                assert!(
+                    (a.loss - b.loss).abs() / a.loss < 1e-3,
+                    "{} vs {}",
+                    a.loss,
+                    b.loss
+                );
+            }
+        }
+    }
+}
+
 /// A batch staged in bf16 (what `ClipStager` uploads for a bf16 step) trains exactly as the
 /// f32 batch does: the step casts its clips to the compute dtype first thing.
 #[test]

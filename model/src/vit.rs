@@ -55,6 +55,14 @@ impl Attention {
         })
     }
 
+    fn detached(&self) -> Self {
+        Self {
+            qkv: self.qkv.detached(),
+            proj: self.proj.detached(),
+            num_heads: self.num_heads,
+        }
+    }
+
     /// x `[B, K, D]` → `[B, K, D]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor, ModelError> {
         let qkv = self.qkv.forward(x)?;
@@ -88,6 +96,13 @@ impl Mlp {
             fc1: Linear::load(params, &format!("{prefix}.fc1"), dim, hidden)?,
             fc2: Linear::load(params, &format!("{prefix}.fc2"), hidden, dim)?,
         })
+    }
+
+    fn detached(&self) -> Self {
+        Self {
+            fc1: self.fc1.detached(),
+            fc2: self.fc2.detached(),
+        }
     }
 
     /// x `[.., D]` → `[.., D]`.
@@ -136,6 +151,28 @@ impl Block {
             norm2: LayerNorm::load(params, &format!("{prefix}.norm2"), dim, LN_EPS)?,
             mlp: Mlp::load(params, &format!("{prefix}.mlp"), dim, hidden)?,
         })
+    }
+
+    /// Whether any parameter is on a graph (a Var, or computed from one): gradients are wanted.
+    pub fn params_track(&self) -> bool {
+        [
+            self.attn.qkv.weight(),
+            self.attn.proj.weight(),
+            self.mlp.fc1.weight(),
+            self.mlp.fc2.weight(),
+        ]
+        .iter()
+        .any(|t| t.track_op())
+    }
+
+    /// The same block on detached parameters (same storage; nothing recorded for backward).
+    pub fn detached(&self) -> Self {
+        Self {
+            norm1: self.norm1.detached(),
+            attn: self.attn.detached(),
+            norm2: self.norm2.detached(),
+            mlp: self.mlp.detached(),
+        }
     }
 
     /// x `[B, K, D]` → `[B, K, D]`.
@@ -479,9 +516,22 @@ impl Encoder {
 
     /// Blocks + final norm on already embedded (and possibly gathered) tokens `[B, K, D]`.
     pub fn forward_tokens(&self, x: &Tensor) -> Result<Tensor, ModelError> {
+        self.forward_tokens_with(x, None)
+    }
+
+    /// [`Self::forward_tokens`]; with `checkpoint`, the blocks keep only their inputs for the
+    /// backward pass ([`crate::checkpointing`]).
+    pub fn forward_tokens_with(
+        &self,
+        x: &Tensor,
+        checkpoint: Option<&std::sync::Arc<crate::checkpointing::SideGrads>>,
+    ) -> Result<Tensor, ModelError> {
         let mut x = x.clone();
         for blk in &self.blocks {
-            x = blk.forward(&x)?;
+            x = match checkpoint {
+                Some(side) => crate::checkpointing::checkpointed(blk, &x, side)?,
+                None => blk.forward(&x)?,
+            };
         }
         self.norm.forward(&x)
     }

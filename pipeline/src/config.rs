@@ -348,6 +348,10 @@ pub struct ModelSection {
     /// Ours: settings of `objective: pixel` (ignored otherwise).
     #[serde(default)]
     pub pixel: PixelSection,
+    /// Ours: recompute the encoder's and predictor's block activations in the backward pass
+    /// instead of keeping them (less memory, about one more forward per step; same gradients).
+    #[serde(default)]
+    pub activation_checkpointing: bool,
 }
 
 /// `model.pixel:` — the pixel objective (VideoMAE defaults, decoder width scaled down for
@@ -806,6 +810,12 @@ impl JobConfig {
             ));
         }
 
+        if r.model.activation_checkpointing && r.model.objective == vjepa_model::Objective::Pixel {
+            return Err(ConfigError::invalid(
+                "model.activation_checkpointing",
+                "is V-JEPA's (encoder and predictor blocks); the pixel objective has none",
+            ));
+        }
         if r.mask.is_empty() && r.model.objective == vjepa_model::Objective::Vjepa {
             return Err(ConfigError::invalid("mask", "at least one mask config"));
         }
@@ -1747,6 +1757,21 @@ mod tests {
         );
         let cfg = JobConfig::parse(&pixel).expect("objective pixel parses");
         assert_eq!(cfg.raw.model.objective, vjepa_model::Objective::Pixel);
+        let ckpt = |text: &str| {
+            text.replace(
+                "  model_name: vit_large\n",
+                "  model_name: vit_large\n  activation_checkpointing: true\n",
+            )
+        };
+        assert!(
+            JobConfig::parse(&ckpt(OFFICIAL_VITL16))
+                .unwrap()
+                .raw
+                .model
+                .activation_checkpointing
+        );
+        let err = JobConfig::parse(&ckpt(&pixel)).unwrap_err();
+        assert_eq!(err.key(), Some("model.activation_checkpointing"), "{err}");
         assert_eq!(cfg.raw.model.pixel.mask_ratio, 0.9);
         let p = cfg.pixel_config();
         assert_eq!(

@@ -51,6 +51,10 @@ struct Args {
     /// Attention on a GPU: auto, cudnn (the `cudnn` feature) or own, as `workers.attention`.
     #[arg(long, default_value = "auto")]
     attention: String,
+    /// Activation checkpointing (`model.activation_checkpointing`), also on when the config
+    /// sets it.
+    #[arg(long)]
+    checkpoint_activations: bool,
     /// Clips per step instead of the config's data.batch_size.
     #[arg(long)]
     batch_size: Option<usize>,
@@ -171,6 +175,9 @@ fn main() -> Result<()> {
     if args.bf16 {
         model.set_compute_dtype(DType::BF16)?;
     }
+    model.set_activation_checkpointing(
+        args.checkpoint_activations || cfg.raw.model.activation_checkpointing,
+    );
     // The clip goes to the device once, as the peer's does (the step excludes data
     // loading); what the job pays per step to pack and upload a batch is timed on its own.
     let stager = vjepa_model::ClipStager::new(&device);
@@ -215,6 +222,7 @@ fn main() -> Result<()> {
                 "ours (candle)".to_string()
             },
             "attention": attention_runs,
+            "activation_checkpointing": model.activation_checkpointing(),
             "cudnn_graphs": cudnn_graphs(),
             "stage_s": stage_times.get(stage_times.len() / 2),
             "config": args.config.display().to_string(),

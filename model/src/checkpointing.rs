@@ -1,0 +1,176 @@
+//! Activation checkpointing: a checkpointed transformer block keeps only its input for the
+//! backward pass and recomputes its inside when the gradient arrives, trading about one more
+//! forward of the encoder per step for most of its activation memory (issue 10's option for
+//! large models and batches).
+//!
+//! candle's custom ops return gradients for their tensor inputs only, so a checkpointed block is
+//! an op over its input `x` whose output is the block run on detached parameters and input
+//! (nothing inside is recorded); its backward re-runs the block on a fresh leaf copy of `x` with the real,
+//! differentiable parameters, back-propagates the output gradient through that small graph,
+//! returns `x`'s gradient, and adds the trainable tensors' gradients to a [`SideGrads`] store —
+//! they reach the same Vars as without checkpointing (through the bf16 casts, in mixed
+//! precision). The step adds the store into its gradients after its backward pass
+//! ([`SideGrads::merge_into`]). The recomputation is deterministic (our kernels are), so the
+//! gradients equal the plain path's.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use candle_core::backprop::GradStore;
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Storage, Tensor, TensorId, Var};
+
+use crate::ModelError;
+use crate::vit::Block;
+
+/// Gradients of trainable tensors found by checkpointed blocks' backward passes, summed per
+/// tensor, waiting to join the step's gradients.
+#[derive(Default)]
+pub struct SideGrads {
+    /// The tensors whose gradients are kept (the trainable Vars), by id.
+    wanted: HashMap<TensorId, Tensor>,
+    acc: Mutex<HashMap<TensorId, Tensor>>,
+}
+
+impl SideGrads {
+    /// A store keeping the gradients of `vars` (everything else a recomputation visits is
+    /// dropped at once).
+    pub fn new<'a>(vars: impl IntoIterator<Item = &'a Var>) -> Self {
+        Self {
+            wanted: vars
+                .into_iter()
+                .map(|v| (v.as_tensor().id(), v.as_tensor().clone()))
+                .collect(),
+            acc: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn add(&self, grads: &GradStore) -> candle_core::Result<()> {
+        let mut acc = self
+            .acc
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("checkpoint gradients: lock poisoned".into()))?;
+        for (id, t) in &self.wanted {
+            if let Some(g) = grads.get(t) {
+                let sum = match acc.remove(id) {
+                    Some(prev) => (prev + g)?,
+                    None => g.clone(),
+                };
+                acc.insert(*id, sum);
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds every gathered gradient into `grads` (summing with what the main backward pass
+    /// found for the same tensor) and empties the store.
+    pub fn merge_into(&self, grads: &mut GradStore) -> Result<(), ModelError> {
+        let gathered = std::mem::take(
+            &mut *self
+                .acc
+                .lock()
+                .map_err(|_| ModelError::Input("checkpoint gradients: lock poisoned".into()))?,
+        );
+        for (id, g) in gathered {
+            let Some(t) = self.wanted.get(&id) else {
+                continue;
+            };
+            let total = match grads.remove(t) {
+                Some(prev) => (prev + g)?,
+                None => g,
+            };
+            grads.insert(t, total);
+        }
+        Ok(())
+    }
+}
+
+/// `block(x)` keeping only `x` for the backward pass (see the module docs); the parameters'
+/// gradients go to `side`.
+pub fn checkpointed(
+    block: &Block,
+    x: &Tensor,
+    side: &Arc<SideGrads>,
+) -> Result<Tensor, ModelError> {
+    if !x.track_op() && !block.params_track() {
+        // Nothing to differentiate: a plain forward.
+        return block.forward(x);
+    }
+    // The output on detached parameters and input: nothing of the inside is recorded.
+    let y = block.detached().forward(&x.detach())?;
+    let op = Checkpoint {
+        block: block.clone(),
+        y: Mutex::new(Some(y)),
+        side: side.clone(),
+    };
+    Ok(x.apply_op1(op)?)
+}
+
+/// The op linking a checkpointed block's output to its input; holds the output computed
+/// without a graph until its forward hands it over.
+struct Checkpoint {
+    block: Block,
+    y: Mutex<Option<Tensor>>,
+    side: Arc<SideGrads>,
+}
+
+impl Checkpoint {
+    /// The precomputed output's storage (a fresh, compact tensor: its storage is exactly it).
+    fn output(&self) -> candle_core::Result<(Storage, Shape)> {
+        let y = self
+            .y
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("checkpointed block: lock poisoned".into()))?
+            .take()
+            .ok_or_else(|| {
+                candle_core::Error::Msg("checkpointed block: forward ran twice".into())
+            })?;
+        let (storage, layout) = y.storage_and_layout();
+        if !layout.is_contiguous() || layout.start_offset() != 0 {
+            candle_core::bail!("checkpointed block: output is not compact");
+        }
+        use candle_core::backend::BackendStorage;
+        let copy = match &*storage {
+            Storage::Cpu(s) => Storage::Cpu(s.try_clone(layout)?),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(s) => Storage::Cuda(s.try_clone(layout)?),
+            _ => candle_core::bail!("checkpointed block: unsupported device"),
+        };
+        Ok((copy, layout.shape().clone()))
+    }
+}
+
+impl CustomOp1 for Checkpoint {
+    fn name(&self) -> &'static str {
+        "vjepa-checkpointed-block"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        match self.output()? {
+            (Storage::Cpu(y), shape) => Ok((y, shape)),
+            _ => candle_core::bail!("checkpointed block: CPU input, non-CPU output"),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        match self.output()? {
+            (Storage::Cuda(y), shape) => Ok((y, shape)),
+            _ => candle_core::bail!("checkpointed block: CUDA input, non-CUDA output"),
+        }
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let leaf = Var::from_tensor(&x.detach())?;
+        let out = self
+            .block
+            .forward(leaf.as_tensor())
+            .map_err(|e| candle_core::Error::Msg(format!("checkpointed block (recompute): {e}")))?;
+        let grads = (out * grad)?.sum_all()?.backward()?;
+        self.side.add(&grads)?;
+        Ok(grads.get(leaf.as_tensor()).cloned())
+    }
+}
