@@ -784,6 +784,9 @@ pub fn run_checks(
         }
     }
     super::set_attention_backend(chosen);
+    if let Err(e) = check_checkpointing(dev, &mut push) {
+        push(error_row("train_step bf16 checkpointed", "", DType::BF16, &e));
+    }
     Ok(rows)
 }
 
@@ -1095,6 +1098,41 @@ fn check_mixed_precision_step(
     r.tol = 0.1;
     r.pass = update_err.is_finite() && update_err <= r.tol;
     push(r);
+    Ok(())
+}
+
+/// Activation checkpointing on the GPU: the bf16 step with and without it, on the device (the
+/// recomputation must give the plain step's loss and gradient).
+fn check_checkpointing(dev: &Device, push: &mut dyn FnMut(CheckRow)) -> Result<(), ModelError> {
+    let (mut plain, batch) = small_vjepa(dev)?;
+    let (mut ckpt, _) = small_vjepa(dev)?;
+    plain.set_compute_dtype(DType::BF16)?;
+    ckpt.set_compute_dtype(DType::BF16)?;
+    ckpt.set_activation_checkpointing(true);
+    let case = "D128 d2 h2, pred 64, 8x64x64, B2, bf16, vs the same step unchecked".to_string();
+    let (gp, gc) = (
+        plain.compute_gradients(&batch)?,
+        ckpt.compute_gradients(&batch)?,
+    );
+    let loss_err = (gc.loss - gp.loss).abs() / gp.loss.abs().max(1e-30);
+    push(row(
+        "train_step bf16 checkpointed loss",
+        case.clone(),
+        DType::BF16,
+        loss_err,
+    ));
+    let (fp, fc) = (plain.flatten_gradients(&gp)?, ckpt.flatten_gradients(&gc)?);
+    let grad_err = if fp.present == fc.present {
+        rel_l2(&fc.values, &fp.values)
+    } else {
+        f64::INFINITY
+    };
+    push(row(
+        "train_step bf16 checkpointed gradient",
+        case,
+        DType::BF16,
+        grad_err,
+    ));
     Ok(())
 }
 
