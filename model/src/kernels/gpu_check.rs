@@ -785,7 +785,12 @@ pub fn run_checks(
     }
     super::set_attention_backend(chosen);
     if let Err(e) = check_checkpointing(dev, &mut push) {
-        push(error_row("train_step bf16 checkpointed", "", DType::BF16, &e));
+        push(error_row(
+            "train_step bf16 checkpointed",
+            "",
+            DType::BF16,
+            &e,
+        ));
     }
     Ok(rows)
 }
