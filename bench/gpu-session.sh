@@ -28,6 +28,8 @@ for wheel in (carry / "wheels").glob("*.whl"):
 PYEOF
 SITE=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 export LD_LIBRARY_PATH="$SITE/nvidia/cu13/lib:$SITE/nvidia/cudnn/lib:$W/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+# The cuDNN frontend opens its own CUDA runtime: the one our binaries run on.
+export CUDNN_FRONTEND_CUDART_LIB_NAME="${CUDNN_FRONTEND_CUDART_LIB_NAME:-libcudart.so.13}"
 # Carried libraries only where the device lacks them (its own take precedence).
 for _ in 1 2 3 4 5 6; do
   missing=$(ldd "$W/vjepa" "$W/train-step" | awk '/not found/{print $1}' | sort -u)

@@ -17,6 +17,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <exception>
 #include <map>
@@ -198,6 +199,20 @@ int vjepa_cudnn_load(const char *path) {
         dlclose(h);
         return fail(std::string(lib) + " has no cudnnGetVersion: not a cuDNN library");
     }
+#if defined(CUDA_VERSION) && CUDA_VERSION >= 13000
+    // The frontend opens its own CUDA runtime and prefers libcudart.so.12 when both majors are
+    // on the loader path, while this binary runs on 13: refuse that mix with the way out.
+    if (std::getenv("CUDNN_FRONTEND_CUDART_LIB_NAME") == nullptr) {
+        void *rt12 = dlopen("libcudart.so.12", RTLD_LAZY | RTLD_LOCAL);
+        if (rt12 != nullptr) {
+            dlclose(rt12);
+            dlclose(h);
+            return fail(
+                "libcudart.so.12 and this binary's CUDA 13 runtime are both on the loader path and the cuDNN "
+                "frontend would pick 12: set CUDNN_FRONTEND_CUDART_LIB_NAME=libcudart.so.13");
+        }
+    }
+#endif
     fe::cudnn_dlhandle = h;
     return 0;
 }
