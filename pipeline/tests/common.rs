@@ -240,6 +240,21 @@ pub fn pretrained_corpus(dir: &Path, videos: usize, steps: u64) -> (PathBuf, Pat
     (corpus, checkpoint)
 }
 
+/// `vjepa <cmd> --checkpoint … --train … --val … --out …` (`cmd`: probe or finetune), for the
+/// caller's further arguments.
+pub fn eval_command(cmd: &str, checkpoint: &Path, train: &Path, val: &Path, out: &Path) -> Command {
+    let mut c = Command::new(bin());
+    c.args([cmd, "--checkpoint"])
+        .arg(checkpoint)
+        .arg("--train")
+        .arg(train)
+        .arg("--val")
+        .arg(val)
+        .arg("--out")
+        .arg(out);
+    c
+}
+
 /// The `top-1 …` line `vjepa probe` / `finetune` print (empty when there is none).
 pub fn top1_line(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout)

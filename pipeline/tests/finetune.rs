@@ -23,15 +23,7 @@ fn pretrain_then_finetune_writes_its_artifacts() {
     let (train_csv, val_csv) = labelled_indexes(&videos, tmp.path(), 5);
 
     let dir = tmp.path().join("ft");
-    let run = Command::new(bin())
-        .args(["finetune", "--checkpoint"])
-        .arg(&checkpoint)
-        .arg("--train")
-        .arg(&train_csv)
-        .arg("--val")
-        .arg(&val_csv)
-        .arg("--out")
-        .arg(&dir)
+    let run = eval_command("finetune", &checkpoint, &train_csv, &val_csv, &dir)
         .args(["--views", "2", "--epochs", "2", "--batch-size", "3"])
         .args(["--lr", "1e-3", "--backbone-lr-scale", "0.5"])
         .output()
@@ -107,16 +99,8 @@ fn pretrain_then_finetune_writes_its_artifacts() {
     // With the backbone frozen (scale 0), fine-tuning is the probe: same clips, segments
     // concatenated the same way, same init and order, so the same predictions.
     let common = |cmd: &str, dir: &std::path::Path| {
-        let mut c = Command::new(bin());
-        c.args([cmd, "--checkpoint"])
-            .arg(&checkpoint)
-            .arg("--train")
-            .arg(&train_csv)
-            .arg("--val")
-            .arg(&val_csv)
-            .arg("--out")
-            .arg(dir)
-            .args(["--segments", "2", "--views", "2", "--epochs", "2"])
+        let mut c = eval_command(cmd, &checkpoint, &train_csv, &val_csv, dir);
+        c.args(["--segments", "2", "--views", "2", "--epochs", "2"])
             .args(["--batch-size", "2", "--lr", "3e-3", "--seed", "5"]);
         c
     };

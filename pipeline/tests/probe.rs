@@ -22,15 +22,7 @@ fn pretrain_then_probe_writes_its_artifacts() {
     let (train_csv, val_csv) = labelled_indexes(&videos, tmp.path(), 6);
 
     let probe_dir = tmp.path().join("probe");
-    let run = Command::new(bin())
-        .args(["probe", "--checkpoint"])
-        .arg(&checkpoint)
-        .arg("--train")
-        .arg(&train_csv)
-        .arg("--val")
-        .arg(&val_csv)
-        .arg("--out")
-        .arg(&probe_dir)
+    let run = eval_command("probe", &checkpoint, &train_csv, &val_csv, &probe_dir)
         .args(["--views", "2", "--epochs", "3", "--batch-size", "4"])
         .output()
         .unwrap();
@@ -84,15 +76,8 @@ fn pretrain_then_probe_writes_its_artifacts() {
     assert_eq!(probabilities.len(), 2);
 
     // A label fraction keeps ceil(fraction · count) per class.
-    let low = Command::new(bin())
-        .args(["probe", "--checkpoint"])
-        .arg(&checkpoint)
-        .arg("--train")
-        .arg(&train_csv)
-        .arg("--val")
-        .arg(&val_csv)
-        .arg("--out")
-        .arg(tmp.path().join("probe-low"))
+    let low_dir = tmp.path().join("probe-low");
+    let low = eval_command("probe", &checkpoint, &train_csv, &val_csv, &low_dir)
         .args(["--epochs", "1", "--label-fraction", "0.3"])
         .output()
         .unwrap();
@@ -118,15 +103,7 @@ fn streaming_probe_matches_the_in_memory_probe() {
     let (train_csv, val_csv) = labelled_indexes(&videos, tmp.path(), 6);
     let probe = |cache: &str, fraction: &str| {
         let dir = tmp.path().join(format!("probe-{cache}-{fraction}"));
-        let run = Command::new(bin())
-            .args(["probe", "--checkpoint"])
-            .arg(&checkpoint)
-            .arg("--train")
-            .arg(&train_csv)
-            .arg("--val")
-            .arg(&val_csv)
-            .arg("--out")
-            .arg(&dir)
+        let run = eval_command("probe", &checkpoint, &train_csv, &val_csv, &dir)
             .args(["--segments", "2", "--views", "2", "--epochs", "3"])
             .args(["--batch-size", "4", "--seed", "3", "--token-cache", cache])
             .args(["--label-fraction", fraction])
