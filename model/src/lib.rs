@@ -116,6 +116,44 @@ pub struct TrainBatch {
     pub masks: Vec<MaskIndices>,
 }
 
+/// What a step reads back from the device: the collapse signals, the loss and the per-mask
+/// losses.
+pub(crate) struct StepScalars {
+    pub collapse: collapse::Signals,
+    pub loss: f64,
+    pub per_mask: Vec<f64>,
+}
+
+/// Reads the collapse terms of `h`, the loss and the per-mask losses in one device-to-host copy
+/// (one host sync on a GPU, after the step's backward pass is queued), running `meanwhile` on the
+/// host just before waiting for it; a non-finite loss of step `step` is an error (nothing has
+/// changed yet).
+pub(crate) fn read_step_scalars(
+    h: &Tensor,
+    loss: &Tensor,
+    per_mask: &[Tensor],
+    step: u64,
+    meanwhile: impl FnOnce(),
+) -> Result<StepScalars, ModelError> {
+    let mut parts = Vec::with_capacity(2 + per_mask.len());
+    parts.push(collapse::terms(h)?.to_dtype(DType::F32)?);
+    for l in std::iter::once(loss).chain(per_mask) {
+        parts.push(l.to_dtype(DType::F32)?.reshape(1)?);
+    }
+    let values = Tensor::cat(&parts, 0)?.to_dtype(DType::F64)?;
+    meanwhile();
+    let values = values.to_vec1::<f64>()?;
+    let loss = values[3];
+    if !loss.is_finite() {
+        return Err(ModelError::NonFiniteLoss { step, loss });
+    }
+    Ok(StepScalars {
+        collapse: collapse::Signals::from_terms(&values[..3]),
+        loss,
+        per_mask: values[4..].to_vec(),
+    })
+}
+
 /// Metrics of one training step (for logs and the CSV of spec §10).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct StepStats {
@@ -685,27 +723,12 @@ impl VJepa {
         if let Some(side) = &side {
             side.merge_into(&mut grads)?;
         }
-        let mut scalars = Vec::with_capacity(4 + per_mask.len());
-        scalars.push(collapse::terms(&h)?.to_dtype(DType::F32)?);
-        scalars.push(loss.to_dtype(DType::F32)?.reshape(1)?);
-        for l in &per_mask {
-            scalars.push(l.to_dtype(DType::F32)?.reshape(1)?);
-        }
-        let values = Tensor::cat(&scalars, 0)?.to_dtype(DType::F64)?;
-        meanwhile();
-        let values = values.to_vec1::<f64>()?;
-        let collapse = collapse::Signals::from_terms(&values[..3]);
-        let (loss_value, loss_per_mask) = (values[3], values[4..].to_vec());
-        if !loss_value.is_finite() {
-            return Err(ModelError::NonFiniteLoss {
-                step: self.steps_done + 1,
-                loss: loss_value,
-            });
-        }
+        let read = read_step_scalars(&h, &loss, &per_mask, self.steps_done + 1, meanwhile)?;
+        let collapse = read.collapse;
         Ok(Gradients {
             grads,
-            loss: loss_value,
-            loss_per_mask,
+            loss: read.loss,
+            loss_per_mask: read.per_mask,
             samples: b,
             context_tokens: masks.iter().map(|(c, _)| c.len()).collect(),
             target_tokens: masks.iter().map(|(_, t)| t.len()).collect(),

@@ -303,24 +303,8 @@ impl PixelMae {
         let (loss, visible, masked, h) = self.forward_loss(batch)?;
         // Backward, then the loss and the collapse terms in one read (one sync on a GPU).
         let grads = loss.backward()?;
-        let values = Tensor::cat(
-            &[
-                crate::collapse::terms(&h)?,
-                loss.to_dtype(DType::F32)?.reshape(1)?,
-            ],
-            0,
-        )?
-        .to_dtype(DType::F64)?;
-        meanwhile();
-        let values = values.to_vec1::<f64>()?;
-        let collapse = crate::collapse::Signals::from_terms(&values[..3]);
-        let loss_value = values[3];
-        if !loss_value.is_finite() {
-            return Err(ModelError::NonFiniteLoss {
-                step: self.steps_done + 1,
-                loss: loss_value,
-            });
-        }
+        let read = crate::read_step_scalars(&h, &loss, &[], self.steps_done + 1, meanwhile)?;
+        let (collapse, loss_value) = (read.collapse, read.loss);
         Ok(Gradients {
             grads,
             loss: loss_value,
