@@ -12,11 +12,11 @@
 //! it lives exactly as long as the output that the backward pass receives.
 
 use std::ffi::{CStr, c_char, c_int, c_void};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
-use candle_core::{CudaStorage, DType, Layout, Result, Shape, bail};
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
+use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, Shape, bail};
 use half::bf16;
 
 unsafe extern "C" {
@@ -112,7 +112,9 @@ pub fn graph_stats() -> (usize, f64) {
 /// Whether [`fwd`] takes a problem of this dtype and head dim: bf16 only (cuDNN's fused SDPA
 /// has no fp32 kernels), head dims that are multiples of 8 up to 128, rows 16-byte aligned.
 pub fn supports(dtype: DType, hd: usize, start_offset: usize) -> bool {
-    dtype == DType::BF16 && hd.is_multiple_of(8) && hd <= 128 && start_offset.is_multiple_of(8)
+    dtype == DType::BF16
+        && super::attention::cudnn_takes_head_dim(hd)
+        && start_offset.is_multiple_of(8)
 }
 
 /// Where the forward's statistics sit in its output allocation: `[B, N, D]` bf16 elements,
@@ -123,18 +125,6 @@ pub struct StatsTail {
     pub start: usize,
     /// Total bf16 slots of the allocation.
     pub len: usize,
-}
-
-impl StatsTail {
-    /// The tail of a `b × n` problem with `heads` heads of `hd` columns.
-    pub fn of(b: usize, n: usize, heads: usize, hd: usize) -> Self {
-        let out = b * n * heads * hd;
-        let start = out.div_ceil(128) * 128;
-        Self {
-            start,
-            len: start + 2 * b * heads * n,
-        }
-    }
 }
 
 /// Problem sizes and options of one call.
@@ -152,18 +142,37 @@ pub struct Sdpa {
     pub scale: f32,
 }
 
-struct Prepared {
-    entry: *mut c_void,
-    workspace: usize,
+impl Sdpa {
+    /// Where this problem's forward keeps its statistics.
+    pub fn tail(&self) -> StatsTail {
+        let out = self.b * self.n * self.heads * self.hd;
+        let start = out.div_ceil(128) * 128;
+        StatsTail {
+            start,
+            len: start + 2 * self.b * self.heads * self.n,
+        }
+    }
 }
 
+/// What one call needs besides its operands: the device's stream (raw, for the shim), the
+/// prepared graph and its workspace.
+struct Call {
+    stream: Arc<CudaStream>,
+    raw_stream: *mut c_void,
+    entry: *mut c_void,
+    workspace: CudaSlice<u8>,
+}
+
+/// Finds or builds the graph for `p` and allocates its workspace on `dev`'s stream.
 fn prepare(
-    stream: *mut c_void,
+    dev: &CudaDevice,
     backward: bool,
     p: Sdpa,
     stats: bool,
     deterministic: bool,
-) -> Result<Prepared> {
+) -> Result<Call> {
+    let stream = dev.cuda_stream();
+    let raw_stream = stream.cu_stream() as *mut c_void;
     load().map_err(|e| candle_core::Error::Msg(format!("cuDNN attention unavailable: {e}")))?;
     let mut entry = std::ptr::null_mut();
     let mut workspace = 0i64;
@@ -171,7 +180,7 @@ fn prepare(
     // life of the process and serialises graph building.
     let rc = unsafe {
         vjepa_cudnn_sdpa_prepare(
-            stream,
+            raw_stream,
             c_int::from(backward),
             0,
             p.b as i64,
@@ -188,9 +197,13 @@ fn prepare(
     if rc != 0 {
         bail!("cuDNN attention: {}", last_error());
     }
-    Ok(Prepared {
+    // SAFETY: scratch for cuDNN only.
+    let workspace = unsafe { dev.alloc::<u8>((workspace.max(0) as usize).max(1))? };
+    Ok(Call {
+        stream,
+        raw_stream,
         entry,
-        workspace: workspace.max(0) as usize,
+        workspace,
     })
 }
 
@@ -212,21 +225,18 @@ pub fn fwd(qkv: &CudaStorage, l: &Layout, p: Sdpa, stats: bool) -> Result<(CudaS
         );
     }
     let dev = &qkv.device;
-    let stream = dev.cuda_stream();
-    let raw_stream = stream.cu_stream() as *mut c_void;
-    let prep = prepare(raw_stream, false, p, stats, false)?;
-    let tail = StatsTail::of(p.b, p.n, p.heads, p.hd);
+    let mut call = prepare(dev, false, p, stats, false)?;
+    let stream = &call.stream;
+    let tail = p.tail();
     let len = if stats { tail.len } else { p.b * p.n * d };
     // SAFETY: cuDNN writes all B·N·D outputs (and every statistic when asked); the padding
     // between them is never read.
     let mut out = unsafe { dev.alloc::<bf16>(len)? };
-    // SAFETY: scratch for cuDNN only.
-    let mut ws = unsafe { dev.alloc::<u8>(prep.workspace.max(1))? };
     let src: &CudaSlice<bf16> = qkv.as_cuda_slice::<bf16>()?;
     {
-        let (q_ptr, _q) = src.device_ptr(&stream);
-        let (o_ptr, _o) = out.device_ptr_mut(&stream);
-        let (w_ptr, _w) = ws.device_ptr_mut(&stream);
+        let (q_ptr, _q) = src.device_ptr(stream);
+        let (o_ptr, _o) = out.device_ptr_mut(stream);
+        let (w_ptr, _w) = call.workspace.device_ptr_mut(stream);
         let q_ptr = q_ptr + (a * 2) as u64;
         let stats_ptr = if stats {
             (o_ptr + (tail.start * 2) as u64) as *mut c_void
@@ -237,8 +247,8 @@ pub fn fwd(qkv: &CudaStorage, l: &Layout, p: Sdpa, stats: bool) -> Result<(CudaS
         // (checked above), all on `stream`, which the shim's handle runs on.
         let rc = unsafe {
             vjepa_cudnn_sdpa_fwd(
-                prep.entry,
-                raw_stream,
+                call.entry,
+                call.raw_stream,
                 q_ptr as *const c_void,
                 o_ptr as *mut c_void,
                 stats_ptr,
@@ -263,7 +273,7 @@ pub fn has_stats(out: &CudaStorage, lo: &Layout, p: Sdpa) -> bool {
         && lo.is_contiguous()
         && out
             .as_cuda_slice::<bf16>()
-            .is_ok_and(|s| s.len() == StatsTail::of(p.b, p.n, p.heads, p.hd).len)
+            .is_ok_and(|s| s.len() == p.tail().len)
 }
 
 /// Backward of [`fwd`] (made with stats): `dqkv [B, N, 3D]` from qkv, the forward's output and
@@ -293,25 +303,22 @@ pub fn bwd(
         bail!("cuDNN attention backward: bf16 only");
     }
     let dev = &qkv.device;
-    let stream = dev.cuda_stream();
-    let raw_stream = stream.cu_stream() as *mut c_void;
-    let prep = prepare(raw_stream, true, p, true, deterministic)?;
-    let tail = StatsTail::of(p.b, p.n, p.heads, p.hd);
+    let mut call = prepare(dev, true, p, true, deterministic)?;
+    let stream = &call.stream;
+    let tail = p.tail();
     // SAFETY: cuDNN writes every dq, dk and dv element.
     let mut dqkv = unsafe { dev.alloc::<bf16>(p.b * p.n * 3 * d)? };
-    // SAFETY: scratch for cuDNN only.
-    let mut ws = unsafe { dev.alloc::<u8>(prep.workspace.max(1))? };
     {
-        let (q_ptr, _q) = qkv.as_cuda_slice::<bf16>()?.device_ptr(&stream);
-        let (o_ptr, _o) = out.as_cuda_slice::<bf16>()?.device_ptr(&stream);
-        let (g_ptr, _g) = dout.as_cuda_slice::<bf16>()?.device_ptr(&stream);
-        let (dq_ptr, _dq) = dqkv.device_ptr_mut(&stream);
-        let (w_ptr, _w) = ws.device_ptr_mut(&stream);
+        let (q_ptr, _q) = qkv.as_cuda_slice::<bf16>()?.device_ptr(stream);
+        let (o_ptr, _o) = out.as_cuda_slice::<bf16>()?.device_ptr(stream);
+        let (g_ptr, _g) = dout.as_cuda_slice::<bf16>()?.device_ptr(stream);
+        let (dq_ptr, _dq) = dqkv.device_ptr_mut(stream);
+        let (w_ptr, _w) = call.workspace.device_ptr_mut(stream);
         // SAFETY: as in `fwd`; the statistics are the tail of `out` that `has_stats` checked.
         let rc = unsafe {
             vjepa_cudnn_sdpa_bwd(
-                prep.entry,
-                raw_stream,
+                call.entry,
+                call.raw_stream,
                 (q_ptr + (qa * 2) as u64) as *const c_void,
                 o_ptr as *const c_void,
                 (g_ptr + (da * 2) as u64) as *const c_void,
@@ -336,10 +343,17 @@ mod tests {
 
     #[test]
     fn stats_tail_is_aligned_and_sized() {
-        let t = StatsTail::of(8, 1568, 16, 64);
+        let sdpa = |b, n, heads, hd| Sdpa {
+            b,
+            n,
+            heads,
+            hd,
+            scale: 1.0,
+        };
+        let t = sdpa(8, 1568, 16, 64).tail();
         assert_eq!(t.start, 8 * 1568 * 1024);
         assert_eq!(t.len, t.start + 2 * 8 * 16 * 1568);
-        let t = StatsTail::of(2, 95, 3, 24);
+        let t = sdpa(2, 95, 3, 24).tail();
         assert!(t.start >= 2 * 95 * 72 && t.start.is_multiple_of(128));
     }
 }

@@ -52,8 +52,7 @@ enum Dtype : int { BF16 = 0, F16 = 1 };
 struct Entry {
     std::shared_ptr<fe::graph::Graph> graph;
     int64_t workspace = 0;
-    int64_t h = 0, n = 0, hd = 0;
-    int64_t elem = 2;
+    int64_t third_bytes = 0;  // bytes of one of q, k, v in a row of qkv: H·hd 2-byte elements
     bool stats = false;
 };
 
@@ -174,8 +173,30 @@ int guarded(F &&f) {
     }
 }
 
-const char *byte_offset(const void *p, int64_t bytes) {
-    return static_cast<const char *>(p) + bytes;
+using Pack = std::unordered_map<int64_t, void *>;
+
+// The three column blocks (q, k, v or dq, dk, dv) of a [B, N, 3·H·hd] buffer under their uids.
+void add_thirds(Pack &pack, const void *base, int64_t third_bytes, int64_t a, int64_t b, int64_t c) {
+    auto *p = static_cast<char *>(const_cast<void *>(base));
+    pack[a] = p;
+    pack[b] = p + third_bytes;
+    pack[c] = p + 2 * third_bytes;
+}
+
+// Runs a prepared graph with `pack` on `stream` (this stream's handle), under the cache's lock.
+int execute(Entry *e, void *stream, Pack &pack, void *workspace, const char *what) {
+    return guarded([&]() -> int {
+        std::lock_guard<std::mutex> lock(mu);
+        cudnnHandle_t handle = nullptr;
+        if (handle_for(stream, &handle) != 0) {
+            return 1;
+        }
+        auto err = e->graph->execute(handle, pack, workspace);
+        if (err.is_bad()) {
+            return fail(std::string(what) + ": " + err.get_message());
+        }
+        return 0;
+    });
 }
 
 }  // namespace
@@ -282,9 +303,7 @@ int vjepa_cudnn_sdpa_prepare(void *stream, int kind, int dtype, int64_t b, int64
             if (err.is_bad()) {
                 return fail("SDPA workspace size: " + err.get_message());
             }
-            e->h = h;
-            e->n = n;
-            e->hd = hd;
+            e->third_bytes = h * hd * 2;
             e->stats = stats != 0;
             it = graphs.emplace(key, std::move(e)).first;
             build_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
@@ -298,63 +317,31 @@ int vjepa_cudnn_sdpa_prepare(void *stream, int kind, int dtype, int64_t b, int64
 // Runs a prepared forward graph on `stream`: qkv [B, N, 3·H·hd] → out [B, N, H·hd] and, when
 // prepared with stats, stats [B, H, N] (f32).
 int vjepa_cudnn_sdpa_fwd(void *entry, void *stream, const void *qkv, void *out, void *stats, void *workspace) {
-    return guarded([&]() -> int {
-        std::lock_guard<std::mutex> lock(mu);
-        auto *e = static_cast<Entry *>(entry);
-        cudnnHandle_t handle = nullptr;
-        if (handle_for(stream, &handle) != 0) {
-            return 1;
+    auto *e = static_cast<Entry *>(entry);
+    Pack pack{{O_UID, out}};
+    add_thirds(pack, qkv, e->third_bytes, Q_UID, K_UID, V_UID);
+    if (e->stats) {
+        if (stats == nullptr) {
+            return fail("SDPA forward prepared with stats but given no stats buffer");
         }
-        int64_t d_bytes = e->h * e->hd * e->elem;
-        std::unordered_map<int64_t, void *> pack = {
-            {Q_UID, const_cast<void *>(qkv)},
-            {K_UID, const_cast<char *>(byte_offset(qkv, d_bytes))},
-            {V_UID, const_cast<char *>(byte_offset(qkv, 2 * d_bytes))},
-            {O_UID, out},
-        };
-        if (e->stats) {
-            if (stats == nullptr) {
-                return fail("SDPA forward prepared with stats but given no stats buffer");
-            }
-            pack[STATS_UID] = stats;
-        }
-        auto err = e->graph->execute(handle, pack, workspace);
-        if (err.is_bad()) {
-            return fail("SDPA forward: " + err.get_message());
-        }
-        return 0;
-    });
+        pack[STATS_UID] = stats;
+    }
+    return execute(e, stream, pack, workspace, "SDPA forward");
 }
 
 // Runs a prepared backward graph: from qkv, the forward's out and stats, and dout, writes
 // dqkv [B, N, 3·H·hd] (dQ, dK and dV in the q, k and v columns).
 int vjepa_cudnn_sdpa_bwd(void *entry, void *stream, const void *qkv, const void *out, const void *dout,
                          const void *stats, void *dqkv, void *workspace) {
-    return guarded([&]() -> int {
-        std::lock_guard<std::mutex> lock(mu);
-        auto *e = static_cast<Entry *>(entry);
-        cudnnHandle_t handle = nullptr;
-        if (handle_for(stream, &handle) != 0) {
-            return 1;
-        }
-        int64_t d_bytes = e->h * e->hd * e->elem;
-        std::unordered_map<int64_t, void *> pack = {
-            {Q_UID, const_cast<void *>(qkv)},
-            {K_UID, const_cast<char *>(byte_offset(qkv, d_bytes))},
-            {V_UID, const_cast<char *>(byte_offset(qkv, 2 * d_bytes))},
-            {O_UID, const_cast<void *>(out)},
-            {DO_UID, const_cast<void *>(dout)},
-            {STATS_UID, const_cast<void *>(stats)},
-            {DQ_UID, dqkv},
-            {DK_UID, const_cast<char *>(byte_offset(dqkv, d_bytes))},
-            {DV_UID, const_cast<char *>(byte_offset(dqkv, 2 * d_bytes))},
-        };
-        auto err = e->graph->execute(handle, pack, workspace);
-        if (err.is_bad()) {
-            return fail("SDPA backward: " + err.get_message());
-        }
-        return 0;
-    });
+    auto *e = static_cast<Entry *>(entry);
+    Pack pack{
+        {O_UID, const_cast<void *>(out)},
+        {DO_UID, const_cast<void *>(dout)},
+        {STATS_UID, const_cast<void *>(stats)},
+    };
+    add_thirds(pack, qkv, e->third_bytes, Q_UID, K_UID, V_UID);
+    add_thirds(pack, dqkv, e->third_bytes, DQ_UID, DK_UID, DV_UID);
+    return execute(e, stream, pack, workspace, "SDPA backward");
 }
 
 }  // extern "C"
