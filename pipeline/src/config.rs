@@ -1068,7 +1068,7 @@ impl JobConfig {
     }
 
     /// Head dims of every attention the model runs (encoder, predictor), for
-    /// [`vjepa_model::kernels::check_attention_problem`].
+    /// [`vjepa_model::kernels::check_attention_backend`].
     pub fn attention_head_dims(&self) -> Vec<usize> {
         let (e, p) = (self.encoder_config(), self.predictor_config());
         vec![

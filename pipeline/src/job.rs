@@ -151,21 +151,11 @@ fn run_training(
     vjepa_ingest::check_video_decoder(video_decoder)
         .map_err(|e| anyhow!("workers.video_decoder: {video_decoder}: {e}"))?;
     // The attention implementation, before any work: `cudnn` must be able to run here.
-    let attention = cfg.attention()?;
+    let attention = crate::preflight::check_attention(&cfg)?;
     if device.is_cuda() {
-        let runs = vjepa_model::kernels::check_attention_backend(attention)
-            .and_then(|runs| {
-                vjepa_model::kernels::check_attention_problem(
-                    attention,
-                    cfg.compute_dtype(device),
-                    &cfg.attention_head_dims(),
-                )?;
-                Ok(runs)
-            })
-            .map_err(|e| anyhow!("workers.attention: {e}"))?;
-        tracing::info!(attention = attention.as_str(), "attention: {runs}");
+        tracing::info!("attention {}: {}", attention.location, attention.found);
     }
-    vjepa_model::kernels::set_attention_backend(attention);
+    vjepa_model::kernels::set_attention_backend(cfg.attention()?);
     let dtype = cfg.compute_dtype(device);
     if cfg.bf16_requested() && dtype != vjepa_model::DType::BF16 {
         tracing::info!(

@@ -22,6 +22,17 @@ pub struct LocationError {
     pub reason: String,
 }
 
+impl LocationError {
+    /// Makes this key's errors at `location` from a reason (each check's `err`).
+    fn maker<'a>(key: &'a str, location: &'a str) -> impl Fn(String) -> LocationError + 'a {
+        move |reason| LocationError {
+            key: key.to_string(),
+            location: location.to_string(),
+            reason,
+        }
+    }
+}
+
 /// How one location will be read or written.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LocationCheck {
@@ -51,11 +62,7 @@ pub fn check_locations(cfg: &JobConfig) -> Result<Vec<LocationCheck>, LocationEr
 /// this process. The report says what the job will compute in there.
 pub fn check_device(cfg: &JobConfig) -> Result<LocationCheck, LocationError> {
     let key = "workers.device";
-    let err = |reason: String| LocationError {
-        key: key.to_string(),
-        location: cfg.raw.workers.device.clone(),
-        reason,
-    };
+    let err = LocationError::maker(key, &cfg.raw.workers.device);
     let device = cfg.device().map_err(|e| err(e.to_string()))?;
     device.open().map_err(|e| err(e.to_string()))?;
     Ok(LocationCheck {
@@ -69,21 +76,16 @@ pub fn check_device(cfg: &JobConfig) -> Result<LocationCheck, LocationError> {
 /// with the `cudnn` feature and a loadable libcudnn 9; says what will run.
 pub fn check_attention(cfg: &JobConfig) -> Result<LocationCheck, LocationError> {
     let key = "workers.attention";
-    let err = |reason: String| LocationError {
-        key: key.to_string(),
-        location: cfg.raw.workers.attention.clone(),
-        reason,
-    };
+    let err = LocationError::maker(key, &cfg.raw.workers.attention);
     let backend = cfg.attention().map_err(|e| err(e.to_string()))?;
     let device = cfg.device().map_err(|e| err(e.to_string()))?;
     let found = if device.is_cuda() {
-        vjepa_model::kernels::check_attention_problem(
+        vjepa_model::kernels::check_attention_backend(
             backend,
             cfg.compute_dtype(device),
             &cfg.attention_head_dims(),
         )
-        .map_err(|e| err(e.to_string()))?;
-        vjepa_model::kernels::check_attention_backend(backend).map_err(|e| err(e.to_string()))?
+        .map_err(|e| err(e.to_string()))?
     } else {
         "the CPU kernels (the setting applies on a GPU)".to_string()
     };
@@ -98,11 +100,7 @@ pub fn check_attention(cfg: &JobConfig) -> Result<LocationCheck, LocationError> 
 /// GStreamer, which the nvcodec plugin does only where it finds an NVIDIA driver and GPU.
 pub fn check_video_decoder(cfg: &JobConfig) -> Result<LocationCheck, LocationError> {
     let key = "workers.video_decoder";
-    let err = |reason: String| LocationError {
-        key: key.to_string(),
-        location: cfg.raw.workers.video_decoder.clone(),
-        reason,
-    };
+    let err = LocationError::maker(key, &cfg.raw.workers.video_decoder);
     let kind = cfg.video_decoder().map_err(|e| err(e.to_string()))?;
     vjepa_ingest::check_video_decoder(kind).map_err(|e| err(e.to_string()))?;
     let nvdec = vjepa_ingest::nvdec_decoders().map_err(|e| err(e.to_string()))?;
@@ -127,11 +125,7 @@ fn local_path(location: &str) -> &str {
 
 /// A dataset (a prefix, or an index file) or a checkpoint to read.
 fn check_input(key: &str, location: &str, s3: &S3Settings) -> Result<LocationCheck, LocationError> {
-    let err = |reason: String| LocationError {
-        key: key.to_string(),
-        location: location.to_string(),
-        reason,
-    };
+    let err = LocationError::maker(key, location);
     if is_object_url(location) {
         // A prefix is a store itself; a file lives in its directory's store.
         let dir = if location.ends_with('/') {
@@ -169,11 +163,7 @@ fn check_output(
     location: &str,
     s3: &S3Settings,
 ) -> Result<LocationCheck, LocationError> {
-    let err = |reason: String| LocationError {
-        key: key.to_string(),
-        location: location.to_string(),
-        reason,
-    };
+    let err = LocationError::maker(key, location);
     if is_object_url(location) {
         let store = Store::open(location, s3, false).map_err(|e| err(e.to_string()))?;
         return Ok(LocationCheck {

@@ -166,7 +166,11 @@ fn main() -> Result<()> {
     let attention = vjepa_model::kernels::AttentionBackend::parse(&args.attention)
         .with_context(|| format!("--attention {:?}: auto, cudnn or own", args.attention))?;
     let attention_runs = if device.is_cuda() {
-        vjepa_model::kernels::check_attention_backend(attention)?
+        vjepa_model::kernels::check_attention_backend(
+            attention,
+            if args.bf16 { DType::BF16 } else { DType::F32 },
+            &cfg.attention_head_dims(),
+        )?
     } else {
         "CPU kernels".to_string()
     };

@@ -94,10 +94,27 @@ pub fn attention_backend() -> AttentionBackend {
     }
 }
 
-/// Whether `backend` can run every attention of a model computing in `dtype` with these head
-/// dims: `cudnn` never falls back, so it needs bf16 and head dims that are multiples of 8 up to
-/// 128 (cuDNN's fused attention has no fp32 path). The others run anything.
-pub fn check_attention_problem(
+/// Head dims cuDNN's fused attention takes: multiples of 8 up to 128. The one rule behind both
+/// the up-front check and the per-call choice of `auto`.
+pub(crate) fn cudnn_takes_head_dim(hd: usize) -> bool {
+    hd.is_multiple_of(8) && hd <= 128
+}
+
+/// Whether `backend` can run in this binary on this machine every attention of a model
+/// computing in `dtype` with these head dims, before any work: `cudnn` never falls back, so it
+/// needs a binary built with the `cudnn` feature, a loadable libcudnn 9, the bf16 step (cuDNN's
+/// fused attention has no fp32 path) and head dims it takes. Returns what will run.
+pub fn check_attention_backend(
+    backend: AttentionBackend,
+    dtype: candle_core::DType,
+    head_dims: &[usize],
+) -> Result<String, ModelError> {
+    check_problem(backend, dtype, head_dims)?;
+    availability(backend)
+}
+
+/// The dtype and head-dim part of [`check_attention_backend`].
+fn check_problem(
     backend: AttentionBackend,
     dtype: candle_core::DType,
     head_dims: &[usize],
@@ -110,10 +127,7 @@ pub fn check_attention_problem(
             "attention backend cudnn needs the bf16 step (meta.dtype: bfloat16); this one computes in {dtype:?}"
         )));
     }
-    match head_dims
-        .iter()
-        .find(|&&hd| !hd.is_multiple_of(8) || hd > 128)
-    {
+    match head_dims.iter().find(|&&hd| !cudnn_takes_head_dim(hd)) {
         Some(hd) => Err(ModelError::Unsupported(format!(
             "attention backend cudnn takes head dims that are multiples of 8 up to 128, not {hd}"
         ))),
@@ -121,9 +135,9 @@ pub fn check_attention_problem(
     }
 }
 
-/// Whether `backend` can run in this binary on this machine, before any work: `cudnn` needs a
-/// binary built with the `cudnn` feature and a loadable libcudnn 9. Returns what will run.
-pub fn check_attention_backend(backend: AttentionBackend) -> Result<String, ModelError> {
+/// The binary-and-machine part of [`check_attention_backend`]: `cudnn` needs the `cudnn`
+/// feature and a loadable libcudnn 9. Returns what will run.
+fn availability(backend: AttentionBackend) -> Result<String, ModelError> {
     #[cfg(feature = "cudnn")]
     let cudnn = super::cudnn::load();
     #[cfg(not(feature = "cudnn"))]
@@ -548,26 +562,26 @@ mod tests {
     fn cudnn_problems_are_checked_before_any_work() {
         use candle_core::DType;
         let bf16 = DType::BF16;
-        assert!(check_attention_problem(AttentionBackend::Cudnn, bf16, &[64, 32]).is_ok());
-        let e = check_attention_problem(AttentionBackend::Cudnn, DType::F32, &[64]).unwrap_err();
+        assert!(check_problem(AttentionBackend::Cudnn, bf16, &[64, 32]).is_ok());
+        let e = check_problem(AttentionBackend::Cudnn, DType::F32, &[64]).unwrap_err();
         assert!(e.to_string().contains("bf16"), "{e}");
-        let e = check_attention_problem(AttentionBackend::Cudnn, bf16, &[64, 20]).unwrap_err();
+        let e = check_problem(AttentionBackend::Cudnn, bf16, &[64, 20]).unwrap_err();
         assert!(e.to_string().contains("not 20"), "{e}");
         for b in [AttentionBackend::Auto, AttentionBackend::Own] {
-            assert!(check_attention_problem(b, DType::F32, &[20]).is_ok());
+            assert!(check_problem(b, DType::F32, &[20]).is_ok());
         }
     }
 
     #[test]
     #[cfg(not(feature = "cudnn"))]
     fn cudnn_backend_is_refused_without_the_feature() {
-        let err = check_attention_backend(AttentionBackend::Cudnn).unwrap_err();
+        let err = availability(AttentionBackend::Cudnn).unwrap_err();
         assert!(
             err.to_string().contains("without the `cudnn` feature"),
             "{err}"
         );
         for b in [AttentionBackend::Auto, AttentionBackend::Own] {
-            let runs = check_attention_backend(b).unwrap();
+            let runs = availability(b).unwrap();
             assert!(runs.contains("our flash-style kernels"), "{runs}");
         }
     }

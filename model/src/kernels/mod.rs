@@ -46,7 +46,7 @@ mod reference;
 pub use adamw::{AdamMoments, AdamUpdate, EmaUpdate, adamw_step, ema_update};
 pub use attention::{
     Attention, AttentionBackend, AttentionBackward, attention, attention_backend,
-    check_attention_backend, check_attention_problem, set_attention_backend,
+    check_attention_backend, set_attention_backend,
 };
 pub use bias::{BiasAdd, BiasGelu, BiasGeluBackward, bias_add, bias_gelu};
 pub use layer_norm::{
