@@ -408,7 +408,7 @@ pub fn attention_fwd(
     {
         use candle_core::backend::BackendStorage;
         let usable = super::cudnn::supports(qkv.dtype(), dims.hd, l.start_offset())
-            && (backend == AttentionBackend::Cudnn || super::cudnn::load().is_ok());
+            && (backend == AttentionBackend::Cudnn || super::cudnn::available());
         if usable {
             match super::cudnn::fwd(qkv, l, dims.sdpa(), stats) {
                 Ok(r) => return Ok(r),

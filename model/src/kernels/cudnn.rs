@@ -74,30 +74,37 @@ fn last_error() -> String {
 /// Opens libcudnn once per process: `Ok(version)` (9.10.2 → 91002) when cuDNN can be used,
 /// otherwise why not (the same answer on every call).
 pub fn load() -> std::result::Result<usize, String> {
+    loaded().clone()
+}
+
+/// Whether libcudnn loaded (the per-call question of `auto`: no allocation).
+pub fn available() -> bool {
+    loaded().is_ok()
+}
+
+fn loaded() -> &'static std::result::Result<usize, String> {
     static LOADED: OnceLock<std::result::Result<usize, String>> = OnceLock::new();
-    LOADED
-        .get_or_init(|| {
-            let path = std::env::var(LIB_ENV).ok();
-            let c_path = path
-                .as_deref()
-                .map(std::ffi::CString::new)
-                .transpose()
-                .map_err(|_| format!("{LIB_ENV} contains a NUL byte"))?;
-            let ptr = c_path.as_ref().map_or(std::ptr::null(), |c| c.as_ptr());
-            // SAFETY: a valid C string or null; the shim serialises loading.
-            if unsafe { vjepa_cudnn_load(ptr) } != 0 {
-                return Err(last_error());
-            }
-            // SAFETY: no arguments; answers 0 if the library stopped answering.
-            match unsafe { vjepa_cudnn_version() } {
-                0 => Err("libcudnn loaded but reports no version".to_string()),
-                v if v < 90000 => Err(format!(
-                    "cuDNN {v} is too old: fused attention needs cuDNN 9"
-                )),
-                v => Ok(v),
-            }
-        })
-        .clone()
+    LOADED.get_or_init(|| {
+        let path = std::env::var(LIB_ENV).ok();
+        let c_path = path
+            .as_deref()
+            .map(std::ffi::CString::new)
+            .transpose()
+            .map_err(|_| format!("{LIB_ENV} contains a NUL byte"))?;
+        let ptr = c_path.as_ref().map_or(std::ptr::null(), |c| c.as_ptr());
+        // SAFETY: a valid C string or null; the shim serialises loading.
+        if unsafe { vjepa_cudnn_load(ptr) } != 0 {
+            return Err(last_error());
+        }
+        // SAFETY: no arguments; answers 0 if the library stopped answering.
+        match unsafe { vjepa_cudnn_version() } {
+            0 => Err("libcudnn loaded but reports no version".to_string()),
+            v if v < 90000 => Err(format!(
+                "cuDNN {v} is too old: fused attention needs cuDNN 9"
+            )),
+            v => Ok(v),
+        }
+    })
 }
 
 /// Graphs built so far in this process (one per shape, direction and options; each new
@@ -173,7 +180,9 @@ fn prepare(
 ) -> Result<Call> {
     let stream = dev.cuda_stream();
     let raw_stream = stream.cu_stream() as *mut c_void;
-    load().map_err(|e| candle_core::Error::Msg(format!("cuDNN attention unavailable: {e}")))?;
+    if let Err(e) = loaded() {
+        bail!("cuDNN attention unavailable: {e}");
+    }
     let mut entry = std::ptr::null_mut();
     let mut workspace = 0i64;
     // SAFETY: plain values and two valid out-pointers; the shim keeps the graph alive for the

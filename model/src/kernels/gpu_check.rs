@@ -1064,19 +1064,13 @@ fn check_mixed_precision_step(
         cpu.compute_gradients(&batch)?,
         gpu.compute_gradients(&batch)?,
     );
-    let loss_err = (gg.loss - gc.loss).abs() / gc.loss.abs().max(1e-30);
+    let (loss_err, grad_err) = step_errors((&cpu, &gc), (&gpu, &gg))?;
     push(row(
         &format!("train_step bf16 loss{label}"),
         case.clone(),
         DType::BF16,
         loss_err,
     ));
-    let (fc, fg) = (cpu.flatten_gradients(&gc)?, gpu.flatten_gradients(&gg)?);
-    let grad_err = if fc.present == fg.present {
-        rel_l2(&fg.values, &fc.values)
-    } else {
-        f64::INFINITY
-    };
     push(row(
         &format!("train_step bf16 gradient{label}"),
         case.clone(),
@@ -1119,19 +1113,13 @@ fn check_checkpointing(dev: &Device, push: &mut dyn FnMut(CheckRow)) -> Result<(
         plain.compute_gradients(&batch)?,
         ckpt.compute_gradients(&batch)?,
     );
-    let loss_err = (gc.loss - gp.loss).abs() / gp.loss.abs().max(1e-30);
+    let (loss_err, grad_err) = step_errors((&plain, &gp), (&ckpt, &gc))?;
     push(row(
         "train_step bf16 checkpointed loss",
         case.clone(),
         DType::BF16,
         loss_err,
     ));
-    let (fp, fc) = (plain.flatten_gradients(&gp)?, ckpt.flatten_gradients(&gc)?);
-    let grad_err = if fp.present == fc.present {
-        rel_l2(&fc.values, &fp.values)
-    } else {
-        f64::INFINITY
-    };
     push(row(
         "train_step bf16 checkpointed gradient",
         case,
@@ -1139,6 +1127,25 @@ fn check_checkpointing(dev: &Device, push: &mut dyn FnMut(CheckRow)) -> Result<(
         grad_err,
     ));
     Ok(())
+}
+
+/// A step's loss and gradient against a reference's on the same batch: (relative loss
+/// difference, ‖Δg‖/‖g‖ over every trainable tensor; ∞ when they differ in which have one).
+fn step_errors(
+    (ref_model, ref_grads): (&crate::VJepa, &crate::Gradients),
+    (model, grads): (&crate::VJepa, &crate::Gradients),
+) -> Result<(f64, f64), ModelError> {
+    let loss_err = (grads.loss - ref_grads.loss).abs() / ref_grads.loss.abs().max(1e-30);
+    let (fr, f) = (
+        ref_model.flatten_gradients(ref_grads)?,
+        model.flatten_gradients(grads)?,
+    );
+    let grad_err = if fr.present == f.present {
+        rel_l2(&f.values, &fr.values)
+    } else {
+        f64::INFINITY
+    };
+    Ok((loss_err, grad_err))
 }
 
 /// Every trainable parameter's values, in optimiser order, on the host.
