@@ -497,29 +497,21 @@ impl StoreLoader {
     }
 }
 
-/// Stacks loaded clips (`[3, t, s, s]` values each) into one `[B, 3, t, s, s]` batch tensor for
-/// the model, refusing a clip of another size (training and extraction batch the same way).
+/// Stacks clips (`[3, t, s, s]` values each) into one `[B, 3, t, s, s]` f32 CPU tensor: the
+/// model's [`vjepa_model::ClipStager`] on the CPU, naming the clip that does not fit.
 pub(crate) fn stack_clips(
     clips: &[Clip],
     (t, s): (usize, usize),
 ) -> anyhow::Result<vjepa_model::Tensor> {
-    let per_clip = 3 * t * s * s;
-    let mut data = Vec::with_capacity(per_clip * clips.len());
-    for c in clips {
-        if c.data.len() != per_clip {
-            anyhow::bail!(
-                "clip {} has {} values, expected {per_clip}",
-                c.uri,
-                c.data.len()
-            );
-        }
-        data.extend_from_slice(&c.data);
-    }
-    Ok(vjepa_model::Tensor::from_vec(
-        data,
-        (clips.len(), 3, t, s, s),
-        &vjepa_model::Device::Cpu,
-    )?)
+    let data: Vec<&[f32]> = clips.iter().map(|c| c.data.as_slice()).collect();
+    vjepa_model::ClipStager::new(&vjepa_model::Device::Cpu)
+        .stage(&data, (3, t, s, s), vjepa_model::DType::F32)
+        .map_err(
+            |e| match clips.iter().find(|c| c.data.len() != 3 * t * s * s) {
+                Some(c) => anyhow::anyhow!("clip {}: {e}", c.uri),
+                None => e.into(),
+            },
+        )
 }
 
 #[cfg(test)]
