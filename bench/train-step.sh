@@ -40,8 +40,9 @@ for cfg in "${CONFIGS[@]}"; do
   done
   "$PY" bench/train_step_torch.py --inputs "$TMP/in.safetensors" "${peer[@]}" > "$TMP/torch.json"
   runs+=("$TMP/torch.json")
+  n=0
   for extra in ${EXTRA_PEER:-}; do
-    out="$TMP/extra-$(basename "$extra" .py)-$RANDOM.json"
+    n=$((n + 1)); out="$TMP/extra-$n.json"
     "$PY" "$extra" --inputs "$TMP/in.safetensors" "${peer[@]}" > "$out"
     runs+=("$out")
   done
