@@ -7,7 +7,8 @@
 # `bench/gpu-session.sh`. Environment: CUDA_ENV (default ../shared/tools/cuda-env.sh),
 # CARGO_TARGET_DIR (default target-cuda: keep it, candle-kernels takes ~16 min to build),
 # EXTRA_CARRY (files or folders to carry as well, e.g. a local driver of the official code for
-# EXTRA_PEER: carried only, never part of this repository).
+# EXTRA_PEER: carried only, never part of this repository), GST_KIT (1, the default: also pack
+# bench/gst-kit.sh's GStreamer kit, for gpu-session.sh's trend and pipeline phases; 0: skip).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 eval "$("${CUDA_ENV:-../shared/tools/cuda-env.sh}")"
@@ -32,5 +33,6 @@ done
 tar -C .carry -cJf .carry/libs.tar.xz libs && rm -rf .carry/libs
 python3 -m pip download -q --only-binary=:all: --python-version 3.12 \
   --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .carry/wheels safetensors numpy pyyaml
+[ "${GST_KIT:-1}" = 1 ] && bench/gst-kit.sh .carry/gst.tar.xz
 for x in ${EXTRA_CARRY:-}; do cp -r "$x" .carry/; done
 du -sh .carry && ls -la .carry .carry/wheels

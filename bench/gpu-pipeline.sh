@@ -8,44 +8,45 @@
 # Environment:
 #   DEVICE        cuda (default) or cpu — cpu checks the harness with
 #                 bench/configs/vit_tiny_64.yaml where no GPU is lent
-#   RESOLUTIONS   "640x360 854x480 1280x720" (WxH, H.264 MP4, 30 fps, GOP 60, made with ffmpeg)
+#   RESOLUTIONS   "640x360 854x480 1280x720" (WxH; H.264 MP4, 30 fps, a keyframe every 2 s, made
+#                 by `vjepa make-samples` with x264 at a constant bitrate of BPP bits per pixel;
+#                 moving colour bars and noise, which fill that rate)
+#   BPP           bits per pixel and frame (0.1: 2.8 Mbit/s at 720p30, as streaming sites use)
 #   VIDEOS        videos per resolution (24), DURATION seconds each (10)
 #   STEPS         steps per resolution (60), SKIP first steps left out of the figures (10)
 #   THREADS       decode threads (workers.decode_threads; default nproc)
 #   VIDEO_DECODER software (default) or nvdec (workers.video_decoder: GStreamer's NVDEC
 #                 elements, for when CPU decode cannot keep up)
 #   VJEPA         a prebuilt vjepa binary (default: build it, with the cuda feature on cuda)
+#   PYTHON        any python3 (the runs are read through `vjepa metrics`: no Parquet library)
 # Outputs in OUT (target/gpu-pipeline): media/, run-RES/, results.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEVICE="${DEVICE:-cuda}"
 if [ "$DEVICE" = cpu ]; then CONFIG="${1:-bench/configs/vit_tiny_64.yaml}"; else CONFIG="${1:-configs/vitl16.yaml}"; fi
 RESOLUTIONS="${RESOLUTIONS:-640x360 854x480 1280x720}"
+BPP="${BPP:-0.1}"
 VIDEOS="${VIDEOS:-24}"; DURATION="${DURATION:-10}"
 STEPS="${STEPS:-60}"; SKIP="${SKIP:-10}"
 THREADS="${THREADS:-$(nproc)}"
 VIDEO_DECODER="${VIDEO_DECODER:-software}"
 OUT="${OUT:-target/gpu-pipeline}"
 (( STEPS > SKIP )) || { echo "gpu-pipeline.sh: STEPS must exceed SKIP" >&2; exit 2; }
-command -v ffmpeg >/dev/null || { echo "gpu-pipeline.sh: ffmpeg not found; run ops/setup.sh" >&2; exit 1; }
 VJEPA="${VJEPA:-$(bench/build-bin.sh vjepa-pipeline vjepa "$DEVICE")}"
-PY="$(ops/parquet-venv.sh)"
+PY="${PYTHON:-python3}"
 mkdir -p "$OUT"
 
-# Real encoded content: ffmpeg's moving test patterns (four sources, so clips differ).
-SOURCES=(testsrc2 mandelbrot "life=mold=10:ratio=0.1:death_color=#C83232:life_color=#00ff00" cellauto)
+# Real encoded content: x264 over two of videotestsrc's patterns that fill the bitrate (moving
+# colour bars, noise): at 720p they decode at 1.5-1.7 ms a frame on one core, like ffmpeg's
+# testsrc2 and mandelbrot at crf 23 (1.3 and 2.3 ms); a ball on black would take 0.6.
 for res in $RESOLUTIONS; do
+  rate=$(awk -v r="$res" -v b="$BPP" 'BEGIN { split(r, s, "x"); printf "%d", s[1] * s[2] * 30 * b / 1000 }')
   dir="$OUT/media/$res"
   [ "$(ls "$dir" 2>/dev/null | wc -l)" -ge "$VIDEOS" ] && continue
-  mkdir -p "$dir"
-  echo "making $VIDEOS H.264 videos at $res in $dir ..." >&2
-  for i in $(seq 0 $((VIDEOS - 1))); do
-    src="${SOURCES[$((i % ${#SOURCES[@]}))]}"
-    case "$src" in *=*) src="$src:size=$res:rate=30" ;; *) src="$src=size=$res:rate=30" ;; esac
-    ffmpeg -v error -y -f lavfi -i "$src" -t "$DURATION" \
-      -vf "hue=H=$i*0.4" -c:v libx264 -preset veryfast -crf 23 -g 60 -pix_fmt yuv420p \
-      -movflags +faststart "$dir/v$(printf %03d "$i").mp4"
-  done
+  echo "making $VIDEOS H.264 videos at $res, $rate kbit/s, in $dir ..." >&2
+  "$VJEPA" make-samples "$dir" --count "$VIDEOS" --size "$res" --fps 30 \
+    --frames $((DURATION * 30)) --codec h264fs --bitrate "$rate" --keyframe-interval 60 \
+    --pattern "smpte horizontal-speed=4" --pattern "snow" >/dev/null
 done
 
 for res in $RESOLUTIONS; do
@@ -61,23 +62,22 @@ for res in $RESOLUTIONS; do
     || { echo "gpu-pipeline.sh: training failed, see $run/train.log" >&2; tail -5 "$run/train.log" >&2; exit 1; }
 done
 
+for res in $RESOLUTIONS; do
+  "$VJEPA" metrics "$PWD/$OUT/run-$res/out/" > "$OUT/run-$res/metrics.jsonl"
+done
 "$PY" - "$OUT" "$CONFIG" "$DEVICE" "$THREADS" "$SKIP" $RESOLUTIONS <<'PYEOF' | tee "$OUT/results.md"
-import glob, sys
-import pyarrow as pa
-import pyarrow.parquet as pq
+import json, sys
 out, config, device, threads, skip, resolutions = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), sys.argv[6:]
 print(f"{config} on {device}, {threads} decode threads; steps after the first {skip}")
 print()
 print("| input | steps | clips/s | step s (mean) | data wait share | decode capacity clips/s | keeps up |")
 print("|---|---|---|---|---|---|---|")
 for res in resolutions:
-    files = sorted(glob.glob(f"{out}/run-{res}/out/metrics*.parquet"))
-    t = pa.concat_tables([pq.read_table(f) for f in files], promote_options="default").to_pydict()
-    rows = [i for i, s in enumerate(t["step"]) if s > skip]
-    step = sum(t["step_time_s"][i] for i in rows)
-    wait = sum(t["data_wait_s"][i] for i in rows)
-    clips = sum(t["clips_per_sec"][i] * (t["step_time_s"][i] + t["data_wait_s"][i]) for i in rows)
-    decode = sum(t["decode_s"][i] for i in rows)
+    rows = [r for r in map(json.loads, open(f"{out}/run-{res}/metrics.jsonl")) if r["step"] > skip]
+    step = sum(r["step_time_s"] for r in rows)
+    wait = sum(r["data_wait_s"] for r in rows)
+    clips = sum(r["clips_per_sec"] * (r["step_time_s"] + r["data_wait_s"]) for r in rows)
+    decode = sum(r["decode_s"] for r in rows)
     rate = clips / (step + wait)
     capacity = threads * clips / decode if decode > 0 else float("inf")
     step_rate = clips / step  # what the trainer could take if never waiting

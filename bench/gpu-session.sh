@@ -7,6 +7,12 @@
 #   ops    bench/gpu-ops.sh: each op against torch on this GPU, with the bars (issue 9, 3)
 #   step   bench/gpu-step.sh on STEP_CONFIGS (default vitl16), ours with ATTENTION (default
 #          "cudnn own") against the PyTorch peer and any EXTRA_PEER scripts (issue 10, 1 and 5)
+#   trend  bench/loss-trend.sh: 200 steps on the CPU (f32) and on the GPU (bf16), same videos and
+#          seed, loss curves compared (issue 10, 4)
+#   pipeline  bench/gpu-pipeline.sh: the whole job on H.264 at 360p/480p/720p, data-wait share
+#          and decode capacity (issue 10, 3); VIDEO_DECODER=nvdec for NVDEC
+# trend and pipeline decode with GStreamer: they need the kit of bench/gst-kit.sh in
+# .carry/gst.tar.xz (bench/gpu-pack.sh makes it with GST_KIT=1) where the device has none.
 # Environment: TORCH_ROOT (the device's torch venv, default /opt/torch/.venv), PHASES,
 # STEP_CONFIGS, ATTENTION, COMPILE, and the per-phase timeouts CHECK_S, OPS_S, STEP_S (seconds).
 set -uo pipefail
@@ -25,9 +31,17 @@ for b in ("vjepa", "train-step"):
 tarfile.open(carry / "libs.tar.xz").extractall(w / "carried")
 for wheel in (carry / "wheels").glob("*.whl"):
     zipfile.ZipFile(wheel).extractall(w / "py" / wheel.name.split("-")[0].lower())
+if (carry / "gst.tar.xz").exists():
+    tarfile.open(carry / "gst.tar.xz").extractall(w)
 PYEOF
 SITE=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 export LD_LIBRARY_PATH="$SITE/nvidia/cu13/lib:$SITE/nvidia/cudnn/lib:$W/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+if [ -d "$W/gst" ]; then
+  # The kit's plugins only (not the device's, if any), scanned by the kit's scanner.
+  export LD_LIBRARY_PATH="$LD_LIBRARY_PATH:$W/gst/lib"
+  export GST_PLUGIN_SYSTEM_PATH_1_0="$W/gst/plugins" GST_PLUGIN_PATH_1_0=""
+  export GST_PLUGIN_SCANNER_1_0="$W/gst/libexec/gst-plugin-scanner" GST_REGISTRY_1_0="$W/gst/registry.bin"
+fi
 # The cuDNN frontend opens its own CUDA runtime: the one our binaries run on.
 export CUDNN_FRONTEND_CUDART_LIB_NAME="${CUDNN_FRONTEND_CUDART_LIB_NAME:-libcudart.so.13}"
 # Carried libraries only where the device lacks them (its own take precedence).
@@ -71,7 +85,22 @@ for phase in ${PHASES:-check ops step}; do
         bench/gpu-step.sh ${STEP_CONFIGS:-configs/vitl16.yaml} > "$OUT/step.txt" 2> "$OUT/step.err"
       echo "rc=$?" >> "$OUT/step.txt"
       cat "$OUT/step.txt"; tail -5 "$OUT/step.err" ;;
-    *) echo "unknown phase $phase (check, ops, step)" ;;
+    trend)
+      VJEPA="$W/vjepa" PYTHON="$PY" OUT=target/loss-trend timeout "${TREND_S:-540}" \
+        bench/loss-trend.sh "${TREND_CONFIG:-configs/quickstart.yaml}" > "$OUT/trend.txt" 2> "$OUT/trend.err"
+      echo "rc=$?" >> "$OUT/trend.txt"
+      cp target/loss-trend/*.log target/loss-trend/*.jsonl "$OUT/" 2>/dev/null
+      cat "$OUT/trend.txt"; tail -5 "$OUT/trend.err" ;;
+    pipeline)
+      # shellcheck disable=SC2086
+      VJEPA="$W/vjepa" PYTHON="$PY" OUT=target/gpu-pipeline timeout "${PIPELINE_S:-540}" \
+        bench/gpu-pipeline.sh ${PIPELINE_CONFIG:-} > "$OUT/pipeline.txt" 2> "$OUT/pipeline.err"
+      echo "rc=$?" >> "$OUT/pipeline.txt"
+      for d in target/gpu-pipeline/run-*; do
+        [ -d "$d" ] && cp "$d/train.log" "$OUT/pipeline-$(basename "$d").log" 2>/dev/null
+      done
+      cat "$OUT/pipeline.txt"; tail -5 "$OUT/pipeline.err" ;;
+    *) echo "unknown phase $phase (check, ops, step, trend, pipeline)" ;;
   esac
   echo "$phase: $(( $(date +%s) - start )) s" | tee -a "$OUT/env.txt"
 done

@@ -6,7 +6,8 @@
 # between the 20-step running means (relative), and non-finite losses (must be none).
 #   bench/loss-trend.sh [CONFIG]           (default configs/quickstart.yaml)
 # Environment: DEVICE (cuda), STEPS (200), DTYPE (bf16: sets meta.dtype; f32), VJEPA (prebuilt
-# binary; default: build it, with the cuda feature unless DEVICE is cpu), OUT (target/loss-trend).
+# binary; default: build it, with the cuda feature unless DEVICE is cpu), OUT (target/loss-trend),
+# PYTHON (any python3: the runs are read through `vjepa metrics`, no Parquet library needed).
 # DEVICE=cpu trains twice on the CPU (the run is deterministic: the curves must be identical),
 # a harness check without a GPU.
 set -euo pipefail
@@ -16,7 +17,7 @@ DEVICE="${DEVICE:-cuda}"; STEPS="${STEPS:-200}"; DTYPE="${DTYPE:-bf16}"
 OUT="${OUT:-target/loss-trend}"
 case "$DTYPE" in bf16) META=bfloat16 ;; f32) META=float32 ;; *) echo "loss-trend.sh: DTYPE is bf16 or f32" >&2; exit 2 ;; esac
 VJEPA="${VJEPA:-$(bench/build-bin.sh vjepa-pipeline vjepa "$DEVICE")}"
-PY="$(ops/parquet-venv.sh)"
+PY="${PYTHON:-python3}"
 mkdir -p "$OUT"
 [ -d "$OUT/videos" ] || "$VJEPA" make-samples "$OUT/videos" --count 12 >/dev/null
 # The config with meta.dtype set (replaced if present, else added to meta), no metrics server.
@@ -37,16 +38,16 @@ for pair in "cpu run-cpu" "$DEVICE $B"; do
     || { echo "loss-trend.sh: training on $dev failed: $OUT/$name.log" >&2; exit 1; }
 done
 B="$OUT/$B"
-"$PY" - "$OUT/run-cpu" "$B" "$DEVICE" "$DTYPE" <<'PYEOF' | tee "$OUT/results.md"
-import glob, math, sys
-import pyarrow as pa
-import pyarrow.parquet as pq
-a_dir, b_dir, device, dtype = sys.argv[1:5]
-def losses(d):
-    t = pa.concat_tables([pq.read_table(f) for f in sorted(glob.glob(f"{d}/metrics*.parquet"))],
-                         promote_options="default").to_pydict()
-    return [l for _, l in sorted(zip(t["step"], t["loss"]))]
-a, b = losses(a_dir), losses(b_dir)
+for name in run-cpu "${B#"$OUT/"}"; do
+  "$VJEPA" metrics "$PWD/$OUT/$name/" > "$OUT/$name.jsonl"
+done
+"$PY" - "$OUT/run-cpu.jsonl" "$B.jsonl" "$DEVICE" "$DTYPE" <<'PYEOF' | tee "$OUT/results.md"
+import json, math, sys
+a_file, b_file, device, dtype = sys.argv[1:5]
+def losses(f):
+    # `vjepa metrics` rows are by step; a non-finite loss is null.
+    return [float("nan") if r["loss"] is None else r["loss"] for r in map(json.loads, open(f))]
+a, b = losses(a_file), losses(b_file)
 n = min(len(a), len(b))
 w = min(20, n)
 mean = lambda xs: sum(xs) / len(xs)

@@ -7,6 +7,7 @@ pub mod extract;
 pub mod finetune;
 pub mod job;
 pub mod loader;
+pub mod metrics_export;
 pub mod preflight;
 pub mod probe;
 mod stream_epochs;

@@ -534,6 +534,8 @@ mod tests {
             fps: 30,
             codec: SampleCodec::H264Mp4,
             pattern: "smpte horizontal-speed=3".into(),
+            bitrate_kbps: None,
+            keyframe_interval: None,
         };
         let data: Bytes = std::fs::read(make_sample(dir.path(), &spec).expect("sample"))
             .expect("read")

@@ -227,6 +227,15 @@ enum Command {
     },
     /// Load a checkpoint (path or object-store URL) and print what it holds.
     Inspect { checkpoint: String },
+    /// Print a run's metrics table (every file of it, a resumed run merged by step) as JSON
+    /// Lines or CSV: for scripts and spreadsheets without a Parquet reader.
+    Metrics {
+        /// The run's output location (directory path or object-store URL).
+        run: String,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "jsonl")]
+        format: vjepa_pipeline::metrics_export::MetricsFormat,
+    },
     /// Write the model a fresh run of CONFIG starts from (spec init, `meta.seed`) as a step-0
     /// checkpoint: the random-init baseline for `vjepa probe`/`extract`.
     Init {
@@ -328,12 +337,36 @@ enum Command {
         #[arg(long, default_value = "auto")]
         clip_cache: vjepa_pipeline::probe::Cache,
     },
-    /// Write a small corpus of real encoded videos (H.264/MP4, VP9/WebM) into DIR.
+    /// Write a small corpus of real encoded videos (H.264/MP4, VP9/WebM) into DIR: sizes,
+    /// lengths, rates and codecs vary unless fixed by the options (benchmark corpora).
     MakeSamples {
         dir: PathBuf,
         /// Number of videos.
         #[arg(long, default_value_t = 12)]
         count: usize,
+        /// Every video at this size, WxH (even), e.g. 1280x720.
+        #[arg(long, value_parser = parse_size)]
+        size: Option<(u32, u32)>,
+        /// Frames per video.
+        #[arg(long)]
+        frames: Option<u32>,
+        /// Frame rate.
+        #[arg(long)]
+        fps: Option<u32>,
+        /// Codec and container: h264, h264fs (MP4 with faststart), vp9, h265, h264mkv,
+        /// h265mkv, av1mkv, av1mp4.
+        #[arg(long, value_parser = parse_codec)]
+        codec: Option<vjepa_ingest::SampleCodec>,
+        /// Target bitrate, kbit/s.
+        #[arg(long)]
+        bitrate: Option<u32>,
+        /// Frames between keyframes (default: one per second).
+        #[arg(long)]
+        keyframe_interval: Option<u32>,
+        /// A `videotestsrc` pattern to cycle through, with optional `key=value` properties
+        /// (e.g. "smpte horizontal-speed=4", "snow"); repeatable. Default: six moving patterns.
+        #[arg(long = "pattern")]
+        patterns: Vec<String>,
     },
     /// Run every fused op forward and backward on CPU and GPU (max relative errors, PASS/FAIL)
     /// and time the GPU ops at ViT-L step shapes. Exits 1 if any check fails.
@@ -614,6 +647,17 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Metrics { run, format } => {
+            let stdout = std::io::stdout();
+            let mut out = std::io::BufWriter::new(stdout.lock());
+            match vjepa_pipeline::metrics_export::write_metrics(&run, format, &mut out) {
+                Ok(_) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
         Command::Inspect { checkpoint } => match job::inspect_checkpoint(&checkpoint) {
             Ok(text) => {
                 println!("{text}");
@@ -666,8 +710,29 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::MakeSamples { dir, count } => {
-            match vjepa_ingest::init().and_then(|_| vjepa_ingest::make_samples(&dir, count)) {
+        Command::MakeSamples {
+            dir,
+            count,
+            size,
+            frames,
+            fps,
+            codec,
+            bitrate,
+            keyframe_interval,
+            patterns,
+        } => {
+            let overrides = vjepa_ingest::SampleOverrides {
+                size,
+                frames,
+                fps,
+                codec,
+                bitrate_kbps: bitrate,
+                keyframe_interval,
+                patterns,
+            };
+            match vjepa_ingest::init()
+                .and_then(|_| vjepa_ingest::make_samples_with(&dir, count, &overrides))
+            {
                 Ok(paths) => {
                     println!("wrote {} videos to {}", paths.len(), dir.display());
                     ExitCode::SUCCESS
@@ -769,4 +834,29 @@ fn init_logging(format: LogFormat) {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
+}
+
+/// `WxH` with both sides even and positive (what the encoders take).
+fn parse_size(text: &str) -> Result<(u32, u32), String> {
+    let bad = || format!("expected WxH with even sides, e.g. 1280x720, got {text:?}");
+    let (w, h) = text.split_once(['x', 'X']).ok_or_else(bad)?;
+    let (w, h): (u32, u32) = (w.parse().map_err(|_| bad())?, h.parse().map_err(|_| bad())?);
+    if w == 0 || h == 0 || !w.is_multiple_of(2) || !h.is_multiple_of(2) {
+        return Err(bad());
+    }
+    Ok((w, h))
+}
+
+/// A sample codec by its short name ([`vjepa_ingest::SampleCodec::as_str`]).
+fn parse_codec(text: &str) -> Result<vjepa_ingest::SampleCodec, String> {
+    vjepa_ingest::SampleCodec::EVERY
+        .into_iter()
+        .find(|c| c.as_str() == text)
+        .ok_or_else(|| {
+            let names: Vec<&str> = vjepa_ingest::SampleCodec::EVERY
+                .iter()
+                .map(|c| c.as_str())
+                .collect();
+            format!("unknown codec {text:?}; one of {}", names.join(", "))
+        })
 }

@@ -103,6 +103,58 @@ fn outputs_read_in_pyarrow_pandas_and_duckdb_as_documented() {
     // The bad file may be found once in each run (the resumed run lists the catalog again).
     assert!(report.contains("quarantine: 2 file(s)"), "{report}");
 
+    // `vjepa metrics` (JSON Lines) says what pyarrow reads from both metrics files, merged by
+    // step with the later file winning.
+    let exported = Command::new(bin())
+        .arg("metrics")
+        .arg(format!("{}/", out.display()))
+        .output()
+        .unwrap();
+    assert_ok(&exported);
+    let jsonl = tmp.path().join("metrics.jsonl");
+    std::fs::write(&jsonl, &exported.stdout).unwrap();
+    let compare = Command::new(&python)
+        .arg("-c")
+        .arg(
+            r#"
+import glob, json, math, sys
+import pyarrow.parquet as pq
+out, jsonl = sys.argv[1:3]
+files = sorted(glob.glob(f"{out}/metrics*.parquet"), key=lambda f: (f.count("-from-"), f))
+rows = {}
+for f in files:
+    for r in pq.read_table(f).to_pylist():
+        rows[r["step"]] = r
+ours = [json.loads(l) for l in open(jsonl)]
+assert [r["step"] for r in ours] == sorted(rows), ([r["step"] for r in ours], sorted(rows))
+for o in ours:
+    p = rows[o["step"]]
+    for k, v in o.items():
+        if k == "time_unix_us":
+            want = int(p["time"].timestamp() * 1e6)
+            assert abs(v - want) <= 1, (k, v, want)
+        elif k == "params_digest":
+            assert v == f"{p[k]:016x}", (k, v, p[k])
+        elif isinstance(v, float) or p[k] is None or isinstance(p[k], float):
+            assert (v is None and not math.isfinite(p[k])) or v == p[k], (k, v, p[k])
+        else:
+            assert v == p[k], (k, v, p[k])
+    assert set(o) - {"time_unix_us"} == set(p) - {"time"}, (set(o), set(p))
+print(len(ours), "rows equal")
+"#,
+        )
+        .arg(&out)
+        .arg(&jsonl)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&compare.stdout),
+        String::from_utf8_lossy(&compare.stderr)
+    );
+    assert!(compare.status.success(), "{text}");
+    assert!(text.contains("6 rows equal"), "{text}");
+
     // tools/feature_stats.py (collapse and layout statistics) reads the same tokens: 16 frames
     // in tubelets of 2 make 8 time steps.
     let stats = Command::new(&python)

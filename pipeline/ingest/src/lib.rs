@@ -32,7 +32,10 @@ pub use decode::{DecodeStats, DecodedClip, Decoder, DecoderOptions, FrameSink, V
 pub use error::{IngestError, QuarantineReason};
 pub use frame::{ClipGeometry, ClipTensor, Colour, YuvFrame};
 pub use hwdecode::{VideoDecoderKind, check_available as check_video_decoder, nvdec_decoders};
-pub use samples::{SampleCodec, SampleSpec, default_sample_specs, make_sample, make_samples};
+pub use samples::{
+    SampleCodec, SampleOverrides, SampleSpec, default_sample_specs, make_sample, make_samples,
+    make_samples_with, sample_specs,
+};
 pub use source::{ByteSource, DEFAULT_READ_TIMEOUT, ObjectSource, ReadAhead, ReadAheadOptions};
 
 use gstreamer as gst;

@@ -104,6 +104,13 @@ pub struct SampleSpec {
     /// whitespace-separated `key=value`, e.g. `"ball"`, `"smpte horizontal-speed=4"`,
     /// `"zone-plate kt=20"`.
     pub pattern: String,
+    /// Target bitrate in kbit/s (constant-bitrate mode where the encoder has one); `None`:
+    /// each encoder's default (`x264enc`/`x265enc` 2048 kbit/s CBR, `vp9enc`/`av1enc`
+    /// 256 kbit/s).
+    pub bitrate_kbps: Option<u32>,
+    /// Frames between keyframes; `None`: one per second (`fps` frames). Longer GOPs make a
+    /// seek decode more frames, as in real footage (x264's default is 250).
+    pub keyframe_interval: Option<u32>,
 }
 
 impl SampleSpec {
@@ -130,16 +137,57 @@ const RATES: [u32; 4] = [30, 25, 24, 15];
 /// lengths (40 … 150 frames) and rates (15 … 30 fps). Deterministic: the same `count` always
 /// gives the same specs and file names (`sample-0000-h264-320x240-100f-30fps`, …).
 pub fn default_sample_specs(count: usize) -> Vec<SampleSpec> {
+    sample_specs(count, &SampleOverrides::default())
+}
+
+/// What a corpus of one kind fixes in [`sample_specs`] instead of cycling it: benchmarks want
+/// every video at one resolution, length, codec and bitrate (e.g. 720p H.264 at 3 Mbit/s),
+/// still with varied content.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SampleOverrides {
+    /// Frame size (width, height), both even.
+    pub size: Option<(u32, u32)>,
+    /// Frames per video.
+    pub frames: Option<u32>,
+    /// Frame rate.
+    pub fps: Option<u32>,
+    /// Codec and container.
+    pub codec: Option<SampleCodec>,
+    /// See [`SampleSpec::bitrate_kbps`].
+    pub bitrate_kbps: Option<u32>,
+    /// See [`SampleSpec::keyframe_interval`].
+    pub keyframe_interval: Option<u32>,
+    /// Content patterns to cycle through instead of the default six (see
+    /// [`SampleSpec::pattern`]). Several of those compress far below a set bitrate (a ball on
+    /// black is mostly skipped blocks) and decode much faster than camera footage; a decode
+    /// benchmark picks ones that fill the rate, e.g. `"smpte horizontal-speed=4"` and `"snow"`.
+    pub patterns: Vec<String>,
+}
+
+/// [`default_sample_specs`] with `overrides` fixing some of what it cycles (the content
+/// patterns always cycle, through the given ones if any). File names say the resulting codec, size, length and rate, plus
+/// the bitrate when one is set (`sample-0000-h264-1280x720-300f-30fps-3000kbps`).
+pub fn sample_specs(count: usize, overrides: &SampleOverrides) -> Vec<SampleSpec> {
     (0..count)
         .map(|i| {
-            let codec = SampleCodec::ALL[i % SampleCodec::ALL.len()];
-            let (width, height) = SIZES[i % SIZES.len()];
-            let frames = LENGTHS[i % LENGTHS.len()];
-            let fps = RATES[i % RATES.len()];
-            let pattern = PATTERNS[i % PATTERNS.len()].to_string();
+            let codec = overrides
+                .codec
+                .unwrap_or(SampleCodec::ALL[i % SampleCodec::ALL.len()]);
+            let (width, height) = overrides.size.unwrap_or(SIZES[i % SIZES.len()]);
+            let frames = overrides.frames.unwrap_or(LENGTHS[i % LENGTHS.len()]);
+            let fps = overrides.fps.unwrap_or(RATES[i % RATES.len()]);
+            let pattern = if overrides.patterns.is_empty() {
+                PATTERNS[i % PATTERNS.len()].to_string()
+            } else {
+                overrides.patterns[i % overrides.patterns.len()].clone()
+            };
+            let rate = overrides
+                .bitrate_kbps
+                .map(|k| format!("-{k}kbps"))
+                .unwrap_or_default();
             SampleSpec {
                 name: format!(
-                    "sample-{i:04}-{}-{width}x{height}-{frames}f-{fps}fps",
+                    "sample-{i:04}-{}-{width}x{height}-{frames}f-{fps}fps{rate}",
                     codec.as_str()
                 ),
                 width,
@@ -148,6 +196,8 @@ pub fn default_sample_specs(count: usize) -> Vec<SampleSpec> {
                 fps,
                 codec,
                 pattern,
+                bitrate_kbps: overrides.bitrate_kbps,
+                keyframe_interval: overrides.keyframe_interval,
             }
         })
         .collect()
@@ -156,9 +206,18 @@ pub fn default_sample_specs(count: usize) -> Vec<SampleSpec> {
 /// Makes `count` sample videos ([`default_sample_specs`]) in `dir` (created if needed) and
 /// returns their paths in spec order. Existing files of the same name are overwritten.
 pub fn make_samples(dir: &Path, count: usize) -> Result<Vec<PathBuf>, IngestError> {
+    make_samples_with(dir, count, &SampleOverrides::default())
+}
+
+/// [`make_samples`] with [`sample_specs`]`(count, overrides)`.
+pub fn make_samples_with(
+    dir: &Path,
+    count: usize,
+    overrides: &SampleOverrides,
+) -> Result<Vec<PathBuf>, IngestError> {
     std::fs::create_dir_all(dir)
         .map_err(|e| IngestError::Fatal(format!("creating {}: {e}", dir.display())))?;
-    default_sample_specs(count)
+    sample_specs(count, overrides)
         .iter()
         .map(|spec| make_sample(dir, spec))
         .collect()
@@ -215,6 +274,11 @@ pub fn make_sample(dir: &Path, spec: &SampleSpec) -> Result<PathBuf, IngestError
     if spec.frames == 0 || spec.fps == 0 {
         return Err(bad_spec("frames and fps must be positive".into()));
     }
+    if spec.bitrate_kbps == Some(0) || spec.keyframe_interval == Some(0) {
+        return Err(bad_spec(
+            "bitrate and keyframe interval must be positive".into(),
+        ));
+    }
     let path = dir.join(spec.file_name());
     let started = Instant::now();
 
@@ -246,7 +310,7 @@ pub fn make_sample(dir: &Path, spec: &SampleSpec) -> Result<PathBuf, IngestError
         .property("caps", &caps)
         .build()
         .map_err(|e| IngestError::Fatal(format!("cannot create capsfilter: {e}")))?;
-    let gop = spec.fps.max(1);
+    let gop = spec.keyframe_interval.unwrap_or(spec.fps).max(1);
     let mut chain = vec![src, filter];
     let encoder = match spec.codec {
         SampleCodec::H264Mp4 | SampleCodec::H264Mp4Faststart | SampleCodec::H264Mkv => {
@@ -254,6 +318,9 @@ pub fn make_sample(dir: &Path, spec: &SampleSpec) -> Result<PathBuf, IngestError
             set_from_str(&enc, "speed-preset", "superfast")?;
             enc.set_property("bframes", 2u32);
             enc.set_property("key-int-max", gop);
+            if let Some(k) = spec.bitrate_kbps {
+                enc.set_property("bitrate", k);
+            }
             vec![enc, make_element("h264parse")?]
         }
         SampleCodec::H265Mp4 | SampleCodec::H265Mkv => {
@@ -262,6 +329,9 @@ pub fn make_sample(dir: &Path, spec: &SampleSpec) -> Result<PathBuf, IngestError
             set_from_str(&enc, "key-int-max", &gop.to_string())?;
             // x265's own logging goes to stderr unless silenced; 2 B-frames as for H.264.
             set_from_str(&enc, "option-string", "bframes=2:log-level=error")?;
+            if let Some(k) = spec.bitrate_kbps {
+                set_from_str(&enc, "bitrate", &k.to_string())?;
+            }
             vec![enc, make_element("h265parse")?]
         }
         SampleCodec::Vp9Webm => {
@@ -269,6 +339,10 @@ pub fn make_sample(dir: &Path, spec: &SampleSpec) -> Result<PathBuf, IngestError
             enc.set_property("deadline", 1i64);
             enc.set_property("cpu-used", 8i32);
             enc.set_property("keyframe-max-dist", i32::try_from(gop).unwrap_or(30));
+            if let Some(k) = spec.bitrate_kbps {
+                // vp9enc counts bits per second.
+                set_from_str(&enc, "target-bitrate", &(u64::from(k) * 1000).to_string())?;
+            }
             vec![enc]
         }
         SampleCodec::Av1Mkv | SampleCodec::Av1Mp4 => {
@@ -278,6 +352,9 @@ pub fn make_sample(dir: &Path, spec: &SampleSpec) -> Result<PathBuf, IngestError
             set_from_str(&enc, "keyframe-max-dist", &gop.to_string())?;
             set_from_str(&enc, "lag-in-frames", "19")?;
             set_from_str(&enc, "row-mt", "true")?;
+            if let Some(k) = spec.bitrate_kbps {
+                set_from_str(&enc, "target-bitrate", &k.to_string())?;
+            }
             vec![enc, make_element("av1parse")?]
         }
     };

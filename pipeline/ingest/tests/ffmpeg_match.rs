@@ -69,6 +69,8 @@ fn spec(codec: SampleCodec, w: u32, h: u32, frames: u32, fps: u32, pattern: &str
         fps,
         codec,
         pattern: pattern.into(),
+        bitrate_kbps: None,
+        keyframe_interval: None,
     }
 }
 

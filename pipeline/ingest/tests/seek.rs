@@ -15,6 +15,8 @@ fn sample(dir: &Path, name: &str, codec: SampleCodec) -> Bytes {
         fps: 30,
         codec,
         pattern: "ball motion=sweep".into(),
+        bitrate_kbps: None,
+        keyframe_interval: None,
     };
     let path = make_sample(dir, &spec).expect("sample");
     std::fs::read(path).expect("read sample").into()

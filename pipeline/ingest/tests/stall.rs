@@ -53,6 +53,8 @@ fn stalled_or_failing_reads_end_the_clip_in_bounded_time() {
         fps: 30,
         codec: SampleCodec::H264Mp4Faststart,
         pattern: "ball".into(),
+        bitrate_kbps: None,
+        keyframe_interval: None,
     };
     let data: Bytes = std::fs::read(make_sample(dir.path(), &spec).expect("sample"))
         .expect("read")

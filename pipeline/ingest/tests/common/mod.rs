@@ -47,6 +47,8 @@ fn spec(
         fps,
         codec,
         pattern: pattern.into(),
+        bitrate_kbps: None,
+        keyframe_interval: None,
     }
 }
 
