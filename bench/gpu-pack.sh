@@ -17,7 +17,6 @@ eval "$(ops/cudnn-headers.sh)"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target-cuda}"
 cargo build --release --locked -p vjepa-pipeline -p vjepa-bench --features cudnn \
   --bin vjepa --bin train-step
-grep -qx '/.carry/' .git/info/exclude 2>/dev/null || echo '/.carry/' >> .git/info/exclude
 rm -rf .carry && mkdir -p .carry/libs .carry/wheels
 for b in vjepa train-step; do
   strip -o ".carry/$b" "$CARGO_TARGET_DIR/release/$b"
