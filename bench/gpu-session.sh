@@ -16,8 +16,11 @@
 # trend and pipeline decode with GStreamer: they need the kit of bench/gst-kit.sh in
 # .carry/gst.tar.xz (bench/gpu-pack.sh makes it with GST_KIT=1) where the device has none.
 # Environment: TORCH_ROOT (the device's torch venv, default /opt/torch/.venv), PHASES,
-# STEP_CONFIGS, ATTENTION, COMPILE, and the per-phase timeouts CHECK_S, OPS_S, STEP_S (seconds).
+# STEP_CONFIGS, ATTENTION, COMPILE, the per-phase timeouts CHECK_S, OPS_S, STEP_S, TREND_S,
+# PIPELINE_S (seconds), and DEADLINE_S (570: no phase runs past this many seconds from the start,
+# so one call ends inside the device tool's 600 s with its outputs written).
 set -uo pipefail
+T0=$(date +%s)
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$(mktemp -d)}"
 W=/tmp/vj; mkdir -p "$W/lib" "$W/py"
@@ -62,20 +65,25 @@ done
   ldd "$W/vjepa" | grep -E "not found|cuda|cublas|curand|stdc"
   nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,memory.total --format=csv
   "$PY" -c 'import torch; print("torch", torch.__version__, "cudnn", torch.backends.cudnn.version())'
-  "$W/vjepa" check-config --config configs/vitl16.yaml --device cuda --locations 2>&1 | grep -E "^(device|attention):"
+  "$W/vjepa" check-config --config configs/vitl16.yaml --device cuda --locations 2>&1 | grep -E "^(device|attention|video decoder):"
 } 2>&1 | tee "$OUT/env.txt"
 
+# The timeout for a phase: its own limit, cut to what is left before DEADLINE_S.
+limit() {
+  local left=$(( ${DEADLINE_S:-570} - ($(date +%s) - T0) ))
+  (( left < $1 )) && echo $(( left > 10 ? left : 10 )) || echo "$1"
+}
 for phase in ${PHASES:-check ops step}; do
   echo "== $phase" | tee -a "$OUT/env.txt"
   start=$(date +%s)
   case "$phase" in
     check)
-      timeout "${CHECK_S:-300}" "$W/vjepa" gpu-check --no-timing --json "$OUT/check.json" \
+      timeout "$(limit "${CHECK_S:-300}")" "$W/vjepa" gpu-check --no-timing --json "$OUT/check.json" \
         > "$OUT/check.txt" 2> "$OUT/check.err"
       echo "rc=$?" >> "$OUT/check.txt"
       grep -E "FAIL|gpu-check|rc=" "$OUT/check.txt" | head -40 ;;
     ops)
-      VJEPA="$W/vjepa" TORCH_PYTHON="$PY" timeout "${OPS_S:-300}" bench/gpu-ops.sh "$OUT/ops" \
+      VJEPA="$W/vjepa" TORCH_PYTHON="$PY" timeout "$(limit "${OPS_S:-300}")" bench/gpu-ops.sh "$OUT/ops" \
         > "$OUT/ops.txt" 2> "$OUT/ops.err"
       echo "rc=$?" >> "$OUT/ops.txt"
       cat "$OUT/ops.txt"; tail -3 "$OUT/ops.err" ;;
@@ -84,19 +92,19 @@ for phase in ${PHASES:-check ops step}; do
       # shellcheck disable=SC2086
       official="${OFFICIAL_JEPA:-}"; [ -z "$official" ] && [ -d .carry/official ] && official="$PWD/.carry/official"
       TRAIN_STEP="$W/train-step" TORCH_PYTHON="$PY" PEAK_TFLOPS="${PEAK_TFLOPS:-$peak}" OFFICIAL_JEPA="$official" \
-        ATTENTION="${ATTENTION:-cudnn own}" timeout "${STEP_S:-420}" \
+        ATTENTION="${ATTENTION:-cudnn own}" timeout "$(limit "${STEP_S:-420}")" \
         bench/gpu-step.sh ${STEP_CONFIGS:-configs/vitl16.yaml} > "$OUT/step.txt" 2> "$OUT/step.err"
       echo "rc=$?" >> "$OUT/step.txt"
       cat "$OUT/step.txt"; tail -5 "$OUT/step.err" ;;
     trend)
-      VJEPA="$W/vjepa" PYTHON="$PY" OUT=target/loss-trend timeout "${TREND_S:-540}" \
+      VJEPA="$W/vjepa" PYTHON="$PY" OUT=target/loss-trend timeout "$(limit "${TREND_S:-540}")" \
         bench/loss-trend.sh "${TREND_CONFIG:-configs/quickstart.yaml}" > "$OUT/trend.txt" 2> "$OUT/trend.err"
       echo "rc=$?" >> "$OUT/trend.txt"
       cp target/loss-trend/*.log target/loss-trend/*.jsonl "$OUT/" 2>/dev/null
       cat "$OUT/trend.txt"; tail -5 "$OUT/trend.err" ;;
     pipeline)
       # shellcheck disable=SC2086
-      VJEPA="$W/vjepa" PYTHON="$PY" OUT=target/gpu-pipeline timeout "${PIPELINE_S:-540}" \
+      VJEPA="$W/vjepa" PYTHON="$PY" OUT=target/gpu-pipeline timeout "$(limit "${PIPELINE_S:-540}")" \
         bench/gpu-pipeline.sh ${PIPELINE_CONFIG:-} > "$OUT/pipeline.txt" 2> "$OUT/pipeline.err"
       echo "rc=$?" >> "$OUT/pipeline.txt"
       for d in target/gpu-pipeline/run-*; do
