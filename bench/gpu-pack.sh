@@ -39,7 +39,7 @@ if [ -n "${OFFICIAL_JEPA:-}" ]; then
     || { echo "gpu-pack: $OFFICIAL_JEPA is not a facebookresearch/jepa checkout" >&2; exit 1; }
   mkdir -p .carry/official
   (cd "$OFFICIAL_JEPA" && find src app -name '*.py' -print0 | xargs -0 cp --parents -t "$OLDPWD/.carry/official")
-  git -C "$OFFICIAL_JEPA" rev-parse HEAD > .carry/official/COMMIT 2>/dev/null || true
+  commit=$(git -C "$OFFICIAL_JEPA" rev-parse HEAD 2>/dev/null) && echo "$commit" > .carry/official/COMMIT
 fi
 for x in ${EXTRA_CARRY:-}; do cp -r "$x" .carry/; done
 du -sh .carry && ls -la .carry .carry/wheels

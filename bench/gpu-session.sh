@@ -53,7 +53,13 @@ export CUDNN_FRONTEND_CUDART_LIB_NAME="${CUDNN_FRONTEND_CUDART_LIB_NAME:-libcuda
 for _ in 1 2 3 4 5 6; do
   missing=$(ldd "$W/vjepa" "$W/train-step" | awk '/not found/{print $1}' | sort -u)
   [ -z "$missing" ] && break
-  for m in $missing; do cp "$W/carried/libs/$m" "$W/lib/" 2>/dev/null || echo "no carried $m"; done
+  for m in $missing; do
+    cp "$W/carried/libs/$m" "$W/lib/" 2>/dev/null && continue
+    # Not carried (CUDA's own libraries are too big): anywhere else on the device, e.g. another
+    # Python package's nvidia/ folder (torch wheels since 2.15 ship no libcurand).
+    found=$(find /opt /usr /root /home -name "$m" -print -quit 2>/dev/null)
+    if [ -n "$found" ]; then ln -sf "$found" "$W/lib/$m"; else echo "missing everywhere: $m"; fi
+  done
 done
 # The carried wheels only for the modules the device's Python lacks (its own stay first).
 for pair in safetensors:safetensors numpy:numpy yaml:pyyaml; do

@@ -194,7 +194,8 @@ def main() -> None:
     except (OSError, subprocess.CalledProcessError):
         # A copy without .git (bench/gpu-pack.sh writes the commit beside it).
         stamp = root / "COMMIT"
-        commit = stamp.read_text().strip()[:7] if stamp.exists() else f"at {root.name} (no git)"
+        commit = (stamp.read_text().strip()[:7] if stamp.exists() else "") \
+            or f"at {root.name} (no git)"
     print(json.dumps({
         "impl": f"official jepa {commit} (torch {torch.__version__})",
         "threads": torch.get_num_threads(),
