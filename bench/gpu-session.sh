@@ -9,8 +9,8 @@
 #          "cudnn own") against the PyTorch peer, the official step (bench/official_step.py on
 #          the checkout gpu-pack.sh carried as .carry/official) and any EXTRA_PEER scripts
 #          (issue 10, 1 and 5)
-#   trend  bench/loss-trend.sh: 200 steps on the CPU (f32) and on the GPU (bf16), same videos and
-#          seed, loss curves compared (issue 10, 4)
+#   trend  bench/loss-trend.sh: 200 steps on the CPU (f32) and on the GPU (bf16, and f32 as the
+#          noise floor), same videos and seed, loss curves compared (issue 10, 4)
 #   pipeline  bench/gpu-pipeline.sh: the whole job on H.264 at 360p/480p/720p, data-wait share
 #          and decode capacity (issue 10, 3); VIDEO_DECODER=nvdec for NVDEC
 # trend and pipeline decode with GStreamer: they need the kit of bench/gst-kit.sh in

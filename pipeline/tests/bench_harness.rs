@@ -38,10 +38,12 @@ fn run_script(script: &str, name: &str, envs: &[(&str, &str)]) -> String {
 #[test]
 fn loss_trend_on_the_cpu_gives_two_identical_curves() {
     let text = run_script("bench/loss-trend.sh", "loss-trend", &[("STEPS", "4")]);
-    assert!(text.contains("4 steps, CPU f32 vs cpu"), "{text}");
+    assert!(text.contains("4 steps, CPU f32 vs cpu (f32)"), "{text}");
     // The CPU run is deterministic: the second curve is the first.
     assert!(
-        text.contains("running means: 0.00 % ; non-finite losses on cpu: 0"),
+        text.contains(
+            "cpu f32: largest gap between the 4-step running means: 0.00 % ; non-finite losses: 0"
+        ),
         "{text}"
     );
     let row = text
