@@ -419,7 +419,12 @@ fn main() -> ExitCode {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     tune_malloc();
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    // `metrics` is for pipes: its informational logs (the store it opened) would only be noise.
+    let default_level = match cli.command {
+        Command::Metrics { .. } => "warn",
+        _ => "info",
+    };
+    init_logging(cli.log_format, default_level);
     match cli.command {
         Command::CheckConfig {
             config,
@@ -823,9 +828,10 @@ fn config_error(e: &vjepa_pipeline::config::ConfigError) -> ExitCode {
     ExitCode::from(2)
 }
 
-fn init_logging(format: LogFormat) {
+/// Logs to stderr at `default_level` unless `RUST_LOG` says otherwise.
+fn init_logging(format: LogFormat, default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
