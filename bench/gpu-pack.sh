@@ -6,9 +6,8 @@
 # PyTorch peers need beyond torch (safetensors, numpy, pyyaml). Then on the device:
 # `bench/gpu-session.sh`. Environment: CUDA_ENV (default ../shared/tools/cuda-env.sh),
 # CARGO_TARGET_DIR (default target-cuda: keep it, candle-kernels takes ~16 min to build),
-# OFFICIAL_JEPA (a checkout of facebookresearch/jepa: its Python packages are carried as
-# .carry/official for bench/official_step.py, the official-step row of gpu-step; carried only,
-# never part of this repository), EXTRA_CARRY (more files or folders to carry), GST_KIT (1, the default: also pack
+# EXTRA_CARRY (files or folders to carry as well, e.g. a checkout of the official code and a
+# local driver of it for EXTRA_PEER: carried only, never part of this repository), GST_KIT (1, the default: also pack
 # bench/gst-kit.sh's GStreamer kit, for gpu-session.sh's trend and pipeline phases; 0: skip).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,12 +33,5 @@ tar -C .carry -cJf .carry/libs.tar.xz libs && rm -rf .carry/libs
 python3 -m pip download -q --only-binary=:all: --python-version 3.12 \
   --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .carry/wheels safetensors numpy pyyaml
 [ "${GST_KIT:-1}" = 1 ] && bench/gst-kit.sh .carry/gst.tar.xz
-if [ -n "${OFFICIAL_JEPA:-}" ]; then
-  [ -f "$OFFICIAL_JEPA/src/models/vision_transformer.py" ] \
-    || { echo "gpu-pack: $OFFICIAL_JEPA is not a facebookresearch/jepa checkout" >&2; exit 1; }
-  mkdir -p .carry/official
-  (cd "$OFFICIAL_JEPA" && find src app -name '*.py' -print0 | xargs -0 cp --parents -t "$OLDPWD/.carry/official")
-  commit=$(git -C "$OFFICIAL_JEPA" rev-parse HEAD 2>/dev/null) && echo "$commit" > .carry/official/COMMIT
-fi
 for x in ${EXTRA_CARRY:-}; do cp -r "$x" .carry/; done
 du -sh .carry && ls -la .carry .carry/wheels

@@ -6,9 +6,7 @@
 #          against the CPU (issue 9 acceptance 1, 2)
 #   ops    bench/gpu-ops.sh: each op against torch on this GPU, with the bars (issue 9, 3)
 #   step   bench/gpu-step.sh on STEP_CONFIGS (default vitl16), ours with ATTENTION (default
-#          "cudnn own") against the PyTorch peer, the official step (bench/official_step.py on
-#          the checkout gpu-pack.sh carried as .carry/official) and any EXTRA_PEER scripts
-#          (issue 10, 1 and 5)
+#          "cudnn own") against the PyTorch peer and any EXTRA_PEER scripts (issue 10, 1 and 5)
 #   trend  bench/loss-trend.sh: 200 steps on the CPU (f32) and on the GPU (bf16, and f32 as the
 #          noise floor), same videos and seed, loss curves compared (issue 10, 4)
 #   pipeline  bench/gpu-pipeline.sh: the whole job on H.264 at 360p/480p/720p, data-wait share
@@ -96,8 +94,7 @@ for phase in ${PHASES:-check ops step}; do
     step)
       peak=$(sed -n 's/^bf16 GEMM peak: \([0-9.]*\) TFLOP.*/\1/p' "$OUT/ops.txt" 2>/dev/null)
       # shellcheck disable=SC2086
-      official="${OFFICIAL_JEPA:-}"; [ -z "$official" ] && [ -d .carry/official ] && official="$PWD/.carry/official"
-      TRAIN_STEP="$W/train-step" TORCH_PYTHON="$PY" PEAK_TFLOPS="${PEAK_TFLOPS:-$peak}" OFFICIAL_JEPA="$official" \
+      TRAIN_STEP="$W/train-step" TORCH_PYTHON="$PY" PEAK_TFLOPS="${PEAK_TFLOPS:-$peak}" \
         ATTENTION="${ATTENTION:-cudnn own}" timeout "$(limit "${STEP_S:-420}")" \
         bench/gpu-step.sh ${STEP_CONFIGS:-configs/vitl16.yaml} > "$OUT/step.txt" 2> "$OUT/step.err"
       echo "rc=$?" >> "$OUT/step.txt"

@@ -12,9 +12,8 @@
 # "own cudnn" for both, see workers.attention), MASK_CYCLE (masks repeat every this many steps,
 # for ours and the peer alike; 0 = a new draw every step, the default), EXTRA_PEER (more peer
 # scripts, space-separated, run like bench/train_step_torch.py on the same inputs and printing
-# the same JSON line), OFFICIAL_JEPA (a checkout of facebookresearch/jepa: adds the row of
-# bench/official_step.py, the official networks and optimiser imported from it, never copied
-# here), CHECKPOINT=1 (ours with activation checkpointing).
+# the same JSON line: e.g. a local driver of the official code, which this repository does not
+# contain), CHECKPOINT=1 (ours with activation checkpointing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 THREADS="${1:-$(nproc)}"; shift || true
@@ -41,11 +40,6 @@ for cfg in "${CONFIGS[@]}"; do
   done
   "$PY" bench/train_step_torch.py --inputs "$TMP/in.safetensors" "${peer[@]}" > "$TMP/torch.json"
   runs+=("$TMP/torch.json")
-  if [ -n "${OFFICIAL_JEPA:-}" ]; then
-    "$PY" bench/official_step.py --official "$OFFICIAL_JEPA" --inputs "$TMP/in.safetensors" \
-      "${peer[@]}" > "$TMP/official.json"
-    runs+=("$TMP/official.json")
-  fi
   n=0
   for extra in ${EXTRA_PEER:-}; do
     n=$((n + 1)); out="$TMP/extra-$n.json"
