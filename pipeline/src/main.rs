@@ -355,7 +355,7 @@ enum Command {
         fps: Option<u32>,
         /// Codec and container: h264, h264fs (MP4 with faststart), vp9, h265, h264mkv,
         /// h265mkv, av1mkv, av1mp4.
-        #[arg(long, value_parser = parse_codec)]
+        #[arg(long)]
         codec: Option<vjepa_ingest::SampleCodec>,
         /// Target bitrate, kbit/s.
         #[arg(long)]
@@ -851,18 +851,4 @@ fn parse_size(text: &str) -> Result<(u32, u32), String> {
         return Err(bad());
     }
     Ok((w, h))
-}
-
-/// A sample codec by its short name ([`vjepa_ingest::SampleCodec::as_str`]).
-fn parse_codec(text: &str) -> Result<vjepa_ingest::SampleCodec, String> {
-    vjepa_ingest::SampleCodec::EVERY
-        .into_iter()
-        .find(|c| c.as_str() == text)
-        .ok_or_else(|| {
-            let names: Vec<&str> = vjepa_ingest::SampleCodec::EVERY
-                .iter()
-                .map(|c| c.as_str())
-                .collect();
-            format!("unknown codec {text:?}; one of {}", names.join(", "))
-        })
 }

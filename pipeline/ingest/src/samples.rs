@@ -85,6 +85,21 @@ impl SampleCodec {
     }
 }
 
+impl std::str::FromStr for SampleCodec {
+    type Err = String;
+
+    /// The codec of a short name ([`SampleCodec::as_str`]); the error lists the names.
+    fn from_str(name: &str) -> Result<Self, Self::Err> {
+        SampleCodec::EVERY
+            .into_iter()
+            .find(|c| c.as_str() == name)
+            .ok_or_else(|| {
+                let names: Vec<&str> = SampleCodec::EVERY.iter().map(|c| c.as_str()).collect();
+                format!("unknown codec {name:?}; one of {}", names.join(", "))
+            })
+    }
+}
+
 /// One sample video to make.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SampleSpec {
@@ -446,6 +461,15 @@ mod tests {
         );
         let variants: HashSet<SampleCodec> = SampleCodec::EVERY.into_iter().collect();
         assert_eq!(variants.len(), SampleCodec::EVERY.len());
+    }
+
+    #[test]
+    fn codecs_parse_from_their_names() {
+        for c in SampleCodec::EVERY {
+            assert_eq!(c.as_str().parse::<SampleCodec>(), Ok(c));
+        }
+        let err = "h266".parse::<SampleCodec>().unwrap_err();
+        assert!(err.contains("h266") && err.contains("av1mp4"), "{err}");
     }
 
     #[test]
