@@ -13,7 +13,9 @@
 # for ours and the peer alike; 0 = a new draw every step, the default), EXTRA_PEER (more peer
 # scripts, space-separated, run like bench/train_step_torch.py on the same inputs and printing
 # the same JSON line: e.g. a local driver of the official code, which this repository does not
-# contain), CHECKPOINT=1 (ours with activation checkpointing).
+# contain), CHECKPOINT=1 (ours with activation checkpointing), WEIGHTS (bf16: "kept", the
+# default, computes on the bf16 weight copies the optimiser keeps; "cast" casts the f32 weights in
+# every step, the way before them; "kept cast" times both, one row each).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 THREADS="${1:-$(nproc)}"; shift || true
@@ -31,12 +33,19 @@ if [ "$DTYPE" = bf16 ]; then ours+=(--bf16); peer+=(--bf16); fi
 [ -n "${BATCH:-}" ] && ours+=(--batch-size "$BATCH")
 [ "${CHECKPOINT:-0}" = 1 ] && ours+=(--checkpoint-activations)
 ATTENTION="${ATTENTION:-auto}"; [ "$DEVICE" = cpu ] && ATTENTION=auto
+WEIGHTS="${WEIGHTS:-kept}"
+for w in $WEIGHTS; do
+  case "$w" in kept|cast) ;; *) echo "train-step.sh: WEIGHTS takes kept and/or cast" >&2; exit 2 ;; esac
+done
 for cfg in "${CONFIGS[@]}"; do
   runs=()
   for att in $ATTENTION; do
-    "$BIN" --config "$cfg" --inputs "$TMP/in.safetensors" --warmup "$WARMUP" --steps "$STEPS" \
-      "${ours[@]}" --attention "$att" > "$TMP/ours-$att.json"
-    runs+=("$TMP/ours-$att.json")
+    for w in $WEIGHTS; do
+      wflag=(); [ "$w" = cast ] && wflag=(--cast-weights)
+      "$BIN" --config "$cfg" --inputs "$TMP/in.safetensors" --warmup "$WARMUP" --steps "$STEPS" \
+        "${ours[@]}" "${wflag[@]}" --attention "$att" > "$TMP/ours-$att-$w.json"
+      runs+=("$TMP/ours-$att-$w.json")
+    done
   done
   "$PY" bench/train_step_torch.py --inputs "$TMP/in.safetensors" "${peer[@]}" > "$TMP/torch.json"
   runs+=("$TMP/torch.json")

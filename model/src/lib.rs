@@ -310,12 +310,36 @@ pub struct VJepa {
     /// default: pooling and copying them to the host every step is wasted work, and on a GPU a
     /// host synchronisation, unless a run writes `features.parquet`).
     pool_features: bool,
-    /// dtype of the training forward/backward ([`Self::set_compute_dtype`]); the weights, their
-    /// gradients and the optimiser stay f32.
+    /// dtype of the training forward/backward ([`Self::set_compute_dtype`]); the master weights
+    /// and the optimiser stay f32.
     compute_dtype: DType,
     /// Whether the encoder and predictor blocks recompute their activations in the backward
     /// pass ([`Self::set_activation_checkpointing`]).
     checkpointing: bool,
+    /// Whether a mixed-precision model keeps its compute copies of the weights
+    /// ([`Self::set_keep_weight_copies`]; on by default).
+    keep_copies: bool,
+    /// The kept compute copies, present while `compute_dtype` is not f32 and `keep_copies`.
+    copies: Option<WeightCopies>,
+}
+
+/// Mixed precision with kept compute weights: `compute_dtype` copies of every trainable and
+/// target weight, and the three networks built on them once. The optimiser and the EMA rewrite
+/// each copy as they update its f32 master (on a GPU in the same kernel pass), so a step runs on
+/// them as they are, instead of casting the whole model at its start (issue 10: per step and
+/// parameter, the 6 bytes of each forward cast and the 6 of each gradient cast back, against 2
+/// written by the update, and a thousand launches fewer at ViT-L), with the same numbers: each
+/// copy holds exactly the cast of its master, and the gradients land on the copies in the
+/// compute dtype, as they reach a cast's input, and are widened only where the update reads them.
+struct WeightCopies {
+    /// One per trainable parameter, in optimiser order: the leaves the step differentiates.
+    trainable: Vec<Var>,
+    /// One per target-encoder parameter, in `target_params` order (Vars only to be written in
+    /// place; the target network holds detached views of them, so it records no graph).
+    target: Vec<Var>,
+    encoder: Encoder,
+    predictor: Predictor,
+    target_net: Encoder,
 }
 
 impl VJepa {
@@ -436,24 +460,85 @@ impl VJepa {
             pool_features: false,
             checkpointing: false,
             compute_dtype: DType::F32,
+            keep_copies: true,
+            copies: None,
         })
     }
 
     /// Mixed precision: with `BF16`, each training step runs the three networks on bf16 copies
-    /// of the f32 weights (cast once per step, inside the graph, so gradients arrive in f32 on
-    /// the master weights), with bf16 activations and fp32 math inside the kernels — what
-    /// torch's bf16 autocast does in the official trainer. The targets' LayerNorm, the loss, the
-    /// gradient norms, AdamW and the EMA stay f32. `F32` (the default) is the exact path.
+    /// of the f32 weights (kept by the model and rewritten by each update, see
+    /// [`Self::set_keep_weight_copies`]), with bf16 activations and fp32 math inside the
+    /// kernels — what torch's bf16 autocast does in the official trainer. The targets'
+    /// LayerNorm, the loss, the gradient norms, AdamW and the EMA stay f32. `F32` (the default)
+    /// is the exact path.
     pub fn set_compute_dtype(&mut self, dtype: DType) -> Result<(), ModelError> {
         match dtype {
             DType::F32 | DType::BF16 => {
                 self.compute_dtype = dtype;
-                Ok(())
+                self.refresh_copies()
             }
             other => Err(ModelError::Unsupported(format!(
                 "compute dtype {other:?} (f32 or bf16)"
             ))),
         }
+    }
+
+    /// Mixed precision only: keep compute-dtype copies of the weights that the optimiser and the
+    /// EMA update in place (on, the default), or cast the f32 weights inside each step's graph
+    /// (off). Both give the same numbers; the kept copies save the casts' memory traffic and
+    /// launches. (Issue 10's A/B switch: `train-step --cast-weights` times the other way.)
+    pub fn set_keep_weight_copies(&mut self, on: bool) -> Result<(), ModelError> {
+        self.keep_copies = on;
+        self.refresh_copies()
+    }
+
+    /// Whether a mixed-precision step runs on kept copies of the weights.
+    pub fn keeps_weight_copies(&self) -> bool {
+        self.copies.is_some()
+    }
+
+    /// (Re)builds or drops the kept copies to match `compute_dtype` and `keep_copies`.
+    fn refresh_copies(&mut self) -> Result<(), ModelError> {
+        self.copies = None;
+        if self.compute_dtype == DType::F32 || !self.keep_copies {
+            return Ok(());
+        }
+        let dtype = self.compute_dtype;
+        let copy = |t: &Tensor| -> Result<Var, ModelError> {
+            Ok(Var::from_tensor(&t.detach().to_dtype(dtype)?)?)
+        };
+        let trainable = self
+            .opt
+            .params()
+            .iter()
+            .map(|p| copy(p.var.as_tensor()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let target = self
+            .target_params
+            .iter()
+            .map(|(_, t)| copy(t))
+            .collect::<Result<Vec<_>, _>>()?;
+        let (mut enc, mut pred) = (ParamMap::new(), ParamMap::new());
+        for (p, c) in self.opt.params().iter().zip(&trainable) {
+            if let Some(name) = p.name.strip_prefix("encoder.") {
+                enc.insert(name, c.as_tensor().clone());
+            } else if let Some(name) = p.name.strip_prefix("predictor.") {
+                pred.insert(name, c.as_tensor().clone());
+            }
+        }
+        let mut tgt = ParamMap::new();
+        for ((name, _), c) in self.target_params.iter().zip(&target) {
+            tgt.insert(name.clone(), c.as_tensor().detach());
+        }
+        let (encoder, predictor, target_net) = self.networks_on(&enc, &pred, &tgt, dtype)?;
+        self.copies = Some(WeightCopies {
+            trainable,
+            target,
+            encoder,
+            predictor,
+            target_net,
+        });
+        Ok(())
     }
 
     /// The dtype training steps compute in.
@@ -479,22 +564,30 @@ impl VJepa {
         for (name, t) in &self.target_params {
             tgt.insert(name.clone(), t.to_dtype(dtype)?);
         }
+        self.networks_on(&enc, &pred, &tgt, dtype)
+    }
+
+    /// The encoder, predictor and target encoder on the given weights (local names), with
+    /// their fixed position tables in `dtype`.
+    fn networks_on(
+        &self,
+        enc: &ParamMap,
+        pred: &ParamMap,
+        tgt: &ParamMap,
+        dtype: DType,
+    ) -> Result<(Encoder, Predictor, Encoder), ModelError> {
         let encoder = Encoder::load(
             &self.enc_cfg,
-            &enc,
+            enc,
             self.encoder.pos_embed().to_dtype(dtype)?,
         )?;
         let predictor = Predictor::load(
             &self.enc_cfg,
             &self.pred_cfg,
-            &pred,
+            pred,
             self.predictor.pos_embed().to_dtype(dtype)?,
         )?;
-        let target = Encoder::load(
-            &self.enc_cfg,
-            &tgt,
-            self.target.pos_embed().to_dtype(dtype)?,
-        )?;
+        let target = Encoder::load(&self.enc_cfg, tgt, self.target.pos_embed().to_dtype(dtype)?)?;
         Ok((encoder, predictor, target))
     }
 
@@ -642,16 +735,25 @@ impl VJepa {
         checkpoint: Option<&std::sync::Arc<checkpointing::SideGrads>>,
     ) -> Result<(Tensor, Vec<Tensor>, Tensor, Option<Tensor>), ModelError> {
         let cast;
-        let (encoder, predictor, target, clips) = if self.compute_dtype == DType::F32 {
-            (&self.encoder, &self.predictor, &self.target, clips.clone())
-        } else {
-            cast = self.cast_networks(self.compute_dtype)?;
-            (
-                &cast.0,
-                &cast.1,
-                &cast.2,
+        let (encoder, predictor, target, clips) = match &self.copies {
+            _ if self.compute_dtype == DType::F32 => {
+                (&self.encoder, &self.predictor, &self.target, clips.clone())
+            }
+            Some(c) => (
+                &c.encoder,
+                &c.predictor,
+                &c.target_net,
                 clips.to_dtype(self.compute_dtype)?,
-            )
+            ),
+            None => {
+                cast = self.cast_networks(self.compute_dtype)?;
+                (
+                    &cast.0,
+                    &cast.1,
+                    &cast.2,
+                    clips.to_dtype(self.compute_dtype)?,
+                )
+            }
         };
         // Target branch: plain (non-Var) weights, so no graph is recorded. Its features are
         // normalised in f32 whatever the compute dtype, as the loss is taken.
@@ -709,11 +811,14 @@ impl VJepa {
     ) -> Result<Gradients, ModelError> {
         let (clips, b) = self.prepare_clips(&batch.clips)?;
         let masks = self.mask_indices(batch, b)?;
-        let side = self.checkpointing.then(|| {
-            std::sync::Arc::new(checkpointing::SideGrads::new(
-                self.opt.params().iter().map(|p| &p.var),
-            ))
-        });
+        // The step differentiates the kept copies where there are, the masters otherwise.
+        let leaves: Vec<&Var> = match &self.copies {
+            Some(c) => c.trainable.iter().collect(),
+            None => self.opt.params().iter().map(|p| &p.var).collect(),
+        };
+        let side = self
+            .checkpointing
+            .then(|| std::sync::Arc::new(checkpointing::SideGrads::new(leaves.iter().copied())));
         let (loss, per_mask, h, pooled) =
             self.forward_loss_stats(&clips, &masks, self.pool_features, side.as_ref())?;
         // Backward first, then the loss, the per-mask losses and the collapse terms in one
@@ -722,6 +827,15 @@ impl VJepa {
         let mut grads = loss.backward()?;
         if let Some(side) = &side {
             side.merge_into(&mut grads)?;
+        }
+        // Gradients of the copies, in the compute dtype, filed under their masters (the update
+        // widens them as it reads them).
+        if self.copies.is_some() {
+            for (p, leaf) in self.opt.params().iter().zip(&leaves) {
+                if let Some(g) = grads.remove(leaf.as_tensor()) {
+                    grads.insert(p.var.as_tensor(), g);
+                }
+            }
         }
         let read = read_step_scalars(&h, &loss, &per_mask, self.steps_done + 1, meanwhile)?;
         let collapse = read.collapse;
@@ -807,6 +921,7 @@ impl VJepa {
             grads,
             loss,
             iter0,
+            self.copies.as_ref().map(|c| c.trainable.as_slice()),
         )?;
         self.ema_update(momentum)?;
         self.steps_done = step1;
@@ -855,20 +970,29 @@ impl VJepa {
     /// encoder holds the same tensors, so nothing is allocated or rebuilt.
     fn ema_update(&mut self, m: f64) -> Result<(), ModelError> {
         let enc_params = &self.opt.params()[..self.num_encoder_params];
-        // On a GPU: all pairs in one multi-tensor launch.
+        let copies = self.copies.as_ref().map(|c| c.target.as_slice());
+        let copy = |i: usize| copies.and_then(|c| c.get(i));
+        // On a GPU: all pairs in one multi-tensor launch, which also rewrites the kept copies.
         #[cfg(feature = "cuda")]
-        if self.device.is_cuda() && enc_params.iter().all(|p| p.var.dtype() == DType::F32) {
-            let pairs: Vec<(&Tensor, &Tensor)> = self
+        if self.device.is_cuda()
+            && enc_params.iter().all(|p| p.var.dtype() == DType::F32)
+            && copies.is_none_or(|c| c.iter().all(|v| v.dtype() == DType::BF16))
+        {
+            let triples: Vec<(&Tensor, &Tensor, Option<&Tensor>)> = self
                 .target_params
                 .iter()
                 .zip(enc_params)
-                .map(|((_, tgt), p)| (tgt, p.var.as_tensor()))
+                .enumerate()
+                .map(|(i, ((_, tgt), p))| (tgt, p.var.as_tensor(), copy(i).map(|v| v.as_tensor())))
                 .collect();
-            kernels::cuda::ema_multi(&pairs, m)?;
+            kernels::cuda::ema_multi(&triples, m)?;
             return Ok(());
         }
-        for ((_, tgt), p) in self.target_params.iter().zip(enc_params) {
+        for (i, ((_, tgt), p)) in self.target_params.iter().zip(enc_params).enumerate() {
             kernels::ema_update(tgt, p.var.as_tensor(), m)?;
+            if let Some(c) = copy(i) {
+                c.set(&tgt.to_dtype(c.dtype())?)?;
+            }
         }
         Ok(())
     }
@@ -1093,9 +1217,10 @@ fn optimiser_step(
     opt: &mut AdamW,
     num_encoder_params: usize,
     c: &OptimConfig,
-    mut grads: candle_core::backprop::GradStore,
+    grads: candle_core::backprop::GradStore,
     loss: f64,
     iter0: u64,
+    copies: Option<&[Var]>,
 ) -> Result<Update, ModelError> {
     let step1 = iter0 + 1;
     let lr = schedule::lr(c, step1);
@@ -1109,18 +1234,28 @@ fn optimiser_step(
     let rest_vars: Vec<&candle_core::Var> = rest.iter().map(|p| &p.var).collect();
     let sq = optim::grad_sq_sums(&grads, &[&enc_vars, &rest_vars])?;
     let (enc_norm, pred_norm) = (sq[0].sqrt(), sq[1].sqrt());
+    // Clipping scales each gradient as the update reads it (no scaled copy of the gradients).
+    let mut grad_scale = Vec::new();
     if let Some(max_norm) = c.clip_grad
         && iter0 >= c.clip_start_iteration
     {
-        optim::clip_grads(
-            &mut grads,
-            enc_params.iter().map(|p| &p.var),
-            enc_norm,
-            max_norm,
-        )?;
-        optim::clip_grads(&mut grads, rest.iter().map(|p| &p.var), pred_norm, max_norm)?;
+        let (enc, rest) = (
+            optim::clip_factor(enc_norm, max_norm),
+            optim::clip_factor(pred_norm, max_norm),
+        );
+        grad_scale = (0..opt.params().len())
+            .map(|i| if i < num_encoder_params { enc } else { rest })
+            .collect();
     }
-    opt.step(&grads, lr, wd)?;
+    opt.step_with(
+        &grads,
+        &optim::StepArgs {
+            lr,
+            weight_decay: wd,
+            grad_scale: &grad_scale,
+            copies,
+        },
+    )?;
     Ok(Update {
         lr,
         wd,

@@ -99,6 +99,22 @@ impl OptParam {
     }
 }
 
+/// What one AdamW step applies besides the moments it keeps.
+#[derive(Clone, Copy, Debug)]
+pub struct StepArgs<'a> {
+    /// Learning rate.
+    pub lr: f64,
+    /// Weight decay, for the decayed groups only.
+    pub weight_decay: f64,
+    /// Per parameter (in [`AdamW::params`] order), the factor its gradient is multiplied by as
+    /// the update reads it: gradient clipping without a scaled copy of the gradients. Empty for
+    /// none.
+    pub grad_scale: &'a [f64],
+    /// Per parameter, a lower-precision copy rewritten from the updated value (the compute
+    /// weights of a mixed-precision step); `None` for none.
+    pub copies: Option<&'a [Var]>,
+}
+
 /// AdamW (torch `_single_tensor_adamw`, amsgrad off, maximize off).
 #[derive(Debug)]
 pub struct AdamW {
@@ -150,29 +166,91 @@ impl AdamW {
         lr: f64,
         weight_decay: f64,
     ) -> Result<(), ModelError> {
+        self.step_with(
+            grads,
+            &StepArgs {
+                lr,
+                weight_decay,
+                grad_scale: &[],
+                copies: None,
+            },
+        )
+    }
+
+    /// [`Self::step`] with per-parameter gradient scales and rewritten copies ([`StepArgs`]).
+    /// A gradient may have a lower precision than its parameter (mixed precision): it is
+    /// widened as it is read.
+    pub fn step_with(&mut self, grads: &GradStore, args: &StepArgs<'_>) -> Result<(), ModelError> {
+        let n = self.params.len();
+        if !args.grad_scale.is_empty() && args.grad_scale.len() != n {
+            return Err(ModelError::Input(format!(
+                "adamw: {} gradient scales for {n} parameters",
+                args.grad_scale.len()
+            )));
+        }
+        if let Some(c) = args.copies {
+            if c.len() != n {
+                return Err(ModelError::Input(format!(
+                    "adamw: {} weight copies for {n} parameters",
+                    c.len()
+                )));
+            }
+            if let Some((p, c)) = self
+                .params
+                .iter()
+                .zip(c)
+                .find(|(p, c)| c.dims() != p.var.dims())
+            {
+                return Err(ModelError::Input(format!(
+                    "adamw: copy of {} is {:?}, the parameter {:?}",
+                    p.name,
+                    c.dims(),
+                    p.var.dims()
+                )));
+            }
+        }
         #[cfg(feature = "cuda")]
         if self
             .params
             .first()
             .is_some_and(|p| p.var.device().is_cuda() && p.var.dtype() == DType::F32)
+            && args
+                .copies
+                .is_none_or(|c| c.iter().all(|v| v.dtype() == DType::BF16))
         {
-            return self.step_cuda(grads, lr, weight_decay);
+            return self.step_cuda(grads, args);
         }
         let (beta1, beta2) = self.betas;
-        for p in &mut self.params {
+        for (i, p) in self.params.iter_mut().enumerate() {
             let Some(g) = grads.get(p.var.as_tensor()) else {
                 continue;
             };
+            let mut g = if g.dtype() == p.var.dtype() {
+                g.clone()
+            } else {
+                g.to_dtype(p.var.dtype())?
+            };
+            let scale = args.grad_scale.get(i).copied().unwrap_or(1.0);
+            if scale != 1.0 {
+                g = g.affine(scale, 0.0)?;
+            }
             let update = AdamUpdate {
-                lr,
-                weight_decay: if p.group.decayed() { weight_decay } else { 0.0 },
+                lr: args.lr,
+                weight_decay: if p.group.decayed() {
+                    args.weight_decay
+                } else {
+                    0.0
+                },
                 beta1,
                 beta2,
                 eps: self.eps,
                 step: p.step + 1,
             };
-            kernels::adamw_step(p.var.as_tensor(), &p.state, g, &update)?;
+            kernels::adamw_step(p.var.as_tensor(), &p.state, &g, &update)?;
             p.step = update.step;
+            if let Some(c) = args.copies.and_then(|c| c.get(i)) {
+                c.set(&p.var.as_tensor().to_dtype(c.dtype())?)?;
+            }
         }
         Ok(())
     }
@@ -182,12 +260,7 @@ impl AdamW {
 impl AdamW {
     /// On a CUDA device: every parameter with a gradient in ONE multi-tensor launch, with the
     /// per-element update of [`kernels::adamw_step`] (moments in place in each `[2, ..]` state).
-    fn step_cuda(
-        &mut self,
-        grads: &GradStore,
-        lr: f64,
-        weight_decay: f64,
-    ) -> Result<(), ModelError> {
+    fn step_cuda(&mut self, grads: &GradStore, args: &StepArgs<'_>) -> Result<(), ModelError> {
         use crate::kernels::cuda::{AdamWConfig, AdamWSlot, AdamWStep, adamw_multi};
         let (beta1, beta2) = self.betas;
         let cfg = AdamWConfig {
@@ -205,17 +278,23 @@ impl AdamW {
             .iter()
             .map(|(i, g, m, v)| {
                 let p = &self.params[*i];
-                let wd = if p.group.decayed() { weight_decay } else { 0.0 };
+                let wd = if p.group.decayed() {
+                    args.weight_decay
+                } else {
+                    0.0
+                };
                 AdamWSlot {
                     param: p.var.as_tensor(),
                     grad: g,
                     exp_avg: m,
                     exp_avg_sq: v,
                     step: AdamWStep {
-                        lr,
+                        lr: args.lr,
                         weight_decay: wd,
                         step: p.step + 1,
                     },
+                    grad_scale: args.grad_scale.get(*i).copied().unwrap_or(1.0),
+                    copy: args.copies.and_then(|c| c.get(*i)).map(|v| v.as_tensor()),
                 }
             })
             .collect();
@@ -246,7 +325,9 @@ pub fn grad_sq_sums(grads: &GradStore, groups: &[&[&Var]]) -> Result<Vec<f64>, M
         let mut sums = Vec::new();
         for v in vars.iter() {
             if let Some(g) = grads.get(v.as_tensor()) {
-                let s = kernels::sum_sq(g)?.to_dtype(DType::F64)?.reshape(1)?;
+                // f32 totals of bf16 gradients (mixed precision): a bf16 total would cost the
+                // norm three digits.
+                let s = kernels::sum_sq_f32(g)?.to_dtype(DType::F64)?.reshape(1)?;
                 device.get_or_insert_with(|| s.device().clone());
                 sums.push(s);
             }
@@ -284,7 +365,7 @@ pub fn clip_grads<'a>(
     norm: f64,
     max_norm: f64,
 ) -> Result<(), ModelError> {
-    let coef = max_norm / (norm + 1e-6);
+    let coef = clip_factor(norm, max_norm);
     if coef >= 1.0 {
         return Ok(());
     }
@@ -295,6 +376,13 @@ pub fn clip_grads<'a>(
         }
     }
     Ok(())
+}
+
+/// torch `clip_grad_norm_`'s factor for gradients of total norm `norm`: max_norm / (norm + 1e-6)
+/// unless that is 1 or more (then 1). A NaN norm gives NaN, as in torch.
+pub fn clip_factor(norm: f64, max_norm: f64) -> f64 {
+    let coef = max_norm / (norm + 1e-6);
+    if coef >= 1.0 { 1.0 } else { coef }
 }
 
 #[cfg(test)]

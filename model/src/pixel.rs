@@ -374,6 +374,7 @@ impl PixelMae {
             grads,
             loss,
             iter0,
+            None,
         )?;
         self.steps_done = iter0 + 1;
         debug!(step = self.steps_done, loss, lr, "pixel train step");

@@ -1064,6 +1064,118 @@ fn activation_checkpointing_gives_the_same_step() {
     }
 }
 
+/// Kept bf16 weight copies (the default in mixed precision) and per-step casts of the f32
+/// weights are the same computation: the same gradients to the bit, and three steps with
+/// clipping active on both modules give the same losses, norms, weights, moments and target to
+/// the bit; the copies stay exactly the casts of their masters; with activation checkpointing the
+/// kept copies track the cast path within bf16 noise.
+#[test]
+fn kept_weight_copies_equal_per_step_casts() {
+    let batch = tiny_batch();
+    let optim = OptimConfig {
+        clip_grad: Some(1e-4),
+        clip_start_iteration: 0,
+        ..tiny_optim()
+    };
+    let build = |keep: bool, ckpt: bool| {
+        let mut m = VJepa::new(
+            tiny_encoder(),
+            tiny_predictor(),
+            optim.clone(),
+            11,
+            &Device::Cpu,
+        )
+        .unwrap();
+        m.set_compute_dtype(DType::BF16).unwrap();
+        m.set_keep_weight_copies(keep).unwrap();
+        m.set_activation_checkpointing(ckpt);
+        m
+    };
+    let bits = |t: &Tensor| flat(&t.to_dtype(DType::F32).unwrap());
+    let (mut kept, mut cast) = (build(true, false), build(false, false));
+    assert!(kept.keeps_weight_copies());
+    assert!(!cast.keeps_weight_copies());
+
+    let (gk, gc) = (
+        kept.compute_gradients(&batch).unwrap(),
+        cast.compute_gradients(&batch).unwrap(),
+    );
+    assert_eq!(gk.loss.to_bits(), gc.loss.to_bits());
+    for (p, q) in kept.opt.params().iter().zip(cast.opt.params()) {
+        let (a, b) = (
+            gk.grads.get(p.var.as_tensor()),
+            gc.grads.get(q.var.as_tensor()),
+        );
+        let (Some(a), Some(b)) = (a, b) else {
+            panic!(
+                "{}: gradient missing (kept {}, cast {})",
+                p.name,
+                a.is_some(),
+                b.is_some()
+            );
+        };
+        // Kept: the copies' bf16 gradient; cast: the same values widened by the cast's backward.
+        assert_eq!(a.dtype(), DType::BF16, "{}", p.name);
+        assert_eq!(b.dtype(), DType::F32, "{}", p.name);
+        assert_eq!(bits(a), bits(b), "{}: gradient", p.name);
+    }
+
+    for step in 1..=3 {
+        let (a, b) = (
+            kept.train_step(&batch).unwrap(),
+            cast.train_step(&batch).unwrap(),
+        );
+        assert_eq!(a.loss.to_bits(), b.loss.to_bits(), "step {step} loss");
+        assert_eq!(a.encoder_grad_norm, b.encoder_grad_norm, "step {step}");
+        assert_eq!(a.predictor_grad_norm, b.predictor_grad_norm, "step {step}");
+        assert!(
+            a.encoder_grad_norm > 1e-4 && a.predictor_grad_norm > 1e-4,
+            "clipping must be active: {} {}",
+            a.encoder_grad_norm,
+            a.predictor_grad_norm
+        );
+        assert_eq!(
+            kept.params_digest().unwrap(),
+            cast.params_digest().unwrap(),
+            "step {step}: weights, moments and target"
+        );
+    }
+    let copies = kept.copies.as_ref().unwrap();
+    let cast_of = |t: &Tensor| bits(&t.to_dtype(DType::BF16).unwrap());
+    for (p, c) in kept.opt.params().iter().zip(&copies.trainable) {
+        assert_eq!(c.dtype(), DType::BF16);
+        assert_eq!(
+            bits(c.as_tensor()),
+            cast_of(p.var.as_tensor()),
+            "{}",
+            p.name
+        );
+    }
+    for ((name, t), c) in kept.target_params.iter().zip(&copies.target) {
+        assert_eq!(bits(c.as_tensor()), cast_of(t), "target {name}");
+    }
+
+    // Activation checkpointing on the kept copies (its side gradients land on them too).
+    let (mut ck, mut cast) = (build(true, true), build(false, false));
+    for _ in 0..3 {
+        let (a, b) = (
+            ck.train_step(&batch).unwrap(),
+            cast.train_step(&batch).unwrap(),
+        );
+        assert!(
+            (a.loss - b.loss).abs() / b.loss < 1e-3,
+            "{} vs {}",
+            a.loss,
+            b.loss
+        );
+    }
+
+    // Back to f32: no copies, the exact path.
+    kept.set_compute_dtype(DType::F32).unwrap();
+    assert!(!kept.keeps_weight_copies());
+    kept.train_step(&batch).unwrap();
+}
+
 /// A batch staged in bf16 (what `ClipStager` uploads for a bf16 step) trains exactly as the
 /// f32 batch does: the step casts its clips to the compute dtype first thing.
 #[test]

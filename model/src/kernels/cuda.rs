@@ -1179,9 +1179,23 @@ pub fn column_sum(x: &CudaStorage, lx: &Layout) -> Result<(CudaStorage, Shape)> 
 /// Σ x² over all elements as a scalar of x's dtype (fp32 accumulation; grad norms). Two
 /// launches with a grid fixed by the element count, so the summation order never changes.
 pub fn sum_sq(x: &CudaStorage, lx: &Layout) -> Result<(CudaStorage, Shape)> {
+    sum_sq_as(x, lx, false)
+}
+
+/// [`sum_sq`] as an f32 scalar whatever x's dtype: the fp32 total of a bf16 tensor unrounded
+/// (the gradient norms of a mixed-precision step), the same sum as over x widened to f32.
+pub fn sum_sq_f32(x: &CudaStorage, lx: &Layout) -> Result<(CudaStorage, Shape)> {
+    sum_sq_as(x, lx, true)
+}
+
+fn sum_sq_as(x: &CudaStorage, lx: &Layout, f32_out: bool) -> Result<(CudaStorage, Shape)> {
     const OP: &str = "sum_sq (cuda)";
     let n = lx.shape().elem_count();
-    fn inner<T: KernelFloat>(x: &CudaStorage, lx: &Layout, n: usize) -> Result<CudaStorage> {
+    fn inner<T: KernelFloat, O: KernelFloat>(
+        x: &CudaStorage,
+        lx: &Layout,
+        n: usize,
+    ) -> Result<CudaStorage> {
         let dev = &x.device;
         let ty = T::DTYPE.as_str();
         let xs = view::<T>(x, lx, OP, "x")?;
@@ -1200,8 +1214,12 @@ pub fn sum_sq(x: &CudaStorage, lx: &Layout) -> Result<(CudaStorage, Shape)> {
         // SAFETY: matches sumsq_partial_* in elementwise.cu.
         unsafe { bld.launch(cfg) }.w()?;
         // SAFETY: written by sum_final.
-        let out = unsafe { dev.alloc::<T>(1)? };
-        let f = load(dev, ELEMENTWISE, &format!("sum_final_{ty}"))?;
+        let out = unsafe { dev.alloc::<O>(1)? };
+        let f = load(
+            dev,
+            ELEMENTWISE,
+            &format!("sum_final_{}", O::DTYPE.as_str()),
+        )?;
         let nb = blocks as u32;
         let mut bld = stream.launch_builder(&f);
         bld.arg(&partial).arg(&out).arg(&nb);
@@ -1209,9 +1227,10 @@ pub fn sum_sq(x: &CudaStorage, lx: &Layout) -> Result<(CudaStorage, Shape)> {
         unsafe { bld.launch(linear_cfg(256, 256)) }.w()?;
         Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
     }
-    let s = match float_dtype(x, OP, false)? {
-        DType::F32 => inner::<f32>(x, lx, n)?,
-        _ => inner::<bf16>(x, lx, n)?,
+    let s = match (float_dtype(x, OP, false)?, f32_out) {
+        (DType::F32, _) => inner::<f32, f32>(x, lx, n)?,
+        (_, true) => inner::<bf16, f32>(x, lx, n)?,
+        _ => inner::<bf16, bf16>(x, lx, n)?,
     };
     Ok((s, Shape::from(())))
 }
@@ -1615,9 +1634,9 @@ pub fn ema_inplace(
 /// One tensor of a multi-tensor AdamW launch.
 #[derive(Clone, Copy, Debug)]
 pub struct AdamWSlot<'a> {
-    /// The parameter (updated in place).
+    /// The parameter (f32, updated in place).
     pub param: &'a Tensor,
-    /// Its gradient.
+    /// Its gradient: f32, or bf16 when the step ran on bf16 copies of the weights.
     pub grad: &'a Tensor,
     /// First moment (updated in place).
     pub exp_avg: &'a Tensor,
@@ -1625,30 +1644,60 @@ pub struct AdamWSlot<'a> {
     pub exp_avg_sq: &'a Tensor,
     /// This tensor's lr / weight decay / step.
     pub step: AdamWStep,
+    /// Factor the gradient is multiplied by as it is read (the clipping factor; 1 for none).
+    pub grad_scale: f64,
+    /// A bf16 copy of the parameter, rewritten from the updated values in the same pass.
+    pub copy: Option<&'a Tensor>,
 }
 
-/// Device address of a contiguous f32 CUDA tensor's first element, with the storage guard that
-/// keeps it alive.
+/// Device address of a contiguous CUDA tensor's first element (f32, or bf16 where `bf16_ok`),
+/// with the storage guard that keeps it alive, its element count and dtype.
+fn dev_ptr<'a>(
+    t: &'a Tensor,
+    op: &str,
+    what: &str,
+    bf16_ok: bool,
+) -> Result<(u64, candle_core::StorageRef<'a>, usize, DType)> {
+    let (guard, layout) = t.storage_and_layout();
+    let (ptr, n, dtype) = match &*guard {
+        Storage::Cuda(cs) => {
+            let dtype = float_dtype(cs, op, !bf16_ok)?;
+            let Some((a, b)) = layout.contiguous_offsets() else {
+                bail!("{op}: {what} must be contiguous")
+            };
+            let stream = cs.device.cuda_stream();
+            let base = match dtype {
+                DType::F32 => cs.as_cuda_slice::<f32>()?.device_ptr(&stream).0 + (a * 4) as u64,
+                _ => cs.as_cuda_slice::<bf16>()?.device_ptr(&stream).0 + (a * 2) as u64,
+            };
+            (base, b - a, dtype)
+        }
+        _ => bail!("{op}: {what} is not on a CUDA device"),
+    };
+    Ok((ptr, guard, n, dtype))
+}
+
+/// [`dev_ptr`] of an f32 tensor.
 fn f32_ptr<'a>(
     t: &'a Tensor,
     op: &str,
     what: &str,
 ) -> Result<(u64, candle_core::StorageRef<'a>, usize)> {
-    let (guard, layout) = t.storage_and_layout();
-    let (ptr, n) = match &*guard {
-        Storage::Cuda(cs) => {
-            float_dtype(cs, op, true)?;
-            let Some((a, b)) = layout.contiguous_offsets() else {
-                bail!("{op}: {what} must be contiguous")
-            };
-            let slice = cs.as_cuda_slice::<f32>()?;
-            let stream = cs.device.cuda_stream();
-            let (base, _sync) = slice.device_ptr(&stream);
-            (base + (a * 4) as u64, b - a)
-        }
-        _ => bail!("{op}: {what} is not on a CUDA device"),
-    };
-    Ok((ptr, guard, n))
+    let (p, g, n, _) = dev_ptr(t, op, what, false)?;
+    Ok((p, g, n))
+}
+
+/// [`dev_ptr`] of a bf16 tensor.
+fn bf16_ptr<'a>(
+    t: &'a Tensor,
+    op: &str,
+    what: &str,
+) -> Result<(u64, candle_core::StorageRef<'a>, usize)> {
+    let (p, g, n, dtype) = dev_ptr(t, op, what, true)?;
+    if dtype != DType::BF16 {
+        bail!("{op}: {what} must be bf16, got {dtype:?}");
+    }
+    Ok((p, g, n))
 }
 
 /// Builds the block → (tensor, chunk) map of a multi-tensor launch.
@@ -1681,10 +1730,12 @@ fn multi_cfg(nblocks: u32) -> LaunchConfig {
     }
 }
 
-/// AdamW over many tensors in ONE launch (plus one small host→device copy of the table): the
-/// same per-element update as [`adamw_inplace`], with per-tensor lr / weight decay / step.
-/// All tensors must be contiguous f32 on the same CUDA device; params and moments are written
-/// in place (they must not alias each other or other live tensors).
+/// AdamW over many tensors in ONE launch per gradient dtype (plus one small host→device copy
+/// of the table): the same per-element update as [`adamw_inplace`], with per-tensor lr / weight
+/// decay / step / gradient scale, and each slot's bf16 copy (if any) rewritten in the same pass.
+/// Params and moments must be contiguous f32, gradients f32 or bf16, all on the same CUDA
+/// device; params, moments and copies are written in place (they must not alias each other or
+/// other live tensors).
 pub fn adamw_multi(slots: &[AdamWSlot<'_>], cfg: &AdamWConfig) -> Result<()> {
     const OP: &str = "adamw_multi (cuda)";
     let Some(first) = slots.first() else {
@@ -1694,24 +1745,68 @@ pub fn adamw_multi(slots: &[AdamWSlot<'_>], cfg: &AdamWConfig) -> Result<()> {
         candle_core::Device::Cuda(d) => d.clone(),
         _ => bail!("{OP}: tensors must be on a CUDA device"),
     };
-    let mut guards = Vec::with_capacity(4 * slots.len());
+    for (grad_dtype, kernel) in [
+        (DType::F32, "adamw_multi_f32"),
+        (DType::BF16, "adamw_multi_bf16g"),
+    ] {
+        let part: Vec<&AdamWSlot<'_>> = slots
+            .iter()
+            .filter(|s| s.grad.dtype() == grad_dtype)
+            .collect();
+        if !part.is_empty() {
+            adamw_multi_launch(&dev, &part, cfg, kernel)?;
+        }
+    }
+    if let Some(s) = slots
+        .iter()
+        .find(|s| !matches!(s.grad.dtype(), DType::F32 | DType::BF16))
+    {
+        bail!(
+            "{OP}: gradients must be f32 or bf16, got {:?}",
+            s.grad.dtype()
+        );
+    }
+    Ok(())
+}
+
+/// One launch of `kernel` over `slots`, whose gradients all have the kernel's dtype.
+fn adamw_multi_launch(
+    dev: &CudaDevice,
+    slots: &[&AdamWSlot<'_>],
+    cfg: &AdamWConfig,
+    kernel: &str,
+) -> Result<()> {
+    const OP: &str = "adamw_multi (cuda)";
+    let mut guards = Vec::with_capacity(5 * slots.len());
     let mut table: Vec<u64> = Vec::with_capacity(8 * slots.len());
     let mut sizes = Vec::with_capacity(slots.len());
     for s in slots {
         let (p, gp, n) = f32_ptr(s.param, OP, "param")?;
-        let (g, gg, ng) = f32_ptr(s.grad, OP, "grad")?;
+        let (g, gg, ng, _) = dev_ptr(s.grad, OP, "grad", true)?;
         let (m, gm, nm) = f32_ptr(s.exp_avg, OP, "exp_avg")?;
         let (v, gv, nv) = f32_ptr(s.exp_avg_sq, OP, "exp_avg_sq")?;
         if ng != n || nm != n || nv != n {
             bail!("{OP}: param/grad/moments sizes differ ({n}, {ng}, {nm}, {nv})");
         }
         guards.extend([gp, gg, gm, gv]);
+        let copy = match s.copy {
+            Some(c) => {
+                let (c, gc, nc) = bf16_ptr(c, OP, "copy")?;
+                if nc != n {
+                    bail!("{OP}: the copy has {nc} elements, the param {n}");
+                }
+                guards.push(gc);
+                c
+            }
+            None => 0,
+        };
         let (decay, step_size, sqrt_bc2) = s.step.scalars(cfg);
+        let gscale = s.grad_scale as f32;
         // Layout of AdamWEntry in optim.cu: 5 u64, 4 f32, 1 u64.
         table.extend([p, g, m, v, n as u64]);
         table.push(u64::from(decay.to_bits()) | (u64::from(step_size.to_bits()) << 32));
-        table.push(u64::from(sqrt_bc2.to_bits()));
-        table.push(0);
+        table.push(u64::from(sqrt_bc2.to_bits()) | (u64::from(gscale.to_bits()) << 32));
+        table.push(copy);
         sizes.push(n);
     }
     let map = block_map(&sizes);
@@ -1719,12 +1814,12 @@ pub fn adamw_multi(slots: &[AdamWSlot<'_>], cfg: &AdamWConfig) -> Result<()> {
         return Ok(());
     }
     let nblocks = u32_of(map.len(), OP, "blocks")?;
-    let (dtable, ntab) = upload_table(&dev, table, map)?;
+    let (dtable, ntab) = upload_table(dev, table, map)?;
     let tab = dtable.slice(0..ntab);
     let bmap = dtable.slice(ntab..);
     let (omb1, b2, omb2, eps) = cfg.scalars();
     let chunk = MULTI_CHUNK as u32;
-    let f = load(&dev, OPTIM, "adamw_multi_f32")?;
+    let f = load(dev, OPTIM, kernel)?;
     let stream = dev.cuda_stream();
     let mut bld = stream.launch_builder(&f);
     bld.arg(&tab)
@@ -1734,33 +1829,46 @@ pub fn adamw_multi(slots: &[AdamWSlot<'_>], cfg: &AdamWConfig) -> Result<()> {
         .arg(&omb2)
         .arg(&eps)
         .arg(&chunk);
-    // SAFETY: matches adamw_multi_f32 in optim.cu; the guards keep every tensor alive.
+    // SAFETY: matches adamw_multi_f32 / adamw_multi_bf16g in optim.cu (the gradients have the
+    // kernel's dtype); the guards keep every tensor alive.
     unsafe { bld.launch(multi_cfg(nblocks)) }.w()?;
     drop(guards);
     Ok(())
 }
 
-/// EMA over many `(target, source)` pairs in ONE launch: `t ← m·t + (1 − m)·s`.
-pub fn ema_multi(pairs: &[(&Tensor, &Tensor)], momentum: f64) -> Result<()> {
+/// EMA over many `(target, source, copy)` triples in ONE launch: `t ← m·t + (1 − m)·s`, and
+/// the new `t` in bf16 to `copy` where there is one.
+pub fn ema_multi(pairs: &[(&Tensor, &Tensor, Option<&Tensor>)], momentum: f64) -> Result<()> {
     const OP: &str = "ema_multi (cuda)";
-    let Some((first, _)) = pairs.first() else {
+    let Some((first, ..)) = pairs.first() else {
         return Ok(());
     };
     let dev = match first.device() {
         candle_core::Device::Cuda(d) => d.clone(),
         _ => bail!("{OP}: tensors must be on a CUDA device"),
     };
-    let mut guards = Vec::with_capacity(2 * pairs.len());
+    let mut guards = Vec::with_capacity(3 * pairs.len());
     let mut table: Vec<u64> = Vec::with_capacity(4 * pairs.len());
     let mut sizes = Vec::with_capacity(pairs.len());
-    for (t, s) in pairs {
+    for (t, s, copy) in pairs {
         let (tp, gt, n) = f32_ptr(t, OP, "target")?;
         let (sp, gs, ns) = f32_ptr(s, OP, "source")?;
         if ns != n {
             bail!("{OP}: target has {n} elements, source {ns}");
         }
         guards.extend([gt, gs]);
-        table.extend([tp, sp, n as u64, 0]);
+        let cp = match copy {
+            Some(c) => {
+                let (c, gc, nc) = bf16_ptr(c, OP, "copy")?;
+                if nc != n {
+                    bail!("{OP}: the copy has {nc} elements, the target {n}");
+                }
+                guards.push(gc);
+                c
+            }
+            None => 0,
+        };
+        table.extend([tp, sp, n as u64, cp]);
         sizes.push(n);
     }
     let map = block_map(&sizes);

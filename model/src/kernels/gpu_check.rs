@@ -792,6 +792,14 @@ pub fn run_checks(
             &e,
         ));
     }
+    if let Err(e) = check_weight_copies(dev, &mut push) {
+        push(error_row(
+            "train_step bf16 kept copies",
+            "",
+            DType::BF16,
+            &e,
+        ));
+    }
     Ok(rows)
 }
 
@@ -897,6 +905,12 @@ fn check_optimizer(
     let mut ops = Vec::new();
     let mut fused = Vec::new();
     let mut multi = Vec::new();
+    // Mixed precision: bf16 gradients scaled by a clipping factor as they are read, and a bf16
+    // copy of each parameter rewritten by the same launch; reference: the CPU step on the
+    // gradients widened and scaled in f32, then the cast.
+    let mut cpu_mixed = Vec::new();
+    let mut mixed = Vec::new();
+    let scales = [0.5, 1.0, 0.25];
     for &n in &sizes {
         let p = inp.randn(&[n], 0.02)?;
         cpu.push((p.copy()?, state(n, &Device::Cpu)?));
@@ -904,11 +918,27 @@ fn check_optimizer(
         fused.push((p.to_device(dev)?, state(n, dev)?));
         let z = || Tensor::zeros(n, DType::F32, dev);
         multi.push((p.to_device(dev)?, z()?, z()?));
+        cpu_mixed.push((p.copy()?, state(n, &Device::Cpu)?));
+        let copy = Tensor::zeros(n, DType::BF16, dev)?;
+        mixed.push((p.to_device(dev)?, z()?, z()?, copy));
     }
     for step in 1..=3u64 {
         let mut grads = Vec::new();
+        let mut grads_bf16 = Vec::new();
         for (i, &n) in sizes.iter().enumerate() {
             let g = inp.randn(&[n], 1e-2)?;
+            let g16 = g.to_dtype(DType::BF16)?;
+            let wide = g16.to_dtype(DType::F32)?.affine(scales[i], 0.0)?;
+            let upd_mixed = super::AdamUpdate {
+                lr,
+                weight_decay: wds[i],
+                beta1: cfg.beta1,
+                beta2: cfg.beta2,
+                eps: cfg.eps,
+                step,
+            };
+            super::adamw_step(&cpu_mixed[i].0, &cpu_mixed[i].1, &wide, &upd_mixed)?;
+            grads_bf16.push(g16.to_device(dev)?);
             let upd = super::AdamUpdate {
                 lr,
                 weight_decay: wds[i],
@@ -944,9 +974,36 @@ fn check_optimizer(
                     weight_decay: wds[i],
                     step,
                 },
+                grad_scale: 1.0,
+                copy: None,
             })
             .collect();
         ck::adamw_multi(&slots, &cfg)?;
+        let slots: Vec<_> = mixed
+            .iter()
+            .zip(&grads_bf16)
+            .enumerate()
+            .map(|(i, ((p, m, v, c), g))| ck::AdamWSlot {
+                param: p,
+                grad: g,
+                exp_avg: m,
+                exp_avg_sq: v,
+                step: ck::AdamWStep {
+                    lr,
+                    weight_decay: wds[i],
+                    step,
+                },
+                grad_scale: scales[i],
+                copy: Some(c),
+            })
+            .collect();
+        ck::adamw_multi(&slots, &cfg)?;
+    }
+    let (mut e_mixed, mut e_copy) = (0f64, 0f64);
+    for ((p, st), (pg, mg, vg, cg)) in cpu_mixed.iter().zip(&mixed) {
+        e_mixed = e_mixed.max(worst(&[(pg, p), (mg, &st.get(0)?), (vg, &st.get(1)?)])?);
+        // The copy against the cast of the GPU's own master: equal but for rounding ties.
+        e_copy = e_copy.max(rel_err(cg, &pg.to_dtype(DType::BF16)?)?);
     }
     let (mut e_ops, mut e_fused, mut e_multi) = (0f64, 0f64, 0f64);
     for (i, (p, st)) in cpu.iter().enumerate() {
@@ -974,7 +1031,14 @@ fn check_optimizer(
         DType::F32,
         e_fused,
     ));
-    push(row("adamw_multi", case, DType::F32, e_multi));
+    push(row("adamw_multi", case.clone(), DType::F32, e_multi));
+    push(row(
+        "adamw_multi (bf16 grads, scaled)",
+        case.clone(),
+        DType::F32,
+        e_mixed,
+    ));
+    push(row("adamw_multi (bf16 copies)", case, DType::F32, e_copy));
 
     let mom = 0.996;
     let (mut e_op, mut e_multi) = (0f64, 0f64);
@@ -990,16 +1054,34 @@ fn check_optimizer(
         pairs_g.push((tg, sg));
         refs.push(t);
     }
-    let pairs: Vec<_> = pairs_g.iter().map(|(t, s)| (t, s)).collect();
-    ck::ema_multi(&pairs, mom)?;
-    for ((t, s), r) in pairs_g.iter().zip(&refs) {
+    let copies = sizes
+        .iter()
+        .map(|&n| Tensor::zeros(n, DType::BF16, dev))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let triples: Vec<_> = pairs_g
+        .iter()
+        .zip(&copies)
+        .enumerate()
+        // The middle tensor without a copy: both kinds of entry in one launch.
+        .map(|(i, ((t, s), c))| (t, s, (i != 1).then_some(c)))
+        .collect();
+    ck::ema_multi(&triples, mom)?;
+    let mut e_copy = 0f64;
+    for (i, ((t, s), r)) in pairs_g.iter().zip(&refs).enumerate() {
         // The multi-tensor update ran on top of the op's: apply it once more on the CPU.
         super::ema_update(r, &s.to_device(&Device::Cpu)?, mom)?;
         e_multi = e_multi.max(rel_err(t, r)?);
+        let want = if i == 1 {
+            Tensor::zeros(sizes[i], DType::BF16, &Device::Cpu)?
+        } else {
+            t.to_dtype(DType::BF16)?
+        };
+        e_copy = e_copy.max(rel_err(&copies[i], &want)?);
     }
     let case = format!("3 tensors {sizes:?}");
     push(row("ema (model op)", case.clone(), DType::F32, e_op));
-    push(row("ema_multi", case, DType::F32, e_multi));
+    push(row("ema_multi", case.clone(), DType::F32, e_multi));
+    push(row("ema_multi (bf16 copies)", case, DType::F32, e_copy));
     Ok(())
 }
 
@@ -1129,6 +1211,78 @@ fn check_checkpointing(dev: &Device, push: &mut dyn FnMut(CheckRow)) -> Result<(
     Ok(())
 }
 
+/// Kept bf16 weight copies (the mixed-precision default) against per-step casts, both on the
+/// device, three steps with clipping active: the same computation, so losses, weights and
+/// moments must agree to f32 tolerance (the CPU agrees to the bit,
+/// `kept_weight_copies_equal_per_step_casts`), and every copy must be the cast of its master.
+fn check_weight_copies(dev: &Device, push: &mut dyn FnMut(CheckRow)) -> Result<(), ModelError> {
+    let (mut kept, batch) = small_vjepa_clipped(dev, Some(1e-4))?;
+    let (mut cast, _) = small_vjepa_clipped(dev, Some(1e-4))?;
+    kept.set_compute_dtype(DType::BF16)?;
+    cast.set_compute_dtype(DType::BF16)?;
+    cast.set_keep_weight_copies(false)?;
+    if !kept.keeps_weight_copies() {
+        return Err(ModelError::Input(
+            "the bf16 model keeps no weight copies".into(),
+        ));
+    }
+    let mut loss_err = 0f64;
+    let mut clipped = true;
+    for _ in 0..3 {
+        let (a, b) = (kept.train_step(&batch)?, cast.train_step(&batch)?);
+        loss_err = loss_err.max((a.loss - b.loss).abs() / b.loss.abs().max(1e-30));
+        clipped &= a.encoder_grad_norm > 1e-4 && a.predictor_grad_norm > 1e-4;
+    }
+    let case = format!(
+        "D128 d2 h2, pred 64, 8x64x64, B2, 3 steps{}, vs per-step casts",
+        if clipped { ", clipped" } else { "" }
+    );
+    push(row(
+        "train_step bf16 kept copies: loss",
+        case.clone(),
+        DType::F32,
+        loss_err,
+    ));
+    let moments = |m: &crate::VJepa| -> Result<Vec<f32>, ModelError> {
+        let mut out = Vec::new();
+        for p in m.opt.params() {
+            out.extend(p.state.flatten_all()?.to_vec1::<f32>()?);
+        }
+        for (_, t) in &m.target_params {
+            out.extend(t.flatten_all()?.to_vec1::<f32>()?);
+        }
+        Ok(out)
+    };
+    let weights_err = rel_l2(&all_params(&kept)?, &all_params(&cast)?)
+        .max(rel_l2(&moments(&kept)?, &moments(&cast)?));
+    push(row(
+        "train_step bf16 kept copies: weights, moments, target",
+        case.clone(),
+        DType::F32,
+        weights_err,
+    ));
+    let Some(copies) = kept.copies.as_ref() else {
+        return Err(ModelError::Input("the copies went away".into()));
+    };
+    let mut copy_err = 0f64;
+    for (p, c) in kept.opt.params().iter().zip(&copies.trainable) {
+        copy_err = copy_err.max(rel_err(
+            c.as_tensor(),
+            &p.var.as_tensor().to_dtype(DType::BF16)?,
+        )?);
+    }
+    for ((_, t), c) in kept.target_params.iter().zip(&copies.target) {
+        copy_err = copy_err.max(rel_err(c.as_tensor(), &t.to_dtype(DType::BF16)?)?);
+    }
+    push(row(
+        "train_step bf16 kept copies: copies = casts of the masters",
+        case,
+        DType::F32,
+        copy_err,
+    ));
+    Ok(())
+}
+
 /// A step's loss and gradient against a reference's on the same batch: (relative loss
 /// difference, ‖Δg‖/‖g‖ over every trainable tensor; ∞ when they differ in which have one).
 fn step_errors(
@@ -1173,6 +1327,14 @@ fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
 /// The small V-JEPA of the train-step checks on `dev` (seed 3) and its fixed batch (on the
 /// host; the model moves it).
 fn small_vjepa(dev: &Device) -> Result<(crate::VJepa, crate::TrainBatch), ModelError> {
+    small_vjepa_clipped(dev, Some(10.0))
+}
+
+/// [`small_vjepa`] with gradient clipping at `clip_grad` from the first step.
+fn small_vjepa_clipped(
+    dev: &Device,
+    clip_grad: Option<f64>,
+) -> Result<(crate::VJepa, crate::TrainBatch), ModelError> {
     use crate::{EncoderConfig, MaskIndices, OptimConfig, PredictorConfig, TrainBatch, VJepa};
     let enc = EncoderConfig {
         embed_dim: 128,
@@ -1200,7 +1362,7 @@ fn small_vjepa(dev: &Device) -> Result<(crate::VJepa, crate::TrainBatch), ModelE
         weight_decay: 0.04,
         final_weight_decay: 0.4,
         ema: (0.99, 1.0),
-        clip_grad: Some(10.0),
+        clip_grad,
         clip_start_iteration: 0,
         betas: (0.9, 0.999),
         eps: 1e-8,
@@ -1527,13 +1689,50 @@ pub fn run_timings(
             exp_avg: m,
             exp_avg_sq: v,
             step,
+            grad_scale: 1.0,
+            copy: None,
         })
         .collect();
     // p, m, v read + written, g read: 7 × 4 bytes per parameter.
     let bytes = Some(28.0 * np as f64);
-    time!("adamw_multi (1 launch)", shape, f32_, bytes, None, || {
-        ck::adamw_multi(&slots, &cfg)
-    });
+    time!(
+        "adamw_multi (1 launch)",
+        shape.clone(),
+        f32_,
+        bytes,
+        None,
+        || { ck::adamw_multi(&slots, &cfg) }
+    );
+    // Mixed precision with kept copies: bf16 gradients, clipped as read, bf16 copies written
+    // (p, m, v 24 bytes, g 2, copy 2). Against the per-step casts it replaces: the forward
+    // cast (6), the gradient's cast back (6), a clip pass (8) and the f32 update (28).
+    let mixed: Vec<_> = ts
+        .iter()
+        .map(|(p, g, ..)| -> candle_core::Result<_> {
+            Ok((g.to_dtype(DType::BF16)?, p.to_dtype(DType::BF16)?))
+        })
+        .collect::<candle_core::Result<_>>()?;
+    let slots_mixed: Vec<_> = ts
+        .iter()
+        .zip(&mixed)
+        .map(|((p, _, m, v), (g16, c))| ck::AdamWSlot {
+            param: p,
+            grad: g16,
+            exp_avg: m,
+            exp_avg_sq: v,
+            step,
+            grad_scale: 0.5,
+            copy: Some(c),
+        })
+        .collect();
+    time!(
+        "adamw_multi bf16 grads + copies (1 launch)",
+        shape.clone(),
+        f32_,
+        Some(28.0 * np as f64),
+        None,
+        || { ck::adamw_multi(&slots_mixed, &cfg) }
+    );
     let single: Vec<_> = ts
         .iter()
         .map(|(p, g, m, v)| -> candle_core::Result<_> {
@@ -1567,14 +1766,27 @@ pub fn run_timings(
             Ok(())
         }
     );
-    let pairs: Vec<_> = ts.iter().map(|(p, g, _, _)| (p, g)).collect();
+    let pairs: Vec<_> = ts.iter().map(|(p, g, _, _)| (p, g, None)).collect();
     time!(
         "ema_multi (1 launch)",
-        shape,
+        shape.clone(),
         f32_,
         Some(12.0 * np as f64),
         None,
         || { ck::ema_multi(&pairs, 0.996) }
+    );
+    let with_copies: Vec<_> = ts
+        .iter()
+        .zip(&mixed)
+        .map(|((p, g, ..), (_, c))| (p, g, Some(c)))
+        .collect();
+    time!(
+        "ema_multi + bf16 copies (1 launch)",
+        shape,
+        f32_,
+        Some(14.0 * np as f64),
+        None,
+        || { ck::ema_multi(&with_copies, 0.996) }
     );
     let g0 = &ts[0].1;
     let n0 = g0.elem_count();
