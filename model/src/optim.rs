@@ -319,6 +319,10 @@ pub fn grad_sq_sum<'a>(
 /// [`grad_sq_sum`] of several groups of vars with one device-to-host read on a GPU (per
 /// group: the sum of squared gradient entries, missing grads counting as zero).
 pub fn grad_sq_sums(grads: &GradStore, groups: &[&[&Var]]) -> Result<Vec<f64>, ModelError> {
+    #[cfg(feature = "cuda")]
+    if let Some(sums) = grad_sq_sums_cuda(grads, groups)? {
+        return Ok(sums);
+    }
     let mut per_group: Vec<Vec<Tensor>> = Vec::with_capacity(groups.len());
     let mut device = None;
     for vars in groups {
@@ -355,6 +359,38 @@ pub fn grad_sq_sums(grads: &GradStore, groups: &[&[&Var]]) -> Result<Vec<f64>, M
         });
     }
     Ok(Tensor::cat(&totals, 0)?.to_vec1::<f64>()?)
+}
+
+/// [`grad_sq_sums`] on a GPU in two launches and one read (`kernels::cuda::sum_sq_groups`), when
+/// every gradient is on a CUDA device and all are f32 or all bf16; `None` otherwise.
+#[cfg(feature = "cuda")]
+fn grad_sq_sums_cuda(
+    grads: &GradStore,
+    groups: &[&[&Var]],
+) -> Result<Option<Vec<f64>>, ModelError> {
+    let mut held: Vec<Vec<Tensor>> = Vec::with_capacity(groups.len());
+    let mut dtype = None;
+    for vars in groups {
+        let mut gs = Vec::new();
+        for v in vars.iter() {
+            if let Some(g) = grads.get(v.as_tensor()) {
+                let same = *dtype.get_or_insert(g.dtype()) == g.dtype();
+                if !g.device().is_cuda() || !same || !matches!(g.dtype(), DType::F32 | DType::BF16)
+                {
+                    return Ok(None);
+                }
+                gs.push(g.contiguous()?);
+            }
+        }
+        held.push(gs);
+    }
+    if dtype.is_none() {
+        return Ok(None);
+    }
+    let refs: Vec<Vec<&Tensor>> = held.iter().map(|g| g.iter().collect()).collect();
+    let slices: Vec<&[&Tensor]> = refs.iter().map(Vec::as_slice).collect();
+    let sums = kernels::cuda::sum_sq_groups(&slices)?;
+    Ok(Some(sums.into_iter().map(f64::from).collect()))
 }
 
 /// torch `clip_grad_norm_`: scales the grads of `vars` by max_norm / (norm + 1e-6) when that is

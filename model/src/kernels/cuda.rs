@@ -1889,3 +1889,81 @@ pub fn ema_multi(pairs: &[(&Tensor, &Tensor, Option<&Tensor>)], momentum: f64) -
     drop(guards);
     Ok(())
 }
+
+/// Σ x² over every tensor of each group, in two launches and one read — the per-module
+/// gradient norms of a step, which per tensor cost four or five candle ops each (about two
+/// thousand launches at ViT-L, issued while the GPU waits). fp32 partials per 8192-element chunk,
+/// added per group in a fixed order. The tensors must be contiguous, on one CUDA device, and all
+/// f32 or all bf16. Reads the sums back (a synchronisation).
+pub fn sum_sq_groups(groups: &[&[&Tensor]]) -> Result<Vec<f32>> {
+    const OP: &str = "sum_sq_groups (cuda)";
+    let Some(first) = groups.iter().flat_map(|g| g.iter()).next() else {
+        return Ok(vec![0.0; groups.len()]);
+    };
+    let dev = match first.device() {
+        candle_core::Device::Cuda(d) => d.clone(),
+        _ => bail!("{OP}: tensors must be on a CUDA device"),
+    };
+    let dtype = first.dtype();
+    let kernel = match dtype {
+        DType::F32 => "sumsq_multi_f32",
+        DType::BF16 => "sumsq_multi_bf16",
+        d => bail!("{OP}: only f32 and bf16 are supported, got {d:?}"),
+    };
+    let mut guards = Vec::new();
+    let mut table: Vec<u64> = Vec::new();
+    let mut sizes = Vec::new();
+    let mut bounds: Vec<u64> = vec![0];
+    let mut blocks = 0u64;
+    for g in groups {
+        for t in g.iter() {
+            if t.dtype() != dtype {
+                bail!("{OP}: mixed dtypes ({dtype:?} and {:?})", t.dtype());
+            }
+            let (p, guard, n, _) = dev_ptr(t, OP, "tensor", true)?;
+            guards.push(guard);
+            table.extend([p, n as u64]);
+            sizes.push(n);
+            blocks += n.div_ceil(MULTI_CHUNK) as u64;
+        }
+        bounds.push(blocks);
+    }
+    let map = block_map(&sizes);
+    if map.is_empty() {
+        return Ok(vec![0.0; groups.len()]);
+    }
+    let nblocks = u32_of(map.len(), OP, "blocks")?;
+    let ngroups = u32_of(groups.len(), OP, "groups")?;
+    let (ntab, nmap) = (table.len(), map.len());
+    table.extend(map);
+    table.extend(bounds);
+    let dtable = dev.clone_htod(&table)?;
+    let tab = dtable.slice(0..ntab);
+    let bmap = dtable.slice(ntab..ntab + nmap);
+    let bnds = dtable.slice(ntab + nmap..);
+    // SAFETY: every block writes its partial; every group its sum.
+    let partial = unsafe { dev.alloc::<f32>(nmap)? };
+    let out = unsafe { dev.alloc::<f32>(groups.len())? };
+    let chunk = MULTI_CHUNK as u32;
+    let stream = dev.cuda_stream();
+    let f = load(&dev, OPTIM, kernel)?;
+    let mut bld = stream.launch_builder(&f);
+    bld.arg(&tab).arg(&bmap).arg(&partial).arg(&chunk);
+    // SAFETY: matches sumsq_multi_* in optim.cu (the tensors have the kernel's dtype); the
+    // guards keep every tensor alive.
+    unsafe { bld.launch(multi_cfg(nblocks)) }.w()?;
+    let f = load(&dev, OPTIM, "sum_ranges_f32")?;
+    let mut bld = stream.launch_builder(&f);
+    bld.arg(&partial).arg(&bnds).arg(&out);
+    let cfg = LaunchConfig {
+        grid_dim: (ngroups, 1, 1),
+        block_dim: (1024, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: matches sum_ranges_f32 in optim.cu: `bounds` has groups + 1 entries, each within
+    // the partials.
+    unsafe { bld.launch(cfg) }.w()?;
+    let sums = dev.clone_dtoh(&out)?;
+    drop(guards);
+    Ok(sums)
+}

@@ -1078,6 +1078,45 @@ fn check_optimizer(
         };
         e_copy = e_copy.max(rel_err(&copies[i], &want)?);
     }
+    // The per-module gradient norms in one go: groups [t0, t1], [], [t2], f32 and bf16, against
+    // f64 sums on the host.
+    for dt in [DType::F32, DType::BF16] {
+        let ts = sizes
+            .iter()
+            .map(|&n| inp.randn(&[n], 1e-2)?.to_dtype(dt))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let on_dev = ts
+            .iter()
+            .map(|t| t.to_device(dev))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let sq = |t: &Tensor| -> candle_core::Result<f64> {
+            Ok(t.to_dtype(DType::F64)?
+                .flatten_all()?
+                .to_vec1::<f64>()?
+                .iter()
+                .map(|v| v * v)
+                .sum())
+        };
+        let want = [sq(&ts[0])? + sq(&ts[1])?, 0.0, sq(&ts[2])?];
+        let got = ck::sum_sq_groups(&[&[&on_dev[0], &on_dev[1]], &[], &[&on_dev[2]]])?;
+        let err = got
+            .iter()
+            .zip(want)
+            .map(|(&g, w)| (f64::from(g) - w).abs() / w.max(1e-30))
+            .fold(0f64, f64::max);
+        let err = if got.len() == 3 && got[1] == 0.0 {
+            err
+        } else {
+            f64::INFINITY
+        };
+        push(row(
+            "sum_sq_groups (grad norms)",
+            format!("groups [2, 0, 1] of {sizes:?}, {}", dname(dt)),
+            DType::F32,
+            err,
+        ));
+    }
+
     let case = format!("3 tensors {sizes:?}");
     push(row("ema (model op)", case.clone(), DType::F32, e_op));
     push(row("ema_multi", case.clone(), DType::F32, e_multi));
@@ -1797,6 +1836,56 @@ pub fn run_timings(
         Some(4.0 * n0 as f64),
         None,
         || { gpu::sum_sq(g0).map(drop) }
+    );
+    // The step's gradient norms at ViT-L: 24 blocks × 12 tensors (302 M bf16 values), one
+    // multi-tensor reduction and one read against a sum_sq per tensor gathered by candle ops.
+    let mut vitl = Vec::new();
+    for _ in 0..24 {
+        for shape in [
+            vec![3072usize, 1024],
+            vec![3072],
+            vec![1024, 1024],
+            vec![1024],
+            vec![4096, 1024],
+            vec![4096],
+            vec![1024, 4096],
+            vec![1024],
+            vec![1024],
+            vec![1024],
+            vec![1024],
+            vec![1024],
+        ] {
+            vitl.push(Tensor::ones(shape, DType::BF16, dev)?);
+        }
+    }
+    let nv: usize = vitl.iter().map(Tensor::elem_count).sum();
+    let shape = format!("{} tensors, {nv} bf16", vitl.len());
+    let refs: Vec<&Tensor> = vitl.iter().collect();
+    time!(
+        "grad norms (2 launches, 1 read)",
+        shape.clone(),
+        DType::BF16,
+        Some(2.0 * nv as f64),
+        None,
+        || { ck::sum_sq_groups(&[&refs]).map(drop) }
+    );
+    time!(
+        "grad norms (per tensor)",
+        shape,
+        DType::BF16,
+        Some(2.0 * nv as f64),
+        None,
+        || {
+            let sums = vitl
+                .iter()
+                .map(|t| {
+                    super::sum_sq_f32(t)
+                        .and_then(|s| Ok(s.to_dtype(DType::F64)?.reshape(1)?))
+                        .map_err(|e| candle_core::Error::Msg(e.to_string()))
+                })
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            Tensor::cat(&sums, 0)?.sum_all()?.to_vec0::<f64>().map(drop)
+        }
     );
     Ok(rows)
 }

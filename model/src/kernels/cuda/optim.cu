@@ -207,3 +207,54 @@ extern "C" __global__ void ema_multi_f32(const EmaEntry *table, const unsigned l
     ema_range(reinterpret_cast<float *>(a.t), reinterpret_cast<const float *>(a.s),
               reinterpret_cast<bf16 *>(a.copy), start, end, threadIdx.x, blockDim.x, mom, rest);
 }
+
+// Squared gradient norms of many tensors in two launches (the clipping and the metrics need one
+// per module): `sumsq_multi_*` writes one fp32 partial per (tensor, chunk) block, in block order;
+// `sum_ranges_f32` adds each group's contiguous range of partials with one block per group. A
+// fixed tree for given sizes, so the result never depends on scheduling.
+struct SumSqEntry {
+    unsigned long long x, n;
+};
+static_assert(sizeof(SumSqEntry) == 16, "SumSqEntry layout");
+
+template <typename T>
+__device__ __forceinline__ void sumsq_multi(const SumSqEntry *table,
+                                            const unsigned long long *blockmap, float *partial,
+                                            uint32_t chunk) {
+    __shared__ float scratch[32];
+    const unsigned long long e = blockmap[blockIdx.x];
+    const SumSqEntry a = table[e & 0xffffffffull];
+    const T *x = reinterpret_cast<const T *>(a.x);
+    const size_t start = (size_t)(e >> 32) * chunk;
+    const size_t end = min(start + chunk, (size_t)a.n);
+    float acc = 0.f;
+    for (size_t i = start + threadIdx.x; i < end; i += blockDim.x) {
+        const float v = to_f(x[i]);
+        acc = fmaf(v, v, acc);
+    }
+    acc = block_sum(acc, scratch);
+    if (threadIdx.x == 0) partial[blockIdx.x] = acc;
+}
+
+extern "C" __global__ void sumsq_multi_f32(const SumSqEntry *table,
+                                           const unsigned long long *blockmap, float *partial,
+                                           uint32_t chunk) {
+    sumsq_multi<float>(table, blockmap, partial, chunk);
+}
+
+extern "C" __global__ void sumsq_multi_bf16(const SumSqEntry *table,
+                                            const unsigned long long *blockmap, float *partial,
+                                            uint32_t chunk) {
+    sumsq_multi<bf16>(table, blockmap, partial, chunk);
+}
+
+// out[g] = Σ partial[bounds[g] .. bounds[g + 1]), block g.
+extern "C" __global__ void sum_ranges_f32(const float *partial, const unsigned long long *bounds,
+                                          float *out) {
+    __shared__ float scratch[32];
+    const size_t b0 = bounds[blockIdx.x], b1 = bounds[blockIdx.x + 1];
+    float acc = 0.f;
+    for (size_t i = b0 + threadIdx.x; i < b1; i += blockDim.x) acc += partial[i];
+    acc = block_sum(acc, scratch);
+    if (threadIdx.x == 0) out[blockIdx.x] = acc;
+}
