@@ -1155,6 +1155,32 @@ fn kept_weight_copies_equal_per_step_casts() {
         assert_eq!(bits(c.as_tensor()), cast_of(t), "target {name}");
     }
 
+    // Data-parallel: gradients flattened for the exchange and set back come back f32; the update
+    // from them is the same, and it still rewrites the copies.
+    let (mut direct, mut exchanged) = (build(true, false), build(true, false));
+    for step in 1..=2 {
+        let a = direct.train_step(&batch).unwrap();
+        let mut g = exchanged.compute_gradients(&batch).unwrap();
+        let flat = exchanged.flatten_gradients(&g).unwrap();
+        exchanged.set_flat_gradients(&mut g, &flat).unwrap();
+        let b = exchanged.apply_gradients(g).unwrap();
+        assert_eq!(a.loss.to_bits(), b.loss.to_bits(), "exchanged step {step}");
+        assert_eq!(
+            direct.params_digest().unwrap(),
+            exchanged.params_digest().unwrap(),
+            "exchanged step {step}"
+        );
+    }
+    let copies = exchanged.copies.as_ref().unwrap();
+    for (p, c) in exchanged.opt.params().iter().zip(&copies.trainable) {
+        assert_eq!(
+            bits(c.as_tensor()),
+            cast_of(p.var.as_tensor()),
+            "{}",
+            p.name
+        );
+    }
+
     // Activation checkpointing on the kept copies (its side gradients land on them too).
     let (mut ck, mut cast) = (build(true, true), build(false, false));
     for _ in 0..3 {
