@@ -6,9 +6,9 @@
 #          against the CPU (issue 9 acceptance 1, 2)
 #   ops    bench/gpu-ops.sh: each op against torch on this GPU, with the bars (issue 9, 3)
 #   step   bench/gpu-step.sh on STEP_CONFIGS (default vitl16), ours with ATTENTION (default
-#          "cudnn own") × WEIGHTS (default "kept cast": on the kept bf16 weight copies, and
-#          casting the weights every step) against the PyTorch peer and any EXTRA_PEER scripts
-#          (issue 10, 1 and 5)
+#          "cudnn own") and VARIANTS (default "--cast-weights --graph-blocks": the step without
+#          the kept bf16 weight copies, and without the fused blocks) against the PyTorch peer
+#          and any EXTRA_PEER scripts (issue 10, 1 and 5)
 #   trend  bench/loss-trend.sh: 200 steps on the CPU (f32) and on the GPU (bf16, and f32 as the
 #          noise floor), same videos and seed, loss curves compared (issue 10, 4)
 #   pipeline  bench/gpu-pipeline.sh: the whole job on H.264 at 360p/480p/720p, data-wait share
@@ -16,7 +16,7 @@
 # trend and pipeline decode with GStreamer: they need the kit of bench/gst-kit.sh in
 # .carry/gst.tar.xz (bench/gpu-pack.sh makes it with GST_KIT=1) where the device has none.
 # Environment: TORCH_ROOT (the device's torch venv, default /opt/torch/.venv), PHASES,
-# STEP_CONFIGS, ATTENTION, WEIGHTS, COMPILE, the per-phase timeouts CHECK_S, OPS_S, STEP_S, TREND_S,
+# STEP_CONFIGS, ATTENTION, VARIANTS, COMPILE, the per-phase timeouts CHECK_S, OPS_S, STEP_S, TREND_S,
 # PIPELINE_S (seconds), and DEADLINE_S (570: no phase runs past this many seconds from the start,
 # so one call ends inside the device tool's 600 s with its outputs written).
 set -uo pipefail
@@ -97,7 +97,7 @@ for phase in ${PHASES:-check ops step}; do
       peak=$(sed -n 's/^bf16 GEMM peak: \([0-9.]*\) TFLOP.*/\1/p' "$OUT/ops.txt" 2>/dev/null)
       # shellcheck disable=SC2086
       TRAIN_STEP="$W/train-step" TORCH_PYTHON="$PY" PEAK_TFLOPS="${PEAK_TFLOPS:-$peak}" \
-        ATTENTION="${ATTENTION:-cudnn own}" WEIGHTS="${WEIGHTS:-kept cast}" timeout "$(limit "${STEP_S:-420}")" \
+        ATTENTION="${ATTENTION:-cudnn own}" VARIANTS="${VARIANTS---cast-weights --graph-blocks}" timeout "$(limit "${STEP_S:-420}")" \
         bench/gpu-step.sh ${STEP_CONFIGS:-configs/vitl16.yaml} > "$OUT/step.txt" 2> "$OUT/step.err"
       echo "rc=$?" >> "$OUT/step.txt"
       cat "$OUT/step.txt"; tail -5 "$OUT/step.err" ;;

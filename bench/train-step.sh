@@ -13,9 +13,10 @@
 # for ours and the peer alike; 0 = a new draw every step, the default), EXTRA_PEER (more peer
 # scripts, space-separated, run like bench/train_step_torch.py on the same inputs and printing
 # the same JSON line: e.g. a local driver of the official code, which this repository does not
-# contain), CHECKPOINT=1 (ours with activation checkpointing), WEIGHTS (bf16: "kept", the
-# default, computes on the bf16 weight copies the optimiser keeps; "cast" casts the f32 weights in
-# every step, the way before them; "kept cast" times both, one row each).
+# contain), CHECKPOINT=1 (ours with activation checkpointing), VARIANTS (train-step switches,
+# space-separated, each one more row of ours with the first ATTENTION: --cast-weights casts the
+# f32 weights in every bf16 step instead of using the kept bf16 copies, --graph-blocks records the
+# blocks op by op on candle's graph instead of the fused block op; both the way before them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 THREADS="${1:-$(nproc)}"; shift || true
@@ -33,19 +34,23 @@ if [ "$DTYPE" = bf16 ]; then ours+=(--bf16); peer+=(--bf16); fi
 [ -n "${BATCH:-}" ] && ours+=(--batch-size "$BATCH")
 [ "${CHECKPOINT:-0}" = 1 ] && ours+=(--checkpoint-activations)
 ATTENTION="${ATTENTION:-auto}"; [ "$DEVICE" = cpu ] && ATTENTION=auto
-WEIGHTS="${WEIGHTS:-kept}"
-for w in $WEIGHTS; do
-  case "$w" in kept|cast) ;; *) echo "train-step.sh: WEIGHTS takes kept and/or cast" >&2; exit 2 ;; esac
+for v in ${VARIANTS:-}; do
+  case "$v" in --cast-weights|--graph-blocks) ;;
+    *) echo "train-step.sh: VARIANTS takes --cast-weights and --graph-blocks, not $v" >&2; exit 2 ;;
+  esac
 done
 for cfg in "${CONFIGS[@]}"; do
   runs=()
   for att in $ATTENTION; do
-    for w in $WEIGHTS; do
-      wflag=(); [ "$w" = cast ] && wflag=(--cast-weights)
-      "$BIN" --config "$cfg" --inputs "$TMP/in.safetensors" --warmup "$WARMUP" --steps "$STEPS" \
-        "${ours[@]}" "${wflag[@]}" --attention "$att" > "$TMP/ours-$att-$w.json"
-      runs+=("$TMP/ours-$att-$w.json")
-    done
+    "$BIN" --config "$cfg" --inputs "$TMP/in.safetensors" --warmup "$WARMUP" --steps "$STEPS" \
+      "${ours[@]}" --attention "$att" > "$TMP/ours-$att.json"
+    runs+=("$TMP/ours-$att.json")
+  done
+  first="${ATTENTION%% *}"
+  for v in ${VARIANTS:-}; do
+    "$BIN" --config "$cfg" --inputs "$TMP/in.safetensors" --warmup "$WARMUP" --steps "$STEPS" \
+      "${ours[@]}" "$v" --attention "$first" > "$TMP/ours$v.json"
+    runs+=("$TMP/ours$v.json")
   done
   "$PY" bench/train_step_torch.py --inputs "$TMP/in.safetensors" "${peer[@]}" > "$TMP/torch.json"
   runs+=("$TMP/torch.json")

@@ -22,18 +22,22 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Storage, Tensor, TensorI
 use crate::ModelError;
 use crate::vit::Block;
 
-/// Gradients of trainable tensors found by checkpointed blocks' backward passes, summed per
-/// tensor, waiting to join the step's gradients.
+/// Gradients of trainable tensors found by blocks' own backward passes (checkpointed or fused,
+/// [`crate::fused_block`]), summed per tensor, waiting to join the step's gradients. It also
+/// says which of the two the step's blocks are.
 #[derive(Default)]
 pub struct SideGrads {
     /// The tensors whose gradients are kept (the trainable Vars), by id.
     wanted: HashMap<TensorId, Tensor>,
     acc: Mutex<HashMap<TensorId, Tensor>>,
+    /// Blocks recompute their inside in the backward pass (checkpointing) rather than keep it
+    /// (fused).
+    recompute: bool,
 }
 
 impl SideGrads {
     /// A store keeping the gradients of `vars` (everything else a recomputation visits is
-    /// dropped at once).
+    /// dropped at once), for checkpointed blocks.
     pub fn new<'a>(vars: impl IntoIterator<Item = &'a Var>) -> Self {
         Self {
             wanted: vars
@@ -41,7 +45,38 @@ impl SideGrads {
                 .map(|v| (v.as_tensor().id(), v.as_tensor().clone()))
                 .collect(),
             acc: Mutex::new(HashMap::new()),
+            recompute: true,
         }
+    }
+
+    /// A store keeping the gradients of `vars`, for fused blocks ([`crate::fused_block`]).
+    pub fn fused<'a>(vars: impl IntoIterator<Item = &'a Var>) -> Self {
+        Self {
+            recompute: false,
+            ..Self::new(vars)
+        }
+    }
+
+    /// Whether `t` is one of the tensors whose gradients the store keeps.
+    pub fn collects(&self, t: &Tensor) -> bool {
+        self.wanted.contains_key(&t.id())
+    }
+
+    /// Adds `g` to the gradient kept for `t` (nothing when `t` is not kept).
+    pub fn add_one(&self, t: &Tensor, g: &Tensor) -> candle_core::Result<()> {
+        if !self.collects(t) {
+            return Ok(());
+        }
+        let mut acc = self
+            .acc
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("block gradients: lock poisoned".into()))?;
+        let sum = match acc.remove(&t.id()) {
+            Some(prev) => (prev + g)?,
+            None => g.clone(),
+        };
+        acc.insert(t.id(), sum);
+        Ok(())
     }
 
     fn add(&self, grads: &GradStore) -> candle_core::Result<()> {
@@ -81,6 +116,25 @@ impl SideGrads {
             grads.insert(t, total);
         }
         Ok(())
+    }
+}
+
+/// `block(x)` as `side` says: checkpointed ([`checkpointed`]) or fused
+/// ([`crate::fused_block::fused`], or on the graph where that does not apply).
+pub fn block_forward(
+    block: &Block,
+    x: &Tensor,
+    side: &Arc<SideGrads>,
+) -> Result<Tensor, ModelError> {
+    if side.recompute {
+        return checkpointed(block, x, side);
+    }
+    if !x.track_op() && !block.params_track() {
+        return block.forward(x);
+    }
+    match crate::fused_block::fused(block, x, side)? {
+        Some(y) => Ok(y),
+        None => block.forward(x),
     }
 }
 

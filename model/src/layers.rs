@@ -126,6 +126,21 @@ impl LayerNorm {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor, ModelError> {
         kernels::layer_norm(x, &self.weight, &self.bias, self.eps)
     }
+
+    /// The scale γ.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// The shift β.
+    pub fn bias(&self) -> &Tensor {
+        &self.bias
+    }
+
+    /// Added to the variance.
+    pub fn eps(&self) -> f64 {
+        self.eps
+    }
 }
 
 #[cfg(test)]

@@ -16,6 +16,7 @@ pub mod collapse;
 pub mod config;
 pub mod device;
 pub mod finetune;
+pub mod fused_block;
 mod introspect;
 pub mod kernels;
 pub mod layers;
@@ -316,6 +317,9 @@ pub struct VJepa {
     /// Whether the encoder and predictor blocks recompute their activations in the backward
     /// pass ([`Self::set_activation_checkpointing`]).
     checkpointing: bool,
+    /// Whether training runs the blocks as fused ops with their own backward pass
+    /// ([`Self::set_fused_blocks`]; on by default).
+    fused_blocks: bool,
     /// Whether a mixed-precision model keeps its compute copies of the weights
     /// ([`Self::set_keep_weight_copies`]; on by default).
     keep_copies: bool,
@@ -459,6 +463,7 @@ impl VJepa {
             steps_done,
             pool_features: false,
             checkpointing: false,
+            fused_blocks: true,
             compute_dtype: DType::F32,
             keep_copies: true,
             copies: None,
@@ -596,6 +601,20 @@ impl VJepa {
     /// of both per step for most of their activation memory. Same gradients either way.
     pub fn set_activation_checkpointing(&mut self, on: bool) {
         self.checkpointing = on;
+    }
+
+    /// Training steps run each encoder and predictor block as one op with a written-out
+    /// backward pass ([`crate::fused_block`]: on, the default), or record every op of it on
+    /// candle's graph (off). The same gradients to the bit; the fused op saves candle's
+    /// zero-fill-and-add of every gradient inside the block. Activation checkpointing, when on,
+    /// takes precedence.
+    pub fn set_fused_blocks(&mut self, on: bool) {
+        self.fused_blocks = on;
+    }
+
+    /// Whether training steps run fused blocks.
+    pub fn fused_blocks(&self) -> bool {
+        self.fused_blocks
     }
 
     /// Whether activation checkpointing is on.
@@ -816,9 +835,14 @@ impl VJepa {
             Some(c) => c.trainable.iter().collect(),
             None => self.opt.params().iter().map(|p| &p.var).collect(),
         };
-        let side = self
-            .checkpointing
-            .then(|| std::sync::Arc::new(checkpointing::SideGrads::new(leaves.iter().copied())));
+        let side = if self.checkpointing {
+            Some(checkpointing::SideGrads::new(leaves.iter().copied()))
+        } else if self.fused_blocks {
+            Some(checkpointing::SideGrads::fused(leaves.iter().copied()))
+        } else {
+            None
+        }
+        .map(std::sync::Arc::new);
         let (loss, per_mask, h, pooled) =
             self.forward_loss_stats(&clips, &masks, self.pool_features, side.as_ref())?;
         // Backward first, then the loss, the per-mask losses and the collapse terms in one

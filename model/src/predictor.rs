@@ -176,7 +176,7 @@ impl Predictor {
         let mut x = Tensor::cat(&[&ctx, &tgt], 1)?;
         for blk in &self.blocks {
             x = match checkpoint {
-                Some(side) => crate::checkpointing::checkpointed(blk, &x, side)?,
+                Some(side) => crate::checkpointing::block_forward(blk, &x, side)?,
                 None => blk.forward(&x)?,
             };
         }

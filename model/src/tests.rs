@@ -1064,6 +1064,59 @@ fn activation_checkpointing_gives_the_same_step() {
     }
 }
 
+/// Fused blocks (the default) and blocks recorded op by op on candle's graph give the same
+/// gradients and steps to the bit; the fused op is really taken (every encoder and predictor
+/// block of both masks), and not on the CPU in bf16, where the graph path widens each op.
+#[test]
+fn fused_blocks_give_the_autograd_step() {
+    let batch = tiny_batch();
+    let (mut fused, mut graph) = (tiny_model(7), tiny_model(7));
+    assert!(fused.fused_blocks());
+    graph.set_fused_blocks(false);
+    let before = crate::fused_block::applied();
+    let gf = fused.compute_gradients(&batch).unwrap();
+    let blocks = (tiny_encoder().depth + tiny_predictor().depth) * batch.masks.len();
+    assert_eq!(crate::fused_block::applied() - before, blocks);
+    let before = crate::fused_block::applied();
+    let gg = graph.compute_gradients(&batch).unwrap();
+    assert_eq!(
+        crate::fused_block::applied(),
+        before,
+        "graph path took the fused op"
+    );
+    assert_eq!(gf.loss.to_bits(), gg.loss.to_bits());
+    let (ff, fg) = (
+        fused.flatten_gradients(&gf).unwrap(),
+        graph.flatten_gradients(&gg).unwrap(),
+    );
+    assert_eq!(ff.present, fg.present);
+    assert!(ff.present.iter().all(|&p| p), "a parameter got no gradient");
+    let mut at = 0;
+    for p in fused.opt.params() {
+        let n = p.var.elem_count();
+        assert_eq!(ff.values[at..at + n], fg.values[at..at + n], "{}", p.name);
+        at += n;
+    }
+    for step in 1..=3 {
+        let (a, b) = (
+            fused.train_step(&batch).unwrap(),
+            graph.train_step(&batch).unwrap(),
+        );
+        assert_eq!(a.loss.to_bits(), b.loss.to_bits(), "step {step}");
+        assert_eq!(
+            fused.params_digest().unwrap(),
+            graph.params_digest().unwrap(),
+            "step {step}"
+        );
+    }
+    // bf16 on the CPU: the graph path.
+    let mut mixed = tiny_model(7);
+    mixed.set_compute_dtype(DType::BF16).unwrap();
+    let before = crate::fused_block::applied();
+    mixed.train_step(&batch).unwrap();
+    assert_eq!(crate::fused_block::applied(), before);
+}
+
 /// Kept bf16 weight copies (the default in mixed precision) and per-step casts of the f32
 /// weights are the same computation: the same gradients to the bit, and three steps with
 /// clipping active on both modules give the same losses, norms, weights, moments and target to

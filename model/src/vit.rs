@@ -119,6 +119,17 @@ impl Mlp {
     }
 }
 
+/// A block's tensors in forward order: LayerNorms as (γ, β, eps), Linears as (W, b).
+pub(crate) struct BlockTensors {
+    pub norm1: (Tensor, Tensor, f64),
+    pub qkv: (Tensor, Tensor),
+    pub num_heads: usize,
+    pub proj: (Tensor, Tensor),
+    pub norm2: (Tensor, Tensor, f64),
+    pub fc1: (Tensor, Tensor),
+    pub fc2: (Tensor, Tensor),
+}
+
 /// Pre-norm transformer block: x += Attn(LN1 x); x += MLP(LN2 x).
 #[derive(Clone, Debug)]
 pub struct Block {
@@ -173,6 +184,34 @@ impl Block {
             norm2: self.norm2.detached(),
             mlp: self.mlp.detached(),
         }
+    }
+
+    /// Every tensor of the block, for the fused block op ([`crate::fused_block`]); `None` when a
+    /// Linear has no bias (the op expects the official layout, which has them all).
+    pub(crate) fn tensors(&self) -> Option<BlockTensors> {
+        Some(BlockTensors {
+            norm1: (
+                self.norm1.weight().clone(),
+                self.norm1.bias().clone(),
+                self.norm1.eps(),
+            ),
+            qkv: (
+                self.attn.qkv.weight().clone(),
+                self.attn.qkv.bias()?.clone(),
+            ),
+            num_heads: self.attn.num_heads,
+            proj: (
+                self.attn.proj.weight().clone(),
+                self.attn.proj.bias()?.clone(),
+            ),
+            norm2: (
+                self.norm2.weight().clone(),
+                self.norm2.bias().clone(),
+                self.norm2.eps(),
+            ),
+            fc1: (self.mlp.fc1.weight().clone(), self.mlp.fc1.bias()?.clone()),
+            fc2: (self.mlp.fc2.weight().clone(), self.mlp.fc2.bias()?.clone()),
+        })
     }
 
     /// x `[B, K, D]` → `[B, K, D]`.
@@ -529,7 +568,7 @@ impl Encoder {
         let mut x = x.clone();
         for blk in &self.blocks {
             x = match checkpoint {
-                Some(side) => crate::checkpointing::checkpointed(blk, &x, side)?,
+                Some(side) => crate::checkpointing::block_forward(blk, &x, side)?,
                 None => blk.forward(&x)?,
             };
         }

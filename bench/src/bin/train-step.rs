@@ -60,6 +60,11 @@ struct Args {
     /// difference.
     #[arg(long)]
     cast_weights: bool,
+    /// Record every op of the encoder and predictor blocks on candle's graph instead of running
+    /// each block as one fused op with its own backward pass (the default; the same numbers),
+    /// to time the difference.
+    #[arg(long)]
+    graph_blocks: bool,
     /// Clips per step instead of the config's data.batch_size.
     #[arg(long)]
     batch_size: Option<usize>,
@@ -185,6 +190,7 @@ fn main() -> Result<()> {
         model.set_compute_dtype(DType::BF16)?;
         model.set_keep_weight_copies(!args.cast_weights)?;
     }
+    model.set_fused_blocks(!args.graph_blocks);
     model.set_activation_checkpointing(
         args.checkpoint_activations || cfg.raw.model.activation_checkpointing,
     );
@@ -226,16 +232,9 @@ fn main() -> Result<()> {
     println!(
         "{}",
         serde_json::json!({
-            "impl": match (device.is_cuda(), args.bf16 && args.cast_weights) {
-                (true, false) => format!("ours (candle, attention {})", attention.as_str()),
-                (true, true) => format!(
-                    "ours (candle, attention {}, weights cast per step)",
-                    attention.as_str()
-                ),
-                (false, false) => "ours (candle)".to_string(),
-                (false, true) => "ours (candle, weights cast per step)".to_string(),
-            },
+            "impl": impl_label(&args, device.is_cuda(), attention.as_str()),
             "weight_copies": model.keeps_weight_copies(),
+            "fused_blocks": model.fused_blocks(),
             "attention": attention_runs,
             "activation_checkpointing": model.activation_checkpointing(),
             "cudnn_graphs": cudnn_graphs(),
@@ -251,6 +250,25 @@ fn main() -> Result<()> {
         })
     );
     Ok(())
+}
+
+/// The row's name: ours, with the attention implementation on a GPU and any A/B switch.
+fn impl_label(args: &Args, cuda: bool, attention: &str) -> String {
+    let mut parts = Vec::new();
+    if cuda {
+        parts.push(format!("attention {attention}"));
+    }
+    if args.bf16 && args.cast_weights {
+        parts.push("weights cast per step".to_string());
+    }
+    if args.graph_blocks {
+        parts.push("blocks on the graph".to_string());
+    }
+    if parts.is_empty() {
+        "ours (candle)".to_string()
+    } else {
+        format!("ours (candle, {})", parts.join(", "))
+    }
 }
 
 fn index_tensor(rows: &[Vec<u32>]) -> Result<Tensor> {

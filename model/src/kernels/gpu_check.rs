@@ -792,6 +792,11 @@ pub fn run_checks(
             &e,
         ));
     }
+    for dtype in [DType::F32, DType::BF16] {
+        if let Err(e) = check_fused_blocks(dev, dtype, &mut push) {
+            push(error_row("train_step fused blocks", "", dtype, &e));
+        }
+    }
     if let Err(e) = check_weight_copies(dev, &mut push) {
         push(error_row(
             "train_step bf16 kept copies",
@@ -1245,6 +1250,43 @@ fn check_checkpointing(dev: &Device, push: &mut dyn FnMut(CheckRow)) -> Result<(
         "train_step bf16 checkpointed gradient",
         case,
         DType::BF16,
+        grad_err,
+    ));
+    Ok(())
+}
+
+/// Fused blocks (the default) against blocks recorded on candle's graph, both on the device, in
+/// `dtype`: the fused op calls the same kernels' forward and backward, so the loss and gradient
+/// must agree to f32 tolerance (the CPU agrees to the bit, `fused_blocks_give_the_autograd_step`).
+fn check_fused_blocks(
+    dev: &Device,
+    dtype: DType,
+    push: &mut dyn FnMut(CheckRow),
+) -> Result<(), ModelError> {
+    let (mut fused, batch) = small_vjepa(dev)?;
+    let (mut graph, _) = small_vjepa(dev)?;
+    fused.set_compute_dtype(dtype)?;
+    graph.set_compute_dtype(dtype)?;
+    graph.set_fused_blocks(false);
+    let case = format!(
+        "D128 d2 h2, pred 64, 8x64x64, B2, {}, vs blocks on the graph",
+        dname(dtype)
+    );
+    let (gg, gf) = (
+        graph.compute_gradients(&batch)?,
+        fused.compute_gradients(&batch)?,
+    );
+    let (loss_err, grad_err) = step_errors((&graph, &gg), (&fused, &gf))?;
+    push(row(
+        "train_step fused blocks: loss",
+        case.clone(),
+        DType::F32,
+        loss_err,
+    ));
+    push(row(
+        "train_step fused blocks: gradient",
+        case,
+        DType::F32,
         grad_err,
     ));
     Ok(())
