@@ -11,7 +11,8 @@
 //! they reach the same Vars as without checkpointing (through the bf16 casts, in mixed
 //! precision). The step adds the store into its gradients after its backward pass
 //! ([`SideGrads::merge_into`]). The recomputation is deterministic (our kernels are), so the
-//! gradients equal the plain path's.
+//! gradients equal the plain path's. Where the fused block op applies ([`crate::fused_block`]),
+//! the recomputation and its backward pass are that op's own, with no graph at all.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -33,6 +34,9 @@ pub struct SideGrads {
     /// Blocks recompute their inside in the backward pass (checkpointing) rather than keep it
     /// (fused).
     recompute: bool,
+    /// Blocks use the written-out backward pass of [`crate::fused_block`] where it applies
+    /// (rather than candle's graph).
+    written: bool,
 }
 
 impl SideGrads {
@@ -46,7 +50,22 @@ impl SideGrads {
                 .collect(),
             acc: Mutex::new(HashMap::new()),
             recompute: true,
+            written: true,
         }
+    }
+
+    /// The store with checkpointed blocks differentiated on candle's graph (`false`) or with the
+    /// written-out backward pass where it applies (`true`, the default).
+    pub fn written_backward(self, on: bool) -> Self {
+        Self {
+            written: on,
+            ..self
+        }
+    }
+
+    /// Whether blocks use the written-out backward pass where it applies.
+    pub fn uses_written_backward(&self) -> bool {
+        self.written
     }
 
     /// A store keeping the gradients of `vars`, for fused blocks ([`crate::fused_block`]).
@@ -218,6 +237,11 @@ impl CustomOp1 for Checkpoint {
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        // The written-out backward pass where it applies (no graph for the recomputation).
+        if let Some(p) = crate::fused_block::fusable(&self.block, x, &self.side) {
+            return crate::fused_block::recomputed_backward(&p, &x.detach(), grad, &self.side)
+                .map(Some);
+        }
         let leaf = Var::from_tensor(&x.detach())?;
         let out = self
             .block

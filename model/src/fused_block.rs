@@ -40,19 +40,9 @@ pub fn fused(
     x: &Tensor,
     side: &Arc<SideGrads>,
 ) -> Result<Option<Tensor>, ModelError> {
-    if x.dtype() == DType::BF16 && x.device().is_cpu() {
-        return Ok(None);
-    }
-    let Some(p) = block.tensors() else {
+    let Some(p) = fusable(block, x, side) else {
         return Ok(None);
     };
-    let params = [
-        &p.norm1.0, &p.norm1.1, &p.qkv.0, &p.qkv.1, &p.proj.0, &p.proj.1, &p.norm2.0, &p.norm2.1,
-        &p.fc1.0, &p.fc1.1, &p.fc2.0, &p.fc2.1,
-    ];
-    if !params.iter().all(|t| side.collects(t)) {
-        return Ok(None);
-    }
     let saved = Saved::forward(&p, &x.contiguous()?)?;
     #[cfg(test)]
     APPLIED.with(|n| n.set(n.get() + 1));
@@ -76,12 +66,51 @@ pub fn fused(
 thread_local! {
     /// Blocks this thread ran as fused ops (tests check the op is taken).
     static APPLIED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    /// Checkpointed blocks this thread differentiated with the written-out backward pass.
+    static RECOMPUTED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Checkpointed blocks this thread has differentiated with the written-out backward pass.
+#[cfg(test)]
+pub(crate) fn recomputed() -> usize {
+    RECOMPUTED.with(std::cell::Cell::get)
 }
 
 /// Blocks this thread has run as fused ops.
 #[cfg(test)]
 pub(crate) fn applied() -> usize {
     APPLIED.with(std::cell::Cell::get)
+}
+
+/// The block's tensors when the written-out backward pass applies to `block` on `x` (see the
+/// module docs), `None` otherwise.
+pub(crate) fn fusable(block: &Block, x: &Tensor, side: &SideGrads) -> Option<BlockTensors> {
+    if !side.uses_written_backward() || (x.dtype() == DType::BF16 && x.device().is_cpu()) {
+        return None;
+    }
+    let p = block.tensors()?;
+    let params = [
+        &p.norm1.0, &p.norm1.1, &p.qkv.0, &p.qkv.1, &p.proj.0, &p.proj.1, &p.norm2.0, &p.norm2.1,
+        &p.fc1.0, &p.fc1.1, &p.fc2.0, &p.fc2.1,
+    ];
+    params.iter().all(|t| side.collects(t)).then_some(p)
+}
+
+/// The backward pass of a checkpointed block (`crate::checkpointing`): the block's forward run
+/// again on `x`, then the written-out backward pass, parameters' gradients to `side`; the
+/// gradient of `x`.
+pub(crate) fn recomputed_backward(
+    p: &BlockTensors,
+    x: &Tensor,
+    grad: &Tensor,
+    side: &SideGrads,
+) -> candle_core::Result<Tensor> {
+    #[cfg(test)]
+    RECOMPUTED.with(|n| n.set(n.get() + 1));
+    let mut s = Saved::forward(p, &x.contiguous()?)?;
+    s.o = None;
+    s.y = None;
+    s.backward(p, grad, side)
 }
 
 /// What the backward pass reads: the block's input and intermediate activations, in forward
@@ -137,6 +166,69 @@ impl Saved {
             g,
             y: Some(y),
         })
+    }
+
+    /// The block's backward pass, op by op in reverse (each op's own `bwd` on the inputs and
+    /// output the graph would give it): the parameters' gradients go to `side`; returns x's.
+    fn backward(
+        self,
+        p: &BlockTensors,
+        grad: &Tensor,
+        side: &SideGrads,
+    ) -> candle_core::Result<Tensor> {
+        let ln = |eps: f64| LayerNorm { eps };
+        // out = x1 + y: both summands get the output's gradient. (A Linear's backward does not
+        // read its output, released after the forward: `grad` stands in for it.)
+        let (dg, dw2, db2) = Linear.bwd(&self.g, &p.fc2.0, &p.fc2.1, grad, grad)?;
+        let dg = some(dg, "mlp hidden")?;
+        let (df, db1) = BiasGelu.bwd(&self.f, &p.fc1.1, &self.g, &dg)?;
+        let df = some(df, "fc1 output")?;
+        let (dh2, dw1) = LinearNoBias.bwd(&self.h2, &p.fc1.0, &self.f, &df)?;
+        let (dx1_ln, dn2w, dn2b) = ln(p.norm2.2).bwd(
+            &self.x1,
+            &p.norm2.0,
+            &p.norm2.1,
+            &self.h2,
+            &some(dh2, "norm2 output")?,
+        )?;
+        // x1 feeds the output sum and norm2.
+        let dx1 = (grad + some(dx1_ln, "x1")?)?;
+        let (da, dpw, dpb) = Linear.bwd(&self.a, &p.proj.0, &p.proj.1, &dx1, &dx1)?;
+        let dqkv = Attention {
+            num_heads: p.num_heads,
+            stats: true,
+        }
+        .bwd(&self.qkv, &self.a, &some(da, "attention output")?)?;
+        let (dh1, dqw, dqb) =
+            Linear.bwd(&self.h1, &p.qkv.0, &p.qkv.1, &self.qkv, &some(dqkv, "qkv")?)?;
+        let (dx_ln, dn1w, dn1b) = ln(p.norm1.2).bwd(
+            &self.x,
+            &p.norm1.0,
+            &p.norm1.1,
+            &self.h1,
+            &some(dh1, "norm1 output")?,
+        )?;
+        // x feeds x1 and norm1.
+        let dx = (&dx1 + some(dx_ln, "x")?)?;
+        for (t, g) in [
+            (&p.norm1.0, dn1w),
+            (&p.norm1.1, dn1b),
+            (&p.qkv.0, dqw),
+            (&p.qkv.1, dqb),
+            (&p.proj.0, dpw),
+            (&p.proj.1, dpb),
+            (&p.norm2.0, dn2w),
+            (&p.norm2.1, dn2b),
+            (&p.fc1.0, dw1),
+            (&p.fc1.1, db1),
+            (&p.fc2.0, dw2),
+            (&p.fc2.1, db2),
+        ] {
+            if let Some(g) = g {
+                side.add_one(t, &g)?;
+            }
+        }
+        Ok(dx)
     }
 
     /// x1 + y, computed by the storage's own add (what `Tensor::add` runs), as the op's output.
@@ -226,59 +318,6 @@ impl CustomOp1 for FusedBlock {
             .saved()?
             .take()
             .ok_or_else(|| candle_core::Error::Msg("fused block: backward ran twice".into()))?;
-        let p = &self.p;
-        let side = &self.side;
-        let ln = |eps: f64| LayerNorm { eps };
-        // out = x1 + y: both summands get the output's gradient. (A Linear's backward does not
-        // read its output, released after the forward: `grad` stands in for it.)
-        let (dg, dw2, db2) = Linear.bwd(&s.g, &p.fc2.0, &p.fc2.1, grad, grad)?;
-        let dg = some(dg, "mlp hidden")?;
-        let (df, db1) = BiasGelu.bwd(&s.f, &p.fc1.1, &s.g, &dg)?;
-        let df = some(df, "fc1 output")?;
-        let (dh2, dw1) = LinearNoBias.bwd(&s.h2, &p.fc1.0, &s.f, &df)?;
-        let (dx1_ln, dn2w, dn2b) = ln(p.norm2.2).bwd(
-            &s.x1,
-            &p.norm2.0,
-            &p.norm2.1,
-            &s.h2,
-            &some(dh2, "norm2 output")?,
-        )?;
-        // x1 feeds the output sum and norm2.
-        let dx1 = (grad + some(dx1_ln, "x1")?)?;
-        let (da, dpw, dpb) = Linear.bwd(&s.a, &p.proj.0, &p.proj.1, &dx1, &dx1)?;
-        let dqkv = Attention {
-            num_heads: p.num_heads,
-            stats: true,
-        }
-        .bwd(&s.qkv, &s.a, &some(da, "attention output")?)?;
-        let (dh1, dqw, dqb) = Linear.bwd(&s.h1, &p.qkv.0, &p.qkv.1, &s.qkv, &some(dqkv, "qkv")?)?;
-        let (dx_ln, dn1w, dn1b) = ln(p.norm1.2).bwd(
-            &s.x,
-            &p.norm1.0,
-            &p.norm1.1,
-            &s.h1,
-            &some(dh1, "norm1 output")?,
-        )?;
-        // x feeds x1 and norm1.
-        let dx = (&dx1 + some(dx_ln, "x")?)?;
-        for (t, g) in [
-            (&p.norm1.0, dn1w),
-            (&p.norm1.1, dn1b),
-            (&p.qkv.0, dqw),
-            (&p.qkv.1, dqb),
-            (&p.proj.0, dpw),
-            (&p.proj.1, dpb),
-            (&p.norm2.0, dn2w),
-            (&p.norm2.1, dn2b),
-            (&p.fc1.0, dw1),
-            (&p.fc1.1, db1),
-            (&p.fc2.0, dw2),
-            (&p.fc2.1, db2),
-        ] {
-            if let Some(g) = g {
-                side.add_one(t, &g)?;
-            }
-        }
-        Ok(Some(dx))
+        s.backward(&self.p, grad, &self.side).map(Some)
     }
 }

@@ -606,8 +606,9 @@ impl VJepa {
     /// Training steps run each encoder and predictor block as one op with a written-out
     /// backward pass ([`crate::fused_block`]: on, the default), or record every op of it on
     /// candle's graph (off). The same gradients to the bit; the fused op saves candle's
-    /// zero-fill-and-add of every gradient inside the block. Activation checkpointing, when on,
-    /// takes precedence.
+    /// zero-fill-and-add of every gradient inside the block. With activation checkpointing the
+    /// blocks recompute their inside, and this chooses how that recomputation is
+    /// differentiated.
     pub fn set_fused_blocks(&mut self, on: bool) {
         self.fused_blocks = on;
     }
@@ -836,7 +837,10 @@ impl VJepa {
             None => self.opt.params().iter().map(|p| &p.var).collect(),
         };
         let side = if self.checkpointing {
-            Some(checkpointing::SideGrads::new(leaves.iter().copied()))
+            Some(
+                checkpointing::SideGrads::new(leaves.iter().copied())
+                    .written_backward(self.fused_blocks),
+            )
         } else if self.fused_blocks {
             Some(checkpointing::SideGrads::fused(leaves.iter().copied()))
         } else {

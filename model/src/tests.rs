@@ -1021,10 +1021,15 @@ fn activation_checkpointing_gives_the_same_step() {
         ckpt.set_compute_dtype(dtype).unwrap();
         ckpt.set_activation_checkpointing(true);
         assert!(ckpt.activation_checkpointing());
+        let before = crate::fused_block::recomputed();
         let (gp, gc) = (
             plain.compute_gradients(&batch).unwrap(),
             ckpt.compute_gradients(&batch).unwrap(),
         );
+        // f32: the recomputation runs the fused block's backward; bf16 on the CPU: the graph's.
+        let blocks = (tiny_encoder().depth + tiny_predictor().depth) * batch.masks.len();
+        let want = if dtype == DType::F32 { blocks } else { 0 };
+        assert_eq!(crate::fused_block::recomputed() - before, want, "{dtype:?}");
         assert_eq!(gp.loss, gc.loss, "{dtype:?} loss");
         let (fp, fc) = (
             plain.flatten_gradients(&gp).unwrap(),
