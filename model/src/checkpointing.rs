@@ -81,7 +81,9 @@ impl SideGrads {
         self.wanted.contains_key(&t.id())
     }
 
-    /// Adds `g` to the gradient kept for `t` (nothing when `t` is not kept).
+    /// Adds `g` to the gradient kept for `t` (nothing when `t` is not kept). The first gradient
+    /// is copied into its own storage: kernels' backward ops return a weight's gradient as a view
+    /// into one buffer with the input's gradient, which would otherwise live as long as the store.
     pub fn add_one(&self, t: &Tensor, g: &Tensor) -> candle_core::Result<()> {
         if !self.collects(t) {
             return Ok(());
@@ -92,7 +94,7 @@ impl SideGrads {
             .map_err(|_| candle_core::Error::Msg("block gradients: lock poisoned".into()))?;
         let sum = match acc.remove(&t.id()) {
             Some(prev) => (prev + g)?,
-            None => g.clone(),
+            None => g.force_contiguous()?,
         };
         acc.insert(t.id(), sum);
         Ok(())
