@@ -176,58 +176,81 @@ impl Saved {
         grad: &Tensor,
         side: &SideGrads,
     ) -> candle_core::Result<Tensor> {
+        let Saved {
+            x,
+            h1,
+            qkv,
+            a,
+            x1,
+            h2,
+            f,
+            g,
+            ..
+        } = self;
         let ln = |eps: f64| LayerNorm { eps };
+        // Each activation and gradient is dropped as soon as the last op that reads it has run,
+        // and the parameters' gradients go to the store at once (which copies them out of the
+        // ops' packed buffers), as the graph's backward pass frees them node by node.
+        let keep = |t: &Tensor, g: Option<Tensor>| match g {
+            Some(g) => side.add_one(t, &g),
+            None => Ok(()),
+        };
         // out = x1 + y: both summands get the output's gradient. (A Linear's backward does not
         // read its output, released after the forward: `grad` stands in for it.)
-        let (dg, dw2, db2) = Linear.bwd(&self.g, &p.fc2.0, &p.fc2.1, grad, grad)?;
-        let dg = some(dg, "mlp hidden")?;
-        let (df, db1) = BiasGelu.bwd(&self.f, &p.fc1.1, &self.g, &dg)?;
-        let df = some(df, "fc1 output")?;
-        let (dh2, dw1) = LinearNoBias.bwd(&self.h2, &p.fc1.0, &self.f, &df)?;
-        let (dx1_ln, dn2w, dn2b) = ln(p.norm2.2).bwd(
-            &self.x1,
-            &p.norm2.0,
-            &p.norm2.1,
-            &self.h2,
-            &some(dh2, "norm2 output")?,
-        )?;
+        let dg = {
+            let (dg, dw2, db2) = Linear.bwd(&g, &p.fc2.0, &p.fc2.1, grad, grad)?;
+            keep(&p.fc2.0, dw2)?;
+            keep(&p.fc2.1, db2)?;
+            some(dg, "mlp hidden")?
+        };
+        let df = {
+            let (df, db1) = BiasGelu.bwd(&f, &p.fc1.1, &g, &dg)?;
+            keep(&p.fc1.1, db1)?;
+            some(df, "fc1 output")?
+        };
+        drop((g, dg));
+        let dh2 = {
+            let (dh2, dw1) = LinearNoBias.bwd(&h2, &p.fc1.0, &f, &df)?;
+            keep(&p.fc1.0, dw1)?;
+            some(dh2, "norm2 output")?
+        };
+        drop((f, df));
+        let dx1_ln = {
+            let (dx1, dw, db) = ln(p.norm2.2).bwd(&x1, &p.norm2.0, &p.norm2.1, &h2, &dh2)?;
+            keep(&p.norm2.0, dw)?;
+            keep(&p.norm2.1, db)?;
+            some(dx1, "x1")?
+        };
+        drop((x1, h2, dh2));
         // x1 feeds the output sum and norm2.
-        let dx1 = (grad + some(dx1_ln, "x1")?)?;
-        let (da, dpw, dpb) = Linear.bwd(&self.a, &p.proj.0, &p.proj.1, &dx1, &dx1)?;
+        let dx1 = (grad + dx1_ln)?;
+        let da = {
+            let (da, dw, db) = Linear.bwd(&a, &p.proj.0, &p.proj.1, &dx1, &dx1)?;
+            keep(&p.proj.0, dw)?;
+            keep(&p.proj.1, db)?;
+            some(da, "attention output")?
+        };
         let dqkv = Attention {
             num_heads: p.num_heads,
             stats: true,
         }
-        .bwd(&self.qkv, &self.a, &some(da, "attention output")?)?;
-        let (dh1, dqw, dqb) =
-            Linear.bwd(&self.h1, &p.qkv.0, &p.qkv.1, &self.qkv, &some(dqkv, "qkv")?)?;
-        let (dx_ln, dn1w, dn1b) = ln(p.norm1.2).bwd(
-            &self.x,
-            &p.norm1.0,
-            &p.norm1.1,
-            &self.h1,
-            &some(dh1, "norm1 output")?,
-        )?;
+        .bwd(&qkv, &a, &da)?;
+        drop((a, da));
+        let dh1 = {
+            let (dh1, dw, db) = Linear.bwd(&h1, &p.qkv.0, &p.qkv.1, &qkv, &some(dqkv, "qkv")?)?;
+            keep(&p.qkv.0, dw)?;
+            keep(&p.qkv.1, db)?;
+            some(dh1, "norm1 output")?
+        };
+        drop(qkv);
+        let dx_ln = {
+            let (dx, dw, db) = ln(p.norm1.2).bwd(&x, &p.norm1.0, &p.norm1.1, &h1, &dh1)?;
+            keep(&p.norm1.0, dw)?;
+            keep(&p.norm1.1, db)?;
+            some(dx, "x")?
+        };
         // x feeds x1 and norm1.
-        let dx = (&dx1 + some(dx_ln, "x")?)?;
-        for (t, g) in [
-            (&p.norm1.0, dn1w),
-            (&p.norm1.1, dn1b),
-            (&p.qkv.0, dqw),
-            (&p.qkv.1, dqb),
-            (&p.proj.0, dpw),
-            (&p.proj.1, dpb),
-            (&p.norm2.0, dn2w),
-            (&p.norm2.1, dn2b),
-            (&p.fc1.0, dw1),
-            (&p.fc1.1, db1),
-            (&p.fc2.0, dw2),
-            (&p.fc2.1, db2),
-        ] {
-            if let Some(g) = g {
-                side.add_one(t, &g)?;
-            }
-        }
+        let dx = (&dx1 + dx_ln)?;
         Ok(dx)
     }
 
