@@ -81,6 +81,8 @@ pub struct PixelMae {
     pub(crate) opt: AdamW,
     num_encoder_params: usize,
     steps_done: u64,
+    /// Whether training runs the blocks as fused ops ([`Self::set_fused_blocks`]).
+    fused_blocks: bool,
 }
 
 impl PixelMae {
@@ -199,7 +201,14 @@ impl PixelMae {
             opt,
             num_encoder_params,
             steps_done,
+            fused_blocks: true,
         })
+    }
+
+    /// Training steps run each encoder and decoder block as one fused op (on, the default) or
+    /// record it op by op on candle's graph (off): see [`crate::VJepa::set_fused_blocks`].
+    pub fn set_fused_blocks(&mut self, on: bool) {
+        self.fused_blocks = on;
     }
 
     /// Steps taken so far.
@@ -249,10 +258,12 @@ impl PixelMae {
         Ok(self.encoder.forward(&clips, None)?.detach())
     }
 
-    /// Forward of one step: (loss, visible, masked, collapse signal), with the graph.
+    /// Forward of one step: (loss, visible, masked, collapse signal), with the graph; with
+    /// `side`, the blocks are fused ops whose weights' gradients go there.
     fn forward_loss(
         &self,
         batch: &TrainBatch,
+        side: Option<&std::sync::Arc<crate::checkpointing::SideGrads>>,
     ) -> Result<(Tensor, usize, usize, Tensor), ModelError> {
         let b = vit::check_clips(&self.enc_cfg, &batch.clips)?;
         let clips = batch.clips.to_device(&self.device)?.to_dtype(DType::F32)?;
@@ -266,8 +277,10 @@ impl PixelMae {
         let visible = TokenIndex::new(&mask.context, b, n, "visible tubelets", &self.device)?;
         let masked = TokenIndex::new(&mask.target, b, n, "masked tubelets", &self.device)?;
         let tokens = self.encoder.embed(&clips)?;
-        let z = self.encoder.forward_tokens(&visible.gather(&tokens)?)?;
-        let pred = self.decoder.forward(&z, &visible, &masked, 0)?;
+        let z = self
+            .encoder
+            .forward_tokens_with(&visible.gather(&tokens)?, side)?;
+        let pred = self.decoder.forward_with(&z, &visible, &masked, 0, side)?;
         let target = masked.gather(&pixel_targets(
             &self.enc_cfg,
             &clips,
@@ -281,7 +294,7 @@ impl PixelMae {
 
     /// Mean squared error of the current weights on `batch` (no step), for tests and checks.
     pub fn loss(&self, batch: &TrainBatch) -> Result<f64, ModelError> {
-        let (loss, ..) = self.forward_loss(batch)?;
+        let (loss, ..) = self.forward_loss(batch, None)?;
         Ok(loss.to_dtype(DType::F64)?.to_scalar::<f64>()?)
     }
 
@@ -300,9 +313,17 @@ impl PixelMae {
         batch: &TrainBatch,
         meanwhile: impl FnOnce(),
     ) -> Result<Gradients, ModelError> {
-        let (loss, visible, masked, h) = self.forward_loss(batch)?;
+        let side = self.fused_blocks.then(|| {
+            std::sync::Arc::new(crate::checkpointing::SideGrads::fused(
+                self.opt.params().iter().map(|p| &p.var),
+            ))
+        });
+        let (loss, visible, masked, h) = self.forward_loss(batch, side.as_ref())?;
         // Backward, then the loss and the collapse terms in one read (one sync on a GPU).
-        let grads = loss.backward()?;
+        let mut grads = loss.backward()?;
+        if let Some(side) = &side {
+            side.merge_into(&mut grads)?;
+        }
         let read = crate::read_step_scalars(&h, &loss, &[], self.steps_done + 1, meanwhile)?;
         let (collapse, loss_value) = (read.collapse, read.loss);
         Ok(Gradients {

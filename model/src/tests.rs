@@ -1465,6 +1465,40 @@ fn tiny_pixel_batch() -> TrainBatch {
     b
 }
 
+/// The pixel objective's blocks run fused too, with the graph path's gradients and steps to
+/// the bit.
+#[test]
+fn pixel_fused_blocks_give_the_autograd_step() {
+    let batch = tiny_pixel_batch();
+    let (mut fused, mut graph) = (tiny_pixel(3), tiny_pixel(3));
+    graph.set_fused_blocks(false);
+    let before = crate::fused_block::applied();
+    let gf = fused.compute_gradients(&batch).unwrap();
+    assert!(
+        crate::fused_block::applied() > before,
+        "the fused op was not taken"
+    );
+    let gg = graph.compute_gradients(&batch).unwrap();
+    assert_eq!(gf.loss.to_bits(), gg.loss.to_bits());
+    for (p, q) in fused.opt.params().iter().zip(graph.opt.params()) {
+        let (a, b) = (
+            gf.grads.get(p.var.as_tensor()),
+            gg.grads.get(q.var.as_tensor()),
+        );
+        let (Some(a), Some(b)) = (a, b) else {
+            panic!("{}: gradient missing", p.name);
+        };
+        assert_eq!(flat(a), flat(b), "{}", p.name);
+    }
+    for step in 1..=2 {
+        let (a, b) = (
+            fused.train_step(&batch).unwrap(),
+            graph.train_step(&batch).unwrap(),
+        );
+        assert_eq!(a.loss.to_bits(), b.loss.to_bits(), "step {step}");
+    }
+}
+
 #[test]
 fn pixel_targets_are_tubelets_normalised_per_patch() {
     let cfg = tiny_encoder();
