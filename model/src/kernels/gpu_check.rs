@@ -1929,6 +1929,55 @@ pub fn run_timings(
             Tensor::cat(&sums, 0)?.sum_all()?.to_vec0::<f64>().map(drop)
         }
     );
+
+    // One ViT-L block forward + backward (B=8, N=1568, bf16, every weight a leaf, the input
+    // tracked as in a context pass): the fused block op against the block recorded on candle's
+    // graph, whose backward adds every gradient into fresh zeros.
+    {
+        use crate::checkpointing::{SideGrads, block_forward};
+        let (b, n, d, hidden, heads) = (8usize, 1568usize, 1024usize, 4096usize, 16usize);
+        let mut specs = Vec::new();
+        crate::vit::Block::specs("blk", d, hidden, &mut specs);
+        let mut params = crate::params::ParamMap::new();
+        let mut vars = Vec::new();
+        for spec in &specs {
+            let t = inp.pair(&spec.shape, 0.02, DType::BF16)?.0;
+            let v = candle_core::Var::from_tensor(&t)?;
+            params.insert(spec.name.clone(), v.as_tensor().clone());
+            vars.push(v);
+        }
+        let blk = crate::vit::Block::load(&params, "blk", d, hidden, heads)?;
+        let x = candle_core::Var::from_tensor(&inp.pair(&[b, n, d], 1.0, DType::BF16)?.0)?;
+        let dy = inp.pair(&[b, n, d], 1.0, DType::BF16)?.0;
+        let tokens = (b * n) as f64;
+        let flops = 3.0 * (24.0 * (d * d) as f64 * tokens + 4.0 * (b * n * n * d) as f64);
+        let shape = format!("B={b} N={n} D={d}");
+        let msg = |e: ModelError| candle_core::Error::Msg(e.to_string());
+        time!(
+            "block fwd+bwd (graph)",
+            shape.clone(),
+            DType::BF16,
+            None,
+            Some(flops),
+            || {
+                let y = blk.forward(x.as_tensor()).map_err(msg)?;
+                (y * &dy)?.sum_all()?.backward().map(drop)
+            }
+        );
+        time!(
+            "block fwd+bwd (fused)",
+            shape,
+            DType::BF16,
+            None,
+            Some(flops),
+            || {
+                let side = std::sync::Arc::new(SideGrads::fused(vars.iter()));
+                let y = block_forward(&blk, x.as_tensor(), &side).map_err(msg)?;
+                let mut g = (y * &dy)?.sum_all()?.backward()?;
+                side.merge_into(&mut g).map_err(msg)
+            }
+        );
+    }
     Ok(rows)
 }
 
