@@ -15,8 +15,9 @@
 # the same JSON line: e.g. a local driver of the official code, which this repository does not
 # contain), CHECKPOINT=1 (ours with activation checkpointing), VARIANTS (train-step switches,
 # space-separated, each one more row of ours with the first ATTENTION: --cast-weights casts the
-# f32 weights in every bf16 step instead of using the kept bf16 copies, --graph-blocks records the
-# blocks op by op on candle's graph instead of the fused block op; both the way before them).
+# f32 weights in every bf16 step instead of using the kept bf16 copies, and so runs the blocks on
+# the graph too: compare it with the --graph-blocks row, which records the blocks op by op on
+# candle's graph instead of the fused block op; both the way before them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 THREADS="${1:-$(nproc)}"; shift || true

@@ -57,7 +57,8 @@ struct Args {
     checkpoint_activations: bool,
     /// With --bf16: cast the f32 weights inside every step's graph instead of computing on
     /// the bf16 copies the optimiser and EMA keep (the default; the same numbers), to time the
-    /// difference.
+    /// difference. Implies --graph-blocks (cast weights are not leaves the fused block op can
+    /// file gradients for): compare with a --graph-blocks row.
     #[arg(long)]
     cast_weights: bool,
     /// Record every op of the encoder and predictor blocks on candle's graph instead of running
@@ -190,7 +191,9 @@ fn main() -> Result<()> {
         model.set_compute_dtype(DType::BF16)?;
         model.set_keep_weight_copies(!args.cast_weights)?;
     }
-    model.set_fused_blocks(!args.graph_blocks);
+    // Weights cast inside the graph are not leaves the fused block op can file gradients for:
+    // such blocks run on the graph anyway, and the row says so.
+    model.set_fused_blocks(!(args.graph_blocks || (args.bf16 && args.cast_weights)));
     model.set_activation_checkpointing(
         args.checkpoint_activations || cfg.raw.model.activation_checkpointing,
     );
@@ -261,7 +264,7 @@ fn impl_label(args: &Args, cuda: bool, attention: &str) -> String {
     if args.bf16 && args.cast_weights {
         parts.push("weights cast per step".to_string());
     }
-    if args.graph_blocks {
+    if args.graph_blocks || (args.bf16 && args.cast_weights) {
         parts.push("blocks on the graph".to_string());
     }
     if parts.is_empty() {
