@@ -26,9 +26,17 @@ pub struct FineTuner {
     optim: ProbeOptim,
     backbone_lr_scale: f64,
     steps_done: u64,
+    /// Whether a trained backbone's blocks run as fused ops ([`Self::set_fused_blocks`]).
+    fused_blocks: bool,
 }
 
 impl FineTuner {
+    /// The backbone's blocks run as fused ops with a written-out backward pass (on, the
+    /// default) or op by op on candle's graph (off): see [`crate::VJepa::set_fused_blocks`].
+    pub fn set_fused_blocks(&mut self, on: bool) {
+        self.fused_blocks = on;
+    }
+
     /// Fine-tunes a copy of `encoder` with `probe` on top; the encoder's lr is the scheduled lr
     /// times `backbone_lr_scale` (≥ 0; 0 keeps the backbone frozen and out of the gradient,
     /// which makes this the frozen probe).
@@ -69,6 +77,7 @@ impl FineTuner {
             optim,
             backbone_lr_scale,
             steps_done: 0,
+            fused_blocks: true,
         })
     }
 
@@ -76,7 +85,21 @@ impl FineTuner {
     /// clips one after the other; their tokens are concatenated into one probe input per video
     /// (`attend_across_segments`, spec §9) → `[V, S·N, D]`.
     fn tokens(&self, clips: &Tensor, segments: usize) -> Result<Tensor, ModelError> {
-        let x = self.encoder.forward(clips, None)?;
+        self.tokens_with(clips, segments, None)
+    }
+
+    /// [`Self::tokens`]; with `side`, the encoder's blocks are fused ops
+    /// ([`crate::fused_block`]) whose weights' gradients go there.
+    fn tokens_with(
+        &self,
+        clips: &Tensor,
+        segments: usize,
+        side: Option<&std::sync::Arc<crate::checkpointing::SideGrads>>,
+    ) -> Result<Tensor, ModelError> {
+        let clips = clips.to_device(self.encoder.device())?;
+        let x = self
+            .encoder
+            .forward_tokens_with(&self.encoder.embed(&clips)?, side)?;
         let (bs, n, d) = x.dims3()?;
         if segments == 0 || !bs.is_multiple_of(segments) {
             return Err(ModelError::Input(format!(
@@ -95,14 +118,26 @@ impl FineTuner {
         labels: &[u32],
     ) -> Result<ProbeStep, ModelError> {
         let frozen = self.backbone_lr_scale == 0.0;
-        let tokens = self.tokens(clips, segments)?;
+        // A trained backbone runs its blocks fused, their gradients filed beside the graph's.
+        let side = (!frozen && self.fused_blocks).then(|| {
+            std::sync::Arc::new(crate::checkpointing::SideGrads::fused(
+                self.encoder_opt.params().iter().map(|p| &p.var),
+            ))
+        });
+        let tokens = self.tokens_with(clips, segments, side.as_ref())?;
         // A frozen backbone is left out of the graph and of the clip norm: then this is the
         // probe's step exactly.
         let tokens = if frozen { tokens.detach() } else { tokens };
         let loss = cross_entropy(&self.probe.forward(&tokens)?, labels)?;
         let step = self.steps_done + 1;
         let s = if frozen {
-            probe::optimise(&loss, step, &self.optim, &mut [(&mut self.head_opt, 1.0)])?
+            probe::optimise(
+                &loss,
+                step,
+                &self.optim,
+                &mut [(&mut self.head_opt, 1.0)],
+                None,
+            )?
         } else {
             probe::optimise(
                 &loss,
@@ -112,6 +147,7 @@ impl FineTuner {
                     (&mut self.head_opt, 1.0),
                     (&mut self.encoder_opt, self.backbone_lr_scale),
                 ],
+                side.as_deref(),
             )?
         };
         self.steps_done = s.step;
@@ -262,6 +298,23 @@ mod tests {
         let back = Encoder::from_safetensors(&ft.encoder().to_safetensors().unwrap(), &Device::Cpu)
             .unwrap();
         assert_eq!(params_of(&back), after);
+
+        // Fused blocks (the default) against the blocks on candle's graph: the same steps.
+        let probe_a = AttentiveProbe::new(probe_cfg.clone(), 5, &Device::Cpu).unwrap();
+        let probe_b = AttentiveProbe::new(probe_cfg.clone(), 5, &Device::Cpu).unwrap();
+        let mut fused = FineTuner::new(&source, probe_a, optim.clone(), 1.0).unwrap();
+        let mut graph = FineTuner::new(&source, probe_b, optim.clone(), 1.0).unwrap();
+        graph.set_fused_blocks(false);
+        for _ in 0..2 {
+            let (x, y) = batch(&mut rng, 4, 2);
+            let before = crate::fused_block::applied();
+            let a = fused.step(&x, 2, &y).unwrap();
+            assert!(crate::fused_block::applied() > before, "fused op not taken");
+            let b = graph.step(&x, 2, &y).unwrap();
+            assert_eq!(a.loss.to_bits(), b.loss.to_bits());
+            assert_eq!(a.grad_norm.to_bits(), b.grad_norm.to_bits());
+        }
+        assert_eq!(params_of(fused.encoder()), params_of(graph.encoder()));
 
         // Scale 0: only the head learns.
         let probe = AttentiveProbe::new(probe_cfg, 5, &Device::Cpu).unwrap();

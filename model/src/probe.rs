@@ -400,6 +400,7 @@ impl ProbeTrainer {
             self.steps_done + 1,
             &self.optim,
             &mut [(&mut self.opt, 1.0)],
+            None,
         )?;
         self.steps_done = s.step;
         Ok(s)
@@ -425,12 +426,14 @@ pub(crate) fn optimiser(
 /// The update shared by the probe and fine-tuning: schedules at the 1-based `step`, one
 /// gradient norm over every optimiser's parameters (clipped together, as `clip_grad_norm_` over
 /// all of them), then each AdamW with the scheduled lr times its scale. A non-finite loss is an
-/// error and changes nothing.
+/// error and changes nothing. `side` holds the gradients fused blocks found
+/// ([`crate::fused_block`]); they join the backward pass's before the norm.
 pub(crate) fn optimise(
     loss: &Tensor,
     step: u64,
     optim: &ProbeOptim,
     opts: &mut [(&mut AdamW, f64)],
+    side: Option<&crate::checkpointing::SideGrads>,
 ) -> Result<ProbeStep, ModelError> {
     let c = optim.schedule();
     let lr = schedule::lr(&c, step);
@@ -443,6 +446,9 @@ pub(crate) fn optimise(
         });
     }
     let mut grads: GradStore = loss.backward()?;
+    if let Some(side) = side {
+        side.merge_into(&mut grads)?;
+    }
     let mut sq = 0.0;
     for (opt, _) in opts.iter() {
         sq += optim::grad_sq_sum(&grads, opt.params().iter().map(|p| &p.var))?;
