@@ -13,8 +13,9 @@
 //! with — adds the two residual gradients, and hands the parameters' gradients to a
 //! [`SideGrads`] store, which the step merges into its gradients after the backward pass (as
 //! activation checkpointing does). The gradients are the autograd path's to the bit (model test
-//! `fused_blocks_give_the_autograd_step`): adding a gradient to zeros changes nothing, and every
-//! other sum has two terms.
+//! `fused_blocks_give_the_autograd_step`): adding a gradient to zeros changes nothing, the two
+//! residual sums have two terms, and a weight used by several masks sums their gradients in the
+//! order the backward pass reaches its blocks, as the graph does.
 //!
 //! Blocks fall back to the recorded graph where the op does not apply: parameters that are not
 //! leaves the store collects (e.g. weights cast inside the graph), a Linear without bias, or
@@ -43,7 +44,8 @@ pub fn fused(
     let Some(p) = fusable(block, x, side) else {
         return Ok(None);
     };
-    let saved = Saved::forward(&p, &x.contiguous()?)?;
+    let x = x.contiguous()?;
+    let saved = Saved::forward(&p, &x)?;
     #[cfg(test)]
     APPLIED.with(|n| n.set(n.get() + 1));
     let saved = Arc::new(Mutex::new(Some(saved)));
@@ -52,7 +54,7 @@ pub fn fused(
         saved: saved.clone(),
         side: side.clone(),
     };
-    let out = x.contiguous()?.apply_op1(op)?;
+    let out = x.apply_op1(op)?;
     // The two summands made the output; the backward pass reads neither (a Linear's backward
     // does not read its output), so they go now rather than live until the backward pass.
     if let Some(s) = lock(&saved)?.as_mut() {
