@@ -94,7 +94,7 @@ impl FineTuner {
         &self,
         clips: &Tensor,
         segments: usize,
-        side: Option<&std::sync::Arc<crate::checkpointing::SideGrads>>,
+        side: Option<&std::sync::Arc<crate::side_grads::SideGrads>>,
     ) -> Result<Tensor, ModelError> {
         let clips = clips.to_device(self.encoder.device())?;
         let x = self
@@ -120,7 +120,7 @@ impl FineTuner {
         let frozen = self.backbone_lr_scale == 0.0;
         // A trained backbone runs its blocks fused, their gradients filed beside the graph's.
         let side = (!frozen && self.fused_blocks).then(|| {
-            std::sync::Arc::new(crate::checkpointing::SideGrads::fused(
+            std::sync::Arc::new(crate::side_grads::SideGrads::fused(
                 self.encoder_opt.params().iter().map(|p| &p.var),
             ))
         });

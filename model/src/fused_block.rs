@@ -30,8 +30,8 @@ use candle_core::{
 };
 
 use crate::ModelError;
-use crate::checkpointing::SideGrads;
 use crate::kernels::{Attention, BiasGelu, LayerNorm, Linear, LinearNoBias};
+use crate::side_grads::SideGrads;
 use crate::vit::{Block, BlockTensors};
 
 /// `block(x)` as one op whose backward pass is written out (see the module docs), or `None`

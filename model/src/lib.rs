@@ -30,6 +30,7 @@ mod pretrainer;
 pub mod probe;
 pub mod pth;
 pub mod schedule;
+pub mod side_grads;
 pub mod staging;
 pub mod tokens;
 pub mod vit;
@@ -752,7 +753,7 @@ impl VJepa {
         clips: &Tensor,
         masks: &[(TokenIndex, TokenIndex)],
         pool: bool,
-        checkpoint: Option<&std::sync::Arc<checkpointing::SideGrads>>,
+        checkpoint: Option<&std::sync::Arc<side_grads::SideGrads>>,
     ) -> Result<(Tensor, Vec<Tensor>, Tensor, Option<Tensor>), ModelError> {
         let cast;
         let (encoder, predictor, target, clips) = match &self.copies {
@@ -838,11 +839,11 @@ impl VJepa {
         };
         let side = if self.checkpointing {
             Some(
-                checkpointing::SideGrads::new(leaves.iter().copied())
+                side_grads::SideGrads::new(leaves.iter().copied())
                     .written_backward(self.fused_blocks),
             )
         } else if self.fused_blocks {
-            Some(checkpointing::SideGrads::fused(leaves.iter().copied()))
+            Some(side_grads::SideGrads::fused(leaves.iter().copied()))
         } else {
             None
         }

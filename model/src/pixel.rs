@@ -263,7 +263,7 @@ impl PixelMae {
     fn forward_loss(
         &self,
         batch: &TrainBatch,
-        side: Option<&std::sync::Arc<crate::checkpointing::SideGrads>>,
+        side: Option<&std::sync::Arc<crate::side_grads::SideGrads>>,
     ) -> Result<(Tensor, usize, usize, Tensor), ModelError> {
         let b = vit::check_clips(&self.enc_cfg, &batch.clips)?;
         let clips = batch.clips.to_device(&self.device)?.to_dtype(DType::F32)?;
@@ -314,7 +314,7 @@ impl PixelMae {
         meanwhile: impl FnOnce(),
     ) -> Result<Gradients, ModelError> {
         let side = self.fused_blocks.then(|| {
-            std::sync::Arc::new(crate::checkpointing::SideGrads::fused(
+            std::sync::Arc::new(crate::side_grads::SideGrads::fused(
                 self.opt.params().iter().map(|p| &p.var),
             ))
         });

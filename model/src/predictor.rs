@@ -146,7 +146,7 @@ impl Predictor {
         context: &TokenIndex,
         target: &TokenIndex,
         mask: usize,
-        checkpoint: Option<&std::sync::Arc<crate::checkpointing::SideGrads>>,
+        checkpoint: Option<&std::sync::Arc<crate::side_grads::SideGrads>>,
     ) -> Result<Tensor, ModelError> {
         let token = self.mask_tokens.get(mask).ok_or_else(|| {
             ModelError::Input(format!(
@@ -176,7 +176,7 @@ impl Predictor {
         let mut x = Tensor::cat(&[&ctx, &tgt], 1)?;
         for blk in &self.blocks {
             x = match checkpoint {
-                Some(side) => crate::checkpointing::block_forward(blk, &x, side)?,
+                Some(side) => crate::side_grads::block_forward(blk, &x, side)?,
                 None => blk.forward(&x)?,
             };
         }

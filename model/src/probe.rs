@@ -433,7 +433,7 @@ pub(crate) fn optimise(
     step: u64,
     optim: &ProbeOptim,
     opts: &mut [(&mut AdamW, f64)],
-    side: Option<&crate::checkpointing::SideGrads>,
+    side: Option<&crate::side_grads::SideGrads>,
 ) -> Result<ProbeStep, ModelError> {
     let c = optim.schedule();
     let lr = schedule::lr(&c, step);

@@ -563,12 +563,12 @@ impl Encoder {
     pub fn forward_tokens_with(
         &self,
         x: &Tensor,
-        checkpoint: Option<&std::sync::Arc<crate::checkpointing::SideGrads>>,
+        checkpoint: Option<&std::sync::Arc<crate::side_grads::SideGrads>>,
     ) -> Result<Tensor, ModelError> {
         let mut x = x.clone();
         for blk in &self.blocks {
             x = match checkpoint {
-                Some(side) => crate::checkpointing::block_forward(blk, &x, side)?,
+                Some(side) => crate::side_grads::block_forward(blk, &x, side)?,
                 None => blk.forward(&x)?,
             };
         }

@@ -1934,7 +1934,7 @@ pub fn run_timings(
     // tracked as in a context pass): the fused block op against the block recorded on candle's
     // graph, whose backward adds every gradient into fresh zeros.
     {
-        use crate::checkpointing::{SideGrads, block_forward};
+        use crate::side_grads::{SideGrads, block_forward};
         let (b, n, d, hidden, heads) = (8usize, 1568usize, 1024usize, 4096usize, 16usize);
         let mut specs = Vec::new();
         crate::vit::Block::specs("blk", d, hidden, &mut specs);

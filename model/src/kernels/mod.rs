@@ -15,9 +15,9 @@
 //! CUDA device and, on the CPU, in f32 on widened copies (mixed-precision checks without a GPU);
 //! anything else is refused with [`ModelError::Unsupported`].
 //!
-//! With the `cuda` feature every op also has a `cuda_fwd` ([`cuda`]: one kernel launch per
+//! With the `cuda` feature every op also has a `cuda_fwd` (`cuda`: one kernel launch per
 //! forward, flash-style attention, f32 and bf16 storage with fp32 math), so the model runs on a
-//! candle CUDA device unchanged; `vjepa gpu-check` ([`gpu_check`]) compares the two backends.
+//! candle CUDA device unchanged; `vjepa gpu-check` (`gpu_check`) compares the two backends.
 
 mod adamw;
 mod attention;
