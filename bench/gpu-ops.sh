@@ -75,11 +75,10 @@ row("AdamW 8.4 M params", "f32", [("ours, 1 launch", ["adamw_multi (1 launch)"])
     [("fused", ["adamw (fused)"]), ("foreach", ["adamw (foreach)"])], 1.2, f32_bar=True)
 row("EMA 8.4 M params", "f32", [("ours, 1 launch", ["ema_multi (1 launch)"])], [("_foreach_lerp_", ["ema (_foreach_lerp_)"])])
 # Ours against ours: the step-level changes measured op by op (no torch peer).
-for what, new, old in [
-    ("ViT-L block fwd+bwd, bf16", "block fwd+bwd (fused)", "block fwd+bwd (graph)"),
-    ("grad norms, ViT-L's 288 tensors", "grad norms (2 launches, 1 read)", "grad norms (per tensor)"),
+for what, new, old, dt in [
+    ("ViT-L block fwd+bwd, bf16", "block fwd+bwd (fused)", "block fwd+bwd (graph)", "bf16"),
+    ("grad norms, ViT-L's 288 tensors, f32", "grad norms (2 launches, 1 read)", "grad norms (per tensor)", "f32"),
 ]:
-    dt = "bf16"
     if (new, dt) in ours and (old, dt) in ours:
         a, b = ours[(new, dt)], ours[(old, dt)]
         print(f"{what}: {new} {a:.3f} ms, {old} {b:.3f} ms ({b / a:.2f}× faster)")

@@ -83,10 +83,7 @@ impl CustomOp1 for Checkpoint {
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        match self.output()? {
-            (Storage::Cpu(y), shape) => Ok((y, shape)),
-            _ => candle_core::bail!("checkpointed block: CPU input, non-CPU output"),
-        }
+        crate::side_grads::cpu_output(self.output()?, "checkpointed block")
     }
 
     #[cfg(feature = "cuda")]
@@ -95,10 +92,7 @@ impl CustomOp1 for Checkpoint {
         _: &candle_core::CudaStorage,
         _: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        match self.output()? {
-            (Storage::Cuda(y), shape) => Ok((y, shape)),
-            _ => candle_core::bail!("checkpointed block: CUDA input, non-CUDA output"),
-        }
+        crate::side_grads::cuda_output(self.output()?, "checkpointed block")
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {

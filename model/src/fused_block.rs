@@ -313,10 +313,7 @@ impl CustomOp1 for FusedBlock {
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        match self.output()? {
-            (Storage::Cpu(y), shape) => Ok((y, shape)),
-            _ => candle_core::bail!("fused block: CPU input, non-CPU output"),
-        }
+        crate::side_grads::cpu_output(self.output()?, "fused block")
     }
 
     #[cfg(feature = "cuda")]
@@ -325,10 +322,7 @@ impl CustomOp1 for FusedBlock {
         _: &candle_core::CudaStorage,
         _: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        match self.output()? {
-            (Storage::Cuda(y), shape) => Ok((y, shape)),
-            _ => candle_core::bail!("fused block: CUDA input, non-CUDA output"),
-        }
+        crate::side_grads::cuda_output(self.output()?, "fused block")
     }
 
     /// The graph's backward pass of the block, op by op in reverse (each op's own `bwd` on the

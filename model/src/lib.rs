@@ -494,6 +494,9 @@ impl VJepa {
     /// (off). Both give the same numbers; the kept copies save the casts' memory traffic and
     /// launches. (Issue 10's A/B switch: `train-step --cast-weights` times the other way.)
     pub fn set_keep_weight_copies(&mut self, on: bool) -> Result<(), ModelError> {
+        if self.keep_copies == on {
+            return Ok(());
+        }
         self.keep_copies = on;
         self.refresh_copies()
     }

@@ -329,9 +329,11 @@ pub fn grad_sq_sums(grads: &GradStore, groups: &[&[&Var]]) -> Result<Vec<f64>, M
         let mut sums = Vec::new();
         for v in vars.iter() {
             if let Some(g) = grads.get(v.as_tensor()) {
-                // f32 totals of bf16 gradients (mixed precision): a bf16 total would cost the
-                // norm three digits.
-                let s = kernels::sum_sq_f32(g)?.to_dtype(DType::F64)?.reshape(1)?;
+                // bf16 gradients (mixed precision) widened first: a bf16 total would cost the
+                // norm three digits. (On a GPU the norms take `grad_sq_sums_cuda` above.)
+                let s = kernels::sum_sq(&g.to_dtype(DType::F32)?)?
+                    .to_dtype(DType::F64)?
+                    .reshape(1)?;
                 device.get_or_insert_with(|| s.device().clone());
                 sums.push(s);
             }

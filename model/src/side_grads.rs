@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use candle_core::backprop::GradStore;
-use candle_core::{Tensor, TensorId, Var};
+use candle_core::{CpuStorage, Shape, Storage, Tensor, TensorId, Var};
 
 use crate::ModelError;
 use crate::vit::Block;
@@ -145,5 +145,29 @@ pub fn block_forward(
     match crate::fused_block::fused(block, x, side)? {
         Some(y) => Ok(y),
         None => block.forward(x),
+    }
+}
+
+/// The CPU storage of an output a block op computed before candle asked for it (the fused and
+/// checkpointed block ops hand their precomputed output over in `cpu_fwd`).
+pub(crate) fn cpu_output(
+    (storage, shape): (Storage, Shape),
+    op: &str,
+) -> candle_core::Result<(CpuStorage, Shape)> {
+    match storage {
+        Storage::Cpu(y) => Ok((y, shape)),
+        _ => candle_core::bail!("{op}: CPU input, non-CPU output"),
+    }
+}
+
+/// [`cpu_output`] for `cuda_fwd`.
+#[cfg(feature = "cuda")]
+pub(crate) fn cuda_output(
+    (storage, shape): (Storage, Shape),
+    op: &str,
+) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+    match storage {
+        Storage::Cuda(y) => Ok((y, shape)),
+        _ => candle_core::bail!("{op}: CUDA input, non-CUDA output"),
     }
 }

@@ -81,6 +81,33 @@ fn tiny_batch() -> TrainBatch {
     TrainBatch { clips, masks }
 }
 
+/// Every parameter's gradient in two models built alike, by name; panics naming a parameter
+/// that lacks one in either.
+fn grad_pairs<'a>(
+    (opt_a, ga): (&'a AdamW, &'a Gradients),
+    (opt_b, gb): (&'a AdamW, &'a Gradients),
+) -> Vec<(&'a str, &'a Tensor, &'a Tensor)> {
+    opt_a
+        .params()
+        .iter()
+        .zip(opt_b.params())
+        .map(|(p, q)| {
+            match (
+                ga.grads.get(p.var.as_tensor()),
+                gb.grads.get(q.var.as_tensor()),
+            ) {
+                (Some(a), Some(b)) => (p.name.as_str(), a, b),
+                (a, b) => panic!(
+                    "{}: gradient missing (first {}, second {})",
+                    p.name,
+                    a.is_some(),
+                    b.is_some()
+                ),
+            }
+        })
+        .collect()
+}
+
 fn flat(t: &Tensor) -> Vec<f32> {
     t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
 }
@@ -1159,23 +1186,11 @@ fn kept_weight_copies_equal_per_step_casts() {
         cast.compute_gradients(&batch).unwrap(),
     );
     assert_eq!(gk.loss.to_bits(), gc.loss.to_bits());
-    for (p, q) in kept.opt.params().iter().zip(cast.opt.params()) {
-        let (a, b) = (
-            gk.grads.get(p.var.as_tensor()),
-            gc.grads.get(q.var.as_tensor()),
-        );
-        let (Some(a), Some(b)) = (a, b) else {
-            panic!(
-                "{}: gradient missing (kept {}, cast {})",
-                p.name,
-                a.is_some(),
-                b.is_some()
-            );
-        };
+    for (name, a, b) in grad_pairs((&kept.opt, &gk), (&cast.opt, &gc)) {
         // Kept: the copies' bf16 gradient; cast: the same values widened by the cast's backward.
-        assert_eq!(a.dtype(), DType::BF16, "{}", p.name);
-        assert_eq!(b.dtype(), DType::F32, "{}", p.name);
-        assert_eq!(bits(a), bits(b), "{}: gradient", p.name);
+        assert_eq!(a.dtype(), DType::BF16, "{name}");
+        assert_eq!(b.dtype(), DType::F32, "{name}");
+        assert_eq!(bits(a), bits(b), "{name}: gradient");
     }
 
     for step in 1..=3 {
@@ -1480,15 +1495,8 @@ fn pixel_fused_blocks_give_the_autograd_step() {
     );
     let gg = graph.compute_gradients(&batch).unwrap();
     assert_eq!(gf.loss.to_bits(), gg.loss.to_bits());
-    for (p, q) in fused.opt.params().iter().zip(graph.opt.params()) {
-        let (a, b) = (
-            gf.grads.get(p.var.as_tensor()),
-            gg.grads.get(q.var.as_tensor()),
-        );
-        let (Some(a), Some(b)) = (a, b) else {
-            panic!("{}: gradient missing", p.name);
-        };
-        assert_eq!(flat(a), flat(b), "{}", p.name);
+    for (name, a, b) in grad_pairs((&fused.opt, &gf), (&graph.opt, &gg)) {
+        assert_eq!(flat(a), flat(b), "{name}");
     }
     for step in 1..=2 {
         let (a, b) = (

@@ -1179,23 +1179,9 @@ pub fn column_sum(x: &CudaStorage, lx: &Layout) -> Result<(CudaStorage, Shape)> 
 /// Σ x² over all elements as a scalar of x's dtype (fp32 accumulation; grad norms). Two
 /// launches with a grid fixed by the element count, so the summation order never changes.
 pub fn sum_sq(x: &CudaStorage, lx: &Layout) -> Result<(CudaStorage, Shape)> {
-    sum_sq_as(x, lx, false)
-}
-
-/// [`sum_sq`] as an f32 scalar whatever x's dtype: the fp32 total of a bf16 tensor unrounded
-/// (the gradient norms of a mixed-precision step), the same sum as over x widened to f32.
-pub fn sum_sq_f32(x: &CudaStorage, lx: &Layout) -> Result<(CudaStorage, Shape)> {
-    sum_sq_as(x, lx, true)
-}
-
-fn sum_sq_as(x: &CudaStorage, lx: &Layout, f32_out: bool) -> Result<(CudaStorage, Shape)> {
     const OP: &str = "sum_sq (cuda)";
     let n = lx.shape().elem_count();
-    fn inner<T: KernelFloat, O: KernelFloat>(
-        x: &CudaStorage,
-        lx: &Layout,
-        n: usize,
-    ) -> Result<CudaStorage> {
+    fn inner<T: KernelFloat>(x: &CudaStorage, lx: &Layout, n: usize) -> Result<CudaStorage> {
         let dev = &x.device;
         let ty = T::DTYPE.as_str();
         let xs = view::<T>(x, lx, OP, "x")?;
@@ -1214,12 +1200,8 @@ fn sum_sq_as(x: &CudaStorage, lx: &Layout, f32_out: bool) -> Result<(CudaStorage
         // SAFETY: matches sumsq_partial_* in elementwise.cu.
         unsafe { bld.launch(cfg) }.w()?;
         // SAFETY: written by sum_final.
-        let out = unsafe { dev.alloc::<O>(1)? };
-        let f = load(
-            dev,
-            ELEMENTWISE,
-            &format!("sum_final_{}", O::DTYPE.as_str()),
-        )?;
+        let out = unsafe { dev.alloc::<T>(1)? };
+        let f = load(dev, ELEMENTWISE, &format!("sum_final_{ty}"))?;
         let nb = blocks as u32;
         let mut bld = stream.launch_builder(&f);
         bld.arg(&partial).arg(&out).arg(&nb);
@@ -1227,10 +1209,9 @@ fn sum_sq_as(x: &CudaStorage, lx: &Layout, f32_out: bool) -> Result<(CudaStorage
         unsafe { bld.launch(linear_cfg(256, 256)) }.w()?;
         Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
     }
-    let s = match (float_dtype(x, OP, false)?, f32_out) {
-        (DType::F32, _) => inner::<f32, f32>(x, lx, n)?,
-        (_, true) => inner::<bf16, f32>(x, lx, n)?,
-        _ => inner::<bf16, bf16>(x, lx, n)?,
+    let s = match float_dtype(x, OP, false)? {
+        DType::F32 => inner::<f32>(x, lx, n)?,
+        _ => inner::<bf16>(x, lx, n)?,
     };
     Ok((s, Shape::from(())))
 }
@@ -1687,17 +1668,26 @@ fn f32_ptr<'a>(
     Ok((p, g, n))
 }
 
-/// [`dev_ptr`] of a bf16 tensor.
-fn bf16_ptr<'a>(
-    t: &'a Tensor,
+/// Device address of a multi-tensor entry's bf16 copy of an `n`-element tensor (0 for none),
+/// its storage guard joining `guards`.
+fn copy_ptr<'a>(
+    copy: Option<&'a Tensor>,
+    n: usize,
     op: &str,
-    what: &str,
-) -> Result<(u64, candle_core::StorageRef<'a>, usize)> {
-    let (p, g, n, dtype) = dev_ptr(t, op, what, true)?;
+    guards: &mut Vec<candle_core::StorageRef<'a>>,
+) -> Result<u64> {
+    let Some(c) = copy else {
+        return Ok(0);
+    };
+    let (p, guard, nc, dtype) = dev_ptr(c, op, "copy", true)?;
     if dtype != DType::BF16 {
-        bail!("{op}: {what} must be bf16, got {dtype:?}");
+        bail!("{op}: the copy must be bf16, got {dtype:?}");
     }
-    Ok((p, g, n))
+    if nc != n {
+        bail!("{op}: the copy has {nc} elements, its tensor {n}");
+    }
+    guards.push(guard);
+    Ok(p)
 }
 
 /// Builds the block → (tensor, chunk) map of a multi-tensor launch.
@@ -1789,17 +1779,7 @@ fn adamw_multi_launch(
             bail!("{OP}: param/grad/moments sizes differ ({n}, {ng}, {nm}, {nv})");
         }
         guards.extend([gp, gg, gm, gv]);
-        let copy = match s.copy {
-            Some(c) => {
-                let (c, gc, nc) = bf16_ptr(c, OP, "copy")?;
-                if nc != n {
-                    bail!("{OP}: the copy has {nc} elements, the param {n}");
-                }
-                guards.push(gc);
-                c
-            }
-            None => 0,
-        };
+        let copy = copy_ptr(s.copy, n, OP, &mut guards)?;
         let (decay, step_size, sqrt_bc2) = s.step.scalars(cfg);
         let gscale = s.grad_scale as f32;
         // Layout of AdamWEntry in optim.cu: 5 u64, 4 f32, 1 u64.
@@ -1857,17 +1837,7 @@ pub fn ema_multi(pairs: &[(&Tensor, &Tensor, Option<&Tensor>)], momentum: f64) -
             bail!("{OP}: target has {n} elements, source {ns}");
         }
         guards.extend([gt, gs]);
-        let cp = match copy {
-            Some(c) => {
-                let (c, gc, nc) = bf16_ptr(c, OP, "copy")?;
-                if nc != n {
-                    bail!("{OP}: the copy has {nc} elements, the target {n}");
-                }
-                guards.push(gc);
-                c
-            }
-            None => 0,
-        };
+        let cp = copy_ptr(*copy, n, OP, &mut guards)?;
         table.extend([tp, sp, n as u64, cp]);
         sizes.push(n);
     }
@@ -1934,10 +1904,8 @@ pub fn sum_sq_groups(groups: &[&[&Tensor]]) -> Result<Vec<f32>> {
     }
     let nblocks = u32_of(map.len(), OP, "blocks")?;
     let ngroups = u32_of(groups.len(), OP, "groups")?;
-    let (ntab, nmap) = (table.len(), map.len());
-    table.extend(map);
-    table.extend(bounds);
-    let dtable = dev.clone_htod(&table)?;
+    let nmap = map.len();
+    let (dtable, ntab) = upload_table(&dev, table, [map, bounds].concat())?;
     let tab = dtable.slice(0..ntab);
     let bmap = dtable.slice(ntab..ntab + nmap);
     let bnds = dtable.slice(ntab + nmap..);

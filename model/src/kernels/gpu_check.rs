@@ -1879,8 +1879,9 @@ pub fn run_timings(
         None,
         || { gpu::sum_sq(g0).map(drop) }
     );
-    // The step's gradient norms at ViT-L: 24 blocks × 12 tensors (302 M bf16 values), one
-    // multi-tensor reduction and one read against a sum_sq per tensor gathered by candle ops.
+    // The step's gradient norms at ViT-L: 24 blocks × 12 tensors (302 M f32 values), one
+    // multi-tensor reduction and one read against the path it replaced: a sum_sq per tensor
+    // gathered by candle ops.
     let mut vitl = Vec::new();
     for _ in 0..24 {
         for shape in [
@@ -1897,31 +1898,31 @@ pub fn run_timings(
             vec![1024],
             vec![1024],
         ] {
-            vitl.push(Tensor::ones(shape, DType::BF16, dev)?);
+            vitl.push(Tensor::ones(shape, DType::F32, dev)?);
         }
     }
     let nv: usize = vitl.iter().map(Tensor::elem_count).sum();
-    let shape = format!("{} tensors, {nv} bf16", vitl.len());
+    let shape = format!("{} tensors, {nv} f32", vitl.len());
     let refs: Vec<&Tensor> = vitl.iter().collect();
     time!(
         "grad norms (2 launches, 1 read)",
         shape.clone(),
-        DType::BF16,
-        Some(2.0 * nv as f64),
+        DType::F32,
+        Some(4.0 * nv as f64),
         None,
         || { ck::sum_sq_groups(&[&refs]).map(drop) }
     );
     time!(
         "grad norms (per tensor)",
         shape,
-        DType::BF16,
-        Some(2.0 * nv as f64),
+        DType::F32,
+        Some(4.0 * nv as f64),
         None,
         || {
             let sums = vitl
                 .iter()
                 .map(|t| {
-                    super::sum_sq_f32(t)
+                    super::sum_sq(t)
                         .and_then(|s| Ok(s.to_dtype(DType::F64)?.reshape(1)?))
                         .map_err(|e| candle_core::Error::Msg(e.to_string()))
                 })

@@ -54,7 +54,7 @@ pub use layer_norm::{
     layer_norm_plain,
 };
 pub use linear::{Linear, LinearBackward, LinearNoBias, linear};
-pub use reduce::{ColumnSum, SumSq, column_sum, sum_sq, sum_sq_f32};
+pub use reduce::{ColumnSum, SumSq, column_sum, sum_sq};
 
 use candle_core::{CpuStorage, DType, Layout, Tensor};
 

@@ -31,43 +31,6 @@ pub fn sum_sq(x: &Tensor) -> Result<Tensor, ModelError> {
     Ok(x.contiguous()?.apply_op1(SumSq)?)
 }
 
-/// Σ x² over all elements as an f32 (or, for f64 input, f64) 0-d tensor: a bf16 tensor's sum is
-/// accumulated in fp32 and not rounded back to bf16 — the same value as [`sum_sq`] of x widened
-/// to f32, without the widened copy on a GPU. For the gradient norms of a mixed-precision step,
-/// whose gradients are bf16.
-pub fn sum_sq_f32(x: &Tensor) -> Result<Tensor, ModelError> {
-    if x.dtype() != candle_core::DType::BF16 {
-        return sum_sq(x);
-    }
-    if x.device().is_cpu() {
-        return sum_sq(&x.to_dtype(candle_core::DType::F32)?);
-    }
-    Ok(x.contiguous()?.apply_op1_no_bwd(&SumSqF32)?)
-}
-
-/// Forward op of [`sum_sq_f32`] on a GPU (bf16 in, f32 out).
-#[derive(Clone, Copy, Debug)]
-struct SumSqF32;
-
-impl CustomOp1 for SumSqF32 {
-    fn name(&self) -> &'static str {
-        "vjepa-sum-sq-f32"
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s: &candle_core::CudaStorage,
-        l: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda::sum_sq_f32(s, l)
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        SumSq.cpu_fwd(s, l)
-    }
-}
-
 /// Forward op: `[.., C]` → `[C]`.
 #[derive(Clone, Copy, Debug)]
 pub struct ColumnSum;
