@@ -69,8 +69,14 @@ for dt in ("bf16", "f32"):
     row("bias+GELU bwd", dt, [("ours", ["bias_gelu bwd (dx, db)"])], [("autograd", ["bias_gelu bwd (dx, db)"])], 1.2)
     row("bias add", dt, [("ours", ["bias_add fwd"])], [("x + b", ["bias_add fwd"])])
     row("bias grad (column sum)", dt, [("ours", ["column_sum (bias grad)"])], [("dy.sum(0)", ["column_sum (dy.sum(0))"])])
-    row("linear fwd", dt, [("ours", ["linear fwd (cuBLAS + bias)"])], [("F.linear", ["linear fwd (F.linear)"])])
-    row("linear bwd", dt, [("ours", ["linear bwd (dx, dW, db)"])], [("autograd", ["linear bwd (dx, dW, db)"])])
+    row("linear fwd", dt,
+        [("ours (cuBLASLt, bias epilogue)", ["linear fwd"]),
+         ("ours (cuBLAS + bias kernel)", ["linear fwd (cuBLAS + bias kernel)"])],
+        [("F.linear", ["linear fwd (F.linear)"])])
+    row("linear bwd", dt,
+        [("ours (cuBLASLt, db epilogue)", ["linear bwd (dx, dW, db)"]),
+         ("ours (cuBLAS + column sum)", ["linear bwd (cuBLAS + column sum)"])],
+        [("autograd", ["linear bwd (dx, dW, db)"])])
 row("AdamW 8.4 M params", "f32", [("ours, 1 launch", ["adamw_multi (1 launch)"])],
     [("fused", ["adamw (fused)"]), ("foreach", ["adamw (foreach)"])], 1.2, f32_bar=True)
 row("EMA 8.4 M params", "f32", [("ours, 1 launch", ["ema_multi (1 launch)"])], [("_foreach_lerp_", ["ema (_foreach_lerp_)"])])

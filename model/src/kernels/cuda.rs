@@ -25,6 +25,8 @@ use candle_core::{
 };
 use half::bf16;
 
+pub mod cublaslt;
+
 const ATTENTION_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
 const NORM_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/norm.ptx"));
 const ELEMENTWISE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/elementwise.ptx"));
@@ -1262,8 +1264,9 @@ fn check_i32(op: &str, dims: &[usize]) -> Result<()> {
     Ok(())
 }
 
-/// `y = x·Wᵀ (+ b)` for x `[.., in]`, W `[out, in]` (torch layout), b `[out]`: one cuBLAS GEMM
-/// (fp32 accumulation) and, with a bias, one in-place bias kernel.
+/// `y = x·Wᵀ (+ b)` for x `[.., in]`, W `[out, in]` (torch layout), b `[out]`: one cuBLASLt
+/// GEMM with the bias in its epilogue ([`cublaslt`]), or, without a bias or where cuBLASLt
+/// cannot, one cuBLAS GEMM (fp32 accumulation) and one in-place bias kernel.
 pub fn linear_fwd(
     x: &CudaStorage,
     lx: &Layout,
@@ -1297,10 +1300,32 @@ pub fn linear_fwd(
         let ws = view::<T>(w, lw, OP, "weight")?;
         // SAFETY: fully written by the GEMM (beta = 0).
         let mut y = unsafe { dev.alloc::<T>(rows * out)? };
+        // Column-major: yᵀ [out, rows] = W [out, in] (stored as Wᵀ, so op T) · xᵀ [in, rows].
+        let g = cublaslt::Gemm {
+            transa: true,
+            transb: false,
+            m: out,
+            n: rows,
+            k: inp,
+            lda: inp,
+            ldb: inp,
+            ldd: out,
+        };
+        // With a bias: one cuBLASLt GEMM adding it in its epilogue, where it can.
+        if let Some((bs, lb)) = b {
+            let bv = view::<T>(bs, lb, OP, "bias")?;
+            let fused = {
+                let mut yv = y.slice_mut(0..rows * out);
+                // SAFETY: the views hold out·in, rows·in, rows·out and out elements.
+                unsafe { cublaslt::gemm_bias(dev, g, &ws, &xs, &mut yv, &bv) }?
+            };
+            if fused {
+                return Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()));
+            }
+        }
         {
             let mut yv = y.slice_mut(0..rows * out);
-            // Column-major: yᵀ [out, rows] = W [out, in] (stored as Wᵀ, so op T) · xᵀ [in, rows].
-            let cfg = gemm_cfg::<T>(true, false, (out, rows, inp), (inp, inp, out));
+            let cfg = gemm_cfg::<T>(g.transa, g.transb, (g.m, g.n, g.k), (g.lda, g.ldb, g.ldd));
             // SAFETY: the views hold out·in, rows·in and rows·out elements.
             unsafe { T::gemm(&dev.cublas_handle(), cfg, &ws, &xs, &mut yv) }?;
         }
@@ -1334,8 +1359,9 @@ pub fn linear_fwd(
 }
 
 /// Backward of [`linear_fwd`] from x, W and dy: one flat tensor `[dx (rows·in) | dW (out·in) |
-/// db (out, when bias)]`. dx = dy·W and dW = dyᵀ·x are cuBLAS GEMMs written straight into the
-/// packed buffer; db is the two-launch column sum.
+/// db (out, when bias)]`. dx = dy·W and dW = dyᵀ·x are GEMMs written straight into the packed
+/// buffer; db comes out of the dW GEMM's cuBLASLt epilogue ([`cublaslt`]), or, where cuBLASLt
+/// cannot, from the two-launch column sum.
 pub fn linear_bwd(
     x: &CudaStorage,
     lx: &Layout,
@@ -1381,14 +1407,32 @@ pub fn linear_bwd(
             // SAFETY: views sized as the GEMM addresses them.
             unsafe { T::gemm(&blas, cfg, &ws, &dys, &mut dx) }?;
         }
-        {
+        // dWᵀ [in, out] = xᵀ [in, rows] · dy [rows, out]; with a bias, db (the column sums
+        // of dy) in the same cuBLASLt GEMM where it can.
+        let g = cublaslt::Gemm {
+            transa: false,
+            transb: true,
+            m: inp,
+            n: out,
+            k: rows,
+            lda: inp,
+            ldb: out,
+            ldd: inp,
+        };
+        let mut db_done = false;
+        if bias {
+            let mut tail = packed.slice_mut(n_dx..len);
+            let (mut dw, mut db) = tail.split_at_mut(n_dw);
+            // SAFETY: views sized as the GEMM and its epilogue address them.
+            db_done = unsafe { cublaslt::gemm_bias_grad(dev, g, &xs, &dys, &mut dw, &mut db) }?;
+        }
+        if !db_done {
             let mut dw = packed.slice_mut(n_dx..n_dx + n_dw);
-            // dWᵀ [in, out] = xᵀ [in, rows] · dy [rows, out].
-            let cfg = gemm_cfg::<T>(false, true, (inp, out, rows), (inp, out, inp));
+            let cfg = gemm_cfg::<T>(g.transa, g.transb, (g.m, g.n, g.k), (g.lda, g.ldb, g.ldd));
             // SAFETY: views sized as the GEMM addresses them.
             unsafe { T::gemm(&blas, cfg, &xs, &dys, &mut dw) }?;
         }
-        if bias {
+        if bias && !db_done {
             let mut db = packed.slice_mut(n_dx + n_dw..len);
             column_sum_into::<T>(dev, &dys, ldy.start_offset(), rows, out, &mut db, OP)?;
         }

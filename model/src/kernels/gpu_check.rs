@@ -22,6 +22,7 @@ use serde::Serialize;
 
 use super::AttentionBackend;
 use super::cuda as ck;
+use super::cuda::cublaslt;
 use crate::ModelError;
 
 /// Error tolerance for fp32 rows.
@@ -549,6 +550,8 @@ pub const CHECK_HEAD_DIMS: [usize; 4] = [24, 64, 80, 88];
 /// Row label of the attention op run by cuDNN (the plain `attention` rows run our kernels).
 #[cfg(feature = "cudnn")]
 const ATTENTION_CUDNN: &str = "attention (cudnn)";
+/// The Linear op with cuBLASLt's epilogues off: classic GEMMs, bias kernel, column sum.
+const LINEAR_CLASSIC: &str = "linear (cuBLAS + bias kernels)";
 
 /// The attention implementation a case's rows run on, and the dtypes they cover (cuDNN has
 /// no fp32 attention).
@@ -680,18 +683,23 @@ fn op_cases() -> Vec<OpCase> {
             f: Box::new(|t| super::bias_add(&t[0], &t[1])),
         });
     }
+    // The last shape leaves the bias gradient's slot of the backward's packed buffer
+    // unaligned in bf16, so its dW GEMM runs without the epilogue (column sum instead).
     for &(r, i, o) in &[
         (2 * 95usize, 200usize, 72usize),
         (3 * 128, 384, 1536),
         (77, 96, 96),
+        (33, 95, 51),
     ] {
         let case = format!("[{r},{i}]x[{o},{i}]T");
-        cases.push(OpCase {
-            op: "linear",
-            case: case.clone(),
-            inputs: vec![(vec![r, i], 1.0), (vec![o, i], 0.05), (vec![o], 1.0)],
-            f: Box::new(|t| super::linear(&t[0], &t[1], Some(&t[2]))),
-        });
+        for op in ["linear", LINEAR_CLASSIC] {
+            cases.push(OpCase {
+                op,
+                case: case.clone(),
+                inputs: vec![(vec![r, i], 1.0), (vec![o, i], 0.05), (vec![o], 1.0)],
+                f: Box::new(|t| super::linear(&t[0], &t[1], Some(&t[2]))),
+            });
+        }
         cases.push(OpCase {
             op: "linear (no bias)",
             case,
@@ -736,9 +744,11 @@ pub fn run_checks(
         rows.push(r);
     };
     let chosen = super::attention_backend();
+    let lt = cublaslt::enabled();
     for c in op_cases() {
         let (backend, dtypes) = backend_of(c.op, chosen);
         super::set_attention_backend(backend);
+        cublaslt::set_enabled(lt && c.op != LINEAR_CLASSIC);
         for &dt in dtypes {
             if let Err(e) = check_op(&c, dt, &mut inp, &mut push) {
                 push(error_row(c.op, &c.case, dt, &e));
@@ -746,6 +756,7 @@ pub fn run_checks(
         }
     }
     super::set_attention_backend(chosen);
+    cublaslt::set_enabled(lt);
 
     // bf16 attention on CUDA cores (the ops use tensor cores for these head dims).
     for &n in &CHECK_SEQ_LENS {
@@ -1721,22 +1732,26 @@ pub fn run_timings(
         let bb = inp.pair(&[o], 1.0, dt)?.0;
         let dy = inp.pair(&[r, o], 1.0, dt)?.0;
         let fl = 2.0 * (r * i * o) as f64;
-        time!(
-            "linear fwd (cuBLAS + bias)",
-            shape,
-            dt,
-            None,
-            Some(fl),
-            || { gpu::linear(&x, &w, Some(&bb)).map(drop) }
-        );
-        time!(
-            "linear bwd (dx, dW, db)",
-            shape,
-            dt,
-            None,
-            Some(2.0 * fl),
-            || { gpu::linear_bwd(&x, &w, &dy, true).map(drop) }
-        );
+        // The default (cuBLASLt: bias in the forward's epilogue, db in the dW GEMM's) and the
+        // classic path (cuBLAS GEMMs, bias kernel, column sum), in the same run.
+        let lt = cublaslt::enabled();
+        for (fwd, bwd, on) in [
+            ("linear fwd", "linear bwd (dx, dW, db)", lt),
+            (
+                "linear fwd (cuBLAS + bias kernel)",
+                "linear bwd (cuBLAS + column sum)",
+                false,
+            ),
+        ] {
+            cublaslt::set_enabled(on);
+            time!(fwd, shape, dt, None, Some(fl), || {
+                gpu::linear(&x, &w, Some(&bb)).map(drop)
+            });
+            time!(bwd, shape, dt, None, Some(2.0 * fl), || {
+                gpu::linear_bwd(&x, &w, &dy, true).map(drop)
+            });
+        }
+        cublaslt::set_enabled(lt);
     }
 
     // Optimizer over the ViT-L MLP pair: 2 × 4096×1024 = 8.4 M f32 params.
