@@ -6,8 +6,9 @@
 #          against the CPU (issue 9 acceptance 1, 2)
 #   ops    bench/gpu-ops.sh: each op against torch on this GPU, with the bars (issue 9, 3)
 #   step   bench/gpu-step.sh on STEP_CONFIGS (default vitl16), ours with ATTENTION (default
-#          "cudnn own") and VARIANTS (default "--cast-weights --graph-blocks": the step without
-#          the kept bf16 weight copies, and without the fused blocks) against the PyTorch peer
+#          "cudnn own") and VARIANTS (default "--target-stream --cast-weights --graph-blocks":
+#          the step with the target pass on a second stream, without the kept bf16 weight
+#          copies, and without the fused blocks) against the PyTorch peer
 #          and any EXTRA_PEER scripts (issue 10, 1 and 5)
 #   trend  bench/loss-trend.sh: 200 steps on the CPU (f32) and on the GPU (bf16, and f32 as the
 #          noise floor), same videos and seed, loss curves compared (issue 10, 4)
@@ -97,7 +98,7 @@ for phase in ${PHASES:-check ops step}; do
       peak=$(sed -n 's/^bf16 GEMM peak: \([0-9.]*\) TFLOP.*/\1/p' "$OUT/ops.txt" 2>/dev/null)
       # shellcheck disable=SC2086
       TRAIN_STEP="$W/train-step" TORCH_PYTHON="$PY" PEAK_TFLOPS="${PEAK_TFLOPS:-$peak}" \
-        ATTENTION="${ATTENTION:-cudnn own}" VARIANTS="${VARIANTS---cast-weights --graph-blocks}" timeout "$(limit "${STEP_S:-420}")" \
+        ATTENTION="${ATTENTION:-cudnn own}" VARIANTS="${VARIANTS---target-stream --cast-weights --graph-blocks}" timeout "$(limit "${STEP_S:-420}")" \
         bench/gpu-step.sh ${STEP_CONFIGS:-configs/vitl16.yaml} > "$OUT/step.txt" 2> "$OUT/step.err"
       echo "rc=$?" >> "$OUT/step.txt"
       cat "$OUT/step.txt"; tail -5 "$OUT/step.err" ;;

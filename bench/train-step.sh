@@ -17,7 +17,8 @@
 # space-separated, each one more row of ours with the first ATTENTION: --cast-weights casts the
 # f32 weights in every bf16 step instead of using the kept bf16 copies, and so runs the blocks on
 # the graph too: compare it with the --graph-blocks row, which records the blocks op by op on
-# candle's graph instead of the fused block op; both the way before them).
+# candle's graph instead of the fused block op; both the way before them; --target-stream runs
+# the target encoder's pass on a thread and, on a GPU, a stream of its own).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 THREADS="${1:-$(nproc)}"; shift || true
@@ -36,8 +37,8 @@ if [ "$DTYPE" = bf16 ]; then ours+=(--bf16); peer+=(--bf16); fi
 [ "${CHECKPOINT:-0}" = 1 ] && ours+=(--checkpoint-activations)
 ATTENTION="${ATTENTION:-auto}"; [ "$DEVICE" = cpu ] && ATTENTION=auto
 for v in ${VARIANTS:-}; do
-  case "$v" in --cast-weights|--graph-blocks) ;;
-    *) echo "train-step.sh: VARIANTS takes --cast-weights and --graph-blocks, not $v" >&2; exit 2 ;;
+  case "$v" in --cast-weights|--graph-blocks|--target-stream) ;;
+    *) echo "train-step.sh: VARIANTS takes --cast-weights, --graph-blocks and --target-stream, not $v" >&2; exit 2 ;;
   esac
 done
 for cfg in "${CONFIGS[@]}"; do

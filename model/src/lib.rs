@@ -32,6 +32,7 @@ pub mod pth;
 pub mod schedule;
 pub mod side_grads;
 pub mod staging;
+mod target_lane;
 pub mod tokens;
 pub mod vit;
 
@@ -326,6 +327,8 @@ pub struct VJepa {
     keep_copies: bool,
     /// The kept compute copies, present while `compute_dtype` is not f32 and `keep_copies`.
     copies: Option<WeightCopies>,
+    /// The thread the target pass runs on, when it has one ([`Self::set_target_stream`]).
+    target_lane: Option<target_lane::TargetLane>,
 }
 
 /// Mixed precision with kept compute weights: `compute_dtype` copies of every trainable and
@@ -468,6 +471,7 @@ impl VJepa {
             compute_dtype: DType::F32,
             keep_copies: true,
             copies: None,
+            target_lane: None,
         })
     }
 
@@ -620,6 +624,31 @@ impl VJepa {
     /// Whether training steps run fused blocks.
     pub fn fused_blocks(&self) -> bool {
         self.fused_blocks
+    }
+
+    /// Runs each training step's target-encoder pass on a thread of its own (off by default;
+    /// [`crate::target_lane`]): on a GPU its kernels then go to a second stream and run beside
+    /// the two context passes, queued by a second host thread. The same losses and gradients to
+    /// the bit. Peak memory grows by the target pass's working set (one block's activations),
+    /// which then overlaps the context passes instead of preceding them.
+    pub fn set_target_stream(&mut self, on: bool) -> Result<(), ModelError> {
+        match (on, self.target_lane.is_some()) {
+            (true, false) => self.target_lane = Some(target_lane::TargetLane::new(&self.device)?),
+            (false, true) => self.target_lane = None,
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Whether the target pass runs on a thread (and, on a GPU, a stream) of its own.
+    pub fn target_stream(&self) -> bool {
+        self.target_lane.is_some()
+    }
+
+    /// Target passes handed to the current target lane so far (0 without one): a check that
+    /// the lane is really taken.
+    pub fn target_lane_passes(&self) -> usize {
+        self.target_lane.as_ref().map_or(0, |l| l.jobs_run())
     }
 
     /// Whether activation checkpointing is on.
@@ -779,14 +808,17 @@ impl VJepa {
                 )
             }
         };
-        // Target branch: plain (non-Var) weights, so no graph is recorded. Its features are
-        // normalised in f32 whatever the compute dtype, as the loss is taken.
-        let raw = target
-            .forward(&clips, None)?
-            .detach()
-            .to_dtype(DType::F32)?;
-        let pooled = if pool { Some(raw.mean(1)?) } else { None };
-        let h = loss::normalize_targets(&raw)?.detach();
+        // Target branch: first, or on the lane beside the context passes (then its features
+        // are gathered once the context passes are queued).
+        let features = match &self.target_lane {
+            Some(lane) => {
+                let (target, clips) = (target.clone(), clips.clone());
+                TargetFeatures::Pending(
+                    lane.run(&self.device, move || target_features(&target, &clips, pool))?,
+                )
+            }
+            None => TargetFeatures::Ready(target_features(target, &clips, pool)?),
+        };
         // The patch embedding is identical for both context passes: compute it once.
         let tokens = encoder.embed(&clips)?;
         let mut preds = Vec::with_capacity(masks.len());
@@ -798,8 +830,20 @@ impl VJepa {
                     .forward_with(&z, ctx, tgt, i, checkpoint)?
                     .to_dtype(DType::F32)?,
             );
-            targets.push(tgt.gather(&h)?);
+            if let TargetFeatures::Ready((h, _)) = &features {
+                targets.push(tgt.gather(h)?);
+            }
         }
+        let (h, pooled) = match features {
+            TargetFeatures::Ready(f) => f,
+            TargetFeatures::Pending(p) => {
+                let f = p.wait()?;
+                for (_, tgt) in masks {
+                    targets.push(tgt.gather(&f.0)?);
+                }
+                f
+            }
+        };
         let (loss, per_mask) = loss::jepa_loss(&preds, &targets, &self.optim_cfg)?;
         Ok((loss, per_mask, h, pooled))
     }
@@ -1231,6 +1275,26 @@ fn set_flat_gradients(
         at += n;
     }
     Ok(())
+}
+
+/// The target pass's normalised features `[B, N, D]` (f32) and, when asked, their mean over
+/// tokens `[B, D]`.
+type Features = (Tensor, Option<Tensor>);
+
+/// Target features computed already, or on their way from the target lane.
+enum TargetFeatures {
+    Ready(Features),
+    Pending(target_lane::Pending<Features>),
+}
+
+/// The target branch of a step: the target encoder on the full clips, with plain (non-Var)
+/// weights, so no graph is recorded; its features normalised in f32 whatever the compute dtype,
+/// as the loss is taken (spec §6: LayerNorm without affine), and mean-pooled with `pool`.
+fn target_features(target: &Encoder, clips: &Tensor, pool: bool) -> Result<Features, ModelError> {
+    let raw = target.forward(clips, None)?.detach().to_dtype(DType::F32)?;
+    let pooled = if pool { Some(raw.mean(1)?) } else { None };
+    let h = loss::normalize_targets(&raw)?.detach();
+    Ok((h, pooled))
 }
 
 /// What [`optimiser_step`] used and measured.

@@ -140,6 +140,18 @@ impl Pretrainer {
         }
     }
 
+    /// The target pass on a thread and stream of its own ([`VJepa::set_target_stream`]); the
+    /// pixel objective has no target encoder and refuses `true`.
+    pub fn set_target_stream(&mut self, on: bool) -> Result<(), ModelError> {
+        match self {
+            Pretrainer::VJepa(m) => m.set_target_stream(on),
+            Pretrainer::Pixel(_) if on => Err(ModelError::Config(
+                "a target stream is V-JEPA's; the pixel objective has no target encoder".into(),
+            )),
+            Pretrainer::Pixel(_) => Ok(()),
+        }
+    }
+
     /// [`Self::compute_gradients`], running `meanwhile` on the host while the device computes
     /// the step (after it is queued, before it is waited for).
     pub fn compute_gradients_overlapping(

@@ -1149,6 +1149,53 @@ fn fused_blocks_give_the_autograd_step() {
     assert_eq!(crate::fused_block::applied(), before);
 }
 
+/// The target pass on a thread of its own (on a GPU: its own stream) gives the same step: the
+/// same loss, collapse signals, pooled target features, gradients and three steps' models to
+/// the bit, in f32 and in bf16 with kept copies; and the pass really runs on the lane.
+#[test]
+fn target_stream_gives_the_same_step() {
+    let batch = tiny_batch();
+    for dtype in [DType::F32, DType::BF16] {
+        let build = || {
+            let mut m = tiny_model(5);
+            m.set_compute_dtype(dtype).unwrap();
+            m.set_pool_features(true);
+            m
+        };
+        let (mut lane, mut plain) = (build(), build());
+        lane.set_target_stream(true).unwrap();
+        assert!(lane.target_stream() && !plain.target_stream());
+        let ga = lane.compute_gradients(&batch).unwrap();
+        assert_eq!(lane.target_lane_passes(), 1, "{dtype:?}");
+        assert_eq!(plain.target_lane_passes(), 0);
+        let gb = plain.compute_gradients(&batch).unwrap();
+        assert_eq!(ga.loss.to_bits(), gb.loss.to_bits(), "{dtype:?}");
+        assert_eq!(ga.loss_per_mask, gb.loss_per_mask);
+        assert_eq!(ga.target_std.to_bits(), gb.target_std.to_bits());
+        assert_eq!(ga.target_rank.to_bits(), gb.target_rank.to_bits());
+        assert!(!ga.target_embeddings.is_empty());
+        assert_eq!(ga.target_embeddings, gb.target_embeddings);
+        for (name, a, b) in grad_pairs((&lane.opt, &ga), (&plain.opt, &gb)) {
+            let w = |t: &Tensor| flat(&t.to_dtype(DType::F32).unwrap());
+            assert_eq!(w(a), w(b), "{dtype:?} {name}");
+        }
+        for step in 1..=3 {
+            let (a, b) = (
+                lane.train_step(&batch).unwrap(),
+                plain.train_step(&batch).unwrap(),
+            );
+            assert_eq!(a, b, "{dtype:?} step {step}");
+            assert_eq!(
+                lane.params_digest().unwrap(),
+                plain.params_digest().unwrap(),
+                "{dtype:?} step {step}"
+            );
+        }
+        lane.set_target_stream(false).unwrap();
+        assert!(!lane.target_stream());
+    }
+}
+
 /// Kept bf16 weight copies (the default in mixed precision) and per-step casts of the f32
 /// weights are the same computation: the same gradients to the bit, and three steps with
 /// clipping active on both modules give the same losses, norms, weights, moments and target to

@@ -223,7 +223,7 @@ impl Block {
 }
 
 /// Patch embedding: the reference's Conv3d with kernel = stride = (t, p, p) (Conv2d with
-/// kernel = stride = p for images), written as reshape + matmul since candle has no conv3d. The
+/// kernel = stride = p for images), written as reshape + Linear since candle has no conv3d. The
 /// weight keeps the conv shape (`[D, 3, t, p, p]` or `[D, 3, p, p]`) for checkpoints.
 #[derive(Clone, Debug)]
 pub struct PatchEmbed {
@@ -281,8 +281,10 @@ impl PatchEmbed {
         let (b, n) = (geo.batch, geo.num_tokens());
         let patches =
             patchify_checked(&self.cfg, clips, geo)?.reshape((b * n, self.cfg.patch_dim()))?;
+        // The Linear op, bias fused: on a GPU one cuBLASLt GEMM with the bias in its epilogue,
+        // on the thread's own handles (the target pass may run on a thread of its own).
         let w = self.weight.reshape((d, self.cfg.patch_dim()))?;
-        let y = patches.matmul(&w.t()?)?.broadcast_add(&self.bias)?;
+        let y = kernels::linear(&patches.contiguous()?, &w, Some(&self.bias))?;
         Ok(y.reshape((b, n, d))?)
     }
 }

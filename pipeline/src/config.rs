@@ -352,6 +352,10 @@ pub struct ModelSection {
     /// instead of keeping them (less memory, about one more forward per step; same gradients).
     #[serde(default)]
     pub activation_checkpointing: bool,
+    /// Ours: run the target encoder's pass on a thread of its own, on a GPU a second stream
+    /// beside the context passes (same numbers; not yet measured on a GPU, so off by default).
+    #[serde(default)]
+    pub target_stream: bool,
 }
 
 /// `model.pixel:` — the pixel objective (VideoMAE defaults, decoder width scaled down for
@@ -814,6 +818,12 @@ impl JobConfig {
             return Err(ConfigError::invalid(
                 "model.activation_checkpointing",
                 "is V-JEPA's (encoder and predictor blocks); the pixel objective has none",
+            ));
+        }
+        if r.model.target_stream && r.model.objective == vjepa_model::Objective::Pixel {
+            return Err(ConfigError::invalid(
+                "model.target_stream",
+                "is V-JEPA's (its target encoder); the pixel objective has none",
             ));
         }
         if r.mask.is_empty() && r.model.objective == vjepa_model::Objective::Vjepa {
@@ -1772,6 +1782,22 @@ mod tests {
         );
         let err = JobConfig::parse(&ckpt(&pixel)).unwrap_err();
         assert_eq!(err.key(), Some("model.activation_checkpointing"), "{err}");
+        let lane = |text: &str| {
+            text.replace(
+                "  model_name: vit_large\n",
+                "  model_name: vit_large\n  target_stream: true\n",
+            )
+        };
+        assert!(!cfg.raw.model.target_stream);
+        assert!(
+            JobConfig::parse(&lane(OFFICIAL_VITL16))
+                .unwrap()
+                .raw
+                .model
+                .target_stream
+        );
+        let err = JobConfig::parse(&lane(&pixel)).unwrap_err();
+        assert_eq!(err.key(), Some("model.target_stream"), "{err}");
         assert_eq!(cfg.raw.model.pixel.mask_ratio, 0.9);
         let p = cfg.pixel_config();
         assert_eq!(

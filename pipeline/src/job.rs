@@ -904,6 +904,7 @@ fn run_worker_inner(
     model.set_pool_features(cfg.raw.outputs.features);
     model.set_compute_dtype(shared.dtype)?;
     model.set_activation_checkpointing(cfg.raw.model.activation_checkpointing)?;
+    model.set_target_stream(cfg.raw.model.target_stream)?;
     // Every replica starts bit-identical (same seed, or the same checkpoint).
     check_digests(worker, &mut collective, &model, shared.first_step, shared)?;
     if index == 0 {

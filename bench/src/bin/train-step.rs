@@ -66,6 +66,10 @@ struct Args {
     /// to time the difference.
     #[arg(long)]
     graph_blocks: bool,
+    /// Run the target encoder's pass on a thread of its own (on a GPU: a second stream beside
+    /// the context passes; `model.target_stream`), also on when the config sets it.
+    #[arg(long)]
+    target_stream: bool,
     /// Clips per step instead of the config's data.batch_size.
     #[arg(long)]
     batch_size: Option<usize>,
@@ -197,6 +201,7 @@ fn main() -> Result<()> {
     model.set_activation_checkpointing(
         args.checkpoint_activations || cfg.raw.model.activation_checkpointing,
     );
+    model.set_target_stream(args.target_stream || cfg.raw.model.target_stream)?;
     // The clip goes to the device once, as the peer's does (the step excludes data
     // loading); what the job pays per step to pack and upload a batch is timed on its own.
     let stager = vjepa_model::ClipStager::new(&device);
@@ -240,6 +245,8 @@ fn main() -> Result<()> {
             "fused_blocks": model.fused_blocks(),
             "attention": attention_runs,
             "activation_checkpointing": model.activation_checkpointing(),
+            "target_stream": model.target_stream(),
+            "target_lane_passes": model.target_lane_passes(),
             "cudnn_graphs": cudnn_graphs(),
             "stage_s": stage_times.get(stage_times.len() / 2),
             "config": args.config.display().to_string(),
@@ -266,6 +273,9 @@ fn impl_label(args: &Args, cuda: bool, attention: &str) -> String {
     }
     if args.graph_blocks || (args.bf16 && args.cast_weights) {
         parts.push("blocks on the graph".to_string());
+    }
+    if args.target_stream {
+        parts.push("target pass on its own stream".to_string());
     }
     if parts.is_empty() {
         "ours (candle)".to_string()

@@ -1221,6 +1221,27 @@ pub fn sum_sq(x: &CudaStorage, lx: &Layout) -> Result<(CudaStorage, Shape)> {
 // ---------------------------------------------------------------------------------------------
 // Linear (cuBLAS GEMM + our bias kernels)
 
+thread_local! {
+    static BLAS: std::cell::RefCell<std::collections::HashMap<candle_core::cuda_backend::DeviceId, std::sync::Arc<CudaBlas>>> =
+        std::cell::RefCell::new(std::collections::HashMap::new());
+}
+
+/// This thread's cuBLAS handle on `dev`. candle's device has one handle for all threads, and
+/// its stream is the calling thread's default stream: two threads sharing it would share the
+/// handle's workspace across two streams at once (the target pass may run on a thread of its
+/// own, see `crate::target_lane`). A handle per thread, created on first use, avoids that.
+fn thread_blas(dev: &CudaDevice) -> Result<std::sync::Arc<CudaBlas>> {
+    BLAS.with(|m| {
+        let mut m = m.borrow_mut();
+        if let Some(b) = m.get(&dev.id()) {
+            return Ok(b.clone());
+        }
+        let b = std::sync::Arc::new(CudaBlas::new(dev.cuda_stream()).w()?);
+        m.insert(dev.id(), b.clone());
+        Ok(b)
+    })
+}
+
 /// `(rows, in, out)` of x `[.., in]` against W `[out, in]`.
 fn linear_dims(lx: &Layout, lw: &Layout, op: &str) -> Result<(usize, usize, usize)> {
     let (out, inp) = lw.shape().dims2()?;
@@ -1327,7 +1348,7 @@ pub fn linear_fwd(
             let mut yv = y.slice_mut(0..rows * out);
             let cfg = gemm_cfg::<T>(g.transa, g.transb, (g.m, g.n, g.k), (g.lda, g.ldb, g.ldd));
             // SAFETY: the views hold out·in, rows·in and rows·out elements.
-            unsafe { T::gemm(&dev.cublas_handle(), cfg, &ws, &xs, &mut yv) }?;
+            unsafe { T::gemm(&*thread_blas(dev)?, cfg, &ws, &xs, &mut yv) }?;
         }
         if let Some((bs, lb)) = b {
             let bv = view::<T>(bs, lb, OP, "bias")?;
@@ -1392,7 +1413,7 @@ pub fn linear_bwd(
         len: usize,
     ) -> Result<CudaStorage> {
         let dev = &x.device;
-        let blas = dev.cublas_handle();
+        let blas = thread_blas(dev)?;
         let xs = view::<T>(x, lx, OP, "x")?;
         let ws = view::<T>(w, lw, OP, "weight")?;
         let dys = view::<T>(dy, ldy, OP, "dy")?;

@@ -807,6 +807,9 @@ pub fn run_checks(
         if let Err(e) = check_fused_blocks(dev, dtype, &mut push) {
             push(error_row("train_step fused blocks", "", dtype, &e));
         }
+        if let Err(e) = check_target_stream(dev, dtype, &mut push) {
+            push(error_row("train_step target stream", "", dtype, &e));
+        }
     }
     if let Err(e) = check_weight_copies(dev, &mut push) {
         push(error_row(
@@ -1296,6 +1299,54 @@ fn check_fused_blocks(
     ));
     push(row(
         "train_step fused blocks: gradient",
+        case,
+        DType::F32,
+        grad_err,
+    ));
+    Ok(())
+}
+
+/// The target pass on its own thread and stream against the plain step, on the device: the
+/// gradients of one step, then three steps' losses (the same kernels on the same inputs, so
+/// expected equal; a missing wait between the streams would show here), and the lane must
+/// really have run the passes.
+fn check_target_stream(
+    dev: &Device,
+    dtype: DType,
+    push: &mut dyn FnMut(CheckRow),
+) -> Result<(), ModelError> {
+    let (mut lane, batch) = small_vjepa(dev)?;
+    let (mut plain, _) = small_vjepa(dev)?;
+    lane.set_compute_dtype(dtype)?;
+    plain.set_compute_dtype(dtype)?;
+    lane.set_target_stream(true)?;
+    let case = format!(
+        "D128 d2 h2, pred 64, 8x64x64, B2, {}, 1 + 3 steps, vs one stream",
+        dname(dtype)
+    );
+    let (gp, gl) = (
+        plain.compute_gradients(&batch)?,
+        lane.compute_gradients(&batch)?,
+    );
+    let (mut loss_err, grad_err) = step_errors((&plain, &gp), (&lane, &gl))?;
+    for _ in 0..3 {
+        let (a, b) = (lane.train_step(&batch)?, plain.train_step(&batch)?);
+        loss_err = loss_err.max((a.loss - b.loss).abs() / b.loss.abs().max(1e-30));
+    }
+    if lane.target_lane_passes() != 4 {
+        return Err(ModelError::Input(format!(
+            "the target lane ran {} of 4 passes",
+            lane.target_lane_passes()
+        )));
+    }
+    push(row(
+        "train_step target stream: loss",
+        case.clone(),
+        DType::F32,
+        loss_err,
+    ));
+    push(row(
+        "train_step target stream: gradient",
         case,
         DType::F32,
         grad_err,

@@ -1,0 +1,208 @@
+//! A thread of its own for the target encoder's pass, so that on a GPU it runs on a second
+//! stream beside the two context passes (issue 10: "the target encoder's full-clip pass and
+//! the two context passes scheduled to keep the GPU busy").
+//!
+//! Why a thread: candle's CUDA device launches every op on the calling thread's default stream,
+//! so work queued from another host thread lands on another stream, with the same device and
+//! tensors: the target pass needs no autograd state and shares nothing with the context passes
+//! but the clips (read by both) and its output (read by the loss). Ordering between the streams
+//! comes from cudarc's per-buffer events (each kernel waits for the last writer of what it
+//! reads), plus one explicit marker: the optimiser and the EMA write the weights through
+//! pointer tables that record no events, so the lane's stream first waits for everything the
+//! caller's stream had queued when the pass was handed over (last step's EMA included). A
+//! second host thread also queues the pass's launches beside the main thread's, halving the
+//! host time per step where candle's per-op overhead is what keeps the GPU waiting.
+//!
+//! The thread lives as long as the model: cuBLAS and cuBLASLt handles, workspaces and plans are
+//! per thread, and a thread per step would rebuild them every step. On the CPU the lane runs
+//! the same pass on its thread (same results to the bit, no gain: the CPU kernels already use
+//! every core); the tests use that to check the hand-over.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, mpsc};
+use std::thread::JoinHandle;
+
+use candle_core::Device;
+
+use crate::ModelError;
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// The lane: one worker thread running the jobs handed to it, in order.
+pub(crate) struct TargetLane {
+    jobs: Option<mpsc::Sender<Job>>,
+    thread: Option<JoinHandle<()>>,
+    /// Jobs started so far (tests check that the pass really took the lane).
+    done: Arc<AtomicUsize>,
+    /// On a GPU: an extra stream kept open so that cudarc tracks events per buffer (it does
+    /// only once a context has more than one stream).
+    #[cfg(feature = "cuda")]
+    _tracking: Option<std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>>,
+}
+
+/// The result of a job, to wait for.
+pub(crate) struct Pending<T>(mpsc::Receiver<Result<T, ModelError>>);
+
+impl<T> Pending<T> {
+    /// Blocks the host until the job has been queued (on a GPU: its launches, not their
+    /// completion) and returns its result.
+    pub(crate) fn wait(self) -> Result<T, ModelError> {
+        self.0
+            .recv()
+            .map_err(|_| ModelError::Input("the target lane stopped before its result".into()))?
+    }
+}
+
+impl TargetLane {
+    /// A lane for work on `device`.
+    pub(crate) fn new(device: &Device) -> Result<Self, ModelError> {
+        #[cfg(feature = "cuda")]
+        let tracking = match device {
+            Device::Cuda(d) => Some(
+                d.cuda_stream()
+                    .context()
+                    .new_stream()
+                    .map_err(|e| ModelError::Input(format!("target lane: {e}")))?,
+            ),
+            _ => None,
+        };
+        #[cfg(not(feature = "cuda"))]
+        let _ = device;
+        let (tx, rx) = mpsc::channel::<Job>();
+        let done = Arc::new(AtomicUsize::new(0));
+        let counter = done.clone();
+        let thread = std::thread::Builder::new()
+            .name("target-lane".into())
+            .spawn(move || {
+                while let Ok(job) = rx.recv() {
+                    // Counted before it runs: its result is sent from inside it.
+                    counter.fetch_add(1, Ordering::Relaxed);
+                    job();
+                }
+            })
+            .map_err(|e| ModelError::Input(format!("cannot start the target lane: {e}")))?;
+        Ok(Self {
+            jobs: Some(tx),
+            thread: Some(thread),
+            done,
+            #[cfg(feature = "cuda")]
+            _tracking: tracking,
+        })
+    }
+
+    /// Jobs this lane has started.
+    pub(crate) fn jobs_run(&self) -> usize {
+        self.done.load(Ordering::Relaxed)
+    }
+
+    /// Hands `f` to the lane. On a GPU the lane's stream first waits for everything queued so
+    /// far on the calling thread's stream of `device`.
+    pub(crate) fn run<T: Send + 'static>(
+        &self,
+        device: &Device,
+        f: impl FnOnce() -> Result<T, ModelError> + Send + 'static,
+    ) -> Result<Pending<T>, ModelError> {
+        let marker = StreamMarker::here(device)?;
+        let device = device.clone();
+        let (tx, rx) = mpsc::channel();
+        let job: Job = Box::new(move || {
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                marker.wait_here(&device)?;
+                f()
+            }))
+            .unwrap_or_else(|_| Err(ModelError::Input("the target pass panicked".into())));
+            let _ = tx.send(r);
+        });
+        self.jobs
+            .as_ref()
+            .ok_or_else(|| ModelError::Input("the target lane is closed".into()))?
+            .send(job)
+            .map_err(|_| ModelError::Input("the target lane stopped".into()))?;
+        Ok(Pending(rx))
+    }
+}
+
+impl Drop for TargetLane {
+    fn drop(&mut self) {
+        drop(self.jobs.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A point in the calling thread's stream of work on a GPU (nothing on the CPU, where every op
+/// has finished when it returns).
+struct StreamMarker {
+    #[cfg(feature = "cuda")]
+    event: Option<candle_core::cuda_backend::cudarc::driver::CudaEvent>,
+}
+
+impl StreamMarker {
+    /// Marks the work queued so far on the calling thread's stream of `device`.
+    fn here(device: &Device) -> Result<Self, ModelError> {
+        #[cfg(feature = "cuda")]
+        {
+            let event = match device {
+                Device::Cuda(d) => Some(
+                    d.cuda_stream()
+                        .record_event(None)
+                        .map_err(|e| ModelError::Input(format!("target lane marker: {e}")))?,
+                ),
+                _ => None,
+            };
+            Ok(Self { event })
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = device;
+            Ok(Self {})
+        }
+    }
+
+    /// Makes the calling thread's stream of `device` wait for the marked work.
+    fn wait_here(&self, device: &Device) -> Result<(), ModelError> {
+        #[cfg(feature = "cuda")]
+        if let (Some(ev), Device::Cuda(d)) = (&self.event, device) {
+            d.cuda_stream()
+                .wait(ev)
+                .map_err(|e| ModelError::Input(format!("target lane wait: {e}")))?;
+        }
+        #[cfg(not(feature = "cuda"))]
+        let _ = device;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jobs_run_in_order_on_another_thread_and_errors_come_back() {
+        let lane = TargetLane::new(&Device::Cpu).unwrap();
+        let main = std::thread::current().id();
+        let a = lane
+            .run(
+                &Device::Cpu,
+                move || Ok(std::thread::current().id() != main),
+            )
+            .unwrap();
+        let b = lane
+            .run(&Device::Cpu, || -> Result<u8, ModelError> {
+                Err(ModelError::Input("boom".into()))
+            })
+            .unwrap();
+        let c = lane
+            .run(&Device::Cpu, || -> Result<u8, ModelError> {
+                panic!("inside")
+            })
+            .unwrap();
+        assert!(a.wait().unwrap());
+        assert!(b.wait().unwrap_err().to_string().contains("boom"));
+        assert!(c.wait().unwrap_err().to_string().contains("panicked"));
+        // Still serving after a panic.
+        assert_eq!(lane.run(&Device::Cpu, || Ok(7)).unwrap().wait().unwrap(), 7);
+        assert_eq!(lane.jobs_run(), 4);
+    }
+}
