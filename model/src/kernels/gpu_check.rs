@@ -1996,6 +1996,24 @@ pub fn run_timings(
             Tensor::cat(&sums, 0)?.sum_all()?.to_vec0::<f64>().map(drop)
         }
     );
+    // The per-step monitoring of ViT-L at batch 24: the collapse terms of the target features
+    // (candle ops: the batch std and the covariance terms of 4096 token rows), to weigh them
+    // against a step of about 300 ms.
+    let (h, _) = inp.pair(&[24, 1568, 1024], 1.0, DType::F32)?;
+    let shape = "[24,1568,1024]";
+    time!(
+        "collapse terms (per step)",
+        shape,
+        DType::F32,
+        None,
+        None,
+        || {
+            crate::collapse::terms(&h)
+                .map(drop)
+                .map_err(|e| candle_core::Error::Msg(e.to_string()))
+        }
+    );
+    drop(h);
 
     // One ViT-L block forward + backward (B=8, N=1568, bf16, every weight a leaf, the input
     // tracked as in a context pass): the fused block op against the block recorded on candle's
