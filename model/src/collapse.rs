@@ -7,6 +7,7 @@
 use candle_core::{DType, Tensor};
 
 use crate::ModelError;
+use crate::kernels;
 
 /// Token rows [`effective_rank`] uses at most (evenly strided), so the `D×D` covariance costs
 /// `4096·D²` multiply-adds whatever the batch.
@@ -71,9 +72,14 @@ pub fn effective_rank(h: &Tensor) -> Result<f64, ModelError> {
 }
 
 fn std_tensor(h: &Tensor) -> Result<Tensor, ModelError> {
+    let (_, n, d) = h.dims3()?;
     let h = h.to_dtype(DType::F32)?;
     let centred = h.broadcast_sub(&h.mean_keepdim(0)?)?;
-    Ok(centred.sqr()?.mean(0)?.sqrt()?.mean_all()?)
+    let std = centred.sqr()?.mean(0)?.sqrt()?;
+    // The mean over positions as column sums, then a sum of D values: candle's whole-tensor
+    // sum is one block on a GPU (about 10 GB/s; ms per step at ViT-L batch 24).
+    let total = kernels::column_sum(&std)?.sum_all()?;
+    Ok((total / (n * d) as f64)?)
 }
 
 /// (tr C, ‖C‖²_F) of the covariance C of at most [`RANK_MAX_ROWS`] strided token rows, unscaled
@@ -89,9 +95,12 @@ fn rank_terms(h: &Tensor) -> Result<(Tensor, Tensor), ModelError> {
     } else {
         x
     };
-    let xc = x.broadcast_sub(&x.mean_keepdim(0)?)?;
+    let mean = (kernels::column_sum(&x)? / x.dim(0)? as f64)?;
+    let xc = x.broadcast_sub(&mean)?;
     let cov = xc.t()?.matmul(&xc)?;
-    Ok((xc.sqr()?.sum_all()?, cov.sqr()?.sum_all()?))
+    // Our sums of squares (two-stage on a GPU, threaded on the CPU), not candle's one-block
+    // whole-tensor sums.
+    Ok((kernels::sum_sq(&xc)?, kernels::sum_sq(&cov)?))
 }
 
 fn participation_ratio(trace: f64, frob2: f64) -> f64 {
