@@ -88,6 +88,9 @@ for what, new, old, dt in [
     if (new, dt) in ours and (old, dt) in ours:
         a, b = ours[(new, dt)], ours[(old, dt)]
         print(f"{what}: {new} {a:.3f} ms, {old} {b:.3f} ms ({b / a:.2f}× faster)")
+if ("l1 loss fwd", "f32") in ours and ("l1 loss fwd (candle ops)", "f32") in ours:
+    a, b = ours[("l1 loss fwd", "f32")], ours[("l1 loss fwd (candle ops)", "f32")]
+    print(f"L1 loss of one ViT-L mask, f32: ours {a:.3f} ms fwd + {ours.get(('l1 loss bwd', 'f32'), float('nan')):.3f} ms bwd; candle ops fwd {b:.3f} ms ({b / a:.1f}x)")
 if ("collapse terms (per step)", "f32") in ours:
     print(f"collapse terms per step (ViT-L, batch 24, candle ops): {ours[('collapse terms (per step)', 'f32')]:.3f} ms")
 print(f"{fails} bar(s) missed" if fails else "every bar met")

@@ -22,13 +22,12 @@ pub fn mask_loss(pred: &Tensor, target: &Tensor, loss_exp: f64) -> Result<Tensor
             target.dims()
         )));
     }
+    if loss_exp == 1.0 {
+        // The official exponent: one fused reduction and a one-launch gradient.
+        return kernels::l1_mean(pred, target);
+    }
     let d = (pred - target)?.abs()?;
-    let d = if loss_exp == 1.0 {
-        d
-    } else {
-        (d.powf(loss_exp)? / loss_exp)?
-    };
-    Ok(d.mean_all()?)
+    Ok((d.powf(loss_exp)? / loss_exp)?.mean_all()?)
 }
 
 /// Unweighted mean over mask configs of the per-mask losses (`cfg.loss_exp`), plus

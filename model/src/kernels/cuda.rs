@@ -1218,6 +1218,119 @@ pub fn sum_sq(x: &CudaStorage, lx: &Layout) -> Result<(CudaStorage, Shape)> {
     Ok((s, Shape::from(())))
 }
 
+/// mean |a − b| over all elements as a scalar of their dtype (the L1 loss of one mask): per-block
+/// fp32 partial sums of a grid fixed by the element count, then their sum in a fixed order times
+/// 1/n — two launches, one read of each operand, where candle's `(a - b).abs().mean_all()` makes
+/// two full-size temporaries and sums them in one block.
+pub fn l1_mean(
+    a: &CudaStorage,
+    la: &Layout,
+    b: &CudaStorage,
+    lb: &Layout,
+) -> Result<(CudaStorage, Shape)> {
+    const OP: &str = "l1_mean (cuda)";
+    let n = la.shape().elem_count();
+    if lb.shape().elem_count() != n || n == 0 {
+        bail!("{OP}: operands {:?} and {:?}", la.dims(), lb.dims());
+    }
+    let dtype = same_dtype(OP, a, &[b])?;
+    fn inner<T: KernelFloat>(
+        a: &CudaStorage,
+        la: &Layout,
+        b: &CudaStorage,
+        lb: &Layout,
+        n: usize,
+    ) -> Result<CudaStorage> {
+        let dev = &a.device;
+        let ty = T::DTYPE.as_str();
+        let (av, bv) = (view::<T>(a, la, OP, "a")?, view::<T>(b, lb, OP, "b")?);
+        let blocks = n.div_ceil(256 * 8).clamp(1, 1024);
+        // SAFETY: one partial per block, all written.
+        let partial = unsafe { dev.alloc::<f32>(blocks)? };
+        let f = load(dev, ELEMENTWISE, &format!("absdiff_partial_{ty}"))?;
+        let cfg = LaunchConfig {
+            grid_dim: (blocks as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let stream = dev.cuda_stream();
+        let mut bld = stream.launch_builder(&f);
+        bld.arg(&av).arg(&bv).arg(&partial).arg(&n);
+        // SAFETY: matches absdiff_partial_* in elementwise.cu.
+        unsafe { bld.launch(cfg) }.w()?;
+        // SAFETY: written by mean_final.
+        let out = unsafe { dev.alloc::<T>(1)? };
+        let f = load(dev, ELEMENTWISE, &format!("mean_final_{ty}"))?;
+        let (nb, inv) = (blocks as u32, (1.0 / n as f64) as f32);
+        let mut bld = stream.launch_builder(&f);
+        bld.arg(&partial).arg(&out).arg(&nb).arg(&inv);
+        // SAFETY: matches mean_final_* in elementwise.cu.
+        unsafe { bld.launch(linear_cfg(256, 256)) }.w()?;
+        Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+    }
+    let s = match dtype {
+        DType::F32 => inner::<f32>(a, la, b, lb, n)?,
+        _ => inner::<bf16>(a, la, b, lb, n)?,
+    };
+    Ok((s, Shape::from(())))
+}
+
+/// Gradient of [`l1_mean`] with respect to `a`: `sign(a − b) · g / n` with `g` the upstream
+/// gradient (a one-element tensor read on the device), in one launch.
+pub fn l1_mean_grad(
+    a: &CudaStorage,
+    la: &Layout,
+    b: &CudaStorage,
+    lb: &Layout,
+    g: &CudaStorage,
+    lg: &Layout,
+) -> Result<(CudaStorage, Shape)> {
+    const OP: &str = "l1_mean backward (cuda)";
+    let n = la.shape().elem_count();
+    if lb.shape().elem_count() != n || lg.shape().elem_count() != 1 || n == 0 {
+        bail!(
+            "{OP}: operands {:?}, {:?} and gradient {:?}",
+            la.dims(),
+            lb.dims(),
+            lg.dims()
+        );
+    }
+    let dtype = same_dtype(OP, a, &[b, g])?;
+    fn inner<T: KernelFloat>(
+        (a, la): (&CudaStorage, &Layout),
+        (b, lb): (&CudaStorage, &Layout),
+        (g, lg): (&CudaStorage, &Layout),
+        n: usize,
+    ) -> Result<CudaStorage> {
+        let dev = &a.device;
+        let (av, bv, gv) = (
+            view::<T>(a, la, OP, "a")?,
+            view::<T>(b, lb, OP, "b")?,
+            view::<T>(g, lg, OP, "gradient")?,
+        );
+        // SAFETY: every element is written by l1_grad.
+        let mut da = unsafe { dev.alloc::<T>(n)? };
+        let f = load(dev, ELEMENTWISE, &format!("l1_grad_{}", T::DTYPE.as_str()))?;
+        let inv = (1.0 / n as f64) as f32;
+        let stream = dev.cuda_stream();
+        let mut bld = stream.launch_builder(&f);
+        bld.arg(&av)
+            .arg(&bv)
+            .arg(&gv)
+            .arg(&mut da)
+            .arg(&n)
+            .arg(&inv);
+        // SAFETY: matches l1_grad_* in elementwise.cu.
+        unsafe { bld.launch(stride_cfg(n)) }.w()?;
+        Ok(CudaStorage::wrap_cuda_slice(da, dev.clone()))
+    }
+    let s = match dtype {
+        DType::F32 => inner::<f32>((a, la), (b, lb), (g, lg), n)?,
+        _ => inner::<bf16>((a, la), (b, lb), (g, lg), n)?,
+    };
+    Ok((s, la.shape().clone()))
+}
+
 // ---------------------------------------------------------------------------------------------
 // Linear (cuBLAS GEMM + our bias kernels)
 

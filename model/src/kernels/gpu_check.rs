@@ -713,6 +713,14 @@ fn op_cases() -> Vec<OpCase> {
         inputs: vec![(vec![3, 517, 333], 1.0)],
         f: Box::new(|t| super::column_sum(&t[0])),
     });
+    for shape in [vec![2usize, 95, 96], vec![3, 357, 64]] {
+        cases.push(OpCase {
+            op: "l1_mean",
+            case: format!("{shape:?}"),
+            inputs: vec![(shape.clone(), 1.0), (shape, 1.0)],
+            f: Box::new(|t| super::l1_mean(&t[0], &t[1])),
+        });
+    }
     cases.push(OpCase {
         op: "sum_sq",
         case: "[1000003]".into(),
@@ -1996,6 +2004,41 @@ pub fn run_timings(
             Tensor::cat(&sums, 0)?.sum_all()?.to_vec0::<f64>().map(drop)
         }
     );
+    // The L1 loss of the larger ViT-L mask at batch 24 (about 85 % of 1568 tokens predicted),
+    // f32 as the step takes it: ours against candle's ops, which the loss used before.
+    {
+        let shape = [24usize, 1330, 1024];
+        let nb = (shape.iter().product::<usize>() * 4) as f64;
+        let (p, _) = inp.pair(&shape, 1.0, DType::F32)?;
+        let (t, _) = inp.pair(&shape, 1.0, DType::F32)?;
+        let g = Tensor::ones((), DType::F32, dev)?;
+        let shape = format!("{shape:?}");
+        let me = |e: ModelError| candle_core::Error::Msg(e.to_string());
+        time!(
+            "l1 loss fwd",
+            shape,
+            DType::F32,
+            Some(2.0 * nb),
+            None,
+            || { super::l1_mean(&p, &t).map(drop).map_err(me) }
+        );
+        time!(
+            "l1 loss bwd",
+            shape,
+            DType::F32,
+            Some(3.0 * nb),
+            None,
+            || { p.apply_op3_no_bwd(&t, &g, &super::L1MeanBackward).map(drop) }
+        );
+        time!(
+            "l1 loss fwd (candle ops)",
+            shape,
+            DType::F32,
+            Some(4.0 * nb),
+            None,
+            || { (&p - &t)?.abs()?.mean_all().map(drop) }
+        );
+    }
     // The per-step monitoring of ViT-L at batch 24: the collapse terms of the target features
     // (candle ops: the batch std and the covariance terms of 4096 token rows), to weigh them
     // against a step of about 300 ms.

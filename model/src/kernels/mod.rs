@@ -54,7 +54,7 @@ pub use layer_norm::{
     layer_norm_plain,
 };
 pub use linear::{Linear, LinearBackward, LinearNoBias, linear};
-pub use reduce::{ColumnSum, SumSq, column_sum, sum_sq};
+pub use reduce::{ColumnSum, L1Mean, L1MeanBackward, SumSq, column_sum, l1_mean, sum_sq};
 
 use candle_core::{CpuStorage, DType, Layout, Tensor};
 

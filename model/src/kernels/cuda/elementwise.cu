@@ -1,5 +1,5 @@
-// Bias add, fused bias + GELU (erf) forward/backward, column sums, the sum of squares, and the
-// in-place bias add behind the Linear forward.
+// Bias add, fused bias + GELU (erf) forward/backward, column sums, the sum of squares, the
+// in-place bias add behind the Linear forward, and the L1 loss with its gradient.
 //
 // Row-wise kernels: blockIdx.x = a chunk of `rpc` rows; a block (bx, by) of 256 threads walks
 // the row's V-element vectors with threadIdx.x (V = 4: 16-byte f32 / 8-byte bf16 accesses, when
@@ -174,6 +174,45 @@ __device__ __forceinline__ void sum_final(const float *__restrict__ partial, T *
     if (threadIdx.x == 0) out[0] = from_f<T>(acc);
 }
 
+// The L1 loss of one mask (spec §6): partial sums of |a - b| per block (grid-stride, fp32), then
+// their sum in a fixed order scaled by 1/n; and its gradient d mean|a - b| / da =
+// sign(a - b) * g / n with g the upstream gradient, read on the device (sign(0) = 0 as torch's;
+// NaN stays NaN).
+template <typename T>
+__device__ __forceinline__ void absdiff_partial(const T *__restrict__ a, const T *__restrict__ b,
+                                                float *__restrict__ partial, size_t n) {
+    __shared__ float scratch[32];
+    float acc = 0.f;
+    const size_t stride = (size_t)gridDim.x * blockDim.x;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        acc += fabsf(to_f(a[i]) - to_f(b[i]));
+    }
+    acc = block_sum(acc, scratch);
+    if (threadIdx.x == 0) partial[blockIdx.x] = acc;
+}
+
+template <typename T>
+__device__ __forceinline__ void mean_final(const float *__restrict__ partial, T *__restrict__ out,
+                                           uint32_t n, float inv_count) {
+    __shared__ float scratch[32];
+    float acc = 0.f;
+    for (uint32_t i = threadIdx.x; i < n; i += blockDim.x) acc += partial[i];
+    acc = block_sum(acc, scratch);
+    if (threadIdx.x == 0) out[0] = from_f<T>(acc * inv_count);
+}
+
+template <typename T>
+__device__ __forceinline__ void l1_grad(const T *__restrict__ a, const T *__restrict__ b,
+                                        const T *__restrict__ g, T *__restrict__ da, size_t n,
+                                        float inv_count) {
+    const float s = to_f(g[0]) * inv_count;
+    const size_t stride = (size_t)gridDim.x * blockDim.x;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        const float d = to_f(a[i]) - to_f(b[i]);
+        da[i] = from_f<T>(d > 0.f ? s : (d < 0.f ? -s : (d == 0.f ? 0.f : d)));
+    }
+}
+
 #define INSTANTIATE_V(T, S, V)                                                                     \
     extern "C" __global__ void bias_add_##S##_v##V(const T *x, const T *b, T *y, uint32_t rows,   \
                                                    uint32_t cols, uint32_t rpc) {                  \
@@ -211,6 +250,18 @@ __device__ __forceinline__ void sum_final(const float *__restrict__ partial, T *
     }                                                                                              \
     extern "C" __global__ void sum_final_##S(const float *partial, T *out, uint32_t n) {          \
         sum_final<T>(partial, out, n);                                                             \
+    }                                                                                              \
+    extern "C" __global__ void absdiff_partial_##S(const T *a, const T *b, float *partial,        \
+                                                   size_t n) {                                     \
+        absdiff_partial<T>(a, b, partial, n);                                                      \
+    }                                                                                              \
+    extern "C" __global__ void mean_final_##S(const float *partial, T *out, uint32_t n,           \
+                                              float inv_count) {                                   \
+        mean_final<T>(partial, out, n, inv_count);                                                 \
+    }                                                                                              \
+    extern "C" __global__ void l1_grad_##S(const T *a, const T *b, const T *g, T *da, size_t n,   \
+                                           float inv_count) {                                      \
+        l1_grad<T>(a, b, g, da, n, inv_count);                                                     \
     }
 
 INSTANTIATE(float, f32)
