@@ -3,9 +3,11 @@
 use candle_core::{DType, Device, Tensor};
 
 use crate::ModelError;
+use crate::kernels;
 
 /// Token indices `[B, K]` checked against the token count and turned into the flat u32 index
-/// vectors that `index_select` needs (its backward, `index_add`, is cheap and exact).
+/// vectors a row gather needs (differentiable: a scatter backward when no row repeats an
+/// index, candle's `index_add` otherwise; both exact).
 #[derive(Clone, Debug)]
 pub struct TokenIndex {
     batch: usize,
@@ -17,6 +19,9 @@ pub struct TokenIndex {
     /// Batch-offset indices b·N + n, `[B·K]` (for gathering from a flattened `[B·N, D]` tensor).
     flat: Tensor,
     counts: Vec<usize>,
+    /// Whether no row repeats an index (a mask's tokens are a set): the gather's backward is
+    /// then a scatter ([`kernels::gather_rows`]) instead of candle's `index_add`.
+    distinct: bool,
 }
 
 impl TokenIndex {
@@ -57,6 +62,11 @@ impl TokenIndex {
         };
         let mut local = Vec::with_capacity(b * k);
         let mut flat = Vec::with_capacity(b * k);
+        let distinct = rows.iter().all(|row| {
+            let mut r = row.clone();
+            r.sort_unstable();
+            r.windows(2).all(|w| w[0] != w[1])
+        });
         for (bi, row) in rows.iter().enumerate() {
             for &n in row {
                 if n < 0 || n as u64 >= num_tokens as u64 {
@@ -81,6 +91,7 @@ impl TokenIndex {
             local: Tensor::from_vec(local, b * k, device)?,
             flat: Tensor::from_vec(flat, b * k, device)?,
             counts: vec![k; b],
+            distinct,
         })
     }
 
@@ -113,9 +124,13 @@ impl TokenIndex {
                 self.batch, self.num_tokens
             )));
         }
-        Ok(x.reshape((b * n, d))?
-            .index_select(&self.flat, 0)?
-            .reshape((b, self.len, d))?)
+        let rows = x.reshape((b * n, d))?;
+        let picked = if self.distinct {
+            kernels::gather_rows(&rows, &self.flat)?
+        } else {
+            rows.index_select(&self.flat, 0)?
+        };
+        Ok(picked.reshape((b, self.len, d))?)
     }
 
     /// Rows of a shared table `[1, N, D]` or `[N, D]` → `[B, K, D]` (pos-embed lookup).
@@ -173,5 +188,41 @@ mod tests {
         let ti6 = TokenIndex::new(&idx, 2, 6, "ctx", &dev).unwrap();
         assert!(ti6.gather(&x).is_err());
         assert!(ti6.gather_table(&x.get(0).unwrap()).is_err());
+    }
+
+    /// Distinct rows gather with the scatter backward, repeated ones with `index_add`: both give
+    /// every source token the sum of its gathered rows' gradients.
+    #[test]
+    fn gather_gradients_with_and_without_repeats() {
+        let dev = Device::Cpu;
+        let x = candle_core::Var::from_tensor(
+            &Tensor::arange(0f32, 24., &dev)
+                .unwrap()
+                .reshape((2, 4, 3))
+                .unwrap(),
+        )
+        .unwrap();
+        let w = Tensor::arange(1f32, 13., &dev)
+            .unwrap()
+            .reshape((2, 2, 3))
+            .unwrap();
+        let grad = |rows: &[[u32; 2]; 2]| {
+            let ti = TokenIndex::new(&Tensor::new(rows, &dev).unwrap(), 2, 4, "ctx", &dev).unwrap();
+            let g = (ti.gather(&x).unwrap() * &w)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            (ti.distinct, g.get(&x).unwrap().to_vec3::<f32>().unwrap())
+        };
+        let (distinct, g) = grad(&[[3, 1], [0, 2]]);
+        assert!(distinct);
+        assert_eq!(g[0], [[0.; 3], [4., 5., 6.], [0.; 3], [1., 2., 3.]]);
+        assert_eq!(g[1], [[7., 8., 9.], [0.; 3], [10., 11., 12.], [0.; 3]]);
+        let (distinct, g) = grad(&[[1, 1], [0, 2]]);
+        assert!(!distinct);
+        assert_eq!(g[0][1], [5., 7., 9.]);
+        assert_eq!(g[0][0], [0.; 3]);
     }
 }

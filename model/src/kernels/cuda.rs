@@ -1331,6 +1331,60 @@ pub fn l1_mean_grad(
     Ok((s, la.shape().clone()))
 }
 
+/// The backward of a gather of distinct rows: `[rows, D]` zeros with row `idx[m]` = `g[m]`, every
+/// element in parallel (one launch after the zero fill). Indices past `rows` are skipped (the
+/// gather would have refused them).
+pub fn scatter_rows(
+    g: &CudaStorage,
+    lg: &Layout,
+    idx: &CudaStorage,
+    li: &Layout,
+    rows: usize,
+) -> Result<CudaStorage> {
+    const OP: &str = "scatter_rows (cuda)";
+    let (m, d) = lg.shape().dims2()?;
+    if li.shape().elem_count() != m {
+        bail!("{OP}: {m} gradient rows for indices {:?}", li.dims());
+    }
+    let ids: &CudaSlice<u32> = idx.as_cuda_slice::<u32>()?;
+    let Some((i0, i1)) = li.contiguous_offsets() else {
+        bail!("{OP}: indices must be contiguous");
+    };
+    fn inner<T: KernelFloat>(
+        g: &CudaStorage,
+        lg: &Layout,
+        ids: CudaView<'_, u32>,
+        (m, d, rows): (usize, usize, usize),
+    ) -> Result<CudaStorage> {
+        let dev = &g.device;
+        let gv = view::<T>(g, lg, OP, "gradient")?;
+        let mut out = dev.alloc_zeros::<T>(rows * d)?;
+        let f = load(
+            dev,
+            ELEMENTWISE,
+            &format!("scatter_rows_{}", T::DTYPE.as_str()),
+        )?;
+        let n = m * d;
+        let (du, ru) = (u32_of(d, OP, "row length")?, u32_of(rows, OP, "rows")?);
+        let stream = dev.cuda_stream();
+        let mut bld = stream.launch_builder(&f);
+        bld.arg(&gv)
+            .arg(&ids)
+            .arg(&mut out)
+            .arg(&n)
+            .arg(&du)
+            .arg(&ru);
+        // SAFETY: matches scatter_rows_* in elementwise.cu.
+        unsafe { bld.launch(stride_cfg(n)) }.w()?;
+        Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+    }
+    let ids = ids.slice(i0..i1);
+    match float_dtype(g, OP, false)? {
+        DType::F32 => inner::<f32>(g, lg, ids, (m, d, rows)),
+        _ => inner::<bf16>(g, lg, ids, (m, d, rows)),
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Linear (cuBLAS GEMM + our bias kernels)
 

@@ -713,6 +713,18 @@ fn op_cases() -> Vec<OpCase> {
         inputs: vec![(vec![3, 517, 333], 1.0)],
         f: Box::new(|t| super::column_sum(&t[0])),
     });
+    for (rows, d) in [(2 * 95usize, 96usize), (3 * 357, 64)] {
+        cases.push(OpCase {
+            op: "gather_rows",
+            case: format!("[{rows},{d}] every 3rd row, reversed"),
+            inputs: vec![(vec![rows, d], 1.0)],
+            f: Box::new(move |t| {
+                let idx: Vec<u32> = (0..rows as u32).step_by(3).rev().collect();
+                let idx = Tensor::new(idx.as_slice(), t[0].device())?;
+                super::gather_rows(&t[0], &idx)
+            }),
+        });
+    }
     for shape in [vec![2usize, 95, 96], vec![3, 357, 64]] {
         cases.push(OpCase {
             op: "l1_mean",
@@ -2037,6 +2049,39 @@ pub fn run_timings(
             Some(4.0 * nb),
             None,
             || { (&p - &t)?.abs()?.mean_all().map(drop) }
+        );
+    }
+    // The backward of the context gather of a ViT-L step at batch 24 (the larger mask's context,
+    // about 300 of 1568 tokens per clip), bf16: our scatter against candle's index_add.
+    {
+        let (rows, d, m) = (24 * 1568usize, 1024usize, 24 * 300usize);
+        let ids: Vec<u32> = (0..m as u32).map(|i| i * 5).collect();
+        let idx = Tensor::new(ids.as_slice(), dev)?;
+        let (g, _) = inp.pair(&[m, d], 1.0, DType::BF16)?;
+        let shape = format!("[{m},{d}] -> [{rows},{d}]");
+        let nb = (m * d * 2 * 2 + rows * d * 2) as f64;
+        time!(
+            "gather bwd (scatter)",
+            shape,
+            DType::BF16,
+            Some(nb),
+            None,
+            || {
+                g.apply_op2_no_bwd(&idx, &super::ScatterRows { rows })
+                    .map(drop)
+            }
+        );
+        time!(
+            "gather bwd (candle index_add)",
+            shape,
+            DType::BF16,
+            Some(nb),
+            None,
+            || {
+                Tensor::zeros((rows, d), DType::BF16, dev)?
+                    .index_add(&idx, &g, 0)
+                    .map(drop)
+            }
         );
     }
     // The per-step monitoring of ViT-L at batch 24: the collapse terms of the target features

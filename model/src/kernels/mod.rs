@@ -27,6 +27,7 @@ mod linear;
 mod math;
 mod par;
 mod reduce;
+mod rows;
 
 /// CUDA implementations of the ops (PTX built by `build.rs`).
 #[cfg(feature = "cuda")]
@@ -55,6 +56,7 @@ pub use layer_norm::{
 };
 pub use linear::{Linear, LinearBackward, LinearNoBias, linear};
 pub use reduce::{ColumnSum, L1Mean, L1MeanBackward, SumSq, column_sum, l1_mean, sum_sq};
+pub use rows::{GatherRows, ScatterRows, gather_rows};
 
 use candle_core::{CpuStorage, DType, Layout, Tensor};
 

@@ -1,5 +1,6 @@
 // Bias add, fused bias + GELU (erf) forward/backward, column sums, the sum of squares, the
-// in-place bias add behind the Linear forward, and the L1 loss with its gradient.
+// in-place bias add behind the Linear forward, the L1 loss with its gradient, and the scatter
+// behind the context gather's backward.
 //
 // Row-wise kernels: blockIdx.x = a chunk of `rpc` rows; a block (bx, by) of 256 threads walks
 // the row's V-element vectors with threadIdx.x (V = 4: 16-byte f32 / 8-byte bf16 accesses, when
@@ -213,6 +214,18 @@ __device__ __forceinline__ void l1_grad(const T *__restrict__ a, const T *__rest
     }
 }
 
+// The backward of a gather of distinct rows: out (zeroed) row idx[i / d] gets g's row i / d.
+template <typename T>
+__device__ __forceinline__ void scatter_rows(const T *__restrict__ g,
+                                             const uint32_t *__restrict__ idx, T *__restrict__ out,
+                                             size_t n, uint32_t d, uint32_t rows) {
+    const size_t stride = (size_t)gridDim.x * blockDim.x;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        const uint32_t r = idx[i / d];
+        if (r < rows) out[(size_t)r * d + i % d] = g[i];
+    }
+}
+
 #define INSTANTIATE_V(T, S, V)                                                                     \
     extern "C" __global__ void bias_add_##S##_v##V(const T *x, const T *b, T *y, uint32_t rows,   \
                                                    uint32_t cols, uint32_t rpc) {                  \
@@ -262,6 +275,10 @@ __device__ __forceinline__ void l1_grad(const T *__restrict__ a, const T *__rest
     extern "C" __global__ void l1_grad_##S(const T *a, const T *b, const T *g, T *da, size_t n,   \
                                            float inv_count) {                                      \
         l1_grad<T>(a, b, g, da, n, inv_count);                                                     \
+    }                                                                                              \
+    extern "C" __global__ void scatter_rows_##S(const T *g, const uint32_t *idx, T *out, size_t n, \
+                                                uint32_t d, uint32_t rows) {                       \
+        scatter_rows<T>(g, idx, out, n, d, rows);                                                  \
     }
 
 INSTANTIATE(float, f32)
