@@ -8,6 +8,7 @@ use candle_core::Tensor;
 
 use crate::ModelError;
 use crate::config::{EncoderConfig, PredictorConfig};
+use crate::kernels;
 use crate::layers::{LayerNorm, Linear};
 use crate::params::{Init, ParamMap, ParamSpec};
 use crate::tokens::TokenIndex;
@@ -172,7 +173,12 @@ impl Predictor {
             .embed
             .forward(z)?
             .add(&context.gather_table(&self.pos_embed)?)?;
-        let tgt = target.gather_table(&self.pos_embed)?.broadcast_add(token)?;
+        // The mask token as a bias: its gradient is then our column sum over the B·K target
+        // rows, not candle's sum over broadcast dims (slow on a GPU).
+        let tgt = kernels::bias_add(
+            &target.gather_table(&self.pos_embed)?,
+            &token.reshape(self.cfg.embed_dim)?,
+        )?;
         let mut x = Tensor::cat(&[&ctx, &tgt], 1)?;
         for blk in &self.blocks {
             x = match checkpoint {
