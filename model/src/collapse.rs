@@ -72,10 +72,13 @@ pub fn effective_rank(h: &Tensor) -> Result<f64, ModelError> {
 }
 
 fn std_tensor(h: &Tensor) -> Result<Tensor, ModelError> {
-    let (_, n, d) = h.dims3()?;
-    let h = h.to_dtype(DType::F32)?;
-    let centred = h.broadcast_sub(&h.mean_keepdim(0)?)?;
-    let std = centred.sqr()?.mean(0)?.sqrt()?;
+    let (b, n, d) = h.dims3()?;
+    let x = h.to_dtype(DType::F32)?.reshape((b, n * d))?;
+    // Means over the batch as a [1, B] · [B, N·D] product: candle's reduction over a leading
+    // axis launches one small block per output (1.6 M of them at ViT-L), a GEMV streams it.
+    let avg = Tensor::full(1.0 / b as f32, (1, b), h.device())?;
+    let centred = x.broadcast_sub(&avg.matmul(&x)?)?;
+    let std = avg.matmul(&centred.sqr()?)?.sqrt()?.reshape((n, d))?;
     // The mean over positions as column sums, then a sum of D values: candle's whole-tensor
     // sum is one block on a GPU (about 10 GB/s; ms per step at ViT-L batch 24).
     let total = kernels::column_sum(&std)?.sum_all()?;
