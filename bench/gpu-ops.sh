@@ -58,6 +58,7 @@ for dt in ("bf16", "f32"):
     row("attention fwd+bwd", dt,
         [("cuDNN", ["attention fwd (cudnn)", "attention bwd (cudnn)"]),
          ("cuDNN deterministic", ["attention fwd (cudnn)", "attention bwd (cudnn, deterministic)"]),
+         ("cuDNN dynamic shapes", ["attention fwd (cudnn, dynamic)", "attention bwd (cudnn, dynamic)"]),
          ("ours", [f"attention fwd{tc}", f"attention bwd{tc}"])], sdpa, 1.5)
     for d in ("fwd", "bwd"):
         row(f"attention {d}", dt,
@@ -90,6 +91,11 @@ for what, new, old, dt in [
     if (new, dt) in ours and (old, dt) in ours:
         a, b = ours[(new, dt)], ours[(old, dt)]
         print(f"{what}: {new} {a:.3f} ms, {old} {b:.3f} ms ({b / a:.2f}× faster)")
+walls = {(r["op"], r["dtype"]): r["wall_median_ms"] for r in json.load(open(sys.argv[1]))["timings"]}
+builds = [(m, walls.get((f"cudnn graphs, new length ({m})", "bf16"))) for m in ("static", "dynamic")]
+if all(w is not None for _, w in builds):
+    print("cuDNN attention, a new sequence length (graph builds + one fwd+bwd, wall): "
+          + ", ".join(f"{m} {w:.1f} ms" for m, w in builds))
 if ("l1 loss bwd", "f32") in ours:
     print(f"L1 loss backward, one ViT-L mask, f32: {ours[('l1 loss bwd', 'f32')]:.3f} ms")
 if ("collapse terms (per step)", "f32") in ours:

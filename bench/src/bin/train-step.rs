@@ -295,8 +295,16 @@ fn index_tensor(rows: &[Vec<u32>]) -> Result<Tensor> {
 fn cudnn_graphs() -> serde_json::Value {
     #[cfg(feature = "cudnn")]
     {
-        let (n, secs) = vjepa_model::kernels::cudnn::graph_stats();
-        serde_json::json!({ "built": n, "build_s": secs })
+        use vjepa_model::kernels::cudnn;
+        let (n, secs) = cudnn::graph_stats();
+        let (refused, why) = cudnn::dynamic_refusals();
+        serde_json::json!({
+            "built": n,
+            "build_s": secs,
+            "dynamic_shapes": cudnn::dynamic_shapes(),
+            "dynamic_refused": refused,
+            "dynamic_refused_why": why,
+        })
     }
     #[cfg(not(feature = "cudnn"))]
     serde_json::Value::Null

@@ -35,9 +35,11 @@ unsafe extern "C" {
         scale: f32,
         stats: c_int,
         deterministic: c_int,
+        dynamic: c_int,
         entry: *mut *mut c_void,
         workspace: *mut i64,
     ) -> c_int;
+    fn vjepa_cudnn_dynamic_refusals(count: *mut i64) -> *const c_char;
     fn vjepa_cudnn_sdpa_fwd(
         entry: *mut c_void,
         stream: *mut c_void,
@@ -57,6 +59,58 @@ unsafe extern "C" {
         dqkv: *mut c_void,
         workspace: *mut c_void,
     ) -> c_int;
+}
+
+/// Environment variable that turns dynamic shapes on (`1`, `on`, `true`, `yes`; see
+/// [`set_dynamic_shapes`]).
+pub const DYNAMIC_ENV: &str = "VJEPA_CUDNN_DYNAMIC";
+
+/// 0: not read yet, 1: on, 2: off.
+static DYNAMIC: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Whether new attention graphs are built with dynamic shapes (off unless [`DYNAMIC_ENV`] or
+/// [`set_dynamic_shapes`] turns it on).
+pub fn dynamic_shapes() -> bool {
+    use std::sync::atomic::Ordering;
+    match DYNAMIC.load(Ordering::Relaxed) {
+        1 => true,
+        2 => false,
+        _ => {
+            let on = matches!(
+                std::env::var(DYNAMIC_ENV).as_deref(),
+                Ok("1" | "on" | "true" | "yes")
+            );
+            DYNAMIC.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+            on
+        }
+    }
+}
+
+/// Builds attention graphs from now on with dynamic shapes and one kernel cache per graph
+/// structure (cuDNN ≥ 9.4), or with static shapes (the default).
+///
+/// Why: the context length changes every step, and each new length costs a graph build; with
+/// static shapes each build compiles its own kernels (reported 55–70 ms on a B200), with
+/// dynamic shapes a new length reuses the structure's kernels. The kernels may be a little
+/// slower than shape-specialised ones, which is why it is a switch (`bench/gpu-step.sh` and the
+/// graph build seconds `train-step` reports say which wins). Structures cuDNN refuses to build
+/// dynamically fall back to static shapes ([`dynamic_refusals`]).
+pub fn set_dynamic_shapes(on: bool) {
+    DYNAMIC.store(if on { 1 } else { 2 }, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Graph structures cuDNN would not build with dynamic shapes (built static instead), and the
+/// last reason ("" when none).
+pub fn dynamic_refusals() -> (i64, String) {
+    if loaded().is_err() {
+        return (0, String::new());
+    }
+    let mut n = 0i64;
+    // SAFETY: one out-pointer; the shim returns a NUL-terminated string it owns, copied at once.
+    let why = unsafe { CStr::from_ptr(vjepa_cudnn_dynamic_refusals(&mut n)) }
+        .to_string_lossy()
+        .into_owned();
+    (n, why)
 }
 
 /// Environment variable naming the libcudnn to open (a path or a soname); default
@@ -199,6 +253,7 @@ fn prepare(
             p.scale,
             c_int::from(stats),
             c_int::from(deterministic),
+            c_int::from(dynamic_shapes()),
             &mut entry,
             &mut workspace,
         )

@@ -550,6 +550,9 @@ pub const CHECK_HEAD_DIMS: [usize; 4] = [24, 64, 80, 88];
 /// Row label of the attention op run by cuDNN (the plain `attention` rows run our kernels).
 #[cfg(feature = "cudnn")]
 const ATTENTION_CUDNN: &str = "attention (cudnn)";
+/// cuDNN's attention with graphs built for dynamic shapes ([`super::cudnn::set_dynamic_shapes`]).
+#[cfg(feature = "cudnn")]
+const ATTENTION_CUDNN_DYNAMIC: &str = "attention (cudnn, dynamic)";
 /// The Linear op with cuBLASLt's epilogues off: classic GEMMs, bias kernel, column sum.
 const LINEAR_CLASSIC: &str = "linear (cuBLAS + bias kernels)";
 
@@ -560,7 +563,7 @@ fn backend_of(op: &str, default: AttentionBackend) -> (AttentionBackend, &'stati
     match op {
         "attention" => (AttentionBackend::Own, &BOTH),
         #[cfg(feature = "cudnn")]
-        ATTENTION_CUDNN => (AttentionBackend::Cudnn, &[DType::BF16]),
+        ATTENTION_CUDNN | ATTENTION_CUDNN_DYNAMIC => (AttentionBackend::Cudnn, &[DType::BF16]),
         _ => (default, &BOTH),
     }
 }
@@ -646,12 +649,14 @@ fn op_cases() -> Vec<OpCase> {
                 f: Box::new(move |t| super::attention(&t[0], h)),
             });
             #[cfg(feature = "cudnn")]
-            cases.push(OpCase {
-                op: ATTENTION_CUDNN,
-                case: format!("B={b} H={h} N={n} d={hd}"),
-                inputs: vec![(vec![b, n, 3 * h * hd], 1.0)],
-                f: Box::new(move |t| super::attention(&t[0], h)),
-            });
+            for op in [ATTENTION_CUDNN, ATTENTION_CUDNN_DYNAMIC] {
+                cases.push(OpCase {
+                    op,
+                    case: format!("B={b} H={h} N={n} d={hd}"),
+                    inputs: vec![(vec![b, n, 3 * h * hd], 1.0)],
+                    f: Box::new(move |t| super::attention(&t[0], h)),
+                });
+            }
         }
     }
     for &(r, c) in &[(2 * 257, 384usize), (3 * 77, 200), (64, 1024), (50, 96)] {
@@ -765,10 +770,14 @@ pub fn run_checks(
     };
     let chosen = super::attention_backend();
     let lt = cublaslt::enabled();
+    #[cfg(feature = "cudnn")]
+    let dynamic = super::cudnn::dynamic_shapes();
     for c in op_cases() {
         let (backend, dtypes) = backend_of(c.op, chosen);
         super::set_attention_backend(backend);
         cublaslt::set_enabled(lt && c.op != LINEAR_CLASSIC);
+        #[cfg(feature = "cudnn")]
+        super::cudnn::set_dynamic_shapes(c.op == ATTENTION_CUDNN_DYNAMIC);
         for &dt in dtypes {
             if let Err(e) = check_op(&c, dt, &mut inp, &mut push) {
                 push(error_row(c.op, &c.case, dt, &e));
@@ -777,6 +786,8 @@ pub fn run_checks(
     }
     super::set_attention_backend(chosen);
     cublaslt::set_enabled(lt);
+    #[cfg(feature = "cudnn")]
+    super::cudnn::set_dynamic_shapes(dynamic);
 
     // bf16 attention on CUDA cores (the ops use tensor cores for these head dims).
     for &n in &CHECK_SEQ_LENS {
@@ -1646,7 +1657,57 @@ fn time_cudnn_attention(
             || gpu::attention_bwd_cudnn(qkv, &out, dout, h, det).map(drop),
         )?);
     }
-    Ok(())
+    // The same kernels from graphs built for dynamic shapes, and what a new sequence length
+    // costs either way (a fresh N on every run: wall ms is the build plus one fwd+bwd).
+    let dynamic = super::cudnn::dynamic_shapes();
+    let r = (|| -> candle_core::Result<()> {
+        super::cudnn::set_dynamic_shapes(true);
+        push(timing_row(
+            t,
+            "attention fwd (cudnn, dynamic)",
+            shape,
+            dt,
+            None,
+            Some(fl),
+            || gpu::attention_cudnn(qkv, h).map(drop),
+        )?);
+        let out = gpu::attention_cudnn(qkv, h)?;
+        push(timing_row(
+            t,
+            "attention bwd (cudnn, dynamic)",
+            shape,
+            dt,
+            None,
+            Some(2.5 * fl),
+            || gpu::attention_bwd_cudnn(qkv, &out, dout, h, false).map(drop),
+        )?);
+        for (label, on, first) in [
+            ("cudnn graphs, new length (static)", false, 700usize),
+            ("cudnn graphs, new length (dynamic)", true, 800),
+        ] {
+            super::cudnn::set_dynamic_shapes(on);
+            let next = std::cell::Cell::new(first);
+            push(timing_row(
+                t,
+                label,
+                &format!("B=1 H={h} d=64, fwd+bwd, N from {first}"),
+                dt,
+                None,
+                None,
+                || {
+                    let n = next.get();
+                    next.set(n + 1);
+                    let q = Tensor::zeros((1, n, 3 * h * 64), dt, qkv.device())?;
+                    let d = Tensor::zeros((1, n, h * 64), dt, qkv.device())?;
+                    let o = gpu::attention_cudnn(&q, h)?;
+                    gpu::attention_bwd_cudnn(&q, &o, &d, h, false).map(drop)
+                },
+            )?);
+        }
+        Ok(())
+    })();
+    super::cudnn::set_dynamic_shapes(dynamic);
+    r
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -56,13 +56,23 @@ struct Entry {
     bool stats = false;
 };
 
-using Key = std::tuple<void *, int, int, int64_t, int64_t, int64_t, int64_t, uint32_t, bool, bool>;
+using Key = std::tuple<void *, int, int, int64_t, int64_t, int64_t, int64_t, uint32_t, bool, bool, bool>;
+// A graph's structure without its batch and sequence length: what one kernel cache serves when
+// shapes are dynamic.
+using Structure = std::tuple<void *, int, int, int64_t, int64_t, uint32_t, bool, bool>;
 
 std::mutex mu;
 std::map<void *, cudnnHandle_t> handles;  // one per stream (a stream belongs to one device)
 std::map<Key, std::unique_ptr<Entry>> graphs;
 std::map<Key, std::string> refused;  // shapes cuDNN would not build, with why: asked once
 double build_seconds = 0.0;  // spent building the graphs in `graphs`
+// Dynamic shapes: one kernel cache per structure, so a new sequence length reuses the kernels
+// built for the first instead of compiling its own; structures cuDNN refused that way build
+// with static shapes from then on (counted, with the last reason).
+std::map<Structure, std::shared_ptr<fe::KernelCache>> kernel_caches;
+std::map<Structure, std::string> dynamic_refused;
+int64_t dynamic_refusals = 0;
+std::string last_dynamic_refusal;
 
 int handle_for(void *stream, cudnnHandle_t *out) {
     auto it = handles.find(stream);
@@ -258,6 +268,14 @@ void vjepa_cudnn_graph_stats(int64_t *graphs_built, double *seconds) {
     *seconds = build_seconds;
 }
 
+// How many graph structures cuDNN refused to build with dynamic shapes (they fell back to static
+// shapes), and the last reason (empty when none; valid until the next refusal).
+const char *vjepa_cudnn_dynamic_refusals(int64_t *count) {
+    std::lock_guard<std::mutex> lock(mu);
+    *count = dynamic_refusals;
+    return last_dynamic_refusal.c_str();
+}
+
 // The last error on this thread (valid until the next call on this thread).
 const char *vjepa_cudnn_error(void) {
     return last_error.c_str();
@@ -266,9 +284,11 @@ const char *vjepa_cudnn_error(void) {
 // Finds or builds the graph for one attention call and reports its workspace in bytes.
 // kind: 0 forward, 1 backward; dtype: 0 bf16, 1 f16. `stats` (forward) also writes the
 // per-row log-sum-exp the backward pass needs; `deterministic` (backward) asks for the
-// engine without atomics.
+// engine without atomics; `dynamic` builds with dynamic shapes and the structure's kernel cache
+// (falling back to static shapes where cuDNN refuses).
 int vjepa_cudnn_sdpa_prepare(void *stream, int kind, int dtype, int64_t b, int64_t h, int64_t n, int64_t hd,
-                             float scale, int stats, int deterministic, void **entry, int64_t *workspace) {
+                             float scale, int stats, int deterministic, int dynamic, void **entry,
+                             int64_t *workspace) {
     return guarded([&]() -> int {
         std::lock_guard<std::mutex> lock(mu);
         if (fe::cudnn_dlhandle == nullptr) {
@@ -276,7 +296,8 @@ int vjepa_cudnn_sdpa_prepare(void *stream, int kind, int dtype, int64_t b, int64
         }
         uint32_t scale_bits = 0;
         std::memcpy(&scale_bits, &scale, sizeof scale_bits);
-        Key key{stream, kind, dtype, b, h, n, hd, scale_bits, stats != 0, deterministic != 0};
+        Key key{stream, kind, dtype, b, h, n, hd, scale_bits, stats != 0, deterministic != 0, dynamic != 0};
+        Structure structure{stream, kind, dtype, h, hd, scale_bits, stats != 0, deterministic != 0};
         auto it = graphs.find(key);
         if (it == graphs.end()) {
             auto no = refused.find(key);
@@ -289,9 +310,32 @@ int vjepa_cudnn_sdpa_prepare(void *stream, int kind, int dtype, int64_t b, int64
             }
             auto started = std::chrono::steady_clock::now();
             auto e = std::make_unique<Entry>();
-            e->graph = kind == FORWARD ? forward_graph(dtype, b, h, n, hd, scale, stats != 0)
+            auto make = [&]() {
+                return kind == FORWARD ? forward_graph(dtype, b, h, n, hd, scale, stats != 0)
                                        : backward_graph(dtype, b, h, n, hd, scale, deterministic != 0);
-            auto err = e->graph->build(handle, {fe::HeurMode_t::A});
+            };
+            e->graph = make();
+            fe::error_t err;
+            if (dynamic != 0 && dynamic_refused.find(structure) == dynamic_refused.end()) {
+                auto &cache = kernel_caches[structure];
+                if (!cache) {
+                    cache = std::make_shared<fe::KernelCache>();
+                }
+                e->graph->set_dynamic_shape_enabled(true).set_kernel_cache(cache);
+                err = e->graph->build(handle, {fe::HeurMode_t::A});
+                if (err.is_bad()) {
+                    // This structure builds with static shapes from now on.
+                    last_dynamic_refusal = "n=" + std::to_string(n) + " hd=" + std::to_string(hd) + ": " +
+                                           err.get_message();
+                    dynamic_refused.emplace(structure, last_dynamic_refusal);
+                    kernel_caches.erase(structure);
+                    ++dynamic_refusals;
+                    e->graph = make();
+                    err = e->graph->build(handle, {fe::HeurMode_t::A});
+                }
+            } else {
+                err = e->graph->build(handle, {fe::HeurMode_t::A});
+            }
             if (err.is_bad()) {
                 std::string why = "cannot build the SDPA " + std::string(kind == FORWARD ? "forward" : "backward") +
                                   " graph for b=" + std::to_string(b) + " h=" + std::to_string(h) +
