@@ -810,17 +810,19 @@ impl VJepa {
         };
         // Target branch: first, or on the lane beside the context passes (then its features
         // are gathered once the context passes are queued).
+        // The clips are cut into tubelets once for both encoders.
+        let patches = vit::Patches::new(&self.enc_cfg, &clips)?;
         let features = match &self.target_lane {
             Some(lane) => {
-                let (target, clips) = (target.clone(), clips.clone());
-                TargetFeatures::Pending(
-                    lane.run(&self.device, move || target_features(&target, &clips, pool))?,
-                )
+                let (target, patches) = (target.clone(), patches.clone());
+                TargetFeatures::Pending(lane.run(&self.device, move || {
+                    target_features(&target, &patches, pool)
+                })?)
             }
-            None => TargetFeatures::Ready(target_features(target, &clips, pool)?),
+            None => TargetFeatures::Ready(target_features(target, &patches, pool)?),
         };
         // The patch embedding is identical for both context passes: compute it once.
-        let tokens = encoder.embed(&clips)?;
+        let tokens = encoder.embed_patches(&patches)?;
         let mut preds = Vec::with_capacity(masks.len());
         let mut targets = Vec::with_capacity(masks.len());
         for (i, (ctx, tgt)) in masks.iter().enumerate() {
@@ -1287,11 +1289,18 @@ enum TargetFeatures {
     Pending(target_lane::Pending<Features>),
 }
 
-/// The target branch of a step: the target encoder on the full clips, with plain (non-Var)
+/// The target branch of a step: the target encoder on the full clips (cut into `patches`), with plain (non-Var)
 /// weights, so no graph is recorded; its features normalised in f32 whatever the compute dtype,
 /// as the loss is taken (spec §6: LayerNorm without affine), and mean-pooled with `pool`.
-fn target_features(target: &Encoder, clips: &Tensor, pool: bool) -> Result<Features, ModelError> {
-    let raw = target.forward(clips, None)?.detach().to_dtype(DType::F32)?;
+fn target_features(
+    target: &Encoder,
+    patches: &vit::Patches,
+    pool: bool,
+) -> Result<Features, ModelError> {
+    let raw = target
+        .forward_tokens(&target.embed_patches(patches)?)?
+        .detach()
+        .to_dtype(DType::F32)?;
     let pooled = if pool { Some(raw.mean(1)?) } else { None };
     let h = loss::normalize_targets(&raw)?.detach();
     Ok((h, pooled))

@@ -277,15 +277,55 @@ impl PatchEmbed {
     }
 
     fn forward_checked(&self, clips: &Tensor, geo: ClipGeometry) -> Result<Tensor, ModelError> {
+        self.forward_patches(&Patches::cut(&self.cfg, clips, geo)?)
+    }
+
+    /// Tokens `[B, N, D]` of clips already cut into tubelets.
+    pub fn forward_patches(&self, p: &Patches) -> Result<Tensor, ModelError> {
         let d = self.cfg.embed_dim;
-        let (b, n) = (geo.batch, geo.num_tokens());
-        let patches =
-            patchify_checked(&self.cfg, clips, geo)?.reshape((b * n, self.cfg.patch_dim()))?;
+        let (b, n) = (p.geo.batch, p.geo.num_tokens());
+        let k = self.cfg.patch_dim();
+        if p.rows.dims() != [b * n, k] {
+            return Err(ModelError::Input(format!(
+                "patches {:?} for {b}×{n} tokens of {k} values",
+                p.rows.dims()
+            )));
+        }
         // The Linear op, bias fused: on a GPU one cuBLASLt GEMM with the bias in its epilogue,
         // on the thread's own handles (the target pass may run on a thread of its own).
-        let w = self.weight.reshape((d, self.cfg.patch_dim()))?;
-        let y = kernels::linear(&patches.contiguous()?, &w, Some(&self.bias))?;
+        let w = self.weight.reshape((d, k))?;
+        let y = kernels::linear(&p.rows, &w, Some(&self.bias))?;
         Ok(y.reshape((b, n, d))?)
+    }
+}
+
+/// Clips cut into tubelets, `[B·N, 3·t·p·p]` rows, with their geometry: made once per step for
+/// both encoders that read the same clips (the target's full pass and the context passes), so
+/// the clips are rearranged once, not twice.
+#[derive(Clone, Debug)]
+pub struct Patches {
+    rows: Tensor,
+    geo: ClipGeometry,
+}
+
+impl Patches {
+    /// `clips` (see [`clip_geometry`]) cut for encoders of configuration `cfg`.
+    pub fn new(cfg: &EncoderConfig, clips: &Tensor) -> Result<Self, ModelError> {
+        let geo = clip_geometry(cfg, clips)?;
+        Self::cut(cfg, clips, geo)
+    }
+
+    fn cut(cfg: &EncoderConfig, clips: &Tensor, geo: ClipGeometry) -> Result<Self, ModelError> {
+        let (b, n) = (geo.batch, geo.num_tokens());
+        let rows = patchify_checked(cfg, clips, geo)?
+            .reshape((b * n, cfg.patch_dim()))?
+            .contiguous()?;
+        Ok(Self { rows, geo })
+    }
+
+    /// The clips' batch size and token grid.
+    pub fn geometry(&self) -> ClipGeometry {
+        self.geo
     }
 }
 
@@ -544,12 +584,17 @@ impl Encoder {
     /// token grid differs from the configured one get the position table resized as the
     /// reference does (trilinear for video, bicubic for images; spec §2).
     pub fn embed(&self, clips: &Tensor) -> Result<Tensor, ModelError> {
-        let geo = clip_geometry(&self.cfg, clips)?;
-        let tokens = self.patch_embed.forward_checked(clips, geo)?;
+        self.embed_patches(&Patches::new(&self.cfg, clips)?)
+    }
+
+    /// [`Self::embed`] of clips already cut into tubelets (by an encoder of the same
+    /// configuration).
+    pub fn embed_patches(&self, p: &Patches) -> Result<Tensor, ModelError> {
+        let tokens = self.patch_embed.forward_patches(p)?;
         let pos = pos_embed::resize_table(
             &self.pos_embed,
             self.cfg.grid(),
-            geo.grid,
+            p.geo.grid,
             self.cfg.table_layout(),
         )?;
         Ok(tokens.broadcast_add(&pos)?)
