@@ -115,7 +115,7 @@ impl Drop for Plan {
         // SAFETY: created by `Plan::new` and destroyed once, here. Errors at teardown are
         // ignored (nothing can be done about them).
         unsafe {
-            for l in self.layouts {
+            for l in self.layouts.into_iter().filter(|l| !l.is_null()) {
                 let _ = result::destroy_matrix_layout(l);
             }
             let _ = result::destroy_matmul_desc(self.desc);
