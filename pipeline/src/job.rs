@@ -2002,7 +2002,9 @@ fn index_tensor(rows: &[Vec<u32>]) -> anyhow::Result<Tensor> {
     Ok(Tensor::from_vec(flat, (rows.len(), k), &Device::Cpu)?)
 }
 
-/// Reads the object named by a full location (local path, `file://` or `s3://` URL).
+/// Reads the object named by a full location (local path, `file://` or `s3://` URL). `handle`
+/// must belong to a multi-thread runtime (blocking on a current-thread runtime's handle never
+/// drives its I/O).
 pub(crate) fn read_location(
     handle: &tokio::runtime::Handle,
     location: &str,
@@ -2073,14 +2075,21 @@ fn fresh_model(cfg: &JobConfig, ipe: u64, device: &Device) -> anyhow::Result<Pre
 
 /// Loads a checkpoint the way a resumed run would and describes it.
 pub fn inspect_checkpoint(location: &str) -> anyhow::Result<String> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
+    inspect_checkpoint_with(location, &vjepa_storage::S3Settings::default())
+}
+
+/// [`inspect_checkpoint`] with the S3 settings of a job config (`storage.s3`).
+pub fn inspect_checkpoint_with(
+    location: &str,
+    s3: &vjepa_storage::S3Settings,
+) -> anyhow::Result<String> {
+    // A multi-thread runtime: `read_location` blocks on its handle, and a current-thread
+    // runtime's handle cannot drive its I/O (an S3 read would never finish).
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
         .enable_all()
         .build()?;
-    let bytes = read_location(
-        runtime.handle(),
-        location,
-        &vjepa_storage::S3Settings::default(),
-    )?;
+    let bytes = read_location(runtime.handle(), location, s3)?;
     let model = Pretrainer::from_safetensors(&bytes, &Device::Cpu)
         .with_context(|| format!("loading {location}"))?;
     let (e, p) = model.num_trainable_params();

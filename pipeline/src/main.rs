@@ -226,7 +226,13 @@ enum Command {
         device: Option<String>,
     },
     /// Load a checkpoint (path or object-store URL) and print what it holds.
-    Inspect { checkpoint: String },
+    Inspect {
+        checkpoint: String,
+        /// A job config whose `storage.s3` (endpoint, region, plain HTTP) reaches the URL;
+        /// without it the environment does (`AWS_ENDPOINT_URL`, `AWS_REGION`).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
     /// Print a run's metrics table (every file of it, a resumed run merged by step) as JSON
     /// Lines or CSV: for scripts and spreadsheets without a Parquet reader.
     Metrics {
@@ -235,6 +241,10 @@ enum Command {
         /// Output format.
         #[arg(long, value_enum, default_value = "jsonl")]
         format: vjepa_pipeline::metrics_export::MetricsFormat,
+        /// A job config whose `storage.s3` (endpoint, region, plain HTTP) reaches the URL;
+        /// without it the environment does (`AWS_ENDPOINT_URL`, `AWS_REGION`).
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
     /// Write the model a fresh run of CONFIG starts from (spec init, `meta.seed`) as a step-0
     /// checkpoint: the random-init baseline for `vjepa probe`/`extract`.
@@ -652,10 +662,18 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Metrics { run, format } => {
+        Command::Metrics {
+            run,
+            format,
+            config,
+        } => {
+            let s3 = match s3_settings_of(config.as_deref()) {
+                Ok(s) => s,
+                Err(code) => return code,
+            };
             let stdout = std::io::stdout();
             let mut out = std::io::BufWriter::new(stdout.lock());
-            match vjepa_pipeline::metrics_export::write_metrics(&run, format, &mut out) {
+            match vjepa_pipeline::metrics_export::write_metrics_with(&run, &s3, format, &mut out) {
                 Ok(_) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {e:#}");
@@ -663,16 +681,22 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Inspect { checkpoint } => match job::inspect_checkpoint(&checkpoint) {
-            Ok(text) => {
-                println!("{text}");
-                ExitCode::SUCCESS
+        Command::Inspect { checkpoint, config } => {
+            let s3 = match s3_settings_of(config.as_deref()) {
+                Ok(s) => s,
+                Err(code) => return code,
+            };
+            match job::inspect_checkpoint_with(&checkpoint, &s3) {
+                Ok(text) => {
+                    println!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::from(1)
+                }
             }
-            Err(e) => {
-                eprintln!("error: {e:#}");
-                ExitCode::from(1)
-            }
-        },
+        }
         #[cfg(feature = "cuda")]
         Command::GpuCheck {
             device,
@@ -821,6 +845,17 @@ fn gpu_check(
         println!("gpu-check: all {} checks passed", checks.len());
     }
     ExitCode::SUCCESS
+}
+
+/// The S3 settings a command reaches object-store URLs with: the `storage.s3` of `config` when
+/// given (a bad config is refused, naming the key), else the environment's.
+fn s3_settings_of(config: Option<&std::path::Path>) -> Result<vjepa_storage::S3Settings, ExitCode> {
+    match config {
+        None => Ok(Default::default()),
+        Some(path) => JobConfig::load(path)
+            .map(|c| c.s3_settings())
+            .map_err(|e| config_error(&e)),
+    }
 }
 
 fn config_error(e: &vjepa_pipeline::config::ConfigError) -> ExitCode {

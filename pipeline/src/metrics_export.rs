@@ -50,11 +50,21 @@ pub fn write_metrics(
     format: MetricsFormat,
     out: &mut impl Write,
 ) -> anyhow::Result<usize> {
+    write_metrics_with(location, &S3Settings::default(), format, out)
+}
+
+/// [`write_metrics`] with the S3 settings of a job config (`storage.s3`: endpoint, region,
+/// plain HTTP) for a run kept on an S3-compatible server.
+pub fn write_metrics_with(
+    location: &str,
+    s3: &S3Settings,
+    format: MetricsFormat,
+    out: &mut impl Write,
+) -> anyhow::Result<usize> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let store = Store::open(location, &S3Settings::default(), false)
-        .with_context(|| format!("opening {location}"))?;
+    let store = Store::open(location, s3, false).with_context(|| format!("opening {location}"))?;
     let rows = runtime
         .block_on(read_metrics_all(&store))
         .with_context(|| format!("reading the metrics of {location}"))?;

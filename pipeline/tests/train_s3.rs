@@ -78,6 +78,39 @@ fn s3_run_matches_local_run_step_for_step() {
             .unwrap(),
         "final checkpoint written to S3"
     );
+    // `vjepa metrics` and `vjepa inspect` reach the bucket through the job config's storage.s3
+    // (no endpoint in the environment).
+    let cli = |args: &[&str]| {
+        let mut cmd = std::process::Command::new(bin());
+        cmd.args(args)
+            .env_remove("AWS_ENDPOINT_URL")
+            .env_remove("AWS_ENDPOINT");
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        cmd.output().expect("run vjepa")
+    };
+    let cfg = s3_cfg.to_str().unwrap();
+    let out = cli(&["metrics", "s3://corpus/runs/one/", "--config", cfg]);
+    assert_ok(&out);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).lines().count() as u64,
+        steps
+    );
+    let ckpt = format!("s3://corpus/runs/one/checkpoints/step-{steps:08}.safetensors");
+    let out = cli(&["inspect", &ckpt, "--config", cfg]);
+    assert_ok(&out);
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("step {steps},")));
+    // `vjepa convert` reads from the bucket too (to the official layout, locally).
+    let pth = tmp.path().join("from-s3.pth.tar");
+    assert_ok(&cli(&[
+        "convert",
+        &ckpt,
+        pth.to_str().unwrap(),
+        "--config",
+        cfg,
+    ]));
+    assert!(std::fs::metadata(&pth).unwrap().len() > 0);
     // A wrong secret is refused by the server: the job fails without printing the secret.
     let bad = [
         ("AWS_ACCESS_KEY_ID", server.access_key.as_str()),
