@@ -62,10 +62,13 @@ impl TokenIndex {
         };
         let mut local = Vec::with_capacity(b * k);
         let mut flat = Vec::with_capacity(b * k);
+        // Mask rows come sorted ascending: then distinct is one pass, no copy.
         let distinct = rows.iter().all(|row| {
-            let mut r = row.clone();
-            r.sort_unstable();
-            r.windows(2).all(|w| w[0] != w[1])
+            row.windows(2).all(|w| w[0] < w[1]) || {
+                let mut r = row.clone();
+                r.sort_unstable();
+                r.windows(2).all(|w| w[0] != w[1])
+            }
         });
         for (bi, row) in rows.iter().enumerate() {
             for &n in row {

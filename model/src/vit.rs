@@ -322,11 +322,6 @@ impl Patches {
             .contiguous()?;
         Ok(Self { rows, geo })
     }
-
-    /// The clips' batch size and token grid.
-    pub fn geometry(&self) -> ClipGeometry {
-        self.geo
-    }
 }
 
 /// The clips cut into tubelets, `[B, N, 3·t·p·p]`: token order (time, row, column) and, within

@@ -102,13 +102,7 @@ pub fn convert(
         )));
     }
     let s3 = cfg.map(JobConfig::s3_settings).unwrap_or_default();
-    // A multi-thread runtime: `read_location` blocks on its handle, and a current-thread
-    // runtime's handle cannot drive its I/O (an S3 read would never finish).
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .context("starting the I/O runtime")?;
+    let runtime = crate::job::io_runtime()?;
     let bytes = read_location(runtime.handle(), input, &s3)?;
     let bad = |source| ConvertError::BadCheckpoint {
         location: input.to_string(),

@@ -2002,14 +2002,28 @@ fn index_tensor(rows: &[Vec<u32>]) -> anyhow::Result<Tensor> {
     Ok(Tensor::from_vec(flat, (rows.len(), k), &Device::Cpu)?)
 }
 
+/// The runtime a one-shot command (`inspect`, `convert`) reads and writes object stores on: one
+/// worker thread, so that blocking on its handle drives its I/O (a current-thread runtime's
+/// handle does not: an S3 read through it never finished).
+pub(crate) fn io_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .context("starting the I/O runtime")
+}
+
 /// Reads the object named by a full location (local path, `file://` or `s3://` URL). `handle`
-/// must belong to a multi-thread runtime (blocking on a current-thread runtime's handle never
-/// drives its I/O).
+/// must belong to a multi-thread runtime ([`io_runtime`]): one of a current-thread runtime is
+/// refused, since blocking on it would never drive its I/O.
 pub(crate) fn read_location(
     handle: &tokio::runtime::Handle,
     location: &str,
     s3: &vjepa_storage::S3Settings,
 ) -> anyhow::Result<Bytes> {
+    if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread {
+        anyhow::bail!("reading {location}: needs a multi-thread runtime (see io_runtime)");
+    }
     let (store, rel) = split_location(location, s3)?;
     handle
         .block_on(store.get(&rel))
@@ -2083,12 +2097,7 @@ pub fn inspect_checkpoint_with(
     location: &str,
     s3: &vjepa_storage::S3Settings,
 ) -> anyhow::Result<String> {
-    // A multi-thread runtime: `read_location` blocks on its handle, and a current-thread
-    // runtime's handle cannot drive its I/O (an S3 read would never finish).
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()?;
+    let runtime = io_runtime()?;
     let bytes = read_location(runtime.handle(), location, s3)?;
     let model = Pretrainer::from_safetensors(&bytes, &Device::Cpu)
         .with_context(|| format!("loading {location}"))?;
@@ -2109,4 +2118,28 @@ pub fn inspect_checkpoint_with(
         head_cfg.embed_dim,
         head_cfg.depth,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Blocking on a current-thread runtime's handle never drives its I/O, so reads through one
+    /// hung on S3: they are refused; the command runtime reads.
+    #[test]
+    fn read_location_needs_a_multi_thread_runtime() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("x.bin");
+        std::fs::write(&file, b"bytes").unwrap();
+        let loc = file.to_str().unwrap();
+        let s3 = vjepa_storage::S3Settings::default();
+        let current = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let err = read_location(current.handle(), loc, &s3).unwrap_err();
+        assert!(err.to_string().contains("multi-thread"), "{err:#}");
+        let rt = io_runtime().unwrap();
+        assert_eq!(&read_location(rt.handle(), loc, &s3).unwrap()[..], b"bytes");
+    }
 }

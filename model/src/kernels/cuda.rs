@@ -1178,6 +1178,43 @@ pub fn column_sum(x: &CudaStorage, lx: &Layout) -> Result<(CudaStorage, Shape)> 
     Ok((s, Shape::from(cols)))
 }
 
+/// Blocks and launch of the first stage of a reduction to one scalar (`*_partial` kernels: a
+/// grid-stride loop, one fp32 partial per block): fixed by the element count alone, so the
+/// summation order never changes.
+fn scalar_partial_grid(n: usize) -> (usize, LaunchConfig) {
+    let blocks = n.div_ceil(256 * 8).clamp(1, 1024);
+    let cfg = LaunchConfig {
+        grid_dim: (blocks as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    (blocks, cfg)
+}
+
+/// The second stage: the `blocks` partials summed in a fixed order, times `scale`, into a new
+/// one-element storage of `T`.
+fn scalar_final<T: KernelFloat>(
+    dev: &CudaDevice,
+    partial: &CudaSlice<f32>,
+    blocks: usize,
+    scale: f32,
+) -> Result<CudaStorage> {
+    // SAFETY: written by scaled_final.
+    let out = unsafe { dev.alloc::<T>(1)? };
+    let f = load(
+        dev,
+        ELEMENTWISE,
+        &format!("scaled_final_{}", T::DTYPE.as_str()),
+    )?;
+    let nb = blocks as u32;
+    let stream = dev.cuda_stream();
+    let mut bld = stream.launch_builder(&f);
+    bld.arg(partial).arg(&out).arg(&nb).arg(&scale);
+    // SAFETY: matches scaled_final_* in elementwise.cu.
+    unsafe { bld.launch(linear_cfg(256, 256)) }.w()?;
+    Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+}
+
 /// Σ x² over all elements as a scalar of x's dtype (fp32 accumulation; grad norms). Two
 /// launches with a grid fixed by the element count, so the summation order never changes.
 pub fn sum_sq(x: &CudaStorage, lx: &Layout) -> Result<(CudaStorage, Shape)> {
@@ -1185,31 +1222,21 @@ pub fn sum_sq(x: &CudaStorage, lx: &Layout) -> Result<(CudaStorage, Shape)> {
     let n = lx.shape().elem_count();
     fn inner<T: KernelFloat>(x: &CudaStorage, lx: &Layout, n: usize) -> Result<CudaStorage> {
         let dev = &x.device;
-        let ty = T::DTYPE.as_str();
         let xs = view::<T>(x, lx, OP, "x")?;
-        let blocks = n.div_ceil(256 * 8).clamp(1, 1024);
+        let (blocks, cfg) = scalar_partial_grid(n);
         // SAFETY: one partial per block, all written.
         let partial = unsafe { dev.alloc::<f32>(blocks)? };
-        let f = load(dev, ELEMENTWISE, &format!("sumsq_partial_{ty}"))?;
-        let cfg = LaunchConfig {
-            grid_dim: (blocks as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let f = load(
+            dev,
+            ELEMENTWISE,
+            &format!("sumsq_partial_{}", T::DTYPE.as_str()),
+        )?;
         let stream = dev.cuda_stream();
         let mut bld = stream.launch_builder(&f);
         bld.arg(&xs).arg(&partial).arg(&n);
         // SAFETY: matches sumsq_partial_* in elementwise.cu.
         unsafe { bld.launch(cfg) }.w()?;
-        // SAFETY: written by sum_final.
-        let out = unsafe { dev.alloc::<T>(1)? };
-        let f = load(dev, ELEMENTWISE, &format!("sum_final_{ty}"))?;
-        let nb = blocks as u32;
-        let mut bld = stream.launch_builder(&f);
-        bld.arg(&partial).arg(&out).arg(&nb);
-        // SAFETY: matches sum_final_* in elementwise.cu.
-        unsafe { bld.launch(linear_cfg(256, 256)) }.w()?;
-        Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+        scalar_final::<T>(dev, &partial, blocks, 1.0)
     }
     let s = match float_dtype(x, OP, false)? {
         DType::F32 => inner::<f32>(x, lx, n)?,
@@ -1242,31 +1269,21 @@ pub fn l1_mean(
         n: usize,
     ) -> Result<CudaStorage> {
         let dev = &a.device;
-        let ty = T::DTYPE.as_str();
         let (av, bv) = (view::<T>(a, la, OP, "a")?, view::<T>(b, lb, OP, "b")?);
-        let blocks = n.div_ceil(256 * 8).clamp(1, 1024);
+        let (blocks, cfg) = scalar_partial_grid(n);
         // SAFETY: one partial per block, all written.
         let partial = unsafe { dev.alloc::<f32>(blocks)? };
-        let f = load(dev, ELEMENTWISE, &format!("absdiff_partial_{ty}"))?;
-        let cfg = LaunchConfig {
-            grid_dim: (blocks as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let f = load(
+            dev,
+            ELEMENTWISE,
+            &format!("absdiff_partial_{}", T::DTYPE.as_str()),
+        )?;
         let stream = dev.cuda_stream();
         let mut bld = stream.launch_builder(&f);
         bld.arg(&av).arg(&bv).arg(&partial).arg(&n);
         // SAFETY: matches absdiff_partial_* in elementwise.cu.
         unsafe { bld.launch(cfg) }.w()?;
-        // SAFETY: written by mean_final.
-        let out = unsafe { dev.alloc::<T>(1)? };
-        let f = load(dev, ELEMENTWISE, &format!("mean_final_{ty}"))?;
-        let (nb, inv) = (blocks as u32, (1.0 / n as f64) as f32);
-        let mut bld = stream.launch_builder(&f);
-        bld.arg(&partial).arg(&out).arg(&nb).arg(&inv);
-        // SAFETY: matches mean_final_* in elementwise.cu.
-        unsafe { bld.launch(linear_cfg(256, 256)) }.w()?;
-        Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+        scalar_final::<T>(dev, &partial, blocks, (1.0 / n as f64) as f32)
     }
     let s = match dtype {
         DType::F32 => inner::<f32>(a, la, b, lb, n)?,

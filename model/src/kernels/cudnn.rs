@@ -65,25 +65,12 @@ unsafe extern "C" {
 /// [`set_dynamic_shapes`]).
 pub const DYNAMIC_ENV: &str = "VJEPA_CUDNN_DYNAMIC";
 
-/// 0: not read yet, 1: on, 2: off.
-static DYNAMIC: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+static DYNAMIC: super::EnvSwitch = super::EnvSwitch::new(DYNAMIC_ENV, false);
 
 /// Whether new attention graphs are built with dynamic shapes (off unless [`DYNAMIC_ENV`] or
 /// [`set_dynamic_shapes`] turns it on).
 pub fn dynamic_shapes() -> bool {
-    use std::sync::atomic::Ordering;
-    match DYNAMIC.load(Ordering::Relaxed) {
-        1 => true,
-        2 => false,
-        _ => {
-            let on = matches!(
-                std::env::var(DYNAMIC_ENV).as_deref(),
-                Ok("1" | "on" | "true" | "yes")
-            );
-            DYNAMIC.store(if on { 1 } else { 2 }, Ordering::Relaxed);
-            on
-        }
-    }
+    DYNAMIC.get()
 }
 
 /// Builds attention graphs from now on with dynamic shapes and one kernel cache per graph
@@ -96,7 +83,7 @@ pub fn dynamic_shapes() -> bool {
 /// graph build seconds `train-step` reports say which wins). Structures cuDNN refuses to build
 /// dynamically fall back to static shapes ([`dynamic_refusals`]).
 pub fn set_dynamic_shapes(on: bool) {
-    DYNAMIC.store(if on { 1 } else { 2 }, std::sync::atomic::Ordering::Relaxed);
+    DYNAMIC.set(on);
 }
 
 /// Graph structures cuDNN would not build with dynamic shapes (built static instead), and the

@@ -2111,6 +2111,25 @@ pub fn run_timings(
             None,
             || { (&p - &t)?.abs()?.mean_all().map(drop) }
         );
+        // Forward and backward through autograd, as a step runs them.
+        let pv = candle_core::Var::from_tensor(&p)?;
+        time!("l1 loss fwd+bwd", shape, DType::F32, None, None, || {
+            super::l1_mean(&pv, &t).map_err(me)?.backward().map(drop)
+        });
+        time!(
+            "l1 loss fwd+bwd (candle ops)",
+            shape,
+            DType::F32,
+            None,
+            None,
+            || {
+                (pv.as_tensor() - &t)?
+                    .abs()?
+                    .mean_all()?
+                    .backward()
+                    .map(drop)
+            }
+        );
     }
     // The backward of the context gather of a ViT-L step at batch 24 (the larger mask's context,
     // about 300 of 1568 tokens per clip), bf16: our scatter against candle's index_add.
@@ -2146,8 +2165,8 @@ pub fn run_timings(
         );
     }
     // The per-step monitoring of ViT-L at batch 24: the collapse terms of the target features
-    // (candle ops: the batch std and the covariance terms of 4096 token rows), to weigh them
-    // against a step of about 300 ms.
+    // (the batch std and the covariance terms of 4096 token rows), as the model computes them
+    // and as candle's reductions did before, to weigh them against a step of about 300 ms.
     let (h, _) = inp.pair(&[24, 1568, 1024], 1.0, DType::F32)?;
     let shape = "[24,1568,1024]";
     time!(
@@ -2160,6 +2179,25 @@ pub fn run_timings(
             crate::collapse::terms(&h)
                 .map(drop)
                 .map_err(|e| candle_core::Error::Msg(e.to_string()))
+        }
+    );
+    time!(
+        "collapse terms (candle ops)",
+        shape,
+        DType::F32,
+        None,
+        None,
+        || {
+            let centred = h.broadcast_sub(&h.mean_keepdim(0)?)?;
+            let std = centred.sqr()?.mean(0)?.sqrt()?.mean_all()?;
+            let (b, n, d) = h.dims3()?;
+            let step = (b * n).div_ceil(crate::collapse::RANK_MAX_ROWS) as u32;
+            let idx = Tensor::arange_step(0u32, (b * n) as u32, step, dev)?;
+            let x = h.reshape((b * n, d))?.index_select(&idx, 0)?;
+            let xc = x.broadcast_sub(&x.mean_keepdim(0)?)?;
+            let cov = xc.t()?.matmul(&xc)?;
+            let terms = [std, xc.sqr()?.sum_all()?, cov.sqr()?.sum_all()?];
+            Tensor::stack(&terms, 0).map(drop)
         }
     );
     drop(h);

@@ -63,6 +63,54 @@ use candle_core::{CpuStorage, DType, Layout, Tensor};
 use crate::ModelError;
 use math::Elem;
 
+/// A process-wide on/off switch of a GPU code path, read from an environment variable on first
+/// use (`1`/`on`/`true`/`yes` or `0`/`off`/`false`/`no`; anything else or unset: the default) and
+/// settable from code (gpu-check runs both ways). Why an environment variable: the switches
+/// choose between implementations of the same numbers, so a lent GPU session can flip one
+/// without a rebuild.
+#[cfg(feature = "cuda")]
+pub(crate) struct EnvSwitch {
+    /// 0: not read yet, 1: on, 2: off.
+    state: std::sync::atomic::AtomicU8,
+    var: &'static str,
+    default: bool,
+}
+
+#[cfg(feature = "cuda")]
+impl EnvSwitch {
+    pub(crate) const fn new(var: &'static str, default: bool) -> Self {
+        Self {
+            state: std::sync::atomic::AtomicU8::new(0),
+            var,
+            default,
+        }
+    }
+
+    /// Whether the switch is on.
+    pub(crate) fn get(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        match self.state.load(Ordering::Relaxed) {
+            1 => true,
+            2 => false,
+            _ => {
+                let on = match std::env::var(self.var).as_deref() {
+                    Ok("1" | "on" | "true" | "yes") => true,
+                    Ok("0" | "off" | "false" | "no") => false,
+                    _ => self.default,
+                };
+                self.set(on);
+                on
+            }
+        }
+    }
+
+    /// Sets the switch for the whole process.
+    pub(crate) fn set(&self, on: bool) {
+        self.state
+            .store(if on { 1 } else { 2 }, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// bf16 on the CPU, where the kernels have no bf16 code: when any of `ts` is a CPU bf16 tensor,
 /// runs `op` on f32 copies of all of them and narrows its result back to bf16 — fp32 math on
 /// bf16 storage, as the CUDA kernels do it, and differentiable through the two casts. It is for
@@ -184,6 +232,27 @@ impl<T> SyncPtr<T> {
 
 #[cfg(test)]
 mod tests {
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn env_switch_reads_its_variable_once_and_can_be_set() {
+        // SAFETY: variables of this test's own, set before any thread reads them.
+        unsafe {
+            std::env::set_var("VJEPA_TEST_SWITCH_ON", "off");
+            std::env::set_var("VJEPA_TEST_SWITCH_JUNK", "maybe");
+        }
+        let on = super::EnvSwitch::new("VJEPA_TEST_SWITCH_ON", true);
+        let junk = super::EnvSwitch::new("VJEPA_TEST_SWITCH_JUNK", true);
+        let unset = super::EnvSwitch::new("VJEPA_TEST_SWITCH_UNSET", false);
+        assert!(!on.get(), "'off' turns a default-on switch off");
+        assert!(junk.get(), "an unreadable value keeps the default");
+        assert!(!unset.get());
+        unset.set(true);
+        assert!(unset.get());
+        // Read once: a later change of the variable is not seen.
+        unsafe { std::env::set_var("VJEPA_TEST_SWITCH_ON", "on") };
+        assert!(!on.get());
+    }
+
     use super::*;
     use crate::kernels::reference::randn;
     use candle_core::Var;

@@ -117,13 +117,19 @@ multiversion! {
     }
 }
 
+/// Σ over `0..n` of `part(range)`, the ranges `FLAT_CHUNK`-long pieces run in parallel and
+/// their f64 results added in order (the same sum for any thread count).
+fn chunked_sum(n: usize, part: impl Fn(std::ops::Range<usize>) -> f64 + Sync) -> f64 {
+    par::map(n.div_ceil(FLAT_CHUNK), |i| {
+        part(i * FLAT_CHUNK..(i * FLAT_CHUNK + FLAT_CHUNK).min(n))
+    })
+    .iter()
+    .sum()
+}
+
 fn l1_mean_slice<T: Elem>(a: &[T], b: &[T]) -> T {
     let n = a.len();
-    let partials = par::map(n.div_ceil(FLAT_CHUNK), |i| {
-        let r = i * FLAT_CHUNK..(i * FLAT_CHUNK + FLAT_CHUNK).min(n);
-        sum_abs_diff(&a[r.clone()], &b[r]).to_f64()
-    });
-    T::from_f64(partials.iter().sum::<f64>() / n as f64)
+    T::from_f64(chunked_sum(n, |r| sum_abs_diff(&a[r.clone()], &b[r]).to_f64()) / n as f64)
 }
 
 /// sign(a − b) · s per element (sign(0) = 0; NaN stays NaN).
@@ -169,10 +175,7 @@ pub(crate) fn column_sum_slice<T: Elem>(x: &[T], c: usize) -> Vec<T> {
 }
 
 fn sum_sq_slice<T: Elem>(x: &[T]) -> T {
-    let partials = par::map(x.len().div_ceil(FLAT_CHUNK), |i| {
-        sum_squares(&x[i * FLAT_CHUNK..(i * FLAT_CHUNK + FLAT_CHUNK).min(x.len())]).to_f64()
-    });
-    T::from_f64(partials.iter().sum())
+    T::from_f64(chunked_sum(x.len(), |r| sum_squares(&x[r]).to_f64()))
 }
 
 impl CustomOp1 for ColumnSum {

@@ -94,7 +94,10 @@ fn gathered_shape(lx: &Layout, li: &Layout) -> candle_core::Result<Shape> {
 fn scatter_dims(lg: &Layout, li: &Layout, op: &str) -> candle_core::Result<(usize, usize)> {
     let (m, d) = lg.shape().dims2()?;
     if li.shape().elem_count() != m {
-        candle_core::bail!("{op}: {m} gradient rows for {} indices", li.dims().len());
+        candle_core::bail!(
+            "{op}: {m} gradient rows for {} indices",
+            li.shape().elem_count()
+        );
     }
     Ok((m, d))
 }

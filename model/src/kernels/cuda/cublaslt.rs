@@ -20,7 +20,6 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::ffi::c_void;
-use std::sync::atomic::{AtomicU8, Ordering};
 
 use candle_core::cuda_backend::DeviceId;
 use candle_core::cuda_backend::cudarc::cublas::sys::cublasOperation_t;
@@ -37,29 +36,17 @@ const WORKSPACE_BYTES: usize = 32 << 20;
 /// Bias pointers must be at least this aligned to take the fused path.
 const BIAS_ALIGN: u64 = 16;
 
-/// 0: not read yet, 1: on, 2: off.
-static ENABLED: AtomicU8 = AtomicU8::new(0);
+static ENABLED: crate::kernels::EnvSwitch = crate::kernels::EnvSwitch::new("VJEPA_CUBLASLT", true);
 
-/// Whether Linear ops use cuBLASLt's fused epilogues (default on; `VJEPA_CUBLASLT=0` or
-/// `off` turns them off).
+/// Whether Linear ops use cuBLASLt's fused epilogues (default on; `VJEPA_CUBLASLT=0` turns them
+/// off).
 pub fn enabled() -> bool {
-    match ENABLED.load(Ordering::Relaxed) {
-        1 => true,
-        2 => false,
-        _ => {
-            let on = !matches!(
-                std::env::var("VJEPA_CUBLASLT").as_deref(),
-                Ok("0" | "off" | "false" | "no")
-            );
-            ENABLED.store(if on { 1 } else { 2 }, Ordering::Relaxed);
-            on
-        }
-    }
+    ENABLED.get()
 }
 
 /// Turns the fused path on or off for the whole process (gpu-check runs both ways).
 pub fn set_enabled(on: bool) {
-    ENABLED.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+    ENABLED.set(on);
 }
 
 /// A column-major GEMM `D[m, n] = op(A)·op(B)` as cuBLAS sees it (`k` the reduced dimension,
@@ -230,57 +217,27 @@ impl Plan {
                 .map_err(|e| lt_err(e, "matrix layout"))?;
         }
         let pref = Pref(result::create_matmul_pref().map_err(|e| lt_err(e, "preference"))?);
-        let ws = WORKSPACE_BYTES as u64;
-        let prefs: [(sys::cublasLtMatmulPreferenceAttributes_t, u64); 5] = [
-            (
-                sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-                ws,
-            ),
-            (
-                sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
-                u64::from(key.align[0]),
-            ),
-            (
-                sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
-                u64::from(key.align[1]),
-            ),
-            (
-                sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
-                u64::from(key.align[2]),
-            ),
-            (
-                sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
-                u64::from(key.align[2]),
-            ),
-        ];
-        for (attr, v) in prefs {
-            // The workspace size is a size_t, the alignments uint32_t.
-            let r = if attr
-                == sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES
-            {
-                let v = v as usize;
-                // SAFETY: `pref` is live; `v` is a size_t.
-                unsafe {
-                    result::set_matmul_pref_attribute(
-                        pref.0,
-                        attr,
-                        (&v as *const usize).cast(),
-                        std::mem::size_of::<usize>(),
-                    )
-                }
-            } else {
-                let v = v as u32;
-                // SAFETY: `pref` is live; `v` is a uint32_t.
-                unsafe {
-                    result::set_matmul_pref_attribute(
-                        pref.0,
-                        attr,
-                        (&v as *const u32).cast(),
-                        std::mem::size_of::<u32>(),
-                    )
-                }
-            };
-            r.map_err(|e| lt_err(e, "preference attribute"))?;
+        use sys::cublasLtMatmulPreferenceAttributes_t as P;
+        let set_pref = |attr: P, v: *const c_void, n: usize| {
+            // SAFETY: `pref` is live; `v` points at `n` readable bytes of the attribute's type.
+            unsafe { result::set_matmul_pref_attribute(pref.0, attr, v, n) }
+                .map_err(|e| lt_err(e, "preference attribute"))
+        };
+        // The workspace bound is a size_t, the operand alignments uint32_t (C is D).
+        let ws = WORKSPACE_BYTES;
+        set_pref(
+            P::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+            (&ws as *const usize).cast(),
+            std::mem::size_of::<usize>(),
+        )?;
+        let [aa, ab, ad] = key.align;
+        for (attr, v) in [
+            (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, aa),
+            (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, ab),
+            (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, ad),
+            (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, ad),
+        ] {
+            set_pref(attr, (&v as *const u32).cast(), std::mem::size_of::<u32>())?;
         }
         let [a, b, d] = plan.layouts;
         // SAFETY: every descriptor is live.

@@ -164,15 +164,15 @@ __device__ __forceinline__ void sumsq_partial(const T *__restrict__ x, float *__
     if (threadIdx.x == 0) partial[blockIdx.x] = acc;
 }
 
-// out[0] = Σ partial[0..n) with one block.
+// out[0] = scale · Σ partial[0..n), with one block, in a fixed order.
 template <typename T>
-__device__ __forceinline__ void sum_final(const float *__restrict__ partial, T *__restrict__ out,
-                                          uint32_t n) {
+__device__ __forceinline__ void scaled_final(const float *__restrict__ partial, T *__restrict__ out,
+                                             uint32_t n, float scale) {
     __shared__ float scratch[32];
     float acc = 0.f;
     for (uint32_t i = threadIdx.x; i < n; i += blockDim.x) acc += partial[i];
     acc = block_sum(acc, scratch);
-    if (threadIdx.x == 0) out[0] = from_f<T>(acc);
+    if (threadIdx.x == 0) out[0] = from_f<T>(acc * scale);
 }
 
 // The L1 loss of one mask (spec §6): partial sums of |a - b| per block (grid-stride, fp32), then
@@ -192,15 +192,6 @@ __device__ __forceinline__ void absdiff_partial(const T *__restrict__ a, const T
     if (threadIdx.x == 0) partial[blockIdx.x] = acc;
 }
 
-template <typename T>
-__device__ __forceinline__ void mean_final(const float *__restrict__ partial, T *__restrict__ out,
-                                           uint32_t n, float inv_count) {
-    __shared__ float scratch[32];
-    float acc = 0.f;
-    for (uint32_t i = threadIdx.x; i < n; i += blockDim.x) acc += partial[i];
-    acc = block_sum(acc, scratch);
-    if (threadIdx.x == 0) out[0] = from_f<T>(acc * inv_count);
-}
 
 template <typename T>
 __device__ __forceinline__ void l1_grad(const T *__restrict__ a, const T *__restrict__ b,
@@ -261,16 +252,13 @@ __device__ __forceinline__ void scatter_rows(const T *__restrict__ g,
     extern "C" __global__ void sumsq_partial_##S(const T *x, float *partial, size_t n) {          \
         sumsq_partial<T>(x, partial, n);                                                           \
     }                                                                                              \
-    extern "C" __global__ void sum_final_##S(const float *partial, T *out, uint32_t n) {          \
-        sum_final<T>(partial, out, n);                                                             \
+    extern "C" __global__ void scaled_final_##S(const float *partial, T *out, uint32_t n,         \
+                                                float scale) {                                     \
+        scaled_final<T>(partial, out, n, scale);                                                   \
     }                                                                                              \
     extern "C" __global__ void absdiff_partial_##S(const T *a, const T *b, float *partial,        \
                                                    size_t n) {                                     \
         absdiff_partial<T>(a, b, partial, n);                                                      \
-    }                                                                                              \
-    extern "C" __global__ void mean_final_##S(const float *partial, T *out, uint32_t n,           \
-                                              float inv_count) {                                   \
-        mean_final<T>(partial, out, n, inv_count);                                                 \
     }                                                                                              \
     extern "C" __global__ void l1_grad_##S(const T *a, const T *b, const T *g, T *da, size_t n,   \
                                            float inv_count) {                                      \
