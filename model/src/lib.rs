@@ -119,42 +119,67 @@ pub struct TrainBatch {
     pub masks: Vec<MaskIndices>,
 }
 
-/// What a step reads back from the device: the collapse signals, the loss and the per-mask
-/// losses.
+/// What a step reads back from the device: the collapse signals, the loss, the per-mask
+/// losses and the per-module sums of squared gradients.
 pub(crate) struct StepScalars {
     pub collapse: collapse::Signals,
     pub loss: f64,
     pub per_mask: Vec<f64>,
+    pub grad_sq: Vec<f64>,
 }
 
-/// Reads the collapse terms of `h`, the loss and the per-mask losses in one device-to-host copy
-/// (one host sync on a GPU, after the step's backward pass is queued), running `meanwhile` on the
-/// host just before waiting for it; a non-finite loss of step `step` is an error (nothing has
-/// changed yet).
+/// Reads the collapse terms of `h`, the loss, the per-mask losses and the gradient sums `sq`
+/// in one device-to-host copy (one host sync on a GPU, after the step's backward pass and the
+/// norms are queued), running `meanwhile` on the host just before waiting for it; a non-finite
+/// loss of step `step` is an error (nothing has changed yet).
 pub(crate) fn read_step_scalars(
     h: &Tensor,
     loss: &Tensor,
     per_mask: &[Tensor],
+    sq: optim::QueuedSums,
     step: u64,
     meanwhile: impl FnOnce(),
 ) -> Result<StepScalars, ModelError> {
-    let mut parts = Vec::with_capacity(2 + per_mask.len());
-    parts.push(collapse::terms(h)?.to_dtype(DType::F32)?);
+    let mut parts = Vec::with_capacity(3 + per_mask.len());
+    parts.push(collapse::terms(h)?.to_dtype(DType::F64)?);
     for l in std::iter::once(loss).chain(per_mask) {
-        parts.push(l.to_dtype(DType::F32)?.reshape(1)?);
+        parts.push(l.to_dtype(DType::F64)?.reshape(1)?);
     }
-    let values = Tensor::cat(&parts, 0)?.to_dtype(DType::F64)?;
+    let (known_sq, queued_sq) = match sq {
+        optim::QueuedSums::Host(v) => (Some(v), 0),
+        optim::QueuedSums::Device(t) => {
+            let n = t.elem_count();
+            parts.push(t.to_dtype(DType::F64)?);
+            (None, n)
+        }
+    };
+    let values = Tensor::cat(&parts, 0)?;
     meanwhile();
     let values = values.to_vec1::<f64>()?;
     let loss = values[3];
     if !loss.is_finite() {
         return Err(ModelError::NonFiniteLoss { step, loss });
     }
+    let losses_end = values.len() - queued_sq;
     Ok(StepScalars {
         collapse: collapse::Signals::from_terms(&values[..3]),
         loss,
-        per_mask: values[4..].to_vec(),
+        per_mask: values[4..losses_end].to_vec(),
+        grad_sq: known_sq.unwrap_or_else(|| values[losses_end..].to_vec()),
     })
+}
+
+/// The per-module sums of squared gradients of `grads` that [`optimiser_step`] clips with
+/// (the first `num_encoder_params` parameters of `opt`, then the rest), queued on the device.
+fn queue_grad_sq_sums(
+    opt: &AdamW,
+    num_encoder_params: usize,
+    grads: &candle_core::backprop::GradStore,
+) -> Result<optim::QueuedSums, ModelError> {
+    let (enc, rest) = opt.params().split_at(num_encoder_params);
+    let enc: Vec<&Var> = enc.iter().map(|p| &p.var).collect();
+    let rest: Vec<&Var> = rest.iter().map(|p| &p.var).collect();
+    optim::grad_sq_sums_queued(grads, &[&enc, &rest])
 }
 
 /// Metrics of one training step (for logs and the CSV of spec §10).
@@ -196,6 +221,9 @@ pub struct StepStats {
 /// and the loss parts by the all-worker values before [`VJepa::apply_gradients`].
 pub struct Gradients {
     grads: candle_core::backprop::GradStore,
+    /// Per module (encoder, rest), the sum of squared entries of `grads`, when read with the
+    /// loss; `None` once `grads` is replaced (the update then computes it).
+    grad_sq: Option<Vec<f64>>,
     /// Mean loss over this worker's samples (averaged over mask configs).
     pub loss: f64,
     /// Loss of each mask config over this worker's samples.
@@ -899,9 +927,10 @@ impl VJepa {
         .map(std::sync::Arc::new);
         let (loss, per_mask, h, pooled) =
             self.forward_loss_stats(&clips, &masks, self.pool_features, side.as_ref())?;
-        // Backward first, then the loss, the per-mask losses and the collapse terms in one
-        // device-to-host read: one sync on a GPU, after the step's heavy work is queued. (A
-        // non-finite loss has a useless gradient, dropped below; nothing has changed yet.)
+        // Backward first, then the loss, the per-mask losses, the collapse terms and the grad
+        // norms in one device-to-host read: one sync on a GPU, after the step's heavy work is
+        // queued. (A non-finite loss has a useless gradient, dropped below; nothing has changed
+        // yet.)
         let mut grads = loss.backward()?;
         if let Some(side) = &side {
             side.merge_into(&mut grads)?;
@@ -915,10 +944,14 @@ impl VJepa {
                 }
             }
         }
-        let read = read_step_scalars(&h, &loss, &per_mask, self.steps_done + 1, meanwhile)?;
+        // The grad norms the update clips with, queued behind the backward pass and read with
+        // the loss: the step's only synchronisation.
+        let sq = queue_grad_sq_sums(&self.opt, self.num_encoder_params, &grads)?;
+        let read = read_step_scalars(&h, &loss, &per_mask, sq, self.steps_done + 1, meanwhile)?;
         let collapse = read.collapse;
         Ok(Gradients {
             grads,
+            grad_sq: Some(read.grad_sq),
             loss: read.loss,
             loss_per_mask: read.per_mask,
             samples: b,
@@ -938,6 +971,7 @@ impl VJepa {
     pub fn empty_gradients(&self, masks: usize) -> Gradients {
         Gradients {
             grads: candle_core::backprop::GradStore::default(),
+            grad_sq: None,
             loss: 0.0,
             loss_per_mask: vec![0.0; masks],
             samples: 0,
@@ -976,6 +1010,7 @@ impl VJepa {
     pub fn apply_gradients(&mut self, g: Gradients) -> Result<StepStats, ModelError> {
         let Gradients {
             grads,
+            grad_sq,
             loss,
             loss_per_mask,
             context_tokens,
@@ -996,8 +1031,11 @@ impl VJepa {
             &mut self.opt,
             self.num_encoder_params,
             &self.optim_cfg,
-            grads,
-            loss,
+            StepGrads {
+                grads,
+                sq: grad_sq,
+                loss,
+            },
             iter0,
             self.copies.as_ref().map(|c| c.trainable.as_slice()),
         )?;
@@ -1264,6 +1302,7 @@ fn set_flat_gradients(
             params.len()
         )));
     }
+    g.grad_sq = None;
     let mut at = 0;
     for (p, &present) in params.iter().zip(&flat.present) {
         let n = p.var.elem_count();
@@ -1314,31 +1353,45 @@ struct Update {
     pred_norm: f64,
 }
 
+/// What [`optimiser_step`] applies: the gradients, their per-module sums of squares when the
+/// step already read them (`None`: computed here, one more read), and the loss they came from.
+struct StepGrads {
+    grads: candle_core::backprop::GradStore,
+    sq: Option<Vec<f64>>,
+    loss: f64,
+}
+
 /// The optimiser half of a step, shared by both objectives: schedules at the 1-based step,
 /// pre-clip grad norms of the encoder (the first `num_encoder_params` parameters) and the rest
 /// (predictor or pixel decoder), clipping each from `clip_start_iteration`, AdamW. A
-/// non-finite `loss` changes nothing.
+/// non-finite loss changes nothing.
 fn optimiser_step(
     opt: &mut AdamW,
     num_encoder_params: usize,
     c: &OptimConfig,
-    grads: candle_core::backprop::GradStore,
-    loss: f64,
+    g: StepGrads,
     iter0: u64,
     copies: Option<&[Var]>,
 ) -> Result<Update, ModelError> {
+    let StepGrads { grads, sq, loss } = g;
     let step1 = iter0 + 1;
     let lr = schedule::lr(c, step1);
     let wd = schedule::weight_decay(c, step1);
     if !loss.is_finite() {
         return Err(ModelError::NonFiniteLoss { step: step1, loss });
     }
-    let (enc_params, rest) = opt.params().split_at(num_encoder_params);
-    // Both pre-clip norms in one read (one sync on a GPU).
-    let enc_vars: Vec<&candle_core::Var> = enc_params.iter().map(|p| &p.var).collect();
-    let rest_vars: Vec<&candle_core::Var> = rest.iter().map(|p| &p.var).collect();
-    let sq = optim::grad_sq_sums(&grads, &[&enc_vars, &rest_vars])?;
-    let (enc_norm, pred_norm) = (sq[0].sqrt(), sq[1].sqrt());
+    let sq = match sq {
+        Some(sq) => sq,
+        // Replaced since (a data-parallel exchange): both pre-clip norms in one read.
+        None => queue_grad_sq_sums(opt, num_encoder_params, &grads)?.read()?,
+    };
+    let [enc_sq, rest_sq] = sq[..] else {
+        return Err(ModelError::Input(format!(
+            "{} gradient norms for 2 modules",
+            sq.len()
+        )));
+    };
+    let (enc_norm, pred_norm) = (enc_sq.sqrt(), rest_sq.sqrt());
     // Clipping scales each gradient as the update reads it (no scaled copy of the gradients).
     let mut grad_scale = Vec::new();
     if let Some(max_norm) = c.clip_grad

@@ -2,7 +2,7 @@
 //! The per-tensor work runs in the fused in-place kernels of [`crate::kernels`].
 
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 
 use crate::ModelError;
 use crate::kernels::{self, AdamUpdate};
@@ -319,6 +319,35 @@ pub fn grad_sq_sum<'a>(
 /// [`grad_sq_sum`] of several groups of vars with one device-to-host read on a GPU (per
 /// group: the sum of squared gradient entries, missing grads counting as zero).
 pub fn grad_sq_sums(grads: &GradStore, groups: &[&[&Var]]) -> Result<Vec<f64>, ModelError> {
+    grad_sq_sums_queued(grads, groups)?.read()
+}
+
+/// Per-group sums of squared gradients as [`grad_sq_sums_queued`] leaves them: known on the
+/// host, or still on the device behind the launches that compute them.
+#[derive(Debug)]
+pub enum QueuedSums {
+    /// Already read (the CPU, where reads are free).
+    Host(Vec<f64>),
+    /// A `[groups]` f32 or f64 tensor on the device, not read yet.
+    Device(Tensor),
+}
+
+impl QueuedSums {
+    /// The sums on the host (one read for [`QueuedSums::Device`]: a synchronisation on a GPU).
+    pub fn read(self) -> Result<Vec<f64>, ModelError> {
+        match self {
+            QueuedSums::Host(v) => Ok(v),
+            QueuedSums::Device(t) => Ok(t.to_dtype(DType::F64)?.to_vec1::<f64>()?),
+        }
+    }
+}
+
+/// [`grad_sq_sums`] without the read on a GPU: the sums are queued on the device, so a caller
+/// can read them together with other values in one synchronisation.
+pub fn grad_sq_sums_queued(
+    grads: &GradStore,
+    groups: &[&[&Var]],
+) -> Result<QueuedSums, ModelError> {
     #[cfg(feature = "cuda")]
     if let Some(sums) = grad_sq_sums_cuda(grads, groups)? {
         return Ok(sums);
@@ -340,8 +369,7 @@ pub fn grad_sq_sums(grads: &GradStore, groups: &[&[&Var]]) -> Result<Vec<f64>, M
         }
         per_group.push(sums);
     }
-    let on_gpu = device.as_ref().is_some_and(|d| !d.is_cpu());
-    if !on_gpu {
+    let Some(device) = device.filter(|d| !d.is_cpu()) else {
         // On the CPU every read is free: sum in f64, tensor by tensor.
         return per_group
             .iter()
@@ -350,26 +378,27 @@ pub fn grad_sq_sums(grads: &GradStore, groups: &[&[&Var]]) -> Result<Vec<f64>, M
                     Ok(acc + s.to_vec1::<f64>()?.first().copied().unwrap_or(0.0))
                 })
             })
-            .collect();
-    }
-    // One [groups] f64 tensor (an empty group sums to 0), read once.
+            .collect::<Result<Vec<f64>, ModelError>>()
+            .map(QueuedSums::Host);
+    };
+    // One [groups] f64 tensor (an empty group sums to 0).
     let mut totals = Vec::with_capacity(per_group.len());
     for sums in &per_group {
         totals.push(match sums.first() {
-            None => Tensor::zeros(1, DType::F64, device.as_ref().unwrap_or(&Device::Cpu))?,
+            None => Tensor::zeros(1, DType::F64, &device)?,
             Some(_) => Tensor::cat(sums, 0)?.sum_all()?.reshape(1)?,
         });
     }
-    Ok(Tensor::cat(&totals, 0)?.to_vec1::<f64>()?)
+    Ok(QueuedSums::Device(Tensor::cat(&totals, 0)?))
 }
 
-/// [`grad_sq_sums`] on a GPU in two launches and one read (`kernels::cuda::sum_sq_groups`), when
-/// every gradient is on a CUDA device and all are f32 or all bf16; `None` otherwise.
+/// [`grad_sq_sums_queued`] on a GPU in two launches (`kernels::cuda::sum_sq_groups_queued`),
+/// when every gradient is on a CUDA device and all are f32 or all bf16; `None` otherwise.
 #[cfg(feature = "cuda")]
 fn grad_sq_sums_cuda(
     grads: &GradStore,
     groups: &[&[&Var]],
-) -> Result<Option<Vec<f64>>, ModelError> {
+) -> Result<Option<QueuedSums>, ModelError> {
     let mut held: Vec<Vec<Tensor>> = Vec::with_capacity(groups.len());
     let mut dtype = None;
     for vars in groups {
@@ -391,8 +420,10 @@ fn grad_sq_sums_cuda(
     }
     let refs: Vec<Vec<&Tensor>> = held.iter().map(|g| g.iter().collect()).collect();
     let slices: Vec<&[&Tensor]> = refs.iter().map(Vec::as_slice).collect();
-    let sums = kernels::cuda::sum_sq_groups(&slices)?;
-    Ok(Some(sums.into_iter().map(f64::from).collect()))
+    Ok(Some(match kernels::cuda::sum_sq_groups_queued(&slices)? {
+        Some(t) => QueuedSums::Device(t),
+        None => QueuedSums::Host(vec![0.0; groups.len()]),
+    }))
 }
 
 /// torch `clip_grad_norm_`: scales the grads of `vars` by max_norm / (norm + 1e-6) when that is

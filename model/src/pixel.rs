@@ -22,8 +22,8 @@ use crate::predictor::Predictor;
 use crate::tokens::TokenIndex;
 use crate::vit::{self, Encoder};
 use crate::{
-    Digest, FlatGradients, Gradients, ModelError, OBJECTIVE_KEY, StepStats, TrainBatch, Update,
-    add_extra_metadata, build_optimiser, checkpoint, flatten_gradients, optimiser_step,
+    Digest, FlatGradients, Gradients, ModelError, OBJECTIVE_KEY, StepGrads, StepStats, TrainBatch,
+    Update, add_extra_metadata, build_optimiser, checkpoint, flatten_gradients, optimiser_step,
     optimiser_tensors, read_optimiser_state, set_flat_gradients, to_json,
 };
 
@@ -319,15 +319,19 @@ impl PixelMae {
             ))
         });
         let (loss, visible, masked, h) = self.forward_loss(batch, side.as_ref())?;
-        // Backward, then the loss and the collapse terms in one read (one sync on a GPU).
+        // Backward, then the loss, the collapse terms and the grad norms in one read (one sync
+        // on a GPU).
         let mut grads = loss.backward()?;
         if let Some(side) = &side {
             side.merge_into(&mut grads)?;
         }
-        let read = crate::read_step_scalars(&h, &loss, &[], self.steps_done + 1, meanwhile)?;
+        // The grad norms, queued behind the backward pass and read with the loss.
+        let sq = crate::queue_grad_sq_sums(&self.opt, self.num_encoder_params, &grads)?;
+        let read = crate::read_step_scalars(&h, &loss, &[], sq, self.steps_done + 1, meanwhile)?;
         let (collapse, loss_value) = (read.collapse, read.loss);
         Ok(Gradients {
             grads,
+            grad_sq: Some(read.grad_sq),
             loss: loss_value,
             loss_per_mask: vec![loss_value],
             samples: batch.clips.dim(0)?,
@@ -344,6 +348,7 @@ impl PixelMae {
     pub fn empty_gradients(&self) -> Gradients {
         Gradients {
             grads: candle_core::backprop::GradStore::default(),
+            grad_sq: None,
             loss: 0.0,
             loss_per_mask: vec![0.0],
             samples: 0,
@@ -374,6 +379,7 @@ impl PixelMae {
     pub fn apply_gradients(&mut self, g: Gradients) -> Result<StepStats, ModelError> {
         let Gradients {
             grads,
+            grad_sq,
             loss,
             loss_per_mask,
             context_tokens,
@@ -392,8 +398,11 @@ impl PixelMae {
             &mut self.opt,
             self.num_encoder_params,
             &self.optim_cfg,
-            grads,
-            loss,
+            StepGrads {
+                grads,
+                sq: grad_sq,
+                loss,
+            },
             iter0,
             None,
         )?;

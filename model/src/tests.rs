@@ -1456,6 +1456,25 @@ fn split_step_equals_train_step_and_shares_average_to_the_batch_gradient() {
     assert_eq!(sa, sb);
     assert_eq!(a.params_digest().unwrap(), b.params_digest().unwrap());
 
+    // The norms a step reads with its loss belong to its own gradient: once the gradient is
+    // replaced (here by twice itself), the update measures the new one.
+    let mut e = tiny_model(7);
+    let mut g = e.compute_gradients(&batch).unwrap();
+    let mut flat = e.flatten_gradients(&g).unwrap();
+    flat.values.iter_mut().for_each(|v| *v *= 2.0);
+    e.set_flat_gradients(&mut g, &flat).unwrap();
+    let se = e.apply_gradients(g).unwrap();
+    assert!(sa.encoder_grad_norm > 0.0 && sa.predictor_grad_norm > 0.0);
+    for (doubled, once) in [
+        (se.encoder_grad_norm, sa.encoder_grad_norm),
+        (se.predictor_grad_norm, sa.predictor_grad_norm),
+    ] {
+        assert!(
+            (doubled / once - 2.0).abs() < 1e-6,
+            "{doubled} vs 2 × {once}"
+        );
+    }
+
     // Two one-sample shares, averaged with weight 1/2 each: the full batch's gradient up to
     // the order of the sums (f32 rounding).
     let c = tiny_model(7);

@@ -2115,9 +2115,20 @@ pub fn ema_multi(pairs: &[(&Tensor, &Tensor, Option<&Tensor>)], momentum: f64) -
 /// added per group in a fixed order. The tensors must be contiguous, on one CUDA device, and all
 /// f32 or all bf16. Reads the sums back (a synchronisation).
 pub fn sum_sq_groups(groups: &[&[&Tensor]]) -> Result<Vec<f32>> {
+    match sum_sq_groups_queued(groups)? {
+        Some(sums) => sums.to_vec1::<f32>(),
+        None => Ok(vec![0.0; groups.len()]),
+    }
+}
+
+/// [`sum_sq_groups`] without the read: the `[groups]` f32 sums stay on the device, queued
+/// behind the launches, for a caller that reads them together with other values (a training
+/// step reads them with its loss: one synchronisation, not two). `None` when the groups hold no
+/// elements at all (every sum is 0).
+pub fn sum_sq_groups_queued(groups: &[&[&Tensor]]) -> Result<Option<Tensor>> {
     const OP: &str = "sum_sq_groups (cuda)";
     let Some(first) = groups.iter().flat_map(|g| g.iter()).next() else {
-        return Ok(vec![0.0; groups.len()]);
+        return Ok(None);
     };
     let dev = match first.device() {
         candle_core::Device::Cuda(d) => d.clone(),
@@ -2149,7 +2160,7 @@ pub fn sum_sq_groups(groups: &[&[&Tensor]]) -> Result<Vec<f32>> {
     }
     let map = block_map(&sizes);
     if map.is_empty() {
-        return Ok(vec![0.0; groups.len()]);
+        return Ok(None);
     }
     let nblocks = u32_of(map.len(), OP, "blocks")?;
     let ngroups = u32_of(groups.len(), OP, "groups")?;
@@ -2180,7 +2191,14 @@ pub fn sum_sq_groups(groups: &[&[&Tensor]]) -> Result<Vec<f32>> {
     // SAFETY: matches sum_ranges_f32 in optim.cu: `bounds` has groups + 1 entries, each within
     // the partials.
     unsafe { bld.launch(cfg) }.w()?;
-    let sums = dev.clone_dtoh(&out)?;
+    // The guards (event-tracked reads of the gradients) are released once the launches are
+    // queued: the stream orders any later write after them.
     drop(guards);
-    Ok(sums)
+    let storage = CudaStorage::wrap_cuda_slice(out, dev.clone());
+    Ok(Some(Tensor::from_storage(
+        candle_core::Storage::Cuda(storage),
+        groups.len(),
+        candle_core::op::BackpropOp::none(),
+        false,
+    )))
 }
