@@ -224,7 +224,11 @@ pub fn make_samples(dir: &Path, count: usize) -> Result<Vec<PathBuf>, IngestErro
     make_samples_with(dir, count, &SampleOverrides::default())
 }
 
-/// [`make_samples`] with [`sample_specs`]`(count, overrides)`.
+/// [`make_samples`] with [`sample_specs`]`(count, overrides)`, several at a time (one per
+/// core). A fresh process makes the same pictures every time (the containers' creation times
+/// differ): the samples whose pattern draws `videotestsrc`'s noise (`snow`, `smpte`) are made
+/// one after another, in order, from a generator the whole process shares, so a second corpus
+/// made in the same process continues that generator and differs in those samples.
 pub fn make_samples_with(
     dir: &Path,
     count: usize,
@@ -232,9 +236,65 @@ pub fn make_samples_with(
 ) -> Result<Vec<PathBuf>, IngestError> {
     std::fs::create_dir_all(dir)
         .map_err(|e| IngestError::Fatal(format!("creating {}: {e}", dir.display())))?;
-    sample_specs(count, overrides)
-        .iter()
-        .map(|spec| make_sample(dir, spec))
+    let specs = sample_specs(count, overrides);
+    let workers = std::thread::available_parallelism().map_or(1, usize::from);
+    make_in_parallel(dir, &specs, workers)
+}
+
+/// Whether `pattern` draws from `videotestsrc`'s noise generator: one linear congruential
+/// state per process, shared by every `videotestsrc` (`snow` everywhere, `smpte` in its
+/// bottom-right patch), so such samples only come out the same when made one after another,
+/// in the same order.
+fn draws_noise(pattern: &str) -> bool {
+    matches!(pattern.split_whitespace().next(), Some("snow" | "smpte"))
+}
+
+/// Makes `specs` on up to `workers` threads and returns the paths in spec order (or the first
+/// error, in spec order). The specs that draw noise ([`draws_noise`]) are one unit of work,
+/// made in spec order on one thread, so a fresh process makes the same corpus every time; the
+/// others (each encoder single-threaded, see [`make_sample`]) are one unit each.
+fn make_in_parallel(
+    dir: &Path,
+    specs: &[SampleSpec],
+    workers: usize,
+) -> Result<Vec<PathBuf>, IngestError> {
+    let (noisy, rest): (Vec<usize>, Vec<usize>) =
+        (0..specs.len()).partition(|&i| draws_noise(&specs[i].pattern));
+    let mut units: Vec<Vec<usize>> = Vec::with_capacity(rest.len() + 1);
+    if !noisy.is_empty() {
+        units.push(noisy);
+    }
+    units.extend(rest.into_iter().map(|i| vec![i]));
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let results: Vec<std::sync::Mutex<Option<Result<PathBuf, IngestError>>>> =
+        specs.iter().map(|_| std::sync::Mutex::new(None)).collect();
+    std::thread::scope(|scope| {
+        for _ in 0..workers.clamp(1, units.len().max(1)) {
+            scope.spawn(|| {
+                loop {
+                    let u = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(unit) = units.get(u) else { break };
+                    for &i in unit {
+                        let made = make_sample(dir, &specs[i]);
+                        if let Ok(mut slot) = results[i].lock() {
+                            *slot = Some(made);
+                        }
+                    }
+                }
+            });
+        }
+    });
+    results
+        .into_iter()
+        .zip(specs)
+        .map(|(slot, spec)| {
+            slot.into_inner().ok().flatten().unwrap_or_else(|| {
+                Err(IngestError::Fatal(format!(
+                    "sample {} was not made (a worker thread failed)",
+                    spec.name
+                )))
+            })
+        })
         .collect()
 }
 
@@ -330,6 +390,10 @@ pub fn make_sample(dir: &Path, spec: &SampleSpec) -> Result<PathBuf, IngestError
     let encoder = match spec.codec {
         SampleCodec::H264Mp4 | SampleCodec::H264Mp4Faststart | SampleCodec::H264Mkv => {
             let enc = make_element("x264enc")?;
+            // One thread: x264's frame threads make its rate control (CBR here) depend on
+            // timing, so the same input encoded twice differs; `make_samples_with` runs
+            // samples side by side instead.
+            enc.set_property("threads", 1u32);
             set_from_str(&enc, "speed-preset", "superfast")?;
             enc.set_property("bframes", 2u32);
             enc.set_property("key-int-max", gop);
