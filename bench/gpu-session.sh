@@ -9,7 +9,8 @@
 #          "cudnn own") and VARIANTS (default "--target-stream --cast-weights --graph-blocks":
 #          the step with the target pass on a second stream, without the kept bf16 weight
 #          copies, and without the fused blocks) against the PyTorch peer
-#          and any EXTRA_PEER scripts (issue 10, 1 and 5)
+#          and the official code's step (the checkout gpu-pack.sh carried as .carry/jepa) and
+#          any EXTRA_PEER scripts (issue 10, 1 and 5)
 #   trend  bench/loss-trend.sh: 200 steps on the CPU (f32) and on the GPU (bf16, and f32 as the
 #          noise floor), same videos and seed, loss curves compared (issue 10, 4)
 #   pipeline  bench/gpu-pipeline.sh: the whole job on H.264 at 360p/480p/720p, data-wait share
@@ -105,6 +106,8 @@ for phase in ${PHASES:-check ops step}; do
     step)
       peak=$(sed -n 's/^bf16 GEMM peak: \([0-9.]*\) TFLOP.*/\1/p' "$OUT/ops.txt" 2>/dev/null)
       # shellcheck disable=SC2086
+      # The official code's checkout that gpu-pack.sh carried (the device has no network).
+      [ -z "${OFFICIAL_JEPA:-}" ] && [ -d .carry/jepa ] && export OFFICIAL_JEPA="$PWD/.carry/jepa"
       TRAIN_STEP="$W/train-step" TORCH_PYTHON="$PY" PEAK_TFLOPS="${PEAK_TFLOPS:-$peak}" \
         ATTENTION="${ATTENTION:-cudnn own}" VARIANTS="${VARIANTS---target-stream --cast-weights --graph-blocks}" timeout "$(limit "${STEP_S:-420}")" \
         bench/gpu-step.sh ${STEP_CONFIGS:-configs/vitl16.yaml} > "$OUT/step.txt" 2> "$OUT/step.err"
