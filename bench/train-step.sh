@@ -20,7 +20,8 @@
 # f32 weights in every bf16 step instead of using the kept bf16 copies, and so runs the blocks on
 # the graph too: compare it with the --graph-blocks row, which records the blocks op by op on
 # candle's graph instead of the fused block op; both the way before them; --target-stream runs
-# the target encoder's pass on a thread and, on a GPU, a stream of its own).
+# the target encoder's pass on a thread and, on a GPU, a stream of its own). A row that fails is
+# printed as failed (its last error line) and the others still run; the script then exits 1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 THREADS="${1:-$(nproc)}"; shift || true
@@ -56,30 +57,49 @@ for v in ${VARIANTS:-}; do
     *) echo "train-step.sh: VARIANTS takes --cast-weights, --graph-blocks and --target-stream, not $v" >&2; exit 2 ;;
   esac
 done
+# row NAME OUT CMD...: one row of the table, CMD's JSON line in OUT. A row that fails (e.g. out of
+# GPU memory) becomes a row saying so with its last error line, and the table goes on: a GPU
+# session's other rows are not lost to one of them. The script then exits 1.
+failed=0
+row() {
+  local name="$1" out="$2"; shift 2
+  if ! "$@" > "$out" 2> "$out.err"; then
+    local why; why=$(grep -v '^[[:space:]]*$' "$out.err" | tail -n 1 | cut -c1-300)
+    "$PY" -c 'import json, sys; print(json.dumps({"impl": sys.argv[1], "failed": sys.argv[2]}))' \
+      "$name" "${why:-exit status only}" > "$out"
+    failed=1
+  fi
+  cat "$out.err" >&2
+}
 for cfg in "${CONFIGS[@]}"; do
   runs=()
   for att in $ATTENTION; do
-    "$BIN" --config "$cfg" --inputs "$TMP/in.safetensors" --warmup "$WARMUP" --steps "$STEPS" \
-      "${ours[@]}" --attention "$att" > "$TMP/ours-$att.json"
+    row "ours --attention $att" "$TMP/ours-$att.json" \
+      "$BIN" --config "$cfg" --inputs "$TMP/in.safetensors" --warmup "$WARMUP" --steps "$STEPS" \
+      "${ours[@]}" --attention "$att"
     runs+=("$TMP/ours-$att.json")
   done
   first="${ATTENTION%% *}"
   for v in ${VARIANTS:-}; do
-    "$BIN" --config "$cfg" --inputs "$TMP/in.safetensors" --warmup "$WARMUP" --steps "$STEPS" \
-      "${ours[@]}" "$v" --attention "$first" > "$TMP/ours$v.json"
+    row "ours $v" "$TMP/ours$v.json" \
+      "$BIN" --config "$cfg" --inputs "$TMP/in.safetensors" --warmup "$WARMUP" --steps "$STEPS" \
+      "${ours[@]}" "$v" --attention "$first"
     runs+=("$TMP/ours$v.json")
   done
-  "$PY" bench/train_step_torch.py --inputs "$TMP/in.safetensors" "${peer[@]}" > "$TMP/torch.json"
+  # Every row of ours writes the same inputs (config and seed) before it starts, so the peers
+  # have them even where ours failed; without any, they fail as rows too.
+  row "torch (bench/train_step_torch.py)" "$TMP/torch.json" \
+    "$PY" bench/train_step_torch.py --inputs "$TMP/in.safetensors" "${peer[@]}"
   runs+=("$TMP/torch.json")
   n=0
   for extra in $PEERS; do
     n=$((n + 1)); out="$TMP/extra-$n.json"
-    "$PY" "$extra" --inputs "$TMP/in.safetensors" "${peer[@]}" > "$out"
+    row "$extra" "$out" "$PY" "$extra" --inputs "$TMP/in.safetensors" "${peer[@]}"
     runs+=("$out")
   done
   if [ "${COMPILE:-0}" = 1 ]; then
-    "$PY" bench/train_step_torch.py --inputs "$TMP/in.safetensors" "${peer[@]}" --compile \
-      > "$TMP/compile.json"
+    row "torch.compile (bench/train_step_torch.py --compile)" "$TMP/compile.json" \
+      "$PY" bench/train_step_torch.py --inputs "$TMP/in.safetensors" "${peer[@]}" --compile
     runs+=("$TMP/compile.json")
   fi
   "$PY" - "$cfg" "$THREADS" "${PEAK_TFLOPS:-}" "${runs[@]}" <<'PYEOF'
@@ -87,19 +107,30 @@ import json, sys
 cfg, threads, peak, files = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
 # Each run's JSON line (a peer may print log lines before it).
 rows = [json.loads([l for l in open(f) if l.startswith("{")][-1]) for f in files]
-ours = rows[0]  # the first of ours: the ratios are against it
-flops = next(r["flops_per_step"] for r in rows if "flops_per_step" in r)  # same work in every row
+done = [r for r in rows if "failed" not in r]
+if not done:
+    print(f"{cfg}: every row failed")
+    for r in rows:
+        print(f"- {r['impl']}: {r['failed']}")
+    sys.exit(0)
+ours = done[0]  # the first row that ran (the first of ours unless it failed): the ratios' base
+flops = next((r["flops_per_step"] for r in done if "flops_per_step" in r), None)
 batch = ours["batch_size"]
-print(f"{cfg}: {ours['device']}, {ours['dtype']}, batch {batch}, {threads} threads; "
-      f"{flops / 1e12:.3f} model TFLOP per step (matmuls)")
-print("| impl | s/step (median) | clips/s | TFLOP/s | MFU | memory | torch ÷ ours |")
+tflop = f"{flops / 1e12:.3f} model TFLOP per step (matmuls)" if flops else "FLOPs not reported"
+print(f"{cfg}: {ours['device']}, {ours['dtype']}, batch {batch}, {threads} threads; {tflop}")
+base = "torch ÷ ours" if ours is rows[0] else f"÷ {ours['impl']} (the first row failed)"
+print(f"| impl | s/step (median) | clips/s | TFLOP/s | MFU | memory | {base} |")
 print("|---|---|---|---|---|---|---|")
 for r in rows:
+    if "failed" in r:
+        print(f"| {r['impl']} | failed: {r['failed'].replace('|', '/')} | – | – | – | – | – |")
+        continue
     s = r["median_s"]
     mem = r.get("peak_reserved_bytes") or r.get("memory_used_bytes")
     mem = f"{mem / 2**30:.1f} GiB" + (" peak reserved" if r.get("peak_reserved_bytes") else " in use") if mem else "–"
-    mfu = f"{100 * flops / s / 1e12 / float(peak):.1f} %" if peak else "–"
-    print(f"| {r['impl']} | {s:.4f} | {batch / s:.1f} | {flops / s / 1e12:.2f} | {mfu} | {mem} "
+    mfu = f"{100 * flops / s / 1e12 / float(peak):.1f} %" if peak and flops else "–"
+    tflops = f"{flops / s / 1e12:.2f}" if flops else "–"
+    print(f"| {r['impl']} | {s:.4f} | {batch / s:.1f} | {tflops} | {mfu} | {mem} "
           f"| {s / ours['median_s']:.2f}× |")
 for r in rows:
     if r.get("stage_s") is not None:
@@ -110,6 +141,10 @@ for r in rows:
         print(f"{r['impl']}: {g['built']} cuDNN attention graphs built, {g['build_s']:.2f} s "
               "(inside the timed steps whenever a step brings a new context length)")
 print("first losses: " + "; ".join(
-    f"{r['impl']} " + ", ".join(f"{l:.4f}" for l in r["losses"][:3]) for r in rows))
+    f"{r['impl']} " + ", ".join(f"{l:.4f}" for l in r["losses"][:3]) for r in done))
 PYEOF
 done
+if [ "$failed" != 0 ]; then
+  echo "train-step.sh: some rows failed (marked in the tables above)" >&2
+  exit 1
+fi
