@@ -71,6 +71,27 @@ pub struct TimingRow {
     pub tflops: Option<f64>,
 }
 
+/// A timing that could not be taken, with its error: one failing op (a launch refused, a shape
+/// a library does not take) costs that row, not the rest of the table.
+#[derive(Clone, Debug, Serialize)]
+pub struct TimingFailure {
+    /// Op and direction.
+    pub op: String,
+    /// Storage dtype.
+    pub dtype: String,
+    /// What went wrong.
+    pub error: String,
+}
+
+/// What [`run_timings`] measured: the rows it took and the ones that failed.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Timings {
+    /// The timed rows, in order.
+    pub rows: Vec<TimingRow>,
+    /// The rows that failed, in order.
+    pub failures: Vec<TimingFailure>,
+}
+
 fn dname(d: DType) -> String {
     format!("{d:?}").to_lowercase()
 }
@@ -1735,11 +1756,13 @@ fn timing_row(
 }
 
 /// Times every op on `dev` at the ViT-L step shapes (median of `runs` ≥ 20 synchronised runs).
+/// A row whose op fails is recorded in [`Timings::failures`] (and logged) and the others are
+/// still taken; an error here is one of the set-up (device, inputs).
 pub fn run_timings(
     dev: &Device,
     runs: usize,
     mut progress: impl FnMut(&TimingRow),
-) -> Result<Vec<TimingRow>, ModelError> {
+) -> Result<Timings, ModelError> {
     let t = Timer {
         dev: cuda_device(dev)?,
         runs: runs.max(20),
@@ -1751,12 +1774,24 @@ pub fn run_timings(
         gpu: dev.clone(),
     };
     let mut rows = Vec::new();
-    // One timed row: (op, shape, dtype, bytes, flops, body).
+    let mut failures = Vec::new();
+    // One timed row: (op, shape, dtype, bytes, flops, body); a failure is recorded, not fatal.
     macro_rules! time {
         ($op:expr, $shape:expr, $dt:expr, $bytes:expr, $flops:expr, $body:expr) => {{
-            let r = timing_row(&t, $op, &$shape, $dt, $bytes, $flops, $body)?;
-            progress(&r);
-            rows.push(r);
+            match timing_row(&t, $op, &$shape, $dt, $bytes, $flops, $body) {
+                Ok(r) => {
+                    progress(&r);
+                    rows.push(r);
+                }
+                Err(e) => {
+                    tracing::warn!(op = %$op, dtype = ?$dt, "not timed: {e}");
+                    failures.push(TimingFailure {
+                        op: String::from($op),
+                        dtype: dname($dt),
+                        error: e.to_string(),
+                    });
+                }
+            }
         }};
     }
     let simt = ck::AttnKernel::Simt;
@@ -2250,7 +2285,7 @@ pub fn run_timings(
             }
         );
     }
-    Ok(rows)
+    Ok(Timings { rows, failures })
 }
 
 /// The check rows as an aligned text table.
