@@ -39,6 +39,9 @@ mkdir -p "$OUT"
 # Real encoded content: x264 over two of videotestsrc's patterns that fill the bitrate (moving
 # colour bars, noise): at 720p they decode at 1.5-1.7 ms a frame on one core, like ffmpeg's
 # testsrc2 and mandelbrot at crf 23 (1.3 and 2.3 ms); a ball on black would take 0.6.
+# The resolutions' corpora are made side by side (one process each: a process makes its smpte
+# videos one after another, see `vjepa make-samples`, and its snow ones in parallel).
+makers=()
 for res in $RESOLUTIONS; do
   rate=$(awk -v r="$res" -v b="$BPP" 'BEGIN { split(r, s, "x"); printf "%d", s[1] * s[2] * 30 * b / 1000 }')
   dir="$OUT/media/$res"
@@ -46,8 +49,10 @@ for res in $RESOLUTIONS; do
   echo "making $VIDEOS H.264 videos at $res, $rate kbit/s, in $dir ..." >&2
   "$VJEPA" make-samples "$dir" --count "$VIDEOS" --size "$res" --fps 30 \
     --frames $((DURATION * 30)) --codec h264fs --bitrate "$rate" --keyframe-interval 60 \
-    --pattern "smpte horizontal-speed=4" --pattern "snow" >/dev/null
+    --pattern "smpte horizontal-speed=4" --pattern "snow" >/dev/null &
+  makers+=($!)
 done
+for pid in "${makers[@]}"; do wait "$pid"; done
 
 for res in $RESOLUTIONS; do
   run="$OUT/run-$res"

@@ -117,7 +117,8 @@ pub struct SampleSpec {
     pub codec: SampleCodec,
     /// `videotestsrc` pattern nick, optionally followed by more `videotestsrc` properties as
     /// whitespace-separated `key=value`, e.g. `"ball"`, `"smpte horizontal-speed=4"`,
-    /// `"zone-plate kt=20"`.
+    /// `"zone-plate kt=20"`. A bare `"snow"` is noise of our own, seeded by the sample's name
+    /// (the same in any process; `videotestsrc`'s draws from one generator per process).
     pub pattern: String,
     /// Target bitrate in kbit/s (constant-bitrate mode where the encoder has one); `None`:
     /// each encoder's default (`x264enc`/`x265enc` 2048 kbit/s CBR, `vp9enc`/`av1enc`
@@ -226,9 +227,10 @@ pub fn make_samples(dir: &Path, count: usize) -> Result<Vec<PathBuf>, IngestErro
 
 /// [`make_samples`] with [`sample_specs`]`(count, overrides)`, several at a time (one per
 /// core). A fresh process makes the same pictures every time (the containers' creation times
-/// differ): the samples whose pattern draws `videotestsrc`'s noise (`snow`, `smpte`) are made
-/// one after another, in order, from a generator the whole process shares, so a second corpus
-/// made in the same process continues that generator and differs in those samples.
+/// differ): the samples whose pattern draws `videotestsrc`'s noise (`smpte`, and `snow` with
+/// properties; a bare `snow` is our own, seeded per sample) are made one after another, in
+/// order, from a generator the whole process shares, so a second corpus made in the same
+/// process continues that generator and differs in those samples.
 pub fn make_samples_with(
     dir: &Path,
     count: usize,
@@ -244,9 +246,75 @@ pub fn make_samples_with(
 /// Whether `pattern` draws from `videotestsrc`'s noise generator: one linear congruential
 /// state per process, shared by every `videotestsrc` (`snow` everywhere, `smpte` in its
 /// bottom-right patch), so such samples only come out the same when made one after another,
-/// in the same order.
+/// in the same order. A bare `snow` is ours ([`OwnSnow`]) and draws from nothing shared.
 fn draws_noise(pattern: &str) -> bool {
-    matches!(pattern.split_whitespace().next(), Some("snow" | "smpte"))
+    pattern.trim() != "snow" && matches!(pattern.split_whitespace().next(), Some("snow" | "smpte"))
+}
+
+/// Television snow of our own for the pattern `snow` (without further properties): grey noise
+/// like `videotestsrc`'s (luma spread over 16–235, neutral chroma), from a generator seeded by
+/// the sample's name and each frame's number, so a sample is the same whichever process or
+/// thread makes it and samples can be made side by side. It fills any bitrate, which is why
+/// decode benchmarks use it.
+struct OwnSnow {
+    width: usize,
+    height: usize,
+    frames: u32,
+    fps: u32,
+    seed: u64,
+}
+
+impl OwnSnow {
+    fn of(spec: &SampleSpec) -> Option<Self> {
+        (spec.pattern.trim() == "snow").then(|| OwnSnow {
+            width: spec.width as usize,
+            height: spec.height as usize,
+            frames: spec.frames,
+            fps: spec.fps,
+            // FNV-1a of the name: stable across runs and machines.
+            seed: spec.name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+                (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+            }),
+        })
+    }
+
+    /// One I420 frame: noise luma, chroma at 128.
+    fn frame(&self, n: u32) -> Vec<u8> {
+        let luma = self.width * self.height;
+        let chroma = (self.width / 2) * (self.height / 2);
+        let mut data = vec![128u8; luma + 2 * chroma];
+        let mut state = self.seed ^ u64::from(n).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        for chunk in data[..luma].chunks_mut(8) {
+            // splitmix64
+            state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^= z >> 31;
+            for (d, r) in chunk.iter_mut().zip(z.to_le_bytes()) {
+                *d = 16 + ((u32::from(r) * 220) >> 8) as u8;
+            }
+        }
+        data
+    }
+
+    /// Pushes every frame (timestamped at the spec's rate) and the end of the stream; stops at
+    /// the first refused push (the pipeline failed or was stopped: its error is on the bus).
+    fn push_all(&self, app: &gstreamer_app::AppSrc) {
+        // Frame n starts at n / fps seconds, rounded down to the nanosecond (as videotestsrc).
+        let at = |n: u32| u64::from(n) * 1_000_000_000 / u64::from(self.fps.max(1));
+        for n in 0..self.frames {
+            let mut buffer = gst::Buffer::from_mut_slice(self.frame(n));
+            if let Some(b) = buffer.get_mut() {
+                b.set_pts(gst::ClockTime::from_nseconds(at(n)));
+                b.set_duration(gst::ClockTime::from_nseconds(at(n + 1) - at(n)));
+            }
+            if app.push_buffer(buffer).is_err() {
+                return;
+            }
+        }
+        let _ = app.end_of_stream();
+    }
 }
 
 /// Makes `specs` on up to `workers` threads and returns the paths in spec order (or the first
@@ -357,21 +425,29 @@ pub fn make_sample(dir: &Path, spec: &SampleSpec) -> Result<PathBuf, IngestError
     let path = dir.join(spec.file_name());
     let started = Instant::now();
 
-    let src = make_element("videotestsrc")?;
-    src.set_property(
-        "num-buffers",
-        i32::try_from(spec.frames).unwrap_or(i32::MAX),
-    );
-    let mut words = spec.pattern.split_whitespace();
-    if let Some(pattern) = words.next() {
-        set_from_str(&src, "pattern", pattern)?;
-    }
-    for word in words {
-        let (key, value) = word
-            .split_once('=')
-            .ok_or_else(|| bad_spec(format!("expected key=value, got {word:?}")))?;
-        set_from_str(&src, key, value)?;
-    }
+    // `snow` on its own is our noise (see `OwnSnow`); any other pattern is videotestsrc's.
+    let snow = OwnSnow::of(spec);
+    let src = match &snow {
+        Some(_) => make_element("appsrc")?,
+        None => {
+            let src = make_element("videotestsrc")?;
+            src.set_property(
+                "num-buffers",
+                i32::try_from(spec.frames).unwrap_or(i32::MAX),
+            );
+            let mut words = spec.pattern.split_whitespace();
+            if let Some(pattern) = words.next() {
+                set_from_str(&src, "pattern", pattern)?;
+            }
+            for word in words {
+                let (key, value) = word
+                    .split_once('=')
+                    .ok_or_else(|| bad_spec(format!("expected key=value, got {word:?}")))?;
+                set_from_str(&src, key, value)?;
+            }
+            src
+        }
+    };
     let caps = gst::Caps::builder("video/x-raw")
         .field("format", "I420")
         .field("width", i32::try_from(spec.width).unwrap_or(i32::MAX))
@@ -465,7 +541,33 @@ pub fn make_sample(dir: &Path, spec: &SampleSpec) -> Result<PathBuf, IngestError
         .map_err(|e| IngestError::Fatal(format!("assembling sample pipeline: {e}")))?;
     gst::Element::link_many(chain.iter())
         .map_err(|e| IngestError::Fatal(format!("linking sample pipeline: {e}")))?;
-    let result = run_to_eos(&pipeline);
+    let appsrc = match &snow {
+        Some(_) => Some(
+            chain[0]
+                .clone()
+                .dynamic_cast::<gstreamer_app::AppSrc>()
+                .map_err(|_| IngestError::Fatal("appsrc is not an AppSrc".into()))?,
+        ),
+        None => None,
+    };
+    if let Some(app) = &appsrc {
+        app.set_caps(Some(&caps));
+        app.set_format(gst::Format::Time);
+        // Pushing blocks while a few frames wait: the noise is made as the encoder takes it.
+        app.set_block(true);
+        app.set_max_bytes(4 * u64::from(spec.width) * u64::from(spec.height));
+    }
+    let result = std::thread::scope(|scope| {
+        if let (Some(app), Some(snow)) = (&appsrc, &snow) {
+            scope.spawn(move || snow.push_all(app));
+        }
+        let result = run_to_eos(&pipeline);
+        if result.is_err() {
+            // Unblocks a push waiting for room (it then fails and the pusher stops).
+            let _ = pipeline.set_state(gst::State::Null);
+        }
+        result
+    });
     if let Err(e) = pipeline.set_state(gst::State::Null) {
         tracing::warn!(error = %e, "setting the sample pipeline to Null failed");
     }
@@ -510,6 +612,42 @@ fn run_to_eos(pipeline: &gst::Pipeline) -> Result<(), String> {
 mod tests {
     use super::*;
     use std::collections::HashSet;
+
+    #[test]
+    fn own_snow_is_seeded_by_name_and_frame_and_looks_like_videotestsrc_snow() {
+        let spec = |name: &str| SampleSpec {
+            name: name.into(),
+            width: 64,
+            height: 48,
+            frames: 3,
+            fps: 30,
+            codec: SampleCodec::H264Mp4,
+            pattern: " snow ".into(),
+            bitrate_kbps: None,
+            keyframe_interval: None,
+        };
+        let a = OwnSnow::of(&spec("a")).expect("a bare snow is ours");
+        let again = OwnSnow::of(&spec("a")).expect("ours");
+        let b = OwnSnow::of(&spec("b")).expect("ours");
+        let f0 = a.frame(0);
+        assert_eq!(f0.len(), 64 * 48 * 3 / 2);
+        assert_eq!(f0, again.frame(0), "same name and frame, same noise");
+        assert_ne!(f0, a.frame(1), "frames differ");
+        assert_ne!(f0, b.frame(0), "names differ");
+        let (luma, chroma) = f0.split_at(64 * 48);
+        assert!(luma.iter().all(|&y| (16..=235).contains(&y)));
+        assert!(luma.iter().min() < Some(&40) && luma.iter().max() > Some(&210));
+        assert!(chroma.iter().all(|&c| c == 128));
+        // With properties it is videotestsrc's, whose generator the process shares.
+        let mut props = spec("c");
+        props.pattern = "snow foreground-color=0xff00ff00".into();
+        assert!(OwnSnow::of(&props).is_none());
+        assert!(draws_noise(&props.pattern));
+        assert!(!draws_noise("snow"));
+        assert!(draws_noise("smpte horizontal-speed=4"));
+        assert!(!draws_noise("smpte75"));
+        assert!(!draws_noise("ball"));
+    }
 
     #[test]
     fn every_lists_each_variant_once_with_the_quickstart_ones_first() {
