@@ -1032,6 +1032,7 @@ fn run_worker_inner(
             sink_records(bad, "Quarantine", 0, move |_step, q: Quarantined| {
                 let mut o = q_outputs.borrow_mut();
                 if o.seen_bad.insert(q.uri.clone()) {
+                    tracing::warn!(uri = %q.uri, reason = %q.reason, detail = %q.detail, "video quarantined");
                     q_shared.telemetry.quarantined(&q.uri, &q.reason);
                     o.quarantined += 1;
                     if let Some(w) = o.quarantine.as_mut() {

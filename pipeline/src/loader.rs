@@ -475,7 +475,9 @@ impl StoreLoader {
                 Err(Failure::Bad { reason, detail }) => {
                     self.known_bad.insert(v.uri.clone());
                     let uri = v.uri.clone();
-                    tracing::warn!(%uri, %reason, %detail, "video quarantined");
+                    // Each decode thread that meets the video reports it; the job logs it
+                    // once, where the reports are deduplicated.
+                    tracing::debug!(%uri, %reason, %detail, "video failed, reported for quarantine");
                     out.push(Loaded::Bad(Quarantined {
                         uri,
                         reason,
