@@ -21,7 +21,8 @@
 # the graph too: compare it with the --graph-blocks row, which records the blocks op by op on
 # candle's graph instead of the fused block op; both the way before them; --target-stream runs
 # the target encoder's pass on a thread and, on a GPU, a stream of its own). A row that fails is
-# printed as failed (its last error line) and the others still run; the script then exits 1.
+# printed as failed (its last error line) and the others still run; the script then exits 1. When
+# the first row of ours runs out of GPU memory, it runs once more with activation checkpointing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 THREADS="${1:-$(nproc)}"; shift || true
@@ -80,6 +81,14 @@ for cfg in "${CONFIGS[@]}"; do
     runs+=("$TMP/ours-$att.json")
   done
   first="${ATTENTION%% *}"
+  # Out of GPU memory without activation checkpointing (ViT-H at batch 24 may be): the same row
+  # once more with it, so the config still gets a row of ours.
+  if [ "${CHECKPOINT:-0}" != 1 ] && grep -qi "out of memory\|OUT_OF_MEMORY" "$TMP/ours-$first.json.err"; then
+    row "ours --attention $first --checkpoint-activations (after out of memory)" "$TMP/ours-ckpt.json" \
+      "$BIN" --config "$cfg" --inputs "$TMP/in.safetensors" --warmup "$WARMUP" --steps "$STEPS" \
+      "${ours[@]}" --attention "$first" --checkpoint-activations
+    runs+=("$TMP/ours-ckpt.json")
+  fi
   for v in ${VARIANTS:-}; do
     row "ours $v" "$TMP/ours$v.json" \
       "$BIN" --config "$cfg" --inputs "$TMP/in.safetensors" --warmup "$WARMUP" --steps "$STEPS" \

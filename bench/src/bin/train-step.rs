@@ -240,7 +240,7 @@ fn main() -> Result<()> {
     println!(
         "{}",
         serde_json::json!({
-            "impl": impl_label(&args, device.is_cuda(), attention.as_str()),
+            "impl": impl_label(&args, &model, device.is_cuda(), attention.as_str()),
             "weight_copies": model.keeps_weight_copies(),
             "fused_blocks": model.fused_blocks(),
             "attention": attention_runs,
@@ -263,7 +263,7 @@ fn main() -> Result<()> {
 }
 
 /// The row's name: ours, with the attention implementation on a GPU and any A/B switch.
-fn impl_label(args: &Args, cuda: bool, attention: &str) -> String {
+fn impl_label(args: &Args, model: &VJepa, cuda: bool, attention: &str) -> String {
     let mut parts = Vec::new();
     if cuda {
         parts.push(format!("attention {attention}"));
@@ -274,8 +274,11 @@ fn impl_label(args: &Args, cuda: bool, attention: &str) -> String {
     if args.graph_blocks || (args.bf16 && args.cast_weights) {
         parts.push("blocks on the graph".to_string());
     }
-    if args.target_stream {
+    if model.target_stream() {
         parts.push("target pass on its own stream".to_string());
+    }
+    if model.activation_checkpointing() {
+        parts.push("activation checkpointing".to_string());
     }
     if parts.is_empty() {
         "ours (candle)".to_string()
