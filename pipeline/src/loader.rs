@@ -176,7 +176,14 @@ impl StoreLoader {
         let head = Instant::now();
         let source = ObjectSource::open(object_store, path, self.runtime.clone());
         self.telemetry.store_request(head.elapsed(), 0);
-        let source = source.map_err(|e| fetch_error(e.to_string()))?;
+        let source = source.map_err(|e| match e {
+            // Its own reason and detail (not "reason: detail" as the detail).
+            IngestError::Quarantine { reason, detail } => Failure::Bad {
+                reason: reason.as_str().to_string(),
+                detail: store.scrub(&detail),
+            },
+            other => fetch_error(other.to_string()),
+        })?;
         self.telemetry.items(Stage::Fetch, 1);
         if source.size() > self.settings.filter_long_bytes {
             return Err(Failure::Bad {
