@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Prints the path of a checkout of the official V-JEPA code (facebookresearch/jepa) at the commit
-# the benchmarks compare against, fetching it into .tools/jepa on first use. Only run beside ours
-# (bench/official_step.py imports its modules); nothing of it is ever part of this repository.
+# the benchmarks compare against, fetching it into .tools/jepa on first use. Only run beside ours,
+# by a driver kept outside this repository (OFFICIAL_DRIVER of bench/train-step.sh); nothing of
+# it is ever part of this repository.
 # Environment: OFFICIAL_JEPA (an existing checkout or copy to use instead: a folder with
 # src/models/vision_transformer.py; e.g. the one bench/gpu-pack.sh carries to a device without
 # network), OFFICIAL_JEPA_URL (where to fetch from), OFFICIAL_JEPA_COMMIT (which commit).

@@ -6,9 +6,10 @@
 # PyTorch peers need beyond torch (safetensors, numpy, pyyaml). Then on the device:
 # `bench/gpu-session.sh`. Environment: CUDA_ENV (default ../shared/tools/cuda-env.sh),
 # CARGO_TARGET_DIR (default target-cuda: keep it, candle-kernels takes ~16 min to build),
-# OFFICIAL (1, the default: also carry the official code's checkout from bench/fetch-official.sh
-# as .carry/jepa, for gpu-step's official row on a device without network; carried only, never
-# part of this repository; 0: skip), EXTRA_CARRY (more files or folders to carry), GST_KIT (1, the default: also pack
+# OFFICIAL_DRIVER (a peer script kept outside this repository that runs the official code's step,
+# see bench/train-step.sh: carried as .carry/official_driver.py with the official checkout of
+# bench/fetch-official.sh as .carry/jepa, for gpu-session's step phase on a device without
+# network; carried only, never part of this repository), EXTRA_CARRY (more files or folders to carry), GST_KIT (1, the default: also pack
 # bench/gst-kit.sh's GStreamer kit, for gpu-session.sh's trend and pipeline phases; 0: skip).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,10 +35,11 @@ tar -C .carry -cJf .carry/libs.tar.xz libs && rm -rf .carry/libs
 python3 -m pip download -q --only-binary=:all: --python-version 3.12 \
   --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .carry/wheels safetensors numpy pyyaml
 [ "${GST_KIT:-1}" = 1 ] && bench/gst-kit.sh .carry/gst.tar.xz
-if [ "${OFFICIAL:-1}" = 1 ]; then
+if [ -n "${OFFICIAL_DRIVER:-}" ]; then
+  cp "$OFFICIAL_DRIVER" .carry/official_driver.py
   src="$(bench/fetch-official.sh)"
   mkdir -p .carry/jepa
-  # The working files only (no .git), and the commit beside them for official_step.py's row name.
+  # The working files only (no .git), and the commit beside them (for the driver's row name).
   tar -C "$src" --exclude=.git -c . | tar -C .carry/jepa -x
   git -C "$src" rev-parse HEAD > .carry/jepa/COMMIT 2>/dev/null \
     || { [ -f "$src/COMMIT" ] && cp "$src/COMMIT" .carry/jepa/COMMIT; } || true

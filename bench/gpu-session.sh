@@ -9,7 +9,7 @@
 #          "cudnn own") and VARIANTS (default "--target-stream --cast-weights --graph-blocks":
 #          the step with the target pass on a second stream, without the kept bf16 weight
 #          copies, and without the fused blocks) against the PyTorch peer
-#          and the official code's step (the checkout gpu-pack.sh carried as .carry/jepa) and
+#          and the official code's step (the driver and checkout gpu-pack.sh carried) and
 #          any EXTRA_PEER scripts (issue 10, 1 and 5)
 #   trend  bench/loss-trend.sh: 200 steps on the CPU (f32) and on the GPU (bf16, and f32 as the
 #          noise floor), same videos and seed, loss curves compared (issue 10, 4)
@@ -106,8 +106,10 @@ for phase in ${PHASES:-check ops step}; do
     step)
       peak=$(sed -n 's/^bf16 GEMM peak: \([0-9.]*\) TFLOP.*/\1/p' "$OUT/ops.txt" 2>/dev/null)
       # shellcheck disable=SC2086
-      # The official code's checkout that gpu-pack.sh carried (the device has no network).
-      [ -z "${OFFICIAL_JEPA:-}" ] && [ -d .carry/jepa ] && export OFFICIAL_JEPA="$PWD/.carry/jepa"
+      # The official step's driver and checkout that gpu-pack.sh carried (no network here).
+      if [ -z "${OFFICIAL_DRIVER:-}" ] && [ -f .carry/official_driver.py ] && [ -d .carry/jepa ]; then
+        export OFFICIAL_DRIVER="$PWD/.carry/official_driver.py" OFFICIAL_JEPA="$PWD/.carry/jepa"
+      fi
       TRAIN_STEP="$W/train-step" TORCH_PYTHON="$PY" PEAK_TFLOPS="${PEAK_TFLOPS:-$peak}" \
         ATTENTION="${ATTENTION:-cudnn own}" VARIANTS="${VARIANTS---target-stream --cast-weights --graph-blocks}" timeout "$(limit "${STEP_S:-420}")" \
         bench/gpu-step.sh ${STEP_CONFIGS:-configs/vitl16.yaml} > "$OUT/step.txt" 2> "$OUT/step.err"

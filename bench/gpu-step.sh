@@ -4,9 +4,8 @@
 # torch.compile), printing clips/s, model TFLOP/s, MFU (PEAK_TFLOPS), memory and the ratio.
 #   bench/gpu-step.sh [CONFIG...]      (default configs/vitl16.yaml: ViT-L/16, batch 24;
 #                                      configs/vith16.yaml for ViT-H)
-# Environment as bench/train-step.sh; DEVICE defaults to cuda here (cpu checks the harness), and
-# OFFICIAL to auto: the official code's own step is a row whenever bench/fetch-official.sh can
-# fetch it (or $OFFICIAL_JEPA names a checkout), the issue's first bar.
+# Environment as bench/train-step.sh (OFFICIAL_DRIVER adds the official step, the issue's first
+# bar); DEVICE defaults to cuda here (cpu checks the harness).
 # Steady state by default: STEPS (10) mask draws, warmed up once over the same draws
 # (WARMUP = MASK_CYCLE = STEPS), so the timed steps meet no shape for the first time — as in a
 # long run, where the context lengths recur. MASK_CYCLE=0 times cold shapes instead.
@@ -14,5 +13,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 [ $# -gt 0 ] || set -- configs/vitl16.yaml
 STEPS="${STEPS:-10}"
-DEVICE="${DEVICE:-cuda}" OFFICIAL="${OFFICIAL:-auto}" WARMUP="${WARMUP:-$STEPS}" MASK_CYCLE="${MASK_CYCLE:-$STEPS}" STEPS="$STEPS" \
+DEVICE="${DEVICE:-cuda}" WARMUP="${WARMUP:-$STEPS}" MASK_CYCLE="${MASK_CYCLE:-$STEPS}" STEPS="$STEPS" \
   exec bench/train-step.sh "$(nproc)" "$@"

@@ -12,9 +12,10 @@
 # "own cudnn" for both, see workers.attention), MASK_CYCLE (masks repeat every this many steps,
 # for ours and the peer alike; 0 = a new draw every step, the default), EXTRA_PEER (more peer
 # scripts, space-separated, run like bench/train_step_torch.py on the same inputs and printing
-# the same JSON line), OFFICIAL (1: also the official code's step, bench/official_step.py over the checkout
-# of bench/fetch-official.sh, which fetches it or takes $OFFICIAL_JEPA; auto: that when a
-# checkout can be had, a warning otherwise; 0, the default here: not), CHECKPOINT=1 (ours with
+# the same JSON line), OFFICIAL_DRIVER (a peer script kept outside this repository that runs the
+# official code's step on the same inputs, reading the checkout of bench/fetch-official.sh from
+# $OFFICIAL_JEPA: one more row, the bar; nothing of the official code, and no driver
+# importing it, is part of this repository), CHECKPOINT=1 (ours with
 # activation checkpointing), VARIANTS (train-step switches,
 # space-separated, each one more row of ours with the first ATTENTION: --cast-weights casts the
 # f32 weights in every bf16 step instead of using the kept bf16 copies, and so runs the blocks on
@@ -41,18 +42,11 @@ if [ "$DTYPE" = bf16 ]; then ours+=(--bf16); peer+=(--bf16); fi
 [ "${CHECKPOINT:-0}" = 1 ] && ours+=(--checkpoint-activations)
 ATTENTION="${ATTENTION:-auto}"; [ "$DEVICE" = cpu ] && ATTENTION=auto
 PEERS="${EXTRA_PEER:-}"
-case "${OFFICIAL:-0}" in
-  0) ;;
-  1|auto)
-    if OFFICIAL_JEPA="$(bench/fetch-official.sh)"; then
-      export OFFICIAL_JEPA; PEERS="bench/official_step.py $PEERS"
-    elif [ "$OFFICIAL" = 1 ]; then
-      echo "train-step.sh: no checkout of the official code (OFFICIAL=1); see bench/fetch-official.sh" >&2; exit 2
-    else
-      echo "train-step.sh: WARNING: no checkout of the official code, so no official row (OFFICIAL=auto)" >&2
-    fi ;;
-  *) echo "train-step.sh: OFFICIAL is 0, 1 or auto" >&2; exit 2 ;;
-esac
+if [ -n "${OFFICIAL_DRIVER:-}" ]; then
+  [ -f "$OFFICIAL_DRIVER" ] || { echo "train-step.sh: OFFICIAL_DRIVER=$OFFICIAL_DRIVER is not a file" >&2; exit 2; }
+  OFFICIAL_JEPA="$(bench/fetch-official.sh)"; export OFFICIAL_JEPA
+  PEERS="$OFFICIAL_DRIVER $PEERS"
+fi
 for v in ${VARIANTS:-}; do
   case "$v" in --cast-weights|--graph-blocks|--target-stream) ;;
     *) echo "train-step.sh: VARIANTS takes --cast-weights, --graph-blocks and --target-stream, not $v" >&2; exit 2 ;;
