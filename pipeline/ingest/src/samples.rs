@@ -248,7 +248,12 @@ pub fn make_samples_with(
 /// bottom-right patch), so such samples only come out the same when made one after another,
 /// in the same order. A bare `snow` is ours ([`OwnSnow`]) and draws from nothing shared.
 fn draws_noise(pattern: &str) -> bool {
-    pattern.trim() != "snow" && matches!(pattern.split_whitespace().next(), Some("snow" | "smpte"))
+    !is_own_snow(pattern) && matches!(pattern.split_whitespace().next(), Some("snow" | "smpte"))
+}
+
+/// Whether `pattern` is [`OwnSnow`]'s: `snow` with no properties.
+fn is_own_snow(pattern: &str) -> bool {
+    pattern.trim() == "snow"
 }
 
 /// Television snow of our own for the pattern `snow` (without further properties): grey noise
@@ -266,7 +271,7 @@ struct OwnSnow {
 
 impl OwnSnow {
     fn of(spec: &SampleSpec) -> Option<Self> {
-        (spec.pattern.trim() == "snow").then(|| OwnSnow {
+        is_own_snow(&spec.pattern).then(|| OwnSnow {
             width: spec.width as usize,
             height: spec.height as usize,
             frames: spec.frames,
@@ -285,7 +290,7 @@ impl OwnSnow {
         let mut data = vec![128u8; luma + 2 * chroma];
         let mut state = self.seed ^ u64::from(n).wrapping_mul(0x9e37_79b9_7f4a_7c15);
         for chunk in data[..luma].chunks_mut(8) {
-            // splitmix64
+            // splitmix64 (the mixer of vjepa-operators' seeding, which this crate does not link)
             state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
             let mut z = state;
             z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -334,36 +339,27 @@ fn make_in_parallel(
     }
     units.extend(rest.into_iter().map(|i| vec![i]));
     let next = std::sync::atomic::AtomicUsize::new(0);
-    let results: Vec<std::sync::Mutex<Option<Result<PathBuf, IngestError>>>> =
-        specs.iter().map(|_| std::sync::Mutex::new(None)).collect();
-    std::thread::scope(|scope| {
-        for _ in 0..workers.clamp(1, units.len().max(1)) {
-            scope.spawn(|| {
-                loop {
-                    let u = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let Some(unit) = units.get(u) else { break };
-                    for &i in unit {
-                        let made = make_sample(dir, &specs[i]);
-                        if let Ok(mut slot) = results[i].lock() {
-                            *slot = Some(made);
-                        }
+    let mut made: Vec<(usize, Result<PathBuf, IngestError>)> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..workers.clamp(1, units.len().max(1)))
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut made = Vec::new();
+                    while let Some(unit) =
+                        units.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+                    {
+                        made.extend(unit.iter().map(|&i| (i, make_sample(dir, &specs[i]))));
                     }
-                }
-            });
-        }
-    });
-    results
-        .into_iter()
-        .zip(specs)
-        .map(|(slot, spec)| {
-            slot.into_inner().ok().flatten().unwrap_or_else(|| {
-                Err(IngestError::Fatal(format!(
-                    "sample {} was not made (a worker thread failed)",
-                    spec.name
-                )))
+                    made
+                })
             })
-        })
-        .collect()
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    });
+    made.sort_by_key(|(i, _)| *i);
+    made.into_iter().map(|(_, r)| r).collect()
 }
 
 fn make_element(factory: &str) -> Result<gst::Element, IngestError> {
