@@ -8,10 +8,12 @@
 //! the clips to bf16 anyway, so the values are the same), and queues one asynchronous copy on
 //! a copy stream of its own: the host returns at once, and the copy runs at DMA speed beside
 //! whatever the device is computing (staged during the previous step, see
-//! [`crate::VJepa::compute_gradients_overlapping`], it overlaps that step). The kernels that read
-//! the batch wait for the copy through cudarc's per-buffer events (candle's context tracks them
-//! across streams). The packing is split across threads by clip. On the CPU it is the plain
-//! stacking it always was.
+//! [`crate::VJepa::compute_gradients_overlapping`], it overlaps that step). The device buffer is
+//! allocated on the copy stream, which writes it (stream-ordered memory is only safe in its
+//! stream's order), and the kernels that read the batch wait for the copy through cudarc's
+//! per-buffer events (the copy records the write; candle's context tracks them across
+//! streams). The packing is split across threads by clip. On the CPU it is the plain stacking
+//! it always was.
 
 use candle_core::{DType, Device, Tensor};
 
@@ -189,10 +191,14 @@ mod pinned {
                     });
                 }
             });
+            // Allocated on the copy stream, which writes it: stream-ordered memory may only be
+            // touched in its stream's order, and on the compute stream the pool could hand out
+            // memory that step's queued kernels still use (freed in stream order, not yet run)
+            // while the copy would write it at once. The copy records the write, which the
+            // compute stream's first read of `out` waits for (cudarc's event tracking: memcpy
+            // takes `out` as `&mut`); its free waits for the last read.
             // SAFETY: the copy below writes all `total` elements.
-            let mut out = unsafe { dev.alloc::<T>(total) }.map_err(|e| err("device", &e))?;
-            // On the copy stream: it waits for the allocation and records the write, which the
-            // compute stream's first read of `out` waits for (cudarc's event tracking).
+            let mut out = unsafe { copy.alloc::<T>(total) }.map_err(|e| err("device", &e))?;
             copy.memcpy_htod(&*buf, &mut out)
                 .map_err(|e| err("host-to-device copy", &e))?;
             let storage = CudaStorage::wrap_cuda_slice(out, dev.clone());

@@ -6,12 +6,17 @@
 //! so work queued from another host thread lands on another stream, with the same device and
 //! tensors: the target pass needs no autograd state and shares nothing with the context passes
 //! but the clips (read by both) and its output (read by the loss). Ordering between the streams
-//! comes from cudarc's per-buffer events (each kernel waits for the last writer of what it
-//! reads), plus one explicit marker: the optimiser and the EMA write the weights through
-//! pointer tables that record no events, so the lane's stream first waits for everything the
-//! caller's stream had queued when the pass was handed over (last step's EMA included). A
-//! second host thread also queues the pass's launches beside the main thread's, halving the
-//! host time per step where candle's per-op overhead is what keeps the GPU waiting.
+//! is two explicit markers, not cudarc's per-buffer events: those order a buffer's readers
+//! after its writer only when the writer took it as `&mut`, and candle's kernels (and ours)
+//! take their outputs as `&`, so no write event is ever recorded for them. So the lane's
+//! stream first waits for everything the caller's stream had queued when the pass was handed
+//! over (the clips, last step's optimiser and EMA writes), and when the caller takes the
+//! result ([`Pending::wait`]) its stream waits for everything the lane queued for the job:
+//! what the caller queues after that (the loss reading the targets, the EMA rewriting the
+//! weights the pass read, frees) runs after the pass, while the context passes queued before
+//! it still overlap it. A second host thread also queues the pass's launches beside the main
+//! thread's, halving the host time per step where candle's per-op overhead is what keeps the
+//! GPU waiting.
 //!
 //! The thread lives as long as the model: cuBLAS and cuBLASLt handles, workspaces and plans are
 //! per thread, and a thread per step would rebuild them every step. On the CPU the lane runs
@@ -40,16 +45,45 @@ pub(crate) struct TargetLane {
     _tracking: Option<std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>>,
 }
 
-/// The result of a job, to wait for.
-pub(crate) struct Pending<T>(mpsc::Receiver<Result<T, ModelError>>);
+/// What a job sends back: its result and the point in the lane's stream after its work.
+type Done<T> = (Result<T, ModelError>, Result<StreamMarker, ModelError>);
+
+/// The result of a job, to wait for. Dropped without [`Pending::wait`] (a step that failed
+/// before taking it), it still joins the lane's stream, so that the caller frees nothing the
+/// pass may still be reading or writing.
+pub(crate) struct Pending<T> {
+    rx: Option<mpsc::Receiver<Done<T>>>,
+    device: Device,
+}
 
 impl<T> Pending<T> {
     /// Blocks the host until the job has been queued (on a GPU: its launches, not their
-    /// completion) and returns its result.
-    pub(crate) fn wait(self) -> Result<T, ModelError> {
-        self.0
+    /// completion), makes the calling thread's stream wait for that work, and returns the
+    /// job's result.
+    pub(crate) fn wait(mut self) -> Result<T, ModelError> {
+        let rx = self.rx.take();
+        Self::join(rx, &self.device)
+    }
+
+    fn join(rx: Option<mpsc::Receiver<Done<T>>>, device: &Device) -> Result<T, ModelError> {
+        let (result, marker) = rx
+            .ok_or_else(|| ModelError::Input("the target lane's result was taken".into()))?
             .recv()
-            .map_err(|_| ModelError::Input("the target lane stopped before its result".into()))?
+            .map_err(|_| ModelError::Input("the target lane stopped before its result".into()))?;
+        // Joined whatever the job's outcome: even a failed pass may have queued work on
+        // buffers the caller frees next.
+        marker?.wait_here(device)?;
+        result
+    }
+}
+
+impl<T> Drop for Pending<T> {
+    fn drop(&mut self) {
+        if let Some(rx) = self.rx.take()
+            && let Err(e) = Self::join(Some(rx), &self.device)
+        {
+            tracing::debug!("target lane result dropped: {e}");
+        }
     }
 }
 
@@ -96,13 +130,14 @@ impl TargetLane {
     }
 
     /// Hands `f` to the lane. On a GPU the lane's stream first waits for everything queued so
-    /// far on the calling thread's stream of `device`.
+    /// far on the calling thread's stream of `device`; [`Pending::wait`] joins back.
     pub(crate) fn run<T: Send + 'static>(
         &self,
         device: &Device,
         f: impl FnOnce() -> Result<T, ModelError> + Send + 'static,
     ) -> Result<Pending<T>, ModelError> {
         let marker = StreamMarker::here(device)?;
+        let device_for_wait = device.clone();
         let device = device.clone();
         let (tx, rx) = mpsc::channel();
         let job: Job = Box::new(move || {
@@ -111,14 +146,19 @@ impl TargetLane {
                 f()
             }))
             .unwrap_or_else(|_| Err(ModelError::Input("the target pass panicked".into())));
-            let _ = tx.send(r);
+            // Recorded on this thread, so on the lane's stream, after everything the job queued.
+            let done = StreamMarker::here(&device);
+            let _ = tx.send((r, done));
         });
         self.jobs
             .as_ref()
             .ok_or_else(|| ModelError::Input("the target lane is closed".into()))?
             .send(job)
             .map_err(|_| ModelError::Input("the target lane stopped".into()))?;
-        Ok(Pending(rx))
+        Ok(Pending {
+            rx: Some(rx),
+            device: device_for_wait,
+        })
     }
 }
 
@@ -201,8 +241,9 @@ mod tests {
         assert!(a.wait().unwrap());
         assert!(b.wait().unwrap_err().to_string().contains("boom"));
         assert!(c.wait().unwrap_err().to_string().contains("panicked"));
-        // Still serving after a panic.
+        // Still serving after a panic, and a result dropped unread still lets the lane go on.
+        drop(lane.run(&Device::Cpu, || Ok(6)).unwrap());
         assert_eq!(lane.run(&Device::Cpu, || Ok(7)).unwrap().wait().unwrap(), 7);
-        assert_eq!(lane.jobs_run(), 4);
+        assert_eq!(lane.jobs_run(), 5);
     }
 }

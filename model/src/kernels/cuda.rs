@@ -1882,6 +1882,12 @@ pub struct AdamWSlot<'a> {
 
 /// Device address of a contiguous CUDA tensor's first element (f32, or bf16 where `bf16_ok`),
 /// with the storage guard that keeps it alive, its element count and dtype.
+///
+/// For the pointer tables of the multi-tensor kernels: the address waits for the tensor's
+/// last recorded writer, but the read event is recorded here, before the launch, and writes
+/// through a table record none. So these launches are ordered only within the calling
+/// thread's stream; a reader on another stream needs an explicit marker (as
+/// `crate::target_lane` sets for the weights the optimiser and the EMA rewrite).
 fn dev_ptr<'a>(
     t: &'a Tensor,
     op: &str,

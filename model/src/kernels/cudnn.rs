@@ -26,6 +26,7 @@ unsafe extern "C" {
     fn vjepa_cudnn_graph_stats(graphs_built: *mut i64, seconds: *mut f64);
     fn vjepa_cudnn_sdpa_prepare(
         stream: *mut c_void,
+        device: c_int,
         kind: c_int,
         dtype: c_int,
         b: i64,
@@ -221,6 +222,10 @@ fn prepare(
 ) -> Result<Call> {
     let stream = dev.cuda_stream();
     let raw_stream = stream.cu_stream() as *mut c_void;
+    // With the stream and the calling thread, where the shim's handle and graphs may be used.
+    let device = c_int::try_from(stream.context().ordinal()).map_err(|_| {
+        candle_core::Error::Msg("cuDNN attention: device ordinal out of range".into())
+    })?;
     if let Err(e) = loaded() {
         bail!("cuDNN attention unavailable: {e}");
     }
@@ -231,6 +236,7 @@ fn prepare(
     let rc = unsafe {
         vjepa_cudnn_sdpa_prepare(
             raw_stream,
+            device,
             c_int::from(backward),
             0,
             p.b as i64,

@@ -86,8 +86,9 @@ struct Key {
     bf16: bool,
     gemm: Gemm,
     epilogue: Epilogue,
-    /// Alignment in bytes (≤ 256) of A, B and D.
-    align: [u32; 3],
+    /// Alignment in bytes (≤ 256) of A, B, D and the bias (the heuristic reads the bias
+    /// pointer's alignment too, so a plan is only reused for pointers aligned as well).
+    align: [u32; 4],
 }
 
 /// A cached GEMM plan: descriptor, layouts and algorithm.
@@ -157,7 +158,7 @@ fn data_type(bf16: bool) -> sys::cudaDataType {
 impl Plan {
     /// Descriptors for `key` and the heuristic's best algorithm; `Ok(None)` when cuBLASLt has
     /// none.
-    fn new(handle: sys::cublasLtHandle_t, key: &Key) -> Result<Option<Self>> {
+    fn new(handle: sys::cublasLtHandle_t, key: &Key, bias: u64) -> Result<Option<Self>> {
         let g = key.gemm;
         let ty = data_type(key.bf16);
         // fp32 accumulation and scaling for both dtypes (no TF32: f32 stays f32).
@@ -203,6 +204,13 @@ impl Plan {
             (&epilogue as *const sys::cublasLtEpilogue_t).cast(),
             std::mem::size_of_val(&epilogue),
         )?;
+        // The heuristic takes the bias pointer's alignment from its value (cublasLt.h on
+        // `CUBLASLT_MATMUL_DESC_BIAS_POINTER`): give it this call's, not NULL's.
+        set(
+            sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+            (&bias as *const u64).cast(),
+            std::mem::size_of::<u64>(),
+        )?;
         let (a_rows, a_cols) = if g.transa { (g.k, g.m) } else { (g.m, g.k) };
         let (b_rows, b_cols) = if g.transb { (g.n, g.k) } else { (g.k, g.n) };
         for (i, (r, c, ld)) in [
@@ -230,7 +238,7 @@ impl Plan {
             (&ws as *const usize).cast(),
             std::mem::size_of::<usize>(),
         )?;
-        let [aa, ab, ad] = key.align;
+        let [aa, ab, ad, _] = key.align;
         for (attr, v) in [
             (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, aa),
             (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, ab),
@@ -304,7 +312,12 @@ unsafe fn launch<T: KernelFloat>(
         bf16,
         gemm: g,
         epilogue,
-        align: [alignment(ops.a), alignment(ops.b), alignment(ops.d)],
+        align: [
+            alignment(ops.a),
+            alignment(ops.b),
+            alignment(ops.d),
+            alignment(ops.bias),
+        ],
     };
     let stream = dev.cuda_stream();
     STATE.with(|state| {
@@ -328,7 +341,9 @@ unsafe fn launch<T: KernelFloat>(
         };
         let plan = match plans.entry(key) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::hash_map::Entry::Vacant(e) => e.insert(Plan::new(lt.handle, &key)?),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(Plan::new(lt.handle, &key, ops.bias)?)
+            }
         };
         let Some(p) = plan.as_ref() else {
             return Ok(false);
@@ -369,9 +384,18 @@ unsafe fn launch<T: KernelFloat>(
                 stream.cu_stream() as sys::cudaStream_t,
             )
         };
+        use sys::cublasStatus_t as S;
         match launched {
             Ok(()) => Ok(true),
-            Err(e) => {
+            // Only a refusal of this plan falls back. Anything else (an execution failure, often
+            // a sticky error an earlier kernel left) is the caller's error: the classic GEMM
+            // would fail next and point at the wrong op.
+            Err(e)
+                if matches!(
+                    e.0,
+                    S::CUBLAS_STATUS_NOT_SUPPORTED | S::CUBLAS_STATUS_INVALID_VALUE
+                ) =>
+            {
                 tracing::warn!(
                     ?key,
                     "cuBLASLt refused a planned GEMM ({e}); classic GEMM from now on"
@@ -379,6 +403,7 @@ unsafe fn launch<T: KernelFloat>(
                 *plan = None;
                 Ok(false)
             }
+            Err(e) => Err(lt_err(e, "matmul")),
         }
     })
 }

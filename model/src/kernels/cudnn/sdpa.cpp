@@ -24,8 +24,10 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <thread>
 #include <tuple>
 #include <unordered_map>
+#include <utility>
 
 namespace fe = cudnn_frontend;
 
@@ -51,31 +53,46 @@ enum Dtype : int { BF16 = 0, F16 = 1 };
 // One cached graph: what it was built for, and the workspace it needs.
 struct Entry {
     std::shared_ptr<fe::graph::Graph> graph;
+    int device = 0;  // the CUDA device it was built on (its handle's)
     int64_t workspace = 0;
     int64_t third_bytes = 0;  // bytes of one of q, k, v in a row of qkv: H·hd 2-byte elements
     bool stats = false;
 };
 
-using Key = std::tuple<void *, int, int, int64_t, int64_t, int64_t, int64_t, uint32_t, bool, bool, bool>;
+// Where a handle, graph or kernel cache may be used: candle launches on the per-thread default
+// stream, so one `stream` value names a different stream on every thread (the target lane's
+// among them) and on every device; cuDNN promises nothing for a handle used on two streams at
+// once, and a plan belongs to the handle (so the device) it was built with.
+using Place = std::tuple<void *, std::thread::id, int>;
+using Key = std::tuple<Place, int, int, int64_t, int64_t, int64_t, int64_t, uint32_t, bool, bool, bool>;
 // A graph's structure without its batch and sequence length: what one kernel cache serves when
-// shapes are dynamic.
-using Structure = std::tuple<void *, int, int, int64_t, int64_t, uint32_t, bool, bool>;
+// shapes are dynamic. The last flag: a backward graph that cuDNN up to 9.15.0 builds with a
+// workaround padding mask (sequence length not a multiple of 128), a different structure.
+using Structure = std::tuple<Place, int, int, int64_t, int64_t, uint32_t, bool, bool, bool>;
 
 std::mutex mu;
-std::map<void *, cudnnHandle_t> handles;  // one per stream (a stream belongs to one device)
-std::map<Key, std::unique_ptr<Entry>> graphs;
-std::map<Key, std::string> refused;  // shapes cuDNN would not build, with why: asked once
+// Never destroyed: their destructors would run at exit, possibly after the CUDA driver has
+// shut down (torch leaks its cuDNN handles for the same reason).
+auto &handles = *new std::map<Place, cudnnHandle_t>();
+auto &graphs = *new std::map<Key, std::unique_ptr<Entry>>();
+auto &refused = *new std::map<Key, std::string>();  // shapes cuDNN would not build, with why
 double build_seconds = 0.0;  // spent building the graphs in `graphs`
 // Dynamic shapes: one kernel cache per structure, so a new sequence length reuses the kernels
-// built for the first instead of compiling its own; structures cuDNN refused that way build
-// with static shapes from then on (counted, with the last reason).
-std::map<Structure, std::shared_ptr<fe::KernelCache>> kernel_caches;
-std::map<Structure, std::string> dynamic_refused;
+// built for the first instead of compiling its own; structures cuDNN refused that way (while
+// the same shape built static) build with static shapes from then on (counted, with the last
+// reason).
+auto &kernel_caches = *new std::map<Structure, std::shared_ptr<fe::KernelCache>>();
+auto &dynamic_refused = *new std::map<Structure, std::string>();
 int64_t dynamic_refusals = 0;
-std::string last_dynamic_refusal;
+auto &last_dynamic_refusal = *new std::string();
 
-int handle_for(void *stream, cudnnHandle_t *out) {
-    auto it = handles.find(stream);
+Place place_here(void *stream, int device) {
+    return Place{stream, std::this_thread::get_id(), device};
+}
+
+int handle_for(const Place &key, cudnnHandle_t *out) {
+    void *stream = std::get<0>(key);
+    auto it = handles.find(key);
     if (it != handles.end()) {
         *out = it->second;
         return 0;
@@ -90,7 +107,7 @@ int handle_for(void *stream, cudnnHandle_t *out) {
         fe::detail::destroy_handle(h);
         return fail(std::string("cudnnSetStream failed: ") + fe::detail::get_error_string(st));
     }
-    handles.emplace(stream, h);
+    handles.emplace(key, h);
     *out = h;
     return 0;
 }
@@ -116,17 +133,25 @@ std::vector<int64_t> stats_stride(int64_t h, int64_t n) {
     return {h * n, n, 1, 1};
 }
 
-std::shared_ptr<fe::graph::Graph> new_graph(int dtype) {
+// A graph with the data types set and, for dynamic shapes, `cache` (else null) attached. Both
+// must come before any node: `sdpa()` picks its implementation (unified or composite) and
+// each node copies the graph's settings when it is added, so switching dynamic shapes on
+// later would leave a node built for static shapes inside a dynamic graph.
+std::shared_ptr<fe::graph::Graph> new_graph(int dtype, const std::shared_ptr<fe::KernelCache> &cache) {
     auto g = std::make_shared<fe::graph::Graph>();
     g->set_io_data_type(dtype == F16 ? fe::DataType_t::HALF : fe::DataType_t::BFLOAT16)
         .set_intermediate_data_type(fe::DataType_t::FLOAT)
         .set_compute_data_type(fe::DataType_t::FLOAT);
+    if (cache) {
+        g->set_dynamic_shape_enabled(true).set_kernel_cache(cache);
+    }
     return g;
 }
 
 std::shared_ptr<fe::graph::Graph> forward_graph(int dtype, int64_t b, int64_t h, int64_t n, int64_t hd,
-                                                float scale, bool stats) {
-    auto g = new_graph(dtype);
+                                                float scale, bool stats,
+                                                const std::shared_ptr<fe::KernelCache> &cache) {
+    auto g = new_graph(dtype, cache);
     auto q = g->tensor(qkv_part("Q", Q_UID, b, h, n, hd));
     auto k = g->tensor(qkv_part("K", K_UID, b, h, n, hd));
     auto v = g->tensor(qkv_part("V", V_UID, b, h, n, hd));
@@ -144,8 +169,9 @@ std::shared_ptr<fe::graph::Graph> forward_graph(int dtype, int64_t b, int64_t h,
 }
 
 std::shared_ptr<fe::graph::Graph> backward_graph(int dtype, int64_t b, int64_t h, int64_t n, int64_t hd,
-                                                 float scale, bool deterministic) {
-    auto g = new_graph(dtype);
+                                                 float scale, bool deterministic,
+                                                 const std::shared_ptr<fe::KernelCache> &cache) {
+    auto g = new_graph(dtype, cache);
     auto q = g->tensor(qkv_part("Q", Q_UID, b, h, n, hd));
     auto k = g->tensor(qkv_part("K", K_UID, b, h, n, hd));
     auto v = g->tensor(qkv_part("V", V_UID, b, h, n, hd));
@@ -198,7 +224,7 @@ int execute(Entry *e, void *stream, Pack &pack, void *workspace, const char *wha
     return guarded([&]() -> int {
         std::lock_guard<std::mutex> lock(mu);
         cudnnHandle_t handle = nullptr;
-        if (handle_for(stream, &handle) != 0) {
+        if (handle_for(place_here(stream, e->device), &handle) != 0) {
             return 1;
         }
         auto err = e->graph->execute(handle, pack, workspace);
@@ -232,18 +258,38 @@ int vjepa_cudnn_load(const char *path) {
     }
 #if defined(CUDA_VERSION) && CUDA_VERSION >= 13000
     // The frontend opens its own CUDA runtime and prefers libcudart.so.12 when both majors are
-    // on the loader path, while this binary runs on 13: refuse that mix with the way out.
+    // on the loader path, while this binary runs on 13: refuse that with the way out.
     if (std::getenv("CUDNN_FRONTEND_CUDART_LIB_NAME") == nullptr) {
         void *rt12 = dlopen("libcudart.so.12", RTLD_LAZY | RTLD_LOCAL);
         if (rt12 != nullptr) {
             dlclose(rt12);
+            void *rt13 = dlopen("libcudart.so.13", RTLD_LAZY | RTLD_LOCAL);
+            const bool both = rt13 != nullptr;
+            if (rt13 != nullptr) {
+                dlclose(rt13);
+            }
             dlclose(h);
-            return fail(
-                "libcudart.so.12 and this binary's CUDA 13 runtime are both on the loader path and the cuDNN "
-                "frontend would pick 12: set CUDNN_FRONTEND_CUDART_LIB_NAME=libcudart.so.13");
+            return fail(both ? "libcudart.so.12 and this binary's CUDA 13 runtime are both on the loader path and "
+                               "the cuDNN frontend would pick 12: set CUDNN_FRONTEND_CUDART_LIB_NAME=libcudart.so.13"
+                             : "the cuDNN frontend would open libcudart.so.12 (the only CUDA runtime on the loader "
+                               "path) for this CUDA 13 binary: put libcudart.so.13 on the loader path, or name one "
+                               "in CUDNN_FRONTEND_CUDART_LIB_NAME");
         }
     }
 #endif
+    // The frontend needs a CUDA runtime for every build and run (device queries, workspace
+    // memsets): open it now, so that its absence refuses cuDNN here, with the reason, rather
+    // than every graph later.
+    try {
+        if (fe::detail::get_cuda_runtime_version() == 0) {
+            dlclose(h);
+            return fail("the CUDA runtime the cuDNN frontend opened does not report a version");
+        }
+    } catch (const std::exception &e) {
+        dlclose(h);
+        return fail(std::string("cuDNN frontend: ") + e.what() +
+                    " (put libcudart.so.13 on the loader path, or name one in CUDNN_FRONTEND_CUDART_LIB_NAME)");
+    }
     fe::cudnn_dlhandle = h;
     return 0;
 }
@@ -269,11 +315,14 @@ void vjepa_cudnn_graph_stats(int64_t *graphs_built, double *seconds) {
 }
 
 // How many graph structures cuDNN refused to build with dynamic shapes (they fell back to static
-// shapes), and the last reason (empty when none; valid until the next refusal).
+// shapes), and the last reason (empty when none; copied for this thread: valid until its next
+// call on this thread).
 const char *vjepa_cudnn_dynamic_refusals(int64_t *count) {
+    thread_local std::string why;
     std::lock_guard<std::mutex> lock(mu);
     *count = dynamic_refusals;
-    return last_dynamic_refusal.c_str();
+    why = last_dynamic_refusal;
+    return why.c_str();
 }
 
 // The last error on this thread (valid until the next call on this thread).
@@ -286,8 +335,8 @@ const char *vjepa_cudnn_error(void) {
 // per-row log-sum-exp the backward pass needs; `deterministic` (backward) asks for the
 // engine without atomics; `dynamic` builds with dynamic shapes and the structure's kernel cache
 // (falling back to static shapes where cuDNN refuses).
-int vjepa_cudnn_sdpa_prepare(void *stream, int kind, int dtype, int64_t b, int64_t h, int64_t n, int64_t hd,
-                             float scale, int stats, int deterministic, int dynamic, void **entry,
+int vjepa_cudnn_sdpa_prepare(void *stream, int device, int kind, int dtype, int64_t b, int64_t h, int64_t n,
+                             int64_t hd, float scale, int stats, int deterministic, int dynamic, void **entry,
                              int64_t *workspace) {
     return guarded([&]() -> int {
         std::lock_guard<std::mutex> lock(mu);
@@ -296,8 +345,10 @@ int vjepa_cudnn_sdpa_prepare(void *stream, int kind, int dtype, int64_t b, int64
         }
         uint32_t scale_bits = 0;
         std::memcpy(&scale_bits, &scale, sizeof scale_bits);
-        Key key{stream, kind, dtype, b, h, n, hd, scale_bits, stats != 0, deterministic != 0, dynamic != 0};
-        Structure structure{stream, kind, dtype, h, hd, scale_bits, stats != 0, deterministic != 0};
+        const Place place = place_here(stream, device);
+        Key key{place, kind, dtype, b, h, n, hd, scale_bits, stats != 0, deterministic != 0, dynamic != 0};
+        const bool padded = kind == BACKWARD && n % 128 != 0 && fe::detail::get_backend_version() <= 91500;
+        Structure structure{place, kind, dtype, h, hd, scale_bits, stats != 0, deterministic != 0, padded};
         auto it = graphs.find(key);
         if (it == graphs.end()) {
             auto no = refused.find(key);
@@ -305,35 +356,41 @@ int vjepa_cudnn_sdpa_prepare(void *stream, int kind, int dtype, int64_t b, int64
                 return fail(no->second);
             }
             cudnnHandle_t handle = nullptr;
-            if (handle_for(stream, &handle) != 0) {
+            if (handle_for(place, &handle) != 0) {
                 return 1;
             }
             auto started = std::chrono::steady_clock::now();
             auto e = std::make_unique<Entry>();
-            auto make = [&]() {
-                return kind == FORWARD ? forward_graph(dtype, b, h, n, hd, scale, stats != 0)
-                                       : backward_graph(dtype, b, h, n, hd, scale, deterministic != 0);
+            e->device = device;
+            auto make = [&](const std::shared_ptr<fe::KernelCache> &cache) {
+                return kind == FORWARD ? forward_graph(dtype, b, h, n, hd, scale, stats != 0, cache)
+                                       : backward_graph(dtype, b, h, n, hd, scale, deterministic != 0, cache);
             };
-            e->graph = make();
             fe::error_t err;
             if (dynamic != 0 && dynamic_refused.find(structure) == dynamic_refused.end()) {
                 auto &cache = kernel_caches[structure];
                 if (!cache) {
                     cache = std::make_shared<fe::KernelCache>();
                 }
-                e->graph->set_dynamic_shape_enabled(true).set_kernel_cache(cache);
+                e->graph = make(cache);
                 err = e->graph->build(handle, {fe::HeurMode_t::A});
                 if (err.is_bad()) {
-                    // This structure builds with static shapes from now on.
-                    last_dynamic_refusal = "n=" + std::to_string(n) + " hd=" + std::to_string(hd) + ": " +
-                                           err.get_message();
-                    dynamic_refused.emplace(structure, last_dynamic_refusal);
-                    kernel_caches.erase(structure);
-                    ++dynamic_refusals;
-                    e->graph = make();
+                    const std::string why =
+                        "n=" + std::to_string(n) + " hd=" + std::to_string(hd) + ": " + err.get_message();
+                    e->graph = make(nullptr);
                     err = e->graph->build(handle, {fe::HeurMode_t::A});
+                    if (!err.is_bad()) {
+                        // Static shapes build where dynamic ones did not: this structure builds
+                        // static from now on. (A shape neither way builds is that shape's
+                        // refusal below, and leaves dynamic shapes on for the others.)
+                        last_dynamic_refusal = why;
+                        dynamic_refused.emplace(structure, why);
+                        kernel_caches.erase(structure);
+                        ++dynamic_refusals;
+                    }
                 }
             } else {
+                e->graph = make(nullptr);
                 err = e->graph->build(handle, {fe::HeurMode_t::A});
             }
             if (err.is_bad()) {
