@@ -446,7 +446,7 @@ fn run_training(
         total,
         threads: workers,
         process,
-        check_params_every: cluster.check_params_every,
+        check_params_every: cluster.check_params_every(workers * cluster.processes),
         telemetry: telemetry.clone(),
         tokens_per_clip,
         device: compute,
