@@ -8,7 +8,7 @@
 # Environment:
 #   DEVICE        cuda (default) or cpu — cpu checks the harness with
 #                 bench/configs/vit_tiny_64.yaml where no GPU is lent
-#   RESOLUTIONS   "640x360 854x480 1280x720" (WxH; H.264 MP4, 30 fps, a keyframe every 2 s, made
+#   RESOLUTIONS   "1280x720 854x480 640x360" (WxH, in run order; H.264 MP4, 30 fps, a keyframe every 2 s, made
 #                 by `vjepa make-samples` with x264 at a constant bitrate of BPP bits per pixel;
 #                 moving colour bars and noise, which fill that rate)
 #   BPP           bits per pixel and frame (0.1: 2.8 Mbit/s at 720p30, as streaming sites use)
@@ -24,7 +24,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 DEVICE="${DEVICE:-cuda}"
 if [ "$DEVICE" = cpu ]; then CONFIG="${1:-bench/configs/vit_tiny_64.yaml}"; else CONFIG="${1:-configs/vitl16.yaml}"; fi
-RESOLUTIONS="${RESOLUTIONS:-640x360 854x480 1280x720}"
+# 720p first: the resolution the measurement is about keeps its row if the run is cut short.
+RESOLUTIONS="${RESOLUTIONS:-1280x720 854x480 640x360}"
 BPP="${BPP:-0.1}"
 VIDEOS="${VIDEOS:-24}"; DURATION="${DURATION:-10}"
 STEPS="${STEPS:-60}"; SKIP="${SKIP:-10}"
@@ -34,7 +35,7 @@ OUT="${OUT:-target/gpu-pipeline}"
 (( STEPS > SKIP )) || { echo "gpu-pipeline.sh: STEPS must exceed SKIP" >&2; exit 2; }
 VJEPA="${VJEPA:-$(bench/build-bin.sh vjepa-pipeline vjepa "$DEVICE")}"
 PY="${PYTHON:-python3}"
-mkdir -p "$OUT"
+mkdir -p "$OUT"; OUT="$(cd "$OUT" && pwd)"
 
 # Real encoded content: x264 over two of videotestsrc's patterns that fill the bitrate (moving
 # colour bars, noise): at 720p they decode at 1.5-1.7 ms a frame on one core, like ffmpeg's
@@ -54,6 +55,15 @@ for res in $RESOLUTIONS; do
 done
 for pid in "${makers[@]}"; do wait "$pid"; done
 
+# One row per resolution, printed as soon as its run is done (a run cut short keeps the rows
+# before it); a failed run is a row saying so, and the others still run (exit 1 at the end).
+{
+  echo "$CONFIG on $DEVICE, $THREADS decode threads; steps after the first $SKIP"
+  echo
+  echo "| input | steps | clips/s | step s (mean) | data wait share | decode capacity clips/s | keeps up |"
+  echo "|---|---|---|---|---|---|---|"
+} | tee "$OUT/results.md"
+failed=0
 for res in $RESOLUTIONS; do
   run="$OUT/run-$res"
   rm -rf "$run"; mkdir -p "$run"
@@ -62,30 +72,30 @@ for res in $RESOLUTIONS; do
     "$THREADS" "$VIDEO_DECODER"; } \
     > "$run/config.yaml"
   echo "training $STEPS steps on $res ($DEVICE, $THREADS $VIDEO_DECODER decode threads) ..." >&2
-  "$VJEPA" train --config "$run/config.yaml" --dataset "$PWD/$OUT/media/$res/" --out "$PWD/$run/out/" \
+  if ! "$VJEPA" train --config "$run/config.yaml" --dataset "$OUT/media/$res/" --out "$run/out/" \
     --max-steps "$STEPS" --device "$DEVICE" --fresh > "$run/train.log" 2>&1 \
-    || { echo "gpu-pipeline.sh: training failed, see $run/train.log" >&2; tail -5 "$run/train.log" >&2; exit 1; }
-done
-
-for res in $RESOLUTIONS; do
-  "$VJEPA" metrics "$PWD/$OUT/run-$res/out/" > "$OUT/run-$res/metrics.jsonl"
-done
-"$PY" - "$OUT" "$CONFIG" "$DEVICE" "$THREADS" "$SKIP" $RESOLUTIONS <<'PYEOF' | tee "$OUT/results.md"
+    || ! "$VJEPA" metrics "$run/out/" > "$run/metrics.jsonl"; then
+    why=$(grep -v '^[[:space:]]*$' "$run/train.log" | tail -n 1 | cut -c1-200)
+    echo "| $res H.264 | failed: ${why//|//} (see $run/train.log) | – | – | – | – | – |" | tee -a "$OUT/results.md"
+    failed=1
+    continue
+  fi
+  "$PY" - "$run/metrics.jsonl" "$res" "$THREADS" "$SKIP" <<'PYEOF' | tee -a "$OUT/results.md" || failed=1
 import json, sys
-out, config, device, threads, skip, resolutions = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), sys.argv[6:]
-print(f"{config} on {device}, {threads} decode threads; steps after the first {skip}")
-print()
-print("| input | steps | clips/s | step s (mean) | data wait share | decode capacity clips/s | keeps up |")
-print("|---|---|---|---|---|---|---|")
-for res in resolutions:
-    rows = [r for r in map(json.loads, open(f"{out}/run-{res}/metrics.jsonl")) if r["step"] > skip]
-    step = sum(r["step_time_s"] for r in rows)
-    wait = sum(r["data_wait_s"] for r in rows)
-    clips = sum(r["clips_per_sec"] * (r["step_time_s"] + r["data_wait_s"]) for r in rows)
-    decode = sum(r["decode_s"] for r in rows)
-    rate = clips / (step + wait)
-    capacity = threads * clips / decode if decode > 0 else float("inf")
-    step_rate = clips / step  # what the trainer could take if never waiting
-    print(f"| {res} H.264 | {len(rows)} | {rate:.1f} | {step / len(rows):.3f} | {100 * wait / (step + wait):.1f} % "
-          f"| {capacity:.1f} | {'yes' if capacity >= step_rate else 'no'} (step takes {step_rate:.1f}) |")
+path, res, threads, skip = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+rows = [r for r in map(json.loads, open(path)) if r["step"] > skip]
+if not rows:
+    print(f"| {res} H.264 | no steps after the first {skip} | – | – | – | – | – |")
+    sys.exit(0)
+step = sum(r["step_time_s"] for r in rows)
+wait = sum(r["data_wait_s"] for r in rows)
+clips = sum(r["clips_per_sec"] * (r["step_time_s"] + r["data_wait_s"]) for r in rows)
+decode = sum(r["decode_s"] for r in rows)
+rate = clips / (step + wait)
+capacity = threads * clips / decode if decode > 0 else float("inf")
+step_rate = clips / step  # what the trainer could take if never waiting
+print(f"| {res} H.264 | {len(rows)} | {rate:.1f} | {step / len(rows):.3f} | {100 * wait / (step + wait):.1f} % "
+      f"| {capacity:.1f} | {'yes' if capacity >= step_rate else 'no'} (step takes {step_rate:.1f}) |")
 PYEOF
+done
+exit "$failed"

@@ -18,14 +18,18 @@
 # trend and pipeline decode with GStreamer: they need the kit of bench/gst-kit.sh in
 # .carry/gst.tar.xz (bench/gpu-pack.sh makes it with GST_KIT=1) where the device has none.
 # Environment: TORCH_ROOT (the device's torch venv, default /opt/torch/.venv), PHASES,
-# STEP_CONFIGS, ATTENTION, VARIANTS, COMPILE, the per-phase timeouts CHECK_S, OPS_S, STEP_S, TREND_S,
-# PIPELINE_S (seconds), and DEADLINE_S (570: no phase runs past this many seconds from the start,
-# so one call ends inside the device tool's 600 s with its outputs written).
+# STEP_CONFIGS, ATTENTION, VARIANTS, COMPILE, PEAK_TFLOPS (the step phase measures torch's bf16
+# GEMM peak when neither it nor this call's ops phase gives one), the per-phase timeouts CHECK_S,
+# OPS_S, STEP_S, TREND_S, PIPELINE_S (seconds), and DEADLINE_S (570: no phase runs past this
+# many seconds from the start, so one call ends inside the device tool's limit with its
+# outputs written; give less when the session has less device time left than a whole call).
+# Outputs: the device tool brings back at most 8 files, so $OUT holds env.txt, summary.txt
+# (each phase's result lines, also printed) and one PHASE.tgz per phase with its files.
 set -uo pipefail
 T0=$(date +%s)
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$(mktemp -d)}"
-W=/tmp/vj; mkdir -p "$W/lib" "$W/py"
+W="${VJ_WORK:-/tmp/vj}"; mkdir -p "$W/lib" "$W/py"
 TORCH_ROOT="${TORCH_ROOT:-/opt/torch/.venv}"
 PY="$TORCH_ROOT/bin/python3"
 "$PY" - .carry "$W" <<'PYEOF'
@@ -43,9 +47,12 @@ if (carry / "gst.tar.xz").exists():
 PYEOF
 SITE=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 export LD_LIBRARY_PATH="$SITE/nvidia/cu13/lib:$SITE/nvidia/cudnn/lib:$W/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+# The GStreamer kit: its plugins only (not the device's, if any), scanned by the kit's scanner.
+# Its libraries go on the loader path of the phases that decode (trend, pipeline) alone: they
+# would shadow the device's own copies (expat, zlib, GL, ...) for torch and everything else.
+gst_env=()
 if [ -d "$W/gst" ]; then
-  # The kit's plugins only (not the device's, if any), scanned by the kit's scanner.
-  export LD_LIBRARY_PATH="$LD_LIBRARY_PATH:$W/gst/lib"
+  gst_env=(env "LD_LIBRARY_PATH=$LD_LIBRARY_PATH:$W/gst/lib")
   export GST_PLUGIN_SYSTEM_PATH_1_0="$W/gst/plugins" GST_PLUGIN_PATH_1_0=""
   export GST_PLUGIN_SCANNER_1_0="$W/gst/libexec/gst-plugin-scanner" GST_REGISTRY_1_0="$W/gst/registry.bin"
 fi
@@ -73,7 +80,12 @@ done
   ldd "$W/vjepa" | grep -E "not found|cuda|cublas|curand|stdc"
   nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,memory.total --format=csv
   "$PY" -c 'import torch; print("torch", torch.__version__, "cudnn", torch.backends.cudnn.version())'
-  "$W/vjepa" check-config --config configs/vitl16.yaml --device cuda --locations 2>&1 | grep -E "^(device|attention|video decoder):"
+  "${gst_env[@]}" "$W/vjepa" check-config --config configs/vitl16.yaml --device cuda --locations 2>&1 | grep -E "^(device|attention|video decoder):"
+  if [ -f .carry/official_driver.py ] && [ -d .carry/jepa ]; then
+    echo "official step row: on (jepa $(cat .carry/jepa/COMMIT 2>/dev/null || echo '?'))"
+  else
+    echo "official step row: off (no .carry/official_driver.py or .carry/jepa: OFFICIAL_DRIVER=... bench/gpu-pack.sh)"
+  fi
 } 2>&1 | tee "$OUT/env.txt"
 
 # The timeout for a phase: its own limit, cut to what is left before DEADLINE_S.
@@ -81,56 +93,73 @@ limit() {
   local left=$(( ${DEADLINE_S:-570} - ($(date +%s) - T0) ))
   (( left < $1 )) && echo $(( left > 10 ? left : 10 )) || echo "$1"
 }
+# Packs a phase's folder into $OUT/PHASE.tgz (the device tool brings back 8 files at most).
+pack() {
+  tar -czf "$OUT/$1.tgz" -C "$OUT" "$1" && rm -rf "${OUT:?}/$1"
+}
 for phase in ${PHASES:-check ops step}; do
-  echo "== $phase" | tee -a "$OUT/env.txt"
+  echo "== $phase" | tee -a "$OUT/env.txt" "$OUT/summary.txt"
   start=$(date +%s)
+  P="$OUT/$phase"; mkdir -p "$P"
   case "$phase" in
     check)
-      timeout "$(limit "${CHECK_S:-300}")" "$W/vjepa" gpu-check --no-timing --json "$OUT/check.json" \
-        > "$OUT/check.txt" 2> "$OUT/check.err"
-      echo "rc=$?" >> "$OUT/check.txt"
-      grep -E "FAIL|gpu-check|rc=" "$OUT/check.txt" | head -40
-      # cuBLASLt's epilogues are the Linear op's default: should only their rows fail, the
-      # rest of this call runs without them (and later calls should set VJEPA_CUBLASLT=0).
-      if grep -E "linear (fwd|bwd)" "$OUT/check.txt" | grep -v "cuBLAS + bias kernels" | grep -q FAIL \
-        && ! grep "cuBLAS + bias kernels" "$OUT/check.txt" | grep -q FAIL; then
+      # Rows go to stderr as they finish and to stdout as a table at the end: one file, so a
+      # run cut by its timeout still shows the rows it finished.
+      timeout -k 15 "$(limit "${CHECK_S:-300}")" "$W/vjepa" gpu-check --no-timing --json "$P/check.json" \
+        > "$P/check.txt" 2>&1
+      echo "rc=$?" >> "$P/check.txt"
+      grep -E "^check .*FAIL|gpu-check|^error|rc=" "$P/check.txt" | head -60 | tee -a "$OUT/summary.txt"
+      grep -cE "^check .* PASS$" "$P/check.txt" | sed 's/^/rows passed (as they finished): /' | tee -a "$OUT/summary.txt"
+      # cuBLASLt's epilogues are the Linear op's default: should only their rows fail (a wrong
+      # number, or an error row, which carries the bare op name), the rest of this call runs
+      # without them (and later calls should set VJEPA_CUBLASLT=0).
+      if grep -E "^(check +)?linear( fwd| bwd)? " "$P/check.txt" | grep -q FAIL \
+        && ! grep -E "^(check +)?linear \(cuBLAS \+ bias kernels\)" "$P/check.txt" | grep -q FAIL; then
         export VJEPA_CUBLASLT=0
         echo "cuBLASLt Linear rows failed, the classic ones pass: VJEPA_CUBLASLT=0 from here on (set it for later calls too)" \
-          | tee -a "$OUT/env.txt"
+          | tee -a "$OUT/env.txt" "$OUT/summary.txt"
       fi ;;
     ops)
-      VJEPA="$W/vjepa" TORCH_PYTHON="$PY" timeout "$(limit "${OPS_S:-300}")" bench/gpu-ops.sh "$OUT/ops" \
-        > "$OUT/ops.txt" 2> "$OUT/ops.err"
-      echo "rc=$?" >> "$OUT/ops.txt"
-      cat "$OUT/ops.txt"; tail -3 "$OUT/ops.err" ;;
+      VJEPA="$W/vjepa" TORCH_PYTHON="$PY" timeout -k 15 "$(limit "${OPS_S:-300}")" bench/gpu-ops.sh "$P" \
+        > "$P/ops.txt" 2> "$P/ops.err"
+      echo "rc=$?" >> "$P/ops.txt"
+      tee -a "$OUT/summary.txt" < "$P/ops.txt"; tail -3 "$P/ops.err" ;;
     step)
-      peak=$(sed -n 's/^bf16 GEMM peak: \([0-9.]*\) TFLOP.*/\1/p' "$OUT/ops.txt" 2>/dev/null)
-      # shellcheck disable=SC2086
+      peak=$(sed -n 's/^bf16 GEMM peak: \([0-9.]*\) TFLOP.*/\1/p' "$OUT/summary.txt" 2>/dev/null | tail -n 1)
+      if [ -z "${PEAK_TFLOPS:-$peak}" ]; then
+        # No ops phase in this call (each call may get a fresh machine): measure it here.
+        peak=$(timeout -k 5 60 "$PY" bench/gpu_ops_torch.py --peak-only --runs 20 2>/dev/null \
+          | sed -n 's/^bf16 GEMM peak: \([0-9.]*\) TFLOP.*/\1/p')
+        echo "bf16 GEMM peak (torch, this call): ${peak:-not measured} TFLOP/s" | tee -a "$OUT/summary.txt"
+      fi
       # The official step's driver and checkout that gpu-pack.sh carried (no network here).
       if [ -z "${OFFICIAL_DRIVER:-}" ] && [ -f .carry/official_driver.py ] && [ -d .carry/jepa ]; then
         export OFFICIAL_DRIVER="$PWD/.carry/official_driver.py" OFFICIAL_JEPA="$PWD/.carry/jepa"
       fi
+      # shellcheck disable=SC2086
       TRAIN_STEP="$W/train-step" TORCH_PYTHON="$PY" PEAK_TFLOPS="${PEAK_TFLOPS:-$peak}" \
-        ATTENTION="${ATTENTION:-cudnn own}" VARIANTS="${VARIANTS---target-stream --cast-weights --graph-blocks}" timeout "$(limit "${STEP_S:-420}")" \
-        bench/gpu-step.sh ${STEP_CONFIGS:-configs/vitl16.yaml} > "$OUT/step.txt" 2> "$OUT/step.err"
-      echo "rc=$?" >> "$OUT/step.txt"
-      cat "$OUT/step.txt"; tail -5 "$OUT/step.err" ;;
+        ATTENTION="${ATTENTION:-cudnn own}" VARIANTS="${VARIANTS---target-stream --cast-weights --graph-blocks}" \
+        timeout -k 15 "$(limit "${STEP_S:-570}")" \
+        bench/gpu-step.sh ${STEP_CONFIGS:-configs/vitl16.yaml} > "$P/step.txt" 2> "$P/step.err"
+      echo "rc=$?" >> "$P/step.txt"
+      tee -a "$OUT/summary.txt" < "$P/step.txt"; tail -5 "$P/step.err" ;;
     trend)
-      VJEPA="$W/vjepa" PYTHON="$PY" OUT=target/loss-trend timeout "$(limit "${TREND_S:-540}")" \
-        bench/loss-trend.sh "${TREND_CONFIG:-configs/quickstart.yaml}" > "$OUT/trend.txt" 2> "$OUT/trend.err"
-      echo "rc=$?" >> "$OUT/trend.txt"
-      cp target/loss-trend/*.log target/loss-trend/*.jsonl "$OUT/" 2>/dev/null
-      cat "$OUT/trend.txt"; tail -5 "$OUT/trend.err" ;;
+      "${gst_env[@]}" env VJEPA="$W/vjepa" PYTHON="$PY" OUT=target/loss-trend timeout -k 15 "$(limit "${TREND_S:-540}")" \
+        bench/loss-trend.sh "${TREND_CONFIG:-configs/quickstart.yaml}" > "$P/trend.txt" 2> "$P/trend.err"
+      echo "rc=$?" >> "$P/trend.txt"
+      cp target/loss-trend/*.log target/loss-trend/*.jsonl "$P/" 2>/dev/null
+      tee -a "$OUT/summary.txt" < "$P/trend.txt"; tail -5 "$P/trend.err" ;;
     pipeline)
       # shellcheck disable=SC2086
-      VJEPA="$W/vjepa" PYTHON="$PY" OUT=target/gpu-pipeline timeout "$(limit "${PIPELINE_S:-540}")" \
-        bench/gpu-pipeline.sh ${PIPELINE_CONFIG:-} > "$OUT/pipeline.txt" 2> "$OUT/pipeline.err"
-      echo "rc=$?" >> "$OUT/pipeline.txt"
+      "${gst_env[@]}" env VJEPA="$W/vjepa" PYTHON="$PY" OUT=target/gpu-pipeline timeout -k 15 "$(limit "${PIPELINE_S:-540}")" \
+        bench/gpu-pipeline.sh ${PIPELINE_CONFIG:-} > "$P/pipeline.txt" 2> "$P/pipeline.err"
+      echo "rc=$?" >> "$P/pipeline.txt"
       for d in target/gpu-pipeline/run-*; do
-        [ -d "$d" ] && cp "$d/train.log" "$OUT/pipeline-$(basename "$d").log" 2>/dev/null
+        [ -d "$d" ] && cp "$d/train.log" "$P/$(basename "$d").log" 2>/dev/null
       done
-      cat "$OUT/pipeline.txt"; tail -5 "$OUT/pipeline.err" ;;
+      tee -a "$OUT/summary.txt" < "$P/pipeline.txt"; tail -5 "$P/pipeline.err" ;;
     *) echo "unknown phase $phase (check, ops, step, trend, pipeline)" ;;
   esac
-  echo "$phase: $(( $(date +%s) - start )) s" | tee -a "$OUT/env.txt"
+  pack "$phase"
+  echo "$phase: $(( $(date +%s) - start )) s" | tee -a "$OUT/env.txt" "$OUT/summary.txt"
 done

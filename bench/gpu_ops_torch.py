@@ -41,6 +41,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=RUNS)
     ap.add_argument("--json")
+    ap.add_argument("--peak-only", action="store_true",
+                    help="print only the bf16 GEMM peak in TFLOP/s (PEAK_TFLOPS for bench/gpu-step.sh)")
     args = ap.parse_args()
     runs = max(args.runs, 20)
     dev = torch.device("cuda")
@@ -67,6 +69,9 @@ def main():
     bm = torch.randn(m, m, device=dev, dtype=torch.bfloat16)
     add("gemm peak (a @ b)", f"{m}^3", torch.bfloat16, lambda: a @ bm, flops=2.0 * m ** 3)
     del a, bm
+    if args.peak_only:
+        print(f"bf16 GEMM peak: {2.0 * m ** 3 / (rows[-1]['median_ms'] * 1e-3) / 1e12:.0f} TFLOP/s")
+        return
 
     from torch.nn.attention import SDPBackend, sdpa_kernel
     backends = [("flash", SDPBackend.FLASH_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION),

@@ -65,30 +65,35 @@ row() {
     failed=1
   fi
   cat "$out.err" >&2
+  # The row as soon as it is done, in brief: a run cut short (a device call's time limit) keeps
+  # its rows.
+  "$PY" - "$name" "$out" <<'PYEOF' || true
+import json, sys
+name, path = sys.argv[1], sys.argv[2]
+r = json.loads([l for l in open(path) if l.startswith("{")][-1])
+if "failed" in r:
+    print(f"row: {name}: failed: {r['failed']}")
+else:
+    mem = r.get("peak_reserved_bytes") or r.get("memory_used_bytes")
+    mem = f", {mem / 2**30:.1f} GiB" if mem else ""
+    losses = ", ".join(f"{l:.4f}" for l in r.get("losses", [])[:3])
+    print(f"row: {name}: {r['median_s']:.4f} s/step, {r['batch_size'] / r['median_s']:.1f} clips/s{mem}; "
+          f"losses {losses}", flush=True)
+PYEOF
 }
 for cfg in "${CONFIGS[@]}"; do
   runs=()
-  for att in $ATTENTION; do
-    row "ours --attention $att" "$TMP/ours-$att.json" \
-      "$BIN" --config "$cfg" --inputs "$TMP/in.safetensors" --warmup "$WARMUP" --steps "$STEPS" \
-      "${ours[@]}" --attention "$att"
-    runs+=("$TMP/ours-$att.json")
-  done
+  # Order: the first of ours, then the peers (the bar), then the other rows of ours, so that a
+  # run cut short still has the comparison that matters.
   first="${ATTENTION%% *}"
-  # Out of GPU memory without activation checkpointing (ViT-H at batch 24 may be): the same row
-  # once more with it, so the config still gets a row of ours.
-  if [ "${CHECKPOINT:-0}" != 1 ] && grep -qi "out of memory\|OUT_OF_MEMORY" "$TMP/ours-$first.json.err"; then
-    row "ours --attention $first --checkpoint-activations (after out of memory)" "$TMP/ours-ckpt.json" \
+  ours_row() {  # ours_row NAME FILE ARGS...: one row of ours on this config
+    local name="$1" file="$2"; shift 2
+    row "$name" "$file" \
       "$BIN" --config "$cfg" --inputs "$TMP/in.safetensors" --warmup "$WARMUP" --steps "$STEPS" \
-      "${ours[@]}" --attention "$first" --checkpoint-activations
-    runs+=("$TMP/ours-ckpt.json")
-  fi
-  for v in ${VARIANTS:-}; do
-    row "ours $v" "$TMP/ours$v.json" \
-      "$BIN" --config "$cfg" --inputs "$TMP/in.safetensors" --warmup "$WARMUP" --steps "$STEPS" \
-      "${ours[@]}" "$v" --attention "$first"
-    runs+=("$TMP/ours$v.json")
-  done
+      "${ours[@]}" "$@"
+    runs+=("$file")
+  }
+  ours_row "ours --attention $first" "$TMP/ours-$first.json" --attention "$first"
   # Every row of ours writes the same inputs (config and seed) before it starts, so the peers
   # have them even where ours failed; without any, they fail as rows too.
   row "torch (bench/train_step_torch.py)" "$TMP/torch.json" \
@@ -99,6 +104,18 @@ for cfg in "${CONFIGS[@]}"; do
     n=$((n + 1)); out="$TMP/extra-$n.json"
     row "$extra" "$out" "$PY" "$extra" --inputs "$TMP/in.safetensors" "${peer[@]}"
     runs+=("$out")
+  done
+  for att in ${ATTENTION#"$first"}; do
+    ours_row "ours --attention $att" "$TMP/ours-$att.json" --attention "$att"
+  done
+  # Out of GPU memory without activation checkpointing (ViT-H at batch 24 may be): the same row
+  # once more with it, so the config still gets a row of ours.
+  if [ "${CHECKPOINT:-0}" != 1 ] && grep -qi "out of memory\|OUT_OF_MEMORY" "$TMP/ours-$first.json.err"; then
+    ours_row "ours --attention $first --checkpoint-activations (after out of memory)" "$TMP/ours-ckpt.json" \
+      --attention "$first" --checkpoint-activations
+  fi
+  for v in ${VARIANTS:-}; do
+    ours_row "ours $v" "$TMP/ours$v.json" "$v" --attention "$first"
   done
   if [ "${COMPILE:-0}" = 1 ]; then
     row "torch.compile (bench/train_step_torch.py --compile)" "$TMP/compile.json" \
