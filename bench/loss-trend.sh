@@ -20,9 +20,10 @@ if [ "$DEVICE" = cpu ]; then DTYPES=f32; else DTYPES="${DTYPES:-${DTYPE:-bf16 f3
 OUT="${OUT:-target/loss-trend}"
 VJEPA="${VJEPA:-$(bench/build-bin.sh vjepa-pipeline vjepa "$DEVICE")}"
 PY="${PYTHON:-python3}"
-mkdir -p "$OUT"
+mkdir -p "$OUT"; OUT="$(cd "$OUT" && pwd)"
 [ -d "$OUT/videos" ] || "$VJEPA" make-samples "$OUT/videos" --count 12 >/dev/null
-# The config with meta.dtype set (replaced if present, else added to meta), no metrics server.
+# The config with meta.dtype set (replaced if present, else added to meta), no metrics server,
+# one worker (a GPU takes one; the CPU run the same, so both compute the same batches alike).
 config_for() {
   local meta
   case "$1" in bf16) meta=bfloat16 ;; f32) meta=float32 ;; *) echo "loss-trend.sh: DTYPES are bf16 or f32" >&2; exit 2 ;; esac
@@ -30,7 +31,7 @@ config_for() {
     sed "s#^  dtype: .*#  dtype: $meta#" "$CONFIG"
   else
     sed "s#^meta:#meta:\n  dtype: $meta#" "$CONFIG"
-  fi | sed "s#^  listen: .*#  listen: null#" > "$OUT/config-$1.yaml"
+  fi | sed -e "s#^  listen: .*#  listen: null#" -e "s#^  count: .*#  count: 1#" > "$OUT/config-$1.yaml"
   grep -q "dtype: $meta" "$OUT/config-$1.yaml" || { echo "loss-trend.sh: no meta section in $CONFIG" >&2; exit 1; }
 }
 runs=("cpu f32 run-cpu")
@@ -44,10 +45,10 @@ for r in "${runs[@]}"; do
   run="$OUT/$name"
   rm -rf "$run"
   echo "training $STEPS steps on $dev ($dt) ..." >&2
-  "$VJEPA" train --config "$OUT/config-$dt.yaml" --dataset "$PWD/$OUT/videos/" --out "$PWD/$run/" \
+  "$VJEPA" train --config "$OUT/config-$dt.yaml" --dataset "$OUT/videos/" --out "$run/" \
     --max-steps "$STEPS" --device "$dev" --fresh > "$OUT/$name.log" 2>&1 \
     || { echo "loss-trend.sh: training on $dev ($dt) failed: $OUT/$name.log" >&2; exit 1; }
-  "$VJEPA" metrics "$PWD/$run/" > "$OUT/$name.jsonl"
+  "$VJEPA" metrics "$run/" > "$OUT/$name.jsonl"
   names+=("$dev $dt $OUT/$name.jsonl")
 done
 "$PY" - "${names[@]}" <<'PYEOF' | tee "$OUT/results.md"

@@ -56,7 +56,10 @@ impl ComputeDevice {
 
     /// The candle device. A CUDA device is set up for training: its memory pool keeps freed
     /// memory (see `kernels::cuda::keep_pool_memory`), so steps do not re-map their
-    /// activations after every synchronisation.
+    /// activations after every synchronisation. Each ordinal is opened once per process and
+    /// shared: candle gives every `Device::new_cuda` a new identity, and tensors of two
+    /// identities refuse to meet in one op even on the same GPU (e.g. a probe head opened
+    /// beside its backbone), besides each bringing its own kernel modules and handles.
     pub fn open(self) -> Result<Device, ModelError> {
         match self {
             ComputeDevice::Cpu => Ok(Device::Cpu),
@@ -67,11 +70,22 @@ impl ComputeDevice {
 
 #[cfg(feature = "cuda")]
 fn open_cuda(ordinal: usize) -> Result<Device, ModelError> {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    static OPEN: OnceLock<Mutex<HashMap<usize, Device>>> = OnceLock::new();
+    let mut open = OPEN
+        .get_or_init(Default::default)
+        .lock()
+        .map_err(|_| ModelError::Input("the open CUDA devices' lock is poisoned".into()))?;
+    if let Some(dev) = open.get(&ordinal) {
+        return Ok(dev.clone());
+    }
     let dev = Device::new_cuda(ordinal)
         .map_err(|e| ModelError::Unsupported(format!("no CUDA device {ordinal}: {e}")))?;
     if let Device::Cuda(d) = &dev {
         crate::kernels::cuda::keep_pool_memory(d)?;
     }
+    open.insert(ordinal, dev.clone());
     Ok(dev)
 }
 

@@ -438,6 +438,9 @@ pub(crate) fn optimise(
     let c = optim.schedule();
     let lr = schedule::lr(&c, step);
     let wd = schedule::weight_decay(&c, step);
+    // The backward pass is queued before the loss is read: on a GPU the read then waits for
+    // the whole pass instead of stalling the host between forward and backward.
+    let mut grads: GradStore = loss.backward()?;
     let loss_value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
     if !loss_value.is_finite() {
         return Err(ModelError::NonFiniteLoss {
@@ -445,7 +448,6 @@ pub(crate) fn optimise(
             loss: loss_value,
         });
     }
-    let mut grads: GradStore = loss.backward()?;
     if let Some(side) = side {
         side.merge_into(&mut grads)?;
     }

@@ -1054,8 +1054,21 @@ impl JobConfig {
     /// The compute device of `workers.device` (refused, naming the key, when it is not `cpu`,
     /// `cuda` or `cuda:N`, or is CUDA in a build without the `cuda` feature).
     pub fn device(&self) -> Result<ComputeDevice, ConfigError> {
-        ComputeDevice::parse(&self.raw.workers.device)
-            .map_err(|e| ConfigError::invalid("workers.device (--device)", e.to_string()))
+        let device = ComputeDevice::parse(&self.raw.workers.device)
+            .map_err(|e| ConfigError::invalid("workers.device (--device)", e.to_string()))?;
+        // Worker threads of one process share its GPU: replicas of the model on one device
+        // gain nothing, and candle's matmuls would share one cuBLAS handle across threads.
+        if device.is_cuda() && self.raw.workers.count > 1 {
+            return Err(ConfigError::invalid(
+                "workers.count",
+                format!(
+                    "{} worker threads would share {device}: a GPU takes one worker (set \
+                     workers.count: 1; its decode threads are workers.decode_threads)",
+                    self.raw.workers.count
+                ),
+            ));
+        }
+        Ok(device)
     }
 
     /// The video decoders of `workers.video_decoder` (a wrong name is refused naming the key;
@@ -1609,6 +1622,17 @@ mod tests {
                 assert_eq!(e.key(), Some("workers.device (--device)"), "{e}");
                 assert!(e.to_string().contains("`cuda` feature"), "{e}");
             }
+        }
+        // A GPU takes one worker thread (checked where the device parses: a `cuda` build).
+        let two = JobConfig::parse(&format!(
+            "{OFFICIAL_VITL16}\nworkers:\n  device: cuda\n  count: 2\n"
+        ));
+        if vjepa_model::device::CUDA_BUILT {
+            let e = two.unwrap_err();
+            assert_eq!(e.key(), Some("workers.count"), "{e}");
+            assert!(e.to_string().contains("a GPU takes one worker"), "{e}");
+        } else {
+            assert!(two.is_err());
         }
         let mut cfg = JobConfig::parse(OFFICIAL_VITL16).unwrap();
         let err = cfg.apply_device_flag(Some("tpu".into())).unwrap_err();
