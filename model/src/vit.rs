@@ -446,6 +446,9 @@ pub struct Encoder {
     cfg: EncoderConfig,
     patch_embed: PatchEmbed,
     pos_embed: Tensor,
+    /// The position table resized to the last other token grid clips came in (the resize
+    /// runs on the host: once per grid, not once per forward pass).
+    resized_pos: std::sync::Arc<std::sync::Mutex<Option<((usize, usize, usize), Tensor)>>>,
     blocks: Vec<Block>,
     norm: LayerNorm,
     /// The tensors the modules were built from, in [`Self::param_specs`] order (shared storage).
@@ -506,6 +509,7 @@ impl Encoder {
             cfg: cfg.clone(),
             patch_embed: PatchEmbed::load(params, "patch_embed", cfg)?,
             pos_embed,
+            resized_pos: Default::default(),
             blocks,
             norm: LayerNorm::load(params, "norm", cfg.embed_dim, LN_EPS)?,
             params: named,
@@ -586,12 +590,27 @@ impl Encoder {
     /// configuration).
     pub fn embed_patches(&self, p: &Patches) -> Result<Tensor, ModelError> {
         let tokens = self.patch_embed.forward_patches(p)?;
-        let pos = pos_embed::resize_table(
-            &self.pos_embed,
-            self.cfg.grid(),
-            p.geo.grid,
-            self.cfg.table_layout(),
-        )?;
+        let pos = if p.geo.grid == self.cfg.grid() {
+            self.pos_embed.clone()
+        } else {
+            let mut cached = self
+                .resized_pos
+                .lock()
+                .map_err(|_| ModelError::Input("pos embed cache: lock poisoned".into()))?;
+            match cached.as_ref() {
+                Some((grid, t)) if *grid == p.geo.grid => t.clone(),
+                _ => {
+                    let t = pos_embed::resize_table(
+                        &self.pos_embed,
+                        self.cfg.grid(),
+                        p.geo.grid,
+                        self.cfg.table_layout(),
+                    )?;
+                    *cached = Some((p.geo.grid, t.clone()));
+                    t
+                }
+            }
+        };
         Ok(tokens.broadcast_add(&pos)?)
     }
 
