@@ -440,6 +440,9 @@ pub fn check_clips(cfg: &EncoderConfig, clips: &Tensor) -> Result<usize, ModelEr
     Ok(geo.batch)
 }
 
+/// A position table resized to a token grid (t, h, w).
+type ResizedPos = ((usize, usize, usize), Tensor);
+
 /// The ViT encoder (also used, with its own weights, as the EMA target encoder).
 #[derive(Clone, Debug)]
 pub struct Encoder {
@@ -448,7 +451,7 @@ pub struct Encoder {
     pos_embed: Tensor,
     /// The position table resized to the last other token grid clips came in (the resize
     /// runs on the host: once per grid, not once per forward pass).
-    resized_pos: std::sync::Arc<std::sync::Mutex<Option<((usize, usize, usize), Tensor)>>>,
+    resized_pos: std::sync::Arc<std::sync::Mutex<Option<ResizedPos>>>,
     blocks: Vec<Block>,
     norm: LayerNorm,
     /// The tensors the modules were built from, in [`Self::param_specs`] order (shared storage).
