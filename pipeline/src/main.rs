@@ -775,8 +775,10 @@ fn main() -> ExitCode {
     }
 }
 
-/// `vjepa gpu-check`: prints each row as it completes, then the tables; exit 1 on any FAIL
-/// (2 when the device or a kernel launch fails).
+/// `vjepa gpu-check`: prints each row to stdout as it completes (a run cut short still shows
+/// its rows there; once, as scripts merging stderr count them), then the tables; exit 1 on any
+/// FAIL (2 when the device or a kernel launch fails, after writing `--json` with what was
+/// gathered and the error).
 #[cfg(feature = "cuda")]
 fn gpu_check(
     device: usize,
@@ -786,46 +788,67 @@ fn gpu_check(
     json: Option<&std::path::Path>,
 ) -> ExitCode {
     use vjepa_model::kernels::gpu_check as gc;
+    let mut checks = Vec::new();
+    let mut timings = gc::Timings::default();
+    // An error that ends the run: said, and written into the JSON with what was gathered; an
+    // untimed run gets a timing failure too, so that a reader counting those does not take it
+    // for a clean one.
+    let fail = |what: String, checks: &[gc::CheckRow], timings: &mut gc::Timings| {
+        eprintln!("error: {what}");
+        if timing {
+            timings.failures.push(gc::TimingFailure {
+                op: "gpu-check timings".into(),
+                dtype: String::new(),
+                error: format!("not finished: {what}"),
+            });
+        }
+        // The run already fails (exit 2); a JSON that cannot be written is only said.
+        write_gpu_check_json(json, checks, timings, Some(&what));
+        ExitCode::from(2)
+    };
     let dev = match vjepa_model::Device::new_cuda(device) {
         Ok(d) => d,
         Err(e) => {
-            eprintln!("error: no CUDA device {device}: {e}");
-            return ExitCode::from(2);
+            return fail(
+                format!("no CUDA device {device}: {e}"),
+                &checks,
+                &mut timings,
+            );
         }
     };
-    let mut checks = Vec::new();
     if check {
-        match gc::run_checks(&dev, |r| {
-            eprintln!(
+        let mut gathered = Vec::new();
+        let r = gc::run_checks(&dev, |r| {
+            let line = format!(
                 "check {:<28} {:<24} {:<5} {:.3e} {}",
                 r.op,
                 r.case,
                 r.dtype,
                 r.max_rel_err,
                 if r.pass { "PASS" } else { "FAIL" }
-            )
-        }) {
+            );
+            println!("{line}");
+            gathered.push(r.clone());
+        });
+        match r {
             Ok(rows) => checks = rows,
-            Err(e) => {
-                eprintln!("error: gpu-check: {e}");
-                return ExitCode::from(2);
-            }
+            Err(e) => return fail(format!("gpu-check: {e}"), &gathered, &mut timings),
         }
         println!("{}", gc::format_checks(&checks));
     }
-    let mut timings = gc::Timings::default();
     if timing {
-        match gc::run_timings(&dev, runs, |r| {
-            eprintln!(
-                "time {:<30} {:<24} {:<5} {:.3} ms",
-                r.op, r.shape, r.dtype, r.median_ms
-            )
-        }) {
-            Ok(t) => timings = t,
-            Err(e) => {
-                eprintln!("error: gpu-check timings: {e}");
-                return ExitCode::from(2);
-            }
+        let r = gc::run_timings(&dev, runs, &mut timings, |r| {
+            let line = match r {
+                Ok(r) => format!(
+                    "time {:<30} {:<24} {:<5} {:.3} ms",
+                    r.op, r.shape, r.dtype, r.median_ms
+                ),
+                Err(f) => format!("time {:<30} {:<5} NOT TIMED: {}", f.op, f.dtype, f.error),
+            };
+            println!("{line}");
+        });
+        if let Err(e) = r {
+            return fail(format!("gpu-check timings: {e}"), &checks, &mut timings);
         }
         println!("{}", gc::format_timings(&timings.rows));
         // Shown, not fatal: a timing is a figure, not a check (the exit status is the checks').
@@ -833,16 +856,8 @@ fn gpu_check(
             println!("NOT TIMED {} ({}): {}", f.op, f.dtype, f.error);
         }
     }
-    if let Some(path) = json {
-        let doc = serde_json::json!({
-            "checks": checks,
-            "timings": timings.rows,
-            "timing_failures": timings.failures,
-        });
-        if let Err(e) = std::fs::write(path, doc.to_string()) {
-            eprintln!("error: writing {}: {e}", path.display());
-            return ExitCode::from(2);
-        }
+    if !write_gpu_check_json(json, &checks, &timings, None) {
+        return ExitCode::from(2);
     }
     let failed = checks.iter().filter(|r| !r.pass).count();
     if failed > 0 {
@@ -853,6 +868,35 @@ fn gpu_check(
         println!("gpu-check: all {} checks passed", checks.len());
     }
     ExitCode::SUCCESS
+}
+
+/// Writes gpu-check's `--json` (if asked for): the check rows, the timings and their failures,
+/// and `error` when the run ended on one. False (said on stderr) when it could not be written.
+#[cfg(feature = "cuda")]
+fn write_gpu_check_json(
+    json: Option<&std::path::Path>,
+    checks: &[vjepa_model::kernels::gpu_check::CheckRow],
+    timings: &vjepa_model::kernels::gpu_check::Timings,
+    error: Option<&str>,
+) -> bool {
+    let Some(path) = json else {
+        return true;
+    };
+    let mut doc = serde_json::json!({
+        "checks": checks,
+        "timings": timings.rows,
+        "timing_failures": timings.failures,
+    });
+    if let Some(e) = error {
+        doc["error"] = serde_json::Value::from(e);
+    }
+    match std::fs::write(path, doc.to_string()) {
+        Ok(()) => true,
+        Err(e) => {
+            eprintln!("error: writing {}: {e}", path.display());
+            false
+        }
+    }
 }
 
 /// The S3 settings a command reaches object-store URLs with: the `storage.s3` of `config` when
