@@ -33,6 +33,8 @@ doc = json.load(open(sys.argv[2])) if "torch" not in missing else {"torch": "?",
 torch = {(r["op"], r["dtype"]): r["median_ms"] for r in doc["rows"]}
 for side in missing:
     print(f"NO TIMINGS ({side}): its run failed or was cut before writing them")
+if ours_doc.get("error"):
+    print(f"ours ended early: {ours_doc['error']}")
 print(f"ours vs torch {doc['torch']} on {doc['device']} (median ms of the same shapes)")
 peak = torch.get(("gemm peak (a @ b)", "bfloat16"))
 if peak:
