@@ -194,13 +194,25 @@ mod pinned {
             // Allocated on the copy stream, which writes it: stream-ordered memory may only be
             // touched in its stream's order, and on the compute stream the pool could hand out
             // memory that step's queued kernels still use (freed in stream order, not yet run)
-            // while the copy would write it at once. The copy records the write, which the
-            // compute stream's first read of `out` waits for (cudarc's event tracking: memcpy
-            // takes `out` as `&mut`); its free waits for the last read.
+            // while the copy would write it at once.
             // SAFETY: the copy below writes all `total` elements.
             let mut out = unsafe { copy.alloc::<T>(total) }.map_err(|e| err("device", &e))?;
             copy.memcpy_htod(&*buf, &mut out)
                 .map_err(|e| err("host-to-device copy", &e))?;
+            // Then handed to the compute stream: it waits for the copy (queued after the work
+            // already on it, so the copy still overlaps that), and the slice becomes its own.
+            // candle's raw-pointer paths (casts, `cat`'s copies, ...) order and record through
+            // the slice's stream, and the buffer is freed there after its last reader.
+            let compute = dev.cuda_stream();
+            let copied = copy.record_event(None).map_err(|e| err("copy event", &e))?;
+            compute
+                .wait(&copied)
+                .map_err(|e| err("waiting for the copy", &e))?;
+            let ptr = out.leak();
+            // SAFETY: `ptr` holds the `total` elements of `T` the copy writes, which the compute
+            // stream now waits for; the leaked slice gave up ownership, which this one takes
+            // (and frees on the compute stream).
+            let out = unsafe { compute.upgrade_device_ptr::<T>(ptr, total) };
             let storage = CudaStorage::wrap_cuda_slice(out, dev.clone());
             Ok(Tensor::from_storage(
                 Storage::Cuda(storage),

@@ -71,8 +71,12 @@ impl<T> Pending<T> {
             .recv()
             .map_err(|_| ModelError::Input("the target lane stopped before its result".into()))?;
         // Joined whatever the job's outcome: even a failed pass may have queued work on
-        // buffers the caller frees next.
-        marker?.wait_here(device)?;
+        // buffers the caller frees next. Where the marker itself failed, the whole device is
+        // waited for before the result (the lane's tensors) can be dropped.
+        if let Err(e) = marker.and_then(|m| m.wait_here(device)) {
+            sync_device(device);
+            return Err(e);
+        }
         result
     }
 }
@@ -169,6 +173,19 @@ impl Drop for TargetLane {
             let _ = t.join();
         }
     }
+}
+
+/// Waits for everything queued on `device` by any thread (the fallback join; errors are only
+/// logged: the caller is already failing).
+fn sync_device(device: &Device) {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device
+        && let Err(e) = d.cuda_stream().context().synchronize()
+    {
+        tracing::warn!("target lane: synchronising the device failed: {e}");
+    }
+    #[cfg(not(feature = "cuda"))]
+    let _ = device;
 }
 
 /// A point in the calling thread's stream of work on a GPU (nothing on the CPU, where every op

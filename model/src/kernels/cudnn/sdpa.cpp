@@ -259,7 +259,8 @@ int vjepa_cudnn_load(const char *path) {
 #if defined(CUDA_VERSION) && CUDA_VERSION >= 13000
     // The frontend opens its own CUDA runtime and prefers libcudart.so.12 when both majors are
     // on the loader path, while this binary runs on 13: refuse that with the way out.
-    if (std::getenv("CUDNN_FRONTEND_CUDART_LIB_NAME") == nullptr) {
+    const char *named = std::getenv("CUDNN_FRONTEND_CUDART_LIB_NAME");
+    if (named == nullptr || named[0] == '\0') {  // the frontend ignores an empty name too
         void *rt12 = dlopen("libcudart.so.12", RTLD_LAZY | RTLD_LOCAL);
         if (rt12 != nullptr) {
             dlclose(rt12);
