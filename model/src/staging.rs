@@ -10,10 +10,9 @@
 //! whatever the device is computing (staged during the previous step, see
 //! [`crate::VJepa::compute_gradients_overlapping`], it overlaps that step). The device buffer is
 //! allocated on the copy stream, which writes it (stream-ordered memory is only safe in its
-//! stream's order), and the kernels that read the batch wait for the copy through cudarc's
-//! per-buffer events (the copy records the write; candle's context tracks them across
-//! streams). The packing is split across threads by clip. On the CPU it is the plain stacking
-//! it always was.
+//! stream's order); then the compute stream waits for the copy, behind whatever it already has
+//! queued, and takes the buffer over, so its readers and its free are ordered there. The
+//! packing is split across threads by clip. On the CPU it is the plain stacking it always was.
 
 use candle_core::{DType, Device, Tensor};
 
