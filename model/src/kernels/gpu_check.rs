@@ -1081,6 +1081,28 @@ fn check_staging(
             worst_of(errs),
         ));
     }
+    // A ViT-L batch with nothing queued ahead, read at once by a cast (candle's raw-pointer
+    // path, which orders itself through the buffer's own stream) and by a launched op: the
+    // copy (~116 MB in bf16) outlasts the launch latency by far, so a missing wait for it
+    // shows as stale or partial values.
+    let (b, per) = (24usize, 3 * 16 * 224 * 224);
+    let big = inp.randn(&[b * per], 1.0)?.to_vec1::<f32>()?;
+    let clips: Vec<&[f32]> = big.chunks(per).collect();
+    let shape = (3usize, 16usize, 224usize, 224usize);
+    for dt in [DType::BF16, DType::F32] {
+        let g = crate::ClipStager::new(dev).stage(&clips, shape, dt)?;
+        let cast = g.to_dtype(DType::F32)?;
+        let launched = (g.affine(1.0, 0.0)?).to_dtype(DType::F32)?;
+        let cpu = crate::ClipStager::new(&Device::Cpu)
+            .stage(&clips, shape, dt)?
+            .to_dtype(DType::F32)?;
+        push(row(
+            "staging (page-locked, copy stream)",
+            format!("{b} clips 3x16x224x224, idle, read at once"),
+            dt,
+            worst_of([rel_err(&cast, &cpu)?, rel_err(&launched, &cpu)?]),
+        ));
+    }
     Ok(())
 }
 
