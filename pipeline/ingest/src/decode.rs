@@ -109,6 +109,10 @@ pub struct DecodeStats {
     pub seeks: u32,
     /// Unreferenced, unwanted frames dropped before the decoder.
     pub frames_skipped: u64,
+    /// The frames came from an NVDEC decoder (`false`: software, or no video decoder ran).
+    /// In NVDEC mode a software decoder takes over for codecs NVDEC lacks and where no NVDEC
+    /// element could open, so counting this is how a run tells how much NVDEC really decoded.
+    pub nvdec: bool,
     /// Wall-clock time of the call.
     pub elapsed: Duration,
 }
@@ -266,6 +270,8 @@ struct Shared {
     refuse: Option<(QuarantineReason, String)>,
     /// `autoplug-continue` calls so far (the first one carries the type-find result).
     autoplug_calls: u32,
+    /// The video decoder behind the linked video pad.
+    video_decoder: Option<hwdecode::UsedDecoder>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -434,6 +440,7 @@ impl Decoder {
                 bytes_read = st.bytes_read,
                 frames_decoded = st.frames_decoded,
                 seeks = st.seeks,
+                nvdec = st.nvdec,
                 elapsed_ms = st.elapsed.as_secs_f64() * 1e3,
                 "decoded clip"
             ),
@@ -475,6 +482,9 @@ impl Decoder {
         let result = self.run(&pipe, sink, started, stats, facts, frames_hint);
         drop(guard);
         stats.frames_skipped += lock(&pipe.skip).dropped;
+        if let Some(used) = &lock(&pipe.shared).video_decoder {
+            stats.nvdec = used.nvdec;
+        }
         lock(&pipe.feed).source = None;
         let fakesinks = std::mem::take(&mut lock(&pipe.shared).fakesinks);
         for s in fakesinks {
@@ -561,11 +571,15 @@ impl Decoder {
             .name("decode")
             .build()
             .map_err(|e| fatal("creating decodebin", e))?;
-        hwdecode::connect(&decodebin, self.opts.video_decoder)?;
         let convert = gst::ElementFactory::make("videoconvert")
             .name("convert")
             .build()
             .map_err(|e| fatal("creating videoconvert", e))?;
+        let convert_sink = convert
+            .static_pad("sink")
+            .ok_or_else(|| IngestError::Fatal("videoconvert has no sink pad".into()))?;
+        // NVDEC mode answers the decoders' caps queries with what `videoconvert` takes.
+        hwdecode::connect(&decodebin, self.opts.video_decoder, &convert_sink)?;
         // 8-bit 4:2:0: passthrough for most streams; videoconvert converts the rest (10-bit,
         // 4:4:4, NV12, …). Colour conversion happens later, on output pixels only.
         let i420 = gst::Caps::builder("video/x-raw")
@@ -619,13 +633,11 @@ impl Decoder {
             Some(keep_going.to_value())
         });
 
-        let convert_sink = convert
-            .static_pad("sink")
-            .ok_or_else(|| IngestError::Fatal("videoconvert has no sink pad".into()))?;
         let shared_pa = Arc::clone(&shared);
         let pipeline_weak = pipeline.downgrade();
+        let kind = self.opts.video_decoder;
         decodebin.connect_pad_added(move |_, pad| {
-            on_pad_added(pad, &convert_sink, &pipeline_weak, &shared_pa);
+            on_pad_added(pad, &convert_sink, &pipeline_weak, &shared_pa, kind);
         });
         let shared_nmp = Arc::clone(&shared);
         decodebin.connect_no_more_pads(move |_| {
@@ -1395,6 +1407,7 @@ fn on_pad_added(
     convert_sink: &gst::Pad,
     pipeline: &gst::glib::WeakRef<gst::Pipeline>,
     shared: &Mutex<Shared>,
+    kind: VideoDecoderKind,
 ) {
     let caps = pad.current_caps().unwrap_or_else(|| pad.query_caps(None));
     let name = caps
@@ -1417,7 +1430,11 @@ fn on_pad_added(
             match pad.link(convert_sink) {
                 Ok(_) => {
                     st.video_linked = true;
-                    tracing::trace!(%caps, "video pad linked");
+                    st.video_decoder = hwdecode::used_decoder(pad);
+                    if let Some(used) = &st.video_decoder {
+                        hwdecode::log_first_use(used, kind);
+                    }
+                    tracing::trace!(%caps, decoder = ?st.video_decoder, "video pad linked");
                 }
                 Err(e) => {
                     st.refuse.get_or_insert((
