@@ -153,13 +153,19 @@ for r in rows:
     print(f"| {r['impl']} | {s:.4f} | {batch / s:.1f} | {tflops} | {mfu} | {mem} "
           f"| {s / ours['median_s']:.2f}× |")
 for r in rows:
+    if r.get("memory_used_bytes") and r.get("peak_reserved_bytes"):
+        print(f"{r['impl']}: {r['memory_used_bytes'] / 2**30:.1f} GiB of device memory in use after the run "
+              "(the CUDA context, kernels and library workspaces included; the table's figure is the pool's peak)")
     if r.get("stage_s") is not None:
         print(f"{r['impl']}: packing and uploading one batch {1e3 * r['stage_s']:.1f} ms "
               "(the job's per-step cost, outside the step times above)")
     g = r.get("cudnn_graphs")
     if g:
-        print(f"{r['impl']}: {g['built']} cuDNN attention graphs built, {g['build_s']:.2f} s "
-              "(inside the timed steps whenever a step brings a new context length)")
+        timed = ""
+        if "built_timed" in g:
+            timed = f"; {g['built_timed']} of them, {g['build_s_timed']:.2f} s, inside the timed steps"
+        print(f"{r['impl']}: {g['built']} cuDNN attention graphs built, {g['build_s']:.2f} s, in all"
+              f"{timed} (a step builds them when it brings a new context length)")
 print("first losses: " + "; ".join(
     f"{r['impl']} " + ", ".join(f"{l:.4f}" for l in r["losses"][:3]) for r in done))
 PYEOF

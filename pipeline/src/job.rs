@@ -905,8 +905,11 @@ fn run_worker_inner(
     model.set_compute_dtype(shared.dtype)?;
     model.set_activation_checkpointing(cfg.raw.model.activation_checkpointing)?;
     model.set_target_stream(cfg.raw.model.target_stream)?;
-    // Every replica starts bit-identical (same seed, or the same checkpoint).
-    check_digests(worker, &mut collective, &model, shared.first_step, shared)?;
+    // Every replica starts bit-identical (same seed, or the same checkpoint). A lone worker has
+    // nothing to compare (and the digest reads the whole model to the host).
+    if peers > 1 {
+        check_digests(worker, &mut collective, &model, shared.first_step, shared)?;
+    }
     if index == 0 {
         let (e, p) = model.num_trainable_params();
         tracing::info!(

@@ -223,7 +223,11 @@ fn main() -> Result<()> {
     stage_times.sort_by(f64::total_cmp);
     let mut times = Vec::with_capacity(args.steps);
     let mut losses = Vec::with_capacity(total);
+    let mut graphs_before_timed = None;
     for (i, batch) in batches.iter().enumerate() {
+        if i == args.warmup {
+            graphs_before_timed = cudnn_graph_count();
+        }
         let start = Instant::now();
         let stats = model.train_step(batch)?;
         // The optimiser and EMA kernels run after the loss is read: wait for them too.
@@ -247,13 +251,14 @@ fn main() -> Result<()> {
             "activation_checkpointing": model.activation_checkpointing(),
             "target_stream": model.target_stream(),
             "target_lane_passes": model.target_lane_passes(),
-            "cudnn_graphs": cudnn_graphs(),
+            "cudnn_graphs": cudnn_graphs(graphs_before_timed),
             "stage_s": stage_times.get(stage_times.len() / 2),
             "config": args.config.display().to_string(),
             "device": args.device.to_string(),
             "dtype": if args.bf16 { "bf16" } else { "f32" },
             "batch_size": batch_size,
             "memory_used_bytes": memory_used(&device)?,
+            "peak_reserved_bytes": peak_reserved(&device)?,
             "step_s": times,
             "median_s": median,
             "losses": losses,
@@ -293,24 +298,42 @@ fn index_tensor(rows: &[Vec<u32>]) -> Result<Tensor> {
     Ok(Tensor::from_vec(flat, (rows.len(), k), &Device::Cpu)?)
 }
 
-/// cuDNN attention graphs built during the run and their build seconds (they are built inside
-/// the timed steps whenever a step brings a new context length), or `null` without `cudnn`.
-fn cudnn_graphs() -> serde_json::Value {
+/// cuDNN attention graphs built so far in this process and their build seconds, or `None`
+/// without `cudnn`.
+fn cudnn_graph_count() -> Option<(usize, f64)> {
+    #[cfg(feature = "cudnn")]
+    {
+        Some(vjepa_model::kernels::cudnn::graph_stats())
+    }
+    #[cfg(not(feature = "cudnn"))]
+    None
+}
+
+/// cuDNN attention graphs built during the run and their build seconds, in all and within the
+/// timed steps (those after `before_timed`, the count when they began: a timed step builds
+/// graphs only when it brings a new context length), or `null` without `cudnn`.
+fn cudnn_graphs(before_timed: Option<(usize, f64)>) -> serde_json::Value {
     #[cfg(feature = "cudnn")]
     {
         use vjepa_model::kernels::cudnn;
         let (n, secs) = cudnn::graph_stats();
+        let (n0, s0) = before_timed.unwrap_or((0, 0.0));
         let (refused, why) = cudnn::dynamic_refusals();
         serde_json::json!({
             "built": n,
             "build_s": secs,
+            "built_timed": n.saturating_sub(n0),
+            "build_s_timed": secs - s0,
             "dynamic_shapes": cudnn::dynamic_shapes(),
             "dynamic_refused": refused,
             "dynamic_refused_why": why,
         })
     }
     #[cfg(not(feature = "cudnn"))]
-    serde_json::Value::Null
+    {
+        let _ = before_timed;
+        serde_json::Value::Null
+    }
 }
 
 /// Device memory in use after the run (CUDA: see `device_memory_used`; `null` on the CPU).
@@ -324,5 +347,20 @@ fn memory_used(device: &Device) -> Result<Option<usize>> {
 
 #[cfg(not(feature = "cuda"))]
 fn memory_used(_device: &Device) -> Result<Option<usize>> {
+    Ok(None)
+}
+
+/// The memory pool's reserved high-water mark (CUDA: see `pool_reserved_high`, the figure
+/// torch's `max_memory_reserved` gives for its peer row; `null` on the CPU).
+#[cfg(feature = "cuda")]
+fn peak_reserved(device: &Device) -> Result<Option<u64>> {
+    Ok(match device {
+        Device::Cuda(d) => Some(vjepa_model::kernels::cuda::pool_reserved_high(d)?),
+        _ => None,
+    })
+}
+
+#[cfg(not(feature = "cuda"))]
+fn peak_reserved(_device: &Device) -> Result<Option<u64>> {
     Ok(None)
 }

@@ -250,6 +250,36 @@ pub fn keep_pool_memory(dev: &CudaDevice) -> Result<()> {
     Ok(())
 }
 
+/// The most bytes the device's default memory pool has held at once (its reserved high-water
+/// mark: what `torch.cuda.max_memory_reserved` reports for torch's caching allocator), for
+/// benchmarks. Excludes the CUDA context, kernel images and library workspaces allocated
+/// outside the pool.
+pub fn pool_reserved_high(dev: &CudaDevice) -> Result<u64> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let stream = dev.cuda_stream();
+    let ctx = stream.context();
+    ctx.bind_to_thread().w()?;
+    let mut pool = std::mem::MaybeUninit::<sys::CUmemoryPool>::uninit();
+    // SAFETY: the out-pointer is valid; the device handle comes from the live context.
+    unsafe { sys::cuDeviceGetDefaultMemPool(pool.as_mut_ptr(), ctx.cu_device()) }
+        .result()
+        .w()?;
+    // SAFETY: initialised by the successful call above.
+    let pool = unsafe { pool.assume_init() };
+    let mut high = 0u64;
+    // SAFETY: RESERVED_MEM_HIGH is a cuuint64_t.
+    unsafe {
+        sys::cuMemPoolGetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH,
+            (&mut high as *mut u64).cast(),
+        )
+    }
+    .result()
+    .w()?;
+    Ok(high)
+}
+
 /// Bytes of the device's memory in use (total − free, the CUDA context included), for
 /// benchmarks: with [`keep_pool_memory`] freed blocks stay with the process, so after a run this
 /// is its peak reservation plus the context.
