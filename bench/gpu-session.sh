@@ -113,7 +113,7 @@ for phase in ${PHASES:-check ops step}; do
       # cuBLASLt's epilogues are the Linear op's default: should only their rows fail (a wrong
       # number, or an error row, which carries the bare op name), the rest of this call runs
       # without them (and later calls should set VJEPA_CUBLASLT=0).
-      if grep -E "^(check +)?linear( fwd| bwd)? " "$P/check.txt" | grep -q FAIL \
+      if grep -E "^(check +)?linear( fwd| bwd)?  " "$P/check.txt" | grep -q FAIL \
         && ! grep -E "^(check +)?linear \(cuBLAS \+ bias kernels\)" "$P/check.txt" | grep -q FAIL; then
         export VJEPA_CUBLASLT=0
         echo "cuBLASLt Linear rows failed, the classic ones pass: VJEPA_CUBLASLT=0 from here on (set it for later calls too)" \
