@@ -117,9 +117,19 @@ impl Backbone {
                     bytes, device,
                 )?)));
             }
-            let model = Pretrainer::from_safetensors(bytes, device)?;
+            if device.is_cpu() {
+                let model = Pretrainer::from_safetensors(bytes, device)?;
+                tracing::info!(checkpoint = name, objective = %model.objective(), "model loaded");
+                return Ok(Backbone::Model(Box::new(model)));
+            }
+            // On a GPU only the encoder evaluation reads goes to the device: the checkpoint
+            // also holds the online encoder, the predictor and both AdamW moments, about four
+            // times the memory (some 10 GB at ViT-H), which nothing here reads.
+            let model = Pretrainer::from_safetensors(bytes, &Device::Cpu)?;
             tracing::info!(checkpoint = name, objective = %model.objective(), "model loaded");
-            return Ok(Backbone::Model(Box::new(model)));
+            let encoder =
+                Encoder::from_safetensors(&model.eval_encoder().to_safetensors()?, device)?;
+            return Ok(Backbone::Encoder(Box::new(encoder)));
         }
         let (encoder, section) = vjepa_model::encoder_from_pth(bytes, cfg, device)
             .with_context(|| format!("reading {name} as an official-layout checkpoint"))?;
