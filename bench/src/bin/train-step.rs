@@ -241,6 +241,7 @@ fn main() -> Result<()> {
     let mut sorted = times.clone();
     sorted.sort_by(f64::total_cmp);
     let median = sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN);
+    let (memory_used, peak_reserved) = device_memory(&device)?;
     println!(
         "{}",
         serde_json::json!({
@@ -257,8 +258,8 @@ fn main() -> Result<()> {
             "device": args.device.to_string(),
             "dtype": if args.bf16 { "bf16" } else { "f32" },
             "batch_size": batch_size,
-            "memory_used_bytes": memory_used(&device)?,
-            "peak_reserved_bytes": peak_reserved(&device)?,
+            "memory_used_bytes": memory_used,
+            "peak_reserved_bytes": peak_reserved,
             "step_s": times,
             "median_s": median,
             "losses": losses,
@@ -336,31 +337,23 @@ fn cudnn_graphs(before_timed: Option<(usize, f64)>) -> serde_json::Value {
     }
 }
 
-/// Device memory in use after the run (CUDA: see `device_memory_used`; `null` on the CPU).
+/// Device memory after the run, `(in use, pool peak)`: total − free (the CUDA context, kernels
+/// and library workspaces included: `device_memory_used`) and the memory pool's reserved
+/// high-water mark (`pool_reserved_high`, the figure torch's `max_memory_reserved` gives for its
+/// peer row); both `null` on the CPU.
 #[cfg(feature = "cuda")]
-fn memory_used(device: &Device) -> Result<Option<usize>> {
+fn device_memory(device: &Device) -> Result<(Option<usize>, Option<u64>)> {
+    use vjepa_model::kernels::cuda;
     Ok(match device {
-        Device::Cuda(d) => Some(vjepa_model::kernels::cuda::device_memory_used(d)?),
-        _ => None,
+        Device::Cuda(d) => (
+            Some(cuda::device_memory_used(d)?),
+            Some(cuda::pool_reserved_high(d)?),
+        ),
+        _ => (None, None),
     })
 }
 
 #[cfg(not(feature = "cuda"))]
-fn memory_used(_device: &Device) -> Result<Option<usize>> {
-    Ok(None)
-}
-
-/// The memory pool's reserved high-water mark (CUDA: see `pool_reserved_high`, the figure
-/// torch's `max_memory_reserved` gives for its peer row; `null` on the CPU).
-#[cfg(feature = "cuda")]
-fn peak_reserved(device: &Device) -> Result<Option<u64>> {
-    Ok(match device {
-        Device::Cuda(d) => Some(vjepa_model::kernels::cuda::pool_reserved_high(d)?),
-        _ => None,
-    })
-}
-
-#[cfg(not(feature = "cuda"))]
-fn peak_reserved(_device: &Device) -> Result<Option<u64>> {
-    Ok(None)
+fn device_memory(_device: &Device) -> Result<(Option<usize>, Option<u64>)> {
+    Ok((None, None))
 }

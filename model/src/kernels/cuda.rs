@@ -220,11 +220,11 @@ fn stride_cfg(n: usize) -> LaunchConfig {
     }
 }
 
-/// Makes the device's stream-ordered memory pool keep freed memory instead of handing it back
-/// to the driver at every synchronisation (CUDA's default release threshold is 0, so each
-/// training step, which syncs to read its loss, would re-map all of its activations; torch's
-/// caching allocator avoids the same cost). Call once after creating the device.
-pub fn keep_pool_memory(dev: &CudaDevice) -> Result<()> {
+/// The device's default memory pool (the one `cuMemAllocAsync`, and so candle, allocates from),
+/// with the context bound to this thread.
+fn default_pool(
+    dev: &CudaDevice,
+) -> Result<candle_core::cuda_backend::cudarc::driver::sys::CUmemoryPool> {
     use candle_core::cuda_backend::cudarc::driver::sys;
     let stream = dev.cuda_stream();
     let ctx = stream.context();
@@ -235,7 +235,16 @@ pub fn keep_pool_memory(dev: &CudaDevice) -> Result<()> {
         .result()
         .w()?;
     // SAFETY: initialised by the successful call above.
-    let pool = unsafe { pool.assume_init() };
+    Ok(unsafe { pool.assume_init() })
+}
+
+/// Makes the device's stream-ordered memory pool keep freed memory instead of handing it back
+/// to the driver at every synchronisation (CUDA's default release threshold is 0, so each
+/// training step, which syncs to read its loss, would re-map all of its activations; torch's
+/// caching allocator avoids the same cost). Call once after creating the device.
+pub fn keep_pool_memory(dev: &CudaDevice) -> Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let pool = default_pool(dev)?;
     let mut threshold = u64::MAX;
     // SAFETY: RELEASE_THRESHOLD takes a cuuint64_t.
     unsafe {
@@ -256,16 +265,7 @@ pub fn keep_pool_memory(dev: &CudaDevice) -> Result<()> {
 /// outside the pool.
 pub fn pool_reserved_high(dev: &CudaDevice) -> Result<u64> {
     use candle_core::cuda_backend::cudarc::driver::sys;
-    let stream = dev.cuda_stream();
-    let ctx = stream.context();
-    ctx.bind_to_thread().w()?;
-    let mut pool = std::mem::MaybeUninit::<sys::CUmemoryPool>::uninit();
-    // SAFETY: the out-pointer is valid; the device handle comes from the live context.
-    unsafe { sys::cuDeviceGetDefaultMemPool(pool.as_mut_ptr(), ctx.cu_device()) }
-        .result()
-        .w()?;
-    // SAFETY: initialised by the successful call above.
-    let pool = unsafe { pool.assume_init() };
+    let pool = default_pool(dev)?;
     let mut high = 0u64;
     // SAFETY: RESERVED_MEM_HIGH is a cuuint64_t.
     unsafe {
