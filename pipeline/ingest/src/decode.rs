@@ -113,6 +113,9 @@ pub struct DecodeStats {
     /// In NVDEC mode a software decoder takes over for codecs NVDEC lacks and where no NVDEC
     /// element could open, so counting this is how a run tells how much NVDEC really decoded.
     pub nvdec: bool,
+    /// An NVDEC decoder failed on this clip and a software decoder decoded it again (see
+    /// [`Decoder::decode`]); the other counts cover both passes.
+    pub nvdec_fallback: bool,
     /// Wall-clock time of the call.
     pub elapsed: Duration,
 }
@@ -225,6 +228,47 @@ fn size_changed(was: (usize, usize), now: (usize, usize)) -> IngestError {
     )
 }
 
+/// Passes a sink's calls through, and gives a second pass over the same stream (NVDEC's
+/// software fallback) the first pass's plan: the sink plans (draws its random frames and crop)
+/// once per clip.
+struct Replay<'a> {
+    inner: &'a mut dyn FrameSink,
+    planned: Option<(VideoInfo, Vec<u64>)>,
+}
+
+impl FrameSink for Replay<'_> {
+    fn plan(&mut self, info: &VideoInfo) -> Vec<u64> {
+        if let Some((seen, indices)) = &self.planned
+            && seen == info
+        {
+            return indices.clone();
+        }
+        let indices = self.inner.plan(info);
+        self.planned = Some((info.clone(), indices.clone()));
+        indices
+    }
+
+    fn frame(&mut self, slot: usize, frame: &YuvFrame<'_>) -> Result<(), IngestError> {
+        self.inner.frame(slot, frame)
+    }
+
+    fn repeat(&mut self, from: usize, to: usize) -> Result<(), IngestError> {
+        self.inner.repeat(from, to)
+    }
+}
+
+/// Whether a software decoder may succeed where an NVDEC one failed with `reason`: the
+/// decoder's own failures, not the file's bytes, the store or the deadline.
+fn software_may_decode(reason: QuarantineReason) -> bool {
+    matches!(
+        reason,
+        QuarantineReason::DecodeError
+            | QuarantineReason::NoFrames
+            | QuarantineReason::Truncated
+            | QuarantineReason::UnsupportedFormat
+    )
+}
+
 /// A per-worker video decoder.
 ///
 /// It keeps one GStreamer pipeline (`appsrc ! decodebin ! videoconvert ! appsink`, I420 out)
@@ -236,6 +280,10 @@ pub struct Decoder {
     opts: DecoderOptions,
     clips: u64,
     pipe: Option<Pipe>,
+    /// The last pass ended with an NVDEC element as the video decoder.
+    nvdec_last: bool,
+    /// NVDEC mode's software decoder for clips an NVDEC decoder failed on (made on first need).
+    software: Option<Box<Decoder>>,
 }
 
 /// A built pipeline and the state its callbacks share with the polling thread.
@@ -272,6 +320,9 @@ struct Shared {
     autoplug_calls: u32,
     /// The video decoder behind the linked video pad.
     video_decoder: Option<hwdecode::UsedDecoder>,
+    /// Whether the video decoder decodebin plugged last is an NVDEC one (known before the pad
+    /// is exposed, so also when the decoder fails before its first frame).
+    plugged_nvdec: Option<bool>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -312,6 +363,8 @@ impl Decoder {
             opts,
             clips: 0,
             pipe: None,
+            nvdec_last: false,
+            software: None,
         })
     }
 
@@ -377,6 +430,12 @@ impl Decoder {
     /// not use are dropped before the decoder while frames are numbered from timestamps
     /// ([`DecoderOptions::skip_unneeded`]).
     ///
+    /// In NVDEC mode, a clip whose NVDEC decoder fails (a decode error, no frames, too few
+    /// frames, an output it cannot negotiate) is decoded again by a software decoder, from the
+    /// bytes already read and with the same plan (`sink.plan` is not called again for the same
+    /// stream info); [`DecodeStats::nvdec_fallback`] says so, and the second pass has a
+    /// deadline of its own.
+    ///
     /// Audio and subtitle streams are not decoded. Every wait is bounded by
     /// [`DecoderOptions::deadline`]; the pipeline is set to `Null` before returning.
     pub fn decode(
@@ -401,18 +460,29 @@ impl Decoder {
             object_bytes: size,
             ..DecodeStats::default()
         };
-        // A stream whose length nobody announces is counted first, then decoded for real.
-        let mut frames_hint = facts.frames;
-        let result = loop {
-            match self.attempt(&feed, sink, started, &mut stats, &facts, frames_hint) {
-                Ok(Some(counted)) if frames_hint.is_none() => {
-                    tracing::debug!(counted, "frame count unknown: counted the frames first");
-                    frames_hint = Some(counted);
-                }
-                Ok(_) => break Ok(()),
-                Err(e) => break Err(e),
-            }
+        let mut sink = Replay {
+            inner: sink,
+            planned: None,
         };
+        let mut result = self.decode_feed(&feed, &mut sink, started, &mut stats, &facts);
+        if let Err(IngestError::Quarantine { reason, detail }) = &result
+            && self.nvdec_last
+            && software_may_decode(*reason)
+        {
+            // An NVDEC decoder that opened can still fail on a stream (a profile or size it
+            // lacks, a CUDA error): decode the clip again in software rather than lose it.
+            tracing::warn!(
+                source = %describe,
+                reason = reason.as_str(),
+                %detail,
+                "NVDEC failed on this clip; decoding it again in software"
+            );
+            let software = self.software_decoder()?;
+            let retry_started = Instant::now();
+            result = software.decode_feed(&feed, &mut sink, retry_started, &mut stats, &facts);
+            stats.nvdec = false;
+            stats.nvdec_fallback = true;
+        }
         stats.bytes_read = feed.bytes_fetched();
         stats.read_requests = feed.requests();
         stats.elapsed = started.elapsed();
@@ -455,6 +525,42 @@ impl Decoder {
         result
     }
 
+    /// Decodes one clip from `feed` (counting the frames first where nobody announces them).
+    fn decode_feed(
+        &mut self,
+        feed: &Arc<ReadAhead>,
+        sink: &mut dyn FrameSink,
+        started: Instant,
+        stats: &mut DecodeStats,
+        facts: &ContainerFacts,
+    ) -> Result<(), IngestError> {
+        let mut frames_hint = facts.frames;
+        loop {
+            match self.attempt(feed, sink, started, stats, facts, frames_hint)? {
+                Some(counted) if frames_hint.is_none() => {
+                    tracing::debug!(counted, "frame count unknown: counted the frames first");
+                    frames_hint = Some(counted);
+                }
+                _ => return Ok(()),
+            }
+        }
+    }
+
+    /// NVDEC mode's software decoder (same options, software decoders only).
+    fn software_decoder(&mut self) -> Result<&mut Decoder, IngestError> {
+        if self.software.is_none() {
+            let opts = DecoderOptions {
+                video_decoder: VideoDecoderKind::Software,
+                ..self.opts.clone()
+            };
+            self.software = Some(Box::new(Decoder::new(opts)?));
+        }
+        match self.software.as_deref_mut() {
+            Some(d) => Ok(d),
+            None => Err(IngestError::Fatal("software decoder missing".into())),
+        }
+    }
+
     /// One pass over the stream on the (reused or new) pipeline; see [`Decoder::run`].
     fn attempt(
         &mut self,
@@ -465,6 +571,7 @@ impl Decoder {
         facts: &ContainerFacts,
         frames_hint: Option<u64>,
     ) -> Result<Option<u64>, IngestError> {
+        self.nvdec_last = false;
         let pipe = match self.pipe.take() {
             Some(p) => p,
             None => self.build_pipeline()?,
@@ -482,8 +589,12 @@ impl Decoder {
         let result = self.run(&pipe, sink, started, stats, facts, frames_hint);
         drop(guard);
         stats.frames_skipped += lock(&pipe.skip).dropped;
-        if let Some(used) = &lock(&pipe.shared).video_decoder {
-            stats.nvdec = used.nvdec;
+        {
+            let st = lock(&pipe.shared);
+            if let Some(used) = &st.video_decoder {
+                stats.nvdec = used.nvdec;
+            }
+            self.nvdec_last = st.plugged_nvdec == Some(true);
         }
         lock(&pipe.feed).source = None;
         let fakesinks = std::mem::take(&mut lock(&pipe.shared).fakesinks);
@@ -614,8 +725,12 @@ impl Decoder {
         let threads = self.opts.decoder_threads;
         let skip_unneeded = self.opts.skip_unneeded;
         let skip_probe = Arc::clone(&skip);
+        let shared_ea = Arc::clone(&shared);
         if let Some(bin) = decodebin.downcast_ref::<gst::Bin>() {
             bin.connect_deep_element_added(move |_, _, element| {
+                if let Some(used) = hwdecode::element_decoder(element) {
+                    lock(&shared_ea).plugged_nvdec = Some(used.nvdec);
+                }
                 if threads > 0 {
                     limit_decoder_threads(element, threads);
                 }
@@ -1549,5 +1664,70 @@ fn stream_info(
         fps,
         duration_ns,
         num_frames,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Counts `plan` calls; each plan draws new frame numbers, as the job's sinks do.
+    struct Drawing {
+        plans: u64,
+    }
+
+    impl FrameSink for Drawing {
+        fn plan(&mut self, _info: &VideoInfo) -> Vec<u64> {
+            self.plans += 1;
+            vec![self.plans, self.plans * 10]
+        }
+        fn frame(&mut self, _slot: usize, _frame: &YuvFrame<'_>) -> Result<(), IngestError> {
+            Ok(())
+        }
+        fn repeat(&mut self, _from: usize, _to: usize) -> Result<(), IngestError> {
+            Ok(())
+        }
+    }
+
+    fn info(width: u32) -> VideoInfo {
+        VideoInfo {
+            width,
+            height: 240,
+            fps: 30.0,
+            duration_ns: Some(10_000_000_000),
+            num_frames: 300,
+        }
+    }
+
+    #[test]
+    fn a_second_pass_over_the_same_stream_keeps_the_first_plan() {
+        let mut inner = Drawing { plans: 0 };
+        let mut replay = Replay {
+            inner: &mut inner,
+            planned: None,
+        };
+        assert_eq!(replay.plan(&info(320)), vec![1, 10]);
+        assert_eq!(replay.plan(&info(320)), vec![1, 10]);
+        // Another stream info (the second decoder saw something else): plan again.
+        assert_eq!(replay.plan(&info(640)), vec![2, 20]);
+        assert_eq!(inner.plans, 2);
+    }
+
+    #[test]
+    fn software_retries_decoder_failures_only() {
+        let retried: Vec<&str> = QuarantineReason::ALL
+            .into_iter()
+            .filter(|r| software_may_decode(*r))
+            .map(|r| r.as_str())
+            .collect();
+        assert_eq!(
+            retried,
+            [
+                "unsupported_format",
+                "decode_error",
+                "truncated",
+                "no_frames"
+            ]
+        );
     }
 }

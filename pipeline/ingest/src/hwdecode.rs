@@ -402,7 +402,12 @@ pub(crate) struct UsedDecoder {
 /// element is a video decoder (raw video in a container has none).
 pub(crate) fn used_decoder(pad: &gst::Pad) -> Option<UsedDecoder> {
     let target = pad.downcast_ref::<gst::GhostPad>()?.target()?;
-    let factory = target.parent_element()?.factory()?;
+    element_decoder(&target.parent_element()?)
+}
+
+/// `element` as a [`UsedDecoder`], if it is a video decoder.
+pub(crate) fn element_decoder(element: &gst::Element) -> Option<UsedDecoder> {
+    let factory = element.factory()?;
     if !(factory.klass().contains("Decoder") && factory.klass().contains("Video")) {
         return None;
     }
