@@ -60,8 +60,8 @@ for pid in "${makers[@]}"; do wait "$pid"; done
 {
   echo "$CONFIG on $DEVICE, $THREADS decode threads; steps after the first $SKIP"
   echo
-  echo "| input | steps | clips/s | step s (mean) | data wait share | decode capacity clips/s | keeps up |"
-  echo "|---|---|---|---|---|---|---|"
+  echo "| input | steps | clips/s | step s (mean) | data wait share | decode capacity clips/s | keeps up | NVDEC share |"
+  echo "|---|---|---|---|---|---|---|---|"
 } | tee "$OUT/results.md"
 failed=0
 for res in $RESOLUTIONS; do
@@ -76,7 +76,7 @@ for res in $RESOLUTIONS; do
     --max-steps "$STEPS" --device "$DEVICE" --fresh > "$run/train.log" 2>&1 \
     || ! "$VJEPA" metrics "$run/out/" > "$run/metrics.jsonl"; then
     why=$(grep -v '^[[:space:]]*$' "$run/train.log" | tail -n 1 | cut -c1-200)
-    echo "| $res H.264 | failed: ${why//|//} (see $run/train.log) | – | – | – | – | – |" | tee -a "$OUT/results.md"
+    echo "| $res H.264 | failed: ${why//|//} (see $run/train.log) | – | – | – | – | – | – |" | tee -a "$OUT/results.md"
     failed=1
     continue
   fi
@@ -85,7 +85,7 @@ import json, sys
 path, res, threads, skip = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 rows = [r for r in map(json.loads, open(path)) if r["step"] > skip]
 if not rows:
-    print(f"| {res} H.264 | no steps after the first {skip} | – | – | – | – | – |")
+    print(f"| {res} H.264 | no steps after the first {skip} | – | – | – | – | – | – |")
     sys.exit(0)
 step = sum(r["step_time_s"] for r in rows)
 wait = sum(r["data_wait_s"] for r in rows)
@@ -94,8 +94,11 @@ decode = sum(r["decode_s"] for r in rows)
 rate = clips / (step + wait)
 capacity = threads * clips / decode if decode > 0 else float("inf")
 step_rate = clips / step  # what the trainer could take if never waiting
+# Clips NVDEC decoded (the rest: software, incl. NVDEC failures decoded again); 0 without nvdec.
+nvdec = sum(r.get("nvdec_clips", 0) for r in rows) / max(clips, 1e-9)
 print(f"| {res} H.264 | {len(rows)} | {rate:.1f} | {step / len(rows):.3f} | {100 * wait / (step + wait):.1f} % "
-      f"| {capacity:.1f} | {'yes' if capacity >= step_rate else 'no'} (step takes {step_rate:.1f}) |")
+      f"| {capacity:.1f} | {'yes' if capacity >= step_rate else 'no'} (step takes {step_rate:.1f}) "
+      f"| {100 * nvdec:.0f} % |")
 PYEOF
 done
 exit "$failed"

@@ -28,6 +28,8 @@ pub struct Clip {
     pub bytes_read: u64,
     /// Wall-clock seconds spent fetching and decoding this clip.
     pub decode_s: f64,
+    /// An NVDEC decoder decoded it (`workers.video_decoder: nvdec`); `false`: software.
+    pub nvdec: bool,
 }
 
 /// A video that could not be used, with a reason from a small stable vocabulary.

@@ -400,6 +400,7 @@ impl ClipLoader for ExtractLoader {
                     data: clip,
                     bytes_read: stats.bytes_read,
                     decode_s,
+                    nvdec: stats.nvdec,
                 }));
             }
         }

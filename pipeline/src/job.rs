@@ -694,6 +694,7 @@ struct ClipMeta {
     flip: bool,
     bytes_read: u64,
     decode_s: f64,
+    nvdec: bool,
 }
 
 /// A worker's contribution to one shard of the averaged gradient, with its loss parts.
@@ -1516,6 +1517,7 @@ fn clip_meta(c: &Clip) -> ClipMeta {
         flip: p.flip,
         bytes_read: c.bytes_read,
         decode_s: c.decode_s,
+        nvdec: c.nvdec,
     }
 }
 
@@ -1588,6 +1590,7 @@ fn finish_step(
         data_wait_s: data_wait.as_secs_f64(),
         bytes_read: records.iter().map(|c| c.bytes_read).sum(),
         decode_s: records.iter().map(|c| c.decode_s).sum(),
+        nvdec_clips: records.iter().filter(|c| c.nvdec).count() as u64,
         target_std: stats.target_std,
         target_rank: stats.target_rank,
         params_digest,

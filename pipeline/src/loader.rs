@@ -236,6 +236,7 @@ impl StoreLoader {
             data,
             bytes_read: stats.bytes_read,
             decode_s: stats.elapsed.as_secs_f64(),
+            nvdec: stats.nvdec,
         })
     }
 }

@@ -18,7 +18,7 @@ pub enum MetricsFormat {
 }
 
 /// Column names, in output order (the Parquet table's, with `time` as Unix microseconds).
-pub const COLUMNS: [&str; 20] = [
+pub const COLUMNS: [&str; 21] = [
     "step",
     "epoch",
     "time_unix_us",
@@ -39,6 +39,7 @@ pub const COLUMNS: [&str; 20] = [
     "target_std",
     "target_rank",
     "params_digest",
+    "nvdec_clips",
 ];
 
 /// Reads every metrics file of the run at `location` (the run's output directory: a path or an
@@ -115,6 +116,7 @@ fn json_line(r: &MetricsRow) -> serde_json::Value {
         "target_rank": num(r.target_rank),
         // Hex text: a u64 does not survive JSON readers that parse numbers as doubles.
         "params_digest": format!("{:016x}", r.params_digest),
+        "nvdec_clips": r.nvdec_clips,
     })
 }
 
@@ -148,6 +150,7 @@ fn csv_line(r: &MetricsRow) -> String {
         r.target_std.to_string(),
         r.target_rank.to_string(),
         format!("{:016x}", r.params_digest),
+        r.nvdec_clips.to_string(),
     ]
     .join(",")
 }

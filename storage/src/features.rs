@@ -137,7 +137,7 @@ pub async fn read_features(store: &Store, rel: &str) -> Result<Vec<FeatureRow>, 
     let uri = store.uri_of(rel);
     let u = uri.as_str();
     let mut out = Vec::new();
-    for b in read_batches(store, rel, &features_schema()).await? {
+    for b in read_batches(store, rel, &features_schema(), &[]).await? {
         let uris = str_col(u, &b, "uri")?;
         let labels = str_col(u, &b, "label")?;
         let segment = i64_col(u, &b, "segment")?;

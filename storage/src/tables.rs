@@ -73,6 +73,10 @@ pub struct MetricsRow {
     /// Digest of the model's parameter bytes after the step (`VJepa::params_digest`): in
     /// data-parallel training every worker's digest equals this one (the job checks it).
     pub params_digest: u64,
+    /// Clips of the step an NVDEC decoder decoded (this process's share; the rest were
+    /// decoded in software), to tell how much of a run NVDEC really took. 0 in tables written
+    /// before the column existed.
+    pub nvdec_clips: u64,
 }
 
 /// One video that could not be used, and why.
@@ -147,8 +151,13 @@ pub fn metrics_schema() -> SchemaRef {
         Field::new("target_std", DataType::Float64, false),
         Field::new("target_rank", DataType::Float64, false),
         Field::new("params_digest", DataType::UInt64, false),
+        Field::new("nvdec_clips", DataType::Int64, false),
     ]))
 }
+
+/// Metrics columns added after the first tables were written: a table without them still
+/// reads (as 0), so a run resumed or read by a newer binary keeps its history.
+const METRICS_ADDED: [&str; 2] = ["target_rank", "nvdec_clips"];
 
 /// Arrow schema of the quarantine table.
 pub fn quarantine_schema() -> SchemaRef {
@@ -203,6 +212,7 @@ fn metrics_batch(rows: &[MetricsRow]) -> Result<RecordBatch, arrow::error::Arrow
     let mut ts = Float64Builder::with_capacity(n);
     let mut tr = Float64Builder::with_capacity(n);
     let mut pd = UInt64Builder::with_capacity(n);
+    let mut nv = Int64Builder::with_capacity(n);
     for r in rows {
         step.append_value(u64_to_i64(r.step));
         epoch.append_value(u64_to_i64(r.epoch));
@@ -227,6 +237,7 @@ fn metrics_batch(rows: &[MetricsRow]) -> Result<RecordBatch, arrow::error::Arrow
         ts.append_value(r.target_std);
         tr.append_value(r.target_rank);
         pd.append_value(r.params_digest);
+        nv.append_value(u64_to_i64(r.nvdec_clips));
     }
     let columns: Vec<ArrayRef> = vec![
         Arc::new(step.finish()),
@@ -249,6 +260,7 @@ fn metrics_batch(rows: &[MetricsRow]) -> Result<RecordBatch, arrow::error::Arrow
         Arc::new(ts.finish()),
         Arc::new(tr.finish()),
         Arc::new(pd.finish()),
+        Arc::new(nv.finish()),
     ];
     RecordBatch::try_new(metrics_schema(), columns)
 }
@@ -487,6 +499,7 @@ pub(crate) async fn read_batches(
     store: &Store,
     rel: &str,
     expected: &SchemaRef,
+    added: &[&str],
 ) -> Result<Vec<RecordBatch>, StorageError> {
     let uri = store.uri_of(rel);
     let bytes: Bytes = store.get(rel).await?;
@@ -496,7 +509,7 @@ pub(crate) async fn read_batches(
     };
     let builder = ParquetRecordBatchReaderBuilder::try_new(bytes)
         .map_err(|e| perr("not a readable parquet file", &e))?;
-    check_schema(&uri, builder.schema(), expected)?;
+    check_schema(&uri, builder.schema(), expected, added)?;
     let reader = builder.build().map_err(|e| perr("reader", &e))?;
     let mut out = Vec::new();
     for batch in reader {
@@ -505,16 +518,25 @@ pub(crate) async fn read_batches(
     Ok(out)
 }
 
-fn check_schema(uri: &str, found: &Schema, expected: &Schema) -> Result<(), StorageError> {
+/// `found` must be `expected`, column for column, except that columns named in `added` (added
+/// to the schema later) may be missing.
+fn check_schema(
+    uri: &str,
+    found: &Schema,
+    expected: &Schema,
+    added: &[&str],
+) -> Result<(), StorageError> {
     let f: Vec<(&str, &DataType)> = found
         .fields()
         .iter()
         .map(|x| (x.name().as_str(), x.data_type()))
         .collect();
+    let present = |name: &str| f.iter().any(|(n, _)| *n == name);
     let e: Vec<(&str, &DataType)> = expected
         .fields()
         .iter()
         .map(|x| (x.name().as_str(), x.data_type()))
+        .filter(|(name, _)| !added.contains(name) || present(name))
         .collect();
     let same = f.len() == e.len()
         && f.iter()
@@ -688,7 +710,7 @@ pub async fn read_clips_all(store: &Store) -> Result<Vec<ClipRow>, StorageError>
 pub async fn read_metrics(store: &Store, rel: &str) -> Result<Vec<MetricsRow>, StorageError> {
     let uri = store.uri_of(rel);
     let mut out = Vec::new();
-    for b in read_batches(store, rel, &metrics_schema()).await? {
+    for b in read_batches(store, rel, &metrics_schema(), &METRICS_ADDED).await? {
         let u = uri.as_str();
         let step = i64_col(u, &b, "step")?;
         let epoch = i64_col(u, &b, "epoch")?;
@@ -714,6 +736,10 @@ pub async fn read_metrics(store: &Store, rel: &str) -> Result<Vec<MetricsRow>, S
             None => vec![0.0; b.num_rows()],
         };
         let pd = u64_col(u, &b, "params_digest")?;
+        let nv = match b.column_by_name("nvdec_clips") {
+            Some(_) => i64_col(u, &b, "nvdec_clips")?,
+            None => vec![0; b.num_rows()],
+        };
         let mut lpm = lpm.into_iter();
         let mut ctx = ctx.into_iter();
         let mut tgt = tgt.into_iter();
@@ -739,6 +765,7 @@ pub async fn read_metrics(store: &Store, rel: &str) -> Result<Vec<MetricsRow>, S
                 target_std: ts[i],
                 target_rank: tr[i],
                 params_digest: pd[i],
+                nvdec_clips: i64_to_u64(u, "nvdec_clips", nv[i])?,
             });
         }
     }
@@ -749,7 +776,7 @@ pub async fn read_metrics(store: &Store, rel: &str) -> Result<Vec<MetricsRow>, S
 pub async fn read_quarantine(store: &Store, rel: &str) -> Result<Vec<QuarantineRow>, StorageError> {
     let uri = store.uri_of(rel);
     let mut out = Vec::new();
-    for b in read_batches(store, rel, &quarantine_schema()).await? {
+    for b in read_batches(store, rel, &quarantine_schema(), &[]).await? {
         let u = uri.as_str();
         let uris = str_col(u, &b, "uri")?;
         let reasons = str_col(u, &b, "reason")?;
@@ -773,7 +800,7 @@ pub async fn read_quarantine(store: &Store, rel: &str) -> Result<Vec<QuarantineR
 pub async fn read_clips(store: &Store, rel: &str) -> Result<Vec<ClipRow>, StorageError> {
     let uri = store.uri_of(rel);
     let mut out = Vec::new();
-    for b in read_batches(store, rel, &clips_schema()).await? {
+    for b in read_batches(store, rel, &clips_schema(), &[]).await? {
         let u = uri.as_str();
         let step = i64_col(u, &b, "step")?;
         let slot = i64_col(u, &b, "slot")?;

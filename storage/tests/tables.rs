@@ -30,6 +30,7 @@ fn row(step: u64) -> MetricsRow {
         target_std: 0.25,
         target_rank: 3.5,
         params_digest: 0xfedc_ba98_7654_3210 + step,
+        nvdec_clips: step % 3,
     }
 }
 
@@ -64,6 +65,60 @@ async fn metrics_round_trip_with_row_groups() {
     let b = ParquetRecordBatchReaderBuilder::try_new(bytes).unwrap();
     assert_eq!(b.metadata().num_row_groups(), 2);
     assert_eq!(b.schema().as_ref(), metrics_schema().as_ref());
+}
+
+/// A table written before `target_rank` and `nvdec_clips` existed still reads (those as 0): a
+/// run resumed or read by a newer binary keeps its history. Another missing column is refused.
+#[tokio::test]
+async fn metrics_from_before_the_added_columns_still_read() {
+    use tables::TableRow;
+    let dir = tempfile::tempdir().unwrap();
+    let store = local_store(&dir);
+    let rows = vec![row(4), row(5)];
+    let full = MetricsRow::to_batch(&rows).unwrap();
+    let schema = metrics_schema();
+    let without = |names: &[&str]| {
+        let keep: Vec<usize> = (0..schema.fields().len())
+            .filter(|&i| !names.contains(&schema.field(i).name().as_str()))
+            .collect();
+        let batch = full.project(&keep).unwrap();
+        let mut bytes = Vec::new();
+        let mut w = parquet::arrow::ArrowWriter::try_new(&mut bytes, batch.schema(), None).unwrap();
+        w.write(&batch).unwrap();
+        w.close().unwrap();
+        Bytes::from(bytes)
+    };
+    store
+        .put("old.parquet", without(&["target_rank", "nvdec_clips"]))
+        .await
+        .unwrap();
+    let back = tables::read_metrics(&store, "old.parquet").await.unwrap();
+    let expected: Vec<MetricsRow> = rows
+        .iter()
+        .map(|r| MetricsRow {
+            target_rank: 0.0,
+            nvdec_clips: 0,
+            ..r.clone()
+        })
+        .collect();
+    assert_eq!(back, expected);
+
+    store
+        .put("rank.parquet", without(&["nvdec_clips"]))
+        .await
+        .unwrap();
+    let back = tables::read_metrics(&store, "rank.parquet").await.unwrap();
+    assert_eq!(back[1].target_rank, rows[1].target_rank);
+    assert_eq!(back[1].nvdec_clips, 0);
+
+    store
+        .put("broken.parquet", without(&["decode_s"]))
+        .await
+        .unwrap();
+    let err = tables::read_metrics(&store, "broken.parquet")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StorageError::Schema { .. }), "{err}");
 }
 
 #[tokio::test]
