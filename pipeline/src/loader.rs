@@ -590,6 +590,17 @@ mod tests {
                 false,
                 112,
             ),
+            // Over 2x down: only the columns the output reads are converted.
+            (
+                CropBox {
+                    top: 5,
+                    left: 7,
+                    height: 130,
+                    width: 161,
+                },
+                true,
+                36,
+            ),
         ] {
             let params = TransformParams { crop, flip };
             let reference = transform::apply(&rgb.frames, indices.len(), 144, 176, &params, size)

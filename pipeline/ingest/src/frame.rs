@@ -235,8 +235,34 @@ pub struct ClipTensor {
 struct Taps2d {
     /// Per output row: frame rows (i0, i1) and weights (w0, w1).
     rows: Vec<(usize, usize, f32, f32)>,
-    /// Per output column (flip applied): columns relative to the crop's left edge, weights.
+    /// The crop's columns the output reads (relative to its left edge, ascending): a crop
+    /// more than twice as wide as the output reads only two columns per output column, so
+    /// only these are converted to RGB.
+    used: Vec<usize>,
+    /// Per output column (flip applied): positions in `used`, weights.
     cols: Vec<(usize, usize, f32, f32)>,
+}
+
+impl Taps2d {
+    fn new(g: &ClipGeometry) -> Self {
+        let rows = taps(g.height, g.size)
+            .into_iter()
+            .map(|(i0, i1, w0, w1)| (g.top + i0, g.top + i1, w0, w1))
+            .collect();
+        let mut cols = taps(g.width, g.size);
+        if g.flip {
+            cols.reverse();
+        }
+        let mut used: Vec<usize> = cols.iter().flat_map(|&(x0, x1, _, _)| [x0, x1]).collect();
+        used.sort_unstable();
+        used.dedup();
+        let at = |x: usize| used.partition_point(|&u| u < x);
+        let cols = cols
+            .iter()
+            .map(|&(x0, x1, b0, b1)| (at(x0), at(x1), b0, b1))
+            .collect();
+        Taps2d { rows, used, cols }
+    }
 }
 
 impl ClipTensor {
@@ -299,21 +325,14 @@ impl ClipTensor {
         let fresh =
             !matches!(&self.taps, Some((w, h, _)) if *w == frame.width && *h == frame.height);
         if fresh {
-            let rows = taps(g.height, g.size)
-                .into_iter()
-                .map(|(i0, i1, w0, w1)| (g.top + i0, g.top + i1, w0, w1))
-                .collect();
-            let mut cols = taps(g.width, g.size);
-            if g.flip {
-                cols.reverse();
-            }
-            self.taps = Some((frame.width, frame.height, Taps2d { rows, cols }));
+            self.taps = Some((frame.width, frame.height, Taps2d::new(&g)));
         }
         let Some((_, _, t2)) = &self.taps else {
             return Err(IngestError::Fatal("taps missing".into()));
         };
         let m = frame.colour.matrix();
-        let (s, cw, left) = (g.size, g.width, g.left);
+        let (s, left) = (g.size, g.left);
+        let cw = t2.used.len();
         let plane = s * s;
         let t = self.frames;
         let [yp, up, vp] = frame.planes;
@@ -327,9 +346,10 @@ impl ClipTensor {
             &mut g_all[base..base + plane],
             &mut b_all[base..base + plane],
         ];
-        // One source row of the crop converted to RGB (planar), and two horizontally resized
-        // rows cached by row parity: each output row reads rows i0 and i1 ∈ {i0, i0 + 1}, and
-        // i0 never decreases. Every source pixel is converted at most once per frame.
+        // The used columns of one source row of the crop converted to RGB (planar), and two
+        // horizontally resized rows cached by row parity: each output row reads rows i0 and
+        // i1 ∈ {i0, i0 + 1}, and i0 never decreases. Every source pixel is converted at most
+        // once per frame, and only where the output reads it.
         let mut conv = vec![0.0f32; 3 * cw];
         let mut cache = [vec![0.0f32; 3 * s], vec![0.0f32; 3 * s]];
         let mut tag = [usize::MAX; 2];
@@ -340,17 +360,17 @@ impl ClipTensor {
                     continue;
                 }
                 // As the reference RGB24 frame holds them: clamped, rounded, chroma replicated.
-                let yrow = &yp[r * ys + left..r * ys + left + cw];
+                let yrow = &yp[r * ys + left..r * ys + left + g.width];
                 let (urow, vrow) = (&up[(r >> 1) * us..], &vp[(r >> 1) * vs..]);
                 let (cr, rest) = conv.split_at_mut(cw);
                 let (cg, cb) = rest.split_at_mut(cw);
-                for (x, &yv) in yrow.iter().enumerate() {
+                for (j, &x) in t2.used.iter().enumerate() {
                     let c = (left + x) >> 1;
                     let [pr, pg, pb] =
-                        m.rgb_u8(f32::from(yv), f32::from(urow[c]), f32::from(vrow[c]));
-                    cr[x] = pr;
-                    cg[x] = pg;
-                    cb[x] = pb;
+                        m.rgb_u8(f32::from(yrow[x]), f32::from(urow[c]), f32::from(vrow[c]));
+                    cr[j] = pr;
+                    cg[j] = pg;
+                    cb[j] = pb;
                 }
                 let buf = &mut cache[parity];
                 for c in 0..3 {
