@@ -629,4 +629,20 @@ mod tests {
         }
         check_available(VideoDecoderKind::Software).expect("software is always there");
     }
+
+    #[test]
+    fn video_decoders_are_told_from_other_elements() {
+        crate::init().expect("GStreamer starts");
+        let make = |name: &str| gst::ElementFactory::make(name).build().expect(name);
+        assert_eq!(
+            element_decoder(&make("avdec_h264")),
+            Some(UsedDecoder {
+                factory: "avdec_h264".into(),
+                nvdec: false
+            })
+        );
+        for other in ["videoconvert", "h264parse", "qtdemux", "avdec_aac"] {
+            assert_eq!(element_decoder(&make(other)), None, "{other}");
+        }
+    }
 }
