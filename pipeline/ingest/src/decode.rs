@@ -706,6 +706,11 @@ impl Decoder {
             .build();
 
         let pipeline = gst::Pipeline::with_name("vjepa-decode");
+        if self.opts.video_decoder == VideoDecoderKind::Nvdec
+            && let Some(bus) = pipeline.bus()
+        {
+            hwdecode::share_cuda_contexts(&bus);
+        }
         pipeline
             .add_many([
                 appsrc.upcast_ref::<gst::Element>(),

@@ -297,6 +297,62 @@ pub(crate) fn connect(
     Ok(())
 }
 
+/// The context type under which GStreamer's CUDA elements share a `GstCudaContext`
+/// (`GST_CUDA_CONTEXT_TYPE`).
+pub(crate) const CUDA_CONTEXT_TYPE: &str = "gst.cuda.context";
+
+/// The CUDA contexts NVDEC decoders of this process created, one per device (a context
+/// carries its `cuda-device-id`; a decoder for another device ignores it and makes its own).
+static SHARED_CUDA: std::sync::Mutex<Vec<gst::Context>> = std::sync::Mutex::new(Vec::new());
+
+/// Makes every NVDEC decoder of this process share the first CUDA context made on its device.
+///
+/// An nvcodec decoder that finds no CUDA context in its pipeline creates one (`cuCtxCreate`:
+/// a context of its own, hundreds of MB of device memory and ~0.1 s), and a pipeline keeps
+/// what its elements made. With one pipeline per decode thread, and a new pipeline after each
+/// failed clip, a job would hold a CUDA context per decode thread beside the trainer's. The
+/// decoders look for a context first by posting `need-context`, and announce one they made
+/// with `have-context`, both under a process-wide lock (`gst_cuda_ensure_element_context`),
+/// so answering the one from what the other announced, synchronously on every decode
+/// pipeline's bus, leaves one CUDA context per device for all decoders.
+pub(crate) fn share_cuda_contexts(bus: &gst::Bus) {
+    bus.set_sync_handler(|_, msg| {
+        match msg.view() {
+            gst::MessageView::NeedContext(m) if m.context_type() == CUDA_CONTEXT_TYPE => {
+                let element = msg.src().and_then(|s| s.downcast_ref::<gst::Element>());
+                if let Some(element) = element {
+                    let shared = SHARED_CUDA
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .clone();
+                    // An element takes the first context of its device and ignores the rest.
+                    for context in &shared {
+                        element.set_context(context);
+                    }
+                }
+            }
+            gst::MessageView::HaveContext(m) => {
+                let context = m.context();
+                if context.context_type() == CUDA_CONTEXT_TYPE {
+                    let device = cuda_device_id(&context);
+                    let mut shared = SHARED_CUDA.lock().unwrap_or_else(|e| e.into_inner());
+                    if !shared.iter().any(|c| cuda_device_id(c) == device) {
+                        tracing::debug!(?device, "sharing the CUDA context of the NVDEC decoders");
+                        shared.push(context);
+                    }
+                }
+            }
+            _ => {}
+        }
+        gst::BusSyncReply::Pass
+    });
+}
+
+/// The device a CUDA context is for (`cuda-device-id` of its structure).
+fn cuda_device_id(context: &gst::Context) -> Option<u32> {
+    context.structure().get::<u32>("cuda-device-id").ok()
+}
+
 /// `autoplug-sort`: [`nvdec_order`] on the candidates (a handler returning `NULL` keeps
 /// decodebin's order).
 fn connect_nvdec_sort(decodebin: &gst::Element) {
@@ -628,6 +684,83 @@ mod tests {
             assert!(err.to_string().contains("nvcodec"), "{err}");
         }
         check_available(VideoDecoderKind::Software).expect("software is always there");
+    }
+
+    /// What one decode pipeline's decoder announces (`have-context`) answers the
+    /// `need-context` of a decoder in another pipeline: one CUDA context per device for all.
+    #[test]
+    fn cuda_contexts_are_shared_across_decode_pipelines() {
+        crate::init().expect("GStreamer starts");
+        let pipeline_with = |element: &gst::Element| {
+            let p = gst::Pipeline::new();
+            p.add(element).expect("add");
+            share_cuda_contexts(&p.bus().expect("bus"));
+            // Decoders look for their context when they open (NULL to READY); a pipeline's bus
+            // drops messages in NULL.
+            p.set_state(gst::State::Ready).expect("ready");
+            p
+        };
+        let context = |device: u32| {
+            let mut c = gst::Context::new(CUDA_CONTEXT_TYPE, true);
+            c.get_mut()
+                .expect("new context is writable")
+                .structure_mut()
+                .set("cuda-device-id", device);
+            c
+        };
+        let first = gst::ElementFactory::make("identity")
+            .build()
+            .expect("identity");
+        let _p1 = pipeline_with(&first);
+        let made = context(0);
+        first
+            .post_message(
+                gst::message::HaveContext::builder(made.clone())
+                    .src(&first)
+                    .build(),
+            )
+            .expect("posted");
+        // Another device's context is kept beside it, not instead of it.
+        first
+            .post_message(
+                gst::message::HaveContext::builder(context(1))
+                    .src(&first)
+                    .build(),
+            )
+            .expect("posted");
+        // A second context for device 0 is not taken over the first.
+        first
+            .post_message(
+                gst::message::HaveContext::builder(context(0))
+                    .src(&first)
+                    .build(),
+            )
+            .expect("posted");
+
+        let second = gst::ElementFactory::make("identity")
+            .build()
+            .expect("identity");
+        let _p2 = pipeline_with(&second);
+        assert!(second.context(CUDA_CONTEXT_TYPE).is_none());
+        second
+            .post_message(
+                gst::message::NeedContext::builder(CUDA_CONTEXT_TYPE)
+                    .src(&second)
+                    .build(),
+            )
+            .expect("posted");
+        let got = second
+            .context(CUDA_CONTEXT_TYPE)
+            .expect("need-context answered");
+        assert!(got.structure().get::<u32>("cuda-device-id").is_ok());
+        let shared = SHARED_CUDA.lock().expect("lock");
+        let devices: Vec<Option<u32>> = shared.iter().map(cuda_device_id).collect();
+        assert_eq!(devices, [Some(0), Some(1)]);
+        assert_eq!(
+            shared[0].as_ptr(),
+            made.as_ptr(),
+            "the first context of device 0"
+        );
     }
 
     #[test]
