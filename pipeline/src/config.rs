@@ -1011,11 +1011,26 @@ impl JobConfig {
             ));
         }
 
-        if self.output_dir().is_none() {
-            return Err(ConfigError::invalid(
-                "outputs.dir",
-                "set outputs.dir (or logging.folder) to a local path or object-store URL",
-            ));
+        match (r.outputs.dir.as_deref(), r.logging.folder.as_deref()) {
+            (None, None) => {
+                return Err(ConfigError::invalid(
+                    "outputs.dir",
+                    "set outputs.dir (or logging.folder) to a local path or object-store URL",
+                ));
+            }
+            (Some(d), _) if d.trim().is_empty() => {
+                return Err(ConfigError::invalid(
+                    "outputs.dir",
+                    "is empty: set a local path or object-store URL",
+                ));
+            }
+            (None, Some(f)) if f.trim().is_empty() => {
+                return Err(ConfigError::invalid(
+                    "logging.folder",
+                    "is empty (and outputs.dir is not set): set a local path or object-store URL",
+                ));
+            }
+            _ => {}
         }
         positive(
             "outputs.metrics_flush_every",
@@ -1125,6 +1140,34 @@ impl JobConfig {
     /// Whether `meta.dtype` asks for bfloat16 (as the official presets do).
     pub fn bf16_requested(&self) -> bool {
         matches!(self.raw.meta.dtype.as_deref(), Some("bfloat16" | "bf16"))
+    }
+
+    /// Command-line values that replace config keys (`train`'s flags), checked as the
+    /// config's own values are: an error names the key and the flag that set it.
+    pub fn apply_flags(
+        &mut self,
+        flags: &[(&str, &str)],
+        set: impl FnOnce(&mut RawConfig),
+    ) -> Result<(), ConfigError> {
+        set(&mut self.raw);
+        self.validate().map_err(|e| match e {
+            ConfigError::Invalid { key, message } | ConfigError::Parse { key, message } => {
+                let flag = flags
+                    .iter()
+                    .find(|(k, _)| {
+                        key == *k
+                            || key.starts_with(&format!("{k}["))
+                            || key.starts_with(&format!("{k}."))
+                    })
+                    .map(|(_, f)| *f);
+                let message = match flag {
+                    Some(f) => format!("{message} (set by {f})"),
+                    None => message,
+                };
+                ConfigError::Invalid { key, message }
+            }
+            other => other,
+        })
     }
 
     /// `--device`: replaces `workers.device`, checked as the config's value is.
@@ -1754,6 +1797,52 @@ mod tests {
             let err = JobConfig::parse(&text).unwrap_err();
             assert_eq!(err.key(), Some(key), "{err}");
         }
+    }
+
+    #[test]
+    fn empty_output_locations_are_refused() {
+        let text = format!("{OFFICIAL_VITL16}\noutputs:\n  dir: \"\"\n");
+        let err = JobConfig::parse(&text).unwrap_err();
+        assert_eq!(err.key(), Some("outputs.dir"), "{err}");
+        let text = OFFICIAL_VITL16.replace("  folder: ", "  folder: \"\"\n  unused: ");
+        let text: String = text
+            .lines()
+            .filter(|l| !l.starts_with("  unused: "))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let err = JobConfig::parse(&text).unwrap_err();
+        assert_eq!(err.key(), Some("logging.folder"), "{err}");
+    }
+
+    #[test]
+    fn flags_are_checked_as_the_keys_they_set() {
+        let mut cfg = JobConfig::parse(OFFICIAL_VITL16).unwrap();
+        let err = cfg
+            .apply_flags(&[("optimization.max_steps", "--max-steps")], |r| {
+                r.optimization.max_steps = Some(0)
+            })
+            .unwrap_err();
+        assert_eq!(err.key(), Some("optimization.max_steps"), "{err}");
+        assert!(err.to_string().contains("(set by --max-steps)"), "{err}");
+        let weighed = OFFICIAL_VITL16.replace(
+            "  datasets:\n",
+            "  datasets_weights: [0.335, 0.1, 0.565]\n  datasets:\n",
+        );
+        let mut cfg = JobConfig::parse(&weighed).unwrap();
+        let flags = [
+            ("data.datasets", "--dataset"),
+            ("data.datasets_weights", "--dataset"),
+        ];
+        // Three weights: two datasets from the command line do not fit.
+        let err = cfg
+            .apply_flags(&flags, |r| r.data.datasets = vec!["a/".into(), "b/".into()])
+            .unwrap_err();
+        assert_eq!(err.key(), Some("data.datasets_weights"), "{err}");
+        assert!(err.to_string().contains("(set by --dataset)"), "{err}");
+        let mut cfg = JobConfig::parse(OFFICIAL_VITL16).unwrap();
+        cfg.apply_flags(&[("meta.seed", "--seed")], |r| r.meta.seed = 7)
+            .unwrap();
+        assert_eq!(cfg.raw.meta.seed, 7);
     }
 
     #[test]

@@ -67,25 +67,55 @@ pub struct TrainSummary {
 }
 
 /// Runs the training job to completion.
+impl TrainOverrides {
+    /// Puts the flags into `cfg` and checks the result as a config file's values are checked
+    /// (`vjepa train` does this before any work: exit 2 naming the key and the flag).
+    pub fn apply(&self, cfg: &mut JobConfig) -> Result<(), crate::config::ConfigError> {
+        let mut flags = Vec::new();
+        if self.workers.is_some() {
+            flags.push(("workers.count", "--workers"));
+        }
+        if !self.datasets.is_empty() {
+            flags.push(("data.datasets", "--dataset"));
+            flags.push(("data.datasets_weights", "--dataset"));
+        }
+        if self.out.is_some() {
+            flags.push(("outputs.dir", "--out"));
+        }
+        if self.max_steps.is_some() {
+            flags.push(("optimization.max_steps", "--max-steps"));
+        }
+        if self.seed.is_some() {
+            flags.push(("meta.seed", "--seed"));
+        }
+        if self.listen.is_some() {
+            flags.push(("telemetry.listen", "--listen"));
+        }
+        cfg.apply_flags(&flags, |raw| {
+            if let Some(w) = self.workers {
+                raw.workers.count = w;
+            }
+            if !self.datasets.is_empty() {
+                raw.data.datasets = self.datasets.clone();
+            }
+            if let Some(out) = &self.out {
+                raw.outputs.dir = Some(out.clone());
+            }
+            if let Some(m) = self.max_steps {
+                raw.optimization.max_steps = Some(m);
+            }
+            if let Some(s) = self.seed {
+                raw.meta.seed = s;
+            }
+            if let Some(l) = &self.listen {
+                raw.telemetry.listen = Some(l.clone());
+            }
+        })
+    }
+}
+
 pub fn run(mut cfg: JobConfig, overrides: TrainOverrides) -> anyhow::Result<TrainSummary> {
-    if let Some(w) = overrides.workers {
-        cfg.raw.workers.count = w.max(1);
-    }
-    if !overrides.datasets.is_empty() {
-        cfg.raw.data.datasets = overrides.datasets.clone();
-    }
-    if let Some(out) = &overrides.out {
-        cfg.raw.outputs.dir = Some(out.clone());
-    }
-    if let Some(m) = overrides.max_steps {
-        cfg.raw.optimization.max_steps = Some(m);
-    }
-    if let Some(s) = overrides.seed {
-        cfg.raw.meta.seed = s;
-    }
-    if let Some(l) = &overrides.listen {
-        cfg.raw.telemetry.listen = Some(l.clone());
-    }
+    overrides.apply(&mut cfg)?;
     // Only process 0 serves metrics and the status page.
     if cfg.raw.cluster.process != 0 {
         cfg.raw.telemetry.listen = None;
@@ -658,6 +688,8 @@ impl Shared {
 
 /// Worker 0's outputs: the Parquet writers and the run's counters.
 struct Outputs {
+    /// Where the tables' writes run (closing them on drop).
+    handle: tokio::runtime::Handle,
     metrics: Option<MetricsWriter>,
     quarantine: Option<QuarantineWriter>,
     clips: Option<ClipsWriter>,
@@ -668,6 +700,39 @@ struct Outputs {
     last_loss: Option<f64>,
     steps: u64,
     checkpoints: Vec<String>,
+}
+
+/// A run that fails still completes its tables: the quarantine records and the metrics of the
+/// steps it trained are what its user needs to see why. On success they are closed, and
+/// taken, before this drops; after a failure, the last reference goes with the dataflow, once
+/// timely has drained it (quarantine records still in flight included). Failures to write are
+/// logged; the run's own error is what the caller reports.
+impl Drop for Outputs {
+    fn drop(&mut self) {
+        let (metrics, quarantine, clips, features) = (
+            self.metrics.take(),
+            self.quarantine.take(),
+            self.clips.take(),
+            self.features.take(),
+        );
+        let handle = &self.handle;
+        let report = |what: &str, result: Result<u64, vjepa_storage::StorageError>| match result {
+            Ok(rows) => tracing::info!(rows, "{what} table completed after the failure"),
+            Err(e) => tracing::warn!(error = %e, "{what} table lost with the failure"),
+        };
+        if let Some(w) = metrics {
+            report("metrics", handle.block_on(w.close()));
+        }
+        if let Some(w) = quarantine {
+            report("quarantine", handle.block_on(w.close()));
+        }
+        if let Some(w) = clips {
+            report("clips", handle.block_on(w.close()));
+        }
+        if let Some(w) = features {
+            report("features", handle.block_on(w.close()));
+        }
+    }
 }
 
 /// What worker 0 tells every worker before training (and every worker reports back, for the
@@ -772,9 +837,14 @@ fn run_worker(
     if let Err(e) = &result {
         // Stop this process's other workers and loaders; other processes notice that this
         // worker left the collective.
-        shared
-            .fatal
-            .set(format!("worker {}: {e:#}", worker.index()));
+        // A failure another worker reported already names that worker.
+        let why = format!("{e:#}");
+        let why = if why.starts_with("worker ") {
+            why
+        } else {
+            format!("worker {}: {why}", worker.index())
+        };
+        shared.fatal.set(why);
     }
     result
 }
@@ -923,6 +993,7 @@ fn run_worker_inner(
 
     // Worker 0 writes every output.
     let outputs = Rc::new(RefCell::new(Outputs {
+        handle: shared.handle.clone(),
         metrics: None,
         quarantine: None,
         clips: None,
@@ -968,7 +1039,6 @@ fn run_worker_inner(
         }
         o.quarantine = Some(q);
     }
-
     // The catalog as a differential collection (time = catalog version; version 0: the listing
     // at start): each worker enters its share of version 0, then worker 0 alone enters the
     // changes of later versions and learns the per-dataset counts, which drive the mixing.

@@ -513,18 +513,6 @@ fn main() -> ExitCode {
             hostfile,
             device,
         } => {
-            let cfg = match JobConfig::load(&config).and_then(|mut cfg| {
-                cfg.apply_device_flag(device)?;
-                cfg.apply_cluster_flags(processes, process, hostfile)?;
-                cfg.cluster_addresses()?;
-                Ok(cfg)
-            }) {
-                Ok(cfg) => cfg,
-                Err(e) => return config_error(&e),
-            };
-            for (key, why) in &cfg.ignored {
-                tracing::info!(key = %key, "ignored config key: {why}");
-            }
             let overrides = TrainOverrides {
                 workers,
                 datasets,
@@ -535,6 +523,19 @@ fn main() -> ExitCode {
                 fresh,
                 listen,
             };
+            let cfg = match JobConfig::load(&config).and_then(|mut cfg| {
+                cfg.apply_device_flag(device)?;
+                cfg.apply_cluster_flags(processes, process, hostfile)?;
+                cfg.cluster_addresses()?;
+                overrides.apply(&mut cfg)?;
+                Ok(cfg)
+            }) {
+                Ok(cfg) => cfg,
+                Err(e) => return config_error(&e),
+            };
+            for (key, why) in &cfg.ignored {
+                tracing::info!(key = %key, "ignored config key: {why}");
+            }
             match job::run(cfg, overrides) {
                 Ok(s) if s.steps == 0 => {
                     println!(

@@ -76,6 +76,85 @@ fn corrupt_video_is_quarantined_and_the_job_goes_on() {
     assert!(rows.iter().all(|r| r.loss.is_finite()));
 }
 
+/// A run that fails still leaves its tables: every bad video of an all-bad corpus in the
+/// quarantine table, and the metrics of the steps trained before a non-finite loss.
+#[test]
+fn a_failed_run_still_writes_its_tables() {
+    let tmp = tempfile::tempdir().unwrap();
+    let junk = tmp.path().join("junk");
+    std::fs::create_dir_all(&junk).unwrap();
+    for i in 0..4 {
+        std::fs::write(junk.join(format!("bad{i}.mp4")), format!("not a video {i}")).unwrap();
+    }
+    std::fs::write(junk.join("empty.webm"), b"").unwrap();
+    // Failed runs exit at once (no lingering metrics server).
+    let no_linger = |cfg: &std::path::Path| {
+        let text = std::fs::read_to_string(cfg).unwrap();
+        let text = text.replace("  linger_secs: 30", "  linger_secs: 0");
+        assert!(
+            text.contains("  linger_secs: 0"),
+            "quickstart.yaml layout changed"
+        );
+        std::fs::write(cfg, text).unwrap();
+    };
+    let out = tmp.path().join("out-junk");
+    let cfg = tmp.path().join("junk.yaml");
+    write_config(&cfg, &junk, &out, 3);
+    no_linger(&cfg);
+    let run = run_train(&cfg, &[], &[]);
+    assert_eq!(run.status.code(), Some(1), "{run:?}");
+    let mut q: Vec<String> = read_quarantine(out.to_str().unwrap())
+        .into_iter()
+        .map(|r| format!("{} {}", r.uri.rsplit('/').next().unwrap_or(""), r.reason))
+        .collect();
+    q.sort();
+    assert_eq!(
+        q,
+        [
+            "bad0.mp4 not_a_video",
+            "bad1.mp4 not_a_video",
+            "bad2.mp4 not_a_video",
+            "bad3.mp4 not_a_video",
+            "empty.webm empty_file"
+        ]
+    );
+    assert!(read_metrics(out.to_str().unwrap(), &Default::default()).is_empty());
+
+    // A learning rate that blows up: the steps before the non-finite loss are in the table.
+    let videos = tmp.path().join("videos");
+    make_corpus(&videos, 3);
+    let out = tmp.path().join("out-nan");
+    let cfg = tmp.path().join("nan.yaml");
+    write_config(&cfg, &videos, &out, 6);
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let blown: Vec<&str> = text
+        .lines()
+        .map(|l| {
+            if l.starts_with("  lr: ") {
+                "  lr: 1.0e20"
+            } else {
+                l
+            }
+        })
+        .collect();
+    assert!(
+        blown.contains(&"  lr: 1.0e20"),
+        "the config sets optimization.lr"
+    );
+    std::fs::write(&cfg, blown.join("\n")).unwrap();
+    no_linger(&cfg);
+    let run = run_train(&cfg, &[], &[]);
+    assert_eq!(run.status.code(), Some(1), "{run:?}");
+    assert!(
+        String::from_utf8_lossy(&run.stderr).contains("non-finite loss"),
+        "{run:?}"
+    );
+    let rows = read_metrics(out.to_str().unwrap(), &Default::default());
+    assert!(!rows.is_empty(), "the steps before the failure");
+    assert!(rows.iter().all(|r| r.loss.is_finite()), "{rows:?}");
+    assert!(read_quarantine(out.to_str().unwrap()).is_empty());
+}
+
 #[test]
 fn csv_index_entries_escaping_the_store_are_refused_and_recorded() {
     let tmp = tempfile::tempdir().unwrap();
