@@ -61,7 +61,7 @@ use vit::Encoder;
 pub enum ModelError {
     /// A tensor operation failed (shape/dtype/device mismatch inside candle).
     #[error("candle: {0}")]
-    Candle(#[from] candle_core::Error),
+    Candle(candle_core::Error),
     /// A configuration can't be built.
     #[error("invalid config: {0}")]
     Config(String),
@@ -89,7 +89,7 @@ pub enum ModelError {
     Checkpoint(String),
     /// safetensors encoding/decoding failed.
     #[error("safetensors: {0}")]
-    SafeTensors(#[from] safetensors::SafeTensorError),
+    SafeTensors(safetensors::SafeTensorError),
     /// The loss was NaN/Inf; the step was not applied (the official code asserts here).
     #[error("non-finite loss {loss} at step {step}")]
     NonFiniteLoss {
@@ -98,6 +98,20 @@ pub enum ModelError {
         /// The loss value.
         loss: f64,
     },
+}
+
+// The messages above carry the inner error's text, so it is not also their `source()`: an
+// error chain (`{:#}`) would print it twice ("header too large: header too large").
+impl From<candle_core::Error> for ModelError {
+    fn from(e: candle_core::Error) -> Self {
+        ModelError::Candle(e)
+    }
+}
+
+impl From<safetensors::SafeTensorError> for ModelError {
+    fn from(e: safetensors::SafeTensorError) -> Self {
+        ModelError::SafeTensors(e)
+    }
 }
 
 /// Index tensors for one mask config: u32 `[B, K]` flat token indices (sorted ascending per row).

@@ -1486,10 +1486,17 @@ fn positive(key: &str, v: usize) -> Result<(), ConfigError> {
 
 fn range(key: &str, r: [f64; 2], lo: f64, hi: f64) -> Result<(), ConfigError> {
     if !(r[0].is_finite() && r[1].is_finite() && r[0] <= r[1] && r[0] >= lo && r[1] <= hi) {
+        // The open-ended bounds in words, not as 300-digit floats.
+        let within = match (lo == f64::MIN_POSITIVE, hi == f64::MAX) {
+            (true, true) => "of positive numbers".to_string(),
+            (true, false) => format!("within (0, {hi}]"),
+            (false, true) => format!("of numbers from {lo}"),
+            (false, false) => format!("within [{lo}, {hi}]"),
+        };
         return Err(ConfigError::invalid(
             key,
             format!(
-                "[{}, {}] is not an ordered range within [{lo}, {hi}]",
+                "[{}, {}] is not an ordered range {within} (min first)",
                 r[0], r[1]
             ),
         ));

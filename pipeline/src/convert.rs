@@ -98,7 +98,11 @@ pub fn convert(
     let (from, to) = (kind(input)?, kind(output)?);
     if from == to {
         return Err(ConvertError::Usage(format!(
-            "{input} and {output} are both {from:?}: nothing to convert"
+            "{input} and {output} are both {}: nothing to convert",
+            match from {
+                Format::Pth => "official .pth.tar checkpoints",
+                Format::SafeTensors => ".safetensors checkpoints",
+            }
         )));
     }
     let s3 = cfg.map(JobConfig::s3_settings).unwrap_or_default();

@@ -481,7 +481,15 @@ impl VideoSet {
             stores.push(d.store.clone());
         }
         if videos.is_empty() {
-            bail!("no videos in {}", datasets.join(", "));
+            let why = vjepa_storage::dataset::why_all_refused(
+                rejected
+                    .iter()
+                    .map(|r| (r.uri.as_str(), r.reason.as_str(), r.detail.as_str())),
+            );
+            match why {
+                Some(why) => bail!("no videos in {}: {why}", datasets.join(", ")),
+                None => bail!("no videos in {}", datasets.join(", ")),
+            }
         }
         Ok(Self {
             videos,
@@ -759,7 +767,7 @@ pub(crate) fn decode_all(
 ) -> anyhow::Result<(Vec<(Clip, String)>, Streamed)> {
     check(opts)?;
     let set = VideoSet::open(&opts.datasets, &opts.s3, handle)?;
-    let size = opts.size.unwrap_or(encoder.crop_size);
+    let size = input_size(opts, encoder)?;
     tracing::info!(
         videos = set.len(),
         segments = opts.segments,
@@ -800,7 +808,23 @@ fn check(opts: &ExtractOptions) -> anyhow::Result<()> {
     if opts.segments == 0 || opts.views == 0 || opts.batch_size == 0 || opts.frame_step == 0 {
         bail!("--segments, --views, --batch-size and --frame-step must be positive");
     }
+    if opts.size == Some(0) {
+        bail!("--size must be positive");
+    }
     check_video_decoder(opts)
+}
+
+/// The input side: `--size`, else the encoder's; a whole number of patches (the encoder would
+/// otherwise drop the pixels past the last whole patch without a word).
+fn input_size(opts: &ExtractOptions, encoder: &EncoderConfig) -> anyhow::Result<usize> {
+    let size = opts.size.unwrap_or(encoder.crop_size);
+    if size == 0 || !size.is_multiple_of(encoder.patch_size) {
+        bail!(
+            "--size {size} is not a positive multiple of the encoder's patch size {}",
+            encoder.patch_size
+        );
+    }
+    Ok(size)
 }
 
 /// `--video-decoder nvdec` needs NVDEC decoders registered here; refused before any work.
@@ -825,7 +849,7 @@ pub(crate) fn run_with(
     check(&opts)?;
     let handle = handle.clone();
     let enc = backbone.config().clone();
-    let size = opts.size.unwrap_or(enc.crop_size);
+    let size = input_size(&opts, &enc)?;
     let frames = enc.num_frames;
     let set = VideoSet::open(&opts.datasets, &opts.s3, &handle)?;
     let total = set.len();

@@ -214,13 +214,7 @@ pub fn run(opts: FinetuneOptions) -> anyhow::Result<ProbeSummary> {
         });
     }
     let correct = probe::write_predictions(&opts.out_dir, &classes, &predictions)?;
-    Ok(ProbeSummary::new(
-        correct,
-        val.len(),
-        train.len(),
-        classes,
-        final_loss,
-    ))
+    ProbeSummary::new(correct, val.len(), train.len(), classes, final_loss)
 }
 
 /// Fine-tuning with nothing held between epochs ([`probe::Cache::None`]; see

@@ -208,9 +208,17 @@ fn run_training(
     let first_version =
         CatalogVersion::build(0, 0, &catalog.first, &HashSet::new(), catalog.names.len());
     if first_version.videos.is_empty() {
+        let why = vjepa_storage::dataset::why_all_refused(
+            catalog
+                .first
+                .rejected
+                .iter()
+                .map(|r| (r.uri.as_str(), r.reason.as_str(), r.detail.as_str())),
+        );
         bail!(
-            "no videos found in data.datasets ({}): nothing to train on",
-            cfg.raw.data.datasets.join(", ")
+            "no videos found in data.datasets ({}): nothing to train on{}",
+            cfg.raw.data.datasets.join(", "),
+            why.map(|w| format!(" ({w})")).unwrap_or_default()
         );
     }
     let mixing = cfg.mixing();
@@ -2166,35 +2174,101 @@ fn fresh_model(cfg: &JobConfig, ipe: u64, device: &Device) -> anyhow::Result<Pre
 
 /// Loads a checkpoint the way a resumed run would and describes it.
 pub fn inspect_checkpoint(location: &str) -> anyhow::Result<String> {
-    inspect_checkpoint_with(location, &vjepa_storage::S3Settings::default())
+    inspect_checkpoint_with(location, &vjepa_storage::S3Settings::default(), None)
 }
 
-/// [`inspect_checkpoint`] with the S3 settings of a job config (`storage.s3`).
+/// [`inspect_checkpoint`] with a job config: its `storage.s3` reaches the location, and its
+/// model shape reads an official `.pth.tar` (which carries no head counts).
+///
+/// A training checkpoint (ours or official) is described as a resumed run would load it;
+/// any other `.safetensors` file (a fine-tuned `encoder.safetensors`, a `probe.safetensors`)
+/// by its format, tensors and values.
 pub fn inspect_checkpoint_with(
     location: &str,
     s3: &vjepa_storage::S3Settings,
+    cfg: Option<&JobConfig>,
 ) -> anyhow::Result<String> {
     let runtime = io_runtime()?;
     let bytes = read_location(runtime.handle(), location, s3)?;
-    let model = Pretrainer::from_safetensors(&bytes, &Device::Cpu)
-        .with_context(|| format!("loading {location}"))?;
+    if crate::convert::Format::of(location) == Some(crate::convert::Format::Pth) {
+        let configs = cfg
+            .map(crate::convert::model_configs)
+            .transpose()
+            .map_err(|e| anyhow!("{e}"))?;
+        let (model, info) = vjepa_model::VJepa::from_pth(&bytes, configs.as_ref(), &Device::Cpu)
+            .with_context(|| {
+                format!(
+                    "loading {location} (an official checkpoint: --config gives the model \
+                     shape it does not carry)"
+                )
+            })?;
+        let epoch = info
+            .epoch
+            .map(|e| format!(", epoch {e}"))
+            .unwrap_or_default();
+        return Ok(describe_pretrainer(
+            &format!("official checkpoint {location}{epoch}"),
+            &Pretrainer::VJepa(Box::new(model)),
+            bytes.len(),
+        ));
+    }
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+        .map_err(|e| anyhow!("{location}: not a .safetensors or official .pth.tar file: {e}"))?;
+    let format = header
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get("format"))
+        .cloned();
+    match Pretrainer::from_safetensors(&bytes, &Device::Cpu) {
+        Ok(model) => Ok(describe_pretrainer(
+            &format!("checkpoint {location}"),
+            &model,
+            bytes.len(),
+        )),
+        // Not a training checkpoint: what the file holds, by tensor-name prefix.
+        Err(_) => {
+            let tensors = header.tensors();
+            let mut groups: BTreeMap<&str, (usize, usize)> = BTreeMap::new();
+            for (name, info) in &tensors {
+                let prefix = name.split('.').next().unwrap_or(name);
+                let g = groups.entry(prefix).or_default();
+                g.0 += 1;
+                g.1 += info.shape.iter().product::<usize>();
+            }
+            let total: usize = groups.values().map(|g| g.1).sum();
+            let groups: Vec<String> = groups
+                .iter()
+                .map(|(p, (n, v))| format!("{p}.* {n} tensors {v} values"))
+                .collect();
+            Ok(format!(
+                "{location}: not a training checkpoint (format {}), {} bytes; {} tensors, {total} values: {}",
+                format.as_deref().unwrap_or("not recorded"),
+                bytes.len(),
+                tensors.len(),
+                groups.join(", ")
+            ))
+        }
+    }
+}
+
+/// One line on a training checkpoint: objective, step, encoder and predictor (or decoder).
+fn describe_pretrainer(what: &str, model: &Pretrainer, bytes: usize) -> String {
     let (e, p) = model.num_trainable_params();
     let enc = model.encoder_config();
-    let (head, head_cfg) = match &model {
+    let (head, head_cfg) = match model {
         Pretrainer::VJepa(m) => ("predictor", m.predictor_config().clone()),
         Pretrainer::Pixel(m) => ("pixel decoder", m.pixel_config().decoder()),
     };
-    Ok(format!(
-        "checkpoint {location}: objective {}, step {}, {} bytes; encoder D={} depth {} heads {} ({e} params), {head} D={} depth {} ({p} params)",
+    format!(
+        "{what}: objective {}, step {}, {bytes} bytes; encoder D={} depth {} heads {} ({e} params), {head} D={} depth {} ({p} params)",
         model.objective(),
         model.steps_done(),
-        bytes.len(),
         enc.embed_dim,
         enc.depth,
         enc.num_heads,
         head_cfg.embed_dim,
         head_cfg.depth,
-    ))
+    )
 }
 
 #[cfg(test)]

@@ -21,6 +21,9 @@ use vjepa_ingest::{
 };
 use vjepa_operators::load::ClipLoader;
 use vjepa_operators::records::{Clip, ClipRequest, Loaded, Quarantined};
+
+/// Quarantine reason: the object is larger than `data.filter_long_videos` allows.
+pub const REASON_FILE_TOO_LARGE: &str = "file_too_large";
 use vjepa_operators::sampler::{Mixing, VersionDraws};
 use vjepa_operators::sampling::{ClipSampling, pretrain_indices};
 use vjepa_operators::seeding::{Stream, rng_for};
@@ -187,7 +190,7 @@ impl StoreLoader {
         self.telemetry.items(Stage::Fetch, 1);
         if source.size() > self.settings.filter_long_bytes {
             return Err(Failure::Bad {
-                reason: "file_too_large".into(),
+                reason: REASON_FILE_TOO_LARGE.into(),
                 detail: format!(
                     "{} bytes > data.filter_long_videos {}",
                     source.size(),

@@ -50,34 +50,34 @@ struct ProbeArgs {
     #[arg(long)]
     config: Option<PathBuf>,
     /// Temporal segments per video (their tokens are concatenated into one probe pass).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = at_least_one)]
     segments: usize,
     /// Spatial views per validation segment (probabilities averaged).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = at_least_one)]
     views: usize,
     /// Frame stride within a clip.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = at_least_one)]
     frame_step: usize,
     /// Epochs (spec: 20).
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 20, value_parser = at_least_one)]
     epochs: usize,
     /// Videos per step.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = at_least_one)]
     batch_size: usize,
     /// Peak learning rate, cosine to 0 (spec: 1e-3).
-    #[arg(long, default_value_t = 1e-3)]
+    #[arg(long, default_value_t = 1e-3, value_parser = positive_number, allow_negative_numbers = true)]
     lr: f64,
     /// Weight decay, cosine to 1e-6 (spec: 0.01 for video).
-    #[arg(long, default_value_t = 0.01)]
+    #[arg(long, default_value_t = 0.01, value_parser = non_negative_number, allow_negative_numbers = true)]
     weight_decay: f64,
     /// Share of each class's train videos used (low-shot evaluation).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = share, allow_negative_numbers = true)]
     label_fraction: f64,
     /// Seeds the probe, the label subset and the shuffling.
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Decoder threads (default: the machine's cores).
-    #[arg(long)]
+    #[arg(long, value_parser = at_least_one)]
     decode_threads: Option<usize>,
     /// Compute device of the encoder and the head: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
@@ -225,11 +225,14 @@ enum Command {
         #[arg(long)]
         device: Option<String>,
     },
-    /// Load a checkpoint (path or object-store URL) and print what it holds.
+    /// Load a checkpoint (path or object-store URL) and print what it holds: a training
+    /// checkpoint (ours or an official `.pth.tar`) as a resumed run loads it, any other
+    /// `.safetensors` (a fine-tuned encoder, a probe head) by its tensors.
     Inspect {
         checkpoint: String,
-        /// A job config whose `storage.s3` (endpoint, region, plain HTTP) reaches the URL;
-        /// without it the environment does (`AWS_ENDPOINT_URL`, `AWS_REGION`).
+        /// A job config whose `storage.s3` (endpoint, region, plain HTTP) reaches the URL,
+        /// and whose model shape reads an official `.pth.tar`; without it the environment
+        /// gives the S3 settings (`AWS_ENDPOINT_URL`, `AWS_REGION`).
         #[arg(long)]
         config: Option<PathBuf>,
     },
@@ -252,8 +255,9 @@ enum Command {
         /// Job config (model shape, seed).
         #[arg(long)]
         config: PathBuf,
-        /// Output checkpoint file (`.safetensors`).
-        #[arg(long)]
+        /// Output checkpoint file (`.safetensors`; `vjepa convert` makes an official
+        /// `.pth.tar` of it).
+        #[arg(long, value_parser = safetensors_path)]
         out: PathBuf,
     },
     /// Convert a checkpoint between the official `.pth.tar` layout and our `.safetensors`
@@ -286,25 +290,25 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
         /// Temporal segments per video (spec §9: 8 for K400, 2 for SSv2).
-        #[arg(long, default_value_t = 1)]
+        #[arg(long, default_value_t = 1, value_parser = at_least_one)]
         segments: usize,
         /// Spatial views per segment (spec §9: 3).
-        #[arg(long, default_value_t = 1)]
+        #[arg(long, default_value_t = 1, value_parser = at_least_one)]
         views: usize,
         /// Frame stride within a clip.
-        #[arg(long, default_value_t = 4)]
+        #[arg(long, default_value_t = 4, value_parser = at_least_one)]
         frame_step: usize,
         /// Input side (default: the encoder's).
-        #[arg(long)]
+        #[arg(long, value_parser = at_least_one)]
         size: Option<usize>,
         /// Also write every token's output (N × D floats per clip).
         #[arg(long)]
         tokens: bool,
         /// Clips per encoder forward.
-        #[arg(long, default_value_t = 8)]
+        #[arg(long, default_value_t = 8, value_parser = at_least_one)]
         batch_size: usize,
         /// Decoder threads (default: the machine's cores).
-        #[arg(long)]
+        #[arg(long, value_parser = at_least_one)]
         decode_threads: Option<usize>,
         /// Seeds the random window inside long segments.
         #[arg(long, default_value_t = 0)]
@@ -683,11 +687,12 @@ fn main() -> ExitCode {
             }
         }
         Command::Inspect { checkpoint, config } => {
-            let s3 = match s3_settings_of(config.as_deref()) {
-                Ok(s) => s,
-                Err(code) => return code,
+            let cfg = match config.as_deref().map(JobConfig::load).transpose() {
+                Ok(c) => c,
+                Err(e) => return config_error(&e),
             };
-            match job::inspect_checkpoint_with(&checkpoint, &s3) {
+            let s3 = cfg.as_ref().map(|c| c.s3_settings()).unwrap_or_default();
+            match job::inspect_checkpoint_with(&checkpoint, &s3, cfg.as_ref()) {
                 Ok(text) => {
                     println!("{text}");
                     ExitCode::SUCCESS
@@ -908,6 +913,56 @@ fn s3_settings_of(config: Option<&std::path::Path>) -> Result<vjepa_storage::S3S
         Some(path) => JobConfig::load(path)
             .map(|c| c.s3_settings())
             .map_err(|e| config_error(&e)),
+    }
+}
+
+/// `clap` value parser: a path ending in `.safetensors` (what `init` writes; other names
+/// would promise another format).
+fn safetensors_path(s: &str) -> Result<PathBuf, String> {
+    if s.ends_with(".safetensors") {
+        Ok(PathBuf::from(s))
+    } else {
+        Err(
+            "must end in .safetensors (init writes our format; `vjepa convert` turns it into an \
+             official .pth.tar)"
+                .into(),
+        )
+    }
+}
+
+/// `clap` value parser: an integer ≥ 1 (counts, sizes, strides).
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        Ok(_) => Err("must be at least 1".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// `clap` value parser: a finite number > 0 (learning rates).
+fn positive_number(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(x) if x.is_finite() && x > 0.0 => Ok(x),
+        Ok(_) => Err("must be a finite number above 0".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// `clap` value parser: a finite number ≥ 0 (weight decay).
+fn non_negative_number(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(x) if x.is_finite() && x >= 0.0 => Ok(x),
+        Ok(_) => Err("must be a finite number, 0 or above".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// `clap` value parser: a share in (0, 1] (label fraction).
+fn share(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(x) if x > 0.0 && x <= 1.0 => Ok(x),
+        Ok(_) => Err("must be in (0, 1]".into()),
+        Err(e) => Err(e.to_string()),
     }
 }
 

@@ -438,26 +438,30 @@ pub(crate) fn write_predictions(
 }
 
 impl ProbeSummary {
-    /// The summary of an evaluation of `evaluated` videos, `correct` of them right.
+    /// The summary of an evaluation of `evaluated` videos, `correct` of them right; an error
+    /// when no validation video could be read (a top-1 of nothing is not a score).
     pub(crate) fn new(
         correct: usize,
         evaluated: usize,
         train_videos: usize,
         classes: Vec<String>,
         final_loss: f64,
-    ) -> Self {
-        Self {
-            top1: if evaluated == 0 {
-                0.0
-            } else {
-                100.0 * correct as f64 / evaluated as f64
-            },
+    ) -> anyhow::Result<Self> {
+        if evaluated == 0 {
+            anyhow::bail!(
+                "no validation video could be read: every one was quarantined or refused \
+                 (the quarantine records are beside the validation features in the output \
+                 directory)"
+            );
+        }
+        Ok(Self {
+            top1: 100.0 * correct as f64 / evaluated as f64,
             correct,
             evaluated,
             train_videos,
             classes,
             final_loss,
-        }
+        })
     }
 }
 
@@ -566,13 +570,7 @@ fn run_in_memory(
         });
     }
     let correct = write_predictions(&opts.out_dir, &classes, &predictions)?;
-    Ok(ProbeSummary::new(
-        correct,
-        val.len(),
-        train.len(),
-        classes,
-        final_loss,
-    ))
+    ProbeSummary::new(correct, val.len(), train.len(), classes, final_loss)
 }
 
 #[cfg(test)]

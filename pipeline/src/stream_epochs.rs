@@ -164,9 +164,7 @@ pub(crate) fn run<L: Learner>(
     warn_quarantined(&streamed, what, "validation");
     let evaluated = eval.predictions.len();
     let correct = probe::write_predictions(&opts.out_dir, &classes, &eval.predictions)?;
-    Ok(ProbeSummary::new(
-        correct, evaluated, trained, classes, final_loss,
-    ))
+    ProbeSummary::new(correct, evaluated, trained, classes, final_loss)
 }
 
 fn quarantine_location(opts: &ProbeOptions, split: &str) -> String {

@@ -340,6 +340,13 @@ impl Telemetry {
             "Videos in the current catalog version, per dataset",
             t.catalog_videos.clone(),
         );
+        // Every reason from the start, at 0: `rate()` and alerts see the series before the
+        // first quarantine.
+        for reason in quarantine_reasons() {
+            let _ = t
+                .decode_failures
+                .get_or_create(&vec![("reason", reason.to_string())]);
+        }
         let stage_item = Stage::ALL
             .iter()
             .map(|&s| t.stage_items.get_or_create(&stage(s)).clone())
@@ -674,6 +681,27 @@ fn respond(
     resp
 }
 
+/// The quarantine vocabulary (README, *Outputs*): the decoder's reasons, the loader's, and
+/// the index files'.
+pub fn quarantine_reasons() -> Vec<&'static str> {
+    use vjepa_storage::dataset::{
+        REASON_INVALID_PATH, REASON_PATH_ESCAPES_STORE, REASON_UNSUPPORTED_SCHEME,
+    };
+    let mut reasons: Vec<&'static str> = vjepa_ingest::QuarantineReason::ALL
+        .iter()
+        .map(|r| r.as_str())
+        .collect();
+    reasons.extend([
+        crate::loader::REASON_FILE_TOO_LARGE,
+        REASON_PATH_ESCAPES_STORE,
+        REASON_UNSUPPORTED_SCHEME,
+        REASON_INVALID_PATH,
+    ]);
+    reasons.sort_unstable();
+    reasons.dedup();
+    reasons
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -717,6 +745,16 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("vjepa_clips_total 4"), "{text}");
+        for reason in quarantine_reasons() {
+            let zero = format!("vjepa_decode_failures_total{{reason=\"{reason}\"}} 0");
+            assert!(text.contains(&zero), "{zero} in {text}");
+        }
+        t.quarantined("file:///v/a.mp4", "not_a_video");
+        let text = t.encode_metrics().unwrap();
+        assert!(
+            text.contains("vjepa_decode_failures_total{reason=\"not_a_video\"} 1"),
+            "{text}"
+        );
         t.non_finite_loss(f64::NAN);
         let text = t.encode_metrics().unwrap();
         assert!(text.contains("vjepa_loss NaN"), "{text}");

@@ -121,3 +121,87 @@ fn cluster_flags_are_checked_naming_the_key() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("line 2"));
 }
+
+/// `train`'s flags are checked as the keys they set, before any work; other commands' bad
+/// numbers are refused by the argument parser (exit 2), not trained or extracted on.
+#[test]
+fn bad_flags_exit_2_before_any_work() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let cfg = write_config(&tmp.path().join("c.yaml"), tmp.path(), &out, 3);
+    for (flags, key, flag) in [
+        (
+            &["--max-steps", "0"][..],
+            "optimization.max_steps",
+            "--max-steps",
+        ),
+        (&["--workers", "0"][..], "workers.count", "--workers"),
+        (
+            &["--listen", "localhost:1"][..],
+            "telemetry.listen",
+            "--listen",
+        ),
+        (&["--out", ""][..], "outputs.dir", "--out"),
+    ] {
+        let run = run_train(&cfg, &[], flags);
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert_eq!(run.status.code(), Some(2), "{flags:?}: {stderr}");
+        assert!(
+            stderr.contains(&format!("`{key}`")) && stderr.contains(flag),
+            "{flags:?}: {stderr}"
+        );
+        assert!(!out.exists(), "{flags:?}: nothing written");
+    }
+    let vjepa = |args: &[&str]| Command::new(bin()).args(args).output().unwrap();
+    let probe = |extra: &[&str]| {
+        let mut args = vec![
+            "probe",
+            "--checkpoint",
+            "c.safetensors",
+            "--train",
+            "t.csv",
+            "--val",
+            "v.csv",
+            "--out",
+            "o",
+        ];
+        args.extend_from_slice(extra);
+        vjepa(&args)
+    };
+    for (extra, flag) in [
+        (&["--lr", "-1"][..], "--lr"),
+        (&["--lr", "nan"][..], "--lr"),
+        (&["--lr", "0"][..], "--lr"),
+        (&["--weight-decay", "-5"][..], "--weight-decay"),
+        (&["--label-fraction", "1.5"][..], "--label-fraction"),
+        (&["--epochs", "0"][..], "--epochs"),
+    ] {
+        let run = probe(extra);
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert_eq!(run.status.code(), Some(2), "{extra:?}: {stderr}");
+        assert!(stderr.contains(flag), "{extra:?}: {stderr}");
+    }
+    let run = vjepa(&[
+        "extract",
+        "--checkpoint",
+        "c.safetensors",
+        "--index",
+        "i.csv",
+        "--out",
+        "f.parquet",
+        "--size",
+        "0",
+    ]);
+    assert_eq!(run.status.code(), Some(2), "{run:?}");
+    let init = tmp.path().join("init.pth.tar");
+    let run = vjepa(&[
+        "init",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        init.to_str().unwrap(),
+    ]);
+    assert_eq!(run.status.code(), Some(2), "{run:?}");
+    assert!(String::from_utf8_lossy(&run.stderr).contains(".safetensors"));
+    assert!(!init.exists());
+}

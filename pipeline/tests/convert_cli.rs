@@ -56,6 +56,29 @@ fn official_file_to_ours_and_back() {
         "round trip changed the checkpoint"
     );
     assert_eq!(again.steps_done(), 3);
+
+    // `inspect` reads both layouts; the PyTorch-written file needs the config's head counts.
+    let inspect = |path: &std::path::Path, config: Option<&std::path::Path>| {
+        let mut cmd = Command::new(bin());
+        cmd.arg("inspect").arg(path);
+        if let Some(c) = config {
+            cmd.arg("--config").arg(c);
+        }
+        let out = cmd.output().unwrap();
+        assert_ok(&out);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let ours = inspect(&first, None);
+    assert!(
+        ours.contains("objective vjepa, step 3") && ours.contains("encoder D=24"),
+        "{ours}"
+    );
+    let official = inspect(&golden("pth_fixture.pth.tar"), Some(&config));
+    assert!(official.starts_with("official checkpoint"), "{official}");
+    assert!(
+        official.contains("step 3") && official.contains("encoder D=24"),
+        "{official}"
+    );
 }
 
 #[test]

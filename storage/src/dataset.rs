@@ -23,6 +23,29 @@ pub const REASON_INVALID_PATH: &str = "invalid_path";
 /// File extensions (lower-case, no dot) that count as videos when listing a prefix.
 pub const VIDEO_EXTENSIONS: &[&str] = &["mp4", "m4v", "mov", "mkv", "webm", "avi"];
 
+/// Why a dataset yielded no video although its index had entries: the first refused entry
+/// and the rule it broke, for the error a user sees (`None` when nothing was refused).
+pub fn why_all_refused<'a>(
+    refused: impl IntoIterator<Item = (&'a str, &'a str, &'a str)>,
+) -> Option<String> {
+    let mut n = 0usize;
+    let mut first = None;
+    for (entry, reason, detail) in refused {
+        n += 1;
+        first.get_or_insert((entry, reason, detail));
+    }
+    let (entry, reason, detail) = first?;
+    let rule = if reason == REASON_PATH_ESCAPES_STORE {
+        "; an index entry must be a path relative to the index's folder, or an absolute path \
+         or URL inside that folder (bucket prefix): keep the index at or above the videos"
+    } else {
+        ""
+    };
+    Some(format!(
+        "all {n} index entries were refused, e.g. `{entry}`: {reason} ({detail}){rule}"
+    ))
+}
+
 /// One readable video of a dataset.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DatasetEntry {

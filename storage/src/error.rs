@@ -29,7 +29,7 @@ pub enum StorageError {
     },
 
     /// A local store's directory does not exist and was not to be created.
-    #[error("local directory {} does not exist (create it, or open the store with create=true)", path.display())]
+    #[error("local directory {} does not exist", path.display())]
     LocalDirMissing {
         /// The directory looked for.
         path: PathBuf,
