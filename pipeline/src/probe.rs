@@ -450,8 +450,7 @@ impl ProbeSummary {
         if evaluated == 0 {
             anyhow::bail!(
                 "no validation video could be read: every one was quarantined or refused \
-                 (the quarantine records are beside the validation features in the output \
-                 directory)"
+                 (their reasons are in the validation quarantine table in the output directory)"
             );
         }
         Ok(Self {
