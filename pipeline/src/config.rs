@@ -1471,7 +1471,10 @@ impl JobConfig {
 }
 
 fn unknown_field_name(message: &str) -> Option<String> {
-    let rest = message.strip_prefix("unknown field `")?;
+    // serde_yaml may put the parent's path before its message ("data: duplicate field ...").
+    let rest = ["unknown field `", "duplicate field `"]
+        .iter()
+        .find_map(|p| message.find(p).map(|at| &message[at + p.len()..]))?;
     let end = rest.find('`')?;
     Some(rest[..end].to_string())
 }

@@ -231,6 +231,16 @@ fn run_training(
     .context("data.datasets_weights")?;
     let ipe = cfg.iterations_per_epoch(first_version.videos.len());
     let total = cfg.total_steps(ipe);
+    if let Some(max) = cfg.raw.optimization.max_steps
+        && max > total
+    {
+        tracing::warn!(
+            max_steps = max,
+            epochs = cfg.raw.optimization.epochs,
+            ipe,
+            "optimization.max_steps is past epochs × ipe: the run ends after {total} steps"
+        );
+    }
     let enc = cfg.encoder_config();
 
     // Where the run starts: by default it continues from the newest complete checkpoint in its

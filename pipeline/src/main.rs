@@ -609,9 +609,16 @@ fn main() -> ExitCode {
                 video_decoder,
             };
             match vjepa_pipeline::extract::run(opts) {
+                Ok(s) if s.rows == 0 => {
+                    eprintln!(
+                        "error: no video of {} could be read: all quarantined or refused (reasons in {})",
+                        s.videos, s.quarantine_output
+                    );
+                    ExitCode::from(1)
+                }
                 Ok(s) => {
                     println!(
-                        "extracted {} rows from {} videos into {} ({} quarantined: {})",
+                        "extracted {} rows (one per segment and view) from {} videos into {} ({} quarantined: {})",
                         s.rows, s.videos, s.output, s.quarantined, s.quarantine_output
                     );
                     ExitCode::SUCCESS

@@ -163,6 +163,8 @@ pub struct Telemetry {
     tokens: Counter,
     nonfinite: Counter,
     nonfinite_seen: std::sync::atomic::AtomicBool,
+    /// Mask configs the steps reported (the `loss_per_mask` series).
+    masks: std::sync::atomic::AtomicUsize,
     clips_per_second: FloatGauge,
     tokens_per_second: FloatGauge,
     step_seconds: Histogram,
@@ -209,6 +211,7 @@ impl Telemetry {
             tokens: Counter::default(),
             nonfinite: Counter::default(),
             nonfinite_seen: Default::default(),
+            masks: Default::default(),
             clips_per_second: FloatGauge::default(),
             tokens_per_second: FloatGauge::default(),
             step_seconds: Histogram::new(exponential_buckets(0.01, 2.0, 14)),
@@ -446,6 +449,14 @@ impl Telemetry {
     /// A step's loss was NaN/Inf: the gauge shows it and the counter the alert keys on grows.
     pub fn non_finite_loss(&self, loss: f64) {
         self.loss.set(loss);
+        // The per-mask losses of the failed step are not known apart: none of the last good
+        // step's values may stand beside it.
+        let masks = self.masks.load(std::sync::atomic::Ordering::Relaxed);
+        for i in 0..masks {
+            self.loss_per_mask
+                .get_or_create(&vec![("mask", i.to_string())])
+                .set(f64::NAN);
+        }
         // The run stops at its first non-finite loss: counted once, whichever workers saw it.
         if !self
             .nonfinite_seen
@@ -458,6 +469,8 @@ impl Telemetry {
     /// Records one optimiser step.
     pub fn record_step(&self, s: &StepSample) {
         self.loss.set(s.loss);
+        self.masks
+            .fetch_max(s.loss_per_mask.len(), std::sync::atomic::Ordering::Relaxed);
         for (i, l) in s.loss_per_mask.iter().enumerate() {
             self.loss_per_mask
                 .get_or_create(&vec![("mask", i.to_string())])
@@ -758,6 +771,10 @@ mod tests {
         t.non_finite_loss(f64::NAN);
         let text = t.encode_metrics().unwrap();
         assert!(text.contains("vjepa_loss NaN"), "{text}");
+        assert!(
+            text.contains("vjepa_loss_per_mask{mask=\"1\"} NaN"),
+            "no per-mask loss of the last good step beside a NaN loss: {text}"
+        );
         assert!(text.contains("vjepa_nonfinite_loss_total 1"), "{text}");
     }
 }

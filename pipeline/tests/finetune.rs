@@ -91,7 +91,8 @@ fn pretrain_then_finetune_writes_its_artifacts() {
         .unwrap();
     assert_ok(&extract);
     assert!(
-        String::from_utf8_lossy(&extract.stdout).contains("extracted 3 rows from 3 videos"),
+        String::from_utf8_lossy(&extract.stdout)
+            .contains("extracted 3 rows (one per segment and view) from 3 videos"),
         "{}",
         String::from_utf8_lossy(&extract.stdout)
     );
