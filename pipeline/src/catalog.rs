@@ -43,6 +43,8 @@ pub struct Listing {
 /// taken at start.
 pub struct Catalog {
     pub specs: Vec<String>,
+    /// `data.index_root`: where index entries resolve (unset: each index's folder).
+    pub index_root: Option<String>,
     pub stores: Vec<Store>,
     pub names: Vec<String>,
     /// The listing at start.
@@ -53,16 +55,18 @@ impl Catalog {
     /// Opens every dataset (reading indexes, listing prefixes).
     pub async fn open(
         specs: &[String],
+        index_root: Option<&str>,
         s3: &S3Settings,
     ) -> Result<Arc<Catalog>, vjepa_storage::StorageError> {
         let now = crate::now_unix_us();
         let mut datasets = Vec::new();
         for spec in specs {
-            datasets.push(dataset::open(spec, s3).await?);
+            datasets.push(dataset::open_in(spec, index_root, s3).await?);
         }
         let first = listing_of(&datasets, now);
         Ok(Arc::new(Catalog {
             specs: specs.to_vec(),
+            index_root: index_root.map(str::to_string),
             stores: datasets.iter().map(|d| d.store.clone()).collect(),
             names: datasets.iter().map(|d| d.name.clone()).collect(),
             first,
@@ -75,7 +79,7 @@ impl Catalog {
         let now = crate::now_unix_us();
         let mut datasets = Vec::new();
         for spec in &self.specs {
-            datasets.push(dataset::open(spec, s3).await?);
+            datasets.push(dataset::open_in(spec, self.index_root.as_deref(), s3).await?);
         }
         Ok(listing_of(&datasets, now))
     }

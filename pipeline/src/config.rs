@@ -221,6 +221,10 @@ pub struct DataSection {
     pub filter_long_videos: f64,
     #[serde(default)]
     pub log_resource_utilization: Option<Value>,
+    /// Ours: the store every index's entries resolve in (a directory or bucket prefix holding
+    /// the videos); unset: each index's own folder.
+    #[serde(default)]
+    pub index_root: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -763,6 +767,16 @@ impl JobConfig {
                 "data.clip_duration",
                 "must be a positive number of seconds or null",
             ));
+        }
+        if let Some(root) = &d.index_root {
+            if root.trim().is_empty() {
+                return Err(ConfigError::invalid(
+                    "data.index_root",
+                    "is empty: set a directory or bucket prefix, or leave it out",
+                ));
+            }
+            vjepa_storage::check_location(root)
+                .map_err(|e| ConfigError::invalid("data.index_root", e.to_string()))?;
         }
         if d.filter_long_videos.is_nan() || d.filter_long_videos <= 0.0 {
             return Err(ConfigError::invalid(

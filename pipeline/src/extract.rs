@@ -49,6 +49,9 @@ pub struct ExtractOptions {
     pub checkpoint: String,
     /// Model shape for a `.pth.tar` without our metadata (e.g. the official releases).
     pub encoder: Option<EncoderConfig>,
+    /// Where index entries resolve (a directory or bucket prefix holding the videos; `None`:
+    /// each index's own folder), as `data.index_root`.
+    pub index_root: Option<String>,
     /// Datasets: index files (`path label` lines) or listed prefixes, any store.
     pub datasets: Vec<String>,
     /// Output table (local path or object-store URL); quarantine records go beside it.
@@ -452,6 +455,7 @@ impl VideoSet {
     /// Lists the datasets (index files or prefixes, any store).
     pub(crate) fn open(
         datasets: &[String],
+        index_root: Option<&str>,
         s3: &S3Settings,
         handle: &tokio::runtime::Handle,
     ) -> anyhow::Result<Self> {
@@ -460,7 +464,7 @@ impl VideoSet {
         let mut rejected = Vec::new();
         for spec in datasets {
             let d = handle
-                .block_on(vjepa_storage::dataset::open(spec, s3))
+                .block_on(vjepa_storage::dataset::open_in(spec, index_root, s3))
                 .with_context(|| format!("opening dataset {spec}"))?;
             for e in &d.entries {
                 videos.push(Video {
@@ -766,7 +770,7 @@ pub(crate) fn decode_all(
     handle: &tokio::runtime::Handle,
 ) -> anyhow::Result<(Vec<(Clip, String)>, Streamed)> {
     check(opts)?;
-    let set = VideoSet::open(&opts.datasets, &opts.s3, handle)?;
+    let set = VideoSet::open(&opts.datasets, opts.index_root.as_deref(), &opts.s3, handle)?;
     let size = input_size(opts, encoder)?;
     tracing::info!(
         videos = set.len(),
@@ -851,7 +855,12 @@ pub(crate) fn run_with(
     let enc = backbone.config().clone();
     let size = input_size(&opts, &enc)?;
     let frames = enc.num_frames;
-    let set = VideoSet::open(&opts.datasets, &opts.s3, &handle)?;
+    let set = VideoSet::open(
+        &opts.datasets,
+        opts.index_root.as_deref(),
+        &opts.s3,
+        &handle,
+    )?;
     let total = set.len();
     let (out_store, out_name) = crate::job::split_location_with(&opts.out, &opts.s3, true)?;
     tracing::info!(

@@ -202,7 +202,11 @@ fn run_training(
     let handle = runtime.handle().clone();
     let s3 = cfg.s3_settings();
     let catalog = handle
-        .block_on(Catalog::open(&cfg.raw.data.datasets, &s3))
+        .block_on(Catalog::open(
+            &cfg.raw.data.datasets,
+            cfg.raw.data.index_root.as_deref(),
+            &s3,
+        ))
         .context("opening datasets")?;
     // Version 0: the listing at start (quarantined videos leave at the first refresh).
     let first_version =

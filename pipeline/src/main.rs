@@ -43,6 +43,10 @@ struct ProbeArgs {
     /// Labelled validation index.
     #[arg(long)]
     val: String,
+    /// Where the indexes' entries resolve: a directory or bucket prefix holding the videos
+    /// (default: `data.index_root` of `--config`, else each index's own folder).
+    #[arg(long)]
+    index_root: Option<String>,
     /// Local directory for the outputs.
     #[arg(long)]
     out: PathBuf,
@@ -96,6 +100,9 @@ impl ProbeArgs {
             Err(e) => return Err(config_error(&e)),
         };
         let extract = vjepa_pipeline::extract::ExtractOptions {
+            index_root: self
+                .index_root
+                .or_else(|| cfg.as_ref().and_then(|c| c.raw.data.index_root.clone())),
             checkpoint: self.checkpoint,
             encoder: cfg.as_ref().map(|c| c.encoder_config()),
             datasets: Vec::new(),
@@ -282,6 +289,10 @@ enum Command {
         /// Dataset: an index file (`path label` lines) or a prefix ending in `/`; repeatable.
         #[arg(long = "index", required = true)]
         index: Vec<String>,
+        /// Where the indexes' entries resolve: a directory or bucket prefix holding the
+        /// videos (default: `data.index_root` of `--config`, else each index's own folder).
+        #[arg(long)]
+        index_root: Option<String>,
         /// Output table (path or object-store URL), e.g. features.parquet.
         #[arg(long)]
         out: String,
@@ -571,6 +582,7 @@ fn main() -> ExitCode {
         Command::Extract {
             checkpoint,
             index,
+            index_root,
             out,
             config,
             segments,
@@ -589,6 +601,8 @@ fn main() -> ExitCode {
                 Err(e) => return config_error(&e),
             };
             let opts = vjepa_pipeline::extract::ExtractOptions {
+                index_root: index_root
+                    .or_else(|| cfg.as_ref().and_then(|c| c.raw.data.index_root.clone())),
                 checkpoint,
                 encoder: cfg.as_ref().map(|c| c.encoder_config()),
                 datasets: index,

@@ -60,8 +60,9 @@ pub(crate) fn streaming_sets(
         return Ok(None);
     }
     let s3 = &opts.extract.s3;
-    let train = VideoSet::open(std::slice::from_ref(&opts.train), s3, handle)?;
-    let val = VideoSet::open(std::slice::from_ref(&opts.val), s3, handle)?;
+    let root = opts.extract.index_root.as_deref();
+    let train = VideoSet::open(std::slice::from_ref(&opts.train), root, s3, handle)?;
+    let val = VideoSet::open(std::slice::from_ref(&opts.val), root, s3, handle)?;
     let clips = (train.len() + val.len() * opts.val_views) * opts.extract.segments;
     let bytes = clips as u64 * bytes_per_clip;
     let stream = opts.cache.streams(bytes);

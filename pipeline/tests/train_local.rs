@@ -155,6 +155,53 @@ fn a_failed_run_still_writes_its_tables() {
     assert!(read_quarantine(out.to_str().unwrap()).is_empty());
 }
 
+/// An official-style index beside the videos (absolute paths into a sibling folder) trains
+/// with `data.index_root` set to their common folder.
+#[test]
+fn index_root_reads_an_index_beside_the_videos() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = std::fs::canonicalize(tmp.path()).unwrap();
+    let videos = root.join("videos");
+    make_corpus(&videos, 3);
+    let mut names: Vec<_> = std::fs::read_dir(&videos)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    names.sort();
+    let index: String = names
+        .iter()
+        .enumerate()
+        .map(|(i, p)| format!("{} {i}\n", p.display()))
+        .collect();
+    std::fs::create_dir_all(root.join("lists")).unwrap();
+    let index_path = root.join("lists/train.csv");
+    std::fs::write(&index_path, index).unwrap();
+    let out = root.join("out");
+    let cfg = root.join("cfg.yaml");
+    let text = small_config(
+        index_path.to_str().unwrap(),
+        &format!("{}/", out.display()),
+        2,
+    );
+    let text = text.replacen(
+        "data:\n",
+        &format!("data:\n  index_root: {}/\n", root.display()),
+        1,
+    );
+    assert!(
+        text.contains("index_root"),
+        "quickstart.yaml layout changed"
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let run = run_train(&cfg, &[], &[]);
+    assert_ok(&run);
+    assert!(read_quarantine(out.to_str().unwrap()).is_empty());
+    assert_eq!(
+        read_metrics(out.to_str().unwrap(), &Default::default()).len(),
+        2
+    );
+}
+
 #[test]
 fn csv_index_entries_escaping_the_store_are_refused_and_recorded() {
     let tmp = tempfile::tempdir().unwrap();

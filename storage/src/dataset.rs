@@ -95,7 +95,20 @@ impl Dataset {
 /// normalising '.' and '..') and absolute paths or URLs inside that store are accepted; entries
 /// escaping it go to [`Dataset::rejected`].
 pub async fn open(spec: &str, s3: &S3Settings) -> Result<Dataset, StorageError> {
-    open_impl(spec, s3, None).await
+    open_impl(spec, s3, None, None).await
+}
+
+/// Like [`open`], with the store an index's entries resolve in set to `index_root` (a
+/// directory or bucket prefix holding the videos) instead of the index's own folder: an
+/// official index whose absolute paths point beside it (`/data/lists/train.csv` listing
+/// `/data/videos/…`) reads with `index_root = /data/`. Relative entries still count from the
+/// index's folder, and every entry must lie inside the root. Listed prefixes ignore it.
+pub async fn open_in(
+    spec: &str,
+    index_root: Option<&str>,
+    s3: &S3Settings,
+) -> Result<Dataset, StorageError> {
+    open_impl(spec, s3, None, index_root).await
 }
 
 /// Like [`open`], with explicit S3 credentials (tests and tools that must not touch the
@@ -106,13 +119,14 @@ pub async fn open_with_credentials(
     key_id: &str,
     secret: &str,
 ) -> Result<Dataset, StorageError> {
-    open_impl(spec, s3, Some((key_id, secret))).await
+    open_impl(spec, s3, Some((key_id, secret)), None).await
 }
 
 async fn open_impl(
     spec: &str,
     s3: &S3Settings,
     creds: Option<(&str, &str)>,
+    index_root: Option<&str>,
 ) -> Result<Dataset, StorageError> {
     let parsed = parse_location(spec)?;
     let is_prefix = spec.trim_end().ends_with('/')
@@ -146,21 +160,50 @@ async fn open_impl(
             rejected: Vec::new(),
         }
     } else {
-        let (store, index_name) = Store::open_parent_of(spec, s3, creds)?;
-        let bytes = store.get(&index_name).await?;
+        let (index_store, index_name) = Store::open_parent_of(spec, s3, creds)?;
+        let bytes = index_store.get(&index_name).await?;
         let text = std::str::from_utf8(&bytes).map_err(|e| StorageError::IndexNotText {
-            uri: store.uri_of(&index_name),
+            uri: index_store.uri_of(&index_name),
             detail: e.to_string(),
         })?;
+        // The store entries resolve in, and where the index's folder is inside it (relative
+        // entries count from there; `None`: the folder is outside the root).
+        let (store, base) = match index_root {
+            None => (index_store.clone(), Some(String::new())),
+            Some(root) => {
+                let store = Store::open_location(root, parse_location(root)?, s3, false, creds)?;
+                let base = folder_in(&store, &index_store);
+                (store, base)
+            }
+        };
         let mut entries = Vec::new();
-        let mut rejected = Vec::new();
+        let mut refused = Vec::new();
         for (line, path, label) in parse_index(text) {
-            match resolve_entry(&store, &path) {
+            let relative = scheme_of(&path).is_none() && !path.starts_with('/');
+            let resolved = match (&base, relative) {
+                (Some(base), true) if !base.is_empty() => {
+                    resolve_entry(&store, &format!("{base}/{path}")).map_err(|mut r| {
+                        r.entry = path.clone();
+                        r
+                    })
+                }
+                (None, true) => Err(rejected(
+                    &path,
+                    REASON_PATH_ESCAPES_STORE,
+                    format!(
+                        "relative to the index's folder {}, which is outside the index root {}",
+                        index_store.url(),
+                        store.url()
+                    ),
+                )),
+                _ => resolve_entry(&store, &path),
+            };
+            match resolved {
                 Ok(rel) => entries.push(DatasetEntry { rel, label }),
                 Err(mut r) => {
                     r.detail = format!("line {line}: {}", r.detail);
                     tracing::debug!(entry = %r.entry, reason = %r.reason, detail = %r.detail, "index entry rejected");
-                    rejected.push(r);
+                    refused.push(r);
                 }
             }
         }
@@ -168,7 +211,7 @@ async fn open_impl(
             name: spec.to_string(),
             store,
             entries,
-            rejected,
+            rejected: refused,
         }
     };
     if !dataset.rejected.is_empty() {
@@ -193,6 +236,15 @@ async fn open_impl(
         "opened dataset"
     );
     Ok(dataset)
+}
+
+/// Where `folder` (a store's root) lies inside `root`: its path relative to `root` (`""` when
+/// they are the same), or `None` when it is elsewhere.
+fn folder_in(root: &Store, folder: &Store) -> Option<String> {
+    if root.url() == folder.url() {
+        return Some(String::new());
+    }
+    resolve_entry(root, folder.url().trim_end_matches('/')).ok()
 }
 
 /// Parses an index in the official format: one entry per line, space-separated fields, no

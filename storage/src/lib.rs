@@ -26,4 +26,10 @@ pub mod tables;
 pub mod testing;
 
 pub use error::StorageError;
+
+/// Checks that `s` names a location a [`Store`] can open (a local path, a `file://` or an
+/// `s3://` URL), without any I/O: for config validation.
+pub fn check_location(s: &str) -> Result<(), StorageError> {
+    location::parse_location(s).map(|_| ())
+}
 pub use store::{ObjectInfo, S3Settings, Store};

@@ -149,3 +149,76 @@ async fn index_errors() {
         "{err}"
     );
 }
+
+/// An official index beside the videos (`lists/train.csv` listing absolute paths into
+/// `videos/`) reads with the root set to their common folder; relative entries still count from
+/// the index's folder; nothing outside the root is read.
+#[tokio::test]
+async fn index_root_admits_entries_beside_the_index() {
+    let parent = tempfile::tempdir().unwrap();
+    let data = std::fs::canonicalize(parent.path()).unwrap().join("data");
+    make_tree(&data.join("videos")).await;
+    std::fs::create_dir_all(data.join("lists")).unwrap();
+    std::fs::write(parent.path().join("outside.mp4"), b"x").unwrap();
+    let d = data.display().to_string();
+    let index = format!(
+        "{d}/videos/v1.mp4 0\n\
+         file://{d}/videos/sub/v2.MOV 1\n\
+         ../videos/sub/deeper/v3.webm 2\n\
+         ../../outside.mp4 3\n\
+         {d}/../outside.mp4 4\n"
+    );
+    std::fs::write(data.join("lists/train.csv"), index).unwrap();
+    let spec = format!("{d}/lists/train.csv");
+
+    // Without a root the index's folder is the store: only refusals.
+    let ds = dataset::open(&spec, &s3()).await.unwrap();
+    assert!(ds.entries.is_empty(), "{:?}", ds.entries);
+    assert_eq!(ds.rejected.len(), 5);
+
+    let ds = dataset::open_in(&spec, Some(&format!("{d}/")), &s3())
+        .await
+        .unwrap();
+    assert_eq!(ds.store.url(), format!("file://{d}/"));
+    let rels: Vec<&str> = ds.entries.iter().map(|e| e.rel.as_str()).collect();
+    assert_eq!(
+        rels,
+        [
+            "videos/v1.mp4",
+            "videos/sub/v2.MOV",
+            "videos/sub/deeper/v3.webm"
+        ]
+    );
+    let refused: Vec<(&str, &str)> = ds
+        .rejected
+        .iter()
+        .map(|r| (r.entry.as_str(), r.reason.as_str()))
+        .collect();
+    assert_eq!(
+        refused,
+        [
+            ("../../outside.mp4", "path_escapes_store"),
+            (&format!("{d}/../outside.mp4")[..], "path_escapes_store"),
+        ]
+    );
+
+    // An index outside the root: its absolute entries inside the root read, relative ones
+    // are refused with the reason.
+    std::fs::write(
+        parent.path().join("elsewhere.csv"),
+        format!("{d}/videos/v1.mp4 0\nvideos/v1.mp4 1\n"),
+    )
+    .unwrap();
+    let spec = format!("{}/elsewhere.csv", parent.path().display());
+    let ds = dataset::open_in(&spec, Some(&format!("{d}/videos/")), &s3())
+        .await
+        .unwrap();
+    assert_eq!(ds.entries.len(), 1);
+    assert_eq!(ds.entries[0].rel, "v1.mp4");
+    assert_eq!(ds.rejected.len(), 1);
+    assert!(
+        ds.rejected[0].detail.contains("outside the index root"),
+        "{:?}",
+        ds.rejected
+    );
+}
