@@ -37,7 +37,8 @@ pub fn why_all_refused<'a>(
     let (entry, reason, detail) = first?;
     let rule = if reason == REASON_PATH_ESCAPES_STORE {
         "; an index entry must be a path relative to the index's folder, or an absolute path \
-         or URL inside that folder (bucket prefix): keep the index at or above the videos"
+         or URL inside the dataset's store (the index's folder, or `data.index_root` / \
+         `--index-root`: set it to a folder or bucket prefix holding the videos)"
     } else {
         ""
     };
