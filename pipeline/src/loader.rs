@@ -502,8 +502,23 @@ impl StoreLoader {
                 }
             }
         }
+        let bad = version
+            .videos
+            .iter()
+            .filter(|v| self.known_bad.contains(&v.uri))
+            .count();
+        let why = if bad == version.videos.len() {
+            format!(
+                "every video of the catalog ({bad}) failed: see the quarantine table for the reasons"
+            )
+        } else {
+            format!(
+                "{bad} of the catalog's {} videos failed here; is the corpus mostly corrupt?",
+                version.videos.len()
+            )
+        };
         self.fatal.set(format!(
-            "no usable video for clip {} after {} attempts (workers.max_attempts_per_clip): is the corpus mostly corrupt?",
+            "no usable video for clip {} after {} attempts (workers.max_attempts_per_clip): {why}",
             request.global_index, self.settings.max_attempts
         ));
         out
