@@ -360,6 +360,11 @@ impl ClipLoader for ExtractLoader {
                 return self.bad(&v, reason.as_str(), detail);
             }
             Err(IngestError::Fatal(msg)) => return self.bad(&v, "decode_error", msg),
+            // One pass over the videos: a store that could not be read loses this video's
+            // rows, recorded with why (a later extract reads it again).
+            Err(e @ IngestError::Unavailable(_)) => {
+                return self.bad(&v, "fetch_error", e.to_string());
+            }
         };
         if let Some(e) = sink.error.take() {
             return self.bad(&v, "decode_error", e.to_string());

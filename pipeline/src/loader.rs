@@ -118,6 +118,9 @@ enum Failure {
     Skip,
     /// The installation is broken: stop the job.
     Fatal(String),
+    /// The store could not be read (timeout, network, server error): nothing is known about
+    /// the video, so it is neither quarantined nor forgotten; the clip tries another.
+    Unavailable(String),
 }
 
 impl StoreLoader {
@@ -185,6 +188,7 @@ impl StoreLoader {
                 reason: reason.as_str().to_string(),
                 detail: store.scrub(&detail),
             },
+            IngestError::Unavailable(detail) => Failure::Unavailable(store.scrub(&detail)),
             other => fetch_error(other.to_string()),
         })?;
         self.telemetry.items(Stage::Fetch, 1);
@@ -324,6 +328,7 @@ fn ingest_failure(e: IngestError) -> Failure {
             detail,
         },
         IngestError::Fatal(msg) => Failure::Fatal(msg),
+        IngestError::Unavailable(msg) => Failure::Unavailable(msg),
     }
 }
 
@@ -388,6 +393,7 @@ pub fn decode_to_tensor(
         )),
         Err(Failure::Skip) => Err(IngestError::Fatal("unexpected skip".into())),
         Err(Failure::Fatal(msg)) => Err(IngestError::Fatal(msg)),
+        Err(Failure::Unavailable(msg)) => Err(IngestError::Unavailable(msg)),
     }
 }
 
@@ -447,6 +453,8 @@ impl StoreLoader {
         // Replacement choices and per-attempt seeds are drawn for every attempt whatever
         // happened before, so outcomes never shift the random stream.
         let mut draws = rng_for(self.settings.seed, Stream::Clip, request.global_index);
+        // Attempts the store could not serve, and its last message.
+        let mut unavailable: Option<(usize, String)> = None;
         for attempt in 0..self.settings.max_attempts {
             let video = if attempt == 0 {
                 first
@@ -500,6 +508,15 @@ impl StoreLoader {
                     self.fatal.set(format!("decoder failure: {msg}"));
                     return out;
                 }
+                Err(Failure::Unavailable(detail)) => {
+                    self.telemetry.store_unavailable();
+                    tracing::warn!(
+                        uri = %v.uri,
+                        %detail,
+                        "store could not be read; the clip tries another video, this one stays"
+                    );
+                    unavailable = Some((unavailable.map_or(0, |(n, _)| n) + 1, detail));
+                }
             }
         }
         let bad = version
@@ -507,7 +524,12 @@ impl StoreLoader {
             .iter()
             .filter(|v| self.known_bad.contains(&v.uri))
             .count();
-        let why = if bad == version.videos.len() {
+        let why = if let Some((n, last)) = unavailable {
+            format!(
+                "the store could not be read ({n} of the attempts; last: {last}); the videos \
+                 were not quarantined: rerun the same command once the store is back to resume"
+            )
+        } else if bad == version.videos.len() {
             format!(
                 "every video of the catalog ({bad}) failed: see the quarantine table for the reasons"
             )

@@ -177,6 +177,7 @@ pub struct Telemetry {
     stage_item: Vec<Counter>,
     queues: Vec<Gauge>,
     decode_failures: Family<Labels, Counter>,
+    store_unavailable: Counter,
     store_bytes: Counter,
     store_request_seconds: Histogram,
     resident_memory: Gauge,
@@ -223,6 +224,7 @@ impl Telemetry {
             stage_item: Vec::new(),
             queues: Vec::new(),
             decode_failures: Family::default(),
+            store_unavailable: Counter::default(),
             store_bytes: Counter::default(),
             store_request_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             resident_memory: Gauge::default(),
@@ -319,6 +321,12 @@ impl Telemetry {
             "decode_failures",
             "Videos quarantined, by reason",
             t.decode_failures.clone(),
+        );
+        r.register(
+            "store_unavailable",
+            "Clip attempts the object store could not serve (timeout, network, server error): \
+             not quarantined, another video was tried",
+            t.store_unavailable.clone(),
         );
         r.register_with_unit(
             "store_read",
@@ -421,6 +429,11 @@ impl Telemetry {
     /// The queue of `s` is `depth` long.
     pub fn queue_set(&self, s: Stage, depth: i64) {
         self.queues[s as usize].set(depth);
+    }
+
+    /// An attempt the store could not serve (the video stays in the catalog).
+    pub fn store_unavailable(&self) {
+        self.store_unavailable.inc();
     }
 
     /// A video was quarantined (once per video).

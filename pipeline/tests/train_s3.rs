@@ -120,3 +120,72 @@ fn s3_run_matches_local_run_step_for_step() {
     assert_eq!(run.status.code(), Some(1));
     assert!(!String::from_utf8_lossy(&run.stderr).contains("definitely-not-the-secret"));
 }
+
+/// A store that stops answering is not the videos' fault: no video is quarantined for it,
+/// the job ends naming the store once the clip's attempts are spent, and nothing of the
+/// corpus is lost for the run that resumes.
+#[test]
+fn an_unreachable_store_quarantines_nothing() {
+    use std::io::{BufRead, BufReader};
+    let Some(server) = S3Server::start_or_skip("an_unreachable_store_quarantines_nothing").unwrap()
+    else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let videos = tmp.path().join("videos");
+    make_corpus(&videos, 4);
+    let bucket = server.create_bucket("corpus").unwrap();
+    let dst = bucket.join("videos");
+    std::fs::create_dir_all(&dst).unwrap();
+    for e in std::fs::read_dir(&videos).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
+    }
+    let out = tmp.path().join("out");
+    let cfg = tmp.path().join("s3.yaml");
+    let text = small_config("s3://corpus/videos/", &format!("{}/", out.display()), 200)
+        .replace(
+            "    endpoint: null",
+            &format!("    endpoint: {}", server.endpoint),
+        )
+        .replace("    region: null", "    region: us-east-1")
+        .replace("    allow_http: false", "    allow_http: true")
+        .replace("  max_attempts_per_clip: 100", "  max_attempts_per_clip: 2")
+        .replace("  linger_secs: 30", "  linger_secs: 0");
+    assert!(text.contains("max_attempts_per_clip: 2") && text.contains("linger_secs: 0"));
+    std::fs::write(&cfg, text).unwrap();
+    let mut child = std::process::Command::new(bin())
+        .args(["train", "--config", cfg.to_str().unwrap()])
+        .env("AWS_ACCESS_KEY_ID", &server.access_key)
+        .env("AWS_SECRET_ACCESS_KEY", &server.secret_key)
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines();
+    let mut log = String::new();
+    // The first step trained: the store goes away.
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        log.push_str(&line);
+        log.push('\n');
+        if line.contains("step=1 ") && line.contains("train") {
+            break;
+        }
+    }
+    drop(server);
+    for line in lines {
+        log.push_str(&line.unwrap());
+        log.push('\n');
+    }
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(log.contains("the store could not be read"), "{log}");
+    let q = read_quarantine(out.to_str().unwrap());
+    assert!(
+        q.is_empty(),
+        "nothing quarantined for the store's outage: {q:?}"
+    );
+    assert!(!read_metrics(out.to_str().unwrap(), &Default::default()).is_empty());
+}

@@ -316,6 +316,8 @@ struct Shared {
     fakesinks: Vec<gst::Element>,
     /// A callback decided to refuse the input.
     refuse: Option<(QuarantineReason, String)>,
+    /// A read failed for the store's sake, not the input's ([`IngestError::Unavailable`]).
+    unavailable: Option<String>,
     /// `autoplug-continue` calls so far (the first one carries the type-find result).
     autoplug_calls: u32,
     /// The video decoder behind the linked video pad.
@@ -640,11 +642,19 @@ impl Decoder {
                         return;
                     }
                     Err(e) => {
-                        let (reason, detail) = match e {
-                            IngestError::Quarantine { reason, detail } => (reason, detail),
-                            IngestError::Fatal(d) => (QuarantineReason::FetchError, d),
-                        };
-                        lock(&shared_need).refuse.get_or_insert((reason, detail));
+                        let mut st = lock(&shared_need);
+                        match e {
+                            IngestError::Quarantine { reason, detail } => {
+                                st.refuse.get_or_insert((reason, detail));
+                            }
+                            IngestError::Fatal(d) => {
+                                st.refuse.get_or_insert((QuarantineReason::FetchError, d));
+                            }
+                            IngestError::Unavailable(d) => {
+                                st.unavailable.get_or_insert(d);
+                            }
+                        }
+                        drop(st);
                         let _ = src.end_of_stream();
                         return;
                     }
@@ -805,6 +815,9 @@ impl Decoder {
         if let Err(e) = pipeline.set_state(gst::State::Playing) {
             // The reason (e.g. type finding failed) is usually on the bus already.
             watch.drain(&bus);
+            if let Some(d) = lock(shared).unavailable.take() {
+                return Err(IngestError::Unavailable(d));
+            }
             if let Some(err) = watch.error.take() {
                 return Err(err);
             }
@@ -1115,6 +1128,9 @@ impl Decoder {
         {
             let mut st = lock(shared);
             // A read failure is the root cause of whatever the demuxer says next.
+            if let Some(d) = st.unavailable.take() {
+                return Err(IngestError::Unavailable(d));
+            }
             if let Some((reason, detail)) = st.refuse.take() {
                 return Err(quarantine(reason, detail));
             }

@@ -97,6 +97,11 @@ pub enum IngestError {
     /// error writing samples, a bug. Retrying the same input will fail the same way.
     #[error("fatal ingest error: {0}")]
     Fatal(String),
+    /// Not the input's fault either, but passing: the store could not be read (a timeout, a
+    /// network error, a server error after the store's retries). The object itself may be
+    /// fine: try another, and this one again later; never quarantine it for this.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
 }
 
 impl IngestError {
@@ -112,7 +117,7 @@ impl IngestError {
     pub fn quarantine_reason(&self) -> Option<QuarantineReason> {
         match self {
             IngestError::Quarantine { reason, .. } => Some(*reason),
-            IngestError::Fatal(_) => None,
+            IngestError::Fatal(_) | IngestError::Unavailable(_) => None,
         }
     }
 }

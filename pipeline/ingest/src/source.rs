@@ -68,6 +68,18 @@ pub struct ObjectSource {
     timeout: Duration,
 }
 
+/// A failed request: the object is gone ([`QuarantineReason::FetchError`], for good), or the
+/// store could not answer ([`IngestError::Unavailable`]: a timeout, the network, a server
+/// error after the store's own retries, refused credentials — nothing wrong with the object).
+fn store_error(what: String, e: object_store::Error) -> IngestError {
+    match e {
+        object_store::Error::NotFound { .. } => {
+            IngestError::quarantine(QuarantineReason::FetchError, format!("{what}: {e}"))
+        }
+        other => IngestError::Unavailable(format!("{what}: {other}")),
+    }
+}
+
 /// How long one ranged GET may take by default before it is abandoned ([`ObjectSource::timeout`]).
 pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -83,14 +95,11 @@ impl ObjectSource {
         let meta = runtime
             .block_on(async { tokio::time::timeout(DEFAULT_READ_TIMEOUT, head).await })
             .map_err(|_| {
-                IngestError::quarantine(
-                    QuarantineReason::FetchError,
-                    format!("HEAD {path} took longer than {DEFAULT_READ_TIMEOUT:?}"),
-                )
+                IngestError::Unavailable(format!(
+                    "HEAD {path} took longer than {DEFAULT_READ_TIMEOUT:?}"
+                ))
             })?
-            .map_err(|e| {
-                IngestError::quarantine(QuarantineReason::FetchError, format!("HEAD {path}: {e}"))
-            })?;
+            .map_err(|e| store_error(format!("HEAD {path}"), e))?;
         Ok(Self::with_size(store, path, meta.size, runtime))
     }
 
@@ -138,21 +147,15 @@ impl ByteSource for ObjectSource {
             .runtime
             .block_on(async { tokio::time::timeout(self.timeout, get).await })
             .map_err(|_| {
-                IngestError::quarantine(
-                    QuarantineReason::FetchError,
-                    format!(
-                        "GET {} bytes {}..{} took longer than {:?}",
-                        self.path, range.start, range.end, self.timeout
-                    ),
-                )
+                IngestError::Unavailable(format!(
+                    "GET {} bytes {}..{} took longer than {:?}",
+                    self.path, range.start, range.end, self.timeout
+                ))
             })?
             .map_err(|e| {
-                IngestError::quarantine(
-                    QuarantineReason::FetchError,
-                    format!(
-                        "GET {} bytes {}..{}: {e}",
-                        self.path, range.start, range.end
-                    ),
+                store_error(
+                    format!("GET {} bytes {}..{}", self.path, range.start, range.end),
+                    e,
                 )
             })?;
         if bytes.len() as u64 != want {
@@ -342,6 +345,54 @@ impl CacheState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A missing object is gone for good (quarantined); a store that does not answer says
+    /// nothing about the object (tried again later, never quarantined for it).
+    #[test]
+    fn missing_objects_and_unreachable_stores_fail_differently() {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let local: Arc<dyn ObjectStore> =
+            Arc::new(object_store::local::LocalFileSystem::new_with_prefix(dir.path()).unwrap());
+        let missing = ObjectSource::open(local, Path::from("gone.mp4"), runtime.handle().clone());
+        assert!(
+            matches!(
+                missing,
+                Err(IngestError::Quarantine {
+                    reason: QuarantineReason::FetchError,
+                    ..
+                })
+            ),
+            "{:?}",
+            missing.err()
+        );
+        // Nothing listens on port 9 of the loopback: connection refused, no retries.
+        let down: Arc<dyn ObjectStore> = Arc::new(
+            object_store::aws::AmazonS3Builder::new()
+                .with_bucket_name("videos")
+                .with_endpoint("http://127.0.0.1:9")
+                .with_allow_http(true)
+                .with_region("us-east-1")
+                .with_access_key_id("test")
+                .with_secret_access_key("test")
+                .with_retry(object_store::RetryConfig {
+                    max_retries: 0,
+                    ..Default::default()
+                })
+                .build()
+                .unwrap(),
+        );
+        let unreachable = ObjectSource::open(down, Path::from("a.mp4"), runtime.handle().clone());
+        assert!(
+            matches!(unreachable, Err(IngestError::Unavailable(_))),
+            "{:?}",
+            unreachable.err()
+        );
+    }
 
     fn data(n: usize) -> Bytes {
         (0..n)

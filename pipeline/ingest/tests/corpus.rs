@@ -1039,6 +1039,9 @@ fn run_corpus(label: &str, open: Open<'_>) {
         match (&case.expect, &res) {
             (_, Err(p)) => problems.push(format!("panicked: {p}")),
             (_, Ok(Err(IngestError::Fatal(m)))) => problems.push(format!("fatal error: {m}")),
+            (_, Ok(Err(IngestError::Unavailable(m)))) => {
+                problems.push(format!("store unavailable (in memory?): {m}"))
+            }
             (Expect::Quarantined(want), Ok(Err(IngestError::Quarantine { reason, detail }))) => {
                 if reason != want {
                     problems.push(format!("quarantined as {reason} ({detail})"));
