@@ -768,6 +768,21 @@ impl JobConfig {
                 "must be a positive number of seconds or null",
             ));
         }
+        // Locations parse (no I/O): a URL with credentials in it is refused here, before it
+        // could be logged.
+        let location = |key: String, value: &str| {
+            vjepa_storage::check_location(value)
+                .map_err(|e| ConfigError::invalid(&key, e.to_string()))
+        };
+        for (i, ds) in d.datasets.iter().enumerate() {
+            location(format!("data.datasets[{i}]"), ds)?;
+        }
+        if let Some(dir) = r.outputs.dir.as_deref().filter(|x| !x.trim().is_empty()) {
+            location("outputs.dir".into(), dir)?;
+        }
+        if let Some(ckpt) = r.meta.read_checkpoint.as_deref() {
+            location("meta.read_checkpoint".into(), ckpt)?;
+        }
         if let Some(root) = &d.index_root {
             if root.trim().is_empty() {
                 return Err(ConfigError::invalid(
@@ -1836,6 +1851,21 @@ mod tests {
             .collect();
         let err = JobConfig::parse(&text).unwrap_err();
         assert_eq!(err.key(), Some("logging.folder"), "{err}");
+    }
+
+    #[test]
+    fn credentials_in_locations_are_refused_unechoed() {
+        let text = OFFICIAL_VITL16.replace(
+            "/your_path_to_ssv2_csv_file_index.csv",
+            "s3://AKIDX:hunter2@bucket/ssv2.csv",
+        );
+        let err = JobConfig::parse(&text).unwrap_err();
+        assert_eq!(err.key(), Some("data.datasets[1]"), "{err}");
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+        let text = format!("{OFFICIAL_VITL16}\noutputs:\n  dir: s3://b/runs/?sig=hunter2\n");
+        let err = JobConfig::parse(&text).unwrap_err();
+        assert_eq!(err.key(), Some("outputs.dir"), "{err}");
+        assert!(!err.to_string().contains("hunter2"), "{err}");
     }
 
     #[test]

@@ -151,6 +151,6 @@ pub fn convert(
     let (store, rel) = split_location_with(output, &s3, true)?;
     runtime
         .block_on(store.put(&rel, Bytes::from(out)))
-        .with_context(|| format!("writing {output}"))?;
+        .with_context(|| format!("writing {}", vjepa_storage::redact_url(output)))?;
     Ok(summary)
 }

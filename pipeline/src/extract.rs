@@ -470,7 +470,7 @@ impl VideoSet {
         for spec in datasets {
             let d = handle
                 .block_on(vjepa_storage::dataset::open_in(spec, index_root, s3))
-                .with_context(|| format!("opening dataset {spec}"))?;
+                .with_context(|| format!("opening dataset {}", vjepa_storage::redact_url(spec)))?;
             for e in &d.entries {
                 videos.push(Video {
                     store: stores.len(),
@@ -746,7 +746,12 @@ pub(crate) fn open_backbone(
         .build()
         .context("starting the I/O runtime")?;
     let bytes = crate::job::read_location(runtime.handle(), &opts.checkpoint, &opts.s3)
-        .with_context(|| format!("reading checkpoint {}", opts.checkpoint))?;
+        .with_context(|| {
+            format!(
+                "reading checkpoint {}",
+                vjepa_storage::redact_url(&opts.checkpoint)
+            )
+        })?;
     let device = opts
         .device
         .open()

@@ -133,8 +133,12 @@ pub fn run(mut cfg: JobConfig, overrides: TrainOverrides) -> anyhow::Result<Trai
         .output_dir()
         .ok_or_else(|| anyhow!("outputs.dir is not set"))?
         .to_string();
-    let out = Store::open(&out_location, &s3, true)
-        .with_context(|| format!("opening output location {out_location}"))?;
+    let out = Store::open(&out_location, &s3, true).with_context(|| {
+        format!(
+            "opening output location {}",
+            vjepa_storage::redact_url(&out_location)
+        )
+    })?;
     let telemetry = Arc::new(Telemetry::new());
     if let Some(listen) = &cfg.raw.telemetry.listen {
         let addr = crate::telemetry::serve(telemetry.clone(), listen, &handle)?;
@@ -2126,7 +2130,7 @@ pub(crate) fn read_location(
     let (store, rel) = split_location(location, s3)?;
     handle
         .block_on(store.get(&rel))
-        .with_context(|| format!("reading {location}"))
+        .with_context(|| format!("reading {}", vjepa_storage::redact_url(location)))
 }
 
 /// Splits a file URL/path or object URL into its directory store and the object's name.
@@ -2148,7 +2152,8 @@ pub(crate) fn split_location_with(
         Some(i) => (&trimmed[..=i], &trimmed[i + 1..]),
         None => ("./", trimmed),
     };
-    let store = Store::open(dir, s3, create).with_context(|| format!("opening {dir}"))?;
+    let store = Store::open(dir, s3, create)
+        .with_context(|| format!("opening {}", vjepa_storage::redact_url(dir)))?;
     Ok((store, name.to_string()))
 }
 

@@ -65,10 +65,16 @@ pub fn write_metrics_with(
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let store = Store::open(location, s3, false).with_context(|| format!("opening {location}"))?;
+    let store = Store::open(location, s3, false)
+        .with_context(|| format!("opening {}", vjepa_storage::redact_url(location)))?;
     let rows = runtime
         .block_on(read_metrics_all(&store))
-        .with_context(|| format!("reading the metrics of {location}"))?;
+        .with_context(|| {
+            format!(
+                "reading the metrics of {}",
+                vjepa_storage::redact_url(location)
+            )
+        })?;
     if rows.is_empty() {
         anyhow::bail!(
             "{location} holds no metrics table (metrics.parquet or metrics-from-N.parquet)"

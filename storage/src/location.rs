@@ -88,10 +88,48 @@ pub(crate) fn absolutize(path: &FsPath) -> Result<PathBuf, StorageError> {
     Ok(normalize_abs(&cwd.join(path)))
 }
 
+/// `s` with what a URL could carry as secrets cut out: the user info before `@` in the
+/// authority and any query or fragment (for messages about a location that is refused).
+pub fn redact_url(s: &str) -> String {
+    let Some((scheme, rest)) = s.split_once("://") else {
+        return s.to_string();
+    };
+    let rest = rest.split(['?', '#']).next().unwrap_or("");
+    let (authority, path) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    let authority = match authority.rsplit_once('@') {
+        Some((_, host)) => format!("<redacted>@{host}"),
+        None => authority.to_string(),
+    };
+    let cut = if rest.len() < s.len() - scheme.len() - 3 {
+        "?<redacted>"
+    } else {
+        ""
+    };
+    format!("{scheme}://{authority}{path}{cut}")
+}
+
 /// Parses a location string: `file:///abs`, `s3://bucket/key`, `s3a://bucket/key`, or a local
 /// path (absolute, or relative to the current directory).
+///
+/// A URL carrying user info (`s3://KEY:SECRET@bucket/`) or a query string is refused, and the
+/// error shows it without them: credentials come from the environment only.
 pub(crate) fn parse_location(s: &str) -> Result<Location, StorageError> {
     let trimmed = s.trim();
+    if scheme_of(trimmed).is_some() {
+        let rest = trimmed.split_once("://").map_or("", |(_, r)| r);
+        let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+        if authority.contains('@') || rest.contains('?') || rest.contains('#') {
+            return Err(StorageError::InvalidLocation {
+                location: redact_url(trimmed),
+                reason: "user info, query strings and fragments are refused in URLs: \
+                         credentials come from the environment only (AWS_ACCESS_KEY_ID, …)"
+                    .into(),
+            });
+        }
+    }
     if trimmed.is_empty() {
         return Err(StorageError::InvalidLocation {
             location: s.to_string(),
@@ -148,6 +186,32 @@ pub(crate) fn parse_location(s: &str) -> Result<Location, StorageError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn urls_with_credentials_are_refused_without_echoing_them() {
+        for url in [
+            "s3://AKIDEXAMPLE:s3cr3t@bucket/videos/",
+            "s3://token@bucket/",
+            "s3://bucket/videos/?X-Amz-Signature=s3cr3t",
+            "file://user:s3cr3t@localhost/data/",
+            "s3://bucket/videos/#s3cr3t",
+        ] {
+            let err = parse_location(url).unwrap_err().to_string();
+            assert!(err.contains("refused"), "{url}: {err}");
+            assert!(
+                !err.contains("s3cr3t") && !err.contains("AKIDEXAMPLE"),
+                "{url}: {err}"
+            );
+        }
+        assert_eq!(
+            redact_url("s3://AK:SK@bucket/a/b.mp4?x=1"),
+            "s3://<redacted>@bucket/a/b.mp4?<redacted>"
+        );
+        assert_eq!(redact_url("s3://bucket/a/"), "s3://bucket/a/");
+        assert_eq!(redact_url("/local/p@th/x?.mp4"), "/local/p@th/x?.mp4");
+        // Local paths may hold '@' and '?'.
+        assert!(parse_location("/data/user@host/clip?1.mp4").is_ok());
+    }
 
     #[test]
     fn schemes() {
