@@ -466,9 +466,11 @@ pub struct OutputsSection {
     /// Local path or object-store URL; defaults to `logging.folder`.
     #[serde(default)]
     pub dir: Option<String>,
-    /// Write a checkpoint every this many steps (0: only at the end).
+    /// Write a checkpoint every this many steps (0: only at the end; unset: once an epoch, as
+    /// the official loop saves its `latest` checkpoint, so a long run never has more than an
+    /// epoch to redo after a crash).
     #[serde(default)]
-    pub checkpoint_every: u64,
+    pub checkpoint_every: Option<u64>,
     /// Flush a Parquet row group of metrics every this many steps.
     #[serde(default = "default_flush")]
     pub metrics_flush_every: u64,
@@ -488,7 +490,7 @@ impl Default for OutputsSection {
     fn default() -> Self {
         OutputsSection {
             dir: None,
-            checkpoint_every: 0,
+            checkpoint_every: None,
             metrics_flush_every: default_flush(),
             log_every: 10,
             clips: false,

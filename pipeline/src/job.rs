@@ -64,6 +64,8 @@ pub struct TrainSummary {
     pub last_loss: Option<f64>,
     pub quarantined: usize,
     pub checkpoints: Vec<String>,
+    /// The signal that ended the run early (after a step, with its checkpoint).
+    pub stopped_by: Option<i32>,
 }
 
 /// Runs the training job to completion.
@@ -363,6 +365,7 @@ fn run_training(
                 last_loss: None,
                 quarantined: 0,
                 checkpoints: Vec::new(),
+                stopped_by: None,
             });
         }
         bail!("the checkpoint is at step {first_step}, the run has {total} steps: nothing to do");
@@ -815,6 +818,9 @@ enum Msg {
     Slots {
         slots: Vec<usize>,
         clips: Vec<ClipMeta>,
+        /// The sender's process was asked to stop (SIGTERM/SIGINT): every worker makes this
+        /// step the last.
+        stop: bool,
     },
     Reduce(Box<ReduceMsg>),
     /// A reduced shard of the averaged gradient, from the worker that owns it.
@@ -1155,7 +1161,7 @@ fn run_worker_inner(
 
     // Feed this worker's share of every batch, at most `batches_in_flight` ahead of training.
     for step in first_step..total {
-        if shared.stopped() {
+        if shared.stopped() || step >= trainer.total {
             break;
         }
         // A new listing becomes the catalog version for steps from `step + batches_in_flight`:
@@ -1214,12 +1220,16 @@ fn run_worker_inner(
     drop(versions_in);
     drop(catalog);
     drop(listings);
-    while trainer.trained < total && !shared.stopped() {
+    while trainer.trained < trainer.total && !shared.stopped() {
         trainer.train_next(worker, shared, &outputs)?;
     }
     if let Some(why) = shared.fatal.get() {
         bail!("{why}");
     }
+    // Ended early: this process's signal, or another process's (it came with the step's
+    // exchange) — a stop all the same, so that the process is restarted, not taken as done.
+    let stopped_by = (trainer.total < total)
+        .then(|| crate::shutdown::requested().unwrap_or(crate::shutdown::SIGTERM));
 
     if index != 0 {
         return Ok(first_in_process.then(|| TrainSummary {
@@ -1229,6 +1239,7 @@ fn run_worker_inner(
             last_loss: None,
             quarantined: 0,
             checkpoints: Vec::new(),
+            stopped_by,
         }));
     }
     let mut o = outputs.borrow_mut();
@@ -1251,6 +1262,7 @@ fn run_worker_inner(
         last_loss: o.last_loss,
         quarantined: o.quarantined,
         checkpoints: o.checkpoints.clone(),
+        stopped_by,
     }))
 }
 
@@ -1317,23 +1329,39 @@ impl Trainer {
         // 1. Which slots exist (a slot whose videos all failed has no clip), and the records.
         let slots: Vec<usize> = clips.iter().map(|c| c.slot).collect();
         let metas: Vec<ClipMeta> = clips.iter().map(clip_meta).collect();
+        let stop_requested = crate::shutdown::requested().is_some();
         let outgoing = (0..peers)
             .map(|to| Msg::Slots {
                 slots: slots.clone(),
                 clips: if to == 0 { metas.clone() } else { Vec::new() },
+                stop: stop_requested,
             })
             .collect();
         let got = self.collective.scatter(worker, outgoing, stop)?;
         let mut global: Vec<usize> = Vec::new();
         let mut records: Vec<ClipMeta> = Vec::new();
+        let mut stop_here = false;
         for m in got {
             match m {
-                Msg::Slots { slots, clips } => {
+                Msg::Slots { slots, clips, stop } => {
                     global.extend(slots);
                     records.extend(clips);
+                    stop_here |= stop;
                 }
                 other => return Err(unexpected("slots", &other)),
             }
+        }
+        // Every worker saw every worker's flag: all make the same step the last one, which
+        // then checkpoints and completes the tables as a run's last step does.
+        if stop_here && step + 1 < self.total {
+            if index == 0 {
+                tracing::warn!(
+                    step = step + 1,
+                    "asked to stop: finishing with step {} and its checkpoint (the same command resumes)",
+                    step + 1
+                );
+            }
+            self.total = step + 1;
         }
         global.sort_unstable();
         records.sort_by_key(|r| r.slot);
@@ -1505,7 +1533,20 @@ impl Trainer {
         let reduced = weighted_mean(&weights);
         let n_masks = grads.loss_per_mask.len();
         let loss = weighted_scalar(parts.iter().map(|p| (p.samples, p.loss)), samples);
-        let target_std = weighted_scalar(parts.iter().map(|p| (p.samples, p.target_std)), samples);
+        // A spread across clips needs two of them: a worker with one clip says nothing about
+        // it (its 0 is no collapse), and with no such worker the figure is unknown (NaN), so
+        // the collapse alert stays quiet rather than fire on one clip per GPU.
+        let spread: Vec<(usize, f64)> = parts
+            .iter()
+            .filter(|p| p.samples >= 2)
+            .map(|p| (p.samples, p.target_std))
+            .collect();
+        let spread_clips: usize = spread.iter().map(|(n, _)| n).sum();
+        let target_std = if spread_clips == 0 {
+            f64::NAN
+        } else {
+            weighted_scalar(spread.into_iter(), spread_clips)
+        };
         let target_rank =
             weighted_scalar(parts.iter().map(|p| (p.samples, p.target_rank)), samples);
         let loss_per_mask: Vec<f64> = (0..n_masks)
@@ -1633,7 +1674,7 @@ fn finish_step(
     total: u64,
 ) -> anyhow::Result<()> {
     let cfg = &shared.cfg.raw;
-    let every = cfg.outputs.checkpoint_every;
+    let every = cfg.outputs.checkpoint_every.unwrap_or(shared.ipe);
     let done = stats.step;
     let step = done - 1;
     let checkpointed = (every > 0 && done.is_multiple_of(every)) || done == total;

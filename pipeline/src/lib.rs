@@ -10,6 +10,7 @@ pub mod loader;
 pub mod metrics_export;
 pub mod preflight;
 pub mod probe;
+pub mod shutdown;
 mod stream_epochs;
 pub mod telemetry;
 

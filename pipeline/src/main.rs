@@ -551,8 +551,9 @@ fn main() -> ExitCode {
             for (key, why) in &cfg.ignored {
                 tracing::info!(key = %key, "ignored config key: {why}");
             }
+            vjepa_pipeline::shutdown::install();
             match job::run(cfg, overrides) {
-                Ok(s) if s.steps == 0 => {
+                Ok(s) if s.steps == 0 && s.stopped_by.is_none() => {
                     println!(
                         "nothing to train: the run in {} is complete at step {} (--fresh starts it again)",
                         s.output, s.first_step
@@ -560,8 +561,11 @@ fn main() -> ExitCode {
                     ExitCode::SUCCESS
                 }
                 Ok(s) => {
+                    let mut outputs =
+                        vec!["metrics*.parquet".to_string(), "quarantine*.parquet".into()];
+                    outputs.extend(s.checkpoints.iter().cloned());
                     println!(
-                        "trained steps {}..{} (last loss {}), {} quarantined; outputs in {}: metrics*.parquet, quarantine*.parquet, {}",
+                        "trained steps {}..{} (last loss {}), {} quarantined; outputs in {}: {}",
                         s.first_step + 1,
                         s.first_step + s.steps,
                         s.last_loss
@@ -569,9 +573,22 @@ fn main() -> ExitCode {
                             .unwrap_or_else(|| "-".into()),
                         s.quarantined,
                         s.output,
-                        s.checkpoints.join(", ")
+                        outputs.join(", ")
                     );
-                    ExitCode::SUCCESS
+                    match s.stopped_by {
+                        Some(signal) => {
+                            let by = match vjepa_pipeline::shutdown::requested() {
+                                Some(_) => vjepa_pipeline::shutdown::name(signal).to_string(),
+                                None => "another process of the job (it was asked to stop)".into(),
+                            };
+                            eprintln!(
+                                "stopped by {by} after step {} with its checkpoint: the same command resumes the run",
+                                s.first_step + s.steps
+                            );
+                            ExitCode::from(vjepa_pipeline::shutdown::exit_status(signal))
+                        }
+                        None => ExitCode::SUCCESS,
+                    }
                 }
                 Err(e) => {
                     eprintln!("error: {e:#}");

@@ -130,10 +130,43 @@ fn kubernetes_cluster_manifest() {
         .collect();
     assert_eq!(hosts, expected, "hostfile line i = pod i");
 
-    // Ports: the metrics port is annotated for scraping and is the one the job listens on.
-    let annotations = &spec["template"]["metadata"]["annotations"];
-    assert_eq!(s(&annotations["prometheus.io/scrape"]), "true");
-    let metrics_port: u64 = s(&annotations["prometheus.io/port"]).parse().unwrap();
+    // Ports: the scrape job of ops/prometheus/kubernetes-scrape.yml keeps only the pod of
+    // process 0 (the only one serving), names the job as the alerts expect, and scrapes the
+    // port the job listens on.
+    assert!(
+        spec["template"]["metadata"]["annotations"]["prometheus.io/scrape"].is_null(),
+        "every pod annotated for scraping: the ones that do not serve would show as down"
+    );
+    let scrape = self::docs(&repo_root().join("ops/prometheus/kubernetes-scrape.yml"));
+    let job_cfg = &scrape[0]["scrape_configs"][0];
+    assert_eq!(s(&job_cfg["job_name"]), "vjepa");
+    let relabel = job_cfg["relabel_configs"].as_sequence().expect("relabel");
+    let keeps: Vec<(String, String)> = relabel
+        .iter()
+        .filter(|r| r["action"].as_str() == Some("keep"))
+        .map(|r| {
+            (
+                s(&r["source_labels"][0]).to_string(),
+                s(&r["regex"]).to_string(),
+            )
+        })
+        .collect();
+    assert!(keeps.contains(&(
+        "__meta_kubernetes_pod_annotation_batch_kubernetes_io_job_completion_index".into(),
+        "0".into()
+    )));
+    let address = relabel
+        .iter()
+        .find(|r| r["target_label"].as_str() == Some("__address__"))
+        .expect("address rewrite");
+    let metrics_port: u64 = s(&address["replacement"])
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    // A stop (deletion, eviction) lets the step in progress finish with its checkpoint.
+    assert!(pod["terminationGracePeriodSeconds"].as_u64().unwrap_or(30) >= 60);
     let ports: BTreeMap<String, u64> = main["ports"]
         .as_sequence()
         .expect("ports")
@@ -280,6 +313,13 @@ fn systemd_unit() {
         assert!(keys.contains_key(k), "{k} missing");
     }
     assert_eq!(keys["Service.RestartPreventExitStatus"], ["2"]);
+    // RestartPreventExitStatus does not cover ExecStartPre: a start limit ends the retries of
+    // a refused config; a stop (SIGTERM: a step, its checkpoint, exit 143) is a clean one.
+    assert!(
+        keys.contains_key("Unit.StartLimitIntervalSec")
+            && keys.contains_key("Unit.StartLimitBurst")
+    );
+    assert_eq!(keys["Service.SuccessExitStatus"], ["143"]);
 
     // The pre-start check with the example environment file and a config of S3 locations
     // (the Kubernetes one): it passes, then refuses without the credentials.

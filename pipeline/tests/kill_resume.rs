@@ -128,3 +128,64 @@ fn a_truncated_latest_checkpoint_is_skipped_for_the_previous_one() {
     let rows = read_metrics(out.to_str().unwrap(), &Default::default());
     assert_same_trace(&full, rows.iter());
 }
+
+/// SIGTERM (`kubectl delete`, `systemctl stop`) ends the run after the step in progress, with
+/// a checkpoint of it and complete tables; exit status 143. The same command continues
+/// exactly, from that step rather than the last periodic checkpoint.
+#[test]
+fn sigterm_stops_after_a_step_with_its_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let videos = tmp.path().join("videos");
+    make_corpus(&videos, 4);
+    let full = reference(&videos, tmp.path());
+
+    let out = tmp.path().join("stopped");
+    let cfg = write_config(&tmp.path().join("stopped.yaml"), &videos, &out, STEPS);
+    let mut child = Command::new(bin())
+        .args(["train", "--config", cfg.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start vjepa train");
+    // Stop once training is under way (the first periodic checkpoint is in place).
+    let first = out.join("checkpoints/step-00000004.safetensors");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !first.exists() {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before its first checkpoint"
+        );
+        assert!(Instant::now() < deadline, "no checkpoint after 60 s");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill -TERM");
+    assert!(kill.success());
+    let output = child.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(143), "{log}");
+    assert!(log.contains("stopped by SIGTERM after step"), "{log}");
+    let rows = read_metrics(out.to_str().unwrap(), &Default::default());
+    let stopped_at = rows.len() as u64;
+    assert!(
+        (4..STEPS).contains(&stopped_at),
+        "stopped at step {stopped_at}"
+    );
+    assert!(
+        out.join(format!("checkpoints/step-{stopped_at:08}.safetensors"))
+            .exists(),
+        "a checkpoint of the last step trained"
+    );
+    assert_same_trace(&full[..rows.len()], rows.iter());
+
+    let resumed = run_train(&cfg, &[], &[]);
+    assert_ok(&resumed);
+    assert_eq!(
+        resumed_from(&String::from_utf8_lossy(&resumed.stderr)),
+        stopped_at
+    );
+    let rows = read_metrics(out.to_str().unwrap(), &Default::default());
+    assert_same_trace(&full, rows.iter());
+}

@@ -1,0 +1,58 @@
+//! SIGTERM and SIGINT (`kubectl delete`, pod eviction, `systemctl stop`, Ctrl-C) as a request
+//! to stop: training ends after the step in progress, with a checkpoint and complete tables,
+//! on every worker of every process at the same step (the request travels with the step's
+//! first exchange). A second signal ends the process at once.
+
+use std::sync::atomic::{AtomicI32, Ordering};
+
+/// SIGTERM's number (what a stop asked by another process of the job counts as).
+pub const SIGTERM: i32 = 15;
+
+/// The signal that asked for the stop (0: none yet).
+static REQUESTED: AtomicI32 = AtomicI32::new(0);
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+extern "C" fn on_signal(signal: libc::c_int) {
+    if REQUESTED.swap(signal, Ordering::SeqCst) != 0 {
+        // Second signal: no more waiting (only async-signal-safe calls here).
+        unsafe { libc::_exit(128 + signal) };
+    }
+}
+
+/// Routes SIGTERM and SIGINT to [`requested`] (call once, before training starts).
+pub fn install() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    for signal in [libc::SIGTERM, libc::SIGINT] {
+        let handler: extern "C" fn(libc::c_int) = on_signal;
+        // SAFETY: the handler only touches an atomic and calls `_exit`, both async-signal-safe.
+        let previous = unsafe { libc::signal(signal, handler as libc::sighandler_t) };
+        if previous == libc::SIG_ERR {
+            tracing::warn!(
+                signal,
+                "cannot handle the signal: it will end the job at once"
+            );
+        }
+    }
+}
+
+/// The signal that asked the job to stop, if one did.
+pub fn requested() -> Option<i32> {
+    match REQUESTED.load(Ordering::SeqCst) {
+        0 => None,
+        s => Some(s),
+    }
+}
+
+/// The conventional exit status of a process stopped by `signal` (`128 + signal`).
+pub fn exit_status(signal: i32) -> u8 {
+    u8::try_from(128 + signal).unwrap_or(1)
+}
+
+/// The signal's name, for messages.
+pub fn name(signal: i32) -> &'static str {
+    match signal {
+        15 => "SIGTERM",
+        2 => "SIGINT",
+        _ => "a signal",
+    }
+}
