@@ -551,6 +551,17 @@ fn main() -> ExitCode {
             for (key, why) in &cfg.ignored {
                 tracing::info!(key = %key, "ignored config key: {why}");
             }
+            // What `check-config --locations` checks, without a request: missing credentials
+            // or a mistyped local path is a refused config (exit 2), as in the pre-start check.
+            if let Err(e) = vjepa_pipeline::preflight::check_locations(&cfg) {
+                eprintln!(
+                    "config error: config key `{}`: {} ({})",
+                    e.key,
+                    e.reason,
+                    vjepa_storage::redact_url(&e.location)
+                );
+                return ExitCode::from(2);
+            }
             vjepa_pipeline::shutdown::install();
             match job::run(cfg, overrides) {
                 Ok(s) if s.steps == 0 && s.stopped_by.is_none() => {
