@@ -537,8 +537,21 @@ fn run_training(
             return Err(e);
         }
     };
-    let results = guards.join();
+    // Timely's network threads panic when another process's connection drops, and joining
+    // them panics in turn: that is a lost peer, reported as an error like any other failure.
+    let joined = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| guards.join()));
     refresher.abort();
+    let results = match joined {
+        Ok(results) => results,
+        Err(_) => {
+            let cause = fatal.get().map(|f| format!(" ({f})")).unwrap_or_default();
+            bail!(
+                "lost the connection to another process of the job{cause}: this process's \
+                 tables are completed up to here; run every process's command again to resume \
+                 from the last checkpoint"
+            );
+        }
+    };
     // The first failure anywhere in this process is the cause; later ones follow from it.
     if let Some(why) = fatal.get() {
         bail!("{why}");

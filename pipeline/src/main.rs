@@ -450,6 +450,7 @@ fn main() -> ExitCode {
         _ => "info",
     };
     init_logging(cli.log_format, default_level);
+    quiet_lost_peer_panics();
     match cli.command {
         Command::CheckConfig {
             config,
@@ -1018,6 +1019,38 @@ fn share(s: &str) -> Result<f64, String> {
 fn config_error(e: &vjepa_pipeline::config::ConfigError) -> ExitCode {
     eprintln!("config error: {e}");
     ExitCode::from(2)
+}
+
+/// A cluster peer that goes away makes timely's network threads panic ("timely communication
+/// error: … socket closed"), and every thread that touches them after: one log line each, not
+/// a backtrace each (the job then reports the lost peer as its error). Other panics are bugs
+/// and keep the default report.
+fn quiet_lost_peer_panics() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        let lost_peer = [
+            "timely communication error",
+            "MergeQueue poisoned",
+            "thread panic",
+        ]
+        .iter()
+        .any(|m| message.contains(m));
+        if lost_peer {
+            let thread = std::thread::current().name().unwrap_or("?").to_string();
+            tracing::error!(
+                thread,
+                "connection to another process of the job lost: {message}"
+            );
+        } else {
+            default(info);
+        }
+    }));
 }
 
 /// Logs to stderr at `default_level` unless `RUST_LOG` says otherwise.
