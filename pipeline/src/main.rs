@@ -450,6 +450,9 @@ fn main() -> ExitCode {
         _ => "info",
     };
     init_logging(cli.log_format, default_level);
+    // With JSON logs (the deployments' choice) a run's failure is also a JSON event, for the
+    // log pipeline, besides the plain `error:` line.
+    let json_logs = matches!(cli.log_format, LogFormat::Json);
     quiet_lost_peer_panics();
     match cli.command {
         Command::CheckConfig {
@@ -603,6 +606,9 @@ fn main() -> ExitCode {
                     }
                 }
                 Err(e) => {
+                    if json_logs {
+                        tracing::error!(error = %format!("{e:#}"), "the run failed");
+                    }
                     eprintln!("error: {e:#}");
                     ExitCode::from(1)
                 }
