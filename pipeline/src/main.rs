@@ -606,11 +606,18 @@ fn main() -> ExitCode {
                     }
                 }
                 Err(e) => {
+                    let message = format!("{e:#}");
                     if json_logs {
-                        tracing::error!(error = %format!("{e:#}"), "the run failed");
+                        tracing::error!(error = %message, "the run failed");
                     }
-                    eprintln!("error: {e:#}");
-                    ExitCode::from(1)
+                    eprintln!("error: {message}");
+                    // A diverged run would diverge again from the same checkpoint: exit 3 lets
+                    // a supervisor tell it from a crash worth restarting.
+                    if message.contains("non-finite loss") {
+                        ExitCode::from(3)
+                    } else {
+                        ExitCode::from(1)
+                    }
                 }
             }
         }

@@ -312,7 +312,7 @@ fn systemd_unit() {
     ] {
         assert!(keys.contains_key(k), "{k} missing");
     }
-    assert_eq!(keys["Service.RestartPreventExitStatus"], ["2"]);
+    assert_eq!(keys["Service.RestartPreventExitStatus"], ["2 3"]);
     // RestartPreventExitStatus does not cover ExecStartPre: a start limit ends the retries of
     // a refused config; a stop (SIGTERM: a step, its checkpoint, exit 143) is a clean one.
     assert!(

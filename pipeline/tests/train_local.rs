@@ -144,7 +144,11 @@ fn a_failed_run_still_writes_its_tables() {
     std::fs::write(&cfg, blown.join("\n")).unwrap();
     no_linger(&cfg);
     let run = run_train(&cfg, &[], &[]);
-    assert_eq!(run.status.code(), Some(1), "{run:?}");
+    assert_eq!(
+        run.status.code(),
+        Some(3),
+        "a diverged run exits 3: {run:?}"
+    );
     assert!(
         String::from_utf8_lossy(&run.stderr).contains("non-finite loss"),
         "{run:?}"
