@@ -1206,9 +1206,13 @@ fn run_worker_inner(
             vin.advance_to(step + batches_in_flight);
             vin.flush();
         }
-        // Steps up to `step - batches_in_flight` must be trained before `step` is requested.
-        while trainer.trained + batches_in_flight <= step {
+        // Steps up to `step - batches_in_flight` must be trained before `step` is requested
+        // (none past a stop, which shortens `trainer.total`).
+        while trainer.trained < trainer.total && trainer.trained + batches_in_flight <= step {
             trainer.train_next(worker, shared, &outputs)?;
+        }
+        if step >= trainer.total {
+            break;
         }
         while versions_known.less_equal(&step) {
             if shared.stopped() {
