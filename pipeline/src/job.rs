@@ -789,6 +789,10 @@ struct SetupMsg {
     ipe: u64,
     catalog_key: u64,
     resumed_from: Option<u64>,
+    /// `meta.seed` and `data.batch_size`: processes with other values would train other
+    /// replicas (caught later, less clearly, as diverged parameters).
+    seed: u64,
+    batch_size: usize,
 }
 
 /// One clip of a worker's share, as the clips table records it (the pixels stay put).
@@ -959,6 +963,8 @@ fn run_worker_inner(
         ipe: shared.ipe,
         catalog_key: first.key,
         resumed_from: shared.resumed.as_ref().map(|_| shared.first_step),
+        seed: cfg.raw.meta.seed,
+        batch_size: cfg.raw.data.batch_size,
     };
     let stop = || shared.stopped();
     let setups = collective.all_to_all(worker, Msg::Setup(Box::new(own.clone())), stop)?;
@@ -966,6 +972,17 @@ fn run_worker_inner(
         Msg::Setup(s) => (**s).clone(),
         other => return Err(unexpected("setup", other)),
     };
+    if (own.seed, own.batch_size) != (setup.seed, setup.batch_size) {
+        bail!(
+            "process {} runs meta.seed {} and data.batch_size {}, process 0 meta.seed {} and \
+             data.batch_size {}: every process must run the same config",
+            shared.process,
+            own.seed,
+            own.batch_size,
+            setup.seed,
+            setup.batch_size
+        );
+    }
     if (own.first_step, own.first_clip, own.resumed_from)
         != (setup.first_step, setup.first_clip, setup.resumed_from)
     {
