@@ -113,6 +113,14 @@ pub struct ClusterSection {
     /// has nothing to compare it with.
     #[serde(default)]
     pub check_params_every: Option<u64>,
+    /// Seconds a process waits for every other process of the job to connect before it gives
+    /// up with an error naming them (timely would wait for ever).
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout_secs: f64,
+}
+
+fn default_connect_timeout() -> f64 {
+    600.0
 }
 
 impl ClusterSection {
@@ -130,6 +138,7 @@ impl Default for ClusterSection {
             process: 0,
             hostfile: None,
             check_params_every: None,
+            connect_timeout_secs: default_connect_timeout(),
         }
     }
 }
@@ -1213,6 +1222,12 @@ impl JobConfig {
     fn validate_cluster(&self) -> Result<(), ConfigError> {
         let c = &self.raw.cluster;
         positive("cluster.processes (--processes)", c.processes)?;
+        if !(c.connect_timeout_secs.is_finite() && c.connect_timeout_secs > 0.0) {
+            return Err(ConfigError::invalid(
+                "cluster.connect_timeout_secs",
+                "must be a positive number of seconds",
+            ));
+        }
         if c.process >= c.processes {
             return Err(ConfigError::invalid(
                 "cluster.process (--process)",
@@ -1837,6 +1852,21 @@ mod tests {
             let text = format!("{OFFICIAL_VITL16}\ntelemetry:\n{bad}\n");
             let err = JobConfig::parse(&text).unwrap_err();
             assert_eq!(err.key(), Some(key), "{err}");
+        }
+    }
+
+    #[test]
+    fn connect_timeout_must_be_positive() {
+        let cfg = JobConfig::parse(OFFICIAL_VITL16).unwrap();
+        assert_eq!(cfg.raw.cluster.connect_timeout_secs, 600.0);
+        for bad in ["0", "-1", ".nan"] {
+            let text = format!("{OFFICIAL_VITL16}\ncluster:\n  connect_timeout_secs: {bad}\n");
+            let err = JobConfig::parse(&text).unwrap_err();
+            assert_eq!(
+                err.key(),
+                Some("cluster.connect_timeout_secs"),
+                "{bad}: {err}"
+            );
         }
     }
 

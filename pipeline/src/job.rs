@@ -526,7 +526,34 @@ fn run_training(
     } else {
         timely::Config::process(workers)
     };
+    // Timely connects the processes before any worker runs, and waits for a missing one for
+    // ever: give up after `cluster.connect_timeout_secs`, naming the processes.
+    let connected = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    if cluster.processes > 1 {
+        let connected = Arc::clone(&connected);
+        let timeout = Duration::from_secs_f64(cfg.raw.cluster.connect_timeout_secs);
+        let (processes, process) = (cluster.processes, cluster.process);
+        std::thread::spawn(move || {
+            let started = Instant::now();
+            while started.elapsed() < timeout {
+                if connected.load(std::sync::atomic::Ordering::SeqCst) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            let msg = format!(
+                "process {process} of {processes}: the other processes did not all connect \
+                 within cluster.connect_timeout_secs ({:.0} s): start every process of the job \
+                 (same hostfile, --processes {processes}, each its own --process)",
+                timeout.as_secs_f64()
+            );
+            tracing::error!("{msg}");
+            eprintln!("error: {msg}");
+            std::process::exit(1);
+        });
+    }
     let guards = timely::execute(config, move |worker| {
+        connected.store(true, std::sync::atomic::Ordering::SeqCst);
         run_worker(worker, &shared, batches_in_flight)
     })
     .map_err(|e| anyhow!("starting dataflow workers: {e}"));
