@@ -19,8 +19,21 @@ extern "C" fn on_signal(signal: libc::c_int) {
     }
 }
 
-/// Routes SIGTERM and SIGINT to [`requested`] (call once, before training starts).
+/// Routes SIGTERM and SIGINT to [`requested`] (call once, before training starts), and says
+/// so in the log as soon as one arrives (a step can take minutes).
 pub fn install() {
+    std::thread::spawn(|| {
+        loop {
+            if let Some(signal) = requested() {
+                tracing::warn!(
+                    "{} received: stopping after the step in progress, with its checkpoint (a second signal stops at once)",
+                    name(signal)
+                );
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    });
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     for signal in [libc::SIGTERM, libc::SIGINT] {
         let handler: extern "C" fn(libc::c_int) = on_signal;
