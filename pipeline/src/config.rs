@@ -480,6 +480,11 @@ pub struct OutputsSection {
     /// epoch to redo after a crash).
     #[serde(default)]
     pub checkpoint_every: Option<u64>,
+    /// Checkpoints kept in `checkpoints/` (older ones are deleted after each new one is in
+    /// place); 0 keeps all. Unset: 2 with the once-an-epoch default (the official loop
+    /// overwrites one `latest`), all with an explicit `checkpoint_every`.
+    #[serde(default)]
+    pub keep_checkpoints: Option<usize>,
     /// Flush a Parquet row group of metrics every this many steps.
     #[serde(default = "default_flush")]
     pub metrics_flush_every: u64,
@@ -500,6 +505,7 @@ impl Default for OutputsSection {
         OutputsSection {
             dir: None,
             checkpoint_every: None,
+            keep_checkpoints: None,
             metrics_flush_every: default_flush(),
             log_every: 10,
             clips: false,

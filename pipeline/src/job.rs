@@ -531,7 +531,8 @@ fn run_training(
     let connected = Arc::new(std::sync::atomic::AtomicBool::new(false));
     if cluster.processes > 1 {
         let connected = Arc::clone(&connected);
-        let timeout = Duration::from_secs_f64(cfg.raw.cluster.connect_timeout_secs);
+        let timeout = Duration::try_from_secs_f64(cfg.raw.cluster.connect_timeout_secs)
+            .unwrap_or(Duration::MAX);
         let (processes, process) = (cluster.processes, cluster.process);
         std::thread::spawn(move || {
             let started = Instant::now();
@@ -772,10 +773,10 @@ struct Outputs {
 }
 
 /// A run that fails still completes its tables: the quarantine records and the metrics of the
-/// steps it trained are what its user needs to see why. On success they are closed, and
-/// taken, before this drops; after a failure, the last reference goes with the dataflow, once
-/// timely has drained it (quarantine records still in flight included). Failures to write are
-/// logged; the run's own error is what the caller reports.
+/// steps it trained are what its user needs to see why. The last reference goes with the
+/// dataflow, once timely has drained it, so the quarantine records still in flight are in
+/// (on success too: the quarantine table is left to this; the others are closed before).
+/// Failures to write are logged; the run's own error is what the caller reports.
 impl Drop for Outputs {
     fn drop(&mut self) {
         let (metrics, quarantine, clips, features) = (
@@ -786,8 +787,8 @@ impl Drop for Outputs {
         );
         let handle = &self.handle;
         let report = |what: &str, result: Result<u64, vjepa_storage::StorageError>| match result {
-            Ok(rows) => tracing::info!(rows, "{what} table completed after the failure"),
-            Err(e) => tracing::warn!(error = %e, "{what} table lost with the failure"),
+            Ok(rows) => tracing::debug!(rows, "{what} table completed as the run ended"),
+            Err(e) => tracing::warn!(error = %e, "{what} table could not be completed"),
         };
         if let Some(w) = metrics {
             report("metrics", handle.block_on(w.close()));
@@ -1305,7 +1306,6 @@ fn run_worker_inner(
     }
     let mut o = outputs.borrow_mut();
     let metrics = o.metrics.take();
-    let quarantine = o.quarantine.take();
     let clips = o.clips.take();
     if let Some(m) = metrics {
         shared.handle.block_on(m.close())?;
@@ -1313,9 +1313,9 @@ fn run_worker_inner(
     if let Some(c) = clips {
         shared.handle.block_on(c.close())?;
     }
-    if let Some(q) = quarantine {
-        shared.handle.block_on(q.close())?;
-    }
+    // The quarantine table stays open until timely has drained the dataflow: loads already
+    // requested for later steps (a stop, a run's last batches in flight) may still report bad
+    // videos. It closes when the outputs drop (see `impl Drop for Outputs`).
     Ok(Some(TrainSummary {
         output: shared.out.url().to_string(),
         steps: o.steps,
@@ -1372,6 +1372,7 @@ impl Trainer {
         let index = worker.index();
         let peers = worker.peers();
         let stop = || shared.stopped();
+        crate::shutdown::training_started();
         let waiting = Instant::now();
         while self.loaded.less_equal(&step) {
             if shared.stopped() {
@@ -1856,6 +1857,25 @@ fn finish_step(
             .block_on(checkpoints::write(&shared.out, done, Bytes::from(bytes)))
             .map_err(|e| anyhow!("writing checkpoint at step {done}: {e}"))?;
         tracing::info!(checkpoint = %shared.out.uri_of(&rel), "checkpoint written");
+        let keep =
+            cfg.outputs
+                .keep_checkpoints
+                .unwrap_or(if cfg.outputs.checkpoint_every.is_none() {
+                    2
+                } else {
+                    0
+                });
+        if keep > 0 {
+            let deleted = shared
+                .handle
+                .block_on(checkpoints::keep_newest(&shared.out, keep))
+                .map_err(|e| anyhow!("deleting old checkpoints (outputs.keep_checkpoints): {e}"))?;
+            if !deleted.is_empty() {
+                tracing::info!(keep, deleted = ?deleted, "older checkpoints deleted");
+            }
+            let mut o = outputs.borrow_mut();
+            o.checkpoints.retain(|c| !deleted.contains(c));
+        }
         outputs.borrow_mut().checkpoints.push(rel);
     }
     Ok(())

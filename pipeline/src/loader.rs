@@ -22,6 +22,10 @@ use vjepa_ingest::{
 use vjepa_operators::load::ClipLoader;
 use vjepa_operators::records::{Clip, ClipRequest, Loaded, Quarantined};
 
+/// Failures that may be the store's before a video is quarantined for them (see
+/// `StoreLoader::strikes`).
+const STRIKES: u32 = 3;
+
 /// Quarantine reason: the object is larger than `data.filter_long_videos` allows.
 pub const REASON_FILE_TOO_LARGE: &str = "file_too_large";
 use vjepa_operators::sampler::{Mixing, VersionDraws};
@@ -82,6 +86,13 @@ pub struct StoreLoader {
     decoder: Decoder,
     /// URIs this loader found unusable.
     known_bad: HashSet<String>,
+    /// Clips this loader has loaded (the store served them).
+    served: u64,
+    /// Per video, failures that may have been the store's (it did not answer, or a decode ran
+    /// past its deadline), counted only when the store served another clip since the last
+    /// one: [`STRIKES`] of them make the video's fault plain (an object the store will not
+    /// serve while it serves others, a video that always runs out of time).
+    strikes: std::collections::HashMap<String, (u32, u64)>,
     settings: LoaderSettings,
     fatal: Fatal,
     telemetry: Arc<Telemetry>,
@@ -144,6 +155,8 @@ impl StoreLoader {
             runtime,
             decoder,
             known_bad: HashSet::new(),
+            served: 0,
+            strikes: std::collections::HashMap::new(),
             settings,
             fatal,
             telemetry: Arc::new(Telemetry::new()),
@@ -438,6 +451,19 @@ impl ClipLoader for StoreLoader {
 }
 
 impl StoreLoader {
+    /// Counts a failure of `uri` that may be the store's; true once it reached [`STRIKES`].
+    /// A failure counts only when the store served another clip since this video's last
+    /// one, so a store that serves nothing (an outage) never convicts a video.
+    fn strike(&mut self, uri: &str) -> bool {
+        let served = self.served;
+        let (count, at) = self.strikes.entry(uri.to_string()).or_insert((0, served));
+        if *count == 0 || served > *at {
+            *count += 1;
+            *at = served;
+        }
+        *count >= STRIKES
+    }
+
     fn load_request(&mut self, request: ClipRequest) -> Vec<Loaded> {
         let mut out = Vec::new();
         let (version, first) = match self.draws_at(request.step) {
@@ -485,8 +511,18 @@ impl StoreLoader {
                         catalog_version = version.version,
                         "clip loaded"
                     );
+                    self.served += 1;
+                    self.strikes.remove(&v.uri);
                     out.push(Loaded::Clip(clip));
                     return out;
+                }
+                // A decode that ran out of time may have waited on a stalled store: the video
+                // is only at fault once it also times out while the store serves other clips.
+                Err(Failure::Bad { reason, detail })
+                    if reason == vjepa_ingest::QuarantineReason::Timeout.as_str()
+                        && !self.strike(&v.uri) =>
+                {
+                    tracing::warn!(uri = %v.uri, %detail, "decode ran out of time; the clip tries another video, this one stays for now");
                 }
                 Err(Failure::Skip) => {
                     self.known_bad.insert(v.uri.clone());
@@ -510,6 +546,20 @@ impl StoreLoader {
                 }
                 Err(Failure::Unavailable(detail)) => {
                     self.telemetry.store_unavailable();
+                    if self.strike(&v.uri) {
+                        // Refused again and again while other objects are served: the
+                        // object's fault (permissions, a broken key), not the store's.
+                        self.known_bad.insert(v.uri.clone());
+                        out.push(Loaded::Bad(Quarantined {
+                            uri: v.uri.clone(),
+                            reason: "fetch_error".into(),
+                            detail: format!(
+                                "not served in {STRIKES} tries while the store served other videos; last: {detail}"
+                            ),
+                            time_unix_us: crate::now_unix_us(),
+                        }));
+                        continue;
+                    }
                     tracing::warn!(
                         uri = %v.uri,
                         %detail,

@@ -1047,13 +1047,16 @@ fn quiet_lost_peer_panics() {
             .map(|s| s.to_string())
             .or_else(|| info.payload().downcast_ref::<String>().cloned())
             .unwrap_or_default();
+        // Timely's own messages only: "Send thread panic" and "Recv thread panic" are its
+        // guards' (std's "a scoped thread panicked" is a bug of ours and keeps its report).
         let lost_peer = [
             "timely communication error",
             "MergeQueue poisoned",
-            "thread panic",
+            "Send thread panic",
+            "Recv thread panic",
         ]
         .iter()
-        .any(|m| message.contains(m));
+        .any(|m| message.starts_with(m));
         if lost_peer {
             let thread = std::thread::current().name().unwrap_or("?").to_string();
             tracing::error!(

@@ -11,6 +11,14 @@ pub const SIGTERM: i32 = 15;
 /// The signal that asked for the stop (0: none yet).
 static REQUESTED: AtomicI32 = AtomicI32::new(0);
 
+/// A step has begun: from here a stop waits for a step's end (before, there is nothing to save).
+static TRAINING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Marks the start of training (the first step); a stop asked before exits at once.
+pub fn training_started() {
+    TRAINING.store(true, Ordering::SeqCst);
+}
+
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 extern "C" fn on_signal(signal: libc::c_int) {
     if REQUESTED.swap(signal, Ordering::SeqCst) != 0 {
@@ -25,6 +33,13 @@ pub fn install() {
     std::thread::spawn(|| {
         loop {
             if let Some(signal) = requested() {
+                if !TRAINING.load(Ordering::SeqCst) {
+                    // Listing, loading a checkpoint, waiting for the other processes: nothing
+                    // of this run to save yet.
+                    tracing::warn!("{} received before training: stopping now", name(signal));
+                    eprintln!("stopped by {} before training started", name(signal));
+                    std::process::exit(i32::from(exit_status(signal)));
+                }
                 tracing::warn!(
                     "{} received: stopping after the step in progress, with its checkpoint (a second signal stops at once)",
                     name(signal)

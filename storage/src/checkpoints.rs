@@ -58,6 +58,17 @@ pub async fn remove_all(store: &Store) -> Result<usize, StorageError> {
     Ok(found.len())
 }
 
+/// Deletes all but the newest `keep` checkpoints (`keep` ≥ 1); returns what it deleted.
+pub async fn keep_newest(store: &Store, keep: usize) -> Result<Vec<String>, StorageError> {
+    let found = all_newest_first(store).await?;
+    let mut deleted = Vec::new();
+    for (_, rel) in found.into_iter().skip(keep.max(1)) {
+        store.delete(&rel).await?;
+        deleted.push(rel);
+    }
+    Ok(deleted)
+}
+
 /// The checkpoint with the highest step whose name parses, if any.
 pub async fn latest(store: &Store) -> Result<Option<(u64, String)>, StorageError> {
     let listed = store.list_prefix(DIR).await?;

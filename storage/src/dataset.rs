@@ -8,7 +8,9 @@
 
 use object_store::path::Path;
 
-use crate::location::{Location, normalize_abs, normalize_rel, parse_location, scheme_of};
+use crate::location::{
+    Location, normalize_abs, normalize_rel, parse_entry_location, parse_location, scheme_of,
+};
 use crate::store::Root;
 use crate::{S3Settings, StorageError, Store};
 
@@ -278,7 +280,8 @@ pub fn is_video_path(path: &str) -> bool {
 
 fn rejected(entry: &str, reason: &str, detail: String) -> Rejected {
     Rejected {
-        entry: entry.to_string(),
+        // Recorded in the quarantine table and logged: never with user info.
+        entry: crate::location::redact_url(entry),
         reason: reason.to_string(),
         detail,
     }
@@ -307,7 +310,7 @@ fn valid_rel(entry: &str, rel: String) -> Result<String, Rejected> {
 pub fn resolve_entry(store: &Store, entry: &str) -> Result<String, Rejected> {
     match scheme_of(entry).as_deref() {
         Some("s3") | Some("s3a") => {
-            let Ok(Location::S3 { bucket, key, .. }) = parse_location(entry) else {
+            let Ok(Location::S3 { bucket, key, .. }) = parse_entry_location(entry) else {
                 return Err(rejected(
                     entry,
                     REASON_PATH_ESCAPES_STORE,
@@ -464,5 +467,11 @@ mod tests {
         assert_eq!(r.reason, REASON_UNSUPPORTED_SCHEME);
         let r = resolve_entry(&store, "s3://bkt/data/").unwrap_err();
         assert_eq!(r.reason, REASON_INVALID_PATH);
+        // '?' and '#' are legal in keys; user info never is.
+        assert_eq!(
+            resolve_entry(&store, "s3://bkt/data/v/clip#1?.mp4").unwrap(),
+            "v/clip#1?.mp4"
+        );
+        assert!(resolve_entry(&store, "s3://AK:SK@bkt/data/v/a.mp4").is_err());
     }
 }

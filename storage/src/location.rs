@@ -117,11 +117,26 @@ pub fn redact_url(s: &str) -> String {
 /// A URL carrying user info (`s3://KEY:SECRET@bucket/`) or a query string is refused, and the
 /// error shows it without them: credentials come from the environment only.
 pub(crate) fn parse_location(s: &str) -> Result<Location, StorageError> {
+    parse_location_with(s, true)
+}
+
+/// [`parse_location`] for an index entry naming an S3 object: `?` and `#` are legal in keys
+/// (`s3://b/clip#1.mp4`), so only user info is refused.
+pub(crate) fn parse_entry_location(s: &str) -> Result<Location, StorageError> {
+    parse_location_with(s, false)
+}
+
+fn parse_location_with(s: &str, refuse_query: bool) -> Result<Location, StorageError> {
     let trimmed = s.trim();
     if scheme_of(trimmed).is_some() {
         let rest = trimmed.split_once("://").map_or("", |(_, r)| r);
-        let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
-        if authority.contains('@') || rest.contains('?') || rest.contains('#') {
+        let authority = if refuse_query {
+            rest.split(['/', '?', '#']).next().unwrap_or("")
+        } else {
+            rest.split('/').next().unwrap_or("")
+        };
+        let query = refuse_query && (rest.contains('?') || rest.contains('#'));
+        if authority.contains('@') || query {
             return Err(StorageError::InvalidLocation {
                 location: redact_url(trimmed),
                 reason: "user info, query strings and fragments are refused in URLs: \

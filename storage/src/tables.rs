@@ -73,8 +73,8 @@ pub struct MetricsRow {
     /// Digest of the model's parameter bytes after the step (`VJepa::params_digest`): in
     /// data-parallel training every worker's digest equals this one (the job checks it).
     pub params_digest: u64,
-    /// Clips of the step an NVDEC decoder decoded (this process's share; the rest were
-    /// decoded in software), to tell how much of a run NVDEC really took. 0 in tables written
+    /// Clips of the step an NVDEC decoder decoded (the whole batch's; the rest were decoded
+    /// in software), to tell how much of a run NVDEC really took. 0 in tables written
     /// before the column existed.
     pub nvdec_clips: u64,
 }
