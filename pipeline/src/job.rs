@@ -116,8 +116,9 @@ impl TrainOverrides {
     }
 }
 
+/// Runs a training job; `cfg` has `overrides` applied already ([`TrainOverrides::apply`], which
+/// `vjepa train` runs before any work so that a refused flag exits 2).
 pub fn run(mut cfg: JobConfig, overrides: TrainOverrides) -> anyhow::Result<TrainSummary> {
-    overrides.apply(&mut cfg)?;
     // Only process 0 serves metrics and the status page.
     if cfg.raw.cluster.process != 0 {
         cfg.raw.telemetry.listen = None;

@@ -558,13 +558,11 @@ fn main() -> ExitCode {
             // What `check-config --locations` checks, without a request: missing credentials
             // or a mistyped local path is a refused config (exit 2), as in the pre-start check.
             if let Err(e) = vjepa_pipeline::preflight::check_locations(&cfg) {
-                eprintln!(
-                    "config error: config key `{}`: {} ({})",
-                    e.key,
-                    e.reason,
-                    vjepa_storage::redact_url(&e.location)
-                );
-                return ExitCode::from(2);
+                let location = vjepa_storage::redact_url(&e.location);
+                return config_error(&vjepa_pipeline::config::ConfigError::Invalid {
+                    key: e.key,
+                    message: format!("{} ({location})", e.reason),
+                });
             }
             vjepa_pipeline::shutdown::install();
             match job::run(cfg, overrides) {

@@ -49,14 +49,13 @@ fn added_videos_are_sampled_and_deleted_ones_never_drawn_after_the_next_refresh(
 
     let steps = 36;
     let cfg = tmp.path().join("s3.yaml");
-    let text = small_config("s3://corpus/videos/", "s3://corpus/runs/one/", steps)
-        .replace(
-            "    endpoint: null",
-            &format!("    endpoint: {}", server.endpoint),
-        )
-        .replace("    region: null", "    region: us-east-1")
-        .replace("    allow_http: false", "    allow_http: true")
-        .replace("  log_every: 10\n", "  log_every: 10\n  clips: true\n");
+    let text = s3_small_config(
+        &server,
+        "s3://corpus/videos/",
+        "s3://corpus/runs/one/",
+        steps,
+    )
+    .replace("  log_every: 10\n", "  log_every: 10\n  clips: true\n");
     let text = format!("{text}\ncatalog:\n  refresh_secs: {REFRESH_SECS}\n");
     assert!(
         text.contains("clips: true"),

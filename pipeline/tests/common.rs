@@ -285,3 +285,41 @@ pub fn read_probabilities(dir: &Path) -> Vec<Vec<f32>> {
     }
     out
 }
+
+/// [`small_config`] reaching `server`: its endpoint and region, plain HTTP (the quickstart
+/// leaves `storage.s3` unset).
+pub fn s3_small_config(
+    server: &vjepa_storage::testing::S3Server,
+    dataset: &str,
+    out: &str,
+    steps: u64,
+) -> String {
+    let text = small_config(dataset, out, steps)
+        .replace(
+            "    endpoint: null",
+            &format!("    endpoint: {}", server.endpoint),
+        )
+        .replace("    region: null", "    region: us-east-1")
+        .replace("    allow_http: false", "    allow_http: true");
+    assert!(
+        text.contains(&server.endpoint) && text.contains("allow_http: true"),
+        "quickstart.yaml storage.s3 layout changed"
+    );
+    text
+}
+
+/// Copies every file of `videos` into `bucket/videos/` on `server` (creating the bucket);
+/// returns that directory.
+pub fn videos_into_bucket(
+    server: &vjepa_storage::testing::S3Server,
+    bucket: &str,
+    videos: &Path,
+) -> PathBuf {
+    let dst = server.create_bucket(bucket).unwrap().join("videos");
+    std::fs::create_dir_all(&dst).unwrap();
+    for e in std::fs::read_dir(videos).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
+    }
+    dst
+}

@@ -5,7 +5,7 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -35,6 +35,28 @@ fn resumed_from(log: &str) -> u64 {
         .unwrap_or_else(|| panic!("no step in {line}"))
 }
 
+/// Starts `vjepa train --config cfg` and returns once `checkpoint` (relative to `out`) is in
+/// place (the rename makes it appear whole), the run still going.
+fn start_until_checkpoint(cfg: &Path, out: &Path, checkpoint: &str, stderr: Stdio) -> Child {
+    let mut child = Command::new(bin())
+        .args(["train", "--config", cfg.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .expect("start vjepa train");
+    let path = out.join(checkpoint);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !path.exists() {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before {checkpoint}"
+        );
+        assert!(Instant::now() < deadline, "no {checkpoint} after 60 s");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child
+}
+
 #[test]
 fn killed_run_restarted_with_the_same_command_continues_exactly() {
     let tmp = tempfile::tempdir().unwrap();
@@ -44,23 +66,13 @@ fn killed_run_restarted_with_the_same_command_continues_exactly() {
 
     let out = tmp.path().join("killed");
     let cfg = write_config(&tmp.path().join("killed.yaml"), &videos, &out, STEPS);
-    let mut child = Command::new(bin())
-        .args(["train", "--config", cfg.to_str().unwrap()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start vjepa train");
-    // Kill as soon as the second checkpoint is in place (the rename makes it appear whole).
-    let second = out.join("checkpoints/step-00000008.safetensors");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !second.exists() {
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "the run ended before its second checkpoint"
-        );
-        assert!(Instant::now() < deadline, "no checkpoint after 60 s");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    // Kill as soon as the second checkpoint is in place.
+    let mut child = start_until_checkpoint(
+        &cfg,
+        &out,
+        "checkpoints/step-00000008.safetensors",
+        Stdio::null(),
+    );
     child.kill().expect("SIGKILL");
     child.wait().unwrap();
     let last = out.join(format!("checkpoints/step-{STEPS:08}.safetensors"));
@@ -141,23 +153,13 @@ fn sigterm_stops_after_a_step_with_its_checkpoint() {
 
     let out = tmp.path().join("stopped");
     let cfg = write_config(&tmp.path().join("stopped.yaml"), &videos, &out, STEPS);
-    let mut child = Command::new(bin())
-        .args(["train", "--config", cfg.to_str().unwrap()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start vjepa train");
     // Stop once training is under way (the first periodic checkpoint is in place).
-    let first = out.join("checkpoints/step-00000004.safetensors");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !first.exists() {
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "the run ended before its first checkpoint"
-        );
-        assert!(Instant::now() < deadline, "no checkpoint after 60 s");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let child = start_until_checkpoint(
+        &cfg,
+        &out,
+        "checkpoints/step-00000004.safetensors",
+        Stdio::piped(),
+    );
     let kill = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()

@@ -54,13 +54,8 @@ fn the_secret_key_appears_in_no_log_metric_page_or_output() {
     let tmp = tempfile::tempdir().unwrap();
     let videos = tmp.path().join("videos");
     make_corpus(&videos, 3);
-    let bucket = server.create_bucket("corpus").unwrap();
-    let dst = bucket.join("videos");
-    std::fs::create_dir_all(&dst).unwrap();
-    for e in std::fs::read_dir(&videos).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
-    }
+    let dst = videos_into_bucket(&server, "corpus", &videos);
+    let bucket = server.root.join("corpus");
     std::fs::write(dst.join("corrupt.mp4"), b"not a video ".repeat(200)).unwrap();
     // An index naming a video and an object that does not exist (a fetch error).
     std::fs::write(
@@ -71,17 +66,16 @@ fn the_secret_key_appears_in_no_log_metric_page_or_output() {
 
     let out = tmp.path().join("out");
     let config = tmp.path().join("s3.yaml");
-    let text = small_config("s3://corpus/videos/", &format!("{}/", out.display()), 10)
-        .replace(
-            "    - s3://corpus/videos/ ",
-            "    - s3://corpus/index.csv\n    - s3://corpus/videos/ ",
-        )
-        .replace(
-            "    endpoint: null",
-            &format!("    endpoint: {}", server.endpoint),
-        )
-        .replace("    region: null", "    region: us-east-1")
-        .replace("    allow_http: false", "    allow_http: true");
+    let text = s3_small_config(
+        &server,
+        "s3://corpus/videos/",
+        &format!("{}/", out.display()),
+        10,
+    )
+    .replace(
+        "    - s3://corpus/videos/ ",
+        "    - s3://corpus/index.csv\n    - s3://corpus/videos/ ",
+    );
     assert!(
         text.contains("s3://corpus/index.csv"),
         "config layout changed"

@@ -26,21 +26,14 @@ fn s3_run_matches_local_run_step_for_step() {
     assert_ok(&run_train(&local_cfg, &[], &["--workers", "2"]));
 
     // The same videos in a bucket; outputs to the bucket too.
-    let bucket = server.create_bucket("corpus").unwrap();
-    let dst = bucket.join("videos");
-    std::fs::create_dir_all(&dst).unwrap();
-    for e in std::fs::read_dir(&videos).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
-    }
+    videos_into_bucket(&server, "corpus", &videos);
     let s3_cfg = tmp.path().join("s3.yaml");
-    let text = small_config("s3://corpus/videos/", "s3://corpus/runs/one/", steps)
-        .replace(
-            "    endpoint: null",
-            &format!("    endpoint: {}", server.endpoint),
-        )
-        .replace("    region: null", "    region: us-east-1")
-        .replace("    allow_http: false", "    allow_http: true");
+    let text = s3_small_config(
+        &server,
+        "s3://corpus/videos/",
+        "s3://corpus/runs/one/",
+        steps,
+    );
     std::fs::write(&s3_cfg, text).unwrap();
     let envs = [
         ("AWS_ACCESS_KEY_ID", server.access_key.as_str()),
@@ -134,24 +127,17 @@ fn an_unreachable_store_quarantines_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let videos = tmp.path().join("videos");
     make_corpus(&videos, 4);
-    let bucket = server.create_bucket("corpus").unwrap();
-    let dst = bucket.join("videos");
-    std::fs::create_dir_all(&dst).unwrap();
-    for e in std::fs::read_dir(&videos).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
-    }
+    videos_into_bucket(&server, "corpus", &videos);
     let out = tmp.path().join("out");
     let cfg = tmp.path().join("s3.yaml");
-    let text = small_config("s3://corpus/videos/", &format!("{}/", out.display()), 200)
-        .replace(
-            "    endpoint: null",
-            &format!("    endpoint: {}", server.endpoint),
-        )
-        .replace("    region: null", "    region: us-east-1")
-        .replace("    allow_http: false", "    allow_http: true")
-        .replace("  max_attempts_per_clip: 100", "  max_attempts_per_clip: 2")
-        .replace("  linger_secs: 30", "  linger_secs: 0");
+    let text = s3_small_config(
+        &server,
+        "s3://corpus/videos/",
+        &format!("{}/", out.display()),
+        200,
+    )
+    .replace("  max_attempts_per_clip: 100", "  max_attempts_per_clip: 2")
+    .replace("  linger_secs: 30", "  linger_secs: 0");
     assert!(text.contains("max_attempts_per_clip: 2") && text.contains("linger_secs: 0"));
     std::fs::write(&cfg, text).unwrap();
     let mut child = std::process::Command::new(bin())

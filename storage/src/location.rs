@@ -94,7 +94,10 @@ pub fn redact_url(s: &str) -> String {
     let Some((scheme, rest)) = s.split_once("://") else {
         return s.to_string();
     };
-    let rest = rest.split(['?', '#']).next().unwrap_or("");
+    let (rest, cut) = match rest.find(['?', '#']) {
+        Some(i) => (&rest[..i], "?<redacted>"),
+        None => (rest, ""),
+    };
     let (authority, path) = match rest.find('/') {
         Some(i) => rest.split_at(i),
         None => (rest, ""),
@@ -102,11 +105,6 @@ pub fn redact_url(s: &str) -> String {
     let authority = match authority.rsplit_once('@') {
         Some((_, host)) => format!("<redacted>@{host}"),
         None => authority.to_string(),
-    };
-    let cut = if rest.len() < s.len() - scheme.len() - 3 {
-        "?<redacted>"
-    } else {
-        ""
     };
     format!("{scheme}://{authority}{path}{cut}")
 }

@@ -550,17 +550,14 @@ impl Decoder {
 
     /// NVDEC mode's software decoder (same options, software decoders only).
     fn software_decoder(&mut self) -> Result<&mut Decoder, IngestError> {
-        if self.software.is_none() {
-            let opts = DecoderOptions {
-                video_decoder: VideoDecoderKind::Software,
-                ..self.opts.clone()
-            };
-            self.software = Some(Box::new(Decoder::new(opts)?));
-        }
-        match self.software.as_deref_mut() {
-            Some(d) => Ok(d),
-            None => Err(IngestError::Fatal("software decoder missing".into())),
-        }
+        let opts = DecoderOptions {
+            video_decoder: VideoDecoderKind::Software,
+            ..self.opts.clone()
+        };
+        Ok(match &mut self.software {
+            Some(d) => d,
+            none => none.insert(Box::new(Decoder::new(opts)?)),
+        })
     }
 
     /// One pass over the stream on the (reused or new) pipeline; see [`Decoder::run`].
