@@ -495,6 +495,7 @@ fn run_training(
         out: out.clone(),
         handle: handle.clone(),
         fatal: fatal.clone(),
+        abandon: vjepa_ingest::Abandon::new(),
         masking,
         settings,
         resumed,
@@ -721,6 +722,8 @@ struct Shared {
     out: Store,
     handle: tokio::runtime::Handle,
     fatal: Fatal,
+    /// Set when this process's workers are done: the loaders give up what they still load.
+    abandon: vjepa_ingest::Abandon,
     masking: Masking,
     settings: LoaderSettings,
     /// Iterations per epoch (for the metrics' epoch column).
@@ -771,6 +774,8 @@ struct Outputs {
     last_loss: Option<f64>,
     steps: u64,
     checkpoints: Vec<String>,
+    /// The step of the last checkpoint this run wrote.
+    checkpointed_at: Option<u64>,
 }
 
 /// A run that fails still completes its tables: the quarantine records and the metrics of the
@@ -867,6 +872,9 @@ enum Msg {
         /// The sender's process was asked to stop (SIGTERM/SIGINT): every worker makes this
         /// step the last.
         stop: bool,
+        /// The sender stopped waiting for its clips (asked to stop): no worker trains this
+        /// step; the one before is the last.
+        starved: bool,
     },
     Reduce(Box<ReduceMsg>),
     /// A reduced shard of the averaged gradient, from the worker that owns it.
@@ -912,6 +920,10 @@ fn run_worker(
     batches_in_flight: u64,
 ) -> anyhow::Result<Option<TrainSummary>> {
     let result = run_worker_inner(worker, shared, batches_in_flight);
+    // Whatever ended the run (its last step, a stop, a failure), no clip still loading is
+    // needed: timely drains the dataflow only once the loaders give them up, which a store
+    // that does not answer would otherwise delay by each read's timeout and attempt.
+    shared.abandon.abandon();
     if let Err(e) = &result {
         // Stop this process's other workers and loaders; other processes notice that this
         // worker left the collective.
@@ -946,7 +958,10 @@ fn run_worker_inner(
                 shared.settings.clone(),
                 shared.fatal.clone(),
             )
-            .map(|l| l.with_telemetry(shared.telemetry.clone()))
+            .map(|l| {
+                l.with_telemetry(shared.telemetry.clone())
+                    .with_abandon(shared.abandon.clone())
+            })
         })
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| anyhow!("GStreamer decoder: {e}"))?;
@@ -1095,6 +1110,7 @@ fn run_worker_inner(
         last_loss: None,
         steps: 0,
         checkpoints: Vec::new(),
+        checkpointed_at: None,
     }));
     if index == 0 {
         let mut o = outputs.borrow_mut();
@@ -1375,15 +1391,26 @@ impl Trainer {
         let stop = || shared.stopped();
         crate::shutdown::training_started();
         let waiting = Instant::now();
+        // A stop asked while the clips are still coming (a slow or unreachable store can keep
+        // them for minutes) does not wait for them: the run ends with the steps trained.
+        let mut starved = false;
         while self.loaded.less_equal(&step) {
             if shared.stopped() {
                 bail!("stopped while waiting for the clips of step {step}");
+            }
+            if crate::shutdown::requested().is_some() {
+                starved = true;
+                break;
             }
             worker.step_or_park(Some(PARK));
         }
         let data_wait = waiting.elapsed();
         let started = Instant::now();
-        let mut clips = self.clips.borrow_mut().remove(&step).unwrap_or_default();
+        let mut clips = if starved {
+            Vec::new()
+        } else {
+            self.clips.borrow_mut().remove(&step).unwrap_or_default()
+        };
         clips.sort_by_key(|c| c.slot);
         shared
             .telemetry
@@ -1398,21 +1425,50 @@ impl Trainer {
                 slots: slots.clone(),
                 clips: if to == 0 { metas.clone() } else { Vec::new() },
                 stop: stop_requested,
+                starved,
             })
             .collect();
         let got = self.collective.scatter(worker, outgoing, stop)?;
         let mut global: Vec<usize> = Vec::new();
         let mut records: Vec<ClipMeta> = Vec::new();
         let mut stop_here = false;
+        let mut any_starved = false;
         for m in got {
             match m {
-                Msg::Slots { slots, clips, stop } => {
+                Msg::Slots {
+                    slots,
+                    clips,
+                    stop,
+                    starved,
+                } => {
                     global.extend(slots);
                     records.extend(clips);
                     stop_here |= stop;
+                    any_starved |= starved;
                 }
                 other => return Err(unexpected("slots", &other)),
             }
+        }
+        // A worker stopped waiting for its clips: this step is not trained anywhere, and the
+        // run ends with the one before, checkpointed (unless it just was).
+        if any_starved {
+            self.total = step;
+            if index == 0 {
+                tracing::warn!(
+                    step,
+                    waited_s = data_wait.as_secs_f64(),
+                    "asked to stop while waiting for the clips of step {}: ending with step {step}",
+                    step + 1
+                );
+            }
+            if step > shared.first_step {
+                // The replicas agree before one of them is saved.
+                check_digests(worker, &mut self.collective, &self.model, step, shared)?;
+                if index == 0 {
+                    finish_stopped(&self.model, step, shared, outputs)?;
+                }
+            }
+            return Ok(());
         }
         // Every worker saw every worker's flag: all make the same step the last one, which
         // then checkpoints and completes the tables as a run's last step does.
@@ -1837,48 +1893,79 @@ fn finish_step(
         } else {
             close_final_tables(shared, outputs)?;
         }
-        let next_clip = shared.first_clip + (done - shared.first_step) * cfg.data.batch_size as u64;
-        let run_state = [
-            (META_NEXT_CLIP.to_string(), next_clip.to_string()),
-            (META_BATCH_SIZE.to_string(), cfg.data.batch_size.to_string()),
-            (
-                META_CATALOG.to_string(),
-                catalog_key(&shared.versions.at_step(done + 1)),
-            ),
-            (
-                META_CATALOG_VERSION.to_string(),
-                shared.versions.at_step(done + 1).version.to_string(),
-            ),
-        ];
-        let bytes = model
-            .to_safetensors_with(&run_state)
-            .map_err(|e| anyhow!("serialising checkpoint at step {done}: {e}"))?;
-        let rel = shared
-            .handle
-            .block_on(checkpoints::write(&shared.out, done, Bytes::from(bytes)))
-            .map_err(|e| anyhow!("writing checkpoint at step {done}: {e}"))?;
-        tracing::info!(checkpoint = %shared.out.uri_of(&rel), "checkpoint written");
-        let keep =
-            cfg.outputs
-                .keep_checkpoints
-                .unwrap_or(if cfg.outputs.checkpoint_every.is_none() {
-                    2
-                } else {
-                    0
-                });
-        if keep > 0 {
-            let deleted = shared
-                .handle
-                .block_on(checkpoints::keep_newest(&shared.out, keep))
-                .map_err(|e| anyhow!("deleting old checkpoints (outputs.keep_checkpoints): {e}"))?;
-            if !deleted.is_empty() {
-                tracing::info!(keep, deleted = ?deleted, "older checkpoints deleted");
-            }
-            let mut o = outputs.borrow_mut();
-            o.checkpoints.retain(|c| !deleted.contains(c));
-        }
-        outputs.borrow_mut().checkpoints.push(rel);
+        write_checkpoint(model, done, shared, outputs)?;
     }
+    Ok(())
+}
+
+/// Worker 0 when a stop ends the run between steps (`done` steps trained, the next one's
+/// clips still coming): the tables completed, and the checkpoint at `done` unless there is
+/// one already.
+fn finish_stopped(
+    model: &Pretrainer,
+    done: u64,
+    shared: &Shared,
+    outputs: &Rc<RefCell<Outputs>>,
+) -> anyhow::Result<()> {
+    close_final_tables(shared, outputs)?;
+    if outputs.borrow().checkpointed_at != Some(done) {
+        write_checkpoint(model, done, shared, outputs)?;
+    }
+    Ok(())
+}
+
+/// The checkpoint after `done` steps, with the run state a resume needs; older ones beyond
+/// `outputs.keep_checkpoints` are deleted after it is in place.
+fn write_checkpoint(
+    model: &Pretrainer,
+    done: u64,
+    shared: &Shared,
+    outputs: &Rc<RefCell<Outputs>>,
+) -> anyhow::Result<()> {
+    let cfg = &shared.cfg.raw;
+    let next_clip = shared.first_clip + (done - shared.first_step) * cfg.data.batch_size as u64;
+    let run_state = [
+        (META_NEXT_CLIP.to_string(), next_clip.to_string()),
+        (META_BATCH_SIZE.to_string(), cfg.data.batch_size.to_string()),
+        (
+            META_CATALOG.to_string(),
+            catalog_key(&shared.versions.at_step(done + 1)),
+        ),
+        (
+            META_CATALOG_VERSION.to_string(),
+            shared.versions.at_step(done + 1).version.to_string(),
+        ),
+    ];
+    let bytes = model
+        .to_safetensors_with(&run_state)
+        .map_err(|e| anyhow!("serialising checkpoint at step {done}: {e}"))?;
+    let rel = shared
+        .handle
+        .block_on(checkpoints::write(&shared.out, done, Bytes::from(bytes)))
+        .map_err(|e| anyhow!("writing checkpoint at step {done}: {e}"))?;
+    tracing::info!(checkpoint = %shared.out.uri_of(&rel), "checkpoint written");
+    let keep = cfg
+        .outputs
+        .keep_checkpoints
+        .unwrap_or(if cfg.outputs.checkpoint_every.is_none() {
+            2
+        } else {
+            0
+        });
+    if keep > 0 {
+        let deleted = shared
+            .handle
+            .block_on(checkpoints::keep_newest(&shared.out, keep))
+            .map_err(|e| anyhow!("deleting old checkpoints (outputs.keep_checkpoints): {e}"))?;
+        if !deleted.is_empty() {
+            tracing::info!(keep, deleted = ?deleted, "older checkpoints deleted");
+        }
+        let mut o = outputs.borrow_mut();
+        o.checkpoints.retain(|c| !deleted.contains(c));
+    }
+    let mut o = outputs.borrow_mut();
+    o.checkpoints.push(rel);
+    o.checkpointed_at = Some(done);
     Ok(())
 }
 

@@ -96,6 +96,8 @@ pub struct StoreLoader {
     settings: LoaderSettings,
     fatal: Fatal,
     telemetry: Arc<Telemetry>,
+    /// Once set, requests end without loading (the job no longer needs them).
+    abandon: Option<vjepa_ingest::Abandon>,
 }
 
 /// A clip's object-store source that reports each request's latency and bytes to telemetry.
@@ -160,6 +162,7 @@ impl StoreLoader {
             settings,
             fatal,
             telemetry: Arc::new(Telemetry::new()),
+            abandon: None,
         })
     }
 
@@ -168,6 +171,19 @@ impl StoreLoader {
     pub fn with_telemetry(mut self, telemetry: Arc<Telemetry>) -> Self {
         self.telemetry = telemetry;
         self
+    }
+
+    /// Ends this loader's work, reads in flight included, once `abandon` is set (see
+    /// [`vjepa_ingest::Abandon`]).
+    pub fn with_abandon(mut self, abandon: vjepa_ingest::Abandon) -> Self {
+        self.abandon = Some(abandon);
+        self
+    }
+
+    fn abandoned(&self) -> bool {
+        self.abandon
+            .as_ref()
+            .is_some_and(vjepa_ingest::Abandon::is_abandoned)
     }
 
     fn try_video(
@@ -193,7 +209,12 @@ impl StoreLoader {
             .map_err(|e| fetch_error(e.to_string()))?;
         let (object_store, _) = store.inner();
         let head = Instant::now();
-        let source = ObjectSource::open(object_store, path, self.runtime.clone());
+        let source = ObjectSource::open_abandonable(
+            object_store,
+            path,
+            self.runtime.clone(),
+            self.abandon.clone(),
+        );
         self.telemetry.store_request(head.elapsed(), 0);
         let source = source.map_err(|e| match e {
             // Its own reason and detail (not "reason: detail" as the detail).
@@ -466,6 +487,9 @@ impl StoreLoader {
 
     fn load_request(&mut self, request: ClipRequest) -> Vec<Loaded> {
         let mut out = Vec::new();
+        if self.abandoned() {
+            return out;
+        }
         let (version, first) = match self.draws_at(request.step) {
             Ok((version, draws)) => {
                 let first = draws.video_for(request.global_index);
@@ -502,7 +526,12 @@ impl StoreLoader {
             if self.known_bad.contains(&v.uri) {
                 continue;
             }
-            match self.try_video(v, &mut rng, &request) {
+            let tried = self.try_video(v, &mut rng, &request);
+            // A failure of an abandoned read says nothing about the video.
+            if self.abandoned() {
+                return out;
+            }
+            match tried {
                 Ok(clip) => {
                     tracing::trace!(
                         step = request.step,

@@ -573,6 +573,24 @@ fn main() -> ExitCode {
                     );
                     ExitCode::SUCCESS
                 }
+                Ok(s) if s.steps == 0 => {
+                    let by = match vjepa_pipeline::shutdown::requested() {
+                        Some(signal) => vjepa_pipeline::shutdown::name(signal).to_string(),
+                        None => "another process of the job (it was asked to stop)".into(),
+                    };
+                    let again = match s.first_step {
+                        0 => "the same command starts the run".to_string(),
+                        n => format!("the same command resumes from the checkpoint at step {n}"),
+                    };
+                    eprintln!(
+                        "stopped by {by} while waiting for the clips of step {}: nothing new to \
+                         save; {again}",
+                        s.first_step + 1,
+                    );
+                    ExitCode::from(vjepa_pipeline::shutdown::exit_status(
+                        s.stopped_by.unwrap_or(vjepa_pipeline::shutdown::SIGTERM),
+                    ))
+                }
                 Ok(s) => {
                     let mut outputs =
                         vec!["metrics*.parquet".to_string(), "quarantine*.parquet".into()];

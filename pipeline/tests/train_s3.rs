@@ -175,3 +175,87 @@ fn an_unreachable_store_quarantines_nothing() {
     );
     assert!(!read_metrics(out.to_str().unwrap(), &Default::default()).is_empty());
 }
+
+/// A stop asked while the store is out (clips that may not come for minutes) does not wait
+/// for them: the run ends with the steps it trained, checkpointed, and exits 143 at once.
+#[test]
+fn sigterm_during_an_outage_stops_without_waiting_for_the_store() {
+    use std::io::{BufRead, BufReader};
+    let Some(server) =
+        S3Server::start_or_skip("sigterm_during_an_outage_stops_without_waiting_for_the_store")
+            .unwrap()
+    else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let videos = tmp.path().join("videos");
+    make_corpus(&videos, 4);
+    videos_into_bucket(&server, "corpus", &videos);
+    let out = tmp.path().join("out");
+    let cfg = tmp.path().join("s3.yaml");
+    // Periodic checkpoints out of reach: the one at the stop is the stop's own.
+    let text = s3_small_config(
+        &server,
+        "s3://corpus/videos/",
+        &format!("{}/", out.display()),
+        200,
+    )
+    .replace("  checkpoint_every: 4", "  checkpoint_every: 1000");
+    assert!(text.contains("checkpoint_every: 1000"));
+    std::fs::write(&cfg, text).unwrap();
+    let mut child = std::process::Command::new(bin())
+        .args(["train", "--config", cfg.to_str().unwrap()])
+        .env("AWS_ACCESS_KEY_ID", &server.access_key)
+        .env("AWS_SECRET_ACCESS_KEY", &server.secret_key)
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut log = String::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        log.push_str(&line);
+        log.push('\n');
+        if line.contains("step=1 ") && line.contains("train") {
+            break;
+        }
+    }
+    drop(server);
+    // The clips already loaded are trained; then the job waits on the store (each clip has
+    // 100 attempts, each with the S3 client's own retries: many minutes).
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let asked = std::time::Instant::now();
+    let kill = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    for line in lines {
+        log.push_str(&line.unwrap());
+        log.push('\n');
+    }
+    let status = child.wait().unwrap();
+    let took = asked.elapsed();
+    assert_eq!(status.code(), Some(143), "{log}");
+    assert!(
+        took < std::time::Duration::from_secs(30),
+        "took {took:?} to stop:\n{log}"
+    );
+    assert!(log.contains("while waiting for the clips of step"), "{log}");
+    let rows = read_metrics(out.to_str().unwrap(), &Default::default());
+    let trained = rows.len() as u64;
+    assert!(trained >= 1, "{log}");
+    assert!(
+        log.contains(&format!(
+            "stopped by SIGTERM after step {trained} with its checkpoint"
+        )),
+        "{log}"
+    );
+    assert!(
+        out.join(format!("checkpoints/step-{trained:08}.safetensors"))
+            .exists(),
+        "the checkpoint of the last step trained:\n{log}"
+    );
+    assert!(read_quarantine(out.to_str().unwrap()).is_empty());
+}

@@ -36,7 +36,9 @@ pub use samples::{
     SampleCodec, SampleOverrides, SampleSpec, default_sample_specs, make_sample, make_samples,
     make_samples_with, sample_specs,
 };
-pub use source::{ByteSource, DEFAULT_READ_TIMEOUT, ObjectSource, ReadAhead, ReadAheadOptions};
+pub use source::{
+    Abandon, ByteSource, DEFAULT_READ_TIMEOUT, ObjectSource, ReadAhead, ReadAheadOptions,
+};
 
 use gstreamer as gst;
 use std::sync::OnceLock;

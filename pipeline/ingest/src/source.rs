@@ -66,6 +66,8 @@ pub struct ObjectSource {
     size: u64,
     runtime: Handle,
     timeout: Duration,
+    /// Ends the reads early when the job no longer needs them.
+    abandon: Option<Abandon>,
 }
 
 /// A failed request: the object is gone ([`QuarantineReason::FetchError`], for good), or the
@@ -83,6 +85,76 @@ fn store_error(what: String, e: object_store::Error) -> IngestError {
 /// How long one ranged GET may take by default before it is abandoned ([`ObjectSource::timeout`]).
 pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Set once a job no longer needs the reads it started (a stop, a failure): every read of an
+/// [`ObjectSource`] opened with it, in flight or later, ends at once with
+/// [`IngestError::Unavailable`]. A store that does not answer would otherwise hold the job's
+/// end for each read's timeout, and a clip's further attempts for theirs.
+#[derive(Clone, Debug)]
+pub struct Abandon(Arc<tokio::sync::watch::Sender<bool>>);
+
+impl Default for Abandon {
+    fn default() -> Self {
+        Abandon(Arc::new(tokio::sync::watch::Sender::new(false)))
+    }
+}
+
+impl Abandon {
+    /// Not abandoned yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Ends the reads, now and from here on.
+    pub fn abandon(&self) {
+        self.0.send_replace(true);
+    }
+
+    /// Whether [`Self::abandon`] was called.
+    pub fn is_abandoned(&self) -> bool {
+        *self.0.borrow()
+    }
+
+    async fn wait(&self) {
+        let mut rx = self.0.subscribe();
+        // The sender lives as long as `self`: the wait ends only when abandoned.
+        let _ = rx.wait_for(|abandoned| *abandoned).await;
+    }
+}
+
+/// How a bounded request ended.
+enum Waited<T> {
+    Done(T),
+    TimedOut,
+    Abandoned,
+}
+
+/// Runs `request` on `runtime` for at most `limit`, or until `abandon` is set.
+fn bounded<T>(
+    runtime: &Handle,
+    limit: Duration,
+    abandon: Option<&Abandon>,
+    request: impl std::future::Future<Output = T>,
+) -> Waited<T> {
+    if abandon.is_some_and(Abandon::is_abandoned) {
+        return Waited::Abandoned;
+    }
+    runtime.block_on(async {
+        let timed = tokio::time::timeout(limit, request);
+        match abandon {
+            None => timed.await.map_or(Waited::TimedOut, Waited::Done),
+            Some(a) => tokio::select! {
+                r = timed => r.map_or(Waited::TimedOut, Waited::Done),
+                () = a.wait() => Waited::Abandoned,
+            },
+        }
+    })
+}
+
+/// The error of a read the job abandoned.
+fn abandoned(what: &str) -> IngestError {
+    IngestError::Unavailable(format!("{what}: abandoned (the run is ending)"))
+}
+
 impl ObjectSource {
     /// Opens `path` (one HEAD request for its size, bounded by [`DEFAULT_READ_TIMEOUT`]). A
     /// missing or unreadable object is [`QuarantineReason::FetchError`].
@@ -91,16 +163,35 @@ impl ObjectSource {
         path: Path,
         runtime: Handle,
     ) -> Result<Arc<Self>, IngestError> {
+        Self::open_abandonable(store, path, runtime, None)
+    }
+
+    /// [`Self::open`], with the HEAD request and every later read ending as soon as `abandon`
+    /// is set.
+    pub fn open_abandonable(
+        store: Arc<dyn ObjectStore>,
+        path: Path,
+        runtime: Handle,
+        abandon: Option<Abandon>,
+    ) -> Result<Arc<Self>, IngestError> {
         let head = store.head(&path);
-        let meta = runtime
-            .block_on(async { tokio::time::timeout(DEFAULT_READ_TIMEOUT, head).await })
-            .map_err(|_| {
-                IngestError::Unavailable(format!(
+        let meta = match bounded(&runtime, DEFAULT_READ_TIMEOUT, abandon.as_ref(), head) {
+            Waited::Done(meta) => meta.map_err(|e| store_error(format!("HEAD {path}"), e))?,
+            Waited::TimedOut => {
+                return Err(IngestError::Unavailable(format!(
                     "HEAD {path} took longer than {DEFAULT_READ_TIMEOUT:?}"
-                ))
-            })?
-            .map_err(|e| store_error(format!("HEAD {path}"), e))?;
-        Ok(Self::with_size(store, path, meta.size, runtime))
+                )));
+            }
+            Waited::Abandoned => return Err(abandoned(&format!("HEAD {path}"))),
+        };
+        Ok(Arc::new(ObjectSource {
+            store,
+            path,
+            size: meta.size,
+            runtime,
+            timeout: DEFAULT_READ_TIMEOUT,
+            abandon,
+        }))
     }
 
     /// A source whose size is already known (from a listing), saving the HEAD request.
@@ -116,6 +207,7 @@ impl ObjectSource {
             size,
             runtime,
             timeout: DEFAULT_READ_TIMEOUT,
+            abandon: None,
         })
     }
 
@@ -128,6 +220,7 @@ impl ObjectSource {
             size: self.size,
             runtime: self.runtime.clone(),
             timeout,
+            abandon: self.abandon.clone(),
         })
     }
 }
@@ -142,22 +235,19 @@ impl ByteSource for ObjectSource {
             return Ok(Bytes::new());
         }
         let want = range.end - range.start;
+        let what = || format!("GET {} bytes {}..{}", self.path, range.start, range.end);
         let get = self.store.get_range(&self.path, range.clone());
-        let bytes = self
-            .runtime
-            .block_on(async { tokio::time::timeout(self.timeout, get).await })
-            .map_err(|_| {
-                IngestError::Unavailable(format!(
-                    "GET {} bytes {}..{} took longer than {:?}",
-                    self.path, range.start, range.end, self.timeout
-                ))
-            })?
-            .map_err(|e| {
-                store_error(
-                    format!("GET {} bytes {}..{}", self.path, range.start, range.end),
-                    e,
-                )
-            })?;
+        let bytes = match bounded(&self.runtime, self.timeout, self.abandon.as_ref(), get) {
+            Waited::Done(r) => r.map_err(|e| store_error(what(), e))?,
+            Waited::TimedOut => {
+                return Err(IngestError::Unavailable(format!(
+                    "{} took longer than {:?}",
+                    what(),
+                    self.timeout
+                )));
+            }
+            Waited::Abandoned => return Err(abandoned(&what())),
+        };
         if bytes.len() as u64 != want {
             return Err(IngestError::quarantine(
                 QuarantineReason::FetchError,
@@ -392,6 +482,68 @@ mod tests {
             "{:?}",
             unreachable.err()
         );
+    }
+
+    /// A store that accepts the connection and never answers holds a read for its whole
+    /// timeout; once the job abandons its reads, the one in flight and every later one end
+    /// at once, as `Unavailable` (nothing said about the object).
+    #[test]
+    fn abandoned_reads_end_at_once() {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let endpoint = format!("http://{}", silent.local_addr().unwrap());
+        let store: Arc<dyn ObjectStore> = Arc::new(
+            object_store::aws::AmazonS3Builder::new()
+                .with_bucket_name("videos")
+                .with_endpoint(&endpoint)
+                .with_allow_http(true)
+                .with_region("us-east-1")
+                .with_access_key_id("test")
+                .with_secret_access_key("test")
+                .build()
+                .unwrap(),
+        );
+        let abandon = Abandon::new();
+        let later = abandon.clone();
+        let started = std::time::Instant::now();
+        let stopper = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            later.abandon();
+        });
+        let open = ObjectSource::open_abandonable(
+            Arc::clone(&store),
+            Path::from("a.mp4"),
+            runtime.handle().clone(),
+            Some(abandon.clone()),
+        );
+        let took = started.elapsed();
+        stopper.join().unwrap();
+        match open {
+            Err(IngestError::Unavailable(m)) => assert!(m.contains("abandoned"), "{m}"),
+            other => panic!("{:?}", other.err()),
+        }
+        assert!(took >= Duration::from_millis(300), "{took:?}");
+        assert!(took < Duration::from_secs(10), "{took:?}");
+        // Reads of a source opened earlier end too, without a request.
+        let known = ObjectSource {
+            store,
+            path: Path::from("b.mp4"),
+            size: 100,
+            runtime: runtime.handle().clone(),
+            timeout: DEFAULT_READ_TIMEOUT,
+            abandon: Some(abandon),
+        };
+        let started = std::time::Instant::now();
+        assert!(matches!(
+            known.read(0..10),
+            Err(IngestError::Unavailable(_))
+        ));
+        assert!(started.elapsed() < Duration::from_secs(1));
+        drop(silent);
     }
 
     fn data(n: usize) -> Bytes {
