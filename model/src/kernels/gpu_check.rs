@@ -799,6 +799,8 @@ fn check_op(
     Ok(())
 }
 
+/// The op rows in the order they run: this crate's kernels first, cuDNN's attention last
+/// (a fault inside a library leaves the CUDA context unusable for every row after it).
 fn op_cases() -> Vec<OpCase> {
     let mut cases = Vec::new();
     for &n in &CHECK_SEQ_LENS {
@@ -810,15 +812,6 @@ fn op_cases() -> Vec<OpCase> {
                 inputs: vec![(vec![b, n, 3 * h * hd], 1.0)],
                 f: Box::new(move |t| super::attention(&t[0], h)),
             });
-            #[cfg(feature = "cudnn")]
-            for op in [ATTENTION_CUDNN, ATTENTION_CUDNN_DYNAMIC] {
-                cases.push(OpCase {
-                    op,
-                    case: format!("B={b} H={h} N={n} d={hd}"),
-                    inputs: vec![(vec![b, n, 3 * h * hd], 1.0)],
-                    f: Box::new(move |t| super::attention(&t[0], h)),
-                });
-            }
         }
     }
     for &(r, c) in &[(2 * 257, 384usize), (3 * 77, 200), (64, 1024), (50, 96)] {
@@ -906,7 +899,35 @@ fn op_cases() -> Vec<OpCase> {
         inputs: vec![(vec![1_000_003], 1.0)],
         f: Box::new(|t| super::sum_sq(&t[0])),
     });
+    #[cfg(feature = "cudnn")]
+    for op in [ATTENTION_CUDNN, ATTENTION_CUDNN_DYNAMIC] {
+        for &n in &CHECK_SEQ_LENS {
+            for &hd in &CHECK_HEAD_DIMS {
+                let (b, h) = if n <= 400 { (2, 3) } else { (1, 2) };
+                cases.push(OpCase {
+                    op,
+                    case: format!("B={b} H={h} N={n} d={hd}"),
+                    inputs: vec![(vec![b, n, 3 * h * hd], 1.0)],
+                    f: Box::new(move |t| super::attention(&t[0], h)),
+                });
+            }
+        }
+    }
     cases
+}
+
+/// Whether the CUDA context still works after a failed row: a fault (an illegal address, a
+/// launch failure) is sticky, and every later row would fail with it. None when it works.
+fn context_broken(dev: &Device) -> Option<String> {
+    let probe = || -> Result<(), ModelError> {
+        dev.synchronize()?;
+        let v = Tensor::ones(4, DType::F32, dev)?.to_vec1::<f32>()?;
+        if v != [1.0; 4] {
+            return Err(ModelError::Unsupported(format!("a copy back read {v:?}")));
+        }
+        Ok(())
+    };
+    probe().err().map(|e| e.to_string())
 }
 
 /// Runs every correctness check on `dev` (a CUDA device). `progress` is called after each row.
@@ -926,9 +947,27 @@ pub fn run_checks(
         gpu: dev.clone(),
     };
     let mut rows = Vec::new();
+    // Set by the first failed row after which the context no longer works: the run stops
+    // there, naming the row, instead of turning every later row into the same error.
+    let broken: std::cell::RefCell<Option<String>> = std::cell::RefCell::new(None);
     let mut push = |r: CheckRow| {
+        let failed = (!r.pass).then(|| format!("{} {} {}", r.op, r.case, r.dtype));
         progress(&r);
         rows.push(r);
+        if let Some(row) = failed
+            && broken.borrow().is_none()
+            && let Some(e) = context_broken(dev)
+        {
+            *broken.borrow_mut() = Some(format!(
+                "the CUDA context stopped working after the row `{row}` ({e}): every later \
+                 row would fail with it. Run again without that path (VJEPA_CUDNN_LIB=/nonexistent \
+                 for cuDNN's attention, VJEPA_CUBLASLT=0 for cuBLASLt) for the other rows"
+            ));
+        }
+    };
+    let usable = || match broken.borrow().as_ref() {
+        Some(m) => Err(ModelError::Candle(candle_core::Error::Msg(m.clone()))),
+        None => Ok(()),
     };
     let chosen = super::attention_backend();
     let lt = cublaslt::enabled();
@@ -962,6 +1001,7 @@ pub fn run_checks(
                 }
             }
             case_rows.into_iter().for_each(&mut push);
+            usable()?;
         }
     }
     super::set_attention_backend(chosen);
@@ -977,15 +1017,19 @@ pub fn run_checks(
             if let Err(e) = check_attention_simt(&mut inp, (b, n, h, hd), &case, &mut push) {
                 push(error_row("attention (simt)", &case, DType::BF16, &e));
             }
+            usable()?;
         }
     }
 
+    usable()?;
     if let Err(e) = check_staging(dev, &mut inp, &mut push) {
         push(error_row("staging", "", DType::F32, &e));
     }
+    usable()?;
     if let Err(e) = check_optimizer(dev, &mut inp, &mut push) {
         push(error_row("adamw/ema", "", DType::F32, &e));
     }
+    usable()?;
     if let Err(e) = check_train_steps(dev, &mut push) {
         push(error_row("train_step", "", DType::F32, &e));
     }
@@ -995,6 +1039,7 @@ pub fn run_checks(
         step_backends.push((AttentionBackend::Cudnn, " (cudnn)"));
     }
     for (backend, label) in step_backends {
+        usable()?;
         super::set_attention_backend(backend);
         if let Err(e) = check_mixed_precision_step(dev, label, &mut push) {
             push(error_row(
@@ -1006,6 +1051,7 @@ pub fn run_checks(
         }
     }
     super::set_attention_backend(chosen);
+    usable()?;
     if let Err(e) = check_checkpointing(dev, &mut push) {
         push(error_row(
             "train_step bf16 checkpointed",
@@ -1015,13 +1061,16 @@ pub fn run_checks(
         ));
     }
     for dtype in [DType::F32, DType::BF16] {
+        usable()?;
         if let Err(e) = check_fused_blocks(dev, dtype, &mut push) {
             push(error_row("train_step fused blocks", "", dtype, &e));
         }
+        usable()?;
         if let Err(e) = check_target_stream(dev, dtype, &mut push) {
             push(error_row("train_step target stream", "", dtype, &e));
         }
     }
+    usable()?;
     if let Err(e) = check_weight_copies(dev, &mut push) {
         push(error_row(
             "train_step bf16 kept copies",
@@ -1030,6 +1079,7 @@ pub fn run_checks(
             &e,
         ));
     }
+    usable()?;
     Ok(rows)
 }
 
