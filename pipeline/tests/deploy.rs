@@ -167,6 +167,31 @@ fn kubernetes_cluster_manifest() {
         .unwrap();
     // A stop (deletion, eviction) lets the step in progress finish with its checkpoint.
     assert!(pod["terminationGracePeriodSeconds"].as_u64().unwrap_or(30) >= 60);
+    // A refused config (2) or a diverged loss (3) fails again on every retry: the Job ends on
+    // them (a pod failure policy, which needs restartPolicy Never); other failures retry.
+    assert_eq!(s(&pod["restartPolicy"]), "Never");
+    let rules = spec["podFailurePolicy"]["rules"]
+        .as_sequence()
+        .expect("podFailurePolicy.rules");
+    let fail_job: Vec<u64> = rules
+        .iter()
+        .filter(|r| s(&r["action"]) == "FailJob")
+        .flat_map(|r| {
+            assert_eq!(s(&r["onExitCodes"]["operator"]), "In");
+            r["onExitCodes"]["values"]
+                .as_sequence()
+                .expect("values")
+                .iter()
+                .map(|v| v.as_u64().expect("exit code"))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert_eq!(fail_job, [2, 3]);
+    assert!(
+        rules.iter().any(|r| s(&r["action"]) == "Ignore"
+            && s(&r["onPodConditions"][0]["type"]) == "DisruptionTarget"),
+        "evictions are not failures"
+    );
     let ports: BTreeMap<String, u64> = main["ports"]
         .as_sequence()
         .expect("ports")
