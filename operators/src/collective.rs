@@ -125,6 +125,16 @@ impl<M: ExchangeData + Clone> Collective<M> {
         Ok(got)
     }
 
+    /// Whether a message already received for the next round satisfies `f`, before this
+    /// worker sends its own: lets a worker that is waiting for something else (its data)
+    /// notice what the others decided and join the round at once.
+    pub fn next_round_has(&self, f: impl Fn(&M) -> bool) -> bool {
+        self.received
+            .borrow()
+            .get(&self.round)
+            .is_some_and(|got| got.iter().any(|(_, m)| f(m)))
+    }
+
     /// A round in which every worker sends `message` to every worker (itself included) and
     /// gets one message from each, indexed by sender; fails naming the workers that sent none.
     pub fn all_to_all(
@@ -210,6 +220,31 @@ mod tests {
             "{m:?}"
         );
         assert_eq!(weighted_mean(&[(0, &x)]), vec![0.0; 3]);
+    }
+
+    /// A worker that has not joined a round yet sees, by stepping, what the others sent for
+    /// it; the round then completes as usual.
+    #[test]
+    fn a_waiting_worker_sees_the_next_rounds_messages() {
+        let results = timely::execute(timely::Config::process(2), |worker| {
+            let index = worker.index();
+            let mut c: Collective<u32> = Collective::new(worker);
+            if index == 1 {
+                // Not in the round yet: only steps until worker 0's message is there.
+                let deadline = std::time::Instant::now() + Duration::from_secs(30);
+                while !c.next_round_has(|m| *m == 7) {
+                    assert!(std::time::Instant::now() < deadline, "never seen");
+                    assert!(!c.next_round_has(|m| *m == 8));
+                    worker.step_or_park(Some(PARK));
+                }
+            }
+            c.all_to_all(worker, 7 + index as u32, || false).unwrap()
+        })
+        .unwrap()
+        .join();
+        for r in results {
+            assert_eq!(r.unwrap(), vec![7, 8]);
+        }
     }
 
     /// Three workers all-reduce (reduce-scatter, all-gather) vectors of unequal weight and

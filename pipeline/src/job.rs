@@ -1398,7 +1398,13 @@ impl Trainer {
             if shared.stopped() {
                 bail!("stopped while waiting for the clips of step {step}");
             }
-            if crate::shutdown::requested().is_some() {
+            // This process was asked to stop, or another worker (another process's) already
+            // gave up waiting for the step: no worker trains it.
+            if crate::shutdown::requested().is_some()
+                || self
+                    .collective
+                    .next_round_has(|m| matches!(m, Msg::Slots { starved: true, .. }))
+            {
                 starved = true;
                 break;
             }
