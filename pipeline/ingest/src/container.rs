@@ -26,6 +26,10 @@ pub struct ContainerFacts {
     /// `Some(false)` when the container announces no duration (Matroska without `Duration`):
     /// any duration GStreamer reports is a guess.
     pub has_duration: Option<bool>,
+    /// `Some(true)` when the MP4/MOV video track's `colr` box (`nclx`) says full range.
+    /// GStreamer 1.22's qtdemux drops that bit and tags such a stream limited range, where
+    /// ffmpeg (and so decord) converts it as full.
+    pub full_range: Option<bool>,
 }
 
 /// Reads `n` bytes at `at` (fewer at the end of the object; `None` on a read error).
@@ -45,7 +49,33 @@ pub fn facts(len: u64, read: ReadFn<'_>) -> ContainerFacts {
             ..ContainerFacts::default()
         };
     }
+    if is_mpeg_ts(read) {
+        // No index: GStreamer's TS seeks land by bitrate, and a decoder started there (an
+        // HEVC stream with few key frames) gives frames built on missing references. Frames
+        // are counted and reached by decoding through.
+        return UNTIMED;
+    }
     ContainerFacts::default()
+}
+
+/// What a container without a sample table gets: its frames counted by a decode to the end
+/// and numbered in decode order, never from timestamps after a seek.
+const UNTIMED: ContainerFacts = ContainerFacts {
+    frames: None,
+    constant_rate: Some(false),
+    has_duration: Some(false),
+    full_range: None,
+};
+
+/// MPEG transport stream (188-byte packets) or M2TS (192: a 4-byte timestamp first): the
+/// sync byte 0x47 at the start of three packets in a row.
+fn is_mpeg_ts(read: ReadFn<'_>) -> bool {
+    let Some(b) = read(0, 3 * 192) else {
+        return false;
+    };
+    [(0usize, 188usize), (4, 192)]
+        .iter()
+        .any(|&(first, packet)| (0..3).all(|k| b.get(first + k * packet) == Some(&0x47)))
 }
 
 /// An ISO-BMFF box header at `at`: (size of the whole box, type, header length).
@@ -98,6 +128,12 @@ fn be32(b: &[u8], at: usize) -> Option<u64> {
     )))
 }
 
+/// Most `moof` boxes read to count a fragmented file's samples (one small read each, the
+/// media data between them skipped); a file with more is counted by decoding it.
+const MAX_FRAGMENTS: usize = 4096;
+/// Largest `moof` box read.
+const MAX_MOOF: u64 = 1 << 20;
+
 /// Frame count and rate constancy of the first video track of an MP4/MOV.
 fn mp4_facts(len: u64, read: ReadFn<'_>) -> Option<ContainerFacts> {
     let mut at = 0u64;
@@ -114,14 +150,12 @@ fn mp4_facts(len: u64, read: ReadFn<'_>) -> Option<ContainerFacts> {
             if (body.len() as u64) < size - header {
                 return None; // cut off: the caller names it
             }
+            at = at.checked_add(size)?;
             break body;
         }
         at = at.checked_add(size)?;
     };
-    // Fragmented files keep their samples in `moof` boxes: no count here.
-    if child(&moov, b"mvex").is_some() {
-        return None;
-    }
+    let fragmented = child(&moov, b"mvex").is_some();
     for (kind, trak) in children(&moov) {
         if &kind != b"trak" {
             continue;
@@ -139,6 +173,32 @@ fn mp4_facts(len: u64, read: ReadFn<'_>) -> Option<ContainerFacts> {
         } else {
             be32(child(stbl, b"stz2")?, 8)?
         };
+        let full_range = child(stbl, b"stsd").and_then(nclx_full_range);
+        if fragmented {
+            // The samples are in `moof` boxes spread over the file (GStreamer's duration
+            // covers the first ones only). Frames are not numbered from timestamps either:
+            // without an edit list the first one's is the B-frame delay, which a seek does not
+            // account for.
+            // Samples may sit in the `moov` too (its sample table), before the fragments.
+            let counted = child(trak, b"tkhd")
+                .and_then(track_id)
+                .and_then(|id| fragment_samples(len, at, read, id))
+                .map(|in_fragments| frames + in_fragments)
+                .filter(|&n| n > 0);
+            return Some(match counted {
+                Some(n) => ContainerFacts {
+                    frames: Some(n),
+                    constant_rate: Some(false),
+                    has_duration: None,
+                    full_range,
+                },
+                // Not countable here: counted by a decode to the end.
+                None => ContainerFacts {
+                    full_range,
+                    ..UNTIMED
+                },
+            });
+        }
         // Constant rate: every sample but possibly the last has the same duration.
         let constant_rate = child(stbl, b"stts").and_then(|stts| {
             let entries = be32(stts, 4)? as usize;
@@ -158,9 +218,65 @@ fn mp4_facts(len: u64, read: ReadFn<'_>) -> Option<ContainerFacts> {
             frames: (frames > 0).then_some(frames),
             constant_rate,
             has_duration: None,
+            full_range,
         });
     }
     None
+}
+
+/// A `tkhd` payload's track ID (after the creation and modification times, 4 or 8 bytes each
+/// by version).
+fn track_id(tkhd: &[u8]) -> Option<u64> {
+    match tkhd.first()? {
+        0 => be32(tkhd, 12),
+        1 => be32(tkhd, 20),
+        _ => None,
+    }
+}
+
+/// Samples of track `track` in the `moof` boxes from `at` to the end: the `sample_count` of
+/// every `trun` of its `traf`s. `None` when the boxes run past the end or there are too many
+/// to read.
+fn fragment_samples(len: u64, mut at: u64, read: ReadFn<'_>, track: u64) -> Option<u64> {
+    let mut samples = 0u64;
+    let mut fragments = 0usize;
+    while at + 8 <= len {
+        let (size, kind, header) = box_header(len, at, read)?;
+        if size > len - at {
+            return None;
+        }
+        if &kind == b"moof" {
+            fragments += 1;
+            if fragments > MAX_FRAGMENTS || size > MAX_MOOF {
+                return None;
+            }
+            let body = read(at + header, size - header)?;
+            for (k, traf) in children(&body) {
+                if &k != b"traf" || child(traf, b"tfhd").and_then(|t| be32(t, 4)) != Some(track) {
+                    continue;
+                }
+                for (k, trun) in children(traf) {
+                    if &k == b"trun" {
+                        samples += be32(trun, 4)?;
+                    }
+                }
+            }
+        }
+        at = at.checked_add(size)?;
+    }
+    Some(samples)
+}
+
+/// The full-range flag of the first sample entry's `colr` box of type `nclx` (ISO/IEC 23001-8
+/// colour parameters: primaries, transfer and matrix as u16, then the flag in the top bit),
+/// from an `stsd` payload. QuickTime's `nclc` carries no range: `None`.
+fn nclx_full_range(stsd: &[u8]) -> Option<bool> {
+    // Full box header (4) and entry count (4); then the first sample entry, a box whose
+    // visual fields take 78 bytes before its child boxes.
+    let entry = children(stsd.get(8..)?).next()?.1;
+    let colr = child(entry.get(78..)?, b"colr")?;
+    (colr.get(0..4)? == b"nclx").then_some(())?;
+    Some(colr.get(10)? & 0x80 != 0)
 }
 
 /// For ISO-BMFF: describes how the top-level box structure runs past the end of the object (a
@@ -336,6 +452,107 @@ mod tests {
         );
         assert!(mp4_cut_off(cut.len() as u64, &reader(cut)).is_some());
         assert_eq!(mp4_cut_off(cfr.len() as u64, &reader(&cfr)), None);
+    }
+
+    /// A sample entry's `colr nclx` range flag, as ffmpeg writes it for `-color_range pc`.
+    #[test]
+    fn mp4_colour_box_range() {
+        let stsd = |colr: Option<Vec<u8>>| -> Vec<u8> {
+            let mut entry = vec![0u8; 78];
+            entry.extend(boxed(b"avcC", &[1, 2, 3]));
+            if let Some(c) = colr {
+                entry.extend(c);
+            }
+            entry.extend(boxed(b"pasp", &[0; 8]));
+            [
+                vec![0u8; 4],
+                1u32.to_be_bytes().to_vec(),
+                boxed(b"avc1", &entry),
+            ]
+            .concat()
+        };
+        let nclx = |flag: u8| {
+            let mut p = b"nclx".to_vec();
+            p.extend([0, 1, 0, 1, 0, 1, flag]);
+            boxed(b"colr", &p)
+        };
+        assert_eq!(nclx_full_range(&stsd(Some(nclx(0x80)))), Some(true));
+        assert_eq!(nclx_full_range(&stsd(Some(nclx(0x00)))), Some(false));
+        let mut nclc = b"nclc".to_vec();
+        nclc.extend([0, 1, 0, 1, 0, 1]);
+        assert_eq!(nclx_full_range(&stsd(Some(boxed(b"colr", &nclc)))), None);
+        assert_eq!(nclx_full_range(&stsd(None)), None);
+        assert_eq!(nclx_full_range(&[0; 6]), None);
+    }
+
+    /// Fragmented MP4 (an `mvex` in the `moov`): frames counted from the fragments' `trun`
+    /// boxes; MPEG-TS/M2TS: counted by a decode. Neither is numbered from timestamps.
+    #[test]
+    fn fragmented_mp4_and_transport_streams_are_untimed() {
+        // No video track to count: counted by decoding.
+        let moov = boxed(b"moov", &boxed(b"mvex", &full(b"trex", &[1, 1, 0, 0, 0])));
+        let frag = [boxed(b"ftyp", b"isom0000"), moov, boxed(b"moof", &[0; 16])].concat();
+        assert_eq!(
+            facts(frag.len() as u64, &reader(&frag)),
+            ContainerFacts::default()
+        );
+        // A video track (ID 2) with 3 samples in its sample table and fragments of 5 and 7,
+        // an audio track's (ID 1) fragment between: 15 frames, never numbered from
+        // timestamps.
+        let stbl = boxed(b"stbl", &full(b"stsz", &[0, 3]));
+        let hdlr = full(b"hdlr", &[0, u32::from_be_bytes(*b"vide"), 0, 0, 0]);
+        let mdia = boxed(b"mdia", &[hdlr, boxed(b"minf", &stbl)].concat());
+        let tkhd = full(b"tkhd", &[0, 0, 2, 0, 0]);
+        let trak = boxed(b"trak", &[tkhd, mdia].concat());
+        let moov = boxed(
+            b"moov",
+            &[trak, boxed(b"mvex", &full(b"trex", &[2, 1, 0, 0, 0]))].concat(),
+        );
+        let moof = |track: u32, runs: &[u32]| {
+            let mut traf = full(b"tfhd", &[track]);
+            for &n in runs {
+                traf.extend(full(b"trun", &[n, 0]));
+            }
+            boxed(
+                b"moof",
+                &[full(b"mfhd", &[1]), boxed(b"traf", &traf)].concat(),
+            )
+        };
+        let frag = [
+            boxed(b"ftyp", b"isom0000"),
+            moov,
+            moof(2, &[5]),
+            boxed(b"mdat", &[0; 300]),
+            moof(1, &[40]),
+            boxed(b"mdat", &[0; 100]),
+            moof(2, &[4, 3]),
+            boxed(b"mdat", &[0; 300]),
+        ]
+        .concat();
+        let f = facts(frag.len() as u64, &reader(&frag));
+        assert_eq!((f.frames, f.constant_rate), (Some(15), Some(false)));
+        // Cut inside the last fragment: not countable here.
+        let cut = &frag[..frag.len() - 10];
+        assert_eq!(
+            facts(cut.len() as u64, &reader(cut)),
+            ContainerFacts {
+                full_range: None,
+                ..UNTIMED
+            }
+        );
+        for (first, packet) in [(0usize, 188usize), (4, 192)] {
+            let mut ts = vec![0u8; 4 * packet];
+            for k in 0..4 {
+                ts[first + k * packet] = 0x47;
+            }
+            assert_eq!(facts(ts.len() as u64, &reader(&ts)), UNTIMED, "{packet}");
+            // One sync byte is not a transport stream.
+            ts[first + packet] = 0;
+            assert_eq!(
+                facts(ts.len() as u64, &reader(&ts)),
+                ContainerFacts::default()
+            );
+        }
     }
 
     #[test]

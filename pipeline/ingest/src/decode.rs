@@ -847,7 +847,7 @@ impl Decoder {
             ));
         };
         let mut frame_info = frame_video_info(&first, self.opts.max_pixels)?;
-        let mut colour = colour_of(&frame_info, first.caps());
+        let mut colour = colour_of(first.caps(), facts);
         let (width, height) = (frame_info.width(), frame_info.height());
         let mut info = stream_info(pipeline, &first, &frame_info);
         if facts.has_duration == Some(false) {
@@ -977,7 +977,7 @@ impl Decoder {
                         (vi.width() as usize, vi.height() as usize),
                     ));
                 }
-                colour = colour_of(&vi, sample.caps());
+                colour = colour_of(sample.caps(), facts);
                 frame_info = vi;
                 last_caps = sample.caps_owned();
             }
@@ -1202,22 +1202,37 @@ fn with_frame(
     f(&yuv)
 }
 
-/// The stream's YUV→RGB conversion from its colorimetry tags. An untagged stream (no
-/// `colorimetry` in the decoder's caps) gets BT.601 limited range whatever its size, as ffmpeg's
-/// default conversion (and so decord, the official loader) gives it; GStreamer's own default
-/// would be BT.709 from 720 lines up.
-fn colour_of(info: &gst_video::VideoInfo, caps: Option<&gst::CapsRef>) -> Colour {
-    use gst_video::VideoColorMatrix as M;
-    let tagged = caps
+/// The stream's YUV→RGB conversion from its colorimetry tags, as ffmpeg's default conversion
+/// (and so decord, the official loader) makes it: the tagged matrix and range; BT.601 where the
+/// matrix is not tagged, whatever the size (GStreamer's own default would be BT.709 from 720
+/// lines up); limited range where the range is not tagged.
+///
+/// The caps' `colorimetry` string is read here rather than through `VideoInfo`, which throws a
+/// partly tagged value away for its size-based default: `1:0:0:0` (full range, matrix not
+/// tagged: a `yuvj420p` H.264 stream) would lose its range, and `2:0:0:0` at 720p would become
+/// BT.709.
+///
+/// An MP4 whose `colr` box says full range is converted as full range whatever the caps say
+/// (see [`ContainerFacts::full_range`]).
+fn colour_of(caps: Option<&gst::CapsRef>, facts: &ContainerFacts) -> Colour {
+    let tag = caps
         .and_then(|c| c.structure(0))
-        .is_some_and(|s| s.has_field("colorimetry"));
-    if !tagged {
-        return Colour::BT601;
+        .and_then(|s| s.get::<&str>("colorimetry").ok());
+    let colour = colour_from_tag(tag);
+    Colour {
+        full_range: colour.full_range || facts.full_range == Some(true),
+        ..colour
     }
-    let c = info.colorimetry();
+}
+
+/// [`colour_of`] for a `colorimetry` caps value (`None`: untagged).
+fn colour_from_tag(tag: Option<&str>) -> Colour {
+    use gst_video::VideoColorMatrix as M;
+    let Some(c) = tag.and_then(|t| t.parse::<gst_video::VideoColorimetry>().ok()) else {
+        return Colour::BT601;
+    };
     let base = match c.matrix() {
         M::Bt709 => Colour::BT709,
-        M::Bt601 => Colour::BT601,
         M::Bt2020 => Colour::BT2020,
         M::Fcc => Colour {
             kr: 0.30,
@@ -1229,7 +1244,6 @@ fn colour_of(info: &gst_video::VideoInfo, caps: Option<&gst::CapsRef>) -> Colour
             kb: 0.087,
             full_range: false,
         },
-        _ if info.height() >= 720 => Colour::BT709,
         _ => Colour::BT601,
     };
     Colour {
@@ -1688,6 +1702,38 @@ fn stream_info(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Colorimetry caps values as decoders and demuxers give them → ffmpeg's conversion.
+    #[test]
+    fn colour_follows_the_tags_and_ffmpegs_defaults() {
+        gst::init().unwrap();
+        let full = |c: Colour| Colour {
+            full_range: true,
+            ..c
+        };
+        for (tag, want) in [
+            (None, Colour::BT601),
+            (Some("bt601"), Colour::BT601),
+            (Some("bt709"), Colour::BT709),
+            (Some("bt2020"), Colour::BT2020),
+            // Full range, matrix not tagged (yuvj420p H.264): BT.601 full range.
+            (Some("1:0:0:0"), full(Colour::BT601)),
+            // Nothing but the range (limited) at any size: BT.601 (GStreamer's default for
+            // 720 lines and up would be BT.709).
+            (Some("2:0:0:0"), Colour::BT601),
+            (Some("0:0:0:0"), Colour::BT601),
+            (Some("1:3:5:1"), full(Colour::BT709)),
+            (Some("2:4:5:4"), Colour::BT601),
+            (Some("not a colorimetry"), Colour::BT601),
+        ] {
+            let got = colour_from_tag(tag);
+            assert_eq!(
+                (got.kr, got.kb, got.full_range),
+                (want.kr, want.kb, want.full_range),
+                "{tag:?}"
+            );
+        }
+    }
 
     /// Counts `plan` calls; each plan draws new frame numbers, as the job's sinks do.
     struct Drawing {
