@@ -22,8 +22,12 @@ pub const REASON_UNSUPPORTED_SCHEME: &str = "unsupported_scheme";
 /// Reason: the entry is not a usable object path (names a directory, control characters...).
 pub const REASON_INVALID_PATH: &str = "invalid_path";
 
-/// File extensions (lower-case, no dot) that count as videos when listing a prefix.
-pub const VIDEO_EXTENSIONS: &[&str] = &["mp4", "m4v", "mov", "mkv", "webm", "avi"];
+/// File extensions (lower-case, no dot) that count as videos when listing a prefix: MP4 and
+/// its relatives (phones' `.3gp`), QuickTime, Matroska/WebM, AVI, MPEG transport streams
+/// (`.ts`, camcorders' `.mts`/`.m2ts`) and program streams (`.mpg`).
+pub const VIDEO_EXTENSIONS: &[&str] = &[
+    "mp4", "m4v", "mov", "mkv", "webm", "avi", "3gp", "ts", "mts", "m2ts", "mpg", "mpeg",
+];
 
 /// Why a dataset yielded no video although its index had entries: the first refused entry
 /// and the rule it broke, for the error a user sees (`None` when nothing was refused).
@@ -434,6 +438,7 @@ mod tests {
     fn video_extensions() {
         assert!(is_video_path("a/b.MP4"));
         assert!(is_video_path("x.webm"));
+        assert!(is_video_path("camcorder/00001.MTS") && is_video_path("phone.3gp"));
         assert!(!is_video_path("x.txt"));
         assert!(!is_video_path("mp4"));
         assert!(!is_video_path(".mp4"));
