@@ -128,9 +128,10 @@ fn be32(b: &[u8], at: usize) -> Option<u64> {
     )))
 }
 
-/// Most `moof` boxes read to count a fragmented file's samples (one small read each, the
-/// media data between them skipped); a file with more is counted by decoding it.
-const MAX_FRAGMENTS: usize = 4096;
+/// Most `moof` boxes read to count a fragmented file's samples: one small read each (a ranged
+/// GET from object storage, the media data between them skipped), for every clip taken from
+/// the file. A file with more fragments gets GStreamer's estimate from its duration.
+const MAX_FRAGMENTS: usize = 64;
 /// Largest `moof` box read.
 const MAX_MOOF: u64 = 1 << 20;
 
@@ -192,10 +193,13 @@ fn mp4_facts(len: u64, read: ReadFn<'_>) -> Option<ContainerFacts> {
                     has_duration: None,
                     full_range,
                 },
-                // Not countable here: counted by a decode to the end.
+                // Too many fragments to read for every clip, or cut short: GStreamer's
+                // estimate (duration × rate), still decoded through.
                 None => ContainerFacts {
+                    frames: None,
+                    constant_rate: Some(false),
+                    has_duration: None,
                     full_range,
-                    ..UNTIMED
                 },
             });
         }
@@ -531,15 +535,19 @@ mod tests {
         .concat();
         let f = facts(frag.len() as u64, &reader(&frag));
         assert_eq!((f.frames, f.constant_rate), (Some(15), Some(false)));
-        // Cut inside the last fragment: not countable here.
+        // Cut inside the last fragment, or more fragments than are read for a clip: the
+        // duration's estimate, never numbered from timestamps.
+        let estimate = ContainerFacts {
+            constant_rate: Some(false),
+            ..ContainerFacts::default()
+        };
         let cut = &frag[..frag.len() - 10];
-        assert_eq!(
-            facts(cut.len() as u64, &reader(cut)),
-            ContainerFacts {
-                full_range: None,
-                ..UNTIMED
-            }
-        );
+        assert_eq!(facts(cut.len() as u64, &reader(cut)), estimate);
+        let mut many = frag.clone();
+        for _ in 0..MAX_FRAGMENTS {
+            many.extend(moof(2, &[1]));
+        }
+        assert_eq!(facts(many.len() as u64, &reader(&many)), estimate);
         for (first, packet) in [(0usize, 188usize), (4, 192)] {
             let mut ts = vec![0u8; 4 * packet];
             for k in 0..4 {
