@@ -49,33 +49,7 @@ pub fn facts(len: u64, read: ReadFn<'_>) -> ContainerFacts {
             ..ContainerFacts::default()
         };
     }
-    if is_mpeg_ts(read) {
-        // No index: GStreamer's TS seeks land by bitrate, and a decoder started there (an
-        // HEVC stream with few key frames) gives frames built on missing references. Frames
-        // are counted and reached by decoding through.
-        return UNTIMED;
-    }
     ContainerFacts::default()
-}
-
-/// What a container without a sample table gets: its frames counted by a decode to the end
-/// and numbered in decode order, never from timestamps after a seek.
-const UNTIMED: ContainerFacts = ContainerFacts {
-    frames: None,
-    constant_rate: Some(false),
-    has_duration: Some(false),
-    full_range: None,
-};
-
-/// MPEG transport stream (188-byte packets) or M2TS (192: a 4-byte timestamp first): the
-/// sync byte 0x47 at the start of three packets in a row.
-fn is_mpeg_ts(read: ReadFn<'_>) -> bool {
-    let Some(b) = read(0, 3 * 192) else {
-        return false;
-    };
-    [(0usize, 188usize), (4, 192)]
-        .iter()
-        .any(|&(first, packet)| (0..3).all(|k| b.get(first + k * packet) == Some(&0x47)))
 }
 
 /// An ISO-BMFF box header at `at`: (size of the whole box, type, header length).
@@ -490,10 +464,10 @@ mod tests {
     }
 
     /// Fragmented MP4 (an `mvex` in the `moov`): frames counted from the fragments' `trun`
-    /// boxes; MPEG-TS/M2TS: counted by a decode. Neither is numbered from timestamps.
+    /// boxes, never numbered from timestamps.
     #[test]
-    fn fragmented_mp4_and_transport_streams_are_untimed() {
-        // No video track to count: counted by decoding.
+    fn fragmented_mp4_counts_its_fragments() {
+        // No video track: nothing known.
         let moov = boxed(b"moov", &boxed(b"mvex", &full(b"trex", &[1, 1, 0, 0, 0])));
         let frag = [boxed(b"ftyp", b"isom0000"), moov, boxed(b"moof", &[0; 16])].concat();
         assert_eq!(
@@ -548,19 +522,6 @@ mod tests {
             many.extend(moof(2, &[1]));
         }
         assert_eq!(facts(many.len() as u64, &reader(&many)), estimate);
-        for (first, packet) in [(0usize, 188usize), (4, 192)] {
-            let mut ts = vec![0u8; 4 * packet];
-            for k in 0..4 {
-                ts[first + k * packet] = 0x47;
-            }
-            assert_eq!(facts(ts.len() as u64, &reader(&ts)), UNTIMED, "{packet}");
-            // One sync byte is not a transport stream.
-            ts[first + packet] = 0;
-            assert_eq!(
-                facts(ts.len() as u64, &reader(&ts)),
-                ContainerFacts::default()
-            );
-        }
     }
 
     #[test]

@@ -59,7 +59,7 @@ struct Case {
     /// The sample maker's codec and container; `None` for a file made by ffmpeg.
     codec: Option<SampleCodec>,
     /// Whether the decoder may seek in it (frames numbered from timestamps): not in
-    /// fragmented MP4 or MPEG-TS, which it decodes through.
+    /// fragmented MP4, which it decodes through.
     seekable: bool,
     path: PathBuf,
     /// Frame-index lists, each decoded with one `decode_clip` call.
@@ -269,13 +269,6 @@ const FFMPEG_MADE: &[(&str, &str, (u32, u32), u32)] = &[
         (320, 240),
         3,
     ),
-    // HEVC in MPEG-TS with one key frame: a seek landed on frames built on missing references.
-    (
-        "hevc-one-key.ts",
-        "-c:v libx265 -preset ultrafast -x265-params log-level=error",
-        (320, 240),
-        3,
-    ),
 ];
 
 fn ffmpeg_made() -> &'static (tempfile::TempDir, Vec<Case>) {
@@ -312,7 +305,7 @@ fn ffmpeg_made() -> &'static (tempfile::TempDir, Vec<Case>) {
                 .iter()
                 .map(|&t| (t * 30.0).round() as u64)
                 .collect();
-            let seekable = !(name.ends_with(".ts") || name.starts_with("fragmented"));
+            let seekable = !name.starts_with("fragmented");
             cases.push(Case {
                 name: name.into(),
                 width,
