@@ -167,13 +167,13 @@ fn mp4_facts(len: u64, read: ReadFn<'_>) -> Option<ContainerFacts> {
                     has_duration: None,
                     full_range,
                 },
-                // Too many fragments to read for every clip, or cut short: GStreamer's
-                // estimate (duration × rate), still decoded through.
+                // Too many fragments to read for every clip (a long file), or cut short:
+                // GStreamer's estimate (duration × rate), and seeks, as a decode from the
+                // start to a late window could outlast the decode deadline. Frames after a
+                // seek may then come out up to the B-frame delay early.
                 None => ContainerFacts {
-                    frames: None,
-                    constant_rate: Some(false),
-                    has_duration: None,
                     full_range,
+                    ..ContainerFacts::default()
                 },
             });
         }
@@ -509,12 +509,9 @@ mod tests {
         .concat();
         let f = facts(frag.len() as u64, &reader(&frag));
         assert_eq!((f.frames, f.constant_rate), (Some(15), Some(false)));
-        // Cut inside the last fragment, or more fragments than are read for a clip: the
-        // duration's estimate, never numbered from timestamps.
-        let estimate = ContainerFacts {
-            constant_rate: Some(false),
-            ..ContainerFacts::default()
-        };
+        // Cut inside the last fragment, or more fragments than are read for a clip: nothing
+        // known (the duration's estimate, and seeks).
+        let estimate = ContainerFacts::default();
         let cut = &frag[..frag.len() - 10];
         assert_eq!(facts(cut.len() as u64, &reader(cut)), estimate);
         let mut many = frag.clone();
