@@ -677,6 +677,14 @@ impl JobConfig {
     /// Refuses values of the right type that cannot be run, naming the key.
     fn validate(&self) -> Result<(), ConfigError> {
         let r = &self.raw;
+        if let Some(ep) = &r.storage.s3.endpoint
+            && let Some(why) = vjepa_storage::endpoint_problem(ep)
+        {
+            return Err(ConfigError::invalid(
+                "storage.s3.endpoint",
+                format!("{}: {why}", vjepa_storage::redact_url(ep)),
+            ));
+        }
         if let Some(app) = &r.app
             && app != "vjepa"
         {

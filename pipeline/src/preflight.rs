@@ -128,15 +128,21 @@ fn check_input(key: &str, location: &str, s3: &S3Settings) -> Result<LocationChe
     let err = LocationError::maker(key, location);
     if is_object_url(location) {
         // A prefix is a store itself; a file lives in its directory's store.
+        // `s3://bucket` alone is the bucket's root.
+        let bucket_only = location
+            .split_once("://")
+            .is_some_and(|(_, rest)| !rest.contains('/'));
         let dir = if location.ends_with('/') {
-            location
+            location.to_string()
+        } else if bucket_only {
+            format!("{location}/")
         } else {
             match location.rfind('/') {
-                Some(i) => &location[..=i],
-                None => location,
+                Some(i) => location[..=i].to_string(),
+                None => location.to_string(),
             }
         };
-        let store = Store::open(dir, s3, false).map_err(|e| err(e.to_string()))?;
+        let store = Store::open(&dir, s3, false).map_err(|e| err(e.to_string()))?;
         return Ok(LocationCheck {
             key: key.to_string(),
             location: location.to_string(),

@@ -205,3 +205,23 @@ fn bad_flags_exit_2_before_any_work() {
     assert!(String::from_utf8_lossy(&run.stderr).contains(".safetensors"));
     assert!(!init.exists());
 }
+
+/// A credential pasted into the S3 endpoint is refused by name, and never shown.
+#[test]
+fn an_endpoint_carrying_credentials_is_refused_without_showing_them() {
+    for endpoint in [
+        "http://AKIDPROBE:SECRETPROBE123@127.0.0.1:9000",
+        "https://minio.internal/?X-Amz-Credential=SECRETPROBE123",
+    ] {
+        let text = official("../configs/quickstart.yaml").replace(
+            "    endpoint: null",
+            &format!("    endpoint: \"{endpoint}\""),
+        );
+        assert!(text.contains(endpoint), "quickstart.yaml layout changed");
+        let out = check(&text);
+        assert_eq!(out.status.code(), Some(2), "{endpoint}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("storage.s3.endpoint"), "{err}");
+        assert!(!err.contains("SECRETPROBE123"), "{err}");
+    }
+}

@@ -168,7 +168,10 @@ async fn open_impl(
         }
     } else {
         let (index_store, index_name) = Store::open_parent_of(spec, s3, creds)?;
-        let bytes = index_store.get(&index_name).await?;
+        let bytes = index_store.get(&index_name).await.map_err(|e| match e {
+            StorageError::NotFound { uri } => StorageError::IndexNotFound { uri },
+            other => other,
+        })?;
         let text = std::str::from_utf8(&bytes).map_err(|e| StorageError::IndexNotText {
             uri: index_store.uri_of(&index_name),
             detail: e.to_string(),
@@ -183,6 +186,20 @@ async fn open_impl(
                 (store, base)
             }
         };
+        // `path label` lines: a path with a space in it cannot be written, and reads as the
+        // part before the space (the official reader would refuse such a line).
+        if let Some((line, fields)) = text.lines().enumerate().find_map(|(i, l)| {
+            let n = l.split_whitespace().count();
+            (n > 2).then_some((i + 1, n))
+        }) {
+            tracing::warn!(
+                index = %index_store.uri_of(&index_name),
+                line,
+                fields,
+                "index line with more than two fields (`path label`): the path is read up to its \
+                 first space, the rest ignored"
+            );
+        }
         let mut entries = Vec::new();
         let mut refused = Vec::new();
         for (line, path, label) in parse_index(text) {

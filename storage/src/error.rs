@@ -95,6 +95,16 @@ pub enum StorageError {
         uri: String,
     },
 
+    /// A dataset given without a trailing '/' is read as an index file, and there is none.
+    #[error(
+        "dataset index {uri} not found (a dataset that does not end with '/' is read as a \
+         `path label` index file; to list a prefix, end it with '/': {uri}/)"
+    )]
+    IndexNotFound {
+        /// Full URI of the index.
+        uri: String,
+    },
+
     /// The backend refused the request (bad or missing credentials, bucket policy).
     #[error(
         "access denied for {op} {uri}: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN and the bucket policy ({detail})"
@@ -131,7 +141,10 @@ pub enum StorageError {
     },
 
     /// A dataset index file is not UTF-8 text.
-    #[error("dataset index {uri} is not UTF-8 text: {detail}")]
+    #[error(
+        "dataset index {uri} is not UTF-8 text: {detail} (a dataset that does not end with '/' \
+         is read as a `path label` index; a prefix to list ends with '/')"
+    )]
     IndexNotText {
         /// Full URI of the index.
         uri: String,
@@ -168,7 +181,10 @@ pub enum StorageError {
 impl StorageError {
     /// True when the error means the object is absent (as opposed to unreadable).
     pub fn is_not_found(&self) -> bool {
-        matches!(self, StorageError::NotFound { .. })
+        matches!(
+            self,
+            StorageError::NotFound { .. } | StorageError::IndexNotFound { .. }
+        )
     }
 }
 

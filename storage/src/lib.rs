@@ -26,7 +26,7 @@ pub mod tables;
 pub mod testing;
 
 pub use error::StorageError;
-pub use location::redact_url;
+pub use location::{endpoint_problem, redact_url};
 
 /// Checks that `s` names a location a [`Store`] can open (a local path, a `file://` or an
 /// `s3://` URL), without any I/O: for config validation.

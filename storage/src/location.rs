@@ -95,8 +95,8 @@ pub fn redact_url(s: &str) -> String {
         return s.to_string();
     };
     let (rest, cut) = match rest.find(['?', '#']) {
-        Some(i) => (&rest[..i], "?<redacted>"),
-        None => (rest, ""),
+        Some(i) => (&rest[..i], format!("{}<redacted>", &rest[i..=i])),
+        None => (rest, String::new()),
     };
     let (authority, path) = match rest.find('/') {
         Some(i) => rest.split_at(i),
@@ -107,6 +107,27 @@ pub fn redact_url(s: &str) -> String {
         None => authority.to_string(),
     };
     format!("{scheme}://{authority}{path}{cut}")
+}
+
+/// Why an S3 endpoint URL cannot be used, if it cannot: one carrying user info or a query
+/// string (a credential pasted into it would be sent and logged; credentials come from the
+/// environment), or one without an `http(s)://` scheme.
+pub fn endpoint_problem(endpoint: &str) -> Option<&'static str> {
+    let lower = endpoint.trim().to_ascii_lowercase();
+    let Some(rest) = lower
+        .strip_prefix("https://")
+        .or_else(|| lower.strip_prefix("http://"))
+    else {
+        return Some("must be an http:// or https:// URL");
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    if authority.contains('@') || rest.contains('?') || rest.contains('#') {
+        return Some(
+            "user info, query strings and fragments are refused: credentials come from the \
+             environment only (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)",
+        );
+    }
+    None
 }
 
 /// Parses a location string: `file:///abs`, `s3://bucket/key`, `s3a://bucket/key`, or a local
@@ -221,7 +242,26 @@ mod tests {
             "s3://<redacted>@bucket/a/b.mp4?<redacted>"
         );
         assert_eq!(redact_url("s3://bucket/a/"), "s3://bucket/a/");
+        assert_eq!(
+            redact_url("s3://bucket/a/hash#1.mp4"),
+            "s3://bucket/a/hash#<redacted>"
+        );
         assert_eq!(redact_url("/local/p@th/x?.mp4"), "/local/p@th/x?.mp4");
+        // S3 endpoints: a credential or signed query in them is refused, never used.
+        for bad in [
+            "http://AKID:SECRET@127.0.0.1:9000",
+            "https://minio.internal/?X-Amz-Credential=AKID",
+            "https://minio.internal/#x",
+            "minio.internal:9000",
+        ] {
+            assert!(endpoint_problem(bad).is_some(), "{bad}");
+        }
+        for good in [
+            "http://127.0.0.1:9000",
+            "https://s3.eu-west-1.amazonaws.com/",
+        ] {
+            assert_eq!(endpoint_problem(good), None, "{good}");
+        }
         // Local paths may hold '@' and '?'.
         assert!(parse_location("/data/user@host/clip?1.mp4").is_ok());
     }

@@ -519,6 +519,14 @@ fn open_s3(
         .or_else(|| env_nonempty("AWS_DEFAULT_REGION"));
     let allow_http = s3.allow_http || env_true("AWS_ALLOW_HTTP");
     if let Some(ep) = &endpoint
+        && let Some(why) = crate::location::endpoint_problem(ep)
+    {
+        return Err(StorageError::S3Config {
+            location: url,
+            detail: format!("endpoint {}: {why}", crate::location::redact_url(ep)),
+        });
+    }
+    if let Some(ep) = &endpoint
         && ep.to_ascii_lowercase().starts_with("http://")
         && !allow_http
     {
@@ -577,7 +585,9 @@ fn open_s3(
     })?;
     tracing::info!(
         location,
-        endpoint = endpoint.as_deref().unwrap_or("(AWS default)"),
+        endpoint = endpoint
+            .as_deref()
+            .map_or_else(|| "(AWS default)".to_string(), crate::location::redact_url),
         region = region.as_deref().unwrap_or("us-east-1"),
         "configured S3 store"
     );

@@ -133,6 +133,8 @@ async fn index_errors() {
         .await
         .unwrap_err();
     assert!(err.is_not_found(), "{err}");
+    // A prefix given without its '/' reads as an index: the error says how to list it.
+    assert!(err.to_string().contains("end it with '/'"), "{err}");
 
     let bin = dir.path().join("bin.csv");
     std::fs::write(&bin, [0xff, 0xfe, 0x00, 0x41]).unwrap();
