@@ -331,13 +331,14 @@ fn valid_rel(entry: &str, rel: String) -> Result<String, Rejected> {
 pub fn resolve_entry(store: &Store, entry: &str) -> Result<String, Rejected> {
     match scheme_of(entry).as_deref() {
         Some("s3") | Some("s3a") => {
-            let Ok(Location::S3 { bucket, key, .. }) = parse_entry_location(entry) else {
-                return Err(rejected(
-                    entry,
-                    REASON_PATH_ESCAPES_STORE,
-                    "S3 URL without a bucket or with '..' above the bucket root".into(),
-                ));
+            let location = match parse_entry_location(entry) {
+                Ok(Location::S3 { bucket, key, .. }) => Ok((bucket, key)),
+                // Its own reason (user info refused, no bucket, '..' above the root).
+                Err(StorageError::InvalidLocation { reason, .. }) => Err(reason),
+                Ok(_) | Err(_) => Err("not an S3 object URL".to_string()),
             };
+            let (bucket, key) =
+                location.map_err(|reason| rejected(entry, REASON_PATH_ESCAPES_STORE, reason))?;
             match store.root() {
                 Root::S3 {
                     bucket: sb,
@@ -494,6 +495,11 @@ mod tests {
             resolve_entry(&store, "s3://bkt/data/v/clip#1?.mp4").unwrap(),
             "v/clip#1?.mp4"
         );
-        assert!(resolve_entry(&store, "s3://AK:SK@bkt/data/v/a.mp4").is_err());
+        let r = resolve_entry(&store, "s3://AK:SK@bkt/data/v/a.mp4").unwrap_err();
+        assert!(r.detail.contains("user info"), "{}", r.detail);
+        assert!(
+            !r.entry.contains("SK") && !r.detail.contains("SK@"),
+            "{r:?}"
+        );
     }
 }
