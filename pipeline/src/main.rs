@@ -627,10 +627,26 @@ fn main() -> ExitCode {
                         tracing::error!(error = %message, "the run failed");
                     }
                     eprintln!("error: {message}");
+                    // Before training, a store that refuses the setup (no such bucket,
+                    // credentials not accepted) fails the same way on every restart: exit 2,
+                    // as a refused config, so that a supervisor stops.
+                    let refused = (!vjepa_pipeline::shutdown::training_has_started())
+                        .then(|| {
+                            e.chain().find_map(|c| {
+                                c.downcast_ref::<vjepa_storage::StorageError>()
+                                    .and_then(vjepa_storage::StorageError::setup_refused)
+                            })
+                        })
+                        .flatten();
                     // A diverged run would diverge again from the same checkpoint: exit 3 lets
                     // a supervisor tell it from a crash worth restarting.
                     if message.contains("non-finite loss") {
                         ExitCode::from(3)
+                    } else if let Some(why) = refused {
+                        eprintln!(
+                            "{why}: fix the config or the credentials (exit 2: retrying cannot help)"
+                        );
+                        ExitCode::from(2)
                     } else {
                         ExitCode::from(1)
                     }

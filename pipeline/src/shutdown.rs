@@ -19,6 +19,11 @@ pub fn training_started() {
     TRAINING.store(true, Ordering::SeqCst);
 }
 
+/// Whether a step has begun in this process.
+pub fn training_has_started() -> bool {
+    TRAINING.load(Ordering::SeqCst)
+}
+
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 extern "C" fn on_signal(signal: libc::c_int) {
     if REQUESTED.swap(signal, Ordering::SeqCst) != 0 {

@@ -104,14 +104,31 @@ fn s3_run_matches_local_run_step_for_step() {
         cfg,
     ]));
     assert!(std::fs::metadata(&pth).unwrap().len() > 0);
-    // A wrong secret is refused by the server: the job fails without printing the secret.
+    // A wrong secret is refused by the server: the job fails before training without printing
+    // the secret, with exit 2 (retrying cannot help), as does a bucket that does not exist.
     let bad = [
         ("AWS_ACCESS_KEY_ID", server.access_key.as_str()),
         ("AWS_SECRET_ACCESS_KEY", "definitely-not-the-secret"),
     ];
     let run = run_train(&s3_cfg, &bad, &[]);
-    assert_eq!(run.status.code(), Some(1));
-    assert!(!String::from_utf8_lossy(&run.stderr).contains("definitely-not-the-secret"));
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(2), "{err}");
+    assert!(err.contains("refused the credentials"), "{err}");
+    assert!(!err.contains("definitely-not-the-secret"));
+    let no_bucket = tmp.path().join("no-bucket.yaml");
+    let text = std::fs::read_to_string(&s3_cfg)
+        .unwrap()
+        .replace("s3://corpus/", "s3://no-such-bucket/");
+    assert!(text.contains("s3://no-such-bucket/"));
+    std::fs::write(&no_bucket, text).unwrap();
+    let creds = [
+        ("AWS_ACCESS_KEY_ID", server.access_key.as_str()),
+        ("AWS_SECRET_ACCESS_KEY", server.secret_key.as_str()),
+    ];
+    let run = run_train(&no_bucket, &creds, &[]);
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(2), "{err}");
+    assert!(err.contains("the bucket does not exist"), "{err}");
 }
 
 /// A store that stops answering is not the videos' fault: no video is quarantined for it,

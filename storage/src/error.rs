@@ -179,6 +179,35 @@ pub enum StorageError {
 }
 
 impl StorageError {
+    /// What the store's answer says about the *setup* when it refused a request outright: the
+    /// bucket does not exist, or the credentials are not accepted. Retrying the same command
+    /// cannot help; `None` for everything else (a missing object, the network, a server error).
+    pub fn setup_refused(&self) -> Option<&'static str> {
+        let detail = match self {
+            StorageError::AccessDenied { .. } => return Some("the store refused the credentials"),
+            StorageError::Backend { detail, .. } => detail,
+            _ => return None,
+        };
+        const CREDENTIALS: [&str; 6] = [
+            "SignatureDoesNotMatch",
+            "InvalidAccessKeyId",
+            "NotSignedUp",
+            "ExpiredToken",
+            "InvalidToken",
+            "AccessDenied",
+        ];
+        if detail.contains("<Code>NoSuchBucket</Code>") {
+            Some("the bucket does not exist")
+        } else if CREDENTIALS
+            .iter()
+            .any(|c| detail.contains(&format!("<Code>{c}</Code>")))
+        {
+            Some("the store refused the credentials")
+        } else {
+            None
+        }
+    }
+
     /// True when the error means the object is absent (as opposed to unreadable).
     pub fn is_not_found(&self) -> bool {
         matches!(
@@ -217,6 +246,34 @@ pub(crate) fn redact(text: &str, secrets: &[String]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Store answers as object_store reports them (a list of a missing bucket, a bad secret).
+    #[test]
+    fn refusals_of_the_setup_are_told_apart() {
+        let backend = |detail: &str| StorageError::Backend {
+            op: "list",
+            uri: "s3://b/p/".into(),
+            detail: detail.into(),
+        };
+        let missing = backend(
+            "Server returned non-2xx status code: 404 Not Found: <?xml version=\"1.0\"?><Error><Code>NoSuchBucket</Code></Error>",
+        );
+        assert_eq!(missing.setup_refused(), Some("the bucket does not exist"));
+        let secret = backend("403 Forbidden: <Error><Code>SignatureDoesNotMatch</Code></Error>");
+        assert_eq!(
+            secret.setup_refused(),
+            Some("the store refused the credentials")
+        );
+        assert_eq!(backend("500 Internal Server Error").setup_refused(), None);
+        assert_eq!(
+            backend("Connection refused (os error 111)").setup_refused(),
+            None
+        );
+        let gone = StorageError::NotFound {
+            uri: "s3://b/x.mp4".into(),
+        };
+        assert_eq!(gone.setup_refused(), None);
+    }
 
     #[test]
     fn redact_removes_secrets() {
