@@ -304,7 +304,7 @@ impl Store {
     /// Maps an `object_store` error to ours, scrubbing credentials from its text.
     fn map_err(&self, op: &'static str, rel: &str, e: object_store::Error) -> StorageError {
         let uri = self.uri_of(rel);
-        let detail = redact(&error_chain(&e), &self.inner.redact);
+        let detail = shorten(redact(&error_chain(&e), &self.inner.redact));
         match e {
             object_store::Error::NotFound { .. } => StorageError::NotFound { uri },
             object_store::Error::PermissionDenied { .. }
@@ -604,9 +604,41 @@ fn open_s3(
     })
 }
 
+/// Longest backend message kept in an error: a server that is not S3 can answer with a whole
+/// HTML page, which would bury the message.
+const MAX_DETAIL: usize = 1000;
+
+/// `detail` cut to [`MAX_DETAIL`] bytes (at a character boundary), saying how much was cut.
+fn shorten(detail: String) -> String {
+    if detail.len() <= MAX_DETAIL {
+        return detail;
+    }
+    let mut end = MAX_DETAIL;
+    while !detail.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!(
+        "{} … ({} more bytes of the response)",
+        &detail[..end],
+        detail.len() - end
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_backend_messages_are_cut_at_a_character() {
+        assert_eq!(shorten("short".into()), "short");
+        let page = format!("404 Not Found: <html>{}</html>", "é".repeat(2000));
+        let cut = shorten(page.clone());
+        assert!(
+            cut.len() < 1100 && cut.starts_with("404 Not Found: <html>"),
+            "{cut}"
+        );
+        assert!(cut.ends_with("more bytes of the response)"), "{cut}");
+    }
 
     #[test]
     fn s3_open_builds_url_without_network() {
