@@ -1398,12 +1398,16 @@ impl Trainer {
             if shared.stopped() {
                 bail!("stopped while waiting for the clips of step {step}");
             }
-            // This process was asked to stop, or another worker (another process's) already
-            // gave up waiting for the step: no worker trains it.
+            // This process was asked to stop, or another worker (another process's) was: it
+            // gave up waiting for the step, or has its clips and waits for this worker's in
+            // the round. Either way no worker trains the step, and nobody waits on the store.
             if crate::shutdown::requested().is_some()
-                || self
-                    .collective
-                    .next_round_has(|m| matches!(m, Msg::Slots { starved: true, .. }))
+                || self.collective.next_round_has(|m| {
+                    matches!(
+                        m,
+                        Msg::Slots { starved: true, .. } | Msg::Slots { stop: true, .. }
+                    )
+                })
             {
                 starved = true;
                 break;

@@ -182,18 +182,21 @@ impl StorageError {
     /// What the store's answer says about the *setup* when it refused a request outright: the
     /// bucket does not exist, or the credentials are not accepted. Retrying the same command
     /// cannot help; `None` for everything else (a missing object, the network, a server error).
+    ///
+    /// Only the store's own error codes count, and only those that a new attempt cannot
+    /// change: a 403 for a skewed clock (`RequestTimeTooSkewed`) or an expired session token
+    /// (a replacement process reads a rotated one) is left to the supervisor's retries.
     pub fn setup_refused(&self) -> Option<&'static str> {
         let detail = match self {
-            StorageError::AccessDenied { .. } => return Some("the store refused the credentials"),
-            StorageError::Backend { detail, .. } => detail,
+            StorageError::AccessDenied { detail, .. } | StorageError::Backend { detail, .. } => {
+                detail
+            }
             _ => return None,
         };
-        const CREDENTIALS: [&str; 6] = [
+        const CREDENTIALS: [&str; 4] = [
             "SignatureDoesNotMatch",
             "InvalidAccessKeyId",
             "NotSignedUp",
-            "ExpiredToken",
-            "InvalidToken",
             "AccessDenied",
         ];
         if detail.contains("<Code>NoSuchBucket</Code>") {
@@ -265,6 +268,12 @@ mod tests {
             Some("the store refused the credentials")
         );
         assert_eq!(backend("500 Internal Server Error").setup_refused(), None);
+        let skew = StorageError::AccessDenied {
+            op: "get",
+            uri: "s3://b/x.mp4".into(),
+            detail: "403: <Error><Code>RequestTimeTooSkewed</Code></Error>".into(),
+        };
+        assert_eq!(skew.setup_refused(), None);
         assert_eq!(
             backend("Connection refused (os error 111)").setup_refused(),
             None

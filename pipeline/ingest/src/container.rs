@@ -108,6 +108,9 @@ fn be32(b: &[u8], at: usize) -> Option<u64> {
 const MAX_FRAGMENTS: usize = 64;
 /// Largest `moof` box read.
 const MAX_MOOF: u64 = 1 << 20;
+/// Most frames of a fragmented file decoded from its start rather than sought in (two
+/// minutes at 25 fps: well inside the decode deadline).
+const MAX_DECODED_THROUGH: u64 = 3000;
 
 /// Frame count and rate constancy of the first video track of an MP4/MOV.
 fn mp4_facts(len: u64, read: ReadFn<'_>) -> Option<ContainerFacts> {
@@ -163,7 +166,10 @@ fn mp4_facts(len: u64, read: ReadFn<'_>) -> Option<ContainerFacts> {
             return Some(match counted {
                 Some(n) => ContainerFacts {
                     frames: Some(n),
-                    constant_rate: Some(false),
+                    // A long file is sought in, as a decode from the start to a late window
+                    // could outlast the decode deadline; its frames after a seek may then come
+                    // out up to the B-frame delay early.
+                    constant_rate: (n <= MAX_DECODED_THROUGH).then_some(false),
                     has_duration: None,
                     full_range,
                 },
@@ -252,8 +258,10 @@ fn nclx_full_range(stsd: &[u8]) -> Option<bool> {
     // Full box header (4) and entry count (4); then the first sample entry, a box whose
     // visual fields take 78 bytes before its child boxes.
     let entry = children(stsd.get(8..)?).next()?.1;
-    let colr = child(entry.get(78..)?, b"colr")?;
-    (colr.get(0..4)? == b"nclx").then_some(())?;
+    // A sample entry may carry several (an ICC profile's first, say).
+    let colr = children(entry.get(78..)?)
+        .find(|(kind, body)| kind == b"colr" && body.get(0..4) == Some(b"nclx".as_slice()))?
+        .1;
     Some(colr.get(10)? & 0x80 != 0)
 }
 
@@ -456,6 +464,11 @@ mod tests {
         };
         assert_eq!(nclx_full_range(&stsd(Some(nclx(0x80)))), Some(true));
         assert_eq!(nclx_full_range(&stsd(Some(nclx(0x00)))), Some(false));
+        // An ICC profile box first, then the nclx one.
+        let mut prof = b"prof".to_vec();
+        prof.extend([0; 12]);
+        let both = [boxed(b"colr", &prof), nclx(0x80)].concat();
+        assert_eq!(nclx_full_range(&stsd(Some(both))), Some(true));
         let mut nclc = b"nclc".to_vec();
         nclc.extend([0, 1, 0, 1, 0, 1]);
         assert_eq!(nclx_full_range(&stsd(Some(boxed(b"colr", &nclc)))), None);
@@ -509,6 +522,14 @@ mod tests {
         .concat();
         let f = facts(frag.len() as u64, &reader(&frag));
         assert_eq!((f.frames, f.constant_rate), (Some(15), Some(false)));
+        // Too long to decode from the start for a late window: counted, and sought in.
+        let mut long = frag.clone();
+        long.extend(moof(2, &[MAX_DECODED_THROUGH as u32]));
+        let f = facts(long.len() as u64, &reader(&long));
+        assert_eq!(
+            (f.frames, f.constant_rate),
+            (Some(MAX_DECODED_THROUGH + 15), None)
+        );
         // Cut inside the last fragment, or more fragments than are read for a clip: nothing
         // known (the duration's estimate, and seeks).
         let estimate = ContainerFacts::default();
