@@ -467,6 +467,15 @@ pub struct S3Section {
     pub region: Option<String>,
     #[serde(default)]
     pub allow_http: bool,
+    /// Retries of a failed S3 request (object_store's default 10).
+    #[serde(default)]
+    pub max_retries: Option<usize>,
+    /// Longest time retrying one S3 request, seconds (object_store's default 180).
+    #[serde(default)]
+    pub retry_timeout_secs: Option<f64>,
+    /// Longest time one S3 HTTP request may take, seconds (object_store's default 30).
+    #[serde(default)]
+    pub request_timeout_secs: Option<f64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -684,6 +693,25 @@ impl JobConfig {
                 "storage.s3.endpoint",
                 format!("{}: {why}", vjepa_storage::redact_url(ep)),
             ));
+        }
+        for (key, secs) in [
+            (
+                "storage.s3.retry_timeout_secs",
+                r.storage.s3.retry_timeout_secs,
+            ),
+            (
+                "storage.s3.request_timeout_secs",
+                r.storage.s3.request_timeout_secs,
+            ),
+        ] {
+            if let Some(v) = secs
+                && !(v.is_finite() && v > 0.0 && v <= 86_400.0)
+            {
+                return Err(ConfigError::invalid(
+                    key,
+                    format!("must be a number of seconds in (0, 86400], got {v}"),
+                ));
+            }
         }
         if let Some(app) = &r.app
             && app != "vjepa"
@@ -1526,6 +1554,9 @@ impl JobConfig {
             endpoint: s.endpoint.clone(),
             region: s.region.clone(),
             allow_http: s.allow_http,
+            max_retries: s.max_retries,
+            retry_timeout_secs: s.retry_timeout_secs,
+            request_timeout_secs: s.request_timeout_secs,
         }
     }
 }

@@ -276,3 +276,44 @@ fn sigterm_during_an_outage_stops_without_waiting_for_the_store() {
     );
     assert!(read_quarantine(out.to_str().unwrap()).is_empty());
 }
+
+/// `storage.s3.max_retries` and `request_timeout_secs` bound how long a store that accepts
+/// connections and never answers holds the job (object_store's defaults: 30 s a request,
+/// retried for up to 3 minutes). No S3 server needed: a listener that never replies.
+#[test]
+fn s3_timeouts_bound_a_store_that_never_answers() {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", silent.local_addr().unwrap());
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let cfg = tmp.path().join("s3.yaml");
+    let text = small_config("s3://corpus/videos/", &format!("{}/", out.display()), 5)
+        .replace("    endpoint: null", &format!("    endpoint: {endpoint}"))
+        .replace("    region: null", "    region: us-east-1")
+        .replace(
+            "    allow_http: false",
+            "    allow_http: true\n    max_retries: 0\n    request_timeout_secs: 1",
+        );
+    assert!(
+        text.contains("request_timeout_secs: 1"),
+        "quickstart.yaml layout changed"
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let started = std::time::Instant::now();
+    let run = run_train(
+        &cfg,
+        &[
+            ("AWS_ACCESS_KEY_ID", "AKID"),
+            ("AWS_SECRET_ACCESS_KEY", "secret"),
+        ],
+        &[],
+    );
+    let took = started.elapsed();
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(1), "{err}");
+    assert!(
+        took < std::time::Duration::from_secs(20),
+        "took {took:?}: {err}"
+    );
+    drop(silent);
+}

@@ -4,6 +4,7 @@ use std::fmt;
 use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures::TryStreamExt;
@@ -30,6 +31,13 @@ pub struct S3Settings {
     pub region: Option<String>,
     /// Permit plain-HTTP endpoints (local test servers, MinIO without TLS).
     pub allow_http: bool,
+    /// Retries of a failed request (object_store's default: 10). Reads of video bytes have
+    /// their own bound ([`vjepa_ingest`]'s per-read timeout) on top.
+    pub max_retries: Option<usize>,
+    /// Longest time spent retrying one request, in seconds (object_store's default: 180).
+    pub retry_timeout_secs: Option<f64>,
+    /// Longest time one HTTP request may take, in seconds (object_store's default: 30).
+    pub request_timeout_secs: Option<f64>,
 }
 
 /// Size and path of one object, as returned by listings.
@@ -568,6 +576,23 @@ fn open_s3(
         ),
     };
     builder = builder.with_bucket_name(&bucket);
+    if s3.max_retries.is_some() || s3.retry_timeout_secs.is_some() {
+        let default = object_store::RetryConfig::default();
+        builder = builder.with_retry(object_store::RetryConfig {
+            max_retries: s3.max_retries.unwrap_or(default.max_retries),
+            retry_timeout: s3
+                .retry_timeout_secs
+                .map_or(default.retry_timeout, Duration::from_secs_f64),
+            ..default
+        });
+    }
+    if let Some(secs) = s3.request_timeout_secs {
+        // As a config key, so that client options from the environment stay.
+        builder = builder.with_config(
+            AmazonS3ConfigKey::Client(object_store::ClientConfigKey::Timeout),
+            format!("{}ms", (secs * 1000.0).round().max(1.0) as u64),
+        );
+    }
     if let Some(ep) = &endpoint {
         builder = builder
             .with_endpoint(ep)
@@ -648,6 +673,7 @@ mod tests {
                 endpoint: Some("http://127.0.0.1:1".into()),
                 region: Some("eu-west-1".into()),
                 allow_http: true,
+                ..Default::default()
             },
             "AKTEST",
             "very-secret-value",
@@ -669,6 +695,7 @@ mod tests {
                 endpoint: Some("http://127.0.0.1:1".into()),
                 region: None,
                 allow_http: false,
+                ..Default::default()
             },
             "AKTEST",
             "very-secret-value",

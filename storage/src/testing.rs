@@ -209,6 +209,7 @@ impl S3Server {
             endpoint: Some(self.endpoint.clone()),
             region: Some("us-east-1".into()),
             allow_http: true,
+            ..Default::default()
         }
     }
 }

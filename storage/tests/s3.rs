@@ -222,6 +222,7 @@ async fn s3_denied_error_is_redacted() {
         endpoint: Some(format!("http://127.0.0.1:{port}")),
         region: Some("us-east-1".into()),
         allow_http: true,
+        ..Default::default()
     };
     let store = Store::open_with_credentials("s3://bkt/p/", &settings, "AKFAKE", secret).unwrap();
     let err = store.get("x.mp4").await.unwrap_err();
