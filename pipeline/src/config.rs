@@ -659,6 +659,27 @@ impl JobConfig {
 
     /// Parses and validates YAML text.
     pub fn parse(text: &str) -> Result<JobConfig, ConfigError> {
+        // An official evaluation config (`eval_name: video_classification_frozen`, …) is not a
+        // pretraining config: say what it is and where its settings go, rather than refuse
+        // its first unknown key.
+        if let Ok(serde_yaml::Value::Mapping(top)) = serde_yaml::from_str::<serde_yaml::Value>(text)
+            && let Some(name) = top
+                .get(serde_yaml::Value::from("eval_name"))
+                .and_then(serde_yaml::Value::as_str)
+        {
+            return Err(ConfigError::Invalid {
+                key: "eval_name".into(),
+                message: format!(
+                    "this is an official evaluation config (`{name}`), not a pretraining one: \
+                     `vjepa probe` (frozen) and `vjepa finetune` take its settings as flags \
+                     (data.dataset_train → --train, dataset_val → --val, num_segments → \
+                     --segments, num_views_per_segment → --views, frame_step → --frame-step, \
+                     optimization.num_epochs/batch_size/lr/weight_decay → --epochs, \
+                     --batch-size, --lr, --weight-decay, pretrain.folder + checkpoint → \
+                     --checkpoint) and a pretraining config (--config) for the model's shape"
+                ),
+            });
+        }
         let de = serde_yaml::Deserializer::from_str(text);
         let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
             let key = e.path().to_string();

@@ -225,3 +225,18 @@ fn an_endpoint_carrying_credentials_is_refused_without_showing_them() {
         assert!(!err.contains("SECRETPROBE123"), "{err}");
     }
 }
+
+/// An official evaluation config given where a pretraining config goes is named as such,
+/// with where its settings go, instead of a refusal of its first unknown key.
+#[test]
+fn an_official_evaluation_config_is_recognised() {
+    let text = "nodes: 8\ntag: k400-16x8x3\neval_name: video_classification_frozen\n\
+                data:\n  dataset_train: /data/k400_train.csv\n  num_segments: 8\n";
+    let out = check(text);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("official evaluation config") && err.contains("vjepa probe"),
+        "{err}"
+    );
+}
