@@ -68,6 +68,18 @@ struct Cluster {
 
 impl Cluster {
     fn start(cfg: &Path, hosts: &Path, n: usize, logs: &Path, tag: &str) -> Cluster {
+        Self::start_with_env(cfg, hosts, n, logs, tag, &[])
+    }
+
+    /// [`Cluster::start`] with `envs` set for every process (S3 credentials).
+    fn start_with_env(
+        cfg: &Path,
+        hosts: &Path,
+        n: usize,
+        logs: &Path,
+        tag: &str,
+        envs: &[(&str, &str)],
+    ) -> Cluster {
         let mut children = Vec::new();
         let mut paths = Vec::new();
         for i in 0..n {
@@ -78,6 +90,7 @@ impl Cluster {
                 .args(["--workers", "1", "--processes", &n.to_string()])
                 .args(["--process", &i.to_string()])
                 .args(["--hostfile", hosts.to_str().unwrap()])
+                .envs(envs.iter().copied())
                 .stdout(Stdio::null())
                 .stderr(file)
                 .spawn()
@@ -385,84 +398,62 @@ fn a_stop_during_an_outage_reaches_the_process_that_was_not_signalled() {
         return;
     };
     let tmp = tempfile::tempdir().unwrap();
-    let videos = tmp.path().join("videos");
-    make_corpus(&videos, 4);
-    videos_into_bucket(&server, "corpus", &videos);
-    let out = tmp.path().join("out");
-    let cfg = tmp.path().join("s3.yaml");
-    let text = s3_small_config(
-        &server,
-        "s3://corpus/videos/",
-        &format!("{}/", out.display()),
-        200,
-    )
-    .replace("  checkpoint_every: 4", "  checkpoint_every: 1000");
-    assert!(text.contains("checkpoint_every: 1000"));
-    std::fs::write(&cfg, text).unwrap();
+    let (cfg, out) = s3_corpus_config(&server, tmp.path(), |text| {
+        let text = text.replace("  checkpoint_every: 4", "  checkpoint_every: 1000");
+        assert!(text.contains("checkpoint_every: 1000"));
+        text
+    });
     let hosts = hostfile(&tmp.path().join("hosts"), 2);
-    let logs: Vec<PathBuf> = (0..2)
-        .map(|i| tmp.path().join(format!("process-{i}.log")))
-        .collect();
-    let mut children: Vec<Child> = (0..2)
-        .map(|i| {
-            Command::new(bin())
-                .args(["train", "--config", cfg.to_str().unwrap()])
-                .args(["--workers", "1", "--processes", "2"])
-                .args(["--process", &i.to_string()])
-                .args(["--hostfile", hosts.to_str().unwrap()])
-                .env("AWS_ACCESS_KEY_ID", &server.access_key)
-                .env("AWS_SECRET_ACCESS_KEY", &server.secret_key)
-                .stdout(Stdio::null())
-                .stderr(std::fs::File::create(&logs[i]).unwrap())
-                .spawn()
-                .expect("start vjepa train")
-        })
-        .collect();
-    let log = |i: usize| std::fs::read_to_string(&logs[i]).unwrap_or_default();
-    let all_logs = || format!("--- process 0\n{}\n--- process 1\n{}", log(0), log(1));
+    let mut cluster =
+        Cluster::start_with_env(&cfg, &hosts, 2, tmp.path(), "outage", &s3_env(&server));
     let deadline = Instant::now() + Duration::from_secs(120);
-    while !log(0)
+    while !std::fs::read_to_string(&cluster.logs[0])
+        .unwrap_or_default()
         .lines()
         .any(|l| l.contains("step=1 ") && l.contains("train"))
     {
-        assert!(Instant::now() < deadline, "no first step:\n{}", all_logs());
         assert!(
-            children.iter_mut().all(|c| c.try_wait().unwrap().is_none()),
+            Instant::now() < deadline,
+            "no first step:\n{}",
+            cluster.logs()
+        );
+        assert!(
+            cluster
+                .children
+                .iter_mut()
+                .all(|c| c.try_wait().unwrap().is_none()),
             "a process ended early:\n{}",
-            all_logs()
+            cluster.logs()
         );
         std::thread::sleep(Duration::from_millis(20));
     }
     drop(server);
     std::thread::sleep(Duration::from_secs(3));
-    let kill = Command::new("kill")
-        .args(["-TERM", &children[0].id().to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
+    sigterm(cluster.children[0].id());
     let asked = Instant::now();
     let mut codes = [None, None];
     while codes.iter().any(Option::is_none) {
-        for (i, c) in children.iter_mut().enumerate() {
+        for (i, c) in cluster.children.iter_mut().enumerate() {
             if codes[i].is_none()
                 && let Some(status) = c.try_wait().unwrap()
             {
                 codes[i] = Some(status.code());
             }
         }
-        if asked.elapsed() > Duration::from_secs(60) {
-            for c in &mut children {
-                let _ = c.kill();
-                let _ = c.wait();
-            }
-            panic!("not stopped 60 s after SIGTERM:\n{}", all_logs());
-        }
+        // (The cluster kills what is left when it drops.)
+        assert!(
+            asked.elapsed() < Duration::from_secs(60),
+            "not stopped 60 s after SIGTERM:\n{}",
+            cluster.logs()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
-    let logs_text = all_logs();
+    let logs_text = cluster.logs();
     assert_eq!(codes, [Some(Some(143)), Some(Some(143))], "{logs_text}");
     assert!(
-        log(1).contains("stopped by another process of the job"),
+        std::fs::read_to_string(&cluster.logs[1])
+            .unwrap()
+            .contains("stopped by another process of the job"),
         "{logs_text}"
     );
     let rows = read_metrics(out.to_str().unwrap(), &Default::default());

@@ -323,3 +323,43 @@ pub fn videos_into_bucket(
     }
     dst
 }
+
+/// A 4-video corpus in bucket `corpus` of `server` and the small config over it
+/// (`s3://corpus/videos/`, 200 steps, outputs in local `dir/out/`), changed by `edit`, written
+/// to `dir/s3.yaml`. Returns (config, output directory).
+pub fn s3_corpus_config(
+    server: &vjepa_storage::testing::S3Server,
+    dir: &Path,
+    edit: impl Fn(String) -> String,
+) -> (PathBuf, PathBuf) {
+    let videos = dir.join("videos");
+    make_corpus(&videos, 4);
+    videos_into_bucket(server, "corpus", &videos);
+    let out = dir.join("out");
+    let cfg = dir.join("s3.yaml");
+    let text = s3_small_config(
+        server,
+        "s3://corpus/videos/",
+        &format!("{}/", out.display()),
+        200,
+    );
+    std::fs::write(&cfg, edit(text)).unwrap();
+    (cfg, out)
+}
+
+/// The environment that gives `server`'s credentials to the job.
+pub fn s3_env(server: &vjepa_storage::testing::S3Server) -> [(&'static str, &str); 2] {
+    [
+        ("AWS_ACCESS_KEY_ID", server.access_key.as_str()),
+        ("AWS_SECRET_ACCESS_KEY", server.secret_key.as_str()),
+    ]
+}
+
+/// Sends SIGTERM to process `pid` (as `kubectl delete` or `systemctl stop` would).
+pub fn sigterm(pid: u32) {
+    let kill = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .expect("kill -TERM");
+    assert!(kill.success(), "kill -TERM {pid}");
+}

@@ -160,11 +160,7 @@ fn sigterm_stops_after_a_step_with_its_checkpoint() {
         "checkpoints/step-00000004.safetensors",
         Stdio::piped(),
     );
-    let kill = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .expect("kill -TERM");
-    assert!(kill.success());
+    sigterm(child.id());
     let output = child.wait_with_output().unwrap();
     let log = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(143), "{log}");

@@ -121,54 +121,28 @@ fn s3_run_matches_local_run_step_for_step() {
         .replace("s3://corpus/", "s3://no-such-bucket/");
     assert!(text.contains("s3://no-such-bucket/"));
     std::fs::write(&no_bucket, text).unwrap();
-    let creds = [
-        ("AWS_ACCESS_KEY_ID", server.access_key.as_str()),
-        ("AWS_SECRET_ACCESS_KEY", server.secret_key.as_str()),
-    ];
-    let run = run_train(&no_bucket, &creds, &[]);
+    let run = run_train(&no_bucket, &s3_env(&server), &[]);
     let err = String::from_utf8_lossy(&run.stderr);
     assert_eq!(run.status.code(), Some(2), "{err}");
     assert!(err.contains("the bucket does not exist"), "{err}");
 }
 
-/// A store that stops answering is not the videos' fault: no video is quarantined for it,
-/// the job ends naming the store once the clip's attempts are spent, and nothing of the
-/// corpus is lost for the run that resumes.
-#[test]
-fn an_unreachable_store_quarantines_nothing() {
+/// `vjepa train --config cfg` with `server`'s credentials, its stderr read until the first
+/// step's log line. Returns the child, the rest of its stderr and the log so far.
+fn start_until_first_step(
+    cfg: &std::path::Path,
+    server: &S3Server,
+) -> (std::process::Child, StderrLines, String) {
     use std::io::{BufRead, BufReader};
-    let Some(server) = S3Server::start_or_skip("an_unreachable_store_quarantines_nothing").unwrap()
-    else {
-        return;
-    };
-    let tmp = tempfile::tempdir().unwrap();
-    let videos = tmp.path().join("videos");
-    make_corpus(&videos, 4);
-    videos_into_bucket(&server, "corpus", &videos);
-    let out = tmp.path().join("out");
-    let cfg = tmp.path().join("s3.yaml");
-    let text = s3_small_config(
-        &server,
-        "s3://corpus/videos/",
-        &format!("{}/", out.display()),
-        200,
-    )
-    .replace("  max_attempts_per_clip: 100", "  max_attempts_per_clip: 2")
-    .replace("  linger_secs: 30", "  linger_secs: 0");
-    assert!(text.contains("max_attempts_per_clip: 2") && text.contains("linger_secs: 0"));
-    std::fs::write(&cfg, text).unwrap();
     let mut child = std::process::Command::new(bin())
         .args(["train", "--config", cfg.to_str().unwrap()])
-        .env("AWS_ACCESS_KEY_ID", &server.access_key)
-        .env("AWS_SECRET_ACCESS_KEY", &server.secret_key)
+        .envs(s3_env(server))
         .stderr(std::process::Stdio::piped())
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let mut lines = BufReader::new(stderr).lines();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     let mut log = String::new();
-    // The first step trained: the store goes away.
     for line in lines.by_ref() {
         let line = line.unwrap();
         log.push_str(&line);
@@ -177,11 +151,40 @@ fn an_unreachable_store_quarantines_nothing() {
             break;
         }
     }
-    drop(server);
+    (child, lines, log)
+}
+
+type StderrLines = std::io::Lines<std::io::BufReader<std::process::ChildStderr>>;
+
+/// Appends the rest of the child's stderr to `log` (until it exits).
+fn read_rest(lines: StderrLines, log: &mut String) {
     for line in lines {
         log.push_str(&line.unwrap());
         log.push('\n');
     }
+}
+
+/// A store that stops answering is not the videos' fault: no video is quarantined for it,
+/// the job ends naming the store once the clip's attempts are spent, and nothing of the
+/// corpus is lost for the run that resumes.
+#[test]
+fn an_unreachable_store_quarantines_nothing() {
+    let Some(server) = S3Server::start_or_skip("an_unreachable_store_quarantines_nothing").unwrap()
+    else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let (cfg, out) = s3_corpus_config(&server, tmp.path(), |text| {
+        let text = text
+            .replace("  max_attempts_per_clip: 100", "  max_attempts_per_clip: 2")
+            .replace("  linger_secs: 30", "  linger_secs: 0");
+        assert!(text.contains("max_attempts_per_clip: 2") && text.contains("linger_secs: 0"));
+        text
+    });
+    // The first step trained: the store goes away.
+    let (mut child, lines, mut log) = start_until_first_step(&cfg, &server);
+    drop(server);
+    read_rest(lines, &mut log);
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(1), "{log}");
     assert!(log.contains("the store could not be read"), "{log}");
@@ -197,7 +200,6 @@ fn an_unreachable_store_quarantines_nothing() {
 /// for them: the run ends with the steps it trained, checkpointed, and exits 143 at once.
 #[test]
 fn sigterm_during_an_outage_stops_without_waiting_for_the_store() {
-    use std::io::{BufRead, BufReader};
     let Some(server) =
         S3Server::start_or_skip("sigterm_during_an_outage_stops_without_waiting_for_the_store")
             .unwrap()
@@ -205,53 +207,20 @@ fn sigterm_during_an_outage_stops_without_waiting_for_the_store() {
         return;
     };
     let tmp = tempfile::tempdir().unwrap();
-    let videos = tmp.path().join("videos");
-    make_corpus(&videos, 4);
-    videos_into_bucket(&server, "corpus", &videos);
-    let out = tmp.path().join("out");
-    let cfg = tmp.path().join("s3.yaml");
     // Periodic checkpoints out of reach: the one at the stop is the stop's own.
-    let text = s3_small_config(
-        &server,
-        "s3://corpus/videos/",
-        &format!("{}/", out.display()),
-        200,
-    )
-    .replace("  checkpoint_every: 4", "  checkpoint_every: 1000");
-    assert!(text.contains("checkpoint_every: 1000"));
-    std::fs::write(&cfg, text).unwrap();
-    let mut child = std::process::Command::new(bin())
-        .args(["train", "--config", cfg.to_str().unwrap()])
-        .env("AWS_ACCESS_KEY_ID", &server.access_key)
-        .env("AWS_SECRET_ACCESS_KEY", &server.secret_key)
-        .stderr(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let mut log = String::new();
-    for line in lines.by_ref() {
-        let line = line.unwrap();
-        log.push_str(&line);
-        log.push('\n');
-        if line.contains("step=1 ") && line.contains("train") {
-            break;
-        }
-    }
+    let (cfg, out) = s3_corpus_config(&server, tmp.path(), |text| {
+        let text = text.replace("  checkpoint_every: 4", "  checkpoint_every: 1000");
+        assert!(text.contains("checkpoint_every: 1000"));
+        text
+    });
+    let (mut child, lines, mut log) = start_until_first_step(&cfg, &server);
     drop(server);
     // The clips already loaded are trained; then the job waits on the store (each clip has
     // 100 attempts, each with the S3 client's own retries: many minutes).
     std::thread::sleep(std::time::Duration::from_secs(3));
     let asked = std::time::Instant::now();
-    let kill = std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
-    for line in lines {
-        log.push_str(&line.unwrap());
-        log.push('\n');
-    }
+    sigterm(child.id());
+    read_rest(lines, &mut log);
     let status = child.wait().unwrap();
     let took = asked.elapsed();
     assert_eq!(status.code(), Some(143), "{log}");

@@ -120,8 +120,7 @@ pub fn endpoint_problem(endpoint: &str) -> Option<&'static str> {
     else {
         return Some("must be an http:// or https:// URL");
     };
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
-    if authority.contains('@') || rest.contains('?') || rest.contains('#') {
+    if carries_credentials(rest) {
         return Some(
             "user info, query strings and fragments are refused: credentials come from the \
              environment only (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)",
@@ -145,17 +144,24 @@ pub(crate) fn parse_entry_location(s: &str) -> Result<Location, StorageError> {
     parse_location_with(s, false)
 }
 
+/// Whether the part of a URL after `scheme://` has user info, a query or a fragment: where a
+/// credential or a signature would sit.
+fn carries_credentials(rest: &str) -> bool {
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    authority.contains('@') || rest.contains(['?', '#'])
+}
+
 fn parse_location_with(s: &str, refuse_query: bool) -> Result<Location, StorageError> {
     let trimmed = s.trim();
     if scheme_of(trimmed).is_some() {
         let rest = trimmed.split_once("://").map_or("", |(_, r)| r);
-        let authority = if refuse_query {
-            rest.split(['/', '?', '#']).next().unwrap_or("")
+        // In an index entry `?` and `#` belong to the key: only user info is refused.
+        let refused = if refuse_query {
+            carries_credentials(rest)
         } else {
-            rest.split('/').next().unwrap_or("")
+            rest.split('/').next().unwrap_or("").contains('@')
         };
-        let query = refuse_query && (rest.contains('?') || rest.contains('#'));
-        if authority.contains('@') || query {
+        if refused {
             return Err(StorageError::InvalidLocation {
                 location: redact_url(trimmed),
                 reason: "user info, query strings and fragments are refused in URLs: \

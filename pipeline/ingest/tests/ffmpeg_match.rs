@@ -292,7 +292,8 @@ fn ffmpeg_made() -> &'static (tempfile::TempDir, Vec<Case>) {
                 "ffmpeg making {name}: {}",
                 String::from_utf8_lossy(&out.stderr)
             );
-            let vf = colour_options(&probe(&path));
+            let probed = probe(&path);
+            let vf = colour_options(&probed);
             let (_, frames) = ffmpeg_frames(
                 &path,
                 width as usize,
@@ -300,7 +301,7 @@ fn ffmpeg_made() -> &'static (tempfile::TempDir, Vec<Case>) {
                 &vf,
                 &BTreeSet::new(),
             );
-            let keys: Vec<u64> = probe(&path)
+            let keys: Vec<u64> = probed
                 .key_times
                 .iter()
                 .map(|&t| (t * 30.0).round() as u64)
