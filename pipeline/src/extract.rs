@@ -181,37 +181,57 @@ struct Video {
     label: String,
 }
 
-/// Crop boxes of the evaluation views (spec §9): the short side resized to `size`, `views`
-/// `size × size` crops along the long side at offsets `ceil(k · (L' - size) / (views - 1))`
-/// (one view: the centre, `ceil((L' - size) / 2)`), as source-pixel boxes of the short side.
+/// Crop boxes of the evaluation views, as the official evaluation cuts them, in source pixels.
+///
+/// Several views (`EvalVideoTransform`): the short side resized to `size` (the long side to
+/// `L' = int(size · long / short)`), then `size × size` crops along the long side at offsets
+/// `k · ((L' − size) // (views − 1))`: source boxes of the short side. One view (the
+/// `VideoTransform` evaluation path): the short side resized to `int(size · 256 / 224)`, then
+/// the centred `size × size` crop, i.e. the central 7/8 of the short side at 224.
 pub fn view_boxes(height: usize, width: usize, size: usize, views: usize) -> Vec<CropBox> {
     let short = height.min(width).max(1);
     let long = height.max(width);
-    let scaled_long = (long as f64 / short as f64 * size as f64) as usize;
-    let slack = scaled_long.saturating_sub(size) as f64;
-    (0..views.max(1))
-        .map(|k| {
-            let offset = if views <= 1 {
-                (slack / 2.0).ceil()
-            } else {
-                (k as f64 * slack / (views - 1) as f64).ceil()
-            };
-            let src = ((offset * short as f64 / size as f64).round() as usize).min(long - short);
-            if width >= height {
-                CropBox {
-                    top: 0,
-                    left: src,
-                    height: short,
-                    width: short,
-                }
-            } else {
-                CropBox {
-                    top: src,
-                    left: 0,
-                    height: short,
-                    width: short,
-                }
+    let boxed = |along_long: usize, along_short: usize, side: usize| {
+        if width >= height {
+            CropBox {
+                top: along_short,
+                left: along_long,
+                height: side,
+                width: side,
             }
+        } else {
+            CropBox {
+                top: along_long,
+                left: along_short,
+                height: side,
+                width: side,
+            }
+        }
+    };
+    if views <= 1 {
+        // Resize(int(S·256/224)) then CenterCrop(S), with Python's round (ties to even).
+        let resized = (size * 256 / 224).max(1);
+        let resized_long = (resized as f64 * long as f64 / short as f64) as usize;
+        let scale = short as f64 / resized as f64;
+        let side = ((size as f64 * scale).round_ties_even() as usize).clamp(1, short);
+        let start = |extent: usize, resized_extent: usize, src: usize| {
+            let offset = (resized_extent.saturating_sub(size) as f64 / 2.0).round_ties_even();
+            ((offset * extent as f64 / resized_extent.max(1) as f64).round() as usize)
+                .min(src - side)
+        };
+        return vec![boxed(
+            start(long, resized_long, long),
+            start(short, resized, short),
+            side,
+        )];
+    }
+    let scaled_long = (size as f64 * long as f64 / short as f64) as usize;
+    let step = scaled_long.saturating_sub(size) / (views - 1);
+    (0..views)
+        .map(|k| {
+            let offset = (k * step) as f64;
+            let src = ((offset * short as f64 / size as f64).round() as usize).min(long - short);
+            boxed(src, 0, short)
         })
         .collect()
 }
@@ -1040,8 +1060,30 @@ mod tests {
         // The last crop starts at resized pixel 74 = source 79.3 (the truncated long side
         // leaves the official last crop short of the right edge, by under one source pixel).
         assert_eq!(b[2].left, 79);
+        // Four views: step (298 − 224) // 3 = 24 resized pixels, the last crop 2 short of the
+        // edge (the official floor).
+        let four: Vec<usize> = view_boxes(240, 320, 224, 4)
+            .iter()
+            .map(|b| b.left)
+            .collect();
+        assert_eq!(four, vec![0, 26, 51, 77]);
+        // One view: short side to 256 (long int(256·320/240) = 341), centre crop at
+        // round(58.5) = 58, 16 → source box of round(224·240/256) = 210 at (15, 54).
         let centre = view_boxes(240, 320, 224, 1);
-        assert_eq!(centre[0].left, 40);
+        assert_eq!(
+            (
+                centre[0].top,
+                centre[0].left,
+                centre[0].height,
+                centre[0].width
+            ),
+            (15, 54, 210, 210)
+        );
+        let tall = view_boxes(320, 240, 224, 1);
+        assert_eq!((tall[0].top, tall[0].left, tall[0].height), (54, 15, 210));
+        // A short side already at 256: no resize, the crop is 224 source pixels.
+        let hd = view_boxes(256, 456, 224, 1);
+        assert_eq!((hd[0].top, hd[0].left, hd[0].height), (16, 116, 224));
         // Portrait: along the height.
         let p = view_boxes(320, 240, 224, 3);
         assert_eq!((p[2].top, p[2].left), (79, 0));
