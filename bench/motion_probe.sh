@@ -8,7 +8,9 @@
 #   bench/motion_probe.sh [STEPS]          (default 600 pretraining steps, batch 8)
 # Environment: OUT (target/motion-probe), PROBE_EPOCHS (200), PROBE_LR (0.003), VIEWS (3),
 # SEEDS (probe seeds, averaged; "0"), CLIPS_PER_CLASS (benchmark size, 2), SOURCE (photos, or
-# digits: motion_bench.py --source digits; give it its own OUT).
+# digits: motion_bench.py --source digits; give it its own OUT), AUGMENT (the probe's train
+# clips: none, as the README's figures were taken and so the token tables feature_stats.py
+# reads are written; or official).
 # Everything (data, configs, checkpoints, probes) lives in OUT; the data is made once.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,6 +20,7 @@ PROBE_EPOCHS="${PROBE_EPOCHS:-200}"
 PROBE_LR="${PROBE_LR:-0.003}"
 VIEWS="${VIEWS:-3}"
 SEEDS="${SEEDS:-0}"
+AUGMENT="${AUGMENT:-none}"
 IPE=30  # 240 train clips / batch 8
 if (( STEPS % IPE != 0 )); then
   echo "motion_probe.sh: STEPS must be a multiple of $IPE" >&2
@@ -73,7 +76,7 @@ probe() { # NAME FRACTION SEED
   local dir="$OUT/probe-$1-$2-s$3"
   "$BIN" probe --checkpoint "$(ckpt "$1")" --train "$DATA/train.csv" --val "$DATA/test.csv" \
     --out "$dir" --views "$VIEWS" --epochs "$PROBE_EPOCHS" --lr "$PROBE_LR" \
-    --label-fraction "$2" --seed "$3" 2> "$dir.log" | tee -a "$dir.log" \
+    --label-fraction "$2" --seed "$3" --augment "$AUGMENT" 2> "$dir.log" | tee -a "$dir.log" \
     | sed -n 's/^top-1 \([0-9.]*\) %.*/\1/p'
 }
 declare -A TOP1

@@ -7,7 +7,8 @@
 # step (`target_rank`, near 1: dimensional collapse).
 #   bench/motion_sweep.sh [STEPS] [VARIANT ...]      (default 600 steps, every variant)
 # Environment: OUT (target/motion-probe, as motion_probe.sh), VIEWS (1), PROBE_EPOCHS (200),
-# PROBE_LR (0.003), WORKERS (1: two variants can then run side by side on 2 cores).
+# PROBE_LR (0.003), WORKERS (1: two variants can then run side by side on 2 cores), AUGMENT
+# (the probe's train clips: none, as the README's figures were taken, or official).
 # Each variant is a sed edit of OUT/vjepa.yaml; results go to OUT/sweep-VARIANT/ and
 # OUT/sweep.md (appended, one table per run).
 set -euo pipefail
@@ -16,6 +17,7 @@ STEPS="${1:-600}"
 shift || true
 OUT="${OUT:-target/motion-probe}"
 VIEWS="${VIEWS:-1}"
+AUGMENT="${AUGMENT:-none}"
 WORKERS="${WORKERS:-1}"
 # The one-line edits the variants combine.
 EMA9995='s#^  ema: \[0.998, 1.0\]#  ema: [0.9995, 1.0]#'
@@ -52,7 +54,7 @@ BIN="${CARGO_TARGET_DIR:-target}/release/vjepa"
 probe() { # CHECKPOINT DIR
   "$BIN" probe --checkpoint "$1" --train "$DATA/train.csv" --val "$DATA/test.csv" \
     --out "$2" --views "$VIEWS" --epochs "${PROBE_EPOCHS:-200}" --lr "${PROBE_LR:-0.003}" \
-    --label-fraction 1.0 --seed 0 > "$2.log" 2>&1
+    --label-fraction 1.0 --seed 0 --augment "$AUGMENT" > "$2.log" 2>&1
   sed -n 's/^top-1 \([0-9.]*\) %.*/\1/p' "$2.log"
 }
 random_top1="$(probe "$RANDOM_CKPT" "$OUT/sweep-random-probe")"

@@ -2,7 +2,9 @@
 //! transform, multi-block masking, the video order, seeding) and the timely operators that run
 //! them (load, batch, mask, train, sinks). Timestamps are step numbers.
 
+pub mod erasing;
 pub mod masking;
+pub mod randaugment;
 pub mod sampling;
 pub mod seeding;
 pub mod transform;

@@ -31,12 +31,14 @@ use vjepa_ingest::{
 };
 use vjepa_model::vit::{self, Encoder};
 use vjepa_model::{ComputeDevice, Device, EncoderConfig, Pretrainer, Tensor};
+use vjepa_operators::erasing::RandomErasing;
 use vjepa_operators::load::{ClipLoader, load_clips_parallel};
+use vjepa_operators::randaugment::RandAugment;
 use vjepa_operators::records::{Clip, ClipRequest, Loaded, Quarantined};
 use vjepa_operators::sampling::{ClipSampling, eval_segment_indices};
 use vjepa_operators::seeding::mix64;
 use vjepa_operators::sinks::sink_local;
-use vjepa_operators::transform::{self, CropBox, TransformParams};
+use vjepa_operators::transform::{self, AugmentConfig, CropBox, TransformParams};
 use vjepa_storage::features::{FeatureRow, FeaturesWriter};
 use vjepa_storage::tables::{QuarantineRow, QuarantineWriter};
 use vjepa_storage::{S3Settings, Store};
@@ -82,6 +84,54 @@ pub struct ExtractOptions {
     pub device: ComputeDevice,
     /// Software decoders, or NVDEC where it takes the stream (`--video-decoder`).
     pub video_decoder: vjepa_ingest::VideoDecoderKind,
+    /// Draw each segment's clip through the official evaluation's training transform
+    /// (`vjepa probe`'s train split) instead of cutting evaluation views; needs `views: 1`.
+    pub augment: Option<TrainAugment>,
+}
+
+/// The official frozen evaluation's training transform (spec §9), drawn per clip: RandAugment
+/// on the decoded frames, a random resized crop to the input size, random erasing.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TrainAugment {
+    pub rand_augment: RandAugment,
+    /// Crop area and aspect ranges (the output side is the input size).
+    pub crop: AugmentConfig,
+    pub erasing: RandomErasing,
+}
+
+impl TrainAugment {
+    /// `rand-m7-n4-mstd0.5-inc1` (bicubic), crop scale (0.08, 1) and aspect (3/4, 4/3), no
+    /// flip, erasing with probability 0.25.
+    pub fn official(size: usize) -> Self {
+        TrainAugment {
+            rand_augment: RandAugment::official(),
+            crop: AugmentConfig {
+                scale: (0.08, 1.0),
+                aspect_ratio: (0.75, 4.0 / 3.0),
+                crop_size: size,
+            },
+            erasing: RandomErasing::official(),
+        }
+    }
+
+    /// One clip: `frames` (`t` packed RGB frames of `height × width`) augmented in place,
+    /// then cropped, resized and normalised to `[3, t, S, S]`, then erased; the crop drawn.
+    pub fn clip(
+        &self,
+        frames: &mut [u8],
+        t: usize,
+        height: usize,
+        width: usize,
+        rng: &mut impl rand::Rng,
+    ) -> Result<(Vec<f32>, TransformParams), transform::TransformError> {
+        self.rand_augment.apply(frames, t, height, width, rng);
+        let mut params = transform::sample_params(height, width, &self.crop, rng)?;
+        params.flip = false;
+        let size = self.crop.crop_size;
+        let mut data = transform::apply(frames, t, height, width, &params, size)?;
+        self.erasing.apply(&mut data, t, size, rng);
+        Ok((data, params))
+    }
 }
 
 /// What an extraction did.
@@ -317,6 +367,113 @@ impl FrameSink for ViewsSink {
     }
 }
 
+/// Holds the decoded RGB frames of the segments' clips at full resolution, for
+/// [`TrainAugment`] (RandAugment works on whole frames, before the crop). Memory is the
+/// union of the segments' frames, as the official loader holds them.
+struct AugmentSink {
+    segments: usize,
+    sampling: ClipSampling,
+    rng: ChaCha8Rng,
+    plan: Vec<Vec<u64>>,
+    union: Vec<u64>,
+    size: (usize, usize),
+    frames: Vec<Option<Vec<u8>>>,
+    error: Option<IngestError>,
+}
+
+impl FrameSink for AugmentSink {
+    fn plan(&mut self, info: &VideoInfo) -> Vec<u64> {
+        let plan = match eval_segment_indices(
+            info.num_frames.max(1),
+            self.sampling,
+            self.segments,
+            true,
+            &mut self.rng,
+        ) {
+            Ok(p) => p,
+            Err(e) => {
+                self.error = Some(IngestError::Fatal(format!("segment sampling: {e}")));
+                return Vec::new();
+            }
+        };
+        let mut union: Vec<u64> = plan.iter().flatten().copied().collect();
+        union.sort_unstable();
+        union.dedup();
+        self.size = (info.height as usize, info.width as usize);
+        self.frames = vec![None; union.len()];
+        self.plan = plan;
+        self.union = union.clone();
+        union
+    }
+
+    fn frame(&mut self, slot: usize, frame: &YuvFrame<'_>) -> Result<(), IngestError> {
+        if (frame.height, frame.width) != self.size {
+            return Err(IngestError::quarantine(
+                vjepa_ingest::QuarantineReason::DecodeError,
+                format!(
+                    "frame size changed mid-stream from {}x{} to {}x{}",
+                    self.size.1, self.size.0, frame.width, frame.height
+                ),
+            ));
+        }
+        let Some(held) = self.frames.get_mut(slot) else {
+            return Err(IngestError::Fatal(format!(
+                "frame slot {slot} out of range"
+            )));
+        };
+        let mut rgb = held.take().unwrap_or_default();
+        rgb.resize(frame.height * frame.width * 3, 0);
+        frame.to_rgb(&mut rgb)?;
+        *held = Some(rgb);
+        Ok(())
+    }
+
+    fn repeat(&mut self, from: usize, to: usize) -> Result<(), IngestError> {
+        let copy = self.frames.get(from).cloned().flatten();
+        match (copy, self.frames.get_mut(to)) {
+            (Some(f), Some(slot)) => {
+                *slot = Some(f);
+                Ok(())
+            }
+            _ => Err(IngestError::Fatal(format!(
+                "cannot repeat frame slot {from} into {to}"
+            ))),
+        }
+    }
+}
+
+impl AugmentSink {
+    /// Each segment's clip through `augment`, in segment order (drawing from the video's
+    /// generator after its windows, as the official loader transforms each clip in turn).
+    fn clips(
+        &mut self,
+        augment: &TrainAugment,
+    ) -> Result<Vec<(Vec<f32>, TransformParams)>, String> {
+        let (h, w) = self.size;
+        let len = h * w * 3;
+        let mut out = Vec::with_capacity(self.plan.len());
+        for indices in &self.plan {
+            let mut frames = Vec::with_capacity(indices.len() * len);
+            for f in indices {
+                let held = self
+                    .union
+                    .binary_search(f)
+                    .ok()
+                    .and_then(|p| self.frames[p].as_deref());
+                let Some(held) = held else {
+                    return Err(format!("decoder finished without frame {f}"));
+                };
+                frames.extend_from_slice(held);
+            }
+            let clip = augment
+                .clip(&mut frames, indices.len(), h, w, &mut self.rng)
+                .map_err(|e| format!("training transform: {e}"))?;
+            out.push(clip);
+        }
+        Ok(out)
+    }
+}
+
 /// One loader thread: reads videos and produces their `segments × views` clips.
 struct ExtractLoader {
     videos: Arc<Vec<Video>>,
@@ -336,6 +493,71 @@ impl ExtractLoader {
             detail,
             time_unix_us: crate::now_unix_us(),
         })]
+    }
+
+    /// A decode error as a quarantine record (a store that could not be read included: one
+    /// pass over the videos loses this video's rows, recorded with why).
+    fn decode_failed(&self, v: &Video, e: IngestError) -> Vec<Loaded> {
+        match e {
+            IngestError::Quarantine { reason, detail } => self.bad(v, reason.as_str(), detail),
+            IngestError::Fatal(msg) => self.bad(v, "decode_error", msg),
+            e @ IngestError::Unavailable(_) => self.bad(v, "fetch_error", e.to_string()),
+        }
+    }
+
+    /// One clip per segment through the official training transform.
+    fn load_augmented(
+        &mut self,
+        v: &Video,
+        source: Arc<ObjectSource>,
+        augment: &TrainAugment,
+        seed: u64,
+        step: u64,
+    ) -> Vec<Loaded> {
+        let mut sink = AugmentSink {
+            segments: self.opts.segments.max(1),
+            sampling: ClipSampling {
+                frames_per_clip: self.frames,
+                frame_step: self.opts.frame_step,
+            },
+            rng: ChaCha8Rng::seed_from_u64(seed),
+            plan: Vec::new(),
+            union: Vec::new(),
+            size: (0, 0),
+            frames: Vec::new(),
+            error: None,
+        };
+        let started = Instant::now();
+        let stats = match self.decoder.decode(source, &mut sink) {
+            Ok(s) => s,
+            Err(e) => return self.decode_failed(v, e),
+        };
+        if let Some(e) = sink.error.take() {
+            return self.bad(v, "decode_error", e.to_string());
+        }
+        let clips = match sink.clips(augment) {
+            Ok(c) => c,
+            Err(e) => return self.bad(v, "decode_error", e),
+        };
+        let decode_s = started.elapsed().as_secs_f64();
+        clips
+            .into_iter()
+            .zip(&sink.plan)
+            .enumerate()
+            .map(|(seg, ((data, params), indices))| {
+                Loaded::Clip(Clip {
+                    step,
+                    slot: seg,
+                    uri: v.uri.clone(),
+                    frame_indices: indices.clone(),
+                    params,
+                    data,
+                    bytes_read: stats.bytes_read,
+                    decode_s,
+                    nvdec: stats.nvdec,
+                })
+            })
+            .collect()
     }
 }
 
@@ -358,6 +580,9 @@ impl ClipLoader for ExtractLoader {
             Err(e) => return self.bad(&v, "fetch_error", store.scrub(&e)),
         };
         let seed = mix64(self.opts.seed ^ mix64(fnv(&v.uri)));
+        if let Some(augment) = self.opts.augment {
+            return self.load_augmented(&v, source, &augment, seed, request.step);
+        }
         let mut sink = ViewsSink {
             segments: self.opts.segments.max(1),
             views: self.opts.views.max(1),
@@ -376,15 +601,7 @@ impl ClipLoader for ExtractLoader {
         let started = Instant::now();
         let stats = match self.decoder.decode(source, &mut sink) {
             Ok(s) => s,
-            Err(IngestError::Quarantine { reason, detail }) => {
-                return self.bad(&v, reason.as_str(), detail);
-            }
-            Err(IngestError::Fatal(msg)) => return self.bad(&v, "decode_error", msg),
-            // One pass over the videos: a store that could not be read loses this video's
-            // rows, recorded with why (a later extract reads it again).
-            Err(e @ IngestError::Unavailable(_)) => {
-                return self.bad(&v, "fetch_error", e.to_string());
-            }
+            Err(e) => return self.decode_failed(&v, e),
         };
         if let Some(e) = sink.error.take() {
             return self.bad(&v, "decode_error", e.to_string());
@@ -845,6 +1062,12 @@ fn check(opts: &ExtractOptions) -> anyhow::Result<()> {
     if opts.size == Some(0) {
         bail!("--size must be positive");
     }
+    if opts.augment.is_some() && opts.views != 1 {
+        bail!(
+            "the training transform draws one view per segment, not {}",
+            opts.views
+        );
+    }
     check_video_decoder(opts)
 }
 
@@ -1093,6 +1316,70 @@ mod tests {
                 .iter()
                 .all(|b| b.left == 0 && b.top == 0)
         );
+    }
+
+    /// A 3-frame clip of 30×40 frames with structure in every channel.
+    fn frames() -> Vec<u8> {
+        let mut f = Vec::new();
+        for t in 0..3 {
+            for y in 0..30 {
+                for x in 0..40 {
+                    f.extend_from_slice(&[(5 * x + t) as u8, (7 * y) as u8, (x * y % 251) as u8]);
+                }
+            }
+        }
+        f
+    }
+
+    #[test]
+    fn the_training_transform_is_seeded_and_reduces_to_the_plain_crop() {
+        let aug = TrainAugment::official(16);
+        let run = |seed: u64| {
+            let mut f = frames();
+            let mut rng = ChaCha8Rng::seed_from_u64(seed);
+            aug.clip(&mut f, 3, 30, 40, &mut rng).unwrap()
+        };
+        let (a, pa) = run(1);
+        assert_eq!(a.len(), 3 * 3 * 16 * 16);
+        assert!(a.iter().all(|v| v.is_finite()));
+        assert!(!pa.flip, "the evaluation's transform has no flip");
+        let c = pa.crop;
+        assert!(c.top + c.height <= 30 && c.left + c.width <= 40);
+        assert_eq!(run(1), (a.clone(), pa), "same seed, same clip");
+        let differs = (2..6).filter(|&s| run(s).0 != a).count();
+        assert_eq!(differs, 4, "other seeds draw other clips");
+
+        // With nothing drawn (no operations, no erasing, the whole frame kept) it is the
+        // plain crop-resize-normalise of the frames.
+        let plain = TrainAugment {
+            rand_augment: RandAugment {
+                num_ops: 0,
+                ..RandAugment::official()
+            },
+            crop: AugmentConfig {
+                scale: (1.0, 1.0),
+                aspect_ratio: (40.0 / 30.0, 40.0 / 30.0),
+                crop_size: 16,
+            },
+            erasing: RandomErasing {
+                probability: 0.0,
+                ..RandomErasing::official()
+            },
+        };
+        let mut f = frames();
+        let mut rng = ChaCha8Rng::seed_from_u64(9);
+        let (got, params) = plain.clip(&mut f, 3, 30, 40, &mut rng).unwrap();
+        assert_eq!(
+            (
+                params.crop.top,
+                params.crop.left,
+                params.crop.height,
+                params.crop.width
+            ),
+            (0, 0, 30, 40)
+        );
+        let want = transform::apply(&frames(), 3, 30, 40, &params, 16).unwrap();
+        assert_eq!(got, want);
     }
 
     #[test]

@@ -9,8 +9,10 @@
 //! `backbone_lr_scale` (common fine-tuning practice, not the spec). Evaluation, outputs and
 //! summary are the probe's, plus the fine-tuned encoder (`encoder.safetensors`).
 //!
-//! Differences from a full fine-tuning recipe, said plainly: no per-epoch augmentation (the
-//! views are the evaluation's fixed crops), f32 on the CPU.
+//! Differences from a full fine-tuning recipe, said plainly: by default no per-epoch
+//! augmentation (the train clips are the evaluation's fixed view; `augment: official` gives
+//! the frozen evaluation's training transform, drawn anew every epoch, not a fine-tuning
+//! recipe's stronger one), f32 on the CPU.
 
 use anyhow::{Context, bail};
 use rand::SeedableRng;

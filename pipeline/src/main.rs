@@ -122,6 +122,7 @@ impl ProbeArgs {
             progress: true,
             device: self.device,
             video_decoder: self.video_decoder,
+            augment: None,
         };
         Ok(vjepa_pipeline::probe::ProbeOptions {
             extract,
@@ -136,6 +137,7 @@ impl ProbeArgs {
             seed: self.seed,
             out_dir: self.out,
             cache: vjepa_pipeline::probe::Cache::Memory,
+            augment: vjepa_pipeline::probe::Augment::None,
         })
     }
 }
@@ -345,6 +347,12 @@ enum Command {
         /// splits' tokens fit in 4 GiB).
         #[arg(long, default_value = "auto")]
         token_cache: vjepa_pipeline::probe::Cache,
+        /// Train clips: `official` (the official evaluation's training transform, drawn anew
+        /// every epoch: RandAugment rand-m7-n4-mstd0.5-inc1, random resized crop, random
+        /// erasing; the train videos are read again every epoch) or `none` (the same
+        /// evaluation view every epoch; tokens can be held in memory).
+        #[arg(long, default_value = "official")]
+        augment: vjepa_pipeline::probe::Augment,
     },
     /// End-to-end fine-tuning: the probe's head trained together with the encoder (lower lr
     /// for the encoder); same inputs and evaluation as `probe`; writes probe.safetensors,
@@ -361,6 +369,11 @@ enum Command {
         /// (memory when both splits' clips fit in 4 GiB).
         #[arg(long, default_value = "auto")]
         clip_cache: vjepa_pipeline::probe::Cache,
+        /// Train clips: `none` (the same evaluation view every epoch) or `official` (the
+        /// frozen evaluation's training transform, drawn anew every epoch; clips are then
+        /// decoded again every epoch).
+        #[arg(long, default_value = "none")]
+        augment: vjepa_pipeline::probe::Augment,
     },
     /// Write a small corpus of real encoded videos (H.264/MP4, VP9/WebM) into DIR: sizes,
     /// lengths, rates and codecs vary unless fixed by the options (benchmark corpora).
@@ -695,6 +708,7 @@ fn main() -> ExitCode {
                 progress: true,
                 device,
                 video_decoder,
+                augment: None,
             };
             match vjepa_pipeline::extract::run(opts) {
                 Ok(s) if s.rows == 0 => {
@@ -717,10 +731,15 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Probe { probe, token_cache } => match probe.options() {
+        Command::Probe {
+            probe,
+            token_cache,
+            augment,
+        } => match probe.options() {
             Ok(opts) => report_eval(vjepa_pipeline::probe::run(
                 vjepa_pipeline::probe::ProbeOptions {
                     cache: token_cache,
+                    augment,
                     ..opts
                 },
             )),
@@ -730,11 +749,13 @@ fn main() -> ExitCode {
             probe,
             backbone_lr_scale,
             clip_cache,
+            augment,
         } => match probe.options() {
             Ok(probe) => report_eval(vjepa_pipeline::finetune::run(
                 vjepa_pipeline::finetune::FinetuneOptions {
                     probe: vjepa_pipeline::probe::ProbeOptions {
                         cache: clip_cache,
+                        augment,
                         ..probe
                     },
                     backbone_lr_scale,

@@ -5,11 +5,12 @@
 //! into one probe pass, as the official `attend_across_segments`). Top-1 is printed and the
 //! predictions written to Parquet.
 //!
-//! The tokens are extracted once and held, or the backbone reads the videos again every epoch
-//! ([`Cache`]): the same batches either way. Differences from the official recipe, said
-//! plainly: the clips are the same every epoch (no RandAugment / random resized crop / random
-//! erasing), and training runs in f32 (no fp16 autocast). The probe, its optimiser and
-//! schedules are the official ones. `vjepa finetune` ([`crate::finetune`]) shares the options,
+//! Train clips go through the official training transform, drawn anew every epoch
+//! ([`Augment::Official`]: RandAugment, random resized crop, random erasing; so the backbone
+//! reads the videos again every epoch), or are the fixed evaluation view ([`Augment::None`]:
+//! then the tokens can be extracted once and held, [`Cache`], with the same batches either
+//! way). A difference from the official recipe, said plainly: training runs in f32 (no fp16
+//! autocast). The probe, its optimiser and schedules are the official ones. `vjepa finetune` ([`crate::finetune`]) shares the options,
 //! the label handling and the predictions table.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -57,6 +58,44 @@ pub struct ProbeOptions {
     /// Whether clips are read once and held (the probe: their tokens, also written to
     /// Parquet; fine-tuning: the decoded clips), or read again every epoch.
     pub cache: Cache,
+    /// How train clips are made: the official training transform drawn anew every epoch, or
+    /// the fixed evaluation view.
+    pub augment: Augment,
+}
+
+/// How the train split's clips are made.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Augment {
+    /// The official evaluation's training transform (spec §9): every epoch each video's
+    /// segments are drawn again (random windows) and each clip goes through RandAugment
+    /// `rand-m7-n4-mstd0.5-inc1`, a random resized crop (scale 0.08–1, aspect 3/4–4/3) and
+    /// random erasing (p 0.25). The clips change every epoch, so they are streamed.
+    #[default]
+    Official,
+    /// The evaluation's single view of the same segments every epoch (deterministic; the
+    /// tokens or clips can be held in memory).
+    None,
+}
+
+impl std::fmt::Display for Augment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Augment::Official => "official",
+            Augment::None => "none",
+        })
+    }
+}
+
+impl std::str::FromStr for Augment {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "official" => Ok(Augment::Official),
+            "none" => Ok(Augment::None),
+            other => Err(format!("`{other}`: expected official or none")),
+        }
+    }
 }
 
 /// What `vjepa probe` (the backbone's tokens) and `vjepa finetune` (the decoded clips) keep

@@ -13,6 +13,7 @@ use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 use vjepa_operators::records::Clip;
+use vjepa_operators::seeding::mix64;
 
 use crate::extract::{self, ClipConsumer, Order, VideoSet};
 use crate::probe::{self, Prediction, ProbeOptions, ProbeSummary};
@@ -56,7 +57,14 @@ pub(crate) fn streaming_sets(
     handle: &tokio::runtime::Handle,
     what: &str,
 ) -> anyhow::Result<Option<(VideoSet, VideoSet)>> {
+    let augmented = opts.augment == probe::Augment::Official;
     if opts.cache == probe::Cache::Memory {
+        if augmented {
+            bail!(
+                "--augment official draws new train clips every epoch, so they cannot be held \
+                 in memory: use a cache of `none` or `auto`, or --augment none"
+            );
+        }
         return Ok(None);
     }
     let s3 = &opts.extract.s3;
@@ -65,10 +73,12 @@ pub(crate) fn streaming_sets(
     let val = VideoSet::open(std::slice::from_ref(&opts.val), root, s3, handle)?;
     let clips = (train.len() + val.len() * opts.val_views) * opts.extract.segments;
     let bytes = clips as u64 * bytes_per_clip;
-    let stream = opts.cache.streams(bytes);
+    let stream = augmented || opts.cache.streams(bytes);
     tracing::info!(
         bytes,
-        cache = if stream {
+        cache = if augmented {
+            "none: train clips drawn anew every epoch (--augment official)"
+        } else if stream {
             "none: read every epoch"
         } else {
             "memory"
@@ -120,6 +130,10 @@ pub(crate) fn run<L: Learner>(
     e.datasets = vec![opts.train.clone()];
     e.views = 1;
     e.progress = false;
+    let augmented = opts.augment == probe::Augment::Official;
+    if augmented {
+        e.augment = Some(extract::TrainAugment::official(size));
+    }
     let train_q = quarantine_location(opts, "train");
     let mut order: Vec<usize> = (0..keep.len()).collect();
     let mut final_loss = f64::NAN;
@@ -128,6 +142,10 @@ pub(crate) fn run<L: Learner>(
         order.shuffle(&mut rng);
         let videos: Vec<usize> = order.iter().map(|&p| keep[p]).collect();
         let set = train.reordered(&videos);
+        if augmented {
+            // New windows and a new transform per clip every epoch, as the official loader.
+            e.seed = mix64(opts.extract.seed ^ mix64(epoch as u64 + 1));
+        }
         let (mut done, streamed) =
             extract::stream_clips(&e, set, frames, size, &train_q, pass, handle)
                 .with_context(|| format!("{what} epoch {}", epoch + 1))?;
@@ -152,6 +170,7 @@ pub(crate) fn run<L: Learner>(
     let mut e = opts.extract.clone();
     e.datasets = vec![opts.val.clone()];
     e.views = opts.val_views;
+    e.augment = None;
     let eval = Evaluate {
         learner: pass.learner,
         class_of,

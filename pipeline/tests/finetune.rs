@@ -98,28 +98,36 @@ fn pretrain_then_finetune_writes_its_artifacts() {
     );
 
     // With the backbone frozen (scale 0), fine-tuning is the probe: same clips, segments
-    // concatenated the same way, same init and order, so the same predictions.
+    // concatenated the same way, same init and order, so the same predictions; with the
+    // fixed view and with the official training transform (the same draws on both sides).
     let common = |cmd: &str, dir: &std::path::Path| {
         let mut c = eval_command(cmd, &checkpoint, &train_csv, &val_csv, dir);
         c.args(["--segments", "2", "--views", "2", "--epochs", "2"])
             .args(["--batch-size", "2", "--lr", "3e-3", "--seed", "5"]);
         c
     };
-    let probe_dir = tmp.path().join("probe");
-    assert_ok(&common("probe", &probe_dir).output().unwrap());
-    let frozen_dir = tmp.path().join("frozen");
-    assert_ok(
-        &common("finetune", &frozen_dir)
-            .args(["--backbone-lr-scale", "0"])
-            .output()
-            .unwrap(),
-    );
-    let (p, f) = (read_predictions(&probe_dir), read_predictions(&frozen_dir));
-    assert_eq!(p.len(), 3);
-    for (p, f) in p.iter().zip(&f) {
-        assert_eq!((&p.uri, &p.predicted), (&f.uri, &f.predicted));
-        for (a, b) in p.probabilities.iter().zip(&f.probabilities) {
-            assert!((a - b).abs() < 1e-3, "{:?} vs {:?}", p, f);
+    for augment in ["none", "official"] {
+        let probe_dir = tmp.path().join(format!("probe-{augment}"));
+        assert_ok(
+            &common("probe", &probe_dir)
+                .args(["--augment", augment])
+                .output()
+                .unwrap(),
+        );
+        let frozen_dir = tmp.path().join(format!("frozen-{augment}"));
+        assert_ok(
+            &common("finetune", &frozen_dir)
+                .args(["--backbone-lr-scale", "0", "--augment", augment])
+                .output()
+                .unwrap(),
+        );
+        let (p, f) = (read_predictions(&probe_dir), read_predictions(&frozen_dir));
+        assert_eq!(p.len(), 3);
+        for (p, f) in p.iter().zip(&f) {
+            assert_eq!((&p.uri, &p.predicted), (&f.uri, &f.predicted), "{augment}");
+            for (a, b) in p.probabilities.iter().zip(&f.probabilities) {
+                assert!((a - b).abs() < 1e-3, "{augment}: {:?} vs {:?}", p, f);
+            }
         }
     }
 

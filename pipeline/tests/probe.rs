@@ -24,6 +24,7 @@ fn pretrain_then_probe_writes_its_artifacts() {
     let probe_dir = tmp.path().join("probe");
     let run = eval_command("probe", &checkpoint, &train_csv, &val_csv, &probe_dir)
         .args(["--views", "2", "--epochs", "3", "--batch-size", "4"])
+        .args(["--augment", "none"])
         .output()
         .unwrap();
     assert_ok(&run);
@@ -106,7 +107,7 @@ fn streaming_probe_matches_the_in_memory_probe() {
         let run = eval_command("probe", &checkpoint, &train_csv, &val_csv, &dir)
             .args(["--segments", "2", "--views", "2", "--epochs", "3"])
             .args(["--batch-size", "4", "--seed", "3", "--token-cache", cache])
-            .args(["--label-fraction", fraction])
+            .args(["--label-fraction", fraction, "--augment", "none"])
             .output()
             .unwrap();
         assert_ok(&run);
@@ -129,6 +130,57 @@ fn streaming_probe_matches_the_in_memory_probe() {
             assert!((x - y).abs() < 1e-4, "{a:?} vs {b:?}");
         }
     }
+}
+
+/// The default train clips go through the official training transform, drawn anew every
+/// epoch: the run streams (no token tables), is reproducible for a seed, trains on other clips
+/// than the fixed view (another final loss), and refuses to hold its clips in memory.
+#[test]
+fn official_augmentation_draws_new_train_clips_every_epoch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (videos, checkpoint) = pretrained_corpus(tmp.path(), 8, 2);
+    let (train_csv, val_csv) = labelled_indexes(&videos, tmp.path(), 6);
+    let probe = |name: &str, extra: &[&str]| {
+        let dir = tmp.path().join(name);
+        let run = eval_command("probe", &checkpoint, &train_csv, &val_csv, &dir)
+            .args([
+                "--segments",
+                "2",
+                "--epochs",
+                "2",
+                "--batch-size",
+                "3",
+                "--seed",
+                "5",
+            ])
+            .args(extra)
+            .output()
+            .unwrap();
+        (dir, run)
+    };
+    let (dir, first) = probe("official", &[]);
+    assert_ok(&first);
+    let official = top1_line(&first);
+    assert!(official.contains("6 train videos, 2 classes"), "{official}");
+    assert!(!dir.join("train-features.parquet").exists());
+    let (_, again) = probe("official-again", &["--augment", "official"]);
+    assert_ok(&again);
+    assert_eq!(top1_line(&again), official, "same seed, same draws");
+    let (_, fixed) = probe("fixed", &["--augment", "none", "--token-cache", "none"]);
+    assert_ok(&fixed);
+    let loss = |line: &str| line.rsplit("final train loss ").next().unwrap().to_string();
+    assert_ne!(
+        loss(&top1_line(&fixed)),
+        loss(&official),
+        "augmented clips train to another loss"
+    );
+    let (_, refused) = probe("refused", &["--token-cache", "memory"]);
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        err.contains("--augment official") && err.contains("memory"),
+        "{err}"
+    );
 }
 
 /// `vjepa init` writes the model a fresh run starts from (the random-init baseline of a probe):
