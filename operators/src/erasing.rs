@@ -79,13 +79,14 @@ impl RandomErasing {
     ) -> Option<ErasedBox> {
         let b = self.draw(size, size, rng)?;
         let plane = size * size;
+        let mut normal = Normals::default();
         for c in 0..3 {
             for t in 0..frames {
                 let base = (c * frames + t) * plane;
                 for y in b.top..b.top + b.height {
                     let row = base + y * size;
                     for v in &mut data[row + b.left..row + b.left + b.width] {
-                        *v = normal(rng) as f32;
+                        *v = normal.next(rng) as f32;
                     }
                 }
             }
@@ -94,11 +95,24 @@ impl RandomErasing {
     }
 }
 
-/// A standard-normal draw (Box–Muller).
-fn normal(rng: &mut impl Rng) -> f64 {
-    let u1: f64 = 1.0 - rng.random::<f64>();
-    let u2: f64 = rng.random();
-    (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+/// Standard-normal draws, two per Box–Muller pair of uniforms.
+#[derive(Default)]
+struct Normals {
+    spare: Option<f64>,
+}
+
+impl Normals {
+    fn next(&mut self, rng: &mut impl Rng) -> f64 {
+        if let Some(v) = self.spare.take() {
+            return v;
+        }
+        let u1: f64 = 1.0 - rng.random::<f64>(); // (0, 1]: ln stays finite
+        let u2: f64 = rng.random();
+        let r = (-2.0 * u1.ln()).sqrt();
+        let (s, c) = (std::f64::consts::TAU * u2).sin_cos();
+        self.spare = Some(r * s);
+        r * c
+    }
 }
 
 #[cfg(test)]

@@ -162,9 +162,17 @@ pub fn apply_ops(ops: &[Op], frames: &mut [u8], t: usize, height: usize, width: 
         return;
     }
     let mut scratch = vec![0u8; len];
-    for frame in frames.chunks_exact_mut(len).take(t) {
-        for op in ops {
-            op.apply(frame, &mut scratch, height, width);
+    for op in ops {
+        // A geometric operation maps the same output pixels to the same input positions in
+        // every frame: the taps are worked out once per clip.
+        let map = op
+            .matrix(height, width)
+            .map(|m| AffineMap::new(height, width, m));
+        for frame in frames.chunks_exact_mut(len).take(t) {
+            match &map {
+                Some(map) => map.apply(frame, &mut scratch),
+                None => op.apply(frame, &mut scratch, height, width),
+            }
         }
     }
 }
@@ -247,6 +255,23 @@ impl Op {
                     *v = blend(d, *v, f);
                 }
             }
+            Op::Rotate(_)
+            | Op::ShearX(_)
+            | Op::ShearY(_)
+            | Op::TranslateX(_)
+            | Op::TranslateY(_) => {
+                if let Some(m) = self.matrix(height, width) {
+                    AffineMap::new(height, width, m).apply(frame, scratch);
+                }
+            }
+        }
+    }
+
+    /// The affine data PIL's `Image.transform` gets for a geometric operation (output pixel
+    /// centre → input position); `None` for the others. Rotation is PIL's `Image.rotate` about
+    /// the centre, its sine and cosine rounded to 15 decimals as PIL does.
+    pub fn matrix(&self, height: usize, width: usize) -> Option<[f64; 6]> {
+        Some(match *self {
             Op::Rotate(degrees) => {
                 let angle = -degrees.to_radians();
                 let round15 = |x: f64| (x * 1e15).round() / 1e15;
@@ -255,19 +280,14 @@ impl Op {
                 let mut m = [c, s, 0.0, -s, c, 0.0];
                 m[2] = m[0] * -cx + m[1] * -cy + cx;
                 m[5] = m[3] * -cx + m[4] * -cy + cy;
-                affine(frame, scratch, height, width, m);
+                m
             }
-            Op::ShearX(f) => affine(frame, scratch, height, width, [1.0, f, 0.0, 0.0, 1.0, 0.0]),
-            Op::ShearY(f) => affine(frame, scratch, height, width, [1.0, 0.0, 0.0, f, 1.0, 0.0]),
-            Op::TranslateX(p) => {
-                let dx = p * width as f64;
-                affine(frame, scratch, height, width, [1.0, 0.0, dx, 0.0, 1.0, 0.0]);
-            }
-            Op::TranslateY(p) => {
-                let dy = p * height as f64;
-                affine(frame, scratch, height, width, [1.0, 0.0, 0.0, 0.0, 1.0, dy]);
-            }
-        }
+            Op::ShearX(f) => [1.0, f, 0.0, 0.0, 1.0, 0.0],
+            Op::ShearY(f) => [1.0, 0.0, 0.0, f, 1.0, 0.0],
+            Op::TranslateX(p) => [1.0, 0.0, p * width as f64, 0.0, 1.0, 0.0],
+            Op::TranslateY(p) => [1.0, 0.0, 0.0, 0.0, 1.0, p * height as f64],
+            _ => return None,
+        })
     }
 }
 
@@ -385,49 +405,88 @@ fn cubic(v1: f64, v2: f64, v3: f64, v4: f64, d: f64) -> f64 {
     v2 + d * (p2 + d * (p3 + d * p4))
 }
 
-/// `Image.transform(size, AFFINE, m, BICUBIC, fillcolor=128)`: output pixel `(x, y)` reads the
-/// input at `(m0·(x+½) + m1·(y+½) + m2, m3·(x+½) + m4·(y+½) + m5)`; outside the input it is
-/// the fill. Columns are clamped to the frame, the first row too, and each further row
-/// outside the frame repeats the one before (PIL's `bicubic_filter32RGB`).
-fn affine(frame: &mut [u8], out: &mut [u8], height: usize, width: usize, m: [f64; 6]) {
-    let stride = width * 3;
-    let (w, h) = (width as f64, height as f64);
-    let xclip = |x: i64| x.clamp(0, width as i64 - 1) as usize;
-    for y in 0..height {
-        let yc = y as f64 + 0.5;
-        for x in 0..width {
-            let xc = x as f64 + 0.5;
-            let xin = m[0] * xc + m[1] * yc + m[2];
-            let yin = m[3] * xc + m[4] * yc + m[5];
-            let o = y * stride + x * 3;
-            if !(0.0..w).contains(&xin) || !(0.0..h).contains(&yin) {
-                out[o..o + 3].fill(FILL);
-                continue;
-            }
-            let (xs, ys) = (xin - 0.5, yin - 0.5);
-            let (fx, fy) = (xs.floor(), ys.floor());
-            let (dx, dy) = (xs - fx, ys - fy);
-            let (x0, y0) = (fx as i64 - 1, fy as i64 - 1);
-            let cols = [xclip(x0), xclip(x0 + 1), xclip(x0 + 2), xclip(x0 + 3)];
-            let first = y0.clamp(0, height as i64 - 1) as usize;
-            for c in 0..3 {
-                let row = |r: usize| {
-                    let base = r * stride + c;
-                    let s = |i: usize| f64::from(frame[base + cols[i] * 3]);
-                    cubic(s(0), s(1), s(2), s(3), dx)
-                };
-                let v1 = row(first);
-                let mut v = [v1; 4];
+/// One output pixel's bicubic taps: byte offsets of the four columns and the four rows it
+/// reads, and its fractions.
+#[derive(Clone, Copy)]
+struct Tap {
+    cols: [u32; 4],
+    rows: [u32; 4],
+    dx: f64,
+    dy: f64,
+}
+
+/// `Image.transform(size, AFFINE, m, BICUBIC, fillcolor=128)` worked out for a frame size:
+/// output pixel `(x, y)` reads the input at `(m0·(x+½) + m1·(y+½) + m2, m3·(x+½) + m4·(y+½) +
+/// m5)`; outside the input it is the fill. Columns are clamped to the frame, the first row
+/// too, and each further row outside the frame repeats the one before (PIL's
+/// `bicubic_filter32RGB`).
+struct AffineMap {
+    taps: Vec<Option<Tap>>,
+}
+
+impl AffineMap {
+    fn new(height: usize, width: usize, m: [f64; 6]) -> Self {
+        let stride = width * 3;
+        let (w, h) = (width as f64, height as f64);
+        let xclip = |x: i64| (x.clamp(0, width as i64 - 1) as usize * 3) as u32;
+        let mut taps = Vec::with_capacity(height * width);
+        for y in 0..height {
+            let yc = y as f64 + 0.5;
+            for x in 0..width {
+                let xc = x as f64 + 0.5;
+                let xin = m[0] * xc + m[1] * yc + m[2];
+                let yin = m[3] * xc + m[4] * yc + m[5];
+                if !(0.0..w).contains(&xin) || !(0.0..h).contains(&yin) {
+                    taps.push(None);
+                    continue;
+                }
+                let (xs, ys) = (xin - 0.5, yin - 0.5);
+                let (fx, fy) = (xs.floor(), ys.floor());
+                let (x0, y0) = (fx as i64 - 1, fy as i64 - 1);
+                let mut rows = [y0.clamp(0, height as i64 - 1) as usize; 4];
                 for k in 1..4 {
                     let r = y0 + k as i64;
-                    v[k] = if (0..height as i64).contains(&r) {
-                        row(r as usize)
+                    rows[k] = if (0..height as i64).contains(&r) {
+                        r as usize
                     } else {
-                        v[k - 1]
+                        rows[k - 1]
                     };
                 }
-                let p = cubic(v[0], v[1], v[2], v[3], dy);
-                out[o + c] = if p <= 0.0 {
+                taps.push(Some(Tap {
+                    cols: [xclip(x0), xclip(x0 + 1), xclip(x0 + 2), xclip(x0 + 3)],
+                    rows: rows.map(|r| (r * stride) as u32),
+                    dx: xs - fx,
+                    dy: ys - fy,
+                }));
+            }
+        }
+        AffineMap { taps }
+    }
+
+    /// Resamples one packed RGB frame (through `out`, a frame-sized buffer) in place.
+    fn apply(&self, frame: &mut [u8], out: &mut [u8]) {
+        for (px, tap) in out.chunks_exact_mut(3).zip(&self.taps) {
+            let Some(t) = tap else {
+                px.fill(FILL);
+                continue;
+            };
+            // Each row's four pixels, all three channels at once (plain loops: `[T; N]::map`
+            // does not inline here and cost twice the arithmetic).
+            let mut v = [[0.0f64; 3]; 4];
+            for (vk, &r) in v.iter_mut().zip(&t.rows) {
+                let mut s = [[0.0f64; 3]; 4];
+                for (si, &col) in s.iter_mut().zip(&t.cols) {
+                    let at = (r + col) as usize;
+                    let q = &frame[at..at + 3];
+                    *si = [f64::from(q[0]), f64::from(q[1]), f64::from(q[2])];
+                }
+                for (c, vc) in vk.iter_mut().enumerate() {
+                    *vc = cubic(s[0][c], s[1][c], s[2][c], s[3][c], t.dx);
+                }
+            }
+            for (c, o) in px.iter_mut().enumerate() {
+                let p = cubic(v[0][c], v[1][c], v[2][c], v[3][c], t.dy);
+                *o = if p <= 0.0 {
                     0
                 } else if p >= 255.0 {
                     255
@@ -436,8 +495,8 @@ fn affine(frame: &mut [u8], out: &mut [u8], height: usize, width: usize, m: [f64
                 };
             }
         }
+        frame.copy_from_slice(out);
     }
-    frame.copy_from_slice(out);
 }
 
 #[cfg(test)]
