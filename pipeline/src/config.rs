@@ -671,12 +671,9 @@ impl JobConfig {
                 key: "eval_name".into(),
                 message: format!(
                     "this is an official evaluation config (`{name}`), not a pretraining one: \
-                     `vjepa probe` (frozen) and `vjepa finetune` take its settings as flags \
-                     (data.dataset_train → --train, dataset_val → --val, num_segments → \
-                     --segments, num_views_per_segment → --views, frame_step → --frame-step, \
-                     optimization.num_epochs/batch_size/lr/weight_decay → --epochs, \
-                     --batch-size, --lr, --weight-decay, pretrain.folder + checkpoint → \
-                     --checkpoint) and a pretraining config (--config) for the model's shape"
+                     give it to `vjepa probe --eval-config` (or `vjepa finetune \
+                     --eval-config`), which reads its datasets, sampling, optimisation, \
+                     checkpoint and model shape"
                 ),
             });
         }

@@ -123,6 +123,7 @@ pub fn run(opts: FinetuneOptions) -> anyhow::Result<ProbeSummary> {
         bail!("no train clip could be read");
     }
     let (classes, class_of) = probe::classes(train.iter().map(|v| v.label.clone()).collect())?;
+    probe::check_announced(&opts, classes.len());
     let labelled = |videos: Vec<Decoded>| {
         videos
             .into_iter()

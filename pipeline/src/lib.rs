@@ -3,6 +3,7 @@
 pub mod catalog;
 pub mod config;
 pub mod convert;
+pub mod eval_config;
 pub mod extract;
 pub mod finetune;
 pub mod job;

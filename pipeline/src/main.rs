@@ -33,16 +33,21 @@ enum LogFormat {
 /// Arguments shared by `probe` and `finetune`.
 #[derive(clap::Args)]
 struct ProbeArgs {
+    /// An official evaluation config (`configs/evals/*.yaml` of the official code): the
+    /// datasets, sampling, optimisation, checkpoint and model shape, as the official
+    /// evaluation reads them; any flag given here overrides it.
+    #[arg(long)]
+    eval_config: Option<PathBuf>,
     /// Checkpoint: ours (`.safetensors`, or a fine-tuned `encoder.safetensors`) or an
-    /// official-layout `.pth.tar` (path or URL).
+    /// official-layout `.pth.tar` (path or URL). Required unless --eval-config names one.
     #[arg(long)]
-    checkpoint: String,
-    /// Labelled train index (`path label` lines).
+    checkpoint: Option<String>,
+    /// Labelled train index (`path label` lines). Required unless --eval-config names one.
     #[arg(long)]
-    train: String,
-    /// Labelled validation index.
+    train: Option<String>,
+    /// Labelled validation index. Required unless --eval-config names one.
     #[arg(long)]
-    val: String,
+    val: Option<String>,
     /// Where the indexes' entries resolve: a directory or bucket prefix holding the videos
     /// (default: `data.index_root` of `--config`, else each index's own folder).
     #[arg(long)]
@@ -50,30 +55,32 @@ struct ProbeArgs {
     /// Local directory for the outputs.
     #[arg(long)]
     out: PathBuf,
-    /// Job config: the model shape for an official `.pth.tar`, and the S3 settings.
+    /// Job config: the model shape for an official `.pth.tar` (unless --eval-config gives
+    /// it), and the S3 settings.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Temporal segments per video (their tokens are concatenated into one probe pass).
-    #[arg(long, default_value_t = 1, value_parser = at_least_one)]
-    segments: usize,
-    /// Spatial views per validation segment (probabilities averaged).
-    #[arg(long, default_value_t = 1, value_parser = at_least_one)]
-    views: usize,
-    /// Frame stride within a clip.
-    #[arg(long, default_value_t = 4, value_parser = at_least_one)]
-    frame_step: usize,
-    /// Epochs (spec: 20).
-    #[arg(long, default_value_t = 20, value_parser = at_least_one)]
-    epochs: usize,
-    /// Videos per step.
-    #[arg(long, default_value_t = 16, value_parser = at_least_one)]
-    batch_size: usize,
-    /// Peak learning rate, cosine to 0 (spec: 1e-3).
-    #[arg(long, default_value_t = 1e-3, value_parser = positive_number, allow_negative_numbers = true)]
-    lr: f64,
-    /// Weight decay, cosine to 1e-6 (spec: 0.01 for video).
-    #[arg(long, default_value_t = 0.01, value_parser = non_negative_number, allow_negative_numbers = true)]
-    weight_decay: f64,
+    /// Temporal segments per video (their tokens are concatenated into one probe pass)
+    /// [default: 1].
+    #[arg(long, value_parser = at_least_one)]
+    segments: Option<usize>,
+    /// Spatial views per validation segment (probabilities averaged) [default: 1].
+    #[arg(long, value_parser = at_least_one)]
+    views: Option<usize>,
+    /// Frame stride within a clip [default: 4].
+    #[arg(long, value_parser = at_least_one)]
+    frame_step: Option<usize>,
+    /// Epochs [default: 20, the spec's].
+    #[arg(long, value_parser = at_least_one)]
+    epochs: Option<usize>,
+    /// Videos per step [default: 16].
+    #[arg(long, value_parser = at_least_one)]
+    batch_size: Option<usize>,
+    /// Peak learning rate, cosine to 0 [default: 1e-3, the spec's].
+    #[arg(long, value_parser = positive_number, allow_negative_numbers = true)]
+    lr: Option<f64>,
+    /// Weight decay, cosine to 1e-6 [default: 0.01, the spec's for video].
+    #[arg(long, value_parser = non_negative_number, allow_negative_numbers = true)]
+    weight_decay: Option<f64>,
     /// Share of each class's train videos used (low-shot evaluation).
     #[arg(long, default_value_t = 1.0, value_parser = share, allow_negative_numbers = true)]
     label_fraction: f64,
@@ -93,24 +100,72 @@ struct ProbeArgs {
 }
 
 impl ProbeArgs {
-    /// The library's options (the config file read for the model shape and S3 settings).
+    /// The library's options: each setting from its flag, else the evaluation config, else
+    /// the default (the job config read for the model shape and S3 settings).
     fn options(self) -> Result<vjepa_pipeline::probe::ProbeOptions, ExitCode> {
         let cfg = match self.config.as_deref().map(JobConfig::load).transpose() {
             Ok(c) => c,
             Err(e) => return Err(config_error(&e)),
         };
+        let eval = match self
+            .eval_config
+            .as_deref()
+            .map(vjepa_pipeline::eval_config::EvalConfig::load)
+            .transpose()
+        {
+            Ok(e) => e,
+            Err(e) => return Err(config_error(&e)),
+        };
+        if let Some(e) = &eval {
+            for note in &e.notes {
+                tracing::info!("eval config: {note}");
+            }
+        }
+        let required = |flag: Option<String>, from: Option<String>, name: &str| {
+            flag.or(from).ok_or_else(|| {
+                eprintln!("error: --{name} is required (or an --eval-config that names it)");
+                ExitCode::from(2)
+            })
+        };
+        let checkpoint = required(
+            self.checkpoint,
+            eval.as_ref().and_then(|e| e.checkpoint.clone()),
+            "checkpoint",
+        )?;
+        let train = required(self.train, eval.as_ref().map(|e| e.train.clone()), "train")?;
+        let val = required(self.val, eval.as_ref().map(|e| e.val.clone()), "val")?;
+        let pick =
+            |flag: Option<usize>,
+             from: fn(&vjepa_pipeline::eval_config::EvalConfig) -> usize,
+             default: usize| { flag.or(eval.as_ref().map(from)).unwrap_or(default) };
+        let segments = pick(self.segments, |e| e.segments, 1);
+        let views = pick(self.views, |e| e.views, 1);
+        let frame_step = pick(self.frame_step, |e| e.frame_step, 4);
+        let epochs = pick(self.epochs, |e| e.epochs, 20);
+        let batch_size = pick(self.batch_size, |e| e.batch_size, 16);
+        let lr = self.lr.or(eval.as_ref().map(|e| e.lr)).unwrap_or(1e-3);
+        let weight_decay = self
+            .weight_decay
+            .or(eval.as_ref().map(|e| e.weight_decay))
+            .unwrap_or(0.01);
+        // The eval config describes the checkpoint it names; a job config is the fallback.
+        let encoder = eval
+            .as_ref()
+            .map(|e| e.encoder.clone())
+            .or_else(|| cfg.as_ref().map(|c| c.encoder_config()));
+        let size = eval.as_ref().map(|e| e.encoder.crop_size);
         let extract = vjepa_pipeline::extract::ExtractOptions {
             index_root: self
                 .index_root
                 .or_else(|| cfg.as_ref().and_then(|c| c.raw.data.index_root.clone())),
-            checkpoint: self.checkpoint,
-            encoder: cfg.as_ref().map(|c| c.encoder_config()),
+            checkpoint,
+            encoder,
             datasets: Vec::new(),
             out: String::new(),
-            segments: self.segments,
+            segments,
             views: 1,
-            frame_step: self.frame_step,
-            size: None,
+            frame_step,
+            size,
             tokens: true,
             batch_size: 8,
             decode_threads: self
@@ -126,18 +181,19 @@ impl ProbeArgs {
         };
         Ok(vjepa_pipeline::probe::ProbeOptions {
             extract,
-            train: self.train,
-            val: self.val,
-            val_views: self.views,
-            epochs: self.epochs,
-            batch_size: self.batch_size,
-            lr: self.lr,
-            weight_decay: self.weight_decay,
+            train,
+            val,
+            val_views: views,
+            epochs,
+            batch_size,
+            lr,
+            weight_decay,
             label_fraction: self.label_fraction,
             seed: self.seed,
             out_dir: self.out,
             cache: vjepa_pipeline::probe::Cache::Memory,
             augment: vjepa_pipeline::probe::Augment::None,
+            num_classes: eval.as_ref().and_then(|e| e.num_classes),
         })
     }
 }

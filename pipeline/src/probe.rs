@@ -61,6 +61,9 @@ pub struct ProbeOptions {
     /// How train clips are made: the official training transform drawn anew every epoch, or
     /// the fixed evaluation view.
     pub augment: Augment,
+    /// Classes the evaluation config announces (`data.num_classes`), checked against the
+    /// labels of the train index.
+    pub num_classes: Option<usize>,
 }
 
 /// How the train split's clips are made.
@@ -398,6 +401,21 @@ pub(crate) fn prepare(opts: &ProbeOptions) -> anyhow::Result<()> {
 
 /// The classes of the train set's labels (in [`class_names`] order) and their indices; at
 /// least two, none empty.
+/// Warns when the train index's classes are not the number the evaluation config announces
+/// (a subset index, or labels that are not the config's classes).
+pub(crate) fn check_announced(opts: &ProbeOptions, found: usize) {
+    if let Some(n) = opts.num_classes
+        && n != found
+    {
+        tracing::warn!(
+            announced = n,
+            found,
+            "the train index has {found} classes, the evaluation config data.num_classes {n}: \
+             the probe has one output per class found"
+        );
+    }
+}
+
 pub(crate) fn classes(
     labels: BTreeSet<String>,
 ) -> anyhow::Result<(Vec<String>, BTreeMap<String, usize>)> {
@@ -545,6 +563,7 @@ fn run_in_memory(
         .map(|r| r.embedding.len())
         .context("no train clip could be read")?;
     let (classes, class_of) = classes(train_rows.iter().map(|r| r.label.clone()).collect())?;
+    check_announced(opts, classes.len());
     let train = group(train_rows, &class_of, d)?;
     let val = group(val_rows, &class_of, d)?;
     let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);

@@ -101,6 +101,7 @@ pub(crate) fn run<L: Learner>(
 ) -> anyhow::Result<ProbeSummary> {
     let labels = train.labels();
     let (classes, class_of) = probe::classes(labels.iter().cloned().collect())?;
+    probe::check_announced(opts, classes.len());
     let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
     let listed: Vec<usize> = (0..train.len()).collect();
     let keep = probe::low_shot(

@@ -183,6 +183,89 @@ fn official_augmentation_draws_new_train_clips_every_epoch() {
     );
 }
 
+/// An official evaluation config gives the probe its datasets, sampling, optimisation and
+/// checkpoint: the same run as the flags it maps to (the per-GPU batch times the GPUs); a
+/// flag overrides it; what is not implemented is refused (exit 2) naming the key.
+#[test]
+fn an_official_eval_config_drives_the_probe() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (videos, checkpoint) = pretrained_corpus(tmp.path(), 8, 2);
+    let (train_csv, val_csv) = labelled_indexes(&videos, tmp.path(), 6);
+    let folder = checkpoint.parent().unwrap();
+    let file = checkpoint.file_name().unwrap().to_str().unwrap();
+    let eval_yaml = format!(
+        "nodes: 1\ntasks_per_node: 3\ntag: test\neval_name: video_classification_frozen\n\
+         data:\n  dataset_train: {}\n  dataset_val: {}\n  dataset_type: VideoDataset\n\
+         \x20 num_classes: 2\n  frames_per_clip: 16\n  num_segments: 2\n\
+         \x20 num_views_per_segment: 2\n  frame_step: 4\n\
+         optimization:\n  attend_across_segments: true\n  num_epochs: 2\n  resolution: 64\n\
+         \x20 batch_size: 1\n  weight_decay: 0.02\n  lr: 0.002\n  start_lr: 0.002\n\
+         \x20 final_lr: 0.0\n  warmup: 0.\n  use_bfloat16: true\n\
+         pretrain:\n  model_name: vit_tiny\n  checkpoint_key: target_encoder\n\
+         \x20 clip_duration: null\n  frames_per_clip: 16\n  tubelet_size: 2\n\
+         \x20 uniform_power: true\n  use_silu: false\n  patch_size: 16\n  folder: {}\n\
+         \x20 checkpoint: {file}\n",
+        train_csv.display(),
+        val_csv.display(),
+        folder.display()
+    );
+    let eval = tmp.path().join("eval.yaml");
+    std::fs::write(&eval, &eval_yaml).unwrap();
+    let common = ["--augment", "none", "--token-cache", "none", "--seed", "2"];
+
+    let from_config = |name: &str, extra: &[&str]| {
+        Command::new(bin())
+            .args(["probe", "--eval-config"])
+            .arg(&eval)
+            .arg("--out")
+            .arg(tmp.path().join(name))
+            .args(common)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let by_config = from_config("by-config", &[]);
+    assert_ok(&by_config);
+    let flags = eval_command(
+        "probe",
+        &checkpoint,
+        &train_csv,
+        &val_csv,
+        &tmp.path().join("flags"),
+    )
+    .args([
+        "--segments",
+        "2",
+        "--views",
+        "2",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "3",
+    ])
+    .args(["--lr", "0.002", "--weight-decay", "0.02"])
+    .args(common)
+    .output()
+    .unwrap();
+    assert_ok(&flags);
+    let line = top1_line(&by_config);
+    assert!(
+        line.contains("/ 2 validation videos; 6 train videos, 2 classes"),
+        "{line}"
+    );
+    assert_eq!(line, top1_line(&flags));
+
+    let one_epoch = from_config("override", &["--epochs", "1"]);
+    assert_ok(&one_epoch);
+    assert_ne!(top1_line(&one_epoch), line, "--epochs overrides num_epochs");
+
+    std::fs::write(&eval, eval_yaml.replace("  warmup: 0.", "  warmup: 2.")).unwrap();
+    let refused = from_config("refused", &[]);
+    assert_eq!(refused.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("optimization.warmup"), "{err}");
+}
+
 /// `vjepa init` writes the model a fresh run starts from (the random-init baseline of a probe):
 /// a loadable step-0 checkpoint, the same bytes for the same config, other weights for another
 /// seed.
