@@ -122,8 +122,10 @@ pub fn run(opts: FinetuneOptions) -> anyhow::Result<ProbeSummary> {
     if train.is_empty() {
         bail!("no train clip could be read");
     }
-    let (classes, class_of) = probe::classes(train.iter().map(|v| v.label.clone()).collect())?;
-    probe::check_announced(&opts, classes.len());
+    let (classes, class_of) = probe::classes(
+        train.iter().map(|v| v.label.clone()).collect(),
+        opts.num_classes,
+    )?;
     let labelled = |videos: Vec<Decoded>| {
         videos
             .into_iter()

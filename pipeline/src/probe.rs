@@ -401,23 +401,14 @@ pub(crate) fn prepare(opts: &ProbeOptions) -> anyhow::Result<()> {
 
 /// The classes of the train set's labels (in [`class_names`] order) and their indices; at
 /// least two, none empty.
-/// Warns when the train index's classes are not the number the evaluation config announces
-/// (a subset index, or labels that are not the config's classes).
-pub(crate) fn check_announced(opts: &ProbeOptions, found: usize) {
-    if let Some(n) = opts.num_classes
-        && n != found
-    {
-        tracing::warn!(
-            announced = n,
-            found,
-            "the train index has {found} classes, the evaluation config data.num_classes {n}: \
-             the probe has one output per class found"
-        );
-    }
-}
-
+/// The classes, in the head's output order, and each label's index. With `announced`
+/// classes (an evaluation config's `data.num_classes`) and integer labels below it, as the
+/// official CSVs have, the head has one output per announced class and label `k` is output
+/// `k` (the official classifier's layout); otherwise one per label found, with a warning when
+/// an announced count differs.
 pub(crate) fn classes(
     labels: BTreeSet<String>,
+    announced: Option<usize>,
 ) -> anyhow::Result<(Vec<String>, BTreeMap<String, usize>)> {
     if labels.len() < 2 || labels.contains("") {
         bail!(
@@ -425,7 +416,28 @@ pub(crate) fn classes(
             labels
         );
     }
-    let names = class_names(&labels);
+    let official = announced.filter(|&n| {
+        labels.iter().all(|l| {
+            l.parse::<usize>()
+                .is_ok_and(|k| k < n && k.to_string() == *l)
+        })
+    });
+    let names = match official {
+        Some(n) => (0..n).map(|k| k.to_string()).collect(),
+        None => {
+            if let Some(n) = announced
+                && n != labels.len()
+            {
+                tracing::warn!(
+                    announced = n,
+                    found = labels.len(),
+                    "the train index's labels are not the evaluation config's data.num_classes \
+                     integer classes: the probe has one output per label found"
+                );
+            }
+            class_names(&labels)
+        }
+    };
     let index = names
         .iter()
         .enumerate()
@@ -562,8 +574,10 @@ fn run_in_memory(
         .first()
         .map(|r| r.embedding.len())
         .context("no train clip could be read")?;
-    let (classes, class_of) = classes(train_rows.iter().map(|r| r.label.clone()).collect())?;
-    check_announced(opts, classes.len());
+    let (classes, class_of) = classes(
+        train_rows.iter().map(|r| r.label.clone()).collect(),
+        opts.num_classes,
+    )?;
     let train = group(train_rows, &class_of, d)?;
     let val = group(val_rows, &class_of, d)?;
     let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
@@ -633,6 +647,30 @@ fn run_in_memory(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn announced_integer_classes_keep_the_official_layout() {
+        let set = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>();
+        // Labels 0, 2 and 7 of 10 announced: ten outputs, label k at output k.
+        let (names, of) = classes(set(&["7", "0", "2"]), Some(10)).unwrap();
+        assert_eq!(names.len(), 10);
+        assert_eq!((of["0"], of["2"], of["7"]), (0, 2, 7));
+        // Without an announcement, or with labels that are not its integers: one output per
+        // label found (integers in numeric order).
+        let (names, of) = classes(set(&["7", "10", "2"]), None).unwrap();
+        assert_eq!(names, vec!["2", "7", "10"]);
+        assert_eq!(of["10"], 2);
+        assert_eq!(classes(set(&["7", "12"]), Some(10)).unwrap().0.len(), 2);
+        assert_eq!(
+            classes(set(&["cat", "dog"]), Some(2)).unwrap().0,
+            vec!["cat", "dog"]
+        );
+        assert_eq!(
+            classes(set(&["01", "2"]), Some(5)).unwrap().0.len(),
+            2,
+            "01 is not 1"
+        );
+    }
 
     #[test]
     fn cache_names_and_the_auto_rule() {

@@ -100,8 +100,7 @@ pub(crate) fn run<L: Learner>(
     make: impl FnOnce(usize, usize) -> anyhow::Result<L>,
 ) -> anyhow::Result<ProbeSummary> {
     let labels = train.labels();
-    let (classes, class_of) = probe::classes(labels.iter().cloned().collect())?;
-    probe::check_announced(opts, classes.len());
+    let (classes, class_of) = probe::classes(labels.iter().cloned().collect(), opts.num_classes)?;
     let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
     let listed: Vec<usize> = (0..train.len()).collect();
     let keep = probe::low_shot(
