@@ -399,9 +399,33 @@ pub fn encoder_from_pth(
         Some(s) => s,
         None => Section::from_value(&root, "state_dict")?,
     };
-    let expected = encoder_expected(&cfg);
+    let mut expected = encoder_expected(&cfg);
+    // Built for another input size (a 384 evaluation of a 224 model): the official evaluation
+    // keeps the freshly built sin-cos table where the checkpoint's has another shape.
+    let fresh_table = match section.tensors.get("pos_embed") {
+        Some(t)
+            if t.shape != expected[0].1
+                && t.shape.len() == 3
+                && t.shape[0] == 1
+                && t.shape[2] == cfg.embed_dim =>
+        {
+            expected[0].1 = t.shape.clone();
+            true
+        }
+        _ => false,
+    };
     section.check(&expected)?;
     let (tensors, pos) = section.load_with_table(&expected, &mut ar, device)?;
+    let pos = if fresh_table {
+        crate::pos_embed::sincos_table_tensor(
+            cfg.embed_dim,
+            cfg.grid(),
+            cfg.table_layout(),
+            device,
+        )?
+    } else {
+        pos
+    };
     let mut map = ParamMap::new();
     for (name, t) in tensors {
         map.insert(name, t);

@@ -132,6 +132,27 @@ fn pytorch_checkpoint_gives_the_pytorch_features() {
     .unwrap();
     assert_eq!(section, "target_encoder");
     assert_eq!(flat(&enc.forward(clip, None).unwrap()), flat(&got));
+
+    // Built for a larger input (the official evaluation at another resolution): the file's
+    // pos_embed has another shape, so the freshly built sin-cos table is kept, as the
+    // official `load_pretrained` does; the weights are the file's.
+    let mut bigger = model.encoder_config().clone();
+    bigger.crop_size += 2 * bigger.patch_size;
+    let (big, _) =
+        encoder_from_pth(&golden("pth_fixture.pth.tar"), Some(&bigger), &Device::Cpu).unwrap();
+    let fresh = vjepa_model::pos_embed::sincos_table_tensor(
+        bigger.embed_dim,
+        bigger.grid(),
+        bigger.table_layout(),
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(flat(big.pos_embed()), flat(&fresh));
+    assert_ne!(big.pos_embed().dims(), enc.pos_embed().dims());
+    assert_eq!(big.params().len(), enc.params().len());
+    for ((name, a), (_, b)) in big.params().iter().zip(enc.params()) {
+        assert_eq!(flat(a), flat(b), "{name}");
+    }
 }
 
 #[test]
