@@ -3,6 +3,7 @@
 //! them (load, batch, mask, train, sinks). Timestamps are step numbers.
 
 pub mod erasing;
+pub mod eval_augment;
 pub mod masking;
 pub mod randaugment;
 pub mod sampling;

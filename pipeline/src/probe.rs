@@ -10,8 +10,8 @@
 //! reads the videos again every epoch), or are the fixed evaluation view ([`Augment::None`]:
 //! then the tokens can be extracted once and held, [`Cache`], with the same batches either
 //! way). A difference from the official recipe, said plainly: training runs in f32 (no fp16
-//! autocast). The probe, its optimiser and schedules are the official ones. `vjepa finetune` ([`crate::finetune`]) shares the options,
-//! the label handling and the predictions table.
+//! autocast). The probe, its optimiser and schedules are the official ones. `vjepa finetune`
+//! ([`crate::finetune`]) shares the options, the label handling and the predictions table.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -61,8 +61,8 @@ pub struct ProbeOptions {
     /// How train clips are made: the official training transform drawn anew every epoch, or
     /// the fixed evaluation view.
     pub augment: Augment,
-    /// Classes the evaluation config announces (`data.num_classes`), checked against the
-    /// labels of the train index.
+    /// Classes the evaluation config announces (`data.num_classes`): with integer labels,
+    /// the head's outputs (see [`classes`]).
     pub num_classes: Option<usize>,
 }
 
@@ -399,13 +399,11 @@ pub(crate) fn prepare(opts: &ProbeOptions) -> anyhow::Result<()> {
         .with_context(|| format!("creating {}", opts.out_dir.display()))
 }
 
-/// The classes of the train set's labels (in [`class_names`] order) and their indices; at
-/// least two, none empty.
 /// The classes, in the head's output order, and each label's index. With `announced`
 /// classes (an evaluation config's `data.num_classes`) and integer labels below it, as the
 /// official CSVs have, the head has one output per announced class and label `k` is output
 /// `k` (the official classifier's layout); otherwise one per label found, with a warning when
-/// an announced count differs.
+/// an announced count differs (in [`class_names`] order). At least two labels, none empty.
 pub(crate) fn classes(
     labels: BTreeSet<String>,
     announced: Option<usize>,
