@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Collapse and layout statistics of token features written by `vjepa extract --tokens`
-(or the `train-features.parquet` that `vjepa probe` / `finetune` write to --out).
+(or the `train-features.parquet` that `vjepa probe --augment none` writes to --out when it holds
+the tokens in memory).
 
     feature_stats.py [--time-steps 8] [--max-clips 120] FEATURES.parquet [...]
 

@@ -409,6 +409,12 @@ pub fn encoder_from_pth(
                 && t.shape[0] == 1
                 && t.shape[2] == cfg.embed_dim =>
         {
+            tracing::info!(
+                file = ?t.shape,
+                built = ?expected[0].1,
+                "pos_embed of another input size in the checkpoint: the freshly built sin-cos \
+                 table is used"
+            );
             expected[0].1 = t.shape.clone();
             true
         }

@@ -163,15 +163,13 @@ pub fn apply_ops(ops: &[Op], frames: &mut [u8], t: usize, height: usize, width: 
     }
     let mut scratch = vec![0u8; len];
     for op in ops {
-        // A geometric operation maps the same output pixels to the same input positions in
-        // every frame: the taps are worked out once per clip.
-        let map = op
-            .matrix(height, width)
-            .map(|m| AffineMap::new(height, width, m));
-        for frame in frames.chunks_exact_mut(len).take(t) {
-            match &map {
-                Some(map) => map.apply(frame, &mut scratch),
-                None => op.apply(frame, &mut scratch, height, width),
+        match op.matrix(height, width) {
+            // The same taps in every frame: worked out once for the clip.
+            Some(m) => affine(frames, t, height, width, m),
+            None => {
+                for frame in frames.chunks_exact_mut(len).take(t) {
+                    op.apply(frame, &mut scratch, height, width);
+                }
             }
         }
     }
@@ -214,7 +212,7 @@ fn op_at(kind: OpKind, m: f64, rng: &mut impl Rng) -> Op {
 
 impl Op {
     /// Applies the operation to one packed RGB frame in place (`scratch`: a frame-sized
-    /// buffer the resampling and filtering operations write through).
+    /// buffer the filtering operation writes through; a clip goes through [`apply_ops`]).
     pub fn apply(&self, frame: &mut [u8], scratch: &mut [u8], height: usize, width: usize) {
         match *self {
             Op::AutoContrast => per_channel_lut(frame, autocontrast_lut),
@@ -261,7 +259,7 @@ impl Op {
             | Op::TranslateX(_)
             | Op::TranslateY(_) => {
                 if let Some(m) = self.matrix(height, width) {
-                    AffineMap::new(height, width, m).apply(frame, scratch);
+                    affine(frame, 1, height, width, m);
                 }
             }
         }
@@ -273,8 +271,11 @@ impl Op {
     pub fn matrix(&self, height: usize, width: usize) -> Option<[f64; 6]> {
         Some(match *self {
             Op::Rotate(degrees) => {
-                let angle = -degrees.to_radians();
-                let round15 = |x: f64| (x * 1e15).round() / 1e15;
+                // PIL: `angle % 360` (Python's modulo), then radians; `round(x, 15)` is
+                // Python's correctly rounded decimal rounding (Rust's formatting rounds the
+                // exact value the same way).
+                let angle = -degrees.rem_euclid(360.0).to_radians();
+                let round15 = |x: f64| format!("{x:.15}").parse::<f64>().unwrap_or(x);
                 let (c, s) = (round15(angle.cos()), round15(angle.sin()));
                 let (cx, cy) = (width as f64 / 2.0, height as f64 / 2.0);
                 let mut m = [c, s, 0.0, -s, c, 0.0];
@@ -406,31 +407,33 @@ fn cubic(v1: f64, v2: f64, v3: f64, v4: f64, d: f64) -> f64 {
 }
 
 /// One output pixel's bicubic taps: byte offsets of the four columns and the four rows it
-/// reads, and its fractions.
-#[derive(Clone, Copy)]
-struct Tap {
-    cols: [u32; 4],
-    rows: [u32; 4],
-    dx: f64,
-    dy: f64,
-}
+/// reads, and its fractions; `None` outside the input (the fill).
+type Tap = Option<([usize; 4], [usize; 4], f64, f64)>;
 
-/// `Image.transform(size, AFFINE, m, BICUBIC, fillcolor=128)` worked out for a frame size:
-/// output pixel `(x, y)` reads the input at `(m0·(x+½) + m1·(y+½) + m2, m3·(x+½) + m4·(y+½) +
-/// m5)`; outside the input it is the fill. Columns are clamped to the frame, the first row
-/// too, and each further row outside the frame repeats the one before (PIL's
-/// `bicubic_filter32RGB`).
-struct AffineMap {
-    taps: Vec<Option<Tap>>,
-}
+/// Rows of output pixels whose taps are worked out at once (and used for every frame).
+const BAND: usize = 32;
 
-impl AffineMap {
-    fn new(height: usize, width: usize, m: [f64; 6]) -> Self {
-        let stride = width * 3;
-        let (w, h) = (width as f64, height as f64);
-        let xclip = |x: i64| (x.clamp(0, width as i64 - 1) as usize * 3) as u32;
-        let mut taps = Vec::with_capacity(height * width);
-        for y in 0..height {
+/// `Image.transform(size, AFFINE, m, BICUBIC, fillcolor=128)` of each of `t` packed RGB frames,
+/// in place: output pixel `(x, y)` reads the input at `(m0·(x+½) + m1·(y+½) + m2, m3·(x+½) +
+/// m4·(y+½) + m5)`; outside the input it is the fill. Columns are clamped to the frame, the
+/// first row too, and each further row outside the frame repeats the one before (PIL's
+/// `bicubic_filter32RGB`, in its f64 arithmetic). The taps are the same in every frame, so they
+/// are worked out once per band of rows for the whole clip; memory is one more copy of the
+/// frames.
+fn affine(frames: &mut [u8], t: usize, height: usize, width: usize, m: [f64; 6]) {
+    let stride = width * 3;
+    let len = height * stride;
+    if len == 0 || t == 0 {
+        return;
+    }
+    let mut out = vec![0u8; t * len];
+    let (w, h) = (width as f64, height as f64);
+    let (last_x, last_y) = (width as i64 - 1, height as i64 - 1);
+    let mut taps: Vec<Tap> = Vec::with_capacity(BAND * width);
+    for band in (0..height).step_by(BAND) {
+        let rows_in_band = BAND.min(height - band);
+        taps.clear();
+        for y in band..band + rows_in_band {
             let yc = y as f64 + 0.5;
             for x in 0..width {
                 let xc = x as f64 + 0.5;
@@ -443,59 +446,64 @@ impl AffineMap {
                 let (xs, ys) = (xin - 0.5, yin - 0.5);
                 let (fx, fy) = (xs.floor(), ys.floor());
                 let (x0, y0) = (fx as i64 - 1, fy as i64 - 1);
-                let mut rows = [y0.clamp(0, height as i64 - 1) as usize; 4];
+                let mut cols = [0usize; 4];
+                for (k, c) in cols.iter_mut().enumerate() {
+                    *c = (x0 + k as i64).clamp(0, last_x) as usize * 3;
+                }
+                let mut rows = [y0.clamp(0, last_y) as usize * stride; 4];
                 for k in 1..4 {
                     let r = y0 + k as i64;
-                    rows[k] = if (0..height as i64).contains(&r) {
-                        r as usize
+                    rows[k] = if (0..=last_y).contains(&r) {
+                        r as usize * stride
                     } else {
                         rows[k - 1]
                     };
                 }
-                taps.push(Some(Tap {
-                    cols: [xclip(x0), xclip(x0 + 1), xclip(x0 + 2), xclip(x0 + 3)],
-                    rows: rows.map(|r| (r * stride) as u32),
-                    dx: xs - fx,
-                    dy: ys - fy,
-                }));
+                taps.push(Some((cols, rows, xs - fx, ys - fy)));
             }
         }
-        AffineMap { taps }
+        let span = band * stride..(band + rows_in_band) * stride;
+        for (frame, out) in frames
+            .chunks_exact(len)
+            .zip(out.chunks_exact_mut(len))
+            .take(t)
+        {
+            resample(frame, &mut out[span.clone()], &taps);
+        }
     }
+    frames[..t * len].copy_from_slice(&out);
+}
 
-    /// Resamples one packed RGB frame (through `out`, a frame-sized buffer) in place.
-    fn apply(&self, frame: &mut [u8], out: &mut [u8]) {
-        for (px, tap) in out.chunks_exact_mut(3).zip(&self.taps) {
-            let Some(t) = tap else {
-                px.fill(FILL);
-                continue;
-            };
-            // Each row's four pixels, all three channels at once (plain loops: `[T; N]::map`
-            // does not inline here and cost twice the arithmetic).
-            let mut v = [[0.0f64; 3]; 4];
-            for (vk, &r) in v.iter_mut().zip(&t.rows) {
-                let mut s = [[0.0f64; 3]; 4];
-                for (si, &col) in s.iter_mut().zip(&t.cols) {
-                    let at = (r + col) as usize;
-                    let q = &frame[at..at + 3];
-                    *si = [f64::from(q[0]), f64::from(q[1]), f64::from(q[2])];
-                }
-                for (c, vc) in vk.iter_mut().enumerate() {
-                    *vc = cubic(s[0][c], s[1][c], s[2][c], s[3][c], t.dx);
-                }
+/// Writes `out` (packed RGB, one pixel per tap) from `frame` through `taps`.
+fn resample(frame: &[u8], out: &mut [u8], taps: &[Tap]) {
+    for (px, tap) in out.chunks_exact_mut(3).zip(taps) {
+        let Some((cols, rows, dx, dy)) = tap else {
+            px.fill(FILL);
+            continue;
+        };
+        // Each row's four pixels, all three channels at once (plain loops: `[T; N]::map` does
+        // not inline here and cost twice the arithmetic).
+        let mut v = [[0.0f64; 3]; 4];
+        for (vk, &r) in v.iter_mut().zip(rows) {
+            let mut s = [[0.0f64; 3]; 4];
+            for (si, &col) in s.iter_mut().zip(cols) {
+                let q = &frame[r + col..r + col + 3];
+                *si = [f64::from(q[0]), f64::from(q[1]), f64::from(q[2])];
             }
-            for (c, o) in px.iter_mut().enumerate() {
-                let p = cubic(v[0][c], v[1][c], v[2][c], v[3][c], t.dy);
-                *o = if p <= 0.0 {
-                    0
-                } else if p >= 255.0 {
-                    255
-                } else {
-                    p as u8
-                };
+            for (c, vc) in vk.iter_mut().enumerate() {
+                *vc = cubic(s[0][c], s[1][c], s[2][c], s[3][c], *dx);
             }
         }
-        frame.copy_from_slice(out);
+        for (c, o) in px.iter_mut().enumerate() {
+            let p = cubic(v[0][c], v[1][c], v[2][c], v[3][c], *dy);
+            *o = if p <= 0.0 {
+                0
+            } else if p >= 255.0 {
+                255
+            } else {
+                p as u8
+            };
+        }
     }
 }
 

@@ -5,8 +5,6 @@ use vjepa_operators::randaugment::Op;
 
 const GOLDEN_BIN: &[u8] = include_bytes!("goldens/randaugment_pil.bin");
 const GOLDEN_TXT: &str = include_str!("goldens/randaugment_pil.txt");
-const H: usize = 20;
-const W: usize = 24;
 
 fn op_of(line: &str) -> Op {
     let mut words = line.split_whitespace();
@@ -35,19 +33,35 @@ fn op_of(line: &str) -> Op {
 
 #[test]
 fn operations_equal_pillow() {
-    let n = H * W * 3;
-    let lines: Vec<&str> = GOLDEN_TXT
+    // `frame H W` starts a frame (its input is next in the .bin); every other line is a case
+    // on the latest frame (its output is next).
+    let mut at = 0usize;
+    let mut take = |n: usize| {
+        let part = &GOLDEN_BIN[at..at + n];
+        at += n;
+        part
+    };
+    let (mut input, mut size, mut cases) = (Vec::new(), (0, 0), 0);
+    let mut report = Vec::new();
+    for line in GOLDEN_TXT
         .lines()
         .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-        .collect();
-    assert_eq!(GOLDEN_BIN.len(), n * (lines.len() + 1), "golden size");
-    let input = &GOLDEN_BIN[..n];
-    let mut report = Vec::new();
-    for (i, line) in lines.iter().enumerate() {
-        let want = &GOLDEN_BIN[n * (i + 1)..n * (i + 2)];
-        let mut got = input.to_vec();
+    {
+        if let Some(rest) = line.strip_prefix("frame ") {
+            let dims: Vec<usize> = rest
+                .split_whitespace()
+                .map(|v| v.parse().unwrap())
+                .collect();
+            size = (dims[0], dims[1]);
+            input = take(size.0 * size.1 * 3).to_vec();
+            continue;
+        }
+        let (h, w) = size;
+        let n = h * w * 3;
+        let want = take(n);
+        let mut got = input.clone();
         let mut scratch = vec![0u8; n];
-        op_of(line).apply(&mut got, &mut scratch, H, W);
+        op_of(line).apply(&mut got, &mut scratch, h, w);
         let diffs: Vec<i32> = got
             .iter()
             .zip(want)
@@ -55,10 +69,13 @@ fn operations_equal_pillow() {
             .collect();
         let max = diffs.iter().copied().max().unwrap_or(0);
         let off = diffs.iter().filter(|&&d| d > 0).count();
-        println!("{line:<18} max |ours − Pillow| {max}, values differing {off} of {n}");
+        println!("{h}x{w} {line:<18} max |ours − Pillow| {max}, values differing {off} of {n}");
         if max > 0 {
-            report.push(format!("{line}: max {max}, {off} values"));
+            report.push(format!("{h}x{w} {line}: max {max}, {off} values"));
         }
+        cases += 1;
     }
+    assert_eq!(at, GOLDEN_BIN.len(), "golden fully read");
+    assert!(cases >= 40, "{cases} cases");
     assert!(report.is_empty(), "differs from Pillow: {report:?}");
 }

@@ -141,7 +141,9 @@ impl EvalConfig {
         if !(lr.is_finite() && lr > 0.0) {
             return Err(invalid("optimization.lr", "must be a positive number"));
         }
-        let weight_decay = doc.number("optimization.weight_decay")?.unwrap_or(0.0);
+        let weight_decay = doc
+            .number("optimization.weight_decay")?
+            .ok_or_else(|| invalid("optimization.weight_decay", "missing"))?;
         if !(weight_decay.is_finite() && weight_decay >= 0.0) {
             return Err(invalid(
                 "optimization.weight_decay",
@@ -245,9 +247,12 @@ impl EvalConfig {
         encoder
             .validate()
             .map_err(|e| invalid("pretrain", e.to_string()))?;
+        // `os.path.join(folder, checkpoint)`: an absolute (or URL) checkpoint stands alone.
         let checkpoint = match (doc.str("pretrain.folder")?, doc.str("pretrain.checkpoint")?) {
-            (Some(folder), Some(file)) => Some(format!("{}/{file}", folder.trim_end_matches('/'))),
-            (None, Some(file)) => Some(file.to_string()),
+            (Some(folder), Some(file)) if !file.starts_with('/') && !file.contains("://") => {
+                Some(format!("{}/{file}", folder.trim_end_matches('/')))
+            }
+            (_, Some(file)) => Some(file.to_string()),
             _ => None,
         };
 
@@ -476,6 +481,10 @@ pretrain:
             refused("  dataset_type: VideoDataset", "  dataset_type: ImageNet"),
             "data.dataset_type"
         );
+        assert_eq!(
+            refused("  weight_decay: 0.01\n", ""),
+            "optimization.weight_decay"
+        );
         // A pretraining config is not an evaluation config.
         let err = EvalConfig::parse("data:\n  batch_size: 3\n").unwrap_err();
         assert_eq!(err.key(), Some("eval_name"));
@@ -502,5 +511,9 @@ pretrain:
             "{:?}",
             c.notes
         );
+        // An absolute checkpoint path is not joined to the folder (os.path.join).
+        let abs = K400.replace("checkpoint: jepa-latest", "checkpoint: /x/jepa-latest");
+        let abs = EvalConfig::parse(&abs).unwrap();
+        assert_eq!(abs.checkpoint.as_deref(), Some("/x/jepa-latest.pth.tar"));
     }
 }

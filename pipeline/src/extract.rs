@@ -321,18 +321,110 @@ impl FrameSink for ViewsSink {
     }
 }
 
-/// Holds the decoded RGB frames of the segments' clips at full resolution, for
-/// [`TrainAugment`] (RandAugment works on whole frames, before the crop). Memory is the
-/// union of the segments' frames, as the official loader holds them.
+/// Makes each segment's clip through [`TrainAugment`] as soon as its frames are decoded
+/// (RandAugment works on whole frames, before the crop, so they are held as full-resolution
+/// RGB until then), and drops the frames no later segment reads: at most about one clip's
+/// frames are held, whatever the number of segments. The transform draws from the video's
+/// generator after its windows, segment by segment, as the official loader transforms each
+/// clip in turn. A decode that starts over (a software retry after NVDEC, or a stream found
+/// not to be constant-rate after a seek) delivers frames again from the first: the clips made
+/// so far are dropped and the generator rewound, so the result is as if the last pass were the
+/// only one.
 struct AugmentSink {
+    augment: TrainAugment,
     segments: usize,
     sampling: ClipSampling,
     rng: ChaCha8Rng,
+    /// The generator as it was after the plan (for a restart).
+    rng_after_plan: Option<ChaCha8Rng>,
     plan: Vec<Vec<u64>>,
     union: Vec<u64>,
+    /// Per slot of `union`, the last segment that reads it.
+    last_use: Vec<usize>,
     size: (usize, usize),
+    /// Held RGB frames by slot (`None`: not decoded yet, or no longer needed).
     frames: Vec<Option<Vec<u8>>>,
+    /// The last slot delivered, and its frame (a `repeat` copies from it).
+    last: Option<usize>,
+    /// The clips made, in segment order.
+    clips: Vec<(Vec<f32>, TransformParams)>,
     error: Option<IngestError>,
+}
+
+impl AugmentSink {
+    fn new(augment: TrainAugment, segments: usize, sampling: ClipSampling, seed: u64) -> Self {
+        AugmentSink {
+            augment,
+            segments,
+            sampling,
+            rng: ChaCha8Rng::seed_from_u64(seed),
+            rng_after_plan: None,
+            plan: Vec::new(),
+            union: Vec::new(),
+            last_use: Vec::new(),
+            size: (0, 0),
+            frames: Vec::new(),
+            last: None,
+            clips: Vec::new(),
+            error: None,
+        }
+    }
+
+    /// Holds `rgb` for `slot`, then makes every segment whose frames are all in.
+    fn hold(&mut self, slot: usize, rgb: Vec<u8>) -> Result<(), IngestError> {
+        if self.last.is_some_and(|l| slot <= l) {
+            // Delivered from the start again: begin again.
+            self.clips.clear();
+            self.frames.iter_mut().for_each(|f| *f = None);
+            if let Some(r) = &self.rng_after_plan {
+                self.rng = r.clone();
+            }
+        }
+        self.last = Some(slot);
+        let done = self.clips.len();
+        match self.frames.get_mut(slot) {
+            Some(held) if self.last_use.get(slot).is_some_and(|&u| u >= done) => {
+                *held = Some(rgb);
+            }
+            Some(_) => {}
+            None => {
+                return Err(IngestError::Fatal(format!(
+                    "frame slot {slot} out of range"
+                )));
+            }
+        }
+        while self.clips.len() < self.plan.len() {
+            let k = self.clips.len();
+            let (h, w) = self.size;
+            let len = h * w * 3;
+            let indices = &self.plan[k];
+            let mut frames = Vec::with_capacity(indices.len() * len);
+            for f in indices {
+                let held = self
+                    .union
+                    .binary_search(f)
+                    .ok()
+                    .and_then(|p| self.frames[p].as_deref());
+                match held {
+                    Some(rgb) => frames.extend_from_slice(rgb),
+                    None => return Ok(()), // not all decoded yet
+                }
+            }
+            let clip = self
+                .augment
+                .clip(&mut frames, indices.len(), h, w, &mut self.rng)
+                .map_err(|e| IngestError::Fatal(format!("training transform: {e}")))?;
+            self.clips.push(clip);
+            let done = self.clips.len();
+            // Keep the last delivered frame for a repeat into a later slot.
+            for (p, f) in self.frames.iter_mut().enumerate() {
+                if self.last_use[p] < done && Some(p) != self.last {
+                    *f = None;
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 impl FrameSink for AugmentSink {
@@ -353,8 +445,18 @@ impl FrameSink for AugmentSink {
         let mut union: Vec<u64> = plan.iter().flatten().copied().collect();
         union.sort_unstable();
         union.dedup();
+        let mut last_use = vec![0; union.len()];
+        for (k, indices) in plan.iter().enumerate() {
+            for f in indices {
+                if let Ok(p) = union.binary_search(f) {
+                    last_use[p] = k;
+                }
+            }
+        }
+        self.rng_after_plan = Some(self.rng.clone());
         self.size = (info.height as usize, info.width as usize);
         self.frames = vec![None; union.len()];
+        self.last_use = last_use;
         self.plan = plan;
         self.union = union.clone();
         union
@@ -370,61 +472,19 @@ impl FrameSink for AugmentSink {
                 ),
             ));
         }
-        let Some(held) = self.frames.get_mut(slot) else {
-            return Err(IngestError::Fatal(format!(
-                "frame slot {slot} out of range"
-            )));
-        };
-        let mut rgb = held.take().unwrap_or_default();
-        rgb.resize(frame.height * frame.width * 3, 0);
+        let mut rgb = vec![0u8; frame.height * frame.width * 3];
         frame.to_rgb(&mut rgb)?;
-        *held = Some(rgb);
-        Ok(())
+        self.hold(slot, rgb)
     }
 
     fn repeat(&mut self, from: usize, to: usize) -> Result<(), IngestError> {
         let copy = self.frames.get(from).cloned().flatten();
-        match (copy, self.frames.get_mut(to)) {
-            (Some(f), Some(slot)) => {
-                *slot = Some(f);
-                Ok(())
-            }
+        match copy {
+            Some(f) if self.last == Some(from) => self.hold(to, f),
             _ => Err(IngestError::Fatal(format!(
                 "cannot repeat frame slot {from} into {to}"
             ))),
         }
-    }
-}
-
-impl AugmentSink {
-    /// Each segment's clip through `augment`, in segment order (drawing from the video's
-    /// generator after its windows, as the official loader transforms each clip in turn).
-    fn clips(
-        &mut self,
-        augment: &TrainAugment,
-    ) -> Result<Vec<(Vec<f32>, TransformParams)>, String> {
-        let (h, w) = self.size;
-        let len = h * w * 3;
-        let mut out = Vec::with_capacity(self.plan.len());
-        for indices in &self.plan {
-            let mut frames = Vec::with_capacity(indices.len() * len);
-            for f in indices {
-                let held = self
-                    .union
-                    .binary_search(f)
-                    .ok()
-                    .and_then(|p| self.frames[p].as_deref());
-                let Some(held) = held else {
-                    return Err(format!("decoder finished without frame {f}"));
-                };
-                frames.extend_from_slice(held);
-            }
-            let clip = augment
-                .clip(&mut frames, indices.len(), h, w, &mut self.rng)
-                .map_err(|e| format!("training transform: {e}"))?;
-            out.push(clip);
-        }
-        Ok(out)
     }
 }
 
@@ -468,19 +528,11 @@ impl ExtractLoader {
         seed: u64,
         step: u64,
     ) -> Vec<Loaded> {
-        let mut sink = AugmentSink {
-            segments: self.opts.segments.max(1),
-            sampling: ClipSampling {
-                frames_per_clip: self.frames,
-                frame_step: self.opts.frame_step,
-            },
-            rng: ChaCha8Rng::seed_from_u64(seed),
-            plan: Vec::new(),
-            union: Vec::new(),
-            size: (0, 0),
-            frames: Vec::new(),
-            error: None,
+        let sampling = ClipSampling {
+            frames_per_clip: self.frames,
+            frame_step: self.opts.frame_step,
         };
+        let mut sink = AugmentSink::new(*augment, self.opts.segments.max(1), sampling, seed);
         let started = Instant::now();
         let stats = match self.decoder.decode(source, &mut sink) {
             Ok(s) => s,
@@ -489,10 +541,14 @@ impl ExtractLoader {
         if let Some(e) = sink.error.take() {
             return self.bad(v, "decode_error", e.to_string());
         }
-        let clips = match sink.clips(augment) {
-            Ok(c) => c,
-            Err(e) => return self.bad(v, "decode_error", e),
-        };
+        if sink.clips.len() != sink.plan.len() {
+            return self.bad(
+                v,
+                "decode_error",
+                "decoder finished without every planned frame".into(),
+            );
+        }
+        let clips = std::mem::take(&mut sink.clips);
         let decode_s = started.elapsed().as_secs_f64();
         clips
             .into_iter()
@@ -1270,6 +1326,54 @@ mod tests {
                 .iter()
                 .all(|b| b.left == 0 && b.top == 0)
         );
+    }
+
+    /// Delivers `slots` (frame content = its frame number) to an augmenting sink planned for
+    /// a 400-frame 12×16 video in 4 segments of 4 frames, step 2; returns the sink and the
+    /// largest number of frames it held at once.
+    fn deliver(slots: &[usize]) -> (AugmentSink, usize) {
+        let sampling = ClipSampling {
+            frames_per_clip: 4,
+            frame_step: 2,
+        };
+        let mut sink = AugmentSink::new(TrainAugment::official(8), 4, sampling, 7);
+        let info = VideoInfo {
+            width: 16,
+            height: 12,
+            fps: 25.0,
+            duration_ns: Some(16_000_000_000),
+            num_frames: 400,
+        };
+        let wanted = sink.plan(&info);
+        assert_eq!(wanted.len(), 16, "four disjoint windows");
+        let mut most = 0;
+        for &slot in slots {
+            let rgb = vec![wanted[slot] as u8; 12 * 16 * 3];
+            sink.hold(slot, rgb).unwrap();
+            most = most.max(sink.frames.iter().filter(|f| f.is_some()).count());
+        }
+        (sink, most)
+    }
+
+    #[test]
+    fn augmented_clips_are_made_segment_by_segment_and_survive_a_restart() {
+        let all: Vec<usize> = (0..16).collect();
+        let (once, most) = deliver(&all);
+        assert_eq!(once.clips.len(), 4);
+        assert!(
+            most <= 4,
+            "held {most} frames: one segment's, not the video's"
+        );
+        // Started over after the second segment (slots 0..8, then 0..16 again): the same clips,
+        // as if the last pass were the only one.
+        let mut twice: Vec<usize> = (0..8).collect();
+        twice.extend(0..16);
+        let (again, _) = deliver(&twice);
+        assert_eq!(again.clips, once.clips);
+        // An unfinished pass makes only the segments it completed.
+        let (part, _) = deliver(&all[..9]);
+        assert_eq!(part.clips.len(), 2);
+        assert_eq!(part.clips[..], once.clips[..2]);
     }
 
     #[test]

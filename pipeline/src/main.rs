@@ -127,6 +127,7 @@ impl ProbeArgs {
                 ExitCode::from(2)
             })
         };
+        let explicit_checkpoint = self.checkpoint.is_some();
         let checkpoint = required(
             self.checkpoint,
             eval.as_ref().and_then(|e| e.checkpoint.clone()),
@@ -148,11 +149,14 @@ impl ProbeArgs {
             .weight_decay
             .or(eval.as_ref().map(|e| e.weight_decay))
             .unwrap_or(0.01);
-        // The eval config describes the checkpoint it names; a job config is the fallback.
-        let encoder = eval
-            .as_ref()
-            .map(|e| e.encoder.clone())
-            .or_else(|| cfg.as_ref().map(|c| c.encoder_config()));
+        // The eval config describes the checkpoint it names; a --checkpoint given with a
+        // --config is described by that config.
+        let from_job = cfg.as_ref().map(|c| c.encoder_config());
+        let encoder = match (&eval, explicit_checkpoint) {
+            (Some(_), true) if from_job.is_some() => from_job,
+            (Some(e), _) => Some(e.encoder.clone()),
+            (None, _) => from_job,
+        };
         let size = eval.as_ref().map(|e| e.encoder.crop_size);
         let extract = vjepa_pipeline::extract::ExtractOptions {
             index_root: self

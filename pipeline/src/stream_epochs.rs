@@ -142,18 +142,22 @@ pub(crate) fn run<L: Learner>(
         order.shuffle(&mut rng);
         let videos: Vec<usize> = order.iter().map(|&p| keep[p]).collect();
         let set = train.reordered(&videos);
-        if augmented {
-            // New windows and a new transform per clip every epoch, as the official loader.
-            e.seed = mix64(opts.extract.seed ^ mix64(epoch as u64 + 1));
-        }
+        e.seed = epoch_seed(opts.extract.seed, augmented, epoch);
         let (mut done, streamed) =
             extract::stream_clips(&e, set, frames, size, &train_q, pass, handle)
                 .with_context(|| format!("{what} epoch {}", epoch + 1))?;
         if !done.pending.is_empty() {
             done.step(done.pending.len())?; // the last, partial batch
         }
-        if epoch == 0 {
-            warn_quarantined(&streamed, what, "train");
+        // Every epoch reads the videos again (other windows, with --augment official): a
+        // video can fail in any of them. The table holds the last epoch's records.
+        if streamed.quarantined > 0 {
+            tracing::warn!(
+                epoch = epoch + 1,
+                quarantined = streamed.quarantined,
+                records = %streamed.quarantine_output,
+                "train videos left out of this epoch of the {what}"
+            );
         }
         trained = std::mem::take(&mut done.videos);
         let losses = std::mem::take(&mut done.losses);
@@ -185,6 +189,17 @@ pub(crate) fn run<L: Learner>(
     let evaluated = eval.predictions.len();
     let correct = probe::write_predictions(&opts.out_dir, &classes, &eval.predictions)?;
     ProbeSummary::new(correct, evaluated, trained, classes, final_loss)
+}
+
+/// The seed of epoch `epoch`'s train clips: with the official training transform a new one
+/// every epoch (new segment windows and new draws per clip, as the official loader), else
+/// `base` (the same clips every epoch, as the in-memory paths hold them).
+fn epoch_seed(base: u64, augmented: bool, epoch: usize) -> u64 {
+    if augmented {
+        mix64(base ^ mix64(epoch as u64 + 1))
+    } else {
+        base
+    }
 }
 
 fn quarantine_location(opts: &ProbeOptions, split: &str) -> String {
@@ -308,6 +323,16 @@ impl<L: Learner> ClipConsumer for Evaluate<L> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn augmented_epochs_draw_new_clips_and_fixed_ones_do_not() {
+        let seeds: Vec<u64> = (0..5).map(|e| epoch_seed(9, true, e)).collect();
+        let distinct: std::collections::BTreeSet<_> = seeds.iter().collect();
+        assert_eq!(distinct.len(), 5);
+        assert!(!seeds.contains(&9));
+        assert_eq!(epoch_seed(9, true, 3), seeds[3], "reproducible");
+        assert!((0..5).all(|e| epoch_seed(9, false, e) == 9));
+    }
 
     #[test]
     fn clips_split_by_video() {

@@ -259,6 +259,39 @@ fn an_official_eval_config_drives_the_probe() {
     assert_ok(&one_epoch);
     assert_ne!(top1_line(&one_epoch), line, "--epochs overrides num_epochs");
 
+    // Integer labels below data.num_classes (the official CSVs): one output per announced
+    // class, label k at output k.
+    let relabel = |from: &std::path::Path, name: &str| {
+        let text = std::fs::read_to_string(from).unwrap();
+        let to = tmp.path().join(name);
+        std::fs::write(&to, text.replace(" mp4", " 3").replace(" webm", " 1")).unwrap();
+        to
+    };
+    let (train_int, val_int) = (
+        relabel(&train_csv, "train-int.csv"),
+        relabel(&val_csv, "val-int.csv"),
+    );
+    let int_yaml = eval_yaml
+        .replace(
+            &train_csv.display().to_string(),
+            &train_int.display().to_string(),
+        )
+        .replace(
+            &val_csv.display().to_string(),
+            &val_int.display().to_string(),
+        )
+        .replace("  num_classes: 2", "  num_classes: 5");
+    std::fs::write(&eval, &int_yaml).unwrap();
+    let five = from_config("five-classes", &[]);
+    assert_ok(&five);
+    let five_line = top1_line(&five);
+    assert!(
+        five_line.contains("6 train videos, 5 classes"),
+        "{five_line}"
+    );
+    let probabilities = read_probabilities(&tmp.path().join("five-classes"));
+    assert!(probabilities.iter().all(|p| p.len() == 5));
+
     std::fs::write(&eval, eval_yaml.replace("  warmup: 0.", "  warmup: 2.")).unwrap();
     let refused = from_config("refused", &[]);
     assert_eq!(refused.status.code(), Some(2));

@@ -3,8 +3,10 @@ each RandAugment operation (spec §9: ImageOps / ImageEnhance / Image.transform 
 resampling and a grey fill) on one small RGB frame, for `cargo test -p vjepa-operators --test
 randaugment_pil`.
 
-The .bin holds the input frame (H x W x 3 u8) and then one output frame per line of the .txt
-(`op argument`). Run with any Python that has Pillow and numpy:
+Two frames, an even and an odd size (PIL rotates about (W/2, H/2), a half pixel for odd sizes).
+The .txt has a `frame H W` line per frame and then one `op argument` line per case; the .bin
+holds, in the same order, each input frame (H x W x 3 u8) followed by its cases' outputs. Run
+with any Python that has Pillow and numpy:
 
     python tools/reference/make_randaugment_golden.py
 """
@@ -15,13 +17,13 @@ import numpy as np
 import PIL
 from PIL import Image, ImageEnhance, ImageOps
 
-H, W = 20, 24
+SIZES = [(20, 24), (19, 23)]
 FILL = (128, 128, 128)
 HERE = os.path.dirname(os.path.abspath(__file__))
 OUT = os.path.join(HERE, "..", "..", "operators", "tests", "goldens")
 
 
-def frame() -> np.ndarray:
+def frame(H: int, W: int) -> np.ndarray:
     rng = np.random.default_rng(9)
     y, x = np.mgrid[0:H, 0:W]
     base = np.stack([40 + 7 * x, 30 + 9 * y, 200 - 3 * x - 4 * y], axis=-1).astype(np.float64)
@@ -59,6 +61,8 @@ CASES = [
     ("Sharpness", 1.63, lambda i, f: ImageEnhance.Sharpness(i).enhance(f)),
     ("Rotate", 21.0, lambda i, d: i.rotate(d, resample=Image.BICUBIC, fillcolor=FILL)),
     ("Rotate", -17.5, lambda i, d: i.rotate(d, resample=Image.BICUBIC, fillcolor=FILL)),
+    ("Rotate", 26.837, lambda i, d: i.rotate(d, resample=Image.BICUBIC, fillcolor=FILL)),
+    ("Rotate", -29.113, lambda i, d: i.rotate(d, resample=Image.BICUBIC, fillcolor=FILL)),
     ("ShearX", 0.21, lambda i, f: affine(i, (1, f, 0, 0, 1, 0))),
     ("ShearY", -0.27, lambda i, f: affine(i, (1, 0, 0, f, 1, 0))),
     ("TranslateX", 0.31, lambda i, p: affine(i, (1, 0, p * i.size[0], 0, 1, 0))),
@@ -67,19 +71,22 @@ CASES = [
 
 
 def main() -> None:
-    src = frame()
-    img = Image.fromarray(src, "RGB")
-    outs, lines = [src], []
-    for name, arg, fn in CASES:
-        out = fn(img) if arg is None else fn(img, arg)
-        outs.append(np.asarray(out.convert("RGB"), dtype=np.uint8))
-        lines.append(f"{name} {'' if arg is None else arg}".rstrip())
+    outs, lines = [], []
+    for H, W in SIZES:
+        src = frame(H, W)
+        img = Image.fromarray(src, "RGB")
+        outs.append(src)
+        lines.append(f"frame {H} {W}")
+        for name, arg, fn in CASES:
+            out = fn(img) if arg is None else fn(img, arg)
+            outs.append(np.asarray(out.convert("RGB"), dtype=np.uint8))
+            lines.append(f"{name} {'' if arg is None else arg}".rstrip())
     os.makedirs(OUT, exist_ok=True)
     with open(os.path.join(OUT, "randaugment_pil.bin"), "wb") as f:
         for o in outs:
             f.write(o.tobytes())
     with open(os.path.join(OUT, "randaugment_pil.txt"), "w") as f:
-        f.write(f"# Pillow {PIL.__version__}, frame {H}x{W}\n")
+        f.write(f"# Pillow {PIL.__version__}\n")
         f.write("\n".join(lines) + "\n")
 
 
