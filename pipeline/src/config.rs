@@ -667,14 +667,23 @@ impl JobConfig {
                 .get(serde_yaml::Value::from("eval_name"))
                 .and_then(serde_yaml::Value::as_str)
         {
-            return Err(ConfigError::Invalid {
-                key: "eval_name".into(),
-                message: format!(
+            let message = if name == "video_classification_frozen" {
+                format!(
                     "this is an official evaluation config (`{name}`), not a pretraining one: \
                      give it to `vjepa probe --eval-config` (or `vjepa finetune \
                      --eval-config`), which reads its datasets, sampling, optimisation, \
                      checkpoint and model shape"
-                ),
+                )
+            } else {
+                format!(
+                    "this is an official evaluation config (`{name}`), not a pretraining one; \
+                     only the frozen video evaluation (video_classification_frozen) is \
+                     supported, by `vjepa probe --eval-config`"
+                )
+            };
+            return Err(ConfigError::Invalid {
+                key: "eval_name".into(),
+                message,
             });
         }
         let de = serde_yaml::Deserializer::from_str(text);

@@ -62,6 +62,18 @@ impl EvalConfig {
         })?;
         let doc = Doc { root: &root };
         let mut notes = Vec::new();
+        // The official code reads keys with defaults and ignores the rest: a misspelt key
+        // silently takes the default there. Say which keys nothing reads.
+        let unknown = unknown_keys(&root);
+        if !unknown.is_empty() {
+            notes.push(format!(
+                "keys the official evaluation does not read (misspelt?), ignored: {}",
+                unknown.join(", ")
+            ));
+        }
+        if doc.bool("resume_checkpoint")? == Some(true) {
+            notes.push("resume_checkpoint: the probe always starts fresh".into());
+        }
 
         match doc.str("eval_name")? {
             Some("video_classification_frozen") => {}
@@ -221,12 +233,23 @@ impl EvalConfig {
             return Err(invalid(
                 "data.frames_per_clip",
                 format!(
-                    "{frames} differs from pretrain.frames_per_clip {pretrain_frames}: the \
-                     backbone reads clips of its own length"
+                    "{frames} differs from pretrain.frames_per_clip {pretrain_frames}{}: the \
+                     backbone reads clips of its own length",
+                    if doc.get("pretrain.frames_per_clip").is_none() {
+                        " (the official default when the key is absent)"
+                    } else {
+                        ""
+                    }
                 ),
             ));
         }
         let uniform_power = doc.bool("pretrain.uniform_power")?.unwrap_or(false);
+        if resolution % patch != 0 {
+            return Err(invalid(
+                "optimization.resolution",
+                format!("{resolution} is not a multiple of pretrain.patch_size {patch}"),
+            ));
+        }
         let encoder = EncoderConfig::preset(
             model_name,
             frames,
@@ -272,6 +295,93 @@ impl EvalConfig {
             notes,
         })
     }
+}
+
+/// The keys the official frozen video evaluation reads (`eval.py`), by section.
+const KNOWN: &[(&str, &[&str])] = &[
+    (
+        "",
+        &[
+            "nodes",
+            "tasks_per_node",
+            "tag",
+            "eval_name",
+            "resume_checkpoint",
+            "data",
+            "optimization",
+            "pretrain",
+        ],
+    ),
+    (
+        "data",
+        &[
+            "dataset_train",
+            "dataset_val",
+            "dataset_type",
+            "num_classes",
+            "frames_per_clip",
+            "num_segments",
+            "num_views_per_segment",
+            "frame_step",
+        ],
+    ),
+    (
+        "optimization",
+        &[
+            "attend_across_segments",
+            "num_epochs",
+            "resolution",
+            "batch_size",
+            "weight_decay",
+            "lr",
+            "start_lr",
+            "final_lr",
+            "warmup",
+            "use_bfloat16",
+        ],
+    ),
+    (
+        "pretrain",
+        &[
+            "model_name",
+            "checkpoint_key",
+            "clip_duration",
+            "frames_per_clip",
+            "frame_step",
+            "tubelet_size",
+            "uniform_power",
+            "use_silu",
+            "tight_silu",
+            "use_sdpa",
+            "patch_size",
+            "folder",
+            "checkpoint",
+            "write_tag",
+        ],
+    ),
+];
+
+/// Dotted names of the keys in `root` that [`KNOWN`] does not list.
+fn unknown_keys(root: &Value) -> Vec<String> {
+    let mut out = Vec::new();
+    for (section, keys) in KNOWN {
+        let map = if section.is_empty() {
+            root.as_mapping()
+        } else {
+            root.get(*section).and_then(Value::as_mapping)
+        };
+        for k in map.into_iter().flat_map(|m| m.keys()) {
+            let name = k.as_str().unwrap_or("?");
+            if !keys.contains(&name) {
+                out.push(if section.is_empty() {
+                    name.to_string()
+                } else {
+                    format!("{section}.{name}")
+                });
+            }
+        }
+    }
+    out
 }
 
 fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
@@ -415,6 +525,16 @@ pretrain:
         let want = EncoderConfig::preset("vit_large", 16, 224, 16, 2, true).unwrap();
         assert_eq!(c.encoder, want);
         assert_eq!(c.notes.len(), 2, "{:?}", c.notes); // the global batch, bf16
+        let typo = EvalConfig::parse(&K400.replace("num_segments: 8", "num_segmets: 8")).unwrap();
+        assert_eq!(
+            typo.segments, 1,
+            "the official default, as eval.py reads it"
+        );
+        assert!(
+            typo.notes.iter().any(|n| n.contains("data.num_segmets")),
+            "{:?}",
+            typo.notes
+        );
     }
 
     #[test]
@@ -484,6 +604,10 @@ pretrain:
         assert_eq!(
             refused("  weight_decay: 0.01\n", ""),
             "optimization.weight_decay"
+        );
+        assert_eq!(
+            refused("  resolution: 224", "  resolution: 230"),
+            "optimization.resolution"
         );
         // A pretraining config is not an evaluation config.
         let err = EvalConfig::parse("data:\n  batch_size: 3\n").unwrap_err();

@@ -81,6 +81,11 @@ struct ProbeArgs {
     /// Weight decay, cosine to 1e-6 [default: 0.01, the spec's for video].
     #[arg(long, value_parser = non_negative_number, allow_negative_numbers = true)]
     weight_decay: Option<f64>,
+    /// Classes of integer labels 0 … N−1 (the official CSVs): the probe gets N outputs, label
+    /// k at output k, as `data.num_classes` of an evaluation config [default: one output per
+    /// label of the train index].
+    #[arg(long, value_parser = at_least_one)]
+    num_classes: Option<usize>,
     /// Share of each class's train videos used (low-shot evaluation).
     #[arg(long, default_value_t = 1.0, value_parser = share, allow_negative_numbers = true)]
     label_fraction: f64,
@@ -127,7 +132,6 @@ impl ProbeArgs {
                 ExitCode::from(2)
             })
         };
-        let explicit_checkpoint = self.checkpoint.is_some();
         let checkpoint = required(
             self.checkpoint,
             eval.as_ref().and_then(|e| e.checkpoint.clone()),
@@ -149,19 +153,58 @@ impl ProbeArgs {
             .weight_decay
             .or(eval.as_ref().map(|e| e.weight_decay))
             .unwrap_or(0.01);
-        // The eval config describes the checkpoint it names; a --checkpoint given with a
-        // --config is described by that config.
-        let from_job = cfg.as_ref().map(|c| c.encoder_config());
-        let encoder = match (&eval, explicit_checkpoint) {
-            (Some(_), true) if from_job.is_some() => from_job,
-            (Some(e), _) => Some(e.encoder.clone()),
-            (None, _) => from_job,
+        // The model's shape: a --config (the pretraining config) overrides the evaluation
+        // config's pretrain section, as flags do.
+        let encoder = match (&cfg, &eval) {
+            (Some(c), _) => Some(c.encoder_config()),
+            (None, Some(e)) => Some(e.encoder.clone()),
+            (None, None) => None,
         };
+        if let (Some(e), Some(enc)) = (&eval, &encoder) {
+            let from = if cfg.is_some() {
+                "--config"
+            } else {
+                "the evaluation config's pretrain section"
+            };
+            tracing::info!(
+                embed_dim = enc.embed_dim,
+                depth = enc.depth,
+                heads = enc.num_heads,
+                patch = enc.patch_size,
+                frames = enc.num_frames,
+                input = e.encoder.crop_size,
+                "model shape from {from}"
+            );
+        }
         let size = eval.as_ref().map(|e| e.encoder.crop_size);
+        // The official CSVs hold absolute paths, read as given: with an evaluation config and
+        // local indexes, entries resolve from the filesystem root unless told otherwise.
+        let index_root = self
+            .index_root
+            .or_else(|| cfg.as_ref().and_then(|c| c.raw.data.index_root.clone()))
+            .or_else(|| {
+                let local = |p: &str| !p.contains("://");
+                (eval.is_some() && local(&train) && local(&val)).then(|| "/".to_string())
+            });
+        let num_classes = self
+            .num_classes
+            .or(eval.as_ref().and_then(|e| e.num_classes));
+        tracing::info!(
+            %checkpoint,
+            %train,
+            %val,
+            segments,
+            views,
+            frame_step,
+            epochs,
+            batch_size,
+            lr,
+            weight_decay,
+            num_classes = ?num_classes,
+            "evaluation settings"
+        );
         let extract = vjepa_pipeline::extract::ExtractOptions {
-            index_root: self
-                .index_root
-                .or_else(|| cfg.as_ref().and_then(|c| c.raw.data.index_root.clone())),
+            index_root,
             checkpoint,
             encoder,
             datasets: Vec::new(),
@@ -197,7 +240,7 @@ impl ProbeArgs {
             out_dir: self.out,
             cache: vjepa_pipeline::probe::Cache::Memory,
             augment: vjepa_pipeline::probe::Augment::None,
-            num_classes: eval.as_ref().and_then(|e| e.num_classes),
+            num_classes,
         })
     }
 }
@@ -792,6 +835,20 @@ fn main() -> ExitCode {
             }
         }
         Command::Probe {
+            token_cache,
+            augment,
+            ..
+        } if token_cache == vjepa_pipeline::probe::Cache::Memory
+            && augment == vjepa_pipeline::probe::Augment::Official =>
+        {
+            eprintln!(
+                "error: --augment official draws new train clips every epoch, so their tokens \
+                 cannot be held in memory (--token-cache memory): use --token-cache none or \
+                 auto, or --augment none"
+            );
+            ExitCode::from(2)
+        }
+        Command::Probe {
             probe,
             token_cache,
             augment,
@@ -805,6 +862,20 @@ fn main() -> ExitCode {
             )),
             Err(code) => code,
         },
+        Command::Finetune {
+            clip_cache,
+            augment,
+            ..
+        } if clip_cache == vjepa_pipeline::probe::Cache::Memory
+            && augment == vjepa_pipeline::probe::Augment::Official =>
+        {
+            eprintln!(
+                "error: --augment official draws new train clips every epoch, so they cannot be \
+                 held in memory (--clip-cache memory): use --clip-cache none or auto, or \
+                 --augment none"
+            );
+            ExitCode::from(2)
+        }
         Command::Finetune {
             probe,
             backbone_lr_scale,

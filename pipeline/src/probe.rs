@@ -414,27 +414,37 @@ pub(crate) fn classes(
             labels
         );
     }
-    let official = announced.filter(|&n| {
-        labels.iter().all(|l| {
-            l.parse::<usize>()
-                .is_ok_and(|k| k < n && k.to_string() == *l)
-        })
-    });
-    let names = match official {
-        Some(n) => (0..n).map(|k| k.to_string()).collect(),
-        None => {
-            if let Some(n) = announced
-                && n != labels.len()
+    let integer = |l: &String| l.parse::<usize>().is_ok_and(|k| k.to_string() == *l);
+    let names = match announced {
+        Some(n) if labels.iter().all(integer) => {
+            // The official classifier: output k is label k, for k below num_classes.
+            if let Some(big) = labels
+                .iter()
+                .find(|l| l.parse::<usize>().is_ok_and(|k| k >= n))
             {
-                tracing::warn!(
-                    announced = n,
-                    found = labels.len(),
-                    "the train index's labels are not the evaluation config's data.num_classes \
-                     integer classes: the probe has one output per label found"
+                bail!(
+                    "train label `{big}` is not below data.num_classes {n} (the official labels \
+                     are 0 … num_classes − 1)"
                 );
             }
+            (0..n).map(|k| k.to_string()).collect()
+        }
+        Some(n) => {
+            let example = labels
+                .iter()
+                .find(|l| !integer(l))
+                .cloned()
+                .unwrap_or_default();
+            tracing::warn!(
+                announced = n,
+                found = labels.len(),
+                example = %example,
+                "the train index's labels are not integers (data.num_classes counts integer \
+                 labels 0 … num_classes − 1): the probe has one output per label found"
+            );
             class_names(&labels)
         }
+        None => class_names(&labels),
     };
     let index = names
         .iter()
@@ -658,15 +668,24 @@ mod tests {
         let (names, of) = classes(set(&["7", "10", "2"]), None).unwrap();
         assert_eq!(names, vec!["2", "7", "10"]);
         assert_eq!(of["10"], 2);
-        assert_eq!(classes(set(&["7", "12"]), Some(10)).unwrap().0.len(), 2);
+        assert!(
+            classes(set(&["7", "12"]), Some(10))
+                .unwrap_err()
+                .to_string()
+                .contains("`12` is not below data.num_classes 10")
+        );
+        assert!(
+            classes(set(&["1", "2", "3"]), Some(3)).is_err(),
+            "1-based labels"
+        );
         assert_eq!(
             classes(set(&["cat", "dog"]), Some(2)).unwrap().0,
             vec!["cat", "dog"]
         );
         assert_eq!(
-            classes(set(&["01", "2"]), Some(5)).unwrap().0.len(),
+            classes(set(&["01", "x"]), Some(5)).unwrap().0.len(),
             2,
-            "01 is not 1"
+            "not all canonical integers: one output per label"
         );
     }
 

@@ -101,6 +101,19 @@ pub(crate) fn run<L: Learner>(
 ) -> anyhow::Result<ProbeSummary> {
     let labels = train.labels();
     let (classes, class_of) = probe::classes(labels.iter().cloned().collect(), opts.num_classes)?;
+    // A validation label the head has no output for fails now, not after training.
+    if let Some(label) = val.labels().into_iter().find(|l| !class_of.contains_key(l)) {
+        bail!(
+            "{}: validation label `{label}` {}",
+            opts.val,
+            match opts.num_classes {
+                Some(n) => format!(
+                    "is not one of the classes (data.num_classes {n}, or the train index's labels)"
+                ),
+                None => "is not a class of the train index".to_string(),
+            }
+        );
+    }
     let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
     let listed: Vec<usize> = (0..train.len()).collect();
     let keep = probe::low_shot(
@@ -160,6 +173,13 @@ pub(crate) fn run<L: Learner>(
             );
         }
         trained = std::mem::take(&mut done.videos);
+        if trained == 0 {
+            bail!(
+                "no train video could be read in epoch {}: every one was quarantined or refused \
+                 (their reasons are in {train_q})",
+                epoch + 1
+            );
+        }
         let losses = std::mem::take(&mut done.losses);
         final_loss = losses.iter().sum::<f64>() / losses.len().max(1) as f64;
         tracing::info!(

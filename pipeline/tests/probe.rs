@@ -175,7 +175,7 @@ fn official_augmentation_draws_new_train_clips_every_epoch() {
         "augmented clips train to another loss"
     );
     let (_, refused) = probe("refused", &["--token-cache", "memory"]);
-    assert!(!refused.status.success());
+    assert_eq!(refused.status.code(), Some(2), "refused before any work");
     let err = String::from_utf8_lossy(&refused.stderr);
     assert!(
         err.contains("--augment official") && err.contains("memory"),
@@ -297,6 +297,70 @@ fn an_official_eval_config_drives_the_probe() {
     assert_eq!(refused.status.code(), Some(2));
     let err = String::from_utf8_lossy(&refused.stderr);
     assert!(err.contains("optimization.warmup"), "{err}");
+}
+
+/// Streaming runs fail rather than report a top-1 when no train video could be read, and a
+/// validation label the head has no output for is refused before training.
+#[test]
+fn a_probe_with_nothing_to_learn_from_fails() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (videos, checkpoint) = pretrained_corpus(tmp.path(), 4, 2);
+    let (_, val_csv) = labelled_indexes(&videos, tmp.path(), 2);
+    let bad = tmp.path().join("broken.mp4");
+    std::fs::write(&bad, b"not a video at all").unwrap();
+    let train_csv = tmp.path().join("broken.csv");
+    std::fs::write(
+        &train_csv,
+        format!("{} mp4\n{} webm\n", bad.display(), bad.display()),
+    )
+    .unwrap();
+    for extra in [
+        &["--augment", "official"][..],
+        &["--augment", "none", "--token-cache", "none"],
+    ] {
+        let run = eval_command(
+            "probe",
+            &checkpoint,
+            &train_csv,
+            &val_csv,
+            &tmp.path().join("p"),
+        )
+        .args(["--epochs", "1"])
+        .args(extra)
+        .output()
+        .unwrap();
+        assert!(!run.status.success(), "{extra:?}");
+        let err = String::from_utf8_lossy(&run.stderr);
+        assert!(
+            err.contains("no train video could be read"),
+            "{extra:?}: {err}"
+        );
+        assert!(top1_line(&run).is_empty());
+    }
+
+    // A validation label that is not a train class: refused before any epoch.
+    let (train_csv, val_csv) = labelled_indexes(&videos, tmp.path(), 2);
+    let val = std::fs::read_to_string(&val_csv).unwrap();
+    let odd = tmp.path().join("odd-val.csv");
+    std::fs::write(
+        &odd,
+        val.replacen(" mp4", " avi", 1).replacen(" webm", " avi", 1),
+    )
+    .unwrap();
+    let run = eval_command(
+        "probe",
+        &checkpoint,
+        &train_csv,
+        &odd,
+        &tmp.path().join("q"),
+    )
+    .args(["--epochs", "1"])
+    .output()
+    .unwrap();
+    assert!(!run.status.success());
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(err.contains("validation label `avi`"), "{err}");
+    assert!(!err.contains("epoch=1"), "refused before training: {err}");
 }
 
 /// `vjepa init` writes the model a fresh run starts from (the random-init baseline of a probe):

@@ -1085,8 +1085,12 @@ impl Decoder {
                     QuarantineReason::Truncated,
                     format!(
                         "stream ended after {decoded} frames but the container announces \
-                         {expected} ({:?} at {:.3} fps)",
-                        info.duration_ns, info.fps
+                         {expected} ({} at {:.3} fps)",
+                        info.duration_ns.map_or_else(
+                            || "no duration".to_string(),
+                            |ns| format!("{:.3} s", ns as f64 / 1e9)
+                        ),
+                        info.fps
                     ),
                 ));
             }
