@@ -682,6 +682,8 @@ struct State {
     rows: u64,
     videos_done: usize,
     quarantined: usize,
+    /// The videos quarantined while decoding (not the index lines refused before).
+    quarantined_uris: Vec<String>,
     error: Option<String>,
 }
 
@@ -759,6 +761,18 @@ impl VideoSet {
         self.videos.len()
     }
 
+    /// The uri of each video, in listing order.
+    pub(crate) fn uris(&self) -> Vec<String> {
+        self.videos.iter().map(|v| v.uri.clone()).collect()
+    }
+
+    /// The same listing without the index lines refused while listing it (already recorded
+    /// by an earlier pass).
+    pub(crate) fn without_rejected(mut self) -> Self {
+        self.rejected.clear();
+        self
+    }
+
     /// The label of each video, in listing order.
     pub(crate) fn labels(&self) -> Vec<String> {
         self.videos.iter().map(|v| v.label.clone()).collect()
@@ -779,6 +793,8 @@ impl VideoSet {
 pub(crate) struct Streamed {
     pub(crate) rows: u64,
     pub(crate) quarantined: usize,
+    /// The videos quarantined while decoding.
+    pub(crate) quarantined_uris: Vec<String>,
     pub(crate) quarantine_output: String,
 }
 
@@ -821,163 +837,173 @@ pub(crate) fn stream_clips<C: ClipConsumer>(
     let worker_q = (q_store.clone(), q_name.clone());
     let worker_handle = handle.clone();
     let started = Instant::now();
-    let result = timely::execute_directly(move |worker| -> anyhow::Result<(C, u64, usize)> {
-        let mut input = InputHandle::new();
-        let probe = ProbeHandle::new();
-        let handle = worker_handle.clone();
-        let Some(consumer) = consumer.lock().ok().and_then(|mut c| c.take()) else {
-            bail!("the clip consumer was taken by another worker");
-        };
-        let quarantine = handle.block_on(QuarantineWriter::create(&worker_q.0, &worker_q.1))?;
-        let loaders = (0..threads)
-            .map(|_| {
-                Decoder::new(DecoderOptions {
-                    deadline: opts.deadline,
-                    decoder_threads: if threads > 1 { 1 } else { 0 },
-                    video_decoder: opts.video_decoder,
-                    ..DecoderOptions::default()
+    let result = timely::execute_directly(
+        move |worker| -> anyhow::Result<(C, u64, usize, Vec<String>)> {
+            let mut input = InputHandle::new();
+            let probe = ProbeHandle::new();
+            let handle = worker_handle.clone();
+            let Some(consumer) = consumer.lock().ok().and_then(|mut c| c.take()) else {
+                bail!("the clip consumer was taken by another worker");
+            };
+            let quarantine = handle.block_on(QuarantineWriter::create(&worker_q.0, &worker_q.1))?;
+            let loaders = (0..threads)
+                .map(|_| {
+                    Decoder::new(DecoderOptions {
+                        deadline: opts.deadline,
+                        decoder_threads: if threads > 1 { 1 } else { 0 },
+                        video_decoder: opts.video_decoder,
+                        ..DecoderOptions::default()
+                    })
+                    .map(|decoder| ExtractLoader {
+                        videos: videos.clone(),
+                        stores: stores.clone(),
+                        runtime: handle.clone(),
+                        decoder,
+                        opts: opts.clone(),
+                        frames,
+                        size,
+                    })
                 })
-                .map(|decoder| ExtractLoader {
-                    videos: videos.clone(),
-                    stores: stores.clone(),
-                    runtime: handle.clone(),
-                    decoder,
-                    opts: opts.clone(),
-                    frames,
-                    size,
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| anyhow!("GStreamer decoder: {e}"))?;
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| anyhow!("GStreamer decoder: {e}"))?;
 
-        let state = Rc::new(RefCell::new(State {
-            quarantine: Some(quarantine),
-            rows: 0,
-            videos_done: 0,
-            quarantined: 0,
-            error: None,
-        }));
-        {
-            let mut s = state.borrow_mut();
-            s.quarantined += rejected.len();
-            if let Some(q) = s.quarantine.as_mut() {
-                for r in rejected.iter().cloned() {
-                    q.push(r);
+            let state = Rc::new(RefCell::new(State {
+                quarantine: Some(quarantine),
+                rows: 0,
+                videos_done: 0,
+                quarantined: 0,
+                quarantined_uris: Vec::new(),
+                error: None,
+            }));
+            {
+                let mut s = state.borrow_mut();
+                s.quarantined += rejected.len();
+                if let Some(q) = s.quarantine.as_mut() {
+                    for r in rejected.iter().cloned() {
+                        q.push(r);
+                    }
                 }
             }
-        }
-        let consume_state = state.clone();
-        let bad_state = state.clone();
-        let consumer = Rc::new(RefCell::new(Some(consumer)));
-        let op_consumer = consumer.clone();
-        let order = order.clone();
-        worker.dataflow::<u64, _, _>(|scope| {
-            let requests = input.to_stream(scope);
-            let loaded = load_clips_parallel(requests, loaders);
-            let (clips, bad) = loaded.ok_err(|l: Loaded| match l {
-                Loaded::Clip(c) => Ok(c),
-                Loaded::Bad(q) => Err(q),
-            });
-            // Hand each time's clips over once all of them are in (its frontier has passed);
-            // the output (one unit per time) tells the probe that the time is done.
-            clips
-                .unary_frontier::<CapacityContainerBuilder<Vec<()>>, _, _, _>(
-                    Pipeline,
-                    "Consume",
-                    |_cap, _info| {
-                        let mut pending: BTreeMap<u64, (Capability<u64>, Vec<Clip>)> =
-                            BTreeMap::new();
-                        move |(input, frontier), output| {
-                            input.for_each_stamp(|cap, data| {
-                                let Some(cap) = cap.retain_least(output.output_index()) else {
-                                    return;
-                                };
-                                let entry = pending
-                                    .entry(*cap.time())
-                                    .or_insert_with(|| (cap.clone(), Vec::new()));
-                                for container in data {
-                                    entry.1.append(container);
-                                }
-                            });
-                            let ready: Vec<u64> = pending
-                                .keys()
-                                .copied()
-                                .filter(|t| !frontier.less_equal(t))
-                                .collect();
-                            for t in ready {
-                                if let Some((cap, batch)) = pending.remove(&t) {
-                                    consume(batch, &op_consumer, &order, &consume_state);
-                                    output.session(&cap).give(());
+            let consume_state = state.clone();
+            let bad_state = state.clone();
+            let consumer = Rc::new(RefCell::new(Some(consumer)));
+            let op_consumer = consumer.clone();
+            let order = order.clone();
+            worker.dataflow::<u64, _, _>(|scope| {
+                let requests = input.to_stream(scope);
+                let loaded = load_clips_parallel(requests, loaders);
+                let (clips, bad) = loaded.ok_err(|l: Loaded| match l {
+                    Loaded::Clip(c) => Ok(c),
+                    Loaded::Bad(q) => Err(q),
+                });
+                // Hand each time's clips over once all of them are in (its frontier has passed);
+                // the output (one unit per time) tells the probe that the time is done.
+                clips
+                    .unary_frontier::<CapacityContainerBuilder<Vec<()>>, _, _, _>(
+                        Pipeline,
+                        "Consume",
+                        |_cap, _info| {
+                            let mut pending: BTreeMap<u64, (Capability<u64>, Vec<Clip>)> =
+                                BTreeMap::new();
+                            move |(input, frontier), output| {
+                                input.for_each_stamp(|cap, data| {
+                                    let Some(cap) = cap.retain_least(output.output_index()) else {
+                                        return;
+                                    };
+                                    let entry = pending
+                                        .entry(*cap.time())
+                                        .or_insert_with(|| (cap.clone(), Vec::new()));
+                                    for container in data {
+                                        entry.1.append(container);
+                                    }
+                                });
+                                let ready: Vec<u64> = pending
+                                    .keys()
+                                    .copied()
+                                    .filter(|t| !frontier.less_equal(t))
+                                    .collect();
+                                for t in ready {
+                                    if let Some((cap, batch)) = pending.remove(&t) {
+                                        consume(batch, &op_consumer, &order, &consume_state);
+                                        output.session(&cap).give(());
+                                    }
                                 }
                             }
-                        }
-                    },
-                )
-                .probe_with(&probe);
-            sink_local(bad, "Quarantine", move |_t, q: Quarantined| {
-                let mut s = bad_state.borrow_mut();
-                s.quarantined += 1;
-                s.videos_done += 1;
-                if let Some(w) = s.quarantine.as_mut() {
-                    w.push(QuarantineRow {
-                        uri: q.uri,
-                        reason: q.reason,
-                        detail: q.detail,
-                        time_unix_us: q.time_unix_us,
+                        },
+                    )
+                    .probe_with(&probe);
+                sink_local(bad, "Quarantine", move |_t, q: Quarantined| {
+                    let mut s = bad_state.borrow_mut();
+                    s.quarantined += 1;
+                    s.quarantined_uris.push(q.uri.clone());
+                    s.videos_done += 1;
+                    if let Some(w) = s.quarantine.as_mut() {
+                        w.push(QuarantineRow {
+                            uri: q.uri,
+                            reason: q.reason,
+                            detail: q.detail,
+                            time_unix_us: q.time_unix_us,
+                        });
+                    }
+                });
+            });
+            let in_flight = (2 * threads).div_ceil(videos_per_time).max(2) as u64;
+            let times = total.div_ceil(videos_per_time) as u64;
+            let mut last_report = Instant::now();
+            for t in 0..times {
+                let floor = t.saturating_sub(in_flight);
+                while probe.less_than(&floor) {
+                    worker.step_or_park(Some(Duration::from_millis(20)));
+                }
+                let first = t as usize * videos_per_time;
+                for slot in first..(first + videos_per_time).min(total) {
+                    input.send(ClipRequest {
+                        step: t,
+                        slot,
+                        global_index: slot as u64,
                     });
                 }
-            });
-        });
-        let in_flight = (2 * threads).div_ceil(videos_per_time).max(2) as u64;
-        let times = total.div_ceil(videos_per_time) as u64;
-        let mut last_report = Instant::now();
-        for t in 0..times {
-            let floor = t.saturating_sub(in_flight);
-            while probe.less_than(&floor) {
-                worker.step_or_park(Some(Duration::from_millis(20)));
+                input.advance_to(t + 1);
+                worker.step();
+                if opts.progress && last_report.elapsed() > Duration::from_millis(500) {
+                    report(&state.borrow(), total, started, false);
+                    last_report = Instant::now();
+                }
+                if state.borrow().error.is_some() {
+                    break;
+                }
             }
-            let first = t as usize * videos_per_time;
-            for slot in first..(first + videos_per_time).min(total) {
-                input.send(ClipRequest {
-                    step: t,
-                    slot,
-                    global_index: slot as u64,
-                });
+            drop(input);
+            // Until every operator has finished (the quarantine sink included).
+            while worker.step_or_park(Some(Duration::from_millis(20))) {}
+            let mut s = state.borrow_mut();
+            if let Some(e) = s.error.take() {
+                bail!("{e}");
             }
-            input.advance_to(t + 1);
-            worker.step();
-            if opts.progress && last_report.elapsed() > Duration::from_millis(500) {
-                report(&state.borrow(), total, started, false);
-                last_report = Instant::now();
+            if opts.progress {
+                report(&s, total, started, true);
             }
-            if state.borrow().error.is_some() {
-                break;
+            if let Some(q) = s.quarantine.take() {
+                handle.block_on(q.close())?;
             }
-        }
-        drop(input);
-        // Until every operator has finished (the quarantine sink included).
-        while worker.step_or_park(Some(Duration::from_millis(20))) {}
-        let mut s = state.borrow_mut();
-        if let Some(e) = s.error.take() {
-            bail!("{e}");
-        }
-        if opts.progress {
-            report(&s, total, started, true);
-        }
-        if let Some(q) = s.quarantine.take() {
-            handle.block_on(q.close())?;
-        }
-        let Some(consumer) = consumer.borrow_mut().take() else {
-            bail!("the clip consumer is gone");
-        };
-        Ok((consumer, s.rows, s.quarantined))
-    });
-    let (consumer, rows, quarantined) = result?;
+            let Some(consumer) = consumer.borrow_mut().take() else {
+                bail!("the clip consumer is gone");
+            };
+            Ok((
+                consumer,
+                s.rows,
+                s.quarantined,
+                std::mem::take(&mut s.quarantined_uris),
+            ))
+        },
+    );
+    let (consumer, rows, quarantined, quarantined_uris) = result?;
     Ok((
         consumer,
         Streamed {
             rows,
             quarantined,
+            quarantined_uris,
             quarantine_output: q_store.uri_of(&q_name),
         },
     ))

@@ -147,23 +147,33 @@ pub(crate) fn run<L: Learner>(
     if augmented {
         e.augment = Some(extract::TrainAugment::official(size));
     }
-    let train_q = quarantine_location(opts, "train");
+    let uris = train.uris();
+    let mut keep = keep;
     let mut order: Vec<usize> = (0..keep.len()).collect();
     let mut final_loss = f64::NAN;
     let mut trained = keep.len();
     for epoch in 0..opts.epochs {
         order.shuffle(&mut rng);
         let videos: Vec<usize> = order.iter().map(|&p| keep[p]).collect();
-        let set = train.reordered(&videos);
+        // The index lines refused while listing are recorded once, with the first epoch's.
+        let set = match epoch {
+            0 => train.reordered(&videos),
+            _ => train.reordered(&videos).without_rejected(),
+        };
         e.seed = epoch_seed(opts.extract.seed, augmented, epoch);
+        // Each epoch's quarantine records in their own table (the first epoch's under the
+        // split's name), so a later epoch does not replace an earlier one's.
+        let name = match epoch {
+            0 => "train".to_string(),
+            n => format!("train.epoch-{}", n + 1),
+        };
+        let epoch_q = quarantine_location(opts, &name);
         let (mut done, streamed) =
-            extract::stream_clips(&e, set, frames, size, &train_q, pass, handle)
+            extract::stream_clips(&e, set, frames, size, &epoch_q, pass, handle)
                 .with_context(|| format!("{what} epoch {}", epoch + 1))?;
         if !done.pending.is_empty() {
             done.step(done.pending.len())?; // the last, partial batch
         }
-        // Every epoch reads the videos again (other windows, with --augment official): a
-        // video can fail in any of them. The table holds the last epoch's records.
         if streamed.quarantined > 0 {
             tracing::warn!(
                 epoch = epoch + 1,
@@ -171,14 +181,29 @@ pub(crate) fn run<L: Learner>(
                 records = %streamed.quarantine_output,
                 "train videos left out of this epoch of the {what}"
             );
+        } else if epoch > 0 {
+            // Nothing to record: no empty table per epoch.
+            let _ = std::fs::remove_file(opts.out_dir.join(format!("{name}.quarantine.parquet")));
         }
         trained = std::mem::take(&mut done.videos);
         if trained == 0 {
             bail!(
                 "no train video could be read in epoch {}: every one was quarantined or refused \
-                 (their reasons are in {train_q})",
-                epoch + 1
+                 (their reasons are in {})",
+                epoch + 1,
+                streamed.quarantine_output
             );
+        }
+        // A video that failed is not read again in later epochs (it would fail again, or
+        // differently with other windows; its record is kept).
+        if !streamed.quarantined_uris.is_empty() {
+            let bad: std::collections::HashSet<&str> = streamed
+                .quarantined_uris
+                .iter()
+                .map(String::as_str)
+                .collect();
+            keep.retain(|&i| !bad.contains(uris[i].as_str()));
+            order = (0..keep.len()).collect();
         }
         let losses = std::mem::take(&mut done.losses);
         final_loss = losses.iter().sum::<f64>() / losses.len().max(1) as f64;

@@ -361,6 +361,31 @@ fn a_probe_with_nothing_to_learn_from_fails() {
     let err = String::from_utf8_lossy(&run.stderr);
     assert!(err.contains("validation label `avi`"), "{err}");
     assert!(!err.contains("epoch=1"), "refused before training: {err}");
+
+    // A broken video among good ones: quarantined in the first epoch's table and not read
+    // again (no table for the second epoch); the run goes on with the others.
+    let good = std::fs::read_to_string(&train_csv).unwrap();
+    let mixed = tmp.path().join("mixed.csv");
+    std::fs::write(&mixed, format!("{good}\n{} mp4\n", bad.display())).unwrap();
+    let dir = tmp.path().join("mixed");
+    let run = eval_command("probe", &checkpoint, &mixed, &val_csv, &dir)
+        .args(["--epochs", "2"])
+        .output()
+        .unwrap();
+    assert_ok(&run);
+    assert!(
+        top1_line(&run).contains("; 2 train videos"),
+        "{}",
+        top1_line(&run)
+    );
+    assert!(dir.join("train.quarantine.parquet").exists());
+    assert!(!dir.join("train.epoch-2.quarantine.parquet").exists());
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(
+        err.matches("train videos left out of this epoch").count(),
+        1,
+        "{err}"
+    );
 }
 
 /// `vjepa init` writes the model a fresh run starts from (the random-init baseline of a probe):
