@@ -395,6 +395,14 @@ pub(crate) fn prepare(opts: &ProbeOptions) -> anyhow::Result<()> {
         bail!("--epochs, --batch-size and --views must be positive");
     }
     extract::check_video_decoder(&opts.extract)?;
+    // A local index that is not there fails now, not after the checkpoint has loaded (an
+    // object-store index is read, and reported, when the split is opened).
+    for (flag, index) in [("--train", &opts.train), ("--val", &opts.val)] {
+        let local = !index.contains("://");
+        if local && !std::path::Path::new(index).exists() {
+            bail!("{flag} {index}: no such file or directory");
+        }
+    }
     std::fs::create_dir_all(&opts.out_dir)
         .with_context(|| format!("creating {}", opts.out_dir.display()))
 }

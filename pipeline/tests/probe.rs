@@ -338,6 +338,25 @@ fn a_probe_with_nothing_to_learn_from_fails() {
         assert!(top1_line(&run).is_empty());
     }
 
+    // A local index that is not there: named at once, before the checkpoint is read.
+    let missing = tmp.path().join("no-such.csv");
+    let run = eval_command(
+        "probe",
+        &checkpoint,
+        &missing,
+        &val_csv,
+        &tmp.path().join("m"),
+    )
+    .output()
+    .unwrap();
+    assert!(!run.status.success());
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        err.contains("--train") && err.contains("no-such.csv"),
+        "{err}"
+    );
+    assert!(!err.contains("model loaded"), "{err}");
+
     // A validation label that is not a train class: refused before any epoch.
     let (train_csv, val_csv) = labelled_indexes(&videos, tmp.path(), 2);
     let val = std::fs::read_to_string(&val_csv).unwrap();
