@@ -160,7 +160,12 @@ impl ProbeArgs {
             (None, Some(e)) => Some(e.encoder.clone()),
             (None, None) => None,
         };
-        if let (Some(e), Some(enc)) = (&eval, &encoder) {
+        if eval.is_some() && checkpoint.ends_with(".safetensors") {
+            tracing::info!(
+                "the checkpoint records its own model shape: the evaluation config's pretrain \
+                 section is not used for it (optimization.resolution is the input size)"
+            );
+        } else if let (Some(e), Some(enc)) = (&eval, &encoder) {
             let from = if cfg.is_some() {
                 "--config"
             } else {
