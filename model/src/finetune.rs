@@ -128,9 +128,11 @@ impl FineTuner {
         // A frozen backbone is left out of the graph and of the clip norm: then this is the
         // probe's step exactly.
         let tokens = if frozen { tokens.detach() } else { tokens };
-        let loss = cross_entropy(&self.probe.forward(&tokens)?, labels)?;
+        let logits = self.probe.forward(&tokens)?;
+        let correct = probe::correct_of(&logits, labels)?;
+        let loss = cross_entropy(&logits, labels)?;
         let step = self.steps_done + 1;
-        let s = if frozen {
+        let mut s = if frozen {
             probe::optimise(
                 &loss,
                 step,
@@ -151,6 +153,7 @@ impl FineTuner {
             )?
         };
         self.steps_done = s.step;
+        s.correct = correct;
         Ok(s)
     }
 

@@ -361,6 +361,18 @@ pub struct ProbeStep {
     pub weight_decay: f64,
     /// Total gradient norm before clipping.
     pub grad_norm: f64,
+    /// Items of the batch whose highest logit (before the update) is their label: the train
+    /// accuracy the official evaluation logs.
+    pub correct: usize,
+}
+
+/// Items of a `[B, C]` batch of logits whose argmax is their label.
+pub(crate) fn correct_of(logits: &Tensor, labels: &[u32]) -> Result<usize, ModelError> {
+    let predicted = logits
+        .argmax(candle_core::D::Minus1)?
+        .to_dtype(candle_core::DType::U32)?
+        .to_vec1::<u32>()?;
+    Ok(predicted.iter().zip(labels).filter(|(p, l)| p == l).count())
 }
 
 impl ProbeTrainer {
@@ -394,8 +406,10 @@ impl ProbeTrainer {
     /// One AdamW step on cross-entropy; schedules at the 1-based step (as the official loop
     /// steps its schedulers before the update). A non-finite loss leaves the probe unchanged.
     pub fn step(&mut self, tokens: &Tensor, labels: &[u32]) -> Result<ProbeStep, ModelError> {
-        let loss = cross_entropy(&self.probe.forward(tokens)?, labels)?;
-        let s = optimise(
+        let logits = self.probe.forward(tokens)?;
+        let correct = correct_of(&logits, labels)?;
+        let loss = cross_entropy(&logits, labels)?;
+        let mut s = optimise(
             &loss,
             self.steps_done + 1,
             &self.optim,
@@ -403,6 +417,7 @@ impl ProbeTrainer {
             None,
         )?;
         self.steps_done = s.step;
+        s.correct = correct;
         Ok(s)
     }
 }
@@ -471,12 +486,25 @@ pub(crate) fn optimise(
         lr,
         weight_decay: wd,
         grad_norm: norm,
+        correct: 0,
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn correct_counts_the_argmax_hits() {
+        let logits = Tensor::from_vec(
+            vec![0.1f32, 0.9, 0.0, 0.8, 0.2, 0.0, 0.1, 0.2, 0.7],
+            (3, 3),
+            &Device::Cpu,
+        )
+        .unwrap();
+        assert_eq!(correct_of(&logits, &[1, 1, 2]).unwrap(), 2);
+        assert_eq!(correct_of(&logits, &[0, 0, 0]).unwrap(), 1);
+    }
 
     fn cfg(classes: usize) -> ProbeConfig {
         ProbeConfig {

@@ -175,10 +175,11 @@ pub fn run(opts: FinetuneOptions) -> anyhow::Result<ProbeSummary> {
         "fine-tuning"
     );
     let mut order: Vec<usize> = (0..train.len()).collect();
-    let mut final_loss = f64::NAN;
+    let (mut final_loss, mut train_top1) = (f64::NAN, f64::NAN);
     for epoch in 0..opts.epochs {
         order.shuffle(&mut rng);
         let mut losses = Vec::new();
+        let (mut right, mut seen) = (0usize, 0usize);
         for chunk in order.chunks(opts.batch_size) {
             let mut data = Vec::with_capacity(chunk.len() * segments * per_clip);
             let mut labels = Vec::with_capacity(chunk.len());
@@ -187,12 +188,16 @@ pub fn run(opts: FinetuneOptions) -> anyhow::Result<ProbeSummary> {
                 labels.push(train[i].label as u32);
             }
             let x = Tensor::from_vec(data, shape(chunk.len()), &device)?;
-            losses.push(tuner.step(&x, segments, &labels)?.loss);
+            let s = tuner.step(&x, segments, &labels)?;
+            losses.push(s.loss);
+            (right, seen) = (right + s.correct, seen + labels.len());
         }
         final_loss = losses.iter().sum::<f64>() / losses.len().max(1) as f64;
+        train_top1 = 100.0 * right as f64 / seen.max(1) as f64;
         tracing::info!(
             epoch = epoch + 1,
             loss = format_args!("{final_loss:.4}"),
+            train_top1 = format_args!("{train_top1:.2}"),
             "finetune"
         );
     }
@@ -219,7 +224,14 @@ pub fn run(opts: FinetuneOptions) -> anyhow::Result<ProbeSummary> {
         });
     }
     let correct = probe::write_predictions(&opts.out_dir, &classes, &predictions)?;
-    ProbeSummary::new(correct, val.len(), train.len(), classes, final_loss)
+    ProbeSummary::new(
+        correct,
+        val.len(),
+        train.len(),
+        classes,
+        final_loss,
+        train_top1,
+    )
 }
 
 /// Fine-tuning with nothing held between epochs ([`probe::Cache::None`]; see
@@ -316,9 +328,10 @@ impl stream_epochs::Learner for TuneLearner {
             .collect())
     }
 
-    fn step(&mut self, batch: Vec<Vec<f32>>, labels: &[u32]) -> anyhow::Result<f64> {
+    fn step(&mut self, batch: Vec<Vec<f32>>, labels: &[u32]) -> anyhow::Result<(f64, usize)> {
         let x = self.tensor(batch.concat(), labels.len())?;
-        Ok(self.tuner.step(&x, self.segments, labels)?.loss)
+        let s = self.tuner.step(&x, self.segments, labels)?;
+        Ok((s.loss, s.correct))
     }
 
     fn predict(

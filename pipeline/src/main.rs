@@ -255,13 +255,14 @@ fn report_eval(result: anyhow::Result<vjepa_pipeline::probe::ProbeSummary>) -> E
     match result {
         Ok(s) => {
             println!(
-                "top-1 {:.2} % ({} / {} validation videos; {} train videos, {} classes, final train loss {:.4})",
+                "top-1 {:.2} % ({} / {} validation videos; {} train videos, {} classes, final train loss {:.4}, train top-1 {:.2} %)",
                 s.top1,
                 s.correct,
                 s.evaluated,
                 s.train_videos,
                 s.classes.len(),
-                s.final_loss
+                s.final_loss,
+                s.train_top1
             );
             ExitCode::SUCCESS
         }

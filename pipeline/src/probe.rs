@@ -156,6 +156,9 @@ pub struct ProbeSummary {
     pub train_videos: usize,
     pub classes: Vec<String>,
     pub final_loss: f64,
+    /// Top-1 (%) on the last epoch's train batches, each before its update (the train
+    /// accuracy the official evaluation logs).
+    pub train_top1: f64,
 }
 
 /// A video's tokens: its segments' outputs concatenated, per view.
@@ -343,8 +346,9 @@ impl stream_epochs::Learner for ProbeLearner {
             .collect()
     }
 
-    fn step(&mut self, batch: Vec<Tensor>, labels: &[u32]) -> anyhow::Result<f64> {
-        Ok(self.trainer.step(&Tensor::cat(&batch, 0)?, labels)?.loss)
+    fn step(&mut self, batch: Vec<Tensor>, labels: &[u32]) -> anyhow::Result<(f64, usize)> {
+        let s = self.trainer.step(&Tensor::cat(&batch, 0)?, labels)?;
+        Ok((s.loss, s.correct))
     }
 
     fn predict(
@@ -531,6 +535,7 @@ impl ProbeSummary {
         train_videos: usize,
         classes: Vec<String>,
         final_loss: f64,
+        train_top1: f64,
     ) -> anyhow::Result<Self> {
         if evaluated == 0 {
             anyhow::bail!(
@@ -545,6 +550,7 @@ impl ProbeSummary {
             train_videos,
             classes,
             final_loss,
+            train_top1,
         })
     }
 }
@@ -608,10 +614,11 @@ fn run_in_memory(
     let probe = AttentiveProbe::new(head_config(&encoder, classes.len()), opts.seed, &device)?;
     let mut trainer = ProbeTrainer::new(probe, probe_optim(opts, train.len()))?;
     let mut order: Vec<usize> = (0..train.len()).collect();
-    let mut final_loss = f64::NAN;
+    let (mut final_loss, mut train_top1) = (f64::NAN, f64::NAN);
     for epoch in 0..opts.epochs {
         order.shuffle(&mut rng);
         let mut losses = Vec::new();
+        let (mut right, mut seen) = (0usize, 0usize);
         for chunk in order.chunks(opts.batch_size) {
             let n = train[chunk[0]].tokens;
             let mut data = Vec::with_capacity(chunk.len() * n * d);
@@ -624,12 +631,16 @@ fn run_in_memory(
                 labels.push(train[i].label as u32);
             }
             let x = Tensor::from_vec(data, (chunk.len(), n, d), &device)?;
-            losses.push(trainer.step(&x, &labels)?.loss);
+            let s = trainer.step(&x, &labels)?;
+            losses.push(s.loss);
+            (right, seen) = (right + s.correct, seen + labels.len());
         }
         final_loss = losses.iter().sum::<f64>() / losses.len().max(1) as f64;
+        train_top1 = 100.0 * right as f64 / seen.max(1) as f64;
         tracing::info!(
             epoch = epoch + 1,
             loss = format_args!("{final_loss:.4}"),
+            train_top1 = format_args!("{train_top1:.2}"),
             "probe"
         );
     }
@@ -657,7 +668,14 @@ fn run_in_memory(
         });
     }
     let correct = write_predictions(&opts.out_dir, &classes, &predictions)?;
-    ProbeSummary::new(correct, val.len(), train.len(), classes, final_loss)
+    ProbeSummary::new(
+        correct,
+        val.len(),
+        train.len(),
+        classes,
+        final_loss,
+        train_top1,
+    )
 }
 
 #[cfg(test)]

@@ -31,8 +31,9 @@ pub(crate) trait Learner: Send + 'static {
         videos: &[Range<usize>],
     ) -> anyhow::Result<Vec<Self::Video>>;
 
-    /// One optimisation step on a batch of videos; returns its loss.
-    fn step(&mut self, batch: Vec<Self::Video>, labels: &[u32]) -> anyhow::Result<f64>;
+    /// One optimisation step on a batch of videos; returns its loss and how many of the
+    /// batch the head got right before the update.
+    fn step(&mut self, batch: Vec<Self::Video>, labels: &[u32]) -> anyhow::Result<(f64, usize)>;
 
     /// Class probabilities of each validation video in `videos`, averaged over its views
     /// (clip slot = segment · views + view).
@@ -131,6 +132,7 @@ pub(crate) fn run<L: Learner>(
         batch_size: opts.batch_size,
         pending: Vec::new(),
         losses: Vec::new(),
+        right: 0,
         videos: 0,
     };
     tracing::info!(
@@ -150,7 +152,7 @@ pub(crate) fn run<L: Learner>(
     let uris = train.uris();
     let mut keep = keep;
     let mut order: Vec<usize> = (0..keep.len()).collect();
-    let mut final_loss = f64::NAN;
+    let (mut final_loss, mut train_top1) = (f64::NAN, f64::NAN);
     let mut trained = keep.len();
     for epoch in 0..opts.epochs {
         order.shuffle(&mut rng);
@@ -207,9 +209,11 @@ pub(crate) fn run<L: Learner>(
         }
         let losses = std::mem::take(&mut done.losses);
         final_loss = losses.iter().sum::<f64>() / losses.len().max(1) as f64;
+        train_top1 = 100.0 * std::mem::take(&mut done.right) as f64 / trained as f64;
         tracing::info!(
             epoch = epoch + 1,
             loss = format_args!("{final_loss:.4}"),
+            train_top1 = format_args!("{train_top1:.2}"),
             "{what}"
         );
         pass = done;
@@ -233,7 +237,7 @@ pub(crate) fn run<L: Learner>(
     warn_quarantined(&streamed, what, "validation");
     let evaluated = eval.predictions.len();
     let correct = probe::write_predictions(&opts.out_dir, &classes, &eval.predictions)?;
-    ProbeSummary::new(correct, evaluated, trained, classes, final_loss)
+    ProbeSummary::new(correct, evaluated, trained, classes, final_loss, train_top1)
 }
 
 /// The seed of epoch `epoch`'s train clips: with the official training transform a new one
@@ -311,6 +315,8 @@ struct TrainEpoch<L: Learner> {
     /// Videos read but not yet trained on, with their class.
     pending: Vec<(L::Video, u32)>,
     losses: Vec<f64>,
+    /// Videos the head got right this epoch (before each step's update).
+    right: usize,
     /// Videos trained on this epoch.
     videos: usize,
 }
@@ -318,7 +324,9 @@ struct TrainEpoch<L: Learner> {
 impl<L: Learner> TrainEpoch<L> {
     fn step(&mut self, n: usize) -> anyhow::Result<()> {
         let (batch, labels): (Vec<L::Video>, Vec<u32>) = self.pending.drain(..n).unzip();
-        self.losses.push(self.learner.step(batch, &labels)?);
+        let (loss, right) = self.learner.step(batch, &labels)?;
+        self.losses.push(loss);
+        self.right += right;
         Ok(())
     }
 }
