@@ -195,9 +195,9 @@ impl ProbeArgs {
             .num_classes
             .or(eval.as_ref().and_then(|e| e.num_classes));
         tracing::info!(
-            %checkpoint,
-            %train,
-            %val,
+            checkpoint = %vjepa_storage::redact_url(&checkpoint),
+            train = %vjepa_storage::redact_url(&train),
+            val = %vjepa_storage::redact_url(&val),
             segments,
             views,
             frame_step,
