@@ -106,7 +106,7 @@ pub(crate) fn run<L: Learner>(
     if let Some(label) = val.labels().into_iter().find(|l| !class_of.contains_key(l)) {
         bail!(
             "{}: validation label `{label}` {}",
-            opts.val,
+            vjepa_storage::redact_url(&opts.val),
             match opts.num_classes {
                 Some(n) => format!(
                     "is not one of the classes (data.num_classes {n}, or the train index's labels)"
