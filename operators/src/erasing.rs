@@ -5,6 +5,8 @@
 
 use rand::Rng;
 
+use crate::transform::{py_round, uniform};
+
 /// timm's `RandomErasing(probability, mode='pixel', max_count=1)` with the default area and
 /// aspect ranges.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -50,10 +52,10 @@ impl RandomErasing {
         let area = (height * width) as f64;
         let log_aspect = (self.aspect.0.ln(), self.aspect.1.ln());
         for _ in 0..TRIES {
-            let target = (self.area.0 + (self.area.1 - self.area.0) * rng.random::<f64>()) * area;
-            let aspect = (log_aspect.0 + (log_aspect.1 - log_aspect.0) * rng.random::<f64>()).exp();
-            let h = (target * aspect).sqrt().round_ties_even() as usize;
-            let w = (target / aspect).sqrt().round_ties_even() as usize;
+            let target = uniform(rng, self.area.0, self.area.1) * area;
+            let aspect = uniform(rng, log_aspect.0, log_aspect.1).exp();
+            let h = py_round((target * aspect).sqrt());
+            let w = py_round((target / aspect).sqrt());
             if w < width && h < height {
                 let top = rng.random_range(0..=height - h);
                 let left = rng.random_range(0..=width - w);
@@ -97,12 +99,12 @@ impl RandomErasing {
 
 /// Standard-normal draws, two per Box–Muller pair of uniforms.
 #[derive(Default)]
-struct Normals {
+pub(crate) struct Normals {
     spare: Option<f64>,
 }
 
 impl Normals {
-    fn next(&mut self, rng: &mut impl Rng) -> f64 {
+    pub(crate) fn next(&mut self, rng: &mut impl Rng) -> f64 {
         if let Some(v) = self.spare.take() {
             return v;
         }

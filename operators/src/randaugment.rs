@@ -177,9 +177,7 @@ pub fn apply_ops(ops: &[Op], frames: &mut [u8], t: usize, height: usize, width: 
 
 /// `random.gauss(mu, sigma)` in distribution (Box–Muller on the caller's generator).
 fn gauss(rng: &mut impl Rng, mu: f64, sigma: f64) -> f64 {
-    let u1: f64 = 1.0 - rng.random::<f64>(); // (0, 1]: ln stays finite
-    let u2: f64 = rng.random();
-    mu + sigma * (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+    mu + sigma * crate::erasing::Normals::default().next(rng)
 }
 
 /// timm's `_randomly_negate`: `−v` when `random() > 0.5`.

@@ -125,12 +125,12 @@ impl AugmentConfig {
 }
 
 /// Python's `random.uniform(a, b)`: `a + (b - a) * U[0, 1)`.
-fn uniform(rng: &mut impl Rng, a: f64, b: f64) -> f64 {
+pub(crate) fn uniform(rng: &mut impl Rng, a: f64, b: f64) -> f64 {
     a + (b - a) * rng.random::<f64>()
 }
 
 /// Python 3 `int(round(x))` (ties to even) for finite non-negative `x`, saturating.
-fn py_round(x: f64) -> usize {
+pub(crate) fn py_round(x: f64) -> usize {
     let r = x.round_ties_even();
     if r.is_finite() && r > 0.0 {
         r as usize

@@ -105,14 +105,12 @@ impl EvalConfig {
         }
         let train = doc.dataset("data.dataset_train")?;
         let val = doc.dataset("data.dataset_val")?;
-        let num_classes = doc.count("data.num_classes", None)?;
-        let segments = doc.count("data.num_segments", Some(1))?.unwrap_or(1);
-        let views = doc
-            .count("data.num_views_per_segment", Some(1))?
-            .unwrap_or(1);
-        let frames = doc.count("data.frames_per_clip", Some(16))?.unwrap_or(16);
-        let frame_step = doc.count("pretrain.frame_step", Some(4))?.unwrap_or(4);
-        if let Some(step) = doc.count("data.frame_step", None)?
+        let num_classes = doc.count("data.num_classes")?;
+        let segments = doc.count_or("data.num_segments", 1)?;
+        let views = doc.count_or("data.num_views_per_segment", 1)?;
+        let frames = doc.count_or("data.frames_per_clip", 16)?;
+        let frame_step = doc.count_or("pretrain.frame_step", 4)?;
+        if let Some(step) = doc.count("data.frame_step")?
             && step != frame_step
         {
             notes.push(format!(
@@ -129,14 +127,12 @@ impl EvalConfig {
         }
 
         // -- optimisation
-        let resolution = doc
-            .count("optimization.resolution", Some(224))?
-            .unwrap_or(224);
+        let resolution = doc.count_or("optimization.resolution", 224)?;
         let per_gpu = doc
-            .count("optimization.batch_size", None)?
+            .count("optimization.batch_size")?
             .ok_or_else(|| invalid("optimization.batch_size", "missing"))?;
-        let nodes = doc.count("nodes", Some(1))?.unwrap_or(1);
-        let tasks = doc.count("tasks_per_node", Some(1))?.unwrap_or(1);
+        let nodes = doc.count_or("nodes", 1)?;
+        let tasks = doc.count_or("tasks_per_node", 1)?;
         let batch_size = per_gpu * nodes * tasks;
         if nodes * tasks > 1 {
             notes.push(format!(
@@ -145,7 +141,7 @@ impl EvalConfig {
             ));
         }
         let epochs = doc
-            .count("optimization.num_epochs", None)?
+            .count("optimization.num_epochs")?
             .ok_or_else(|| invalid("optimization.num_epochs", "missing"))?;
         let lr = doc
             .number("optimization.lr")?
@@ -224,11 +220,11 @@ impl EvalConfig {
             .str("pretrain.model_name")?
             .ok_or_else(|| invalid("pretrain.model_name", "missing"))?;
         let patch = doc
-            .count("pretrain.patch_size", None)?
+            .count("pretrain.patch_size")?
             .ok_or_else(|| invalid("pretrain.patch_size", "missing"))?;
-        let tubelet = doc.count("pretrain.tubelet_size", Some(2))?.unwrap_or(2);
+        let tubelet = doc.count_or("pretrain.tubelet_size", 2)?;
         // The official default is 1 (an image model) when the key is absent.
-        let pretrain_frames = doc.count("pretrain.frames_per_clip", Some(1))?.unwrap_or(1);
+        let pretrain_frames = doc.count_or("pretrain.frames_per_clip", 1)?;
         if pretrain_frames != frames {
             return Err(invalid(
                 "data.frames_per_clip",
@@ -433,8 +429,13 @@ impl<'a> Doc<'a> {
         }
     }
 
-    /// A positive whole number (`_default` documents the official default the caller applies).
-    fn count(&self, key: &str, _default: Option<usize>) -> Result<Option<usize>, ConfigError> {
+    /// A positive whole number, or `default` (the official one) when the key is absent.
+    fn count_or(&self, key: &str, default: usize) -> Result<usize, ConfigError> {
+        Ok(self.count(key)?.unwrap_or(default))
+    }
+
+    /// A positive whole number.
+    fn count(&self, key: &str) -> Result<Option<usize>, ConfigError> {
         match self.get(key) {
             None => Ok(None),
             Some(v) => match v.as_u64() {

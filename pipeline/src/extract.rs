@@ -240,6 +240,23 @@ pub fn view_boxes(height: usize, width: usize, size: usize, views: usize) -> Vec
         .collect()
 }
 
+/// The evaluation's segment windows for a video (spec §9; a random window inside long
+/// partitions, drawn from `rng`) and the sorted distinct frames they read, which the decoder
+/// is asked for.
+fn segment_plan(
+    info: &VideoInfo,
+    sampling: ClipSampling,
+    segments: usize,
+    rng: &mut ChaCha8Rng,
+) -> Result<(Vec<Vec<u64>>, Vec<u64>), IngestError> {
+    let plan = eval_segment_indices(info.num_frames.max(1), sampling, segments, true, rng)
+        .map_err(|e| IngestError::Fatal(format!("segment sampling: {e}")))?;
+    let mut union: Vec<u64> = plan.iter().flatten().copied().collect();
+    union.sort_unstable();
+    union.dedup();
+    Ok((plan, union))
+}
+
 /// Decodes the union of the segments' frames once per view into a `[3, |U|, S, S]` tensor, then
 /// cuts the clips out of it.
 struct ViewsSink {
@@ -259,22 +276,13 @@ struct ViewsSink {
 
 impl FrameSink for ViewsSink {
     fn plan(&mut self, info: &VideoInfo) -> Vec<u64> {
-        let plan = match eval_segment_indices(
-            info.num_frames.max(1),
-            self.sampling,
-            self.segments,
-            true,
-            &mut self.rng,
-        ) {
+        let (plan, union) = match segment_plan(info, self.sampling, self.segments, &mut self.rng) {
             Ok(p) => p,
             Err(e) => {
-                self.error = Some(IngestError::Fatal(format!("segment sampling: {e}")));
+                self.error = Some(e);
                 return Vec::new();
             }
         };
-        let mut union: Vec<u64> = plan.iter().flatten().copied().collect();
-        union.sort_unstable();
-        union.dedup();
         self.boxes = view_boxes(
             info.height as usize,
             info.width as usize,
@@ -429,22 +437,13 @@ impl AugmentSink {
 
 impl FrameSink for AugmentSink {
     fn plan(&mut self, info: &VideoInfo) -> Vec<u64> {
-        let plan = match eval_segment_indices(
-            info.num_frames.max(1),
-            self.sampling,
-            self.segments,
-            true,
-            &mut self.rng,
-        ) {
+        let (plan, union) = match segment_plan(info, self.sampling, self.segments, &mut self.rng) {
             Ok(p) => p,
             Err(e) => {
-                self.error = Some(IngestError::Fatal(format!("segment sampling: {e}")));
+                self.error = Some(e);
                 return Vec::new();
             }
         };
-        let mut union: Vec<u64> = plan.iter().flatten().copied().collect();
-        union.sort_unstable();
-        union.dedup();
         let mut last_use = vec![0; union.len()];
         for (k, indices) in plan.iter().enumerate() {
             for f in indices {

@@ -175,11 +175,10 @@ pub fn run(opts: FinetuneOptions) -> anyhow::Result<ProbeSummary> {
         "fine-tuning"
     );
     let mut order: Vec<usize> = (0..train.len()).collect();
-    let (mut final_loss, mut train_top1) = (f64::NAN, f64::NAN);
+    let mut score = probe::EpochScore::default();
     for epoch in 0..opts.epochs {
         order.shuffle(&mut rng);
-        let mut losses = Vec::new();
-        let (mut right, mut seen) = (0usize, 0usize);
+        score = probe::EpochScore::default();
         for chunk in order.chunks(opts.batch_size) {
             let mut data = Vec::with_capacity(chunk.len() * segments * per_clip);
             let mut labels = Vec::with_capacity(chunk.len());
@@ -189,17 +188,9 @@ pub fn run(opts: FinetuneOptions) -> anyhow::Result<ProbeSummary> {
             }
             let x = Tensor::from_vec(data, shape(chunk.len()), &device)?;
             let s = tuner.step(&x, segments, &labels)?;
-            losses.push(s.loss);
-            (right, seen) = (right + s.correct, seen + labels.len());
+            score.add(s.loss, s.correct, labels.len());
         }
-        final_loss = losses.iter().sum::<f64>() / losses.len().max(1) as f64;
-        train_top1 = 100.0 * right as f64 / seen.max(1) as f64;
-        tracing::info!(
-            epoch = epoch + 1,
-            loss = format_args!("{final_loss:.4}"),
-            train_top1 = format_args!("{train_top1:.2}"),
-            "finetune"
-        );
+        score.log(epoch, "finetune");
     }
     save_tuned(&opts.out_dir, &tuner)?;
 
@@ -224,14 +215,7 @@ pub fn run(opts: FinetuneOptions) -> anyhow::Result<ProbeSummary> {
         });
     }
     let correct = probe::write_predictions(&opts.out_dir, &classes, &predictions)?;
-    ProbeSummary::new(
-        correct,
-        val.len(),
-        train.len(),
-        classes,
-        final_loss,
-        train_top1,
-    )
+    ProbeSummary::new(correct, val.len(), train.len(), classes, &score)
 }
 
 /// Fine-tuning with nothing held between epochs ([`probe::Cache::None`]; see

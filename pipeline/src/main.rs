@@ -841,24 +841,12 @@ fn main() -> ExitCode {
             }
         }
         Command::Probe {
-            token_cache,
-            augment,
-            ..
-        } if token_cache == vjepa_pipeline::probe::Cache::Memory
-            && augment == vjepa_pipeline::probe::Augment::Official =>
-        {
-            eprintln!(
-                "error: --augment official draws new train clips every epoch, so their tokens \
-                 cannot be held in memory (--token-cache memory): use --token-cache none or \
-                 auto, or --augment none"
-            );
-            ExitCode::from(2)
-        }
-        Command::Probe {
             probe,
             token_cache,
             augment,
-        } => match probe.options() {
+        } => match refused_cache(token_cache, augment, "--token-cache")
+            .map_or_else(|| probe.options(), Err)
+        {
             Ok(opts) => report_eval(vjepa_pipeline::probe::run(
                 vjepa_pipeline::probe::ProbeOptions {
                     cache: token_cache,
@@ -869,25 +857,13 @@ fn main() -> ExitCode {
             Err(code) => code,
         },
         Command::Finetune {
-            clip_cache,
-            augment,
-            ..
-        } if clip_cache == vjepa_pipeline::probe::Cache::Memory
-            && augment == vjepa_pipeline::probe::Augment::Official =>
-        {
-            eprintln!(
-                "error: --augment official draws new train clips every epoch, so they cannot be \
-                 held in memory (--clip-cache memory): use --clip-cache none or auto, or \
-                 --augment none"
-            );
-            ExitCode::from(2)
-        }
-        Command::Finetune {
             probe,
             backbone_lr_scale,
             clip_cache,
             augment,
-        } => match probe.options() {
+        } => match refused_cache(clip_cache, augment, "--clip-cache")
+            .map_or_else(|| probe.options(), Err)
+        {
             Ok(probe) => report_eval(vjepa_pipeline::finetune::run(
                 vjepa_pipeline::finetune::FinetuneOptions {
                     probe: vjepa_pipeline::probe::ProbeOptions {
@@ -1217,6 +1193,17 @@ fn share(s: &str) -> Result<f64, String> {
         Ok(_) => Err("must be in (0, 1]".into()),
         Err(e) => Err(e.to_string()),
     }
+}
+
+/// Exit 2 before any work when the cache cannot hold the train clips `augment` makes.
+fn refused_cache(
+    cache: vjepa_pipeline::probe::Cache,
+    augment: vjepa_pipeline::probe::Augment,
+    flag: &str,
+) -> Option<ExitCode> {
+    let why = vjepa_pipeline::probe::held_augmented_clips(cache, augment, flag)?;
+    eprintln!("error: {why}");
+    Some(ExitCode::from(2))
 }
 
 fn config_error(e: &vjepa_pipeline::config::ConfigError) -> ExitCode {

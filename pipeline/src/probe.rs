@@ -101,6 +101,18 @@ impl std::str::FromStr for Augment {
     }
 }
 
+/// Why `cache` cannot go with `augment`, if it cannot: official augmentation draws new train
+/// clips every epoch, so nothing can be held between epochs. `flag` names the cache option
+/// (`--token-cache` for the probe, `--clip-cache` for fine-tuning).
+pub fn held_augmented_clips(cache: Cache, augment: Augment, flag: &str) -> Option<String> {
+    (cache == Cache::Memory && augment == Augment::Official).then(|| {
+        format!(
+            "--augment official draws new train clips every epoch, so they cannot be held in \
+             memory ({flag} memory): use {flag} none or auto, or --augment none"
+        )
+    })
+}
+
 /// What `vjepa probe` (the backbone's tokens) and `vjepa finetune` (the decoded clips) keep
 /// between epochs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -526,6 +538,51 @@ pub(crate) fn write_predictions(
     Ok(rows.iter().filter(|r| r.correct).count())
 }
 
+/// One epoch's training record, shared by the probe and fine-tuning on either path: the mean
+/// loss of its steps and its train top-1 (each batch scored before its update, the train
+/// accuracy the official evaluation logs).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct EpochScore {
+    losses: Vec<f64>,
+    right: usize,
+    seen: usize,
+}
+
+impl EpochScore {
+    /// One step: its loss, and how many of its `n` videos the head got right.
+    pub(crate) fn add(&mut self, loss: f64, right: usize, n: usize) {
+        self.losses.push(loss);
+        self.right += right;
+        self.seen += n;
+    }
+
+    /// Mean loss over the steps (NaN before any).
+    pub(crate) fn loss(&self) -> f64 {
+        if self.losses.is_empty() {
+            return f64::NAN;
+        }
+        self.losses.iter().sum::<f64>() / self.losses.len() as f64
+    }
+
+    /// Train top-1 in % (NaN before any step).
+    pub(crate) fn top1(&self) -> f64 {
+        if self.seen == 0 {
+            return f64::NAN;
+        }
+        100.0 * self.right as f64 / self.seen as f64
+    }
+
+    /// The epoch's log line.
+    pub(crate) fn log(&self, epoch: usize, what: &str) {
+        tracing::info!(
+            epoch = epoch + 1,
+            loss = format_args!("{:.4}", self.loss()),
+            train_top1 = format_args!("{:.2}", self.top1()),
+            "{what}"
+        );
+    }
+}
+
 impl ProbeSummary {
     /// The summary of an evaluation of `evaluated` videos, `correct` of them right; an error
     /// when no validation video could be read (a top-1 of nothing is not a score).
@@ -534,8 +591,7 @@ impl ProbeSummary {
         evaluated: usize,
         train_videos: usize,
         classes: Vec<String>,
-        final_loss: f64,
-        train_top1: f64,
+        last_epoch: &EpochScore,
     ) -> anyhow::Result<Self> {
         if evaluated == 0 {
             anyhow::bail!(
@@ -549,8 +605,8 @@ impl ProbeSummary {
             evaluated,
             train_videos,
             classes,
-            final_loss,
-            train_top1,
+            final_loss: last_epoch.loss(),
+            train_top1: last_epoch.top1(),
         })
     }
 }
@@ -614,11 +670,10 @@ fn run_in_memory(
     let probe = AttentiveProbe::new(head_config(&encoder, classes.len()), opts.seed, &device)?;
     let mut trainer = ProbeTrainer::new(probe, probe_optim(opts, train.len()))?;
     let mut order: Vec<usize> = (0..train.len()).collect();
-    let (mut final_loss, mut train_top1) = (f64::NAN, f64::NAN);
+    let mut score = EpochScore::default();
     for epoch in 0..opts.epochs {
         order.shuffle(&mut rng);
-        let mut losses = Vec::new();
-        let (mut right, mut seen) = (0usize, 0usize);
+        score = EpochScore::default();
         for chunk in order.chunks(opts.batch_size) {
             let n = train[chunk[0]].tokens;
             let mut data = Vec::with_capacity(chunk.len() * n * d);
@@ -632,17 +687,9 @@ fn run_in_memory(
             }
             let x = Tensor::from_vec(data, (chunk.len(), n, d), &device)?;
             let s = trainer.step(&x, &labels)?;
-            losses.push(s.loss);
-            (right, seen) = (right + s.correct, seen + labels.len());
+            score.add(s.loss, s.correct, labels.len());
         }
-        final_loss = losses.iter().sum::<f64>() / losses.len().max(1) as f64;
-        train_top1 = 100.0 * right as f64 / seen.max(1) as f64;
-        tracing::info!(
-            epoch = epoch + 1,
-            loss = format_args!("{final_loss:.4}"),
-            train_top1 = format_args!("{train_top1:.2}"),
-            "probe"
-        );
+        score.log(epoch, "probe");
     }
     let probe = trainer.into_probe();
     std::fs::write(
@@ -668,14 +715,7 @@ fn run_in_memory(
         });
     }
     let correct = write_predictions(&opts.out_dir, &classes, &predictions)?;
-    ProbeSummary::new(
-        correct,
-        val.len(),
-        train.len(),
-        classes,
-        final_loss,
-        train_top1,
-    )
+    ProbeSummary::new(correct, val.len(), train.len(), classes, &score)
 }
 
 #[cfg(test)]

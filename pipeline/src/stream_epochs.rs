@@ -59,13 +59,10 @@ pub(crate) fn streaming_sets(
     what: &str,
 ) -> anyhow::Result<Option<(VideoSet, VideoSet)>> {
     let augmented = opts.augment == probe::Augment::Official;
+    if let Some(why) = probe::held_augmented_clips(opts.cache, opts.augment, "the cache") {
+        bail!("{why}");
+    }
     if opts.cache == probe::Cache::Memory {
-        if augmented {
-            bail!(
-                "--augment official draws new train clips every epoch, so they cannot be held \
-                 in memory: use a cache of `none` or `auto`, or --augment none"
-            );
-        }
         return Ok(None);
     }
     let s3 = &opts.extract.s3;
@@ -131,8 +128,7 @@ pub(crate) fn run<L: Learner>(
         segments,
         batch_size: opts.batch_size,
         pending: Vec::new(),
-        losses: Vec::new(),
-        right: 0,
+        score: probe::EpochScore::default(),
         videos: 0,
     };
     tracing::info!(
@@ -152,7 +148,7 @@ pub(crate) fn run<L: Learner>(
     let uris = train.uris();
     let mut keep = keep;
     let mut order: Vec<usize> = (0..keep.len()).collect();
-    let (mut final_loss, mut train_top1) = (f64::NAN, f64::NAN);
+    let mut score = probe::EpochScore::default();
     let mut trained = keep.len();
     for epoch in 0..opts.epochs {
         order.shuffle(&mut rng);
@@ -207,15 +203,8 @@ pub(crate) fn run<L: Learner>(
             keep.retain(|&i| !bad.contains(uris[i].as_str()));
             order = (0..keep.len()).collect();
         }
-        let losses = std::mem::take(&mut done.losses);
-        final_loss = losses.iter().sum::<f64>() / losses.len().max(1) as f64;
-        train_top1 = 100.0 * std::mem::take(&mut done.right) as f64 / trained as f64;
-        tracing::info!(
-            epoch = epoch + 1,
-            loss = format_args!("{final_loss:.4}"),
-            train_top1 = format_args!("{train_top1:.2}"),
-            "{what}"
-        );
+        score = std::mem::take(&mut done.score);
+        score.log(epoch, what);
         pass = done;
     }
     pass.learner.save(&opts.out_dir)?;
@@ -237,7 +226,7 @@ pub(crate) fn run<L: Learner>(
     warn_quarantined(&streamed, what, "validation");
     let evaluated = eval.predictions.len();
     let correct = probe::write_predictions(&opts.out_dir, &classes, &eval.predictions)?;
-    ProbeSummary::new(correct, evaluated, trained, classes, final_loss, train_top1)
+    ProbeSummary::new(correct, evaluated, trained, classes, &score)
 }
 
 /// The seed of epoch `epoch`'s train clips: with the official training transform a new one
@@ -314,9 +303,7 @@ struct TrainEpoch<L: Learner> {
     batch_size: usize,
     /// Videos read but not yet trained on, with their class.
     pending: Vec<(L::Video, u32)>,
-    losses: Vec<f64>,
-    /// Videos the head got right this epoch (before each step's update).
-    right: usize,
+    score: probe::EpochScore,
     /// Videos trained on this epoch.
     videos: usize,
 }
@@ -325,8 +312,7 @@ impl<L: Learner> TrainEpoch<L> {
     fn step(&mut self, n: usize) -> anyhow::Result<()> {
         let (batch, labels): (Vec<L::Video>, Vec<u32>) = self.pending.drain(..n).unzip();
         let (loss, right) = self.learner.step(batch, &labels)?;
-        self.losses.push(loss);
-        self.right += right;
+        self.score.add(loss, right, labels.len());
         Ok(())
     }
 }

@@ -398,11 +398,7 @@ fn a_stop_during_an_outage_reaches_the_process_that_was_not_signalled() {
         return;
     };
     let tmp = tempfile::tempdir().unwrap();
-    let (cfg, out) = s3_corpus_config(&server, tmp.path(), |text| {
-        let text = text.replace("  checkpoint_every: 4", "  checkpoint_every: 1000");
-        assert!(text.contains("checkpoint_every: 1000"));
-        text
-    });
+    let (cfg, out) = s3_corpus_config(&server, tmp.path(), without_periodic_checkpoints);
     let hosts = hostfile(&tmp.path().join("hosts"), 2);
     let mut cluster =
         Cluster::start_with_env(&cfg, &hosts, 2, tmp.path(), "outage", &s3_env(&server));

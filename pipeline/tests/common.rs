@@ -324,6 +324,14 @@ pub fn videos_into_bucket(
     dst
 }
 
+/// A config edit for [`s3_corpus_config`]: no periodic checkpoint within a test's steps, so
+/// the only checkpoint is the one a stop writes.
+pub fn without_periodic_checkpoints(text: String) -> String {
+    let text = text.replace("  checkpoint_every: 4", "  checkpoint_every: 1000");
+    assert!(text.contains("checkpoint_every: 1000"));
+    text
+}
+
 /// A 4-video corpus in bucket `corpus` of `server` and the small config over it
 /// (`s3://corpus/videos/`, 200 steps, outputs in local `dir/out/`), changed by `edit`, written
 /// to `dir/s3.yaml`. Returns (config, output directory).

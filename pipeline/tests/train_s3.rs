@@ -208,11 +208,7 @@ fn sigterm_during_an_outage_stops_without_waiting_for_the_store() {
     };
     let tmp = tempfile::tempdir().unwrap();
     // Periodic checkpoints out of reach: the one at the stop is the stop's own.
-    let (cfg, out) = s3_corpus_config(&server, tmp.path(), |text| {
-        let text = text.replace("  checkpoint_every: 4", "  checkpoint_every: 1000");
-        assert!(text.contains("checkpoint_every: 1000"));
-        text
-    });
+    let (cfg, out) = s3_corpus_config(&server, tmp.path(), without_periodic_checkpoints);
     let (mut child, lines, mut log) = start_until_first_step(&cfg, &server);
     drop(server);
     // The clips already loaded are trained; then the job waits on the store (each clip has
