@@ -25,6 +25,7 @@ use vjepa_model::probe::AttentiveProbe;
 
 use vjepa_model::vit::Encoder;
 use vjepa_operators::records::Clip;
+use vjepa_storage::predictions::PredictionRow;
 
 use crate::extract::{self, ExtractOptions, VideoSet};
 use crate::probe::{self, Prediction, ProbeOptions, ProbeSummary};
@@ -174,8 +175,33 @@ pub fn run(opts: FinetuneOptions) -> anyhow::Result<ProbeSummary> {
         backbone_lr_scale,
         "fine-tuning"
     );
+    // Evaluation as the probe's: probabilities averaged over views.
+    let evaluate = |tuner: &FineTuner| -> anyhow::Result<Vec<PredictionRow>> {
+        let mut predictions = Vec::with_capacity(val.len());
+        for v in &val {
+            let mut mean = vec![0f32; classes.len()];
+            for view in &v.views {
+                let x = Tensor::from_vec(view.clone(), shape(1), &device)?;
+                let p = tuner
+                    .probabilities(&x, segments)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?;
+                for (m, p) in mean.iter_mut().zip(p) {
+                    *m += p / v.views.len() as f32;
+                }
+            }
+            predictions.push(Prediction {
+                uri: v.uri.clone(),
+                label: v.label,
+                probabilities: mean,
+            });
+        }
+        Ok(probe::prediction_rows(&classes, &predictions))
+    };
     let mut order: Vec<usize> = (0..train.len()).collect();
     let mut score = probe::EpochScore::default();
+    let mut log = probe::EpochLog::new(&opts.out_dir, "finetune");
+    let mut rows = Vec::new();
     for epoch in 0..opts.epochs {
         order.shuffle(&mut rng);
         score = probe::EpochScore::default();
@@ -190,32 +216,16 @@ pub fn run(opts: FinetuneOptions) -> anyhow::Result<ProbeSummary> {
             let s = tuner.step(&x, segments, &labels)?;
             score.add(s.loss, s.correct, labels.len());
         }
-        score.log(epoch, "finetune");
-    }
-    save_tuned(&opts.out_dir, &tuner)?;
-
-    // Evaluation as the probe's: probabilities averaged over views.
-    let mut predictions = Vec::with_capacity(val.len());
-    for v in &val {
-        let mut mean = vec![0f32; classes.len()];
-        for view in &v.views {
-            let x = Tensor::from_vec(view.clone(), shape(1), &device)?;
-            let p = tuner
-                .probabilities(&x, segments)?
-                .flatten_all()?
-                .to_vec1::<f32>()?;
-            for (m, p) in mean.iter_mut().zip(p) {
-                *m += p / v.views.len() as f32;
-            }
+        if epoch + 1 == opts.epochs {
+            save_tuned(&opts.out_dir, &tuner)?;
         }
-        predictions.push(Prediction {
-            uri: v.uri.clone(),
-            label: v.label,
-            probabilities: mean,
-        });
+        let evaluated = probe::evaluates_after(epoch, opts.epochs, opts.val_every);
+        if evaluated {
+            rows = evaluate(&tuner)?;
+        }
+        log.record(epoch, &score, evaluated.then_some(rows.as_slice()))?;
     }
-    let correct = probe::write_predictions(&opts.out_dir, &classes, &predictions)?;
-    ProbeSummary::new(correct, val.len(), train.len(), classes, &score)
+    ProbeSummary::write(&opts.out_dir, &rows, train.len(), classes, &score)
 }
 
 /// Fine-tuning with nothing held between epochs ([`probe::Cache::None`]; see

@@ -86,6 +86,11 @@ struct ProbeArgs {
     /// label of the train index].
     #[arg(long, value_parser = at_least_one)]
     num_classes: Option<usize>,
+    /// Evaluate on the validation split after every N epochs too, into `epochs.parquet` and
+    /// the log (0: only after the last) [default: 1 with --eval-config, as the official
+    /// evaluation does, else 0].
+    #[arg(long)]
+    val_every: Option<usize>,
     /// Share of each class's train videos used (low-shot evaluation).
     #[arg(long, default_value_t = 1.0, value_parser = share, allow_negative_numbers = true)]
     label_fraction: f64,
@@ -194,6 +199,7 @@ impl ProbeArgs {
         let num_classes = self
             .num_classes
             .or(eval.as_ref().and_then(|e| e.num_classes));
+        let val_every = self.val_every.unwrap_or(if eval.is_some() { 1 } else { 0 });
         tracing::info!(
             checkpoint = %vjepa_storage::redact_url(&checkpoint),
             train = %vjepa_storage::redact_url(&train),
@@ -206,6 +212,7 @@ impl ProbeArgs {
             lr,
             weight_decay,
             num_classes = ?num_classes,
+            val_every,
             "evaluation settings"
         );
         let extract = vjepa_pipeline::extract::ExtractOptions {
@@ -245,6 +252,7 @@ impl ProbeArgs {
             out_dir: self.out,
             cache: vjepa_pipeline::probe::Cache::Memory,
             augment: vjepa_pipeline::probe::Augment::None,
+            val_every,
             num_classes,
         })
     }

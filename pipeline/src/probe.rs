@@ -23,6 +23,7 @@ use rand_chacha::ChaCha8Rng;
 use vjepa_model::Tensor;
 use vjepa_model::probe::{AttentiveProbe, ProbeConfig, ProbeOptim, ProbeTrainer};
 use vjepa_operators::records::Clip;
+use vjepa_storage::eval_epochs::EpochRow;
 use vjepa_storage::features::{FeatureRow, read_features};
 use vjepa_storage::predictions::{self, PredictionRow};
 
@@ -61,6 +62,9 @@ pub struct ProbeOptions {
     /// How train clips are made: the official training transform drawn anew every epoch, or
     /// the fixed evaluation view.
     pub augment: Augment,
+    /// Evaluate on the validation split after every this many epochs as well (the official
+    /// evaluation: 1); 0: only after the last.
+    pub val_every: usize,
     /// Classes the evaluation config announces (`data.num_classes`): with integer labels,
     /// the head's outputs (see [`classes`]).
     pub num_classes: Option<usize>,
@@ -125,7 +129,7 @@ pub enum Cache {
     Memory,
     /// Keep nothing: every epoch streams the train videos through the decoder (and, for the
     /// probe, the frozen backbone) again, as the official evaluation does, so memory and disk
-    /// stay flat whatever the dataset's size; evaluation streams the validation videos once.
+    /// stay flat whatever the dataset's size; evaluation streams the validation videos each time it runs.
     None,
 }
 
@@ -523,19 +527,97 @@ pub(crate) struct Prediction {
     pub(crate) probabilities: Vec<f32>,
 }
 
-/// Writes `predictions.parquet` into `dir` (uri, label, predicted, correct, probabilities) and
-/// returns the number of correct top-1 predictions.
-pub(crate) fn write_predictions(
-    dir: &std::path::Path,
+/// The predictions table's rows: each video's predicted class and whether it is right.
+pub(crate) fn prediction_rows(
     classes: &[String],
     predictions: &[Prediction],
-) -> anyhow::Result<usize> {
-    let rows: Vec<PredictionRow> = predictions
+) -> Vec<PredictionRow> {
+    predictions
         .iter()
         .map(|p| PredictionRow::new(p.uri.clone(), p.label, p.probabilities.clone(), classes))
-        .collect();
-    predictions::write_file(&dir.join("predictions.parquet"), &rows)?;
-    Ok(rows.iter().filter(|r| r.correct).count())
+        .collect()
+}
+
+/// Whether the run evaluates on the validation split after epoch `epoch` (0-based) of
+/// `epochs`: after every `every`-th epoch (the official evaluation: every epoch; 0: none),
+/// and always after the last, whose evaluation is the run's result.
+pub(crate) fn evaluates_after(epoch: usize, epochs: usize, every: usize) -> bool {
+    epoch + 1 == epochs || (every > 0 && (epoch + 1).is_multiple_of(every))
+}
+
+/// `epochs.parquet` in the output directory, rewritten whole after every epoch (so it can be
+/// read while the run goes and survives a run that fails later), and the epoch's log line.
+pub(crate) struct EpochLog {
+    path: std::path::PathBuf,
+    what: String,
+    rows: Vec<EpochRow>,
+    started: std::time::Instant,
+}
+
+impl EpochLog {
+    /// The log of a run writing into `dir`; `what` names it in log lines.
+    pub(crate) fn new(dir: &std::path::Path, what: &str) -> Self {
+        Self {
+            path: dir.join("epochs.parquet"),
+            what: what.to_string(),
+            rows: Vec::new(),
+            started: std::time::Instant::now(),
+        }
+    }
+
+    /// Records epoch `epoch` (0-based): its training, and its validation rows where the run
+    /// evaluated after it. A validation with no video is an error (every one quarantined).
+    pub(crate) fn record(
+        &mut self,
+        epoch: usize,
+        score: &EpochScore,
+        val: Option<&[PredictionRow]>,
+    ) -> anyhow::Result<()> {
+        let (val_top1, val_videos) = match val {
+            Some([]) => bail!("{}", no_validation_video()),
+            Some(rows) => (
+                100.0 * rows.iter().filter(|r| r.correct).count() as f64 / rows.len() as f64,
+                rows.len(),
+            ),
+            None => (f64::NAN, 0),
+        };
+        match val {
+            Some(_) => tracing::info!(
+                epoch = epoch + 1,
+                loss = format_args!("{:.4}", score.loss()),
+                train_top1 = format_args!("{:.2}", score.top1()),
+                val_top1 = format_args!("{val_top1:.2}"),
+                val_videos,
+                "{}",
+                self.what
+            ),
+            None => tracing::info!(
+                epoch = epoch + 1,
+                loss = format_args!("{:.4}", score.loss()),
+                train_top1 = format_args!("{:.2}", score.top1()),
+                "{}",
+                self.what
+            ),
+        }
+        self.rows.push(EpochRow {
+            epoch: epoch as u64 + 1,
+            time_unix_us: crate::now_unix_us(),
+            train_loss: score.loss(),
+            train_top1: score.top1(),
+            train_videos: score.seen as u64,
+            val_top1,
+            val_videos: val_videos as u64,
+            seconds: self.started.elapsed().as_secs_f64(),
+        });
+        self.started = std::time::Instant::now();
+        predictions::write_file(&self.path, &self.rows)?;
+        Ok(())
+    }
+}
+
+fn no_validation_video() -> &'static str {
+    "no validation video could be read: every one was quarantined or refused (their reasons \
+     are in the validation quarantine table in the output directory)"
 }
 
 /// One epoch's training record, shared by the probe and fine-tuning on either path: the mean
@@ -571,38 +653,28 @@ impl EpochScore {
         }
         100.0 * self.right as f64 / self.seen as f64
     }
-
-    /// The epoch's log line.
-    pub(crate) fn log(&self, epoch: usize, what: &str) {
-        tracing::info!(
-            epoch = epoch + 1,
-            loss = format_args!("{:.4}", self.loss()),
-            train_top1 = format_args!("{:.2}", self.top1()),
-            "{what}"
-        );
-    }
 }
 
 impl ProbeSummary {
-    /// The summary of an evaluation of `evaluated` videos, `correct` of them right; an error
-    /// when no validation video could be read (a top-1 of nothing is not a score).
-    pub(crate) fn new(
-        correct: usize,
-        evaluated: usize,
+    /// The result of the last evaluation (`rows`, one per validation video), after writing it
+    /// to `predictions.parquet` in `dir`; an error when no validation video could be read (a
+    /// top-1 of nothing is not a score, and no empty table is left).
+    pub(crate) fn write(
+        dir: &std::path::Path,
+        rows: &[PredictionRow],
         train_videos: usize,
         classes: Vec<String>,
         last_epoch: &EpochScore,
     ) -> anyhow::Result<Self> {
-        if evaluated == 0 {
-            anyhow::bail!(
-                "no validation video could be read: every one was quarantined or refused \
-                 (their reasons are in the validation quarantine table in the output directory)"
-            );
+        if rows.is_empty() {
+            anyhow::bail!("{}", no_validation_video());
         }
+        predictions::write_file(&dir.join("predictions.parquet"), rows)?;
+        let correct = rows.iter().filter(|r| r.correct).count();
         Ok(Self {
-            top1: 100.0 * correct as f64 / evaluated as f64,
+            top1: 100.0 * correct as f64 / rows.len() as f64,
             correct,
-            evaluated,
+            evaluated: rows.len(),
             train_videos,
             classes,
             final_loss: last_epoch.loss(),
@@ -669,8 +741,30 @@ fn run_in_memory(
     let device = open_device(opts)?;
     let probe = AttentiveProbe::new(head_config(&encoder, classes.len()), opts.seed, &device)?;
     let mut trainer = ProbeTrainer::new(probe, probe_optim(opts, train.len()))?;
+    // Probabilities averaged over views.
+    let evaluate = |probe: &AttentiveProbe| -> anyhow::Result<Vec<PredictionRow>> {
+        let mut predictions = Vec::with_capacity(val.len());
+        for s in &val {
+            let mut mean = vec![0f32; classes.len()];
+            for view in &s.views {
+                let x = Tensor::from_vec(view.clone(), (1, s.tokens, d), &device)?;
+                let p = probe.probabilities(&x)?.flatten_all()?.to_vec1::<f32>()?;
+                for (m, v) in mean.iter_mut().zip(p) {
+                    *m += v / s.views.len() as f32;
+                }
+            }
+            predictions.push(Prediction {
+                uri: s.uri.clone(),
+                label: s.label,
+                probabilities: mean,
+            });
+        }
+        Ok(prediction_rows(&classes, &predictions))
+    };
     let mut order: Vec<usize> = (0..train.len()).collect();
     let mut score = EpochScore::default();
+    let mut log = EpochLog::new(&opts.out_dir, "probe");
+    let mut rows = Vec::new();
     for epoch in 0..opts.epochs {
         order.shuffle(&mut rng);
         score = EpochScore::default();
@@ -689,33 +783,19 @@ fn run_in_memory(
             let s = trainer.step(&x, &labels)?;
             score.add(s.loss, s.correct, labels.len());
         }
-        score.log(epoch, "probe");
-    }
-    let probe = trainer.into_probe();
-    std::fs::write(
-        opts.out_dir.join("probe.safetensors"),
-        probe.to_safetensors()?,
-    )?;
-
-    // Evaluation: probabilities averaged over views.
-    let mut predictions = Vec::with_capacity(val.len());
-    for s in &val {
-        let mut mean = vec![0f32; classes.len()];
-        for view in &s.views {
-            let x = Tensor::from_vec(view.clone(), (1, s.tokens, d), &device)?;
-            let p = probe.probabilities(&x)?.flatten_all()?.to_vec1::<f32>()?;
-            for (m, v) in mean.iter_mut().zip(p) {
-                *m += v / s.views.len() as f32;
-            }
+        if epoch + 1 == opts.epochs {
+            std::fs::write(
+                opts.out_dir.join("probe.safetensors"),
+                trainer.probe().to_safetensors()?,
+            )?;
         }
-        predictions.push(Prediction {
-            uri: s.uri.clone(),
-            label: s.label,
-            probabilities: mean,
-        });
+        let evaluated = evaluates_after(epoch, opts.epochs, opts.val_every);
+        if evaluated {
+            rows = evaluate(trainer.probe())?;
+        }
+        log.record(epoch, &score, evaluated.then_some(rows.as_slice()))?;
     }
-    let correct = write_predictions(&opts.out_dir, &classes, &predictions)?;
-    ProbeSummary::new(correct, val.len(), train.len(), classes, &score)
+    ProbeSummary::write(&opts.out_dir, &rows, train.len(), classes, &score)
 }
 
 #[cfg(test)]
@@ -753,6 +833,22 @@ mod tests {
             2,
             "not all canonical integers: one output per label"
         );
+    }
+
+    #[test]
+    fn evaluations_follow_val_every_and_always_end_the_run() {
+        let after = |epochs, every| {
+            (0..epochs)
+                .filter(|&e| evaluates_after(e, epochs, every))
+                .map(|e| e + 1)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(after(5, 0), [5]);
+        assert_eq!(after(5, 1), [1, 2, 3, 4, 5]);
+        assert_eq!(after(5, 2), [2, 4, 5]);
+        assert_eq!(after(6, 3), [3, 6]);
+        assert_eq!(after(3, 10), [3]);
+        assert_eq!(after(1, 0), [1]);
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Probe and fine-tuning with nothing held between epochs ([`crate::probe::Cache::None`]):
 //! every epoch streams the train videos through [`crate::extract`]'s dataflow (shuffled into
 //! the batches the in-memory paths make: same low-shot subset, same seeded order), and the
-//! validation videos are streamed once for evaluation. What differs between the probe and
+//! validation videos are streamed at each evaluation ([`probe::evaluates_after`]). What differs between the probe and
 //! fine-tuning (what a video contributes, how a step and a prediction are made) is a
 //! [`Learner`]; the epochs, batching, labels and outputs are here once.
 
@@ -86,8 +86,9 @@ pub(crate) fn streaming_sets(
     Ok(stream.then_some((train, val)))
 }
 
-/// Trains `make(classes, train videos)`'s learner for `opts.epochs` streamed epochs, saves it,
-/// evaluates it on `val` and writes the predictions. `what` names the run in logs.
+/// Trains `make(classes, train videos)`'s learner for `opts.epochs` streamed epochs, evaluates
+/// it on `val` after the epochs [`probe::evaluates_after`] names (recording each epoch in
+/// `epochs.parquet`), saves it and writes the last evaluation's predictions. `what` names the run in logs.
 pub(crate) fn run<L: Learner>(
     opts: &ProbeOptions,
     train: VideoSet,
@@ -150,6 +151,9 @@ pub(crate) fn run<L: Learner>(
     let mut order: Vec<usize> = (0..keep.len()).collect();
     let mut score = probe::EpochScore::default();
     let mut trained = keep.len();
+    let mut log = probe::EpochLog::new(&opts.out_dir, what);
+    let mut validation = Validation::new(opts, val);
+    let mut rows = Vec::new();
     for epoch in 0..opts.epochs {
         order.shuffle(&mut rng);
         let videos: Vec<usize> = order.iter().map(|&p| keep[p]).collect();
@@ -161,10 +165,7 @@ pub(crate) fn run<L: Learner>(
         e.seed = epoch_seed(opts.extract.seed, augmented, epoch);
         // Each epoch's quarantine records in their own table (the first epoch's under the
         // split's name), so a later epoch does not replace an earlier one's.
-        let name = match epoch {
-            0 => "train".to_string(),
-            n => format!("train.epoch-{}", n + 1),
-        };
+        let name = split_table("train", epoch);
         let epoch_q = quarantine_location(opts, &name);
         let (mut done, streamed) =
             extract::stream_clips(&e, set, frames, size, &epoch_q, pass, handle)
@@ -204,29 +205,119 @@ pub(crate) fn run<L: Learner>(
             order = (0..keep.len()).collect();
         }
         score = std::mem::take(&mut done.score);
-        score.log(epoch, what);
-        pass = done;
+        if epoch + 1 == opts.epochs {
+            done.learner.save(&opts.out_dir)?;
+        }
+        let evaluated = probe::evaluates_after(epoch, opts.epochs, opts.val_every);
+        pass = if evaluated {
+            let (learner, predictions) =
+                validation.run(done.learner, &class_of, epoch, (frames, size), handle, what)?;
+            rows = probe::prediction_rows(&classes, &predictions);
+            TrainEpoch { learner, ..done }
+        } else {
+            done
+        };
+        log.record(epoch, &score, evaluated.then_some(rows.as_slice()))?;
     }
-    pass.learner.save(&opts.out_dir)?;
+    ProbeSummary::write(&opts.out_dir, &rows, trained, classes, &score)
+}
 
-    let mut e = opts.extract.clone();
-    e.datasets = vec![opts.val.clone()];
-    e.views = opts.val_views;
-    e.augment = None;
-    let eval = Evaluate {
-        learner: pass.learner,
-        class_of,
-        segments,
-        views: opts.val_views,
-        predictions: Vec::new(),
-    };
-    let val_q = quarantine_location(opts, "val");
-    let (eval, streamed) = extract::stream_clips(&e, val, frames, size, &val_q, eval, handle)
-        .with_context(|| format!("evaluating the {what}"))?;
-    warn_quarantined(&streamed, what, "validation");
-    let evaluated = eval.predictions.len();
-    let correct = probe::write_predictions(&opts.out_dir, &classes, &eval.predictions)?;
-    ProbeSummary::new(correct, evaluated, trained, classes, &score)
+/// The validation split, streamed after the epochs the run evaluates after: the same clips
+/// each time (the evaluation's seed), less the videos an earlier evaluation quarantined.
+struct Validation {
+    e: extract::ExtractOptions,
+    set: VideoSet,
+    segments: usize,
+    views: usize,
+    out_dir: std::path::PathBuf,
+    /// Evaluations so far (the first records the index lines refused while listing).
+    runs: usize,
+}
+
+impl Validation {
+    fn new(opts: &ProbeOptions, set: VideoSet) -> Self {
+        let mut e = opts.extract.clone();
+        e.datasets = vec![opts.val.clone()];
+        e.views = opts.val_views;
+        e.augment = None;
+        e.progress = false;
+        Self {
+            e,
+            set,
+            segments: opts.extract.segments.max(1),
+            views: opts.val_views,
+            out_dir: opts.out_dir.clone(),
+            runs: 0,
+        }
+    }
+
+    /// Evaluates `learner` after epoch `epoch` (0-based); returns it with its predictions.
+    fn run<L: Learner>(
+        &mut self,
+        learner: L,
+        class_of: &BTreeMap<String, usize>,
+        epoch: usize,
+        (frames, size): (usize, usize),
+        handle: &tokio::runtime::Handle,
+        what: &str,
+    ) -> anyhow::Result<(L, Vec<Prediction>)> {
+        let everyone: Vec<usize> = (0..self.set.len()).collect();
+        let set = match self.runs {
+            0 => self.set.reordered(&everyone),
+            _ => self.set.reordered(&everyone).without_rejected(),
+        };
+        // The first evaluation's records under the split's name; a later one's, where it has
+        // any, under its epoch's.
+        let name = match self.runs {
+            0 => "val".to_string(),
+            _ => split_table("val", epoch),
+        };
+        let eval = Evaluate {
+            learner,
+            class_of: class_of.clone(),
+            segments: self.segments,
+            views: self.views,
+            predictions: Vec::new(),
+        };
+        let location = self.out_dir.join(format!("{name}.quarantine.parquet"));
+        let (eval, streamed) = extract::stream_clips(
+            &self.e,
+            set,
+            frames,
+            size,
+            &location.display().to_string(),
+            eval,
+            handle,
+        )
+        .with_context(|| format!("evaluating the {what} after epoch {}", epoch + 1))?;
+        warn_quarantined(&streamed, what, "validation");
+        if self.runs > 0 && streamed.quarantined == 0 {
+            let _ = std::fs::remove_file(&location);
+        }
+        if !streamed.quarantined_uris.is_empty() {
+            let bad: std::collections::HashSet<&str> = streamed
+                .quarantined_uris
+                .iter()
+                .map(String::as_str)
+                .collect();
+            let uris = self.set.uris();
+            let kept: Vec<usize> = (0..self.set.len())
+                .filter(|&i| !bad.contains(uris[i].as_str()))
+                .collect();
+            self.set = self.set.reordered(&kept);
+        }
+        self.runs += 1;
+        Ok((eval.learner, eval.predictions))
+    }
+}
+
+/// The quarantine table name of `split`'s pass in epoch `epoch` (0-based): the split's name
+/// for the first epoch, `split.epoch-N` after it.
+fn split_table(split: &str, epoch: usize) -> String {
+    match epoch {
+        0 => split.to_string(),
+        n => format!("{split}.epoch-{}", n + 1),
+    }
 }
 
 /// The seed of epoch `epoch`'s train clips: with the official training transform a new one

@@ -132,14 +132,15 @@ fn pretrain_then_finetune_writes_its_artifacts() {
     }
 
     // Decoding the clips again every epoch (`--clip-cache none`) trains on the same batches
-    // as holding them (`memory`): the same fine-tuned model, top-1 line and probabilities.
+    // as holding them (`memory`): the same fine-tuned model, top-1 line and probabilities,
+    // and the same validation after each epoch (`--val-every 1`).
     let (held_dir, streamed_dir) = (tmp.path().join("held"), tmp.path().join("streamed"));
     let held = common("finetune", &held_dir)
-        .args(["--clip-cache", "memory"])
+        .args(["--clip-cache", "memory", "--val-every", "1"])
         .output()
         .unwrap();
     let streamed = common("finetune", &streamed_dir)
-        .args(["--clip-cache", "none"])
+        .args(["--clip-cache", "none", "--val-every", "1"])
         .output()
         .unwrap();
     assert_ok(&held);
@@ -159,6 +160,17 @@ fn pretrain_then_finetune_writes_its_artifacts() {
         }
     }
     assert!(streamed_dir.join("encoder.safetensors").exists());
+    let (h, s) = (read_epochs(&held_dir), read_epochs(&streamed_dir));
+    assert_eq!(h.len(), 2);
+    assert!(h.iter().all(|e| e.val_videos == 3), "{h:?}");
+    assert!((h[1].val_top1 - top1_of(&top1_line(&held))).abs() < 0.006);
+    for (a, b) in h.iter().zip(&s) {
+        assert_eq!(
+            (a.epoch, a.val_top1, a.train_top1),
+            (b.epoch, b.val_top1, b.train_top1)
+        );
+        assert!((a.train_loss - b.train_loss).abs() < 1e-4, "{h:?} vs {s:?}");
+    }
 }
 
 #[derive(Debug)]

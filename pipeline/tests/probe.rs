@@ -76,6 +76,26 @@ fn pretrain_then_probe_writes_its_artifacts() {
     }
     assert_eq!(probabilities.len(), 2);
 
+    // The epochs table: one row per epoch; validation only after the last (the default
+    // without an evaluation config), and that one is the printed top-1.
+    let epochs = read_epochs(&probe_dir);
+    assert_eq!(
+        epochs.iter().map(|e| e.epoch).collect::<Vec<_>>(),
+        [1, 2, 3]
+    );
+    assert!(
+        epochs[..2]
+            .iter()
+            .all(|e| e.val_top1.is_nan() && e.val_videos == 0)
+    );
+    assert_eq!(epochs[2].val_videos, 2);
+    assert!((epochs[2].val_top1 - top1_of(&top1_line(&run))).abs() < 0.006);
+    assert!(
+        epochs
+            .iter()
+            .all(|e| e.train_loss.is_finite() && e.train_top1 >= 0.0)
+    );
+
     // A label fraction keeps ceil(fraction · count) per class.
     let low_dir = tmp.path().join("probe-low");
     let low = eval_command("probe", &checkpoint, &train_csv, &val_csv, &low_dir)
@@ -96,7 +116,8 @@ fn pretrain_then_probe_writes_its_artifacts() {
 
 /// `--token-cache none` (nothing held between epochs: the backbone reads the videos again every
 /// epoch) trains on the same batches as the in-memory probe and so gives the same probe: same
-/// top-1 line (final loss included), same probabilities; and it writes no token tables.
+/// top-1 line (final loss included), same probabilities, the same validation after every epoch
+/// (`--val-every 1`); and it writes no token tables.
 #[test]
 fn streaming_probe_matches_the_in_memory_probe() {
     let tmp = tempfile::tempdir().unwrap();
@@ -108,6 +129,7 @@ fn streaming_probe_matches_the_in_memory_probe() {
             .args(["--segments", "2", "--views", "2", "--epochs", "3"])
             .args(["--batch-size", "4", "--seed", "3", "--token-cache", cache])
             .args(["--label-fraction", fraction, "--augment", "none"])
+            .args(["--val-every", "1"])
             .output()
             .unwrap();
         assert_ok(&run);
@@ -128,6 +150,21 @@ fn streaming_probe_matches_the_in_memory_probe() {
         assert_eq!(a.len(), b.len());
         for (x, y) in a.iter().flatten().zip(b.iter().flatten()) {
             assert!((x - y).abs() < 1e-4, "{a:?} vs {b:?}");
+        }
+        let (a, b) = (read_epochs(&mem_dir), read_epochs(&stream_dir));
+        assert_eq!(a.len(), 3);
+        assert!(
+            a.iter()
+                .all(|e| e.val_videos == 2 && e.val_top1.is_finite())
+        );
+        assert!((a[2].val_top1 - top1_of(&mem)).abs() < 0.006, "{a:?} {mem}");
+        for (x, y) in a.iter().zip(&b) {
+            assert_eq!(
+                (x.epoch, x.val_top1, x.val_videos),
+                (y.epoch, y.val_top1, y.val_videos)
+            );
+            assert!((x.train_loss - y.train_loss).abs() < 1e-4, "{a:?} vs {b:?}");
+            assert_eq!(x.train_top1, y.train_top1);
         }
     }
 }
@@ -254,6 +291,14 @@ fn an_official_eval_config_drives_the_probe() {
         "{line}"
     );
     assert_eq!(line, top1_line(&flags));
+    // As the official evaluation, a run from its config validates after every epoch; the
+    // flags' run only after the last, with the same result.
+    let (every, last) = (
+        read_epochs(&tmp.path().join("by-config")),
+        read_epochs(&tmp.path().join("flags")),
+    );
+    assert!(every.iter().all(|e| e.val_videos == 2), "{every:?}");
+    assert!(last[0].val_top1.is_nan() && last[1].val_top1 == every[1].val_top1);
 
     let one_epoch = from_config("override", &["--epochs", "1"]);
     assert_ok(&one_epoch);
@@ -381,14 +426,19 @@ fn a_probe_with_nothing_to_learn_from_fails() {
     assert!(err.contains("validation label `avi`"), "{err}");
     assert!(!err.contains("epoch=1"), "refused before training: {err}");
 
-    // A broken video among good ones: quarantined in the first epoch's table and not read
-    // again (no table for the second epoch); the run goes on with the others.
-    let good = std::fs::read_to_string(&train_csv).unwrap();
-    let mixed = tmp.path().join("mixed.csv");
-    std::fs::write(&mixed, format!("{good}\n{} mp4\n", bad.display())).unwrap();
+    // A broken video among good ones, in both splits: quarantined in the first epoch's
+    // table (the first evaluation's) and not read again (no table for the second epoch);
+    // the run goes on with the others, validating on the same videos after each epoch.
+    let mix = |csv: &std::path::Path, name: &str| {
+        let good = std::fs::read_to_string(csv).unwrap();
+        let mixed = tmp.path().join(name);
+        std::fs::write(&mixed, format!("{good}\n{} mp4\n", bad.display())).unwrap();
+        mixed
+    };
+    let (mixed, mixed_val) = (mix(&train_csv, "mixed.csv"), mix(&val_csv, "mixed-val.csv"));
     let dir = tmp.path().join("mixed");
-    let run = eval_command("probe", &checkpoint, &mixed, &val_csv, &dir)
-        .args(["--epochs", "2"])
+    let run = eval_command("probe", &checkpoint, &mixed, &mixed_val, &dir)
+        .args(["--epochs", "2", "--val-every", "1"])
         .output()
         .unwrap();
     assert_ok(&run);
@@ -404,6 +454,19 @@ fn a_probe_with_nothing_to_learn_from_fails() {
         err.matches("train videos left out of this epoch").count(),
         1,
         "{err}"
+    );
+    assert!(dir.join("val.quarantine.parquet").exists());
+    assert!(!dir.join("val.epoch-2.quarantine.parquet").exists());
+    assert_eq!(
+        err.matches("validation videos left out").count(),
+        1,
+        "{err}"
+    );
+    let epochs = read_epochs(&dir);
+    let val_count = std::fs::read_to_string(&val_csv).unwrap().lines().count() as i64;
+    assert!(
+        epochs.iter().all(|e| e.val_videos == val_count),
+        "{epochs:?}"
     );
 }
 

@@ -18,6 +18,7 @@
 pub mod checkpoints;
 pub mod dataset;
 mod error;
+pub mod eval_epochs;
 pub mod features;
 mod location;
 pub mod predictions;

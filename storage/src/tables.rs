@@ -109,7 +109,7 @@ pub struct ClipRow {
     pub flip: bool,
 }
 
-fn ts_type() -> DataType {
+pub(crate) fn ts_type() -> DataType {
     DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
 }
 
