@@ -837,6 +837,36 @@ fn features_at_other_clip_sizes() {
     );
 }
 
+/// The backbone built for another input size (the official evaluation's way): the same
+/// weights, the sin-cos table built afresh for the new grid, and so other features than the
+/// interpolated table gives; itself at its own size; sizes that are not whole patches refused.
+#[test]
+fn an_encoder_rebuilt_for_another_input_size() {
+    let m = tiny_model(23);
+    let enc = m.target_encoder();
+    let big = enc.for_input_size(48).unwrap();
+    assert_eq!(big.config().crop_size, 48);
+    assert_eq!(big.config().embed_dim, enc.config().embed_dim);
+    let cfg = big.config();
+    let fresh = pos_embed::sincos_table(cfg.embed_dim, cfg.grid(), cfg.table_layout()).unwrap();
+    assert_eq!(flat(big.pos_embed()), fresh);
+    for ((a, x), (b, y)) in enc.params().iter().zip(big.params()) {
+        assert_eq!(a, b);
+        assert_eq!(flat(x), flat(y), "{a}: the same weights");
+    }
+    let x = clips(&[1, 3, 4, 48, 48], 9);
+    let rebuilt = flat(&big.forward(&x, None).unwrap());
+    let interpolated = flat(&enc.forward(&x, None).unwrap());
+    assert_eq!(rebuilt.len(), interpolated.len());
+    assert_ne!(rebuilt, interpolated);
+    let same = enc.for_input_size(32).unwrap();
+    assert_eq!(flat(same.pos_embed()), flat(enc.pos_embed()));
+    assert!(
+        enc.for_input_size(40).is_err(),
+        "not a multiple of the patch"
+    );
+}
+
 fn image_encoder() -> EncoderConfig {
     EncoderConfig {
         num_frames: 1,

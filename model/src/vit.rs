@@ -567,6 +567,34 @@ impl Encoder {
         &self.cfg
     }
 
+    /// The same weights built for clips of side `crop_size`, with the sin-cos table built
+    /// afresh for that grid: how the official evaluation builds its backbone at the evaluation
+    /// resolution (spec §9: a checkpoint's table of another shape is not used). Fed such clips
+    /// as it is, this encoder would interpolate its table instead (spec §2), which gives other
+    /// positions than a fresh table. Itself when the size is its own.
+    pub fn for_input_size(&self, crop_size: usize) -> Result<Self, ModelError> {
+        if crop_size == self.cfg.crop_size {
+            return Ok(self.clone());
+        }
+        let cfg = EncoderConfig {
+            crop_size,
+            ..self.cfg.clone()
+        };
+        cfg.validate()?;
+        let mut map = ParamMap::new();
+        for (name, t) in &self.params {
+            map.insert(name.clone(), t.clone());
+        }
+        let pos = pos_embed::sincos_table_tensor(
+            cfg.embed_dim,
+            cfg.grid(),
+            cfg.table_layout(),
+            self.device(),
+        )?
+        .to_dtype(self.pos_embed.dtype())?;
+        Self::load(&cfg, &map, pos)
+    }
+
     /// The device its weights live on (inputs are moved there by [`Self::forward`]).
     pub fn device(&self) -> &Device {
         self.pos_embed.device()

@@ -1029,7 +1029,22 @@ pub(crate) fn open_backbone(
         .open()
         .with_context(|| format!("opening device {}", opts.device))?;
     let backbone = Backbone::load(&opts.checkpoint, &bytes, opts.encoder.as_ref(), &device)?;
-    Ok((runtime, backbone))
+    // Clips of another size than the checkpoint's: the backbone is built for them, as the
+    // official evaluation builds its own at the evaluation resolution (a fresh sin-cos table,
+    // not the checkpoint's interpolated), whatever the checkpoint's format.
+    let built = backbone.config().crop_size;
+    let size = input_size(opts, backbone.config())?;
+    if size == built {
+        return Ok((runtime, backbone));
+    }
+    let encoder = backbone.encoder().for_input_size(size)?;
+    tracing::info!(
+        checkpoint_size = built,
+        input_size = size,
+        "backbone built for the input size: the checkpoint's weights, a sin-cos table built \
+         for the input's grid (the official evaluation's way)"
+    );
+    Ok((runtime, Backbone::Encoder(Box::new(encoder))))
 }
 
 /// The encoder of `opts.checkpoint` as evaluation reads it (our target encoder or a pixel run's encoder, an official

@@ -149,6 +149,67 @@ fn extract_writes_one_row_per_clip_equal_to_a_direct_forward() {
             r.view
         );
     }
+
+    // Clips of another size (`--size 80` of a 64 model): the backbone is built for it, the
+    // checkpoint's weights with a sin-cos table built for the new grid, as the official
+    // evaluation builds its own at the evaluation resolution. So our checkpoint and its
+    // official-layout export give the same features, the rebuilt encoder's.
+    let pth = tmp.path().join("exported.pth.tar");
+    let converted = Command::new(bin())
+        .arg("convert")
+        .arg(&checkpoint)
+        .arg(&pth)
+        .output()
+        .unwrap();
+    assert_ok(&converted);
+    let at_80 = |ckpt: &std::path::Path, name: &str| {
+        let out = tmp.path().join("f").join(name);
+        let run = extract(&[
+            "--checkpoint",
+            ckpt.to_str().unwrap(),
+            "--index",
+            index.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--size",
+            "80",
+        ]);
+        assert_ok(&run);
+        assert!(
+            String::from_utf8_lossy(&run.stderr).contains("backbone built for the input size"),
+            "{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        rt.block_on(read_features(&store, name)).unwrap()
+    };
+    let ours = at_80(&checkpoint, "ours-80.parquet");
+    let exported = at_80(&pth, "pth-80.parquet");
+    assert_eq!(ours.len(), 3);
+    let rebuilt = model.target_encoder().for_input_size(80).unwrap();
+    for (a, b) in ours.iter().zip(&exported) {
+        assert_eq!((&a.uri, &a.frames), (&b.uri, &b.frames));
+        let diff = a
+            .embedding
+            .iter()
+            .zip(&b.embedding)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(diff < 1e-5, "{}: {diff}", a.uri);
+        let clip = decode_row_clip(
+            &mut decoder,
+            &a.uri,
+            &a.frames,
+            RowCrop::View { view: 0, views: 1 },
+            80,
+        );
+        let direct = mean_pooled(rebuilt.forward(&clip, None).unwrap());
+        let diff = direct
+            .iter()
+            .zip(&a.embedding)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(diff < 1e-4, "{}: {diff} from the rebuilt encoder", a.uri);
+    }
 }
 
 /// Acceptance 3: `vjepa extract` on an official-layout `.pth.tar` (the PyTorch-written
