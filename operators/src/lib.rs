@@ -3,11 +3,11 @@
 //! them (load, batch, mask, train, sinks). Timestamps are step numbers.
 
 pub mod erasing;
-pub mod eval_augment;
 pub mod masking;
 pub mod randaugment;
 pub mod sampling;
 pub mod seeding;
+pub mod train_augment;
 pub mod transform;
 
 pub mod sampler;

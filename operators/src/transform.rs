@@ -78,6 +78,21 @@ pub struct TransformParams {
     pub flip: bool,
 }
 
+impl TransformParams {
+    /// The whole `height × width` frame, unflipped.
+    pub fn whole(height: usize, width: usize) -> Self {
+        TransformParams {
+            crop: CropBox {
+                top: 0,
+                left: 0,
+                height,
+                width,
+            },
+            flip: false,
+        }
+    }
+}
+
 /// Random-resized-crop settings (`rr_scale`, `rr_aspect`, `crop_size` in the configs).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AugmentConfig {
@@ -162,17 +177,30 @@ fn fallback_crop(height: usize, width: usize, ratio: (f64, f64)) -> CropBox {
     }
 }
 
-/// Draws the per-clip transform parameters, in the reference's order: crop (up to 10 tries of
-/// `area = U(scale)·H·W`, `ar = exp(U(ln lo, ln hi))`, `w = round(√(area·ar))`,
-/// `h = round(√(area/ar))`, accepted if `0 < w ≤ W` and `0 < h ≤ H`, then
-/// `top = UniformInt[0, H-h]`, `left = UniformInt[0, W-w]`; otherwise the torchvision centre-crop
-/// fallback), then `flip = U(0, 1) < 0.5`.
+/// Draws the per-clip transform parameters, in the reference's order: the crop
+/// ([`sample_crop`]), then `flip = U(0, 1) < 0.5`.
 pub fn sample_params(
     height: usize,
     width: usize,
     cfg: &AugmentConfig,
     rng: &mut impl Rng,
 ) -> Result<TransformParams, TransformError> {
+    let crop = sample_crop(height, width, cfg, rng)?;
+    let flip = rng.random::<f64>() < 0.5;
+    Ok(TransformParams { crop, flip })
+}
+
+/// Draws a random resized crop box as the reference's `_get_param_spatial_crop`: up to 10 tries
+/// of `area = U(scale)·H·W`, `ar = exp(U(ln lo, ln hi))`, `w = round(√(area·ar))`,
+/// `h = round(√(area/ar))`, accepted if `0 < w ≤ W` and `0 < h ≤ H`, then
+/// `top = UniformInt[0, H-h]`, `left = UniformInt[0, W-w]`; otherwise the torchvision centre-crop
+/// fallback.
+pub fn sample_crop(
+    height: usize,
+    width: usize,
+    cfg: &AugmentConfig,
+    rng: &mut impl Rng,
+) -> Result<CropBox, TransformError> {
     cfg.validate()?;
     if height == 0 || width == 0 {
         return Err(TransformError::ZeroSize {
@@ -184,7 +212,6 @@ pub fn sample_params(
     }
     let area = height as f64 * width as f64;
     let log_ratio = (cfg.aspect_ratio.0.ln(), cfg.aspect_ratio.1.ln());
-    let mut crop = None;
     for _ in 0..CROP_TRIES {
         let target_area = uniform(rng, cfg.scale.0, cfg.scale.1) * area;
         let ar = uniform(rng, log_ratio.0, log_ratio.1).exp();
@@ -193,18 +220,15 @@ pub fn sample_params(
         if 0 < w && w <= width && 0 < h && h <= height {
             let top = rng.random_range(0..=height - h);
             let left = rng.random_range(0..=width - w);
-            crop = Some(CropBox {
+            return Ok(CropBox {
                 top,
                 left,
                 height: h,
                 width: w,
             });
-            break;
         }
     }
-    let crop = crop.unwrap_or_else(|| fallback_crop(height, width, cfg.aspect_ratio));
-    let flip = rng.random::<f64>() < 0.5;
-    Ok(TransformParams { crop, flip })
+    Ok(fallback_crop(height, width, cfg.aspect_ratio))
 }
 
 /// Per-output-position source taps of a 1-D torch bilinear resize (align_corners=False):

@@ -881,22 +881,10 @@ impl JobConfig {
         }
 
         let a = &r.data_aug;
-        if a.auto_augment {
-            return Err(ConfigError::invalid(
-                "data_aug.auto_augment",
-                "RandAugment is not used in V-JEPA pretraining and not implemented",
-            ));
-        }
-        if a.motion_shift {
-            return Err(ConfigError::invalid(
-                "data_aug.motion_shift",
-                "motion-shift crops are not implemented",
-            ));
-        }
-        if a.reprob != 0.0 {
+        if !(a.reprob.is_finite() && (0.0..=1.0).contains(&a.reprob)) {
             return Err(ConfigError::invalid(
                 "data_aug.reprob",
-                "random erasing is not implemented (use 0.0)",
+                "must be a probability in [0, 1] (0: no random erasing)",
             ));
         }
         range(
@@ -1550,6 +1538,21 @@ impl JobConfig {
         }
     }
 
+    /// The `data_aug` options that work on the decoded frames (`auto_augment`,
+    /// `motion_shift`, `reprob`), as the official pretraining `VideoTransform` applies them;
+    /// `None` when all are off (the released configs), and clips take the direct crop path.
+    pub fn train_augment(&self) -> Option<vjepa_operators::train_augment::TrainAugment> {
+        let a = &self.raw.data_aug;
+        (a.auto_augment || a.motion_shift || a.reprob > 0.0).then(|| {
+            vjepa_operators::train_augment::TrainAugment::pretrain(
+                self.augment(),
+                a.auto_augment,
+                a.motion_shift,
+                a.reprob,
+            )
+        })
+    }
+
     /// Mask generator settings, one per `mask` entry.
     pub fn mask_configs(&self) -> Vec<vjepa_operators::masking::MaskConfig> {
         self.raw
@@ -1868,6 +1871,34 @@ mod tests {
         let text = OFFICIAL_VITL16.replace("crop_size: 224", "crop_size: 230");
         let err = JobConfig::parse(&text).unwrap_err();
         assert_eq!(err.key(), Some("data.crop_size"), "{err}");
+    }
+
+    /// `data_aug`'s frame augmentations: off in the released configs (clips take the direct
+    /// crop path); each turns on the whole-frame path with the official options; a `reprob`
+    /// that is not a probability is refused naming the key.
+    #[test]
+    fn data_aug_frame_augmentations() {
+        let cfg = JobConfig::parse(OFFICIAL_VITL16).unwrap();
+        assert!(cfg.train_augment().is_none());
+        let on = OFFICIAL_VITL16
+            .replace("auto_augment: false", "auto_augment: true")
+            .replace("motion_shift: false", "motion_shift: true")
+            .replace("reprob: 0.0", "reprob: 0.25");
+        let a = JobConfig::parse(&on).unwrap().train_augment().unwrap();
+        assert!(a.rand_augment.is_some() && a.motion_shift && a.flip);
+        assert_eq!(a.erasing.map(|e| e.probability), Some(0.25));
+        assert_eq!(a.crop, cfg.augment());
+        let erase_only = OFFICIAL_VITL16.replace("reprob: 0.0", "reprob: 1.0");
+        let a = JobConfig::parse(&erase_only)
+            .unwrap()
+            .train_augment()
+            .unwrap();
+        assert!(a.rand_augment.is_none() && !a.motion_shift && a.erasing.is_some());
+        for bad in ["1.5", "-0.1", ".nan"] {
+            let text = OFFICIAL_VITL16.replace("reprob: 0.0", &format!("reprob: {bad}"));
+            let err = JobConfig::parse(&text).unwrap_err();
+            assert_eq!(err.key(), Some("data_aug.reprob"), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -31,12 +31,12 @@ use vjepa_ingest::{
 };
 use vjepa_model::vit::{self, Encoder};
 use vjepa_model::{ComputeDevice, Device, EncoderConfig, Pretrainer, Tensor};
-pub use vjepa_operators::eval_augment::TrainAugment;
 use vjepa_operators::load::{ClipLoader, load_clips_parallel};
 use vjepa_operators::records::{Clip, ClipRequest, Loaded, Quarantined};
 use vjepa_operators::sampling::{ClipSampling, eval_segment_indices};
 use vjepa_operators::seeding::mix64;
 use vjepa_operators::sinks::sink_local;
+pub use vjepa_operators::train_augment::TrainAugment;
 use vjepa_operators::transform::{self, CropBox, TransformParams};
 use vjepa_storage::features::{FeatureRow, FeaturesWriter};
 use vjepa_storage::tables::{QuarantineRow, QuarantineWriter};

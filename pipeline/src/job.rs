@@ -434,6 +434,7 @@ fn run_training(
         },
         clip_duration: cfg.raw.data.clip_duration,
         augment: cfg.augment(),
+        frame_augment: cfg.train_augment(),
         filter_short_videos: cfg.raw.data.filter_short_videos,
         filter_long_bytes: cfg.raw.data.filter_long_videos as u64,
         max_attempts: cfg.raw.workers.max_attempts_per_clip,

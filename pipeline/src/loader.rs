@@ -1,6 +1,8 @@
 //! The job's clip loader: pick the video for a clip, read it from its object store with ranged
 //! reads, decode just the sampled window with GStreamer, and crop/resize/flip/normalise each frame
-//! straight into the clip tensor. Bad videos become quarantine records.
+//! straight into the clip tensor (or, with `data_aug`'s RandAugment, motion shift or random
+//! erasing on, hold the decoded RGB frames and augment the clip from them). Bad videos become
+//! quarantine records.
 //!
 //! Every random choice of a clip comes from streams seeded by (seed, global clip number), and
 //! the draws made for a clip do not depend on earlier outcomes, so the sequence of clips is the
@@ -31,6 +33,7 @@ pub const REASON_FILE_TOO_LARGE: &str = "file_too_large";
 use vjepa_operators::sampler::{Mixing, VersionDraws};
 use vjepa_operators::sampling::{ClipSampling, pretrain_indices};
 use vjepa_operators::seeding::{Stream, rng_for};
+use vjepa_operators::train_augment::TrainAugment;
 use vjepa_operators::transform::{self, AugmentConfig, TransformParams};
 
 use crate::catalog::{Catalog, CatalogVersion, Versions, VideoRef};
@@ -64,6 +67,9 @@ pub struct LoaderSettings {
     pub sampling: ClipSampling,
     pub clip_duration: Option<f64>,
     pub augment: AugmentConfig,
+    /// `data_aug`'s RandAugment, motion shift and random erasing (`None`: all off): clips are
+    /// then made from their decoded RGB frames rather than straight from the decoder's.
+    pub frame_augment: Option<TrainAugment>,
     pub filter_short_videos: bool,
     pub filter_long_bytes: u64,
     pub max_attempts: usize,
@@ -251,6 +257,13 @@ impl StoreLoader {
             let indices = pretrain_indices(info.num_frames.max(1), sampling, rng)
                 .unwrap_or_else(|_| vec![0; sampling.frames_per_clip]);
             let (h, w) = (info.height as usize, info.width as usize);
+            if settings.frame_augment.is_some() {
+                // Drawn from the decoded frames, after the decode.
+                return Planned::Decode {
+                    indices,
+                    params: TransformParams::whole(h, w),
+                };
+            }
             match transform::sample_params(h, w, &settings.augment, rng) {
                 Ok(params) => Planned::Decode { indices, params },
                 Err(e) => Planned::Refuse(format!("frame size {w}x{h}: {e}")),
@@ -260,12 +273,25 @@ impl StoreLoader {
             inner: source,
             telemetry: self.telemetry.clone(),
         });
-        let (indices, params, data, stats) = decode_planned(
-            &mut self.decoder,
-            source,
-            &mut plan,
-            settings.augment.crop_size,
-        )?;
+        let (indices, params, data, stats) = match &settings.frame_augment {
+            None => decode_planned(
+                &mut self.decoder,
+                source,
+                &mut plan,
+                settings.augment.crop_size,
+            )?,
+            Some(augment) => {
+                let mut d = decode_frames(&mut self.decoder, source, &mut plan)?;
+                let (h, w) = (d.height, d.width);
+                let (data, params) = augment
+                    .clip(&mut d.frames, d.indices.len(), h, w, rng)
+                    .map_err(|e| Failure::Bad {
+                        reason: "decode_error".into(),
+                        detail: format!("frame size {w}x{h}: {e}"),
+                    })?;
+                (d.indices, params, data, d.stats)
+            }
+        };
         self.telemetry.items(Stage::Decode, 1);
         self.telemetry.items(Stage::Transform, 1);
         Ok(Clip {
@@ -399,6 +425,116 @@ fn decode_planned(
             detail,
         }),
         _ => Err(Failure::Fatal("decoder finished without a plan".into())),
+    }
+}
+
+/// The planned frames as packed RGB (`data_aug` options that work on whole frames).
+struct RgbSink<'a> {
+    plan: &'a mut dyn FnMut(&VideoInfo) -> Planned,
+    decided: Option<Planned>,
+    size: (usize, usize),
+    /// `T × H × W × 3`.
+    frames: Vec<u8>,
+    delivered: Vec<bool>,
+}
+
+impl FrameSink for RgbSink<'_> {
+    fn plan(&mut self, info: &VideoInfo) -> Vec<u64> {
+        let decided = (self.plan)(info);
+        let indices = match &decided {
+            Planned::Decode { indices, .. } => {
+                self.size = (info.height as usize, info.width as usize);
+                self.frames = vec![0; indices.len() * self.size.0 * self.size.1 * 3];
+                self.delivered = vec![false; indices.len()];
+                indices.clone()
+            }
+            Planned::TooShort | Planned::Refuse(_) => Vec::new(),
+        };
+        self.decided = Some(decided);
+        indices
+    }
+
+    fn frame(&mut self, slot: usize, frame: &YuvFrame<'_>) -> Result<(), IngestError> {
+        let (h, w) = self.size;
+        if (frame.height, frame.width) != (h, w) {
+            return Err(IngestError::quarantine(
+                vjepa_ingest::QuarantineReason::DecodeError,
+                format!(
+                    "frame size changed mid-stream from {w}x{h} to {}x{}",
+                    frame.width, frame.height
+                ),
+            ));
+        }
+        let len = h * w * 3;
+        let Some(out) = self.frames.get_mut(slot * len..(slot + 1) * len) else {
+            return Err(IngestError::Fatal(format!(
+                "frame slot {slot} out of range"
+            )));
+        };
+        frame.to_rgb(out)?;
+        self.delivered[slot] = true;
+        Ok(())
+    }
+
+    fn repeat(&mut self, from: usize, to: usize) -> Result<(), IngestError> {
+        let len = self.size.0 * self.size.1 * 3;
+        if !self.delivered.get(from).copied().unwrap_or(false) || to >= self.delivered.len() {
+            return Err(IngestError::Fatal(format!(
+                "cannot repeat frame slot {from} into {to}"
+            )));
+        }
+        self.frames
+            .copy_within(from * len..(from + 1) * len, to * len);
+        self.delivered[to] = true;
+        Ok(())
+    }
+}
+
+/// A clip's planned frames, decoded to packed RGB.
+struct DecodedFrames {
+    indices: Vec<u64>,
+    /// `T × H × W × 3`.
+    frames: Vec<u8>,
+    height: usize,
+    width: usize,
+    stats: DecodeStats,
+}
+
+/// Decodes the planned window of `source` into packed RGB frames.
+fn decode_frames(
+    decoder: &mut Decoder,
+    source: Arc<dyn ByteSource>,
+    plan: &mut dyn FnMut(&VideoInfo) -> Planned,
+) -> Result<DecodedFrames, Failure> {
+    let mut sink = RgbSink {
+        plan,
+        decided: None,
+        size: (0, 0),
+        frames: Vec::new(),
+        delivered: Vec::new(),
+    };
+    let stats = decoder.decode(source, &mut sink).map_err(ingest_failure)?;
+    match sink.decided {
+        Some(Planned::Decode { indices, .. }) => {
+            if !sink.delivered.iter().all(|&d| d) {
+                return Err(Failure::Fatal(
+                    "decoder finished without delivering every planned frame".into(),
+                ));
+            }
+            Ok(DecodedFrames {
+                indices,
+                frames: sink.frames,
+                height: sink.size.0,
+                width: sink.size.1,
+                stats,
+            })
+        }
+        Some(Planned::TooShort) => Err(Failure::Skip),
+        Some(Planned::Refuse(detail)) => Err(Failure::Bad {
+            reason: "decode_error".into(),
+            detail,
+        }),
+        None => Err(Failure::Fatal("decoder finished without a plan".into())),
     }
 }
 

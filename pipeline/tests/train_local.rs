@@ -293,3 +293,51 @@ fn resumed_run_continues_with_the_same_losses() {
     let all = read_metrics(part_out.to_str().unwrap(), &Default::default());
     assert_same_trace(&full, all.iter());
 }
+
+/// `data_aug`'s frame augmentations (RandAugment, motion shift, random erasing) train through
+/// the whole-frame path. With an erasing probability too small to ever draw a box, that path
+/// gives the direct crop path's clips and so its losses, to the bit (same frames, crops and
+/// flips drawn in the same order); with all three on, the run trains on other clips (other
+/// losses), the same again for the same seed.
+#[test]
+fn frame_augmentations_train_through_the_whole_frame_path() {
+    let tmp = tempfile::tempdir().unwrap();
+    let videos = tmp.path().join("videos");
+    make_corpus(&videos, 4);
+    let run = |name: &str, replace: &[(&str, &str)]| {
+        let out = tmp.path().join(name);
+        let mut text = small_config(
+            &format!("{}/", videos.display()),
+            &format!("{}/", out.display()),
+            4,
+        );
+        for (from, to) in replace {
+            assert!(text.contains(from), "{from}");
+            text = text.replace(from, to);
+        }
+        let cfg = tmp.path().join(format!("{name}.yaml"));
+        std::fs::write(&cfg, text).unwrap();
+        assert_ok(&run_train(&cfg, &[], &[]));
+        read_metrics(out.to_str().unwrap(), &Default::default())
+    };
+    let plain = run("plain", &[]);
+    let whole_frames = run("whole-frames", &[("reprob: 0.0", "reprob: 1.0e-300")]);
+    assert_eq!(plain.len(), 4);
+    assert_same_trace(&plain, whole_frames.iter());
+
+    let all: &[(&str, &str)] = &[
+        ("auto_augment: false", "auto_augment: true"),
+        ("motion_shift: false", "motion_shift: true"),
+        ("reprob: 0.0", "reprob: 0.5"),
+    ];
+    let augmented = run("augmented", all);
+    assert_same_trace(&augmented, run("augmented-again", all).iter());
+    assert!(augmented.iter().all(|m| m.loss.is_finite()));
+    assert!(
+        augmented
+            .iter()
+            .zip(&plain)
+            .any(|(a, p)| a.loss.to_bits() != p.loss.to_bits()),
+        "augmented clips train to other losses"
+    );
+}

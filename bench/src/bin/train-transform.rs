@@ -12,7 +12,7 @@ use clap::Parser;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use vjepa_ingest::{Decoder, DecoderOptions};
-use vjepa_operators::eval_augment::TrainAugment;
+use vjepa_operators::train_augment::TrainAugment;
 
 #[derive(Parser)]
 #[command(about = "Time the probe's training transform on one clip and print its statistics")]
