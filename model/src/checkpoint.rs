@@ -78,6 +78,11 @@ impl<'a> Reader<'a> {
             .ok_or_else(|| ModelError::Checkpoint(format!("metadata key `{key}` missing")))
     }
 
+    /// All metadata.
+    pub(crate) fn metadata(&self) -> &HashMap<String, String> {
+        &self.metadata
+    }
+
     /// Metadata `key` parsed as JSON.
     pub(crate) fn meta_json<T: serde::de::DeserializeOwned>(
         &self,

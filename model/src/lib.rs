@@ -34,6 +34,7 @@ pub mod side_grads;
 pub mod staging;
 mod target_lane;
 pub mod tokens;
+pub mod train_state;
 pub mod vit;
 
 use std::collections::{BTreeMap, HashMap};

@@ -158,6 +158,11 @@ impl AdamW {
         &self.params
     }
 
+    /// The parameters, to restore a saved state into ([`crate::train_state`]).
+    pub(crate) fn params_mut(&mut self) -> &mut [OptParam] {
+        &mut self.params
+    }
+
     /// One update with the scheduled `lr` and `weight_decay` (the latter for decayed groups only),
     /// in place. Parameters with no gradient in `grads` are skipped, as torch does.
     pub fn step(

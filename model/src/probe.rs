@@ -403,6 +403,26 @@ impl ProbeTrainer {
         self.probe
     }
 
+    /// What training continues from after a stop (the probe, its AdamW moments and step
+    /// counts), as safetensors bytes with the caller's `meta` beside.
+    pub fn save_state(
+        &self,
+        meta: std::collections::HashMap<String, String>,
+    ) -> Result<Vec<u8>, ModelError> {
+        crate::train_state::write(&[("head", &self.opt)], self.steps_done, meta)
+    }
+
+    /// Continues from [`Self::save_state`]'s bytes (a probe of the same shape); returns their
+    /// metadata. Nothing changes when they do not fit.
+    pub fn restore_state(
+        &mut self,
+        bytes: &[u8],
+    ) -> Result<std::collections::HashMap<String, String>, ModelError> {
+        let (steps, meta) = crate::train_state::read(bytes, &mut [("head", &mut self.opt)])?;
+        self.steps_done = steps;
+        Ok(meta)
+    }
+
     /// One AdamW step on cross-entropy; schedules at the 1-based step (as the official loop
     /// steps its schedulers before the update). A non-finite loss leaves the probe unchanged.
     pub fn step(&mut self, tokens: &Tensor, labels: &[u32]) -> Result<ProbeStep, ModelError> {
@@ -572,6 +592,61 @@ mod tests {
         let want = ((lse([1.0, 2.0, 0.5]) - 2.0) + (lse([0.0, -1.0, 3.0]) - 3.0)) / 2.0;
         assert!((got as f64 - want).abs() < 1e-5, "{got} vs {want}");
         assert!(cross_entropy(&logits, &[3, 0]).is_err());
+    }
+
+    /// Stopped after two steps and continued from the saved state in a trainer built afresh,
+    /// the probe ends where an uninterrupted run does, to the bit; a state of another shape is
+    /// refused and changes nothing.
+    #[test]
+    fn continues_from_a_saved_state() {
+        let dev = Device::Cpu;
+        let mut rng = ChaCha8Rng::seed_from_u64(2);
+        let batches: Vec<(Tensor, Vec<u32>)> = (0..6)
+            .map(|_| {
+                let data: Vec<f32> = (0..4 * 5 * 16)
+                    .map(|_| rng.random_range(-1.0f32..1.0))
+                    .collect();
+                let labels = (0..4).map(|_| rng.random_range(0..3u32)).collect();
+                (Tensor::from_vec(data, (4, 5, 16), &dev).unwrap(), labels)
+            })
+            .collect();
+        let fresh = || {
+            ProbeTrainer::new(
+                AttentiveProbe::new(cfg(3), 1, &dev).unwrap(),
+                ProbeOptim::video(6),
+            )
+            .unwrap()
+        };
+        let values = |t: &ProbeTrainer| {
+            t.probe()
+                .tensors()
+                .into_iter()
+                .map(|(_, t)| t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+                .collect::<Vec<_>>()
+        };
+        let mut whole = fresh();
+        for (x, y) in &batches {
+            whole.step(x, y).unwrap();
+        }
+        let mut first = fresh();
+        for (x, y) in &batches[..2] {
+            first.step(x, y).unwrap();
+        }
+        let bytes = first.save_state(Default::default()).unwrap();
+        let mut resumed = fresh();
+        resumed.restore_state(&bytes).unwrap();
+        for (x, y) in &batches[2..] {
+            resumed.step(x, y).unwrap();
+        }
+        assert_eq!(values(&resumed), values(&whole));
+        let mut other = ProbeTrainer::new(
+            AttentiveProbe::new(cfg(4), 1, &dev).unwrap(),
+            ProbeOptim::video(6),
+        )
+        .unwrap();
+        let before = values(&other);
+        assert!(other.restore_state(&bytes).is_err());
+        assert_eq!(values(&other), before);
     }
 
     /// The probe learns a task that needs attention over tokens: the class is which of a few

@@ -202,7 +202,23 @@ pub fn run(opts: FinetuneOptions) -> anyhow::Result<ProbeSummary> {
     let mut score = probe::EpochScore::default();
     let mut log = probe::EpochLog::new(&opts.out_dir, "finetune");
     let mut rows = Vec::new();
-    for epoch in 0..opts.epochs {
+    let uris = |v: &[Video]| v.iter().map(|v| v.uri.clone()).collect::<Vec<_>>();
+    let fingerprint = crate::eval_resume::fingerprint(
+        &opts,
+        &tune_settings(backbone_lr_scale),
+        &uris(&train),
+        &uris(&val),
+    );
+    let start = crate::eval_resume::resume_held(
+        &opts,
+        &fingerprint,
+        "finetune",
+        &mut rng,
+        &mut order,
+        &mut log,
+        |bytes| Ok(tuner.restore_state(bytes).map(|_| ())?),
+    )?;
+    for epoch in start..opts.epochs {
         order.shuffle(&mut rng);
         score = probe::EpochScore::default();
         for chunk in order.chunks(opts.batch_size) {
@@ -224,8 +240,13 @@ pub fn run(opts: FinetuneOptions) -> anyhow::Result<ProbeSummary> {
             rows = evaluate(&tuner)?;
         }
         log.record(epoch, &score, evaluated.then_some(rows.as_slice()))?;
+        crate::eval_resume::save_held(&opts, &fingerprint, epoch, &rng, &order, |meta| {
+            Ok(tuner.save_state(meta)?)
+        })?;
     }
-    ProbeSummary::write(&opts.out_dir, &rows, train.len(), classes, &score)
+    let summary = ProbeSummary::write(&opts.out_dir, &rows, train.len(), classes, &score)?;
+    crate::eval_resume::finish(&opts.out_dir);
+    Ok(summary)
 }
 
 /// Fine-tuning with nothing held between epochs ([`probe::Cache::None`]; see
@@ -255,6 +276,7 @@ fn run_streaming(
             tuner,
             segments: opts.extract.segments.max(1),
             shape: (3, frames, size, size),
+            settings: tune_settings(backbone_lr_scale),
         })
     };
     stream_epochs::run(
@@ -287,6 +309,8 @@ struct TuneLearner {
     segments: usize,
     /// One clip's shape `(3, T, S, S)`.
     shape: (usize, usize, usize, usize),
+    /// [`tune_settings`].
+    settings: String,
 }
 
 impl TuneLearner {
@@ -361,4 +385,25 @@ impl stream_epochs::Learner for TuneLearner {
     fn save(&self, dir: &std::path::Path) -> anyhow::Result<()> {
         save_tuned(dir, &self.tuner)
     }
+
+    fn settings(&self) -> String {
+        self.settings.clone()
+    }
+
+    fn save_state(
+        &self,
+        meta: std::collections::HashMap<String, String>,
+    ) -> anyhow::Result<Vec<u8>> {
+        Ok(self.tuner.save_state(meta)?)
+    }
+
+    fn restore_state(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
+        self.tuner.restore_state(bytes)?;
+        Ok(())
+    }
+}
+
+/// What fine-tuning adds to the run's settings (for [`crate::eval_resume::fingerprint`]).
+fn tune_settings(backbone_lr_scale: f64) -> String {
+    format!("finetune backbone_lr_scale {backbone_lr_scale}")
 }

@@ -4,6 +4,7 @@ pub mod catalog;
 pub mod config;
 pub mod convert;
 pub mod eval_config;
+mod eval_resume;
 pub mod extract;
 pub mod finetune;
 pub mod job;

@@ -27,6 +27,7 @@ use vjepa_storage::eval_epochs::EpochRow;
 use vjepa_storage::features::{FeatureRow, read_features};
 use vjepa_storage::predictions::{self, PredictionRow};
 
+use crate::eval_resume;
 use crate::extract::{self, Backbone, ExtractOptions, VideoSet};
 use crate::stream_epochs;
 
@@ -401,6 +402,22 @@ impl stream_epochs::Learner for ProbeLearner {
         let bytes = self.trainer.probe().to_safetensors()?;
         Ok(std::fs::write(dir.join("probe.safetensors"), bytes)?)
     }
+
+    fn settings(&self) -> String {
+        "probe".to_string()
+    }
+
+    fn save_state(
+        &self,
+        meta: std::collections::HashMap<String, String>,
+    ) -> anyhow::Result<Vec<u8>> {
+        Ok(self.trainer.save_state(meta)?)
+    }
+
+    fn restore_state(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
+        self.trainer.restore_state(bytes)?;
+        Ok(())
+    }
 }
 
 /// Checks the options shared by `probe` and `finetune` and creates the output directory.
@@ -562,6 +579,31 @@ impl EpochLog {
             what: what.to_string(),
             rows: Vec::new(),
             started: std::time::Instant::now(),
+        }
+    }
+
+    /// Starts the table again (a run that does not continue a stopped one: an earlier run's
+    /// table is not left to look like this one's).
+    pub(crate) fn fresh(&mut self) {
+        self.rows.clear();
+        let _ = std::fs::remove_file(&self.path);
+    }
+
+    /// Continues after `epochs_done` epochs of a stopped run: their rows are kept from the
+    /// table it wrote (a table that cannot be read is started again, with a warning).
+    pub(crate) fn resume(&mut self, epochs_done: usize) {
+        match vjepa_storage::eval_epochs::read_file(&self.path) {
+            Ok(rows) => {
+                self.rows = rows
+                    .into_iter()
+                    .filter(|r| r.epoch as usize <= epochs_done)
+                    .collect();
+            }
+            Err(e) => tracing::warn!(
+                error = %e,
+                "{}: the epochs table of the stopped run cannot be read; it restarts here",
+                self.what
+            ),
         }
     }
 
@@ -765,7 +807,18 @@ fn run_in_memory(
     let mut score = EpochScore::default();
     let mut log = EpochLog::new(&opts.out_dir, "probe");
     let mut rows = Vec::new();
-    for epoch in 0..opts.epochs {
+    let uris = |s: &[Sample]| s.iter().map(|s| s.uri.clone()).collect::<Vec<_>>();
+    let fingerprint = eval_resume::fingerprint(opts, "probe", &uris(&train), &uris(&val));
+    let start = eval_resume::resume_held(
+        opts,
+        &fingerprint,
+        "probe",
+        &mut rng,
+        &mut order,
+        &mut log,
+        |bytes| Ok(trainer.restore_state(bytes).map(|_| ())?),
+    )?;
+    for epoch in start..opts.epochs {
         order.shuffle(&mut rng);
         score = EpochScore::default();
         for chunk in order.chunks(opts.batch_size) {
@@ -794,8 +847,13 @@ fn run_in_memory(
             rows = evaluate(trainer.probe())?;
         }
         log.record(epoch, &score, evaluated.then_some(rows.as_slice()))?;
+        eval_resume::save_held(opts, &fingerprint, epoch, &rng, &order, |meta| {
+            Ok(trainer.save_state(meta)?)
+        })?;
     }
-    ProbeSummary::write(&opts.out_dir, &rows, train.len(), classes, &score)
+    let summary = ProbeSummary::write(&opts.out_dir, &rows, train.len(), classes, &score)?;
+    eval_resume::finish(&opts.out_dir);
+    Ok(summary)
 }
 
 #[cfg(test)]

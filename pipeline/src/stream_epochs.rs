@@ -15,6 +15,7 @@ use rand_chacha::ChaCha8Rng;
 use vjepa_operators::records::Clip;
 use vjepa_operators::seeding::mix64;
 
+use crate::eval_resume::{self, Progress};
 use crate::extract::{self, ClipConsumer, Order, VideoSet};
 use crate::probe::{self, Prediction, ProbeOptions, ProbeSummary};
 
@@ -47,6 +48,18 @@ pub(crate) trait Learner: Send + 'static {
 
     /// Writes what was trained into the run's output directory.
     fn save(&self, dir: &std::path::Path) -> anyhow::Result<()>;
+
+    /// What the learner adds to the run's settings (for [`eval_resume::fingerprint`]).
+    fn settings(&self) -> String;
+
+    /// Its training state with `meta` beside, to continue from after a stop.
+    fn save_state(
+        &self,
+        meta: std::collections::HashMap<String, String>,
+    ) -> anyhow::Result<Vec<u8>>;
+
+    /// Continues from [`Self::save_state`]'s bytes; unchanged when they do not fit.
+    fn restore_state(&mut self, bytes: &[u8]) -> anyhow::Result<()>;
 }
 
 /// The train and validation listings when `opts.cache` says to stream (`auto`: when both
@@ -152,9 +165,50 @@ pub(crate) fn run<L: Learner>(
     let mut score = probe::EpochScore::default();
     let mut trained = keep.len();
     let mut log = probe::EpochLog::new(&opts.out_dir, what);
+    let fingerprint = eval_resume::fingerprint(opts, &pass.learner.settings(), &uris, &val.uris());
     let mut validation = Validation::new(opts, val);
     let mut rows = Vec::new();
-    for epoch in 0..opts.epochs {
+    let mut left_out_train = std::collections::BTreeSet::new();
+    let mut start = 0;
+    let saved = eval_resume::load(&opts.out_dir, &fingerprint, what);
+    if saved.is_none() {
+        log.fresh();
+    }
+    if let Some((p, bytes)) = saved {
+        match pass.learner.restore_state(&bytes) {
+            Ok(()) => {
+                p.restore_rng(&mut rng)?;
+                keep.retain(|&i| !p.left_out_train.contains(&uris[i]));
+                if p.order.len() != keep.len() {
+                    bail!(
+                        "{}: its order has {} videos, the run {}",
+                        eval_resume::FILE,
+                        p.order.len(),
+                        keep.len()
+                    );
+                }
+                order = p.order.clone();
+                validation.restore(&p.left_out_val, p.val_runs);
+                log.resume(p.epochs_done);
+                left_out_train = p.left_out_train.clone();
+                start = p.epochs_done;
+                tracing::info!(
+                    epochs_done = start,
+                    epochs = opts.epochs,
+                    "{what}: continuing from {} in the output directory",
+                    eval_resume::FILE
+                );
+            }
+            Err(e) => {
+                tracing::warn!(
+                    error = %format!("{e:#}"),
+                    "{what}: the saved state does not fit this run: starting afresh"
+                );
+                log.fresh();
+            }
+        }
+    }
+    for epoch in start..opts.epochs {
         order.shuffle(&mut rng);
         let videos: Vec<usize> = order.iter().map(|&p| keep[p]).collect();
         // The index lines refused while listing are recorded once, with the first epoch's.
@@ -203,6 +257,7 @@ pub(crate) fn run<L: Learner>(
                 .collect();
             keep.retain(|&i| !bad.contains(uris[i].as_str()));
             order = (0..keep.len()).collect();
+            left_out_train.extend(streamed.quarantined_uris.iter().cloned());
         }
         score = std::mem::take(&mut done.score);
         if epoch + 1 == opts.epochs {
@@ -218,8 +273,25 @@ pub(crate) fn run<L: Learner>(
             done
         };
         log.record(epoch, &score, evaluated.then_some(rows.as_slice()))?;
+        if epoch + 1 < opts.epochs {
+            let mut progress = Progress {
+                fingerprint: fingerprint.clone(),
+                epochs_done: epoch + 1,
+                order: order.clone(),
+                left_out_train: left_out_train.clone(),
+                left_out_val: validation.left_out.clone(),
+                val_runs: validation.runs,
+                ..Default::default()
+            };
+            progress.save_rng(&rng);
+            eval_resume::save(&opts.out_dir, &progress, |meta| {
+                pass.learner.save_state(meta)
+            })?;
+        }
     }
-    ProbeSummary::write(&opts.out_dir, &rows, trained, classes, &score)
+    let summary = ProbeSummary::write(&opts.out_dir, &rows, trained, classes, &score)?;
+    eval_resume::finish(&opts.out_dir);
+    Ok(summary)
 }
 
 /// The validation split, streamed after the epochs the run evaluates after: the same clips
@@ -232,6 +304,8 @@ struct Validation {
     out_dir: std::path::PathBuf,
     /// Evaluations so far (the first records the index lines refused while listing).
     runs: usize,
+    /// Videos an evaluation quarantined, left out of the later ones.
+    left_out: std::collections::BTreeSet<String>,
 }
 
 impl Validation {
@@ -248,7 +322,27 @@ impl Validation {
             views: opts.val_views,
             out_dir: opts.out_dir.clone(),
             runs: 0,
+            left_out: Default::default(),
         }
+    }
+
+    /// Continues after `runs` evaluations that left out `left_out`.
+    fn restore(&mut self, left_out: &std::collections::BTreeSet<String>, runs: usize) {
+        self.leave_out(left_out);
+        self.runs = runs;
+    }
+
+    /// Leaves `bad` out of later evaluations.
+    fn leave_out(&mut self, bad: &std::collections::BTreeSet<String>) {
+        if bad.is_empty() {
+            return;
+        }
+        let uris = self.set.uris();
+        let kept: Vec<usize> = (0..self.set.len())
+            .filter(|&i| !bad.contains(&uris[i]))
+            .collect();
+        self.set = self.set.reordered(&kept);
+        self.left_out.extend(bad.iter().cloned());
     }
 
     /// Evaluates `learner` after epoch `epoch` (0-based); returns it with its predictions.
@@ -294,18 +388,7 @@ impl Validation {
         if self.runs > 0 && streamed.quarantined == 0 {
             let _ = std::fs::remove_file(&location);
         }
-        if !streamed.quarantined_uris.is_empty() {
-            let bad: std::collections::HashSet<&str> = streamed
-                .quarantined_uris
-                .iter()
-                .map(String::as_str)
-                .collect();
-            let uris = self.set.uris();
-            let kept: Vec<usize> = (0..self.set.len())
-                .filter(|&i| !bad.contains(uris[i].as_str()))
-                .collect();
-            self.set = self.set.reordered(&kept);
-        }
+        self.leave_out(&streamed.quarantined_uris.iter().cloned().collect());
         self.runs += 1;
         Ok((eval.learner, eval.predictions))
     }

@@ -524,3 +524,88 @@ fn init_writes_a_step_zero_checkpoint() {
         other.params_digest().unwrap()
     );
 }
+
+/// A probe stopped between epochs (killed as soon as it has saved its state) and started again
+/// with the same command continues from `resume.safetensors` to the result of a run never
+/// stopped: the same top-1 line (final loss and train top-1 included), probabilities and
+/// per-epoch table; the state is gone once the run is done, and a run with other settings in
+/// the same directory starts afresh. Streamed with the official augmentation (generator, order
+/// and per-epoch draws continue) and with the tokens held in memory.
+#[test]
+fn a_stopped_probe_continues_where_it_stopped() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (videos, checkpoint) = pretrained_corpus(tmp.path(), 8, 2);
+    let (train_csv, val_csv) = labelled_indexes(&videos, tmp.path(), 6);
+    for extra in [
+        &["--augment", "official"][..],
+        &["--augment", "none", "--token-cache", "memory"],
+    ] {
+        let probe = |dir: &std::path::Path, epochs: &str| {
+            let mut c = eval_command("probe", &checkpoint, &train_csv, &val_csv, dir);
+            c.args(["--epochs", epochs, "--batch-size", "2", "--seed", "4"])
+                .args(["--segments", "2", "--val-every", "2"])
+                .args(extra);
+            c
+        };
+        let whole_dir = tmp.path().join("whole");
+        let whole = probe(&whole_dir, "8").output().unwrap();
+        assert_ok(&whole);
+        assert!(!whole_dir.join("resume.safetensors").exists());
+
+        let dir = tmp.path().join("stopped");
+        let _ = std::fs::remove_dir_all(&dir);
+        let state = dir.join("resume.safetensors");
+        let stop = || {
+            let mut child = probe(&dir, "8")
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+            while !state.exists() {
+                assert!(
+                    child.try_wait().unwrap().is_none(),
+                    "{extra:?}: ended before saving a state"
+                );
+                assert!(std::time::Instant::now() < deadline);
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            child.kill().unwrap();
+            child.wait().unwrap();
+            assert!(state.exists(), "{extra:?}");
+        };
+        stop();
+
+        let resumed = probe(&dir, "8").output().unwrap();
+        assert_ok(&resumed);
+        let err = String::from_utf8_lossy(&resumed.stderr);
+        assert!(err.contains("continuing from resume.safetensors"), "{err}");
+        assert_eq!(top1_line(&resumed), top1_line(&whole), "{extra:?}");
+        assert_eq!(read_probabilities(&dir), read_probabilities(&whole_dir));
+        let (a, b) = (read_epochs(&dir), read_epochs(&whole_dir));
+        assert_eq!(a.len(), 8, "{a:?}");
+        for (x, y) in a.iter().zip(&b) {
+            assert_eq!(x.epoch, y.epoch);
+            assert_eq!(
+                x.train_loss.to_bits(),
+                y.train_loss.to_bits(),
+                "{a:?} vs {b:?}"
+            );
+            assert_eq!(x.train_top1, y.train_top1);
+            assert_eq!(x.val_top1.is_nan(), y.val_top1.is_nan());
+            if !x.val_top1.is_nan() {
+                assert_eq!(x.val_top1, y.val_top1);
+            }
+        }
+        assert!(!state.exists(), "removed once done");
+
+        // A stopped run's state and another setting in the same directory: a fresh run
+        // (the state is another run's; no stale rows kept).
+        stop();
+        let other = probe(&dir, "2").output().unwrap();
+        assert_ok(&other);
+        let err = String::from_utf8_lossy(&other.stderr);
+        assert!(err.contains("another run's"), "{err}");
+        assert_eq!(read_epochs(&dir).len(), 2);
+    }
+}

@@ -86,6 +86,47 @@ impl TableRow for EpochRow {
     }
 }
 
+/// Reads an epochs table written by [`crate::predictions::write_file`] (a run continuing
+/// after a stop keeps the rows of the epochs it already did).
+pub fn read_file(path: &std::path::Path) -> Result<Vec<EpochRow>, crate::StorageError> {
+    use arrow::array::{Array, AsArray};
+    use arrow::datatypes::{Float64Type, Int64Type, TimestampMicrosecondType};
+    let err = |detail: String| crate::StorageError::Parquet {
+        uri: path.display().to_string(),
+        detail,
+    };
+    let file = std::fs::File::open(path).map_err(|e| err(format!("open: {e}")))?;
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+        .and_then(|b| b.build())
+        .map_err(|e| err(format!("read: {e}")))?;
+    let mut rows = Vec::new();
+    for batch in reader {
+        let b = batch.map_err(|e| err(format!("read: {e}")))?;
+        if b.schema() != epochs_schema() {
+            return Err(err("not an epochs table".into()));
+        }
+        let int = |i: usize| b.column(i).as_primitive::<Int64Type>();
+        let float = |i: usize| b.column(i).as_primitive::<Float64Type>();
+        let time = b.column(1).as_primitive::<TimestampMicrosecondType>();
+        for r in 0..b.num_rows() {
+            if (0..b.num_columns()).any(|c| b.column(c).is_null(r)) {
+                return Err(err(format!("row {r} has a null")));
+            }
+            rows.push(EpochRow {
+                epoch: int(0).value(r).max(0) as u64,
+                time_unix_us: time.value(r),
+                train_loss: float(2).value(r),
+                train_top1: float(3).value(r),
+                train_videos: int(4).value(r).max(0) as u64,
+                val_top1: float(5).value(r),
+                val_videos: int(6).value(r).max(0) as u64,
+                seconds: float(7).value(r),
+            });
+        }
+    }
+    Ok(rows)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -131,6 +172,11 @@ mod tests {
         assert!(val.value(0).is_nan());
         assert_eq!(val.value(1), 62.5);
         assert_eq!(b.column(6).as_primitive::<Int64Type>().value(1), 16);
+        let back = read_file(&path).unwrap();
+        assert_eq!(back.len(), 2);
+        assert_eq!(back[1], rows[1]);
+        assert!(back[0].val_top1.is_nan() && back[0].epoch == 1);
+        assert!(read_file(&dir.path().join("none.parquet")).is_err());
         // Nothing is left beside the table.
         let names: Vec<_> = std::fs::read_dir(dir.path())
             .unwrap()
