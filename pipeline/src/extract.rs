@@ -737,6 +737,34 @@ impl VideoSet {
             }
             stores.push(d.store.clone());
         }
+        // A video listed twice (in one index or across several) is read once: its clips are
+        // keyed by URI downstream, and an evaluation should not count it twice. Two labels
+        // for one video cannot both be right.
+        let mut seen: HashMap<String, String> = HashMap::new();
+        let mut repeats = Vec::new();
+        let mut unique = Vec::with_capacity(videos.len());
+        for v in videos {
+            match seen.get(&v.uri) {
+                Some(label) if *label != v.label => bail!(
+                    "{}: listed twice with different labels (`{label}` and `{}`)",
+                    vjepa_storage::redact_url(&v.uri),
+                    v.label
+                ),
+                Some(_) => repeats.push(v.uri),
+                None => {
+                    seen.insert(v.uri.clone(), v.label.clone());
+                    unique.push(v);
+                }
+            }
+        }
+        let videos = unique;
+        if let Some(first) = repeats.first() {
+            tracing::warn!(
+                repeats = repeats.len(),
+                first = %vjepa_storage::redact_url(first),
+                "videos listed more than once are read once"
+            );
+        }
         if videos.is_empty() {
             let why = vjepa_storage::dataset::why_all_refused(
                 rejected

@@ -609,3 +609,61 @@ fn a_stopped_probe_continues_where_it_stopped() {
         assert_eq!(read_epochs(&dir).len(), 2);
     }
 }
+
+/// A video listed twice is read once, whatever the mode (streamed, or held in memory): the
+/// run counts each video once and says so; listed twice with two labels, it is refused.
+#[test]
+fn repeated_index_lines_are_read_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (videos, checkpoint) = pretrained_corpus(tmp.path(), 8, 2);
+    let (train_csv, val_csv) = labelled_indexes(&videos, tmp.path(), 6);
+    let doubled = |csv: &std::path::Path, name: &str| {
+        let text = std::fs::read_to_string(csv).unwrap();
+        let first = text.lines().next().unwrap().to_string();
+        let path = tmp.path().join(name);
+        std::fs::write(&path, format!("{text}\n{first}\n{text}\n")).unwrap();
+        path
+    };
+    let (train2, val2) = (
+        doubled(&train_csv, "train2.csv"),
+        doubled(&val_csv, "val2.csv"),
+    );
+    for extra in [
+        &["--augment", "official"][..],
+        &["--augment", "none", "--token-cache", "memory"],
+        &["--augment", "none", "--token-cache", "none"],
+    ] {
+        let run = eval_command("probe", &checkpoint, &train2, &val2, &tmp.path().join("p"))
+            .args(["--epochs", "1"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert_ok(&run);
+        let line = top1_line(&run);
+        assert!(
+            line.contains("/ 2 validation videos; 6 train videos"),
+            "{extra:?}: {line}"
+        );
+        let err = String::from_utf8_lossy(&run.stderr);
+        assert!(err.contains("listed more than once"), "{err}");
+    }
+    let text = std::fs::read_to_string(&val_csv).unwrap();
+    let first = text.lines().next().unwrap();
+    let (path, label) = first.rsplit_once(' ').unwrap();
+    let other = if label == "mp4" { "webm" } else { "mp4" };
+    let conflicting = tmp.path().join("conflict.csv");
+    std::fs::write(&conflicting, format!("{text}\n{path} {other}\n")).unwrap();
+    let run = eval_command(
+        "probe",
+        &checkpoint,
+        &train_csv,
+        &conflicting,
+        &tmp.path().join("c"),
+    )
+    .args(["--epochs", "1"])
+    .output()
+    .unwrap();
+    assert!(!run.status.success());
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(err.contains("different labels"), "{err}");
+}
