@@ -745,7 +745,7 @@ impl VideoSet {
         let mut unique = Vec::with_capacity(videos.len());
         for v in videos {
             match seen.get(&v.uri) {
-                Some(label) if *label != v.label => bail!(
+                Some(label) if *label != v.label => crate::refuse!(
                     "{}: listed twice with different labels (`{label}` and `{}`)",
                     vjepa_storage::redact_url(&v.uri),
                     v.label
@@ -772,8 +772,8 @@ impl VideoSet {
                     .map(|r| (r.uri.as_str(), r.reason.as_str(), r.detail.as_str())),
             );
             match why {
-                Some(why) => bail!("no videos in {}: {why}", datasets.join(", ")),
-                None => bail!("no videos in {}", datasets.join(", ")),
+                Some(why) => crate::refuse!("no videos in {}: {why}", datasets.join(", ")),
+                None => crate::refuse!("no videos in {}", datasets.join(", ")),
             }
         }
         Ok(Self {
@@ -1056,7 +1056,15 @@ pub(crate) fn open_backbone(
         .device
         .open()
         .with_context(|| format!("opening device {}", opts.device))?;
-    let backbone = Backbone::load(&opts.checkpoint, &bytes, opts.encoder.as_ref(), &device)?;
+    // Bytes that are not a checkpoint this model can read are the input's fault (a store
+    // that could not serve them failed above, as a run failure).
+    let backbone = Backbone::load(&opts.checkpoint, &bytes, opts.encoder.as_ref(), &device)
+        .map_err(|e| {
+            anyhow::Error::new(crate::Refused(format!(
+                "{}: {e:#}",
+                vjepa_storage::redact_url(&opts.checkpoint)
+            )))
+        })?;
     // Clips of another size than the checkpoint's: the backbone is built for them, as the
     // official evaluation builds its own at the evaluation resolution (a fresh sin-cos table,
     // not the checkpoint's interpolated), whatever the checkpoint's format.
@@ -1132,13 +1140,13 @@ impl ClipConsumer for Collect {
 
 fn check(opts: &ExtractOptions) -> anyhow::Result<()> {
     if opts.datasets.is_empty() {
-        bail!("no dataset given (--index)");
+        crate::refuse!("no dataset given (--index)");
     }
     if opts.segments == 0 || opts.views == 0 || opts.batch_size == 0 || opts.frame_step == 0 {
-        bail!("--segments, --views, --batch-size and --frame-step must be positive");
+        crate::refuse!("--segments, --views, --batch-size and --frame-step must be positive");
     }
     if opts.size == Some(0) {
-        bail!("--size must be positive");
+        crate::refuse!("--size must be positive");
     }
     if opts.augment.is_some() && opts.views != 1 {
         bail!(
@@ -1154,7 +1162,7 @@ fn check(opts: &ExtractOptions) -> anyhow::Result<()> {
 fn input_size(opts: &ExtractOptions, encoder: &EncoderConfig) -> anyhow::Result<usize> {
     let size = opts.size.unwrap_or(encoder.crop_size);
     if size == 0 || !size.is_multiple_of(encoder.patch_size) {
-        bail!(
+        crate::refuse!(
             "--size {size} is not a positive multiple of the encoder's patch size {}",
             encoder.patch_size
         );
@@ -1164,8 +1172,12 @@ fn input_size(opts: &ExtractOptions, encoder: &EncoderConfig) -> anyhow::Result<
 
 /// `--video-decoder nvdec` needs NVDEC decoders registered here; refused before any work.
 pub(crate) fn check_video_decoder(opts: &ExtractOptions) -> anyhow::Result<()> {
-    vjepa_ingest::check_video_decoder(opts.video_decoder)
-        .map_err(|e| anyhow!("--video-decoder {}: {e}", opts.video_decoder))
+    vjepa_ingest::check_video_decoder(opts.video_decoder).map_err(|e| {
+        anyhow::Error::new(crate::Refused(format!(
+            "--video-decoder {}: {e}",
+            opts.video_decoder
+        )))
+    })
 }
 
 /// Runs the extraction to completion.

@@ -106,7 +106,7 @@ pub fn run(opts: FinetuneOptions) -> anyhow::Result<ProbeSummary> {
     } = opts;
     probe::prepare(&opts)?;
     if !(backbone_lr_scale.is_finite() && backbone_lr_scale >= 0.0) {
-        bail!("--backbone-lr-scale must be ≥ 0, got {backbone_lr_scale}");
+        crate::refuse!("--backbone-lr-scale must be finite and ≥ 0, got {backbone_lr_scale}");
     }
     let (runtime, encoder) = extract::load_encoder(&opts.extract)?;
     let handle = runtime.handle().clone();
@@ -232,14 +232,14 @@ pub fn run(opts: FinetuneOptions) -> anyhow::Result<ProbeSummary> {
             let s = tuner.step(&x, segments, &labels)?;
             score.add(s.loss, s.correct, labels.len());
         }
-        if epoch + 1 == opts.epochs {
-            save_tuned(&opts.out_dir, &tuner)?;
-        }
         let evaluated = probe::evaluates_after(epoch, opts.epochs, opts.val_every);
         if evaluated {
             rows = evaluate(&tuner)?;
         }
         log.record(epoch, &score, evaluated.then_some(rows.as_slice()))?;
+        if epoch + 1 == opts.epochs {
+            save_tuned(&opts.out_dir, &tuner)?;
+        }
         crate::eval_resume::save_held(&opts, &fingerprint, epoch, &rng, &order, |meta| {
             Ok(tuner.save_state(meta)?)
         })?;

@@ -274,11 +274,19 @@ fn report_eval(result: anyhow::Result<vjepa_pipeline::probe::ProbeSummary>) -> E
             );
             ExitCode::SUCCESS
         }
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::from(1)
-        }
+        Err(e) => run_error(&e),
     }
+}
+
+/// An evaluation command's error: exit 2 when its input was refused before any work (as a
+/// bad config), 1 when the run failed.
+fn run_error(e: &anyhow::Error) -> ExitCode {
+    eprintln!("error: {e:#}");
+    ExitCode::from(if vjepa_pipeline::Refused::in_chain(e) {
+        2
+    } else {
+        1
+    })
 }
 
 #[derive(Subcommand)]
@@ -842,10 +850,7 @@ fn main() -> ExitCode {
                     );
                     ExitCode::SUCCESS
                 }
-                Err(e) => {
-                    eprintln!("error: {e:#}");
-                    ExitCode::from(1)
-                }
+                Err(e) => run_error(&e),
             }
         }
         Command::Probe {

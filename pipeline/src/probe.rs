@@ -423,13 +423,13 @@ impl stream_epochs::Learner for ProbeLearner {
 /// Checks the options shared by `probe` and `finetune` and creates the output directory.
 pub(crate) fn prepare(opts: &ProbeOptions) -> anyhow::Result<()> {
     if !(opts.label_fraction > 0.0 && opts.label_fraction <= 1.0) {
-        bail!(
+        crate::refuse!(
             "--label-fraction must be in (0, 1], got {}",
             opts.label_fraction
         );
     }
     if opts.epochs == 0 || opts.batch_size == 0 || opts.val_views == 0 {
-        bail!("--epochs, --batch-size and --views must be positive");
+        crate::refuse!("--epochs, --batch-size and --views must be positive");
     }
     extract::check_video_decoder(&opts.extract)?;
     // A local index that is not there fails now, not after the checkpoint has loaded (an
@@ -437,11 +437,46 @@ pub(crate) fn prepare(opts: &ProbeOptions) -> anyhow::Result<()> {
     for (flag, index) in [("--train", &opts.train), ("--val", &opts.val)] {
         let local = !index.contains("://");
         if local && !std::path::Path::new(index).exists() {
-            bail!("{flag} {index}: no such file or directory");
+            crate::refuse!("{flag} {index}: no such file or directory");
         }
     }
+    if opts.out_dir.exists() && !opts.out_dir.is_dir() {
+        crate::refuse!(
+            "--out {}: exists and is not a directory",
+            opts.out_dir.display()
+        );
+    }
     std::fs::create_dir_all(&opts.out_dir)
-        .with_context(|| format!("creating {}", opts.out_dir.display()))
+        .with_context(|| format!("creating {}", opts.out_dir.display()))?;
+    // An earlier run's results in the same directory must not pass for this run's if it
+    // fails: they are written again when this one is done.
+    for name in [
+        "predictions.parquet",
+        "probe.safetensors",
+        "encoder.safetensors",
+    ] {
+        let _ = std::fs::remove_file(opts.out_dir.join(name));
+    }
+    Ok(())
+}
+
+/// Removes the streamed runs' quarantine tables (`train[.epoch-N]`, `val[.epoch-N]`) of an
+/// earlier run in `dir`, so a run starting afresh leaves only its own.
+pub(crate) fn remove_split_tables(dir: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().to_string();
+        let split_table = ["train", "val"].iter().any(|split| {
+            name == format!("{split}.quarantine.parquet")
+                || (name.starts_with(&format!("{split}.epoch-"))
+                    && name.ends_with(".quarantine.parquet"))
+        });
+        if split_table {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
 }
 
 /// The classes, in the head's output order, and each label's index. With `announced`
@@ -454,7 +489,7 @@ pub(crate) fn classes(
     announced: Option<usize>,
 ) -> anyhow::Result<(Vec<String>, BTreeMap<String, usize>)> {
     if labels.len() < 2 || labels.contains("") {
-        bail!(
+        crate::refuse!(
             "the train index needs a label column with at least two classes (found {:?})",
             labels
         );
@@ -467,7 +502,7 @@ pub(crate) fn classes(
                 .iter()
                 .find(|l| l.parse::<usize>().is_ok_and(|k| k >= n))
             {
-                bail!(
+                crate::refuse!(
                     "train label `{big}` is not below data.num_classes {n} (the official labels \
                      are 0 … num_classes − 1)"
                 );
@@ -587,6 +622,9 @@ impl EpochLog {
     pub(crate) fn fresh(&mut self) {
         self.rows.clear();
         let _ = std::fs::remove_file(&self.path);
+        if let Some(dir) = self.path.parent() {
+            remove_split_tables(dir);
+        }
     }
 
     /// Continues after `epochs_done` epochs of a stopped run: their rows are kept from the
@@ -836,17 +874,17 @@ fn run_in_memory(
             let s = trainer.step(&x, &labels)?;
             score.add(s.loss, s.correct, labels.len());
         }
+        let evaluated = evaluates_after(epoch, opts.epochs, opts.val_every);
+        if evaluated {
+            rows = evaluate(trainer.probe())?;
+        }
+        log.record(epoch, &score, evaluated.then_some(rows.as_slice()))?;
         if epoch + 1 == opts.epochs {
             std::fs::write(
                 opts.out_dir.join("probe.safetensors"),
                 trainer.probe().to_safetensors()?,
             )?;
         }
-        let evaluated = evaluates_after(epoch, opts.epochs, opts.val_every);
-        if evaluated {
-            rows = evaluate(trainer.probe())?;
-        }
-        log.record(epoch, &score, evaluated.then_some(rows.as_slice()))?;
         eval_resume::save_held(opts, &fingerprint, epoch, &rng, &order, |meta| {
             Ok(trainer.save_state(meta)?)
         })?;

@@ -75,13 +75,15 @@ pub(crate) fn streaming_sets(
     if let Some(why) = probe::held_augmented_clips(opts.cache, opts.augment, "the cache") {
         bail!("{why}");
     }
-    if opts.cache == probe::Cache::Memory {
-        return Ok(None);
-    }
     let s3 = &opts.extract.s3;
     let root = opts.extract.index_root.as_deref();
     let train = VideoSet::open(std::slice::from_ref(&opts.train), root, s3, handle)?;
     let val = VideoSet::open(std::slice::from_ref(&opts.val), root, s3, handle)?;
+    // Labels the head cannot take fail now, in every mode, not after the clips are read.
+    check_labels(opts, &train, &val)?;
+    if opts.cache == probe::Cache::Memory {
+        return Ok(None);
+    }
     let clips = (train.len() + val.len() * opts.val_views) * opts.extract.segments;
     let bytes = clips as u64 * bytes_per_clip;
     let stream = augmented || opts.cache.streams(bytes);
@@ -99,6 +101,25 @@ pub(crate) fn streaming_sets(
     Ok(stream.then_some((train, val)))
 }
 
+/// Refuses labels the head cannot take: the train index's (too few, empty, at or above an
+/// announced class count) and any validation label that is not one of its classes.
+fn check_labels(opts: &ProbeOptions, train: &VideoSet, val: &VideoSet) -> anyhow::Result<()> {
+    let (_, class_of) = probe::classes(train.labels().into_iter().collect(), opts.num_classes)?;
+    if let Some(label) = val.labels().into_iter().find(|l| !class_of.contains_key(l)) {
+        crate::refuse!(
+            "{}: validation label `{label}` {}",
+            vjepa_storage::redact_url(&opts.val),
+            match opts.num_classes {
+                Some(n) => format!(
+                    "is not one of the classes (data.num_classes {n}, or the train index's labels)"
+                ),
+                None => "is not a class of the train index".to_string(),
+            }
+        );
+    }
+    Ok(())
+}
+
 /// Trains `make(classes, train videos)`'s learner for `opts.epochs` streamed epochs, evaluates
 /// it on `val` after the epochs [`probe::evaluates_after`] names (recording each epoch in
 /// `epochs.parquet`), saves it and writes the last evaluation's predictions. `what` names the run in logs.
@@ -113,18 +134,14 @@ pub(crate) fn run<L: Learner>(
 ) -> anyhow::Result<ProbeSummary> {
     let labels = train.labels();
     let (classes, class_of) = probe::classes(labels.iter().cloned().collect(), opts.num_classes)?;
-    // A validation label the head has no output for fails now, not after training.
-    if let Some(label) = val.labels().into_iter().find(|l| !class_of.contains_key(l)) {
-        bail!(
-            "{}: validation label `{label}` {}",
-            vjepa_storage::redact_url(&opts.val),
-            match opts.num_classes {
-                Some(n) => format!(
-                    "is not one of the classes (data.num_classes {n}, or the train index's labels)"
-                ),
-                None => "is not a class of the train index".to_string(),
-            }
-        );
+    // An earlier run's held tokens are not this run's.
+    for name in [
+        "train-features.parquet",
+        "val-features.parquet",
+        "train-features.quarantine.parquet",
+        "val-features.quarantine.parquet",
+    ] {
+        let _ = std::fs::remove_file(opts.out_dir.join(name));
     }
     let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
     let listed: Vec<usize> = (0..train.len()).collect();
@@ -260,9 +277,6 @@ pub(crate) fn run<L: Learner>(
             left_out_train.extend(streamed.quarantined_uris.iter().cloned());
         }
         score = std::mem::take(&mut done.score);
-        if epoch + 1 == opts.epochs {
-            done.learner.save(&opts.out_dir)?;
-        }
         let evaluated = probe::evaluates_after(epoch, opts.epochs, opts.val_every);
         pass = if evaluated {
             let (learner, predictions) =
@@ -273,7 +287,11 @@ pub(crate) fn run<L: Learner>(
             done
         };
         log.record(epoch, &score, evaluated.then_some(rows.as_slice()))?;
-        if epoch + 1 < opts.epochs {
+        if epoch + 1 == opts.epochs {
+            // Once its evaluation is in: a run that fails leaves no trained head to pass for
+            // a finished one (it continues from the last epoch saved).
+            pass.learner.save(&opts.out_dir)?;
+        } else {
             let mut progress = Progress {
                 fingerprint: fingerprint.clone(),
                 epochs_done: epoch + 1,

@@ -353,10 +353,12 @@ fn a_probe_with_nothing_to_learn_from_fails() {
     let (_, val_csv) = labelled_indexes(&videos, tmp.path(), 2);
     let bad = tmp.path().join("broken.mp4");
     std::fs::write(&bad, b"not a video at all").unwrap();
+    let bad2 = tmp.path().join("broken2.webm");
+    std::fs::write(&bad2, b"not a video either").unwrap();
     let train_csv = tmp.path().join("broken.csv");
     std::fs::write(
         &train_csv,
-        format!("{} mp4\n{} webm\n", bad.display(), bad.display()),
+        format!("{} mp4\n{} webm\n", bad.display(), bad2.display()),
     )
     .unwrap();
     for extra in [
@@ -394,7 +396,7 @@ fn a_probe_with_nothing_to_learn_from_fails() {
     )
     .output()
     .unwrap();
-    assert!(!run.status.success());
+    assert_eq!(run.status.code(), Some(2), "refused before any work");
     let err = String::from_utf8_lossy(&run.stderr);
     assert!(
         err.contains("--train") && err.contains("no-such.csv"),
@@ -411,20 +413,57 @@ fn a_probe_with_nothing_to_learn_from_fails() {
         val.replacen(" mp4", " avi", 1).replacen(" webm", " avi", 1),
     )
     .unwrap();
-    let run = eval_command(
-        "probe",
-        &checkpoint,
-        &train_csv,
-        &odd,
-        &tmp.path().join("q"),
+    for extra in [
+        &["--augment", "official"][..],
+        &["--augment", "none", "--token-cache", "memory"],
+    ] {
+        let dir = tmp.path().join("q");
+        let run = eval_command("probe", &checkpoint, &train_csv, &odd, &dir)
+            .args(["--epochs", "1"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert_eq!(run.status.code(), Some(2), "{extra:?}");
+        let err = String::from_utf8_lossy(&run.stderr);
+        assert!(err.contains("validation label `avi`"), "{err}");
+        assert!(!err.contains("epoch=1"), "refused before training: {err}");
+        assert!(
+            !dir.join("train-features.parquet").exists(),
+            "refused before the clips are read"
+        );
+    }
+
+    // A failed run in the directory of a finished one leaves none of the earlier results
+    // to pass for its own.
+    let reused = tmp.path().join("reused");
+    let ok = eval_command("probe", &checkpoint, &train_csv, &val_csv, &reused)
+        .args(["--epochs", "1"])
+        .output()
+        .unwrap();
+    assert_ok(&ok);
+    assert!(reused.join("predictions.parquet").exists());
+    let all_bad = tmp.path().join("all-bad.csv");
+    std::fs::write(
+        &all_bad,
+        format!("{} mp4\n{} webm\n", bad.display(), bad2.display()),
     )
-    .args(["--epochs", "1"])
-    .output()
     .unwrap();
-    assert!(!run.status.success());
-    let err = String::from_utf8_lossy(&run.stderr);
-    assert!(err.contains("validation label `avi`"), "{err}");
-    assert!(!err.contains("epoch=1"), "refused before training: {err}");
+    let failed = eval_command("probe", &checkpoint, &train_csv, &all_bad, &reused)
+        .args(["--epochs", "1"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        failed.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&failed.stderr)
+    );
+    for stale in ["predictions.parquet", "probe.safetensors", "epochs.parquet"] {
+        assert!(
+            !reused.join(stale).exists(),
+            "{stale} left from the earlier run"
+        );
+    }
 
     // A broken video among good ones, in both splits: quarantined in the first epoch's
     // table (the first evaluation's) and not read again (no table for the second epoch);
