@@ -279,15 +279,7 @@ fn run_streaming(
             settings: tune_settings(backbone_lr_scale),
         })
     };
-    stream_epochs::run(
-        opts,
-        train,
-        val,
-        (frames, size),
-        handle,
-        "fine-tuning",
-        make,
-    )
+    stream_epochs::run(opts, train, val, (frames, size), handle, "finetune", make)
 }
 
 /// Writes the head (`probe.safetensors`) and the fine-tuned encoder (`encoder.safetensors`).

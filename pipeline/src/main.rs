@@ -436,7 +436,9 @@ enum Command {
         /// Frame stride within a clip.
         #[arg(long, default_value_t = 4, value_parser = at_least_one)]
         frame_step: usize,
-        /// Input side (default: the encoder's).
+        /// Input side, a multiple of the patch size (default: the encoder's); another size
+        /// than the checkpoint's builds the backbone for it (a fresh sin-cos table for the
+        /// new grid, as the official evaluation).
         #[arg(long, value_parser = at_least_one)]
         size: Option<usize>,
         /// Also write every token's output (N × D floats per clip).
@@ -461,8 +463,9 @@ enum Command {
     },
     /// Frozen evaluation (spec §9): train an attentive probe on the target encoder's tokens (an
     /// `objective: pixel` run's encoder's) of a labelled train index, evaluate top-1 on a
-    /// validation index (probabilities averaged over views); writes probe.safetensors and
-    /// predictions.parquet into --out.
+    /// validation index (probabilities averaged over views); writes probe.safetensors,
+    /// predictions.parquet and epochs.parquet (per-epoch train and validation top-1) into
+    /// --out; a stopped run continues when run again (resume.safetensors).
     Probe {
         #[command(flatten)]
         probe: ProbeArgs,
@@ -481,7 +484,8 @@ enum Command {
     },
     /// End-to-end fine-tuning: the probe's head trained together with the encoder (lower lr
     /// for the encoder); same inputs and evaluation as `probe`; writes probe.safetensors,
-    /// encoder.safetensors and predictions.parquet into --out.
+    /// encoder.safetensors, predictions.parquet and epochs.parquet into --out; a stopped run
+    /// continues when run again.
     Finetune {
         #[command(flatten)]
         probe: ProbeArgs,

@@ -697,7 +697,7 @@ impl EpochLog {
 
 fn no_validation_video() -> &'static str {
     "no validation video could be read: every one was quarantined or refused (their reasons \
-     are in the validation quarantine table in the output directory)"
+     are in the `val*.quarantine.parquet` table in the output directory)"
 }
 
 /// One epoch's training record, shared by the probe and fine-tuning on either path: the mean

@@ -249,7 +249,7 @@ pub(crate) fn run<L: Learner>(
                 epoch = epoch + 1,
                 quarantined = streamed.quarantined,
                 records = %streamed.quarantine_output,
-                "train videos left out of this epoch of the {what}"
+                "{what}: train videos left out of this epoch"
             );
         } else if epoch > 0 {
             // Nothing to record: no empty table per epoch.
@@ -401,7 +401,7 @@ impl Validation {
             eval,
             handle,
         )
-        .with_context(|| format!("evaluating the {what} after epoch {}", epoch + 1))?;
+        .with_context(|| format!("{what}: evaluating after epoch {}", epoch + 1))?;
         warn_quarantined(&streamed, what, "validation");
         if self.runs > 0 && streamed.quarantined == 0 {
             let _ = std::fs::remove_file(&location);
@@ -444,7 +444,7 @@ fn warn_quarantined(streamed: &extract::Streamed, what: &str, split: &str) {
         tracing::warn!(
             quarantined = streamed.quarantined,
             records = %streamed.quarantine_output,
-            "{split} videos left out of the {what}"
+            "{what}: {split} videos left out"
         );
     }
 }
