@@ -1184,7 +1184,17 @@ pub(crate) fn check_video_decoder(opts: &ExtractOptions) -> anyhow::Result<()> {
 pub fn run(opts: ExtractOptions) -> anyhow::Result<ExtractSummary> {
     check(&opts)?;
     let (runtime, backbone) = open_backbone(&opts)?;
-    Ok(run_with(opts, backbone, runtime.handle())?.0)
+    let (out, s3) = (opts.out.clone(), opts.s3.clone());
+    let summary = run_with(opts, backbone, runtime.handle())?.0;
+    if summary.rows == 0 {
+        // No video could be read: no empty table left to pass for a result (the quarantine
+        // table beside says why).
+        let (store, name) = crate::job::split_location_with(&out, &s3, true)?;
+        if let Err(e) = runtime.handle().block_on(store.delete(&name)) {
+            tracing::warn!(error = %e, "removing the empty features table");
+        }
+    }
+    Ok(summary)
 }
 
 /// [`run`] with a backbone already loaded (from `opts.checkpoint`), which it hands back.

@@ -323,3 +323,43 @@ fn nvdec_is_refused_without_nvdec_decoders() {
     );
     assert!(!out.exists());
 }
+
+/// Input refused before any work exits 2 (a size that is not whole patches, a file that is
+/// not a checkpoint); a run where no video could be read exits 1 and leaves no empty features
+/// table, only the quarantine table saying why.
+#[test]
+fn refusals_exit_2_and_an_unreadable_corpus_leaves_no_table() {
+    let tmp = tempfile::tempdir().unwrap();
+    let goldens = repo_root().join("model/tests/goldens");
+    let checkpoint = goldens.join("pth_fixture.pth.tar");
+    let config = goldens.join("pth_fixture.yaml");
+    let videos = tmp.path().join("videos");
+    std::fs::create_dir_all(&videos).unwrap();
+    std::fs::write(videos.join("broken.mp4"), b"not a video").unwrap();
+    let out = tmp.path().join("f.parquet");
+    let run = |checkpoint: &std::path::Path, extra: &[&str]| {
+        let mut args = vec![
+            "--checkpoint",
+            checkpoint.to_str().unwrap(),
+            "--config",
+            config.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        extract(&args)
+    };
+    let index = format!("{}/", videos.display());
+    let all_bad = run(&checkpoint, &["--index", &index]);
+    assert_eq!(all_bad.status.code(), Some(1));
+    assert!(!out.exists(), "no empty table");
+    assert!(tmp.path().join("f.quarantine.parquet").exists());
+
+    let odd_size = run(&checkpoint, &["--index", &index, "--size", "36"]);
+    assert_eq!(odd_size.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&odd_size.stderr).contains("--size 36"));
+    let not_a_checkpoint = tmp.path().join("junk.safetensors");
+    std::fs::write(&not_a_checkpoint, b"junk").unwrap();
+    let junk = run(&not_a_checkpoint, &["--index", &index]);
+    assert_eq!(junk.status.code(), Some(2), "{junk:?}");
+}
