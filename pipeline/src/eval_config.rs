@@ -72,7 +72,11 @@ impl EvalConfig {
             ));
         }
         if doc.bool("resume_checkpoint")? == Some(true) {
-            notes.push("resume_checkpoint: the probe always starts fresh".into());
+            notes.push(
+                "resume_checkpoint: a stopped run continues from resume.safetensors in --out \
+                 whenever its settings match, with or without this key"
+                    .into(),
+            );
         }
 
         match doc.str("eval_name")? {
