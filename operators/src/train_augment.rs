@@ -127,8 +127,8 @@ pub fn shifted_boxes(first: CropBox, last: CropBox, t: usize) -> Vec<CropBox> {
 /// `torch.linspace(a, b, steps)` in float32 as torch's CPU kernel computes it: the first half
 /// `a + step·i`, the second half `b − step·(steps − 1 − i)`, `step = (b − a) / (steps − 1)`.
 fn linspace_f32(a: f32, b: f32, steps: usize) -> Vec<f32> {
-    if steps == 1 {
-        return vec![a];
+    if steps <= 1 {
+        return vec![a; steps];
     }
     let step = (b - a) / (steps - 1) as f32;
     let half = steps / 2;

@@ -58,8 +58,10 @@ impl Progress {
 }
 
 /// What decides a run's result: its settings (not how clips are cached, which gives the same
-/// batches) and what its listings hold. `extra` adds what one command has beyond the shared
-/// options (fine-tuning's backbone lr scale).
+/// batches), the checkpoint (a local file also by its size and modification time, so one
+/// rewritten in place is another), and what its listings hold (`train` and `val`: a line per
+/// video with its label). `extra` adds what one command has beyond the shared options
+/// (fine-tuning's backbone lr scale).
 pub(crate) fn fingerprint(
     opts: &ProbeOptions,
     extra: &str,
@@ -67,9 +69,15 @@ pub(crate) fn fingerprint(
     val: &[String],
 ) -> String {
     let e = &opts.extract;
+    let checkpoint_file = std::fs::metadata(&e.checkpoint)
+        .ok()
+        .map(|m| (m.len(), m.modified().ok()));
     let settings = format!(
-        "{}|{}|{}|{:?}|{}|{}|{}|{:?}|{}|{}|{}|{}|{}|{}|{:?}|{:?}|{}|{}|{}",
+        "{:?}|{checkpoint_file:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}",
         e.checkpoint,
+        e.encoder,
+        e.video_decoder,
+        opts.val_every,
         opts.train,
         opts.val,
         e.index_root,
@@ -163,9 +171,18 @@ pub(crate) fn save(
     let bytes = state(meta)?;
     let file = path(dir);
     let staging = dir.join(format!("{FILE}.partial"));
-    std::fs::write(&staging, bytes)?;
-    std::fs::rename(&staging, &file)?;
-    Ok(())
+    let write = || -> std::io::Result<()> {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&staging)?;
+        f.write_all(&bytes)?;
+        // On disk before it replaces the previous state: a power loss keeps one whole state.
+        f.sync_all()?;
+        std::fs::rename(&staging, &file)
+    };
+    write().map_err(|e| {
+        let _ = std::fs::remove_file(&staging);
+        anyhow::anyhow!("writing {}: {e}", file.display())
+    })
 }
 
 /// Removes the state once the run is done (a later run with the same settings starts afresh).

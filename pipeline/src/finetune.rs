@@ -116,8 +116,10 @@ pub fn run(opts: FinetuneOptions) -> anyhow::Result<ProbeSummary> {
     if let Some((train, val)) =
         stream_epochs::streaming_sets(&opts, bytes_per_clip, &handle, "fine-tuning clips")?
     {
+        probe::clear_earlier_outputs(&opts.out_dir, false);
         return run_streaming(&opts, encoder, backbone_lr_scale, train, val, &handle);
     }
+    probe::clear_earlier_outputs(&opts.out_dir, true);
     let train = videos_of(&opts, &cfg, &opts.train, "train", 1, &handle)?;
     let val = videos_of(&opts, &cfg, &opts.val, "val", opts.val_views, &handle)?;
     if train.is_empty() {
@@ -202,7 +204,11 @@ pub fn run(opts: FinetuneOptions) -> anyhow::Result<ProbeSummary> {
     let mut score = probe::EpochScore::default();
     let mut log = probe::EpochLog::new(&opts.out_dir, "finetune");
     let mut rows = Vec::new();
-    let uris = |v: &[Video]| v.iter().map(|v| v.uri.clone()).collect::<Vec<_>>();
+    let uris = |v: &[Video]| {
+        v.iter()
+            .map(|v| format!("{} {}", v.uri, v.label))
+            .collect::<Vec<_>>()
+    };
     let fingerprint = crate::eval_resume::fingerprint(
         &opts,
         &tune_settings(backbone_lr_scale),
@@ -219,6 +225,7 @@ pub fn run(opts: FinetuneOptions) -> anyhow::Result<ProbeSummary> {
         |bytes| Ok(tuner.restore_state(bytes).map(|_| ())?),
     )?;
     for epoch in start..opts.epochs {
+        log.start_epoch();
         order.shuffle(&mut rng);
         score = probe::EpochScore::default();
         for chunk in order.chunks(opts.batch_size) {

@@ -428,6 +428,9 @@ fn decode_planned(
     }
 }
 
+/// Most bytes a clip's decoded RGB frames may take on the whole-frame path (16 frames of 8K).
+const MAX_CLIP_FRAME_BYTES: usize = 16 * 7680 * 4320 * 3;
+
 /// The planned frames as packed RGB (`data_aug` options that work on whole frames).
 struct RgbSink<'a> {
     plan: &'a mut dyn FnMut(&VideoInfo) -> Planned,
@@ -444,7 +447,24 @@ impl FrameSink for RgbSink<'_> {
         let indices = match &decided {
             Planned::Decode { indices, .. } => {
                 self.size = (info.height as usize, info.width as usize);
-                self.frames = vec![0; indices.len() * self.size.0 * self.size.1 * 3];
+                let bytes = indices
+                    .len()
+                    .checked_mul(self.size.0)
+                    .and_then(|n| n.checked_mul(self.size.1))
+                    .and_then(|n| n.checked_mul(3))
+                    .filter(|&n| n <= MAX_CLIP_FRAME_BYTES);
+                let Some(bytes) = bytes else {
+                    // A header claiming frames no clip could hold: refused, not an abort.
+                    self.decided = Some(Planned::Refuse(format!(
+                        "{} frames of {}x{} are more than the {} MiB a clip's frames may take",
+                        indices.len(),
+                        info.width,
+                        info.height,
+                        MAX_CLIP_FRAME_BYTES >> 20
+                    )));
+                    return Vec::new();
+                };
+                self.frames = vec![0; bytes];
                 self.delivered = vec![false; indices.len()];
                 indices.clone()
             }

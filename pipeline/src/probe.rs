@@ -448,16 +448,39 @@ pub(crate) fn prepare(opts: &ProbeOptions) -> anyhow::Result<()> {
     }
     std::fs::create_dir_all(&opts.out_dir)
         .with_context(|| format!("creating {}", opts.out_dir.display()))?;
-    // An earlier run's results in the same directory must not pass for this run's if it
-    // fails: they are written again when this one is done.
-    for name in [
-        "predictions.parquet",
-        "probe.safetensors",
-        "encoder.safetensors",
-    ] {
-        let _ = std::fs::remove_file(opts.out_dir.join(name));
+    // The run replaces these as it finishes: a checkpoint among them would be lost.
+    let checkpoint = std::path::Path::new(&opts.extract.checkpoint);
+    if let Ok(input) = checkpoint.canonicalize() {
+        for name in RESULTS {
+            if opts.out_dir.join(name).canonicalize().ok().as_ref() == Some(&input) {
+                crate::refuse!(
+                    "--checkpoint {} is this run's own output {name} in --out: give another --out",
+                    checkpoint.display()
+                );
+            }
+        }
     }
     Ok(())
+}
+
+/// What a finished run leaves in `--out`.
+const RESULTS: [&str; 3] = [
+    "predictions.parquet",
+    "probe.safetensors",
+    "encoder.safetensors",
+];
+
+/// Removes an earlier run's results and split quarantine tables from `--out`, once the inputs
+/// are open and checked (a run refused before any work leaves them): its results must not pass
+/// for this run's if it fails (they are written again when it is done), nor its tables for this
+/// run's records. A run continuing a stopped one calls it only for the results.
+pub(crate) fn clear_earlier_outputs(dir: &std::path::Path, tables: bool) {
+    for name in RESULTS {
+        let _ = std::fs::remove_file(dir.join(name));
+    }
+    if tables {
+        remove_split_tables(dir);
+    }
 }
 
 /// Removes the streamed runs' quarantine tables (`train[.epoch-N]`, `val[.epoch-N]`) of an
@@ -622,9 +645,11 @@ impl EpochLog {
     pub(crate) fn fresh(&mut self) {
         self.rows.clear();
         let _ = std::fs::remove_file(&self.path);
-        if let Some(dir) = self.path.parent() {
-            remove_split_tables(dir);
-        }
+    }
+
+    /// Starts the clock of the next epoch (its row's `seconds`: its training and validation).
+    pub(crate) fn start_epoch(&mut self) {
+        self.started = std::time::Instant::now();
     }
 
     /// Continues after `epochs_done` epochs of a stopped run: their rows are kept from the
@@ -689,7 +714,6 @@ impl EpochLog {
             val_videos: val_videos as u64,
             seconds: self.started.elapsed().as_secs_f64(),
         });
-        self.started = std::time::Instant::now();
         predictions::write_file(&self.path, &self.rows)?;
         Ok(())
     }
@@ -773,8 +797,14 @@ pub fn run(opts: ProbeOptions) -> anyhow::Result<ProbeSummary> {
     let tokens = (enc.num_frames / enc.tubelet_size.max(1)) * (size / enc.patch_size.max(1)).pow(2);
     let bytes_per_clip = (tokens * enc.embed_dim * 4) as u64;
     match stream_epochs::streaming_sets(&opts, bytes_per_clip, handle, "probe tokens")? {
-        Some((train, val)) => run_streaming(&opts, backbone, train, val, handle),
-        None => run_in_memory(&opts, backbone, handle),
+        Some((train, val)) => {
+            clear_earlier_outputs(&opts.out_dir, false);
+            run_streaming(&opts, backbone, train, val, handle)
+        }
+        None => {
+            clear_earlier_outputs(&opts.out_dir, true);
+            run_in_memory(&opts, backbone, handle)
+        }
     }
 }
 
@@ -845,7 +875,11 @@ fn run_in_memory(
     let mut score = EpochScore::default();
     let mut log = EpochLog::new(&opts.out_dir, "probe");
     let mut rows = Vec::new();
-    let uris = |s: &[Sample]| s.iter().map(|s| s.uri.clone()).collect::<Vec<_>>();
+    let uris = |s: &[Sample]| {
+        s.iter()
+            .map(|s| format!("{} {}", s.uri, s.label))
+            .collect::<Vec<_>>()
+    };
     let fingerprint = eval_resume::fingerprint(opts, "probe", &uris(&train), &uris(&val));
     let start = eval_resume::resume_held(
         opts,
@@ -857,6 +891,7 @@ fn run_in_memory(
         |bytes| Ok(trainer.restore_state(bytes).map(|_| ())?),
     )?;
     for epoch in start..opts.epochs {
+        log.start_epoch();
         order.shuffle(&mut rng);
         score = EpochScore::default();
         for chunk in order.chunks(opts.batch_size) {

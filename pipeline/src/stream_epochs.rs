@@ -182,28 +182,45 @@ pub(crate) fn run<L: Learner>(
     let mut score = probe::EpochScore::default();
     let mut trained = keep.len();
     let mut log = probe::EpochLog::new(&opts.out_dir, what);
-    let fingerprint = eval_resume::fingerprint(opts, &pass.learner.settings(), &uris, &val.uris());
+    let listed = |set: &VideoSet| -> Vec<String> {
+        set.uris()
+            .into_iter()
+            .zip(set.labels())
+            .map(|(u, l)| format!("{u} {l}"))
+            .collect()
+    };
+    let fingerprint = eval_resume::fingerprint(
+        opts,
+        &pass.learner.settings(),
+        &listed(&train),
+        &listed(&val),
+    );
     let mut validation = Validation::new(opts, val);
     let mut rows = Vec::new();
     let mut left_out_train = std::collections::BTreeSet::new();
     let mut start = 0;
-    let saved = eval_resume::load(&opts.out_dir, &fingerprint, what);
+    let mut saved = eval_resume::load(&opts.out_dir, &fingerprint, what);
+    if let Some((p, _)) = &saved {
+        let kept = keep
+            .iter()
+            .filter(|&&i| !p.left_out_train.contains(&uris[i]))
+            .count();
+        if p.order.len() != kept {
+            tracing::warn!(
+                "{what}: the saved state's order does not fit this run: starting afresh"
+            );
+            saved = None;
+        }
+    }
     if saved.is_none() {
         log.fresh();
+        probe::remove_split_tables(&opts.out_dir);
     }
     if let Some((p, bytes)) = saved {
         match pass.learner.restore_state(&bytes) {
             Ok(()) => {
                 p.restore_rng(&mut rng)?;
                 keep.retain(|&i| !p.left_out_train.contains(&uris[i]));
-                if p.order.len() != keep.len() {
-                    bail!(
-                        "{}: its order has {} videos, the run {}",
-                        eval_resume::FILE,
-                        p.order.len(),
-                        keep.len()
-                    );
-                }
                 order = p.order.clone();
                 validation.restore(&p.left_out_val, p.val_runs);
                 log.resume(p.epochs_done);
@@ -222,10 +239,12 @@ pub(crate) fn run<L: Learner>(
                     "{what}: the saved state does not fit this run: starting afresh"
                 );
                 log.fresh();
+                probe::remove_split_tables(&opts.out_dir);
             }
         }
     }
     for epoch in start..opts.epochs {
+        log.start_epoch();
         order.shuffle(&mut rng);
         let videos: Vec<usize> = order.iter().map(|&p| keep[p]).collect();
         // The index lines refused while listing are recorded once, with the first epoch's.

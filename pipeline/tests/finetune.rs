@@ -133,7 +133,12 @@ fn pretrain_then_finetune_writes_its_artifacts() {
 
     // Decoding the clips again every epoch (`--clip-cache none`) trains on the same batches
     // as holding them (`memory`): the same fine-tuned model, top-1 line and probabilities,
-    // and the same validation after each epoch (`--val-every 1`).
+    // and the same validation after each epoch (`--val-every 1`). A broken video in the
+    // validation index is quarantined by both, and its record kept.
+    let broken = tmp.path().join("broken.mp4");
+    std::fs::write(&broken, b"not a video").unwrap();
+    let val_text = std::fs::read_to_string(&val_csv).unwrap();
+    std::fs::write(&val_csv, format!("{val_text}\n{} mp4\n", broken.display())).unwrap();
     let (held_dir, streamed_dir) = (tmp.path().join("held"), tmp.path().join("streamed"));
     let held = common("finetune", &held_dir)
         .args(["--clip-cache", "memory", "--val-every", "1"])
@@ -143,6 +148,13 @@ fn pretrain_then_finetune_writes_its_artifacts() {
         .args(["--clip-cache", "none", "--val-every", "1"])
         .output()
         .unwrap();
+    for dir in [&held_dir, &streamed_dir] {
+        assert!(
+            dir.join("val.quarantine.parquet").exists(),
+            "{}",
+            dir.display()
+        );
+    }
     assert_ok(&held);
     assert_ok(&streamed);
     assert!(

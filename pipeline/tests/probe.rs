@@ -458,6 +458,15 @@ fn a_probe_with_nothing_to_learn_from_fails() {
         "{}",
         String::from_utf8_lossy(&failed.stderr)
     );
+    // A checkpoint that is one of --out's outputs is refused, and kept.
+    let own = reused.join("encoder.safetensors");
+    std::fs::copy(&checkpoint, &own).unwrap();
+    let refused = eval_command("probe", &own, &train_csv, &val_csv, &reused)
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(own.exists());
+    std::fs::remove_file(&own).unwrap();
     for stale in ["predictions.parquet", "probe.safetensors", "epochs.parquet"] {
         assert!(
             !reused.join(stale).exists(),
