@@ -69,6 +69,11 @@ struct ProbeArgs {
     /// Frame stride within a clip [default: 4].
     #[arg(long, value_parser = at_least_one)]
     frame_step: Option<usize>,
+    /// Input side, a multiple of the patch size [default: `optimization.resolution` of
+    /// --eval-config, else the checkpoint's]; the backbone is built for it (a fresh sin-cos
+    /// table, as the official evaluation).
+    #[arg(long, value_parser = at_least_one)]
+    size: Option<usize>,
     /// Epochs [default: 20, the spec's].
     #[arg(long, value_parser = at_least_one)]
     epochs: Option<usize>,
@@ -186,7 +191,9 @@ impl ProbeArgs {
                 "model shape from {from}"
             );
         }
-        let size = eval.as_ref().map(|e| e.encoder.crop_size);
+        let size = self
+            .size
+            .or_else(|| eval.as_ref().map(|e| e.encoder.crop_size));
         // The official CSVs hold absolute paths, read as given: with an evaluation config and
         // local indexes, entries resolve from the filesystem root unless told otherwise.
         let index_root = self
@@ -207,6 +214,7 @@ impl ProbeArgs {
             segments,
             views,
             frame_step,
+            size = ?size,
             epochs,
             batch_size,
             lr,

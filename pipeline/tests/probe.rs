@@ -96,13 +96,19 @@ fn pretrain_then_probe_writes_its_artifacts() {
             .all(|e| e.train_loss.is_finite() && e.train_top1 >= 0.0)
     );
 
-    // A label fraction keeps ceil(fraction · count) per class.
+    // A label fraction keeps ceil(fraction · count) per class (here at another input size:
+    // the backbone is built for it).
     let low_dir = tmp.path().join("probe-low");
     let low = eval_command("probe", &checkpoint, &train_csv, &val_csv, &low_dir)
-        .args(["--epochs", "1", "--label-fraction", "0.3"])
+        .args(["--epochs", "1", "--label-fraction", "0.3", "--size", "80"])
         .output()
         .unwrap();
     assert_ok(&low);
+    assert!(
+        String::from_utf8_lossy(&low.stderr).contains("backbone built for the input size"),
+        "{}",
+        String::from_utf8_lossy(&low.stderr)
+    );
     let stdout = String::from_utf8_lossy(&low.stdout);
     let train = std::fs::read_to_string(&train_csv).unwrap();
     let webm = train.lines().filter(|l| l.ends_with(" webm")).count();
