@@ -214,12 +214,12 @@ impl ProbeArgs {
             segments,
             views,
             frame_step,
-            size = ?size,
+            size = %size.map_or("the checkpoint's".to_string(), |n| n.to_string()),
             epochs,
             batch_size,
             lr,
             weight_decay,
-            num_classes = ?num_classes,
+            num_classes = %num_classes.map_or("one per train label".to_string(), |n| n.to_string()),
             val_every,
             "evaluation settings"
         );

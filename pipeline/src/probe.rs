@@ -689,17 +689,17 @@ impl EpochLog {
         match val {
             Some(_) => tracing::info!(
                 epoch = epoch + 1,
-                loss = format_args!("{:.4}", score.loss()),
-                train_top1 = format_args!("{:.2}", score.top1()),
-                val_top1 = format_args!("{val_top1:.2}"),
+                loss = rounded(score.loss(), 4),
+                train_top1 = rounded(score.top1(), 2),
+                val_top1 = rounded(val_top1, 2),
                 val_videos,
                 "{}",
                 self.what
             ),
             None => tracing::info!(
                 epoch = epoch + 1,
-                loss = format_args!("{:.4}", score.loss()),
-                train_top1 = format_args!("{:.2}", score.top1()),
+                loss = rounded(score.loss(), 4),
+                train_top1 = rounded(score.top1(), 2),
                 "{}",
                 self.what
             ),
@@ -717,6 +717,12 @@ impl EpochLog {
         predictions::write_file(&self.path, &self.rows)?;
         Ok(())
     }
+}
+
+/// `x` to `digits` decimals, as a number (a JSON log keeps it a number, a text log short).
+fn rounded(x: f64, digits: i32) -> f64 {
+    let scale = 10f64.powi(digits);
+    (x * scale).round() / scale
 }
 
 fn no_validation_video() -> &'static str {
