@@ -72,15 +72,22 @@ pub(crate) fn fingerprint(
     let checkpoint_file = std::fs::metadata(&e.checkpoint)
         .ok()
         .map(|m| (m.len(), m.modified().ok()));
+    // A local path however it is spelt (relative, absolute, through a link).
+    let place = |p: &str| -> String {
+        if p.contains("://") {
+            return p.to_string();
+        }
+        std::fs::canonicalize(p).map_or_else(|_| p.to_string(), |c| c.display().to_string())
+    };
     let settings = format!(
         "{:?}|{checkpoint_file:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}",
-        e.checkpoint,
+        place(&e.checkpoint),
         e.encoder,
         e.video_decoder,
         opts.val_every,
-        opts.train,
-        opts.val,
-        e.index_root,
+        place(&opts.train),
+        place(&opts.val),
+        e.index_root.as_deref().map(place),
         e.segments,
         opts.val_views,
         e.frame_step,

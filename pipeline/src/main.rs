@@ -1287,10 +1287,14 @@ fn init_logging(format: LogFormat, default_level: &str) {
 
 /// `WxH` with both sides even and positive (what the encoders take).
 fn parse_size(text: &str) -> Result<(u32, u32), String> {
-    let bad = || format!("expected WxH with even sides, e.g. 1280x720, got {text:?}");
+    let bad = || {
+        format!(
+            "expected WxH with even sides of at least 16 (the encoders' smallest frame), e.g. 1280x720, got {text:?}"
+        )
+    };
     let (w, h) = text.split_once(['x', 'X']).ok_or_else(bad)?;
     let (w, h): (u32, u32) = (w.parse().map_err(|_| bad())?, h.parse().map_err(|_| bad())?);
-    if w == 0 || h == 0 || !w.is_multiple_of(2) || !h.is_multiple_of(2) {
+    if w < 16 || h < 16 || !w.is_multiple_of(2) || !h.is_multiple_of(2) {
         return Err(bad());
     }
     Ok((w, h))

@@ -378,22 +378,26 @@ impl stream_epochs::Learner for ProbeLearner {
         let tokens = self.encode(clips)?;
         let mut out = Vec::with_capacity(videos.len());
         for r in videos {
-            // Per view, its segments in order; probabilities averaged over the views.
-            let mut per_view = Vec::with_capacity(views);
+            // Per view, its segments in order, one probe pass each; the probabilities averaged
+            // over the views in the order and arithmetic of the held-tokens path, so both
+            // give the same numbers to the bit.
+            let mut mean: Vec<f32> = Vec::new();
             for v in 0..views {
                 let segs: Vec<&Tensor> = (0..segments)
                     .map(|s| &tokens[r.start + s * views + v])
                     .collect();
-                per_view.push(Tensor::cat(&segs, 1)?);
-            }
-            let x = Tensor::cat(&per_view, 0)?;
-            out.push(
-                self.trainer
+                let p = self
+                    .trainer
                     .probe()
-                    .probabilities(&x)?
-                    .mean(0)?
-                    .to_vec1::<f32>()?,
-            );
+                    .probabilities(&Tensor::cat(&segs, 1)?)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?;
+                mean.resize(p.len(), 0.0);
+                for (m, p) in mean.iter_mut().zip(p) {
+                    *m += p / views as f32;
+                }
+            }
+            out.push(mean);
         }
         Ok(out)
     }
@@ -439,6 +443,10 @@ pub(crate) fn prepare(opts: &ProbeOptions) -> anyhow::Result<()> {
         if local && !std::path::Path::new(index).exists() {
             crate::refuse!("{flag} {index}: no such file or directory");
         }
+    }
+    let checkpoint = &opts.extract.checkpoint;
+    if !checkpoint.contains("://") && !std::path::Path::new(checkpoint).exists() {
+        crate::refuse!("--checkpoint {checkpoint}: no such file or directory");
     }
     if opts.out_dir.exists() && !opts.out_dir.is_dir() {
         crate::refuse!(

@@ -153,10 +153,7 @@ fn streaming_probe_matches_the_in_memory_probe() {
             read_probabilities(&stream_dir),
         );
         assert_eq!(a.len(), 2);
-        assert_eq!(a.len(), b.len());
-        for (x, y) in a.iter().flatten().zip(b.iter().flatten()) {
-            assert!((x - y).abs() < 1e-4, "{a:?} vs {b:?}");
-        }
+        assert_eq!(a, b, "the same probabilities, to the bit");
         let (a, b) = (read_epochs(&mem_dir), read_epochs(&stream_dir));
         assert_eq!(a.len(), 3);
         assert!(
@@ -464,6 +461,20 @@ fn a_probe_with_nothing_to_learn_from_fails() {
         "{}",
         String::from_utf8_lossy(&failed.stderr)
     );
+    // A checkpoint that is not there: refused before any work, no --out made.
+    let nowhere = tmp.path().join("nowhere");
+    let missing = eval_command(
+        "probe",
+        &tmp.path().join("no-such.safetensors"),
+        &train_csv,
+        &val_csv,
+        &nowhere,
+    )
+    .output()
+    .unwrap();
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(!nowhere.exists());
+
     // A checkpoint that is one of --out's outputs is refused, and kept.
     let own = reused.join("encoder.safetensors");
     std::fs::copy(&checkpoint, &own).unwrap();
