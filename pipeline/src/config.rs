@@ -702,6 +702,10 @@ impl JobConfig {
             } else {
                 key
             };
+            // serde_yaml names the key too: once is enough.
+            let message = message
+                .strip_prefix(&format!("{key}: "))
+                .map_or(message.clone(), str::to_string);
             ConfigError::Parse { key, message }
         })?;
         let ignored = ignored_keys(&raw);
