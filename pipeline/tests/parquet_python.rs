@@ -103,6 +103,55 @@ fn outputs_read_in_pyarrow_pandas_and_duckdb_as_documented() {
     // The bad file may be found once in each run (the resumed run lists the catalog again).
     assert!(report.contains("quarantine: 2 file(s)"), "{report}");
 
+    // The evaluation's tables, from `vjepa probe` (labels: the container).
+    let index = tmp.path().join("labelled.csv");
+    let mut lines = Vec::new();
+    for entry in std::fs::read_dir(&videos).unwrap() {
+        let name = entry.unwrap().file_name().to_string_lossy().to_string();
+        if let Some(label) = name
+            .strip_suffix(".webm")
+            .map(|_| "webm")
+            .or_else(|| (name.ends_with(".mp4") && !name.starts_with("bad")).then_some("mp4"))
+        {
+            lines.push(format!("{} {label}", videos.join(&name).display()));
+        }
+    }
+    lines.sort();
+    std::fs::write(&index, lines.join("\n")).unwrap();
+    let probe_out = tmp.path().join("probe");
+    assert_ok(
+        &Command::new(bin())
+            .args(["probe", "--checkpoint"])
+            .arg(out.join("checkpoints/step-00000004.safetensors"))
+            .arg("--train")
+            .arg(&index)
+            .arg("--val")
+            .arg(&index)
+            .arg("--out")
+            .arg(&probe_out)
+            .args(["--epochs", "3", "--val-every", "2", "--augment", "none"])
+            .output()
+            .unwrap(),
+    );
+    let check = Command::new(&python)
+        .arg(repo_root().join("tools/check_parquet.py"))
+        .arg(repo_root().join("README.md"))
+        .arg(&probe_out)
+        .args(["predictions", "epochs"])
+        .output()
+        .expect("run tools/check_parquet.py");
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+    assert!(check.status.success(), "{report}");
+    assert!(
+        report.contains("predictions: 1 file(s), 2 rows"),
+        "{report}"
+    );
+    assert!(report.contains("epochs: 1 file(s), 3 rows"), "{report}");
+
     // `vjepa metrics` (JSON Lines) says what pyarrow reads from both metrics files, merged by
     // step with the later file winning.
     let exported = Command::new(bin())
