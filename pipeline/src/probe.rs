@@ -448,6 +448,13 @@ pub(crate) fn prepare(opts: &ProbeOptions) -> anyhow::Result<()> {
     if !checkpoint.contains("://") && !std::path::Path::new(checkpoint).exists() {
         crate::refuse!("--checkpoint {checkpoint}: no such file or directory");
     }
+    let state = opts.out_dir.join(crate::eval_resume::FILE);
+    if state.is_dir() {
+        crate::refuse!(
+            "{} is a directory: the run's state file goes there",
+            state.display()
+        );
+    }
     if opts.out_dir.exists() && !opts.out_dir.is_dir() {
         crate::refuse!(
             "--out {}: exists and is not a directory",
