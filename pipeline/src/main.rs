@@ -266,6 +266,10 @@ impl ProbeArgs {
     }
 }
 
+/// What a stopped probe or fine-tuning run is told.
+const CONTINUE_HINT: &str = "the same command continues after the last epoch saved \
+     (resume.safetensors in --out)";
+
 /// Prints an evaluation's top-1 line (`probe` and `finetune`).
 fn report_eval(result: anyhow::Result<vjepa_pipeline::probe::ProbeSummary>) -> ExitCode {
     match result {
@@ -872,13 +876,14 @@ fn main() -> ExitCode {
         } => match refused_cache(token_cache, augment, "--token-cache")
             .map_or_else(|| probe.options(), Err)
         {
-            Ok(opts) => report_eval(vjepa_pipeline::probe::run(
-                vjepa_pipeline::probe::ProbeOptions {
+            Ok(opts) => report_eval({
+                vjepa_pipeline::shutdown::install_exit_at_once("probe", CONTINUE_HINT);
+                vjepa_pipeline::probe::run(vjepa_pipeline::probe::ProbeOptions {
                     cache: token_cache,
                     augment,
                     ..opts
-                },
-            )),
+                })
+            }),
             Err(code) => code,
         },
         Command::Finetune {
@@ -889,16 +894,17 @@ fn main() -> ExitCode {
         } => match refused_cache(clip_cache, augment, "--clip-cache")
             .map_or_else(|| probe.options(), Err)
         {
-            Ok(probe) => report_eval(vjepa_pipeline::finetune::run(
-                vjepa_pipeline::finetune::FinetuneOptions {
+            Ok(probe) => report_eval({
+                vjepa_pipeline::shutdown::install_exit_at_once("finetune", CONTINUE_HINT);
+                vjepa_pipeline::finetune::run(vjepa_pipeline::finetune::FinetuneOptions {
                     probe: vjepa_pipeline::probe::ProbeOptions {
                         cache: clip_cache,
                         augment,
                         ..probe
                     },
                     backbone_lr_scale,
-                },
-            )),
+                })
+            }),
             Err(code) => code,
         },
         Command::Init { config, out } => {

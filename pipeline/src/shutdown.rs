@@ -68,6 +68,34 @@ pub fn install() {
     }
 }
 
+/// For commands whose outputs are each written whole (the probe and fine-tuning: tables and
+/// state renamed into place): SIGTERM or SIGINT ends the process within a few hundredths of a second,
+/// logging `what` was stopped and `hint` (how to continue).
+pub fn install_exit_at_once(what: &'static str, hint: &'static str) {
+    std::thread::spawn(move || {
+        loop {
+            if let Some(signal) = requested() {
+                tracing::warn!("{what} stopped by {}", name(signal));
+                eprintln!("stopped by {}: {hint}", name(signal));
+                std::process::exit(i32::from(exit_status(signal)));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(25));
+        }
+    });
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    for signal in [libc::SIGTERM, libc::SIGINT] {
+        let handler: extern "C" fn(libc::c_int) = on_signal;
+        // SAFETY: the handler only touches an atomic and calls `_exit`, both async-signal-safe.
+        let previous = unsafe { libc::signal(signal, handler as libc::sighandler_t) };
+        if previous == libc::SIG_ERR {
+            tracing::warn!(
+                signal,
+                "cannot handle the signal: it will end the run at once"
+            );
+        }
+    }
+}
+
 /// The signal that asked the job to stop, if one did.
 pub fn requested() -> Option<i32> {
     match REQUESTED.load(Ordering::SeqCst) {
