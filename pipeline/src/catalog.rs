@@ -15,7 +15,7 @@ use vjepa_storage::dataset::{self, Dataset};
 use vjepa_storage::{S3Settings, Store};
 
 use vjepa_operators::records::Quarantined;
-use vjepa_operators::seeding::mix64;
+use vjepa_operators::seeding::{Fnv1a, mix64};
 
 /// One video of the catalog.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -228,19 +228,13 @@ impl CatalogVersion {
 
 /// FNV-1a over the sorted `(dataset, rel)` pairs, finished with splitmix64.
 fn fingerprint(videos: &[VideoRef]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut eat = |bytes: &[u8]| {
-        for b in bytes {
-            h ^= u64::from(*b);
-            h = h.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-    };
+    let mut h = Fnv1a::default();
     for v in videos {
-        eat(&(v.dataset as u64).to_le_bytes());
-        eat(v.rel.as_bytes());
-        eat(&[0]);
+        h.add(&(v.dataset as u64).to_le_bytes())
+            .add(v.rel.as_bytes())
+            .add(&[0]);
     }
-    mix64(h)
+    mix64(h.finish())
 }
 
 /// A catalog version as written to `catalog/step-NNNNNNNN.json` under `outputs.dir` (named by

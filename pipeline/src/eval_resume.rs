@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
+use vjepa_operators::seeding::Fnv1a;
 
 use crate::probe::ProbeOptions;
 
@@ -104,7 +105,7 @@ pub(crate) fn fingerprint(
         extra,
         e.device,
     );
-    let mut h = Fnv::default();
+    let mut h = Fnv1a::default();
     h.add(settings.as_bytes());
     for (split, uris) in [("train", train), ("val", val)] {
         h.add(split.as_bytes());
@@ -113,25 +114,7 @@ pub(crate) fn fingerprint(
             h.add(b"\n");
         }
     }
-    format!("{:016x}", h.0)
-}
-
-/// FNV-1a, 64 bits: stable across builds and machines (unlike `std`'s hasher).
-struct Fnv(u64);
-
-impl Default for Fnv {
-    fn default() -> Self {
-        Fnv(0xcbf2_9ce4_8422_2325)
-    }
-}
-
-impl Fnv {
-    fn add(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 ^= u64::from(b);
-            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
-        }
-    }
+    format!("{:016x}", h.finish())
 }
 
 fn path(dir: &Path) -> PathBuf {

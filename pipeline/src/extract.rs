@@ -34,7 +34,7 @@ use vjepa_model::{ComputeDevice, Device, EncoderConfig, Pretrainer, Tensor};
 use vjepa_operators::load::{ClipLoader, load_clips_parallel};
 use vjepa_operators::records::{Clip, ClipRequest, Loaded, Quarantined};
 use vjepa_operators::sampling::{ClipSampling, eval_segment_indices};
-use vjepa_operators::seeding::mix64;
+use vjepa_operators::seeding::{Fnv1a, mix64};
 use vjepa_operators::sinks::sink_local;
 pub use vjepa_operators::train_augment::TrainAugment;
 use vjepa_operators::transform::{self, CropBox, TransformParams};
@@ -588,7 +588,7 @@ impl ClipLoader for ExtractLoader {
             Ok(s) => s,
             Err(e) => return self.bad(&v, "fetch_error", store.scrub(&e)),
         };
-        let seed = mix64(self.opts.seed ^ mix64(fnv(&v.uri)));
+        let seed = mix64(self.opts.seed ^ mix64(Fnv1a::of(v.uri.as_bytes())));
         if let Some(augment) = self.opts.augment {
             return self.load_augmented(&v, source, &augment, seed, request.step);
         }
@@ -660,13 +660,6 @@ impl ClipLoader for ExtractLoader {
         }
         out
     }
-}
-
-/// FNV-1a of a string: a stable per-video seed (independent of the process and platform).
-fn fnv(s: &str) -> u64 {
-    s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
-    })
 }
 
 /// The quarantine table's location beside the features table.
