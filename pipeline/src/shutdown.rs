@@ -54,18 +54,7 @@ pub fn install() {
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
     });
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    for signal in [libc::SIGTERM, libc::SIGINT] {
-        let handler: extern "C" fn(libc::c_int) = on_signal;
-        // SAFETY: the handler only touches an atomic and calls `_exit`, both async-signal-safe.
-        let previous = unsafe { libc::signal(signal, handler as libc::sighandler_t) };
-        if previous == libc::SIG_ERR {
-            tracing::warn!(
-                signal,
-                "cannot handle the signal: it will end the job at once"
-            );
-        }
-    }
+    route_signals();
 }
 
 /// For commands whose outputs are each written whole (the probe and fine-tuning: tables and
@@ -82,6 +71,11 @@ pub fn install_exit_at_once(what: &'static str, hint: &'static str) {
             std::thread::sleep(std::time::Duration::from_millis(25));
         }
     });
+    route_signals();
+}
+
+/// Points SIGTERM and SIGINT at [`on_signal`], which records the first in [`requested`].
+fn route_signals() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     for signal in [libc::SIGTERM, libc::SIGINT] {
         let handler: extern "C" fn(libc::c_int) = on_signal;
@@ -90,7 +84,7 @@ pub fn install_exit_at_once(what: &'static str, hint: &'static str) {
         if previous == libc::SIG_ERR {
             tracing::warn!(
                 signal,
-                "cannot handle the signal: it will end the run at once"
+                "cannot handle the signal: it will end the process at once"
             );
         }
     }
