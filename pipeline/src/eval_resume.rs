@@ -180,10 +180,52 @@ pub(crate) fn finish(dir: &Path) {
     let _ = std::fs::remove_file(path(dir));
 }
 
-/// The in-memory paths' resume (their clips are read again at the start, so only the
-/// learner, the generator, the order and the epochs table continue): restores a state saved by
-/// a run with `fingerprint` through `restore` and returns the first epoch to run (0 for a
-/// fresh start, whose epochs table is started again).
+/// Continues a stopped run when `--out` holds a state saved by a run with `fingerprint` whose
+/// shuffle order `order_fits` this run (given the saved progress): restores the learner
+/// through `restore`, the generator into `rng` and the epochs table into `log`, and returns the
+/// progress (the caller takes the rest of its place from it). `None` is a fresh start, with
+/// the epochs table started again (and the reason logged where a state was there).
+pub(crate) fn resume(
+    opts: &ProbeOptions,
+    fingerprint: &str,
+    what: &str,
+    rng: &mut ChaCha8Rng,
+    log: &mut crate::probe::EpochLog,
+    order_fits: impl FnOnce(&Progress) -> bool,
+    restore: impl FnOnce(&[u8]) -> anyhow::Result<()>,
+) -> anyhow::Result<Option<Progress>> {
+    let mut fresh = |why: Option<String>| {
+        if let Some(why) = why {
+            tracing::warn!(
+                "{what}: the saved state does not fit this run ({why}): starting afresh"
+            );
+        }
+        log.fresh();
+        Ok(None)
+    };
+    let Some((p, bytes)) = load(&opts.out_dir, fingerprint, what) else {
+        return fresh(None);
+    };
+    if !order_fits(&p) {
+        return fresh(Some("its shuffle order has another length".into()));
+    }
+    // The learner is checked whole before it changes: a state that does not fit leaves it
+    // as it was made.
+    if let Err(e) = restore(&bytes) {
+        return fresh(Some(format!("{e:#}")));
+    }
+    p.restore_rng(rng)?;
+    log.resume(p.epochs_done);
+    tracing::info!(
+        epochs_done = p.epochs_done,
+        epochs = opts.epochs,
+        "{what}: continuing from {FILE} in the output directory"
+    );
+    Ok(Some(p))
+}
+
+/// [`resume`] for the in-memory paths (their clips are read again at the start, so only the
+/// learner, the generator, the order and the epochs table continue): the first epoch to run.
 pub(crate) fn resume_held(
     opts: &ProbeOptions,
     fingerprint: &str,
@@ -193,32 +235,20 @@ pub(crate) fn resume_held(
     log: &mut crate::probe::EpochLog,
     restore: impl FnOnce(&[u8]) -> anyhow::Result<()>,
 ) -> anyhow::Result<usize> {
-    let Some((p, bytes)) = load(&opts.out_dir, fingerprint, what) else {
-        log.fresh();
-        return Ok(0);
-    };
-    if p.order.len() != order.len() {
-        tracing::warn!("{what}: the saved state's order does not fit this run: starting afresh");
-        log.fresh();
-        return Ok(0);
-    }
-    if let Err(e) = restore(&bytes) {
-        tracing::warn!(
-            error = %format!("{e:#}"),
-            "{what}: the saved state does not fit this run: starting afresh"
-        );
-        log.fresh();
-        return Ok(0);
-    }
-    p.restore_rng(rng)?;
-    order.clone_from(&p.order);
-    log.resume(p.epochs_done);
-    tracing::info!(
-        epochs_done = p.epochs_done,
-        epochs = opts.epochs,
-        "{what}: continuing from {FILE} in the output directory"
-    );
-    Ok(p.epochs_done)
+    let len = order.len();
+    let saved = resume(
+        opts,
+        fingerprint,
+        what,
+        rng,
+        log,
+        |p| p.order.len() == len,
+        restore,
+    )?;
+    Ok(saved.map_or(0, |p| {
+        *order = p.order;
+        p.epochs_done
+    }))
 }
 
 /// Saves the in-memory paths' place after epoch `epoch` (0-based) unless it is the last.

@@ -198,51 +198,33 @@ pub(crate) fn run<L: Learner>(
     let mut validation = Validation::new(opts, val);
     let mut rows = Vec::new();
     let mut left_out_train = std::collections::BTreeSet::new();
-    let mut start = 0;
-    let mut saved = eval_resume::load(&opts.out_dir, &fingerprint, what);
-    if let Some((p, _)) = &saved {
-        let kept = keep
-            .iter()
+    let kept_after = |p: &Progress| {
+        keep.iter()
             .filter(|&&i| !p.left_out_train.contains(&uris[i]))
-            .count();
-        if p.order.len() != kept {
-            tracing::warn!(
-                "{what}: the saved state's order does not fit this run: starting afresh"
-            );
-            saved = None;
+            .count()
+    };
+    let saved = eval_resume::resume(
+        opts,
+        &fingerprint,
+        what,
+        &mut rng,
+        &mut log,
+        |p| p.order.len() == kept_after(p),
+        |bytes| pass.learner.restore_state(bytes),
+    )?;
+    let start = match saved {
+        Some(p) => {
+            keep.retain(|&i| !p.left_out_train.contains(&uris[i]));
+            validation.restore(&p.left_out_val, p.val_runs);
+            left_out_train = p.left_out_train;
+            order = p.order;
+            p.epochs_done
         }
-    }
-    if saved.is_none() {
-        log.fresh();
-        probe::remove_split_tables(&opts.out_dir);
-    }
-    if let Some((p, bytes)) = saved {
-        match pass.learner.restore_state(&bytes) {
-            Ok(()) => {
-                p.restore_rng(&mut rng)?;
-                keep.retain(|&i| !p.left_out_train.contains(&uris[i]));
-                order = p.order.clone();
-                validation.restore(&p.left_out_val, p.val_runs);
-                log.resume(p.epochs_done);
-                left_out_train = p.left_out_train.clone();
-                start = p.epochs_done;
-                tracing::info!(
-                    epochs_done = start,
-                    epochs = opts.epochs,
-                    "{what}: continuing from {} in the output directory",
-                    eval_resume::FILE
-                );
-            }
-            Err(e) => {
-                tracing::warn!(
-                    error = %format!("{e:#}"),
-                    "{what}: the saved state does not fit this run: starting afresh"
-                );
-                log.fresh();
-                probe::remove_split_tables(&opts.out_dir);
-            }
+        None => {
+            probe::remove_split_tables(&opts.out_dir);
+            0
         }
-    }
+    };
     for epoch in start..opts.epochs {
         log.start_epoch();
         order.shuffle(&mut rng);
