@@ -1087,16 +1087,16 @@ pub(crate) fn load_encoder(
     Ok((runtime, encoder))
 }
 
-/// The clips of every video of `opts.datasets` in memory, sorted by video then slot, with the
-/// stream's record (quarantine beside `quarantine`).
+/// The clips of every video of `set` (the listing of `opts.datasets`) in memory, sorted by
+/// video then slot, with the stream's record (quarantine beside `quarantine`).
 pub(crate) fn decode_all(
     opts: &ExtractOptions,
+    set: VideoSet,
     encoder: &EncoderConfig,
     quarantine: &str,
     handle: &tokio::runtime::Handle,
 ) -> anyhow::Result<(Vec<(Clip, String)>, Streamed)> {
     check(opts)?;
-    let set = VideoSet::open(&opts.datasets, opts.index_root.as_deref(), &opts.s3, handle)?;
     let size = input_size(opts, encoder)?;
     tracing::info!(
         videos = set.len(),
@@ -1178,7 +1178,7 @@ pub fn run(opts: ExtractOptions) -> anyhow::Result<ExtractSummary> {
     check(&opts)?;
     let (runtime, backbone) = open_backbone(&opts)?;
     let (out, s3) = (opts.out.clone(), opts.s3.clone());
-    let summary = run_with(opts, backbone, runtime.handle())?.0;
+    let summary = run_with(opts, None, backbone, runtime.handle())?.0;
     if summary.rows == 0 {
         // No video could be read: no empty table left to pass for a result (the quarantine
         // table beside says why).
@@ -1190,9 +1190,11 @@ pub fn run(opts: ExtractOptions) -> anyhow::Result<ExtractSummary> {
     Ok(summary)
 }
 
-/// [`run`] with a backbone already loaded (from `opts.checkpoint`), which it hands back.
+/// [`run`] with a backbone already loaded (from `opts.checkpoint`), which it hands back, and
+/// the listing of `opts.datasets` when the caller has read it (`None`: read here).
 pub(crate) fn run_with(
     opts: ExtractOptions,
+    set: Option<VideoSet>,
     backbone: Backbone,
     handle: &tokio::runtime::Handle,
 ) -> anyhow::Result<(ExtractSummary, Backbone)> {
@@ -1201,12 +1203,15 @@ pub(crate) fn run_with(
     let enc = backbone.config().clone();
     let size = input_size(&opts, &enc)?;
     let frames = enc.num_frames;
-    let set = VideoSet::open(
-        &opts.datasets,
-        opts.index_root.as_deref(),
-        &opts.s3,
-        &handle,
-    )?;
+    let set = match set {
+        Some(set) => set,
+        None => VideoSet::open(
+            &opts.datasets,
+            opts.index_root.as_deref(),
+            &opts.s3,
+            &handle,
+        )?,
+    };
     let total = set.len();
     let (out_store, out_name) = crate::job::split_location_with(&opts.out, &opts.s3, true)?;
     tracing::info!(

@@ -59,7 +59,7 @@ struct Decoded {
 fn videos_of(
     opts: &ProbeOptions,
     encoder: &vjepa_model::EncoderConfig,
-    index: &str,
+    (index, set): (&str, VideoSet),
     name: &str,
     views: usize,
     handle: &tokio::runtime::Handle,
@@ -69,7 +69,7 @@ fn videos_of(
     e.views = views;
     let quarantine = opts.out_dir.join(format!("{name}.quarantine.parquet"));
     let (clips, streamed) =
-        extract::decode_all(&e, encoder, &quarantine.display().to_string(), handle)
+        extract::decode_all(&e, set, encoder, &quarantine.display().to_string(), handle)
             .with_context(|| format!("decoding {index}"))?;
     if streamed.quarantined > 0 {
         tracing::warn!(
@@ -113,15 +113,21 @@ pub fn run(opts: FinetuneOptions) -> anyhow::Result<ProbeSummary> {
     let cfg = encoder.config().clone();
     let size = opts.extract.size.unwrap_or(cfg.crop_size);
     let bytes_per_clip = (3 * cfg.num_frames * size * size * 4) as u64;
-    if let Some((train, val)) =
-        stream_epochs::streaming_sets(&opts, bytes_per_clip, &handle, "fine-tuning clips")?
-    {
-        probe::clear_earlier_outputs(&opts.out_dir, false);
+    let (train, val, stream) =
+        stream_epochs::open_splits(&opts, bytes_per_clip, &handle, "fine-tuning clips")?;
+    probe::clear_earlier_outputs(&opts.out_dir, !stream);
+    if stream {
         return run_streaming(&opts, encoder, backbone_lr_scale, train, val, &handle);
     }
-    probe::clear_earlier_outputs(&opts.out_dir, true);
-    let train = videos_of(&opts, &cfg, &opts.train, "train", 1, &handle)?;
-    let val = videos_of(&opts, &cfg, &opts.val, "val", opts.val_views, &handle)?;
+    let train = videos_of(&opts, &cfg, (&opts.train, train), "train", 1, &handle)?;
+    let val = videos_of(
+        &opts,
+        &cfg,
+        (&opts.val, val),
+        "val",
+        opts.val_views,
+        &handle,
+    )?;
     if train.is_empty() {
         bail!("no train clip could be read");
     }

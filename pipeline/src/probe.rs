@@ -249,7 +249,7 @@ fn features_of(
     opts: &ProbeOptions,
     backbone: Backbone,
     handle: &tokio::runtime::Handle,
-    index: &str,
+    (index, set): (&str, VideoSet),
     name: &str,
     views: usize,
 ) -> anyhow::Result<(Vec<FeatureRow>, vjepa_model::EncoderConfig, Backbone)> {
@@ -259,7 +259,7 @@ fn features_of(
     e.out = path.display().to_string();
     e.views = views;
     e.tokens = true;
-    let (summary, backbone) = extract::run_with(e, backbone, handle)
+    let (summary, backbone) = extract::run_with(e, Some(set), backbone, handle)
         .with_context(|| format!("extracting features of {index}"))?;
     if summary.quarantined > 0 {
         tracing::warn!(
@@ -817,15 +817,13 @@ pub fn run(opts: ProbeOptions) -> anyhow::Result<ProbeSummary> {
     let size = opts.extract.size.unwrap_or(enc.crop_size);
     let tokens = (enc.num_frames / enc.tubelet_size.max(1)) * (size / enc.patch_size.max(1)).pow(2);
     let bytes_per_clip = (tokens * enc.embed_dim * 4) as u64;
-    match stream_epochs::streaming_sets(&opts, bytes_per_clip, handle, "probe tokens")? {
-        Some((train, val)) => {
-            clear_earlier_outputs(&opts.out_dir, false);
-            run_streaming(&opts, backbone, train, val, handle)
-        }
-        None => {
-            clear_earlier_outputs(&opts.out_dir, true);
-            run_in_memory(&opts, backbone, handle)
-        }
+    let (train, val, stream) =
+        stream_epochs::open_splits(&opts, bytes_per_clip, handle, "probe tokens")?;
+    clear_earlier_outputs(&opts.out_dir, !stream);
+    if stream {
+        run_streaming(&opts, backbone, train, val, handle)
+    } else {
+        run_in_memory(&opts, backbone, train, val, handle)
     }
 }
 
@@ -833,13 +831,15 @@ pub fn run(opts: ProbeOptions) -> anyhow::Result<ProbeSummary> {
 fn run_in_memory(
     opts: &ProbeOptions,
     backbone: Backbone,
+    train: VideoSet,
+    val: VideoSet,
     handle: &tokio::runtime::Handle,
 ) -> anyhow::Result<ProbeSummary> {
     let (train_rows, encoder, backbone) = features_of(
         opts,
         backbone,
         handle,
-        &opts.train,
+        (&opts.train, train),
         "train-features.parquet",
         1,
     )?;
@@ -847,7 +847,7 @@ fn run_in_memory(
         opts,
         backbone,
         handle,
-        &opts.val,
+        (&opts.val, val),
         "val-features.parquet",
         opts.val_views,
     )?;

@@ -62,15 +62,16 @@ pub(crate) trait Learner: Send + 'static {
     fn restore_state(&mut self, bytes: &[u8]) -> anyhow::Result<()>;
 }
 
-/// The train and validation listings when `opts.cache` says to stream (`auto`: when both
-/// splits' clips, `bytes_per_clip` each once read, would not fit in
-/// [`probe::AUTO_MEMORY_BYTES`]); `None` to hold them (the listings are not read for `memory`).
-pub(crate) fn streaming_sets(
+/// The train and validation listings, their labels checked, and whether `opts.cache` says to
+/// stream them (`auto`: when both splits' clips, `bytes_per_clip` each once read, would not
+/// fit in [`probe::AUTO_MEMORY_BYTES`]) rather than hold them. Either way the listings are
+/// the run's: read once.
+pub(crate) fn open_splits(
     opts: &ProbeOptions,
     bytes_per_clip: u64,
     handle: &tokio::runtime::Handle,
     what: &str,
-) -> anyhow::Result<Option<(VideoSet, VideoSet)>> {
+) -> anyhow::Result<(VideoSet, VideoSet, bool)> {
     let augmented = opts.augment == probe::Augment::Official;
     if let Some(why) = probe::held_augmented_clips(opts.cache, opts.augment, "the cache") {
         bail!("{why}");
@@ -82,7 +83,7 @@ pub(crate) fn streaming_sets(
     // Labels the head cannot take fail now, in every mode, not after the clips are read.
     check_labels(opts, &train, &val)?;
     if opts.cache == probe::Cache::Memory {
-        return Ok(None);
+        return Ok((train, val, false));
     }
     let clips = (train.len() + val.len() * opts.val_views) * opts.extract.segments;
     let bytes = clips as u64 * bytes_per_clip;
@@ -98,7 +99,7 @@ pub(crate) fn streaming_sets(
         },
         "{what}: data held between epochs"
     );
-    Ok(stream.then_some((train, val)))
+    Ok((train, val, stream))
 }
 
 /// Refuses labels the head cannot take: the train index's (too few, empty, at or above an
