@@ -273,6 +273,16 @@ mod tests {
         (x, labels)
     }
 
+    /// A head for [`tiny_encoder`]: 3 classes.
+    fn probe_config() -> ProbeConfig {
+        ProbeConfig {
+            embed_dim: 32,
+            num_heads: 2,
+            num_classes: 3,
+            mlp_ratio: 4.0,
+        }
+    }
+
     fn params_of(e: &Encoder) -> Vec<Vec<f32>> {
         e.params()
             .iter()
@@ -287,12 +297,7 @@ mod tests {
     #[test]
     fn continues_from_a_saved_state() {
         let source = tiny_encoder();
-        let probe_cfg = ProbeConfig {
-            embed_dim: 32,
-            num_heads: 2,
-            num_classes: 3,
-            mlp_ratio: 4.0,
-        };
+        let probe_cfg = probe_config();
         let mut optim = ProbeOptim::video(6);
         optim.lr = 3e-3;
         let fresh = || {
@@ -349,12 +354,7 @@ mod tests {
     fn trains_the_encoder_and_lowers_the_loss() {
         let source = tiny_encoder();
         let before = params_of(&source);
-        let probe_cfg = ProbeConfig {
-            embed_dim: 32,
-            num_heads: 2,
-            num_classes: 3,
-            mlp_ratio: 4.0,
-        };
+        let probe_cfg = probe_config();
         let mut rng = ChaCha8Rng::seed_from_u64(11);
         let (eval_x, eval_y) = batch(&mut rng, 32, 2);
         let steps = 40;

@@ -286,54 +286,9 @@ pub fn read_probabilities(dir: &Path) -> Vec<Vec<f32>> {
     out
 }
 
-/// One row of `epochs.parquet`: epoch, train loss, train top-1, validation top-1 (NaN where
-/// the run did not evaluate), validation videos.
-#[derive(Clone, Debug, PartialEq)]
-pub struct EpochLine {
-    pub epoch: i64,
-    pub train_loss: f64,
-    pub train_top1: f64,
-    pub val_top1: f64,
-    pub val_videos: i64,
-}
-
-/// The rows of `dir/epochs.parquet`, in order.
-pub fn read_epochs(dir: &Path) -> Vec<EpochLine> {
-    use arrow::array::AsArray;
-    use arrow::datatypes::{Float64Type, Int64Type};
-    let file = std::fs::File::open(dir.join("epochs.parquet")).unwrap();
-    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
-        .unwrap()
-        .build()
-        .unwrap();
-    let mut out = Vec::new();
-    for batch in reader {
-        let b = batch.unwrap();
-        let int = |name: &str| {
-            b.column_by_name(name)
-                .unwrap()
-                .as_primitive::<Int64Type>()
-                .clone()
-        };
-        let float = |name: &str| {
-            b.column_by_name(name)
-                .unwrap()
-                .as_primitive::<Float64Type>()
-                .clone()
-        };
-        let (epoch, loss, top1) = (int("epoch"), float("train_loss"), float("train_top1"));
-        let (val, videos) = (float("val_top1"), int("val_videos"));
-        for i in 0..b.num_rows() {
-            out.push(EpochLine {
-                epoch: epoch.value(i),
-                train_loss: loss.value(i),
-                train_top1: top1.value(i),
-                val_top1: val.value(i),
-                val_videos: videos.value(i),
-            });
-        }
-    }
-    out
+/// The rows of `dir/epochs.parquet`, in order (read as the run reads its own when it resumes).
+pub fn read_epochs(dir: &Path) -> Vec<vjepa_storage::eval_epochs::EpochRow> {
+    vjepa_storage::eval_epochs::read_file(&dir.join("epochs.parquet")).unwrap()
 }
 
 /// The validation top-1 (%) of a `top-1 …` line.

@@ -35,6 +35,25 @@ fn python() -> Option<PathBuf> {
     ))
 }
 
+/// `tools/check_parquet.py` on the tables in `dir` (`tables` must be there): its report, after
+/// asserting it found every table as the README documents it.
+fn check_tables(python: &std::path::Path, dir: &std::path::Path, tables: &[&str]) -> String {
+    let check = Command::new(python)
+        .arg(repo_root().join("tools/check_parquet.py"))
+        .arg(repo_root().join("README.md"))
+        .arg(dir)
+        .args(tables)
+        .output()
+        .expect("run tools/check_parquet.py");
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+    assert!(check.status.success(), "{report}");
+    report
+}
+
 #[test]
 fn outputs_read_in_pyarrow_pandas_and_duckdb_as_documented() {
     let Some(python) = python() else {
@@ -84,19 +103,11 @@ fn outputs_read_in_pyarrow_pandas_and_duckdb_as_documented() {
             .unwrap(),
     );
 
-    let check = Command::new(&python)
-        .arg(repo_root().join("tools/check_parquet.py"))
-        .arg(repo_root().join("README.md"))
-        .arg(&out)
-        .args(["metrics", "quarantine", "clips", "features"])
-        .output()
-        .expect("run tools/check_parquet.py");
-    let report = format!(
-        "{}{}",
-        String::from_utf8_lossy(&check.stdout),
-        String::from_utf8_lossy(&check.stderr)
+    let report = check_tables(
+        &python,
+        &out,
+        &["metrics", "quarantine", "clips", "features"],
     );
-    assert!(check.status.success(), "{report}");
     assert!(report.contains("metrics: 2 file(s), 6 rows"), "{report}");
     assert!(report.contains("clips: 2 file(s)"), "{report}");
     assert!(report.contains("features: 1 file(s), 4 rows"), "{report}");
@@ -133,19 +144,7 @@ fn outputs_read_in_pyarrow_pandas_and_duckdb_as_documented() {
             .output()
             .unwrap(),
     );
-    let check = Command::new(&python)
-        .arg(repo_root().join("tools/check_parquet.py"))
-        .arg(repo_root().join("README.md"))
-        .arg(&probe_out)
-        .args(["predictions", "epochs"])
-        .output()
-        .expect("run tools/check_parquet.py");
-    let report = format!(
-        "{}{}",
-        String::from_utf8_lossy(&check.stdout),
-        String::from_utf8_lossy(&check.stderr)
-    );
-    assert!(check.status.success(), "{report}");
+    let report = check_tables(&python, &probe_out, &["predictions", "epochs"]);
     assert!(
         report.contains("predictions: 1 file(s), 2 rows"),
         "{report}"

@@ -528,7 +528,7 @@ fn a_probe_with_nothing_to_learn_from_fails() {
         "{err}"
     );
     let epochs = read_epochs(&dir);
-    let val_count = std::fs::read_to_string(&val_csv).unwrap().lines().count() as i64;
+    let val_count = std::fs::read_to_string(&val_csv).unwrap().lines().count() as u64;
     assert!(
         epochs.iter().all(|e| e.val_videos == val_count),
         "{epochs:?}"
