@@ -160,19 +160,8 @@ pub(crate) fn save(
     let meta = HashMap::from([(PROGRESS_KEY.to_string(), serde_json::to_string(progress)?)]);
     let bytes = state(meta)?;
     let file = path(dir);
-    let staging = dir.join(format!("{FILE}.partial"));
-    let write = || -> std::io::Result<()> {
-        use std::io::Write;
-        let mut f = std::fs::File::create(&staging)?;
-        f.write_all(&bytes)?;
-        // On disk before it replaces the previous state: a power loss keeps one whole state.
-        f.sync_all()?;
-        std::fs::rename(&staging, &file)
-    };
-    write().map_err(|e| {
-        let _ = std::fs::remove_file(&staging);
-        anyhow::anyhow!("writing {}: {e}", file.display())
-    })
+    vjepa_storage::replace_local_file(&file, &bytes)
+        .map_err(|e| anyhow::anyhow!("writing {}: {e}", file.display()))
 }
 
 /// Removes the state once the run is done (a later run with the same settings starts afresh).

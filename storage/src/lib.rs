@@ -35,3 +35,23 @@ pub fn check_location(s: &str) -> Result<(), StorageError> {
     location::parse_location(s).map(|_| ())
 }
 pub use store::{ObjectInfo, S3Settings, Store};
+
+/// Replaces the local file `path` with `bytes`: written beside it (`path.partial`), flushed to
+/// disk, then renamed into place, so a reader, a stopped process or a power loss sees the
+/// previous complete file or the new one, never half of one (the staging file is removed when
+/// the write fails). For files rewritten while a run goes (its epochs table, its resume state).
+pub fn replace_local_file(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut staging = path.as_os_str().to_owned();
+    staging.push(".partial");
+    let staging = std::path::PathBuf::from(staging);
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&staging)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&staging, path)
+    };
+    write().inspect_err(|_| {
+        let _ = std::fs::remove_file(&staging);
+    })
+}

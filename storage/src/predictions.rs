@@ -96,36 +96,23 @@ impl TableRow for PredictionRow {
     }
 }
 
-/// Writes `rows` as one local Parquet file at `path` (zstd, like the job's tables). The file
-/// is written beside `path` and renamed into place, so a reader (or a run stopped mid-write)
-/// sees the previous complete file or the new one, never half of one: tables rewritten as a
-/// run goes (the evaluation's `epochs.parquet`) stay readable while it runs.
+/// Writes `rows` as one local Parquet file at `path` (zstd, like the job's tables), through
+/// [`crate::replace_local_file`]: tables rewritten as a run goes (the evaluation's
+/// `epochs.parquet`) stay readable while it runs.
 pub fn write_file<R: TableRow>(path: &Path, rows: &[R]) -> Result<(), StorageError> {
     let err = |what: &str, e: &(dyn std::error::Error + 'static)| StorageError::Parquet {
         uri: path.display().to_string(),
         detail: format!("{what}: {}", error_chain(e)),
     };
     let batch = R::to_batch(rows).map_err(|e| err("build batch", &e))?;
-    let mut staging = path.as_os_str().to_owned();
-    staging.push(".partial");
-    let staging = std::path::PathBuf::from(staging);
-    let write = || -> Result<(), StorageError> {
-        let file = std::fs::File::create(&staging).map_err(|e| err("create", &e))?;
-        let props = WriterProperties::builder()
-            .set_compression(Compression::ZSTD(ZstdLevel::default()))
-            .build();
-        let mut w =
-            ArrowWriter::try_new(file, R::schema(), Some(props)).map_err(|e| err("open", &e))?;
-        w.write(&batch).map_err(|e| err("write", &e))?;
-        w.into_inner()
-            .map_err(|e| err("close", &e))?
-            .sync_all()
-            .map_err(|e| err("sync", &e))?;
-        std::fs::rename(&staging, path).map_err(|e| err("rename into place", &e))
-    };
-    write().inspect_err(|_| {
-        let _ = std::fs::remove_file(&staging);
-    })
+    let props = WriterProperties::builder()
+        .set_compression(Compression::ZSTD(ZstdLevel::default()))
+        .build();
+    let mut w =
+        ArrowWriter::try_new(Vec::new(), R::schema(), Some(props)).map_err(|e| err("open", &e))?;
+    w.write(&batch).map_err(|e| err("write", &e))?;
+    let bytes = w.into_inner().map_err(|e| err("close", &e))?;
+    crate::replace_local_file(path, &bytes).map_err(|e| err("write", &e))
 }
 
 #[cfg(test)]
