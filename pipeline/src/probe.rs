@@ -485,16 +485,26 @@ const RESULTS: [&str; 3] = [
     "encoder.safetensors",
 ];
 
-/// Removes an earlier run's results and split quarantine tables from `--out`, once the inputs
-/// are open and checked (a run refused before any work leaves them): its results must not pass
-/// for this run's if it fails (they are written again when it is done), nor its tables for this
-/// run's records. A run continuing a stopped one calls it only for the results.
-pub(crate) fn clear_earlier_outputs(dir: &std::path::Path, tables: bool) {
+/// Removes an earlier run's results from `--out`, once the inputs are open and checked (a run
+/// refused before any work leaves them): they must not pass for this run's if it fails (they
+/// are written again when it is done). A run that holds its clips (`held`) also removes the
+/// streamed runs' split quarantine tables (it writes none; a streamed run removes them itself
+/// when it does not continue a stopped one), and a streamed run the held runs' token tables.
+pub(crate) fn clear_earlier_outputs(dir: &std::path::Path, held: bool) {
     for name in RESULTS {
         let _ = std::fs::remove_file(dir.join(name));
     }
-    if tables {
+    if held {
         remove_split_tables(dir);
+    } else {
+        for name in [
+            "train-features.parquet",
+            "val-features.parquet",
+            "train-features.quarantine.parquet",
+            "val-features.quarantine.parquet",
+        ] {
+            let _ = std::fs::remove_file(dir.join(name));
+        }
     }
 }
 

@@ -135,15 +135,6 @@ pub(crate) fn run<L: Learner>(
 ) -> anyhow::Result<ProbeSummary> {
     let labels = train.labels();
     let (classes, class_of) = probe::classes(labels.iter().cloned().collect(), opts.num_classes)?;
-    // An earlier run's held tokens are not this run's.
-    for name in [
-        "train-features.parquet",
-        "val-features.parquet",
-        "train-features.quarantine.parquet",
-        "val-features.quarantine.parquet",
-    ] {
-        let _ = std::fs::remove_file(opts.out_dir.join(name));
-    }
     let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
     let listed: Vec<usize> = (0..train.len()).collect();
     let keep = probe::low_shot(
