@@ -47,11 +47,50 @@ impl View for F32View {
 }
 
 /// Serialises named tensors plus string metadata.
+///
+/// The metadata is written with its keys sorted, so that one state always gives the same
+/// bytes: safetensors writes its `HashMap` in the process's random order, which made two
+/// identical checkpoints hash differently.
 pub(crate) fn serialize(
     tensors: Vec<(String, F32View)>,
     metadata: HashMap<String, String>,
 ) -> Result<Vec<u8>, ModelError> {
-    Ok(safetensors::serialize(tensors, Some(metadata))?)
+    let bytes = safetensors::serialize(tensors, Some(metadata))?;
+    sorted_metadata(bytes)
+}
+
+/// Rewrites a safetensors header with its `__metadata__` keys in sorted order. The header
+/// keeps its length (the same entries, reordered), so the tensor bytes stay where they are.
+fn sorted_metadata(mut bytes: Vec<u8>) -> Result<Vec<u8>, ModelError> {
+    let bad = |why: &str| ModelError::Checkpoint(format!("safetensors header: {why}"));
+    let len_bytes: [u8; 8] = bytes
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| bad("shorter than 8 bytes"))?;
+    let len = usize::try_from(u64::from_le_bytes(len_bytes)).map_err(|_| bad("length"))?;
+    let header = bytes
+        .get(8..8 + len)
+        .ok_or_else(|| bad("length past the end"))?;
+    let mut entries: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(header).map_err(|e| bad(&e.to_string()))?;
+    let mut out = serde_json::Map::new();
+    if let Some(meta) = entries.remove("__metadata__") {
+        let meta: std::collections::BTreeMap<String, String> =
+            serde_json::from_value(meta).map_err(|e| bad(&e.to_string()))?;
+        let sorted: serde_json::Map<String, serde_json::Value> = meta
+            .into_iter()
+            .map(|(k, v)| (k, serde_json::Value::String(v)))
+            .collect();
+        out.insert("__metadata__".into(), serde_json::Value::Object(sorted));
+    }
+    out.extend(entries);
+    let mut text = serde_json::to_vec(&out).map_err(|e| bad(&e.to_string()))?;
+    if text.len() > len {
+        return Err(bad("grew when its metadata was sorted"));
+    }
+    text.resize(len, b' ');
+    bytes[8..8 + len].copy_from_slice(&text);
+    Ok(bytes)
 }
 
 /// A parsed checkpoint: tensor lookup with named errors, plus its metadata.
@@ -122,5 +161,52 @@ impl<'a> Reader<'a> {
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect();
         Ok(Tensor::from_vec(values, shape, device)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn checkpoint_bytes() -> Vec<u8> {
+        let t = Tensor::arange(0f32, 6.0, &Device::Cpu)
+            .and_then(|t| t.reshape((2, 3)))
+            .expect("tensor");
+        let u = Tensor::new(&[7f32], &Device::Cpu).expect("tensor");
+        let tensors = vec![
+            ("b.weight".to_string(), F32View::new(&t).expect("view")),
+            ("a.bias".to_string(), F32View::new(&u).expect("view")),
+        ];
+        // A fresh `HashMap` per call: each gets its own random iteration order.
+        let meta: HashMap<String, String> = (0..24)
+            .map(|i| (format!("key{i:02}"), format!("value \"{i}\"")))
+            .collect();
+        serialize(tensors, meta).expect("serialize")
+    }
+
+    #[test]
+    fn one_state_always_gives_the_same_bytes() {
+        let first = checkpoint_bytes();
+        for _ in 0..8 {
+            assert_eq!(checkpoint_bytes(), first);
+        }
+        let reader = Reader::parse(&first).expect("parse");
+        assert_eq!(reader.meta("key07").expect("key"), "value \"7\"");
+        assert_eq!(reader.metadata().len(), 24);
+        let len = u64::from_le_bytes(first[..8].try_into().expect("8 bytes")) as usize;
+        assert_eq!(len % 8, 0, "header stays padded to 8 bytes");
+        let header = std::str::from_utf8(&first[8..8 + len]).expect("utf-8");
+        let positions: Vec<usize> = (0..24)
+            .map(|i| {
+                header
+                    .find(&format!("\"key{i:02}\""))
+                    .expect("key in header")
+            })
+            .collect();
+        assert!(positions.windows(2).all(|w| w[0] < w[1]), "{header}");
+        let st = SafeTensors::deserialize(&first).expect("deserialize");
+        let a = st.tensor("a.bias").expect("a.bias");
+        assert_eq!(a.data(), 7f32.to_le_bytes());
+        assert_eq!(st.tensor("b.weight").expect("b.weight").shape(), [2, 3]);
     }
 }
