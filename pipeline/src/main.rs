@@ -358,6 +358,15 @@ enum Command {
         /// makes no request. For deployments: run it where and as the job will run.
         #[arg(long)]
         locations: bool,
+        /// --locations, then one read request to each object-store location (a one-page
+        /// listing of a prefix, a HEAD of a file; nothing written), each bounded by
+        /// --reach-timeout: a missing bucket or object, or credentials the store refuses, exit
+        /// 2; a store that does not answer exits 1 (worth retrying).
+        #[arg(long)]
+        reach: bool,
+        /// Seconds each --reach request may take.
+        #[arg(long, default_value_t = 30.0, value_parser = positive_number)]
+        reach_timeout: f64,
         /// Processes in a cluster-mode job (overrides cluster.processes).
         #[arg(long)]
         processes: Option<usize>,
@@ -612,6 +621,8 @@ fn main() -> ExitCode {
         Command::CheckConfig {
             config,
             locations,
+            reach,
+            reach_timeout,
             processes,
             process,
             hostfile,
@@ -640,7 +651,7 @@ fn main() -> ExitCode {
                     cfg.raw.mask.len(),
                     cfg.output_dir().unwrap_or("?"),
                 );
-                if !locations {
+                if !locations && !reach {
                     return ExitCode::SUCCESS;
                 }
                 let checked = vjepa_pipeline::preflight::check_device(&cfg)
@@ -654,7 +665,14 @@ fn main() -> ExitCode {
                     })
                     .and_then(|attention| {
                         println!("attention: {} ({})", attention.location, attention.found);
-                        vjepa_pipeline::preflight::check_locations(&cfg)
+                        if reach {
+                            vjepa_pipeline::preflight::reach_locations(
+                                &cfg,
+                                std::time::Duration::from_secs_f64(reach_timeout),
+                            )
+                        } else {
+                            vjepa_pipeline::preflight::check_locations(&cfg)
+                        }
                     });
                 match checked {
                     Ok(checks) => {
@@ -662,6 +680,10 @@ fn main() -> ExitCode {
                             println!("location: {} = {} ({})", c.key, c.location, c.found);
                         }
                         ExitCode::SUCCESS
+                    }
+                    Err(e) if e.retryable => {
+                        eprintln!("error: {e} (exit 1: worth trying again)");
+                        ExitCode::from(1)
                     }
                     Err(e) => {
                         eprintln!("config error: {e}");
@@ -1199,7 +1221,7 @@ fn at_least_one(s: &str) -> Result<usize, String> {
     }
 }
 
-/// `clap` value parser: a finite number > 0 (learning rates).
+/// `clap` value parser: a finite number > 0 (learning rates, timeouts).
 fn positive_number(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(x) if x.is_finite() && x > 0.0 => Ok(x),

@@ -2,8 +2,11 @@
 //! in: a deployment (systemd unit, Kubernetes pod) runs it before the job, so a missing
 //! credential or a mistyped local path is refused there, naming the key, and not hours later.
 //!
-//! No request is made: S3 locations are opened as the job would open them (which checks the
-//! endpoint settings and that credentials are present), local ones are checked on disk.
+//! [`check_locations`] makes no request: S3 locations are opened as the job would open them
+//! (which checks the endpoint settings and that credentials are present), local ones are
+//! checked on disk. [`reach_locations`] then makes one read request per object-store
+//! location, so a missing bucket, a missing index file or credentials the store refuses are
+//! found before the job starts, too.
 
 use std::path::Path;
 
@@ -20,6 +23,9 @@ pub struct LocationError {
     /// The location as written in the config (object-store URLs never carry secrets).
     pub location: String,
     pub reason: String,
+    /// The store could not be reached or did not answer in time: worth trying again later,
+    /// unlike a location that is wrong.
+    pub retryable: bool,
 }
 
 impl LocationError {
@@ -29,6 +35,7 @@ impl LocationError {
             key: key.to_string(),
             location: location.to_string(),
             reason,
+            retryable: false,
         }
     }
 }
@@ -127,21 +134,7 @@ fn local_path(location: &str) -> &str {
 fn check_input(key: &str, location: &str, s3: &S3Settings) -> Result<LocationCheck, LocationError> {
     let err = LocationError::maker(key, location);
     if is_object_url(location) {
-        // A prefix is a store itself; a file lives in its directory's store.
-        // `s3://bucket` alone is the bucket's root.
-        let bucket_only = location
-            .split_once("://")
-            .is_some_and(|(_, rest)| !rest.contains('/'));
-        let dir = if location.ends_with('/') {
-            location.to_string()
-        } else if bucket_only {
-            format!("{location}/")
-        } else {
-            match location.rfind('/') {
-                Some(i) => location[..=i].to_string(),
-                None => location.to_string(),
-            }
-        };
+        let (dir, _) = object_parts(location);
         let store = Store::open(&dir, s3, false).map_err(|e| err(e.to_string()))?;
         return Ok(LocationCheck {
             key: key.to_string(),
@@ -160,6 +153,105 @@ fn check_input(key: &str, location: &str, s3: &S3Settings) -> Result<LocationChe
         location: location.to_string(),
         found: found.to_string(),
     })
+}
+
+/// An object-store input location as (the store to open, the object in it): a prefix is a
+/// store itself (no object); a file lives in its directory's store. `s3://bucket` alone is the
+/// bucket's root.
+fn object_parts(location: &str) -> (String, Option<String>) {
+    let bucket_only = location
+        .split_once("://")
+        .is_some_and(|(_, rest)| !rest.contains('/'));
+    if location.ends_with('/') {
+        (location.to_string(), None)
+    } else if bucket_only {
+        (format!("{location}/"), None)
+    } else {
+        match location.rfind('/') {
+            Some(i) => (
+                location[..=i].to_string(),
+                Some(location[i + 1..].to_string()),
+            ),
+            None => (location.to_string(), None),
+        }
+    }
+}
+
+/// [`check_locations`], then one read request to each object-store location with this
+/// environment's credentials, each bounded by `timeout`: a listing of one page for a dataset
+/// prefix (which must not be empty) and for the output prefix, a HEAD for a file (an index, a
+/// checkpoint). Nothing is written. A location the store refuses (no such bucket or object,
+/// credentials refused) is an error to fix; one that does not answer is `retryable`.
+pub fn reach_locations(
+    cfg: &JobConfig,
+    timeout: std::time::Duration,
+) -> Result<Vec<LocationCheck>, LocationError> {
+    let mut checks = check_locations(cfg)?;
+    let s3 = cfg.s3_settings();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .map_err(|e| LocationError {
+            key: "storage".into(),
+            location: String::new(),
+            reason: format!("cannot start the I/O runtime: {e}"),
+            retryable: true,
+        })?;
+    for check in &mut checks {
+        if !is_object_url(&check.location) {
+            continue;
+        }
+        let err = LocationError::maker(&check.key, &check.location);
+        let output = check.key == "outputs.dir";
+        let (dir, object) = if output {
+            (check.location.clone(), None)
+        } else {
+            object_parts(&check.location)
+        };
+        let store = Store::open(&dir, &s3, false).map_err(|e| err(e.to_string()))?;
+        let answer = runtime.block_on(async {
+            tokio::time::timeout(timeout, async {
+                match &object {
+                    Some(name) => store.head(name).await.map(|o| format!("{} bytes", o.size)),
+                    None => store.probe().await.map(|n| match n {
+                        0 => String::new(),
+                        1 => "listed: 1 entry".to_string(),
+                        n => format!("listed: {n} entries in its first page"),
+                    }),
+                }
+            })
+            .await
+        });
+        let found = match answer {
+            Ok(Ok(found)) if found.is_empty() && !output => {
+                return Err(err("the store lists nothing under this prefix".into()));
+            }
+            Ok(Ok(found)) if found.is_empty() => "listed: empty".to_string(),
+            Ok(Ok(found)) => found,
+            Ok(Err(e)) if e.is_not_found() => {
+                return Err(err("the store has no such object".into()));
+            }
+            Ok(Err(e)) => {
+                let refused = e.setup_refused();
+                return Err(LocationError {
+                    retryable: refused.is_none(),
+                    ..err(match refused {
+                        Some(why) => why.to_string(),
+                        None => format!("could not be reached: {}", store.scrub(&e.to_string())),
+                    })
+                });
+            }
+            Err(_) => {
+                return Err(LocationError {
+                    retryable: true,
+                    ..err(format!("no answer within {} s", timeout.as_secs_f64()))
+                });
+            }
+        };
+        check.found = format!("{}, reached ({found})", check.found);
+    }
+    Ok(checks)
 }
 
 /// The output location: an object-store prefix, or a local directory that exists or can be

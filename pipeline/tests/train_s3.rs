@@ -282,3 +282,105 @@ fn s3_timeouts_bound_a_store_that_never_answers() {
     );
     drop(silent);
 }
+
+/// `check-config --reach` asks the store, as a pre-start check: what the store refuses (no
+/// such bucket or object, an empty prefix, a wrong secret) exits 2 naming the key, a store that
+/// does not answer exits 1 within the timeout, and nothing is written.
+#[test]
+fn check_config_reach_asks_the_store() {
+    let Some(server) = S3Server::start_or_skip("check_config_reach_asks_the_store").unwrap() else {
+        return;
+    };
+    let bucket = server.create_bucket("corpus").unwrap();
+    std::fs::create_dir_all(bucket.join("videos")).unwrap();
+    std::fs::write(bucket.join("videos/a.mp4"), b"not looked at").unwrap();
+    std::fs::write(bucket.join("videos/b.mp4"), b"not looked at").unwrap();
+    std::fs::write(bucket.join("index.csv"), b"videos/a.mp4 0\n").unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let check = |dataset: &str, envs: &[(&str, &str)], extra: &[&str]| {
+        let text = s3_small_config(&server, dataset, "s3://corpus/runs/one/", 5);
+        let cfg = tmp.path().join("reach.yaml");
+        std::fs::write(&cfg, text).unwrap();
+        let mut cmd = std::process::Command::new(bin());
+        cmd.args(["check-config", "--config", cfg.to_str().unwrap(), "--reach"])
+            .args(extra)
+            .env_remove("AWS_ENDPOINT_URL")
+            .env_remove("AWS_ENDPOINT");
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().expect("run vjepa check-config");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.code(), text)
+    };
+    let env = s3_env(&server);
+
+    let (code, text) = check("s3://corpus/videos/", &env, &[]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        text.contains("location: data.datasets[0] = s3://corpus/videos/")
+            && text.contains("reached (listed: 2 entries in its first page)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("location: outputs.dir = s3://corpus/runs/one/")
+            && text.contains("reached (listed: empty)"),
+        "{text}"
+    );
+    let (code, text) = check("s3://corpus/index.csv", &env, &[]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("reached (15 bytes)"), "{text}");
+    assert!(
+        !bucket.join("runs").exists(),
+        "the check writes nothing to the output"
+    );
+
+    for (dataset, why) in [
+        ("s3://corpus/missing.csv", "the store has no such object"),
+        (
+            "s3://corpus/empty/",
+            "the store lists nothing under this prefix",
+        ),
+        ("s3://no-such-bucket/videos/", "the bucket does not exist"),
+    ] {
+        let (code, text) = check(dataset, &env, &[]);
+        assert_eq!(code, Some(2), "{dataset}: {text}");
+        assert!(
+            text.contains(&format!("data.datasets[0] ({dataset}): {why}")),
+            "{dataset}: {text}"
+        );
+    }
+    let bad = [
+        ("AWS_ACCESS_KEY_ID", server.access_key.as_str()),
+        ("AWS_SECRET_ACCESS_KEY", "definitely-not-the-secret"),
+    ];
+    let (code, text) = check("s3://corpus/videos/", &bad, &[]);
+    assert_eq!(code, Some(2), "{text}");
+    assert!(text.contains("refused the credentials"), "{text}");
+    assert!(!text.contains("definitely-not-the-secret"), "{text}");
+
+    // A store that accepts connections and never answers: exit 1 (worth retrying), in time.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", silent.local_addr().unwrap());
+    let text = s3_small_config(&server, "s3://corpus/videos/", "s3://corpus/runs/one/", 5)
+        .replace(&server.endpoint, &endpoint);
+    let cfg = tmp.path().join("silent.yaml");
+    std::fs::write(&cfg, text).unwrap();
+    let started = std::time::Instant::now();
+    let out = std::process::Command::new(bin())
+        .args(["check-config", "--config", cfg.to_str().unwrap()])
+        .args(["--reach", "--reach-timeout", "2"])
+        .env_remove("AWS_ENDPOINT_URL")
+        .env_remove("AWS_ENDPOINT")
+        .envs(env)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("no answer within 2 s"), "{err}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(20));
+}

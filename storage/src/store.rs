@@ -328,6 +328,21 @@ impl Store {
         redact(text, &self.inner.redact)
     }
 
+    /// One listing request at the root (a single page, one level): whether the store answers
+    /// and lets these credentials list there, for a pre-start check that must not walk a
+    /// bucket of millions of videos. Returns how many entries (objects and sub-prefixes) the
+    /// page held.
+    pub async fn probe(&self) -> Result<usize, StorageError> {
+        let prefix = &self.inner.prefix;
+        let page = self
+            .inner
+            .store
+            .list_with_delimiter((!prefix.is_root()).then_some(prefix))
+            .await
+            .map_err(|e| self.map_err("list", "", e))?;
+        Ok(page.objects.len() + page.common_prefixes.len())
+    }
+
     /// Lists every object under the root, recursively, sorted by path.
     pub async fn list(&self) -> Result<Vec<ObjectInfo>, StorageError> {
         self.list_prefix("").await
