@@ -26,8 +26,8 @@ use timely::dataflow::operators::{Capability, Probe};
 use timely::dataflow::{InputHandle, ProbeHandle};
 
 use vjepa_ingest::{
-    ClipGeometry, ClipTensor, Decoder, DecoderOptions, FrameSink, IngestError, ObjectSource,
-    VideoInfo, YuvFrame,
+    Decoder, DecoderOptions, FrameSink, IngestError, ObjectSource, VideoInfo, ViewTensor, YuvFrame,
+    eval_views,
 };
 use vjepa_model::vit::{self, Encoder};
 use vjepa_model::{ComputeDevice, Device, EncoderConfig, Pretrainer, Tensor};
@@ -185,7 +185,9 @@ struct Video {
     label: String,
 }
 
-/// Crop boxes of the evaluation views, as the official evaluation cuts them, in source pixels.
+/// The region of the source frame each evaluation view covers, rounded to source pixels: what
+/// the features table records as the crop. The views' pixels are made as the official
+/// evaluation makes them, by resizing the whole frame first ([`vjepa_ingest::eval_views`]).
 ///
 /// Several views (`EvalVideoTransform`): the short side resized to `size` (the long side to
 /// `L' = int(size · long / short)`), then `size × size` crops along the long side at offsets
@@ -270,7 +272,7 @@ struct ViewsSink {
     /// Sorted distinct frame numbers decoded.
     union: Vec<u64>,
     boxes: Vec<CropBox>,
-    tensors: Vec<ClipTensor>,
+    tensors: Vec<ViewTensor>,
     error: Option<IngestError>,
 }
 
@@ -290,18 +292,20 @@ impl FrameSink for ViewsSink {
             self.views,
         );
         self.tensors.clear();
-        for b in &self.boxes {
-            let geometry = ClipGeometry {
-                top: b.top,
-                left: b.left,
-                height: b.height,
-                width: b.width,
-                size: self.size,
-                flip: false,
-                mean: transform::MEAN.map(|m| (255.0 * m) as f32),
-                std: transform::STD.map(|s| (255.0 * s) as f32),
-            };
-            match ClipTensor::new(geometry, union.len()) {
+        let views = eval_views(
+            info.height as usize,
+            info.width as usize,
+            self.size,
+            self.views,
+        );
+        for view in views {
+            let tensor = ViewTensor::new(
+                view,
+                union.len(),
+                transform::MEAN.map(|m| m as f32),
+                transform::STD.map(|s| s as f32),
+            );
+            match tensor {
                 Ok(t) => self.tensors.push(t),
                 Err(e) => {
                     self.error = Some(e);

@@ -177,19 +177,35 @@ pub fn decode_row_clip(
     let indices: Vec<u64> = frames.iter().map(|&f| f as u64).collect();
     let params = match crop {
         RowCrop::View { view, views } => {
+            // The official evaluation's way, on plain RGB frames: the whole frame resized with
+            // cv2's bilinear (8-bit out), the view cut out, `/255`, normalised in f32.
             let decoded = decoder
                 .decode_clip(bytes.clone(), &mut |_| indices.clone())
                 .unwrap();
-            let boxes = vjepa_pipeline::extract::view_boxes(
-                decoded.height as usize,
-                decoded.width as usize,
-                size,
-                views,
-            );
-            TransformParams {
-                crop: boxes[view],
-                flip: false,
+            let (h, w) = (decoded.height as usize, decoded.width as usize);
+            let v = vjepa_ingest::eval_views(h, w, size, views)[view];
+            let plan = vjepa_ingest::Cv2Linear::new(h, w, v.resized.0, v.resized.1);
+            let t = indices.len();
+            let mut data = vec![0f32; 3 * t * size * size];
+            let mut pixels = vec![0u8; size * size * 3];
+            for (f, frame) in decoded.frames.chunks_exact(h * w * 3).enumerate() {
+                plan.resize_region(frame, w * 3, (0, 0), v.top, v.left, size, size, &mut pixels);
+                for (i, px) in pixels.chunks_exact(3).enumerate() {
+                    for c in 0..3 {
+                        let (m, sd) = (
+                            vjepa_operators::transform::MEAN[c] as f32,
+                            vjepa_operators::transform::STD[c] as f32,
+                        );
+                        data[(c * t + f) * size * size + i] = (px[c] as f32 / 255.0 - m) / sd;
+                    }
+                }
             }
+            return vjepa_model::Tensor::from_vec(
+                data,
+                (1, 3, t, size, size),
+                &vjepa_model::Device::Cpu,
+            )
+            .unwrap();
         }
         RowCrop::Recorded { crop, flip } => TransformParams {
             crop: CropBox {

@@ -146,21 +146,42 @@ impl<'a> YuvFrame<'a> {
     /// Chroma is replicated over its 2×2 block, as in [`ClipTensor`]. Used by tests and
     /// tools that want plain frames; training goes through [`ClipTensor`].
     pub fn to_rgb(&self, dst: &mut [u8]) -> Result<(), IngestError> {
+        self.to_rgb_window(0..self.height, 0..self.width, dst)
+    }
+
+    /// Packed RGB of the pixels in `rows × cols` (row stride `cols.len() × 3` bytes), each
+    /// exactly as [`YuvFrame::to_rgb`] gives it: for transforms that read only part of a frame.
+    pub fn to_rgb_window(
+        &self,
+        rows: std::ops::Range<usize>,
+        cols: std::ops::Range<usize>,
+        dst: &mut [u8],
+    ) -> Result<(), IngestError> {
         self.validate()?;
         let (w, h) = (self.width, self.height);
-        if dst.len() != w * h * 3 {
+        if rows.start > rows.end || cols.start > cols.end || rows.end > h || cols.end > w {
             return Err(bad_frame(format!(
-                "RGB buffer of {} bytes for {w}x{h}",
-                dst.len()
+                "window rows {rows:?} cols {cols:?} outside the {w}x{h} frame"
             )));
+        }
+        if dst.len() != rows.len() * cols.len() * 3 {
+            return Err(bad_frame(format!(
+                "RGB buffer of {} bytes for a {}x{} window",
+                dst.len(),
+                cols.len(),
+                rows.len()
+            )));
+        }
+        if cols.is_empty() {
+            return Ok(());
         }
         let m = self.colour.matrix();
         let [yp, up, vp] = self.planes;
         let [ys, us, vs] = self.strides;
-        for (y, out) in dst.chunks_exact_mut(w * 3).enumerate() {
+        for (y, out) in rows.zip(dst.chunks_exact_mut(cols.len() * 3)) {
             let yrow = &yp[y * ys..y * ys + w];
             let (urow, vrow) = (&up[(y >> 1) * us..], &vp[(y >> 1) * vs..]);
-            for (x, px) in out.chunks_exact_mut(3).enumerate() {
+            for (x, px) in cols.clone().zip(out.chunks_exact_mut(3)) {
                 let rgb = m.rgb_u8(
                     f32::from(yrow[x]),
                     f32::from(urow[x >> 1]),

@@ -8,7 +8,8 @@
 //!   seek; decoding stops at the last wanted frame.
 //! * [`ClipTensor`] crops, resizes and colour-converts each frame straight into the normalised
 //!   `[3, T, S, S]` clip tensor (scaling before colour conversion, on output pixels only);
-//!   [`Decoder::decode_clip`] gives plain RGB frames instead.
+//!   [`Decoder::decode_clip`] gives plain RGB frames instead. [`ViewTensor`] makes the official
+//!   evaluation's views ([`eval_views`]: the whole frame resized as OpenCV does, then cropped).
 //! * Anything wrong with the input becomes [`IngestError::Quarantine`] with a stable
 //!   [`QuarantineReason`]; a corrupt video never panics and never hangs (every wait is bounded by
 //!   [`DecoderOptions::deadline`]).
@@ -19,8 +20,10 @@
 //! points call it too).
 
 mod container;
+mod cv2_resize;
 mod decode;
 mod error;
+mod eval_view;
 mod frame;
 mod hwdecode;
 mod samples;
@@ -28,8 +31,10 @@ mod skip;
 mod source;
 
 pub use container::ContainerFacts;
+pub use cv2_resize::Cv2Linear;
 pub use decode::{DecodeStats, DecodedClip, Decoder, DecoderOptions, FrameSink, VideoInfo};
 pub use error::{IngestError, QuarantineReason};
+pub use eval_view::{EvalView, ViewTensor, eval_views, resized_size};
 pub use frame::{ClipGeometry, ClipTensor, Colour, YuvFrame};
 pub use hwdecode::{VideoDecoderKind, check_available as check_video_decoder, nvdec_decoders};
 pub use samples::{
