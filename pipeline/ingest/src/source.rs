@@ -82,7 +82,8 @@ fn store_error(what: String, e: object_store::Error) -> IngestError {
     }
 }
 
-/// How long one ranged GET may take by default before it is abandoned ([`ObjectSource::timeout`]).
+/// How long one ranged GET may take by default before it is abandoned
+/// ([`ObjectSource::with_timeout`] changes it).
 pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Set once a job no longer needs the reads it started (a stop, a failure): every read of an
