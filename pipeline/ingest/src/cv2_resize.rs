@@ -214,14 +214,6 @@ impl Cv2Linear {
             "Cv2Linear: src has {} bytes but the source window rows {r0}..{r1}, cols {c0}..{c1} need {needed}",
             src.len()
         );
-        let row_len = w * CN;
-        assert!(
-            out.len() >= h * row_len,
-            "Cv2Linear: out has {} bytes, region needs {}",
-            out.len(),
-            h * row_len
-        );
-
         // Column taps relative to the window origin, as byte offsets.
         let cols: Vec<Tap> = self.cols[left..left + w]
             .iter()
@@ -231,9 +223,106 @@ impl Cv2Linear {
                 ..*t
             })
             .collect();
+        let line_len = (c1 - oc) * CN;
+        self.filter(
+            |r| {
+                let start = (r - or) * src_stride;
+                &src[start..start + line_len]
+            },
+            &cols,
+            top,
+            h,
+            out,
+        );
+    }
+
+    /// The source rows and columns (sorted, distinct) that output region (top, left, h, w)
+    /// reads. A frame much larger than the output is read at about two rows per output row
+    /// and two columns per output column: only these need converting to RGB.
+    pub fn used(&self, top: usize, left: usize, h: usize, w: usize) -> (Vec<usize>, Vec<usize>) {
+        self.check_region(top, left, h, w);
+        let distinct = |taps: &[Tap]| {
+            let mut v: Vec<usize> = taps.iter().flat_map(|t| [t.i0, t.i1]).collect();
+            v.sort_unstable();
+            v.dedup();
+            v
+        };
+        (
+            distinct(&self.rows[top..top + h]),
+            distinct(&self.cols[left..left + w]),
+        )
+    }
+
+    /// [`Cv2Linear::resize_region`] from only the pixels it reads: `src` holds packed RGB of
+    /// the source pixels at `rows × cols` (as [`Cv2Linear::used`] returns them, row stride
+    /// `cols.len() × 3` bytes). Same output, to the bit.
+    ///
+    /// Panics (programmer error) if the region is outside the output, `rows`/`cols` miss a
+    /// pixel the region reads, or `src`/`out` are too small.
+    #[allow(clippy::too_many_arguments)] // (src, its rows and columns, region, out)
+    pub fn resize_gathered(
+        &self,
+        src: &[u8],
+        rows: &[usize],
+        cols: &[usize],
+        top: usize,
+        left: usize,
+        h: usize,
+        w: usize,
+        out: &mut [u8],
+    ) {
+        self.check_region(top, left, h, w);
+        let line_len = cols.len() * CN;
+        assert!(
+            src.len() >= rows.len() * line_len,
+            "Cv2Linear: src has {} bytes for {} gathered rows of {} columns",
+            src.len(),
+            rows.len(),
+            cols.len()
+        );
+        let at = |set: &[usize], i: usize, what: &str| {
+            set.binary_search(&i)
+                .unwrap_or_else(|_| panic!("Cv2Linear: gathered {what} miss source index {i}"))
+        };
+        let taps: Vec<Tap> = self.cols[left..left + w]
+            .iter()
+            .map(|t| Tap {
+                i0: at(cols, t.i0, "columns") * CN,
+                i1: at(cols, t.i1, "columns") * CN,
+                ..*t
+            })
+            .collect();
+        self.filter(
+            |r| {
+                let start = at(rows, r, "rows") * line_len;
+                &src[start..start + line_len]
+            },
+            &taps,
+            top,
+            h,
+            out,
+        );
+    }
+
+    /// The two passes over output rows `top..top + h`: `line(r)` gives source row `r` (the
+    /// bytes `cols`' byte offsets index).
+    fn filter<'s>(
+        &self,
+        line: impl Fn(usize) -> &'s [u8],
+        cols: &[Tap],
+        top: usize,
+        h: usize,
+        out: &mut [u8],
+    ) {
+        let row_len = cols.len() * CN;
+        assert!(
+            out.len() >= h * row_len,
+            "Cv2Linear: out has {} bytes, region needs {}",
+            out.len(),
+            h * row_len
+        );
         let hpass = |src_row: usize, dst: &mut [i32]| {
-            let start = (src_row - or) * src_stride;
-            let line = &src[start..start + (c1 - oc) * CN];
+            let line = line(src_row);
             for (t, d) in cols.iter().zip(dst.chunks_exact_mut(CN)) {
                 let p0 = &line[t.i0..t.i0 + CN];
                 let p1 = &line[t.i1..t.i1 + CN];
@@ -456,6 +545,35 @@ mod tests {
                     "{sh}x{sw}->{dh}x{dw} region ({top},{left},{h},{w}) row {y}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn gathered_pixels_give_the_region() {
+        let mut rng = Rng(0x51ed_270b_27a0_3c4f);
+        for _ in 0..300 {
+            let (sh, sw) = (rng.range(1, 90), rng.range(1, 90));
+            let (dh, dw) = (rng.range(1, 40), rng.range(1, 40));
+            let src = noise(&mut rng, sh * sw * 3);
+            let r = Cv2Linear::new(sh, sw, dh, dw);
+            let (h, w) = (rng.range(1, dh + 1), rng.range(1, dw + 1));
+            let (top, left) = (rng.range(0, dh - h + 1), rng.range(0, dw - w + 1));
+            let mut want = vec![0u8; h * w * 3];
+            r.resize_region(&src, sw * 3, (0, 0), top, left, h, w, &mut want);
+            let (rows, cols) = r.used(top, left, h, w);
+            assert!(rows.len() <= 2 * h && cols.len() <= 2 * w);
+            let mut gathered = Vec::with_capacity(rows.len() * cols.len() * 3);
+            for &y in &rows {
+                for &x in &cols {
+                    gathered.extend_from_slice(&src[(y * sw + x) * 3..(y * sw + x) * 3 + 3]);
+                }
+            }
+            let mut got = vec![0u8; h * w * 3];
+            r.resize_gathered(&gathered, &rows, &cols, top, left, h, w, &mut got);
+            assert_eq!(
+                got, want,
+                "{sh}x{sw}->{dh}x{dw} region ({top},{left},{h},{w})"
+            );
         }
     }
 

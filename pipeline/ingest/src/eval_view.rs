@@ -7,7 +7,8 @@
 //! Resizing the whole frame and cropping after is not the same as resizing a crop box: the
 //! sample positions differ by a fraction of a pixel, and the 8-bit rounding of the resized
 //! frame is part of the official input. Only the output pixels of each view are computed, from
-//! the source pixels they read ([`Cv2Linear::resize_region`]), each converted once from I420.
+//! the source pixels they read ([`Cv2Linear::resize_gathered`]: about two rows and columns per
+//! output row and column), each converted once from I420.
 
 use crate::cv2_resize::Cv2Linear;
 use crate::error::{IngestError, QuarantineReason};
@@ -95,8 +96,11 @@ pub struct ViewTensor {
     filled: Vec<bool>,
     tables: [[f32; 256]; 3],
     resize: Cv2Linear,
-    /// Scratch: the source window in RGB, and the view in RGB.
-    window: Vec<u8>,
+    /// The source rows and columns the view reads (ascending): only these are converted.
+    rows: Vec<usize>,
+    cols: Vec<usize>,
+    /// Scratch: the gathered source pixels in RGB, and the view in RGB.
+    gathered: Vec<u8>,
     pixels: Vec<u8>,
 }
 
@@ -131,14 +135,18 @@ impl ViewTensor {
         if std.iter().any(|&v| v == 0.0 || !v.is_finite()) {
             return Err(IngestError::Fatal(format!("bad normalisation std {std:?}")));
         }
+        let resize = Cv2Linear::new(view.source.0, view.source.1, view.resized.0, view.resized.1);
+        let (rows, cols) = resize.used(view.top, view.left, s, s);
         Ok(ViewTensor {
             view,
             frames,
             data: vec![0.0; len],
             filled: vec![false; frames],
             tables: std::array::from_fn(|c| normalise_table(mean[c], std[c])),
-            resize: Cv2Linear::new(view.source.0, view.source.1, view.resized.0, view.resized.1),
-            window: Vec::new(),
+            resize,
+            rows,
+            cols,
+            gathered: Vec::new(),
             pixels: vec![0; s * s * 3],
         })
     }
@@ -161,26 +169,41 @@ impl ViewTensor {
                 ),
             ));
         }
-        let s = self.view.size;
-        let (rows, cols) = self
-            .resize
-            .source_window(self.view.top, self.view.left, s, s);
-        let mut window = std::mem::take(&mut self.window);
-        window.resize((rows.1 - rows.0) * (cols.1 - cols.0) * 3, 0);
-        frame.to_rgb_window(rows.0..rows.1, cols.0..cols.1, &mut window)?;
-        self.fill(slot, &window, (cols.1 - cols.0) * 3, (rows.0, cols.0));
-        self.window = window;
+        let EvalView {
+            top, left, size: s, ..
+        } = self.view;
+        let mut gathered = std::mem::take(&mut self.gathered);
+        gathered.resize(self.rows.len() * self.cols.len() * 3, 0);
+        frame.to_rgb_at(&self.rows, &self.cols, &mut gathered)?;
+        self.resize.resize_gathered(
+            &gathered,
+            &self.rows,
+            &self.cols,
+            top,
+            left,
+            s,
+            s,
+            &mut self.pixels,
+        );
+        self.gathered = gathered;
+        self.normalise(slot);
         Ok(())
     }
 
-    /// Writes frame `slot` from packed RGB holding at least the view's source window (row
-    /// stride `stride` bytes, element (0, 0) at source pixel `origin`).
+    /// Writes frame `slot` from a whole packed RGB frame (tests: the reference path).
+    #[cfg(test)]
     fn fill(&mut self, slot: usize, rgb: &[u8], stride: usize, origin: (usize, usize)) {
         let EvalView {
             top, left, size: s, ..
         } = self.view;
         self.resize
             .resize_region(rgb, stride, origin, top, left, s, s, &mut self.pixels);
+        self.normalise(slot);
+    }
+
+    /// The view's 8-bit pixels, normalised into frame `slot`.
+    fn normalise(&mut self, slot: usize) {
+        let s = self.view.size;
         let plane = s * s;
         for (c, table) in self.tables.iter().enumerate() {
             let base = (c * self.frames + slot) * plane;
@@ -348,6 +371,64 @@ mod tests {
                 t.put(0, &frame),
                 Err(IngestError::Quarantine { .. })
             ));
+        }
+    }
+
+    /// Timing, not a check: `cargo test --release -p vjepa-ingest --lib view_tensor_timing --
+    /// --ignored --nocapture`. The evaluation views of 16 frames, against the training crop
+    /// ([`crate::ClipTensor`]) of the same output size, at three input sizes.
+    #[test]
+    #[ignore]
+    fn view_tensor_timing() {
+        for (w, h) in [(640, 360), (1920, 1080), (3840, 2160)] {
+            let (y, u, v) = yuv(w, h, 3);
+            let cw = w.div_ceil(2);
+            let frame = YuvFrame {
+                width: w,
+                height: h,
+                planes: [&y, &u, &v],
+                strides: [w, cw, cw],
+                colour: Colour::BT601,
+            };
+            let time = |put: &mut dyn FnMut()| {
+                let reps = 5;
+                let start = std::time::Instant::now();
+                for _ in 0..reps {
+                    put();
+                }
+                start.elapsed().as_secs_f64() * 1e3 / f64::from(reps)
+            };
+            let views = eval_views(h, w, 224, 3);
+            let mut tensors: Vec<ViewTensor> = views
+                .iter()
+                .map(|&v| ViewTensor::new(v, 16, MEAN, STD).expect("view"))
+                .collect();
+            let three = time(&mut || {
+                for t in &mut tensors {
+                    for slot in 0..16 {
+                        t.put(slot, &frame).expect("put");
+                    }
+                }
+            });
+            let g = crate::ClipGeometry {
+                top: 0,
+                left: 0,
+                height: h,
+                width: h,
+                size: 224,
+                flip: false,
+                mean: [123.7, 116.3, 103.5],
+                std: [58.4, 57.1, 57.4],
+            };
+            let mut crop = crate::ClipTensor::new(g, 16).expect("clip");
+            let one = time(&mut || {
+                for slot in 0..16 {
+                    crop.put(slot, &frame).expect("put");
+                }
+            });
+            println!(
+                "{w}x{h}: 3 evaluation views {three:.1} ms per 16 frames; one training crop of the short side {one:.1} ms"
+            );
         }
     }
 }

@@ -146,40 +146,63 @@ impl<'a> YuvFrame<'a> {
     /// Chroma is replicated over its 2×2 block, as in [`ClipTensor`]. Used by tests and
     /// tools that want plain frames; training goes through [`ClipTensor`].
     pub fn to_rgb(&self, dst: &mut [u8]) -> Result<(), IngestError> {
-        self.to_rgb_window(0..self.height, 0..self.width, dst)
+        self.validate()?;
+        let (w, h) = (self.width, self.height);
+        if dst.len() != w * h * 3 {
+            return Err(bad_frame(format!(
+                "RGB buffer of {} bytes for {w}x{h}",
+                dst.len()
+            )));
+        }
+        self.convert(0..h, 0..w, w, dst);
+        Ok(())
     }
 
-    /// Packed RGB of the pixels in `rows × cols` (row stride `cols.len() × 3` bytes), each
-    /// exactly as [`YuvFrame::to_rgb`] gives it: for transforms that read only part of a frame.
-    pub fn to_rgb_window(
+    /// Packed RGB of the pixels at `rows × cols` (indices ascending; row stride `cols.len() × 3`
+    /// bytes), each exactly as [`YuvFrame::to_rgb`] gives it: for a resize that reads only a
+    /// few rows and columns of a large frame.
+    pub fn to_rgb_at(
         &self,
-        rows: std::ops::Range<usize>,
-        cols: std::ops::Range<usize>,
+        rows: &[usize],
+        cols: &[usize],
         dst: &mut [u8],
     ) -> Result<(), IngestError> {
         self.validate()?;
         let (w, h) = (self.width, self.height);
-        if rows.start > rows.end || cols.start > cols.end || rows.end > h || cols.end > w {
+        let inside = |set: &[usize], n: usize| set.iter().all(|&i| i < n);
+        if !inside(rows, h) || !inside(cols, w) {
             return Err(bad_frame(format!(
-                "window rows {rows:?} cols {cols:?} outside the {w}x{h} frame"
+                "pixels outside the {w}x{h} frame asked for"
             )));
         }
         if dst.len() != rows.len() * cols.len() * 3 {
             return Err(bad_frame(format!(
-                "RGB buffer of {} bytes for a {}x{} window",
+                "RGB buffer of {} bytes for {} rows of {} pixels",
                 dst.len(),
-                cols.len(),
-                rows.len()
+                rows.len(),
+                cols.len()
             )));
         }
-        if cols.is_empty() {
-            return Ok(());
+        self.convert(rows.iter().copied(), cols.iter().copied(), cols.len(), dst);
+        Ok(())
+    }
+
+    /// The conversion behind the `to_rgb*` methods; indices already checked.
+    fn convert(
+        &self,
+        rows: impl Iterator<Item = usize>,
+        cols: impl Iterator<Item = usize> + Clone,
+        ncols: usize,
+        dst: &mut [u8],
+    ) {
+        if ncols == 0 {
+            return;
         }
         let m = self.colour.matrix();
         let [yp, up, vp] = self.planes;
         let [ys, us, vs] = self.strides;
-        for (y, out) in rows.zip(dst.chunks_exact_mut(cols.len() * 3)) {
-            let yrow = &yp[y * ys..y * ys + w];
+        for (y, out) in rows.zip(dst.chunks_exact_mut(ncols * 3)) {
+            let yrow = &yp[y * ys..];
             let (urow, vrow) = (&up[(y >> 1) * us..], &vp[(y >> 1) * vs..]);
             for (x, px) in cols.clone().zip(out.chunks_exact_mut(3)) {
                 let rgb = m.rgb_u8(
@@ -192,7 +215,6 @@ impl<'a> YuvFrame<'a> {
                 }
             }
         }
-        Ok(())
     }
 }
 
