@@ -68,8 +68,9 @@ fn sorted_metadata(mut bytes: Vec<u8>) -> Result<Vec<u8>, ModelError> {
         .and_then(|b| b.try_into().ok())
         .ok_or_else(|| bad("shorter than 8 bytes"))?;
     let len = usize::try_from(u64::from_le_bytes(len_bytes)).map_err(|_| bad("length"))?;
+    let end = len.checked_add(8).ok_or_else(|| bad("length"))?;
     let header = bytes
-        .get(8..8 + len)
+        .get(8..end)
         .ok_or_else(|| bad("length past the end"))?;
     let mut entries: serde_json::Map<String, serde_json::Value> =
         serde_json::from_slice(header).map_err(|e| bad(&e.to_string()))?;
@@ -89,7 +90,7 @@ fn sorted_metadata(mut bytes: Vec<u8>) -> Result<Vec<u8>, ModelError> {
         return Err(bad("grew when its metadata was sorted"));
     }
     text.resize(len, b' ');
-    bytes[8..8 + len].copy_from_slice(&text);
+    bytes[8..end].copy_from_slice(&text);
     Ok(bytes)
 }
 

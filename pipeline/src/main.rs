@@ -365,7 +365,7 @@ enum Command {
         #[arg(long)]
         reach: bool,
         /// Seconds each --reach request may take.
-        #[arg(long, default_value_t = 30.0, value_parser = positive_number)]
+        #[arg(long, default_value_t = 30.0, value_parser = timeout_seconds)]
         reach_timeout: f64,
         /// Processes in a cluster-mode job (overrides cluster.processes).
         #[arg(long)]
@@ -1221,7 +1221,16 @@ fn at_least_one(s: &str) -> Result<usize, String> {
     }
 }
 
-/// `clap` value parser: a finite number > 0 (learning rates, timeouts).
+/// `clap` value parser: seconds above 0, at most a day.
+fn timeout_seconds(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(x) if x > 0.0 && x <= 86_400.0 => Ok(x),
+        Ok(_) => Err("must be above 0 and at most 86400 (a day)".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// `clap` value parser: a finite number > 0 (learning rates).
 fn positive_number(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(x) if x.is_finite() && x > 0.0 => Ok(x),

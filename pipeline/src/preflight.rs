@@ -177,17 +177,24 @@ fn object_parts(location: &str) -> (String, Option<String>) {
     }
 }
 
+/// Objects a dataset prefix's check looks at for a video: one S3 listing page.
+const REACH_PAGE: usize = 1000;
+
 /// [`check_locations`], then one read request to each object-store location with this
-/// environment's credentials, each bounded by `timeout`: a listing of one page for a dataset
-/// prefix (which must not be empty) and for the output prefix, a HEAD for a file (an index, a
-/// checkpoint). Nothing is written. A location the store refuses (no such bucket or object,
-/// credentials refused) is an error to fix; one that does not answer is `retryable`.
+/// environment's credentials, each bounded by `timeout`: one listing page of a dataset prefix
+/// (a video must be among its objects, unless the page is full of others) and of the output
+/// prefix, a HEAD of a file (an index, a checkpoint). Nothing is written. A location the store
+/// refuses (no such bucket or object, access denied, a client error such as a wrong region)
+/// is an error to fix; one that does not answer, or fails on the server's side, is
+/// `retryable`.
 pub fn reach_locations(
     cfg: &JobConfig,
     timeout: std::time::Duration,
 ) -> Result<Vec<LocationCheck>, LocationError> {
     let mut checks = check_locations(cfg)?;
-    let s3 = cfg.s3_settings();
+    if !checks.iter().any(|c| is_object_url(&c.location)) {
+        return Ok(checks);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -198,60 +205,125 @@ pub fn reach_locations(
             reason: format!("cannot start the I/O runtime: {e}"),
             retryable: true,
         })?;
-    for check in &mut checks {
-        if !is_object_url(&check.location) {
-            continue;
-        }
-        let err = LocationError::maker(&check.key, &check.location);
-        let output = check.key == "outputs.dir";
-        let (dir, object) = if output {
-            (check.location.clone(), None)
-        } else {
-            object_parts(&check.location)
-        };
-        let store = Store::open(&dir, &s3, false).map_err(|e| err(e.to_string()))?;
-        let answer = runtime.block_on(async {
-            tokio::time::timeout(timeout, async {
-                match &object {
-                    Some(name) => store.head(name).await.map(|o| format!("{} bytes", o.size)),
-                    None => store.probe().await.map(|n| match n {
-                        0 => String::new(),
-                        1 => "listed: 1 entry".to_string(),
-                        n => format!("listed: {n} entries in its first page"),
+    let s3 = cfg.s3_settings();
+    let reached = checks
+        .iter_mut()
+        .filter(|c| is_object_url(&c.location))
+        .try_for_each(|check| reach(&runtime, check, &s3, timeout));
+    // A request abandoned at the timeout (a DNS lookup, say) must not hold the exit.
+    runtime.shutdown_background();
+    reached.map(|()| checks)
+}
+
+/// One location's request (see [`reach_locations`]); adds what was found to `check.found`.
+fn reach(
+    runtime: &tokio::runtime::Runtime,
+    check: &mut LocationCheck,
+    s3: &S3Settings,
+    timeout: std::time::Duration,
+) -> Result<(), LocationError> {
+    let err = LocationError::maker(&check.key, &check.location);
+    let output = check.key == "outputs.dir";
+    let (dir, object) = if output {
+        (check.location.clone(), None)
+    } else {
+        object_parts(&check.location)
+    };
+    let store = Store::open(&dir, s3, false).map_err(|e| err(e.to_string()))?;
+    let asked = runtime.block_on(async {
+        tokio::time::timeout(timeout, async {
+            match &object {
+                Some(name) => store
+                    .head(name)
+                    .await
+                    .map(|o| format!("HEAD: {} bytes", o.size)),
+                None if output => store
+                    .first_object(|_| true, 1)
+                    .await
+                    .map(|first| match first {
+                        Ok(_) => "listed: not empty".to_string(),
+                        Err(_) => "listed: empty".to_string(),
                     }),
-                }
-            })
-            .await
-        });
-        let found = match answer {
-            Ok(Ok(found)) if found.is_empty() && !output => {
-                return Err(err("the store lists nothing under this prefix".into()));
+                None => store
+                    .first_object(vjepa_storage::dataset::is_video_path, REACH_PAGE)
+                    .await
+                    .map(|first| match first {
+                        Ok(video) => format!("listed: a video, {}", video.path),
+                        Err(seen) if seen == REACH_PAGE => {
+                            format!("listed: no video among the first {seen} objects")
+                        }
+                        Err(_) => String::new(),
+                    }),
             }
-            Ok(Ok(found)) if found.is_empty() => "listed: empty".to_string(),
-            Ok(Ok(found)) => found,
-            Ok(Err(e)) if e.is_not_found() => {
-                return Err(err("the store has no such object".into()));
-            }
-            Ok(Err(e)) => {
-                let refused = e.setup_refused();
-                return Err(LocationError {
-                    retryable: refused.is_none(),
-                    ..err(match refused {
-                        Some(why) => why.to_string(),
-                        None => format!("could not be reached: {}", store.scrub(&e.to_string())),
-                    })
-                });
-            }
-            Err(_) => {
-                return Err(LocationError {
-                    retryable: true,
-                    ..err(format!("no answer within {} s", timeout.as_secs_f64()))
-                });
-            }
-        };
-        check.found = format!("{}, reached ({found})", check.found);
-    }
-    Ok(checks)
+        })
+        .await
+    });
+    let found = match asked {
+        Ok(Ok(found)) if found.is_empty() => {
+            return Err(err("the store lists no video file under this prefix".into()));
+        }
+        Ok(Ok(found)) => found,
+        Ok(Err(e)) if e.is_not_found() => {
+            return Err(err(
+                "the store has no such object (or no such bucket)".into()
+            ));
+        }
+        Ok(Err(e)) => {
+            let refused = e.setup_refused().or_else(|| refused_status(&e));
+            return Err(LocationError {
+                retryable: refused.is_none(),
+                ..err(match refused {
+                    Some(why) => why.to_string(),
+                    None => format!("could not be reached: {}", store.scrub(&e.to_string())),
+                })
+            });
+        }
+        Err(_) => {
+            return Err(LocationError {
+                retryable: true,
+                ..err(format!("no answer within {} s", timeout.as_secs_f64()))
+            });
+        }
+    };
+    check.found = format!("{}, reached ({found})", check.found);
+    Ok(())
+}
+
+/// A refusal the store's error code does not name: a HEAD's answer has no body, and a wrong
+/// region comes back as a redirect or a bad request. By HTTP status: access denied, any
+/// client error but a timeout (408) or throttling (429), a redirect.
+fn refused_status(e: &vjepa_storage::StorageError) -> Option<&'static str> {
+    use vjepa_storage::StorageError;
+    let detail = match e {
+        StorageError::AccessDenied { .. } => {
+            return Some("the store refused access (credentials, permissions, clock or token)");
+        }
+        StorageError::Backend { detail, .. } => detail,
+        _ => return None,
+    };
+    const REFUSED: [(&str, &str); 5] = [
+        (
+            "400 Bad Request",
+            "the store refused the request (400: a wrong region?)",
+        ),
+        ("401 Unauthorized", "the store refused the credentials"),
+        (
+            "403 Forbidden",
+            "the store refused access (credentials, permissions, clock or token)",
+        ),
+        (
+            "301 Moved Permanently",
+            "the bucket is in another region (301)",
+        ),
+        (
+            "307 Temporary Redirect",
+            "the bucket is in another region (307)",
+        ),
+    ];
+    REFUSED
+        .iter()
+        .find(|(status, _)| detail.contains(status))
+        .map(|&(_, why)| why)
 }
 
 /// The output location: an object-store prefix, or a local directory that exists or can be

@@ -296,6 +296,8 @@ fn check_config_reach_asks_the_store() {
     std::fs::write(bucket.join("videos/a.mp4"), b"not looked at").unwrap();
     std::fs::write(bucket.join("videos/b.mp4"), b"not looked at").unwrap();
     std::fs::write(bucket.join("index.csv"), b"videos/a.mp4 0\n").unwrap();
+    std::fs::create_dir_all(bucket.join("docs")).unwrap();
+    std::fs::write(bucket.join("docs/readme.txt"), b"no video here").unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let check = |dataset: &str, envs: &[(&str, &str)], extra: &[&str]| {
         let text = s3_small_config(&server, dataset, "s3://corpus/runs/one/", 5);
@@ -323,7 +325,7 @@ fn check_config_reach_asks_the_store() {
     assert_eq!(code, Some(0), "{text}");
     assert!(
         text.contains("location: data.datasets[0] = s3://corpus/videos/")
-            && text.contains("reached (listed: 2 entries in its first page)"),
+            && text.contains("reached (listed: a video, a.mp4)"),
         "{text}"
     );
     assert!(
@@ -333,7 +335,7 @@ fn check_config_reach_asks_the_store() {
     );
     let (code, text) = check("s3://corpus/index.csv", &env, &[]);
     assert_eq!(code, Some(0), "{text}");
-    assert!(text.contains("reached (15 bytes)"), "{text}");
+    assert!(text.contains("reached (HEAD: 15 bytes)"), "{text}");
     assert!(
         !bucket.join("runs").exists(),
         "the check writes nothing to the output"
@@ -343,7 +345,11 @@ fn check_config_reach_asks_the_store() {
         ("s3://corpus/missing.csv", "the store has no such object"),
         (
             "s3://corpus/empty/",
-            "the store lists nothing under this prefix",
+            "the store lists no video file under this prefix",
+        ),
+        (
+            "s3://corpus/docs/",
+            "the store lists no video file under this prefix",
         ),
         ("s3://no-such-bucket/videos/", "the bucket does not exist"),
     ] {
@@ -361,6 +367,11 @@ fn check_config_reach_asks_the_store() {
     let (code, text) = check("s3://corpus/videos/", &bad, &[]);
     assert_eq!(code, Some(2), "{text}");
     assert!(text.contains("refused the credentials"), "{text}");
+    assert!(!text.contains("definitely-not-the-secret"), "{text}");
+    // A HEAD's refusal has no body to name its reason: refused all the same.
+    let (code, text) = check("s3://corpus/index.csv", &bad, &[]);
+    assert_eq!(code, Some(2), "{text}");
+    assert!(text.contains("the store refused access"), "{text}");
     assert!(!text.contains("definitely-not-the-secret"), "{text}");
 
     // A store that accepts connections and never answers: exit 1 (worth retrying), in time.

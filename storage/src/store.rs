@@ -328,19 +328,41 @@ impl Store {
         redact(text, &self.inner.redact)
     }
 
-    /// One listing request at the root (a single page, one level): whether the store answers
-    /// and lets these credentials list there, for a pre-start check that must not walk a
-    /// bucket of millions of videos. Returns how many entries (objects and sub-prefixes) the
-    /// page held.
-    pub async fn probe(&self) -> Result<usize, StorageError> {
+    /// The first object under the root (recursively, in the store's listing order) that
+    /// `accept` takes, looking at no more than `max` objects: with `max` at most a page (1000 on
+    /// S3), one listing request. For a pre-start check that must not walk a bucket of millions
+    /// of videos. `Ok(Err(seen))` when none was taken: `seen` objects were looked at (`max`
+    /// when the listing went on).
+    pub async fn first_object(
+        &self,
+        accept: impl Fn(&str) -> bool,
+        max: usize,
+    ) -> Result<Result<ObjectInfo, usize>, StorageError> {
         let prefix = &self.inner.prefix;
-        let page = self
-            .inner
-            .store
-            .list_with_delimiter((!prefix.is_root()).then_some(prefix))
-            .await
-            .map_err(|e| self.map_err("list", "", e))?;
-        Ok(page.objects.len() + page.common_prefixes.len())
+        let mut listing = self.inner.store.list((!prefix.is_root()).then_some(prefix));
+        let mut seen = 0;
+        while seen < max {
+            let Some(meta) = listing
+                .try_next()
+                .await
+                .map_err(|e| self.map_err("list", "", e))?
+            else {
+                break;
+            };
+            seen += 1;
+            let Some(parts) = meta.location.prefix_match(prefix) else {
+                continue;
+            };
+            let rel: Vec<String> = parts.map(|p| p.as_ref().to_string()).collect();
+            let rel = rel.join("/");
+            if accept(&rel) {
+                return Ok(Ok(ObjectInfo {
+                    path: rel,
+                    size: meta.size,
+                }));
+            }
+        }
+        Ok(Err(seen))
     }
 
     /// Lists every object under the root, recursively, sorted by path.
