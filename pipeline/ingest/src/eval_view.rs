@@ -12,7 +12,7 @@
 
 use crate::cv2_resize::Cv2Linear;
 use crate::error::{IngestError, QuarantineReason};
-use crate::frame::YuvFrame;
+use crate::frame::{ClipPlanes, YuvFrame, check_std};
 
 /// One evaluation view: the size the whole frame is resized to and where the `size × size`
 /// crop sits in the resized frame.
@@ -28,6 +28,26 @@ pub struct EvalView {
     pub left: usize,
     /// Output side `S`.
     pub size: usize,
+}
+
+impl EvalView {
+    /// The region of the source frame the view covers, rounded to whole pixels, as
+    /// (top, left, height, width): the view's box scaled back by the short side's factor.
+    /// What a features table records as the view's crop.
+    pub fn source_region(&self) -> (usize, usize, usize, usize) {
+        let short = self.source.0.min(self.source.1).max(1);
+        let scale = short as f64 / self.resized.0.min(self.resized.1).max(1) as f64;
+        let side = ((self.size as f64 * scale).round_ties_even() as usize).clamp(1, short);
+        let at = |offset: usize, extent: usize| {
+            ((offset as f64 * scale).round() as usize).min(extent.saturating_sub(side))
+        };
+        (
+            at(self.top, self.source.0),
+            at(self.left, self.source.1),
+            side,
+            side,
+        )
+    }
 }
 
 /// The frame size after `resize_clip(clip, short)`: the short side becomes `short`, the long
@@ -91,9 +111,7 @@ fn normalise_table(mean: f32, std: f32) -> [f32; 256] {
 /// as the official evaluation normalises (ImageNet mean and std after `/255`).
 pub struct ViewTensor {
     view: EvalView,
-    frames: usize,
-    data: Vec<f32>,
-    filled: Vec<bool>,
+    planes: ClipPlanes,
     tables: [[f32; 256]; 3],
     resize: Cv2Linear,
     /// The source rows and columns the view reads (ascending): only these are converted.
@@ -114,14 +132,7 @@ impl ViewTensor {
         std: [f32; 3],
     ) -> Result<Self, IngestError> {
         let s = view.size;
-        let len = s
-            .checked_mul(s)
-            .and_then(|x| x.checked_mul(frames))
-            .and_then(|x| x.checked_mul(3))
-            .filter(|&n| n > 0)
-            .ok_or_else(|| {
-                IngestError::Fatal(format!("bad clip shape: {frames} frames of {s}²"))
-            })?;
+        let planes = ClipPlanes::new(s, frames)?;
         let fits = view.source.0 > 0
             && view.source.1 > 0
             && view.top + s <= view.resized.0
@@ -132,16 +143,12 @@ impl ViewTensor {
                 view.top, view.left, view.resized.1, view.resized.0
             )));
         }
-        if std.iter().any(|&v| v == 0.0 || !v.is_finite()) {
-            return Err(IngestError::Fatal(format!("bad normalisation std {std:?}")));
-        }
+        check_std(&std)?;
         let resize = Cv2Linear::new(view.source.0, view.source.1, view.resized.0, view.resized.1);
         let (rows, cols) = resize.used(view.top, view.left, s, s);
         Ok(ViewTensor {
             view,
-            frames,
-            data: vec![0.0; len],
-            filled: vec![false; frames],
+            planes,
             tables: std::array::from_fn(|c| normalise_table(mean[c], std[c])),
             resize,
             rows,
@@ -154,12 +161,7 @@ impl ViewTensor {
     /// Writes frame `slot` (`0 ≤ slot < T`) from a decoded frame.
     pub fn put(&mut self, slot: usize, frame: &YuvFrame<'_>) -> Result<(), IngestError> {
         frame.validate()?;
-        if slot >= self.frames {
-            return Err(IngestError::Fatal(format!(
-                "frame slot {slot} out of {}",
-                self.frames
-            )));
-        }
+        self.planes.check_slot(slot)?;
         if (frame.height, frame.width) != self.view.source {
             return Err(IngestError::quarantine(
                 QuarantineReason::DecodeError,
@@ -203,44 +205,27 @@ impl ViewTensor {
 
     /// The view's 8-bit pixels, normalised into frame `slot`.
     fn normalise(&mut self, slot: usize) {
-        let s = self.view.size;
-        let plane = s * s;
-        for (c, table) in self.tables.iter().enumerate() {
-            let base = (c * self.frames + slot) * plane;
-            let out = &mut self.data[base..base + plane];
+        let outs = self.planes.frame_mut(slot);
+        for ((out, table), c) in outs.into_iter().zip(&self.tables).zip(0..) {
             for (d, px) in out.iter_mut().zip(self.pixels.chunks_exact(3)) {
                 *d = table[usize::from(px[c])];
             }
         }
-        self.filled[slot] = true;
     }
 
     /// Copies frame `from` into slot `to` (repeated indices, padding).
     pub fn copy_slot(&mut self, from: usize, to: usize) -> Result<(), IngestError> {
-        if from >= self.frames || to >= self.frames || !self.filled[from] {
-            return Err(IngestError::Fatal(format!(
-                "cannot copy frame slot {from} to {to} of {}",
-                self.frames
-            )));
-        }
-        let plane = self.view.size * self.view.size;
-        for c in 0..3 {
-            let src = (c * self.frames + from) * plane;
-            let dst = (c * self.frames + to) * plane;
-            self.data.copy_within(src..src + plane, dst);
-        }
-        self.filled[to] = true;
-        Ok(())
+        self.planes.copy_slot(from, to)
     }
 
     /// Whether every slot has been written.
     pub fn is_complete(&self) -> bool {
-        self.filled.iter().all(|&f| f)
+        self.planes.is_complete()
     }
 
     /// The tensor, `[3, T, S, S]` f32.
     pub fn into_data(self) -> Vec<f32> {
-        self.data
+        self.planes.into_data()
     }
 }
 

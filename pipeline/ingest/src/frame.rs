@@ -268,9 +268,7 @@ pub struct ClipGeometry {
 /// is `O(T·S²)` whatever the input resolution.
 pub struct ClipTensor {
     geometry: ClipGeometry,
-    frames: usize,
-    data: Vec<f32>,
-    filled: Vec<bool>,
+    planes: ClipPlanes,
     /// Frame size the taps were computed for, and the taps.
     taps: Option<(usize, usize, Taps2d)>,
 }
@@ -311,26 +309,10 @@ impl Taps2d {
 impl ClipTensor {
     /// An empty clip of `frames` frames; fails if the output is empty or too large to allocate.
     pub fn new(geometry: ClipGeometry, frames: usize) -> Result<Self, IngestError> {
-        let s = geometry.size;
-        let len = s
-            .checked_mul(s)
-            .and_then(|x| x.checked_mul(frames))
-            .and_then(|x| x.checked_mul(3))
-            .filter(|&n| n > 0)
-            .ok_or_else(|| {
-                IngestError::Fatal(format!("bad clip shape: {frames} frames of {s}²"))
-            })?;
-        if geometry.std.iter().any(|&v| v == 0.0 || !v.is_finite()) {
-            return Err(IngestError::Fatal(format!(
-                "bad normalisation std {:?}",
-                geometry.std
-            )));
-        }
+        check_std(&geometry.std)?;
         Ok(ClipTensor {
             geometry,
-            frames,
-            data: vec![0.0; len],
-            filled: vec![false; frames],
+            planes: ClipPlanes::new(geometry.size, frames)?,
             taps: None,
         })
     }
@@ -345,12 +327,7 @@ impl ClipTensor {
     /// The crop box must lie inside the frame (a mid-stream size change is a quarantine).
     pub fn put(&mut self, slot: usize, frame: &YuvFrame<'_>) -> Result<(), IngestError> {
         frame.validate()?;
-        if slot >= self.frames {
-            return Err(IngestError::Fatal(format!(
-                "frame slot {slot} out of {}",
-                self.frames
-            )));
-        }
+        self.planes.check_slot(slot)?;
         let g = self.geometry;
         let inside = g.height > 0
             && g.width > 0
@@ -376,19 +353,9 @@ impl ClipTensor {
         let m = frame.colour.matrix();
         let (s, left) = (g.size, g.left);
         let cw = t2.used.len();
-        let plane = s * s;
-        let t = self.frames;
         let [yp, up, vp] = frame.planes;
         let [ys, us, vs] = frame.strides;
-        // Split the output into its three channel planes for this frame.
-        let (r_all, rest) = self.data.split_at_mut(t * plane);
-        let (g_all, b_all) = rest.split_at_mut(t * plane);
-        let base = slot * plane;
-        let mut outs = [
-            &mut r_all[base..base + plane],
-            &mut g_all[base..base + plane],
-            &mut b_all[base..base + plane],
-        ];
+        let mut outs = self.planes.frame_mut(slot);
         // The used columns of one source row of the crop converted to RGB (planar), and two
         // horizontally resized rows cached by row parity: each output row reads rows i0 and
         // i1 ∈ {i0, i0 + 1}, and i0 never decreases. Every source pixel is converted at most
@@ -436,19 +403,96 @@ impl ClipTensor {
                 }
             }
         }
-        self.filled[slot] = true;
         Ok(())
     }
 
     /// Copies frame `from` into slot `to` (repeated indices, padding).
     pub fn copy_slot(&mut self, from: usize, to: usize) -> Result<(), IngestError> {
+        self.planes.copy_slot(from, to)
+    }
+
+    /// Whether every slot has been written.
+    pub fn is_complete(&self) -> bool {
+        self.planes.is_complete()
+    }
+
+    /// The tensor, `[3, T, S, S]` f32.
+    pub fn into_data(self) -> Vec<f32> {
+        self.planes.into_data()
+    }
+}
+
+/// Refuses a normalisation std that would divide by zero or carry a NaN.
+pub(crate) fn check_std(std: &[f32; 3]) -> Result<(), IngestError> {
+    if std.iter().any(|&v| v == 0.0 || !v.is_finite()) {
+        return Err(IngestError::Fatal(format!("bad normalisation std {std:?}")));
+    }
+    Ok(())
+}
+
+/// The `[3, T, S, S]` f32 buffer a clip is written into frame by frame, and which frames are
+/// written: shared by the training crop ([`ClipTensor`]) and the evaluation views
+/// ([`crate::ViewTensor`]).
+pub(crate) struct ClipPlanes {
+    plane: usize,
+    frames: usize,
+    data: Vec<f32>,
+    filled: Vec<bool>,
+}
+
+impl ClipPlanes {
+    /// `frames` frames of `size × size`; fails if that is empty or too large to allocate.
+    pub(crate) fn new(size: usize, frames: usize) -> Result<Self, IngestError> {
+        let len = size
+            .checked_mul(size)
+            .and_then(|x| x.checked_mul(frames))
+            .and_then(|x| x.checked_mul(3))
+            .filter(|&n| n > 0)
+            .ok_or_else(|| {
+                IngestError::Fatal(format!("bad clip shape: {frames} frames of {size}²"))
+            })?;
+        Ok(ClipPlanes {
+            plane: size * size,
+            frames,
+            data: vec![0.0; len],
+            filled: vec![false; frames],
+        })
+    }
+
+    /// Refuses a slot past the clip's frames.
+    pub(crate) fn check_slot(&self, slot: usize) -> Result<(), IngestError> {
+        if slot >= self.frames {
+            return Err(IngestError::Fatal(format!(
+                "frame slot {slot} out of {}",
+                self.frames
+            )));
+        }
+        Ok(())
+    }
+
+    /// The R, G and B planes of frame `slot` (checked by [`ClipPlanes::check_slot`]), which
+    /// counts as written.
+    pub(crate) fn frame_mut(&mut self, slot: usize) -> [&mut [f32]; 3] {
+        self.filled[slot] = true;
+        let (plane, t) = (self.plane, self.frames);
+        let (r_all, rest) = self.data.split_at_mut(t * plane);
+        let (g_all, b_all) = rest.split_at_mut(t * plane);
+        let base = slot * plane;
+        [
+            &mut r_all[base..base + plane],
+            &mut g_all[base..base + plane],
+            &mut b_all[base..base + plane],
+        ]
+    }
+
+    pub(crate) fn copy_slot(&mut self, from: usize, to: usize) -> Result<(), IngestError> {
         if from >= self.frames || to >= self.frames || !self.filled[from] {
             return Err(IngestError::Fatal(format!(
                 "cannot copy frame slot {from} to {to} of {}",
                 self.frames
             )));
         }
-        let plane = self.geometry.size * self.geometry.size;
+        let plane = self.plane;
         for c in 0..3 {
             let src = (c * self.frames + from) * plane;
             let dst = (c * self.frames + to) * plane;
@@ -458,13 +502,11 @@ impl ClipTensor {
         Ok(())
     }
 
-    /// Whether every slot has been written.
-    pub fn is_complete(&self) -> bool {
+    pub(crate) fn is_complete(&self) -> bool {
         self.filled.iter().all(|&f| f)
     }
 
-    /// The tensor, `[3, T, S, S]` f32.
-    pub fn into_data(self) -> Vec<f32> {
+    pub(crate) fn into_data(self) -> Vec<f32> {
         self.data
     }
 }
