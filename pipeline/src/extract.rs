@@ -26,8 +26,8 @@ use timely::dataflow::operators::{Capability, Probe};
 use timely::dataflow::{InputHandle, ProbeHandle};
 
 use vjepa_ingest::{
-    Decoder, DecoderOptions, FrameSink, IngestError, ObjectSource, VideoInfo, ViewTensor, YuvFrame,
-    eval_views,
+    Decoder, DecoderOptions, EvalView, FrameSink, IngestError, ObjectSource, VideoInfo, ViewTensor,
+    YuvFrame, eval_views,
 };
 use vjepa_model::vit::{self, Encoder};
 use vjepa_model::{ComputeDevice, Device, EncoderConfig, Pretrainer, Tensor};
@@ -185,61 +185,16 @@ struct Video {
     label: String,
 }
 
-/// The region of the source frame each evaluation view covers, rounded to source pixels: what
-/// the features table records as the crop. The views' pixels are made as the official
-/// evaluation makes them, by resizing the whole frame first ([`vjepa_ingest::eval_views`]).
-///
-/// Several views (`EvalVideoTransform`): the short side resized to `size` (the long side to
-/// `L' = int(size · long / short)`), then `size × size` crops along the long side at offsets
-/// `k · ((L' − size) // (views − 1))`: source boxes of the short side. One view (the
-/// `VideoTransform` evaluation path): the short side resized to `int(size · 256 / 224)`, then
-/// the centred `size × size` crop, i.e. the central 7/8 of the short side at 224.
-pub fn view_boxes(height: usize, width: usize, size: usize, views: usize) -> Vec<CropBox> {
-    let short = height.min(width).max(1);
-    let long = height.max(width);
-    let boxed = |along_long: usize, along_short: usize, side: usize| {
-        if width >= height {
-            CropBox {
-                top: along_short,
-                left: along_long,
-                height: side,
-                width: side,
-            }
-        } else {
-            CropBox {
-                top: along_long,
-                left: along_short,
-                height: side,
-                width: side,
-            }
-        }
-    };
-    if views <= 1 {
-        // Resize(int(S·256/224)) then CenterCrop(S), with Python's round (ties to even).
-        let resized = (size * 256 / 224).max(1);
-        let resized_long = (resized as f64 * long as f64 / short as f64) as usize;
-        let scale = short as f64 / resized as f64;
-        let side = ((size as f64 * scale).round_ties_even() as usize).clamp(1, short);
-        let start = |extent: usize, resized_extent: usize, src: usize| {
-            let offset = (resized_extent.saturating_sub(size) as f64 / 2.0).round_ties_even();
-            ((offset * extent as f64 / resized_extent.max(1) as f64).round() as usize)
-                .min(src - side)
-        };
-        return vec![boxed(
-            start(long, resized_long, long),
-            start(short, resized, short),
-            side,
-        )];
+/// The region of the source frame an evaluation view covers, rounded to source pixels
+/// ([`vjepa_ingest::EvalView::source_region`]): what the features table records as the crop.
+fn view_box(view: &EvalView) -> CropBox {
+    let (top, left, height, width) = view.source_region();
+    CropBox {
+        top,
+        left,
+        height,
+        width,
     }
-    let scaled_long = (size as f64 * long as f64 / short as f64) as usize;
-    let step = scaled_long.saturating_sub(size) / (views - 1);
-    (0..views)
-        .map(|k| {
-            let offset = (k * step) as f64;
-            let src = ((offset * short as f64 / size as f64).round() as usize).min(long - short);
-            boxed(src, 0, short)
-        })
-        .collect()
 }
 
 /// The evaluation's segment windows for a video (spec §9; a random window inside long
@@ -285,19 +240,14 @@ impl FrameSink for ViewsSink {
                 return Vec::new();
             }
         };
-        self.boxes = view_boxes(
-            info.height as usize,
-            info.width as usize,
-            self.size,
-            self.views,
-        );
-        self.tensors.clear();
         let views = eval_views(
             info.height as usize,
             info.width as usize,
             self.size,
             self.views,
         );
+        self.boxes = views.iter().map(view_box).collect();
+        self.tensors.clear();
         for view in views {
             let tensor = ViewTensor::new(
                 view,
@@ -1370,6 +1320,13 @@ fn encode_chunk(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn view_boxes(height: usize, width: usize, size: usize, views: usize) -> Vec<CropBox> {
+        eval_views(height, width, size, views)
+            .iter()
+            .map(view_box)
+            .collect()
+    }
 
     #[test]
     fn views_follow_uniform_crop() {
