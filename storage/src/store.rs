@@ -350,11 +350,9 @@ impl Store {
                 break;
             };
             seen += 1;
-            let Some(parts) = meta.location.prefix_match(prefix) else {
+            let Some(rel) = self.rel_of(&meta.location) else {
                 continue;
             };
-            let rel: Vec<String> = parts.map(|p| p.as_ref().to_string()).collect();
-            let rel = rel.join("/");
             if accept(&rel) {
                 return Ok(Ok(ObjectInfo {
                     path: rel,
@@ -363,6 +361,13 @@ impl Store {
             }
         }
         Ok(Err(seen))
+    }
+
+    /// A listed object's path relative to the store root (`None` outside the root's prefix).
+    fn rel_of(&self, location: &Path) -> Option<String> {
+        let parts = location.prefix_match(&self.inner.prefix)?;
+        let rel: Vec<String> = parts.map(|p| p.as_ref().to_string()).collect();
+        Some(rel.join("/"))
     }
 
     /// Lists every object under the root, recursively, sorted by path.
@@ -389,15 +394,11 @@ impl Store {
             .map_err(|e| self.map_err("list", rel_dir, e))?;
         let mut out = Vec::with_capacity(metas.len());
         for m in metas {
-            let Some(parts) = m.location.prefix_match(&self.inner.prefix) else {
+            let Some(path) = self.rel_of(&m.location) else {
                 tracing::warn!(location = %m.location, "listed object outside the store prefix; skipped");
                 continue;
             };
-            let rel: Vec<String> = parts.map(|p| p.as_ref().to_string()).collect();
-            out.push(ObjectInfo {
-                path: rel.join("/"),
-                size: m.size,
-            });
+            out.push(ObjectInfo { path, size: m.size });
         }
         out.sort_by(|a, b| a.path.cmp(&b.path));
         tracing::debug!(url = %self.uri_of(rel_dir), objects = out.len(), "listed");
