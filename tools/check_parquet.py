@@ -7,7 +7,7 @@ For every table documented in the README's "Outputs" section (a paragraph naming
 followed by a `| column | type | meaning |` table) whose files exist in OUTPUT_DIR
 (`NAME.parquet` and `NAME-from-*.parquet`), each file must:
   * read with pyarrow, with exactly the documented columns, in order, of the documented types,
-    none nullable;
+    none nullable unless its type cell says so (`string, nullable`);
   * read with pandas (no arguments beyond the path), same columns and rows; timestamps UTC;
   * read with duckdb's read_parquet, same columns and rows;
 and all of a table's files must read together as one dataset (duckdb glob, pyarrow dataset).
@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 
 
 def documented_tables(readme):
-    """{table name: [(column, type)]} from the README's Outputs section."""
+    """{table name: [(column, type, nullable)]} from the README's Outputs section."""
     text = open(readme, encoding="utf-8").read()
     start = text.find("## Outputs")
     if start < 0:
@@ -52,8 +52,11 @@ def documented_tables(readme):
             if set(cells[0]) <= set("-: "):
                 continue
             names = re.findall(r"`([^`]+)`", cells[0])
+            typ, nullable = cells[1], False
+            if typ.endswith(", nullable"):
+                typ, nullable = typ[: -len(", nullable")], True
             for n in names:
-                rows.append((n, cells[1]))
+                rows.append((n, typ, nullable))
             continue
         if rows is not None and not line.strip():
             rows = None
@@ -71,25 +74,22 @@ def normalise(arrow_type):
 def check_file(path, columns, problems):
     name = os.path.basename(path)
     table = pq.read_table(path)
-    got = [(f.name, normalise(f.type)) for f in table.schema]
+    got = [(f.name, normalise(f.type), f.nullable) for f in table.schema]
     if got != columns:
-        problems.append(f"{name}: pyarrow schema {got}\n  documented {columns}")
-    for f in table.schema:
-        if f.nullable:
-            problems.append(f"{name}: column {f.name} is nullable (documented non-null)")
+        problems.append(f"{name}: pyarrow schema (name, type, nullable) {got}\n  documented {columns}")
     frame = pd.read_parquet(path)
-    if list(frame.columns) != [c for c, _ in columns]:
+    if list(frame.columns) != [c for c, _, _ in columns]:
         problems.append(f"{name}: pandas columns {list(frame.columns)}")
     if len(frame) != table.num_rows:
         problems.append(f"{name}: pandas read {len(frame)} rows, pyarrow {table.num_rows}")
-    for col, typ in columns:
+    for col, typ, _ in columns:
         if typ.startswith("timestamp") and col in frame:
             tz = getattr(frame[col].dtype, "tz", None)
             if tz is None or str(tz) != "UTC":
                 problems.append(f"{name}: pandas reads {col} as {frame[col].dtype}, not UTC")
     con = duckdb.connect()
     described = con.execute("DESCRIBE SELECT * FROM read_parquet(?)", [path]).fetchall()
-    if [r[0] for r in described] != [c for c, _ in columns]:
+    if [r[0] for r in described] != [c for c, _, _ in columns]:
         problems.append(f"{name}: duckdb columns {[r[0] for r in described]}")
     (count,) = con.execute("SELECT count(*) FROM read_parquet(?)", [path]).fetchone()
     if count != table.num_rows:

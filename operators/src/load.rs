@@ -129,6 +129,7 @@ mod tests {
                 reason: "test".into(),
                 detail: String::new(),
                 time_unix_us: 0,
+                object_tag: None,
             })]
         }
     }

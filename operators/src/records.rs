@@ -39,6 +39,10 @@ pub struct Quarantined {
     pub reason: String,
     pub detail: String,
     pub time_unix_us: i64,
+    /// The object version found bad (its ETag, unquoted), when known: a replacement under the
+    /// same name is not covered by this record.
+    #[serde(default)]
+    pub object_tag: Option<String>,
 }
 
 /// What loading one clip request produced: the clip, and any videos refused on the way.

@@ -6,7 +6,7 @@
 //! steps from its `from_step` until the next version's: the loaders look the version up by the
 //! step of each clip request, so every worker draws step `s`'s clips from the same version.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 
 use serde::{Deserialize, Serialize};
@@ -26,6 +26,48 @@ pub struct VideoRef {
     pub rel: String,
     /// Full URI, for records and logs.
     pub uri: String,
+    /// The object version listed ([`vjepa_storage::object_tag`], the ETag): a video replaced
+    /// under the same name is another `VideoRef`. `None` for index entries and stores that list
+    /// no ETags. (Always written, `null` included: records also travel between processes in
+    /// bincode, which cannot skip fields; `default` reads records of older builds.)
+    #[serde(default)]
+    pub tag: Option<String>,
+}
+
+/// The videos quarantined so far, each as the object version found bad, so that a video
+/// replaced under the same name (a fixed upload; a copy still being written when it was read)
+/// comes back at the next listing instead of staying out for the rest of a days-long run.
+/// Where a version is unknown on either side (a refused index entry, an index's videos, a
+/// store that lists no ETags), the quarantine covers the name.
+#[derive(Clone, Debug, Default)]
+pub struct QuarantineSet {
+    by_uri: HashMap<String, Vec<Option<String>>>,
+}
+
+impl QuarantineSet {
+    /// Records a quarantine of `uri` at version `tag`; `false` if that one was already recorded
+    /// (several loaders meet the same bad video before the catalog drops it).
+    pub fn insert(&mut self, uri: &str, tag: Option<&str>) -> bool {
+        let tags = self.by_uri.entry(uri.to_string()).or_default();
+        if tags.iter().any(|t| t.as_deref() == tag) {
+            return false;
+        }
+        tags.push(tag.map(str::to_string));
+        true
+    }
+
+    /// Whether the listed video `v` is one found bad.
+    pub fn covers(&self, v: &VideoRef) -> bool {
+        self.by_uri
+            .get(&v.uri)
+            .is_some_and(|tags| v.tag.is_none() || tags.iter().any(|t| t.is_none() || *t == v.tag))
+    }
+
+    /// Whether `v`'s name was quarantined at some version (for telling a replaced video that
+    /// comes back from a new one).
+    pub fn has_name(&self, v: &VideoRef) -> bool {
+        self.by_uri.contains_key(&v.uri)
+    }
 }
 
 /// The result of reading every dataset once.
@@ -101,6 +143,7 @@ fn listing_of(datasets: &[Dataset], listed_unix_us: i64) -> Listing {
                 reason: r.reason.clone(),
                 detail: format!("{} (in {})", r.detail, ds.name),
                 time_unix_us: listed_unix_us,
+                object_tag: None,
             });
         }
         for e in &ds.entries {
@@ -108,6 +151,7 @@ fn listing_of(datasets: &[Dataset], listed_unix_us: i64) -> Listing {
                 dataset: i,
                 rel: e.rel.clone(),
                 uri: ds.store.uri_of(&e.rel),
+                tag: e.tag.clone(),
             });
         }
     }
@@ -137,18 +181,18 @@ pub struct CatalogVersion {
 }
 
 impl CatalogVersion {
-    /// The version made of `listing` without the `excluded` URIs (quarantined videos).
+    /// The version made of `listing` without the videos `excluded` covers (quarantined ones).
     pub fn build(
         version: u64,
         from_step: u64,
         listing: &Listing,
-        excluded: &HashSet<String>,
+        excluded: &QuarantineSet,
         datasets: usize,
     ) -> CatalogVersion {
         let set: BTreeSet<&VideoRef> = listing
             .videos
             .iter()
-            .filter(|v| !excluded.contains(&v.uri))
+            .filter(|v| !excluded.covers(v))
             .collect();
         let videos: Vec<VideoRef> = set.into_iter().cloned().collect();
         let mut counts = vec![0usize; datasets];
@@ -220,7 +264,7 @@ impl CatalogVersion {
             record.version,
             record.from_step,
             &listing,
-            &HashSet::new(),
+            &QuarantineSet::default(),
             record.datasets.len(),
         )
     }
@@ -334,6 +378,14 @@ mod tests {
             dataset,
             uri: format!("s3://b/{name}"),
             rel: name.to_string(),
+            tag: None,
+        }
+    }
+
+    fn tagged(dataset: usize, name: &str, tag: &str) -> VideoRef {
+        VideoRef {
+            tag: Some(tag.to_string()),
+            ..v(dataset, name)
         }
     }
 
@@ -353,18 +405,19 @@ mod tests {
             v(0, "a.mp4"),
             v(0, "a.mp4"),
         ]);
-        let v0 = CatalogVersion::build(0, 0, &l0, &HashSet::new(), 2);
+        let v0 = CatalogVersion::build(0, 0, &l0, &QuarantineSet::default(), 2);
         assert_eq!(v0.videos, vec![v(0, "a.mp4"), v(0, "b.mp4"), v(1, "z.mp4")]);
         assert_eq!(v0.counts, vec![2, 1]);
         // Same contents listed in another order: same key.
         let again = listing(vec![v(0, "b.mp4"), v(1, "z.mp4"), v(0, "a.mp4")]);
         assert_eq!(
-            CatalogVersion::build(0, 0, &again, &HashSet::new(), 2).key,
+            CatalogVersion::build(0, 0, &again, &QuarantineSet::default(), 2).key,
             v0.key
         );
         // A new video, a deleted one and a quarantined one.
         let l1 = listing(vec![v(0, "a.mp4"), v(0, "c.mp4"), v(1, "z.mp4")]);
-        let bad = HashSet::from(["s3://b/z.mp4".to_string()]);
+        let mut bad = QuarantineSet::default();
+        assert!(bad.insert("s3://b/z.mp4", None));
         let v1 = CatalogVersion::build(1, 8, &l1, &bad, 2);
         assert_ne!(v1.key, v0.key);
         assert_eq!(v1.counts, vec![2, 0]);
@@ -397,5 +450,54 @@ mod tests {
         versions.forget_before(8);
         assert_eq!(versions.held(), 1);
         assert_eq!(versions.at_step(8).version, 1);
+    }
+
+    /// A quarantine names the object version found bad: the same name listed at another
+    /// version is back in the catalog; where either side's version is unknown (index entries,
+    /// stores that list no ETags) the name stays out.
+    #[test]
+    fn a_video_replaced_under_its_name_comes_back_from_quarantine() {
+        let mut bad = QuarantineSet::default();
+        assert!(bad.insert("s3://b/a.mp4", Some("e1")));
+        assert!(
+            !bad.insert("s3://b/a.mp4", Some("e1")),
+            "reported twice, recorded once"
+        );
+        assert!(bad.insert("s3://b/c.mp4", None));
+        assert!(bad.covers(&tagged(0, "a.mp4", "e1")));
+        assert!(
+            !bad.covers(&tagged(0, "a.mp4", "e2")),
+            "replaced: a new version"
+        );
+        assert!(bad.has_name(&tagged(0, "a.mp4", "e2")));
+        assert!(bad.covers(&v(0, "a.mp4")), "an index entry: by name");
+        assert!(bad.covers(&tagged(0, "c.mp4", "e9")), "quarantined by name");
+        assert!(!bad.covers(&tagged(0, "b.mp4", "e1")));
+
+        let l0 = listing(vec![tagged(0, "a.mp4", "e1"), tagged(0, "b.mp4", "f1")]);
+        let v0 = CatalogVersion::build(0, 0, &l0, &QuarantineSet::default(), 1);
+        let v1 = CatalogVersion::build(1, 4, &l0, &bad, 1);
+        assert_eq!(v1.videos, vec![tagged(0, "b.mp4", "f1")]);
+        // a.mp4 fixed by a new upload: back, and the draws are keyed as for the same names.
+        let l2 = listing(vec![tagged(0, "a.mp4", "e2"), tagged(0, "b.mp4", "f1")]);
+        let v2 = CatalogVersion::build(2, 8, &l2, &bad, 1);
+        assert_eq!(v2.videos, l2.videos);
+        assert_eq!(v2.key, v0.key);
+        // b.mp4 replaced as well: the record says so (old version out, new in), and replays.
+        let l3 = listing(vec![tagged(0, "a.mp4", "e2"), tagged(0, "b.mp4", "f2")]);
+        let v3 = CatalogVersion::build(3, 12, &l3, &bad, 1);
+        let (added, removed) = v3.diff(&v2);
+        assert_eq!(added, vec![&tagged(0, "b.mp4", "f2")]);
+        assert_eq!(removed, vec![&tagged(0, "b.mp4", "f1")]);
+        let names = vec!["d0".to_string()];
+        let r3: VersionRecord =
+            serde_json::from_str(&serde_json::to_string(&v3.record(Some(&v2), &names)).unwrap())
+                .unwrap();
+        let b2 = CatalogVersion::replay(None, &v2.record(None, &names));
+        assert_eq!(CatalogVersion::replay(Some(&b2), &r3).videos, v3.videos);
+        // Records written before object versions existed still read (no `tag`).
+        let old: VideoRef =
+            serde_json::from_str(r#"{"dataset":0,"rel":"a.mp4","uri":"s3://b/a.mp4"}"#).unwrap();
+        assert_eq!(old, v(0, "a.mp4"));
     }
 }

@@ -459,6 +459,7 @@ impl ExtractLoader {
             reason: reason.to_string(),
             detail,
             time_unix_us: crate::now_unix_us(),
+            object_tag: None,
         })]
     }
 
@@ -468,7 +469,9 @@ impl ExtractLoader {
         match e {
             IngestError::Quarantine { reason, detail } => self.bad(v, reason.as_str(), detail),
             IngestError::Fatal(msg) => self.bad(v, "decode_error", msg),
-            e @ IngestError::Unavailable(_) => self.bad(v, "fetch_error", e.to_string()),
+            e @ (IngestError::Unavailable(_) | IngestError::Changed(_)) => {
+                self.bad(v, "fetch_error", e.to_string())
+            }
         }
     }
 
@@ -680,6 +683,7 @@ impl VideoSet {
                     reason: r.reason.clone(),
                     detail: r.detail.clone(),
                     time_unix_us: crate::now_unix_us(),
+                    object_version: None,
                 });
             }
             stores.push(d.store.clone());
@@ -917,6 +921,7 @@ pub(crate) fn stream_clips<C: ClipConsumer>(
                             reason: q.reason,
                             detail: q.detail,
                             time_unix_us: q.time_unix_us,
+                            object_version: q.object_tag,
                         });
                     }
                 });

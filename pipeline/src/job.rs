@@ -33,7 +33,9 @@ use vjepa_storage::features::{FeatureRow, FeaturesWriter};
 use vjepa_storage::tables::{ClipRow, ClipsWriter, MetricsRow, MetricsWriter, QuarantineWriter};
 use vjepa_storage::{Store, checkpoints};
 
-use crate::catalog::{Catalog, CatalogVersion, Listing, VersionRecord, Versions, VideoRef};
+use crate::catalog::{
+    Catalog, CatalogVersion, Listing, QuarantineSet, VersionRecord, Versions, VideoRef,
+};
 use crate::config::JobConfig;
 use crate::loader::{Fatal, LoaderSettings, StoreLoader};
 use crate::telemetry::{Stage, StepSample, Telemetry};
@@ -216,8 +218,13 @@ fn run_training(
         ))
         .context("opening datasets")?;
     // Version 0: the listing at start (quarantined videos leave at the first refresh).
-    let first_version =
-        CatalogVersion::build(0, 0, &catalog.first, &HashSet::new(), catalog.names.len());
+    let first_version = CatalogVersion::build(
+        0,
+        0,
+        &catalog.first,
+        &QuarantineSet::default(),
+        catalog.names.len(),
+    );
     if first_version.videos.is_empty() {
         let why = vjepa_storage::dataset::why_all_refused(
             catalog
@@ -769,7 +776,7 @@ struct Outputs {
     quarantine: Option<QuarantineWriter>,
     clips: Option<ClipsWriter>,
     features: Option<FeaturesWriter>,
-    seen_bad: HashSet<String>,
+    seen_bad: QuarantineSet,
     quarantined: usize,
     rows_since_flush: u64,
     last_loss: Option<f64>,
@@ -1052,7 +1059,7 @@ fn run_worker_inner(
                 0,
                 setup.first_step,
                 &listing,
-                &HashSet::new(),
+                &QuarantineSet::default(),
                 shared.catalog.names.len(),
             );
             if v0.key != setup.catalog_key {
@@ -1105,7 +1112,7 @@ fn run_worker_inner(
         quarantine: None,
         clips: None,
         features: None,
-        seen_bad: HashSet::new(),
+        seen_bad: QuarantineSet::default(),
         quarantined: 0,
         rows_since_flush: 0,
         last_loss: None,
@@ -1139,7 +1146,7 @@ fn run_worker_inner(
             );
         }
         for r in &shared.catalog.first.rejected {
-            if o.seen_bad.insert(r.uri.clone()) {
+            if o.seen_bad.insert(&r.uri, None) {
                 shared.telemetry.quarantined(&r.uri, &r.reason);
                 q.push(to_quarantine_row(r));
                 o.quarantined += 1;
@@ -1213,8 +1220,8 @@ fn run_worker_inner(
             collect_local(clips, held).probe_with(&loaded);
             sink_records(bad, "Quarantine", 0, move |_step, q: Quarantined| {
                 let mut o = q_outputs.borrow_mut();
-                if o.seen_bad.insert(q.uri.clone()) {
-                    tracing::warn!(uri = %q.uri, reason = %q.reason, detail = %q.detail, "video quarantined");
+                if o.seen_bad.insert(&q.uri, q.object_tag.as_deref()) {
+                    tracing::warn!(uri = %q.uri, reason = %q.reason, detail = %q.detail, object_tag = ?q.object_tag, "video quarantined");
                     q_shared.telemetry.quarantined(&q.uri, &q.reason);
                     o.quarantined += 1;
                     if let Some(w) = o.quarantine.as_mut() {
@@ -2188,7 +2195,7 @@ fn apply_listing(
     let excluded = {
         let mut o = outputs.borrow_mut();
         for r in &listing.rejected {
-            if o.seen_bad.insert(r.uri.clone()) {
+            if o.seen_bad.insert(&r.uri, None) {
                 shared.telemetry.quarantined(&r.uri, &r.reason);
                 o.quarantined += 1;
                 let row = to_quarantine_row(r);
@@ -2221,6 +2228,20 @@ fn apply_listing(
         return Ok(None);
     }
     let (n_added, n_removed) = (added.len(), removed.len());
+    // Names in both: the same video replaced under its name (another object version).
+    let removed_names: HashSet<(usize, &str)> = removed
+        .iter()
+        .map(|v| (v.dataset, v.rel.as_str()))
+        .collect();
+    let replaced = added
+        .iter()
+        .filter(|v| removed_names.contains(&(v.dataset, v.rel.as_str())))
+        .count();
+    for v in &added {
+        if excluded.has_name(v) {
+            tracing::info!(uri = %v.uri, object_tag = ?v.tag, "a quarantined video was replaced under its name: the new version is back in the catalog");
+        }
+    }
     for v in added {
         cat.input.insert((v.dataset, v.uri.clone()));
     }
@@ -2247,6 +2268,7 @@ fn apply_listing(
         videos = next.videos.len(),
         added = n_added,
         removed = n_removed,
+        replaced,
         counts = ?next.counts,
         "catalog version"
     );
@@ -2263,6 +2285,7 @@ fn to_quarantine_row(q: &Quarantined) -> vjepa_storage::tables::QuarantineRow {
         reason: q.reason.clone(),
         detail: q.detail.clone(),
         time_unix_us: q.time_unix_us,
+        object_version: q.object_tag.clone(),
     }
 }
 

@@ -90,8 +90,8 @@ pub struct StoreLoader {
     draws: Option<(Arc<CatalogVersion>, VersionDraws)>,
     runtime: Handle,
     decoder: Decoder,
-    /// URIs this loader found unusable.
-    known_bad: HashSet<String>,
+    /// Videos this loader found unusable: URI and listed object version.
+    known_bad: HashSet<(String, Option<String>)>,
     /// Clips this loader has loaded (the store served them).
     served: u64,
     /// Per video, failures that may have been the store's (it did not answer, or a decode ran
@@ -140,6 +140,9 @@ enum Failure {
     /// The store could not be read (timeout, network, server error): nothing is known about
     /// the video, so it is neither quarantined nor forgotten; the clip tries another.
     Unavailable(String),
+    /// The video was replaced while it was read: the clip tries another; the new version
+    /// is drawn like any video.
+    Changed(String),
 }
 
 impl StoreLoader {
@@ -197,6 +200,7 @@ impl StoreLoader {
         v: &VideoRef,
         rng: &mut ChaCha8Rng,
         request: &ClipRequest,
+        opened: &mut Option<String>,
     ) -> Result<Clip, Failure> {
         let Some(store) = self.catalog.stores.get(v.dataset) else {
             return Err(Failure::Fatal(format!(
@@ -229,8 +233,11 @@ impl StoreLoader {
                 detail: store.scrub(&detail),
             },
             IngestError::Unavailable(detail) => Failure::Unavailable(store.scrub(&detail)),
+            IngestError::Changed(detail) => Failure::Changed(store.scrub(&detail)),
             other => fetch_error(other.to_string()),
         })?;
+        // The version every read of this clip is pinned to: the one judged if it fails.
+        *opened = source.e_tag().and_then(vjepa_storage::normalize_tag);
         self.telemetry.items(Stage::Fetch, 1);
         if source.size() > self.settings.filter_long_bytes {
             return Err(Failure::Bad {
@@ -389,6 +396,7 @@ fn ingest_failure(e: IngestError) -> Failure {
         },
         IngestError::Fatal(msg) => Failure::Fatal(msg),
         IngestError::Unavailable(msg) => Failure::Unavailable(msg),
+        IngestError::Changed(msg) => Failure::Changed(msg),
     }
 }
 
@@ -584,6 +592,7 @@ pub fn decode_to_tensor(
         Err(Failure::Skip) => Err(IngestError::Fatal("unexpected skip".into())),
         Err(Failure::Fatal(msg)) => Err(IngestError::Fatal(msg)),
         Err(Failure::Unavailable(msg)) => Err(IngestError::Unavailable(msg)),
+        Err(Failure::Changed(msg)) => Err(IngestError::Changed(msg)),
     }
 }
 
@@ -679,10 +688,14 @@ impl StoreLoader {
                 ));
                 return out;
             };
-            if self.known_bad.contains(&v.uri) {
+            let listed = (v.uri.clone(), v.tag.clone());
+            if self.known_bad.contains(&listed) {
                 continue;
             }
-            let tried = self.try_video(v, &mut rng, &request);
+            let mut opened = None;
+            let tried = self.try_video(v, &mut rng, &request, &mut opened);
+            // The version found bad: the one read, else the one listed.
+            let object_tag = opened.or_else(|| v.tag.clone());
             // A failure of an abandoned read says nothing about the video.
             if self.abandoned() {
                 return out;
@@ -710,10 +723,13 @@ impl StoreLoader {
                     tracing::warn!(uri = %v.uri, %detail, "decode ran out of time; the clip tries another video, this one stays for now");
                 }
                 Err(Failure::Skip) => {
-                    self.known_bad.insert(v.uri.clone());
+                    self.known_bad.insert(listed);
+                }
+                Err(Failure::Changed(detail)) => {
+                    tracing::info!(uri = %v.uri, %detail, "video replaced while it was read; the clip tries another video, the new version stays in the catalog");
                 }
                 Err(Failure::Bad { reason, detail }) => {
-                    self.known_bad.insert(v.uri.clone());
+                    self.known_bad.insert(listed);
                     let uri = v.uri.clone();
                     // Each decode thread that meets the video reports it; the job logs it
                     // once, where the reports are deduplicated.
@@ -723,6 +739,7 @@ impl StoreLoader {
                         reason,
                         detail,
                         time_unix_us: crate::now_unix_us(),
+                        object_tag,
                     }));
                 }
                 Err(Failure::Fatal(msg)) => {
@@ -734,7 +751,7 @@ impl StoreLoader {
                     if self.strike(&v.uri) {
                         // Refused again and again while other objects are served: the
                         // object's fault (permissions, a broken key), not the store's.
-                        self.known_bad.insert(v.uri.clone());
+                        self.known_bad.insert(listed);
                         out.push(Loaded::Bad(Quarantined {
                             uri: v.uri.clone(),
                             reason: "fetch_error".into(),
@@ -742,6 +759,7 @@ impl StoreLoader {
                                 "not served in {STRIKES} tries while the store served other videos; last: {detail}"
                             ),
                             time_unix_us: crate::now_unix_us(),
+                            object_tag,
                         }));
                         continue;
                     }
@@ -757,7 +775,7 @@ impl StoreLoader {
         let bad = version
             .videos
             .iter()
-            .filter(|v| self.known_bad.contains(&v.uri))
+            .filter(|v| self.known_bad.contains(&(v.uri.clone(), v.tag.clone())))
             .count();
         let why = if let Some((n, last)) = unavailable {
             format!(

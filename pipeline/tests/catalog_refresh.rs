@@ -228,6 +228,159 @@ fn added_videos_are_sampled_and_deleted_ones_never_drawn_after_the_next_refresh(
     assert!(q.iter().any(|r| r.uri == uri("broken.mp4")), "{q:?}");
 }
 
+/// A broken upload fixed under the same name (here a local folder, rewritten in place) is a
+/// new object version: the quarantine covered the broken one only, so the next listing brings
+/// the video back, it is trained on, and the quarantine table holds the one broken version.
+#[test]
+fn a_video_fixed_under_its_name_comes_back_from_quarantine() {
+    let tmp = tempfile::tempdir().unwrap();
+    let made = tmp.path().join("made");
+    make_corpus(&made, 4);
+    let mut names: Vec<String> = std::fs::read_dir(&made)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    let videos = tmp.path().join("videos");
+    std::fs::create_dir_all(&videos).unwrap();
+    for name in &names[..3] {
+        std::fs::copy(made.join(name), videos.join(name)).unwrap();
+    }
+    // The fourth arrives broken (an upload gone wrong) under a video's name.
+    let fixed = names[3].clone();
+    std::fs::write(videos.join(&fixed), b"not a video yet ".repeat(500)).unwrap();
+
+    let out = tmp.path().join("out");
+    let steps = 80;
+    let text = small_config(
+        &format!("{}/", videos.display()),
+        &format!("{}/", out.display()),
+        steps,
+    )
+    .replace("  log_every: 10\n", "  log_every: 10\n  clips: true\n");
+    assert!(
+        text.contains("clips: true"),
+        "quickstart.yaml layout changed"
+    );
+    let cfg = tmp.path().join("run.yaml");
+    std::fs::write(&cfg, format!("{text}\ncatalog:\n  refresh_secs: 0.5\n")).unwrap();
+    let stderr_path = tmp.path().join("stderr.log");
+    let child = std::process::Command::new(bin())
+        .args(["train", "--config", cfg.to_str().unwrap()])
+        .stdout(std::fs::File::create(tmp.path().join("stdout.log")).unwrap())
+        .stderr(std::fs::File::create(&stderr_path).unwrap())
+        .spawn()
+        .expect("start vjepa train");
+
+    // Once it is quarantined, the fixed file replaces it, written in place.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !std::fs::read_to_string(&stderr_path)
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.contains("video quarantined") && l.contains(fixed.as_str()))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the broken file was not quarantined"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::fs::write(
+        videos.join(&fixed),
+        std::fs::read(made.join(&fixed)).unwrap(),
+    )
+    .unwrap();
+
+    let status = wait_with_timeout(child, Duration::from_secs(180));
+    let stderr = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+    assert!(status.success(), "vjepa failed ({status:?}):\n{stderr}");
+    assert!(
+        stderr.contains("back in the catalog"),
+        "the return is logged:\n{stderr}"
+    );
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let store =
+        vjepa_storage::Store::open(out.to_str().unwrap(), &Default::default(), false).unwrap();
+    let mut records: Vec<VersionRecord> = rt
+        .block_on(store.list())
+        .unwrap()
+        .into_iter()
+        .filter(|o| o.path.starts_with("catalog/"))
+        .map(|o| serde_json::from_slice(&rt.block_on(store.get(&o.path)).unwrap()).unwrap())
+        .collect();
+    records.sort_by_key(|r| r.from_step);
+    let is_fixed = |v: &&vjepa_pipeline::catalog::VideoRef| v.rel == fixed;
+    let out_version = records
+        .iter()
+        .find(|r| r.removed.iter().any(|v| is_fixed(&v)))
+        .expect("a version without the broken file");
+    let broken_tag = out_version
+        .removed
+        .iter()
+        .find(is_fixed)
+        .unwrap()
+        .tag
+        .clone();
+    assert!(broken_tag.is_some(), "a local folder lists object versions");
+    for r in &records {
+        println!(
+            "version {} from step {}: {} videos, added {:?}, removed {:?}",
+            r.version,
+            r.from_step,
+            r.videos,
+            r.added.iter().map(|v| (&v.rel, &v.tag)).collect::<Vec<_>>(),
+            r.removed
+                .iter()
+                .map(|v| (&v.rel, &v.tag))
+                .collect::<Vec<_>>()
+        );
+    }
+    // Out and back in one version when the fix was listed by the first refresh after the
+    // quarantine.
+    let back = records
+        .iter()
+        .find(|r| r.from_step >= out_version.from_step && r.added.iter().any(|v| is_fixed(&v)))
+        .expect("a version with the fixed file back");
+    assert_ne!(back.added.iter().find(is_fixed).unwrap().tag, broken_tag);
+    assert_eq!(back.videos, 4);
+
+    // Trained on from the version that has it back. (Before that version, loaders that had
+    // not met the broken file may already read the fixed one: the name is in version 0.)
+    let clips = rt
+        .block_on(vjepa_storage::tables::read_clips_all(&store))
+        .unwrap();
+    let drawn: Vec<u64> = clips
+        .iter()
+        .filter(|c| c.uri.ends_with(&format!("/{fixed}")))
+        .map(|c| c.step)
+        .collect();
+    assert!(
+        drawn.iter().any(|s| *s >= back.from_step),
+        "the fixed video was trained on from step {}: {drawn:?}",
+        back.from_step
+    );
+    println!(
+        "quarantined from step {}, back from step {}, drawn for {} of {steps} steps",
+        out_version.from_step,
+        back.from_step,
+        drawn.len()
+    );
+    // One record: the broken version.
+    let q = rt
+        .block_on(vjepa_storage::tables::read_quarantine_all(&store))
+        .unwrap();
+    let rows: Vec<_> = q
+        .iter()
+        .filter(|r| r.uri.ends_with(&format!("/{fixed}")))
+        .collect();
+    assert_eq!(rows.len(), 1, "{q:?}");
+    assert_eq!(
+        rows[0].object_version, broken_tag,
+        "the broken version is the one on record"
+    );
+}
+
 /// Waits for the run, killing it (and failing) if it hangs.
 fn wait_with_timeout(mut child: std::process::Child, limit: Duration) -> std::process::ExitStatus {
     let start = Instant::now();

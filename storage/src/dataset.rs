@@ -60,6 +60,9 @@ pub struct DatasetEntry {
     pub rel: String,
     /// The index's label column, when present (unused by pretraining, kept for probes).
     pub label: Option<String>,
+    /// The object version listed ([`crate::store::object_tag`]); `None` for index entries,
+    /// which are read from the index without asking the store about each.
+    pub tag: Option<String>,
 }
 
 /// An index entry that was refused, with a stable reason word for quarantine records.
@@ -151,6 +154,7 @@ async fn open_impl(
                 entries.push(DatasetEntry {
                     rel: obj.path,
                     label: None,
+                    tag: obj.tag,
                 });
             } else {
                 ignored += 1;
@@ -223,7 +227,11 @@ async fn open_impl(
                 _ => resolve_entry(&store, &path),
             };
             match resolved {
-                Ok(rel) => entries.push(DatasetEntry { rel, label }),
+                Ok(rel) => entries.push(DatasetEntry {
+                    rel,
+                    label,
+                    tag: None,
+                }),
                 Err(mut r) => {
                     r.detail = format!("line {line}: {}", r.detail);
                     tracing::debug!(entry = %r.entry, reason = %r.reason, detail = %r.detail, "index entry rejected");

@@ -47,6 +47,25 @@ pub struct ObjectInfo {
     pub path: String,
     /// Size in bytes.
     pub size: u64,
+    /// Which version of the object this is ([`object_tag`]): an object replaced under the same
+    /// name gets another, so a long run can tell a fixed video from the broken one it replaced.
+    pub tag: Option<String>,
+}
+
+/// An object version's identity from its metadata: the ETag without quotes or the weak `W/`
+/// prefix (S3 quotes it in headers and listings alike, other servers do not always; the local
+/// store's is inode, modification time and size), so that a listing's and a HEAD's agree.
+/// `None` when the store gives no ETag.
+pub fn object_tag(meta: &object_store::ObjectMeta) -> Option<String> {
+    normalize_tag(meta.e_tag.as_deref()?)
+}
+
+/// [`object_tag`] of a raw ETag value.
+pub fn normalize_tag(e_tag: &str) -> Option<String> {
+    let t = e_tag.trim();
+    let t = t.strip_prefix("W/").unwrap_or(t);
+    let t = t.trim_matches('"');
+    (!t.is_empty()).then(|| t.to_string())
 }
 
 /// Where a store's root is, kept to decide whether dataset entries lie inside it.
@@ -357,6 +376,7 @@ impl Store {
                 return Ok(Ok(ObjectInfo {
                     path: rel,
                     size: meta.size,
+                    tag: object_tag(&meta),
                 }));
             }
         }
@@ -398,7 +418,11 @@ impl Store {
                 tracing::warn!(location = %m.location, "listed object outside the store prefix; skipped");
                 continue;
             };
-            out.push(ObjectInfo { path, size: m.size });
+            out.push(ObjectInfo {
+                path,
+                size: m.size,
+                tag: object_tag(&m),
+            });
         }
         out.sort_by(|a, b| a.path.cmp(&b.path));
         tracing::debug!(url = %self.uri_of(rel_dir), objects = out.len(), "listed");
@@ -456,6 +480,7 @@ impl Store {
         Ok(ObjectInfo {
             path: normalize_rel(rel).unwrap_or_else(|_| rel.to_string()),
             size: meta.size,
+            tag: object_tag(&meta),
         })
     }
 
@@ -690,6 +715,15 @@ fn shorten(detail: String) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn object_tags_drop_quotes_and_the_weak_prefix() {
+        assert_eq!(normalize_tag("\"abc\"").as_deref(), Some("abc"));
+        assert_eq!(normalize_tag("W/\"abc\"").as_deref(), Some("abc"));
+        assert_eq!(normalize_tag(" abc-2 ").as_deref(), Some("abc-2"));
+        assert_eq!(normalize_tag("\"\""), None);
+        assert_eq!(normalize_tag(""), None);
+    }
 
     #[test]
     fn long_backend_messages_are_cut_at_a_character() {

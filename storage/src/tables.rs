@@ -90,6 +90,9 @@ pub struct QuarantineRow {
     pub detail: String,
     /// When it was quarantined, microseconds since the Unix epoch (UTC).
     pub time_unix_us: i64,
+    /// The object version found bad (its ETag, unquoted), when known: a video fixed under the
+    /// same name is another version, not covered by this record.
+    pub object_version: Option<String>,
 }
 
 /// One clip trained on: which video, which frames, which crop (written when `outputs.clips`).
@@ -166,8 +169,12 @@ pub fn quarantine_schema() -> SchemaRef {
         Field::new("reason", DataType::Utf8, false),
         Field::new("detail", DataType::Utf8, false),
         Field::new("time", ts_type(), false),
+        Field::new("object_version", DataType::Utf8, true),
     ]))
 }
+
+/// Quarantine columns added after the first release: tables written before read without them.
+const QUARANTINE_ADDED: [&str; 1] = ["object_version"];
 
 /// Arrow schema of the clips table.
 pub fn clips_schema() -> SchemaRef {
@@ -271,17 +278,20 @@ fn quarantine_batch(rows: &[QuarantineRow]) -> Result<RecordBatch, arrow::error:
     let mut reason = StringBuilder::with_capacity(n, 16 * n);
     let mut detail = StringBuilder::with_capacity(n, 64 * n);
     let mut time = TimestampMicrosecondBuilder::with_capacity(n).with_timezone("UTC");
+    let mut version = StringBuilder::with_capacity(n, 40 * n);
     for r in rows {
         uri.append_value(&r.uri);
         reason.append_value(&r.reason);
         detail.append_value(&r.detail);
         time.append_value(r.time_unix_us);
+        version.append_option(r.object_version.as_deref());
     }
     let columns: Vec<ArrayRef> = vec![
         Arc::new(uri.finish()),
         Arc::new(reason.finish()),
         Arc::new(detail.finish()),
         Arc::new(time.finish()),
+        Arc::new(version.finish()),
     ];
     RecordBatch::try_new(quarantine_schema(), columns)
 }
@@ -601,6 +611,20 @@ fn ts_col(uri: &str, b: &RecordBatch, name: &str) -> Result<Vec<i64>, StorageErr
     Ok(a.values().to_vec())
 }
 
+fn opt_str_col(
+    uri: &str,
+    b: &RecordBatch,
+    name: &str,
+) -> Result<Vec<Option<String>>, StorageError> {
+    // Not `col`: nulls are this column's "unknown".
+    let a = b
+        .column_by_name(name)
+        .ok_or_else(|| schema_err(uri, name, "missing"))?
+        .as_string_opt::<i32>()
+        .ok_or_else(|| schema_err(uri, name, "not utf8"))?;
+    Ok(a.iter().map(|v| v.map(str::to_string)).collect())
+}
+
 pub(crate) fn str_col(uri: &str, b: &RecordBatch, name: &str) -> Result<Vec<String>, StorageError> {
     let a = col(uri, b, name)?
         .as_string_opt::<i32>()
@@ -776,20 +800,30 @@ pub async fn read_metrics(store: &Store, rel: &str) -> Result<Vec<MetricsRow>, S
 pub async fn read_quarantine(store: &Store, rel: &str) -> Result<Vec<QuarantineRow>, StorageError> {
     let uri = store.uri_of(rel);
     let mut out = Vec::new();
-    for b in read_batches(store, rel, &quarantine_schema(), &[]).await? {
+    for b in read_batches(store, rel, &quarantine_schema(), &QUARANTINE_ADDED).await? {
         let u = uri.as_str();
         let uris = str_col(u, &b, "uri")?;
         let reasons = str_col(u, &b, "reason")?;
         let details = str_col(u, &b, "detail")?;
         let times = ts_col(u, &b, "time")?;
-        for (((uri, reason), detail), time_unix_us) in
-            uris.into_iter().zip(reasons).zip(details).zip(times)
+        // Tables from before the column existed read as unknown versions.
+        let versions = match b.column_by_name("object_version") {
+            Some(_) => opt_str_col(u, &b, "object_version")?,
+            None => vec![None; b.num_rows()],
+        };
+        for ((((uri, reason), detail), time_unix_us), object_version) in uris
+            .into_iter()
+            .zip(reasons)
+            .zip(details)
+            .zip(times)
+            .zip(versions)
         {
             out.push(QuarantineRow {
                 uri,
                 reason,
                 detail,
                 time_unix_us,
+                object_version,
             });
         }
     }

@@ -54,6 +54,7 @@ async fn index_entries_accepted_and_rejected() {
     let e = |rel: &str, label: Option<&str>| DatasetEntry {
         rel: rel.into(),
         label: label.map(str::to_string),
+        tag: None,
     };
     assert_eq!(
         ds.entries,
@@ -111,16 +112,17 @@ async fn prefix_listing_filters_extensions() {
     let parent = tempfile::tempdir().unwrap();
     let root = std::fs::canonicalize(parent.path()).unwrap().join("videos");
     make_tree(&root).await;
-    let expected: Vec<DatasetEntry> = ["sub/deeper/v3.webm", "sub/v2.MOV", "v1.mp4"]
-        .iter()
-        .map(|r| DatasetEntry {
-            rel: r.to_string(),
-            label: None,
-        })
-        .collect();
+    let expected = ["sub/deeper/v3.webm", "sub/v2.MOV", "v1.mp4"];
     for spec in [format!("{}/", root.display()), root.display().to_string()] {
         let ds = dataset::open(&spec, &s3()).await.unwrap();
-        assert_eq!(ds.entries, expected, "{spec}");
+        let rels: Vec<&str> = ds.entries.iter().map(|e| e.rel.as_str()).collect();
+        assert_eq!(rels, expected, "{spec}");
+        // A listed entry carries the object version the store gives it.
+        for e in &ds.entries {
+            assert!(e.label.is_none());
+            assert_eq!(e.tag, ds.store.head(&e.rel).await.unwrap().tag, "{}", e.rel);
+            assert!(e.tag.is_some());
+        }
         assert!(ds.rejected.is_empty());
     }
 }

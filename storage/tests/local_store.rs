@@ -52,36 +52,30 @@ async fn put_get_range_head_list_exists() {
             .await,
         Err(StorageError::InvalidRange { .. })
     ));
+    let head = store.head("a/b.bin").await.unwrap();
+    assert_eq!((head.path.as_str(), head.size), ("a/b.bin", 10));
+    let listed = store.list().await.unwrap();
     assert_eq!(
-        store.head("a/b.bin").await.unwrap(),
-        ObjectInfo {
-            path: "a/b.bin".into(),
-            size: 10
-        }
+        paths_and_sizes(&listed),
+        [("a/b.bin", 10), ("a/z/d.bin", 0), ("c.txt", 5)]
     );
-    assert_eq!(
-        store.list().await.unwrap(),
-        vec![
-            ObjectInfo {
-                path: "a/b.bin".into(),
-                size: 10
-            },
-            ObjectInfo {
-                path: "a/z/d.bin".into(),
-                size: 0
-            },
-            ObjectInfo {
-                path: "c.txt".into(),
-                size: 5
-            },
-        ]
+    // A listing and a HEAD name the same object version; replacing the object changes it.
+    assert!(head.tag.is_some());
+    assert_eq!(listed[0].tag, head.tag);
+    store
+        .put("a/b.bin", Bytes::from_static(b"9876543210"))
+        .await
+        .unwrap();
+    let replaced = store.head("a/b.bin").await.unwrap();
+    assert_eq!(replaced.size, 10);
+    assert_ne!(
+        replaced.tag, head.tag,
+        "same name and size, another version"
     );
+    assert_eq!(store.list().await.unwrap()[0].tag, replaced.tag);
     assert_eq!(
-        store.list_prefix("a/z").await.unwrap(),
-        vec![ObjectInfo {
-            path: "a/z/d.bin".into(),
-            size: 0
-        }]
+        paths_and_sizes(&store.list_prefix("a/z").await.unwrap()),
+        [("a/z/d.bin", 0)]
     );
     assert!(store.list_prefix("nothing/here").await.unwrap().is_empty());
     assert!(store.exists("c.txt").await.unwrap());
@@ -256,4 +250,8 @@ async fn checkpoints_latest() {
     assert_eq!(step, 100);
     assert_eq!(rel, "checkpoints/step-00000100.safetensors");
     assert_eq!(store.get(&rel).await.unwrap(), Bytes::from(vec![100u8; 4]));
+}
+
+fn paths_and_sizes(listed: &[ObjectInfo]) -> Vec<(&str, u64)> {
+    listed.iter().map(|o| (o.path.as_str(), o.size)).collect()
 }

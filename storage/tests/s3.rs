@@ -64,18 +64,35 @@ async fn s3_round_trip() {
     assert!(store.exists("c.mp4").await.unwrap());
     assert!(!store.exists("nope.mp4").await.unwrap());
     assert!(store.get("nope.mp4").await.unwrap_err().is_not_found());
+    let listed = store.list().await.unwrap();
     assert_eq!(
-        store.list().await.unwrap(),
-        vec![
-            ObjectInfo {
-                path: "a/b.bin".into(),
-                size: 10
-            },
-            ObjectInfo {
-                path: "c.mp4".into(),
-                size: 5
-            },
-        ]
+        listed
+            .iter()
+            .map(|o: &ObjectInfo| (o.path.as_str(), o.size))
+            .collect::<Vec<_>>(),
+        [("a/b.bin", 10), ("c.mp4", 5)]
+    );
+    // The object version is the ETag, unquoted; a replacement changes it. (s3s-fs lists no
+    // ETags, AWS S3 and MinIO do: a listed tag must then be the HEAD's.)
+    let head = store.head("c.mp4").await.unwrap();
+    assert!(
+        head.tag.as_deref().is_some_and(|t| !t.contains('"')),
+        "{head:?}"
+    );
+    assert!(listed[1].tag.is_none() || listed[1].tag == head.tag);
+    store
+        .put("c.mp4", Bytes::from_static(b"54321"))
+        .await
+        .unwrap();
+    assert_ne!(store.head("c.mp4").await.unwrap().tag, head.tag);
+    store
+        .put("c.mp4", Bytes::from_static(b"video"))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.head("c.mp4").await.unwrap().tag,
+        head.tag,
+        "same bytes, same ETag"
     );
     assert!(matches!(
         store.get("../other/z.mp4").await,
@@ -132,11 +149,13 @@ async fn s3_round_trip() {
         vec![
             DatasetEntry {
                 rel: "c.mp4".into(),
-                label: Some("1".into())
+                label: Some("1".into()),
+                tag: None,
             },
             DatasetEntry {
                 rel: "a/b.bin".into(),
-                label: Some("2".into())
+                label: Some("2".into()),
+                tag: None,
             },
         ]
     );
@@ -151,7 +170,8 @@ async fn s3_round_trip() {
         ds.entries,
         vec![DatasetEntry {
             rel: "c.mp4".into(),
-            label: None
+            label: None,
+            tag: None, // s3s-fs lists no ETags
         }]
     );
 }

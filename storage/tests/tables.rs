@@ -147,7 +147,13 @@ async fn empty_quarantine_file_is_valid() {
             Some("UTC".into())
         )
     );
-    assert!(schema.fields().iter().all(|f| !f.is_nullable()));
+    // Every column is always set but the object version (unknown for some records).
+    assert!(
+        schema
+            .fields()
+            .iter()
+            .all(|f| f.is_nullable() == (f.name() == "object_version"))
+    );
     let bytes = store.get("quarantine.parquet").await.unwrap();
     let b = ParquetRecordBatchReaderBuilder::try_new(bytes).unwrap();
     assert_eq!(b.metadata().file_metadata().num_rows(), 0);
@@ -163,12 +169,14 @@ async fn quarantine_round_trip() {
             reason: "decode_error".into(),
             detail: "qtdemux: no moov".into(),
             time_unix_us: 1,
+            object_version: Some("9b2cf535f27731c974343645a3985328".into()),
         },
         QuarantineRow {
             uri: "file:///x/ü b.mp4".into(),
             reason: "path_escapes_store".into(),
             detail: String::new(),
             time_unix_us: -5,
+            object_version: None,
         },
     ];
     let mut w = QuarantineWriter::create(&store, "q.parquet").await.unwrap();
@@ -181,6 +189,26 @@ async fn quarantine_round_trip() {
         tables::read_quarantine(&store, "q.parquet").await.unwrap(),
         rows
     );
+
+    // A table from before `object_version` existed reads with the versions unknown.
+    use tables::TableRow;
+    let full = QuarantineRow::to_batch(&rows).unwrap();
+    let old = full.project(&[0, 1, 2, 3]).unwrap();
+    assert_eq!(
+        old.schema().fields().len() + 1,
+        full.schema().fields().len()
+    );
+    let mut bytes = Vec::new();
+    let mut w = parquet::arrow::ArrowWriter::try_new(&mut bytes, old.schema(), None).unwrap();
+    w.write(&old).unwrap();
+    w.close().unwrap();
+    store.put("old.parquet", Bytes::from(bytes)).await.unwrap();
+    let back = tables::read_quarantine(&store, "old.parquet")
+        .await
+        .unwrap();
+    assert_eq!(back[0].object_version, None);
+    assert_eq!(back[0].uri, rows[0].uri);
+    assert_eq!(back[1].time_unix_us, -5);
 }
 
 #[tokio::test]

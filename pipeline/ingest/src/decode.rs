@@ -316,8 +316,9 @@ struct Shared {
     fakesinks: Vec<gst::Element>,
     /// A callback decided to refuse the input.
     refuse: Option<(QuarantineReason, String)>,
-    /// A read failed for the store's sake, not the input's ([`IngestError::Unavailable`]).
-    unavailable: Option<String>,
+    /// A read failed for the store's sake, not the input's ([`IngestError::Unavailable`]), or
+    /// because the object was replaced meanwhile ([`IngestError::Changed`]).
+    unavailable: Option<IngestError>,
     /// `autoplug-continue` calls so far (the first one carries the type-find result).
     autoplug_calls: u32,
     /// The video decoder behind the linked video pad.
@@ -647,8 +648,8 @@ impl Decoder {
                             IngestError::Fatal(d) => {
                                 st.refuse.get_or_insert((QuarantineReason::FetchError, d));
                             }
-                            IngestError::Unavailable(d) => {
-                                st.unavailable.get_or_insert(d);
+                            passing @ (IngestError::Unavailable(_) | IngestError::Changed(_)) => {
+                                st.unavailable.get_or_insert(passing);
                             }
                         }
                         drop(st);
@@ -812,8 +813,8 @@ impl Decoder {
         if let Err(e) = pipeline.set_state(gst::State::Playing) {
             // The reason (e.g. type finding failed) is usually on the bus already.
             watch.drain(&bus);
-            if let Some(d) = lock(shared).unavailable.take() {
-                return Err(IngestError::Unavailable(d));
+            if let Some(passing) = lock(shared).unavailable.take() {
+                return Err(passing);
             }
             if let Some(err) = watch.error.take() {
                 return Err(err);
@@ -1129,8 +1130,8 @@ impl Decoder {
         {
             let mut st = lock(shared);
             // A read failure is the root cause of whatever the demuxer says next.
-            if let Some(d) = st.unavailable.take() {
-                return Err(IngestError::Unavailable(d));
+            if let Some(passing) = st.unavailable.take() {
+                return Err(passing);
             }
             if let Some((reason, detail)) = st.refuse.take() {
                 return Err(quarantine(reason, detail));

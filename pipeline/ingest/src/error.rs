@@ -102,6 +102,11 @@ pub enum IngestError {
     /// fine: try another, and this one again later; never quarantine it for this.
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// Not the input's fault: the object was replaced while it was read (the store answered a
+    /// read for another version than the one opened). Its new version may be fine: read it
+    /// again, never quarantine it for this.
+    #[error("object changed while reading: {0}")]
+    Changed(String),
 }
 
 impl IngestError {
@@ -117,7 +122,7 @@ impl IngestError {
     pub fn quarantine_reason(&self) -> Option<QuarantineReason> {
         match self {
             IngestError::Quarantine { reason, .. } => Some(*reason),
-            IngestError::Fatal(_) | IngestError::Unavailable(_) => None,
+            IngestError::Fatal(_) | IngestError::Unavailable(_) | IngestError::Changed(_) => None,
         }
     }
 }

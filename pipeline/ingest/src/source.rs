@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt};
+use object_store::{GetOptions, ObjectStore, ObjectStoreExt};
 use tokio::runtime::Handle;
 
 use crate::error::{IngestError, QuarantineReason};
@@ -64,6 +64,10 @@ pub struct ObjectSource {
     store: Arc<dyn ObjectStore>,
     path: Path,
     size: u64,
+    /// The ETag of the version opened, as the store wrote it: every read asks for that
+    /// version (`If-Match`) and checks the answer's, so a video replaced while it is read
+    /// fails as [`IngestError::Changed`] instead of decoding a splice of two files.
+    e_tag: Option<String>,
     runtime: Handle,
     timeout: Duration,
     /// Ends the reads early when the job no longer needs them.
@@ -78,6 +82,7 @@ fn store_error(what: String, e: object_store::Error) -> IngestError {
         object_store::Error::NotFound { .. } => {
             IngestError::quarantine(QuarantineReason::FetchError, format!("{what}: {e}"))
         }
+        object_store::Error::Precondition { .. } => IngestError::Changed(format!("{what}: {e}")),
         other => IngestError::Unavailable(format!("{what}: {other}")),
     }
 }
@@ -189,6 +194,7 @@ impl ObjectSource {
             store,
             path,
             size: meta.size,
+            e_tag: meta.e_tag,
             runtime,
             timeout: DEFAULT_READ_TIMEOUT,
             abandon,
@@ -206,6 +212,7 @@ impl ObjectSource {
             store,
             path,
             size,
+            e_tag: None,
             runtime,
             timeout: DEFAULT_READ_TIMEOUT,
             abandon: None,
@@ -219,10 +226,17 @@ impl ObjectSource {
             store: Arc::clone(&self.store),
             path: self.path.clone(),
             size: self.size,
+            e_tag: self.e_tag.clone(),
             runtime: self.runtime.clone(),
             timeout,
             abandon: self.abandon.clone(),
         })
+    }
+
+    /// The ETag of the version opened, as the store gave it; `None` when the store gives
+    /// none (reads are then not pinned to a version).
+    pub fn e_tag(&self) -> Option<&str> {
+        self.e_tag.as_deref()
     }
 }
 
@@ -237,7 +251,23 @@ impl ByteSource for ObjectSource {
         }
         let want = range.end - range.start;
         let what = || format!("GET {} bytes {}..{}", self.path, range.start, range.end);
-        let get = self.store.get_range(&self.path, range.clone());
+        let options = GetOptions::new()
+            .with_range(Some(range.clone()))
+            .with_if_match(self.e_tag.clone());
+        let get = async {
+            let got = self.store.get_opts(&self.path, options).await?;
+            // A server may ignore `If-Match` on reads (s3s-fs does): the answer's own ETag
+            // still tells which version it read.
+            if let (Some(want), Some(got_tag)) = (&self.e_tag, &got.meta.e_tag)
+                && want != got_tag
+            {
+                return Err(object_store::Error::Precondition {
+                    path: self.path.to_string(),
+                    source: format!("opened as ETag {want}, read ETag {got_tag}").into(),
+                });
+            }
+            got.bytes().await
+        };
         let bytes = match bounded(&self.runtime, self.timeout, self.abandon.as_ref(), get) {
             Waited::Done(r) => r.map_err(|e| store_error(what(), e))?,
             Waited::TimedOut => {
@@ -485,6 +515,50 @@ mod tests {
         );
     }
 
+    /// Reads ask for the version opened: once the object is replaced under the same name (by
+    /// a rename, as uploads land, or rewritten in place), the next read fails as `Changed`,
+    /// never returning bytes of the new file to a demuxer that parsed the old one.
+    #[test]
+    fn a_replaced_object_is_not_read_as_the_one_opened() {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let local: Arc<dyn ObjectStore> =
+            Arc::new(object_store::local::LocalFileSystem::new_with_prefix(dir.path()).unwrap());
+        let path = Path::from("v.mp4");
+        let put = |bytes: &'static [u8]| {
+            runtime
+                .block_on(local.put(&path, Bytes::from_static(bytes).into()))
+                .unwrap();
+        };
+        put(b"first version");
+        let opened =
+            ObjectSource::open(local.clone(), path.clone(), runtime.handle().clone()).unwrap();
+        assert!(opened.e_tag().is_some());
+        assert_eq!(opened.read(0..5).unwrap(), Bytes::from_static(b"first"));
+        // Same size, other bytes: only the version tells them apart.
+        put(b"other version");
+        let err = opened.read(6..13).unwrap_err();
+        assert!(matches!(err, IngestError::Changed(_)), "{err:?}");
+        assert_eq!(
+            err.quarantine_reason(),
+            None,
+            "nothing is wrong with the video"
+        );
+        // Opened again, the new version reads.
+        let reopened = ObjectSource::open(local, path, runtime.handle().clone()).unwrap();
+        assert_ne!(reopened.e_tag(), opened.e_tag());
+        assert_eq!(reopened.read(0..5).unwrap(), Bytes::from_static(b"other"));
+        // Rewritten in place (a copy into a watched folder): the modification time moves.
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        std::fs::write(dir.path().join("v.mp4"), b"third version").unwrap();
+        let err = reopened.read(0..5).unwrap_err();
+        assert!(matches!(err, IngestError::Changed(_)), "{err:?}");
+    }
+
     /// A store that accepts the connection and never answers holds a read for its whole
     /// timeout; once the job abandons its reads, the one in flight and every later one end
     /// at once, as `Unavailable` (nothing said about the object).
@@ -534,6 +608,7 @@ mod tests {
             store,
             path: Path::from("b.mp4"),
             size: 100,
+            e_tag: None,
             runtime: runtime.handle().clone(),
             timeout: DEFAULT_READ_TIMEOUT,
             abandon: Some(abandon),

@@ -1042,6 +1042,9 @@ fn run_corpus(label: &str, open: Open<'_>) {
             (_, Ok(Err(IngestError::Unavailable(m)))) => {
                 problems.push(format!("store unavailable (in memory?): {m}"))
             }
+            (_, Ok(Err(IngestError::Changed(m)))) => {
+                problems.push(format!("object changed (nobody writes here): {m}"))
+            }
             (Expect::Quarantined(want), Ok(Err(IngestError::Quarantine { reason, detail }))) => {
                 if reason != want {
                     problems.push(format!("quarantined as {reason} ({detail})"));
