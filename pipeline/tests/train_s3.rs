@@ -395,3 +395,46 @@ fn check_config_reach_asks_the_store() {
     assert!(err.contains("no answer within 2 s"), "{err}");
     assert!(started.elapsed() < std::time::Duration::from_secs(20));
 }
+
+/// s3s-fs, like some other servers, ignores `If-Match` on reads: the ETag of the answer still
+/// shows a video replaced while a clip reads it, which fails that read as `Changed` (the clip
+/// tries another video; nothing is quarantined) instead of splicing two files.
+#[test]
+fn a_video_replaced_in_the_bucket_is_not_read_as_the_one_opened() {
+    let Some(server) =
+        S3Server::start_or_skip("a_video_replaced_in_the_bucket_is_not_read_as_the_one_opened")
+            .unwrap()
+    else {
+        return;
+    };
+    server.create_bucket("corpus").unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let store = vjepa_storage::Store::open_with_credentials(
+        "s3://corpus/videos/",
+        &server.settings(),
+        &server.access_key,
+        &server.secret_key,
+    )
+    .unwrap();
+    let put = |bytes: &'static [u8]| {
+        rt.block_on(store.put("v.mp4", bytes::Bytes::from_static(bytes)))
+            .unwrap()
+    };
+    put(b"first version");
+    let (object_store, _) = store.inner();
+    let path = store.path_of("v.mp4").unwrap();
+    let source =
+        vjepa_ingest::ObjectSource::open(object_store.clone(), path.clone(), rt.handle().clone())
+            .unwrap();
+    use vjepa_ingest::ByteSource;
+    assert_eq!(&source.read(0..5).unwrap()[..], b"first");
+    put(b"other version");
+    let err = source.read(6..13).unwrap_err();
+    assert!(
+        matches!(err, vjepa_ingest::IngestError::Changed(_)),
+        "{err:?}"
+    );
+    let reopened =
+        vjepa_ingest::ObjectSource::open(object_store, path, rt.handle().clone()).unwrap();
+    assert_eq!(&reopened.read(0..5).unwrap()[..], b"other");
+}
