@@ -36,12 +36,18 @@ pub struct VideoRef {
 
 /// The videos quarantined so far, each as the object version found bad, so that a video
 /// replaced under the same name (a fixed upload; a copy still being written when it was read)
-/// comes back at the next listing instead of staying out for the rest of a days-long run.
-/// Where a version is unknown on either side (a refused index entry, an index's videos, a
-/// store that lists no ETags), the quarantine covers the name.
+/// comes back instead of staying out for the rest of a days-long run. It comes back once two
+/// listings in a row show the same new version ([`Self::note_listing`]): a file still growing
+/// changes version at every listing and stays out until it is complete. Where a version is
+/// unknown on either side (a refused index entry, an index's videos, a store that lists no
+/// ETags), the quarantine covers the name.
 #[derive(Clone, Debug, Default)]
 pub struct QuarantineSet {
     by_uri: HashMap<String, Vec<Option<String>>>,
+    /// Versions not found bad of quarantined names, in the latest listing noted.
+    pending: HashMap<String, Option<String>>,
+    /// Those of them that the listing before showed too: back in the catalog.
+    settled: HashSet<(String, Option<String>)>,
 }
 
 impl QuarantineSet {
@@ -56,11 +62,38 @@ impl QuarantineSet {
         true
     }
 
-    /// Whether the listed video `v` is one found bad.
+    /// Whether the listed video `v` stays out: its version was found bad, or its name was and
+    /// its new version has not yet been listed twice in a row.
     pub fn covers(&self, v: &VideoRef) -> bool {
-        self.by_uri
-            .get(&v.uri)
-            .is_some_and(|tags| v.tag.is_none() || tags.iter().any(|t| t.is_none() || *t == v.tag))
+        self.by_uri.get(&v.uri).is_some_and(|tags| {
+            Self::bad_version(tags, v) || !self.settled.contains(&(v.uri.clone(), v.tag.clone()))
+        })
+    }
+
+    /// Takes note of a listing, before building the catalog version from it: a quarantined
+    /// name at a new version settles when the previous listing noted showed that version too.
+    pub fn note_listing(&mut self, videos: &[VideoRef]) {
+        let mut pending = HashMap::new();
+        let mut settled = HashSet::new();
+        for v in videos {
+            let Some(tags) = self.by_uri.get(&v.uri) else {
+                continue;
+            };
+            if Self::bad_version(tags, v) {
+                continue;
+            }
+            if self.pending.get(&v.uri) == Some(&v.tag) {
+                settled.insert((v.uri.clone(), v.tag.clone()));
+            }
+            pending.insert(v.uri.clone(), v.tag.clone());
+        }
+        self.pending = pending;
+        self.settled = settled;
+    }
+
+    /// `v`'s version is one found bad, or unknown on either side (the name is covered).
+    fn bad_version(tags: &[Option<String>], v: &VideoRef) -> bool {
+        v.tag.is_none() || tags.iter().any(|t| t.is_none() || *t == v.tag)
     }
 
     /// Whether `v`'s name was quarantined at some version (for telling a replaced video that
@@ -465,11 +498,29 @@ mod tests {
         );
         assert!(bad.insert("s3://b/c.mp4", None));
         assert!(bad.covers(&tagged(0, "a.mp4", "e1")));
-        assert!(
-            !bad.covers(&tagged(0, "a.mp4", "e2")),
-            "replaced: a new version"
-        );
         assert!(bad.has_name(&tagged(0, "a.mp4", "e2")));
+        // A new version comes back once two listings in a row show it: a file still being
+        // written (e2, then e3) stays out.
+        assert!(bad.covers(&tagged(0, "a.mp4", "e2")), "not listed yet");
+        bad.note_listing(&[tagged(0, "a.mp4", "e2")]);
+        assert!(bad.covers(&tagged(0, "a.mp4", "e2")), "listed once");
+        bad.note_listing(&[tagged(0, "a.mp4", "e3")]);
+        assert!(bad.covers(&tagged(0, "a.mp4", "e3")), "changed again");
+        bad.note_listing(&[tagged(0, "a.mp4", "e3")]);
+        assert!(
+            !bad.covers(&tagged(0, "a.mp4", "e3")),
+            "the same twice: back"
+        );
+        assert!(
+            bad.covers(&tagged(0, "a.mp4", "e1")),
+            "the broken version stays out"
+        );
+        bad.note_listing(&[tagged(0, "a.mp4", "e1")]);
+        bad.note_listing(&[tagged(0, "a.mp4", "e1")]);
+        assert!(
+            bad.covers(&tagged(0, "a.mp4", "e1")),
+            "the broken bytes again: out"
+        );
         assert!(bad.covers(&v(0, "a.mp4")), "an index entry: by name");
         assert!(bad.covers(&tagged(0, "c.mp4", "e9")), "quarantined by name");
         assert!(!bad.covers(&tagged(0, "b.mp4", "e1")));
@@ -480,6 +531,8 @@ mod tests {
         assert_eq!(v1.videos, vec![tagged(0, "b.mp4", "f1")]);
         // a.mp4 fixed by a new upload: back, and the draws are keyed as for the same names.
         let l2 = listing(vec![tagged(0, "a.mp4", "e2"), tagged(0, "b.mp4", "f1")]);
+        bad.note_listing(&l2.videos);
+        bad.note_listing(&l2.videos);
         let v2 = CatalogVersion::build(2, 8, &l2, &bad, 1);
         assert_eq!(v2.videos, l2.videos);
         assert_eq!(v2.key, v0.key);

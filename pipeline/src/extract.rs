@@ -450,6 +450,8 @@ struct ExtractLoader {
     opts: Arc<ExtractOptions>,
     frames: usize,
     size: usize,
+    /// The last read found its video replaced meanwhile ([`IngestError::Changed`]).
+    changed: bool,
 }
 
 impl ExtractLoader {
@@ -465,7 +467,8 @@ impl ExtractLoader {
 
     /// A decode error as a quarantine record (a store that could not be read included: one
     /// pass over the videos loses this video's rows, recorded with why).
-    fn decode_failed(&self, v: &Video, e: IngestError) -> Vec<Loaded> {
+    fn decode_failed(&mut self, v: &Video, e: IngestError) -> Vec<Loaded> {
+        self.changed = matches!(e, IngestError::Changed(_));
         match e {
             IngestError::Quarantine { reason, detail } => self.bad(v, reason.as_str(), detail),
             IngestError::Fatal(msg) => self.bad(v, "decode_error", msg),
@@ -528,7 +531,20 @@ impl ExtractLoader {
 }
 
 impl ClipLoader for ExtractLoader {
+    /// One video's clips; a video replaced while it was read is read again, once, at its new
+    /// version (a second change is recorded as a `fetch_error`).
     fn load(&mut self, request: ClipRequest) -> Vec<Loaded> {
+        self.changed = false;
+        let out = self.load_video(&request);
+        if self.changed {
+            return self.load_video(&request);
+        }
+        out
+    }
+}
+
+impl ExtractLoader {
+    fn load_video(&mut self, request: &ClipRequest) -> Vec<Loaded> {
         let Some(v) = self.videos.get(request.slot).cloned() else {
             return Vec::new();
         };
@@ -840,6 +856,7 @@ pub(crate) fn stream_clips<C: ClipConsumer>(
                         opts: opts.clone(),
                         frames,
                         size,
+                        changed: false,
                     })
                 })
                 .collect::<Result<Vec<_>, _>>()

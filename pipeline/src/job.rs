@@ -2204,6 +2204,7 @@ fn apply_listing(
                 }
             }
         }
+        o.seen_bad.note_listing(&listing.videos);
         o.seen_bad.clone()
     };
     let mut next = CatalogVersion::build(
@@ -2237,8 +2238,9 @@ fn apply_listing(
         .iter()
         .filter(|v| removed_names.contains(&(v.dataset, v.rel.as_str())))
         .count();
+    let before: HashSet<&str> = prev.videos.iter().map(|v| v.uri.as_str()).collect();
     for v in &added {
-        if excluded.has_name(v) {
+        if excluded.has_name(v) && !before.contains(v.uri.as_str()) {
             tracing::info!(uri = %v.uri, object_tag = ?v.tag, "a quarantined video was replaced under its name: the new version is back in the catalog");
         }
     }

@@ -670,6 +670,8 @@ impl StoreLoader {
         let mut draws = rng_for(self.settings.seed, Stream::Clip, request.global_index);
         // Attempts the store could not serve, and its last message.
         let mut unavailable: Option<(usize, String)> = None;
+        // Attempts whose video was replaced while it was read, and the last message.
+        let mut changed: Option<(usize, String)> = None;
         for attempt in 0..self.settings.max_attempts {
             let video = if attempt == 0 {
                 first
@@ -694,8 +696,9 @@ impl StoreLoader {
             }
             let mut opened = None;
             let tried = self.try_video(v, &mut rng, &request, &mut opened);
-            // The version found bad: the one read, else the one listed.
-            let object_tag = opened.or_else(|| v.tag.clone());
+            // The version found bad: the one read, else the one listed; none where the listing
+            // knows no versions (the quarantine then covers the name, and says so).
+            let object_tag = v.tag.as_ref().and(opened.or_else(|| v.tag.clone()));
             // A failure of an abandoned read says nothing about the video.
             if self.abandoned() {
                 return out;
@@ -727,6 +730,7 @@ impl StoreLoader {
                 }
                 Err(Failure::Changed(detail)) => {
                     tracing::info!(uri = %v.uri, %detail, "video replaced while it was read; the clip tries another video, the new version stays in the catalog");
+                    changed = Some((changed.map_or(0, |(n, _)| n) + 1, detail));
                 }
                 Err(Failure::Bad { reason, detail }) => {
                     self.known_bad.insert(listed);
@@ -781,6 +785,12 @@ impl StoreLoader {
             format!(
                 "the store could not be read ({n} of the attempts; last: {last}); the videos \
                  were not quarantined: rerun the same command once the store is back to resume"
+            )
+        } else if let Some((n, last)) = changed {
+            format!(
+                "{n} of the attempts found their video replaced while it was read (last: {last}); \
+                 nothing was quarantined. If the videos are not being rewritten, the store's \
+                 ETags change between requests (a proxy rewriting them?)"
             )
         } else if bad == version.videos.len() {
             format!(

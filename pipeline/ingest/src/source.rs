@@ -87,6 +87,14 @@ fn store_error(what: String, e: object_store::Error) -> IngestError {
     }
 }
 
+/// An ETag's value without the weak prefix and quotes, so that a proxy that weakens or
+/// unquotes ETags does not make every read look like another version (the same rule as
+/// `vjepa_storage::normalize_tag`, which names versions in listings).
+fn etag_value(e_tag: &str) -> &str {
+    let t = e_tag.trim();
+    t.strip_prefix("W/").unwrap_or(t).trim_matches('"')
+}
+
 /// How long one ranged GET may take by default before it is abandoned
 /// ([`ObjectSource::with_timeout`] changes it).
 pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(30);
@@ -251,15 +259,21 @@ impl ByteSource for ObjectSource {
         }
         let want = range.end - range.start;
         let what = || format!("GET {} bytes {}..{}", self.path, range.start, range.end);
+        // `If-Match` compares strongly: a weak ETag would never match, so it is only checked
+        // in the answer.
+        let strong = self
+            .e_tag
+            .clone()
+            .filter(|t| !t.trim_start().starts_with("W/"));
         let options = GetOptions::new()
             .with_range(Some(range.clone()))
-            .with_if_match(self.e_tag.clone());
+            .with_if_match(strong);
         let get = async {
             let got = self.store.get_opts(&self.path, options).await?;
             // A server may ignore `If-Match` on reads (s3s-fs does): the answer's own ETag
             // still tells which version it read.
             if let (Some(want), Some(got_tag)) = (&self.e_tag, &got.meta.e_tag)
-                && want != got_tag
+                && etag_value(want) != etag_value(got_tag)
             {
                 return Err(object_store::Error::Precondition {
                     path: self.path.to_string(),
@@ -513,6 +527,14 @@ mod tests {
             "{:?}",
             unreachable.err()
         );
+    }
+
+    #[test]
+    fn etags_compare_without_quotes_or_the_weak_prefix() {
+        assert_eq!(etag_value("\"abc\""), "abc");
+        assert_eq!(etag_value("W/\"abc\""), "abc");
+        assert_eq!(etag_value("abc"), "abc");
+        assert_ne!(etag_value("\"abc\""), etag_value("\"abd\""));
     }
 
     /// Reads ask for the version opened: once the object is replaced under the same name (by
