@@ -47,7 +47,7 @@ pub struct QuarantineSet {
     /// Versions not found bad of quarantined names, in the latest listing noted.
     pending: HashMap<String, Option<String>>,
     /// Those of them that the listing before showed too: back in the catalog.
-    settled: HashSet<(String, Option<String>)>,
+    settled: HashMap<String, Option<String>>,
 }
 
 impl QuarantineSet {
@@ -66,7 +66,7 @@ impl QuarantineSet {
     /// its new version has not yet been listed twice in a row.
     pub fn covers(&self, v: &VideoRef) -> bool {
         self.by_uri.get(&v.uri).is_some_and(|tags| {
-            Self::bad_version(tags, v) || !self.settled.contains(&(v.uri.clone(), v.tag.clone()))
+            Self::bad_version(tags, v) || self.settled.get(&v.uri) != Some(&v.tag)
         })
     }
 
@@ -74,7 +74,7 @@ impl QuarantineSet {
     /// name at a new version settles when the previous listing noted showed that version too.
     pub fn note_listing(&mut self, videos: &[VideoRef]) {
         let mut pending = HashMap::new();
-        let mut settled = HashSet::new();
+        let mut settled = HashMap::new();
         for v in videos {
             let Some(tags) = self.by_uri.get(&v.uri) else {
                 continue;
@@ -83,7 +83,7 @@ impl QuarantineSet {
                 continue;
             }
             if self.pending.get(&v.uri) == Some(&v.tag) {
-                settled.insert((v.uri.clone(), v.tag.clone()));
+                settled.insert(v.uri.clone(), v.tag.clone());
             }
             pending.insert(v.uri.clone(), v.tag.clone());
         }

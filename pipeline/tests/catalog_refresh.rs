@@ -31,11 +31,7 @@ fn added_videos_are_sampled_and_deleted_ones_never_drawn_after_the_next_refresh(
     let tmp = tempfile::tempdir().unwrap();
     let videos = tmp.path().join("videos");
     make_corpus(&videos, 4);
-    let mut names: Vec<String> = std::fs::read_dir(&videos)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
+    let names = sorted_names(&videos);
     assert_eq!(names.len(), 4);
 
     // Three videos and one file that is not a video in the bucket; the fourth video comes later.
@@ -121,14 +117,7 @@ fn added_videos_are_sampled_and_deleted_ones_never_drawn_after_the_next_refresh(
     );
 
     // The catalog versions, in step order.
-    let mut records: Vec<VersionRecord> = rt
-        .block_on(out.list())
-        .unwrap()
-        .into_iter()
-        .filter(|o| o.path.starts_with("catalog/"))
-        .map(|o| serde_json::from_slice(&rt.block_on(out.get(&o.path)).unwrap()).unwrap())
-        .collect();
-    records.sort_by_key(|r| r.from_step);
+    let records = version_records(&rt, &out);
     for r in &records {
         println!(
             "version {} from step {}: {} videos (+{} -{})",
@@ -236,11 +225,7 @@ fn a_video_fixed_under_its_name_comes_back_from_quarantine() {
     let tmp = tempfile::tempdir().unwrap();
     let made = tmp.path().join("made");
     make_corpus(&made, 4);
-    let mut names: Vec<String> = std::fs::read_dir(&made)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
+    let names = sorted_names(&made);
     let videos = tmp.path().join("videos");
     std::fs::create_dir_all(&videos).unwrap();
     for name in &names[..3] {
@@ -302,14 +287,7 @@ fn a_video_fixed_under_its_name_comes_back_from_quarantine() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let store =
         vjepa_storage::Store::open(out.to_str().unwrap(), &Default::default(), false).unwrap();
-    let mut records: Vec<VersionRecord> = rt
-        .block_on(store.list())
-        .unwrap()
-        .into_iter()
-        .filter(|o| o.path.starts_with("catalog/"))
-        .map(|o| serde_json::from_slice(&rt.block_on(store.get(&o.path)).unwrap()).unwrap())
-        .collect();
-    records.sort_by_key(|r| r.from_step);
+    let records = version_records(&rt, &store);
     let is_fixed = |v: &&vjepa_pipeline::catalog::VideoRef| v.rel == fixed;
     let out_version = records
         .iter()
@@ -379,6 +357,19 @@ fn a_video_fixed_under_its_name_comes_back_from_quarantine() {
         rows[0].object_version, broken_tag,
         "the broken version is the one on record"
     );
+}
+
+/// The run's catalog version records (`catalog/step-*.json`), in step order.
+fn version_records(rt: &tokio::runtime::Runtime, out: &vjepa_storage::Store) -> Vec<VersionRecord> {
+    let mut records: Vec<VersionRecord> = rt
+        .block_on(out.list())
+        .unwrap()
+        .into_iter()
+        .filter(|o| o.path.starts_with("catalog/"))
+        .map(|o| serde_json::from_slice(&rt.block_on(out.get(&o.path)).unwrap()).unwrap())
+        .collect();
+    records.sort_by_key(|r| r.from_step);
+    records
 }
 
 /// Waits for the run, killing it (and failing) if it hangs.

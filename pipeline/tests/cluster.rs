@@ -309,11 +309,7 @@ fn catalog_versions_reach_every_process() {
     let tmp = tempfile::tempdir().unwrap();
     let all = tmp.path().join("all");
     make_corpus(&all, 4);
-    let mut names: Vec<String> = std::fs::read_dir(&all)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
+    let names = sorted_names(&all);
     let videos = tmp.path().join("videos");
     std::fs::create_dir_all(&videos).unwrap();
     for name in &names[..3] {

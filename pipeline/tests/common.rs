@@ -58,6 +58,16 @@ pub fn make_corpus(dir: &Path, count: usize) {
     );
 }
 
+/// The file names in `dir`, sorted (a made corpus, in a stable order).
+pub fn sorted_names(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
 /// The quickstart config, shrunk for tests: fewer steps, smaller crops.
 pub fn small_config(dataset: &str, out: &str, steps: u64) -> String {
     let text = std::fs::read_to_string(repo_root().join("configs/quickstart.yaml")).unwrap();

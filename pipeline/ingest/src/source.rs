@@ -481,18 +481,26 @@ impl CacheState {
 mod tests {
     use super::*;
 
+    /// A runtime for the sources' blocking reads (they must not run inside it).
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    fn local_store(dir: &tempfile::TempDir) -> Arc<dyn ObjectStore> {
+        Arc::new(object_store::local::LocalFileSystem::new_with_prefix(dir.path()).unwrap())
+    }
+
     /// A missing object is gone for good (quarantined); a store that does not answer says
     /// nothing about the object (tried again later, never quarantined for it).
     #[test]
     fn missing_objects_and_unreachable_stores_fail_differently() {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
+        let runtime = runtime();
         let dir = tempfile::tempdir().unwrap();
-        let local: Arc<dyn ObjectStore> =
-            Arc::new(object_store::local::LocalFileSystem::new_with_prefix(dir.path()).unwrap());
+        let local = local_store(&dir);
         let missing = ObjectSource::open(local, Path::from("gone.mp4"), runtime.handle().clone());
         assert!(
             matches!(
@@ -542,14 +550,9 @@ mod tests {
     /// never returning bytes of the new file to a demuxer that parsed the old one.
     #[test]
     fn a_replaced_object_is_not_read_as_the_one_opened() {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
+        let runtime = runtime();
         let dir = tempfile::tempdir().unwrap();
-        let local: Arc<dyn ObjectStore> =
-            Arc::new(object_store::local::LocalFileSystem::new_with_prefix(dir.path()).unwrap());
+        let local = local_store(&dir);
         let path = Path::from("v.mp4");
         let put = |bytes: &'static [u8]| {
             runtime
@@ -586,11 +589,7 @@ mod tests {
     /// at once, as `Unavailable` (nothing said about the object).
     #[test]
     fn abandoned_reads_end_at_once() {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
+        let runtime = runtime();
         let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let endpoint = format!("http://{}", silent.local_addr().unwrap());
         let store: Arc<dyn ObjectStore> = Arc::new(
