@@ -101,6 +101,54 @@ impl QuarantineSet {
     pub fn has_name(&self, v: &VideoRef) -> bool {
         self.by_uri.contains_key(&v.uri)
     }
+
+    /// The quarantines recorded so far, as (URI, object version found bad) pairs.
+    pub fn entries(&self) -> impl Iterator<Item = (&str, Option<&str>)> {
+        self.by_uri
+            .iter()
+            .flat_map(|(uri, tags)| tags.iter().map(move |t| (uri.as_str(), t.as_deref())))
+    }
+
+    /// Takes the quarantined names that `version` holds at a version not found bad as back in
+    /// the catalog (settled), as the run that made `version` had them: rebuilt from quarantine
+    /// records, a set knows nothing of the listings that brought them back.
+    pub fn settle_held(&mut self, version: &CatalogVersion) {
+        for v in &version.videos {
+            if let Some(tags) = self.by_uri.get(&v.uri)
+                && !Self::bad_version(tags, v)
+            {
+                self.pending.insert(v.uri.clone(), v.tag.clone());
+                self.settled.insert(v.uri.clone(), v.tag.clone());
+            }
+        }
+    }
+
+    /// These quarantines without those of videos `version` still holds (found bad after it
+    /// was made): what a resumed run leaves out of the listing at restart, so that its first
+    /// version is the stopped run's where nothing else changed.
+    fn except_held_by(&self, version: &CatalogVersion) -> QuarantineSet {
+        let held: HashSet<(&str, Option<&str>)> = version
+            .videos
+            .iter()
+            .map(|v| (v.uri.as_str(), v.tag.as_deref()))
+            .collect();
+        let mut by_uri = HashMap::new();
+        for (uri, tags) in &self.by_uri {
+            let kept: Vec<Option<String>> = tags
+                .iter()
+                .filter(|t| !held.contains(&(uri.as_str(), t.as_deref())))
+                .cloned()
+                .collect();
+            if !kept.is_empty() {
+                by_uri.insert(uri.clone(), kept);
+            }
+        }
+        QuarantineSet {
+            by_uri,
+            pending: self.pending.clone(),
+            settled: self.settled.clone(),
+        }
+    }
 }
 
 /// The result of reading every dataset once.
@@ -279,9 +327,11 @@ impl CatalogVersion {
         }
     }
 
-    /// Replays a record on top of the version before it (or on nothing, for version 0).
+    /// Replays a record on top of the version before it (or on nothing, for version 0). A
+    /// record in full (every video added: a run's first version) stands on its own.
     pub fn replay(prev: Option<&CatalogVersion>, record: &VersionRecord) -> CatalogVersion {
         let mut set: BTreeSet<VideoRef> = prev
+            .filter(|_| !record.is_full())
             .map(|p| p.videos.iter().cloned().collect())
             .unwrap_or_default();
         for r in &record.removed {
@@ -300,6 +350,47 @@ impl CatalogVersion {
             &QuarantineSet::default(),
             record.datasets.len(),
         )
+    }
+
+    /// The version in effect at `step` in the run that wrote `records` (in any order), rebuilt
+    /// by replaying those from before it; `None` where none takes effect by `step`.
+    pub fn replay_to(records: &[VersionRecord], step: u64) -> Option<CatalogVersion> {
+        let mut upto: Vec<&VersionRecord> =
+            records.iter().filter(|r| r.from_step <= step).collect();
+        upto.sort_by_key(|r| r.from_step);
+        upto.into_iter().fold(None, |prev, r| {
+            Some(CatalogVersion::replay(prev.as_ref(), r))
+        })
+    }
+
+    /// The first version of a run resumed at `first_step`: `replayed`, the version the stopped
+    /// run had in effect there, unless the listing taken at restart differs from it (videos
+    /// added, deleted or replaced while the run was down), in which case the next version,
+    /// made of that listing, takes effect at once. Videos `quarantined` at versions that
+    /// `replayed` still holds stay in, as they did in the stopped run until its next refresh
+    /// (the loaders skip them); every other quarantine leaves its video out.
+    pub fn resumed(
+        replayed: &CatalogVersion,
+        listing: &Listing,
+        quarantined: &QuarantineSet,
+        first_step: u64,
+        datasets: usize,
+    ) -> CatalogVersion {
+        let mut settled = quarantined.clone();
+        settled.settle_held(replayed);
+        let excluded = settled.except_held_by(replayed);
+        let now = CatalogVersion::build(
+            replayed.version + 1,
+            first_step,
+            listing,
+            &excluded,
+            datasets,
+        );
+        if now.videos == replayed.videos {
+            replayed.clone()
+        } else {
+            now
+        }
     }
 }
 
@@ -340,6 +431,21 @@ impl VersionRecord {
     /// Object name of the record under the output directory.
     pub fn object_name(&self) -> String {
         format!("catalog/step-{:08}.json", self.from_step)
+    }
+
+    /// The record lists the whole version (every video added): a run's first version, which
+    /// replays without the one before. (A change that adds every video it holds replays to the
+    /// same set on any predecessor, so the test cannot misread a change record.)
+    pub fn is_full(&self) -> bool {
+        self.added.len() == self.videos
+    }
+
+    /// The step named by a record's object name (`catalog/step-NNNNNNNN.json`).
+    pub fn step_of(name: &str) -> Option<u64> {
+        name.strip_prefix("catalog/step-")?
+            .strip_suffix(".json")?
+            .parse()
+            .ok()
     }
 }
 
@@ -548,6 +654,65 @@ mod tests {
                 .unwrap();
         let b2 = CatalogVersion::replay(None, &v2.record(None, &names));
         assert_eq!(CatalogVersion::replay(Some(&b2), &r3).videos, v3.videos);
+        // A resumed run: the stopped run had a.mp4 at e1 quarantined and out since v1, and
+        // found e.mp4 bad while v3 was in effect. Replaying the records up to step 12 gives v3;
+        // the listing at restart (unchanged) less the quarantines, except e.mp4's, which v3
+        // still holds, is v3 itself: the run continues it.
+        let c = tagged(0, "e.mp4", "g1");
+        let l3c = listing(vec![l3.videos[0].clone(), l3.videos[1].clone(), c.clone()]);
+        let v3c = CatalogVersion::build(3, 12, &l3c, &bad, 1);
+        let records = vec![
+            v3c.record(Some(&v2), &names),
+            v0.record(None, &names),
+            v2.record(Some(&v1), &names),
+            v1.record(Some(&v0), &names),
+        ];
+        assert!(records[1].is_full() && !records[2].is_full());
+        assert!(CatalogVersion::replay_to(&records, 3).is_some_and(|v| v.key == v0.key));
+        let at12 = CatalogVersion::replay_to(&records, 20).unwrap();
+        assert_eq!((at12.version, at12.videos.clone()), (3, v3c.videos.clone()));
+        let mut restored = QuarantineSet::default();
+        restored.insert("s3://b/a.mp4", Some("e1"));
+        restored.insert("s3://b/e.mp4", Some("g1"));
+        let same = CatalogVersion::resumed(&at12, &l3c, &restored, 20, 1);
+        assert_eq!(
+            (same.version, same.from_step),
+            (3, 12),
+            "continued as it was"
+        );
+        // Fixed before the stop (a.mp4 at e2), it stays back through the next refreshes.
+        restored.settle_held(&same);
+        restored.note_listing(&l3c.videos);
+        assert!(!restored.covers(&tagged(0, "a.mp4", "e2")));
+        assert!(restored.covers(&tagged(0, "a.mp4", "e1")));
+        // a.mp4 at e1 again while the run was down: still out. A new video: a new version at
+        // the first step; e.mp4 stays in it (the next refresh takes it out).
+        let mut l = l3c.videos.clone();
+        l.push(tagged(0, "d.mp4", "h1"));
+        l[0] = tagged(0, "a.mp4", "e1");
+        let next = CatalogVersion::resumed(&at12, &listing(l), &restored, 20, 1);
+        assert_eq!((next.version, next.from_step), (4, 20));
+        let names_in = |v: &CatalogVersion| -> Vec<String> {
+            v.videos.iter().map(|v| v.rel.clone()).collect()
+        };
+        assert_eq!(names_in(&next), ["b.mp4", "d.mp4", "e.mp4"]);
+        // Its record is written in full: it replays over whatever record shares its step.
+        let full = next.record(None, &names);
+        assert!(full.is_full());
+        assert_eq!(
+            CatalogVersion::replay(Some(&at12), &full).videos,
+            next.videos
+        );
+        assert!(
+            CatalogVersion::resumed(&at12, &listing(vec![]), &restored, 20, 1)
+                .videos
+                .is_empty()
+        );
+        assert_eq!(
+            VersionRecord::step_of("catalog/step-00000012.json"),
+            Some(12)
+        );
+        assert_eq!(VersionRecord::step_of("catalog/notes.txt"), None);
         // Records written before object versions existed still read (no `tag`).
         let old: VideoRef =
             serde_json::from_str(r#"{"dataset":0,"rel":"a.mp4","uri":"s3://b/a.mp4"}"#).unwrap();

@@ -217,15 +217,15 @@ fn run_training(
             &s3,
         ))
         .context("opening datasets")?;
-    // Version 0: the listing at start (quarantined videos leave at the first refresh).
-    let first_version = CatalogVersion::build(
+    // The listing at start, as a version (a fresh run's version 0).
+    let listed = CatalogVersion::build(
         0,
         0,
         &catalog.first,
         &QuarantineSet::default(),
         catalog.names.len(),
     );
-    if first_version.videos.is_empty() {
+    if listed.videos.is_empty() {
         let why = vjepa_storage::dataset::why_all_refused(
             catalog
                 .first
@@ -242,23 +242,11 @@ fn run_training(
     let mixing = cfg.mixing();
     VersionDraws::new(
         cfg.raw.meta.seed,
-        first_version.key,
-        first_version.counts.clone(),
+        listed.key,
+        listed.counts.clone(),
         &mixing,
     )
     .context("data.datasets_weights")?;
-    let ipe = cfg.iterations_per_epoch(first_version.videos.len());
-    let total = cfg.total_steps(ipe);
-    if let Some(max) = cfg.raw.optimization.max_steps
-        && max > total
-    {
-        tracing::warn!(
-            max_steps = max,
-            epochs = cfg.raw.optimization.epochs,
-            ipe,
-            "optimization.max_steps is past epochs × ipe: the run ends after {total} steps"
-        );
-    }
     let enc = cfg.encoder_config();
 
     // Where the run starts: by default it continues from the newest complete checkpoint in its
@@ -268,12 +256,11 @@ fn run_training(
         bail!("--fresh contradicts --resume / meta.load_checkpoint: true");
     }
     let batch_size = cfg.raw.data.batch_size;
-    let fingerprint = catalog_key(&first_version);
     let mut resumed_own = false;
     let start: Option<Resumed> = if overrides.fresh {
         // Only process 0 writes to the outputs; the others start fresh without touching them.
         let removed = if process == 0 {
-            let tables = handle.block_on(remove_run_tables(&out))?;
+            let tables = handle.block_on(remove_run_tables(&out, None))?;
             if tables > 0 {
                 tracing::warn!(
                     removed = tables,
@@ -333,25 +320,99 @@ fn run_training(
                 cfg.raw.meta.seed
             );
         }
-        if let Some(saved) = &r.catalog
-            && saved != &fingerprint
-        {
-            tracing::warn!(
-                checkpoint = %r.uri,
-                saved = %saved,
-                now = %fingerprint,
-                "the catalog changed since this checkpoint: the clips from here on differ from \
-                 those the interrupted run would have used"
-            );
+    }
+    let first_step = start.as_ref().map_or(0, |r| r.model.steps_done());
+    // The catalog a run starts from: a fresh run's is the listing; a resumed run continues the
+    // version the stopped run had in effect, and what that run quarantined stays known.
+    let Continued {
+        version: first_version,
+        quarantined,
+        record_first,
+    } = match start.as_ref().filter(|_| resumed_own) {
+        Some(r) => {
+            if process == 0 {
+                // Tables and catalog records of steps after the checkpoint belong to the run
+                // that stopped: this one trains those steps again and writes its own.
+                let removed = handle.block_on(remove_run_tables(&out, Some(first_step)))?;
+                if removed > 0 {
+                    tracing::info!(
+                        removed,
+                        "deleted the stopped run's tables and catalog records of steps after the checkpoint"
+                    );
+                }
+            }
+            continue_catalog(&handle, &out, r, &catalog, first_step, process == 0)
         }
+        None => {
+            if let Some(r) = &start {
+                warn_if_catalog_changed(r, &listed);
+            }
+            Continued {
+                version: CatalogVersion {
+                    from_step: first_step,
+                    ..listed.clone()
+                },
+                quarantined: QuarantineSet::default(),
+                record_first: true,
+            }
+        }
+    };
+    // Left without anything to draw from by what was quarantined (the stopped run would have
+    // kept its catalog): the listing, as it is. (Only a new version can get here, so its record
+    // is written either way.)
+    let first_version = match VersionDraws::new(
+        cfg.raw.meta.seed,
+        first_version.key,
+        first_version.counts.clone(),
+        &mixing,
+    ) {
+        Ok(_) => first_version,
+        Err(e) => {
+            tracing::warn!(error = %e, "the catalog less the quarantined videos leaves nothing to draw from: starting from the whole listing");
+            CatalogVersion {
+                version: first_version.version,
+                from_step: first_step,
+                ..listed.clone()
+            }
+        }
+    };
+    if let Some(r) = &start {
         tracing::info!(
             checkpoint = %r.uri,
             step = r.model.steps_done(),
             next_clip = r.next_clip,
+            catalog_version = first_version.version,
             "resuming"
         );
     }
-    let first_step = start.as_ref().map_or(0, |r| r.model.steps_done());
+    // Iterations per epoch come from the listing at the run's start (or `optimization.ipe`); a
+    // resumed run keeps the stopped run's, so that its length and schedules stay those the
+    // checkpoint was trained for whatever the bucket holds now.
+    let listed_ipe = cfg.iterations_per_epoch(listed.videos.len());
+    let ipe = match start.as_ref().filter(|_| resumed_own).and_then(|r| r.ipe) {
+        Some(saved) if cfg.raw.optimization.ipe.is_none() => {
+            if saved != listed_ipe {
+                tracing::info!(
+                    ipe = saved,
+                    listed = listed_ipe,
+                    "keeping the stopped run's iterations per epoch (the catalog's size changed)"
+                );
+            }
+            saved
+        }
+        _ => listed_ipe,
+    };
+    let total = cfg.total_steps(ipe);
+    if let Some(max) = cfg.raw.optimization.max_steps
+        && max > total
+    {
+        tracing::warn!(
+            max_steps = max,
+            epochs = cfg.raw.optimization.epochs,
+            ipe,
+            "optimization.max_steps is past epochs × ipe: the run ends after {total} steps"
+        );
+    }
     // The sampler cursor: the global number of the next clip (a pure function of the step for
     // an unchanged batch size, stored so that a changed one continues the same clip sequence).
     let first_clip = start
@@ -392,10 +453,6 @@ fn run_training(
         table_name("clips"),
         table_name("features"),
     );
-    let first_version = CatalogVersion {
-        from_step: first_step,
-        ..first_version
-    };
     tracing::info!(
         videos = first_version.videos.len(),
         datasets = catalog.names.len(),
@@ -507,6 +564,8 @@ fn run_training(
         masking,
         settings,
         resumed,
+        quarantined,
+        record_first,
         ipe,
         metrics_name,
         quarantine_name,
@@ -616,9 +675,12 @@ const META_BATCH_SIZE: &str = "run.batch_size";
 /// Checkpoint metadata: the contents key ([`catalog_key`]) of the catalog version in effect for
 /// the next step.
 const META_CATALOG: &str = "run.catalog_key";
-/// Checkpoint metadata: that version's number within the run (for people: a restarted run
-/// numbers its versions from 0 again).
+/// Checkpoint metadata: that version's number within the run (a resumed run continues the
+/// numbering).
 const META_CATALOG_VERSION: &str = "run.catalog_version";
+/// Checkpoint metadata: the run's iterations per epoch (a resumed run keeps them, whatever the
+/// catalog holds by then).
+const META_IPE: &str = "run.ipe";
 
 /// A checkpoint to continue from, with the job's state recorded beside the model.
 struct Resumed {
@@ -630,25 +692,29 @@ struct Resumed {
     next_clip: Option<u64>,
     /// [`META_CATALOG`], absent in checkpoints of older builds.
     catalog: Option<String>,
+    /// [`META_IPE`], absent in checkpoints of older builds.
+    ipe: Option<u64>,
 }
 
 impl Resumed {
     fn parse(uri: String, bytes: &Bytes) -> anyhow::Result<Self> {
         let model = Pretrainer::from_safetensors(bytes, &Device::Cpu)?;
         let meta = vjepa_model::checkpoint_metadata(bytes)?;
-        let next_clip = meta
-            .get(META_NEXT_CLIP)
-            .map(|v| {
-                v.parse::<u64>()
-                    .map_err(|e| anyhow!("metadata {META_NEXT_CLIP} `{v}`: {e}"))
-            })
-            .transpose()?;
+        let number = |key: &str| {
+            meta.get(key)
+                .map(|v| {
+                    v.parse::<u64>()
+                        .map_err(|e| anyhow!("metadata {key} `{v}`: {e}"))
+                })
+                .transpose()
+        };
         Ok(Self {
             uri,
             model,
             bytes: bytes.clone(),
-            next_clip,
+            next_clip: number(META_NEXT_CLIP)?,
             catalog: meta.get(META_CATALOG).cloned(),
+            ipe: number(META_IPE)?.filter(|&n| n > 0),
         })
     }
 }
@@ -688,6 +754,138 @@ fn newest_complete_checkpoint(
 /// interrupted one would have.
 fn catalog_key(version: &CatalogVersion) -> String {
     format!("{:016x}", version.key)
+}
+
+/// The catalog a resumed run starts from.
+struct Continued {
+    /// Its first version (in effect from the run's first step).
+    version: CatalogVersion,
+    /// What the stopped run quarantined, by object version: left out of the catalog, not read
+    /// again, not recorded again.
+    quarantined: QuarantineSet,
+    /// The first version is new (not one the stopped run recorded): its record is written.
+    record_first: bool,
+}
+
+/// A resumed run's catalog: the version in effect at `first_step` in the run that stopped,
+/// replayed from its `catalog/` records (checked against the checkpoint's [`META_CATALOG`]),
+/// continued by the listing taken at restart ([`CatalogVersion::resumed`]); the stopped run's
+/// quarantine records up to the checkpoint (`quarantine*.parquet`). Without usable records
+/// (older builds, records lost) the run starts from the listing, less the quarantined videos.
+/// Unreadable records or tables are warnings: they cost exactness, not the run. Only process 0
+/// replays (the others adopt its first version, and must not read records it is rewriting).
+fn continue_catalog(
+    handle: &tokio::runtime::Handle,
+    out: &Store,
+    resumed: &Resumed,
+    catalog: &Catalog,
+    first_step: u64,
+    replay: bool,
+) -> Continued {
+    let mut quarantined = QuarantineSet::default();
+    match handle.block_on(vjepa_storage::tables::read_quarantine_before(
+        out, first_step,
+    )) {
+        Ok(rows) => {
+            for r in &rows {
+                quarantined.insert(&r.uri, r.object_version.as_deref());
+            }
+        }
+        Err(e) => tracing::warn!(
+            error = %e,
+            "could not read the stopped run's quarantine records: its bad videos will be read again"
+        ),
+    }
+    let records = if replay {
+        handle
+            .block_on(read_version_records(out, first_step))
+            .unwrap_or_else(|e| {
+                tracing::warn!(error = %format!("{e:#}"), "could not read the stopped run's catalog records");
+                Vec::new()
+            })
+    } else {
+        Vec::new()
+    };
+    let replayed = CatalogVersion::replay_to(&records, first_step);
+    let datasets = catalog.names.len();
+    if let Some(replayed) = &replayed
+        && resumed.catalog.as_deref() == Some(catalog_key(replayed).as_str())
+    {
+        let version =
+            CatalogVersion::resumed(replayed, &catalog.first, &quarantined, first_step, datasets);
+        let record_first = version.version != replayed.version;
+        if record_first {
+            let (added, removed) = version.diff(replayed);
+            tracing::info!(
+                version = version.version,
+                added = added.len(),
+                removed = removed.len(),
+                "the datasets changed while the run was stopped: a new catalog version from its first step"
+            );
+        }
+        if version.key != replayed.key {
+            warn_if_catalog_changed(resumed, &version);
+        }
+        quarantined.settle_held(&version);
+        return Continued {
+            version,
+            quarantined,
+            record_first,
+        };
+    }
+    let version = CatalogVersion::build(
+        replayed.as_ref().map_or(0, |r| r.version + 1),
+        first_step,
+        &catalog.first,
+        &quarantined,
+        datasets,
+    );
+    if replay {
+        if resumed.catalog.is_some() {
+            tracing::warn!(
+                checkpoint = %resumed.uri,
+                records = records.len(),
+                "the catalog/ records do not rebuild the checkpoint's catalog version: starting from the listing"
+            );
+        }
+        warn_if_catalog_changed(resumed, &version);
+    }
+    Continued {
+        version,
+        quarantined,
+        record_first: true,
+    }
+}
+
+/// Warns when the catalog a run starts from is not the checkpoint's: the clips differ from
+/// those the stopped run would have drawn.
+fn warn_if_catalog_changed(resumed: &Resumed, now: &CatalogVersion) {
+    if let Some(saved) = &resumed.catalog
+        && *saved != catalog_key(now)
+    {
+        tracing::warn!(
+            checkpoint = %resumed.uri,
+            saved = %saved,
+            now = %catalog_key(now),
+            "the catalog changed since this checkpoint: the clips from here on differ from \
+             those the interrupted run would have used"
+        );
+    }
+}
+
+/// The `catalog/step-*.json` records under `out` of versions from steps up to `step`.
+async fn read_version_records(out: &Store, step: u64) -> anyhow::Result<Vec<VersionRecord>> {
+    let mut records = Vec::new();
+    for o in out.list_prefix("catalog").await? {
+        if VersionRecord::step_of(&o.path).is_none_or(|s| s > step) {
+            continue;
+        }
+        let bytes = out.get(&o.path).await?;
+        let record: VersionRecord = serde_json::from_slice(&bytes)
+            .with_context(|| format!("reading {}", out.uri_of(&o.path)))?;
+        records.push(record);
+    }
+    Ok(records)
 }
 
 /// How a step's masks are drawn: V-JEPA's multiblock masks (one per mask config) or the
@@ -738,6 +936,10 @@ struct Shared {
     ipe: u64,
     /// The checkpoint the run resumes from: every worker loads its own replica of it.
     resumed: Option<Bytes>,
+    /// What the run it resumes quarantined (empty for a fresh run).
+    quarantined: QuarantineSet,
+    /// The first catalog version is new to the outputs: worker 0 writes its record.
+    record_first: bool,
     metrics_name: String,
     quarantine_name: String,
     /// The step the run started after (0, or the resumed checkpoint's).
@@ -824,6 +1026,8 @@ impl Drop for Outputs {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct SetupMsg {
     videos: Vec<VideoRef>,
+    /// The first version's number (a resumed run continues the stopped run's numbering).
+    catalog_version: u64,
     listed_unix_us: i64,
     first_step: u64,
     first_clip: u64,
@@ -969,6 +1173,7 @@ fn run_worker_inner(
             .map(|l| {
                 l.with_telemetry(shared.telemetry.clone())
                     .with_abandon(shared.abandon.clone())
+                    .with_known_bad(shared.quarantined.entries())
             })
         })
         .collect::<Result<Vec<_>, _>>()
@@ -1008,6 +1213,7 @@ fn run_worker_inner(
         } else {
             Vec::new()
         },
+        catalog_version: first.version,
         listed_unix_us: first.listed_unix_us,
         first_step: shared.first_step,
         first_clip: shared.first_clip,
@@ -1056,14 +1262,14 @@ fn run_worker_inner(
                 listed_unix_us: setup.listed_unix_us,
             };
             let v0 = CatalogVersion::build(
-                0,
+                setup.catalog_version,
                 setup.first_step,
                 &listing,
                 &QuarantineSet::default(),
                 shared.catalog.names.len(),
             );
             if v0.key != setup.catalog_key {
-                bail!("catalog version 0 from worker 0 does not rebuild to its key");
+                bail!("the first catalog version from worker 0 does not rebuild to its key");
             }
             if v0.key != own.catalog_key {
                 tracing::info!(
@@ -1112,7 +1318,7 @@ fn run_worker_inner(
         quarantine: None,
         clips: None,
         features: None,
-        seen_bad: QuarantineSet::default(),
+        seen_bad: shared.quarantined.clone(),
         quarantined: 0,
         rows_since_flush: 0,
         last_loss: None,
@@ -1182,7 +1388,9 @@ fn run_worker_inner(
                 .unwrap_or("?");
             tracing::info!(dataset = %name, videos = count, "catalog");
         }
-        write_version_record(shared, &first_version, None)?;
+        if shared.record_first {
+            write_version_record(shared, &first_version, None)?;
+        }
         Some(catalog)
     } else {
         // Closing the other workers' inputs leaves worker 0 alone to advance versions.
@@ -1945,14 +2153,16 @@ fn write_checkpoint(
     let run_state = [
         (META_NEXT_CLIP.to_string(), next_clip.to_string()),
         (META_BATCH_SIZE.to_string(), cfg.data.batch_size.to_string()),
+        // The version the next step (number `done`, 0-based) draws from.
         (
             META_CATALOG.to_string(),
-            catalog_key(&shared.versions.at_step(done + 1)),
+            catalog_key(&shared.versions.at_step(done)),
         ),
         (
             META_CATALOG_VERSION.to_string(),
-            shared.versions.at_step(done + 1).version.to_string(),
+            shared.versions.at_step(done).version.to_string(),
         ),
+        (META_IPE.to_string(), shared.ipe.to_string()),
     ];
     let bytes = model
         .to_safetensors_with(&run_state)
@@ -2044,20 +2254,18 @@ fn roll_tables(step: u64, shared: &Shared, outputs: &Rc<RefCell<Outputs>>) -> an
 
 /// Deletes what a run leaves besides its checkpoints and first tables: the tables of resumed
 /// runs and rolls (`metrics-from-*.parquet`, `quarantine-from-*`, `clips-from-*`) and the
-/// catalog records, so that a fresh run's outputs are its own (the first tables it overwrites).
-async fn remove_run_tables(out: &Store) -> anyhow::Result<usize> {
+/// catalog records, so that a fresh run's outputs are its own (the first tables it overwrites);
+/// with `after`, only those of steps after it (a run resumed there writes its own).
+async fn remove_run_tables(out: &Store, after: Option<u64>) -> anyhow::Result<usize> {
     let mut removed = 0;
+    let later = |step: u64| after.is_none_or(|a| step > a);
     for o in out.list().await? {
         let name = o.path.as_str();
-        let table = [
-            "metrics-from-",
-            "quarantine-from-",
-            "clips-from-",
-            "features-from-",
-        ]
-        .iter()
-        .any(|p| name.starts_with(p) && name.ends_with(".parquet") && !name.contains('/'));
-        let record = name.starts_with("catalog/step-") && name.ends_with(".json");
+        let table = ["metrics", "quarantine", "clips", "features"]
+            .iter()
+            .filter_map(|t| vjepa_storage::tables::table_file_step(t, name))
+            .any(|step| step > 0 && later(step));
+        let record = VersionRecord::step_of(name).is_some_and(later);
         if table || record {
             out.delete(name).await?;
             removed += 1;

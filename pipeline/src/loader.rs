@@ -175,6 +175,19 @@ impl StoreLoader {
         })
     }
 
+    /// Videos known bad before this loader starts (a resumed run's quarantines), as (URI,
+    /// object version): drawn, they are passed over without a read, like those it finds bad.
+    pub fn with_known_bad<'a>(
+        mut self,
+        bad: impl IntoIterator<Item = (&'a str, Option<&'a str>)>,
+    ) -> Self {
+        self.known_bad.extend(
+            bad.into_iter()
+                .map(|(uri, tag)| (uri.to_string(), tag.map(str::to_string))),
+        );
+        self
+    }
+
     /// Reports this loader's stages and object-store requests to `telemetry` (the default is
     /// a private, unserved instance).
     pub fn with_telemetry(mut self, telemetry: Arc<Telemetry>) -> Self {

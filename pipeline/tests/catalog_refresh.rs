@@ -359,19 +359,6 @@ fn a_video_fixed_under_its_name_comes_back_from_quarantine() {
     );
 }
 
-/// The run's catalog version records (`catalog/step-*.json`), in step order.
-fn version_records(rt: &tokio::runtime::Runtime, out: &vjepa_storage::Store) -> Vec<VersionRecord> {
-    let mut records: Vec<VersionRecord> = rt
-        .block_on(out.list())
-        .unwrap()
-        .into_iter()
-        .filter(|o| o.path.starts_with("catalog/"))
-        .map(|o| serde_json::from_slice(&rt.block_on(out.get(&o.path)).unwrap()).unwrap())
-        .collect();
-    records.sort_by_key(|r| r.from_step);
-    records
-}
-
 /// Waits for the run, killing it (and failing) if it hangs.
 fn wait_with_timeout(mut child: std::process::Child, limit: Duration) -> std::process::ExitStatus {
     let start = Instant::now();

@@ -411,3 +411,19 @@ pub fn sigterm(pid: u32) {
         .expect("kill -TERM");
     assert!(kill.success(), "kill -TERM {pid}");
 }
+
+/// The run's catalog version records (`catalog/step-*.json`), in step order.
+pub fn version_records(
+    rt: &tokio::runtime::Runtime,
+    out: &vjepa_storage::Store,
+) -> Vec<vjepa_pipeline::catalog::VersionRecord> {
+    let mut records: Vec<vjepa_pipeline::catalog::VersionRecord> = rt
+        .block_on(out.list())
+        .unwrap()
+        .into_iter()
+        .filter(|o| o.path.starts_with("catalog/"))
+        .map(|o| serde_json::from_slice(&rt.block_on(out.get(&o.path)).unwrap()).unwrap())
+        .collect();
+    records.sort_by_key(|r| r.from_step);
+    records
+}

@@ -4,7 +4,8 @@
 
 mod common;
 
-use std::path::Path;
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -186,4 +187,213 @@ fn sigterm_stops_after_a_step_with_its_checkpoint() {
     );
     let rows = read_metrics(out.to_str().unwrap(), &Default::default());
     assert_same_trace(&full, rows.iter());
+}
+
+/// A corpus of `good` videos and one that is not a video (`broken.mp4`); returns its URI.
+fn corpus_with_a_broken_video(videos: &Path, good: usize) -> String {
+    make_corpus(videos, good);
+    let broken = videos.join("broken.mp4");
+    std::fs::write(&broken, b"not a video at all ".repeat(400)).unwrap();
+    vjepa_storage::Store::open(
+        &format!("{}/", videos.display()),
+        &Default::default(),
+        false,
+    )
+    .unwrap()
+    .uri_of("broken.mp4")
+}
+
+/// The small config with clip records and the catalog re-listed every `refresh_secs`.
+fn resume_config(root: &Path, name: &str, videos: &Path, refresh_secs: f64) -> (PathBuf, PathBuf) {
+    let out = root.join(name);
+    let text = small_config(
+        &format!("{}/", videos.display()),
+        &format!("{}/", out.display()),
+        STEPS,
+    )
+    .replace("  log_every: 10\n", "  log_every: 10\n  clips: true\n");
+    assert!(
+        text.contains("clips: true"),
+        "quickstart.yaml layout changed"
+    );
+    let cfg = root.join(format!("{name}.yaml"));
+    std::fs::write(
+        &cfg,
+        format!("{text}\ncatalog:\n  refresh_secs: {refresh_secs}\n"),
+    )
+    .unwrap();
+    (cfg, out)
+}
+
+/// How many quarantine records of `uri` the run's tables hold, over all their files.
+fn records_of(out: &Path, uri: &str) -> usize {
+    read_quarantine(out.to_str().unwrap())
+        .iter()
+        .filter(|r| r.uri == uri)
+        .count()
+}
+
+/// A run stopped and resumed knows what it quarantined: the broken video is neither read nor
+/// recorded again, and the losses are those of the run that was never stopped (the broken
+/// video stays in the catalog version the whole time, as no refresh comes).
+#[test]
+fn a_resumed_run_knows_its_quarantined_videos() {
+    let tmp = tempfile::tempdir().unwrap();
+    let videos = tmp.path().join("videos");
+    let broken = corpus_with_a_broken_video(&videos, 4);
+
+    let (cfg, out) = resume_config(tmp.path(), "full", &videos, 3600.0);
+    assert_ok(&run_train(&cfg, &[], &[]));
+    let full = read_metrics(out.to_str().unwrap(), &Default::default());
+    assert_eq!(full.len() as u64, STEPS);
+    assert_eq!(records_of(&out, &broken), 1);
+
+    let (cfg, out) = resume_config(tmp.path(), "split", &videos, 3600.0);
+    let first = run_train(&cfg, &[], &["--max-steps", "8"]);
+    assert_ok(&first);
+    assert_eq!(
+        records_of(&out, &broken),
+        1,
+        "found bad in the first 8 steps"
+    );
+    let second = run_train(&cfg, &[], &[]);
+    assert_ok(&second);
+    let log = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(resumed_from(&log), 8);
+    assert!(
+        !log.contains("video quarantined") && !log.contains("catalog changed"),
+        "{log}"
+    );
+    assert_eq!(records_of(&out, &broken), 1, "recorded once");
+    let rows = read_metrics(out.to_str().unwrap(), &Default::default());
+    assert_same_trace(&full, rows.iter());
+    let clips = read_clips(&out);
+    assert!(clips.iter().all(|c| c.uri != broken));
+    assert_eq!(clips.len() as u64, STEPS * 4);
+}
+
+/// A resumed run continues the catalog version the stopped run had in effect (here one that
+/// the first refresh made without the broken video), numbering on from it, instead of starting
+/// over from a listing that still holds the broken video.
+#[test]
+fn a_resumed_run_continues_the_catalog_version_in_effect() {
+    let tmp = tempfile::tempdir().unwrap();
+    let videos = tmp.path().join("videos");
+    let broken = corpus_with_a_broken_video(&videos, 4);
+    let (cfg, out) = resume_config(tmp.path(), "run", &videos, 0.2);
+    // Long enough for a refresh to take the broken video out before the stop.
+    let first = run_train(&cfg, &[], &["--max-steps", "16"]);
+    assert_ok(&first);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let store =
+        vjepa_storage::Store::open(out.to_str().unwrap(), &Default::default(), false).unwrap();
+    let records_before = version_records(&rt, &store);
+    let out_at = records_before
+        .iter()
+        .find(|r| r.removed.iter().any(|v| v.uri == broken))
+        .unwrap_or_else(|| panic!("no version without the broken video: {records_before:?}"));
+    assert!(out_at.from_step <= 16, "{out_at:?}");
+    let in_effect = records_before.last().unwrap().version;
+
+    let second = run_train(&cfg, &[], &[]);
+    assert_ok(&second);
+    let log = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(resumed_from(&log), 16);
+    assert!(
+        log.lines()
+            .any(|l| l.contains("resuming") && l.contains(&format!("catalog_version={in_effect}"))),
+        "{log}"
+    );
+    assert!(
+        !log.contains("catalog changed") && !log.contains("video quarantined"),
+        "{log}"
+    );
+    // Nothing new to record: the records are those of the first run, and replay to the
+    // version it ended with.
+    let records = version_records(&rt, &store);
+    assert_eq!(records, records_before);
+    assert_eq!(records_of(&out, &broken), 1);
+    assert_eq!(
+        read_metrics(out.to_str().unwrap(), &Default::default()).len() as u64,
+        STEPS
+    );
+}
+
+/// Videos added while the run was stopped: the resumed run draws from them at once (a new
+/// catalog version from its first step, recorded in full), and keeps the stopped run's
+/// iterations per epoch, so its length and epochs stay those the checkpoint was trained for.
+#[test]
+fn videos_added_while_stopped_are_drawn_and_the_run_keeps_its_length() {
+    let tmp = tempfile::tempdir().unwrap();
+    let made = tmp.path().join("made");
+    make_corpus(&made, 8);
+    let names = sorted_names(&made);
+    let videos = tmp.path().join("videos");
+    std::fs::create_dir_all(&videos).unwrap();
+    for n in &names[..4] {
+        std::fs::copy(made.join(n), videos.join(n)).unwrap();
+    }
+    let (cfg, out) = resume_config(tmp.path(), "run", &videos, 3600.0);
+    // iterations per epoch from the catalog: 4 videos, batch 4 → 1 (epoch = step).
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    assert!(
+        text.contains("  ipe: 10\n") && text.contains("  epochs: 6\n"),
+        "quickstart.yaml layout changed"
+    );
+    let text = text
+        .replace("  ipe: 10\n", "")
+        .replace("  epochs: 6\n", "  epochs: 100\n");
+    std::fs::write(&cfg, text).unwrap();
+    assert_ok(&run_train(&cfg, &[], &["--max-steps", "8"]));
+    for n in &names[4..] {
+        std::fs::copy(made.join(n), videos.join(n)).unwrap();
+    }
+    let second = run_train(&cfg, &[], &["--max-steps", "16"]);
+    assert_ok(&second);
+    let log = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        log.contains("the datasets changed while the run was stopped")
+            && log.contains("keeping the stopped run's iterations per epoch"),
+        "{log}"
+    );
+    let rows = read_metrics(out.to_str().unwrap(), &Default::default());
+    assert_eq!(rows.len(), 16);
+    assert!(
+        rows.iter().all(|r| r.epoch == r.step),
+        "{:?}",
+        rows.iter().map(|r| (r.step, r.epoch)).collect::<Vec<_>>()
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let store =
+        vjepa_storage::Store::open(out.to_str().unwrap(), &Default::default(), false).unwrap();
+    let records = version_records(&rt, &store);
+    let new = records.last().unwrap();
+    assert_eq!(
+        (new.version, new.from_step, new.videos),
+        (1, 8, 8),
+        "{new:?}"
+    );
+    assert!(new.is_full());
+    let added: HashSet<&str> = names[4..].iter().map(String::as_str).collect();
+    let clips = read_clips(&out);
+    assert!(
+        clips
+            .iter()
+            .filter(|c| c.step < 8)
+            .all(|c| !added.iter().any(|n| c.uri.ends_with(n)))
+    );
+    assert!(
+        clips
+            .iter()
+            .any(|c| c.step >= 8 && added.iter().any(|n| c.uri.ends_with(n)))
+    );
+}
+
+/// The run's clip records, over all their files.
+fn read_clips(out: &Path) -> Vec<vjepa_storage::tables::ClipRow> {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let store =
+        vjepa_storage::Store::open(out.to_str().unwrap(), &Default::default(), false).unwrap();
+    rt.block_on(vjepa_storage::tables::read_clips_all(&store))
+        .expect("clips readable")
 }

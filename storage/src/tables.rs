@@ -676,25 +676,27 @@ fn i64_to_u64(uri: &str, name: &str, v: i64) -> Result<u64, StorageError> {
 /// `{name}-from-{N}.parquet` by N (a run resumed from checkpoint N, or the table rolled at
 /// checkpoint N). Together they are the table.
 pub async fn table_files(store: &Store, name: &str) -> Result<Vec<String>, StorageError> {
-    let prefix = format!("{name}-from-");
     let mut found: Vec<(u64, String)> = Vec::new();
     for o in store.list().await? {
-        let p = o.path;
-        if p.contains('/') {
-            continue;
-        }
-        if p == format!("{name}.parquet") {
-            found.push((0, p));
-        } else if let Some(n) = p
-            .strip_prefix(&prefix)
-            .and_then(|r| r.strip_suffix(".parquet"))
-            .and_then(|n| n.parse::<u64>().ok())
-        {
-            found.push((n, p));
+        if let Some(n) = table_file_step(name, &o.path) {
+            found.push((n, o.path));
         }
     }
     found.sort();
     Ok(found.into_iter().map(|(_, p)| p).collect())
+}
+
+/// The step a file of the table `name` starts after: 0 for `{name}.parquet`, N for
+/// `{name}-from-{N}.parquet`; `None` for any other object.
+pub fn table_file_step(name: &str, file: &str) -> Option<u64> {
+    if file == format!("{name}.parquet") {
+        return Some(0);
+    }
+    file.strip_prefix(name)?
+        .strip_prefix("-from-")?
+        .strip_suffix(".parquet")?
+        .parse()
+        .ok()
 }
 
 /// All rows of the metrics table across its files ([`table_files`]), one per step, by step; for
@@ -714,6 +716,21 @@ pub async fn read_quarantine_all(store: &Store) -> Result<Vec<QuarantineRow>, St
     let mut out = Vec::new();
     for f in table_files(store, "quarantine").await? {
         out.extend(read_quarantine(store, &f).await?);
+    }
+    Ok(out)
+}
+
+/// The quarantine rows of the steps before `step`: those of the table's files that start
+/// before it (a run resumed at `step` writes the files from there on), in file order.
+pub async fn read_quarantine_before(
+    store: &Store,
+    step: u64,
+) -> Result<Vec<QuarantineRow>, StorageError> {
+    let mut out = Vec::new();
+    for f in table_files(store, "quarantine").await? {
+        if table_file_step("quarantine", &f).is_some_and(|s| s < step) {
+            out.extend(read_quarantine(store, &f).await?);
+        }
     }
     Ok(out)
 }
@@ -947,5 +964,49 @@ mod tests {
             all.iter().map(|r| r.step).collect::<Vec<_>>(),
             [1, 2, 3, 4, 5, 6]
         );
+    }
+
+    /// A run resumed at step N reads the quarantine records of the files before N (those
+    /// after are the stopped run's, and it writes its own).
+    #[tokio::test]
+    async fn quarantine_records_before_a_step() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path().to_str().unwrap(), &Default::default(), true).unwrap();
+        for (file, uri) in [
+            ("quarantine.parquet", "a"),
+            ("quarantine-from-00000004.parquet", "b"),
+            ("quarantine-from-00000008.parquet", "c"),
+        ] {
+            let mut w = QuarantineWriter::create(&store, file).await.unwrap();
+            w.push(QuarantineRow {
+                uri: uri.into(),
+                ..Default::default()
+            });
+            w.close().await.unwrap();
+        }
+        store
+            .put("quarantine-from-x.parquet", bytes::Bytes::from_static(b"?"))
+            .await
+            .unwrap();
+        let uris = |rows: Vec<QuarantineRow>| rows.into_iter().map(|r| r.uri).collect::<Vec<_>>();
+        assert_eq!(
+            uris(read_quarantine_before(&store, 8).await.unwrap()),
+            ["a", "b"]
+        );
+        assert_eq!(
+            uris(read_quarantine_before(&store, 9).await.unwrap()),
+            ["a", "b", "c"]
+        );
+        assert_eq!(
+            uris(read_quarantine_before(&store, 0).await.unwrap()),
+            Vec::<String>::new()
+        );
+        assert_eq!(
+            table_file_step("quarantine", "quarantine-from-00000008.parquet"),
+            Some(8)
+        );
+        assert_eq!(table_file_step("quarantine", "quarantine.parquet"), Some(0));
+        assert_eq!(table_file_step("quarantine", "metrics.parquet"), None);
+        assert_eq!(table_file_step("clips", "clips-from-1.parquet.tmp"), None);
     }
 }
