@@ -376,9 +376,8 @@ impl CatalogVersion {
         first_step: u64,
         datasets: usize,
     ) -> CatalogVersion {
-        let mut settled = quarantined.clone();
-        settled.settle_held(replayed);
-        let excluded = settled.except_held_by(replayed);
+        let mut excluded = quarantined.except_held_by(replayed);
+        excluded.settle_held(replayed);
         let now = CatalogVersion::build(
             replayed.version + 1,
             first_step,
@@ -685,6 +684,19 @@ mod tests {
         restored.note_listing(&l3c.videos);
         assert!(!restored.covers(&tagged(0, "a.mp4", "e2")));
         assert!(restored.covers(&tagged(0, "a.mp4", "e1")));
+        // Fixed (e2), then found bad again at e2 while v3 still held it: it stays in the
+        // continued version, as in the stopped run until its next refresh.
+        let mut again = QuarantineSet::default();
+        for (uri, tag) in [("a", "e1"), ("a", "e2"), ("e", "g1")] {
+            again.insert(&format!("s3://b/{uri}.mp4"), Some(tag));
+        }
+        let held = CatalogVersion::resumed(&at12, &l3c, &again, 20, 1);
+        assert_eq!((held.version, held.from_step), (3, 12));
+        again.settle_held(&held);
+        assert!(
+            again.covers(&tagged(0, "a.mp4", "e2")),
+            "out at the next refresh"
+        );
         // a.mp4 at e1 again while the run was down: still out. A new video: a new version at
         // the first step; e.mp4 stays in it (the next refresh takes it out).
         let mut l = l3c.videos.clone();

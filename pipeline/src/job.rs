@@ -324,25 +324,18 @@ fn run_training(
     let first_step = start.as_ref().map_or(0, |r| r.model.steps_done());
     // The catalog a run starts from: a fresh run's is the listing; a resumed run continues the
     // version the stopped run had in effect, and what that run quarantined stays known.
+    // Tables and catalog records of steps after the first belong to a run that stopped (or
+    // crashed before its first checkpoint): this one trains those steps again and writes its
+    // own. (Not with --fresh, which deleted them all.)
+    if process == 0 && !overrides.fresh {
+        remove_later_tables(&handle, &out, first_step);
+    }
     let Continued {
         version: first_version,
         quarantined,
-        record_first,
+        mut record_first,
     } = match start.as_ref().filter(|_| resumed_own) {
-        Some(r) => {
-            if process == 0 {
-                // Tables and catalog records of steps after the checkpoint belong to the run
-                // that stopped: this one trains those steps again and writes its own.
-                let removed = handle.block_on(remove_run_tables(&out, Some(first_step)))?;
-                if removed > 0 {
-                    tracing::info!(
-                        removed,
-                        "deleted the stopped run's tables and catalog records of steps after the checkpoint"
-                    );
-                }
-            }
-            continue_catalog(&handle, &out, r, &catalog, first_step, process == 0)
-        }
+        Some(r) => continue_catalog(&handle, &out, r, &catalog, first_step, process == 0),
         None => {
             if let Some(r) = &start {
                 warn_if_catalog_changed(r, &listed);
@@ -357,9 +350,8 @@ fn run_training(
             }
         }
     };
-    // Left without anything to draw from by what was quarantined (the stopped run would have
-    // kept its catalog): the listing, as it is. (Only a new version can get here, so its record
-    // is written either way.)
+    // Left without anything to draw from (what was quarantined, or `data.datasets_weights`
+    // changed since the stop): the listing, as it is, as a version of its own.
     let first_version = match VersionDraws::new(
         cfg.raw.meta.seed,
         first_version.key,
@@ -369,8 +361,10 @@ fn run_training(
         Ok(_) => first_version,
         Err(e) => {
             tracing::warn!(error = %e, "the catalog less the quarantined videos leaves nothing to draw from: starting from the whole listing");
+            let version = first_version.version + u64::from(!record_first);
+            record_first = true;
             CatalogVersion {
-                version: first_version.version,
+                version,
                 from_step: first_step,
                 ..listed.clone()
             }
@@ -783,18 +777,21 @@ fn continue_catalog(
     replay: bool,
 ) -> Continued {
     let mut quarantined = QuarantineSet::default();
-    match handle.block_on(vjepa_storage::tables::read_quarantine_before(
+    for (file, rows) in handle.block_on(vjepa_storage::tables::read_quarantine_before(
         out, first_step,
     )) {
-        Ok(rows) => {
-            for r in &rows {
-                quarantined.insert(&r.uri, r.object_version.as_deref());
+        match rows {
+            Ok(rows) => {
+                for r in &rows {
+                    quarantined.insert(&r.uri, r.object_version.as_deref());
+                }
             }
+            Err(e) => tracing::warn!(
+                file = %out.uri_of(&file),
+                error = %e,
+                "could not read the stopped run's quarantine records: those bad videos will be read again"
+            ),
         }
-        Err(e) => tracing::warn!(
-            error = %e,
-            "could not read the stopped run's quarantine records: its bad videos will be read again"
-        ),
     }
     let records = if replay {
         handle
@@ -2252,6 +2249,37 @@ fn roll_tables(step: u64, shared: &Shared, outputs: &Rc<RefCell<Outputs>>) -> an
     Ok(())
 }
 
+/// Before a run that starts at `first_step` (not `--fresh`): deletes the tables and catalog
+/// records of later steps ([`remove_run_tables`]), unless a checkpoint of a later step exists
+/// (one that did not load now may load at the next restart, and needs them). Failures are
+/// warnings: stale files cost a tidy table, not the run.
+fn remove_later_tables(handle: &tokio::runtime::Handle, out: &Store, first_step: u64) {
+    let later_checkpoint = match handle.block_on(checkpoints::all_newest_first(out)) {
+        Ok(all) => all.into_iter().map(|(s, _)| s).find(|&s| s > first_step),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not list the checkpoints; the outputs of later steps are kept");
+            return;
+        }
+    };
+    if let Some(step) = later_checkpoint {
+        tracing::warn!(
+            checkpoint = step,
+            "a later checkpoint is in place (it did not load): the outputs of steps after {first_step} are kept"
+        );
+        return;
+    }
+    match handle.block_on(remove_run_tables(out, Some(first_step))) {
+        Ok(0) => {}
+        Ok(removed) => tracing::info!(
+            removed,
+            "deleted the tables and catalog records of steps after {first_step}, left by a run that stopped"
+        ),
+        Err(e) => {
+            tracing::warn!(error = %format!("{e:#}"), "could not delete the outputs of later steps")
+        }
+    }
+}
+
 /// Deletes what a run leaves besides its checkpoints and first tables: the tables of resumed
 /// runs and rolls (`metrics-from-*.parquet`, `quarantine-from-*`, `clips-from-*`) and the
 /// catalog records, so that a fresh run's outputs are its own (the first tables it overwrites);
@@ -2263,9 +2291,22 @@ async fn remove_run_tables(out: &Store, after: Option<u64>) -> anyhow::Result<us
         let name = o.path.as_str();
         let table = ["metrics", "quarantine", "clips", "features"]
             .iter()
-            .filter_map(|t| vjepa_storage::tables::table_file_step(t, name))
-            .any(|step| step > 0 && later(step));
-        let record = VersionRecord::step_of(name).is_some_and(later);
+            .any(|t| {
+                match after {
+                    // Every `-from-` file, whatever follows.
+                    None => {
+                        name.starts_with(&format!("{t}-from-"))
+                            && name.ends_with(".parquet")
+                            && !name.contains('/')
+                    }
+                    Some(_) => vjepa_storage::tables::table_file_step(t, name)
+                        .is_some_and(|step| step > 0 && later(step)),
+                }
+            });
+        let record = match after {
+            None => name.starts_with("catalog/step-") && name.ends_with(".json"),
+            Some(_) => VersionRecord::step_of(name).is_some_and(later),
+        };
         if table || record {
             out.delete(name).await?;
             removed += 1;

@@ -720,19 +720,26 @@ pub async fn read_quarantine_all(store: &Store) -> Result<Vec<QuarantineRow>, St
     Ok(out)
 }
 
-/// The quarantine rows of the steps before `step`: those of the table's files that start
-/// before it (a run resumed at `step` writes the files from there on), in file order.
+/// The quarantine records a run resumed at `step` inherits: those of the table's files that
+/// start before it (it writes the files from there on; a file that starts before it may also
+/// hold records of later steps, found by loads ahead of training), file by file, each with its
+/// own result so that one unreadable file does not hide the others.
 pub async fn read_quarantine_before(
     store: &Store,
     step: u64,
-) -> Result<Vec<QuarantineRow>, StorageError> {
+) -> Vec<(String, Result<Vec<QuarantineRow>, StorageError>)> {
+    let files = match table_files(store, "quarantine").await {
+        Ok(f) => f,
+        Err(e) => return vec![("quarantine*.parquet".into(), Err(e))],
+    };
     let mut out = Vec::new();
-    for f in table_files(store, "quarantine").await? {
+    for f in files {
         if table_file_step("quarantine", &f).is_some_and(|s| s < step) {
-            out.extend(read_quarantine(store, &f).await?);
+            let rows = read_quarantine(store, &f).await;
+            out.push((f, rows));
         }
     }
-    Ok(out)
+    out
 }
 
 /// All rows of the clips table across its files, one per (step, slot), by (step, slot); the
@@ -988,17 +995,20 @@ mod tests {
             .put("quarantine-from-x.parquet", bytes::Bytes::from_static(b"?"))
             .await
             .unwrap();
-        let uris = |rows: Vec<QuarantineRow>| rows.into_iter().map(|r| r.uri).collect::<Vec<_>>();
+        let uris = |files: Vec<(String, Result<Vec<QuarantineRow>, StorageError>)>| {
+            files
+                .into_iter()
+                .flat_map(|(_, rows)| rows.unwrap())
+                .map(|r| r.uri)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(uris(read_quarantine_before(&store, 8).await), ["a", "b"]);
         assert_eq!(
-            uris(read_quarantine_before(&store, 8).await.unwrap()),
-            ["a", "b"]
-        );
-        assert_eq!(
-            uris(read_quarantine_before(&store, 9).await.unwrap()),
+            uris(read_quarantine_before(&store, 9).await),
             ["a", "b", "c"]
         );
         assert_eq!(
-            uris(read_quarantine_before(&store, 0).await.unwrap()),
+            uris(read_quarantine_before(&store, 0).await),
             Vec::<String>::new()
         );
         assert_eq!(
