@@ -476,6 +476,11 @@ pub struct S3Section {
     /// Longest time one S3 HTTP request may take, seconds (object_store's default 30).
     #[serde(default)]
     pub request_timeout_secs: Option<f64>,
+    /// The EC2 instance metadata service (`http://host[:port]`), for credentials from an
+    /// instance profile when the environment has none (default: the AWS variables, else
+    /// `http://169.254.169.254`).
+    #[serde(default)]
+    pub metadata_endpoint: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -722,6 +727,14 @@ impl JobConfig {
         {
             return Err(ConfigError::invalid(
                 "storage.s3.endpoint",
+                format!("{}: {why}", vjepa_storage::redact_url(ep)),
+            ));
+        }
+        if let Some(ep) = &r.storage.s3.metadata_endpoint
+            && let Some(why) = vjepa_storage::metadata_endpoint_problem(ep)
+        {
+            return Err(ConfigError::invalid(
+                "storage.s3.metadata_endpoint",
                 format!("{}: {why}", vjepa_storage::redact_url(ep)),
             ));
         }
@@ -1591,6 +1604,7 @@ impl JobConfig {
             max_retries: s.max_retries,
             retry_timeout_secs: s.retry_timeout_secs,
             request_timeout_secs: s.request_timeout_secs,
+            metadata_endpoint: s.metadata_endpoint.clone(),
         }
     }
 }
@@ -2036,6 +2050,29 @@ mod tests {
         cfg.apply_flags(&[("meta.seed", "--seed")], |r| r.meta.seed = 7)
             .unwrap();
         assert_eq!(cfg.raw.meta.seed, 7);
+    }
+
+    #[test]
+    fn metadata_endpoint_is_a_plain_http_host() {
+        for bad in [
+            "https://169.254.169.254",
+            "http://k:s@169.254.169.254",
+            "http://h/x?y",
+        ] {
+            let text =
+                format!("{OFFICIAL_VITL16}\nstorage:\n  s3:\n    metadata_endpoint: {bad}\n");
+            let err = JobConfig::parse(&text).unwrap_err();
+            assert_eq!(err.key(), Some("storage.s3.metadata_endpoint"), "{err}");
+            assert!(!err.to_string().contains("k:s"), "{err}");
+        }
+        let text = format!(
+            "{OFFICIAL_VITL16}\nstorage:\n  s3:\n    metadata_endpoint: http://127.0.0.1:1338\n"
+        );
+        let cfg = JobConfig::parse(&text).unwrap();
+        assert_eq!(
+            cfg.s3_settings().metadata_endpoint.as_deref(),
+            Some("http://127.0.0.1:1338")
+        );
     }
 
     #[test]

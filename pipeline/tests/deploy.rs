@@ -269,6 +269,8 @@ fn kubernetes_cluster_manifest() {
         // Without the Secret the check refuses before any work, naming the key.
         vars.remove("AWS_SECRET_ACCESS_KEY");
         vars.remove("AWS_ACCESS_KEY_ID");
+        // (And no instance profile to fall back on, wherever the test runs.)
+        vars.insert("AWS_EC2_METADATA_DISABLED".into(), "true".into());
         let refused = run(&args, &vars);
         assert_eq!(refused.status.code(), Some(2), "{}", text(&refused));
         assert!(
@@ -367,6 +369,8 @@ fn systemd_unit() {
     assert_eq!(ok.status.code(), Some(0), "{}", text(&ok));
     assert!(!text(&ok).contains(&env["AWS_SECRET_ACCESS_KEY"]));
     env.remove("AWS_ACCESS_KEY_ID");
+    // (And no instance profile to fall back on, wherever the test runs.)
+    env.insert("AWS_EC2_METADATA_DISABLED".into(), "true".into());
     let refused = run(&pre, &env);
     assert_eq!(refused.status.code(), Some(2), "{}", text(&refused));
     assert!(text(&refused).contains("data.datasets[0]"));

@@ -79,13 +79,15 @@ pub enum StorageError {
         detail: String,
     },
 
-    /// No S3 credentials are configured in the environment.
+    /// No S3 credentials: none in the environment, and no IAM role from instance metadata.
     #[error(
-        "no S3 credentials for {location}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (plus AWS_SESSION_TOKEN for temporary credentials) in the environment, or AWS_SKIP_SIGNATURE=true for a public bucket"
+        "no S3 credentials for {location}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (plus AWS_SESSION_TOKEN for temporary credentials) in the environment, run where an IAM role provides them (EC2 instance profile, EKS IRSA or Pod Identity, ECS task role), or set AWS_SKIP_SIGNATURE=true for a public bucket ({why})"
     )]
     MissingCredentials {
         /// The location being opened.
         location: String,
+        /// Why no instance profile could be used either.
+        why: String,
     },
 
     /// The object does not exist.

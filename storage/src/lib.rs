@@ -20,6 +20,7 @@ pub mod dataset;
 mod error;
 pub mod eval_epochs;
 pub mod features;
+mod instance_metadata;
 mod location;
 pub mod predictions;
 mod store;
@@ -27,6 +28,7 @@ pub mod tables;
 pub mod testing;
 
 pub use error::StorageError;
+pub use instance_metadata::metadata_endpoint_problem;
 pub use location::{endpoint_problem, redact_url};
 
 /// Checks that `s` names a location a [`Store`] can open (a local path, a `file://` or an

@@ -38,6 +38,10 @@ pub struct S3Settings {
     pub retry_timeout_secs: Option<f64>,
     /// Longest time one HTTP request may take, in seconds (object_store's default: 30).
     pub request_timeout_secs: Option<f64>,
+    /// The EC2 instance metadata service, where credentials come from an instance profile;
+    /// `None` = `AWS_EC2_METADATA_SERVICE_ENDPOINT`, then `AWS_METADATA_ENDPOINT`, else
+    /// `http://169.254.169.254`.
+    pub metadata_endpoint: Option<String>,
 }
 
 /// Size and path of one object, as returned by listings.
@@ -616,9 +620,34 @@ fn open_s3(
                 || env_nonempty("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI").is_some()
                 || env_nonempty("AWS_CONTAINER_CREDENTIALS_FULL_URI").is_some()
                 || env_true("AWS_SKIP_SIGNATURE");
-            if !has_static && !has_other {
-                return Err(StorageError::MissingCredentials { location: url });
-            }
+            // Neither keys nor another provider named: an EC2 instance profile, if this
+            // machine has one (object_store then fetches and renews the role's credentials).
+            let metadata = if !has_static && !has_other {
+                let endpoint = s3
+                    .metadata_endpoint
+                    .clone()
+                    .or_else(|| env_nonempty("AWS_EC2_METADATA_SERVICE_ENDPOINT"))
+                    .or_else(|| env_nonempty("AWS_METADATA_ENDPOINT"))
+                    .unwrap_or_else(|| crate::instance_metadata::DEFAULT_ENDPOINT.to_string());
+                if env_true("AWS_EC2_METADATA_DISABLED") {
+                    return Err(StorageError::MissingCredentials {
+                        location: url,
+                        why: "the instance metadata service is off (AWS_EC2_METADATA_DISABLED)"
+                            .into(),
+                    });
+                }
+                match crate::instance_metadata::instance_role(&endpoint) {
+                    Ok(role) => {
+                        tracing::info!(%role, %endpoint, "S3 credentials from this machine's IAM role (instance metadata)");
+                        Some(endpoint)
+                    }
+                    Err(why) => {
+                        return Err(StorageError::MissingCredentials { location: url, why });
+                    }
+                }
+            } else {
+                None
+            };
             if has_static && env_nonempty("AWS_SECRET_ACCESS_KEY").is_none() {
                 return Err(StorageError::S3Config {
                     location: url,
@@ -629,7 +658,12 @@ fn open_s3(
                 .iter()
                 .filter_map(|k| env_nonempty(k))
                 .collect();
-            (AmazonS3Builder::from_env(), secrets)
+            let builder = AmazonS3Builder::from_env();
+            let builder = match metadata {
+                Some(endpoint) => builder.with_metadata_endpoint(endpoint),
+                None => builder,
+            };
+            (builder, secrets)
         }
         Credentials::Explicit { key_id, secret } => (
             AmazonS3Builder::new()

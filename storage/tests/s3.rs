@@ -268,8 +268,13 @@ fn s3_env_credentials_required() {
         || std::env::var_os("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI").is_some()
         || std::env::var_os("AWS_CONTAINER_CREDENTIALS_FULL_URI").is_some()
         || std::env::var_os("AWS_SKIP_SIGNATURE").is_some();
+    // Nothing answers as the instance metadata service (a closed local port): no role either.
+    let closed = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
     let settings = S3Settings {
         endpoint: Some("https://s3.example.invalid".into()),
+        metadata_endpoint: Some(format!("http://127.0.0.1:{port}")),
         ..Default::default()
     };
     let res = Store::open("s3://bucket/x/", &settings, false);
@@ -282,6 +287,124 @@ fn s3_env_credentials_required() {
             matches!(err, StorageError::MissingCredentials { .. }),
             "{err}"
         );
-        assert!(err.to_string().contains("AWS_SECRET_ACCESS_KEY"));
+        let text = err.to_string();
+        assert!(
+            text.contains("AWS_SECRET_ACCESS_KEY")
+                && text.contains("instance profile")
+                && text.contains("no instance metadata service"),
+            "{text}"
+        );
     }
+}
+
+/// A stand-in for the EC2 instance metadata service on a local port (IMDSv2: a session token,
+/// then the role's name, then its credentials, here the S3 server's keys); returns its
+/// endpoint and the paths it was asked for.
+fn metadata_service(
+    access_key: &str,
+    secret_key: &str,
+    role: Option<&'static str>,
+) -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    let asked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = asked.clone();
+    let creds = format!(
+        r#"{{"Code":"Success","Type":"AWS-HMAC","AccessKeyId":"{access_key}","SecretAccessKey":"{secret_key}","Token":"session-token","Expiration":"2099-01-01T00:00:00Z"}}"#
+    );
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                match conn.read(&mut chunk) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+            let head = String::from_utf8_lossy(&buf).to_string();
+            let line = head.lines().next().unwrap_or_default().to_string();
+            let has_token = head
+                .to_ascii_lowercase()
+                .contains("x-aws-ec2-metadata-token: token-1");
+            seen.lock().unwrap().push(line.clone());
+            let base = "/latest/meta-data/iam/security-credentials/";
+            let (status, body) = match line.split_whitespace().take(2).collect::<Vec<_>>()[..] {
+                ["PUT", "/latest/api/token"] => (200, "token-1".to_string()),
+                [_, _] if !has_token => (401, String::new()),
+                ["GET", p] if p == base => match role {
+                    Some(r) => (200, r.to_string()),
+                    None => (404, String::new()),
+                },
+                ["GET", p] if role.is_some_and(|r| p == format!("{base}{r}")) => {
+                    (200, creds.clone())
+                }
+                _ => (404, String::new()),
+            };
+            let _ = conn.write_all(
+                format!(
+                    "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                )
+                .as_bytes(),
+            );
+        }
+    });
+    (endpoint, asked)
+}
+
+/// On a machine with an IAM role (an EC2 instance profile) and no keys in the environment, the
+/// store reads and writes with the role's credentials, fetched from the instance metadata
+/// service; without a role attached, opening is refused at once, saying so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_credentials_from_an_instance_profile() {
+    if std::env::var_os("AWS_ACCESS_KEY_ID").is_some()
+        || std::env::var_os("AWS_WEB_IDENTITY_TOKEN_FILE").is_some()
+        || std::env::var_os("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI").is_some()
+        || std::env::var_os("AWS_CONTAINER_CREDENTIALS_FULL_URI").is_some()
+        || std::env::var_os("AWS_EC2_METADATA_DISABLED").is_some()
+    {
+        eprintln!("skipping: credentials or metadata settings in the environment");
+        return;
+    }
+    let Some(server) = server_or_skip("s3_credentials_from_an_instance_profile") else {
+        return;
+    };
+    server.create_bucket("bucket").unwrap();
+    let (endpoint, asked) =
+        metadata_service(&server.access_key, &server.secret_key, Some("job-role"));
+    let settings = S3Settings {
+        metadata_endpoint: Some(endpoint),
+        ..server.settings()
+    };
+    let store = Store::open("s3://bucket/runs/", &settings, false).unwrap();
+    store
+        .put("a.bin", Bytes::from_static(b"from the role"))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.get("a.bin").await.unwrap(),
+        Bytes::from_static(b"from the role")
+    );
+    let asked = asked.lock().unwrap().clone();
+    assert!(
+        asked
+            .iter()
+            .any(|l| l.starts_with("GET /latest/meta-data/iam/security-credentials/job-role")),
+        "{asked:?}"
+    );
+
+    // The same machine without a role: refused when the store is opened.
+    let (endpoint, _) = metadata_service(&server.access_key, &server.secret_key, None);
+    let settings = S3Settings {
+        metadata_endpoint: Some(endpoint),
+        ..server.settings()
+    };
+    let err = Store::open("s3://bucket/runs/", &settings, false).unwrap_err();
+    assert!(
+        matches!(err, StorageError::MissingCredentials { .. })
+            && err.to_string().contains("no IAM role attached"),
+        "{err}"
+    );
 }
