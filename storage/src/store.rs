@@ -616,19 +616,27 @@ fn open_s3(
     let (mut builder, secrets) = match creds {
         Credentials::Env => {
             let has_static = env_nonempty("AWS_ACCESS_KEY_ID").is_some();
-            let has_other = env_nonempty("AWS_WEB_IDENTITY_TOKEN_FILE").is_some()
-                || env_nonempty("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI").is_some()
-                || env_nonempty("AWS_CONTAINER_CREDENTIALS_FULL_URI").is_some()
+            // The providers object_store picks before the instance's, as it picks them (each
+            // needs its pair of variables).
+            let set = |k: &str| env_nonempty(k).is_some();
+            let has_other = (set("AWS_WEB_IDENTITY_TOKEN_FILE") && set("AWS_ROLE_ARN"))
+                || set("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI")
+                || (set("AWS_CONTAINER_CREDENTIALS_FULL_URI")
+                    && set("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE"))
                 || env_true("AWS_SKIP_SIGNATURE");
-            // Neither keys nor another provider named: an EC2 instance profile, if this
-            // machine has one (object_store then fetches and renews the role's credentials).
-            let metadata = if !has_static && !has_other {
-                let endpoint = s3
-                    .metadata_endpoint
-                    .clone()
-                    .or_else(|| env_nonempty("AWS_EC2_METADATA_SERVICE_ENDPOINT"))
-                    .or_else(|| env_nonempty("AWS_METADATA_ENDPOINT"))
-                    .unwrap_or_else(|| crate::instance_metadata::DEFAULT_ENDPOINT.to_string());
+            // Where the instance metadata service answers, as object_store is to ask it.
+            let metadata = s3
+                .metadata_endpoint
+                .clone()
+                .or_else(|| env_nonempty("AWS_EC2_METADATA_SERVICE_ENDPOINT"))
+                .or_else(|| env_nonempty("AWS_METADATA_ENDPOINT"))
+                .unwrap_or_else(|| crate::instance_metadata::DEFAULT_ENDPOINT.to_string());
+            let metadata = crate::instance_metadata::host_of(&metadata)
+                .map(crate::instance_metadata::normalized)
+                .unwrap_or(metadata);
+            // Neither keys nor another provider: an EC2 instance profile, if this machine has
+            // one (object_store then fetches and renews the role's credentials).
+            if !has_static && !has_other {
                 if env_true("AWS_EC2_METADATA_DISABLED") {
                     return Err(StorageError::MissingCredentials {
                         location: url,
@@ -636,18 +644,18 @@ fn open_s3(
                             .into(),
                     });
                 }
-                match crate::instance_metadata::instance_role(&endpoint) {
+                match crate::instance_metadata::instance_role(
+                    &metadata,
+                    env_true("AWS_IMDSV1_FALLBACK"),
+                ) {
                     Ok(role) => {
-                        tracing::info!(%role, %endpoint, "S3 credentials from this machine's IAM role (instance metadata)");
-                        Some(endpoint)
+                        tracing::debug!(%role, endpoint = %metadata, "S3 credentials from this machine's IAM role (instance metadata)");
                     }
                     Err(why) => {
                         return Err(StorageError::MissingCredentials { location: url, why });
                     }
                 }
-            } else {
-                None
-            };
+            }
             if has_static && env_nonempty("AWS_SECRET_ACCESS_KEY").is_none() {
                 return Err(StorageError::S3Config {
                     location: url,
@@ -658,12 +666,10 @@ fn open_s3(
                 .iter()
                 .filter_map(|k| env_nonempty(k))
                 .collect();
-            let builder = AmazonS3Builder::from_env();
-            let builder = match metadata {
-                Some(endpoint) => builder.with_metadata_endpoint(endpoint),
-                None => builder,
-            };
-            (builder, secrets)
+            (
+                AmazonS3Builder::from_env().with_metadata_endpoint(metadata),
+                secrets,
+            )
         }
         Credentials::Explicit { key_id, secret } => (
             AmazonS3Builder::new()
