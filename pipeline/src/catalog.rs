@@ -9,6 +9,7 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 
+use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
 use vjepa_storage::dataset::{self, Dataset};
@@ -437,6 +438,22 @@ impl VersionRecord {
     /// same set on any predecessor, so the test cannot misread a change record.)
     pub fn is_full(&self) -> bool {
         self.added.len() == self.videos
+    }
+
+    /// The records under `out` of versions that take effect by `step`, in step order.
+    pub async fn read_all(out: &Store, step: u64) -> anyhow::Result<Vec<VersionRecord>> {
+        let mut records = Vec::new();
+        for o in out.list_prefix("catalog").await? {
+            if Self::step_of(&o.path).is_none_or(|s| s > step) {
+                continue;
+            }
+            let bytes = out.get(&o.path).await?;
+            let record: VersionRecord = serde_json::from_slice(&bytes)
+                .with_context(|| format!("reading {}", out.uri_of(&o.path)))?;
+            records.push(record);
+        }
+        records.sort_by_key(|r| r.from_step);
+        Ok(records)
     }
 
     /// The step named by a record's object name (`catalog/step-NNNNNNNN.json`).

@@ -322,14 +322,14 @@ fn run_training(
         }
     }
     let first_step = start.as_ref().map_or(0, |r| r.model.steps_done());
-    // The catalog a run starts from: a fresh run's is the listing; a resumed run continues the
-    // version the stopped run had in effect, and what that run quarantined stays known.
     // Tables and catalog records of steps after the first belong to a run that stopped (or
     // crashed before its first checkpoint): this one trains those steps again and writes its
     // own. (Not with --fresh, which deleted them all.)
     if process == 0 && !overrides.fresh {
         remove_later_tables(&handle, &out, first_step);
     }
+    // The catalog a run starts from: a fresh run's is the listing; a resumed run continues the
+    // version the stopped run had in effect, and what that run quarantined stays known.
     let Continued {
         version: first_version,
         quarantined,
@@ -795,7 +795,7 @@ fn continue_catalog(
     }
     let records = if replay {
         handle
-            .block_on(read_version_records(out, first_step))
+            .block_on(VersionRecord::read_all(out, first_step))
             .unwrap_or_else(|e| {
                 tracing::warn!(error = %format!("{e:#}"), "could not read the stopped run's catalog records");
                 Vec::new()
@@ -868,21 +868,6 @@ fn warn_if_catalog_changed(resumed: &Resumed, now: &CatalogVersion) {
              those the interrupted run would have used"
         );
     }
-}
-
-/// The `catalog/step-*.json` records under `out` of versions from steps up to `step`.
-async fn read_version_records(out: &Store, step: u64) -> anyhow::Result<Vec<VersionRecord>> {
-    let mut records = Vec::new();
-    for o in out.list_prefix("catalog").await? {
-        if VersionRecord::step_of(&o.path).is_none_or(|s| s > step) {
-            continue;
-        }
-        let bytes = out.get(&o.path).await?;
-        let record: VersionRecord = serde_json::from_slice(&bytes)
-            .with_context(|| format!("reading {}", out.uri_of(&o.path)))?;
-        records.push(record);
-    }
-    Ok(records)
 }
 
 /// How a step's masks are drawn: V-JEPA's multiblock masks (one per mask config) or the

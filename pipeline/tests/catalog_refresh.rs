@@ -50,12 +50,10 @@ fn added_videos_are_sampled_and_deleted_ones_never_drawn_after_the_next_refresh(
         "s3://corpus/videos/",
         "s3://corpus/runs/one/",
         steps,
-    )
-    .replace("  log_every: 10\n", "  log_every: 10\n  clips: true\n");
-    let text = format!("{text}\ncatalog:\n  refresh_secs: {REFRESH_SECS}\n");
-    assert!(
-        text.contains("clips: true"),
-        "quickstart.yaml layout changed"
+    );
+    let text = format!(
+        "{}\ncatalog:\n  refresh_secs: {REFRESH_SECS}\n",
+        with_clip_records(text)
     );
     std::fs::write(&cfg, text).unwrap();
 
@@ -223,30 +221,18 @@ fn added_videos_are_sampled_and_deleted_ones_never_drawn_after_the_next_refresh(
 #[test]
 fn a_video_fixed_under_its_name_comes_back_from_quarantine() {
     let tmp = tempfile::tempdir().unwrap();
-    let made = tmp.path().join("made");
-    make_corpus(&made, 4);
-    let names = sorted_names(&made);
-    let videos = tmp.path().join("videos");
-    std::fs::create_dir_all(&videos).unwrap();
-    for name in &names[..3] {
-        std::fs::copy(made.join(name), videos.join(name)).unwrap();
-    }
+    let (made, names, videos) = partial_corpus(tmp.path(), 4, 3);
     // The fourth arrives broken (an upload gone wrong) under a video's name.
     let fixed = names[3].clone();
     std::fs::write(videos.join(&fixed), b"not a video yet ".repeat(500)).unwrap();
 
     let out = tmp.path().join("out");
     let steps = 80;
-    let text = small_config(
+    let text = with_clip_records(small_config(
         &format!("{}/", videos.display()),
         &format!("{}/", out.display()),
         steps,
-    )
-    .replace("  log_every: 10\n", "  log_every: 10\n  clips: true\n");
-    assert!(
-        text.contains("clips: true"),
-        "quickstart.yaml layout changed"
-    );
+    ));
     let cfg = tmp.path().join("run.yaml");
     std::fs::write(&cfg, format!("{text}\ncatalog:\n  refresh_secs: 0.5\n")).unwrap();
     let stderr_path = tmp.path().join("stderr.log");
@@ -325,9 +311,7 @@ fn a_video_fixed_under_its_name_comes_back_from_quarantine() {
 
     // Trained on from the version that has it back. (Before that version, loaders that had
     // not met the broken file may already read the fixed one: the name is in version 0.)
-    let clips = rt
-        .block_on(vjepa_storage::tables::read_clips_all(&store))
-        .unwrap();
+    let clips = read_clips(&out);
     let drawn: Vec<u64> = clips
         .iter()
         .filter(|c| c.uri.ends_with(&format!("/{fixed}")))

@@ -34,18 +34,6 @@ fn cluster_config(path: &Path, videos: &Path, out: &Path, steps: u64) -> PathBuf
     path.to_path_buf()
 }
 
-/// Every clip record of a run (all files of the table, rolled at checkpoints).
-fn read_clips(out: &Path) -> Vec<ClipRow> {
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let store = vjepa_storage::Store::open(out.to_str().unwrap(), &Default::default(), false)
-        .expect("output dir");
-    let mut rows = rt
-        .block_on(vjepa_storage::tables::read_clips_all(&store))
-        .expect("clips table readable");
-    rows.sort_by_key(|r| (r.step, r.slot));
-    rows
-}
-
 /// A hostfile of `n` free ports on 127.0.0.1.
 fn hostfile(path: &Path, n: usize) -> PathBuf {
     let listeners: Vec<_> = (0..n)
@@ -307,14 +295,7 @@ fn a_killed_cluster_restarted_continues_exactly() {
 #[test]
 fn catalog_versions_reach_every_process() {
     let tmp = tempfile::tempdir().unwrap();
-    let all = tmp.path().join("all");
-    make_corpus(&all, 4);
-    let names = sorted_names(&all);
-    let videos = tmp.path().join("videos");
-    std::fs::create_dir_all(&videos).unwrap();
-    for name in &names[..3] {
-        std::fs::copy(all.join(name), videos.join(name)).unwrap();
-    }
+    let (all, names, videos) = partial_corpus(tmp.path(), 4, 3);
     let steps = 40;
     let out = tmp.path().join("out");
     let cfg = cluster_config(&tmp.path().join("c.yaml"), &videos, &out, steps);

@@ -58,6 +58,43 @@ pub fn make_corpus(dir: &Path, count: usize) {
     );
 }
 
+/// `count` made videos in `root/made`, the first `present` of them (by name) copied into
+/// `root/videos`, for tests that add the others later: (made, their sorted names, videos).
+pub fn partial_corpus(
+    root: &Path,
+    count: usize,
+    present: usize,
+) -> (PathBuf, Vec<String>, PathBuf) {
+    let made = root.join("made");
+    make_corpus(&made, count);
+    let names = sorted_names(&made);
+    let videos = root.join("videos");
+    std::fs::create_dir_all(&videos).unwrap();
+    for name in &names[..present] {
+        std::fs::copy(made.join(name), videos.join(name)).unwrap();
+    }
+    (made, names, videos)
+}
+
+/// A [`small_config`] text that also writes `clips.parquet` (`outputs.clips: true`).
+pub fn with_clip_records(text: String) -> String {
+    let text = text.replace("  log_every: 10\n", "  log_every: 10\n  clips: true\n");
+    assert!(
+        text.contains("clips: true"),
+        "quickstart.yaml layout changed"
+    );
+    text
+}
+
+/// Every clip record of a run in a local directory (all files of the table), by (step, slot).
+pub fn read_clips(out: &Path) -> Vec<vjepa_storage::tables::ClipRow> {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let store = vjepa_storage::Store::open(out.to_str().unwrap(), &Default::default(), false)
+        .expect("output dir");
+    rt.block_on(vjepa_storage::tables::read_clips_all(&store))
+        .expect("clips table readable")
+}
+
 /// The file names in `dir`, sorted (a made corpus, in a stable order).
 pub fn sorted_names(dir: &Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(dir)
@@ -417,13 +454,9 @@ pub fn version_records(
     rt: &tokio::runtime::Runtime,
     out: &vjepa_storage::Store,
 ) -> Vec<vjepa_pipeline::catalog::VersionRecord> {
-    let mut records: Vec<vjepa_pipeline::catalog::VersionRecord> = rt
-        .block_on(out.list())
-        .unwrap()
-        .into_iter()
-        .filter(|o| o.path.starts_with("catalog/"))
-        .map(|o| serde_json::from_slice(&rt.block_on(out.get(&o.path)).unwrap()).unwrap())
-        .collect();
-    records.sort_by_key(|r| r.from_step);
-    records
+    rt.block_on(vjepa_pipeline::catalog::VersionRecord::read_all(
+        out,
+        u64::MAX,
+    ))
+    .expect("catalog records readable")
 }

@@ -206,16 +206,11 @@ fn corpus_with_a_broken_video(videos: &Path, good: usize) -> String {
 /// The small config with clip records and the catalog re-listed every `refresh_secs`.
 fn resume_config(root: &Path, name: &str, videos: &Path, refresh_secs: f64) -> (PathBuf, PathBuf) {
     let out = root.join(name);
-    let text = small_config(
+    let text = with_clip_records(small_config(
         &format!("{}/", videos.display()),
         &format!("{}/", out.display()),
         STEPS,
-    )
-    .replace("  log_every: 10\n", "  log_every: 10\n  clips: true\n");
-    assert!(
-        text.contains("clips: true"),
-        "quickstart.yaml layout changed"
-    );
+    ));
     let cfg = root.join(format!("{name}.yaml"));
     std::fs::write(
         &cfg,
@@ -336,14 +331,7 @@ fn a_resumed_run_continues_the_catalog_version_in_effect() {
 #[test]
 fn videos_added_while_stopped_are_drawn_and_the_run_keeps_its_length() {
     let tmp = tempfile::tempdir().unwrap();
-    let made = tmp.path().join("made");
-    make_corpus(&made, 8);
-    let names = sorted_names(&made);
-    let videos = tmp.path().join("videos");
-    std::fs::create_dir_all(&videos).unwrap();
-    for n in &names[..4] {
-        std::fs::copy(made.join(n), videos.join(n)).unwrap();
-    }
+    let (made, names, videos) = partial_corpus(tmp.path(), 8, 4);
     let (cfg, out) = resume_config(tmp.path(), "run", &videos, 3600.0);
     // iterations per epoch from the catalog: 4 videos, batch 4 → 1 (epoch = step).
     let text = std::fs::read_to_string(&cfg).unwrap();
@@ -398,13 +386,4 @@ fn videos_added_while_stopped_are_drawn_and_the_run_keeps_its_length() {
             .iter()
             .any(|c| c.step >= 8 && added.iter().any(|n| c.uri.ends_with(n)))
     );
-}
-
-/// The run's clip records, over all their files.
-fn read_clips(out: &Path) -> Vec<vjepa_storage::tables::ClipRow> {
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let store =
-        vjepa_storage::Store::open(out.to_str().unwrap(), &Default::default(), false).unwrap();
-    rt.block_on(vjepa_storage::tables::read_clips_all(&store))
-        .expect("clips readable")
 }

@@ -24,7 +24,7 @@ const MAX_ANSWER: u64 = 64 << 10;
 
 /// A role found at an endpoint stays found: stores are opened again at every catalog refresh,
 /// and object_store renews the role's credentials itself.
-static FOUND: Mutex<Vec<String>> = Mutex::new(Vec::new());
+static FOUND: Mutex<Vec<(String, String)>> = Mutex::new(Vec::new());
 
 /// The name of the IAM role the instance metadata service at `endpoint` (`http://host[:port]`)
 /// serves credentials for, or why there is none to use (not on EC2, no role attached, IMDSv2
@@ -37,17 +37,20 @@ pub fn instance_role(endpoint: &str, imdsv1_fallback: bool) -> Result<String, St
         )
     })?;
     let endpoint = normalized(host);
-    if let Some(role) = FOUND.lock().ok().and_then(|f| {
-        f.iter()
-            .find_map(|e| e.strip_prefix(&format!("{endpoint} ")).map(str::to_string))
-    }) {
+    let known = FOUND.lock().ok().and_then(|found| {
+        found
+            .iter()
+            .find(|(e, _)| *e == endpoint)
+            .map(|(_, role)| role.clone())
+    });
+    if let Some(role) = known {
         return Ok(role);
     }
     // One more try for a service that is there but slow to answer the first time.
     let role = ask_role(host, &endpoint, imdsv1_fallback)
         .or_else(|_| ask_role(host, &endpoint, imdsv1_fallback))?;
-    if let Ok(mut f) = FOUND.lock() {
-        f.push(format!("{endpoint} {role}"));
+    if let Ok(mut found) = FOUND.lock() {
+        found.push((endpoint, role.clone()));
     }
     Ok(role)
 }

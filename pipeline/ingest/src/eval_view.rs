@@ -323,20 +323,25 @@ mod tests {
         (y, u, v)
     }
 
+    /// A tightly packed BT.601 I420 frame over the planes of [`yuv`].
+    fn bt601<'a>(y: &'a [u8], u: &'a [u8], v: &'a [u8], w: usize, h: usize) -> YuvFrame<'a> {
+        let cw = w.div_ceil(2);
+        YuvFrame {
+            width: w,
+            height: h,
+            planes: [y, u, v],
+            strides: [w, cw, cw],
+            colour: Colour::BT601,
+        }
+    }
+
     /// From I420, only the view's source window is converted: the result is the one of the
     /// whole frame converted to RGB first.
     #[test]
     fn from_i420_equals_whole_rgb_frame() {
         for (h, w, s, views) in [(90, 160, 32, 3), (161, 97, 40, 1), (50, 50, 64, 2)] {
             let (y, u, v) = yuv(w, h, (h * w) as u64);
-            let cw = w.div_ceil(2);
-            let frame = YuvFrame {
-                width: w,
-                height: h,
-                planes: [&y, &u, &v],
-                strides: [w, cw, cw],
-                colour: Colour::BT601,
-            };
+            let frame = bt601(&y, &u, &v, w, h);
             let mut rgb = vec![0u8; h * w * 3];
             frame.to_rgb(&mut rgb).expect("rgb");
             for view in eval_views(h, w, s, views) {
@@ -367,14 +372,7 @@ mod tests {
     fn view_tensor_timing() {
         for (w, h) in [(640, 360), (1920, 1080), (3840, 2160)] {
             let (y, u, v) = yuv(w, h, 3);
-            let cw = w.div_ceil(2);
-            let frame = YuvFrame {
-                width: w,
-                height: h,
-                planes: [&y, &u, &v],
-                strides: [w, cw, cw],
-                colour: Colour::BT601,
-            };
+            let frame = bt601(&y, &u, &v, w, h);
             let time = |put: &mut dyn FnMut()| {
                 let reps = 5;
                 let start = std::time::Instant::now();
