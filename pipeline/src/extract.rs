@@ -828,6 +828,8 @@ pub(crate) fn stream_clips<C: ClipConsumer>(
     );
 
     let consumer = std::sync::Mutex::new(Some(consumer));
+    // A video's clips may go to different threads: each version is learned once.
+    let known_videos = Arc::new(vjepa_ingest::KnownVideos::default());
     let worker_q = (q_store.clone(), q_name.clone());
     let worker_handle = handle.clone();
     let started = Instant::now();
@@ -849,10 +851,10 @@ pub(crate) fn stream_clips<C: ClipConsumer>(
                         ..DecoderOptions::default()
                     })
                     .map(|decoder| ExtractLoader {
+                        decoder: decoder.with_known_videos(known_videos.clone()),
                         videos: videos.clone(),
                         stores: stores.clone(),
                         runtime: handle.clone(),
-                        decoder,
                         opts: opts.clone(),
                         frames,
                         size,

@@ -555,6 +555,7 @@ fn run_training(
         handle: handle.clone(),
         fatal: fatal.clone(),
         abandon: vjepa_ingest::Abandon::new(),
+        known_videos: Arc::new(vjepa_ingest::KnownVideos::default()),
         masking,
         settings,
         resumed,
@@ -912,6 +913,9 @@ struct Shared {
     fatal: Fatal,
     /// Set when this process's workers are done: the loaders give up what they still load.
     abandon: vjepa_ingest::Abandon,
+    /// What clips taught about their videos (frame counts nobody announced, …), shared by
+    /// every loader of this process so that each video version is learned once.
+    known_videos: Arc<vjepa_ingest::KnownVideos>,
     masking: Masking,
     settings: LoaderSettings,
     /// Iterations per epoch (for the metrics' epoch column).
@@ -1156,6 +1160,7 @@ fn run_worker_inner(
                 l.with_telemetry(shared.telemetry.clone())
                     .with_abandon(shared.abandon.clone())
                     .with_known_bad(shared.quarantined.entries())
+                    .with_known_videos(shared.known_videos.clone())
             })
         })
         .collect::<Result<Vec<_>, _>>()

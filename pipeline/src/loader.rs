@@ -128,6 +128,10 @@ impl ByteSource for TimedSource {
     fn describe(&self) -> String {
         self.inner.describe()
     }
+
+    fn version(&self) -> Option<String> {
+        self.inner.version()
+    }
 }
 
 enum Failure {
@@ -192,6 +196,13 @@ impl StoreLoader {
     /// a private, unserved instance).
     pub fn with_telemetry(mut self, telemetry: Arc<Telemetry>) -> Self {
         self.telemetry = telemetry;
+        self
+    }
+
+    /// Keeps what clips teach about their videos in `known` (shared with the other loaders:
+    /// each version of a video is learned once; see [`vjepa_ingest::KnownVideos`]).
+    pub fn with_known_videos(mut self, known: Arc<vjepa_ingest::KnownVideos>) -> Self {
+        self.decoder = self.decoder.with_known_videos(known);
         self
     }
 

@@ -1,20 +1,27 @@
 //! Decodes files with [`vjepa_ingest::Decoder`] and prints what happened.
 //!
-//! `cargo run --release -p vjepa-ingest --example decode_file -- FILE... [--cut BYTES] [--deadline SECONDS] [--threads N]`
-//! (`--cut N` keeps only the first N bytes, to try truncated inputs.)
+//! `cargo run --release -p vjepa-ingest --example decode_file -- FILE... [--cut BYTES] [--deadline SECONDS] [--threads N] [--store]`
+//! (`--cut N` keeps only the first N bytes, to try truncated inputs; `--store` reads the files
+//! the job's way, ranged reads through a local `object_store` that names each file's version,
+//! so a file given twice shows what its second clip reuses.)
 
+use std::sync::Arc;
 use std::time::Instant;
 
-use vjepa_ingest::{Decoder, DecoderOptions, VideoInfo};
+use object_store::local::LocalFileSystem;
+use vjepa_ingest::{ByteSource, Decoder, DecoderOptions, ObjectSource, VideoInfo};
 
 fn main() {
     let mut files = Vec::new();
     let mut cut: Option<usize> = None;
+    let mut from_store = false;
     let mut opts = DecoderOptions::default();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         if a == "--cut" {
             cut = args.next().and_then(|v| v.parse().ok());
+        } else if a == "--store" {
+            from_store = true;
         } else if a == "--threads" {
             opts.decoder_threads = args.next().and_then(|v| v.parse().ok()).unwrap_or(0);
         } else if a == "--deadline" {
@@ -32,19 +39,47 @@ fn main() {
             std::process::exit(2);
         }
     };
-    for f in files {
-        let mut data = match std::fs::read(&f) {
-            Ok(d) => d,
-            Err(e) => {
-                eprintln!("{f}: {e}");
-                continue;
-            }
-        };
-        if let Some(n) = cut {
-            data.truncate(n);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("tokio runtime: {e}");
+            std::process::exit(2);
         }
+    };
+    let store = Arc::new(LocalFileSystem::new());
+    for f in files {
         let t = Instant::now();
-        let res = dec.decode_clip(data.into(), &mut |info: &VideoInfo| {
+        let source: Arc<dyn ByteSource> = if from_store && cut.is_none() {
+            let opened = std::fs::canonicalize(&f)
+                .map_err(|e| e.to_string())
+                .and_then(|p| {
+                    object_store::path::Path::from_filesystem_path(p).map_err(|e| e.to_string())
+                })
+                .and_then(|p| {
+                    ObjectSource::open(store.clone(), p, runtime.handle().clone())
+                        .map_err(|e| e.to_string())
+                });
+            match opened {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("{f}: {e}");
+                    continue;
+                }
+            }
+        } else {
+            let mut data = match std::fs::read(&f) {
+                Ok(d) => d,
+                Err(e) => {
+                    eprintln!("{f}: {e}");
+                    continue;
+                }
+            };
+            if let Some(n) = cut {
+                data.truncate(n);
+            }
+            Arc::new(bytes::Bytes::from(data))
+        };
+        let res = dec.decode_clip_from(source, &mut |info: &VideoInfo| {
             // 16 frames spread over the first 64 (or the whole video if shorter).
             let len = info.num_frames.clamp(1, 64);
             (0..16).map(|i| i * len / 16).collect()

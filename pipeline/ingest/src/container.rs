@@ -30,6 +30,9 @@ pub struct ContainerFacts {
     /// GStreamer 1.22's qtdemux drops that bit and tags such a stream limited range, where
     /// ffmpeg (and so decord) converts it as full.
     pub full_range: Option<bool>,
+    /// The MP4 is fragmented (`mvex`): its sample counts were read from one `moof` box per
+    /// fragment, a ranged read each.
+    pub fragmented: bool,
 }
 
 /// Reads `n` bytes at `at` (fewer at the end of the object; `None` on a read error).
@@ -103,8 +106,9 @@ fn be32(b: &[u8], at: usize) -> Option<u64> {
 }
 
 /// Most `moof` boxes read to count a fragmented file's samples: one small read each (a ranged
-/// GET from object storage, the media data between them skipped), for every clip taken from
-/// the file. A file with more fragments gets GStreamer's estimate from its duration.
+/// GET from object storage, the media data between them skipped), once per version of the
+/// file in a job (the decoder remembers the answer, `known.rs`). A file with more fragments
+/// gets GStreamer's estimate from its duration.
 const MAX_FRAGMENTS: usize = 64;
 /// Largest `moof` box read.
 const MAX_MOOF: u64 = 1 << 20;
@@ -172,6 +176,7 @@ fn mp4_facts(len: u64, read: ReadFn<'_>) -> Option<ContainerFacts> {
                     constant_rate: (n <= MAX_DECODED_THROUGH).then_some(false),
                     has_duration: None,
                     full_range,
+                    fragmented: true,
                 },
                 // Too many fragments to read for every clip (a long file), or cut short:
                 // GStreamer's estimate (duration × rate), and seeks, as a decode from the
@@ -179,6 +184,7 @@ fn mp4_facts(len: u64, read: ReadFn<'_>) -> Option<ContainerFacts> {
                 // seek may then come out up to the B-frame delay early.
                 None => ContainerFacts {
                     full_range,
+                    fragmented: true,
                     ..ContainerFacts::default()
                 },
             });
@@ -203,6 +209,7 @@ fn mp4_facts(len: u64, read: ReadFn<'_>) -> Option<ContainerFacts> {
             constant_rate,
             has_duration: None,
             full_range,
+            fragmented: false,
         });
     }
     None
@@ -521,7 +528,10 @@ mod tests {
         ]
         .concat();
         let f = facts(frag.len() as u64, &reader(&frag));
-        assert_eq!((f.frames, f.constant_rate), (Some(15), Some(false)));
+        assert_eq!(
+            (f.frames, f.constant_rate, f.fragmented),
+            (Some(15), Some(false), true)
+        );
         // Too long to decode from the start for a late window: counted, and sought in.
         let mut long = frag.clone();
         long.extend(moof(2, &[MAX_DECODED_THROUGH as u32]));
@@ -532,7 +542,10 @@ mod tests {
         );
         // Cut inside the last fragment, or more fragments than are read for a clip: nothing
         // known (the duration's estimate, and seeks).
-        let estimate = ContainerFacts::default();
+        let estimate = ContainerFacts {
+            fragmented: true,
+            ..ContainerFacts::default()
+        };
         let cut = &frag[..frag.len() - 10];
         assert_eq!(facts(cut.len() as u64, &reader(cut)), estimate);
         let mut many = frag.clone();

@@ -14,6 +14,7 @@ use crate::container::{self, ContainerFacts};
 use crate::error::{IngestError, QuarantineReason};
 use crate::frame::{Colour, YuvFrame};
 use crate::hwdecode::{self, VideoDecoderKind};
+use crate::known::{KnownVideos, Learned};
 use crate::skip::{self, SkipPlan};
 use crate::source::{ByteSource, ReadAhead, ReadAheadOptions};
 
@@ -107,7 +108,8 @@ pub struct DecodeStats {
     pub frames_decoded: u64,
     /// Seeks made.
     pub seeks: u32,
-    /// Unreferenced, unwanted frames dropped before the decoder.
+    /// Frames dropped before the decoder: unreferenced ones the clip does not use, and, when
+    /// H.264/H.265 frames are counted, the ones counted there.
     pub frames_skipped: u64,
     /// The frames came from an NVDEC decoder (`false`: software, or no video decoder ran).
     /// In NVDEC mode a software decoder takes over for codecs NVDEC lacks and where no NVDEC
@@ -116,6 +118,10 @@ pub struct DecodeStats {
     /// An NVDEC decoder failed on this clip and a software decoder decoded it again (see
     /// [`Decoder::decode`]); the other counts cover both passes.
     pub nvdec_fallback: bool,
+    /// An earlier clip of this version of the video taught what its container does not say
+    /// cheaply (its frame count, its fragments, an irregular rate), and this clip used that
+    /// instead of learning it again ([`crate::KnownVideos`]).
+    pub learned_earlier: bool,
     /// Wall-clock time of the call.
     pub elapsed: Duration,
 }
@@ -284,6 +290,8 @@ pub struct Decoder {
     nvdec_last: bool,
     /// NVDEC mode's software decoder for clips an NVDEC decoder failed on (made on first need).
     software: Option<Box<Decoder>>,
+    /// What earlier clips learned about the videos (shared with other decoders or not).
+    known: Arc<KnownVideos>,
 }
 
 /// A built pipeline and the state its callbacks share with the polling thread.
@@ -368,7 +376,15 @@ impl Decoder {
             pipe: None,
             nvdec_last: false,
             software: None,
+            known: Arc::new(KnownVideos::default()),
         })
+    }
+
+    /// Keeps what clips teach about their videos in `known` (by default each decoder has its
+    /// own): decoders that share one learn each video once between them.
+    pub fn with_known_videos(mut self, known: Arc<KnownVideos>) -> Self {
+        self.known = known;
+        self
     }
 
     /// The options this decoder was created with.
@@ -429,7 +445,9 @@ impl Decoder {
     /// ([`QuarantineReason::Truncated`]).
     ///
     /// The frame count comes from the container's index where it has one (MP4), else from
-    /// duration × rate, else from a counting pass. Unreferenced H.264/H.265 frames the plan does
+    /// duration × rate, else from a counting pass. What a clip learns that way (a count, a
+    /// fragmented MP4's facts, a rate found irregular) is kept for the video's later clips
+    /// when the source names its version ([`ByteSource::version`], [`Decoder::with_known_videos`]). Unreferenced H.264/H.265 frames the plan does
     /// not use are dropped before the decoder while frames are numbered from timestamps
     /// ([`DecoderOptions::skip_unneeded`]).
     ///
@@ -456,18 +474,24 @@ impl Decoder {
                 "object has 0 bytes",
             ));
         }
+        let version = source.version();
         let feed = Arc::new(ReadAhead::new(source, self.opts.read_ahead));
         let read = |at: u64, n: u64| feed.read_at(at, n).ok();
-        let facts = container::facts(size, &read);
+        let earlier = version.as_deref().and_then(|v| self.known.get(v));
         let mut stats = DecodeStats {
             object_bytes: size,
+            learned_earlier: earlier.is_some(),
             ..DecodeStats::default()
         };
+        let mut learned = earlier.unwrap_or_else(|| Learned {
+            facts: container::facts(size, &read),
+            ..Learned::default()
+        });
         let mut sink = Replay {
             inner: sink,
             planned: None,
         };
-        let mut result = self.decode_feed(&feed, &mut sink, started, &mut stats, &facts);
+        let mut result = self.decode_feed(&feed, &mut sink, started, &mut stats, &mut learned);
         if let Err(IngestError::Quarantine { reason, detail }) = &result
             && self.nvdec_last
             && software_may_decode(*reason)
@@ -482,13 +506,18 @@ impl Decoder {
             );
             let software = self.software_decoder()?;
             let retry_started = Instant::now();
-            result = software.decode_feed(&feed, &mut sink, retry_started, &mut stats, &facts);
+            result =
+                software.decode_feed(&feed, &mut sink, retry_started, &mut stats, &mut learned);
             stats.nvdec = false;
             stats.nvdec_fallback = true;
         }
         stats.bytes_read = feed.bytes_fetched();
         stats.read_requests = feed.requests();
         stats.elapsed = started.elapsed();
+        // Only from a clean clip: a failed read can leave the facts half-read.
+        if let (Ok(()), Some(v)) = (&result, &version) {
+            self.known.remember(v, &learned);
+        }
         let result = match result {
             Ok(()) => Ok(stats),
             Err(IngestError::Quarantine {
@@ -528,21 +557,22 @@ impl Decoder {
         result
     }
 
-    /// Decodes one clip from `feed` (counting the frames first where nobody announces them).
+    /// Decodes one clip from `feed` (counting the frames first where nobody announces them),
+    /// adding what it finds out to `learned`.
     fn decode_feed(
         &mut self,
         feed: &Arc<ReadAhead>,
         sink: &mut dyn FrameSink,
         started: Instant,
         stats: &mut DecodeStats,
-        facts: &ContainerFacts,
+        learned: &mut Learned,
     ) -> Result<(), IngestError> {
-        let mut frames_hint = facts.frames;
         loop {
-            match self.attempt(feed, sink, started, stats, facts, frames_hint)? {
+            let frames_hint = learned.facts.frames.or(learned.counted);
+            match self.attempt(feed, sink, started, stats, learned, frames_hint)? {
                 Some(counted) if frames_hint.is_none() => {
                     tracing::debug!(counted, "frame count unknown: counted the frames first");
-                    frames_hint = Some(counted);
+                    learned.counted = Some(counted);
                 }
                 _ => return Ok(()),
             }
@@ -568,7 +598,7 @@ impl Decoder {
         sink: &mut dyn FrameSink,
         started: Instant,
         stats: &mut DecodeStats,
-        facts: &ContainerFacts,
+        learned: &mut Learned,
         frames_hint: Option<u64>,
     ) -> Result<Option<u64>, IngestError> {
         self.nvdec_last = false;
@@ -586,7 +616,7 @@ impl Decoder {
         pipe.appsrc
             .set_size(i64::try_from(feed.size()).unwrap_or(i64::MAX));
         let guard = NullOnDrop(pipe.pipeline.clone());
-        let result = self.run(&pipe, sink, started, stats, facts, frames_hint);
+        let result = self.run(&pipe, sink, started, stats, learned, frames_hint);
         drop(guard);
         stats.frames_skipped += lock(&pipe.skip).dropped;
         {
@@ -793,9 +823,11 @@ impl Decoder {
         sink: &mut dyn FrameSink,
         started: Instant,
         stats: &mut DecodeStats,
-        facts: &ContainerFacts,
+        learned: &mut Learned,
         frames_hint: Option<u64>,
     ) -> Result<Option<u64>, IngestError> {
+        // A copy: `learned` takes what this pass finds out.
+        let facts = &learned.facts.clone();
         let pipeline = &pipe.pipeline;
         let shared = &*pipe.shared;
         let deadline = started + self.opts.deadline;
@@ -858,14 +890,21 @@ impl Decoder {
         match frames_hint {
             Some(n) => info.num_frames = n,
             None if info.num_frames == 0 => {
-                // Nobody knows the length: count to the end (bounded by the deadline).
-                let mut count = 1u64;
+                // Nobody knows the length: count to the end (bounded by the deadline). H.264
+                // and H.265 pictures of a progressive stream are counted as they reach the
+                // decoder and dropped there (an access unit is a frame; in an interlaced one it
+                // can be a field); what is already in the decoder, and other codecs, are
+                // decoded and counted as they come out.
+                lock(&pipe.skip).count_only =
+                    frame_info.interlace_mode() == gst_video::VideoInterlaceMode::Progressive;
+                let mut decoded = 1u64;
                 drop(first);
                 while waiter.next_sample(self, &mut watch, &progress)?.is_some() {
-                    count += 1;
+                    decoded += 1;
                     progress.decoded += 1;
                 }
-                stats.frames_decoded += count;
+                stats.frames_decoded += decoded;
+                let count = decoded + lock(&pipe.skip).dropped;
                 return Ok(Some(count));
             }
             None => {}
@@ -881,10 +920,14 @@ impl Decoder {
         } else {
             None
         };
+        // A rate found irregular by an earlier clip: count from the start, as that clip ended
+        // up doing.
+        let irregular_before = learned.variable_rate;
         let can_seek = self.opts.seek_min_frames != u64::MAX
             && frame_ns.is_some()
             && pts0.is_some()
-            && facts.constant_rate != Some(false);
+            && facts.constant_rate != Some(false)
+            && !irregular_before;
 
         // Positions of `indices` in ascending index order (robust to unsorted input).
         let mut order: Vec<usize> = (0..indices.len()).collect();
@@ -895,8 +938,10 @@ impl Decoder {
         let mut last_caps: Option<gst::Caps> = None;
         // A constant-rate MP4 (its sample table says so) numbers frames from timestamps from
         // the start; everything else counts until a seek.
-        let timed_from_start =
-            facts.constant_rate == Some(true) && frame_ns.is_some() && pts0.is_some();
+        let timed_from_start = facts.constant_rate == Some(true)
+            && frame_ns.is_some()
+            && pts0.is_some()
+            && !irregular_before;
         {
             let mut sp = lock(&pipe.skip);
             sp.pts0 = pts0.map_or(0, |p| p.nseconds());
@@ -1031,6 +1076,7 @@ impl Decoder {
                     // Not constant-rate after all: numbers from timestamps would be wrong.
                     // Start over from the beginning, counting frames, without seeking.
                     tracing::debug!(number, "irregular timestamps; counting instead");
+                    learned.variable_rate = true;
                     seek_failed = true;
                     lock(&pipe.skip).active = false;
                     let start = pts0.map_or(0, |p| p.nseconds());

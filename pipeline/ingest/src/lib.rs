@@ -26,6 +26,7 @@ mod error;
 mod eval_view;
 mod frame;
 mod hwdecode;
+mod known;
 mod samples;
 mod skip;
 mod source;
@@ -37,6 +38,7 @@ pub use error::{IngestError, QuarantineReason};
 pub use eval_view::{EvalView, ViewTensor, eval_views, resized_size};
 pub use frame::{ClipGeometry, ClipTensor, Colour, YuvFrame};
 pub use hwdecode::{VideoDecoderKind, check_available as check_video_decoder, nvdec_decoders};
+pub use known::{DEFAULT_KNOWN_VIDEOS, KnownVideos};
 pub use samples::{
     SampleCodec, SampleOverrides, SampleSpec, default_sample_specs, make_sample, make_samples,
     make_samples_with, sample_specs,

@@ -25,6 +25,9 @@ pub(crate) struct SkipPlan {
     pub frame_ns: f64,
     /// Wanted frame numbers, sorted.
     pub wanted: Vec<u64>,
+    /// Counting only: every access unit with a picture is counted and dropped (the decoder
+    /// has given the stream's first frame; the rest are only counted).
+    pub count_only: bool,
     /// Access units dropped so far.
     pub dropped: u64,
     /// Their timestamps (to tell a dropped frame from a gap in the stream).
@@ -132,6 +135,19 @@ fn nal_headers(data: &[u8], framing: Framing) -> Vec<[u8; 2]> {
     out
 }
 
+/// `true` if the access unit holds a picture's slices (one access unit, one frame: the parser
+/// before the decoder aligns buffers to access units).
+fn has_slices(data: &[u8], codec: Codec) -> bool {
+    match codec {
+        Codec::H264(framing) => nal_headers(data, framing)
+            .iter()
+            .any(|[h, _]| (1..=5).contains(&(h & 0x1F))),
+        Codec::H265 { framing, .. } => nal_headers(data, framing)
+            .iter()
+            .any(|[h0, _]| (h0 >> 1) & 0x3F <= 31),
+    }
+}
+
 /// `true` if the access unit holds slices and no other picture can reference any of them.
 fn is_non_reference(data: &[u8], codec: Codec) -> bool {
     let mut slices = 0;
@@ -189,6 +205,23 @@ pub(crate) fn attach(element: &gst::Element, plan: &Arc<Mutex<SkipPlan>>) {
         let Some(buffer) = info.buffer() else {
             return gst::PadProbeReturn::Ok;
         };
+        let count_only = plan.lock().unwrap_or_else(|e| e.into_inner()).count_only;
+        if count_only {
+            let pictures = pad
+                .current_caps()
+                .and_then(|c| codec(&c))
+                .and_then(|codec| {
+                    let map = buffer.map_readable().ok()?;
+                    Some(has_slices(&map, codec))
+                });
+            // An access unit this cannot read goes to the decoder, which counts it.
+            if pictures != Some(true) {
+                return gst::PadProbeReturn::Ok;
+            }
+            plan.lock().unwrap_or_else(|e| e.into_inner()).dropped += 1;
+            info.data = None;
+            return gst::PadProbeReturn::Handled;
+        }
         let Some(pts) = buffer.pts() else {
             return gst::PadProbeReturn::Ok;
         };
@@ -242,6 +275,15 @@ mod tests {
         // Two non-reference slices with start codes.
         let b = [0, 0, 0, 1, 0x01, 0x9A, 0, 0, 1, 0x01, 0x9B];
         assert!(is_non_reference(&b, Codec::H264(Framing::StartCodes)));
+        // Pictures, referenced or not; parameter sets and SEI alone are none.
+        assert!(has_slices(&p, Codec::H264(Framing::Length(4))));
+        assert!(has_slices(&b, Codec::H264(Framing::StartCodes)));
+        assert!(has_slices(&idr, Codec::H264(Framing::StartCodes)));
+        assert!(has_slices(&au, Codec::H264(Framing::Length(4))));
+        assert!(!has_slices(
+            &[0, 0, 1, 0x06, 0, 0, 0, 1, 0x67, 0x42],
+            Codec::H264(Framing::StartCodes)
+        ));
     }
 
     #[test]
@@ -261,6 +303,9 @@ mod tests {
         assert!(!is_non_reference(&trail_r, one(1)));
         // A parameter set alone (VPS, type 32) has no slice: keep.
         assert!(!is_non_reference(&[0, 0, 0, 2, 0x40, 0x01], one(1)));
+        // Pictures whatever their reference status; a parameter set is none.
+        assert!(has_slices(&trail_n, one(2)) && has_slices(&trail_r, one(0)));
+        assert!(!has_slices(&[0, 0, 0, 2, 0x40, 0x01], one(1)));
     }
 
     #[test]
@@ -271,6 +316,7 @@ mod tests {
             pts0: 1000,
             frame_ns: 100.0,
             wanted: vec![10, 20],
+            count_only: false,
             dropped: 0,
             dropped_pts: vec![at(3), at(4)],
         };

@@ -29,6 +29,12 @@ pub trait ByteSource: Send + Sync {
     fn read(&self, range: Range<u64>) -> Result<Bytes, IngestError>;
     /// Where the bytes come from, for messages (never includes credentials).
     fn describe(&self) -> String;
+    /// Names these exact bytes (location, size and version), where the source can: what a
+    /// decoder learns about a video is kept under it for the video's later clips
+    /// ([`crate::KnownVideos`]). `None` (the default): nothing is kept.
+    fn version(&self) -> Option<String> {
+        None
+    }
 }
 
 impl ByteSource for Bytes {
@@ -310,6 +316,13 @@ impl ByteSource for ObjectSource {
 
     fn describe(&self) -> String {
         format!("{} ({} bytes)", self.path, self.size)
+    }
+
+    /// Only a version the store names (its ETag): without one, a replaced video of the same
+    /// size would look the same.
+    fn version(&self) -> Option<String> {
+        let tag = etag_value(self.e_tag.as_deref()?);
+        Some(format!("{}\n{}\n{tag}", self.path, self.size))
     }
 }
 

@@ -1,0 +1,178 @@
+//! What decoding a video taught that its container does not say cheaply, kept for the video's
+//! later clips.
+//!
+//! Most videos announce everything a clip needs in a few reads (an MP4's `moov`, a Matroska
+//! `Info`), and GStreamer reads those anyway. Some do not: a Matroska/WebM file written as a
+//! live stream has no duration, so its frames are counted by decoding it to the end; a
+//! fragmented MP4 spreads its sample counts over one `moof` box per fragment (a ranged read
+//! each); a file that claims a constant rate but is not is only found out after a seek, which
+//! is then thrown away. A long job draws every video once per epoch, for days, so each of those
+//! costs would be paid again and again. They are paid once per *version* of a video instead:
+//! entries are keyed by [`crate::ByteSource::version`] (location, size and ETag), so a
+//! replaced video is learned afresh, and a source without a version is never remembered.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+
+use crate::container::ContainerFacts;
+
+/// Entries kept by default: a few hundred bytes each, so a few MB at most. Only videos that
+/// cost something to learn are kept (see [`Learned::worth_keeping`]).
+pub const DEFAULT_KNOWN_VIDEOS: usize = 16_384;
+
+/// What one version of a video is known to be.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Learned {
+    /// The container's facts, as read for the first clip.
+    pub facts: ContainerFacts,
+    /// Frames counted by decoding to the end (nobody announced them).
+    pub counted: Option<u64>,
+    /// Timestamps were found irregular after a seek: frames are counted from the start, and
+    /// never sought to.
+    pub variable_rate: bool,
+}
+
+impl Learned {
+    /// Whether remembering this saves more than the reads GStreamer makes anyway.
+    pub fn worth_keeping(&self) -> bool {
+        self.counted.is_some() || self.variable_rate || self.facts.fragmented
+    }
+}
+
+/// A bounded map from a video version to what was learned about it, shared by the decoders of
+/// a job (one per loader thread) so that the first clip of a video teaches every thread.
+/// When full, the oldest entry makes room.
+#[derive(Debug)]
+pub struct KnownVideos {
+    capacity: usize,
+    inner: Mutex<Entries>,
+}
+
+#[derive(Debug, Default)]
+struct Entries {
+    map: HashMap<String, Learned>,
+    /// Keys in the order they were first remembered (eviction order).
+    order: VecDeque<String>,
+}
+
+impl Default for KnownVideos {
+    fn default() -> Self {
+        KnownVideos::new(DEFAULT_KNOWN_VIDEOS)
+    }
+}
+
+impl KnownVideos {
+    /// An empty map of at most `capacity` videos (`0` remembers nothing).
+    pub fn new(capacity: usize) -> Self {
+        KnownVideos {
+            capacity,
+            inner: Mutex::new(Entries::default()),
+        }
+    }
+
+    /// Videos remembered now.
+    pub fn len(&self) -> usize {
+        self.lock().map.len()
+    }
+
+    /// Whether nothing is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub(crate) fn get(&self, version: &str) -> Option<Learned> {
+        self.lock().map.get(version).cloned()
+    }
+
+    /// Keeps `learned` for `version` (replacing what was there), if it is worth keeping.
+    pub(crate) fn remember(&self, version: &str, learned: &Learned) {
+        if self.capacity == 0 || !learned.worth_keeping() {
+            return;
+        }
+        let mut e = self.lock();
+        if let Some(old) = e.map.get_mut(version) {
+            *old = learned.clone();
+            return;
+        }
+        while e.map.len() >= self.capacity {
+            let Some(oldest) = e.order.pop_front() else {
+                break;
+            };
+            e.map.remove(&oldest);
+        }
+        e.order.push_back(version.to_string());
+        e.map.insert(version.to_string(), learned.clone());
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Entries> {
+        // The map holds no invariant a panicking holder could break half-way.
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn counted(n: u64) -> Learned {
+        Learned {
+            counted: Some(n),
+            ..Learned::default()
+        }
+    }
+
+    #[test]
+    fn keeps_only_what_cost_something() {
+        let known = KnownVideos::new(4);
+        // Announced facts (a plain MP4): nothing to save.
+        let plain = Learned {
+            facts: ContainerFacts {
+                frames: Some(300),
+                constant_rate: Some(true),
+                ..ContainerFacts::default()
+            },
+            ..Learned::default()
+        };
+        known.remember("a", &plain);
+        assert!(known.is_empty());
+        let fragmented = Learned {
+            facts: ContainerFacts {
+                frames: Some(300),
+                fragmented: true,
+                ..ContainerFacts::default()
+            },
+            ..Learned::default()
+        };
+        known.remember("b", &fragmented);
+        known.remember("c", &counted(7));
+        let vfr = Learned {
+            variable_rate: true,
+            ..Learned::default()
+        };
+        known.remember("d", &vfr);
+        assert_eq!(known.get("b"), Some(fragmented));
+        assert_eq!(known.get("c"), Some(counted(7)));
+        assert_eq!(known.get("d"), Some(vfr));
+        assert_eq!(known.get("a"), None);
+    }
+
+    #[test]
+    fn bounded_oldest_out_first() {
+        let known = KnownVideos::new(2);
+        known.remember("a", &counted(1));
+        known.remember("b", &counted(2));
+        // Replacing does not grow it or change the order.
+        known.remember("a", &counted(3));
+        assert_eq!(known.len(), 2);
+        known.remember("c", &counted(4));
+        assert_eq!(known.len(), 2);
+        assert_eq!(known.get("a"), None);
+        assert_eq!(known.get("b"), Some(counted(2)));
+        assert_eq!(known.get("c"), Some(counted(4)));
+        let none = KnownVideos::new(0);
+        none.remember("a", &counted(1));
+        assert!(none.is_empty());
+    }
+}

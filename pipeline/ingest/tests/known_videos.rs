@@ -1,0 +1,201 @@
+//! What a clip learns about a video that its container does not say cheaply (a frame count
+//! found by decoding to the end, a fragmented MP4's sample counts, a rate found irregular after
+//! a seek) is used by the video's later clips, per version of the video, and gives the same
+//! frames.
+
+mod common;
+#[path = "common/media.rs"]
+mod media;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use common::launch_to_file;
+use media::find_boxes;
+use object_store::ObjectStore;
+use object_store::local::LocalFileSystem;
+use vjepa_ingest::{
+    ByteSource, DecodedClip, Decoder, DecoderOptions, KnownVideos, ObjectSource, ReadAheadOptions,
+};
+
+/// Opens `name` in `store` the production way (HEAD, then ranged reads pinned to its ETag).
+fn open(
+    store: &Arc<dyn ObjectStore>,
+    name: &str,
+    rt: &tokio::runtime::Runtime,
+) -> Arc<dyn ByteSource> {
+    ObjectSource::open(Arc::clone(store), name.into(), rt.handle().clone()).expect("object opens")
+}
+
+/// Decodes `want` from `source`, returning the clip and the frame count it was planned with.
+fn clip(dec: &mut Decoder, source: Arc<dyn ByteSource>, want: &[u64]) -> (DecodedClip, u64) {
+    let mut announced = 0;
+    let clip = dec
+        .decode_clip_from(source, &mut |info| {
+            announced = info.num_frames;
+            want.to_vec()
+        })
+        .expect("decode");
+    (clip, announced)
+}
+
+fn same_frames(a: &DecodedClip, b: &DecodedClip, what: &str) {
+    assert_eq!(a.indices, b.indices, "{what}");
+    for t in 0..a.indices.len() {
+        assert!(a.frame(t) == b.frame(t), "{what}: frame {t} differs");
+    }
+}
+
+/// H.264 in Matroska written as a live stream: no Duration, so nobody announces the frames.
+fn live_mkv(dir: &Path, name: &str, frames: u32) {
+    launch_to_file(
+        &format!(
+            "videotestsrc num-buffers={frames} pattern=ball ! \
+             video/x-raw,format=I420,width=160,height=120,framerate=25/1 ! \
+             x264enc key-int-max=25 ! h264parse ! matroskamux streamable=true"
+        ),
+        &dir.join(name),
+    );
+}
+
+#[test]
+fn a_counted_video_is_counted_once_per_version() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    live_mkv(dir.path(), "live.mkv", 300);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let store: Arc<dyn ObjectStore> =
+        Arc::new(LocalFileSystem::new_with_prefix(dir.path()).expect("store"));
+    let known = Arc::new(KnownVideos::default());
+    let mut dec = Decoder::new(DecoderOptions::default())
+        .expect("decoder")
+        .with_known_videos(Arc::clone(&known));
+    let late: Vec<u64> = (0..16).map(|i| 230 + i * 4).collect();
+
+    // First clip: counted to the end (H.264 access units counted before the decoder, not
+    // decoded), then the window.
+    let (first, n1) = clip(&mut dec, open(&store, "live.mkv", &rt), &late);
+    println!("first {:?}", first.stats);
+    assert_eq!(n1, 300);
+    assert!(!first.stats.learned_earlier);
+    assert!(first.stats.frames_skipped >= 200, "{:?}", first.stats);
+    assert_eq!(known.len(), 1);
+
+    // Later clips of the same version: the count is known, the window is sought.
+    let (second, n2) = clip(&mut dec, open(&store, "live.mkv", &rt), &late);
+    println!("second {:?}", second.stats);
+    assert_eq!(n2, 300);
+    assert!(second.stats.learned_earlier);
+    assert!(second.stats.frames_decoded < 150, "{:?}", second.stats);
+    same_frames(&first, &second, "second clip");
+
+    // Another decoder sharing the map learns nothing again.
+    let mut other = Decoder::new(DecoderOptions::default())
+        .expect("decoder")
+        .with_known_videos(Arc::clone(&known));
+    let (third, n3) = clip(&mut other, open(&store, "live.mkv", &rt), &late);
+    assert_eq!(n3, 300);
+    assert!(third.stats.learned_earlier);
+    same_frames(&first, &third, "another decoder");
+
+    // Bytes that name no version are never taken for a known video.
+    let bytes: Bytes = std::fs::read(dir.path().join("live.mkv"))
+        .expect("read")
+        .into();
+    for _ in 0..2 {
+        let (mem, n) = clip(&mut dec, Arc::new(bytes.clone()), &late);
+        assert_eq!(n, 300);
+        assert!(!mem.stats.learned_earlier);
+        assert!(mem.stats.frames_skipped >= 200);
+        same_frames(&first, &mem, "in memory");
+    }
+
+    // The video replaced by a shorter one: a new version, counted afresh.
+    live_mkv(dir.path(), "live.mkv", 200);
+    let (replaced, n4) = clip(&mut dec, open(&store, "live.mkv", &rt), &[150, 199]);
+    assert_eq!(n4, 200);
+    assert!(!replaced.stats.learned_earlier);
+    assert_eq!(known.len(), 2);
+}
+
+#[test]
+fn a_rate_found_irregular_is_not_sought_in_again() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Claims 30 fps, but from frame 30 on its frames come every 100 ms.
+    let out = std::process::Command::new("ffmpeg")
+        .args(["-v", "error", "-y", "-f", "lavfi", "-i"])
+        .arg("testsrc2=size=160x120:rate=30:duration=3")
+        .args(["-vf", "setpts='if(lt(N,30),N/30,1+(N-30)/10)/TB'"])
+        .args(["-fps_mode", "passthrough", "-c:v", "libx264", "-g", "15"])
+        .arg(dir.path().join("vfr.mkv"))
+        .output()
+        .expect("ffmpeg not found: run ops/setup.sh");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let store: Arc<dyn ObjectStore> =
+        Arc::new(LocalFileSystem::new_with_prefix(dir.path()).expect("store"));
+    let mut dec = Decoder::new(DecoderOptions {
+        seek_min_frames: 8,
+        ..DecoderOptions::default()
+    })
+    .expect("decoder");
+    let window: Vec<u64> = (60..90).step_by(2).collect();
+    let (first, _) = clip(&mut dec, open(&store, "vfr.mkv", &rt), &window);
+    println!("first {:?}", first.stats);
+    // A seek to the window, found wrong, and one back to the start.
+    assert!(first.stats.seeks >= 2, "{:?}", first.stats);
+    let (second, _) = clip(&mut dec, open(&store, "vfr.mkv", &rt), &window);
+    println!("second {:?}", second.stats);
+    assert!(second.stats.learned_earlier);
+    assert_eq!(second.stats.seeks, 0);
+    assert!(second.stats.frames_decoded < first.stats.frames_decoded);
+    same_frames(&first, &second, "second clip");
+}
+
+#[test]
+fn a_fragmented_mp4_has_its_fragments_read_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("fragmented.mp4");
+    launch_to_file(
+        "videotestsrc num-buffers=250 pattern=snow ! \
+         video/x-raw,format=I420,width=320,height=240,framerate=25/1 ! \
+         x264enc bitrate=2000 key-int-max=25 ! h264parse ! mp4mux fragment-duration=1000",
+        &path,
+    );
+    let moofs = find_boxes(&std::fs::read(&path).expect("read"), &[b"moof"]).len();
+    assert!(moofs >= 8, "mp4mux wrote {moofs} fragments");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let store: Arc<dyn ObjectStore> =
+        Arc::new(LocalFileSystem::new_with_prefix(dir.path()).expect("store"));
+    // Chunks smaller than a fragment: each `moof` read is a request of its own.
+    let mut dec = Decoder::new(DecoderOptions {
+        read_ahead: ReadAheadOptions {
+            min_chunk: 16 << 10,
+            max_chunk: 64 << 10,
+            ..ReadAheadOptions::default()
+        },
+        ..DecoderOptions::default()
+    })
+    .expect("decoder");
+    let early: Vec<u64> = (0..16).collect();
+    let (first, n1) = clip(&mut dec, open(&store, "fragmented.mp4", &rt), &early);
+    let (second, n2) = clip(&mut dec, open(&store, "fragmented.mp4", &rt), &early);
+    println!(
+        "{moofs} fragments\nfirst {:?}\nsecond {:?}",
+        first.stats, second.stats
+    );
+    assert_eq!((n1, n2), (250, 250));
+    assert!(!first.stats.learned_earlier && second.stats.learned_earlier);
+    assert!(
+        second.stats.read_requests + 3 <= first.stats.read_requests,
+        "{} fragments: {} requests, then {}",
+        moofs,
+        first.stats.read_requests,
+        second.stats.read_requests
+    );
+    same_frames(&first, &second, "second clip");
+}
