@@ -7,6 +7,8 @@ use std::sync::atomic::{AtomicI32, Ordering};
 
 /// SIGTERM's number (what a stop asked by another process of the job counts as).
 pub const SIGTERM: i32 = 15;
+/// SIGINT's number (Ctrl-C).
+pub const SIGINT: i32 = 2;
 
 /// The signal that asked for the stop (0: none yet).
 static REQUESTED: AtomicI32 = AtomicI32::new(0);
@@ -106,8 +108,23 @@ pub fn exit_status(signal: i32) -> u8 {
 /// The signal's name, for messages.
 pub fn name(signal: i32) -> &'static str {
     match signal {
-        15 => "SIGTERM",
-        2 => "SIGINT",
+        SIGTERM => "SIGTERM",
+        SIGINT => "SIGINT",
         _ => "a signal",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signal_numbers_and_exit_statuses() {
+        assert_eq!((SIGTERM, SIGINT), (libc::SIGTERM, libc::SIGINT));
+        assert_eq!((exit_status(SIGTERM), exit_status(SIGINT)), (143, 130));
+        assert_eq!(
+            (name(SIGTERM), name(SIGINT), name(9)),
+            ("SIGTERM", "SIGINT", "a signal")
+        );
     }
 }

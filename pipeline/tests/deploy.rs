@@ -192,6 +192,31 @@ fn kubernetes_cluster_manifest() {
             && s(&r["onPodConditions"][0]["type"]) == "DisruptionTarget"),
         "evictions are not failures"
     );
+    // A clean stop (SIGTERM/SIGINT: a step, its checkpoint, exit 128 + signal) is not one
+    // either, and only the main container's exit says so.
+    let main_name = s(&main["name"]);
+    let ignored: Vec<u64> = rules
+        .iter()
+        .filter(|r| s(&r["action"]) == "Ignore" && !r["onExitCodes"].is_null())
+        .flat_map(|r| {
+            assert_eq!(s(&r["onExitCodes"]["operator"]), "In");
+            assert_eq!(s(&r["onExitCodes"]["containerName"]), main_name);
+            r["onExitCodes"]["values"]
+                .as_sequence()
+                .expect("values")
+                .iter()
+                .map(|v| v.as_u64().expect("exit code"))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let stop_codes: Vec<u64> = [
+        vjepa_pipeline::shutdown::SIGINT,
+        vjepa_pipeline::shutdown::SIGTERM,
+    ]
+    .iter()
+    .map(|&sig| u64::from(vjepa_pipeline::shutdown::exit_status(sig)))
+    .collect();
+    assert_eq!(ignored, stop_codes);
     let ports: BTreeMap<String, u64> = main["ports"]
         .as_sequence()
         .expect("ports")
