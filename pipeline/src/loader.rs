@@ -753,6 +753,7 @@ impl StoreLoader {
                     self.known_bad.insert(listed);
                 }
                 Err(Failure::Changed(detail)) => {
+                    self.telemetry.store_changed();
                     tracing::info!(uri = %v.uri, %detail, "video replaced while it was read; the clip tries another video, the new version stays in the catalog");
                     changed = Some((changed.map_or(0, |(n, _)| n) + 1, detail));
                 }

@@ -178,6 +178,7 @@ pub struct Telemetry {
     queues: Vec<Gauge>,
     decode_failures: Family<Labels, Counter>,
     store_unavailable: Counter,
+    store_changed: Counter,
     store_bytes: Counter,
     store_request_seconds: Histogram,
     resident_memory: Gauge,
@@ -225,6 +226,7 @@ impl Telemetry {
             queues: Vec::new(),
             decode_failures: Family::default(),
             store_unavailable: Counter::default(),
+            store_changed: Counter::default(),
             store_bytes: Counter::default(),
             store_request_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             resident_memory: Gauge::default(),
@@ -327,6 +329,12 @@ impl Telemetry {
             "Clip attempts the object store could not serve (timeout, network, server error): \
              not quarantined, another video was tried",
             t.store_unavailable.clone(),
+        );
+        r.register(
+            "store_changed",
+            "Clip attempts that found their video replaced while reading it: not quarantined, \
+             another video was tried (the new version is drawn like any video)",
+            t.store_changed.clone(),
         );
         r.register_with_unit(
             "store_read",
@@ -434,6 +442,11 @@ impl Telemetry {
     /// An attempt the store could not serve (the video stays in the catalog).
     pub fn store_unavailable(&self) {
         self.store_unavailable.inc();
+    }
+
+    /// An attempt that found its video replaced while reading it (the new version stays).
+    pub fn store_changed(&self) {
+        self.store_changed.inc();
     }
 
     /// A video was quarantined (once per video).
