@@ -474,7 +474,7 @@ impl Decoder {
                 "object has 0 bytes",
             ));
         }
-        let version = source.version();
+        let mut version = source.version();
         let feed = Arc::new(ReadAhead::new(source, self.opts.read_ahead));
         let read = |at: u64, n: u64| feed.read_at(at, n).ok();
         let earlier = version.as_deref().and_then(|v| self.known.get(v));
@@ -483,10 +483,26 @@ impl Decoder {
             learned_earlier: earlier.is_some(),
             ..DecodeStats::default()
         };
-        let mut learned = earlier.unwrap_or_else(|| Learned {
-            facts: container::facts(size, &read),
-            ..Learned::default()
-        });
+        let mut learned = match earlier {
+            Some(known) => known,
+            None => {
+                // A read that failed reads as "not said" (a fragment count given up on): the
+                // clip can still decode, but such facts are not the video's to remember.
+                let failed = std::cell::Cell::new(false);
+                let facts = container::facts(size, &|at, n| {
+                    let got = feed.read_at(at, n).ok();
+                    failed.set(failed.get() || got.is_none());
+                    got
+                });
+                if failed.get() {
+                    version = None;
+                }
+                Learned {
+                    facts,
+                    ..Learned::default()
+                }
+            }
+        };
         let mut sink = Replay {
             inner: sink,
             planned: None,

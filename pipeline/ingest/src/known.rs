@@ -84,14 +84,16 @@ impl KnownVideos {
         self.lock().map.get(version).cloned()
     }
 
-    /// Keeps `learned` for `version` (replacing what was there), if it is worth keeping.
+    /// Keeps `learned` for `version`, if it is worth keeping; added to what another clip of
+    /// the same version (on another thread) may have kept meanwhile.
     pub(crate) fn remember(&self, version: &str, learned: &Learned) {
         if self.capacity == 0 || !learned.worth_keeping() {
             return;
         }
         let mut e = self.lock();
         if let Some(old) = e.map.get_mut(version) {
-            *old = learned.clone();
+            old.counted = learned.counted.or(old.counted);
+            old.variable_rate |= learned.variable_rate;
             return;
         }
         while e.map.len() >= self.capacity {
@@ -163,13 +165,27 @@ mod tests {
         let known = KnownVideos::new(2);
         known.remember("a", &counted(1));
         known.remember("b", &counted(2));
-        // Replacing does not grow it or change the order.
+        // Adding to an entry does not grow the map or change the order.
         known.remember("a", &counted(3));
         assert_eq!(known.len(), 2);
+        assert_eq!(known.get("a"), Some(counted(3)));
+        // What one clip found is not lost to another that did not find it.
+        let vfr = Learned {
+            variable_rate: true,
+            ..Learned::default()
+        };
+        known.remember("b", &vfr);
+        known.remember("b", &counted(2));
+        let both = Learned {
+            counted: Some(2),
+            variable_rate: true,
+            ..Learned::default()
+        };
+        assert_eq!(known.get("b"), Some(both.clone()));
         known.remember("c", &counted(4));
         assert_eq!(known.len(), 2);
         assert_eq!(known.get("a"), None);
-        assert_eq!(known.get("b"), Some(counted(2)));
+        assert_eq!(known.get("b"), Some(both));
         assert_eq!(known.get("c"), Some(counted(4)));
         let none = KnownVideos::new(0);
         none.remember("a", &counted(1));

@@ -97,6 +97,11 @@ fn codec(caps: &gst::CapsRef) -> Option<Codec> {
                 sub_layers: (b >> 3) & 0x07,
             })
         }
+        // Sub-layers unknown: never dropped as unreferenced, only counted.
+        ("video/x-h265", "byte-stream") => Some(Codec::H265 {
+            framing: Framing::StartCodes,
+            sub_layers: 0,
+        }),
         _ => None,
     }
 }
@@ -133,6 +138,14 @@ fn nal_headers(data: &[u8], framing: Framing) -> Vec<[u8; 2]> {
         }
     }
     out
+}
+
+/// Whether the parser's caps leave the stream progressive (`h264parse` and `h265parse` say
+/// `interlace-mode` when the sequence can code fields).
+fn progressive(caps: &gst::CapsRef) -> bool {
+    caps.structure(0)
+        .and_then(|s| s.get::<&str>("interlace-mode").ok())
+        .is_none_or(|m| m == "progressive")
 }
 
 /// `true` if the access unit holds a picture's slices (one access unit, one frame: the parser
@@ -207,8 +220,10 @@ pub(crate) fn attach(element: &gst::Element, plan: &Arc<Mutex<SkipPlan>>) {
         };
         let count_only = plan.lock().unwrap_or_else(|e| e.into_inner()).count_only;
         if count_only {
+            // An access unit of an interlaced stream can be one field of a frame: decoded.
             let pictures = pad
                 .current_caps()
+                .filter(|c| progressive(c))
                 .and_then(|c| codec(&c))
                 .and_then(|codec| {
                     let map = buffer.map_readable().ok()?;

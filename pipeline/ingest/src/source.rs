@@ -319,10 +319,13 @@ impl ByteSource for ObjectSource {
     }
 
     /// Only a version the store names (its ETag): without one, a replaced video of the same
-    /// size would look the same.
+    /// size would look the same. The store's own name (bucket, root folder) is part of it.
     fn version(&self) -> Option<String> {
         let tag = etag_value(self.e_tag.as_deref()?);
-        Some(format!("{}\n{}\n{tag}", self.path, self.size))
+        Some(format!(
+            "{}\n{}\n{}\n{tag}",
+            self.store, self.path, self.size
+        ))
     }
 }
 

@@ -9,6 +9,7 @@ mod media;
 
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
 use common::launch_to_file;
@@ -16,7 +17,8 @@ use media::find_boxes;
 use object_store::ObjectStore;
 use object_store::local::LocalFileSystem;
 use vjepa_ingest::{
-    ByteSource, DecodedClip, Decoder, DecoderOptions, KnownVideos, ObjectSource, ReadAheadOptions,
+    ByteSource, DecodedClip, Decoder, DecoderOptions, IngestError, KnownVideos, ObjectSource,
+    ReadAheadOptions,
 };
 
 /// Opens `name` in `store` the production way (HEAD, then ranged reads pinned to its ETag).
@@ -110,12 +112,165 @@ fn a_counted_video_is_counted_once_per_version() {
         same_frames(&first, &mem, "in memory");
     }
 
+    // The same bytes written again (a new file: a new ETag): a new version, counted afresh.
+    let tmp = dir.path().join("live.tmp");
+    std::fs::copy(dir.path().join("live.mkv"), &tmp).expect("copy");
+    std::fs::rename(&tmp, dir.path().join("live.mkv")).expect("rename");
+    let (again, _) = clip(&mut dec, open(&store, "live.mkv", &rt), &late);
+    assert!(!again.stats.learned_earlier);
+    same_frames(&first, &again, "rewritten");
+
     // The video replaced by a shorter one: a new version, counted afresh.
     live_mkv(dir.path(), "live.mkv", 200);
     let (replaced, n4) = clip(&mut dec, open(&store, "live.mkv", &rt), &[150, 199]);
     assert_eq!(n4, 200);
     assert!(!replaced.stats.learned_earlier);
-    assert_eq!(known.len(), 2);
+    assert_eq!(known.len(), 3);
+}
+
+/// Progressive H.264 and H.265 without a length are counted as their access units reach the
+/// decoder (not decoded); an interlaced stream, whose access units can be fields, is decoded to
+/// be counted. Every count is the frame count.
+#[test]
+fn streams_without_a_length_are_counted_right() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let caps = "video/x-raw,format=I420,width=160,height=120,framerate=25/1";
+    let cases = [
+        (
+            "h264 B-frames, live Matroska",
+            format!(
+                "videotestsrc num-buffers=137 pattern=ball ! {caps} ! x264enc bframes=3 ! \
+                 h264parse ! matroskamux streamable=true"
+            ),
+            137,
+            true,
+        ),
+        (
+            "h265, live Matroska",
+            format!(
+                "videotestsrc num-buffers=121 pattern=ball ! {caps} ! \
+                 x265enc speed-preset=ultrafast ! h265parse ! matroskamux streamable=true"
+            ),
+            121,
+            true,
+        ),
+        (
+            "h265 elementary stream",
+            format!(
+                "videotestsrc num-buffers=93 pattern=ball ! {caps} ! \
+                 x265enc speed-preset=ultrafast ! h265parse ! \
+                 video/x-h265,stream-format=byte-stream"
+            ),
+            93,
+            true,
+        ),
+        (
+            "h264 interlaced, live Matroska",
+            format!(
+                "videotestsrc num-buffers=88 pattern=ball ! {caps},interlace-mode=interleaved ! \
+                 x264enc interlaced=true ! h264parse ! matroskamux streamable=true"
+            ),
+            88,
+            false,
+        ),
+    ];
+    let mut dec = Decoder::new(DecoderOptions::default()).expect("decoder");
+    for (i, (what, pipeline, frames, dropped)) in cases.iter().enumerate() {
+        let path = dir.path().join(format!("case-{i}"));
+        launch_to_file(pipeline, &path);
+        let bytes: Bytes = std::fs::read(&path).expect("read").into();
+        // Frame 0 only: no seek, so nothing else is dropped before the decoder.
+        let (c, n) = clip(&mut dec, Arc::new(bytes), &[0]);
+        println!("{what}: {n} frames, {:?}", c.stats);
+        assert_eq!(n, *frames, "{what}");
+        if *dropped {
+            assert!(
+                c.stats.frames_skipped + 20 >= *frames,
+                "{what}: {:?}",
+                c.stats
+            );
+        } else {
+            assert_eq!(c.stats.frames_skipped, 0, "{what}");
+            assert!(c.stats.frames_decoded >= *frames, "{what}: {:?}", c.stats);
+        }
+    }
+}
+
+/// Bytes with a version that fail the first read touching one offset (a store that answered
+/// one request late), like a network store can.
+struct FailsOnce {
+    bytes: Bytes,
+    at: u64,
+    failed: Arc<AtomicBool>,
+}
+
+impl ByteSource for FailsOnce {
+    fn size(&self) -> u64 {
+        self.bytes.size()
+    }
+
+    fn read(&self, range: std::ops::Range<u64>) -> Result<Bytes, IngestError> {
+        if range.contains(&self.at) && !self.failed.swap(true, Ordering::SeqCst) {
+            return Err(IngestError::Unavailable("timed out (test)".into()));
+        }
+        self.bytes.read(range)
+    }
+
+    fn describe(&self) -> String {
+        "fails once".into()
+    }
+
+    fn version(&self) -> Option<String> {
+        Some("fails-once v1".into())
+    }
+}
+
+/// A read that failed while the container's facts were read (one `moof` of a fragmented MP4)
+/// does not make the clip fail, but what it left unsaid is not kept as the video's facts.
+#[test]
+fn facts_read_with_a_failure_are_not_kept() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("fragmented.mp4");
+    launch_to_file(
+        "videotestsrc num-buffers=250 pattern=snow ! \
+         video/x-raw,format=I420,width=320,height=240,framerate=25/1 ! \
+         x264enc bitrate=2000 key-int-max=25 ! h264parse ! mp4mux fragment-duration=1000",
+        &path,
+    );
+    let bytes: Bytes = std::fs::read(&path).expect("read").into();
+    let last_moof = find_boxes(&bytes, &[b"moof"]).last().expect("a moof").start as u64;
+    let mut dec = Decoder::new(DecoderOptions {
+        read_ahead: ReadAheadOptions {
+            min_chunk: 16 << 10,
+            max_chunk: 64 << 10,
+            ..ReadAheadOptions::default()
+        },
+        ..DecoderOptions::default()
+    })
+    .expect("decoder");
+    let early: Vec<u64> = (0..16).collect();
+    let failed = Arc::new(AtomicBool::new(false));
+    let source = |bytes: &Bytes| -> Arc<dyn ByteSource> {
+        Arc::new(FailsOnce {
+            bytes: bytes.clone(),
+            at: last_moof + 4,
+            failed: Arc::clone(&failed),
+        })
+    };
+    let (first, n1) = clip(&mut dec, source(&bytes), &early);
+    println!("first: {n1} frames, {:?}", first.stats);
+    assert!(
+        failed.load(Ordering::SeqCst),
+        "the facts never read the last fragment"
+    );
+    // The next clip reads the facts again (and, with no failure, keeps them).
+    let (second, n2) = clip(&mut dec, source(&bytes), &early);
+    println!("second: {n2} frames, {:?}", second.stats);
+    assert!(!second.stats.learned_earlier);
+    assert_eq!(n2, 250);
+    let (third, _) = clip(&mut dec, source(&bytes), &early);
+    assert!(third.stats.learned_earlier);
+    same_frames(&first, &third, "third clip");
 }
 
 #[test]
