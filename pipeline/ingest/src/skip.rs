@@ -71,10 +71,16 @@ enum Codec {
         framing: Framing,
         sub_layers: u8,
     },
+    /// VP9: only counted (a packet is a frame, or a superframe of a hidden frame and the one
+    /// it shows); never dropped as unreferenced.
+    Vp9,
 }
 
 fn codec(caps: &gst::CapsRef) -> Option<Codec> {
     let s = caps.structure(0)?;
+    if s.name() == "video/x-vp9" {
+        return Some(Codec::Vp9);
+    }
     let format = s.get::<&str>("stream-format").ok()?;
     let codec_data = || -> Option<Vec<u8>> {
         let cd = s.get::<gst::Buffer>("codec_data").ok()?;
@@ -148,17 +154,79 @@ fn progressive(caps: &gst::CapsRef) -> bool {
         .is_none_or(|m| m == "progressive")
 }
 
-/// `true` if the access unit holds a picture's slices (one access unit, one frame: the parser
-/// before the decoder aligns buffers to access units).
-fn has_slices(data: &[u8], codec: Codec) -> bool {
+/// Whether the decoder makes a frame of this buffer: an access unit with a picture's slices
+/// (the parser before the decoder aligns buffers to access units: one access unit, one
+/// frame), a VP9 packet with a shown frame. `None`: a VP9 packet this cannot read.
+fn outputs_a_frame(data: &[u8], codec: Codec) -> Option<bool> {
     match codec {
-        Codec::H264(framing) => nal_headers(data, framing)
-            .iter()
-            .any(|[h, _]| (1..=5).contains(&(h & 0x1F))),
-        Codec::H265 { framing, .. } => nal_headers(data, framing)
-            .iter()
-            .any(|[h0, _]| (h0 >> 1) & 0x3F <= 31),
+        Codec::H264(framing) => Some(
+            nal_headers(data, framing)
+                .iter()
+                .any(|[h, _]| (1..=5).contains(&(h & 0x1F))),
+        ),
+        Codec::H265 { framing, .. } => Some(
+            nal_headers(data, framing)
+                .iter()
+                .any(|[h0, _]| (h0 >> 1) & 0x3F <= 31),
+        ),
+        Codec::Vp9 => {
+            let mut shown = false;
+            for frame in vp9_frames(data)? {
+                shown |= vp9_shows(frame)?;
+            }
+            Some(shown)
+        }
     }
+}
+
+/// The frames of a VP9 packet: the whole packet, or the frames a superframe index at its end
+/// lists (VP9 spec, annex B: a marker byte `110sssnn` at both ends of the index, then
+/// `nn + 1` frame sizes of `ss + 1` little-endian bytes). `None` if the index is inconsistent.
+fn vp9_frames(data: &[u8]) -> Option<Vec<&[u8]>> {
+    let last = *data.last()?;
+    if last & 0xE0 != 0xC0 {
+        return Some(vec![data]);
+    }
+    let frames = usize::from(last & 0x07) + 1;
+    let size_bytes = usize::from((last >> 3) & 0x03) + 1;
+    let index_len = 2 + size_bytes * frames;
+    let Some(index_at) = data.len().checked_sub(index_len) else {
+        return Some(vec![data]);
+    };
+    if data[index_at] != last {
+        // The last byte only looks like a marker: a plain frame.
+        return Some(vec![data]);
+    }
+    let mut out = Vec::with_capacity(frames);
+    let mut start = 0usize;
+    for f in 0..frames {
+        let at = index_at + 1 + f * size_bytes;
+        let size = data[at..at + size_bytes]
+            .iter()
+            .rev()
+            .fold(0usize, |acc, &b| (acc << 8) | usize::from(b));
+        let end = start.checked_add(size)?;
+        if end > index_at {
+            return None;
+        }
+        out.push(&data[start..end]);
+        start = end;
+    }
+    Some(out)
+}
+
+/// Whether a VP9 frame is shown, from its uncompressed header's first byte: frame marker
+/// (2 bits, `10`), profile (2 bits, and a reserved bit in profile 3), `show_existing_frame`,
+/// `frame_type`, `show_frame`. `None` if it is not a VP9 frame header.
+fn vp9_shows(frame: &[u8]) -> Option<bool> {
+    let b = *frame.first()?;
+    if b >> 6 != 0b10 {
+        return None;
+    }
+    let bit = |i: u32| (b >> (7 - i)) & 1 == 1;
+    let profile = u8::from(bit(2)) | (u8::from(bit(3)) << 1);
+    let at = if profile == 3 { 5 } else { 4 };
+    Some(bit(at) || bit(at + 2))
 }
 
 /// `true` if the access unit holds slices and no other picture can reference any of them.
@@ -176,6 +244,7 @@ fn is_non_reference(data: &[u8], codec: Codec) -> bool {
                 }
             }
         }
+        Codec::Vp9 => return false,
         Codec::H265 {
             framing,
             sub_layers,
@@ -200,12 +269,13 @@ fn is_non_reference(data: &[u8], codec: Codec) -> bool {
     slices > 0
 }
 
-/// Puts the dropping probe on an H.264 decoder's sink pad (other decoders are left alone).
+/// Puts the dropping probe on an H.264, H.265 or VP9 decoder's sink pad (other decoders are
+/// left alone; VP9 frames are only ever dropped when counted).
 pub(crate) fn attach(element: &gst::Element, plan: &Arc<Mutex<SkipPlan>>) {
     let is_video_decoder = element.factory().is_some_and(|f| {
         f.klass().contains("Decoder")
             && f.klass().contains("Video")
-            && (f.name().contains("h264") || f.name().contains("h265"))
+            && ["h264", "h265", "vp9"].iter().any(|c| f.name().contains(c))
     });
     if !is_video_decoder {
         return;
@@ -227,7 +297,7 @@ pub(crate) fn attach(element: &gst::Element, plan: &Arc<Mutex<SkipPlan>>) {
                 .and_then(|c| codec(&c))
                 .and_then(|codec| {
                     let map = buffer.map_readable().ok()?;
-                    Some(has_slices(&map, codec))
+                    outputs_a_frame(&map, codec)
                 });
             // An access unit this cannot read goes to the decoder, which counts it.
             if pictures != Some(true) {
@@ -291,14 +361,49 @@ mod tests {
         let b = [0, 0, 0, 1, 0x01, 0x9A, 0, 0, 1, 0x01, 0x9B];
         assert!(is_non_reference(&b, Codec::H264(Framing::StartCodes)));
         // Pictures, referenced or not; parameter sets and SEI alone are none.
-        assert!(has_slices(&p, Codec::H264(Framing::Length(4))));
-        assert!(has_slices(&b, Codec::H264(Framing::StartCodes)));
-        assert!(has_slices(&idr, Codec::H264(Framing::StartCodes)));
-        assert!(has_slices(&au, Codec::H264(Framing::Length(4))));
-        assert!(!has_slices(
-            &[0, 0, 1, 0x06, 0, 0, 0, 1, 0x67, 0x42],
-            Codec::H264(Framing::StartCodes)
-        ));
+        let frame = |data: &[u8], codec| outputs_a_frame(data, codec) == Some(true);
+        assert!(frame(&p, Codec::H264(Framing::Length(4))));
+        assert!(frame(&b, Codec::H264(Framing::StartCodes)));
+        assert!(frame(&idr, Codec::H264(Framing::StartCodes)));
+        assert!(frame(&au, Codec::H264(Framing::Length(4))));
+        assert_eq!(
+            outputs_a_frame(
+                &[0, 0, 1, 0x06, 0, 0, 0, 1, 0x67, 0x42],
+                Codec::H264(Framing::StartCodes)
+            ),
+            Some(false)
+        );
+    }
+
+    #[test]
+    fn vp9_packets_that_show_a_frame() {
+        // Frame headers' first byte: marker 10, profile 0, then show_existing_frame,
+        // frame_type, show_frame.
+        let shown_key = 0b1000_0010u8; // key frame, shown
+        let hidden = 0b1000_0100u8; // inter frame, not shown
+        let existing = 0b1000_1000u8; // shows an earlier frame
+        let profile3_shown = 0b1011_0001u8; // profile 3: a reserved bit first
+        let show = |b: &[u8]| outputs_a_frame(b, Codec::Vp9);
+        assert_eq!(show(&[shown_key, 1, 2, 3]), Some(true));
+        assert_eq!(show(&[hidden, 1, 2, 3]), Some(false));
+        assert_eq!(show(&[existing]), Some(true));
+        assert_eq!(show(&[profile3_shown, 0]), Some(true));
+        assert_eq!(show(&[0x00, 1]), None); // not a frame header
+        // A superframe: a hidden frame of 3 bytes and a shown one of 2; index 0xC1 (2 sizes
+        // of 1 byte) at both ends.
+        let sf = [hidden, 7, 7, shown_key, 9, 0xC1, 3, 2, 0xC1];
+        assert_eq!(vp9_frames(&sf).map(|f| f.len()), Some(2));
+        assert_eq!(show(&sf), Some(true));
+        // Two hidden frames: nothing shown.
+        let both_hidden = [hidden, 7, 7, hidden, 9, 0xC1, 3, 2, 0xC1];
+        assert_eq!(show(&both_hidden), Some(false));
+        // Sizes past the index: unreadable.
+        let bad = [hidden, 7, 7, shown_key, 9, 0xC1, 9, 2, 0xC1];
+        assert_eq!(show(&bad), None);
+        // A last byte that only looks like a marker: one plain frame.
+        assert_eq!(show(&[shown_key, 0xC1]), Some(true));
+        // Never dropped as unreferenced.
+        assert!(!is_non_reference(&[hidden, 1], Codec::Vp9));
     }
 
     #[test]
@@ -319,8 +424,12 @@ mod tests {
         // A parameter set alone (VPS, type 32) has no slice: keep.
         assert!(!is_non_reference(&[0, 0, 0, 2, 0x40, 0x01], one(1)));
         // Pictures whatever their reference status; a parameter set is none.
-        assert!(has_slices(&trail_n, one(2)) && has_slices(&trail_r, one(0)));
-        assert!(!has_slices(&[0, 0, 0, 2, 0x40, 0x01], one(1)));
+        assert_eq!(outputs_a_frame(&trail_n, one(2)), Some(true));
+        assert_eq!(outputs_a_frame(&trail_r, one(0)), Some(true));
+        assert_eq!(
+            outputs_a_frame(&[0, 0, 0, 2, 0x40, 0x01], one(1)),
+            Some(false)
+        );
     }
 
     #[test]

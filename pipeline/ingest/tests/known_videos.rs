@@ -128,9 +128,9 @@ fn a_counted_video_is_counted_once_per_version() {
     assert_eq!(known.len(), 3);
 }
 
-/// Progressive H.264 and H.265 without a length are counted as their access units reach the
-/// decoder (not decoded); an interlaced stream, whose access units can be fields, is decoded to
-/// be counted. Every count is the frame count.
+/// Progressive H.264 and H.265, and VP9, without a length are counted as their access units
+/// (packets) reach the decoder, not decoded; an interlaced stream, whose access units can be
+/// fields, is decoded to be counted. Every count is the frame count.
 #[test]
 fn streams_without_a_length_are_counted_right() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -194,6 +194,79 @@ fn streams_without_a_length_are_counted_right() {
             assert!(c.stats.frames_decoded >= *frames, "{what}: {:?}", c.stats);
         }
     }
+
+    // VP9 with hidden alternate reference frames (two-pass libvpx), each packed in a
+    // superframe with the frame it precedes, written live: 120 shown frames, more coded.
+    // Only shown frames count.
+    let ffmpeg = |args: &[&str]| {
+        let out = std::process::Command::new("ffmpeg")
+            .current_dir(dir.path())
+            .args(["-v", "error", "-y"])
+            .args(args)
+            .output()
+            .expect("ffmpeg not found: run ops/setup.sh");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    };
+    let vp9 = [
+        "-f",
+        "lavfi",
+        "-i",
+        "testsrc2=size=160x120:rate=25",
+        "-frames:v",
+        "120",
+        "-c:v",
+        "libvpx-vp9",
+        "-deadline",
+        "good",
+        "-cpu-used",
+        "4",
+        "-auto-alt-ref",
+        "1",
+        "-lag-in-frames",
+        "25",
+        "-b:v",
+        "300k",
+    ];
+    ffmpeg(&[&vp9[..], &["-pass", "1", "-f", "null", "-"]].concat());
+    ffmpeg(
+        &[
+            &vp9[..],
+            &["-pass", "2", "-f", "webm", "-live", "1", "arf.webm"],
+        ]
+        .concat(),
+    );
+    let split = ffmpeg(&[
+        "-i",
+        "arf.webm",
+        "-c",
+        "copy",
+        "-bsf:v",
+        "vp9_superframe_split",
+        "-f",
+        "framecrc",
+        "-",
+    ]);
+    let coded = String::from_utf8_lossy(&split)
+        .lines()
+        .filter(|l| l.starts_with("0,"))
+        .count();
+    assert!(coded > 120, "no hidden frames were coded ({coded})");
+    let bytes: Bytes = std::fs::read(dir.path().join("arf.webm"))
+        .expect("read")
+        .into();
+    let (c, n) = clip(&mut dec, Arc::new(bytes), &[0]);
+    println!(
+        "vp9, {} hidden frames: {n} frames, {:?}",
+        coded - 120,
+        c.stats
+    );
+    assert_eq!(n, 120);
+    assert!(c.stats.frames_skipped + 20 >= 120, "{:?}", c.stats);
 }
 
 /// Bytes with a version that fail the first read touching one offset (a store that answered
