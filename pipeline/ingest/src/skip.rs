@@ -169,18 +169,19 @@ fn outputs_a_frame(data: &[u8], codec: Codec) -> Option<bool> {
                 .iter()
                 .any(|[h0, _]| (h0 >> 1) & 0x3F <= 31),
         ),
+        // A VP9 decoder outputs at most one picture per packet: the last frame's, if shown.
         Codec::Vp9 => {
-            let mut shown = false;
+            let mut shown = None;
             for frame in vp9_frames(data)? {
-                shown |= vp9_shows(frame)?;
+                shown = Some(vp9_shows(frame)?);
             }
-            Some(shown)
+            shown
         }
     }
 }
 
 /// The frames of a VP9 packet: the whole packet, or the frames a superframe index at its end
-/// lists (VP9 spec, annex B: a marker byte `110sssnn` at both ends of the index, then
+/// lists (VP9 spec, annex B: a marker byte `110ssnnn` at both ends of the index, then
 /// `nn + 1` frame sizes of `ss + 1` little-endian bytes). `None` if the index is inconsistent.
 fn vp9_frames(data: &[u8]) -> Option<Vec<&[u8]>> {
     let last = *data.last()?;
@@ -296,6 +297,12 @@ pub(crate) fn attach(element: &gst::Element, plan: &Arc<Mutex<SkipPlan>>) {
                 .filter(|c| progressive(c))
                 .and_then(|c| codec(&c))
                 .and_then(|codec| {
+                    // `vp9parse`, splitting a superframe for a decoder that takes one frame at
+                    // a time, marks all but its last frame decode-only: no picture comes out.
+                    if codec == Codec::Vp9 && buffer.flags().contains(gst::BufferFlags::DECODE_ONLY)
+                    {
+                        return Some(false);
+                    }
                     let map = buffer.map_readable().ok()?;
                     outputs_a_frame(&map, codec)
                 });
@@ -394,6 +401,9 @@ mod tests {
         let sf = [hidden, 7, 7, shown_key, 9, 0xC1, 3, 2, 0xC1];
         assert_eq!(vp9_frames(&sf).map(|f| f.len()), Some(2));
         assert_eq!(show(&sf), Some(true));
+        // Only the last frame's picture comes out of a packet.
+        let shown_then_hidden = [shown_key, 9, hidden, 7, 7, 0xC1, 2, 3, 0xC1];
+        assert_eq!(show(&shown_then_hidden), Some(false));
         // Two hidden frames: nothing shown.
         let both_hidden = [hidden, 7, 7, hidden, 9, 0xC1, 3, 2, 0xC1];
         assert_eq!(show(&both_hidden), Some(false));
