@@ -318,12 +318,10 @@ fn catalog_versions_reach_every_process() {
     cluster.wait_ok(Duration::from_secs(120));
 
     // The version records process 0 wrote: the first one with the change, and its step.
-    let mut records: Vec<vjepa_pipeline::catalog::VersionRecord> =
-        std::fs::read_dir(out.join("catalog"))
-            .unwrap()
-            .map(|e| serde_json::from_slice(&std::fs::read(e.unwrap().path()).unwrap()).unwrap())
-            .collect();
-    records.sort_by_key(|r| r.from_step);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let out_store =
+        vjepa_storage::Store::open(out.to_str().unwrap(), &Default::default(), false).unwrap();
+    let records = version_records(&rt, &out_store);
     let changed = records
         .iter()
         .find(|r| r.added.iter().any(|v| v.uri.ends_with(added.as_str())))

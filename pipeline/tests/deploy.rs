@@ -173,20 +173,26 @@ fn kubernetes_cluster_manifest() {
     let rules = spec["podFailurePolicy"]["rules"]
         .as_sequence()
         .expect("podFailurePolicy.rules");
-    let fail_job: Vec<u64> = rules
-        .iter()
-        .filter(|r| s(&r["action"]) == "FailJob")
-        .flat_map(|r| {
-            assert_eq!(s(&r["onExitCodes"]["operator"]), "In");
-            r["onExitCodes"]["values"]
-                .as_sequence()
-                .expect("values")
-                .iter()
-                .map(|v| v.as_u64().expect("exit code"))
-                .collect::<Vec<_>>()
-        })
-        .collect();
-    assert_eq!(fail_job, [2, 3]);
+    // The exit codes the rules of `action` name (`In`), checking whose exit they read.
+    let exit_codes = |action: &str, container: Option<&str>| -> Vec<u64> {
+        rules
+            .iter()
+            .filter(|r| s(&r["action"]) == action && !r["onExitCodes"].is_null())
+            .flat_map(|r| {
+                assert_eq!(s(&r["onExitCodes"]["operator"]), "In");
+                if let Some(name) = container {
+                    assert_eq!(s(&r["onExitCodes"]["containerName"]), name);
+                }
+                r["onExitCodes"]["values"]
+                    .as_sequence()
+                    .expect("values")
+                    .iter()
+                    .map(|v| v.as_u64().expect("exit code"))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    };
+    assert_eq!(exit_codes("FailJob", None), [2, 3]);
     assert!(
         rules.iter().any(|r| s(&r["action"]) == "Ignore"
             && s(&r["onPodConditions"][0]["type"]) == "DisruptionTarget"),
@@ -194,21 +200,6 @@ fn kubernetes_cluster_manifest() {
     );
     // A clean stop (SIGTERM/SIGINT: a step, its checkpoint, exit 128 + signal) is not one
     // either, and only the main container's exit says so.
-    let main_name = s(&main["name"]);
-    let ignored: Vec<u64> = rules
-        .iter()
-        .filter(|r| s(&r["action"]) == "Ignore" && !r["onExitCodes"].is_null())
-        .flat_map(|r| {
-            assert_eq!(s(&r["onExitCodes"]["operator"]), "In");
-            assert_eq!(s(&r["onExitCodes"]["containerName"]), main_name);
-            r["onExitCodes"]["values"]
-                .as_sequence()
-                .expect("values")
-                .iter()
-                .map(|v| v.as_u64().expect("exit code"))
-                .collect::<Vec<_>>()
-        })
-        .collect();
     let stop_codes: Vec<u64> = [
         vjepa_pipeline::shutdown::SIGINT,
         vjepa_pipeline::shutdown::SIGTERM,
@@ -216,7 +207,7 @@ fn kubernetes_cluster_manifest() {
     .iter()
     .map(|&sig| u64::from(vjepa_pipeline::shutdown::exit_status(sig)))
     .collect();
-    assert_eq!(ignored, stop_codes);
+    assert_eq!(exit_codes("Ignore", Some(s(&main["name"]))), stop_codes);
     let ports: BTreeMap<String, u64> = main["ports"]
         .as_sequence()
         .expect("ports")

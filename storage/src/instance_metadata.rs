@@ -46,9 +46,11 @@ pub fn instance_role(endpoint: &str, imdsv1_fallback: bool) -> Result<String, St
     if let Some(role) = known {
         return Ok(role);
     }
-    // One more try for a service that is there but slow to answer the first time.
+    // One more try for a service that did not answer in time the first time (not for an
+    // answer: no role, a refused token).
     let role = ask_role(host, &endpoint, imdsv1_fallback)
-        .or_else(|_| ask_role(host, &endpoint, imdsv1_fallback))?;
+        .or_else(|_| ask_role(host, &endpoint, imdsv1_fallback))
+        .and_then(|answer| answer)?;
     if let Ok(mut found) = FOUND.lock() {
         found.push((endpoint, role.clone()));
     }
@@ -60,7 +62,13 @@ pub fn normalized(host: &str) -> String {
     format!("http://{host}")
 }
 
-fn ask_role(host: &str, endpoint: &str, imdsv1_fallback: bool) -> Result<String, String> {
+/// The role, or why there is none (`Ok(Err(why))`: the service answered); `Err(why)`: the
+/// service did not answer.
+fn ask_role(
+    host: &str,
+    endpoint: &str,
+    imdsv1_fallback: bool,
+) -> Result<Result<String, String>, String> {
     let token = match request(
         host,
         "PUT",
@@ -70,9 +78,9 @@ fn ask_role(host: &str, endpoint: &str, imdsv1_fallback: bool) -> Result<String,
         (200, token) if is_header_value(token.trim()) => Some(token.trim().to_string()),
         (403, _) if imdsv1_fallback => None,
         (status, _) => {
-            return Err(format!(
+            return Ok(Err(format!(
                 "the instance metadata service at {endpoint} refused a session token (HTTP {status}); IMDSv2 is required (AWS_IMDSV1_FALLBACK=true allows IMDSv1; other clouds' metadata services do not serve AWS credentials)"
-            ));
+            )));
         }
     };
     let headers: Vec<(&str, &str)> = token
@@ -80,28 +88,30 @@ fn ask_role(host: &str, endpoint: &str, imdsv1_fallback: bool) -> Result<String,
         .map(|t| ("X-aws-ec2-metadata-token", t))
         .into_iter()
         .collect();
-    match request(
-        host,
-        "GET",
-        "/latest/meta-data/iam/security-credentials/",
-        &headers,
-    )? {
-        (200, roles) => roles
-            .lines()
-            .map(str::trim)
-            .find(|r| !r.is_empty())
-            .filter(|r| is_header_value(r))
-            .map(str::to_string)
-            .ok_or_else(|| {
-                format!("the instance metadata service at {endpoint} lists no IAM role")
-            }),
-        (404, _) => Err(format!(
-            "this machine has no IAM role attached (the instance metadata service at {endpoint} has no security credentials)"
-        )),
-        (status, _) => Err(format!(
-            "the instance metadata service at {endpoint} answered HTTP {status} for its IAM role"
-        )),
-    }
+    Ok(
+        match request(
+            host,
+            "GET",
+            "/latest/meta-data/iam/security-credentials/",
+            &headers,
+        )? {
+            (200, roles) => roles
+                .lines()
+                .map(str::trim)
+                .find(|r| !r.is_empty())
+                .filter(|r| is_header_value(r))
+                .map(str::to_string)
+                .ok_or_else(|| {
+                    format!("the instance metadata service at {endpoint} lists no IAM role")
+                }),
+            (404, _) => Err(format!(
+                "this machine has no IAM role attached (the instance metadata service at {endpoint} has no security credentials)"
+            )),
+            (status, _) => Err(format!(
+                "the instance metadata service at {endpoint} answered HTTP {status} for its IAM role"
+            )),
+        },
+    )
 }
 
 /// Visible ASCII only: a token or role name that goes into a header or a path.
@@ -305,5 +315,47 @@ mod tests {
         drop(listener);
         let err = instance_role(&format!("http://127.0.0.1:{port}"), false).unwrap_err();
         assert!(err.contains("no instance metadata service"), "{err}");
+    }
+
+    /// An answer (here: no session token) is not asked again; only silence is.
+    #[test]
+    fn an_answer_is_not_asked_twice() {
+        use std::io::{Read, Write};
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        listener.set_nonblocking(true).unwrap();
+        let (asked, done) = (
+            Arc::new(AtomicUsize::new(0)),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let server = {
+            let (asked, done) = (Arc::clone(&asked), Arc::clone(&done));
+            std::thread::spawn(move || {
+                while !done.load(Ordering::SeqCst) {
+                    let Ok((mut conn, _)) = listener.accept() else {
+                        std::thread::sleep(Duration::from_millis(5));
+                        continue;
+                    };
+                    asked.fetch_add(1, Ordering::SeqCst);
+                    conn.set_nonblocking(false).unwrap();
+                    let mut request = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match conn.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => request.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let _ = conn.write_all(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n");
+                }
+            })
+        };
+        let err = instance_role(&format!("http://127.0.0.1:{port}"), false).unwrap_err();
+        done.store(true, Ordering::SeqCst);
+        server.join().unwrap();
+        assert!(err.contains("refused a session token (HTTP 403)"), "{err}");
+        assert_eq!(asked.load(Ordering::SeqCst), 1);
     }
 }

@@ -36,7 +36,7 @@ pub use location::{endpoint_problem, redact_url};
 pub fn check_location(s: &str) -> Result<(), StorageError> {
     location::parse_location(s).map(|_| ())
 }
-pub use store::{ObjectInfo, S3Settings, Store, normalize_tag, object_tag};
+pub use store::{ObjectInfo, S3Settings, Store, env_has_s3_credentials, normalize_tag, object_tag};
 
 /// Replaces the local file `path` with `bytes`: written beside it (`path.partial`), flushed to
 /// disk, then renamed into place, so a reader, a stopped process or a power loss sees the

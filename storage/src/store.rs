@@ -130,6 +130,21 @@ fn env_true(name: &str) -> bool {
         .is_some_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes"))
 }
 
+/// Whether the environment gives S3 credentials that object_store uses before an instance
+/// profile's, as it picks them: static keys (either variable: object_store then asks for the
+/// other), a web identity (token file and role), a container's credentials, or unsigned
+/// requests. Without them, opening S3 asks the instance metadata service for a role.
+pub fn env_has_s3_credentials() -> bool {
+    let set = |k: &str| env_nonempty(k).is_some();
+    set("AWS_ACCESS_KEY_ID")
+        || set("AWS_SECRET_ACCESS_KEY")
+        || (set("AWS_WEB_IDENTITY_TOKEN_FILE") && set("AWS_ROLE_ARN"))
+        || set("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI")
+        || (set("AWS_CONTAINER_CREDENTIALS_FULL_URI")
+            && set("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE"))
+        || env_true("AWS_SKIP_SIGNATURE")
+}
+
 impl Store {
     /// Opens a store.
     ///
@@ -615,15 +630,6 @@ fn open_s3(
 
     let (mut builder, secrets) = match creds {
         Credentials::Env => {
-            let has_static = env_nonempty("AWS_ACCESS_KEY_ID").is_some();
-            // The providers object_store picks before the instance's, as it picks them (each
-            // needs its pair of variables).
-            let set = |k: &str| env_nonempty(k).is_some();
-            let has_other = (set("AWS_WEB_IDENTITY_TOKEN_FILE") && set("AWS_ROLE_ARN"))
-                || set("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI")
-                || (set("AWS_CONTAINER_CREDENTIALS_FULL_URI")
-                    && set("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE"))
-                || env_true("AWS_SKIP_SIGNATURE");
             // Where the instance metadata service answers, as object_store is to ask it.
             let metadata = s3
                 .metadata_endpoint
@@ -636,7 +642,7 @@ fn open_s3(
                 .unwrap_or(metadata);
             // Neither keys nor another provider: an EC2 instance profile, if this machine has
             // one (object_store then fetches and renews the role's credentials).
-            if !has_static && !has_other {
+            if !env_has_s3_credentials() {
                 if env_true("AWS_EC2_METADATA_DISABLED") {
                     return Err(StorageError::MissingCredentials {
                         location: url,
@@ -656,10 +662,18 @@ fn open_s3(
                     }
                 }
             }
-            if has_static && env_nonempty("AWS_SECRET_ACCESS_KEY").is_none() {
+            let half = match (
+                env_nonempty("AWS_ACCESS_KEY_ID").is_some(),
+                env_nonempty("AWS_SECRET_ACCESS_KEY").is_some(),
+            ) {
+                (true, false) => Some("AWS_ACCESS_KEY_ID is set but AWS_SECRET_ACCESS_KEY is not"),
+                (false, true) => Some("AWS_SECRET_ACCESS_KEY is set but AWS_ACCESS_KEY_ID is not"),
+                _ => None,
+            };
+            if let Some(detail) = half {
                 return Err(StorageError::S3Config {
                     location: url,
-                    detail: "AWS_ACCESS_KEY_ID is set but AWS_SECRET_ACCESS_KEY is not".into(),
+                    detail: detail.into(),
                 });
             }
             let secrets: Vec<String> = ["AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"]

@@ -260,24 +260,12 @@ async fn s3_denied_error_is_redacted() {
 
 /// The test environment names credentials (or a public bucket) itself: the tests that need
 /// none only check what they can.
-fn env_has_credentials() -> bool {
-    [
-        "AWS_ACCESS_KEY_ID",
-        "AWS_WEB_IDENTITY_TOKEN_FILE",
-        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
-        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
-        "AWS_SKIP_SIGNATURE",
-    ]
-    .iter()
-    .any(|k| std::env::var_os(k).is_some())
-}
-
 /// Without any credentials in the environment, opening S3 fails with an actionable message.
 /// (Only meaningful when the test environment has no AWS credentials; otherwise it just checks
 /// that opening succeeds.)
 #[test]
 fn s3_env_credentials_required() {
-    let has_env = env_has_credentials();
+    let has_env = vjepa_storage::env_has_s3_credentials();
     // Nothing answers as the instance metadata service (a closed local port): no role either.
     let closed = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = closed.local_addr().unwrap().port();
@@ -370,7 +358,9 @@ fn metadata_service(
 /// service; without a role attached, opening is refused at once, saying so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_credentials_from_an_instance_profile() {
-    if env_has_credentials() || std::env::var_os("AWS_EC2_METADATA_DISABLED").is_some() {
+    if vjepa_storage::env_has_s3_credentials()
+        || std::env::var_os("AWS_EC2_METADATA_DISABLED").is_some()
+    {
         eprintln!("skipping: credentials or metadata settings in the environment");
         return;
     }

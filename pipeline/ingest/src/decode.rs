@@ -109,7 +109,7 @@ pub struct DecodeStats {
     /// Seeks made.
     pub seeks: u32,
     /// Frames dropped before the decoder: unreferenced ones the clip does not use, and, when
-    /// H.264/H.265 frames are counted, the ones counted there.
+    /// H.264/H.265/VP9 frames are counted, the ones counted there.
     pub frames_skipped: u64,
     /// The frames came from an NVDEC decoder (`false`: software, or no video decoder ran).
     /// In NVDEC mode a software decoder takes over for codecs NVDEC lacks and where no NVDEC
@@ -447,7 +447,8 @@ impl Decoder {
     /// The frame count comes from the container's index where it has one (MP4), else from
     /// duration × rate, else from a counting pass. What a clip learns that way (a count, a
     /// fragmented MP4's facts, a rate found irregular) is kept for the video's later clips
-    /// when the source names its version ([`ByteSource::version`], [`Decoder::with_known_videos`]). Unreferenced H.264/H.265 frames the plan does
+    /// when the source names its version ([`ByteSource::version`],
+    /// [`Decoder::with_known_videos`]). Unreferenced H.264/H.265 frames the plan does
     /// not use are dropped before the decoder while frames are numbered from timestamps
     /// ([`DecoderOptions::skip_unneeded`]).
     ///
@@ -476,7 +477,12 @@ impl Decoder {
         }
         let mut version = source.version();
         let feed = Arc::new(ReadAhead::new(source, self.opts.read_ahead));
-        let read = |at: u64, n: u64| feed.read_at(at, n).ok();
+        let read_failed = std::cell::Cell::new(false);
+        let read = |at: u64, n: u64| {
+            let got = feed.read_at(at, n).ok();
+            read_failed.set(read_failed.get() || got.is_none());
+            got
+        };
         let earlier = version.as_deref().and_then(|v| self.known.get(v));
         let mut stats = DecodeStats {
             object_bytes: size,
@@ -488,13 +494,8 @@ impl Decoder {
             None => {
                 // A read that failed reads as "not said" (a fragment count given up on): the
                 // clip can still decode, but such facts are not the video's to remember.
-                let failed = std::cell::Cell::new(false);
-                let facts = container::facts(size, &|at, n| {
-                    let got = feed.read_at(at, n).ok();
-                    failed.set(failed.get() || got.is_none());
-                    got
-                });
-                if failed.get() {
+                let facts = container::facts(size, &read);
+                if read_failed.get() {
                     version = None;
                 }
                 Learned {
@@ -907,10 +908,10 @@ impl Decoder {
             Some(n) => info.num_frames = n,
             None if info.num_frames == 0 => {
                 // Nobody knows the length: count to the end (bounded by the deadline). H.264
-                // and H.265 pictures of a progressive stream are counted as they reach the
-                // decoder and dropped there (an access unit is a frame; in an interlaced one it
-                // can be a field); what is already in the decoder, and other codecs, are
-                // decoded and counted as they come out.
+                // and H.265 pictures and shown VP9 frames of a progressive stream are counted
+                // as they reach the decoder and dropped there (`skip.rs`; in an interlaced
+                // stream an access unit can be a field); what is already in the decoder, and
+                // other codecs, are decoded and counted as they come out.
                 lock(&pipe.skip).count_only =
                     frame_info.interlace_mode() == gst_video::VideoInterlaceMode::Progressive;
                 let mut decoded = 1u64;

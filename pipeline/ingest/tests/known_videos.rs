@@ -7,13 +7,13 @@ mod common;
 #[path = "common/media.rs"]
 mod media;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
 use common::launch_to_file;
-use media::find_boxes;
+use media::{ffmpeg, find_boxes};
 use object_store::ObjectStore;
 use object_store::local::LocalFileSystem;
 use vjepa_ingest::{
@@ -21,13 +21,55 @@ use vjepa_ingest::{
     ReadAheadOptions,
 };
 
-/// Opens `name` in `store` the production way (HEAD, then ranged reads pinned to its ETag).
-fn open(
-    store: &Arc<dyn ObjectStore>,
-    name: &str,
-    rt: &tokio::runtime::Runtime,
-) -> Arc<dyn ByteSource> {
-    ObjectSource::open(Arc::clone(store), name.into(), rt.handle().clone()).expect("object opens")
+/// A local directory read the production way: a HEAD, then ranged reads pinned to the ETag
+/// it found (so each object names its version).
+struct Local {
+    rt: tokio::runtime::Runtime,
+    store: Arc<dyn ObjectStore>,
+}
+
+impl Local {
+    fn new(dir: &Path) -> Self {
+        Local {
+            rt: tokio::runtime::Runtime::new().expect("runtime"),
+            store: Arc::new(LocalFileSystem::new_with_prefix(dir).expect("store")),
+        }
+    }
+
+    fn open(&self, name: &str) -> Arc<dyn ByteSource> {
+        ObjectSource::open(
+            Arc::clone(&self.store),
+            name.into(),
+            self.rt.handle().clone(),
+        )
+        .expect("object opens")
+    }
+}
+
+/// 250 frames of 320×240 noise at 2 Mbit/s in 1-second `moof` fragments (about 250 KB each).
+fn fragmented_mp4(dir: &Path) -> PathBuf {
+    let path = dir.join("fragmented.mp4");
+    launch_to_file(
+        "videotestsrc num-buffers=250 pattern=snow ! \
+         video/x-raw,format=I420,width=320,height=240,framerate=25/1 ! \
+         x264enc bitrate=2000 key-int-max=25 ! h264parse ! mp4mux fragment-duration=1000",
+        &path,
+    );
+    path
+}
+
+/// A decoder whose read-ahead chunks are smaller than a fragment: each `moof` read is a
+/// request of its own.
+fn small_chunk_decoder() -> Decoder {
+    Decoder::new(DecoderOptions {
+        read_ahead: ReadAheadOptions {
+            min_chunk: 16 << 10,
+            max_chunk: 64 << 10,
+            ..ReadAheadOptions::default()
+        },
+        ..DecoderOptions::default()
+    })
+    .expect("decoder")
 }
 
 /// Decodes `want` from `source`, returning the clip and the frame count it was planned with.
@@ -65,9 +107,7 @@ fn live_mkv(dir: &Path, name: &str, frames: u32) {
 fn a_counted_video_is_counted_once_per_version() {
     let dir = tempfile::tempdir().expect("tempdir");
     live_mkv(dir.path(), "live.mkv", 300);
-    let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let store: Arc<dyn ObjectStore> =
-        Arc::new(LocalFileSystem::new_with_prefix(dir.path()).expect("store"));
+    let local = Local::new(dir.path());
     let known = Arc::new(KnownVideos::default());
     let mut dec = Decoder::new(DecoderOptions::default())
         .expect("decoder")
@@ -76,7 +116,7 @@ fn a_counted_video_is_counted_once_per_version() {
 
     // First clip: counted to the end (H.264 access units counted before the decoder, not
     // decoded), then the window.
-    let (first, n1) = clip(&mut dec, open(&store, "live.mkv", &rt), &late);
+    let (first, n1) = clip(&mut dec, local.open("live.mkv"), &late);
     println!("first {:?}", first.stats);
     assert_eq!(n1, 300);
     assert!(!first.stats.learned_earlier);
@@ -84,7 +124,7 @@ fn a_counted_video_is_counted_once_per_version() {
     assert_eq!(known.len(), 1);
 
     // Later clips of the same version: the count is known, the window is sought.
-    let (second, n2) = clip(&mut dec, open(&store, "live.mkv", &rt), &late);
+    let (second, n2) = clip(&mut dec, local.open("live.mkv"), &late);
     println!("second {:?}", second.stats);
     assert_eq!(n2, 300);
     assert!(second.stats.learned_earlier);
@@ -95,7 +135,7 @@ fn a_counted_video_is_counted_once_per_version() {
     let mut other = Decoder::new(DecoderOptions::default())
         .expect("decoder")
         .with_known_videos(Arc::clone(&known));
-    let (third, n3) = clip(&mut other, open(&store, "live.mkv", &rt), &late);
+    let (third, n3) = clip(&mut other, local.open("live.mkv"), &late);
     assert_eq!(n3, 300);
     assert!(third.stats.learned_earlier);
     same_frames(&first, &third, "another decoder");
@@ -116,13 +156,13 @@ fn a_counted_video_is_counted_once_per_version() {
     let tmp = dir.path().join("live.tmp");
     std::fs::copy(dir.path().join("live.mkv"), &tmp).expect("copy");
     std::fs::rename(&tmp, dir.path().join("live.mkv")).expect("rename");
-    let (again, _) = clip(&mut dec, open(&store, "live.mkv", &rt), &late);
+    let (again, _) = clip(&mut dec, local.open("live.mkv"), &late);
     assert!(!again.stats.learned_earlier);
     same_frames(&first, &again, "rewritten");
 
     // The video replaced by a shorter one: a new version, counted afresh.
     live_mkv(dir.path(), "live.mkv", 200);
-    let (replaced, n4) = clip(&mut dec, open(&store, "live.mkv", &rt), &[150, 199]);
+    let (replaced, n4) = clip(&mut dec, local.open("live.mkv"), &[150, 199]);
     assert_eq!(n4, 200);
     assert!(!replaced.stats.learned_earlier);
     assert_eq!(known.len(), 3);
@@ -198,20 +238,9 @@ fn streams_without_a_length_are_counted_right() {
     // VP9 with hidden alternate reference frames (two-pass libvpx), each packed in a
     // superframe with the frame it precedes, written live: 120 shown frames, more coded.
     // Only shown frames count.
-    let ffmpeg = |args: &[&str]| {
-        let out = std::process::Command::new("ffmpeg")
-            .current_dir(dir.path())
-            .args(["-v", "error", "-y"])
-            .args(args)
-            .output()
-            .expect("ffmpeg not found: run ops/setup.sh");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out.stdout
-    };
+    let arf = dir.path().join("arf.webm");
+    let arf = arf.to_str().expect("utf-8 temp path");
+    let passlog = dir.path().join("vp9-pass");
     let vp9 = [
         "-f",
         "lavfi",
@@ -231,18 +260,14 @@ fn streams_without_a_length_are_counted_right() {
         "25",
         "-b:v",
         "300k",
+        "-passlogfile",
+        passlog.to_str().expect("utf-8 temp path"),
     ];
     ffmpeg(&[&vp9[..], &["-pass", "1", "-f", "null", "-"]].concat());
-    ffmpeg(
-        &[
-            &vp9[..],
-            &["-pass", "2", "-f", "webm", "-live", "1", "arf.webm"],
-        ]
-        .concat(),
-    );
+    ffmpeg(&[&vp9[..], &["-pass", "2", "-f", "webm", "-live", "1", arf]].concat());
     let split = ffmpeg(&[
         "-i",
-        "arf.webm",
+        arf,
         "-c",
         "copy",
         "-bsf:v",
@@ -303,24 +328,11 @@ impl ByteSource for FailsOnce {
 #[test]
 fn facts_read_with_a_failure_are_not_kept() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("fragmented.mp4");
-    launch_to_file(
-        "videotestsrc num-buffers=250 pattern=snow ! \
-         video/x-raw,format=I420,width=320,height=240,framerate=25/1 ! \
-         x264enc bitrate=2000 key-int-max=25 ! h264parse ! mp4mux fragment-duration=1000",
-        &path,
-    );
-    let bytes: Bytes = std::fs::read(&path).expect("read").into();
+    let bytes: Bytes = std::fs::read(fragmented_mp4(dir.path()))
+        .expect("read")
+        .into();
     let last_moof = find_boxes(&bytes, &[b"moof"]).last().expect("a moof").start as u64;
-    let mut dec = Decoder::new(DecoderOptions {
-        read_ahead: ReadAheadOptions {
-            min_chunk: 16 << 10,
-            max_chunk: 64 << 10,
-            ..ReadAheadOptions::default()
-        },
-        ..DecoderOptions::default()
-    })
-    .expect("decoder");
+    let mut dec = small_chunk_decoder();
     let early: Vec<u64> = (0..16).collect();
     let failed = Arc::new(AtomicBool::new(false));
     let source = |bytes: &Bytes| -> Arc<dyn ByteSource> {
@@ -350,33 +362,34 @@ fn facts_read_with_a_failure_are_not_kept() {
 fn a_rate_found_irregular_is_not_sought_in_again() {
     let dir = tempfile::tempdir().expect("tempdir");
     // Claims 30 fps, but from frame 30 on its frames come every 100 ms.
-    let out = std::process::Command::new("ffmpeg")
-        .args(["-v", "error", "-y", "-f", "lavfi", "-i"])
-        .arg("testsrc2=size=160x120:rate=30:duration=3")
-        .args(["-vf", "setpts='if(lt(N,30),N/30,1+(N-30)/10)/TB'"])
-        .args(["-fps_mode", "passthrough", "-c:v", "libx264", "-g", "15"])
-        .arg(dir.path().join("vfr.mkv"))
-        .output()
-        .expect("ffmpeg not found: run ops/setup.sh");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let store: Arc<dyn ObjectStore> =
-        Arc::new(LocalFileSystem::new_with_prefix(dir.path()).expect("store"));
+    let out = dir.path().join("vfr.mkv");
+    ffmpeg(&[
+        "-f",
+        "lavfi",
+        "-i",
+        "testsrc2=size=160x120:rate=30:duration=3",
+        "-vf",
+        "setpts='if(lt(N,30),N/30,1+(N-30)/10)/TB'",
+        "-fps_mode",
+        "passthrough",
+        "-c:v",
+        "libx264",
+        "-g",
+        "15",
+        out.to_str().expect("utf-8 temp path"),
+    ]);
+    let local = Local::new(dir.path());
     let mut dec = Decoder::new(DecoderOptions {
         seek_min_frames: 8,
         ..DecoderOptions::default()
     })
     .expect("decoder");
     let window: Vec<u64> = (60..90).step_by(2).collect();
-    let (first, _) = clip(&mut dec, open(&store, "vfr.mkv", &rt), &window);
+    let (first, _) = clip(&mut dec, local.open("vfr.mkv"), &window);
     println!("first {:?}", first.stats);
     // A seek to the window, found wrong, and one back to the start.
     assert!(first.stats.seeks >= 2, "{:?}", first.stats);
-    let (second, _) = clip(&mut dec, open(&store, "vfr.mkv", &rt), &window);
+    let (second, _) = clip(&mut dec, local.open("vfr.mkv"), &window);
     println!("second {:?}", second.stats);
     assert!(second.stats.learned_earlier);
     assert_eq!(second.stats.seeks, 0);
@@ -387,31 +400,14 @@ fn a_rate_found_irregular_is_not_sought_in_again() {
 #[test]
 fn a_fragmented_mp4_has_its_fragments_read_once() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("fragmented.mp4");
-    launch_to_file(
-        "videotestsrc num-buffers=250 pattern=snow ! \
-         video/x-raw,format=I420,width=320,height=240,framerate=25/1 ! \
-         x264enc bitrate=2000 key-int-max=25 ! h264parse ! mp4mux fragment-duration=1000",
-        &path,
-    );
+    let path = fragmented_mp4(dir.path());
     let moofs = find_boxes(&std::fs::read(&path).expect("read"), &[b"moof"]).len();
     assert!(moofs >= 8, "mp4mux wrote {moofs} fragments");
-    let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let store: Arc<dyn ObjectStore> =
-        Arc::new(LocalFileSystem::new_with_prefix(dir.path()).expect("store"));
-    // Chunks smaller than a fragment: each `moof` read is a request of its own.
-    let mut dec = Decoder::new(DecoderOptions {
-        read_ahead: ReadAheadOptions {
-            min_chunk: 16 << 10,
-            max_chunk: 64 << 10,
-            ..ReadAheadOptions::default()
-        },
-        ..DecoderOptions::default()
-    })
-    .expect("decoder");
+    let local = Local::new(dir.path());
+    let mut dec = small_chunk_decoder();
     let early: Vec<u64> = (0..16).collect();
-    let (first, n1) = clip(&mut dec, open(&store, "fragmented.mp4", &rt), &early);
-    let (second, n2) = clip(&mut dec, open(&store, "fragmented.mp4", &rt), &early);
+    let (first, n1) = clip(&mut dec, local.open("fragmented.mp4"), &early);
+    let (second, n2) = clip(&mut dec, local.open("fragmented.mp4"), &early);
     println!(
         "{moofs} fragments\nfirst {:?}\nsecond {:?}",
         first.stats, second.stats
