@@ -1,7 +1,8 @@
 //! Decodes files with [`vjepa_ingest::Decoder`] and prints what happened.
 //!
-//! `cargo run --release -p vjepa-ingest --example decode_file -- FILE... [--cut BYTES] [--deadline SECONDS] [--threads N] [--store]`
-//! (`--cut N` keeps only the first N bytes, to try truncated inputs; `--store` reads the files
+//! `cargo run --release -p vjepa-ingest --example decode_file -- FILE... [--cut BYTES] [--deadline SECONDS] [--threads N] [--store] [--at FRACTION]`
+//! (`--cut N` keeps only the first N bytes, to try truncated inputs; `--at F` puts the clip's
+//! 64-frame window that far into the video, 0 the start and 1 the end; `--store` reads the files
 //! the job's way, ranged reads through a local `object_store` that names each file's version,
 //! so a file given twice shows what its second clip reuses.)
 
@@ -15,11 +16,18 @@ fn main() {
     let mut files = Vec::new();
     let mut cut: Option<usize> = None;
     let mut from_store = false;
+    let mut at = 0.0f64;
     let mut opts = DecoderOptions::default();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         if a == "--cut" {
             cut = args.next().and_then(|v| v.parse().ok());
+        } else if a == "--at" {
+            at = args
+                .next()
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0)
+                .clamp(0.0, 1.0);
         } else if a == "--store" {
             from_store = true;
         } else if a == "--threads" {
@@ -80,9 +88,10 @@ fn main() {
             Arc::new(bytes::Bytes::from(data))
         };
         let res = dec.decode_clip_from(source, &mut |info: &VideoInfo| {
-            // 16 frames spread over the first 64 (or the whole video if shorter).
+            // 16 frames spread over 64 (or the whole video if shorter), from `--at`.
             let len = info.num_frames.clamp(1, 64);
-            (0..16).map(|i| i * len / 16).collect()
+            let start = (at * info.num_frames.saturating_sub(len) as f64) as u64;
+            (0..16).map(|i| start + i * len / 16).collect()
         });
         match res {
             Ok(clip) => println!(

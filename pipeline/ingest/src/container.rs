@@ -8,6 +8,8 @@
 //! duration. The official loader (decord) counts frames from the container index; so do we
 //! where the index is cheap to read.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 
 /// Largest `moov` box read for its sample tables (an hour of 60 fps video needs about 3 MB).
@@ -33,7 +35,33 @@ pub struct ContainerFacts {
     /// The MP4 is fragmented (`mvex`): its sample counts were read from one `moof` box per
     /// fragment, a ranged read each.
     pub fragmented: bool,
+    /// When each frame of a variable-rate MP4 is shown, from its sample table: frames can be
+    /// sought to and told apart by timestamp although the rate varies (a phone's recording,
+    /// whose frame durations jitter, is the common case).
+    pub frame_times: Option<FrameTimes>,
 }
+
+/// Presentation times of a video's frames in presentation order (the order decord numbers
+/// them in), in nanoseconds after frame 0's; strictly increasing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FrameTimes(Arc<[u64]>);
+
+impl FrameTimes {
+    /// `None` unless the times start at 0 and strictly increase (two frames at one time could
+    /// not be told apart).
+    pub fn new(ns: Vec<u64>) -> Option<FrameTimes> {
+        (ns.first() == Some(&0) && ns.windows(2).all(|w| w[0] < w[1]))
+            .then(|| FrameTimes(ns.into()))
+    }
+
+    /// The times, frame 0's first.
+    pub fn ns(&self) -> &[u64] {
+        &self.0
+    }
+}
+
+/// Most frames whose times are kept (8 bytes each): ten hours at 60 fps.
+const MAX_TIMED_FRAMES: u64 = 1 << 21;
 
 /// Reads `n` bytes at `at` (fewer at the end of the object; `None` on a read error).
 pub type ReadFn<'a> = &'a dyn Fn(u64, u64) -> Option<Bytes>;
@@ -177,6 +205,7 @@ fn mp4_facts(len: u64, read: ReadFn<'_>) -> Option<ContainerFacts> {
                     has_duration: None,
                     full_range,
                     fragmented: true,
+                    frame_times: None,
                 },
                 // Too many fragments to read for every clip (a long file), or cut short:
                 // GStreamer's estimate (duration × rate), and seeks, as a decode from the
@@ -204,15 +233,79 @@ fn mp4_facts(len: u64, read: ReadFn<'_>) -> Option<ContainerFacts> {
             }
             Some(deltas.windows(2).all(|w| w[0] == w[1]))
         });
+        let frame_times = if constant_rate == Some(false) && frames <= MAX_TIMED_FRAMES {
+            let timescale = child(mdia, b"mdhd").and_then(mdhd_timescale);
+            timescale.and_then(|ts| presentation_times(stbl, frames, ts))
+        } else {
+            None
+        };
         return Some(ContainerFacts {
             frames: (frames > 0).then_some(frames),
             constant_rate,
             has_duration: None,
             full_range,
             fragmented: false,
+            frame_times,
         });
     }
     None
+}
+
+/// An `mdhd` payload's timescale (units per second; after the creation and modification
+/// times, 4 or 8 bytes each by version).
+fn mdhd_timescale(mdhd: &[u8]) -> Option<u64> {
+    let ts = match mdhd.first()? {
+        0 => be32(mdhd, 12),
+        1 => be32(mdhd, 20),
+        _ => None,
+    }?;
+    (ts > 0).then_some(ts)
+}
+
+/// When each of the `frames` samples of a sample table is shown: decode times from `stts`
+/// plus composition offsets from `ctts` (signed, as GStreamer and ffmpeg read them in both
+/// versions), sorted, in nanoseconds after the first. `None` when the tables do not cover
+/// exactly `frames` samples, or two frames share a time.
+fn presentation_times(stbl: &[u8], frames: u64, timescale: u64) -> Option<FrameTimes> {
+    let n = usize::try_from(frames).ok()?;
+    let mut times: Vec<i64> = Vec::with_capacity(n);
+    let stts = child(stbl, b"stts")?;
+    let mut dts = 0i64;
+    for i in 0..usize::try_from(be32(stts, 4)?).ok()? {
+        let count = be32(stts, 8 + 8 * i)?;
+        let delta = i64::try_from(be32(stts, 12 + 8 * i)?).ok()?;
+        if times.len() as u64 + count > frames {
+            return None;
+        }
+        for _ in 0..count {
+            times.push(dts);
+            dts = dts.checked_add(delta)?;
+        }
+    }
+    if times.len() != n {
+        return None;
+    }
+    if let Some(ctts) = child(stbl, b"ctts") {
+        let mut at = 0usize;
+        for i in 0..usize::try_from(be32(ctts, 4)?).ok()? {
+            let count = usize::try_from(be32(ctts, 8 + 8 * i)?).ok()?;
+            let offset = i64::from(be32(ctts, 12 + 8 * i)? as u32 as i32);
+            for t in times.get_mut(at..at.checked_add(count)?)? {
+                *t += offset;
+            }
+            at += count;
+        }
+    }
+    times.sort_unstable();
+    let first = *times.first()?;
+    let ns = times
+        .iter()
+        .map(|&t| {
+            let units = u128::try_from(t - first).ok()?;
+            u64::try_from(units * 1_000_000_000 / u128::from(timescale)).ok()
+        })
+        .collect::<Option<Vec<u64>>>()?;
+    FrameTimes::new(ns)
 }
 
 /// A `tkhd` payload's track ID (after the creation and modification times, 4 or 8 bytes each
@@ -445,6 +538,58 @@ mod tests {
         );
         assert!(mp4_cut_off(cut.len() as u64, &reader(cut)).is_some());
         assert_eq!(mp4_cut_off(cfr.len() as u64, &reader(&cfr)), None);
+    }
+
+    /// A variable-rate track's frame times: decode times plus composition offsets (signed),
+    /// in presentation order, in nanoseconds after the first.
+    #[test]
+    fn mp4_frame_times_in_presentation_order() {
+        // Decode times 0, 10, 20, 40, 50 (timescale 100 per second); composition offsets
+        // reorder them as B-frames do.
+        let stts = full(b"stts", &[3, 2, 10, 1, 20, 2, 10]);
+        let ctts = full(b"ctts", &[3, 1, 20, 1, 30, 3, (-10i32) as u32]);
+        let stbl = |with_ctts: bool| {
+            let mut b = [full(b"stsz", &[0, 5]), stts.clone()].concat();
+            if with_ctts {
+                b.extend(ctts.clone());
+            }
+            b
+        };
+        let ns = |t: &[u64]| t.iter().map(|&u| u * 10_000_000).collect::<Vec<_>>();
+        // No offsets: the decode times.
+        let without = presentation_times(&stbl(false), 5, 100).expect("times");
+        assert_eq!(without.ns(), ns(&[0, 10, 20, 40, 50]).as_slice());
+        // pts: 0+20, 10+30, 20-10, 40-10, 50-10 = 20, 40, 10, 30, 40: two frames at 40.
+        assert_eq!(presentation_times(&stbl(true), 5, 100), None);
+        let ctts = full(b"ctts", &[3, 1, 20, 1, 35, 3, (-10i32) as u32]);
+        let b = [full(b"stsz", &[0, 5]), stts.clone(), ctts].concat();
+        // 20, 45, 10, 30, 40 → 10, 20, 30, 40, 45.
+        let with = presentation_times(&b, 5, 100).expect("times");
+        assert_eq!(with.ns(), ns(&[0, 10, 20, 30, 35]).as_slice());
+        // Tables that do not cover the samples: nothing.
+        assert_eq!(presentation_times(&stbl(false), 6, 100), None);
+        assert_eq!(presentation_times(&stbl(false), 4, 100), None);
+        // In the facts of a variable-rate file only, with the `mdhd` timescale.
+        let mdhd = full(b"mdhd", &[0, 0, 100, 50, 0]);
+        let file = |stbl: Vec<u8>| {
+            let hdlr = full(b"hdlr", &[0, u32::from_be_bytes(*b"vide"), 0, 0, 0]);
+            let mdia = boxed(
+                b"mdia",
+                &[mdhd.clone(), hdlr, boxed(b"minf", &boxed(b"stbl", &stbl))].concat(),
+            );
+            [
+                boxed(b"ftyp", b"isom0000"),
+                boxed(b"moov", &boxed(b"trak", &mdia)),
+            ]
+            .concat()
+        };
+        let vfr = file(stbl(false));
+        let f = facts(vfr.len() as u64, &reader(&vfr));
+        assert_eq!(f.constant_rate, Some(false));
+        assert_eq!(f.frame_times, Some(without));
+        let cfr = file([full(b"stsz", &[0, 5]), full(b"stts", &[1, 5, 10])].concat());
+        let f = facts(cfr.len() as u64, &reader(&cfr));
+        assert_eq!((f.constant_rate, f.frame_times), (Some(true), None));
     }
 
     /// A sample entry's `colr nclx` range flag, as ffmpeg writes it for `-color_range pc`.

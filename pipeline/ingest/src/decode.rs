@@ -10,6 +10,7 @@ use gstreamer as gst;
 use gstreamer_app as gst_app;
 use gstreamer_video as gst_video;
 
+use crate::clock::FrameClock;
 use crate::container::{self, ContainerFacts};
 use crate::error::{IngestError, QuarantineReason};
 use crate::frame::{Colour, YuvFrame};
@@ -929,22 +930,30 @@ impl Decoder {
         tracing::trace!(?info, "stream info");
         let indices = sink.plan(&info);
 
-        // Frame numbers from timestamps (needed after a seek): constant frame rate only.
+        // Frame numbers from timestamps (needed after a seek): a constant frame rate, or the
+        // frames' times from the container's sample table. Not when an earlier clip found
+        // the timestamps irregular: it ended up counting from the start, and so does this.
         let caps_rate = frame_info.fps();
         let pts0 = first.buffer().and_then(|b| b.pts());
-        let frame_ns = if caps_rate.numer() > 0 && caps_rate.denom() > 0 {
-            Some(1e9 * f64::from(caps_rate.denom()) / f64::from(caps_rate.numer()))
-        } else {
-            None
+        let clock = match (pts0, &facts.frame_times) {
+            _ if learned.variable_rate => None,
+            (Some(pts0), Some(times)) => Some(FrameClock::Table {
+                pts0: pts0.nseconds(),
+                times: times.clone(),
+            }),
+            (Some(pts0), None)
+                if caps_rate.numer() > 0
+                    && caps_rate.denom() > 0
+                    && facts.constant_rate != Some(false) =>
+            {
+                Some(FrameClock::Constant {
+                    pts0: pts0.nseconds(),
+                    frame_ns: 1e9 * f64::from(caps_rate.denom()) / f64::from(caps_rate.numer()),
+                })
+            }
+            _ => None,
         };
-        // A rate found irregular by an earlier clip: count from the start, as that clip ended
-        // up doing.
-        let irregular_before = learned.variable_rate;
-        let can_seek = self.opts.seek_min_frames != u64::MAX
-            && frame_ns.is_some()
-            && pts0.is_some()
-            && facts.constant_rate != Some(false)
-            && !irregular_before;
+        let can_seek = self.opts.seek_min_frames != u64::MAX && clock.is_some();
 
         // Positions of `indices` in ascending index order (robust to unsorted input).
         let mut order: Vec<usize> = (0..indices.len()).collect();
@@ -953,16 +962,13 @@ impl Decoder {
         let mut current = Some(first);
         let mut last: Option<(gst::Buffer, u64)> = None;
         let mut last_caps: Option<gst::Caps> = None;
-        // A constant-rate MP4 (its sample table says so) numbers frames from timestamps from
-        // the start; everything else counts until a seek.
-        let timed_from_start = facts.constant_rate == Some(true)
-            && frame_ns.is_some()
-            && pts0.is_some()
-            && !irregular_before;
+        // An MP4 (its sample table gives the rate, or the times) numbers frames from
+        // timestamps from the start; everything else counts until a seek.
+        let timed_from_start =
+            clock.is_some() && (facts.constant_rate == Some(true) || facts.frame_times.is_some());
         {
             let mut sp = lock(&pipe.skip);
-            sp.pts0 = pts0.map_or(0, |p| p.nseconds());
-            sp.frame_ns = frame_ns.unwrap_or(1.0);
+            sp.clock = clock.clone();
             let mut wanted = indices.clone();
             wanted.sort_unstable();
             wanted.dedup();
@@ -977,17 +983,17 @@ impl Decoder {
         let mut seek: Option<(u64, f64, bool)> = None;
         let mut seek_failed = false;
         let mut max_number = 0u64;
-        // Timestamp of the previous frame since the last seek (frames must be `frame_ns` apart
-        // for numbers from timestamps to be right).
+        // Timestamp of the previous frame since the last seek (consecutive frames must follow
+        // each other by the clock for numbers from timestamps to be right).
         let mut prev_pts: Option<u64> = None;
         let seek_to = |target: u64, margin: f64, stats: &mut DecodeStats| -> bool {
-            let (Some(pts0), Some(frame_ns)) = (pts0, frame_ns) else {
+            let Some(clock) = &clock else {
                 return false;
             };
-            let at = pts0.nseconds() as f64 + (target as f64 - margin).max(0.0) * frame_ns;
+            let at = clock.time_of(target as f64 - margin);
             let flags =
                 gst::SeekFlags::FLUSH | gst::SeekFlags::KEY_UNIT | gst::SeekFlags::SNAP_BEFORE;
-            match pipeline.seek_simple(flags, gst::ClockTime::from_nseconds(at as u64)) {
+            match pipeline.seek_simple(flags, gst::ClockTime::from_nseconds(at)) {
                 Ok(()) => {
                     stats.seeks += 1;
                     tracing::trace!(target, margin, at_ns = at, "seeked");
@@ -1050,11 +1056,8 @@ impl Decoder {
                     counter = Some(n + 1);
                     n
                 }
-                None => match (sample.buffer().and_then(|b| b.pts()), pts0, frame_ns) {
-                    (Some(pts), Some(pts0), Some(frame_ns)) => {
-                        let d = pts.nseconds() as f64 - pts0.nseconds() as f64;
-                        (d / frame_ns).round().max(0.0) as u64
-                    }
+                None => match (sample.buffer().and_then(|b| b.pts()), &clock) {
+                    (Some(pts), Some(clock)) => clock.number(pts.nseconds()).unwrap_or(0),
                     // No timestamp: the frame after the previous one.
                     _ => max_number + 1,
                 },
@@ -1079,15 +1082,15 @@ impl Decoder {
                 }
             }
             if counter.is_none()
-                && let (Some(pts), Some(frame_ns)) =
-                    (sample.buffer().and_then(|b| b.pts()), frame_ns)
+                && let (Some(pts), Some(clock)) = (sample.buffer().and_then(|b| b.pts()), &clock)
             {
                 let pts = pts.nseconds();
                 // One frame apart, plus any frames dropped before the decoder in between.
-                let irregular = prev_pts.is_some_and(|p| {
-                    let skipped = lock(&pipe.skip).dropped_between(p, pts) as f64;
-                    ((pts as f64 - p as f64) - (1.0 + skipped) * frame_ns).abs() > 0.5 * frame_ns
-                });
+                let irregular = clock.frame_at(pts).is_none()
+                    || prev_pts.is_some_and(|p| {
+                        let skipped = lock(&pipe.skip).dropped_between(p, pts);
+                        !clock.follows(p, pts, skipped)
+                    });
                 prev_pts = Some(pts);
                 if irregular {
                     // Not constant-rate after all: numbers from timestamps would be wrong.

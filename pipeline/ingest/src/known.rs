@@ -90,6 +90,15 @@ impl KnownVideos {
         if self.capacity == 0 || !learned.worth_keeping() {
             return;
         }
+        // A video's frame times are read with its `moov` for every clip (GStreamer reads it
+        // anyway), and can run to megabytes: not kept.
+        let learned = &Learned {
+            facts: ContainerFacts {
+                frame_times: None,
+                ..learned.facts.clone()
+            },
+            ..learned.clone()
+        };
         let mut e = self.lock();
         if let Some(old) = e.map.get_mut(version) {
             old.counted = learned.counted.or(old.counted);

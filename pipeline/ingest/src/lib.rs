@@ -19,6 +19,7 @@
 //! Call [`init`] once per process before anything else (it is idempotent and the other entry
 //! points call it too).
 
+mod clock;
 mod container;
 mod cv2_resize;
 mod decode;
@@ -31,7 +32,7 @@ mod samples;
 mod skip;
 mod source;
 
-pub use container::ContainerFacts;
+pub use container::{ContainerFacts, FrameTimes};
 pub use cv2_resize::Cv2Linear;
 pub use decode::{DecodeStats, DecodedClip, Decoder, DecoderOptions, FrameSink, VideoInfo};
 pub use error::{IngestError, QuarantineReason};

@@ -15,14 +15,15 @@ use std::sync::{Arc, Mutex};
 use gst::prelude::*;
 use gstreamer as gst;
 
+use crate::clock::FrameClock;
+
 /// What the probe needs to know, set per clip by the decoder.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct SkipPlan {
     /// Dropping is allowed (timestamps give frame numbers).
     pub active: bool,
-    /// Timestamp of frame 0 and the frame duration.
-    pub pts0: u64,
-    pub frame_ns: f64,
+    /// How timestamps give frame numbers (`None`: they do not; nothing is dropped).
+    pub clock: Option<FrameClock>,
     /// Wanted frame numbers, sorted.
     pub wanted: Vec<u64>,
     /// Counting only: every access unit with a picture is counted and dropped (the decoder
@@ -41,12 +42,10 @@ impl SkipPlan {
     }
 
     fn wants(&self, pts: u64) -> bool {
-        let n = ((pts as f64 - self.pts0 as f64) / self.frame_ns).round();
         // Be conservative around anything odd: keep it.
-        if !(n.is_finite() && n >= 0.0) {
+        let Some(n) = self.clock.as_ref().and_then(|c| c.number(pts)) else {
             return true;
-        }
-        let n = n as u64;
+        };
         // Within one frame of a wanted frame (rounding at the edges) counts as wanted.
         let i = self.wanted.partition_point(|&w| w + 1 < n);
         self.wanted.get(i).is_some_and(|&w| w <= n + 1)
@@ -447,8 +446,10 @@ mod tests {
         let at = |n: u64| 1000 + n * 100;
         let plan = SkipPlan {
             active: true,
-            pts0: 1000,
-            frame_ns: 100.0,
+            clock: Some(FrameClock::Constant {
+                pts0: 1000,
+                frame_ns: 100.0,
+            }),
             wanted: vec![10, 20],
             count_only: false,
             dropped: 0,

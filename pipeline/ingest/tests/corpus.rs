@@ -1275,6 +1275,68 @@ fn vfr_late_window_after_a_seek_gives_the_asked_frames() {
     assert!(bad.is_empty(), "{}", bad.join("\n"));
 }
 
+/// Frames in the jittered sample.
+const JITTER_FRAMES: u64 = 400;
+
+/// 400 frames at about 30 fps whose durations vary by up to ±8.9 ms, as a phone records
+/// them (90 kHz timescale, B-frames): the sample table's rate is not constant.
+fn make_jittered(dir: &Path) -> PathBuf {
+    let path = dir.join("jittered.mp4");
+    ffmpeg(&[
+        "-f",
+        "lavfi",
+        "-i",
+        "testsrc2=size=160x120:rate=30",
+        "-frames:v",
+        "400",
+        "-vf",
+        "settb=1/90000,setpts='(N*3000+mod(N*7\\,5)*200)/90000/TB'",
+        "-fps_mode",
+        "passthrough",
+        "-enc_time_base:v",
+        "1/90000",
+        "-video_track_timescale",
+        "90000",
+        "-c:v",
+        "libx264",
+        "-preset",
+        "superfast",
+        "-g",
+        "60",
+        path.to_str().expect("utf-8"),
+    ]);
+    path
+}
+
+/// A late window of a variable-rate MP4 is sought to, by the frames' times in its sample
+/// table, and gives the asked frames. Before the decoder read those times: every clip of a
+/// variable-rate MP4 was decoded from the start (here 380 of 400 frames for the last window,
+/// and all of a long phone video's frames for a late window, minutes of them).
+#[test]
+fn variable_rate_mp4_late_windows_are_sought_by_the_sample_table() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let jittered = make_jittered(tmp.path());
+    let want = valid(160, 120, JITTER_FRAMES, &jittered);
+    let mut bad = Vec::new();
+    for start in [150, 230, 336] {
+        let pick = Pick::Fixed(window_indices(start, start + 64, 16));
+        let mut dec = new_decoder(Which::Main);
+        let (res, _, _) = decode(&mut dec, in_memory(&jittered), &pick, 0);
+        match res {
+            Ok(Ok(clip)) => {
+                bad.extend(check_valid(&clip, &want, &pick, 0));
+                let s = &clip.stats;
+                if s.seeks == 0 || s.frames_decoded + s.frames_skipped > 200 {
+                    bad.push(format!("window at {start} not sought to: {s:?}"));
+                }
+            }
+            Ok(Err(e)) => bad.push(format!("refused: {e}")),
+            Err(p) => bad.push(format!("panicked: {p}")),
+        }
+    }
+    assert!(bad.is_empty(), "{}", bad.join("\n"));
+}
+
 /// Streams with no duration in a header (MPEG-TS, a raw H.264 elementary stream) announce
 /// their real frame count, so the spec's rule samples the whole video. Before the decoder read the container index: `num_frames`
 /// is 0 ("unknown") and the loader's fallback (`pretrain_indices(max(1, 0))`) asks for frame

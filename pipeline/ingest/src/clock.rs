@@ -1,0 +1,173 @@
+//! Frame numbers from timestamps. After a seek the decoder can no longer count frames from the
+//! start, so it numbers each frame by its presentation time instead. Frame `n` of a
+//! constant-rate stream is shown `n` frame durations after frame 0. The times of a
+//! variable-rate MP4's frames come from its sample table (`container.rs`). In both cases the
+//! decoder checks that consecutive frames really are consecutive ([`FrameClock::follows`]),
+//! and it counts from the start instead when they are not.
+
+use crate::container::FrameTimes;
+
+/// How timestamps map to frame numbers for one clip's decode.
+#[derive(Clone, Debug)]
+pub(crate) enum FrameClock {
+    /// Frame `n` at `pts0 + n × frame_ns`.
+    Constant { pts0: u64, frame_ns: f64 },
+    /// Frame `n` at `pts0 + times[n]`.
+    Table { pts0: u64, times: FrameTimes },
+}
+
+impl FrameClock {
+    /// Frame 0's timestamp.
+    pub fn pts0(&self) -> u64 {
+        match self {
+            FrameClock::Constant { pts0, .. } | FrameClock::Table { pts0, .. } => *pts0,
+        }
+    }
+
+    /// The frame nearest to `pts`; `None` before frame 0 (by more than half a frame).
+    pub fn number(&self, pts: u64) -> Option<u64> {
+        let rel = pts as f64 - self.pts0() as f64;
+        match self {
+            FrameClock::Constant { frame_ns, .. } => {
+                let n = (rel / frame_ns).round();
+                (n.is_finite() && n >= 0.0).then_some(n as u64)
+            }
+            FrameClock::Table { times, .. } => {
+                let t = times.ns();
+                if rel < 0.0 {
+                    let first_gap = t.get(1).map_or(f64::INFINITY, |&g| g as f64);
+                    return (-rel * 2.0 < first_gap).then_some(0);
+                }
+                let rel = rel as u64;
+                let i = t.partition_point(|&x| x < rel);
+                let before = i.checked_sub(1).map(|j| (j, rel - t[j]));
+                let after = t.get(i).map(|&x| (i, x - rel));
+                match (before, after) {
+                    (Some((j, d0)), Some((k, d1))) => Some(if d1 < d0 { k } else { j } as u64),
+                    (Some((j, _)), None) => Some(j as u64),
+                    (None, Some((k, _))) => Some(k as u64),
+                    (None, None) => None,
+                }
+            }
+        }
+    }
+
+    /// The frame shown at `pts`, if `pts` is within half a frame of when one is shown
+    /// (always, for a constant rate: its frames are checked against each other instead).
+    pub fn frame_at(&self, pts: u64) -> Option<u64> {
+        let n = self.number(pts)?;
+        match self {
+            FrameClock::Constant { .. } => Some(n),
+            FrameClock::Table { pts0, times } => {
+                let t = times.ns();
+                let i = usize::try_from(n).ok()?;
+                let at = *t.get(i)? as f64;
+                let gap = |a: usize, b: usize| match (t.get(a), t.get(b)) {
+                    (Some(&x), Some(&y)) => y as f64 - x as f64,
+                    _ => f64::INFINITY,
+                };
+                let half =
+                    0.5 * gap(i, i + 1).min(i.checked_sub(1).map_or(f64::INFINITY, |j| gap(j, i)));
+                let rel = pts as f64 - *pts0 as f64;
+                ((rel - at).abs() < half).then_some(n)
+            }
+        }
+    }
+
+    /// When frame `n` is shown (`n` may be fractional for a constant rate, and is clamped to
+    /// the table's frames), for a seek.
+    pub fn time_of(&self, n: f64) -> u64 {
+        let n = n.max(0.0);
+        match self {
+            FrameClock::Constant { pts0, frame_ns } => (*pts0 as f64 + n * frame_ns) as u64,
+            FrameClock::Table { pts0, times } => {
+                let t = times.ns();
+                let i = (n.floor() as usize).min(t.len().saturating_sub(1));
+                pts0 + t.get(i).copied().unwrap_or(0)
+            }
+        }
+    }
+
+    /// Whether a frame at `pts` can be the one after the frame at `prev`, with `skipped`
+    /// frames dropped before the decoder in between.
+    pub fn follows(&self, prev: u64, pts: u64, skipped: usize) -> bool {
+        match self {
+            FrameClock::Constant { frame_ns, .. } => {
+                ((pts as f64 - prev as f64) - (1.0 + skipped as f64) * frame_ns).abs()
+                    <= 0.5 * frame_ns
+            }
+            FrameClock::Table { .. } => match (self.frame_at(prev), self.frame_at(pts)) {
+                (Some(a), Some(b)) => b == a + 1 + skipped as u64,
+                _ => false,
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(ns: &[u64]) -> FrameClock {
+        FrameClock::Table {
+            pts0: 1_000,
+            times: FrameTimes::new(ns.to_vec()).expect("increasing"),
+        }
+    }
+
+    #[test]
+    fn constant_rate_numbers() {
+        let c = FrameClock::Constant {
+            pts0: 1_000,
+            frame_ns: 100.0,
+        };
+        assert_eq!(c.number(1_000), Some(0));
+        assert_eq!(c.number(1_449), Some(4));
+        assert_eq!(c.number(1_451), Some(5));
+        assert_eq!(c.number(960), Some(0));
+        assert_eq!(c.number(900), None);
+        assert_eq!(c.time_of(3.0), 1_300);
+        assert_eq!(c.time_of(-2.0), 1_000);
+        assert!(c.follows(1_000, 1_100, 0));
+        assert!(c.follows(1_000, 1_300, 2));
+        assert!(!c.follows(1_000, 1_300, 0));
+    }
+
+    #[test]
+    fn table_numbers_frames_by_their_own_times() {
+        // 3 frames 100 apart, then 2 frames 300 apart.
+        let c = table(&[0, 100, 200, 500, 800]);
+        assert_eq!(c.number(1_000), Some(0));
+        assert_eq!(c.number(1_140), Some(1));
+        assert_eq!(c.number(1_160), Some(2));
+        assert_eq!(c.number(1_340), Some(2));
+        assert_eq!(c.number(1_360), Some(3));
+        assert_eq!(c.number(5_000), Some(4));
+        assert_eq!(c.number(960), Some(0));
+        assert_eq!(c.number(900), None);
+        assert_eq!(c.time_of(3.0), 1_500);
+        assert_eq!(c.time_of(3.7), 1_500);
+        assert_eq!(c.time_of(99.0), 1_800);
+        assert_eq!(c.time_of(-8.0), 1_000);
+        // Consecutive by the table, not by a rate.
+        assert!(c.follows(1_200, 1_500, 0));
+        assert!(c.follows(1_201, 1_499, 0));
+        assert!(c.follows(1_000, 1_500, 2));
+        assert!(!c.follows(1_000, 1_500, 0));
+        // A timestamp between two frames' times is no frame of the table.
+        assert!(!c.follows(1_200, 1_350, 0));
+        assert!(!c.follows(1_200, 1_650, 0));
+        assert_eq!(c.frame_at(1_499), Some(3));
+        assert_eq!(c.frame_at(1_350), None);
+        assert_eq!(c.frame_at(1_000 + 800 + 149), Some(4));
+        assert_eq!(c.frame_at(1_000 + 800 + 151), None);
+    }
+
+    #[test]
+    fn times_must_start_at_zero_and_increase() {
+        assert!(FrameTimes::new(vec![0, 10, 10]).is_none());
+        assert!(FrameTimes::new(vec![5, 10]).is_none());
+        assert!(FrameTimes::new(Vec::new()).is_none());
+        assert!(FrameTimes::new(vec![0]).is_some());
+    }
+}
