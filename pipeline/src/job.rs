@@ -1258,10 +1258,12 @@ fn run_worker_inner(
             if v0.key != setup.catalog_key {
                 bail!("the first catalog version from worker 0 does not rebuild to its key");
             }
-            if v0.key != own.catalog_key {
+            // A resumed run's first version is process 0's alone to make (it replays the
+            // stopped run's records); a fresh run's is the listing, which can differ.
+            if v0.key != own.catalog_key && own.resumed_from.is_none() {
                 tracing::info!(
                     videos = v0.videos.len(),
-                    "using process 0's listing as catalog version 0 (this process listed different contents)"
+                    "using process 0's listing as the first catalog version (this process listed different contents)"
                 );
             }
             shared.versions.reset(v0);
