@@ -60,7 +60,7 @@ impl FrameTimes {
     }
 }
 
-/// Most frames whose times are kept (8 bytes each): ten hours at 60 fps.
+/// Most frames whose times are kept (8 bytes each): nearly ten hours at 60 fps.
 const MAX_TIMED_FRAMES: u64 = 1 << 21;
 
 /// Reads `n` bytes at `at` (fewer at the end of the object; `None` on a read error).
@@ -235,7 +235,10 @@ fn mp4_facts(len: u64, read: ReadFn<'_>) -> Option<ContainerFacts> {
         });
         let frame_times = if constant_rate == Some(false) && frames <= MAX_TIMED_FRAMES {
             let timescale = child(mdia, b"mdhd").and_then(mdhd_timescale);
-            timescale.and_then(|ts| presentation_times(stbl, frames, ts))
+            let edit = edit_start(trak);
+            timescale
+                .zip(edit)
+                .and_then(|(ts, edit)| presentation_times(stbl, frames, ts, edit))
         } else {
             None
         };
@@ -262,16 +265,68 @@ fn mdhd_timescale(mdhd: &[u8]) -> Option<u64> {
     (ts > 0).then_some(ts)
 }
 
+/// Where a track's edit list starts it, in media time: `Some(None)` without an edit list (or
+/// with one that only delays the track: an empty edit first), `Some(Some(t))` for one edit from
+/// media time `t` at normal speed, `None` for anything else (several pieces, another speed:
+/// frames would not be shown in sample-table order).
+fn edit_start(trak: &[u8]) -> Option<Option<i64>> {
+    let Some(elst) = child(trak, b"edts").and_then(|e| child(e, b"elst")) else {
+        return Some(None);
+    };
+    let version = *elst.first()?;
+    let entries = usize::try_from(be32(elst, 4)?).ok()?;
+    let (size, time_at, rate_at) = match version {
+        0 => (12, 4, 8),
+        1 => (20, 8, 16),
+        _ => return None,
+    };
+    let mut start = None;
+    for i in 0..entries {
+        let at = 8 + i * size;
+        let time = match version {
+            0 => i64::from(be32(elst, at + time_at)? as u32 as i32),
+            _ => i64::from_be_bytes(elst.get(at + time_at..at + time_at + 8)?.try_into().ok()?),
+        };
+        if time == -1 {
+            // An empty edit: the track starts later. Only before the media.
+            if start.is_some() {
+                return None;
+            }
+            continue;
+        }
+        if start.is_some() || be32(elst, at + rate_at)? != 0x0001_0000 {
+            return None;
+        }
+        start = Some(time);
+    }
+    Some(start)
+}
+
 /// When each of the `frames` samples of a sample table is shown: decode times from `stts`
 /// plus composition offsets from `ctts` (signed, as GStreamer and ffmpeg read them in both
 /// versions), sorted, in nanoseconds after the first. `None` when the tables do not cover
-/// exactly `frames` samples, or two frames share a time.
-fn presentation_times(stbl: &[u8], frames: u64, timescale: u64) -> Option<FrameTimes> {
+/// exactly `frames` samples, two frames share a time, or the edit list starts the track
+/// after its first frame (frames before the edit are not shown: numbers would shift).
+fn presentation_times(
+    stbl: &[u8],
+    frames: u64,
+    timescale: u64,
+    edit: Option<i64>,
+) -> Option<FrameTimes> {
     let n = usize::try_from(frames).ok()?;
-    let mut times: Vec<i64> = Vec::with_capacity(n);
     let stts = child(stbl, b"stts")?;
+    let entries = usize::try_from(be32(stts, 4)?).ok()?;
+    // The tables must cover the samples before anything is allocated for them.
+    let mut covered = 0u64;
+    for i in 0..entries {
+        covered = covered.saturating_add(be32(stts, 8 + 8 * i)?);
+    }
+    if covered != frames {
+        return None;
+    }
+    let mut times: Vec<i64> = Vec::with_capacity(n);
     let mut dts = 0i64;
-    for i in 0..usize::try_from(be32(stts, 4)?).ok()? {
+    for i in 0..entries {
         let count = be32(stts, 8 + 8 * i)?;
         let delta = i64::try_from(be32(stts, 12 + 8 * i)?).ok()?;
         if times.len() as u64 + count > frames {
@@ -298,6 +353,9 @@ fn presentation_times(stbl: &[u8], frames: u64, timescale: u64) -> Option<FrameT
     }
     times.sort_unstable();
     let first = *times.first()?;
+    if edit.is_some_and(|start| start > first) {
+        return None;
+    }
     let ns = times
         .iter()
         .map(|&t| {
@@ -557,37 +615,74 @@ mod tests {
         };
         let ns = |t: &[u64]| t.iter().map(|&u| u * 10_000_000).collect::<Vec<_>>();
         // No offsets: the decode times.
-        let without = presentation_times(&stbl(false), 5, 100).expect("times");
+        let without = presentation_times(&stbl(false), 5, 100, None).expect("times");
         assert_eq!(without.ns(), ns(&[0, 10, 20, 40, 50]).as_slice());
         // pts: 0+20, 10+30, 20-10, 40-10, 50-10 = 20, 40, 10, 30, 40: two frames at 40.
-        assert_eq!(presentation_times(&stbl(true), 5, 100), None);
+        assert_eq!(presentation_times(&stbl(true), 5, 100, None), None);
         let ctts = full(b"ctts", &[3, 1, 20, 1, 35, 3, (-10i32) as u32]);
         let b = [full(b"stsz", &[0, 5]), stts.clone(), ctts].concat();
         // 20, 45, 10, 30, 40 → 10, 20, 30, 40, 45.
-        let with = presentation_times(&b, 5, 100).expect("times");
+        let with = presentation_times(&b, 5, 100, None).expect("times");
         assert_eq!(with.ns(), ns(&[0, 10, 20, 30, 35]).as_slice());
+        // An edit list from the first shown frame (ffmpeg's for B-frames) changes nothing;
+        // one that starts later hides frames: no times.
+        assert_eq!(presentation_times(&b, 5, 100, Some(10)), Some(with.clone()));
+        assert_eq!(presentation_times(&b, 5, 100, Some(0)), Some(with));
+        assert_eq!(presentation_times(&b, 5, 100, Some(11)), None);
+        // Offsets for more samples than the table has: no times.
+        let long_ctts = full(b"ctts", &[1, 6, 0]);
+        let b = [full(b"stsz", &[0, 5]), stts.clone(), long_ctts].concat();
+        assert_eq!(presentation_times(&b, 5, 100, None), None);
         // Tables that do not cover the samples: nothing.
-        assert_eq!(presentation_times(&stbl(false), 6, 100), None);
-        assert_eq!(presentation_times(&stbl(false), 4, 100), None);
-        // In the facts of a variable-rate file only, with the `mdhd` timescale.
-        let mdhd = full(b"mdhd", &[0, 0, 100, 50, 0]);
-        let file = |stbl: Vec<u8>| {
+        assert_eq!(presentation_times(&stbl(false), 6, 100, None), None);
+        assert_eq!(presentation_times(&stbl(false), 4, 100, None), None);
+        // In the facts of a variable-rate file only, with the `mdhd` timescale (version 0:
+        // 32-bit times; version 1: 64-bit) and the edit list.
+        let mdhd0 = full(b"mdhd", &[0, 0, 100, 50, 0]);
+        let mut mdhd1 = vec![1, 0, 0, 0];
+        mdhd1.extend([0u8; 16]);
+        mdhd1.extend(100u32.to_be_bytes());
+        mdhd1.extend([0u8; 12]);
+        let mdhd1 = boxed(b"mdhd", &mdhd1);
+        let file = |mdhd: &[u8], edts: &[u8], stbl: Vec<u8>| {
             let hdlr = full(b"hdlr", &[0, u32::from_be_bytes(*b"vide"), 0, 0, 0]);
             let mdia = boxed(
                 b"mdia",
-                &[mdhd.clone(), hdlr, boxed(b"minf", &boxed(b"stbl", &stbl))].concat(),
+                &[mdhd.to_vec(), hdlr, boxed(b"minf", &boxed(b"stbl", &stbl))].concat(),
             );
-            [
-                boxed(b"ftyp", b"isom0000"),
-                boxed(b"moov", &boxed(b"trak", &mdia)),
-            ]
-            .concat()
+            let trak = boxed(b"trak", &[edts.to_vec(), mdia].concat());
+            [boxed(b"ftyp", b"isom0000"), boxed(b"moov", &trak)].concat()
         };
-        let vfr = file(stbl(false));
-        let f = facts(vfr.len() as u64, &reader(&vfr));
-        assert_eq!(f.constant_rate, Some(false));
-        assert_eq!(f.frame_times, Some(without));
-        let cfr = file([full(b"stsz", &[0, 5]), full(b"stts", &[1, 5, 10])].concat());
+        let times = |mdhd: &[u8], edts: &[u8]| {
+            let vfr = file(mdhd, edts, stbl(false));
+            let f = facts(vfr.len() as u64, &reader(&vfr));
+            assert_eq!(f.constant_rate, Some(false));
+            f.frame_times
+        };
+        assert_eq!(times(&mdhd0, &[]), Some(without.clone()));
+        assert_eq!(times(&mdhd1, &[]), Some(without.clone()));
+        assert_eq!(times(&full(b"mdhd", &[0, 0, 0, 50, 0]), &[]), None);
+        let elst = |edits: &[(u32, i32, u32)]| {
+            let mut fields = vec![edits.len() as u32];
+            for &(duration, time, rate) in edits {
+                fields.extend([duration, time as u32, rate]);
+            }
+            boxed(b"edts", &full(b"elst", &fields))
+        };
+        let normal = 0x0001_0000;
+        // A delay (an empty edit), then the media from its start: the times.
+        let delayed = elst(&[(20, -1, normal), (500, 0, normal)]);
+        assert_eq!(times(&mdhd0, &delayed), Some(without));
+        // From a later frame, in two pieces, or at another speed: none.
+        assert_eq!(times(&mdhd0, &elst(&[(500, 10, normal)])), None);
+        let pieces = elst(&[(20, 0, normal), (20, 30, normal)]);
+        assert_eq!(times(&mdhd0, &pieces), None);
+        assert_eq!(times(&mdhd0, &elst(&[(500, 0, 0x0002_0000)])), None);
+        let cfr = file(
+            &mdhd0,
+            &[],
+            [full(b"stsz", &[0, 5]), full(b"stts", &[1, 5, 10])].concat(),
+        );
         let f = facts(cfr.len() as u64, &reader(&cfr));
         assert_eq!((f.constant_rate, f.frame_times), (Some(true), None));
     }

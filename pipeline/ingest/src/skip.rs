@@ -10,6 +10,7 @@
 //! H.264). Frames are identified by their timestamps, so dropping is only switched on while the
 //! decoder numbers frames from timestamps (constant rate, verified as it goes).
 
+use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 
 use gst::prelude::*;
@@ -31,14 +32,18 @@ pub(crate) struct SkipPlan {
     pub count_only: bool,
     /// Access units dropped so far.
     pub dropped: u64,
-    /// Their timestamps (to tell a dropped frame from a gap in the stream).
-    pub dropped_pts: Vec<u64>,
+    /// Their timestamps (to tell a dropped frame from a gap in the stream). A set: after a
+    /// seek back (a retry from further back), the same frames are dropped again.
+    pub dropped_pts: BTreeSet<u64>,
 }
 
 impl SkipPlan {
     /// Frames dropped with a timestamp strictly between `a` and `b`.
     pub fn dropped_between(&self, a: u64, b: u64) -> usize {
-        self.dropped_pts.iter().filter(|&&p| a < p && p < b).count()
+        if b <= a.saturating_add(1) {
+            return 0;
+        }
+        self.dropped_pts.range(a + 1..b).count()
     }
 
     fn wants(&self, pts: u64) -> bool {
@@ -335,7 +340,7 @@ pub(crate) fn attach(element: &gst::Element, plan: &Arc<Mutex<SkipPlan>>) {
         {
             let mut p = plan.lock().unwrap_or_else(|e| e.into_inner());
             p.dropped += 1;
-            p.dropped_pts.push(pts.nseconds());
+            p.dropped_pts.insert(pts.nseconds());
         }
         // Take the buffer out of the probe (dropping our reference) and report it handled.
         info.data = None;
@@ -453,10 +458,15 @@ mod tests {
             wanted: vec![10, 20],
             count_only: false,
             dropped: 0,
-            dropped_pts: vec![at(3), at(4)],
+            dropped_pts: [at(3), at(4)].into(),
         };
         assert_eq!(plan.dropped_between(at(2), at(5)), 2);
         assert_eq!(plan.dropped_between(at(3), at(4)), 0);
+        assert_eq!(plan.dropped_between(at(5), at(2)), 0);
+        // A frame dropped again after a seek back is one frame.
+        let mut again = plan.clone();
+        again.dropped_pts.insert(at(3));
+        assert_eq!(again.dropped_between(at(2), at(5)), 2);
         assert!(plan.wants(at(10)) && plan.wants(at(20)));
         assert!(plan.wants(at(9)) && plan.wants(at(21)));
         assert!(!plan.wants(at(15)) && !plan.wants(at(0)) && !plan.wants(at(30)));

@@ -1278,8 +1278,9 @@ fn vfr_late_window_after_a_seek_gives_the_asked_frames() {
 /// Frames in the jittered sample.
 const JITTER_FRAMES: u64 = 400;
 
-/// 400 frames at about 30 fps whose durations vary by up to ±8.9 ms, as a phone records
-/// them (90 kHz timescale, B-frames): the sample table's rate is not constant.
+/// 400 frames at about 30 fps whose timestamps lag the 30 fps grid by 0 to 16.7 ms, in a
+/// pattern that repeats only every 11 frames, as a phone records them (90 kHz timescale,
+/// B-frames): the sample table's rate is not constant.
 fn make_jittered(dir: &Path) -> PathBuf {
     let path = dir.join("jittered.mp4");
     ffmpeg(&[
@@ -1290,7 +1291,7 @@ fn make_jittered(dir: &Path) -> PathBuf {
         "-frames:v",
         "400",
         "-vf",
-        "settb=1/90000,setpts='(N*3000+mod(N*7\\,5)*200)/90000/TB'",
+        "settb=1/90000,setpts='(N*3000+mod(N*N*7\\,11)*150)/90000/TB'",
         "-fps_mode",
         "passthrough",
         "-enc_time_base:v",
