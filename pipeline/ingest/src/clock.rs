@@ -5,7 +5,7 @@
 //! decoder checks that consecutive frames really are consecutive ([`FrameClock::follows`]),
 //! and it counts from the start instead when they are not.
 
-use crate::container::FrameTimes;
+use crate::container::{FrameTimes, MAX_TIMED_FRAMES};
 
 /// How timestamps map to frame numbers for one clip's decode.
 #[derive(Clone, Debug)]
@@ -104,6 +104,26 @@ impl FrameClock {
     }
 }
 
+/// The times of a stream's frames, from every frame's timestamp found while counting them
+/// (in any order), when they are worth keeping: `None` when they are regular at `frame_ns`
+/// (the stream's nominal frame duration: a constant clock numbers them), when two frames
+/// share a time, or when there are more than [`MAX_TIMED_FRAMES`].
+pub(crate) fn irregular_times(mut pts: Vec<u64>, frame_ns: Option<f64>) -> Option<FrameTimes> {
+    if pts.len() as u64 > MAX_TIMED_FRAMES {
+        return None;
+    }
+    pts.sort_unstable();
+    let first = *pts.first()?;
+    let regular = frame_ns.is_some_and(|f| {
+        pts.windows(2)
+            .all(|w| ((w[1] - w[0]) as f64 - f).abs() <= 0.5 * f)
+    });
+    if regular {
+        return None;
+    }
+    FrameTimes::new(pts.iter().map(|&p| p - first).collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -161,6 +181,24 @@ mod tests {
         assert_eq!(c.frame_at(1_350), None);
         assert_eq!(c.frame_at(1_000 + 800 + 149), Some(4));
         assert_eq!(c.frame_at(1_000 + 800 + 151), None);
+    }
+
+    #[test]
+    fn counted_times_kept_only_when_irregular() {
+        // 30 fps in milliseconds (33, 34, 33, …): regular, nothing kept.
+        let ms = |v: &[u64]| v.iter().map(|&m| m * 1_000_000).collect::<Vec<_>>();
+        let regular = ms(&[1000, 1033, 1067, 1100, 1133]);
+        assert_eq!(irregular_times(regular.clone(), Some(1e9 / 30.0)), None);
+        // Without a nominal rate the times are kept, in order, from the first.
+        let kept = irregular_times(regular, None).expect("times");
+        assert_eq!(kept.ns(), ms(&[0, 33, 67, 100, 133]).as_slice());
+        // A gap of two frames, found in decode order: kept, sorted.
+        let gap = ms(&[1000, 1067, 1033, 1133, 1100, 1200]);
+        let kept = irregular_times(gap, Some(1e9 / 30.0)).expect("times");
+        assert_eq!(kept.ns(), ms(&[0, 33, 67, 100, 133, 200]).as_slice());
+        // Two frames at one time, or none at all: nothing.
+        assert_eq!(irregular_times(ms(&[0, 50, 50]), Some(1e9 / 30.0)), None);
+        assert_eq!(irregular_times(Vec::new(), None), None);
     }
 
     #[test]

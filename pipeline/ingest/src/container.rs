@@ -61,7 +61,7 @@ impl FrameTimes {
 }
 
 /// Most frames whose times are kept (8 bytes each): nearly ten hours at 60 fps.
-const MAX_TIMED_FRAMES: u64 = 1 << 21;
+pub(crate) const MAX_TIMED_FRAMES: u64 = 1 << 21;
 
 /// Reads `n` bytes at `at` (fewer at the end of the object; `None` on a read error).
 pub type ReadFn<'a> = &'a dyn Fn(u64, u64) -> Option<Bytes>;

@@ -10,7 +10,7 @@ use gstreamer as gst;
 use gstreamer_app as gst_app;
 use gstreamer_video as gst_video;
 
-use crate::clock::FrameClock;
+use crate::clock::{FrameClock, irregular_times};
 use crate::container::{self, ContainerFacts};
 use crate::error::{IngestError, QuarantineReason};
 use crate::frame::{Colour, YuvFrame};
@@ -916,13 +916,31 @@ impl Decoder {
                 lock(&pipe.skip).count_only =
                     frame_info.interlace_mode() == gst_video::VideoInterlaceMode::Progressive;
                 let mut decoded = 1u64;
+                // Every frame's timestamp, for when the rate turns out irregular.
+                let pts_of =
+                    |s: &gst::Sample| s.buffer().and_then(|b| b.pts()).map(|p| p.nseconds());
+                let mut times: Option<Vec<u64>> = pts_of(&first).map(|p| vec![p]);
                 drop(first);
-                while waiter.next_sample(self, &mut watch, &progress)?.is_some() {
+                while let Some(sample) = waiter.next_sample(self, &mut watch, &progress)? {
                     decoded += 1;
                     progress.decoded += 1;
+                    match (pts_of(&sample), &mut times) {
+                        (Some(p), Some(t)) => t.push(p),
+                        _ => times = None,
+                    }
                 }
                 stats.frames_decoded += decoded;
-                let count = decoded + lock(&pipe.skip).dropped;
+                let mut skip = lock(&pipe.skip);
+                let count = decoded + skip.dropped;
+                if let Some(t) = &mut times
+                    && !skip.counted_untimed
+                {
+                    t.append(&mut skip.counted_pts);
+                    let rate = frame_info.fps();
+                    let frame_ns = (rate.numer() > 0 && rate.denom() > 0)
+                        .then(|| 1e9 * f64::from(rate.denom()) / f64::from(rate.numer()));
+                    learned.frame_times = irregular_times(std::mem::take(t), frame_ns);
+                }
                 return Ok(Some(count));
             }
             None => {}
@@ -935,14 +953,17 @@ impl Decoder {
         // the timestamps irregular: it ended up counting from the start, and so does this.
         let caps_rate = frame_info.fps();
         let pts0 = first.buffer().and_then(|b| b.pts());
-        let clock = match (pts0, &facts.frame_times) {
-            _ if learned.variable_rate => None,
+        let times = (facts.frame_times.as_ref())
+            .or(learned.frame_times.as_ref())
+            .filter(|_| !learned.times_failed);
+        let clock = match (pts0, times) {
             (Some(pts0), Some(times)) => Some(FrameClock::Table {
                 pts0: pts0.nseconds(),
                 times: times.clone(),
             }),
             (Some(pts0), None)
-                if caps_rate.numer() > 0
+                if !learned.variable_rate
+                    && caps_rate.numer() > 0
                     && caps_rate.denom() > 0
                     && facts.constant_rate != Some(false) =>
             {
@@ -964,8 +985,8 @@ impl Decoder {
         let mut last_caps: Option<gst::Caps> = None;
         // An MP4 (its sample table gives the rate, or the times) numbers frames from
         // timestamps from the start; everything else counts until a seek.
-        let timed_from_start =
-            clock.is_some() && (facts.constant_rate == Some(true) || facts.frame_times.is_some());
+        let timed_from_start = matches!(clock, Some(FrameClock::Table { .. }))
+            || (clock.is_some() && facts.constant_rate == Some(true));
         {
             let mut sp = lock(&pipe.skip);
             sp.clock = clock.clone();
@@ -1096,7 +1117,10 @@ impl Decoder {
                     // Not constant-rate after all: numbers from timestamps would be wrong.
                     // Start over from the beginning, counting frames, without seeking.
                     tracing::debug!(number, "irregular timestamps; counting instead");
-                    learned.variable_rate = true;
+                    match clock {
+                        FrameClock::Table { .. } => learned.times_failed = true,
+                        FrameClock::Constant { .. } => learned.variable_rate = true,
+                    }
                     seek_failed = true;
                     lock(&pipe.skip).active = false;
                     let start = pts0.map_or(0, |p| p.nseconds());

@@ -7,18 +7,26 @@
 //! fragmented MP4 spreads its sample counts over one `moof` box per fragment (a ranged read
 //! each); a file that claims a constant rate but is not is only found out after a seek, which
 //! is then thrown away. A long job draws every video once per epoch, for days, so each of those
-//! costs would be paid again and again. They are paid once per *version* of a video instead:
+//! costs would be paid again and again. A stream whose rate turns out irregular while its
+//! frames are counted (a browser's WebM recording) also leaves the times of its frames, by
+//! which later clips seek (within [`TIMES_BUDGET`]). They are paid once per *version* of a
+//! video instead:
 //! entries are keyed by [`crate::ByteSource::version`] (location, size and ETag), so a
 //! replaced video is learned afresh, and a source without a version is never remembered.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 
-use crate::container::ContainerFacts;
+use crate::container::{ContainerFacts, FrameTimes};
 
-/// Entries kept by default: a few hundred bytes each, so a few MB at most. Only videos that
-/// cost something to learn are kept (see [`Learned::worth_keeping`]).
+/// Entries kept by default: a few hundred bytes each, so a few MB at most, plus the frame
+/// times of irregular streams (bounded by [`TIMES_BUDGET`]). Only videos that cost something
+/// to learn are kept (see [`Learned::worth_keeping`]).
 pub const DEFAULT_KNOWN_VIDEOS: usize = 16_384;
+
+/// Most bytes of frame times kept in all (8 bytes a frame: an hour at 30 fps is 864 KB); the
+/// oldest entries make room.
+pub const TIMES_BUDGET: usize = 64 << 20;
 
 /// What one version of a video is known to be.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -28,14 +36,20 @@ pub(crate) struct Learned {
     /// Frames counted by decoding to the end (nobody announced them).
     pub counted: Option<u64>,
     /// Timestamps were found irregular after a seek: frames are counted from the start, and
-    /// never sought to.
+    /// never sought to (unless frame times are known).
     pub variable_rate: bool,
+    /// When each frame is shown, found while counting the frames of a stream whose rate
+    /// turned out irregular (a browser's WebM recording): frames are sought to by these.
+    pub frame_times: Option<FrameTimes>,
+    /// The frame times (the container's or these) did not match the decoded timestamps:
+    /// frames are counted from the start.
+    pub times_failed: bool,
 }
 
 impl Learned {
     /// Whether remembering this saves more than the reads GStreamer makes anyway.
     pub fn worth_keeping(&self) -> bool {
-        self.counted.is_some() || self.variable_rate || self.facts.fragmented
+        self.counted.is_some() || self.variable_rate || self.times_failed || self.facts.fragmented
     }
 }
 
@@ -51,6 +65,8 @@ pub struct KnownVideos {
 #[derive(Debug, Default)]
 struct Entries {
     map: HashMap<String, Learned>,
+    /// Bytes of frame times held by the entries.
+    times_bytes: usize,
     /// Keys in the order they were first remembered (eviction order).
     order: VecDeque<String>,
 }
@@ -90,8 +106,8 @@ impl KnownVideos {
         if self.capacity == 0 || !learned.worth_keeping() {
             return;
         }
-        // A video's frame times are read with its `moov` for every clip (GStreamer reads it
-        // anyway), and can run to megabytes: not kept.
+        // The container's frame times are read again with its `moov` for every clip
+        // (GStreamer reads it anyway), and can run to megabytes: not kept.
         let learned = &Learned {
             facts: ContainerFacts {
                 frame_times: None,
@@ -100,19 +116,58 @@ impl KnownVideos {
             ..learned.clone()
         };
         let mut e = self.lock();
-        if let Some(old) = e.map.get_mut(version) {
-            old.counted = learned.counted.or(old.counted);
-            old.variable_rate |= learned.variable_rate;
-            return;
+        let mut merged = match e.map.get(version) {
+            Some(old) => {
+                let times_failed = old.times_failed || learned.times_failed;
+                Learned {
+                    facts: old.facts.clone(),
+                    counted: learned.counted.or(old.counted),
+                    variable_rate: old.variable_rate || learned.variable_rate,
+                    frame_times: (learned.frame_times.clone())
+                        .or_else(|| old.frame_times.clone())
+                        .filter(|_| !times_failed),
+                    times_failed,
+                }
+            }
+            None => {
+                e.order.push_back(version.to_string());
+                let mut new = learned.clone();
+                if new.times_failed {
+                    new.frame_times = None;
+                }
+                new
+            }
+        };
+        if times_bytes(&merged) > TIMES_BUDGET {
+            // More than all the room there is: the count without the times.
+            merged.frame_times = None;
         }
-        while e.map.len() >= self.capacity {
+        let bytes = times_bytes(&merged);
+        if let Some(old) = e.map.insert(version.to_string(), merged) {
+            e.times_bytes -= times_bytes(&old);
+        }
+        e.times_bytes += bytes;
+        // Make room: the oldest others go first.
+        let mut turns = e.order.len();
+        while (e.map.len() > self.capacity || e.times_bytes > TIMES_BUDGET) && turns > 0 {
+            turns -= 1;
             let Some(oldest) = e.order.pop_front() else {
                 break;
             };
-            e.map.remove(&oldest);
+            if oldest == version {
+                e.order.push_back(oldest);
+                continue;
+            }
+            if let Some(gone) = e.map.remove(&oldest) {
+                e.times_bytes -= times_bytes(&gone);
+            }
         }
-        e.order.push_back(version.to_string());
-        e.map.insert(version.to_string(), learned.clone());
+    }
+
+    /// Bytes of frame times held now.
+    #[cfg(test)]
+    fn times_bytes(&self) -> usize {
+        self.lock().times_bytes
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Entries> {
@@ -121,6 +176,10 @@ impl KnownVideos {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
+}
+
+fn times_bytes(learned: &Learned) -> usize {
+    learned.frame_times.as_ref().map_or(0, |t| 8 * t.ns().len())
 }
 
 #[cfg(test)]
@@ -167,6 +226,45 @@ mod tests {
         assert_eq!(known.get("c"), Some(counted(7)));
         assert_eq!(known.get("d"), Some(vfr));
         assert_eq!(known.get("a"), None);
+    }
+
+    fn timed(frames: u64) -> Learned {
+        Learned {
+            counted: Some(frames),
+            frame_times: FrameTimes::new((0..frames).map(|n| n * 40).collect()),
+            ..Learned::default()
+        }
+    }
+
+    #[test]
+    fn frame_times_within_a_budget() {
+        let known = KnownVideos::new(100);
+        // Times bigger than the whole budget: the count is kept without them.
+        let huge = (TIMES_BUDGET / 8 + 1) as u64;
+        known.remember("huge", &timed(huge));
+        assert_eq!(known.get("huge"), Some(counted(huge)));
+        assert_eq!(known.times_bytes(), 0);
+        // Three entries of 40 % of the budget each: the oldest makes room for the third.
+        let part = (TIMES_BUDGET / 8 * 2 / 5) as u64;
+        for v in ["a", "b", "c"] {
+            known.remember(v, &timed(part));
+        }
+        assert_eq!(known.get("a"), None);
+        assert_eq!(known.get("c"), Some(timed(part)));
+        assert_eq!(known.times_bytes(), 2 * 8 * part as usize);
+        // Times found not to match are dropped, and stay dropped.
+        let failed = Learned {
+            times_failed: true,
+            ..Learned::default()
+        };
+        known.remember("b", &failed);
+        known.remember("b", &timed(part));
+        let b = known.get("b").expect("kept");
+        assert!(b.times_failed && b.frame_times.is_none() && b.counted == Some(part));
+        assert_eq!(known.times_bytes(), 8 * part as usize);
+        // A failure alone is worth keeping (later clips do not try the times again).
+        known.remember("d", &failed);
+        assert_eq!(known.get("d"), Some(failed));
     }
 
     #[test]

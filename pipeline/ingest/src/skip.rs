@@ -32,6 +32,10 @@ pub(crate) struct SkipPlan {
     pub count_only: bool,
     /// Access units dropped so far.
     pub dropped: u64,
+    /// Counting only: the timestamps of the access units counted and dropped (for the
+    /// frames' times, [`crate::known`]); `counted_untimed` if one had none.
+    pub counted_pts: Vec<u64>,
+    pub counted_untimed: bool,
     /// Their timestamps (to tell a dropped frame from a gap in the stream). A set: after a
     /// seek back (a retry from further back), the same frames are dropped again.
     pub dropped_pts: BTreeSet<u64>,
@@ -314,7 +318,13 @@ pub(crate) fn attach(element: &gst::Element, plan: &Arc<Mutex<SkipPlan>>) {
             if pictures != Some(true) {
                 return gst::PadProbeReturn::Ok;
             }
-            plan.lock().unwrap_or_else(|e| e.into_inner()).dropped += 1;
+            let mut p = plan.lock().unwrap_or_else(|e| e.into_inner());
+            p.dropped += 1;
+            match buffer.pts() {
+                Some(pts) => p.counted_pts.push(pts.nseconds()),
+                None => p.counted_untimed = true,
+            }
+            drop(p);
             info.data = None;
             return gst::PadProbeReturn::Handled;
         }
@@ -458,6 +468,8 @@ mod tests {
             wanted: vec![10, 20],
             count_only: false,
             dropped: 0,
+            counted_pts: Vec::new(),
+            counted_untimed: false,
             dropped_pts: [at(3), at(4)].into(),
         };
         assert_eq!(plan.dropped_between(at(2), at(5)), 2);

@@ -397,6 +397,73 @@ fn a_rate_found_irregular_is_not_sought_in_again() {
     same_frames(&first, &second, "second clip");
 }
 
+/// A stream recorded live with an irregular rate (a browser's WebM: no Duration, timestamps
+/// that jitter): its frames' times are found while counting them, and the video's later clips
+/// seek by them and get the same frames as a decode from the start. Before the times were
+/// kept: the first such clip's seek was found wrong (a second seek, back to the start), and
+/// every later clip was decoded from the start.
+#[test]
+fn an_irregular_live_stream_is_sought_in_by_its_counted_times() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (name, codec) in [("rec.webm", "libvpx-vp9"), ("rec.mkv", "libx264")] {
+        let out = dir.path().join(name);
+        ffmpeg(&[
+            "-f",
+            "lavfi",
+            "-i",
+            "testsrc2=size=160x120:rate=30",
+            "-frames:v",
+            "300",
+            "-vf",
+            "settb=1/1000,setpts='(N*33+mod(N*N*7\\,11)*3)/1000/TB'",
+            "-fps_mode",
+            "passthrough",
+            "-enc_time_base:v",
+            "1/1000",
+            "-c:v",
+            codec,
+            "-g",
+            "30",
+            "-deadline",
+            "realtime",
+            "-cpu-used",
+            "8",
+            "-live",
+            "1",
+            out.to_str().expect("utf-8 temp path"),
+        ]);
+        let local = Local::new(dir.path());
+        let mut dec = Decoder::new(DecoderOptions::default())
+            .expect("decoder")
+            .with_known_videos(Arc::new(KnownVideos::default()));
+        let mut from_start = Decoder::new(DecoderOptions {
+            seek_min_frames: u64::MAX,
+            ..DecoderOptions::default()
+        })
+        .expect("decoder")
+        .with_known_videos(Arc::new(KnownVideos::new(0)));
+        let (_, n) = clip(&mut dec, local.open(name), &[0]);
+        assert_eq!(n, 300, "{name}: counted");
+        for start in [120u64, 236] {
+            let window: Vec<u64> = (0..16).map(|i| start + 4 * i).collect();
+            let (sought, _) = clip(&mut dec, local.open(name), &window);
+            let (reference, _) = clip(&mut from_start, local.open(name), &window);
+            println!("{name} at {start}: {:?}", sought.stats);
+            assert!(sought.stats.learned_earlier, "{name}");
+            // One seek (no second one back to the start), and fewer frames decoded than from
+            // the start (a stream without Cues is sought in by its clusters: up to 5 s early).
+            assert!(
+                sought.stats.seeks == 1
+                    && sought.stats.frames_decoded < reference.stats.frames_decoded,
+                "{name} at {start}: not sought: {:?}, from the start {:?}",
+                sought.stats,
+                reference.stats
+            );
+            same_frames(&sought, &reference, &format!("{name} at {start}"));
+        }
+    }
+}
+
 #[test]
 fn a_fragmented_mp4_has_its_fragments_read_once() {
     let dir = tempfile::tempdir().expect("tempdir");
