@@ -106,17 +106,21 @@ impl FrameClock {
 
 /// The times of a stream's frames, from every frame's timestamp found while counting them
 /// (in any order), when they are worth keeping: `None` when they are regular at `frame_ns`
-/// (the stream's nominal frame duration: a constant clock numbers them), when two frames
-/// share a time, or when there are more than [`MAX_TIMED_FRAMES`].
+/// (the stream's nominal frame duration: every frame within half a frame of where a constant
+/// clock puts it, so that it numbers them all right), when two frames share a time, or when
+/// there are more than [`MAX_TIMED_FRAMES`].
 pub(crate) fn irregular_times(mut pts: Vec<u64>, frame_ns: Option<f64>) -> Option<FrameTimes> {
     if pts.len() as u64 > MAX_TIMED_FRAMES {
         return None;
     }
     pts.sort_unstable();
     let first = *pts.first()?;
+    // Each frame against the grid, not against its neighbour: a rate a little off the
+    // nominal one (29.97 fps said to be 30) drifts a frame in half a minute.
     let regular = frame_ns.is_some_and(|f| {
-        pts.windows(2)
-            .all(|w| ((w[1] - w[0]) as f64 - f).abs() <= 0.5 * f)
+        pts.iter()
+            .enumerate()
+            .all(|(n, &p)| ((p - first) as f64 - n as f64 * f).abs() < 0.5 * f)
     });
     if regular {
         return None;
@@ -196,6 +200,11 @@ mod tests {
         let gap = ms(&[1000, 1067, 1033, 1133, 1100, 1200]);
         let kept = irregular_times(gap, Some(1e9 / 30.0)).expect("times");
         assert_eq!(kept.ns(), ms(&[0, 33, 67, 100, 133, 200]).as_slice());
+        // 29.97 fps said to be 30: every gap is close to a frame, but by the 17th second the
+        // frames are half a frame behind the grid.
+        let slow: Vec<u64> = (0..600).map(|n| n * 1_001_000_000 / 30).collect();
+        assert!(irregular_times(slow[..480].to_vec(), Some(1e9 / 30.0)).is_none());
+        assert!(irregular_times(slow, Some(1e9 / 30.0)).is_some());
         // Two frames at one time, or none at all: nothing.
         assert_eq!(irregular_times(ms(&[0, 50, 50]), Some(1e9 / 30.0)), None);
         assert_eq!(irregular_times(Vec::new(), None), None);

@@ -1117,9 +1117,11 @@ impl Decoder {
                     // Not constant-rate after all: numbers from timestamps would be wrong.
                     // Start over from the beginning, counting frames, without seeking.
                     tracing::debug!(number, "irregular timestamps; counting instead");
-                    match clock {
-                        FrameClock::Table { .. } => learned.times_failed = true,
-                        FrameClock::Constant { .. } => learned.variable_rate = true,
+                    // A table's times were irregular at the nominal rate (or it would not have
+                    // been kept): that rate is not tried either.
+                    learned.variable_rate = true;
+                    if matches!(clock, FrameClock::Table { .. }) {
+                        learned.times_failed = true;
                     }
                     seek_failed = true;
                     lock(&pipe.skip).active = false;

@@ -7,12 +7,13 @@
 //! fragmented MP4 spreads its sample counts over one `moof` box per fragment (a ranged read
 //! each); a file that claims a constant rate but is not is only found out after a seek, which
 //! is then thrown away. A long job draws every video once per epoch, for days, so each of those
-//! costs would be paid again and again. A stream whose rate turns out irregular while its
-//! frames are counted (a browser's WebM recording) also leaves the times of its frames, by
-//! which later clips seek (within [`TIMES_BUDGET`]). They are paid once per *version* of a
-//! video instead:
+//! costs would be paid again and again. Instead they are paid once per *version* of a video:
 //! entries are keyed by [`crate::ByteSource::version`] (location, size and ETag), so a
 //! replaced video is learned afresh, and a source without a version is never remembered.
+//!
+//! A stream whose rate turns out irregular while its frames are counted (a browser's WebM
+//! recording) also leaves the times of its frames, by which its later clips seek (within
+//! [`TIMES_BUDGET`]; past it, the oldest entries lose their times, not their other facts).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
@@ -106,8 +107,9 @@ impl KnownVideos {
         if self.capacity == 0 || !learned.worth_keeping() {
             return;
         }
-        // The container's frame times are read again with its `moov` for every clip
-        // (GStreamer reads it anyway), and can run to megabytes: not kept.
+        // The container's frame times come with its facts, which a remembered video keeps
+        // only when they cost more than a `moov` read (fragmented MP4, whose facts carry no
+        // times); they can run to megabytes: never kept.
         let learned = &Learned {
             facts: ContainerFacts {
                 frame_times: None,
@@ -140,26 +142,40 @@ impl KnownVideos {
         };
         if times_bytes(&merged) > TIMES_BUDGET {
             // More than all the room there is: the count without the times.
-            merged.frame_times = None;
+            drop_times(&mut merged);
         }
         let bytes = times_bytes(&merged);
         if let Some(old) = e.map.insert(version.to_string(), merged) {
             e.times_bytes -= times_bytes(&old);
         }
         e.times_bytes += bytes;
-        // Make room: the oldest others go first.
-        let mut turns = e.order.len();
-        while (e.map.len() > self.capacity || e.times_bytes > TIMES_BUDGET) && turns > 0 {
-            turns -= 1;
-            let Some(oldest) = e.order.pop_front() else {
+        // Too many videos: the oldest others go.
+        while e.map.len() > self.capacity {
+            let Some(oldest) = e.order.iter().position(|k| k != version) else {
                 break;
             };
-            if oldest == version {
-                e.order.push_back(oldest);
+            if let Some(key) = e.order.remove(oldest)
+                && let Some(gone) = e.map.remove(&key)
+            {
+                e.times_bytes -= times_bytes(&gone);
+            }
+        }
+        // Too many frame times: the oldest others' times go (their counts and facts stay).
+        let Entries {
+            map,
+            order,
+            times_bytes: held,
+        } = &mut *e;
+        for key in order.iter() {
+            if *held <= TIMES_BUDGET {
+                break;
+            }
+            if key == version {
                 continue;
             }
-            if let Some(gone) = e.map.remove(&oldest) {
-                e.times_bytes -= times_bytes(&gone);
+            if let Some(entry) = map.get_mut(key) {
+                *held -= times_bytes(entry);
+                drop_times(entry);
             }
         }
     }
@@ -171,7 +187,8 @@ impl KnownVideos {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Entries> {
-        // The map holds no invariant a panicking holder could break half-way.
+        // A holder that panics leaves at worst `times_bytes` off from the entries' sum: the
+        // budget is then kept less exactly, nothing else.
         self.inner
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -180,6 +197,14 @@ impl KnownVideos {
 
 fn times_bytes(learned: &Learned) -> usize {
     learned.frame_times.as_ref().map_or(0, |t| 8 * t.ns().len())
+}
+
+/// Forgets an entry's frame times. They were irregular at the stream's nominal rate (that is
+/// why they were kept), so its clips count frames from the start rather than try the rate.
+fn drop_times(learned: &mut Learned) {
+    if learned.frame_times.take().is_some() {
+        learned.variable_rate = true;
+    }
 }
 
 #[cfg(test)]
@@ -239,18 +264,27 @@ mod tests {
     #[test]
     fn frame_times_within_a_budget() {
         let known = KnownVideos::new(100);
-        // Times bigger than the whole budget: the count is kept without them.
+        // Times bigger than the whole budget: the count is kept without them (and the rate is
+        // known to be irregular).
+        let untimed = |frames| Learned {
+            variable_rate: true,
+            ..counted(frames)
+        };
         let huge = (TIMES_BUDGET / 8 + 1) as u64;
         known.remember("huge", &timed(huge));
-        assert_eq!(known.get("huge"), Some(counted(huge)));
+        assert_eq!(known.get("huge"), Some(untimed(huge)));
         assert_eq!(known.times_bytes(), 0);
-        // Three entries of 40 % of the budget each: the oldest makes room for the third.
+        // Three entries of 40 % of the budget each: the oldest loses its times to make room
+        // for the third, and keeps its count; the entry without times stays as it was.
         let part = (TIMES_BUDGET / 8 * 2 / 5) as u64;
         for v in ["a", "b", "c"] {
             known.remember(v, &timed(part));
         }
-        assert_eq!(known.get("a"), None);
+        assert_eq!(known.get("a"), Some(untimed(part)));
+        assert_eq!(known.get("b"), Some(timed(part)));
         assert_eq!(known.get("c"), Some(timed(part)));
+        assert_eq!(known.get("huge"), Some(untimed(huge)));
+        assert_eq!(known.len(), 4);
         assert_eq!(known.times_bytes(), 2 * 8 * part as usize);
         // Times found not to match are dropped, and stay dropped.
         let failed = Learned {
