@@ -35,6 +35,8 @@ pub struct ContainerFacts {
     /// The MP4 is fragmented (`mvex`): its sample counts were read from one `moof` box per
     /// fragment, a ranged read each.
     pub fragmented: bool,
+    /// The Matroska `Segment` declares more bytes than the object has (a cut-off upload).
+    pub cut_off: bool,
     /// When each frame of a variable-rate MP4 is shown, from its sample table: frames can be
     /// sought to and told apart by timestamp although the rate varies (a phone's recording,
     /// whose frame durations jitter, is the common case).
@@ -77,6 +79,7 @@ pub fn facts(len: u64, read: ReadFn<'_>) -> ContainerFacts {
     if head.get(0..4) == Some([0x1A, 0x45, 0xDF, 0xA3].as_slice()) {
         return ContainerFacts {
             has_duration: matroska_has_duration(len, read),
+            cut_off: matroska_cut_off(len, read).is_some(),
             ..ContainerFacts::default()
         };
     }
@@ -206,6 +209,7 @@ fn mp4_facts(len: u64, read: ReadFn<'_>) -> Option<ContainerFacts> {
                     full_range,
                     fragmented: true,
                     frame_times: None,
+                    cut_off: false,
                 },
                 // Too many fragments to read for every clip (a long file), or cut short:
                 // GStreamer's estimate (duration × rate), and seeks, as a decode from the
@@ -249,6 +253,7 @@ fn mp4_facts(len: u64, read: ReadFn<'_>) -> Option<ContainerFacts> {
             full_range,
             fragmented: false,
             frame_times,
+            cut_off: false,
         });
     }
     None

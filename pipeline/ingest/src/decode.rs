@@ -30,6 +30,20 @@ const TRUNCATION_FRACTION: f64 = 0.10;
 /// See [`TRUNCATION_FRACTION`].
 const TRUNCATION_MIN_FRAMES: u64 = 2;
 
+/// Whether a stream that ends after `found` frames falls short of `announced` by more than
+/// the padding tolerance.
+fn falls_short(announced: u64, found: u64) -> bool {
+    let tolerance = ((announced as f64 * TRUNCATION_FRACTION) as u64).max(TRUNCATION_MIN_FRAMES);
+    announced > found + tolerance
+}
+
+/// Whether the announced frame count is GStreamer's estimate (duration × nominal rate) for a
+/// complete Matroska/WebM file: a variable rate makes it wrong, and a stream ending early then
+/// does not mean a cut file.
+fn estimated_length(facts: &ContainerFacts, frames_hint: Option<u64>) -> bool {
+    frames_hint.is_none() && facts.has_duration == Some(true) && !facts.cut_off
+}
+
 /// A seek aims this many frames before the wanted one: demuxers snap to key frames by decode
 /// time, which runs ahead of presentation time by the B-frame reorder depth (usually ≤ 3).
 /// If a seek still lands past the frame, it is retried from 8× further back.
@@ -77,6 +91,20 @@ impl Default for DecoderOptions {
             video_decoder: VideoDecoderKind::Software,
         }
     }
+}
+
+/// How one pass over a stream ended.
+enum Pass {
+    /// The planned frames were delivered.
+    Delivered,
+    /// Nobody announced the length: the frames were counted (nothing delivered).
+    Counted(u64),
+    /// No clock could number the frames after the seek the window needs: they were counted
+    /// for their times (nothing delivered), kept in `learned` if usable.
+    TimesLearned,
+    /// The nominal rate was found not to number the frames (marked in `learned`): run again
+    /// without it.
+    Retry,
 }
 
 /// What the container/stream says about a video, known once the first frame is decoded.
@@ -588,11 +616,18 @@ impl Decoder {
         loop {
             let frames_hint = learned.facts.frames.or(learned.counted);
             match self.attempt(feed, sink, started, stats, learned, frames_hint)? {
-                Some(counted) if frames_hint.is_none() => {
+                Pass::Counted(counted) => {
                     tracing::debug!(counted, "frame count unknown: counted the frames first");
                     learned.counted = Some(counted);
                 }
-                _ => return Ok(()),
+                Pass::TimesLearned => {
+                    tracing::debug!(
+                        timed = learned.frame_times.is_some(),
+                        "no clock for the window: counted the frames for their times first"
+                    );
+                }
+                Pass::Retry => {}
+                Pass::Delivered => return Ok(()),
             }
         }
     }
@@ -618,7 +653,7 @@ impl Decoder {
         stats: &mut DecodeStats,
         learned: &mut Learned,
         frames_hint: Option<u64>,
-    ) -> Result<Option<u64>, IngestError> {
+    ) -> Result<Pass, IngestError> {
         self.nvdec_last = false;
         let pipe = match self.pipe.take() {
             Some(p) => p,
@@ -832,9 +867,10 @@ impl Decoder {
     /// Runs the pipeline until the planned frames are in (or it fails).
     ///
     /// `frames_hint` is the exact frame count when known (container index, or a counting
-    /// pass). When neither it nor a trustworthy duration is known, the stream is decoded to
-    /// its end without delivering anything and `Ok(Some(count))` is returned: the caller runs
-    /// again with that count. `Ok(None)`: the planned frames were delivered.
+    /// pass). When neither it nor a trustworthy duration is known, the stream is counted to
+    /// its end without delivering anything ([`Pass::Counted`]): the caller runs again with
+    /// that count. So it is when the window needs a seek but no clock can number the frames
+    /// after one, and counting is cheap ([`Pass::TimesLearned`]): the times found make one.
     fn run(
         &self,
         pipe: &Pipe,
@@ -843,7 +879,7 @@ impl Decoder {
         stats: &mut DecodeStats,
         learned: &mut Learned,
         frames_hint: Option<u64>,
-    ) -> Result<Option<u64>, IngestError> {
+    ) -> Result<Pass, IngestError> {
         // A copy: `learned` takes what this pass finds out.
         let facts = &learned.facts.clone();
         let pipeline = &pipe.pipeline;
@@ -905,52 +941,38 @@ impl Decoder {
             // Matroska without a Duration: what GStreamer reports is an estimate.
             info.num_frames = 0;
         }
-        match frames_hint {
-            Some(n) => info.num_frames = n,
-            None if info.num_frames == 0 => {
-                // Nobody knows the length: count to the end (bounded by the deadline). H.264
-                // and H.265 pictures and shown VP9 frames of a progressive stream are counted
-                // as they reach the decoder and dropped there (`skip.rs`; in an interlaced
-                // stream an access unit can be a field); what is already in the decoder, and
-                // other codecs, are decoded and counted as they come out.
-                lock(&pipe.skip).count_only =
-                    frame_info.interlace_mode() == gst_video::VideoInterlaceMode::Progressive;
-                let mut decoded = 1u64;
-                // Every frame's timestamp, for when the rate turns out irregular.
-                let pts_of =
-                    |s: &gst::Sample| s.buffer().and_then(|b| b.pts()).map(|p| p.nseconds());
-                let mut times: Option<Vec<u64>> = pts_of(&first).map(|p| vec![p]);
-                drop(first);
-                while let Some(sample) = waiter.next_sample(self, &mut watch, &progress)? {
-                    decoded += 1;
-                    progress.decoded += 1;
-                    match (pts_of(&sample), &mut times) {
-                        (Some(p), Some(t)) => t.push(p),
-                        _ => times = None,
-                    }
-                }
-                stats.frames_decoded += decoded;
-                let mut skip = lock(&pipe.skip);
-                let count = decoded + skip.dropped;
-                if let Some(t) = &mut times
-                    && !skip.counted_untimed
-                {
-                    t.append(&mut skip.counted_pts);
-                    let rate = frame_info.fps();
-                    let frame_ns = (rate.numer() > 0 && rate.denom() > 0)
-                        .then(|| 1e9 * f64::from(rate.denom()) / f64::from(rate.numer()));
-                    learned.frame_times = irregular_times(std::mem::take(t), frame_ns);
-                }
-                return Ok(Some(count));
-            }
-            None => {}
+        if let Some(n) = frames_hint {
+            info.num_frames = n;
         }
-        tracing::trace!(?info, "stream info");
-        let indices = sink.plan(&info);
+        // Nobody knows the length: count to the end.
+        let count_all = info.num_frames == 0;
+        let mut indices = if count_all {
+            Vec::new()
+        } else {
+            tracing::trace!(?info, "stream info");
+            sink.plan(&info)
+        };
+        // A window planned from an estimated length past the frames an earlier pass found:
+        // planned again from what was found, exactly when that pass would have had to (the
+        // same clip whether or not the length was known beforehand).
+        if !count_all
+            && estimated_length(facts, frames_hint)
+            && let Some(found) = learned.frames_found
+            && indices.iter().any(|&i| i >= found)
+            && falls_short(info.num_frames, found)
+        {
+            tracing::debug!(
+                estimated = info.num_frames,
+                found,
+                "the window lies past the frames there are: planned from the frames found"
+            );
+            info.num_frames = found;
+            indices = sink.plan(&info);
+        }
 
         // Frame numbers from timestamps (needed after a seek): a constant frame rate, or the
-        // frames' times from the container's sample table. Not when an earlier clip found
-        // the timestamps irregular: it ended up counting from the start, and so does this.
+        // frames' times from the container's sample table or from counting. Not when an
+        // earlier clip found them irregular: it ended up counting from the start.
         let caps_rate = frame_info.fps();
         let pts0 = first.buffer().and_then(|b| b.pts());
         let times = (facts.frame_times.as_ref())
@@ -975,6 +997,72 @@ impl Decoder {
             _ => None,
         };
         let can_seek = self.opts.seek_min_frames != u64::MAX && clock.is_some();
+        // Whether counting this stream for its frames' times is cheap and may pay: it has no
+        // sample table (an MP4's edit list can hide frames that counting would see) and has
+        // not been counted for them yet, and its frames are counted before the decoder.
+        let learnable = self.opts.seek_min_frames != u64::MAX
+            && pts0.is_some()
+            && facts.frames.is_none()
+            && !facts.fragmented
+            && !learned.times_counted
+            && !learned.times_failed
+            && frame_info.interlace_mode() == gst_video::VideoInterlaceMode::Progressive
+            && lock(shared)
+                .video_decoder
+                .as_ref()
+                .is_some_and(|d| skip::counts_before_decoder(&d.factory));
+        let far = indices
+            .iter()
+            .max()
+            .is_some_and(|&m| m >= self.opts.seek_min_frames);
+        let learn_times = !count_all && clock.is_none() && learnable && far;
+
+        if count_all || learn_times {
+            // Count to the end (bounded by the deadline). H.264 and H.265 pictures and shown
+            // VP9 frames of a progressive stream are counted as they reach the decoder and
+            // dropped there (`skip.rs`; in an interlaced stream an access unit can be a
+            // field); what is already in the decoder, and other codecs, are decoded and
+            // counted as they come out.
+            lock(&pipe.skip).count_only =
+                frame_info.interlace_mode() == gst_video::VideoInterlaceMode::Progressive;
+            let mut decoded = 1u64;
+            // Every frame's timestamp, for when the rate turns out irregular.
+            let pts_of = |s: &gst::Sample| s.buffer().and_then(|b| b.pts()).map(|p| p.nseconds());
+            let mut times: Option<Vec<u64>> = pts_of(&first).map(|p| vec![p]);
+            drop(first);
+            while let Some(sample) = waiter.next_sample(self, &mut watch, &progress)? {
+                decoded += 1;
+                progress.decoded += 1;
+                match (pts_of(&sample), &mut times) {
+                    (Some(p), Some(t)) => t.push(p),
+                    _ => times = None,
+                }
+            }
+            stats.frames_decoded += decoded;
+            let mut skip = lock(&pipe.skip);
+            let count = decoded + skip.dropped;
+            if let Some(t) = &mut times
+                && !skip.counted_untimed
+            {
+                t.append(&mut skip.counted_pts);
+                let rate = frame_info.fps();
+                let frame_ns = (rate.numer() > 0 && rate.denom() > 0)
+                    .then(|| 1e9 * f64::from(rate.denom()) / f64::from(rate.numer()));
+                // With a nominal rate, only times that it would number wrongly are kept
+                // (a count pass of a stream without a clock keeps them whatever they are).
+                let frame_ns = frame_ns.filter(|_| count_all);
+                learned.frame_times = irregular_times(std::mem::take(t), frame_ns);
+            }
+            learned.times_counted = true;
+            if estimated_length(facts, frames_hint) {
+                learned.frames_found = Some(count);
+            }
+            return Ok(if count_all {
+                Pass::Counted(count)
+            } else {
+                Pass::TimesLearned
+            });
+        }
 
         // Positions of `indices` in ascending index order (robust to unsorted input).
         let mut order: Vec<usize> = (0..indices.len()).collect();
@@ -1122,6 +1210,10 @@ impl Decoder {
                     learned.variable_rate = true;
                     if matches!(clock, FrameClock::Table { .. }) {
                         learned.times_failed = true;
+                    } else if learnable {
+                        // Cheaper than decoding from the start to every later window: count
+                        // the frames for their times, then seek by them.
+                        return Ok(Pass::Retry);
                     }
                     seek_failed = true;
                     lock(&pipe.skip).active = false;
@@ -1171,9 +1263,22 @@ impl Decoder {
             };
             let decoded = last_number + 1;
             let expected = info.num_frames;
-            let tolerance =
-                ((expected as f64 * TRUNCATION_FRACTION) as u64).max(TRUNCATION_MIN_FRAMES);
-            if expected > decoded + tolerance {
+            if falls_short(expected, decoded) {
+                // An estimated length (a complete Matroska file with a variable rate): the
+                // frames there are, where this pass knows them exactly (counted from the
+                // start, or numbered by frame times), plan the clip again.
+                let exact = counter.is_some() || matches!(clock, Some(FrameClock::Table { .. }));
+                if estimated_length(facts, frames_hint) && learned.frames_found != Some(decoded) {
+                    if exact {
+                        learned.frames_found = Some(decoded);
+                        return Ok(Pass::Retry);
+                    }
+                    if learnable {
+                        // Numbered by the nominal rate after a seek: not exact. Count.
+                        learned.variable_rate = true;
+                        return Ok(Pass::Retry);
+                    }
+                }
                 return Err(quarantine(
                     QuarantineReason::Truncated,
                     format!(
@@ -1206,7 +1311,7 @@ impl Decoder {
                 }
             }
         }
-        Ok(None)
+        Ok(Pass::Delivered)
     }
 
     /// Polls the bus and the callbacks' verdicts; errors out on failure or past the deadline.

@@ -45,12 +45,23 @@ pub(crate) struct Learned {
     /// The frame times (the container's or these) did not match the decoded timestamps:
     /// frames are counted from the start.
     pub times_failed: bool,
+    /// The frames were counted to the end with their timestamps (whether times came of it
+    /// or not): not again.
+    pub times_counted: bool,
+    /// The frames a stream whose length is only estimated (duration × nominal rate) turned
+    /// out to have: a window planned past them is planned again from this.
+    pub frames_found: Option<u64>,
 }
 
 impl Learned {
     /// Whether remembering this saves more than the reads GStreamer makes anyway.
     pub fn worth_keeping(&self) -> bool {
-        self.counted.is_some() || self.variable_rate || self.times_failed || self.facts.fragmented
+        self.counted.is_some()
+            || self.variable_rate
+            || self.times_failed
+            || self.times_counted
+            || self.frames_found.is_some()
+            || self.facts.fragmented
     }
 }
 
@@ -125,6 +136,8 @@ impl KnownVideos {
                     facts: old.facts.clone(),
                     counted: learned.counted.or(old.counted),
                     variable_rate: old.variable_rate || learned.variable_rate,
+                    times_counted: old.times_counted || learned.times_counted,
+                    frames_found: learned.frames_found.or(old.frames_found),
                     frame_times: (learned.frame_times.clone())
                         .or_else(|| old.frame_times.clone())
                         .filter(|_| !times_failed),

@@ -278,13 +278,19 @@ fn is_non_reference(data: &[u8], codec: Codec) -> bool {
     slices > 0
 }
 
+/// Whether the probe counts (and drops) the pictures before a decoder of this factory, rather
+/// than the decoder decoding them to be counted.
+pub(crate) fn counts_before_decoder(factory: &str) -> bool {
+    ["h264", "h265", "vp9"].iter().any(|c| factory.contains(c))
+}
+
 /// Puts the dropping probe on an H.264, H.265 or VP9 decoder's sink pad (other decoders are
 /// left alone; VP9 frames are only ever dropped when counted).
 pub(crate) fn attach(element: &gst::Element, plan: &Arc<Mutex<SkipPlan>>) {
     let is_video_decoder = element.factory().is_some_and(|f| {
         f.klass().contains("Decoder")
             && f.klass().contains("Video")
-            && ["h264", "h265", "vp9"].iter().any(|c| f.name().contains(c))
+            && counts_before_decoder(f.name().as_str())
     });
     if !is_video_decoder {
         return;
