@@ -35,8 +35,9 @@ pub struct ContainerFacts {
     /// The MP4 is fragmented (`mvex`): its sample counts were read from one `moof` box per
     /// fragment, a ranged read each.
     pub fragmented: bool,
-    /// The Matroska `Segment` declares more bytes than the object has (a cut-off upload).
-    pub cut_off: bool,
+    /// The Matroska `Segment` declares its size, and the object holds all of it (not a cut-off
+    /// upload, as far as its size can tell).
+    pub complete: bool,
     /// When each frame of a variable-rate MP4 is shown, from its sample table: frames can be
     /// sought to and told apart by timestamp although the rate varies (a phone's recording,
     /// whose frame durations jitter, is the common case).
@@ -79,7 +80,7 @@ pub fn facts(len: u64, read: ReadFn<'_>) -> ContainerFacts {
     if head.get(0..4) == Some([0x1A, 0x45, 0xDF, 0xA3].as_slice()) {
         return ContainerFacts {
             has_duration: matroska_has_duration(len, read),
-            cut_off: matroska_cut_off(len, read).is_some(),
+            complete: matroska_segment_end(len, read).is_some_and(|end| end <= len),
             ..ContainerFacts::default()
         };
     }
@@ -209,7 +210,7 @@ fn mp4_facts(len: u64, read: ReadFn<'_>) -> Option<ContainerFacts> {
                     full_range,
                     fragmented: true,
                     frame_times: None,
-                    cut_off: false,
+                    complete: false,
                 },
                 // Too many fragments to read for every clip (a long file), or cut short:
                 // GStreamer's estimate (duration × rate), and seeks, as a decode from the
@@ -253,7 +254,7 @@ fn mp4_facts(len: u64, read: ReadFn<'_>) -> Option<ContainerFacts> {
             full_range,
             fragmented: false,
             frame_times,
-            cut_off: false,
+            complete: false,
         });
     }
     None
@@ -518,8 +519,9 @@ fn matroska_has_duration(len: u64, read: ReadFn<'_>) -> Option<bool> {
     None
 }
 
-/// For Matroska/WebM: describes a `Segment` whose declared size runs past the end of the object.
-pub fn matroska_cut_off(len: u64, read: ReadFn<'_>) -> Option<String> {
+/// Where a Matroska/WebM file's `Segment` says it ends (`None`: not Matroska, or a size left
+/// unknown, as a live recording leaves it).
+fn matroska_segment_end(len: u64, read: ReadFn<'_>) -> Option<u64> {
     let head = read(0, 4096.min(len))?;
     if head.get(0..4) != Some([0x1A, 0x45, 0xDF, 0xA3].as_slice()) {
         return None;
@@ -530,7 +532,12 @@ pub fn matroska_cut_off(len: u64, read: ReadFn<'_>) -> Option<String> {
     if id != EBML_SEGMENT {
         return None;
     }
-    let end = (at + h) as u64 + size?;
+    Some((at + h) as u64 + size?)
+}
+
+/// For Matroska/WebM: describes a `Segment` whose declared size runs past the end of the object.
+pub fn matroska_cut_off(len: u64, read: ReadFn<'_>) -> Option<String> {
+    let end = matroska_segment_end(len, read)?;
     (end > len).then(|| {
         format!("Matroska cut off: the Segment declares {end} bytes, the object has {len}")
     })

@@ -38,10 +38,10 @@ fn falls_short(announced: u64, found: u64) -> bool {
 }
 
 /// Whether the announced frame count is GStreamer's estimate (duration × nominal rate) for a
-/// complete Matroska/WebM file: a variable rate makes it wrong, and a stream ending early then
-/// does not mean a cut file.
+/// Matroska/WebM file known to be complete (its `Segment` size said, and all there): a
+/// variable rate makes it wrong, and a stream ending early then does not mean a cut file.
 fn estimated_length(facts: &ContainerFacts, frames_hint: Option<u64>) -> bool {
-    frames_hint.is_none() && facts.has_duration == Some(true) && !facts.cut_off
+    frames_hint.is_none() && facts.has_duration == Some(true) && facts.complete
 }
 
 /// A seek aims this many frames before the wanted one: demuxers snap to key frames by decode
@@ -268,18 +268,18 @@ fn size_changed(was: (usize, usize), now: (usize, usize)) -> IngestError {
 /// once per clip.
 struct Replay<'a> {
     inner: &'a mut dyn FrameSink,
-    planned: Option<(VideoInfo, Vec<u64>)>,
+    /// Every plan made, by the stream info it was made for (a clip planned from an estimated
+    /// length and again from the real one has two; a software retry after NVDEC asks again).
+    planned: Vec<(VideoInfo, Vec<u64>)>,
 }
 
 impl FrameSink for Replay<'_> {
     fn plan(&mut self, info: &VideoInfo) -> Vec<u64> {
-        if let Some((seen, indices)) = &self.planned
-            && seen == info
-        {
+        if let Some((_, indices)) = self.planned.iter().find(|(seen, _)| seen == info) {
             return indices.clone();
         }
         let indices = self.inner.plan(info);
-        self.planned = Some((info.clone(), indices.clone()));
+        self.planned.push((info.clone(), indices.clone()));
         indices
     }
 
@@ -535,7 +535,7 @@ impl Decoder {
         };
         let mut sink = Replay {
             inner: sink,
-            planned: None,
+            planned: Vec::new(),
         };
         let mut result = self.decode_feed(&feed, &mut sink, started, &mut stats, &mut learned);
         if let Err(IngestError::Quarantine { reason, detail }) = &result
@@ -1001,6 +1001,7 @@ impl Decoder {
         // sample table (an MP4's edit list can hide frames that counting would see) and has
         // not been counted for them yet, and its frames are counted before the decoder.
         let learnable = self.opts.seek_min_frames != u64::MAX
+            && self.opts.skip_unneeded
             && pts0.is_some()
             && facts.frames.is_none()
             && !facts.fragmented
@@ -1015,7 +1016,7 @@ impl Decoder {
             .iter()
             .max()
             .is_some_and(|&m| m >= self.opts.seek_min_frames);
-        let learn_times = !count_all && clock.is_none() && learnable && far;
+        let learn_times = !count_all && learnable && (learned.recount || (clock.is_none() && far));
 
         if count_all || learn_times {
             // Count to the end (bounded by the deadline). H.264 and H.265 pictures and shown
@@ -1048,12 +1049,13 @@ impl Decoder {
                 let rate = frame_info.fps();
                 let frame_ns = (rate.numer() > 0 && rate.denom() > 0)
                     .then(|| 1e9 * f64::from(rate.denom()) / f64::from(rate.numer()));
-                // With a nominal rate, only times that it would number wrongly are kept
-                // (a count pass of a stream without a clock keeps them whatever they are).
-                let frame_ns = frame_ns.filter(|_| count_all);
+                // Only times a nominal rate would number wrongly are kept (any, when the rate
+                // is known not to number them).
+                let frame_ns = frame_ns.filter(|_| !learned.variable_rate);
                 learned.frame_times = irregular_times(std::mem::take(t), frame_ns);
             }
             learned.times_counted = true;
+            learned.recount = false;
             if estimated_length(facts, frames_hint) {
                 learned.frames_found = Some(count);
             }
@@ -1213,6 +1215,7 @@ impl Decoder {
                     } else if learnable {
                         // Cheaper than decoding from the start to every later window: count
                         // the frames for their times, then seek by them.
+                        stats.frames_decoded += progress.decoded;
                         return Ok(Pass::Retry);
                     }
                     seek_failed = true;
@@ -1264,20 +1267,13 @@ impl Decoder {
             let decoded = last_number + 1;
             let expected = info.num_frames;
             if falls_short(expected, decoded) {
-                // An estimated length (a complete Matroska file with a variable rate): the
-                // frames there are, where this pass knows them exactly (counted from the
-                // start, or numbered by frame times), plan the clip again.
-                let exact = counter.is_some() || matches!(clock, Some(FrameClock::Table { .. }));
-                if estimated_length(facts, frames_hint) && learned.frames_found != Some(decoded) {
-                    if exact {
-                        learned.frames_found = Some(decoded);
-                        return Ok(Pass::Retry);
-                    }
-                    if learnable {
-                        // Numbered by the nominal rate after a seek: not exact. Count.
-                        learned.variable_rate = true;
-                        return Ok(Pass::Retry);
-                    }
+                // An estimated length (a complete Matroska file whose rate drops, or whose
+                // audio outlasts the video): count the frames there are, before the decoder
+                // (a decoder that drops frames on an error must not set the length), and plan
+                // the clip again from that count. Once counted, a short stream is truncated.
+                if estimated_length(facts, frames_hint) && learnable {
+                    learned.recount = true;
+                    return Ok(Pass::Retry);
                 }
                 return Err(quarantine(
                     QuarantineReason::Truncated,
@@ -1970,11 +1966,15 @@ mod tests {
         let mut inner = Drawing { plans: 0 };
         let mut replay = Replay {
             inner: &mut inner,
-            planned: None,
+            planned: Vec::new(),
         };
         assert_eq!(replay.plan(&info(320)), vec![1, 10]);
         assert_eq!(replay.plan(&info(320)), vec![1, 10]);
         // Another stream info (the second decoder saw something else): plan again.
+        assert_eq!(replay.plan(&info(640)), vec![2, 20]);
+        // Back to the first (a software retry after NVDEC re-planned from a found length):
+        // the first plan, not a third.
+        assert_eq!(replay.plan(&info(320)), vec![1, 10]);
         assert_eq!(replay.plan(&info(640)), vec![2, 20]);
         assert_eq!(inner.plans, 2);
     }

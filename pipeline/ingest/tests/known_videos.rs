@@ -505,35 +505,39 @@ fn a_found_length_gives_the_clip_an_unknowing_decoder_gives() {
         out.to_str().expect("utf-8 temp path"),
     ]);
     let local = Local::new(dir.path());
-    // A window a fraction of the way into whatever length the decoder announces.
-    let at = |fraction: f64| {
-        move |info: &vjepa_ingest::VideoInfo| -> Vec<u64> {
-            let start = (fraction * info.num_frames.saturating_sub(32) as f64) as u64;
-            (0..16).map(|i| start + 2 * i).collect()
-        }
-    };
+    // A window a fraction of the way into whatever length the decoder announces; the lengths
+    // it was planned from, in order (a loader's plan draws random numbers at every call, so
+    // the calls must be the same too).
     let decode = |dec: &mut Decoder, fraction: f64| {
-        dec.decode_clip_from(local.open("slowing.mkv"), &mut at(fraction))
-            .expect("decode")
+        let mut asked = Vec::new();
+        let clip = dec
+            .decode_clip_from(local.open("slowing.mkv"), &mut |info| {
+                asked.push(info.num_frames);
+                let start = (fraction * info.num_frames.saturating_sub(32) as f64) as u64;
+                (0..16).map(|i| start + 2 * i).collect()
+            })
+            .expect("decode");
+        (clip, asked)
     };
     let mut knowing = Decoder::new(DecoderOptions::default())
         .expect("decoder")
         .with_known_videos(Arc::new(KnownVideos::default()));
     // The first clip finds the length (its window at 90 % of 778 is past frame 300).
-    let first = decode(&mut knowing, 0.9);
+    let (first, asked) = decode(&mut knowing, 0.9);
     assert_eq!(first.info.num_frames, 300, "{:?}", first.stats);
+    assert_eq!(asked, [778, 300]);
     for fraction in [0.1, 0.3, 0.5, 0.9] {
-        let warm = decode(&mut knowing, fraction);
+        let (warm, warm_asked) = decode(&mut knowing, fraction);
         assert!(warm.stats.learned_earlier);
         let mut unknowing = Decoder::new(DecoderOptions::default())
             .expect("decoder")
             .with_known_videos(Arc::new(KnownVideos::default()));
-        let cold = decode(&mut unknowing, fraction);
+        let (cold, cold_asked) = decode(&mut unknowing, fraction);
         println!(
-            "{fraction}: {} frames announced, window from {}; cold {:?}",
-            warm.info.num_frames, warm.indices[0], cold.stats
+            "{fraction}: planned from {warm_asked:?}, window from {}; cold {:?}",
+            warm.indices[0], cold.stats
         );
-        assert_eq!(warm.info.num_frames, cold.info.num_frames, "at {fraction}");
+        assert_eq!(warm_asked, cold_asked, "at {fraction}");
         same_frames(&warm, &cold, &format!("at {fraction}"));
     }
 }
