@@ -1259,6 +1259,34 @@ fn audio_longer_than_video_is_not_truncated() {
     assert!(bad.is_empty(), "{}", bad.join("\n"));
 }
 
+/// The same in Matroska, whose `Duration` is the longest track's and says nothing of frames:
+/// 2.79 s × 30 fps estimates 84 frames for 60. A window planned past frame 60 has the frames
+/// counted and is planned again from 60; the others keep their first plan. Before: `truncated`
+/// ("stream ended after 60 frames but the container announces 84") for a window past frame
+/// 60 + the padding tolerance.
+#[test]
+fn matroska_audio_longer_than_video_is_not_truncated() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let av = gst(
+        tmp.path(),
+        "long-audio.mkv",
+        "videotestsrc num-buffers=60 pattern=ball ! \
+         video/x-raw,format=I420,width=160,height=120,framerate=30/1 ! x264enc ! h264parse ! \
+         mux. audiotestsrc num-buffers=120 ! audioconvert ! vorbisenc ! mux. \
+         matroskamux name=mux",
+    );
+    let want = Valid {
+        announced: None,
+        ..valid(160, 120, 60, &av)
+    };
+    let late = Pick::Fixed((0..16).map(|i| 50 + 2 * i).collect());
+    let mut bad = problems_with(&av, &late, &want, 0);
+    for case in 0..4 {
+        bad.extend(problems_with(&av, &Pick::Spec, &want, case));
+    }
+    assert!(bad.is_empty(), "{}", bad.join("\n"));
+}
+
 /// Frames of a variable-frame-rate video are numbered in presentation order after a seek too.
 /// Before the decoder read the container index: a window at least `seek_min_frames` in makes the decoder seek by time at the caps
 /// rate (30 fps), which in this file (30 frames at 30 fps, then 10 fps) lands on other frames:
