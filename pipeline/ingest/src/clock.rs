@@ -115,17 +115,24 @@ pub(crate) fn irregular_times(mut pts: Vec<u64>, frame_ns: Option<f64>) -> Optio
     }
     pts.sort_unstable();
     let first = *pts.first()?;
-    // Each frame against the grid, not against its neighbour: a rate a little off the
-    // nominal one (29.97 fps said to be 30) drifts a frame in half a minute.
-    let regular = frame_ns.is_some_and(|f| {
-        pts.iter()
-            .enumerate()
-            .all(|(n, &p)| ((p - first) as f64 - n as f64 * f).abs() < 0.5 * f)
-    });
-    if regular {
+    if frame_ns.is_some_and(|f| on_grid(&pts, f)) {
         return None;
     }
     FrameTimes::new(pts.iter().map(|&p| p - first).collect())
+}
+
+/// Whether every one of these timestamps (sorted) is within half a frame of where a constant
+/// clock of `frame_ns` from the first puts it. Each frame against the grid, not against its
+/// neighbour: a rate a little off the nominal one (29.97 fps said to be 30) drifts a frame in
+/// half a minute.
+pub(crate) fn on_grid(sorted: &[u64], frame_ns: f64) -> bool {
+    let Some(&first) = sorted.first() else {
+        return true;
+    };
+    sorted
+        .iter()
+        .enumerate()
+        .all(|(n, &p)| ((p - first) as f64 - n as f64 * frame_ns).abs() < 0.5 * frame_ns)
 }
 
 #[cfg(test)]

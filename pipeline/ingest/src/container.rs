@@ -851,9 +851,21 @@ mod tests {
             .concat();
             let f = facts(file.len() as u64, &reader(&file));
             assert_eq!(f.has_duration, want);
+            assert!(f.complete);
             assert_eq!(matroska_cut_off(file.len() as u64, &reader(&file)), None);
             let cut = &file[..file.len() - 3];
             assert!(matroska_cut_off(cut.len() as u64, &reader(cut)).is_some());
+            assert!(!facts(cut.len() as u64, &reader(cut)).complete);
+            // A Segment of unknown size (all ones, as a live recording leaves it): not known
+            // to be complete, nor cut.
+            let mut unknown = file.clone();
+            let at = header.len() + 4;
+            unknown[at..at + 8].copy_from_slice(&[0x01, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF]);
+            assert!(!facts(unknown.len() as u64, &reader(&unknown)).complete);
+            assert_eq!(
+                matroska_cut_off(unknown.len() as u64, &reader(&unknown)),
+                None
+            );
         }
     }
 }

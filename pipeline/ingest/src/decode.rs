@@ -10,7 +10,7 @@ use gstreamer as gst;
 use gstreamer_app as gst_app;
 use gstreamer_video as gst_video;
 
-use crate::clock::{FrameClock, irregular_times};
+use crate::clock::{FrameClock, irregular_times, on_grid};
 use crate::container::{self, ContainerFacts};
 use crate::error::{IngestError, QuarantineReason};
 use crate::frame::{Colour, YuvFrame};
@@ -956,6 +956,7 @@ impl Decoder {
         // planned again from what was found, exactly when that pass would have had to (the
         // same clip whether or not the length was known beforehand).
         if !count_all
+            && self.opts.skip_unneeded
             && estimated_length(facts, frames_hint)
             && let Some(found) = learned.frames_found
             && indices.iter().any(|&i| i >= found)
@@ -1052,7 +1053,14 @@ impl Decoder {
                 // Only times a nominal rate would number wrongly are kept (any, when the rate
                 // is known not to number them).
                 let frame_ns = frame_ns.filter(|_| !learned.variable_rate);
-                learned.frame_times = irregular_times(std::mem::take(t), frame_ns);
+                let mut t = std::mem::take(t);
+                t.sort_unstable();
+                // Off the declared rate's grid, even where no times can be kept (two frames at
+                // one time): that rate does not number these frames.
+                if frame_ns.is_some_and(|f| !on_grid(&t, f)) {
+                    learned.variable_rate = true;
+                }
+                learned.frame_times = irregular_times(t, frame_ns);
             }
             learned.times_counted = true;
             learned.recount = false;
@@ -1278,8 +1286,12 @@ impl Decoder {
                 return Err(quarantine(
                     QuarantineReason::Truncated,
                     format!(
-                        "stream ended after {decoded} frames but the container announces \
-                         {expected} ({} at {:.3} fps)",
+                        "stream ended after {decoded} frames but {} {expected} ({} at {:.3} fps)",
+                        if learned.frames_found == Some(expected) {
+                            "counting them before the decoder found"
+                        } else {
+                            "the container announces"
+                        },
                         info.duration_ns.map_or_else(
                             || "no duration".to_string(),
                             |ns| format!("{:.3} s", ns as f64 / 1e9)

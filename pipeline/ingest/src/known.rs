@@ -129,6 +129,8 @@ impl KnownVideos {
                 frame_times: None,
                 ..learned.facts.clone()
             },
+            // One clip's business.
+            recount: false,
             ..learned.clone()
         };
         let mut e = self.lock();

@@ -475,7 +475,8 @@ fn an_irregular_live_stream_is_sought_in_by_its_counted_times() {
     }
 }
 
-/// The clip drawn from a Matroska file whose estimated length is wrong (its rate drops) is the
+/// The clip drawn from a Matroska file whose estimated length is wrong (its rate drops, or its
+/// audio outlasts its video) is the
 /// same whether or not an earlier clip found its real length: the window is planned from the
 /// estimate first, and again from the real length only when it lies past it, as the first clip
 /// to find out had to. (A resumed run, whose decoders know nothing yet, draws the clips the
@@ -504,41 +505,57 @@ fn a_found_length_gives_the_clip_an_unknowing_decoder_gives() {
         "30",
         out.to_str().expect("utf-8 temp path"),
     ]);
+    // 300 frames at 30 fps beside 14 s of audio (and the encoder's padding): the Duration is
+    // the audio's, 420 frames or more.
+    launch_to_file(
+        "videotestsrc num-buffers=300 pattern=ball ! \
+         video/x-raw,format=I420,width=160,height=120,framerate=30/1 ! \
+         x264enc key-int-max=30 ! h264parse ! mux. \
+         audiotestsrc num-buffers=600 samplesperbuffer=1050 ! audioconvert ! vorbisenc ! mux. \
+         matroskamux name=mux",
+        &dir.path().join("long-audio.mkv"),
+    );
     let local = Local::new(dir.path());
-    // A window a fraction of the way into whatever length the decoder announces; the lengths
-    // it was planned from, in order (a loader's plan draws random numbers at every call, so
-    // the calls must be the same too).
-    let decode = |dec: &mut Decoder, fraction: f64| {
-        let mut asked = Vec::new();
-        let clip = dec
-            .decode_clip_from(local.open("slowing.mkv"), &mut |info| {
-                asked.push(info.num_frames);
-                let start = (fraction * info.num_frames.saturating_sub(32) as f64) as u64;
-                (0..16).map(|i| start + 2 * i).collect()
-            })
-            .expect("decode");
-        (clip, asked)
-    };
-    let mut knowing = Decoder::new(DecoderOptions::default())
-        .expect("decoder")
-        .with_known_videos(Arc::new(KnownVideos::default()));
-    // The first clip finds the length (its window at 90 % of 778 is past frame 300).
-    let (first, asked) = decode(&mut knowing, 0.9);
-    assert_eq!(first.info.num_frames, 300, "{:?}", first.stats);
-    assert_eq!(asked, [778, 300]);
-    for fraction in [0.1, 0.3, 0.5, 0.9] {
-        let (warm, warm_asked) = decode(&mut knowing, fraction);
-        assert!(warm.stats.learned_earlier);
-        let mut unknowing = Decoder::new(DecoderOptions::default())
+    for (name, estimated) in [("slowing.mkv", 778), ("long-audio.mkv", 420)] {
+        // A window a fraction of the way into whatever length the decoder announces; the
+        // lengths it was planned from, in order (a loader's plan draws random numbers at every
+        // call, so the calls must be the same too).
+        let decode = |dec: &mut Decoder, fraction: f64| {
+            let mut asked = Vec::new();
+            let clip = dec
+                .decode_clip_from(local.open(name), &mut |info| {
+                    asked.push(info.num_frames);
+                    let start = (fraction * info.num_frames.saturating_sub(32) as f64) as u64;
+                    (0..16).map(|i| start + 2 * i).collect()
+                })
+                .expect("decode");
+            (clip, asked)
+        };
+        let mut knowing = Decoder::new(DecoderOptions::default())
             .expect("decoder")
             .with_known_videos(Arc::new(KnownVideos::default()));
-        let (cold, cold_asked) = decode(&mut unknowing, fraction);
-        println!(
-            "{fraction}: planned from {warm_asked:?}, window from {}; cold {:?}",
-            warm.indices[0], cold.stats
+        // The first clip finds the length (its window at 90 % of the estimate is past
+        // frame 300).
+        let (first, asked) = decode(&mut knowing, 0.9);
+        assert_eq!(first.info.num_frames, 300, "{name}: {:?}", first.stats);
+        assert!(
+            asked.len() == 2 && asked[0] >= estimated && asked[1] == 300,
+            "{name}: planned from {asked:?}"
         );
-        assert_eq!(warm_asked, cold_asked, "at {fraction}");
-        same_frames(&warm, &cold, &format!("at {fraction}"));
+        for fraction in [0.1, 0.3, 0.5, 0.9] {
+            let (warm, warm_asked) = decode(&mut knowing, fraction);
+            assert!(warm.stats.learned_earlier);
+            let mut unknowing = Decoder::new(DecoderOptions::default())
+                .expect("decoder")
+                .with_known_videos(Arc::new(KnownVideos::default()));
+            let (cold, cold_asked) = decode(&mut unknowing, fraction);
+            println!(
+                "{name} at {fraction}: planned from {warm_asked:?}, window from {}; warm {:?}; cold {:?}",
+                warm.indices[0], warm.stats, cold.stats
+            );
+            assert_eq!(warm_asked, cold_asked, "{name} at {fraction}");
+            same_frames(&warm, &cold, &format!("{name} at {fraction}"));
+        }
     }
 }
 
