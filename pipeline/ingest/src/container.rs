@@ -238,14 +238,24 @@ fn mp4_facts(len: u64, read: ReadFn<'_>) -> Option<ContainerFacts> {
             }
             Some(deltas.windows(2).all(|w| w[0] == w[1]))
         });
-        let frame_times = if constant_rate == Some(false) && frames <= MAX_TIMED_FRAMES {
-            let timescale = child(mdia, b"mdhd").and_then(mdhd_timescale);
-            let edit = edit_start(trak);
-            timescale
-                .zip(edit)
-                .and_then(|(ts, edit)| presentation_times(stbl, frames, ts, edit))
-        } else {
-            None
+        // The frames the edit list shows: a file cut with `ffmpeg -ss … -c copy` keeps the
+        // samples back to the key frame before the cut, and its edit list hides them (GStreamer
+        // and ffmpeg output only the shown ones).
+        let media_ts = child(mdia, b"mdhd").and_then(header_timescale);
+        let movie_ts = child(&moov, b"mvhd").and_then(header_timescale);
+        let edit = single_edit(trak);
+        let wanted = constant_rate == Some(false) || matches!(edit, Some(Some(_)));
+        let times = (wanted && frames <= MAX_TIMED_FRAMES)
+            .then(|| composition_times(stbl, frames))
+            .flatten();
+        let shown = match (&times, edit) {
+            (Some(t), Some(edit)) => Some(shown_by(t, edit, media_ts, movie_ts)),
+            _ => None,
+        };
+        let frames = shown.map_or(frames, |s| s.len() as u64);
+        let frame_times = match (shown, media_ts) {
+            (Some(s), Some(ts)) if constant_rate == Some(false) => frame_times(s, ts),
+            _ => None,
         };
         return Some(ContainerFacts {
             frames: (frames > 0).then_some(frames),
@@ -260,22 +270,31 @@ fn mp4_facts(len: u64, read: ReadFn<'_>) -> Option<ContainerFacts> {
     None
 }
 
-/// An `mdhd` payload's timescale (units per second; after the creation and modification
-/// times, 4 or 8 bytes each by version).
-fn mdhd_timescale(mdhd: &[u8]) -> Option<u64> {
-    let ts = match mdhd.first()? {
-        0 => be32(mdhd, 12),
-        1 => be32(mdhd, 20),
+/// An `mvhd` or `mdhd` payload's timescale (units per second; after the creation and
+/// modification times, 4 or 8 bytes each by version).
+fn header_timescale(header: &[u8]) -> Option<u64> {
+    let ts = match header.first()? {
+        0 => be32(header, 12),
+        1 => be32(header, 20),
         _ => None,
     }?;
     (ts > 0).then_some(ts)
 }
 
-/// Where a track's edit list starts it, in media time: `Some(None)` without an edit list (or
-/// with one that only delays the track: an empty edit first), `Some(Some(t))` for one edit from
-/// media time `t` at normal speed, `None` for anything else (several pieces, another speed:
-/// frames would not be shown in sample-table order).
-fn edit_start(trak: &[u8]) -> Option<Option<i64>> {
+/// The one piece of a track an edit list shows.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Edit {
+    /// Media time it starts at (track timescale).
+    start: i64,
+    /// How long it lasts (movie timescale); 0: to the end.
+    duration: u64,
+}
+
+/// The piece of a track its edit list shows: `Some(None)` without an edit list (or with one
+/// that only delays the track: an empty edit first), `Some(Some(edit))` for one piece at
+/// normal speed, `None` for anything else (several pieces, another speed: frames would not be
+/// shown in sample-table order).
+fn single_edit(trak: &[u8]) -> Option<Option<Edit>> {
     let Some(elst) = child(trak, b"edts").and_then(|e| child(e, b"elst")) else {
         return Some(None);
     };
@@ -286,39 +305,65 @@ fn edit_start(trak: &[u8]) -> Option<Option<i64>> {
         1 => (20, 8, 16),
         _ => return None,
     };
-    let mut start = None;
+    let mut found = None;
     for i in 0..entries {
         let at = 8 + i * size;
-        let time = match version {
-            0 => i64::from(be32(elst, at + time_at)? as u32 as i32),
-            _ => i64::from_be_bytes(elst.get(at + time_at..at + time_at + 8)?.try_into().ok()?),
+        let (duration, time) = match version {
+            0 => (
+                be32(elst, at)?,
+                i64::from(be32(elst, at + time_at)? as u32 as i32),
+            ),
+            _ => (
+                u64::from_be_bytes(elst.get(at..at + 8)?.try_into().ok()?),
+                i64::from_be_bytes(elst.get(at + time_at..at + time_at + 8)?.try_into().ok()?),
+            ),
         };
         if time == -1 {
             // An empty edit: the track starts later. Only before the media.
-            if start.is_some() {
+            if found.is_some() {
                 return None;
             }
             continue;
         }
-        if start.is_some() || be32(elst, at + rate_at)? != 0x0001_0000 {
+        if found.is_some() || be32(elst, at + rate_at)? != 0x0001_0000 {
             return None;
         }
-        start = Some(time);
+        found = Some(Edit {
+            start: time,
+            duration,
+        });
     }
-    Some(start)
+    Some(found)
 }
 
-/// When each of the `frames` samples of a sample table is shown: decode times from `stts`
-/// plus composition offsets from `ctts` (signed, as GStreamer and ffmpeg read them in both
-/// versions), sorted, in nanoseconds after the first. `None` when the tables do not cover
-/// exactly `frames` samples, two frames share a time, or the edit list starts the track
-/// after its first frame (frames before the edit are not shown: numbers would shift).
-fn presentation_times(
-    stbl: &[u8],
-    frames: u64,
-    timescale: u64,
-    edit: Option<i64>,
-) -> Option<FrameTimes> {
+/// The composition times (sorted) an edit shows: from its start, for its duration.
+fn shown_by(
+    sorted: &[i64],
+    edit: Option<Edit>,
+    media_ts: Option<u64>,
+    movie_ts: Option<u64>,
+) -> &[i64] {
+    let Some(edit) = edit else {
+        return sorted;
+    };
+    let from = sorted.partition_point(|&t| t < edit.start);
+    let to = match (edit.duration, media_ts, movie_ts) {
+        (d, Some(media), Some(movie)) if d > 0 => {
+            // t < start + d × media / movie, in integers: t × movie < start × movie + d × media.
+            let limit =
+                i128::from(edit.start) * i128::from(movie) + i128::from(d) * i128::from(media);
+            sorted.partition_point(|&t| i128::from(t) * i128::from(movie) < limit)
+        }
+        _ => sorted.len(),
+    };
+    sorted.get(from..to.max(from)).unwrap_or(&[])
+}
+
+/// When each of the `frames` samples of a sample table is shown, in its timescale: decode
+/// times from `stts` plus composition offsets from `ctts` (signed, as GStreamer and ffmpeg
+/// read them in both versions), sorted. `None` when the tables do not cover exactly `frames`
+/// samples.
+fn composition_times(stbl: &[u8], frames: u64) -> Option<Vec<i64>> {
     let n = usize::try_from(frames).ok()?;
     let stts = child(stbl, b"stts")?;
     let entries = usize::try_from(be32(stts, 4)?).ok()?;
@@ -358,11 +403,14 @@ fn presentation_times(
         }
     }
     times.sort_unstable();
-    let first = *times.first()?;
-    if edit.is_some_and(|start| start > first) {
-        return None;
-    }
-    let ns = times
+    Some(times)
+}
+
+/// The times of the frames shown (sorted composition times), in nanoseconds after the first;
+/// `None` if two share a time.
+fn frame_times(shown: &[i64], timescale: u64) -> Option<FrameTimes> {
+    let first = *shown.first()?;
+    let ns = shown
         .iter()
         .map(|&t| {
             let units = u128::try_from(t - first).ok()?;
@@ -626,6 +674,12 @@ mod tests {
             b
         };
         let ns = |t: &[u64]| t.iter().map(|&u| u * 10_000_000).collect::<Vec<_>>();
+        // The times of the frames an edit from `start` to the end shows.
+        let presentation_times = |stbl: &[u8], frames: u64, ts: u64, start: Option<i64>| {
+            let edit = start.map(|start| Edit { start, duration: 0 });
+            composition_times(stbl, frames)
+                .and_then(|c| frame_times(shown_by(&c, edit, None, None), ts))
+        };
         // No offsets: the decode times.
         let without = presentation_times(&stbl(false), 5, 100, None).expect("times");
         assert_eq!(without.ns(), ns(&[0, 10, 20, 40, 50]).as_slice());
@@ -637,10 +691,11 @@ mod tests {
         let with = presentation_times(&b, 5, 100, None).expect("times");
         assert_eq!(with.ns(), ns(&[0, 10, 20, 30, 35]).as_slice());
         // An edit list from the first shown frame (ffmpeg's for B-frames) changes nothing;
-        // one that starts later hides frames: no times.
+        // one that starts later hides the frames before it (a cut with `-c copy`).
         assert_eq!(presentation_times(&b, 5, 100, Some(10)), Some(with.clone()));
         assert_eq!(presentation_times(&b, 5, 100, Some(0)), Some(with));
-        assert_eq!(presentation_times(&b, 5, 100, Some(11)), None);
+        let later = presentation_times(&b, 5, 100, Some(11)).expect("times");
+        assert_eq!(later.ns(), ns(&[0, 10, 20, 25]).as_slice());
         // Offsets for more samples than the table has: no times.
         let long_ctts = full(b"ctts", &[1, 6, 0]);
         let b = [full(b"stsz", &[0, 5]), stts.clone(), long_ctts].concat();
@@ -665,12 +720,13 @@ mod tests {
             let trak = boxed(b"trak", &[edts.to_vec(), mdia].concat());
             [boxed(b"ftyp", b"isom0000"), boxed(b"moov", &trak)].concat()
         };
-        let times = |mdhd: &[u8], edts: &[u8]| {
+        let shown = |mdhd: &[u8], edts: &[u8]| {
             let vfr = file(mdhd, edts, stbl(false));
             let f = facts(vfr.len() as u64, &reader(&vfr));
             assert_eq!(f.constant_rate, Some(false));
-            f.frame_times
+            (f.frames, f.frame_times)
         };
+        let times = |mdhd: &[u8], edts: &[u8]| shown(mdhd, edts).1;
         assert_eq!(times(&mdhd0, &[]), Some(without.clone()));
         assert_eq!(times(&mdhd1, &[]), Some(without.clone()));
         assert_eq!(times(&full(b"mdhd", &[0, 0, 0, 50, 0]), &[]), None);
@@ -685,11 +741,18 @@ mod tests {
         // A delay (an empty edit), then the media from its start: the times.
         let delayed = elst(&[(20, -1, normal), (500, 0, normal)]);
         assert_eq!(times(&mdhd0, &delayed), Some(without));
-        // From a later frame, in two pieces, or at another speed: none.
-        assert_eq!(times(&mdhd0, &elst(&[(500, 10, normal)])), None);
+        // From a later frame (media time 10 of 0, 10, 20, 40, 50): the frames from it, counted
+        // and timed from it. No movie timescale here (no `mvhd`): to the end.
+        let (frames, later) = shown(&mdhd0, &elst(&[(500, 10, normal)]));
+        assert_eq!(frames, Some(4));
+        assert_eq!(later.expect("times").ns(), ns(&[0, 10, 30, 40]).as_slice());
+        // In two pieces, or at another speed: no times, and every sample counted.
         let pieces = elst(&[(20, 0, normal), (20, 30, normal)]);
-        assert_eq!(times(&mdhd0, &pieces), None);
-        assert_eq!(times(&mdhd0, &elst(&[(500, 0, 0x0002_0000)])), None);
+        assert_eq!(shown(&mdhd0, &pieces), (Some(5), None));
+        assert_eq!(
+            shown(&mdhd0, &elst(&[(500, 0, 0x0002_0000)])),
+            (Some(5), None)
+        );
         let cfr = file(
             &mdhd0,
             &[],
@@ -697,6 +760,31 @@ mod tests {
         );
         let f = facts(cfr.len() as u64, &reader(&cfr));
         assert_eq!((f.constant_rate, f.frame_times), (Some(true), None));
+    }
+
+    /// A constant-rate file cut with `ffmpeg -ss … -c copy`: the edit list shows the frames from
+    /// its media time for its duration (movie timescale), and only those are counted.
+    #[test]
+    fn an_edit_list_counts_the_frames_it_shows() {
+        // 10 frames 512 apart (timescale 15360: 30 fps); movie timescale 1000.
+        let cts: Vec<i64> = (0..10).map(|n| n * 512).collect();
+        let edit = |start, duration| Some(Edit { start, duration });
+        let n = |e| shown_by(&cts, e, Some(15360), Some(1000)).len();
+        assert_eq!(n(None), 10);
+        // From frame 3 to the end (0: to the end; or a duration past it).
+        assert_eq!(n(edit(3 * 512, 0)), 7);
+        assert_eq!(n(edit(3 * 512, 10_000)), 7);
+        assert_eq!(n(edit(3 * 512 - 1, 10_000)), 7);
+        // From frame 3 for 100 ms: frames 3, 4, 5 (at 0, 33.3, 66.7 ms of it).
+        assert_eq!(n(edit(3 * 512, 100)), 3);
+        assert_eq!(n(edit(3 * 512, 101)), 4);
+        // Past the last frame: nothing.
+        assert_eq!(n(edit(100_000, 0)), 0);
+        // Without the timescales the duration cannot be read: to the end.
+        assert_eq!(
+            shown_by(&cts, edit(3 * 512, 100), None, Some(1000)).len(),
+            7
+        );
     }
 
     /// A sample entry's `colr nclx` range flag, as ffmpeg writes it for `-color_range pc`.

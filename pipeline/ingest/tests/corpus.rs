@@ -1283,6 +1283,63 @@ fn matroska_audio_longer_than_video_is_not_truncated() {
     assert!(bad.is_empty(), "{}", bad.join("\n"));
 }
 
+/// An MP4 cut with `ffmpeg -ss … -c copy` keeps the samples back to the key frame before the
+/// cut, and its edit list hides them: it announces the frames it shows (as many as ffmpeg
+/// decodes), and a late window gives ffmpeg's frames. Before the decoder read the edit list:
+/// it announced every sample (215 for 182 shown here), the spec's window could lie past the
+/// last shown frame, and such clips were quarantined as `truncated`.
+#[test]
+fn an_mp4_cut_without_reencoding_announces_the_frames_it_shows() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let whole = tmp.path().join("whole.mp4");
+    ffmpeg(&[
+        "-f",
+        "lavfi",
+        "-i",
+        "testsrc2=size=160x120:rate=30",
+        "-t",
+        "20",
+        "-c:v",
+        "libx264",
+        "-preset",
+        "superfast",
+        "-g",
+        "60",
+        whole.to_str().expect("utf-8"),
+    ]);
+    let cut = tmp.path().join("cut.mp4");
+    ffmpeg(&[
+        "-ss",
+        "5.1",
+        "-i",
+        whole.to_str().expect("utf-8"),
+        "-t",
+        "6",
+        "-c",
+        "copy",
+        cut.to_str().expect("utf-8"),
+    ]);
+    let shown = ffmpeg_frames(&cut, &[], 160, 120).len() as u64;
+    // The cut really keeps samples it does not show (else this tests nothing).
+    let data = read(&cut);
+    let stsz = find_boxes(
+        &data,
+        &[b"moov", b"trak", b"mdia", b"minf", b"stbl", b"stsz"],
+    );
+    let at = stsz.first().expect("stsz").body() + 8;
+    let samples = u64::from(u32::from_be_bytes(
+        data[at..at + 4].try_into().expect("4 bytes"),
+    ));
+    assert!(samples > shown + 10, "{samples} samples, {shown} shown");
+    let want = valid(160, 120, shown, &cut);
+    let late = Pick::Fixed(window_indices(shown - 64, shown, 16));
+    let mut bad = problems_with(&cut, &late, &want, 0);
+    for case in 0..4 {
+        bad.extend(problems_with(&cut, &Pick::Spec, &want, case));
+    }
+    assert!(bad.is_empty(), "{}", bad.join("\n"));
+}
+
 /// Frames of a variable-frame-rate video are numbered in presentation order after a seek too.
 /// Before the decoder read the container index: a window at least `seek_min_frames` in makes the decoder seek by time at the caps
 /// rate (30 fps), which in this file (30 frames at 30 fps, then 10 fps) lands on other frames:
