@@ -976,6 +976,18 @@ impl Decoder {
         // earlier clip found them irregular: it ended up counting from the start.
         let caps_rate = frame_info.fps();
         let pts0 = first.buffer().and_then(|b| b.pts());
+        // Seeks are in stream time; buffer timestamps are in the segment's own time, which an
+        // MP4 edit list starts at its media time (the B-frame delay; for a file cut with
+        // `-c copy`, up to a GOP): the difference is taken off every seek target.
+        let stream_offset: i64 = pts0
+            .zip(first.segment())
+            .and_then(|(pts, segment)| {
+                let segment = segment.downcast_ref::<gst::ClockTime>()?;
+                let stream = segment.to_stream_time(pts)?;
+                Some(pts.nseconds() as i64 - stream.nseconds() as i64)
+            })
+            .unwrap_or(0);
+        let to_stream = |at: u64| (at as i64 - stream_offset).max(0) as u64;
         let times = (facts.frame_times.as_ref())
             .or(learned.frame_times.as_ref())
             .filter(|_| !learned.times_failed);
@@ -1109,7 +1121,7 @@ impl Decoder {
             let Some(clock) = &clock else {
                 return false;
             };
-            let at = clock.time_of(target as f64 - margin);
+            let at = to_stream(clock.time_of(target as f64 - margin));
             let flags =
                 gst::SeekFlags::FLUSH | gst::SeekFlags::KEY_UNIT | gst::SeekFlags::SNAP_BEFORE;
             match pipeline.seek_simple(flags, gst::ClockTime::from_nseconds(at)) {
@@ -1228,7 +1240,7 @@ impl Decoder {
                     }
                     seek_failed = true;
                     lock(&pipe.skip).active = false;
-                    let start = pts0.map_or(0, |p| p.nseconds());
+                    let start = to_stream(pts0.map_or(0, |p| p.nseconds()));
                     let flags = gst::SeekFlags::FLUSH | gst::SeekFlags::KEY_UNIT;
                     if pipeline
                         .seek_simple(flags, gst::ClockTime::from_nseconds(start))

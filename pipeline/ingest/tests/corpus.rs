@@ -1334,6 +1334,15 @@ fn an_mp4_cut_without_reencoding_announces_the_frames_it_shows() {
     let want = valid(160, 120, shown, &cut);
     let late = Pick::Fixed(window_indices(shown - 64, shown, 16));
     let mut bad = problems_with(&cut, &late, &want, 0);
+    // One seek reaches the window: seeks are in stream time, which the edit list starts at
+    // the cut, not at the hidden samples' start (a GOP later).
+    let mut dec = new_decoder(Which::Main);
+    if let (Ok(Ok(clip)), _, _) = decode(&mut dec, in_memory(&cut), &late, 0) {
+        println!("late window: {:?}", clip.stats);
+        if clip.stats.seeks != 1 {
+            bad.push(format!("{} seeks to the late window", clip.stats.seeks));
+        }
+    }
     for case in 0..4 {
         bad.extend(problems_with(&cut, &Pick::Spec, &want, case));
     }
