@@ -38,6 +38,10 @@ pub struct ContainerFacts {
     /// The Matroska `Segment` declares its size, and the object holds all of it (not a cut-off
     /// upload, as far as its size can tell).
     pub complete: bool,
+    /// The MP4's edit list starts inside a frame (a cut with `-c copy` off the frame grid):
+    /// GStreamer's decoder outputs that frame first, its timestamp clipped, where ffmpeg
+    /// leaves it out (and the frame count does not include it).
+    pub clipped_lead: bool,
     /// When each frame of a variable-rate MP4 is shown, from its sample table: frames can be
     /// sought to and told apart by timestamp although the rate varies (a phone's recording,
     /// whose frame durations jitter, is the common case).
@@ -211,6 +215,7 @@ fn mp4_facts(len: u64, read: ReadFn<'_>) -> Option<ContainerFacts> {
                     fragmented: true,
                     frame_times: None,
                     complete: false,
+                    clipped_lead: false,
                 },
                 // Too many fragments to read for every clip (a long file), or cut short:
                 // GStreamer's estimate (duration × rate), and seeks, as a decode from the
@@ -253,6 +258,14 @@ fn mp4_facts(len: u64, read: ReadFn<'_>) -> Option<ContainerFacts> {
             _ => None,
         };
         let frames = shown.map_or(frames, |s| s.len() as u64);
+        // A sample before the edit's start that is still showing at it.
+        let clipped_lead = match (&times, edit) {
+            (Some(t), Some(Some(edit))) => {
+                let from = t.partition_point(|&c| c < edit.start);
+                from > 0 && t.get(from) != Some(&edit.start)
+            }
+            _ => false,
+        };
         let frame_times = match (shown, media_ts) {
             (Some(s), Some(ts)) if constant_rate == Some(false) => frame_times(s, ts),
             _ => None,
@@ -265,6 +278,7 @@ fn mp4_facts(len: u64, read: ReadFn<'_>) -> Option<ContainerFacts> {
             fragmented: false,
             frame_times,
             complete: false,
+            clipped_lead,
         });
     }
     None

@@ -933,6 +933,17 @@ impl Decoder {
                 "stream ended before the first frame was decoded",
             ));
         };
+        // An MP4 whose edit list starts inside a frame (cut with `-c copy` off the frame
+        // grid): the decoder gives that frame too, its timestamp clipped to the cut; ffmpeg
+        // (and so the frame count) leaves it out, and so does this, here and wherever the
+        // stream is decoded from its start again (below: frames before frame 0).
+        let first = if facts.clipped_lead {
+            waiter
+                .next_sample(self, &mut watch, &progress)?
+                .unwrap_or(first)
+        } else {
+            first
+        };
         let mut frame_info = frame_video_info(&first, self.opts.max_pixels)?;
         let mut colour = colour_of(first.caps(), facts);
         let (width, height) = (frame_info.width(), frame_info.height());
@@ -1164,6 +1175,12 @@ impl Decoder {
                     None => break,
                 },
             };
+            if facts.clipped_lead
+                && let (Some(pts), Some(pts0)) = (sample.buffer().and_then(|b| b.pts()), pts0)
+                && pts < pts0
+            {
+                continue;
+            }
             // Re-parse the frame layout only when the caps object changes.
             let caps_changed = match (sample.caps(), last_caps.as_ref()) {
                 (Some(c), Some(prev)) => c.as_ptr() != prev.as_ptr(),
