@@ -1150,6 +1150,16 @@ fn bad_input_corpus_from_an_object_store() {
 
 /// Decodes a valid input with a fresh decoder; returns what is wrong with the result.
 fn problems_with(path: &Path, pick: &Pick, want: &Valid, case: usize) -> Vec<String> {
+    checked(path, pick, want, case).1
+}
+
+/// [`problems_with`], and the clip where one was decoded (for its stats and stream info).
+fn checked(
+    path: &Path,
+    pick: &Pick,
+    want: &Valid,
+    case: usize,
+) -> (Option<DecodedClip>, Vec<String>) {
     let mut dec = new_decoder(Which::Main);
     let (res, took, seen) = decode(&mut dec, in_memory(path), pick, case);
     println!(
@@ -1158,9 +1168,12 @@ fn problems_with(path: &Path, pick: &Pick, want: &Valid, case: usize) -> Vec<Str
         outcome_text(&res)
     );
     match res {
-        Ok(Ok(clip)) => check_valid(&clip, want, pick, case),
-        Ok(Err(e)) => vec![format!("refused: {e}")],
-        Err(p) => vec![format!("panicked: {p}")],
+        Ok(Ok(clip)) => {
+            let bad = check_valid(&clip, want, pick, case);
+            (Some(clip), bad)
+        }
+        Ok(Err(e)) => (None, vec![format!("case {case} refused: {e}")]),
+        Err(p) => (None, vec![format!("case {case} panicked: {p}")]),
     }
 }
 
@@ -1340,7 +1353,18 @@ fn an_mp4_cut_without_reencoding_announces_the_frames_it_shows() {
         );
         let want = valid(160, 120, shown, &cut);
         let late = Pick::Fixed(window_indices(shown - 64, shown, 16));
-        bad.extend(problems_with(&cut, &late, &want, 0));
+        let (clip, problems) = checked(&cut, &late, &want, 0);
+        bad.extend(problems);
+        // One seek reaches the window: seeks are in stream time, which the edit list starts
+        // at the cut, not at the hidden samples' start (a GOP later).
+        if let Some(clip) = clip
+            && clip.stats.seeks != 1
+        {
+            bad.push(format!(
+                "{at}: {} seeks to the late window",
+                clip.stats.seeks
+            ));
+        }
         for case in 0..4 {
             bad.extend(problems_with(&cut, &Pick::Spec, &want, case));
         }
@@ -1351,18 +1375,6 @@ fn an_mp4_cut_without_reencoding_announces_the_frames_it_shows() {
             &want,
             0,
         ));
-        // One seek reaches the window: seeks are in stream time, which the edit list starts
-        // at the cut, not at the hidden samples' start (a GOP later).
-        let mut dec = new_decoder(Which::Main);
-        if let (Ok(Ok(clip)), _, _) = decode(&mut dec, in_memory(&cut), &late, 0) {
-            println!("{at}: late window: {:?}", clip.stats);
-            if clip.stats.seeks != 1 {
-                bad.push(format!(
-                    "{at}: {} seeks to the late window",
-                    clip.stats.seeks
-                ));
-            }
-        }
     }
     assert!(bad.is_empty(), "{}", bad.join("\n"));
 }
@@ -1383,34 +1395,6 @@ fn vfr_late_window_after_a_seek_gives_the_asked_frames() {
     assert!(bad.is_empty(), "{}", bad.join("\n"));
 }
 
-/// 300 frames of H.264 in Matroska: 60 at 30 fps, then 240 at 10 fps (26 s). GStreamer's
-/// length, duration × the 30 fps the container declares, is 778 frames.
-fn make_slowing_mkv(dir: &Path) -> PathBuf {
-    let path = dir.join("slowing.mkv");
-    ffmpeg(&[
-        "-f",
-        "lavfi",
-        "-i",
-        "testsrc2=size=160x120:rate=30",
-        "-frames:v",
-        "300",
-        "-vf",
-        "settb=1/1000,setpts='round(if(lt(N\\,60)\\,N*100/3\\,2000+(N-60)*100))/1000/TB'",
-        "-fps_mode",
-        "passthrough",
-        "-enc_time_base:v",
-        "1/1000",
-        "-c:v",
-        "libx264",
-        "-preset",
-        "superfast",
-        "-g",
-        "30",
-        path.to_str().expect("utf-8"),
-    ]);
-    path
-}
-
 /// A complete Matroska file whose rate drops is not "truncated" when the spec's window,
 /// planned from the estimated length (778 frames for 300), lies past its last frame: its
 /// frames are counted (with their times) and the clip is planned from the 300 there are;
@@ -1420,7 +1404,7 @@ fn make_slowing_mkv(dir: &Path) -> PathBuf {
 #[test]
 fn matroska_with_a_dropping_rate_is_planned_from_its_real_frames() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let mkv = make_slowing_mkv(tmp.path());
+    let mkv = slowing_mkv(tmp.path());
     let want = Valid {
         announced: None,
         ..valid(160, 120, 300, &mkv)
@@ -1428,16 +1412,9 @@ fn matroska_with_a_dropping_rate_is_planned_from_its_real_frames() {
     let mut bad = Vec::new();
     let mut lengths = Vec::new();
     for case in 0..8 {
-        let mut dec = new_decoder(Which::Main);
-        let (res, _, _) = decode(&mut dec, in_memory(&mkv), &Pick::Spec, case);
-        match res {
-            Ok(Ok(clip)) => {
-                lengths.push(clip.info.num_frames);
-                bad.extend(check_valid(&clip, &want, &Pick::Spec, case));
-            }
-            Ok(Err(e)) => bad.push(format!("case {case} refused: {e}")),
-            Err(p) => bad.push(format!("case {case} panicked: {p}")),
-        }
+        let (clip, problems) = checked(&mkv, &Pick::Spec, &want, case);
+        lengths.extend(clip.map(|c| c.info.num_frames));
+        bad.extend(problems);
     }
     assert!(bad.is_empty(), "{}", bad.join("\n"));
     // Both kinds of window were drawn.
@@ -1455,29 +1432,22 @@ const JITTER_FRAMES: u64 = 400;
 /// B-frames): the sample table's rate is not constant.
 fn make_jittered(dir: &Path) -> PathBuf {
     let path = dir.join("jittered.mp4");
-    ffmpeg(&[
-        "-f",
-        "lavfi",
-        "-i",
-        "testsrc2=size=160x120:rate=30",
-        "-frames:v",
-        "400",
-        "-vf",
-        "settb=1/90000,setpts='(N*3000+mod(N*N*7\\,11)*150)/90000/TB'",
-        "-fps_mode",
-        "passthrough",
-        "-enc_time_base:v",
-        "1/90000",
-        "-video_track_timescale",
-        "90000",
-        "-c:v",
-        "libx264",
-        "-preset",
-        "superfast",
-        "-g",
-        "60",
-        path.to_str().expect("utf-8"),
-    ]);
+    timed_testsrc(
+        &path,
+        400,
+        90000,
+        "N*3000+mod(N*N*7\\,11)*150",
+        &[
+            "-video_track_timescale",
+            "90000",
+            "-c:v",
+            "libx264",
+            "-preset",
+            "superfast",
+            "-g",
+            "60",
+        ],
+    );
     path
 }
 
@@ -1493,18 +1463,13 @@ fn variable_rate_mp4_late_windows_are_sought_by_the_sample_table() {
     let mut bad = Vec::new();
     for start in [150, 230, 336] {
         let pick = Pick::Fixed(window_indices(start, start + 64, 16));
-        let mut dec = new_decoder(Which::Main);
-        let (res, _, _) = decode(&mut dec, in_memory(&jittered), &pick, 0);
-        match res {
-            Ok(Ok(clip)) => {
-                bad.extend(check_valid(&clip, &want, &pick, 0));
-                let s = &clip.stats;
-                if s.seeks == 0 || s.frames_decoded + s.frames_skipped > 200 {
-                    bad.push(format!("window at {start} not sought to: {s:?}"));
-                }
+        let (clip, problems) = checked(&jittered, &pick, &want, 0);
+        bad.extend(problems);
+        if let Some(clip) = clip {
+            let s = &clip.stats;
+            if s.seeks == 0 || s.frames_decoded + s.frames_skipped > 200 {
+                bad.push(format!("window at {start} not sought to: {s:?}"));
             }
-            Ok(Err(e)) => bad.push(format!("refused: {e}")),
-            Err(p) => bad.push(format!("panicked: {p}")),
         }
     }
     assert!(bad.is_empty(), "{}", bad.join("\n"));

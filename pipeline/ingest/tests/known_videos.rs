@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
 use common::launch_to_file;
-use media::{ffmpeg, find_boxes};
+use media::{ffmpeg, find_boxes, slowing_mkv, timed_testsrc};
 use object_store::ObjectStore;
 use object_store::local::LocalFileSystem;
 use vjepa_ingest::{
@@ -417,32 +417,24 @@ fn a_rate_found_irregular_is_sought_in_by_its_counted_times() {
 fn an_irregular_live_stream_is_sought_in_by_its_counted_times() {
     let dir = tempfile::tempdir().expect("tempdir");
     for (name, codec) in [("rec.webm", "libvpx-vp9"), ("rec.mkv", "libx264")] {
-        let out = dir.path().join(name);
-        ffmpeg(&[
-            "-f",
-            "lavfi",
-            "-i",
-            "testsrc2=size=160x120:rate=30",
-            "-frames:v",
-            "300",
-            "-vf",
-            "settb=1/1000,setpts='(N*33+mod(N*N*7\\,11)*3)/1000/TB'",
-            "-fps_mode",
-            "passthrough",
-            "-enc_time_base:v",
-            "1/1000",
-            "-c:v",
-            codec,
-            "-g",
-            "30",
-            "-deadline",
-            "realtime",
-            "-cpu-used",
-            "8",
-            "-live",
-            "1",
-            out.to_str().expect("utf-8 temp path"),
-        ]);
+        timed_testsrc(
+            &dir.path().join(name),
+            300,
+            1000,
+            "N*33+mod(N*N*7\\,11)*3",
+            &[
+                "-c:v",
+                codec,
+                "-g",
+                "30",
+                "-deadline",
+                "realtime",
+                "-cpu-used",
+                "8",
+                "-live",
+                "1",
+            ],
+        );
         let local = Local::new(dir.path());
         let mut dec = Decoder::new(DecoderOptions::default())
             .expect("decoder")
@@ -485,26 +477,7 @@ fn an_irregular_live_stream_is_sought_in_by_its_counted_times() {
 fn a_found_length_gives_the_clip_an_unknowing_decoder_gives() {
     let dir = tempfile::tempdir().expect("tempdir");
     // 60 frames at 30 fps, then 240 at 10 fps: 300 frames, estimated at 778.
-    let out = dir.path().join("slowing.mkv");
-    ffmpeg(&[
-        "-f",
-        "lavfi",
-        "-i",
-        "testsrc2=size=160x120:rate=30",
-        "-frames:v",
-        "300",
-        "-vf",
-        "settb=1/1000,setpts='round(if(lt(N\\,60)\\,N*100/3\\,2000+(N-60)*100))/1000/TB'",
-        "-fps_mode",
-        "passthrough",
-        "-enc_time_base:v",
-        "1/1000",
-        "-c:v",
-        "libx264",
-        "-g",
-        "30",
-        out.to_str().expect("utf-8 temp path"),
-    ]);
+    slowing_mkv(dir.path());
     // 300 frames at 30 fps beside 14 s of audio (and the encoder's padding): the Duration is
     // the audio's, 420 frames or more.
     launch_to_file(

@@ -25,6 +25,47 @@ pub fn ffmpeg(args: &[&str]) -> Vec<u8> {
     out.stdout
 }
 
+/// `frames` frames of 160×120 `testsrc2` written to `path` with the timestamps `pts` gives,
+/// in units of 1/`timescale` s (an ffmpeg expression of the frame number `N`; commas escaped),
+/// passed through unchanged, then `codec` (the encoder and its options, e.g.
+/// `["-c:v", "libx264", "-g", "30"]`). Variable-rate inputs without a camera.
+pub fn timed_testsrc(path: &Path, frames: u32, timescale: u32, pts: &str, codec: &[&str]) {
+    let frames = frames.to_string();
+    let filter = format!("settb=1/{timescale},setpts='({pts})/{timescale}/TB'");
+    let time_base = format!("1/{timescale}");
+    let mut args = vec![
+        "-f",
+        "lavfi",
+        "-i",
+        "testsrc2=size=160x120:rate=30",
+        "-frames:v",
+        &frames,
+        "-vf",
+        &filter,
+        "-fps_mode",
+        "passthrough",
+        "-enc_time_base:v",
+        &time_base,
+    ];
+    args.extend_from_slice(codec);
+    args.push(path.to_str().expect("utf-8 temp path"));
+    ffmpeg(&args);
+}
+
+/// 300 frames of H.264 in Matroska: 60 at 30 fps, then 240 at 10 fps (26 s). GStreamer's
+/// length, duration × the 30 fps the container declares, is 778 frames.
+pub fn slowing_mkv(dir: &Path) -> std::path::PathBuf {
+    let path = dir.join("slowing.mkv");
+    timed_testsrc(
+        &path,
+        300,
+        1000,
+        "round(if(lt(N\\,60)\\,N*100/3\\,2000+(N-60)*100))",
+        &["-c:v", "libx264", "-preset", "superfast", "-g", "30"],
+    );
+    path
+}
+
 /// Every frame of `path` as ffmpeg decodes it (packed RGB24, `w × h`, in presentation order,
 /// no frame dropped or duplicated: `-fps_mode passthrough`). `input_args` go before `-i` (e.g.
 /// `-noautorotate`).
