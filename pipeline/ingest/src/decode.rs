@@ -105,6 +105,8 @@ enum Pass {
     /// The nominal rate was found not to number the frames (marked in `learned`): run again
     /// without it.
     Retry,
+    /// The stream ended short of an estimated length: run again, counting its frames first.
+    Recount,
 }
 
 /// What the container/stream says about a video, known once the first frame is decoded.
@@ -613,9 +615,11 @@ impl Decoder {
         stats: &mut DecodeStats,
         learned: &mut Learned,
     ) -> Result<(), IngestError> {
+        // The previous pass asked for a count (see [`Pass::Recount`]).
+        let mut recount = false;
         loop {
-            let frames_hint = learned.facts.frames.or(learned.counted);
-            match self.attempt(feed, sink, started, stats, learned, frames_hint)? {
+            let count_first = std::mem::take(&mut recount);
+            match self.attempt(feed, sink, started, stats, learned, count_first)? {
                 Pass::Counted(counted) => {
                     tracing::debug!(counted, "frame count unknown: counted the frames first");
                     learned.counted = Some(counted);
@@ -627,6 +631,7 @@ impl Decoder {
                     );
                 }
                 Pass::Retry => {}
+                Pass::Recount => recount = true,
                 Pass::Delivered => return Ok(()),
             }
         }
@@ -652,7 +657,7 @@ impl Decoder {
         started: Instant,
         stats: &mut DecodeStats,
         learned: &mut Learned,
-        frames_hint: Option<u64>,
+        recount: bool,
     ) -> Result<Pass, IngestError> {
         self.nvdec_last = false;
         let pipe = match self.pipe.take() {
@@ -669,7 +674,7 @@ impl Decoder {
         pipe.appsrc
             .set_size(i64::try_from(feed.size()).unwrap_or(i64::MAX));
         let guard = NullOnDrop(pipe.pipeline.clone());
-        let result = self.run(&pipe, sink, started, stats, learned, frames_hint);
+        let result = self.run(&pipe, sink, started, stats, learned, recount);
         drop(guard);
         stats.frames_skipped += lock(&pipe.skip).dropped;
         {
@@ -866,11 +871,12 @@ impl Decoder {
 
     /// Runs the pipeline until the planned frames are in (or it fails).
     ///
-    /// `frames_hint` is the exact frame count when known (container index, or a counting
-    /// pass). When neither it nor a trustworthy duration is known, the stream is counted to
-    /// its end without delivering anything ([`Pass::Counted`]): the caller runs again with
-    /// that count. So it is when the window needs a seek but no clock can number the frames
-    /// after one, and counting is cheap ([`Pass::TimesLearned`]): the times found make one.
+    /// When neither an exact frame count (container index, or a counting pass) nor a
+    /// trustworthy duration is known, the stream is counted to its end without delivering
+    /// anything ([`Pass::Counted`]): the caller runs again with that count. So it is when the
+    /// window needs a seek but no clock can number the frames after one, and counting is
+    /// cheap, or when `recount` (the previous pass ended short of an estimated length)
+    /// ([`Pass::TimesLearned`]): the times and the count found make a clock and a length.
     fn run(
         &self,
         pipe: &Pipe,
@@ -878,10 +884,12 @@ impl Decoder {
         started: Instant,
         stats: &mut DecodeStats,
         learned: &mut Learned,
-        frames_hint: Option<u64>,
+        recount: bool,
     ) -> Result<Pass, IngestError> {
         // A copy: `learned` takes what this pass finds out.
         let facts = &learned.facts.clone();
+        // The exact frame count, where known (container index, or a counting pass).
+        let frames_hint = facts.frames.or(learned.counted);
         let pipeline = &pipe.pipeline;
         let shared = &*pipe.shared;
         let deadline = started + self.opts.deadline;
@@ -1040,7 +1048,7 @@ impl Decoder {
             .iter()
             .max()
             .is_some_and(|&m| m >= self.opts.seek_min_frames);
-        let learn_times = !count_all && learnable && (learned.recount || (clock.is_none() && far));
+        let learn_times = !count_all && learnable && (recount || (clock.is_none() && far));
 
         if count_all || learn_times {
             // Count to the end (bounded by the deadline). H.264 and H.265 pictures and shown
@@ -1086,7 +1094,6 @@ impl Decoder {
                 learned.frame_times = irregular_times(t, frame_ns);
             }
             learned.times_counted = true;
-            learned.recount = false;
             if estimated_length(facts, frames_hint) {
                 learned.frames_found = Some(count);
             }
@@ -1309,8 +1316,7 @@ impl Decoder {
                 // (a decoder that drops frames on an error must not set the length), and plan
                 // the clip again from that count. Once counted, a short stream is truncated.
                 if estimated_length(facts, frames_hint) && learnable {
-                    learned.recount = true;
-                    return Ok(Pass::Retry);
+                    return Ok(Pass::Recount);
                 }
                 return Err(quarantine(
                     QuarantineReason::Truncated,

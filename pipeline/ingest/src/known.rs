@@ -51,9 +51,6 @@ pub(crate) struct Learned {
     /// The frames a stream whose length is only estimated (duration × nominal rate) turned
     /// out to have: a window planned past them is planned again from this.
     pub frames_found: Option<u64>,
-    /// The stream ended short of an estimated length: its next pass counts its frames (not
-    /// kept: a pass that counts clears it).
-    pub recount: bool,
 }
 
 impl Learned {
@@ -129,8 +126,6 @@ impl KnownVideos {
                 frame_times: None,
                 ..learned.facts.clone()
             },
-            // One clip's business.
-            recount: false,
             ..learned.clone()
         };
         let mut e = self.lock();
@@ -143,7 +138,6 @@ impl KnownVideos {
                     variable_rate: old.variable_rate || learned.variable_rate,
                     times_counted: old.times_counted || learned.times_counted,
                     frames_found: learned.frames_found.or(old.frames_found),
-                    recount: false,
                     frame_times: (learned.frame_times.clone())
                         .or_else(|| old.frame_times.clone())
                         .filter(|_| !times_failed),
